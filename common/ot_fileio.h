@@ -1,0 +1,17 @@
+/* Small file helpers shared by every reader and writer. */
+#ifndef OT_FILEIO_H
+#define OT_FILEIO_H
+
+#include <stddef.h>
+
+/* Reads a whole file into a malloc'd, NUL-terminated buffer; refuses files over max_bytes. */
+int ot_file_read_all(const char *path, size_t max_bytes, char **out, size_t *out_len);
+/* Writes a file atomically: temporary file in the same directory, fsync, rename, fsync dir. */
+int ot_file_write_atomic(const char *path, const void *data, size_t len);
+/* Creates a directory and its parents (mode 0755); fine if it exists. */
+int ot_mkdir_p(const char *path);
+/* Joins dir and name into a malloc'd path. */
+int ot_path_join(const char *dir, const char *name, char **out);
+int ot_file_exists(const char *path);
+
+#endif

