@@ -1,0 +1,28 @@
+/* offtune-cloud subcommands. Each takes the arguments after its name and returns a
+ * process exit code: 0 success, 1 failure (a message was printed), 2 usage error. */
+#ifndef OT_CLOUD_CMD_H
+#define OT_CLOUD_CMD_H
+
+#include "ot_backend.h"
+#include "ot_gpt2.h"
+#include "ot_tokenizer.h"
+
+enum { OT_EXIT_OK = 0, OT_EXIT_FAIL = 1, OT_EXIT_USAGE = 2 };
+
+int ot_cmd_eval(int argc, char **argv);
+int ot_cmd_finetune(int argc, char **argv);
+int ot_cmd_pretrain(int argc, char **argv);
+int ot_cmd_generate(int argc, char **argv);
+int ot_cmd_tokenize(int argc, char **argv);
+
+/* Shared by the commands: prints "offtune-cloud: <what>: <detail>" for a failed status
+ * and returns OT_EXIT_FAIL. */
+int ot_cmd_fail(const char *what, int status);
+/* Loads a checkpoint directory's model and tokenizer on a fresh backend. */
+int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
+                      ot_tokenizer **tok);
+/* Reads --text (encoded with tok) or --tokens into ids; exactly one must be given. */
+int ot_cmd_read_input(const char *text, const char *tokens, const ot_tokenizer *tok, int vocab_size,
+                      int32_t **ids, size_t *n);
+
+#endif

@@ -1,0 +1,169 @@
+/* offtune-cloud eval, generate and tokenize. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ot_cli.h"
+#include "ot_cloud_cmd.h"
+#include "ot_error.h"
+#include "ot_data.h"
+#include "ot_eval.h"
+
+#define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
+
+int ot_cmd_eval(int argc, char **argv) {
+  const char *model = NULL, *text = NULL, *tokens = NULL, *backend = "cpu";
+  int seq_len = 0, batch = 8, json = 0, threads = 0;
+  const ot_opt opts[] = {
+      {"model", OT_OPT_STR, &model, "DIR", "checkpoint directory (config.json, model.safetensors, tokenizer)"},
+      {"text", OT_OPT_STR, &text, "FILE", "UTF-8 text to score (tokenized with the model's tokenizer)"},
+      {"tokens", OT_OPT_STR, &tokens, "FILE", "whitespace-separated token ids to score"},
+      {"seq-len", OT_OPT_INT, &seq_len, "T", "window length (default: the model's n_positions)"},
+      {"batch", OT_OPT_INT, &batch, "B", "windows scored at once (default 8)"},
+      {"json", OT_OPT_FLAG, &json, NULL, "print {\"loss\", \"perplexity\", \"tokens\"} as one JSON object"},
+      {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
+      {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
+  };
+  const char *syn = "offtune-cloud eval --model DIR (--text FILE | --tokens FILE) [--seq-len T] [--json]";
+  const char *desc = "Scores the token stream in non-overlapping windows of T: window k has inputs\n"
+                     "tokens[kT : kT+T] and targets tokens[kT+1 : kT+T+1]; the last window may be shorter.\n"
+                     "Prints the mean negative log-likelihood per target token (nats) and the perplexity.";
+  int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
+  if (rc == 1) {
+    ot_cli_usage(stdout, syn, desc, opts, N_OPTS(opts));
+    return OT_EXIT_OK;
+  }
+  if (rc == OT_OK && !model) rc = ot_error(OT_ERR_INVALID, "--model is required");
+  if (rc == OT_OK && batch < 1) rc = ot_error(OT_ERR_INVALID, "--batch must be >= 1");
+  if (rc == OT_OK && seq_len < 0) rc = ot_error(OT_ERR_INVALID, "--seq-len must be >= 1");
+  if (rc == OT_OK && !!text == !!tokens) rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
+  if (rc) {
+    fprintf(stderr, "offtune-cloud eval: %s\n", ot_error_detail());
+    ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
+    return OT_EXIT_USAGE;
+  }
+  ot_backend *be;
+  ot_gpt2 *m;
+  ot_tokenizer *tok;
+  rc = ot_cmd_load_model(model, backend, threads, &be, &m, &tok);
+  if (rc) return ot_cmd_fail("loading the model", rc);
+  int32_t *ids = NULL;
+  size_t n = 0;
+  int T = seq_len ? seq_len : ot_gpt2_cfg(m)->n_positions;
+  ot_eval_result res;
+  rc = ot_cmd_read_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &ids, &n);
+  const char *what = "reading the input";
+  if (rc == OT_OK) {
+    what = "scoring";
+    size_t windows = ot_eval_window_count(n, T);
+    int B = windows < (size_t)batch ? (int)(windows ? windows : 1) : batch;
+    rc = ot_gpt2_prepare(m, B, T, 0);
+    ot_progress prog;
+    if (rc == OT_OK) {
+      ot_progress_start(&prog, stderr, "eval", (int64_t)windows);
+      rc = ot_eval_tokens(m, ids, n, T, B, &prog, &res);
+      ot_progress_finish(&prog, rc == OT_OK ? "done" : "failed");
+    }
+  }
+  free(ids);
+  ot_tokenizer_free(tok);
+  ot_gpt2_free(m);
+  ot_backend_free(be);
+  if (rc) return ot_cmd_fail(what, rc);
+  if (json)
+    printf("{\"loss\": %.6f, \"perplexity\": %.6f, \"tokens\": %zu}\n", res.loss, res.perplexity, res.tokens);
+  else
+    printf("loss %.4f nats/token | perplexity %.3f | %zu tokens\n", res.loss, res.perplexity, res.tokens);
+  return OT_EXIT_OK;
+}
+
+int ot_cmd_generate(int argc, char **argv) {
+  const char *model = NULL, *prompt = NULL, *backend = "cpu";
+  int max_tokens = 64, seed = 0, threads = 0;
+  float temperature = 0.8f, top_p = 0.95f;
+  const ot_opt opts[] = {
+      {"model", OT_OPT_STR, &model, "DIR", "checkpoint directory"},
+      {"prompt", OT_OPT_STR, &prompt, "TEXT", "text to continue"},
+      {"max-tokens", OT_OPT_INT, &max_tokens, "N", "tokens to sample (default 64)"},
+      {"temperature", OT_OPT_FLOAT, &temperature, "X", "sampling temperature, 0 = greedy (default 0.8)"},
+      {"top-p", OT_OPT_FLOAT, &top_p, "P", "nucleus sampling mass (default 0.95)"},
+      {"seed", OT_OPT_INT, &seed, "S", "random seed (default 0)"},
+      {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
+      {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
+  };
+  const char *syn = "offtune-cloud generate --model DIR --prompt TEXT [--max-tokens N --temperature X --top-p P "
+                    "--seed S]";
+  int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
+  if (rc == 1) {
+    ot_cli_usage(stdout, syn, "Samples a continuation of the prompt and prints prompt + continuation.", opts,
+                 N_OPTS(opts));
+    return OT_EXIT_OK;
+  }
+  if (rc == OT_OK && (!model || !prompt)) rc = ot_error(OT_ERR_INVALID, "--model and --prompt are required");
+  if (rc == OT_OK && (max_tokens < 0 || temperature < 0 || top_p <= 0 || top_p > 1))
+    rc = ot_error(OT_ERR_INVALID, "need --max-tokens >= 0, --temperature >= 0, 0 < --top-p <= 1");
+  if (rc) {
+    fprintf(stderr, "offtune-cloud generate: %s\n", ot_error_detail());
+    ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
+    return OT_EXIT_USAGE;
+  }
+  ot_backend *be;
+  ot_gpt2 *m;
+  ot_tokenizer *tok;
+  rc = ot_cmd_load_model(model, backend, threads, &be, &m, &tok);
+  if (rc) return ot_cmd_fail("loading the model", rc);
+  int32_t *pids = NULL, *all = NULL;
+  size_t np = 0, na = 0;
+  char *out = NULL;
+  size_t out_len = 0;
+  ot_sample_config sc = {max_tokens, temperature, top_p, (uint64_t)seed};
+  rc = ot_tokenizer_encode(tok, prompt, strlen(prompt), &pids, &np);
+  if (rc == OT_OK) rc = ot_gpt2_prepare(m, 1, ot_gpt2_cfg(m)->n_positions, 0);
+  if (rc == OT_OK) rc = ot_generate(m, pids, np, &sc, &all, &na);
+  if (rc == OT_OK) rc = ot_tokenizer_decode(tok, all, na, &out, &out_len);
+  if (rc == OT_OK) {
+    fwrite(out, 1, out_len, stdout);
+    fputc('\n', stdout);
+  }
+  free(out);
+  free(all);
+  free(pids);
+  ot_tokenizer_free(tok);
+  ot_gpt2_free(m);
+  ot_backend_free(be);
+  return rc ? ot_cmd_fail("generating", rc) : OT_EXIT_OK;
+}
+
+int ot_cmd_tokenize(int argc, char **argv) {
+  const char *model = NULL, *text = NULL;
+  const ot_opt opts[] = {
+      {"model", OT_OPT_STR, &model, "DIR", "checkpoint directory (its tokenizer files)"},
+      {"text", OT_OPT_STR, &text, "FILE", "UTF-8 text file"},
+  };
+  const char *syn = "offtune-cloud tokenize --model DIR --text FILE";
+  int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
+  if (rc == 1) {
+    ot_cli_usage(stdout, syn, "Prints the token ids of the text, space-separated, on one line.", opts, N_OPTS(opts));
+    return OT_EXIT_OK;
+  }
+  if (rc == OT_OK && (!model || !text)) rc = ot_error(OT_ERR_INVALID, "--model and --text are required");
+  if (rc) {
+    fprintf(stderr, "offtune-cloud tokenize: %s\n", ot_error_detail());
+    ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
+    return OT_EXIT_USAGE;
+  }
+  ot_tokenizer *tok;
+  rc = ot_tokenizer_load_dir(model, &tok);
+  if (rc) return ot_cmd_fail("loading the tokenizer", rc);
+  int32_t *ids = NULL;
+  size_t n = 0;
+  rc = ot_cmd_read_input(text, NULL, tok, 0, &ids, &n);
+  if (rc == OT_OK) {
+    for (size_t i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+    printf("\n");
+  }
+  free(ids);
+  ot_tokenizer_free(tok);
+  return rc ? ot_cmd_fail("tokenizing", rc) : OT_EXIT_OK;
+}

@@ -1,0 +1,83 @@
+/* offtune-cloud: the model owner's side. Holds the full model; scores, trains and
+ * samples it. (Distillation, sessions and serving join in later commands.) */
+#include <stdio.h>
+#include <string.h>
+
+#include "ot_cloud_cmd.h"
+#include "ot_data.h"
+#include "ot_error.h"
+
+static const struct {
+  const char *name;
+  int (*run)(int, char **);
+  const char *help;
+} commands[] = {
+    {"pretrain", ot_cmd_pretrain, "train a small GPT-2 from scratch (default: the embedded Brown model)"},
+    {"finetune", ot_cmd_finetune, "full fine-tuning of a model on a text or token file"},
+    {"eval", ot_cmd_eval, "perplexity of a model on a text or token file"},
+    {"generate", ot_cmd_generate, "sample a continuation of a prompt"},
+    {"tokenize", ot_cmd_tokenize, "print the token ids of a text file"},
+};
+#define N_COMMANDS (int)(sizeof commands / sizeof commands[0])
+
+static void usage(FILE *f) {
+  fprintf(f, "usage: offtune-cloud <command> [options]\n\n"
+             "The model owner's side of offtune: holds the full model and never ships it.\n\ncommands:\n");
+  for (int i = 0; i < N_COMMANDS; i++) fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].help);
+  fprintf(f, "\nRun 'offtune-cloud <command> --help' for a command's options.\n"
+             "Exit codes: 0 success, 1 failure, 2 usage error.\n");
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2) {
+    usage(stderr);
+    return OT_EXIT_USAGE;
+  }
+  if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+    usage(stdout);
+    return OT_EXIT_OK;
+  }
+  for (int i = 0; i < N_COMMANDS; i++)
+    if (strcmp(argv[1], commands[i].name) == 0) return commands[i].run(argc - 2, argv + 2);
+  fprintf(stderr, "offtune-cloud: unknown command '%s'\n\n", argv[1]);
+  usage(stderr);
+  return OT_EXIT_USAGE;
+}
+
+int ot_cmd_fail(const char *what, int status) {
+  const char *d = ot_error_detail();
+  fprintf(stderr, "offtune-cloud: %s: %s%s%s\n", what, ot_strerror(status), *d ? ": " : "", d);
+  return OT_EXIT_FAIL;
+}
+
+int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
+                      ot_tokenizer **tok) {
+  ot_backend_kind kind;
+  int rc = ot_backend_parse(backend ? backend : "cpu", &kind);
+  if (rc == OT_OK) rc = ot_backend_create(kind, threads, be);
+  if (rc) return rc;
+  rc = ot_gpt2_load_dir(dir, *be, m);
+  if (rc == OT_OK) {
+    rc = ot_tokenizer_load_dir(dir, tok);
+    if (rc == OT_OK && ot_tokenizer_vocab_size(*tok) > ot_gpt2_cfg(*m)->vocab_size)
+      rc = ot_error(OT_ERR_MISMATCH, "%s: tokenizer has %d tokens but the model only %d", dir,
+                    ot_tokenizer_vocab_size(*tok), ot_gpt2_cfg(*m)->vocab_size);
+    if (rc) {
+      ot_tokenizer_free(*tok);
+      ot_gpt2_free(*m);
+    }
+  }
+  if (rc) ot_backend_free(*be);
+  return rc;
+}
+
+int ot_cmd_read_input(const char *text, const char *tokens, const ot_tokenizer *tok, int vocab_size,
+                      int32_t **ids, size_t *n) {
+  if (!!text == !!tokens) return ot_error(OT_ERR_INVALID, "give exactly one of --text FILE or --tokens FILE");
+  ot_tokens t;
+  int rc = text ? ot_tokens_from_text(tok, text, &t) : ot_tokens_read(tokens, vocab_size, &t);
+  if (rc) return rc;
+  *ids = t.ids;
+  *n = t.n;
+  return OT_OK;
+}

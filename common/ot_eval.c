@@ -1,0 +1,138 @@
+#include "ot_eval.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ot_data.h"
+#include "ot_error.h"
+
+int ot_eval_tokens(ot_gpt2 *m, const int32_t *ids, size_t n, int T, int B, ot_progress *progress,
+                   ot_eval_result *out) {
+  size_t nw = ot_eval_window_count(n, T);
+  if (nw == 0) return ot_error(OT_ERR_INVALID, "need at least 2 tokens to score, got %zu", n);
+  if (B < 1) B = 1;
+  int32_t *in = malloc((size_t)B * T * sizeof(int32_t)), *tg = malloc((size_t)B * T * sizeof(int32_t));
+  if (!in || !tg) {
+    free(in);
+    free(tg);
+    return ot_error(OT_ERR_NOMEM, "cannot allocate eval batch");
+  }
+  double sum = 0.0;
+  size_t count = 0;
+  int rc = OT_OK;
+  size_t full = (n - 1) / (size_t)T; /* windows of exactly T, scored B at a time */
+  for (size_t k = 0; k < nw && rc == OT_OK;) {
+    int len = ot_eval_window_len(n, T, k);
+    int b = k < full ? (int)((full - k) < (size_t)B ? (full - k) : (size_t)B) : 1;
+    for (int r = 0; r < b; r++) {
+      memcpy(in + (size_t)r * len, ids + (k + r) * (size_t)T, (size_t)len * sizeof(int32_t));
+      memcpy(tg + (size_t)r * len, ids + (k + r) * (size_t)T + 1, (size_t)len * sizeof(int32_t));
+    }
+    double s;
+    size_t c;
+    rc = ot_gpt2_forward(m, in, tg, b, len, NULL);
+    if (rc == OT_OK) rc = ot_gpt2_last_loss_sum(m, &s, &c);
+    if (rc == OT_OK) {
+      sum += s;
+      count += c;
+    }
+    k += (size_t)b;
+    if (progress) ot_progress_update(progress, (int64_t)k, NULL);
+  }
+  free(in);
+  free(tg);
+  if (rc) return rc;
+  out->tokens = count;
+  out->loss = sum / (double)count;
+  out->perplexity = exp(out->loss);
+  return OT_OK;
+}
+
+static uint64_t rng_next(uint64_t *s) {
+  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+typedef struct {
+  float p;
+  int id;
+} cand;
+
+static int cand_desc(const void *a, const void *b) {
+  float x = ((const cand *)a)->p, y = ((const cand *)b)->p;
+  return (x < y) - (x > y);
+}
+
+/* Samples from softmax(logits / temperature) restricted to the top-p nucleus. */
+static int sample(const float *logits, int V, const ot_sample_config *sc, uint64_t *rng, cand *buf) {
+  int best = 0;
+  for (int i = 1; i < V; i++)
+    if (logits[i] > logits[best]) best = i;
+  if (sc->temperature <= 0.0f) return best;
+  double sum = 0.0;
+  for (int i = 0; i < V; i++) {
+    buf[i].id = i;
+    buf[i].p = expf((logits[i] - logits[best]) / sc->temperature);
+    sum += buf[i].p;
+  }
+  int n = V;
+  if (sc->top_p > 0.0f && sc->top_p < 1.0f) {
+    qsort(buf, (size_t)V, sizeof *buf, cand_desc);
+    double acc = 0.0;
+    for (n = 0; n < V; n++) {
+      acc += buf[n].p / sum;
+      if (acc >= sc->top_p) {
+        n++;
+        break;
+      }
+    }
+    if (n > V) n = V;
+    sum = 0.0;
+    for (int i = 0; i < n; i++) sum += buf[i].p;
+  }
+  double r = ((rng_next(rng) >> 11) * (1.0 / 9007199254740992.0)) * sum, acc = 0.0;
+  for (int i = 0; i < n; i++) {
+    acc += buf[i].p;
+    if (r < acc) return buf[i].id;
+  }
+  return buf[n - 1].id;
+}
+
+int ot_generate(ot_gpt2 *m, const int32_t *prompt, size_t n_prompt, const ot_sample_config *sc, int32_t **out,
+                size_t *n_out) {
+  if (n_prompt == 0) return ot_error(OT_ERR_INVALID, "the prompt is empty");
+  if (sc->max_tokens < 0) return ot_error(OT_ERR_INVALID, "max tokens must be >= 0");
+  int V = ot_gpt2_cfg(m)->vocab_size, window = ot_gpt2_cfg(m)->n_positions;
+  size_t cap = n_prompt + (size_t)sc->max_tokens;
+  int32_t *ids = malloc(cap * sizeof(int32_t));
+  float *logits = malloc((size_t)V * sizeof(float));
+  cand *buf = malloc((size_t)V * sizeof(cand));
+  if (!ids || !logits || !buf) {
+    free(ids);
+    free(logits);
+    free(buf);
+    return ot_error(OT_ERR_NOMEM, "cannot allocate generation buffers");
+  }
+  memcpy(ids, prompt, n_prompt * sizeof(int32_t));
+  size_t n = n_prompt;
+  uint64_t rng = sc->seed;
+  int rc = OT_OK;
+  for (int s = 0; s < sc->max_tokens && rc == OT_OK; s++) {
+    size_t ctx = n < (size_t)window ? n : (size_t)window;
+    rc = ot_gpt2_forward(m, ids + n - ctx, NULL, 1, (int)ctx, NULL);
+    if (rc == OT_OK) rc = ot_gpt2_last_logits(m, 0, logits);
+    if (rc == OT_OK) ids[n++] = sample(logits, V, sc, &rng, buf);
+  }
+  free(logits);
+  free(buf);
+  if (rc) {
+    free(ids);
+    return rc;
+  }
+  *out = ids;
+  *n_out = n;
+  return OT_OK;
+}

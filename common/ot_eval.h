@@ -1,0 +1,36 @@
+/* Scoring and sampling on a prepared model. */
+#ifndef OT_EVAL_H
+#define OT_EVAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ot_cli.h"
+#include "ot_gpt2.h"
+
+typedef struct {
+  double loss;       /* mean negative log-likelihood per target token, nats */
+  double perplexity; /* exp(loss) */
+  size_t tokens;     /* number of targets scored */
+} ot_eval_result;
+
+/* Scores ids[0..n) in non-overlapping windows of T (see ot_eval_window_*), batching up
+ * to the model's prepared batch size. The model must be prepared with a T at least as
+ * large. progress may be NULL. */
+int ot_eval_tokens(ot_gpt2 *m, const int32_t *ids, size_t n, int T, int B, ot_progress *progress,
+                   ot_eval_result *out);
+
+typedef struct {
+  int max_tokens;
+  float temperature; /* 0 = greedy */
+  float top_p;       /* nucleus sampling, 1 = off */
+  uint64_t seed;
+} ot_sample_config;
+
+/* Extends prompt ids with up to max_tokens sampled ids (context cropped to the model's
+ * window). *out holds prompt + completion (malloc'd). The model must be prepared with
+ * B >= 1 and T = its n_positions or the window wanted. */
+int ot_generate(ot_gpt2 *m, const int32_t *prompt, size_t n_prompt, const ot_sample_config *sc, int32_t **out,
+                size_t *n_out);
+
+#endif

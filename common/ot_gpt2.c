@@ -1,0 +1,628 @@
+#include "ot_gpt2.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ot_error.h"
+#include "ot_fileio.h"
+#include "ot_safetensors.h"
+
+/* Activations of one block. In training every block keeps its own set; in
+ * inference one set is reused by all blocks. */
+typedef struct {
+  float *ln1, *ln1_mean, *ln1_rstd; /* [N,C], [N], [N] */
+  float *qkv;                       /* [N,3C] */
+  float *atty;                      /* [N,C] attention output before c_proj */
+  float *att;                       /* [B,NH,T,T] softmax probabilities */
+  float *residual2;                 /* [N,C] after attention */
+  float *ln2, *ln2_mean, *ln2_rstd;
+  float *fch, *fch_gelu; /* [N,4C] */
+  float *residual3;      /* [N,C] block output */
+} ot_block_acts;
+
+struct ot_gpt2 {
+  ot_gpt2_config cfg;
+  ot_backend *be;
+
+  int n_params;
+  ot_param *params;
+  float *param_mem;
+  size_t n_scalars;
+
+  /* gradients of trainable tensors, one allocation */
+  float *grad_mem;
+  size_t grad_scalars;
+
+  /* activations, one allocation, sized for (maxB, maxT) */
+  void *act_mem;
+  size_t act_bytes;
+  int maxB, maxT, training;
+  int n_act_blocks;
+  ot_block_acts *blocks;
+  float *encoded;                      /* [N,C] */
+  float *proj;                         /* [N,C] scratch for c_proj outputs */
+  float *lnf, *lnf_mean, *lnf_rstd;    /* [N,C] */
+  float *lnf_last;                     /* [B,C] last positions (inference) */
+  float *logits;                       /* [N,V] logits, then probabilities, then dlogits */
+  float *losses;                       /* [N] */
+  int32_t *tokens, *targets;           /* [N] backend copies */
+  /* backward scratch, shared by all blocks */
+  float *dresidual, *dln, *datty, *dqkv, *datt, *dfch, *dfch_gelu;
+
+  /* host-side results of the last forward */
+  float *host_losses;
+  int32_t *host_targets;
+  int last_B, last_T, last_has_targets;
+  double last_loss_sum;
+  size_t last_count;
+};
+
+static const char *blk_names[OT_BLK_NPARAM] = {
+    "ln_1.weight",       "ln_1.bias",       "attn.c_attn.weight", "attn.c_attn.bias",
+    "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight",        "ln_2.bias",
+    "mlp.c_fc.weight",   "mlp.c_fc.bias",   "mlp.c_proj.weight",  "mlp.c_proj.bias"};
+
+#define P_WTE 0
+#define P_WPE 1
+#define P_BLK0 2
+#define P_LNF_W(m) (P_BLK0 + (m)->cfg.n_layer * OT_BLK_NPARAM)
+#define P_LNF_B(m) (P_LNF_W(m) + 1)
+
+static void set_param(ot_param *p, const char *name, int d0, int d1) {
+  snprintf(p->name, sizeof p->name, "%s", name);
+  p->ndim = d1 > 0 ? 2 : 1;
+  p->shape[0] = d0;
+  p->shape[1] = d1 > 0 ? d1 : 0;
+  p->numel = (size_t)d0 * (size_t)(d1 > 0 ? d1 : 1);
+  p->trainable = 1;
+  p->decay = d1 > 0;
+}
+
+int ot_gpt2_create(const ot_gpt2_config *cfg, ot_backend *be, ot_gpt2 **out) {
+  int rc = ot_config_validate(cfg);
+  if (rc) return rc;
+  ot_gpt2 *m = calloc(1, sizeof *m);
+  if (!m) return ot_error(OT_ERR_NOMEM, "cannot allocate model");
+  m->cfg = *cfg;
+  m->be = be;
+  int L = cfg->n_layer, C = cfg->n_embd;
+  m->n_params = 2 + L * OT_BLK_NPARAM + 2;
+  m->params = calloc((size_t)m->n_params, sizeof *m->params);
+  if (!m->params) {
+    free(m);
+    return ot_error(OT_ERR_NOMEM, "cannot allocate parameter table");
+  }
+  set_param(&m->params[P_WTE], "transformer.wte.weight", cfg->vocab_size, C);
+  set_param(&m->params[P_WPE], "transformer.wpe.weight", cfg->n_positions, C);
+  m->params[P_WPE].decay = 0;
+  for (int l = 0; l < L; l++) {
+    const int dims[OT_BLK_NPARAM][2] = {{C, 0},     {C, 0}, {C, 3 * C}, {3 * C, 0}, {C, C},     {C, 0},
+                                        {C, 0},     {C, 0}, {C, 4 * C}, {4 * C, 0}, {4 * C, C}, {C, 0}};
+    for (int k = 0; k < OT_BLK_NPARAM; k++) {
+      char name[96];
+      snprintf(name, sizeof name, "transformer.h.%d.%s", l, blk_names[k]);
+      set_param(&m->params[P_BLK0 + l * OT_BLK_NPARAM + k], name, dims[k][0], dims[k][1]);
+    }
+  }
+  set_param(&m->params[P_LNF_W(m)], "transformer.ln_f.weight", C, 0);
+  set_param(&m->params[P_LNF_B(m)], "transformer.ln_f.bias", C, 0);
+  for (int i = 0; i < m->n_params; i++) m->n_scalars += m->params[i].numel;
+  rc = be->ops->alloc(be, m->n_scalars * sizeof(float), (void **)&m->param_mem);
+  if (rc) {
+    free(m->params);
+    free(m);
+    return rc;
+  }
+  float *p = m->param_mem;
+  for (int i = 0; i < m->n_params; i++) {
+    m->params[i].data = p;
+    p += m->params[i].numel;
+  }
+  *out = m;
+  return OT_OK;
+}
+
+static void free_acts(ot_gpt2 *m) {
+  if (m->act_mem) m->be->ops->free(m->be, m->act_mem);
+  m->act_mem = NULL;
+  m->act_bytes = 0;
+  free(m->blocks);
+  m->blocks = NULL;
+  free(m->host_losses);
+  m->host_losses = NULL;
+  free(m->host_targets);
+  m->host_targets = NULL;
+  m->maxB = m->maxT = 0;
+}
+
+static void free_grads(ot_gpt2 *m) {
+  if (m->grad_mem) m->be->ops->free(m->be, m->grad_mem);
+  m->grad_mem = NULL;
+  m->grad_scalars = 0;
+  for (int i = 0; i < m->n_params; i++) m->params[i].grad = NULL;
+}
+
+void ot_gpt2_free(ot_gpt2 *m) {
+  if (!m) return;
+  free_acts(m);
+  free_grads(m);
+  m->be->ops->free(m->be, m->param_mem);
+  free(m->params);
+  free(m);
+}
+
+const ot_gpt2_config *ot_gpt2_cfg(const ot_gpt2 *m) { return &m->cfg; }
+ot_backend *ot_gpt2_backend(const ot_gpt2 *m) { return m->be; }
+size_t ot_gpt2_num_params(const ot_gpt2 *m) { return m->n_scalars; }
+int ot_gpt2_param_count(const ot_gpt2 *m) { return m->n_params; }
+ot_param *ot_gpt2_param(ot_gpt2 *m, int i) { return (i >= 0 && i < m->n_params) ? &m->params[i] : NULL; }
+
+int ot_gpt2_block_param_index(const ot_gpt2 *m, int layer, int which) {
+  if (layer < 0 || layer >= m->cfg.n_layer || which < 0 || which >= OT_BLK_NPARAM) return -1;
+  return P_BLK0 + layer * OT_BLK_NPARAM + which;
+}
+
+ot_param *ot_gpt2_find_param(ot_gpt2 *m, const char *name) {
+  for (int i = 0; i < m->n_params; i++)
+    if (strcmp(m->params[i].name, name) == 0) return &m->params[i];
+  return NULL;
+}
+
+void ot_gpt2_set_all_trainable(ot_gpt2 *m, int trainable) {
+  for (int i = 0; i < m->n_params; i++) m->params[i].trainable = trainable;
+}
+
+size_t ot_gpt2_memory_bytes(const ot_gpt2 *m) {
+  return m->n_scalars * sizeof(float) + m->grad_scalars * sizeof(float) + m->act_bytes;
+}
+
+/* ---- initialisation -------------------------------------------------------------- */
+
+static uint64_t splitmix64(uint64_t *s) {
+  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+static double uniform01(uint64_t *s) { return ((splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+
+int ot_gpt2_init_random(ot_gpt2 *m, uint64_t seed) {
+  uint64_t s = seed;
+  float *host = malloc(m->n_scalars * sizeof(float));
+  if (!host) return ot_error(OT_ERR_NOMEM, "cannot allocate init buffer");
+  float *h = host;
+  double resid_std = 0.02 / sqrt(2.0 * m->cfg.n_layer);
+  for (int i = 0; i < m->n_params; i++) {
+    ot_param *p = &m->params[i];
+    const char *n = p->name;
+    size_t len = strlen(n);
+    int is_ln = strstr(n, ".ln_") != NULL;
+    int is_bias = len > 5 && strcmp(n + len - 5, ".bias") == 0;
+    if (is_ln && !is_bias) {
+      for (size_t j = 0; j < p->numel; j++) h[j] = 1.0f;
+    } else if (is_bias) {
+      memset(h, 0, p->numel * sizeof(float));
+    } else {
+      double std = strstr(n, "c_proj.weight") ? resid_std : 0.02;
+      for (size_t j = 0; j < p->numel; j++) {
+        double u1 = uniform01(&s), u2 = uniform01(&s);
+        h[j] = (float)(std * sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
+      }
+    }
+    h += p->numel;
+  }
+  int rc = m->be->ops->upload(m->be, m->param_mem, host, m->n_scalars * sizeof(float));
+  free(host);
+  return rc;
+}
+
+/* ---- checkpoints ----------------------------------------------------------------- */
+
+/* Maps a checkpoint tensor name to a parameter index; -1 = ignore (mask buffers,
+ * tied LM head), -2 = unknown. */
+static int map_name(ot_gpt2 *m, const char *name) {
+  const char *n = name;
+  if (strncmp(n, "transformer.", 12) == 0) n += 12;
+  if (strcmp(n, "lm_head.weight") == 0) return -1;
+  int layer, off = 0;
+  if (sscanf(n, "h.%d.%n", &layer, &off) == 1 && off > 0) {
+    const char *rest = n + off;
+    if (strcmp(rest, "attn.bias") == 0 || strcmp(rest, "attn.masked_bias") == 0) return -1;
+  }
+  char full[128];
+  snprintf(full, sizeof full, "transformer.%s", n);
+  for (int i = 0; i < m->n_params; i++)
+    if (strcmp(m->params[i].name, full) == 0) return i;
+  return -2;
+}
+
+int ot_gpt2_load_safetensors(ot_gpt2 *m, const char *path) {
+  ot_safetensors *st = NULL;
+  int rc = ot_st_open(path, &st);
+  if (rc) return rc;
+  char *seen = calloc((size_t)m->n_params, 1);
+  float *stage = NULL;
+  size_t stage_n = 0;
+  if (!seen) {
+    ot_st_close(st);
+    return ot_error(OT_ERR_NOMEM, "cannot allocate");
+  }
+  for (size_t i = 0; i < ot_st_count(st) && rc == OT_OK; i++) {
+    const ot_st_tensor *t = ot_st_at(st, i);
+    int idx = map_name(m, t->name);
+    if (idx == -1) {
+      if (strstr(t->name, "lm_head.weight") &&
+          (t->ndim != 2 || t->shape[0] != m->cfg.vocab_size || t->shape[1] != m->cfg.n_embd))
+        rc = ot_error(OT_ERR_MISMATCH, "%s: lm_head.weight has the wrong shape", path);
+      continue;
+    }
+    if (idx == -2) {
+      rc = ot_error(OT_ERR_FORMAT, "%s: unexpected tensor '%s' for a GPT-2 model", path, t->name);
+      break;
+    }
+    ot_param *p = &m->params[idx];
+    int shape_ok = t->ndim == p->ndim && t->shape[0] == p->shape[0] && (p->ndim == 1 || t->shape[1] == p->shape[1]);
+    if (!shape_ok) {
+      char got[64] = "";
+      for (int d = 0; d < t->ndim && d < 4; d++)
+        snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? "," : "", (long long)t->shape[d]);
+      rc = ot_error(OT_ERR_MISMATCH, "%s: tensor '%s' has shape [%s], the config needs [%d%s%.0d]", path, t->name,
+                    got, p->shape[0], p->ndim == 2 ? "," : "", p->ndim == 2 ? p->shape[1] : 0);
+      break;
+    }
+    if (seen[idx]) {
+      rc = ot_error(OT_ERR_FORMAT, "%s: tensor '%s' appears twice (with and without prefix)", path, t->name);
+      break;
+    }
+    seen[idx] = 1;
+    if (stage_n < p->numel) {
+      free(stage);
+      stage = malloc(p->numel * sizeof(float));
+      stage_n = stage ? p->numel : 0;
+      if (!stage) {
+        rc = ot_error(OT_ERR_NOMEM, "cannot allocate staging buffer");
+        break;
+      }
+    }
+    rc = ot_st_read_f32(st, t, stage, p->numel);
+    if (rc == OT_OK) rc = m->be->ops->upload(m->be, p->data, stage, p->numel * sizeof(float));
+  }
+  for (int i = 0; i < m->n_params && rc == OT_OK; i++)
+    if (!seen[i]) rc = ot_error(OT_ERR_NOTFOUND, "%s: tensor '%s' is missing", path, m->params[i].name);
+  free(stage);
+  free(seen);
+  ot_st_close(st);
+  return rc;
+}
+
+int ot_gpt2_load_dir(const char *dir, ot_backend *be, ot_gpt2 **out) {
+  char *cfg_path = NULL, *st_path = NULL;
+  ot_gpt2_config cfg;
+  ot_gpt2 *m = NULL;
+  int rc = ot_path_join(dir, "config.json", &cfg_path);
+  if (rc == OT_OK) rc = ot_path_join(dir, "model.safetensors", &st_path);
+  if (rc == OT_OK) rc = ot_config_load(cfg_path, &cfg);
+  if (rc == OT_OK) rc = ot_gpt2_create(&cfg, be, &m);
+  if (rc == OT_OK) rc = ot_gpt2_load_safetensors(m, st_path);
+  free(cfg_path);
+  free(st_path);
+  if (rc) {
+    ot_gpt2_free(m);
+    return rc;
+  }
+  *out = m;
+  return OT_OK;
+}
+
+int ot_gpt2_save_dir(const ot_gpt2 *m, const char *dir) {
+  int rc = ot_mkdir_p(dir);
+  if (rc) return rc;
+  char *cfg_path = NULL, *st_path = NULL;
+  ot_st_writer *w = NULL;
+  float *host = NULL;
+  rc = ot_path_join(dir, "config.json", &cfg_path);
+  if (rc == OT_OK) rc = ot_path_join(dir, "model.safetensors", &st_path);
+  if (rc == OT_OK) {
+    host = malloc(m->n_scalars * sizeof(float));
+    if (!host) rc = ot_error(OT_ERR_NOMEM, "cannot allocate save buffer");
+  }
+  if (rc == OT_OK) rc = m->be->ops->download(m->be, host, m->param_mem, m->n_scalars * sizeof(float));
+  if (rc == OT_OK) rc = ot_st_writer_new(&w);
+  if (rc == OT_OK) rc = ot_st_writer_set_metadata(w, "format", "pt");
+  for (int i = 0; i < m->n_params && rc == OT_OK; i++) {
+    const ot_param *p = &m->params[i];
+    int64_t shape[2] = {p->shape[0], p->shape[1]};
+    rc = ot_st_writer_add(w, p->name, OT_DTYPE_F32, p->ndim, shape, host + (p->data - m->param_mem));
+  }
+  if (rc == OT_OK) rc = ot_st_writer_save(w, st_path);
+  if (rc == OT_OK) rc = ot_config_save(cfg_path, &m->cfg);
+  ot_st_writer_free(w);
+  free(host);
+  free(cfg_path);
+  free(st_path);
+  return rc;
+}
+
+/* ---- memory plan ----------------------------------------------------------------- */
+
+typedef struct {
+  size_t off;
+  int dry; /* first pass only measures */
+  char *base;
+} carver;
+
+/* Hands out 64-byte aligned slices of one allocation. */
+static void *carve(carver *cv, size_t bytes) {
+  size_t off = (cv->off + 63) & ~(size_t)63;
+  cv->off = off + bytes;
+  return cv->dry ? NULL : cv->base + off;
+}
+
+static void plan_acts(ot_gpt2 *m, carver *cv, int B, int T, int training) {
+  size_t N = (size_t)B * T, C = m->cfg.n_embd, V = m->cfg.vocab_size, NH = m->cfg.n_head;
+  size_t F = sizeof(float);
+  for (int l = 0; l < m->n_act_blocks; l++) {
+    ot_block_acts *a = &m->blocks[l];
+    a->ln1 = carve(cv, N * C * F);
+    a->ln1_mean = carve(cv, N * F);
+    a->ln1_rstd = carve(cv, N * F);
+    a->qkv = carve(cv, N * 3 * C * F);
+    a->atty = carve(cv, N * C * F);
+    a->att = carve(cv, (size_t)B * NH * T * T * F);
+    a->residual2 = carve(cv, N * C * F);
+    a->ln2 = carve(cv, N * C * F);
+    a->ln2_mean = carve(cv, N * F);
+    a->ln2_rstd = carve(cv, N * F);
+    a->fch = carve(cv, N * 4 * C * F);
+    a->fch_gelu = carve(cv, N * 4 * C * F);
+    a->residual3 = carve(cv, N * C * F);
+  }
+  m->encoded = carve(cv, N * C * F);
+  m->proj = carve(cv, N * C * F);
+  m->lnf = carve(cv, N * C * F);
+  m->lnf_mean = carve(cv, N * F);
+  m->lnf_rstd = carve(cv, N * F);
+  m->lnf_last = carve(cv, (size_t)B * C * F);
+  m->logits = carve(cv, N * V * F);
+  m->losses = carve(cv, N * F);
+  m->tokens = carve(cv, N * sizeof(int32_t));
+  m->targets = carve(cv, N * sizeof(int32_t));
+  if (training) {
+    m->dresidual = carve(cv, N * C * F);
+    m->dln = carve(cv, N * C * F);
+    m->datty = carve(cv, N * C * F);
+    m->dqkv = carve(cv, N * 3 * C * F);
+    m->datt = carve(cv, (size_t)B * NH * T * T * F);
+    m->dfch = carve(cv, N * 4 * C * F);
+    m->dfch_gelu = carve(cv, N * 4 * C * F);
+  } else {
+    m->dresidual = m->dln = m->datty = m->dqkv = m->datt = m->dfch = m->dfch_gelu = NULL;
+  }
+}
+
+int ot_gpt2_prepare(ot_gpt2 *m, int B, int T, int training) {
+  if (B <= 0 || T <= 0) return ot_error(OT_ERR_INVALID, "batch %d x %d: both must be positive", B, T);
+  if (T > m->cfg.n_positions)
+    return ot_error(OT_ERR_RANGE, "sequence length %d exceeds the model's n_positions %d", T, m->cfg.n_positions);
+  free_acts(m);
+  free_grads(m);
+  m->training = training;
+  m->n_act_blocks = training ? m->cfg.n_layer : 1;
+  m->blocks = calloc((size_t)m->n_act_blocks, sizeof *m->blocks);
+  m->host_losses = malloc((size_t)B * T * sizeof(float));
+  m->host_targets = malloc((size_t)B * T * sizeof(int32_t));
+  if (!m->blocks || !m->host_losses || !m->host_targets) {
+    free_acts(m);
+    return ot_error(OT_ERR_NOMEM, "cannot allocate activation tables");
+  }
+  carver cv = {0, 1, NULL};
+  plan_acts(m, &cv, B, T, training);
+  int rc = m->be->ops->alloc(m->be, cv.off, &m->act_mem);
+  if (rc) {
+    free_acts(m);
+    return rc;
+  }
+  m->act_bytes = cv.off;
+  cv = (carver){0, 0, m->act_mem};
+  plan_acts(m, &cv, B, T, training);
+  m->maxB = B;
+  m->maxT = T;
+  if (training) {
+    size_t n = 0;
+    for (int i = 0; i < m->n_params; i++)
+      if (m->params[i].trainable) n += m->params[i].numel;
+    if (n > 0) {
+      rc = m->be->ops->alloc(m->be, n * sizeof(float), (void **)&m->grad_mem);
+      if (rc) {
+        free_acts(m);
+        return rc;
+      }
+      m->grad_scalars = n;
+      float *g = m->grad_mem;
+      for (int i = 0; i < m->n_params; i++) {
+        if (!m->params[i].trainable) continue;
+        m->params[i].grad = g;
+        g += m->params[i].numel;
+      }
+      rc = ot_gpt2_zero_grad(m);
+    }
+  }
+  m->last_B = 0;
+  return rc;
+}
+
+int ot_gpt2_zero_grad(ot_gpt2 *m) {
+  if (!m->grad_mem) return OT_OK;
+  return m->be->ops->zero(m->be, m->grad_mem, m->grad_scalars * sizeof(float));
+}
+
+/* ---- forward / backward ---------------------------------------------------------- */
+
+#define BP(m, l, k) ((m)->params[P_BLK0 + (l) * OT_BLK_NPARAM + (k)].data)
+#define BG(m, l, k) ((m)->params[P_BLK0 + (l) * OT_BLK_NPARAM + (k)].grad)
+
+/* Embeddings, blocks and the final LayerNorm into m->lnf. */
+static int forward_trunk(ot_gpt2 *m, const int32_t *inputs, const int32_t *targets, int B, int T) {
+  if (!m->act_mem) return ot_error(OT_ERR_INVALID, "forward before ot_gpt2_prepare");
+  if (B <= 0 || T <= 0 || B > m->maxB || T > m->maxT || (size_t)B * T > (size_t)m->maxB * m->maxT)
+    return ot_error(OT_ERR_RANGE, "batch %d x %d exceeds the prepared %d x %d", B, T, m->maxB, m->maxT);
+  const ot_backend_ops *o = m->be->ops;
+  ot_backend *be = m->be;
+  int C = m->cfg.n_embd, NH = m->cfg.n_head, V = m->cfg.vocab_size, L = m->cfg.n_layer;
+  int N = B * T;
+  for (int i = 0; i < N; i++) {
+    if (inputs[i] < 0 || inputs[i] >= V)
+      return ot_error(OT_ERR_RANGE, "input token %d at position %d is outside the vocabulary (%d)", inputs[i], i, V);
+    if (targets && (targets[i] < -1 || targets[i] >= V))
+      return ot_error(OT_ERR_RANGE, "target token %d at position %d is outside the vocabulary (%d)", targets[i], i,
+                      V);
+  }
+  int rc = o->upload(be, m->tokens, inputs, (size_t)N * sizeof(int32_t));
+  if (rc) return rc;
+  if (targets) {
+    rc = o->upload(be, m->targets, targets, (size_t)N * sizeof(int32_t));
+    if (rc) return rc;
+    memcpy(m->host_targets, targets, (size_t)N * sizeof(int32_t));
+  }
+
+  o->encoder_fwd(be, m->encoded, m->tokens, m->params[P_WTE].data, m->params[P_WPE].data, B, T, C);
+  float *residual = m->encoded;
+  for (int l = 0; l < L; l++) {
+    ot_block_acts *a = &m->blocks[m->training ? l : 0];
+    o->layernorm_fwd(be, a->ln1, a->ln1_mean, a->ln1_rstd, residual, BP(m, l, OT_BLK_LN1_W), BP(m, l, OT_BLK_LN1_B),
+                     N, C, m->cfg.layer_norm_epsilon);
+    o->matmul_fwd(be, a->qkv, a->ln1, BP(m, l, OT_BLK_QKV_W), BP(m, l, OT_BLK_QKV_B), N, C, 3 * C, OT_W_IN_OUT);
+    o->attention_fwd(be, a->atty, a->att, a->qkv, B, T, C, NH);
+    o->matmul_fwd(be, m->proj, a->atty, BP(m, l, OT_BLK_ATTPROJ_W), BP(m, l, OT_BLK_ATTPROJ_B), N, C, C,
+                  OT_W_IN_OUT);
+    o->add(be, a->residual2, residual, m->proj, (size_t)N * C);
+    o->layernorm_fwd(be, a->ln2, a->ln2_mean, a->ln2_rstd, a->residual2, BP(m, l, OT_BLK_LN2_W),
+                     BP(m, l, OT_BLK_LN2_B), N, C, m->cfg.layer_norm_epsilon);
+    o->matmul_fwd(be, a->fch, a->ln2, BP(m, l, OT_BLK_FC_W), BP(m, l, OT_BLK_FC_B), N, C, 4 * C, OT_W_IN_OUT);
+    o->gelu_fwd(be, a->fch_gelu, a->fch, (size_t)N * 4 * C);
+    o->matmul_fwd(be, m->proj, a->fch_gelu, BP(m, l, OT_BLK_FCPROJ_W), BP(m, l, OT_BLK_FCPROJ_B), N, 4 * C, C,
+                  OT_W_IN_OUT);
+    o->add(be, a->residual3, a->residual2, m->proj, (size_t)N * C);
+    residual = a->residual3;
+  }
+  o->layernorm_fwd(be, m->lnf, m->lnf_mean, m->lnf_rstd, residual, m->params[P_LNF_W(m)].data,
+                   m->params[P_LNF_B(m)].data, N, C, m->cfg.layer_norm_epsilon);
+  m->last_B = B;
+  m->last_T = T;
+  m->last_has_targets = targets != NULL;
+  return OT_OK;
+}
+
+int ot_gpt2_forward(ot_gpt2 *m, const int32_t *inputs, const int32_t *targets, int B, int T, float *loss) {
+  int rc = forward_trunk(m, inputs, targets, B, T);
+  if (rc) return rc;
+  const ot_backend_ops *o = m->be->ops;
+  ot_backend *be = m->be;
+  int C = m->cfg.n_embd, V = m->cfg.vocab_size, N = B * T;
+  if (!targets) {
+    /* Generation needs only the last position of each row: B x V logits, not N x V. */
+    for (int b = 0; b < B; b++)
+      o->copy(be, m->lnf_last + (size_t)b * C, m->lnf + ((size_t)b * T + T - 1) * C, (size_t)C * sizeof(float));
+    o->matmul_fwd(be, m->logits, m->lnf_last, m->params[P_WTE].data, NULL, B, C, V, OT_W_OUT_IN);
+    return o->sync(be);
+  }
+  o->matmul_fwd(be, m->logits, m->lnf, m->params[P_WTE].data, NULL, N, C, V, OT_W_OUT_IN);
+  o->crossentropy_fwd(be, m->losses, m->logits, m->logits, m->targets, N, V);
+  rc = o->download(be, m->host_losses, m->losses, (size_t)N * sizeof(float));
+  if (rc) return rc;
+  double sum = 0.0;
+  size_t count = 0;
+  for (int i = 0; i < N; i++) {
+    if (targets[i] < 0) continue;
+    sum += m->host_losses[i];
+    count++;
+  }
+  m->last_loss_sum = sum;
+  m->last_count = count;
+  if (loss) *loss = count ? (float)(sum / count) : NAN;
+  return OT_OK;
+}
+
+int ot_gpt2_forward_logits(ot_gpt2 *m, const int32_t *inputs, int B, int T, float *logits_out) {
+  int rc = forward_trunk(m, inputs, NULL, B, T);
+  if (rc) return rc;
+  int C = m->cfg.n_embd, V = m->cfg.vocab_size, N = B * T;
+  m->last_B = 0; /* the logits buffer no longer holds last-position logits */
+  m->be->ops->matmul_fwd(m->be, m->logits, m->lnf, m->params[P_WTE].data, NULL, N, C, V, OT_W_OUT_IN);
+  return m->be->ops->download(m->be, logits_out, m->logits, (size_t)N * V * sizeof(float));
+}
+
+int ot_gpt2_last_loss_sum(const ot_gpt2 *m, double *sum, size_t *count) {
+  if (!m->last_B || !m->last_has_targets) return ot_error(OT_ERR_INVALID, "no forward with targets yet");
+  *sum = m->last_loss_sum;
+  *count = m->last_count;
+  return OT_OK;
+}
+
+int ot_gpt2_last_logits(ot_gpt2 *m, int b, float *logits_out) {
+  if (!m->last_B || m->last_has_targets)
+    return ot_error(OT_ERR_INVALID, "last logits need a forward without targets");
+  if (b < 0 || b >= m->last_B) return ot_error(OT_ERR_RANGE, "row %d outside batch %d", b, m->last_B);
+  size_t V = m->cfg.vocab_size;
+  return m->be->ops->download(m->be, logits_out, m->logits + (size_t)b * V, V * sizeof(float));
+}
+
+int ot_gpt2_backward(ot_gpt2 *m) {
+  if (!m->training) return ot_error(OT_ERR_INVALID, "backward on a model not prepared for training");
+  if (!m->last_B || !m->last_has_targets) return ot_error(OT_ERR_INVALID, "backward needs a forward with targets");
+  if (m->last_count == 0) return OT_OK; /* nothing to learn from */
+  const ot_backend_ops *o = m->be->ops;
+  ot_backend *be = m->be;
+  int B = m->last_B, T = m->last_T, C = m->cfg.n_embd, NH = m->cfg.n_head, V = m->cfg.vocab_size,
+      L = m->cfg.n_layer;
+  int N = B * T;
+
+  /* Lowest layer whose parameters (or anything below) need gradients. */
+  int emb_trainable = m->params[P_WTE].trainable || m->params[P_WPE].trainable;
+  int stop = L;
+  for (int l = 0; l < L && stop == L; l++)
+    for (int k = 0; k < OT_BLK_NPARAM; k++)
+      if (m->params[P_BLK0 + l * OT_BLK_NPARAM + k].trainable) {
+        stop = l;
+        break;
+      }
+  if (emb_trainable) stop = 0;
+  int need_input_grad = emb_trainable; /* gradient into the embedding output */
+  int lnf_trainable = m->params[P_LNF_W(m)].trainable || m->params[P_LNF_B(m)].trainable;
+  if (stop == L && !lnf_trainable && !m->params[P_WTE].trainable) return OT_OK; /* all frozen */
+
+  o->crossentropy_bwd(be, m->logits, m->logits, m->targets, 1.0f / (float)m->last_count, N, V);
+  o->matmul_bwd(be, m->dln, m->params[P_WTE].grad, NULL, m->logits, m->lnf, m->params[P_WTE].data, N, C, V,
+                OT_W_OUT_IN);
+  o->zero(be, m->dresidual, (size_t)N * C * sizeof(float));
+  float *res_top = m->blocks[L - 1].residual3;
+  o->layernorm_bwd(be, stop < L ? m->dresidual : NULL, m->params[P_LNF_W(m)].grad, m->params[P_LNF_B(m)].grad,
+                   m->dln, res_top, m->params[P_LNF_W(m)].data, m->lnf_mean, m->lnf_rstd, N, C);
+  for (int l = L - 1; l >= stop; l--) {
+    ot_block_acts *a = &m->blocks[l];
+    float *residual = l == 0 ? m->encoded : m->blocks[l - 1].residual3;
+    int input_grad = l > stop || need_input_grad;
+    /* residual3 = residual2 + fcproj: dresidual flows to both */
+    o->matmul_bwd(be, m->dfch_gelu, BG(m, l, OT_BLK_FCPROJ_W), BG(m, l, OT_BLK_FCPROJ_B), m->dresidual, a->fch_gelu,
+                  BP(m, l, OT_BLK_FCPROJ_W), N, 4 * C, C, OT_W_IN_OUT);
+    o->gelu_bwd(be, m->dfch, a->fch, m->dfch_gelu, (size_t)N * 4 * C);
+    o->matmul_bwd(be, m->dln, BG(m, l, OT_BLK_FC_W), BG(m, l, OT_BLK_FC_B), m->dfch, a->ln2, BP(m, l, OT_BLK_FC_W),
+                  N, C, 4 * C, OT_W_IN_OUT);
+    o->layernorm_bwd(be, m->dresidual, BG(m, l, OT_BLK_LN2_W), BG(m, l, OT_BLK_LN2_B), m->dln, a->residual2,
+                     BP(m, l, OT_BLK_LN2_W), a->ln2_mean, a->ln2_rstd, N, C);
+    /* residual2 = residual + attproj */
+    o->matmul_bwd(be, m->datty, BG(m, l, OT_BLK_ATTPROJ_W), BG(m, l, OT_BLK_ATTPROJ_B), m->dresidual, a->atty,
+                  BP(m, l, OT_BLK_ATTPROJ_W), N, C, C, OT_W_IN_OUT);
+    o->attention_bwd(be, m->dqkv, m->datt, m->datty, a->qkv, a->att, B, T, C, NH);
+    o->matmul_bwd(be, m->dln, BG(m, l, OT_BLK_QKV_W), BG(m, l, OT_BLK_QKV_B), m->dqkv, a->ln1, BP(m, l, OT_BLK_QKV_W),
+                  N, C, 3 * C, OT_W_IN_OUT);
+    o->layernorm_bwd(be, input_grad ? m->dresidual : NULL, BG(m, l, OT_BLK_LN1_W), BG(m, l, OT_BLK_LN1_B), m->dln,
+                     residual, BP(m, l, OT_BLK_LN1_W), a->ln1_mean, a->ln1_rstd, N, C);
+  }
+  if (need_input_grad)
+    o->encoder_bwd(be, m->params[P_WTE].grad, m->params[P_WPE].grad, m->dresidual, m->tokens, B, T, C);
+  return o->sync(be);
+}

@@ -1,0 +1,102 @@
+/* GPT-2 (pre-LayerNorm blocks, causal multi-head attention, GELU tanh, learned
+ * positions, LM head tied to the token embedding), llm.c style: plain structs,
+ * one allocation for parameters, one for gradients (trainable tensors only), one
+ * for activations, forward and backward side by side, every op through a backend.
+ *
+ * Parameters are named and shaped as in Hugging Face GPT-2 checkpoints
+ * (transformer.h.{i}.attn.c_attn.weight is Conv1D [in, out], ...). */
+#ifndef OT_GPT2_H
+#define OT_GPT2_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ot_backend.h"
+#include "ot_config.h"
+
+/* Parameter tensors of one block, in checkpoint order. */
+enum {
+  OT_BLK_LN1_W,
+  OT_BLK_LN1_B,
+  OT_BLK_QKV_W,   /* attn.c_attn.weight [C, 3C] */
+  OT_BLK_QKV_B,   /* attn.c_attn.bias [3C] */
+  OT_BLK_ATTPROJ_W, /* attn.c_proj.weight [C, C] */
+  OT_BLK_ATTPROJ_B,
+  OT_BLK_LN2_W,
+  OT_BLK_LN2_B,
+  OT_BLK_FC_W,    /* mlp.c_fc.weight [C, 4C] */
+  OT_BLK_FC_B,
+  OT_BLK_FCPROJ_W, /* mlp.c_proj.weight [4C, C] */
+  OT_BLK_FCPROJ_B,
+  OT_BLK_NPARAM
+};
+
+typedef struct {
+  char name[96]; /* Hugging Face name, e.g. "transformer.h.3.mlp.c_fc.weight" */
+  int ndim;
+  int shape[2];
+  size_t numel;
+  float *data;   /* backend memory */
+  float *grad;   /* backend memory, NULL when frozen or not training */
+  int trainable;
+  int decay;     /* weight decay applies (2-D weights; not biases, norms, positions) */
+} ot_param;
+
+typedef struct ot_gpt2 ot_gpt2;
+
+/* Creates a model with parameters allocated (contents undefined). */
+int ot_gpt2_create(const ot_gpt2_config *cfg, ot_backend *be, ot_gpt2 **out);
+void ot_gpt2_free(ot_gpt2 *m);
+
+/* GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled by
+ * 1/sqrt(2 L), zero biases, unit LayerNorm gains. Deterministic for a seed. */
+int ot_gpt2_init_random(ot_gpt2 *m, uint64_t seed);
+
+/* Loads a Hugging Face directory (config.json + model.safetensors). Accepts names
+ * with or without the "transformer." prefix, F32/F16/BF16, and ignores the attention
+ * mask buffers and a tied lm_head.weight. */
+int ot_gpt2_load_dir(const char *dir, ot_backend *be, ot_gpt2 **out);
+/* Loads parameters from an open set of tensors into an existing model. */
+int ot_gpt2_load_safetensors(ot_gpt2 *m, const char *path);
+/* Writes config.json + model.safetensors (F32, "transformer." names), atomically. */
+int ot_gpt2_save_dir(const ot_gpt2 *m, const char *dir);
+
+const ot_gpt2_config *ot_gpt2_cfg(const ot_gpt2 *m);
+ot_backend *ot_gpt2_backend(const ot_gpt2 *m);
+size_t ot_gpt2_num_params(const ot_gpt2 *m); /* scalar count */
+int ot_gpt2_param_count(const ot_gpt2 *m);   /* tensor count */
+ot_param *ot_gpt2_param(ot_gpt2 *m, int i);
+ot_param *ot_gpt2_find_param(ot_gpt2 *m, const char *name);
+/* Index of a block parameter: i = layer, which = OT_BLK_*. */
+int ot_gpt2_block_param_index(const ot_gpt2 *m, int layer, int which);
+
+/* Marks every tensor trainable (1) or frozen (0); then individual tensors can be
+ * changed through ot_gpt2_param(m, i)->trainable before ot_gpt2_prepare. */
+void ot_gpt2_set_all_trainable(ot_gpt2 *m, int trainable);
+
+/* Allocates activations for batches up to B x T (T <= n_positions); with training,
+ * also keeps every layer's activations and allocates gradients for trainable tensors
+ * only. Call again to change sizes or the trainable set. */
+int ot_gpt2_prepare(ot_gpt2 *m, int B, int T, int training);
+
+/* Forward pass on inputs[B*T] (host memory). With targets (host, -1 = ignore), returns
+ * the mean loss over non-ignored targets in *loss (NaN if none). B, T within prepare. */
+int ot_gpt2_forward(ot_gpt2 *m, const int32_t *inputs, const int32_t *targets, int B, int T, float *loss);
+/* Full logits [B*T, V] (host memory) of a forward pass, for tests and tools. */
+int ot_gpt2_forward_logits(ot_gpt2 *m, const int32_t *inputs, int B, int T, float *logits_out);
+/* Sum of per-token losses and the number of targets of the last forward (for eval). */
+int ot_gpt2_last_loss_sum(const ot_gpt2 *m, double *sum, size_t *count);
+/* Logits of the last position of row b from the last forward (copied to host, V floats).
+ * Only valid after a forward without targets. */
+int ot_gpt2_last_logits(ot_gpt2 *m, int b, float *logits_out);
+
+/* Zeroes the gradients of trainable tensors. */
+int ot_gpt2_zero_grad(ot_gpt2 *m);
+/* Backward pass of the last forward (which must have had targets); accumulates into
+ * gradients of trainable tensors and stops at the lowest layer that needs gradients. */
+int ot_gpt2_backward(ot_gpt2 *m);
+
+/* Bytes held by parameters, gradients and activations (for reports). */
+size_t ot_gpt2_memory_bytes(const ot_gpt2 *m);
+
+#endif

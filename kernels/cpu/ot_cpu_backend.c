@@ -1,0 +1,526 @@
+/* CPU backend: the reference implementation of every op.
+ * Matrix products go to OpenBLAS (its OpenMP build, so it shares one thread pool
+ * with the loops here); everything else is OpenMP loops with AVX2/FMA where the
+ * compiler cannot vectorise on its own (exp, tanh, reductions). */
+#include <cblas.h>
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ot_backend.h"
+#include "ot_error.h"
+
+void openblas_set_num_threads(int num_threads);
+
+#define NT (be->n_threads)
+
+/* ---- vector math ---------------------------------------------------------------- */
+
+/* exp(x) for 8 floats, ~1 ulp on the range that matters (Cody-Waite reduction,
+ * degree-6 polynomial); saturates to 0 / +inf outside [-87.3, 88.7]. */
+static inline __m256 exp256(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.7228f), lo = _mm256_set1_ps(-87.3365f);
+  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r2 = _mm256_mul_ps(r, r);
+  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 res = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  res = _mm256_andnot_ps(under, res);
+  return _mm256_blendv_ps(res, _mm256_set1_ps(INFINITY), over);
+}
+
+static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+static inline float dot(const float *a, const float *b, int n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  float s = hsum256(_mm256_add_ps(acc0, acc1));
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+/* y += a * x */
+static inline void axpy(float *y, float a, const float *x, int n) {
+  __m256 va = _mm256_set1_ps(a);
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* ---- memory ---------------------------------------------------------------------- */
+
+static void cpu_destroy(ot_backend *be) { free(be); }
+
+static int cpu_alloc(ot_backend *be, size_t bytes, void **out) {
+  (void)be;
+  void *p = NULL;
+  /* 64-byte alignment: cache lines and AVX-512 loads inside OpenBLAS */
+  if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0)
+    return ot_error(OT_ERR_NOMEM, "cannot allocate %zu bytes", bytes);
+  *out = p;
+  return OT_OK;
+}
+
+static void cpu_free(ot_backend *be, void *p) {
+  (void)be;
+  free(p);
+}
+
+static int cpu_copy(ot_backend *be, void *dst, const void *src, size_t bytes) {
+  (void)be;
+  memcpy(dst, src, bytes);
+  return OT_OK;
+}
+
+static int cpu_zero(ot_backend *be, void *p, size_t bytes) {
+  (void)be;
+  memset(p, 0, bytes);
+  return OT_OK;
+}
+
+static int cpu_sync(ot_backend *be) {
+  (void)be;
+  return OT_OK;
+}
+
+/* ---- encoder --------------------------------------------------------------------- */
+
+static void cpu_encoder_fwd(ot_backend *be, float *out, const int32_t *tokens, const float *wte,
+                            const float *wpe, int B, int T, int C) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (int i = 0; i < B * T; i++) {
+    const float *e = wte + (size_t)tokens[i] * C, *p = wpe + (size_t)(i % T) * C;
+    float *o = out + (size_t)i * C;
+    for (int c = 0; c < C; c++) o[c] = e[c] + p[c];
+  }
+}
+
+static void cpu_encoder_bwd(ot_backend *be, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
+                            int B, int T, int C) {
+  /* Threads own disjoint channel ranges, so repeated tokens never race. */
+#pragma omp parallel num_threads(NT)
+  {
+    int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    int c0 = (int)((long)C * id / nt), c1 = (int)((long)C * (id + 1) / nt);
+    for (int i = 0; i < B * T; i++) {
+      const float *d = dout + (size_t)i * C;
+      if (dwte) {
+        float *g = dwte + (size_t)tokens[i] * C;
+        for (int c = c0; c < c1; c++) g[c] += d[c];
+      }
+      if (dwpe) {
+        float *g = dwpe + (size_t)(i % T) * C;
+        for (int c = c0; c < c1; c++) g[c] += d[c];
+      }
+    }
+  }
+}
+
+/* ---- layernorm ------------------------------------------------------------------- */
+
+static void cpu_layernorm_fwd(ot_backend *be, float *out, float *mean, float *rstd, const float *inp,
+                              const float *w, const float *b, int N, int C, float eps) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (int i = 0; i < N; i++) {
+    const float *x = inp + (size_t)i * C;
+    float *o = out + (size_t)i * C;
+    float m = 0.0f;
+#pragma omp simd reduction(+ : m)
+    for (int c = 0; c < C; c++) m += x[c];
+    m /= (float)C;
+    float v = 0.0f;
+#pragma omp simd reduction(+ : v)
+    for (int c = 0; c < C; c++) v += (x[c] - m) * (x[c] - m);
+    v /= (float)C;
+    float s = 1.0f / sqrtf(v + eps);
+    for (int c = 0; c < C; c++) o[c] = (x[c] - m) * s * w[c] + b[c];
+    if (mean) mean[i] = m;
+    if (rstd) rstd[i] = s;
+  }
+}
+
+static void cpu_layernorm_bwd(ot_backend *be, float *dinp, float *dw, float *db, const float *dout,
+                              const float *inp, const float *w, const float *mean, const float *rstd, int N,
+                              int C) {
+  if (dinp) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+    for (int i = 0; i < N; i++) {
+      const float *x = inp + (size_t)i * C, *d = dout + (size_t)i * C;
+      float *dx = dinp + (size_t)i * C;
+      float m = mean[i], s = rstd[i];
+      float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+#pragma omp simd reduction(+ : dnorm_mean, dnorm_norm_mean)
+      for (int c = 0; c < C; c++) {
+        float dn = w[c] * d[c];
+        dnorm_mean += dn;
+        dnorm_norm_mean += dn * (x[c] - m) * s;
+      }
+      dnorm_mean /= (float)C;
+      dnorm_norm_mean /= (float)C;
+      for (int c = 0; c < C; c++) {
+        float norm = (x[c] - m) * s;
+        dx[c] += (w[c] * d[c] - dnorm_mean - norm * dnorm_norm_mean) * s;
+      }
+    }
+  }
+  if (dw || db) {
+    /* Column sums: threads own channel ranges (no races, no per-thread copies). */
+#pragma omp parallel num_threads(NT)
+    {
+      int nt = omp_get_num_threads(), id = omp_get_thread_num();
+      int c0 = (int)((long)C * id / nt), c1 = (int)((long)C * (id + 1) / nt);
+      for (int i = 0; i < N; i++) {
+        const float *x = inp + (size_t)i * C, *d = dout + (size_t)i * C;
+        float m = mean[i], s = rstd[i];
+        if (dw)
+          for (int c = c0; c < c1; c++) dw[c] += d[c] * (x[c] - m) * s;
+        if (db)
+          for (int c = c0; c < c1; c++) db[c] += d[c];
+      }
+    }
+  }
+}
+
+/* ---- matmul ---------------------------------------------------------------------- */
+
+static void cpu_matmul_fwd(ot_backend *be, float *out, const float *inp, const float *w, const float *bias, int N,
+                           int IN, int OUT, ot_wlayout layout) {
+  float beta = 0.0f;
+  if (bias) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+    for (int i = 0; i < N; i++) memcpy(out + (size_t)i * OUT, bias, sizeof(float) * OUT);
+    beta = 1.0f;
+  }
+  if (layout == OT_W_IN_OUT)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, OUT, IN, 1.0f, inp, IN, w, OUT, beta, out, OUT);
+  else
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OUT, IN, 1.0f, inp, IN, w, IN, beta, out, OUT);
+}
+
+static void cpu_matmul_bwd(ot_backend *be, float *dinp, float *dw, float *dbias, const float *dout,
+                           const float *inp, const float *w, int N, int IN, int OUT, ot_wlayout layout) {
+  if (dinp) {
+    if (layout == OT_W_IN_OUT)
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, IN, OUT, 1.0f, dout, OUT, w, OUT, 0.0f, dinp, IN);
+    else
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, IN, OUT, 1.0f, dout, OUT, w, IN, 0.0f, dinp, IN);
+  }
+  if (dw) {
+    if (layout == OT_W_IN_OUT)
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, IN, OUT, N, 1.0f, inp, IN, dout, OUT, 1.0f, dw, OUT);
+    else
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OUT, IN, N, 1.0f, dout, OUT, inp, IN, 1.0f, dw, IN);
+  }
+  if (dbias) {
+#pragma omp parallel num_threads(NT)
+    {
+      int nt = omp_get_num_threads(), id = omp_get_thread_num();
+      int c0 = (int)((long)OUT * id / nt), c1 = (int)((long)OUT * (id + 1) / nt);
+      for (int i = 0; i < N; i++) {
+        const float *d = dout + (size_t)i * OUT;
+        for (int c = c0; c < c1; c++) dbias[c] += d[c];
+      }
+    }
+  }
+}
+
+/* ---- attention ------------------------------------------------------------------- */
+
+static void cpu_attention_fwd(ot_backend *be, float *out, float *att, const float *qkv, int B, int T, int C,
+                              int NH) {
+  int hs = C / NH;
+  float scale = 1.0f / sqrtf((float)hs);
+  size_t C3 = (size_t)3 * C;
+#pragma omp parallel for collapse(2) num_threads(NT) schedule(dynamic, 1)
+  for (int b = 0; b < B; b++) {
+    for (int h = 0; h < NH; h++) {
+      for (int t = 0; t < T; t++) {
+        const float *q = qkv + ((size_t)b * T + t) * C3 + (size_t)h * hs;
+        float *a = att + (((size_t)b * NH + h) * T + t) * T;
+        float maxv = -INFINITY;
+        for (int t2 = 0; t2 <= t; t2++) {
+          const float *k = qkv + ((size_t)b * T + t2) * C3 + C + (size_t)h * hs;
+          float s = dot(q, k, hs) * scale;
+          a[t2] = s;
+          if (s > maxv) maxv = s;
+        }
+        float sum = 0.0f;
+        int t2 = 0;
+        __m256 vmax = _mm256_set1_ps(maxv), vsum = _mm256_setzero_ps();
+        for (; t2 + 8 <= t + 1; t2 += 8) {
+          __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(a + t2), vmax));
+          _mm256_storeu_ps(a + t2, e);
+          vsum = _mm256_add_ps(vsum, e);
+        }
+        sum = hsum256(vsum);
+        for (; t2 <= t; t2++) {
+          a[t2] = expf(a[t2] - maxv);
+          sum += a[t2];
+        }
+        float inv = 1.0f / sum;
+        for (t2 = 0; t2 <= t; t2++) a[t2] *= inv;
+        for (t2 = t + 1; t2 < T; t2++) a[t2] = 0.0f;
+        float *o = out + ((size_t)b * T + t) * C + (size_t)h * hs;
+        memset(o, 0, sizeof(float) * hs);
+        for (t2 = 0; t2 <= t; t2++) {
+          const float *v = qkv + ((size_t)b * T + t2) * C3 + 2 * (size_t)C + (size_t)h * hs;
+          axpy(o, a[t2], v, hs);
+        }
+      }
+    }
+  }
+}
+
+static void cpu_attention_bwd(ot_backend *be, float *dqkv, float *datt, const float *dout, const float *qkv,
+                              const float *att, int B, int T, int C, int NH) {
+  int hs = C / NH;
+  float scale = 1.0f / sqrtf((float)hs);
+  size_t C3 = (size_t)3 * C;
+  /* One task per (batch, head): dk and dv accumulate over all queries of the head. */
+#pragma omp parallel for collapse(2) num_threads(NT) schedule(dynamic, 1)
+  for (int b = 0; b < B; b++) {
+    for (int h = 0; h < NH; h++) {
+      for (int t = 0; t < T; t++) {
+        float *row = dqkv + ((size_t)b * T + t) * C3 + (size_t)h * hs;
+        memset(row, 0, sizeof(float) * hs);
+        memset(row + C, 0, sizeof(float) * hs);
+        memset(row + 2 * (size_t)C, 0, sizeof(float) * hs);
+      }
+      for (int t = 0; t < T; t++) {
+        const float *a = att + (((size_t)b * NH + h) * T + t) * T;
+        float *da = datt + (((size_t)b * NH + h) * T + t) * T;
+        const float *d = dout + ((size_t)b * T + t) * C + (size_t)h * hs;
+        const float *q = qkv + ((size_t)b * T + t) * C3 + (size_t)h * hs;
+        float *dq = dqkv + ((size_t)b * T + t) * C3 + (size_t)h * hs;
+        /* through out = att @ v */
+        float s = 0.0f;
+        for (int t2 = 0; t2 <= t; t2++) {
+          const float *v = qkv + ((size_t)b * T + t2) * C3 + 2 * (size_t)C + (size_t)h * hs;
+          float *dv = dqkv + ((size_t)b * T + t2) * C3 + 2 * (size_t)C + (size_t)h * hs;
+          da[t2] = dot(d, v, hs);
+          axpy(dv, a[t2], d, hs);
+          s += a[t2] * da[t2];
+        }
+        /* through softmax, then the scaled q.k products */
+        for (int t2 = 0; t2 <= t; t2++) {
+          float dpre = a[t2] * (da[t2] - s) * scale;
+          const float *k = qkv + ((size_t)b * T + t2) * C3 + C + (size_t)h * hs;
+          float *dk = dqkv + ((size_t)b * T + t2) * C3 + C + (size_t)h * hs;
+          axpy(dq, dpre, k, hs);
+          axpy(dk, dpre, q, hs);
+        }
+      }
+    }
+  }
+}
+
+/* ---- GELU (tanh approximation) --------------------------------------------------- */
+
+#define GELU_S 0.7978845608028654f /* sqrt(2/pi) */
+#define GELU_A 0.044715f
+
+/* tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits at +-inf, no cancellation in 1 + tanh. */
+static inline __m256 tanh256(__m256 u) {
+  __m256 e = exp256(_mm256_add_ps(u, u));
+  return _mm256_sub_ps(_mm256_set1_ps(1.0f),
+                       _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+}
+
+static void cpu_gelu_fwd(ot_backend *be, float *out, const float *inp, size_t n) {
+  size_t nv = n / 8 * 8;
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (size_t i = 0; i < nv; i += 8) {
+    __m256 x = _mm256_loadu_ps(inp + i);
+    __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    __m256 u = _mm256_mul_ps(_mm256_set1_ps(GELU_S), _mm256_fmadd_ps(_mm256_set1_ps(GELU_A), x3, x));
+    __m256 t = tanh256(u);
+    _mm256_storeu_ps(out + i,
+                     _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.0f), t)));
+  }
+  for (size_t i = nv; i < n; i++) {
+    float x = inp[i];
+    out[i] = 0.5f * x * (1.0f + tanhf(GELU_S * (x + GELU_A * x * x * x)));
+  }
+}
+
+static void cpu_gelu_bwd(ot_backend *be, float *dinp, const float *inp, const float *dout, size_t n) {
+  size_t nv = n / 8 * 8;
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (size_t i = 0; i < nv; i += 8) {
+    __m256 x = _mm256_loadu_ps(inp + i);
+    __m256 x2 = _mm256_mul_ps(x, x);
+    __m256 u = _mm256_mul_ps(_mm256_set1_ps(GELU_S), _mm256_fmadd_ps(_mm256_set1_ps(GELU_A), _mm256_mul_ps(x2, x), x));
+    __m256 t = tanh256(u);
+    __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+    __m256 sech2 = _mm256_fnmadd_ps(t, t, one);
+    __m256 du = _mm256_mul_ps(_mm256_set1_ps(GELU_S), _mm256_fmadd_ps(_mm256_set1_ps(3.0f * GELU_A), x2, one));
+    __m256 g = _mm256_fmadd_ps(_mm256_mul_ps(half, x), _mm256_mul_ps(sech2, du), _mm256_mul_ps(half, _mm256_add_ps(one, t)));
+    _mm256_storeu_ps(dinp + i, _mm256_mul_ps(g, _mm256_loadu_ps(dout + i)));
+  }
+  for (size_t i = nv; i < n; i++) {
+    float x = inp[i];
+    float t = tanhf(GELU_S * (x + GELU_A * x * x * x));
+    float g = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_S * (1.0f + 3.0f * GELU_A * x * x);
+    dinp[i] = g * dout[i];
+  }
+}
+
+static void cpu_add(ot_backend *be, float *out, const float *a, const float *b, size_t n) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+/* ---- softmax cross-entropy ------------------------------------------------------- */
+
+static void cpu_crossentropy_fwd(ot_backend *be, float *losses, float *probs, const float *logits,
+                                 const int32_t *targets, int N, int V) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (int i = 0; i < N; i++) {
+    const float *x = logits + (size_t)i * V;
+    float *p = probs + (size_t)i * V;
+    float maxv = -INFINITY;
+    for (int j = 0; j < V; j++) maxv = x[j] > maxv ? x[j] : maxv;
+    /* the target's logit is read before probs (which may alias logits) overwrite it */
+    float xt = (targets && targets[i] >= 0) ? x[targets[i]] : 0.0f;
+    __m256 vmax = _mm256_set1_ps(maxv), vsum = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= V; j += 8) {
+      __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmax));
+      _mm256_storeu_ps(p + j, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    double sum = hsum256(vsum);
+    for (; j < V; j++) {
+      p[j] = expf(x[j] - maxv);
+      sum += p[j];
+    }
+    float inv = (float)(1.0 / sum);
+    for (j = 0; j < V; j++) p[j] *= inv;
+    if (losses) losses[i] = (targets && targets[i] >= 0) ? (float)(log(sum) + maxv - xt) : 0.0f;
+  }
+}
+
+static void cpu_crossentropy_bwd(ot_backend *be, float *dlogits, const float *probs, const int32_t *targets,
+                                 float scale, int N, int V) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (int i = 0; i < N; i++) {
+    const float *p = probs + (size_t)i * V;
+    float *d = dlogits + (size_t)i * V;
+    if (targets[i] < 0) {
+      memset(d, 0, sizeof(float) * V);
+      continue;
+    }
+    for (int j = 0; j < V; j++) d[j] = p[j] * scale;
+    d[targets[i]] -= scale;
+  }
+}
+
+/* ---- optimizers ------------------------------------------------------------------ */
+
+static void cpu_adamw(ot_backend *be, float *p, const float *g, float *m, float *v, size_t n, float lr,
+                      float beta1, float beta2, float eps, float wd, int t) {
+  /* Same arithmetic order as torch.optim.AdamW (single-tensor path). */
+  float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
+  float step = lr / bc1, bc2_sqrt = sqrtf(bc2), decay = 1.0f - lr * wd;
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (size_t i = 0; i < n; i++) {
+    float gi = g[i];
+    float mi = m[i] * beta1 + (1.0f - beta1) * gi;
+    float vi = v[i] * beta2 + (1.0f - beta2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = p[i] * decay - step * mi / (sqrtf(vi) / bc2_sqrt + eps);
+  }
+}
+
+static void cpu_sgd(ot_backend *be, float *p, const float *g, float *buf, size_t n, float lr, float momentum,
+                    float wd, int first_step) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (size_t i = 0; i < n; i++) {
+    float d = g[i] + wd * p[i];
+    if (momentum != 0.0f) {
+      d = first_step ? d : momentum * buf[i] + d;
+      buf[i] = d;
+    }
+    p[i] -= lr * d;
+  }
+}
+
+static void cpu_scale(ot_backend *be, float *x, float s, size_t n) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (size_t i = 0; i < n; i++) x[i] *= s;
+}
+
+static double cpu_sumsq(ot_backend *be, const float *x, size_t n) {
+  double s = 0.0;
+#pragma omp parallel for num_threads(NT) reduction(+ : s) schedule(static)
+  for (size_t i = 0; i < n; i++) s += (double)x[i] * x[i];
+  return s;
+}
+
+static const ot_backend_ops cpu_ops = {
+    .name = "cpu",
+    .destroy = cpu_destroy,
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .copy = cpu_copy,
+    .zero = cpu_zero,
+    .sync = cpu_sync,
+    .encoder_fwd = cpu_encoder_fwd,
+    .encoder_bwd = cpu_encoder_bwd,
+    .layernorm_fwd = cpu_layernorm_fwd,
+    .layernorm_bwd = cpu_layernorm_bwd,
+    .matmul_fwd = cpu_matmul_fwd,
+    .matmul_bwd = cpu_matmul_bwd,
+    .attention_fwd = cpu_attention_fwd,
+    .attention_bwd = cpu_attention_bwd,
+    .gelu_fwd = cpu_gelu_fwd,
+    .gelu_bwd = cpu_gelu_bwd,
+    .add = cpu_add,
+    .crossentropy_fwd = cpu_crossentropy_fwd,
+    .crossentropy_bwd = cpu_crossentropy_bwd,
+    .adamw = cpu_adamw,
+    .sgd = cpu_sgd,
+    .scale = cpu_scale,
+    .sumsq = cpu_sumsq,
+};
+
+int ot_backend_cpu_create(int n_threads, ot_backend **out) {
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
+    return ot_error(OT_ERR_UNSUPPORTED, "the CPU backend needs AVX2 and FMA, which this processor lacks");
+  ot_backend *be = calloc(1, sizeof *be);
+  if (!be) return ot_error(OT_ERR_NOMEM, "cannot allocate the CPU backend");
+  be->ops = &cpu_ops;
+  be->n_threads = n_threads > 0 ? n_threads : omp_get_num_procs();
+  /* OpenBLAS (OpenMP build) reads its own thread count; keep it equal to ours. */
+  openblas_set_num_threads(be->n_threads);
+  *out = be;
+  return OT_OK;
+}

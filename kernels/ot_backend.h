@@ -1,0 +1,101 @@
+/* Compute backends behind one interface (ggml-style): the model code calls ops
+ * through an ot_backend and never touches device memory directly. The CPU
+ * backend is the reference; every other backend is tested op by op against it.
+ *
+ * Conventions for every op:
+ * - pointers are backend memory (host memory for the CPU backend);
+ * - N = rows (B*T), C = channels; row-major everywhere;
+ * - "dX +=" ops accumulate, "dX =" ops overwrite; a NULL gradient output means
+ *   "not needed" (frozen parameter) and the work for it is skipped.
+ * Ops do not fail once memory exists; asynchronous backends report errors at sync. */
+#ifndef OT_BACKEND_H
+#define OT_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct ot_backend ot_backend;
+
+/* Weight layout of a linear map y = x W + b: Hugging Face Conv1D stores W as
+ * [in, out]; nn.Linear (tied LM head, LoRA A/B) stores it as [out, in]. */
+typedef enum { OT_W_IN_OUT = 0, OT_W_OUT_IN = 1 } ot_wlayout;
+
+typedef struct {
+  const char *name;
+  void (*destroy)(ot_backend *be);
+  /* memory */
+  int (*alloc)(ot_backend *be, size_t bytes, void **out);
+  void (*free)(ot_backend *be, void *p);
+  int (*upload)(ot_backend *be, void *dst, const void *src, size_t bytes);
+  int (*download)(ot_backend *be, void *dst, const void *src, size_t bytes);
+  int (*copy)(ot_backend *be, void *dst, const void *src, size_t bytes); /* within the backend */
+  int (*zero)(ot_backend *be, void *p, size_t bytes);
+  int (*sync)(ot_backend *be);
+
+  /* out[N,C] = wte[tokens] + wpe[t] */
+  void (*encoder_fwd)(ot_backend *be, float *out, const int32_t *tokens, const float *wte, const float *wpe,
+                      int B, int T, int C);
+  /* dwte += scatter(dout), dwpe += sum over batch */
+  void (*encoder_bwd)(ot_backend *be, float *dwte, float *dwpe, const float *dout, const int32_t *tokens, int B,
+                      int T, int C);
+  /* out = (inp - mean) * rstd * w + b; mean/rstd [N] saved for backward (may be NULL) */
+  void (*layernorm_fwd)(ot_backend *be, float *out, float *mean, float *rstd, const float *inp, const float *w,
+                        const float *b, int N, int C, float eps);
+  /* dinp += ..., dw += ..., db += ... */
+  void (*layernorm_bwd)(ot_backend *be, float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                        const float *w, const float *mean, const float *rstd, int N, int C);
+  /* out[N,OUT] = inp[N,IN] W + bias (bias may be NULL) */
+  void (*matmul_fwd)(ot_backend *be, float *out, const float *inp, const float *w, const float *bias, int N,
+                     int IN, int OUT, ot_wlayout layout);
+  /* dinp = dout W^T, dw += inp^T dout (in W's layout), dbias += colsum(dout) */
+  void (*matmul_bwd)(ot_backend *be, float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
+                     const float *w, int N, int IN, int OUT, ot_wlayout layout);
+  /* causal multi-head attention over qkv[N,3C] (q | k | v); out[N,C]; att[B,NH,T,T]
+   * keeps the softmax probabilities for backward */
+  void (*attention_fwd)(ot_backend *be, float *out, float *att, const float *qkv, int B, int T, int C, int NH);
+  /* dqkv = ...; datt [B,NH,T,T] is scratch */
+  void (*attention_bwd)(ot_backend *be, float *dqkv, float *datt, const float *dout, const float *qkv,
+                        const float *att, int B, int T, int C, int NH);
+  /* GELU, tanh approximation */
+  void (*gelu_fwd)(ot_backend *be, float *out, const float *inp, size_t n);
+  /* dinp = gelu'(inp) * dout */
+  void (*gelu_bwd)(ot_backend *be, float *dinp, const float *inp, const float *dout, size_t n);
+  /* out = a + b */
+  void (*add)(ot_backend *be, float *out, const float *a, const float *b, size_t n);
+  /* probs = softmax(logits) (may alias); losses[i] = -log probs[i, targets[i]], 0 where target < 0 */
+  void (*crossentropy_fwd)(ot_backend *be, float *losses, float *probs, const float *logits,
+                           const int32_t *targets, int N, int V);
+  /* dlogits = (probs - onehot(target)) * scale, 0 rows where target < 0 (may alias probs) */
+  void (*crossentropy_bwd)(ot_backend *be, float *dlogits, const float *probs, const int32_t *targets,
+                           float scale, int N, int V);
+  /* AdamW with PyTorch semantics: p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p), t >= 1 */
+  void (*adamw)(ot_backend *be, float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
+                float beta2, float eps, float wd, int t);
+  /* PyTorch SGD: g' = g + wd p; buf = momentum buf + g' (buf = g' at first step); p -= lr * buf.
+   * buf may be NULL when momentum == 0. */
+  void (*sgd)(ot_backend *be, float *p, const float *g, float *buf, size_t n, float lr, float momentum, float wd,
+              int first_step);
+  /* x *= s */
+  void (*scale)(ot_backend *be, float *x, float s, size_t n);
+  /* returns sum(x^2) in double (synchronises) */
+  double (*sumsq)(ot_backend *be, const float *x, size_t n);
+} ot_backend_ops;
+
+struct ot_backend {
+  const ot_backend_ops *ops;
+  void *ctx;
+  int n_threads;
+};
+
+typedef enum { OT_BACKEND_CPU = 0, OT_BACKEND_CUDA = 1 } ot_backend_kind;
+
+/* Creates a backend; n_threads <= 0 means all cores (CPU). A backend that is not
+ * built or has no device gives OT_ERR_UNSUPPORTED with a detail saying why. */
+int ot_backend_create(ot_backend_kind kind, int n_threads, ot_backend **out);
+void ot_backend_free(ot_backend *be);
+/* "cpu" / "cuda" -> kind */
+int ot_backend_parse(const char *name, ot_backend_kind *out);
+
+int ot_backend_cpu_create(int n_threads, ot_backend **out);
+
+#endif

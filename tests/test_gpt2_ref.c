@@ -1,0 +1,343 @@
+/* GPT-2 against an independent PyTorch implementation (tests/ref/gpt2_ref.py, float64):
+ * logits, loss, every parameter gradient, frozen subsets, half-precision checkpoints,
+ * AdamW and SGD trajectories; plus a finite-difference check that needs no PyTorch. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ot_error.h"
+#include "ot_gpt2.h"
+#include "ot_optim.h"
+#include "ot_safetensors.h"
+#include "ot_test_util.h"
+
+/* fp32 against a float64 reference: errors are rounding, ~1e-6 relative. 1e-4 leaves
+ * room for summation order, yet a wrong term (a missing bias, a transposed weight,
+ * a scale off by a factor) moves errors to 1e-2 or more. */
+#define REL_TOL 1e-4
+
+static char *ref_dir;
+static double worst_err; /* largest relative error seen, printed for the record */
+static char cases[8][32];
+static int n_cases;
+
+static int setup(void **state) {
+  (void)state;
+  ref_dir = ot_test_tmpdir("gpt2_ref");
+  const char *py = getenv("OT_PYTHON");
+  int rc = ot_test_system("%s '%s/tests/ref/gpt2_ref.py' '%s'", py ? py : "/usr/bin/python3", ot_test_source_dir(),
+                          ref_dir);
+  if (rc != 0) {
+    fprintf(stderr, "PyTorch reference generator failed (exit %d): install python3-torch (scripts/setup.sh)\n", rc);
+    return -1;
+  }
+  char path[512];
+  snprintf(path, sizeof path, "%s/cases.txt", ref_dir);
+  FILE *f = fopen(path, "r");
+  if (!f) return -1;
+  while (n_cases < 8 && fscanf(f, "%31s", cases[n_cases]) == 1) n_cases++;
+  fclose(f);
+  return n_cases > 0 ? 0 : -1;
+}
+
+static int teardown(void **state) {
+  (void)state;
+  printf("largest relative error against PyTorch (float64): %.3g (tolerance %.0e)\n", worst_err, REL_TOL);
+  free(ref_dir);
+  return 0;
+}
+
+typedef struct {
+  ot_backend *be;
+  ot_gpt2 *m;
+  ot_safetensors *ref;
+  int B, T;
+  int32_t *inputs, *targets;
+} fixture;
+
+static float *ref_f32(ot_safetensors *ref, const char *name, uint64_t *n) {
+  const ot_st_tensor *t = ot_st_find(ref, name);
+  if (!t) fail_msg("reference tensor %s missing", name);
+  float *buf = malloc(t->numel * sizeof(float));
+  assert_int_equal(ot_st_read_f32(ref, t, buf, t->numel), 0);
+  if (n) *n = t->numel;
+  return buf;
+}
+
+static void fixture_open(fixture *fx, const char *name, const char *sub) {
+  memset(fx, 0, sizeof *fx);
+  char dir[512], path[512];
+  snprintf(dir, sizeof dir, "%s/%s%s%s", ref_dir, name, sub ? "/" : "", sub ? sub : "");
+  assert_int_equal(ot_backend_cpu_create(2, &fx->be), 0);
+  int rc = ot_gpt2_load_dir(dir, fx->be, &fx->m);
+  if (rc) fail_msg("load %s: %s", dir, ot_error_detail());
+  snprintf(path, sizeof path, "%s/%s/ref.safetensors", ref_dir, name);
+  assert_int_equal(ot_st_open(path, &fx->ref), 0);
+  const ot_st_tensor *in = ot_st_find(fx->ref, "inputs");
+  assert_non_null(in);
+  fx->B = (int)in->shape[0];
+  fx->T = (int)in->shape[1];
+  fx->inputs = malloc(in->nbytes);
+  fx->targets = malloc(in->nbytes);
+  memcpy(fx->inputs, ot_st_data(fx->ref, in), in->nbytes);
+  memcpy(fx->targets, ot_st_data(fx->ref, ot_st_find(fx->ref, "targets")), in->nbytes);
+}
+
+static void fixture_close(fixture *fx) {
+  ot_gpt2_free(fx->m);
+  ot_backend_free(fx->be);
+  ot_st_close(fx->ref);
+  free(fx->inputs);
+  free(fx->targets);
+}
+
+/* ||a - b|| / ||b||, the relative error of a whole tensor */
+static double rel_err(const float *a, const float *b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; i++) {
+    double d = (double)a[i] - b[i];
+    num += d * d;
+    den += (double)b[i] * b[i];
+  }
+  return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static void check_close(const char *what, const char *cs, const float *got, const float *want, size_t n) {
+  double e = rel_err(got, want, n);
+  double maxabs = 0, maxref = 0;
+  for (size_t i = 0; i < n; i++) {
+    double d = fabs((double)got[i] - want[i]);
+    if (d > maxabs) maxabs = d;
+    if (fabs(want[i]) > maxref) maxref = fabs(want[i]);
+  }
+  if (e > worst_err) worst_err = e;
+  if (!(e < REL_TOL) || !(maxabs <= REL_TOL * maxref + 1e-7))
+    fail_msg("%s/%s: relative error %.3g, max abs diff %.3g (max |ref| %.3g)", cs, what, e, maxabs, maxref);
+}
+
+static void test_logits_loss_grads(void **state) {
+  (void)state;
+  for (int c = 0; c < n_cases; c++) {
+    fixture fx;
+    fixture_open(&fx, cases[c], NULL);
+    const ot_gpt2_config *cfg = ot_gpt2_cfg(fx.m);
+    size_t N = (size_t)fx.B * fx.T, V = cfg->vocab_size;
+    assert_int_equal(ot_gpt2_prepare(fx.m, fx.B, fx.T, 1), 0);
+
+    float *logits = malloc(N * V * sizeof(float));
+    assert_int_equal(ot_gpt2_forward_logits(fx.m, fx.inputs, fx.B, fx.T, logits), 0);
+    uint64_t nref;
+    float *want = ref_f32(fx.ref, "logits", &nref);
+    assert_int_equal(nref, N * V);
+    check_close("logits", cases[c], logits, want, N * V);
+    free(want);
+    free(logits);
+
+    float loss;
+    assert_int_equal(ot_gpt2_forward(fx.m, fx.inputs, fx.targets, fx.B, fx.T, &loss), 0);
+    float *wl = ref_f32(fx.ref, "loss", NULL);
+    if (!(fabs(loss - wl[0]) < REL_TOL * fabs(wl[0]))) fail_msg("%s: loss %.8f, PyTorch %.8f", cases[c], loss, wl[0]);
+    free(wl);
+
+    assert_int_equal(ot_gpt2_backward(fx.m), 0);
+    for (int i = 0; i < ot_gpt2_param_count(fx.m); i++) {
+      ot_param *p = ot_gpt2_param(fx.m, i);
+      char name[160];
+      snprintf(name, sizeof name, "grad.%s", p->name + strlen("transformer."));
+      uint64_t n;
+      float *g = ref_f32(fx.ref, name, &n);
+      assert_int_equal(n, p->numel);
+      assert_non_null(p->grad);
+      check_close(p->name, cases[c], p->grad, g, n);
+      free(g);
+    }
+    fixture_close(&fx);
+  }
+}
+
+/* Training only some tensors: frozen ones get no gradient memory, the trainable ones get
+ * exactly the gradients of the full model, and the parameters of frozen tensors do not move. */
+static void test_frozen_subset(void **state) {
+  (void)state;
+  fixture fx;
+  fixture_open(&fx, "manyheads", NULL);
+  int L = ot_gpt2_cfg(fx.m)->n_layer;
+  ot_gpt2_set_all_trainable(fx.m, 0);
+  /* the top block only, like a top adapter */
+  for (int k = 0; k < OT_BLK_NPARAM; k++) ot_gpt2_param(fx.m, ot_gpt2_block_param_index(fx.m, L - 1, k))->trainable = 1;
+  assert_int_equal(ot_gpt2_prepare(fx.m, fx.B, fx.T, 1), 0);
+  size_t grad_scalars = 0;
+  for (int i = 0; i < ot_gpt2_param_count(fx.m); i++) {
+    ot_param *p = ot_gpt2_param(fx.m, i);
+    if (p->trainable) {
+      assert_non_null(p->grad);
+      grad_scalars += p->numel;
+    } else {
+      assert_null(p->grad);
+    }
+  }
+  assert_true(ot_gpt2_memory_bytes(fx.m) > 0);
+  float loss;
+  assert_int_equal(ot_gpt2_forward(fx.m, fx.inputs, fx.targets, fx.B, fx.T, &loss), 0);
+  assert_int_equal(ot_gpt2_backward(fx.m), 0);
+  for (int i = 0; i < ot_gpt2_param_count(fx.m); i++) {
+    ot_param *p = ot_gpt2_param(fx.m, i);
+    if (!p->trainable) continue;
+    char name[160];
+    snprintf(name, sizeof name, "grad.%s", p->name + strlen("transformer."));
+    float *g = ref_f32(fx.ref, name, NULL);
+    check_close(p->name, "frozen-subset", p->grad, g, p->numel);
+    free(g);
+  }
+  /* an optimizer step moves only the trainable tensors */
+  size_t total = ot_gpt2_num_params(fx.m);
+  float *before = malloc(total * sizeof(float));
+  memcpy(before, ot_gpt2_param(fx.m, 0)->data, total * sizeof(float));
+  ot_optim_config oc;
+  ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
+  ot_optimizer *opt;
+  assert_int_equal(ot_optimizer_create(&oc, fx.be, ot_gpt2_param(fx.m, 0), ot_gpt2_param_count(fx.m), &opt), 0);
+  assert_int_equal(ot_optimizer_step(opt, 1e-2f, NULL), 0);
+  size_t off = 0;
+  for (int i = 0; i < ot_gpt2_param_count(fx.m); i++) {
+    ot_param *p = ot_gpt2_param(fx.m, i);
+    int same = memcmp(before + off, p->data, p->numel * sizeof(float)) == 0;
+    if (p->trainable) assert_false(same);
+    else assert_true(same);
+    off += p->numel;
+  }
+  free(before);
+  ot_optimizer_free(opt);
+  fixture_close(&fx);
+}
+
+/* F16 and BF16 checkpoints written by PyTorch load and score like PyTorch on the rounded weights. */
+static void test_half_checkpoints(void **state) {
+  (void)state;
+  const char *subs[2] = {"f16", "bf16"};
+  for (int c = 0; c < n_cases; c++) {
+    for (int s = 0; s < 2; s++) {
+      fixture fx;
+      fixture_open(&fx, cases[c], subs[s]);
+      assert_int_equal(ot_gpt2_prepare(fx.m, fx.B, fx.T, 0), 0);
+      float loss;
+      assert_int_equal(ot_gpt2_forward(fx.m, fx.inputs, fx.targets, fx.B, fx.T, &loss), 0);
+      char name[32];
+      snprintf(name, sizeof name, "loss_%s", subs[s]);
+      float *wl = ref_f32(fx.ref, name, NULL);
+      if (!(fabs(loss - wl[0]) < REL_TOL * fabs(wl[0])))
+        fail_msg("%s/%s: loss %.8f, PyTorch %.8f", cases[c], subs[s], loss, wl[0]);
+      free(wl);
+      fixture_close(&fx);
+    }
+  }
+}
+
+static float meta_f(ot_safetensors *st, const char *key) {
+  const char *v = ot_st_metadata(st, key);
+  assert_non_null(v);
+  return strtof(v, NULL);
+}
+
+/* Four optimizer steps follow PyTorch's loss trajectory (AdamW with decoupled decay on
+ * 2-D weights, clipping; SGD with momentum and L2 decay). */
+static void test_optimizer_trajectories(void **state) {
+  (void)state;
+  for (int c = 0; c < n_cases; c++) {
+    for (int kind = 0; kind < 2; kind++) {
+      fixture fx;
+      fixture_open(&fx, cases[c], NULL);
+      assert_int_equal(ot_gpt2_prepare(fx.m, fx.B, fx.T, 1), 0);
+      ot_optim_config oc;
+      ot_optim_config_default(&oc, kind == 0 ? OT_OPTIM_ADAMW : OT_OPTIM_SGD);
+      float lr;
+      if (kind == 0) {
+        lr = meta_f(fx.ref, "adamw_lr");
+        oc.weight_decay = meta_f(fx.ref, "adamw_wd");
+        oc.grad_clip = meta_f(fx.ref, "adamw_clip");
+      } else {
+        lr = meta_f(fx.ref, "sgd_lr");
+        oc.momentum = meta_f(fx.ref, "sgd_momentum");
+        oc.weight_decay = meta_f(fx.ref, "sgd_wd");
+      }
+      ot_optimizer *opt;
+      assert_int_equal(ot_optimizer_create(&oc, fx.be, ot_gpt2_param(fx.m, 0), ot_gpt2_param_count(fx.m), &opt), 0);
+      uint64_t n;
+      float *want = ref_f32(fx.ref, kind == 0 ? "adamw_losses" : "sgd_losses", &n);
+      for (uint64_t s = 0; s < n; s++) {
+        float loss;
+        assert_int_equal(ot_gpt2_forward(fx.m, fx.inputs, fx.targets, fx.B, fx.T, &loss), 0);
+        /* trajectories amplify rounding a little each step */
+        if (!(fabs(loss - want[s]) < 2e-4 * fabs(want[s])))
+          fail_msg("%s %s step %d: loss %.7f, PyTorch %.7f", cases[c], kind == 0 ? "adamw" : "sgd", (int)s, loss,
+                   want[s]);
+        if (s + 1 == n) break;
+        assert_int_equal(ot_gpt2_zero_grad(fx.m), 0);
+        assert_int_equal(ot_gpt2_backward(fx.m), 0);
+        assert_int_equal(ot_optimizer_step(opt, lr, NULL), 0);
+      }
+      free(want);
+      ot_optimizer_free(opt);
+      fixture_close(&fx);
+    }
+  }
+}
+
+/* Central differences on a tiny model, independent of PyTorch. fp32 differences carry
+ * ~1e-3 noise, so the check is looser, and it samples entries of every tensor. */
+static void test_finite_differences(void **state) {
+  (void)state;
+  ot_backend *be;
+  assert_int_equal(ot_backend_cpu_create(1, &be), 0);
+  ot_gpt2_config cfg = {.n_layer = 2, .n_head = 2, .n_embd = 8, .vocab_size = 11, .n_positions = 8,
+                        .layer_norm_epsilon = 1e-5f};
+  ot_gpt2 *m;
+  assert_int_equal(ot_gpt2_create(&cfg, be, &m), 0);
+  assert_int_equal(ot_gpt2_init_random(m, 7), 0);
+  /* larger weights than GPT-2's init so every path carries signal */
+  for (int i = 0; i < ot_gpt2_param_count(m); i++) {
+    ot_param *p = ot_gpt2_param(m, i);
+    for (size_t j = 0; j < p->numel; j++) p->data[j] = p->data[j] * 10.0f + 0.01f * (float)((j * 7 + i) % 5);
+  }
+  int B = 2, T = 5;
+  int32_t in[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, tg[10] = {2, 3, 4, 5, 6, 7, 8, 9, 10, 0};
+  assert_int_equal(ot_gpt2_prepare(m, B, T, 1), 0);
+  float loss;
+  assert_int_equal(ot_gpt2_forward(m, in, tg, B, T, &loss), 0);
+  assert_int_equal(ot_gpt2_backward(m), 0);
+  int checked = 0;
+  for (int i = 0; i < ot_gpt2_param_count(m); i++) {
+    ot_param *p = ot_gpt2_param(m, i);
+    for (size_t j = 0; j < p->numel; j += 1 + p->numel / 3) {
+      float orig = p->data[j], h = 1e-2f, lp, lm;
+      p->data[j] = orig + h;
+      assert_int_equal(ot_gpt2_forward(m, in, tg, B, T, &lp), 0);
+      p->data[j] = orig - h;
+      assert_int_equal(ot_gpt2_forward(m, in, tg, B, T, &lm), 0);
+      p->data[j] = orig;
+      double fd = ((double)lp - lm) / (2.0 * h), an = p->grad[j];
+      if (!(fabs(fd - an) <= 2e-3 + 3e-2 * fabs(an)))
+        fail_msg("%s[%zu]: analytic %.6g, finite difference %.6g", p->name, j, an, fd);
+      checked++;
+    }
+  }
+  assert_true(checked > 40);
+  ot_gpt2_free(m);
+  ot_backend_free(be);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_logits_loss_grads), cmocka_unit_test(test_frozen_subset),
+      cmocka_unit_test(test_half_checkpoints),  cmocka_unit_test(test_optimizer_trajectories),
+      cmocka_unit_test(test_finite_differences),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}
