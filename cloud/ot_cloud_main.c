@@ -17,6 +17,7 @@ static const struct {
     {"eval", ot_cmd_eval, "perplexity of a model on a text or token file"},
     {"generate", ot_cmd_generate, "sample a continuation of a prompt"},
     {"tokenize", ot_cmd_tokenize, "print the token ids of a text file"},
+    {"corpus", ot_cmd_corpus, "write the plain text of Brown corpus genres (the project's data splits)"},
 };
 #define N_COMMANDS (int)(sizeof commands / sizeof commands[0])
 

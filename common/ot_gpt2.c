@@ -207,9 +207,11 @@ int ot_gpt2_init_random(ot_gpt2 *m, uint64_t seed) {
       memset(h, 0, p->numel * sizeof(float));
     } else {
       double std = strstr(n, "c_proj.weight") ? resid_std : 0.02;
-      for (size_t j = 0; j < p->numel; j++) {
-        double u1 = uniform01(&s), u2 = uniform01(&s);
-        h[j] = (float)(std * sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
+      /* Box-Muller, both outputs of each pair */
+      for (size_t j = 0; j < p->numel; j += 2) {
+        double r = std * sqrt(-2.0 * log(uniform01(&s))), a = 2.0 * M_PI * uniform01(&s);
+        h[j] = (float)(r * cos(a));
+        if (j + 1 < p->numel) h[j + 1] = (float)(r * sin(a));
       }
     }
     h += p->numel;

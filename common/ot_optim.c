@@ -97,10 +97,14 @@ int ot_optimizer_steps_done(const ot_optimizer *o) { return o->t; }
 
 int ot_optimizer_step(ot_optimizer *o, float lr, float *grad_norm) {
   const ot_backend_ops *ops = o->be->ops;
-  double sq = 0.0;
-  for (int i = 0; i < o->n; i++) sq += ops->sumsq(o->be, o->params[i]->grad, o->params[i]->numel);
-  float norm = (float)sqrt(sq);
-  if (!isfinite(norm)) return ot_error(OT_ERR_RANGE, "gradient norm is not finite (%g): training diverged", norm);
+  float norm = 0.0f;
+  /* The norm costs a full pass over the gradients: only when clipping or asked for. */
+  if (o->cfg.grad_clip > 0.0f || grad_norm) {
+    double sq = 0.0;
+    for (int i = 0; i < o->n; i++) sq += ops->sumsq(o->be, o->params[i]->grad, o->params[i]->numel);
+    norm = (float)sqrt(sq);
+    if (!isfinite(norm)) return ot_error(OT_ERR_RANGE, "gradient norm is not finite (%g): training diverged", norm);
+  }
   if (o->cfg.grad_clip > 0.0f) {
     /* torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6), never up */
     float coef = o->cfg.grad_clip / (norm + 1e-6f);

@@ -1,0 +1,76 @@
+/* Training-step throughput of offtune's GPT-2 on the CPU backend: random init, random
+ * tokens, AdamW, the same work bench/torch_train.py gives PyTorch. Prints one JSON line. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include "ot_cli.h"
+#include "ot_error.h"
+#include "ot_gpt2.h"
+#include "ot_optim.h"
+
+int main(int argc, char **argv) {
+  int layers = 12, heads = 12, embd = 768, vocab = 50257, ctx = 1024, B = 4, T = 64, steps = 5, warmup = 1,
+      threads = 2;
+  const ot_opt opts[] = {
+      {"layers", OT_OPT_INT, &layers, "L", "blocks"},   {"heads", OT_OPT_INT, &heads, "H", "heads"},
+      {"embd", OT_OPT_INT, &embd, "C", "width"},        {"vocab", OT_OPT_INT, &vocab, "V", "vocabulary"},
+      {"ctx", OT_OPT_INT, &ctx, "P", "positions"},      {"batch", OT_OPT_INT, &B, "B", "batch"},
+      {"seq-len", OT_OPT_INT, &T, "T", "sequence"},     {"steps", OT_OPT_INT, &steps, "N", "timed steps"},
+      {"warmup", OT_OPT_INT, &warmup, "N", "untimed steps"}, {"threads", OT_OPT_INT, &threads, "N", "threads"},
+  };
+  int n_opts = (int)(sizeof opts / sizeof opts[0]);
+  int rc = ot_cli_parse(argc - 1, argv + 1, opts, n_opts);
+  if (rc) {
+    ot_cli_usage(rc == 1 ? stdout : stderr, "bench_train [options]", "Times GPT-2 training steps.", opts, n_opts);
+    return rc == 1 ? 0 : 2;
+  }
+  ot_backend *be;
+  ot_gpt2 *m;
+  ot_optimizer *opt;
+  ot_gpt2_config cfg = {layers, heads, embd, vocab, ctx, 1e-5f};
+  ot_optim_config oc;
+  ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
+  rc = ot_backend_cpu_create(threads, &be);
+  if (rc == OT_OK) rc = ot_gpt2_create(&cfg, be, &m);
+  if (rc == OT_OK) rc = ot_gpt2_init_random(m, 1);
+  if (rc == OT_OK) rc = ot_gpt2_prepare(m, B, T, 1);
+  if (rc == OT_OK) rc = ot_optimizer_create(&oc, be, ot_gpt2_param(m, 0), ot_gpt2_param_count(m), &opt);
+  if (rc) {
+    fprintf(stderr, "bench_train: %s: %s\n", ot_strerror(rc), ot_error_detail());
+    return 1;
+  }
+  int32_t *in = malloc(sizeof(int32_t) * B * T), *tg = malloc(sizeof(int32_t) * B * T);
+  uint64_t s = 42;
+  for (int i = 0; i < B * T; i++) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    in[i] = (int32_t)((s >> 33) % (uint64_t)vocab);
+    tg[i] = (int32_t)((s >> 17) % (uint64_t)vocab);
+  }
+  double t0 = 0;
+  float loss = 0;
+  for (int i = 0; i < warmup + steps; i++) {
+    if (i == warmup) t0 = ot_now();
+    rc = ot_gpt2_forward(m, in, tg, B, T, &loss);
+    if (rc == OT_OK) rc = ot_gpt2_zero_grad(m);
+    if (rc == OT_OK) rc = ot_gpt2_backward(m);
+    if (rc == OT_OK) rc = ot_optimizer_step(opt, 1e-4f, NULL);
+    if (rc) {
+      fprintf(stderr, "bench_train: %s: %s\n", ot_strerror(rc), ot_error_detail());
+      return 1;
+    }
+  }
+  double dt = (ot_now() - t0) / steps;
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  printf("{\"impl\": \"offtune\", \"step_s\": %.4f, \"tokens_per_s\": %.1f, \"peak_rss_mib\": %.1f, \"loss\": %.4f, "
+         "\"params\": %zu}\n",
+         dt, B * T / dt, ru.ru_maxrss / 1024.0, loss, ot_gpt2_num_params(m));
+  free(in);
+  free(tg);
+  ot_optimizer_free(opt);
+  ot_gpt2_free(m);
+  ot_backend_free(be);
+  return 0;
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: install what is missing, build, pre-train the
+# default model on the Brown corpus (resuming a finished or interrupted run instead of
+# starting over), then print the quality table and a sample.
+#   OT_PRETRAIN_STEPS (default 600) sets the pre-training length.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+bash scripts/setup.sh
+bash scripts/build.sh
+cloud=build/cloud/offtune-cloud
+work=build/main
+model=$work/default-model
+steps=${OT_PRETRAIN_STEPS:-600}
+mkdir -p "$work"
+
+echo "== pre-training the embedded default model ($steps steps; progress below) =="
+$cloud pretrain --out "$model" --steps "$steps" --warmup 50 --ckpt-every 100 --resume
+
+echo "== held-out evaluation texts =="
+$cloud corpus --genres pretrain --part heldout --out "$work/heldout-pretrain.txt"
+$cloud corpus --genres public --part all --out "$work/public.txt"
+for g in romance mystery humor science_fiction; do
+  $cloud corpus --genres "$g" --part heldout --out "$work/heldout-$g.txt"
+done
+
+echo
+echo "== quality of the base model (perplexity per byte; lower is better) =="
+printf '%-44s %10s %10s %10s\n' "text" "loss" "ppl" "tokens"
+row() {
+  local label=$1 file=$2 json
+  json=$($cloud eval --model "$model" --text "$file" --seq-len 256 --json 2>/dev/null)
+  python3 -c 'import json,sys; j=json.loads(sys.argv[2]); print("%-44s %10.4f %10.3f %10d" % (sys.argv[1], j["loss"], j["perplexity"], j["tokens"]))' "$label" "$json"
+}
+row "pretraining genres, held-out documents" "$work/heldout-pretrain.txt"
+row "public genres (cloud's distillation corpus)" "$work/public.txt"
+for g in romance mystery humor science_fiction; do
+  row "private genre $g, held-out document" "$work/heldout-$g.txt"
+done
+echo
+echo "== sample (temperature 0.8, top-p 0.95) =="
+$cloud generate --model "$model" --prompt "The jury said" --max-tokens 200 --seed 1
