@@ -19,7 +19,11 @@ int ot_tokenizer_save_dir(const ot_tokenizer *tok, const char *dir);
 void ot_tokenizer_free(ot_tokenizer *tok);
 
 int ot_tokenizer_vocab_size(const ot_tokenizer *tok);
-/* Encodes UTF-8 (invalid bytes are encoded byte-wise, never rejected) into a malloc'd array. */
+/* Id of one vocabulary entry given its text as stored in vocab.json (e.g. "<|endoftext|>");
+ * for the byte tokenizer, a one-byte string. OT_ERR_NOTFOUND if absent. */
+int ot_tokenizer_token_id(const ot_tokenizer *tok, const char *token, int32_t *id);
+/* Encodes UTF-8 (invalid bytes are encoded byte-wise, never rejected) into a malloc'd array.
+ * encode, decode and vocab_size may be called from several threads on one handle. */
 int ot_tokenizer_encode(const ot_tokenizer *tok, const char *text, size_t len, int32_t **ids, size_t *n_ids);
 /* Decodes ids into a malloc'd NUL-terminated string; unknown ids are OT_ERR_RANGE. */
 int ot_tokenizer_decode(const ot_tokenizer *tok, const int32_t *ids, size_t n_ids, char **text, size_t *len);

