@@ -304,7 +304,7 @@ static void test_finite_differences(void **state) {
   /* larger weights than GPT-2's init so every path carries signal */
   for (int i = 0; i < ot_gpt2_param_count(m); i++) {
     ot_param *p = ot_gpt2_param(m, i);
-    for (size_t j = 0; j < p->numel; j++) p->data[j] = p->data[j] * 10.0f + 0.01f * (float)((j * 7 + i) % 5);
+    for (size_t j = 0; j < p->numel; j++) p->data[j] = p->data[j] * 4.0f + 0.01f * (float)((j * 7 + i) % 5);
   }
   int B = 2, T = 5;
   int32_t in[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, tg[10] = {2, 3, 4, 5, 6, 7, 8, 9, 10, 0};
@@ -316,14 +316,14 @@ static void test_finite_differences(void **state) {
   for (int i = 0; i < ot_gpt2_param_count(m); i++) {
     ot_param *p = ot_gpt2_param(m, i);
     for (size_t j = 0; j < p->numel; j += 1 + p->numel / 3) {
-      float orig = p->data[j], h = 1e-2f, lp, lm;
+      float orig = p->data[j], h = 4e-3f, lp, lm;
       p->data[j] = orig + h;
       assert_int_equal(ot_gpt2_forward(m, in, tg, B, T, &lp), 0);
       p->data[j] = orig - h;
       assert_int_equal(ot_gpt2_forward(m, in, tg, B, T, &lm), 0);
       p->data[j] = orig;
       double fd = ((double)lp - lm) / (2.0 * h), an = p->grad[j];
-      if (!(fabs(fd - an) <= 2e-3 + 3e-2 * fabs(an)))
+      if (!(fabs(fd - an) <= 1e-4 + 3e-2 * fabs(an)))
         fail_msg("%s[%zu]: analytic %.6g, finite difference %.6g", p->name, j, an, fd);
       checked++;
     }
