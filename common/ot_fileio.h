@@ -12,6 +12,16 @@ int ot_file_write_atomic(const char *path, const void *data, size_t len);
 int ot_mkdir_p(const char *path);
 /* Joins dir and name into a malloc'd path. */
 int ot_path_join(const char *dir, const char *name, char **out);
+/* 1 if something exists at path (file, directory, ...), 0 otherwise. */
 int ot_file_exists(const char *path);
+
+/* Streaming form of ot_file_write_atomic for outputs too large to build in memory:
+ * open a temporary file next to `path`, write pieces, then commit (fsync, rename,
+ * fsync dir) or abort (remove the temporary file). Commit and abort free `f`. */
+typedef struct ot_atomic_file ot_atomic_file;
+int ot_atomic_open(const char *path, ot_atomic_file **out);
+int ot_atomic_write(ot_atomic_file *f, const void *data, size_t len);
+int ot_atomic_commit(ot_atomic_file *f);
+void ot_atomic_abort(ot_atomic_file *f);
 
 #endif

@@ -46,7 +46,8 @@ const ot_st_tensor *ot_st_at(const ot_safetensors *st, size_t i); /* in file ord
 const ot_st_tensor *ot_st_find(const ot_safetensors *st, const char *name);
 /* Value of a string entry of __metadata__, or NULL. */
 const char *ot_st_metadata(const ot_safetensors *st, const char *key);
-/* Raw bytes of a tensor (little-endian, as stored). */
+/* Raw bytes of a tensor (little-endian, as stored). Not necessarily aligned to the dtype
+ * (tensors are packed back to back): copy with memcpy, or use ot_st_read_f32. */
 const void *ot_st_data(const ot_safetensors *st, const ot_st_tensor *t);
 /* Converts an F32, F16 or BF16 tensor to fp32; `numel` must equal t->numel. */
 int ot_st_read_f32(const ot_safetensors *st, const ot_st_tensor *t, float *dst, uint64_t numel);
