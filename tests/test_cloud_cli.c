@@ -1,0 +1,220 @@
+/* offtune-cloud end to end, as a user runs it: the eval window and finetune batch
+ * contracts against PyTorch (tests/ref/cli_ref.py), resume equal to an uninterrupted
+ * run, and bad input (malformed checkpoints, bad options) giving clear errors and
+ * meaningful exit codes without touching existing outputs. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+
+#include "ot_test_util.h"
+
+static char *dir;   /* scratch for this test */
+static char *cloud; /* path of offtune-cloud */
+
+/* Runs a command line, captures stdout+stderr (truncated to cap) and returns the exit code. */
+static int run(char *out, size_t cap, const char *fmt, ...) {
+  char *cmd = NULL, *full = NULL;
+  va_list ap;
+  va_start(ap, fmt);
+  assert_true(vasprintf(&cmd, fmt, ap) >= 0);
+  va_end(ap);
+  assert_true(asprintf(&full, "%s 2>&1", cmd) >= 0);
+  FILE *p = popen(full, "r");
+  assert_non_null(p);
+  size_t n = 0;
+  if (out && cap) {
+    n = fread(out, 1, cap - 1, p);
+    out[n] = '\0';
+  }
+  char sink[4096];
+  while (fread(sink, 1, sizeof sink, p) > 0) {
+  }
+  int st = pclose(p);
+  free(cmd);
+  free(full);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static double json_number(const char *json, const char *key) {
+  char pat[64];
+  snprintf(pat, sizeof pat, "\"%s\":", key);
+  const char *p = strstr(json, pat);
+  if (!p) fail_msg("no %s in %s", key, json);
+  return strtod(p + strlen(pat), NULL);
+}
+
+static int setup(void **state) {
+  (void)state;
+  dir = ot_test_tmpdir("cloud_cli");
+  if (asprintf(&cloud, "%s/cloud/offtune-cloud", ot_test_binary_dir()) < 0) return -1;
+  const char *py = getenv("OT_PYTHON");
+  return ot_test_system("%s '%s/tests/ref/cli_ref.py' '%s'", py ? py : "/usr/bin/python3", ot_test_source_dir(), dir)
+             ? -1
+             : 0;
+}
+
+static int teardown(void **state) {
+  (void)state;
+  free(dir);
+  free(cloud);
+  return 0;
+}
+
+static char ref[1024];
+
+static void load_ref(void) {
+  char path[600];
+  snprintf(path, sizeof path, "%s/ref.json", dir);
+  FILE *f = fopen(path, "r");
+  assert_non_null(f);
+  size_t n = fread(ref, 1, sizeof ref - 1, f);
+  ref[n] = '\0';
+  fclose(f);
+}
+
+static void test_eval_matches_pytorch_windows(void **state) {
+  (void)state;
+  load_ref();
+  char out[4096];
+  int rc = run(out, sizeof out, "%s eval --model %s/model --tokens %s/tokens.txt --seq-len %d --json", cloud, dir, dir,
+               (int)json_number(ref, "eval_T"));
+  if (rc != 0) fail_msg("eval failed (%d): %s", rc, out);
+  const char *j = strchr(out, '{');
+  assert_non_null(j);
+  double loss = json_number(j, "loss"), want = json_number(ref, "eval_loss");
+  if (fabs(loss - want) > 1e-4 * want) fail_msg("eval loss %.7f, PyTorch %.7f", loss, want);
+  assert_int_equal((int)json_number(j, "tokens"), (int)json_number(ref, "eval_tokens"));
+  assert_true(fabs(json_number(j, "perplexity") - exp(loss)) < 1e-3 * exp(loss));
+  /* human form carries the same numbers */
+  rc = run(out, sizeof out, "%s eval --model %s/model --tokens %s/tokens.txt --seq-len 24", cloud, dir, dir);
+  assert_int_equal(rc, 0);
+  assert_non_null(strstr(out, "perplexity"));
+}
+
+/* Sequential batches with wrap-around: 40 tokens, B=2, T=8 -> positions 0, 16, then back to 0. */
+static void test_finetune_batch_order_matches_pytorch(void **state) {
+  (void)state;
+  load_ref();
+  char out[8192];
+  int rc = run(out, sizeof out,
+               "%s finetune --model %s/model --tokens %s/ft_tokens.txt --out %s/ft --steps %d --batch %d --seq-len %d "
+               "--lr %g --optimizer sgd --threads 1",
+               cloud, dir, dir, dir, (int)json_number(ref, "ft_steps"), (int)json_number(ref, "ft_B"),
+               (int)json_number(ref, "ft_T"), json_number(ref, "ft_lr"));
+  if (rc != 0) fail_msg("finetune failed (%d): %s", rc, out);
+  rc = run(out, sizeof out, "%s eval --model %s/ft --tokens %s/tokens.txt --seq-len 24 --json", cloud, dir, dir);
+  assert_int_equal(rc, 0);
+  double loss = json_number(strchr(out, '{'), "loss"), want = json_number(ref, "ft_eval_loss");
+  if (fabs(loss - want) > 1e-4 * want) fail_msg("fine-tuned eval loss %.7f, PyTorch %.7f", loss, want);
+}
+
+static int files_equal(const char *a, const char *b) { return ot_test_system("cmp -s '%s' '%s'", a, b) == 0; }
+
+/* A run stopped after 2 steps and resumed to 6 ends bitwise equal to a straight 6-step run. */
+static void test_pretrain_resume_is_exact(void **state) {
+  (void)state;
+  char out[8192], a[700], b[700];
+  ot_test_system("head -c 20000 '%s/README.md' > '%s/text.txt'", ot_test_source_dir(), dir);
+  const char *common = "--layers 2 --heads 2 --embd 16 --ctx 32 --batch 2 --seq-len 16 --lr 3e-3 --warmup 2 "
+                       "--threads 1 --seed 5 --shuffle";
+  int rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/straight --steps 6 %s", cloud, dir, dir,
+               common);
+  if (rc) fail_msg("pretrain failed: %s", out);
+  rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/resumed --steps 2 %s", cloud, dir, dir, common);
+  assert_int_equal(rc, 0);
+  rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/resumed --steps 6 --resume %s", cloud, dir, dir,
+           common);
+  if (rc) fail_msg("resume failed: %s", out);
+  assert_non_null(strstr(out, "resuming"));
+  snprintf(a, sizeof a, "%s/straight/model.safetensors", dir);
+  snprintf(b, sizeof b, "%s/resumed/model.safetensors", dir);
+  assert_true(files_equal(a, b));
+  snprintf(a, sizeof a, "%s/straight/train_state/optimizer.safetensors", dir);
+  snprintf(b, sizeof b, "%s/resumed/train_state/optimizer.safetensors", dir);
+  assert_true(files_equal(a, b));
+  /* the result is a checkpoint the other commands load */
+  rc = run(out, sizeof out, "%s generate --model %s/resumed --prompt offtune --max-tokens 8 --seed 3", cloud, dir);
+  assert_int_equal(rc, 0);
+  assert_true(strncmp(out, "offtune", 7) == 0);
+}
+
+static void test_usage_errors_exit_2(void **state) {
+  (void)state;
+  char out[8192];
+  assert_int_equal(run(out, sizeof out, "%s", cloud), 2);
+  assert_int_equal(run(out, sizeof out, "%s frobnicate", cloud), 2);
+  assert_non_null(strstr(out, "unknown command"));
+  assert_int_equal(run(out, sizeof out, "%s eval --tokens x", cloud), 2);
+  assert_non_null(strstr(out, "--model"));
+  assert_int_equal(run(out, sizeof out, "%s eval --model m --tokens t --seq-len abc", cloud), 2);
+  assert_int_equal(run(out, sizeof out, "%s finetune --model m --tokens t --out o --steps 0 --batch 1 --seq-len 4 "
+                                        "--lr 1", cloud), 2);
+  const char *cmds[] = {"pretrain", "finetune", "eval", "generate", "tokenize", "corpus"};
+  for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
+    assert_int_equal(run(out, sizeof out, "%s %s --help", cloud, cmds[i]), 0);
+    assert_non_null(strstr(out, "usage:"));
+  }
+  assert_int_equal(run(out, sizeof out, "%s --help", cloud), 0);
+}
+
+/* Broken inputs fail with exit 1 and a message naming the problem; the output dir of an
+ * earlier good run is left as it was. */
+static void test_bad_inputs_exit_1(void **state) {
+  (void)state;
+  char out[8192];
+  ot_test_system("rm -rf '%s/bad' && cp -r '%s/model' '%s/bad'", dir, dir, dir);
+  /* truncated weights */
+  ot_test_system("truncate -s 1000 '%s/bad/model.safetensors'", dir);
+  assert_int_equal(run(out, sizeof out, "%s eval --model %s/bad --tokens %s/tokens.txt", cloud, dir, dir), 1);
+  assert_non_null(strstr(out, "model.safetensors"));
+  /* a config that does not match the weights */
+  ot_test_system("cp '%s/model/model.safetensors' '%s/bad/' && sed -i 's/\"n_embd\": 32/\"n_embd\": 64/' "
+                 "'%s/bad/config.json'",
+                 dir, dir, dir);
+  assert_int_equal(run(out, sizeof out, "%s eval --model %s/bad --tokens %s/tokens.txt", cloud, dir, dir), 1);
+  assert_non_null(strstr(out, "shape"));
+  /* token ids outside the vocabulary, and a non-numeric token file */
+  ot_test_system("echo '1 2 999' > '%s/oov.txt' && echo '1 2 x' > '%s/junk.txt'", dir, dir);
+  assert_int_equal(run(out, sizeof out, "%s eval --model %s/model --tokens %s/oov.txt", cloud, dir, dir), 1);
+  assert_int_equal(run(out, sizeof out, "%s eval --model %s/model --tokens %s/junk.txt", cloud, dir, dir), 1);
+  assert_non_null(strstr(out, "junk.txt"));
+  /* missing directory */
+  assert_int_equal(run(out, sizeof out, "%s eval --model %s/nope --tokens %s/tokens.txt", cloud, dir, dir), 1);
+  /* a failing finetune (too little data) leaves an existing output untouched */
+  char before[700], after[700];
+  snprintf(before, sizeof before, "%s/ft/model.safetensors", dir);
+  snprintf(after, sizeof after, "%s/ft.keep", dir);
+  ot_test_system("cp '%s' '%s'", before, after);
+  ot_test_system("echo '1 2 3' > '%s/tiny.txt'", dir);
+  assert_int_equal(run(out, sizeof out,
+                       "%s finetune --model %s/model --tokens %s/tiny.txt --out %s/ft --steps 1 --batch 2 --seq-len 8 "
+                       "--lr 0.1",
+                       cloud, dir, dir, dir),
+                   1);
+  assert_true(files_equal(before, after));
+}
+
+static void test_tokenize_bytes(void **state) {
+  (void)state;
+  char out[4096];
+  ot_test_system("printf 'Hi!' > '%s/hi.txt'", dir);
+  assert_int_equal(run(out, sizeof out, "%s tokenize --model %s/model --text %s/hi.txt", cloud, dir, dir), 0);
+  assert_string_equal(out, "72 105 33\n");
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_eval_matches_pytorch_windows), cmocka_unit_test(test_finetune_batch_order_matches_pytorch),
+      cmocka_unit_test(test_pretrain_resume_is_exact),     cmocka_unit_test(test_usage_errors_exit_2),
+      cmocka_unit_test(test_bad_inputs_exit_1),            cmocka_unit_test(test_tokenize_bytes),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}
