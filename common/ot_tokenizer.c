@@ -239,7 +239,8 @@ int ot_tokenizer_byte_new(ot_tokenizer **out) {
   return OT_OK;
 }
 
-static int load_vocab(ot_tokenizer *t, const char *path) {
+/* id_limit >= 0 keeps only ids below it (a truncated vocabulary). */
+static int load_vocab(ot_tokenizer *t, const char *path, int32_t id_limit) {
   cJSON *root = NULL;
   int rc = read_json(path, &root);
   if (rc != OT_OK) return rc;
@@ -264,6 +265,7 @@ static int load_vocab(ot_tokenizer *t, const char *path) {
       cJSON_Delete(root);
       return rc;
     }
+    if (id_limit >= 0 && (int32_t)c->valuedouble >= id_limit) continue;
     if ((int32_t)c->valuedouble > max_id) max_id = (int32_t)c->valuedouble;
     bytes += strlen(c->string) + 1;
     n++;
@@ -287,6 +289,7 @@ static int load_vocab(ot_tokenizer *t, const char *path) {
   size_t off = 0;
   for (const cJSON *c = root->child; c; c = c->next) {
     int32_t id = (int32_t)c->valuedouble;
+    if (id_limit >= 0 && id >= id_limit) continue;
     size_t len = strlen(c->string);
     if (t->text_len[id] != UINT32_MAX) {
       rc = ot_error(OT_ERR_FORMAT, "%s: id %d is used by both \"%.40s\" and \"%.40s\"", path, id,
@@ -361,14 +364,15 @@ static int add_merge_pairs(ot_tokenizer *t, int32_t rank, char *buf) {
   return OT_OK;
 }
 
-static int load_merges(ot_tokenizer *t, const char *path) {
+/* Reads at most max_merges merges (SIZE_MAX: all). */
+static int load_merges(ot_tokenizer *t, const char *path, size_t max_merges) {
   char *buf = NULL;
   size_t len = 0;
   int rc = ot_file_read_all(path, TOK_MAX_FILE, &buf, &len);
   if (rc != OT_OK) return rc;
   size_t cap = 0, line_no = 0, longest = 0;
   char *tmp = NULL;
-  for (size_t p = 0; p < len && rc == OT_OK;) {
+  for (size_t p = 0; p < len && rc == OT_OK && t->n_merges < max_merges;) {
     const char *line = buf + p;
     const char *nl = memchr(line, '\n', len - p);
     size_t n = nl ? (size_t)(nl - line) : len - p;
@@ -485,20 +489,34 @@ static int build_byte_tables(ot_tokenizer *t, const char *vocab_path) {
   return OT_OK;
 }
 
-int ot_tokenizer_bpe_load(const char *vocab_json_path, const char *merges_path, ot_tokenizer **out) {
+static int bpe_load(const char *vocab_json_path, const char *merges_path, int32_t id_limit, size_t max_merges,
+                    ot_tokenizer **out) {
   if (!vocab_json_path || !merges_path || !out)
     return ot_error(OT_ERR_INVALID, "ot_tokenizer_bpe_load: NULL argument");
   ot_tokenizer *t = tok_alloc(KIND_BPE);
   if (!t) return ot_error(OT_ERR_NOMEM, "cannot allocate a BPE tokenizer");
-  int rc = load_vocab(t, vocab_json_path);
+  int rc = load_vocab(t, vocab_json_path, id_limit);
   if (rc == OT_OK) rc = build_byte_tables(t, vocab_json_path);
-  if (rc == OT_OK) rc = load_merges(t, merges_path);
+  if (rc == OT_OK) rc = load_merges(t, merges_path, max_merges);
+  if (rc == OT_OK && t->n_merges < max_merges && max_merges != SIZE_MAX)
+    rc = ot_error(OT_ERR_RANGE, "%s has only %zu merges, %zu asked for", merges_path, t->n_merges, max_merges);
   if (rc != OT_OK) {
     ot_tokenizer_free(t);
     return rc;
   }
   *out = t;
   return OT_OK;
+}
+
+int ot_tokenizer_bpe_load(const char *vocab_json_path, const char *merges_path, ot_tokenizer **out) {
+  return bpe_load(vocab_json_path, merges_path, -1, SIZE_MAX, out);
+}
+
+int ot_tokenizer_bpe_load_first(const char *vocab_json_path, const char *merges_path, int n_merges,
+                                ot_tokenizer **out) {
+  if (n_merges < 1 || n_merges > TOK_MAX_VOCAB - 256)
+    return ot_error(OT_ERR_INVALID, "merge count %d out of range", n_merges);
+  return bpe_load(vocab_json_path, merges_path, 256 + n_merges, (size_t)n_merges, out);
 }
 
 int ot_tokenizer_load_dir(const char *dir, ot_tokenizer **out) {

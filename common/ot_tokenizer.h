@@ -11,6 +11,11 @@ typedef struct ot_tokenizer ot_tokenizer;
 
 int ot_tokenizer_byte_new(ot_tokenizer **out);
 int ot_tokenizer_bpe_load(const char *vocab_json_path, const char *merges_path, ot_tokenizer **out);
+/* The first n_merges merges of a GPT-2 style BPE whose merge r makes token id 256 + r
+ * (true of GPT-2's files): a smaller vocabulary (256 + n_merges) with the same rules,
+ * for small models. Merges whose token would fall outside are an error. */
+int ot_tokenizer_bpe_load_first(const char *vocab_json_path, const char *merges_path, int n_merges,
+                                ot_tokenizer **out);
 /* A checkpoint directory: vocab.json + merges.txt -> BPE; tokenizer_config.json
  * naming "offtune-byte" -> byte tokenizer; otherwise OT_ERR_NOTFOUND. */
 int ot_tokenizer_load_dir(const char *dir, ot_tokenizer **out);

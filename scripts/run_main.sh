@@ -2,7 +2,7 @@
 # The main job on the embedded default: install what is missing, build, pre-train the
 # default model on the Brown corpus (resuming a finished or interrupted run instead of
 # starting over), then print the quality table and a sample.
-#   OT_PRETRAIN_STEPS (default 600) sets the pre-training length.
+#   OT_PRETRAIN_STEPS (default 1000) sets the pre-training length.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -11,11 +11,11 @@ bash scripts/build.sh
 cloud=build/cloud/offtune-cloud
 work=build/main
 model=$work/default-model
-steps=${OT_PRETRAIN_STEPS:-600}
+steps=${OT_PRETRAIN_STEPS:-1000}
 mkdir -p "$work"
 
 echo "== pre-training the embedded default model ($steps steps; progress below) =="
-$cloud pretrain --out "$model" --steps "$steps" --warmup 50 --ckpt-every 100 --resume
+$cloud pretrain --out "$model" --steps "$steps" --ckpt-every 100 --resume
 
 echo "== held-out evaluation texts =="
 $cloud corpus --genres pretrain --part heldout --out "$work/heldout-pretrain.txt"
@@ -25,11 +25,11 @@ for g in romance mystery humor science_fiction; do
 done
 
 echo
-echo "== quality of the base model (perplexity per byte; lower is better) =="
+echo "== quality of the base model (nats per token and perplexity; lower is better) =="
 printf '%-44s %10s %10s %10s\n' "text" "loss" "ppl" "tokens"
 row() {
   local label=$1 file=$2 json
-  json=$($cloud eval --model "$model" --text "$file" --seq-len 256 --json 2>/dev/null)
+  json=$($cloud eval --model "$model" --text "$file" --json 2>/dev/null)
   python3 -c 'import json,sys; j=json.loads(sys.argv[2]); print("%-44s %10.4f %10.3f %10d" % (sys.argv[1], j["loss"], j["perplexity"], j["tokens"]))' "$label" "$json"
 }
 row "pretraining genres, held-out documents" "$work/heldout-pretrain.txt"

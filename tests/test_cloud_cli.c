@@ -124,7 +124,7 @@ static void test_pretrain_resume_is_exact(void **state) {
   char out[8192], a[700], b[700];
   ot_test_system("head -c 20000 '%s/README.md' > '%s/text.txt'", ot_test_source_dir(), dir);
   const char *common = "--layers 2 --heads 2 --embd 16 --ctx 32 --batch 2 --seq-len 16 --lr 3e-3 --warmup 2 "
-                       "--threads 1 --seed 5 --shuffle";
+                       "--threads 1 --seed 5 --shuffle --tokenizer byte";
   int rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/straight --steps 6 %s", cloud, dir, dir,
                common);
   if (rc) fail_msg("pretrain failed: %s", out);

