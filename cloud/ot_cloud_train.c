@@ -311,6 +311,13 @@ int ot_cmd_pretrain(int argc, char **argv) {
     if (r == OT_ERR_NOTFOUND) {
       rc = ot_gpt2_create(&cfg, be, &m);
       if (rc == OT_OK) rc = ot_gpt2_init_random(m, (uint64_t)t.seed);
+    } else if (r == OT_OK && memcmp(ot_gpt2_cfg(m), &cfg, sizeof cfg) != 0) {
+      const ot_gpt2_config *h = ot_gpt2_cfg(m);
+      rc = ot_error(OT_ERR_MISMATCH,
+                    "%s holds a different model (layers %d, heads %d, width %d, vocabulary %d, context %d) than "
+                    "asked for (%d, %d, %d, %d, %d); remove it or choose another --out",
+                    t.out, h->n_layer, h->n_head, h->n_embd, h->vocab_size, h->n_positions, cfg.n_layer, cfg.n_head,
+                    cfg.n_embd, cfg.vocab_size, cfg.n_positions);
     } else {
       rc = r;
     }

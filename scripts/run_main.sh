@@ -10,7 +10,7 @@ bash scripts/setup.sh
 bash scripts/build.sh
 cloud=build/cloud/offtune-cloud
 work=build/main
-model=$work/default-model
+model=$work/default-model-bpe2k
 steps=${OT_PRETRAIN_STEPS:-1000}
 mkdir -p "$work"
 
