@@ -26,11 +26,11 @@ done
 
 echo
 echo "== quality of the base model (nats per token and perplexity; lower is better) =="
-printf '%-44s %10s %10s %10s\n' "text" "loss" "ppl" "tokens"
+printf '%-50s %10s %10s %10s\n' "text" "loss" "ppl" "tokens"
 row() {
   local label=$1 file=$2 json
   json=$($cloud eval --model "$model" --text "$file" --json 2>/dev/null)
-  python3 -c 'import json,sys; j=json.loads(sys.argv[2]); print("%-44s %10.4f %10.3f %10d" % (sys.argv[1], j["loss"], j["perplexity"], j["tokens"]))' "$label" "$json"
+  python3 -c 'import json,sys; j=json.loads(sys.argv[2]); print("%-50s %10.4f %10.3f %10d" % (sys.argv[1], j["loss"], j["perplexity"], j["tokens"]))' "$label" "$json"
 }
 row "pretraining genres, held-out documents" "$work/heldout-pretrain.txt"
 row "public genres (cloud's distillation corpus)" "$work/public.txt"
