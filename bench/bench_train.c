@@ -53,7 +53,6 @@ int main(int argc, char **argv) {
   for (int i = 0; i < warmup + steps; i++) {
     if (i == warmup) t0 = ot_now();
     rc = ot_gpt2_forward(m, in, tg, B, T, &loss);
-    if (rc == OT_OK) rc = ot_gpt2_zero_grad(m);
     if (rc == OT_OK) rc = ot_gpt2_backward(m);
     if (rc == OT_OK) rc = ot_optimizer_step(opt, 1e-4f, NULL);
     if (rc) {

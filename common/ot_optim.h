@@ -27,7 +27,9 @@ typedef struct ot_optimizer ot_optimizer;
 /* Takes every trainable tensor of params[0..n) that has a gradient. */
 int ot_optimizer_create(const ot_optim_config *cfg, ot_backend *be, ot_param *params, int n, ot_optimizer **out);
 void ot_optimizer_free(ot_optimizer *o);
-/* One update at learning rate lr; reports the gradient norm before clipping. */
+/* One update at learning rate lr; reports the gradient norm before clipping (NULL: not
+ * computed unless clipping needs it). The step consumes the gradients: they are zero
+ * afterwards, ready to accumulate the next backward. */
 int ot_optimizer_step(ot_optimizer *o, float lr, float *grad_norm);
 int ot_optimizer_steps_done(const ot_optimizer *o);
 /* Optimizer state as named host copies for checkpoints: "<param>.m", "<param>.v"

@@ -24,8 +24,8 @@ int ot_train(ot_gpt2 *m, ot_optimizer *opt, ot_batcher *data, const ot_train_con
   int rc = OT_OK, step;
   for (step = start_step; step < cfg->steps && rc == OT_OK; step++) {
     ot_batcher_next(data, in, tg);
+    /* gradients start at zero: prepare zeroes them and every optimizer step consumes them */
     rc = ot_gpt2_forward(m, in, tg, cfg->B, cfg->T, &loss);
-    if (rc == OT_OK) rc = ot_gpt2_zero_grad(m);
     if (rc == OT_OK) rc = ot_gpt2_backward(m);
     float lr = ot_lr_at(&cfg->sched, step), gnorm = 0.0f;
     if (rc == OT_OK) rc = ot_optimizer_step(opt, lr, &gnorm);

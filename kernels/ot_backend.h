@@ -68,12 +68,14 @@ typedef struct {
   /* dlogits = (probs - onehot(target)) * scale, 0 rows where target < 0 (may alias probs) */
   void (*crossentropy_bwd)(ot_backend *be, float *dlogits, const float *probs, const int32_t *targets,
                            float scale, int N, int V);
-  /* AdamW with PyTorch semantics: p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p), t >= 1 */
-  void (*adamw)(ot_backend *be, float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
+  /* AdamW with PyTorch semantics: p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p), t >= 1.
+   * Consumes the gradient: g is zeroed, so the next backward starts from zero without
+   * a separate pass over memory. */
+  void (*adamw)(ot_backend *be, float *p, float *g, float *m, float *v, size_t n, float lr, float beta1,
                 float beta2, float eps, float wd, int t);
   /* PyTorch SGD: g' = g + wd p; buf = momentum buf + g' (buf = g' at first step); p -= lr * buf.
-   * buf may be NULL when momentum == 0. */
-  void (*sgd)(ot_backend *be, float *p, const float *g, float *buf, size_t n, float lr, float momentum, float wd,
+   * buf may be NULL when momentum == 0. Consumes (zeroes) g like adamw. */
+  void (*sgd)(ot_backend *be, float *p, float *g, float *buf, size_t n, float lr, float momentum, float wd,
               int first_step);
   /* x *= s */
   void (*scale)(ot_backend *be, float *x, float s, size_t n);

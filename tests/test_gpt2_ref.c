@@ -211,6 +211,8 @@ static void test_frozen_subset(void **state) {
     int same = memcmp(before + off, p->data, p->numel * sizeof(float)) == 0;
     if (p->trainable) assert_false(same);
     else assert_true(same);
+    /* the step consumed the gradients */
+    for (size_t j = 0; p->grad && j < p->numel; j++) assert_true(p->grad[j] == 0.0f);
     off += p->numel;
   }
   free(before);

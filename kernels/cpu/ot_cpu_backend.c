@@ -442,7 +442,7 @@ static void cpu_crossentropy_bwd(ot_backend *be, float *dlogits, const float *pr
 
 /* ---- optimizers ------------------------------------------------------------------ */
 
-static void cpu_adamw(ot_backend *be, float *p, const float *g, float *m, float *v, size_t n, float lr,
+static void cpu_adamw(ot_backend *be, float *p, float *g, float *m, float *v, size_t n, float lr,
                       float beta1, float beta2, float eps, float wd, int t) {
   /* Same arithmetic order as torch.optim.AdamW (single-tensor path). */
   float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
@@ -450,6 +450,7 @@ static void cpu_adamw(ot_backend *be, float *p, const float *g, float *m, float 
 #pragma omp parallel for num_threads(NT) schedule(static)
   for (size_t i = 0; i < n; i++) {
     float gi = g[i];
+    g[i] = 0.0f;
     float mi = m[i] * beta1 + (1.0f - beta1) * gi;
     float vi = v[i] * beta2 + (1.0f - beta2) * gi * gi;
     m[i] = mi;
@@ -458,11 +459,12 @@ static void cpu_adamw(ot_backend *be, float *p, const float *g, float *m, float 
   }
 }
 
-static void cpu_sgd(ot_backend *be, float *p, const float *g, float *buf, size_t n, float lr, float momentum,
+static void cpu_sgd(ot_backend *be, float *p, float *g, float *buf, size_t n, float lr, float momentum,
                     float wd, int first_step) {
 #pragma omp parallel for num_threads(NT) schedule(static)
   for (size_t i = 0; i < n; i++) {
     float d = g[i] + wd * p[i];
+    g[i] = 0.0f;
     if (momentum != 0.0f) {
       d = first_step ? d : momentum * buf[i] + d;
       buf[i] = d;

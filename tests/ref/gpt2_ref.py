@@ -106,9 +106,13 @@ def make_case(out, name, L, NH, C, V, Pn, B, T, seed, ignore):
            "activation_function": "gelu_new", "n_inner": None}
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
-    # Plain GPT2Model names (no "transformer." prefix) as in the original hub files.
-    write_safetensors(os.path.join(d, "model.safetensors"), {n: ("F32", t) for n, t in P32.items()},
-                      {"format": "pt"})
+    # Plain GPT2Model names (no "transformer." prefix) as in the original hub files, with
+    # the causal-mask buffers those files carry (h.N.attn.bias [1,1,P,P], masked_bias).
+    st = {n: ("F32", t) for n, t in P32.items()}
+    for l in range(L):
+        st[f"h.{l}.attn.bias"] = ("F32", torch.tril(torch.ones(Pn, Pn)).view(1, 1, Pn, Pn))
+        st[f"h.{l}.attn.masked_bias"] = ("F32", torch.tensor(-1e4))
+    write_safetensors(os.path.join(d, "model.safetensors"), st, {"format": "pt"})
     # The same weights rounded to half precisions, each scored by PyTorch on the rounded values.
     extra = {}
     for dt in ("F16", "BF16"):
@@ -116,8 +120,11 @@ def make_case(out, name, L, NH, C, V, Pn, B, T, seed, ignore):
         os.makedirs(sub, exist_ok=True)
         with open(os.path.join(sub, "config.json"), "w") as f:
             json.dump(cfg, f)
-        write_safetensors(os.path.join(sub, "model.safetensors"),
-                          {"transformer." + n: (dt, t) for n, t in P32.items()})
+        # GPT2LMHeadModel names; the bf16 file also carries the tied lm_head.weight
+        half = {"transformer." + n: (dt, t) for n, t in P32.items()}
+        if dt == "BF16":
+            half["lm_head.weight"] = (dt, P32["wte.weight"])
+        write_safetensors(os.path.join(sub, "model.safetensors"), half)
         Pr = {n: t.to(DT[dt][0]).double() for n, t in P32.items()}
         with torch.no_grad():
             extra["loss_" + dt.lower()] = gpt2_loss(Pr, idx, tgt, L, NH).reshape(1)
