@@ -14,16 +14,22 @@ int main(int argc, char **argv) {
   int layers = 12, heads = 12, embd = 768, vocab = 50257, ctx = 1024, B = 4, T = 64, steps = 5, warmup = 1,
       threads = 2;
   const ot_opt opts[] = {
-      {"layers", OT_OPT_INT, &layers, "L", "blocks"},   {"heads", OT_OPT_INT, &heads, "H", "heads"},
-      {"embd", OT_OPT_INT, &embd, "C", "width"},        {"vocab", OT_OPT_INT, &vocab, "V", "vocabulary"},
-      {"ctx", OT_OPT_INT, &ctx, "P", "positions"},      {"batch", OT_OPT_INT, &B, "B", "batch"},
-      {"seq-len", OT_OPT_INT, &T, "T", "sequence"},     {"steps", OT_OPT_INT, &steps, "N", "timed steps"},
-      {"warmup", OT_OPT_INT, &warmup, "N", "untimed steps"}, {"threads", OT_OPT_INT, &threads, "N", "threads"},
+      {"layers", OT_OPT_INT, &layers, "L", "blocks"},
+      {"heads", OT_OPT_INT, &heads, "H", "heads"},
+      {"embd", OT_OPT_INT, &embd, "C", "width"},
+      {"vocab", OT_OPT_INT, &vocab, "V", "vocabulary"},
+      {"ctx", OT_OPT_INT, &ctx, "P", "positions"},
+      {"batch", OT_OPT_INT, &B, "B", "batch"},
+      {"seq-len", OT_OPT_INT, &T, "T", "sequence"},
+      {"steps", OT_OPT_INT, &steps, "N", "timed steps"},
+      {"warmup", OT_OPT_INT, &warmup, "N", "untimed steps"},
+      {"threads", OT_OPT_INT, &threads, "N", "threads"},
   };
   int n_opts = (int)(sizeof opts / sizeof opts[0]);
   int rc = ot_cli_parse(argc - 1, argv + 1, opts, n_opts);
   if (rc) {
-    ot_cli_usage(rc == 1 ? stdout : stderr, "bench_train [options]", "Times GPT-2 training steps.", opts, n_opts);
+    ot_cli_usage(rc == 1 ? stdout : stderr, "bench_train [options]", "Times GPT-2 training steps.", opts,
+                 n_opts);
     return rc == 1 ? 0 : 2;
   }
   ot_backend *be;
@@ -63,7 +69,8 @@ int main(int argc, char **argv) {
   double dt = (ot_now() - t0) / steps;
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
-  printf("{\"impl\": \"offtune\", \"step_s\": %.4f, \"tokens_per_s\": %.1f, \"peak_rss_mib\": %.1f, \"loss\": %.4f, "
+  printf("{\"impl\": \"offtune\", \"step_s\": %.4f, \"tokens_per_s\": %.1f, \"peak_rss_mib\": %.1f, "
+         "\"loss\": %.4f, "
          "\"params\": %zu}\n",
          dt, B * T / dt, ru.ru_maxrss / 1024.0, loss, ot_gpt2_num_params(m));
   free(in);

@@ -40,7 +40,7 @@ int main(int argc, char **argv) {
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
   sink += wide ? run_avx512() : run_avx2();
   double dt = ot_now() - t0;
-  printf("{\"isa\": \"%s\", \"threads\": %d, \"gflops\": %.1f, \"sink\": %g}\n", wide ? "avx512" : "avx2", threads,
-         flops_per_thread * threads / dt / 1e9, sink);
+  printf("{\"isa\": \"%s\", \"threads\": %d, \"gflops\": %.1f, \"sink\": %g}\n", wide ? "avx512" : "avx2",
+         threads, flops_per_thread * threads / dt / 1e9, sink);
   return 0;
 }

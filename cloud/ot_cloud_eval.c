@@ -16,7 +16,8 @@ int ot_cmd_eval(int argc, char **argv) {
   const char *model = NULL, *text = NULL, *tokens = NULL, *backend = "cpu";
   int seq_len = 0, batch = 8, json = 0, threads = 0;
   const ot_opt opts[] = {
-      {"model", OT_OPT_STR, &model, "DIR", "checkpoint directory (config.json, model.safetensors, tokenizer)"},
+      {"model", OT_OPT_STR, &model, "DIR",
+       "checkpoint directory (config.json, model.safetensors, tokenizer)"},
       {"text", OT_OPT_STR, &text, "FILE", "UTF-8 text to score (tokenized with the model's tokenizer)"},
       {"tokens", OT_OPT_STR, &tokens, "FILE", "whitespace-separated token ids to score"},
       {"seq-len", OT_OPT_INT, &seq_len, "T", "window length (default: the model's n_positions)"},
@@ -37,7 +38,8 @@ int ot_cmd_eval(int argc, char **argv) {
   if (rc == OT_OK && !model) rc = ot_error(OT_ERR_INVALID, "--model is required");
   if (rc == OT_OK && batch < 1) rc = ot_error(OT_ERR_INVALID, "--batch must be >= 1");
   if (rc == OT_OK && seq_len < 0) rc = ot_error(OT_ERR_INVALID, "--seq-len must be >= 1");
-  if (rc == OT_OK && !!text == !!tokens) rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
+  if (rc == OT_OK && !!text == !!tokens)
+    rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
   if (rc) {
     fprintf(stderr, "offtune-cloud eval: %s\n", ot_error_detail());
     ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
@@ -92,8 +94,9 @@ int ot_cmd_generate(int argc, char **argv) {
       {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
       {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
   };
-  const char *syn = "offtune-cloud generate --model DIR --prompt TEXT [--max-tokens N --temperature X --top-p P "
-                    "--seed S]";
+  const char *syn =
+      "offtune-cloud generate --model DIR --prompt TEXT [--max-tokens N --temperature X --top-p P "
+      "--seed S]";
   int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
   if (rc == 1) {
     ot_cli_usage(stdout, syn, "Samples a continuation of the prompt and prints prompt + continuation.", opts,
@@ -144,7 +147,8 @@ int ot_cmd_tokenize(int argc, char **argv) {
   const char *syn = "offtune-cloud tokenize --model DIR --text FILE";
   int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
   if (rc == 1) {
-    ot_cli_usage(stdout, syn, "Prints the token ids of the text, space-separated, on one line.", opts, N_OPTS(opts));
+    ot_cli_usage(stdout, syn, "Prints the token ids of the text, space-separated, on one line.", opts,
+                 N_OPTS(opts));
     return OT_EXIT_OK;
   }
   if (rc == OT_OK && (!model || !text)) rc = ot_error(OT_ERR_INVALID, "--model and --text are required");

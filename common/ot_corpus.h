@@ -18,7 +18,8 @@ enum { OT_BROWN_ALL = 0, OT_BROWN_TRAIN = 1, OT_BROWN_HELDOUT = 2 };
 int ot_brown_text(const char *corpus_dir, const char *genres, int part, char **text, size_t *len);
 
 /* The project's split of the 15 genres. */
-#define OT_BROWN_PRETRAIN_GENRES "news,editorial,reviews,religion,lore,belles_lettres,learned,fiction,adventure"
+#define OT_BROWN_PRETRAIN_GENRES                                                                             \
+  "news,editorial,reviews,religion,lore,belles_lettres,learned,fiction,adventure"
 #define OT_BROWN_PUBLIC_GENRES "government,hobbies"
 #define OT_BROWN_PRIVATE_GENRES "romance,mystery,humor,science_fiction"
 

@@ -41,13 +41,13 @@ struct ot_gpt2 {
   int maxB, maxT, training;
   int n_act_blocks;
   ot_block_acts *blocks;
-  float *encoded;                      /* [N,C] */
-  float *proj;                         /* [N,C] scratch for c_proj outputs */
-  float *lnf, *lnf_mean, *lnf_rstd;    /* [N,C] */
-  float *lnf_last;                     /* [B,C] last positions (inference) */
-  float *logits;                       /* [N,V] logits, then probabilities, then dlogits */
-  float *losses;                       /* [N] */
-  int32_t *tokens, *targets;           /* [N] backend copies */
+  float *encoded;                   /* [N,C] */
+  float *proj;                      /* [N,C] scratch for c_proj outputs */
+  float *lnf, *lnf_mean, *lnf_rstd; /* [N,C] */
+  float *lnf_last;                  /* [B,C] last positions (inference) */
+  float *logits;                    /* [N,V] logits, then probabilities, then dlogits */
+  float *losses;                    /* [N] */
+  int32_t *tokens, *targets;        /* [N] backend copies */
   /* backward scratch, shared by all blocks */
   float *dresidual, *dln, *datty, *dqkv, *datt, *dfch, *dfch_gelu;
 
@@ -59,10 +59,10 @@ struct ot_gpt2 {
   size_t last_count;
 };
 
-static const char *blk_names[OT_BLK_NPARAM] = {
-    "ln_1.weight",       "ln_1.bias",       "attn.c_attn.weight", "attn.c_attn.bias",
-    "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight",        "ln_2.bias",
-    "mlp.c_fc.weight",   "mlp.c_fc.bias",   "mlp.c_proj.weight",  "mlp.c_proj.bias"};
+static const char *blk_names[OT_BLK_NPARAM] = {"ln_1.weight",      "ln_1.bias",          "attn.c_attn.weight",
+                                               "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
+                                               "ln_2.weight",      "ln_2.bias",          "mlp.c_fc.weight",
+                                               "mlp.c_fc.bias",    "mlp.c_proj.weight",  "mlp.c_proj.bias"};
 
 #define P_WTE 0
 #define P_WPE 1
@@ -98,8 +98,8 @@ int ot_gpt2_create(const ot_gpt2_config *cfg, ot_backend *be, ot_gpt2 **out) {
   set_param(&m->params[P_WPE], "transformer.wpe.weight", cfg->n_positions, C);
   m->params[P_WPE].decay = 0;
   for (int l = 0; l < L; l++) {
-    const int dims[OT_BLK_NPARAM][2] = {{C, 0},     {C, 0}, {C, 3 * C}, {3 * C, 0}, {C, C},     {C, 0},
-                                        {C, 0},     {C, 0}, {C, 4 * C}, {4 * C, 0}, {4 * C, C}, {C, 0}};
+    const int dims[OT_BLK_NPARAM][2] = {{C, 0}, {C, 0}, {C, 3 * C}, {3 * C, 0}, {C, C},     {C, 0},
+                                        {C, 0}, {C, 0}, {C, 4 * C}, {4 * C, 0}, {4 * C, C}, {C, 0}};
     for (int k = 0; k < OT_BLK_NPARAM; k++) {
       char name[96];
       snprintf(name, sizeof name, "transformer.h.%d.%s", l, blk_names[k]);
@@ -266,13 +266,14 @@ int ot_gpt2_load_safetensors(ot_gpt2 *m, const char *path) {
       break;
     }
     ot_param *p = &m->params[idx];
-    int shape_ok = t->ndim == p->ndim && t->shape[0] == p->shape[0] && (p->ndim == 1 || t->shape[1] == p->shape[1]);
+    int shape_ok =
+        t->ndim == p->ndim && t->shape[0] == p->shape[0] && (p->ndim == 1 || t->shape[1] == p->shape[1]);
     if (!shape_ok) {
       char got[64] = "";
       for (int d = 0; d < t->ndim && d < 4; d++)
         snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? "," : "", (long long)t->shape[d]);
-      rc = ot_error(OT_ERR_MISMATCH, "%s: tensor '%s' has shape [%s], the config needs [%d%s%.0d]", path, t->name,
-                    got, p->shape[0], p->ndim == 2 ? "," : "", p->ndim == 2 ? p->shape[1] : 0);
+      rc = ot_error(OT_ERR_MISMATCH, "%s: tensor '%s' has shape [%s], the config needs [%d%s%.0d]", path,
+                    t->name, got, p->shape[0], p->ndim == 2 ? "," : "", p->ndim == 2 ? p->shape[1] : 0);
       break;
     }
     if (seen[idx]) {
@@ -408,7 +409,8 @@ static void plan_acts(ot_gpt2 *m, carver *cv, int B, int T, int training) {
 int ot_gpt2_prepare(ot_gpt2 *m, int B, int T, int training) {
   if (B <= 0 || T <= 0) return ot_error(OT_ERR_INVALID, "batch %d x %d: both must be positive", B, T);
   if (T > m->cfg.n_positions)
-    return ot_error(OT_ERR_RANGE, "sequence length %d exceeds the model's n_positions %d", T, m->cfg.n_positions);
+    return ot_error(OT_ERR_RANGE, "sequence length %d exceeds the model's n_positions %d", T,
+                    m->cfg.n_positions);
   free_acts(m);
   free_grads(m);
   m->training = training;
@@ -463,8 +465,8 @@ int ot_gpt2_zero_grad(ot_gpt2 *m) {
 
 /* ---- forward / backward ---------------------------------------------------------- */
 
-#define BP(m, l, k) ((m)->params[P_BLK0 + (l) * OT_BLK_NPARAM + (k)].data)
-#define BG(m, l, k) ((m)->params[P_BLK0 + (l) * OT_BLK_NPARAM + (k)].grad)
+#define BP(m, l, k) ((m)->params[P_BLK0 + (l)*OT_BLK_NPARAM + (k)].data)
+#define BG(m, l, k) ((m)->params[P_BLK0 + (l)*OT_BLK_NPARAM + (k)].grad)
 
 /* Embeddings, blocks and the final LayerNorm into m->lnf. */
 static int forward_trunk(ot_gpt2 *m, const int32_t *inputs, const int32_t *targets, int B, int T) {
@@ -477,10 +479,11 @@ static int forward_trunk(ot_gpt2 *m, const int32_t *inputs, const int32_t *targe
   int N = B * T;
   for (int i = 0; i < N; i++) {
     if (inputs[i] < 0 || inputs[i] >= V)
-      return ot_error(OT_ERR_RANGE, "input token %d at position %d is outside the vocabulary (%d)", inputs[i], i, V);
+      return ot_error(OT_ERR_RANGE, "input token %d at position %d is outside the vocabulary (%d)", inputs[i],
+                      i, V);
     if (targets && (targets[i] < -1 || targets[i] >= V))
-      return ot_error(OT_ERR_RANGE, "target token %d at position %d is outside the vocabulary (%d)", targets[i], i,
-                      V);
+      return ot_error(OT_ERR_RANGE, "target token %d at position %d is outside the vocabulary (%d)",
+                      targets[i], i, V);
   }
   int rc = o->upload(be, m->tokens, inputs, (size_t)N * sizeof(int32_t));
   if (rc) return rc;
@@ -494,9 +497,10 @@ static int forward_trunk(ot_gpt2 *m, const int32_t *inputs, const int32_t *targe
   float *residual = m->encoded;
   for (int l = 0; l < L; l++) {
     ot_block_acts *a = &m->blocks[m->training ? l : 0];
-    o->layernorm_fwd(be, a->ln1, a->ln1_mean, a->ln1_rstd, residual, BP(m, l, OT_BLK_LN1_W), BP(m, l, OT_BLK_LN1_B),
-                     N, C, m->cfg.layer_norm_epsilon);
-    o->matmul_fwd(be, a->qkv, a->ln1, BP(m, l, OT_BLK_QKV_W), BP(m, l, OT_BLK_QKV_B), N, C, 3 * C, OT_W_IN_OUT);
+    o->layernorm_fwd(be, a->ln1, a->ln1_mean, a->ln1_rstd, residual, BP(m, l, OT_BLK_LN1_W),
+                     BP(m, l, OT_BLK_LN1_B), N, C, m->cfg.layer_norm_epsilon);
+    o->matmul_fwd(be, a->qkv, a->ln1, BP(m, l, OT_BLK_QKV_W), BP(m, l, OT_BLK_QKV_B), N, C, 3 * C,
+                  OT_W_IN_OUT);
     o->attention_fwd(be, a->atty, a->att, a->qkv, B, T, C, NH);
     o->matmul_fwd(be, m->proj, a->atty, BP(m, l, OT_BLK_ATTPROJ_W), BP(m, l, OT_BLK_ATTPROJ_B), N, C, C,
                   OT_W_IN_OUT);
@@ -527,7 +531,8 @@ int ot_gpt2_forward(ot_gpt2 *m, const int32_t *inputs, const int32_t *targets, i
   if (!targets) {
     /* Generation needs only the last position of each row: B x V logits, not N x V. */
     for (int b = 0; b < B; b++)
-      o->copy(be, m->lnf_last + (size_t)b * C, m->lnf + ((size_t)b * T + T - 1) * C, (size_t)C * sizeof(float));
+      o->copy(be, m->lnf_last + (size_t)b * C, m->lnf + ((size_t)b * T + T - 1) * C,
+              (size_t)C * sizeof(float));
     o->matmul_fwd(be, m->logits, m->lnf_last, m->params[P_WTE].data, NULL, B, C, V, OT_W_OUT_IN);
     return o->sync(be);
   }
@@ -574,7 +579,8 @@ int ot_gpt2_last_logits(ot_gpt2 *m, int b, float *logits_out) {
 
 int ot_gpt2_backward(ot_gpt2 *m) {
   if (!m->training) return ot_error(OT_ERR_INVALID, "backward on a model not prepared for training");
-  if (!m->last_B || !m->last_has_targets) return ot_error(OT_ERR_INVALID, "backward needs a forward with targets");
+  if (!m->last_B || !m->last_has_targets)
+    return ot_error(OT_ERR_INVALID, "backward needs a forward with targets");
   if (m->last_count == 0) return OT_OK; /* nothing to learn from */
   const ot_backend_ops *o = m->be->ops;
   ot_backend *be = m->be;
@@ -608,21 +614,21 @@ int ot_gpt2_backward(ot_gpt2 *m) {
     float *residual = l == 0 ? m->encoded : m->blocks[l - 1].residual3;
     int input_grad = l > stop || need_input_grad;
     /* residual3 = residual2 + fcproj: dresidual flows to both */
-    o->matmul_bwd(be, m->dfch_gelu, BG(m, l, OT_BLK_FCPROJ_W), BG(m, l, OT_BLK_FCPROJ_B), m->dresidual, a->fch_gelu,
-                  BP(m, l, OT_BLK_FCPROJ_W), N, 4 * C, C, OT_W_IN_OUT);
+    o->matmul_bwd(be, m->dfch_gelu, BG(m, l, OT_BLK_FCPROJ_W), BG(m, l, OT_BLK_FCPROJ_B), m->dresidual,
+                  a->fch_gelu, BP(m, l, OT_BLK_FCPROJ_W), N, 4 * C, C, OT_W_IN_OUT);
     o->gelu_bwd(be, m->dfch, a->fch, m->dfch_gelu, (size_t)N * 4 * C);
-    o->matmul_bwd(be, m->dln, BG(m, l, OT_BLK_FC_W), BG(m, l, OT_BLK_FC_B), m->dfch, a->ln2, BP(m, l, OT_BLK_FC_W),
-                  N, C, 4 * C, OT_W_IN_OUT);
+    o->matmul_bwd(be, m->dln, BG(m, l, OT_BLK_FC_W), BG(m, l, OT_BLK_FC_B), m->dfch, a->ln2,
+                  BP(m, l, OT_BLK_FC_W), N, C, 4 * C, OT_W_IN_OUT);
     o->layernorm_bwd(be, m->dresidual, BG(m, l, OT_BLK_LN2_W), BG(m, l, OT_BLK_LN2_B), m->dln, a->residual2,
                      BP(m, l, OT_BLK_LN2_W), a->ln2_mean, a->ln2_rstd, N, C);
     /* residual2 = residual + attproj */
     o->matmul_bwd(be, m->datty, BG(m, l, OT_BLK_ATTPROJ_W), BG(m, l, OT_BLK_ATTPROJ_B), m->dresidual, a->atty,
                   BP(m, l, OT_BLK_ATTPROJ_W), N, C, C, OT_W_IN_OUT);
     o->attention_bwd(be, m->dqkv, m->datt, m->datty, a->qkv, a->att, B, T, C, NH);
-    o->matmul_bwd(be, m->dln, BG(m, l, OT_BLK_QKV_W), BG(m, l, OT_BLK_QKV_B), m->dqkv, a->ln1, BP(m, l, OT_BLK_QKV_W),
-                  N, C, 3 * C, OT_W_IN_OUT);
-    o->layernorm_bwd(be, input_grad ? m->dresidual : NULL, BG(m, l, OT_BLK_LN1_W), BG(m, l, OT_BLK_LN1_B), m->dln,
-                     residual, BP(m, l, OT_BLK_LN1_W), a->ln1_mean, a->ln1_rstd, N, C);
+    o->matmul_bwd(be, m->dln, BG(m, l, OT_BLK_QKV_W), BG(m, l, OT_BLK_QKV_B), m->dqkv, a->ln1,
+                  BP(m, l, OT_BLK_QKV_W), N, C, 3 * C, OT_W_IN_OUT);
+    o->layernorm_bwd(be, input_grad ? m->dresidual : NULL, BG(m, l, OT_BLK_LN1_W), BG(m, l, OT_BLK_LN1_B),
+                     m->dln, residual, BP(m, l, OT_BLK_LN1_W), a->ln1_mean, a->ln1_rstd, N, C);
   }
   if (need_input_grad)
     o->encoder_bwd(be, m->params[P_WTE].grad, m->params[P_WPE].grad, m->dresidual, m->tokens, B, T, C);

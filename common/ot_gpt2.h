@@ -18,13 +18,13 @@
 enum {
   OT_BLK_LN1_W,
   OT_BLK_LN1_B,
-  OT_BLK_QKV_W,   /* attn.c_attn.weight [C, 3C] */
-  OT_BLK_QKV_B,   /* attn.c_attn.bias [3C] */
+  OT_BLK_QKV_W,     /* attn.c_attn.weight [C, 3C] */
+  OT_BLK_QKV_B,     /* attn.c_attn.bias [3C] */
   OT_BLK_ATTPROJ_W, /* attn.c_proj.weight [C, C] */
   OT_BLK_ATTPROJ_B,
   OT_BLK_LN2_W,
   OT_BLK_LN2_B,
-  OT_BLK_FC_W,    /* mlp.c_fc.weight [C, 4C] */
+  OT_BLK_FC_W, /* mlp.c_fc.weight [C, 4C] */
   OT_BLK_FC_B,
   OT_BLK_FCPROJ_W, /* mlp.c_proj.weight [4C, C] */
   OT_BLK_FCPROJ_B,
@@ -36,10 +36,10 @@ typedef struct {
   int ndim;
   int shape[2];
   size_t numel;
-  float *data;   /* backend memory */
-  float *grad;   /* backend memory, NULL when frozen or not training */
+  float *data; /* backend memory */
+  float *grad; /* backend memory, NULL when frozen or not training */
   int trainable;
-  int decay;     /* weight decay applies (2-D weights; not biases, norms, positions) */
+  int decay; /* weight decay applies (2-D weights; not biases, norms, positions) */
 } ot_param;
 
 typedef struct ot_gpt2 ot_gpt2;

@@ -15,8 +15,8 @@ struct ot_optimizer {
   ot_param **params; /* trainable tensors with gradients */
   float *state;      /* AdamW: m then v per tensor; SGD with momentum: buffer per tensor */
   size_t state_scalars;
-  float **m, **v;    /* per tensor slices of state (v NULL for SGD) */
-  int t;             /* steps taken */
+  float **m, **v; /* per tensor slices of state (v NULL for SGD) */
+  int t;          /* steps taken */
 };
 
 void ot_optim_config_default(ot_optim_config *c, ot_optim_kind kind) {
@@ -28,9 +28,12 @@ void ot_optim_config_default(ot_optim_config *c, ot_optim_kind kind) {
 }
 
 int ot_optim_parse_kind(const char *name, ot_optim_kind *out) {
-  if (strcmp(name, "adamw") == 0) *out = OT_OPTIM_ADAMW;
-  else if (strcmp(name, "sgd") == 0) *out = OT_OPTIM_SGD;
-  else return ot_error(OT_ERR_INVALID, "unknown optimizer '%s' (expected adamw or sgd)", name);
+  if (strcmp(name, "adamw") == 0)
+    *out = OT_OPTIM_ADAMW;
+  else if (strcmp(name, "sgd") == 0)
+    *out = OT_OPTIM_SGD;
+  else
+    return ot_error(OT_ERR_INVALID, "unknown optimizer '%s' (expected adamw or sgd)", name);
   return OT_OK;
 }
 
@@ -39,7 +42,8 @@ static int state_per_tensor(const ot_optim_config *c) {
   return c->momentum != 0.0f ? 1 : 0;
 }
 
-int ot_optimizer_create(const ot_optim_config *cfg, ot_backend *be, ot_param *params, int n, ot_optimizer **out) {
+int ot_optimizer_create(const ot_optim_config *cfg, ot_backend *be, ot_param *params, int n,
+                        ot_optimizer **out) {
   if (cfg->kind == OT_OPTIM_ADAMW && (cfg->beta1 < 0 || cfg->beta1 >= 1 || cfg->beta2 < 0 || cfg->beta2 >= 1))
     return ot_error(OT_ERR_INVALID, "AdamW betas must lie in [0, 1)");
   if (cfg->grad_clip < 0 || cfg->weight_decay < 0 || cfg->momentum < 0)
@@ -103,7 +107,8 @@ int ot_optimizer_step(ot_optimizer *o, float lr, float *grad_norm) {
     double sq = 0.0;
     for (int i = 0; i < o->n; i++) sq += ops->sumsq(o->be, o->params[i]->grad, o->params[i]->numel);
     norm = (float)sqrt(sq);
-    if (!isfinite(norm)) return ot_error(OT_ERR_RANGE, "gradient norm is not finite (%g): training diverged", norm);
+    if (!isfinite(norm))
+      return ot_error(OT_ERR_RANGE, "gradient norm is not finite (%g): training diverged", norm);
   }
   if (o->cfg.grad_clip > 0.0f) {
     /* torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6), never up */
@@ -116,8 +121,8 @@ int ot_optimizer_step(ot_optimizer *o, float lr, float *grad_norm) {
     ot_param *p = o->params[i];
     float wd = p->decay ? o->cfg.weight_decay : 0.0f;
     if (o->cfg.kind == OT_OPTIM_ADAMW)
-      ops->adamw(o->be, p->data, p->grad, o->m[i], o->v[i], p->numel, lr, o->cfg.beta1, o->cfg.beta2, o->cfg.eps, wd,
-                 o->t);
+      ops->adamw(o->be, p->data, p->grad, o->m[i], o->v[i], p->numel, lr, o->cfg.beta1, o->cfg.beta2,
+                 o->cfg.eps, wd, o->t);
     else
       ops->sgd(o->be, p->data, p->grad, o->m[i], p->numel, lr, o->cfg.momentum, wd, o->t == 1);
   }
@@ -146,7 +151,8 @@ int ot_optimizer_save(const ot_optimizer *o, const char *path) {
   }
   snprintf(step, sizeof step, "%d", o->t);
   if (rc == OT_OK) rc = ot_st_writer_set_metadata(w, "step", step);
-  if (rc == OT_OK) rc = ot_st_writer_set_metadata(w, "optimizer", o->cfg.kind == OT_OPTIM_ADAMW ? "adamw" : "sgd");
+  if (rc == OT_OK)
+    rc = ot_st_writer_set_metadata(w, "optimizer", o->cfg.kind == OT_OPTIM_ADAMW ? "adamw" : "sgd");
   if (rc == OT_OK) rc = ot_st_writer_save(w, path);
   ot_st_writer_free(w);
   free(host);
@@ -162,7 +168,8 @@ int ot_optimizer_load(ot_optimizer *o, const char *path) {
   char *end = NULL;
   long t = step ? strtol(step, &end, 10) : -1;
   if (!kind || strcmp(kind, want) != 0)
-    rc = ot_error(OT_ERR_MISMATCH, "%s: optimizer state is for '%s', this run uses %s", path, kind ? kind : "?", want);
+    rc = ot_error(OT_ERR_MISMATCH, "%s: optimizer state is for '%s', this run uses %s", path,
+                  kind ? kind : "?", want);
   else if (!step || *end || t < 0 || t > 1000000000)
     rc = ot_error(OT_ERR_FORMAT, "%s: missing or bad 'step' metadata", path);
   /* Stage everything first so a bad file leaves the optimizer untouched. */
@@ -177,8 +184,10 @@ int ot_optimizer_load(ot_optimizer *o, const char *path) {
       float *dst = which ? o->v[i] : o->m[i];
       snprintf(name, sizeof name, "%s.%s", o->params[i]->name, which ? "v" : (o->v[i] ? "m" : "momentum"));
       const ot_st_tensor *t_ = ot_st_find(st, name);
-      if (!t_) rc = ot_error(OT_ERR_NOTFOUND, "%s: optimizer state '%s' is missing", path, name);
-      else rc = ot_st_read_f32(st, t_, host + (dst - o->state), o->params[i]->numel);
+      if (!t_)
+        rc = ot_error(OT_ERR_NOTFOUND, "%s: optimizer state '%s' is missing", path, name);
+      else
+        rc = ot_st_read_f32(st, t_, host + (dst - o->state), o->params[i]->numel);
     }
   }
   if (rc == OT_OK && host) rc = o->be->ops->upload(o->be, o->state, host, o->state_scalars * sizeof(float));
@@ -189,15 +198,20 @@ int ot_optimizer_load(ot_optimizer *o, const char *path) {
 }
 
 int ot_lr_parse_decay(const char *name, ot_lr_decay *out) {
-  if (strcmp(name, "constant") == 0) *out = OT_LR_CONSTANT;
-  else if (strcmp(name, "linear") == 0) *out = OT_LR_LINEAR;
-  else if (strcmp(name, "cosine") == 0) *out = OT_LR_COSINE;
-  else return ot_error(OT_ERR_INVALID, "unknown schedule '%s' (expected constant, linear or cosine)", name);
+  if (strcmp(name, "constant") == 0)
+    *out = OT_LR_CONSTANT;
+  else if (strcmp(name, "linear") == 0)
+    *out = OT_LR_LINEAR;
+  else if (strcmp(name, "cosine") == 0)
+    *out = OT_LR_COSINE;
+  else
+    return ot_error(OT_ERR_INVALID, "unknown schedule '%s' (expected constant, linear or cosine)", name);
   return OT_OK;
 }
 
 float ot_lr_at(const ot_lr_schedule *s, int step) {
-  if (s->warmup_steps > 0 && step < s->warmup_steps) return s->lr * (float)(step + 1) / (float)s->warmup_steps;
+  if (s->warmup_steps > 0 && step < s->warmup_steps)
+    return s->lr * (float)(step + 1) / (float)s->warmup_steps;
   if (s->decay == OT_LR_CONSTANT || s->total_steps <= s->warmup_steps) return s->lr;
   float progress = (float)(step - s->warmup_steps) / (float)(s->total_steps - s->warmup_steps);
   if (progress > 1.0f) progress = 1.0f;

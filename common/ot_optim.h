@@ -25,7 +25,8 @@ int ot_optim_parse_kind(const char *name, ot_optim_kind *out);
 typedef struct ot_optimizer ot_optimizer;
 
 /* Takes every trainable tensor of params[0..n) that has a gradient. */
-int ot_optimizer_create(const ot_optim_config *cfg, ot_backend *be, ot_param *params, int n, ot_optimizer **out);
+int ot_optimizer_create(const ot_optim_config *cfg, ot_backend *be, ot_param *params, int n,
+                        ot_optimizer **out);
 void ot_optimizer_free(ot_optimizer *o);
 /* One update at learning rate lr; reports the gradient norm before clipping (NULL: not
  * computed unless clipping needs it). The step consumes the gradients: they are zero
@@ -40,9 +41,9 @@ int ot_optimizer_load(ot_optimizer *o, const char *path);
 typedef enum { OT_LR_CONSTANT = 0, OT_LR_LINEAR = 1, OT_LR_COSINE = 2 } ot_lr_decay;
 
 typedef struct {
-  float lr;          /* peak learning rate */
-  int warmup_steps;  /* linear warm-up from lr/warmup to lr */
-  int total_steps;   /* decay ends here */
+  float lr;         /* peak learning rate */
+  int warmup_steps; /* linear warm-up from lr/warmup to lr */
+  int total_steps;  /* decay ends here */
   ot_lr_decay decay;
   float min_lr_ratio; /* floor of the decay, as a fraction of lr */
 } ot_lr_schedule;

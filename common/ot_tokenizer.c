@@ -499,7 +499,8 @@ static int bpe_load(const char *vocab_json_path, const char *merges_path, int32_
   if (rc == OT_OK) rc = build_byte_tables(t, vocab_json_path);
   if (rc == OT_OK) rc = load_merges(t, merges_path, max_merges);
   if (rc == OT_OK && t->n_merges < max_merges && max_merges != SIZE_MAX)
-    rc = ot_error(OT_ERR_RANGE, "%s has only %zu merges, %zu asked for", merges_path, t->n_merges, max_merges);
+    rc =
+        ot_error(OT_ERR_RANGE, "%s has only %zu merges, %zu asked for", merges_path, t->n_merges, max_merges);
   if (rc != OT_OK) {
     ot_tokenizer_free(t);
     return rc;

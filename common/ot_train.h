@@ -14,8 +14,8 @@ typedef struct {
   int steps; /* the step count to reach (a resumed run starts above 0) */
   int B, T;
   ot_lr_schedule sched;
-  int ckpt_every;                           /* 0: only at the end */
-  int (*checkpoint)(void *ctx, int step);   /* may be NULL */
+  int ckpt_every;                         /* 0: only at the end */
+  int (*checkpoint)(void *ctx, int step); /* may be NULL */
   void *ctx;
   FILE *progress; /* NULL: quiet */
   const char *label;

@@ -36,23 +36,24 @@ typedef struct {
   void (*encoder_fwd)(ot_backend *be, float *out, const int32_t *tokens, const float *wte, const float *wpe,
                       int B, int T, int C);
   /* dwte += scatter(dout), dwpe += sum over batch */
-  void (*encoder_bwd)(ot_backend *be, float *dwte, float *dwpe, const float *dout, const int32_t *tokens, int B,
-                      int T, int C);
+  void (*encoder_bwd)(ot_backend *be, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
+                      int B, int T, int C);
   /* out = (inp - mean) * rstd * w + b; mean/rstd [N] saved for backward (may be NULL) */
-  void (*layernorm_fwd)(ot_backend *be, float *out, float *mean, float *rstd, const float *inp, const float *w,
-                        const float *b, int N, int C, float eps);
+  void (*layernorm_fwd)(ot_backend *be, float *out, float *mean, float *rstd, const float *inp,
+                        const float *w, const float *b, int N, int C, float eps);
   /* dinp += ..., dw += ..., db += ... */
-  void (*layernorm_bwd)(ot_backend *be, float *dinp, float *dw, float *db, const float *dout, const float *inp,
-                        const float *w, const float *mean, const float *rstd, int N, int C);
+  void (*layernorm_bwd)(ot_backend *be, float *dinp, float *dw, float *db, const float *dout,
+                        const float *inp, const float *w, const float *mean, const float *rstd, int N, int C);
   /* out[N,OUT] = inp[N,IN] W + bias (bias may be NULL) */
   void (*matmul_fwd)(ot_backend *be, float *out, const float *inp, const float *w, const float *bias, int N,
                      int IN, int OUT, ot_wlayout layout);
   /* dinp = dout W^T, dw += inp^T dout (in W's layout), dbias += colsum(dout) */
-  void (*matmul_bwd)(ot_backend *be, float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
-                     const float *w, int N, int IN, int OUT, ot_wlayout layout);
+  void (*matmul_bwd)(ot_backend *be, float *dinp, float *dw, float *dbias, const float *dout,
+                     const float *inp, const float *w, int N, int IN, int OUT, ot_wlayout layout);
   /* causal multi-head attention over qkv[N,3C] (q | k | v); out[N,C]; att[B,NH,T,T]
    * keeps the softmax probabilities for backward */
-  void (*attention_fwd)(ot_backend *be, float *out, float *att, const float *qkv, int B, int T, int C, int NH);
+  void (*attention_fwd)(ot_backend *be, float *out, float *att, const float *qkv, int B, int T, int C,
+                        int NH);
   /* dqkv = ...; datt [B,NH,T,T] is scratch */
   void (*attention_bwd)(ot_backend *be, float *dqkv, float *datt, const float *dout, const float *qkv,
                         const float *att, int B, int T, int C, int NH);

@@ -56,7 +56,8 @@ static int setup(void **state) {
   dir = ot_test_tmpdir("cloud_cli");
   if (asprintf(&cloud, "%s/cloud/offtune-cloud", ot_test_binary_dir()) < 0) return -1;
   const char *py = getenv("OT_PYTHON");
-  return ot_test_system("%s '%s/tests/ref/cli_ref.py' '%s'", py ? py : "/usr/bin/python3", ot_test_source_dir(), dir)
+  return ot_test_system("%s '%s/tests/ref/cli_ref.py' '%s'", py ? py : "/usr/bin/python3",
+                        ot_test_source_dir(), dir)
              ? -1
              : 0;
 }
@@ -84,8 +85,8 @@ static void test_eval_matches_pytorch_windows(void **state) {
   (void)state;
   load_ref();
   char out[4096];
-  int rc = run(out, sizeof out, "%s eval --model %s/model --tokens %s/tokens.txt --seq-len %d --json", cloud, dir, dir,
-               (int)json_number(ref, "eval_T"));
+  int rc = run(out, sizeof out, "%s eval --model %s/model --tokens %s/tokens.txt --seq-len %d --json", cloud,
+               dir, dir, (int)json_number(ref, "eval_T"));
   if (rc != 0) fail_msg("eval failed (%d): %s", rc, out);
   const char *j = strchr(out, '{');
   assert_non_null(j);
@@ -104,13 +105,15 @@ static void test_finetune_batch_order_matches_pytorch(void **state) {
   (void)state;
   load_ref();
   char out[8192];
-  int rc = run(out, sizeof out,
-               "%s finetune --model %s/model --tokens %s/ft_tokens.txt --out %s/ft --steps %d --batch %d --seq-len %d "
-               "--lr %g --optimizer sgd --threads 1",
-               cloud, dir, dir, dir, (int)json_number(ref, "ft_steps"), (int)json_number(ref, "ft_B"),
-               (int)json_number(ref, "ft_T"), json_number(ref, "ft_lr"));
+  int rc = run(
+      out, sizeof out,
+      "%s finetune --model %s/model --tokens %s/ft_tokens.txt --out %s/ft --steps %d --batch %d --seq-len %d "
+      "--lr %g --optimizer sgd --threads 1",
+      cloud, dir, dir, dir, (int)json_number(ref, "ft_steps"), (int)json_number(ref, "ft_B"),
+      (int)json_number(ref, "ft_T"), json_number(ref, "ft_lr"));
   if (rc != 0) fail_msg("finetune failed (%d): %s", rc, out);
-  rc = run(out, sizeof out, "%s eval --model %s/ft --tokens %s/tokens.txt --seq-len 24 --json", cloud, dir, dir);
+  rc = run(out, sizeof out, "%s eval --model %s/ft --tokens %s/tokens.txt --seq-len 24 --json", cloud, dir,
+           dir);
   assert_int_equal(rc, 0);
   double loss = json_number(strchr(out, '{'), "loss"), want = json_number(ref, "ft_eval_loss");
   if (fabs(loss - want) > 1e-4 * want) fail_msg("fine-tuned eval loss %.7f, PyTorch %.7f", loss, want);
@@ -125,13 +128,14 @@ static void test_pretrain_resume_is_exact(void **state) {
   ot_test_system("head -c 20000 '%s/README.md' > '%s/text.txt'", ot_test_source_dir(), dir);
   const char *common = "--layers 2 --heads 2 --embd 16 --ctx 32 --batch 2 --seq-len 16 --lr 3e-3 --warmup 2 "
                        "--threads 1 --seed 5 --shuffle --tokenizer byte";
-  int rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/straight --steps 6 %s", cloud, dir, dir,
-               common);
+  int rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/straight --steps 6 %s", cloud, dir,
+               dir, common);
   if (rc) fail_msg("pretrain failed: %s", out);
-  rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/resumed --steps 2 %s", cloud, dir, dir, common);
-  assert_int_equal(rc, 0);
-  rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/resumed --steps 6 --resume %s", cloud, dir, dir,
+  rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/resumed --steps 2 %s", cloud, dir, dir,
            common);
+  assert_int_equal(rc, 0);
+  rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/resumed --steps 6 --resume %s", cloud,
+           dir, dir, common);
   if (rc) fail_msg("resume failed: %s", out);
   assert_non_null(strstr(out, "resuming"));
   snprintf(a, sizeof a, "%s/straight/model.safetensors", dir);
@@ -141,7 +145,8 @@ static void test_pretrain_resume_is_exact(void **state) {
   snprintf(b, sizeof b, "%s/resumed/train_state/optimizer.safetensors", dir);
   assert_true(files_equal(a, b));
   /* the result is a checkpoint the other commands load */
-  rc = run(out, sizeof out, "%s generate --model %s/resumed --prompt offtune --max-tokens 8 --seed 3", cloud, dir);
+  rc = run(out, sizeof out, "%s generate --model %s/resumed --prompt offtune --max-tokens 8 --seed 3", cloud,
+           dir);
   assert_int_equal(rc, 0);
   assert_true(strncmp(out, "offtune", 7) == 0);
 }
@@ -155,8 +160,11 @@ static void test_usage_errors_exit_2(void **state) {
   assert_int_equal(run(out, sizeof out, "%s eval --tokens x", cloud), 2);
   assert_non_null(strstr(out, "--model"));
   assert_int_equal(run(out, sizeof out, "%s eval --model m --tokens t --seq-len abc", cloud), 2);
-  assert_int_equal(run(out, sizeof out, "%s finetune --model m --tokens t --out o --steps 0 --batch 1 --seq-len 4 "
-                                        "--lr 1", cloud), 2);
+  assert_int_equal(run(out, sizeof out,
+                       "%s finetune --model m --tokens t --out o --steps 0 --batch 1 --seq-len 4 "
+                       "--lr 1",
+                       cloud),
+                   2);
   const char *cmds[] = {"pretrain", "finetune", "eval", "generate", "tokenize", "corpus"};
   for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
     assert_int_equal(run(out, sizeof out, "%s %s --help", cloud, cmds[i]), 0);
@@ -187,18 +195,20 @@ static void test_bad_inputs_exit_1(void **state) {
   assert_int_equal(run(out, sizeof out, "%s eval --model %s/model --tokens %s/junk.txt", cloud, dir, dir), 1);
   assert_non_null(strstr(out, "junk.txt"));
   /* missing directory */
-  assert_int_equal(run(out, sizeof out, "%s eval --model %s/nope --tokens %s/tokens.txt", cloud, dir, dir), 1);
+  assert_int_equal(run(out, sizeof out, "%s eval --model %s/nope --tokens %s/tokens.txt", cloud, dir, dir),
+                   1);
   /* a failing finetune (too little data) leaves an existing output untouched */
   char before[700], after[700];
   snprintf(before, sizeof before, "%s/ft/model.safetensors", dir);
   snprintf(after, sizeof after, "%s/ft.keep", dir);
   ot_test_system("cp '%s' '%s'", before, after);
   ot_test_system("echo '1 2 3' > '%s/tiny.txt'", dir);
-  assert_int_equal(run(out, sizeof out,
-                       "%s finetune --model %s/model --tokens %s/tiny.txt --out %s/ft --steps 1 --batch 2 --seq-len 8 "
-                       "--lr 0.1",
-                       cloud, dir, dir, dir),
-                   1);
+  assert_int_equal(
+      run(out, sizeof out,
+          "%s finetune --model %s/model --tokens %s/tiny.txt --out %s/ft --steps 1 --batch 2 --seq-len 8 "
+          "--lr 0.1",
+          cloud, dir, dir, dir),
+      1);
   assert_true(files_equal(before, after));
 }
 
@@ -212,9 +222,12 @@ static void test_tokenize_bytes(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_eval_matches_pytorch_windows), cmocka_unit_test(test_finetune_batch_order_matches_pytorch),
-      cmocka_unit_test(test_pretrain_resume_is_exact),     cmocka_unit_test(test_usage_errors_exit_2),
-      cmocka_unit_test(test_bad_inputs_exit_1),            cmocka_unit_test(test_tokenize_bytes),
+      cmocka_unit_test(test_eval_matches_pytorch_windows),
+      cmocka_unit_test(test_finetune_batch_order_matches_pytorch),
+      cmocka_unit_test(test_pretrain_resume_is_exact),
+      cmocka_unit_test(test_usage_errors_exit_2),
+      cmocka_unit_test(test_bad_inputs_exit_1),
+      cmocka_unit_test(test_tokenize_bytes),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

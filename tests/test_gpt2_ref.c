@@ -32,10 +32,11 @@ static int setup(void **state) {
   (void)state;
   ref_dir = ot_test_tmpdir("gpt2_ref");
   const char *py = getenv("OT_PYTHON");
-  int rc = ot_test_system("%s '%s/tests/ref/gpt2_ref.py' '%s'", py ? py : "/usr/bin/python3", ot_test_source_dir(),
-                          ref_dir);
+  int rc = ot_test_system("%s '%s/tests/ref/gpt2_ref.py' '%s'", py ? py : "/usr/bin/python3",
+                          ot_test_source_dir(), ref_dir);
   if (rc != 0) {
-    fprintf(stderr, "PyTorch reference generator failed (exit %d): install python3-torch (scripts/setup.sh)\n", rc);
+    fprintf(stderr,
+            "PyTorch reference generator failed (exit %d): install python3-torch (scripts/setup.sh)\n", rc);
     return -1;
   }
   char path[512];
@@ -143,7 +144,8 @@ static void test_logits_loss_grads(void **state) {
     float loss;
     assert_int_equal(ot_gpt2_forward(fx.m, fx.inputs, fx.targets, fx.B, fx.T, &loss), 0);
     float *wl = ref_f32(fx.ref, "loss", NULL);
-    if (!(fabs(loss - wl[0]) < REL_TOL * fabs(wl[0]))) fail_msg("%s: loss %.8f, PyTorch %.8f", cases[c], loss, wl[0]);
+    if (!(fabs(loss - wl[0]) < REL_TOL * fabs(wl[0])))
+      fail_msg("%s: loss %.8f, PyTorch %.8f", cases[c], loss, wl[0]);
     free(wl);
 
     assert_int_equal(ot_gpt2_backward(fx.m), 0);
@@ -171,7 +173,8 @@ static void test_frozen_subset(void **state) {
   int L = ot_gpt2_cfg(fx.m)->n_layer;
   ot_gpt2_set_all_trainable(fx.m, 0);
   /* the top block only, like a top adapter */
-  for (int k = 0; k < OT_BLK_NPARAM; k++) ot_gpt2_param(fx.m, ot_gpt2_block_param_index(fx.m, L - 1, k))->trainable = 1;
+  for (int k = 0; k < OT_BLK_NPARAM; k++)
+    ot_gpt2_param(fx.m, ot_gpt2_block_param_index(fx.m, L - 1, k))->trainable = 1;
   assert_int_equal(ot_gpt2_prepare(fx.m, fx.B, fx.T, 1), 0);
   size_t grad_scalars = 0;
   for (int i = 0; i < ot_gpt2_param_count(fx.m); i++) {
@@ -203,14 +206,17 @@ static void test_frozen_subset(void **state) {
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
   ot_optimizer *opt;
-  assert_int_equal(ot_optimizer_create(&oc, fx.be, ot_gpt2_param(fx.m, 0), ot_gpt2_param_count(fx.m), &opt), 0);
+  assert_int_equal(ot_optimizer_create(&oc, fx.be, ot_gpt2_param(fx.m, 0), ot_gpt2_param_count(fx.m), &opt),
+                   0);
   assert_int_equal(ot_optimizer_step(opt, 1e-2f, NULL), 0);
   size_t off = 0;
   for (int i = 0; i < ot_gpt2_param_count(fx.m); i++) {
     ot_param *p = ot_gpt2_param(fx.m, i);
     int same = memcmp(before + off, p->data, p->numel * sizeof(float)) == 0;
-    if (p->trainable) assert_false(same);
-    else assert_true(same);
+    if (p->trainable)
+      assert_false(same);
+    else
+      assert_true(same);
     /* the step consumed the gradients */
     for (size_t j = 0; p->grad && j < p->numel; j++) assert_true(p->grad[j] == 0.0f);
     off += p->numel;
@@ -270,7 +276,8 @@ static void test_optimizer_trajectories(void **state) {
         oc.weight_decay = meta_f(fx.ref, "sgd_wd");
       }
       ot_optimizer *opt;
-      assert_int_equal(ot_optimizer_create(&oc, fx.be, ot_gpt2_param(fx.m, 0), ot_gpt2_param_count(fx.m), &opt), 0);
+      assert_int_equal(
+          ot_optimizer_create(&oc, fx.be, ot_gpt2_param(fx.m, 0), ot_gpt2_param_count(fx.m), &opt), 0);
       uint64_t n;
       float *want = ref_f32(fx.ref, kind == 0 ? "adamw_losses" : "sgd_losses", &n);
       for (uint64_t s = 0; s < n; s++) {
@@ -278,8 +285,8 @@ static void test_optimizer_trajectories(void **state) {
         assert_int_equal(ot_gpt2_forward(fx.m, fx.inputs, fx.targets, fx.B, fx.T, &loss), 0);
         /* trajectories amplify rounding a little each step */
         if (!(fabs(loss - want[s]) < 2e-4 * fabs(want[s])))
-          fail_msg("%s %s step %d: loss %.7f, PyTorch %.7f", cases[c], kind == 0 ? "adamw" : "sgd", (int)s, loss,
-                   want[s]);
+          fail_msg("%s %s step %d: loss %.7f, PyTorch %.7f", cases[c], kind == 0 ? "adamw" : "sgd", (int)s,
+                   loss, want[s]);
         if (s + 1 == n) break;
         assert_int_equal(ot_gpt2_zero_grad(fx.m), 0);
         assert_int_equal(ot_gpt2_backward(fx.m), 0);
@@ -298,7 +305,11 @@ static void test_finite_differences(void **state) {
   (void)state;
   ot_backend *be;
   assert_int_equal(ot_backend_cpu_create(1, &be), 0);
-  ot_gpt2_config cfg = {.n_layer = 2, .n_head = 2, .n_embd = 8, .vocab_size = 11, .n_positions = 8,
+  ot_gpt2_config cfg = {.n_layer = 2,
+                        .n_head = 2,
+                        .n_embd = 8,
+                        .vocab_size = 11,
+                        .n_positions = 8,
                         .layer_norm_epsilon = 1e-5f};
   ot_gpt2 *m;
   assert_int_equal(ot_gpt2_create(&cfg, be, &m), 0);
@@ -337,8 +348,8 @@ static void test_finite_differences(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_logits_loss_grads), cmocka_unit_test(test_frozen_subset),
-      cmocka_unit_test(test_half_checkpoints),  cmocka_unit_test(test_optimizer_trajectories),
+      cmocka_unit_test(test_logits_loss_grads),  cmocka_unit_test(test_frozen_subset),
+      cmocka_unit_test(test_half_checkpoints),   cmocka_unit_test(test_optimizer_trajectories),
       cmocka_unit_test(test_finite_differences),
   };
   return cmocka_run_group_tests(tests, setup, teardown);

@@ -17,7 +17,8 @@
 
 static void test_schedules(void **state) {
   (void)state;
-  ot_lr_schedule s = {.lr = 1.0f, .warmup_steps = 4, .total_steps = 14, .decay = OT_LR_CONSTANT, .min_lr_ratio = 0.1f};
+  ot_lr_schedule s = {
+      .lr = 1.0f, .warmup_steps = 4, .total_steps = 14, .decay = OT_LR_CONSTANT, .min_lr_ratio = 0.1f};
   /* linear warm-up from lr/warmup */
   assert_true(fabsf(ot_lr_at(&s, 0) - 0.25f) < 1e-6f);
   assert_true(fabsf(ot_lr_at(&s, 3) - 1.0f) < 1e-6f);

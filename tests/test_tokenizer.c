@@ -622,8 +622,8 @@ static void test_bpe_first_merges(void **state) {
     p = q;
   }
   assert_true(same_words > compared / 2); /* most Brown words need only the first 2048 merges */
-  print_message("first %d merges: %zu ids for %zu bytes; %zu of %zu words identical to full GPT-2\n", K, n, len,
-                same_words, compared);
+  print_message("first %d merges: %zu ids for %zu bytes; %zu of %zu words identical to full GPT-2\n", K, n,
+                len, same_words, compared);
   free(back);
   free(ids);
   free(text);

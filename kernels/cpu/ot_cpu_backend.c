@@ -120,8 +120,8 @@ static void cpu_encoder_fwd(ot_backend *be, float *out, const int32_t *tokens, c
   }
 }
 
-static void cpu_encoder_bwd(ot_backend *be, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
-                            int B, int T, int C) {
+static void cpu_encoder_bwd(ot_backend *be, float *dwte, float *dwpe, const float *dout,
+                            const int32_t *tokens, int B, int T, int C) {
   /* Threads own disjoint channel ranges, so repeated tokens never race. */
 #pragma omp parallel num_threads(NT)
   {
@@ -208,8 +208,8 @@ static void cpu_layernorm_bwd(ot_backend *be, float *dinp, float *dw, float *db,
 
 /* ---- matmul ---------------------------------------------------------------------- */
 
-static void cpu_matmul_fwd(ot_backend *be, float *out, const float *inp, const float *w, const float *bias, int N,
-                           int IN, int OUT, ot_wlayout layout) {
+static void cpu_matmul_fwd(ot_backend *be, float *out, const float *inp, const float *w, const float *bias,
+                           int N, int IN, int OUT, ot_wlayout layout) {
   float beta = 0.0f;
   if (bias) {
 #pragma omp parallel for num_threads(NT) schedule(static)
@@ -226,15 +226,19 @@ static void cpu_matmul_bwd(ot_backend *be, float *dinp, float *dw, float *dbias,
                            const float *inp, const float *w, int N, int IN, int OUT, ot_wlayout layout) {
   if (dinp) {
     if (layout == OT_W_IN_OUT)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, IN, OUT, 1.0f, dout, OUT, w, OUT, 0.0f, dinp, IN);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, IN, OUT, 1.0f, dout, OUT, w, OUT, 0.0f, dinp,
+                  IN);
     else
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, IN, OUT, 1.0f, dout, OUT, w, IN, 0.0f, dinp, IN);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, IN, OUT, 1.0f, dout, OUT, w, IN, 0.0f, dinp,
+                  IN);
   }
   if (dw) {
     if (layout == OT_W_IN_OUT)
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, IN, OUT, N, 1.0f, inp, IN, dout, OUT, 1.0f, dw, OUT);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, IN, OUT, N, 1.0f, inp, IN, dout, OUT, 1.0f, dw,
+                  OUT);
     else
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OUT, IN, N, 1.0f, dout, OUT, inp, IN, 1.0f, dw, IN);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OUT, IN, N, 1.0f, dout, OUT, inp, IN, 1.0f, dw,
+                  IN);
   }
   if (dbias) {
 #pragma omp parallel num_threads(NT)
@@ -359,8 +363,8 @@ static void cpu_gelu_fwd(ot_backend *be, float *out, const float *inp, size_t n)
     __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
     __m256 u = _mm256_mul_ps(_mm256_set1_ps(GELU_S), _mm256_fmadd_ps(_mm256_set1_ps(GELU_A), x3, x));
     __m256 t = tanh256(u);
-    _mm256_storeu_ps(out + i,
-                     _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.0f), t)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x),
+                                            _mm256_add_ps(_mm256_set1_ps(1.0f), t)));
   }
   for (size_t i = nv; i < n; i++) {
     float x = inp[i];
@@ -374,12 +378,15 @@ static void cpu_gelu_bwd(ot_backend *be, float *dinp, const float *inp, const fl
   for (size_t i = 0; i < nv; i += 8) {
     __m256 x = _mm256_loadu_ps(inp + i);
     __m256 x2 = _mm256_mul_ps(x, x);
-    __m256 u = _mm256_mul_ps(_mm256_set1_ps(GELU_S), _mm256_fmadd_ps(_mm256_set1_ps(GELU_A), _mm256_mul_ps(x2, x), x));
+    __m256 u = _mm256_mul_ps(_mm256_set1_ps(GELU_S),
+                             _mm256_fmadd_ps(_mm256_set1_ps(GELU_A), _mm256_mul_ps(x2, x), x));
     __m256 t = tanh256(u);
     __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
     __m256 sech2 = _mm256_fnmadd_ps(t, t, one);
-    __m256 du = _mm256_mul_ps(_mm256_set1_ps(GELU_S), _mm256_fmadd_ps(_mm256_set1_ps(3.0f * GELU_A), x2, one));
-    __m256 g = _mm256_fmadd_ps(_mm256_mul_ps(half, x), _mm256_mul_ps(sech2, du), _mm256_mul_ps(half, _mm256_add_ps(one, t)));
+    __m256 du =
+        _mm256_mul_ps(_mm256_set1_ps(GELU_S), _mm256_fmadd_ps(_mm256_set1_ps(3.0f * GELU_A), x2, one));
+    __m256 g = _mm256_fmadd_ps(_mm256_mul_ps(half, x), _mm256_mul_ps(sech2, du),
+                               _mm256_mul_ps(half, _mm256_add_ps(one, t)));
     _mm256_storeu_ps(dinp + i, _mm256_mul_ps(g, _mm256_loadu_ps(dout + i)));
   }
   for (size_t i = nv; i < n; i++) {
@@ -442,8 +449,8 @@ static void cpu_crossentropy_bwd(ot_backend *be, float *dlogits, const float *pr
 
 /* ---- optimizers ------------------------------------------------------------------ */
 
-static void cpu_adamw(ot_backend *be, float *p, float *g, float *m, float *v, size_t n, float lr,
-                      float beta1, float beta2, float eps, float wd, int t) {
+static void cpu_adamw(ot_backend *be, float *p, float *g, float *m, float *v, size_t n, float lr, float beta1,
+                      float beta2, float eps, float wd, int t) {
   /* Same arithmetic order as torch.optim.AdamW (single-tensor path). */
   float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
   float step = lr / bc1, bc2_sqrt = sqrtf(bc2), decay = 1.0f - lr * wd;
