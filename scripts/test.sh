@@ -9,6 +9,12 @@ cd "$here"
 bash scripts/setup.sh
 jobs=$(nproc)
 
+echo "== format (clang-format) =="
+if command -v clang-format >/dev/null; then
+  git ls-files '*.c' '*.h' | grep -v '_table\.h$' | xargs clang-format --dry-run -Werror
+  echo "formatted"
+fi
+
 echo "== build and test (Release) =="
 bash scripts/build.sh
 (cd build && ctest --output-on-failure -j1)
