@@ -492,7 +492,7 @@ int ot_adapter_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_diges
                     t->name);
       break;
     }
-    int k = ot_gpt2_param_count(m);
+    int k;
     for (k = 0; k < OT_BLK_NPARAM; k++)
       if (ot_gpt2_param(m, ot_gpt2_block_param_index(m, local_block(plan, L, f), k)) == p) break;
     int idx = slot * OT_BLK_NPARAM + k;
