@@ -165,7 +165,47 @@ static void test_offsite_flow(void **state) {
   assert_int_equal(run(out, sizeof out, "%s nonsense", device), 2);
 }
 
+static int files_equal(const char *a, const char *b) { return ot_test_system("cmp -s '%s' '%s'", a, b) == 0; }
+
+/* Distillation and device tuning stopped after 2 steps and resumed to 5 end bitwise equal
+ * to straight 5-step runs (uses the files of test_offsite_flow). */
+static void test_resume_is_exact(void **state) {
+  (void)state;
+  const char *d_common = "--bottom 1 --top 1 --keep 1 --batch 2 --seq-len 16 --warmup 2 --threads 1";
+  RUN_OK("%s distill --model %s/full --data %s/public.txt --out %s/d_straight --steps 5 %s", cloud, dir, dir,
+         dir, d_common);
+  RUN_OK("%s distill --model %s/full --data %s/public.txt --out %s/d_resumed --steps 2 %s", cloud, dir, dir,
+         dir, d_common);
+  RUN_OK("%s distill --model %s/full --data %s/public.txt --out %s/d_resumed --steps 5 --resume %s", cloud,
+         dir, dir, dir, d_common);
+  assert_non_null(strstr(out, "resuming"));
+  char a[700], b[700];
+  snprintf(a, sizeof a, "%s/d_straight/model.safetensors", dir);
+  snprintf(b, sizeof b, "%s/d_resumed/model.safetensors", dir);
+  assert_true(files_equal(a, b));
+
+  const char *t_common = "--batch 2 --seq-len 16 --threads 1 --lr 3e-3";
+  RUN_OK("%s tune --emulator %s/d_straight --text %s/private.txt --out %s/t_straight --steps 5 %s", device,
+         dir, dir, dir, t_common);
+  RUN_OK("%s tune --emulator %s/d_straight --text %s/private.txt --out %s/t_resumed --steps 2 %s", device,
+         dir, dir, dir, t_common);
+  RUN_OK("%s tune --emulator %s/d_straight --text %s/private.txt --out %s/t_resumed --steps 5 --resume %s",
+         device, dir, dir, dir, t_common);
+  assert_non_null(strstr(out, "resuming"));
+  snprintf(a, sizeof a, "%s/t_straight/adapter_model.safetensors", dir);
+  snprintf(b, sizeof b, "%s/t_resumed/adapter_model.safetensors", dir);
+  assert_true(files_equal(a, b));
+  /* resuming with other batch settings is refused */
+  assert_int_equal(run(out, sizeof out,
+                       "%s tune --emulator %s/d_straight --text %s/private.txt --out %s/t_resumed "
+                       "--steps 6 --resume --batch 3 --seq-len 16",
+                       device, dir, dir, dir),
+                   1);
+  assert_non_null(strstr(out, "resume with the same"));
+}
+
 int main(void) {
-  const struct CMUnitTest tests[] = {cmocka_unit_test(test_offsite_flow)};
+  const struct CMUnitTest tests[] = {cmocka_unit_test(test_offsite_flow),
+                                     cmocka_unit_test(test_resume_is_exact)};
   return cmocka_run_group_tests(tests, setup, teardown);
 }
