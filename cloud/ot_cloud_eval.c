@@ -8,16 +8,19 @@
 #include "ot_cloud_cmd.h"
 #include "ot_error.h"
 #include "ot_data.h"
+#include "ot_emulator.h"
 #include "ot_eval.h"
+#include "ot_fileio.h"
 
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
 
 int ot_cmd_eval(int argc, char **argv) {
-  const char *model = NULL, *text = NULL, *tokens = NULL, *backend = "cpu";
+  const char *model = NULL, *text = NULL, *tokens = NULL, *backend = "cpu", *adapter = NULL;
   int seq_len = 0, batch = 8, json = 0, threads = 0;
   const ot_opt opts[] = {
       {"model", OT_OPT_STR, &model, "DIR",
        "checkpoint directory (config.json, model.safetensors, tokenizer)"},
+      {"adapter", OT_OPT_STR, &adapter, "DIR", "plug in an offsite adapter (from offtune-device tune) first"},
       {"text", OT_OPT_STR, &text, "FILE", "UTF-8 text to score (tokenized with the model's tokenizer)"},
       {"tokens", OT_OPT_STR, &tokens, "FILE", "whitespace-separated token ids to score"},
       {"seq-len", OT_OPT_INT, &seq_len, "T", "window length (default: the model's n_positions)"},
@@ -50,6 +53,19 @@ int ot_cmd_eval(int argc, char **argv) {
   ot_tokenizer *tok;
   rc = ot_cmd_load_model(model, backend, threads, &be, &m, &tok);
   if (rc) return ot_cmd_fail("loading the model", rc);
+  if (adapter) {
+    char digest[OT_DIGEST_HEX], *st_path = NULL;
+    rc = ot_path_join(model, "model.safetensors", &st_path);
+    if (rc == OT_OK) rc = ot_file_digest(st_path, digest);
+    if (rc == OT_OK) rc = ot_adapter_apply(m, NULL, digest, adapter);
+    free(st_path);
+    if (rc) {
+      ot_tokenizer_free(tok);
+      ot_gpt2_free(m);
+      ot_backend_free(be);
+      return ot_cmd_fail("plugging in the adapter", rc);
+    }
+  }
   int32_t *ids = NULL;
   size_t n = 0;
   int T = seq_len ? seq_len : ot_gpt2_cfg(m)->n_positions;

@@ -17,6 +17,7 @@ static const struct {
 } commands[] = {
     {"pretrain", ot_cmd_pretrain, "train a small GPT-2 from scratch (default: the embedded Brown model)"},
     {"finetune", ot_cmd_finetune, "full fine-tuning of a model on a text or token file"},
+    {"distill", ot_cmd_distill, "build and distill the Offsite-Tuning emulator of a model"},
     {"eval", ot_cmd_eval, "perplexity of a model on a text or token file"},
     {"generate", ot_cmd_generate, "sample a continuation of a prompt"},
     {"tokenize", ot_cmd_tokenize, "print the token ids of a text file"},

@@ -171,8 +171,8 @@ static int run_training(const train_opts *t, ot_gpt2 *m, const ot_tokenizer *tok
   if (rc == OT_OK && start >= t->steps)
     fprintf(stderr, "[%s] %s already has %d steps; nothing to do\n", label, t->out, start);
   ckpt_ctx ctx = {t, m, opt, tok, &data};
-  ot_train_config tc = {t->steps,        t->batch, t->seq_len, sched, t->ckpt_every,
-                        save_checkpoint, &ctx,     stderr,     label};
+  ot_train_config tc = {t->steps, t->batch, t->seq_len, sched, t->ckpt_every, save_checkpoint,
+                        &ctx,     stderr,   label,      NULL,  NULL};
   ot_train_result res;
   if (rc == OT_OK && start < t->steps) {
     fprintf(stderr, "[%s] %zu parameters, %zu training tokens, %d steps of %d x %d, %.1f MiB model memory\n",

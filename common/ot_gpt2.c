@@ -57,6 +57,9 @@ struct ot_gpt2 {
   int last_B, last_T, last_has_targets;
   double last_loss_sum;
   size_t last_count;
+
+  /* extra gradients dL/d(block output) for the next backward (backend memory, [N,C]) */
+  const float **extra_grad;
 };
 
 static const char *blk_names[OT_BLK_NPARAM] = {"ln_1.weight",      "ln_1.bias",          "attn.c_attn.weight",
@@ -90,7 +93,10 @@ int ot_gpt2_create(const ot_gpt2_config *cfg, ot_backend *be, ot_gpt2 **out) {
   int L = cfg->n_layer, C = cfg->n_embd;
   m->n_params = 2 + L * OT_BLK_NPARAM + 2;
   m->params = calloc((size_t)m->n_params, sizeof *m->params);
-  if (!m->params) {
+  m->extra_grad = calloc((size_t)L, sizeof *m->extra_grad);
+  if (!m->params || !m->extra_grad) {
+    free(m->params);
+    free(m->extra_grad);
     free(m);
     return ot_error(OT_ERR_NOMEM, "cannot allocate parameter table");
   }
@@ -112,6 +118,7 @@ int ot_gpt2_create(const ot_gpt2_config *cfg, ot_backend *be, ot_gpt2 **out) {
   rc = be->ops->alloc(be, m->n_scalars * sizeof(float), (void **)&m->param_mem);
   if (rc) {
     free(m->params);
+    free(m->extra_grad);
     free(m);
     return rc;
   }
@@ -150,6 +157,7 @@ void ot_gpt2_free(ot_gpt2 *m) {
   free_grads(m);
   m->be->ops->free(m->be, m->param_mem);
   free(m->params);
+  free(m->extra_grad);
   free(m);
 }
 
@@ -468,8 +476,10 @@ int ot_gpt2_zero_grad(ot_gpt2 *m) {
 #define BP(m, l, k) ((m)->params[P_BLK0 + (l)*OT_BLK_NPARAM + (k)].data)
 #define BG(m, l, k) ((m)->params[P_BLK0 + (l)*OT_BLK_NPARAM + (k)].grad)
 
-/* Embeddings, blocks and the final LayerNorm into m->lnf. */
-static int forward_trunk(ot_gpt2 *m, const int32_t *inputs, const int32_t *targets, int B, int T) {
+/* Embeddings, blocks 0..n_blocks-1 and, when all blocks ran, the final LayerNorm into
+ * m->lnf. */
+static int forward_trunk(ot_gpt2 *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+                         int n_blocks) {
   if (!m->act_mem) return ot_error(OT_ERR_INVALID, "forward before ot_gpt2_prepare");
   if (B <= 0 || T <= 0 || B > m->maxB || T > m->maxT || (size_t)B * T > (size_t)m->maxB * m->maxT)
     return ot_error(OT_ERR_RANGE, "batch %d x %d exceeds the prepared %d x %d", B, T, m->maxB, m->maxT);
@@ -495,7 +505,7 @@ static int forward_trunk(ot_gpt2 *m, const int32_t *inputs, const int32_t *targe
 
   o->encoder_fwd(be, m->encoded, m->tokens, m->params[P_WTE].data, m->params[P_WPE].data, B, T, C);
   float *residual = m->encoded;
-  for (int l = 0; l < L; l++) {
+  for (int l = 0; l < n_blocks; l++) {
     ot_block_acts *a = &m->blocks[m->training ? l : 0];
     o->layernorm_fwd(be, a->ln1, a->ln1_mean, a->ln1_rstd, residual, BP(m, l, OT_BLK_LN1_W),
                      BP(m, l, OT_BLK_LN1_B), N, C, m->cfg.layer_norm_epsilon);
@@ -514,6 +524,10 @@ static int forward_trunk(ot_gpt2 *m, const int32_t *inputs, const int32_t *targe
     o->add(be, a->residual3, a->residual2, m->proj, (size_t)N * C);
     residual = a->residual3;
   }
+  if (n_blocks < L) {
+    m->last_B = 0; /* a partial forward leaves nothing for backward or last_logits */
+    return OT_OK;
+  }
   o->layernorm_fwd(be, m->lnf, m->lnf_mean, m->lnf_rstd, residual, m->params[P_LNF_W(m)].data,
                    m->params[P_LNF_B(m)].data, N, C, m->cfg.layer_norm_epsilon);
   m->last_B = B;
@@ -523,7 +537,7 @@ static int forward_trunk(ot_gpt2 *m, const int32_t *inputs, const int32_t *targe
 }
 
 int ot_gpt2_forward(ot_gpt2 *m, const int32_t *inputs, const int32_t *targets, int B, int T, float *loss) {
-  int rc = forward_trunk(m, inputs, targets, B, T);
+  int rc = forward_trunk(m, inputs, targets, B, T, m->cfg.n_layer);
   if (rc) return rc;
   const ot_backend_ops *o = m->be->ops;
   ot_backend *be = m->be;
@@ -554,7 +568,7 @@ int ot_gpt2_forward(ot_gpt2 *m, const int32_t *inputs, const int32_t *targets, i
 }
 
 int ot_gpt2_forward_logits(ot_gpt2 *m, const int32_t *inputs, int B, int T, float *logits_out) {
-  int rc = forward_trunk(m, inputs, NULL, B, T);
+  int rc = forward_trunk(m, inputs, NULL, B, T, m->cfg.n_layer);
   if (rc) return rc;
   int C = m->cfg.n_embd, V = m->cfg.vocab_size, N = B * T;
   m->last_B = 0; /* the logits buffer no longer holds last-position logits */
@@ -581,7 +595,10 @@ int ot_gpt2_backward(ot_gpt2 *m) {
   if (!m->training) return ot_error(OT_ERR_INVALID, "backward on a model not prepared for training");
   if (!m->last_B || !m->last_has_targets)
     return ot_error(OT_ERR_INVALID, "backward needs a forward with targets");
-  if (m->last_count == 0) return OT_OK; /* nothing to learn from */
+  if (m->last_count == 0) { /* nothing to learn from */
+    ot_gpt2_clear_block_grads(m);
+    return OT_OK;
+  }
   const ot_backend_ops *o = m->be->ops;
   ot_backend *be = m->be;
   int B = m->last_B, T = m->last_T, C = m->cfg.n_embd, NH = m->cfg.n_head, V = m->cfg.vocab_size,
@@ -600,7 +617,10 @@ int ot_gpt2_backward(ot_gpt2 *m) {
   if (emb_trainable) stop = 0;
   int need_input_grad = emb_trainable; /* gradient into the embedding output */
   int lnf_trainable = m->params[P_LNF_W(m)].trainable || m->params[P_LNF_B(m)].trainable;
-  if (stop == L && !lnf_trainable && !m->params[P_WTE].trainable) return OT_OK; /* all frozen */
+  if (stop == L && !lnf_trainable && !m->params[P_WTE].trainable) { /* all frozen */
+    ot_gpt2_clear_block_grads(m);
+    return OT_OK;
+  }
 
   o->crossentropy_bwd(be, m->logits, m->logits, m->targets, 1.0f / (float)m->last_count, N, V);
   o->matmul_bwd(be, m->dln, m->params[P_WTE].grad, NULL, m->logits, m->lnf, m->params[P_WTE].data, N, C, V,
@@ -612,6 +632,7 @@ int ot_gpt2_backward(ot_gpt2 *m) {
   for (int l = L - 1; l >= stop; l--) {
     ot_block_acts *a = &m->blocks[l];
     float *residual = l == 0 ? m->encoded : m->blocks[l - 1].residual3;
+    if (m->extra_grad[l]) o->add(be, m->dresidual, m->dresidual, m->extra_grad[l], (size_t)N * C);
     int input_grad = l > stop || need_input_grad;
     /* residual3 = residual2 + fcproj: dresidual flows to both */
     o->matmul_bwd(be, m->dfch_gelu, BG(m, l, OT_BLK_FCPROJ_W), BG(m, l, OT_BLK_FCPROJ_B), m->dresidual,
@@ -632,5 +653,37 @@ int ot_gpt2_backward(ot_gpt2 *m) {
   }
   if (need_input_grad)
     o->encoder_bwd(be, m->params[P_WTE].grad, m->params[P_WPE].grad, m->dresidual, m->tokens, B, T, C);
+  ot_gpt2_clear_block_grads(m);
   return o->sync(be);
+}
+
+int ot_gpt2_forward_to_block(ot_gpt2 *m, const int32_t *inputs, int B, int T, int layer, float *out) {
+  if (layer < 0 || layer >= m->cfg.n_layer)
+    return ot_error(OT_ERR_RANGE, "block %d outside 0..%d", layer, m->cfg.n_layer - 1);
+  int rc = forward_trunk(m, inputs, NULL, B, T, layer + 1);
+  if (rc) return rc;
+  ot_block_acts *a = &m->blocks[m->training ? layer : 0];
+  rc = m->be->ops->copy(m->be, out, a->residual3, (size_t)B * T * m->cfg.n_embd * sizeof(float));
+  m->last_B = 0;
+  return rc == OT_OK ? m->be->ops->sync(m->be) : rc;
+}
+
+int ot_gpt2_block_output(const ot_gpt2 *m, int layer, const float **out) {
+  if (!m->training || !m->last_B)
+    return ot_error(OT_ERR_INVALID, "block outputs need a full forward on a model prepared for training");
+  if (layer < 0 || layer >= m->cfg.n_layer)
+    return ot_error(OT_ERR_RANGE, "block %d outside 0..%d", layer, m->cfg.n_layer - 1);
+  *out = m->blocks[layer].residual3;
+  return OT_OK;
+}
+
+int ot_gpt2_set_block_grad(ot_gpt2 *m, int layer, const float *dout) {
+  if (layer < 0 || layer >= m->cfg.n_layer)
+    return ot_error(OT_ERR_RANGE, "block %d outside 0..%d", layer, m->cfg.n_layer - 1);
+  m->extra_grad[layer] = dout;
+  return OT_OK;
+}
+
+void ot_gpt2_clear_block_grads(ot_gpt2 *m) {
+  for (int l = 0; l < m->cfg.n_layer; l++) m->extra_grad[l] = NULL;
 }

@@ -96,6 +96,22 @@ int ot_gpt2_zero_grad(ot_gpt2 *m);
  * gradients of trainable tensors and stops at the lowest layer that needs gradients. */
 int ot_gpt2_backward(ot_gpt2 *m);
 
+/* Hooks for losses on hidden states (distillation) and for adapters.
+ *
+ * Inference forward through blocks 0..layer only; copies that block's output residual
+ * [B*T, C] into out (backend memory). Skips the rest of the model; leaves nothing for
+ * backward or ot_gpt2_last_logits. */
+int ot_gpt2_forward_to_block(ot_gpt2 *m, const int32_t *inputs, int B, int T, int layer, float *out);
+/* Output residual [B*T, C] of a block after the last full forward of a model prepared
+ * for training (backend memory, valid until the next forward or prepare). */
+int ot_gpt2_block_output(const ot_gpt2 *m, int layer, const float **out);
+/* Registers dL/d(output of block layer) [B*T, C] (backend memory, must stay valid until
+ * then) to be added to the residual-stream gradient when the next ot_gpt2_backward passes
+ * that block; backward clears all registrations. The loss of that extra term is the
+ * caller's; backward still needs a forward with targets. */
+int ot_gpt2_set_block_grad(ot_gpt2 *m, int layer, const float *dout);
+void ot_gpt2_clear_block_grads(ot_gpt2 *m);
+
 /* Bytes held by parameters, gradients and activations (for reports). */
 size_t ot_gpt2_memory_bytes(const ot_gpt2 *m);
 

@@ -25,8 +25,12 @@ int ot_train(ot_gpt2 *m, ot_optimizer *opt, ot_batcher *data, const ot_train_con
   for (step = start_step; step < cfg->steps && rc == OT_OK; step++) {
     ot_batcher_next(data, in, tg);
     /* gradients start at zero: prepare zeroes them and every optimizer step consumes them */
-    rc = ot_gpt2_forward(m, in, tg, cfg->B, cfg->T, &loss);
-    if (rc == OT_OK) rc = ot_gpt2_backward(m);
+    if (cfg->loss_step) {
+      rc = cfg->loss_step(cfg->ctx, in, tg, &loss);
+    } else {
+      rc = ot_gpt2_forward(m, in, tg, cfg->B, cfg->T, &loss);
+      if (rc == OT_OK) rc = ot_gpt2_backward(m);
+    }
     float lr = ot_lr_at(&cfg->sched, step), gnorm = 0.0f;
     if (rc == OT_OK) rc = ot_optimizer_step(opt, lr, &gnorm);
     if (rc) break;
@@ -38,7 +42,14 @@ int ot_train(ot_gpt2 *m, ot_optimizer *opt, ot_batcher *data, const ot_train_con
                (double)(step + 1 - start_step) * n / (dt > 0 ? dt : 1e-9));
       ot_progress_update(&prog, step + 1, extra);
     }
-    if (cfg->checkpoint && cfg->ckpt_every > 0 && (step + 1) % cfg->ckpt_every == 0 && step + 1 < cfg->steps)
+    int stop = 0;
+    if (cfg->on_step) rc = cfg->on_step(cfg->ctx, step + 1, loss, &stop);
+    if (rc == OT_OK && stop) {
+      step++;
+      break;
+    }
+    if (rc == OT_OK && cfg->checkpoint && cfg->ckpt_every > 0 && (step + 1) % cfg->ckpt_every == 0 &&
+        step + 1 < cfg->steps)
       rc = cfg->checkpoint(cfg->ctx, step + 1);
   }
   double dt = ot_now() - t0;

@@ -19,6 +19,12 @@ typedef struct {
   void *ctx;
   FILE *progress; /* NULL: quiet */
   const char *label;
+  /* After each step s (1-based count), may be NULL: evaluation, early stopping. Setting
+   * *stop ends the run after this step (the final checkpoint is still written). */
+  int (*on_step)(void *ctx, int step, float loss, int *stop);
+  /* May be NULL: replaces forward + zero_grad + backward for losses beyond next-token
+   * cross-entropy (distillation); must leave the gradients of the step in the model. */
+  int (*loss_step)(void *ctx, const int32_t *inputs, const int32_t *targets, float *loss);
 } ot_train_config;
 
 typedef struct {

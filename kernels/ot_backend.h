@@ -69,6 +69,12 @@ typedef struct {
   /* dlogits = (probs - onehot(target)) * scale, 0 rows where target < 0 (may alias probs) */
   void (*crossentropy_bwd)(ot_backend *be, float *dlogits, const float *probs, const int32_t *targets,
                            float scale, int N, int V);
+  /* Hidden-state distillation, per row i: r_i = sqrt(mean_c t[i,c]^2) + eps;
+   * losses[i] = sum_c ((t[i,c] - s[i,c]) / r_i)^2 (student s, teacher t, both [N,C]) */
+  void (*kd_fwd)(ot_backend *be, float *losses, const float *s, const float *t, int N, int C, float eps);
+  /* ds = scale * 2 (s - t) / r_i^2, the gradient of scale * sum(losses) */
+  void (*kd_bwd)(ot_backend *be, float *ds, const float *s, const float *t, float scale, int N, int C,
+                 float eps);
   /* AdamW with PyTorch semantics: p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p), t >= 1.
    * Consumes the gradient: g is zeroed, so the next backward starts from zero without
    * a separate pass over memory. */

@@ -447,6 +447,39 @@ static void cpu_crossentropy_bwd(ot_backend *be, float *dlogits, const float *pr
   }
 }
 
+/* ---- hidden-state distillation -------------------------------------------------- */
+
+static float kd_row_rms(const float *t, int C, float eps) {
+  double ss = 0.0;
+  for (int c = 0; c < C; c++) ss += (double)t[c] * t[c];
+  return (float)sqrt(ss / C) + eps;
+}
+
+static void cpu_kd_fwd(ot_backend *be, float *losses, const float *s, const float *t, int N, int C,
+                       float eps) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (int i = 0; i < N; i++) {
+    const float *si = s + (size_t)i * C, *ti = t + (size_t)i * C;
+    float inv = 1.0f / kd_row_rms(ti, C, eps);
+    double acc = 0.0;
+    for (int c = 0; c < C; c++) {
+      float d = (ti[c] - si[c]) * inv;
+      acc += (double)d * d;
+    }
+    losses[i] = (float)acc;
+  }
+}
+
+static void cpu_kd_bwd(ot_backend *be, float *ds, const float *s, const float *t, float scale, int N, int C,
+                       float eps) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (int i = 0; i < N; i++) {
+    const float *si = s + (size_t)i * C, *ti = t + (size_t)i * C;
+    float r = kd_row_rms(ti, C, eps), k = 2.0f * scale / (r * r);
+    for (int c = 0; c < C; c++) ds[(size_t)i * C + c] = k * (si[c] - ti[c]);
+  }
+}
+
 /* ---- optimizers ------------------------------------------------------------------ */
 
 static void cpu_adamw(ot_backend *be, float *p, float *g, float *m, float *v, size_t n, float lr, float beta1,
@@ -515,6 +548,8 @@ static const ot_backend_ops cpu_ops = {
     .add = cpu_add,
     .crossentropy_fwd = cpu_crossentropy_fwd,
     .crossentropy_bwd = cpu_crossentropy_bwd,
+    .kd_fwd = cpu_kd_fwd,
+    .kd_bwd = cpu_kd_bwd,
     .adamw = cpu_adamw,
     .sgd = cpu_sgd,
     .scale = cpu_scale,

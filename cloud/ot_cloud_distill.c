@@ -1,0 +1,240 @@
+/* offtune-cloud distill: builds the Offsite-Tuning emulator of a full model (layer drop
+ * of the middle) and distills its kept middle blocks from the full model on the cloud's
+ * public corpus. --out is a loadable emulator package at every checkpoint, plus
+ * train_state/ for --resume. */
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ot_cli.h"
+#include "ot_cloud_cmd.h"
+#include "ot_data.h"
+#include "ot_emulator.h"
+#include "ot_error.h"
+#include "ot_fileio.h"
+#include "ot_train.h"
+
+#define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
+
+typedef struct {
+  const char *out;
+  ot_gpt2 *student;
+  const ot_emu_plan *plan;
+  const ot_tokenizer *tok;
+  ot_optimizer *opt;
+  ot_batcher *data;
+  ot_distill *d;
+  int B, T, steps;
+} distill_ctx;
+
+static int save_state(void *vctx, int step) {
+  distill_ctx *c = vctx;
+  char *opt_path = NULL, *state_path = NULL, *state_dir = NULL, *json = NULL;
+  int rc = ot_emu_save(c->student, c->plan, c->tok, c->out);
+  if (rc == OT_OK) rc = ot_path_join(c->out, "train_state", &state_dir);
+  if (rc == OT_OK) rc = ot_mkdir_p(state_dir);
+  if (rc == OT_OK) rc = ot_path_join(state_dir, "optimizer.safetensors", &opt_path);
+  if (rc == OT_OK) rc = ot_path_join(state_dir, "state.json", &state_path);
+  if (rc == OT_OK) rc = ot_optimizer_save(c->opt, opt_path);
+  if (rc == OT_OK) {
+    if (asprintf(&json, "{\"step\": %d, \"pos\": %zu, \"batch\": %d, \"seq_len\": %d}\n", step, c->data->pos,
+                 c->B, c->T) < 0)
+      rc = ot_error(OT_ERR_NOMEM, "cannot format state");
+    else
+      rc = ot_file_write_atomic(state_path, json, strlen(json)); /* last: marks a complete checkpoint */
+  }
+  free(json);
+  free(state_dir);
+  free(opt_path);
+  free(state_path);
+  return rc;
+}
+
+static int load_state(const char *out, int B, int T, size_t n_tokens, int *step, size_t *pos) {
+  char *path = NULL, *buf = NULL;
+  size_t len;
+  int rc = ot_path_join(out, "train_state/state.json", &path);
+  if (rc == OT_OK) rc = ot_file_read_all(path, 1 << 16, &buf, &len);
+  cJSON *j = rc == OT_OK ? cJSON_Parse(buf) : NULL;
+  if (rc == OT_OK) {
+    cJSON *s = cJSON_GetObjectItem(j, "step"), *p = cJSON_GetObjectItem(j, "pos"),
+          *b = cJSON_GetObjectItem(j, "batch"), *q = cJSON_GetObjectItem(j, "seq_len");
+    if (!cJSON_IsNumber(s) || !cJSON_IsNumber(p) || !cJSON_IsNumber(b) || !cJSON_IsNumber(q) ||
+        s->valuedouble < 0 || p->valuedouble < 0 || p->valuedouble >= (double)n_tokens)
+      rc = ot_error(OT_ERR_FORMAT, "%s: malformed or does not fit this data", path);
+    else if (b->valueint != B || q->valueint != T)
+      rc = ot_error(OT_ERR_MISMATCH, "%s: saved with --batch %d --seq-len %d; resume with the same", path,
+                    b->valueint, q->valueint);
+    else {
+      *step = s->valueint;
+      *pos = (size_t)p->valuedouble;
+    }
+  }
+  cJSON_Delete(j);
+  free(buf);
+  free(path);
+  return rc;
+}
+
+static int loss_step(void *vctx, const int32_t *inputs, const int32_t *targets, float *loss) {
+  return ot_distill_step(((distill_ctx *)vctx)->d, inputs, targets, loss);
+}
+
+static int report_step(void *vctx, int step, float loss, int *stop) {
+  distill_ctx *c = vctx;
+  (void)stop;
+  float ce, kd;
+  ot_distill_last(c->d, &ce, &kd);
+  /* a plain line now and then; the progress bar shows the combined loss */
+  if (step == 1 || step == c->steps || step % 50 == 0)
+    fprintf(stderr, "\n[distill] step %d: loss %.4f = CE %.4f + %.0f x KD %.5f\n", step, loss, ce,
+            OT_EMU_KD_WEIGHT, kd);
+  return OT_OK;
+}
+
+int ot_cmd_distill(int argc, char **argv) {
+  const char *model = NULL, *data = NULL, *out = NULL, *backend = "cpu";
+  int bottom = 2, top = 2, keep = 0, steps = 200, batch = 8, seq_len = 0, ckpt_every = 0, resume = 0,
+      threads = 0, warmup = 0;
+  float drop_ratio = -1.0f, lr = 1e-3f;
+  const ot_opt opts[] = {
+      {"model", OT_OPT_STR, &model, "DIR", "full model checkpoint (the teacher; required)"},
+      {"data", OT_OPT_STR, &data, "FILE", "public text to distill on (offtune-cloud corpus --genres public)"},
+      {"out", OT_OPT_STR, &out, "DIR", "emulator package to write (required)"},
+      {"bottom", OT_OPT_INT, &bottom, "A", "bottom adapter blocks (default 2)"},
+      {"top", OT_OPT_INT, &top, "B", "top adapter blocks (default 2)"},
+      {"keep", OT_OPT_INT, &keep, "K", "middle blocks kept by the uniform layer drop"},
+      {"drop-ratio", OT_OPT_FLOAT, &drop_ratio, "R",
+       "fraction of middle blocks dropped (instead of --keep; default 0.5)"},
+      {"steps", OT_OPT_INT, &steps, "N", "optimizer steps (default 200)"},
+      {"batch", OT_OPT_INT, &batch, "B", "sequences per step (default 8)"},
+      {"seq-len", OT_OPT_INT, &seq_len, "T", "tokens per sequence (default: n_positions)"},
+      {"lr", OT_OPT_FLOAT, &lr, "LR", "AdamW learning rate (default 1e-3, cosine decay)"},
+      {"warmup", OT_OPT_INT, &warmup, "N", "linear warm-up steps (default 0)"},
+      {"ckpt-every", OT_OPT_INT, &ckpt_every, "N", "save every N steps (default: at the end)"},
+      {"resume", OT_OPT_FLAG, &resume, NULL, "continue from --out's train_state if there is one"},
+      {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
+      {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
+  };
+  const char *syn =
+      "offtune-cloud distill --model DIR --data FILE --out EMU_DIR [--bottom A --top B --keep K | "
+      "--drop-ratio R] [options]";
+  const char *desc =
+      "Builds the emulator: bottom A and top B blocks copied as adapters, the L-A-B middle blocks\n"
+      "reduced to K by uniform layer drop, then only the kept middle blocks distilled from the full\n"
+      "model: loss = CE + 30 x mean(((h_full - h_emu) / rms(h_full))^2) at the top of the middle.\n"
+      "Dropped blocks never reach the package.";
+  int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
+  if (rc == 1) {
+    ot_cli_usage(stdout, syn, desc, opts, N_OPTS(opts));
+    return OT_EXIT_OK;
+  }
+  if (rc == OT_OK && (!model || !data || !out))
+    rc = ot_error(OT_ERR_INVALID, "--model, --data and --out are required");
+  if (rc == OT_OK && keep && drop_ratio >= 0)
+    rc = ot_error(OT_ERR_INVALID, "give --keep or --drop-ratio, not both");
+  if (rc == OT_OK && (steps < 1 || batch < 1 || seq_len < 0 || !(lr > 0) || ckpt_every < 0 || warmup < 0))
+    rc = ot_error(OT_ERR_INVALID,
+                  "need --steps, --batch >= 1, --lr > 0, --seq-len, --ckpt-every, --warmup >= 0");
+  if (rc) {
+    fprintf(stderr, "offtune-cloud distill: %s\n", ot_error_detail());
+    ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
+    return OT_EXIT_USAGE;
+  }
+  ot_backend *be = NULL;
+  ot_gpt2 *full = NULL, *emu = NULL;
+  ot_tokenizer *tok = NULL, *etok = NULL;
+  ot_emu_plan plan;
+  ot_tokens toks = {NULL, 0};
+  ot_optimizer *opt = NULL;
+  ot_distill *d = NULL;
+  const char *what = "loading the model";
+  rc = ot_cmd_load_model(model, backend, threads, &be, &full, &tok);
+  if (rc) return ot_cmd_fail(what, rc);
+  const ot_gpt2_config *fc = ot_gpt2_cfg(full);
+  int T = seq_len ? seq_len : fc->n_positions;
+  if (T > fc->n_positions)
+    rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds n_positions %d", T, fc->n_positions);
+  what = "planning the emulator";
+  if (rc == OT_OK && !keep)
+    rc = ot_emu_keep_for_ratio(fc->n_layer, bottom, top, drop_ratio >= 0 ? drop_ratio : 0.5f, &keep);
+  if (rc == OT_OK) rc = ot_emu_plan_make(fc->n_layer, bottom, top, keep, &plan);
+  char *st_path = NULL;
+  if (rc == OT_OK) rc = ot_path_join(model, "model.safetensors", &st_path);
+  if (rc == OT_OK) rc = ot_file_digest(st_path, plan.base_digest);
+  free(st_path);
+  int start = 0;
+  size_t pos = 0;
+  if (rc == OT_OK) {
+    what = "reading the data";
+    rc = ot_tokens_from_text(tok, data, &toks);
+    if (rc == OT_OK && toks.n < (size_t)batch * T + 1)
+      rc = ot_error(OT_ERR_INVALID, "%s: %zu tokens, a step needs %d", data, toks.n, batch * T + 1);
+  }
+  char *state = NULL;
+  int resuming = 0;
+  if (rc == OT_OK) rc = ot_path_join(out, "train_state/state.json", &state);
+  if (rc == OT_OK && resume && ot_file_exists(state)) {
+    what = "resuming";
+    ot_emu_plan saved;
+    rc = ot_emu_load(out, be, &emu, &etok, &saved);
+    if (rc == OT_OK && (memcmp(saved.src, plan.src, sizeof plan.src) != 0 || saved.keep != plan.keep ||
+                        strcmp(saved.base_digest, plan.base_digest) != 0))
+      rc = ot_error(OT_ERR_MISMATCH, "%s holds an emulator of another model or layer plan", out);
+    if (rc == OT_OK) rc = load_state(out, batch, T, toks.n, &start, &pos);
+    resuming = rc == OT_OK;
+  } else if (rc == OT_OK) {
+    what = "building the emulator";
+    rc = ot_emu_build(full, &plan, &emu);
+  }
+  free(state);
+  ot_batcher bt;
+  if (rc == OT_OK) rc = ot_batcher_init(&bt, &toks, batch, T, 0, 0);
+  if (rc == OT_OK) rc = ot_distill_create(full, emu, &plan, batch, T, OT_EMU_KD_WEIGHT, &d);
+  ot_optim_config oc;
+  ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
+  oc.grad_clip = 1.0f;
+  if (rc == OT_OK) rc = ot_optimizer_create(&oc, be, ot_gpt2_param(emu, 0), ot_gpt2_param_count(emu), &opt);
+  if (rc == OT_OK && resuming) {
+    char *p = NULL;
+    rc = ot_path_join(out, "train_state/optimizer.safetensors", &p);
+    if (rc == OT_OK) rc = ot_optimizer_load(opt, p);
+    free(p);
+    bt.pos = pos;
+    if (rc == OT_OK) fprintf(stderr, "[distill] resuming %s at step %d of %d\n", out, start, steps);
+  }
+  if (rc == OT_OK) {
+    what = "distilling";
+    fprintf(stderr, "[distill] %d blocks -> emulator of %d: bottom 0..%d, middle keeps", fc->n_layer,
+            ot_emu_n_layer(&plan), bottom - 1);
+    for (int i = 0; i < keep; i++) fprintf(stderr, " %d", plan.src[bottom + i]);
+    fprintf(stderr, " of %d..%d, top %d..%d; %zu tokens, %d steps of %d x %d\n", bottom,
+            fc->n_layer - top - 1, fc->n_layer - top, fc->n_layer - 1, toks.n, steps, batch, T);
+    distill_ctx ctx = {out, emu, &plan, tok, opt, &bt, d, batch, T, steps};
+    ot_lr_schedule sched = {lr, warmup, steps, OT_LR_COSINE, 0.1f};
+    ot_train_config tc = {steps, batch,  T,         sched,       ckpt_every, save_state,
+                          &ctx,  stderr, "distill", report_step, loss_step};
+    ot_train_result res;
+    if (start >= steps) {
+      fprintf(stderr, "[distill] %s already has %d steps; nothing to do\n", out, start);
+    } else {
+      rc = ot_train(emu, opt, &bt, &tc, start, &res);
+      if (rc == OT_OK) {
+        float ce, kd;
+        ot_distill_last(d, &ce, &kd);
+        printf("distilled %d steps in %.1f s: CE %.4f | KD %.6f | loss %.4f; emulator saved to %s\n",
+               res.steps_done - start, res.seconds, ce, kd, res.last_loss, out);
+      }
+    }
+  }
+  ot_optimizer_free(opt);
+  ot_distill_free(d);
+  ot_tokens_free(&toks);
+  ot_gpt2_free(emu);
+  ot_gpt2_free(full);
+  ot_tokenizer_free(etok);
+  ot_tokenizer_free(tok);
+  ot_backend_free(be);
+  return rc ? ot_cmd_fail(what, rc) : OT_EXIT_OK;
+}

@@ -1,0 +1,391 @@
+/* offtune-device tune and eval: offsite adapter tuning on the emulator.
+ *
+ * Only the bottom and top adapter blocks train; the emulator's middle, embeddings and
+ * final norm stay frozen and get no gradient memory. --out is a loadable adapter at
+ * every checkpoint, plus train_state/ for --resume. */
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ot_cli.h"
+#include "ot_data.h"
+#include "ot_device_cmd.h"
+#include "ot_emulator.h"
+#include "ot_error.h"
+#include "ot_eval.h"
+#include "ot_fileio.h"
+#include "ot_train.h"
+
+#define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
+
+static int load_emulator(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
+                         ot_tokenizer **tok, ot_emu_plan *plan) {
+  ot_backend_kind kind;
+  int rc = ot_backend_parse(backend ? backend : "cpu", &kind);
+  if (rc == OT_OK) rc = ot_backend_create(kind, threads, be);
+  if (rc) return rc;
+  rc = ot_emu_load(dir, *be, m, tok, plan);
+  if (rc) ot_backend_free(*be);
+  return rc;
+}
+
+static int read_input(const char *text, const char *tokens, const ot_tokenizer *tok, int V, ot_tokens *t) {
+  if (!!text == !!tokens) return ot_error(OT_ERR_INVALID, "give exactly one of --text FILE or --tokens FILE");
+  return text ? ot_tokens_from_text(tok, text, t) : ot_tokens_read(tokens, V, t);
+}
+
+/* Host copy of the adapter blocks' parameters (the best weights for early stopping). */
+typedef struct {
+  ot_gpt2 *m;
+  float *host;
+  size_t n;
+} weights_copy;
+
+static int adapter_copy(weights_copy *w, int upload) {
+  ot_backend *be = ot_gpt2_backend(w->m);
+  float *h = w->host;
+  int rc = OT_OK;
+  for (int i = 0; i < ot_gpt2_param_count(w->m) && rc == OT_OK; i++) {
+    ot_param *p = ot_gpt2_param(w->m, i);
+    if (!p->trainable) continue;
+    rc = upload ? be->ops->upload(be, p->data, h, p->numel * sizeof(float))
+                : be->ops->download(be, h, p->data, p->numel * sizeof(float));
+    h += p->numel;
+  }
+  return rc;
+}
+
+typedef struct {
+  const char *out;
+  ot_gpt2 *m;
+  const ot_emu_plan *plan;
+  ot_optimizer *opt;
+  ot_batcher *data;
+  int B, T, steps, eval_every, patience;
+  const int32_t *val;
+  size_t n_val;
+  double best;
+  int bad, have_best;
+  weights_copy best_w;
+  double last_val;
+} tune_ctx;
+
+static int save_state(void *vctx, int step) {
+  tune_ctx *c = vctx;
+  char *opt_path = NULL, *state_path = NULL, *state_dir = NULL, *json = NULL;
+  int rc = ot_adapter_save(c->m, c->plan, c->out);
+  if (rc == OT_OK) rc = ot_path_join(c->out, "train_state", &state_dir);
+  if (rc == OT_OK) rc = ot_mkdir_p(state_dir);
+  if (rc == OT_OK) rc = ot_path_join(state_dir, "optimizer.safetensors", &opt_path);
+  if (rc == OT_OK) rc = ot_path_join(state_dir, "state.json", &state_path);
+  if (rc == OT_OK) rc = ot_optimizer_save(c->opt, opt_path);
+  if (rc == OT_OK) {
+    if (asprintf(
+            &json,
+            "{\"step\": %d, \"pos\": %zu, \"batch\": %d, \"seq_len\": %d, \"best\": %.9g, \"bad\": %d}\n",
+            step, c->data->pos, c->B, c->T, c->have_best ? c->best : -1.0, c->bad) < 0)
+      rc = ot_error(OT_ERR_NOMEM, "cannot format state");
+    else
+      rc = ot_file_write_atomic(state_path, json, strlen(json));
+  }
+  free(json);
+  free(state_dir);
+  free(opt_path);
+  free(state_path);
+  return rc;
+}
+
+static int held_out(tune_ctx *c, double *loss) {
+  ot_eval_result er;
+  int rc = ot_eval_tokens(c->m, c->val, c->n_val, c->T, c->B, NULL, &er);
+  if (rc == OT_OK) *loss = er.loss;
+  return rc;
+}
+
+/* Early stopping: evaluate every eval_every steps; keep the best adapter weights; stop
+ * after `patience` evaluations without improvement and restore the best. */
+static int on_step(void *vctx, int step, float loss, int *stop) {
+  tune_ctx *c = vctx;
+  (void)loss;
+  if (!c->eval_every || (step % c->eval_every != 0 && step != c->steps)) return OT_OK;
+  double v;
+  int rc = held_out(c, &v);
+  if (rc) return rc;
+  c->last_val = v;
+  if (!c->have_best || v < c->best) {
+    c->best = v;
+    c->bad = 0;
+    c->have_best = 1;
+    rc = adapter_copy(&c->best_w, 0);
+  } else {
+    c->bad++;
+  }
+  fprintf(stderr, "\n[tune] step %d: held-out loss %.4f (best %.4f, %d without improvement)\n", step, v,
+          c->best, c->bad);
+  if (rc == OT_OK && (c->bad >= c->patience || step == c->steps) && c->bad > 0) {
+    /* the saved adapter is the best one seen */
+    rc = adapter_copy(&c->best_w, 1);
+    c->last_val = c->best;
+  }
+  if (c->bad >= c->patience) {
+    fprintf(stderr, "[tune] early stop at step %d\n", step);
+    *stop = 1;
+  }
+  return rc;
+}
+
+static int load_state(tune_ctx *c, size_t n_tokens, int *step) {
+  char *path = NULL, *buf = NULL;
+  size_t len;
+  int rc = ot_path_join(c->out, "train_state/state.json", &path);
+  if (rc == OT_OK) rc = ot_file_read_all(path, 1 << 16, &buf, &len);
+  cJSON *j = rc == OT_OK ? cJSON_Parse(buf) : NULL;
+  if (rc == OT_OK) {
+    cJSON *s = cJSON_GetObjectItem(j, "step"), *p = cJSON_GetObjectItem(j, "pos"),
+          *b = cJSON_GetObjectItem(j, "batch"), *q = cJSON_GetObjectItem(j, "seq_len"),
+          *be = cJSON_GetObjectItem(j, "best"), *bd = cJSON_GetObjectItem(j, "bad");
+    if (!cJSON_IsNumber(s) || !cJSON_IsNumber(p) || !cJSON_IsNumber(b) || !cJSON_IsNumber(q) ||
+        !cJSON_IsNumber(be) || !cJSON_IsNumber(bd) || s->valuedouble < 0 || p->valuedouble < 0 ||
+        p->valuedouble >= (double)n_tokens)
+      rc = ot_error(OT_ERR_FORMAT, "%s: malformed or does not fit this data", path);
+    else if (b->valueint != c->B || q->valueint != c->T)
+      rc = ot_error(OT_ERR_MISMATCH, "%s: saved with --batch %d --seq-len %d; resume with the same", path,
+                    b->valueint, q->valueint);
+    else {
+      *step = s->valueint;
+      c->data->pos = (size_t)p->valuedouble;
+      c->have_best = be->valuedouble >= 0;
+      c->best = be->valuedouble;
+      c->bad = bd->valueint;
+    }
+  }
+  cJSON_Delete(j);
+  free(buf);
+  free(path);
+  return rc;
+}
+
+int ot_dev_tune(int argc, char **argv) {
+  const char *emu_dir = NULL, *text = NULL, *tokens = NULL, *out = NULL, *adapter = "offsite",
+             *backend = "cpu";
+  int steps = 100, batch = 8, seq_len = 0, eval_every = 0, patience = 3, ckpt_every = 0, resume = 0,
+      threads = 0, warmup = 0;
+  float lr = 1e-3f, weight_decay = 0.0f, grad_clip = 1.0f;
+  const ot_opt opts[] = {
+      {"emulator", OT_OPT_STR, &emu_dir, "DIR", "emulator package from offtune-cloud distill (required)"},
+      {"text", OT_OPT_STR, &text, "FILE", "private training text"},
+      {"tokens", OT_OPT_STR, &tokens, "FILE", "private training token ids"},
+      {"out", OT_OPT_STR, &out, "DIR", "adapter directory to write (required)"},
+      {"adapter", OT_OPT_STR, &adapter, "KIND", "offsite (default: the whole bottom and top blocks)"},
+      {"steps", OT_OPT_INT, &steps, "N", "optimizer steps (default 100)"},
+      {"batch", OT_OPT_INT, &batch, "B", "sequences per step (default 8)"},
+      {"seq-len", OT_OPT_INT, &seq_len, "T", "tokens per sequence (default: n_positions)"},
+      {"lr", OT_OPT_FLOAT, &lr, "LR", "AdamW learning rate (default 1e-3, constant)"},
+      {"warmup", OT_OPT_INT, &warmup, "N", "linear warm-up steps (default 0)"},
+      {"weight-decay", OT_OPT_FLOAT, &weight_decay, "W", "AdamW weight decay of 2-D weights (default 0)"},
+      {"grad-clip", OT_OPT_FLOAT, &grad_clip, "NORM", "clip the global gradient norm (default 1; 0 = off)"},
+      {"eval-every", OT_OPT_INT, &eval_every, "N",
+       "score the held-out split (last 10% of the tokens) every N steps (default 0: no split)"},
+      {"patience", OT_OPT_INT, &patience, "P", "stop after P evaluations without improvement (default 3)"},
+      {"ckpt-every", OT_OPT_INT, &ckpt_every, "N", "save every N steps (default: at the end)"},
+      {"resume", OT_OPT_FLAG, &resume, NULL, "continue from --out's train_state if there is one"},
+      {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
+      {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
+  };
+  const char *syn = "offtune-device tune --emulator DIR (--text|--tokens FILE) --out DIR [options]";
+  const char *desc =
+      "Trains only the emulator's bottom and top adapter blocks; everything else is frozen. Batches\n"
+      "as in offtune-cloud finetune (sequential). With --eval-every, the last 10% of the tokens are\n"
+      "held out, and the best adapter on them is kept (early stopping after --patience).";
+  int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
+  if (rc == 1) {
+    ot_cli_usage(stdout, syn, desc, opts, N_OPTS(opts));
+    return OT_EXIT_OK;
+  }
+  if (rc == OT_OK && (!emu_dir || !out)) rc = ot_error(OT_ERR_INVALID, "--emulator and --out are required");
+  if (rc == OT_OK && !!text == !!tokens)
+    rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
+  if (rc == OT_OK && strcmp(adapter, "offsite") != 0)
+    rc = ot_error(OT_ERR_INVALID, "--adapter %s: only offsite is available", adapter);
+  if (rc == OT_OK && (steps < 1 || batch < 1 || seq_len < 0 || !(lr > 0) || eval_every < 0 || patience < 1 ||
+                      ckpt_every < 0 || warmup < 0 || grad_clip < 0))
+    rc = ot_error(OT_ERR_INVALID, "need --steps, --batch, --patience >= 1, --lr > 0, other counts >= 0");
+  if (rc) {
+    fprintf(stderr, "offtune-device tune: %s\n", ot_error_detail());
+    ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
+    return OT_EXIT_USAGE;
+  }
+  ot_backend *be;
+  ot_gpt2 *m;
+  ot_tokenizer *tok;
+  ot_emu_plan plan;
+  rc = load_emulator(emu_dir, backend, threads, &be, &m, &tok, &plan);
+  if (rc) return ot_dev_fail("loading the emulator", rc);
+  const char *what = "reading the data";
+  int T = seq_len ? seq_len : ot_gpt2_cfg(m)->n_positions;
+  ot_tokens toks = {NULL, 0};
+  ot_optimizer *opt = NULL;
+  tune_ctx c = {.out = out,
+                .m = m,
+                .plan = &plan,
+                .B = batch,
+                .T = T,
+                .steps = steps,
+                .eval_every = eval_every,
+                .patience = patience};
+  if (T > ot_gpt2_cfg(m)->n_positions) rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds n_positions", T);
+  if (rc == OT_OK) rc = read_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+  size_t n_train = toks.n;
+  if (rc == OT_OK && eval_every) {
+    c.n_val = toks.n / 10;
+    n_train = toks.n - c.n_val;
+    c.val = toks.ids + n_train;
+    if (c.n_val < 2) rc = ot_error(OT_ERR_INVALID, "%zu tokens leave no held-out split", toks.n);
+  }
+  if (rc == OT_OK && n_train < (size_t)batch * T + 1)
+    rc = ot_error(OT_ERR_INVALID, "%zu training tokens, a step needs %d", n_train, batch * T + 1);
+  ot_tokens train = {toks.ids, n_train};
+  ot_batcher bt;
+  c.data = &bt;
+  if (rc == OT_OK) {
+    what = "preparing";
+    rc = ot_batcher_init(&bt, &train, batch, T, 0, 0);
+  }
+  ot_emu_set_trainable(m, &plan, OT_EMU_TRAIN_ADAPTER);
+  if (rc == OT_OK) rc = ot_gpt2_prepare(m, batch, T, 1);
+  ot_optim_config oc;
+  ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
+  oc.weight_decay = weight_decay;
+  oc.grad_clip = grad_clip;
+  if (rc == OT_OK) rc = ot_optimizer_create(&oc, be, ot_gpt2_param(m, 0), ot_gpt2_param_count(m), &opt);
+  c.opt = opt;
+  c.best_w.m = m;
+  for (int i = 0; i < ot_gpt2_param_count(m); i++)
+    if (ot_gpt2_param(m, i)->trainable) c.best_w.n += ot_gpt2_param(m, i)->numel;
+  if (rc == OT_OK && !(c.best_w.host = malloc(c.best_w.n * sizeof(float))))
+    rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
+  int start = 0;
+  char *state = NULL;
+  if (rc == OT_OK) rc = ot_path_join(out, "train_state/state.json", &state);
+  if (rc == OT_OK && resume && ot_file_exists(state)) {
+    what = "resuming";
+    char *p = NULL;
+    rc = load_state(&c, n_train, &start);
+    if (rc == OT_OK) rc = ot_adapter_apply(m, &plan, NULL, out);
+    if (rc == OT_OK) rc = ot_path_join(out, "train_state/optimizer.safetensors", &p);
+    if (rc == OT_OK) rc = ot_optimizer_load(opt, p);
+    if (rc == OT_OK && c.have_best)
+      rc = adapter_copy(&c.best_w, 0); /* best not kept on disk: resume from current */
+    free(p);
+    if (rc == OT_OK) fprintf(stderr, "[tune] resuming %s at step %d of %d\n", out, start, steps);
+  }
+  free(state);
+  if (rc == OT_OK) {
+    what = "tuning";
+    size_t trainable = c.best_w.n;
+    fprintf(stderr, "[tune] emulator %d blocks, adapter blocks", ot_emu_n_layer(&plan));
+    for (int i = 0; i < ot_emu_n_layer(&plan); i++)
+      if (ot_emu_is_adapter(&plan, i)) fprintf(stderr, " %d", plan.src[i]);
+    fprintf(
+        stderr,
+        " (full-model indices): %zu of %zu parameters train; %zu training tokens, %zu held out; %.1f MiB\n",
+        trainable, ot_gpt2_num_params(m), n_train, c.n_val, ot_gpt2_memory_bytes(m) / 1048576.0);
+    ot_lr_schedule sched = {lr, warmup, steps, OT_LR_CONSTANT, 0.0f};
+    ot_train_config tc = {steps, batch, T, sched, ckpt_every, save_state, &c, stderr, "tune", on_step, NULL};
+    ot_train_result res;
+    if (start >= steps) {
+      fprintf(stderr, "[tune] %s already has %d steps; nothing to do\n", out, start);
+    } else {
+      rc = ot_train(m, opt, &bt, &tc, start, &res);
+      if (rc == OT_OK) {
+        printf("tuned %d steps in %.1f s: train loss %.4f (mean of last steps %.4f)", res.steps_done - start,
+               res.seconds, res.last_loss, res.mean_loss);
+        if (c.eval_every) printf(" | held-out loss %.4f", c.last_val);
+        printf("; adapter saved to %s\n", out);
+      }
+    }
+  }
+  free(c.best_w.host);
+  ot_optimizer_free(opt);
+  ot_tokens_free(&toks);
+  ot_tokenizer_free(tok);
+  ot_gpt2_free(m);
+  ot_backend_free(be);
+  return rc ? ot_dev_fail(what, rc) : OT_EXIT_OK;
+}
+
+int ot_dev_eval(int argc, char **argv) {
+  const char *emu_dir = NULL, *adapter = NULL, *text = NULL, *tokens = NULL, *backend = "cpu";
+  int seq_len = 0, batch = 8, json = 0, threads = 0;
+  const ot_opt opts[] = {
+      {"emulator", OT_OPT_STR, &emu_dir, "DIR", "emulator package (required)"},
+      {"adapter", OT_OPT_STR, &adapter, "DIR", "offsite adapter to plug into the emulator"},
+      {"text", OT_OPT_STR, &text, "FILE", "UTF-8 text to score"},
+      {"tokens", OT_OPT_STR, &tokens, "FILE", "whitespace-separated token ids to score"},
+      {"seq-len", OT_OPT_INT, &seq_len, "T", "window length (default: the model's n_positions)"},
+      {"batch", OT_OPT_INT, &batch, "B", "windows scored at once (default 8)"},
+      {"json", OT_OPT_FLAG, &json, NULL, "print {\"loss\", \"perplexity\", \"tokens\"} as one JSON object"},
+      {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
+      {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
+  };
+  const char *syn =
+      "offtune-device eval --emulator DIR [--adapter DIR] (--text FILE | --tokens FILE) [--seq-len T] "
+      "[--json]";
+  const char *desc =
+      "Scores the token stream in non-overlapping windows of T exactly as offtune-cloud eval:\n"
+      "window k has inputs tokens[kT : kT+T] and targets tokens[kT+1 : kT+T+1].";
+  int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
+  if (rc == 1) {
+    ot_cli_usage(stdout, syn, desc, opts, N_OPTS(opts));
+    return OT_EXIT_OK;
+  }
+  if (rc == OT_OK && !emu_dir) rc = ot_error(OT_ERR_INVALID, "--emulator is required");
+  if (rc == OT_OK && (batch < 1 || seq_len < 0))
+    rc = ot_error(OT_ERR_INVALID, "--batch and --seq-len must be >= 1");
+  if (rc == OT_OK && !!text == !!tokens)
+    rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
+  if (rc) {
+    fprintf(stderr, "offtune-device eval: %s\n", ot_error_detail());
+    ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
+    return OT_EXIT_USAGE;
+  }
+  ot_backend *be;
+  ot_gpt2 *m;
+  ot_tokenizer *tok;
+  ot_emu_plan plan;
+  rc = load_emulator(emu_dir, backend, threads, &be, &m, &tok, &plan);
+  if (rc) return ot_dev_fail("loading the emulator", rc);
+  const char *what = "plugging in the adapter";
+  if (adapter) rc = ot_adapter_apply(m, &plan, NULL, adapter);
+  ot_tokens toks = {NULL, 0};
+  ot_eval_result res;
+  int T = seq_len ? seq_len : ot_gpt2_cfg(m)->n_positions;
+  if (rc == OT_OK) {
+    what = "reading the input";
+    rc = read_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+  }
+  if (rc == OT_OK) {
+    what = "scoring";
+    size_t windows = ot_eval_window_count(toks.n, T);
+    int B = windows < (size_t)batch ? (int)(windows ? windows : 1) : batch;
+    rc = ot_gpt2_prepare(m, B, T, 0);
+    ot_progress prog;
+    if (rc == OT_OK) {
+      ot_progress_start(&prog, stderr, "eval", (int64_t)windows);
+      rc = ot_eval_tokens(m, toks.ids, toks.n, T, B, &prog, &res);
+      ot_progress_finish(&prog, rc == OT_OK ? "done" : "failed");
+    }
+  }
+  ot_tokens_free(&toks);
+  ot_tokenizer_free(tok);
+  ot_gpt2_free(m);
+  ot_backend_free(be);
+  if (rc) return ot_dev_fail(what, rc);
+  if (json)
+    printf("{\"loss\": %.6f, \"perplexity\": %.6f, \"tokens\": %zu}\n", res.loss, res.perplexity, res.tokens);
+  else
+    printf("loss %.4f nats/token | perplexity %.3f | %zu tokens\n", res.loss, res.perplexity, res.tokens);
+  return OT_EXIT_OK;
+}

@@ -1,0 +1,92 @@
+/* Offsite-Tuning emulator (Xiao, Lin, Han 2023): the full model's L blocks split into
+ * a bottom adapter (a blocks), a middle (n = L-a-b) and a top adapter (b blocks); the
+ * middle compressed by uniform layer drop to k blocks and distilled from the full model;
+ * adapters tuned on the emulator plug back into the full model.
+ *
+ * Emulator package (a directory): config.json (n_layer = a+k+b), model.safetensors (the
+ * emulator's own blocks 0..a+k+b-1; dropped blocks never leave the cloud), tokenizer
+ * files and emulator.json (format_version 1, base_model_digest, full_n_layer, bottom,
+ * top, kept_middle, block_source).
+ *
+ * Offsite adapter (a directory): adapter_model.safetensors with the FULL model's tensor
+ * names of the adapter blocks, adapter_config.json {"adapter_type": "offsite",
+ * "format_version": 1, "base_model_digest", "adapter_digest" (of the safetensors file),
+ * "bottom": [...], "top": [...]}. */
+#ifndef OT_EMULATOR_H
+#define OT_EMULATOR_H
+
+#include <stdint.h>
+
+#include "ot_gpt2.h"
+#include "ot_tokenizer.h"
+
+#define OT_EMU_MAX_LAYERS 256
+#define OT_EMU_KD_WEIGHT 30.0f
+#define OT_EMU_KD_EPS 1e-6f /* added to rms(h_teacher); keeps an all-zero row finite */
+#define OT_DIGEST_HEX 65    /* 64 hex digits of BLAKE2b-256 + NUL */
+
+/* Kept middle blocks as full-model block indices: of the n = L-a-b middle blocks keep
+ * a + round(i*(n-1)/(k-1)), i = 0..k-1 (k = 1 keeps the first). kept has k entries.
+ * Needs a, b >= 0, n >= 1, 1 <= k <= n. */
+int ot_emu_layer_drop(int L, int a, int b, int k, int *kept);
+/* k for a drop ratio r in [0,1): round(n*(1-r)), at least 1. */
+int ot_emu_keep_for_ratio(int L, int a, int b, float r, int *k);
+
+typedef struct {
+  int full_layers;                 /* L */
+  int bottom, top, keep;           /* a, b, k */
+  int src[OT_EMU_MAX_LAYERS];      /* full block of each emulator block (a+k+b entries) */
+  char base_digest[OT_DIGEST_HEX]; /* of the full model.safetensors; "" if unknown */
+} ot_emu_plan;
+
+int ot_emu_plan_make(int L, int a, int b, int k, ot_emu_plan *out);
+static inline int ot_emu_n_layer(const ot_emu_plan *p) { return p->bottom + p->keep + p->top; }
+/* 1 if emulator block i is an adapter block (bottom or top). */
+static inline int ot_emu_is_adapter(const ot_emu_plan *p, int i) {
+  return i < p->bottom || i >= p->bottom + p->keep;
+}
+
+/* The emulator model: copies of the full model's blocks per plan, embeddings and ln_f. */
+int ot_emu_build(ot_gpt2 *full, const ot_emu_plan *p, ot_gpt2 **out);
+
+typedef enum { OT_EMU_TRAIN_MIDDLE = 0, OT_EMU_TRAIN_ADAPTER = 1 } ot_emu_part;
+/* Freezes everything but the emulator's middle blocks (distillation) or adapter blocks
+ * (device tuning). Call before ot_gpt2_prepare. */
+void ot_emu_set_trainable(ot_gpt2 *emu, const ot_emu_plan *p, ot_emu_part part);
+
+/* Hex BLAKE2b-256 of a file's bytes. */
+int ot_file_digest(const char *path, char hex[OT_DIGEST_HEX]);
+
+int ot_emu_save(const ot_gpt2 *emu, const ot_emu_plan *p, const ot_tokenizer *tok, const char *dir);
+/* Reads emulator.json (validated against itself). */
+int ot_emu_plan_load(const char *dir, ot_emu_plan *out);
+/* Loads an emulator package; checks config.json's n_layer against emulator.json. */
+int ot_emu_load(const char *dir, ot_backend *be, ot_gpt2 **m, ot_tokenizer **tok, ot_emu_plan *p);
+
+/* ---- distillation ---------------------------------------------------------------- */
+
+/* Teacher = full model (inference), student = emulator with only its middle trainable,
+ * same inputs. loss = CE(student) + kd_weight * mean over B*T*C of
+ * ((h_T - h_S) / rms(h_T))^2, h_T = teacher output of full block a+n-1, h_S = student
+ * output of block a+k-1. Creating prepares both models for B x T. */
+typedef struct ot_distill ot_distill;
+int ot_distill_create(ot_gpt2 *teacher, ot_gpt2 *student, const ot_emu_plan *p, int B, int T, float kd_weight,
+                      ot_distill **out);
+void ot_distill_free(ot_distill *d);
+/* Forward of both, the combined loss and the student's gradients (zeroed first);
+ * an ot_train_config.loss_step (ctx = the ot_distill). */
+int ot_distill_step(void *d, const int32_t *inputs, const int32_t *targets, float *loss);
+/* Parts of the last step: cross-entropy and the unweighted KD mean. */
+void ot_distill_last(const ot_distill *d, float *ce, float *kd);
+
+/* ---- offsite adapters ------------------------------------------------------------ */
+
+/* Writes the emulator's adapter blocks under their full-model names. */
+int ot_adapter_save(ot_gpt2 *emu, const ot_emu_plan *p, const char *dir);
+/* Replaces the adapter blocks of m with the adapter's tensors. m is the full model
+ * (plan NULL, base_digest = digest of its model.safetensors) or an emulator (plan given;
+ * its base_digest is used). Refuses another base, a tampered file, names or shapes that
+ * do not fit; on any error m is unchanged. */
+int ot_adapter_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_digest, const char *dir);
+
+#endif

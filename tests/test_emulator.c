@@ -1,0 +1,391 @@
+/* The Offsite-Tuning emulator: layer-drop indices, the KD loss and the whole
+ * distillation gradient against PyTorch float64 (tests/ref/emulator_ref.py), distillation
+ * lowering the KD loss, device tuning leaving frozen tensors bitwise unchanged, plug-in of
+ * an unchanged adapter reproducing the full model bitwise, and refused adapters. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ot_data.h"
+#include "ot_emulator.h"
+#include "ot_error.h"
+#include "ot_optim.h"
+#include "ot_safetensors.h"
+#include "ot_test_util.h"
+#include "ot_train.h"
+
+#define REL_TOL 1e-4
+
+static char *dir;
+
+static int setup(void **state) {
+  (void)state;
+  dir = ot_test_tmpdir("emulator");
+  const char *py = getenv("OT_PYTHON");
+  return ot_test_system("%s '%s/tests/ref/emulator_ref.py' '%s'", py ? py : "/usr/bin/python3",
+                        ot_test_source_dir(), dir)
+             ? -1
+             : 0;
+}
+
+static int teardown(void **state) {
+  (void)state;
+  free(dir);
+  return 0;
+}
+
+/* ---- layer drop ------------------------------------------------------------------ */
+
+static void expect_drop(int L, int a, int b, int k, const int *want) {
+  int got[OT_EMU_MAX_LAYERS];
+  assert_int_equal(ot_emu_layer_drop(L, a, b, k, got), OT_OK);
+  for (int i = 0; i < k; i++)
+    if (got[i] != want[i])
+      fail_msg("L=%d a=%d b=%d k=%d: kept[%d] = %d, want %d", L, a, b, k, i, got[i], want[i]);
+}
+
+static void test_layer_drop(void **state) {
+  (void)state;
+  expect_drop(12, 2, 2, 1, (int[]){2});
+  expect_drop(12, 2, 2, 2, (int[]){2, 9});
+  expect_drop(12, 2, 2, 3, (int[]){2, 6, 9}); /* 3.5 rounds up */
+  expect_drop(12, 2, 2, 4, (int[]){2, 4, 7, 9});
+  expect_drop(12, 2, 2, 8, (int[]){2, 3, 4, 5, 6, 7, 8, 9});
+  expect_drop(5, 2, 2, 1, (int[]){2});                                          /* a middle of one block */
+  expect_drop(6, 0, 0, 3, (int[]){0, 3, 5});                                    /* 2.5 rounds up */
+  expect_drop(48, 2, 2, 11, (int[]){2, 6, 11, 15, 19, 24, 28, 32, 36, 41, 45}); /* GPT2-XL-like */
+  int k[OT_EMU_MAX_LAYERS];
+  assert_int_equal(ot_emu_layer_drop(12, 2, 2, 0, k), OT_ERR_INVALID);
+  assert_int_equal(ot_emu_layer_drop(12, 2, 2, 9, k), OT_ERR_INVALID);
+  assert_int_equal(ot_emu_layer_drop(4, 2, 2, 1, k), OT_ERR_INVALID); /* no middle */
+  assert_int_equal(ot_emu_layer_drop(12, -1, 2, 1, k), OT_ERR_INVALID);
+  int kk = 0;
+  assert_int_equal(ot_emu_keep_for_ratio(12, 2, 2, 0.5f, &kk), OT_OK);
+  assert_int_equal(kk, 4);
+  assert_int_equal(ot_emu_keep_for_ratio(12, 2, 2, 0.99f, &kk), OT_OK);
+  assert_int_equal(kk, 1);
+  assert_int_equal(ot_emu_keep_for_ratio(12, 2, 2, 1.0f, &kk), OT_ERR_INVALID);
+  ot_emu_plan p;
+  assert_int_equal(ot_emu_plan_make(8, 2, 2, 2, &p), OT_OK);
+  int want[] = {0, 1, 2, 5, 6, 7};
+  assert_int_equal(ot_emu_n_layer(&p), 6);
+  for (int i = 0; i < 6; i++) assert_int_equal(p.src[i], want[i]);
+}
+
+/* ---- PyTorch references ---------------------------------------------------------- */
+
+static double rel_err(const float *a, const float *b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; i++) {
+    double d = (double)a[i] - b[i];
+    num += d * d;
+    den += (double)b[i] * b[i];
+  }
+  return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static float *ref_f32(ot_safetensors *ref, const char *name, size_t *n) {
+  const ot_st_tensor *t = ot_st_find(ref, name);
+  if (!t) fail_msg("reference tensor %s missing", name);
+  float *buf = malloc(t->numel * sizeof(float));
+  assert_int_equal(ot_st_read_f32(ref, t, buf, t->numel), 0);
+  if (n) *n = t->numel;
+  return buf;
+}
+
+static void test_kd_op(void **state) {
+  (void)state;
+  char path[600];
+  snprintf(path, sizeof path, "%s/kd/ref.safetensors", dir);
+  ot_safetensors *ref;
+  assert_int_equal(ot_st_open(path, &ref), 0);
+  size_t n;
+  float *s = ref_f32(ref, "s", &n), *t = ref_f32(ref, "t", NULL), *kd = ref_f32(ref, "kd", NULL),
+        *gs = ref_f32(ref, "grad_s", NULL);
+  int N = (int)ot_st_find(ref, "s")->shape[0], C = (int)ot_st_find(ref, "s")->shape[1];
+  ot_backend *be;
+  assert_int_equal(ot_backend_cpu_create(2, &be), 0);
+  float *rows = malloc(N * sizeof(float)), *ds = malloc(n * sizeof(float));
+  be->ops->kd_fwd(be, rows, s, t, N, C, OT_EMU_KD_EPS);
+  double sum = 0;
+  for (int i = 0; i < N; i++) sum += rows[i];
+  float mean = (float)(sum / ((double)N * C));
+  assert_true(fabs(mean - kd[0]) <= REL_TOL * fabs(kd[0]));
+  be->ops->kd_bwd(be, ds, s, t, OT_EMU_KD_WEIGHT / ((float)N * C), N, C, OT_EMU_KD_EPS);
+  double e = rel_err(ds, gs, n);
+  printf("KD loss %.6g (torch %.6g); gradient relative error %.3g\n", mean, kd[0], e);
+  assert_true(e < REL_TOL);
+  free(rows);
+  free(ds);
+  free(s);
+  free(t);
+  free(kd);
+  free(gs);
+  ot_backend_free(be);
+  ot_st_close(ref);
+}
+
+typedef struct {
+  ot_backend *be;
+  ot_gpt2 *full, *emu;
+  ot_emu_plan plan;
+  ot_safetensors *ref;
+  int B, T;
+  int32_t *in, *tg;
+} distill_fx;
+
+static void distill_open(distill_fx *f) {
+  memset(f, 0, sizeof *f);
+  char d[600], path[700];
+  snprintf(d, sizeof d, "%s/distill", dir);
+  assert_int_equal(ot_backend_cpu_create(2, &f->be), 0);
+  assert_int_equal(ot_gpt2_load_dir(d, f->be, &f->full), 0);
+  assert_int_equal(ot_emu_plan_make(6, 2, 2, 1, &f->plan), 0);
+  assert_int_equal(ot_emu_build(f->full, &f->plan, &f->emu), 0);
+  snprintf(path, sizeof path, "%s/ref.safetensors", d);
+  assert_int_equal(ot_st_open(path, &f->ref), 0);
+  const ot_st_tensor *in = ot_st_find(f->ref, "inputs");
+  f->B = (int)in->shape[0];
+  f->T = (int)in->shape[1];
+  f->in = malloc(in->nbytes);
+  f->tg = malloc(in->nbytes);
+  memcpy(f->in, ot_st_data(f->ref, in), in->nbytes);
+  memcpy(f->tg, ot_st_data(f->ref, ot_st_find(f->ref, "targets")), in->nbytes);
+}
+
+static void distill_close(distill_fx *f) {
+  ot_gpt2_free(f->emu);
+  ot_gpt2_free(f->full);
+  ot_backend_free(f->be);
+  ot_st_close(f->ref);
+  free(f->in);
+  free(f->tg);
+}
+
+static void test_distill_gradient(void **state) {
+  (void)state;
+  distill_fx f;
+  distill_open(&f);
+  ot_distill *d;
+  assert_int_equal(ot_distill_create(f.full, f.emu, &f.plan, f.B, f.T, OT_EMU_KD_WEIGHT, &d), 0);
+  float loss, ce, kd;
+  assert_int_equal(ot_distill_step(d, f.in, f.tg, &loss), 0);
+  ot_distill_last(d, &ce, &kd);
+  float *rl = ref_f32(f.ref, "loss", NULL), *rce = ref_f32(f.ref, "ce", NULL),
+        *rkd = ref_f32(f.ref, "kd", NULL);
+  printf("distill: loss %.6f (torch %.6f), CE %.6f (%.6f), KD %.6g (%.6g)\n", loss, rl[0], ce, rce[0], kd,
+         rkd[0]);
+  assert_true(fabs(loss - rl[0]) <= REL_TOL * fabs(rl[0]));
+  assert_true(fabs(ce - rce[0]) <= REL_TOL * fabs(rce[0]));
+  assert_true(fabs(kd - rkd[0]) <= REL_TOL * fabs(rkd[0]));
+  assert_true(kd > 1e-3); /* a real KD term, not a vacuous zero */
+  int n_checked = 0;
+  for (int i = 0; i < ot_gpt2_param_count(f.emu); i++) {
+    ot_param *p = ot_gpt2_param(f.emu, i);
+    int layer = -1;
+    sscanf(p->name, "transformer.h.%d.", &layer);
+    if (layer != 2) {
+      /* only the kept middle block trains: no gradient memory elsewhere */
+      if (p->grad) fail_msg("%s has a gradient", p->name);
+      continue;
+    }
+    assert_non_null(p->grad);
+    char name[128];
+    snprintf(name, sizeof name, "grad.%s", p->name);
+    size_t n;
+    float *want = ref_f32(f.ref, name, &n);
+    assert_int_equal(n, p->numel);
+    double e = rel_err(p->grad, want, n);
+    if (e >= REL_TOL) fail_msg("%s: relative error %.3g", name, e);
+    free(want);
+    n_checked++;
+  }
+  assert_int_equal(n_checked, OT_BLK_NPARAM);
+  free(rl);
+  free(rce);
+  free(rkd);
+  ot_distill_free(d);
+  distill_close(&f);
+}
+
+static void test_distill_lowers_kd(void **state) {
+  (void)state;
+  distill_fx f;
+  distill_open(&f);
+  ot_distill *d;
+  assert_int_equal(ot_distill_create(f.full, f.emu, &f.plan, f.B, f.T, OT_EMU_KD_WEIGHT, &d), 0);
+  ot_optim_config oc;
+  ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
+  ot_optimizer *opt;
+  assert_int_equal(ot_optimizer_create(&oc, f.be, ot_gpt2_param(f.emu, 0), ot_gpt2_param_count(f.emu), &opt),
+                   0);
+  float loss, ce, kd0 = 0, kd = 0, gn;
+  for (int s = 0; s < 15; s++) {
+    assert_int_equal(ot_distill_step(d, f.in, f.tg, &loss), 0);
+    ot_distill_last(d, &ce, &kd);
+    if (s == 0) kd0 = kd;
+    assert_int_equal(ot_optimizer_step(opt, 3e-3f, &gn), 0);
+  }
+  printf("KD %.5f -> %.5f over 15 steps\n", kd0, kd);
+  assert_true(kd < 0.7f * kd0);
+  ot_optimizer_free(opt);
+  ot_distill_free(d);
+  distill_close(&f);
+}
+
+/* ---- device tuning and plug-in --------------------------------------------------- */
+
+static float *host_params(ot_gpt2 *m) {
+  size_t n = ot_gpt2_num_params(m);
+  float *h = malloc(n * sizeof(float)), *p = h;
+  for (int i = 0; i < ot_gpt2_param_count(m); i++) {
+    ot_param *t = ot_gpt2_param(m, i);
+    memcpy(p, t->data, t->numel * sizeof(float));
+    p += t->numel;
+  }
+  return h;
+}
+
+static void test_tune_freezes(void **state) {
+  (void)state;
+  distill_fx f;
+  distill_open(&f);
+  float *before = host_params(f.emu);
+  ot_emu_set_trainable(f.emu, &f.plan, OT_EMU_TRAIN_ADAPTER);
+  assert_int_equal(ot_gpt2_prepare(f.emu, f.B, f.T, 1), 0);
+  ot_optim_config oc;
+  ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
+  oc.weight_decay = 0.1f;
+  ot_optimizer *opt;
+  assert_int_equal(ot_optimizer_create(&oc, f.be, ot_gpt2_param(f.emu, 0), ot_gpt2_param_count(f.emu), &opt),
+                   0);
+  int32_t ids[200];
+  for (int i = 0; i < 200; i++) ids[i] = (i * 7 + i / 3) % 37;
+  ot_tokens toks = {ids, 200};
+  ot_batcher bt;
+  assert_int_equal(ot_batcher_init(&bt, &toks, f.B, f.T, 0, 0), 0);
+  ot_train_config tc = {5, f.B, f.T, {1e-2f, 0, 5, OT_LR_CONSTANT, 0}, 0, NULL, NULL, NULL, NULL, NULL, NULL};
+  ot_train_result res;
+  assert_int_equal(ot_train(f.emu, opt, &bt, &tc, 0, &res), 0);
+  float *after = host_params(f.emu), *b = before, *a = after;
+  for (int i = 0; i < ot_gpt2_param_count(f.emu); i++) {
+    ot_param *p = ot_gpt2_param(f.emu, i);
+    int same = memcmp(a, b, p->numel * sizeof(float)) == 0;
+    int layer = -1;
+    sscanf(p->name, "transformer.h.%d.", &layer);
+    int adapter = layer >= 0 && ot_emu_is_adapter(&f.plan, layer);
+    if (adapter && p->grad == NULL) fail_msg("%s: adapter tensor without gradient", p->name);
+    if (!adapter && (p->grad || !same)) fail_msg("%s: frozen tensor changed or has a gradient", p->name);
+    if (adapter && same && p->ndim == 2) fail_msg("%s: adapter weight did not train", p->name);
+    a += p->numel;
+    b += p->numel;
+  }
+  free(before);
+  free(after);
+  ot_optimizer_free(opt);
+  distill_close(&f);
+}
+
+static void full_logits(ot_gpt2 *m, const int32_t *in, int B, int T, float *out) {
+  assert_int_equal(ot_gpt2_prepare(m, B, T, 0), 0);
+  assert_int_equal(ot_gpt2_forward_logits(m, in, B, T, out), 0);
+}
+
+static void test_plugin(void **state) {
+  (void)state;
+  distill_fx f;
+  distill_open(&f);
+  char full_dir[700], emu_dir[700], ad[700], path[800], other[700];
+  snprintf(full_dir, sizeof full_dir, "%s/distill/model.safetensors", dir);
+  assert_int_equal(ot_file_digest(full_dir, f.plan.base_digest), 0);
+  snprintf(emu_dir, sizeof emu_dir, "%s/plug_emu", dir);
+  snprintf(ad, sizeof ad, "%s/plug_adapter", dir);
+  ot_tokenizer *tok;
+  assert_int_equal(ot_tokenizer_byte_new(&tok), 0);
+  /* the package round-trips and holds only the emulator's blocks */
+  ot_emu_plan loaded;
+  ot_gpt2 *emu2;
+  ot_tokenizer *tok2;
+  assert_int_equal(ot_emu_save(f.emu, &f.plan, tok, emu_dir), 0);
+  assert_int_equal(ot_emu_load(emu_dir, f.be, &emu2, &tok2, &loaded), 0);
+  assert_int_equal(ot_gpt2_cfg(emu2)->n_layer, 5);
+  assert_memory_equal(loaded.src, f.plan.src, sizeof loaded.src);
+  assert_string_equal(loaded.base_digest, f.plan.base_digest);
+  assert_null(ot_gpt2_find_param(emu2, "transformer.h.5.ln_1.weight"));
+  ot_gpt2_free(emu2);
+  ot_tokenizer_free(tok2);
+  ot_tokenizer_free(tok);
+
+  assert_int_equal(ot_adapter_save(f.emu, &f.plan, ad), 0);
+  size_t NV = (size_t)f.B * f.T * ot_gpt2_cfg(f.full)->vocab_size;
+  float *l0 = malloc(NV * sizeof(float)), *l1 = malloc(NV * sizeof(float));
+  full_logits(f.full, f.in, f.B, f.T, l0);
+  assert_int_equal(ot_adapter_apply(f.full, NULL, f.plan.base_digest, ad), 0);
+  full_logits(f.full, f.in, f.B, f.T, l1);
+  assert_memory_equal(l0, l1, NV * sizeof(float)); /* bitwise */
+  /* and the adapter plugs into the emulator too */
+  assert_int_equal(ot_adapter_apply(f.emu, &f.plan, NULL, ad), 0);
+
+  /* another base model */
+  char wrong[OT_DIGEST_HEX];
+  memset(wrong, 'a', 64);
+  wrong[64] = '\0';
+  assert_int_equal(ot_adapter_apply(f.full, NULL, wrong, ad), OT_ERR_MISMATCH);
+  printf("other base: %s\n", ot_error_detail());
+
+  /* wrong shapes: an adapter of a wider model claiming this base */
+  ot_gpt2_config wc = *ot_gpt2_cfg(f.full);
+  wc.n_embd = 32;
+  ot_gpt2 *wide, *wide_emu;
+  assert_int_equal(ot_gpt2_create(&wc, f.be, &wide), 0);
+  assert_int_equal(ot_gpt2_init_random(wide, 3), 0);
+  assert_int_equal(ot_emu_build(wide, &f.plan, &wide_emu), 0);
+  snprintf(other, sizeof other, "%s/plug_wide", dir);
+  assert_int_equal(ot_adapter_save(wide_emu, &f.plan, other), 0);
+  assert_int_equal(ot_adapter_apply(f.full, NULL, f.plan.base_digest, other), OT_ERR_MISMATCH);
+  printf("wrong shapes: %s\n", ot_error_detail());
+  /* blocks that this model lacks */
+  ot_emu_plan far = f.plan;
+  far.src[4] = 9;
+  snprintf(other, sizeof other, "%s/plug_far", dir);
+  assert_int_equal(ot_adapter_save(f.emu, &far, other), 0);
+  assert_int_equal(ot_adapter_apply(f.full, NULL, f.plan.base_digest, other), OT_ERR_MISMATCH);
+  printf("missing block: %s\n", ot_error_detail());
+  ot_gpt2_free(wide_emu);
+  ot_gpt2_free(wide);
+
+  /* tampered: one byte of the tensor data flipped */
+  snprintf(path, sizeof path, "%s/adapter_model.safetensors", ad);
+  FILE *fp = fopen(path, "r+b");
+  assert_non_null(fp);
+  fseek(fp, -3, SEEK_END);
+  int c = fgetc(fp);
+  fseek(fp, -3, SEEK_END);
+  fputc(c ^ 0x40, fp);
+  fclose(fp);
+  assert_int_equal(ot_adapter_apply(f.full, NULL, f.plan.base_digest, ad), OT_ERR_MISMATCH);
+  printf("tampered: %s\n", ot_error_detail());
+
+  /* refusals changed nothing */
+  full_logits(f.full, f.in, f.B, f.T, l1);
+  assert_memory_equal(l0, l1, NV * sizeof(float));
+  free(l0);
+  free(l1);
+  distill_close(&f);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_layer_drop),       cmocka_unit_test(test_kd_op),
+      cmocka_unit_test(test_distill_gradient), cmocka_unit_test(test_distill_lowers_kd),
+      cmocka_unit_test(test_tune_freezes),     cmocka_unit_test(test_plugin),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}

@@ -1,0 +1,211 @@
+/* Offsite-Tuning end to end, as users run it: tiny pretrain -> offtune-cloud distill ->
+ * offtune-device tune -> offtune-device eval and offtune-cloud eval --adapter; resume of
+ * distillation; refused adapters (another base, tampered) with exit code 1. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+
+#include "ot_test_util.h"
+
+static char *dir, *cloud, *device;
+
+static int run(char *out, size_t cap, const char *fmt, ...) {
+  char *cmd = NULL, *full = NULL;
+  va_list ap;
+  va_start(ap, fmt);
+  assert_true(vasprintf(&cmd, fmt, ap) >= 0);
+  va_end(ap);
+  assert_true(asprintf(&full, "%s 2>&1", cmd) >= 0);
+  FILE *p = popen(full, "r");
+  assert_non_null(p);
+  size_t n = 0;
+  if (out && cap) {
+    n = fread(out, 1, cap - 1, p);
+    out[n] = '\0';
+  }
+  char sink[4096];
+  while (fread(sink, 1, sizeof sink, p) > 0) {
+  }
+  int st = pclose(p);
+  free(cmd);
+  free(full);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static double json_number(const char *json, const char *key) {
+  char pat[64];
+  snprintf(pat, sizeof pat, "\"%s\":", key);
+  const char *p = strstr(json, pat);
+  if (!p) fail_msg("no %s in %s", key, json);
+  return strtod(p + strlen(pat), NULL);
+}
+
+static int setup(void **state) {
+  (void)state;
+  dir = ot_test_tmpdir("emulator_cli");
+  if (asprintf(&cloud, "%s/cloud/offtune-cloud", ot_test_binary_dir()) < 0) return -1;
+  if (asprintf(&device, "%s/device/offtune-device", ot_test_binary_dir()) < 0) return -1;
+  return 0;
+}
+
+static int teardown(void **state) {
+  (void)state;
+  free(dir);
+  free(cloud);
+  free(device);
+  return 0;
+}
+
+static char out[1 << 16];
+
+#define RUN_OK(...)                                                                                          \
+  do {                                                                                                       \
+    int rc_ = run(out, sizeof out, __VA_ARGS__);                                                             \
+    if (rc_ != 0) fail_msg("exit %d:\n%s", rc_, out);                                                        \
+  } while (0)
+
+static void check_eval_json(const char *what, double *loss, double *tokens) {
+  const char *j = strstr(out, "{\"loss\"");
+  if (!j) fail_msg("%s: no JSON in\n%s", what, out);
+  *loss = json_number(j, "loss");
+  *tokens = json_number(j, "tokens");
+  double ppl = json_number(j, "perplexity");
+  printf("%-28s loss %.4f | perplexity %.2f | %.0f tokens\n", what, *loss, ppl, *tokens);
+  assert_true(isfinite(*loss) && *loss > 0 && fabs(ppl - exp(*loss)) < 1e-3 * ppl);
+}
+
+static void test_offsite_flow(void **state) {
+  (void)state;
+  /* the cloud's public corpus and one device's private text */
+  RUN_OK("%s corpus --genres public --out %s/public.txt", cloud, dir);
+  RUN_OK("%s corpus --genres romance --out %s/romance.txt", cloud, dir);
+  /* a slice keeps the test quick */
+  assert_int_equal(ot_test_system("head -c 40000 '%s/romance.txt' > '%s/private.txt'", dir, dir), 0);
+  RUN_OK("%s pretrain --tokenizer byte --layers 4 --embd 16 --heads 2 --ctx 32 --steps 20 --batch 4 --text "
+         "%s/public.txt --out %s/full",
+         cloud, dir, dir);
+  /* defaults (bottom 2, top 2) leave no middle in 4 blocks: a clear error */
+  assert_int_equal(run(out, sizeof out,
+                       "%s distill --model %s/full --data %s/public.txt --out %s/bad --keep 1", cloud, dir,
+                       dir, dir),
+                   1);
+  assert_non_null(strstr(out, "no middle"));
+
+  RUN_OK("%s distill --model %s/full --data %s/public.txt --out %s/emu --bottom 1 --top 1 --keep 1 --steps 6 "
+         "--batch 4 --seq-len 32 --ckpt-every 3",
+         cloud, dir, dir, dir);
+  assert_non_null(strstr(out, "KD"));
+  assert_non_null(strstr(out, "CE"));
+  /* resume continues from the saved step */
+  RUN_OK("%s distill --model %s/full --data %s/public.txt --out %s/emu --bottom 1 --top 1 --keep 1 --steps 9 "
+         "--batch 4 --seq-len 32 --ckpt-every 3 --resume",
+         cloud, dir, dir, dir);
+  assert_non_null(strstr(out, "resuming"));
+  char path[700];
+  snprintf(path, sizeof path, "%s/emu/emulator.json", dir);
+  assert_int_equal(
+      ot_test_system("grep -q '\"kept_middle\"' '%s' && grep -q '\"block_source\"' '%s'", path, path), 0);
+  /* the package holds 3 blocks (0, kept 1, 3): nothing of a 4th */
+  assert_int_equal(ot_test_system("grep -q 'h\\.3\\.' '%s/emu/model.safetensors'", dir), 1);
+  assert_int_equal(ot_test_system("grep -q '\"n_layer\":[[:space:]]*3' '%s/emu/config.json'", dir), 0);
+
+  RUN_OK("%s tune --emulator %s/emu --text %s/private.txt --out %s/adapter --steps 8 --batch 4 --seq-len 32 "
+         "--eval-every 4 --patience 2",
+         device, dir, dir, dir);
+  assert_non_null(strstr(out, "held-out loss"));
+  snprintf(path, sizeof path, "%s/adapter/adapter_config.json", dir);
+  assert_int_equal(ot_test_system("grep -q '\"offsite\"' '%s' && grep -q '\"top\":' '%s'", path, path), 0);
+
+  double l_emu, l_emu_ad, l_full, l_plug, t1, t2, t3, t4;
+  RUN_OK("%s eval --emulator %s/emu --text %s/private.txt --seq-len 32 --json", device, dir, dir);
+  check_eval_json("emulator zero-shot", &l_emu, &t1);
+  RUN_OK("%s eval --emulator %s/emu --adapter %s/adapter --text %s/private.txt --seq-len 32 --json", device,
+         dir, dir, dir);
+  check_eval_json("emulator + adapter", &l_emu_ad, &t2);
+  RUN_OK("%s eval --model %s/full --text %s/private.txt --seq-len 32 --json", cloud, dir, dir);
+  check_eval_json("full model zero-shot", &l_full, &t3);
+  RUN_OK("%s eval --model %s/full --adapter %s/adapter --text %s/private.txt --seq-len 32 --json", cloud, dir,
+         dir, dir);
+  check_eval_json("plug-in", &l_plug, &t4);
+  /* same windows on both sides */
+  assert_true(t1 == t2 && t2 == t3 && t3 == t4);
+  assert_true(l_emu_ad < l_emu); /* tuning on the private text helps on it */
+
+  /* another base model: refused */
+  RUN_OK("%s pretrain --tokenizer byte --layers 4 --embd 16 --heads 2 --ctx 32 --steps 3 --batch 4 --seed 7 "
+         "--text %s/private.txt --out %s/other",
+         cloud, dir, dir);
+  assert_int_equal(run(out, sizeof out, "%s eval --model %s/other --adapter %s/adapter --text %s/private.txt",
+                       cloud, dir, dir, dir),
+                   1);
+  assert_non_null(strstr(out, "base model"));
+  /* tampered adapter: refused */
+  assert_int_equal(ot_test_system("cp -r '%s/adapter' '%s/tampered' && printf 'x' | dd of='%s/tampered/"
+                                  "adapter_model.safetensors' bs=1 seek=200 conv=notrunc status=none",
+                                  dir, dir, dir),
+                   0);
+  assert_int_equal(run(out, sizeof out, "%s eval --model %s/full --adapter %s/tampered --text %s/private.txt",
+                       cloud, dir, dir, dir),
+                   1);
+  assert_non_null(strstr(out, "tampered"));
+  assert_int_equal(run(out, sizeof out,
+                       "%s eval --emulator %s/emu --adapter %s/tampered --text %s/private.txt", device, dir,
+                       dir, dir),
+                   1);
+  /* usage errors */
+  assert_int_equal(run(out, sizeof out, "%s tune --emulator %s/emu --out %s/x", device, dir, dir), 2);
+  assert_int_equal(run(out, sizeof out, "%s nonsense", device), 2);
+}
+
+static int files_equal(const char *a, const char *b) { return ot_test_system("cmp -s '%s' '%s'", a, b) == 0; }
+
+/* Distillation and device tuning stopped after 2 steps and resumed to 5 end bitwise equal
+ * to straight 5-step runs (uses the files of test_offsite_flow). */
+static void test_resume_is_exact(void **state) {
+  (void)state;
+  const char *d_common = "--bottom 1 --top 1 --keep 1 --batch 2 --seq-len 16 --warmup 2 --threads 1";
+  RUN_OK("%s distill --model %s/full --data %s/public.txt --out %s/d_straight --steps 5 %s", cloud, dir, dir,
+         dir, d_common);
+  RUN_OK("%s distill --model %s/full --data %s/public.txt --out %s/d_resumed --steps 2 %s", cloud, dir, dir,
+         dir, d_common);
+  RUN_OK("%s distill --model %s/full --data %s/public.txt --out %s/d_resumed --steps 5 --resume %s", cloud,
+         dir, dir, dir, d_common);
+  assert_non_null(strstr(out, "resuming"));
+  char a[700], b[700];
+  snprintf(a, sizeof a, "%s/d_straight/model.safetensors", dir);
+  snprintf(b, sizeof b, "%s/d_resumed/model.safetensors", dir);
+  assert_true(files_equal(a, b));
+
+  const char *t_common = "--batch 2 --seq-len 16 --threads 1 --lr 3e-3";
+  RUN_OK("%s tune --emulator %s/d_straight --text %s/private.txt --out %s/t_straight --steps 5 %s", device,
+         dir, dir, dir, t_common);
+  RUN_OK("%s tune --emulator %s/d_straight --text %s/private.txt --out %s/t_resumed --steps 2 %s", device,
+         dir, dir, dir, t_common);
+  RUN_OK("%s tune --emulator %s/d_straight --text %s/private.txt --out %s/t_resumed --steps 5 --resume %s",
+         device, dir, dir, dir, t_common);
+  assert_non_null(strstr(out, "resuming"));
+  snprintf(a, sizeof a, "%s/t_straight/adapter_model.safetensors", dir);
+  snprintf(b, sizeof b, "%s/t_resumed/adapter_model.safetensors", dir);
+  assert_true(files_equal(a, b));
+  /* resuming with other batch settings is refused */
+  assert_int_equal(run(out, sizeof out,
+                       "%s tune --emulator %s/d_straight --text %s/private.txt --out %s/t_resumed "
+                       "--steps 6 --resume --batch 3 --seq-len 16",
+                       device, dir, dir, dir),
+                   1);
+  assert_non_null(strstr(out, "resume with the same"));
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {cmocka_unit_test(test_offsite_flow),
+                                     cmocka_unit_test(test_resume_is_exact)};
+  return cmocka_run_group_tests(tests, setup, teardown);
+}
