@@ -2,7 +2,6 @@
  * of the middle) and distills its kept middle blocks from the full model on the cloud's
  * public corpus. --out is a loadable emulator package at every checkpoint, plus
  * train_state/ for --resume. */
-#include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +12,7 @@
 #include "ot_emulator.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
+#include "ot_snapshot.h"
 #include "ot_train.h"
 
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
@@ -28,52 +28,13 @@ typedef struct {
   int B, T, steps;
 } distill_ctx;
 
+/* The emulator package in --out (loadable at every checkpoint), then the resumable
+ * snapshot of the kept middle blocks (train_state/) as one unit. */
 static int save_state(void *vctx, int step) {
   distill_ctx *c = vctx;
-  char *opt_path = NULL, *state_path = NULL, *state_dir = NULL, *json = NULL;
+  ot_snapshot_state st = {step, c->data->pos, c->data->rng, c->B, c->T, -1.0, 0};
   int rc = ot_emu_save(c->student, c->plan, c->tok, c->out);
-  if (rc == OT_OK) rc = ot_path_join(c->out, "train_state", &state_dir);
-  if (rc == OT_OK) rc = ot_mkdir_p(state_dir);
-  if (rc == OT_OK) rc = ot_path_join(state_dir, "optimizer.safetensors", &opt_path);
-  if (rc == OT_OK) rc = ot_path_join(state_dir, "state.json", &state_path);
-  if (rc == OT_OK) rc = ot_optimizer_save(c->opt, opt_path);
-  if (rc == OT_OK) {
-    if (asprintf(&json, "{\"step\": %d, \"pos\": %zu, \"batch\": %d, \"seq_len\": %d}\n", step, c->data->pos,
-                 c->B, c->T) < 0)
-      rc = ot_error(OT_ERR_NOMEM, "cannot format state");
-    else
-      rc = ot_file_write_atomic(state_path, json, strlen(json)); /* last: marks a complete checkpoint */
-  }
-  free(json);
-  free(state_dir);
-  free(opt_path);
-  free(state_path);
-  return rc;
-}
-
-static int load_state(const char *out, int B, int T, size_t n_tokens, int *step, size_t *pos) {
-  char *path = NULL, *buf = NULL;
-  size_t len;
-  int rc = ot_path_join(out, "train_state/state.json", &path);
-  if (rc == OT_OK) rc = ot_file_read_all(path, 1 << 16, &buf, &len);
-  cJSON *j = rc == OT_OK ? cJSON_Parse(buf) : NULL;
-  if (rc == OT_OK) {
-    cJSON *s = cJSON_GetObjectItem(j, "step"), *p = cJSON_GetObjectItem(j, "pos"),
-          *b = cJSON_GetObjectItem(j, "batch"), *q = cJSON_GetObjectItem(j, "seq_len");
-    if (!cJSON_IsNumber(s) || !cJSON_IsNumber(p) || !cJSON_IsNumber(b) || !cJSON_IsNumber(q) ||
-        s->valuedouble < 0 || p->valuedouble < 0 || p->valuedouble >= (double)n_tokens)
-      rc = ot_error(OT_ERR_FORMAT, "%s: malformed or does not fit this data", path);
-    else if (b->valueint != B || q->valueint != T)
-      rc = ot_error(OT_ERR_MISMATCH, "%s: saved with --batch %d --seq-len %d; resume with the same", path,
-                    b->valueint, q->valueint);
-    else {
-      *step = s->valueint;
-      *pos = (size_t)p->valuedouble;
-    }
-  }
-  cJSON_Delete(j);
-  free(buf);
-  free(path);
+  if (rc == OT_OK) rc = ot_snapshot_save(c->out, c->student, c->opt, &st);
   return rc;
 }
 
@@ -165,30 +126,25 @@ int ot_cmd_distill(int argc, char **argv) {
   if (rc == OT_OK) rc = ot_file_digest(st_path, plan.base_digest);
   free(st_path);
   int start = 0;
-  size_t pos = 0;
   if (rc == OT_OK) {
     what = "reading the data";
     rc = ot_tokens_from_text(tok, data, &toks);
     if (rc == OT_OK && toks.n < (size_t)batch * T + 1)
       rc = ot_error(OT_ERR_INVALID, "%s: %zu tokens, a step needs %d", data, toks.n, batch * T + 1);
   }
-  char *state = NULL;
   int resuming = 0;
-  if (rc == OT_OK) rc = ot_path_join(out, "train_state/state.json", &state);
-  if (rc == OT_OK && resume && ot_file_exists(state)) {
+  if (rc == OT_OK && resume && ot_snapshot_exists(out)) {
     what = "resuming";
     ot_emu_plan saved;
     rc = ot_emu_load(out, be, &emu, &etok, &saved);
     if (rc == OT_OK && (memcmp(saved.src, plan.src, sizeof plan.src) != 0 || saved.keep != plan.keep ||
                         strcmp(saved.base_digest, plan.base_digest) != 0))
       rc = ot_error(OT_ERR_MISMATCH, "%s holds an emulator of another model or layer plan", out);
-    if (rc == OT_OK) rc = load_state(out, batch, T, toks.n, &start, &pos);
     resuming = rc == OT_OK;
   } else if (rc == OT_OK) {
     what = "building the emulator";
     rc = ot_emu_build(full, &plan, &emu);
   }
-  free(state);
   ot_batcher bt;
   if (rc == OT_OK) rc = ot_batcher_init(&bt, &toks, batch, T, 0, 0);
   if (rc == OT_OK) rc = ot_distill_create(full, emu, &plan, batch, T, OT_EMU_KD_WEIGHT, &d);
@@ -197,11 +153,11 @@ int ot_cmd_distill(int argc, char **argv) {
   oc.grad_clip = 1.0f;
   if (rc == OT_OK) rc = ot_optimizer_create(&oc, be, ot_gpt2_param(emu, 0), ot_gpt2_param_count(emu), &opt);
   if (rc == OT_OK && resuming) {
-    char *p = NULL;
-    rc = ot_path_join(out, "train_state/optimizer.safetensors", &p);
-    if (rc == OT_OK) rc = ot_optimizer_load(opt, p);
-    free(p);
-    bt.pos = pos;
+    /* the snapshot, not the package, holds the state of the last completed step */
+    ot_snapshot_state st = {.batch = batch, .seq_len = T};
+    rc = ot_snapshot_load(out, emu, opt, toks.n, &st);
+    start = st.step;
+    bt.pos = st.pos;
     if (rc == OT_OK) fprintf(stderr, "[distill] resuming %s at step %d of %d\n", out, start, steps);
   }
   if (rc == OT_OK) {

@@ -3,7 +3,6 @@
  * An output directory is a loadable checkpoint at every save (config.json,
  * model.safetensors, tokenizer files) plus train_state/ (optimizer moments and the
  * data position), so `--resume` continues exactly where a killed run stopped. */
-#include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +14,7 @@
 #include "ot_error.h"
 #include "ot_eval.h"
 #include "ot_fileio.h"
+#include "ot_snapshot.h"
 #include "ot_train.h"
 
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
@@ -73,62 +73,14 @@ typedef struct {
   ot_batcher *data;
 } ckpt_ctx;
 
+/* The loadable checkpoint in --out (for users and the other commands), then the
+ * resumable snapshot (train_state/) as one unit. */
 static int save_checkpoint(void *vctx, int step) {
   ckpt_ctx *c = vctx;
-  char *state_dir = NULL, *opt_path = NULL, *state_path = NULL, *json = NULL;
+  ot_snapshot_state st = {step, c->data->pos, c->data->rng, c->t->batch, c->t->seq_len, -1.0, 0};
   int rc = ot_gpt2_save_dir(c->m, c->t->out);
   if (rc == OT_OK) rc = ot_tokenizer_save_dir(c->tok, c->t->out);
-  if (rc == OT_OK) rc = ot_path_join(c->t->out, "train_state", &state_dir);
-  if (rc == OT_OK) rc = ot_mkdir_p(state_dir);
-  if (rc == OT_OK) rc = ot_path_join(state_dir, "optimizer.safetensors", &opt_path);
-  if (rc == OT_OK) rc = ot_path_join(state_dir, "state.json", &state_path);
-  if (rc == OT_OK) rc = ot_optimizer_save(c->opt, opt_path);
-  if (rc == OT_OK) {
-    /* written last: a resume only trusts a state whose files all landed */
-    if (asprintf(&json, "{\"step\": %d, \"pos\": %zu, \"rng\": \"%llu\", \"batch\": %d, \"seq_len\": %d}\n",
-                 step, c->data->pos, (unsigned long long)c->data->rng, c->t->batch, c->t->seq_len) < 0)
-      rc = ot_error(OT_ERR_NOMEM, "cannot format state");
-    else
-      rc = ot_file_write_atomic(state_path, json, strlen(json));
-  }
-  free(json);
-  free(state_dir);
-  free(opt_path);
-  free(state_path);
-  return rc;
-}
-
-/* Reads train_state/state.json; returns OT_ERR_NOTFOUND when there is none. */
-static int load_state(const train_opts *t, size_t n_tokens, int *step, size_t *pos, uint64_t *rng) {
-  char *path = NULL, *buf = NULL;
-  size_t len;
-  int rc = ot_path_join(t->out, "train_state/state.json", &path);
-  if (rc) return rc;
-  if (!ot_file_exists(path)) {
-    free(path);
-    return ot_error(OT_ERR_NOTFOUND, "no train_state in %s", t->out);
-  }
-  rc = ot_file_read_all(path, 1 << 16, &buf, &len);
-  cJSON *j = rc == OT_OK ? cJSON_Parse(buf) : NULL;
-  if (rc == OT_OK) {
-    cJSON *s = cJSON_GetObjectItem(j, "step"), *p = cJSON_GetObjectItem(j, "pos"),
-          *r = cJSON_GetObjectItem(j, "rng"), *b = cJSON_GetObjectItem(j, "batch"),
-          *q = cJSON_GetObjectItem(j, "seq_len");
-    if (!cJSON_IsNumber(s) || !cJSON_IsNumber(p) || !cJSON_IsString(r) || !cJSON_IsNumber(b) ||
-        !cJSON_IsNumber(q) || s->valuedouble < 0 || p->valuedouble < 0 || p->valuedouble >= (double)n_tokens)
-      rc = ot_error(OT_ERR_FORMAT, "%s: malformed or does not fit this data", path);
-    else if (b->valueint != t->batch || q->valueint != t->seq_len)
-      rc = ot_error(OT_ERR_MISMATCH, "%s: saved with --batch %d --seq-len %d; resume with the same", path,
-                    b->valueint, q->valueint);
-    else {
-      *step = s->valueint;
-      *pos = (size_t)p->valuedouble;
-      *rng = strtoull(r->valuestring, NULL, 10);
-    }
-  }
-  cJSON_Delete(j);
-  free(buf);
-  free(path);
+  if (rc == OT_OK) rc = ot_snapshot_save(c->t->out, c->m, c->opt, &st);
   return rc;
 }
 
@@ -152,20 +104,14 @@ static int run_training(const train_opts *t, ot_gpt2 *m, const ot_tokenizer *tok
   if (rc == OT_OK) rc = ot_gpt2_prepare(m, t->batch, t->seq_len, 1);
   if (rc == OT_OK)
     rc = ot_optimizer_create(&oc, ot_gpt2_backend(m), ot_gpt2_param(m, 0), ot_gpt2_param_count(m), &opt);
-  if (rc == OT_OK && t->resume) {
-    size_t pos = 0;
-    uint64_t rng = 0;
-    int r = load_state(t, n, &start, &pos, &rng);
-    if (r == OT_OK) {
-      char *p = NULL;
-      rc = ot_path_join(t->out, "train_state/optimizer.safetensors", &p);
-      if (rc == OT_OK) rc = ot_optimizer_load(opt, p);
-      free(p);
-      data.pos = pos;
-      data.rng = rng;
-      if (rc == OT_OK) fprintf(stderr, "[%s] resuming %s at step %d of %d\n", label, t->out, start, t->steps);
-    } else if (r != OT_ERR_NOTFOUND) {
-      rc = r;
+  if (rc == OT_OK && t->resume && ot_snapshot_exists(t->out)) {
+    ot_snapshot_state st = {.batch = t->batch, .seq_len = t->seq_len};
+    rc = ot_snapshot_load(t->out, m, opt, n, &st);
+    if (rc == OT_OK) {
+      start = st.step;
+      data.pos = st.pos;
+      data.rng = st.rng;
+      fprintf(stderr, "[%s] resuming %s at step %d of %d\n", label, t->out, start, t->steps);
     }
   }
   if (rc == OT_OK && start >= t->steps)
@@ -187,17 +133,6 @@ static int run_training(const train_opts *t, ot_gpt2 *m, const ot_tokenizer *tok
   }
   ot_optimizer_free(opt);
   return rc;
-}
-
-/* A model whose --resume checkpoint exists is loaded from --out instead of its source. */
-static int resume_model(const train_opts *t, ot_backend *be, ot_gpt2 **m) {
-  char *p = NULL;
-  int rc = ot_path_join(t->out, "train_state/state.json", &p);
-  int exists = rc == OT_OK && ot_file_exists(p);
-  free(p);
-  if (rc) return rc;
-  if (!t->resume || !exists) return OT_ERR_NOTFOUND;
-  return ot_gpt2_load_dir(t->out, be, m);
 }
 
 int ot_cmd_finetune(int argc, char **argv) {
@@ -236,14 +171,6 @@ int ot_cmd_finetune(int argc, char **argv) {
   ot_tokenizer *tok;
   rc = ot_cmd_load_model(model, t.backend, t.threads, &be, &m, &tok);
   if (rc) return ot_cmd_fail("loading the model", rc);
-  ot_gpt2 *resumed = NULL;
-  int r = resume_model(&t, be, &resumed);
-  if (r == OT_OK) {
-    ot_gpt2_free(m);
-    m = resumed;
-  } else if (r != OT_ERR_NOTFOUND) {
-    rc = r;
-  }
   int32_t *ids = NULL;
   size_t n = 0;
   if (rc == OT_OK) rc = ot_cmd_read_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &ids, &n);
@@ -338,21 +265,21 @@ int ot_cmd_pretrain(int argc, char **argv) {
   if (rc == OT_OK) rc = ot_backend_parse(t.backend, &kind);
   if (rc == OT_OK) rc = ot_backend_create(kind, t.threads, &be);
   if (rc == OT_OK) {
-    int r = resume_model(&t, be, &m);
-    if (r == OT_ERR_NOTFOUND) {
-      rc = ot_gpt2_create(&cfg, be, &m);
-      if (rc == OT_OK) rc = ot_gpt2_init_random(m, (uint64_t)t.seed);
-    } else if (r == OT_OK && memcmp(ot_gpt2_cfg(m), &cfg, sizeof cfg) != 0) {
-      const ot_gpt2_config *h = ot_gpt2_cfg(m);
+    rc = ot_gpt2_create(&cfg, be, &m);
+    if (rc == OT_OK) rc = ot_gpt2_init_random(m, (uint64_t)t.seed);
+    /* a snapshot restores the weights; the settings must be the ones it was made with */
+    char *saved_cfg = NULL;
+    ot_gpt2_config h;
+    if (rc == OT_OK && t.resume && ot_snapshot_exists(t.out) &&
+        ot_path_join(t.out, "config.json", &saved_cfg) == OT_OK && ot_config_load(saved_cfg, &h) == OT_OK &&
+        memcmp(&h, &cfg, sizeof cfg) != 0)
       rc = ot_error(
           OT_ERR_MISMATCH,
           "%s holds a different model (layers %d, heads %d, width %d, vocabulary %d, context %d) than "
           "asked for (%d, %d, %d, %d, %d); remove it or choose another --out",
-          t.out, h->n_layer, h->n_head, h->n_embd, h->vocab_size, h->n_positions, cfg.n_layer, cfg.n_head,
+          t.out, h.n_layer, h.n_head, h.n_embd, h.vocab_size, h.n_positions, cfg.n_layer, cfg.n_head,
           cfg.n_embd, cfg.vocab_size, cfg.n_positions);
-    } else {
-      rc = r;
-    }
+    free(saved_cfg);
   }
   if (rc == OT_OK) {
     what = "reading the corpus";

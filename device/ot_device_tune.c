@@ -3,7 +3,6 @@
  * Only the bottom and top adapter blocks train; the emulator's middle, embeddings and
  * final norm stay frozen and get no gradient memory. --out is a loadable adapter at
  * every checkpoint, plus train_state/ for --resume. */
-#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +15,7 @@
 #include "ot_error.h"
 #include "ot_eval.h"
 #include "ot_fileio.h"
+#include "ot_snapshot.h"
 #include "ot_train.h"
 
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
@@ -72,28 +72,14 @@ typedef struct {
   double last_val;
 } tune_ctx;
 
+/* The adapter in --out (usable at every checkpoint), then the resumable snapshot of
+ * the adapter weights and early-stopping state (train_state/) as one unit. */
 static int save_state(void *vctx, int step) {
   tune_ctx *c = vctx;
-  char *opt_path = NULL, *state_path = NULL, *state_dir = NULL, *json = NULL;
+  ot_snapshot_state st = {step,  c->data->pos, c->data->rng, c->B, c->T, c->have_best ? c->best : -1.0,
+                          c->bad};
   int rc = ot_adapter_save(c->m, c->plan, c->out);
-  if (rc == OT_OK) rc = ot_path_join(c->out, "train_state", &state_dir);
-  if (rc == OT_OK) rc = ot_mkdir_p(state_dir);
-  if (rc == OT_OK) rc = ot_path_join(state_dir, "optimizer.safetensors", &opt_path);
-  if (rc == OT_OK) rc = ot_path_join(state_dir, "state.json", &state_path);
-  if (rc == OT_OK) rc = ot_optimizer_save(c->opt, opt_path);
-  if (rc == OT_OK) {
-    if (asprintf(
-            &json,
-            "{\"step\": %d, \"pos\": %zu, \"batch\": %d, \"seq_len\": %d, \"best\": %.9g, \"bad\": %d}\n",
-            step, c->data->pos, c->B, c->T, c->have_best ? c->best : -1.0, c->bad) < 0)
-      rc = ot_error(OT_ERR_NOMEM, "cannot format state");
-    else
-      rc = ot_file_write_atomic(state_path, json, strlen(json));
-  }
-  free(json);
-  free(state_dir);
-  free(opt_path);
-  free(state_path);
+  if (rc == OT_OK) rc = ot_snapshot_save(c->out, c->m, c->opt, &st);
   return rc;
 }
 
@@ -133,37 +119,6 @@ static int on_step(void *vctx, int step, float loss, int *stop) {
     fprintf(stderr, "[tune] early stop at step %d\n", step);
     *stop = 1;
   }
-  return rc;
-}
-
-static int load_state(tune_ctx *c, size_t n_tokens, int *step) {
-  char *path = NULL, *buf = NULL;
-  size_t len;
-  int rc = ot_path_join(c->out, "train_state/state.json", &path);
-  if (rc == OT_OK) rc = ot_file_read_all(path, 1 << 16, &buf, &len);
-  cJSON *j = rc == OT_OK ? cJSON_Parse(buf) : NULL;
-  if (rc == OT_OK) {
-    cJSON *s = cJSON_GetObjectItem(j, "step"), *p = cJSON_GetObjectItem(j, "pos"),
-          *b = cJSON_GetObjectItem(j, "batch"), *q = cJSON_GetObjectItem(j, "seq_len"),
-          *be = cJSON_GetObjectItem(j, "best"), *bd = cJSON_GetObjectItem(j, "bad");
-    if (!cJSON_IsNumber(s) || !cJSON_IsNumber(p) || !cJSON_IsNumber(b) || !cJSON_IsNumber(q) ||
-        !cJSON_IsNumber(be) || !cJSON_IsNumber(bd) || s->valuedouble < 0 || p->valuedouble < 0 ||
-        p->valuedouble >= (double)n_tokens)
-      rc = ot_error(OT_ERR_FORMAT, "%s: malformed or does not fit this data", path);
-    else if (b->valueint != c->B || q->valueint != c->T)
-      rc = ot_error(OT_ERR_MISMATCH, "%s: saved with --batch %d --seq-len %d; resume with the same", path,
-                    b->valueint, q->valueint);
-    else {
-      *step = s->valueint;
-      c->data->pos = (size_t)p->valuedouble;
-      c->have_best = be->valuedouble >= 0;
-      c->best = be->valuedouble;
-      c->bad = bd->valueint;
-    }
-  }
-  cJSON_Delete(j);
-  free(buf);
-  free(path);
   return rc;
 }
 
@@ -267,21 +222,21 @@ int ot_dev_tune(int argc, char **argv) {
   if (rc == OT_OK && !(c.best_w.host = malloc(c.best_w.n * sizeof(float))))
     rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
   int start = 0;
-  char *state = NULL;
-  if (rc == OT_OK) rc = ot_path_join(out, "train_state/state.json", &state);
-  if (rc == OT_OK && resume && ot_file_exists(state)) {
+  if (rc == OT_OK && resume && ot_snapshot_exists(out)) {
     what = "resuming";
-    char *p = NULL;
-    rc = load_state(&c, n_train, &start);
-    if (rc == OT_OK) rc = ot_adapter_apply(m, &plan, NULL, out);
-    if (rc == OT_OK) rc = ot_path_join(out, "train_state/optimizer.safetensors", &p);
-    if (rc == OT_OK) rc = ot_optimizer_load(opt, p);
+    ot_snapshot_state st = {.batch = batch, .seq_len = T};
+    rc = ot_snapshot_load(out, m, opt, n_train, &st);
+    if (rc == OT_OK) {
+      start = st.step;
+      c.data->pos = st.pos;
+      c.have_best = st.best >= 0;
+      c.best = st.best;
+      c.bad = st.bad;
+    }
     if (rc == OT_OK && c.have_best)
       rc = adapter_copy(&c.best_w, 0); /* best not kept on disk: resume from current */
-    free(p);
     if (rc == OT_OK) fprintf(stderr, "[tune] resuming %s at step %d of %d\n", out, start, steps);
   }
-  free(state);
   if (rc == OT_OK) {
     what = "tuning";
     size_t trainable = c.best_w.n;
