@@ -152,8 +152,13 @@ static void print_wrapped(FILE *f, const char *text, int col) {
   const char *p = text;
   while (*p) {
     if (*p == '\n') {
-      fputc('\n', f);
+      /* Reflow: a lone newline joins lines (authors wrap at their own width); a blank
+       * line or a line starting with '-' or a space (a list) keeps its break. */
       p++;
+      if (*p && *p != '\n' && *p != '-' && *p != ' ') {
+        continue;
+      }
+      fputc('\n', f);
       if (*p) fprintf(f, "%*s", col, "");
       x = 0;
       continue;
