@@ -255,8 +255,8 @@ int ot_dev_tune(int argc, char **argv) {
     } else {
       rc = ot_train(m, opt, &bt, &tc, start, &res);
       if (rc == OT_OK) {
-        printf("tuned %d steps in %.1f s: train loss %.4f (mean of last steps %.4f)", res.steps_done - start,
-               res.seconds, res.last_loss, res.mean_loss);
+        printf("tuned %d steps in %.1f s, %.0f tokens/s: train loss %.4f (mean of last steps %.4f)",
+               res.steps_done - start, res.seconds, res.tokens_per_s, res.last_loss, res.mean_loss);
         if (c.eval_every) printf(" | held-out loss %.4f", c.last_val);
         printf("; adapter saved to %s\n", out);
       }

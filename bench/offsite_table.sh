@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The Offsite-Tuning comparison table on our own data (issue 3), one command:
+#   bash bench/offsite_table.sh
+# Base: the embedded default model (pre-trained if missing). Emulator: distilled on the
+# cloud's public genres. Device data: a private genre (never seen by pre-training or
+# distillation), all but its last document for training, the last document to score.
+# Prints perplexity per row and the device's cost (peak memory, tokens/s) per way of
+# training. Knobs: OT_TABLE_GENRE (romance), OT_DISTILL_STEPS (300), OT_TUNE_STEPS (150), OT_KEEP (2 of the 4 middle blocks).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+bash scripts/build.sh >/dev/null
+cloud=build/cloud/offtune-cloud
+device=build/device/offtune-device
+genre=${OT_TABLE_GENRE:-romance}
+dsteps=${OT_DISTILL_STEPS:-300}
+tsteps=${OT_TUNE_STEPS:-150}
+model=${OT_TABLE_MODEL:-build/main/default-model-bpe2k}
+work=build/table-$genre
+mkdir -p "$work"
+if [ ! -f "$model/model.safetensors" ]; then
+  echo "== pre-training the embedded default model =="
+  $cloud pretrain --out "$model" --ckpt-every 100 --resume
+fi
+$cloud corpus --genres public --out "$work/public.txt" 2>/dev/null
+$cloud corpus --genres "$genre" --part train --out "$work/private.txt" 2>/dev/null
+$cloud corpus --genres "$genre" --part heldout --out "$work/heldout.txt" 2>/dev/null
+
+echo "== distilling the emulator ($dsteps steps on the public genres) =="
+$cloud distill --model "$model" --data "$work/public.txt" --out "$work/emulator" --steps "$dsteps" \
+  --keep "${OT_KEEP:-2}" --batch 16 --lr 1e-3 --warmup 20 --resume 2>&1 | grep -E '^\[distill\]|^distilled' || true
+
+tune_common=(--steps "$tsteps" --batch 8 --seq-len 128 --lr 5e-4 --threads 2)
+ppl() { python3 -c 'import json,sys; print("%.3f" % json.loads(sys.stdin.read().strip().splitlines()[-1])["perplexity"])'; }
+peak() { sed -n 's/^peak_kb=//p' "$1" | tail -1; }
+rate() { grep -oE '[0-9.]+ tokens/s' "$1" | tail -1 | cut -d' ' -f1; }
+
+echo "== device: tuning the offsite adapter on the emulator ($tsteps steps) =="
+/usr/bin/time -f 'peak_kb=%M' $device tune --emulator "$work/emulator" --text "$work/private.txt" \
+  --out "$work/adapter-offsite" --adapter offsite "${tune_common[@]}" >"$work/tune-offsite.log" 2>&1
+echo "== cloud: full fine-tuning baseline ($tsteps steps) =="
+/usr/bin/time -f 'peak_kb=%M' $cloud finetune --model "$model" --text "$work/private.txt" --out "$work/full-ft" \
+  "${tune_common[@]}" >"$work/finetune.log" 2>&1
+
+full_zs=$($cloud eval --model "$model" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
+emu_zs=$($device eval --emulator "$work/emulator" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
+emu_ft=$($device eval --emulator "$work/emulator" --adapter "$work/adapter-offsite" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
+plug=$($cloud eval --model "$model" --adapter "$work/adapter-offsite" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
+full_ft=$($cloud eval --model "$work/full-ft" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
+
+echo
+echo "Offsite-Tuning on the embedded default, private genre '$genre' (held-out document perplexity, lower is better)"
+printf '%-34s %12s\n' "setting" "perplexity"
+printf '%-34s %12s\n' "full model, zero-shot" "$full_zs"
+printf '%-34s %12s\n' "emulator, zero-shot" "$emu_zs"
+printf '%-34s %12s\n' "emulator + offsite adapter (FT)" "$emu_ft"
+printf '%-34s %12s\n' "plug-in: full model + adapter" "$plug"
+printf '%-34s %12s\n' "full fine-tuning" "$full_ft"
+echo
+echo "device cost of training ($tsteps steps, batch 8, 2 threads)"
+printf '%-34s %12s %12s\n' "training" "peak MiB" "tokens/s"
+printf '%-34s %12d %12s\n' "emulator + offsite adapter" "$(( $(peak "$work/tune-offsite.log") / 1024 ))" "$(rate "$work/tune-offsite.log")"
+printf '%-34s %12d %12s\n' "full fine-tuning" "$(( $(peak "$work/finetune.log") / 1024 ))" "$(rate "$work/finetune.log")"
