@@ -19,38 +19,6 @@
 static char *dir;   /* scratch for this test */
 static char *cloud; /* path of offtune-cloud */
 
-/* Runs a command line, captures stdout+stderr (truncated to cap) and returns the exit code. */
-static int run(char *out, size_t cap, const char *fmt, ...) {
-  char *cmd = NULL, *full = NULL;
-  va_list ap;
-  va_start(ap, fmt);
-  assert_true(vasprintf(&cmd, fmt, ap) >= 0);
-  va_end(ap);
-  assert_true(asprintf(&full, "%s 2>&1", cmd) >= 0);
-  FILE *p = popen(full, "r");
-  assert_non_null(p);
-  size_t n = 0;
-  if (out && cap) {
-    n = fread(out, 1, cap - 1, p);
-    out[n] = '\0';
-  }
-  char sink[4096];
-  while (fread(sink, 1, sizeof sink, p) > 0) {
-  }
-  int st = pclose(p);
-  free(cmd);
-  free(full);
-  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static double json_number(const char *json, const char *key) {
-  char pat[64];
-  snprintf(pat, sizeof pat, "\"%s\":", key);
-  const char *p = strstr(json, pat);
-  if (!p) fail_msg("no %s in %s", key, json);
-  return strtod(p + strlen(pat), NULL);
-}
-
 static int setup(void **state) {
   (void)state;
   dir = ot_test_tmpdir("cloud_cli");
@@ -85,17 +53,18 @@ static void test_eval_matches_pytorch_windows(void **state) {
   (void)state;
   load_ref();
   char out[4096];
-  int rc = run(out, sizeof out, "%s eval --model %s/model --tokens %s/tokens.txt --seq-len %d --json", cloud,
-               dir, dir, (int)json_number(ref, "eval_T"));
+  int rc = ot_test_run(out, sizeof out, "%s eval --model %s/model --tokens %s/tokens.txt --seq-len %d --json",
+                       cloud, dir, dir, (int)ot_test_json_number(ref, "eval_T"));
   if (rc != 0) fail_msg("eval failed (%d): %s", rc, out);
   const char *j = strchr(out, '{');
   assert_non_null(j);
-  double loss = json_number(j, "loss"), want = json_number(ref, "eval_loss");
+  double loss = ot_test_json_number(j, "loss"), want = ot_test_json_number(ref, "eval_loss");
   if (fabs(loss - want) > 1e-4 * want) fail_msg("eval loss %.7f, PyTorch %.7f", loss, want);
-  assert_int_equal((int)json_number(j, "tokens"), (int)json_number(ref, "eval_tokens"));
-  assert_true(fabs(json_number(j, "perplexity") - exp(loss)) < 1e-3 * exp(loss));
+  assert_int_equal((int)ot_test_json_number(j, "tokens"), (int)ot_test_json_number(ref, "eval_tokens"));
+  assert_true(fabs(ot_test_json_number(j, "perplexity") - exp(loss)) < 1e-3 * exp(loss));
   /* human form carries the same numbers */
-  rc = run(out, sizeof out, "%s eval --model %s/model --tokens %s/tokens.txt --seq-len 24", cloud, dir, dir);
+  rc = ot_test_run(out, sizeof out, "%s eval --model %s/model --tokens %s/tokens.txt --seq-len 24", cloud,
+                   dir, dir);
   assert_int_equal(rc, 0);
   assert_non_null(strstr(out, "perplexity"));
 }
@@ -105,17 +74,18 @@ static void test_finetune_batch_order_matches_pytorch(void **state) {
   (void)state;
   load_ref();
   char out[8192];
-  int rc = run(
+  int rc = ot_test_run(
       out, sizeof out,
       "%s finetune --model %s/model --tokens %s/ft_tokens.txt --out %s/ft --steps %d --batch %d --seq-len %d "
       "--lr %g --optimizer sgd --threads 1",
-      cloud, dir, dir, dir, (int)json_number(ref, "ft_steps"), (int)json_number(ref, "ft_B"),
-      (int)json_number(ref, "ft_T"), json_number(ref, "ft_lr"));
+      cloud, dir, dir, dir, (int)ot_test_json_number(ref, "ft_steps"), (int)ot_test_json_number(ref, "ft_B"),
+      (int)ot_test_json_number(ref, "ft_T"), ot_test_json_number(ref, "ft_lr"));
   if (rc != 0) fail_msg("finetune failed (%d): %s", rc, out);
-  rc = run(out, sizeof out, "%s eval --model %s/ft --tokens %s/tokens.txt --seq-len 24 --json", cloud, dir,
-           dir);
+  rc = ot_test_run(out, sizeof out, "%s eval --model %s/ft --tokens %s/tokens.txt --seq-len 24 --json", cloud,
+                   dir, dir);
   assert_int_equal(rc, 0);
-  double loss = json_number(strchr(out, '{'), "loss"), want = json_number(ref, "ft_eval_loss");
+  double loss = ot_test_json_number(strchr(out, '{'), "loss"),
+         want = ot_test_json_number(ref, "ft_eval_loss");
   if (fabs(loss - want) > 1e-4 * want) fail_msg("fine-tuned eval loss %.7f, PyTorch %.7f", loss, want);
 }
 
@@ -128,14 +98,14 @@ static void test_pretrain_resume_is_exact(void **state) {
   ot_test_system("head -c 20000 '%s/README.md' > '%s/text.txt'", ot_test_source_dir(), dir);
   const char *common = "--layers 2 --heads 2 --embd 16 --ctx 32 --batch 2 --seq-len 16 --lr 3e-3 --warmup 2 "
                        "--threads 1 --seed 5 --shuffle --tokenizer byte";
-  int rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/straight --steps 6 %s", cloud, dir,
-               dir, common);
+  int rc = ot_test_run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/straight --steps 6 %s",
+                       cloud, dir, dir, common);
   if (rc) fail_msg("pretrain failed: %s", out);
-  rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/resumed --steps 2 %s", cloud, dir, dir,
-           common);
+  rc = ot_test_run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/resumed --steps 2 %s", cloud,
+                   dir, dir, common);
   assert_int_equal(rc, 0);
-  rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/resumed --steps 6 --resume %s", cloud,
-           dir, dir, common);
+  rc = ot_test_run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/resumed --steps 6 --resume %s",
+                   cloud, dir, dir, common);
   if (rc) fail_msg("resume failed: %s", out);
   assert_non_null(strstr(out, "resuming"));
   snprintf(a, sizeof a, "%s/straight/model.safetensors", dir);
@@ -145,8 +115,8 @@ static void test_pretrain_resume_is_exact(void **state) {
   snprintf(b, sizeof b, "%s/resumed/train_state/optimizer.safetensors", dir);
   assert_true(files_equal(a, b));
   /* the result is a checkpoint the other commands load */
-  rc = run(out, sizeof out, "%s generate --model %s/resumed --prompt offtune --max-tokens 8 --seed 3", cloud,
-           dir);
+  rc = ot_test_run(out, sizeof out, "%s generate --model %s/resumed --prompt offtune --max-tokens 8 --seed 3",
+                   cloud, dir);
   assert_int_equal(rc, 0);
   assert_true(strncmp(out, "offtune", 7) == 0);
 }
@@ -154,23 +124,23 @@ static void test_pretrain_resume_is_exact(void **state) {
 static void test_usage_errors_exit_2(void **state) {
   (void)state;
   char out[8192];
-  assert_int_equal(run(out, sizeof out, "%s", cloud), 2);
-  assert_int_equal(run(out, sizeof out, "%s frobnicate", cloud), 2);
+  assert_int_equal(ot_test_run(out, sizeof out, "%s", cloud), 2);
+  assert_int_equal(ot_test_run(out, sizeof out, "%s frobnicate", cloud), 2);
   assert_non_null(strstr(out, "unknown command"));
-  assert_int_equal(run(out, sizeof out, "%s eval --tokens x", cloud), 2);
+  assert_int_equal(ot_test_run(out, sizeof out, "%s eval --tokens x", cloud), 2);
   assert_non_null(strstr(out, "--model"));
-  assert_int_equal(run(out, sizeof out, "%s eval --model m --tokens t --seq-len abc", cloud), 2);
-  assert_int_equal(run(out, sizeof out,
-                       "%s finetune --model m --tokens t --out o --steps 0 --batch 1 --seq-len 4 "
-                       "--lr 1",
-                       cloud),
+  assert_int_equal(ot_test_run(out, sizeof out, "%s eval --model m --tokens t --seq-len abc", cloud), 2);
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s finetune --model m --tokens t --out o --steps 0 --batch 1 --seq-len 4 "
+                               "--lr 1",
+                               cloud),
                    2);
   const char *cmds[] = {"pretrain", "finetune", "eval", "generate", "tokenize", "corpus"};
   for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
-    assert_int_equal(run(out, sizeof out, "%s %s --help", cloud, cmds[i]), 0);
+    assert_int_equal(ot_test_run(out, sizeof out, "%s %s --help", cloud, cmds[i]), 0);
     assert_non_null(strstr(out, "usage:"));
   }
-  assert_int_equal(run(out, sizeof out, "%s --help", cloud), 0);
+  assert_int_equal(ot_test_run(out, sizeof out, "%s --help", cloud), 0);
 }
 
 /* Broken inputs fail with exit 1 and a message naming the problem; the output dir of an
@@ -181,22 +151,26 @@ static void test_bad_inputs_exit_1(void **state) {
   ot_test_system("rm -rf '%s/bad' && cp -r '%s/model' '%s/bad'", dir, dir, dir);
   /* truncated weights */
   ot_test_system("truncate -s 1000 '%s/bad/model.safetensors'", dir);
-  assert_int_equal(run(out, sizeof out, "%s eval --model %s/bad --tokens %s/tokens.txt", cloud, dir, dir), 1);
+  assert_int_equal(
+      ot_test_run(out, sizeof out, "%s eval --model %s/bad --tokens %s/tokens.txt", cloud, dir, dir), 1);
   assert_non_null(strstr(out, "model.safetensors"));
   /* a config that does not match the weights */
   ot_test_system("cp '%s/model/model.safetensors' '%s/bad/' && sed -i 's/\"n_embd\": 32/\"n_embd\": 64/' "
                  "'%s/bad/config.json'",
                  dir, dir, dir);
-  assert_int_equal(run(out, sizeof out, "%s eval --model %s/bad --tokens %s/tokens.txt", cloud, dir, dir), 1);
+  assert_int_equal(
+      ot_test_run(out, sizeof out, "%s eval --model %s/bad --tokens %s/tokens.txt", cloud, dir, dir), 1);
   assert_non_null(strstr(out, "shape"));
   /* token ids outside the vocabulary, and a non-numeric token file */
   ot_test_system("echo '1 2 999' > '%s/oov.txt' && echo '1 2 x' > '%s/junk.txt'", dir, dir);
-  assert_int_equal(run(out, sizeof out, "%s eval --model %s/model --tokens %s/oov.txt", cloud, dir, dir), 1);
-  assert_int_equal(run(out, sizeof out, "%s eval --model %s/model --tokens %s/junk.txt", cloud, dir, dir), 1);
+  assert_int_equal(
+      ot_test_run(out, sizeof out, "%s eval --model %s/model --tokens %s/oov.txt", cloud, dir, dir), 1);
+  assert_int_equal(
+      ot_test_run(out, sizeof out, "%s eval --model %s/model --tokens %s/junk.txt", cloud, dir, dir), 1);
   assert_non_null(strstr(out, "junk.txt"));
   /* missing directory */
-  assert_int_equal(run(out, sizeof out, "%s eval --model %s/nope --tokens %s/tokens.txt", cloud, dir, dir),
-                   1);
+  assert_int_equal(
+      ot_test_run(out, sizeof out, "%s eval --model %s/nope --tokens %s/tokens.txt", cloud, dir, dir), 1);
   /* a failing finetune (too little data) leaves an existing output untouched */
   char before[700], after[700];
   snprintf(before, sizeof before, "%s/ft/model.safetensors", dir);
@@ -204,7 +178,8 @@ static void test_bad_inputs_exit_1(void **state) {
   ot_test_system("cp '%s' '%s'", before, after);
   ot_test_system("echo '1 2 3' > '%s/tiny.txt'", dir);
   assert_int_equal(
-      run(out, sizeof out,
+      ot_test_run(
+          out, sizeof out,
           "%s finetune --model %s/model --tokens %s/tiny.txt --out %s/ft --steps 1 --batch 2 --seq-len 8 "
           "--lr 0.1",
           cloud, dir, dir, dir),
@@ -219,8 +194,8 @@ static void test_pretrain_survives_kill_9(void **state) {
   char out[8192], a[700], b[700];
   const char *common = "--layers 2 --heads 2 --embd 16 --ctx 32 --batch 2 --seq-len 16 --lr 3e-3 --threads 1 "
                        "--seed 9 --tokenizer byte --steps 400";
-  int rc =
-      run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/k_straight %s", cloud, dir, dir, common);
+  int rc = ot_test_run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/k_straight %s", cloud, dir,
+                       dir, common);
   if (rc) fail_msg("pretrain failed: %s", out);
   /* start, wait for the first checkpoints, kill without warning */
   rc = ot_test_system(
@@ -229,8 +204,9 @@ static void test_pretrain_survives_kill_9(void **state) {
       "sleep 0.2; kill -9 $pid; wait $pid; exit 0",
       cloud, dir, dir, common, dir);
   assert_int_equal(rc, 0);
-  rc = run(out, sizeof out, "%s pretrain --text %s/text.txt --out %s/k_killed --ckpt-every 50 --resume %s",
-           cloud, dir, dir, common);
+  rc = ot_test_run(out, sizeof out,
+                   "%s pretrain --text %s/text.txt --out %s/k_killed --ckpt-every 50 --resume %s", cloud, dir,
+                   dir, common);
   if (rc) fail_msg("resume after kill -9 failed: %s", out);
   if (!strstr(out, "resuming"))
     fail_msg("the killed run had finished before the kill; nothing was tested: %s", out);
@@ -247,15 +223,16 @@ static void test_full_disk_keeps_old_checkpoint(void **state) {
   snprintf(before, sizeof before, "%s/ft/model.safetensors", dir);
   snprintf(keep, sizeof keep, "%s/ft.disk", dir);
   ot_test_system("cp '%s' '%s'", before, keep);
-  int rc = run(out, sizeof out,
-               "sh -c 'ulimit -f 40; exec %s finetune --model %s/model --tokens %s/ft_tokens.txt --out %s/ft "
-               "--steps 2 "
-               "--batch 2 --seq-len 8 --lr 0.05'",
-               cloud, dir, dir, dir);
+  int rc = ot_test_run(
+      out, sizeof out,
+      "sh -c 'ulimit -f 40; exec %s finetune --model %s/model --tokens %s/ft_tokens.txt --out %s/ft "
+      "--steps 2 "
+      "--batch 2 --seq-len 8 --lr 0.05'",
+      cloud, dir, dir, dir);
   assert_int_equal(rc, 1);
   assert_non_null(strstr(out, "offtune-cloud:"));
   assert_true(files_equal(before, keep));
-  rc = run(out, sizeof out, "%s eval --model %s/ft --tokens %s/tokens.txt --json", cloud, dir, dir);
+  rc = ot_test_run(out, sizeof out, "%s eval --model %s/ft --tokens %s/tokens.txt --json", cloud, dir, dir);
   assert_int_equal(rc, 0);
 }
 
@@ -263,7 +240,8 @@ static void test_tokenize_bytes(void **state) {
   (void)state;
   char out[4096];
   ot_test_system("printf 'Hi!' > '%s/hi.txt'", dir);
-  assert_int_equal(run(out, sizeof out, "%s tokenize --model %s/model --text %s/hi.txt", cloud, dir, dir), 0);
+  assert_int_equal(
+      ot_test_run(out, sizeof out, "%s tokenize --model %s/model --text %s/hi.txt", cloud, dir, dir), 0);
   assert_string_equal(out, "72 105 33\n");
 }
 

@@ -81,25 +81,6 @@ static void test_layer_drop(void **state) {
 
 /* ---- PyTorch references ---------------------------------------------------------- */
 
-static double rel_err(const float *a, const float *b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; i++) {
-    double d = (double)a[i] - b[i];
-    num += d * d;
-    den += (double)b[i] * b[i];
-  }
-  return den > 0 ? sqrt(num / den) : sqrt(num);
-}
-
-static float *ref_f32(ot_safetensors *ref, const char *name, size_t *n) {
-  const ot_st_tensor *t = ot_st_find(ref, name);
-  if (!t) fail_msg("reference tensor %s missing", name);
-  float *buf = malloc(t->numel * sizeof(float));
-  assert_int_equal(ot_st_read_f32(ref, t, buf, t->numel), 0);
-  if (n) *n = t->numel;
-  return buf;
-}
-
 static void test_kd_op(void **state) {
   (void)state;
   char path[600];
@@ -107,8 +88,8 @@ static void test_kd_op(void **state) {
   ot_safetensors *ref;
   assert_int_equal(ot_st_open(path, &ref), 0);
   size_t n;
-  float *s = ref_f32(ref, "s", &n), *t = ref_f32(ref, "t", NULL), *kd = ref_f32(ref, "kd", NULL),
-        *gs = ref_f32(ref, "grad_s", NULL);
+  float *s = ot_test_st_f32(ref, "s", &n), *t = ot_test_st_f32(ref, "t", NULL),
+        *kd = ot_test_st_f32(ref, "kd", NULL), *gs = ot_test_st_f32(ref, "grad_s", NULL);
   int N = (int)ot_st_find(ref, "s")->shape[0], C = (int)ot_st_find(ref, "s")->shape[1];
   ot_backend *be;
   assert_int_equal(ot_backend_cpu_create(2, &be), 0);
@@ -119,7 +100,7 @@ static void test_kd_op(void **state) {
   float mean = (float)(sum / ((double)N * C));
   assert_true(fabs(mean - kd[0]) <= REL_TOL * fabs(kd[0]));
   be->ops->kd_bwd(be, ds, s, t, OT_EMU_KD_WEIGHT / ((float)N * C), N, C, OT_EMU_KD_EPS);
-  double e = rel_err(ds, gs, n);
+  double e = ot_test_rel_err(ds, gs, n);
   printf("KD loss %.6g (torch %.6g); gradient relative error %.3g\n", mean, kd[0], e);
   assert_true(e < REL_TOL);
   free(rows);
@@ -178,8 +159,8 @@ static void test_distill_gradient(void **state) {
   float loss, ce, kd;
   assert_int_equal(ot_distill_step(d, f.in, f.tg, &loss), 0);
   ot_distill_last(d, &ce, &kd);
-  float *rl = ref_f32(f.ref, "loss", NULL), *rce = ref_f32(f.ref, "ce", NULL),
-        *rkd = ref_f32(f.ref, "kd", NULL);
+  float *rl = ot_test_st_f32(f.ref, "loss", NULL), *rce = ot_test_st_f32(f.ref, "ce", NULL),
+        *rkd = ot_test_st_f32(f.ref, "kd", NULL);
   printf("distill: loss %.6f (torch %.6f), CE %.6f (%.6f), KD %.6g (%.6g)\n", loss, rl[0], ce, rce[0], kd,
          rkd[0]);
   assert_true(fabs(loss - rl[0]) <= REL_TOL * fabs(rl[0]));
@@ -200,9 +181,9 @@ static void test_distill_gradient(void **state) {
     char name[128];
     snprintf(name, sizeof name, "grad.%s", p->name);
     size_t n;
-    float *want = ref_f32(f.ref, name, &n);
+    float *want = ot_test_st_f32(f.ref, name, &n);
     assert_int_equal(n, p->numel);
-    double e = rel_err(p->grad, want, n);
+    double e = ot_test_rel_err(p->grad, want, n);
     if (e >= REL_TOL) fail_msg("%s: relative error %.3g", name, e);
     free(want);
     n_checked++;

@@ -17,37 +17,6 @@
 
 static char *dir, *cloud, *device;
 
-static int run(char *out, size_t cap, const char *fmt, ...) {
-  char *cmd = NULL, *full = NULL;
-  va_list ap;
-  va_start(ap, fmt);
-  assert_true(vasprintf(&cmd, fmt, ap) >= 0);
-  va_end(ap);
-  assert_true(asprintf(&full, "%s 2>&1", cmd) >= 0);
-  FILE *p = popen(full, "r");
-  assert_non_null(p);
-  size_t n = 0;
-  if (out && cap) {
-    n = fread(out, 1, cap - 1, p);
-    out[n] = '\0';
-  }
-  char sink[4096];
-  while (fread(sink, 1, sizeof sink, p) > 0) {
-  }
-  int st = pclose(p);
-  free(cmd);
-  free(full);
-  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static double json_number(const char *json, const char *key) {
-  char pat[64];
-  snprintf(pat, sizeof pat, "\"%s\":", key);
-  const char *p = strstr(json, pat);
-  if (!p) fail_msg("no %s in %s", key, json);
-  return strtod(p + strlen(pat), NULL);
-}
-
 static int setup(void **state) {
   (void)state;
   dir = ot_test_tmpdir("emulator_cli");
@@ -68,16 +37,16 @@ static char out[1 << 16];
 
 #define RUN_OK(...)                                                                                          \
   do {                                                                                                       \
-    int rc_ = run(out, sizeof out, __VA_ARGS__);                                                             \
+    int rc_ = ot_test_run(out, sizeof out, __VA_ARGS__);                                                     \
     if (rc_ != 0) fail_msg("exit %d:\n%s", rc_, out);                                                        \
   } while (0)
 
 static void check_eval_json(const char *what, double *loss, double *tokens) {
   const char *j = strstr(out, "{\"loss\"");
   if (!j) fail_msg("%s: no JSON in\n%s", what, out);
-  *loss = json_number(j, "loss");
-  *tokens = json_number(j, "tokens");
-  double ppl = json_number(j, "perplexity");
+  *loss = ot_test_json_number(j, "loss");
+  *tokens = ot_test_json_number(j, "tokens");
+  double ppl = ot_test_json_number(j, "perplexity");
   printf("%-28s loss %.4f | perplexity %.2f | %.0f tokens\n", what, *loss, ppl, *tokens);
   assert_true(isfinite(*loss) && *loss > 0 && fabs(ppl - exp(*loss)) < 1e-3 * ppl);
 }
@@ -93,9 +62,9 @@ static void test_offsite_flow(void **state) {
          "%s/public.txt --out %s/full",
          cloud, dir, dir);
   /* defaults (bottom 2, top 2) leave no middle in 4 blocks: a clear error */
-  assert_int_equal(run(out, sizeof out,
-                       "%s distill --model %s/full --data %s/public.txt --out %s/bad --keep 1", cloud, dir,
-                       dir, dir),
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s distill --model %s/full --data %s/public.txt --out %s/bad --keep 1", cloud,
+                               dir, dir, dir),
                    1);
   assert_non_null(strstr(out, "no middle"));
 
@@ -143,8 +112,9 @@ static void test_offsite_flow(void **state) {
   RUN_OK("%s pretrain --tokenizer byte --layers 4 --embd 16 --heads 2 --ctx 32 --steps 3 --batch 4 --seed 7 "
          "--text %s/private.txt --out %s/other",
          cloud, dir, dir);
-  assert_int_equal(run(out, sizeof out, "%s eval --model %s/other --adapter %s/adapter --text %s/private.txt",
-                       cloud, dir, dir, dir),
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s eval --model %s/other --adapter %s/adapter --text %s/private.txt", cloud,
+                               dir, dir, dir),
                    1);
   assert_non_null(strstr(out, "base model"));
   /* tampered adapter: refused */
@@ -152,17 +122,18 @@ static void test_offsite_flow(void **state) {
                                   "adapter_model.safetensors' bs=1 seek=200 conv=notrunc status=none",
                                   dir, dir, dir),
                    0);
-  assert_int_equal(run(out, sizeof out, "%s eval --model %s/full --adapter %s/tampered --text %s/private.txt",
-                       cloud, dir, dir, dir),
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s eval --model %s/full --adapter %s/tampered --text %s/private.txt", cloud,
+                               dir, dir, dir),
                    1);
   assert_non_null(strstr(out, "tampered"));
-  assert_int_equal(run(out, sizeof out,
-                       "%s eval --emulator %s/emu --adapter %s/tampered --text %s/private.txt", device, dir,
-                       dir, dir),
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s eval --emulator %s/emu --adapter %s/tampered --text %s/private.txt",
+                               device, dir, dir, dir),
                    1);
   /* usage errors */
-  assert_int_equal(run(out, sizeof out, "%s tune --emulator %s/emu --out %s/x", device, dir, dir), 2);
-  assert_int_equal(run(out, sizeof out, "%s nonsense", device), 2);
+  assert_int_equal(ot_test_run(out, sizeof out, "%s tune --emulator %s/emu --out %s/x", device, dir, dir), 2);
+  assert_int_equal(ot_test_run(out, sizeof out, "%s nonsense", device), 2);
 }
 
 static int files_equal(const char *a, const char *b) { return ot_test_system("cmp -s '%s' '%s'", a, b) == 0; }
@@ -196,10 +167,10 @@ static void test_resume_is_exact(void **state) {
   snprintf(b, sizeof b, "%s/t_resumed/adapter_model.safetensors", dir);
   assert_true(files_equal(a, b));
   /* resuming with other batch settings is refused */
-  assert_int_equal(run(out, sizeof out,
-                       "%s tune --emulator %s/d_straight --text %s/private.txt --out %s/t_resumed "
-                       "--steps 6 --resume --batch 3 --seq-len 16",
-                       device, dir, dir, dir),
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s tune --emulator %s/d_straight --text %s/private.txt --out %s/t_resumed "
+                               "--steps 6 --resume --batch 3 --seq-len 16",
+                               device, dir, dir, dir),
                    1);
   assert_non_null(strstr(out, "resume with the same"));
 }

@@ -63,15 +63,6 @@ typedef struct {
   int32_t *inputs, *targets;
 } fixture;
 
-static float *ref_f32(ot_safetensors *ref, const char *name, uint64_t *n) {
-  const ot_st_tensor *t = ot_st_find(ref, name);
-  if (!t) fail_msg("reference tensor %s missing", name);
-  float *buf = malloc(t->numel * sizeof(float));
-  assert_int_equal(ot_st_read_f32(ref, t, buf, t->numel), 0);
-  if (n) *n = t->numel;
-  return buf;
-}
-
 static void fixture_open(fixture *fx, const char *name, const char *sub) {
   memset(fx, 0, sizeof *fx);
   char dir[512], path[512];
@@ -99,19 +90,8 @@ static void fixture_close(fixture *fx) {
   free(fx->targets);
 }
 
-/* ||a - b|| / ||b||, the relative error of a whole tensor */
-static double rel_err(const float *a, const float *b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; i++) {
-    double d = (double)a[i] - b[i];
-    num += d * d;
-    den += (double)b[i] * b[i];
-  }
-  return den > 0 ? sqrt(num / den) : sqrt(num);
-}
-
 static void check_close(const char *what, const char *cs, const float *got, const float *want, size_t n) {
-  double e = rel_err(got, want, n);
+  double e = ot_test_rel_err(got, want, n);
   double maxabs = 0, maxref = 0;
   for (size_t i = 0; i < n; i++) {
     double d = fabs((double)got[i] - want[i]);
@@ -134,8 +114,8 @@ static void test_logits_loss_grads(void **state) {
 
     float *logits = malloc(N * V * sizeof(float));
     assert_int_equal(ot_gpt2_forward_logits(fx.m, fx.inputs, fx.B, fx.T, logits), 0);
-    uint64_t nref;
-    float *want = ref_f32(fx.ref, "logits", &nref);
+    size_t nref;
+    float *want = ot_test_st_f32(fx.ref, "logits", &nref);
     assert_int_equal(nref, N * V);
     check_close("logits", cases[c], logits, want, N * V);
     free(want);
@@ -143,7 +123,7 @@ static void test_logits_loss_grads(void **state) {
 
     float loss;
     assert_int_equal(ot_gpt2_forward(fx.m, fx.inputs, fx.targets, fx.B, fx.T, &loss), 0);
-    float *wl = ref_f32(fx.ref, "loss", NULL);
+    float *wl = ot_test_st_f32(fx.ref, "loss", NULL);
     if (!(fabs(loss - wl[0]) < REL_TOL * fabs(wl[0])))
       fail_msg("%s: loss %.8f, PyTorch %.8f", cases[c], loss, wl[0]);
     free(wl);
@@ -153,8 +133,8 @@ static void test_logits_loss_grads(void **state) {
       ot_param *p = ot_gpt2_param(fx.m, i);
       char name[160];
       snprintf(name, sizeof name, "grad.%s", p->name + strlen("transformer."));
-      uint64_t n;
-      float *g = ref_f32(fx.ref, name, &n);
+      size_t n;
+      float *g = ot_test_st_f32(fx.ref, name, &n);
       assert_int_equal(n, p->numel);
       assert_non_null(p->grad);
       check_close(p->name, cases[c], p->grad, g, n);
@@ -195,7 +175,7 @@ static void test_frozen_subset(void **state) {
     if (!p->trainable) continue;
     char name[160];
     snprintf(name, sizeof name, "grad.%s", p->name + strlen("transformer."));
-    float *g = ref_f32(fx.ref, name, NULL);
+    float *g = ot_test_st_f32(fx.ref, name, NULL);
     check_close(p->name, "frozen-subset", p->grad, g, p->numel);
     free(g);
   }
@@ -239,7 +219,7 @@ static void test_half_checkpoints(void **state) {
       assert_int_equal(ot_gpt2_forward(fx.m, fx.inputs, fx.targets, fx.B, fx.T, &loss), 0);
       char name[32];
       snprintf(name, sizeof name, "loss_%s", subs[s]);
-      float *wl = ref_f32(fx.ref, name, NULL);
+      float *wl = ot_test_st_f32(fx.ref, name, NULL);
       if (!(fabs(loss - wl[0]) < REL_TOL * fabs(wl[0])))
         fail_msg("%s/%s: loss %.8f, PyTorch %.8f", cases[c], subs[s], loss, wl[0]);
       free(wl);
@@ -279,7 +259,7 @@ static void test_optimizer_trajectories(void **state) {
       assert_int_equal(
           ot_optimizer_create(&oc, fx.be, ot_gpt2_param(fx.m, 0), ot_gpt2_param_count(fx.m), &opt), 0);
       uint64_t n;
-      float *want = ref_f32(fx.ref, kind == 0 ? "adamw_losses" : "sgd_losses", &n);
+      float *want = ot_test_st_f32(fx.ref, kind == 0 ? "adamw_losses" : "sgd_losses", &n);
       for (uint64_t s = 0; s < n; s++) {
         float loss;
         assert_int_equal(ot_gpt2_forward(fx.m, fx.inputs, fx.targets, fx.B, fx.T, &loss), 0);
