@@ -455,7 +455,7 @@ static void plan_acts(ot_gpt2 *m, carver *cv, int B, int T, int training) {
   m->losses = carve(cv, N * F);
   m->tokens = carve(cv, N * sizeof(int32_t));
   m->targets = carve(cv, N * sizeof(int32_t));
-  m->lora_xd = all.lora_dropout > 0.0f ? carve(cv, N * 4 * C * F) : NULL;
+  m->lora_xd = training && all.lora_dropout > 0.0f ? carve(cv, N * 4 * C * F) : NULL;
   m->lora_dt = training && all.lora_r ? carve(cv, N * (size_t)all.lora_r * F) : NULL;
   m->bn_up = all.bottleneck ? carve(cv, N * C * F) : NULL;
   m->bn_dh = training && all.bottleneck ? carve(cv, N * C * F) : NULL;
@@ -872,6 +872,8 @@ int ot_gpt2_add_extensions(ot_gpt2 *m, const ot_block_ext *ext, uint64_t seed) {
   if (m->ext) return ot_error(OT_ERR_INVALID, "the model already has extensions");
   int rc = ext_check(m, ext);
   if (rc) return rc;
+  if (!m->be->ops->lora_fwd || !m->be->ops->lora_bwd)
+    return ot_error(OT_ERR_UNSUPPORTED, "the %s backend has no LoRA ops yet", m->be->ops->name);
   int L = m->cfg.n_layer, C = m->cfg.n_embd, n_new = 0;
   for (int l = 0; l < L; l++)
     n_new += 2 * __builtin_popcount(ext[l].lora_sites) + (ext[l].bottleneck ? 8 : 0);
