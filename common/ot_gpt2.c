@@ -1002,7 +1002,7 @@ int ot_gpt2_merge_lora(ot_gpt2 *m) {
   if (rc) return rc;
   free_acts(m);
   free_grads(m);
-  be->ops->free(be, m->ext_mem);
+  if (m->ext_mem) be->ops->free(be, m->ext_mem);
   m->ext_mem = NULL;
   m->ext_scalars = 0;
   m->n_params = m->n_base;
