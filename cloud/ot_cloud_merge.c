@@ -19,9 +19,9 @@ int ot_cmd_merge(int argc, char **argv) {
       {"out", OT_OPT_STR, &out, "DIR", "checkpoint directory to write (required)"},
   };
   const char *syn = "offtune-cloud merge --model DIR --adapter LORA_DIR --out DIR";
-  const char *desc = "Adds scale * (B A)^T of every LoRA site to its Conv1D weight [in, out] and writes\n"
-                     "config.json, model.safetensors and the tokenizer: a plain model that scores like\n"
-                     "model + adapter up to float32 rounding.";
+  const char *desc = "Adds scale * (B A)^T of every LoRA site to its Conv1D weight [in, out]\n"
+                     "and writes config.json, model.safetensors and the tokenizer: a plain\n"
+                     "model that scores like model + adapter up to float32 rounding.";
   int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
   if (rc == 1) {
     ot_cli_usage(stdout, syn, desc, opts, N_OPTS(opts));

@@ -163,11 +163,11 @@ int ot_dev_tune(int argc, char **argv) {
       {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
   };
   const char *syn = "offtune-device tune --emulator DIR (--text|--tokens FILE) --out DIR [options]";
-  const char *desc =
-      "Trains only the adapter on the emulator's bottom and top blocks (the blocks themselves, LoRA,\n"
-      "bottleneck adapters or their biases); everything else is frozen. Batches\n"
-      "as in offtune-cloud finetune (sequential). With --eval-every, the last 10% of the tokens are\n"
-      "held out, and the best adapter on them is kept (early stopping after --patience).";
+  const char *desc = "Trains only the adapter on the emulator's bottom and top blocks (the\n"
+                     "blocks themselves, LoRA, bottleneck adapters or their biases); everything\n"
+                     "else is frozen. Batches as in offtune-cloud finetune (sequential). With\n"
+                     "--eval-every, the last 10% of the tokens are held out, and the best adapter\n"
+                     "on them is kept (early stopping after --patience).";
   int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
   if (rc == 1) {
     ot_cli_usage(stdout, syn, desc, opts, N_OPTS(opts));
@@ -259,7 +259,8 @@ int ot_dev_tune(int argc, char **argv) {
   if (rc == OT_OK) {
     what = "tuning";
     size_t trainable = c.best_w.n;
-    fprintf(stderr, "[tune] emulator %d blocks, adapter blocks", ot_emu_n_layer(&plan));
+    fprintf(stderr, "[tune] %s adapter; emulator %d blocks, adapter blocks", ot_adapter_kind_name(acfg.kind),
+            ot_emu_n_layer(&plan));
     for (int i = 0; i < ot_emu_n_layer(&plan); i++)
       if (ot_emu_is_adapter(&plan, i)) fprintf(stderr, " %d", plan.src[i]);
     fprintf(
