@@ -8,7 +8,7 @@
 #include "ot_cloud_cmd.h"
 #include "ot_error.h"
 #include "ot_data.h"
-#include "ot_emulator.h"
+#include "ot_adapter.h"
 #include "ot_eval.h"
 #include "ot_fileio.h"
 
@@ -20,7 +20,8 @@ int ot_cmd_eval(int argc, char **argv) {
   const ot_opt opts[] = {
       {"model", OT_OPT_STR, &model, "DIR",
        "checkpoint directory (config.json, model.safetensors, tokenizer)"},
-      {"adapter", OT_OPT_STR, &adapter, "DIR", "plug in an offsite adapter (from offtune-device tune) first"},
+      {"adapter", OT_OPT_STR, &adapter, "DIR",
+       "plug in an adapter of any kind (from offtune-device tune) first"},
       {"text", OT_OPT_STR, &text, "FILE", "UTF-8 text to score (tokenized with the model's tokenizer)"},
       {"tokens", OT_OPT_STR, &tokens, "FILE", "whitespace-separated token ids to score"},
       {"seq-len", OT_OPT_INT, &seq_len, "T", "window length (default: the model's n_positions)"},

@@ -20,7 +20,16 @@ typedef struct {
   float *ln2, *ln2_mean, *ln2_rstd;
   float *fch, *fch_gelu; /* [N,4C] */
   float *residual3;      /* [N,C] block output */
+  /* extensions */
+  float *lora_t[OT_LORA_NSITE];        /* [N,r] drop(x) A^T per LoRA site */
+  float *bn_in[2], *bn_z[2], *bn_g[2]; /* bottleneck after attn / mlp: h [N,C], down(h), gelu [N,m] */
 } ot_block_acts;
+
+/* Parameter indices of a block's extensions, -1 where absent. */
+typedef struct {
+  int lora[OT_LORA_NSITE][2]; /* A, B */
+  int bn[2][4];               /* down.weight, down.bias, up.weight, up.bias */
+} ot_ext_idx;
 
 struct ot_gpt2 {
   ot_gpt2_config cfg;
@@ -57,6 +66,17 @@ struct ot_gpt2 {
   int last_B, last_T, last_has_targets;
   double last_loss_sum;
   size_t last_count;
+
+  /* extensions: tensors n_base.. of the table live in ext_mem */
+  int n_base;
+  float *ext_mem;
+  size_t ext_scalars;
+  ot_block_ext *ext; /* [L], NULL when none */
+  ot_ext_idx *eidx;  /* [L] */
+  uint64_t drop_seed, step;
+  int dropout_on, last_dropout;
+  float *lora_xd, *lora_dt;             /* [N,4C], [N,rmax] scratch */
+  float *bn_up, *bn_dh, *bn_dg, *bn_dz; /* [N,C], [N,C], [N,m], [N,m] scratch */
 
   /* extra gradients dL/d(block output) for the next backward (backend memory, [N,C]) */
   const float **extra_grad;
@@ -115,6 +135,8 @@ int ot_gpt2_create(const ot_gpt2_config *cfg, ot_backend *be, ot_gpt2 **out) {
   set_param(&m->params[P_LNF_W(m)], "transformer.ln_f.weight", C, 0);
   set_param(&m->params[P_LNF_B(m)], "transformer.ln_f.bias", C, 0);
   for (int i = 0; i < m->n_params; i++) m->n_scalars += m->params[i].numel;
+  m->n_base = m->n_params;
+  m->dropout_on = 1;
   rc = be->ops->alloc(be, m->n_scalars * sizeof(float), (void **)&m->param_mem);
   if (rc) {
     free(m->params);
@@ -156,6 +178,9 @@ void ot_gpt2_free(ot_gpt2 *m) {
   free_acts(m);
   free_grads(m);
   m->be->ops->free(m->be, m->param_mem);
+  if (m->ext_mem) m->be->ops->free(m->be, m->ext_mem);
+  free(m->ext);
+  free(m->eidx);
   free(m->params);
   free(m->extra_grad);
   free(m);
@@ -163,7 +188,8 @@ void ot_gpt2_free(ot_gpt2 *m) {
 
 const ot_gpt2_config *ot_gpt2_cfg(const ot_gpt2 *m) { return &m->cfg; }
 ot_backend *ot_gpt2_backend(const ot_gpt2 *m) { return m->be; }
-size_t ot_gpt2_num_params(const ot_gpt2 *m) { return m->n_scalars; }
+size_t ot_gpt2_num_params(const ot_gpt2 *m) { return m->n_scalars + m->ext_scalars; }
+int ot_gpt2_base_param_count(const ot_gpt2 *m) { return m->n_base; }
 int ot_gpt2_param_count(const ot_gpt2 *m) { return m->n_params; }
 ot_param *ot_gpt2_param(ot_gpt2 *m, int i) { return (i >= 0 && i < m->n_params) ? &m->params[i] : NULL; }
 
@@ -183,7 +209,7 @@ void ot_gpt2_set_all_trainable(ot_gpt2 *m, int trainable) {
 }
 
 size_t ot_gpt2_memory_bytes(const ot_gpt2 *m) {
-  return m->n_scalars * sizeof(float) + m->grad_scalars * sizeof(float) + m->act_bytes;
+  return (m->n_scalars + m->ext_scalars) * sizeof(float) + m->grad_scalars * sizeof(float) + m->act_bytes;
 }
 
 /* ---- initialisation -------------------------------------------------------------- */
@@ -203,7 +229,7 @@ int ot_gpt2_init_random(ot_gpt2 *m, uint64_t seed) {
   if (!host) return ot_error(OT_ERR_NOMEM, "cannot allocate init buffer");
   float *h = host;
   double resid_std = 0.02 / sqrt(2.0 * m->cfg.n_layer);
-  for (int i = 0; i < m->n_params; i++) {
+  for (int i = 0; i < m->n_base; i++) {
     ot_param *p = &m->params[i];
     const char *n = p->name;
     size_t len = strlen(n);
@@ -244,7 +270,7 @@ static int map_name(ot_gpt2 *m, const char *name) {
   }
   char full[128];
   snprintf(full, sizeof full, "transformer.%s", n);
-  for (int i = 0; i < m->n_params; i++)
+  for (int i = 0; i < m->n_base; i++)
     if (strcmp(m->params[i].name, full) == 0) return i;
   return -2;
 }
@@ -301,7 +327,7 @@ int ot_gpt2_load_safetensors(ot_gpt2 *m, const char *path) {
     rc = ot_st_read_f32(st, t, stage, p->numel);
     if (rc == OT_OK) rc = m->be->ops->upload(m->be, p->data, stage, p->numel * sizeof(float));
   }
-  for (int i = 0; i < m->n_params && rc == OT_OK; i++)
+  for (int i = 0; i < m->n_base && rc == OT_OK; i++)
     if (!seen[i]) rc = ot_error(OT_ERR_NOTFOUND, "%s: tensor '%s' is missing", path, m->params[i].name);
   free(stage);
   free(seen);
@@ -343,7 +369,7 @@ int ot_gpt2_save_dir(const ot_gpt2 *m, const char *dir) {
   if (rc == OT_OK) rc = m->be->ops->download(m->be, host, m->param_mem, m->n_scalars * sizeof(float));
   if (rc == OT_OK) rc = ot_st_writer_new(&w);
   if (rc == OT_OK) rc = ot_st_writer_set_metadata(w, "format", "pt");
-  for (int i = 0; i < m->n_params && rc == OT_OK; i++) {
+  for (int i = 0; i < m->n_base && rc == OT_OK; i++) { /* a plain checkpoint: no extensions */
     const ot_param *p = &m->params[i];
     int64_t shape[2] = {p->shape[0], p->shape[1]};
     rc = ot_st_writer_add(w, p->name, OT_DTYPE_F32, p->ndim, shape, host + (p->data - m->param_mem));
@@ -372,11 +398,39 @@ static void *carve(carver *cv, size_t bytes) {
   return cv->dry ? NULL : cv->base + off;
 }
 
+/* Extensions an activation set must hold: its own block's in training, the union of
+ * all blocks' when one set serves every block. */
+static ot_block_ext ext_need(const ot_gpt2 *m, int act_block) {
+  ot_block_ext e = {0, 0, 0.0f, 0.0f, 0};
+  if (!m->ext) return e;
+  int l0 = m->training ? act_block : 0, l1 = m->training ? act_block + 1 : m->cfg.n_layer;
+  for (int l = l0; l < l1; l++) {
+    const ot_block_ext *x = &m->ext[l];
+    e.lora_sites |= x->lora_sites;
+    if (x->lora_sites && x->lora_r > e.lora_r) e.lora_r = x->lora_r;
+    if (x->lora_sites && x->lora_dropout > e.lora_dropout) e.lora_dropout = x->lora_dropout;
+    if (x->bottleneck > e.bottleneck) e.bottleneck = x->bottleneck;
+  }
+  return e;
+}
+
 static void plan_acts(ot_gpt2 *m, carver *cv, int B, int T, int training) {
   size_t N = (size_t)B * T, C = m->cfg.n_embd, V = m->cfg.vocab_size, NH = m->cfg.n_head;
   size_t F = sizeof(float);
+  ot_block_ext all = {0, 0, 0.0f, 0.0f, 0}; /* maxima over the blocks, for shared scratch */
   for (int l = 0; l < m->n_act_blocks; l++) {
     ot_block_acts *a = &m->blocks[l];
+    ot_block_ext e = ext_need(m, l);
+    for (int s = 0; s < OT_LORA_NSITE; s++)
+      a->lora_t[s] = (e.lora_sites >> s) & 1 ? carve(cv, N * (size_t)e.lora_r * F) : NULL;
+    for (int s = 0; s < 2; s++) {
+      a->bn_in[s] = e.bottleneck ? carve(cv, N * C * F) : NULL;
+      a->bn_z[s] = e.bottleneck ? carve(cv, N * (size_t)e.bottleneck * F) : NULL;
+      a->bn_g[s] = e.bottleneck ? carve(cv, N * (size_t)e.bottleneck * F) : NULL;
+    }
+    if (e.lora_r > all.lora_r) all.lora_r = e.lora_r;
+    if (e.lora_dropout > all.lora_dropout) all.lora_dropout = e.lora_dropout;
+    if (e.bottleneck > all.bottleneck) all.bottleneck = e.bottleneck;
     a->ln1 = carve(cv, N * C * F);
     a->ln1_mean = carve(cv, N * F);
     a->ln1_rstd = carve(cv, N * F);
@@ -401,6 +455,12 @@ static void plan_acts(ot_gpt2 *m, carver *cv, int B, int T, int training) {
   m->losses = carve(cv, N * F);
   m->tokens = carve(cv, N * sizeof(int32_t));
   m->targets = carve(cv, N * sizeof(int32_t));
+  m->lora_xd = training && all.lora_dropout > 0.0f ? carve(cv, N * 4 * C * F) : NULL;
+  m->lora_dt = training && all.lora_r ? carve(cv, N * (size_t)all.lora_r * F) : NULL;
+  m->bn_up = all.bottleneck ? carve(cv, N * C * F) : NULL;
+  m->bn_dh = training && all.bottleneck ? carve(cv, N * C * F) : NULL;
+  m->bn_dg = training && all.bottleneck ? carve(cv, N * (size_t)all.bottleneck * F) : NULL;
+  m->bn_dz = training && all.bottleneck ? carve(cv, N * (size_t)all.bottleneck * F) : NULL;
   if (training) {
     m->dresidual = carve(cv, N * C * F);
     m->dln = carve(cv, N * C * F);
@@ -475,6 +535,72 @@ int ot_gpt2_zero_grad(ot_gpt2 *m) {
 
 #define BP(m, l, k) ((m)->params[P_BLK0 + (l)*OT_BLK_NPARAM + (k)].data)
 #define BG(m, l, k) ((m)->params[P_BLK0 + (l)*OT_BLK_NPARAM + (k)].grad)
+#define XP(m, i) ((m)->params[i].data)
+#define XG(m, i) ((m)->params[i].grad)
+
+static int has_lora(const ot_gpt2 *m, int l, int s) { return m->ext && ((m->ext[l].lora_sites >> s) & 1); }
+static int has_bn(const ot_gpt2 *m, int l) { return m->ext && m->ext[l].bottleneck > 0; }
+
+/* In/out widths of LoRA site s. */
+static void site_dims(const ot_gpt2 *m, int s, int *in, int *out) {
+  int C = m->cfg.n_embd;
+  const int d[OT_LORA_NSITE][2] = {{C, 3 * C}, {C, C}, {C, 4 * C}, {4 * C, C}};
+  *in = d[s][0];
+  *out = d[s][1];
+}
+
+static float lora_p(const ot_gpt2 *m, int l) { return m->last_dropout ? m->ext[l].lora_dropout : 0.0f; }
+static uint64_t lora_seed(const ot_gpt2 *m, int l, int s) {
+  return ot_dropout_seed(m->drop_seed, m->step, (uint64_t)l * OT_LORA_NSITE + (uint64_t)s);
+}
+
+/* out += LoRA branch of site s (no-op without LoRA there). */
+static void lora_site_fwd(ot_gpt2 *m, int l, ot_block_acts *a, int s, float *out, const float *x, int N) {
+  if (!has_lora(m, l, s)) return;
+  int in, outw;
+  site_dims(m, s, &in, &outw);
+  const ot_block_ext *e = &m->ext[l];
+  m->be->ops->lora_fwd(m->be, out, a->lora_t[s], m->lora_xd, x, XP(m, m->eidx[l].lora[s][0]),
+                       XP(m, m->eidx[l].lora[s][1]), N, in, outw, e->lora_r, e->lora_alpha / (float)e->lora_r,
+                       lora_p(m, l), lora_seed(m, l, s));
+}
+
+static void lora_site_bwd(ot_gpt2 *m, int l, ot_block_acts *a, int s, float *dx, const float *dout,
+                          const float *x, int N) {
+  if (!has_lora(m, l, s)) return;
+  int in, outw;
+  site_dims(m, s, &in, &outw);
+  const ot_block_ext *e = &m->ext[l];
+  int ia = m->eidx[l].lora[s][0], ib = m->eidx[l].lora[s][1];
+  m->be->ops->lora_bwd(m->be, dx, XG(m, ia), XG(m, ib), m->lora_dt, m->lora_xd, dout, x, a->lora_t[s],
+                       XP(m, ia), XP(m, ib), N, in, outw, e->lora_r, e->lora_alpha / (float)e->lora_r,
+                       lora_p(m, l), lora_seed(m, l, s));
+}
+
+/* Bottleneck k on h = a->bn_in[k]: m->proj = h + up(gelu(down(h))). */
+static void bn_fwd(ot_gpt2 *m, int l, ot_block_acts *a, int k, int N) {
+  const ot_backend_ops *o = m->be->ops;
+  int C = m->cfg.n_embd, d = m->ext[l].bottleneck;
+  const int *ix = m->eidx[l].bn[k];
+  o->matmul_fwd(m->be, a->bn_z[k], a->bn_in[k], XP(m, ix[0]), XP(m, ix[1]), N, C, d, OT_W_IN_OUT);
+  o->gelu_fwd(m->be, a->bn_g[k], a->bn_z[k], (size_t)N * d);
+  o->matmul_fwd(m->be, m->bn_up, a->bn_g[k], XP(m, ix[2]), XP(m, ix[3]), N, d, C, OT_W_IN_OUT);
+  o->add(m->be, m->proj, a->bn_in[k], m->bn_up, (size_t)N * C);
+}
+
+/* dh = dout + (adapter's Jacobian)^T dout into m->bn_dh; returns it. */
+static const float *bn_bwd(ot_gpt2 *m, int l, ot_block_acts *a, int k, const float *dout, int N) {
+  const ot_backend_ops *o = m->be->ops;
+  int C = m->cfg.n_embd, d = m->ext[l].bottleneck;
+  const int *ix = m->eidx[l].bn[k];
+  o->matmul_bwd(m->be, m->bn_dg, XG(m, ix[2]), XG(m, ix[3]), dout, a->bn_g[k], XP(m, ix[2]), N, d, C,
+                OT_W_IN_OUT);
+  o->gelu_bwd(m->be, m->bn_dz, a->bn_z[k], m->bn_dg, (size_t)N * d);
+  o->matmul_bwd(m->be, m->bn_dh, XG(m, ix[0]), XG(m, ix[1]), m->bn_dz, a->bn_in[k], XP(m, ix[0]), N, C, d,
+                OT_W_IN_OUT);
+  o->add(m->be, m->bn_dh, m->bn_dh, dout, (size_t)N * C);
+  return m->bn_dh;
+}
 
 /* Embeddings, blocks 0..n_blocks-1 and, when all blocks ran, the final LayerNorm into
  * m->lnf. */
@@ -503,24 +629,35 @@ static int forward_trunk(ot_gpt2 *m, const int32_t *inputs, const int32_t *targe
     memcpy(m->host_targets, targets, (size_t)N * sizeof(int32_t));
   }
 
+  /* dropout only in training forwards with targets; backward reuses this decision */
+  m->last_dropout = m->training && m->dropout_on && targets != NULL;
   o->encoder_fwd(be, m->encoded, m->tokens, m->params[P_WTE].data, m->params[P_WPE].data, B, T, C);
   float *residual = m->encoded;
   for (int l = 0; l < n_blocks; l++) {
     ot_block_acts *a = &m->blocks[m->training ? l : 0];
+    int bn = has_bn(m, l);
     o->layernorm_fwd(be, a->ln1, a->ln1_mean, a->ln1_rstd, residual, BP(m, l, OT_BLK_LN1_W),
                      BP(m, l, OT_BLK_LN1_B), N, C, m->cfg.layer_norm_epsilon);
     o->matmul_fwd(be, a->qkv, a->ln1, BP(m, l, OT_BLK_QKV_W), BP(m, l, OT_BLK_QKV_B), N, C, 3 * C,
                   OT_W_IN_OUT);
+    lora_site_fwd(m, l, a, OT_LORA_QKV, a->qkv, a->ln1, N);
     o->attention_fwd(be, a->atty, a->att, a->qkv, B, T, C, NH);
-    o->matmul_fwd(be, m->proj, a->atty, BP(m, l, OT_BLK_ATTPROJ_W), BP(m, l, OT_BLK_ATTPROJ_B), N, C, C,
+    float *h = bn ? a->bn_in[0] : m->proj;
+    o->matmul_fwd(be, h, a->atty, BP(m, l, OT_BLK_ATTPROJ_W), BP(m, l, OT_BLK_ATTPROJ_B), N, C, C,
                   OT_W_IN_OUT);
+    lora_site_fwd(m, l, a, OT_LORA_ATTPROJ, h, a->atty, N);
+    if (bn) bn_fwd(m, l, a, 0, N);
     o->add(be, a->residual2, residual, m->proj, (size_t)N * C);
     o->layernorm_fwd(be, a->ln2, a->ln2_mean, a->ln2_rstd, a->residual2, BP(m, l, OT_BLK_LN2_W),
                      BP(m, l, OT_BLK_LN2_B), N, C, m->cfg.layer_norm_epsilon);
     o->matmul_fwd(be, a->fch, a->ln2, BP(m, l, OT_BLK_FC_W), BP(m, l, OT_BLK_FC_B), N, C, 4 * C, OT_W_IN_OUT);
+    lora_site_fwd(m, l, a, OT_LORA_FC, a->fch, a->ln2, N);
     o->gelu_fwd(be, a->fch_gelu, a->fch, (size_t)N * 4 * C);
-    o->matmul_fwd(be, m->proj, a->fch_gelu, BP(m, l, OT_BLK_FCPROJ_W), BP(m, l, OT_BLK_FCPROJ_B), N, 4 * C, C,
+    h = bn ? a->bn_in[1] : m->proj;
+    o->matmul_fwd(be, h, a->fch_gelu, BP(m, l, OT_BLK_FCPROJ_W), BP(m, l, OT_BLK_FCPROJ_B), N, 4 * C, C,
                   OT_W_IN_OUT);
+    lora_site_fwd(m, l, a, OT_LORA_FCPROJ, h, a->fch_gelu, N);
+    if (bn) bn_fwd(m, l, a, 1, N);
     o->add(be, a->residual3, a->residual2, m->proj, (size_t)N * C);
     residual = a->residual3;
   }
@@ -614,6 +751,14 @@ int ot_gpt2_backward(ot_gpt2 *m) {
         stop = l;
         break;
       }
+  for (int l = 0; m->ext && l < stop; l++) { /* extensions count as their block's parameters */
+    const int *ix = &m->eidx[l].lora[0][0];
+    for (int k = 0; k < (int)(sizeof(ot_ext_idx) / sizeof(int)); k++)
+      if (ix[k] >= 0 && m->params[ix[k]].trainable) {
+        stop = l;
+        break;
+      }
+  }
   if (emb_trainable) stop = 0;
   int need_input_grad = emb_trainable; /* gradient into the embedding output */
   int lnf_trainable = m->params[P_LNF_W(m)].trainable || m->params[P_LNF_B(m)].trainable;
@@ -634,20 +779,27 @@ int ot_gpt2_backward(ot_gpt2 *m) {
     float *residual = l == 0 ? m->encoded : m->blocks[l - 1].residual3;
     if (m->extra_grad[l]) o->add(be, m->dresidual, m->dresidual, m->extra_grad[l], (size_t)N * C);
     int input_grad = l > stop || need_input_grad;
+    int bn = has_bn(m, l);
     /* residual3 = residual2 + fcproj: dresidual flows to both */
-    o->matmul_bwd(be, m->dfch_gelu, BG(m, l, OT_BLK_FCPROJ_W), BG(m, l, OT_BLK_FCPROJ_B), m->dresidual,
-                  a->fch_gelu, BP(m, l, OT_BLK_FCPROJ_W), N, 4 * C, C, OT_W_IN_OUT);
+    const float *dh = bn ? bn_bwd(m, l, a, 1, m->dresidual, N) : m->dresidual;
+    o->matmul_bwd(be, m->dfch_gelu, BG(m, l, OT_BLK_FCPROJ_W), BG(m, l, OT_BLK_FCPROJ_B), dh, a->fch_gelu,
+                  BP(m, l, OT_BLK_FCPROJ_W), N, 4 * C, C, OT_W_IN_OUT);
+    lora_site_bwd(m, l, a, OT_LORA_FCPROJ, m->dfch_gelu, dh, a->fch_gelu, N);
     o->gelu_bwd(be, m->dfch, a->fch, m->dfch_gelu, (size_t)N * 4 * C);
     o->matmul_bwd(be, m->dln, BG(m, l, OT_BLK_FC_W), BG(m, l, OT_BLK_FC_B), m->dfch, a->ln2,
                   BP(m, l, OT_BLK_FC_W), N, C, 4 * C, OT_W_IN_OUT);
+    lora_site_bwd(m, l, a, OT_LORA_FC, m->dln, m->dfch, a->ln2, N);
     o->layernorm_bwd(be, m->dresidual, BG(m, l, OT_BLK_LN2_W), BG(m, l, OT_BLK_LN2_B), m->dln, a->residual2,
                      BP(m, l, OT_BLK_LN2_W), a->ln2_mean, a->ln2_rstd, N, C);
     /* residual2 = residual + attproj */
-    o->matmul_bwd(be, m->datty, BG(m, l, OT_BLK_ATTPROJ_W), BG(m, l, OT_BLK_ATTPROJ_B), m->dresidual, a->atty,
+    dh = bn ? bn_bwd(m, l, a, 0, m->dresidual, N) : m->dresidual;
+    o->matmul_bwd(be, m->datty, BG(m, l, OT_BLK_ATTPROJ_W), BG(m, l, OT_BLK_ATTPROJ_B), dh, a->atty,
                   BP(m, l, OT_BLK_ATTPROJ_W), N, C, C, OT_W_IN_OUT);
+    lora_site_bwd(m, l, a, OT_LORA_ATTPROJ, m->datty, dh, a->atty, N);
     o->attention_bwd(be, m->dqkv, m->datt, m->datty, a->qkv, a->att, B, T, C, NH);
     o->matmul_bwd(be, m->dln, BG(m, l, OT_BLK_QKV_W), BG(m, l, OT_BLK_QKV_B), m->dqkv, a->ln1,
                   BP(m, l, OT_BLK_QKV_W), N, C, 3 * C, OT_W_IN_OUT);
+    lora_site_bwd(m, l, a, OT_LORA_QKV, m->dln, m->dqkv, a->ln1, N);
     o->layernorm_bwd(be, input_grad ? m->dresidual : NULL, BG(m, l, OT_BLK_LN1_W), BG(m, l, OT_BLK_LN1_B),
                      m->dln, residual, BP(m, l, OT_BLK_LN1_W), a->ln1_mean, a->ln1_rstd, N, C);
   }
@@ -686,4 +838,177 @@ int ot_gpt2_set_block_grad(ot_gpt2 *m, int layer, const float *dout) {
 
 void ot_gpt2_clear_block_grads(ot_gpt2 *m) {
   for (int l = 0; l < m->cfg.n_layer; l++) m->extra_grad[l] = NULL;
+}
+
+/* ---- extensions ------------------------------------------------------------------ */
+
+const char *const ot_lora_modules[OT_LORA_NSITE] = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"};
+static const char *bn_names[2] = {"adapter_attn", "adapter_mlp"};
+static const char *bn_parts[4] = {"down.weight", "down.bias", "up.weight", "up.bias"};
+
+static const ot_block_ext no_ext = {0, 0, 0.0f, 0.0f, 0};
+
+const ot_block_ext *ot_gpt2_block_ext(const ot_gpt2 *m, int layer) {
+  if (!m->ext || layer < 0 || layer >= m->cfg.n_layer) return &no_ext;
+  return &m->ext[layer];
+}
+
+void ot_gpt2_set_step(ot_gpt2 *m, uint64_t step) { m->step = step; }
+void ot_gpt2_set_dropout(ot_gpt2 *m, int on) { m->dropout_on = on; }
+
+static int ext_check(const ot_gpt2 *m, const ot_block_ext *ext) {
+  for (int l = 0; l < m->cfg.n_layer; l++) {
+    const ot_block_ext *e = &ext[l];
+    if (e->lora_sites >> OT_LORA_NSITE) return ot_error(OT_ERR_INVALID, "block %d: unknown LoRA sites", l);
+    if (e->lora_sites && (e->lora_r < 1 || !(e->lora_alpha > 0.0f) || !isfinite(e->lora_alpha) ||
+                          !(e->lora_dropout >= 0.0f && e->lora_dropout < 1.0f)))
+      return ot_error(OT_ERR_INVALID, "block %d: LoRA needs r >= 1, alpha > 0 and dropout in [0, 1)", l);
+    if (e->bottleneck < 0) return ot_error(OT_ERR_INVALID, "block %d: negative bottleneck size", l);
+  }
+  return OT_OK;
+}
+
+int ot_gpt2_add_extensions(ot_gpt2 *m, const ot_block_ext *ext, uint64_t seed) {
+  if (m->ext) return ot_error(OT_ERR_INVALID, "the model already has extensions");
+  int rc = ext_check(m, ext);
+  if (rc) return rc;
+  if (!m->be->ops->lora_fwd || !m->be->ops->lora_bwd)
+    return ot_error(OT_ERR_UNSUPPORTED, "the %s backend has no LoRA ops yet", m->be->ops->name);
+  int L = m->cfg.n_layer, C = m->cfg.n_embd, n_new = 0;
+  for (int l = 0; l < L; l++)
+    n_new += 2 * __builtin_popcount(ext[l].lora_sites) + (ext[l].bottleneck ? 8 : 0);
+  ot_param *params = calloc((size_t)(m->n_params + n_new), sizeof *params);
+  ot_block_ext *e = calloc((size_t)L, sizeof *e);
+  ot_ext_idx *ix = calloc((size_t)L, sizeof *ix);
+  if (!params || !e || !ix) {
+    free(params);
+    free(e);
+    free(ix);
+    return ot_error(OT_ERR_NOMEM, "cannot allocate the extension table");
+  }
+  free_acts(m);
+  free_grads(m);
+  memcpy(params, m->params, (size_t)m->n_params * sizeof *params);
+  memcpy(e, ext, (size_t)L * sizeof *e);
+  int n = m->n_params;
+  for (int l = 0; l < L; l++) {
+    memset(&ix[l], 0xff, sizeof ix[l]); /* -1 */
+    char name[96];
+    for (int s = 0; s < OT_LORA_NSITE; s++) {
+      if (!((e[l].lora_sites >> s) & 1)) continue;
+      int in, out;
+      site_dims(m, s, &in, &out);
+      snprintf(name, sizeof name, "transformer.h.%d.%s.lora_A.weight", l, ot_lora_modules[s]);
+      set_param(&params[n], name, e[l].lora_r, in);
+      ix[l].lora[s][0] = n++;
+      snprintf(name, sizeof name, "transformer.h.%d.%s.lora_B.weight", l, ot_lora_modules[s]);
+      set_param(&params[n], name, out, e[l].lora_r);
+      ix[l].lora[s][1] = n++;
+    }
+    int d = e[l].bottleneck;
+    for (int k = 0; d && k < 2; k++) {
+      const int dims[4][2] = {{C, d}, {d, 0}, {d, C}, {C, 0}};
+      for (int j = 0; j < 4; j++) {
+        snprintf(name, sizeof name, "transformer.h.%d.%s.%s", l, bn_names[k], bn_parts[j]);
+        set_param(&params[n], name, dims[j][0], dims[j][1]);
+        ix[l].bn[k][j] = n++;
+      }
+    }
+  }
+  size_t total = 0;
+  for (int i = m->n_params; i < n; i++) total += params[i].numel;
+  float *mem = NULL, *host = malloc((total ? total : 1) * sizeof(float));
+  rc = host ? OT_OK : ot_error(OT_ERR_NOMEM, "cannot allocate the extension init buffer");
+  if (rc == OT_OK && total) rc = m->be->ops->alloc(m->be, total * sizeof(float), (void **)&mem);
+  /* PEFT init: A kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0; bottleneck
+   * down N(0, 0.02), up and biases 0, so the model starts as it was */
+  uint64_t st = seed ^ 0x5EEDADA97E55ull;
+  float *h = host;
+  for (int i = m->n_params; i < n && rc == OT_OK; i++) {
+    ot_param *p = &params[i];
+    size_t len = strlen(p->name);
+    int is_a = strstr(p->name, ".lora_A.") != NULL,
+        is_down = len > 12 && !strcmp(p->name + len - 12, ".down.weight");
+    if (is_a) {
+      double bound = 1.0 / sqrt((double)p->shape[1]);
+      for (size_t j = 0; j < p->numel; j++) h[j] = (float)((2.0 * uniform01(&st) - 1.0) * bound);
+    } else if (is_down) {
+      for (size_t j = 0; j < p->numel; j += 2) {
+        double r = 0.02 * sqrt(-2.0 * log(uniform01(&st))), a = 2.0 * M_PI * uniform01(&st);
+        h[j] = (float)(r * cos(a));
+        if (j + 1 < p->numel) h[j + 1] = (float)(r * sin(a));
+      }
+    } else {
+      memset(h, 0, p->numel * sizeof(float));
+    }
+    p->data = mem + (h - host);
+    h += p->numel;
+  }
+  if (rc == OT_OK && total) rc = m->be->ops->upload(m->be, mem, host, total * sizeof(float));
+  free(host);
+  if (rc) {
+    if (mem) m->be->ops->free(m->be, mem);
+    free(params);
+    free(e);
+    free(ix);
+    return rc;
+  }
+  free(m->params);
+  m->params = params;
+  m->n_params = n;
+  m->ext = e;
+  m->eidx = ix;
+  m->ext_mem = mem;
+  m->ext_scalars = total;
+  m->drop_seed = seed;
+  return OT_OK;
+}
+
+int ot_gpt2_merge_lora(ot_gpt2 *m) {
+  if (!m->ext) return OT_OK;
+  int L = m->cfg.n_layer;
+  for (int l = 0; l < L; l++)
+    if (m->ext[l].bottleneck) return ot_error(OT_ERR_UNSUPPORTED, "bottleneck adapters cannot be merged");
+  ot_backend *be = m->be;
+  int rc = OT_OK;
+  for (int l = 0; l < L && rc == OT_OK; l++) {
+    for (int s = 0; s < OT_LORA_NSITE && rc == OT_OK; s++) {
+      if (!has_lora(m, l, s)) continue;
+      const int wk[OT_LORA_NSITE] = {OT_BLK_QKV_W, OT_BLK_ATTPROJ_W, OT_BLK_FC_W, OT_BLK_FCPROJ_W};
+      ot_param *W = &m->params[ot_gpt2_block_param_index(m, l, wk[s])];
+      ot_param *A = &m->params[m->eidx[l].lora[s][0]], *Bp = &m->params[m->eidx[l].lora[s][1]];
+      int in, out, r = m->ext[l].lora_r;
+      site_dims(m, s, &in, &out);
+      double scale = (double)m->ext[l].lora_alpha / r;
+      float *w = malloc(W->numel * sizeof(float)), *a = malloc(A->numel * sizeof(float)),
+            *b = malloc(Bp->numel * sizeof(float));
+      rc = w && a && b ? OT_OK : ot_error(OT_ERR_NOMEM, "cannot allocate merge buffers");
+      if (rc == OT_OK) rc = be->ops->download(be, w, W->data, W->numel * sizeof(float));
+      if (rc == OT_OK) rc = be->ops->download(be, a, A->data, A->numel * sizeof(float));
+      if (rc == OT_OK) rc = be->ops->download(be, b, Bp->data, Bp->numel * sizeof(float));
+      /* Conv1D W[in, out] += scale (B A)^T, the product in double */
+      for (int i = 0; rc == OT_OK && i < in; i++)
+        for (int o = 0; o < out; o++) {
+          double acc = 0.0;
+          for (int k = 0; k < r; k++) acc += (double)b[(size_t)o * r + k] * a[(size_t)k * in + i];
+          w[(size_t)i * out + o] = (float)(w[(size_t)i * out + o] + scale * acc);
+        }
+      if (rc == OT_OK) rc = be->ops->upload(be, W->data, w, W->numel * sizeof(float));
+      free(w);
+      free(a);
+      free(b);
+    }
+  }
+  if (rc) return rc;
+  free_acts(m);
+  free_grads(m);
+  if (m->ext_mem) be->ops->free(be, m->ext_mem);
+  m->ext_mem = NULL;
+  m->ext_scalars = 0;
+  m->n_params = m->n_base;
+  free(m->ext);
+  free(m->eidx);
+  m->ext = NULL;
+  m->eidx = NULL;
+  return be->ops->sync(be);
 }

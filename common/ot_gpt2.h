@@ -112,6 +112,44 @@ int ot_gpt2_block_output(const ot_gpt2 *m, int layer, const float **out);
 int ot_gpt2_set_block_grad(ot_gpt2 *m, int layer, const float *dout);
 void ot_gpt2_clear_block_grads(ot_gpt2 *m);
 
+/* ---- per-block extensions (adapters) ---------------------------------------------
+ *
+ * LoRA (Hu et al. 2021, PEFT semantics) on any of a block's linear layers, and Houlsby
+ * bottleneck adapters after the attention and MLP output projections. Their tensors are
+ * ordinary ot_params appended to the table (a second allocation), so optimizers, snapshots
+ * and gradient checks see them; checkpoints (load/save_dir) hold the base tensors only.
+ *
+ * LoRA site s of block i: transformer.h.{i}.{module}.lora_A.weight [r, in] and .lora_B.weight
+ * [out, r]; out += (alpha/r) * drop(x) A^T B^T, dropout only in training forwards.
+ * Bottleneck: transformer.h.{i}.adapter_{attn,mlp}.{down,up}.{weight,bias}, down [C, m],
+ * up [m, C] (Conv1D layout); h' = h + up(gelu(down(h))) on the projection output h. */
+enum { OT_LORA_QKV = 0, OT_LORA_ATTPROJ = 1, OT_LORA_FC = 2, OT_LORA_FCPROJ = 3, OT_LORA_NSITE = 4 };
+/* PEFT module names of the sites: "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj". */
+extern const char *const ot_lora_modules[OT_LORA_NSITE];
+
+typedef struct {
+  unsigned lora_sites; /* bit s = LoRA on site s; 0 = none */
+  int lora_r;
+  float lora_alpha, lora_dropout;
+  int bottleneck; /* hidden size m of the two bottleneck adapters; 0 = none */
+} ot_block_ext;
+
+/* Adds extensions to the blocks (ext has n_layer entries) once, before prepare and the
+ * optimizer; initialises them as PEFT does (A ~ U(+-1/sqrt(in)), B = 0; bottleneck down
+ * N(0, 0.02), up and biases 0: the model's function is unchanged). The new tensors are
+ * trainable. seed also seeds the dropout masks. Drops any prepared activations. */
+int ot_gpt2_add_extensions(ot_gpt2 *m, const ot_block_ext *ext, uint64_t seed);
+/* Extensions of a block (all zero when none). */
+const ot_block_ext *ot_gpt2_block_ext(const ot_gpt2 *m, int layer);
+int ot_gpt2_base_param_count(const ot_gpt2 *m); /* tensors before the extensions */
+/* Folds every LoRA site into its base weight (Conv1D: W[in,out] += scale (B A)^T) and
+ * removes all extensions; refuses bottleneck adapters (they are not linear). */
+int ot_gpt2_merge_lora(ot_gpt2 *m);
+/* Training step number that seeds the dropout masks (set by ot_train before each step). */
+void ot_gpt2_set_step(ot_gpt2 *m, uint64_t step);
+/* Dropout in training forwards on (default) or off (held-out evaluation during training). */
+void ot_gpt2_set_dropout(ot_gpt2 *m, int on);
+
 /* Bytes held by parameters, gradients and activations (for reports). */
 size_t ot_gpt2_memory_bytes(const ot_gpt2 *m);
 

@@ -24,6 +24,7 @@ int ot_train(ot_gpt2 *m, ot_optimizer *opt, ot_batcher *data, const ot_train_con
   int rc = OT_OK, step;
   for (step = start_step; step < cfg->steps && rc == OT_OK; step++) {
     ot_batcher_next(data, in, tg);
+    ot_gpt2_set_step(m, (uint64_t)step); /* dropout masks follow the step, so a resumed run matches */
     /* gradients start at zero: prepare zeroes them and every optimizer step consumes them */
     if (cfg->loss_step) {
       rc = cfg->loss_step(cfg->ctx, in, tg, &loss);

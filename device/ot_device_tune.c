@@ -11,7 +11,7 @@
 #include "ot_cli.h"
 #include "ot_data.h"
 #include "ot_device_cmd.h"
-#include "ot_emulator.h"
+#include "ot_adapter.h"
 #include "ot_error.h"
 #include "ot_eval.h"
 #include "ot_fileio.h"
@@ -61,6 +61,7 @@ typedef struct {
   const char *out;
   ot_gpt2 *m;
   const ot_emu_plan *plan;
+  const ot_adapter_config *acfg;
   ot_optimizer *opt;
   ot_batcher *data;
   int B, T, steps, eval_every, patience;
@@ -78,14 +79,16 @@ static int save_state(void *vctx, int step) {
   tune_ctx *c = vctx;
   ot_snapshot_state st = {step,  c->data->pos, c->data->rng, c->B, c->T, c->have_best ? c->best : -1.0,
                           c->bad};
-  int rc = ot_adapter_save(c->m, c->plan, c->out);
+  int rc = ot_adapter_save(c->m, c->plan, c->acfg, c->out);
   if (rc == OT_OK) rc = ot_snapshot_save(c->out, c->m, c->opt, &st);
   return rc;
 }
 
 static int held_out(tune_ctx *c, double *loss) {
   ot_eval_result er;
+  ot_gpt2_set_dropout(c->m, 0); /* evaluation sees the adapter without dropout */
   int rc = ot_eval_tokens(c->m, c->val, c->n_val, c->T, c->B, NULL, &er);
+  ot_gpt2_set_dropout(c->m, 1);
   if (rc == OT_OK) *loss = er.loss;
   return rc;
 }
@@ -128,12 +131,22 @@ int ot_dev_tune(int argc, char **argv) {
   int steps = 100, batch = 8, seq_len = 0, eval_every = 0, patience = 3, ckpt_every = 0, resume = 0,
       threads = 0, warmup = 0;
   float lr = 1e-3f, weight_decay = 0.0f, grad_clip = 1.0f;
+  ot_adapter_config acfg;
+  ot_adapter_config_default(&acfg);
+  const char *targets = "c_attn,c_proj,c_fc,mlp.c_proj";
   const ot_opt opts[] = {
       {"emulator", OT_OPT_STR, &emu_dir, "DIR", "emulator package from offtune-cloud distill (required)"},
       {"text", OT_OPT_STR, &text, "FILE", "private training text"},
       {"tokens", OT_OPT_STR, &tokens, "FILE", "private training token ids"},
       {"out", OT_OPT_STR, &out, "DIR", "adapter directory to write (required)"},
-      {"adapter", OT_OPT_STR, &adapter, "KIND", "offsite (default: the whole bottom and top blocks)"},
+      {"adapter", OT_OPT_STR, &adapter, "KIND",
+       "offsite (default: the whole bottom and top blocks), lora, bottleneck or bitfit (their biases)"},
+      {"lora-r", OT_OPT_INT, &acfg.lora_r, "R", "LoRA rank (default 8)"},
+      {"lora-alpha", OT_OPT_FLOAT, &acfg.lora_alpha, "A", "LoRA alpha; scale = alpha / r (default 16)"},
+      {"lora-dropout", OT_OPT_FLOAT, &acfg.lora_dropout, "P", "dropout on the LoRA input (default 0.05)"},
+      {"lora-targets", OT_OPT_STR, &targets, "LIST",
+       "PEFT target modules (default c_attn,c_proj,c_fc,mlp.c_proj; c_proj means both)"},
+      {"bottleneck-dim", OT_OPT_INT, &acfg.bottleneck_dim, "M", "bottleneck adapter size (default 16)"},
       {"steps", OT_OPT_INT, &steps, "N", "optimizer steps (default 100)"},
       {"batch", OT_OPT_INT, &batch, "B", "sequences per step (default 8)"},
       {"seq-len", OT_OPT_INT, &seq_len, "T", "tokens per sequence (default: n_positions)"},
@@ -150,10 +163,11 @@ int ot_dev_tune(int argc, char **argv) {
       {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
   };
   const char *syn = "offtune-device tune --emulator DIR (--text|--tokens FILE) --out DIR [options]";
-  const char *desc =
-      "Trains only the emulator's bottom and top adapter blocks; everything else is frozen. Batches\n"
-      "as in offtune-cloud finetune (sequential). With --eval-every, the last 10% of the tokens are\n"
-      "held out, and the best adapter on them is kept (early stopping after --patience).";
+  const char *desc = "Trains only the adapter on the emulator's bottom and top blocks (the\n"
+                     "blocks themselves, LoRA, bottleneck adapters or their biases); everything\n"
+                     "else is frozen. Batches as in offtune-cloud finetune (sequential). With\n"
+                     "--eval-every, the last 10% of the tokens are held out, and the best adapter\n"
+                     "on them is kept (early stopping after --patience).";
   int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
   if (rc == 1) {
     ot_cli_usage(stdout, syn, desc, opts, N_OPTS(opts));
@@ -162,8 +176,12 @@ int ot_dev_tune(int argc, char **argv) {
   if (rc == OT_OK && (!emu_dir || !out)) rc = ot_error(OT_ERR_INVALID, "--emulator and --out are required");
   if (rc == OT_OK && !!text == !!tokens)
     rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
-  if (rc == OT_OK && strcmp(adapter, "offsite") != 0)
-    rc = ot_error(OT_ERR_INVALID, "--adapter %s: only offsite is available", adapter);
+  if (rc == OT_OK) rc = ot_adapter_parse_kind(adapter, &acfg.kind);
+  if (rc == OT_OK) rc = ot_lora_parse_targets(targets, &acfg.lora_sites);
+  if (rc == OT_OK && (acfg.lora_r < 1 || !(acfg.lora_alpha > 0) ||
+                      !(acfg.lora_dropout >= 0 && acfg.lora_dropout < 1) || acfg.bottleneck_dim < 1))
+    rc = ot_error(OT_ERR_INVALID,
+                  "need --lora-r >= 1, --lora-alpha > 0, 0 <= --lora-dropout < 1, --bottleneck-dim >= 1");
   if (rc == OT_OK && (steps < 1 || batch < 1 || seq_len < 0 || !(lr > 0) || eval_every < 0 || patience < 1 ||
                       ckpt_every < 0 || warmup < 0 || grad_clip < 0))
     rc = ot_error(OT_ERR_INVALID, "need --steps, --batch, --patience >= 1, --lr > 0, other counts >= 0");
@@ -185,6 +203,7 @@ int ot_dev_tune(int argc, char **argv) {
   tune_ctx c = {.out = out,
                 .m = m,
                 .plan = &plan,
+                .acfg = &acfg,
                 .B = batch,
                 .T = T,
                 .steps = steps,
@@ -208,7 +227,7 @@ int ot_dev_tune(int argc, char **argv) {
     what = "preparing";
     rc = ot_batcher_init(&bt, &train, batch, T, 0, 0);
   }
-  ot_emu_set_trainable(m, &plan, OT_EMU_TRAIN_ADAPTER);
+  if (rc == OT_OK) rc = ot_adapter_attach(m, &plan, &acfg);
   if (rc == OT_OK) rc = ot_gpt2_prepare(m, batch, T, 1);
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
@@ -240,7 +259,8 @@ int ot_dev_tune(int argc, char **argv) {
   if (rc == OT_OK) {
     what = "tuning";
     size_t trainable = c.best_w.n;
-    fprintf(stderr, "[tune] emulator %d blocks, adapter blocks", ot_emu_n_layer(&plan));
+    fprintf(stderr, "[tune] %s adapter; emulator %d blocks, adapter blocks", ot_adapter_kind_name(acfg.kind),
+            ot_emu_n_layer(&plan));
     for (int i = 0; i < ot_emu_n_layer(&plan); i++)
       if (ot_emu_is_adapter(&plan, i)) fprintf(stderr, " %d", plan.src[i]);
     fprintf(
@@ -276,7 +296,7 @@ int ot_dev_eval(int argc, char **argv) {
   int seq_len = 0, batch = 8, json = 0, threads = 0;
   const ot_opt opts[] = {
       {"emulator", OT_OPT_STR, &emu_dir, "DIR", "emulator package (required)"},
-      {"adapter", OT_OPT_STR, &adapter, "DIR", "offsite adapter to plug into the emulator"},
+      {"adapter", OT_OPT_STR, &adapter, "DIR", "adapter (any kind) to plug into the emulator"},
       {"text", OT_OPT_STR, &text, "FILE", "UTF-8 text to score"},
       {"tokens", OT_OPT_STR, &tokens, "FILE", "whitespace-separated token ids to score"},
       {"seq-len", OT_OPT_INT, &seq_len, "T", "window length (default: the model's n_positions)"},

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ot_emu_internal.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
 #include "ot_safetensors.h"
@@ -120,13 +121,13 @@ int ot_file_digest(const char *path, char hex[OT_DIGEST_HEX]) {
   return OT_OK;
 }
 
-static cJSON *int_array(const int *v, int n) {
+cJSON *ot_emu_int_array(const int *v, int n) {
   cJSON *a = cJSON_CreateArray();
   for (int i = 0; a && i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(v[i]));
   return a;
 }
 
-static int write_json(const char *dir, const char *name, cJSON *j) {
+int ot_emu_write_json(const char *dir, const char *name, cJSON *j) {
   char *path = NULL, *text = j ? cJSON_Print(j) : NULL;
   int rc = text ? ot_path_join(dir, name, &path) : ot_error(OT_ERR_NOMEM, "cannot format %s", name);
   if (rc == OT_OK) rc = ot_file_write_atomic(path, text, strlen(text));
@@ -150,15 +151,15 @@ int ot_emu_save(const ot_gpt2 *emu, const ot_emu_plan *p, const ot_tokenizer *to
     cJSON_AddNumberToObject(j, "full_n_layer", p->full_layers);
     cJSON_AddNumberToObject(j, "bottom", p->bottom);
     cJSON_AddNumberToObject(j, "top", p->top);
-    cJSON_AddItemToObject(j, "kept_middle", int_array(p->src + p->bottom, p->keep));
-    cJSON_AddItemToObject(j, "block_source", int_array(p->src, ot_emu_n_layer(p)));
+    cJSON_AddItemToObject(j, "kept_middle", ot_emu_int_array(p->src + p->bottom, p->keep));
+    cJSON_AddItemToObject(j, "block_source", ot_emu_int_array(p->src, ot_emu_n_layer(p)));
   }
-  rc = write_json(dir, "emulator.json", j);
+  rc = ot_emu_write_json(dir, "emulator.json", j);
   cJSON_Delete(j);
   return rc;
 }
 
-static int json_int(const cJSON *j, const char *key, int *out) {
+int ot_emu_json_int(const cJSON *j, const char *key, int *out) {
   const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
   if (!cJSON_IsNumber(v) || v->valuedouble != (double)(int)v->valuedouble)
     return ot_error(OT_ERR_FORMAT, "'%s' must be an integer", key);
@@ -167,7 +168,7 @@ static int json_int(const cJSON *j, const char *key, int *out) {
 }
 
 /* Reads an integer array of exactly n entries (n < 0: any length up to cap). */
-static int json_int_array(const cJSON *j, const char *key, int *v, int n, int cap, int *count) {
+int ot_emu_json_int_array(const cJSON *j, const char *key, int *v, int n, int cap, int *count) {
   const cJSON *a = cJSON_GetObjectItemCaseSensitive(j, key);
   if (!cJSON_IsArray(a)) return ot_error(OT_ERR_FORMAT, "'%s' must be an array", key);
   int len = cJSON_GetArraySize(a);
@@ -183,7 +184,7 @@ static int json_int_array(const cJSON *j, const char *key, int *v, int n, int ca
   return OT_OK;
 }
 
-static int read_json(const char *dir, const char *name, cJSON **out) {
+int ot_emu_read_json(const char *dir, const char *name, cJSON **out) {
   char *path = NULL, *buf = NULL;
   size_t len;
   int rc = ot_path_join(dir, name, &path);
@@ -197,7 +198,7 @@ static int read_json(const char *dir, const char *name, cJSON **out) {
   return rc;
 }
 
-static int hex_digest_ok(const char *s) {
+int ot_emu_hex_digest_ok(const char *s) {
   if (!s || strlen(s) != 64) return 0;
   for (int i = 0; i < 64; i++)
     if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f'))) return 0;
@@ -206,23 +207,24 @@ static int hex_digest_ok(const char *s) {
 
 int ot_emu_plan_load(const char *dir, ot_emu_plan *out) {
   cJSON *j = NULL;
-  int rc = read_json(dir, "emulator.json", &j);
+  int rc = ot_emu_read_json(dir, "emulator.json", &j);
   if (rc) return rc;
   ot_emu_plan p;
   memset(&p, 0, sizeof p);
   int version = 0, kept[OT_EMU_MAX_LAYERS];
-  rc = json_int(j, "format_version", &version);
+  rc = ot_emu_json_int(j, "format_version", &version);
   if (rc == OT_OK && version != 1)
     rc = ot_error(OT_ERR_UNSUPPORTED, "%s/emulator.json: format_version %d (this build reads 1)", dir,
                   version);
-  if (rc == OT_OK) rc = json_int(j, "full_n_layer", &p.full_layers);
-  if (rc == OT_OK) rc = json_int(j, "bottom", &p.bottom);
-  if (rc == OT_OK) rc = json_int(j, "top", &p.top);
-  if (rc == OT_OK) rc = json_int_array(j, "kept_middle", kept, -1, OT_EMU_MAX_LAYERS, &p.keep);
+  if (rc == OT_OK) rc = ot_emu_json_int(j, "full_n_layer", &p.full_layers);
+  if (rc == OT_OK) rc = ot_emu_json_int(j, "bottom", &p.bottom);
+  if (rc == OT_OK) rc = ot_emu_json_int(j, "top", &p.top);
+  if (rc == OT_OK) rc = ot_emu_json_int_array(j, "kept_middle", kept, -1, OT_EMU_MAX_LAYERS, &p.keep);
   if (rc == OT_OK && (p.full_layers < 1 || p.full_layers > OT_EMU_MAX_LAYERS || p.bottom < 0 || p.top < 0 ||
                       p.keep < 1 || p.bottom + p.keep + p.top > p.full_layers))
     rc = ot_error(OT_ERR_FORMAT, "%s/emulator.json: inconsistent block counts", dir);
-  if (rc == OT_OK) rc = json_int_array(j, "block_source", p.src, ot_emu_n_layer(&p), OT_EMU_MAX_LAYERS, NULL);
+  if (rc == OT_OK)
+    rc = ot_emu_json_int_array(j, "block_source", p.src, ot_emu_n_layer(&p), OT_EMU_MAX_LAYERS, NULL);
   /* bottom and top are the full model's own first and last blocks; the middle ascends */
   for (int i = 0; i < ot_emu_n_layer(&p) && rc == OT_OK; i++) {
     int want_ok = i < p.bottom ? p.src[i] == i
@@ -234,7 +236,7 @@ int ot_emu_plan_load(const char *dir, ot_emu_plan *out) {
       rc = ot_error(OT_ERR_FORMAT, "%s/emulator.json: block_source[%d] = %d does not fit", dir, i, p.src[i]);
   }
   const cJSON *d = cJSON_GetObjectItemCaseSensitive(j, "base_model_digest");
-  if (rc == OT_OK && !hex_digest_ok(cJSON_GetStringValue(d)))
+  if (rc == OT_OK && !ot_emu_hex_digest_ok(cJSON_GetStringValue(d)))
     rc = ot_error(OT_ERR_FORMAT, "%s/emulator.json: base_model_digest must be 64 hex digits", dir);
   if (rc == OT_OK) snprintf(p.base_digest, sizeof p.base_digest, "%s", cJSON_GetStringValue(d));
   cJSON_Delete(j);
@@ -357,7 +359,7 @@ void ot_distill_last(const ot_distill *d, float *ce, float *kd) {
 /* ---- offsite adapters ------------------------------------------------------------ */
 
 /* "transformer.h.{i}.{rest}" -> i and rest; 0 if not a block tensor. */
-static int split_block_name(const char *name, int *layer, const char **rest) {
+int ot_emu_split_block_name(const char *name, int *layer, const char **rest) {
   int off = 0;
   if (strncmp(name, "transformer.", 12) == 0) name += 12;
   if (sscanf(name, "h.%d.%n", layer, &off) != 1 || off == 0) return 0;
@@ -365,7 +367,7 @@ static int split_block_name(const char *name, int *layer, const char **rest) {
   return 1;
 }
 
-int ot_adapter_save(ot_gpt2 *emu, const ot_emu_plan *p, const char *dir) {
+int ot_offsite_save(ot_gpt2 *emu, const ot_emu_plan *p, const char *dir) {
   int nl = ot_emu_n_layer(p), n_adapter = p->bottom + p->top;
   if (ot_gpt2_cfg(emu)->n_layer != nl) return ot_error(OT_ERR_MISMATCH, "emulator does not fit its plan");
   ot_backend *be = ot_gpt2_backend(emu);
@@ -391,7 +393,7 @@ int ot_adapter_save(ot_gpt2 *emu, const ot_emu_plan *p, const char *dir) {
       ot_param *pr = ot_gpt2_param(emu, ot_gpt2_block_param_index(emu, i, k));
       int layer = 0;
       const char *rest = "";
-      split_block_name(pr->name, &layer, &rest);
+      ot_emu_split_block_name(pr->name, &layer, &rest);
       snprintf(names[t], sizeof names[t], "transformer.h.%d.%s", p->src[i], rest);
       rc = be->ops->download(be, h, pr->data, pr->numel * sizeof(float));
       int64_t shape[2] = {pr->shape[0], pr->shape[1]};
@@ -414,10 +416,10 @@ int ot_adapter_save(ot_gpt2 *emu, const ot_emu_plan *p, const char *dir) {
       cJSON_AddStringToObject(j, "digest_algorithm", "blake2b-256");
       cJSON_AddStringToObject(j, "base_model_digest", p->base_digest);
       cJSON_AddStringToObject(j, "adapter_digest", digest);
-      cJSON_AddItemToObject(j, "bottom", int_array(bottom, p->bottom));
-      cJSON_AddItemToObject(j, "top", int_array(top, p->top));
+      cJSON_AddItemToObject(j, "bottom", ot_emu_int_array(bottom, p->bottom));
+      cJSON_AddItemToObject(j, "top", ot_emu_int_array(top, p->top));
     }
-    rc = write_json(dir, "adapter_config.json", j);
+    rc = ot_emu_write_json(dir, "adapter_config.json", j);
     cJSON_Delete(j);
   }
   ot_st_writer_free(w);
@@ -429,18 +431,18 @@ int ot_adapter_save(ot_gpt2 *emu, const ot_emu_plan *p, const char *dir) {
 
 /* Local block of full block f: itself on the full model, the adapter block that came from
  * it on an emulator; -1 if none. */
-static int local_block(const ot_emu_plan *plan, int n_layer, int f) {
+int ot_emu_local_block(const ot_emu_plan *plan, int n_layer, int f) {
   if (!plan) return f >= 0 && f < n_layer ? f : -1;
   for (int i = 0; i < ot_emu_n_layer(plan); i++)
     if (ot_emu_is_adapter(plan, i) && plan->src[i] == f) return i;
   return -1;
 }
 
-int ot_adapter_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_digest, const char *dir) {
+int ot_offsite_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_digest, const char *dir) {
   int L = ot_gpt2_cfg(m)->n_layer;
   if (plan) base_digest = plan->base_digest;
   cJSON *j = NULL;
-  int rc = read_json(dir, "adapter_config.json", &j);
+  int rc = ot_emu_read_json(dir, "adapter_config.json", &j);
   if (rc) return rc;
   int version = 0, blocks[2 * OT_EMU_MAX_LAYERS], nb = 0, nt = 0;
   const char *type = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(j, "adapter_type"));
@@ -448,17 +450,17 @@ int ot_adapter_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_diges
   const char *want = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(j, "adapter_digest"));
   if (!type || strcmp(type, "offsite") != 0)
     rc = ot_error(OT_ERR_UNSUPPORTED, "%s: adapter_type '%s' (expected offsite)", dir, type ? type : "?");
-  if (rc == OT_OK) rc = json_int(j, "format_version", &version);
+  if (rc == OT_OK) rc = ot_emu_json_int(j, "format_version", &version);
   if (rc == OT_OK && version != 1) rc = ot_error(OT_ERR_UNSUPPORTED, "%s: format_version %d", dir, version);
-  if (rc == OT_OK && (!hex_digest_ok(base) || !hex_digest_ok(want)))
+  if (rc == OT_OK && (!ot_emu_hex_digest_ok(base) || !ot_emu_hex_digest_ok(want)))
     rc = ot_error(OT_ERR_FORMAT, "%s: adapter_config.json needs base_model_digest and adapter_digest", dir);
   if (rc == OT_OK && strcmp(base, base_digest) != 0)
     rc = ot_error(OT_ERR_MISMATCH, "%s: adapter was tuned for base model %.16s..., this model is %.16s...",
                   dir, base, base_digest);
-  if (rc == OT_OK) rc = json_int_array(j, "bottom", blocks, -1, OT_EMU_MAX_LAYERS, &nb);
-  if (rc == OT_OK) rc = json_int_array(j, "top", blocks + nb, -1, OT_EMU_MAX_LAYERS, &nt);
+  if (rc == OT_OK) rc = ot_emu_json_int_array(j, "bottom", blocks, -1, OT_EMU_MAX_LAYERS, &nb);
+  if (rc == OT_OK) rc = ot_emu_json_int_array(j, "top", blocks + nb, -1, OT_EMU_MAX_LAYERS, &nt);
   for (int i = 0; i < nb + nt && rc == OT_OK; i++)
-    if (local_block(plan, L, blocks[i]) < 0)
+    if (ot_emu_local_block(plan, L, blocks[i]) < 0)
       rc = ot_error(OT_ERR_MISMATCH, "%s: adapter block %d does not exist in this model", dir, blocks[i]);
   char got[OT_DIGEST_HEX], *st_path = NULL;
   if (rc == OT_OK) rc = ot_path_join(dir, "adapter_model.safetensors", &st_path);
@@ -478,13 +480,13 @@ int ot_adapter_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_diges
     const ot_st_tensor *t = ot_st_at(st, i);
     int f = -1, slot = -1;
     const char *rest = NULL;
-    if (split_block_name(t->name, &f, &rest))
+    if (ot_emu_split_block_name(t->name, &f, &rest))
       for (int b = 0; b < nb + nt; b++)
         if (blocks[b] == f) slot = b;
     char local[128];
     ot_param *p = NULL;
     if (slot >= 0) {
-      snprintf(local, sizeof local, "transformer.h.%d.%s", local_block(plan, L, f), rest);
+      snprintf(local, sizeof local, "transformer.h.%d.%s", ot_emu_local_block(plan, L, f), rest);
       p = ot_gpt2_find_param(m, local);
     }
     if (!p) {
@@ -494,7 +496,7 @@ int ot_adapter_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_diges
     }
     int k;
     for (k = 0; k < OT_BLK_NPARAM; k++)
-      if (ot_gpt2_param(m, ot_gpt2_block_param_index(m, local_block(plan, L, f), k)) == p) break;
+      if (ot_gpt2_param(m, ot_gpt2_block_param_index(m, ot_emu_local_block(plan, L, f), k)) == p) break;
     int idx = slot * OT_BLK_NPARAM + k;
     if (t->ndim != p->ndim || t->shape[0] != p->shape[0] || (p->ndim == 2 && t->shape[1] != p->shape[1])) {
       rc = ot_error(OT_ERR_MISMATCH, "%s: tensor '%s' has the wrong shape for this model", st_path, t->name);

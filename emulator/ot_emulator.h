@@ -82,11 +82,12 @@ void ot_distill_last(const ot_distill *d, float *ce, float *kd);
 /* ---- offsite adapters ------------------------------------------------------------ */
 
 /* Writes the emulator's adapter blocks under their full-model names. */
-int ot_adapter_save(ot_gpt2 *emu, const ot_emu_plan *p, const char *dir);
+int ot_offsite_save(ot_gpt2 *emu, const ot_emu_plan *p, const char *dir);
 /* Replaces the adapter blocks of m with the adapter's tensors. m is the full model
  * (plan NULL, base_digest = digest of its model.safetensors) or an emulator (plan given;
  * its base_digest is used). Refuses another base, a tampered file, names or shapes that
  * do not fit; on any error m is unchanged. */
-int ot_adapter_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_digest, const char *dir);
+int ot_offsite_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_digest, const char *dir);
+/* (ot_adapter.h has the one interface for every adapter kind.) */
 
 #endif

@@ -75,6 +75,16 @@ typedef struct {
   /* ds = scale * 2 (s - t) / r_i^2, the gradient of scale * sum(losses) */
   void (*kd_bwd)(ot_backend *be, float *ds, const float *s, const float *t, float scale, int N, int C,
                  float eps);
+  /* LoRA branch (PEFT): t[N,r] = drop(x) A^T is saved for backward; out[N,OUT] += scale * t B^T.
+   * A [r,IN], B [OUT,r] (nn.Linear layout). With p > 0, element i of x is kept iff
+   * ot_dropout_keep(seed, i, p) and scaled by 1/(1-p); xd [N,IN] is scratch (unused when p == 0). */
+  void (*lora_fwd)(ot_backend *be, float *out, float *t, float *xd, const float *x, const float *A,
+                   const float *B, int N, int IN, int OUT, int r, float scale, float p, uint64_t seed);
+  /* dB += scale dout^T t; dt = scale dout B; dA += dt^T drop(x); dx += drop'(dt A). The mask is
+   * regenerated from seed, not stored; dt [N,r] and xd [N,IN] are scratch. */
+  void (*lora_bwd)(ot_backend *be, float *dx, float *dA, float *dB, float *dt, float *xd, const float *dout,
+                   const float *x, const float *t, const float *A, const float *B, int N, int IN, int OUT,
+                   int r, float scale, float p, uint64_t seed);
   /* AdamW with PyTorch semantics: p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p), t >= 1.
    * Consumes the gradient: g is zeroed, so the next backward starts from zero without
    * a separate pass over memory. */
@@ -89,6 +99,22 @@ typedef struct {
   /* returns sum(x^2) in double (synchronises) */
   double (*sumsq)(ot_backend *be, const float *x, size_t n);
 } ot_backend_ops;
+
+/* splitmix64's finaliser: a counter-based hash, so any backend can regenerate a mask. */
+static inline uint64_t ot_mix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+/* Seed of one dropout site at one training step. */
+static inline uint64_t ot_dropout_seed(uint64_t seed, uint64_t step, uint64_t site) {
+  return ot_mix64(ot_mix64(ot_mix64(seed) + step) + site);
+}
+/* Dropout keeps element i iff u >= p, u uniform in [0,1) from (seed, i). */
+static inline int ot_dropout_keep(uint64_t seed, uint64_t i, float p) {
+  return (double)(ot_mix64(seed ^ ot_mix64(i)) >> 11) * (1.0 / 9007199254740992.0) >= (double)p;
+}
 
 struct ot_backend {
   const ot_backend_ops *ops;

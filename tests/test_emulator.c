@@ -14,7 +14,7 @@
 #include <string.h>
 
 #include "ot_data.h"
-#include "ot_emulator.h"
+#include "ot_adapter.h"
 #include "ot_error.h"
 #include "ot_optim.h"
 #include "ot_safetensors.h"
@@ -304,7 +304,7 @@ static void test_plugin(void **state) {
   ot_tokenizer_free(tok2);
   ot_tokenizer_free(tok);
 
-  assert_int_equal(ot_adapter_save(f.emu, &f.plan, ad), 0);
+  assert_int_equal(ot_adapter_save(f.emu, &f.plan, NULL, ad), 0);
   size_t NV = (size_t)f.B * f.T * ot_gpt2_cfg(f.full)->vocab_size;
   float *l0 = malloc(NV * sizeof(float)), *l1 = malloc(NV * sizeof(float));
   full_logits(f.full, f.in, f.B, f.T, l0);
@@ -329,14 +329,14 @@ static void test_plugin(void **state) {
   assert_int_equal(ot_gpt2_init_random(wide, 3), 0);
   assert_int_equal(ot_emu_build(wide, &f.plan, &wide_emu), 0);
   snprintf(other, sizeof other, "%s/plug_wide", dir);
-  assert_int_equal(ot_adapter_save(wide_emu, &f.plan, other), 0);
+  assert_int_equal(ot_adapter_save(wide_emu, &f.plan, NULL, other), 0);
   assert_int_equal(ot_adapter_apply(f.full, NULL, f.plan.base_digest, other), OT_ERR_MISMATCH);
   printf("wrong shapes: %s\n", ot_error_detail());
   /* blocks that this model lacks */
   ot_emu_plan far = f.plan;
   far.src[4] = 9;
   snprintf(other, sizeof other, "%s/plug_far", dir);
-  assert_int_equal(ot_adapter_save(f.emu, &far, other), 0);
+  assert_int_equal(ot_adapter_save(f.emu, &far, NULL, other), 0);
   assert_int_equal(ot_adapter_apply(f.full, NULL, f.plan.base_digest, other), OT_ERR_MISMATCH);
   printf("missing block: %s\n", ot_error_detail());
   ot_gpt2_free(wide_emu);

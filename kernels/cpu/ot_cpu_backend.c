@@ -253,6 +253,55 @@ static void cpu_matmul_bwd(ot_backend *be, float *dinp, float *dw, float *dbias,
   }
 }
 
+/* ---- LoRA ------------------------------------------------------------------------ */
+
+/* xd = drop(src) (scale 1/(1-p) on kept elements); accumulate: xd += drop(src) instead. */
+static void cpu_dropout(ot_backend *be, float *xd, const float *src, size_t n, float p, uint64_t seed,
+                        int accumulate) {
+  float s = 1.0f / (1.0f - p);
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (size_t i = 0; i < n; i++) {
+    float v = ot_dropout_keep(seed, i, p) ? src[i] * s : 0.0f;
+    xd[i] = accumulate ? xd[i] + v : v;
+  }
+}
+
+static void cpu_lora_fwd(ot_backend *be, float *out, float *t, float *xd, const float *x, const float *A,
+                         const float *B, int N, int IN, int OUT, int r, float scale, float p, uint64_t seed) {
+  const float *src = x;
+  if (p > 0.0f) {
+    cpu_dropout(be, xd, x, (size_t)N * IN, p, seed, 0);
+    src = xd;
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, r, IN, 1.0f, src, IN, A, IN, 0.0f, t, r);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OUT, r, scale, t, r, B, r, 1.0f, out, OUT);
+}
+
+static void cpu_lora_bwd(ot_backend *be, float *dx, float *dA, float *dB, float *dt, float *xd,
+                         const float *dout, const float *x, const float *t, const float *A, const float *B,
+                         int N, int IN, int OUT, int r, float scale, float p, uint64_t seed) {
+  if (dB)
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OUT, r, N, scale, dout, OUT, t, r, 1.0f, dB, r);
+  if (!dA && !dx) return;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, r, OUT, scale, dout, OUT, B, r, 0.0f, dt, r);
+  if (dA) {
+    const float *src = x;
+    if (p > 0.0f) {
+      cpu_dropout(be, xd, x, (size_t)N * IN, p, seed, 0);
+      src = xd;
+    }
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, IN, N, 1.0f, dt, r, src, IN, 1.0f, dA, IN);
+  }
+  if (dx) {
+    if (p > 0.0f) { /* dx += drop'(dt A): the same mask and scale on the way back */
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, IN, r, 1.0f, dt, r, A, IN, 0.0f, xd, IN);
+      cpu_dropout(be, dx, xd, (size_t)N * IN, p, seed, 1);
+    } else {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, IN, r, 1.0f, dt, r, A, IN, 1.0f, dx, IN);
+    }
+  }
+}
+
 /* ---- attention ------------------------------------------------------------------- */
 
 static void cpu_attention_fwd(ot_backend *be, float *out, float *att, const float *qkv, int B, int T, int C,
@@ -550,6 +599,8 @@ static const ot_backend_ops cpu_ops = {
     .crossentropy_bwd = cpu_crossentropy_bwd,
     .kd_fwd = cpu_kd_fwd,
     .kd_bwd = cpu_kd_bwd,
+    .lora_fwd = cpu_lora_fwd,
+    .lora_bwd = cpu_lora_bwd,
     .adamw = cpu_adamw,
     .sgd = cpu_sgd,
     .scale = cpu_scale,

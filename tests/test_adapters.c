@@ -1,0 +1,489 @@
+/* Adapters other than offsite: LoRA (dropout 0 and > 0), bottleneck and BitFit gradients
+ * against PyTorch float64 (tests/ref/adapters_ref.py); frozen tensors bitwise unchanged
+ * after tuning; zero-initialised adapters leave the model's function unchanged; the PEFT
+ * export round trip; merge equal to adapter-applied scoring; refused adapters. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ot_adapter.h"
+#include "ot_data.h"
+#include "ot_error.h"
+#include "ot_gpt2.h"
+#include "ot_optim.h"
+#include "ot_safetensors.h"
+#include "ot_test_util.h"
+#include "ot_train.h"
+
+#define REL_TOL 1e-4
+
+static char *dir;
+
+static int setup(void **state) {
+  (void)state;
+  dir = ot_test_tmpdir("adapters");
+  const char *py = getenv("OT_PYTHON");
+  return ot_test_system("%s '%s/tests/ref/adapters_ref.py' '%s'", py ? py : "/usr/bin/python3",
+                        ot_test_source_dir(), dir)
+             ? -1
+             : 0;
+}
+
+static int teardown(void **state) {
+  (void)state;
+  free(dir);
+  return 0;
+}
+
+static double rel_err(const float *a, const float *b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; i++) {
+    double d = (double)a[i] - b[i];
+    num += d * d;
+    den += (double)b[i] * b[i];
+  }
+  return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+typedef struct {
+  ot_backend *be;
+  ot_gpt2 *m;
+  ot_safetensors *ref;
+  int B, T;
+  int32_t *in, *tg;
+} fx;
+
+/* Loads case `name`; kind 0 lora, 1 bottleneck, 2 bitfit; adapters on blocks 0 and 3. */
+static void open_case(fx *f, const char *name, int kind, float dropout) {
+  memset(f, 0, sizeof *f);
+  char d[600], path[700];
+  snprintf(d, sizeof d, "%s/%s", dir, name);
+  assert_int_equal(ot_backend_cpu_create(2, &f->be), 0);
+  assert_int_equal(ot_gpt2_load_dir(d, f->be, &f->m), 0);
+  snprintf(path, sizeof path, "%s/ref.safetensors", d);
+  assert_int_equal(ot_st_open(path, &f->ref), 0);
+  ot_block_ext ext[4];
+  memset(ext, 0, sizeof ext);
+  for (int l = 0; l < 4; l += 3) {
+    if (kind == 0) ext[l] = (ot_block_ext){0xF, 4, 8.0f, dropout, 0};
+    if (kind == 1) ext[l].bottleneck = 4;
+  }
+  assert_int_equal(ot_gpt2_add_extensions(f->m, ext, 7), 0);
+  ot_gpt2_set_all_trainable(f->m, 0);
+  for (int i = 0; i < ot_gpt2_param_count(f->m); i++) {
+    ot_param *p = ot_gpt2_param(f->m, i);
+    if (i >= ot_gpt2_base_param_count(f->m)) {
+      const ot_st_tensor *t = ot_st_find(f->ref, p->name);
+      if (!t) fail_msg("reference lacks %s", p->name);
+      assert_int_equal(t->numel, p->numel);
+      assert_int_equal(ot_st_read_f32(f->ref, t, p->data, p->numel), 0);
+      p->trainable = 1;
+    }
+    size_t len = strlen(p->name);
+    if (kind == 2 &&
+        (strncmp(p->name, "transformer.h.0.", 16) == 0 || strncmp(p->name, "transformer.h.3.", 16) == 0) &&
+        strcmp(p->name + len - 5, ".bias") == 0)
+      p->trainable = 1;
+  }
+  const ot_st_tensor *in = ot_st_find(f->ref, "inputs");
+  f->B = (int)in->shape[0];
+  f->T = (int)in->shape[1];
+  f->in = malloc(in->nbytes);
+  f->tg = malloc(in->nbytes);
+  memcpy(f->in, ot_st_data(f->ref, in), in->nbytes);
+  memcpy(f->tg, ot_st_data(f->ref, ot_st_find(f->ref, "targets")), in->nbytes);
+}
+
+static void close_case(fx *f) {
+  ot_gpt2_free(f->m);
+  ot_backend_free(f->be);
+  ot_st_close(f->ref);
+  free(f->in);
+  free(f->tg);
+}
+
+static void check_grads(const char *name, int kind, float dropout, int want_checked) {
+  fx f;
+  open_case(&f, name, kind, dropout);
+  assert_int_equal(ot_gpt2_prepare(f.m, f.B, f.T, 1), 0);
+  ot_gpt2_set_step(f.m, 3);
+  float loss;
+  assert_int_equal(ot_gpt2_forward(f.m, f.in, f.tg, f.B, f.T, &loss), 0);
+  assert_int_equal(ot_gpt2_backward(f.m), 0);
+  const ot_st_tensor *rl = ot_st_find(f.ref, "loss");
+  float want_loss;
+  assert_int_equal(ot_st_read_f32(f.ref, rl, &want_loss, 1), 0);
+  printf("%s: loss %.6f (torch %.6f)\n", name, loss, want_loss);
+  assert_true(fabs(loss - want_loss) <= REL_TOL * fabs(want_loss));
+  int checked = 0;
+  double worst = 0;
+  for (int i = 0; i < ot_gpt2_param_count(f.m); i++) {
+    ot_param *p = ot_gpt2_param(f.m, i);
+    if (!p->trainable) {
+      if (p->grad) fail_msg("%s: frozen tensor has a gradient", p->name);
+      continue;
+    }
+    char gname[160];
+    snprintf(gname, sizeof gname, "grad.%s", p->name);
+    const ot_st_tensor *t = ot_st_find(f.ref, gname);
+    if (!t) fail_msg("reference lacks %s", gname);
+    float *want = malloc(p->numel * sizeof(float));
+    assert_int_equal(ot_st_read_f32(f.ref, t, want, p->numel), 0);
+    double e = rel_err(p->grad, want, p->numel);
+    if (e >= REL_TOL) fail_msg("%s: relative error %.3g", gname, e);
+    if (e > worst) worst = e;
+    free(want);
+    checked++;
+  }
+  printf("%s: %d gradients, worst relative error %.3g\n", name, checked, worst);
+  assert_int_equal(checked, want_checked);
+  close_case(&f);
+}
+
+static void test_lora_grad(void **state) {
+  (void)state;
+  check_grads("lora", 0, 0.0f, 16);
+}
+static void test_lora_dropout_grad(void **state) {
+  (void)state;
+  check_grads("lora_drop", 0, 0.25f, 16);
+}
+static void test_bottleneck_grad(void **state) {
+  (void)state;
+  check_grads("bottleneck", 1, 0.0f, 16);
+}
+static void test_bitfit_grad(void **state) {
+  (void)state;
+  check_grads("bitfit", 2, 0.0f, 12); /* 6 biases per block */
+}
+
+/* Dropout masks: keep rate near 1-p, the same mask for the same (seed, step, site). */
+static void test_dropout_mask(void **state) {
+  (void)state;
+  size_t n = 200000, kept = 0, same = 0;
+  uint64_t s1 = ot_dropout_seed(7, 3, 5), s2 = ot_dropout_seed(7, 4, 5);
+  for (size_t i = 0; i < n; i++) {
+    kept += ot_dropout_keep(s1, i, 0.25f);
+    same += ot_dropout_keep(s1, i, 0.25f) == ot_dropout_keep(s2, i, 0.25f);
+  }
+  double rate = (double)kept / n;
+  printf("keep rate %.4f (want 0.75); masks of consecutive steps agree on %.3f\n", rate, (double)same / n);
+  assert_true(fabs(rate - 0.75) < 0.005);
+  assert_true(fabs((double)same / n - 0.625) < 0.01); /* independent masks agree 0.75^2 + 0.25^2 */
+  for (size_t i = 0; i < 1000; i++) assert_true(ot_dropout_keep(s1, i, 0.0f));
+}
+
+/* ---- the adapter interface ------------------------------------------------------- */
+
+typedef struct {
+  ot_backend *be;
+  ot_gpt2 *full;
+  ot_emu_plan plan; /* 4 blocks: bottom 1, top 1, keep 1 -> emulator blocks 0, 1, 3 */
+  int B, T;
+  int32_t in[32];
+  char model_dir[600];
+} ifx;
+
+static void ifx_open(ifx *f) {
+  memset(f, 0, sizeof *f);
+  char path[700];
+  snprintf(f->model_dir, sizeof f->model_dir, "%s/lora", dir);
+  assert_int_equal(ot_backend_cpu_create(2, &f->be), 0);
+  assert_int_equal(ot_gpt2_load_dir(f->model_dir, f->be, &f->full), 0);
+  assert_int_equal(ot_emu_plan_make(4, 1, 1, 1, &f->plan), 0);
+  snprintf(path, sizeof path, "%s/model.safetensors", f->model_dir);
+  assert_int_equal(ot_file_digest(path, f->plan.base_digest), 0);
+  f->B = 2;
+  f->T = 16;
+  for (int i = 0; i < 32; i++) f->in[i] = (i * 13 + 5) % 64;
+}
+
+static void ifx_close(ifx *f) {
+  ot_gpt2_free(f->full);
+  ot_backend_free(f->be);
+}
+
+static float *logits(ot_gpt2 *m, const ifx *f) {
+  size_t n = (size_t)f->B * f->T * ot_gpt2_cfg(m)->vocab_size;
+  float *l = malloc(n * sizeof(float));
+  assert_int_equal(ot_gpt2_prepare(m, f->B, f->T, 0), 0);
+  assert_int_equal(ot_gpt2_forward_logits(m, f->in, f->B, f->T, l), 0);
+  return l;
+}
+
+static size_t n_logits(const ifx *f) { return (size_t)f->B * f->T * 64; }
+
+static float *host_copy(ot_gpt2 *m, int base_only) {
+  int n = base_only ? ot_gpt2_base_param_count(m) : ot_gpt2_param_count(m);
+  float *h = malloc(ot_gpt2_num_params(m) * sizeof(float)), *p = h;
+  for (int i = 0; i < n; i++) {
+    memcpy(p, ot_gpt2_param(m, i)->data, ot_gpt2_param(m, i)->numel * sizeof(float));
+    p += ot_gpt2_param(m, i)->numel;
+  }
+  return h;
+}
+
+static void train_steps(ot_gpt2 *m, ot_backend *be, int steps) {
+  assert_int_equal(ot_gpt2_prepare(m, 2, 16, 1), 0);
+  ot_optim_config oc;
+  ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
+  oc.weight_decay = 0.1f;
+  ot_optimizer *opt;
+  assert_int_equal(ot_optimizer_create(&oc, be, ot_gpt2_param(m, 0), ot_gpt2_param_count(m), &opt), 0);
+  int32_t ids[400];
+  for (int i = 0; i < 400; i++) ids[i] = (i * 7 + i / 3) % 61;
+  ot_tokens toks = {ids, 400};
+  ot_batcher bt;
+  assert_int_equal(ot_batcher_init(&bt, &toks, 2, 16, 0, 0), 0);
+  ot_train_config tc = {steps, 2,    16,  {1e-2f, 0, steps, OT_LR_CONSTANT, 0}, 0, NULL, NULL, NULL,
+                        NULL,  NULL, NULL};
+  ot_train_result res;
+  assert_int_equal(ot_train(m, opt, &bt, &tc, 0, &res), 0);
+  ot_optimizer_free(opt);
+}
+
+static ot_adapter_config kind_config(ot_adapter_kind k) {
+  ot_adapter_config c;
+  ot_adapter_config_default(&c);
+  c.kind = k;
+  c.lora_r = 2;
+  c.lora_dropout = 0.1f;
+  c.bottleneck_dim = 3;
+  c.seed = 5;
+  return c;
+}
+
+/* Zero-initialised adapters change nothing; tuning changes only the adapter's tensors; the
+ * saved adapter plugs into a fresh emulator (bitwise equal to the tuned one) and into the
+ * full model (untrained: bitwise equal to the plain full model). */
+static void test_attach_tune_plugin(void **state) {
+  (void)state;
+  ifx f;
+  ifx_open(&f);
+  float *l_full = logits(f.full, &f);
+  for (int k = OT_ADAPTER_LORA; k <= OT_ADAPTER_BITFIT; k++) {
+    ot_adapter_config c = kind_config((ot_adapter_kind)k);
+    ot_gpt2 *emu, *emu2;
+    assert_int_equal(ot_emu_build(f.full, &f.plan, &emu), 0);
+    float *l0 = logits(emu, &f);
+    assert_int_equal(ot_adapter_attach(emu, &f.plan, &c), 0);
+    float *l1 = logits(emu, &f);
+    assert_memory_equal(l0, l1, n_logits(&f) * sizeof(float)); /* zero B / zero up: identity */
+    char ad0[700], ad1[700];
+    snprintf(ad0, sizeof ad0, "%s/%s_init", dir, ot_adapter_kind_name(c.kind));
+    snprintf(ad1, sizeof ad1, "%s/%s_tuned", dir, ot_adapter_kind_name(c.kind));
+    assert_int_equal(ot_adapter_save(emu, &f.plan, &c, ad0), 0);
+    /* the untrained adapter on the full model: the full model's function */
+    ot_gpt2 *full2;
+    assert_int_equal(ot_gpt2_load_dir(f.model_dir, f.be, &full2), 0);
+    if (ot_adapter_apply(full2, NULL, f.plan.base_digest, ad0)) fail_msg("apply: %s", ot_error_detail());
+    float *l2 = logits(full2, &f);
+    assert_memory_equal(l_full, l2, n_logits(&f) * sizeof(float));
+    free(l2);
+    ot_gpt2_free(full2);
+
+    float *before = host_copy(emu, 0);
+    train_steps(emu, f.be, 4);
+    float *after = host_copy(emu, 0), *a = after, *b = before;
+    int n_trained = 0;
+    for (int i = 0; i < ot_gpt2_param_count(emu); i++) {
+      ot_param *p = ot_gpt2_param(emu, i);
+      int same = memcmp(a, b, p->numel * sizeof(float)) == 0;
+      if (!p->trainable && (!same || p->grad))
+        fail_msg("%s: frozen tensor changed or has a gradient", p->name);
+      if (p->trainable && same) fail_msg("%s: adapter tensor did not train", p->name);
+      n_trained += p->trainable;
+      a += p->numel;
+      b += p->numel;
+    }
+    printf("%s: %d tensors trained, all others bitwise unchanged\n", ot_adapter_kind_name(c.kind), n_trained);
+    assert_int_equal(n_trained, k == OT_ADAPTER_LORA ? 16 : k == OT_ADAPTER_BOTTLENECK ? 16 : 12);
+    assert_int_equal(ot_adapter_save(emu, &f.plan, &c, ad1), 0);
+    float *lt = logits(emu, &f);
+    assert_int_equal(ot_emu_build(f.full, &f.plan, &emu2), 0);
+    assert_int_equal(ot_adapter_apply(emu2, &f.plan, NULL, ad1), 0);
+    float *lp = logits(emu2, &f);
+    assert_memory_equal(lt, lp, n_logits(&f) * sizeof(float));
+    assert_true(memcmp(lt, l0, n_logits(&f) * sizeof(float)) != 0);
+    free(lt);
+    free(lp);
+    free(before);
+    free(after);
+    free(l0);
+    free(l1);
+    ot_gpt2_free(emu2);
+    ot_gpt2_free(emu);
+  }
+  free(l_full);
+  ifx_close(&f);
+}
+
+/* PEFT layout: key names and shapes, identical tensors, adapter_config.json keys. */
+static void test_peft_export(void **state) {
+  (void)state;
+  ifx f;
+  ifx_open(&f);
+  ot_adapter_config c = kind_config(OT_ADAPTER_LORA);
+  c.lora_sites = (1u << OT_LORA_QKV) | (1u << OT_LORA_FCPROJ);
+  ot_gpt2 *emu;
+  assert_int_equal(ot_emu_build(f.full, &f.plan, &emu), 0);
+  assert_int_equal(ot_adapter_attach(emu, &f.plan, &c), 0);
+  train_steps(emu, f.be, 2);
+  char ad[700], path[800];
+  snprintf(ad, sizeof ad, "%s/peft", dir);
+  assert_int_equal(ot_adapter_save(emu, &f.plan, &c, ad), 0);
+  snprintf(path, sizeof path, "%s/adapter_model.safetensors", ad);
+  ot_safetensors *st;
+  assert_int_equal(ot_st_open(path, &st), 0);
+  assert_int_equal(ot_st_count(st), 8); /* blocks 0 and 3, two sites, A and B */
+  const struct {
+    const char *file, *local;
+    int d0, d1;
+  } want[] = {
+      {"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight",
+       "transformer.h.0.attn.c_attn.lora_A.weight", 2, 16},
+      {"base_model.model.transformer.h.0.attn.c_attn.lora_B.weight",
+       "transformer.h.0.attn.c_attn.lora_B.weight", 48, 2},
+      {"base_model.model.transformer.h.0.mlp.c_proj.lora_A.weight",
+       "transformer.h.0.mlp.c_proj.lora_A.weight", 2, 64},
+      {"base_model.model.transformer.h.0.mlp.c_proj.lora_B.weight",
+       "transformer.h.0.mlp.c_proj.lora_B.weight", 16, 2},
+      /* full block 3 is emulator block 2 */
+      {"base_model.model.transformer.h.3.attn.c_attn.lora_A.weight",
+       "transformer.h.2.attn.c_attn.lora_A.weight", 2, 16},
+      {"base_model.model.transformer.h.3.mlp.c_proj.lora_B.weight",
+       "transformer.h.2.mlp.c_proj.lora_B.weight", 16, 2},
+  };
+  for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+    const ot_st_tensor *t = ot_st_find(st, want[i].file);
+    if (!t) fail_msg("%s missing", want[i].file);
+    assert_int_equal(t->ndim, 2);
+    assert_int_equal(t->shape[0], want[i].d0);
+    assert_int_equal(t->shape[1], want[i].d1);
+    ot_param *p = ot_gpt2_find_param(emu, want[i].local);
+    assert_non_null(p);
+    float *buf = malloc(p->numel * sizeof(float));
+    assert_int_equal(ot_st_read_f32(st, t, buf, p->numel), 0);
+    assert_memory_equal(buf, p->data, p->numel * sizeof(float));
+    free(buf);
+  }
+  ot_st_close(st);
+  const char *py = getenv("OT_PYTHON");
+  assert_int_equal(
+      ot_test_system(
+          "%s -c \"import json,sys; c=json.load(open(sys.argv[1])); "
+          "assert c['peft_type']=='LORA' and c['task_type']=='CAUSAL_LM' and c['r']==2 and "
+          "c['lora_alpha']==16 and c['lora_dropout']==0.1 and c['fan_in_fan_out'] is True and "
+          "c['bias']=='none' and c['target_modules']==['attn.c_attn','mlp.c_proj'] and "
+          "c['layers_to_transform']==[0,3] and 'base_model_name_or_path' in c and "
+          "c['adapter_type']=='lora' and len(c['adapter_digest'])==64, c\" '%s/adapter_config.json'",
+          py ? py : "/usr/bin/python3", ad),
+      0);
+  ot_gpt2_free(emu);
+  ifx_close(&f);
+}
+
+static double max_rel(const float *a, const float *b, size_t n) {
+  double m = 0, s = 0;
+  for (size_t i = 0; i < n; i++) {
+    double d = fabs((double)a[i] - b[i]);
+    if (d > m) m = d;
+    if (fabs(b[i]) > s) s = fabs(b[i]);
+  }
+  return m / s;
+}
+
+/* Merged weights score like model + adapter up to float32 rounding; refusals change nothing. */
+static void test_merge_and_refusals(void **state) {
+  (void)state;
+  ifx f;
+  ifx_open(&f);
+  char lora[700], bn[700], path[800];
+  snprintf(lora, sizeof lora, "%s/lora_tuned", dir); /* from test_attach_tune_plugin */
+  snprintf(bn, sizeof bn, "%s/bottleneck_tuned", dir);
+  ot_gpt2 *a, *b;
+  assert_int_equal(ot_gpt2_load_dir(f.model_dir, f.be, &a), 0);
+  assert_int_equal(ot_gpt2_load_dir(f.model_dir, f.be, &b), 0);
+  assert_int_equal(ot_adapter_apply(a, NULL, f.plan.base_digest, lora), 0);
+  assert_int_equal(ot_adapter_merge(b, f.plan.base_digest, lora), 0);
+  assert_int_equal(ot_gpt2_param_count(b), ot_gpt2_base_param_count(b));
+  float *la = logits(a, &f), *lb = logits(b, &f), *l_full = logits(f.full, &f);
+  double e = max_rel(lb, la, n_logits(&f)), moved = max_rel(l_full, la, n_logits(&f));
+  printf("merge: max logit difference %.3g of the largest (the adapter moved them by %.3g)\n", e, moved);
+  assert_true(e < 1e-5);
+  assert_true(moved > 1e-3);
+  /* merging anything but LoRA is refused */
+  ot_gpt2 *c;
+  assert_int_equal(ot_gpt2_load_dir(f.model_dir, f.be, &c), 0);
+  assert_int_equal(ot_adapter_merge(c, f.plan.base_digest, bn), OT_ERR_UNSUPPORTED);
+  printf("merge bottleneck: %s\n", ot_error_detail());
+  /* a model that already carries LoRA refuses a bottleneck, unchanged */
+  int np = ot_gpt2_param_count(a);
+  assert_int_equal(ot_adapter_apply(a, NULL, f.plan.base_digest, bn), OT_ERR_MISMATCH);
+  printf("other extensions: %s\n", ot_error_detail());
+  assert_int_equal(ot_gpt2_param_count(a), np);
+  /* another base */
+  char wrong[OT_DIGEST_HEX];
+  memset(wrong, 'b', 64);
+  wrong[64] = '\0';
+  assert_int_equal(ot_adapter_apply(c, NULL, wrong, lora), OT_ERR_MISMATCH);
+  printf("other base: %s\n", ot_error_detail());
+  /* config edited: r 2 -> 3 no longer fits the tensors */
+  char edited[700];
+  snprintf(edited, sizeof edited, "%s/lora_edited", dir);
+  assert_int_equal(ot_test_system("rm -rf '%s' && cp -r '%s' '%s' && sed -i 's/\"r\":\\t2/\"r\":\\t3/' "
+                                  "'%s/adapter_config.json' && grep -q '\"r\":.3' '%s/adapter_config.json'",
+                                  edited, lora, edited, edited, edited),
+                   0);
+  assert_int_equal(ot_adapter_apply(c, NULL, f.plan.base_digest, edited), OT_ERR_MISMATCH);
+  printf("edited r: %s\n", ot_error_detail());
+  /* tampered tensor bytes */
+  assert_int_equal(ot_test_system("rm -rf '%s' && cp -r '%s' '%s'", edited, lora, edited), 0);
+  snprintf(path, sizeof path, "%s/adapter_model.safetensors", edited);
+  FILE *fp = fopen(path, "r+b");
+  assert_non_null(fp);
+  fseek(fp, -5, SEEK_END);
+  int ch = fgetc(fp);
+  fseek(fp, -5, SEEK_END);
+  fputc(ch ^ 0x20, fp);
+  fclose(fp);
+  assert_int_equal(ot_adapter_apply(c, NULL, f.plan.base_digest, edited), OT_ERR_MISMATCH);
+  printf("tampered: %s\n", ot_error_detail());
+  /* blocks the model lacks: an emulator has no block 1 adapter */
+  assert_int_equal(ot_test_system("rm -rf '%s' && cp -r '%s' '%s' && sed -i "
+                                  "'s/\"layers_to_transform\":\\t\\[0, 3\\]/\"layers_to_transform\":\\t[0, "
+                                  "5]/' '%s/adapter_config.json' && grep -q '0, 5' '%s/adapter_config.json'",
+                                  edited, lora, edited, edited, edited),
+                   0);
+  assert_int_equal(ot_adapter_apply(c, NULL, f.plan.base_digest, edited), OT_ERR_MISMATCH);
+  printf("missing block: %s\n", ot_error_detail());
+  /* nothing changed by the refusals */
+  assert_int_equal(ot_gpt2_param_count(c), ot_gpt2_base_param_count(c));
+  float *lc = logits(c, &f);
+  assert_memory_equal(lc, l_full, n_logits(&f) * sizeof(float));
+  free(lc);
+  free(la);
+  free(lb);
+  free(l_full);
+  ot_gpt2_free(a);
+  ot_gpt2_free(b);
+  ot_gpt2_free(c);
+  ifx_close(&f);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_lora_grad),       cmocka_unit_test(test_lora_dropout_grad),
+      cmocka_unit_test(test_bottleneck_grad), cmocka_unit_test(test_bitfit_grad),
+      cmocka_unit_test(test_dropout_mask),    cmocka_unit_test(test_attach_tune_plugin),
+      cmocka_unit_test(test_peft_export),     cmocka_unit_test(test_merge_and_refusals),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}

@@ -1,0 +1,174 @@
+/* Adapters end to end, as users run them: tiny pretrain -> distill -> offtune-device tune with
+ * every adapter kind -> offtune-device eval / offtune-cloud eval --adapter -> offtune-cloud
+ * merge (scores like model + adapter); LoRA with dropout resumes bitwise. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+
+#include "ot_test_util.h"
+
+static char *dir, *cloud, *device;
+
+static int run(char *out, size_t cap, const char *fmt, ...) {
+  char *cmd = NULL, *full = NULL;
+  va_list ap;
+  va_start(ap, fmt);
+  assert_true(vasprintf(&cmd, fmt, ap) >= 0);
+  va_end(ap);
+  assert_true(asprintf(&full, "%s 2>&1", cmd) >= 0);
+  FILE *p = popen(full, "r");
+  assert_non_null(p);
+  size_t n = 0;
+  if (out && cap) {
+    n = fread(out, 1, cap - 1, p);
+    out[n] = '\0';
+  }
+  char sink[4096];
+  while (fread(sink, 1, sizeof sink, p) > 0) {
+  }
+  int st = pclose(p);
+  free(cmd);
+  free(full);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static double json_number(const char *json, const char *key) {
+  char pat[64];
+  snprintf(pat, sizeof pat, "\"%s\":", key);
+  const char *p = strstr(json, pat);
+  if (!p) fail_msg("no %s in %s", key, json);
+  return strtod(p + strlen(pat), NULL);
+}
+
+static int setup(void **state) {
+  (void)state;
+  dir = ot_test_tmpdir("adapters_cli");
+  if (asprintf(&cloud, "%s/cloud/offtune-cloud", ot_test_binary_dir()) < 0) return -1;
+  if (asprintf(&device, "%s/device/offtune-device", ot_test_binary_dir()) < 0) return -1;
+  return 0;
+}
+
+static int teardown(void **state) {
+  (void)state;
+  free(dir);
+  free(cloud);
+  free(device);
+  return 0;
+}
+
+static char out[1 << 16];
+
+#define RUN_OK(...)                                                                                          \
+  do {                                                                                                       \
+    int rc_ = run(out, sizeof out, __VA_ARGS__);                                                             \
+    if (rc_ != 0) fail_msg("exit %d:\n%s", rc_, out);                                                        \
+  } while (0)
+
+static void check_eval_json(const char *what, double *loss, double *tokens) {
+  const char *j = strstr(out, "{\"loss\"");
+  if (!j) fail_msg("%s: no JSON in\n%s", what, out);
+  *loss = json_number(j, "loss");
+  *tokens = json_number(j, "tokens");
+  double ppl = json_number(j, "perplexity");
+  printf("%-28s loss %.4f | perplexity %.2f | %.0f tokens\n", what, *loss, ppl, *tokens);
+  assert_true(isfinite(*loss) && *loss > 0 && fabs(ppl - exp(*loss)) < 1e-3 * ppl);
+}
+
+static double eval_loss(const char *what, const char *fmt_cmd) {
+  double loss, tokens;
+  RUN_OK("%s", fmt_cmd);
+  check_eval_json(what, &loss, &tokens);
+  return loss;
+}
+
+static void test_adapter_flow(void **state) {
+  (void)state;
+  char cmd[2048];
+  RUN_OK("%s corpus --genres public --out %s/public.txt", cloud, dir);
+  RUN_OK("%s corpus --genres romance --out %s/romance.txt", cloud, dir);
+  assert_int_equal(ot_test_system("head -c 30000 '%s/romance.txt' > '%s/private.txt'", dir, dir), 0);
+  RUN_OK("%s pretrain --tokenizer byte --layers 4 --embd 16 --heads 2 --ctx 32 --steps 20 --batch 4 --text "
+         "%s/public.txt --out %s/full",
+         cloud, dir, dir);
+  RUN_OK("%s distill --model %s/full --data %s/public.txt --out %s/emu --bottom 1 --top 1 --keep 1 --steps 4 "
+         "--batch 4 --seq-len 32",
+         cloud, dir, dir, dir);
+  snprintf(cmd, sizeof cmd, "%s eval --emulator %s/emu --text %s/private.txt --seq-len 32 --json", device,
+           dir, dir);
+  double emu0 = eval_loss("emulator", cmd);
+  const char *kinds[] = {"offsite", "lora", "bottleneck", "bitfit"};
+  const char *extra[] = {"", "--lora-r 4 --lora-alpha 8 --lora-dropout 0.1 --lora-targets c_attn,c_proj",
+                         "--bottleneck-dim 8", ""};
+  for (int k = 0; k < 4; k++) {
+    RUN_OK(
+        "%s tune --emulator %s/emu --text %s/private.txt --out %s/ad_%s --adapter %s %s --steps 8 --batch 4 "
+        "--seq-len 32 --lr 1e-2",
+        device, dir, dir, dir, kinds[k], kinds[k], extra[k]);
+    snprintf(cmd, sizeof cmd,
+             "%s eval --emulator %s/emu --adapter %s/ad_%s --text %s/private.txt --seq-len 32 --json", device,
+             dir, dir, kinds[k], dir);
+    double tuned = eval_loss(kinds[k], cmd);
+    assert_true(tuned < emu0); /* the adapter learned something about the private text */
+    snprintf(cmd, sizeof cmd,
+             "%s eval --model %s/full --adapter %s/ad_%s --text %s/private.txt --seq-len 32 --json", cloud,
+             dir, dir, kinds[k], dir);
+    eval_loss("full model + adapter", cmd);
+  }
+  /* the LoRA adapter is PEFT's layout */
+  assert_int_equal(ot_test_system("grep -q '\"peft_type\":.*\"LORA\"' '%s/ad_lora/adapter_config.json'", dir),
+                   0);
+
+  /* merge: a plain checkpoint that scores like model + adapter */
+  RUN_OK("%s merge --model %s/full --adapter %s/ad_lora --out %s/merged", cloud, dir, dir, dir);
+  snprintf(cmd, sizeof cmd, "%s eval --model %s/merged --text %s/private.txt --seq-len 32 --json", cloud, dir,
+           dir);
+  double merged = eval_loss("merged", cmd);
+  snprintf(cmd, sizeof cmd,
+           "%s eval --model %s/full --adapter %s/ad_lora --text %s/private.txt --seq-len 32 --json", cloud,
+           dir, dir, dir);
+  double applied = eval_loss("full + LoRA", cmd);
+  assert_true(fabs(merged - applied) <= 1e-5 * applied);
+  assert_int_equal(run(out, sizeof out, "%s merge --model %s/full --adapter %s/ad_bottleneck --out %s/m2",
+                       cloud, dir, dir, dir),
+                   1);
+  assert_non_null(strstr(out, "only LoRA"));
+  /* merged weights are not the base the adapter was tuned for */
+  assert_int_equal(run(out, sizeof out,
+                       "%s eval --model %s/merged --adapter %s/ad_lora --text %s/private.txt", cloud, dir,
+                       dir, dir),
+                   1);
+  assert_non_null(strstr(out, "tuned for base model"));
+  assert_int_equal(run(out, sizeof out,
+                       "%s tune --emulator %s/emu --text %s/private.txt --out %s/x --adapter prefix", device,
+                       dir, dir, dir),
+                   2);
+
+  /* LoRA with dropout resumes bitwise: the masks follow the step, not the process */
+  RUN_OK(
+      "%s tune --emulator %s/emu --text %s/private.txt --out %s/straight --adapter lora --lora-dropout 0.2 "
+      "--steps 6 --batch 4 --seq-len 32",
+      device, dir, dir, dir);
+  RUN_OK("%s tune --emulator %s/emu --text %s/private.txt --out %s/resumed --adapter lora --lora-dropout 0.2 "
+         "--steps 3 --batch 4 --seq-len 32",
+         device, dir, dir, dir);
+  RUN_OK("%s tune --emulator %s/emu --text %s/private.txt --out %s/resumed --adapter lora --lora-dropout 0.2 "
+         "--steps 6 --batch 4 --seq-len 32 --resume",
+         device, dir, dir, dir);
+  assert_int_equal(
+      ot_test_system("cmp '%s/straight/adapter_model.safetensors' '%s/resumed/adapter_model.safetensors'",
+                     dir, dir),
+      0);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {cmocka_unit_test(test_adapter_flow)};
+  return cmocka_run_group_tests(tests, setup, teardown);
+}
