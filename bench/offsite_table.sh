@@ -30,34 +30,39 @@ echo "== distilling the emulator ($dsteps steps on the public genres) =="
 $cloud distill --model "$model" --data "$work/public.txt" --out "$work/emulator" --steps "$dsteps" \
   --keep "${OT_KEEP:-2}" --batch 16 --lr 1e-3 --warmup 20 --resume 2>&1 | grep -E '^\[distill\]|^distilled' || true
 
-tune_common=(--steps "$tsteps" --batch 8 --seq-len 128 --lr 5e-4 --threads 2)
+tune_common=(--steps "$tsteps" --batch 8 --seq-len 128 --threads 2)
 ppl() { python3 -c 'import json,sys; print("%.3f" % json.loads(sys.stdin.read().strip().splitlines()[-1])["perplexity"])'; }
 peak() { sed -n 's/^peak_kb=//p' "$1" | tail -1; }
 rate() { grep -oE '[0-9.]+ tokens/s' "$1" | tail -1 | cut -d' ' -f1; }
 
-echo "== device: tuning the offsite adapter on the emulator ($tsteps steps) =="
-/usr/bin/time -f 'peak_kb=%M' $device tune --emulator "$work/emulator" --text "$work/private.txt" \
-  --out "$work/adapter-offsite" --adapter offsite "${tune_common[@]}" >"$work/tune-offsite.log" 2>&1
+kinds=(offsite lora bottleneck bitfit)
+lr_of() { case $1 in offsite) echo 5e-4 ;; *) echo 3e-3 ;; esac; } # small adapters take larger steps
+for k in "${kinds[@]}"; do
+  echo "== device: tuning the $k adapter on the emulator ($tsteps steps) =="
+  /usr/bin/time -f 'peak_kb=%M' $device tune --emulator "$work/emulator" --text "$work/private.txt" \
+    --out "$work/adapter-$k" --adapter "$k" "${tune_common[@]}" --lr "$(lr_of "$k")" >"$work/tune-$k.log" 2>&1
+done
 echo "== cloud: full fine-tuning baseline ($tsteps steps) =="
 /usr/bin/time -f 'peak_kb=%M' $cloud finetune --model "$model" --text "$work/private.txt" --out "$work/full-ft" \
-  "${tune_common[@]}" >"$work/finetune.log" 2>&1
+  "${tune_common[@]}" --lr 5e-4 >"$work/finetune.log" 2>&1
 
 full_zs=$($cloud eval --model "$model" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
 emu_zs=$($device eval --emulator "$work/emulator" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
-emu_ft=$($device eval --emulator "$work/emulator" --adapter "$work/adapter-offsite" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
-plug=$($cloud eval --model "$model" --adapter "$work/adapter-offsite" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
 full_ft=$($cloud eval --model "$work/full-ft" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
 
 echo
 echo "Offsite-Tuning on the embedded default, private genre '$genre' (held-out document perplexity, lower is better)"
-printf '%-34s %12s\n' "setting" "perplexity"
-printf '%-34s %12s\n' "full model, zero-shot" "$full_zs"
-printf '%-34s %12s\n' "emulator, zero-shot" "$emu_zs"
-printf '%-34s %12s\n' "emulator + offsite adapter (FT)" "$emu_ft"
-printf '%-34s %12s\n' "plug-in: full model + adapter" "$plug"
-printf '%-34s %12s\n' "full fine-tuning" "$full_ft"
+printf '%-12s %12s %12s %12s %12s\n' "" "full ZS" "emulator ZS" "emulator FT" "plug-in"
+for k in "${kinds[@]}"; do
+  emu_ft=$($device eval --emulator "$work/emulator" --adapter "$work/adapter-$k" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
+  plug=$($cloud eval --model "$model" --adapter "$work/adapter-$k" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
+  printf '%-12s %12s %12s %12s %12s\n' "$k" "$full_zs" "$emu_zs" "$emu_ft" "$plug"
+done
+printf '%-12s %12s\n' "full FT" "$full_ft"
 echo
 echo "device cost of training ($tsteps steps, batch 8, 2 threads)"
 printf '%-34s %12s %12s\n' "training" "peak MiB" "tokens/s"
-printf '%-34s %12d %12s\n' "emulator + offsite adapter" "$(( $(peak "$work/tune-offsite.log") / 1024 ))" "$(rate "$work/tune-offsite.log")"
+for k in "${kinds[@]}"; do
+  printf '%-34s %12d %12s\n' "emulator + $k" "$(( $(peak "$work/tune-$k.log") / 1024 ))" "$(rate "$work/tune-$k.log")"
+done
 printf '%-34s %12d %12s\n' "full fine-tuning" "$(( $(peak "$work/finetune.log") / 1024 ))" "$(rate "$work/finetune.log")"
