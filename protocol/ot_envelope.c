@@ -172,6 +172,7 @@ int ot_env_open(ot_session *s, const uint8_t *wire, size_t len, size_t max_len, 
   } else {
     rc = ot_env_unseal(s, &e, &b, &bl);
     if (rc == OT_OK) rc = ot_session_accept_seq(s, e.h.lane, e.h.seq);
+    if (rc == OT_OK && e.h.type == OT_MSG_REFUSAL) rc = ot_refusal_error(b, bl, 1);
   }
   if (rc == OT_OK && h) *h = e.h;
   ot_env_clear(&e);

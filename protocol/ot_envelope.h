@@ -78,7 +78,8 @@ int ot_env_seal_seq(const ot_session *s, uint32_t lane, uint64_t seq, uint32_t t
 int ot_env_unseal(const ot_session *s, const ot_env *e, uint8_t **body, size_t *body_len);
 /* Accepts seq on lane iff it is above the last accepted one, and records it. */
 int ot_session_accept_seq(ot_session *s, uint32_t lane, uint64_t seq);
-/* decode + unseal + accept_seq in one call (single-threaded users). */
+/* decode + unseal + accept_seq in one call (single-threaded users); a Refusal, sealed
+ * or plain, becomes its error. */
 int ot_env_open(ot_session *s, const uint8_t *wire, size_t len, size_t max_len, ot_env_header *h, uint8_t **body,
                 size_t *body_len);
 

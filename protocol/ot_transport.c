@@ -851,7 +851,8 @@ int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t 
     uint8_t *wire = NULL, *r = NULL, *b = NULL;
     size_t wl = 0, rl = 0, blen = 0;
     ot_env_header h = {0};
-    if (!expiring) rc = ot_env_seal(&c->s, lane, type, body, len, &wire, &wl);
+    if (expiring) rc = ot_error(OT_ERR_NOTFOUND, "session %016llx about to expire", (unsigned long long)c->s.id);
+    else rc = ot_env_seal(&c->s, lane, type, body, len, &wire, &wl);
     if (!expiring && rc == OT_OK) {
       pthread_rwlock_unlock(&c->lk); /* no lock across the network wait */
       rc = round_trip(c, lane, wire, wl, &r, &rl);
@@ -1110,6 +1111,8 @@ int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t
   if (j->stop_after && opts->sent > j->stop_after) opts->sent = j->stop_after;
   rc = j->rc;
   if (rc) ot_error(rc, "%s", j->detail);
+  else if (j->stop_after && j->stop_after >= n)
+    rc = ot_error(OT_ERR_IO, "stopped before the final marker (test hook)");
   if (rc == OT_OK) {
     uint8_t digest[32];
     ot_transfer_digest((const uint8_t(*)[32])j->hashes, n, size, chunk, digest);
