@@ -180,7 +180,8 @@ int ot_access_load(ot_access *a, const char *path) {
   ot_access *tmp = NULL;
   rc = ot_access_new(&tmp);
   int line = 0;
-  for (char *save = NULL, *l = rc ? NULL : strtok_r(text, "\n", &save); l && rc == OT_OK; l = strtok_r(NULL, "\n", &save)) {
+  for (char *save = NULL, *l = rc ? NULL : strtok_r(text, "\n", &save); l && rc == OT_OK;
+       l = strtok_r(NULL, "\n", &save)) {
     line++;
     if (*l == '#' || *l == '\0') continue;
     char word[8], hex[80];
@@ -189,10 +190,14 @@ int ot_access_load(ot_access *a, const char *path) {
       rc = ot_error(OT_ERR_FORMAT, "%s:%d: expected 'allow|revoke|token <64 hex>'", path, line);
       break;
     }
-    if (strcmp(word, "allow") == 0) rc = set_add(&tmp->allow, k);
-    else if (strcmp(word, "revoke") == 0) rc = set_add(&tmp->revoked, k);
-    else if (strcmp(word, "token") == 0) rc = set_add(&tmp->tokens, k);
-    else rc = ot_error(OT_ERR_FORMAT, "%s:%d: unknown entry '%s'", path, line, word);
+    if (strcmp(word, "allow") == 0)
+      rc = set_add(&tmp->allow, k);
+    else if (strcmp(word, "revoke") == 0)
+      rc = set_add(&tmp->revoked, k);
+    else if (strcmp(word, "token") == 0)
+      rc = set_add(&tmp->tokens, k);
+    else
+      rc = ot_error(OT_ERR_FORMAT, "%s:%d: unknown entry '%s'", path, line, word);
   }
   free(text);
   if (rc == OT_OK) { /* swap in only after the whole file parsed */

@@ -38,7 +38,8 @@ void ot_env_clear(ot_env *e) {
 int ot_env_decode(const uint8_t *wire, size_t len, size_t max_len, ot_env *out) {
   if (!wire || !out) return ot_error(OT_ERR_INVALID, "ot_env_decode: NULL argument");
   if (max_len > OT_MSG_MAX_HARD) max_len = OT_MSG_MAX_HARD;
-  if (len > max_len) return ot_error(OT_ERR_RANGE, "message of %zu bytes exceeds the limit of %zu", len, max_len);
+  if (len > max_len)
+    return ot_error(OT_ERR_RANGE, "message of %zu bytes exceeds the limit of %zu", len, max_len);
   ot_pb_alloc ca;
   ot_pb_alloc_init(&ca, 2 * len + 1024);
   Offtune__Envelope *m = offtune__envelope__unpack(&ca.a, len, wire);
@@ -62,8 +63,10 @@ int ot_env_decode(const uint8_t *wire, size_t len, size_t max_len, ot_env *out) 
     e.sealed = m->has_sealed;
     e.len = d->len;
     e.data = malloc(d->len ? d->len : 1);
-    if (!e.data) rc = ot_error(OT_ERR_NOMEM, "out of memory");
-    else if (d->len) memcpy(e.data, d->data, d->len);
+    if (!e.data)
+      rc = ot_error(OT_ERR_NOMEM, "out of memory");
+    else if (d->len)
+      memcpy(e.data, d->data, d->len);
   }
   offtune__envelope__free_unpacked(m, &ca.a);
   if (rc == OT_OK) *out = e;
@@ -97,10 +100,11 @@ int ot_env_pack_plain(uint32_t type, uint64_t session_id, const uint8_t *body, s
   return pack_env(&h, 0, body, len, out, out_len);
 }
 
-int ot_env_seal_seq(const ot_session *s, uint32_t lane, uint64_t seq, uint32_t type, const uint8_t *body, size_t len,
-                    uint8_t **out, size_t *out_len) {
+int ot_env_seal_seq(const ot_session *s, uint32_t lane, uint64_t seq, uint32_t type, const uint8_t *body,
+                    size_t len, uint8_t **out, size_t *out_len) {
   if (!s || (!body && len) || !out || !out_len) return ot_error(OT_ERR_INVALID, "ot_env_seal: NULL argument");
-  if (lane >= s->lanes) return ot_error(OT_ERR_RANGE, "lane %u out of range (session has %u)", lane, s->lanes);
+  if (lane >= s->lanes)
+    return ot_error(OT_ERR_RANGE, "lane %u out of range (session has %u)", lane, s->lanes);
   if (len > OT_MSG_MAX_HARD) return ot_error(OT_ERR_RANGE, "body of %zu bytes is too large", len);
   ot_env_header h = {OT_PROTOCOL_VERSION, type, lane, s->id, seq};
   uint8_t ad[28], nonce[24];
@@ -140,8 +144,8 @@ int ot_env_unseal(const ot_session *s, const ot_env *e, uint8_t **body, size_t *
   uint8_t *pt = malloc(n ? n : 1);
   if (!pt) return ot_error(OT_ERR_NOMEM, "out of memory");
   unsigned long long plen = 0;
-  if (crypto_aead_xchacha20poly1305_ietf_decrypt(pt, &plen, NULL, e->data, e->len, ad, sizeof ad, nonce, s->rx_key) !=
-      0) {
+  if (crypto_aead_xchacha20poly1305_ietf_decrypt(pt, &plen, NULL, e->data, e->len, ad, sizeof ad, nonce,
+                                                 s->rx_key) != 0) {
     free(pt);
     return ot_error(OT_ERR_FORMAT, "message failed authentication (session %016llx, lane %u, seq %llu)",
                     (unsigned long long)s->id, e->h.lane, (unsigned long long)e->h.seq);
@@ -154,14 +158,14 @@ int ot_env_unseal(const ot_session *s, const ot_env *e, uint8_t **body, size_t *
 int ot_session_accept_seq(ot_session *s, uint32_t lane, uint64_t seq) {
   if (lane >= s->lanes) return ot_error(OT_ERR_RANGE, "lane %u out of range", lane);
   if (seq <= s->rx_seq[lane])
-    return ot_error(OT_ERR_INVALID, "replayed or reordered message (lane %u, seq %llu, last accepted %llu)", lane,
-                    (unsigned long long)seq, (unsigned long long)s->rx_seq[lane]);
+    return ot_error(OT_ERR_INVALID, "replayed or reordered message (lane %u, seq %llu, last accepted %llu)",
+                    lane, (unsigned long long)seq, (unsigned long long)s->rx_seq[lane]);
   s->rx_seq[lane] = seq;
   return OT_OK;
 }
 
-int ot_env_open(ot_session *s, const uint8_t *wire, size_t len, size_t max_len, ot_env_header *h, uint8_t **body,
-                size_t *body_len) {
+int ot_env_open(ot_session *s, const uint8_t *wire, size_t len, size_t max_len, ot_env_header *h,
+                uint8_t **body, size_t *body_len) {
   ot_env e = {0};
   int rc = ot_env_decode(wire, len, max_len, &e);
   if (rc) return rc;
@@ -203,7 +207,8 @@ int ot_refusal_error(const uint8_t *body, size_t len, int authenticated) {
   int code = r->code;
   if (code >= 0 || code < OT_ERR_INTERNAL) code = OT_ERR_INVALID;
   size_t n = strnlen(r->reason, 300);
-  int rc = ot_error(code, "refused by peer%s: %.*s", authenticated ? "" : " (unauthenticated)", (int)n, r->reason);
+  int rc =
+      ot_error(code, "refused by peer%s: %.*s", authenticated ? "" : " (unauthenticated)", (int)n, r->reason);
   offtune__refusal__free_unpacked(r, &ca.a);
   return rc;
 }

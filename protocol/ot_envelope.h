@@ -72,16 +72,16 @@ int ot_env_pack_plain(uint32_t type, uint64_t session_id, const uint8_t *body, s
 int ot_env_seal(ot_session *s, uint32_t lane, uint32_t type, const uint8_t *body, size_t len, uint8_t **out,
                 size_t *out_len);
 /* Seals with an explicit seq (the caller allocated it under its own lock). */
-int ot_env_seal_seq(const ot_session *s, uint32_t lane, uint64_t seq, uint32_t type, const uint8_t *body, size_t len,
-                    uint8_t **out, size_t *out_len);
+int ot_env_seal_seq(const ot_session *s, uint32_t lane, uint64_t seq, uint32_t type, const uint8_t *body,
+                    size_t len, uint8_t **out, size_t *out_len);
 /* Decrypts a decoded sealed envelope; checks the session id; does not touch seq state. */
 int ot_env_unseal(const ot_session *s, const ot_env *e, uint8_t **body, size_t *body_len);
 /* Accepts seq on lane iff it is above the last accepted one, and records it. */
 int ot_session_accept_seq(ot_session *s, uint32_t lane, uint64_t seq);
 /* decode + unseal + accept_seq in one call (single-threaded users); a Refusal, sealed
  * or plain, becomes its error. */
-int ot_env_open(ot_session *s, const uint8_t *wire, size_t len, size_t max_len, ot_env_header *h, uint8_t **body,
-                size_t *body_len);
+int ot_env_open(ot_session *s, const uint8_t *wire, size_t len, size_t max_len, ot_env_header *h,
+                uint8_t **body, size_t *body_len);
 
 /* A Refusal body (code is an ot_status, reason is shown to the peer). */
 int ot_refusal_pack(int code, const char *reason, uint8_t **out, size_t *out_len);

@@ -30,7 +30,8 @@ static void put64(uint8_t *p, uint64_t v) {
   for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
 }
 
-static void transcript(const uint8_t *ch, size_t ch_len, const uint8_t *core, size_t core_len, uint8_t th[32]) {
+static void transcript(const uint8_t *ch, size_t ch_len, const uint8_t *core, size_t core_len,
+                       uint8_t th[32]) {
   crypto_generichash_state st;
   uint8_t l[8];
   crypto_generichash_init(&st, NULL, 0, 32);
@@ -60,8 +61,8 @@ static void sig_msg(const char *label, const uint8_t h[32], uint8_t m[48]) {
 }
 
 /* Keys from the shared secret and the transcript; fails on a low-order point. */
-static int derive_keys(const uint8_t my_sk[32], const uint8_t peer_pk[32], const uint8_t th[32], int is_server,
-                       ot_session *s) {
+static int derive_keys(const uint8_t my_sk[32], const uint8_t peer_pk[32], const uint8_t th[32],
+                       int is_server, ot_session *s) {
   uint8_t shared[32], prk[32];
   if (crypto_scalarmult(shared, my_sk, peer_pk) != 0) {
     sodium_memzero(shared, sizeof shared);
@@ -148,7 +149,8 @@ static int expect_plain(const uint8_t *wire, size_t len, uint32_t type, ot_env *
   return rc;
 }
 
-int ot_hs_client_on_server_hello(ot_hs_client *c, const uint8_t *wire, size_t len, uint8_t **msg, size_t *msg_len) {
+int ot_hs_client_on_server_hello(ot_hs_client *c, const uint8_t *wire, size_t len, uint8_t **msg,
+                                 size_t *msg_len) {
   if (!c || !wire || !msg || !msg_len) return ot_error(OT_ERR_INVALID, "ot_hs_client_on_server_hello: NULL");
   if (c->state != 1) return ot_error(OT_ERR_INVALID, "handshake: unexpected ServerHello");
   c->state = 3; /* any failure ends this handshake */
@@ -160,12 +162,15 @@ int ot_hs_client_on_server_hello(ot_hs_client *c, const uint8_t *wire, size_t le
   ot_pb_alloc_init(&cb, 2 * HS_MAX);
   Offtune__ServerHello *sh = offtune__server_hello__unpack(&ca.a, e.len, e.data);
   Offtune__ServerHelloCore *core = NULL;
-  if (!sh) rc = ot_error(OT_ERR_FORMAT, "handshake: malformed ServerHello");
+  if (!sh)
+    rc = ot_error(OT_ERR_FORMAT, "handshake: malformed ServerHello");
   else if (!(core = offtune__server_hello_core__unpack(&cb.a, sh->core.len, sh->core.data)))
     rc = ot_error(OT_ERR_FORMAT, "handshake: malformed ServerHello core");
   else if (core->version != c->version)
-    rc = ot_error(OT_ERR_MISMATCH, "handshake: server answered version %u to our %u", core->version, c->version);
-  else if (core->ephemeral.len != 32 || core->nonce.len != 32 || core->identity.len != 32 || sh->signature.len != 64)
+    rc = ot_error(OT_ERR_MISMATCH, "handshake: server answered version %u to our %u", core->version,
+                  c->version);
+  else if (core->ephemeral.len != 32 || core->nonce.len != 32 || core->identity.len != 32 ||
+           sh->signature.len != 64)
     rc = ot_error(OT_ERR_FORMAT, "handshake: ServerHello has fields of the wrong size");
   else if (core->lanes < 1 || core->lanes > OT_MAX_LANES || core->session_id == 0 || core->ttl_seconds == 0)
     rc = ot_error(OT_ERR_FORMAT, "handshake: ServerHello has out-of-range parameters");
@@ -213,8 +218,10 @@ int ot_hs_client_on_server_hello(ot_hs_client *c, const uint8_t *wire, size_t le
   if (core) offtune__server_hello_core__free_unpacked(core, &cb.a);
   if (sh) offtune__server_hello__free_unpacked(sh, &ca.a);
   ot_env_clear(&e);
-  if (rc == OT_OK) c->state = 2;
-  else ot_session_wipe(&c->s);
+  if (rc == OT_OK)
+    c->state = 2;
+  else
+    ot_session_wipe(&c->s);
   return rc;
 }
 
@@ -232,7 +239,8 @@ int ot_hs_client_on_server_finish(ot_hs_client *c, const uint8_t *wire, size_t l
   } else {
     rc = ot_env_unseal(&c->s, &e, &body, &bl);
     if (rc == OT_OK) rc = ot_session_accept_seq(&c->s, e.h.lane, e.h.seq);
-    if (rc == OT_OK && e.h.type == OT_MSG_REFUSAL) rc = ot_refusal_error(body, bl, 1);
+    if (rc == OT_OK && e.h.type == OT_MSG_REFUSAL)
+      rc = ot_refusal_error(body, bl, 1);
     else if (rc == OT_OK && e.h.type != OT_MSG_SERVER_FINISH)
       rc = ot_error(OT_ERR_FORMAT, "handshake: expected ServerFinish, got type %u", e.h.type);
   }
@@ -240,8 +248,10 @@ int ot_hs_client_on_server_finish(ot_hs_client *c, const uint8_t *wire, size_t l
     ot_pb_alloc ca;
     ot_pb_alloc_init(&ca, 2 * HS_MAX);
     Offtune__ServerFinish *f = offtune__server_finish__unpack(&ca.a, bl, body);
-    if (!f) rc = ot_error(OT_ERR_FORMAT, "handshake: malformed ServerFinish");
-    else offtune__server_finish__free_unpacked(f, &ca.a);
+    if (!f)
+      rc = ot_error(OT_ERR_FORMAT, "handshake: malformed ServerFinish");
+    else
+      offtune__server_finish__free_unpacked(f, &ca.a);
   }
   free(body);
   ot_env_clear(&e);
@@ -250,8 +260,8 @@ int ot_hs_client_on_server_finish(ot_hs_client *c, const uint8_t *wire, size_t l
   return rc;
 }
 
-int ot_hs_server_on_hello(const ot_hs_server_config *cfg, const uint8_t *wire, size_t len, ot_hs_pending *pending,
-                          uint8_t **reply, size_t *reply_len) {
+int ot_hs_server_on_hello(const ot_hs_server_config *cfg, const uint8_t *wire, size_t len,
+                          ot_hs_pending *pending, uint8_t **reply, size_t *reply_len) {
   if (!cfg || !cfg->id || !wire || !pending || !reply || !reply_len)
     return ot_error(OT_ERR_INVALID, "ot_hs_server_on_hello: NULL argument");
   int rc = ot_sodium_init();
@@ -262,7 +272,8 @@ int ot_hs_server_on_hello(const ot_hs_server_config *cfg, const uint8_t *wire, s
   ot_pb_alloc ca;
   ot_pb_alloc_init(&ca, 2 * HS_MAX);
   Offtune__ClientHello *h = offtune__client_hello__unpack(&ca.a, e.len, e.data);
-  if (!h) rc = ot_error(OT_ERR_FORMAT, "handshake: malformed ClientHello");
+  if (!h)
+    rc = ot_error(OT_ERR_FORMAT, "handshake: malformed ClientHello");
   else if (h->version != OT_PROTOCOL_VERSION)
     rc = ot_error(OT_ERR_MISMATCH, "unsupported protocol version %u (this server speaks %d)", h->version,
                   OT_PROTOCOL_VERSION);
@@ -316,11 +327,12 @@ int ot_hs_server_on_hello(const ot_hs_server_config *cfg, const uint8_t *wire, s
   return rc;
 }
 
-int ot_hs_server_on_finish(const ot_hs_server_config *cfg, ot_hs_pending *pending, const uint8_t *wire, size_t len,
-                           ot_session *out, uint8_t **reply, size_t *reply_len, int *enrolled) {
+int ot_hs_server_on_finish(const ot_hs_server_config *cfg, ot_hs_pending *pending, const uint8_t *wire,
+                           size_t len, ot_session *out, uint8_t **reply, size_t *reply_len, int *enrolled) {
   if (!cfg || !pending || !wire || !out || !reply || !reply_len)
     return ot_error(OT_ERR_INVALID, "ot_hs_server_on_finish: NULL argument");
-  if (ot_unix_now() > pending->deadline) return ot_error(OT_ERR_RANGE, "handshake: timed out before ClientFinish");
+  if (ot_unix_now() > pending->deadline)
+    return ot_error(OT_ERR_RANGE, "handshake: timed out before ClientFinish");
   ot_env e = {0};
   int rc = ot_env_decode(wire, len, HS_MAX, &e);
   if (rc) return rc;
@@ -349,8 +361,10 @@ int ot_hs_server_on_finish(const ot_hs_server_config *cfg, ot_hs_pending *pendin
   }
   int enr = 0;
   if (rc == OT_OK) {
-    if (!cfg->acl) rc = ot_error(OT_ERR_INVALID, "handshake: no access control configured");
-    else rc = cfg->acl->admit(cfg->acl_self, f->identity.data, f->enrol_token, &enr);
+    if (!cfg->acl)
+      rc = ot_error(OT_ERR_INVALID, "handshake: no access control configured");
+    else
+      rc = cfg->acl->admit(cfg->acl_self, f->identity.data, f->enrol_token, &enr);
   }
   if (rc == OT_OK) {
     memcpy(s.peer_pk, f->identity.data, 32);

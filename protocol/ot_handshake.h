@@ -40,7 +40,8 @@ void ot_hs_client_free(ot_hs_client *c);
 /* First message. */
 int ot_hs_client_hello(ot_hs_client *c, uint8_t **msg, size_t *len);
 /* Checks the server's reply (pin, signature) and produces ClientFinish. */
-int ot_hs_client_on_server_hello(ot_hs_client *c, const uint8_t *wire, size_t len, uint8_t **msg, size_t *msg_len);
+int ot_hs_client_on_server_hello(ot_hs_client *c, const uint8_t *wire, size_t len, uint8_t **msg,
+                                 size_t *msg_len);
 /* Checks ServerFinish (or turns a Refusal into an error); on success the session is open. */
 int ot_hs_client_on_server_finish(ot_hs_client *c, const uint8_t *wire, size_t len, ot_session *out);
 
@@ -61,12 +62,12 @@ typedef struct {
 } ot_hs_pending;
 
 /* Handles ClientHello: fills *pending (keys derived, peer not yet known) and the reply. */
-int ot_hs_server_on_hello(const ot_hs_server_config *cfg, const uint8_t *wire, size_t len, ot_hs_pending *pending,
-                          uint8_t **reply, size_t *reply_len);
+int ot_hs_server_on_hello(const ot_hs_server_config *cfg, const uint8_t *wire, size_t len,
+                          ot_hs_pending *pending, uint8_t **reply, size_t *reply_len);
 /* Handles ClientFinish for `pending`: verifies the device's signature, asks the access
  * control, and on success returns the open session and the sealed ServerFinish. */
-int ot_hs_server_on_finish(const ot_hs_server_config *cfg, ot_hs_pending *pending, const uint8_t *wire, size_t len,
-                           ot_session *out, uint8_t **reply, size_t *reply_len, int *enrolled);
+int ot_hs_server_on_finish(const ot_hs_server_config *cfg, ot_hs_pending *pending, const uint8_t *wire,
+                           size_t len, ot_session *out, uint8_t **reply, size_t *reply_len, int *enrolled);
 
 /* Seconds since the epoch (the clock sessions expire by). */
 uint64_t ot_unix_now(void);

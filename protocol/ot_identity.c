@@ -87,8 +87,10 @@ static int write_secret(const char *path, const char *data, size_t len) {
   while (rc == OT_OK && off < len) {
     ssize_t w = write(fd, data + off, len - off);
     if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) rc = ot_error(OT_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
-    else off += (size_t)w;
+    if (w <= 0)
+      rc = ot_error(OT_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
+    else
+      off += (size_t)w;
   }
   if (rc == OT_OK && fchmod(fd, 0600) != 0) rc = ot_error(OT_ERR_IO, "chmod %s: %s", tmp, strerror(errno));
   if (rc == OT_OK && fsync(fd) != 0) rc = ot_error(OT_ERR_IO, "fsync %s: %s", tmp, strerror(errno));
@@ -133,7 +135,8 @@ int ot_identity_save(const ot_identity *id, const char *dir, const char *name) {
   if (rc == OT_OK) rc = ot_path_join(dir, pn, &pp);
   free(kn);
   free(pn);
-  if (rc == OT_OK && ot_file_exists(kp)) rc = ot_error(OT_ERR_INVALID, "%s already exists; refusing to overwrite a key", kp);
+  if (rc == OT_OK && ot_file_exists(kp))
+    rc = ot_error(OT_ERR_INVALID, "%s already exists; refusing to overwrite a key", kp);
   if (rc == OT_OK) {
     char text[sizeof KEY_MAGIC + 2 * OT_SK_BYTES + 4];
     int n = snprintf(text, sizeof text, "%s\n", KEY_MAGIC);
@@ -160,7 +163,9 @@ int ot_identity_load(const char *key_path, ot_identity *out) {
   int rc = ot_sodium_init();
   if (rc) return rc;
   int fd = open(key_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0) return ot_error(errno == ENOENT ? OT_ERR_NOTFOUND : OT_ERR_IO, "cannot open %s: %s", key_path, strerror(errno));
+  if (fd < 0)
+    return ot_error(errno == ENOENT ? OT_ERR_NOTFOUND : OT_ERR_IO, "cannot open %s: %s", key_path,
+                    strerror(errno));
   struct stat sb;
   if (fstat(fd, &sb) != 0) {
     close(fd);
@@ -172,12 +177,13 @@ int ot_identity_load(const char *key_path, ot_identity *out) {
   }
   if (sb.st_mode & 077) {
     close(fd);
-    return ot_error(OT_ERR_INVALID, "%s: secret key is accessible by others (mode %03o); run chmod 600 %s", key_path,
-                    (unsigned)(sb.st_mode & 0777), key_path);
+    return ot_error(OT_ERR_INVALID, "%s: secret key is accessible by others (mode %03o); run chmod 600 %s",
+                    key_path, (unsigned)(sb.st_mode & 0777), key_path);
   }
   if (sb.st_uid != geteuid()) {
     close(fd);
-    return ot_error(OT_ERR_INVALID, "%s: secret key is owned by another user (uid %u)", key_path, (unsigned)sb.st_uid);
+    return ot_error(OT_ERR_INVALID, "%s: secret key is owned by another user (uid %u)", key_path,
+                    (unsigned)sb.st_uid);
   }
   char buf[512];
   ssize_t n = read(fd, buf, sizeof buf - 1);
@@ -191,7 +197,8 @@ int ot_identity_load(const char *key_path, ot_identity *out) {
     rc = ot_error(OT_ERR_FORMAT, "%s is not an offtune secret key", key_path);
   } else {
     size_t got = 0;
-    if (sodium_hex2bin(id.sk, OT_SK_BYTES, buf + ml + 1, 2 * OT_SK_BYTES, NULL, &got, NULL) != 0 || got != OT_SK_BYTES)
+    if (sodium_hex2bin(id.sk, OT_SK_BYTES, buf + ml + 1, 2 * OT_SK_BYTES, NULL, &got, NULL) != 0 ||
+        got != OT_SK_BYTES)
       rc = ot_error(OT_ERR_FORMAT, "%s: secret key is not 128 hex digits", key_path);
     else if (crypto_sign_ed25519_sk_to_pk(id.pk, id.sk) != 0)
       rc = ot_error(OT_ERR_FORMAT, "%s: invalid secret key", key_path);
@@ -200,7 +207,8 @@ int ot_identity_load(const char *key_path, ot_identity *out) {
       uint8_t seed[32], pk2[32], sk2[64];
       crypto_sign_ed25519_sk_to_seed(seed, id.sk);
       crypto_sign_seed_keypair(pk2, sk2, seed);
-      if (sodium_memcmp(pk2, id.pk, 32) != 0) rc = ot_error(OT_ERR_FORMAT, "%s: corrupted secret key", key_path);
+      if (sodium_memcmp(pk2, id.pk, 32) != 0)
+        rc = ot_error(OT_ERR_FORMAT, "%s: corrupted secret key", key_path);
       sodium_memzero(seed, sizeof seed);
       sodium_memzero(sk2, sizeof sk2);
     }
@@ -256,7 +264,7 @@ int ot_keygen_command(const char *prog, const char *default_name, int argc, char
   ot_pubkey_hex(id.pk, hex);
   ot_fingerprint(id.pk, fp);
   ot_identity_wipe(&id);
-  printf("secret key  %s/%s.key (mode 0600, keep it private)\npublic key  %s/%s.pub\n%s\nfingerprint %s\n", out,
-         name, out, name, hex, fp);
+  printf("secret key  %s/%s.key (mode 0600, keep it private)\npublic key  %s/%s.pub\n%s\nfingerprint %s\n",
+         out, name, out, name, hex, fp);
   return 0;
 }

@@ -16,7 +16,9 @@ static void put64(uint8_t *p, uint64_t v) {
   for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
 }
 
-uint64_t ot_transfer_chunks(uint64_t total, uint32_t chunk) { return chunk ? (total + chunk - 1) / chunk : 0; }
+uint64_t ot_transfer_chunks(uint64_t total, uint32_t chunk) {
+  return chunk ? (total + chunk - 1) / chunk : 0;
+}
 
 void ot_chunk_hash(uint64_t index, const uint8_t *data, size_t len, uint8_t out[32]) {
   crypto_generichash_state st;
@@ -29,7 +31,8 @@ void ot_chunk_hash(uint64_t index, const uint8_t *data, size_t len, uint8_t out[
   crypto_generichash_final(&st, out, 32);
 }
 
-void ot_transfer_digest(const uint8_t (*hashes)[32], uint64_t n, uint64_t total, uint32_t chunk, uint8_t out[32]) {
+void ot_transfer_digest(const uint8_t (*hashes)[32], uint64_t n, uint64_t total, uint32_t chunk,
+                        uint8_t out[32]) {
   crypto_generichash_state st;
   uint8_t l[8];
   crypto_generichash_init(&st, NULL, 0, 32);
@@ -189,13 +192,14 @@ struct ot_rx {
   ot_sink sink;
 };
 
-int ot_rx_new(const uint8_t id[16], uint64_t total, uint32_t chunk, uint64_t max_total, ot_sink sink, ot_rx **out) {
+int ot_rx_new(const uint8_t id[16], uint64_t total, uint32_t chunk, uint64_t max_total, ot_sink sink,
+              ot_rx **out) {
   if (!id || !out || !sink.write_at) return ot_error(OT_ERR_INVALID, "ot_rx_new: bad argument");
   if (chunk == 0 || chunk > OT_CHUNK_MAX)
     return ot_error(OT_ERR_RANGE, "chunk size %u out of range (1..%u)", chunk, OT_CHUNK_MAX);
   if (total > max_total)
-    return ot_error(OT_ERR_RANGE, "transfer of %llu bytes exceeds the limit of %llu", (unsigned long long)total,
-                    (unsigned long long)max_total);
+    return ot_error(OT_ERR_RANGE, "transfer of %llu bytes exceeds the limit of %llu",
+                    (unsigned long long)total, (unsigned long long)max_total);
   ot_rx *r = calloc(1, sizeof *r);
   if (!r) return ot_error(OT_ERR_NOMEM, "out of memory");
   r->n = ot_transfer_chunks(total, chunk);
@@ -249,8 +253,8 @@ int ot_rx_final(ot_rx *r, const uint8_t digest[32]) {
   } else if (r->failed) {
     rc = ot_error(OT_ERR_INVALID, "transfer already failed");
   } else if (r->prefix != r->n) {
-    rc = ot_error(OT_ERR_FORMAT, "final marker before all chunks: have %llu of %llu", (unsigned long long)r->prefix,
-                  (unsigned long long)r->n);
+    rc = ot_error(OT_ERR_FORMAT, "final marker before all chunks: have %llu of %llu",
+                  (unsigned long long)r->prefix, (unsigned long long)r->n);
   } else {
     uint8_t d[32];
     ot_transfer_digest((const uint8_t(*)[32])r->hashes, r->n, r->total, r->chunk, d);
@@ -262,8 +266,10 @@ int ot_rx_final(ot_rx *r, const uint8_t digest[32]) {
     } else {
       rc = r->sink.commit(r->sink.self);
       r->sink.self = NULL;
-      if (rc == OT_OK) r->committed = 1;
-      else r->failed = 1;
+      if (rc == OT_OK)
+        r->committed = 1;
+      else
+        r->failed = 1;
     }
   }
   pthread_mutex_unlock(&r->mu);
@@ -319,14 +325,17 @@ int ot_chunk_pack(const uint8_t id[16], uint64_t index, int final, const uint8_t
 }
 
 int ot_chunk_decode(const uint8_t *body, size_t len, ot_chunk *out) {
-  if (len > (size_t)OT_CHUNK_MAX + 1024) return ot_error(OT_ERR_RANGE, "chunk message of %zu bytes is too large", len);
+  if (len > (size_t)OT_CHUNK_MAX + 1024)
+    return ot_error(OT_ERR_RANGE, "chunk message of %zu bytes is too large", len);
   chunk_priv *p = malloc(sizeof *p);
   if (!p) return ot_error(OT_ERR_NOMEM, "out of memory");
   ot_pb_alloc_init(&p->ca, 2 * len + 1024);
   p->m = offtune__chunk__unpack(&p->ca.a, len, body);
   int rc = OT_OK;
-  if (!p->m) rc = ot_error(OT_ERR_FORMAT, "malformed chunk");
-  else if (p->m->transfer_id.len != 16) rc = ot_error(OT_ERR_FORMAT, "chunk: transfer id must be 16 bytes");
+  if (!p->m)
+    rc = ot_error(OT_ERR_FORMAT, "malformed chunk");
+  else if (p->m->transfer_id.len != 16)
+    rc = ot_error(OT_ERR_FORMAT, "chunk: transfer id must be 16 bytes");
   else if (p->m->final ? (p->m->has_data || !p->m->has_digest || p->m->digest.len != 32)
                        : (!p->m->has_data || p->m->has_digest))
     rc = ot_error(OT_ERR_FORMAT, "chunk: data/digest do not match the final flag");
@@ -373,8 +382,10 @@ int ot_begin_decode(const uint8_t *body, size_t len, ot_transfer_begin *out) {
   int rc = OT_OK;
   if (!m) return ot_error(OT_ERR_FORMAT, "malformed TransferBegin");
   size_t nl = strlen(m->name);
-  if (m->transfer_id.len != 16) rc = ot_error(OT_ERR_FORMAT, "TransferBegin: transfer id must be 16 bytes");
-  else if (nl == 0 || nl >= sizeof out->name) rc = ot_error(OT_ERR_FORMAT, "TransferBegin: name length %zu", nl);
+  if (m->transfer_id.len != 16)
+    rc = ot_error(OT_ERR_FORMAT, "TransferBegin: transfer id must be 16 bytes");
+  else if (nl == 0 || nl >= sizeof out->name)
+    rc = ot_error(OT_ERR_FORMAT, "TransferBegin: name length %zu", nl);
   for (size_t i = 0; rc == OT_OK && i < nl; i++) {
     char ch = m->name[i];
     if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_' ||
@@ -407,7 +418,8 @@ int ot_status_decode(const uint8_t *body, size_t len, ot_transfer_status *out) {
   Offtune__TransferStatus *m = len <= 1024 ? offtune__transfer_status__unpack(&ca.a, len, body) : NULL;
   if (!m) return ot_error(OT_ERR_FORMAT, "malformed TransferStatus");
   int rc = OT_OK;
-  if (m->transfer_id.len != 16) rc = ot_error(OT_ERR_FORMAT, "TransferStatus: transfer id must be 16 bytes");
+  if (m->transfer_id.len != 16)
+    rc = ot_error(OT_ERR_FORMAT, "TransferStatus: transfer id must be 16 bytes");
   else {
     memcpy(out->id, m->transfer_id.data, 16);
     out->have_prefix = m->have_prefix;

@@ -40,14 +40,16 @@ uint8_t *ot_mem_sink_take(ot_sink *s, uint64_t *size);
 void ot_mem_sink_free(ot_sink *s);
 
 void ot_chunk_hash(uint64_t index, const uint8_t *data, size_t len, uint8_t out[32]);
-void ot_transfer_digest(const uint8_t (*hashes)[32], uint64_t n, uint64_t total, uint32_t chunk, uint8_t out[32]);
+void ot_transfer_digest(const uint8_t (*hashes)[32], uint64_t n, uint64_t total, uint32_t chunk,
+                        uint8_t out[32]);
 /* Digest of a whole in-memory buffer. */
 void ot_transfer_digest_buf(const uint8_t *data, uint64_t total, uint32_t chunk, uint8_t out[32]);
 uint64_t ot_transfer_chunks(uint64_t total, uint32_t chunk);
 
 /* Receiver state (thread-safe). Takes ownership of sink. */
 typedef struct ot_rx ot_rx;
-int ot_rx_new(const uint8_t id[16], uint64_t total, uint32_t chunk, uint64_t max_total, ot_sink sink, ot_rx **out);
+int ot_rx_new(const uint8_t id[16], uint64_t total, uint32_t chunk, uint64_t max_total, ot_sink sink,
+              ot_rx **out);
 int ot_rx_chunk(ot_rx *r, uint64_t index, const uint8_t *data, size_t len);
 int ot_rx_final(ot_rx *r, const uint8_t digest[32]);
 uint64_t ot_rx_prefix(ot_rx *r);

@@ -261,7 +261,8 @@ static int sealed_reply(srv_session *x, ot_session *sess, uint32_t lane, uint32_
   return ot_env_seal_seq(sess, lane, seq, type, body, bl, out, len);
 }
 
-static int sealed_refusal(srv_session *x, ot_session *sess, uint32_t lane, int code, uint8_t **out, size_t *len) {
+static int sealed_refusal(srv_session *x, ot_session *sess, uint32_t lane, int code, uint8_t **out,
+                          size_t *len) {
   uint8_t *b = NULL;
   size_t bl = 0;
   const char *d = ot_error_detail();
@@ -286,16 +287,19 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
     if (t) {
       if (t->total != b.total || t->chunk != b.chunk || strcmp(t->name, b.name) != 0)
         rc = ot_error(OT_ERR_MISMATCH, "transfer '%s' resumed with different parameters", b.name);
-      else st.have_prefix = ot_rx_prefix(t->rx);
-      if (rc == OT_OK) srv_log(s, "transfer '%s' resumed at chunk %llu", t->name, (unsigned long long)st.have_prefix);
+      else
+        st.have_prefix = ot_rx_prefix(t->rx);
+      if (rc == OT_OK)
+        srv_log(s, "transfer '%s' resumed at chunk %llu", t->name, (unsigned long long)st.have_prefix);
       transfer_put(s, t, 0);
     } else {
       transfers_sweep(s);
       if (b.chunk == 0 || b.chunk > OT_CHUNK_MAX || b.chunk + OT_ENV_OVERHEAD + 64 > s->cfg.max_msg)
-        return ot_error(OT_ERR_RANGE, "chunk size %u does not fit the message limit %zu", b.chunk, s->cfg.max_msg);
+        return ot_error(OT_ERR_RANGE, "chunk size %u does not fit the message limit %zu", b.chunk,
+                        s->cfg.max_msg);
       if (b.total > s->cfg.max_transfer)
-        return ot_error(OT_ERR_RANGE, "transfer of %llu bytes exceeds the limit of %llu", (unsigned long long)b.total,
-                        (unsigned long long)s->cfg.max_transfer);
+        return ot_error(OT_ERR_RANGE, "transfer of %llu bytes exceeds the limit of %llu",
+                        (unsigned long long)b.total, (unsigned long long)s->cfg.max_transfer);
       if (!s->cfg.on_transfer_open) return ot_error(OT_ERR_UNSUPPORTED, "this server accepts no transfers");
       pthread_mutex_lock(&s->tmu);
       int full = s->n_transfers >= s->cfg.max_transfers;
@@ -342,7 +346,8 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
     if (ch.final) {
       if (ch.index != ot_transfer_chunks(t->total, t->chunk))
         rc = ot_error(OT_ERR_FORMAT, "final marker at index %llu", (unsigned long long)ch.index);
-      else rc = ot_rx_final(t->rx, ch.digest);
+      else
+        rc = ot_rx_final(t->rx, ch.digest);
       st.committed = rc == OT_OK;
       st.have_prefix = ot_rx_prefix(t->rx);
       if (rc == OT_OK) {
@@ -377,7 +382,8 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
     plain_refusal(rc, out, out_len);
     return;
   }
-  ot_hs_server_config hc = {s->cfg.id, s->cfg.acl, s->cfg.acl_self, s->cfg.lanes, s->cfg.ttl_seconds, s->cfg.max_msg};
+  ot_hs_server_config hc = {s->cfg.id,    s->cfg.acl,         s->cfg.acl_self,
+                            s->cfg.lanes, s->cfg.ttl_seconds, s->cfg.max_msg};
   if (!e.sealed) {
     if (e.h.type != OT_MSG_CLIENT_HELLO) {
       rc = ot_error(OT_ERR_FORMAT, "plain message of type %u (only ClientHello may be plain)", e.h.type);
@@ -430,7 +436,8 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
       sodium_memzero(&open, sizeof open);
       session_put(s, x, 0);
     } else {
-      srv_log(s, "refused a handshake (session %016llx): %s", (unsigned long long)e.h.session_id, ot_error_detail());
+      srv_log(s, "refused a handshake (session %016llx): %s", (unsigned long long)e.h.session_id,
+              ot_error_detail());
       stat_add(s, &s->stats.refusals);
       /* The refusal is sealed with the pending keys: only the key holder reads it. */
       ot_session tmp = x->hs.s;
@@ -438,7 +445,8 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
       size_t bl = 0;
       char reason[400];
       snprintf(reason, sizeof reason, "%s: %s", ot_strerror(rc), ot_error_detail());
-      if (ot_refusal_pack(rc, reason, &b, &bl) != OT_OK || ot_env_seal_seq(&tmp, 0, 1, OT_MSG_REFUSAL, b, bl, out, out_len) != OT_OK)
+      if (ot_refusal_pack(rc, reason, &b, &bl) != OT_OK ||
+          ot_env_seal_seq(&tmp, 0, 1, OT_MSG_REFUSAL, b, bl, out, out_len) != OT_OK)
         plain_refusal(rc, out, out_len);
       free(b);
       sodium_memzero(&tmp, sizeof tmp);
@@ -489,8 +497,10 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
   if (rc == OT_OK) {
     switch (e.h.type) {
     case OT_MSG_APP:
-      if (!s->cfg.on_request) rc = ot_error(OT_ERR_UNSUPPORTED, "this server takes no requests");
-      else rc = s->cfg.on_request(s->cfg.user, x->s.peer_pk, body, bl, &rb, &rbl);
+      if (!s->cfg.on_request)
+        rc = ot_error(OT_ERR_UNSUPPORTED, "this server takes no requests");
+      else
+        rc = s->cfg.on_request(s->cfg.user, x->s.peer_pk, body, bl, &rb, &rbl);
       if (rc == OT_OK) rc = sealed_reply(x, &x->s, lane, OT_MSG_APP, rb, rbl, out, out_len);
       break;
     case OT_MSG_TRANSFER_BEGIN:
@@ -498,15 +508,14 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
       rc = handle_transfer(s, x, e.h.type, body, bl, &rb, &rbl);
       if (rc == OT_OK) rc = sealed_reply(x, &x->s, lane, OT_MSG_TRANSFER_STATUS, rb, rbl, out, out_len);
       break;
-    default:
-      rc = ot_error(OT_ERR_FORMAT, "unexpected message type %u", e.h.type);
+    default: rc = ot_error(OT_ERR_FORMAT, "unexpected message type %u", e.h.type);
     }
   }
   if (rc) {
     char fp[OT_FINGERPRINT_LEN];
     ot_fingerprint(x->s.peer_pk, fp);
-    srv_log(s, "refused a request from %s (session %016llx, lane %u, seq %llu): %s", fp, (unsigned long long)x->s.id,
-            lane, (unsigned long long)e.h.seq, ot_error_detail());
+    srv_log(s, "refused a request from %s (session %016llx, lane %u, seq %llu): %s", fp,
+            (unsigned long long)x->s.id, lane, (unsigned long long)e.h.seq, ot_error_detail());
     stat_add(s, &s->stats.refusals);
     free(*out);
     *out = NULL;
@@ -777,7 +786,8 @@ static int round_trip(ot_client *c, uint32_t lane, const uint8_t *wire, size_t l
   return OT_OK;
 }
 
-int ot_client_raw(ot_client *c, uint32_t lane, const uint8_t *wire, size_t len, uint8_t **reply, size_t *reply_len) {
+int ot_client_raw(ot_client *c, uint32_t lane, const uint8_t *wire, size_t len, uint8_t **reply,
+                  size_t *reply_len) {
   if (!c || lane >= (uint32_t)c->n_lanes_open) return ot_error(OT_ERR_INVALID, "ot_client_raw: bad lane");
   return round_trip(c, lane, wire, len, reply, reply_len);
 }
@@ -792,8 +802,8 @@ static int backoff(ot_client *c, int attempt) {
 
 /* A full handshake on lane 0's context (write lock held). */
 static int handshake_locked(ot_client *c) {
-  ot_hs_client_config hc = {&c->id, c->have_pk ? c->cloud_pk : NULL, c->have_pk ? NULL : c->fingerprint, c->token,
-                            c->cfg.version};
+  ot_hs_client_config hc = {&c->id, c->have_pk ? c->cloud_pk : NULL, c->have_pk ? NULL : c->fingerprint,
+                            c->token, c->cfg.version};
   int rc = OT_OK;
   for (int attempt = 0; attempt <= c->cfg.retries; attempt++) {
     if (attempt) backoff(c, attempt - 1);
@@ -836,8 +846,8 @@ static int rehandshake(ot_client *c, uint64_t seen_generation) {
   return rc;
 }
 
-int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t *body, size_t len, uint32_t *rtype,
-                      uint8_t **reply, size_t *reply_len) {
+int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t *body, size_t len,
+                      uint32_t *rtype, uint8_t **reply, size_t *reply_len) {
   if (!c || lane >= (uint32_t)c->n_lanes_open) return ot_error(OT_ERR_INVALID, "ot_client_request: bad lane");
   int rc = OT_OK, rehandshakes = 0;
   for (int attempt = 0; attempt <= c->cfg.retries;) {
@@ -851,15 +861,19 @@ int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t 
     uint8_t *wire = NULL, *r = NULL, *b = NULL;
     size_t wl = 0, rl = 0, blen = 0;
     ot_env_header h = {0};
-    if (expiring) rc = ot_error(OT_ERR_NOTFOUND, "session %016llx about to expire", (unsigned long long)c->s.id);
-    else rc = ot_env_seal(&c->s, lane, type, body, len, &wire, &wl);
+    if (expiring)
+      rc = ot_error(OT_ERR_NOTFOUND, "session %016llx about to expire", (unsigned long long)c->s.id);
+    else
+      rc = ot_env_seal(&c->s, lane, type, body, len, &wire, &wl);
     if (!expiring && rc == OT_OK) {
       pthread_rwlock_unlock(&c->lk); /* no lock across the network wait */
       rc = round_trip(c, lane, wire, wl, &r, &rl);
       pthread_rwlock_rdlock(&c->lk);
-      if (rc == OT_OK && c->generation != gen) rc = ot_error(OT_ERR_NOTFOUND, "session changed during the request");
+      if (rc == OT_OK && c->generation != gen)
+        rc = ot_error(OT_ERR_NOTFOUND, "session changed during the request");
       if (rc == OT_OK) rc = ot_env_open(&c->s, r, rl, c->cfg.max_msg, &h, &b, &blen);
-      if (rc == OT_OK && h.lane != lane) rc = ot_error(OT_ERR_FORMAT, "reply on lane %u to a request on lane %u", h.lane, lane);
+      if (rc == OT_OK && h.lane != lane)
+        rc = ot_error(OT_ERR_FORMAT, "reply on lane %u to a request on lane %u", h.lane, lane);
       if (rc == OT_OK && h.type == OT_MSG_REFUSAL) rc = ot_refusal_error(b, blen, 1);
     }
     pthread_rwlock_unlock(&c->lk);
@@ -919,7 +933,8 @@ void ot_client_close(ot_client *c) {
 }
 
 int ot_client_open(const ot_client_config *cfg, ot_client **out) {
-  if (!cfg || !cfg->url || !cfg->id || !out) return ot_error(OT_ERR_INVALID, "ot_client_open: url and identity are required");
+  if (!cfg || !cfg->url || !cfg->id || !out)
+    return ot_error(OT_ERR_INVALID, "ot_client_open: url and identity are required");
   if (!cfg->cloud_pk && !cfg->cloud_fingerprint)
     return ot_error(OT_ERR_INVALID, "the cloud's key or fingerprint must be pinned");
   int rc = ot_sodium_init();
@@ -961,8 +976,10 @@ int ot_client_open(const ot_client_config *cfg, ot_client **out) {
     rv = nng_aio_alloc(&c->aio[i], NULL, NULL);
     if (!rv) {
       rv = nng_ctx_open(&c->ctx[i], c->sock);
-      if (rv) nng_aio_free(c->aio[i]);
-      else c->n_lanes_open++;
+      if (rv)
+        nng_aio_free(c->aio[i]);
+      else
+        c->n_lanes_open++;
     }
   }
   if (!rv) rv = nng_dial(c->sock, c->cfg.url, NULL, NNG_FLAG_NONBLOCK);
@@ -1022,7 +1039,8 @@ static void *send_lane(void *arg) {
     uint64_t i = atomic_fetch_add(&j->next, 1);
     if (i >= j->n) break;
     if (j->stop_after && atomic_fetch_add(&j->sent, 1) >= j->stop_after) {
-      send_fail(j, ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)", (unsigned long long)j->stop_after));
+      send_fail(
+          j, ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)", (unsigned long long)j->stop_after));
       break;
     }
     if (!j->stop_after) atomic_fetch_add(&j->sent, 1);
@@ -1036,7 +1054,8 @@ static void *send_lane(void *arg) {
     if (rc == OT_OK) rc = ot_client_request(j->c, a->lane, OT_MSG_CHUNK, body, bl, &t, &r, &rl);
     free(body);
     ot_transfer_status st;
-    if (rc == OT_OK && t != OT_MSG_TRANSFER_STATUS) rc = ot_error(OT_ERR_FORMAT, "unexpected reply type %u to a chunk", t);
+    if (rc == OT_OK && t != OT_MSG_TRANSFER_STATUS)
+      rc = ot_error(OT_ERR_FORMAT, "unexpected reply type %u to a chunk", t);
     if (rc == OT_OK) rc = ot_status_decode(r, rl, &st);
     free(r);
     if (rc) {
@@ -1048,13 +1067,16 @@ static void *send_lane(void *arg) {
 }
 
 int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t size, ot_send_opts *opts) {
-  if (!c || !name || (!data && size) || !opts) return ot_error(OT_ERR_INVALID, "ot_client_send: NULL argument");
+  if (!c || !name || (!data && size) || !opts)
+    return ot_error(OT_ERR_INVALID, "ot_client_send: NULL argument");
   uint32_t chunk = opts->chunk ? opts->chunk : (1u << 20);
   if (chunk > OT_CHUNK_MAX || chunk + 256 > c->cfg.max_msg)
     return ot_error(OT_ERR_RANGE, "chunk size %u does not fit the message limit", chunk);
   ot_transfer_begin b = {0};
-  if (opts->transfer_id) memcpy(b.id, opts->transfer_id, 16);
-  else randombytes_buf(b.id, 16);
+  if (opts->transfer_id)
+    memcpy(b.id, opts->transfer_id, 16);
+  else
+    randombytes_buf(b.id, 16);
   snprintf(b.name, sizeof b.name, "%s", name);
   b.total = size;
   b.chunk = chunk;
@@ -1110,7 +1132,8 @@ int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t
   opts->sent = atomic_load(&j->sent);
   if (j->stop_after && opts->sent > j->stop_after) opts->sent = j->stop_after;
   rc = j->rc;
-  if (rc) ot_error(rc, "%s", j->detail);
+  if (rc)
+    ot_error(rc, "%s", j->detail);
   else if (j->stop_after && j->stop_after >= n)
     rc = ot_error(OT_ERR_IO, "stopped before the final marker (test hook)");
   if (rc == OT_OK) {
@@ -1121,7 +1144,8 @@ int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t
     free(body);
     if (rc == OT_OK) rc = ot_status_decode(r, rl, &st);
     free(r);
-    if (rc == OT_OK && !st.committed) rc = ot_error(OT_ERR_FORMAT, "the receiver did not commit the transfer");
+    if (rc == OT_OK && !st.committed)
+      rc = ot_error(OT_ERR_FORMAT, "the receiver did not commit the transfer");
   }
   pthread_mutex_destroy(&j->mu);
   free(j->hashes);

@@ -28,14 +28,14 @@ typedef struct {
   const ot_identity *id;
   const ot_access_ops *acl;
   void *acl_self;
-  int n_contexts;         /* concurrent requests in flight (default 64) */
-  int n_workers;          /* worker threads (default 2) */
-  uint32_t lanes;         /* lanes offered per session (default 8) */
-  uint32_t ttl_seconds;   /* session lifetime (default 3600) */
-  size_t max_msg;         /* largest accepted message (default OT_MSG_MAX_DEFAULT) */
-  uint64_t max_transfer;  /* largest accepted transfer (default 16 GiB) */
-  int max_sessions;       /* sessions, pending handshakes included (default 4096) */
-  int max_transfers;      /* unfinished transfers (default 1024) */
+  int n_contexts;                 /* concurrent requests in flight (default 64) */
+  int n_workers;                  /* worker threads (default 2) */
+  uint32_t lanes;                 /* lanes offered per session (default 8) */
+  uint32_t ttl_seconds;           /* session lifetime (default 3600) */
+  size_t max_msg;                 /* largest accepted message (default OT_MSG_MAX_DEFAULT) */
+  uint64_t max_transfer;          /* largest accepted transfer (default 16 GiB) */
+  int max_sessions;               /* sessions, pending handshakes included (default 4096) */
+  int max_transfers;              /* unfinished transfers (default 1024) */
   uint32_t transfer_idle_seconds; /* unfinished transfers are dropped after (default 600) */
   /* Application requests (type OT_MSG_APP); runs on a worker thread. */
   int (*on_request)(void *user, const uint8_t peer[32], const uint8_t *body, size_t len, uint8_t **reply,
@@ -65,14 +65,14 @@ void ot_server_stop(ot_server *s);
 typedef struct {
   const char *url;
   const ot_identity *id;
-  const uint8_t *cloud_pk;        /* pinned key, or */
-  const char *cloud_fingerprint;  /* pinned fingerprint */
-  const char *enrol_token;        /* optional, used by the first handshake */
-  int timeout_ms;                 /* per attempt (default 10000) */
-  int retries;                    /* extra attempts (0: default 4; negative: none) */
-  int backoff_ms;                 /* first backoff (default 50), doubling, max 2 s */
-  size_t max_msg;                 /* default OT_MSG_MAX_DEFAULT */
-  uint32_t version;               /* 0: OT_PROTOCOL_VERSION (tests) */
+  const uint8_t *cloud_pk;       /* pinned key, or */
+  const char *cloud_fingerprint; /* pinned fingerprint */
+  const char *enrol_token;       /* optional, used by the first handshake */
+  int timeout_ms;                /* per attempt (default 10000) */
+  int retries;                   /* extra attempts (0: default 4; negative: none) */
+  int backoff_ms;                /* first backoff (default 50), doubling, max 2 s */
+  size_t max_msg;                /* default OT_MSG_MAX_DEFAULT */
+  uint32_t version;              /* 0: OT_PROTOCOL_VERSION (tests) */
 } ot_client_config;
 
 typedef struct ot_client ot_client;
@@ -97,9 +97,10 @@ int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t
 
 /* Test helpers: the session in use, and one raw round trip on a lane. */
 ot_session *ot_client_session(ot_client *c);
-int ot_client_raw(ot_client *c, uint32_t lane, const uint8_t *wire, size_t len, uint8_t **reply, size_t *reply_len);
+int ot_client_raw(ot_client *c, uint32_t lane, const uint8_t *wire, size_t len, uint8_t **reply,
+                  size_t *reply_len);
 /* One sealed request of any type on a lane (with retries); the reply body is opened. */
-int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t *body, size_t len, uint32_t *rtype,
-                      uint8_t **reply, size_t *reply_len);
+int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t *body, size_t len,
+                      uint32_t *rtype, uint8_t **reply, size_t *reply_len);
 
 #endif

@@ -25,7 +25,8 @@ static ot_identity g_srv, g_dev, g_other;
 
 static int setup(void **state) {
   (void)state;
-  if (ot_identity_generate(&g_srv) || ot_identity_generate(&g_dev) || ot_identity_generate(&g_other)) return -1;
+  if (ot_identity_generate(&g_srv) || ot_identity_generate(&g_dev) || ot_identity_generate(&g_other))
+    return -1;
   return 0;
 }
 
@@ -166,14 +167,18 @@ static int hs_run(ot_access *acl, hs_opts *o, ot_session *cs, ot_session *ss, in
   if (rc == OT_OK) (*stage = 1), rc = ot_hs_server_on_hello(&sc, m1, l1, &p, &r1, &rl1);
   if (rc == OT_OK && o->which == 1) {
     o->applied = o->at < rl1;
-    if (o->truncate) rl1 = o->at;
-    else if (o->at < rl1) r1[o->at] ^= o->mask;
+    if (o->truncate)
+      rl1 = o->at;
+    else if (o->at < rl1)
+      r1[o->at] ^= o->mask;
   }
   if (rc == OT_OK) (*stage = 2), rc = ot_hs_client_on_server_hello(c, r1, rl1, &m2, &l2);
   if (rc == OT_OK && o->which == 2) {
     o->applied = o->at < l2;
-    if (o->truncate) l2 = o->at;
-    else if (o->at < l2) m2[o->at] ^= o->mask;
+    if (o->truncate)
+      l2 = o->at;
+    else if (o->at < l2)
+      m2[o->at] ^= o->mask;
   }
   int enrolled = 0;
   if (rc == OT_OK) (*stage = 3), rc = ot_hs_server_on_finish(&sc, &p, m2, l2, ss, &r2, &rl2, &enrolled);
@@ -282,7 +287,8 @@ static void test_handshake_tamper(void **state) {
     assert_true(len > 100);
     for (size_t at = 0; at < len; at++) {
       hs_opts o = {.pin = g_srv.pk, .which = which, .at = at, .truncate = 1};
-      if (hs_run(a, &o, &cs, &ss, &stage) == OT_OK) fail_msg("truncation to %zu bytes of message %d accepted", at, which);
+      if (hs_run(a, &o, &cs, &ss, &stage) == OT_OK)
+        fail_msg("truncation to %zu bytes of message %d accepted", at, which);
     }
   }
   ot_access_free(a);
@@ -353,7 +359,8 @@ static void test_envelope_tamper(void **state) {
     for (int bit = 0; bit < 8; bit++) {
       w[at] ^= (uint8_t)(1u << bit);
       ot_session t = s0;
-      if (ot_env_open(&t, w, wl, 4096, NULL, &b, &bl) == OT_OK) fail_msg("bit %d of byte %zu flipped: accepted", bit, at);
+      if (ot_env_open(&t, w, wl, 4096, NULL, &b, &bl) == OT_OK)
+        fail_msg("bit %d of byte %zu flipped: accepted", bit, at);
       w[at] ^= (uint8_t)(1u << bit);
       assert_memory_equal(t.rx_seq, s0.rx_seq, sizeof t.rx_seq); /* nothing recorded */
     }
@@ -495,13 +502,48 @@ static void test_transfer_bodies(void **state) {
   free(b);
 }
 
+/* offtune-cloud keygen / offtune-device keygen, as a user runs them. */
+static void test_keygen_commands(void **state) {
+  (void)state;
+  char *dir = ot_test_tmpdir("proto_keygen");
+  const char *bin = ot_test_binary_dir();
+  assert_int_equal(ot_test_system("'%s/cloud/offtune-cloud' keygen --out '%s/c' > '%s/c.txt'", bin, dir, dir),
+                   0);
+  assert_int_equal(
+      ot_test_system("'%s/device/offtune-device' keygen --out '%s/d' > '%s/d.txt'", bin, dir, dir), 0);
+  char p[600];
+  snprintf(p, sizeof p, "%s/c/cloud.key", dir);
+  struct stat sb;
+  assert_int_equal(stat(p, &sb), 0);
+  assert_int_equal(sb.st_mode & 0777, 0600);
+  ot_identity id;
+  assert_int_equal(ot_identity_load(p, &id), OT_OK);
+  char fp[OT_FINGERPRINT_LEN];
+  ot_fingerprint(id.pk, fp);
+  assert_int_equal(ot_test_system("grep -q 'fingerprint %s' '%s/c.txt'", fp, dir), 0);
+  snprintf(p, sizeof p, "%s/d/device.key", dir);
+  assert_int_equal(stat(p, &sb), 0);
+  assert_int_equal(sb.st_mode & 0777, 0600);
+  /* refuses to overwrite; usage errors exit 2 */
+  assert_int_equal(ot_test_system("'%s/cloud/offtune-cloud' keygen --out '%s/c' 2>/dev/null", bin, dir), 1);
+  assert_int_equal(ot_test_system("'%s/cloud/offtune-cloud' keygen 2>/dev/null", bin), 2);
+  ot_identity_wipe(&id);
+  free(dir);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_identity_files),   cmocka_unit_test(test_fingerprint),
-      cmocka_unit_test(test_access),           cmocka_unit_test(test_handshake_ok),
-      cmocka_unit_test(test_handshake_refusals), cmocka_unit_test(test_handshake_tamper),
-      cmocka_unit_test(test_envelope_roundtrip), cmocka_unit_test(test_envelope_tamper),
-      cmocka_unit_test(test_transfer_rx),      cmocka_unit_test(test_transfer_bodies),
+      cmocka_unit_test(test_identity_files),
+      cmocka_unit_test(test_fingerprint),
+      cmocka_unit_test(test_access),
+      cmocka_unit_test(test_handshake_ok),
+      cmocka_unit_test(test_handshake_refusals),
+      cmocka_unit_test(test_handshake_tamper),
+      cmocka_unit_test(test_envelope_roundtrip),
+      cmocka_unit_test(test_envelope_tamper),
+      cmocka_unit_test(test_transfer_rx),
+      cmocka_unit_test(test_transfer_bodies),
+      cmocka_unit_test(test_keygen_commands),
   };
   return cmocka_run_group_tests(tests, setup, NULL);
 }

@@ -82,8 +82,10 @@ static void on_end(void *user, const uint8_t peer[32], const char *name, int com
     ot_mem_sink_free(sink);
   }
   pthread_mutex_lock(&f->mu);
-  if (committed) f->committed++;
-  else f->aborted++;
+  if (committed)
+    f->committed++;
+  else
+    f->aborted++;
   f->bad_data += bad;
   pthread_mutex_unlock(&f->mu);
 }
@@ -117,7 +119,8 @@ static int setup(void **state) {
   (void)state;
   memset(&F, 0, sizeof F);
   pthread_mutex_init(&F.mu, NULL);
-  if (ot_identity_generate(&F.srv) || ot_identity_generate(&F.dev) || ot_identity_generate(&F.other)) return -1;
+  if (ot_identity_generate(&F.srv) || ot_identity_generate(&F.dev) || ot_identity_generate(&F.other))
+    return -1;
   if (ot_access_new(&F.acl) || ot_access_allow(F.acl, F.dev.pk)) return -1;
   F.tensor = malloc(TENSOR);
   if (!F.tensor) return -1;
@@ -244,7 +247,8 @@ static void test_hostile_input(void **state) {
   pthread_mutex_unlock(&F.mu);
   for (int i = 0; i < 50; i++) {
     randombytes_buf(junk, sizeof junk);
-    assert_int_equal(ot_client_raw(evil, 0, junk, 1 + (size_t)i * 5, &r, &rl), OT_OK); /* a refusal comes back */
+    assert_int_equal(ot_client_raw(evil, 0, junk, 1 + (size_t)i * 5, &r, &rl),
+                     OT_OK); /* a refusal comes back */
     uint8_t *b;
     size_t bl;
     ot_session tmp = *ot_client_session(evil);
@@ -453,8 +457,9 @@ static void test_load_64_clients(void **state) {
   ot_server_stats st;
   ot_server_get_stats(F.server, &st);
   ot_server_stop(F.server);
-  print_message("load: %d clients x 4 MiB in %.2f s (%.0f MiB/s), slowest handshake %.3f s, %llu retransmits\n", N, dt,
-                N * 4.0 / dt, worst_hs, (unsigned long long)st.retransmits);
+  print_message(
+      "load: %d clients x 4 MiB in %.2f s (%.0f MiB/s), slowest handshake %.3f s, %llu retransmits\n", N, dt,
+      N * 4.0 / dt, worst_hs, (unsigned long long)st.retransmits);
   assert_int_equal(F.committed, N);
   assert_int_equal(F.bad_data, 0);
   assert_int_equal(st.handshakes, N);
