@@ -206,9 +206,12 @@ int ot_refusal_error(const uint8_t *body, size_t len, int authenticated) {
   if (!r) return ot_error(OT_ERR_FORMAT, "peer refused with a malformed refusal");
   int code = r->code;
   if (code >= 0 || code < OT_ERR_INTERNAL) code = OT_ERR_INVALID;
+  char reason[301];
   size_t n = strnlen(r->reason, 300);
-  int rc =
-      ot_error(code, "refused by peer%s: %.*s", authenticated ? "" : " (unauthenticated)", (int)n, r->reason);
+  for (size_t i = 0; i < n; i++) /* the peer's text: printable ASCII only */
+    reason[i] = r->reason[i] >= 0x20 && r->reason[i] < 0x7f ? r->reason[i] : '?';
+  reason[n] = '\0';
+  int rc = ot_error(code, "refused by peer%s: %s", authenticated ? "" : " (unauthenticated)", reason);
   offtune__refusal__free_unpacked(r, &ca.a);
   return rc;
 }

@@ -418,7 +418,12 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
     ot_env_clear(&e);
     return;
   }
-  if (x->pending) {
+  /* Under x->mu: two ClientFinish messages for one pending handshake (a replay) must
+   * not race; the second sees an open session and is refused as a replay. */
+  pthread_mutex_lock(&x->mu);
+  int pending = x->pending;
+  if (!pending) pthread_mutex_unlock(&x->mu);
+  if (pending) {
     ot_session open;
     int enrolled = 0;
     rc = ot_hs_server_on_finish(&hc, &x->hs, wire, len, &open, out, out_len, &enrolled);
@@ -434,6 +439,7 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
       srv_log(s, "session %016llx open for device %s%s", (unsigned long long)open.id, fp,
               enrolled ? " (enrolled with a token)" : "");
       sodium_memzero(&open, sizeof open);
+      pthread_mutex_unlock(&x->mu);
       session_put(s, x, 0);
     } else {
       srv_log(s, "refused a handshake (session %016llx): %s", (unsigned long long)e.h.session_id,
@@ -450,6 +456,7 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
         plain_refusal(rc, out, out_len);
       free(b);
       sodium_memzero(&tmp, sizeof tmp);
+      pthread_mutex_unlock(&x->mu);
       session_put(s, x, 1);
     }
     ot_env_clear(&e);
