@@ -410,6 +410,33 @@ static void test_transfer_resume_and_truncation(void **state) {
   free(dir);
 }
 
+/* The server restarts at the same address: the client reconnects in the background,
+ * its old session is unknown to the new server, it re-handshakes and carries on. */
+static void test_reconnect_after_server_restart(void **state) {
+  (void)state;
+  char ipc[300];
+  snprintf(ipc, sizeof ipc, "ipc://%s/tests/tmp/ot_proto_restart.sock", ot_test_binary_dir());
+  server_start(&F, ipc, 60);
+  ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
+  cc.timeout_ms = 400;
+  cc.retries = 3;
+  ot_client *c;
+  assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+  check_echo(c, "first server");
+  uint64_t id1 = ot_client_session(c)->id;
+  ot_server_stop(F.server);
+  server_start(&F, ipc, 60);
+  check_echo(c, "second server");
+  assert_int_not_equal(ot_client_session(c)->id, id1);
+  ot_server_stop(F.server);
+  /* with the server gone, a call fails after its retries, with a clear error */
+  uint8_t *r;
+  size_t rl;
+  assert_int_equal(ot_client_call(c, (const uint8_t *)"x", 1, &r, &rl), OT_ERR_IO);
+  assert_non_null(strstr(ot_error_detail(), "Timed out"));
+  ot_client_close(c);
+}
+
 typedef struct {
   int idx, rc;
   char err[300];
@@ -472,6 +499,7 @@ int main(void) {
       cmocka_unit_test(test_handshake_refusals_over_network),
       cmocka_unit_test(test_hostile_input),
       cmocka_unit_test(test_session_expiry_rekeys),
+      cmocka_unit_test(test_reconnect_after_server_restart),
       cmocka_unit_test(test_transfer_resume_and_truncation),
       cmocka_unit_test(test_load_64_clients),
   };
