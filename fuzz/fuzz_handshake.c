@@ -31,7 +31,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   data++;
   size--;
   ot_hs_server_config sc = {&srv_id, &ot_access_memory_ops, acl, 4, 60, 1u << 20};
-  ot_hs_client_config cc = {&dev_id, srv_id.pk, NULL, NULL, 0};
+  ot_hs_client_config cc = {&dev_id, srv_id.pk, NULL, NULL, 0, 0};
   ot_hs_pending p;
   uint8_t *m1 = NULL, *r1 = NULL, *m2 = NULL, *r2 = NULL;
   size_t l1 = 0, rl1 = 0, l2 = 0, rl2 = 0;

@@ -113,7 +113,10 @@ int ot_env_seal_seq(const ot_session *s, uint32_t lane, uint64_t seq, uint32_t t
   uint8_t *ct = malloc(len + OT_AEAD_ABYTES);
   if (!ct) return ot_error(OT_ERR_NOMEM, "out of memory");
   unsigned long long clen = 0;
-  crypto_aead_xchacha20poly1305_ietf_encrypt(ct, &clen, body, len, ad, sizeof ad, NULL, nonce, s->tx_key);
+  if (s->aead == OT_AEAD_AESGCM)
+    crypto_aead_aes256gcm_encrypt(ct, &clen, body, len, ad, sizeof ad, NULL, nonce, s->tx_key);
+  else
+    crypto_aead_xchacha20poly1305_ietf_encrypt(ct, &clen, body, len, ad, sizeof ad, NULL, nonce, s->tx_key);
   int rc = pack_env(&h, 1, ct, (size_t)clen, out, out_len);
   free(ct);
   return rc;
@@ -144,8 +147,12 @@ int ot_env_unseal(const ot_session *s, const ot_env *e, uint8_t **body, size_t *
   uint8_t *pt = malloc(n ? n : 1);
   if (!pt) return ot_error(OT_ERR_NOMEM, "out of memory");
   unsigned long long plen = 0;
-  if (crypto_aead_xchacha20poly1305_ietf_decrypt(pt, &plen, NULL, e->data, e->len, ad, sizeof ad, nonce,
-                                                 s->rx_key) != 0) {
+  int bad =
+      s->aead == OT_AEAD_AESGCM
+          ? crypto_aead_aes256gcm_decrypt(pt, &plen, NULL, e->data, e->len, ad, sizeof ad, nonce, s->rx_key)
+          : crypto_aead_xchacha20poly1305_ietf_decrypt(pt, &plen, NULL, e->data, e->len, ad, sizeof ad, nonce,
+                                                       s->rx_key);
+  if (bad != 0) {
     free(pt);
     return ot_error(OT_ERR_FORMAT, "message failed authentication (session %016llx, lane %u, seq %llu)",
                     (unsigned long long)s->id, e->h.lane, (unsigned long long)e->h.seq);

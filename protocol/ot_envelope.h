@@ -1,7 +1,8 @@
 /* The encrypted envelope: every message on the wire is a protobuf Envelope.
  *
  * Header = (version, type, session id, lane, seq). Sealed bodies use
- * XChaCha20-Poly1305 with the session's key for the sender's direction; the
+ * XChaCha20-Poly1305, or AES-256-GCM when both ends have AES-NI (chosen in the signed
+ * handshake), with the session's key for the sender's direction; the
  * associated data is the header's fixed 28-byte encoding, the nonce is
  * (lane, seq) — unique because keys are fresh per session and direction and seq only
  * grows. A session has up to OT_MAX_LANES lanes (one per concurrent request stream);
@@ -48,7 +49,10 @@ typedef struct {
   uint64_t rx_seq[OT_MAX_LANES]; /* last seq accepted per lane */
   uint64_t expires_at;           /* unix seconds */
   uint8_t peer_pk[32];           /* the authenticated peer's long-term key */
+  uint32_t aead;                 /* OT_AEAD_XCHACHA or OT_AEAD_AESGCM, chosen in the handshake */
 } ot_session;
+
+enum { OT_AEAD_XCHACHA = 0, OT_AEAD_AESGCM = 1 };
 
 /* A decoded (not yet decrypted) envelope: header plus a malloc'd copy of the plain
  * body or of the ciphertext. */

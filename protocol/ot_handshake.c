@@ -17,6 +17,7 @@ struct ot_hs_client {
   char fingerprint[OT_FINGERPRINT_LEN];
   char *token;
   uint32_t version;
+  int offer_aes;
   uint8_t eph_pk[32], eph_sk[32];
   uint8_t *hello; /* ClientHello body as sent */
   size_t hello_len;
@@ -105,6 +106,7 @@ int ot_hs_client_new(const ot_hs_client_config *cfg, ot_hs_client **out) {
     }
   }
   c->version = cfg->version ? cfg->version : OT_PROTOCOL_VERSION;
+  c->offer_aes = !cfg->no_aesgcm && crypto_aead_aes256gcm_is_available();
   *out = c;
   return OT_OK;
 }
@@ -129,6 +131,8 @@ int ot_hs_client_hello(ot_hs_client *c, uint8_t **msg, size_t *len) {
   h.version = c->version;
   h.ephemeral = (ProtobufCBinaryData){32, c->eph_pk};
   h.nonce = (ProtobufCBinaryData){32, nonce};
+  h.has_aes256gcm = 1;
+  h.aes256gcm = c->offer_aes;
   if (ot_pb_pack(&h.base, &c->hello, &c->hello_len) != 0) return ot_error(OT_ERR_NOMEM, "out of memory");
   int rc = ot_env_pack_plain(OT_MSG_CLIENT_HELLO, 0, c->hello, c->hello_len, msg, len);
   if (rc == OT_OK) c->state = 1;
@@ -174,6 +178,8 @@ int ot_hs_client_on_server_hello(ot_hs_client *c, const uint8_t *wire, size_t le
     rc = ot_error(OT_ERR_FORMAT, "handshake: ServerHello has fields of the wrong size");
   else if (core->lanes < 1 || core->lanes > OT_MAX_LANES || core->session_id == 0 || core->ttl_seconds == 0)
     rc = ot_error(OT_ERR_FORMAT, "handshake: ServerHello has out-of-range parameters");
+  else if (core->has_aead && (core->aead > OT_AEAD_AESGCM || (core->aead == OT_AEAD_AESGCM && !c->offer_aes)))
+    rc = ot_error(OT_ERR_FORMAT, "handshake: server chose a cipher we did not offer");
   else if (e.h.session_id != core->session_id)
     rc = ot_error(OT_ERR_FORMAT, "handshake: ServerHello session id does not match its envelope");
   if (rc == OT_OK) {
@@ -194,6 +200,7 @@ int ot_hs_client_on_server_hello(ot_hs_client *c, const uint8_t *wire, size_t le
     memset(&c->s, 0, sizeof c->s);
     c->s.id = core->session_id;
     c->s.lanes = core->lanes;
+    c->s.aead = core->has_aead ? core->aead : OT_AEAD_XCHACHA;
     c->s.expires_at = ot_unix_now() + core->ttl_seconds;
     memcpy(c->s.peer_pk, core->identity.data, 32);
     rc = derive_keys(c->eph_sk, core->ephemeral.data, th, 0, &c->s);
@@ -298,6 +305,10 @@ int ot_hs_server_on_hello(const ot_hs_server_config *cfg, const uint8_t *wire, s
     core.identity = (ProtobufCBinaryData){32, (uint8_t *)cfg->id->pk};
     core.lanes = p.s.lanes;
     core.ttl_seconds = ttl;
+    p.s.aead = h->has_aes256gcm && h->aes256gcm && crypto_aead_aes256gcm_is_available() ? OT_AEAD_AESGCM
+                                                                                        : OT_AEAD_XCHACHA;
+    core.has_aead = 1;
+    core.aead = p.s.aead;
     p.s.expires_at = ot_unix_now() + ttl;
     p.deadline = ot_unix_now() + 30;
     if (ot_pb_pack(&core.base, &core_buf, &core_len) != 0) rc = ot_error(OT_ERR_NOMEM, "out of memory");

@@ -31,6 +31,7 @@ typedef struct {
   const char *pinned_fingerprint; /* its fingerprint (one of the two is required) */
   const char *enrol_token;        /* optional one-time token */
   uint32_t version;               /* 0: OT_PROTOCOL_VERSION (tests speak others) */
+  int no_aesgcm;                  /* do not offer AES-256-GCM (XChaCha20-Poly1305 only) */
 } ot_hs_client_config;
 
 typedef struct ot_hs_client ot_hs_client;

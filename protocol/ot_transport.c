@@ -809,8 +809,12 @@ static int backoff(ot_client *c, int attempt) {
 
 /* A full handshake on lane 0's context (write lock held). */
 static int handshake_locked(ot_client *c) {
-  ot_hs_client_config hc = {&c->id, c->have_pk ? c->cloud_pk : NULL, c->have_pk ? NULL : c->fingerprint,
-                            c->token, c->cfg.version};
+  ot_hs_client_config hc = {&c->id,
+                            c->have_pk ? c->cloud_pk : NULL,
+                            c->have_pk ? NULL : c->fingerprint,
+                            c->token,
+                            c->cfg.version,
+                            c->cfg.no_aesgcm};
   int rc = OT_OK;
   for (int attempt = 0; attempt <= c->cfg.retries; attempt++) {
     if (attempt) backoff(c, attempt - 1);

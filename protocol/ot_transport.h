@@ -73,6 +73,7 @@ typedef struct {
   int backoff_ms;                /* first backoff (default 50), doubling, max 2 s */
   size_t max_msg;                /* default OT_MSG_MAX_DEFAULT */
   uint32_t version;              /* 0: OT_PROTOCOL_VERSION (tests) */
+  int no_aesgcm;                 /* XChaCha20-Poly1305 even where AES-NI is present */
 } ot_client_config;
 
 typedef struct ot_client ot_client;

@@ -151,11 +151,12 @@ typedef struct {
   uint8_t mask;
   int truncate;
   int applied; /* out: the tamper hook found its byte */
+  int no_aes;
 } hs_opts;
 
 /* Runs a whole handshake in memory. Returns the first failure; 1..4 in *stage says where. */
 static int hs_run(ot_access *acl, hs_opts *o, ot_session *cs, ot_session *ss, int *stage) {
-  ot_hs_client_config cc = {o->dev ? o->dev : &g_dev, o->pin, o->pin_fp, o->token, o->version};
+  ot_hs_client_config cc = {o->dev ? o->dev : &g_dev, o->pin, o->pin_fp, o->token, o->version, o->no_aes};
   ot_hs_server_config sc = {o->srv ? o->srv : &g_srv, &ot_access_memory_ops, acl, 4, 60, OT_MSG_MAX_DEFAULT};
   ot_hs_client *c = NULL;
   uint8_t *m1 = NULL, *r1 = NULL, *m2 = NULL, *r2 = NULL;
@@ -212,6 +213,13 @@ static void test_handshake_ok(void **state) {
   assert_memory_equal(ss.peer_pk, g_dev.pk, 32);
   assert_memory_equal(cs.peer_pk, g_srv.pk, 32);
   assert_int_equal(cs.lanes, 4);
+  assert_int_equal(cs.aead, crypto_aead_aes256gcm_is_available() ? OT_AEAD_AESGCM : OT_AEAD_XCHACHA);
+  assert_int_equal(ss.aead, cs.aead);
+  hs_opts ox = {.pin = g_srv.pk, .no_aes = 1};
+  ot_session csx, ssx;
+  assert_int_equal(hs_run(a, &ox, &csx, &ssx, &stage), OT_OK);
+  assert_int_equal(csx.aead, OT_AEAD_XCHACHA);
+  assert_int_equal(ssx.aead, OT_AEAD_XCHACHA);
   /* a second handshake has fresh keys (forward secrecy: ephemeral per session) */
   ot_session cs2, ss2;
   assert_int_equal(hs_run(a, &o, &cs2, &ss2, &stage), OT_OK);
@@ -296,16 +304,19 @@ static void test_handshake_tamper(void **state) {
 
 /* ---------------- envelope ---------------- */
 
+static int g_no_aes; /* the envelope tests run once per cipher */
+static int g_one = 1;
+
 static void session_pair(ot_session *c, ot_session *s) {
   ot_access *a = acl_with_dev();
   int stage;
-  hs_opts o = {.pin = g_srv.pk};
+  hs_opts o = {.pin = g_srv.pk, .no_aes = g_no_aes};
   assert_int_equal(hs_run(a, &o, c, s, &stage), OT_OK);
   ot_access_free(a);
 }
 
 static void test_envelope_roundtrip(void **state) {
-  (void)state;
+  g_no_aes = *state != NULL;
   ot_session c, s;
   session_pair(&c, &s);
   const char *msg = "adapter update";
@@ -346,7 +357,7 @@ static void test_envelope_roundtrip(void **state) {
 }
 
 static void test_envelope_tamper(void **state) {
-  (void)state;
+  g_no_aes = *state != NULL; /* prestate: XChaCha20-Poly1305 even with AES-NI */
   ot_session c, s;
   session_pair(&c, &s);
   uint8_t body[200];
@@ -541,6 +552,8 @@ int main(void) {
       cmocka_unit_test(test_handshake_tamper),
       cmocka_unit_test(test_envelope_roundtrip),
       cmocka_unit_test(test_envelope_tamper),
+      cmocka_unit_test_prestate(test_envelope_roundtrip, &g_one),
+      cmocka_unit_test_prestate(test_envelope_tamper, &g_one),
       cmocka_unit_test(test_transfer_rx),
       cmocka_unit_test(test_transfer_bodies),
       cmocka_unit_test(test_keygen_commands),
