@@ -1,6 +1,8 @@
 #include "ot_transport.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <nng/nng.h>
 #include <nng/protocol/reqrep0/rep.h>
 #include <nng/protocol/reqrep0/req.h>
@@ -1014,7 +1016,7 @@ int ot_client_open(const ot_client_config *cfg, ot_client **out) {
 
 typedef struct {
   ot_client *c;
-  const uint8_t *data;
+  ot_source src;
   uint64_t size, n, stop_after;
   uint32_t chunk;
   uint8_t id[16];
@@ -1045,7 +1047,9 @@ static void send_fail(send_job *j, int rc) {
 static void *send_lane(void *arg) {
   lane_arg *a = arg;
   send_job *j = a->j;
-  for (;;) {
+  uint8_t *buf = malloc(j->chunk); /* this lane's chunk: memory is window x chunk */
+  if (!buf) send_fail(j, ot_error(OT_ERR_NOMEM, "out of memory"));
+  for (; buf;) {
     if (atomic_load(&j->failed)) break;
     uint64_t i = atomic_fetch_add(&j->next, 1);
     if (i >= j->n) break;
@@ -1057,11 +1061,15 @@ static void *send_lane(void *arg) {
     if (!j->stop_after) atomic_fetch_add(&j->sent, 1);
     uint64_t off = i * j->chunk;
     size_t len = (size_t)(j->size - off < j->chunk ? j->size - off : j->chunk);
-    ot_chunk_hash(i, j->data + off, len, j->hashes[i]);
+    const uint8_t *data = NULL;
     uint8_t *body = NULL, *r = NULL;
     size_t bl = 0, rl = 0;
     uint32_t t = 0;
-    int rc = ot_chunk_pack(j->id, i, 0, j->data + off, len, NULL, &body, &bl);
+    int rc = j->src.read_at(j->src.self, off, len, buf, &data);
+    if (rc == OT_OK) {
+      ot_chunk_hash(i, data, len, j->hashes[i]);
+      rc = ot_chunk_pack(j->id, i, 0, data, len, NULL, &body, &bl);
+    }
     if (rc == OT_OK) rc = ot_client_request(j->c, a->lane, OT_MSG_CHUNK, body, bl, &t, &r, &rl);
     free(body);
     ot_transfer_status st;
@@ -1074,12 +1082,54 @@ static void *send_lane(void *arg) {
       break;
     }
   }
+  free(buf);
   return NULL;
 }
 
+static int mem_read(void *self, uint64_t off, size_t len, uint8_t *buf, const uint8_t **data) {
+  (void)len;
+  (void)buf;
+  *data = (const uint8_t *)self + off;
+  return OT_OK;
+}
+
 int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t size, ot_send_opts *opts) {
-  if (!c || !name || (!data && size) || !opts)
-    return ot_error(OT_ERR_INVALID, "ot_client_send: NULL argument");
+  if (!data && size) return ot_error(OT_ERR_INVALID, "ot_client_send: NULL data");
+  return ot_client_send_source(c, name, (ot_source){mem_read, (void *)data}, size, opts);
+}
+
+static int file_read(void *self, uint64_t off, size_t len, uint8_t *buf, const uint8_t **data) {
+  int fd = *(int *)self;
+  size_t got = 0;
+  while (got < len) {
+    ssize_t n = pread(fd, buf + got, len - got, (off_t)(off + got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0)
+      return ot_error(OT_ERR_IO, "cannot read the file being sent: %s", n ? strerror(errno) : "short file");
+    got += (size_t)n;
+  }
+  *data = buf;
+  return OT_OK;
+}
+
+int ot_client_send_file(ot_client *c, const char *name, const char *path, ot_send_opts *opts) {
+  if (!path) return ot_error(OT_ERR_INVALID, "ot_client_send_file: NULL path");
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return ot_error(errno == ENOENT ? OT_ERR_NOTFOUND : OT_ERR_IO, "cannot open %s: %s", path,
+                    strerror(errno));
+  struct stat sb;
+  int rc = fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode)
+               ? OT_OK
+               : ot_error(OT_ERR_INVALID, "%s is not a regular file", path);
+  if (rc == OT_OK)
+    rc = ot_client_send_source(c, name, (ot_source){file_read, &fd}, (uint64_t)sb.st_size, opts);
+  close(fd);
+  return rc;
+}
+
+int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_t size, ot_send_opts *opts) {
+  if (!c || !name || !src.read_at || !opts) return ot_error(OT_ERR_INVALID, "ot_client_send: NULL argument");
   uint32_t chunk = opts->chunk ? opts->chunk : (1u << 20);
   if (chunk > OT_CHUNK_MAX || chunk + 256 > c->cfg.max_msg)
     return ot_error(OT_ERR_RANGE, "chunk size %u does not fit the message limit", chunk);
@@ -1111,7 +1161,7 @@ int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t
   }
   if (st.have_prefix > n) st.have_prefix = n;
   j->c = c;
-  j->data = data;
+  j->src = src;
   j->size = size;
   j->n = n;
   j->chunk = chunk;
@@ -1135,10 +1185,21 @@ int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t
   send_lane(&args[0]);
   for (int i = 1; i <= started; i++) pthread_join(th[i], NULL);
   /* chunks the receiver already had: hash them here for the digest */
-  for (uint64_t i = 0; i < st.have_prefix; i++) {
+  uint8_t *buf = st.have_prefix ? malloc(chunk) : NULL;
+  if (st.have_prefix && !buf && !j->rc) j->rc = ot_error(OT_ERR_NOMEM, "out of memory");
+  for (uint64_t i = 0; buf && !j->rc && i < st.have_prefix; i++) {
     uint64_t off = i * chunk;
-    ot_chunk_hash(i, data + off, (size_t)(size - off < chunk ? size - off : chunk), j->hashes[i]);
+    size_t len = (size_t)(size - off < chunk ? size - off : chunk);
+    const uint8_t *d = NULL;
+    int rr = src.read_at(src.self, off, len, buf, &d);
+    if (rr) {
+      j->rc = rr;
+      snprintf(j->detail, sizeof j->detail, "%s", ot_error_detail());
+    } else {
+      ot_chunk_hash(i, d, len, j->hashes[i]);
+    }
   }
+  free(buf);
   opts->resumed_from = st.have_prefix;
   opts->sent = atomic_load(&j->sent);
   if (j->stop_after && opts->sent > j->stop_after) opts->sent = j->stop_after;

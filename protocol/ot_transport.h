@@ -95,6 +95,15 @@ typedef struct {
 } ot_send_opts;
 /* Sends a tensor in chunks; returns OT_OK once the receiver verified and committed it. */
 int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t size, ot_send_opts *opts);
+/* Where a tensor comes from: read_at gives len bytes at off, either by filling buf
+ * (chunk bytes, owned by the caller) or by pointing *data at memory it owns. */
+typedef struct {
+  int (*read_at)(void *self, uint64_t off, size_t len, uint8_t *buf, const uint8_t **data);
+  void *self;
+} ot_source;
+int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_t size, ot_send_opts *opts);
+/* Sends a file with pread: the sender holds window x chunk bytes, whatever the size. */
+int ot_client_send_file(ot_client *c, const char *name, const char *path, ot_send_opts *opts);
 
 /* Test helpers: the session in use, and one raw round trip on a lane. */
 ot_session *ot_client_session(ot_client *c);

@@ -403,6 +403,20 @@ static void test_transfer_resume_and_truncation(void **state) {
   snprintf(path, sizeof path, "%s/v.bin", dir);
   assert_false(ot_file_exists(path));
   check_echo(c, "session still fine");
+  /* from a file, read chunk by chunk */
+  char src_path[600];
+  snprintf(src_path, sizeof src_path, "%s/source.dat", dir);
+  assert_int_equal(ot_file_write_atomic(src_path, F.tensor, size), OT_OK);
+  ot_send_opts o5 = {.chunk = 256u << 10, .window = 3};
+  assert_int_equal(ot_client_send_file(c, "w.bin", src_path, &o5), OT_OK);
+  snprintf(path, sizeof path, "%s/w.bin", dir);
+  assert_int_equal(ot_file_read_all(path, 1 << 24, &back, &bl), OT_OK);
+  assert_int_equal(bl, size);
+  assert_memory_equal(back, F.tensor, size);
+  free(back);
+  assert_int_equal(unlink(path), 0);
+  assert_int_equal(unlink(src_path), 0);
+  assert_int_equal(ot_client_send_file(c, "x.bin", "/nonexistent", &o5), OT_ERR_NOTFOUND);
   ot_client_close(c);
   ot_server_stop(F.server); /* drops unfinished transfers: their partial files go */
   assert_int_equal(ot_test_system("test -z \"$(ls '%s' | grep -v '^t.bin$')\"", dir), 0);
