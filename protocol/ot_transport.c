@@ -694,7 +694,10 @@ int ot_server_start(const ot_server_config *cfg, ot_server **out) {
     return rc;
   }
   /* Before listening: options are copied to endpoints when they are made. */
-  rv = nng_socket_set_size(s->sock, NNG_OPT_RECVMAXSZ, c->max_msg);
+  /* nng's limit is twice ours: a frame a little over max_msg still reaches us and gets a
+   * logged refusal; anything larger is dropped by nng (pipe closed) before allocation. */
+  size_t nng_max = c->max_msg * 2 < OT_MSG_MAX_HARD ? c->max_msg * 2 : OT_MSG_MAX_HARD;
+  rv = nng_socket_set_size(s->sock, NNG_OPT_RECVMAXSZ, nng_max);
   for (int i = 0; !rv && i < s->n_ctx; i++) {
     s->ctxs[i].srv = s;
     rv = nng_aio_alloc(&s->ctxs[i].aio, ctx_cb, &s->ctxs[i]);

@@ -292,20 +292,29 @@ static void test_hostile_input(void **state) {
   free(w2);
   free(w3);
   check_echo(other, "other fine");
-  /* oversized frame: nng drops the pipe; the sender times out, others carry on */
+  /* a frame over the limit: refused and logged */
+  size_t over = (1u << 20) + 4096 + 1;
+  uint8_t *ob = calloc(1, over);
+  assert_int_equal(ot_client_raw(evil, 3, ob, over, &r, &rl), OT_OK);
+  assert_int_equal(ot_env_open(es, r, rl, 1 << 20, NULL, &b, &bl), OT_ERR_RANGE);
+  assert_non_null(strstr(ot_error_detail(), "exceeds the limit"));
+  free(r);
+  free(ob);
+  /* far over it: nng drops the pipe before allocating; the sender times out, others
+   * carry on */
   ot_client_config small = cc;
   small.timeout_ms = 300;
   small.retries = -1;
   ot_client *big;
   assert_int_equal(ot_client_open(&small, &big), OT_OK);
-  size_t huge = (2u << 20);
+  size_t huge = (3u << 20);
   uint8_t *hb = calloc(1, huge);
   assert_int_equal(ot_client_raw(big, 0, hb, huge, &r, &rl), OT_ERR_IO);
   free(hb);
   ot_client_close(big);
   check_echo(good, "after oversized");
   pthread_mutex_lock(&F.mu);
-  assert_true(F.refusals_logged >= before + 52);
+  assert_true(F.refusals_logged >= before + 53);
   pthread_mutex_unlock(&F.mu);
   ot_client_close(good);
   ot_client_close(evil);
