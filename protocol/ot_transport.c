@@ -873,7 +873,9 @@ int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t 
       pthread_rwlock_unlock(&c->lk);
       return ot_error(OT_ERR_RANGE, "lane %u not offered by the server (%u lanes)", lane, c->s.lanes);
     }
-    int expiring = ot_unix_now() + 5 >= c->s.expires_at;
+    /* rekey ahead of expiry (once per request, whatever the server's TTL) */
+    int expiring = rehandshakes == 0 && ot_unix_now() + 5 >= c->s.expires_at;
+    int rekey = expiring; /* also: the server does not know our session */
     uint8_t *wire = NULL, *r = NULL, *b = NULL;
     size_t wl = 0, rl = 0, blen = 0;
     ot_env_header h = {0};
@@ -885,12 +887,25 @@ int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t 
       pthread_rwlock_unlock(&c->lk); /* no lock across the network wait */
       rc = round_trip(c, lane, wire, wl, &r, &rl);
       pthread_rwlock_rdlock(&c->lk);
-      if (rc == OT_OK && c->generation != gen)
+      ot_env e = {0};
+      if (rc == OT_OK && c->generation != gen) {
         rc = ot_error(OT_ERR_NOTFOUND, "session changed during the request");
-      if (rc == OT_OK) rc = ot_env_open(&c->s, r, rl, c->cfg.max_msg, &h, &b, &blen);
-      if (rc == OT_OK && h.lane != lane)
-        rc = ot_error(OT_ERR_FORMAT, "reply on lane %u to a request on lane %u", h.lane, lane);
-      if (rc == OT_OK && h.type == OT_MSG_REFUSAL) rc = ot_refusal_error(b, blen, 1);
+        rekey = 1;
+      }
+      if (rc == OT_OK) rc = ot_env_decode(r, rl, c->cfg.max_msg, &e);
+      if (rc == OT_OK && !e.sealed && e.h.type == OT_MSG_REFUSAL) {
+        /* unauthenticated: only "unknown session" is acted on (by a new handshake) */
+        rc = ot_refusal_error(e.data, e.len, 0);
+        rekey = rc == OT_ERR_NOTFOUND;
+      } else if (rc == OT_OK) {
+        rc = ot_env_unseal(&c->s, &e, &b, &blen);
+        if (rc == OT_OK) rc = ot_session_accept_seq(&c->s, e.h.lane, e.h.seq);
+        if (rc == OT_OK) h = e.h;
+        if (rc == OT_OK && h.lane != lane)
+          rc = ot_error(OT_ERR_FORMAT, "reply on lane %u to a request on lane %u", h.lane, lane);
+        if (rc == OT_OK && h.type == OT_MSG_REFUSAL) rc = ot_refusal_error(b, blen, 1);
+      }
+      ot_env_clear(&e);
     }
     pthread_rwlock_unlock(&c->lk);
     free(wire);
@@ -902,7 +917,7 @@ int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t 
       return OT_OK;
     }
     free(b);
-    if (expiring || (rc == OT_ERR_NOTFOUND && rehandshakes < 2)) {
+    if (rekey && rehandshakes < 2) {
       /* The session is unknown to the server (expired, or the server restarted): rekey. */
       rehandshakes++;
       int hr = rehandshake(c, gen);
@@ -973,7 +988,12 @@ int ot_client_open(const ot_client_config *cfg, ot_client **out) {
   if (c->cfg.max_msg > OT_MSG_MAX_HARD) c->cfg.max_msg = OT_MSG_MAX_HARD;
   c->cfg.id = NULL;
   c->cfg.enrol_token = NULL;
-  pthread_rwlock_init(&c->lk, NULL);
+  pthread_rwlockattr_t la;
+  pthread_rwlockattr_init(&la);
+  /* a re-handshake must not starve behind lanes that keep reading the session */
+  pthread_rwlockattr_setkind_np(&la, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  pthread_rwlock_init(&c->lk, &la);
+  pthread_rwlockattr_destroy(&la);
   int rv = nng_req0_open(&c->sock);
   if (rv) {
     rc = nng_fail(rv, "cannot open a REQ socket", NULL);

@@ -378,7 +378,11 @@ static void test_transfer_resume_and_truncation(void **state) {
   size_t cbl, rl;
   uint32_t t;
   assert_int_equal(ot_chunk_pack(id, 0, 0, F.tensor, 256u << 10, NULL, &cb, &cbl), OT_OK);
+  ot_server_stats st0, st1;
+  ot_server_get_stats(F.server, &st0);
   assert_int_equal(ot_client_request(c2, 0, OT_MSG_CHUNK, cb, cbl, &t, &r, &rl), OT_ERR_NOTFOUND);
+  ot_server_get_stats(F.server, &st1);
+  assert_int_equal(st1.handshakes, st0.handshakes); /* a sealed refusal: no needless rekey */
   free(cb);
   ot_client_close(c2);
   /* a truncated final chunk, a final marker before the data, a wrong digest: refused,
