@@ -538,6 +538,43 @@ static void test_keygen_commands(void **state) {
   /* refuses to overwrite; usage errors exit 2 */
   assert_int_equal(ot_test_system("'%s/cloud/offtune-cloud' keygen --out '%s/c' 2>/dev/null", bin, dir), 1);
   assert_int_equal(ot_test_system("'%s/cloud/offtune-cloud' keygen 2>/dev/null", bin), 2);
+  /* the operator's access file: allow, token, revoke */
+  char acc[600], dpub[600], tok[200] = "";
+  snprintf(acc, sizeof acc, "%s/access.txt", dir);
+  snprintf(dpub, sizeof dpub, "%s/d/device.pub", dir);
+  assert_int_equal(
+      ot_test_system("'%s/cloud/offtune-cloud' access --file '%s' --allow '%s' >/dev/null", bin, acc, dpub),
+      0);
+  assert_int_equal(ot_test_system("'%s/cloud/offtune-cloud' access --file '%s' --issue-token > '%s/tok.txt'",
+                                  bin, acc, dir),
+                   0);
+  uint8_t dpk[32];
+  assert_int_equal(ot_pubkey_load(dpub, dpk), OT_OK);
+  ot_access *a;
+  assert_int_equal(ot_access_new(&a), OT_OK);
+  assert_int_equal(ot_access_load(a, acc), OT_OK);
+  assert_int_equal(ot_access_check(a, dpk), OT_OK);
+  snprintf(p, sizeof p, "%s/tok.txt", dir);
+  FILE *f = fopen(p, "r");
+  assert_non_null(f);
+  assert_non_null(fgets(tok, sizeof tok, f));
+  fclose(f);
+  tok[strcspn(tok, "\n")] = '\0';
+  assert_int_equal(strlen(tok), OT_TOKEN_CHARS);
+  int enrolled = 0;
+  assert_int_equal(ot_access_admit(a, g_other.pk, tok, &enrolled), OT_OK);
+  assert_int_equal(enrolled, 1);
+  ot_access_free(a);
+  assert_int_equal(
+      ot_test_system("'%s/cloud/offtune-cloud' access --file '%s' --revoke '%s' >/dev/null", bin, acc, dpub),
+      0);
+  assert_int_equal(ot_access_new(&a), OT_OK);
+  assert_int_equal(ot_access_load(a, acc), OT_OK);
+  assert_int_equal(ot_access_check(a, dpk), OT_ERR_INVALID);
+  ot_access_free(a);
+  assert_int_equal(ot_test_system("'%s/cloud/offtune-cloud' access --file '%s' 2>/dev/null", bin, acc), 2);
+  assert_int_equal(
+      ot_test_system("'%s/cloud/offtune-cloud' access --file '%s' --allow zz 2>/dev/null", bin, acc), 1);
   ot_identity_wipe(&id);
   free(dir);
 }
