@@ -48,6 +48,15 @@ typedef struct srv_transfer {
   ot_sink sink;
 } srv_transfer;
 
+/* A committed transfer, remembered so that a repeated final marker or a resumed
+ * TransferBegin (its reply was lost) is answered "committed" instead of "unknown". */
+typedef struct {
+  uint8_t id[16], owner[32];
+  uint64_t n;
+  int used;
+} srv_tomb;
+#define N_TOMBS 256
+
 typedef struct srv_ctx {
   struct ot_server *srv;
   nng_ctx ctx;
@@ -80,6 +89,8 @@ struct ot_server {
   int n_sessions;
   srv_transfer *transfers;
   int n_transfers;
+  srv_tomb tombs[N_TOMBS];
+  int tomb_next;
   pthread_mutex_t stmu;
   ot_server_stats stats;
 };
@@ -201,6 +212,30 @@ static void transfer_put(ot_server *s, srv_transfer *t, int kill) {
   if (last) transfer_end(s, t);
 }
 
+static void tomb_add(ot_server *s, const srv_transfer *t) {
+  pthread_mutex_lock(&s->tmu);
+  srv_tomb *b = &s->tombs[s->tomb_next];
+  s->tomb_next = (s->tomb_next + 1) % N_TOMBS;
+  memcpy(b->id, t->id, 16);
+  memcpy(b->owner, t->owner, 32);
+  b->n = ot_transfer_chunks(t->total, t->chunk);
+  b->used = 1;
+  pthread_mutex_unlock(&s->tmu);
+}
+
+static int tomb_find(ot_server *s, const uint8_t id[16], const uint8_t owner[32], uint64_t *n) {
+  int found = 0;
+  pthread_mutex_lock(&s->tmu);
+  for (int i = 0; i < N_TOMBS && !found; i++)
+    if (s->tombs[i].used && memcmp(s->tombs[i].id, id, 16) == 0 &&
+        sodium_memcmp(s->tombs[i].owner, owner, 32) == 0) {
+      *n = s->tombs[i].n;
+      found = 1;
+    }
+  pthread_mutex_unlock(&s->tmu);
+  return found;
+}
+
 static srv_transfer *transfer_find(ot_server *s, const uint8_t id[16], const uint8_t owner[32]) {
   pthread_mutex_lock(&s->tmu);
   srv_transfer *t = s->transfers;
@@ -286,7 +321,11 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
     rc = ot_begin_decode(body, bl, &b);
     if (rc) return rc;
     srv_transfer *t = transfer_find(s, b.id, peer);
-    if (t) {
+    uint64_t done_n = 0;
+    if (!t && tomb_find(s, b.id, peer, &done_n)) {
+      st.have_prefix = done_n;
+      st.committed = 1;
+    } else if (t) {
       if (t->total != b.total || t->chunk != b.chunk || strcmp(t->name, b.name) != 0)
         rc = ot_error(OT_ERR_MISMATCH, "transfer '%s' resumed with different parameters", b.name);
       else
@@ -339,6 +378,16 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
     rc = ot_chunk_decode(body, bl, &ch);
     if (rc) return rc;
     srv_transfer *t = transfer_find(s, ch.id, peer);
+    uint64_t done_n = 0;
+    if (!t && tomb_find(s, ch.id, peer, &done_n)) {
+      int fin = ch.final;
+      ot_chunk_release(&ch);
+      if (!fin) return ot_error(OT_ERR_INVALID, "chunk for a transfer already committed");
+      memcpy(st.id, ch.id, 16);
+      st.have_prefix = done_n;
+      st.committed = 1; /* a repeated final marker */
+      return ot_status_pack(&st, rb, rbl) == OT_OK ? OT_OK : ot_error(OT_ERR_NOMEM, "out of memory");
+    }
     if (!t) {
       ot_chunk_release(&ch);
       return ot_error(OT_ERR_NOTFOUND, "chunk for an unknown transfer");
@@ -353,6 +402,7 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
       st.committed = rc == OT_OK;
       st.have_prefix = ot_rx_prefix(t->rx);
       if (rc == OT_OK) {
+        tomb_add(s, t);
         stat_add(s, &s->stats.transfers_committed);
         srv_log(s, "transfer '%s' committed (%llu bytes)", t->name, (unsigned long long)t->total);
       } else {
@@ -1176,6 +1226,11 @@ int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_
   free(r);
   if (rc) return rc;
   memcpy(opts->id_out, b.id, 16);
+  if (st.committed) { /* the receiver already has all of it (an earlier reply was lost) */
+    opts->resumed_from = st.have_prefix;
+    opts->sent = 0;
+    return OT_OK;
+  }
   send_job *j = calloc(1, sizeof *j);
   uint64_t n = ot_transfer_chunks(size, chunk);
   if (!j || !(j->hashes = calloc(n ? n : 1, 32))) {

@@ -363,6 +363,27 @@ static void test_transfer_resume_and_truncation(void **state) {
   assert_int_equal(ot_client_send(c, "t.bin", F.tensor, size, &o2), OT_OK);
   assert_int_equal(o2.resumed_from, 2);
   assert_int_equal(o2.sent, 2);
+  /* sent again (as after a lost reply): "committed", nothing resent */
+  ot_send_opts o2b = {.transfer_id = id, .chunk = 256u << 10};
+  assert_int_equal(ot_client_send(c, "t.bin", F.tensor, size, &o2b), OT_OK);
+  assert_int_equal(o2b.resumed_from, 4);
+  assert_int_equal(o2b.sent, 0);
+  {
+    uint8_t dg[32], *fb, *fr;
+    size_t fbl, frl;
+    uint32_t ft;
+    ot_transfer_digest_buf(F.tensor, size, 256u << 10, dg);
+    assert_int_equal(ot_chunk_pack(id, 4, 1, NULL, 0, dg, &fb, &fbl), OT_OK);
+    assert_int_equal(ot_client_request(c, 2, OT_MSG_CHUNK, fb, fbl, &ft, &fr, &frl), OT_OK); /* final again */
+    ot_transfer_status fst;
+    assert_int_equal(ot_status_decode(fr, frl, &fst), OT_OK);
+    assert_true(fst.committed);
+    free(fr);
+    free(fb);
+    assert_int_equal(ot_chunk_pack(id, 0, 0, F.tensor, 256u << 10, NULL, &fb, &fbl), OT_OK);
+    assert_int_equal(ot_client_request(c, 2, OT_MSG_CHUNK, fb, fbl, &ft, &fr, &frl), OT_ERR_INVALID);
+    free(fb);
+  }
   char *back;
   size_t bl;
   assert_int_equal(ot_file_read_all(path, 1 << 24, &back, &bl), OT_OK);
