@@ -159,8 +159,9 @@ static void check_echo(ot_client *c, const char *msg) {
 
 static void test_handshake_over_tcp_and_ipc(void **state) {
   (void)state;
-  char ipc[300];
-  snprintf(ipc, sizeof ipc, "ipc://%s/tests/tmp/ot_proto.sock", ot_test_binary_dir());
+  char ipc[300], *sockdir = ot_test_tmpdir("proto_ipc");
+  snprintf(ipc, sizeof ipc, "ipc://%s/s.sock", sockdir);
+  free(sockdir);
   const char *urls[] = {"tcp://127.0.0.1:0", ipc, "inproc://ot-proto"};
   for (int u = 0; u < 3; u++) {
     server_start(&F, urls[u], 60);
@@ -462,8 +463,9 @@ static void test_transfer_resume_and_truncation(void **state) {
  * its old session is unknown to the new server, it re-handshakes and carries on. */
 static void test_reconnect_after_server_restart(void **state) {
   (void)state;
-  char ipc[300];
-  snprintf(ipc, sizeof ipc, "ipc://%s/tests/tmp/ot_proto_restart.sock", ot_test_binary_dir());
+  char ipc[300], *sockdir = ot_test_tmpdir("proto_ipc2");
+  snprintf(ipc, sizeof ipc, "ipc://%s/s.sock", sockdir);
+  free(sockdir);
   server_start(&F, ipc, 60);
   ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
   cc.timeout_ms = 400;
