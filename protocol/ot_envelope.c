@@ -31,7 +31,7 @@ static void header_nonce(uint32_t lane, uint64_t seq, uint8_t n[24]) {
 
 void ot_env_clear(ot_env *e) {
   if (!e) return;
-  free(e->data);
+  free(e->block ? e->block : e->data);
   memset(e, 0, sizeof *e);
 }
 
@@ -58,15 +58,22 @@ int ot_env_decode(const uint8_t *wire, size_t len, size_t max_len, ot_env *out) 
     rc = ot_error(OT_ERR_FORMAT, "sealed body shorter than its tag");
   ot_env e = {0};
   if (rc == OT_OK) {
-    const ProtobufCBinaryData *d = m->has_sealed ? &m->sealed : &m->body;
+    ProtobufCBinaryData *d = m->has_sealed ? &m->sealed : &m->body;
     e.h = (ot_env_header){m->version, m->type, m->lane, m->session_id, m->seq};
     e.sealed = m->has_sealed;
     e.len = d->len;
-    e.data = malloc(d->len ? d->len : 1);
-    if (!e.data)
-      rc = ot_error(OT_ERR_NOMEM, "out of memory");
-    else if (d->len)
-      memcpy(e.data, d->data, d->len);
+    if (d->len && d->data) {
+      /* Take the bytes protobuf-c copied (with our allocator) instead of copying them
+       * again; free_unpacked skips a NULL field. */
+      e.data = d->data;
+      e.block = (char *)d->data - 16;
+      ca.used -= ((size_t *)e.block)[0];
+      d->data = NULL;
+      d->len = 0;
+    } else {
+      e.data = malloc(1);
+      if (!e.data) rc = ot_error(OT_ERR_NOMEM, "out of memory");
+    }
   }
   offtune__envelope__free_unpacked(m, &ca.a);
   if (rc == OT_OK) *out = e;

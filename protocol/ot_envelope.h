@@ -61,6 +61,7 @@ typedef struct {
   int sealed;
   uint8_t *data;
   size_t len;
+  void *block; /* what to free (data may sit inside it); NULL: data itself */
 } ot_env;
 
 /* Decodes wire bytes; refuses more than max_len bytes before unpacking, an unknown
