@@ -9,6 +9,11 @@
 #include "ot_cloud_cmd.h"
 #include "ot_data.h"
 #include "ot_error.h"
+#include "ot_identity.h"
+
+static int cmd_keygen(int argc, char **argv) {
+  return ot_keygen_command("offtune-cloud", "cloud", argc, argv);
+}
 
 static const struct {
   const char *name;
@@ -23,6 +28,9 @@ static const struct {
     {"generate", ot_cmd_generate, "sample a continuation of a prompt"},
     {"tokenize", ot_cmd_tokenize, "print the token ids of a text file"},
     {"corpus", ot_cmd_corpus, "write the plain text of Brown corpus genres (the project's data splits)"},
+    {"access", ot_cmd_access, "allow or revoke a device, or issue a one-time enrolment token"},
+    {"keygen", cmd_keygen,
+     "create the cloud's long-term Ed25519 identity (DIR/cloud.key 0600, DIR/cloud.pub)"},
 };
 #define N_COMMANDS (int)(sizeof commands / sizeof commands[0])
 

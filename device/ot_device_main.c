@@ -5,6 +5,11 @@
 
 #include "ot_device_cmd.h"
 #include "ot_error.h"
+#include "ot_identity.h"
+
+static int cmd_keygen(int argc, char **argv) {
+  return ot_keygen_command("offtune-device", "device", argc, argv);
+}
 
 static const struct {
   const char *name;
@@ -12,6 +17,8 @@ static const struct {
   const char *help;
 } commands[] = {
     {"tune", ot_dev_tune, "train an offsite adapter on private data with the emulator"},
+    {"keygen", cmd_keygen,
+     "create this device's long-term Ed25519 identity (DIR/device.key 0600, DIR/device.pub)"},
     {"eval", ot_dev_eval, "perplexity of the emulator (optionally with an adapter) on a text or token file"},
 };
 #define N_COMMANDS (int)(sizeof commands / sizeof commands[0])

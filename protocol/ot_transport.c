@@ -1,0 +1,1304 @@
+#include "ot_transport.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <nng/nng.h>
+#include <nng/protocol/reqrep0/rep.h>
+#include <nng/protocol/reqrep0/req.h>
+#include <nng/transport/tcp/tcp.h>
+#include <pthread.h>
+#include <sodium.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ot_error.h"
+#include "ot_handshake.h"
+
+/* ================================ server ================================ */
+
+#define N_BUCKETS 1024
+
+typedef struct srv_session {
+  struct srv_session *next;
+  pthread_mutex_t mu;
+  int refs, dead, pending;
+  ot_hs_pending hs; /* while pending */
+  ot_session s;     /* once open */
+  uint64_t last_used;
+  /* retransmit cache: the last reply per lane */
+  uint8_t *last_reply[OT_MAX_LANES];
+  size_t last_reply_len[OT_MAX_LANES];
+  uint64_t last_reply_seq[OT_MAX_LANES]; /* the request seq it answers */
+} srv_session;
+
+typedef struct srv_transfer {
+  struct srv_transfer *next;
+  uint8_t id[16], owner[32];
+  char name[256];
+  uint64_t total, last_used;
+  uint32_t chunk;
+  int refs, dead;
+  ot_rx *rx;
+  ot_sink sink;
+} srv_transfer;
+
+/* A committed transfer, remembered so that a repeated final marker or a resumed
+ * TransferBegin (its reply was lost) is answered "committed" instead of "unknown". */
+typedef struct {
+  uint8_t id[16], owner[32];
+  uint64_t n;
+  int used;
+} srv_tomb;
+#define N_TOMBS 256
+
+typedef struct srv_ctx {
+  struct ot_server *srv;
+  nng_ctx ctx;
+  nng_aio *aio;
+  int sending;
+} srv_ctx;
+
+typedef struct {
+  srv_ctx *c;
+  nng_msg *m;
+} job;
+
+struct ot_server {
+  ot_server_config cfg;
+  nng_socket sock;
+  nng_listener lis;
+  int port;
+  srv_ctx *ctxs;
+  int n_ctx;
+  pthread_t *workers;
+  int n_workers;
+  /* job queue: a ring with room for every context */
+  pthread_mutex_t qmu;
+  pthread_cond_t qcv;
+  job *q;
+  int qhead, qlen, stopping;
+  /* sessions and transfers */
+  pthread_mutex_t tmu;
+  srv_session *buckets[N_BUCKETS];
+  int n_sessions;
+  srv_transfer *transfers;
+  int n_transfers;
+  srv_tomb tombs[N_TOMBS];
+  int tomb_next;
+  pthread_mutex_t stmu;
+  ot_server_stats stats;
+};
+
+static void srv_log(ot_server *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void srv_log(ot_server *s, const char *fmt, ...) {
+  if (!s->cfg.log) return;
+  char line[600];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(line, sizeof line, fmt, ap);
+  va_end(ap);
+  s->cfg.log(s->cfg.user, line);
+}
+
+static void stat_add(ot_server *s, uint64_t *field) {
+  pthread_mutex_lock(&s->stmu);
+  (*field)++;
+  pthread_mutex_unlock(&s->stmu);
+}
+
+static void session_free(ot_server *s, srv_session *x) {
+  (void)s;
+  for (int i = 0; i < OT_MAX_LANES; i++) free(x->last_reply[i]);
+  pthread_mutex_destroy(&x->mu);
+  sodium_memzero(x, sizeof *x);
+  free(x);
+}
+
+/* Looks a session up and takes a reference (tmu held by the caller). */
+static srv_session *session_get_locked(ot_server *s, uint64_t id) {
+  for (srv_session *x = s->buckets[id % N_BUCKETS]; x; x = x->next)
+    if (!x->dead && (x->pending ? x->hs.s.id : x->s.id) == id) {
+      x->refs++;
+      return x;
+    }
+  return NULL;
+}
+
+static void session_unlink_locked(ot_server *s, srv_session *x) {
+  uint64_t id = x->pending ? x->hs.s.id : x->s.id;
+  for (srv_session **pp = &s->buckets[id % N_BUCKETS]; *pp; pp = &(*pp)->next)
+    if (*pp == x) {
+      *pp = x->next;
+      s->n_sessions--;
+      x->dead = 1;
+      return;
+    }
+}
+
+static void session_put(ot_server *s, srv_session *x, int kill) {
+  pthread_mutex_lock(&s->tmu);
+  if (kill && !x->dead) session_unlink_locked(s, x);
+  int last = --x->refs == 0 && x->dead;
+  pthread_mutex_unlock(&s->tmu);
+  if (last) session_free(s, x);
+}
+
+/* Drops expired sessions and stale pending handshakes (tmu held). */
+static void sessions_sweep_locked(ot_server *s, uint64_t now) {
+  for (int b = 0; b < N_BUCKETS; b++)
+    for (srv_session **pp = &s->buckets[b]; *pp;) {
+      srv_session *x = *pp;
+      int stale = x->pending ? now > x->hs.deadline : now > x->s.expires_at;
+      if (stale) {
+        *pp = x->next;
+        s->n_sessions--;
+        x->dead = 1;
+        if (x->refs == 0) session_free(s, x);
+      } else {
+        pp = &x->next;
+      }
+    }
+}
+
+static int session_add(ot_server *s, const ot_hs_pending *hs) {
+  srv_session *x = calloc(1, sizeof *x);
+  if (!x) return ot_error(OT_ERR_NOMEM, "out of memory");
+  pthread_mutex_init(&x->mu, NULL);
+  x->pending = 1;
+  x->hs = *hs;
+  x->last_used = ot_unix_now();
+  pthread_mutex_lock(&s->tmu);
+  if (s->n_sessions >= s->cfg.max_sessions) sessions_sweep_locked(s, x->last_used);
+  int rc = OT_OK;
+  if (s->n_sessions >= s->cfg.max_sessions) {
+    rc = ot_error(OT_ERR_RANGE, "server busy: %d sessions", s->n_sessions);
+  } else {
+    uint64_t id = hs->s.id;
+    x->next = s->buckets[id % N_BUCKETS];
+    s->buckets[id % N_BUCKETS] = x;
+    s->n_sessions++;
+  }
+  pthread_mutex_unlock(&s->tmu);
+  if (rc) session_free(s, x);
+  return rc;
+}
+
+static void transfer_end(ot_server *s, srv_transfer *t) {
+  int committed = ot_rx_committed(t->rx);
+  ot_rx_free(t->rx); /* aborts the sink unless committed */
+  if (s->cfg.on_transfer_end) s->cfg.on_transfer_end(s->cfg.user, t->owner, t->name, committed, &t->sink);
+  free(t);
+}
+
+static void transfer_put(ot_server *s, srv_transfer *t, int kill) {
+  pthread_mutex_lock(&s->tmu);
+  if (kill && !t->dead) {
+    for (srv_transfer **pp = &s->transfers; *pp; pp = &(*pp)->next)
+      if (*pp == t) {
+        *pp = t->next;
+        s->n_transfers--;
+        break;
+      }
+    t->dead = 1;
+  }
+  int last = --t->refs == 0 && t->dead;
+  pthread_mutex_unlock(&s->tmu);
+  if (last) transfer_end(s, t);
+}
+
+static void tomb_add(ot_server *s, const srv_transfer *t) {
+  pthread_mutex_lock(&s->tmu);
+  srv_tomb *b = &s->tombs[s->tomb_next];
+  s->tomb_next = (s->tomb_next + 1) % N_TOMBS;
+  memcpy(b->id, t->id, 16);
+  memcpy(b->owner, t->owner, 32);
+  b->n = ot_transfer_chunks(t->total, t->chunk);
+  b->used = 1;
+  pthread_mutex_unlock(&s->tmu);
+}
+
+static int tomb_find(ot_server *s, const uint8_t id[16], const uint8_t owner[32], uint64_t *n) {
+  int found = 0;
+  pthread_mutex_lock(&s->tmu);
+  for (int i = 0; i < N_TOMBS && !found; i++)
+    if (s->tombs[i].used && memcmp(s->tombs[i].id, id, 16) == 0 &&
+        sodium_memcmp(s->tombs[i].owner, owner, 32) == 0) {
+      *n = s->tombs[i].n;
+      found = 1;
+    }
+  pthread_mutex_unlock(&s->tmu);
+  return found;
+}
+
+static srv_transfer *transfer_find(ot_server *s, const uint8_t id[16], const uint8_t owner[32]) {
+  pthread_mutex_lock(&s->tmu);
+  srv_transfer *t = s->transfers;
+  for (; t; t = t->next)
+    if (memcmp(t->id, id, 16) == 0 && sodium_memcmp(t->owner, owner, 32) == 0) {
+      t->refs++;
+      t->last_used = ot_unix_now();
+      break;
+    }
+  pthread_mutex_unlock(&s->tmu);
+  return t;
+}
+
+static void transfers_sweep(ot_server *s) {
+  uint64_t now = ot_unix_now();
+  srv_transfer *dead = NULL;
+  pthread_mutex_lock(&s->tmu);
+  for (srv_transfer **pp = &s->transfers; *pp;) {
+    srv_transfer *t = *pp;
+    if (now > t->last_used + s->cfg.transfer_idle_seconds) {
+      *pp = t->next;
+      s->n_transfers--;
+      t->dead = 1;
+      if (t->refs == 0) {
+        t->next = dead;
+        dead = t;
+      }
+    } else {
+      pp = &t->next;
+    }
+  }
+  pthread_mutex_unlock(&s->tmu);
+  while (dead) {
+    srv_transfer *n = dead->next;
+    srv_log(s, "transfer '%s' dropped after %u s idle", dead->name, s->cfg.transfer_idle_seconds);
+    transfer_end(s, dead);
+    dead = n;
+  }
+}
+
+/* Reply helpers: every path ends in exactly one reply. */
+static int plain_refusal(int code, uint8_t **out, size_t *len) {
+  uint8_t *b = NULL;
+  size_t bl = 0;
+  const char *d = ot_error_detail();
+  char reason[400];
+  snprintf(reason, sizeof reason, "%s%s%s", ot_strerror(code), *d ? ": " : "", d);
+  int rc = ot_refusal_pack(code, reason, &b, &bl);
+  if (rc == OT_OK) rc = ot_env_pack_plain(OT_MSG_REFUSAL, 0, b, bl, out, len);
+  free(b);
+  return rc;
+}
+
+/* Seals a reply on lane with the session's next seq (x->mu taken here). */
+static int sealed_reply(srv_session *x, ot_session *sess, uint32_t lane, uint32_t type, const uint8_t *body,
+                        size_t bl, uint8_t **out, size_t *len) {
+  pthread_mutex_lock(&x->mu);
+  uint64_t seq = ++sess->tx_seq[lane];
+  pthread_mutex_unlock(&x->mu);
+  return ot_env_seal_seq(sess, lane, seq, type, body, bl, out, len);
+}
+
+static int sealed_refusal(srv_session *x, ot_session *sess, uint32_t lane, int code, uint8_t **out,
+                          size_t *len) {
+  uint8_t *b = NULL;
+  size_t bl = 0;
+  const char *d = ot_error_detail();
+  char reason[400];
+  snprintf(reason, sizeof reason, "%s%s%s", ot_strerror(code), *d ? ": " : "", d);
+  int rc = ot_refusal_pack(code, reason, &b, &bl);
+  if (rc == OT_OK) rc = sealed_reply(x, sess, lane, OT_MSG_REFUSAL, b, bl, out, len);
+  free(b);
+  return rc;
+}
+
+static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const uint8_t *body, size_t bl,
+                           uint8_t **rb, size_t *rbl) {
+  const uint8_t *peer = x->s.peer_pk;
+  ot_transfer_status st = {0};
+  int rc = OT_OK;
+  if (type == OT_MSG_TRANSFER_BEGIN) {
+    ot_transfer_begin b;
+    rc = ot_begin_decode(body, bl, &b);
+    if (rc) return rc;
+    srv_transfer *t = transfer_find(s, b.id, peer);
+    uint64_t done_n = 0;
+    if (!t && tomb_find(s, b.id, peer, &done_n)) {
+      st.have_prefix = done_n;
+      st.committed = 1;
+    } else if (t) {
+      if (t->total != b.total || t->chunk != b.chunk || strcmp(t->name, b.name) != 0)
+        rc = ot_error(OT_ERR_MISMATCH, "transfer '%s' resumed with different parameters", b.name);
+      else
+        st.have_prefix = ot_rx_prefix(t->rx);
+      if (rc == OT_OK)
+        srv_log(s, "transfer '%s' resumed at chunk %llu", t->name, (unsigned long long)st.have_prefix);
+      transfer_put(s, t, 0);
+    } else {
+      transfers_sweep(s);
+      if (b.chunk == 0 || b.chunk > OT_CHUNK_MAX || b.chunk + OT_ENV_OVERHEAD + 64 > s->cfg.max_msg)
+        return ot_error(OT_ERR_RANGE, "chunk size %u does not fit the message limit %zu", b.chunk,
+                        s->cfg.max_msg);
+      if (b.total > s->cfg.max_transfer)
+        return ot_error(OT_ERR_RANGE, "transfer of %llu bytes exceeds the limit of %llu",
+                        (unsigned long long)b.total, (unsigned long long)s->cfg.max_transfer);
+      if (!s->cfg.on_transfer_open) return ot_error(OT_ERR_UNSUPPORTED, "this server accepts no transfers");
+      pthread_mutex_lock(&s->tmu);
+      int full = s->n_transfers >= s->cfg.max_transfers;
+      pthread_mutex_unlock(&s->tmu);
+      if (full) return ot_error(OT_ERR_RANGE, "server busy: too many unfinished transfers");
+      t = calloc(1, sizeof *t);
+      if (!t) return ot_error(OT_ERR_NOMEM, "out of memory");
+      memcpy(t->id, b.id, 16);
+      memcpy(t->owner, peer, 32);
+      memcpy(t->name, b.name, sizeof t->name);
+      t->total = b.total;
+      t->chunk = b.chunk;
+      t->last_used = ot_unix_now();
+      rc = s->cfg.on_transfer_open(s->cfg.user, peer, b.name, b.total, &t->sink);
+      if (rc == OT_OK) {
+        rc = ot_rx_new(b.id, b.total, b.chunk, s->cfg.max_transfer, t->sink, &t->rx);
+        if (rc) {
+          t->sink.abort(t->sink.self);
+          if (s->cfg.on_transfer_end) s->cfg.on_transfer_end(s->cfg.user, peer, b.name, 0, &t->sink);
+        }
+      }
+      if (rc) {
+        free(t);
+        return rc;
+      }
+      pthread_mutex_lock(&s->tmu);
+      t->next = s->transfers;
+      s->transfers = t;
+      s->n_transfers++;
+      pthread_mutex_unlock(&s->tmu);
+    }
+    memcpy(st.id, b.id, 16);
+  } else { /* OT_MSG_CHUNK */
+    ot_chunk ch;
+    rc = ot_chunk_decode(body, bl, &ch);
+    if (rc) return rc;
+    srv_transfer *t = transfer_find(s, ch.id, peer);
+    uint64_t done_n = 0;
+    if (!t && tomb_find(s, ch.id, peer, &done_n)) {
+      int fin = ch.final;
+      ot_chunk_release(&ch);
+      if (!fin) return ot_error(OT_ERR_INVALID, "chunk for a transfer already committed");
+      memcpy(st.id, ch.id, 16);
+      st.have_prefix = done_n;
+      st.committed = 1; /* a repeated final marker */
+      return ot_status_pack(&st, rb, rbl) == OT_OK ? OT_OK : ot_error(OT_ERR_NOMEM, "out of memory");
+    }
+    if (!t) {
+      ot_chunk_release(&ch);
+      return ot_error(OT_ERR_NOTFOUND, "chunk for an unknown transfer");
+    }
+    memcpy(st.id, ch.id, 16);
+    stat_add(s, &s->stats.chunks);
+    if (ch.final) {
+      if (ch.index != ot_transfer_chunks(t->total, t->chunk))
+        rc = ot_error(OT_ERR_FORMAT, "final marker at index %llu", (unsigned long long)ch.index);
+      else
+        rc = ot_rx_final(t->rx, ch.digest);
+      st.committed = rc == OT_OK;
+      st.have_prefix = ot_rx_prefix(t->rx);
+      if (rc == OT_OK) {
+        tomb_add(s, t);
+        stat_add(s, &s->stats.transfers_committed);
+        srv_log(s, "transfer '%s' committed (%llu bytes)", t->name, (unsigned long long)t->total);
+      } else {
+        srv_log(s, "transfer '%s' failed: %s", t->name, ot_error_detail());
+      }
+      ot_chunk_release(&ch);
+      transfer_put(s, t, 1); /* done either way: committed, or discarded */
+    } else {
+      rc = ot_rx_chunk(t->rx, ch.index, ch.data, ch.len);
+      st.have_prefix = ot_rx_prefix(t->rx);
+      ot_chunk_release(&ch);
+      transfer_put(s, t, 0);
+    }
+    if (rc) return rc;
+  }
+  return ot_status_pack(&st, rb, rbl) == OT_OK ? OT_OK : ot_error(OT_ERR_NOMEM, "out of memory");
+}
+
+/* Processes one request; always produces a reply (refusals included). */
+static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out, size_t *out_len) {
+  *out = NULL;
+  *out_len = 0;
+  stat_add(s, &s->stats.requests);
+  ot_env e = {0};
+  int rc = ot_env_decode(wire, len, s->cfg.max_msg, &e);
+  if (rc) {
+    srv_log(s, "refused a message: %s", ot_error_detail());
+    stat_add(s, &s->stats.refusals);
+    plain_refusal(rc, out, out_len);
+    return;
+  }
+  ot_hs_server_config hc = {s->cfg.id,    s->cfg.acl,         s->cfg.acl_self,
+                            s->cfg.lanes, s->cfg.ttl_seconds, s->cfg.max_msg};
+  if (!e.sealed) {
+    if (e.h.type != OT_MSG_CLIENT_HELLO) {
+      rc = ot_error(OT_ERR_FORMAT, "plain message of type %u (only ClientHello may be plain)", e.h.type);
+    } else {
+      ot_hs_pending p;
+      rc = ot_hs_server_on_hello(&hc, wire, len, &p, out, out_len);
+      if (rc == OT_OK) {
+        rc = session_add(s, &p);
+        if (rc) {
+          free(*out);
+          *out = NULL;
+        }
+      }
+      sodium_memzero(&p, sizeof p);
+    }
+    if (rc) {
+      srv_log(s, "refused a handshake: %s", ot_error_detail());
+      stat_add(s, &s->stats.refusals);
+      plain_refusal(rc, out, out_len);
+    }
+    ot_env_clear(&e);
+    return;
+  }
+  pthread_mutex_lock(&s->tmu);
+  srv_session *x = session_get_locked(s, e.h.session_id);
+  pthread_mutex_unlock(&s->tmu);
+  if (!x) {
+    rc = ot_error(OT_ERR_NOTFOUND, "unknown or expired session %016llx", (unsigned long long)e.h.session_id);
+    srv_log(s, "refused: %s", ot_error_detail());
+    stat_add(s, &s->stats.refusals);
+    plain_refusal(rc, out, out_len);
+    ot_env_clear(&e);
+    return;
+  }
+  /* Under x->mu: two ClientFinish messages for one pending handshake (a replay) must
+   * not race; the second sees an open session and is refused as a replay. */
+  pthread_mutex_lock(&x->mu);
+  int pending = x->pending;
+  if (!pending) pthread_mutex_unlock(&x->mu);
+  if (pending) {
+    ot_session open;
+    int enrolled = 0;
+    rc = ot_hs_server_on_finish(&hc, &x->hs, wire, len, &open, out, out_len, &enrolled);
+    char fp[OT_FINGERPRINT_LEN];
+    if (rc == OT_OK) {
+      ot_fingerprint(open.peer_pk, fp);
+      pthread_mutex_lock(&s->tmu); /* the pending record becomes the session (same id, same bucket) */
+      x->s = open;
+      x->pending = 0;
+      sodium_memzero(&x->hs, sizeof x->hs);
+      pthread_mutex_unlock(&s->tmu);
+      stat_add(s, &s->stats.handshakes);
+      srv_log(s, "session %016llx open for device %s%s", (unsigned long long)open.id, fp,
+              enrolled ? " (enrolled with a token)" : "");
+      sodium_memzero(&open, sizeof open);
+      pthread_mutex_unlock(&x->mu);
+      session_put(s, x, 0);
+    } else {
+      srv_log(s, "refused a handshake (session %016llx): %s", (unsigned long long)e.h.session_id,
+              ot_error_detail());
+      stat_add(s, &s->stats.refusals);
+      /* The refusal is sealed with the pending keys: only the key holder reads it. */
+      ot_session tmp = x->hs.s;
+      uint8_t *b = NULL;
+      size_t bl = 0;
+      char reason[400];
+      snprintf(reason, sizeof reason, "%s: %s", ot_strerror(rc), ot_error_detail());
+      if (ot_refusal_pack(rc, reason, &b, &bl) != OT_OK ||
+          ot_env_seal_seq(&tmp, 0, 1, OT_MSG_REFUSAL, b, bl, out, out_len) != OT_OK)
+        plain_refusal(rc, out, out_len);
+      free(b);
+      sodium_memzero(&tmp, sizeof tmp);
+      pthread_mutex_unlock(&x->mu);
+      session_put(s, x, 1);
+    }
+    ot_env_clear(&e);
+    return;
+  }
+  /* An open session. */
+  uint8_t *body = NULL, *rb = NULL;
+  size_t bl = 0, rbl = 0;
+  uint32_t lane = e.h.lane;
+  if (ot_unix_now() > x->s.expires_at) {
+    rc = ot_error(OT_ERR_NOTFOUND, "session %016llx expired", (unsigned long long)x->s.id);
+    srv_log(s, "refused: %s", ot_error_detail());
+    stat_add(s, &s->stats.refusals);
+    plain_refusal(rc, out, out_len);
+    session_put(s, x, 1);
+    ot_env_clear(&e);
+    return;
+  }
+  rc = ot_env_unseal(&x->s, &e, &body, &bl);
+  if (rc == OT_OK) {
+    pthread_mutex_lock(&x->mu);
+    if (x->last_reply[lane] && e.h.seq == x->last_reply_seq[lane]) {
+      /* A retransmission of the last request on this lane (the reply was lost). */
+      *out = malloc(x->last_reply_len[lane]);
+      if (*out) {
+        memcpy(*out, x->last_reply[lane], x->last_reply_len[lane]);
+        *out_len = x->last_reply_len[lane];
+      }
+      pthread_mutex_unlock(&x->mu);
+      free(body);
+      stat_add(s, &s->stats.retransmits);
+      session_put(s, x, 0);
+      ot_env_clear(&e);
+      if (!*out) plain_refusal(ot_error(OT_ERR_NOMEM, "out of memory"), out, out_len);
+      return;
+    }
+    rc = ot_session_accept_seq(&x->s, lane, e.h.seq);
+    pthread_mutex_unlock(&x->mu);
+  }
+  int accepted = rc == OT_OK, kill = 0;
+  if (rc == OT_OK) {
+    rc = s->cfg.acl->check(s->cfg.acl_self, x->s.peer_pk); /* revocation takes effect at once */
+    kill = rc != OT_OK;
+  }
+  if (rc == OT_OK) {
+    switch (e.h.type) {
+    case OT_MSG_APP:
+      if (!s->cfg.on_request)
+        rc = ot_error(OT_ERR_UNSUPPORTED, "this server takes no requests");
+      else
+        rc = s->cfg.on_request(s->cfg.user, x->s.peer_pk, body, bl, &rb, &rbl);
+      if (rc == OT_OK) rc = sealed_reply(x, &x->s, lane, OT_MSG_APP, rb, rbl, out, out_len);
+      break;
+    case OT_MSG_TRANSFER_BEGIN:
+    case OT_MSG_CHUNK:
+      rc = handle_transfer(s, x, e.h.type, body, bl, &rb, &rbl);
+      if (rc == OT_OK) rc = sealed_reply(x, &x->s, lane, OT_MSG_TRANSFER_STATUS, rb, rbl, out, out_len);
+      break;
+    default: rc = ot_error(OT_ERR_FORMAT, "unexpected message type %u", e.h.type);
+    }
+  }
+  if (rc) {
+    char fp[OT_FINGERPRINT_LEN];
+    ot_fingerprint(x->s.peer_pk, fp);
+    srv_log(s, "refused a request from %s (session %016llx, lane %u, seq %llu): %s", fp,
+            (unsigned long long)x->s.id, lane, (unsigned long long)e.h.seq, ot_error_detail());
+    stat_add(s, &s->stats.refusals);
+    free(*out);
+    *out = NULL;
+    if (sealed_refusal(x, &x->s, lane, rc, out, out_len) != OT_OK) plain_refusal(rc, out, out_len);
+  }
+  if (accepted && *out) {
+    /* Cache the reply for a retransmission of this request (same lane and seq). */
+    uint8_t *copy = malloc(*out_len);
+    pthread_mutex_lock(&x->mu);
+    free(x->last_reply[lane]);
+    x->last_reply[lane] = copy;
+    x->last_reply_len[lane] = copy ? *out_len : 0;
+    x->last_reply_seq[lane] = e.h.seq;
+    if (copy) memcpy(copy, *out, *out_len);
+    pthread_mutex_unlock(&x->mu);
+  }
+  if (body) sodium_memzero(body, bl);
+  free(body);
+  free(rb);
+  session_put(s, x, kill);
+  ot_env_clear(&e);
+}
+
+static void ctx_cb(void *arg) {
+  srv_ctx *c = arg;
+  ot_server *s = c->srv;
+  int rv = nng_aio_result(c->aio);
+  if (c->sending) {
+    if (rv != 0) nng_msg_free(nng_aio_get_msg(c->aio)); /* a failed send still owns its message */
+    if (rv == NNG_ECLOSED || rv == NNG_ECANCELED) return;
+    c->sending = 0;
+    nng_ctx_recv(c->ctx, c->aio);
+    return;
+  }
+  if (rv == NNG_ECLOSED || rv == NNG_ECANCELED) return;
+  if (rv != 0) {
+    nng_ctx_recv(c->ctx, c->aio);
+    return;
+  }
+  nng_msg *m = nng_aio_get_msg(c->aio);
+  pthread_mutex_lock(&s->qmu);
+  if (s->stopping) {
+    pthread_mutex_unlock(&s->qmu);
+    nng_msg_free(m);
+    return;
+  }
+  s->q[(s->qhead + s->qlen) % s->n_ctx] = (job){c, m};
+  s->qlen++;
+  pthread_cond_signal(&s->qcv);
+  pthread_mutex_unlock(&s->qmu);
+}
+
+static void *worker_main(void *arg) {
+  ot_server *s = arg;
+  for (;;) {
+    pthread_mutex_lock(&s->qmu);
+    while (!s->qlen && !s->stopping) pthread_cond_wait(&s->qcv, &s->qmu);
+    if (s->stopping) {
+      pthread_mutex_unlock(&s->qmu);
+      return NULL;
+    }
+    job j = s->q[s->qhead];
+    s->qhead = (s->qhead + 1) % s->n_ctx;
+    s->qlen--;
+    pthread_mutex_unlock(&s->qmu);
+    uint8_t *out = NULL;
+    size_t out_len = 0;
+    process(s, nng_msg_body(j.m), nng_msg_len(j.m), &out, &out_len);
+    nng_msg_free(j.m);
+    nng_msg *r = NULL;
+    if (out && nng_msg_alloc(&r, out_len) == 0) {
+      memcpy(nng_msg_body(r), out, out_len);
+      j.c->sending = 1;
+      nng_aio_set_msg(j.c->aio, r);
+      nng_ctx_send(j.c->ctx, j.c->aio);
+    } else {
+      nng_ctx_recv(j.c->ctx, j.c->aio); /* no reply possible: the client times out and retries */
+    }
+    free(out);
+  }
+}
+
+static int nng_fail(int rv, const char *what, const char *url) {
+  return ot_error(OT_ERR_IO, "%s %s: %s", what, url ? url : "", nng_strerror(rv));
+}
+
+void ot_server_stop(ot_server *s) {
+  if (!s) return;
+  pthread_mutex_lock(&s->qmu);
+  s->stopping = 1;
+  pthread_cond_broadcast(&s->qcv);
+  pthread_mutex_unlock(&s->qmu);
+  for (int i = 0; i < s->n_workers; i++) pthread_join(s->workers[i], NULL);
+  for (int i = 0; i < s->n_ctx; i++)
+    if (s->ctxs[i].aio) nng_aio_stop(s->ctxs[i].aio);
+  while (s->qlen) {
+    nng_msg_free(s->q[s->qhead].m);
+    s->qhead = (s->qhead + 1) % s->n_ctx;
+    s->qlen--;
+  }
+  for (int i = 0; i < s->n_ctx; i++) nng_ctx_close(s->ctxs[i].ctx);
+  nng_close(s->sock);
+  for (int i = 0; i < s->n_ctx; i++)
+    if (s->ctxs[i].aio) nng_aio_free(s->ctxs[i].aio);
+  for (int b = 0; b < N_BUCKETS; b++)
+    while (s->buckets[b]) {
+      srv_session *x = s->buckets[b];
+      s->buckets[b] = x->next;
+      session_free(s, x);
+    }
+  while (s->transfers) {
+    srv_transfer *t = s->transfers;
+    s->transfers = t->next;
+    transfer_end(s, t);
+  }
+  pthread_mutex_destroy(&s->qmu);
+  pthread_cond_destroy(&s->qcv);
+  pthread_mutex_destroy(&s->tmu);
+  pthread_mutex_destroy(&s->stmu);
+  free(s->workers);
+  free(s->ctxs);
+  free(s->q);
+  free(s);
+}
+
+int ot_server_start(const ot_server_config *cfg, ot_server **out) {
+  if (!cfg || !cfg->url || !cfg->id || !cfg->acl || !out)
+    return ot_error(OT_ERR_INVALID, "ot_server_start: url, identity and access control are required");
+  int rc = ot_sodium_init();
+  if (rc) return rc;
+  ot_server *s = calloc(1, sizeof *s);
+  if (!s) return ot_error(OT_ERR_NOMEM, "out of memory");
+  s->cfg = *cfg;
+  ot_server_config *c = &s->cfg;
+  if (c->n_contexts <= 0) c->n_contexts = 64;
+  if (c->n_workers <= 0) c->n_workers = 2;
+  if (c->lanes == 0 || c->lanes > OT_MAX_LANES) c->lanes = 8;
+  if (!c->ttl_seconds) c->ttl_seconds = 3600;
+  if (!c->max_msg) c->max_msg = OT_MSG_MAX_DEFAULT;
+  if (c->max_msg > OT_MSG_MAX_HARD) c->max_msg = OT_MSG_MAX_HARD;
+  if (!c->max_transfer) c->max_transfer = 16ull << 30;
+  if (c->max_sessions <= 0) c->max_sessions = 4096;
+  if (c->max_transfers <= 0) c->max_transfers = 1024;
+  if (!c->transfer_idle_seconds) c->transfer_idle_seconds = 600;
+  pthread_mutex_init(&s->qmu, NULL);
+  pthread_cond_init(&s->qcv, NULL);
+  pthread_mutex_init(&s->tmu, NULL);
+  pthread_mutex_init(&s->stmu, NULL);
+  s->n_ctx = c->n_contexts;
+  s->ctxs = calloc((size_t)s->n_ctx, sizeof *s->ctxs);
+  s->q = calloc((size_t)s->n_ctx, sizeof *s->q);
+  s->workers = calloc((size_t)c->n_workers, sizeof *s->workers);
+  if (!s->ctxs || !s->q || !s->workers) {
+    free(s->ctxs);
+    free(s->q);
+    free(s->workers);
+    free(s);
+    return ot_error(OT_ERR_NOMEM, "out of memory");
+  }
+  int rv = nng_rep0_open(&s->sock);
+  if (rv) {
+    rc = nng_fail(rv, "cannot open a REP socket", NULL);
+    free(s->ctxs);
+    free(s->q);
+    free(s->workers);
+    free(s);
+    return rc;
+  }
+  /* Before listening: options are copied to endpoints when they are made. */
+  /* nng's limit is twice ours: a frame a little over max_msg still reaches us and gets a
+   * logged refusal; anything larger is dropped by nng (pipe closed) before allocation. */
+  size_t nng_max = c->max_msg * 2 < OT_MSG_MAX_HARD ? c->max_msg * 2 : OT_MSG_MAX_HARD;
+  rv = nng_socket_set_size(s->sock, NNG_OPT_RECVMAXSZ, nng_max);
+  for (int i = 0; !rv && i < s->n_ctx; i++) {
+    s->ctxs[i].srv = s;
+    rv = nng_aio_alloc(&s->ctxs[i].aio, ctx_cb, &s->ctxs[i]);
+    if (!rv) rv = nng_ctx_open(&s->ctxs[i].ctx, s->sock);
+  }
+  if (!rv) rv = nng_listen(s->sock, c->url, &s->lis, 0);
+  if (rv) {
+    rc = nng_fail(rv, "cannot listen on", c->url);
+    s->n_workers = 0;
+    ot_server_stop(s);
+    return rc;
+  }
+  if (strncmp(c->url, "tcp", 3) == 0) {
+    int port = 0;
+    if (nng_listener_get_int(s->lis, NNG_OPT_TCP_BOUND_PORT, &port) == 0) s->port = port;
+  }
+  for (int i = 0; i < c->n_workers; i++) {
+    if (pthread_create(&s->workers[i], NULL, worker_main, s) != 0) {
+      rc = ot_error(OT_ERR_INTERNAL, "cannot start a worker thread");
+      break;
+    }
+    s->n_workers++;
+  }
+  if (rc) {
+    ot_server_stop(s);
+    return rc;
+  }
+  for (int i = 0; i < s->n_ctx; i++) nng_ctx_recv(s->ctxs[i].ctx, s->ctxs[i].aio);
+  *out = s;
+  return OT_OK;
+}
+
+int ot_server_port(ot_server *s) { return s ? s->port : 0; }
+
+void ot_server_get_stats(ot_server *s, ot_server_stats *out) {
+  pthread_mutex_lock(&s->stmu);
+  *out = s->stats;
+  pthread_mutex_unlock(&s->stmu);
+}
+
+/* ================================ client ================================ */
+
+struct ot_client {
+  ot_client_config cfg;
+  ot_identity id;
+  uint8_t cloud_pk[32];
+  int have_pk;
+  char fingerprint[OT_FINGERPRINT_LEN];
+  char *token;
+  nng_socket sock;
+  nng_ctx ctx[OT_MAX_LANES];
+  nng_aio *aio[OT_MAX_LANES];
+  int n_lanes_open;
+  pthread_rwlock_t lk; /* write: handshake; read: using the session */
+  ot_session s;
+  uint64_t generation;
+};
+
+static void sleep_ms(int ms) {
+  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+  }
+}
+
+/* One request/reply on a lane's context; a transport error is OT_ERR_IO. */
+static int round_trip(ot_client *c, uint32_t lane, const uint8_t *wire, size_t len, uint8_t **reply,
+                      size_t *reply_len) {
+  nng_msg *m = NULL;
+  int rv = nng_msg_alloc(&m, len);
+  if (rv) return ot_error(OT_ERR_NOMEM, "out of memory");
+  memcpy(nng_msg_body(m), wire, len);
+  nng_aio *aio = c->aio[lane];
+  nng_aio_set_msg(aio, m);
+  nng_aio_set_timeout(aio, c->cfg.timeout_ms);
+  nng_ctx_send(c->ctx[lane], aio);
+  nng_aio_wait(aio);
+  rv = nng_aio_result(aio);
+  if (rv) {
+    nng_msg_free(nng_aio_get_msg(aio));
+    return ot_error(OT_ERR_IO, "send to %s: %s", c->cfg.url, nng_strerror(rv));
+  }
+  nng_aio_set_timeout(aio, c->cfg.timeout_ms);
+  nng_ctx_recv(c->ctx[lane], aio);
+  nng_aio_wait(aio);
+  rv = nng_aio_result(aio);
+  if (rv) return ot_error(OT_ERR_IO, "no reply from %s: %s", c->cfg.url, nng_strerror(rv));
+  m = nng_aio_get_msg(aio);
+  size_t n = nng_msg_len(m);
+  uint8_t *b = malloc(n ? n : 1);
+  if (!b) {
+    nng_msg_free(m);
+    return ot_error(OT_ERR_NOMEM, "out of memory");
+  }
+  memcpy(b, nng_msg_body(m), n);
+  nng_msg_free(m);
+  *reply = b;
+  *reply_len = n;
+  return OT_OK;
+}
+
+int ot_client_raw(ot_client *c, uint32_t lane, const uint8_t *wire, size_t len, uint8_t **reply,
+                  size_t *reply_len) {
+  if (!c || lane >= (uint32_t)c->n_lanes_open) return ot_error(OT_ERR_INVALID, "ot_client_raw: bad lane");
+  return round_trip(c, lane, wire, len, reply, reply_len);
+}
+
+static int backoff(ot_client *c, int attempt) {
+  int ms = c->cfg.backoff_ms << (attempt < 10 ? attempt : 10);
+  if (ms > 2000) ms = 2000;
+  ms += (int)randombytes_uniform((uint32_t)ms / 4 + 1);
+  sleep_ms(ms);
+  return 0;
+}
+
+/* A full handshake on lane 0's context (write lock held). */
+static int handshake_locked(ot_client *c) {
+  ot_hs_client_config hc = {&c->id,
+                            c->have_pk ? c->cloud_pk : NULL,
+                            c->have_pk ? NULL : c->fingerprint,
+                            c->token,
+                            c->cfg.version,
+                            c->cfg.no_aesgcm};
+  int rc = OT_OK;
+  for (int attempt = 0; attempt <= c->cfg.retries; attempt++) {
+    if (attempt) backoff(c, attempt - 1);
+    ot_hs_client *h = NULL;
+    uint8_t *m1 = NULL, *r1 = NULL, *m2 = NULL, *r2 = NULL;
+    size_t l1 = 0, rl1 = 0, l2 = 0, rl2 = 0;
+    ot_session s;
+    rc = ot_hs_client_new(&hc, &h);
+    if (rc == OT_OK) rc = ot_hs_client_hello(h, &m1, &l1);
+    if (rc == OT_OK) rc = round_trip(c, 0, m1, l1, &r1, &rl1);
+    if (rc == OT_OK) rc = ot_hs_client_on_server_hello(h, r1, rl1, &m2, &l2);
+    if (rc == OT_OK) rc = round_trip(c, 0, m2, l2, &r2, &rl2);
+    if (rc == OT_OK) rc = ot_hs_client_on_server_finish(h, r2, rl2, &s);
+    ot_hs_client_free(h);
+    free(m1);
+    free(r1);
+    free(m2);
+    free(r2);
+    if (rc == OT_OK) {
+      c->s = s;
+      ot_session_wipe(&s);
+      c->generation++;
+      if (c->token) { /* a token is good for one enrolment */
+        sodium_memzero(c->token, strlen(c->token));
+        free(c->token);
+        c->token = NULL;
+      }
+      return OT_OK;
+    }
+    if (rc != OT_ERR_IO) return rc; /* refused or bad reply: retrying will not help */
+  }
+  return rc;
+}
+
+static int rehandshake(ot_client *c, uint64_t seen_generation) {
+  pthread_rwlock_wrlock(&c->lk);
+  int rc = OT_OK;
+  if (c->generation == seen_generation) rc = handshake_locked(c);
+  pthread_rwlock_unlock(&c->lk);
+  return rc;
+}
+
+int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t *body, size_t len,
+                      uint32_t *rtype, uint8_t **reply, size_t *reply_len) {
+  if (!c || lane >= (uint32_t)c->n_lanes_open) return ot_error(OT_ERR_INVALID, "ot_client_request: bad lane");
+  int rc = OT_OK, rehandshakes = 0;
+  for (int attempt = 0; attempt <= c->cfg.retries;) {
+    pthread_rwlock_rdlock(&c->lk);
+    uint64_t gen = c->generation;
+    if (lane >= c->s.lanes) {
+      pthread_rwlock_unlock(&c->lk);
+      return ot_error(OT_ERR_RANGE, "lane %u not offered by the server (%u lanes)", lane, c->s.lanes);
+    }
+    /* rekey ahead of expiry (once per request, whatever the server's TTL) */
+    int expiring = rehandshakes == 0 && ot_unix_now() + 5 >= c->s.expires_at;
+    int rekey = expiring; /* also: the server does not know our session */
+    uint8_t *wire = NULL, *r = NULL, *b = NULL;
+    size_t wl = 0, rl = 0, blen = 0;
+    ot_env_header h = {0};
+    if (expiring)
+      rc = ot_error(OT_ERR_NOTFOUND, "session %016llx about to expire", (unsigned long long)c->s.id);
+    else
+      rc = ot_env_seal(&c->s, lane, type, body, len, &wire, &wl);
+    if (!expiring && rc == OT_OK) {
+      pthread_rwlock_unlock(&c->lk); /* no lock across the network wait */
+      rc = round_trip(c, lane, wire, wl, &r, &rl);
+      pthread_rwlock_rdlock(&c->lk);
+      ot_env e = {0};
+      if (rc == OT_OK && c->generation != gen) {
+        rc = ot_error(OT_ERR_NOTFOUND, "session changed during the request");
+        rekey = 1;
+      }
+      if (rc == OT_OK) rc = ot_env_decode(r, rl, c->cfg.max_msg, &e);
+      if (rc == OT_OK && !e.sealed && e.h.type == OT_MSG_REFUSAL) {
+        /* unauthenticated: only "unknown session" is acted on (by a new handshake) */
+        rc = ot_refusal_error(e.data, e.len, 0);
+        rekey = rc == OT_ERR_NOTFOUND;
+      } else if (rc == OT_OK) {
+        rc = ot_env_unseal(&c->s, &e, &b, &blen);
+        if (rc == OT_OK) rc = ot_session_accept_seq(&c->s, e.h.lane, e.h.seq);
+        if (rc == OT_OK) h = e.h;
+        if (rc == OT_OK && h.lane != lane)
+          rc = ot_error(OT_ERR_FORMAT, "reply on lane %u to a request on lane %u", h.lane, lane);
+        if (rc == OT_OK && h.type == OT_MSG_REFUSAL) rc = ot_refusal_error(b, blen, 1);
+      }
+      ot_env_clear(&e);
+    }
+    pthread_rwlock_unlock(&c->lk);
+    free(wire);
+    free(r);
+    if (rc == OT_OK) {
+      if (rtype) *rtype = h.type;
+      *reply = b;
+      *reply_len = blen;
+      return OT_OK;
+    }
+    free(b);
+    if (rekey && rehandshakes < 2) {
+      /* The session is unknown to the server (expired, or the server restarted): rekey. */
+      rehandshakes++;
+      int hr = rehandshake(c, gen);
+      if (hr) return hr;
+      continue;
+    }
+    if (rc != OT_ERR_IO) return rc;
+    backoff(c, attempt);
+    attempt++;
+  }
+  return rc;
+}
+
+int ot_client_call(ot_client *c, const uint8_t *body, size_t len, uint8_t **reply, size_t *reply_len) {
+  uint32_t t = 0;
+  uint8_t *r = NULL;
+  size_t rl = 0;
+  int rc = ot_client_request(c, 0, OT_MSG_APP, body, len, &t, &r, &rl);
+  if (rc) return rc;
+  if (t != OT_MSG_APP) {
+    free(r);
+    return ot_error(OT_ERR_FORMAT, "reply of type %u to an application request", t);
+  }
+  *reply = r;
+  *reply_len = rl;
+  return OT_OK;
+}
+
+ot_session *ot_client_session(ot_client *c) { return &c->s; }
+
+void ot_client_close(ot_client *c) {
+  if (!c) return;
+  for (int i = 0; i < c->n_lanes_open; i++) nng_aio_stop(c->aio[i]);
+  for (int i = 0; i < c->n_lanes_open; i++) nng_ctx_close(c->ctx[i]);
+  nng_close(c->sock);
+  for (int i = 0; i < c->n_lanes_open; i++) nng_aio_free(c->aio[i]);
+  pthread_rwlock_destroy(&c->lk);
+  if (c->token) {
+    sodium_memzero(c->token, strlen(c->token));
+    free(c->token);
+  }
+  sodium_memzero(c, sizeof *c);
+  free(c);
+}
+
+int ot_client_open(const ot_client_config *cfg, ot_client **out) {
+  if (!cfg || !cfg->url || !cfg->id || !out)
+    return ot_error(OT_ERR_INVALID, "ot_client_open: url and identity are required");
+  if (!cfg->cloud_pk && !cfg->cloud_fingerprint)
+    return ot_error(OT_ERR_INVALID, "the cloud's key or fingerprint must be pinned");
+  int rc = ot_sodium_init();
+  if (rc) return rc;
+  ot_client *c = calloc(1, sizeof *c);
+  if (!c) return ot_error(OT_ERR_NOMEM, "out of memory");
+  c->cfg = *cfg;
+  c->id = *cfg->id;
+  if (cfg->cloud_pk) {
+    memcpy(c->cloud_pk, cfg->cloud_pk, 32);
+    c->have_pk = 1;
+  } else {
+    snprintf(c->fingerprint, sizeof c->fingerprint, "%s", cfg->cloud_fingerprint);
+  }
+  if (cfg->enrol_token && *cfg->enrol_token) c->token = strdup(cfg->enrol_token);
+  if (c->cfg.timeout_ms <= 0) c->cfg.timeout_ms = 10000;
+  c->cfg.retries = cfg->retries < 0 ? 0 : cfg->retries == 0 ? 4 : cfg->retries;
+  if (c->cfg.backoff_ms <= 0) c->cfg.backoff_ms = 50;
+  if (!c->cfg.max_msg) c->cfg.max_msg = OT_MSG_MAX_DEFAULT;
+  if (c->cfg.max_msg > OT_MSG_MAX_HARD) c->cfg.max_msg = OT_MSG_MAX_HARD;
+  c->cfg.id = NULL;
+  c->cfg.enrol_token = NULL;
+  pthread_rwlockattr_t la;
+  pthread_rwlockattr_init(&la);
+  /* a re-handshake must not starve behind lanes that keep reading the session */
+  pthread_rwlockattr_setkind_np(&la, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  pthread_rwlock_init(&c->lk, &la);
+  pthread_rwlockattr_destroy(&la);
+  int rv = nng_req0_open(&c->sock);
+  if (rv) {
+    rc = nng_fail(rv, "cannot open a REQ socket", NULL);
+    pthread_rwlock_destroy(&c->lk);
+    sodium_memzero(c, sizeof *c);
+    free(c);
+    return rc;
+  }
+  /* Before dialling: receive limit, reconnect backoff; nng's own resend is off (we
+   * retry with fresh sequence numbers, and the server answers retransmissions). */
+  rv = nng_socket_set_size(c->sock, NNG_OPT_RECVMAXSZ, c->cfg.max_msg);
+  if (!rv) rv = nng_socket_set_ms(c->sock, NNG_OPT_RECONNMINT, 20);
+  if (!rv) rv = nng_socket_set_ms(c->sock, NNG_OPT_RECONNMAXT, 2000);
+  if (!rv) rv = nng_socket_set_ms(c->sock, NNG_OPT_REQ_RESENDTIME, NNG_DURATION_INFINITE);
+  for (int i = 0; !rv && i < OT_MAX_LANES; i++) {
+    rv = nng_aio_alloc(&c->aio[i], NULL, NULL);
+    if (!rv) {
+      rv = nng_ctx_open(&c->ctx[i], c->sock);
+      if (rv)
+        nng_aio_free(c->aio[i]);
+      else
+        c->n_lanes_open++;
+    }
+  }
+  if (!rv) rv = nng_dial(c->sock, c->cfg.url, NULL, NNG_FLAG_NONBLOCK);
+  if (rv) {
+    rc = nng_fail(rv, "cannot dial", c->cfg.url);
+    ot_client_close(c);
+    return rc;
+  }
+  pthread_rwlock_wrlock(&c->lk);
+  rc = handshake_locked(c);
+  pthread_rwlock_unlock(&c->lk);
+  if (rc) {
+    ot_client_close(c);
+    return rc;
+  }
+  *out = c;
+  return OT_OK;
+}
+
+/* ---- sending a tensor ---- */
+
+typedef struct {
+  ot_client *c;
+  ot_source src;
+  uint64_t size, n, stop_after;
+  uint32_t chunk;
+  uint8_t id[16];
+  uint8_t (*hashes)[32];
+  _Atomic uint64_t next, sent;
+  _Atomic int failed;
+  pthread_mutex_t mu;
+  int rc;
+  char detail[512];
+  uint32_t lane;
+} send_job;
+
+typedef struct {
+  send_job *j;
+  uint32_t lane;
+} lane_arg;
+
+static void send_fail(send_job *j, int rc) {
+  pthread_mutex_lock(&j->mu);
+  if (!j->rc) {
+    j->rc = rc;
+    snprintf(j->detail, sizeof j->detail, "%s", ot_error_detail());
+  }
+  pthread_mutex_unlock(&j->mu);
+  atomic_store(&j->failed, 1);
+}
+
+static void *send_lane(void *arg) {
+  lane_arg *a = arg;
+  send_job *j = a->j;
+  uint8_t *buf = malloc(j->chunk); /* this lane's chunk: memory is window x chunk */
+  if (!buf) send_fail(j, ot_error(OT_ERR_NOMEM, "out of memory"));
+  for (; buf;) {
+    if (atomic_load(&j->failed)) break;
+    uint64_t i = atomic_fetch_add(&j->next, 1);
+    if (i >= j->n) break;
+    if (j->stop_after && atomic_fetch_add(&j->sent, 1) >= j->stop_after) {
+      send_fail(
+          j, ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)", (unsigned long long)j->stop_after));
+      break;
+    }
+    if (!j->stop_after) atomic_fetch_add(&j->sent, 1);
+    uint64_t off = i * j->chunk;
+    size_t len = (size_t)(j->size - off < j->chunk ? j->size - off : j->chunk);
+    const uint8_t *data = NULL;
+    uint8_t *body = NULL, *r = NULL;
+    size_t bl = 0, rl = 0;
+    uint32_t t = 0;
+    int rc = j->src.read_at(j->src.self, off, len, buf, &data);
+    if (rc == OT_OK) {
+      ot_chunk_hash(i, data, len, j->hashes[i]);
+      rc = ot_chunk_pack(j->id, i, 0, data, len, NULL, &body, &bl);
+    }
+    if (rc == OT_OK) rc = ot_client_request(j->c, a->lane, OT_MSG_CHUNK, body, bl, &t, &r, &rl);
+    free(body);
+    ot_transfer_status st;
+    if (rc == OT_OK && t != OT_MSG_TRANSFER_STATUS)
+      rc = ot_error(OT_ERR_FORMAT, "unexpected reply type %u to a chunk", t);
+    if (rc == OT_OK) rc = ot_status_decode(r, rl, &st);
+    free(r);
+    if (rc) {
+      send_fail(j, rc);
+      break;
+    }
+  }
+  free(buf);
+  return NULL;
+}
+
+static int mem_read(void *self, uint64_t off, size_t len, uint8_t *buf, const uint8_t **data) {
+  (void)len;
+  (void)buf;
+  *data = (const uint8_t *)self + off;
+  return OT_OK;
+}
+
+int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t size, ot_send_opts *opts) {
+  if (!data && size) return ot_error(OT_ERR_INVALID, "ot_client_send: NULL data");
+  return ot_client_send_source(c, name, (ot_source){mem_read, (void *)data}, size, opts);
+}
+
+static int file_read(void *self, uint64_t off, size_t len, uint8_t *buf, const uint8_t **data) {
+  int fd = *(int *)self;
+  size_t got = 0;
+  while (got < len) {
+    ssize_t n = pread(fd, buf + got, len - got, (off_t)(off + got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0)
+      return ot_error(OT_ERR_IO, "cannot read the file being sent: %s", n ? strerror(errno) : "short file");
+    got += (size_t)n;
+  }
+  *data = buf;
+  return OT_OK;
+}
+
+int ot_client_send_file(ot_client *c, const char *name, const char *path, ot_send_opts *opts) {
+  if (!path) return ot_error(OT_ERR_INVALID, "ot_client_send_file: NULL path");
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return ot_error(errno == ENOENT ? OT_ERR_NOTFOUND : OT_ERR_IO, "cannot open %s: %s", path,
+                    strerror(errno));
+  struct stat sb;
+  int rc = fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode)
+               ? OT_OK
+               : ot_error(OT_ERR_INVALID, "%s is not a regular file", path);
+  if (rc == OT_OK)
+    rc = ot_client_send_source(c, name, (ot_source){file_read, &fd}, (uint64_t)sb.st_size, opts);
+  close(fd);
+  return rc;
+}
+
+int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_t size, ot_send_opts *opts) {
+  if (!c || !name || !src.read_at || !opts) return ot_error(OT_ERR_INVALID, "ot_client_send: NULL argument");
+  uint32_t chunk = opts->chunk ? opts->chunk : (1u << 20);
+  if (chunk > OT_CHUNK_MAX || chunk + 256 > c->cfg.max_msg)
+    return ot_error(OT_ERR_RANGE, "chunk size %u does not fit the message limit", chunk);
+  ot_transfer_begin b = {0};
+  if (opts->transfer_id)
+    memcpy(b.id, opts->transfer_id, 16);
+  else
+    randombytes_buf(b.id, 16);
+  snprintf(b.name, sizeof b.name, "%s", name);
+  b.total = size;
+  b.chunk = chunk;
+  uint8_t *body = NULL, *r = NULL;
+  size_t bl = 0, rl = 0;
+  uint32_t t = 0;
+  ot_transfer_status st;
+  int rc = ot_begin_pack(&b, &body, &bl);
+  if (rc == OT_OK) rc = ot_client_request(c, 0, OT_MSG_TRANSFER_BEGIN, body, bl, &t, &r, &rl);
+  free(body);
+  if (rc == OT_OK && t != OT_MSG_TRANSFER_STATUS) rc = ot_error(OT_ERR_FORMAT, "unexpected reply type %u", t);
+  if (rc == OT_OK) rc = ot_status_decode(r, rl, &st);
+  free(r);
+  if (rc) return rc;
+  memcpy(opts->id_out, b.id, 16);
+  if (st.committed) { /* the receiver already has all of it (an earlier reply was lost) */
+    opts->resumed_from = st.have_prefix;
+    opts->sent = 0;
+    return OT_OK;
+  }
+  send_job *j = calloc(1, sizeof *j);
+  uint64_t n = ot_transfer_chunks(size, chunk);
+  if (!j || !(j->hashes = calloc(n ? n : 1, 32))) {
+    free(j);
+    return ot_error(OT_ERR_NOMEM, "out of memory");
+  }
+  if (st.have_prefix > n) st.have_prefix = n;
+  j->c = c;
+  j->src = src;
+  j->size = size;
+  j->n = n;
+  j->chunk = chunk;
+  j->stop_after = opts->stop_after;
+  memcpy(j->id, b.id, 16);
+  atomic_store(&j->next, st.have_prefix);
+  pthread_mutex_init(&j->mu, NULL);
+  int window = opts->window > 0 ? opts->window : 4;
+  pthread_rwlock_rdlock(&c->lk);
+  if ((uint32_t)window > c->s.lanes) window = (int)c->s.lanes;
+  pthread_rwlock_unlock(&c->lk);
+  pthread_t th[OT_MAX_LANES];
+  lane_arg args[OT_MAX_LANES];
+  int started = 0;
+  for (int i = 1; i < window; i++) {
+    args[i] = (lane_arg){j, (uint32_t)i};
+    if (pthread_create(&th[i], NULL, send_lane, &args[i]) != 0) break;
+    started = i;
+  }
+  args[0] = (lane_arg){j, 0};
+  send_lane(&args[0]);
+  for (int i = 1; i <= started; i++) pthread_join(th[i], NULL);
+  /* chunks the receiver already had: hash them here for the digest */
+  uint8_t *buf = st.have_prefix ? malloc(chunk) : NULL;
+  if (st.have_prefix && !buf && !j->rc) j->rc = ot_error(OT_ERR_NOMEM, "out of memory");
+  for (uint64_t i = 0; buf && !j->rc && i < st.have_prefix; i++) {
+    uint64_t off = i * chunk;
+    size_t len = (size_t)(size - off < chunk ? size - off : chunk);
+    const uint8_t *d = NULL;
+    int rr = src.read_at(src.self, off, len, buf, &d);
+    if (rr) {
+      j->rc = rr;
+      snprintf(j->detail, sizeof j->detail, "%s", ot_error_detail());
+    } else {
+      ot_chunk_hash(i, d, len, j->hashes[i]);
+    }
+  }
+  free(buf);
+  opts->resumed_from = st.have_prefix;
+  opts->sent = atomic_load(&j->sent);
+  if (j->stop_after && opts->sent > j->stop_after) opts->sent = j->stop_after;
+  rc = j->rc;
+  if (rc)
+    ot_error(rc, "%s", j->detail);
+  else if (j->stop_after && j->stop_after >= n)
+    rc = ot_error(OT_ERR_IO, "stopped before the final marker (test hook)");
+  if (rc == OT_OK) {
+    uint8_t digest[32];
+    ot_transfer_digest((const uint8_t(*)[32])j->hashes, n, size, chunk, digest);
+    rc = ot_chunk_pack(b.id, n, 1, NULL, 0, digest, &body, &bl);
+    if (rc == OT_OK) rc = ot_client_request(c, 0, OT_MSG_CHUNK, body, bl, &t, &r, &rl);
+    free(body);
+    if (rc == OT_OK) rc = ot_status_decode(r, rl, &st);
+    free(r);
+    if (rc == OT_OK && !st.committed)
+      rc = ot_error(OT_ERR_FORMAT, "the receiver did not commit the transfer");
+  }
+  pthread_mutex_destroy(&j->mu);
+  free(j->hashes);
+  free(j);
+  return rc;
+}

@@ -1,0 +1,116 @@
+/* nng transport: REQ/REP, the cloud as server, devices as clients.
+ *
+ * Server: one REP socket with n_contexts contexts, each with its own aio. The aio
+ * callbacks only move messages: a received request is queued for a pool of worker
+ * threads, which decrypt, handle and reply. NNG_OPT_RECVMAXSZ is set before
+ * listening. Sessions live in a table keyed by session id (not by connection), so a
+ * device that reconnects carries on; a retransmitted request (same lane and seq, e.g.
+ * after a reconnect) gets the cached reply instead of being processed twice.
+ *
+ * Client: one REQ socket with one context per lane; the dial reconnects in the
+ * background; every request has a timeout and is retried with exponential backoff;
+ * an unknown or expired session leads to a fresh handshake (the rekey).
+ *
+ * URLs: tcp://host:port for real use, ipc:// and inproc:// for tests. */
+#ifndef OT_TRANSPORT_H
+#define OT_TRANSPORT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ot_access.h"
+#include "ot_envelope.h"
+#include "ot_identity.h"
+#include "ot_transfer.h"
+
+typedef struct {
+  const char *url;
+  const ot_identity *id;
+  const ot_access_ops *acl;
+  void *acl_self;
+  int n_contexts;                 /* concurrent requests in flight (default 64) */
+  int n_workers;                  /* worker threads (default 2) */
+  uint32_t lanes;                 /* lanes offered per session (default 8) */
+  uint32_t ttl_seconds;           /* session lifetime (default 3600) */
+  size_t max_msg;                 /* largest accepted message (default OT_MSG_MAX_DEFAULT) */
+  uint64_t max_transfer;          /* largest accepted transfer (default 16 GiB) */
+  int max_sessions;               /* sessions, pending handshakes included (default 4096) */
+  int max_transfers;              /* unfinished transfers (default 1024) */
+  uint32_t transfer_idle_seconds; /* unfinished transfers are dropped after (default 600) */
+  /* Application requests (type OT_MSG_APP); runs on a worker thread. */
+  int (*on_request)(void *user, const uint8_t peer[32], const uint8_t *body, size_t len, uint8_t **reply,
+                    size_t *reply_len);
+  /* A new transfer: give it a sink (or refuse). */
+  int (*on_transfer_open)(void *user, const uint8_t peer[32], const char *name, uint64_t size, ot_sink *sink);
+  /* The transfer ended: committed (digest checked) or not. `sink` is the one opened;
+   * its self pointer is still valid only for sinks whose commit/abort keep it
+   * (memory sinks), which the callee then frees. */
+  void (*on_transfer_end)(void *user, const uint8_t peer[32], const char *name, int committed, ot_sink *sink);
+  /* One line per refusal and per session event. Called from worker threads. */
+  void (*log)(void *user, const char *line);
+  void *user;
+} ot_server_config;
+
+typedef struct {
+  uint64_t handshakes, refusals, requests, chunks, transfers_committed, retransmits;
+} ot_server_stats;
+
+typedef struct ot_server ot_server;
+int ot_server_start(const ot_server_config *cfg, ot_server **out);
+/* The TCP port actually bound (for tcp://127.0.0.1:0), else 0. */
+int ot_server_port(ot_server *s);
+void ot_server_get_stats(ot_server *s, ot_server_stats *out);
+void ot_server_stop(ot_server *s);
+
+typedef struct {
+  const char *url;
+  const ot_identity *id;
+  const uint8_t *cloud_pk;       /* pinned key, or */
+  const char *cloud_fingerprint; /* pinned fingerprint */
+  const char *enrol_token;       /* optional, used by the first handshake */
+  int timeout_ms;                /* per attempt (default 10000) */
+  int retries;                   /* extra attempts (0: default 4; negative: none) */
+  int backoff_ms;                /* first backoff (default 50), doubling, max 2 s */
+  size_t max_msg;                /* default OT_MSG_MAX_DEFAULT */
+  uint32_t version;              /* 0: OT_PROTOCOL_VERSION (tests) */
+  int no_aesgcm;                 /* XChaCha20-Poly1305 even where AES-NI is present */
+} ot_client_config;
+
+typedef struct ot_client ot_client;
+/* Dials (reconnecting in the background) and runs the handshake. */
+int ot_client_open(const ot_client_config *cfg, ot_client **out);
+void ot_client_close(ot_client *c);
+/* An application request/reply. */
+int ot_client_call(ot_client *c, const uint8_t *body, size_t len, uint8_t **reply, size_t *reply_len);
+
+typedef struct {
+  const uint8_t *transfer_id; /* 16 bytes to resume a transfer; NULL: a fresh random id */
+  uint32_t chunk;             /* default 1 MiB */
+  int window;                 /* chunks in flight (lanes used), default 4 */
+  uint64_t stop_after;        /* test hook: stop (as if dropped) after this many chunks; 0 = no */
+  /* out */
+  uint8_t id_out[16];
+  uint64_t resumed_from; /* chunks the receiver already held */
+  uint64_t sent;         /* chunks sent by this call */
+} ot_send_opts;
+/* Sends a tensor in chunks; returns OT_OK once the receiver verified and committed it. */
+int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t size, ot_send_opts *opts);
+/* Where a tensor comes from: read_at gives len bytes at off, either by filling buf
+ * (chunk bytes, owned by the caller) or by pointing *data at memory it owns. */
+typedef struct {
+  int (*read_at)(void *self, uint64_t off, size_t len, uint8_t *buf, const uint8_t **data);
+  void *self;
+} ot_source;
+int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_t size, ot_send_opts *opts);
+/* Sends a file with pread: the sender holds window x chunk bytes, whatever the size. */
+int ot_client_send_file(ot_client *c, const char *name, const char *path, ot_send_opts *opts);
+
+/* Test helpers: the session in use, and one raw round trip on a lane. */
+ot_session *ot_client_session(ot_client *c);
+int ot_client_raw(ot_client *c, uint32_t lane, const uint8_t *wire, size_t len, uint8_t **reply,
+                  size_t *reply_len);
+/* One sealed request of any type on a lane (with retries); the reply body is opened. */
+int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t *body, size_t len,
+                      uint32_t *rtype, uint8_t **reply, size_t *reply_len);
+
+#endif

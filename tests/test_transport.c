@@ -1,0 +1,557 @@
+/* The protocol over real nng sockets on loopback: handshakes and their refusals,
+ * hostile input, revocation, chunked transfers with resume, and a bounded load test
+ * (64 concurrent clients, each a handshake and a 4 MiB transfer). */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ot_access.h"
+#include "ot_cli.h"
+#include "ot_error.h"
+#include "ot_fileio.h"
+#include "ot_test_util.h"
+#include "ot_transport.h"
+
+#define TENSOR (4u << 20)
+
+typedef struct {
+  ot_identity srv, dev, other;
+  ot_access *acl;
+  ot_server *server;
+  char url[256];
+  pthread_mutex_t mu;
+  int refusals_logged, committed, aborted, bad_data;
+  char last_log[600];
+  const char *file_dir; /* non-NULL: transfers go to files here */
+  uint8_t *tensor;      /* what every sender sends */
+} fixture;
+
+static fixture F;
+
+static void on_log(void *user, const char *line) {
+  fixture *f = user;
+  pthread_mutex_lock(&f->mu);
+  if (strstr(line, "refused")) f->refusals_logged++;
+  snprintf(f->last_log, sizeof f->last_log, "%s", line);
+  pthread_mutex_unlock(&f->mu);
+}
+
+static int on_request(void *user, const uint8_t peer[32], const uint8_t *body, size_t len, uint8_t **reply,
+                      size_t *reply_len) {
+  (void)user;
+  (void)peer;
+  uint8_t *r = malloc(len + 5);
+  if (!r) return ot_error(OT_ERR_NOMEM, "oom");
+  memcpy(r, "echo:", 5);
+  memcpy(r + 5, body, len);
+  *reply = r;
+  *reply_len = len + 5;
+  return OT_OK;
+}
+
+static int on_open(void *user, const uint8_t peer[32], const char *name, uint64_t size, ot_sink *sink) {
+  fixture *f = user;
+  (void)peer;
+  if (f->file_dir) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", f->file_dir, name);
+    return ot_file_sink_open(path, sink);
+  }
+  return ot_mem_sink_open(size, sink);
+}
+
+static void on_end(void *user, const uint8_t peer[32], const char *name, int committed, ot_sink *sink) {
+  fixture *f = user;
+  (void)peer;
+  (void)name;
+  int bad = 0;
+  if (!f->file_dir) {
+    uint64_t n = 0;
+    uint8_t *b = ot_mem_sink_take(sink, &n);
+    if (committed && (!b || n > TENSOR || memcmp(b, f->tensor, (size_t)n) != 0)) bad = 1;
+    free(b);
+    ot_mem_sink_free(sink);
+  }
+  pthread_mutex_lock(&f->mu);
+  if (committed)
+    f->committed++;
+  else
+    f->aborted++;
+  f->bad_data += bad;
+  pthread_mutex_unlock(&f->mu);
+}
+
+static void server_start(fixture *f, const char *url, int ttl) {
+  ot_server_config sc = {0};
+  sc.url = url;
+  sc.id = &f->srv;
+  sc.acl = &ot_access_memory_ops;
+  sc.acl_self = f->acl;
+  sc.n_contexts = 32;
+  sc.n_workers = 2;
+  sc.ttl_seconds = (uint32_t)ttl;
+  sc.max_msg = (1u << 20) + 4096;
+  sc.on_request = on_request;
+  sc.on_transfer_open = on_open;
+  sc.on_transfer_end = on_end;
+  sc.log = on_log;
+  sc.user = f;
+  int rc = ot_server_start(&sc, &f->server);
+  if (rc) fail_msg("server_start %s: %s", url, ot_error_detail());
+  if (strncmp(url, "tcp", 3) == 0) {
+    assert_true(ot_server_port(f->server) > 0);
+    snprintf(f->url, sizeof f->url, "tcp://127.0.0.1:%d", ot_server_port(f->server));
+  } else {
+    snprintf(f->url, sizeof f->url, "%s", url);
+  }
+}
+
+static int setup(void **state) {
+  (void)state;
+  memset(&F, 0, sizeof F);
+  pthread_mutex_init(&F.mu, NULL);
+  if (ot_identity_generate(&F.srv) || ot_identity_generate(&F.dev) || ot_identity_generate(&F.other))
+    return -1;
+  if (ot_access_new(&F.acl) || ot_access_allow(F.acl, F.dev.pk)) return -1;
+  F.tensor = malloc(TENSOR);
+  if (!F.tensor) return -1;
+  randombytes_buf(F.tensor, TENSOR);
+  return 0;
+}
+
+static int teardown(void **state) {
+  (void)state;
+  ot_access_free(F.acl);
+  free(F.tensor);
+  return 0;
+}
+
+static ot_client_config client_cfg(const ot_identity *id, const uint8_t *pin) {
+  ot_client_config cc = {0};
+  cc.url = F.url;
+  cc.id = id;
+  cc.cloud_pk = pin;
+  cc.timeout_ms = 5000;
+  cc.retries = 2;
+  cc.backoff_ms = 10;
+  cc.max_msg = (1u << 20) + 4096;
+  return cc;
+}
+
+static void check_echo(ot_client *c, const char *msg) {
+  uint8_t *r;
+  size_t rl;
+  int rc = ot_client_call(c, (const uint8_t *)msg, strlen(msg), &r, &rl);
+  if (rc) fail_msg("call '%s': %s: %s", msg, ot_strerror(rc), ot_error_detail());
+  assert_int_equal(rl, strlen(msg) + 5);
+  assert_memory_equal(r + 5, msg, strlen(msg));
+  free(r);
+}
+
+static void test_handshake_over_tcp_and_ipc(void **state) {
+  (void)state;
+  char ipc[300], *sockdir = ot_test_tmpdir("proto_ipc");
+  snprintf(ipc, sizeof ipc, "ipc://%s/s.sock", sockdir);
+  free(sockdir);
+  const char *urls[] = {"tcp://127.0.0.1:0", ipc, "inproc://ot-proto"};
+  for (int u = 0; u < 3; u++) {
+    server_start(&F, urls[u], 60);
+    ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
+    ot_client *c;
+    assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+    check_echo(c, "hello");
+    check_echo(c, "again");
+    ot_client_close(c);
+    /* pinning by fingerprint */
+    char fp[OT_FINGERPRINT_LEN];
+    ot_fingerprint(F.srv.pk, fp);
+    cc.cloud_pk = NULL;
+    cc.cloud_fingerprint = fp;
+    assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+    check_echo(c, "fp");
+    ot_client_close(c);
+    ot_server_stop(F.server);
+  }
+}
+
+static void test_handshake_refusals_over_network(void **state) {
+  (void)state;
+  server_start(&F, "tcp://127.0.0.1:0", 60);
+  ot_client *c = NULL;
+  /* wrong pinned key */
+  ot_client_config cc = client_cfg(&F.dev, F.other.pk);
+  assert_int_equal(ot_client_open(&cc, &c), OT_ERR_MISMATCH);
+  assert_non_null(strstr(ot_error_detail(), "not the pinned one"));
+  /* unknown device */
+  cc = client_cfg(&F.other, F.srv.pk);
+  assert_int_equal(ot_client_open(&cc, &c), OT_ERR_NOTFOUND);
+  assert_non_null(strstr(ot_error_detail(), "not enrolled"));
+  /* unknown version */
+  cc = client_cfg(&F.dev, F.srv.pk);
+  cc.version = 9;
+  assert_int_equal(ot_client_open(&cc, &c), OT_ERR_MISMATCH);
+  assert_non_null(strstr(ot_error_detail(), "unsupported protocol version 9"));
+  /* enrolment token, used once */
+  char tok[OT_TOKEN_CHARS + 1];
+  assert_int_equal(ot_access_issue_token(F.acl, tok), OT_OK);
+  ot_identity fresh;
+  assert_int_equal(ot_identity_generate(&fresh), OT_OK);
+  cc = client_cfg(&fresh, F.srv.pk);
+  cc.enrol_token = tok;
+  assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+  check_echo(c, "enrolled");
+  ot_client_close(c);
+  cc = client_cfg(&F.other, F.srv.pk);
+  cc.enrol_token = tok;
+  assert_int_equal(ot_client_open(&cc, &c), OT_ERR_NOTFOUND);
+  /* revocation takes effect at once, in an open session */
+  cc = client_cfg(&fresh, F.srv.pk);
+  assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+  check_echo(c, "before");
+  assert_int_equal(ot_access_revoke(F.acl, fresh.pk), OT_OK);
+  uint8_t *r;
+  size_t rl;
+  assert_int_equal(ot_client_call(c, (const uint8_t *)"x", 1, &r, &rl), OT_ERR_INVALID);
+  assert_non_null(strstr(ot_error_detail(), "revoked"));
+  ot_client_close(c);
+  assert_int_equal(ot_client_open(&cc, &c), OT_ERR_INVALID);
+  pthread_mutex_lock(&F.mu);
+  assert_true(F.refusals_logged >= 5);
+  pthread_mutex_unlock(&F.mu);
+  ot_server_stop(F.server);
+}
+
+/* Garbage, replays, cross-session messages and oversized frames: each is refused and
+ * logged, and a session running beside them carries on. */
+static void test_hostile_input(void **state) {
+  (void)state;
+  server_start(&F, "tcp://127.0.0.1:0", 60);
+  ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
+  ot_client *good, *evil, *other;
+  assert_int_equal(ot_client_open(&cc, &good), OT_OK);
+  assert_int_equal(ot_client_open(&cc, &evil), OT_OK);
+  assert_int_equal(ot_client_open(&cc, &other), OT_OK);
+  uint8_t *r;
+  size_t rl;
+  uint8_t junk[300];
+  pthread_mutex_lock(&F.mu);
+  int before = F.refusals_logged;
+  pthread_mutex_unlock(&F.mu);
+  for (int i = 0; i < 50; i++) {
+    randombytes_buf(junk, sizeof junk);
+    assert_int_equal(ot_client_raw(evil, 0, junk, 1 + (size_t)i * 5, &r, &rl),
+                     OT_OK); /* a refusal comes back */
+    uint8_t *b;
+    size_t bl;
+    ot_session tmp = *ot_client_session(evil);
+    assert_int_not_equal(ot_env_open(&tmp, r, rl, 1 << 20, NULL, &b, &bl), OT_OK);
+    free(r);
+    if (i % 10 == 0) check_echo(good, "still here");
+  }
+  /* a replayed request: the last one is answered from the cache (a retransmission),
+   * an older one is refused */
+  ot_session *es = ot_client_session(evil);
+  uint8_t *w1, *w2;
+  size_t l1, l2;
+  assert_int_equal(ot_env_seal(es, 1, OT_MSG_APP, (const uint8_t *)"one", 3, &w1, &l1), OT_OK);
+  assert_int_equal(ot_client_raw(evil, 1, w1, l1, &r, &rl), OT_OK);
+  uint8_t *b;
+  size_t bl;
+  assert_int_equal(ot_env_open(es, r, rl, 1 << 20, NULL, &b, &bl), OT_OK);
+  free(b);
+  free(r);
+  assert_int_equal(ot_env_seal(es, 1, OT_MSG_APP, (const uint8_t *)"two", 3, &w2, &l2), OT_OK);
+  assert_int_equal(ot_client_raw(evil, 1, w2, l2, &r, &rl), OT_OK);
+  assert_int_equal(ot_env_open(es, r, rl, 1 << 20, NULL, &b, &bl), OT_OK);
+  free(b);
+  free(r);
+  assert_int_equal(ot_client_raw(evil, 1, w1, l1, &r, &rl), OT_OK);
+  assert_int_equal(ot_env_open(es, r, rl, 1 << 20, NULL, &b, &bl), OT_ERR_INVALID); /* sealed refusal */
+  assert_non_null(strstr(ot_error_detail(), "replayed"));
+  free(r);
+  /* cross-session: evil's message sent on other's connection is still evil's session;
+   * with other's session id forged into the header, it fails authentication */
+  ot_session forged = *es;
+  forged.id = ot_client_session(other)->id;
+  uint8_t *w3;
+  size_t l3;
+  assert_int_equal(ot_env_seal(&forged, 2, OT_MSG_APP, (const uint8_t *)"x", 1, &w3, &l3), OT_OK);
+  assert_int_equal(ot_client_raw(other, 2, w3, l3, &r, &rl), OT_OK);
+  ot_session os = *ot_client_session(other);
+  assert_int_not_equal(ot_env_open(&os, r, rl, 1 << 20, NULL, &b, &bl), OT_OK);
+  free(r);
+  free(w1);
+  free(w2);
+  free(w3);
+  check_echo(other, "other fine");
+  /* a frame over the limit: refused and logged */
+  size_t over = (1u << 20) + 4096 + 1;
+  uint8_t *ob = calloc(1, over);
+  assert_int_equal(ot_client_raw(evil, 3, ob, over, &r, &rl), OT_OK);
+  assert_int_equal(ot_env_open(es, r, rl, 1 << 20, NULL, &b, &bl), OT_ERR_RANGE);
+  assert_non_null(strstr(ot_error_detail(), "exceeds the limit"));
+  free(r);
+  free(ob);
+  /* far over it: nng drops the pipe before allocating; the sender times out, others
+   * carry on */
+  ot_client_config small = cc;
+  small.timeout_ms = 300;
+  small.retries = -1;
+  ot_client *big;
+  assert_int_equal(ot_client_open(&small, &big), OT_OK);
+  size_t huge = (3u << 20);
+  uint8_t *hb = calloc(1, huge);
+  assert_int_equal(ot_client_raw(big, 0, hb, huge, &r, &rl), OT_ERR_IO);
+  free(hb);
+  ot_client_close(big);
+  check_echo(good, "after oversized");
+  pthread_mutex_lock(&F.mu);
+  assert_true(F.refusals_logged >= before + 53);
+  pthread_mutex_unlock(&F.mu);
+  ot_client_close(good);
+  ot_client_close(evil);
+  ot_client_close(other);
+  ot_server_stop(F.server);
+}
+
+static void test_session_expiry_rekeys(void **state) {
+  (void)state;
+  server_start(&F, "tcp://127.0.0.1:0", 6); /* sessions live 6 s; the client rekeys 5 s early */
+  ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
+  ot_client *c;
+  assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+  uint64_t id1 = ot_client_session(c)->id;
+  sleep(2);
+  check_echo(c, "after expiry");
+  assert_int_not_equal(ot_client_session(c)->id, id1);
+  ot_server_stats st;
+  ot_server_get_stats(F.server, &st);
+  assert_int_equal(st.handshakes, 2);
+  ot_client_close(c);
+  ot_server_stop(F.server);
+}
+
+static void test_transfer_resume_and_truncation(void **state) {
+  (void)state;
+  char *dir = ot_test_tmpdir("proto_transport");
+  F.file_dir = dir;
+  server_start(&F, "tcp://127.0.0.1:0", 60);
+  ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
+  ot_client *c;
+  assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+  const uint64_t size = 3u * (256u << 10) + 777; /* 4 chunks of 256 KiB */
+  /* the peer stops mid-transfer: nothing is written */
+  ot_send_opts o = {.chunk = 256u << 10, .window = 1, .stop_after = 2};
+  assert_int_equal(ot_client_send(c, "t.bin", F.tensor, size, &o), OT_ERR_IO);
+  ot_client_close(c);
+  char path[600];
+  snprintf(path, sizeof path, "%s/t.bin", dir);
+  assert_false(ot_file_exists(path));
+  /* a new connection and session resume it from the receiver's prefix */
+  assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+  uint8_t id[16];
+  memcpy(id, o.id_out, 16);
+  ot_send_opts o2 = {.transfer_id = id, .chunk = 256u << 10, .window = 3};
+  assert_int_equal(ot_client_send(c, "t.bin", F.tensor, size, &o2), OT_OK);
+  assert_int_equal(o2.resumed_from, 2);
+  assert_int_equal(o2.sent, 2);
+  /* sent again (as after a lost reply): "committed", nothing resent */
+  ot_send_opts o2b = {.transfer_id = id, .chunk = 256u << 10};
+  assert_int_equal(ot_client_send(c, "t.bin", F.tensor, size, &o2b), OT_OK);
+  assert_int_equal(o2b.resumed_from, 4);
+  assert_int_equal(o2b.sent, 0);
+  {
+    uint8_t dg[32], *fb, *fr;
+    size_t fbl, frl;
+    uint32_t ft;
+    ot_transfer_digest_buf(F.tensor, size, 256u << 10, dg);
+    assert_int_equal(ot_chunk_pack(id, 4, 1, NULL, 0, dg, &fb, &fbl), OT_OK);
+    assert_int_equal(ot_client_request(c, 2, OT_MSG_CHUNK, fb, fbl, &ft, &fr, &frl), OT_OK); /* final again */
+    ot_transfer_status fst;
+    assert_int_equal(ot_status_decode(fr, frl, &fst), OT_OK);
+    assert_true(fst.committed);
+    free(fr);
+    free(fb);
+    assert_int_equal(ot_chunk_pack(id, 0, 0, F.tensor, 256u << 10, NULL, &fb, &fbl), OT_OK);
+    assert_int_equal(ot_client_request(c, 2, OT_MSG_CHUNK, fb, fbl, &ft, &fr, &frl), OT_ERR_INVALID);
+    free(fb);
+  }
+  char *back;
+  size_t bl;
+  assert_int_equal(ot_file_read_all(path, 1 << 24, &back, &bl), OT_OK);
+  assert_int_equal(bl, size);
+  assert_memory_equal(back, F.tensor, size);
+  free(back);
+  /* another device cannot touch that transfer id */
+  assert_int_equal(ot_access_allow(F.acl, F.other.pk), OT_OK);
+  ot_client_config co = client_cfg(&F.other, F.srv.pk);
+  ot_client *c2;
+  assert_int_equal(ot_client_open(&co, &c2), OT_OK);
+  uint8_t *cb, *r;
+  size_t cbl, rl;
+  uint32_t t;
+  assert_int_equal(ot_chunk_pack(id, 0, 0, F.tensor, 256u << 10, NULL, &cb, &cbl), OT_OK);
+  ot_server_stats st0, st1;
+  ot_server_get_stats(F.server, &st0);
+  assert_int_equal(ot_client_request(c2, 0, OT_MSG_CHUNK, cb, cbl, &t, &r, &rl), OT_ERR_NOTFOUND);
+  ot_server_get_stats(F.server, &st1);
+  assert_int_equal(st1.handshakes, st0.handshakes); /* a sealed refusal: no needless rekey */
+  free(cb);
+  ot_client_close(c2);
+  /* a truncated final chunk, a final marker before the data, a wrong digest: refused,
+   * the transfer is discarded, nothing written */
+  snprintf(path, sizeof path, "%s/u.bin", dir);
+  ot_send_opts o3 = {.chunk = 256u << 10, .window = 1, .stop_after = 3};
+  assert_int_equal(ot_client_send(c, "u.bin", F.tensor, size, &o3), OT_ERR_IO);
+  assert_int_equal(ot_chunk_pack(o3.id_out, 3, 0, F.tensor + 3 * (256u << 10), 700, NULL, &cb, &cbl), OT_OK);
+  assert_int_equal(ot_client_request(c, 1, OT_MSG_CHUNK, cb, cbl, &t, &r, &rl), OT_ERR_FORMAT);
+  assert_non_null(strstr(ot_error_detail(), "expected 777"));
+  free(cb);
+  uint8_t digest[32];
+  ot_transfer_digest_buf(F.tensor, size, 256u << 10, digest);
+  assert_int_equal(ot_chunk_pack(o3.id_out, 4, 1, NULL, 0, digest, &cb, &cbl), OT_OK);
+  assert_int_equal(ot_client_request(c, 1, OT_MSG_CHUNK, cb, cbl, &t, &r, &rl), OT_ERR_FORMAT);
+  assert_non_null(strstr(ot_error_detail(), "final marker before all chunks"));
+  free(cb);
+  assert_false(ot_file_exists(path));
+  assert_int_equal(ot_test_system("test ! -e '%s.partial'", path), 0);
+  /* the same with a wrong digest after all chunks */
+  ot_send_opts o4 = {.chunk = 256u << 10, .window = 2, .stop_after = 4};
+  /* stop_after = all chunks: everything sent, then the hook fails before the final marker */
+  o4.stop_after = 4;
+  int rc4 = ot_client_send(c, "v.bin", F.tensor, size, &o4);
+  assert_int_equal(rc4, OT_ERR_IO);
+  digest[0] ^= 1;
+  assert_int_equal(ot_chunk_pack(o4.id_out, 4, 1, NULL, 0, digest, &cb, &cbl), OT_OK);
+  assert_int_equal(ot_client_request(c, 0, OT_MSG_CHUNK, cb, cbl, &t, &r, &rl), OT_ERR_FORMAT);
+  free(cb);
+  assert_non_null(strstr(ot_error_detail(), "digest mismatch"));
+  snprintf(path, sizeof path, "%s/v.bin", dir);
+  assert_false(ot_file_exists(path));
+  check_echo(c, "session still fine");
+  /* from a file, read chunk by chunk */
+  char src_path[600];
+  snprintf(src_path, sizeof src_path, "%s/source.dat", dir);
+  assert_int_equal(ot_file_write_atomic(src_path, F.tensor, size), OT_OK);
+  ot_send_opts o5 = {.chunk = 256u << 10, .window = 3};
+  assert_int_equal(ot_client_send_file(c, "w.bin", src_path, &o5), OT_OK);
+  snprintf(path, sizeof path, "%s/w.bin", dir);
+  assert_int_equal(ot_file_read_all(path, 1 << 24, &back, &bl), OT_OK);
+  assert_int_equal(bl, size);
+  assert_memory_equal(back, F.tensor, size);
+  free(back);
+  assert_int_equal(unlink(path), 0);
+  assert_int_equal(unlink(src_path), 0);
+  assert_int_equal(ot_client_send_file(c, "x.bin", "/nonexistent", &o5), OT_ERR_NOTFOUND);
+  ot_client_close(c);
+  ot_server_stop(F.server); /* drops unfinished transfers: their partial files go */
+  assert_int_equal(ot_test_system("test -z \"$(ls '%s' | grep -v '^t.bin$')\"", dir), 0);
+  F.file_dir = NULL;
+  free(dir);
+}
+
+/* The server restarts at the same address: the client reconnects in the background,
+ * its old session is unknown to the new server, it re-handshakes and carries on. */
+static void test_reconnect_after_server_restart(void **state) {
+  (void)state;
+  char ipc[300], *sockdir = ot_test_tmpdir("proto_ipc2");
+  snprintf(ipc, sizeof ipc, "ipc://%s/s.sock", sockdir);
+  free(sockdir);
+  server_start(&F, ipc, 60);
+  ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
+  cc.timeout_ms = 400;
+  cc.retries = 3;
+  ot_client *c;
+  assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+  check_echo(c, "first server");
+  uint64_t id1 = ot_client_session(c)->id;
+  ot_server_stop(F.server);
+  server_start(&F, ipc, 60);
+  check_echo(c, "second server");
+  assert_int_not_equal(ot_client_session(c)->id, id1);
+  ot_server_stop(F.server);
+  /* with the server gone, a call fails after its retries, with a clear error */
+  uint8_t *r;
+  size_t rl;
+  assert_int_equal(ot_client_call(c, (const uint8_t *)"x", 1, &r, &rl), OT_ERR_IO);
+  assert_non_null(strstr(ot_error_detail(), "Timed out"));
+  ot_client_close(c);
+}
+
+typedef struct {
+  int idx, rc;
+  char err[300];
+  double hs_s;
+} load_arg;
+
+static void *load_client(void *p) {
+  load_arg *a = p;
+  ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
+  cc.timeout_ms = 20000;
+  ot_client *c = NULL;
+  double t0 = ot_now();
+  a->rc = ot_client_open(&cc, &c);
+  a->hs_s = ot_now() - t0;
+  if (a->rc == OT_OK) {
+    ot_send_opts o = {.chunk = 1u << 20, .window = 2};
+    char name[32];
+    snprintf(name, sizeof name, "load-%d", a->idx);
+    a->rc = ot_client_send(c, name, F.tensor, TENSOR, &o);
+  }
+  if (a->rc) snprintf(a->err, sizeof a->err, "%s", ot_error_detail());
+  ot_client_close(c);
+  return NULL;
+}
+
+static void test_load_64_clients(void **state) {
+  (void)state;
+  F.committed = F.aborted = F.bad_data = 0;
+  server_start(&F, "tcp://127.0.0.1:0", 600);
+  enum { N = 64 };
+  pthread_t th[N];
+  load_arg args[N];
+  double t0 = ot_now();
+  for (int i = 0; i < N; i++) {
+    args[i] = (load_arg){.idx = i};
+    assert_int_equal(pthread_create(&th[i], NULL, load_client, &args[i]), 0);
+  }
+  double worst_hs = 0;
+  for (int i = 0; i < N; i++) {
+    pthread_join(th[i], NULL);
+    if (args[i].rc) fail_msg("client %d: %s: %s", i, ot_strerror(args[i].rc), args[i].err);
+    if (args[i].hs_s > worst_hs) worst_hs = args[i].hs_s;
+  }
+  double dt = ot_now() - t0;
+  ot_server_stats st;
+  ot_server_get_stats(F.server, &st);
+  ot_server_stop(F.server);
+  print_message(
+      "load: %d clients x 4 MiB in %.2f s (%.0f MiB/s), slowest handshake %.3f s, %llu retransmits\n", N, dt,
+      N * 4.0 / dt, worst_hs, (unsigned long long)st.retransmits);
+  assert_int_equal(F.committed, N);
+  assert_int_equal(F.bad_data, 0);
+  assert_int_equal(st.handshakes, N);
+  assert_int_equal(st.transfers_committed, N);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_handshake_over_tcp_and_ipc),
+      cmocka_unit_test(test_handshake_refusals_over_network),
+      cmocka_unit_test(test_hostile_input),
+      cmocka_unit_test(test_session_expiry_rekeys),
+      cmocka_unit_test(test_reconnect_after_server_restart),
+      cmocka_unit_test(test_transfer_resume_and_truncation),
+      cmocka_unit_test(test_load_64_clients),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}
