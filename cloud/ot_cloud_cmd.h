@@ -28,8 +28,5 @@ const char *ot_cmd_npm_dir(void);
 /* Loads a checkpoint directory's model and tokenizer on a fresh backend. */
 int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
                       ot_tokenizer **tok);
-/* Reads --text (encoded with tok) or --tokens into ids; exactly one must be given. */
-int ot_cmd_read_input(const char *text, const char *tokens, const ot_tokenizer *tok, int vocab_size,
-                      int32_t **ids, size_t *n);
 
 #endif

@@ -67,33 +67,21 @@ int ot_cmd_eval(int argc, char **argv) {
       return ot_cmd_fail("plugging in the adapter", rc);
     }
   }
-  int32_t *ids = NULL;
-  size_t n = 0;
+  ot_tokens toks = {NULL, 0};
   int T = seq_len ? seq_len : ot_gpt2_cfg(m)->n_positions;
   ot_eval_result res;
-  rc = ot_cmd_read_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &ids, &n);
+  rc = ot_tokens_load_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
   const char *what = "reading the input";
   if (rc == OT_OK) {
     what = "scoring";
-    size_t windows = ot_eval_window_count(n, T);
-    int B = windows < (size_t)batch ? (int)(windows ? windows : 1) : batch;
-    rc = ot_gpt2_prepare(m, B, T, 0);
-    ot_progress prog;
-    if (rc == OT_OK) {
-      ot_progress_start(&prog, stderr, "eval", (int64_t)windows);
-      rc = ot_eval_tokens(m, ids, n, T, B, &prog, &res);
-      ot_progress_finish(&prog, rc == OT_OK ? "done" : "failed");
-    }
+    rc = ot_eval_windows(m, toks.ids, toks.n, T, batch, stderr, &res);
   }
-  free(ids);
+  ot_tokens_free(&toks);
   ot_tokenizer_free(tok);
   ot_gpt2_free(m);
   ot_backend_free(be);
   if (rc) return ot_cmd_fail(what, rc);
-  if (json)
-    printf("{\"loss\": %.6f, \"perplexity\": %.6f, \"tokens\": %zu}\n", res.loss, res.perplexity, res.tokens);
-  else
-    printf("loss %.4f nats/token | perplexity %.3f | %zu tokens\n", res.loss, res.perplexity, res.tokens);
+  ot_eval_print(stdout, &res, json);
   return OT_EXIT_OK;
 }
 
@@ -177,14 +165,13 @@ int ot_cmd_tokenize(int argc, char **argv) {
   ot_tokenizer *tok;
   rc = ot_tokenizer_load_dir(model, &tok);
   if (rc) return ot_cmd_fail("loading the tokenizer", rc);
-  int32_t *ids = NULL;
-  size_t n = 0;
-  rc = ot_cmd_read_input(text, NULL, tok, 0, &ids, &n);
+  ot_tokens toks = {NULL, 0};
+  rc = ot_tokens_load_input(text, NULL, tok, 0, &toks);
   if (rc == OT_OK) {
-    for (size_t i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+    for (size_t i = 0; i < toks.n; i++) printf(i ? " %d" : "%d", toks.ids[i]);
     printf("\n");
   }
-  free(ids);
+  ot_tokens_free(&toks);
   ot_tokenizer_free(tok);
   return rc ? ot_cmd_fail("tokenizing", rc) : OT_EXIT_OK;
 }

@@ -88,17 +88,6 @@ int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_back
   return rc;
 }
 
-int ot_cmd_read_input(const char *text, const char *tokens, const ot_tokenizer *tok, int vocab_size,
-                      int32_t **ids, size_t *n) {
-  if (!!text == !!tokens) return ot_error(OT_ERR_INVALID, "give exactly one of --text FILE or --tokens FILE");
-  ot_tokens t;
-  int rc = text ? ot_tokens_from_text(tok, text, &t) : ot_tokens_read(tokens, vocab_size, &t);
-  if (rc) return rc;
-  *ids = t.ids;
-  *n = t.n;
-  return OT_OK;
-}
-
 const char *ot_cmd_npm_dir(void) {
   static char dir[4096]; /* computed once per process, read-only afterwards */
   if (dir[0]) return dir;

@@ -171,11 +171,10 @@ int ot_cmd_finetune(int argc, char **argv) {
   ot_tokenizer *tok;
   rc = ot_cmd_load_model(model, t.backend, t.threads, &be, &m, &tok);
   if (rc) return ot_cmd_fail("loading the model", rc);
-  int32_t *ids = NULL;
-  size_t n = 0;
-  if (rc == OT_OK) rc = ot_cmd_read_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &ids, &n);
-  if (rc == OT_OK) rc = run_training(&t, m, tok, ids, n, "finetune");
-  free(ids);
+  ot_tokens toks = {NULL, 0};
+  rc = ot_tokens_load_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+  if (rc == OT_OK) rc = run_training(&t, m, tok, toks.ids, toks.n, "finetune");
+  ot_tokens_free(&toks);
   ot_tokenizer_free(tok);
   ot_gpt2_free(m);
   ot_backend_free(be);

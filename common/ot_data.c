@@ -158,6 +158,13 @@ int ot_tokens_from_text(const ot_tokenizer *tok, const char *path, ot_tokens *ou
   return OT_OK;
 }
 
+int ot_tokens_load_input(const char *text_path, const char *tokens_path, const ot_tokenizer *tok,
+                         int vocab_size, ot_tokens *out) {
+  if (!!text_path == !!tokens_path)
+    return ot_error(OT_ERR_INVALID, "give exactly one of --text FILE or --tokens FILE");
+  return text_path ? ot_tokens_from_text(tok, text_path, out) : ot_tokens_read(tokens_path, vocab_size, out);
+}
+
 void ot_tokens_free(ot_tokens *t) {
   if (!t) return;
   free(t->ids);

@@ -18,6 +18,10 @@ int ot_tokens_read(const char *path, int vocab_size, ot_tokens *out);
 int ot_tokens_write(const char *path, const ot_tokens *t);
 /* Reads a UTF-8 text file and encodes it. */
 int ot_tokens_from_text(const ot_tokenizer *tok, const char *path, ot_tokens *out);
+/* A command's input: exactly one of a text file (encoded with tok) or a token file
+ * (ids checked against vocab_size). */
+int ot_tokens_load_input(const char *text_path, const char *tokens_path, const ot_tokenizer *tok,
+                         int vocab_size, ot_tokens *out);
 void ot_tokens_free(ot_tokens *t);
 
 /* Sequential batches for training: step s reads B*T+1 consecutive tokens from p

@@ -49,6 +49,27 @@ int ot_eval_tokens(ot_gpt2 *m, const int32_t *ids, size_t n, int T, int B, ot_pr
   return OT_OK;
 }
 
+int ot_eval_windows(ot_gpt2 *m, const int32_t *ids, size_t n, int T, int batch, FILE *progress,
+                    ot_eval_result *out) {
+  size_t windows = ot_eval_window_count(n, T);
+  int B = windows < (size_t)batch ? (int)(windows ? windows : 1) : batch;
+  int rc = ot_gpt2_prepare(m, B, T, 0);
+  if (rc) return rc;
+  ot_progress prog;
+  if (progress) ot_progress_start(&prog, progress, "eval", (int64_t)windows);
+  rc = ot_eval_tokens(m, ids, n, T, B, progress ? &prog : NULL, out);
+  if (progress) ot_progress_finish(&prog, rc == OT_OK ? "done" : "failed");
+  return rc;
+}
+
+void ot_eval_print(FILE *f, const ot_eval_result *r, int json) {
+  if (json)
+    fprintf(f, "{\"loss\": %.6f, \"perplexity\": %.6f, \"tokens\": %zu}\n", r->loss, r->perplexity,
+            r->tokens);
+  else
+    fprintf(f, "loss %.4f nats/token | perplexity %.3f | %zu tokens\n", r->loss, r->perplexity, r->tokens);
+}
+
 static uint64_t rng_next(uint64_t *s) {
   uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;

@@ -4,6 +4,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "ot_cli.h"
 #include "ot_gpt2.h"
@@ -19,6 +20,13 @@ typedef struct {
  * large. progress may be NULL. */
 int ot_eval_tokens(ot_gpt2 *m, const int32_t *ids, size_t n, int T, int B, ot_progress *progress,
                    ot_eval_result *out);
+
+/* What the eval commands do: prepares the model for up to `batch` windows of T (fewer
+ * if the text has fewer), scores with a progress bar on `progress` (may be NULL). */
+int ot_eval_windows(ot_gpt2 *m, const int32_t *ids, size_t n, int T, int batch, FILE *progress,
+                    ot_eval_result *out);
+/* One line: human-readable, or {"loss", "perplexity", "tokens"} with json. */
+void ot_eval_print(FILE *f, const ot_eval_result *r, int json);
 
 typedef struct {
   int max_tokens;

@@ -31,11 +31,6 @@ static int load_emulator(const char *dir, const char *backend, int threads, ot_b
   return rc;
 }
 
-static int read_input(const char *text, const char *tokens, const ot_tokenizer *tok, int V, ot_tokens *t) {
-  if (!!text == !!tokens) return ot_error(OT_ERR_INVALID, "give exactly one of --text FILE or --tokens FILE");
-  return text ? ot_tokens_from_text(tok, text, t) : ot_tokens_read(tokens, V, t);
-}
-
 /* Host copy of the adapter blocks' parameters (the best weights for early stopping). */
 typedef struct {
   ot_gpt2 *m;
@@ -210,7 +205,7 @@ int ot_dev_tune(int argc, char **argv) {
                 .eval_every = eval_every,
                 .patience = patience};
   if (T > ot_gpt2_cfg(m)->n_positions) rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds n_positions", T);
-  if (rc == OT_OK) rc = read_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+  if (rc == OT_OK) rc = ot_tokens_load_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
   size_t n_train = toks.n;
   if (rc == OT_OK && eval_every) {
     c.n_val = toks.n / 10;
@@ -339,28 +334,17 @@ int ot_dev_eval(int argc, char **argv) {
   int T = seq_len ? seq_len : ot_gpt2_cfg(m)->n_positions;
   if (rc == OT_OK) {
     what = "reading the input";
-    rc = read_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+    rc = ot_tokens_load_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
   }
   if (rc == OT_OK) {
     what = "scoring";
-    size_t windows = ot_eval_window_count(toks.n, T);
-    int B = windows < (size_t)batch ? (int)(windows ? windows : 1) : batch;
-    rc = ot_gpt2_prepare(m, B, T, 0);
-    ot_progress prog;
-    if (rc == OT_OK) {
-      ot_progress_start(&prog, stderr, "eval", (int64_t)windows);
-      rc = ot_eval_tokens(m, toks.ids, toks.n, T, B, &prog, &res);
-      ot_progress_finish(&prog, rc == OT_OK ? "done" : "failed");
-    }
+    rc = ot_eval_windows(m, toks.ids, toks.n, T, batch, stderr, &res);
   }
   ot_tokens_free(&toks);
   ot_tokenizer_free(tok);
   ot_gpt2_free(m);
   ot_backend_free(be);
   if (rc) return ot_dev_fail(what, rc);
-  if (json)
-    printf("{\"loss\": %.6f, \"perplexity\": %.6f, \"tokens\": %zu}\n", res.loss, res.perplexity, res.tokens);
-  else
-    printf("loss %.4f nats/token | perplexity %.3f | %zu tokens\n", res.loss, res.perplexity, res.tokens);
+  ot_eval_print(stdout, &res, json);
   return OT_EXIT_OK;
 }
