@@ -1,11 +1,11 @@
 /* offtune-cloud: the model owner's side. Holds the full model; scores, trains and
  * samples it. (Distillation, sessions and serving join in later commands.) */
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "ot_cli.h"
 #include "ot_cloud_cmd.h"
 #include "ot_data.h"
 #include "ot_error.h"
@@ -15,11 +15,7 @@ static int cmd_keygen(int argc, char **argv) {
   return ot_keygen_command("offtune-cloud", "cloud", argc, argv);
 }
 
-static const struct {
-  const char *name;
-  int (*run)(int, char **);
-  const char *help;
-} commands[] = {
+static const ot_cli_command commands[] = {
     {"pretrain", ot_cmd_pretrain, "train a small GPT-2 from scratch (default: the embedded Brown model)"},
     {"finetune", ot_cmd_finetune, "full fine-tuning of a model on a text or token file"},
     {"distill", ot_cmd_distill, "build and distill the Offsite-Tuning emulator of a model"},
@@ -32,40 +28,14 @@ static const struct {
     {"keygen", cmd_keygen,
      "create the cloud's long-term Ed25519 identity (DIR/cloud.key 0600, DIR/cloud.pub)"},
 };
-#define N_COMMANDS (int)(sizeof commands / sizeof commands[0])
-
-static void usage(FILE *f) {
-  fprintf(f, "usage: offtune-cloud <command> [options]\n\n"
-             "The model owner's side of offtune: holds the full model and never ships it.\n\ncommands:\n");
-  for (int i = 0; i < N_COMMANDS; i++) fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].help);
-  fprintf(f, "\nRun 'offtune-cloud <command> --help' for a command's options.\n"
-             "Exit codes: 0 success, 1 failure, 2 usage error.\n");
-}
 
 int main(int argc, char **argv) {
-  /* A write past a file-size limit then fails with EFBIG and a clear error instead of
-   * killing the process half-way through a checkpoint. */
-  signal(SIGXFSZ, SIG_IGN);
-  if (argc < 2) {
-    usage(stderr);
-    return OT_EXIT_USAGE;
-  }
-  if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
-    usage(stdout);
-    return OT_EXIT_OK;
-  }
-  for (int i = 0; i < N_COMMANDS; i++)
-    if (strcmp(argv[1], commands[i].name) == 0) return commands[i].run(argc - 2, argv + 2);
-  fprintf(stderr, "offtune-cloud: unknown command '%s'\n\n", argv[1]);
-  usage(stderr);
-  return OT_EXIT_USAGE;
+  return ot_cli_dispatch("offtune-cloud",
+                         "The model owner's side of offtune: holds the full model and never ships it.",
+                         commands, (int)(sizeof commands / sizeof commands[0]), argc, argv);
 }
 
-int ot_cmd_fail(const char *what, int status) {
-  const char *d = ot_error_detail();
-  fprintf(stderr, "offtune-cloud: %s: %s%s%s\n", what, ot_strerror(status), *d ? ": " : "", d);
-  return OT_EXIT_FAIL;
-}
+int ot_cmd_fail(const char *what, int status) { return ot_cli_fail("offtune-cloud", what, status); }
 
 int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
                       ot_tokenizer **tok) {

@@ -7,6 +7,7 @@
 #include <float.h>
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -344,4 +345,37 @@ void ot_progress_finish(ot_progress *p, const char *extra) {
   if (!p || !p->f) return;
   int64_t done = p->total > 0 ? p->total : p->last_done;
   draw(p, done, extra, ot_now(), 1);
+}
+
+static void dispatch_usage(FILE *f, const char *prog, const char *about, const ot_cli_command *cmds, int n) {
+  fprintf(f, "usage: %s <command> [options]\n\n%s\n\ncommands:\n", prog, about);
+  for (int i = 0; i < n; i++) fprintf(f, "  %-10s %s\n", cmds[i].name, cmds[i].help);
+  fprintf(f,
+          "\nRun '%s <command> --help' for a command's options.\n"
+          "Exit codes: 0 success, 1 failure, 2 usage error.\n",
+          prog);
+}
+
+int ot_cli_dispatch(const char *prog, const char *about, const ot_cli_command *cmds, int n_cmds, int argc,
+                    char **argv) {
+  signal(SIGXFSZ, SIG_IGN);
+  if (argc < 2) {
+    dispatch_usage(stderr, prog, about, cmds, n_cmds);
+    return 2;
+  }
+  if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+    dispatch_usage(stdout, prog, about, cmds, n_cmds);
+    return 0;
+  }
+  for (int i = 0; i < n_cmds; i++)
+    if (strcmp(argv[1], cmds[i].name) == 0) return cmds[i].run(argc - 2, argv + 2);
+  fprintf(stderr, "%s: unknown command '%s'\n\n", prog, argv[1]);
+  dispatch_usage(stderr, prog, about, cmds, n_cmds);
+  return 2;
+}
+
+int ot_cli_fail(const char *prog, const char *what, int status) {
+  const char *d = ot_error_detail();
+  fprintf(stderr, "%s: %s: %s%s%s\n", prog, what, ot_strerror(status), *d ? ": " : "", d);
+  return 1;
 }

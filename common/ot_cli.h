@@ -23,6 +23,22 @@ int ot_cli_parse(int argc, char **argv, const ot_opt *opts, int n_opts);
 /* Prints "usage: <synopsis>" and one aligned line per option. */
 void ot_cli_usage(FILE *f, const char *synopsis, const char *description, const ot_opt *opts, int n_opts);
 
+/* A program with subcommands ("offtune-cloud eval ..."). */
+typedef struct {
+  const char *name;
+  int (*run)(int argc, char **argv); /* gets the arguments after the command name */
+  const char *help;
+} ot_cli_command;
+
+/* Runs argv[1] from the table; prints usage for none, --help/-h/help, or an unknown
+ * command. Returns the exit code (2 for usage errors). Also makes writes past a
+ * file-size limit fail with EFBIG (a clear error) instead of killing the process
+ * half-way through a checkpoint. */
+int ot_cli_dispatch(const char *prog, const char *about, const ot_cli_command *cmds, int n_cmds, int argc,
+                    char **argv);
+/* Prints "<prog>: <what>: <status>: <detail>" to stderr and returns exit code 1. */
+int ot_cli_fail(const char *prog, const char *what, int status);
+
 /* Progress bar on a terminal (redrawn in place), periodic plain lines otherwise. */
 typedef struct {
   FILE *f;
