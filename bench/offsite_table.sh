@@ -39,6 +39,10 @@ ppl() { python3 -c 'import json,sys; print("%.3f" % json.loads(sys.stdin.read().
 peak() { sed -n 's/^peak_kb=//p' "$1" | tail -1; }
 rate() { grep -oE '[0-9.]+ tokens/s' "$1" | tail -1 | cut -d' ' -f1; }
 
+echo "== distilling the same emulator stored in int8 =="
+$cloud distill --model "$model" --data "$work/public.txt" --out "$work/emulator-int8" --int8 --steps "$dsteps" \
+  --keep "${OT_KEEP:-1}" --batch 16 --lr 1e-3 --warmup 20 --resume 2>&1 | grep -E '^distilled' || true
+
 kinds=(offsite lora bottleneck bitfit)
 lr_of() { case $1 in offsite) echo 5e-4 ;; *) echo 3e-3 ;; esac; } # small adapters take larger steps
 for k in "${kinds[@]}"; do
@@ -46,6 +50,9 @@ for k in "${kinds[@]}"; do
   /usr/bin/time -f 'peak_kb=%M' $device tune --emulator "$work/emulator" --text "$work/private.txt" \
     --out "$work/adapter-$k" --adapter "$k" "${tune_common[@]}" --lr "$(lr_of "$k")" >"$work/tune-$k.log" 2>&1
 done
+echo "== device: tuning the offsite adapter on the int8 emulator =="
+$device tune --emulator "$work/emulator-int8" --text "$work/private.txt" --out "$work/adapter-offsite-int8" \
+  --adapter offsite "${tune_common[@]}" --lr "$(lr_of offsite)" >"$work/tune-offsite-int8.log" 2>&1
 echo "== cloud: full fine-tuning baseline ($tsteps steps) =="
 /usr/bin/time -f 'peak_kb=%M' $cloud finetune --model "$model" --text "$work/private.txt" --out "$work/full-ft" \
   "${tune_common[@]}" --lr 5e-4 >"$work/finetune.log" 2>&1
@@ -70,3 +77,15 @@ for k in "${kinds[@]}"; do
   printf '%-34s %12d %12s\n' "emulator + $k" "$(( $(peak "$work/tune-$k.log") / 1024 ))" "$(rate "$work/tune-$k.log")"
 done
 printf '%-34s %12d %12s\n' "full fine-tuning" "$(( $(peak "$work/finetune.log") / 1024 ))" "$(rate "$work/finetune.log")"
+
+echo
+echo "int8 storage of the frozen middle blocks (offsite adapter)"
+printf '%-34s %12s %12s %12s %12s\n' "emulator package" "MiB" "emulator ZS" "emulator FT" "plug-in"
+for v in "" "-int8"; do
+  e="$work/emulator$v"
+  size=$(python3 -c 'import os,sys; print("%.2f" % (os.path.getsize(sys.argv[1]) / 1048576))' "$e/model.safetensors")
+  zs=$($device eval --emulator "$e" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
+  ft=$($device eval --emulator "$e" --adapter "$work/adapter-offsite$v" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
+  pl=$($cloud eval --model "$model" --adapter "$work/adapter-offsite$v" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
+  printf '%-34s %12s %12s %12s %12s\n' "${v:+int8 middle}${v:-fp32}" "$size" "$zs" "$ft" "$pl"
+done

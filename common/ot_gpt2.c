@@ -275,6 +275,29 @@ static int map_name(ot_gpt2 *m, const char *name) {
   return -2;
 }
 
+/* An int8 weight [in, out] with its per-column scales (ot_gpt2_save_dir_int8), to fp32. */
+static int read_int8(ot_safetensors *st, const ot_st_tensor *t, const char *path, float *dst,
+                     const ot_param *p) {
+  char sname[160];
+  snprintf(sname, sizeof sname, "%s.int8_scale", t->name);
+  const ot_st_tensor *s = ot_st_find(st, sname);
+  if (p->ndim != 2 || !s || s->dtype != OT_DTYPE_F32 || s->ndim != 1 || s->shape[0] != p->shape[1])
+    return ot_error(OT_ERR_FORMAT, "%s: int8 tensor '%s' needs an F32 '%s' of %d scales", path, t->name,
+                    sname, p->ndim == 2 ? p->shape[1] : 0);
+  float *scale = malloc((size_t)p->shape[1] * sizeof(float));
+  if (!scale) return ot_error(OT_ERR_NOMEM, "cannot allocate scales");
+  int rc = ot_st_read_f32(st, s, scale, (uint64_t)p->shape[1]);
+  const int8_t *q = ot_st_data(st, t);
+  for (int j = 0; j < p->shape[1] && rc == OT_OK; j++)
+    if (!isfinite(scale[j]) || scale[j] < 0)
+      rc = ot_error(OT_ERR_FORMAT, "%s: '%s' holds a negative or non-finite scale", path, sname);
+  for (int i = 0; i < p->shape[0] && rc == OT_OK; i++)
+    for (int j = 0; j < p->shape[1]; j++)
+      dst[(size_t)i * p->shape[1] + j] = (float)q[(size_t)i * p->shape[1] + j] * scale[j];
+  free(scale);
+  return rc;
+}
+
 int ot_gpt2_load_safetensors(ot_gpt2 *m, const char *path) {
   ot_safetensors *st = NULL;
   int rc = ot_st_open(path, &st);
@@ -288,6 +311,8 @@ int ot_gpt2_load_safetensors(ot_gpt2 *m, const char *path) {
   }
   for (size_t i = 0; i < ot_st_count(st) && rc == OT_OK; i++) {
     const ot_st_tensor *t = ot_st_at(st, i);
+    size_t nl = strlen(t->name);
+    if (nl > 11 && strcmp(t->name + nl - 11, ".int8_scale") == 0) continue; /* read with its weight */
     int idx = map_name(m, t->name);
     if (idx == -1) {
       if (strstr(t->name, "lm_head.weight") &&
@@ -324,7 +349,10 @@ int ot_gpt2_load_safetensors(ot_gpt2 *m, const char *path) {
         break;
       }
     }
-    rc = ot_st_read_f32(st, t, stage, p->numel);
+    if (t->dtype == OT_DTYPE_I8)
+      rc = read_int8(st, t, path, stage, p);
+    else
+      rc = ot_st_read_f32(st, t, stage, p->numel);
     if (rc == OT_OK) rc = m->be->ops->upload(m->be, p->data, stage, p->numel * sizeof(float));
   }
   for (int i = 0; i < m->n_base && rc == OT_OK; i++)
@@ -354,13 +382,35 @@ int ot_gpt2_load_dir(const char *dir, ot_backend *be, ot_gpt2 **out) {
   return OT_OK;
 }
 
-int ot_gpt2_save_dir(const ot_gpt2 *m, const char *dir) {
+/* Symmetric int8 with one scale per output column of a Conv1D weight [in, out]:
+ * scale_j = max_i |W_ij| / 127, q_ij = round(W_ij / scale_j). */
+static void quantize_int8(const float *w, int rows, int cols, int8_t *q, float *scale) {
+  for (int j = 0; j < cols; j++) scale[j] = 0.0f;
+  for (int i = 0; i < rows; i++)
+    for (int j = 0; j < cols; j++) {
+      float a = fabsf(w[(size_t)i * cols + j]) / 127.0f;
+      if (a > scale[j]) scale[j] = a;
+    }
+  for (int i = 0; i < rows; i++)
+    for (int j = 0; j < cols; j++) {
+      float v = scale[j] > 0.0f ? w[(size_t)i * cols + j] / scale[j] : 0.0f;
+      v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+      q[(size_t)i * cols + j] = (int8_t)lrintf(v);
+    }
+}
+
+int ot_gpt2_save_dir_int8(const ot_gpt2 *m, const char *dir, const unsigned char *int8_blocks) {
   int rc = ot_mkdir_p(dir);
   if (rc) return rc;
   char *cfg_path = NULL, *st_path = NULL;
   ot_st_writer *w = NULL;
   float *host = NULL;
-  rc = ot_path_join(dir, "config.json", &cfg_path);
+  /* int8 copies and their scales live until the writer has saved */
+  int8_t **qs = calloc((size_t)m->n_base, sizeof *qs);
+  float **ss = calloc((size_t)m->n_base, sizeof *ss);
+  char(*snames)[112] = calloc((size_t)m->n_base, sizeof *snames);
+  rc = qs && ss && snames ? OT_OK : ot_error(OT_ERR_NOMEM, "cannot allocate save tables");
+  if (rc == OT_OK) rc = ot_path_join(dir, "config.json", &cfg_path);
   if (rc == OT_OK) rc = ot_path_join(dir, "model.safetensors", &st_path);
   if (rc == OT_OK) {
     host = malloc(m->n_scalars * sizeof(float));
@@ -371,17 +421,42 @@ int ot_gpt2_save_dir(const ot_gpt2 *m, const char *dir) {
   if (rc == OT_OK) rc = ot_st_writer_set_metadata(w, "format", "pt");
   for (int i = 0; i < m->n_base && rc == OT_OK; i++) { /* a plain checkpoint: no extensions */
     const ot_param *p = &m->params[i];
+    const float *data = host + (p->data - m->param_mem);
     int64_t shape[2] = {p->shape[0], p->shape[1]};
-    rc = ot_st_writer_add(w, p->name, OT_DTYPE_F32, p->ndim, shape, host + (p->data - m->param_mem));
+    int layer = i >= P_BLK0 && i < P_LNF_W(m) ? (i - P_BLK0) / OT_BLK_NPARAM : -1;
+    if (int8_blocks && layer >= 0 && int8_blocks[layer] && p->ndim == 2) {
+      qs[i] = malloc(p->numel);
+      ss[i] = malloc((size_t)p->shape[1] * sizeof(float));
+      if (!qs[i] || !ss[i]) {
+        rc = ot_error(OT_ERR_NOMEM, "cannot allocate int8 copy of %s", p->name);
+        break;
+      }
+      quantize_int8(data, p->shape[0], p->shape[1], qs[i], ss[i]);
+      int64_t sshape[1] = {p->shape[1]};
+      snprintf(snames[i], sizeof snames[i], "%s.int8_scale", p->name);
+      rc = ot_st_writer_add(w, p->name, OT_DTYPE_I8, 2, shape, qs[i]);
+      if (rc == OT_OK) rc = ot_st_writer_add(w, snames[i], OT_DTYPE_F32, 1, sshape, ss[i]);
+    } else {
+      rc = ot_st_writer_add(w, p->name, OT_DTYPE_F32, p->ndim, shape, data);
+    }
   }
   if (rc == OT_OK) rc = ot_st_writer_save(w, st_path);
   if (rc == OT_OK) rc = ot_config_save(cfg_path, &m->cfg);
   ot_st_writer_free(w);
+  for (int i = 0; qs && ss && i < m->n_base; i++) {
+    free(qs[i]);
+    free(ss[i]);
+  }
+  free(qs);
+  free(ss);
+  free(snames);
   free(host);
   free(cfg_path);
   free(st_path);
   return rc;
 }
+
+int ot_gpt2_save_dir(const ot_gpt2 *m, const char *dir) { return ot_gpt2_save_dir_int8(m, dir, NULL); }
 
 /* ---- memory plan ----------------------------------------------------------------- */
 

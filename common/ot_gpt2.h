@@ -60,6 +60,9 @@ int ot_gpt2_load_dir(const char *dir, ot_backend *be, ot_gpt2 **out);
 int ot_gpt2_load_safetensors(ot_gpt2 *m, const char *path);
 /* Writes config.json + model.safetensors (F32, "transformer." names), atomically. */
 int ot_gpt2_save_dir(const ot_gpt2 *m, const char *dir);
+/* The same, with the 2-D weights of blocks whose int8_blocks[l] is set stored as I8 plus
+ * one F32 scale per output column ("<name>.int8_scale"); loading dequantises them. */
+int ot_gpt2_save_dir_int8(const ot_gpt2 *m, const char *dir, const unsigned char *int8_blocks);
 
 const ot_gpt2_config *ot_gpt2_cfg(const ot_gpt2 *m);
 ot_backend *ot_gpt2_backend(const ot_gpt2 *m);

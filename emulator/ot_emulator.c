@@ -140,7 +140,9 @@ int ot_emu_save(const ot_gpt2 *emu, const ot_emu_plan *p, const ot_tokenizer *to
   if (ot_gpt2_cfg(emu)->n_layer != ot_emu_n_layer(p))
     return ot_error(OT_ERR_MISMATCH, "emulator has %d blocks, the plan %d", ot_gpt2_cfg(emu)->n_layer,
                     ot_emu_n_layer(p));
-  int rc = ot_gpt2_save_dir(emu, dir);
+  unsigned char int8[OT_EMU_MAX_LAYERS] = {0};
+  for (int i = 0; i < p->keep && p->int8_middle; i++) int8[p->bottom + i] = 1; /* frozen on the device */
+  int rc = ot_gpt2_save_dir_int8(emu, dir, int8);
   if (rc == OT_OK) rc = ot_tokenizer_save_dir(tok, dir);
   if (rc) return rc;
   cJSON *j = cJSON_CreateObject();
@@ -153,6 +155,7 @@ int ot_emu_save(const ot_gpt2 *emu, const ot_emu_plan *p, const ot_tokenizer *to
     cJSON_AddNumberToObject(j, "top", p->top);
     cJSON_AddItemToObject(j, "kept_middle", ot_emu_int_array(p->src + p->bottom, p->keep));
     cJSON_AddItemToObject(j, "block_source", ot_emu_int_array(p->src, ot_emu_n_layer(p)));
+    cJSON_AddBoolToObject(j, "middle_int8", p->int8_middle);
   }
   rc = ot_emu_write_json(dir, "emulator.json", j);
   cJSON_Delete(j);
@@ -239,6 +242,7 @@ int ot_emu_plan_load(const char *dir, ot_emu_plan *out) {
   if (rc == OT_OK && !ot_emu_hex_digest_ok(cJSON_GetStringValue(d)))
     rc = ot_error(OT_ERR_FORMAT, "%s/emulator.json: base_model_digest must be 64 hex digits", dir);
   if (rc == OT_OK) snprintf(p.base_digest, sizeof p.base_digest, "%s", cJSON_GetStringValue(d));
+  p.int8_middle = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "middle_int8")); /* absent: fp32 */
   cJSON_Delete(j);
   if (rc == OT_OK) *out = p;
   return rc;

@@ -37,6 +37,7 @@ typedef struct {
   int bottom, top, keep;           /* a, b, k */
   int src[OT_EMU_MAX_LAYERS];      /* full block of each emulator block (a+k+b entries) */
   char base_digest[OT_DIGEST_HEX]; /* of the full model.safetensors; "" if unknown */
+  int int8_middle;                 /* package stores the frozen middle blocks' weights in int8 */
 } ot_emu_plan;
 
 int ot_emu_plan_make(int L, int a, int b, int k, ot_emu_plan *out);

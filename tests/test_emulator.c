@@ -362,11 +362,88 @@ static void test_plugin(void **state) {
   distill_close(&f);
 }
 
+/* An int8 emulator package: middle-block weights within half a quantisation step of the
+ * fp32 ones, everything else bitwise, about a quarter of the bytes for those weights;
+ * a broken scale is refused. */
+static void test_int8_package(void **state) {
+  (void)state;
+  distill_fx f;
+  distill_open(&f);
+  char *d32 = ot_test_tmpdir("emu_fp32"), *d8 = ot_test_tmpdir("emu_int8");
+  ot_tokenizer *tok;
+  assert_int_equal(ot_tokenizer_byte_new(&tok), 0);
+  memset(f.plan.base_digest, 'a', OT_DIGEST_HEX - 1); /* packages record their base */
+  f.plan.base_digest[OT_DIGEST_HEX - 1] = '\0';
+  assert_int_equal(ot_emu_save(f.emu, &f.plan, tok, d32), 0);
+  ot_emu_plan p8 = f.plan;
+  p8.int8_middle = 1;
+  assert_int_equal(ot_emu_save(f.emu, &p8, tok, d8), 0);
+  ot_gpt2 *a = NULL, *b = NULL;
+  ot_tokenizer *ta = NULL, *tb = NULL;
+  ot_emu_plan pa, pb;
+  assert_int_equal(ot_emu_load(d32, f.be, &a, &ta, &pa), 0);
+  assert_int_equal(ot_emu_load(d8, f.be, &b, &tb, &pb), 0);
+  assert_false(pa.int8_middle);
+  assert_true(pb.int8_middle);
+  int quantised = 0;
+  for (int i = 0; i < ot_gpt2_param_count(a); i++) {
+    ot_param *x = ot_gpt2_param(a, i), *y = ot_gpt2_param(b, i);
+    int middle = 0;
+    for (int k = 0; k < OT_BLK_NPARAM; k++)
+      for (int l = f.plan.bottom; l < f.plan.bottom + f.plan.keep; l++)
+        if (ot_gpt2_block_param_index(a, l, k) == i) middle = 1;
+    if (!middle || x->ndim != 2) {
+      assert_memory_equal(x->data, y->data, x->numel * sizeof(float));
+      continue;
+    }
+    quantised++;
+    int rows = x->shape[0], cols = x->shape[1];
+    for (int c = 0; c < cols; c++) {
+      float amax = 0.0f;
+      for (int r = 0; r < rows; r++) amax = fmaxf(amax, fabsf(x->data[(size_t)r * cols + c]));
+      for (int r = 0; r < rows; r++)
+        assert_true(fabsf(x->data[(size_t)r * cols + c] - y->data[(size_t)r * cols + c]) <=
+                    0.5f * amax / 127.0f * 1.0001f + 1e-12f);
+    }
+  }
+  assert_int_equal(quantised, 4 * f.plan.keep);
+  char path[700];
+  snprintf(path, sizeof path, "%s/model.safetensors", d8);
+  ot_safetensors *st;
+  assert_int_equal(ot_st_open(path, &st), 0);
+  char name[160];
+  snprintf(name, sizeof name, "transformer.h.%d.mlp.c_fc.weight.int8_scale", f.plan.bottom);
+  assert_non_null(ot_st_find(st, name));
+  ot_st_close(st);
+  /* a negative scale is refused with a clear error */
+  assert_int_equal(
+      ot_test_system(
+          "%s -c \"import json,struct,sys; p=sys.argv[1]; b=bytearray(open(p,'rb').read()); "
+          "n=struct.unpack('<Q',b[:8])[0]; h=json.loads(b[8:8+n]); o=h[sys.argv[2]]['data_offsets'][0]; "
+          "b[8+n+o:8+n+o+4]=struct.pack('<f',-1.0); open(p,'wb').write(b)\" '%s' '%s'",
+          getenv("OT_PYTHON") ? getenv("OT_PYTHON") : "/usr/bin/python3", path, name),
+      0);
+  ot_gpt2 *c = NULL;
+  ot_tokenizer *tc = NULL;
+  ot_emu_plan pc;
+  assert_int_equal(ot_emu_load(d8, f.be, &c, &tc, &pc), OT_ERR_FORMAT);
+  assert_non_null(strstr(ot_error_detail(), "scale"));
+  ot_gpt2_free(a);
+  ot_gpt2_free(b);
+  ot_tokenizer_free(ta);
+  ot_tokenizer_free(tb);
+  ot_tokenizer_free(tok);
+  free(d32);
+  free(d8);
+  distill_close(&f);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_layer_drop),       cmocka_unit_test(test_kd_op),
       cmocka_unit_test(test_distill_gradient), cmocka_unit_test(test_distill_lowers_kd),
       cmocka_unit_test(test_tune_freezes),     cmocka_unit_test(test_plugin),
+      cmocka_unit_test(test_int8_package),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
