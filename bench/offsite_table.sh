@@ -87,5 +87,7 @@ for v in "" "-int8"; do
   zs=$($device eval --emulator "$e" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
   ft=$($device eval --emulator "$e" --adapter "$work/adapter-offsite$v" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
   pl=$($cloud eval --model "$model" --adapter "$work/adapter-offsite$v" --text "$work/heldout.txt" --json 2>/dev/null | ppl)
-  printf '%-34s %12s %12s %12s %12s\n' "${v:+int8 middle}${v:-fp32}" "$size" "$zs" "$ft" "$pl"
+  label=fp32
+  [ -n "$v" ] && label="int8 middle blocks"
+  printf '%-34s %12s %12s %12s %12s\n' "$label" "$size" "$zs" "$ft" "$pl"
 done
