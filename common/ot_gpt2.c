@@ -412,16 +412,19 @@ int ot_gpt2_save_dir_int8(const ot_gpt2 *m, const char *dir, const unsigned char
   rc = qs && ss && snames ? OT_OK : ot_error(OT_ERR_NOMEM, "cannot allocate save tables");
   if (rc == OT_OK) rc = ot_path_join(dir, "config.json", &cfg_path);
   if (rc == OT_OK) rc = ot_path_join(dir, "model.safetensors", &st_path);
-  if (rc == OT_OK) {
+  /* a device backend's parameters are staged on the host; host memory is written as is */
+  const float *src = m->param_mem;
+  if (rc == OT_OK && !m->be->ops->host_visible) {
     host = malloc(m->n_scalars * sizeof(float));
     if (!host) rc = ot_error(OT_ERR_NOMEM, "cannot allocate save buffer");
+    if (rc == OT_OK) rc = m->be->ops->download(m->be, host, m->param_mem, m->n_scalars * sizeof(float));
+    src = host;
   }
-  if (rc == OT_OK) rc = m->be->ops->download(m->be, host, m->param_mem, m->n_scalars * sizeof(float));
   if (rc == OT_OK) rc = ot_st_writer_new(&w);
   if (rc == OT_OK) rc = ot_st_writer_set_metadata(w, "format", "pt");
   for (int i = 0; i < m->n_base && rc == OT_OK; i++) { /* a plain checkpoint: no extensions */
     const ot_param *p = &m->params[i];
-    const float *data = host + (p->data - m->param_mem);
+    const float *data = src + (p->data - m->param_mem);
     int64_t shape[2] = {p->shape[0], p->shape[1]};
     int layer = i >= P_BLK0 && i < P_LNF_W(m) ? (i - P_BLK0) / OT_BLK_NPARAM : -1;
     if (int8_blocks && layer >= 0 && int8_blocks[layer] && p->ndim == 2) {

@@ -22,6 +22,7 @@ typedef enum { OT_W_IN_OUT = 0, OT_W_OUT_IN = 1 } ot_wlayout;
 
 typedef struct {
   const char *name;
+  int host_visible; /* backend memory is ordinary host memory (no staging copies needed) */
   void (*destroy)(ot_backend *be);
   /* memory */
   int (*alloc)(ot_backend *be, size_t bytes, void **out);

@@ -576,6 +576,7 @@ static double cpu_sumsq(ot_backend *be, const float *x, size_t n) {
 
 static const ot_backend_ops cpu_ops = {
     .name = "cpu",
+    .host_visible = 1,
     .destroy = cpu_destroy,
     .alloc = cpu_alloc,
     .free = cpu_free,
