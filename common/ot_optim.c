@@ -134,19 +134,21 @@ int ot_optimizer_save(const ot_optimizer *o, const char *path) {
   ot_st_writer *w = NULL;
   float *host = NULL;
   int rc = ot_st_writer_new(&w);
-  if (rc == OT_OK && o->state_scalars) {
+  const float *src = o->state; /* host memory is written as is; device memory is staged */
+  if (rc == OT_OK && o->state_scalars && !o->be->ops->host_visible) {
     host = malloc(o->state_scalars * sizeof(float));
     if (!host) rc = ot_error(OT_ERR_NOMEM, "cannot allocate optimizer save buffer");
     if (rc == OT_OK) rc = o->be->ops->download(o->be, host, o->state, o->state_scalars * sizeof(float));
+    src = host;
   }
   char name[160], step[32];
-  for (int i = 0; i < o->n && rc == OT_OK && host; i++) {
+  for (int i = 0; i < o->n && rc == OT_OK && o->state_scalars; i++) {
     int64_t shape[1] = {(int64_t)o->params[i]->numel};
     snprintf(name, sizeof name, "%s.%s", o->params[i]->name, o->v[i] ? "m" : "momentum");
-    rc = ot_st_writer_add(w, name, OT_DTYPE_F32, 1, shape, host + (o->m[i] - o->state));
+    rc = ot_st_writer_add(w, name, OT_DTYPE_F32, 1, shape, src + (o->m[i] - o->state));
     if (rc == OT_OK && o->v[i]) {
       snprintf(name, sizeof name, "%s.v", o->params[i]->name);
-      rc = ot_st_writer_add(w, name, OT_DTYPE_F32, 1, shape, host + (o->v[i] - o->state));
+      rc = ot_st_writer_add(w, name, OT_DTYPE_F32, 1, shape, src + (o->v[i] - o->state));
     }
   }
   snprintf(step, sizeof step, "%d", o->t);

@@ -67,16 +67,22 @@ static int write_weights(const char *path, ot_gpt2 *m) {
   size_t total = 0;
   for (int i = 0; i < ot_gpt2_param_count(m); i++)
     if (ot_gpt2_param(m, i)->trainable) total += ot_gpt2_param(m, i)->numel;
-  float *host = malloc((total ? total : 1) * sizeof(float));
+  /* host memory is written as is; a device backend's tensors are staged on the host */
+  float *host = be->ops->host_visible ? NULL : malloc((total ? total : 1) * sizeof(float));
   ot_st_writer *w = NULL;
-  int rc = host ? ot_st_writer_new(&w) : ot_error(OT_ERR_NOMEM, "cannot allocate snapshot buffer");
+  int rc = host || be->ops->host_visible ? ot_st_writer_new(&w)
+                                         : ot_error(OT_ERR_NOMEM, "cannot allocate snapshot buffer");
   size_t off = 0;
   for (int i = 0; i < ot_gpt2_param_count(m) && rc == OT_OK; i++) {
     ot_param *p = ot_gpt2_param(m, i);
     if (!p->trainable) continue;
     int64_t shape[2] = {p->shape[0], p->shape[1]};
-    rc = be->ops->download(be, host + off, p->data, p->numel * sizeof(float));
-    if (rc == OT_OK) rc = ot_st_writer_add(w, p->name, OT_DTYPE_F32, p->ndim, shape, host + off);
+    const float *src = p->data;
+    if (host) {
+      rc = be->ops->download(be, host + off, p->data, p->numel * sizeof(float));
+      src = host + off;
+    }
+    if (rc == OT_OK) rc = ot_st_writer_add(w, p->name, OT_DTYPE_F32, p->ndim, shape, src);
     off += p->numel;
   }
   if (rc == OT_OK) rc = ot_st_writer_save(w, path);
