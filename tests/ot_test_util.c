@@ -90,3 +90,13 @@ float *ot_test_st_f32(ot_safetensors *st, const char *name, size_t *n) {
   if (n) *n = t->numel;
   return buf;
 }
+
+void ot_test_eval_json(const char *out, const char *what, double *loss, double *tokens) {
+  const char *j = strstr(out, "{\"loss\"");
+  if (!j) fail_msg("%s: no JSON in\n%s", what, out);
+  *loss = ot_test_json_number(j, "loss");
+  *tokens = ot_test_json_number(j, "tokens");
+  double ppl = ot_test_json_number(j, "perplexity");
+  printf("%-28s loss %.4f | perplexity %.2f | %.0f tokens\n", what, *loss, ppl, *tokens);
+  assert_true(isfinite(*loss) && *loss > 0 && fabs(ppl - exp(*loss)) < 1e-3 * ppl);
+}

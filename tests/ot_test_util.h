@@ -24,5 +24,8 @@ double ot_test_json_number(const char *json, const char *key);
 double ot_test_rel_err(const float *a, const float *b, size_t n);
 /* A reference tensor as malloc'd fp32 (fails the test if it is missing); *n = count. */
 float *ot_test_st_f32(ot_safetensors *st, const char *name, size_t *n);
+/* Finds the eval JSON ({"loss", "perplexity", "tokens"}) in a command's output, checks it
+ * is sane (finite, positive, perplexity = exp(loss)), prints it, returns loss and tokens. */
+void ot_test_eval_json(const char *out, const char *what, double *loss, double *tokens);
 
 #endif

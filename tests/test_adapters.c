@@ -42,16 +42,6 @@ static int teardown(void **state) {
   return 0;
 }
 
-static double rel_err(const float *a, const float *b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; i++) {
-    double d = (double)a[i] - b[i];
-    num += d * d;
-    den += (double)b[i] * b[i];
-  }
-  return den > 0 ? sqrt(num / den) : sqrt(num);
-}
-
 typedef struct {
   ot_backend *be;
   ot_gpt2 *m;
@@ -136,7 +126,7 @@ static void check_grads(const char *name, int kind, float dropout, int want_chec
     if (!t) fail_msg("reference lacks %s", gname);
     float *want = malloc(p->numel * sizeof(float));
     assert_int_equal(ot_st_read_f32(f.ref, t, want, p->numel), 0);
-    double e = rel_err(p->grad, want, p->numel);
+    double e = ot_test_rel_err(p->grad, want, p->numel);
     if (e >= REL_TOL) fail_msg("%s: relative error %.3g", gname, e);
     if (e > worst) worst = e;
     free(want);

@@ -17,37 +17,6 @@
 
 static char *dir, *cloud, *device;
 
-static int run(char *out, size_t cap, const char *fmt, ...) {
-  char *cmd = NULL, *full = NULL;
-  va_list ap;
-  va_start(ap, fmt);
-  assert_true(vasprintf(&cmd, fmt, ap) >= 0);
-  va_end(ap);
-  assert_true(asprintf(&full, "%s 2>&1", cmd) >= 0);
-  FILE *p = popen(full, "r");
-  assert_non_null(p);
-  size_t n = 0;
-  if (out && cap) {
-    n = fread(out, 1, cap - 1, p);
-    out[n] = '\0';
-  }
-  char sink[4096];
-  while (fread(sink, 1, sizeof sink, p) > 0) {
-  }
-  int st = pclose(p);
-  free(cmd);
-  free(full);
-  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static double json_number(const char *json, const char *key) {
-  char pat[64];
-  snprintf(pat, sizeof pat, "\"%s\":", key);
-  const char *p = strstr(json, pat);
-  if (!p) fail_msg("no %s in %s", key, json);
-  return strtod(p + strlen(pat), NULL);
-}
-
 static int setup(void **state) {
   (void)state;
   dir = ot_test_tmpdir("adapters_cli");
@@ -68,24 +37,14 @@ static char out[1 << 16];
 
 #define RUN_OK(...)                                                                                          \
   do {                                                                                                       \
-    int rc_ = run(out, sizeof out, __VA_ARGS__);                                                             \
+    int rc_ = ot_test_run(out, sizeof out, __VA_ARGS__);                                                     \
     if (rc_ != 0) fail_msg("exit %d:\n%s", rc_, out);                                                        \
   } while (0)
-
-static void check_eval_json(const char *what, double *loss, double *tokens) {
-  const char *j = strstr(out, "{\"loss\"");
-  if (!j) fail_msg("%s: no JSON in\n%s", what, out);
-  *loss = json_number(j, "loss");
-  *tokens = json_number(j, "tokens");
-  double ppl = json_number(j, "perplexity");
-  printf("%-28s loss %.4f | perplexity %.2f | %.0f tokens\n", what, *loss, ppl, *tokens);
-  assert_true(isfinite(*loss) && *loss > 0 && fabs(ppl - exp(*loss)) < 1e-3 * ppl);
-}
 
 static double eval_loss(const char *what, const char *fmt_cmd) {
   double loss, tokens;
   RUN_OK("%s", fmt_cmd);
-  check_eval_json(what, &loss, &tokens);
+  ot_test_eval_json(out, what, &loss, &tokens);
   return loss;
 }
 
@@ -136,19 +95,20 @@ static void test_adapter_flow(void **state) {
            dir, dir, dir);
   double applied = eval_loss("full + LoRA", cmd);
   assert_true(fabs(merged - applied) <= 1e-5 * applied);
-  assert_int_equal(run(out, sizeof out, "%s merge --model %s/full --adapter %s/ad_bottleneck --out %s/m2",
-                       cloud, dir, dir, dir),
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s merge --model %s/full --adapter %s/ad_bottleneck --out %s/m2", cloud, dir,
+                               dir, dir),
                    1);
   assert_non_null(strstr(out, "only LoRA"));
   /* merged weights are not the base the adapter was tuned for */
-  assert_int_equal(run(out, sizeof out,
-                       "%s eval --model %s/merged --adapter %s/ad_lora --text %s/private.txt", cloud, dir,
-                       dir, dir),
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s eval --model %s/merged --adapter %s/ad_lora --text %s/private.txt", cloud,
+                               dir, dir, dir),
                    1);
   assert_non_null(strstr(out, "tuned for base model"));
-  assert_int_equal(run(out, sizeof out,
-                       "%s tune --emulator %s/emu --text %s/private.txt --out %s/x --adapter prefix", device,
-                       dir, dir, dir),
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s tune --emulator %s/emu --text %s/private.txt --out %s/x --adapter prefix",
+                               device, dir, dir, dir),
                    2);
 
   /* LoRA with dropout resumes bitwise: the masks follow the step, not the process */

@@ -41,16 +41,6 @@ static char out[1 << 16];
     if (rc_ != 0) fail_msg("exit %d:\n%s", rc_, out);                                                        \
   } while (0)
 
-static void check_eval_json(const char *what, double *loss, double *tokens) {
-  const char *j = strstr(out, "{\"loss\"");
-  if (!j) fail_msg("%s: no JSON in\n%s", what, out);
-  *loss = ot_test_json_number(j, "loss");
-  *tokens = ot_test_json_number(j, "tokens");
-  double ppl = ot_test_json_number(j, "perplexity");
-  printf("%-28s loss %.4f | perplexity %.2f | %.0f tokens\n", what, *loss, ppl, *tokens);
-  assert_true(isfinite(*loss) && *loss > 0 && fabs(ppl - exp(*loss)) < 1e-3 * ppl);
-}
-
 static void test_offsite_flow(void **state) {
   (void)state;
   /* the cloud's public corpus and one device's private text */
@@ -95,15 +85,15 @@ static void test_offsite_flow(void **state) {
 
   double l_emu, l_emu_ad, l_full, l_plug, t1, t2, t3, t4;
   RUN_OK("%s eval --emulator %s/emu --text %s/private.txt --seq-len 32 --json", device, dir, dir);
-  check_eval_json("emulator zero-shot", &l_emu, &t1);
+  ot_test_eval_json(out, "emulator zero-shot", &l_emu, &t1);
   RUN_OK("%s eval --emulator %s/emu --adapter %s/adapter --text %s/private.txt --seq-len 32 --json", device,
          dir, dir, dir);
-  check_eval_json("emulator + adapter", &l_emu_ad, &t2);
+  ot_test_eval_json(out, "emulator + adapter", &l_emu_ad, &t2);
   RUN_OK("%s eval --model %s/full --text %s/private.txt --seq-len 32 --json", cloud, dir, dir);
-  check_eval_json("full model zero-shot", &l_full, &t3);
+  ot_test_eval_json(out, "full model zero-shot", &l_full, &t3);
   RUN_OK("%s eval --model %s/full --adapter %s/adapter --text %s/private.txt --seq-len 32 --json", cloud, dir,
          dir, dir);
-  check_eval_json("plug-in", &l_plug, &t4);
+  ot_test_eval_json(out, "plug-in", &l_plug, &t4);
   /* same windows on both sides */
   assert_true(t1 == t2 && t2 == t3 && t3 == t4);
   assert_true(l_emu_ad < l_emu); /* tuning on the private text helps on it */
