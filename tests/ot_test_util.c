@@ -100,3 +100,14 @@ void ot_test_eval_json(const char *out, const char *what, double *loss, double *
   printf("%-28s loss %.4f | perplexity %.2f | %.0f tokens\n", what, *loss, ppl, *tokens);
   assert_true(isfinite(*loss) && *loss > 0 && fabs(ppl - exp(*loss)) < 1e-3 * ppl);
 }
+
+int ot_test_ref(const char *script, const char *out_dir) {
+  const char *py = getenv("OT_PYTHON");
+  int rc = ot_test_system("%s '%s/tests/ref/%s' '%s'", py ? py : "/usr/bin/python3", ot_test_source_dir(),
+                          script, out_dir);
+  if (rc != 0)
+    fprintf(stderr,
+            "reference generator %s failed (exit %d): is python3-torch installed (scripts/setup.sh)?\n",
+            script, rc);
+  return rc;
+}

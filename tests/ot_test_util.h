@@ -12,6 +12,9 @@ const char *ot_test_binary_dir(void);
 const char *ot_test_npm_dir(void);
 /* A fresh empty directory under the build tree for this test: <binary>/tests/tmp/<name>. */
 char *ot_test_tmpdir(const char *name);
+/* Runs tests/ref/<script> OUT_DIR with $OT_PYTHON (Debian's python3 with torch);
+ * returns its exit status, with a hint on stderr when it fails. */
+int ot_test_ref(const char *script, const char *out_dir);
 /* Runs a shell command, returns its exit status (-1 if it could not run). */
 int ot_test_system(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

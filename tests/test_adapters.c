@@ -29,11 +29,7 @@ static char *dir;
 static int setup(void **state) {
   (void)state;
   dir = ot_test_tmpdir("adapters");
-  const char *py = getenv("OT_PYTHON");
-  return ot_test_system("%s '%s/tests/ref/adapters_ref.py' '%s'", py ? py : "/usr/bin/python3",
-                        ot_test_source_dir(), dir)
-             ? -1
-             : 0;
+  return ot_test_ref("adapters_ref.py", dir) ? -1 : 0;
 }
 
 static int teardown(void **state) {

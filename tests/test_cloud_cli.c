@@ -23,11 +23,7 @@ static int setup(void **state) {
   (void)state;
   dir = ot_test_tmpdir("cloud_cli");
   if (asprintf(&cloud, "%s/cloud/offtune-cloud", ot_test_binary_dir()) < 0) return -1;
-  const char *py = getenv("OT_PYTHON");
-  return ot_test_system("%s '%s/tests/ref/cli_ref.py' '%s'", py ? py : "/usr/bin/python3",
-                        ot_test_source_dir(), dir)
-             ? -1
-             : 0;
+  return ot_test_ref("cli_ref.py", dir) ? -1 : 0;
 }
 
 static int teardown(void **state) {

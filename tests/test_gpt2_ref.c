@@ -31,14 +31,7 @@ static int n_cases;
 static int setup(void **state) {
   (void)state;
   ref_dir = ot_test_tmpdir("gpt2_ref");
-  const char *py = getenv("OT_PYTHON");
-  int rc = ot_test_system("%s '%s/tests/ref/gpt2_ref.py' '%s'", py ? py : "/usr/bin/python3",
-                          ot_test_source_dir(), ref_dir);
-  if (rc != 0) {
-    fprintf(stderr,
-            "PyTorch reference generator failed (exit %d): install python3-torch (scripts/setup.sh)\n", rc);
-    return -1;
-  }
+  if (ot_test_ref("gpt2_ref.py", ref_dir) != 0) return -1;
   char path[512];
   snprintf(path, sizeof path, "%s/cases.txt", ref_dir);
   FILE *f = fopen(path, "r");

@@ -9,7 +9,6 @@
 Usage: emulator_ref.py OUT_DIR (Debian /usr/bin/python3 with python3-torch)
 """
 import json
-import math
 import os
 import sys
 
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpt2_ref import param_shapes, write_safetensors  # noqa: E402
+from gpt2_ref import block, param_shapes, write_safetensors  # noqa: E402
 
 KD_EPS = 1e-6
 KD_WEIGHT = 30.0
@@ -26,24 +25,6 @@ KD_WEIGHT = 30.0
 def kd_loss(s, t):
     rms = t.pow(2).mean(dim=-1, keepdim=True).sqrt() + KD_EPS
     return ((t - s) / rms).pow(2).mean()
-
-
-def block(P, pre, x, NH, eps=1e-5):
-    B, T, C = x.shape
-    hs = C // NH
-    g = lambda n: P[pre + n]
-    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
-    h = F.layer_norm(x, (C,), g("ln_1.weight"), g("ln_1.bias"), eps)
-    qkv = h @ g("attn.c_attn.weight") + g("attn.c_attn.bias")
-    q, k, v = qkv.split(C, dim=2)
-    q, k, v = [t.view(B, T, NH, hs).transpose(1, 2) for t in (q, k, v)]
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
-    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    y = (att @ v).transpose(1, 2).reshape(B, T, C)
-    x = x + y @ g("attn.c_proj.weight") + g("attn.c_proj.bias")
-    h = F.layer_norm(x, (C,), g("ln_2.weight"), g("ln_2.bias"), eps)
-    h = F.gelu(h @ g("mlp.c_fc.weight") + g("mlp.c_fc.bias"), approximate="tanh")
-    return x + h @ g("mlp.c_proj.weight") + g("mlp.c_proj.bias")
 
 
 def forward(P, blocks, idx, NH):

@@ -58,25 +58,31 @@ def param_shapes(L, C, V, P):
     return s
 
 
+def block(P, pre, x, NH, eps=1e-5):
+    """One GPT-2 block whose tensors are P[pre + name] (pre = "h.{l}.")."""
+    B, T, C = x.shape
+    hs = C // NH
+    g = lambda n: P[pre + n]
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    h = F.layer_norm(x, (C,), g("ln_1.weight"), g("ln_1.bias"), eps)
+    qkv = h @ g("attn.c_attn.weight") + g("attn.c_attn.bias")
+    q, k, v = qkv.split(C, dim=2)
+    q, k, v = [t.view(B, T, NH, hs).transpose(1, 2) for t in (q, k, v)]
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
+    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    y = (att @ v).transpose(1, 2).reshape(B, T, C)
+    x = x + y @ g("attn.c_proj.weight") + g("attn.c_proj.bias")
+    h = F.layer_norm(x, (C,), g("ln_2.weight"), g("ln_2.bias"), eps)
+    h = F.gelu(h @ g("mlp.c_fc.weight") + g("mlp.c_fc.bias"), approximate="tanh")
+    return x + h @ g("mlp.c_proj.weight") + g("mlp.c_proj.bias")
+
+
 def gpt2_loss(P, idx, targets, L, NH, eps=1e-5, want_logits=False):
     B, T = idx.shape
     C = P["wte.weight"].shape[1]
-    hs = C // NH
     x = P["wte.weight"][idx] + P["wpe.weight"][:T]
-    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
     for l in range(L):
-        g = lambda n: P[f"h.{l}.{n}"]
-        h = F.layer_norm(x, (C,), g("ln_1.weight"), g("ln_1.bias"), eps)
-        qkv = h @ g("attn.c_attn.weight") + g("attn.c_attn.bias")
-        q, k, v = qkv.split(C, dim=2)
-        q, k, v = [t.view(B, T, NH, hs).transpose(1, 2) for t in (q, k, v)]
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
-        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(B, T, C)
-        x = x + y @ g("attn.c_proj.weight") + g("attn.c_proj.bias")
-        h = F.layer_norm(x, (C,), g("ln_2.weight"), g("ln_2.bias"), eps)
-        h = F.gelu(h @ g("mlp.c_fc.weight") + g("mlp.c_fc.bias"), approximate="tanh")
-        x = x + h @ g("mlp.c_proj.weight") + g("mlp.c_proj.bias")
+        x = block(P, f"h.{l}.", x, NH, eps)
     x = F.layer_norm(x, (C,), P["ln_f.weight"], P["ln_f.bias"], eps)
     logits = x @ P["wte.weight"].t()
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
