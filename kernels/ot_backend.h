@@ -99,6 +99,18 @@ typedef struct {
   void (*scale)(ot_backend *be, float *x, float s, size_t n);
   /* returns sum(x^2) in double (synchronises) */
   double (*sumsq)(ot_backend *be, const float *x, size_t n);
+
+  /* ---- inference with a KV cache (serving); NULL where a backend lacks them ---- */
+  /* out[N,C] = wte[tokens[i]] + wpe[pos[i]]: rows at arbitrary positions (tokens, pos [N]) */
+  void (*embed_fwd)(ot_backend *be, float *out, const int32_t *tokens, const int32_t *pos, const float *wte,
+                    const float *wpe, int N, int C);
+  /* Causal attention of new rows against a KV cache. Row i of qkv[N,3C] (q | k | v) is the token at
+   * position pos[i] of sequence slot[i]; kcache, vcache are [n_slots, T_max, C] (one layer). First
+   * every row's k and v are stored at (slot[i], pos[i]); then out[i] (heads of C/NH) attends to
+   * positions 0..pos[i] of its slot, so rows of one sequence sent together (a prefill) see each
+   * other causally. pos and slot [N] are backend memory. */
+  void (*attention_kv_fwd)(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
+                           const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max);
 } ot_backend_ops;
 
 /* splitmix64's finaliser: a counter-based hash, so any backend can regenerate a mask. */
