@@ -1,0 +1,482 @@
+/* The serving HTTP API (cloud/ot_serve_api.h) on a real loopback socket: OpenAI-style
+ * completions for every adapter kind equal ot_generate's greedy text, several prompts in one
+ * request, streaming (the SSE deltas concatenate to the non-streamed text), /v1/models, errors
+ * (404 unknown model, 400 bad JSON, bad fields and an oversized body), and concurrent clients
+ * for different adapters getting the texts they get alone. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <cjson/cJSON.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "ot_error.h"
+#include "ot_serve_api.h"
+#include "ot_test_util.h"
+#include "serve_fixture.h"
+
+static ot_serve_engine *eng;
+static ot_serve_http *api;
+static int port;
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+static int log_lines;
+static char last_log[1024];
+
+static void on_log(void *user, const char *line) {
+  (void)user;
+  pthread_mutex_lock(&log_mu);
+  log_lines++;
+  snprintf(last_log, sizeof last_log, "%s", line);
+  pthread_mutex_unlock(&log_mu);
+}
+
+static void list(void *user, void (*add)(void *ctx, const char *name), void *ctx) {
+  (void)user;
+  for (int k = 1; k < N_MODELS; k++) add(ctx, models[k]);
+}
+
+static int setup(void **state) {
+  (void)state;
+  if (serve_fixture_setup("serve_http")) return -1;
+  eng = engine(16, 256, 0, -1);
+  assert_int_equal(ot_serve_start(eng), 0);
+  ot_serve_http_config c = {
+      "http://127.0.0.1:0", eng, tok, "tiny-base", list, NULL, -1, 4096, 8, on_log, NULL};
+  if (ot_serve_http_start(&c, &api)) fail_msg("http: %s", ot_error_detail());
+  port = ot_serve_http_port(api);
+  assert_true(port > 0);
+  return 0;
+}
+
+static int teardown(void **state) {
+  (void)state;
+  ot_serve_http_stop(api);
+  ot_serve_engine_free(eng);
+  return serve_fixture_teardown();
+}
+
+typedef struct {
+  int status;
+  char head[4096];
+  char *body;
+  size_t len;
+} http_res;
+
+/* One request on a fresh connection ("Connection: close"); reads to the end. */
+static void http(const char *method, const char *path, const char *body, size_t blen, http_res *out) {
+  memset(out, 0, sizeof *out);
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  assert_true(fd >= 0);
+  struct timeval tv = {60, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  struct sockaddr_in sa = {0};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons((uint16_t)port);
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+  char hdr[512];
+  int hn = snprintf(
+      hdr, sizeof hdr,
+      "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
+      "Connection: close\r\n\r\n",
+      method, path, blen);
+  assert_int_equal(write(fd, hdr, (size_t)hn), hn);
+  for (size_t off = 0; off < blen;) {
+    ssize_t w = write(fd, body + off, blen - off);
+    if (w <= 0) break; /* the server may refuse an oversized body before reading it all */
+    off += (size_t)w;
+  }
+  size_t cap = 1 << 16, n = 0;
+  char *buf = malloc(cap);
+  for (;;) {
+    if (n + 4096 > cap) buf = realloc(buf, cap *= 2);
+    ssize_t r = read(fd, buf + n, cap - n - 1);
+    if (r <= 0) break;
+    n += (size_t)r;
+    buf[n] = '\0';
+    /* stop once a Content-Length body is complete */
+    char *end = strstr(buf, "\r\n\r\n");
+    if (end) {
+      char *cl = strcasestr(buf, "Content-Length:");
+      if (cl && cl < end && (size_t)(end + 4 - buf) + strtoul(cl + 15, NULL, 10) <= n) break;
+    }
+  }
+  close(fd);
+  buf[n] = '\0';
+  char *end = strstr(buf, "\r\n\r\n");
+  if (!end) fail_msg("no HTTP response (%zu bytes)", n);
+  assert_int_equal(sscanf(buf, "HTTP/1.%*d %d", &out->status), 1);
+  size_t hl = (size_t)(end - buf);
+  memcpy(out->head, buf, hl < sizeof out->head - 1 ? hl : sizeof out->head - 1);
+  out->len = n - hl - 4;
+  out->body = malloc(out->len + 1);
+  memcpy(out->body, end + 4, out->len);
+  out->body[out->len] = '\0';
+  free(buf);
+}
+
+static cJSON *post(const char *json, int want_status, http_res *res) {
+  http("POST", "/v1/completions", json, strlen(json), res);
+  if (res->status != want_status) fail_msg("status %d (wanted %d): %s", res->status, want_status, res->body);
+  cJSON *j = cJSON_Parse(res->body);
+  if (!j && want_status != 200) return NULL;
+  assert_non_null(j);
+  return j;
+}
+
+/* The greedy completion as a JSON text shows it: up to its first NUL byte (a parser's C string
+ * ends there). */
+static void want_text(int k, int p, char *out) {
+  for (int i = 0; i < GEN; i++) out[i] = (char)want[k][p][i];
+  out[GEN] = '\0';
+}
+
+/* The same, streamed: each one-byte delta that is a NUL parses as "" (the random model emits
+ * them; real tokenizers do not), so the concatenation is the text without its NUL bytes. */
+static void want_stream_text(int k, int p, char *out) {
+  int n = 0;
+  for (int i = 0; i < GEN; i++)
+    if (want[k][p][i]) out[n++] = (char)want[k][p][i];
+  out[n] = '\0';
+}
+
+static const char *str(const cJSON *j, const char *key) {
+  const char *s = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(j, key));
+  if (!s) fail_msg("no string '%s'", key);
+  return s;
+}
+static double num(const cJSON *j, const char *key) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
+  if (!cJSON_IsNumber(v)) fail_msg("no number '%s'", key);
+  return v->valuedouble;
+}
+
+static char *request_json(const char *model, const char *prompt, int stream) {
+  cJSON *r = cJSON_CreateObject();
+  cJSON_AddStringToObject(r, "model", model);
+  cJSON_AddStringToObject(r, "prompt", prompt);
+  cJSON_AddNumberToObject(r, "max_tokens", GEN);
+  cJSON_AddNumberToObject(r, "temperature", 0);
+  if (stream) cJSON_AddTrueToObject(r, "stream");
+  char *s = cJSON_PrintUnformatted(r);
+  cJSON_Delete(r);
+  return s;
+}
+
+static void test_completions(void **state) {
+  (void)state;
+  for (int k = 0; k < N_MODELS; k++)
+    for (int p = 0; p < N_PROMPTS; p++) {
+      char *body = request_json(k ? models[k] : (p ? "" : "tiny-base"), prompts[p], 0);
+      http_res res;
+      cJSON *j = post(body, 200, &res);
+      assert_non_null(strcasestr(res.head, "application/json"));
+      assert_string_equal(str(j, "object"), "text_completion");
+      assert_memory_equal(str(j, "id"), "cmpl-", 5);
+      assert_string_equal(str(j, "model"), k ? models[k] : "tiny-base");
+      const cJSON *ch = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0);
+      char w[GEN + 1];
+      want_text(k, p, w);
+      assert_string_equal(str(ch, "text"), w);
+      assert_string_equal(str(ch, "finish_reason"), "length");
+      assert_int_equal(num(ch, "index"), 0);
+      assert_true(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(ch, "logprobs")));
+      const cJSON *u = cJSON_GetObjectItemCaseSensitive(j, "usage");
+      assert_int_equal(num(u, "prompt_tokens"), strlen(prompts[p]));
+      assert_int_equal(num(u, "completion_tokens"), GEN);
+      assert_int_equal(num(u, "total_tokens"), strlen(prompts[p]) + GEN);
+      cJSON_Delete(j);
+      free(res.body);
+      free(body);
+    }
+  pthread_mutex_lock(&log_mu);
+  printf("last log line: %s\n", last_log);
+  assert_non_null(strstr(last_log, "model=bf1"));
+  assert_non_null(strstr(last_log, "completion_tokens=24"));
+  pthread_mutex_unlock(&log_mu);
+}
+
+static void test_prompt_array(void **state) {
+  (void)state;
+  char body[512];
+  snprintf(
+      body, sizeof body,
+      "{\"model\": \"lora1\", \"prompt\": [\"%s\", \"%s\", \"%s\"], \"max_tokens\": %d, \"temperature\": 0}",
+      prompts[0], prompts[1], prompts[2], GEN);
+  http_res res;
+  cJSON *j = post(body, 200, &res);
+  const cJSON *chs = cJSON_GetObjectItemCaseSensitive(j, "choices");
+  assert_int_equal(cJSON_GetArraySize(chs), N_PROMPTS);
+  for (int p = 0; p < N_PROMPTS; p++) {
+    const cJSON *ch = cJSON_GetArrayItem(chs, p);
+    char w[GEN + 1];
+    want_text(3, p, w);
+    assert_int_equal(num(ch, "index"), p);
+    assert_string_equal(str(ch, "text"), w);
+  }
+  assert_int_equal(num(cJSON_GetObjectItemCaseSensitive(j, "usage"), "completion_tokens"), N_PROMPTS * GEN);
+  cJSON_Delete(j);
+  free(res.body);
+  /* token ids as the prompt */
+  size_t n = 0;
+  int32_t *ids = encode(prompts[2], &n);
+  char *b = body;
+  b += sprintf(b, "{\"model\": \"off2\", \"max_tokens\": %d, \"temperature\": 0, \"prompt\": [", GEN);
+  for (size_t i = 0; i < n; i++) b += sprintf(b, "%s%d", i ? "," : "", ids[i]);
+  sprintf(b, "]}");
+  free(ids);
+  j = post(body, 200, &res);
+  char w[GEN + 1];
+  want_text(2, 2, w);
+  assert_string_equal(str(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text"), w);
+  cJSON_Delete(j);
+  free(res.body);
+}
+
+/* SSE: every event a text_completion chunk; deltas concatenate to the full text; [DONE] last. */
+static void test_stream(void **state) {
+  (void)state;
+  for (int k = 0; k < N_MODELS; k += 2) {
+    int p = 2;
+    char *body = request_json(models[k], prompts[p], 1);
+    http_res res;
+    http("POST", "/v1/completions", body, strlen(body), &res);
+    assert_int_equal(res.status, 200);
+    assert_non_null(strcasestr(res.head, "text/event-stream"));
+    char text[4096] = "";
+    size_t tl = 0;
+    int events = 0, done = 0, finished = 0;
+    char *save = NULL;
+    for (char *ev = strtok_r(res.body, "\n", &save); ev; ev = strtok_r(NULL, "\n", &save)) {
+      assert_memory_equal(ev, "data: ", 6);
+      assert_false(done); /* nothing after [DONE] */
+      if (strcmp(ev + 6, "[DONE]") == 0) {
+        done = 1;
+        continue;
+      }
+      cJSON *j = cJSON_Parse(ev + 6);
+      assert_non_null(j);
+      assert_string_equal(str(j, "object"), "text_completion");
+      const cJSON *ch = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0);
+      const char *t = str(ch, "text");
+      memcpy(text + tl, t, strlen(t));
+      tl += strlen(t);
+      const cJSON *fr = cJSON_GetObjectItemCaseSensitive(ch, "finish_reason");
+      if (cJSON_IsString(fr)) {
+        assert_string_equal(fr->valuestring, "length");
+        finished++;
+      }
+      events++;
+      cJSON_Delete(j);
+    }
+    text[tl] = '\0';
+    assert_true(done);
+    assert_int_equal(finished, 1);
+    assert_true(events >= 2);
+    char w[GEN + 1];
+    want_stream_text(k, p, w);
+    assert_true(events > GEN / 2); /* streamed, not sent in one piece */
+    assert_string_equal(text, w);
+    free(res.body);
+    free(body);
+  }
+}
+
+static void test_models(void **state) {
+  (void)state;
+  http_res res;
+  http("GET", "/v1/models", "", 0, &res);
+  assert_int_equal(res.status, 200);
+  cJSON *j = cJSON_Parse(res.body);
+  assert_non_null(j);
+  assert_string_equal(str(j, "object"), "list");
+  const cJSON *data = cJSON_GetObjectItemCaseSensitive(j, "data");
+  assert_int_equal(cJSON_GetArraySize(data), N_MODELS);
+  assert_string_equal(str(cJSON_GetArrayItem(data, 0), "id"), "tiny-base");
+  for (int k = 1; k < N_MODELS; k++) {
+    const cJSON *m = cJSON_GetArrayItem(data, k);
+    assert_string_equal(str(m, "id"), models[k]);
+    assert_string_equal(str(m, "object"), "model");
+    assert_string_equal(str(m, "parent"), "tiny-base");
+  }
+  cJSON_Delete(j);
+  free(res.body);
+}
+
+static void expect_error(const char *body, size_t len, int status, const char *param, const char *code) {
+  http_res res;
+  http("POST", "/v1/completions", body, len, &res);
+  if (res.status != status)
+    fail_msg("status %d (wanted %d) for %.60s: %s", res.status, status, body, res.body);
+  cJSON *j = cJSON_Parse(res.body);
+  assert_non_null(j);
+  const cJSON *e = cJSON_GetObjectItemCaseSensitive(j, "error");
+  assert_non_null(e);
+  printf("%d: %s\n", status, str(e, "message"));
+  assert_true(strlen(str(e, "message")) > 10);
+  assert_non_null(cJSON_GetObjectItemCaseSensitive(e, "type"));
+  if (param) assert_string_equal(str(e, "param"), param);
+  if (code) assert_string_equal(str(e, "code"), code);
+  cJSON_Delete(j);
+  free(res.body);
+}
+
+static void test_errors(void **state) {
+  (void)state;
+  const char *b = "{\"model\": \"nope\", \"prompt\": \"Hi\"}";
+  expect_error(b, strlen(b), 404, "model", "model_not_found");
+  b = "{\"model\": \"lora1\", \"prompt\": \"Hi\"";
+  expect_error(b, strlen(b), 400, NULL, NULL);
+  b = "[1, 2]";
+  expect_error(b, strlen(b), 400, NULL, NULL);
+  b = "{\"model\": \"lora1\"}";
+  expect_error(b, strlen(b), 400, "prompt", NULL);
+  b = "{\"prompt\": \"Hi\", \"temperature\": \"hot\"}";
+  expect_error(b, strlen(b), 400, "temperature", NULL);
+  b = "{\"prompt\": \"Hi\", \"max_tokens\": -3}";
+  expect_error(b, strlen(b), 400, "max_tokens", NULL);
+  b = "{\"prompt\": \"Hi\", \"n\": 2}";
+  expect_error(b, strlen(b), 400, "n", NULL);
+  b = "{\"prompt\": [\"a\", 3]}";
+  expect_error(b, strlen(b), 400, "prompt", NULL);
+  b = "{\"prompt\": [1, 99999]}";
+  expect_error(b, strlen(b), 400, NULL, NULL);
+  b = "{\"prompt\": \"Hi\", \"stop\": [\"a\", \"b\", \"c\", \"d\", \"e\"]}";
+  expect_error(b, strlen(b), 400, "stop", NULL);
+  /* a prompt longer than the context */
+  char longp[300];
+  snprintf(longp, sizeof longp, "{\"prompt\": \"%0100d\"}", 0);
+  expect_error(longp, strlen(longp), 400, NULL, NULL);
+  /* a body over max_body (4096) */
+  char *big = malloc(8192);
+  memset(big, ' ', 8192);
+  memcpy(big, "{\"prompt\": \"Hi\"", 15);
+  big[8191] = '}';
+  expect_error(big, 8192, 400, NULL, NULL);
+  free(big);
+  /* the server still works */
+  http_res res;
+  cJSON *j = post("{\"prompt\": \"Hi\", \"max_tokens\": 3, \"temperature\": 0}", 200, &res);
+  cJSON_Delete(j);
+  free(res.body);
+}
+
+/* Stop sequences over HTTP: the text ends before the first occurrence, finish_reason "stop". */
+static void test_stop(void **state) {
+  (void)state;
+  char w[GEN + 1];
+  want_text(4, 0, w);
+  if (strlen(w) < 12) {
+    printf("SKIP test_stop: the greedy text holds a NUL byte early\n");
+    skip();
+  }
+  char stop[3] = {w[9], w[10], 0};
+  cJSON *r = cJSON_CreateObject();
+  cJSON_AddStringToObject(r, "model", "lora2");
+  cJSON_AddStringToObject(r, "prompt", prompts[0]);
+  cJSON_AddNumberToObject(r, "max_tokens", GEN);
+  cJSON_AddNumberToObject(r, "temperature", 0);
+  cJSON_AddStringToObject(r, "stop", stop);
+  char *body = cJSON_PrintUnformatted(r);
+  cJSON_Delete(r);
+  http_res res;
+  cJSON *j = post(body, 200, &res);
+  const cJSON *ch = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0);
+  size_t cut = (size_t)(strstr(w, stop) - w);
+  assert_int_equal(strlen(str(ch, "text")), cut);
+  assert_memory_equal(str(ch, "text"), w, cut);
+  assert_string_equal(str(ch, "finish_reason"), "stop");
+  cJSON_Delete(j);
+  free(res.body);
+  free(body);
+}
+
+typedef struct {
+  int k, p, ok;
+} job;
+
+static void *client(void *arg) {
+  job *jb = arg;
+  char *body = request_json(models[jb->k], prompts[jb->p], jb->k % 2);
+  http_res res;
+  http("POST", "/v1/completions", body, strlen(body), &res);
+  char w[GEN + 1];
+  if (jb->k % 2)
+    want_stream_text(jb->k, jb->p, w);
+  else
+    want_text(jb->k, jb->p, w);
+  if (jb->k % 2) { /* streamed: the text is in the deltas */
+    char text[4096] = "";
+    size_t tl = 0;
+    char *save = NULL;
+    for (char *ev = strtok_r(res.body, "\n", &save); ev; ev = strtok_r(NULL, "\n", &save)) {
+      if (strncmp(ev, "data: {", 7) != 0) continue;
+      cJSON *j = cJSON_Parse(ev + 6);
+      const char *t = j ? cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(
+                              cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text"))
+                        : NULL;
+      if (t && tl + strlen(t) < sizeof text) {
+        memcpy(text + tl, t, strlen(t));
+        tl += strlen(t);
+      }
+      cJSON_Delete(j);
+    }
+    text[tl] = '\0';
+    jb->ok = res.status == 200 && strcmp(text, w) == 0;
+    if (!jb->ok) {
+      printf("got  [%zu]:", tl);
+      for (size_t i = 0; i < tl; i++) printf(" %02x", (unsigned char)text[i]);
+      printf("\nwant [%zu]:", strlen(w));
+      for (int i = 0; i < GEN; i++) printf(" %02x", (unsigned char)want[jb->k][jb->p][i]);
+      printf("\n");
+    }
+  } else {
+    cJSON *j = cJSON_Parse(res.body);
+    const char *t = j ? cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(
+                            cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text"))
+                      : NULL;
+    jb->ok = res.status == 200 && t && strcmp(t, w) == 0;
+    cJSON_Delete(j);
+  }
+  free(res.body);
+  free(body);
+  return NULL;
+}
+
+static void test_concurrent(void **state) {
+  (void)state;
+  enum { N = N_MODELS * N_PROMPTS };
+  job jobs[N];
+  pthread_t th[N];
+  for (int i = 0; i < N; i++) {
+    jobs[i] = (job){i % N_MODELS, i / N_MODELS, 0};
+    assert_int_equal(pthread_create(&th[i], NULL, client, &jobs[i]), 0);
+  }
+  for (int i = 0; i < N; i++) pthread_join(th[i], NULL);
+  for (int i = 0; i < N; i++)
+    if (!jobs[i].ok)
+      fail_msg("concurrent request %s / prompt %d got another text", models[jobs[i].k], jobs[i].p);
+  ot_serve_stats st;
+  ot_serve_get_stats(eng, &st);
+  printf("engine: %llu steps, %llu rows, %llu tokens\n", (unsigned long long)st.steps,
+         (unsigned long long)st.rows_computed, (unsigned long long)st.tokens_generated);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_completions), cmocka_unit_test(test_prompt_array), cmocka_unit_test(test_stream),
+      cmocka_unit_test(test_models),      cmocka_unit_test(test_errors),       cmocka_unit_test(test_stop),
+      cmocka_unit_test(test_concurrent),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}
