@@ -74,6 +74,7 @@ struct ot_serve_engine {
   /* incoming requests and cancellations, under mu */
   pthread_mutex_t mu;
   pthread_cond_t cv;
+  pthread_mutex_t step_mu; /* one step at a time, whoever drives */
   req *in_head, *in_tail;
   uint64_t *cancels;
   int n_cancels, cap_cancels;
@@ -394,6 +395,7 @@ int ot_serve_engine_create(ot_gpt2 *base, const ot_serve_config *cfg, ot_serve_e
   e->next_id = 1;
   pthread_mutex_init(&e->mu, NULL);
   pthread_cond_init(&e->cv, NULL);
+  pthread_mutex_init(&e->step_mu, NULL);
   int rc = OT_OK;
   if (be->ops->host_visible) {
     e->load_be = be;
@@ -532,6 +534,7 @@ void ot_serve_engine_free(ot_serve_engine *e) {
   free(e->cand);
   pthread_mutex_destroy(&e->mu);
   pthread_cond_destroy(&e->cv);
+  pthread_mutex_destroy(&e->step_mu);
   free(e);
 }
 
@@ -858,7 +861,16 @@ static int cmp_seg(const void *a, const void *b) {
   return x->slot - y->slot;
 }
 
+static int step(ot_serve_engine *e, int *busy);
+
 int ot_serve_step(ot_serve_engine *e, int *busy) {
+  pthread_mutex_lock(&e->step_mu);
+  int rc = step(e, busy);
+  pthread_mutex_unlock(&e->step_mu);
+  return rc;
+}
+
+static int step(ot_serve_engine *e, int *busy) {
   /* take new requests and cancellations */
   pthread_mutex_lock(&e->mu);
   req *in = e->in_head;

@@ -20,8 +20,11 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include "ot_access.h"
 #include "ot_error.h"
 #include "ot_serve_api.h"
+#include "ot_transport.h"
+#include "serve.pb-c.h"
 #include "ot_test_util.h"
 #include "serve_fixture.h"
 
@@ -472,11 +475,77 @@ static void test_concurrent(void **state) {
          (unsigned long long)st.rows_computed, (unsigned long long)st.tokens_generated);
 }
 
+/* The tenants' API over the encrypted nng transport: GenerateRequest -> GenerateReply. */
+static void test_rpc(void **state) {
+  (void)state;
+  ot_identity srv, dev;
+  ot_access *acl = NULL;
+  assert_int_equal(ot_identity_generate(&srv), 0);
+  assert_int_equal(ot_identity_generate(&dev), 0);
+  assert_int_equal(ot_access_new(&acl), 0);
+  assert_int_equal(ot_access_allow(acl, dev.pk), 0);
+  ot_serve_rpc rpc = {eng, tok, "tiny-base", -1, on_log, NULL};
+  ot_server_config sc = {0};
+  sc.url = "tcp://127.0.0.1:0";
+  sc.id = &srv;
+  sc.acl = &ot_access_memory_ops;
+  sc.acl_self = acl;
+  sc.n_workers = 4;
+  sc.on_request = ot_serve_handle_request;
+  sc.user = &rpc;
+  ot_server *server = NULL;
+  if (ot_server_start(&sc, &server)) fail_msg("server: %s", ot_error_detail());
+  char url[64];
+  snprintf(url, sizeof url, "tcp://127.0.0.1:%d", ot_server_port(server));
+  ot_client_config cc = {0};
+  cc.url = url;
+  cc.id = &dev;
+  cc.cloud_pk = srv.pk;
+  cc.timeout_ms = 30000;
+  ot_client *c = NULL;
+  if (ot_client_open(&cc, &c)) fail_msg("client: %s", ot_error_detail());
+  for (int k = 0; k < N_MODELS; k++) {
+    Offtune__GenerateRequest q = OFFTUNE__GENERATE_REQUEST__INIT;
+    q.adapter = (char *)models[k];
+    q.prompt = (char *)prompts[1];
+    q.has_max_tokens = 1;
+    q.max_tokens = GEN;
+    uint8_t buf[512], *rb = NULL;
+    size_t n = offtune__generate_request__pack(&q, buf), rl = 0;
+    if (ot_client_call(c, buf, n, &rb, &rl)) fail_msg("call: %s", ot_error_detail());
+    Offtune__GenerateReply *r = offtune__generate_reply__unpack(NULL, rl, rb);
+    assert_non_null(r);
+    assert_int_equal(r->error_code, 0);
+    assert_int_equal(r->n_token_ids, GEN);
+    for (int i = 0; i < GEN; i++) assert_int_equal(r->token_ids[i], want[k][1][i]);
+    assert_string_equal(r->finish_reason, "length");
+    assert_int_equal(r->prompt_tokens, strlen(prompts[1]));
+    offtune__generate_reply__free_unpacked(r, NULL);
+    free(rb);
+  }
+  /* an unknown adapter is answered, not dropped */
+  Offtune__GenerateRequest q = OFFTUNE__GENERATE_REQUEST__INIT;
+  q.adapter = "nope";
+  q.prompt = "Hi";
+  uint8_t buf[256], *rb = NULL;
+  size_t n = offtune__generate_request__pack(&q, buf), rl = 0;
+  assert_int_equal(ot_client_call(c, buf, n, &rb, &rl), 0);
+  Offtune__GenerateReply *r = offtune__generate_reply__unpack(NULL, rl, rb);
+  assert_non_null(r);
+  assert_int_equal(r->error_code, OT_ERR_NOTFOUND);
+  printf("rpc error: %s\n", r->error);
+  offtune__generate_reply__free_unpacked(r, NULL);
+  free(rb);
+  ot_client_close(c);
+  ot_server_stop(server);
+  ot_access_free(acl);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_completions), cmocka_unit_test(test_prompt_array), cmocka_unit_test(test_stream),
       cmocka_unit_test(test_models),      cmocka_unit_test(test_errors),       cmocka_unit_test(test_stop),
-      cmocka_unit_test(test_concurrent),
+      cmocka_unit_test(test_concurrent),  cmocka_unit_test(test_rpc),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
