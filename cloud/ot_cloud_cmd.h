@@ -18,6 +18,7 @@ int ot_cmd_corpus(int argc, char **argv);
 int ot_cmd_distill(int argc, char **argv);
 int ot_cmd_merge(int argc, char **argv);
 int ot_cmd_access(int argc, char **argv);
+int ot_cmd_serve_model(int argc, char **argv);
 
 /* Shared by the commands: prints "offtune-cloud: <what>: <detail>" for a failed status
  * and returns OT_EXIT_FAIL. */

@@ -92,6 +92,7 @@ int serve_fixture_setup(const char *name) {
   char path[600];
   snprintf(path, sizeof path, "%s/base", dir);
   assert_int_equal(ot_gpt2_save_dir(base, path), 0);
+  assert_int_equal(ot_tokenizer_save_dir(tok, path), 0);
   snprintf(path, sizeof path, "%s/base/model.safetensors", dir);
   assert_int_equal(ot_file_digest(path, digest), 0);
   ot_emu_plan plan;

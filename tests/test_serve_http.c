@@ -17,7 +17,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <signal.h>
 #include <sys/time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "ot_access.h"
@@ -541,11 +543,78 @@ static void test_rpc(void **state) {
   ot_access_free(acl);
 }
 
+/* offtune-cloud serve-model end to end: usage errors, a request, a log line, SIGTERM exits 0. */
+static void test_command(void **state) {
+  (void)state;
+  char out[8192], log[700];
+  const char *bin_dir = ot_test_binary_dir();
+  assert_int_equal(ot_test_run(out, sizeof out, "%s/cloud/offtune-cloud serve-model --help", bin_dir), 0);
+  assert_non_null(strstr(out, "--adapters-dir"));
+  assert_int_equal(
+      ot_test_run(out, sizeof out, "%s/cloud/offtune-cloud serve-model --http 127.0.0.1:0", bin_dir), 2);
+  assert_non_null(strstr(out, "--model is required"));
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s/cloud/offtune-cloud serve-model --model %s/base --adapter bad", bin_dir,
+                               dir),
+                   2);
+  snprintf(log, sizeof log, "%s/serve.log", dir);
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0) {
+    char model[600], lora[620], exe[600];
+    snprintf(exe, sizeof exe, "%s/cloud/offtune-cloud", bin_dir);
+    snprintf(model, sizeof model, "%s/base", dir);
+    snprintf(lora, sizeof lora, "mine=%s/lora2", dir);
+    if (!freopen(log, "w", stderr)) _exit(99);
+    execl(exe, exe, "serve-model", "--model", model, "--adapter", lora, "--adapters-dir", dir, "--http",
+          "127.0.0.1:0", "--threads", "1", "--max-batch", "4", "--max-step-tokens", "64", (char *)NULL);
+    _exit(98);
+  }
+  int saved = port, got = 0;
+  for (int i = 0; i < 200 && !got; i++) {
+    usleep(50000);
+    FILE *f = fopen(log, "r");
+    char line[1024];
+    while (f && fgets(line, sizeof line, f)) {
+      char *at = strstr(line, ", port ");
+      if (at) got = atoi(at + 7);
+    }
+    if (f) fclose(f);
+  }
+  if (!got) fail_msg("serve-model did not report its port");
+  port = got;
+  char *body = request_json("mine", prompts[0], 0);
+  http_res res;
+  cJSON *j = post(body, 200, &res);
+  char w[GEN + 1];
+  want_text(4, 0, w);
+  assert_string_equal(str(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text"), w);
+  cJSON_Delete(j);
+  free(res.body);
+  free(body);
+  http("GET", "/v1/models", "", 0, &res);
+  assert_non_null(strstr(res.body, "\"mine\""));
+  assert_non_null(strstr(res.body, "\"bf1\""));
+  free(res.body);
+  port = saved;
+  kill(pid, SIGTERM);
+  int st = 0;
+  assert_int_equal(waitpid(pid, &st, 0), pid);
+  assert_true(WIFEXITED(st));
+  assert_int_equal(WEXITSTATUS(st), 0);
+  FILE *f = fopen(log, "r");
+  size_t n = fread(out, 1, sizeof out - 1, f);
+  out[n] = '\0';
+  fclose(f);
+  assert_non_null(strstr(out, "model=mine prompts=1 prompt_tokens=19 completion_tokens=24 finish=length"));
+  assert_non_null(strstr(out, "stopping"));
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_completions), cmocka_unit_test(test_prompt_array), cmocka_unit_test(test_stream),
       cmocka_unit_test(test_models),      cmocka_unit_test(test_errors),       cmocka_unit_test(test_stop),
-      cmocka_unit_test(test_concurrent),  cmocka_unit_test(test_rpc),
+      cmocka_unit_test(test_concurrent),  cmocka_unit_test(test_rpc),          cmocka_unit_test(test_command),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
