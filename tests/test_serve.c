@@ -474,13 +474,72 @@ static void test_torch_lora(void **state) {
   ot_serve_engine_free(e);
 }
 
+/* The serving ops against the training ops they replace: attention_kv_fwd in two calls (a
+ * chunked prefill, rows of two sequences interleaved, slots 3 and 1) = attention_fwd over the
+ * whole sequences; embed_fwd at explicit positions = encoder_fwd. */
+static void test_kv_ops(void **state) {
+  (void)state;
+  enum { B = 2, T = 13, C = 32, NH = 4, SLOTS = 4, TMAX = 16 };
+  const ot_backend_ops *o = be->ops;
+  float *qkv = malloc(sizeof(float) * B * T * 3 * C), *ref_out = malloc(sizeof(float) * B * T * C),
+        *att = malloc(sizeof(float) * B * NH * T * T), *out = malloc(sizeof(float) * B * T * C),
+        *kc = calloc(SLOTS * TMAX * C, sizeof(float)), *vc = calloc(SLOTS * TMAX * C, sizeof(float)),
+        *rows = malloc(sizeof(float) * B * T * 3 * C), *o2 = malloc(sizeof(float) * B * T * C);
+  uint64_t x = 99;
+  for (int i = 0; i < B * T * 3 * C; i++) {
+    x = x * 6364136223846793005ull + 1;
+    qkv[i] = (float)((double)(x >> 11) / 9007199254740992.0 - 0.5) * 4.0f;
+  }
+  o->attention_fwd(be, ref_out, att, qkv, B, T, C, NH);
+  /* rows in the order a step sends them: interleaved sequences, chunk 0..6 then 7..12 */
+  const int32_t slot_of[B] = {3, 1};
+  int32_t pos[B * T], slot[B * T];
+  int n = 0, map[B * T];
+  for (int chunk = 0; chunk < 2; chunk++) {
+    int n0 = n;
+    for (int t = chunk ? 7 : 0; t < (chunk ? T : 7); t++)
+      for (int b = 0; b < B; b++) {
+        memcpy(rows + (size_t)n * 3 * C, qkv + ((size_t)b * T + t) * 3 * C, sizeof(float) * 3 * C);
+        pos[n] = t;
+        slot[n] = slot_of[b];
+        map[n++] = b * T + t;
+      }
+    o->attention_kv_fwd(be, o2 + (size_t)n0 * C, kc, vc, rows + (size_t)n0 * 3 * C, pos + n0, slot + n0,
+                        n - n0, C, NH, TMAX);
+  }
+  for (int i = 0; i < n; i++) memcpy(out + (size_t)map[i] * C, o2 + (size_t)i * C, sizeof(float) * C);
+  double err = ot_test_rel_err(out, ref_out, (size_t)B * T * C);
+  printf("attention_kv_fwd vs attention_fwd: relative error %.3g\n", err);
+  assert_true(err < 1e-6);
+  /* embed_fwd = encoder_fwd when positions are 0..T-1 per row */
+  int32_t toks[B * T], p2[B * T];
+  for (int i = 0; i < B * T; i++) {
+    toks[i] = (i * 37) % 256;
+    p2[i] = i % T;
+  }
+  const float *wte = ot_gpt2_find_param(base, "transformer.wte.weight")->data,
+              *wpe = ot_gpt2_find_param(base, "transformer.wpe.weight")->data;
+  o->encoder_fwd(be, ref_out, toks, wte, wpe, B, T, C);
+  o->embed_fwd(be, out, toks, p2, wte, wpe, B * T, C);
+  assert_memory_equal(out, ref_out, sizeof(float) * B * T * C);
+  free(qkv);
+  free(ref_out);
+  free(att);
+  free(out);
+  free(kc);
+  free(vc);
+  free(rows);
+  free(o2);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_kv_logits),   cmocka_unit_test(test_greedy_alone),
-      cmocka_unit_test(test_mixed_batch), cmocka_unit_test(test_continuous),
-      cmocka_unit_test(test_lru),         cmocka_unit_test(test_sampling),
-      cmocka_unit_test(test_stop_eos),    cmocka_unit_test(test_errors),
-      cmocka_unit_test(test_thread),      cmocka_unit_test(test_torch_lora),
+      cmocka_unit_test(test_kv_ops),       cmocka_unit_test(test_kv_logits),
+      cmocka_unit_test(test_greedy_alone), cmocka_unit_test(test_mixed_batch),
+      cmocka_unit_test(test_continuous),   cmocka_unit_test(test_lru),
+      cmocka_unit_test(test_sampling),     cmocka_unit_test(test_stop_eos),
+      cmocka_unit_test(test_errors),       cmocka_unit_test(test_thread),
+      cmocka_unit_test(test_torch_lora),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
