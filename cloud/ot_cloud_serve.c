@@ -241,12 +241,15 @@ int ot_cmd_serve_model(int argc, char **argv) {
   }
   if (rc == OT_OK) {
     char line[1200];
-    snprintf(line, sizeof line,
-             "serving %s (%d blocks, %d wide) on %s backend: max batch %d, %d tokens per step, adapters %d "
-             "named%s%s, "
-             "%d MiB for adapters",
-             base_name, ot_gpt2_cfg(m)->n_layer, ot_gpt2_cfg(m)->n_embd, be->ops->name, max_batch,
-             step_tokens, reg.n, adapters_dir ? " + " : "", adapters_dir ? adapters_dir : "", memory_mib);
+    const ot_gpt2_config *mc = ot_gpt2_cfg(m);
+    int seq = max_seq ? max_seq : mc->n_positions < 1024 ? mc->n_positions : 1024;
+    double kv_mib = 8.0 * mc->n_layer * max_batch * seq * mc->n_embd / 1048576.0;
+    snprintf(
+        line, sizeof line,
+        "serving %s (%d blocks, %d wide) on %s backend: max batch %d x %d positions (KV cache %.0f MiB), "
+        "%d tokens per step, adapters %d named%s%s, %d MiB for adapters",
+        base_name, mc->n_layer, mc->n_embd, be->ops->name, max_batch, seq, kv_mib, step_tokens, reg.n,
+        adapters_dir ? " + " : "", adapters_dir ? adapters_dir : "", memory_mib);
     log_line(NULL, line);
     if (api) {
       snprintf(line, sizeof line, "HTTP API on %s, port %d (POST /v1/completions, GET /v1/models)", url,
