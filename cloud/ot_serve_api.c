@@ -47,6 +47,48 @@ static void logf_(const ot_serve_http_config *c, const char *fmt, ...) {
   c->log(c->log_user, line);
 }
 
+/* ---- text ---------------------------------------------------------------------------------- */
+
+/* Length of the well-formed UTF-8 sequence at s (n bytes left), 0 if none starts there. */
+static size_t utf8_seq(const unsigned char *s, size_t n) {
+  unsigned c = s[0];
+  if (c == 0) return 0; /* cJSON strings are C strings */
+  if (c < 0x80) return 1;
+  size_t len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+  if (!len || len > n) return 0;
+  unsigned lo = 0x80, hi = 0xBF; /* the second byte's range (Unicode table 3-7) */
+  if (c == 0xE0) lo = 0xA0;
+  if (c == 0xED) hi = 0x9F;
+  if (c == 0xF0) lo = 0x90;
+  if (c == 0xF4) hi = 0x8F;
+  if (s[1] < lo || s[1] > hi) return 0;
+  for (size_t i = 2; i < len; i++)
+    if ((s[i] & 0xC0) != 0x80) return 0;
+  return len;
+}
+
+int ot_utf8_sanitize(const char *s, size_t n, char **out, size_t *out_len) {
+  char *o = malloc(3 * n + 1);
+  if (!o) return ot_error(OT_ERR_NOMEM, "cannot allocate text");
+  size_t k = 0;
+  for (size_t i = 0; i < n;) {
+    size_t len = utf8_seq((const unsigned char *)s + i, n - i);
+    if (len) {
+      memcpy(o + k, s + i, len);
+      k += len;
+      i += len;
+    } else {
+      memcpy(o + k, "\xEF\xBF\xBD", 3);
+      k += 3;
+      i++;
+    }
+  }
+  o[k] = '\0';
+  *out = o;
+  if (out_len) *out_len = k;
+  return OT_OK;
+}
+
 /* ---- replies ------------------------------------------------------------------------------ */
 
 static nng_http_res *json_res(uint16_t status, cJSON *j) {
@@ -182,7 +224,10 @@ static nng_http_res *completion_res(job *j) {
   int pt = 0, ct = 0;
   for (int i = 0; i < j->n; i++) {
     cJSON *c = cJSON_CreateObject();
-    cJSON_AddStringToObject(c, "text", j->ch[i].text ? j->ch[i].text : "");
+    char *t = NULL;
+    if (ot_utf8_sanitize(j->ch[i].text ? j->ch[i].text : "", j->ch[i].len, &t, NULL) == OT_OK)
+      cJSON_AddStringToObject(c, "text", t);
+    free(t);
     cJSON_AddNumberToObject(c, "index", i);
     cJSON_AddNullToObject(c, "logprobs");
     cJSON_AddStringToObject(c, "finish_reason", finish_name(&j->ch[i]));
@@ -220,7 +265,8 @@ static void sse_chunk(job *j, int index, const char *text, size_t len, const cha
   cJSON_AddNumberToObject(r, "created", (double)j->created);
   cJSON_AddStringToObject(r, "model", j->model[0] ? j->model : j->api->base_name);
   cJSON *chs = cJSON_AddArrayToObject(r, "choices"), *c = cJSON_CreateObject();
-  char *t = strndup(text, len);
+  char *t = NULL;
+  if (ot_utf8_sanitize(text, len, &t, NULL)) j->broken = 1;
   cJSON_AddStringToObject(c, "text", t ? t : "");
   free(t);
   cJSON_AddNumberToObject(c, "index", index);

@@ -52,6 +52,13 @@ int ot_serve_http_port(const ot_serve_http *h);
 /* Cancels what is in flight, waits for it, stops the server. The engine must still run. */
 void ot_serve_http_stop(ot_serve_http *h);
 
+/* Valid UTF-8 for JSON: every byte that does not start a well-formed sequence (overlong forms,
+ * surrogates and code points over U+10FFFF included), and NUL, becomes U+FFFD. Completion texts go through
+ * it (a token boundary can cut a character; byte-level tokenizers can emit any byte), streamed
+ * deltas one by one (the engine never splits a character across deltas, so the concatenation
+ * is the same). *out is malloc'd and NUL-terminated. */
+int ot_utf8_sanitize(const char *s, size_t n, char **out, size_t *out_len);
+
 /* ---- the nng request API ---------------------------------------------------------------- */
 
 typedef struct {

@@ -78,14 +78,15 @@ int ot_serve_handle_request(void *user, const uint8_t peer[32], const uint8_t *b
     for (size_t i = 0; i < q->n_stop; i++) sr.stop[i] = q->stop[i];
     rc = ot_serve_generate(rpc->engine, &sr, &res);
   }
-  char msg[512];
+  char msg[512], *text = NULL;
+  if (rc == OT_OK) rc = ot_utf8_sanitize(res.text, res.text_len, &text, NULL); /* proto strings are UTF-8 */
   if (rc) {
     snprintf(msg, sizeof msg, "%s", ot_error_detail());
     r.has_error_code = 1;
     r.error_code = rc;
     r.error = msg;
   } else {
-    r.text = res.text;
+    r.text = text;
     r.n_token_ids = (size_t)res.n_tokens;
     r.token_ids = res.tokens;
     r.finish_reason = (char *)(res.reason == OT_FINISH_STOP ? "stop" : "length");
@@ -106,6 +107,7 @@ int ot_serve_handle_request(void *user, const uint8_t peer[32], const uint8_t *b
   }
   int prc = pack(&r, reply, reply_len);
   ot_serve_result_free(&res);
+  free(text);
   free(ids);
   offtune__generate_request__free_unpacked(q, NULL);
   return prc;
