@@ -293,6 +293,49 @@ static void test_stream(void **state) {
   }
 }
 
+/* Several prompts streamed together: chunks carry their choice's index; each choice's deltas
+ * concatenate to its text and end with one finish chunk; one [DONE]. */
+static void test_stream_prompts(void **state) {
+  (void)state;
+  char body[512];
+  snprintf(body, sizeof body,
+           "{\"model\": \"bn1\", \"prompt\": [\"%s\", \"%s\"], \"max_tokens\": %d, \"temperature\": 0, "
+           "\"stream\": true}",
+           prompts[0], prompts[2], GEN);
+  http_res res;
+  http("POST", "/v1/completions", body, strlen(body), &res);
+  assert_int_equal(res.status, 200);
+  char text[2][4096] = {"", ""};
+  size_t tl[2] = {0, 0};
+  int finished[2] = {0, 0}, done = 0;
+  char *save = NULL;
+  for (char *ev = strtok_r(res.body, "\n", &save); ev; ev = strtok_r(NULL, "\n", &save)) {
+    if (strcmp(ev, "data: [DONE]") == 0) {
+      done++;
+      continue;
+    }
+    cJSON *j = cJSON_Parse(ev + 6);
+    assert_non_null(j);
+    const cJSON *ch = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0);
+    int i = (int)num(ch, "index");
+    assert_true(i == 0 || i == 1);
+    const char *t = str(ch, "text");
+    memcpy(text[i] + tl[i], t, strlen(t));
+    tl[i] += strlen(t);
+    if (cJSON_IsString(cJSON_GetObjectItemCaseSensitive(ch, "finish_reason"))) finished[i]++;
+    cJSON_Delete(j);
+  }
+  assert_int_equal(done, 1);
+  for (int i = 0; i < 2; i++) {
+    char w[4 * GEN];
+    want_text(5, i ? 2 : 0, w);
+    text[i][tl[i]] = '\0';
+    assert_string_equal(text[i], w);
+    assert_int_equal(finished[i], 1);
+  }
+  free(res.body);
+}
+
 static void test_models(void **state) {
   (void)state;
   http_res res;
@@ -645,9 +688,11 @@ static void test_command(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_utf8),    cmocka_unit_test(test_completions), cmocka_unit_test(test_prompt_array),
-      cmocka_unit_test(test_stream),  cmocka_unit_test(test_models),      cmocka_unit_test(test_errors),
-      cmocka_unit_test(test_stop),    cmocka_unit_test(test_concurrent),  cmocka_unit_test(test_rpc),
+      cmocka_unit_test(test_utf8),           cmocka_unit_test(test_completions),
+      cmocka_unit_test(test_prompt_array),   cmocka_unit_test(test_stream),
+      cmocka_unit_test(test_stream_prompts), cmocka_unit_test(test_models),
+      cmocka_unit_test(test_errors),         cmocka_unit_test(test_stop),
+      cmocka_unit_test(test_concurrent),     cmocka_unit_test(test_rpc),
       cmocka_unit_test(test_command),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
