@@ -19,6 +19,7 @@ typedef struct {
   int touched;
   const float *p[OT_BLK_NPARAM];       /* offsite: all; bitfit: the biases */
   const float *lora[OT_LORA_NSITE][2]; /* A [r, in], B [out, r] */
+  const float *lora_bt[OT_LORA_NSITE]; /* B transposed [r, out], for lora_sgmv_fwd */
   unsigned lora_sites;
   int lora_r;
   float lora_scale;
@@ -101,6 +102,9 @@ struct ot_serve_engine {
   int32_t *d_tokens, *d_pos, *d_slot;
   /* host scratch */
   int32_t *h_tokens, *h_pos, *h_slot;
+  const float **sg_A, **sg_Bt; /* lora_sgmv_fwd tables [max_batch] */
+  int *sg_row0, *sg_n, *sg_r;
+  float *sg_scale;
   float *h_logits;
   void *cand;
 };
@@ -205,6 +209,22 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
     }                                                                                                        \
     off += (pp_->numel + 15) & ~(size_t)15;                                                                  \
   } while (0)
+    /* B [rows, cols] stored transposed */
+#define TAKE_T(dst, param)                                                                                   \
+  do {                                                                                                       \
+    const ot_param *pp_ = (param);                                                                           \
+    if (pass == 1 && rc == OT_OK) {                                                                          \
+      int R_ = pp_->shape[0], K_ = pp_->shape[1];                                                            \
+      float *tr_ = malloc(pp_->numel * sizeof(float));                                                       \
+      if (!tr_) rc = ot_error(OT_ERR_NOMEM, "cannot allocate an adapter");                                   \
+      for (int i_ = 0; tr_ && i_ < R_; i_++)                                                                 \
+        for (int k_ = 0; k_ < K_; k_++) tr_[(size_t)k_ * R_ + i_] = pp_->data[(size_t)i_ * K_ + k_];         \
+      if (tr_) rc = e->be->ops->upload(e->be, a->mem + off, tr_, pp_->numel * sizeof(float));                \
+      free(tr_);                                                                                             \
+      (dst) = a->mem + off;                                                                                  \
+    }                                                                                                        \
+    off += (pp_->numel + 15) & ~(size_t)15;                                                                  \
+  } while (0)
     for (int l = 0; l < L; l++) {
       blk_over *b = &a->blk[l];
       if (kind == OT_ADAPTER_OFFSITE && mark[l]) {
@@ -234,6 +254,7 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
             break;
           }
           TAKE(b->lora[s][ab], pp);
+          if (ab == 1) TAKE_T(b->lora_bt[s], pp);
         }
       }
       if (x->bottleneck) {
@@ -254,6 +275,7 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
       }
     }
 #undef TAKE
+#undef TAKE_T
     if (pass == 0 && rc == OT_OK) {
       a->bytes = off * sizeof(float);
       rc = e->be->ops->alloc(e->be, a->bytes ? a->bytes : 64, (void **)&a->mem);
@@ -411,8 +433,15 @@ int ot_serve_engine_create(ot_gpt2 *base, const ot_serve_config *cfg, ot_serve_e
   e->h_slot = malloc((size_t)N * sizeof(int32_t));
   e->h_logits = malloc((size_t)S * V * sizeof(float));
   e->cand = malloc((size_t)V * sizeof(cand));
+  e->sg_A = malloc((size_t)S * sizeof *e->sg_A);
+  e->sg_Bt = malloc((size_t)S * sizeof *e->sg_Bt);
+  e->sg_row0 = malloc((size_t)S * sizeof(int));
+  e->sg_n = malloc((size_t)S * sizeof(int));
+  e->sg_r = malloc((size_t)S * sizeof(int));
+  e->sg_scale = malloc((size_t)S * sizeof(float));
   if (rc == OT_OK &&
-      (!e->base_p || !e->slots || !e->h_tokens || !e->h_pos || !e->h_slot || !e->h_logits || !e->cand))
+      (!e->base_p || !e->slots || !e->h_tokens || !e->h_pos || !e->h_slot || !e->h_logits || !e->cand ||
+       !e->sg_A || !e->sg_Bt || !e->sg_row0 || !e->sg_n || !e->sg_r || !e->sg_scale))
     rc = ot_error(OT_ERR_NOMEM, "cannot allocate the engine tables");
   for (int l = 0; l < L && rc == OT_OK; l++)
     for (int k = 0; k < OT_BLK_NPARAM; k++)
@@ -532,6 +561,12 @@ void ot_serve_engine_free(ot_serve_engine *e) {
   free(e->h_slot);
   free(e->h_logits);
   free(e->cand);
+  free(e->sg_A);
+  free(e->sg_Bt);
+  free(e->sg_row0);
+  free(e->sg_n);
+  free(e->sg_r);
+  free(e->sg_scale);
   pthread_mutex_destroy(&e->mu);
   pthread_cond_destroy(&e->cv);
   pthread_mutex_destroy(&e->step_mu);
@@ -659,6 +694,23 @@ static void seg_linear(ot_serve_engine *e, float *out, const float *in, int l, i
     o->matmul_fwd(e->be, out + (size_t)sg[s].row0 * OUT, in + (size_t)sg[s].row0 * IN, w, b, n, IN, OUT,
                   OT_W_IN_OUT);
     s = t;
+  }
+  if (o->lora_sgmv_fwd) { /* every adapter's branch in one call */
+    int S = 0;
+    for (int s = 0; s < ns; s++) {
+      const blk_over *bo = sg[s].ad ? &sg[s].ad->blk[l] : NULL;
+      if (!bo || !((bo->lora_sites >> site) & 1)) continue;
+      e->sg_A[S] = bo->lora[site][0];
+      e->sg_Bt[S] = bo->lora_bt[site];
+      e->sg_row0[S] = sg[s].row0;
+      e->sg_n[S] = sg[s].n;
+      e->sg_r[S] = bo->lora_r;
+      e->sg_scale[S++] = bo->lora_scale;
+    }
+    if (S)
+      o->lora_sgmv_fwd(e->be, out, in, e->sg_A, e->sg_Bt, e->sg_row0, e->sg_n, e->sg_r, e->sg_scale, S, IN,
+                       OUT);
+    return;
   }
   for (int s = 0; s < ns; s++) {
     const blk_over *bo = sg[s].ad ? &sg[s].ad->blk[l] : NULL;

@@ -111,6 +111,14 @@ typedef struct {
    * other causally. pos and slot [N] are backend memory. */
   void (*attention_kv_fwd)(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
                            const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max);
+  /* Segmented LoRA for inference (Punica's SGMV), no dropout: segment s owns rows row0[s] ..
+   * row0[s]+n[s]-1 of x[N,IN] and out[N,OUT]; out[those rows] += scale[s] (x A_s^T) Bt_s with
+   * A_s = A[s] [r[s], IN] and Bt_s = Bt[s] [r[s], OUT] (B transposed). One call for every adapter
+   * of a batch. The tables (row0, n, r, scale, A, Bt: S entries) are host memory, the tensors
+   * backend memory. NULL: the engine calls lora_fwd per segment instead. */
+  void (*lora_sgmv_fwd)(ot_backend *be, float *out, const float *x, const float *const *A,
+                        const float *const *Bt, const int *row0, const int *n, const int *r,
+                        const float *scale, int S, int IN, int OUT);
 } ot_backend_ops;
 
 /* splitmix64's finaliser: a counter-based hash, so any backend can regenerate a mask. */

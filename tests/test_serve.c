@@ -476,7 +476,8 @@ static void test_torch_lora(void **state) {
 
 /* The serving ops against the training ops they replace: attention_kv_fwd in two calls (a
  * chunked prefill, rows of two sequences interleaved, slots 3 and 1) = attention_fwd over the
- * whole sequences; embed_fwd at explicit positions = encoder_fwd. */
+ * whole sequences; embed_fwd at explicit positions = encoder_fwd; lora_sgmv_fwd = lora_fwd on
+ * each segment. */
 static void test_kv_ops(void **state) {
   (void)state;
   enum { B = 2, T = 13, C = 32, NH = 4, SLOTS = 4, TMAX = 16 };
@@ -522,6 +523,42 @@ static void test_kv_ops(void **state) {
   o->encoder_fwd(be, ref_out, toks, wte, wpe, B, T, C);
   o->embed_fwd(be, out, toks, p2, wte, wpe, B * T, C);
   assert_memory_equal(out, ref_out, sizeof(float) * B * T * C);
+
+  /* lora_sgmv_fwd = lora_fwd per segment: segments of 3, 1 and 7 rows (a gap between the first
+   * two), ranks 4, 70 (over the op's 64-rank chunk) and 1 */
+  enum { N = 14, IN = 24, OUT = 40 };
+  const int row0[3] = {0, 4, 7}, nr[3] = {3, 1, 7}, rk[3] = {4, 70, 1};
+  const float sc[3] = {2.0f, 0.5f, -1.0f};
+  float *xs = malloc(sizeof(float) * N * IN), *y1 = malloc(sizeof(float) * N * OUT),
+        *y2 = malloc(sizeof(float) * N * OUT), *tt = malloc(sizeof(float) * N * 70), *Am[3], *Bm[3], *Btm[3];
+  for (int i = 0; i < N * IN; i++) xs[i] = qkv[i];
+  for (int i = 0; i < N * OUT; i++) y1[i] = y2[i] = qkv[i + 7];
+  for (int k = 0; k < 3; k++) {
+    Am[k] = malloc(sizeof(float) * rk[k] * IN);
+    Bm[k] = malloc(sizeof(float) * OUT * rk[k]);
+    Btm[k] = malloc(sizeof(float) * rk[k] * OUT);
+    for (int i = 0; i < rk[k] * IN; i++) Am[k][i] = qkv[(i * 7 + k) % (B * T * 3 * C)];
+    for (int o2i = 0; o2i < OUT; o2i++)
+      for (int c = 0; c < rk[k]; c++)
+        Bm[k][o2i * rk[k] + c] = Btm[k][c * OUT + o2i] = qkv[(o2i * 13 + c * 5 + k) % 999];
+    o->lora_fwd(be, y1 + (size_t)row0[k] * OUT, tt, NULL, xs + (size_t)row0[k] * IN, Am[k], Bm[k], nr[k], IN,
+                OUT, rk[k], sc[k], 0.0f, 0);
+  }
+  o->lora_sgmv_fwd(be, y2, xs, (const float *const *)Am, (const float *const *)Btm, row0, nr, rk, sc, 3, IN,
+                   OUT);
+  err = ot_test_rel_err(y2, y1, (size_t)N * OUT);
+  printf("lora_sgmv_fwd vs lora_fwd per segment: relative error %.3g\n", err);
+  assert_true(err < 1e-6);
+  for (int i = 3 * OUT; i < 4 * OUT; i++) assert_true(y2[i] == qkv[i + 7]); /* the gap row is untouched */
+  for (int k = 0; k < 3; k++) {
+    free(Am[k]);
+    free(Bm[k]);
+    free(Btm[k]);
+  }
+  free(xs);
+  free(y1);
+  free(y2);
+  free(tt);
   free(qkv);
   free(ref_out);
   free(att);

@@ -633,6 +633,30 @@ static void cpu_attention_kv_fwd(ot_backend *be, float *out, float *kcache, floa
   }
 }
 
+/* Rows are dealt to threads round-robin across segments, so one long prefill segment and many
+ * one-row decode segments both spread over the threads; per row: r dot products over IN (the
+ * shrink), then r axpys over OUT (the expand, B stored transposed). */
+static void cpu_lora_sgmv_fwd(ot_backend *be, float *out, const float *x, const float *const *A,
+                              const float *const *Bt, const int *row0, const int *n, const int *r,
+                              const float *scale, int S, int IN, int OUT) {
+#pragma omp parallel num_threads(NT)
+  {
+    int nt = omp_get_num_threads(), id = omp_get_thread_num(), k = 0;
+    float t[64];
+    for (int s = 0; s < S; s++)
+      for (int i = row0[s]; i < row0[s] + n[s]; i++, k++) {
+        if (k % nt != id) continue;
+        const float *xi = x + (size_t)i * IN;
+        float *oi = out + (size_t)i * OUT;
+        for (int c0 = 0; c0 < r[s]; c0 += 64) { /* ranks above 64 in chunks */
+          int c1 = r[s] - c0 < 64 ? r[s] : c0 + 64;
+          for (int c = c0; c < c1; c++) t[c - c0] = scale[s] * dot(xi, A[s] + (size_t)c * IN, IN);
+          for (int c = c0; c < c1; c++) axpy(oi, t[c - c0], Bt[s] + (size_t)c * OUT, OUT);
+        }
+      }
+  }
+}
+
 static const ot_backend_ops cpu_ops = {
     .name = "cpu",
     .host_visible = 1,
@@ -667,6 +691,7 @@ static const ot_backend_ops cpu_ops = {
     .sumsq = cpu_sumsq,
     .embed_fwd = cpu_embed_fwd,
     .attention_kv_fwd = cpu_attention_kv_fwd,
+    .lora_sgmv_fwd = cpu_lora_sgmv_fwd,
 };
 
 int ot_backend_cpu_create(int n_threads, ot_backend **out) {
