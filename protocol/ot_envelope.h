@@ -34,6 +34,9 @@ typedef enum {
   OT_MSG_TRANSFER_BEGIN = 32,
   OT_MSG_TRANSFER_STATUS = 33,
   OT_MSG_CHUNK = 34,
+  OT_MSG_FETCH_OPEN = 35, /* reply: FETCH_INFO */
+  OT_MSG_FETCH_INFO = 36,
+  OT_MSG_FETCH_CHUNK = 37, /* reply: CHUNK */
 } ot_msg_type;
 
 typedef struct {

@@ -365,6 +365,20 @@ void ot_chunk_release(ot_chunk *c) {
   c->priv = NULL;
 }
 
+/* Object names: [A-Za-z0-9._-], not starting with a dot (no path traversal). */
+static int check_name(const char *what, const char *name, size_t cap) {
+  size_t nl = strlen(name);
+  if (nl == 0 || nl >= cap) return ot_error(OT_ERR_FORMAT, "%s: name length %zu", what, nl);
+  for (size_t i = 0; i < nl; i++) {
+    char ch = name[i];
+    if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_' ||
+          ch == '-' || ch == '.') ||
+        (i == 0 && ch == '.'))
+      return ot_error(OT_ERR_FORMAT, "%s: name has a character outside [A-Za-z0-9._-]", what);
+  }
+  return OT_OK;
+}
+
 int ot_begin_pack(const ot_transfer_begin *b, uint8_t **out, size_t *out_len) {
   Offtune__TransferBegin m = OFFTUNE__TRANSFER_BEGIN__INIT;
   m.transfer_id = (ProtobufCBinaryData){16, (uint8_t *)b->id};
@@ -384,15 +398,8 @@ int ot_begin_decode(const uint8_t *body, size_t len, ot_transfer_begin *out) {
   size_t nl = strlen(m->name);
   if (m->transfer_id.len != 16)
     rc = ot_error(OT_ERR_FORMAT, "TransferBegin: transfer id must be 16 bytes");
-  else if (nl == 0 || nl >= sizeof out->name)
-    rc = ot_error(OT_ERR_FORMAT, "TransferBegin: name length %zu", nl);
-  for (size_t i = 0; rc == OT_OK && i < nl; i++) {
-    char ch = m->name[i];
-    if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_' ||
-          ch == '-' || ch == '.') ||
-        (i == 0 && ch == '.'))
-      rc = ot_error(OT_ERR_FORMAT, "TransferBegin: name has a character outside [A-Za-z0-9._-]");
-  }
+  else
+    rc = check_name("TransferBegin", m->name, sizeof out->name);
   if (rc == OT_OK) {
     memcpy(out->id, m->transfer_id.data, 16);
     memcpy(out->name, m->name, nl + 1);
@@ -426,5 +433,82 @@ int ot_status_decode(const uint8_t *body, size_t len, ot_transfer_status *out) {
     out->committed = m->committed;
   }
   offtune__transfer_status__free_unpacked(m, &ca.a);
+  return rc;
+}
+
+int ot_fetch_open_pack(const ot_fetch_open_body *b, uint8_t **out, size_t *out_len) {
+  Offtune__FetchOpen m = OFFTUNE__FETCH_OPEN__INIT;
+  m.name = (char *)b->name;
+  if (b->chunk) {
+    m.has_chunk_size = 1;
+    m.chunk_size = b->chunk;
+  }
+  if (ot_pb_pack(&m.base, out, out_len) != 0) return ot_error(OT_ERR_NOMEM, "out of memory");
+  return OT_OK;
+}
+
+int ot_fetch_open_decode(const uint8_t *body, size_t len, ot_fetch_open_body *out) {
+  ot_pb_alloc ca;
+  ot_pb_alloc_init(&ca, 8192);
+  Offtune__FetchOpen *m = len <= 4096 ? offtune__fetch_open__unpack(&ca.a, len, body) : NULL;
+  if (!m) return ot_error(OT_ERR_FORMAT, "malformed FetchOpen");
+  int rc = check_name("FetchOpen", m->name, sizeof out->name);
+  if (rc == OT_OK) {
+    memcpy(out->name, m->name, strlen(m->name) + 1);
+    out->chunk = m->has_chunk_size ? m->chunk_size : 0;
+  }
+  offtune__fetch_open__free_unpacked(m, &ca.a);
+  return rc;
+}
+
+int ot_fetch_info_pack(const ot_fetch_info *f, uint8_t **out, size_t *out_len) {
+  Offtune__FetchInfo m = OFFTUNE__FETCH_INFO__INIT;
+  m.fetch_id = (ProtobufCBinaryData){16, (uint8_t *)f->id};
+  m.size = f->size;
+  m.chunk_size = f->chunk;
+  m.digest = (ProtobufCBinaryData){32, (uint8_t *)f->digest};
+  if (ot_pb_pack(&m.base, out, out_len) != 0) return ot_error(OT_ERR_NOMEM, "out of memory");
+  return OT_OK;
+}
+
+int ot_fetch_info_decode(const uint8_t *body, size_t len, ot_fetch_info *out) {
+  ot_pb_alloc ca;
+  ot_pb_alloc_init(&ca, 4096);
+  Offtune__FetchInfo *m = len <= 1024 ? offtune__fetch_info__unpack(&ca.a, len, body) : NULL;
+  if (!m) return ot_error(OT_ERR_FORMAT, "malformed FetchInfo");
+  int rc = OT_OK;
+  if (m->fetch_id.len != 16 || m->digest.len != 32)
+    rc = ot_error(OT_ERR_FORMAT, "FetchInfo: id must be 16 bytes and digest 32");
+  else {
+    memcpy(out->id, m->fetch_id.data, 16);
+    out->size = m->size;
+    out->chunk = m->chunk_size;
+    memcpy(out->digest, m->digest.data, 32);
+  }
+  offtune__fetch_info__free_unpacked(m, &ca.a);
+  return rc;
+}
+
+int ot_fetch_chunk_pack(const uint8_t id[16], uint64_t index, uint8_t **out, size_t *out_len) {
+  Offtune__FetchChunk m = OFFTUNE__FETCH_CHUNK__INIT;
+  m.fetch_id = (ProtobufCBinaryData){16, (uint8_t *)id};
+  m.index = index;
+  if (ot_pb_pack(&m.base, out, out_len) != 0) return ot_error(OT_ERR_NOMEM, "out of memory");
+  return OT_OK;
+}
+
+int ot_fetch_chunk_decode(const uint8_t *body, size_t len, uint8_t id[16], uint64_t *index) {
+  ot_pb_alloc ca;
+  ot_pb_alloc_init(&ca, 4096);
+  Offtune__FetchChunk *m = len <= 1024 ? offtune__fetch_chunk__unpack(&ca.a, len, body) : NULL;
+  if (!m) return ot_error(OT_ERR_FORMAT, "malformed FetchChunk");
+  int rc = OT_OK;
+  if (m->fetch_id.len != 16)
+    rc = ot_error(OT_ERR_FORMAT, "FetchChunk: fetch id must be 16 bytes");
+  else {
+    memcpy(id, m->fetch_id.data, 16);
+    *index = m->index;
+  }
+  offtune__fetch_chunk__free_unpacked(m, &ca.a);
   return rc;
 }

@@ -90,4 +90,24 @@ typedef struct {
 int ot_status_pack(const ot_transfer_status *s, uint8_t **out, size_t *out_len);
 int ot_status_decode(const uint8_t *body, size_t len, ot_transfer_status *out);
 
+/* Fetch (download) bodies: FetchOpen, FetchInfo, FetchChunk (docs/protocol.md). */
+typedef struct {
+  char name[256];
+  uint32_t chunk; /* 0: the server's default */
+} ot_fetch_open_body;
+int ot_fetch_open_pack(const ot_fetch_open_body *b, uint8_t **out, size_t *out_len);
+int ot_fetch_open_decode(const uint8_t *body, size_t len, ot_fetch_open_body *out);
+
+typedef struct {
+  uint8_t id[16];
+  uint64_t size;
+  uint32_t chunk;
+  uint8_t digest[32];
+} ot_fetch_info;
+int ot_fetch_info_pack(const ot_fetch_info *f, uint8_t **out, size_t *out_len);
+int ot_fetch_info_decode(const uint8_t *body, size_t len, ot_fetch_info *out);
+
+int ot_fetch_chunk_pack(const uint8_t id[16], uint64_t index, uint8_t **out, size_t *out_len);
+int ot_fetch_chunk_decode(const uint8_t *body, size_t len, uint8_t id[16], uint64_t *index);
+
 #endif
