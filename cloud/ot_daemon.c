@@ -308,6 +308,8 @@ int ot_cmd_serve(int argc, char **argv) {
                            .on_request = ot_daemon_on_request,
                            .on_transfer_open = ot_daemon_on_transfer_open,
                            .on_transfer_end = ot_daemon_on_transfer_end,
+                           .on_fetch_open = ot_daemon_on_fetch_open,
+                           .on_fetch_close = ot_daemon_on_fetch_close,
                            .log = transport_log,
                            .user = d};
     rc = ot_server_start(&sc, &d->srv);

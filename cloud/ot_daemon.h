@@ -57,6 +57,11 @@ int ot_daemon_on_transfer_open(void *user, const uint8_t peer[32], const char *n
                                ot_sink *sink);
 void ot_daemon_on_transfer_end(void *user, const uint8_t peer[32], const char *name, int committed,
                                ot_sink *sink);
+/* Downloads: "emulator.<id>.<file>" (a file of an emulator package's manifest) and
+ * "adapter.<digest>.<file>" (the current adapter of a running session). */
+int ot_daemon_on_fetch_open(void *user, const uint8_t peer[32], const char *name, ot_source *src,
+                            uint64_t *size);
+void ot_daemon_on_fetch_close(void *user, ot_source *src);
 /* Largest upload accepted for a round whose global adapter file is ref_size bytes. */
 uint64_t ot_daemon_upload_limit(uint64_t ref_size);
 

@@ -328,3 +328,66 @@ int ot_daemon_on_request(void *user, const uint8_t peer[32], const uint8_t *body
   offtune__session__session_request__free_unpacked(req, &pa.a);
   return rc;
 }
+
+/* ---- downloads ------------------------------------------------------------------------ */
+
+static int manifest_has(const char *dir, const char *file) {
+  char *mp = NULL, *text = NULL;
+  size_t len;
+  int found = 0;
+  if (ot_path_join(dir, "manifest.json", &mp) == OT_OK &&
+      ot_file_read_all(mp, 1 << 20, &text, &len) == OT_OK) {
+    cJSON *j = cJSON_Parse(text);
+    const cJSON *f;
+    cJSON_ArrayForEach(f, cJSON_GetObjectItemCaseSensitive(j, "files")) {
+      const char *n = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(f, "file"));
+      if (n && strcmp(n, file) == 0) found = 1;
+    }
+    cJSON_Delete(j);
+  }
+  free(mp);
+  free(text);
+  return found;
+}
+
+int ot_daemon_on_fetch_open(void *user, const uint8_t peer[32], const char *name, ot_source *src,
+                            uint64_t *size) {
+  ot_daemon *d = user;
+  char path[2600], fp[OT_FINGERPRINT_LEN];
+  ot_fingerprint(peer, fp);
+  int64_t dev;
+  int rc = ot_reg_device_id(d->reg, peer, &dev);
+  if (rc == OT_OK && strncmp(name, "emulator.", 9) == 0) {
+    char *end = NULL, dir[1024], digest[OT_DIGEST_HEX];
+    long long id = strtoll(name + 9, &end, 10);
+    const char *file = end && *end == '.' ? end + 1 : NULL;
+    rc = file && id > 0 ? ot_reg_emulator_dir(d->reg, id, dir, digest)
+                        : ot_error(OT_ERR_NOTFOUND, "no such object '%s'", name);
+    if (rc == OT_OK && !manifest_has(dir, file)) rc = ot_error(OT_ERR_NOTFOUND, "no such object '%s'", name);
+    if (rc == OT_OK && (size_t)snprintf(path, sizeof path, "%s/%s", dir, file) >= sizeof path)
+      rc = ot_error(OT_ERR_RANGE, "path too long");
+  } else if (rc == OT_OK && strncmp(name, "adapter.", 8) == 0) {
+    char digest[OT_DIGEST_HEX];
+    const char *file = strlen(name) > 8 + 64 && name[8 + 64] == '.' ? name + 8 + 65 : NULL;
+    int served = 0;
+    if (file) {
+      memcpy(digest, name + 8, 64);
+      digest[64] = '\0';
+      rc = ot_reg_adapter_served(d->reg, digest, &served);
+    }
+    if (rc == OT_OK &&
+        (!served || (strcmp(file, "adapter_config.json") && strcmp(file, "adapter_model.safetensors"))))
+      rc = ot_error(OT_ERR_NOTFOUND, "no such object '%s'", name);
+    if (rc == OT_OK) rc = ot_daemon_path(d, path, sizeof path, "objects/adapters/%s/%s", digest, file);
+  } else if (rc == OT_OK) {
+    rc = ot_error(OT_ERR_NOTFOUND, "no such object '%s'", name);
+  }
+  if (rc == OT_OK) rc = ot_file_source_open(path, src, size);
+  if (rc) ot_daemon_log(d, "refused download '%s' to %s: %s", name, fp, ot_error_detail());
+  return rc;
+}
+
+void ot_daemon_on_fetch_close(void *user, ot_source *src) {
+  (void)user;
+  ot_file_source_close(src);
+}

@@ -684,6 +684,18 @@ int ot_reg_update_exists(ot_registry *r, int64_t session_id, int round, int64_t 
   return rc;
 }
 
+int ot_reg_adapter_served(ot_registry *r, const char *digest, int *served) {
+  sqlite3_stmt *st;
+  lock(r);
+  int rc = prep(r, &st, "SELECT 1 FROM sessions WHERE state = 'running' AND adapter = ?", "t", digest);
+  if (rc == OT_OK) {
+    *served = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+  }
+  unlock(r);
+  return rc;
+}
+
 /* ---- adapters -------------------------------------------------------------------------- */
 
 int ot_reg_adapter_publish(ot_registry *r, const char *name, int published) {

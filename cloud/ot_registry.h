@@ -101,6 +101,9 @@ int ot_reg_update_add(ot_registry *r, int64_t session_id, int round, int64_t dev
                       float loss, const char *digest);
 int ot_reg_update_exists(ot_registry *r, int64_t session_id, int round, int64_t device_id, int *exists);
 
+/* 1 if digest is the current adapter of a running session (devices may fetch it). */
+int ot_reg_adapter_served(ot_registry *r, const char *digest, int *served);
+
 /* ---- adapters ------------------------------------------------------------------------ */
 int ot_reg_adapter_publish(ot_registry *r, const char *name, int published);
 int ot_reg_adapter_delete(ot_registry *r, const char *name);
