@@ -51,7 +51,7 @@ int ot_agg_validate(const char *path, const char *ref_path, uint64_t max_bytes) 
                     (unsigned long long)max_bytes);
   ot_safetensors *up = NULL, *ref = NULL;
   int rc = ot_st_open(path, &up);
-  if (rc) return ot_error(OT_ERR_FORMAT, "not a valid safetensors file: %s", ot_error_detail());
+  if (rc) return ot_error(OT_ERR_FORMAT, "not a valid safetensors file");
   rc = ot_st_open(ref_path, &ref);
   if (rc == OT_OK && ot_st_count(up) != ot_st_count(ref))
     rc = ot_error(OT_ERR_MISMATCH, "%zu tensors, the adapter has %zu", ot_st_count(up), ot_st_count(ref));

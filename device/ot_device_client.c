@@ -249,7 +249,8 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
   if (rc == OT_OK) rc = adapter_settings(ri->adapter, &acfg);
   uint64_t tokens = 0;
   float loss = 0;
-  if (rc == OT_OK && ot_file_exists(done)) {
+  int trained_before = rc == OT_OK && ot_file_exists(done);
+  if (trained_before) {
     char *text = NULL;
     size_t len;
     rc = ot_file_read_all(done, 1 << 16, &text, &len);
@@ -294,6 +295,12 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
       fprintf(stderr, "[run] %s round %u: trained %d steps in %.1f s (%.0f tokens/s), mean loss %.4f\n",
               ri->session, ri->round, res.steps_done, res.seconds, res.tokens_per_s, res.mean_loss);
     }
+  }
+  /* tests: a slow device (a straggler, or one killed before it uploads) */
+  const char *delay = getenv("OT_TEST_DEVICE_DELAY_MS");
+  if (rc == OT_OK && delay && !trained_before) {
+    fprintf(stderr, "[run] OT_TEST_DEVICE_DELAY_MS: waiting %s ms before the upload\n", delay);
+    sleep_ms(atoi(delay));
   }
   /* upload the adapter's weights (nothing else) and ask the cloud to accept them */
   char upload[4300], name[256], h[OT_DIGEST_HEX];
