@@ -23,7 +23,8 @@ int ot_dev_tune(int argc, char **argv) {
              *backend = "cpu";
   int steps = 100, batch = 8, seq_len = 0, eval_every = 0, patience = 3, ckpt_every = 0, resume = 0,
       threads = 0, warmup = 0;
-  float lr = 1e-3f, weight_decay = 0.0f, grad_clip = 1.0f;
+  float lr = 1e-3f, weight_decay = 0.0f, grad_clip = 1.0f, prox_mu = 0.0f;
+  const char *init_adapter = NULL;
   ot_adapter_config acfg;
   ot_adapter_config_default(&acfg);
   const char *targets = "c_attn,c_proj,c_fc,mlp.c_proj";
@@ -52,6 +53,11 @@ int ot_dev_tune(int argc, char **argv) {
       {"patience", OT_OPT_INT, &patience, "P", "stop after P evaluations without improvement (default 3)"},
       {"ckpt-every", OT_OPT_INT, &ckpt_every, "N", "save every N steps (default: at the end)"},
       {"resume", OT_OPT_FLAG, &resume, NULL, "continue from --out's train_state if there is one"},
+      {"init-adapter", OT_OPT_STR, &init_adapter, "DIR",
+       "start from this adapter (same kind and settings), e.g. a session round's, to see offline what `run` "
+       "would send"},
+      {"prox-mu", OT_OPT_FLOAT, &prox_mu, "MU",
+       "FedProx: add (MU/2) ||w - w_start||^2 to the loss (default 0: off)"},
       {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
       {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
   };
@@ -76,7 +82,7 @@ int ot_dev_tune(int argc, char **argv) {
     rc = ot_error(OT_ERR_INVALID,
                   "need --lora-r >= 1, --lora-alpha > 0, 0 <= --lora-dropout < 1, --bottleneck-dim >= 1");
   if (rc == OT_OK && (steps < 1 || batch < 1 || seq_len < 0 || !(lr > 0) || eval_every < 0 || patience < 1 ||
-                      ckpt_every < 0 || warmup < 0 || grad_clip < 0))
+                      ckpt_every < 0 || warmup < 0 || grad_clip < 0 || !(prox_mu >= 0)))
     rc = ot_error(OT_ERR_INVALID, "need --steps, --batch, --patience >= 1, --lr > 0, other counts >= 0");
   if (rc) {
     fprintf(stderr, "offtune-device tune: %s\n", ot_error_detail());
@@ -86,6 +92,8 @@ int ot_dev_tune(int argc, char **argv) {
   ot_dev_train_opts o;
   ot_dev_train_opts_default(&o);
   o.emulator = emu_dir;
+  o.init_adapter = init_adapter;
+  o.prox_mu = prox_mu;
   o.adapter = acfg;
   o.text = text;
   o.tokens = tokens;

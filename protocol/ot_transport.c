@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <nng/nng.h>
 #include <nng/protocol/reqrep0/rep.h>
 #include <nng/protocol/reqrep0/req.h>
@@ -1095,6 +1096,23 @@ static void sleep_ms(int ms) {
   }
 }
 
+/* Test hook: with OT_WIRE_TRACE=PATH, the client appends to PATH every plaintext body it
+ * is about to seal ("plain N\n" + bytes) and every frame it sends ("wire N\n" + bytes),
+ * so a test can search all a device ever sent (tests/test_session.c). One writev per
+ * record on an O_APPEND file: records from several lanes do not interleave. */
+static void wire_trace(const char *kind, const void *data, size_t len) {
+  const char *path = getenv("OT_WIRE_TRACE");
+  if (!path || !*path) return;
+  int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (fd < 0) return;
+  char head[64];
+  int hl = snprintf(head, sizeof head, "%s %zu\n", kind, len);
+  struct iovec iov[3] = {{head, (size_t)hl}, {(void *)data, len}, {"\n", 1}};
+  if (writev(fd, iov, 3) < 0) { /* best effort: a test hook never fails a request */
+  }
+  close(fd);
+}
+
 /* One request/reply on a lane's context; a transport error is OT_ERR_IO. */
 static int round_trip(ot_client *c, uint32_t lane, const uint8_t *wire, size_t len, uint8_t **reply,
                       size_t *reply_len) {
@@ -1102,6 +1120,7 @@ static int round_trip(ot_client *c, uint32_t lane, const uint8_t *wire, size_t l
   int rv = nng_msg_alloc(&m, len);
   if (rv) return ot_error(OT_ERR_NOMEM, "out of memory");
   memcpy(nng_msg_body(m), wire, len);
+  wire_trace("wire", wire, len);
   nng_aio *aio = c->aio[lane];
   nng_aio_set_msg(aio, m);
   nng_aio_set_timeout(aio, c->cfg.timeout_ms);
@@ -1214,8 +1233,10 @@ int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t 
     ot_env_header h = {0};
     if (expiring)
       rc = ot_error(OT_ERR_NOTFOUND, "session %016llx about to expire", (unsigned long long)c->s.id);
-    else
+    else {
+      wire_trace("plain", body, len);
       rc = ot_env_seal(&c->s, lane, type, body, len, &wire, &wl);
+    }
     if (!expiring && rc == OT_OK) {
       pthread_rwlock_unlock(&c->lk); /* no lock across the network wait */
       rc = round_trip(c, lane, wire, wl, &r, &rl);

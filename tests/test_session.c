@@ -7,7 +7,10 @@
  * - the daemon killed with kill -9 mid-round and restarted: the session finishes, every
  *   accepted update is kept and none is applied twice (registry rows, aggregates);
  * - a malicious device (garbage, oversized, wrong shape, NaN, stale round, duplicate,
- *   inflated token count): refused with nothing stored, the honest device unaffected. */
+ *   inflated token count): refused with nothing stored, the honest device unaffected;
+ * - no byte a device sends carries its private text (OT_WIRE_TRACE), and the same search
+ *   finds a deliberate leak;
+ * - FedProx's proximal term in the device trainer keeps the adapter near its start. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -663,13 +666,167 @@ static void test_malicious_device(void **state) {
   daemon_stop(&d);
 }
 
+/* ---- privacy: nothing a device sends carries its private text ---------------------------- */
+
+/* Trace records (protocol/ot_transport.c, OT_WIRE_TRACE): "kind N\n" + N bytes + "\n". */
+static int trace_find(const char *trace, size_t len, const char *kind, const char *needle, size_t *n_records,
+                      size_t *bytes) {
+  size_t off = 0, nl = strlen(needle);
+  int found = 0;
+  *n_records = 0;
+  *bytes = 0;
+  while (off < len) {
+    char k[16];
+    size_t n;
+    int used = 0;
+    if (sscanf(trace + off, "%15s %zu%n", k, &n, &used) != 2) fail_msg("trace damaged at %zu", off);
+    off += (size_t)used + 1;
+    assert_true(off + n + 1 <= len);
+    if (!kind || strcmp(k, kind) == 0) {
+      (*n_records)++;
+      *bytes += n;
+      if (memmem(trace + off, n, needle, nl)) found = 1;
+    }
+    off += n + 1;
+  }
+  return found;
+}
+
+static void test_no_private_text(void **state) {
+  (void)state;
+  daemon_t d;
+  daemon_init(&d, "privacy");
+  session_create(&d, "p",
+                 "--rounds 2 --min-devices 1 --max-devices 1 --deadline 60 --aggregation fedprox --mu 0.5");
+  device_join(&d, "p1");
+  char trace[1200], env[1300];
+  snprintf(trace, sizeof trace, "%s/p1.trace", dir);
+  unlink(trace);
+  snprintf(env, sizeof env, "OT_WIRE_TRACE='%s'", trace);
+  pid_t p = device_run("p1", "romance.txt", "p", env);
+  assert_int_equal(wait_exit(p, 60), 0);
+  cJSON *s = wait_session(&d, "p", "done", 30);
+  cJSON_Delete(s);
+  char log[1200];
+  snprintf(log, sizeof log, "%s/p1.log", dir);
+  assert_true(file_has(log, "FedProx: + (0.5/2)")); /* the session's mu reached the trainer */
+  char *text = NULL, *tr = NULL;
+  size_t tl, trl, nrec, bytes;
+  char path[1200];
+  snprintf(path, sizeof path, "%s/romance.txt", dir);
+  assert_int_equal(ot_file_read_all(path, 1 << 20, &text, &tl), OT_OK);
+  assert_int_equal(ot_file_read_all(trace, 64u << 20, &tr, &trl), OT_OK);
+  /* the trace holds what was sent: both uploads in plaintext, and their transfer names */
+  assert_true(trace_find(tr, trl, "plain", "update.p.2", &nrec, &bytes));
+  fprintf(stderr, "trace: %zu plaintext bodies (%zu bytes) before sealing, ", nrec, bytes);
+  assert_true(bytes > 2 * 20000);
+  trace_find(tr, trl, "wire", "", &nrec, &bytes);
+  fprintf(stderr, "%zu frames (%zu bytes) on the wire\n", nrec, bytes);
+  /* every 24-byte piece of the private text at a 200-byte stride: in no byte sent */
+  int pieces = 0;
+  for (size_t off = 0; off + 24 <= tl; off += 200) {
+    char needle[25];
+    memcpy(needle, text + off, 24);
+    needle[24] = '\0';
+    if (strlen(needle) < 24) continue;
+    if (trace_find(tr, trl, NULL, needle, &nrec, &bytes)) fail_msg("private text sent: '%s'", needle);
+    pieces++;
+  }
+  fprintf(stderr, "%d pieces of the private text searched in everything the device sent: none found\n",
+          pieces);
+  assert_true(pieces >= 90);
+  /* the same search finds a leak: a client that puts a piece of the text in a request */
+  char leak_trace[1200], needle[25];
+  snprintf(leak_trace, sizeof leak_trace, "%s/leak.trace", dir);
+  unlink(leak_trace);
+  memcpy(needle, text + 1000, 24);
+  needle[24] = '\0';
+  RUN_OK("%s token issue --state '%s' --json", cloud, d.state);
+  cJSON *tj = cJSON_Parse(out);
+  ot_identity id;
+  assert_int_equal(ot_identity_generate(&id), OT_OK);
+  ot_client_config cc = {.url = d.url,
+                         .id = &id,
+                         .cloud_fingerprint = d.fp,
+                         .enrol_token = cJSON_GetStringValue(cJSON_GetObjectItem(tj, "token"))};
+  setenv("OT_WIRE_TRACE", leak_trace, 1);
+  mal_t m = {0};
+  assert_int_equal(ot_client_open(&cc, &m.c), OT_OK);
+  Offtune__Session__Poll poll = OFFTUNE__SESSION__POLL__INIT;
+  poll.device_name = needle; /* the leak */
+  Offtune__Session__SessionRequest req = OFFTUNE__SESSION__SESSION_REQUEST__INIT;
+  req.kind_case = OFFTUNE__SESSION__SESSION_REQUEST__KIND_POLL;
+  req.poll = &poll;
+  uint8_t *reply = NULL;
+  size_t len = 0;
+  assert_int_equal(mal_call(&m, &req, &reply, &len), OT_OK);
+  free(reply);
+  ot_client_close(m.c);
+  unsetenv("OT_WIRE_TRACE");
+  cJSON_Delete(tj);
+  free(tr);
+  assert_int_equal(ot_file_read_all(leak_trace, 64u << 20, &tr, &trl), OT_OK);
+  assert_true(trace_find(tr, trl, NULL, needle, &nrec, &bytes));
+  /* found in the plaintext the client sealed, not in the encrypted frames */
+  assert_true(trace_find(tr, trl, "plain", needle, &nrec, &bytes));
+  assert_false(trace_find(tr, trl, "wire", needle, &nrec, &bytes));
+  fprintf(stderr, "the deliberately leaky client: '%s' found in its trace (plaintext), not in its frames\n",
+          needle);
+  ot_identity_wipe(&id);
+  free(tr);
+  free(text);
+  daemon_stop(&d);
+}
+
+/* FedProx in the device trainer: the proximal term keeps the adapter near the start. */
+static double adapter_distance(const char *a, const char *b) {
+  tensors x, y;
+  tensors_load(a, &x);
+  tensors_load(b, &y);
+  double sq = 0;
+  for (size_t t = 0; t < x.n; t++) {
+    const ot_st_tensor *xt = ot_st_at(x.st, t);
+    const float *yv = tensor(&y, xt->name);
+    for (uint64_t k = 0; k < xt->numel; k++) sq += (x.v[t][k] - yv[k]) * (double)(x.v[t][k] - yv[k]);
+  }
+  tensors_free(&x);
+  tensors_free(&y);
+  return sqrt(sq);
+}
+
+static void test_fedprox_trainer(void **state) {
+  (void)state;
+  RUN_OK("OMP_NUM_THREADS=1 %s distill --model %s/full --data %s/public.txt --out %s/prox_emu --bottom 1 "
+         "--top 1 "
+         "--keep 1 --steps 4 --batch 4 --seq-len 32 --threads 1",
+         cloud, dir, dir, dir);
+  const char *common = "--batch 4 --seq-len 32 --lr 1e-2 --threads 1";
+  RUN_OK("%s tune --emulator %s/prox_emu --text %s/romance.txt --out %s/prox_start --steps 4 %s", device, dir,
+         dir, dir, common);
+  double dist[2];
+  const float mus[2] = {0.0f, 200.0f};
+  for (int i = 0; i < 2; i++) {
+    RUN_OK(
+        "%s tune --emulator %s/prox_emu --text %s/mystery.txt --init-adapter %s/prox_start --out %s/prox_%d "
+        "--steps 12 --prox-mu %g %s",
+        device, dir, dir, dir, dir, i, mus[i], common);
+    char a[1200], b[1200];
+    snprintf(a, sizeof a, "%s/prox_start/adapter_model.safetensors", dir);
+    snprintf(b, sizeof b, "%s/prox_%d/adapter_model.safetensors", dir, i);
+    dist[i] = adapter_distance(a, b);
+  }
+  fprintf(stderr, "||w - w_start|| after 12 steps: %.4f without the proximal term, %.4f with mu = 200\n",
+          dist[0], dist[1]);
+  assert_true(dist[0] > 0);
+  assert_true(dist[1] < 0.5 * dist[0]);
+}
+
 int main(void) {
   signal(SIGPIPE, SIG_IGN);
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_two_sessions),
-      cmocka_unit_test(test_device_killed),
-      cmocka_unit_test(test_daemon_kill9),
-      cmocka_unit_test(test_malicious_device),
+      cmocka_unit_test(test_two_sessions),    cmocka_unit_test(test_device_killed),
+      cmocka_unit_test(test_daemon_kill9),    cmocka_unit_test(test_malicious_device),
+      cmocka_unit_test(test_no_private_text), cmocka_unit_test(test_fedprox_trainer),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
