@@ -244,9 +244,10 @@ static void h_session(const cJSON *r) {
   if (cJSON_IsString(cJSON_GetObjectItemCaseSensitive(s, "error"))) printf("  error: %s\n", jstr(s, "error"));
   printf("  model %s, emulator bottom %.0f top %.0f keep %.0f (%s)\n", jstr(c, "model"), jnum(c, "bottom"),
          jnum(c, "top"), jnum(c, "keep"), jstr(s, "emulator"));
-  printf("  adapter %s; devices train %.0f steps of %.0f x %.0f at lr %g; %s aggregation\n",
-         jstr(c, "adapter"), jnum(c, "steps"), jnum(c, "batch"), jnum(c, "seq_len"), jnum(c, "lr"),
-         jstr(c, "aggregation"));
+  char seq[32] = "ctx";
+  if (jnum(c, "seq_len") > 0) snprintf(seq, sizeof seq, "%.0f", jnum(c, "seq_len"));
+  printf("  adapter %s; devices train %.0f steps of %.0f x %s at lr %g; %s aggregation\n", jstr(c, "adapter"),
+         jnum(c, "steps"), jnum(c, "batch"), seq, jnum(c, "lr"), jstr(c, "aggregation"));
   printf("  %.0f..%.0f devices per round, deadline %.0f s; current adapter %s\n", jnum(c, "min_devices"),
          jnum(c, "max_devices"), jnum(c, "deadline_s"), jstr(s, "adapter"));
   const cJSON *x;

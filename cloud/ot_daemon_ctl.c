@@ -124,15 +124,20 @@ void *ot_daemon_ctl_main(void *arg) {
     int stop = d->stop;
     pthread_mutex_unlock(&d->mu);
     if (stop) break;
-    char *buf = NULL;
-    size_t len = 0;
-    rv = nng_recv(s, &buf, &len, NNG_FLAG_ALLOC);
+    nng_msg *msg = NULL;
+    rv = nng_recvmsg(s, &msg, 0);
     if (rv == NNG_ETIMEDOUT) continue;
     if (rv) break;
-    cJSON *req = cJSON_ParseWithLength(buf, len);
-    nng_free(buf, len);
+    /* the file mode already keeps other users out; the peer's uid says so again */
+    uint64_t uid = UINT64_MAX;
+    int peer_ok = nng_pipe_get_uint64(nng_msg_get_pipe(msg), NNG_OPT_IPC_PEER_UID, &uid) == 0 &&
+                  (uid == (uint64_t)getuid() || uid == 0);
+    cJSON *req = cJSON_ParseWithLength(nng_msg_body(msg), nng_msg_len(msg));
+    nng_msg_free(msg);
     cJSON *reply = ok_reply();
-    int rc = req ? handle(d, req, reply) : ot_error(OT_ERR_FORMAT, "request is not JSON");
+    int rc = !peer_ok ? ot_error(OT_ERR_INVALID, "operator commands are for the daemon's own user")
+             : req    ? handle(d, req, reply)
+                      : ot_error(OT_ERR_FORMAT, "request is not JSON");
     if (rc) {
       cJSON_Delete(reply);
       reply = cJSON_CreateObject();

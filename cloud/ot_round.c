@@ -126,8 +126,11 @@ static int ensure_emulator(ot_daemon *d, const ot_session_row *s, int64_t *emu_i
   argv[argc] = NULL;
   double t0 = ot_now();
   /* the offtune-cloud distill command itself: one implementation of distillation */
-  if (ot_cmd_distill(argc, argv) != OT_EXIT_OK)
-    return ot_error(OT_ERR_INTERNAL, "distilling the emulator failed (see the log above)");
+  if (ot_cmd_distill(argc, argv) != OT_EXIT_OK) {
+    char why[512];
+    snprintf(why, sizeof why, "%s", ot_error_detail());
+    return ot_error(OT_ERR_INVALID, "distilling the emulator failed: %s", why);
+  }
   char ts[2700];
   snprintf(ts, sizeof ts, "%s/train_state", tmp);
   rc = ot_rm_rf(ts); /* optimizer state stays out of the package devices fetch */

@@ -464,6 +464,11 @@ int ot_dev_run(int argc, char **argv) {
     }
     if (ri) offtune__session__round_info__free_unpacked(ri, &pa.a);
     if (stop) break;
+    if (rc && !r.c && rc != OT_ERR_IO) {
+      /* the handshake was refused (revoked, unknown device, wrong cloud key): retrying cannot help */
+      exit_code = ot_dev_fail("connecting to the cloud", rc);
+      break;
+    }
     if (rc) {
       /* a lost connection, a restarted cloud, a fetch cut short: start over from the poll */
       fprintf(stderr, "[run] %s; retrying in %d ms\n", ot_error_detail(), backoff);

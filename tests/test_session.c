@@ -389,6 +389,23 @@ static void test_two_sessions(void **state) {
   assert_non_null(strstr(out, "a3"));
   RUN_OK("%s session list --state '%s'", cloud, d.state);
   assert_non_null(strstr(out, "beta"));
+  /* revocation: the operator revokes a1; its next run is refused at the handshake */
+  RUN_OK("%s device list --state '%s' --json", cloud, d.state);
+  cJSON *dl = cJSON_Parse(out), *dev;
+  char fp[OT_FINGERPRINT_LEN] = "";
+  cJSON_ArrayForEach(dev, cJSON_GetObjectItem(dl, "devices")) {
+    const char *nm = cJSON_GetStringValue(cJSON_GetObjectItem(dev, "name"));
+    if (nm && strcmp(nm, "a1") == 0)
+      snprintf(fp, sizeof fp, "%s", cJSON_GetStringValue(cJSON_GetObjectItem(dev, "fingerprint")));
+  }
+  cJSON_Delete(dl);
+  assert_true(fp[0]);
+  RUN_OK("%s device revoke %s --state '%s'", cloud, fp, d.state);
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s run --data %s/romance.txt --state '%s/a1' --session alpha", device, dir,
+                               dir),
+                   1);
+  assert_non_null(strstr(out, "revoked"));
   cJSON_Delete(a);
   cJSON_Delete(b);
   daemon_stop(&d);
