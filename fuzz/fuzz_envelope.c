@@ -69,6 +69,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     abort();
   ot_transfer_status st;
   (void)ot_status_decode(data, size, &st);
+  /* download bodies */
+  ot_fetch_open_body fo;
+  if (ot_fetch_open_decode(data, size, &fo) == OT_OK && (strstr(fo.name, "/") || fo.name[0] == '.')) abort();
+  ot_fetch_info fi;
+  (void)ot_fetch_info_decode(data, size, &fi);
+  uint8_t fid[16];
+  uint64_t fidx;
+  (void)ot_fetch_chunk_decode(data, size, fid, &fidx);
+  /* the in-place envelope parser agrees with the copying one */
+  ot_env ev, ed;
+  int rv = ot_env_view(data, size, 1u << 21, &ev), rd = ot_env_decode(data, size, 1u << 21, &ed);
+  if (rv != rd) abort();
+  if (rv == OT_OK) {
+    if (ev.len != ed.len || ev.sealed != ed.sealed || memcmp(&ev.h, &ed.h, sizeof ev.h) != 0 ||
+        (ev.len && memcmp(ev.data, ed.data, ev.len) != 0))
+      abort();
+    ot_env_clear(&ev);
+    ot_env_clear(&ed);
+  }
   (void)ot_refusal_error(data, size, 1);
   ot_error_clear();
   return 0;
