@@ -53,6 +53,7 @@ typedef struct {
   uint64_t expires_at;           /* unix seconds */
   uint8_t peer_pk[32];           /* the authenticated peer's long-term key */
   uint32_t aead;                 /* OT_AEAD_XCHACHA or OT_AEAD_AESGCM, chosen in the handshake */
+  uint32_t peer_max_msg;         /* the peer's message limit (0: unknown), from the signed ServerHello */
 } ot_session;
 
 enum { OT_AEAD_XCHACHA = 0, OT_AEAD_AESGCM = 1 };

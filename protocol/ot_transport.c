@@ -1244,7 +1244,12 @@ static int request_msg(ot_client *c, uint32_t lane, uint32_t type, const uint8_t
       rc = ot_error(OT_ERR_RANGE, "sequence numbers exhausted: rekey");
     } else {
       size_t wl = ot_env_sealed_len(lane, type, len);
-      rc = nng_msg_alloc(&m, wl) ? ot_error(OT_ERR_NOMEM, "out of memory") : OT_OK;
+      /* nng would drop a frame this large without a word: refuse it here */
+      rc = c->s.peer_max_msg && wl > c->s.peer_max_msg
+               ? ot_error(OT_ERR_RANGE, "request of %zu bytes exceeds the server's limit of %u", wl,
+                          c->s.peer_max_msg)
+           : nng_msg_alloc(&m, wl) ? ot_error(OT_ERR_NOMEM, "out of memory")
+                                   : OT_OK;
       if (rc == OT_OK)
         rc = ot_env_seal_to(&c->s, lane, c->s.tx_seq[lane] + 1, type, body, len, nng_msg_body(m), wl);
       if (rc == OT_OK)

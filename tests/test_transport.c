@@ -368,8 +368,19 @@ static void test_hostile_input(void **state) {
   assert_non_null(strstr(ot_error_detail(), "exceeds the limit"));
   free(r);
   free(ob);
-  /* far over it: nng drops the pipe before allocating; the sender times out, others
-   * carry on */
+  /* a client does not send what the server announced it would refuse (no timeout) */
+  ot_server_stats sb0, sb1;
+  ot_server_get_stats(F.server, &sb0);
+  ob = calloc(1, 3u << 20);
+  double t_big = ot_now();
+  assert_int_equal(ot_client_call(good, ob, 3u << 20, &r, &rl), OT_ERR_RANGE);
+  assert_non_null(strstr(ot_error_detail(), "exceeds the server's limit of 1052672"));
+  assert_true(ot_now() - t_big < 1.0);
+  free(ob);
+  ot_server_get_stats(F.server, &sb1);
+  assert_int_equal(sb1.requests, sb0.requests);
+  /* far over it (a raw frame): nng drops the pipe before allocating; the sender times
+   * out, others carry on */
   ot_client_config small = cc;
   small.timeout_ms = 300;
   small.retries = -1;
