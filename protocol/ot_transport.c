@@ -516,7 +516,9 @@ static void fetches_sweep(ot_server *s) {
 }
 
 /* One pass over the source: the chunk hash list and its digest. */
-static int source_digest(const ot_source *src, uint64_t size, uint32_t chunk, uint8_t out[32]) {
+int ot_source_digest(const ot_source *src, uint64_t size, uint32_t chunk, uint8_t out[32]) {
+  if (!src || !src->read_at || !out || chunk == 0 || chunk > OT_CHUNK_MAX)
+    return ot_error(OT_ERR_INVALID, "ot_source_digest: bad argument");
   uint64_t n = ot_transfer_chunks(size, chunk);
   uint8_t(*h)[32] = calloc(n ? n : 1, 32);
   uint8_t *buf = malloc(chunk);
@@ -540,7 +542,7 @@ static int digest_get(ot_server *s, const char *name, const ot_source *src, uint
                       uint8_t out[32]) {
   if (!src->stamp) {
     stat_add(s, &s->stats.digests_computed);
-    return source_digest(src, size, chunk, out);
+    return ot_source_digest(src, size, chunk, out);
   }
   pthread_mutex_lock(&s->tmu);
   srv_digest *e = NULL;
@@ -577,7 +579,7 @@ static int digest_get(ot_server *s, const char *name, const ot_source *src, uint
   }
   pthread_mutex_unlock(&s->tmu);
   stat_add(s, &s->stats.digests_computed);
-  int rc = source_digest(src, size, chunk, out);
+  int rc = ot_source_digest(src, size, chunk, out);
   if (e) {
     pthread_mutex_lock(&s->tmu);
     e->state = rc == OT_OK ? 2 : 0;
@@ -1459,11 +1461,12 @@ static void send_fail(send_job *j, int rc) {
 static void *send_lane(void *arg) {
   lane_arg *a = arg;
   send_job *j = a->j;
-  /* this lane's buffers, reused for every chunk: memory is window x chunk */
+  /* this lane's chunk body, reused for every chunk: memory is window x chunk; a file
+   * source reads straight into the place the data takes in it */
   size_t cap = ot_chunk_packed_len(j->n, 0, j->chunk, 0);
-  uint8_t *buf = malloc(j->chunk), *body = malloc(cap);
-  if (!buf || !body) send_fail(j, ot_error(OT_ERR_NOMEM, "out of memory"));
-  for (; buf && body;) {
+  uint8_t *body = malloc(cap);
+  if (!body) send_fail(j, ot_error(OT_ERR_NOMEM, "out of memory"));
+  for (; body;) {
     if (atomic_load(&j->failed)) break;
     uint64_t i = atomic_fetch_add(&j->next, 1);
     if (i >= j->n) break;
@@ -1479,7 +1482,7 @@ static void *send_lane(void *arg) {
     size_t bl = ot_chunk_packed_len(i, 0, len, 0), rl = 0;
     uint32_t t = 0;
     nng_msg *rm = NULL;
-    int rc = j->src.read_at(j->src.self, off, len, buf, &data);
+    int rc = j->src.read_at(j->src.self, off, len, body + (bl - len), &data);
     if (rc == OT_OK) {
       ot_chunk_hash(i, data, len, j->hashes[i]);
       rc = ot_chunk_pack_to(j->id, i, 0, data, len, NULL, body, bl);
@@ -1495,7 +1498,6 @@ static void *send_lane(void *arg) {
       break;
     }
   }
-  free(buf);
   free(body);
   return NULL;
 }

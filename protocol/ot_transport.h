@@ -38,6 +38,10 @@ typedef struct {
 /* A file as a source (pread; stamp from device, inode, size and mtime). */
 int ot_file_source_open(const char *path, ot_source *src, uint64_t *size);
 void ot_file_source_close(ot_source *src);
+/* The transfer digest (ot_transfer_digest) of a source at a chunk size, in one pass:
+ * what a download of it announces, e.g. for a manifest that devices check with
+ * ot_fetch_opts.expect_digest (at the chunk size the server serves: fetch_chunk). */
+int ot_source_digest(const ot_source *src, uint64_t size, uint32_t chunk, uint8_t out[32]);
 
 typedef struct {
   const char *url;

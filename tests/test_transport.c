@@ -593,6 +593,17 @@ static void test_fetch(void **state) {
   uint8_t want[32];
   ot_transfer_digest_buf(F.tensor, FETCH_SIZE, FETCH_CHUNK, want);
   const uint64_t n = (FETCH_SIZE + FETCH_CHUNK - 1) / FETCH_CHUNK;
+  { /* what a manifest would publish: the file source's digest, computed here */
+    ot_source fs;
+    uint64_t fsz = 0;
+    uint8_t d[32];
+    assert_int_equal(ot_file_source_open(F.fetch_file, &fs, &fsz), OT_OK);
+    assert_int_equal(fsz, FETCH_SIZE);
+    assert_int_equal(ot_source_digest(&fs, fsz, FETCH_CHUNK, d), OT_OK);
+    assert_memory_equal(d, want, 32);
+    ot_file_source_close(&fs);
+    assert_int_equal(ot_file_source_open("/nonexistent/x", &fs, &fsz), OT_ERR_NOTFOUND);
+  }
   const char *urls[] = {"tcp://127.0.0.1:0", ipc};
   for (int u = 0; u < 2; u++) {
     F.fetch_opened = F.fetch_closed = 0;
