@@ -77,7 +77,9 @@ static inline int ot_pbr_varint(ot_pbr *r, uint64_t *v) {
 static inline int ot_pbr_next(ot_pbr *r, uint32_t *field, int *wt) {
   if (r->p >= r->end) return 0;
   uint64_t tag;
-  if (ot_pbr_varint(r, &tag) || (tag >> 3) == 0 || (tag >> 3) > 0x1fffffff) return -1;
+  const uint8_t *start = r->p;
+  /* at most 5 bytes, like protobuf-c's tag parser */
+  if (ot_pbr_varint(r, &tag) || r->p - start > 5 || (tag >> 3) == 0 || (tag >> 3) > 0x1fffffff) return -1;
   *field = (uint32_t)(tag >> 3);
   *wt = (int)(tag & 7);
   return 1;
