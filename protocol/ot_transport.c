@@ -1441,6 +1441,9 @@ typedef struct {
   int rc;
   char detail[512];
   uint32_t lane;
+  void (*progress)(void *, uint64_t, uint64_t);
+  void *progress_arg;
+  uint64_t done_bytes; /* under mu */
 } send_job;
 
 typedef struct {
@@ -1496,6 +1499,12 @@ static void *send_lane(void *arg) {
     if (rc) {
       send_fail(j, rc);
       break;
+    }
+    if (j->progress) {
+      pthread_mutex_lock(&j->mu);
+      j->done_bytes += len;
+      j->progress(j->progress_arg, j->done_bytes, j->size);
+      pthread_mutex_unlock(&j->mu);
     }
   }
   free(body);
@@ -1588,6 +1597,9 @@ int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_
   j->n = n;
   j->chunk = chunk;
   j->stop_after = opts->stop_after;
+  j->progress = opts->progress;
+  j->progress_arg = opts->progress_arg;
+  j->done_bytes = st.have_prefix * chunk < size ? st.have_prefix * chunk : size;
   memcpy(j->id, b.id, 16);
   atomic_store(&j->next, st.have_prefix);
   pthread_mutex_init(&j->mu, NULL);
@@ -1700,6 +1712,9 @@ typedef struct {
   /* called with each verified chunk, after the sink wrote it (fetch_file's state log) */
   int (*on_chunk)(void *arg, uint64_t index, const uint8_t hash[32]);
   void *arg;
+  void (*progress)(void *, uint64_t, uint64_t);
+  void *progress_arg;
+  uint64_t done_bytes; /* under mu */
 } fetch_job;
 
 typedef struct {
@@ -1752,6 +1767,12 @@ static int fetch_one(fetch_job *j, uint32_t lane, uint64_t i) {
   if (rc == OT_OK) {
     memcpy(j->hashes[i], h, 32);
     if (j->on_chunk) rc = j->on_chunk(j->arg, i, h);
+  }
+  if (rc == OT_OK && j->progress) {
+    pthread_mutex_lock(&j->mu);
+    j->done_bytes += want;
+    j->progress(j->progress_arg, j->done_bytes, j->fi.size);
+    pthread_mutex_unlock(&j->mu);
   }
   nng_msg_free(rm);
   return rc;
@@ -1844,6 +1865,10 @@ static int fetch_run(ot_client *c, const ot_fetch_info *fi, ot_sink sink, uint8_
   j->hashes = hashes;
   j->on_chunk = on_chunk;
   j->arg = arg;
+  j->progress = o->progress;
+  j->progress_arg = o->progress_arg;
+  for (uint64_t i = 0; i < j->n; i++) /* resumed chunks count as done */
+    if (have[i]) j->done_bytes += i + 1 < j->n ? fi->chunk : fi->size - i * (uint64_t)fi->chunk;
   pthread_mutex_init(&j->mu, NULL);
   int window = o->window > 0 ? o->window : 4;
   pthread_rwlock_rdlock(&c->lk);

@@ -120,6 +120,10 @@ typedef struct {
   uint8_t id_out[16];
   uint64_t resumed_from; /* chunks the receiver already held */
   uint64_t sent;         /* chunks sent by this call */
+  /* optional: called after each chunk the receiver acknowledged (from the lane threads,
+   * one call at a time), e.g. for a progress bar */
+  void (*progress)(void *arg, uint64_t done_bytes, uint64_t total_bytes);
+  void *progress_arg;
 } ot_send_opts;
 /* Sends a tensor in chunks; returns OT_OK once the receiver verified and committed it. */
 int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t size, ot_send_opts *opts);
@@ -141,6 +145,10 @@ typedef struct {
   uint64_t size_out;
   uint64_t resumed_from; /* chunks already present from an earlier interrupted fetch */
   uint64_t fetched;      /* chunks downloaded by this call */
+  /* optional: called after each verified chunk (from the lane threads, one call at a
+   * time), with the bytes present so far (resumed ones included) */
+  void (*progress)(void *arg, uint64_t done_bytes, uint64_t total_bytes);
+  void *progress_arg;
 } ot_fetch_opts;
 #define OT_FETCH_MAX_DEFAULT (16ull << 30)
 /* Downloads `name` into sink; OT_OK once every chunk arrived and the whole digest (same

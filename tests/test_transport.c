@@ -92,6 +92,20 @@ static void on_end(void *user, const uint8_t peer[32], const char *name, int com
   pthread_mutex_unlock(&f->mu);
 }
 
+typedef struct {
+  uint64_t calls, first_done, last_done, total;
+} progress_rec;
+
+/* progress callbacks: one at a time, strictly growing */
+static void on_progress(void *arg, uint64_t done, uint64_t total) {
+  progress_rec *p = arg;
+  if (!p->calls++) p->first_done = done;
+  if (done <= p->last_done)
+    fail_msg("progress went from %llu to %llu", (unsigned long long)p->last_done, (unsigned long long)done);
+  p->last_done = done;
+  p->total = total;
+}
+
 /* ---- download sources ---- */
 
 #define FETCH_SIZE ((3u << 20) + 12345) /* 13 chunks of 256 KiB */
@@ -438,10 +452,14 @@ static void test_transfer_resume_and_truncation(void **state) {
   assert_int_equal(ot_client_open(&cc, &c), OT_OK);
   uint8_t id[16];
   memcpy(id, o.id_out, 16);
-  ot_send_opts o2 = {.transfer_id = id, .chunk = 256u << 10, .window = 3};
+  progress_rec pr = {0};
+  ot_send_opts o2 = {
+      .transfer_id = id, .chunk = 256u << 10, .window = 3, .progress = on_progress, .progress_arg = &pr};
   assert_int_equal(ot_client_send(c, "t.bin", F.tensor, size, &o2), OT_OK);
   assert_int_equal(o2.resumed_from, 2);
   assert_int_equal(o2.sent, 2);
+  assert_int_equal(pr.calls, 2);
+  assert_int_equal(pr.last_done, size);
   /* sent again (as after a lost reply): "committed", nothing resent */
   ot_send_opts o2b = {.transfer_id = id, .chunk = 256u << 10};
   assert_int_equal(ot_client_send(c, "t.bin", F.tensor, size, &o2b), OT_OK);
@@ -704,12 +722,17 @@ static void test_fetch(void **state) {
     assert_int_equal(oi.fetched, 5);
     ot_client_close(c);
     assert_int_equal(ot_client_open(&cc, &c), OT_OK);
-    ot_fetch_opts orr = {.chunk = FETCH_CHUNK, .window = 3};
+    progress_rec pr = {0};
+    ot_fetch_opts orr = {.chunk = FETCH_CHUNK, .window = 3, .progress = on_progress, .progress_arg = &pr};
     ot_server_get_stats(F.server, &st0);
     assert_int_equal(ot_client_fetch_file(c, "file.bin", path, &orr), OT_OK);
     ot_server_get_stats(F.server, &st1);
     assert_int_equal(orr.resumed_from, 5);
     assert_int_equal(orr.fetched, n - 5);
+    assert_int_equal(pr.calls, n - 5); /* one call per chunk, the last one at the total */
+    assert_int_equal(pr.last_done, FETCH_SIZE);
+    assert_int_equal(pr.total, FETCH_SIZE);
+    assert_true(pr.first_done > 5 * FETCH_CHUNK); /* resumed bytes counted */
     assert_int_equal(st1.fetch_chunks - st0.fetch_chunks, n - 5);
     assert_true(file_equals_tensor(path, FETCH_SIZE));
     assert_false(exists_fmt("%s.partial.state", path));
