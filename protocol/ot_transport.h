@@ -104,6 +104,9 @@ typedef struct {
   int no_aesgcm;                 /* XChaCha20-Poly1305 even where AES-NI is present */
 } ot_client_config;
 
+/* One operation at a time per client: ot_client_call, ot_client_send* and
+ * ot_client_fetch* use lane 0 (and more lanes for their window), so they must not run
+ * concurrently on the same ot_client; open one client per thread instead. */
 typedef struct ot_client ot_client;
 /* Dials (reconnecting in the background) and runs the handshake. */
 int ot_client_open(const ot_client_config *cfg, ot_client **out);
