@@ -70,8 +70,14 @@ typedef struct {
 } ot_chunk;
 int ot_chunk_pack(const uint8_t id[16], uint64_t index, int final, const uint8_t *data, size_t len,
                   const uint8_t *digest, uint8_t **out, size_t *out_len);
+/* data points into body (no copy): valid while body is. */
 int ot_chunk_decode(const uint8_t *body, size_t len, ot_chunk *out);
 void ot_chunk_release(ot_chunk *c);
+/* Exact packed size, and packing into a buffer of that size (a data chunk has
+ * final = 0 and data; a final marker has no data and a digest). */
+size_t ot_chunk_packed_len(uint64_t index, int final, size_t len, int has_digest);
+int ot_chunk_pack_to(const uint8_t id[16], uint64_t index, int final, const uint8_t *data, size_t len,
+                     const uint8_t *digest, uint8_t *out, size_t out_len);
 
 typedef struct {
   uint8_t id[16];

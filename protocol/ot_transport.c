@@ -20,6 +20,7 @@
 
 #include "ot_error.h"
 #include "ot_handshake.h"
+#include "ot_pb.h"
 
 /* ================================ server ================================ */
 
@@ -516,7 +517,9 @@ static void fetches_sweep(ot_server *s) {
 }
 
 /* One pass over the source: the chunk hash list and its digest. */
-static int source_digest(const ot_source *src, uint64_t size, uint32_t chunk, uint8_t out[32]) {
+int ot_source_digest(const ot_source *src, uint64_t size, uint32_t chunk, uint8_t out[32]) {
+  if (!src || !src->read_at || !out || chunk == 0 || chunk > OT_CHUNK_MAX)
+    return ot_error(OT_ERR_INVALID, "ot_source_digest: bad argument");
   uint64_t n = ot_transfer_chunks(size, chunk);
   uint8_t(*h)[32] = calloc(n ? n : 1, 32);
   uint8_t *buf = malloc(chunk);
@@ -540,7 +543,7 @@ static int digest_get(ot_server *s, const char *name, const ot_source *src, uint
                       uint8_t out[32]) {
   if (!src->stamp) {
     stat_add(s, &s->stats.digests_computed);
-    return source_digest(src, size, chunk, out);
+    return ot_source_digest(src, size, chunk, out);
   }
   pthread_mutex_lock(&s->tmu);
   srv_digest *e = NULL;
@@ -577,7 +580,7 @@ static int digest_get(ot_server *s, const char *name, const ot_source *src, uint
   }
   pthread_mutex_unlock(&s->tmu);
   stat_add(s, &s->stats.digests_computed);
-  int rc = source_digest(src, size, chunk, out);
+  int rc = ot_source_digest(src, size, chunk, out);
   if (e) {
     pthread_mutex_lock(&s->tmu);
     e->state = rc == OT_OK ? 2 : 0;
@@ -591,8 +594,8 @@ static int digest_get(ot_server *s, const char *name, const ot_source *src, uint
 
 /* FetchOpen -> FetchInfo; FetchChunk -> Chunk (data, or the end marker at index n).
  * *regen: the reply is a data chunk (not cached for retransmission). */
-static int handle_fetch(ot_server *s, srv_session *x, uint32_t type, const uint8_t *body, size_t bl,
-                        uint8_t **rb, size_t *rbl, uint32_t *rtype, int *regen) {
+static int handle_fetch(ot_server *s, srv_session *x, uint32_t lane, uint32_t type, const uint8_t *body,
+                        size_t bl, uint8_t **rb, size_t *rbl, uint32_t *rtype, int *regen, nng_msg **msg) {
   const uint8_t *peer = x->s.peer_pk;
   *regen = 0;
   if (type == OT_MSG_FETCH_OPEN) {
@@ -666,16 +669,30 @@ static int handle_fetch(ot_server *s, srv_session *x, uint32_t type, const uint8
     *rtype = OT_MSG_CHUNK;
     return rc;
   } else {
+    /* Straight into the reply message: the source reads into the place the chunk's data
+     * takes in the sealed body, which is then encrypted in place. */
     uint64_t off = index * f->chunk;
     size_t len = (size_t)(f->size - off < f->chunk ? f->size - off : f->chunk);
-    uint8_t *buf = malloc(len ? len : 1);
+    size_t cbl = ot_chunk_packed_len(index, 0, len, 0);
+    size_t wl = ot_env_sealed_len(lane, OT_MSG_CHUNK, cbl);
+    nng_msg *m = NULL;
+    rc = nng_msg_alloc(&m, wl) ? ot_error(OT_ERR_NOMEM, "out of memory") : OT_OK;
+    uint8_t *w = m ? nng_msg_body(m) : NULL, *cb = w ? w + (wl - cbl - OT_AEAD_ABYTES) : NULL;
     const uint8_t *d = NULL;
-    rc = buf ? f->src.read_at(f->src.self, off, len, buf, &d) : ot_error(OT_ERR_NOMEM, "out of memory");
-    if (rc == OT_OK) rc = ot_chunk_pack(id, index, 0, d, len, NULL, rb, rbl);
-    free(buf);
+    if (rc == OT_OK) rc = f->src.read_at(f->src.self, off, len, cb + (cbl - len), &d);
+    if (rc == OT_OK) rc = ot_chunk_pack_to(id, index, 0, d, len, NULL, cb, cbl);
+    if (rc == OT_OK) {
+      pthread_mutex_lock(&x->mu);
+      uint64_t seq = ++x->s.tx_seq[lane];
+      pthread_mutex_unlock(&x->mu);
+      rc = ot_env_seal_to(&x->s, lane, seq, OT_MSG_CHUNK, cb, cbl, w, wl);
+    }
     if (rc == OT_OK) {
       stat_add(s, &s->stats.fetch_chunks);
       *regen = 1;
+      *msg = m;
+    } else if (m) {
+      nng_msg_free(m);
     }
   }
   fetch_put(s, f, 0);
@@ -684,12 +701,14 @@ static int handle_fetch(ot_server *s, srv_session *x, uint32_t type, const uint8
 }
 
 /* Processes one request; always produces a reply (refusals included). */
-static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out, size_t *out_len) {
+static void process(ot_server *s, uint8_t *wire, size_t len, uint8_t **out, size_t *out_len,
+                    nng_msg **out_msg) {
   *out = NULL;
   *out_len = 0;
+  *out_msg = NULL;
   stat_add(s, &s->stats.requests);
   ot_env e = {0};
-  int rc = ot_env_decode(wire, len, s->cfg.max_msg, &e);
+  int rc = ot_env_view(wire, len, s->cfg.max_msg, &e); /* in place: wire is ours */
   if (rc) {
     srv_log(s, "refused a message: %s", ot_error_detail());
     stat_add(s, &s->stats.refusals);
@@ -789,7 +808,7 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
     ot_env_clear(&e);
     return;
   }
-  rc = ot_env_unseal(&x->s, &e, &body, &bl);
+  rc = ot_env_unseal_inplace(&x->s, &e, &body, &bl); /* body points into wire */
   if (rc == OT_OK) {
     pthread_mutex_lock(&x->mu);
     if (x->last_reply[lane] && e.h.seq == x->last_reply_seq[lane]) {
@@ -800,7 +819,6 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
         *out_len = x->last_reply_len[lane];
       }
       pthread_mutex_unlock(&x->mu);
-      free(body);
       stat_add(s, &s->stats.retransmits);
       session_put(s, x, 0);
       ot_env_clear(&e);
@@ -835,8 +853,8 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
     case OT_MSG_FETCH_OPEN:
     case OT_MSG_FETCH_CHUNK: {
       uint32_t rt = 0;
-      rc = handle_fetch(s, x, e.h.type, body, bl, &rb, &rbl, &rt, &regen);
-      if (rc == OT_OK) rc = sealed_reply(x, &x->s, lane, rt, rb, rbl, out, out_len);
+      rc = handle_fetch(s, x, lane, e.h.type, body, bl, &rb, &rbl, &rt, &regen, out_msg);
+      if (rc == OT_OK && !*out_msg) rc = sealed_reply(x, &x->s, lane, rt, rb, rbl, out, out_len);
       break;
     }
     default: rc = ot_error(OT_ERR_FORMAT, "unexpected message type %u", e.h.type);
@@ -852,7 +870,7 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
     *out = NULL;
     if (sealed_refusal(x, &x->s, lane, rc, out, out_len) != OT_OK) plain_refusal(rc, out, out_len);
   }
-  if (accepted && *out) {
+  if (accepted && (*out || *out_msg)) {
     /* Cache the reply for a retransmission of this request (same lane and seq); a
      * fetched chunk is not kept (memory would be lanes x chunk per session). */
     regen = regen && rc == OT_OK;
@@ -866,8 +884,7 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
     if (copy) memcpy(copy, *out, *out_len);
     pthread_mutex_unlock(&x->mu);
   }
-  if (body) sodium_memzero(body, bl);
-  free(body);
+  if (body && e.h.type == OT_MSG_APP) sodium_memzero(body, bl); /* application bodies may be secrets */
   free(rb);
   session_put(s, x, kill);
   ot_env_clear(&e);
@@ -917,11 +934,11 @@ static void *worker_main(void *arg) {
     pthread_mutex_unlock(&s->qmu);
     uint8_t *out = NULL;
     size_t out_len = 0;
-    process(s, nng_msg_body(j.m), nng_msg_len(j.m), &out, &out_len);
-    nng_msg_free(j.m);
     nng_msg *r = NULL;
-    if (out && nng_msg_alloc(&r, out_len) == 0) {
-      memcpy(nng_msg_body(r), out, out_len);
+    process(s, nng_msg_body(j.m), nng_msg_len(j.m), &out, &out_len, &r);
+    nng_msg_free(j.m);
+    if (r || (out && nng_msg_alloc(&r, out_len) == 0)) {
+      if (out) memcpy(nng_msg_body(r), out, out_len);
       j.c->sending = 1;
       nng_aio_set_msg(j.c->aio, r);
       nng_ctx_send(j.c->ctx, j.c->aio);
@@ -1113,20 +1130,16 @@ static void wire_trace(const char *kind, const void *data, size_t len) {
   close(fd);
 }
 
-/* One request/reply on a lane's context; a transport error is OT_ERR_IO. */
-static int round_trip(ot_client *c, uint32_t lane, const uint8_t *wire, size_t len, uint8_t **reply,
-                      size_t *reply_len) {
-  nng_msg *m = NULL;
-  int rv = nng_msg_alloc(&m, len);
-  if (rv) return ot_error(OT_ERR_NOMEM, "out of memory");
-  memcpy(nng_msg_body(m), wire, len);
-  wire_trace("wire", wire, len);
+/* One request/reply on a lane's context: sends m (consumed); the reply message is the
+ * caller's. A transport error is OT_ERR_IO. */
+static int round_trip_msg(ot_client *c, uint32_t lane, nng_msg *m, nng_msg **reply) {
+  wire_trace("wire", nng_msg_body(m), nng_msg_len(m));
   nng_aio *aio = c->aio[lane];
   nng_aio_set_msg(aio, m);
   nng_aio_set_timeout(aio, c->cfg.timeout_ms);
   nng_ctx_send(c->ctx[lane], aio);
   nng_aio_wait(aio);
-  rv = nng_aio_result(aio);
+  int rv = nng_aio_result(aio);
   if (rv) {
     nng_msg_free(nng_aio_get_msg(aio));
     return ot_error(OT_ERR_IO, "send to %s: %s", c->cfg.url, nng_strerror(rv));
@@ -1136,7 +1149,18 @@ static int round_trip(ot_client *c, uint32_t lane, const uint8_t *wire, size_t l
   nng_aio_wait(aio);
   rv = nng_aio_result(aio);
   if (rv) return ot_error(OT_ERR_IO, "no reply from %s: %s", c->cfg.url, nng_strerror(rv));
-  m = nng_aio_get_msg(aio);
+  *reply = nng_aio_get_msg(aio);
+  return OT_OK;
+}
+
+/* The same with plain buffers (handshake, tests). */
+static int round_trip(ot_client *c, uint32_t lane, const uint8_t *wire, size_t len, uint8_t **reply,
+                      size_t *reply_len) {
+  nng_msg *m = NULL;
+  if (nng_msg_alloc(&m, len)) return ot_error(OT_ERR_NOMEM, "out of memory");
+  memcpy(nng_msg_body(m), wire, len);
+  int rc = round_trip_msg(c, lane, m, &m);
+  if (rc) return rc;
   size_t n = nng_msg_len(m);
   uint8_t *b = malloc(n ? n : 1);
   if (!b) {
@@ -1214,8 +1238,11 @@ static int rehandshake(ot_client *c, uint64_t seen_generation) {
   return rc;
 }
 
-int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t *body, size_t len,
-                      uint32_t *rtype, uint8_t **reply, size_t *reply_len) {
+/* One sealed request with retries and rekeys. The request is sealed straight into an
+ * nng message and the reply decrypted in place in the one nng gives back: *rbody points
+ * into *rmsg, which the caller frees. */
+static int request_msg(ot_client *c, uint32_t lane, uint32_t type, const uint8_t *body, size_t len,
+                       uint32_t *rtype, nng_msg **rmsg, const uint8_t **rbody, size_t *rbody_len) {
   if (!c || lane >= (uint32_t)c->n_lanes_open) return ot_error(OT_ERR_INVALID, "ot_client_request: bad lane");
   int rc = OT_OK, rehandshakes = 0;
   for (int attempt = 0; attempt <= c->cfg.retries;) {
@@ -1228,31 +1255,46 @@ int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t 
     /* rekey ahead of expiry (once per request, whatever the server's TTL) */
     int expiring = rehandshakes == 0 && ot_unix_now() + 5 >= c->s.expires_at;
     int rekey = expiring; /* also: the server does not know our session */
-    uint8_t *wire = NULL, *r = NULL, *b = NULL;
-    size_t wl = 0, rl = 0, blen = 0;
+    nng_msg *m = NULL, *r = NULL;
+    uint8_t *b = NULL;
+    size_t blen = 0;
     ot_env_header h = {0};
-    if (expiring)
+    if (expiring) {
       rc = ot_error(OT_ERR_NOTFOUND, "session %016llx about to expire", (unsigned long long)c->s.id);
-    else {
+    } else if (c->s.tx_seq[lane] == UINT64_MAX) {
+      rc = ot_error(OT_ERR_RANGE, "sequence numbers exhausted: rekey");
+    } else {
       wire_trace("plain", body, len);
-      rc = ot_env_seal(&c->s, lane, type, body, len, &wire, &wl);
+      size_t wl = ot_env_sealed_len(lane, type, len);
+      /* nng would drop a frame this large without a word: refuse it here */
+      rc = c->s.peer_max_msg && wl > c->s.peer_max_msg
+               ? ot_error(OT_ERR_RANGE, "request of %zu bytes exceeds the server's limit of %u", wl,
+                          c->s.peer_max_msg)
+           : nng_msg_alloc(&m, wl) ? ot_error(OT_ERR_NOMEM, "out of memory")
+                                   : OT_OK;
+      if (rc == OT_OK)
+        rc = ot_env_seal_to(&c->s, lane, c->s.tx_seq[lane] + 1, type, body, len, nng_msg_body(m), wl);
+      if (rc == OT_OK)
+        c->s.tx_seq[lane]++; /* one thread per lane */
+      else if (m)
+        nng_msg_free(m);
     }
     if (!expiring && rc == OT_OK) {
       pthread_rwlock_unlock(&c->lk); /* no lock across the network wait */
-      rc = round_trip(c, lane, wire, wl, &r, &rl);
+      rc = round_trip_msg(c, lane, m, &r);
       pthread_rwlock_rdlock(&c->lk);
       ot_env e = {0};
       if (rc == OT_OK && c->generation != gen) {
         rc = ot_error(OT_ERR_NOTFOUND, "session changed during the request");
         rekey = 1;
       }
-      if (rc == OT_OK) rc = ot_env_decode(r, rl, c->cfg.max_msg, &e);
+      if (rc == OT_OK) rc = ot_env_view(nng_msg_body(r), nng_msg_len(r), c->cfg.max_msg, &e);
       if (rc == OT_OK && !e.sealed && e.h.type == OT_MSG_REFUSAL) {
         /* unauthenticated: only "unknown session" is acted on (by a new handshake) */
         rc = ot_refusal_error(e.data, e.len, 0);
         rekey = rc == OT_ERR_NOTFOUND;
       } else if (rc == OT_OK) {
-        rc = ot_env_unseal(&c->s, &e, &b, &blen);
+        rc = ot_env_unseal_inplace(&c->s, &e, &b, &blen);
         if (rc == OT_OK) rc = ot_session_accept_seq(&c->s, e.h.lane, e.h.seq);
         if (rc == OT_OK) h = e.h;
         if (rc == OT_OK && h.lane != lane)
@@ -1262,15 +1304,14 @@ int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t 
       ot_env_clear(&e);
     }
     pthread_rwlock_unlock(&c->lk);
-    free(wire);
-    free(r);
     if (rc == OT_OK) {
       if (rtype) *rtype = h.type;
-      *reply = b;
-      *reply_len = blen;
+      *rmsg = r;
+      *rbody = b;
+      *rbody_len = blen;
       return OT_OK;
     }
-    free(b);
+    if (r) nng_msg_free(r);
     if (rekey && rehandshakes < 2) {
       /* The session is unknown to the server (expired, or the server restarted): rekey. */
       rehandshakes++;
@@ -1283,6 +1324,22 @@ int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t 
     attempt++;
   }
   return rc;
+}
+
+int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t *body, size_t len,
+                      uint32_t *rtype, uint8_t **reply, size_t *reply_len) {
+  nng_msg *m = NULL;
+  const uint8_t *b = NULL;
+  size_t bl = 0;
+  int rc = request_msg(c, lane, type, body, len, rtype, &m, &b, &bl);
+  if (rc) return rc;
+  uint8_t *copy = malloc(bl ? bl : 1);
+  if (copy && bl) memcpy(copy, b, bl);
+  nng_msg_free(m);
+  if (!copy) return ot_error(OT_ERR_NOMEM, "out of memory");
+  *reply = copy;
+  *reply_len = bl;
+  return OT_OK;
 }
 
 int ot_client_call(ot_client *c, const uint8_t *body, size_t len, uint8_t **reply, size_t *reply_len) {
@@ -1404,6 +1461,9 @@ typedef struct {
   int rc;
   char detail[512];
   uint32_t lane;
+  void (*progress)(void *, uint64_t, uint64_t);
+  void *progress_arg;
+  uint64_t done_bytes; /* under mu */
 } send_job;
 
 typedef struct {
@@ -1424,9 +1484,12 @@ static void send_fail(send_job *j, int rc) {
 static void *send_lane(void *arg) {
   lane_arg *a = arg;
   send_job *j = a->j;
-  uint8_t *buf = malloc(j->chunk); /* this lane's chunk: memory is window x chunk */
-  if (!buf) send_fail(j, ot_error(OT_ERR_NOMEM, "out of memory"));
-  for (; buf;) {
+  /* this lane's chunk body, reused for every chunk: memory is window x chunk; a file
+   * source reads straight into the place the data takes in it */
+  size_t cap = ot_chunk_packed_len(j->n, 0, j->chunk, 0);
+  uint8_t *body = malloc(cap);
+  if (!body) send_fail(j, ot_error(OT_ERR_NOMEM, "out of memory"));
+  for (; body;) {
     if (atomic_load(&j->failed)) break;
     uint64_t i = atomic_fetch_add(&j->next, 1);
     if (i >= j->n) break;
@@ -1438,28 +1501,33 @@ static void *send_lane(void *arg) {
     if (!j->stop_after) atomic_fetch_add(&j->sent, 1);
     uint64_t off = i * j->chunk;
     size_t len = (size_t)(j->size - off < j->chunk ? j->size - off : j->chunk);
-    const uint8_t *data = NULL;
-    uint8_t *body = NULL, *r = NULL;
-    size_t bl = 0, rl = 0;
+    const uint8_t *data = NULL, *r = NULL;
+    size_t bl = ot_chunk_packed_len(i, 0, len, 0), rl = 0;
     uint32_t t = 0;
-    int rc = j->src.read_at(j->src.self, off, len, buf, &data);
+    nng_msg *rm = NULL;
+    int rc = j->src.read_at(j->src.self, off, len, body + (bl - len), &data);
     if (rc == OT_OK) {
       ot_chunk_hash(i, data, len, j->hashes[i]);
-      rc = ot_chunk_pack(j->id, i, 0, data, len, NULL, &body, &bl);
+      rc = ot_chunk_pack_to(j->id, i, 0, data, len, NULL, body, bl);
     }
-    if (rc == OT_OK) rc = ot_client_request(j->c, a->lane, OT_MSG_CHUNK, body, bl, &t, &r, &rl);
-    free(body);
+    if (rc == OT_OK) rc = request_msg(j->c, a->lane, OT_MSG_CHUNK, body, bl, &t, &rm, &r, &rl);
     ot_transfer_status st;
     if (rc == OT_OK && t != OT_MSG_TRANSFER_STATUS)
       rc = ot_error(OT_ERR_FORMAT, "unexpected reply type %u to a chunk", t);
     if (rc == OT_OK) rc = ot_status_decode(r, rl, &st);
-    free(r);
+    if (rm) nng_msg_free(rm);
     if (rc) {
       send_fail(j, rc);
       break;
     }
+    if (j->progress) {
+      pthread_mutex_lock(&j->mu);
+      j->done_bytes += len;
+      j->progress(j->progress_arg, j->done_bytes, j->size);
+      pthread_mutex_unlock(&j->mu);
+    }
   }
-  free(buf);
+  free(body);
   return NULL;
 }
 
@@ -1549,6 +1617,9 @@ int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_
   j->n = n;
   j->chunk = chunk;
   j->stop_after = opts->stop_after;
+  j->progress = opts->progress;
+  j->progress_arg = opts->progress_arg;
+  j->done_bytes = st.have_prefix * chunk < size ? st.have_prefix * chunk : size;
   memcpy(j->id, b.id, 16);
   atomic_store(&j->next, st.have_prefix);
   pthread_mutex_init(&j->mu, NULL);
@@ -1661,6 +1732,9 @@ typedef struct {
   /* called with each verified chunk, after the sink wrote it (fetch_file's state log) */
   int (*on_chunk)(void *arg, uint64_t index, const uint8_t hash[32]);
   void *arg;
+  void (*progress)(void *, uint64_t, uint64_t);
+  void *progress_arg;
+  uint64_t done_bytes; /* under mu */
 } fetch_job;
 
 typedef struct {
@@ -1679,16 +1753,25 @@ static void fetch_fail(fetch_job *j, int rc) {
 }
 
 static int fetch_one(fetch_job *j, uint32_t lane, uint64_t i) {
-  uint8_t *body = NULL, *r = NULL;
+  uint8_t req[64];
   size_t bl = 0, rl = 0;
+  const uint8_t *r = NULL;
+  nng_msg *rm = NULL;
   uint32_t t = 0;
-  int rc = ot_fetch_chunk_pack(j->fi.id, i, &body, &bl);
-  if (rc == OT_OK) rc = ot_client_request(j->c, lane, OT_MSG_FETCH_CHUNK, body, bl, &t, &r, &rl);
-  free(body);
+  /* FetchChunk: id and index, packed here (no allocation) */
+  uint8_t *p = req;
+  *p++ = 0x0a;
+  *p++ = 16;
+  memcpy(p, j->fi.id, 16);
+  p += 16;
+  *p++ = 0x10;
+  p = ot_pbw_varint(p, i);
+  bl = (size_t)(p - req);
+  int rc = request_msg(j->c, lane, OT_MSG_FETCH_CHUNK, req, bl, &t, &rm, &r, &rl);
   if (rc) return rc;
   ot_chunk ch = {0};
   if (t != OT_MSG_CHUNK) rc = ot_error(OT_ERR_FORMAT, "reply of type %u to a chunk request", t);
-  if (rc == OT_OK) rc = ot_chunk_decode(r, rl, &ch);
+  if (rc == OT_OK) rc = ot_chunk_decode(r, rl, &ch); /* in place, in the reply message */
   uint64_t off = i * j->fi.chunk;
   size_t want = (size_t)(j->fi.size - off < j->fi.chunk ? j->fi.size - off : j->fi.chunk);
   if (rc == OT_OK && (memcmp(ch.id, j->fi.id, 16) != 0 || ch.index != i || ch.final))
@@ -1705,8 +1788,13 @@ static int fetch_one(fetch_job *j, uint32_t lane, uint64_t i) {
     memcpy(j->hashes[i], h, 32);
     if (j->on_chunk) rc = j->on_chunk(j->arg, i, h);
   }
-  ot_chunk_release(&ch);
-  free(r);
+  if (rc == OT_OK && j->progress) {
+    pthread_mutex_lock(&j->mu);
+    j->done_bytes += want;
+    j->progress(j->progress_arg, j->done_bytes, j->fi.size);
+    pthread_mutex_unlock(&j->mu);
+  }
+  nng_msg_free(rm);
   return rc;
 }
 
@@ -1797,6 +1885,10 @@ static int fetch_run(ot_client *c, const ot_fetch_info *fi, ot_sink sink, uint8_
   j->hashes = hashes;
   j->on_chunk = on_chunk;
   j->arg = arg;
+  j->progress = o->progress;
+  j->progress_arg = o->progress_arg;
+  for (uint64_t i = 0; i < j->n; i++) /* resumed chunks count as done */
+    if (have[i]) j->done_bytes += i + 1 < j->n ? fi->chunk : fi->size - i * (uint64_t)fi->chunk;
   pthread_mutex_init(&j->mu, NULL);
   int window = o->window > 0 ? o->window : 4;
   pthread_rwlock_rdlock(&c->lk);

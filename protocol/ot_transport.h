@@ -38,6 +38,10 @@ typedef struct {
 /* A file as a source (pread; stamp from device, inode, size and mtime). */
 int ot_file_source_open(const char *path, ot_source *src, uint64_t *size);
 void ot_file_source_close(ot_source *src);
+/* The transfer digest (ot_transfer_digest) of a source at a chunk size, in one pass:
+ * what a download of it announces, e.g. for a manifest that devices check with
+ * ot_fetch_opts.expect_digest (at the chunk size the server serves: fetch_chunk). */
+int ot_source_digest(const ot_source *src, uint64_t size, uint32_t chunk, uint8_t out[32]);
 
 typedef struct {
   const char *url;
@@ -100,6 +104,9 @@ typedef struct {
   int no_aesgcm;                 /* XChaCha20-Poly1305 even where AES-NI is present */
 } ot_client_config;
 
+/* One operation at a time per client: ot_client_call, ot_client_send* and
+ * ot_client_fetch* use lane 0 (and more lanes for their window), so they must not run
+ * concurrently on the same ot_client; open one client per thread instead. */
 typedef struct ot_client ot_client;
 /* Dials (reconnecting in the background) and runs the handshake. */
 int ot_client_open(const ot_client_config *cfg, ot_client **out);
@@ -116,6 +123,10 @@ typedef struct {
   uint8_t id_out[16];
   uint64_t resumed_from; /* chunks the receiver already held */
   uint64_t sent;         /* chunks sent by this call */
+  /* optional: called after each chunk the receiver acknowledged (from the lane threads,
+   * one call at a time), e.g. for a progress bar */
+  void (*progress)(void *arg, uint64_t done_bytes, uint64_t total_bytes);
+  void *progress_arg;
 } ot_send_opts;
 /* Sends a tensor in chunks; returns OT_OK once the receiver verified and committed it. */
 int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t size, ot_send_opts *opts);
@@ -137,6 +148,10 @@ typedef struct {
   uint64_t size_out;
   uint64_t resumed_from; /* chunks already present from an earlier interrupted fetch */
   uint64_t fetched;      /* chunks downloaded by this call */
+  /* optional: called after each verified chunk (from the lane threads, one call at a
+   * time), with the bytes present so far (resumed ones included) */
+  void (*progress)(void *arg, uint64_t done_bytes, uint64_t total_bytes);
+  void *progress_arg;
 } ot_fetch_opts;
 #define OT_FETCH_MAX_DEFAULT (16ull << 30)
 /* Downloads `name` into sink; OT_OK once every chunk arrived and the whole digest (same

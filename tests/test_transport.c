@@ -92,6 +92,20 @@ static void on_end(void *user, const uint8_t peer[32], const char *name, int com
   pthread_mutex_unlock(&f->mu);
 }
 
+typedef struct {
+  uint64_t calls, first_done, last_done, total;
+} progress_rec;
+
+/* progress callbacks: one at a time, strictly growing */
+static void on_progress(void *arg, uint64_t done, uint64_t total) {
+  progress_rec *p = arg;
+  if (!p->calls++) p->first_done = done;
+  if (done <= p->last_done)
+    fail_msg("progress went from %llu to %llu", (unsigned long long)p->last_done, (unsigned long long)done);
+  p->last_done = done;
+  p->total = total;
+}
+
 /* ---- download sources ---- */
 
 #define FETCH_SIZE ((3u << 20) + 12345) /* 13 chunks of 256 KiB */
@@ -368,8 +382,19 @@ static void test_hostile_input(void **state) {
   assert_non_null(strstr(ot_error_detail(), "exceeds the limit"));
   free(r);
   free(ob);
-  /* far over it: nng drops the pipe before allocating; the sender times out, others
-   * carry on */
+  /* a client does not send what the server announced it would refuse (no timeout) */
+  ot_server_stats sb0, sb1;
+  ot_server_get_stats(F.server, &sb0);
+  ob = calloc(1, 3u << 20);
+  double t_big = ot_now();
+  assert_int_equal(ot_client_call(good, ob, 3u << 20, &r, &rl), OT_ERR_RANGE);
+  assert_non_null(strstr(ot_error_detail(), "exceeds the server's limit of 1052672"));
+  assert_true(ot_now() - t_big < 1.0);
+  free(ob);
+  ot_server_get_stats(F.server, &sb1);
+  assert_int_equal(sb1.requests, sb0.requests);
+  /* far over it (a raw frame): nng drops the pipe before allocating; the sender times
+   * out, others carry on */
   ot_client_config small = cc;
   small.timeout_ms = 300;
   small.retries = -1;
@@ -427,10 +452,14 @@ static void test_transfer_resume_and_truncation(void **state) {
   assert_int_equal(ot_client_open(&cc, &c), OT_OK);
   uint8_t id[16];
   memcpy(id, o.id_out, 16);
-  ot_send_opts o2 = {.transfer_id = id, .chunk = 256u << 10, .window = 3};
+  progress_rec pr = {0};
+  ot_send_opts o2 = {
+      .transfer_id = id, .chunk = 256u << 10, .window = 3, .progress = on_progress, .progress_arg = &pr};
   assert_int_equal(ot_client_send(c, "t.bin", F.tensor, size, &o2), OT_OK);
   assert_int_equal(o2.resumed_from, 2);
   assert_int_equal(o2.sent, 2);
+  assert_int_equal(pr.calls, 2);
+  assert_int_equal(pr.last_done, size);
   /* sent again (as after a lost reply): "committed", nothing resent */
   ot_send_opts o2b = {.transfer_id = id, .chunk = 256u << 10};
   assert_int_equal(ot_client_send(c, "t.bin", F.tensor, size, &o2b), OT_OK);
@@ -582,6 +611,17 @@ static void test_fetch(void **state) {
   uint8_t want[32];
   ot_transfer_digest_buf(F.tensor, FETCH_SIZE, FETCH_CHUNK, want);
   const uint64_t n = (FETCH_SIZE + FETCH_CHUNK - 1) / FETCH_CHUNK;
+  { /* what a manifest would publish: the file source's digest, computed here */
+    ot_source fs;
+    uint64_t fsz = 0;
+    uint8_t d[32];
+    assert_int_equal(ot_file_source_open(F.fetch_file, &fs, &fsz), OT_OK);
+    assert_int_equal(fsz, FETCH_SIZE);
+    assert_int_equal(ot_source_digest(&fs, fsz, FETCH_CHUNK, d), OT_OK);
+    assert_memory_equal(d, want, 32);
+    ot_file_source_close(&fs);
+    assert_int_equal(ot_file_source_open("/nonexistent/x", &fs, &fsz), OT_ERR_NOTFOUND);
+  }
   const char *urls[] = {"tcp://127.0.0.1:0", ipc};
   for (int u = 0; u < 2; u++) {
     F.fetch_opened = F.fetch_closed = 0;
@@ -612,6 +652,30 @@ static void test_fetch(void **state) {
       ot_server_get_stats(F.server, &st1);
       assert_int_equal(st1.fetch_chunks - st0.fetch_chunks, n);
       assert_int_equal(st1.digests_computed - st0.digests_computed, k == 0 ? 1 : 0);
+    }
+
+    /* the same with XChaCha20-Poly1305 (chunks are sealed and opened in place) */
+    {
+      ot_client_config cx = cc;
+      cx.no_aesgcm = 1;
+      ot_client *c3;
+      assert_int_equal(ot_client_open(&cx, &c3), OT_OK);
+      assert_int_equal(ot_client_session(c3)->aead, OT_AEAD_XCHACHA);
+      ot_sink sink;
+      assert_int_equal(ot_mem_sink_open(FETCH_SIZE, &sink), OT_OK);
+      ot_fetch_opts o = {.chunk = FETCH_CHUNK, .window = 2};
+      assert_int_equal(ot_client_fetch(c3, "blob.bin", sink, &o), OT_OK);
+      uint8_t *b = ot_mem_sink_take(&sink, NULL);
+      assert_non_null(b);
+      assert_memory_equal(b, F.tensor, FETCH_SIZE);
+      free(b);
+      ot_mem_sink_free(&sink);
+      ot_send_opts so = {.chunk = FETCH_CHUNK, .window = 2};
+      int bad0 = F.bad_data, committed0 = F.committed;
+      assert_int_equal(ot_client_send(c3, "up.bin", F.tensor, FETCH_SIZE, &so), OT_OK);
+      assert_int_equal(F.committed, committed0 + 1);
+      assert_int_equal(F.bad_data, bad0); /* the server's sink holds the right bytes */
+      ot_client_close(c3);
     }
 
     /* into a file: atomically, nothing else left behind; again from the cache */
@@ -658,12 +722,17 @@ static void test_fetch(void **state) {
     assert_int_equal(oi.fetched, 5);
     ot_client_close(c);
     assert_int_equal(ot_client_open(&cc, &c), OT_OK);
-    ot_fetch_opts orr = {.chunk = FETCH_CHUNK, .window = 3};
+    progress_rec pr = {0};
+    ot_fetch_opts orr = {.chunk = FETCH_CHUNK, .window = 3, .progress = on_progress, .progress_arg = &pr};
     ot_server_get_stats(F.server, &st0);
     assert_int_equal(ot_client_fetch_file(c, "file.bin", path, &orr), OT_OK);
     ot_server_get_stats(F.server, &st1);
     assert_int_equal(orr.resumed_from, 5);
     assert_int_equal(orr.fetched, n - 5);
+    assert_int_equal(pr.calls, n - 5); /* one call per chunk, the last one at the total */
+    assert_int_equal(pr.last_done, FETCH_SIZE);
+    assert_int_equal(pr.total, FETCH_SIZE);
+    assert_true(pr.first_done > 5 * FETCH_CHUNK); /* resumed bytes counted */
     assert_int_equal(st1.fetch_chunks - st0.fetch_chunks, n - 5);
     assert_true(file_equals_tensor(path, FETCH_SIZE));
     assert_false(exists_fmt("%s.partial.state", path));
