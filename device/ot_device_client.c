@@ -179,6 +179,11 @@ static int call(runner *r, const Offtune__Session__SessionRequest *req, uint8_t 
   return rc;
 }
 
+static void xfer_progress(void *arg, uint64_t done, uint64_t total) {
+  (void)total;
+  ot_progress_update(arg, (int64_t)done, NULL);
+}
+
 /* A file of the round: fetched unless already there with the right digest. */
 static int fetch_verified(runner *r, const Offtune__Session__FileRef *f, const char *dir) {
   if (!f->file || !*f->file || strchr(f->file, '/') || f->file[0] == '.')
@@ -188,7 +193,14 @@ static int fetch_verified(runner *r, const Offtune__Session__FileRef *f, const c
     return ot_error(OT_ERR_RANGE, "path too long");
   if (ot_file_exists(path) && ot_file_digest(path, h) == OT_OK && strcmp(h, f->digest) == 0) return OT_OK;
   ot_fetch_opts o = {.max_size = f->size};
+  ot_progress bar;
+  if (f->size >= (1u << 20)) { /* a bar for the large files only */
+    ot_progress_start(&bar, stderr, f->file, (int64_t)f->size);
+    o.progress = xfer_progress;
+    o.progress_arg = &bar;
+  }
   int rc = ot_client_fetch_file(r->c, f->name, path, &o);
+  if (o.progress) ot_progress_finish(&bar, rc == OT_OK ? "done" : "interrupted");
   if (rc == OT_OK) rc = ot_file_digest(path, h);
   if (rc == OT_OK && strcmp(h, f->digest) != 0) {
     unlink(path);
@@ -308,7 +320,15 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
   snprintf(name, sizeof name, "update.%s.%u", ri->session, ri->round);
   if (rc == OT_OK) rc = ot_file_digest(upload, h);
   ot_send_opts so = {.window = 4};
+  ot_progress bar;
+  struct stat sb;
+  if (rc == OT_OK && stat(upload, &sb) == 0 && sb.st_size >= (1 << 20)) {
+    ot_progress_start(&bar, stderr, "upload", (int64_t)sb.st_size);
+    so.progress = xfer_progress;
+    so.progress_arg = &bar;
+  }
   if (rc == OT_OK) rc = ot_client_send_file(r->c, name, upload, &so);
+  if (so.progress) ot_progress_finish(&bar, rc == OT_OK ? "done" : "interrupted");
   if (rc == OT_OK) {
     Offtune__Session__SubmitUpdate su = OFFTUNE__SESSION__SUBMIT_UPDATE__INIT;
     su.session = ri->session;
