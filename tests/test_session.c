@@ -3,7 +3,8 @@
  * - two sessions at once: FedAvg with 3 devices (each aggregate equals the token-weighted
  *   average of the stored updates, recomputed here) and LoRA + FedAdam with 2 devices
  *   (the server step recomputed here); the final adapters are published and load;
- * - a device killed mid-round: the round completes at its deadline with the others;
+ * - a device killed mid-round: the round completes at its deadline with the others; a
+ *   straggler's late upload is refused as stale and it joins the next round;
  * - the daemon killed with kill -9 mid-round and restarted: the session finishes, every
  *   accepted update is kept and none is applied twice (registry rows, aggregates);
  * - a malicious device (garbage, oversized, wrong shape, NaN, stale round, duplicate,
@@ -415,12 +416,13 @@ static void test_device_killed(void **state) {
   (void)state;
   daemon_t d;
   daemon_init(&d, "killed");
-  session_create(&d, "k", "--rounds 1 --min-devices 2 --max-devices 3 --deadline 6");
-  const char *devs[] = {"k1", "k2", "k3"};
-  for (int i = 0; i < 3; i++) device_join(&d, devs[i]);
+  session_create(&d, "k", "--rounds 2 --min-devices 2 --max-devices 4 --deadline 6");
+  const char *devs[] = {"k1", "k2", "k3", "k4"};
+  for (int i = 0; i < 4; i++) device_join(&d, devs[i]);
   pid_t p1 = device_run("k1", "romance.txt", "k", NULL), p2 = device_run("k2", "mystery.txt", "k", NULL);
-  /* k3 trains, then dies before its upload */
+  /* k3 trains, then dies before its upload; k4 is a straggler, always past the deadline */
   pid_t p3 = device_run("k3", "humor.txt", "k", "OT_TEST_DEVICE_DELAY_MS=60000");
+  pid_t p4 = device_run("k4", "humor.txt", "k", "OT_TEST_DEVICE_DELAY_MS=8000");
   char log[1200];
   snprintf(log, sizeof log, "%s/k3.log", dir);
   wait_for_file_text(log, "before the upload", 60);
@@ -429,10 +431,16 @@ static void test_device_killed(void **state) {
   double t0 = now_s();
   assert_int_equal(wait_exit(p1, 60), 0);
   assert_int_equal(wait_exit(p2, 60), 0);
+  assert_int_equal(wait_exit(p4, 60), 0);
   cJSON *s = wait_session(&d, "k", "done", 30);
-  fprintf(stderr, "round finished %.1f s after the kill (deadline 6 s)\n", now_s() - t0);
+  fprintf(stderr, "both rounds finished %.1f s after the kill (deadline 6 s per round)\n", now_s() - t0);
   assert_int_equal(check_round(&d, s, 1, 0, 0, 0, 0, 0), 2);
+  assert_int_equal(check_round(&d, s, 2, 0, 0, 0, 0, 0), 2);
   assert_true(file_has(d.log, "closed with 2 update(s) at the deadline"));
+  /* the straggler's late round-1 upload was refused as stale; it then took part in round 2 */
+  assert_true(file_has(d.log, "stale round 1 (session 'k' is in round 2)"));
+  snprintf(log, sizeof log, "%s/k4.log", dir);
+  assert_true(file_has(log, "k round 2 of 2: training"));
   cJSON_Delete(s);
   daemon_stop(&d);
 }
