@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
@@ -288,6 +289,16 @@ int ot_cmd_serve(int argc, char **argv) {
     what = "loading the cloud identity";
     rc = identity_load_or_make(d);
   }
+  /* one daemon per state directory: the lock goes with the process, kill -9 included */
+  char lock_path[2600];
+  int lock_fd = -1;
+  if (rc == OT_OK) rc = ot_daemon_path(d, lock_path, sizeof lock_path, "daemon.lock");
+  if (rc == OT_OK) {
+    lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (lock_fd < 0 || flock(lock_fd, LOCK_EX | LOCK_NB) != 0)
+      rc = ot_error(OT_ERR_INVALID, "another daemon runs on %s (%s)", d->state,
+                    lock_fd < 0 ? strerror(errno) : "the lock is held");
+  }
   char db[2600];
   if (rc == OT_OK) {
     what = "opening the registry";
@@ -347,6 +358,7 @@ int ot_cmd_serve(int argc, char **argv) {
     ot_reg_close(d->reg);
   }
   ot_identity_wipe(&d->id);
+  if (lock_fd >= 0) close(lock_fd);
   pthread_cond_destroy(&d->cv);
   pthread_mutex_destroy(&d->mu);
   free(d);

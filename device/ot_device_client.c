@@ -286,7 +286,7 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
     o.seq_len = (int)ri->train->seq_len;
     o.lr = ri->train->lr;
     o.prox_mu = ri->train->has_prox_mu ? ri->train->prox_mu : 0.0f;
-    o.data_offset = (uint64_t)(ri->round - 1) * o.steps * o.batch * (o.seq_len ? o.seq_len : 1);
+    o.data_offset_steps = (uint64_t)(ri->round - 1) * (uint64_t)o.steps; /* each round reads on */
     o.backend = r->backend;
     o.threads = r->threads;
     ot_dev_train_result res;
@@ -416,6 +416,7 @@ int ot_dev_run(int argc, char **argv) {
   int accepted_n = 0, backoff = 200, exit_code = OT_EXIT_OK;
   unsigned last_wait_round = 0;
   char session_buf[64];
+  int said_none = 0;
   for (;;) {
     rc = ensure_client(&r);
     Offtune__Session__RoundInfo *ri = NULL;
@@ -479,7 +480,12 @@ int ot_dev_run(int argc, char **argv) {
         stop = 1;
         exit_code = OT_EXIT_FAIL;
         break;
-      default: break; /* NONE: no session yet */
+      default: /* NONE: no session (yet) */
+        if (!said_none)
+          fprintf(stderr, "[run] %s; waiting for the operator to create it\n",
+                  ri->detail ? ri->detail : "no session");
+        said_none = 1;
+        break;
       }
     }
     if (ri) offtune__session__round_info__free_unpacked(ri, &pa.a);

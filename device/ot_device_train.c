@@ -206,7 +206,8 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
     rc = ot_batcher_init(&bt, &train, batch, T, 0, 0);
   }
   /* the batcher wraps when fewer than B*T+1 tokens remain; start anywhere before that */
-  if (rc == OT_OK && o->data_offset) bt.pos = (size_t)(o->data_offset % (n_train - (size_t)batch * T));
+  if (rc == OT_OK && o->data_offset_steps)
+    bt.pos = (size_t)(o->data_offset_steps * (uint64_t)batch * (uint64_t)T % (n_train - (size_t)batch * T));
   if (rc == OT_OK) rc = ot_adapter_attach(m, &plan, &o->adapter);
   if (rc == OT_OK && o->init_adapter) {
     res.what = "loading the round's adapter";

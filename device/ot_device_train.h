@@ -22,8 +22,8 @@ typedef struct {
   /* FedProx (Li et al. 2020): the loss gets (mu/2) ||w - w_init||^2 over the adapter's
    * tensors, w_init = the adapter the round started from; 0 = off. */
   float prox_mu;
-  uint64_t data_offset; /* the first batch starts at this token (mod the training tokens) */
-  const char *backend;  /* "cpu" (default) or "cuda" */
+  uint64_t data_offset_steps; /* the batches start where this many earlier steps left off */
+  const char *backend;        /* "cpu" (default) or "cuda" */
   int threads;
   const char *label; /* progress bar label (default "tune") */
 } ot_dev_train_opts;

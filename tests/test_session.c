@@ -345,6 +345,10 @@ static void test_two_sessions(void **state) {
   (void)state;
   daemon_t d;
   daemon_init(&d, "two");
+  /* one daemon per state directory */
+  assert_int_equal(
+      ot_test_run(out, sizeof out, "%s serve --state '%s' --listen tcp://127.0.0.1:0", cloud, d.state), 1);
+  assert_non_null(strstr(out, "another daemon runs on"));
   session_create(&d, "alpha", "--rounds 2 --min-devices 3 --max-devices 3 --deadline 120");
   session_create(
       &d, "beta",
