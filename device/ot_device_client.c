@@ -414,7 +414,7 @@ int ot_dev_run(int argc, char **argv) {
   fprintf(stderr, "[run] device %s (%s), cloud %s\n", fp, r.ci.name, r.ci.url);
   double last_ok = ot_now();
   int accepted_n = 0, backoff = 200, exit_code = OT_EXIT_OK;
-  unsigned last_wait_round = 0;
+  unsigned last_wait_round = (unsigned)-1;
   char session_buf[64];
   int said_none = 0;
   for (;;) {

@@ -349,6 +349,21 @@ static void test_two_sessions(void **state) {
   assert_int_equal(
       ot_test_run(out, sizeof out, "%s serve --state '%s' --listen tcp://127.0.0.1:0", cloud, d.state), 1);
   assert_non_null(strstr(out, "another daemon runs on"));
+  /* operator commands: usage errors exit 2, refusals exit 1 with the daemon's reason */
+  assert_int_equal(ot_test_run(out, sizeof out, "%s session", cloud), 2);
+  assert_int_equal(ot_test_run(out, sizeof out, "%s session create --state '%s' --name x", cloud, d.state),
+                   2);
+  assert_int_equal(
+      ot_test_run(out, sizeof out, "%s session create --state '%s' --name x --model nosuch", cloud, d.state),
+      1);
+  assert_non_null(strstr(out, "no model named 'nosuch'"));
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s session create --state '%s' --name 'bad/name' --model full", cloud,
+                               d.state),
+                   1);
+  assert_int_equal(ot_test_run(out, sizeof out, "%s device revoke nosuch --state '%s'", cloud, d.state), 1);
+  assert_int_equal(ot_test_run(out, sizeof out, "%s session list --state '%s/nowhere'", cloud, dir), 1);
+  assert_non_null(strstr(out, "cannot reach the daemon"));
   session_create(&d, "alpha", "--rounds 2 --min-devices 3 --max-devices 3 --deadline 120");
   session_create(
       &d, "beta",
