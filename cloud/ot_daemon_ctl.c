@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "ot_daemon.h"
+#include "ot_config.h"
 #include "ot_error.h"
 
 static cJSON *ok_reply(void) {
@@ -30,6 +31,25 @@ static int add_list(ot_daemon *d, cJSON *reply, const char *key, const char *wha
   return rc;
 }
 
+/* Settings that the model decides are checked now, not when the emulator is distilled;
+ * sequence lengths of 0 become the model's context (so the token cap of an update is
+ * exact). */
+static int check_against_model(const char *dir, ot_session_cfg *c) {
+  char path[1100];
+  ot_gpt2_config mc;
+  snprintf(path, sizeof path, "%s/config.json", dir);
+  int rc = ot_config_load(path, &mc);
+  int keep = c->keep;
+  ot_emu_plan plan;
+  if (rc == OT_OK && !keep) rc = ot_emu_keep_for_ratio(mc.n_layer, c->bottom, c->top, 0.5f, &keep);
+  if (rc == OT_OK) rc = ot_emu_plan_make(mc.n_layer, c->bottom, c->top, keep, &plan);
+  if (rc == OT_OK && (c->seq_len > mc.n_positions || c->distill_seq > mc.n_positions))
+    rc = ot_error(OT_ERR_INVALID, "sequence length over the model's context of %d", mc.n_positions);
+  if (rc == OT_OK && !c->seq_len) c->seq_len = mc.n_positions;
+  if (rc == OT_OK && !c->distill_seq) c->distill_seq = mc.n_positions;
+  return rc;
+}
+
 static int handle(ot_daemon *d, const cJSON *req, cJSON *reply) {
   const char *cmd = str_arg(req, "cmd");
   if (!cmd) return ot_error(OT_ERR_FORMAT, "request without \"cmd\"");
@@ -39,6 +59,7 @@ static int handle(ot_daemon *d, const cJSON *req, cJSON *reply) {
     int rc = ot_session_cfg_from_json(cfgj, &cfg);
     char dir[1024], digest[OT_DIGEST_HEX];
     if (rc == OT_OK) rc = ot_reg_model_get(d->reg, cfg.model, dir, digest);
+    if (rc == OT_OK) rc = check_against_model(dir, &cfg);
     int64_t id;
     if (rc == OT_OK) rc = ot_reg_session_create(d->reg, &cfg, &id);
     if (rc) return rc;

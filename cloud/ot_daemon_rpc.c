@@ -264,8 +264,7 @@ static int submit(ot_daemon *d, const uint8_t peer[32], int64_t dev,
   if (rc == OT_OK && !have_staged)
     rc = ot_error(OT_ERR_NOTFOUND, "no upload update.%s.%u", u->session, u->round);
   /* tokens weigh the average: more than the session's local steps can see is a lie */
-  uint64_t max_tokens =
-      (uint64_t)s.cfg.steps * (uint64_t)s.cfg.batch * (uint64_t)(s.cfg.seq_len ? s.cfg.seq_len : 65536);
+  uint64_t max_tokens = (uint64_t)s.cfg.steps * (uint64_t)s.cfg.batch * (uint64_t)s.cfg.seq_len;
   if (rc == OT_OK && (u->tokens == 0 || u->tokens > max_tokens))
     rc = ot_error(OT_ERR_RANGE, "claims %llu tokens; a round trains at most %llu",
                   (unsigned long long)u->tokens, (unsigned long long)max_tokens);

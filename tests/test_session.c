@@ -361,6 +361,11 @@ static void test_two_sessions(void **state) {
                                "%s session create --state '%s' --name 'bad/name' --model full", cloud,
                                d.state),
                    1);
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s session create --state '%s' --name x --model full --bottom 2 --top 2",
+                               cloud, d.state),
+                   1);
+  assert_non_null(strstr(out, "no middle"));
   assert_int_equal(ot_test_run(out, sizeof out, "%s device revoke nosuch --state '%s'", cloud, d.state), 1);
   assert_int_equal(ot_test_run(out, sizeof out, "%s session list --state '%s/nowhere'", cloud, dir), 1);
   assert_non_null(strstr(out, "cannot reach the daemon"));
