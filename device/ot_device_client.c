@@ -147,7 +147,7 @@ int ot_dev_join(int argc, char **argv) {
 
 typedef struct {
   const char *state, *data, *session, *backend;
-  int threads, rounds_max;
+  int threads, rounds_max, dry_run;
   double give_up_s;
   ot_identity id;
   cloud_info ci;
@@ -271,7 +271,7 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
     loss = (float)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(j, "loss"));
     cJSON_Delete(j);
     free(text);
-    fprintf(stderr, "[run] %s round %u was trained before a restart; uploading it\n", ri->session, ri->round);
+    fprintf(stderr, "[run] %s round %u was trained earlier (a restart or --dry-run); uploading it\n", ri->session, ri->round);
   } else if (rc == OT_OK) {
     rc = fetch_all(r, ri->adapter_files, ri->n_adapter_files, global, "round adapter");
     ot_dev_train_opts o;
@@ -307,6 +307,20 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
       fprintf(stderr, "[run] %s round %u: trained %d steps in %.1f s (%.0f tokens/s), mean loss %.4f\n",
               ri->session, ri->round, res.steps_done, res.seconds, res.tokens_per_s, res.mean_loss);
     }
+  }
+  if (rc == OT_OK && r->dry_run) {
+    /* what would be sent, and nothing else: the file and its digest */
+    char what[4300], h2[OT_DIGEST_HEX] = "";
+    snprintf(what, sizeof what, "%s/adapter_model.safetensors", local);
+    rc = ot_file_digest(what, h2);
+    if (rc == OT_OK)
+      printf("dry run: round %u of %s trained; `run` would upload %s (digest %s, %llu tokens) and nothing "
+             "else.\n"
+             "Inspect it (offtune-device eval --emulator %s --adapter %s); `run` without --dry-run sends it "
+             "without training again.\n",
+             ri->round, ri->session, what, h2, (unsigned long long)tokens, emu_dir, local);
+    *accepted = -1;
+    return rc;
   }
   /* tests: a slow device (a straggler, or one killed before it uploads) */
   const char *delay = getenv("OT_TEST_DEVICE_DELAY_MS");
@@ -382,6 +396,8 @@ int ot_dev_run(int argc, char **argv) {
        "stop after N accepted updates (default: until the session ends)"},
       {"give-up", OT_OPT_INT, &give_up, "SECONDS",
        "stop when the cloud is unreachable this long (default 600)"},
+      {"dry-run", OT_OPT_FLAG, &r.dry_run, NULL,
+       "train the current round, then stop before the upload and say what would be sent"},
   };
   const char *syn =
       "offtune-device run --data FILE [--session NAME] [--backend cpu|cuda] [--state DIR] [--rounds-max N]";
@@ -453,6 +469,10 @@ int ot_dev_run(int argc, char **argv) {
         int accepted = 0;
         fprintf(stderr, "[run] %s round %u of %u: training\n", ri->session, ri->round, ri->rounds);
         rc = do_round(&r, ri, &accepted);
+        if (rc == OT_OK && accepted < 0) { /* --dry-run */
+          stop = 1;
+          break;
+        }
         if (rc == OT_OK && accepted) {
           accepted_n++;
           save_progress(&r, ri->session, ri->round);

@@ -748,6 +748,16 @@ static void test_no_private_text(void **state) {
   session_create(&d, "p",
                  "--rounds 2 --min-devices 1 --max-devices 1 --deadline 60 --aggregation fedprox --mu 0.5");
   device_join(&d, "p1");
+  /* --dry-run: the round is trained, nothing is uploaded; the real run then sends it */
+  char dry[1200], db[1200];
+  snprintf(dry, sizeof dry, "%s/p1-dry.trace", dir);
+  unlink(dry);
+  RUN_OK("OT_WIRE_TRACE='%s' %s run --data %s/romance.txt --state '%s/p1' --session p --threads 1 --dry-run",
+         dry, device, dir, dir);
+  assert_non_null(strstr(out, "dry run: round 1 of p trained"));
+  snprintf(db, sizeof db, "%s/registry.db", d.state);
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM updates"), 0);
+  assert_false(file_has(dry, "update.p.1"));
   char trace[1200], env[1300];
   snprintf(trace, sizeof trace, "%s/p1.trace", dir);
   unlink(trace);
@@ -759,6 +769,7 @@ static void test_no_private_text(void **state) {
   char log[1200];
   snprintf(log, sizeof log, "%s/p1.log", dir);
   assert_true(file_has(log, "FedProx: + (0.5/2)")); /* the session's mu reached the trainer */
+  assert_true(file_has(log, "round 1 was trained earlier"));
   char *text = NULL, *tr = NULL;
   size_t tl, trl, nrec, bytes;
   char path[1200];
