@@ -271,7 +271,8 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
     loss = (float)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(j, "loss"));
     cJSON_Delete(j);
     free(text);
-    fprintf(stderr, "[run] %s round %u was trained earlier (a restart or --dry-run); uploading it\n", ri->session, ri->round);
+    fprintf(stderr, "[run] %s round %u was trained earlier (a restart or --dry-run); uploading it\n",
+            ri->session, ri->round);
   } else if (rc == OT_OK) {
     rc = fetch_all(r, ri->adapter_files, ri->n_adapter_files, global, "round adapter");
     ot_dev_train_opts o;
