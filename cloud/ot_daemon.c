@@ -160,6 +160,11 @@ static int state_prepare(ot_daemon *d) {
   int rc = ot_mkdir_p(d->state);
   if (rc == OT_OK && chmod(d->state, 0700) != 0)
     rc = ot_error(OT_ERR_IO, "cannot chmod %s: %s", d->state, strerror(errno));
+  /* absolute from here on: the registry records paths (adapters, emulators) others open */
+  char abs[PATH_MAX];
+  if (rc == OT_OK && !realpath(d->state, abs)) rc = ot_error(OT_ERR_IO, "%s: %s", d->state, strerror(errno));
+  if (rc == OT_OK && strlen(abs) >= sizeof d->state) rc = ot_error(OT_ERR_RANGE, "state path too long");
+  if (rc == OT_OK) memcpy(d->state, abs, strlen(abs) + 1);
   char p[2600];
   if (rc == OT_OK) rc = ot_daemon_path(d, p, sizeof p, "tmp");
   if (rc == OT_OK) rc = ot_rm_rf(p);

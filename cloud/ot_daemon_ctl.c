@@ -13,6 +13,7 @@
 #include "ot_daemon.h"
 #include "ot_config.h"
 #include "ot_error.h"
+#include "ot_fileio.h"
 
 static cJSON *ok_reply(void) {
   cJSON *r = cJSON_CreateObject();
@@ -45,6 +46,8 @@ static int check_against_model(const char *dir, ot_session_cfg *c) {
   if (rc == OT_OK) rc = ot_emu_plan_make(mc.n_layer, c->bottom, c->top, keep, &plan);
   if (rc == OT_OK && (c->seq_len > mc.n_positions || c->distill_seq > mc.n_positions))
     rc = ot_error(OT_ERR_INVALID, "sequence length over the model's context of %d", mc.n_positions);
+  if (rc == OT_OK && c->distill_data[0] && !ot_file_exists(c->distill_data))
+    rc = ot_error(OT_ERR_NOTFOUND, "distillation text %s: no such file", c->distill_data);
   if (rc == OT_OK && !c->seq_len) c->seq_len = mc.n_positions;
   if (rc == OT_OK && !c->distill_seq) c->distill_seq = mc.n_positions;
   return rc;
