@@ -151,7 +151,10 @@ void *ot_daemon_ctl_main(void *arg) {
     nng_msg *msg = NULL;
     rv = nng_recvmsg(s, &msg, 0);
     if (rv == NNG_ETIMEDOUT) continue;
-    if (rv) break;
+    if (rv) {
+      ot_daemon_log(d, "operator socket: %s (operator commands unavailable)", nng_strerror(rv));
+      break;
+    }
     /* the file mode already keeps other users out; the peer's uid says so again */
     uint64_t uid = UINT64_MAX;
     int peer_ok = nng_pipe_get_uint64(nng_msg_get_pipe(msg), NNG_OPT_IPC_PEER_UID, &uid) == 0 &&

@@ -174,9 +174,17 @@ static int adapter_files(ot_daemon *d, const char *adapter, file_list *l) {
   return rc;
 }
 
+/* A device's self-chosen name is shown to the operator: printable ASCII only, < 64. */
+static int printable_name(const char *s) {
+  size_t n = s ? strlen(s) : 0;
+  if (n < 1 || n >= 64) return 0;
+  for (size_t i = 0; i < n; i++)
+    if (s[i] < 0x20 || s[i] > 0x7e) return 0;
+  return 1;
+}
+
 static int poll(ot_daemon *d, int64_t dev, const Offtune__Session__Poll *p, uint8_t **out, size_t *out_len) {
-  if (p->device_name && *p->device_name && strlen(p->device_name) < 64)
-    ot_reg_device_set_name(d->reg, dev, p->device_name);
+  if (printable_name(p->device_name)) ot_reg_device_set_name(d->reg, dev, p->device_name);
   Offtune__Session__RoundInfo ri = OFFTUNE__SESSION__ROUND_INFO__INIT;
   Offtune__Session__AdapterSettings as = OFFTUNE__SESSION__ADAPTER_SETTINGS__INIT;
   Offtune__Session__TrainSettings ts = OFFTUNE__SESSION__TRAIN_SETTINGS__INIT;

@@ -241,8 +241,8 @@ static int adapter_settings(const Offtune__Session__AdapterSettings *a, ot_adapt
 static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accepted) {
   char emu_dir[4096], work[4096], global[4200], local[4200], done[4200], marker[4200];
   int rc = OT_OK;
-  if (!ri->session || !ot_file_exists(r->state) || !ri->emulator_digest ||
-      strlen(ri->emulator_digest) != 64 || !ri->train || ri->train->steps < 1 || ri->train->batch < 1)
+  if (!ri->session || !ri->emulator_digest || strlen(ri->emulator_digest) != 64 || !ri->train ||
+      ri->train->steps < 1 || ri->train->batch < 1)
     return ot_error(OT_ERR_FORMAT, "incomplete RoundInfo");
   for (const char *p = ri->session; *p; p++)
     if (*p == '/' || *p == '.') return ot_error(OT_ERR_FORMAT, "bad session name");
