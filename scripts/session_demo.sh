@@ -3,7 +3,7 @@
 # different private Brown genre (romance, mystery, humor; training part), a few rounds,
 # the published adapter. Prints where the adapter and the logs are.
 #
-#   bash scripts/session_demo.sh MODEL_DIR [WORK_DIR]
+#   bash scripts/session_demo.sh [MODEL_DIR [WORK_DIR]]     (default model: models/brown-8x128)
 #
 # Settings (environment): OT_DEMO_ROUNDS (3), OT_DEMO_STEPS local steps per round (30),
 # OT_DEMO_BATCH (8), OT_DEMO_SEQ (0 = the model's context), OT_DEMO_LR (1e-3),
@@ -13,8 +13,7 @@
 # Needs a build (scripts/build.sh). Everything it starts is stopped on exit.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-[ $# -ge 1 ] || { echo "usage: $0 MODEL_DIR [WORK_DIR]" >&2; exit 2; }
-model=$(cd "$1" && pwd)
+model=$(cd "${1:-$here/models/brown-8x128}" && pwd)
 work=${2:-$here/build/session-demo}
 cloud=$here/build/cloud/offtune-cloud
 device=$here/build/device/offtune-device
