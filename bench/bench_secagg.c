@@ -98,7 +98,7 @@ static void run(uint32_t n, uint32_t dim, float clip, double drop, result *r) {
       r->dev_s[stage] += ot_now() - td;
       if (stage > 1) free(in);
       CHECK(rc, "device stage");
-      if (stage == 3 && drop > 0 && (double)(i % 1000) / 1000.0 < drop) { /* drops before sending */
+      if (stage == 3 && floor((i + 1) * drop) > floor(i * drop)) { /* evenly spread; drops before sending */
         free(m);
         live[i] = 0;
         r->dropped++;

@@ -70,16 +70,23 @@ static void list_str(const ot_secagg_server *s, const int *flag, size_t stride, 
   if (!total) snprintf(buf, cap, "none");
 }
 
+static int cmp_pk(const void *a, const void *b) { return memcmp(a, b, OT_PK_BYTES); }
+
 int ot_secagg_server_new(const ot_secagg_params *params, uint32_t n, const uint8_t (*roster)[OT_PK_BYTES],
                          uint64_t round_id, ot_secagg_server **out) {
   if (!params || !roster || !out) return ot_error(OT_ERR_INVALID, "ot_secagg_server_new: NULL argument");
   ot_secagg_params p;
   int rc = ot_secagg_params_resolve(params, n, &p);
   if (rc) return rc;
-  for (uint32_t i = 0; i < n; i++)
-    for (uint32_t j = 0; j < i; j++)
-      if (memcmp(roster[i], roster[j], OT_PK_BYTES) == 0)
-        return ot_error(OT_ERR_INVALID, "devices %u and %u have the same key", j, i);
+  uint8_t(*sorted)[OT_PK_BYTES] = malloc((size_t)n * OT_PK_BYTES);
+  if (!sorted) return ot_error(OT_ERR_NOMEM, "out of memory");
+  memcpy(sorted, roster, (size_t)n * OT_PK_BYTES);
+  qsort(sorted, n, OT_PK_BYTES, cmp_pk);
+  for (uint32_t i = 1; i < n && rc == OT_OK; i++)
+    if (memcmp(sorted[i], sorted[i - 1], OT_PK_BYTES) == 0)
+      rc = ot_error(OT_ERR_INVALID, "two devices of the roster have the same key");
+  free(sorted);
+  if (rc) return rc;
   ot_secagg_server *s = calloc(1, sizeof *s);
   if (!s) return ot_error(OT_ERR_NOMEM, "out of memory");
   s->p = p, s->n = n, s->round = round_id, s->stage = OT_SA_ADVERTISE;

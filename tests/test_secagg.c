@@ -258,6 +258,18 @@ static void test_graph(void **state) {
   assert_int_equal(ot_secagg_params_resolve(&p, 100, &r), OT_ERR_INVALID);
   p.degree = 0, p.threshold = 100;
   assert_int_equal(ot_secagg_params_resolve(&p, 100, &r), OT_ERR_INVALID);
+  /* rosters: a key twice is refused by both sides; a device must be in it */
+  p.threshold = 0;
+  ot_secagg_server *s;
+  ot_secagg_client *c;
+  assert_int_equal(ot_secagg_server_new(&p, N, (const uint8_t(*)[OT_PK_BYTES])roster, 1, &s), OT_OK);
+  ot_secagg_server_free(s);
+  memcpy(roster[150], roster[7], OT_PK_BYTES);
+  assert_int_equal(ot_secagg_server_new(&p, N, (const uint8_t(*)[OT_PK_BYTES])roster, 1, &s), OT_ERR_INVALID);
+  assert_int_equal(ot_secagg_client_new(&ids[7], &p, 1, (const uint8_t(*)[OT_PK_BYTES])roster, N, &c),
+                   OT_ERR_INVALID);
+  assert_int_equal(ot_secagg_client_new(&ids[150], &p, 1, (const uint8_t(*)[OT_PK_BYTES])roster, N, &c),
+                   OT_ERR_NOTFOUND);
   free(ids), free(roster);
 }
 
