@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ot_dp.h"
 #include "ot_error.h"
 #include "ot_identity.h"
 #include "ot_secagg.h"
@@ -919,6 +920,48 @@ static void test_too_few_survivors(void **state) {
   sim_free(&m);
 }
 
+/* Distributed DP through the protocol: each device clips its update and adds its share
+ * of the noise before masking; the published sum carries the full variance (z C)^2. */
+static void test_distributed_noise(void **state) {
+  (void)state;
+  enum { N = 16, D = 40000 };
+  const double z = 1.1, C = 0.5;
+  ot_secagg_params p = {.dim = D, .clip = 2.0f, .stochastic = 1};
+  sim m;
+  sim_init(&m, N, D, &p, 4242);
+  double *clean = calloc(D, sizeof(double));
+  for (uint32_t i = 0; i < N; i++) {
+    float *x = m.x + (size_t)i * D;
+    double norm;
+    for (uint32_t k = 0; k < D; k++) x[k] *= 0.05f; /* norm about 5.8: clipped to C */
+    assert_int_equal(ot_dp_clip_l2(x, D, C, &norm), OT_OK);
+    assert_true(norm > C);
+    for (uint32_t k = 0; k < D; k++) clean[k] += x[k];
+    ot_dp_rng r;
+    assert_int_equal(ot_dp_rng_init(&r, NULL), OT_OK);
+    assert_int_equal(ot_dp_add_gaussian(&r, x, D, ot_dp_device_stddev(z, C, N)), OT_OK);
+    ot_dp_rng_wipe(&r);
+  }
+  double drop[4] = {0};
+  assert_int_equal(sim_run(&m, drop, NULL), OT_OK);
+  float *sum = malloc(sizeof(float) * D);
+  uint32_t count;
+  assert_int_equal(ot_secagg_server_result(m.s, sum, D, &count), OT_OK);
+  assert_int_equal(count, N);
+  double mean = 0, var = 0;
+  for (uint32_t k = 0; k < D; k++) mean += sum[k] - clean[k];
+  mean /= D;
+  for (uint32_t k = 0; k < D; k++) var += (sum[k] - clean[k] - mean) * (sum[k] - clean[k] - mean);
+  var /= D;
+  double target = z * C * z * C;
+  printf("distributed noise through secure aggregation: variance %.5f, target %.5f (ratio %.4f)\n", var,
+         target, var / target);
+  assert_true(fabs(var / target - 1) < 6 * sqrt(2.0 / D));
+  assert_true(fabs(mean) < 6 * z * C / sqrt((double)D));
+  free(sum), free(clean);
+  sim_free(&m);
+}
+
 int main(void) {
   if (ot_sodium_init()) return 1;
   const struct CMUnitTest tests[] = {
@@ -932,6 +975,7 @@ int main(void) {
       cmocka_unit_test(test_bad_shares),
       cmocka_unit_test(test_replay_and_hostile),
       cmocka_unit_test(test_too_few_survivors),
+      cmocka_unit_test(test_distributed_noise),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
