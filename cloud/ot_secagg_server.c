@@ -35,7 +35,6 @@ struct ot_secagg_server {
   ot_secagg_graph *g;
   sdev *d;
   uint32_t *sum; /* running sum of masked inputs mod 2^32 */
-  uint32_t *scratch;
   uint32_t included;
   char **audit;
   size_t n_audit, cap_audit;
@@ -93,8 +92,7 @@ int ot_secagg_server_new(const ot_secagg_params *params, uint32_t n, const uint8
   s->roster = malloc((size_t)n * OT_PK_BYTES);
   s->d = calloc(n, sizeof(sdev));
   s->sum = calloc(p.dim, sizeof(uint32_t));
-  s->scratch = malloc(sizeof(uint32_t) * p.dim);
-  if (!s->roster || !s->d || !s->sum || !s->scratch) {
+  if (!s->roster || !s->d || !s->sum) {
     ot_secagg_server_free(s);
     return ot_error(OT_ERR_NOMEM, "out of memory");
   }
@@ -134,7 +132,6 @@ void ot_secagg_server_free(ot_secagg_server *s) {
   free(s->d);
   free(s->roster);
   free(s->sum);
-  free(s->scratch);
   ot_secagg_graph_free(s->g);
   for (size_t i = 0; i < s->n_audit; i++) free(s->audit[i]);
   free(s->audit);
@@ -509,28 +506,47 @@ static int close_unmask(ot_secagg_server *s) {
   audit(s, "unmask closed: %d survivors answered", u4);
   uint32_t t = s->p.threshold;
   uint32_t n_self = 0, n_key = 0, n_skip = 0;
-  for (uint32_t j = 0; j < s->n; j++) {
+  /* 1. reconstruct and check every needed secret; collect the masks to take off */
+  size_t cap = 0, m = 0;
+  for (uint32_t j = 0; j < s->n; j++)
+    if (s->d[j].sh) cap += s->d[j].masked ? 1 : s->p.degree;
+  uint8_t(*seeds)[32] = malloc((cap ? cap : 1) * 32);
+  int8_t *signs = malloc(cap ? cap : 1);
+  if (!seeds || !signs) {
+    free(seeds), free(signs);
+    return fail(s, OT_ERR_NOMEM, "out of memory");
+  }
+  int rc = OT_OK, status = OT_OK;
+  char why[256] = "";
+  for (uint32_t j = 0; j < s->n && rc == OT_OK; j++) {
     sdev *d = &s->d[j];
     if (!d->sh) continue;
     uint8_t secret[32];
     if (d->masked) {
-      if (d->n_rev < t)
-        return fail(s, OT_ERR_RANGE, "device %u's self mask: %u valid shares, the threshold is %u", j,
-                    d->n_rev, t);
-      int rc = ot_shamir_combine((const uint8_t(*)[OT_SA_SHARE_BYTES])d->rev, d->n_rev, t, secret);
-      uint8_t c[32];
-      if (rc == OT_OK) ot_secagg_commit(secret, s->round, j, c);
-      if (rc != OT_OK || sodium_memcmp(c, d->commit, 32) != 0) {
-        sodium_memzero(secret, sizeof secret);
-        return fail(s, OT_ERR_MISMATCH, "device %u dealt inconsistent shares of its self mask", j);
+      if (d->n_rev < t) {
+        status = OT_ERR_RANGE;
+        snprintf(why, sizeof why, "device %u's self mask: %u valid shares, the threshold is %u", j, d->n_rev,
+                 t);
+        rc = -1;
+        break;
       }
-      ot_secagg_mask_apply(s->sum, s->p.dim, secret, -1, s->scratch);
-      audit(s,
-            "device %u: survived; self-mask seed reconstructed from %u of %u shares and removed; its mask "
-            "key was "
-            "never requested",
+      uint8_t c[32];
+      int crc = ot_shamir_combine((const uint8_t(*)[OT_SA_SHARE_BYTES])d->rev, d->n_rev, t, secret);
+      if (crc == OT_OK) ot_secagg_commit(secret, s->round, j, c);
+      if (crc != OT_OK || sodium_memcmp(c, d->commit, 32) != 0) {
+        status = OT_ERR_MISMATCH;
+        snprintf(why, sizeof why, "device %u dealt inconsistent shares of its self mask", j);
+        rc = -1;
+      } else {
+        memcpy(seeds[m], secret, 32);
+        signs[m++] = -1;
+        audit(
+            s,
+            "device %u: survived; self-mask seed reconstructed from %u of %u shares; its mask key was never "
+            "requested",
             j, t, d->n_rev);
-      n_self++;
+        n_self++;
+      }
     } else {
       uint32_t k, users = 0;
       const uint32_t *nb = ot_secagg_graph_neighbours(s->g, j, &k);
@@ -541,38 +557,50 @@ static int close_unmask(ot_secagg_server *s) {
         n_skip++;
         continue;
       }
-      if (d->n_rev < t)
-        return fail(s, OT_ERR_RANGE, "dropped device %u's mask key: %u valid shares, the threshold is %u", j,
-                    d->n_rev, t);
-      int rc = ot_shamir_combine((const uint8_t(*)[OT_SA_SHARE_BYTES])d->rev, d->n_rev, t, secret);
+      if (d->n_rev < t) {
+        status = OT_ERR_RANGE;
+        snprintf(why, sizeof why, "dropped device %u's mask key: %u valid shares, the threshold is %u", j,
+                 d->n_rev, t);
+        rc = -1;
+        break;
+      }
       uint8_t pk[32];
-      if (rc == OT_OK) crypto_scalarmult_base(pk, secret);
-      if (rc != OT_OK || sodium_memcmp(pk, d->mask_pk, 32) != 0) {
-        sodium_memzero(secret, sizeof secret);
-        return fail(s, OT_ERR_MISMATCH, "device %u dealt inconsistent shares of its mask key", j);
+      int crc = ot_shamir_combine((const uint8_t(*)[OT_SA_SHARE_BYTES])d->rev, d->n_rev, t, secret);
+      if (crc == OT_OK) crypto_scalarmult_base(pk, secret);
+      if (crc != OT_OK || sodium_memcmp(pk, d->mask_pk, 32) != 0) {
+        status = OT_ERR_MISMATCH;
+        snprintf(why, sizeof why, "device %u dealt inconsistent shares of its mask key", j);
+        rc = -1;
       }
       for (uint32_t a = 0; a < k && rc == OT_OK; a++) {
         uint32_t i = nb[a];
         if (!s->d[i].masked) continue;
-        uint8_t seed[32];
-        rc = ot_secagg_agree(secret, d->mask_pk, j, s->d[i].mask_pk, i, s->round, 'm', seed);
-        /* i added +PRG if i < j, else -PRG: take it back */
-        if (rc == OT_OK) ot_secagg_mask_apply(s->sum, s->p.dim, seed, i < j ? -1 : +1, s->scratch);
-        sodium_memzero(seed, sizeof seed);
+        int arc = ot_secagg_agree(secret, d->mask_pk, j, s->d[i].mask_pk, i, s->round, 'm', seeds[m]);
+        if (arc) {
+          status = arc;
+          snprintf(why, sizeof why, "%s", ot_error_detail());
+          rc = -1;
+        }
+        signs[m++] = i < j ? -1 : +1; /* i added +PRG if i < j, else -PRG: take it back */
       }
-      sodium_memzero(secret, sizeof secret);
-      if (rc) return fail(s, rc, "%s", ot_error_detail());
-      audit(
-          s,
-          "device %u: dropped after dealing shares; mask key reconstructed from %u of %u shares to remove "
-          "its "
-          "pairwise masks from %u survivors; its self-mask seed was never requested and its input is not in "
-          "the sum",
-          j, t, d->n_rev, users);
-      n_key++;
+      if (rc == OT_OK) {
+        audit(s,
+              "device %u: dropped after dealing shares; mask key reconstructed from %u of %u shares to "
+              "remove its "
+              "pairwise masks from %u survivors; its self-mask seed was never requested and its input is not "
+              "in "
+              "the sum",
+              j, t, d->n_rev, users);
+        n_key++;
+      }
     }
     sodium_memzero(secret, sizeof secret);
   }
+  /* 2. one pass over the sum */
+  if (rc == OT_OK) ot_secagg_masks_apply(s->sum, s->p.dim, (const uint8_t(*)[32])seeds, signs, m);
+  sodium_memzero(seeds, (cap ? cap : 1) * 32);
+  free(seeds), free(signs);
+  if (rc != OT_OK) return fail(s, status, "%s", why);
   audit(
       s,
       "sum of %u updates published; reconstructed %u self-mask seeds (survivors) and %u mask keys (dropped), "

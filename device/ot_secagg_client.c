@@ -386,23 +386,29 @@ int ot_secagg_client_mask_input(ot_secagg_client *c, const float *update, size_t
   if (rc) return rc;
   if (!update || n != c->p.dim)
     return ot_error(OT_ERR_MISMATCH, "update of %zu values, the round aggregates %u", n, c->p.dim);
-  uint32_t *y = malloc(sizeof(uint32_t) * n), *scratch = malloc(sizeof(uint32_t) * n);
-  if (!y || !scratch) {
-    free(y), free(scratch);
+  uint32_t *y = malloc(sizeof(uint32_t) * n);
+  uint8_t(*seeds)[32] = sodium_malloc((size_t)(c->k + 1) * 32);
+  int8_t *signs = malloc(c->k + 1);
+  if (!y || !seeds || !signs) {
+    free(y), free(signs);
+    if (seeds) sodium_free(seeds);
     return ot_error(OT_ERR_NOMEM, "out of memory");
   }
   rc = ot_secagg_quantize(update, n, c->p.clip, ot_secagg_scale(c->p.clip, c->n), c->p.stochastic, NULL, y);
+  size_t m = 0;
   if (rc == OT_OK) {
-    ot_secagg_mask_apply(y, n, c->seed, +1, scratch);
+    memcpy(seeds[m], c->seed, 32);
+    signs[m++] = +1;
     for (uint32_t i = 0; i < c->k && rc == OT_OK; i++) {
       nbr *j = &c->nb[i];
       if (!j->in_mask_set) continue;
-      uint8_t s[32];
-      rc = ot_secagg_agree(c->mask_sk, c->mask_pk, c->me, j->mask_pk, j->idx, c->round, 'm', s);
-      if (rc == OT_OK) ot_secagg_mask_apply(y, n, s, c->me < j->idx ? +1 : -1, scratch);
-      sodium_memzero(s, sizeof s);
+      rc = ot_secagg_agree(c->mask_sk, c->mask_pk, c->me, j->mask_pk, j->idx, c->round, 'm', seeds[m]);
+      signs[m++] = c->me < j->idx ? +1 : -1;
     }
   }
+  if (rc == OT_OK) ot_secagg_masks_apply(y, n, (const uint8_t(*)[32])seeds, signs, m);
+  sodium_free(seeds); /* wipes the pairwise seeds */
+  free(signs);
   if (rc == OT_OK) {
     Offtune__Secagg__MaskedInput mi = OFFTUNE__SECAGG__MASKED_INPUT__INIT;
     mi.dim = (uint32_t)n;
@@ -410,8 +416,7 @@ int ot_secagg_client_mask_input(ot_secagg_client *c, const float *update, size_t
     mi.data = (ProtobufCBinaryData){n * 4, (uint8_t *)y};
     rc = emit(c, OT_SA_MASKED, &mi.base, out, out_len);
   }
-  sodium_memzero(scratch, sizeof(uint32_t) * n);
-  free(y), free(scratch);
+  free(y);
   if (rc == OT_OK) c->stage = 5;
   return rc;
 }

@@ -85,13 +85,52 @@ void ot_secagg_dequantize(const uint32_t *sum, size_t n, double scale, float *ou
 
 /* ---------------- masks ---------------- */
 
-void ot_secagg_mask_apply(uint32_t *v, size_t n, const uint8_t seed[OT_SA_SEED_BYTES], int sign,
-                          uint32_t *scratch) {
-  randombytes_buf_deterministic(scratch, n * 4, seed);
-  if (sign >= 0)
-    for (size_t i = 0; i < n; i++) v[i] += scratch[i];
-  else
-    for (size_t i = 0; i < n; i++) v[i] -= scratch[i];
+#define MASK_CHUNK 16384 /* words: 64 KiB, whole 64-byte ChaCha20 blocks */
+
+void ot_secagg_masks_apply(uint32_t *v, size_t n, const uint8_t (*seeds)[OT_SA_SEED_BYTES],
+                           const int8_t *signs, size_t m) {
+  /* randombytes_buf_deterministic(buf, len, seed) is crypto_stream_chacha20_ietf(buf, len,
+   * "LibsodiumDRG", seed); the _xor_ic form starts at any block, so each chunk of v gets
+   * its slice of every stream while it sits in cache. */
+  static const uint8_t nonce[12] = {'L', 'i', 'b', 's', 'o', 'd', 'i', 'u', 'm', 'D', 'R', 'G'};
+  static const uint8_t zeros[MASK_CHUNK * 4];
+  long nchunks = (long)((n + MASK_CHUNK - 1) / MASK_CHUNK);
+#pragma omp parallel if (nchunks > 1 && m * n > (1u << 20))
+  {
+    uint32_t *buf = malloc(MASK_CHUNK * 4);
+    int ok = buf != NULL;
+#pragma omp for schedule(static)
+    for (long c = 0; c < nchunks; c++) {
+      size_t off = (size_t)c * MASK_CHUNK, len = n - off < MASK_CHUNK ? n - off : MASK_CHUNK;
+      uint32_t *w = v + off;
+      for (size_t k = 0; k < m; k++) {
+        if (ok) {
+          crypto_stream_chacha20_ietf_xor_ic((uint8_t *)buf, zeros, len * 4, nonce, (uint32_t)(off / 16),
+                                             seeds[k]);
+        } else { /* no scratch: the whole stream up to this chunk, one block at a time */
+          uint32_t blk[16];
+          for (size_t i = 0; i < len; i += 16) {
+            crypto_stream_chacha20_ietf_xor_ic((uint8_t *)blk, zeros, 64, nonce, (uint32_t)((off + i) / 16),
+                                               seeds[k]);
+            size_t e = len - i < 16 ? len - i : 16;
+            for (size_t j = 0; j < e; j++) w[i + j] += signs[k] >= 0 ? blk[j] : (uint32_t)-blk[j];
+          }
+          continue;
+        }
+        if (signs[k] >= 0)
+          for (size_t i = 0; i < len; i++) w[i] += buf[i];
+        else
+          for (size_t i = 0; i < len; i++) w[i] -= buf[i];
+      }
+    }
+    if (buf) sodium_memzero(buf, MASK_CHUNK * 4);
+    free(buf);
+  }
+}
+
+void ot_secagg_mask_apply(uint32_t *v, size_t n, const uint8_t seed[OT_SA_SEED_BYTES], int sign) {
+  int8_t s = sign >= 0 ? 1 : -1;
+  ot_secagg_masks_apply(v, n, (const uint8_t(*)[OT_SA_SEED_BYTES])seed, &s, 1);
 }
 
 /* ---------------- Shamir over GF(2^61 - 1) ---------------- */

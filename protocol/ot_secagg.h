@@ -67,10 +67,14 @@ void ot_secagg_dequantize(const uint32_t *sum, size_t n, double scale, float *ou
 
 /* ---- masks ---- */
 
-/* v[i] += sign * PRG(seed)[i] mod 2^32 (sign +1 or -1); PRG = randombytes_buf_deterministic.
- * scratch holds n words (the expansion). */
-void ot_secagg_mask_apply(uint32_t *v, size_t n, const uint8_t seed[OT_SA_SEED_BYTES], int sign,
-                          uint32_t *scratch);
+/* v[i] += sign * PRG(seed)[i] mod 2^32 (sign +1 or -1). PRG(seed) is exactly
+ * randombytes_buf_deterministic(seed) read as u32 words (ChaCha20-IETF keyed by the seed,
+ * nonce "LibsodiumDRG"), generated 64 KiB at a time from its block counter. */
+void ot_secagg_mask_apply(uint32_t *v, size_t n, const uint8_t seed[OT_SA_SEED_BYTES], int sign);
+/* The same for m masks in one pass over v, chunk by chunk (cache-resident keystream),
+ * the chunks shared among OpenMP threads. */
+void ot_secagg_masks_apply(uint32_t *v, size_t n, const uint8_t (*seeds)[OT_SA_SEED_BYTES],
+                           const int8_t *signs, size_t m);
 
 /* ---- Shamir over GF(2^61 - 1) ---- */
 

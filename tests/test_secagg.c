@@ -142,7 +142,7 @@ static void test_masks_cancel(void **state) {
   enum { N = 5, D = 4096 };
   uint8_t pk[N][32], sk[N][32];
   for (int i = 0; i < N; i++) crypto_box_keypair(pk[i], sk[i]);
-  uint32_t acc[D] = {0}, scratch[D];
+  uint32_t acc[D] = {0};
   for (int i = 0; i < N; i++)
     for (int j = 0; j < N; j++) {
       if (i == j) continue;
@@ -153,17 +153,28 @@ static void test_masks_cancel(void **state) {
       uint8_t other[32];
       assert_int_equal(ot_secagg_agree(sk[i], pk[i], (uint32_t)i, pk[j], (uint32_t)j, 8, 'm', other), OT_OK);
       assert_memory_not_equal(s, other, 32); /* bound to the round */
-      ot_secagg_mask_apply(acc, D, s, i < j ? +1 : -1, scratch);
+      ot_secagg_mask_apply(acc, D, s, i < j ? +1 : -1);
     }
   for (int k = 0; k < D; k++) assert_int_equal(acc[k], 0);
   /* a single mask is not zero, and equals randombytes_buf_deterministic */
   uint8_t seed[32];
   randombytes_buf(seed, 32);
   uint32_t v[D] = {0}, ref[D];
-  ot_secagg_mask_apply(v, D, seed, +1, scratch);
+  ot_secagg_mask_apply(v, D, seed, +1);
   randombytes_buf_deterministic(ref, sizeof ref, seed);
   assert_memory_equal(v, ref, sizeof ref);
   assert_true(chi2_bytes((const uint8_t *)v, sizeof v, 1) < CHI2_MAX);
+  /* across chunk boundaries (64 KiB) and with several masks in one pass: the same stream */
+  size_t big = 3 * 16384 + 5;
+  uint32_t *w = calloc(big, 4), *r1 = malloc(big * 4), *r2 = malloc(big * 4);
+  uint8_t seeds[2][32];
+  randombytes_buf(seeds, sizeof seeds);
+  int8_t signs[2] = {+1, -1};
+  ot_secagg_masks_apply(w, big, (const uint8_t(*)[32])seeds, signs, 2);
+  randombytes_buf_deterministic(r1, big * 4, seeds[0]);
+  randombytes_buf_deterministic(r2, big * 4, seeds[1]);
+  for (size_t i = 0; i < big; i++) assert_int_equal(w[i], (uint32_t)(r1[i] - r2[i]));
+  free(w), free(r1), free(r2);
   /* low-order peer key refused */
   uint8_t zero[32] = {0}, out[32];
   assert_int_equal(ot_secagg_agree(sk[0], pk[0], 0, zero, 1, 7, 'm', out), OT_ERR_FORMAT);
@@ -566,7 +577,7 @@ static void test_cloud_view(void **state) {
       assert_true(chi2_bytes((const uint8_t *)y + byte, 4 * (size_t)dim, 4) < CHI2_MAX);
     free(y);
   }
-  uint32_t *q = malloc(4 * D), *y, dim, *scratch = malloc(4 * D);
+  uint32_t *q = malloc(4 * D), *y, dim;
   double scale = ot_secagg_scale(p.clip, N);
   assert_int_equal(ot_secagg_quantize(m.x, D, p.clip, scale, 0, NULL, q), OT_OK);
   double cq = chi2_bytes((const uint8_t *)q + 3, 4 * (size_t)D, 4);
@@ -603,7 +614,7 @@ static void test_cloud_view(void **state) {
   assert_int_equal(ot_shamir_combine((const uint8_t(*)[OT_SA_SHARE_BYTES])col, t, t, seed), OT_OK);
   ot_secagg_commit(seed, m.round, target, c2);
   assert_memory_equal(c2, commit, 32);
-  ot_secagg_mask_apply(y, D, seed, -1, scratch);
+  ot_secagg_mask_apply(y, D, seed, -1);
   assert_true(chi2_bytes((const uint8_t *)y + 3, 4 * (size_t)D, 4) < CHI2_MAX);
   /* ...and with the mask key as well (both kinds: what the protocol never gives the
    * server) the update comes out exactly: the masking is real, and only that */
@@ -614,12 +625,12 @@ static void test_cloud_view(void **state) {
     uint8_t npk[32], ncommit[32], s[32];
     advert_of(&m, nb[a], npk, ncommit);
     assert_int_equal(ot_secagg_agree(msk, mask_pk, target, npk, nb[a], m.round, 'm', s), OT_OK);
-    ot_secagg_mask_apply(y, D, s, target < nb[a] ? -1 : +1, scratch);
+    ot_secagg_mask_apply(y, D, s, target < nb[a] ? -1 : +1);
   }
   assert_memory_equal(y, q, 4 * (size_t)D);
   printf("cloud view: %u colluding holders recover device %u's update exactly; %u recover nothing\n", t,
          target, t - 1);
-  free(y), free(q), free(scratch), free(col), free(colk);
+  free(y), free(q), free(col), free(colk);
   ot_secagg_graph_free(g);
   /* the audit trail says so */
   size_t na = ot_secagg_server_audit_count(m.s);
