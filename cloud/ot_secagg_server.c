@@ -11,6 +11,7 @@
 #include "secagg.pb-c.h"
 
 #define CTRL_MAX (1u << 20)
+#define ADVERT_MAX 512 /* relayed to every neighbour: no padding */
 
 typedef struct {
   int adv, sh, masked, resp; /* stages completed */
@@ -157,8 +158,12 @@ static int on_advertise(ot_secagg_server *s, uint32_t i, const ot_secagg_msg *m,
   Offtune__Secagg__Advertise *a = offtune__secagg__advertise__unpack(NULL, m->body_len, m->body);
   int rc = OT_OK;
   if (!a) return ot_error(OT_ERR_FORMAT, "malformed advertisement from device %u", i);
-  if (a->enc_pk.len != 32 || a->mask_pk.len != 32 || a->self_commit.len != 32)
+  if (len > ADVERT_MAX)
+    rc = ot_error(OT_ERR_RANGE, "advertisement from device %u is %zu bytes (at most %d)", i, len, ADVERT_MAX);
+  else if (a->enc_pk.len != 32 || a->mask_pk.len != 32 || a->self_commit.len != 32)
     rc = ot_error(OT_ERR_FORMAT, "advertisement from device %u has wrong key sizes", i);
+  else if (!ot_secagg_pk_ok(a->enc_pk.data) || !ot_secagg_pk_ok(a->mask_pk.data))
+    rc = ot_error(OT_ERR_FORMAT, "advertisement from device %u has a small-order X25519 key", i);
   else if (!(d->advert = malloc(len)))
     rc = ot_error(OT_ERR_NOMEM, "out of memory");
   if (rc == OT_OK) {
@@ -314,7 +319,10 @@ int ot_secagg_server_receive(ot_secagg_server *s, const uint8_t *msg, size_t len
   size_t cap = s->stage == OT_SA_MASKED ? (size_t)s->p.dim * 4 + 4096 : CTRL_MAX;
   ot_secagg_msg m;
   int rc = ot_secagg_msg_decode_signed(msg, len, cap, (const uint8_t(*)[OT_PK_BYTES])s->roster, s->n, &m);
-  if (rc) return rc;
+  if (rc) {
+    audit(s, "refused a message of %zu bytes: %s", len, ot_error_detail());
+    return rc;
+  }
   if (m.round_id != s->round)
     rc = ot_error(OT_ERR_MISMATCH, "message of round %llu in round %llu (replay refused)",
                   (unsigned long long)m.round_id, (unsigned long long)s->round);

@@ -210,6 +210,8 @@ int ot_secagg_client_on_keys(ot_secagg_client *c, const uint8_t *in, size_t in_l
       rc = ot_error(OT_ERR_FORMAT, "malformed advertisement of device %u", am.device);
     else if (ad->enc_pk.len != 32 || ad->mask_pk.len != 32 || ad->self_commit.len != 32)
       rc = ot_error(OT_ERR_FORMAT, "advertisement of device %u has wrong key sizes", am.device);
+    else if (!ot_secagg_pk_ok(ad->enc_pk.data) || !ot_secagg_pk_ok(ad->mask_pk.data))
+      rc = ot_error(OT_ERR_FORMAT, "advertisement of device %u has a small-order X25519 key", am.device);
     if (rc == OT_OK) {
       seen[j - c->nb] = 1;
       memcpy(enc[j - c->nb], ad->enc_pk.data, 32);

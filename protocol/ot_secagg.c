@@ -257,6 +257,15 @@ int ot_secagg_agree(const uint8_t sk[32], const uint8_t my_pk[32], uint32_t me, 
   return OT_OK;
 }
 
+int ot_secagg_pk_ok(const uint8_t pk[32]) {
+  static const uint8_t k[32] = {9}; /* any scalar: clamping makes it a multiple of 8 */
+  uint8_t q[32];
+  if (ot_sodium_init()) return 0;
+  int ok = crypto_scalarmult(q, k, pk) == 0;
+  sodium_memzero(q, sizeof q);
+  return ok;
+}
+
 void ot_secagg_commit(const uint8_t seed[32], uint64_t round_id, uint32_t device, uint8_t out[32]) {
   uint8_t m[16 + 8 + 4 + 32];
   memcpy(m, "offtune/secagg1c", 16);

@@ -93,6 +93,8 @@ int ot_shamir_combine(const uint8_t (*shares)[OT_SA_SHARE_BYTES], uint32_t k, ui
  * refuses a low-order peer key. label: 'm' mask seed, 'e' share encryption. */
 int ot_secagg_agree(const uint8_t sk[32], const uint8_t my_pk[32], uint32_t me, const uint8_t peer_pk[32],
                     uint32_t peer, uint64_t round_id, char label, uint8_t out[32]);
+/* 1 if pk is a usable X25519 public key (not of small order), else 0. */
+int ot_secagg_pk_ok(const uint8_t pk[32]);
 /* BLAKE2b-256 commitment to a self-mask seed. */
 void ot_secagg_commit(const uint8_t seed[32], uint64_t round_id, uint32_t device, uint8_t out[32]);
 

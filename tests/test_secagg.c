@@ -773,6 +773,30 @@ static void test_replay_and_hostile(void **state) {
   sim_init(&m, 6, p.dim, &p, 900);
   uint8_t *out, *in, *adv0 = NULL;
   size_t ol, il, adv0_len = 0;
+  /* a device advertising a small-order key, or padding its advertisement (relayed to
+   * every neighbour), is refused */
+  {
+    uint8_t body[1024], zero[32] = {0}, good[32], *w;
+    size_t wl;
+    crypto_box_keypair(good, body); /* body: scratch for the secret half */
+    Offtune__Secagg__Advertise a = OFFTUNE__SECAGG__ADVERTISE__INIT;
+    a.enc_pk = (ProtobufCBinaryData){32, good};
+    a.mask_pk = (ProtobufCBinaryData){32, zero};
+    a.self_commit = (ProtobufCBinaryData){32, good};
+    size_t bl = protobuf_c_message_pack(&a.base, body);
+    assert_int_equal(ot_secagg_msg_encode(OT_SA_ADVERTISE, m.round, 2, body, bl, &m.ids[2], &w, &wl), OT_OK);
+    assert_int_equal(ot_secagg_server_receive(m.s, w, wl, NULL), OT_ERR_FORMAT);
+    assert_non_null(strstr(ot_error_detail(), "small-order"));
+    free(w);
+    a.mask_pk = (ProtobufCBinaryData){32, good};
+    bl = protobuf_c_message_pack(&a.base, body);
+    body[bl++] = 0x7A, body[bl++] = 0xD8, body[bl++] = 0x04; /* unknown field 15, 600 bytes */
+    memset(body + bl, 0x55, 600);
+    bl += 600;
+    assert_int_equal(ot_secagg_msg_encode(OT_SA_ADVERTISE, m.round, 2, body, bl, &m.ids[2], &w, &wl), OT_OK);
+    assert_int_equal(ot_secagg_server_receive(m.s, w, wl, NULL), OT_ERR_RANGE);
+    free(w);
+  }
   /* stage 1, with hostile bytes interleaved: each refused, nothing changes */
   for (uint32_t i = 0; i < m.n; i++) {
     assert_int_equal(ot_secagg_client_advertise(m.c[i], &out, &ol), OT_OK);
