@@ -22,7 +22,7 @@ int ot_secagg_params_resolve(const ot_secagg_params *in, uint32_t n, ot_secagg_p
   if (p.degree == 0) {
     uint32_t l = 0;
     while ((1u << l) < n) l++;
-    p.degree = 2 * l;
+    p.degree = 4 * l; /* see docs/secagg.md: dropout tolerance per neighbourhood */
   }
   if (p.degree >= n - 1)
     p.degree = n - 1;
@@ -31,7 +31,7 @@ int ot_secagg_params_resolve(const ot_secagg_params *in, uint32_t n, ot_secagg_p
   if (p.degree < 2) return ot_error(OT_ERR_INVALID, "neighbour degree must be at least 2");
   uint32_t h = p.degree + 1;
   if (p.threshold == 0) {
-    p.threshold = (2 * h + 2) / 3;
+    p.threshold = h / 2 + 1; /* a majority of the holders */
     if (p.threshold < 2) p.threshold = 2;
   }
   if (p.threshold < 2 || p.threshold > h)

@@ -46,8 +46,8 @@ typedef struct {
   uint32_t dim;       /* update length (floats) */
   float clip;         /* quantisation range [-clip, clip] per coordinate */
   int stochastic;     /* 1: unbiased stochastic rounding; 0: round to nearest */
-  uint32_t degree;    /* neighbours per device (even; 0: 2 * ceil(log2 n)); >= n-1: all */
-  uint32_t threshold; /* t of the h = degree + 1 holders (0: max(2, ceil(2h/3))) */
+  uint32_t degree;    /* neighbours per device (even; 0: 4 * ceil(log2 n)); >= n-1: all */
+  uint32_t threshold; /* t of the h = degree + 1 holders (0: floor(h/2) + 1, at least 2) */
 } ot_secagg_params;
 
 /* Validates `in` for a round of n devices and fills the defaults into *out
