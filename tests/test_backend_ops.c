@@ -422,6 +422,45 @@ static void test_cuda_create_fails_cleanly(void **state) {
   ot_backend_free(be);
 }
 
+/* `--backend cuda` on a command: with no GPU a warning and the CPU's result; with one,
+ * the GPU's perplexity matching the CPU's. */
+static void test_cli_backend_cuda(void **state) {
+  (void)state;
+  char *dir = ot_test_tmpdir("backend_ops_cli");
+  char path[512];
+  snprintf(path, sizeof path, "%s/text.txt", dir);
+  FILE *f = fopen(path, "w");
+  assert_non_null(f);
+  fputs(
+      "The jury further said in term-end presentments that the City Executive Committee, which had over-all "
+      "charge of the election, deserves the praise and thanks of the City of Atlanta for the manner in which "
+      "the election was conducted.\n",
+      f);
+  fclose(f);
+  static char out_cpu[1 << 14], out_cuda[1 << 14];
+  const char *cmd =
+      "%s/cloud/offtune-cloud eval --model %s/models/brown-8x128 --text %s --json --backend %s 2>&1";
+  int rc = ot_test_run(out_cpu, sizeof out_cpu, cmd, ot_test_binary_dir(), ot_test_source_dir(), path, "cpu");
+  if (rc) fail_msg("eval --backend cpu: %s", out_cpu);
+  rc = ot_test_run(out_cuda, sizeof out_cuda, cmd, ot_test_binary_dir(), ot_test_source_dir(), path, "cuda");
+  if (rc) fail_msg("eval --backend cuda: %s", out_cuda);
+  double l_cpu = ot_test_json_number(strchr(out_cpu, '{'), "loss");
+  double l_cuda = ot_test_json_number(strchr(out_cuda, '{'), "loss");
+  ot_backend *be;
+  if (ot_backend_cuda_create(0, 0, &be) == OT_OK) {
+    ot_backend_free(be);
+    printf("eval loss: cpu %.6f, cuda %.6f\n", l_cpu, l_cuda);
+    assert_true(fabs(l_cuda - l_cpu) < 1e-4 * fabs(l_cpu));
+  } else {
+    const char *w = strstr(out_cuda, "warning: no CUDA");
+    if (!w) w = strstr(out_cuda, "warning: this build of offtune has no CUDA backend");
+    if (!w) fail_msg("no fallback warning in: %s", out_cuda);
+    printf("eval --backend cuda without a GPU: %.*s", (int)(strchr(w, '\n') - w + 1), w);
+    assert_true(l_cuda == l_cpu);
+  }
+  free(dir);
+}
+
 static void test_missing_op_is_an_error(void **state) {
   (void)state;
   assert_int_equal(OT_BACKEND_REQUIRE(ref, lora_sgmv), OT_OK);
@@ -596,15 +635,11 @@ static int teardown(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_cuda_create_fails_cleanly),
-      cmocka_unit_test(test_missing_op_is_an_error),
-      cmocka_unit_test(test_sgmv_cpu_reference),
-      cmocka_unit_test(test_ops_cpu_thread_count),
-      cmocka_unit_test(test_ops_cuda_fp32_flash),
-      cmocka_unit_test(test_ops_cuda_fp32_materialised),
-      cmocka_unit_test(test_ops_cuda_bf16),
-      cmocka_unit_test(test_gpt2_train_cuda_fp32),
-      cmocka_unit_test(test_gpt2_train_cuda_bf16),
+      cmocka_unit_test(test_cuda_create_fails_cleanly),  cmocka_unit_test(test_cli_backend_cuda),
+      cmocka_unit_test(test_missing_op_is_an_error),     cmocka_unit_test(test_sgmv_cpu_reference),
+      cmocka_unit_test(test_ops_cpu_thread_count),       cmocka_unit_test(test_ops_cuda_fp32_flash),
+      cmocka_unit_test(test_ops_cuda_fp32_materialised), cmocka_unit_test(test_ops_cuda_bf16),
+      cmocka_unit_test(test_gpt2_train_cuda_fp32),       cmocka_unit_test(test_gpt2_train_cuda_bf16),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
