@@ -7,7 +7,7 @@
  * Tolerances (||dut - ref|| / ||ref|| per output tensor):
  *   pointwise ops 1e-5; row reductions (layernorm, softmax, KD, attention, column sums,
  *   scatter-adds) 5e-5; cuBLAS-based ops (matmul, LoRA) 1e-4 in fp32, 3e-2 in bf16 (8-bit
- *   mantissa inputs, fp32 accumulation). Training losses: 1e-4 fp32, 2e-2 bf16. */
+ *   mantissa inputs, fp32 accumulation). Training losses: 1e-4 fp32, 5e-3 bf16. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -26,6 +26,13 @@
 #include "ot_test_util.h"
 
 enum { POINT, REDUCE, GEMM };
+
+/* test_backend_ops_emu: the same tests with the CUDA sources on tests/cuda_emu */
+#ifdef OT_CUDA_EMULATED
+#define EMU " [CPU emulation]"
+#else
+#define EMU ""
+#endif
 
 typedef struct {
   const char *name;
@@ -176,14 +183,16 @@ static void c_attention(run *r, const int *d) { /* B T C NH */
   int B = d[0], T = d[1], C = d[2], NH = d[3];
   size_t N = (size_t)B * T, na = att_floats(r->be, B, T, C, NH);
   float *qkv = in_rand(r, N * 3 * C, 1.5f, 0), *out = in_rand(r, N * C, 1, 0);
-  float *att = in_rand(r, na, 1, 0), *datt = in_rand(r, na, 1, 0);
   float *dout = in_rand(r, N * C, 1, 0), *dqkv = in_rand(r, N * 3 * C, 1, 0);
+  /* sizes differ between backends: drawn last, so the inputs above are the same */
+  float *att = in_rand(r, na, 1, 0), *datt = in_rand(r, na, 1, 0);
   r->be->ops->attention_fwd(r->be, out, att, qkv, B, T, C, NH);
   r->be->ops->attention_bwd(r->be, dqkv, datt, dout, qkv, att, B, T, C, NH);
   out_f(r, "out", REDUCE, out, N * C);
   out_f(r, "dqkv", REDUCE, dqkv, N * 3 * C);
-  /* probabilities only where the backend keeps them */
-  if (na == (size_t)B * NH * T * T) out_f(r, "att", REDUCE, att, na);
+  /* probabilities only where the backend keeps them (probed at T = 2: a log-sum-exp
+   * backend needs 2 floats per head there, probabilities 4) */
+  if (att_floats(r->be, 1, 2, C, NH) == (size_t)4 * NH) out_f(r, "att", REDUCE, att, na);
 }
 
 static void c_gelu(run *r, const int *d) { /* n */
@@ -372,13 +381,21 @@ static void compare_all(const dut *d) {
     c->fn(&a, c->d);
     c->fn(&b, c->d);
     assert_int_equal(b.be->ops->sync(b.be), 0);
-    assert_int_equal(a.no, b.no);
-    for (int i = 0; i < a.no; i++) {
+    /* a backend with fused attention has no probabilities to compare (always the last output) */
+    int n = a.no < b.no ? a.no : b.no;
+    if (a.no != b.no) assert_string_equal((a.no > b.no ? a.oname : b.oname)[n], "att");
+    for (int i = 0; i < n; i++) {
       double e = ot_test_rel_err(b.out[i], a.out[i], a.nout[i]), tol = tolerance(a.ocls[i], d->bf16);
       if (e > worst[a.ocls[i]]) worst[a.ocls[i]] = e;
-      if (!(e <= tol))
+      if (!(e <= tol)) {
+        for (size_t j = 0; j < a.nout[i]; j++)
+          if (fabsf(b.out[i][j] - a.out[i][j]) > 1e-3f + 1e-3f * fabsf(a.out[i][j])) {
+            printf("first mismatch of %s at [%zu]: %g, cpu %g\n", a.oname[i], j, b.out[i][j], a.out[i][j]);
+            break;
+          }
         fail_msg("%s vs cpu: %s case %zu (%d %d %d %d %d), output %s: relative error %.3g > %.0e", d->name,
                  c->op, k, c->d[0], c->d[1], c->d[2], c->d[3], c->d[4], a.oname[i], e, tol);
+      }
     }
     run_free(&a);
     run_free(&b);
@@ -426,6 +443,10 @@ static void test_cuda_create_fails_cleanly(void **state) {
  * the GPU's perplexity matching the CPU's. */
 static void test_cli_backend_cuda(void **state) {
   (void)state;
+#ifdef OT_CUDA_EMULATED
+  printf("SKIP: the commands link the real backend library, not the emulation\n");
+  skip();
+#endif
   char *dir = ot_test_tmpdir("backend_ops_cli");
   char path[512];
   snprintf(path, sizeof path, "%s/text.txt", dir);
@@ -550,21 +571,21 @@ static ot_backend *cuda_or_skip(unsigned flags) {
 
 static void test_ops_cuda_fp32_flash(void **state) {
   (void)state;
-  dut d = {"cuda fp32 (fused attention)", cuda_or_skip(0), 0};
+  dut d = {"cuda fp32 (fused attention)" EMU, cuda_or_skip(0), 0};
   compare_all(&d);
   ot_backend_free(d.be);
 }
 
 static void test_ops_cuda_fp32_materialised(void **state) {
   (void)state;
-  dut d = {"cuda fp32 (materialised attention)", cuda_or_skip(OT_CUDA_NO_FLASH), 0};
+  dut d = {"cuda fp32 (materialised attention)" EMU, cuda_or_skip(OT_CUDA_NO_FLASH), 0};
   compare_all(&d);
   ot_backend_free(d.be);
 }
 
 static void test_ops_cuda_bf16(void **state) {
   (void)state;
-  dut d = {"cuda bf16", cuda_or_skip(OT_CUDA_BF16), 1};
+  dut d = {"cuda bf16" EMU, cuda_or_skip(OT_CUDA_BF16), 1};
   compare_all(&d);
   ot_backend_free(d.be);
 }
@@ -619,7 +640,7 @@ static void test_gpt2_train_cuda_fp32(void **state) {
 
 static void test_gpt2_train_cuda_bf16(void **state) {
   (void)state;
-  train_compare(OT_CUDA_BF16, 2e-2);
+  train_compare(OT_CUDA_BF16, 5e-3);
 }
 
 static int setup(void **state) {

@@ -3,9 +3,15 @@
 #ifndef OT_CUDA_INTERNAL_H
 #define OT_CUDA_INTERNAL_H
 
+#ifdef OT_CUDA_EMU /* tests/cuda_emu: the same sources run on the CPU, for checks without a GPU */
+#include "cuda_emu.h"
+#define OT_EXTERN_SHARED(T, name) T *name = (T *)ot_emu_dynamic_smem()
+#else
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#define OT_EXTERN_SHARED(T, name) extern __shared__ T name[]
+#endif
 #include <stddef.h>
 #include <stdint.h>
 

@@ -101,7 +101,7 @@ static __global__ void sgmv_shrink_kernel(float *t, const float *x, sgmv_meta m,
 
 /* Grid (rows, column tiles); t_i staged in shared memory: out[i,o] += scale_s t_i . B_s[o,:]. */
 static __global__ void sgmv_expand_kernel(float *out, const float *t, sgmv_meta m, int OUT, int r) {
-  extern __shared__ float ti[];
+  OT_EXTERN_SHARED(float, ti);
   int i = blockIdx.x, s = segment_of(m.seg, m.n_seg, i);
   const float *B = m.B[s];
   if (!B) return;
