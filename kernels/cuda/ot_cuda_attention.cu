@@ -304,12 +304,13 @@ static __global__ void att_bwd_gather_kernel(float *dqkv, const float *datt, con
 
 /* ---- dispatch ------------------------------------------------------------------------ */
 
-static int use_flash(ot_cuda_ctx *c, int C, int NH) {
-  return !(c->flags & OT_CUDA_NO_FLASH) && C / NH <= FLASH_MAX_HS;
+static int use_flash(ot_cuda_ctx *c, int B, int C, int NH) {
+  /* B * NH is gridDim.y of the fused kernels (at most 65535) */
+  return !(c->flags & OT_CUDA_NO_FLASH) && C / NH <= FLASH_MAX_HS && (long)B * NH <= 65535;
 }
 
 size_t ot_cuda_attention_state(ot_backend *be, int B, int T, int C, int NH) {
-  if (use_flash(ot_cuda(be), C, NH)) return (size_t)B * NH * T;
+  if (use_flash(ot_cuda(be), B, C, NH)) return (size_t)B * NH * T;
   return (size_t)B * NH * T * T;
 }
 
@@ -322,7 +323,7 @@ void ot_cuda_attention_fwd(ot_backend *be, float *out, float *att, const float *
   int hs = C / NH;
   float scale = 1.0f / sqrtf((float)hs);
   if (B <= 0 || T <= 0) return;
-  if (use_flash(c, C, NH)) {
+  if (use_flash(c, B, C, NH)) {
     if (hs <= 32)
       FLASH_CASE(32, 64, flash_fwd_kernel, out, att, qkv, T, C, NH, hs, scale);
     else if (hs <= 64)
@@ -342,7 +343,7 @@ void ot_cuda_attention_bwd(ot_backend *be, float *dqkv, float *datt, const float
   int hs = C / NH;
   float scale = 1.0f / sqrtf((float)hs);
   if (B <= 0 || T <= 0) return;
-  if (use_flash(c, C, NH)) {
+  if (use_flash(c, B, C, NH)) {
     /* att holds the log-sum-exp; datt receives D for the dK/dV kernel */
     if (hs <= 32) {
       FLASH_CASE(32, 64, flash_bwd_dq_kernel, dqkv, datt, dout, qkv, att, T, C, NH, hs, scale);
