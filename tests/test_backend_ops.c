@@ -326,6 +326,7 @@ static const op_case cases[] = {
     {"layernorm_bwd", c_layernorm_bwd, {37, 77, 7}},
     {"layernorm_bwd", c_layernorm_bwd, {300, 768, 6}},
     {"layernorm_bwd", c_layernorm_bwd, {37, 77, 1}},
+    {"layernorm_bwd", c_layernorm_bwd, {600, 40, 7}}, /* column sums split over blocks */
     {"matmul_fwd", c_matmul_fwd, {1, 3, 5, OT_W_IN_OUT, 1}},
     {"matmul_fwd", c_matmul_fwd, {37, 77, 129, OT_W_IN_OUT, 1}},
     {"matmul_fwd", c_matmul_fwd, {37, 77, 129, OT_W_OUT_IN, 0}},
@@ -336,6 +337,7 @@ static const op_case cases[] = {
     {"matmul_bwd", c_matmul_bwd, {37, 77, 129, OT_W_OUT_IN, 7}},
     {"matmul_bwd", c_matmul_bwd, {130, 65, 33, OT_W_OUT_IN, 2}},
     {"matmul_bwd", c_matmul_bwd, {130, 65, 33, OT_W_IN_OUT, 5}},
+    {"matmul_bwd", c_matmul_bwd, {520, 16, 20, OT_W_IN_OUT, 7}},
     {"attention", c_attention, {1, 1, 8, 2}},
     {"attention", c_attention, {2, 17, 48, 3}},  /* head size 16 */
     {"attention", c_attention, {2, 33, 64, 2}},  /* 32 */
