@@ -25,6 +25,11 @@ static const ot_cli_command commands[] = {
     {"tokenize", ot_cmd_tokenize, "print the token ids of a text file"},
     {"corpus", ot_cmd_corpus, "write the plain text of Brown corpus genres (the project's data splits)"},
     {"access", ot_cmd_access, "allow or revoke a device, or issue a one-time enrolment token"},
+    {"serve", ot_cmd_serve, "the cloud daemon: federated tuning sessions with enrolled devices"},
+    {"session", ot_cmd_session, "create, list and show sessions on the running daemon"},
+    {"device", ot_cmd_device, "list or revoke enrolled devices"},
+    {"token", ot_cmd_token, "issue a one-time enrolment token for a device"},
+    {"adapter", ot_cmd_adapter, "list, publish or delete the sessions' adapters"},
     {"keygen", cmd_keygen,
      "create the cloud's long-term Ed25519 identity (DIR/cloud.key 0600, DIR/cloud.pub)"},
 };
