@@ -46,7 +46,9 @@ int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_back
                       ot_tokenizer **tok) {
   ot_backend_kind kind;
   int rc = ot_backend_parse(backend ? backend : "cpu", &kind);
-  if (rc == OT_OK) rc = ot_backend_create(kind, threads, be);
+  int fell_back = 0;
+  if (rc == OT_OK) rc = ot_backend_create_or_cpu(kind, threads, be, &fell_back);
+  if (rc == OT_OK && fell_back) fprintf(stderr, "offtune-cloud: warning: %s; using cpu\n", ot_error_detail());
   if (rc) return rc;
   rc = ot_gpt2_load_dir(dir, *be, m);
   if (rc == OT_OK) {

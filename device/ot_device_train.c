@@ -21,7 +21,10 @@ int ot_dev_load_emulator(const char *dir, const char *backend, int threads, ot_b
                          ot_tokenizer **tok, ot_emu_plan *plan) {
   ot_backend_kind kind;
   int rc = ot_backend_parse(backend ? backend : "cpu", &kind);
-  if (rc == OT_OK) rc = ot_backend_create(kind, threads, be);
+  int fell_back = 0;
+  if (rc == OT_OK) rc = ot_backend_create_or_cpu(kind, threads, be, &fell_back);
+  if (rc == OT_OK && fell_back)
+    fprintf(stderr, "offtune-device: warning: %s; using cpu\n", ot_error_detail());
   if (rc) return rc;
   rc = ot_emu_load(dir, *be, m, tok, plan);
   if (rc) ot_backend_free(*be);
