@@ -1,6 +1,7 @@
 /* Protocol benchmark, in one run on TCP loopback:
  *   - handshake latency (dial + 4-message handshake, and the handshake's CPU alone);
  *   - encrypted transfer of a SIZE MiB tensor (chunked, AEAD per chunk, digest, commit);
+ *   - the same tensor downloaded (ot_client_fetch from a stamped in-memory source);
  *   - the same bytes over plain nng REQ/REP, same chunk size and window, no crypto.
  * The ratio plain/encrypted time is the encryption's cost.
  *   bench_protocol [--size-mib 256] [--chunk-kib 1024] [--window 4] [--workers 4]
@@ -42,6 +43,27 @@ static void on_end(void *user, const uint8_t peer[32], const char *name, int com
   free(ot_mem_sink_take(sink, &n));
   ot_mem_sink_free(sink);
   atomic_fetch_add((_Atomic int *)user, committed);
+}
+
+/* Downloads serve the benchmark tensor from memory (stamped: its digest is computed
+ * once, as the daemon's cache does for an emulator served to many devices). */
+static const uint8_t *g_src;
+static uint64_t g_size;
+static int mem_src_read(void *self, uint64_t off, size_t len, uint8_t *buf, const uint8_t **data) {
+  (void)self;
+  (void)len;
+  (void)buf;
+  *data = g_src + off;
+  return OT_OK;
+}
+static int on_fetch_open(void *user, const uint8_t peer[32], const char *name, ot_source *src,
+                         uint64_t *size) {
+  (void)user;
+  (void)peer;
+  (void)name;
+  *src = (ot_source){.read_at = mem_src_read, .self = NULL, .stamp = 1};
+  *size = g_size;
+  return OT_OK;
 }
 
 /* ---- plain nng baseline: REP contexts served by threads, copy into a buffer ---- */
@@ -242,6 +264,8 @@ int main(int argc, char **argv) {
   sc.max_transfer = (uint64_t)size;
   sc.on_transfer_open = on_open;
   sc.on_transfer_end = on_end;
+  sc.on_fetch_open = on_fetch_open;
+  sc.fetch_chunk = (uint32_t)chunk;
   sc.user = (void *)&committed;
   ot_server *server;
   if ((rc = ot_server_start(&sc, &server))) die("server", rc);
@@ -267,9 +291,12 @@ int main(int argc, char **argv) {
   uint8_t *src = malloc(size);
   if (!src) die("memory", OT_ERR_NOMEM);
   randombytes_buf(src, size);
+  g_src = src;
+  g_size = size;
   /* encrypted with the negotiated cipher (AES-256-GCM where AES-NI is present), with
    * XChaCha20-Poly1305 forced, and plain: interleaved, best of reps each */
   double best_enc[2] = {1e30, 1e30}, best_plain = 1e30, cpu_enc[2] = {1e30, 1e30}, cpu_plain = 1e30;
+  double best_dl[2] = {1e30, 1e30}, cpu_dl[2] = {1e30, 1e30};
   int aead[2] = {0, 0};
   for (int r = 0; r < reps; r++) {
     for (int k = 0; k < 2; k++) {
@@ -283,6 +310,24 @@ int main(int argc, char **argv) {
       double dt = ot_now() - t, du = cpu_now() - u;
       if (dt < best_enc[k]) best_enc[k] = dt;
       if (du < cpu_enc[k]) cpu_enc[k] = du;
+      /* the download direction, into memory */
+      ot_sink sink;
+      if ((rc = ot_mem_sink_open(size, &sink))) die("memory", rc);
+      ot_fetch_opts fo = {.chunk = (uint32_t)chunk, .window = window};
+      t = ot_now();
+      u = cpu_now();
+      if ((rc = ot_client_fetch(c, "bench.bin", sink, &fo))) die("download", rc);
+      dt = ot_now() - t;
+      du = cpu_now() - u;
+      if (r > 0 || reps == 1) { /* the first one also computes the server's digest */
+        if (dt < best_dl[k]) best_dl[k] = dt;
+        if (du < cpu_dl[k]) cpu_dl[k] = du;
+      }
+      uint64_t got = 0;
+      uint8_t *back = ot_mem_sink_take(&sink, &got);
+      if (!back || got != size || memcmp(back, src, size) != 0) die("download", OT_ERR_FORMAT);
+      free(back);
+      ot_mem_sink_free(&sink);
       ot_client_close(c);
     }
     double u = cpu_now();
@@ -310,6 +355,12 @@ int main(int argc, char **argv) {
     printf("%-40s %9.3f GB/s  (%.3f s, %.2f x plain)\n", label, gb / best_enc[k], best_enc[k],
            best_enc[k] / best_plain);
   }
+  for (int k = 0; k < 2; k++) {
+    char label[64];
+    snprintf(label, sizeof label, "download, %s + BLAKE2b", names[aead[k]]);
+    printf("%-40s %9.3f GB/s  (%.3f s, %.2f x plain)\n", label, gb / best_dl[k], best_dl[k],
+           best_dl[k] / best_plain);
+  }
   printf("%-40s %9.3f GB/s  (%.3f s)\n", "plain nng (no protobuf, no crypto)", gb / best_plain, best_plain);
   printf("%-40s %9.2f s/GB   (CPU, both ends)\n", "plain nng CPU", cpu_plain / gb);
   for (int k = 0; k < 2; k++) {
@@ -317,6 +368,11 @@ int main(int argc, char **argv) {
     snprintf(label, sizeof label, "encrypted CPU, %s", names[aead[k]]);
     printf("%-40s %9.2f s/GB   (%.2f x plain; at 1.5x plain needs %.1f cores)\n", label, cpu_enc[k] / gb,
            cpu_enc[k] / cpu_plain, cpu_enc[k] / (1.5 * best_plain));
+  }
+  for (int k = 0; k < 2; k++) {
+    char label[64];
+    snprintf(label, sizeof label, "download CPU, %s", names[aead[k]]);
+    printf("%-40s %9.2f s/GB   (%.2f x plain)\n", label, cpu_dl[k] / gb, cpu_dl[k] / cpu_plain);
   }
   free(hs);
   free(src);

@@ -1,5 +1,7 @@
-/* Training-step throughput of offtune's GPT-2 on the CPU backend: random init, random
- * tokens, AdamW, the same work bench/torch_train.py gives PyTorch. Prints one JSON line. */
+/* Training-step throughput of offtune's GPT-2 (CPU or CUDA backend): random init, random
+ * tokens, AdamW, the same work bench/torch_train.py gives PyTorch. Prints one JSON line.
+ * --backend cuda takes OT_CUDA_BF16 / OT_CUDA_FLASH from the environment and never falls
+ * back to the CPU: a benchmark must measure what it says. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,7 +15,9 @@
 int main(int argc, char **argv) {
   int layers = 12, heads = 12, embd = 768, vocab = 50257, ctx = 1024, B = 4, T = 64, steps = 5, warmup = 1,
       threads = 2;
+  const char *backend = "cpu";
   const ot_opt opts[] = {
+      {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
       {"layers", OT_OPT_INT, &layers, "L", "blocks"},
       {"heads", OT_OPT_INT, &heads, "H", "heads"},
       {"embd", OT_OPT_INT, &embd, "C", "width"},
@@ -38,7 +42,9 @@ int main(int argc, char **argv) {
   ot_gpt2_config cfg = {layers, heads, embd, vocab, ctx, 1e-5f};
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
-  rc = ot_backend_cpu_create(threads, &be);
+  ot_backend_kind kind;
+  rc = ot_backend_parse(backend, &kind);
+  if (rc == OT_OK) rc = ot_backend_create(kind, threads, &be);
   if (rc == OT_OK) rc = ot_gpt2_create(&cfg, be, &m);
   if (rc == OT_OK) rc = ot_gpt2_init_random(m, 1);
   if (rc == OT_OK) rc = ot_gpt2_prepare(m, B, T, 1);
@@ -69,7 +75,12 @@ int main(int argc, char **argv) {
   double dt = (ot_now() - t0) / steps;
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
-  printf("{\"impl\": \"offtune\", \"step_s\": %.4f, \"tokens_per_s\": %.1f, \"peak_rss_mib\": %.1f, "
+  const char *bf16 = getenv("OT_CUDA_BF16");
+  const char *impl = kind == OT_BACKEND_CPU               ? "offtune"
+                     : bf16 && *bf16 && strcmp(bf16, "0") ? "offtune-cuda-bf16"
+                                                          : "offtune-cuda";
+  printf("{\"impl\": \"%s\", ", impl);
+  printf("\"step_s\": %.4f, \"tokens_per_s\": %.1f, \"peak_rss_mib\": %.1f, "
          "\"loss\": %.4f, "
          "\"params\": %zu}\n",
          dt, B * T / dt, ru.ru_maxrss / 1024.0, loss, ot_gpt2_num_params(m));

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """PyTorch on the same GPT-2 training work as bench_train.c (float32, AdamW, same B, T,
-random tokens); prints one JSON line. Run with Debian's /usr/bin/python3."""
+random tokens); prints one JSON line. Run with Debian's /usr/bin/python3 on the CPU;
+on a GPU (--device cuda) any python with a CUDA build of torch. --bf16 runs the matrix
+products under bf16 autocast (fp32 master weights, like OT_CUDA_BF16=1); --sdpa uses
+torch's fused causal attention (flash) instead of the explicit softmax."""
 import argparse
 import json
 import math
@@ -19,13 +22,19 @@ class Block(torch.nn.Module):
         s.c_attn, s.c_proj = torch.nn.Linear(C, 3 * C), torch.nn.Linear(C, C)
         s.c_fc, s.mlp_proj = torch.nn.Linear(C, 4 * C), torch.nn.Linear(4 * C, C)
 
+    sdpa = False
+
     def forward(s, x):
         B, T, C = x.shape
         q, k, v = s.c_attn(s.ln_1(x)).split(C, dim=2)
         q, k, v = [t.view(B, T, s.H, C // s.H).transpose(1, 2) for t in (q, k, v)]
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // s.H))
-        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).tril().logical_not(), float("-inf")).softmax(-1)
-        x = x + s.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
+        if Block.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // s.H))
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().logical_not()
+            y = att.masked_fill(mask, float("-inf")).softmax(-1) @ v
+        x = x + s.c_proj(y.transpose(1, 2).reshape(B, T, C))
         return x + s.mlp_proj(F.gelu(s.c_fc(s.ln_2(x)), approximate="tanh"))
 
 
@@ -37,7 +46,7 @@ class GPT(torch.nn.Module):
         s.ln_f = torch.nn.LayerNorm(C)
 
     def forward(s, idx, tgt):
-        x = s.wte(idx) + s.wpe(torch.arange(idx.shape[1]))
+        x = s.wte(idx) + s.wpe(torch.arange(idx.shape[1], device=idx.device))
         for b in s.h:
             x = b(x)
         logits = s.ln_f(x) @ s.wte.weight.t()
@@ -49,29 +58,48 @@ def main():
     for n, d in [("layers", 12), ("heads", 12), ("embd", 768), ("vocab", 50257), ("ctx", 1024), ("batch", 4),
                  ("seq-len", 64), ("steps", 5), ("warmup", 1), ("threads", 2)]:
         a.add_argument("--" + n, type=int, default=d)
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--bf16", action="store_true")
+    a.add_argument("--sdpa", action="store_true")
     o = a.parse_args()
     torch.set_num_threads(o.threads)
     torch.manual_seed(0)
-    m = GPT(o.layers, o.heads, o.embd, o.vocab, o.ctx)
+    dev = torch.device(o.device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("torch_train.py: --device cuda but torch sees no CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in offtune
+        torch.backends.cudnn.allow_tf32 = False
+    if o.sdpa and not hasattr(F, "scaled_dot_product_attention"):
+        raise SystemExit("torch_train.py: --sdpa needs torch >= 2.0 (this is %s)" % torch.__version__)
+    Block.sdpa = o.sdpa
+    m = GPT(o.layers, o.heads, o.embd, o.vocab, o.ctx).to(dev)
     with torch.no_grad():  # GPT-2 init, as bench_train.c
         for n, p in m.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.02)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0)
-    idx = torch.randint(0, o.vocab, (o.batch, o.seq_len))
-    tgt = torch.randint(0, o.vocab, (o.batch, o.seq_len))
+    idx = torch.randint(0, o.vocab, (o.batch, o.seq_len), device=dev)
+    tgt = torch.randint(0, o.vocab, (o.batch, o.seq_len), device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for i in range(o.warmup + o.steps):
         if i == o.warmup:
+            sync()
             t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = m(idx, tgt)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=o.bf16):
+            loss = m(idx, tgt)
         loss.backward()
         opt.step()
+    sync()
     dt = (time.perf_counter() - t0) / o.steps
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(json.dumps({"impl": "pytorch " + torch.__version__, "step_s": round(dt, 4),
-                      "tokens_per_s": round(o.batch * o.seq_len / dt, 1), "peak_rss_mib": round(rss, 1),
-                      "loss": round(loss.item(), 4)}))
+    r = {"impl": "pytorch " + torch.__version__, "step_s": round(dt, 4),
+         "tokens_per_s": round(o.batch * o.seq_len / dt, 1), "peak_rss_mib": round(rss, 1),
+         "loss": round(loss.item(), 4)}
+    if dev.type == "cuda":
+        r["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    print(json.dumps(r))
 
 
 if __name__ == "__main__":

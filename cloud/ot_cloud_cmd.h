@@ -18,6 +18,12 @@ int ot_cmd_corpus(int argc, char **argv);
 int ot_cmd_distill(int argc, char **argv);
 int ot_cmd_merge(int argc, char **argv);
 int ot_cmd_access(int argc, char **argv);
+/* The daemon (ot_daemon.c) and the operator commands against it (ot_cloud_ops.c). */
+int ot_cmd_serve(int argc, char **argv);
+int ot_cmd_session(int argc, char **argv);
+int ot_cmd_device(int argc, char **argv);
+int ot_cmd_token(int argc, char **argv);
+int ot_cmd_adapter(int argc, char **argv);
 int ot_cmd_serve_model(int argc, char **argv);
 
 /* Shared by the commands: prints "offtune-cloud: <what>: <detail>" for a failed status

@@ -27,6 +27,11 @@ static const ot_cli_command commands[] = {
     {"tokenize", ot_cmd_tokenize, "print the token ids of a text file"},
     {"corpus", ot_cmd_corpus, "write the plain text of Brown corpus genres (the project's data splits)"},
     {"access", ot_cmd_access, "allow or revoke a device, or issue a one-time enrolment token"},
+    {"serve", ot_cmd_serve, "the cloud daemon: federated tuning sessions with enrolled devices"},
+    {"session", ot_cmd_session, "create, list and show sessions on the running daemon"},
+    {"device", ot_cmd_device, "list or revoke enrolled devices"},
+    {"token", ot_cmd_token, "issue a one-time enrolment token for a device"},
+    {"adapter", ot_cmd_adapter, "list, publish or delete the sessions' adapters"},
     {"keygen", cmd_keygen,
      "create the cloud's long-term Ed25519 identity (DIR/cloud.key 0600, DIR/cloud.pub)"},
 };
@@ -43,7 +48,9 @@ int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_back
                       ot_tokenizer **tok) {
   ot_backend_kind kind;
   int rc = ot_backend_parse(backend ? backend : "cpu", &kind);
-  if (rc == OT_OK) rc = ot_backend_create(kind, threads, be);
+  int fell_back = 0;
+  if (rc == OT_OK) rc = ot_backend_create_or_cpu(kind, threads, be, &fell_back);
+  if (rc == OT_OK && fell_back) fprintf(stderr, "offtune-cloud: warning: %s; using cpu\n", ot_error_detail());
   if (rc) return rc;
   rc = ot_gpt2_load_dir(dir, *be, m);
   if (rc == OT_OK) {

@@ -264,7 +264,9 @@ int ot_cmd_pretrain(int argc, char **argv) {
   const char *what = "setting up";
   rc = ot_config_validate(&cfg);
   if (rc == OT_OK) rc = ot_backend_parse(t.backend, &kind);
-  if (rc == OT_OK) rc = ot_backend_create(kind, t.threads, &be);
+  int fell_back = 0;
+  if (rc == OT_OK) rc = ot_backend_create_or_cpu(kind, t.threads, &be, &fell_back);
+  if (rc == OT_OK && fell_back) fprintf(stderr, "offtune-cloud: warning: %s; using cpu\n", ot_error_detail());
   if (rc == OT_OK) {
     rc = ot_gpt2_create(&cfg, be, &m);
     if (rc == OT_OK) rc = ot_gpt2_init_random(m, (uint64_t)t.seed);

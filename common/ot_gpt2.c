@@ -495,6 +495,9 @@ static ot_block_ext ext_need(const ot_gpt2 *m, int act_block) {
 static void plan_acts(ot_gpt2 *m, carver *cv, int B, int T, int training) {
   size_t N = (size_t)B * T, C = m->cfg.n_embd, V = m->cfg.vocab_size, NH = m->cfg.n_head;
   size_t F = sizeof(float);
+  /* a fused-attention backend keeps less than the B x NH x T x T probabilities */
+  size_t att_n = m->be->ops->attention_state ? m->be->ops->attention_state(m->be, B, T, (int)C, (int)NH)
+                                             : (size_t)B * NH * T * T;
   ot_block_ext all = {0, 0, 0.0f, 0.0f, 0}; /* maxima over the blocks, for shared scratch */
   for (int l = 0; l < m->n_act_blocks; l++) {
     ot_block_acts *a = &m->blocks[l];
@@ -514,7 +517,7 @@ static void plan_acts(ot_gpt2 *m, carver *cv, int B, int T, int training) {
     a->ln1_rstd = carve(cv, N * F);
     a->qkv = carve(cv, N * 3 * C * F);
     a->atty = carve(cv, N * C * F);
-    a->att = carve(cv, (size_t)B * NH * T * T * F);
+    a->att = carve(cv, att_n * F);
     a->residual2 = carve(cv, N * C * F);
     a->ln2 = carve(cv, N * C * F);
     a->ln2_mean = carve(cv, N * F);
@@ -544,7 +547,7 @@ static void plan_acts(ot_gpt2 *m, carver *cv, int B, int T, int training) {
     m->dln = carve(cv, N * C * F);
     m->datty = carve(cv, N * C * F);
     m->dqkv = carve(cv, N * 3 * C * F);
-    m->datt = carve(cv, (size_t)B * NH * T * T * F);
+    m->datt = carve(cv, att_n * F);
     m->dfch = carve(cv, N * 4 * C * F);
     m->dfch_gelu = carve(cv, N * 4 * C * F);
   } else {

@@ -15,6 +15,8 @@ static int cmd_keygen(int argc, char **argv) {
 static const ot_cli_command commands[] = {
     {"tune", ot_dev_tune,
      "train an adapter (offsite, LoRA, bottleneck, BitFit) on private data with the emulator"},
+    {"join", ot_dev_join, "enrol this device with a cloud daemon (once, with a one-time token)"},
+    {"run", ot_dev_run, "take part in the cloud's tuning sessions: fetch, train locally, upload, repeat"},
     {"keygen", cmd_keygen,
      "create this device's long-term Ed25519 identity (DIR/device.key 0600, DIR/device.pub)"},
     {"eval", ot_dev_eval, "perplexity of the emulator (optionally with an adapter) on a text or token file"},

@@ -1,6 +1,7 @@
 /* libFuzzer harness: untrusted wire bytes through the envelope and the bodies it
  * carries. Every input either fails cleanly or decodes; a body sealed and opened again
  * comes back unchanged, and what the chunk decoder accepts is consistent. */
+#include "offtune.pb-c.h"
 #include "ot_envelope.h"
 #include "ot_error.h"
 #include "ot_transfer.h"
@@ -69,6 +70,38 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     abort();
   ot_transfer_status st;
   (void)ot_status_decode(data, size, &st);
+  /* download bodies */
+  ot_fetch_open_body fo;
+  if (ot_fetch_open_decode(data, size, &fo) == OT_OK && (strstr(fo.name, "/") || fo.name[0] == '.')) abort();
+  ot_fetch_info fi;
+  (void)ot_fetch_info_decode(data, size, &fi);
+  uint8_t fid[16];
+  uint64_t fidx;
+  (void)ot_fetch_chunk_decode(data, size, fid, &fidx);
+  /* the data path's in-place parsers accept nothing protobuf-c refuses, and read the
+   * same fields */
+  ot_env ev;
+  if (ot_env_view(data, size, 1u << 21, &ev) == OT_OK) {
+    Offtune__Envelope *m = offtune__envelope__unpack(NULL, size, data);
+    if (!m) abort();
+    const ProtobufCBinaryData *d = m->has_sealed ? &m->sealed : &m->body;
+    if (m->version != ev.h.version || m->type != ev.h.type || m->lane != ev.h.lane ||
+        m->session_id != ev.h.session_id || m->seq != ev.h.seq || (int)m->has_sealed != ev.sealed ||
+        d->len != ev.len || (ev.len && memcmp(d->data, ev.data, ev.len) != 0))
+      abort();
+    offtune__envelope__free_unpacked(m, NULL);
+    ot_env_clear(&ev);
+  }
+  ot_chunk cv;
+  if (ot_chunk_decode(data, size, &cv) == OT_OK) {
+    Offtune__Chunk *m = offtune__chunk__unpack(NULL, size, data);
+    if (!m || m->transfer_id.len != 16 || memcmp(m->transfer_id.data, cv.id, 16) != 0 ||
+        m->index != cv.index || (int)m->final != cv.final || m->data.len != cv.len ||
+        (cv.len && memcmp(m->data.data, cv.data, cv.len)) || (int)m->has_digest != cv.has_digest ||
+        (cv.has_digest && memcmp(m->digest.data, cv.digest, 32)))
+      abort();
+    offtune__chunk__free_unpacked(m, NULL);
+  }
   (void)ot_refusal_error(data, size, 1);
   ot_error_clear();
   return 0;

@@ -100,7 +100,24 @@ typedef struct {
   /* returns sum(x^2) in double (synchronises) */
   double (*sumsq)(ot_backend *be, const float *x, size_t n);
 
-  /* ---- inference with a KV cache (serving); NULL where a backend lacks them ---- */
+  /* Ops below were added after the core; a backend may leave any of them NULL
+   * (designated initialisers), and callers check with OT_BACKEND_REQUIRE. */
+
+  /* Multi-adapter LoRA for serving (Punica's SGMV): rows [seg[s], seg[s+1]) of x[N,IN]
+   * (N = seg[n_seg], seg[0] = 0, non-decreasing) belong to adapter s, and
+   *   out[i,:] += scale[s] * (x[i,:] A_s^T) B_s^T,  A_s = A[s] [r,IN], B_s = B[s] [OUT,r]
+   * (nn.Linear layout, no dropout: inference). A[s] == NULL leaves segment s untouched
+   * (rows served by the base model). seg, A, B and scale are HOST arrays (the batch
+   * schedule lives on the host); A[s], B[s] point to backend memory. t [N,r] is scratch
+   * and holds the shrink result x A_s^T on return. */
+  void (*lora_sgmv)(ot_backend *be, float *out, float *t, const float *x, int n_seg, const int32_t *seg,
+                    const float *const *A, const float *const *B, const float *scale, int IN, int OUT, int r);
+  /* Floats of `att` (and of the `datt` scratch) attention_fwd/bwd need for these shapes;
+   * NULL means B*NH*T*T (probabilities kept). A backend with fused attention (CUDA's
+   * flash path) keeps only the row log-sum-exp [B,NH,T] in att and recomputes the rest:
+   * att is then opaque, meaningful only to the same backend's attention_bwd. */
+  size_t (*attention_state)(ot_backend *be, int B, int T, int C, int NH);
+  /* Inference with a KV cache (cloud/ot_serve_engine.c). */
   /* out[N,C] = wte[tokens[i]] + wpe[pos[i]]: rows at arbitrary positions (tokens, pos [N]) */
   void (*embed_fwd)(ot_backend *be, float *out, const int32_t *tokens, const int32_t *pos, const float *wte,
                     const float *wpe, int N, int C);
@@ -115,25 +132,33 @@ typedef struct {
    * row0[s]+n[s]-1 of x[N,IN] and out[N,OUT]; out[those rows] += scale[s] (x A_s^T) Bt_s with
    * A_s = A[s] [r[s], IN] and Bt_s = Bt[s] [r[s], OUT] (B transposed). One call for every adapter
    * of a batch. The tables (row0, n, r, scale, A, Bt: S entries) are host memory, the tensors
-   * backend memory. NULL: the engine calls lora_fwd per segment instead. */
+   * backend memory. NULL: the engine calls lora_fwd per segment instead. (lora_sgmv above is
+   * the same product with one rank and B untransposed, for backends that have it.) */
   void (*lora_sgmv_fwd)(ot_backend *be, float *out, const float *x, const float *const *A,
                         const float *const *Bt, const int *row0, const int *n, const int *r,
                         const float *scale, int S, int IN, int OUT);
 } ot_backend_ops;
 
+/* Host and CUDA device code share these (one definition of the dropout mask). */
+#ifdef __CUDACC__
+#define OT_HD __host__ __device__
+#else
+#define OT_HD
+#endif
+
 /* splitmix64's finaliser: a counter-based hash, so any backend can regenerate a mask. */
-static inline uint64_t ot_mix64(uint64_t z) {
+OT_HD static inline uint64_t ot_mix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
 }
 /* Seed of one dropout site at one training step. */
-static inline uint64_t ot_dropout_seed(uint64_t seed, uint64_t step, uint64_t site) {
+OT_HD static inline uint64_t ot_dropout_seed(uint64_t seed, uint64_t step, uint64_t site) {
   return ot_mix64(ot_mix64(ot_mix64(seed) + step) + site);
 }
 /* Dropout keeps element i iff u >= p, u uniform in [0,1) from (seed, i). */
-static inline int ot_dropout_keep(uint64_t seed, uint64_t i, float p) {
+OT_HD static inline int ot_dropout_keep(uint64_t seed, uint64_t i, float p) {
   return (double)(ot_mix64(seed ^ ot_mix64(i)) >> 11) * (1.0 / 9007199254740992.0) >= (double)p;
 }
 
@@ -146,12 +171,30 @@ struct ot_backend {
 typedef enum { OT_BACKEND_CPU = 0, OT_BACKEND_CUDA = 1 } ot_backend_kind;
 
 /* Creates a backend; n_threads <= 0 means all cores (CPU). A backend that is not
- * built or has no device gives OT_ERR_UNSUPPORTED with a detail saying why. */
+ * built or has no device gives OT_ERR_UNSUPPORTED with a detail saying why.
+ * OT_BACKEND_CUDA takes its flags from the environment: OT_CUDA_BF16=1 (bf16 matrix
+ * products), OT_CUDA_FLASH=0 (materialised attention instead of the fused kernel). */
 int ot_backend_create(ot_backend_kind kind, int n_threads, ot_backend **out);
+/* For commands: like ot_backend_create, but a CUDA backend that cannot start (not
+ * built, no device) falls back to the CPU; *fell_back says so and ot_error_detail()
+ * keeps the reason for the warning the caller prints. */
+int ot_backend_create_or_cpu(ot_backend_kind kind, int n_threads, ot_backend **out, int *fell_back);
 void ot_backend_free(ot_backend *be);
 /* "cpu" / "cuda" -> kind */
 int ot_backend_parse(const char *name, ot_backend_kind *out);
+/* OT_OK if the op exists, else OT_ERR_UNSUPPORTED naming the backend and the op. */
+int ot_backend_check_op(const ot_backend *be, int present, const char *op);
+#define OT_BACKEND_REQUIRE(be, op) ot_backend_check_op((be), (be)->ops->op != NULL, #op)
 
 int ot_backend_cpu_create(int n_threads, ot_backend **out);
+
+/* CUDA backend flags */
+enum {
+  OT_CUDA_BF16 = 1,     /* matrix products in bf16 (fp32 accumulate, fp32 master weights) */
+  OT_CUDA_NO_FLASH = 2, /* materialised softmax attention instead of the fused kernel */
+};
+/* Creates the CUDA backend on `device`; without a usable GPU (or a build without CUDA)
+ * OT_ERR_UNSUPPORTED, detail "no CUDA device: <CUDA's reason>". */
+int ot_backend_cuda_create(int device, unsigned flags, ot_backend **out);
 
 #endif

@@ -31,53 +31,73 @@ static void header_nonce(uint32_t lane, uint64_t seq, uint8_t n[24]) {
 
 void ot_env_clear(ot_env *e) {
   if (!e) return;
-  free(e->block ? e->block : e->data);
+  if (!e->borrowed) free(e->block ? e->block : e->data);
   memset(e, 0, sizeof *e);
 }
 
-int ot_env_decode(const uint8_t *wire, size_t len, size_t max_len, ot_env *out) {
+/* Parses an Envelope in place (no copy of the body); the same checks as protobuf-c
+ * (required fields, wire types) plus ours. */
+int ot_env_view(const uint8_t *wire, size_t len, size_t max_len, ot_env *out) {
   if (!wire || !out) return ot_error(OT_ERR_INVALID, "ot_env_decode: NULL argument");
   if (max_len > OT_MSG_MAX_HARD) max_len = OT_MSG_MAX_HARD;
   if (len > max_len)
     return ot_error(OT_ERR_RANGE, "message of %zu bytes exceeds the limit of %zu", len, max_len);
-  ot_pb_alloc ca;
-  ot_pb_alloc_init(&ca, 2 * len + 1024);
-  Offtune__Envelope *m = offtune__envelope__unpack(&ca.a, len, wire);
-  if (!m) return ot_error(OT_ERR_FORMAT, "malformed envelope (%zu bytes)", len);
-  int rc = OT_OK;
-  if (m->version != OT_PROTOCOL_VERSION)
-    rc = ot_error(OT_ERR_MISMATCH, "unsupported protocol version %u (this peer speaks %d)", m->version,
-                  OT_PROTOCOL_VERSION);
-  else if (m->lane >= OT_MAX_LANES)
-    rc = ot_error(OT_ERR_FORMAT, "envelope lane %u out of range", m->lane);
-  else if (m->has_body == m->has_sealed)
-    rc = ot_error(OT_ERR_FORMAT, "envelope must carry exactly one of body and sealed");
-  else if (m->has_body && (m->lane != 0 || m->seq != 0))
-    rc = ot_error(OT_ERR_FORMAT, "plain envelope with a lane or sequence number");
-  else if (m->has_sealed && m->sealed.len < OT_AEAD_ABYTES)
-    rc = ot_error(OT_ERR_FORMAT, "sealed body shorter than its tag");
-  ot_env e = {0};
-  if (rc == OT_OK) {
-    ProtobufCBinaryData *d = m->has_sealed ? &m->sealed : &m->body;
-    e.h = (ot_env_header){m->version, m->type, m->lane, m->session_id, m->seq};
-    e.sealed = m->has_sealed;
-    e.len = d->len;
-    if (d->len && d->data) {
-      /* Take the bytes protobuf-c copied (with our allocator) instead of copying them
-       * again; free_unpacked skips a NULL field. */
-      e.data = d->data;
-      e.block = (char *)d->data - 16;
-      ca.used -= ((size_t *)e.block)[0];
-      d->data = NULL;
-      d->len = 0;
+  ot_pbr r = {wire, wire + len};
+  uint64_t v[6] = {0};
+  unsigned seen = 0;
+  const uint8_t *d[2] = {NULL, NULL};
+  size_t dl[2] = {0, 0};
+  uint32_t f;
+  int wt, more;
+  while ((more = ot_pbr_next(&r, &f, &wt)) == 1) {
+    int bad = 0;
+    if (f == 1 || f == 2 || f == 4) {
+      bad = wt != 0 || ot_pbr_varint(&r, &v[f]);
+      v[f] = (uint32_t)v[f];
+    } else if (f == 3 || f == 5) {
+      bad = wt != 1 || ot_pbr_fixed64(&r, &v[f]);
+    } else if (f == 6 || f == 7) {
+      bad = wt != 2 || ot_pbr_bytes(&r, &d[f - 6], &dl[f - 6]);
     } else {
-      e.data = malloc(1);
-      if (!e.data) rc = ot_error(OT_ERR_NOMEM, "out of memory");
+      bad = ot_pbr_skip(&r, wt);
     }
+    if (bad) break;
+    if (f < 8) seen |= 1u << f;
   }
-  offtune__envelope__free_unpacked(m, &ca.a);
-  if (rc == OT_OK) *out = e;
-  return rc;
+  if (more != 0 || (seen & 0x3e) != 0x3e)
+    return ot_error(OT_ERR_FORMAT, "malformed envelope (%zu bytes)", len);
+  int has_body = (seen >> 6) & 1, has_sealed = (seen >> 7) & 1;
+  if (v[1] != OT_PROTOCOL_VERSION)
+    return ot_error(OT_ERR_MISMATCH, "unsupported protocol version %u (this peer speaks %d)", (uint32_t)v[1],
+                    OT_PROTOCOL_VERSION);
+  if (v[4] >= OT_MAX_LANES) return ot_error(OT_ERR_FORMAT, "envelope lane %u out of range", (uint32_t)v[4]);
+  if (has_body == has_sealed)
+    return ot_error(OT_ERR_FORMAT, "envelope must carry exactly one of body and sealed");
+  if (has_body && (v[4] != 0 || v[5] != 0))
+    return ot_error(OT_ERR_FORMAT, "plain envelope with a lane or sequence number");
+  if (has_sealed && dl[1] < OT_AEAD_ABYTES)
+    return ot_error(OT_ERR_FORMAT, "sealed body shorter than its tag");
+  ot_env e = {0};
+  e.h = (ot_env_header){(uint32_t)v[1], (uint32_t)v[2], (uint32_t)v[4], v[3], v[5]};
+  e.sealed = has_sealed;
+  e.data = (uint8_t *)(uintptr_t)d[has_sealed];
+  e.len = dl[has_sealed];
+  e.borrowed = 1;
+  *out = e;
+  return OT_OK;
+}
+
+int ot_env_decode(const uint8_t *wire, size_t len, size_t max_len, ot_env *out) {
+  ot_env e;
+  int rc = ot_env_view(wire, len, max_len, &e);
+  if (rc) return rc;
+  uint8_t *copy = malloc(e.len ? e.len : 1);
+  if (!copy) return ot_error(OT_ERR_NOMEM, "out of memory");
+  if (e.len) memcpy(copy, e.data, e.len);
+  e.data = copy;
+  e.borrowed = 0;
+  *out = e;
+  return OT_OK;
 }
 
 static int pack_env(const ot_env_header *h, int sealed, const uint8_t *data, size_t len, uint8_t **out,
@@ -107,26 +127,62 @@ int ot_env_pack_plain(uint32_t type, uint64_t session_id, const uint8_t *body, s
   return pack_env(&h, 0, body, len, out, out_len);
 }
 
-int ot_env_seal_seq(const ot_session *s, uint32_t lane, uint64_t seq, uint32_t type, const uint8_t *body,
-                    size_t len, uint8_t **out, size_t *out_len) {
-  if (!s || (!body && len) || !out || !out_len) return ot_error(OT_ERR_INVALID, "ot_env_seal: NULL argument");
-  if (lane >= s->lanes)
+size_t ot_env_sealed_len(uint32_t lane, uint32_t type, size_t body_len) {
+  size_t n = body_len + OT_AEAD_ABYTES;
+  return 1 + ot_pb_varint_len(OT_PROTOCOL_VERSION) + 1 + ot_pb_varint_len(type) + 1 + 8 + 1 +
+         ot_pb_varint_len(lane) + 1 + 8 + 1 + ot_pb_varint_len(n) + n;
+}
+
+int ot_env_seal_to(const ot_session *s, uint32_t lane, uint64_t seq, uint32_t type, const uint8_t *body,
+                   size_t len, uint8_t *out, size_t out_len) {
+  if (!s || (!body && len) || !out) return ot_error(OT_ERR_INVALID, "ot_env_seal: NULL argument");
+  if (lane >= s->lanes || lane >= OT_MAX_LANES)
     return ot_error(OT_ERR_RANGE, "lane %u out of range (session has %u)", lane, s->lanes);
   if (len > OT_MSG_MAX_HARD) return ot_error(OT_ERR_RANGE, "body of %zu bytes is too large", len);
+  if (out_len != ot_env_sealed_len(lane, type, len))
+    return ot_error(OT_ERR_INTERNAL, "ot_env_seal_to: buffer of %zu bytes", out_len);
   ot_env_header h = {OT_PROTOCOL_VERSION, type, lane, s->id, seq};
   uint8_t ad[28], nonce[24];
   header_ad(&h, ad);
   header_nonce(lane, seq, nonce);
-  uint8_t *ct = malloc(len + OT_AEAD_ABYTES);
-  if (!ct) return ot_error(OT_ERR_NOMEM, "out of memory");
-  unsigned long long clen = 0;
+  /* Envelope fields 1-5 and 7 in order, as protobuf-c would write them */
+  uint8_t *p = out;
+  *p++ = 0x08;
+  p = ot_pbw_varint(p, h.version);
+  *p++ = 0x10;
+  p = ot_pbw_varint(p, type);
+  *p++ = 0x19;
+  p = ot_pbw_fixed64(p, s->id);
+  *p++ = 0x20;
+  p = ot_pbw_varint(p, lane);
+  *p++ = 0x29;
+  p = ot_pbw_fixed64(p, seq);
+  *p++ = 0x3a;
+  p = ot_pbw_varint(p, len + OT_AEAD_ABYTES);
   if (s->aead == OT_AEAD_AESGCM)
-    crypto_aead_aes256gcm_encrypt(ct, &clen, body, len, ad, sizeof ad, NULL, nonce, s->tx_key);
+    crypto_aead_aes256gcm_encrypt_detached(p, p + len, NULL, body, len, ad, sizeof ad, NULL, nonce,
+                                           s->tx_key);
   else
-    crypto_aead_xchacha20poly1305_ietf_encrypt(ct, &clen, body, len, ad, sizeof ad, NULL, nonce, s->tx_key);
-  int rc = pack_env(&h, 1, ct, (size_t)clen, out, out_len);
-  free(ct);
-  return rc;
+    crypto_aead_xchacha20poly1305_ietf_encrypt_detached(p, p + len, NULL, body, len, ad, sizeof ad, NULL,
+                                                        nonce, s->tx_key);
+  return OT_OK;
+}
+
+int ot_env_seal_seq(const ot_session *s, uint32_t lane, uint64_t seq, uint32_t type, const uint8_t *body,
+                    size_t len, uint8_t **out, size_t *out_len) {
+  if (!s || (!body && len) || !out || !out_len) return ot_error(OT_ERR_INVALID, "ot_env_seal: NULL argument");
+  if (len > OT_MSG_MAX_HARD) return ot_error(OT_ERR_RANGE, "body of %zu bytes is too large", len);
+  size_t n = ot_env_sealed_len(lane, type, len);
+  uint8_t *w = malloc(n);
+  if (!w) return ot_error(OT_ERR_NOMEM, "out of memory");
+  int rc = ot_env_seal_to(s, lane, seq, type, body, len, w, n);
+  if (rc) {
+    free(w);
+    return rc;
+  }
+  *out = w;
+  *out_len = n;
+  return OT_OK;
 }
 
 int ot_env_seal(ot_session *s, uint32_t lane, uint32_t type, const uint8_t *body, size_t len, uint8_t **out,
@@ -139,8 +195,8 @@ int ot_env_seal(ot_session *s, uint32_t lane, uint32_t type, const uint8_t *body
   return rc;
 }
 
-int ot_env_unseal(const ot_session *s, const ot_env *e, uint8_t **body, size_t *body_len) {
-  if (!s || !e || !body || !body_len) return ot_error(OT_ERR_INVALID, "ot_env_unseal: NULL argument");
+/* Checks the header against the session and decrypts (m may equal c: in place). */
+static int unseal_to(const ot_session *s, const ot_env *e, uint8_t *m) {
   if (!e->sealed) return ot_error(OT_ERR_FORMAT, "message of type %u is not encrypted", e->h.type);
   if (e->h.session_id != s->id)
     return ot_error(OT_ERR_MISMATCH, "message for session %016llx arrived on session %016llx",
@@ -151,21 +207,38 @@ int ot_env_unseal(const ot_session *s, const ot_env *e, uint8_t **body, size_t *
   header_ad(&e->h, ad);
   header_nonce(e->h.lane, e->h.seq, nonce);
   size_t n = e->len - OT_AEAD_ABYTES;
-  uint8_t *pt = malloc(n ? n : 1);
-  if (!pt) return ot_error(OT_ERR_NOMEM, "out of memory");
-  unsigned long long plen = 0;
-  int bad =
-      s->aead == OT_AEAD_AESGCM
-          ? crypto_aead_aes256gcm_decrypt(pt, &plen, NULL, e->data, e->len, ad, sizeof ad, nonce, s->rx_key)
-          : crypto_aead_xchacha20poly1305_ietf_decrypt(pt, &plen, NULL, e->data, e->len, ad, sizeof ad, nonce,
-                                                       s->rx_key);
-  if (bad != 0) {
-    free(pt);
+  const uint8_t *c = e->data, *mac = e->data + n;
+  int bad = s->aead == OT_AEAD_AESGCM
+                ? crypto_aead_aes256gcm_decrypt_detached(m, NULL, c, n, mac, ad, sizeof ad, nonce, s->rx_key)
+                : crypto_aead_xchacha20poly1305_ietf_decrypt_detached(m, NULL, c, n, mac, ad, sizeof ad,
+                                                                      nonce, s->rx_key);
+  if (bad != 0)
     return ot_error(OT_ERR_FORMAT, "message failed authentication (session %016llx, lane %u, seq %llu)",
                     (unsigned long long)s->id, e->h.lane, (unsigned long long)e->h.seq);
+  return OT_OK;
+}
+
+int ot_env_unseal(const ot_session *s, const ot_env *e, uint8_t **body, size_t *body_len) {
+  if (!s || !e || !body || !body_len) return ot_error(OT_ERR_INVALID, "ot_env_unseal: NULL argument");
+  size_t n = e->len >= OT_AEAD_ABYTES ? e->len - OT_AEAD_ABYTES : 0;
+  uint8_t *pt = malloc(n ? n : 1);
+  if (!pt) return ot_error(OT_ERR_NOMEM, "out of memory");
+  int rc = unseal_to(s, e, pt);
+  if (rc) {
+    free(pt);
+    return rc;
   }
   *body = pt;
-  *body_len = (size_t)plen;
+  *body_len = n;
+  return OT_OK;
+}
+
+int ot_env_unseal_inplace(const ot_session *s, ot_env *e, uint8_t **body, size_t *body_len) {
+  if (!s || !e || !body || !body_len) return ot_error(OT_ERR_INVALID, "ot_env_unseal: NULL argument");
+  int rc = unseal_to(s, e, e->data);
+  if (rc) return rc;
+  *body = e->data;
+  *body_len = e->len - OT_AEAD_ABYTES;
   return OT_OK;
 }
 

@@ -34,6 +34,9 @@ typedef enum {
   OT_MSG_TRANSFER_BEGIN = 32,
   OT_MSG_TRANSFER_STATUS = 33,
   OT_MSG_CHUNK = 34,
+  OT_MSG_FETCH_OPEN = 35, /* reply: FETCH_INFO */
+  OT_MSG_FETCH_INFO = 36,
+  OT_MSG_FETCH_CHUNK = 37, /* reply: CHUNK */
 } ot_msg_type;
 
 typedef struct {
@@ -50,6 +53,7 @@ typedef struct {
   uint64_t expires_at;           /* unix seconds */
   uint8_t peer_pk[32];           /* the authenticated peer's long-term key */
   uint32_t aead;                 /* OT_AEAD_XCHACHA or OT_AEAD_AESGCM, chosen in the handshake */
+  uint32_t peer_max_msg;         /* the peer's message limit (0: unknown), from the signed ServerHello */
 } ot_session;
 
 enum { OT_AEAD_XCHACHA = 0, OT_AEAD_AESGCM = 1 };
@@ -61,13 +65,17 @@ typedef struct {
   int sealed;
   uint8_t *data;
   size_t len;
-  void *block; /* what to free (data may sit inside it); NULL: data itself */
+  void *block;  /* what to free (data may sit inside it); NULL: data itself */
+  int borrowed; /* data points into the caller's wire buffer (ot_env_view) */
 } ot_env;
 
 /* Decodes wire bytes; refuses more than max_len bytes before unpacking, an unknown
  * version (OT_ERR_MISMATCH), a lane out of range, and envelopes with neither or both
  * of body/sealed. */
 int ot_env_decode(const uint8_t *wire, size_t len, size_t max_len, ot_env *out);
+/* The same checks, but data points into wire (no copy): valid while wire is. The data
+ * path uses it with ot_env_unseal_inplace on a buffer it owns (an nng message). */
+int ot_env_view(const uint8_t *wire, size_t len, size_t max_len, ot_env *out);
 void ot_env_clear(ot_env *e);
 
 /* A plaintext envelope (handshake hello messages, refusals before keys exist). */
@@ -81,6 +89,14 @@ int ot_env_seal_seq(const ot_session *s, uint32_t lane, uint64_t seq, uint32_t t
                     size_t len, uint8_t **out, size_t *out_len);
 /* Decrypts a decoded sealed envelope; checks the session id; does not touch seq state. */
 int ot_env_unseal(const ot_session *s, const ot_env *e, uint8_t **body, size_t *body_len);
+/* The same, decrypting in place: *body points into e->data (which must be writable). */
+int ot_env_unseal_inplace(const ot_session *s, ot_env *e, uint8_t **body, size_t *body_len);
+/* Exact wire size of a sealed envelope, and sealing into a buffer of that size (the
+ * AEAD writes the ciphertext straight into it: no intermediate copy). body may already
+ * sit where the ciphertext goes, out + out_len - len - OT_AEAD_ABYTES: sealed in place. */
+size_t ot_env_sealed_len(uint32_t lane, uint32_t type, size_t body_len);
+int ot_env_seal_to(const ot_session *s, uint32_t lane, uint64_t seq, uint32_t type, const uint8_t *body,
+                   size_t len, uint8_t *out, size_t out_len);
 /* Accepts seq on lane iff it is above the last accepted one, and records it. */
 int ot_session_accept_seq(ot_session *s, uint32_t lane, uint64_t seq);
 /* decode + unseal + accept_seq in one call (single-threaded users); a Refusal, sealed

@@ -202,6 +202,7 @@ int ot_hs_client_on_server_hello(ot_hs_client *c, const uint8_t *wire, size_t le
     c->s.lanes = core->lanes;
     c->s.aead = core->has_aead ? core->aead : OT_AEAD_XCHACHA;
     c->s.expires_at = ot_unix_now() + core->ttl_seconds;
+    c->s.peer_max_msg = core->has_max_msg ? core->max_msg : 0;
     memcpy(c->s.peer_pk, core->identity.data, 32);
     rc = derive_keys(c->eph_sk, core->ephemeral.data, th, 0, &c->s);
   }
@@ -309,6 +310,10 @@ int ot_hs_server_on_hello(const ot_hs_server_config *cfg, const uint8_t *wire, s
                                                                                         : OT_AEAD_XCHACHA;
     core.has_aead = 1;
     core.aead = p.s.aead;
+    if (cfg->max_msg) { /* the client refuses larger requests itself instead of timing out */
+      core.has_max_msg = 1;
+      core.max_msg = cfg->max_msg > UINT32_MAX ? UINT32_MAX : (uint32_t)cfg->max_msg;
+    }
     p.s.expires_at = ot_unix_now() + ttl;
     p.deadline = ot_unix_now() + 30;
     if (ot_pb_pack(&core.base, &core_buf, &core_len) != 0) rc = ot_error(OT_ERR_NOMEM, "out of memory");

@@ -301,68 +301,131 @@ void ot_rx_free(ot_rx *r) {
 
 /* ---- bodies ---- */
 
-typedef struct {
-  ot_pb_alloc ca;
-  Offtune__Chunk *m;
-} chunk_priv;
+size_t ot_chunk_packed_len(uint64_t index, int final, size_t len, int has_digest) {
+  size_t n = 2 + 16 + 1 + ot_pb_varint_len(index) + 2;
+  if (!final) n += 1 + ot_pb_varint_len(len) + len;
+  if (has_digest) n += 2 + 32;
+  return n;
+}
 
-int ot_chunk_pack(const uint8_t id[16], uint64_t index, int final, const uint8_t *data, size_t len,
-                  const uint8_t *digest, uint8_t **out, size_t *out_len) {
-  Offtune__Chunk c = OFFTUNE__CHUNK__INIT;
-  c.transfer_id = (ProtobufCBinaryData){16, (uint8_t *)id};
-  c.index = index;
-  c.final = final ? 1 : 0;
-  if (data) {
-    c.has_data = 1;
-    c.data = (ProtobufCBinaryData){len, (uint8_t *)data};
+int ot_chunk_pack_to(const uint8_t id[16], uint64_t index, int final, const uint8_t *data, size_t len,
+                     const uint8_t *digest, uint8_t *out, size_t out_len) {
+  if (out_len != ot_chunk_packed_len(index, final, data ? len : 0, digest != NULL) || (final && data))
+    return ot_error(OT_ERR_INTERNAL, "ot_chunk_pack_to: bad arguments");
+  /* Chunk fields in order, as protobuf-c writes them */
+  uint8_t *p = out;
+  *p++ = 0x0a;
+  *p++ = 16;
+  memcpy(p, id, 16);
+  p += 16;
+  *p++ = 0x10;
+  p = ot_pbw_varint(p, index);
+  *p++ = 0x18;
+  *p++ = final ? 1 : 0;
+  if (!final) {
+    *p++ = 0x22;
+    p = ot_pbw_varint(p, len);
+    if (len && p != data) memmove(p, data, len); /* data may already be in place */
+    p += len;
   }
   if (digest) {
-    c.has_digest = 1;
-    c.digest = (ProtobufCBinaryData){32, (uint8_t *)digest};
+    *p++ = 0x2a;
+    *p++ = 32;
+    memcpy(p, digest, 32);
   }
-  if (ot_pb_pack(&c.base, out, out_len) != 0) return ot_error(OT_ERR_NOMEM, "out of memory");
   return OT_OK;
 }
 
+int ot_chunk_pack(const uint8_t id[16], uint64_t index, int final, const uint8_t *data, size_t len,
+                  const uint8_t *digest, uint8_t **out, size_t *out_len) {
+  if (final && data) { /* kept packable for tests of the receiver's checks */
+    Offtune__Chunk c = OFFTUNE__CHUNK__INIT;
+    c.transfer_id = (ProtobufCBinaryData){16, (uint8_t *)id};
+    c.index = index;
+    c.final = 1;
+    c.has_data = 1;
+    c.data = (ProtobufCBinaryData){len, (uint8_t *)data};
+    if (digest) {
+      c.has_digest = 1;
+      c.digest = (ProtobufCBinaryData){32, (uint8_t *)digest};
+    }
+    if (ot_pb_pack(&c.base, out, out_len) != 0) return ot_error(OT_ERR_NOMEM, "out of memory");
+    return OT_OK;
+  }
+  size_t n = ot_chunk_packed_len(index, final, data ? len : 0, digest != NULL);
+  uint8_t *b = malloc(n);
+  if (!b) return ot_error(OT_ERR_NOMEM, "out of memory");
+  int rc = ot_chunk_pack_to(id, index, final, data, data ? len : 0, digest, b, n);
+  if (rc) {
+    free(b);
+    return rc;
+  }
+  *out = b;
+  *out_len = n;
+  return OT_OK;
+}
+
+/* In place: data points into body. */
 int ot_chunk_decode(const uint8_t *body, size_t len, ot_chunk *out) {
   if (len > (size_t)OT_CHUNK_MAX + 1024)
     return ot_error(OT_ERR_RANGE, "chunk message of %zu bytes is too large", len);
-  chunk_priv *p = malloc(sizeof *p);
-  if (!p) return ot_error(OT_ERR_NOMEM, "out of memory");
-  ot_pb_alloc_init(&p->ca, 2 * len + 1024);
-  p->m = offtune__chunk__unpack(&p->ca.a, len, body);
-  int rc = OT_OK;
-  if (!p->m)
-    rc = ot_error(OT_ERR_FORMAT, "malformed chunk");
-  else if (p->m->transfer_id.len != 16)
-    rc = ot_error(OT_ERR_FORMAT, "chunk: transfer id must be 16 bytes");
-  else if (p->m->final ? (p->m->has_data || !p->m->has_digest || p->m->digest.len != 32)
-                       : (!p->m->has_data || p->m->has_digest))
-    rc = ot_error(OT_ERR_FORMAT, "chunk: data/digest do not match the final flag");
-  if (rc) {
-    if (p->m) offtune__chunk__free_unpacked(p->m, &p->ca.a);
-    free(p);
-    return rc;
+  ot_pbr r = {body, body + len};
+  const uint8_t *id = NULL, *data = NULL, *digest = NULL;
+  size_t idl = 0, dl = 0, dgl = 0;
+  uint64_t index = 0, fin = 0;
+  unsigned seen = 0;
+  uint32_t f;
+  int wt, more;
+  while ((more = ot_pbr_next(&r, &f, &wt)) == 1) {
+    int bad;
+    if (f == 1)
+      bad = wt != 2 || ot_pbr_bytes(&r, &id, &idl);
+    else if (f == 2)
+      bad = wt != 0 || ot_pbr_varint(&r, &index);
+    else if (f == 3)
+      bad = wt != 0 || ot_pbr_varint(&r, &fin);
+    else if (f == 4)
+      bad = wt != 2 || ot_pbr_bytes(&r, &data, &dl);
+    else if (f == 5)
+      bad = wt != 2 || ot_pbr_bytes(&r, &digest, &dgl);
+    else
+      bad = ot_pbr_skip(&r, wt);
+    if (bad) break;
+    if (f < 6) seen |= 1u << f;
   }
+  if (more != 0 || (seen & 0x0e) != 0x0e) return ot_error(OT_ERR_FORMAT, "malformed chunk");
+  int has_data = (seen >> 4) & 1, has_digest = (seen >> 5) & 1, final = fin != 0;
+  if (idl != 16) return ot_error(OT_ERR_FORMAT, "chunk: transfer id must be 16 bytes");
+  if (final ? (has_data || !has_digest || dgl != 32) : (!has_data || has_digest))
+    return ot_error(OT_ERR_FORMAT, "chunk: data/digest do not match the final flag");
   ot_chunk c = {0};
-  memcpy(c.id, p->m->transfer_id.data, 16);
-  c.index = p->m->index;
-  c.final = p->m->final;
-  c.data = p->m->data.data;
-  c.len = p->m->data.len;
-  c.has_digest = p->m->has_digest;
-  if (c.has_digest) memcpy(c.digest, p->m->digest.data, 32);
-  c.priv = p;
+  memcpy(c.id, id, 16);
+  c.index = index;
+  c.final = final;
+  c.data = data;
+  c.len = dl;
+  c.has_digest = has_digest;
+  if (has_digest) memcpy(c.digest, digest, 32);
   *out = c;
   return OT_OK;
 }
 
 void ot_chunk_release(ot_chunk *c) {
-  if (!c || !c->priv) return;
-  chunk_priv *p = c->priv;
-  offtune__chunk__free_unpacked(p->m, &p->ca.a);
-  free(p);
-  c->priv = NULL;
+  if (c) c->priv = NULL; /* nothing to free: the chunk points into its body */
+}
+
+/* Object names: [A-Za-z0-9._-], not starting with a dot (no path traversal). */
+static int check_name(const char *what, const char *name, size_t cap) {
+  size_t nl = strlen(name);
+  if (nl == 0 || nl >= cap) return ot_error(OT_ERR_FORMAT, "%s: name length %zu", what, nl);
+  for (size_t i = 0; i < nl; i++) {
+    char ch = name[i];
+    if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_' ||
+          ch == '-' || ch == '.') ||
+        (i == 0 && ch == '.'))
+      return ot_error(OT_ERR_FORMAT, "%s: name has a character outside [A-Za-z0-9._-]", what);
+  }
+  return OT_OK;
 }
 
 int ot_begin_pack(const ot_transfer_begin *b, uint8_t **out, size_t *out_len) {
@@ -384,15 +447,8 @@ int ot_begin_decode(const uint8_t *body, size_t len, ot_transfer_begin *out) {
   size_t nl = strlen(m->name);
   if (m->transfer_id.len != 16)
     rc = ot_error(OT_ERR_FORMAT, "TransferBegin: transfer id must be 16 bytes");
-  else if (nl == 0 || nl >= sizeof out->name)
-    rc = ot_error(OT_ERR_FORMAT, "TransferBegin: name length %zu", nl);
-  for (size_t i = 0; rc == OT_OK && i < nl; i++) {
-    char ch = m->name[i];
-    if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_' ||
-          ch == '-' || ch == '.') ||
-        (i == 0 && ch == '.'))
-      rc = ot_error(OT_ERR_FORMAT, "TransferBegin: name has a character outside [A-Za-z0-9._-]");
-  }
+  else
+    rc = check_name("TransferBegin", m->name, sizeof out->name);
   if (rc == OT_OK) {
     memcpy(out->id, m->transfer_id.data, 16);
     memcpy(out->name, m->name, nl + 1);
@@ -426,5 +482,82 @@ int ot_status_decode(const uint8_t *body, size_t len, ot_transfer_status *out) {
     out->committed = m->committed;
   }
   offtune__transfer_status__free_unpacked(m, &ca.a);
+  return rc;
+}
+
+int ot_fetch_open_pack(const ot_fetch_open_body *b, uint8_t **out, size_t *out_len) {
+  Offtune__FetchOpen m = OFFTUNE__FETCH_OPEN__INIT;
+  m.name = (char *)b->name;
+  if (b->chunk) {
+    m.has_chunk_size = 1;
+    m.chunk_size = b->chunk;
+  }
+  if (ot_pb_pack(&m.base, out, out_len) != 0) return ot_error(OT_ERR_NOMEM, "out of memory");
+  return OT_OK;
+}
+
+int ot_fetch_open_decode(const uint8_t *body, size_t len, ot_fetch_open_body *out) {
+  ot_pb_alloc ca;
+  ot_pb_alloc_init(&ca, 8192);
+  Offtune__FetchOpen *m = len <= 4096 ? offtune__fetch_open__unpack(&ca.a, len, body) : NULL;
+  if (!m) return ot_error(OT_ERR_FORMAT, "malformed FetchOpen");
+  int rc = check_name("FetchOpen", m->name, sizeof out->name);
+  if (rc == OT_OK) {
+    memcpy(out->name, m->name, strlen(m->name) + 1);
+    out->chunk = m->has_chunk_size ? m->chunk_size : 0;
+  }
+  offtune__fetch_open__free_unpacked(m, &ca.a);
+  return rc;
+}
+
+int ot_fetch_info_pack(const ot_fetch_info *f, uint8_t **out, size_t *out_len) {
+  Offtune__FetchInfo m = OFFTUNE__FETCH_INFO__INIT;
+  m.fetch_id = (ProtobufCBinaryData){16, (uint8_t *)f->id};
+  m.size = f->size;
+  m.chunk_size = f->chunk;
+  m.digest = (ProtobufCBinaryData){32, (uint8_t *)f->digest};
+  if (ot_pb_pack(&m.base, out, out_len) != 0) return ot_error(OT_ERR_NOMEM, "out of memory");
+  return OT_OK;
+}
+
+int ot_fetch_info_decode(const uint8_t *body, size_t len, ot_fetch_info *out) {
+  ot_pb_alloc ca;
+  ot_pb_alloc_init(&ca, 4096);
+  Offtune__FetchInfo *m = len <= 1024 ? offtune__fetch_info__unpack(&ca.a, len, body) : NULL;
+  if (!m) return ot_error(OT_ERR_FORMAT, "malformed FetchInfo");
+  int rc = OT_OK;
+  if (m->fetch_id.len != 16 || m->digest.len != 32)
+    rc = ot_error(OT_ERR_FORMAT, "FetchInfo: id must be 16 bytes and digest 32");
+  else {
+    memcpy(out->id, m->fetch_id.data, 16);
+    out->size = m->size;
+    out->chunk = m->chunk_size;
+    memcpy(out->digest, m->digest.data, 32);
+  }
+  offtune__fetch_info__free_unpacked(m, &ca.a);
+  return rc;
+}
+
+int ot_fetch_chunk_pack(const uint8_t id[16], uint64_t index, uint8_t **out, size_t *out_len) {
+  Offtune__FetchChunk m = OFFTUNE__FETCH_CHUNK__INIT;
+  m.fetch_id = (ProtobufCBinaryData){16, (uint8_t *)id};
+  m.index = index;
+  if (ot_pb_pack(&m.base, out, out_len) != 0) return ot_error(OT_ERR_NOMEM, "out of memory");
+  return OT_OK;
+}
+
+int ot_fetch_chunk_decode(const uint8_t *body, size_t len, uint8_t id[16], uint64_t *index) {
+  ot_pb_alloc ca;
+  ot_pb_alloc_init(&ca, 4096);
+  Offtune__FetchChunk *m = len <= 1024 ? offtune__fetch_chunk__unpack(&ca.a, len, body) : NULL;
+  if (!m) return ot_error(OT_ERR_FORMAT, "malformed FetchChunk");
+  int rc = OT_OK;
+  if (m->fetch_id.len != 16)
+    rc = ot_error(OT_ERR_FORMAT, "FetchChunk: fetch id must be 16 bytes");
+  else {
+    memcpy(id, m->fetch_id.data, 16);
+    *index = m->index;
+  }
+  offtune__fetch_chunk__free_unpacked(m, &ca.a);
   return rc;
 }

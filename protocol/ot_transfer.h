@@ -70,8 +70,14 @@ typedef struct {
 } ot_chunk;
 int ot_chunk_pack(const uint8_t id[16], uint64_t index, int final, const uint8_t *data, size_t len,
                   const uint8_t *digest, uint8_t **out, size_t *out_len);
+/* data points into body (no copy): valid while body is. */
 int ot_chunk_decode(const uint8_t *body, size_t len, ot_chunk *out);
 void ot_chunk_release(ot_chunk *c);
+/* Exact packed size, and packing into a buffer of that size (a data chunk has
+ * final = 0 and data; a final marker has no data and a digest). */
+size_t ot_chunk_packed_len(uint64_t index, int final, size_t len, int has_digest);
+int ot_chunk_pack_to(const uint8_t id[16], uint64_t index, int final, const uint8_t *data, size_t len,
+                     const uint8_t *digest, uint8_t *out, size_t out_len);
 
 typedef struct {
   uint8_t id[16];
@@ -89,5 +95,25 @@ typedef struct {
 } ot_transfer_status;
 int ot_status_pack(const ot_transfer_status *s, uint8_t **out, size_t *out_len);
 int ot_status_decode(const uint8_t *body, size_t len, ot_transfer_status *out);
+
+/* Fetch (download) bodies: FetchOpen, FetchInfo, FetchChunk (docs/protocol.md). */
+typedef struct {
+  char name[256];
+  uint32_t chunk; /* 0: the server's default */
+} ot_fetch_open_body;
+int ot_fetch_open_pack(const ot_fetch_open_body *b, uint8_t **out, size_t *out_len);
+int ot_fetch_open_decode(const uint8_t *body, size_t len, ot_fetch_open_body *out);
+
+typedef struct {
+  uint8_t id[16];
+  uint64_t size;
+  uint32_t chunk;
+  uint8_t digest[32];
+} ot_fetch_info;
+int ot_fetch_info_pack(const ot_fetch_info *f, uint8_t **out, size_t *out_len);
+int ot_fetch_info_decode(const uint8_t *body, size_t len, ot_fetch_info *out);
+
+int ot_fetch_chunk_pack(const uint8_t id[16], uint64_t index, uint8_t **out, size_t *out_len);
+int ot_fetch_chunk_decode(const uint8_t *body, size_t len, uint8_t id[16], uint64_t *index);
 
 #endif

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <nng/nng.h>
 #include <nng/protocol/reqrep0/rep.h>
 #include <nng/protocol/reqrep0/req.h>
@@ -19,6 +20,7 @@
 
 #include "ot_error.h"
 #include "ot_handshake.h"
+#include "ot_pb.h"
 
 /* ================================ server ================================ */
 
@@ -35,6 +37,9 @@ typedef struct srv_session {
   uint8_t *last_reply[OT_MAX_LANES];
   size_t last_reply_len[OT_MAX_LANES];
   uint64_t last_reply_seq[OT_MAX_LANES]; /* the request seq it answers */
+  /* the last request was a fetch chunk: too large to cache, and answering it again is
+   * harmless, so a retransmission is processed again */
+  uint8_t last_regen[OT_MAX_LANES];
 } srv_session;
 
 typedef struct srv_transfer {
@@ -56,6 +61,28 @@ typedef struct {
   int used;
 } srv_tomb;
 #define N_TOMBS 256
+
+/* A download in progress: the source stays open until the client's end marker or
+ * transfer_idle_seconds without a request. */
+typedef struct srv_fetch {
+  struct srv_fetch *next;
+  uint8_t id[16], owner[32], digest[32];
+  char name[256];
+  uint64_t size, n, last_used;
+  uint32_t chunk;
+  int refs, dead;
+  ot_source src;
+} srv_fetch;
+
+/* Digests of stamped sources, computed once (the same emulator goes to many devices). */
+typedef struct {
+  char name[256];
+  uint64_t size, stamp, used;
+  uint32_t chunk;
+  int state; /* 0 free, 1 being computed, 2 done */
+  uint8_t digest[32];
+} srv_digest;
+#define N_DIGESTS 64
 
 typedef struct srv_ctx {
   struct ot_server *srv;
@@ -91,6 +118,11 @@ struct ot_server {
   int n_transfers;
   srv_tomb tombs[N_TOMBS];
   int tomb_next;
+  srv_fetch *fetches;
+  int n_fetches;
+  srv_digest digests[N_DIGESTS];
+  uint64_t digest_clock;
+  pthread_cond_t dcv; /* a digest being computed is done (with tmu) */
   pthread_mutex_t stmu;
   ot_server_stats stats;
 };
@@ -421,13 +453,262 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
   return ot_status_pack(&st, rb, rbl) == OT_OK ? OT_OK : ot_error(OT_ERR_NOMEM, "out of memory");
 }
 
+/* ---- fetch (download) ---- */
+
+static void fetch_end(ot_server *s, srv_fetch *f) {
+  if (s->cfg.on_fetch_close) s->cfg.on_fetch_close(s->cfg.user, &f->src);
+  free(f);
+}
+
+static void fetch_put(ot_server *s, srv_fetch *f, int kill) {
+  pthread_mutex_lock(&s->tmu);
+  if (kill && !f->dead) {
+    for (srv_fetch **pp = &s->fetches; *pp; pp = &(*pp)->next)
+      if (*pp == f) {
+        *pp = f->next;
+        s->n_fetches--;
+        break;
+      }
+    f->dead = 1;
+  }
+  int last = --f->refs == 0 && f->dead;
+  pthread_mutex_unlock(&s->tmu);
+  if (last) fetch_end(s, f);
+}
+
+static srv_fetch *fetch_find(ot_server *s, const uint8_t id[16], const uint8_t owner[32]) {
+  pthread_mutex_lock(&s->tmu);
+  srv_fetch *f = s->fetches;
+  for (; f; f = f->next)
+    if (sodium_memcmp(f->id, id, 16) == 0 && sodium_memcmp(f->owner, owner, 32) == 0) {
+      f->refs++;
+      f->last_used = ot_unix_now();
+      break;
+    }
+  pthread_mutex_unlock(&s->tmu);
+  return f;
+}
+
+static void fetches_sweep(ot_server *s) {
+  uint64_t now = ot_unix_now();
+  srv_fetch *dead = NULL;
+  pthread_mutex_lock(&s->tmu);
+  for (srv_fetch **pp = &s->fetches; *pp;) {
+    srv_fetch *f = *pp;
+    if (now > f->last_used + s->cfg.transfer_idle_seconds) {
+      *pp = f->next;
+      s->n_fetches--;
+      f->dead = 1;
+      if (f->refs == 0) {
+        f->next = dead;
+        dead = f;
+      }
+    } else {
+      pp = &f->next;
+    }
+  }
+  pthread_mutex_unlock(&s->tmu);
+  while (dead) {
+    srv_fetch *n = dead->next;
+    srv_log(s, "fetch '%s' closed after %u s idle", dead->name, s->cfg.transfer_idle_seconds);
+    fetch_end(s, dead);
+    dead = n;
+  }
+}
+
+/* One pass over the source: the chunk hash list and its digest. */
+int ot_source_digest(const ot_source *src, uint64_t size, uint32_t chunk, uint8_t out[32]) {
+  if (!src || !src->read_at || !out || chunk == 0 || chunk > OT_CHUNK_MAX)
+    return ot_error(OT_ERR_INVALID, "ot_source_digest: bad argument");
+  uint64_t n = ot_transfer_chunks(size, chunk);
+  uint8_t(*h)[32] = calloc(n ? n : 1, 32);
+  uint8_t *buf = malloc(chunk);
+  int rc = h && buf ? OT_OK : ot_error(OT_ERR_NOMEM, "out of memory");
+  for (uint64_t i = 0; rc == OT_OK && i < n; i++) {
+    uint64_t off = i * chunk;
+    size_t len = (size_t)(size - off < chunk ? size - off : chunk);
+    const uint8_t *d = NULL;
+    rc = src->read_at(src->self, off, len, buf, &d);
+    if (rc == OT_OK) ot_chunk_hash(i, d, len, h[i]);
+  }
+  if (rc == OT_OK) ot_transfer_digest((const uint8_t(*)[32])h, n, size, chunk, out);
+  free(h);
+  free(buf);
+  return rc;
+}
+
+/* The digest of a source, from the cache when it is stamped. Concurrent opens of the
+ * same source wait for the one computing it instead of reading it again. */
+static int digest_get(ot_server *s, const char *name, const ot_source *src, uint64_t size, uint32_t chunk,
+                      uint8_t out[32]) {
+  if (!src->stamp) {
+    stat_add(s, &s->stats.digests_computed);
+    return ot_source_digest(src, size, chunk, out);
+  }
+  pthread_mutex_lock(&s->tmu);
+  srv_digest *e = NULL;
+  for (;;) {
+    e = NULL;
+    for (int i = 0; i < N_DIGESTS && !e; i++) {
+      srv_digest *d = &s->digests[i];
+      if (d->state && d->size == size && d->stamp == src->stamp && d->chunk == chunk &&
+          strcmp(d->name, name) == 0)
+        e = d;
+    }
+    if (!e || e->state == 2) break;
+    pthread_cond_wait(&s->dcv, &s->tmu);
+  }
+  if (e) {
+    memcpy(out, e->digest, 32);
+    e->used = ++s->digest_clock;
+    pthread_mutex_unlock(&s->tmu);
+    return OT_OK;
+  }
+  /* a free slot, else the least recently used finished one */
+  for (int i = 0; i < N_DIGESTS; i++) {
+    srv_digest *d = &s->digests[i];
+    if (d->state == 1) continue;
+    if (!e || d->state == 0 || (e->state == 2 && d->used < e->used)) e = d;
+    if (e->state == 0) break;
+  }
+  if (e) {
+    snprintf(e->name, sizeof e->name, "%s", name);
+    e->size = size;
+    e->stamp = src->stamp;
+    e->chunk = chunk;
+    e->state = 1;
+  }
+  pthread_mutex_unlock(&s->tmu);
+  stat_add(s, &s->stats.digests_computed);
+  int rc = ot_source_digest(src, size, chunk, out);
+  if (e) {
+    pthread_mutex_lock(&s->tmu);
+    e->state = rc == OT_OK ? 2 : 0;
+    if (rc == OT_OK) memcpy(e->digest, out, 32);
+    e->used = ++s->digest_clock;
+    pthread_cond_broadcast(&s->dcv);
+    pthread_mutex_unlock(&s->tmu);
+  }
+  return rc;
+}
+
+/* FetchOpen -> FetchInfo; FetchChunk -> Chunk (data, or the end marker at index n).
+ * *regen: the reply is a data chunk (not cached for retransmission). */
+static int handle_fetch(ot_server *s, srv_session *x, uint32_t lane, uint32_t type, const uint8_t *body,
+                        size_t bl, uint8_t **rb, size_t *rbl, uint32_t *rtype, int *regen, nng_msg **msg) {
+  const uint8_t *peer = x->s.peer_pk;
+  *regen = 0;
+  if (type == OT_MSG_FETCH_OPEN) {
+    ot_fetch_open_body b;
+    int rc = ot_fetch_open_decode(body, bl, &b);
+    if (rc) return rc;
+    if (!s->cfg.on_fetch_open) return ot_error(OT_ERR_UNSUPPORTED, "this server serves no downloads");
+    fetches_sweep(s);
+    pthread_mutex_lock(&s->tmu);
+    int full = s->n_fetches >= s->cfg.max_transfers;
+    pthread_mutex_unlock(&s->tmu);
+    if (full) return ot_error(OT_ERR_RANGE, "server busy: too many open downloads");
+    /* the largest chunk whose reply fits the message limit */
+    uint32_t chunk = s->cfg.fetch_chunk;
+    size_t room = s->cfg.max_msg - OT_ENV_OVERHEAD - 64;
+    if (b.chunk && b.chunk < chunk) chunk = b.chunk;
+    if (chunk > room) chunk = (uint32_t)room;
+    srv_fetch *f = calloc(1, sizeof *f);
+    if (!f) return ot_error(OT_ERR_NOMEM, "out of memory");
+    rc = s->cfg.on_fetch_open(s->cfg.user, peer, b.name, &f->src, &f->size);
+    if (rc) {
+      free(f);
+      return rc;
+    }
+    if (!f->src.read_at) rc = ot_error(OT_ERR_INTERNAL, "on_fetch_open gave no source for '%s'", b.name);
+    if (rc == OT_OK && f->size > s->cfg.max_transfer)
+      rc = ot_error(OT_ERR_RANGE, "'%s' has %llu bytes, over the limit of %llu", b.name,
+                    (unsigned long long)f->size, (unsigned long long)s->cfg.max_transfer);
+    if (rc == OT_OK) rc = digest_get(s, b.name, &f->src, f->size, chunk, f->digest);
+    if (rc) {
+      fetch_end(s, f);
+      return rc;
+    }
+    randombytes_buf(f->id, 16);
+    memcpy(f->owner, peer, 32);
+    memcpy(f->name, b.name, sizeof f->name);
+    f->chunk = chunk;
+    f->n = ot_transfer_chunks(f->size, chunk);
+    f->last_used = ot_unix_now();
+    ot_fetch_info fi = {.size = f->size, .chunk = chunk};
+    memcpy(fi.id, f->id, 16);
+    memcpy(fi.digest, f->digest, 32);
+    rc = ot_fetch_info_pack(&fi, rb, rbl);
+    if (rc) {
+      fetch_end(s, f);
+      return rc;
+    }
+    pthread_mutex_lock(&s->tmu);
+    f->next = s->fetches;
+    s->fetches = f;
+    s->n_fetches++;
+    pthread_mutex_unlock(&s->tmu);
+    stat_add(s, &s->stats.fetches_opened);
+    srv_log(s, "fetch '%s' opened (%llu bytes, %u-byte chunks)", f->name, (unsigned long long)f->size, chunk);
+    *rtype = OT_MSG_FETCH_INFO;
+    return OT_OK;
+  }
+  uint8_t id[16];
+  uint64_t index = 0;
+  int rc = ot_fetch_chunk_decode(body, bl, id, &index);
+  if (rc) return rc;
+  srv_fetch *f = fetch_find(s, id, peer);
+  if (!f) return ot_error(OT_ERR_NOTFOUND, "chunk request for an unknown or finished download");
+  if (index > f->n) {
+    rc = ot_error(OT_ERR_RANGE, "chunk %llu out of range (download has %llu)", (unsigned long long)index,
+                  (unsigned long long)f->n);
+  } else if (index == f->n) { /* the client is done: the end marker, and the source is closed */
+    rc = ot_chunk_pack(id, index, 1, NULL, 0, f->digest, rb, rbl);
+    if (rc == OT_OK) srv_log(s, "fetch '%s' finished", f->name);
+    fetch_put(s, f, 1);
+    *rtype = OT_MSG_CHUNK;
+    return rc;
+  } else {
+    /* Straight into the reply message: the source reads into the place the chunk's data
+     * takes in the sealed body, which is then encrypted in place. */
+    uint64_t off = index * f->chunk;
+    size_t len = (size_t)(f->size - off < f->chunk ? f->size - off : f->chunk);
+    size_t cbl = ot_chunk_packed_len(index, 0, len, 0);
+    size_t wl = ot_env_sealed_len(lane, OT_MSG_CHUNK, cbl);
+    nng_msg *m = NULL;
+    rc = nng_msg_alloc(&m, wl) ? ot_error(OT_ERR_NOMEM, "out of memory") : OT_OK;
+    uint8_t *w = m ? nng_msg_body(m) : NULL, *cb = w ? w + (wl - cbl - OT_AEAD_ABYTES) : NULL;
+    const uint8_t *d = NULL;
+    if (rc == OT_OK) rc = f->src.read_at(f->src.self, off, len, cb + (cbl - len), &d);
+    if (rc == OT_OK) rc = ot_chunk_pack_to(id, index, 0, d, len, NULL, cb, cbl);
+    if (rc == OT_OK) {
+      pthread_mutex_lock(&x->mu);
+      uint64_t seq = ++x->s.tx_seq[lane];
+      pthread_mutex_unlock(&x->mu);
+      rc = ot_env_seal_to(&x->s, lane, seq, OT_MSG_CHUNK, cb, cbl, w, wl);
+    }
+    if (rc == OT_OK) {
+      stat_add(s, &s->stats.fetch_chunks);
+      *regen = 1;
+      *msg = m;
+    } else if (m) {
+      nng_msg_free(m);
+    }
+  }
+  fetch_put(s, f, 0);
+  *rtype = OT_MSG_CHUNK;
+  return rc;
+}
+
 /* Processes one request; always produces a reply (refusals included). */
-static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out, size_t *out_len) {
+static void process(ot_server *s, uint8_t *wire, size_t len, uint8_t **out, size_t *out_len,
+                    nng_msg **out_msg) {
   *out = NULL;
   *out_len = 0;
+  *out_msg = NULL;
   stat_add(s, &s->stats.requests);
   ot_env e = {0};
-  int rc = ot_env_decode(wire, len, s->cfg.max_msg, &e);
+  int rc = ot_env_view(wire, len, s->cfg.max_msg, &e); /* in place: wire is ours */
   if (rc) {
     srv_log(s, "refused a message: %s", ot_error_detail());
     stat_add(s, &s->stats.refusals);
@@ -527,7 +808,7 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
     ot_env_clear(&e);
     return;
   }
-  rc = ot_env_unseal(&x->s, &e, &body, &bl);
+  rc = ot_env_unseal_inplace(&x->s, &e, &body, &bl); /* body points into wire */
   if (rc == OT_OK) {
     pthread_mutex_lock(&x->mu);
     if (x->last_reply[lane] && e.h.seq == x->last_reply_seq[lane]) {
@@ -538,17 +819,19 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
         *out_len = x->last_reply_len[lane];
       }
       pthread_mutex_unlock(&x->mu);
-      free(body);
       stat_add(s, &s->stats.retransmits);
       session_put(s, x, 0);
       ot_env_clear(&e);
       if (!*out) plain_refusal(ot_error(OT_ERR_NOMEM, "out of memory"), out, out_len);
       return;
     }
-    rc = ot_session_accept_seq(&x->s, lane, e.h.seq);
+    if (!(x->last_regen[lane] && e.h.seq == x->last_reply_seq[lane]))
+      rc = ot_session_accept_seq(&x->s, lane, e.h.seq);
+    else
+      stat_add(s, &s->stats.retransmits); /* a fetch chunk asked again: answered again */
     pthread_mutex_unlock(&x->mu);
   }
-  int accepted = rc == OT_OK, kill = 0;
+  int accepted = rc == OT_OK, kill = 0, regen = 0;
   if (rc == OT_OK) {
     rc = s->cfg.acl->check(s->cfg.acl_self, x->s.peer_pk); /* revocation takes effect at once */
     kill = rc != OT_OK;
@@ -567,6 +850,13 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
       rc = handle_transfer(s, x, e.h.type, body, bl, &rb, &rbl);
       if (rc == OT_OK) rc = sealed_reply(x, &x->s, lane, OT_MSG_TRANSFER_STATUS, rb, rbl, out, out_len);
       break;
+    case OT_MSG_FETCH_OPEN:
+    case OT_MSG_FETCH_CHUNK: {
+      uint32_t rt = 0;
+      rc = handle_fetch(s, x, lane, e.h.type, body, bl, &rb, &rbl, &rt, &regen, out_msg);
+      if (rc == OT_OK && !*out_msg) rc = sealed_reply(x, &x->s, lane, rt, rb, rbl, out, out_len);
+      break;
+    }
     default: rc = ot_error(OT_ERR_FORMAT, "unexpected message type %u", e.h.type);
     }
   }
@@ -580,19 +870,21 @@ static void process(ot_server *s, const uint8_t *wire, size_t len, uint8_t **out
     *out = NULL;
     if (sealed_refusal(x, &x->s, lane, rc, out, out_len) != OT_OK) plain_refusal(rc, out, out_len);
   }
-  if (accepted && *out) {
-    /* Cache the reply for a retransmission of this request (same lane and seq). */
-    uint8_t *copy = malloc(*out_len);
+  if (accepted && (*out || *out_msg)) {
+    /* Cache the reply for a retransmission of this request (same lane and seq); a
+     * fetched chunk is not kept (memory would be lanes x chunk per session). */
+    regen = regen && rc == OT_OK;
+    uint8_t *copy = regen ? NULL : malloc(*out_len);
     pthread_mutex_lock(&x->mu);
     free(x->last_reply[lane]);
     x->last_reply[lane] = copy;
     x->last_reply_len[lane] = copy ? *out_len : 0;
     x->last_reply_seq[lane] = e.h.seq;
+    x->last_regen[lane] = (uint8_t)regen;
     if (copy) memcpy(copy, *out, *out_len);
     pthread_mutex_unlock(&x->mu);
   }
-  if (body) sodium_memzero(body, bl);
-  free(body);
+  if (body && e.h.type == OT_MSG_APP) sodium_memzero(body, bl); /* application bodies may be secrets */
   free(rb);
   session_put(s, x, kill);
   ot_env_clear(&e);
@@ -642,11 +934,11 @@ static void *worker_main(void *arg) {
     pthread_mutex_unlock(&s->qmu);
     uint8_t *out = NULL;
     size_t out_len = 0;
-    process(s, nng_msg_body(j.m), nng_msg_len(j.m), &out, &out_len);
-    nng_msg_free(j.m);
     nng_msg *r = NULL;
-    if (out && nng_msg_alloc(&r, out_len) == 0) {
-      memcpy(nng_msg_body(r), out, out_len);
+    process(s, nng_msg_body(j.m), nng_msg_len(j.m), &out, &out_len, &r);
+    nng_msg_free(j.m);
+    if (r || (out && nng_msg_alloc(&r, out_len) == 0)) {
+      if (out) memcpy(nng_msg_body(r), out, out_len);
       j.c->sending = 1;
       nng_aio_set_msg(j.c->aio, r);
       nng_ctx_send(j.c->ctx, j.c->aio);
@@ -690,6 +982,12 @@ void ot_server_stop(ot_server *s) {
     s->transfers = t->next;
     transfer_end(s, t);
   }
+  while (s->fetches) {
+    srv_fetch *f = s->fetches;
+    s->fetches = f->next;
+    fetch_end(s, f);
+  }
+  pthread_cond_destroy(&s->dcv);
   pthread_mutex_destroy(&s->qmu);
   pthread_cond_destroy(&s->qcv);
   pthread_mutex_destroy(&s->tmu);
@@ -719,10 +1017,13 @@ int ot_server_start(const ot_server_config *cfg, ot_server **out) {
   if (c->max_sessions <= 0) c->max_sessions = 4096;
   if (c->max_transfers <= 0) c->max_transfers = 1024;
   if (!c->transfer_idle_seconds) c->transfer_idle_seconds = 600;
+  if (!c->fetch_chunk || c->fetch_chunk > OT_CHUNK_MAX) c->fetch_chunk = 1u << 20;
+  if (c->max_msg < 64u << 10) c->max_msg = 64u << 10;
   pthread_mutex_init(&s->qmu, NULL);
   pthread_cond_init(&s->qcv, NULL);
   pthread_mutex_init(&s->tmu, NULL);
   pthread_mutex_init(&s->stmu, NULL);
+  pthread_cond_init(&s->dcv, NULL);
   s->n_ctx = c->n_contexts;
   s->ctxs = calloc((size_t)s->n_ctx, sizeof *s->ctxs);
   s->q = calloc((size_t)s->n_ctx, sizeof *s->q);
@@ -812,19 +1113,33 @@ static void sleep_ms(int ms) {
   }
 }
 
-/* One request/reply on a lane's context; a transport error is OT_ERR_IO. */
-static int round_trip(ot_client *c, uint32_t lane, const uint8_t *wire, size_t len, uint8_t **reply,
-                      size_t *reply_len) {
-  nng_msg *m = NULL;
-  int rv = nng_msg_alloc(&m, len);
-  if (rv) return ot_error(OT_ERR_NOMEM, "out of memory");
-  memcpy(nng_msg_body(m), wire, len);
+/* Test hook: with OT_WIRE_TRACE=PATH, the client appends to PATH every plaintext body it
+ * is about to seal ("plain N\n" + bytes) and every frame it sends ("wire N\n" + bytes),
+ * so a test can search all a device ever sent (tests/test_session.c). One writev per
+ * record on an O_APPEND file: records from several lanes do not interleave. */
+static void wire_trace(const char *kind, const void *data, size_t len) {
+  const char *path = getenv("OT_WIRE_TRACE");
+  if (!path || !*path) return;
+  int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (fd < 0) return;
+  char head[64];
+  int hl = snprintf(head, sizeof head, "%s %zu\n", kind, len);
+  struct iovec iov[3] = {{head, (size_t)hl}, {(void *)data, len}, {"\n", 1}};
+  if (writev(fd, iov, 3) < 0) { /* best effort: a test hook never fails a request */
+  }
+  close(fd);
+}
+
+/* One request/reply on a lane's context: sends m (consumed); the reply message is the
+ * caller's. A transport error is OT_ERR_IO. */
+static int round_trip_msg(ot_client *c, uint32_t lane, nng_msg *m, nng_msg **reply) {
+  wire_trace("wire", nng_msg_body(m), nng_msg_len(m));
   nng_aio *aio = c->aio[lane];
   nng_aio_set_msg(aio, m);
   nng_aio_set_timeout(aio, c->cfg.timeout_ms);
   nng_ctx_send(c->ctx[lane], aio);
   nng_aio_wait(aio);
-  rv = nng_aio_result(aio);
+  int rv = nng_aio_result(aio);
   if (rv) {
     nng_msg_free(nng_aio_get_msg(aio));
     return ot_error(OT_ERR_IO, "send to %s: %s", c->cfg.url, nng_strerror(rv));
@@ -834,7 +1149,18 @@ static int round_trip(ot_client *c, uint32_t lane, const uint8_t *wire, size_t l
   nng_aio_wait(aio);
   rv = nng_aio_result(aio);
   if (rv) return ot_error(OT_ERR_IO, "no reply from %s: %s", c->cfg.url, nng_strerror(rv));
-  m = nng_aio_get_msg(aio);
+  *reply = nng_aio_get_msg(aio);
+  return OT_OK;
+}
+
+/* The same with plain buffers (handshake, tests). */
+static int round_trip(ot_client *c, uint32_t lane, const uint8_t *wire, size_t len, uint8_t **reply,
+                      size_t *reply_len) {
+  nng_msg *m = NULL;
+  if (nng_msg_alloc(&m, len)) return ot_error(OT_ERR_NOMEM, "out of memory");
+  memcpy(nng_msg_body(m), wire, len);
+  int rc = round_trip_msg(c, lane, m, &m);
+  if (rc) return rc;
   size_t n = nng_msg_len(m);
   uint8_t *b = malloc(n ? n : 1);
   if (!b) {
@@ -912,8 +1238,11 @@ static int rehandshake(ot_client *c, uint64_t seen_generation) {
   return rc;
 }
 
-int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t *body, size_t len,
-                      uint32_t *rtype, uint8_t **reply, size_t *reply_len) {
+/* One sealed request with retries and rekeys. The request is sealed straight into an
+ * nng message and the reply decrypted in place in the one nng gives back: *rbody points
+ * into *rmsg, which the caller frees. */
+static int request_msg(ot_client *c, uint32_t lane, uint32_t type, const uint8_t *body, size_t len,
+                       uint32_t *rtype, nng_msg **rmsg, const uint8_t **rbody, size_t *rbody_len) {
   if (!c || lane >= (uint32_t)c->n_lanes_open) return ot_error(OT_ERR_INVALID, "ot_client_request: bad lane");
   int rc = OT_OK, rehandshakes = 0;
   for (int attempt = 0; attempt <= c->cfg.retries;) {
@@ -926,29 +1255,46 @@ int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t 
     /* rekey ahead of expiry (once per request, whatever the server's TTL) */
     int expiring = rehandshakes == 0 && ot_unix_now() + 5 >= c->s.expires_at;
     int rekey = expiring; /* also: the server does not know our session */
-    uint8_t *wire = NULL, *r = NULL, *b = NULL;
-    size_t wl = 0, rl = 0, blen = 0;
+    nng_msg *m = NULL, *r = NULL;
+    uint8_t *b = NULL;
+    size_t blen = 0;
     ot_env_header h = {0};
-    if (expiring)
+    if (expiring) {
       rc = ot_error(OT_ERR_NOTFOUND, "session %016llx about to expire", (unsigned long long)c->s.id);
-    else
-      rc = ot_env_seal(&c->s, lane, type, body, len, &wire, &wl);
+    } else if (c->s.tx_seq[lane] == UINT64_MAX) {
+      rc = ot_error(OT_ERR_RANGE, "sequence numbers exhausted: rekey");
+    } else {
+      wire_trace("plain", body, len);
+      size_t wl = ot_env_sealed_len(lane, type, len);
+      /* nng would drop a frame this large without a word: refuse it here */
+      rc = c->s.peer_max_msg && wl > c->s.peer_max_msg
+               ? ot_error(OT_ERR_RANGE, "request of %zu bytes exceeds the server's limit of %u", wl,
+                          c->s.peer_max_msg)
+           : nng_msg_alloc(&m, wl) ? ot_error(OT_ERR_NOMEM, "out of memory")
+                                   : OT_OK;
+      if (rc == OT_OK)
+        rc = ot_env_seal_to(&c->s, lane, c->s.tx_seq[lane] + 1, type, body, len, nng_msg_body(m), wl);
+      if (rc == OT_OK)
+        c->s.tx_seq[lane]++; /* one thread per lane */
+      else if (m)
+        nng_msg_free(m);
+    }
     if (!expiring && rc == OT_OK) {
       pthread_rwlock_unlock(&c->lk); /* no lock across the network wait */
-      rc = round_trip(c, lane, wire, wl, &r, &rl);
+      rc = round_trip_msg(c, lane, m, &r);
       pthread_rwlock_rdlock(&c->lk);
       ot_env e = {0};
       if (rc == OT_OK && c->generation != gen) {
         rc = ot_error(OT_ERR_NOTFOUND, "session changed during the request");
         rekey = 1;
       }
-      if (rc == OT_OK) rc = ot_env_decode(r, rl, c->cfg.max_msg, &e);
+      if (rc == OT_OK) rc = ot_env_view(nng_msg_body(r), nng_msg_len(r), c->cfg.max_msg, &e);
       if (rc == OT_OK && !e.sealed && e.h.type == OT_MSG_REFUSAL) {
         /* unauthenticated: only "unknown session" is acted on (by a new handshake) */
         rc = ot_refusal_error(e.data, e.len, 0);
         rekey = rc == OT_ERR_NOTFOUND;
       } else if (rc == OT_OK) {
-        rc = ot_env_unseal(&c->s, &e, &b, &blen);
+        rc = ot_env_unseal_inplace(&c->s, &e, &b, &blen);
         if (rc == OT_OK) rc = ot_session_accept_seq(&c->s, e.h.lane, e.h.seq);
         if (rc == OT_OK) h = e.h;
         if (rc == OT_OK && h.lane != lane)
@@ -958,15 +1304,14 @@ int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t 
       ot_env_clear(&e);
     }
     pthread_rwlock_unlock(&c->lk);
-    free(wire);
-    free(r);
     if (rc == OT_OK) {
       if (rtype) *rtype = h.type;
-      *reply = b;
-      *reply_len = blen;
+      *rmsg = r;
+      *rbody = b;
+      *rbody_len = blen;
       return OT_OK;
     }
-    free(b);
+    if (r) nng_msg_free(r);
     if (rekey && rehandshakes < 2) {
       /* The session is unknown to the server (expired, or the server restarted): rekey. */
       rehandshakes++;
@@ -979,6 +1324,22 @@ int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t 
     attempt++;
   }
   return rc;
+}
+
+int ot_client_request(ot_client *c, uint32_t lane, uint32_t type, const uint8_t *body, size_t len,
+                      uint32_t *rtype, uint8_t **reply, size_t *reply_len) {
+  nng_msg *m = NULL;
+  const uint8_t *b = NULL;
+  size_t bl = 0;
+  int rc = request_msg(c, lane, type, body, len, rtype, &m, &b, &bl);
+  if (rc) return rc;
+  uint8_t *copy = malloc(bl ? bl : 1);
+  if (copy && bl) memcpy(copy, b, bl);
+  nng_msg_free(m);
+  if (!copy) return ot_error(OT_ERR_NOMEM, "out of memory");
+  *reply = copy;
+  *reply_len = bl;
+  return OT_OK;
 }
 
 int ot_client_call(ot_client *c, const uint8_t *body, size_t len, uint8_t **reply, size_t *reply_len) {
@@ -1100,6 +1461,9 @@ typedef struct {
   int rc;
   char detail[512];
   uint32_t lane;
+  void (*progress)(void *, uint64_t, uint64_t);
+  void *progress_arg;
+  uint64_t done_bytes; /* under mu */
 } send_job;
 
 typedef struct {
@@ -1120,9 +1484,12 @@ static void send_fail(send_job *j, int rc) {
 static void *send_lane(void *arg) {
   lane_arg *a = arg;
   send_job *j = a->j;
-  uint8_t *buf = malloc(j->chunk); /* this lane's chunk: memory is window x chunk */
-  if (!buf) send_fail(j, ot_error(OT_ERR_NOMEM, "out of memory"));
-  for (; buf;) {
+  /* this lane's chunk body, reused for every chunk: memory is window x chunk; a file
+   * source reads straight into the place the data takes in it */
+  size_t cap = ot_chunk_packed_len(j->n, 0, j->chunk, 0);
+  uint8_t *body = malloc(cap);
+  if (!body) send_fail(j, ot_error(OT_ERR_NOMEM, "out of memory"));
+  for (; body;) {
     if (atomic_load(&j->failed)) break;
     uint64_t i = atomic_fetch_add(&j->next, 1);
     if (i >= j->n) break;
@@ -1134,28 +1501,33 @@ static void *send_lane(void *arg) {
     if (!j->stop_after) atomic_fetch_add(&j->sent, 1);
     uint64_t off = i * j->chunk;
     size_t len = (size_t)(j->size - off < j->chunk ? j->size - off : j->chunk);
-    const uint8_t *data = NULL;
-    uint8_t *body = NULL, *r = NULL;
-    size_t bl = 0, rl = 0;
+    const uint8_t *data = NULL, *r = NULL;
+    size_t bl = ot_chunk_packed_len(i, 0, len, 0), rl = 0;
     uint32_t t = 0;
-    int rc = j->src.read_at(j->src.self, off, len, buf, &data);
+    nng_msg *rm = NULL;
+    int rc = j->src.read_at(j->src.self, off, len, body + (bl - len), &data);
     if (rc == OT_OK) {
       ot_chunk_hash(i, data, len, j->hashes[i]);
-      rc = ot_chunk_pack(j->id, i, 0, data, len, NULL, &body, &bl);
+      rc = ot_chunk_pack_to(j->id, i, 0, data, len, NULL, body, bl);
     }
-    if (rc == OT_OK) rc = ot_client_request(j->c, a->lane, OT_MSG_CHUNK, body, bl, &t, &r, &rl);
-    free(body);
+    if (rc == OT_OK) rc = request_msg(j->c, a->lane, OT_MSG_CHUNK, body, bl, &t, &rm, &r, &rl);
     ot_transfer_status st;
     if (rc == OT_OK && t != OT_MSG_TRANSFER_STATUS)
       rc = ot_error(OT_ERR_FORMAT, "unexpected reply type %u to a chunk", t);
     if (rc == OT_OK) rc = ot_status_decode(r, rl, &st);
-    free(r);
+    if (rm) nng_msg_free(rm);
     if (rc) {
       send_fail(j, rc);
       break;
     }
+    if (j->progress) {
+      pthread_mutex_lock(&j->mu);
+      j->done_bytes += len;
+      j->progress(j->progress_arg, j->done_bytes, j->size);
+      pthread_mutex_unlock(&j->mu);
+    }
   }
-  free(buf);
+  free(body);
   return NULL;
 }
 
@@ -1168,7 +1540,7 @@ static int mem_read(void *self, uint64_t off, size_t len, uint8_t *buf, const ui
 
 int ot_client_send(ot_client *c, const char *name, const uint8_t *data, uint64_t size, ot_send_opts *opts) {
   if (!data && size) return ot_error(OT_ERR_INVALID, "ot_client_send: NULL data");
-  return ot_client_send_source(c, name, (ot_source){mem_read, (void *)data}, size, opts);
+  return ot_client_send_source(c, name, (ot_source){.read_at = mem_read, .self = (void *)data}, size, opts);
 }
 
 static int file_read(void *self, uint64_t off, size_t len, uint8_t *buf, const uint8_t **data) {
@@ -1196,7 +1568,8 @@ int ot_client_send_file(ot_client *c, const char *name, const char *path, ot_sen
                ? OT_OK
                : ot_error(OT_ERR_INVALID, "%s is not a regular file", path);
   if (rc == OT_OK)
-    rc = ot_client_send_source(c, name, (ot_source){file_read, &fd}, (uint64_t)sb.st_size, opts);
+    rc = ot_client_send_source(c, name, (ot_source){.read_at = file_read, .self = &fd}, (uint64_t)sb.st_size,
+                               opts);
   close(fd);
   return rc;
 }
@@ -1244,6 +1617,9 @@ int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_
   j->n = n;
   j->chunk = chunk;
   j->stop_after = opts->stop_after;
+  j->progress = opts->progress;
+  j->progress_arg = opts->progress_arg;
+  j->done_bytes = st.have_prefix * chunk < size ? st.have_prefix * chunk : size;
   memcpy(j->id, b.id, 16);
   atomic_store(&j->next, st.have_prefix);
   pthread_mutex_init(&j->mu, NULL);
@@ -1301,4 +1677,458 @@ int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_
   free(j->hashes);
   free(j);
   return rc;
+}
+
+/* ---- file sources ---- */
+
+int ot_file_source_open(const char *path, ot_source *src, uint64_t *size) {
+  if (!path || !src || !size) return ot_error(OT_ERR_INVALID, "ot_file_source_open: NULL argument");
+  int *fd = malloc(sizeof *fd);
+  if (!fd) return ot_error(OT_ERR_NOMEM, "out of memory");
+  *fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (*fd < 0) {
+    int rc =
+        ot_error(errno == ENOENT ? OT_ERR_NOTFOUND : OT_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    free(fd);
+    return rc;
+  }
+  struct stat sb;
+  if (fstat(*fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+    close(*fd);
+    free(fd);
+    return ot_error(OT_ERR_INVALID, "%s is not a regular file", path);
+  }
+  /* the stamp changes whenever the file is replaced or rewritten */
+  uint64_t k[5] = {(uint64_t)sb.st_dev, (uint64_t)sb.st_ino, (uint64_t)sb.st_size,
+                   (uint64_t)sb.st_mtim.tv_sec, (uint64_t)sb.st_mtim.tv_nsec};
+  uint64_t stamp = 0;
+  crypto_generichash((uint8_t *)&stamp, sizeof stamp, (const uint8_t *)k, sizeof k, NULL, 0);
+  *src = (ot_source){file_read, fd, stamp ? stamp : 1};
+  *size = (uint64_t)sb.st_size;
+  return OT_OK;
+}
+
+void ot_file_source_close(ot_source *src) {
+  if (!src || !src->self) return;
+  close(*(int *)src->self);
+  free(src->self);
+  src->self = NULL;
+}
+
+/* ---- fetching (download) ---- */
+
+typedef struct {
+  ot_client *c;
+  ot_sink sink;
+  ot_fetch_info fi;
+  uint64_t n, stop_after;
+  uint8_t *have;         /* chunks already present (resume) */
+  uint8_t (*hashes)[32]; /* h_i of every chunk, present or fetched */
+  _Atomic uint64_t next, fetched, claimed;
+  _Atomic int failed;
+  pthread_mutex_t mu;
+  int rc;
+  char detail[512];
+  /* called with each verified chunk, after the sink wrote it (fetch_file's state log) */
+  int (*on_chunk)(void *arg, uint64_t index, const uint8_t hash[32]);
+  void *arg;
+  void (*progress)(void *, uint64_t, uint64_t);
+  void *progress_arg;
+  uint64_t done_bytes; /* under mu */
+} fetch_job;
+
+typedef struct {
+  fetch_job *j;
+  uint32_t lane;
+} fetch_lane_arg;
+
+static void fetch_fail(fetch_job *j, int rc) {
+  pthread_mutex_lock(&j->mu);
+  if (!j->rc) {
+    j->rc = rc;
+    snprintf(j->detail, sizeof j->detail, "%s", ot_error_detail());
+  }
+  pthread_mutex_unlock(&j->mu);
+  atomic_store(&j->failed, 1);
+}
+
+static int fetch_one(fetch_job *j, uint32_t lane, uint64_t i) {
+  uint8_t req[64];
+  size_t bl = 0, rl = 0;
+  const uint8_t *r = NULL;
+  nng_msg *rm = NULL;
+  uint32_t t = 0;
+  /* FetchChunk: id and index, packed here (no allocation) */
+  uint8_t *p = req;
+  *p++ = 0x0a;
+  *p++ = 16;
+  memcpy(p, j->fi.id, 16);
+  p += 16;
+  *p++ = 0x10;
+  p = ot_pbw_varint(p, i);
+  bl = (size_t)(p - req);
+  int rc = request_msg(j->c, lane, OT_MSG_FETCH_CHUNK, req, bl, &t, &rm, &r, &rl);
+  if (rc) return rc;
+  ot_chunk ch = {0};
+  if (t != OT_MSG_CHUNK) rc = ot_error(OT_ERR_FORMAT, "reply of type %u to a chunk request", t);
+  if (rc == OT_OK) rc = ot_chunk_decode(r, rl, &ch); /* in place, in the reply message */
+  uint64_t off = i * j->fi.chunk;
+  size_t want = (size_t)(j->fi.size - off < j->fi.chunk ? j->fi.size - off : j->fi.chunk);
+  if (rc == OT_OK && (memcmp(ch.id, j->fi.id, 16) != 0 || ch.index != i || ch.final))
+    rc = ot_error(OT_ERR_FORMAT, "reply is not chunk %llu of this download", (unsigned long long)i);
+  if (rc == OT_OK && ch.len != want)
+    rc = ot_error(OT_ERR_FORMAT, "chunk %llu has %zu bytes, expected %zu", (unsigned long long)i, ch.len,
+                  want);
+  uint8_t h[32];
+  if (rc == OT_OK) {
+    ot_chunk_hash(i, ch.data, ch.len, h);
+    rc = j->sink.write_at(j->sink.self, off, ch.data, ch.len);
+  }
+  if (rc == OT_OK) {
+    memcpy(j->hashes[i], h, 32);
+    if (j->on_chunk) rc = j->on_chunk(j->arg, i, h);
+  }
+  if (rc == OT_OK && j->progress) {
+    pthread_mutex_lock(&j->mu);
+    j->done_bytes += want;
+    j->progress(j->progress_arg, j->done_bytes, j->fi.size);
+    pthread_mutex_unlock(&j->mu);
+  }
+  nng_msg_free(rm);
+  return rc;
+}
+
+static void *fetch_lane(void *arg) {
+  fetch_lane_arg *a = arg;
+  fetch_job *j = a->j;
+  while (!atomic_load(&j->failed)) {
+    uint64_t i = atomic_fetch_add(&j->next, 1);
+    if (i >= j->n) break;
+    if (j->have[i]) continue;
+    if (j->stop_after && atomic_fetch_add(&j->claimed, 1) >= j->stop_after) {
+      fetch_fail(
+          j, ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)", (unsigned long long)j->stop_after));
+      break;
+    }
+    int rc = fetch_one(j, a->lane, i);
+    if (rc) {
+      fetch_fail(j, rc);
+      break;
+    }
+    atomic_fetch_add(&j->fetched, 1);
+  }
+  return NULL;
+}
+
+/* FetchOpen: the object's size, chunk size, digest and fetch id, checked against opts. */
+static int fetch_open(ot_client *c, const char *name, const ot_fetch_opts *o, ot_fetch_info *fi) {
+  ot_fetch_open_body b = {0};
+  if (!name || strlen(name) >= sizeof b.name) return ot_error(OT_ERR_INVALID, "bad download name");
+  snprintf(b.name, sizeof b.name, "%s", name);
+  b.chunk = o->chunk ? o->chunk : (1u << 20);
+  if (b.chunk > OT_CHUNK_MAX || b.chunk + OT_ENV_OVERHEAD + 64 > c->cfg.max_msg)
+    return ot_error(OT_ERR_RANGE, "chunk size %u does not fit the message limit %zu", b.chunk,
+                    c->cfg.max_msg);
+  uint8_t *body = NULL, *r = NULL;
+  size_t bl = 0, rl = 0;
+  uint32_t t = 0;
+  int rc = ot_fetch_open_pack(&b, &body, &bl);
+  if (rc == OT_OK) rc = ot_client_request(c, 0, OT_MSG_FETCH_OPEN, body, bl, &t, &r, &rl);
+  free(body);
+  if (rc) return rc;
+  ot_fetch_info f;
+  if (t != OT_MSG_FETCH_INFO) rc = ot_error(OT_ERR_FORMAT, "reply of type %u to a download request", t);
+  if (rc == OT_OK) rc = ot_fetch_info_decode(r, rl, &f);
+  free(r);
+  if (rc) return rc;
+  uint64_t max = o->max_size ? o->max_size : OT_FETCH_MAX_DEFAULT;
+  /* the chunk bounds our per-chunk state: a server may lower it, not below 64 KiB */
+  uint32_t floor = b.chunk < (64u << 10) ? b.chunk : (64u << 10);
+  if (f.chunk > b.chunk || (f.chunk < floor && f.size > f.chunk))
+    return ot_error(OT_ERR_FORMAT, "server chose chunk size %u (asked for %u)", f.chunk, b.chunk);
+  if (f.chunk == 0) return ot_error(OT_ERR_FORMAT, "server chose chunk size 0");
+  if (f.size > max)
+    return ot_error(OT_ERR_RANGE, "'%s' has %llu bytes, over the limit of %llu", name,
+                    (unsigned long long)f.size, (unsigned long long)max);
+  if (o->expect_digest && sodium_memcmp(o->expect_digest, f.digest, 32) != 0)
+    return ot_error(OT_ERR_MISMATCH, "'%s' on the server does not have the expected digest", name);
+  *fi = f;
+  return OT_OK;
+}
+
+/* The end marker: the server closes its source. Best effort (it expires anyway). */
+static void fetch_end_marker(ot_client *c, const ot_fetch_info *fi) {
+  uint8_t *body = NULL, *r = NULL;
+  size_t bl = 0, rl = 0;
+  uint32_t t = 0;
+  if (ot_fetch_chunk_pack(fi->id, ot_transfer_chunks(fi->size, fi->chunk), &body, &bl) == OT_OK &&
+      ot_client_request(c, 0, OT_MSG_FETCH_CHUNK, body, bl, &t, &r, &rl) == OT_OK)
+    free(r);
+  free(body);
+}
+
+/* Fetches the chunks not in have[] (hashes[] holds those that are), then checks the
+ * digest of the whole. Commits nothing; *bad_digest tells a mismatch from an
+ * interruption. */
+static int fetch_run(ot_client *c, const ot_fetch_info *fi, ot_sink sink, uint8_t *have,
+                     uint8_t (*hashes)[32], ot_fetch_opts *o,
+                     int (*on_chunk)(void *, uint64_t, const uint8_t *), void *arg, int *bad_digest) {
+  *bad_digest = 0;
+  fetch_job *j = calloc(1, sizeof *j);
+  if (!j) return ot_error(OT_ERR_NOMEM, "out of memory");
+  j->c = c;
+  j->sink = sink;
+  j->fi = *fi;
+  j->n = ot_transfer_chunks(fi->size, fi->chunk);
+  j->stop_after = o->stop_after;
+  j->have = have;
+  j->hashes = hashes;
+  j->on_chunk = on_chunk;
+  j->arg = arg;
+  j->progress = o->progress;
+  j->progress_arg = o->progress_arg;
+  for (uint64_t i = 0; i < j->n; i++) /* resumed chunks count as done */
+    if (have[i]) j->done_bytes += i + 1 < j->n ? fi->chunk : fi->size - i * (uint64_t)fi->chunk;
+  pthread_mutex_init(&j->mu, NULL);
+  int window = o->window > 0 ? o->window : 4;
+  pthread_rwlock_rdlock(&c->lk);
+  if ((uint32_t)window > c->s.lanes) window = (int)c->s.lanes;
+  pthread_rwlock_unlock(&c->lk);
+  if (window > c->n_lanes_open) window = c->n_lanes_open;
+  pthread_t th[OT_MAX_LANES];
+  fetch_lane_arg args[OT_MAX_LANES];
+  int started = 0;
+  for (int i = 1; i < window; i++) {
+    args[i] = (fetch_lane_arg){j, (uint32_t)i};
+    if (pthread_create(&th[i], NULL, fetch_lane, &args[i]) != 0) break;
+    started = i;
+  }
+  args[0] = (fetch_lane_arg){j, 0};
+  fetch_lane(&args[0]);
+  for (int i = 1; i <= started; i++) pthread_join(th[i], NULL);
+  o->fetched = atomic_load(&j->fetched);
+  int rc = j->rc;
+  if (rc) {
+    ot_error(rc, "%s", j->detail);
+  } else if (j->stop_after && o->fetched >= j->stop_after) {
+    rc = ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)", (unsigned long long)j->stop_after);
+  } else {
+    uint8_t d[32];
+    ot_transfer_digest((const uint8_t(*)[32])hashes, j->n, fi->size, fi->chunk, d);
+    if (sodium_memcmp(d, fi->digest, 32) != 0) {
+      *bad_digest = 1;
+      rc = ot_error(OT_ERR_FORMAT, "download digest mismatch: data discarded");
+    }
+  }
+  pthread_mutex_destroy(&j->mu);
+  free(j);
+  if (rc != OT_ERR_IO || *bad_digest) { /* finished (either way): the server can close */
+    char keep[512];
+    snprintf(keep, sizeof keep, "%s", ot_error_detail());
+    fetch_end_marker(c, fi);
+    if (rc) ot_error(rc, "%s", keep);
+  }
+  return rc;
+}
+
+int ot_client_fetch(ot_client *c, const char *name, ot_sink sink, ot_fetch_opts *opts) {
+  if (!c || !name || !sink.write_at || !opts) {
+    if (sink.abort) sink.abort(sink.self);
+    return ot_error(OT_ERR_INVALID, "ot_client_fetch: NULL argument");
+  }
+  ot_fetch_info fi;
+  int rc = fetch_open(c, name, opts, &fi);
+  uint64_t n = rc == OT_OK ? ot_transfer_chunks(fi.size, fi.chunk) : 0;
+  uint8_t *have = NULL, (*hashes)[32] = NULL;
+  if (rc == OT_OK) {
+    have = calloc(n ? n : 1, 1);
+    hashes = calloc(n ? n : 1, 32);
+    if (!have || !hashes) rc = ot_error(OT_ERR_NOMEM, "out of memory");
+  }
+  int bad = 0;
+  opts->resumed_from = 0;
+  opts->fetched = 0;
+  if (rc == OT_OK) rc = fetch_run(c, &fi, sink, have, hashes, opts, NULL, NULL, &bad);
+  free(have);
+  free(hashes);
+  if (rc) {
+    if (sink.abort) sink.abort(sink.self);
+    return rc;
+  }
+  rc = sink.commit(sink.self);
+  if (rc) return rc;
+  memcpy(opts->digest_out, fi.digest, 32);
+  opts->size_out = fi.size;
+  return OT_OK;
+}
+
+/* ---- fetching into a file, resumably ----
+ * PATH.partial holds the bytes; PATH.partial.state is a header (magic, size, chunk,
+ * digest) followed by one record (u64 index, h_i) per chunk written. On resume every
+ * recorded chunk is read back and hashed again, so a torn or corrupted partial file
+ * costs only the chunks that do not match. */
+
+#define STATE_MAGIC "otfetch1"
+#define STATE_HDR 56
+#define STATE_REC 40
+
+typedef struct {
+  int fd, sfd;
+  const char *tmp;
+  pthread_mutex_t mu;
+} fetch_file;
+
+static void put_u64(uint8_t *p, uint64_t v) {
+  for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static uint64_t get_u64(const uint8_t *p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; i++) v |= (uint64_t)p[i] << (8 * i);
+  return v;
+}
+
+static int write_full(int fd, const uint8_t *p, size_t len, const char *what) {
+  while (len) {
+    ssize_t w = write(fd, p, len);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return ot_error(OT_ERR_IO, "cannot write %s: %s", what, strerror(errno));
+    p += w;
+    len -= (size_t)w;
+  }
+  return OT_OK;
+}
+
+static int ff_write(void *self, uint64_t off, const void *data, size_t len) {
+  fetch_file *f = self;
+  const uint8_t *p = data;
+  while (len) {
+    ssize_t w = pwrite(f->fd, p, len, (off_t)off);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return ot_error(OT_ERR_IO, "cannot write %s: %s", f->tmp, strerror(errno));
+    p += w;
+    off += (uint64_t)w;
+    len -= (size_t)w;
+  }
+  return OT_OK;
+}
+
+static int ff_record(void *arg, uint64_t index, const uint8_t hash[32]) {
+  fetch_file *f = arg;
+  uint8_t rec[STATE_REC];
+  put_u64(rec, index);
+  memcpy(rec + 8, hash, 32);
+  pthread_mutex_lock(&f->mu);
+  int rc = write_full(f->sfd, rec, sizeof rec, "the download state");
+  pthread_mutex_unlock(&f->mu);
+  return rc;
+}
+
+/* Loads PATH.partial.state if it describes this object; marks the chunks whose bytes
+ * in PATH.partial still hash to the recorded value. Returns how many. */
+static uint64_t state_load(fetch_file *f, const ot_fetch_info *fi, uint64_t n, uint8_t *have,
+                           uint8_t (*hashes)[32]) {
+  uint8_t hdr[STATE_HDR], rec[STATE_REC];
+  if (pread(f->sfd, hdr, sizeof hdr, 0) != (ssize_t)sizeof hdr) return 0;
+  if (memcmp(hdr, STATE_MAGIC, 8) != 0 || get_u64(hdr + 8) != fi->size || get_u64(hdr + 16) != fi->chunk ||
+      sodium_memcmp(hdr + 24, fi->digest, 32) != 0)
+    return 0;
+  uint8_t *buf = malloc(fi->chunk);
+  if (!buf) return 0;
+  uint64_t got = 0;
+  for (off_t pos = STATE_HDR; pread(f->sfd, rec, sizeof rec, pos) == (ssize_t)sizeof rec; pos += STATE_REC) {
+    uint64_t i = get_u64(rec);
+    if (i >= n || have[i]) continue;
+    uint64_t off = i * fi->chunk;
+    size_t len = (size_t)(fi->size - off < fi->chunk ? fi->size - off : fi->chunk);
+    uint8_t h[32];
+    if (pread(f->fd, buf, len, (off_t)off) != (ssize_t)len) continue;
+    ot_chunk_hash(i, buf, len, h);
+    if (sodium_memcmp(h, rec + 8, 32) != 0) continue;
+    memcpy(hashes[i], h, 32);
+    have[i] = 1;
+    got++;
+  }
+  free(buf);
+  return got;
+}
+
+/* A fresh state: header only, partial file emptied. */
+static int state_reset(fetch_file *f, const ot_fetch_info *fi, const char *spath) {
+  uint8_t hdr[STATE_HDR];
+  memcpy(hdr, STATE_MAGIC, 8);
+  put_u64(hdr + 8, fi->size);
+  put_u64(hdr + 16, fi->chunk);
+  memcpy(hdr + 24, fi->digest, 32);
+  if (ftruncate(f->fd, 0) != 0 || ftruncate(f->sfd, 0) != 0)
+    return ot_error(OT_ERR_IO, "cannot truncate %s: %s", spath, strerror(errno));
+  return write_full(f->sfd, hdr, sizeof hdr, spath);
+}
+
+static int fsync_dir_of(const char *path) {
+  char *d = strdup(path);
+  if (!d) return ot_error(OT_ERR_NOMEM, "out of memory");
+  char *slash = strrchr(d, '/');
+  const char *dir = slash ? (slash == d ? "/" : (*slash = '\0', d)) : ".";
+  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int rc = OT_OK;
+  if (fd < 0 || fsync(fd) != 0) rc = ot_error(OT_ERR_IO, "fsync %s: %s", dir, strerror(errno));
+  if (fd >= 0) close(fd);
+  free(d);
+  return rc;
+}
+
+int ot_client_fetch_file(ot_client *c, const char *name, const char *path, ot_fetch_opts *opts) {
+  if (!c || !name || !path || !opts) return ot_error(OT_ERR_INVALID, "ot_client_fetch_file: NULL argument");
+  ot_fetch_info fi;
+  int rc = fetch_open(c, name, opts, &fi); /* a refusal or a wrong digest leaves nothing behind */
+  if (rc) return rc;
+  size_t pl = strlen(path);
+  char *tmp = malloc(pl + 16), *spath = malloc(pl + 16);
+  uint64_t n = ot_transfer_chunks(fi.size, fi.chunk);
+  uint8_t *have = calloc(n ? n : 1, 1), (*hashes)[32] = calloc(n ? n : 1, 32);
+  fetch_file f = {.fd = -1, .sfd = -1, .tmp = tmp};
+  pthread_mutex_init(&f.mu, NULL);
+  if (!tmp || !spath || !have || !hashes) rc = ot_error(OT_ERR_NOMEM, "out of memory");
+  if (rc == OT_OK) {
+    snprintf(tmp, pl + 16, "%s.partial", path);
+    snprintf(spath, pl + 16, "%s.partial.state", path);
+    f.fd = open(tmp, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    f.sfd = f.fd < 0 ? -1 : open(spath, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (f.fd < 0 || f.sfd < 0) rc = ot_error(OT_ERR_IO, "cannot create %s: %s", tmp, strerror(errno));
+  }
+  uint64_t present = 0;
+  if (rc == OT_OK) {
+    present = state_load(&f, &fi, n, have, hashes);
+    if (!present) rc = state_reset(&f, &fi, spath); /* new, or the server's object changed */
+  }
+  opts->resumed_from = present;
+  opts->fetched = 0;
+  int bad = 0;
+  if (rc == OT_OK) {
+    ot_sink sink = {ff_write, NULL, NULL, &f};
+    rc = fetch_run(c, &fi, sink, have, hashes, opts, ff_record, &f, &bad);
+  }
+  if (rc == OT_OK && ftruncate(f.fd, (off_t)fi.size) != 0) /* a longer stale partial file */
+    rc = ot_error(OT_ERR_IO, "cannot truncate %s: %s", tmp, strerror(errno));
+  if (rc == OT_OK && fsync(f.fd) != 0) rc = ot_error(OT_ERR_IO, "fsync %s: %s", tmp, strerror(errno));
+  if (rc == OT_OK && rename(tmp, path) != 0)
+    rc = ot_error(OT_ERR_IO, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
+  if (rc == OT_OK) {
+    unlink(spath);
+    rc = fsync_dir_of(path);
+  } else if (bad && tmp && spath) { /* wrong bytes: nothing of it is worth keeping */
+    unlink(tmp);
+    unlink(spath);
+  }
+  if (f.fd >= 0) close(f.fd);
+  if (f.sfd >= 0) close(f.sfd);
+  pthread_mutex_destroy(&f.mu);
+  free(tmp);
+  free(spath);
+  free(have);
+  free(hashes);
+  if (rc) return rc;
+  memcpy(opts->digest_out, fi.digest, 32);
+  opts->size_out = fi.size;
+  return OT_OK;
 }

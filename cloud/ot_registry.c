@@ -1,0 +1,812 @@
+#include "ot_registry.h"
+
+#include <pthread.h>
+#include <sodium.h>
+#include <sqlite3.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "ot_error.h"
+
+struct ot_registry {
+  sqlite3 *db;
+  pthread_mutex_t mu;
+};
+
+/* Migrations: migrations[v] brings schema version v to v+1. */
+static const char *const migrations[] = {
+    "CREATE TABLE models(id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, dir TEXT NOT NULL,"
+    "  digest TEXT NOT NULL, added_at INTEGER NOT NULL);"
+    "CREATE TABLE emulators(id INTEGER PRIMARY KEY, model_digest TEXT NOT NULL, settings TEXT NOT NULL,"
+    "  dir TEXT NOT NULL, digest TEXT NOT NULL, created_at INTEGER NOT NULL,"
+    "  UNIQUE(model_digest, settings));"
+    "CREATE TABLE devices(id INTEGER PRIMARY KEY, pk BLOB UNIQUE NOT NULL, fingerprint TEXT NOT NULL,"
+    "  name TEXT, enrolled_at INTEGER NOT NULL, revoked_at INTEGER);"
+    "CREATE TABLE tokens(hash BLOB PRIMARY KEY, label TEXT, issued_at INTEGER NOT NULL,"
+    "  used_by INTEGER REFERENCES devices(id), used_at INTEGER);"
+    "CREATE TABLE sessions(id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, config TEXT NOT NULL,"
+    "  state TEXT NOT NULL CHECK(state IN ('preparing','running','done','failed')),"
+    "  round INTEGER NOT NULL DEFAULT 0, emulator_id INTEGER REFERENCES emulators(id),"
+    "  adapter TEXT, opt_state TEXT, error TEXT, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);"
+    "CREATE TABLE rounds(session_id INTEGER NOT NULL REFERENCES sessions(id), round INTEGER NOT NULL,"
+    "  state TEXT NOT NULL CHECK(state IN ('open','aggregating','done')), started_at INTEGER NOT NULL,"
+    "  deadline INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 1, participants INTEGER NOT NULL DEFAULT "
+    "0,"
+    "  input TEXT NOT NULL, result TEXT, finished_at INTEGER, PRIMARY KEY(session_id, round));"
+    "CREATE TABLE updates(id INTEGER PRIMARY KEY, session_id INTEGER NOT NULL, round INTEGER NOT NULL,"
+    "  device_id INTEGER NOT NULL REFERENCES devices(id), tokens INTEGER NOT NULL CHECK(tokens > 0),"
+    "  loss REAL, digest TEXT NOT NULL, received_at INTEGER NOT NULL,"
+    "  UNIQUE(session_id, round, device_id),"
+    "  FOREIGN KEY(session_id, round) REFERENCES rounds(session_id, round));"
+    "CREATE TABLE adapters(id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL,"
+    "  session_id INTEGER REFERENCES sessions(id), dir TEXT NOT NULL, digest TEXT NOT NULL,"
+    "  published INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);"
+    "CREATE TABLE audit(id INTEGER PRIMARY KEY, at INTEGER NOT NULL, actor TEXT NOT NULL,"
+    "  event TEXT NOT NULL, detail TEXT);",
+};
+#define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
+
+static int64_t now_s(void) { return (int64_t)time(NULL); }
+
+static int db_err(ot_registry *r, const char *what) {
+  return ot_error(OT_ERR_IO, "registry: %s: %s", what, sqlite3_errmsg(r->db));
+}
+
+static int exec(ot_registry *r, const char *sql) {
+  char *msg = NULL;
+  if (sqlite3_exec(r->db, sql, NULL, NULL, &msg) != SQLITE_OK) {
+    int rc = ot_error(OT_ERR_IO, "registry: %s", msg ? msg : sqlite3_errmsg(r->db));
+    sqlite3_free(msg);
+    return rc;
+  }
+  return OT_OK;
+}
+
+/* Statement helper: "?" parameters bound from a format of i (int64), t (text, NULL ok),
+ * b (32-byte blob), d (double). */
+static int prep(ot_registry *r, sqlite3_stmt **st, const char *sql, const char *fmt, ...) {
+  if (sqlite3_prepare_v2(r->db, sql, -1, st, NULL) != SQLITE_OK) return db_err(r, "prepare");
+  va_list ap;
+  va_start(ap, fmt);
+  int ok = SQLITE_OK;
+  for (int i = 0; fmt && fmt[i] && ok == SQLITE_OK; i++) {
+    switch (fmt[i]) {
+    case 'i': ok = sqlite3_bind_int64(*st, i + 1, va_arg(ap, int64_t)); break;
+    case 't': ok = sqlite3_bind_text(*st, i + 1, va_arg(ap, const char *), -1, SQLITE_TRANSIENT); break;
+    case 'b': ok = sqlite3_bind_blob(*st, i + 1, va_arg(ap, const uint8_t *), 32, SQLITE_TRANSIENT); break;
+    case 'd': ok = sqlite3_bind_double(*st, i + 1, va_arg(ap, double)); break;
+    }
+  }
+  va_end(ap);
+  if (ok != SQLITE_OK) {
+    sqlite3_finalize(*st);
+    return db_err(r, "bind");
+  }
+  return OT_OK;
+}
+
+/* Runs a statement that returns no rows (or ignores them); finalizes it. */
+static int run(ot_registry *r, sqlite3_stmt *st) {
+  int s = sqlite3_step(st);
+  while (s == SQLITE_ROW) s = sqlite3_step(st);
+  int rc = s == SQLITE_DONE ? OT_OK : db_err(r, "step");
+  sqlite3_finalize(st);
+  return rc;
+}
+
+#define RUNQ(sql, fmt, ...)                                                                                  \
+  do {                                                                                                       \
+    sqlite3_stmt *st_;                                                                                       \
+    if (rc == OT_OK) rc = prep(r, &st_, sql, fmt, __VA_ARGS__);                                              \
+    if (rc == OT_OK) rc = run(r, st_);                                                                       \
+  } while (0)
+
+static void lock(ot_registry *r) { pthread_mutex_lock(&r->mu); }
+static void unlock(ot_registry *r) { pthread_mutex_unlock(&r->mu); }
+static int begin(ot_registry *r) { return exec(r, "BEGIN IMMEDIATE"); }
+/* Commits on success, rolls back otherwise; returns rc (or the commit's error). */
+static int end(ot_registry *r, int rc) {
+  if (rc == OT_OK) {
+    rc = exec(r, "COMMIT");
+    if (rc == OT_OK) return OT_OK;
+  }
+  sqlite3_exec(r->db, "ROLLBACK", NULL, NULL, NULL);
+  return rc;
+}
+
+static void copy_col(sqlite3_stmt *st, int col, char *dst, size_t n) {
+  const unsigned char *t = sqlite3_column_text(st, col);
+  snprintf(dst, n, "%s", t ? (const char *)t : "");
+}
+
+int ot_reg_open(const char *path, ot_registry **out) {
+  ot_registry *r = calloc(1, sizeof *r);
+  if (!r) return ot_error(OT_ERR_NOMEM, "cannot allocate");
+  pthread_mutex_init(&r->mu, NULL);
+  int rc = OT_OK;
+  if (sqlite3_open_v2(path, &r->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+                      NULL) != SQLITE_OK)
+    rc = ot_error(OT_ERR_IO, "registry %s: %s", path, r->db ? sqlite3_errmsg(r->db) : "cannot open");
+  if (rc == OT_OK) sqlite3_busy_timeout(r->db, 5000);
+  /* WAL + synchronous=FULL: a commit is durable once it returns (kill -9 or power loss). */
+  if (rc == OT_OK) rc = exec(r, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;");
+  if (rc == OT_OK) rc = exec(r, "CREATE TABLE IF NOT EXISTS schema_version(version INTEGER NOT NULL)");
+  int v = 0;
+  if (rc == OT_OK) rc = ot_reg_schema_version(r, &v);
+  if (rc == OT_OK && v > OT_REG_SCHEMA_VERSION)
+    rc = ot_error(OT_ERR_UNSUPPORTED, "registry %s has schema version %d; this build knows up to %d", path, v,
+                  OT_REG_SCHEMA_VERSION);
+  for (; rc == OT_OK && v < N_MIGRATIONS; v++) {
+    rc = begin(r);
+    if (rc == OT_OK) rc = exec(r, migrations[v]);
+    RUNQ("DELETE FROM schema_version", NULL, 0);
+    RUNQ("INSERT INTO schema_version(version) VALUES(?)", "i", (int64_t)(v + 1));
+    rc = end(r, rc);
+  }
+  if (rc) {
+    ot_reg_close(r);
+    return rc;
+  }
+  *out = r;
+  return OT_OK;
+}
+
+void ot_reg_close(ot_registry *r) {
+  if (!r) return;
+  sqlite3_close_v2(r->db);
+  pthread_mutex_destroy(&r->mu);
+  free(r);
+}
+
+int ot_reg_schema_version(ot_registry *r, int *out) {
+  sqlite3_stmt *st;
+  int rc = prep(r, &st, "SELECT MAX(version) FROM schema_version", NULL);
+  if (rc) return rc;
+  int v = 0;
+  if (sqlite3_step(st) == SQLITE_ROW) v = sqlite3_column_int(st, 0);
+  sqlite3_finalize(st);
+  *out = v;
+  return OT_OK;
+}
+
+static int audit_locked(ot_registry *r, const char *actor, const char *event, const char *detail) {
+  int rc = OT_OK;
+  RUNQ("INSERT INTO audit(at, actor, event, detail) VALUES(?,?,?,?)", "ittt", now_s(), actor, event, detail);
+  return rc;
+}
+
+int ot_reg_audit(ot_registry *r, const char *actor, const char *event, const char *fmt, ...) {
+  char detail[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(detail, sizeof detail, fmt, ap);
+  va_end(ap);
+  lock(r);
+  int rc = audit_locked(r, actor, event, detail);
+  unlock(r);
+  return rc;
+}
+
+/* ---- access control -------------------------------------------------------------------- */
+
+static void token_hash(const char *token, uint8_t h[32]) {
+  /* the same hash as ot_access (protocol/ot_access.c) */
+  crypto_generichash(h, 32, (const uint8_t *)token, strlen(token), (const uint8_t *)"offtune/1 token", 15);
+}
+
+/* 1 allowed, 0 unknown, -1 revoked */
+static int device_status(ot_registry *r, const uint8_t pk[32], int64_t *id) {
+  sqlite3_stmt *st;
+  if (prep(r, &st, "SELECT id, revoked_at FROM devices WHERE pk = ?", "b", pk)) return 0;
+  int s = 0;
+  if (sqlite3_step(st) == SQLITE_ROW) {
+    s = sqlite3_column_type(st, 1) == SQLITE_NULL ? 1 : -1;
+    if (id) *id = sqlite3_column_int64(st, 0);
+  }
+  sqlite3_finalize(st);
+  return s;
+}
+
+static int reg_admit(void *self, const uint8_t pk[32], const char *token, int *enrolled) {
+  ot_registry *r = self;
+  char fp[OT_FINGERPRINT_LEN];
+  ot_fingerprint(pk, fp);
+  lock(r);
+  int rc = OT_OK, enr = 0, s = device_status(r, pk, NULL);
+  if (s < 0) {
+    rc = ot_error(OT_ERR_INVALID, "device %s is revoked", fp);
+  } else if (s == 0) {
+    if (!token || !*token) {
+      rc = ot_error(OT_ERR_NOTFOUND, "device %s is not enrolled (no token given)", fp);
+    } else {
+      uint8_t h[32];
+      token_hash(token, h);
+      rc = begin(r);
+      sqlite3_stmt *st;
+      int found = 0;
+      if (rc == OT_OK) rc = prep(r, &st, "SELECT 1 FROM tokens WHERE hash = ? AND used_by IS NULL", "b", h);
+      if (rc == OT_OK) {
+        found = sqlite3_step(st) == SQLITE_ROW;
+        sqlite3_finalize(st);
+        if (!found) rc = ot_error(OT_ERR_NOTFOUND, "device %s: enrolment token unknown or already used", fp);
+      }
+      RUNQ("INSERT INTO devices(pk, fingerprint, enrolled_at) VALUES(?,?,?)", "bti", pk, fp, now_s());
+      RUNQ("UPDATE tokens SET used_by = last_insert_rowid(), used_at = ? WHERE hash = ?", "ib", now_s(), h);
+      if (rc == OT_OK) rc = audit_locked(r, fp, "device.enrol", "enrolled with a one-time token");
+      rc = end(r, rc);
+      enr = rc == OT_OK;
+    }
+  }
+  unlock(r);
+  if (rc == OT_OK && enrolled) *enrolled = enr;
+  return rc;
+}
+
+static int reg_check(void *self, const uint8_t pk[32]) {
+  ot_registry *r = self;
+  lock(r);
+  int s = device_status(r, pk, NULL);
+  unlock(r);
+  if (s == 1) return OT_OK;
+  char fp[OT_FINGERPRINT_LEN];
+  ot_fingerprint(pk, fp);
+  return ot_error(s < 0 ? OT_ERR_INVALID : OT_ERR_NOTFOUND, "device %s is %s", fp,
+                  s < 0 ? "revoked" : "not enrolled");
+}
+
+const ot_access_ops ot_reg_access_ops = {reg_admit, reg_check};
+
+int ot_reg_token_issue(ot_registry *r, const char *label, char token[OT_TOKEN_CHARS + 1]) {
+  uint8_t raw[32], h[32];
+  char tmp[OT_TOKEN_CHARS + 8];
+  randombytes_buf(raw, sizeof raw);
+  memcpy(tmp, "ote1-", 5);
+  sodium_bin2base64(tmp + 5, sizeof tmp - 5, raw, sizeof raw, sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+  sodium_memzero(raw, sizeof raw);
+  token_hash(tmp, h);
+  lock(r);
+  int rc = begin(r);
+  RUNQ("INSERT INTO tokens(hash, label, issued_at) VALUES(?,?,?)", "bti", h, label, now_s());
+  if (rc == OT_OK) rc = audit_locked(r, "operator", "token.issue", label ? label : "");
+  rc = end(r, rc);
+  unlock(r);
+  if (rc == OT_OK) memcpy(token, tmp, OT_TOKEN_CHARS + 1);
+  sodium_memzero(tmp, sizeof tmp);
+  return rc;
+}
+
+int ot_reg_device_revoke(ot_registry *r, const char *who, char fp[OT_FINGERPRINT_LEN]) {
+  uint8_t pk[32];
+  int by_key = ot_pubkey_parse(who, pk) == OT_OK;
+  ot_error_clear();
+  lock(r);
+  int rc = begin(r);
+  sqlite3_stmt *st;
+  int found = 0;
+  if (rc == OT_OK)
+    rc = by_key ? prep(r, &st, "SELECT pk FROM devices WHERE pk = ?", "b", pk)
+                : prep(r, &st, "SELECT pk FROM devices WHERE fingerprint = lower(?)", "t", who);
+  if (rc == OT_OK) {
+    if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_bytes(st, 0) == 32) {
+      memcpy(pk, sqlite3_column_blob(st, 0), 32);
+      found = 1;
+    }
+    sqlite3_finalize(st);
+    if (!found) rc = ot_error(OT_ERR_NOTFOUND, "no enrolled device %s", who);
+  }
+  RUNQ("UPDATE devices SET revoked_at = ? WHERE pk = ? AND revoked_at IS NULL", "ib", now_s(), pk);
+  char f[OT_FINGERPRINT_LEN];
+  if (rc == OT_OK) {
+    ot_fingerprint(pk, f);
+    rc = audit_locked(r, "operator", "device.revoke", f);
+  }
+  rc = end(r, rc);
+  unlock(r);
+  if (rc == OT_OK) memcpy(fp, f, sizeof f);
+  return rc;
+}
+
+int ot_reg_device_id(ot_registry *r, const uint8_t pk[32], int64_t *id) {
+  int64_t v = 0;
+  lock(r);
+  int s = device_status(r, pk, &v);
+  unlock(r);
+  if (s != 1) return ot_error(OT_ERR_NOTFOUND, "device is not enrolled or revoked");
+  *id = v;
+  return OT_OK;
+}
+
+int ot_reg_device_set_name(ot_registry *r, int64_t id, const char *name) {
+  int rc = OT_OK;
+  lock(r);
+  RUNQ("UPDATE devices SET name = ? WHERE id = ? AND (name IS NULL OR name != ?)", "tit", name, id, name);
+  unlock(r);
+  return rc;
+}
+
+/* ---- models and emulators ------------------------------------------------------------- */
+
+int ot_reg_model_put(ot_registry *r, const char *name, const char *dir, const char *digest) {
+  lock(r);
+  int rc = begin(r);
+  RUNQ("INSERT INTO models(name, dir, digest, added_at) VALUES(?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
+       "dir = excluded.dir, digest = excluded.digest",
+       "ttti", name, dir, digest, now_s());
+  if (rc == OT_OK) rc = audit_locked(r, "daemon", "model.register", name);
+  rc = end(r, rc);
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_model_get(ot_registry *r, const char *name, char dir[1024], char digest[OT_DIGEST_HEX]) {
+  sqlite3_stmt *st;
+  lock(r);
+  int rc = prep(r, &st, "SELECT dir, digest FROM models WHERE name = ?", "t", name);
+  if (rc == OT_OK) {
+    if (sqlite3_step(st) == SQLITE_ROW) {
+      copy_col(st, 0, dir, 1024);
+      copy_col(st, 1, digest, OT_DIGEST_HEX);
+    } else {
+      rc = ot_error(OT_ERR_NOTFOUND, "no model named '%s' (start serve with --model DIR)", name);
+    }
+    sqlite3_finalize(st);
+  }
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_emulator_get(ot_registry *r, const char *model_digest, const char *key, int64_t *id,
+                        char dir[1024], char digest[OT_DIGEST_HEX]) {
+  sqlite3_stmt *st;
+  lock(r);
+  int rc = prep(r, &st, "SELECT id, dir, digest FROM emulators WHERE model_digest = ? AND settings = ?", "tt",
+                model_digest, key);
+  if (rc == OT_OK) {
+    if (sqlite3_step(st) == SQLITE_ROW) {
+      *id = sqlite3_column_int64(st, 0);
+      copy_col(st, 1, dir, 1024);
+      copy_col(st, 2, digest, OT_DIGEST_HEX);
+    } else {
+      rc = OT_ERR_NOTFOUND;
+    }
+    sqlite3_finalize(st);
+  }
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_emulator_put(ot_registry *r, const char *model_digest, const char *key, const char *dir,
+                        const char *digest, int64_t *id) {
+  lock(r);
+  int rc = begin(r);
+  RUNQ("INSERT INTO emulators(model_digest, settings, dir, digest, created_at) VALUES(?,?,?,?,?)", "tttti",
+       model_digest, key, dir, digest, now_s());
+  int64_t v = sqlite3_last_insert_rowid(r->db);
+  if (rc == OT_OK) rc = audit_locked(r, "daemon", "emulator.distilled", key);
+  rc = end(r, rc);
+  unlock(r);
+  if (rc == OT_OK) *id = v;
+  return rc;
+}
+
+int ot_reg_emulator_dir(ot_registry *r, int64_t id, char dir[1024], char digest[OT_DIGEST_HEX]) {
+  sqlite3_stmt *st;
+  lock(r);
+  int rc = prep(r, &st, "SELECT dir, digest FROM emulators WHERE id = ?", "i", id);
+  if (rc == OT_OK) {
+    if (sqlite3_step(st) == SQLITE_ROW) {
+      copy_col(st, 0, dir, 1024);
+      copy_col(st, 1, digest, OT_DIGEST_HEX);
+    } else {
+      rc = ot_error(OT_ERR_NOTFOUND, "no emulator %lld", (long long)id);
+    }
+    sqlite3_finalize(st);
+  }
+  unlock(r);
+  return rc;
+}
+
+/* ---- sessions and rounds -------------------------------------------------------------- */
+
+static const char *ss_names[] = {"preparing", "running", "done", "failed"};
+static const char *rs_names[] = {"open", "aggregating", "done"};
+const char *ot_session_state_name(ot_session_state s) { return (unsigned)s < 4 ? ss_names[s] : "?"; }
+
+static int state_index(const char *const *names, int n, const unsigned char *s) {
+  for (int i = 0; s && i < n; i++)
+    if (strcmp(names[i], (const char *)s) == 0) return i;
+  return 0;
+}
+
+int ot_reg_session_create(ot_registry *r, const ot_session_cfg *cfg, int64_t *id) {
+  cJSON *j = ot_session_cfg_to_json(cfg);
+  char *text = j ? cJSON_PrintUnformatted(j) : NULL;
+  cJSON_Delete(j);
+  if (!text) return ot_error(OT_ERR_NOMEM, "cannot allocate");
+  lock(r);
+  int rc = begin(r);
+  sqlite3_stmt *st;
+  if (rc == OT_OK && prep(r, &st, "SELECT 1 FROM sessions WHERE name = ?", "t", cfg->name) == OT_OK) {
+    if (sqlite3_step(st) == SQLITE_ROW) rc = ot_error(OT_ERR_INVALID, "a session '%s' exists", cfg->name);
+    sqlite3_finalize(st);
+  }
+  RUNQ("INSERT INTO sessions(name, config, state, created_at, updated_at) VALUES(?,?,'preparing',?,?)",
+       "ttii", cfg->name, text, now_s(), now_s());
+  int64_t v = sqlite3_last_insert_rowid(r->db);
+  if (rc == OT_OK) rc = audit_locked(r, "operator", "session.create", text);
+  rc = end(r, rc);
+  unlock(r);
+  free(text);
+  if (rc == OT_OK) *id = v;
+  return rc;
+}
+
+#define SESSION_COLS                                                                                         \
+  "SELECT s.id, s.config, s.state, s.round, s.emulator_id, s.adapter, s.opt_state, r.state, r.deadline, "    \
+  "r.attempts, (SELECT COUNT(*) FROM updates u WHERE u.session_id = s.id AND u.round = s.round) "            \
+  "FROM sessions s LEFT JOIN rounds r ON r.session_id = s.id AND r.round = s.round "
+
+static int session_read(ot_registry *r, sqlite3_stmt *st, ot_session_row *out) {
+  int s = sqlite3_step(st);
+  if (s != SQLITE_ROW) {
+    sqlite3_finalize(st);
+    return s == SQLITE_DONE ? OT_ERR_NOTFOUND : db_err(r, "step");
+  }
+  ot_session_row row;
+  memset(&row, 0, sizeof row);
+  row.id = sqlite3_column_int64(st, 0);
+  cJSON *j = cJSON_Parse((const char *)sqlite3_column_text(st, 1));
+  int rc = ot_session_cfg_from_json(j, &row.cfg);
+  cJSON_Delete(j);
+  row.state = (ot_session_state)state_index(ss_names, 4, sqlite3_column_text(st, 2));
+  row.round = sqlite3_column_int(st, 3);
+  row.emulator_id = sqlite3_column_int64(st, 4);
+  copy_col(st, 5, row.adapter, sizeof row.adapter);
+  copy_col(st, 6, row.opt_state, sizeof row.opt_state);
+  row.round_state = (ot_round_state)state_index(rs_names, 3, sqlite3_column_text(st, 7));
+  row.deadline = sqlite3_column_int64(st, 8);
+  row.attempts = sqlite3_column_int(st, 9);
+  row.n_updates = sqlite3_column_int(st, 10);
+  sqlite3_finalize(st);
+  if (rc == OT_OK) *out = row;
+  return rc;
+}
+
+int ot_reg_session_get(ot_registry *r, const char *name, ot_session_row *out) {
+  sqlite3_stmt *st;
+  lock(r);
+  int rc =
+      name && *name
+          ? prep(r, &st, SESSION_COLS "WHERE s.name = ?", "t", name)
+          : prep(r, &st, SESSION_COLS "WHERE s.state IN ('preparing','running') ORDER BY s.id LIMIT 1", NULL);
+  if (rc == OT_OK) rc = session_read(r, st, out);
+  unlock(r);
+  if (rc == OT_ERR_NOTFOUND)
+    rc = name && *name ? ot_error(rc, "no session named '%s'", name) : ot_error(rc, "no unfinished session");
+  return rc;
+}
+
+int ot_reg_session_get_id(ot_registry *r, int64_t id, ot_session_row *out) {
+  sqlite3_stmt *st;
+  lock(r);
+  int rc = prep(r, &st, SESSION_COLS "WHERE s.id = ?", "i", id);
+  if (rc == OT_OK) rc = session_read(r, st, out);
+  unlock(r);
+  if (rc == OT_ERR_NOTFOUND) rc = ot_error(rc, "no session %lld", (long long)id);
+  return rc;
+}
+
+int ot_reg_sessions_active(ot_registry *r, int64_t *ids, int cap, int *n) {
+  sqlite3_stmt *st;
+  lock(r);
+  int rc = prep(r, &st, "SELECT id FROM sessions WHERE state IN ('preparing','running') ORDER BY id", NULL);
+  int k = 0;
+  if (rc == OT_OK) {
+    while (k < cap && sqlite3_step(st) == SQLITE_ROW) ids[k++] = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+  }
+  unlock(r);
+  if (rc == OT_OK) *n = k;
+  return rc;
+}
+
+int ot_reg_session_start(ot_registry *r, int64_t id, int64_t emulator_id, const char *adapter_digest,
+                         int64_t deadline) {
+  lock(r);
+  int rc = begin(r);
+  RUNQ("UPDATE sessions SET state = 'running', round = 1, emulator_id = ?, adapter = ?, updated_at = ? "
+       "WHERE id = ? AND state = 'preparing'",
+       "itii", emulator_id, adapter_digest, now_s(), id);
+  if (rc == OT_OK && sqlite3_changes(r->db) != 1) rc = ot_error(OT_ERR_INTERNAL, "session is not preparing");
+  RUNQ("INSERT INTO rounds(session_id, round, state, started_at, deadline, input) VALUES(?,1,'open',?,?,?)",
+       "iiit", id, now_s(), deadline, adapter_digest);
+  if (rc == OT_OK) rc = audit_locked(r, "daemon", "round.open", "round 1");
+  rc = end(r, rc);
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_session_fail(ot_registry *r, int64_t id, const char *why) {
+  lock(r);
+  int rc = begin(r);
+  RUNQ("UPDATE sessions SET state = 'failed', error = ?, updated_at = ? WHERE id = ?", "tii", why, now_s(),
+       id);
+  if (rc == OT_OK) rc = audit_locked(r, "daemon", "session.failed", why);
+  rc = end(r, rc);
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_round_retry(ot_registry *r, int64_t id, int round, int64_t deadline) {
+  lock(r);
+  int rc = begin(r);
+  RUNQ("UPDATE rounds SET deadline = ?, attempts = attempts + 1 WHERE session_id = ? AND round = ? AND "
+       "state = 'open'",
+       "iii", deadline, id, (int64_t)round);
+  char d[64];
+  snprintf(d, sizeof d, "round %d: too few updates at the deadline; retried", round);
+  if (rc == OT_OK) rc = audit_locked(r, "daemon", "round.retry", d);
+  rc = end(r, rc);
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_round_close(ot_registry *r, int64_t id, int round) {
+  lock(r);
+  int rc = begin(r);
+  RUNQ("UPDATE rounds SET state = 'aggregating' WHERE session_id = ? AND round = ? AND state = 'open'", "ii",
+       id, (int64_t)round);
+  rc = end(r, rc);
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_round_updates(ot_registry *r, int64_t id, int round, ot_update_row **out, int *n) {
+  sqlite3_stmt *st = NULL;
+  lock(r);
+  int rc = prep(r, &st,
+                "SELECT device_id, tokens, loss, digest FROM updates WHERE session_id = ? AND round = ? "
+                "ORDER BY device_id",
+                "ii", id, (int64_t)round);
+  ot_update_row *v = NULL;
+  int k = 0, cap = 0;
+  while (rc == OT_OK && sqlite3_step(st) == SQLITE_ROW) {
+    if (k == cap) {
+      cap = cap ? 2 * cap : 8;
+      ot_update_row *nv = realloc(v, (size_t)cap * sizeof *v);
+      if (!nv) {
+        rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
+        break;
+      }
+      v = nv;
+    }
+    v[k].device_id = sqlite3_column_int64(st, 0);
+    v[k].tokens = (uint64_t)sqlite3_column_int64(st, 1);
+    v[k].loss = (float)sqlite3_column_double(st, 2);
+    copy_col(st, 3, v[k].digest, sizeof v[k].digest);
+    k++;
+  }
+  if (st) sqlite3_finalize(st);
+  unlock(r);
+  if (rc) {
+    free(v);
+    return rc;
+  }
+  *out = v;
+  *n = k;
+  return OT_OK;
+}
+
+int ot_reg_round_finish(ot_registry *r, int64_t id, int round, const char *adapter_digest,
+                        const char *opt_state, int64_t next_deadline, const char *adapter_dir) {
+  ot_session_row s;
+  int rc = ot_reg_session_get_id(r, id, &s);
+  if (rc) return rc;
+  lock(r);
+  rc = begin(r);
+  RUNQ("UPDATE rounds SET state = 'done', result = ?, finished_at = ?, participants = (SELECT COUNT(*) FROM "
+       "updates WHERE session_id = ? AND round = ?) WHERE session_id = ? AND round = ? AND state != 'done'",
+       "tiiiii", adapter_digest, now_s(), id, (int64_t)round, id, (int64_t)round);
+  if (rc == OT_OK && sqlite3_changes(r->db) != 1)
+    rc = ot_error(OT_ERR_INTERNAL, "round %d is already done", round);
+  int last = round >= s.cfg.rounds;
+  RUNQ("UPDATE sessions SET adapter = ?, opt_state = ?, state = ?, round = ?, updated_at = ? WHERE id = ?",
+       "tttiii", adapter_digest, opt_state && *opt_state ? opt_state : NULL, last ? "done" : "running",
+       (int64_t)(last ? round : round + 1), now_s(), id);
+  if (!last)
+    RUNQ("INSERT INTO rounds(session_id, round, state, started_at, deadline, input) VALUES(?,?,'open',?,?,?)",
+         "iiiit", id, (int64_t)(round + 1), now_s(), next_deadline, adapter_digest);
+  else
+    RUNQ("INSERT INTO adapters(name, session_id, dir, digest, published, created_at) VALUES(?,?,?,?,1,?) "
+         "ON CONFLICT(name) DO UPDATE SET session_id = excluded.session_id, dir = excluded.dir, "
+         "digest = excluded.digest, published = 1, created_at = excluded.created_at",
+         "titti", s.cfg.name, id, adapter_dir, adapter_digest, now_s());
+  char d[160];
+  snprintf(d, sizeof d, "%s round %d: adapter %.16s", s.cfg.name, round, adapter_digest);
+  if (rc == OT_OK) rc = audit_locked(r, "daemon", "round.done", d);
+  if (rc == OT_OK && last) rc = audit_locked(r, "daemon", "adapter.publish", s.cfg.name);
+  rc = end(r, rc);
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_update_add(ot_registry *r, int64_t session_id, int round, int64_t device_id, uint64_t tokens,
+                      float loss, const char *digest) {
+  lock(r);
+  int rc = begin(r);
+  sqlite3_stmt *st;
+  if (rc == OT_OK)
+    rc = prep(
+        r, &st,
+        "SELECT s.state, s.round, r.state, (SELECT COUNT(*) FROM updates u WHERE u.session_id = s.id AND "
+        "u.round = ? AND u.device_id = ?) FROM sessions s LEFT JOIN rounds r ON r.session_id = s.id AND "
+        "r.round = s.round WHERE s.id = ?",
+        "iii", (int64_t)round, device_id, session_id);
+  if (rc == OT_OK) {
+    if (sqlite3_step(st) != SQLITE_ROW) {
+      rc = ot_error(OT_ERR_NOTFOUND, "no such session");
+    } else {
+      const char *ss = (const char *)sqlite3_column_text(st, 0);
+      int cur = sqlite3_column_int(st, 1);
+      const char *rs = (const char *)sqlite3_column_text(st, 2);
+      if (!ss || strcmp(ss, "running") != 0)
+        rc = ot_error(OT_ERR_MISMATCH, "the session is %s", ss ? ss : "?");
+      else if (round != cur)
+        rc = ot_error(OT_ERR_MISMATCH, "stale round %d (the current round is %d)", round, cur);
+      else if (!rs || strcmp(rs, "open") != 0)
+        rc = ot_error(OT_ERR_MISMATCH, "round %d is closed (%s)", round, rs ? rs : "?");
+      else if (sqlite3_column_int(st, 3) > 0)
+        rc = ot_error(OT_ERR_MISMATCH, "duplicate: this device already has an update in round %d", round);
+    }
+    sqlite3_finalize(st);
+  }
+  RUNQ("INSERT INTO updates(session_id, round, device_id, tokens, loss, digest, received_at) "
+       "VALUES(?,?,?,?,?,?,?)",
+       "iiiidti", session_id, (int64_t)round, device_id, (int64_t)tokens, (double)loss, digest, now_s());
+  rc = end(r, rc);
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_update_exists(ot_registry *r, int64_t session_id, int round, int64_t device_id, int *exists) {
+  sqlite3_stmt *st;
+  lock(r);
+  int rc = prep(r, &st, "SELECT 1 FROM updates WHERE session_id = ? AND round = ? AND device_id = ?", "iii",
+                session_id, (int64_t)round, device_id);
+  if (rc == OT_OK) {
+    *exists = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+  }
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_adapter_served(ot_registry *r, const char *digest, int *served) {
+  sqlite3_stmt *st;
+  lock(r);
+  int rc = prep(r, &st, "SELECT 1 FROM sessions WHERE state = 'running' AND adapter = ?", "t", digest);
+  if (rc == OT_OK) {
+    *served = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+  }
+  unlock(r);
+  return rc;
+}
+
+/* ---- adapters -------------------------------------------------------------------------- */
+
+int ot_reg_adapter_publish(ot_registry *r, const char *name, int published) {
+  lock(r);
+  int rc = begin(r);
+  RUNQ("UPDATE adapters SET published = ? WHERE name = ?", "it", (int64_t)published, name);
+  if (rc == OT_OK && sqlite3_changes(r->db) != 1)
+    rc = ot_error(OT_ERR_NOTFOUND, "no adapter named '%s'", name);
+  if (rc == OT_OK)
+    rc = audit_locked(r, "operator", published ? "adapter.publish" : "adapter.unpublish", name);
+  rc = end(r, rc);
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_adapter_delete(ot_registry *r, const char *name) {
+  lock(r);
+  int rc = begin(r);
+  RUNQ("DELETE FROM adapters WHERE name = ?", "t", name);
+  if (rc == OT_OK && sqlite3_changes(r->db) != 1)
+    rc = ot_error(OT_ERR_NOTFOUND, "no adapter named '%s'", name);
+  if (rc == OT_OK) rc = audit_locked(r, "operator", "adapter.delete", name);
+  rc = end(r, rc);
+  unlock(r);
+  return rc;
+}
+
+/* ---- listings -------------------------------------------------------------------------- */
+
+static int rows_json(ot_registry *r, sqlite3_stmt *st, cJSON *arr) {
+  int s;
+  while ((s = sqlite3_step(st)) == SQLITE_ROW) {
+    cJSON *o = cJSON_CreateObject();
+    if (!o) break;
+    for (int c = 0; c < sqlite3_column_count(st); c++) {
+      const char *k = sqlite3_column_name(st, c);
+      switch (sqlite3_column_type(st, c)) {
+      case SQLITE_INTEGER: cJSON_AddNumberToObject(o, k, (double)sqlite3_column_int64(st, c)); break;
+      case SQLITE_FLOAT: cJSON_AddNumberToObject(o, k, sqlite3_column_double(st, c)); break;
+      case SQLITE_NULL: cJSON_AddNullToObject(o, k); break;
+      default: {
+        const char *t = (const char *)sqlite3_column_text(st, c);
+        cJSON *parsed = strcmp(k, "config") == 0 ? cJSON_Parse(t) : NULL;
+        if (parsed)
+          cJSON_AddItemToObject(o, k, parsed);
+        else
+          cJSON_AddStringToObject(o, k, t ? t : "");
+      }
+      }
+    }
+    cJSON_AddItemToArray(arr, o);
+  }
+  int rc = s == SQLITE_DONE ? OT_OK : db_err(r, "step");
+  sqlite3_finalize(st);
+  return rc;
+}
+
+int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **out) {
+  static const struct {
+    const char *what, *sql, *fmt;
+  } q[] = {
+      {"sessions",
+       "SELECT s.name, s.state, s.round, json_extract(s.config, '$.rounds') AS rounds, s.adapter, s.error, "
+       "(SELECT COUNT(*) FROM updates u WHERE u.session_id = s.id AND u.round = s.round) AS updates, "
+       "json_extract(s.config, '$.min_devices') AS min_devices, json_extract(s.config, '$.max_devices') AS "
+       "max_devices, s.created_at FROM sessions s ORDER BY s.id",
+       NULL},
+      {"session",
+       "SELECT s.name, s.state, s.round, s.config, s.adapter, s.opt_state, s.error, s.created_at, "
+       "e.dir AS emulator, e.digest AS emulator_digest FROM sessions s LEFT JOIN emulators e ON "
+       "e.id = s.emulator_id WHERE s.name = ?",
+       "t"},
+      {"rounds",
+       "SELECT r.round, r.state, r.started_at, r.deadline, r.attempts, r.participants, r.input, r.result, "
+       "r.finished_at FROM rounds r JOIN sessions s ON s.id = r.session_id WHERE s.name = ? ORDER BY r.round",
+       "t"},
+      {"updates",
+       "SELECT u.round, d.fingerprint AS device, u.tokens, u.loss, u.digest, u.received_at FROM updates u "
+       "JOIN "
+       "sessions s ON s.id = u.session_id JOIN devices d ON d.id = u.device_id WHERE s.name = ? ORDER BY "
+       "u.round, u.device_id",
+       "t"},
+      {"devices",
+       "SELECT d.fingerprint, d.name, d.enrolled_at, d.revoked_at, lower(hex(d.pk)) AS public_key, "
+       "(SELECT COUNT(*) FROM updates u WHERE u.device_id = d.id) AS updates FROM devices d ORDER BY d.id",
+       NULL},
+      {"adapters",
+       "SELECT a.name, s.name AS session, a.dir, a.digest, a.published, a.created_at FROM adapters a LEFT "
+       "JOIN "
+       "sessions s ON s.id = a.session_id ORDER BY a.id",
+       NULL},
+      {"models", "SELECT name, dir, digest, added_at FROM models ORDER BY id", NULL},
+      {"emulators", "SELECT model_digest, settings, dir, digest, created_at FROM emulators ORDER BY id",
+       NULL},
+      {"audit", "SELECT at, actor, event, detail FROM audit ORDER BY id", NULL},
+  };
+  for (size_t i = 0; i < sizeof q / sizeof q[0]; i++) {
+    if (strcmp(q[i].what, what) != 0) continue;
+    cJSON *arr = cJSON_CreateArray();
+    if (!arr) return ot_error(OT_ERR_NOMEM, "cannot allocate");
+    sqlite3_stmt *st;
+    lock(r);
+    int rc = prep(r, &st, q[i].sql, q[i].fmt, arg);
+    if (rc == OT_OK) rc = rows_json(r, st, arr);
+    unlock(r);
+    if (rc) {
+      cJSON_Delete(arr);
+      return rc;
+    }
+    *out = arr;
+    return OT_OK;
+  }
+  return ot_error(OT_ERR_INVALID, "unknown listing '%s'", what);
+}

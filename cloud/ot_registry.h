@@ -1,0 +1,114 @@
+/* The cloud daemon's registry: one SQLite database (STATE/registry.db, WAL, foreign
+ * keys, busy timeout, schema_version + migrations) holding models, emulators, devices,
+ * enrolment tokens, sessions, rounds, updates, adapters and an audit log. Tensors are
+ * files under STATE/objects/, written (temp, fsync, rename) before the row that names
+ * them commits (docs/daemon.md).
+ *
+ * One connection behind a mutex: every call is one transaction and thread-safe. */
+#ifndef OT_REGISTRY_H
+#define OT_REGISTRY_H
+
+#include <cjson/cJSON.h>
+#include <stdint.h>
+
+#include "ot_access.h"
+#include "ot_emulator.h"
+#include "ot_session.h"
+
+#define OT_REG_SCHEMA_VERSION 1
+
+typedef struct ot_registry ot_registry;
+
+int ot_reg_open(const char *path, ot_registry **out);
+void ot_reg_close(ot_registry *r);
+int ot_reg_schema_version(ot_registry *r, int *out);
+
+/* Audit log: one row per state change and per refusal worth keeping. */
+int ot_reg_audit(ot_registry *r, const char *actor, const char *event, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* ---- access control: devices and one-time tokens --------------------------------- */
+extern const ot_access_ops ot_reg_access_ops; /* self = the ot_registry */
+int ot_reg_token_issue(ot_registry *r, const char *label, char token[OT_TOKEN_CHARS + 1]);
+/* Revokes the device whose fingerprint or 64-hex key is given; at once for every request. */
+int ot_reg_device_revoke(ot_registry *r, const char *who, char fp[OT_FINGERPRINT_LEN]);
+/* Row id of an enrolled, unrevoked device. */
+int ot_reg_device_id(ot_registry *r, const uint8_t pk[OT_PK_BYTES], int64_t *id);
+int ot_reg_device_set_name(ot_registry *r, int64_t id, const char *name);
+
+/* ---- models and emulators ---------------------------------------------------------- */
+/* Registers (or updates the directory of) a model under name. */
+int ot_reg_model_put(ot_registry *r, const char *name, const char *dir, const char *digest);
+int ot_reg_model_get(ot_registry *r, const char *name, char dir[1024], char digest[OT_DIGEST_HEX]);
+int ot_reg_emulator_get(ot_registry *r, const char *model_digest, const char *key, int64_t *id,
+                        char dir[1024], char digest[OT_DIGEST_HEX]);
+int ot_reg_emulator_put(ot_registry *r, const char *model_digest, const char *key, const char *dir,
+                        const char *digest, int64_t *id);
+int ot_reg_emulator_dir(ot_registry *r, int64_t id, char dir[1024], char digest[OT_DIGEST_HEX]);
+
+/* ---- sessions and rounds ----------------------------------------------------------- */
+typedef enum { OT_SS_PREPARING = 0, OT_SS_RUNNING, OT_SS_DONE, OT_SS_FAILED } ot_session_state;
+typedef enum { OT_RS_OPEN = 0, OT_RS_AGGREGATING, OT_RS_DONE } ot_round_state;
+const char *ot_session_state_name(ot_session_state s);
+
+typedef struct {
+  int64_t id;
+  ot_session_cfg cfg;
+  ot_session_state state;
+  int round; /* current round (1-based); 0 while preparing */
+  int64_t emulator_id;
+  char adapter[OT_DIGEST_HEX];   /* current global adapter (objects/adapters/<digest>) */
+  char opt_state[OT_DIGEST_HEX]; /* FedAdam moments (objects/state/<digest>.safetensors) or "" */
+  /* the current round */
+  ot_round_state round_state;
+  int64_t deadline;
+  int attempts;
+  int n_updates;
+} ot_session_row;
+
+int ot_reg_session_create(ot_registry *r, const ot_session_cfg *cfg, int64_t *id);
+/* By name, or the oldest unfinished session when name is NULL or "". */
+int ot_reg_session_get(ot_registry *r, const char *name, ot_session_row *out);
+int ot_reg_session_get_id(ot_registry *r, int64_t id, ot_session_row *out);
+/* Ids of unfinished sessions, oldest first (up to cap). */
+int ot_reg_sessions_active(ot_registry *r, int64_t *ids, int cap, int *n);
+/* Preparing -> running: emulator and initial adapter in place, round 1 opens. */
+int ot_reg_session_start(ot_registry *r, int64_t id, int64_t emulator_id, const char *adapter_digest,
+                         int64_t deadline);
+int ot_reg_session_fail(ot_registry *r, int64_t id, const char *why);
+/* The round's deadline passed with too few updates: another attempt with a new deadline. */
+int ot_reg_round_retry(ot_registry *r, int64_t id, int round, int64_t deadline);
+/* Open -> aggregating: from now on the round accepts no update. */
+int ot_reg_round_close(ot_registry *r, int64_t id, int round);
+
+typedef struct {
+  int64_t device_id;
+  uint64_t tokens;
+  float loss;
+  char digest[OT_DIGEST_HEX]; /* objects/updates/<digest>.safetensors */
+} ot_update_row;
+/* The accepted updates of a round, by device id (malloc'd array). */
+int ot_reg_round_updates(ot_registry *r, int64_t id, int round, ot_update_row **out, int *n);
+/* One transaction: round done with its result, session's adapter (and FedAdam state)
+ * replaced, the next round opened, or the session done and the adapter published under
+ * the session's name. */
+int ot_reg_round_finish(ot_registry *r, int64_t id, int round, const char *adapter_digest,
+                        const char *opt_state, int64_t next_deadline, const char *adapter_dir);
+
+/* An update: refused (OT_ERR_MISMATCH with the reason) unless the session runs, round is
+ * its open round and the device has none there yet. */
+int ot_reg_update_add(ot_registry *r, int64_t session_id, int round, int64_t device_id, uint64_t tokens,
+                      float loss, const char *digest);
+int ot_reg_update_exists(ot_registry *r, int64_t session_id, int round, int64_t device_id, int *exists);
+
+/* 1 if digest is the current adapter of a running session (devices may fetch it). */
+int ot_reg_adapter_served(ot_registry *r, const char *digest, int *served);
+
+/* ---- adapters ------------------------------------------------------------------------ */
+int ot_reg_adapter_publish(ot_registry *r, const char *name, int published);
+int ot_reg_adapter_delete(ot_registry *r, const char *name);
+
+/* ---- listings for the operator (JSON arrays of row objects) ------------------------- */
+int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **out);
+
+#endif

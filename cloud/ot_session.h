@@ -1,0 +1,44 @@
+/* A federated tuning session's settings: what the operator gave to `session create`,
+ * stored as JSON in the registry (sessions.config) and parsed back (and validated)
+ * whenever the daemon needs them. */
+#ifndef OT_SESSION_H
+#define OT_SESSION_H
+
+#include <cjson/cJSON.h>
+
+#include "ot_adapter.h"
+
+#define OT_NAME_MAX 64 /* session, model and adapter names: [A-Za-z0-9_-], 1..63 characters */
+
+typedef enum { OT_AGG_FEDAVG = 0, OT_AGG_FEDPROX = 1, OT_AGG_FEDADAM = 2 } ot_agg_kind;
+
+typedef struct {
+  char name[OT_NAME_MAX];
+  char model[OT_NAME_MAX]; /* registered model name */
+  /* emulator */
+  int bottom, top, keep; /* keep 0: half of the middle */
+  int distill_steps, distill_batch, distill_seq;
+  char distill_data[1024]; /* "" = the Brown public genres */
+  /* adapter and local training */
+  ot_adapter_config adapter;
+  int steps, batch, seq_len;
+  float lr;
+  /* rounds */
+  int rounds, min_devices, max_devices, deadline_s, max_retries;
+  /* aggregation */
+  ot_agg_kind agg;
+  float mu;                                /* FedProx */
+  float server_lr, beta1, beta2, adam_eps; /* FedAdam */
+} ot_session_cfg;
+
+void ot_session_cfg_default(ot_session_cfg *c);
+/* Validates and fills c from the JSON form; unknown keys are refused. */
+int ot_session_cfg_from_json(const cJSON *j, ot_session_cfg *out);
+cJSON *ot_session_cfg_to_json(const ot_session_cfg *c);
+/* The settings that determine the emulator (one emulator per model and key). */
+void ot_session_emu_key(const ot_session_cfg *c, char *out, size_t n);
+/* 1 if s is a valid session/model/adapter name. */
+int ot_name_ok(const char *s);
+const char *ot_agg_name(ot_agg_kind k);
+
+#endif

@@ -1,0 +1,320 @@
+/* The device's local trainer (ot_device_train.h): offsite adapter tuning on the emulator.
+ *
+ * Only the adapter's tensors train; the emulator's middle, embeddings and final norm
+ * stay frozen and get no gradient memory. opts->out is a loadable adapter at every
+ * checkpoint, plus train_state/ for resume. */
+#include "ot_device_train.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ot_data.h"
+#include "ot_error.h"
+#include "ot_eval.h"
+#include "ot_fileio.h"
+#include "ot_snapshot.h"
+#include "ot_train.h"
+
+int ot_dev_load_emulator(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
+                         ot_tokenizer **tok, ot_emu_plan *plan) {
+  ot_backend_kind kind;
+  int rc = ot_backend_parse(backend ? backend : "cpu", &kind);
+  int fell_back = 0;
+  if (rc == OT_OK) rc = ot_backend_create_or_cpu(kind, threads, be, &fell_back);
+  if (rc == OT_OK && fell_back)
+    fprintf(stderr, "offtune-device: warning: %s; using cpu\n", ot_error_detail());
+  if (rc) return rc;
+  rc = ot_emu_load(dir, *be, m, tok, plan);
+  if (rc) ot_backend_free(*be);
+  return rc;
+}
+
+/* Host copy of the adapter blocks' parameters (the best weights for early stopping). */
+typedef struct {
+  ot_gpt2 *m;
+  float *host;
+  size_t n;
+} weights_copy;
+
+static int adapter_copy(weights_copy *w, int upload) {
+  ot_backend *be = ot_gpt2_backend(w->m);
+  float *h = w->host;
+  int rc = OT_OK;
+  for (int i = 0; i < ot_gpt2_param_count(w->m) && rc == OT_OK; i++) {
+    ot_param *p = ot_gpt2_param(w->m, i);
+    if (!p->trainable) continue;
+    rc = upload ? be->ops->upload(be, p->data, h, p->numel * sizeof(float))
+                : be->ops->download(be, h, p->data, p->numel * sizeof(float));
+    h += p->numel;
+  }
+  return rc;
+}
+
+typedef struct {
+  const char *out;
+  ot_gpt2 *m;
+  const ot_emu_plan *plan;
+  const ot_adapter_config *acfg;
+  ot_optimizer *opt;
+  ot_batcher *data;
+  int B, T, steps, eval_every, patience;
+  const int32_t *val;
+  size_t n_val;
+  double best;
+  int bad, have_best;
+  weights_copy best_w;
+  double last_val;
+  /* FedProx */
+  float prox_mu;
+  weights_copy init_w;
+  float *host_w, *host_g; /* staging for one tensor */
+} tune_ctx;
+
+/* The adapter in --out (usable at every checkpoint), then the resumable snapshot of
+ * the adapter weights and early-stopping state (train_state/) as one unit. */
+static int save_state(void *vctx, int step) {
+  tune_ctx *c = vctx;
+  ot_snapshot_state st = {step,  c->data->pos, c->data->rng, c->B, c->T, c->have_best ? c->best : -1.0,
+                          c->bad};
+  int rc = ot_adapter_save(c->m, c->plan, c->acfg, c->out);
+  if (rc == OT_OK) rc = ot_snapshot_save(c->out, c->m, c->opt, &st);
+  return rc;
+}
+
+static int held_out(tune_ctx *c, double *loss) {
+  ot_eval_result er;
+  ot_gpt2_set_dropout(c->m, 0); /* evaluation sees the adapter without dropout */
+  int rc = ot_eval_tokens(c->m, c->val, c->n_val, c->T, c->B, NULL, &er);
+  ot_gpt2_set_dropout(c->m, 1);
+  if (rc == OT_OK) *loss = er.loss;
+  return rc;
+}
+
+/* Early stopping: evaluate every eval_every steps; keep the best adapter weights; stop
+ * after `patience` evaluations without improvement and restore the best. */
+static int on_step(void *vctx, int step, float loss, int *stop) {
+  tune_ctx *c = vctx;
+  (void)loss;
+  if (!c->eval_every || (step % c->eval_every != 0 && step != c->steps)) return OT_OK;
+  double v;
+  int rc = held_out(c, &v);
+  if (rc) return rc;
+  c->last_val = v;
+  if (!c->have_best || v < c->best) {
+    c->best = v;
+    c->bad = 0;
+    c->have_best = 1;
+    rc = adapter_copy(&c->best_w, 0);
+  } else {
+    c->bad++;
+  }
+  fprintf(stderr, "\n[tune] step %d: held-out loss %.4f (best %.4f, %d without improvement)\n", step, v,
+          c->best, c->bad);
+  if (rc == OT_OK && (c->bad >= c->patience || step == c->steps) && c->bad > 0) {
+    /* the saved adapter is the best one seen */
+    rc = adapter_copy(&c->best_w, 1);
+    c->last_val = c->best;
+  }
+  if (c->bad >= c->patience) {
+    fprintf(stderr, "[tune] early stop at step %d\n", step);
+    *stop = 1;
+  }
+  return rc;
+}
+
+/* FedProx: forward and backward of the next-token loss, then the proximal term's
+ * gradient mu (w - w_init) added to each adapter tensor's gradient. */
+static int prox_loss_step(void *vctx, const int32_t *inputs, const int32_t *targets, float *loss) {
+  tune_ctx *c = vctx;
+  int rc = ot_gpt2_forward(c->m, inputs, targets, c->B, c->T, loss);
+  if (rc == OT_OK) rc = ot_gpt2_backward(c->m);
+  ot_backend *be = ot_gpt2_backend(c->m);
+  const float *w0 = c->init_w.host;
+  double sq = 0;
+  for (int i = 0; i < ot_gpt2_param_count(c->m) && rc == OT_OK; i++) {
+    ot_param *p = ot_gpt2_param(c->m, i);
+    if (!p->trainable) continue;
+    size_t bytes = p->numel * sizeof(float);
+    rc = be->ops->download(be, c->host_w, p->data, bytes);
+    if (rc == OT_OK) rc = be->ops->download(be, c->host_g, p->grad, bytes);
+    for (size_t k = 0; rc == OT_OK && k < p->numel; k++) {
+      float diff = c->host_w[k] - w0[k];
+      c->host_g[k] += c->prox_mu * diff;
+      sq += (double)diff * diff;
+    }
+    if (rc == OT_OK) rc = be->ops->upload(be, p->grad, c->host_g, bytes);
+    w0 += p->numel;
+  }
+  if (rc == OT_OK) *loss += (float)(0.5 * c->prox_mu * sq);
+  return rc;
+}
+
+void ot_dev_train_opts_default(ot_dev_train_opts *o) {
+  memset(o, 0, sizeof *o);
+  ot_adapter_config_default(&o->adapter);
+  o->steps = 100;
+  o->batch = 8;
+  o->lr = 1e-3f;
+  o->grad_clip = 1.0f;
+  o->patience = 3;
+  o->backend = "cpu";
+}
+
+int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
+  ot_dev_train_result res;
+  memset(&res, 0, sizeof res);
+  ot_backend *be;
+  ot_gpt2 *m;
+  ot_tokenizer *tok;
+  ot_emu_plan plan;
+  res.what = "loading the emulator";
+  int rc = ot_dev_load_emulator(o->emulator, o->backend, o->threads, &be, &m, &tok, &plan);
+  if (rc) {
+    out->what = res.what;
+    return rc;
+  }
+  res.what = "reading the data";
+  int batch = o->batch, steps = o->steps;
+  int T = o->seq_len ? o->seq_len : ot_gpt2_cfg(m)->n_positions;
+  ot_tokens toks = {NULL, 0};
+  ot_optimizer *opt = NULL;
+  tune_ctx c = {.out = o->out,
+                .m = m,
+                .plan = &plan,
+                .acfg = &o->adapter,
+                .B = batch,
+                .T = T,
+                .steps = steps,
+                .eval_every = o->eval_every,
+                .patience = o->patience,
+                .prox_mu = o->prox_mu};
+  if (T > ot_gpt2_cfg(m)->n_positions) rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds n_positions", T);
+  if (rc == OT_OK) rc = ot_tokens_load_input(o->text, o->tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+  size_t n_train = toks.n;
+  if (rc == OT_OK && o->eval_every) {
+    c.n_val = toks.n / 10;
+    n_train = toks.n - c.n_val;
+    c.val = toks.ids + n_train;
+    if (c.n_val < 2) rc = ot_error(OT_ERR_INVALID, "%zu tokens leave no held-out split", toks.n);
+  }
+  if (rc == OT_OK && n_train < (size_t)batch * T + 1)
+    rc = ot_error(OT_ERR_INVALID, "%zu training tokens, a step needs %d", n_train, batch * T + 1);
+  ot_tokens train = {toks.ids, n_train};
+  ot_batcher bt;
+  c.data = &bt;
+  if (rc == OT_OK) {
+    res.what = "preparing";
+    rc = ot_batcher_init(&bt, &train, batch, T, 0, 0);
+  }
+  /* the batcher wraps when fewer than B*T+1 tokens remain; start anywhere before that */
+  if (rc == OT_OK && o->data_offset_steps)
+    bt.pos = (size_t)(o->data_offset_steps * (uint64_t)batch * (uint64_t)T % (n_train - (size_t)batch * T));
+  if (rc == OT_OK) rc = ot_adapter_attach(m, &plan, &o->adapter);
+  if (rc == OT_OK && o->init_adapter) {
+    res.what = "loading the round's adapter";
+    rc = ot_adapter_apply(m, &plan, NULL, o->init_adapter);
+  }
+  if (rc == OT_OK) rc = ot_gpt2_prepare(m, batch, T, 1);
+  ot_optim_config oc;
+  ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
+  oc.weight_decay = o->weight_decay;
+  oc.grad_clip = o->grad_clip;
+  if (rc == OT_OK) rc = ot_optimizer_create(&oc, be, ot_gpt2_param(m, 0), ot_gpt2_param_count(m), &opt);
+  c.opt = opt;
+  c.best_w.m = m;
+  c.init_w.m = m;
+  size_t largest = 1;
+  for (int i = 0; i < ot_gpt2_param_count(m); i++)
+    if (ot_gpt2_param(m, i)->trainable) {
+      c.best_w.n += ot_gpt2_param(m, i)->numel;
+      if (ot_gpt2_param(m, i)->numel > largest) largest = ot_gpt2_param(m, i)->numel;
+    }
+  c.init_w.n = c.best_w.n;
+  if (rc == OT_OK && !(c.best_w.host = malloc(c.best_w.n * sizeof(float))))
+    rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
+  if (rc == OT_OK && o->prox_mu > 0) {
+    c.init_w.host = malloc(c.init_w.n * sizeof(float));
+    c.host_w = malloc(largest * sizeof(float));
+    c.host_g = malloc(largest * sizeof(float));
+    if (!c.init_w.host || !c.host_w || !c.host_g) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
+    if (rc == OT_OK) rc = adapter_copy(&c.init_w, 0); /* w_init: the adapter before any step */
+  }
+  int start = 0;
+  if (rc == OT_OK && o->resume && ot_snapshot_exists(o->out)) {
+    res.what = "resuming";
+    ot_snapshot_state st = {.batch = batch, .seq_len = T};
+    rc = ot_snapshot_load(o->out, m, opt, n_train, &st);
+    if (rc == OT_OK) {
+      start = st.step;
+      c.data->pos = st.pos;
+      c.have_best = st.best >= 0;
+      c.best = st.best;
+      c.bad = st.bad;
+    }
+    if (rc == OT_OK && c.have_best)
+      rc = adapter_copy(&c.best_w, 0); /* best not kept on disk: resume from current */
+    if (rc == OT_OK) fprintf(stderr, "[tune] resuming %s at step %d of %d\n", o->out, start, steps);
+  }
+  res.start = start;
+  res.n_train = n_train;
+  res.n_val = c.n_val;
+  if (rc == OT_OK) {
+    res.what = "tuning";
+    size_t trainable = c.best_w.n;
+    fprintf(stderr, "[tune] %s adapter; emulator %d blocks, adapter blocks",
+            ot_adapter_kind_name(o->adapter.kind), ot_emu_n_layer(&plan));
+    for (int i = 0; i < ot_emu_n_layer(&plan); i++)
+      if (ot_emu_is_adapter(&plan, i)) fprintf(stderr, " %d", plan.src[i]);
+    fprintf(
+        stderr,
+        " (full-model indices): %zu of %zu parameters train; %zu training tokens, %zu held out; %.1f MiB\n",
+        trainable, ot_gpt2_num_params(m), n_train, c.n_val, ot_gpt2_memory_bytes(m) / 1048576.0);
+    if (o->prox_mu > 0) fprintf(stderr, "[tune] FedProx: + (%g/2) ||w - w_round||^2\n", o->prox_mu);
+    ot_lr_schedule sched = {o->lr, o->warmup, steps, OT_LR_CONSTANT, 0.0f};
+    ot_train_config tc = {steps,
+                          batch,
+                          T,
+                          sched,
+                          o->ckpt_every,
+                          save_state,
+                          &c,
+                          stderr,
+                          o->label ? o->label : "tune",
+                          on_step,
+                          o->prox_mu > 0 ? prox_loss_step : NULL};
+    ot_train_result tr;
+    if (start >= steps) {
+      fprintf(stderr, "[tune] %s already has %d steps; nothing to do\n", o->out, start);
+      res.steps_done = start;
+    } else {
+      rc = ot_train(m, opt, &bt, &tc, start, &tr);
+      if (rc == OT_OK) {
+        res.trained = 1;
+        res.steps_done = tr.steps_done;
+        res.last_loss = tr.last_loss;
+        res.mean_loss = tr.mean_loss;
+        res.tokens_per_s = tr.tokens_per_s;
+        res.seconds = tr.seconds;
+        res.last_val = c.last_val;
+        res.tokens = (uint64_t)(tr.steps_done - start) * (uint64_t)batch * (uint64_t)T;
+      }
+    }
+  }
+  free(c.best_w.host);
+  free(c.init_w.host);
+  free(c.host_w);
+  free(c.host_g);
+  ot_optimizer_free(opt);
+  ot_tokens_free(&toks);
+  ot_tokenizer_free(tok);
+  ot_gpt2_free(m);
+  ot_backend_free(be);
+  if (rc) {
+    out->what = res.what;
+    return rc;
+  }
+  *out = res;
+  return OT_OK;
+}

@@ -1,0 +1,50 @@
+/* The device's local trainer, shared by `offtune-device tune` (offline) and
+ * `offtune-device run` (one call per session round): only the adapter trains on the
+ * emulator; the data stays in this process. */
+#ifndef OT_DEVICE_TRAIN_H
+#define OT_DEVICE_TRAIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "ot_adapter.h"
+
+typedef struct {
+  const char *emulator;     /* emulator package directory */
+  const char *init_adapter; /* start from this adapter (same kind and settings); NULL: fresh */
+  ot_adapter_config adapter;
+  const char *text, *tokens; /* exactly one: private text or token ids */
+  const char *out;           /* adapter directory written (plus train_state/) */
+  int steps, batch, seq_len; /* seq_len 0: n_positions */
+  float lr, weight_decay, grad_clip;
+  int warmup, eval_every, patience, ckpt_every, resume;
+  /* FedProx (Li et al. 2020): the loss gets (mu/2) ||w - w_init||^2 over the adapter's
+   * tensors, w_init = the adapter the round started from; 0 = off. */
+  float prox_mu;
+  uint64_t data_offset_steps; /* the batches start where this many earlier steps left off */
+  const char *backend;        /* "cpu" (default) or "cuda" */
+  int threads;
+  const char *label; /* progress bar label (default "tune") */
+} ot_dev_train_opts;
+
+void ot_dev_train_opts_default(ot_dev_train_opts *o);
+
+typedef struct {
+  int start, steps_done, trained; /* trained = 0: the snapshot already had every step */
+  float last_loss;
+  double mean_loss, tokens_per_s, seconds;
+  double last_val; /* held-out loss (eval_every) */
+  uint64_t tokens; /* tokens trained on by this call: steps x batch x seq_len */
+  size_t n_train, n_val;
+  const char *what; /* on failure: the phase that failed ("loading the emulator", ...) */
+} ot_dev_train_result;
+
+/* Loads an emulator package on a fresh backend ("cpu" or "cuda"; threads 0 = all). */
+int ot_dev_load_emulator(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
+                         ot_tokenizer **tok, ot_emu_plan *plan);
+
+/* Trains and writes the adapter to o->out. Progress bar and notes on stderr. */
+int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *res);
+
+#endif

@@ -1,0 +1,87 @@
+/* Shared by the CUDA backend's translation units: the context, error capture, the
+ * row-major GEMM wrapper and the entry points of the attention and LoRA files. */
+#ifndef OT_CUDA_INTERNAL_H
+#define OT_CUDA_INTERNAL_H
+
+#ifdef OT_CUDA_EMU /* tests/cuda_emu: the same sources run on the CPU, for checks without a GPU */
+#include "cuda_emu.h"
+#define OT_EXTERN_SHARED(T, name) T *name = (T *)ot_emu_dynamic_smem()
+#else
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#define OT_EXTERN_SHARED(T, name) extern __shared__ T name[]
+#endif
+#include <stddef.h>
+#include <stdint.h>
+
+extern "C" {
+#include "ot_backend.h"
+#include "ot_error.h"
+}
+
+typedef struct {
+  int device;
+  unsigned flags;
+  cudaStream_t stream;
+  cublasHandle_t blas;
+  cublasLtHandle_t lt;
+  void *lt_ws; /* cuBLASLt workspace */
+  size_t lt_ws_bytes;
+  cublasComputeType_t compute; /* fp32, or fp32 with bf16 tensor-core inputs */
+  double *sumsq_dev;           /* one double for sumsq's reduction */
+  void *meta_dev;              /* SGMV segment table (grown on demand) */
+  size_t meta_bytes;
+  void *meta_host;
+  int n_sm;
+  /* first error since the last sync: ops cannot return one */
+  int err;
+  char err_msg[256];
+} ot_cuda_ctx;
+
+static inline ot_cuda_ctx *ot_cuda(ot_backend *be) { return (ot_cuda_ctx *)be->ctx; }
+
+/* Record the first failure (ops); sync/download report it. */
+void ot_cuda_note(ot_cuda_ctx *c, cudaError_t e, const char *what);
+void ot_cuda_note_blas(ot_cuda_ctx *c, cublasStatus_t s, const char *what);
+#define OT_CUDA_LAUNCHED(c, what) ot_cuda_note((c), cudaGetLastError(), (what))
+
+/* cblas_sgemm(CblasRowMajor, ...) on the backend's stream: C = alpha op(A) op(B) + beta C. */
+void ot_cuda_gemm(ot_cuda_ctx *c, int transA, int transB, int M, int N, int K, float alpha, const float *A,
+                  int lda, const float *B, int ldb, float beta, float *C, int ldc);
+
+/* Grid size for grid-stride loops over n elements. */
+static inline unsigned ot_cuda_grid(ot_cuda_ctx *c, size_t n, int block) {
+  size_t g = (n + block - 1) / block, cap = (size_t)c->n_sm * 32;
+  if (g > cap) g = cap;
+  return g ? (unsigned)g : 1u;
+}
+
+/* ot_cuda_attention.cu */
+void ot_cuda_attention_fwd(ot_backend *be, float *out, float *att, const float *qkv, int B, int T, int C,
+                           int NH);
+void ot_cuda_attention_bwd(ot_backend *be, float *dqkv, float *datt, const float *dout, const float *qkv,
+                           const float *att, int B, int T, int C, int NH);
+size_t ot_cuda_attention_state(ot_backend *be, int B, int T, int C, int NH);
+
+/* ot_cuda_lora.cu */
+void ot_cuda_lora_fwd(ot_backend *be, float *out, float *t, float *xd, const float *x, const float *A,
+                      const float *B, int N, int IN, int OUT, int r, float scale, float p, uint64_t seed);
+void ot_cuda_lora_bwd(ot_backend *be, float *dx, float *dA, float *dB, float *dt, float *xd,
+                      const float *dout, const float *x, const float *t, const float *A, const float *B,
+                      int N, int IN, int OUT, int r, float scale, float p, uint64_t seed);
+void ot_cuda_lora_sgmv(ot_backend *be, float *out, float *t, const float *x, int n_seg, const int32_t *seg,
+                       const float *const *A, const float *const *B, const float *scale, int IN, int OUT,
+                       int r);
+
+/* warp / block reductions (blockDim.x a multiple of 32) */
+static __device__ __forceinline__ float ot_warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+static __device__ __forceinline__ float ot_warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+#endif

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# A whole federated session on loopback: the cloud daemon, three devices each holding a
+# different private Brown genre (romance, mystery, humor; training part), a few rounds,
+# the published adapter. Prints where the adapter and the logs are.
+#
+#   bash scripts/session_demo.sh [MODEL_DIR [WORK_DIR]]     (default model: models/brown-8x128)
+#
+# Settings (environment): OT_DEMO_ROUNDS (3), OT_DEMO_STEPS local steps per round (30),
+# OT_DEMO_BATCH (8), OT_DEMO_SEQ (0 = the model's context), OT_DEMO_LR (1e-3),
+# OT_DEMO_ADAPTER (offsite), OT_DEMO_AGG (fedavg), OT_DEMO_DISTILL_STEPS (200),
+# OT_DEMO_BOTTOM / OT_DEMO_TOP adapter blocks (2 / 2), OT_DEMO_KEEP (0 = half of the middle), OT_DEMO_DEADLINE seconds (600),
+# OT_DEMO_THREADS CPU threads per device (1), OT_DEMO_BACKEND (cpu).
+# Needs a build (scripts/build.sh). Everything it starts is stopped on exit.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+model=$(cd "${1:-$here/models/brown-8x128}" && pwd)
+work=${2:-$here/build/session-demo}
+cloud=$here/build/cloud/offtune-cloud
+device=$here/build/device/offtune-device
+[ -x "$cloud" ] && [ -x "$device" ] || { echo "build first: bash scripts/build.sh" >&2; exit 1; }
+rounds=${OT_DEMO_ROUNDS:-3}
+steps=${OT_DEMO_STEPS:-30}
+genres=(romance mystery humor)
+
+rm -rf "$work"
+mkdir -p "$work"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+echo "== private data: one Brown genre per device (training documents) =="
+for g in "${genres[@]}"; do
+  "$cloud" corpus --genres "$g" --part train --out "$work/private-$g.txt"
+  echo "  $g: $(wc -c < "$work/private-$g.txt") bytes in $work/private-$g.txt"
+done
+
+echo "== starting the cloud daemon =="
+"$cloud" serve --state "$work/cloud" --listen tcp://127.0.0.1:0 --model "base=$model" > "$work/cloud.log" 2>&1 &
+daemon=$!
+pids+=("$daemon")
+for _ in $(seq 200); do [ -S "$work/cloud/control.sock" ] && [ -f "$work/cloud/cloud.json" ] && break; sleep 0.1; done
+[ -S "$work/cloud/control.sock" ] || { cat "$work/cloud.log" >&2; exit 1; }
+url=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["url"])' "$work/cloud/cloud.json")
+fp=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["fingerprint"])' "$work/cloud/cloud.json")
+echo "  $url, key $fp; log $work/cloud.log"
+
+echo "== creating the session (the daemon distils the emulator first) =="
+"$cloud" session create --state "$work/cloud" --name demo --model base --rounds "$rounds" --steps "$steps" \
+  --batch "${OT_DEMO_BATCH:-8}" --seq-len "${OT_DEMO_SEQ:-0}" --lr "${OT_DEMO_LR:-1e-3}" \
+  --adapter "${OT_DEMO_ADAPTER:-offsite}" --aggregation "${OT_DEMO_AGG:-fedavg}" \
+  --distill-steps "${OT_DEMO_DISTILL_STEPS:-200}" --keep "${OT_DEMO_KEEP:-0}" \
+  --bottom "${OT_DEMO_BOTTOM:-2}" --top "${OT_DEMO_TOP:-2}" \
+  --min-devices 2 --max-devices 3 --deadline "${OT_DEMO_DEADLINE:-600}"
+
+echo "== enrolling three devices with one-time tokens =="
+for g in "${genres[@]}"; do
+  token=$("$cloud" token issue --state "$work/cloud" --label "$g")
+  "$device" join --cloud "$url" --cloud-key "$fp" --token "$token" --state "$work/device-$g" --name "$g"
+done
+
+echo "== running the devices (logs: $work/device-*.log; progress of the first below) =="
+dev_pids=()
+for g in "${genres[@]}"; do
+  OMP_NUM_THREADS=${OT_DEMO_THREADS:-1} "$device" run --data "$work/private-$g.txt" --state "$work/device-$g" \
+    --session demo --threads "${OT_DEMO_THREADS:-1}" --backend "${OT_DEMO_BACKEND:-cpu}" > "$work/device-$g.log" 2>&1 &
+  dev_pids+=("$!")
+  pids+=("$!")
+done
+tail -f "$work/device-${genres[0]}.log" --pid "${dev_pids[0]}" 2>/dev/null | grep --line-buffered -E '^\[run\]' || true
+fail=0
+for i in "${!dev_pids[@]}"; do
+  if ! wait "${dev_pids[$i]}"; then
+    echo "device ${genres[$i]} failed; its log:" >&2
+    tail -n 20 "$work/device-${genres[$i]}.log" >&2
+    fail=1
+  fi
+done
+
+for _ in $(seq 100); do
+  state=$("$cloud" session show demo --state "$work/cloud" --json |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["session"]["state"])')
+  [ "$state" = done ] || [ "$state" = failed ] && break
+  sleep 0.2
+done
+echo "== the session =="
+"$cloud" session show demo --state "$work/cloud"
+adapter=$("$cloud" adapter list --state "$work/cloud" --json |
+  python3 -c 'import json,sys; print(next((a["dir"] for a in json.load(sys.stdin)["adapters"] if a["name"] == "demo"), ""))')
+emulator=$("$cloud" session show demo --state "$work/cloud" --json |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["session"]["emulator"] or "")')
+kill "$daemon"
+wait "$daemon" 2>/dev/null || true
+[ "$state" = done ] && [ -n "$adapter" ] && [ "$fail" = 0 ] || { echo "the session did not finish ($state)" >&2; exit 1; }
+echo
+echo "published adapter 'demo': $adapter"
+echo "emulator package:         $emulator"
+echo "cloud state and logs:     $work/cloud, $work/cloud.log, $work/device-*.log"
+echo "try: $cloud eval --model $model --adapter $adapter --text <held-out text>"

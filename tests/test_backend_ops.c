@@ -1,0 +1,668 @@
+/* Every backend against the CPU reference, op by op, at several shapes (odd sizes that
+ * are not multiples of any tile), and a few GPT-2 training steps. Without a GPU the
+ * CUDA cases skip visibly; what runs everywhere: clean CUDA failure and CPU fallback,
+ * the SGMV op against a naive loop, and the whole harness with the CPU at 1 thread
+ * against the CPU at 2 (results must not depend on the thread count).
+ *
+ * Tolerances (||dut - ref|| / ||ref|| per output tensor):
+ *   pointwise ops 1e-5; row reductions (layernorm, softmax, KD, attention, column sums,
+ *   scatter-adds) 5e-5; cuBLAS-based ops (matmul, LoRA) 1e-4 in fp32, 3e-2 in bf16 (8-bit
+ *   mantissa inputs, fp32 accumulation). Training losses: 1e-4 fp32, 5e-3 bf16. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ot_backend.h"
+#include "ot_error.h"
+#include "ot_gpt2.h"
+#include "ot_optim.h"
+#include "ot_test_util.h"
+
+enum { POINT, REDUCE, GEMM };
+
+/* test_backend_ops_emu: the same tests with the CUDA sources on tests/cuda_emu */
+#ifdef OT_CUDA_EMULATED
+#define EMU " [CPU emulation]"
+#else
+#define EMU ""
+#endif
+
+typedef struct {
+  const char *name;
+  ot_backend *be;
+  int bf16;
+} dut;
+
+static ot_backend *ref;
+static char cuda_why[512];
+
+/* ---- a run: inputs generated identically on any backend, outputs fetched to the host ---- */
+
+#define MAXB 24
+typedef struct {
+  ot_backend *be;
+  uint64_t seed;
+  void *bufs[MAXB];
+  int nb;
+  float *out[8];
+  size_t nout[8];
+  const char *oname[8];
+  int ocls[8];
+  int no;
+} run;
+
+static float urand(uint64_t *s) {
+  return (float)((ot_mix64((*s)++) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+}
+
+static void *dev_from(run *r, const void *host, size_t bytes) {
+  void *p;
+  assert_int_equal(r->be->ops->alloc(r->be, bytes, &p), 0);
+  assert_int_equal(r->be->ops->upload(r->be, p, host, bytes), 0);
+  assert_true(r->nb < MAXB);
+  r->bufs[r->nb++] = p;
+  return p;
+}
+
+/* n floats uniform in [-a, a] (a shifted by `lo`: [lo - a, lo + a]) */
+static float *in_rand(run *r, size_t n, float a, float lo) {
+  float *h = malloc((n ? n : 1) * sizeof(float));
+  for (size_t i = 0; i < n; i++) h[i] = lo + a * urand(&r->seed);
+  float *d = dev_from(r, h, (n ? n : 1) * sizeof(float));
+  free(h);
+  return d;
+}
+
+/* tokens in [0, V); with neg, about one in five is -1 (ignored target) */
+static int32_t *in_tokens(run *r, size_t n, int V, int neg) {
+  int32_t *h = malloc(n * sizeof(int32_t));
+  for (size_t i = 0; i < n; i++) {
+    uint64_t u = ot_mix64(r->seed++);
+    h[i] = neg && u % 5 == 0 ? -1 : (int32_t)((u >> 8) % (uint64_t)V);
+  }
+  int32_t *d = dev_from(r, h, n * sizeof(int32_t));
+  free(h);
+  return d;
+}
+
+static void out_f(run *r, const char *name, int cls, const float *dev, size_t n) {
+  assert_true(r->no < 8);
+  float *h = malloc((n ? n : 1) * sizeof(float));
+  int rc = r->be->ops->download(r->be, h, dev, n * sizeof(float));
+  if (rc) fail_msg("%s: download of %s: %s", r->be->ops->name, name, ot_error_detail());
+  r->out[r->no] = h;
+  r->nout[r->no] = n;
+  r->oname[r->no] = name;
+  r->ocls[r->no++] = cls;
+}
+
+static void run_free(run *r) {
+  for (int i = 0; i < r->nb; i++) r->be->ops->free(r->be, r->bufs[i]);
+  for (int i = 0; i < r->no; i++) free(r->out[i]);
+}
+
+typedef void (*case_fn)(run *r, const int *d);
+
+/* ---- the ops ------------------------------------------------------------------------ */
+
+static void c_encoder_fwd(run *r, const int *d) { /* B T C V */
+  int B = d[0], T = d[1], C = d[2], V = d[3];
+  int32_t *tok = in_tokens(r, (size_t)B * T, V, 0);
+  float *wte = in_rand(r, (size_t)V * C, 1, 0), *wpe = in_rand(r, (size_t)T * C, 1, 0);
+  float *out = in_rand(r, (size_t)B * T * C, 1, 0);
+  r->be->ops->encoder_fwd(r->be, out, tok, wte, wpe, B, T, C);
+  out_f(r, "out", POINT, out, (size_t)B * T * C);
+}
+
+static void c_encoder_bwd(run *r, const int *d) { /* B T C V mask(1 dwte, 2 dwpe) */
+  int B = d[0], T = d[1], C = d[2], V = d[3], mask = d[4];
+  int32_t *tok = in_tokens(r, (size_t)B * T, V, 0);
+  float *dout = in_rand(r, (size_t)B * T * C, 1, 0);
+  float *dwte = in_rand(r, (size_t)V * C, 1, 0), *dwpe = in_rand(r, (size_t)T * C, 1, 0);
+  r->be->ops->encoder_bwd(r->be, mask & 1 ? dwte : NULL, mask & 2 ? dwpe : NULL, dout, tok, B, T, C);
+  out_f(r, "dwte", REDUCE, dwte, (size_t)V * C);
+  out_f(r, "dwpe", REDUCE, dwpe, (size_t)T * C);
+}
+
+static void c_layernorm_fwd(run *r, const int *d) { /* N C */
+  int N = d[0], C = d[1];
+  float *x = in_rand(r, (size_t)N * C, 2, 0.5f), *w = in_rand(r, C, 1, 1), *b = in_rand(r, C, 1, 0);
+  float *out = in_rand(r, (size_t)N * C, 1, 0), *mean = in_rand(r, N, 1, 0), *rstd = in_rand(r, N, 1, 0);
+  r->be->ops->layernorm_fwd(r->be, out, mean, rstd, x, w, b, N, C, 1e-5f);
+  out_f(r, "out", REDUCE, out, (size_t)N * C);
+  out_f(r, "mean", REDUCE, mean, N);
+  out_f(r, "rstd", REDUCE, rstd, N);
+}
+
+static void c_layernorm_bwd(run *r, const int *d) { /* N C mask(1 dinp, 2 dw, 4 db) */
+  int N = d[0], C = d[1], mask = d[2];
+  float *x = in_rand(r, (size_t)N * C, 2, 0.5f), *w = in_rand(r, C, 1, 1), *b = in_rand(r, C, 1, 0);
+  float *out = in_rand(r, (size_t)N * C, 1, 0), *mean = in_rand(r, N, 1, 0), *rstd = in_rand(r, N, 1, 0);
+  float *dout = in_rand(r, (size_t)N * C, 1, 0), *dinp = in_rand(r, (size_t)N * C, 1, 0);
+  float *dw = in_rand(r, C, 1, 0), *db = in_rand(r, C, 1, 0);
+  r->be->ops->layernorm_fwd(r->be, out, mean, rstd, x, w, b, N, C, 1e-5f);
+  r->be->ops->layernorm_bwd(r->be, mask & 1 ? dinp : NULL, mask & 2 ? dw : NULL, mask & 4 ? db : NULL, dout,
+                            x, w, mean, rstd, N, C);
+  out_f(r, "dinp", REDUCE, dinp, (size_t)N * C);
+  out_f(r, "dw", REDUCE, dw, C);
+  out_f(r, "db", REDUCE, db, C);
+}
+
+static void c_matmul_fwd(run *r, const int *d) { /* N IN OUT layout bias */
+  int N = d[0], IN = d[1], OUT = d[2];
+  float *x = in_rand(r, (size_t)N * IN, 1, 0), *w = in_rand(r, (size_t)IN * OUT, 1, 0);
+  float *b = d[4] ? in_rand(r, OUT, 1, 0) : NULL, *out = in_rand(r, (size_t)N * OUT, 1, 0);
+  r->be->ops->matmul_fwd(r->be, out, x, w, b, N, IN, OUT, (ot_wlayout)d[3]);
+  out_f(r, "out", GEMM, out, (size_t)N * OUT);
+}
+
+static void c_matmul_bwd(run *r, const int *d) { /* N IN OUT layout mask(1 dinp, 2 dw, 4 dbias) */
+  int N = d[0], IN = d[1], OUT = d[2], mask = d[4];
+  float *x = in_rand(r, (size_t)N * IN, 1, 0), *w = in_rand(r, (size_t)IN * OUT, 1, 0);
+  float *dout = in_rand(r, (size_t)N * OUT, 1, 0), *dinp = in_rand(r, (size_t)N * IN, 1, 0);
+  float *dw = in_rand(r, (size_t)IN * OUT, 1, 0), *db = in_rand(r, OUT, 1, 0);
+  r->be->ops->matmul_bwd(r->be, mask & 1 ? dinp : NULL, mask & 2 ? dw : NULL, mask & 4 ? db : NULL, dout, x,
+                         w, N, IN, OUT, (ot_wlayout)d[3]);
+  out_f(r, "dinp", GEMM, dinp, (size_t)N * IN);
+  out_f(r, "dw", GEMM, dw, (size_t)IN * OUT);
+  out_f(r, "dbias", REDUCE, db, OUT);
+}
+
+static size_t att_floats(ot_backend *be, int B, int T, int C, int NH) {
+  return be->ops->attention_state ? be->ops->attention_state(be, B, T, C, NH) : (size_t)B * NH * T * T;
+}
+
+static void c_attention(run *r, const int *d) { /* B T C NH */
+  int B = d[0], T = d[1], C = d[2], NH = d[3];
+  size_t N = (size_t)B * T, na = att_floats(r->be, B, T, C, NH);
+  float *qkv = in_rand(r, N * 3 * C, 1.5f, 0), *out = in_rand(r, N * C, 1, 0);
+  float *dout = in_rand(r, N * C, 1, 0), *dqkv = in_rand(r, N * 3 * C, 1, 0);
+  /* sizes differ between backends: drawn last, so the inputs above are the same */
+  float *att = in_rand(r, na, 1, 0), *datt = in_rand(r, na, 1, 0);
+  r->be->ops->attention_fwd(r->be, out, att, qkv, B, T, C, NH);
+  r->be->ops->attention_bwd(r->be, dqkv, datt, dout, qkv, att, B, T, C, NH);
+  out_f(r, "out", REDUCE, out, N * C);
+  out_f(r, "dqkv", REDUCE, dqkv, N * 3 * C);
+  /* probabilities only where the backend keeps them (probed at T = 2: a log-sum-exp
+   * backend needs 2 floats per head there, probabilities 4) */
+  if (att_floats(r->be, 1, 2, C, NH) == (size_t)4 * NH) out_f(r, "att", REDUCE, att, na);
+}
+
+static void c_gelu(run *r, const int *d) { /* n */
+  size_t n = (size_t)d[0];
+  float *x = in_rand(r, n, 4, 0), *out = in_rand(r, n, 1, 0), *dout = in_rand(r, n, 1, 0);
+  float *dx = in_rand(r, n, 1, 0);
+  r->be->ops->gelu_fwd(r->be, out, x, n);
+  r->be->ops->gelu_bwd(r->be, dx, x, dout, n);
+  out_f(r, "out", POINT, out, n);
+  out_f(r, "dinp", POINT, dx, n);
+}
+
+static void c_add_scale(run *r, const int *d) { /* n */
+  size_t n = (size_t)d[0];
+  float *a = in_rand(r, n, 1, 0), *b = in_rand(r, n, 1, 0), *out = in_rand(r, n, 1, 0);
+  r->be->ops->add(r->be, out, a, b, n);
+  r->be->ops->scale(r->be, a, -0.37f, n);
+  out_f(r, "add", POINT, out, n);
+  out_f(r, "scale", POINT, a, n);
+  float s = (float)r->be->ops->sumsq(r->be, b, n);
+  assert_int_equal(r->be->ops->sync(r->be), 0);
+  float *h = malloc(sizeof(float));
+  *h = s;
+  r->out[r->no] = h;
+  r->nout[r->no] = 1;
+  r->oname[r->no] = "sumsq";
+  r->ocls[r->no++] = REDUCE;
+}
+
+static void c_crossentropy(run *r, const int *d) { /* N V alias */
+  int N = d[0], V = d[1], alias = d[2];
+  size_t n = (size_t)N * V;
+  float *logits = in_rand(r, n, 5, 0), *probs = alias ? logits : in_rand(r, n, 1, 0);
+  float *losses = in_rand(r, N, 1, 0), *dl = alias ? logits : in_rand(r, n, 1, 0);
+  int32_t *tg = in_tokens(r, N, V, 1);
+  r->be->ops->crossentropy_fwd(r->be, losses, probs, logits, tg, N, V);
+  out_f(r, "losses", REDUCE, losses, N);
+  out_f(r, "probs", REDUCE, probs, n);
+  r->be->ops->crossentropy_bwd(r->be, dl, probs, tg, 0.3f, N, V);
+  out_f(r, "dlogits", REDUCE, dl, n);
+}
+
+static void c_kd(run *r, const int *d) { /* N C */
+  int N = d[0], C = d[1];
+  size_t n = (size_t)N * C;
+  float *s = in_rand(r, n, 1, 0), *t = in_rand(r, n, 2, 0.1f), *l = in_rand(r, N, 1, 0),
+        *ds = in_rand(r, n, 1, 0);
+  r->be->ops->kd_fwd(r->be, l, s, t, N, C, 1e-6f);
+  r->be->ops->kd_bwd(r->be, ds, s, t, 0.25f, N, C, 1e-6f);
+  out_f(r, "losses", REDUCE, l, N);
+  out_f(r, "ds", REDUCE, ds, n);
+}
+
+static void c_lora(run *r, const int *d) { /* N IN OUT r p*100 mask(1 dx, 2 dA, 4 dB) */
+  int N = d[0], IN = d[1], OUT = d[2], R = d[3], mask = d[5];
+  float p = (float)d[4] / 100.0f, sc = 2.0f;
+  uint64_t seed = 0x5eed;
+  float *x = in_rand(r, (size_t)N * IN, 1, 0), *A = in_rand(r, (size_t)R * IN, 1, 0);
+  float *Bm = in_rand(r, (size_t)OUT * R, 1, 0), *out = in_rand(r, (size_t)N * OUT, 1, 0);
+  float *t = in_rand(r, (size_t)N * R, 1, 0), *xd = in_rand(r, (size_t)N * IN, 1, 0);
+  float *dout = in_rand(r, (size_t)N * OUT, 1, 0), *dx = in_rand(r, (size_t)N * IN, 1, 0);
+  float *dA = in_rand(r, (size_t)R * IN, 1, 0), *dB = in_rand(r, (size_t)OUT * R, 1, 0);
+  float *dt = in_rand(r, (size_t)N * R, 1, 0);
+  r->be->ops->lora_fwd(r->be, out, t, xd, x, A, Bm, N, IN, OUT, R, sc, p, seed);
+  out_f(r, "out", GEMM, out, (size_t)N * OUT);
+  out_f(r, "t", GEMM, t, (size_t)N * R);
+  r->be->ops->lora_bwd(r->be, mask & 1 ? dx : NULL, mask & 2 ? dA : NULL, mask & 4 ? dB : NULL, dt, xd, dout,
+                       x, t, A, Bm, N, IN, OUT, R, sc, p, seed);
+  out_f(r, "dx", GEMM, dx, (size_t)N * IN);
+  out_f(r, "dA", GEMM, dA, (size_t)R * IN);
+  out_f(r, "dB", GEMM, dB, (size_t)OUT * R);
+}
+
+static void c_adamw(run *r, const int *d) { /* n t */
+  size_t n = (size_t)d[0];
+  float *p = in_rand(r, n, 1, 0), *g = in_rand(r, n, 1, 0), *m = in_rand(r, n, 0.1f, 0);
+  float *v = in_rand(r, n, 0.01f, 0.011f);
+  r->be->ops->adamw(r->be, p, g, m, v, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f, d[1]);
+  out_f(r, "p", POINT, p, n);
+  out_f(r, "g", POINT, g, n);
+  out_f(r, "m", POINT, m, n);
+  out_f(r, "v", POINT, v, n);
+}
+
+static void c_sgd(run *r, const int *d) { /* n momentum*100 first_step */
+  size_t n = (size_t)d[0];
+  float mom = (float)d[1] / 100.0f;
+  float *p = in_rand(r, n, 1, 0), *g = in_rand(r, n, 1, 0), *buf = in_rand(r, n, 1, 0);
+  r->be->ops->sgd(r->be, p, g, mom != 0.0f ? buf : NULL, n, 0.05f, mom, 0.01f, d[2]);
+  out_f(r, "p", POINT, p, n);
+  out_f(r, "g", POINT, g, n);
+  out_f(r, "buf", POINT, buf, n);
+}
+
+/* segments from d: IN OUT r, then n_seg sizes (a negative size: a base-model segment) */
+static void c_sgmv(run *r, const int *d) { /* IN OUT r n_seg size... */
+  int IN = d[0], OUT = d[1], R = d[2], ns = d[3];
+  int32_t seg[9] = {0};
+  const float *A[8], *B[8];
+  float scale[8];
+  for (int s = 0; s < ns; s++) seg[s + 1] = seg[s] + abs(d[4 + s]);
+  int N = seg[ns];
+  for (int s = 0; s < ns; s++) {
+    A[s] = d[4 + s] < 0 ? NULL : in_rand(r, (size_t)R * IN, 1, 0);
+    B[s] = d[4 + s] < 0 ? NULL : in_rand(r, (size_t)OUT * R, 1, 0);
+    scale[s] = 0.5f + (float)s;
+  }
+  float *x = in_rand(r, (size_t)N * IN, 1, 0), *out = in_rand(r, (size_t)N * OUT, 1, 0);
+  float *t = in_rand(r, (size_t)N * R, 1, 0);
+  r->be->ops->lora_sgmv(r->be, out, t, x, ns, seg, A, B, scale, IN, OUT, R);
+  out_f(r, "out", GEMM, out, (size_t)N * OUT);
+  out_f(r, "t", GEMM, t, (size_t)N * R);
+}
+
+typedef struct {
+  const char *op;
+  case_fn fn;
+  int d[10];
+} op_case;
+
+static const op_case cases[] = {
+    {"encoder_fwd", c_encoder_fwd, {2, 5, 24, 50}},
+    {"encoder_fwd", c_encoder_fwd, {3, 17, 77, 300}},
+    {"encoder_bwd", c_encoder_bwd, {2, 5, 24, 7, 3}},
+    {"encoder_bwd", c_encoder_bwd, {3, 17, 77, 11, 3}},
+    {"encoder_bwd", c_encoder_bwd, {3, 17, 77, 11, 2}},
+    {"layernorm_fwd", c_layernorm_fwd, {1, 8}},
+    {"layernorm_fwd", c_layernorm_fwd, {37, 77}},
+    {"layernorm_fwd", c_layernorm_fwd, {64, 768}},
+    {"layernorm_bwd", c_layernorm_bwd, {1, 8, 7}},
+    {"layernorm_bwd", c_layernorm_bwd, {37, 77, 7}},
+    {"layernorm_bwd", c_layernorm_bwd, {300, 768, 6}},
+    {"layernorm_bwd", c_layernorm_bwd, {37, 77, 1}},
+    {"layernorm_bwd", c_layernorm_bwd, {600, 40, 7}}, /* column sums split over blocks */
+    {"matmul_fwd", c_matmul_fwd, {1, 3, 5, OT_W_IN_OUT, 1}},
+    {"matmul_fwd", c_matmul_fwd, {37, 77, 129, OT_W_IN_OUT, 1}},
+    {"matmul_fwd", c_matmul_fwd, {37, 77, 129, OT_W_OUT_IN, 0}},
+    {"matmul_fwd", c_matmul_fwd, {64, 256, 192, OT_W_OUT_IN, 1}},
+    {"matmul_fwd", c_matmul_fwd, {130, 65, 33, OT_W_IN_OUT, 0}},
+    {"matmul_bwd", c_matmul_bwd, {1, 3, 5, OT_W_IN_OUT, 7}},
+    {"matmul_bwd", c_matmul_bwd, {37, 77, 129, OT_W_IN_OUT, 7}},
+    {"matmul_bwd", c_matmul_bwd, {37, 77, 129, OT_W_OUT_IN, 7}},
+    {"matmul_bwd", c_matmul_bwd, {130, 65, 33, OT_W_OUT_IN, 2}},
+    {"matmul_bwd", c_matmul_bwd, {130, 65, 33, OT_W_IN_OUT, 5}},
+    {"matmul_bwd", c_matmul_bwd, {520, 16, 20, OT_W_IN_OUT, 7}},
+    {"attention", c_attention, {1, 1, 8, 2}},
+    {"attention", c_attention, {2, 17, 48, 3}},  /* head size 16 */
+    {"attention", c_attention, {2, 33, 64, 2}},  /* 32 */
+    {"attention", c_attention, {2, 70, 128, 2}}, /* 64, T over two tiles */
+    {"attention", c_attention, {1, 37, 256, 2}}, /* 128 */
+    {"attention", c_attention, {1, 9, 320, 2}},  /* 160: beyond the fused kernel */
+    {"attention", c_attention, {1, 129, 96, 3}}, /* 32, many tiles */
+    {"gelu", c_gelu, {1}},
+    {"gelu", c_gelu, {4099}},
+    {"add/scale/sumsq", c_add_scale, {1}},
+    {"add/scale/sumsq", c_add_scale, {10007}},
+    {"crossentropy", c_crossentropy, {3, 5, 0}},
+    {"crossentropy", c_crossentropy, {17, 1000, 0}},
+    {"crossentropy", c_crossentropy, {4, 50257, 1}},
+    {"kd", c_kd, {1, 7}},
+    {"kd", c_kd, {33, 300}},
+    {"lora", c_lora, {5, 16, 24, 4, 0, 7}},
+    {"lora", c_lora, {37, 77, 129, 8, 10, 7}},
+    {"lora", c_lora, {37, 77, 129, 8, 10, 4}},
+    {"lora", c_lora, {37, 77, 129, 3, 0, 3}},
+    {"adamw", c_adamw, {1, 1}},
+    {"adamw", c_adamw, {4097, 5}},
+    {"sgd", c_sgd, {1000, 90, 1}},
+    {"sgd", c_sgd, {1000, 90, 0}},
+    {"sgd", c_sgd, {1000, 0, 0}},
+    {"lora_sgmv", c_sgmv, {16, 24, 4, 1, 5}},
+    {"lora_sgmv", c_sgmv, {77, 129, 8, 5, 3, 0, 7, -4, 1}},
+    {"lora_sgmv", c_sgmv, {96, 33, 16, 4, -2, 9, 0, 30}},
+};
+
+static double tolerance(int cls, int bf16) {
+  if (cls == POINT) return 1e-5;
+  if (cls == REDUCE) return 5e-5;
+  return bf16 ? 3e-2 : 1e-4;
+}
+
+/* Runs every case on the reference and on `d`; fails on the first output out of tolerance. */
+static void compare_all(const dut *d) {
+  double worst[3] = {0, 0, 0};
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+    const op_case *c = &cases[k];
+    run a = {.be = ref, .seed = 1000 + k}, b = {.be = d->be, .seed = 1000 + k};
+    c->fn(&a, c->d);
+    c->fn(&b, c->d);
+    assert_int_equal(b.be->ops->sync(b.be), 0);
+    /* a backend with fused attention has no probabilities to compare (always the last output) */
+    int n = a.no < b.no ? a.no : b.no;
+    if (a.no != b.no) assert_string_equal((a.no > b.no ? a.oname : b.oname)[n], "att");
+    for (int i = 0; i < n; i++) {
+      double e = ot_test_rel_err(b.out[i], a.out[i], a.nout[i]), tol = tolerance(a.ocls[i], d->bf16);
+      if (e > worst[a.ocls[i]]) worst[a.ocls[i]] = e;
+      if (!(e <= tol)) {
+        for (size_t j = 0; j < a.nout[i]; j++)
+          if (fabsf(b.out[i][j] - a.out[i][j]) > 1e-3f + 1e-3f * fabsf(a.out[i][j])) {
+            printf("first mismatch of %s at [%zu]: %g, cpu %g\n", a.oname[i], j, b.out[i][j], a.out[i][j]);
+            break;
+          }
+        fail_msg("%s vs cpu: %s case %zu (%d %d %d %d %d), output %s: relative error %.3g > %.0e", d->name,
+                 c->op, k, c->d[0], c->d[1], c->d[2], c->d[3], c->d[4], a.oname[i], e, tol);
+      }
+    }
+    run_free(&a);
+    run_free(&b);
+  }
+  printf("%s vs cpu: %zu cases; worst relative error pointwise %.2g, reductions %.2g, GEMM %.2g\n", d->name,
+         sizeof cases / sizeof cases[0], worst[POINT], worst[REDUCE], worst[GEMM]);
+}
+
+/* ---- tests that run everywhere ------------------------------------------------------- */
+
+static void test_cuda_create_fails_cleanly(void **state) {
+  (void)state;
+  ot_backend *be = (ot_backend *)&be; /* sentinel: must stay untouched on failure */
+  int rc = ot_backend_cuda_create(0, 0, &be);
+  if (rc == OT_OK) {
+    printf("a CUDA device is present: creation succeeded (%s)\n", be->ops->name);
+    assert_string_equal(be->ops->name, "cuda");
+    ot_backend_free(be);
+    return;
+  }
+  assert_int_equal(rc, OT_ERR_UNSUPPORTED);
+  assert_ptr_equal(be, (ot_backend *)&be);
+#ifdef OT_HAVE_CUDA
+  assert_memory_equal(ot_error_detail(), "no CUDA device: ", 16);
+#else
+  assert_non_null(strstr(ot_error_detail(), "no CUDA backend"));
+#endif
+  printf("CUDA backend creation fails cleanly: %s\n", ot_error_detail());
+  char why[512];
+  snprintf(why, sizeof why, "%s", ot_error_detail());
+  /* the generic entry point says the same, and the command path falls back to the CPU */
+  assert_int_equal(ot_backend_create(OT_BACKEND_CUDA, 1, &be), OT_ERR_UNSUPPORTED);
+  int fell_back = 0;
+  assert_int_equal(ot_backend_create_or_cpu(OT_BACKEND_CUDA, 1, &be, &fell_back), OT_OK);
+  assert_int_equal(fell_back, 1);
+  assert_string_equal(be->ops->name, "cpu");
+  assert_string_equal(ot_error_detail(), why);
+  ot_backend_free(be);
+  assert_int_equal(ot_backend_create_or_cpu(OT_BACKEND_CPU, 1, &be, &fell_back), OT_OK);
+  assert_int_equal(fell_back, 0);
+  ot_backend_free(be);
+}
+
+/* `--backend cuda` on a command: with no GPU a warning and the CPU's result; with one,
+ * the GPU's perplexity matching the CPU's. */
+static void test_cli_backend_cuda(void **state) {
+  (void)state;
+#ifdef OT_CUDA_EMULATED
+  printf("SKIP: the commands link the real backend library, not the emulation\n");
+  skip();
+#endif
+  char *dir = ot_test_tmpdir("backend_ops_cli");
+  char path[512];
+  snprintf(path, sizeof path, "%s/text.txt", dir);
+  FILE *f = fopen(path, "w");
+  assert_non_null(f);
+  fputs(
+      "The jury further said in term-end presentments that the City Executive Committee, which had over-all "
+      "charge of the election, deserves the praise and thanks of the City of Atlanta for the manner in which "
+      "the election was conducted.\n",
+      f);
+  fclose(f);
+  static char out_cpu[1 << 14], out_cuda[1 << 14];
+  const char *cmd =
+      "%s/cloud/offtune-cloud eval --model %s/models/brown-8x128 --text %s --json --backend %s 2>&1";
+  int rc = ot_test_run(out_cpu, sizeof out_cpu, cmd, ot_test_binary_dir(), ot_test_source_dir(), path, "cpu");
+  if (rc) fail_msg("eval --backend cpu: %s", out_cpu);
+  rc = ot_test_run(out_cuda, sizeof out_cuda, cmd, ot_test_binary_dir(), ot_test_source_dir(), path, "cuda");
+  if (rc) fail_msg("eval --backend cuda: %s", out_cuda);
+  double l_cpu = ot_test_json_number(strchr(out_cpu, '{'), "loss");
+  double l_cuda = ot_test_json_number(strchr(out_cuda, '{'), "loss");
+  ot_backend *be;
+  if (ot_backend_cuda_create(0, 0, &be) == OT_OK) {
+    ot_backend_free(be);
+    printf("eval loss: cpu %.6f, cuda %.6f\n", l_cpu, l_cuda);
+    assert_true(fabs(l_cuda - l_cpu) < 1e-4 * fabs(l_cpu));
+  } else {
+    const char *w = strstr(out_cuda, "warning: no CUDA");
+    if (!w) w = strstr(out_cuda, "warning: this build of offtune has no CUDA backend");
+    if (!w) fail_msg("no fallback warning in: %s", out_cuda);
+    printf("eval --backend cuda without a GPU: %.*s", (int)(strchr(w, '\n') - w + 1), w);
+    assert_true(l_cuda == l_cpu);
+  }
+  free(dir);
+}
+
+static void test_missing_op_is_an_error(void **state) {
+  (void)state;
+  assert_int_equal(OT_BACKEND_REQUIRE(ref, lora_sgmv), OT_OK);
+  assert_int_equal(OT_BACKEND_REQUIRE(ref, attention_state), OT_ERR_UNSUPPORTED); /* the CPU keeps full att */
+  assert_non_null(strstr(ot_error_detail(), "cpu backend does not implement the attention_state op"));
+}
+
+/* lora_sgmv against a naive double-precision loop, empty and base-model segments included */
+static void test_sgmv_cpu_reference(void **state) {
+  (void)state;
+  const int shapes[][10] = {
+      {16, 24, 4, 1, 5}, {77, 129, 8, 5, 3, 0, 7, -4, 1}, {96, 33, 16, 4, -2, 9, 0, 30}};
+  double worst = 0;
+  for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
+    const int *d = shapes[k];
+    int IN = d[0], OUT = d[1], R = d[2], ns = d[3];
+    run a = {.be = ref, .seed = 77 + k};
+    c_sgmv(&a, d);
+    /* regenerate the same inputs on the host, in the order c_sgmv drew them */
+    uint64_t s = 77 + k;
+    int32_t seg[9] = {0};
+    for (int i = 0; i < ns; i++) seg[i + 1] = seg[i] + abs(d[4 + i]);
+    int N = seg[ns];
+    float *A[8] = {0}, *B[8] = {0};
+    for (int i = 0; i < ns; i++) {
+      if (d[4 + i] < 0) continue;
+      A[i] = malloc(sizeof(float) * R * IN);
+      B[i] = malloc(sizeof(float) * OUT * R);
+      for (int j = 0; j < R * IN; j++) A[i][j] = urand(&s);
+      for (int j = 0; j < OUT * R; j++) B[i][j] = urand(&s);
+    }
+    float *x = malloc(sizeof(float) * N * IN), *out = malloc(sizeof(float) * N * OUT);
+    for (int j = 0; j < N * IN; j++) x[j] = urand(&s);
+    for (int j = 0; j < N * OUT; j++) out[j] = urand(&s);
+    for (int i = 0; i < ns; i++)
+      for (int row = seg[i]; row < seg[i + 1]; row++) {
+        if (!A[i]) continue;
+        double t[16];
+        for (int j = 0; j < R; j++) {
+          t[j] = 0;
+          for (int c = 0; c < IN; c++) t[j] += (double)x[row * IN + c] * A[i][j * IN + c];
+        }
+        for (int o = 0; o < OUT; o++) {
+          double acc = 0;
+          for (int j = 0; j < R; j++) acc += t[j] * B[i][o * R + j];
+          out[row * OUT + o] = (float)(out[row * OUT + o] + (0.5 + i) * acc);
+        }
+      }
+    double e = ot_test_rel_err(a.out[0], out, (size_t)N * OUT);
+    if (e > worst) worst = e;
+    if (!(e < 1e-5)) fail_msg("lora_sgmv case %zu: relative error %.3g against the naive loop", k, e);
+    /* base-model rows are untouched */
+    for (int i = 0; i < ns; i++)
+      if (!A[i])
+        for (int j = seg[i] * OUT; j < seg[i + 1] * OUT; j++) assert_true(a.out[0][j] == out[j]);
+    for (int i = 0; i < ns; i++) {
+      free(A[i]);
+      free(B[i]);
+    }
+    free(x);
+    free(out);
+    run_free(&a);
+  }
+  printf("lora_sgmv (cpu) vs naive loop: worst relative error %.2g (tolerance 1e-5)\n", worst);
+}
+
+static void test_ops_cpu_thread_count(void **state) {
+  (void)state;
+  dut d = {"cpu (1 thread)", NULL, 0};
+  assert_int_equal(ot_backend_cpu_create(1, &d.be), 0);
+  compare_all(&d);
+  ot_backend_free(d.be);
+}
+
+/* ---- CUDA ---------------------------------------------------------------------------- */
+
+/* The CUDA backend with these flags, or a visible skip saying why there is none. */
+static ot_backend *cuda_or_skip(unsigned flags) {
+  ot_backend *be;
+  if (ot_backend_cuda_create(0, flags, &be) == OT_OK) return be;
+  snprintf(cuda_why, sizeof cuda_why, "%s", ot_error_detail());
+  printf("SKIP: %s\n", cuda_why);
+  fflush(stdout);
+  skip();
+  return NULL;
+}
+
+static void test_ops_cuda_fp32_flash(void **state) {
+  (void)state;
+  dut d = {"cuda fp32 (fused attention)" EMU, cuda_or_skip(0), 0};
+  compare_all(&d);
+  ot_backend_free(d.be);
+}
+
+static void test_ops_cuda_fp32_materialised(void **state) {
+  (void)state;
+  dut d = {"cuda fp32 (materialised attention)" EMU, cuda_or_skip(OT_CUDA_NO_FLASH), 0};
+  compare_all(&d);
+  ot_backend_free(d.be);
+}
+
+static void test_ops_cuda_bf16(void **state) {
+  (void)state;
+  dut d = {"cuda bf16" EMU, cuda_or_skip(OT_CUDA_BF16), 1};
+  compare_all(&d);
+  ot_backend_free(d.be);
+}
+
+/* A small GPT-2 (odd sequence length, 2 tiles of attention) trained for a few AdamW
+ * steps on both backends from the same initialisation: the losses must agree. */
+static void train_losses(ot_backend *be, int steps, float *losses) {
+  ot_gpt2_config cfg = {3, 4, 64, 211, 64, 1e-5f};
+  ot_gpt2 *m;
+  ot_optimizer *opt;
+  ot_optim_config oc;
+  ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
+  assert_int_equal(ot_gpt2_create(&cfg, be, &m), 0);
+  assert_int_equal(ot_gpt2_init_random(m, 7), 0);
+  int B = 3, T = 45;
+  assert_int_equal(ot_gpt2_prepare(m, B, T, 1), 0);
+  assert_int_equal(ot_optimizer_create(&oc, be, ot_gpt2_param(m, 0), ot_gpt2_param_count(m), &opt), 0);
+  int32_t in[3 * 45], tg[3 * 45];
+  uint64_t s = 3;
+  for (int i = 0; i < B * T; i++) {
+    in[i] = (int32_t)(ot_mix64(s++) % 211);
+    tg[i] = i % 13 == 0 ? -1 : (int32_t)(ot_mix64(s++) % 211);
+  }
+  for (int k = 0; k < steps; k++) {
+    int rc = ot_gpt2_forward(m, in, tg, B, T, &losses[k]);
+    if (rc == OT_OK) rc = ot_gpt2_backward(m);
+    if (rc == OT_OK) rc = ot_optimizer_step(opt, 3e-3f, NULL);
+    if (rc) fail_msg("%s: training step %d: %s", be->ops->name, k, ot_error_detail());
+  }
+  ot_optimizer_free(opt);
+  ot_gpt2_free(m);
+}
+
+static void train_compare(unsigned flags, double tol) {
+  ot_backend *be = cuda_or_skip(flags);
+  float want[6], got[6];
+  train_losses(ref, 6, want);
+  train_losses(be, 6, got);
+  for (int k = 0; k < 6; k++) {
+    printf("step %d: loss cpu %.6f, cuda %.6f\n", k, want[k], got[k]);
+    if (!(fabs(got[k] - want[k]) <= tol * fabs(want[k])))
+      fail_msg("step %d: cuda loss %.6f, cpu %.6f (relative tolerance %.0e)", k, got[k], want[k], tol);
+  }
+  assert_true(want[5] < want[0]); /* it did learn */
+  ot_backend_free(be);
+}
+
+static void test_gpt2_train_cuda_fp32(void **state) {
+  (void)state;
+  train_compare(0, 1e-4);
+}
+
+static void test_gpt2_train_cuda_bf16(void **state) {
+  (void)state;
+  train_compare(OT_CUDA_BF16, 5e-3);
+}
+
+static int setup(void **state) {
+  (void)state;
+  return ot_backend_cpu_create(2, &ref);
+}
+
+static int teardown(void **state) {
+  (void)state;
+  ot_backend_free(ref);
+  return 0;
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_cuda_create_fails_cleanly),  cmocka_unit_test(test_cli_backend_cuda),
+      cmocka_unit_test(test_missing_op_is_an_error),     cmocka_unit_test(test_sgmv_cpu_reference),
+      cmocka_unit_test(test_ops_cpu_thread_count),       cmocka_unit_test(test_ops_cuda_fp32_flash),
+      cmocka_unit_test(test_ops_cuda_fp32_materialised), cmocka_unit_test(test_ops_cuda_bf16),
+      cmocka_unit_test(test_gpt2_train_cuda_fp32),       cmocka_unit_test(test_gpt2_train_cuda_bf16),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}

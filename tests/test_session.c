@@ -1,0 +1,892 @@
+/* Federated sessions end to end on loopback: a real `offtune-cloud serve` process and
+ * several `offtune-device run` processes on a tiny model.
+ * - two sessions at once: FedAvg with 3 devices (each aggregate equals the token-weighted
+ *   average of the stored updates, recomputed here) and LoRA + FedAdam with 2 devices
+ *   (the server step recomputed here); the final adapters are published and load;
+ * - a device killed mid-round: the round completes at its deadline with the others; a
+ *   straggler's late upload is refused as stale and it joins the next round;
+ * - the daemon killed with kill -9 mid-round and restarted: the session finishes, every
+ *   accepted update is kept and none is applied twice (registry rows, aggregates);
+ * - a malicious device (garbage, oversized, wrong shape, NaN, stale round, duplicate,
+ *   inflated token count): refused with nothing stored, the honest device unaffected;
+ * - no byte a device sends carries its private text (OT_WIRE_TRACE), and the same search
+ *   finds a deliberate leak;
+ * - FedProx's proximal term in the device trainer keeps the adapter near its start. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <signal.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ot_emulator.h"
+#include "ot_error.h"
+#include "ot_fileio.h"
+#include "ot_identity.h"
+#include "ot_pb.h"
+#include "ot_safetensors.h"
+#include "ot_test_util.h"
+#include "ot_transport.h"
+#include "session.pb-c.h"
+
+static char *dir, *cloud, *device;
+static char out[1 << 18];
+
+#define RUN_OK(...)                                                                                          \
+  do {                                                                                                       \
+    int rc_ = ot_test_run(out, sizeof out, __VA_ARGS__);                                                     \
+    if (rc_ != 0) fail_msg("exit %d:\n%s", rc_, out);                                                        \
+  } while (0)
+
+static void sleep_ms(int ms) {
+  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+  nanosleep(&ts, NULL);
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Starts `exec CMD` through sh (the pid is the program's), output appended to log. */
+static pid_t spawn(const char *log, const char *fmt, ...) {
+  char *cmd = NULL, *full = NULL;
+  va_list ap;
+  va_start(ap, fmt);
+  assert_true(vasprintf(&cmd, fmt, ap) >= 0);
+  va_end(ap);
+  assert_true(asprintf(&full, "exec %s >>'%s' 2>&1", cmd, log) >= 0);
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", full, (char *)NULL);
+    _exit(127);
+  }
+  free(cmd);
+  free(full);
+  return pid;
+}
+
+/* Exit status of pid within timeout seconds (-1: still running, killed). */
+static int wait_exit(pid_t pid, double timeout) {
+  double t0 = now_s();
+  for (;;) {
+    int st;
+    pid_t r = waitpid(pid, &st, WNOHANG);
+    if (r == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    if (now_s() - t0 > timeout) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &st, 0);
+      return -1;
+    }
+    sleep_ms(50);
+  }
+}
+
+static void print_log(const char *log) {
+  char cmd[4200];
+  snprintf(cmd, sizeof cmd, "tail -n 40 '%s' >&2", log);
+  if (system(cmd) != 0) fprintf(stderr, "(no log %s)\n", log);
+}
+
+static int file_has(const char *path, const char *needle) {
+  char *text = NULL;
+  size_t len;
+  if (ot_file_read_all(path, 64u << 20, &text, &len) != OT_OK) return 0;
+  int found = strstr(text, needle) != NULL;
+  free(text);
+  return found;
+}
+
+static void wait_for_file_text(const char *path, const char *needle, double timeout) {
+  double t0 = now_s();
+  while (!file_has(path, needle)) {
+    if (now_s() - t0 > timeout) {
+      print_log(path);
+      fail_msg("'%s' did not appear in %s within %.0f s", needle, path, timeout);
+    }
+    sleep_ms(50);
+  }
+}
+
+typedef struct {
+  char state[1024], log[1100], url[256], fp[OT_FINGERPRINT_LEN];
+  pid_t pid;
+} daemon_t;
+
+static void daemon_start(daemon_t *d, const char *listen) {
+  char cj[1200], sock[1200];
+  snprintf(cj, sizeof cj, "%s/cloud.json", d->state);
+  snprintf(sock, sizeof sock, "%s/control.sock", d->state);
+  unlink(cj);
+  d->pid = spawn(d->log, "%s serve --state '%s' --listen %s --model %s/full", cloud, d->state, listen, dir);
+  double t0 = now_s();
+  while (!ot_file_exists(cj) || !ot_file_exists(sock)) {
+    if (now_s() - t0 > 20) {
+      print_log(d->log);
+      fail_msg("the daemon did not start");
+    }
+    sleep_ms(20);
+  }
+  char *text = NULL;
+  size_t len;
+  assert_int_equal(ot_file_read_all(cj, 1 << 16, &text, &len), OT_OK);
+  cJSON *j = cJSON_Parse(text);
+  free(text);
+  snprintf(d->url, sizeof d->url, "%s", cJSON_GetStringValue(cJSON_GetObjectItem(j, "url")));
+  snprintf(d->fp, sizeof d->fp, "%s", cJSON_GetStringValue(cJSON_GetObjectItem(j, "fingerprint")));
+  cJSON_Delete(j);
+}
+
+static void daemon_init(daemon_t *d, const char *name) {
+  memset(d, 0, sizeof *d);
+  snprintf(d->state, sizeof d->state, "%s/%s", dir, name);
+  snprintf(d->log, sizeof d->log, "%s/%s.log", dir, name);
+  assert_int_equal(ot_test_system("rm -rf '%s' '%s'", d->state, d->log), 0);
+  daemon_start(d, "tcp://127.0.0.1:0");
+}
+
+static void daemon_stop(daemon_t *d) {
+  kill(d->pid, SIGTERM);
+  assert_int_equal(wait_exit(d->pid, 20), 0);
+}
+
+/* A session on the tiny model: emulator 1 + 1 kept + 1, 4 local steps of 4 x 32. */
+static void session_create(daemon_t *d, const char *name, const char *extra) {
+  RUN_OK(
+      "%s session create --state '%s' --name %s --model full --bottom 1 --top 1 --keep 1 --distill-steps 4 "
+      "--distill-batch 4 --distill-seq-len 32 --distill-data %s/public.txt --steps 4 --batch 4 --seq-len 32 "
+      "--lr 1e-2 %s",
+      cloud, d->state, name, dir, extra);
+}
+
+/* Enrols a device state directory with the daemon (token from the operator command). */
+static void device_join(daemon_t *d, const char *dev) {
+  RUN_OK("%s token issue --state '%s' --json", cloud, d->state);
+  cJSON *j = cJSON_Parse(out);
+  assert_non_null(j);
+  const char *token = cJSON_GetStringValue(cJSON_GetObjectItem(j, "token"));
+  assert_non_null(token);
+  RUN_OK("%s join --cloud %s --cloud-key %s --token %s --state '%s/%s' --name %s", device, d->url, d->fp,
+         token, dir, dev, dev);
+  cJSON_Delete(j);
+}
+
+static pid_t device_run(const char *dev, const char *data, const char *session, const char *env) {
+  char log[1200];
+  snprintf(log, sizeof log, "%s/%s.log", dir, dev);
+  return spawn(log, "env OMP_NUM_THREADS=1 %s %s run --data %s/%s --state '%s/%s' --session %s --threads 1",
+               env ? env : "", device, dir, data, dir, dev, session);
+}
+
+static cJSON *session_show(daemon_t *d, const char *name) {
+  RUN_OK("%s session show %s --state '%s' --json", cloud, name, d->state);
+  cJSON *j = cJSON_Parse(out);
+  if (!j) fail_msg("not JSON: %s", out);
+  return j;
+}
+
+static const char *session_state(cJSON *show) {
+  return cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(show, "session"), "state"));
+}
+
+static cJSON *wait_session(daemon_t *d, const char *name, const char *state, double timeout) {
+  double t0 = now_s();
+  for (;;) {
+    cJSON *j = session_show(d, name);
+    if (strcmp(session_state(j), state) == 0) return j;
+    cJSON_Delete(j);
+    if (now_s() - t0 > timeout) {
+      print_log(d->log);
+      fail_msg("session %s not %s within %.0f s", name, state, timeout);
+    }
+    sleep_ms(200);
+  }
+}
+
+/* ---- recomputing aggregates from the stored files --------------------------------------- */
+
+typedef struct {
+  ot_safetensors *st;
+  size_t n;
+  float **v;
+} tensors;
+
+static void tensors_load(const char *path, tensors *t) {
+  assert_int_equal(ot_st_open(path, &t->st), OT_OK);
+  t->n = ot_st_count(t->st);
+  t->v = calloc(t->n, sizeof *t->v);
+  for (size_t i = 0; i < t->n; i++) {
+    const ot_st_tensor *x = ot_st_at(t->st, i);
+    t->v[i] = malloc(x->numel * sizeof(float));
+    assert_int_equal(ot_st_read_f32(t->st, x, t->v[i], x->numel), OT_OK);
+  }
+}
+
+static void tensors_free(tensors *t) {
+  for (size_t i = 0; i < t->n; i++) free(t->v[i]);
+  free(t->v);
+  ot_st_close(t->st);
+}
+
+static const float *tensor(const tensors *t, const char *name) {
+  const ot_st_tensor *x = ot_st_find(t->st, name);
+  assert_non_null(x);
+  return t->v[x - ot_st_at(t->st, 0)];
+}
+
+static void adapter_file(const daemon_t *d, const char *digest, char *p, size_t n) {
+  snprintf(p, n, "%s/objects/adapters/%s/adapter_model.safetensors", d->state, digest);
+}
+
+/* Round r's result against the token-weighted average of its updates (FedAvg), or
+ * against one FedAdam step from zero moments (fedadam, first round). Returns the number
+ * of updates of the round. */
+static int check_round(const daemon_t *d, cJSON *show, int round, int fedadam, float lr, float b1, float b2,
+                       float eps) {
+  cJSON *rounds = cJSON_GetObjectItem(show, "rounds"), *r = NULL, *u;
+  cJSON_ArrayForEach(u, rounds) if ((int)cJSON_GetNumberValue(cJSON_GetObjectItem(u, "round")) == round) r =
+      u;
+  assert_non_null(r);
+  assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(r, "state")), "done");
+  char p[2048];
+  tensors in, res;
+  adapter_file(d, cJSON_GetStringValue(cJSON_GetObjectItem(r, "input")), p, sizeof p);
+  tensors_load(p, &in);
+  adapter_file(d, cJSON_GetStringValue(cJSON_GetObjectItem(r, "result")), p, sizeof p);
+  tensors_load(p, &res);
+  tensors ups[16];
+  double w[16], wsum = 0;
+  int n = 0;
+  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "updates")) {
+    if ((int)cJSON_GetNumberValue(cJSON_GetObjectItem(u, "round")) != round) continue;
+    assert_true(n < 16);
+    snprintf(p, sizeof p, "%s/objects/updates/%s.safetensors", d->state,
+             cJSON_GetStringValue(cJSON_GetObjectItem(u, "digest")));
+    tensors_load(p, &ups[n]);
+    w[n] = cJSON_GetNumberValue(cJSON_GetObjectItem(u, "tokens"));
+    wsum += w[n++];
+  }
+  assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(r, "participants")), n);
+  assert_int_equal(res.n, in.n);
+  double max_err = 0, max_delta = 0;
+  for (size_t t = 0; t < in.n; t++) {
+    const ot_st_tensor *x = ot_st_at(in.st, t);
+    const float *got = tensor(&res, x->name), *g = in.v[t];
+    for (uint64_t k = 0; k < x->numel; k++) {
+      double avg = 0;
+      for (int i = 0; i < n; i++) avg += w[i] * tensor(&ups[i], x->name)[k];
+      avg /= wsum;
+      double want = avg;
+      if (fedadam) {
+        double delta = avg - g[k], m = (1 - b1) * delta, v = (1 - b2) * delta * delta;
+        want = g[k] + lr * m / (sqrt(v) + eps);
+      }
+      double e = fabs(got[k] - want) / (fabs(want) + 1e-3);
+      if (e > max_err) max_err = e;
+      if (fabs(want - g[k]) > max_delta) max_delta = fabs(want - g[k]);
+    }
+  }
+  fprintf(stderr,
+          "round %d: %d updates, %.0f tokens; aggregate vs recomputed: max rel err %.2e (max change %.2e)\n",
+          round, n, wsum, max_err, max_delta);
+  assert_true(max_err < 1e-5);
+  assert_true(max_delta > 0); /* the round changed the adapter: the check compares something */
+  for (int i = 0; i < n; i++) tensors_free(&ups[i]);
+  tensors_free(&in);
+  tensors_free(&res);
+  return n;
+}
+
+/* ---- setup ------------------------------------------------------------------------------ */
+
+static int setup(void **state) {
+  (void)state;
+  dir = ot_test_tmpdir("session");
+  if (asprintf(&cloud, "%s/cloud/offtune-cloud", ot_test_binary_dir()) < 0) return -1;
+  if (asprintf(&device, "%s/device/offtune-device", ot_test_binary_dir()) < 0) return -1;
+  RUN_OK("%s corpus --genres public --out %s/public.txt", cloud, dir);
+  const char *genres[] = {"romance", "mystery", "humor"};
+  for (int i = 0; i < 3; i++) {
+    RUN_OK("%s corpus --genres %s --out %s/%s_all.txt", cloud, genres[i], dir, genres[i]);
+    assert_int_equal(
+        ot_test_system("head -c 20000 '%s/%s_all.txt' > '%s/%s.txt'", dir, genres[i], dir, genres[i]), 0);
+  }
+  RUN_OK("OMP_NUM_THREADS=1 %s pretrain --tokenizer byte --layers 4 --embd 16 --heads 2 --ctx 32 --steps 20 "
+         "--batch 4 "
+         "--text %s/public.txt --out %s/full --threads 1",
+         cloud, dir, dir);
+  return 0;
+}
+
+static int teardown(void **state) {
+  (void)state;
+  free(dir);
+  free(cloud);
+  free(device);
+  return 0;
+}
+
+/* ---- tests ------------------------------------------------------------------------------ */
+
+static void test_two_sessions(void **state) {
+  (void)state;
+  daemon_t d;
+  daemon_init(&d, "two");
+  /* one daemon per state directory */
+  assert_int_equal(
+      ot_test_run(out, sizeof out, "%s serve --state '%s' --listen tcp://127.0.0.1:0", cloud, d.state), 1);
+  assert_non_null(strstr(out, "another daemon runs on"));
+  /* operator commands: usage errors exit 2, refusals exit 1 with the daemon's reason */
+  assert_int_equal(ot_test_run(out, sizeof out, "%s session", cloud), 2);
+  assert_int_equal(ot_test_run(out, sizeof out, "%s session create --state '%s' --name x", cloud, d.state),
+                   2);
+  assert_int_equal(
+      ot_test_run(out, sizeof out, "%s session create --state '%s' --name x --model nosuch", cloud, d.state),
+      1);
+  assert_non_null(strstr(out, "no model named 'nosuch'"));
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s session create --state '%s' --name 'bad/name' --model full", cloud,
+                               d.state),
+                   1);
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s session create --state '%s' --name x --model full --bottom 2 --top 2",
+                               cloud, d.state),
+                   1);
+  assert_non_null(strstr(out, "no middle"));
+  assert_int_equal(ot_test_run(out, sizeof out, "%s device revoke nosuch --state '%s'", cloud, d.state), 1);
+  assert_int_equal(ot_test_run(out, sizeof out, "%s session list --state '%s/nowhere'", cloud, dir), 1);
+  assert_non_null(strstr(out, "cannot reach the daemon"));
+  session_create(&d, "alpha", "--rounds 2 --min-devices 3 --max-devices 3 --deadline 120");
+  session_create(
+      &d, "beta",
+      "--rounds 2 --min-devices 2 --max-devices 2 --deadline 120 --adapter lora --lora-r 2 --lora-alpha 4 "
+      "--lora-dropout 0 --aggregation fedadam --server-lr 0.01");
+  const char *devs[] = {"a1", "a2", "a3", "b1", "b2"};
+  const char *data[] = {"romance.txt", "mystery.txt", "humor.txt", "romance.txt", "humor.txt"};
+  pid_t pids[5];
+  for (int i = 0; i < 5; i++) {
+    device_join(&d, devs[i]);
+    pids[i] = device_run(devs[i], data[i], i < 3 ? "alpha" : "beta", NULL);
+  }
+  for (int i = 0; i < 5; i++) {
+    int rc = wait_exit(pids[i], 120);
+    if (rc != 0) {
+      char log[1200];
+      snprintf(log, sizeof log, "%s/%s.log", dir, devs[i]);
+      print_log(log);
+      print_log(d.log);
+      fail_msg("device %s exited with %d", devs[i], rc);
+    }
+  }
+  cJSON *a = wait_session(&d, "alpha", "done", 30), *b = wait_session(&d, "beta", "done", 30);
+  for (int r = 1; r <= 2; r++) assert_int_equal(check_round(&d, a, r, 0, 0, 0, 0, 0), 3);
+  /* FedAdam's first step from zero moments, recomputed */
+  assert_int_equal(check_round(&d, b, 1, 1, 0.01f, 0.9f, 0.99f, 1e-3f), 2);
+  /* both published; the final adapters plug into the emulator and the full model */
+  RUN_OK("%s adapter list --state '%s' --json", cloud, d.state);
+  assert_non_null(strstr(out, "\"alpha\""));
+  assert_non_null(strstr(out, "\"beta\""));
+  const char *emu = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(a, "session"), "emulator"));
+  const char *final = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(a, "session"), "adapter"));
+  const char *final_b =
+      cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(b, "session"), "adapter"));
+  RUN_OK("%s eval --emulator %s --adapter %s/objects/adapters/%s --text %s/romance.txt --seq-len 32 --json",
+         device, emu, d.state, final, dir);
+  RUN_OK("%s eval --model %s/full --adapter %s/objects/adapters/%s --text %s/humor.txt --seq-len 32 --json",
+         cloud, dir, d.state, final_b, dir);
+  /* the emulator was distilled once and reused by the second session */
+  assert_int_equal(ot_test_system("test $(ls '%s/emulators' | wc -l) -eq 1", d.state), 0);
+  /* devices listed with their names, the human listings print */
+  RUN_OK("%s device list --state '%s'", cloud, d.state);
+  assert_non_null(strstr(out, "a3"));
+  RUN_OK("%s session list --state '%s'", cloud, d.state);
+  assert_non_null(strstr(out, "beta"));
+  /* revocation: the operator revokes a1; its next run is refused at the handshake */
+  RUN_OK("%s device list --state '%s' --json", cloud, d.state);
+  cJSON *dl = cJSON_Parse(out), *dev;
+  char fp[OT_FINGERPRINT_LEN] = "";
+  cJSON_ArrayForEach(dev, cJSON_GetObjectItem(dl, "devices")) {
+    const char *nm = cJSON_GetStringValue(cJSON_GetObjectItem(dev, "name"));
+    if (nm && strcmp(nm, "a1") == 0)
+      snprintf(fp, sizeof fp, "%s", cJSON_GetStringValue(cJSON_GetObjectItem(dev, "fingerprint")));
+  }
+  cJSON_Delete(dl);
+  assert_true(fp[0]);
+  RUN_OK("%s device revoke %s --state '%s'", cloud, fp, d.state);
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s run --data %s/romance.txt --state '%s/a1' --session alpha", device, dir,
+                               dir),
+                   1);
+  assert_non_null(strstr(out, "revoked"));
+  cJSON_Delete(a);
+  cJSON_Delete(b);
+  daemon_stop(&d);
+}
+
+static void test_device_killed(void **state) {
+  (void)state;
+  daemon_t d;
+  daemon_init(&d, "killed");
+  session_create(&d, "k", "--rounds 2 --min-devices 2 --max-devices 4 --deadline 6");
+  const char *devs[] = {"k1", "k2", "k3", "k4"};
+  for (int i = 0; i < 4; i++) device_join(&d, devs[i]);
+  pid_t p1 = device_run("k1", "romance.txt", "k", NULL), p2 = device_run("k2", "mystery.txt", "k", NULL);
+  /* k3 trains, then dies before its upload; k4 is a straggler, always past the deadline */
+  pid_t p3 = device_run("k3", "humor.txt", "k", "OT_TEST_DEVICE_DELAY_MS=60000");
+  pid_t p4 = device_run("k4", "humor.txt", "k", "OT_TEST_DEVICE_DELAY_MS=8000");
+  char log[1200];
+  snprintf(log, sizeof log, "%s/k3.log", dir);
+  wait_for_file_text(log, "before the upload", 60);
+  kill(p3, SIGKILL);
+  waitpid(p3, NULL, 0);
+  double t0 = now_s();
+  assert_int_equal(wait_exit(p1, 60), 0);
+  assert_int_equal(wait_exit(p2, 60), 0);
+  assert_int_equal(wait_exit(p4, 60), 0);
+  cJSON *s = wait_session(&d, "k", "done", 30);
+  fprintf(stderr, "both rounds finished %.1f s after the kill (deadline 6 s per round)\n", now_s() - t0);
+  assert_int_equal(check_round(&d, s, 1, 0, 0, 0, 0, 0), 2);
+  assert_int_equal(check_round(&d, s, 2, 0, 0, 0, 0, 0), 2);
+  assert_true(file_has(d.log, "closed with 2 update(s) at the deadline"));
+  /* the straggler's late round-1 upload was refused as stale; it then took part in round 2 */
+  assert_true(file_has(d.log, "stale round 1 (session 'k' is in round 2)"));
+  snprintf(log, sizeof log, "%s/k4.log", dir);
+  assert_true(file_has(log, "k round 2 of 2: training"));
+  cJSON_Delete(s);
+  daemon_stop(&d);
+}
+
+static int count_rows(const char *db, const char *sql) {
+  sqlite3 *h;
+  assert_int_equal(sqlite3_open_v2(db, &h, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+  sqlite3_busy_timeout(h, 5000);
+  sqlite3_stmt *st;
+  assert_int_equal(sqlite3_prepare_v2(h, sql, -1, &st, NULL), SQLITE_OK);
+  int n = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int(st, 0) : -1;
+  sqlite3_finalize(st);
+  sqlite3_close(h);
+  return n;
+}
+
+static void test_daemon_kill9(void **state) {
+  (void)state;
+  daemon_t d;
+  daemon_init(&d, "kill9");
+  session_create(&d, "r", "--rounds 3 --min-devices 2 --max-devices 2 --deadline 120");
+  device_join(&d, "r1");
+  device_join(&d, "r2");
+  pid_t p1 = device_run("r1", "romance.txt", "r", NULL);
+  /* r2 is slow: round 2 holds r1's update alone for 3 s, and the daemon dies then */
+  pid_t p2 = device_run("r2", "mystery.txt", "r", "OT_TEST_DEVICE_DELAY_MS=3000");
+  char db[1200], sql[256];
+  snprintf(db, sizeof db, "%s/registry.db", d.state);
+  double t0 = now_s();
+  while (count_rows(db, "SELECT COUNT(*) FROM updates WHERE round = 2") < 1) {
+    if (now_s() - t0 > 60) {
+      print_log(d.log);
+      fail_msg("round 2 got no update");
+    }
+    sleep_ms(20);
+  }
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM updates WHERE round = 2"), 1);
+  kill(d.pid, SIGKILL);
+  waitpid(d.pid, NULL, 0);
+  snprintf(sql, sizeof sql, "SELECT COUNT(*) FROM rounds WHERE round = 2 AND state = 'open'");
+  assert_int_equal(count_rows(db, sql), 1);
+  fprintf(stderr, "daemon killed with kill -9 in round 2 with 1 of 2 updates; restarting on %s\n", d.url);
+  sleep_ms(500);
+  daemon_start(&d, d.url);
+  assert_int_equal(wait_exit(p1, 120), 0);
+  assert_int_equal(wait_exit(p2, 120), 0);
+  cJSON *s = wait_session(&d, "r", "done", 30);
+  /* every update accepted once: 2 per round, none lost, none twice */
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM updates"), 6);
+  assert_int_equal(count_rows(db,
+                              "SELECT COUNT(*) FROM (SELECT round, device_id FROM updates GROUP BY round, "
+                              "device_id HAVING COUNT(*) > 1)"),
+                   0);
+  for (int r = 1; r <= 3; r++) assert_int_equal(check_round(&d, s, r, 0, 0, 0, 0, 0), 2);
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM adapters WHERE name = 'r' AND published = 1"), 1);
+  cJSON_Delete(s);
+  daemon_stop(&d);
+}
+
+/* ---- the malicious device: a protocol client written here ------------------------------- */
+
+typedef struct {
+  ot_client *c;
+  Offtune__Session__RoundInfo *ri;
+  ot_pb_alloc pa;
+} mal_t;
+
+static int mal_call(mal_t *m, Offtune__Session__SessionRequest *req, uint8_t **reply, size_t *len) {
+  uint8_t *body = NULL;
+  size_t bl = 0;
+  assert_int_equal(ot_pb_pack(&req->base, &body, &bl), 0);
+  int rc = ot_client_call(m->c, body, bl, reply, len);
+  free(body);
+  return rc;
+}
+
+static void mal_poll(mal_t *m) {
+  Offtune__Session__Poll p = OFFTUNE__SESSION__POLL__INIT;
+  p.session = "m";
+  Offtune__Session__SessionRequest req = OFFTUNE__SESSION__SESSION_REQUEST__INIT;
+  req.kind_case = OFFTUNE__SESSION__SESSION_REQUEST__KIND_POLL;
+  req.poll = &p;
+  uint8_t *reply;
+  size_t len;
+  assert_int_equal(mal_call(m, &req, &reply, &len), OT_OK);
+  ot_pb_alloc_init(&m->pa, 1 << 20);
+  m->ri = offtune__session__round_info__unpack(&m->pa.a, len, reply);
+  free(reply);
+  assert_non_null(m->ri);
+}
+
+/* Uploads data as update.m.<round> and submits it; returns 1 if accepted, 0 if the
+ * upload or the submission was refused (reason in why). */
+static int mal_submit(mal_t *m, unsigned round, const uint8_t *data, size_t size, uint64_t tokens, char *why,
+                      size_t n) {
+  char name[64], path[1200], h[OT_DIGEST_HEX];
+  snprintf(name, sizeof name, "update.m.%u", round);
+  ot_send_opts so = {.window = 2};
+  int rc = ot_client_send(m->c, name, data, size, &so);
+  if (rc) {
+    snprintf(why, n, "upload refused: %s", ot_error_detail());
+    return 0;
+  }
+  snprintf(path, sizeof path, "%s/mal_upload", dir);
+  assert_int_equal(ot_file_write_atomic(path, data, size), OT_OK);
+  assert_int_equal(ot_file_digest(path, h), OT_OK);
+  Offtune__Session__SubmitUpdate su = OFFTUNE__SESSION__SUBMIT_UPDATE__INIT;
+  su.session = "m";
+  su.round = round;
+  su.digest = h;
+  su.tokens = tokens;
+  Offtune__Session__SessionRequest req = OFFTUNE__SESSION__SESSION_REQUEST__INIT;
+  req.kind_case = OFFTUNE__SESSION__SESSION_REQUEST__KIND_SUBMIT;
+  req.submit = &su;
+  uint8_t *reply;
+  size_t len;
+  assert_int_equal(mal_call(m, &req, &reply, &len), OT_OK);
+  ot_pb_alloc pa;
+  ot_pb_alloc_init(&pa, 1 << 20);
+  Offtune__Session__SubmitReply *sr = offtune__session__submit_reply__unpack(&pa.a, len, reply);
+  free(reply);
+  assert_non_null(sr);
+  int ok = sr->accepted;
+  snprintf(why, n, "%s", sr->reason ? sr->reason : "");
+  offtune__session__submit_reply__free_unpacked(sr, &pa.a);
+  return ok;
+}
+
+/* The round's adapter file rewritten: scale (1 = as is), one NaN, or one tensor's shape changed. */
+static uint8_t *mal_variant(const char *adapter, int variant, size_t *size) {
+  tensors t;
+  tensors_load(adapter, &t);
+  ot_st_writer *w;
+  assert_int_equal(ot_st_writer_new(&w), OT_OK);
+  int64_t shape[8];
+  for (size_t i = 0; i < t.n; i++) {
+    const ot_st_tensor *x = ot_st_at(t.st, i);
+    memcpy(shape, x->shape, sizeof shape);
+    for (uint64_t k = 0; k < x->numel; k++) t.v[i][k] *= 0.5f;
+    if (variant == 1 && i == 0) t.v[i][0] = NAN;
+    if (variant == 2 && i == 0 && x->ndim == 1 && x->numel > 1) shape[0] = 1;
+    if (variant == 2 && i == 0 && x->ndim == 2) shape[0] = 1;
+    assert_int_equal(ot_st_writer_add(w, x->name, OT_DTYPE_F32, x->ndim, shape, t.v[i]), OT_OK);
+  }
+  char path[1200];
+  snprintf(path, sizeof path, "%s/mal_variant.safetensors", dir);
+  assert_int_equal(ot_st_writer_save(w, path), OT_OK);
+  ot_st_writer_free(w);
+  tensors_free(&t);
+  char *data;
+  assert_int_equal(ot_file_read_all(path, 1 << 26, &data, size), OT_OK);
+  return (uint8_t *)data;
+}
+
+static void test_malicious_device(void **state) {
+  (void)state;
+  daemon_t d;
+  daemon_init(&d, "malicious");
+  session_create(&d, "m", "--rounds 1 --min-devices 2 --max-devices 2 --deadline 120");
+  RUN_OK("%s token issue --state '%s' --json", cloud, d.state);
+  cJSON *tj = cJSON_Parse(out);
+  ot_identity id;
+  assert_int_equal(ot_identity_generate(&id), OT_OK);
+  ot_client_config cc = {.url = d.url,
+                         .id = &id,
+                         .cloud_fingerprint = d.fp,
+                         .enrol_token = cJSON_GetStringValue(cJSON_GetObjectItem(tj, "token"))};
+  mal_t m = {0};
+  assert_int_equal(ot_client_open(&cc, &m.c), OT_OK);
+  cJSON_Delete(tj);
+  double t0 = now_s();
+  for (;;) { /* the daemon distils the emulator first */
+    mal_poll(&m);
+    if (m.ri->state == OFFTUNE__SESSION__ROUND_STATE__TRAIN) break;
+    offtune__session__round_info__free_unpacked(m.ri, &m.pa.a);
+    assert_true(now_s() - t0 < 30);
+    sleep_ms(100);
+  }
+  char adapter[1200], why[1024];
+  snprintf(adapter, sizeof adapter, "%s/mal_adapter.safetensors", dir);
+  for (size_t i = 0; i < m.ri->n_adapter_files; i++)
+    if (strcmp(m.ri->adapter_files[i]->file, "adapter_model.safetensors") == 0) {
+      ot_fetch_opts fo = {0};
+      assert_int_equal(ot_client_fetch_file(m.c, m.ri->adapter_files[i]->name, adapter, &fo), OT_OK);
+    }
+  unsigned round = m.ri->round;
+  offtune__session__round_info__free_unpacked(m.ri, &m.pa.a);
+  size_t size;
+  uint8_t *good = mal_variant(adapter, 0, &size);
+  uint64_t tokens = 4 * 4 * 32;
+  /* garbage of the right size */
+  uint8_t *garbage = malloc(size);
+  for (size_t i = 0; i < size; i++) garbage[i] = (uint8_t)(i * 131 + 7);
+  assert_false(mal_submit(&m, round, garbage, size, tokens, why, sizeof why));
+  fprintf(stderr, "garbage: %s\n", why);
+  assert_non_null(strstr(why, "safetensors"));
+  /* oversized: refused when the upload starts */
+  size_t big = 3 * size + (2u << 20);
+  uint8_t *huge = calloc(1, big);
+  assert_false(mal_submit(&m, round, huge, big, tokens, why, sizeof why));
+  fprintf(stderr, "oversized: %s\n", why);
+  assert_non_null(strstr(why, "upload refused"));
+  /* NaN, wrong shape */
+  size_t s1, s2;
+  uint8_t *nan = mal_variant(adapter, 1, &s1), *shape = mal_variant(adapter, 2, &s2);
+  assert_false(mal_submit(&m, round, nan, s1, tokens, why, sizeof why));
+  fprintf(stderr, "NaN: %s\n", why);
+  assert_non_null(strstr(why, "non-finite"));
+  assert_false(mal_submit(&m, round, shape, s2, tokens, why, sizeof why));
+  fprintf(stderr, "wrong shape: %s\n", why);
+  assert_non_null(strstr(why, "shape"));
+  /* stale round, inflated weight */
+  assert_false(mal_submit(&m, round + 7, good, size, tokens, why, sizeof why));
+  fprintf(stderr, "stale round: %s\n", why);
+  assert_non_null(strstr(why, "stale"));
+  assert_false(mal_submit(&m, round, good, size, 1000000000000ull, why, sizeof why));
+  fprintf(stderr, "inflated tokens: %s\n", why);
+  assert_non_null(strstr(why, "tokens"));
+  /* nothing of these is stored: no row, no object, no staged file */
+  char db[1200];
+  snprintf(db, sizeof db, "%s/registry.db", d.state);
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM updates"), 0);
+  assert_int_equal(ot_test_system("test $(find '%s/objects/updates' '%s/staging' -type f | wc -l) -eq 0",
+                                  d.state, d.state),
+                   0);
+  assert_true(file_has(d.log, "refused the update"));
+  /* a valid update is accepted once; the same again is a duplicate */
+  assert_true(mal_submit(&m, round, good, size, tokens, why, sizeof why));
+  assert_false(mal_submit(&m, round, good, size, tokens, why, sizeof why));
+  fprintf(stderr, "duplicate: %s\n", why);
+  assert_non_null(strstr(why, "duplicate"));
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM updates"), 1);
+  ot_client_close(m.c);
+  /* an honest device finishes the round, unaffected */
+  device_join(&d, "h1");
+  pid_t p = device_run("h1", "romance.txt", "m", NULL);
+  assert_int_equal(wait_exit(p, 60), 0);
+  cJSON *s = wait_session(&d, "m", "done", 30);
+  assert_int_equal(check_round(&d, s, 1, 0, 0, 0, 0, 0), 2);
+  assert_int_equal(ot_test_system("test $(ls '%s/objects/updates' | wc -l) -eq 2", d.state), 0);
+  cJSON_Delete(s);
+  free(good);
+  free(garbage);
+  free(huge);
+  free(nan);
+  free(shape);
+  ot_identity_wipe(&id);
+  daemon_stop(&d);
+}
+
+/* ---- privacy: nothing a device sends carries its private text ---------------------------- */
+
+/* Trace records (protocol/ot_transport.c, OT_WIRE_TRACE): "kind N\n" + N bytes + "\n". */
+static int trace_find(const char *trace, size_t len, const char *kind, const char *needle, size_t *n_records,
+                      size_t *bytes) {
+  size_t off = 0, nl = strlen(needle);
+  int found = 0;
+  *n_records = 0;
+  *bytes = 0;
+  while (off < len) {
+    char k[16];
+    size_t n;
+    int used = 0;
+    if (sscanf(trace + off, "%15s %zu%n", k, &n, &used) != 2) fail_msg("trace damaged at %zu", off);
+    off += (size_t)used + 1;
+    assert_true(off + n + 1 <= len);
+    if (!kind || strcmp(k, kind) == 0) {
+      (*n_records)++;
+      *bytes += n;
+      if (memmem(trace + off, n, needle, nl)) found = 1;
+    }
+    off += n + 1;
+  }
+  return found;
+}
+
+static void test_no_private_text(void **state) {
+  (void)state;
+  daemon_t d;
+  daemon_init(&d, "privacy");
+  session_create(&d, "p",
+                 "--rounds 2 --min-devices 1 --max-devices 1 --deadline 60 --aggregation fedprox --mu 0.5");
+  device_join(&d, "p1");
+  /* --dry-run: the round is trained, nothing is uploaded; the real run then sends it */
+  char dry[1200], db[1200];
+  snprintf(dry, sizeof dry, "%s/p1-dry.trace", dir);
+  unlink(dry);
+  RUN_OK("OT_WIRE_TRACE='%s' %s run --data %s/romance.txt --state '%s/p1' --session p --threads 1 --dry-run",
+         dry, device, dir, dir);
+  assert_non_null(strstr(out, "dry run: round 1 of p trained"));
+  snprintf(db, sizeof db, "%s/registry.db", d.state);
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM updates"), 0);
+  assert_false(file_has(dry, "update.p.1"));
+  char trace[1200], env[1300];
+  snprintf(trace, sizeof trace, "%s/p1.trace", dir);
+  unlink(trace);
+  snprintf(env, sizeof env, "OT_WIRE_TRACE='%s'", trace);
+  pid_t p = device_run("p1", "romance.txt", "p", env);
+  assert_int_equal(wait_exit(p, 60), 0);
+  cJSON *s = wait_session(&d, "p", "done", 30);
+  cJSON_Delete(s);
+  char log[1200];
+  snprintf(log, sizeof log, "%s/p1.log", dir);
+  assert_true(file_has(log, "FedProx: + (0.5/2)")); /* the session's mu reached the trainer */
+  assert_true(file_has(log, "round 1 was trained earlier"));
+  char *text = NULL, *tr = NULL;
+  size_t tl, trl, nrec, bytes;
+  char path[1200];
+  snprintf(path, sizeof path, "%s/romance.txt", dir);
+  assert_int_equal(ot_file_read_all(path, 1 << 20, &text, &tl), OT_OK);
+  assert_int_equal(ot_file_read_all(trace, 64u << 20, &tr, &trl), OT_OK);
+  /* the trace holds what was sent: both uploads in plaintext, and their transfer names */
+  assert_true(trace_find(tr, trl, "plain", "update.p.2", &nrec, &bytes));
+  fprintf(stderr, "trace: %zu plaintext bodies (%zu bytes) before sealing, ", nrec, bytes);
+  assert_true(bytes > 2 * 20000);
+  trace_find(tr, trl, "wire", "", &nrec, &bytes);
+  fprintf(stderr, "%zu frames (%zu bytes) on the wire\n", nrec, bytes);
+  /* every 24-byte piece of the private text at a 200-byte stride: in no byte sent */
+  int pieces = 0;
+  for (size_t off = 0; off + 24 <= tl; off += 200) {
+    char needle[25];
+    memcpy(needle, text + off, 24);
+    needle[24] = '\0';
+    if (strlen(needle) < 24) continue;
+    if (trace_find(tr, trl, NULL, needle, &nrec, &bytes)) fail_msg("private text sent: '%s'", needle);
+    pieces++;
+  }
+  fprintf(stderr, "%d pieces of the private text searched in everything the device sent: none found\n",
+          pieces);
+  assert_true(pieces >= 90);
+  /* the same search finds a leak: a client that puts a piece of the text in a request */
+  char leak_trace[1200], needle[25];
+  snprintf(leak_trace, sizeof leak_trace, "%s/leak.trace", dir);
+  unlink(leak_trace);
+  memcpy(needle, text + 1000, 24);
+  needle[24] = '\0';
+  RUN_OK("%s token issue --state '%s' --json", cloud, d.state);
+  cJSON *tj = cJSON_Parse(out);
+  ot_identity id;
+  assert_int_equal(ot_identity_generate(&id), OT_OK);
+  ot_client_config cc = {.url = d.url,
+                         .id = &id,
+                         .cloud_fingerprint = d.fp,
+                         .enrol_token = cJSON_GetStringValue(cJSON_GetObjectItem(tj, "token"))};
+  setenv("OT_WIRE_TRACE", leak_trace, 1);
+  mal_t m = {0};
+  assert_int_equal(ot_client_open(&cc, &m.c), OT_OK);
+  Offtune__Session__Poll poll = OFFTUNE__SESSION__POLL__INIT;
+  poll.device_name = needle; /* the leak */
+  Offtune__Session__SessionRequest req = OFFTUNE__SESSION__SESSION_REQUEST__INIT;
+  req.kind_case = OFFTUNE__SESSION__SESSION_REQUEST__KIND_POLL;
+  req.poll = &poll;
+  uint8_t *reply = NULL;
+  size_t len = 0;
+  assert_int_equal(mal_call(&m, &req, &reply, &len), OT_OK);
+  free(reply);
+  ot_client_close(m.c);
+  unsetenv("OT_WIRE_TRACE");
+  cJSON_Delete(tj);
+  free(tr);
+  assert_int_equal(ot_file_read_all(leak_trace, 64u << 20, &tr, &trl), OT_OK);
+  assert_true(trace_find(tr, trl, NULL, needle, &nrec, &bytes));
+  /* found in the plaintext the client sealed, not in the encrypted frames */
+  assert_true(trace_find(tr, trl, "plain", needle, &nrec, &bytes));
+  assert_false(trace_find(tr, trl, "wire", needle, &nrec, &bytes));
+  fprintf(stderr, "the deliberately leaky client: '%s' found in its trace (plaintext), not in its frames\n",
+          needle);
+  ot_identity_wipe(&id);
+  free(tr);
+  free(text);
+  daemon_stop(&d);
+}
+
+/* FedProx in the device trainer: the proximal term keeps the adapter near the start. */
+static double adapter_distance(const char *a, const char *b) {
+  tensors x, y;
+  tensors_load(a, &x);
+  tensors_load(b, &y);
+  double sq = 0;
+  for (size_t t = 0; t < x.n; t++) {
+    const ot_st_tensor *xt = ot_st_at(x.st, t);
+    const float *yv = tensor(&y, xt->name);
+    for (uint64_t k = 0; k < xt->numel; k++) sq += (x.v[t][k] - yv[k]) * (double)(x.v[t][k] - yv[k]);
+  }
+  tensors_free(&x);
+  tensors_free(&y);
+  return sqrt(sq);
+}
+
+static void test_fedprox_trainer(void **state) {
+  (void)state;
+  RUN_OK("OMP_NUM_THREADS=1 %s distill --model %s/full --data %s/public.txt --out %s/prox_emu --bottom 1 "
+         "--top 1 "
+         "--keep 1 --steps 4 --batch 4 --seq-len 32 --threads 1",
+         cloud, dir, dir, dir);
+  const char *common = "--batch 4 --seq-len 32 --lr 1e-2 --threads 1";
+  RUN_OK("%s tune --emulator %s/prox_emu --text %s/romance.txt --out %s/prox_start --steps 4 %s", device, dir,
+         dir, dir, common);
+  double dist[2];
+  const float mus[2] = {0.0f, 200.0f};
+  for (int i = 0; i < 2; i++) {
+    RUN_OK(
+        "%s tune --emulator %s/prox_emu --text %s/mystery.txt --init-adapter %s/prox_start --out %s/prox_%d "
+        "--steps 12 --prox-mu %g %s",
+        device, dir, dir, dir, dir, i, mus[i], common);
+    char a[1200], b[1200];
+    snprintf(a, sizeof a, "%s/prox_start/adapter_model.safetensors", dir);
+    snprintf(b, sizeof b, "%s/prox_%d/adapter_model.safetensors", dir, i);
+    dist[i] = adapter_distance(a, b);
+  }
+  fprintf(stderr, "||w - w_start|| after 12 steps: %.4f without the proximal term, %.4f with mu = 200\n",
+          dist[0], dist[1]);
+  assert_true(dist[0] > 0);
+  assert_true(dist[1] < 0.5 * dist[0]);
+}
+
+int main(void) {
+  signal(SIGPIPE, SIG_IGN);
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_two_sessions),    cmocka_unit_test(test_device_killed),
+      cmocka_unit_test(test_daemon_kill9),    cmocka_unit_test(test_malicious_device),
+      cmocka_unit_test(test_no_private_text), cmocka_unit_test(test_fedprox_trainer),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}
