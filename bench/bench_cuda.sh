@@ -21,7 +21,7 @@ if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DOT_CUDA=ON >/dev/null
-cmake --build build-cuda -j"$(nproc)" --target bench_train gemm_peak >/dev/null
+cmake --build build-cuda -j"$(nproc)" --target bench_train gemm_peak bench_serve >/dev/null
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
 peak=$(./build-cuda/bench/gemm_peak 8192)
 log=build-cuda/bench_cuda.jsonl
@@ -66,6 +66,10 @@ for r, tag in zip(rows, ["fp32", "bf16", "fp32", "bf16", "fp32 sdpa", "bf16 sdpa
     print("%-10s %-22s %10.4f %12.0f %7.1f%%" % (name, impl, r["step_s"], r["tokens_per_s"], 100 * mfu))
 PY
 done
-# TODO(serving, not on this branch): multi-adapter serving tokens/s (lora_sgmv) once the
-# serving engine (branch serve) is merged; add it here against PyTorch with per-row adapters.
+# Multi-adapter serving on the GPU (KV cache, lora_sgmv_fwd): GPT-2 124M shape, 32 requests with
+# 32 different LoRA adapters (and offsite adapters) batched, against one adapter and one at a time.
+# No PyTorch competitor on the GPU yet (bench/torch_serve.py is the CPU one).
+echo "serving (bench_serve --backend cuda, GPT-2 124M shape, 32 requests x (16 prompt + 32 generated)):"
+./build-cuda/bench/bench_serve --backend cuda --layers 12 --embd 768 --heads 12 --requests 32 --prompt 16 \
+  --gen 32 --rank 8 --reps 2 --no-torch --dir build-cuda/bench_serve_tmp | tee build-cuda/bench_serve_cuda.txt
 echo "JSON lines: $log"

@@ -74,7 +74,7 @@ static double run(ot_serve_engine *e, char names[][32], int n, const int32_t *pr
 int main(int argc, char **argv) {
   int L = 6, C = 384, NH = 6, V = 50257, R = 32, np = 16, gen = 32, threads = 2, rank = 8, reps = 2,
       torch = 1;
-  const char *dir = "bench_serve_tmp";
+  const char *dir = "bench_serve_tmp", *backend = "cpu";
   int no_torch = 0;
   const ot_opt opts[] = {
       {"layers", OT_OPT_INT, &L, "N", "blocks (default 6)"},
@@ -86,6 +86,7 @@ int main(int argc, char **argv) {
       {"gen", OT_OPT_INT, &gen, "N", "generated tokens per request (default 32)"},
       {"rank", OT_OPT_INT, &rank, "R", "LoRA rank (default 8)"},
       {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default 2)"},
+      {"backend", OT_OPT_STR, &backend, "NAME", "serving backend: cpu (default) or cuda (falls back to cpu)"},
       {"reps", OT_OPT_INT, &reps, "N", "repetitions, best kept (default 2)"},
       {"dir", OT_OPT_STR, &dir, "DIR", "scratch directory for the model and adapters"},
       {"no-torch", OT_OPT_FLAG, &no_torch, NULL, "skip the PyTorch competitor"},
@@ -97,6 +98,8 @@ int main(int argc, char **argv) {
   }
   if (rc) return die("usage");
   torch = !no_torch;
+  ot_backend_kind kind;
+  if (ot_backend_parse(backend, &kind)) return die("--backend") + 1; /* usage: 2 */
   work = dir;
   ot_backend *be = NULL;
   ot_gpt2 *m = NULL;
@@ -137,6 +140,16 @@ int main(int argc, char **argv) {
     if (ot_adapter_save(emu, &plan, &ac, path)) return die("saving an adapter");
     ot_gpt2_free(emu);
   }
+  /* the files are written from the CPU; a CUDA server loads the base model onto the GPU */
+  ot_backend *sbe = be;
+  ot_gpt2 *sm = m;
+  if (kind != OT_BACKEND_CPU) {
+    int fell_back = 0;
+    if (ot_backend_create_or_cpu(kind, threads, &sbe, &fell_back)) return die("backend");
+    if (fell_back) fprintf(stderr, "bench_serve: warning: %s; using cpu\n", ot_error_detail());
+    snprintf(path, sizeof path, "%s/base", dir);
+    if (ot_gpt2_load_dir(path, sbe, &sm)) return die("loading the model onto the serving backend");
+  }
   ot_serve_config sc;
   ot_serve_config_default(&sc);
   sc.max_batch = R;
@@ -145,7 +158,7 @@ int main(int argc, char **argv) {
   sc.resolve = resolve;
   sc.base_digest = digest;
   ot_serve_engine *e = NULL;
-  if (ot_serve_engine_create(m, &sc, &e)) return die("engine");
+  if (ot_serve_engine_create(sm, &sc, &e)) return die("engine");
   int32_t *prompt = malloc((size_t)np * sizeof(int32_t));
   for (int i = 0; i < np; i++) prompt[i] = (i * 7919) % V;
   /* load every adapter once, so the timings are steady-state serving */
@@ -168,8 +181,8 @@ int main(int argc, char **argv) {
   int ns = (int)(sizeof sc_ / sizeof sc_[0]);
   printf("offtune serving: %d blocks x %d wide, vocab %d, %d requests x (%d prompt + %d generated) tokens, "
          "LoRA r %d "
-         "on 4 of %d blocks, offsite = 2 bottom + 2 top blocks, %d threads\n",
-         L, C, V, R, np, gen, rank, L, threads);
+         "on 4 of %d blocks, offsite = 2 bottom + 2 top blocks, %s backend, %d threads\n",
+         L, C, V, R, np, gen, rank, L, sbe->ops->name, threads);
   for (int rep = 0; rep < reps; rep++)
     for (int s = 0; s < ns; s++) {
       double t = run(e, sc_[s].names, R, prompt, np, gen, sc_[s].together);
@@ -180,7 +193,7 @@ int main(int argc, char **argv) {
   printf("  ratio R LoRA batched / one at a time:           %.2fx\n", sc_[2].best / sc_[4].best);
   printf("  ratio R offsite batched / one at a time:        %.2fx\n", sc_[3].best / sc_[5].best);
   printf("  ratio R offsite adapters / one LoRA adapter:    %.2f\n", sc_[3].best / sc_[1].best);
-  if (torch) {
+  if (torch && sbe->ops->host_visible) { /* torch_serve.py is the CPU competitor */
     char cmd[2048], line[512];
     snprintf(
         cmd, sizeof cmd,
@@ -209,6 +222,8 @@ int main(int argc, char **argv) {
   }
   free(prompt);
   ot_serve_engine_free(e);
+  if (sm != m) ot_gpt2_free(sm);
+  if (sbe != be) ot_backend_free(sbe);
   ot_gpt2_free(m);
   ot_backend_free(be);
   return 0;

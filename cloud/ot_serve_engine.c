@@ -386,9 +386,11 @@ int ot_serve_engine_create(ot_gpt2 *base, const ot_serve_config *cfg, ot_serve_e
   if (ot_gpt2_param_count(base) != ot_gpt2_base_param_count(base))
     return ot_error(OT_ERR_INVALID, "the serving base model must carry no adapter tensors");
   ot_backend *be = ot_gpt2_backend(base);
-  if (!be->ops->embed_fwd || !be->ops->attention_kv_fwd || !be->ops->lora_fwd)
-    return ot_error(OT_ERR_UNSUPPORTED, "the %s backend lacks the serving ops (embed_fwd, attention_kv_fwd)",
-                    be->ops->name);
+  /* any backend with the inference ops (CPU, CUDA); lora_sgmv_fwd is optional */
+  int rc0 = OT_BACKEND_REQUIRE(be, embed_fwd);
+  if (rc0 == OT_OK) rc0 = OT_BACKEND_REQUIRE(be, attention_kv_fwd);
+  if (rc0 == OT_OK) rc0 = OT_BACKEND_REQUIRE(be, lora_fwd);
+  if (rc0) return rc0;
   const ot_gpt2_config *mc = ot_gpt2_cfg(base);
   ot_serve_config c = *cfg;
   if (c.max_batch <= 0) c.max_batch = 32;

@@ -103,15 +103,6 @@ typedef struct {
   /* Ops below were added after the core; a backend may leave any of them NULL
    * (designated initialisers), and callers check with OT_BACKEND_REQUIRE. */
 
-  /* Multi-adapter LoRA for serving (Punica's SGMV): rows [seg[s], seg[s+1]) of x[N,IN]
-   * (N = seg[n_seg], seg[0] = 0, non-decreasing) belong to adapter s, and
-   *   out[i,:] += scale[s] * (x[i,:] A_s^T) B_s^T,  A_s = A[s] [r,IN], B_s = B[s] [OUT,r]
-   * (nn.Linear layout, no dropout: inference). A[s] == NULL leaves segment s untouched
-   * (rows served by the base model). seg, A, B and scale are HOST arrays (the batch
-   * schedule lives on the host); A[s], B[s] point to backend memory. t [N,r] is scratch
-   * and holds the shrink result x A_s^T on return. */
-  void (*lora_sgmv)(ot_backend *be, float *out, float *t, const float *x, int n_seg, const int32_t *seg,
-                    const float *const *A, const float *const *B, const float *scale, int IN, int OUT, int r);
   /* Floats of `att` (and of the `datt` scratch) attention_fwd/bwd need for these shapes;
    * NULL means B*NH*T*T (probabilities kept). A backend with fused attention (CUDA's
    * flash path) keeps only the row log-sum-exp [B,NH,T] in att and recomputes the rest:
@@ -128,12 +119,13 @@ typedef struct {
    * other causally. pos and slot [N] are backend memory. */
   void (*attention_kv_fwd)(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
                            const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max);
-  /* Segmented LoRA for inference (Punica's SGMV), no dropout: segment s owns rows row0[s] ..
-   * row0[s]+n[s]-1 of x[N,IN] and out[N,OUT]; out[those rows] += scale[s] (x A_s^T) Bt_s with
-   * A_s = A[s] [r[s], IN] and Bt_s = Bt[s] [r[s], OUT] (B transposed). One call for every adapter
-   * of a batch. The tables (row0, n, r, scale, A, Bt: S entries) are host memory, the tensors
-   * backend memory. NULL: the engine calls lora_fwd per segment instead. (lora_sgmv above is
-   * the same product with one rank and B untransposed, for backends that have it.) */
+  /* Multi-adapter LoRA for serving (Punica's SGMV), no dropout: segment s owns rows row0[s] ..
+   * row0[s]+n[s]-1 of x[N,IN] and out[N,OUT] (segments do not overlap; rows in none are left
+   * alone) and out[those rows] += scale[s] (x A_s^T) Bt_s with A_s = A[s] [r[s], IN] (nn.Linear
+   * layout) and Bt_s = Bt[s] [r[s], OUT] (B transposed, so the expand reads rows). Ranks differ
+   * per segment. One call for every adapter of a batch. The tables (row0, n, r, scale, A, Bt:
+   * S entries) are HOST memory (the batch schedule lives on the host); the tensors are backend
+   * memory. NULL: the engine calls lora_fwd per segment instead. */
   void (*lora_sgmv_fwd)(ot_backend *be, float *out, const float *x, const float *const *A,
                         const float *const *Bt, const int *row0, const int *n, const int *r,
                         const float *scale, int S, int IN, int OUT);

@@ -1,7 +1,7 @@
 /* Every backend against the CPU reference, op by op, at several shapes (odd sizes that
  * are not multiples of any tile), and a few GPT-2 training steps. Without a GPU the
  * CUDA cases skip visibly; what runs everywhere: clean CUDA failure and CPU fallback,
- * the SGMV op against a naive loop, and the whole harness with the CPU at 1 thread
+ * the SGMV op (lora_sgmv_fwd) against a naive loop, and the whole harness with the CPU at 1 thread
  * against the CPU at 2 (results must not depend on the thread count).
  *
  * Tolerances (||dut - ref|| / ||ref|| per output tensor):
@@ -82,7 +82,7 @@ static float *in_rand(run *r, size_t n, float a, float lo) {
 
 /* tokens in [0, V); with neg, about one in five is -1 (ignored target) */
 static int32_t *in_tokens(run *r, size_t n, int V, int neg) {
-  int32_t *h = malloc(n * sizeof(int32_t));
+  int32_t *h = calloc(n + 1, sizeof(int32_t));
   for (size_t i = 0; i < n; i++) {
     uint64_t u = ot_mix64(r->seed++);
     h[i] = neg && u % 5 == 0 ? -1 : (int32_t)((u >> 8) % (uint64_t)V);
@@ -287,30 +287,83 @@ static void c_sgd(run *r, const int *d) { /* n momentum*100 first_step */
   out_f(r, "buf", POINT, buf, n);
 }
 
-/* segments from d: IN OUT r, then n_seg sizes (a negative size: a base-model segment) */
-static void c_sgmv(run *r, const int *d) { /* IN OUT r n_seg size... */
-  int IN = d[0], OUT = d[1], R = d[2], ns = d[3];
-  int32_t seg[9] = {0};
-  const float *A[8], *B[8];
-  float scale[8];
-  for (int s = 0; s < ns; s++) seg[s + 1] = seg[s] + abs(d[4 + s]);
-  int N = seg[ns];
-  for (int s = 0; s < ns; s++) {
-    A[s] = d[4 + s] < 0 ? NULL : in_rand(r, (size_t)R * IN, 1, 0);
-    B[s] = d[4 + s] < 0 ? NULL : in_rand(r, (size_t)OUT * R, 1, 0);
+/* Segments from d: IN OUT S gap, then S pairs (rows, rank). Segment s starts `gap` rows after the
+ * end of segment s-1 (rows in no segment must stay untouched), and `gap` rows follow the last. */
+static int sgmv_layout(const int *d, int *row0, int *n, int *rk) {
+  int S = d[2], gap = d[3], at = 0;
+  for (int s = 0; s < S; s++) {
+    row0[s] = at + gap;
+    n[s] = d[4 + 2 * s];
+    rk[s] = d[5 + 2 * s];
+    at = row0[s] + n[s];
+  }
+  return at + gap;
+}
+
+static void c_sgmv_fwd(run *r, const int *d) { /* IN OUT S gap (rows rank)... */
+  int IN = d[0], OUT = d[1], S = d[2], row0[6], n[6], rk[6];
+  int N = sgmv_layout(d, row0, n, rk);
+  const float *A[6], *Bt[6];
+  float scale[6];
+  for (int s = 0; s < S; s++) {
+    A[s] = in_rand(r, (size_t)rk[s] * IN, 1, 0);
+    Bt[s] = in_rand(r, (size_t)rk[s] * OUT, 1, 0);
     scale[s] = 0.5f + (float)s;
   }
   float *x = in_rand(r, (size_t)N * IN, 1, 0), *out = in_rand(r, (size_t)N * OUT, 1, 0);
-  float *t = in_rand(r, (size_t)N * R, 1, 0);
-  r->be->ops->lora_sgmv(r->be, out, t, x, ns, seg, A, B, scale, IN, OUT, R);
+  r->be->ops->lora_sgmv_fwd(r->be, out, x, A, Bt, row0, n, rk, scale, S, IN, OUT);
   out_f(r, "out", GEMM, out, (size_t)N * OUT);
-  out_f(r, "t", GEMM, t, (size_t)N * R);
+}
+
+static int32_t *in_ints(run *r, const int32_t *h, size_t n) {
+  return dev_from(r, h, (n ? n : 1) * sizeof(int32_t));
+}
+
+static void c_embed_fwd(run *r, const int *d) { /* N C V T_max */
+  int N = d[0], C = d[1], V = d[2], T_max = d[3];
+  int32_t *tok = in_tokens(r, N, V, 0), *p = calloc(N + 1, sizeof(int32_t));
+  for (int i = 0; i < N; i++)
+    p[i] = i == N - 1 ? T_max - 1 : (int32_t)(ot_mix64(r->seed++) % (uint64_t)T_max);
+  int32_t *pos = in_ints(r, p, N);
+  free(p);
+  float *wte = in_rand(r, (size_t)V * C, 1, 0), *wpe = in_rand(r, (size_t)T_max * C, 1, 0);
+  float *out = in_rand(r, (size_t)N * C, 1, 0);
+  r->be->ops->embed_fwd(r->be, out, tok, pos, wte, wpe, N, C);
+  out_f(r, "out", POINT, out, (size_t)N * C);
+}
+
+/* d: C NH T_max n_slots, then groups (slot, first position, rows): each group is a run of
+ * consecutive positions of one slot (rows > 1: a prefill; 1: a decode step), the cache holding
+ * earlier positions from before (random). Rows are dealt round-robin across groups, so one
+ * prefill's rows are not contiguous in the batch. */
+static void c_attention_kv(run *r, const int *d) {
+  int C = d[0], NH = d[1], T_max = d[2], ns = d[3], ng = 0, N = 0;
+  int32_t ps[512] = {0}, sl[512] = {0};
+  while (ng < 4 && d[4 + 3 * ng + 2] > 0) ng++;
+  for (int k = 0, more = 1; more; k++) {
+    more = 0;
+    for (int g = 0; g < ng; g++) {
+      if (k >= d[4 + 3 * g + 2]) continue;
+      assert_true(N < 512);
+      sl[N] = d[4 + 3 * g];
+      ps[N++] = d[4 + 3 * g + 1] + k;
+      more = 1;
+    }
+  }
+  size_t nc = (size_t)ns * T_max * C;
+  float *qkv = in_rand(r, (size_t)N * 3 * C, 1.5f, 0), *out = in_rand(r, (size_t)N * C, 1, 0);
+  float *kc = in_rand(r, nc, 1.5f, 0), *vc = in_rand(r, nc, 1, 0);
+  int32_t *pos = in_ints(r, ps, N), *slot = in_ints(r, sl, N);
+  r->be->ops->attention_kv_fwd(r->be, out, kc, vc, qkv, pos, slot, N, C, NH, T_max);
+  out_f(r, "out", REDUCE, out, (size_t)N * C);
+  out_f(r, "kcache", POINT, kc, nc);
+  out_f(r, "vcache", POINT, vc, nc);
 }
 
 typedef struct {
   const char *op;
   case_fn fn;
-  int d[10];
+  int d[16];
 } op_case;
 
 static const op_case cases[] = {
@@ -363,9 +416,22 @@ static const op_case cases[] = {
     {"sgd", c_sgd, {1000, 90, 1}},
     {"sgd", c_sgd, {1000, 90, 0}},
     {"sgd", c_sgd, {1000, 0, 0}},
-    {"lora_sgmv", c_sgmv, {16, 24, 4, 1, 5}},
-    {"lora_sgmv", c_sgmv, {77, 129, 8, 5, 3, 0, 7, -4, 1}},
-    {"lora_sgmv", c_sgmv, {96, 33, 16, 4, -2, 9, 0, 30}},
+    /* IN OUT S gap (rows rank)...: ranks differ per segment, 70 is over the CPU's chunk of 64 */
+    {"lora_sgmv_fwd", c_sgmv_fwd, {16, 24, 1, 0, 5, 4}},
+    {"lora_sgmv_fwd", c_sgmv_fwd, {77, 129, 4, 1, 3, 8, 1, 1, 7, 3, 2, 70}},
+    {"lora_sgmv_fwd", c_sgmv_fwd, {96, 33, 5, 0, 9, 16, 0, 4, 30, 5, 1, 2, 4, 7}},
+    {"lora_sgmv_fwd", c_sgmv_fwd, {768, 2304, 3, 2, 1, 8, 1, 16, 6, 4}}, /* GPT-2 small's qkv */
+    /* N C V T_max, the last row at T_max - 1 */
+    {"embed_fwd", c_embed_fwd, {1, 8, 10, 4}},
+    {"embed_fwd", c_embed_fwd, {37, 77, 300, 64}},
+    {"embed_fwd", c_embed_fwd, {130, 768, 50, 1024}},
+    /* C NH T_max slots (slot first-position rows)...: prefills, decodes up to T_max - 1 */
+    {"attention_kv", c_attention_kv, {64, 4, 40, 3, 0, 0, 17, 1, 39, 1, 2, 30, 10}}, /* head size 16 */
+    {"attention_kv", c_attention_kv, {45, 3, 33, 2, 0, 5, 28, 1, 32, 1}},            /* 15 */
+    {"attention_kv", c_attention_kv, {128, 2, 130, 2, 0, 0, 130, 1, 129, 1}},        /* 64, 130 keys */
+    {"attention_kv", c_attention_kv, {3, 3, 5, 2, 0, 0, 5, 1, 4, 1}},                /* 1 */
+    {"attention_kv", c_attention_kv, {600, 2, 9, 1, 0, 3, 6}},                       /* 300: two passes */
+    {"attention_kv", c_attention_kv, {256, 1, 70, 4, 3, 69, 1, 0, 69, 1, 2, 0, 1, 1, 60, 10}}, /* 256 */
 };
 
 static double tolerance(int cls, int bf16) {
@@ -486,68 +552,73 @@ static void test_cli_backend_cuda(void **state) {
 
 static void test_missing_op_is_an_error(void **state) {
   (void)state;
-  assert_int_equal(OT_BACKEND_REQUIRE(ref, lora_sgmv), OT_OK);
+  assert_int_equal(OT_BACKEND_REQUIRE(ref, lora_sgmv_fwd), OT_OK);
+  assert_int_equal(OT_BACKEND_REQUIRE(ref, embed_fwd), OT_OK);
+  assert_int_equal(OT_BACKEND_REQUIRE(ref, attention_kv_fwd), OT_OK);
   assert_int_equal(OT_BACKEND_REQUIRE(ref, attention_state), OT_ERR_UNSUPPORTED); /* the CPU keeps full att */
   assert_non_null(strstr(ot_error_detail(), "cpu backend does not implement the attention_state op"));
 }
 
-/* lora_sgmv against a naive double-precision loop, empty and base-model segments included */
+/* lora_sgmv_fwd (CPU) against a naive double-precision loop: the other backends are compared
+ * with the CPU, so the CPU itself is checked here; rows in no segment stay untouched. */
 static void test_sgmv_cpu_reference(void **state) {
   (void)state;
-  const int shapes[][10] = {
-      {16, 24, 4, 1, 5}, {77, 129, 8, 5, 3, 0, 7, -4, 1}, {96, 33, 16, 4, -2, 9, 0, 30}};
+  const int shapes[][16] = {{16, 24, 1, 0, 5, 4},
+                            {77, 129, 4, 1, 3, 8, 1, 1, 7, 3, 2, 70},
+                            {96, 33, 5, 0, 9, 16, 0, 4, 30, 5, 1, 2, 4, 7}};
   double worst = 0;
   for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
     const int *d = shapes[k];
-    int IN = d[0], OUT = d[1], R = d[2], ns = d[3];
+    int IN = d[0], OUT = d[1], S = d[2], row0[6], n[6], rk[6];
+    int N = sgmv_layout(d, row0, n, rk);
     run a = {.be = ref, .seed = 77 + k};
-    c_sgmv(&a, d);
-    /* regenerate the same inputs on the host, in the order c_sgmv drew them */
+    c_sgmv_fwd(&a, d);
+    /* regenerate the same inputs on the host, in the order c_sgmv_fwd drew them */
     uint64_t s = 77 + k;
-    int32_t seg[9] = {0};
-    for (int i = 0; i < ns; i++) seg[i + 1] = seg[i] + abs(d[4 + i]);
-    int N = seg[ns];
-    float *A[8] = {0}, *B[8] = {0};
-    for (int i = 0; i < ns; i++) {
-      if (d[4 + i] < 0) continue;
-      A[i] = malloc(sizeof(float) * R * IN);
-      B[i] = malloc(sizeof(float) * OUT * R);
-      for (int j = 0; j < R * IN; j++) A[i][j] = urand(&s);
-      for (int j = 0; j < OUT * R; j++) B[i][j] = urand(&s);
+    float *A[6], *Bt[6];
+    for (int i = 0; i < S; i++) {
+      A[i] = malloc(sizeof(float) * (rk[i] * IN + 1));
+      Bt[i] = malloc(sizeof(float) * (rk[i] * OUT + 1));
+      for (int j = 0; j < rk[i] * IN; j++) A[i][j] = urand(&s);
+      for (int j = 0; j < rk[i] * OUT; j++) Bt[i][j] = urand(&s);
     }
     float *x = malloc(sizeof(float) * N * IN), *out = malloc(sizeof(float) * N * OUT);
     for (int j = 0; j < N * IN; j++) x[j] = urand(&s);
     for (int j = 0; j < N * OUT; j++) out[j] = urand(&s);
-    for (int i = 0; i < ns; i++)
-      for (int row = seg[i]; row < seg[i + 1]; row++) {
-        if (!A[i]) continue;
-        double t[16];
-        for (int j = 0; j < R; j++) {
+    float *before = malloc(sizeof(float) * N * OUT);
+    memcpy(before, out, sizeof(float) * N * OUT);
+    for (int i = 0; i < S; i++)
+      for (int row = row0[i]; row < row0[i] + n[i]; row++) {
+        double t[80];
+        for (int j = 0; j < rk[i]; j++) {
           t[j] = 0;
           for (int c = 0; c < IN; c++) t[j] += (double)x[row * IN + c] * A[i][j * IN + c];
         }
         for (int o = 0; o < OUT; o++) {
           double acc = 0;
-          for (int j = 0; j < R; j++) acc += t[j] * B[i][o * R + j];
+          for (int j = 0; j < rk[i]; j++) acc += t[j] * Bt[i][j * OUT + o];
           out[row * OUT + o] = (float)(out[row * OUT + o] + (0.5 + i) * acc);
         }
       }
     double e = ot_test_rel_err(a.out[0], out, (size_t)N * OUT);
     if (e > worst) worst = e;
-    if (!(e < 1e-5)) fail_msg("lora_sgmv case %zu: relative error %.3g against the naive loop", k, e);
-    /* base-model rows are untouched */
-    for (int i = 0; i < ns; i++)
-      if (!A[i])
-        for (int j = seg[i] * OUT; j < seg[i + 1] * OUT; j++) assert_true(a.out[0][j] == out[j]);
-    for (int i = 0; i < ns; i++) {
+    if (!(e < 1e-5)) fail_msg("lora_sgmv_fwd case %zu: relative error %.3g against the naive loop", k, e);
+    for (int row = 0; row < N; row++) {
+      int in_seg = 0;
+      for (int i = 0; i < S; i++) in_seg |= row >= row0[i] && row < row0[i] + n[i];
+      if (!in_seg)
+        for (int o = 0; o < OUT; o++) assert_true(a.out[0][row * OUT + o] == before[row * OUT + o]);
+    }
+    for (int i = 0; i < S; i++) {
       free(A[i]);
-      free(B[i]);
+      free(Bt[i]);
     }
     free(x);
     free(out);
+    free(before);
     run_free(&a);
   }
-  printf("lora_sgmv (cpu) vs naive loop: worst relative error %.2g (tolerance 1e-5)\n", worst);
+  printf("lora_sgmv_fwd (cpu) vs naive loop: worst relative error %.2g (tolerance 1e-5)\n", worst);
 }
 
 static void test_ops_cpu_thread_count(void **state) {

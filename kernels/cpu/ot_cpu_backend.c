@@ -302,21 +302,6 @@ static void cpu_lora_bwd(ot_backend *be, float *dx, float *dA, float *dB, float 
   }
 }
 
-/* Multi-adapter LoRA: one shrink/expand GEMM pair per segment (segments are contiguous rows). */
-static void cpu_lora_sgmv(ot_backend *be, float *out, float *t, const float *x, int n_seg, const int32_t *seg,
-                          const float *const *A, const float *const *B, const float *scale, int IN, int OUT,
-                          int r) {
-  (void)be;
-  for (int s = 0; s < n_seg; s++) {
-    int n = seg[s + 1] - seg[s];
-    if (n <= 0 || !A[s]) continue;
-    const float *xs = x + (size_t)seg[s] * IN;
-    float *ts = t + (size_t)seg[s] * r, *os = out + (size_t)seg[s] * OUT;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r, IN, 1.0f, xs, IN, A[s], IN, 0.0f, ts, r);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, OUT, r, scale[s], ts, r, B[s], r, 1.0f, os, OUT);
-  }
-}
-
 /* ---- attention ------------------------------------------------------------------- */
 
 static void cpu_attention_fwd(ot_backend *be, float *out, float *att, const float *qkv, int B, int T, int C,
@@ -704,7 +689,6 @@ static const ot_backend_ops cpu_ops = {
     .sgd = cpu_sgd,
     .scale = cpu_scale,
     .sumsq = cpu_sumsq,
-    .lora_sgmv = cpu_lora_sgmv,
     .embed_fwd = cpu_embed_fwd,
     .attention_kv_fwd = cpu_attention_kv_fwd,
     .lora_sgmv_fwd = cpu_lora_sgmv_fwd,

@@ -363,3 +363,104 @@ void ot_cuda_attention_bwd(ot_backend *be, float *dqkv, float *datt, const float
   }
   OT_CUDA_LAUNCHED(c, "attention_bwd");
 }
+
+/* ---- inference with a KV cache (cloud/ot_serve_engine.c) ------------------------------ */
+
+static __global__ void embed_kernel(float *out, const int32_t *tokens, const int32_t *pos, const float *wte,
+                                    const float *wpe, int N, int C) {
+  size_t n = (size_t)N * C;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+    size_t i = e / C, c = e % C;
+    out[e] = wte[(size_t)tokens[i] * C + c] + wpe[(size_t)pos[i] * C + c];
+  }
+}
+
+void ot_cuda_embed_fwd(ot_backend *be, float *out, const int32_t *tokens, const int32_t *pos,
+                       const float *wte, const float *wpe, int N, int C) {
+  ot_cuda_ctx *c = ot_cuda(be);
+  if (N <= 0) return;
+  embed_kernel<<<ot_cuda_grid(c, (size_t)N * C, 256), 256, 0, c->stream>>>(out, tokens, pos, wte, wpe, N, C);
+  OT_CUDA_LAUNCHED(c, "embed_fwd");
+}
+
+/* every row's k and v into the cache first, so rows of one prefill see each other */
+static __global__ void kv_store_kernel(float *kcache, float *vcache, const float *qkv, const int32_t *pos,
+                                       const int32_t *slot, int N, int C, int T_max) {
+  size_t n = (size_t)N * C;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+    size_t i = e / C, ch = e % C, at = ((size_t)slot[i] * T_max + pos[i]) * C + ch;
+    kcache[at] = qkv[i * 3 * C + C + ch];
+    vcache[at] = qkv[i * 3 * C + 2 * (size_t)C + ch];
+  }
+}
+
+#define KV_WARPS 4 /* warps per (row, head), each over every KV_WARPS-th key */
+#define KV_DPL 8   /* output dims per lane per pass: heads up to 256 in one pass */
+
+/* One block per (row, head). Each warp runs an online softmax over its share of the keys
+ * 0..pos (lanes split the head's dims), then warp 0 merges the KV_WARPS partial (max, sum,
+ * output) triples. Heads wider than 32*KV_DPL take several passes, recomputing the scores. */
+static __global__ void __launch_bounds__(KV_WARPS * 32)
+    attention_kv_kernel(float *out, const float *kcache, const float *vcache, const float *qkv,
+                        const int32_t *pos, const int32_t *slot, int C, int NH, int T_max, float scale) {
+  __shared__ float sm[KV_WARPS], sl[KV_WARPS], so[KV_WARPS][32 * KV_DPL];
+  int i = blockIdx.x / NH, h = blockIdx.x % NH, hs = C / NH;
+  int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, P = pos[i];
+  const float *q = qkv + (size_t)i * 3 * C + (size_t)h * hs;
+  size_t base = (size_t)slot[i] * T_max * C + (size_t)h * hs;
+  const float *kb = kcache + base, *vb = vcache + base;
+  float *o = out + (size_t)i * C + (size_t)h * hs;
+  for (int d0 = 0; d0 < hs; d0 += 32 * KV_DPL) {
+    float m = -INFINITY, l = 0.0f, acc[KV_DPL];
+    for (int k = 0; k < KV_DPL; k++) acc[k] = 0.0f;
+    for (int t = wp; t <= P; t += KV_WARPS) {
+      const float *kt = kb + (size_t)t * C, *vt = vb + (size_t)t * C;
+      float dot = 0.0f;
+      for (int d = lane; d < hs; d += 32) dot += q[d] * kt[d];
+      float s = ot_warp_sum(dot) * scale;
+      float mn = fmaxf(m, s), corr = expf(m - mn), p = expf(s - mn);
+      l = l * corr + p;
+      for (int k = 0; k < KV_DPL; k++) {
+        int d = d0 + lane + 32 * k;
+        if (d < hs) acc[k] = acc[k] * corr + p * vt[d];
+      }
+      m = mn;
+    }
+    if (lane == 0) {
+      sm[wp] = m;
+      sl[wp] = l;
+    }
+    for (int k = 0; k < KV_DPL; k++) so[wp][lane + 32 * k] = acc[k];
+    __syncthreads();
+    if (wp == 0) { /* warp 0 always has key 0, so M is finite; warps without keys weigh 0 */
+      float M = sm[0];
+      for (int w = 1; w < KV_WARPS; w++) M = fmaxf(M, sm[w]);
+      float L = 0.0f, f[KV_WARPS];
+      for (int w = 0; w < KV_WARPS; w++) {
+        f[w] = expf(sm[w] - M);
+        L += sl[w] * f[w];
+      }
+      float inv = 1.0f / L;
+      for (int k = 0; k < KV_DPL; k++) {
+        int d = d0 + lane + 32 * k;
+        if (d >= hs) break;
+        float v = 0.0f;
+        for (int w = 0; w < KV_WARPS; w++) v += so[w][lane + 32 * k] * f[w];
+        o[d] = v * inv;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+void ot_cuda_attention_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
+                              const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max) {
+  ot_cuda_ctx *c = ot_cuda(be);
+  if (N <= 0) return;
+  kv_store_kernel<<<ot_cuda_grid(c, (size_t)N * C, 256), 256, 0, c->stream>>>(kcache, vcache, qkv, pos, slot,
+                                                                              N, C, T_max);
+  float scale = 1.0f / sqrtf((float)(C / NH));
+  attention_kv_kernel<<<(unsigned)N * NH, KV_WARPS * 32, 0, c->stream>>>(out, kcache, vcache, qkv, pos, slot,
+                                                                         C, NH, T_max, scale);
+  OT_CUDA_LAUNCHED(c, "attention_kv_fwd");
+}

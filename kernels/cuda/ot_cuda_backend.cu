@@ -45,6 +45,7 @@ static void cu_destroy(ot_backend *be) {
   cudaFree(c->sumsq_dev);
   cudaFree(c->meta_dev);
   free(c->meta_host);
+  cudaFree(c->sgmv_t);
   cudaStreamDestroy(c->stream);
   free(c);
   free(be);
@@ -635,12 +636,10 @@ static const ot_backend_ops cuda_ops = {
     .sgd = cu_sgd,
     .scale = cu_scale,
     .sumsq = cu_sumsq,
-    .lora_sgmv = ot_cuda_lora_sgmv,
     .attention_state = ot_cuda_attention_state,
-    /* serving ops (cloud/ot_serve_engine.c) not written for CUDA yet: the engine refuses */
-    .embed_fwd = nullptr,
-    .attention_kv_fwd = nullptr,
-    .lora_sgmv_fwd = nullptr,
+    .embed_fwd = ot_cuda_embed_fwd,
+    .attention_kv_fwd = ot_cuda_attention_kv_fwd,
+    .lora_sgmv_fwd = ot_cuda_lora_sgmv_fwd,
 };
 
 static int no_device(cudaError_t e, const char *why) {

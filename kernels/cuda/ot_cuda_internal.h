@@ -33,6 +33,8 @@ typedef struct {
   void *meta_dev;              /* SGMV segment table (grown on demand) */
   size_t meta_bytes;
   void *meta_host;
+  float *sgmv_t; /* SGMV shrink results (grown on demand) */
+  size_t sgmv_t_bytes;
   int n_sm;
   /* first error since the last sync: ops cannot return one */
   int err;
@@ -63,6 +65,10 @@ void ot_cuda_attention_fwd(ot_backend *be, float *out, float *att, const float *
 void ot_cuda_attention_bwd(ot_backend *be, float *dqkv, float *datt, const float *dout, const float *qkv,
                            const float *att, int B, int T, int C, int NH);
 size_t ot_cuda_attention_state(ot_backend *be, int B, int T, int C, int NH);
+void ot_cuda_embed_fwd(ot_backend *be, float *out, const int32_t *tokens, const int32_t *pos,
+                       const float *wte, const float *wpe, int N, int C);
+void ot_cuda_attention_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
+                              const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max);
 
 /* ot_cuda_lora.cu */
 void ot_cuda_lora_fwd(ot_backend *be, float *out, float *t, float *xd, const float *x, const float *A,
@@ -70,9 +76,9 @@ void ot_cuda_lora_fwd(ot_backend *be, float *out, float *t, float *xd, const flo
 void ot_cuda_lora_bwd(ot_backend *be, float *dx, float *dA, float *dB, float *dt, float *xd,
                       const float *dout, const float *x, const float *t, const float *A, const float *B,
                       int N, int IN, int OUT, int r, float scale, float p, uint64_t seed);
-void ot_cuda_lora_sgmv(ot_backend *be, float *out, float *t, const float *x, int n_seg, const int32_t *seg,
-                       const float *const *A, const float *const *B, const float *scale, int IN, int OUT,
-                       int r);
+void ot_cuda_lora_sgmv_fwd(ot_backend *be, float *out, const float *x, const float *const *A,
+                           const float *const *Bt, const int *row0, const int *n, const int *r,
+                           const float *scale, int S, int IN, int OUT);
 
 /* warp / block reductions (blockDim.x a multiple of 32) */
 static __device__ __forceinline__ float ot_warp_sum(float v) {

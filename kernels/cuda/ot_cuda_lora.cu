@@ -1,7 +1,7 @@
 /* LoRA on the GPU: the training branch (the CPU backend's GEMM sequence on cuBLAS,
  * dropout masks regenerated from the same counter hash) and SGMV for serving many
- * adapters in one batch (Punica): a shrink kernel t = x A_s^T and an expand kernel
- * out += scale_s t B_s^T, each row finding its segment by binary search. */
+ * adapters in one batch (Punica): a shrink kernel t = scale_s x A_s^T and an expand kernel
+ * out += t Bt_s over the rows of every segment, each row finding its segment by binary search. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -61,21 +61,25 @@ void ot_cuda_lora_bwd(ot_backend *be, float *dx, float *dA, float *dB, float *dt
 
 /* ---- SGMV --------------------------------------------------------------------------- */
 
-/* Device copy of the host segment table, packed as seg[n_seg+1] | A[n_seg] | B[n_seg] | scale[n_seg]. */
+/* Device copy of the host segment tables. The rows of all segments, laid end to end, are the
+ * "work rows" w = 0 .. cum[S]-1; work row w of segment s is x row row0[s] + w - cum[s], and its
+ * shrink result lives at t + toff[s] + (w - cum[s]) * r[s]. */
 typedef struct {
-  const int32_t *seg;
-  const float *const *A;
-  const float *const *B;
+  const int *cum; /* [S+1] */
+  const int *row0, *r;
+  const long long *toff;
   const float *scale;
-  int n_seg;
+  const float *const *A;
+  const float *const *Bt;
+  int S;
 } sgmv_meta;
 
-/* the segment s with seg[s] <= row < seg[s+1] (empty segments are skipped over) */
-static __device__ int segment_of(const int32_t *seg, int n_seg, int row) {
-  int lo = 0, hi = n_seg - 1;
+/* the segment s with cum[s] <= w < cum[s+1] (empty segments are skipped over) */
+static __device__ int segment_of(const int *cum, int S, int w) {
+  int lo = 0, hi = S - 1;
   while (lo < hi) {
     int mid = (lo + hi + 1) >> 1;
-    if (seg[mid] <= row)
+    if (cum[mid] <= w)
       lo = mid;
     else
       hi = mid - 1;
@@ -83,76 +87,112 @@ static __device__ int segment_of(const int32_t *seg, int n_seg, int row) {
   return lo;
 }
 
-/* One block per row; warps take ranks j: t[i,j] = x_i . A_s[j,:]. */
-static __global__ void sgmv_shrink_kernel(float *t, const float *x, sgmv_meta m, int IN, int r) {
-  int i = blockIdx.x, s = segment_of(m.seg, m.n_seg, i);
+/* Shrink, one block per work row, warps over ranks: t[j] = scale_s x_i . A_s[j,:]. */
+static __global__ void sgmv_shrink_kernel(float *t, const float *x, sgmv_meta m, int IN) {
+  int w = blockIdx.x, s = segment_of(m.cum, m.S, w), r = m.r[s], k = w - m.cum[s];
   const float *A = m.A[s];
-  if (!A) return;
-  const float *xi = x + (size_t)i * IN;
+  const float *xi = x + (size_t)(m.row0[s] + k) * IN;
+  float *ti = t + m.toff[s] + (size_t)k * r;
   int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
   for (int j = threadIdx.x >> 5; j < r; j += nw) {
     const float *a = A + (size_t)j * IN;
     float acc = 0.0f;
-    for (int k = lane; k < IN; k += 32) acc += xi[k] * a[k];
+    for (int c = lane; c < IN; c += 32) acc += xi[c] * a[c];
     acc = ot_warp_sum(acc);
-    if (lane == 0) t[(size_t)i * r + j] = acc;
+    if (lane == 0) ti[j] = m.scale[s] * acc;
   }
 }
 
-/* Grid (rows, column tiles); t_i staged in shared memory: out[i,o] += scale_s t_i . B_s[o,:]. */
-static __global__ void sgmv_expand_kernel(float *out, const float *t, sgmv_meta m, int OUT, int r) {
-  OT_EXTERN_SHARED(float, ti);
-  int i = blockIdx.x, s = segment_of(m.seg, m.n_seg, i);
-  const float *B = m.B[s];
-  if (!B) return;
-  for (int j = threadIdx.x; j < r; j += blockDim.x) ti[j] = t[(size_t)i * r + j];
+/* Expand, grid (work rows, column tiles), t_i staged in shared memory:
+ * out[i,o] += sum_j t_i[j] Bt_s[j,o] (reads of Bt_s coalesced along o). */
+static __global__ void sgmv_expand_kernel(float *out, const float *t, sgmv_meta m, int OUT) {
+  OT_EXTERN_SHARED(float, ts);
+  int w = blockIdx.x, s = segment_of(m.cum, m.S, w), r = m.r[s], k = w - m.cum[s];
+  const float *ti = t + m.toff[s] + (size_t)k * r;
+  for (int j = threadIdx.x; j < r; j += blockDim.x) ts[j] = ti[j];
   __syncthreads();
   int o = blockIdx.y * blockDim.x + threadIdx.x;
   if (o >= OUT) return;
-  const float *b = B + (size_t)o * r;
+  const float *bt = m.Bt[s] + o;
   float acc = 0.0f;
-  for (int j = 0; j < r; j++) acc += ti[j] * b[j];
-  out[(size_t)i * OUT + o] += m.scale[s] * acc;
+  for (int j = 0; j < r; j++) acc += ts[j] * bt[(size_t)j * OUT];
+  out[(size_t)(m.row0[s] + k) * OUT + o] += acc;
 }
 
-void ot_cuda_lora_sgmv(ot_backend *be, float *out, float *t, const float *x, int n_seg, const int32_t *seg,
-                       const float *const *A, const float *const *B, const float *scale, int IN, int OUT,
-                       int r) {
-  ot_cuda_ctx *c = ot_cuda(be);
-  if (n_seg <= 0 || r <= 0) return;
-  int N = seg[n_seg];
-  if (N <= 0) return;
-  size_t seg_b = ((sizeof(int32_t) * (n_seg + 1) + 15) / 16) * 16, ptr_b = sizeof(void *) * n_seg;
-  size_t need = seg_b + 2 * ptr_b + sizeof(float) * n_seg;
-  if (need > c->meta_bytes) {
-    size_t cap = need * 2;
-    void *h = realloc(c->meta_host, cap);
+/* Grows a device buffer (and its host twin) to `need` bytes; stream-ordered users of the old one
+ * are waited for by cudaFree. */
+static int grow(ot_cuda_ctx *c, void **dev, void **host, size_t *cap, size_t need, const char *what) {
+  if (need <= *cap) return 0;
+  size_t n = need * 2;
+  if (host) {
+    void *h = realloc(*host, n);
     if (!h) {
-      ot_cuda_note(c, cudaErrorMemoryAllocation, "lora_sgmv");
-      return;
+      ot_cuda_note(c, cudaErrorMemoryAllocation, what);
+      return -1;
     }
-    c->meta_host = h;
-    cudaFree(c->meta_dev); /* waits for kernels still reading the old table */
-    c->meta_dev = NULL;
-    c->meta_bytes = 0;
-    cudaError_t e = cudaMalloc(&c->meta_dev, cap);
-    if (e != cudaSuccess) {
-      ot_cuda_note(c, e, "lora_sgmv");
-      return;
-    }
-    c->meta_bytes = cap;
+    *host = h;
   }
-  char *h = (char *)c->meta_host, *d = (char *)c->meta_dev;
-  memcpy(h, seg, sizeof(int32_t) * (n_seg + 1));
-  memcpy(h + seg_b, A, ptr_b);
-  memcpy(h + seg_b + ptr_b, B, ptr_b);
-  memcpy(h + seg_b + 2 * ptr_b, scale, sizeof(float) * n_seg);
+  cudaFree(*dev);
+  *dev = NULL;
+  *cap = 0;
+  cudaError_t e = cudaMalloc(dev, n);
+  if (e != cudaSuccess) {
+    ot_cuda_note(c, e, what);
+    return -1;
+  }
+  *cap = n;
+  return 0;
+}
+
+void ot_cuda_lora_sgmv_fwd(ot_backend *be, float *out, const float *x, const float *const *A,
+                           const float *const *Bt, const int *row0, const int *n, const int *r,
+                           const float *scale, int S, int IN, int OUT) {
+  ot_cuda_ctx *c = ot_cuda(be);
+  if (S <= 0) return;
+  /* host tables: segments with rows and a rank only (the others add nothing) */
+  size_t ib = sizeof(int) * (S + 1), pb = sizeof(void *) * S;
+  size_t o_row0 = ((ib + 15) / 16) * 16, o_r = o_row0 + o_row0, o_toff = o_r + o_row0;
+  size_t o_scale = o_toff + sizeof(long long) * S, o_A = ((o_scale + sizeof(float) * S + 15) / 16) * 16;
+  size_t o_Bt = o_A + pb, need = o_Bt + pb;
+  if (grow(c, &c->meta_dev, &c->meta_host, &c->meta_bytes, need, "lora_sgmv_fwd")) return;
+  char *h = (char *)c->meta_host;
+  int *cum = (int *)h, *hrow0 = (int *)(h + o_row0), *hr = (int *)(h + o_r);
+  long long *toff = (long long *)(h + o_toff);
+  float *hscale = (float *)(h + o_scale);
+  const float **hA = (const float **)(h + o_A), **hBt = (const float **)(h + o_Bt);
+  int k = 0, rmax = 0;
+  long long tn = 0;
+  cum[0] = 0;
+  for (int s = 0; s < S; s++) {
+    if (n[s] <= 0 || r[s] <= 0 || !A[s] || !Bt[s]) continue;
+    hrow0[k] = row0[s];
+    hr[k] = r[s];
+    toff[k] = tn;
+    hscale[k] = scale[s];
+    hA[k] = A[s];
+    hBt[k] = Bt[s];
+    cum[k + 1] = cum[k] + n[s];
+    tn += (long long)n[s] * r[s];
+    if (r[s] > rmax) rmax = r[s];
+    k++;
+  }
+  if (k == 0) return;
+  if (grow(c, (void **)&c->sgmv_t, NULL, &c->sgmv_t_bytes, sizeof(float) * (size_t)tn, "lora_sgmv_fwd"))
+    return;
+  char *d = (char *)c->meta_dev;
   /* a pageable copy is staged before returning; stream order protects the device table */
-  ot_cuda_note(c, cudaMemcpyAsync(d, h, need, cudaMemcpyHostToDevice, c->stream), "lora_sgmv");
-  sgmv_meta m = {(const int32_t *)d, (const float *const *)(d + seg_b),
-                 (const float *const *)(d + seg_b + ptr_b), (const float *)(d + seg_b + 2 * ptr_b), n_seg};
-  sgmv_shrink_kernel<<<N, 128, 0, c->stream>>>(t, x, m, IN, r);
-  dim3 grid(N, (OUT + 127) / 128);
-  sgmv_expand_kernel<<<grid, 128, sizeof(float) * r, c->stream>>>(out, t, m, OUT, r);
-  OT_CUDA_LAUNCHED(c, "lora_sgmv");
+  ot_cuda_note(c, cudaMemcpyAsync(d, h, need, cudaMemcpyHostToDevice, c->stream), "lora_sgmv_fwd");
+  sgmv_meta m = {(const int *)d,
+                 (const int *)(d + o_row0),
+                 (const int *)(d + o_r),
+                 (const long long *)(d + o_toff),
+                 (const float *)(d + o_scale),
+                 (const float *const *)(d + o_A),
+                 (const float *const *)(d + o_Bt),
+                 k};
+  int W = cum[k];
+  sgmv_shrink_kernel<<<W, 128, 0, c->stream>>>(c->sgmv_t, x, m, IN);
+  dim3 grid(W, (OUT + 127) / 128);
+  sgmv_expand_kernel<<<grid, 128, sizeof(float) * rmax, c->stream>>>(out, c->sgmv_t, m, OUT);
+  OT_CUDA_LAUNCHED(c, "lora_sgmv_fwd");
 }
