@@ -28,6 +28,7 @@ typedef struct {
   pthread_cond_t cv;
   int stop, kick;
   char npm_dir[2048];
+  struct ot_round_secagg *sa; /* in-memory masking rounds (ot_round_secagg.c); made by the scheduler */
 } ot_daemon;
 
 /* One timestamped line on stderr (the daemon's log). */
