@@ -262,7 +262,16 @@ static void h_session(const cJSON *r) {
          jnum(c, "steps"), jnum(c, "batch"), seq, jnum(c, "lr"), jstr(c, "aggregation"));
   printf("  %.0f..%.0f devices per round, deadline %.0f s; current adapter %s\n", jnum(c, "min_devices"),
          jnum(c, "max_devices"), jnum(c, "deadline_s"), jstr(s, "adapter"));
-  const cJSON *x;
+  printf("  secure aggregation %s\n", jstr(c, "secagg"));
+  const cJSON *dp = cJSON_GetObjectItemCaseSensitive(r, "dp"), *x;
+  if (dp) {
+    printf("  differential privacy: budget epsilon %g at delta %g, clip %g, noise z %.4f; epsilon after each "
+           "round:",
+           jnum(dp, "budget"), jnum(dp, "delta"), jnum(dp, "clip"), jnum(dp, "noise"));
+    cJSON_ArrayForEach(x, cJSON_GetObjectItemCaseSensitive(dp, "epsilon"))
+        printf(" %.4f", cJSON_GetNumberValue(x));
+    printf("\n");
+  }
   printf("  %-6s %-12s %-9s %-13s %s\n", "ROUND", "STATE", "UPDATES", "ATTEMPTS", "RESULT");
   cJSON_ArrayForEach(x, cJSON_GetObjectItemCaseSensitive(r, "rounds")) {
     printf("  %-6.0f %-12s %-9.0f %-13.0f %.16s\n", jnum(x, "round"), jstr(x, "state"),
