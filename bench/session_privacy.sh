@@ -58,4 +58,4 @@ echo
 echo -n "session wall time (s):"
 for n in plain secagg dp1 dp4 dp8; do echo -n " $n ${seconds[$n]}"; done
 echo
-for n in dp1 dp4 dp8; do echo "$n: $(grep -m1 'differential privacy' "$work/$n.log" | sed 's/^ *//')"; done
+for n in dp1 dp4 dp8; do echo "$n: $(grep -m1 'differential privacy: budget' "$work/$n.log" | sed 's/^ *//')"; done
