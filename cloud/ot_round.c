@@ -191,7 +191,7 @@ static int dp_over_budget(const ot_session_cfg *c, int round, int *exceeds, doub
 }
 
 /* Stops the session before round `round` when it would exceed the DP budget. */
-static int dp_gate(ot_daemon *d, const ot_session_row *s, int round, int *stopped) {
+int ot_round_dp_gate(ot_daemon *d, const ot_session_row *s, int round, int *stopped) {
   *stopped = 0;
   if (s->cfg.dp_epsilon <= 0) return OT_OK;
   int exceeds = 0;
@@ -211,7 +211,7 @@ static int dp_gate(ot_daemon *d, const ot_session_row *s, int round, int *stoppe
 
 static int prepare(ot_daemon *d, const ot_session_row *s) {
   int stopped = 0;
-  int rc0 = dp_gate(d, s, 1, &stopped);
+  int rc0 = ot_round_dp_gate(d, s, 1, &stopped);
   if (rc0 || stopped) return rc0;
   int64_t emu_id;
   char emu_dir[1024], digest[OT_DIGEST_HEX];
@@ -306,7 +306,7 @@ static int after_round(ot_daemon *d, const ot_session_row *s) {
   ot_session_row next;
   int stopped = 0;
   rc = ot_reg_session_get_id(d->reg, s->id, &next);
-  if (rc == OT_OK) rc = dp_gate(d, &next, s->round + 1, &stopped);
+  if (rc == OT_OK) rc = ot_round_dp_gate(d, &next, s->round + 1, &stopped);
   return rc;
 }
 

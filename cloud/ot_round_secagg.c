@@ -27,6 +27,7 @@ typedef struct {
   int64_t session_id;
   int round;
   sa_phase phase;
+  int gated; /* the DP budget was checked for this round in this daemon's life */
   int n_ready;
   uint8_t ready[SA_MAX_DEV][32];
   /* PH_RUNNING */
@@ -393,6 +394,21 @@ int ot_sa_step(ot_daemon *d, const ot_session_row *s) {
     return ot_error(OT_ERR_RANGE, "too many secure-aggregation rounds at once");
   }
   int rc = OT_OK;
+  if (!r->gated) {
+    /* normally checked when the previous round finished; again here for a daemon killed
+     * between that round's commit and the check */
+    r->gated = 1;
+    if (c->dp_epsilon > 0) {
+      int stopped = 0;
+      pthread_mutex_unlock(&t->mu);
+      rc = ot_round_dp_gate(d, s, s->round, &stopped);
+      if (rc || stopped) {
+        if (stopped) ot_sa_forget(t, s->id);
+        return rc;
+      }
+      return OT_OK; /* the next step goes on */
+    }
+  }
   if (r->phase == PH_JOIN) {
     int need = c->min_devices > 3 ? c->min_devices : 3;
     int enough = r->n_ready >= c->max_devices || (r->n_ready >= need && now >= s->deadline);

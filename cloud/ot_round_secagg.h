@@ -64,4 +64,8 @@ void ot_sa_forget(ot_round_secagg *t, int64_t session_id);
 int ot_round_publish_avg(ot_daemon *d, const ot_session_row *s, const char *avg_path, int participants,
                          const char *summary);
 
+/* ot_round.c: fails the session (with the reason) when round `round` would take the DP
+ * accountant past the budget; *stopped = 1 then. */
+int ot_round_dp_gate(ot_daemon *d, const ot_session_row *s, int round, int *stopped);
+
 #endif

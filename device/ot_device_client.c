@@ -30,6 +30,7 @@
 #include "ot_fileio.h"
 #include "ot_identity.h"
 #include "ot_pb.h"
+#include "ot_secagg.h"
 #include "ot_transport.h"
 #include "session.pb-c.h"
 
@@ -499,21 +500,22 @@ int ot_dev_run(int argc, char **argv) {
       }
       case OFFTUNE__SESSION__ROUND_STATE__SECAGG: {
         char work[4096];
-        int masked = 0;
+        uint32_t answered = 0;
         if (!ri->session || strchr(ri->session, '/') || strchr(ri->session, '.')) {
           rc = ot_error(OT_ERR_FORMAT, "bad session name");
           break;
         }
         snprintf(work, sizeof work, "%s/work/%s/r%u", r.state, ri->session, ri->round);
-        rc = ot_dev_secagg_step(&r.sa, &r.id, r.c, work, ri, &masked);
-        if (rc == OT_OK && masked) {
+        rc = ot_dev_secagg_step(&r.sa, &r.id, r.c, work, ri, &answered);
+        if (rc == OT_OK && answered == OT_SA_MASKED) { /* this device's update is in the round */
           accepted_n++;
           save_progress(&r, ri->session, ri->round);
-          /* tests: a device that dies right after its masked input (the cloud must unmask without it) */
-          if (getenv("OT_TEST_DEVICE_EXIT_AFTER_MASKED")) {
-            fprintf(stderr, "[run] OT_TEST_DEVICE_EXIT_AFTER_MASKED: exiting now\n");
-            _exit(9);
-          }
+        }
+        /* tests: a device that dies right after a stage (the cloud must go on without it) */
+        const char *exit_after = getenv("OT_TEST_DEVICE_EXIT_AFTER_STAGE");
+        if (rc == OT_OK && answered && exit_after && (uint32_t)atoi(exit_after) == answered) {
+          fprintf(stderr, "[run] OT_TEST_DEVICE_EXIT_AFTER_STAGE: exiting after stage %u\n", answered);
+          _exit(9);
         }
         break;
       }

@@ -155,9 +155,9 @@ static int build_update(const char *work, const Offtune__Session__SecAggInfo *in
 }
 
 int ot_dev_secagg_step(ot_dev_secagg **stp, const ot_identity *id, ot_client *c, const char *work,
-                       const Offtune__Session__RoundInfo *ri, int *masked) {
+                       const Offtune__Session__RoundInfo *ri, uint32_t *answered) {
   const Offtune__Session__SecAggInfo *in = ri->secagg;
-  *masked = 0;
+  *answered = 0;
   if (!in || !in->has_round_id || !in->has_dim || !in->has_clip || in->n_roster < 2 || in->dim < 2)
     return ot_error(OT_ERR_FORMAT, "incomplete secure-aggregation RoundInfo");
   ot_dev_secagg *st = *stp;
@@ -226,7 +226,7 @@ int ot_dev_secagg_step(ot_dev_secagg **stp, const ot_identity *id, ot_client *c,
     st->sent_stage = in->stage; /* answered once, accepted or not: a stage is never replayed */
     fprintf(stderr, "[run] %s round %u: secure aggregation stage %u %s\n", ri->session, ri->round, in->stage,
             accepted ? "answered" : "refused");
-    if (accepted && in->stage == OT_SA_MASKED) *masked = 1;
+    if (accepted) *answered = in->stage;
   }
   return rc;
 }

@@ -18,9 +18,10 @@ typedef struct ot_dev_secagg ot_dev_secagg;
 int ot_dev_secagg_join(ot_client *c, const char *session, unsigned round, int *accepted);
 /* One SECAGG poll reply: makes the masking round's state on first sight (*st), answers
  * the stage unless already done. work = STATE/work/<session>/r<round> (global/, local/,
- * trained.json). *masked = 1 when this call's masked input was accepted. */
+ * trained.json). *answered = the stage whose message this call got accepted (0: none;
+ * OT_SA_MASKED: this device's update is in the round). */
 int ot_dev_secagg_step(ot_dev_secagg **st, const ot_identity *id, ot_client *c, const char *work,
-                       const Offtune__Session__RoundInfo *ri, int *masked);
+                       const Offtune__Session__RoundInfo *ri, uint32_t *answered);
 void ot_dev_secagg_free(ot_dev_secagg *st);
 
 #endif

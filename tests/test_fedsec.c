@@ -334,6 +334,20 @@ static int dir_count(const char *path) {
   return n;
 }
 
+/* No update rows, no update objects, nothing staged. */
+static void check_no_updates_rows(const daemon_t *d, const char *session) {
+  char db[1200], p[1200], sql[256];
+  snprintf(db, sizeof db, "%s/registry.db", d->state);
+  snprintf(sql, sizeof sql,
+           "SELECT COUNT(*) FROM updates u JOIN sessions s ON s.id = u.session_id WHERE s.name = '%s'",
+           session);
+  assert_int_equal(count_rows(db, sql), 0);
+  snprintf(p, sizeof p, "%s/objects/updates", d->state);
+  assert_int_equal(dir_count(p), 0);
+  snprintf(p, sizeof p, "%s/staging", d->state);
+  assert_int_equal(dir_count(p), 0);
+}
+
 /* The cloud holds no individual update of the session: no rows, no objects, nothing staged. */
 static void check_no_updates(const daemon_t *d, const char *session) {
   char db[1200], p[1200], sql[256];
@@ -430,7 +444,7 @@ static void test_secagg_dropout(void **state) {
   /* humor exits right after its masked input: the unmask stage recovers its self mask
    * from the others' shares, and its update is in the sum */
   session_create(&D, "drop", "--rounds 1 --min-devices 3 --max-devices 3 --deadline 12 --secagg on");
-  run_devices("drop", "OT_TEST_DEVICE_EXIT_AFTER_MASKED=1", 0, 9);
+  run_devices("drop", "OT_TEST_DEVICE_EXIT_AFTER_STAGE=3", 0, 9);
   cJSON *s = wait_session(&D, "drop", "done", 60);
   check_secagg_round(&D, s, "drop", 1, 3);
   check_no_updates(&D, "drop");
@@ -445,6 +459,44 @@ static void test_secagg_dropout(void **state) {
                               "SELECT COUNT(*) FROM audit WHERE event = 'secagg' AND detail = 'drop round 1: "
                               "unmask closed: 2 survivors answered'"),
                    1);
+  cJSON_Delete(s);
+}
+
+static void test_secagg_abort(void **state) {
+  (void)state;
+  /* mystery and humor leave right after advertising: in the shares stage one device is
+   * left, fewer than the threshold: the round aborts, nothing is published, and with no
+   * retries left the session fails with the reason */
+  session_create(&D, "abort",
+                 "--rounds 1 --min-devices 3 --max-devices 3 --deadline 8 --max-retries 0 --secagg on");
+  pid_t pids[3];
+  for (int i = 0; i < 3; i++) {
+    char data[64];
+    snprintf(data, sizeof data, "%s.txt", devs[i]);
+    pids[i] = device_run(devs[i], data, "abort", i ? "OT_TEST_DEVICE_EXIT_AFTER_STAGE=1" : NULL);
+  }
+  assert_int_equal(wait_exit(pids[1], 120), 9);
+  assert_int_equal(wait_exit(pids[2], 120), 9);
+  assert_int_equal(wait_exit(pids[0], 120), 1); /* FAILED */
+  cJSON *s = wait_session(&D, "abort", "failed", 30);
+  const char *err = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(s, "session"), "error"));
+  assert_non_null(err);
+  fprintf(stderr, "abort: %s\n", err);
+  assert_non_null(strstr(err, "secure aggregation aborted in stage 2"));
+  char db[1200];
+  snprintf(db, sizeof db, "%s/registry.db", D.state);
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM adapters WHERE name = 'abort'"), 0);
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM rounds r JOIN sessions s ON s.id = r.session_id "
+                                  "WHERE s.name = 'abort' AND r.state = 'done'"),
+                   0);
+  assert_int_equal(
+      count_rows(db,
+                 "SELECT COUNT(*) FROM audit WHERE event = 'secagg.abort' AND detail LIKE 'abort round 1:%'"),
+      1);
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM audit WHERE event = 'secagg' AND detail LIKE 'abort "
+                                  "round 1: round aborted:%no aggregate is published'"),
+                   1);
+  check_no_updates_rows(&D, "abort");
   cJSON_Delete(s);
 }
 
@@ -531,6 +583,7 @@ int main(void) {
       cmocka_unit_test(test_secagg_session),
       cmocka_unit_test(test_secagg_dropout),
       cmocka_unit_test(test_dp),
+      cmocka_unit_test(test_secagg_abort),
       cmocka_unit_test(test_secagg_daemon_kill9),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
