@@ -22,6 +22,8 @@ static const ot_cli_command commands[] = {
     {"eval", ot_cmd_eval, "perplexity of a model (optionally with an adapter) on a text or token file"},
     {"merge", ot_cmd_merge, "fold a LoRA adapter into the base weights; writes a normal checkpoint"},
     {"generate", ot_cmd_generate, "sample a continuation of a prompt"},
+    {"serve-model", ot_cmd_serve_model,
+     "serve a model and its adapters: OpenAI-style HTTP API, nng request API"},
     {"tokenize", ot_cmd_tokenize, "print the token ids of a text file"},
     {"corpus", ot_cmd_corpus, "write the plain text of Brown corpus genres (the project's data splits)"},
     {"access", ot_cmd_access, "allow or revoke a device, or issue a one-time enrolment token"},

@@ -187,8 +187,9 @@ static int identity_load_or_make(ot_daemon *d) {
   return rc;
 }
 
-/* --model NAME=DIR or DIR (name = the directory's last component), comma-separated. */
-static int register_models(ot_daemon *d, const char *list) {
+/* --model NAME=DIR or DIR (name = the directory's last component), comma-separated; *n
+ * counts them and last_name is the last one's name. */
+static int register_models(ot_daemon *d, const char *list, char last_name[OT_NAME_MAX], int *n) {
   char *copy = strdup(list), *save = NULL;
   if (!copy) return ot_error(OT_ERR_NOMEM, "cannot allocate");
   int rc = OT_OK;
@@ -218,7 +219,11 @@ static int register_models(ot_daemon *d, const char *list) {
     if (rc == OT_OK) rc = ot_file_digest(st, digest);
     free(st);
     if (rc == OT_OK) rc = ot_reg_model_put(d->reg, name, abs, digest);
-    if (rc == OT_OK) ot_daemon_log(d, "model '%s' = %s (digest %.16s...)", name, abs, digest);
+    if (rc == OT_OK) {
+      ot_daemon_log(d, "model '%s' = %s (digest %.16s...)", name, abs, digest);
+      memcpy(last_name, name, OT_NAME_MAX);
+      (*n)++;
+    }
   }
   free(copy);
   return rc;
@@ -235,8 +240,9 @@ static int write_endpoint(ot_daemon *d, const char *url) {
     snprintf(real, sizeof real, "%.*s:%d", (int)(colon - url), url, port);
   else
     snprintf(real, sizeof real, "%s", url);
-  int n = snprintf(body, sizeof body, "{\"url\": \"%s\", \"fingerprint\": \"%s\", \"public_key\": \"%s\"}\n",
-                   real, fp, hex);
+  int n = snprintf(body, sizeof body,
+                   "{\"url\": \"%s\", \"fingerprint\": \"%s\", \"public_key\": \"%s\", \"http\": \"%s\"}\n",
+                   real, fp, hex, d->serving ? ot_daemon_serving_url(d->serving) : "");
   int rc = ot_daemon_path(d, path, sizeof path, "cloud.json");
   if (rc == OT_OK) rc = ot_file_write_atomic(path, body, (size_t)n);
   if (rc == OT_OK) ot_daemon_log(d, "listening on %s as %s", real, fp);
@@ -244,8 +250,10 @@ static int write_endpoint(ot_daemon *d, const char *url) {
 }
 
 int ot_cmd_serve(int argc, char **argv) {
-  const char *state = NULL, *listen = "tcp://127.0.0.1:7450", *models = NULL;
-  int workers = 2;
+  const char *state = NULL, *listen = "tcp://127.0.0.1:7450", *models = NULL, *http = NULL,
+             *serve_model = NULL;
+  int workers = 2, serve_threads = 0, n_models = 0;
+  char model_name[OT_NAME_MAX] = "";
   const ot_opt opts[] = {
       {"state", OT_OPT_STR, &state, "DIR",
        "state directory (registry, keys, objects; created 0700; required)"},
@@ -254,8 +262,14 @@ int ot_cmd_serve(int argc, char **argv) {
       {"model", OT_OPT_STR, &models, "[NAME=]DIR,...",
        "base model checkpoints sessions may use (name: the directory's name unless given)"},
       {"workers", OT_OPT_INT, &workers, "N", "transport worker threads (default 2)"},
+      {"http", OT_OPT_STR, &http, "HOST:PORT",
+       "also serve generation (OpenAI-style /v1/completions, /v1/models) with the published adapters"},
+      {"serve-model", OT_OPT_STR, &serve_model, "NAME",
+       "the registered model --http serves (default: the only one given with --model)"},
+      {"serve-threads", OT_OPT_INT, &serve_threads, "N", "CPU threads of the serving engine (default: all)"},
   };
-  const char *syn = "offtune-cloud serve --state DIR [--listen URL] [--model [NAME=]DIR,...]";
+  const char *syn =
+      "offtune-cloud serve --state DIR [--listen URL] [--model [NAME=]DIR,...] [--http HOST:PORT]";
   const char *desc =
       "The cloud daemon: admits enrolled devices (one-time tokens), runs federated tuning sessions\n"
       "round by round (distils the emulator once per model and settings, aggregates the devices'\n"
@@ -313,7 +327,7 @@ int ot_cmd_serve(int argc, char **argv) {
   if (rc == OT_OK) rc = ot_reg_open(db, &d->reg);
   if (rc == OT_OK && models) {
     what = "registering models";
-    rc = register_models(d, models);
+    rc = register_models(d, models, model_name, &n_models);
   }
   if (rc == OT_OK) {
     what = "starting the server";
@@ -330,6 +344,14 @@ int ot_cmd_serve(int argc, char **argv) {
                            .log = transport_log,
                            .user = d};
     rc = ot_server_start(&sc, &d->srv);
+  }
+  if (rc == OT_OK && http) {
+    what = "starting the serving API";
+    if (!serve_model && n_models != 1)
+      rc = ot_error(OT_ERR_INVALID, "--http needs --serve-model NAME unless --model names exactly one model");
+    if (rc == OT_OK)
+      rc = ot_daemon_serving_start(d, serve_model ? serve_model : model_name, http, serve_threads,
+                                   &d->serving);
   }
   if (rc == OT_OK) rc = write_endpoint(d, listen);
   int ctl_started = 0, sched_started = 0;
@@ -359,6 +381,7 @@ int ot_cmd_serve(int argc, char **argv) {
   if (ctl_started) pthread_join(d->ctl_thread, NULL);
   if (sched_started) pthread_join(d->sched_thread, NULL);
   if (d->srv) ot_server_stop(d->srv);
+  ot_daemon_serving_stop(d->serving);
   ot_round_secagg_free(d->sa);
   if (d->reg) {
     ot_reg_audit(d->reg, "daemon", "daemon.stop", "%s", saved ? "failed" : "signal");

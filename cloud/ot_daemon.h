@@ -16,6 +16,8 @@
 #include "ot_registry.h"
 #include "ot_transport.h"
 
+typedef struct ot_daemon_serving ot_daemon_serving;
+
 typedef struct {
   char state[2048]; /* the state directory */
   ot_registry *reg;
@@ -28,6 +30,7 @@ typedef struct {
   pthread_cond_t cv;
   int stop, kick;
   char npm_dir[2048];
+  ot_daemon_serving *serving; /* --http: generation with the published adapters */
   struct ot_round_secagg *sa; /* in-memory masking rounds (ot_round_secagg.c); made by the scheduler */
 } ot_daemon;
 
@@ -65,6 +68,14 @@ int ot_daemon_on_fetch_open(void *user, const uint8_t peer[32], const char *name
 void ot_daemon_on_fetch_close(void *user, ot_source *src);
 /* Largest upload accepted for a round whose global adapter file is ref_size bytes. */
 uint64_t ot_daemon_upload_limit(uint64_t ref_size);
+
+/* Serving (ot_daemon_serve.c): loads the registered model `model_name` and serves it with
+ * the published adapters of its sessions over the HTTP API at `http` (HOST:PORT). */
+int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *http, int threads,
+                            ot_daemon_serving **out);
+/* http://HOST:PORT with the port bound. */
+const char *ot_daemon_serving_url(const ot_daemon_serving *s);
+void ot_daemon_serving_stop(ot_daemon_serving *s);
 
 /* The operator socket's thread (ot_daemon_ctl.c) and the scheduler's (ot_round.c). */
 void *ot_daemon_ctl_main(void *d);

@@ -733,6 +733,35 @@ int ot_reg_adapter_delete(ot_registry *r, const char *name) {
   return rc;
 }
 
+int ot_reg_adapters_published(ot_registry *r, const char *model_digest, const char *name,
+                              void (*fn)(void *user, const char *name, const char *dir), void *user,
+                              int *found) {
+  sqlite3_stmt *st;
+  int n = 0;
+  lock(r);
+  /* the session names its model; the model row's digest is the base the adapter was trained on */
+  int rc = prep(r, &st,
+                "SELECT a.name, a.dir FROM adapters a JOIN sessions s ON s.id = a.session_id "
+                "JOIN models m ON m.name = json_extract(s.config, '$.model') "
+                "WHERE a.published = 1 AND m.digest = ? AND (?2 IS NULL OR a.name = ?2) ORDER BY a.name",
+                "tt", model_digest, name);
+  if (rc == OT_OK) {
+    int s;
+    while ((s = sqlite3_step(st)) == SQLITE_ROW) {
+      char nm[OT_NAME_MAX], dir[1024];
+      copy_col(st, 0, nm, sizeof nm);
+      copy_col(st, 1, dir, sizeof dir);
+      fn(user, nm, dir);
+      n++;
+    }
+    if (s != SQLITE_DONE) rc = db_err(r, "step");
+    sqlite3_finalize(st);
+  }
+  unlock(r);
+  if (rc == OT_OK && found) *found = n;
+  return rc;
+}
+
 /* ---- listings -------------------------------------------------------------------------- */
 
 static int rows_json(ot_registry *r, sqlite3_stmt *st, cJSON *arr) {

@@ -110,6 +110,12 @@ int ot_reg_adapter_served(ot_registry *r, const char *digest, int *served);
 /* ---- adapters ------------------------------------------------------------------------ */
 int ot_reg_adapter_publish(ot_registry *r, const char *name, int published);
 int ot_reg_adapter_delete(ot_registry *r, const char *name);
+/* Published adapters of sessions on the model with this digest (what the daemon serves):
+ * fn(user, name, dir) for the one named `name`, or for every one when name is NULL.
+ * *found (may be NULL) counts the calls. */
+int ot_reg_adapters_published(ot_registry *r, const char *model_digest, const char *name,
+                              void (*fn)(void *user, const char *name, const char *dir), void *user,
+                              int *found);
 
 /* ---- listings for the operator (JSON arrays of row objects) ------------------------- */
 int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **out);

@@ -117,6 +117,26 @@ typedef struct {
    * flash path) keeps only the row log-sum-exp [B,NH,T] in att and recomputes the rest:
    * att is then opaque, meaningful only to the same backend's attention_bwd. */
   size_t (*attention_state)(ot_backend *be, int B, int T, int C, int NH);
+  /* Inference with a KV cache (cloud/ot_serve_engine.c). */
+  /* out[N,C] = wte[tokens[i]] + wpe[pos[i]]: rows at arbitrary positions (tokens, pos [N]) */
+  void (*embed_fwd)(ot_backend *be, float *out, const int32_t *tokens, const int32_t *pos, const float *wte,
+                    const float *wpe, int N, int C);
+  /* Causal attention of new rows against a KV cache. Row i of qkv[N,3C] (q | k | v) is the token at
+   * position pos[i] of sequence slot[i]; kcache, vcache are [n_slots, T_max, C] (one layer). First
+   * every row's k and v are stored at (slot[i], pos[i]); then out[i] (heads of C/NH) attends to
+   * positions 0..pos[i] of its slot, so rows of one sequence sent together (a prefill) see each
+   * other causally. pos and slot [N] are backend memory. */
+  void (*attention_kv_fwd)(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
+                           const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max);
+  /* Segmented LoRA for inference (Punica's SGMV), no dropout: segment s owns rows row0[s] ..
+   * row0[s]+n[s]-1 of x[N,IN] and out[N,OUT]; out[those rows] += scale[s] (x A_s^T) Bt_s with
+   * A_s = A[s] [r[s], IN] and Bt_s = Bt[s] [r[s], OUT] (B transposed). One call for every adapter
+   * of a batch. The tables (row0, n, r, scale, A, Bt: S entries) are host memory, the tensors
+   * backend memory. NULL: the engine calls lora_fwd per segment instead. (lora_sgmv above is
+   * the same product with one rank and B untransposed, for backends that have it.) */
+  void (*lora_sgmv_fwd)(ot_backend *be, float *out, const float *x, const float *const *A,
+                        const float *const *Bt, const int *row0, const int *n, const int *r,
+                        const float *scale, int S, int IN, int OUT);
 } ot_backend_ops;
 
 /* Host and CUDA device code share these (one definition of the dropout mask). */

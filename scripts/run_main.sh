@@ -1,38 +1,78 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: install what is missing, build, then score the
-# shipped default base model (models/brown-8x128, trained by scripts/make_default_model.sh)
-# and print the quality table and a sample.
-#   OT_MODEL=DIR uses another base model.
+# The main job on the embedded default, end to end: install what is missing, build, then a
+# whole federated offsite-tuning session on loopback (scripts/session_demo.sh): the cloud
+# daemon distils the emulator of the shipped base model (models/brown-8x128), three
+# device clients each tune the adapter on a different private Brown genre over a few
+# rounds, the cloud aggregates (FedAvg) and publishes the merged adapter. The daemon is
+# then restarted with its HTTP API and serves the adapter (OpenAI-style completions).
+# Prints the quality table (held-out perplexity per device genre) and a sample.
+#   OT_MODEL=DIR another base model; OT_DEMO_* settings pass through to session_demo.sh.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 bash scripts/setup.sh
 bash scripts/build.sh
 cloud=build/cloud/offtune-cloud
+device=build/device/offtune-device
 work=build/main
-model=${OT_MODEL:-models/brown-8x128}
+model=$(cd "${OT_MODEL:-models/brown-8x128}" && pwd)
+genres=(romance mystery humor)
 mkdir -p "$work"
 
-echo "== held-out evaluation texts =="
-$cloud corpus --genres pretrain --part heldout --out "$work/heldout-pretrain.txt"
-$cloud corpus --genres public --part all --out "$work/public.txt"
-for g in romance mystery humor science_fiction; do
-  $cloud corpus --genres "$g" --part heldout --out "$work/heldout-$g.txt"
+# One of the 4 middle blocks kept: the emulator is clearly worse than the full model (the
+# gap that protects the model owner); 100 distillation steps, 3 rounds of 40 local steps.
+export OT_DEMO_KEEP=${OT_DEMO_KEEP:-1} OT_DEMO_DISTILL_STEPS=${OT_DEMO_DISTILL_STEPS:-100}
+export OT_DEMO_ROUNDS=${OT_DEMO_ROUNDS:-3} OT_DEMO_STEPS=${OT_DEMO_STEPS:-40} OT_DEMO_LR=${OT_DEMO_LR:-5e-4}
+bash scripts/session_demo.sh "$model" "$work/session" | tee "$work/session.log"
+adapter=$(sed -n "s/^published adapter 'demo': //p" "$work/session.log")
+emulator=$(sed -n 's/^emulator package: *//p' "$work/session.log")
+[ -d "$adapter" ] && [ -d "$emulator" ] || { echo "main: the session published no adapter" >&2; exit 1; }
+
+for g in "${genres[@]}"; do
+  $cloud corpus --genres "$g" --part heldout --out "$work/heldout-$g.txt" 2>/dev/null
+done
+ppl() { python3 -c 'import json,sys; print("%.2f" % json.loads(sys.stdin.read().strip().splitlines()[-1])["perplexity"])'; }
+echo
+echo "== quality: held-out document perplexity of each device's private genre (lower is better) =="
+echo "   base = the full model zero-shot; emulator = what devices train on (never the full model);"
+echo "   own = that device's adapter after the last round; merged = the published FedAvg adapter"
+printf '%-10s %10s %10s %14s %14s %14s\n' genre "base ZS" "emul. ZS" "emul.+merged" "plug-in own" "plug-in merged"
+for g in "${genres[@]}"; do
+  h=$work/heldout-$g.txt
+  own=$work/session/device-$g/work/demo/r$OT_DEMO_ROUNDS/local
+  printf '%-10s %10s %10s %14s %14s %14s\n' "$g" \
+    "$($cloud eval --model "$model" --text "$h" --json 2>/dev/null | ppl)" \
+    "$($device eval --emulator "$emulator" --text "$h" --json 2>/dev/null | ppl)" \
+    "$($device eval --emulator "$emulator" --adapter "$adapter" --text "$h" --json 2>/dev/null | ppl)" \
+    "$($cloud eval --model "$model" --adapter "$own" --text "$h" --json 2>/dev/null | ppl)" \
+    "$($cloud eval --model "$model" --adapter "$adapter" --text "$h" --json 2>/dev/null | ppl)"
 done
 
 echo
-echo "== quality of the base model (nats per token and perplexity; lower is better) =="
-printf '%-50s %10s %10s %10s\n' "text" "loss" "ppl" "tokens"
-row() {
-  local label=$1 file=$2 json
-  json=$($cloud eval --model "$model" --text "$file" --json 2>/dev/null)
-  python3 -c 'import json,sys; j=json.loads(sys.argv[2]); print("%-50s %10.4f %10.3f %10d" % (sys.argv[1], j["loss"], j["perplexity"], j["tokens"]))' "$label" "$json"
-}
-row "pretraining genres, held-out documents" "$work/heldout-pretrain.txt"
-row "public genres (cloud's distillation corpus)" "$work/public.txt"
-for g in romance mystery humor science_fiction; do
-  row "private genre $g, held-out document" "$work/heldout-$g.txt"
+echo "== serving: the daemon restarted with its HTTP API serves the published adapter =="
+$cloud serve --state "$work/session/cloud" --listen tcp://127.0.0.1:0 --http 127.0.0.1:0 \
+  --model "base=$model" >"$work/serve.log" 2>&1 &
+daemon=$!
+trap 'kill $daemon 2>/dev/null || true' EXIT
+http=
+for _ in $(seq 300); do
+  http=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("http", ""))' \
+    "$work/session/cloud/cloud.json" 2>/dev/null || true)
+  [ -n "$http" ] && curl -sf "$http/v1/models" >/dev/null 2>&1 && break
+  kill -0 $daemon 2>/dev/null || { cat "$work/serve.log" >&2; exit 1; }
+  sleep 0.1
 done
+echo "GET $http/v1/models"
+curl -sf "$http/v1/models" | python3 -c 'import json,sys; [print("  " + m["id"]) for m in json.load(sys.stdin)["data"]]'
+prompt="The jury said"
+for m in base demo; do
+  echo "POST $http/v1/completions  model=$m  prompt=\"$prompt\"  (temperature 0.8, top_p 0.95, seed 1)"
+  curl -sf "$http/v1/completions" -H 'Content-Type: application/json' \
+    -d "{\"model\": \"$m\", \"prompt\": \"$prompt\", \"max_tokens\": 80, \"temperature\": 0.8, \"top_p\": 0.95, \"seed\": 1}" |
+    python3 -c 'import json,sys; j=json.load(sys.stdin); print(sys.argv[1] + j["choices"][0]["text"]); print("  (%d completion tokens)" % j["usage"]["completion_tokens"])' "$prompt"
+done
+kill $daemon
+wait $daemon 2>/dev/null || true
+trap - EXIT
 echo
-echo "== sample (temperature 0.8, top-p 0.95) =="
-$cloud generate --model "$model" --prompt "The jury said" --max-tokens 200 --seed 1
+echo "main job done: adapter $adapter; logs in $work/"

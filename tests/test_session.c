@@ -436,6 +436,61 @@ static void test_two_sessions(void **state) {
   daemon_stop(&d);
 }
 
+/* The daemon restarted with --http serves the base and the published adapters of the
+ * previous test's sessions; unpublishing takes effect at the next request. */
+static void test_serving_published(void **state) {
+  (void)state;
+  daemon_t d;
+  memset(&d, 0, sizeof d);
+  snprintf(d.state, sizeof d.state, "%s/two", dir);
+  snprintf(d.log, sizeof d.log, "%s/two-serve.log", dir);
+  char cj[1200];
+  snprintf(cj, sizeof cj, "%s/cloud.json", d.state);
+  unlink(cj);
+  d.pid = spawn(d.log, "%s serve --state '%s' --listen tcp://127.0.0.1:0 --model %s/full --http 127.0.0.1:0",
+                cloud, d.state, dir);
+  wait_for_file_text(cj, "\"http\": \"http://", 20);
+  char *text = NULL, http[256];
+  size_t len;
+  assert_int_equal(ot_file_read_all(cj, 1 << 16, &text, &len), OT_OK);
+  cJSON *j = cJSON_Parse(text);
+  free(text);
+  snprintf(http, sizeof http, "%s", cJSON_GetStringValue(cJSON_GetObjectItem(j, "http")));
+  cJSON_Delete(j);
+  RUN_OK("curl -sf %s/v1/models", http);
+  assert_non_null(strstr(out, "\"id\":\"full\""));
+  assert_non_null(strstr(out, "\"id\":\"alpha\""));
+  assert_non_null(strstr(out, "\"id\":\"beta\""));
+  /* seeded samples (the tiny model's greedy text is one repeated letter): the offsite
+   * adapter changes the base model's distribution, so its text (beta's LoRA, a few steps
+   * from B = 0, moves it too little to change a sample) */
+  char texts[3][256];
+  const char *models[] = {"full", "alpha", "beta"};
+  for (int i = 0; i < 3; i++) {
+    RUN_OK("curl -sf %s/v1/completions -d '{\"model\": \"%s\", \"prompt\": \"The \", \"max_tokens\": 24, "
+           "\"temperature\": 1, \"seed\": 7}'",
+           http, models[i]);
+    cJSON *c = cJSON_Parse(out);
+    assert_non_null(c);
+    const char *t = cJSON_GetStringValue(
+        cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(c, "choices"), 0), "text"));
+    assert_non_null(t);
+    snprintf(texts[i], sizeof texts[i], "%s", t);
+    cJSON_Delete(c);
+  }
+  assert_string_not_equal(texts[0], texts[1]);
+  assert_true(strlen(texts[2]) > 0);
+  RUN_OK("%s adapter unpublish alpha --state '%s'", cloud, d.state);
+  RUN_OK("curl -s -o /dev/null -w '%%{http_code}' %s/v1/completions -d '{\"model\": \"alpha\", \"prompt\": "
+         "\"x\"}'",
+         http);
+  assert_string_equal(out, "404");
+  RUN_OK("curl -sf %s/v1/models", http);
+  assert_null(strstr(out, "\"id\":\"alpha\""));
+  RUN_OK("%s adapter publish alpha --state '%s'", cloud, d.state);
+  daemon_stop(&d);
+}
+
 static void test_device_killed(void **state) {
   (void)state;
   daemon_t d;
@@ -884,9 +939,10 @@ static void test_fedprox_trainer(void **state) {
 int main(void) {
   signal(SIGPIPE, SIG_IGN);
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_two_sessions),    cmocka_unit_test(test_device_killed),
-      cmocka_unit_test(test_daemon_kill9),    cmocka_unit_test(test_malicious_device),
-      cmocka_unit_test(test_no_private_text), cmocka_unit_test(test_fedprox_trainer),
+      cmocka_unit_test(test_two_sessions),     cmocka_unit_test(test_serving_published),
+      cmocka_unit_test(test_device_killed),    cmocka_unit_test(test_daemon_kill9),
+      cmocka_unit_test(test_malicious_device), cmocka_unit_test(test_no_private_text),
+      cmocka_unit_test(test_fedprox_trainer),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -589,6 +589,89 @@ static double cpu_sumsq(ot_backend *be, const float *x, size_t n) {
   return s;
 }
 
+/* ---- inference with a KV cache --------------------------------------------------- */
+
+static void cpu_embed_fwd(ot_backend *be, float *out, const int32_t *tokens, const int32_t *pos,
+                          const float *wte, const float *wpe, int N, int C) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (int i = 0; i < N; i++) {
+    const float *e = wte + (size_t)tokens[i] * C, *p = wpe + (size_t)pos[i] * C;
+    float *o = out + (size_t)i * C;
+    for (int c = 0; c < C; c++) o[c] = e[c] + p[c];
+  }
+}
+
+/* Online softmax (flash-attention style) over blocks of keys: no scratch, one pass over the
+ * cache; each (row, head) accumulates straight into its slice of out. */
+static void cpu_attention_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
+                                 const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max) {
+  size_t C3 = (size_t)3 * C;
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (int i = 0; i < N; i++) {
+    size_t at = ((size_t)slot[i] * T_max + pos[i]) * C;
+    memcpy(kcache + at, qkv + i * C3 + C, sizeof(float) * C);
+    memcpy(vcache + at, qkv + i * C3 + 2 * (size_t)C, sizeof(float) * C);
+  }
+  int hs = C / NH;
+  float scale = 1.0f / sqrtf((float)hs);
+#pragma omp parallel for collapse(2) num_threads(NT) schedule(dynamic, 4)
+  for (int i = 0; i < N; i++) {
+    for (int h = 0; h < NH; h++) {
+      const float *q = qkv + i * C3 + (size_t)h * hs;
+      const float *kb = kcache + (size_t)slot[i] * T_max * C + (size_t)h * hs;
+      const float *vb = vcache + (size_t)slot[i] * T_max * C + (size_t)h * hs;
+      float *o = out + (size_t)i * C + (size_t)h * hs;
+      memset(o, 0, sizeof(float) * hs);
+      float m = -INFINITY, l = 0.0f, s[64];
+      for (int t0 = 0; t0 <= pos[i]; t0 += 64) {
+        int n = pos[i] + 1 - t0 < 64 ? pos[i] + 1 - t0 : 64;
+        float bm = m;
+        for (int j = 0; j < n; j++) {
+          s[j] = dot(q, kb + (size_t)(t0 + j) * C, hs) * scale;
+          if (s[j] > bm) bm = s[j];
+        }
+        if (bm > m) { /* rescale what was accumulated under the old maximum */
+          float corr = expf(m - bm);
+          l *= corr;
+          for (int d = 0; d < hs; d++) o[d] *= corr;
+          m = bm;
+        }
+        for (int j = 0; j < n; j++) {
+          float p = expf(s[j] - m);
+          l += p;
+          axpy(o, p, vb + (size_t)(t0 + j) * C, hs);
+        }
+      }
+      float inv = 1.0f / l;
+      for (int d = 0; d < hs; d++) o[d] *= inv;
+    }
+  }
+}
+
+/* Rows are dealt to threads round-robin across segments, so one long prefill segment and many
+ * one-row decode segments both spread over the threads; per row: r dot products over IN (the
+ * shrink), then r axpys over OUT (the expand, B stored transposed). */
+static void cpu_lora_sgmv_fwd(ot_backend *be, float *out, const float *x, const float *const *A,
+                              const float *const *Bt, const int *row0, const int *n, const int *r,
+                              const float *scale, int S, int IN, int OUT) {
+#pragma omp parallel num_threads(NT)
+  {
+    int nt = omp_get_num_threads(), id = omp_get_thread_num(), k = 0;
+    float t[64];
+    for (int s = 0; s < S; s++)
+      for (int i = row0[s]; i < row0[s] + n[s]; i++, k++) {
+        if (k % nt != id) continue;
+        const float *xi = x + (size_t)i * IN;
+        float *oi = out + (size_t)i * OUT;
+        for (int c0 = 0; c0 < r[s]; c0 += 64) { /* ranks above 64 in chunks */
+          int c1 = r[s] - c0 < 64 ? r[s] : c0 + 64;
+          for (int c = c0; c < c1; c++) t[c - c0] = scale[s] * dot(xi, A[s] + (size_t)c * IN, IN);
+          for (int c = c0; c < c1; c++) axpy(oi, t[c - c0], Bt[s] + (size_t)c * OUT, OUT);
+        }
+      }
+  }
+}
+
 static const ot_backend_ops cpu_ops = {
     .name = "cpu",
     .host_visible = 1,
@@ -622,6 +705,9 @@ static const ot_backend_ops cpu_ops = {
     .scale = cpu_scale,
     .sumsq = cpu_sumsq,
     .lora_sgmv = cpu_lora_sgmv,
+    .embed_fwd = cpu_embed_fwd,
+    .attention_kv_fwd = cpu_attention_kv_fwd,
+    .lora_sgmv_fwd = cpu_lora_sgmv_fwd,
 };
 
 int ot_backend_cpu_create(int n_threads, ot_backend **out) {

@@ -637,6 +637,10 @@ static const ot_backend_ops cuda_ops = {
     .sumsq = cu_sumsq,
     .lora_sgmv = ot_cuda_lora_sgmv,
     .attention_state = ot_cuda_attention_state,
+    /* serving ops (cloud/ot_serve_engine.c) not written for CUDA yet: the engine refuses */
+    .embed_fwd = nullptr,
+    .attention_kv_fwd = nullptr,
+    .lora_sgmv_fwd = nullptr,
 };
 
 static int no_device(cudaError_t e, const char *why) {

@@ -1,0 +1,284 @@
+/* offtune-cloud serve-model: one base model, many adapters, an OpenAI-style HTTP API and the
+ * tenants' nng request API, until SIGINT/SIGTERM. */
+#include <dirent.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "ot_access.h"
+#include "ot_cli.h"
+#include "ot_cloud_cmd.h"
+#include "ot_emulator.h"
+#include "ot_error.h"
+#include "ot_fileio.h"
+#include "ot_serve_api.h"
+#include "ot_serve_engine.h"
+#include "ot_transport.h"
+
+#define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
+#define MAX_NAMED 256
+
+typedef struct {
+  const char *name[MAX_NAMED], *dir[MAX_NAMED];
+  int n;
+  const char *adapters_dir;
+} registry;
+
+static int name_ok(const char *s) {
+  if (!*s || *s == '.' || strlen(s) > 100) return 0;
+  for (; *s; s++)
+    if (*s == '/' || *s == '\\' || (unsigned char)*s < 0x20) return 0;
+  return 1;
+}
+
+/* Named adapters first, then a subdirectory of --adapters-dir holding an adapter_config.json. */
+static int resolve(void *user, const char *name, char *dir, size_t cap) {
+  registry *r = user;
+  for (int i = 0; i < r->n; i++)
+    if (strcmp(r->name[i], name) == 0) {
+      snprintf(dir, cap, "%s", r->dir[i]);
+      return OT_OK;
+    }
+  if (r->adapters_dir && name_ok(name)) {
+    char cfg[4096];
+    snprintf(cfg, sizeof cfg, "%s/%s/adapter_config.json", r->adapters_dir, name);
+    if (ot_file_exists(cfg)) {
+      snprintf(dir, cap, "%s/%s", r->adapters_dir, name);
+      return OT_OK;
+    }
+  }
+  return ot_error(OT_ERR_NOTFOUND, "the model '%s' does not exist", name);
+}
+
+static void list(void *user, void (*add)(void *ctx, const char *name), void *ctx) {
+  registry *r = user;
+  for (int i = 0; i < r->n; i++) add(ctx, r->name[i]);
+  DIR *d = r->adapters_dir ? opendir(r->adapters_dir) : NULL;
+  struct dirent *de;
+  while (d && (de = readdir(d))) {
+    char cfg[4096];
+    if (!name_ok(de->d_name)) continue;
+    snprintf(cfg, sizeof cfg, "%s/%s/adapter_config.json", r->adapters_dir, de->d_name);
+    int shadowed = 0;
+    for (int i = 0; i < r->n; i++) shadowed |= strcmp(r->name[i], de->d_name) == 0;
+    if (!shadowed && ot_file_exists(cfg)) add(ctx, de->d_name);
+  }
+  if (d) closedir(d);
+}
+
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+static void log_line(void *user, const char *line) {
+  (void)user;
+  time_t t = time(NULL);
+  struct tm tm;
+  char ts[32];
+  strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", gmtime_r(&t, &tm));
+  pthread_mutex_lock(&log_mu);
+  fprintf(stderr, "%s %s\n", ts, line);
+  fflush(stderr);
+  pthread_mutex_unlock(&log_mu);
+}
+
+int ot_cmd_serve_model(int argc, char **argv) {
+  const char *model = NULL, *adapters_dir = NULL, *http = NULL, *listen = NULL, *key = NULL, *access = NULL,
+             *backend = "cpu", *name = NULL, *adapter_dummy = NULL;
+  int max_batch = 32, step_tokens = 512, max_seq = 0, memory_mib = 1024, threads = 0, workers = 8;
+  const ot_opt opts[] = {
+      {"model", OT_OPT_STR, &model, "DIR", "base model checkpoint directory (with its tokenizer)"},
+      {"adapter", OT_OPT_STR, &adapter_dummy, "NAME=DIR",
+       "serve the adapter in DIR as model NAME (repeatable)"},
+      {"adapters-dir", OT_OPT_STR, &adapters_dir, "DIR",
+       "every subdirectory with an adapter_config.json is an adapter named by the subdirectory"},
+      {"name", OT_OPT_STR, &name, "ID", "model id of the base model (default: the --model directory's name)"},
+      {"http", OT_OPT_STR, &http, "HOST:PORT", "OpenAI-style HTTP API address (e.g. 127.0.0.1:8000)"},
+      {"listen", OT_OPT_STR, &listen, "URL", "tenants' encrypted nng request API (e.g. tcp://0.0.0.0:7000)"},
+      {"key", OT_OPT_STR, &key, "FILE", "the cloud's identity for --listen (offtune-cloud keygen)"},
+      {"access", OT_OPT_STR, &access, "FILE", "allowlist for --listen (offtune-cloud access)"},
+      {"max-batch", OT_OPT_INT, &max_batch, "N", "requests decoding at once (KV cache slots; default 32)"},
+      {"max-step-tokens", OT_OPT_INT, &step_tokens, "N",
+       "rows per forward step, prefills included (default 512)"},
+      {"max-seq", OT_OPT_INT, &max_seq, "N",
+       "context per request, prompt + completion (default: the model's)"},
+      {"adapter-memory", OT_OPT_INT, &memory_mib, "MiB", "adapters kept loaded, LRU beyond (default 1024)"},
+      {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
+      {"workers", OT_OPT_INT, &workers, "N", "nng request API worker threads (default 8)"},
+      {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
+  };
+  const char *syn = "offtune-cloud serve-model --model DIR [--adapter NAME=DIR]... [--adapters-dir DIR] "
+                    "[--http 127.0.0.1:8000] [--listen tcp://... --key FILE --access FILE] [--max-batch N] "
+                    "[--adapter-memory MiB] [--threads N]";
+  /* --adapter repeats: take every occurrence out before the table parser sees argv */
+  registry reg;
+  memset(&reg, 0, sizeof reg);
+  char **rest = calloc((size_t)argc + 1, sizeof *rest);
+  int nrest = 0, rc = rest ? OT_OK : ot_error(OT_ERR_NOMEM, "cannot allocate");
+  for (int i = 0; i < argc && rc == OT_OK; i++) {
+    const char *v = NULL;
+    if (strcmp(argv[i], "--adapter") == 0) {
+      if (i + 1 >= argc) rc = ot_error(OT_ERR_INVALID, "--adapter needs NAME=DIR");
+      v = i + 1 < argc ? argv[++i] : NULL;
+    } else if (strncmp(argv[i], "--adapter=", 10) == 0) {
+      v = argv[i] + 10;
+    } else {
+      rest[nrest++] = argv[i];
+      continue;
+    }
+    const char *eq = v ? strchr(v, '=') : NULL;
+    if (rc == OT_OK && (!eq || eq == v || !eq[1]))
+      rc = ot_error(OT_ERR_INVALID, "--adapter '%s': expected NAME=DIR", v ? v : "");
+    if (rc == OT_OK && reg.n == MAX_NAMED) rc = ot_error(OT_ERR_INVALID, "at most %d --adapter", MAX_NAMED);
+    if (rc == OT_OK) {
+      char *nm = strndup(v, (size_t)(eq - v));
+      if (!nm || !name_ok(nm)) rc = ot_error(OT_ERR_INVALID, "--adapter: bad name in '%s'", v);
+      reg.name[reg.n] = nm;
+      reg.dir[reg.n++] = eq + 1;
+      if (rc) reg.n--, free(nm);
+    }
+  }
+  if (rc == OT_OK) rc = ot_cli_parse(nrest, rest, opts, N_OPTS(opts));
+  if (rc == 1) {
+    ot_cli_usage(
+        stdout, syn,
+        "Serves generation for the base model and many adapters at once (continuous batching, KV cache,\n"
+        "adapters of every kind batched together; loaded on demand, evicted LRU). HTTP: POST\n"
+        "/v1/completions and GET /v1/models, OpenAI-compatible; \"model\" names the adapter. Runs until\n"
+        "SIGINT or SIGTERM; one log line per request.",
+        opts, N_OPTS(opts));
+    rc = OT_OK;
+    goto out_usage_ok;
+  }
+  if (rc == OT_OK && !model) rc = ot_error(OT_ERR_INVALID, "--model is required");
+  if (rc == OT_OK && !http && !listen) rc = ot_error(OT_ERR_INVALID, "give --http, --listen or both");
+  if (rc == OT_OK && listen && (!key || !access))
+    rc = ot_error(OT_ERR_INVALID, "--listen needs --key and --access");
+  if (rc == OT_OK &&
+      (max_batch < 1 || step_tokens < max_batch || max_seq < 0 || memory_mib < 1 || workers < 1))
+    rc = ot_error(OT_ERR_INVALID,
+                  "need --max-batch >= 1, --max-step-tokens >= --max-batch, --adapter-memory >= 1");
+  if (rc) {
+    fprintf(stderr, "offtune-cloud serve-model: %s\n", ot_error_detail());
+    ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
+    for (int i = 0; i < reg.n; i++) free((char *)reg.name[i]);
+    free(rest);
+    return OT_EXIT_USAGE;
+  }
+  reg.adapters_dir = adapters_dir;
+  /* every thread started from here on inherits the blocked signals; main waits for them */
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+
+  ot_backend *be = NULL;
+  ot_gpt2 *m = NULL;
+  ot_tokenizer *tok = NULL;
+  ot_serve_engine *eng = NULL;
+  ot_serve_http *api = NULL;
+  ot_server *server = NULL;
+  ot_access *acl = NULL;
+  ot_identity id;
+  memset(&id, 0, sizeof id);
+  char digest[OT_DIGEST_HEX], *st = NULL, base_name[128], url[600];
+  const char *what = "loading the model";
+  rc = ot_cmd_load_model(model, backend, threads, &be, &m, &tok);
+  if (rc == OT_OK) rc = ot_path_join(model, "model.safetensors", &st);
+  if (rc == OT_OK) rc = ot_file_digest(st, digest);
+  free(st);
+  int32_t eos = -1;
+  if (rc == OT_OK && ot_tokenizer_token_id(tok, "<|endoftext|>", &eos) != OT_OK) eos = -1;
+  ot_error_clear();
+  const char *slash = strrchr(model, '/');
+  while (slash && !slash[1] && slash > model) { /* "dir/" */
+    const char *p = slash - 1;
+    while (p > model && *p != '/') p--;
+    slash = *p == '/' ? p : NULL;
+  }
+  snprintf(base_name, sizeof base_name, "%s", name ? name : slash ? slash + 1 : model);
+  char *e = strchr(base_name, '/');
+  if (e) *e = '\0';
+  ot_serve_config sc;
+  ot_serve_config_default(&sc);
+  sc.max_batch = max_batch;
+  sc.max_step_tokens = step_tokens;
+  sc.max_seq = max_seq;
+  sc.adapter_budget = (size_t)memory_mib << 20;
+  sc.resolve = resolve;
+  sc.resolve_user = &reg;
+  sc.tok = tok;
+  sc.eos_id = eos;
+  sc.base_digest = digest;
+  if (rc == OT_OK) {
+    what = "starting the engine";
+    rc = ot_serve_engine_create(m, &sc, &eng);
+  }
+  if (rc == OT_OK) rc = ot_serve_start(eng);
+  if (rc == OT_OK && http) {
+    what = "starting the HTTP API";
+    snprintf(url, sizeof url, "%s%s", strncmp(http, "http://", 7) ? "http://" : "", http);
+    ot_serve_http_config hc = {url, eng, tok, base_name, list, &reg, eos, 1 << 20, 32, log_line, NULL};
+    rc = ot_serve_http_start(&hc, &api);
+  }
+  ot_serve_rpc rpc = {eng, tok, base_name, eos, log_line, NULL};
+  if (rc == OT_OK && listen) {
+    what = "starting the request API";
+    rc = ot_identity_load(key, &id);
+    if (rc == OT_OK) rc = ot_access_new(&acl);
+    if (rc == OT_OK) rc = ot_access_load(acl, access);
+    ot_server_config svc = {0};
+    svc.url = listen;
+    svc.id = &id;
+    svc.acl = &ot_access_memory_ops;
+    svc.acl_self = acl;
+    svc.n_workers = workers;
+    svc.on_request = ot_serve_handle_request;
+    svc.log = log_line;
+    svc.user = &rpc;
+    if (rc == OT_OK) rc = ot_server_start(&svc, &server);
+  }
+  if (rc == OT_OK) {
+    char line[1200];
+    const ot_gpt2_config *mc = ot_gpt2_cfg(m);
+    int seq = max_seq ? max_seq : mc->n_positions < 1024 ? mc->n_positions : 1024;
+    double kv_mib = 8.0 * mc->n_layer * max_batch * seq * mc->n_embd / 1048576.0;
+    snprintf(
+        line, sizeof line,
+        "serving %s (%d blocks, %d wide) on %s backend: max batch %d x %d positions (KV cache %.0f MiB), "
+        "%d tokens per step, adapters %d named%s%s, %d MiB for adapters",
+        base_name, mc->n_layer, mc->n_embd, be->ops->name, max_batch, seq, kv_mib, step_tokens, reg.n,
+        adapters_dir ? " + " : "", adapters_dir ? adapters_dir : "", memory_mib);
+    log_line(NULL, line);
+    if (api) {
+      snprintf(line, sizeof line, "HTTP API on %s, port %d (POST /v1/completions, GET /v1/models)", url,
+               ot_serve_http_port(api));
+      log_line(NULL, line);
+    }
+    if (server) {
+      snprintf(line, sizeof line, "request API on %s (port %d)", listen, ot_server_port(server));
+      log_line(NULL, line);
+    }
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    snprintf(line, sizeof line, "signal %d: stopping", sig);
+    log_line(NULL, line);
+  }
+  int fail = rc;
+  if (api) ot_serve_http_stop(api);
+  if (server) ot_server_stop(server);
+  ot_serve_engine_free(eng);
+  ot_access_free(acl);
+  ot_identity_wipe(&id);
+  ot_tokenizer_free(tok);
+  ot_gpt2_free(m);
+  ot_backend_free(be);
+  for (int i = 0; i < reg.n; i++) free((char *)reg.name[i]);
+  free(rest);
+  return fail ? ot_cmd_fail(what, fail) : OT_EXIT_OK;
+out_usage_ok:
+  for (int i = 0; i < reg.n; i++) free((char *)reg.name[i]);
+  free(rest);
+  return OT_EXIT_OK;
+}

@@ -1,0 +1,1203 @@
+#include "ot_serve_engine.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "ot_adapter.h"
+#include "ot_error.h"
+#include "ot_fileio.h"
+
+/* ---- adapters ------------------------------------------------------------------------ */
+
+/* What an adapter changes in one block; NULL = the base model's tensor. */
+typedef struct {
+  int touched;
+  const float *p[OT_BLK_NPARAM];       /* offsite: all; bitfit: the biases */
+  const float *lora[OT_LORA_NSITE][2]; /* A [r, in], B [out, r] */
+  const float *lora_bt[OT_LORA_NSITE]; /* B transposed [r, out], for lora_sgmv_fwd */
+  unsigned lora_sites;
+  int lora_r;
+  float lora_scale;
+  const float *bn[2][4]; /* attn/mlp: down.weight, down.bias, up.weight, up.bias */
+  int bn_dim;
+} blk_over;
+
+typedef struct adapter {
+  char name[128];
+  ot_adapter_kind kind;
+  int refs;          /* running requests using it */
+  uint64_t last_use; /* LRU tick */
+  size_t bytes;
+  float *mem; /* one backend allocation for all its tensors */
+  blk_over *blk;
+  struct adapter *next;
+} adapter;
+
+/* ---- requests ------------------------------------------------------------------------ */
+
+typedef struct req {
+  uint64_t id;
+  char adapter_name[128];
+  ot_serve_request p;
+  char *stop[OT_SERVE_MAX_STOP];
+  int n_stop;
+  ot_serve_event_fn fn;
+  void *user;
+  int32_t *ids; /* prompt + completion */
+  int n_prompt, n_ids;
+  int n_cached; /* positions already in the KV cache */
+  int slot;
+  int step_rows;         /* rows planned for this step */
+  adapter *ad, *pending; /* in use; loaded but waiting for budget */
+  uint64_t rng;
+  char *text; /* completion text */
+  size_t text_len, text_cap, text_emitted;
+  double t_submit, t_first;
+  struct req *next;
+} req;
+
+struct ot_serve_engine {
+  ot_gpt2 *m;
+  ot_backend *be, *load_be; /* load_be: host backend the adapter files are staged on */
+  int own_load_be;
+  ot_serve_config cfg;
+  char base_digest[96];
+  int L, C, NH, V, T_max, Nmax;
+  float eps;
+  const float *wte, *wpe, *lnf_w, *lnf_b;
+  const float *(*base_p)[OT_BLK_NPARAM];
+
+  /* incoming requests and cancellations, under mu */
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  pthread_mutex_t step_mu; /* one step at a time, whoever drives */
+  req *in_head, *in_tail;
+  uint64_t *cancels;
+  int n_cancels, cap_cancels;
+  uint64_t next_id;
+  int stopping, thread_on;
+  pthread_t thread;
+  ot_serve_stats stats; /* under mu */
+
+  /* engine-thread state */
+  req **waiting;
+  int n_waiting, cap_waiting;
+  req **slots; /* [max_batch] */
+  adapter *adapters;
+  size_t adapter_bytes;
+  uint64_t tick;
+
+  /* backend buffers */
+  float *kc, *vc; /* [L, max_batch, T_max, C] */
+  float *x, *ln, *qkv, *atty, *proj, *fch, *fchg, *last, *lastn, *logits;
+  float *lora_t; /* [Nmax, rcap] */
+  int rcap;
+  float *bn_z, *bn_g, *bn_up; /* [Nmax, dcap], [Nmax, dcap], [Nmax, C] */
+  int dcap;
+  int32_t *d_tokens, *d_pos, *d_slot;
+  /* host scratch */
+  int32_t *h_tokens, *h_pos, *h_slot;
+  const float **sg_A, **sg_Bt; /* lora_sgmv_fwd tables [max_batch] */
+  int *sg_row0, *sg_n, *sg_r;
+  float *sg_scale;
+  float *h_logits;
+  void *cand;
+};
+
+typedef struct {
+  float p;
+  int id;
+} cand;
+
+static double now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+const char *ot_finish_reason_name(ot_finish_reason r) {
+  switch (r) {
+  case OT_FINISH_LENGTH: return "length";
+  case OT_FINISH_STOP: return "stop";
+  case OT_FINISH_ERROR: return "error";
+  case OT_FINISH_CANCELLED: return "cancelled";
+  default: return "none";
+  }
+}
+
+void ot_serve_config_default(ot_serve_config *c) {
+  memset(c, 0, sizeof *c);
+  c->max_batch = 32;
+  c->max_step_tokens = 512;
+  c->eos_id = -1;
+}
+
+/* ---- adapter loading ------------------------------------------------------------------- */
+
+static void adapter_free(ot_serve_engine *e, adapter *a) {
+  if (!a) return;
+  if (a->mem) e->be->ops->free(e->be, a->mem);
+  free(a->blk);
+  free(a);
+}
+
+/* Blocks an offsite or BitFit adapter replaces (from its already verified config). */
+static int touched_blocks(const char *dir, ot_adapter_kind kind, int L, unsigned char *mark) {
+  char *path = NULL, *text = NULL;
+  int rc = ot_path_join(dir, "adapter_config.json", &path);
+  if (rc == OT_OK) rc = ot_file_read_all(path, 1 << 20, &text, NULL);
+  free(path);
+  if (rc) return rc;
+  cJSON *j = cJSON_Parse(text);
+  free(text);
+  if (!j) return ot_error(OT_ERR_FORMAT, "%s: adapter_config.json is not JSON", dir);
+  const char *keys[2] = {kind == OT_ADAPTER_OFFSITE ? "bottom" : "layers_to_transform",
+                         kind == OT_ADAPTER_OFFSITE ? "top" : NULL};
+  for (int k = 0; k < 2 && keys[k] && rc == OT_OK; k++) {
+    const cJSON *arr = cJSON_GetObjectItemCaseSensitive(j, keys[k]), *v;
+    cJSON_ArrayForEach(v, arr) {
+      int b = cJSON_IsNumber(v) ? v->valueint : -1;
+      if (b < 0 || b >= L) {
+        rc = ot_error(OT_ERR_FORMAT, "%s: block %d outside the model", dir, b);
+        break;
+      }
+      mark[b] = 1;
+    }
+  }
+  cJSON_Delete(j);
+  return rc;
+}
+
+/* Loads an adapter through ot_adapter_apply on a "shell": a model with the base's blocks but
+ * a one-token vocabulary, whose tensors are never touched except those the adapter writes
+ * (so its pages are never committed). The adapter's own tensors are then copied into one
+ * compact allocation on the engine's backend. */
+static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, adapter **out) {
+  ot_gpt2_config sc = *ot_gpt2_cfg(e->m);
+  sc.vocab_size = 1;
+  sc.n_positions = 1;
+  ot_gpt2 *shell = NULL;
+  ot_adapter_kind kind;
+  int L = e->L, rc = ot_adapter_read_kind(dir, &kind);
+  if (rc == OT_OK) rc = ot_gpt2_create(&sc, e->load_be, &shell);
+  if (rc == OT_OK) rc = ot_adapter_apply(shell, NULL, e->base_digest, dir);
+  unsigned char *mark = calloc((size_t)L, 1);
+  adapter *a = calloc(1, sizeof *a);
+  if (rc == OT_OK && (!mark || !a)) rc = ot_error(OT_ERR_NOMEM, "cannot allocate an adapter");
+  if (rc == OT_OK && (kind == OT_ADAPTER_OFFSITE || kind == OT_ADAPTER_BITFIT))
+    rc = touched_blocks(dir, kind, L, mark);
+  if (rc == OT_OK) {
+    a->blk = calloc((size_t)L, sizeof *a->blk);
+    if (!a->blk) rc = ot_error(OT_ERR_NOMEM, "cannot allocate an adapter");
+  }
+  /* the tensors to keep: (source, destination slot) pairs, sized first, then copied */
+  const int bitfit_k[6] = {OT_BLK_LN1_B, OT_BLK_QKV_B, OT_BLK_ATTPROJ_B,
+                           OT_BLK_LN2_B, OT_BLK_FC_B,  OT_BLK_FCPROJ_B};
+  for (int pass = 0; pass < 2 && rc == OT_OK; pass++) {
+    size_t off = 0;
+#define TAKE(dst, param)                                                                                     \
+  do {                                                                                                       \
+    const ot_param *pp_ = (param);                                                                           \
+    if (pass == 1) {                                                                                         \
+      rc = rc ? rc : e->be->ops->upload(e->be, a->mem + off, pp_->data, pp_->numel * sizeof(float));         \
+      (dst) = a->mem + off;                                                                                  \
+    }                                                                                                        \
+    off += (pp_->numel + 15) & ~(size_t)15;                                                                  \
+  } while (0)
+    /* B [rows, cols] stored transposed */
+#define TAKE_T(dst, param)                                                                                   \
+  do {                                                                                                       \
+    const ot_param *pp_ = (param);                                                                           \
+    if (pass == 1 && rc == OT_OK) {                                                                          \
+      int R_ = pp_->shape[0], K_ = pp_->shape[1];                                                            \
+      float *tr_ = malloc(pp_->numel * sizeof(float));                                                       \
+      if (!tr_) rc = ot_error(OT_ERR_NOMEM, "cannot allocate an adapter");                                   \
+      for (int i_ = 0; tr_ && i_ < R_; i_++)                                                                 \
+        for (int k_ = 0; k_ < K_; k_++) tr_[(size_t)k_ * R_ + i_] = pp_->data[(size_t)i_ * K_ + k_];         \
+      if (tr_) rc = e->be->ops->upload(e->be, a->mem + off, tr_, pp_->numel * sizeof(float));                \
+      free(tr_);                                                                                             \
+      (dst) = a->mem + off;                                                                                  \
+    }                                                                                                        \
+    off += (pp_->numel + 15) & ~(size_t)15;                                                                  \
+  } while (0)
+    for (int l = 0; l < L; l++) {
+      blk_over *b = &a->blk[l];
+      if (kind == OT_ADAPTER_OFFSITE && mark[l]) {
+        b->touched = 1;
+        for (int k = 0; k < OT_BLK_NPARAM; k++)
+          TAKE(b->p[k], ot_gpt2_param(shell, ot_gpt2_block_param_index(shell, l, k)));
+      }
+      if (kind == OT_ADAPTER_BITFIT && mark[l]) {
+        b->touched = 1;
+        for (int k = 0; k < 6; k++)
+          TAKE(b->p[bitfit_k[k]], ot_gpt2_param(shell, ot_gpt2_block_param_index(shell, l, bitfit_k[k])));
+      }
+      const ot_block_ext *x = ot_gpt2_block_ext(shell, l);
+      char nm[160];
+      for (int s = 0; s < OT_LORA_NSITE; s++) {
+        if (!((x->lora_sites >> s) & 1)) continue;
+        b->touched = 1;
+        b->lora_sites |= 1u << s;
+        b->lora_r = x->lora_r;
+        b->lora_scale = x->lora_alpha / (float)x->lora_r;
+        for (int ab = 0; ab < 2; ab++) {
+          snprintf(nm, sizeof nm, "transformer.h.%d.%s.lora_%c.weight", l, ot_lora_modules[s],
+                   ab ? 'B' : 'A');
+          ot_param *pp = ot_gpt2_find_param(shell, nm);
+          if (!pp) {
+            rc = ot_error(OT_ERR_INTERNAL, "%s missing after apply", nm);
+            break;
+          }
+          TAKE(b->lora[s][ab], pp);
+          if (ab == 1) TAKE_T(b->lora_bt[s], pp);
+        }
+      }
+      if (x->bottleneck) {
+        static const char *sites[2] = {"adapter_attn", "adapter_mlp"};
+        static const char *parts[4] = {"down.weight", "down.bias", "up.weight", "up.bias"};
+        b->touched = 1;
+        b->bn_dim = x->bottleneck;
+        for (int s = 0; s < 2; s++)
+          for (int k = 0; k < 4 && rc == OT_OK; k++) {
+            snprintf(nm, sizeof nm, "transformer.h.%d.%s.%s", l, sites[s], parts[k]);
+            ot_param *pp = ot_gpt2_find_param(shell, nm);
+            if (!pp) {
+              rc = ot_error(OT_ERR_INTERNAL, "%s missing after apply", nm);
+              break;
+            }
+            TAKE(b->bn[s][k], pp);
+          }
+      }
+    }
+#undef TAKE
+#undef TAKE_T
+    if (pass == 0 && rc == OT_OK) {
+      a->bytes = off * sizeof(float);
+      rc = e->be->ops->alloc(e->be, a->bytes ? a->bytes : 64, (void **)&a->mem);
+    }
+  }
+  if (rc == OT_OK) rc = e->be->ops->sync(e->be);
+  ot_gpt2_free(shell);
+  free(mark);
+  if (rc) {
+    if (a) adapter_free(e, a);
+    return rc;
+  }
+  snprintf(a->name, sizeof a->name, "%s", name);
+  a->kind = kind;
+  *out = a;
+  return OT_OK;
+}
+
+/* Scratch for LoRA ranks and bottleneck sizes grows with the largest adapter loaded. */
+static int ensure_scratch(ot_serve_engine *e, const adapter *a) {
+  int r = 0, d = 0;
+  for (int l = 0; l < e->L; l++) {
+    if (a->blk[l].lora_r > r) r = a->blk[l].lora_r;
+    if (a->blk[l].bn_dim > d) d = a->blk[l].bn_dim;
+  }
+  ot_backend *be = e->be;
+  if (r > e->rcap) {
+    float *t = NULL;
+    int rc = be->ops->alloc(be, (size_t)e->Nmax * r * sizeof(float), (void **)&t);
+    if (rc) return rc;
+    if (e->lora_t) be->ops->free(be, e->lora_t);
+    e->lora_t = t;
+    e->rcap = r;
+  }
+  if (d > e->dcap) {
+    float *z = NULL, *g = NULL;
+    int rc = be->ops->alloc(be, (size_t)e->Nmax * d * sizeof(float), (void **)&z);
+    if (rc == OT_OK) rc = be->ops->alloc(be, (size_t)e->Nmax * d * sizeof(float), (void **)&g);
+    if (rc) {
+      if (z) be->ops->free(be, z);
+      return rc;
+    }
+    if (e->bn_z) be->ops->free(be, e->bn_z);
+    if (e->bn_g) be->ops->free(be, e->bn_g);
+    e->bn_z = z;
+    e->bn_g = g;
+    e->dcap = d;
+  }
+  return OT_OK;
+}
+
+enum { ACQ_OK = 0, ACQ_BUSY = 1 };
+
+/* Makes r's adapter resident: ACQ_OK (r->ad set, referenced), ACQ_BUSY (the budget is held by
+ * adapters in use: try again after some finish) or an error. */
+static int adapter_acquire(ot_serve_engine *e, req *r) {
+  if (!r->adapter_name[0]) return ACQ_OK;
+  adapter *a = NULL;
+  for (a = e->adapters; a; a = a->next)
+    if (strcmp(a->name, r->adapter_name) == 0) break;
+  if (!a) {
+    a = r->pending;
+    if (!a) {
+      char dir[4096];
+      int rc = e->cfg.resolve ? e->cfg.resolve(e->cfg.resolve_user, r->adapter_name, dir, sizeof dir)
+                              : ot_error(OT_ERR_NOTFOUND, "no adapter resolver");
+      if (rc == OT_OK) rc = adapter_load(e, r->adapter_name, dir, &a);
+      if (rc) return rc;
+      r->pending = a;
+    }
+    size_t budget = e->cfg.adapter_budget;
+    if (budget && a->bytes > budget)
+      return ot_error(OT_ERR_RANGE, "adapter '%s' needs %zu bytes, more than the whole budget of %zu",
+                      a->name, a->bytes, budget);
+    while (budget && e->adapter_bytes + a->bytes > budget) { /* evict the least recently used idle one */
+      adapter **victim = NULL;
+      for (adapter **pp = &e->adapters; *pp; pp = &(*pp)->next)
+        if ((*pp)->refs == 0 && (!victim || (*pp)->last_use < (*victim)->last_use)) victim = pp;
+      if (!victim) return ACQ_BUSY;
+      adapter *v = *victim;
+      *victim = v->next;
+      e->adapter_bytes -= v->bytes;
+      adapter_free(e, v);
+      pthread_mutex_lock(&e->mu);
+      e->stats.evictions++;
+      pthread_mutex_unlock(&e->mu);
+    }
+    int rc = ensure_scratch(e, a);
+    if (rc) return rc;
+    r->pending = NULL;
+    a->next = e->adapters;
+    e->adapters = a;
+    e->adapter_bytes += a->bytes;
+    pthread_mutex_lock(&e->mu);
+    e->stats.loads++;
+    pthread_mutex_unlock(&e->mu);
+  }
+  a->refs++;
+  a->last_use = ++e->tick;
+  r->ad = a;
+  return ACQ_OK;
+}
+
+/* ---- engine ---------------------------------------------------------------------------- */
+
+int ot_serve_engine_create(ot_gpt2 *base, const ot_serve_config *cfg, ot_serve_engine **out) {
+  if (!base || !cfg || !out) return ot_error(OT_ERR_INVALID, "ot_serve_engine_create: NULL argument");
+  if (ot_gpt2_param_count(base) != ot_gpt2_base_param_count(base))
+    return ot_error(OT_ERR_INVALID, "the serving base model must carry no adapter tensors");
+  ot_backend *be = ot_gpt2_backend(base);
+  if (!be->ops->embed_fwd || !be->ops->attention_kv_fwd || !be->ops->lora_fwd)
+    return ot_error(OT_ERR_UNSUPPORTED, "the %s backend lacks the serving ops (embed_fwd, attention_kv_fwd)",
+                    be->ops->name);
+  const ot_gpt2_config *mc = ot_gpt2_cfg(base);
+  ot_serve_config c = *cfg;
+  if (c.max_batch <= 0) c.max_batch = 32;
+  if (c.max_step_tokens <= 0) c.max_step_tokens = 512;
+  if (c.max_seq <= 0) c.max_seq = mc->n_positions < 1024 ? mc->n_positions : 1024;
+  if (c.max_seq > mc->n_positions)
+    return ot_error(OT_ERR_RANGE, "max_seq %d exceeds the model's n_positions %d", c.max_seq,
+                    mc->n_positions);
+  if (c.max_step_tokens < c.max_batch)
+    return ot_error(OT_ERR_INVALID, "max_step_tokens (%d) must be >= max_batch (%d)", c.max_step_tokens,
+                    c.max_batch);
+  ot_serve_engine *e = calloc(1, sizeof *e);
+  if (!e) return ot_error(OT_ERR_NOMEM, "cannot allocate the engine");
+  e->m = base;
+  e->be = be;
+  e->cfg = c;
+  snprintf(e->base_digest, sizeof e->base_digest, "%s", c.base_digest ? c.base_digest : "");
+  e->cfg.base_digest = e->base_digest;
+  e->L = mc->n_layer;
+  e->C = mc->n_embd;
+  e->NH = mc->n_head;
+  e->V = mc->vocab_size;
+  e->T_max = c.max_seq;
+  e->Nmax = c.max_step_tokens;
+  e->eps = mc->layer_norm_epsilon;
+  e->next_id = 1;
+  pthread_mutex_init(&e->mu, NULL);
+  pthread_cond_init(&e->cv, NULL);
+  pthread_mutex_init(&e->step_mu, NULL);
+  int rc = OT_OK;
+  if (be->ops->host_visible) {
+    e->load_be = be;
+  } else {
+    rc = ot_backend_cpu_create(0, &e->load_be);
+    e->own_load_be = rc == OT_OK;
+  }
+  int L = e->L, C = e->C, N = e->Nmax, S = c.max_batch, V = e->V;
+  e->base_p = calloc((size_t)L, sizeof *e->base_p);
+  e->slots = calloc((size_t)S, sizeof *e->slots);
+  e->h_tokens = malloc((size_t)N * sizeof(int32_t));
+  e->h_pos = malloc((size_t)N * sizeof(int32_t));
+  e->h_slot = malloc((size_t)N * sizeof(int32_t));
+  e->h_logits = malloc((size_t)S * V * sizeof(float));
+  e->cand = malloc((size_t)V * sizeof(cand));
+  e->sg_A = malloc((size_t)S * sizeof *e->sg_A);
+  e->sg_Bt = malloc((size_t)S * sizeof *e->sg_Bt);
+  e->sg_row0 = malloc((size_t)S * sizeof(int));
+  e->sg_n = malloc((size_t)S * sizeof(int));
+  e->sg_r = malloc((size_t)S * sizeof(int));
+  e->sg_scale = malloc((size_t)S * sizeof(float));
+  if (rc == OT_OK &&
+      (!e->base_p || !e->slots || !e->h_tokens || !e->h_pos || !e->h_slot || !e->h_logits || !e->cand ||
+       !e->sg_A || !e->sg_Bt || !e->sg_row0 || !e->sg_n || !e->sg_r || !e->sg_scale))
+    rc = ot_error(OT_ERR_NOMEM, "cannot allocate the engine tables");
+  for (int l = 0; l < L && rc == OT_OK; l++)
+    for (int k = 0; k < OT_BLK_NPARAM; k++)
+      e->base_p[l][k] = ot_gpt2_param(base, ot_gpt2_block_param_index(base, l, k))->data;
+  if (rc == OT_OK) {
+    e->wte = ot_gpt2_find_param(base, "transformer.wte.weight")->data;
+    e->wpe = ot_gpt2_find_param(base, "transformer.wpe.weight")->data;
+    e->lnf_w = ot_gpt2_find_param(base, "transformer.ln_f.weight")->data;
+    e->lnf_b = ot_gpt2_find_param(base, "transformer.ln_f.bias")->data;
+  }
+  size_t kv = (size_t)L * S * e->T_max * C * sizeof(float), F = sizeof(float);
+  struct {
+    void **p;
+    size_t bytes;
+  } bufs[] = {{(void **)&e->kc, kv},
+              {(void **)&e->vc, kv},
+              {(void **)&e->x, (size_t)N * C * F},
+              {(void **)&e->ln, (size_t)N * C * F},
+              {(void **)&e->qkv, (size_t)N * 3 * C * F},
+              {(void **)&e->atty, (size_t)N * C * F},
+              {(void **)&e->proj, (size_t)N * C * F},
+              {(void **)&e->fch, (size_t)N * 4 * C * F},
+              {(void **)&e->fchg, (size_t)N * 4 * C * F},
+              {(void **)&e->bn_up, (size_t)N * C * F},
+              {(void **)&e->last, (size_t)S * C * F},
+              {(void **)&e->lastn, (size_t)S * C * F},
+              {(void **)&e->logits, (size_t)S * V * F},
+              {(void **)&e->d_tokens, (size_t)N * sizeof(int32_t)},
+              {(void **)&e->d_pos, (size_t)N * sizeof(int32_t)},
+              {(void **)&e->d_slot, (size_t)N * sizeof(int32_t)}};
+  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0] && rc == OT_OK; i++)
+    rc = be->ops->alloc(be, bufs[i].bytes, bufs[i].p);
+  if (rc) {
+    ot_serve_engine_free(e);
+    return rc;
+  }
+  *out = e;
+  return OT_OK;
+}
+
+static void req_free(req *r) {
+  if (!r) return;
+  for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
+  free(r->ids);
+  free(r->text);
+  free(r);
+}
+
+static void emit(req *r, const int32_t *toks, int n_toks, const float *logits, int V, size_t upto,
+                 int finished, ot_finish_reason reason, int error, const char *msg) {
+  if (upto < r->text_emitted) upto = r->text_emitted;
+  ot_serve_event ev = {r->id,
+                       toks,
+                       n_toks,
+                       r->text ? r->text + r->text_emitted : "",
+                       upto - r->text_emitted,
+                       finished,
+                       reason,
+                       error,
+                       msg,
+                       r->n_prompt,
+                       r->n_ids - r->n_prompt,
+                       r->t_first > 0 ? r->t_first - r->t_submit : 0.0,
+                       now_ms() - r->t_submit,
+                       logits,
+                       V};
+  r->text_emitted = upto;
+  if (r->fn && (n_toks || ev.text_len || finished)) r->fn(r->user, &ev);
+}
+
+/* Ends a request: releases its slot and adapter, sends the last event, frees it. */
+static void finish(ot_serve_engine *e, req *r, ot_finish_reason reason, int error, const char *msg) {
+  if (r->slot >= 0) e->slots[r->slot] = NULL;
+  if (r->ad) r->ad->refs--;
+  if (r->pending) adapter_free(e, r->pending);
+  emit(r, NULL, 0, NULL, 0, r->text_len, 1, reason, error, msg);
+  req_free(r);
+}
+
+void ot_serve_engine_free(ot_serve_engine *e) {
+  if (!e) return;
+  pthread_mutex_lock(&e->mu);
+  e->stopping = 1;
+  pthread_cond_broadcast(&e->cv);
+  pthread_mutex_unlock(&e->mu);
+  if (e->thread_on) pthread_join(e->thread, NULL);
+  /* whatever is left ends CANCELLED */
+  req *in = e->in_head;
+  e->in_head = e->in_tail = NULL;
+  while (in) {
+    req *n = in->next;
+    in->slot = -1;
+    finish(e, in, OT_FINISH_CANCELLED, 0, NULL);
+    in = n;
+  }
+  for (int i = 0; i < e->n_waiting; i++) finish(e, e->waiting[i], OT_FINISH_CANCELLED, 0, NULL);
+  for (int s = 0; e->slots && s < e->cfg.max_batch; s++)
+    if (e->slots[s]) finish(e, e->slots[s], OT_FINISH_CANCELLED, 0, NULL);
+  while (e->adapters) {
+    adapter *n = e->adapters->next;
+    adapter_free(e, e->adapters);
+    e->adapters = n;
+  }
+  ot_backend *be = e->be;
+  void *bufs[] = {e->kc,   e->vc,   e->x,        e->ln,    e->qkv,   e->atty,   e->proj,
+                  e->fch,  e->fchg, e->bn_up,    e->last,  e->lastn, e->logits, e->lora_t,
+                  e->bn_z, e->bn_g, e->d_tokens, e->d_pos, e->d_slot};
+  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+    if (bufs[i]) be->ops->free(be, bufs[i]);
+  if (e->own_load_be) ot_backend_free(e->load_be);
+  free(e->waiting);
+  free(e->slots);
+  free(e->base_p);
+  free(e->cancels);
+  free(e->h_tokens);
+  free(e->h_pos);
+  free(e->h_slot);
+  free(e->h_logits);
+  free(e->cand);
+  free(e->sg_A);
+  free(e->sg_Bt);
+  free(e->sg_row0);
+  free(e->sg_n);
+  free(e->sg_r);
+  free(e->sg_scale);
+  pthread_mutex_destroy(&e->mu);
+  pthread_cond_destroy(&e->cv);
+  pthread_mutex_destroy(&e->step_mu);
+  free(e);
+}
+
+int ot_serve_submit(ot_serve_engine *e, const ot_serve_request *rq, ot_serve_event_fn fn, void *user,
+                    uint64_t *id) {
+  if (!e || !rq) return ot_error(OT_ERR_INVALID, "ot_serve_submit: NULL argument");
+  if (!rq->prompt || rq->n_prompt == 0) return ot_error(OT_ERR_INVALID, "the prompt is empty");
+  if (rq->n_prompt > (size_t)e->T_max)
+    return ot_error(OT_ERR_RANGE, "the prompt has %zu tokens; this server's context is %d", rq->n_prompt,
+                    e->T_max);
+  for (size_t i = 0; i < rq->n_prompt; i++)
+    if (rq->prompt[i] < 0 || rq->prompt[i] >= e->V)
+      return ot_error(OT_ERR_RANGE, "prompt token %d is outside the vocabulary (%d)", rq->prompt[i], e->V);
+  if (rq->max_tokens < 0) return ot_error(OT_ERR_INVALID, "max_tokens must be >= 0");
+  if (!(rq->temperature >= 0.0f) || !isfinite(rq->temperature))
+    return ot_error(OT_ERR_INVALID, "temperature must be a finite number >= 0");
+  if (!(rq->top_p > 0.0f && rq->top_p <= 1.0f)) return ot_error(OT_ERR_INVALID, "top_p must be in (0, 1]");
+  if (rq->top_k < 0) return ot_error(OT_ERR_INVALID, "top_k must be >= 0");
+  const char *name = rq->adapter ? rq->adapter : "";
+  if (strlen(name) >= sizeof(((req *)0)->adapter_name))
+    return ot_error(OT_ERR_NOTFOUND, "adapter name too long");
+  if (*name) {
+    char dir[4096];
+    int rc = e->cfg.resolve ? e->cfg.resolve(e->cfg.resolve_user, name, dir, sizeof dir)
+                            : ot_error(OT_ERR_NOTFOUND, "adapter '%s' does not exist", name);
+    if (rc) return rc;
+  }
+  req *r = calloc(1, sizeof *r);
+  int cap = (int)rq->n_prompt + rq->max_tokens + 1;
+  if (cap > e->T_max + 1) cap = e->T_max + 1;
+  if (r) r->ids = malloc((size_t)cap * sizeof(int32_t));
+  if (!r || !r->ids) {
+    req_free(r);
+    return ot_error(OT_ERR_NOMEM, "cannot allocate a request");
+  }
+  snprintf(r->adapter_name, sizeof r->adapter_name, "%s", name);
+  r->p = *rq;
+  r->p.adapter = NULL;
+  r->p.prompt = NULL;
+  for (int i = 0; i < OT_SERVE_MAX_STOP && rq->stop[i]; i++) {
+    if (!*rq->stop[i]) continue;
+    if (!e->cfg.tok) {
+      req_free(r);
+      return ot_error(OT_ERR_UNSUPPORTED, "stop strings need a tokenizer");
+    }
+    r->stop[r->n_stop] = strdup(rq->stop[i]);
+    if (!r->stop[r->n_stop++]) {
+      req_free(r);
+      return ot_error(OT_ERR_NOMEM, "cannot allocate a request");
+    }
+  }
+  memcpy(r->ids, rq->prompt, rq->n_prompt * sizeof(int32_t));
+  r->n_prompt = r->n_ids = (int)rq->n_prompt;
+  r->slot = -1;
+  r->rng = rq->seed;
+  r->fn = fn;
+  r->user = user;
+  r->t_submit = now_ms();
+  pthread_mutex_lock(&e->mu);
+  r->id = e->next_id++;
+  if (e->in_tail)
+    e->in_tail->next = r;
+  else
+    e->in_head = r;
+  e->in_tail = r;
+  e->stats.waiting++;
+  pthread_cond_broadcast(&e->cv);
+  if (id) *id = r->id;
+  pthread_mutex_unlock(&e->mu);
+  return OT_OK;
+}
+
+void ot_serve_cancel(ot_serve_engine *e, uint64_t id) {
+  pthread_mutex_lock(&e->mu);
+  if (e->n_cancels == e->cap_cancels) {
+    int cap = e->cap_cancels ? 2 * e->cap_cancels : 16;
+    uint64_t *c = realloc(e->cancels, (size_t)cap * sizeof *c);
+    if (c) {
+      e->cancels = c;
+      e->cap_cancels = cap;
+    }
+  }
+  if (e->n_cancels < e->cap_cancels) e->cancels[e->n_cancels++] = id;
+  pthread_cond_broadcast(&e->cv);
+  pthread_mutex_unlock(&e->mu);
+}
+
+/* ---- forward --------------------------------------------------------------------------- */
+
+typedef struct {
+  adapter *ad;
+  int row0, n;
+} segment;
+
+static const float *wp(const ot_serve_engine *e, const adapter *a, int l, int k) {
+  return a && a->blk[l].p[k] ? a->blk[l].p[k] : e->base_p[l][k];
+}
+
+/* LayerNorm over each run of segments sharing weights. */
+static void seg_layernorm(ot_serve_engine *e, float *out, const float *in, int l, int kw, int kb,
+                          const segment *sg, int ns) {
+  int C = e->C;
+  for (int s = 0; s < ns;) {
+    const float *w = wp(e, sg[s].ad, l, kw), *b = wp(e, sg[s].ad, l, kb);
+    int t = s + 1, n = sg[s].n;
+    while (t < ns && wp(e, sg[t].ad, l, kw) == w && wp(e, sg[t].ad, l, kb) == b) n += sg[t++].n;
+    e->be->ops->layernorm_fwd(e->be, out + (size_t)sg[s].row0 * C, NULL, NULL, in + (size_t)sg[s].row0 * C, w,
+                              b, n, C, e->eps);
+    s = t;
+  }
+}
+
+/* out = in W + b per run of segments sharing (W, b): the shared GEMM; then each LoRA segment adds
+ * scale (in A^T) B^T on its own rows (SGMV's shrink and expand). */
+static void seg_linear(ot_serve_engine *e, float *out, const float *in, int l, int kw, int kb, int IN,
+                       int OUT, int site, const segment *sg, int ns) {
+  const ot_backend_ops *o = e->be->ops;
+  for (int s = 0; s < ns;) {
+    const float *w = wp(e, sg[s].ad, l, kw), *b = wp(e, sg[s].ad, l, kb);
+    int t = s + 1, n = sg[s].n;
+    while (t < ns && wp(e, sg[t].ad, l, kw) == w && wp(e, sg[t].ad, l, kb) == b) n += sg[t++].n;
+    o->matmul_fwd(e->be, out + (size_t)sg[s].row0 * OUT, in + (size_t)sg[s].row0 * IN, w, b, n, IN, OUT,
+                  OT_W_IN_OUT);
+    s = t;
+  }
+  if (o->lora_sgmv_fwd) { /* every adapter's branch in one call */
+    int S = 0;
+    for (int s = 0; s < ns; s++) {
+      const blk_over *bo = sg[s].ad ? &sg[s].ad->blk[l] : NULL;
+      if (!bo || !((bo->lora_sites >> site) & 1)) continue;
+      e->sg_A[S] = bo->lora[site][0];
+      e->sg_Bt[S] = bo->lora_bt[site];
+      e->sg_row0[S] = sg[s].row0;
+      e->sg_n[S] = sg[s].n;
+      e->sg_r[S] = bo->lora_r;
+      e->sg_scale[S++] = bo->lora_scale;
+    }
+    if (S)
+      o->lora_sgmv_fwd(e->be, out, in, e->sg_A, e->sg_Bt, e->sg_row0, e->sg_n, e->sg_r, e->sg_scale, S, IN,
+                       OUT);
+    return;
+  }
+  for (int s = 0; s < ns; s++) {
+    const blk_over *bo = sg[s].ad ? &sg[s].ad->blk[l] : NULL;
+    if (!bo || !((bo->lora_sites >> site) & 1)) continue;
+    o->lora_fwd(e->be, out + (size_t)sg[s].row0 * OUT, e->lora_t, NULL, in + (size_t)sg[s].row0 * IN,
+                bo->lora[site][0], bo->lora[site][1], sg[s].n, IN, OUT, bo->lora_r, bo->lora_scale, 0.0f, 0);
+  }
+}
+
+/* h += up(gelu(down(h))) on the segments with a bottleneck adapter at block l, site k. */
+static void seg_bottleneck(ot_serve_engine *e, float *h, int l, int k, const segment *sg, int ns) {
+  const ot_backend_ops *o = e->be->ops;
+  int C = e->C;
+  for (int s = 0; s < ns; s++) {
+    const blk_over *bo = sg[s].ad ? &sg[s].ad->blk[l] : NULL;
+    if (!bo || !bo->bn_dim) continue;
+    int d = bo->bn_dim, n = sg[s].n;
+    float *hs = h + (size_t)sg[s].row0 * C;
+    o->matmul_fwd(e->be, e->bn_z, hs, bo->bn[k][0], bo->bn[k][1], n, C, d, OT_W_IN_OUT);
+    o->gelu_fwd(e->be, e->bn_g, e->bn_z, (size_t)n * d);
+    o->matmul_fwd(e->be, e->bn_up, e->bn_g, bo->bn[k][2], bo->bn[k][3], n, d, C, OT_W_IN_OUT);
+    o->add(e->be, hs, hs, e->bn_up, (size_t)n * C);
+  }
+}
+
+/* One forward over N rows (host arrays h_tokens/h_pos/h_slot, grouped into segments); logits of
+ * rows last_rows[0..S) into h_logits [S, V]. */
+static int forward(ot_serve_engine *e, int N, const segment *sg, int ns, const int *last_rows, int S) {
+  ot_backend *be = e->be;
+  const ot_backend_ops *o = be->ops;
+  int C = e->C, L = e->L;
+  int rc = o->upload(be, e->d_tokens, e->h_tokens, (size_t)N * sizeof(int32_t));
+  if (rc == OT_OK) rc = o->upload(be, e->d_pos, e->h_pos, (size_t)N * sizeof(int32_t));
+  if (rc == OT_OK) rc = o->upload(be, e->d_slot, e->h_slot, (size_t)N * sizeof(int32_t));
+  if (rc) return rc;
+  o->embed_fwd(be, e->x, e->d_tokens, e->d_pos, e->wte, e->wpe, N, C);
+  size_t layer_kv = (size_t)e->cfg.max_batch * e->T_max * C;
+  for (int l = 0; l < L; l++) {
+    seg_layernorm(e, e->ln, e->x, l, OT_BLK_LN1_W, OT_BLK_LN1_B, sg, ns);
+    seg_linear(e, e->qkv, e->ln, l, OT_BLK_QKV_W, OT_BLK_QKV_B, C, 3 * C, OT_LORA_QKV, sg, ns);
+    o->attention_kv_fwd(be, e->atty, e->kc + l * layer_kv, e->vc + l * layer_kv, e->qkv, e->d_pos, e->d_slot,
+                        N, C, e->NH, e->T_max);
+    seg_linear(e, e->proj, e->atty, l, OT_BLK_ATTPROJ_W, OT_BLK_ATTPROJ_B, C, C, OT_LORA_ATTPROJ, sg, ns);
+    seg_bottleneck(e, e->proj, l, 0, sg, ns);
+    o->add(be, e->x, e->x, e->proj, (size_t)N * C);
+    seg_layernorm(e, e->ln, e->x, l, OT_BLK_LN2_W, OT_BLK_LN2_B, sg, ns);
+    seg_linear(e, e->fch, e->ln, l, OT_BLK_FC_W, OT_BLK_FC_B, C, 4 * C, OT_LORA_FC, sg, ns);
+    o->gelu_fwd(be, e->fchg, e->fch, (size_t)N * 4 * C);
+    seg_linear(e, e->proj, e->fchg, l, OT_BLK_FCPROJ_W, OT_BLK_FCPROJ_B, 4 * C, C, OT_LORA_FCPROJ, sg, ns);
+    seg_bottleneck(e, e->proj, l, 1, sg, ns);
+    o->add(be, e->x, e->x, e->proj, (size_t)N * C);
+  }
+  if (S == 0) return o->sync(be);
+  for (int i = 0; i < S && rc == OT_OK; i++)
+    rc = o->copy(be, e->last + (size_t)i * C, e->x + (size_t)last_rows[i] * C, (size_t)C * sizeof(float));
+  if (rc) return rc;
+  o->layernorm_fwd(be, e->lastn, NULL, NULL, e->last, e->lnf_w, e->lnf_b, S, C, e->eps);
+  o->matmul_fwd(be, e->logits, e->lastn, e->wte, NULL, S, C, e->V, OT_W_OUT_IN);
+  return o->download(be, e->h_logits, e->logits, (size_t)S * e->V * sizeof(float));
+}
+
+/* ---- sampling -------------------------------------------------------------------------- */
+
+static uint64_t rng_next(uint64_t *s) {
+  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+static int cand_desc(const void *a, const void *b) {
+  float x = ((const cand *)a)->p, y = ((const cand *)b)->p;
+  return (x < y) - (x > y);
+}
+
+/* ot_generate's sampler (greedy; temperature with top-p over the whole distribution), plus
+ * top-k applied first; the same seed gives the same draws. */
+static int sample(const float *logits, int V, const ot_serve_request *sc, uint64_t *rng, cand *buf) {
+  int best = 0;
+  for (int i = 1; i < V; i++)
+    if (logits[i] > logits[best]) best = i;
+  if (sc->temperature <= 0.0f) return best;
+  double sum = 0.0;
+  for (int i = 0; i < V; i++) {
+    buf[i].id = i;
+    buf[i].p = expf((logits[i] - logits[best]) / sc->temperature);
+    sum += buf[i].p;
+  }
+  int n = V;
+  int topk = sc->top_k > 0 && sc->top_k < V;
+  if (topk || (sc->top_p > 0.0f && sc->top_p < 1.0f)) {
+    qsort(buf, (size_t)V, sizeof *buf, cand_desc);
+    if (topk) {
+      n = sc->top_k;
+      sum = 0.0;
+      for (int i = 0; i < n; i++) sum += buf[i].p;
+    }
+    if (sc->top_p > 0.0f && sc->top_p < 1.0f) {
+      double acc = 0.0;
+      int m;
+      for (m = 0; m < n; m++) {
+        acc += buf[m].p / sum;
+        if (acc >= sc->top_p) {
+          m++;
+          break;
+        }
+      }
+      n = m > n ? n : m;
+      sum = 0.0;
+      for (int i = 0; i < n; i++) sum += buf[i].p;
+    }
+  }
+  double r = ((rng_next(rng) >> 11) * (1.0 / 9007199254740992.0)) * sum, acc = 0.0;
+  for (int i = 0; i < n; i++) {
+    acc += buf[i].p;
+    if (r < acc) return buf[i].id;
+  }
+  return buf[n - 1].id;
+}
+
+/* ---- text and stop strings ------------------------------------------------------------- */
+
+static int text_append(req *r, const char *s, size_t n) {
+  if (r->text_len + n + 1 > r->text_cap) {
+    size_t cap = r->text_cap ? r->text_cap * 2 : 256;
+    while (cap < r->text_len + n + 1) cap *= 2;
+    char *t = realloc(r->text, cap);
+    if (!t) return ot_error(OT_ERR_NOMEM, "cannot grow the completion text");
+    r->text = t;
+    r->text_cap = cap;
+  }
+  memcpy(r->text + r->text_len, s, n);
+  r->text_len += n;
+  r->text[r->text_len] = '\0';
+  return OT_OK;
+}
+
+/* How much text can go out now: not a possible start of a stop string, not half a UTF-8
+ * character. */
+static size_t safe_len(const req *r) {
+  size_t safe = r->text_len;
+  for (int i = 0; i < r->n_stop; i++) {
+    size_t ls = strlen(r->stop[i]);
+    for (size_t k = ls - 1; k > 0; k--)
+      if (k <= r->text_len && memcmp(r->text + r->text_len - k, r->stop[i], k) == 0) {
+        if (r->text_len - k < safe) safe = r->text_len - k;
+        break;
+      }
+  }
+  size_t i = safe, back = 0;
+  while (i > 0 && back < 4 && ((unsigned char)r->text[i - 1] & 0xC0) == 0x80) {
+    i--;
+    back++;
+  }
+  if (i > 0) {
+    unsigned char c = (unsigned char)r->text[i - 1];
+    size_t need = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+    if (need > back + 1) safe = i - 1;
+  }
+  return safe;
+}
+
+/* Appends a sampled token (*shown: it joins the completion); returns the finish reason
+ * (NONE to go on). */
+static ot_finish_reason take_token(ot_serve_engine *e, req *r, int32_t tok, int *shown) {
+  int completion = r->n_ids - r->n_prompt;
+  *shown = 0;
+  if (tok == e->cfg.eos_id && e->cfg.eos_id >= 0 && !r->p.ignore_eos) return OT_FINISH_STOP;
+  *shown = 1;
+  r->ids[r->n_ids++] = tok;
+  completion++;
+  if (e->cfg.tok) {
+    char *s = NULL;
+    size_t n = 0;
+    if (ot_tokenizer_decode(e->cfg.tok, &tok, 1, &s, &n) == OT_OK) {
+      size_t before = r->text_len;
+      text_append(r, s, n);
+      free(s);
+      for (int i = 0; i < r->n_stop; i++) {
+        size_t ls = strlen(r->stop[i]), from = before >= ls ? before - ls + 1 : 0;
+        char *hit = r->text_len >= ls ? memmem(r->text + from, r->text_len - from, r->stop[i], ls) : NULL;
+        if (hit) {
+          r->text_len = (size_t)(hit - r->text);
+          r->text[r->text_len] = '\0';
+          return OT_FINISH_STOP;
+        }
+      }
+    }
+  }
+  if (completion >= r->p.max_tokens || r->n_ids > e->T_max) return OT_FINISH_LENGTH;
+  return OT_FINISH_NONE;
+}
+
+/* ---- scheduler ------------------------------------------------------------------------- */
+
+static int cmp_seg(const void *a, const void *b) {
+  const req *x = *(req *const *)a, *y = *(req *const *)b;
+  uintptr_t px = (uintptr_t)x->ad, py = (uintptr_t)y->ad;
+  if (px != py) return px < py ? -1 : 1;
+  return x->slot - y->slot;
+}
+
+static int step(ot_serve_engine *e, int *busy);
+
+int ot_serve_step(ot_serve_engine *e, int *busy) {
+  pthread_mutex_lock(&e->step_mu);
+  int rc = step(e, busy);
+  pthread_mutex_unlock(&e->step_mu);
+  return rc;
+}
+
+static int step(ot_serve_engine *e, int *busy) {
+  /* take new requests and cancellations */
+  pthread_mutex_lock(&e->mu);
+  req *in = e->in_head;
+  e->in_head = e->in_tail = NULL;
+  int n_cancel = e->n_cancels;
+  uint64_t *cancels = NULL;
+  if (n_cancel) {
+    cancels = malloc((size_t)n_cancel * sizeof *cancels);
+    if (cancels) memcpy(cancels, e->cancels, (size_t)n_cancel * sizeof *cancels);
+    e->n_cancels = 0;
+  }
+  pthread_mutex_unlock(&e->mu);
+  int rc = OT_OK;
+  while (in) {
+    req *n = in->next;
+    in->next = NULL;
+    if (e->n_waiting == e->cap_waiting) {
+      int cap = e->cap_waiting ? 2 * e->cap_waiting : 64;
+      req **w = realloc(e->waiting, (size_t)cap * sizeof *w);
+      if (!w) {
+        finish(e, in, OT_FINISH_ERROR, OT_ERR_NOMEM, "the server is out of memory");
+        in = n;
+        continue;
+      }
+      e->waiting = w;
+      e->cap_waiting = cap;
+    }
+    e->waiting[e->n_waiting++] = in;
+    in = n;
+  }
+  for (int c = 0; cancels && c < n_cancel; c++) {
+    for (int i = 0; i < e->n_waiting; i++)
+      if (e->waiting[i]->id == cancels[c]) {
+        finish(e, e->waiting[i], OT_FINISH_CANCELLED, 0, NULL);
+        memmove(e->waiting + i, e->waiting + i + 1, (size_t)(e->n_waiting - i - 1) * sizeof *e->waiting);
+        e->n_waiting--;
+        break;
+      }
+    for (int s = 0; s < e->cfg.max_batch; s++)
+      if (e->slots[s] && e->slots[s]->id == cancels[c]) finish(e, e->slots[s], OT_FINISH_CANCELLED, 0, NULL);
+  }
+  free(cancels);
+
+  /* admit waiting requests (FIFO) into free slots */
+  while (e->n_waiting > 0) {
+    int slot = -1;
+    for (int s = 0; s < e->cfg.max_batch && slot < 0; s++)
+      if (!e->slots[s]) slot = s;
+    if (slot < 0) break;
+    req *r = e->waiting[0];
+    int a = adapter_acquire(e, r);
+    if (a == ACQ_BUSY) break;
+    memmove(e->waiting, e->waiting + 1, (size_t)(e->n_waiting - 1) * sizeof *e->waiting);
+    e->n_waiting--;
+    if (a != ACQ_OK) {
+      char msg[512];
+      snprintf(msg, sizeof msg, "adapter '%s': %s", r->adapter_name, ot_error_detail());
+      finish(e, r, OT_FINISH_ERROR, a, msg);
+      continue;
+    }
+    r->slot = slot;
+    r->t_first = now_ms();
+    e->slots[slot] = r;
+    if (r->p.max_tokens == 0) finish(e, r, OT_FINISH_LENGTH, 0, NULL);
+  }
+
+  /* the step's rows: every decoding sequence one row, prefills in chunks within the budget */
+  req *act[1024];
+  req **part = e->cfg.max_batch <= 1024 ? act : malloc((size_t)e->cfg.max_batch * sizeof *part);
+  if (!part) return ot_error(OT_ERR_NOMEM, "cannot allocate the step");
+  int np = 0, budget = e->Nmax;
+  for (int pass = 0; pass < 2; pass++)
+    for (int s = 0; s < e->cfg.max_batch; s++) {
+      req *r = e->slots[s];
+      if (!r) continue;
+      int todo = r->n_ids - r->n_cached, decode = todo == 1;
+      if (decode != (pass == 0) || budget == 0) continue;
+      part[np++] = r;
+      r->step_rows = todo < budget ? todo : budget;
+      budget -= r->step_rows;
+    }
+  qsort(part, (size_t)np, sizeof *part, cmp_seg);
+  segment sg[1024 + 1];
+  segment *segs = np < 1024 ? sg : malloc((size_t)(np + 1) * sizeof *segs);
+  int *last_rows = malloc((size_t)(np ? np : 1) * sizeof(int));
+  req **need = malloc((size_t)(np ? np : 1) * sizeof *need);
+  if (!segs || !last_rows || !need) rc = ot_error(OT_ERR_NOMEM, "cannot allocate the step");
+  int N = 0, ns = 0, S = 0;
+  for (int i = 0; i < np && rc == OT_OK; i++) {
+    req *r = part[i];
+    int k = r->step_rows;
+    if (ns == 0 || segs[ns - 1].ad != r->ad) segs[ns++] = (segment){r->ad, N, 0};
+    for (int j = 0; j < k; j++) {
+      e->h_tokens[N + j] = r->ids[r->n_cached + j];
+      e->h_pos[N + j] = r->n_cached + j;
+      e->h_slot[N + j] = r->slot;
+    }
+    N += k;
+    segs[ns - 1].n += k;
+    r->n_cached += k;
+    if (r->n_cached == r->n_ids) {
+      last_rows[S] = N - 1;
+      need[S++] = r;
+    }
+  }
+  if (rc == OT_OK && N > 0) rc = forward(e, N, segs, ns, last_rows, S);
+  if (rc) { /* a backend failure ends the step's requests, not the server */
+    char msg[512];
+    snprintf(msg, sizeof msg, "inference failed: %s", ot_error_detail());
+    for (int i = 0; i < np; i++) finish(e, part[i], OT_FINISH_ERROR, rc, msg);
+  } else {
+    for (int i = 0; i < S; i++) {
+      req *r = need[i];
+      int32_t tok = sample(e->h_logits + (size_t)i * e->V, e->V, &r->p, &r->rng, e->cand);
+      int shown;
+      ot_finish_reason why = take_token(e, r, tok, &shown);
+      if (shown)
+        emit(r, &tok, 1, e->h_logits + (size_t)i * e->V, e->V,
+             why == OT_FINISH_NONE ? safe_len(r) : r->text_len, 0, OT_FINISH_NONE, 0, NULL);
+      if (why != OT_FINISH_NONE) finish(e, r, why, 0, NULL);
+    }
+  }
+  if (segs != sg) free(segs);
+  if (part != act) free(part);
+  free(last_rows);
+  free(need);
+
+  int running = 0;
+  for (int s = 0; s < e->cfg.max_batch; s++) running += e->slots[s] != NULL;
+  pthread_mutex_lock(&e->mu);
+  e->stats.steps += N > 0;
+  e->stats.rows_computed += (uint64_t)N;
+  e->stats.tokens_generated += rc == OT_OK ? (uint64_t)S : 0;
+  e->stats.running = running;
+  e->stats.waiting = e->n_waiting + (e->in_head != NULL);
+  int n_adapters = 0;
+  for (adapter *a = e->adapters; a; a = a->next) n_adapters++;
+  e->stats.adapters_loaded = n_adapters;
+  e->stats.adapter_bytes = e->adapter_bytes;
+  if (busy) *busy = running + e->n_waiting + (e->in_head != NULL) + e->n_cancels;
+  pthread_mutex_unlock(&e->mu);
+  return rc;
+}
+
+static void *engine_main(void *arg) {
+  ot_serve_engine *e = arg;
+  for (;;) {
+    int busy = 0;
+    ot_serve_step(e, &busy);
+    pthread_mutex_lock(&e->mu);
+    if (e->stopping) {
+      pthread_mutex_unlock(&e->mu);
+      break;
+    }
+    if (!busy) {
+      while (!e->stopping && !e->in_head && !e->n_cancels) pthread_cond_wait(&e->cv, &e->mu);
+    } else if (busy && e->stats.running == 0 && !e->in_head && !e->n_cancels) {
+      /* waiting for adapter memory that no running request will free: cannot happen, but never spin */
+      struct timespec ts;
+      clock_gettime(CLOCK_REALTIME, &ts);
+      ts.tv_nsec += 10 * 1000000;
+      if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+      }
+      pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+    }
+    int stop = e->stopping;
+    pthread_mutex_unlock(&e->mu);
+    if (stop) break;
+  }
+  return NULL;
+}
+
+int ot_serve_start(ot_serve_engine *e) {
+  if (e->thread_on) return ot_error(OT_ERR_INVALID, "the engine thread already runs");
+  if (pthread_create(&e->thread, NULL, engine_main, e) != 0)
+    return ot_error(OT_ERR_INTERNAL, "cannot start the engine thread");
+  e->thread_on = 1;
+  return OT_OK;
+}
+
+void ot_serve_get_stats(ot_serve_engine *e, ot_serve_stats *out) {
+  pthread_mutex_lock(&e->mu);
+  *out = e->stats;
+  pthread_mutex_unlock(&e->mu);
+}
+
+/* ---- blocking generation --------------------------------------------------------------- */
+
+typedef struct {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int done, error;
+  char msg[512];
+  ot_serve_result res;
+  int cap;
+  int nomem;
+} waiter;
+
+static void collect(void *user, const ot_serve_event *ev) {
+  waiter *w = user;
+  pthread_mutex_lock(&w->mu);
+  if (ev->n_tokens) {
+    if (w->res.n_tokens + ev->n_tokens > w->cap) {
+      int cap = w->cap ? w->cap * 2 : 64;
+      while (cap < w->res.n_tokens + ev->n_tokens) cap *= 2;
+      int32_t *t = realloc(w->res.tokens, (size_t)cap * sizeof(int32_t));
+      if (t) {
+        w->res.tokens = t;
+        w->cap = cap;
+      } else {
+        w->nomem = 1;
+      }
+    }
+    if (!w->nomem)
+      memcpy(w->res.tokens + w->res.n_tokens, ev->tokens, (size_t)ev->n_tokens * sizeof(int32_t));
+    if (!w->nomem) w->res.n_tokens += ev->n_tokens;
+  }
+  if (ev->text_len) {
+    char *t = realloc(w->res.text, w->res.text_len + ev->text_len + 1);
+    if (t) {
+      memcpy(t + w->res.text_len, ev->text, ev->text_len);
+      w->res.text = t;
+      w->res.text_len += ev->text_len;
+      t[w->res.text_len] = '\0';
+    } else {
+      w->nomem = 1;
+    }
+  }
+  if (ev->finished) {
+    w->done = 1;
+    w->res.reason = ev->reason;
+    w->res.prompt_tokens = ev->prompt_tokens;
+    w->error = ev->reason == OT_FINISH_ERROR ? (ev->error ? ev->error : OT_ERR_INTERNAL) : 0;
+    snprintf(w->msg, sizeof w->msg, "%s", ev->error_msg ? ev->error_msg : "");
+    pthread_cond_broadcast(&w->cv);
+  }
+  pthread_mutex_unlock(&w->mu);
+}
+
+void ot_serve_result_free(ot_serve_result *r) {
+  if (!r) return;
+  free(r->tokens);
+  free(r->text);
+  memset(r, 0, sizeof *r);
+}
+
+int ot_serve_generate(ot_serve_engine *e, const ot_serve_request *r, ot_serve_result *out) {
+  waiter w;
+  memset(&w, 0, sizeof w);
+  pthread_mutex_init(&w.mu, NULL);
+  pthread_cond_init(&w.cv, NULL);
+  int rc = ot_serve_submit(e, r, collect, &w, NULL);
+  if (rc == OT_OK) {
+    if (e->thread_on) {
+      pthread_mutex_lock(&w.mu);
+      while (!w.done) pthread_cond_wait(&w.cv, &w.mu);
+      pthread_mutex_unlock(&w.mu);
+    } else {
+      while (rc == OT_OK && !w.done) rc = ot_serve_step(e, NULL);
+    }
+  }
+  if (rc == OT_OK && w.error) rc = ot_error(w.error, "%s", w.msg);
+  if (rc == OT_OK && w.nomem) rc = ot_error(OT_ERR_NOMEM, "cannot collect the completion");
+  if (rc == OT_OK && !w.res.text) {
+    w.res.text = calloc(1, 1);
+    if (!w.res.text) rc = ot_error(OT_ERR_NOMEM, "cannot collect the completion");
+  }
+  pthread_mutex_destroy(&w.mu);
+  pthread_cond_destroy(&w.cv);
+  if (rc) {
+    ot_serve_result_free(&w.res);
+    return rc;
+  }
+  *out = w.res;
+  return OT_OK;
+}

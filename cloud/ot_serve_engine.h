@@ -1,0 +1,132 @@
+/* Serving engine: generation for many adapters at once over ONE copy of the base model.
+ *
+ * - KV cache per request (a slot of [n_layer, max_seq, C] keys and values): the prompt is
+ *   prefilled (in chunks within the step's token budget), then one token per step is decoded.
+ * - Continuous batching: every step admits waiting requests into free slots and drops finished
+ *   ones, so requests join and leave the running batch between decode steps.
+ * - Multi-adapter batches: rows are grouped by adapter. Linear layers and LayerNorms run once on
+ *   every run of consecutive rows that share the same weights (the frozen middle: the whole batch);
+ *   offsite adapters' replaced blocks and BitFit's biases run per adapter segment; LoRA and
+ *   bottleneck adapters add their branch on their own segment after the shared GEMM (Punica's
+ *   SGMV: shrink x A^T, expand (.) B^T scaled).
+ * - Adapters are loaded on demand through a resolver (name -> directory, the ot_adapter formats
+ *   and checks) and evicted least-recently-used within a memory budget, never while in use.
+ *
+ * Threads: ot_serve_submit/cancel are thread-safe. The engine runs either on its own thread
+ * (ot_serve_start) or driven by the caller with ot_serve_step (tests); event callbacks run on
+ * whichever thread steps, without engine locks held, and must not block for long. */
+#ifndef OT_SERVE_ENGINE_H
+#define OT_SERVE_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ot_gpt2.h"
+#include "ot_tokenizer.h"
+
+typedef struct ot_serve_engine ot_serve_engine;
+
+/* Directory of adapter `name` into dir (cap bytes); OT_ERR_NOTFOUND for an unknown name. */
+typedef int (*ot_serve_resolve_fn)(void *user, const char *name, char *dir, size_t cap);
+
+typedef struct {
+  int max_batch;         /* sequences in flight (KV cache slots); default 32 */
+  int max_step_tokens;   /* rows per forward step (prefill chunks + decode rows); default 512 */
+  int max_seq;           /* positions per sequence (prompt + completion); default min(n_positions, 1024) */
+  size_t adapter_budget; /* bytes of adapter tensors kept loaded; 0 = unlimited */
+  ot_serve_resolve_fn resolve;
+  void *resolve_user;
+  const ot_tokenizer *tok; /* text deltas and stop strings; NULL: tokens only */
+  int32_t eos_id;          /* end-of-text token; -1 = none */
+  const char *base_digest; /* BLAKE2b of the base model.safetensors (adapter checks) */
+} ot_serve_config;
+
+/* max_batch 32, max_step_tokens 512, max_seq 0 (model default), no budget, eos -1. */
+void ot_serve_config_default(ot_serve_config *c);
+
+#define OT_SERVE_MAX_STOP 4
+
+typedef struct {
+  const char *adapter; /* NULL or "" = base model */
+  const int32_t *prompt;
+  size_t n_prompt;
+  int max_tokens;
+  float temperature; /* 0 = greedy */
+  float top_p;       /* 1 = off */
+  int top_k;         /* 0 = off */
+  uint64_t seed;
+  const char *stop[OT_SERVE_MAX_STOP]; /* stop strings (need a tokenizer); NULL-terminated */
+  int ignore_eos;
+} ot_serve_request;
+
+typedef enum {
+  OT_FINISH_NONE = 0,
+  OT_FINISH_LENGTH, /* max_tokens or the sequence limit */
+  OT_FINISH_STOP,   /* EOS or a stop string */
+  OT_FINISH_ERROR,
+  OT_FINISH_CANCELLED
+} ot_finish_reason;
+
+const char *ot_finish_reason_name(ot_finish_reason r); /* "length", "stop", "error", "cancelled" */
+
+/* What a callback sees: new tokens and text since the last event, and the end. */
+typedef struct {
+  uint64_t id;
+  const int32_t *tokens; /* new completion tokens */
+  int n_tokens;
+  const char *text; /* new completion text (stop strings cut, held back while ambiguous) */
+  size_t text_len;
+  int finished;
+  ot_finish_reason reason;
+  int error;             /* OT_ERR_* when reason is ERROR */
+  const char *error_msg; /* detail when reason is ERROR */
+  int prompt_tokens, completion_tokens;
+  double queue_ms, total_ms; /* submit -> first scheduled, submit -> finish */
+  const float *logits;       /* [vocab] raw logits the new token was drawn from (valid during the call) */
+  int vocab;
+} ot_serve_event;
+
+typedef void (*ot_serve_event_fn)(void *user, const ot_serve_event *ev);
+
+/* The engine reads the model's parameters and never changes them; the model must outlive it. */
+int ot_serve_engine_create(ot_gpt2 *base, const ot_serve_config *cfg, ot_serve_engine **out);
+/* Stops the thread; pending requests finish as CANCELLED first. */
+void ot_serve_engine_free(ot_serve_engine *e);
+
+/* Queues a request (copied). Unknown adapter: OT_ERR_NOTFOUND; bad sampling settings, an empty
+ * prompt or one that leaves no room in max_seq: OT_ERR_INVALID. fn gets every event. */
+int ot_serve_submit(ot_serve_engine *e, const ot_serve_request *r, ot_serve_event_fn fn, void *user,
+                    uint64_t *id);
+/* The request ends CANCELLED at the next step (no-op if already finished). */
+void ot_serve_cancel(ot_serve_engine *e, uint64_t id);
+
+/* One scheduler iteration (admit, one forward, sample, retire); *busy = requests still pending.
+ * For callers without the engine thread. */
+int ot_serve_step(ot_serve_engine *e, int *busy);
+/* Runs steps on an engine thread until ot_serve_engine_free. */
+int ot_serve_start(ot_serve_engine *e);
+
+/* Whole result of one request. */
+typedef struct {
+  int32_t *tokens; /* completion tokens (malloc'd) */
+  int n_tokens;
+  char *text; /* completion text (malloc'd, NUL-terminated; "" without a tokenizer) */
+  size_t text_len;
+  ot_finish_reason reason;
+  int prompt_tokens;
+} ot_serve_result;
+void ot_serve_result_free(ot_serve_result *r);
+
+/* Submits and waits: on the engine thread when started, else steps the engine itself.
+ * An ERROR finish returns its error code. */
+int ot_serve_generate(ot_serve_engine *e, const ot_serve_request *r, ot_serve_result *out);
+
+typedef struct {
+  int adapters_loaded;
+  size_t adapter_bytes;
+  uint64_t loads, evictions, steps, tokens_generated, rows_computed;
+  int running, waiting;
+} ot_serve_stats;
+void ot_serve_get_stats(ot_serve_engine *e, ot_serve_stats *out);
+
+#endif
