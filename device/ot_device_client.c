@@ -510,6 +510,11 @@ int ot_dev_run(int argc, char **argv) {
         if (rc == OT_OK && answered == OT_SA_MASKED) { /* this device's update is in the round */
           accepted_n++;
           save_progress(&r, ri->session, ri->round);
+          /* leaving now is a dropout the unmask stage recovers: the update stays in the sum */
+          if (r.rounds_max && accepted_n >= r.rounds_max) {
+            fprintf(stderr, "[run] %d update(s) in: --rounds-max reached\n", accepted_n);
+            stop = 1;
+          }
         }
         /* tests: a device that dies right after a stage (the cloud must go on without it) */
         const char *exit_after = getenv("OT_TEST_DEVICE_EXIT_AFTER_STAGE");
