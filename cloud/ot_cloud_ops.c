@@ -108,7 +108,8 @@ static int usage_fail(const char *cmd, const char *syn, const ot_opt *opts, int 
 
 static int session_create(int argc, char **argv) {
   const char *state = NULL, *name = NULL, *model = NULL, *adapter = "offsite",
-             *targets = "c_attn,c_proj,c_fc,mlp.c_proj", *agg = "fedavg", *distill_data = NULL;
+             *targets = "c_attn,c_proj,c_fc,mlp.c_proj", *agg = "fedavg", *distill_data = NULL,
+             *secagg = "auto";
   ot_session_cfg c;
   ot_session_cfg_default(&c);
   int json = 0;
@@ -149,6 +150,16 @@ static int session_create(int argc, char **argv) {
       {"beta1", OT_OPT_FLOAT, &c.beta1, "B1", "FedAdam: beta1 (default 0.9)"},
       {"beta2", OT_OPT_FLOAT, &c.beta2, "B2", "FedAdam: beta2 (default 0.99)"},
       {"adam-eps", OT_OPT_FLOAT, &c.adam_eps, "EPS", "FedAdam: epsilon (default 1e-3)"},
+      {"secagg", OT_OPT_STR, &secagg, "auto|on|off",
+       "secure aggregation: the cloud learns only the sum (auto: on when --min-devices >= 3)"},
+      {"secagg-range", OT_OPT_FLOAT, &c.secagg_range, "R",
+       "secure aggregation: quantisation range per coordinate of an update (default 4)"},
+      {"dp-epsilon", OT_OPT_FLOAT, &c.dp_epsilon, "E",
+       "differential privacy budget over the session (needs secure aggregation; default off)"},
+      {"dp-delta", OT_OPT_FLOAT, &c.dp_delta, "D", "DP delta (default 1e-5)"},
+      {"dp-clip", OT_OPT_FLOAT, &c.dp_clip, "C", "DP: L2 clip of each device's update (default 1)"},
+      {"dp-noise", OT_OPT_FLOAT, &c.dp_noise, "Z",
+       "DP noise multiplier (default: the least that fits the budget over --rounds)"},
       {"json", OT_OPT_FLAG, &json, NULL, "print the reply as JSON"},
   };
   const char *syn = "offtune-cloud session create --state DIR --name NAME --model MODEL [options]";
@@ -170,6 +181,7 @@ static int session_create(int argc, char **argv) {
   cJSON_ReplaceItemInObject(cfg, "adapter", cJSON_CreateString(adapter));
   cJSON_ReplaceItemInObject(cfg, "lora_targets", cJSON_CreateString(targets));
   cJSON_ReplaceItemInObject(cfg, "aggregation", cJSON_CreateString(agg));
+  cJSON_ReplaceItemInObject(cfg, "secagg", cJSON_CreateString(secagg));
   if (distill_data) {
     char abs[4096];
     cJSON_ReplaceItemInObject(cfg, "distill_data",
@@ -250,7 +262,16 @@ static void h_session(const cJSON *r) {
          jnum(c, "steps"), jnum(c, "batch"), seq, jnum(c, "lr"), jstr(c, "aggregation"));
   printf("  %.0f..%.0f devices per round, deadline %.0f s; current adapter %s\n", jnum(c, "min_devices"),
          jnum(c, "max_devices"), jnum(c, "deadline_s"), jstr(s, "adapter"));
-  const cJSON *x;
+  printf("  secure aggregation %s\n", jstr(c, "secagg"));
+  const cJSON *dp = cJSON_GetObjectItemCaseSensitive(r, "dp"), *x;
+  if (dp) {
+    printf("  differential privacy: budget epsilon %g at delta %g, clip %g, noise z %.4f; epsilon after each "
+           "round:",
+           jnum(dp, "budget"), jnum(dp, "delta"), jnum(dp, "clip"), jnum(dp, "noise"));
+    cJSON_ArrayForEach(x, cJSON_GetObjectItemCaseSensitive(dp, "epsilon"))
+        printf(" %.4f", cJSON_GetNumberValue(x));
+    printf("\n");
+  }
   printf("  %-6s %-12s %-9s %-13s %s\n", "ROUND", "STATE", "UPDATES", "ATTEMPTS", "RESULT");
   cJSON_ArrayForEach(x, cJSON_GetObjectItemCaseSensitive(r, "rounds")) {
     printf("  %-6.0f %-12s %-9.0f %-13.0f %.16s\n", jnum(x, "round"), jstr(x, "state"),

@@ -1,6 +1,7 @@
 /* offtune-cloud serve: state directory, identity, registry, the protocol server, the
  * operator socket and the round scheduler; runs until SIGINT/SIGTERM. */
 #include "ot_daemon.h"
+#include "ot_round_secagg.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -381,6 +382,7 @@ int ot_cmd_serve(int argc, char **argv) {
   if (sched_started) pthread_join(d->sched_thread, NULL);
   if (d->srv) ot_server_stop(d->srv);
   ot_daemon_serving_stop(d->serving);
+  ot_round_secagg_free(d->sa);
   if (d->reg) {
     ot_reg_audit(d->reg, "daemon", "daemon.stop", "%s", saved ? "failed" : "signal");
     ot_reg_close(d->reg);

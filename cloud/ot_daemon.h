@@ -31,6 +31,7 @@ typedef struct {
   int stop, kick;
   char npm_dir[2048];
   ot_daemon_serving *serving; /* --http: generation with the published adapters */
+  struct ot_round_secagg *sa; /* in-memory masking rounds (ot_round_secagg.c); made by the scheduler */
 } ot_daemon;
 
 /* One timestamped line on stderr (the daemon's log). */

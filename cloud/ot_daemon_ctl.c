@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "ot_daemon.h"
+#include "ot_dp.h"
 #include "ot_config.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
@@ -53,6 +54,30 @@ static int check_against_model(const char *dir, ot_session_cfg *c) {
   return rc;
 }
 
+/* The DP accountant's epsilon after each finished round (deterministic from the settings). */
+static int add_dp(cJSON *reply, const ot_session_row *s) {
+  const ot_session_cfg *c = &s->cfg;
+  int done = s->state == OT_SS_DONE ? s->round : s->round - 1;
+  double z = 0;
+  int rc = ot_session_dp_noise(c, &z);
+  if (rc) return rc;
+  cJSON *dp = cJSON_AddObjectToObject(reply, "dp"), *eps = cJSON_AddArrayToObject(dp, "epsilon");
+  cJSON_AddNumberToObject(dp, "budget", c->dp_epsilon);
+  cJSON_AddNumberToObject(dp, "delta", c->dp_delta);
+  cJSON_AddNumberToObject(dp, "clip", c->dp_clip);
+  cJSON_AddNumberToObject(dp, "noise", z);
+  ot_dp_accountant a;
+  ot_dp_accountant_init(&a);
+  double e = 0;
+  for (int k = 1; rc == OT_OK && k <= done; k++) {
+    rc = ot_dp_accountant_step(&a, 1.0, z, 1);
+    if (rc == OT_OK) rc = ot_dp_epsilon(&a, c->dp_delta, &e, NULL);
+    if (rc == OT_OK) cJSON_AddItemToArray(eps, cJSON_CreateNumber(e));
+  }
+  cJSON_AddNumberToObject(dp, "epsilon_spent", e);
+  return rc;
+}
+
 static int handle(ot_daemon *d, const cJSON *req, cJSON *reply) {
   const char *cmd = str_arg(req, "cmd");
   if (!cmd) return ot_error(OT_ERR_FORMAT, "request without \"cmd\"");
@@ -83,6 +108,9 @@ static int handle(ot_daemon *d, const cJSON *req, cJSON *reply) {
       rc = ot_error(OT_ERR_NOTFOUND, "no session named '%s'", name);
     if (rc == OT_OK) cJSON_AddItemToObject(reply, "session", cJSON_DetachItemFromArray(arr, 0));
     cJSON_Delete(arr);
+    ot_session_row row;
+    if (rc == OT_OK && ot_reg_session_get(d->reg, name, &row) == OT_OK && row.cfg.dp_epsilon > 0)
+      rc = add_dp(reply, &row);
     if (rc == OT_OK) rc = add_list(d, reply, "rounds", "rounds", name);
     if (rc == OT_OK) rc = add_list(d, reply, "updates", "updates", name);
     return rc;

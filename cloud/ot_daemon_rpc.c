@@ -14,6 +14,7 @@
 #include "ot_error.h"
 #include "ot_fileio.h"
 #include "ot_pb.h"
+#include "ot_round_secagg.h"
 #include "session.pb-c.h"
 
 #define REQ_CAP (64u << 10)
@@ -66,6 +67,50 @@ static int round_open_for(ot_daemon *d, int64_t dev, const char *session, int ro
   return rc;
 }
 
+static ot_round_secagg *secagg_of(ot_daemon *d) {
+  pthread_mutex_lock(&d->mu);
+  ot_round_secagg *t = d->sa;
+  pthread_mutex_unlock(&d->mu);
+  return t;
+}
+
+/* "secagg.<session>.<round>": a masked input (a signed SecAggMsg), staged until the
+ * SecAggSubmit that names it; it is never stored as an object. */
+static int secagg_staged(ot_daemon *d, const uint8_t peer[32], const char *session, int round, char *out,
+                         size_t n) {
+  char hex[65];
+  ot_pubkey_hex(peer, hex);
+  return ot_daemon_path(d, out, n, "staging/%.32s.secagg.%s.%d", hex, session, round);
+}
+
+static int secagg_transfer_open(ot_daemon *d, const uint8_t peer[32], const char *fp, const char *name,
+                                uint64_t size, ot_sink *sink) {
+  char session[OT_NAME_MAX], staged[2600], alias[300];
+  int round = 0;
+  int64_t dev = 0;
+  ot_session_row s;
+  uint64_t limit = 0;
+  ot_round_secagg *t = secagg_of(d);
+  snprintf(alias, sizeof alias, "update.%s", name + 7);
+  int rc = t ? parse_upload_name(alias, session, &round) : ot_error(OT_ERR_MISMATCH, "not ready");
+  if (rc == OT_OK) rc = ot_reg_device_id(d->reg, peer, &dev);
+  if (rc == OT_OK) rc = ot_reg_session_get(d->reg, session, &s);
+  if (rc == OT_OK) rc = ot_sa_upload_limit(t, &s, peer, round, &limit);
+  if (rc == OT_OK && size > limit)
+    rc = ot_error(OT_ERR_RANGE, "oversized masked input: %llu bytes, the limit is %llu",
+                  (unsigned long long)size, (unsigned long long)limit);
+  if (rc == OT_OK) rc = secagg_staged(d, peer, session, round, staged, sizeof staged);
+  if (rc == OT_OK) rc = ot_file_sink_open(staged, sink);
+  if (rc) {
+    char why[600];
+    snprintf(why, sizeof why, "%s", ot_error_detail());
+    ot_daemon_log(d, "refused upload '%s' from %s: %s", name, fp, why);
+    ot_reg_audit(d->reg, fp, "secagg.refused", "%s: %s", name, why);
+    ot_error(rc, "%s", why);
+  }
+  return rc;
+}
+
 int ot_daemon_on_transfer_open(void *user, const uint8_t peer[32], const char *name, uint64_t size,
                                ot_sink *sink) {
   ot_daemon *d = user;
@@ -75,6 +120,7 @@ int ot_daemon_on_transfer_open(void *user, const uint8_t peer[32], const char *n
   ot_session_row s;
   uint64_t ref_size = 0;
   ot_fingerprint(peer, fp);
+  if (strncmp(name, "secagg.", 7) == 0) return secagg_transfer_open(d, peer, fp, name, size, sink);
   int rc = parse_upload_name(name, session, &round);
   if (rc == OT_OK) rc = ot_reg_device_id(d->reg, peer, &dev);
   if (rc == OT_OK) rc = round_open_for(d, dev, session, round, &s);
@@ -183,12 +229,15 @@ static int printable_name(const char *s) {
   return 1;
 }
 
-static int poll(ot_daemon *d, int64_t dev, const Offtune__Session__Poll *p, uint8_t **out, size_t *out_len) {
+static int poll(ot_daemon *d, const uint8_t peer[32], int64_t dev, const Offtune__Session__Poll *p,
+                uint8_t **out, size_t *out_len) {
   if (printable_name(p->device_name)) ot_reg_device_set_name(d->reg, dev, p->device_name);
   Offtune__Session__RoundInfo ri = OFFTUNE__SESSION__ROUND_INFO__INIT;
   Offtune__Session__AdapterSettings as = OFFTUNE__SESSION__ADAPTER_SETTINGS__INIT;
   Offtune__Session__TrainSettings ts = OFFTUNE__SESSION__TRAIN_SETTINGS__INIT;
   file_list ef = {0}, af = {0};
+  ot_sa_poll_hold sa;
+  memset(&sa, 0, sizeof sa);
   char emu_digest[OT_DIGEST_HEX] = "", detail[256] = "";
   ot_session_row s;
   int rc = ot_reg_session_get(d->reg, p->session, &s);
@@ -222,6 +271,24 @@ static int poll(ot_daemon *d, int64_t dev, const Offtune__Session__Poll *p, uint
                exists ? "update received; waiting for the round to end" : "aggregating");
     } else {
       ri.state = OFFTUNE__SESSION__ROUND_STATE__TRAIN;
+      ot_sa_poll_kind sk = OT_SA_POLL_TRAIN;
+      ot_round_secagg *t = secagg_of(d);
+      int sa_on = ot_session_secagg(&s.cfg);
+      if (sa_on && !t)
+        sk = OT_SA_POLL_WAIT;
+      else if (sa_on && rc == OT_OK)
+        rc = ot_sa_poll(t, &s, peer, &sk, &sa, detail, sizeof detail);
+      if (sa_on) ri.secagg = &sa.info; /* stage 0 with TRAIN: join after training */
+      if (sk == OT_SA_POLL_WAIT) {
+        ri.state = OFFTUNE__SESSION__ROUND_STATE__WAIT;
+        ri.retry_after_ms = 300;
+        ri.secagg = NULL;
+      } else if (sk == OT_SA_POLL_SECAGG) {
+        ri.state = OFFTUNE__SESSION__ROUND_STATE__SECAGG;
+        ri.retry_after_ms = 200;
+      }
+    }
+    if (ri.state == OFFTUNE__SESSION__ROUND_STATE__TRAIN) {
       const ot_session_cfg *c = &s.cfg;
       if (rc == OT_OK) rc = emulator_files(d, s.emulator_id, &ef, emu_digest);
       if (rc == OT_OK) rc = adapter_files(d, s.adapter, &af);
@@ -253,6 +320,7 @@ static int poll(ot_daemon *d, int64_t dev, const Offtune__Session__Poll *p, uint
   if (rc == OT_OK && ot_pb_pack(&ri.base, out, out_len) != 0) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
   free_files(&ef);
   free_files(&af);
+  ot_sa_poll_clear(&sa);
   return rc;
 }
 
@@ -295,6 +363,55 @@ static int submit(ot_daemon *d, const uint8_t peer[32], int64_t dev,
   return rc;
 }
 
+/* ---- secure aggregation: SecAggJoin / SecAggSubmit -> SubmitReply ------------------- */
+
+static int secagg_request(ot_daemon *d, const uint8_t peer[32], const char *fp, int64_t dev,
+                          const Offtune__Session__SessionRequest *req, uint8_t **reply, size_t *reply_len) {
+  int join = req->kind_case == OFFTUNE__SESSION__SESSION_REQUEST__KIND_SECAGG_JOIN;
+  const char *session = join ? req->secagg_join->session : req->secagg_submit->session;
+  int round = (int)(join ? req->secagg_join->round : req->secagg_submit->round);
+  ot_round_secagg *t = secagg_of(d);
+  ot_session_row s;
+  char staged[2600] = "";
+  int rc = t && ot_name_ok(session) ? OT_OK : ot_error(OT_ERR_INVALID, "bad session name");
+  if (rc == OT_OK) rc = ot_reg_session_get(d->reg, session, &s);
+  if (rc == OT_OK && !ot_session_secagg(&s.cfg))
+    rc = ot_error(OT_ERR_MISMATCH, "session '%s' does not use secure aggregation", session);
+  if (rc == OT_OK && join) {
+    rc = ot_sa_join(t, &s, dev, peer, round);
+  } else if (rc == OT_OK) {
+    const Offtune__Session__SecAggSubmit *u = req->secagg_submit;
+    char *buf = NULL;
+    size_t len = 0;
+    if (u->has_via_transfer && u->via_transfer) {
+      uint64_t limit = 0;
+      rc = secagg_staged(d, peer, session, round, staged, sizeof staged);
+      if (rc == OT_OK) rc = ot_sa_upload_limit(t, &s, peer, round, &limit);
+      if (rc == OT_OK) rc = ot_file_read_all(staged, (size_t)limit, &buf, &len);
+      if (rc == OT_OK) rc = ot_sa_submit(t, &s, peer, round, u->round_id, (const uint8_t *)buf, len);
+      free(buf);
+    } else {
+      rc = u->has_msg ? ot_sa_submit(t, &s, peer, round, u->round_id, u->msg.data, u->msg.len)
+                      : ot_error(OT_ERR_FORMAT, "SecAggSubmit without a message");
+    }
+  }
+  if (staged[0]) unlink(staged); /* a masked input is added to the running sum and not kept */
+  Offtune__Session__SubmitReply sr = OFFTUNE__SESSION__SUBMIT_REPLY__INIT;
+  char why[600] = "";
+  sr.accepted = rc == OT_OK;
+  if (rc) {
+    snprintf(why, sizeof why, "%s", ot_error_detail());
+    sr.reason = why;
+    ot_daemon_log(d, "refused the secure-aggregation %s of %s for %s round %d: %s", join ? "join" : "message",
+                  fp, session, round, why);
+    ot_reg_audit(d->reg, fp, "secagg.refused", "%s round %d: %s", session, round, why);
+  } else {
+    if (join) ot_reg_audit(d->reg, fp, "secagg.join", "%s round %d", session, round);
+    ot_daemon_kick(d);
+  }
+  return ot_pb_pack(&sr.base, reply, reply_len) ? ot_error(OT_ERR_NOMEM, "cannot allocate") : OT_OK;
+}
+
 int ot_daemon_on_request(void *user, const uint8_t peer[32], const uint8_t *body, size_t len, uint8_t **reply,
                          size_t *reply_len) {
   ot_daemon *d = user;
@@ -308,7 +425,7 @@ int ot_daemon_on_request(void *user, const uint8_t peer[32], const uint8_t *body
   int64_t dev;
   int rc = ot_reg_device_id(d->reg, peer, &dev);
   if (rc == OT_OK && req->kind_case == OFFTUNE__SESSION__SESSION_REQUEST__KIND_POLL) {
-    rc = poll(d, dev, req->poll, reply, reply_len);
+    rc = poll(d, peer, dev, req->poll, reply, reply_len);
   } else if (rc == OT_OK && req->kind_case == OFFTUNE__SESSION__SESSION_REQUEST__KIND_SUBMIT) {
     const Offtune__Session__SubmitUpdate *u = req->submit;
     rc = submit(d, peer, dev, u);
@@ -329,6 +446,9 @@ int ot_daemon_on_request(void *user, const uint8_t peer[32], const uint8_t *body
       ot_daemon_kick(d);
     }
     rc = ot_pb_pack(&sr.base, reply, reply_len) ? ot_error(OT_ERR_NOMEM, "cannot allocate") : OT_OK;
+  } else if (rc == OT_OK && (req->kind_case == OFFTUNE__SESSION__SESSION_REQUEST__KIND_SECAGG_JOIN ||
+                             req->kind_case == OFFTUNE__SESSION__SESSION_REQUEST__KIND_SECAGG_SUBMIT)) {
+    rc = secagg_request(d, peer, fp, dev, req, reply, reply_len);
   } else if (rc == OT_OK) {
     rc = ot_error(OT_ERR_FORMAT, "empty SessionRequest");
   }

@@ -633,6 +633,16 @@ int ot_reg_round_finish(ot_registry *r, int64_t id, int round, const char *adapt
   return rc;
 }
 
+int ot_reg_round_set_participants(ot_registry *r, int64_t id, int round, int n) {
+  lock(r);
+  int rc = begin(r);
+  RUNQ("UPDATE rounds SET participants = ? WHERE session_id = ? AND round = ?", "iii", (int64_t)n, id,
+       (int64_t)round);
+  rc = end(r, rc);
+  unlock(r);
+  return rc;
+}
+
 int ot_reg_update_add(ot_registry *r, int64_t session_id, int round, int64_t device_id, uint64_t tokens,
                       float loss, const char *digest) {
   lock(r);

@@ -95,6 +95,9 @@ int ot_reg_round_updates(ot_registry *r, int64_t id, int round, ot_update_row **
 int ot_reg_round_finish(ot_registry *r, int64_t id, int round, const char *adapter_digest,
                         const char *opt_state, int64_t next_deadline, const char *adapter_dir);
 
+/* A finished round's participant count when no update rows record it (secure aggregation). */
+int ot_reg_round_set_participants(ot_registry *r, int64_t id, int round, int n);
+
 /* An update: refused (OT_ERR_MISMATCH with the reason) unless the session runs, round is
  * its open round and the device has none there yet. */
 int ot_reg_update_add(ot_registry *r, int64_t session_id, int round, int64_t device_id, uint64_t tokens,

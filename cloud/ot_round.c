@@ -23,6 +23,8 @@
 #include "ot_cloud_cmd.h"
 #include "ot_corpus.h"
 #include "ot_daemon.h"
+#include "ot_dp.h"
+#include "ot_round_secagg.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
 
@@ -176,7 +178,41 @@ static int initial_adapter(ot_daemon *d, const ot_session_row *s, const char *em
   return rc;
 }
 
+/* Differential privacy: whether round `round` (1-based) would take the accountant past the
+ * session's budget; *eps_prev = epsilon after the rounds before it. */
+static int dp_over_budget(const ot_session_cfg *c, int round, int *exceeds, double *eps_next) {
+  double z = 0;
+  ot_dp_accountant a;
+  ot_dp_accountant_init(&a);
+  int rc = ot_session_dp_noise(c, &z);
+  if (rc == OT_OK && round > 1) rc = ot_dp_accountant_step(&a, 1.0, z, (uint32_t)(round - 1));
+  if (rc == OT_OK) rc = ot_dp_would_exceed(&a, 1.0, z, c->dp_epsilon, c->dp_delta, exceeds, eps_next);
+  return rc;
+}
+
+/* Stops the session before round `round` when it would exceed the DP budget. */
+int ot_round_dp_gate(ot_daemon *d, const ot_session_row *s, int round, int *stopped) {
+  *stopped = 0;
+  if (s->cfg.dp_epsilon <= 0) return OT_OK;
+  int exceeds = 0;
+  double eps_next = 0;
+  int rc = dp_over_budget(&s->cfg, round, &exceeds, &eps_next);
+  if (rc || !exceeds) return rc;
+  char why[400];
+  snprintf(why, sizeof why,
+           "differential privacy budget: round %d would take epsilon to %.4f > %.4f (delta %g); stopped "
+           "before it after %d round(s)",
+           round, eps_next, s->cfg.dp_epsilon, s->cfg.dp_delta, round - 1);
+  ot_daemon_log(d, "session '%s' stopped: %s", s->cfg.name, why);
+  ot_reg_audit(d->reg, "daemon", "dp.stop", "%s: %s", s->cfg.name, why);
+  *stopped = 1;
+  return ot_reg_session_fail(d->reg, s->id, why);
+}
+
 static int prepare(ot_daemon *d, const ot_session_row *s) {
+  int stopped = 0;
+  int rc0 = ot_round_dp_gate(d, s, 1, &stopped);
+  if (rc0 || stopped) return rc0;
   int64_t emu_id;
   char emu_dir[1024], digest[OT_DIGEST_HEX];
   int rc = ensure_emulator(d, s, &emu_id, emu_dir);
@@ -213,22 +249,13 @@ static int write_config(const char *prev_dir, const char *new_dir, const char *d
   return rc;
 }
 
-static int aggregate(ot_daemon *d, const ot_session_row *s) {
+/* Aggregates paths (weights w) into the round's new adapter and finishes the round;
+ * *out_digest = the new adapter. */
+static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const double *w, int n,
+                   char digest[OT_DIGEST_HEX], char final_dir[2600], double *seconds) {
   const ot_session_cfg *c = &s->cfg;
-  ot_update_row *u = NULL;
-  int n = 0;
-  int rc = ot_reg_round_updates(d->reg, s->id, s->round, &u, &n);
-  if (rc) return rc;
+  int rc = OT_OK;
   char prev[2600], ref[2700], tmp[2600], out[2700], st_out[2600], st_in[2600];
-  char **paths = calloc((size_t)n + 1, sizeof *paths);
-  double *w = calloc((size_t)n + 1, sizeof *w);
-  if (!paths || !w) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
-  for (int i = 0; rc == OT_OK && i < n; i++) {
-    char p[2600];
-    rc = ot_daemon_path(d, p, sizeof p, "objects/updates/%s.safetensors", u[i].digest);
-    if (rc == OT_OK && !(paths[i] = strdup(p))) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
-    w[i] = (double)u[i].tokens;
-  }
   if (rc == OT_OK) rc = ot_daemon_path(d, prev, sizeof prev, "objects/adapters/%s", s->adapter);
   snprintf(ref, sizeof ref, "%s/adapter_model.safetensors", prev);
   if (rc == OT_OK) rc = ot_daemon_path(d, tmp, sizeof tmp, "tmp/adapter-%lld-%d", (long long)s->id, s->round);
@@ -245,16 +272,79 @@ static int aggregate(ot_daemon *d, const ot_session_row *s) {
   if (rc == OT_OK)
     rc = ot_aggregate(&ap, ref, (const char *const *)paths, w, n, s->opt_state[0] ? st_in : NULL, out,
                       c->agg == OT_AGG_FEDADAM ? st_out : NULL);
-  char digest[OT_DIGEST_HEX], state_digest[OT_DIGEST_HEX] = "";
+  char state_digest[OT_DIGEST_HEX] = "";
   if (rc == OT_OK) rc = ot_file_digest(out, digest);
   if (rc == OT_OK) rc = write_config(prev, tmp, digest);
   if (rc == OT_OK) rc = ot_daemon_adapter_put(d, tmp, digest);
   if (rc == OT_OK && c->agg == OT_AGG_FEDADAM) rc = ot_daemon_object_put(d, "state", st_out, state_digest);
-  char final_dir[2600];
-  if (rc == OT_OK) rc = ot_daemon_path(d, final_dir, sizeof final_dir, "objects/adapters/%s", digest);
+  if (rc == OT_OK) rc = ot_daemon_path(d, final_dir, 2600, "objects/adapters/%s", digest);
   if (rc == OT_OK)
     rc = ot_reg_round_finish(d->reg, s->id, s->round, digest, state_digest, now_s() + c->deadline_s,
                              final_dir);
+  *seconds = ot_now() - t0;
+  return rc;
+}
+
+/* After a finished round: the DP accountant's epsilon (audit, log), and the budget's gate
+ * before the next round. */
+static int after_round(ot_daemon *d, const ot_session_row *s) {
+  const ot_session_cfg *c = &s->cfg;
+  if (c->dp_epsilon <= 0) return OT_OK;
+  double z = 0, eps = 0;
+  ot_dp_accountant a;
+  ot_dp_accountant_init(&a);
+  int rc = ot_session_dp_noise(c, &z);
+  if (rc == OT_OK) rc = ot_dp_accountant_step(&a, 1.0, z, (uint32_t)s->round);
+  if (rc == OT_OK) rc = ot_dp_epsilon(&a, c->dp_delta, &eps, NULL);
+  if (rc) return rc;
+  ot_daemon_log(d, "session '%s': round %d: differential privacy epsilon %.4f of %.4f (delta %g, z %.4f)",
+                c->name, s->round, eps, c->dp_epsilon, c->dp_delta, z);
+  ot_reg_audit(d->reg, "daemon", "dp.epsilon",
+               "%s round %d: epsilon %.6f of %.6f (delta %g, noise z %.6f, clip %g)", c->name, s->round, eps,
+               c->dp_epsilon, c->dp_delta, z, c->dp_clip);
+  if (s->round >= c->rounds) return OT_OK;
+  ot_session_row next;
+  int stopped = 0;
+  rc = ot_reg_session_get_id(d->reg, s->id, &next);
+  if (rc == OT_OK) rc = ot_round_dp_gate(d, &next, s->round + 1, &stopped);
+  return rc;
+}
+
+int ot_round_publish_avg(ot_daemon *d, const ot_session_row *s, const char *avg_path, int participants,
+                         const char *summary) {
+  char *paths[1] = {(char *)avg_path}, digest[OT_DIGEST_HEX], final_dir[2600];
+  double w[1] = {1.0}, seconds = 0;
+  const ot_session_cfg *c = &s->cfg;
+  int rc = publish(d, s, paths, w, 1, digest, final_dir, &seconds);
+  if (rc == OT_OK) rc = ot_reg_round_set_participants(d->reg, s->id, s->round, participants);
+  if (rc == OT_OK) {
+    ot_daemon_log(d, "session '%s': round %d of %d aggregated (%s) by %s in %.2f s -> adapter %.16s...",
+                  c->name, s->round, c->rounds, ot_agg_name(c->agg), summary, seconds, digest);
+    if (s->round >= c->rounds)
+      ot_daemon_log(d, "session '%s': done; adapter '%s' published (%s)", c->name, c->name, final_dir);
+    rc = after_round(d, s);
+  }
+  return rc;
+}
+
+static int aggregate(ot_daemon *d, const ot_session_row *s) {
+  const ot_session_cfg *c = &s->cfg;
+  ot_update_row *u = NULL;
+  int n = 0;
+  int rc = ot_reg_round_updates(d->reg, s->id, s->round, &u, &n);
+  if (rc) return rc;
+  char **paths = calloc((size_t)n + 1, sizeof *paths);
+  double *w = calloc((size_t)n + 1, sizeof *w);
+  if (!paths || !w) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
+  for (int i = 0; rc == OT_OK && i < n; i++) {
+    char p[2600];
+    rc = ot_daemon_path(d, p, sizeof p, "objects/updates/%s.safetensors", u[i].digest);
+    if (rc == OT_OK && !(paths[i] = strdup(p))) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
+    w[i] = (double)u[i].tokens;
+  }
+  char digest[OT_DIGEST_HEX], final_dir[2600];
+  double seconds = 0;
+  if (rc == OT_OK) rc = publish(d, s, paths, w, n, digest, final_dir, &seconds);
   if (rc == OT_OK) {
     double tokens = 0, loss = 0;
     for (int i = 0; i < n; i++) {
@@ -265,8 +355,8 @@ static int aggregate(ot_daemon *d, const ot_session_row *s) {
         d,
         "session '%s': round %d of %d aggregated (%s) from %d updates, %.0f tokens, mean train loss "
         "%.4f, in %.2f s -> adapter %.16s...",
-        c->name, s->round, c->rounds, ot_agg_name(c->agg), n, tokens, tokens > 0 ? loss / tokens : 0,
-        ot_now() - t0, digest);
+        c->name, s->round, c->rounds, ot_agg_name(c->agg), n, tokens, tokens > 0 ? loss / tokens : 0, seconds,
+        digest);
     if (s->round >= c->rounds)
       ot_daemon_log(d, "session '%s': done; adapter '%s' published (%s)", c->name, c->name, final_dir);
     else
@@ -287,6 +377,7 @@ static int step_session(ot_daemon *d, int64_t id) {
   if (s.state != OT_SS_RUNNING) return OT_OK;
   if (s.round_state == OT_RS_AGGREGATING) return aggregate(d, &s);
   if (s.round_state != OT_RS_OPEN) return OT_OK;
+  if (ot_session_secagg(&s.cfg)) return ot_sa_step(d, &s);
   int64_t now = now_s();
   int enough = s.n_updates >= s.cfg.max_devices || (s.n_updates >= s.cfg.min_devices && now >= s.deadline);
   if (enough) {
@@ -317,6 +408,14 @@ static int step_session(ot_daemon *d, int64_t id) {
 
 void *ot_round_main(void *arg) {
   ot_daemon *d = arg;
+  ot_round_secagg *sa = NULL;
+  if (ot_round_secagg_new(&sa) != OT_OK) {
+    ot_daemon_log(d, "scheduler: %s", ot_error_detail());
+    return NULL;
+  }
+  pthread_mutex_lock(&d->mu);
+  d->sa = sa;
+  pthread_mutex_unlock(&d->mu);
   for (;;) {
     pthread_mutex_lock(&d->mu);
     if (!d->stop && !d->kick) {

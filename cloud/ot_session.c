@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "ot_dp.h"
 #include "ot_error.h"
 
 int ot_name_ok(const char *s) {
@@ -43,7 +44,27 @@ void ot_session_cfg_default(ot_session_cfg *c) {
   c->beta1 = 0.9f;
   c->beta2 = 0.99f;
   c->adam_eps = 1e-3f;
+  c->secagg = OT_SECAGG_AUTO;
+  c->secagg_range = 4.0f;
+  c->dp_delta = 1e-5f;
+  c->dp_clip = 1.0f;
 }
+
+int ot_session_secagg(const ot_session_cfg *c) {
+  return c->secagg == OT_SECAGG_ON || (c->secagg == OT_SECAGG_AUTO && c->min_devices >= 3);
+}
+
+/* Every enrolled device takes part in every round: q = 1, no amplification by sampling. */
+int ot_session_dp_noise(const ot_session_cfg *c, double *z) {
+  if (c->dp_epsilon <= 0) return ot_error(OT_ERR_INVALID, "session '%s' has no DP budget", c->name);
+  if (c->dp_noise > 0) {
+    *z = c->dp_noise;
+    return OT_OK;
+  }
+  return ot_dp_find_noise(1.0, (uint32_t)c->rounds, c->dp_epsilon, c->dp_delta, z);
+}
+
+static const char *secagg_names[] = {"auto", "off", "on"};
 
 typedef struct {
   const char *key;
@@ -82,6 +103,11 @@ static const field fields[] = {
     F("beta1", 'f', beta1, 0, 0.999999),
     F("beta2", 'f', beta2, 0, 0.999999),
     F("adam_eps", 'f', adam_eps, 1e-12, 1),
+    F("secagg_range", 'f', secagg_range, 1e-3, 1e4),
+    F("dp_epsilon", 'f', dp_epsilon, 0, 1e4),
+    F("dp_delta", 'f', dp_delta, 1e-12, 0.1),
+    F("dp_clip", 'f', dp_clip, 1e-6, 1e4),
+    F("dp_noise", 'f', dp_noise, 0, 1e4),
 };
 #define N_FIELDS ((int)(sizeof fields / sizeof fields[0]))
 
@@ -93,7 +119,7 @@ int ot_session_cfg_from_json(const cJSON *j, ot_session_cfg *out) {
   cJSON_ArrayForEach(it, j) {
     const char *k = it->string;
     if (strcmp(k, "adapter") == 0 || strcmp(k, "aggregation") == 0 || strcmp(k, "lora_targets") == 0 ||
-        strcmp(k, "seed") == 0) {
+        strcmp(k, "seed") == 0 || strcmp(k, "secagg") == 0) {
       if (strcmp(k, "seed") == 0) {
         if (!cJSON_IsNumber(it) || it->valuedouble < 0 || it->valuedouble > 9007199254740991.0)
           return ot_error(OT_ERR_INVALID, "session settings: 'seed' must be a non-negative integer");
@@ -104,6 +130,15 @@ int ot_session_cfg_from_json(const cJSON *j, ot_session_cfg *out) {
       int rc = OT_OK;
       if (strcmp(k, "adapter") == 0) rc = ot_adapter_parse_kind(it->valuestring, &c.adapter.kind);
       if (strcmp(k, "lora_targets") == 0) rc = ot_lora_parse_targets(it->valuestring, &c.adapter.lora_sites);
+      if (strcmp(k, "secagg") == 0) {
+        int a = -2;
+        for (int i = 0; i < 3; i++)
+          if (strcmp(it->valuestring, secagg_names[i]) == 0) a = i - 1;
+        if (a < -1)
+          rc = ot_error(OT_ERR_INVALID, "secagg '%s': use auto, on or off", it->valuestring);
+        else
+          c.secagg = a;
+      }
       if (strcmp(k, "aggregation") == 0) {
         int a = -1;
         for (int i = 0; i < 3; i++)
@@ -145,6 +180,16 @@ int ot_session_cfg_from_json(const cJSON *j, ot_session_cfg *out) {
   if (c.min_devices > c.max_devices)
     return ot_error(OT_ERR_INVALID, "min_devices %d exceeds max_devices %d", c.min_devices, c.max_devices);
   if (c.adapter.lora_sites == 0) return ot_error(OT_ERR_INVALID, "lora_targets names no module");
+  if (c.secagg == OT_SECAGG_ON && c.max_devices < 3)
+    return ot_error(OT_ERR_INVALID, "secure aggregation needs rounds of at least 3 devices (max_devices %d)",
+                    c.max_devices);
+  /* the noise is central on the unmasked sum: without secure aggregation the cloud would
+   * see each un-noised update, so DP is offered with it only */
+  if (c.dp_epsilon > 0 && !ot_session_secagg(&c))
+    return ot_error(OT_ERR_INVALID, "dp_epsilon needs secure aggregation (secagg on, or auto with "
+                                    "min_devices >= 3)");
+  if (c.dp_epsilon > 0 && c.dp_clip > c.secagg_range)
+    return ot_error(OT_ERR_INVALID, "dp_clip %g exceeds secagg_range %g", c.dp_clip, c.secagg_range);
   *out = c;
   return OT_OK;
 }
@@ -170,6 +215,7 @@ cJSON *ot_session_cfg_to_json(const ot_session_cfg *c) {
   cJSON_AddStringToObject(j, "lora_targets", targets);
   cJSON_AddNumberToObject(j, "seed", (double)c->adapter.seed);
   cJSON_AddStringToObject(j, "aggregation", ot_agg_name(c->agg));
+  cJSON_AddStringToObject(j, "secagg", secagg_names[c->secagg + 1]);
   return j;
 }
 

@@ -29,7 +29,20 @@ typedef struct {
   ot_agg_kind agg;
   float mu;                                /* FedProx */
   float server_lr, beta1, beta2, adam_eps; /* FedAdam */
+  /* privacy (docs/secagg.md, "Sessions") */
+  int secagg;         /* OT_SECAGG_AUTO / _OFF / _ON */
+  float secagg_range; /* quantisation range per coordinate of a masked update */
+  float dp_epsilon;   /* 0: no differential privacy */
+  float dp_delta, dp_clip;
+  float dp_noise; /* noise multiplier z; 0: the least z that fits the budget over `rounds` */
 } ot_session_cfg;
+
+enum { OT_SECAGG_AUTO = -1, OT_SECAGG_OFF = 0, OT_SECAGG_ON = 1 };
+/* Secure aggregation for this session's rounds: on, or auto with min_devices >= 3 (every
+ * round then has at least 3 devices). */
+int ot_session_secagg(const ot_session_cfg *c);
+/* The DP noise multiplier of the session (calibrated when dp_noise is 0). */
+int ot_session_dp_noise(const ot_session_cfg *c, double *z);
 
 void ot_session_cfg_default(ot_session_cfg *c);
 /* Validates and fills c from the JSON form; unknown keys are refused. */

@@ -23,12 +23,14 @@
 
 #include "ot_cli.h"
 #include "ot_device_cmd.h"
+#include "ot_device_secagg.h"
 #include "ot_device_train.h"
 #include "ot_emulator.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
 #include "ot_identity.h"
 #include "ot_pb.h"
+#include "ot_secagg.h"
 #include "ot_transport.h"
 #include "session.pb-c.h"
 
@@ -152,6 +154,7 @@ typedef struct {
   ot_identity id;
   cloud_info ci;
   ot_client *c;
+  ot_dev_secagg *sa; /* the current secure-aggregation round, if any */
 } runner;
 
 static void sleep_ms(int ms) {
@@ -323,6 +326,16 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
     *accepted = -1;
     return rc;
   }
+  if (rc == OT_OK && ri->secagg) {
+    /* secure aggregation: nothing is uploaded now; the masked update goes in its stage */
+    int joined = 0;
+    rc = ot_dev_secagg_join(r->c, ri->session, ri->round, &joined);
+    if (rc == OT_OK && joined)
+      fprintf(stderr, "[run] %s round %u: trained; joined the round's secure aggregation\n", ri->session,
+              ri->round);
+    *accepted = 0;
+    return rc;
+  }
   /* tests: a slow device (a straggler, or one killed before it uploads) */
   const char *delay = getenv("OT_TEST_DEVICE_DELAY_MS");
   if (rc == OT_OK && delay && !trained_before) {
@@ -485,6 +498,32 @@ int ot_dev_run(int argc, char **argv) {
         wait_ms = 100;
         break;
       }
+      case OFFTUNE__SESSION__ROUND_STATE__SECAGG: {
+        char work[4096];
+        uint32_t answered = 0;
+        if (!ri->session || strchr(ri->session, '/') || strchr(ri->session, '.')) {
+          rc = ot_error(OT_ERR_FORMAT, "bad session name");
+          break;
+        }
+        snprintf(work, sizeof work, "%s/work/%s/r%u", r.state, ri->session, ri->round);
+        rc = ot_dev_secagg_step(&r.sa, &r.id, r.c, work, ri, &answered);
+        if (rc == OT_OK && answered == OT_SA_MASKED) { /* this device's update is in the round */
+          accepted_n++;
+          save_progress(&r, ri->session, ri->round);
+          /* leaving now is a dropout the unmask stage recovers: the update stays in the sum */
+          if (r.rounds_max && accepted_n >= r.rounds_max) {
+            fprintf(stderr, "[run] %d update(s) in: --rounds-max reached\n", accepted_n);
+            stop = 1;
+          }
+        }
+        /* tests: a device that dies right after a stage (the cloud must go on without it) */
+        const char *exit_after = getenv("OT_TEST_DEVICE_EXIT_AFTER_STAGE");
+        if (rc == OT_OK && answered && exit_after && (uint32_t)atoi(exit_after) == answered) {
+          fprintf(stderr, "[run] OT_TEST_DEVICE_EXIT_AFTER_STAGE: exiting after stage %u\n", answered);
+          _exit(9);
+        }
+        break;
+      }
       case OFFTUNE__SESSION__ROUND_STATE__WAIT:
         if (ri->round != last_wait_round)
           fprintf(stderr, "[run] %s round %u: %s\n", ri->session ? ri->session : "?", ri->round,
@@ -530,6 +569,7 @@ int ot_dev_run(int argc, char **argv) {
     sleep_ms(wait_ms);
   }
   drop_client(&r);
+  ot_dev_secagg_free(r.sa);
   ot_identity_wipe(&r.id);
   return exit_code;
 }

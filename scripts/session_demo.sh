@@ -10,6 +10,10 @@
 # OT_DEMO_ADAPTER (offsite), OT_DEMO_AGG (fedavg), OT_DEMO_DISTILL_STEPS (200),
 # OT_DEMO_BOTTOM / OT_DEMO_TOP adapter blocks (2 / 2), OT_DEMO_KEEP (0 = half of the middle), OT_DEMO_DEADLINE seconds (600),
 # OT_DEMO_THREADS CPU threads per device (1), OT_DEMO_BACKEND (cpu).
+# Privacy (docs/secagg.md): OT_DEMO_SECAGG auto|on|off (auto: off with the 2..3 devices here),
+# OT_DEMO_DP_EPSILON (off), OT_DEMO_DP_CLIP (1), OT_DEMO_DP_DELTA (1e-5).
+# OT_DEMO_SESSION session name (demo); OT_DEMO_REUSE=1 keeps WORK_DIR's daemon state and
+# enrolled devices (the emulator is distilled once for several sessions; bench/session_privacy.sh).
 # Needs a build (scripts/build.sh). Everything it starts is stopped on exit.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,7 +26,8 @@ rounds=${OT_DEMO_ROUNDS:-3}
 steps=${OT_DEMO_STEPS:-30}
 genres=(romance mystery humor)
 
-rm -rf "$work"
+name=${OT_DEMO_SESSION:-demo}
+[ "${OT_DEMO_REUSE:-0}" = 1 ] || rm -rf "$work"
 mkdir -p "$work"
 pids=()
 cleanup() {
@@ -33,12 +38,17 @@ trap cleanup EXIT
 
 echo "== private data: one Brown genre per device (training documents) =="
 for g in "${genres[@]}"; do
-  "$cloud" corpus --genres "$g" --part train --out "$work/private-$g.txt"
+  [ -f "$work/private-$g.txt" ] ||
+    "$cloud" corpus --genres "$g" --part train --out "$work/private-$g.txt"
   echo "  $g: $(wc -c < "$work/private-$g.txt") bytes in $work/private-$g.txt"
 done
 
 echo "== starting the cloud daemon =="
-"$cloud" serve --state "$work/cloud" --listen tcp://127.0.0.1:0 --model "base=$model" > "$work/cloud.log" 2>&1 &
+listen=tcp://127.0.0.1:0
+[ -f "$work/cloud/cloud.json" ] && # a reused state: the same port, which the devices know
+  listen=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["url"])' "$work/cloud/cloud.json")
+rm -f "$work/cloud/cloud.json"
+"$cloud" serve --state "$work/cloud" --listen "$listen" --model "base=$model" >> "$work/cloud.log" 2>&1 &
 daemon=$!
 pids+=("$daemon")
 for _ in $(seq 200); do [ -S "$work/cloud/control.sock" ] && [ -f "$work/cloud/cloud.json" ] && break; sleep 0.1; done
@@ -48,15 +58,17 @@ fp=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["fingerprin
 echo "  $url, key $fp; log $work/cloud.log"
 
 echo "== creating the session (the daemon distils the emulator first) =="
-"$cloud" session create --state "$work/cloud" --name demo --model base --rounds "$rounds" --steps "$steps" \
+"$cloud" session create --state "$work/cloud" --name "$name" --model base --rounds "$rounds" --steps "$steps" \
   --batch "${OT_DEMO_BATCH:-8}" --seq-len "${OT_DEMO_SEQ:-0}" --lr "${OT_DEMO_LR:-1e-3}" \
   --adapter "${OT_DEMO_ADAPTER:-offsite}" --aggregation "${OT_DEMO_AGG:-fedavg}" \
   --distill-steps "${OT_DEMO_DISTILL_STEPS:-200}" --keep "${OT_DEMO_KEEP:-0}" \
   --bottom "${OT_DEMO_BOTTOM:-2}" --top "${OT_DEMO_TOP:-2}" \
-  --min-devices 2 --max-devices 3 --deadline "${OT_DEMO_DEADLINE:-600}"
+  --min-devices 2 --max-devices 3 --deadline "${OT_DEMO_DEADLINE:-600}" --secagg "${OT_DEMO_SECAGG:-auto}" \
+  ${OT_DEMO_DP_EPSILON:+--dp-epsilon "$OT_DEMO_DP_EPSILON" --dp-clip "${OT_DEMO_DP_CLIP:-1}" --dp-delta "${OT_DEMO_DP_DELTA:-1e-5}"}
 
 echo "== enrolling three devices with one-time tokens =="
 for g in "${genres[@]}"; do
+  [ -f "$work/device-$g/cloud.json" ] && continue # enrolled in an earlier session (OT_DEMO_REUSE)
   token=$("$cloud" token issue --state "$work/cloud" --label "$g")
   "$device" join --cloud "$url" --cloud-key "$fp" --token "$token" --state "$work/device-$g" --name "$g"
 done
@@ -65,7 +77,7 @@ echo "== running the devices (logs: $work/device-*.log; progress of the first be
 dev_pids=()
 for g in "${genres[@]}"; do
   OMP_NUM_THREADS=${OT_DEMO_THREADS:-1} "$device" run --data "$work/private-$g.txt" --state "$work/device-$g" \
-    --session demo --threads "${OT_DEMO_THREADS:-1}" --backend "${OT_DEMO_BACKEND:-cpu}" > "$work/device-$g.log" 2>&1 &
+    --session "$name" --threads "${OT_DEMO_THREADS:-1}" --backend "${OT_DEMO_BACKEND:-cpu}" > "$work/device-$g.log" 2>&1 &
   dev_pids+=("$!")
   pids+=("$!")
 done
@@ -80,22 +92,22 @@ for i in "${!dev_pids[@]}"; do
 done
 
 for _ in $(seq 100); do
-  state=$("$cloud" session show demo --state "$work/cloud" --json |
+  state=$("$cloud" session show "$name" --state "$work/cloud" --json |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["session"]["state"])')
   [ "$state" = done ] || [ "$state" = failed ] && break
   sleep 0.2
 done
 echo "== the session =="
-"$cloud" session show demo --state "$work/cloud"
+"$cloud" session show "$name" --state "$work/cloud"
 adapter=$("$cloud" adapter list --state "$work/cloud" --json |
-  python3 -c 'import json,sys; print(next((a["dir"] for a in json.load(sys.stdin)["adapters"] if a["name"] == "demo"), ""))')
-emulator=$("$cloud" session show demo --state "$work/cloud" --json |
+  python3 -c 'import json,sys; print(next((a["dir"] for a in json.load(sys.stdin)["adapters"] if a["name"] == sys.argv[1]), ""))' "$name")
+emulator=$("$cloud" session show "$name" --state "$work/cloud" --json |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["session"]["emulator"] or "")')
 kill "$daemon"
 wait "$daemon" 2>/dev/null || true
 [ "$state" = done ] && [ -n "$adapter" ] && [ "$fail" = 0 ] || { echo "the session did not finish ($state)" >&2; exit 1; }
 echo
-echo "published adapter 'demo': $adapter"
+echo "published adapter '$name': $adapter"
 echo "emulator package:         $emulator"
 echo "cloud state and logs:     $work/cloud, $work/cloud.log, $work/device-*.log"
 echo "try: $cloud eval --model $model --adapter $adapter --text <held-out text>"

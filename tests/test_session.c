@@ -369,7 +369,7 @@ static void test_two_sessions(void **state) {
   assert_int_equal(ot_test_run(out, sizeof out, "%s device revoke nosuch --state '%s'", cloud, d.state), 1);
   assert_int_equal(ot_test_run(out, sizeof out, "%s session list --state '%s/nowhere'", cloud, dir), 1);
   assert_non_null(strstr(out, "cannot reach the daemon"));
-  session_create(&d, "alpha", "--rounds 2 --min-devices 3 --max-devices 3 --deadline 120");
+  session_create(&d, "alpha", "--rounds 2 --min-devices 3 --max-devices 3 --deadline 120 --secagg off");
   session_create(
       &d, "beta",
       "--rounds 2 --min-devices 2 --max-devices 2 --deadline 120 --adapter lora --lora-r 2 --lora-alpha 4 "

@@ -1,0 +1,605 @@
+/* Secure aggregation and differential privacy in real sessions on loopback: a real
+ * `offtune-cloud serve` and three `offtune-device run` processes on a tiny model.
+ * - secure aggregation (auto with 3 devices): every published aggregate equals the
+ *   token-weighted FedAvg of the devices' own trained adapters (read from their state
+ *   directories) within the quantisation bound, and the cloud holds no individual update
+ *   (no update rows, no update objects, no staged file; the audit log says so);
+ * - a device that exits right after its masked input: the round completes by unmasking,
+ *   its update included;
+ * - the daemon killed with kill -9 mid masking round: the round restarts after the
+ *   restart and the devices follow;
+ * - DP: epsilon per round finite, increasing, within the budget; a budget too small for
+ *   the rounds stops the session with the reason; DP without secure aggregation refused. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <math.h>
+#include <signal.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ot_dp.h"
+#include "ot_error.h"
+#include "ot_fileio.h"
+#include "ot_identity.h"
+#include "ot_safetensors.h"
+#include "ot_test_util.h"
+
+static char *dir, *cloud, *device;
+static char out[1 << 18];
+
+#define RUN_OK(...)                                                                                          \
+  do {                                                                                                       \
+    int rc_ = ot_test_run(out, sizeof out, __VA_ARGS__);                                                     \
+    if (rc_ != 0) fail_msg("exit %d:\n%s", rc_, out);                                                        \
+  } while (0)
+
+static void sleep_ms(int ms) {
+  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+  nanosleep(&ts, NULL);
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Starts `exec CMD` through sh (the pid is the program's), output appended to log. */
+static pid_t spawn(const char *log, const char *fmt, ...) {
+  char *cmd = NULL, *full = NULL;
+  va_list ap;
+  va_start(ap, fmt);
+  assert_true(vasprintf(&cmd, fmt, ap) >= 0);
+  va_end(ap);
+  assert_true(asprintf(&full, "exec %s >>'%s' 2>&1", cmd, log) >= 0);
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", full, (char *)NULL);
+    _exit(127);
+  }
+  free(cmd);
+  free(full);
+  return pid;
+}
+
+/* Exit status of pid within timeout seconds (-1: still running, killed). */
+static int wait_exit(pid_t pid, double timeout) {
+  double t0 = now_s();
+  for (;;) {
+    int st;
+    pid_t r = waitpid(pid, &st, WNOHANG);
+    if (r == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    if (now_s() - t0 > timeout) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &st, 0);
+      return -1;
+    }
+    sleep_ms(50);
+  }
+}
+
+static void print_log(const char *log) {
+  char cmd[4200];
+  snprintf(cmd, sizeof cmd, "tail -n 40 '%s' >&2", log);
+  if (system(cmd) != 0) fprintf(stderr, "(no log %s)\n", log);
+}
+
+static int file_has(const char *path, const char *needle) {
+  char *text = NULL;
+  size_t len;
+  if (ot_file_read_all(path, 64u << 20, &text, &len) != OT_OK) return 0;
+  int found = strstr(text, needle) != NULL;
+  free(text);
+  return found;
+}
+
+static void wait_for_file_text(const char *path, const char *needle, double timeout) {
+  double t0 = now_s();
+  while (!file_has(path, needle)) {
+    if (now_s() - t0 > timeout) {
+      print_log(path);
+      fail_msg("'%s' did not appear in %s within %.0f s", needle, path, timeout);
+    }
+    sleep_ms(50);
+  }
+}
+
+typedef struct {
+  char state[1024], log[1100], url[256], fp[OT_FINGERPRINT_LEN];
+  pid_t pid;
+} daemon_t;
+
+static void daemon_start(daemon_t *d, const char *listen) {
+  char cj[1200], sock[1200];
+  snprintf(cj, sizeof cj, "%s/cloud.json", d->state);
+  snprintf(sock, sizeof sock, "%s/control.sock", d->state);
+  unlink(cj);
+  d->pid = spawn(d->log, "%s serve --state '%s' --listen %s --model %s/full", cloud, d->state, listen, dir);
+  double t0 = now_s();
+  while (!ot_file_exists(cj) || !ot_file_exists(sock)) {
+    if (now_s() - t0 > 20) {
+      print_log(d->log);
+      fail_msg("the daemon did not start");
+    }
+    sleep_ms(20);
+  }
+  char *text = NULL;
+  size_t len;
+  assert_int_equal(ot_file_read_all(cj, 1 << 16, &text, &len), OT_OK);
+  cJSON *j = cJSON_Parse(text);
+  free(text);
+  snprintf(d->url, sizeof d->url, "%s", cJSON_GetStringValue(cJSON_GetObjectItem(j, "url")));
+  snprintf(d->fp, sizeof d->fp, "%s", cJSON_GetStringValue(cJSON_GetObjectItem(j, "fingerprint")));
+  cJSON_Delete(j);
+}
+
+static void daemon_init(daemon_t *d, const char *name) {
+  memset(d, 0, sizeof *d);
+  snprintf(d->state, sizeof d->state, "%s/%s", dir, name);
+  snprintf(d->log, sizeof d->log, "%s/%s.log", dir, name);
+  assert_int_equal(ot_test_system("rm -rf '%s' '%s'", d->state, d->log), 0);
+  daemon_start(d, "tcp://127.0.0.1:0");
+}
+
+static void daemon_stop(daemon_t *d) {
+  kill(d->pid, SIGTERM);
+  assert_int_equal(wait_exit(d->pid, 20), 0);
+}
+
+/* A session on the tiny model: emulator 1 + 1 kept + 1, 4 local steps of 4 x 32. */
+static void session_create(daemon_t *d, const char *name, const char *extra) {
+  RUN_OK(
+      "%s session create --state '%s' --name %s --model full --bottom 1 --top 1 --keep 1 --distill-steps 4 "
+      "--distill-batch 4 --distill-seq-len 32 --distill-data %s/public.txt --steps 4 --batch 4 --seq-len 32 "
+      "--lr 1e-2 %s",
+      cloud, d->state, name, dir, extra);
+}
+
+/* Enrols a device state directory with the daemon (token from the operator command). */
+static void device_join(daemon_t *d, const char *dev) {
+  RUN_OK("%s token issue --state '%s' --json", cloud, d->state);
+  cJSON *j = cJSON_Parse(out);
+  assert_non_null(j);
+  const char *token = cJSON_GetStringValue(cJSON_GetObjectItem(j, "token"));
+  assert_non_null(token);
+  RUN_OK("%s join --cloud %s --cloud-key %s --token %s --state '%s/%s' --name %s", device, d->url, d->fp,
+         token, dir, dev, dev);
+  cJSON_Delete(j);
+}
+
+static pid_t device_run(const char *dev, const char *data, const char *session, const char *env) {
+  char log[1200];
+  snprintf(log, sizeof log, "%s/%s.log", dir, dev);
+  return spawn(log, "env OMP_NUM_THREADS=1 %s %s run --data %s/%s --state '%s/%s' --session %s --threads 1",
+               env ? env : "", device, dir, data, dir, dev, session);
+}
+
+static cJSON *session_show(daemon_t *d, const char *name) {
+  RUN_OK("%s session show %s --state '%s' --json", cloud, name, d->state);
+  cJSON *j = cJSON_Parse(out);
+  if (!j) fail_msg("not JSON: %s", out);
+  return j;
+}
+
+static const char *session_state(cJSON *show) {
+  return cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(show, "session"), "state"));
+}
+
+static cJSON *wait_session(daemon_t *d, const char *name, const char *state, double timeout) {
+  double t0 = now_s();
+  for (;;) {
+    cJSON *j = session_show(d, name);
+    if (strcmp(session_state(j), state) == 0) return j;
+    cJSON_Delete(j);
+    if (now_s() - t0 > timeout) {
+      print_log(d->log);
+      fail_msg("session %s not %s within %.0f s", name, state, timeout);
+    }
+    sleep_ms(200);
+  }
+}
+
+typedef struct {
+  ot_safetensors *st;
+  size_t n;
+  float **v;
+} tensors;
+
+static void tensors_load(const char *path, tensors *t) {
+  assert_int_equal(ot_st_open(path, &t->st), OT_OK);
+  t->n = ot_st_count(t->st);
+  t->v = calloc(t->n, sizeof *t->v);
+  for (size_t i = 0; i < t->n; i++) {
+    const ot_st_tensor *x = ot_st_at(t->st, i);
+    t->v[i] = malloc(x->numel * sizeof(float));
+    assert_int_equal(ot_st_read_f32(t->st, x, t->v[i], x->numel), OT_OK);
+  }
+}
+
+static void tensors_free(tensors *t) {
+  for (size_t i = 0; i < t->n; i++) free(t->v[i]);
+  free(t->v);
+  ot_st_close(t->st);
+}
+
+static const float *tensor(const tensors *t, const char *name) {
+  const ot_st_tensor *x = ot_st_find(t->st, name);
+  assert_non_null(x);
+  return t->v[x - ot_st_at(t->st, 0)];
+}
+
+static void adapter_file(const daemon_t *d, const char *digest, char *p, size_t n) {
+  snprintf(p, n, "%s/objects/adapters/%s/adapter_model.safetensors", d->state, digest);
+}
+
+static int count_rows(const char *db, const char *sql) {
+  sqlite3 *h;
+  assert_int_equal(sqlite3_open_v2(db, &h, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+  sqlite3_busy_timeout(h, 5000);
+  sqlite3_stmt *st;
+  assert_int_equal(sqlite3_prepare_v2(h, sql, -1, &st, NULL), SQLITE_OK);
+  int n = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int(st, 0) : -1;
+  sqlite3_finalize(st);
+  sqlite3_close(h);
+  return n;
+}
+
+static const char *devs[3] = {"romance", "mystery", "humor"};
+
+/* Round `round` of a secure-aggregation session: its result against the FedAvg of the
+ * devices' trained adapters (work/<session>/r<round>/local), weighted by their tokens. */
+static void check_secagg_round(const daemon_t *d, cJSON *show, const char *session, int round, int n_dev,
+                               int fedadam) {
+  cJSON *r = NULL, *u;
+  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "rounds")) if ((int)cJSON_GetNumberValue(
+                                                                     cJSON_GetObjectItem(u, "round")) ==
+                                                                 round) r = u;
+  assert_non_null(r);
+  assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(r, "state")), "done");
+  assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(r, "participants")), n_dev);
+  char p[2048];
+  tensors in, res, loc[3];
+  adapter_file(d, cJSON_GetStringValue(cJSON_GetObjectItem(r, "input")), p, sizeof p);
+  tensors_load(p, &in);
+  adapter_file(d, cJSON_GetStringValue(cJSON_GetObjectItem(r, "result")), p, sizeof p);
+  tensors_load(p, &res);
+  double w[3], wsum = 0;
+  for (int i = 0; i < n_dev; i++) {
+    snprintf(p, sizeof p, "%s/%s/work/%s/r%d/local/adapter_model.safetensors", dir, devs[i], session, round);
+    tensors_load(p, &loc[i]);
+    char *text = NULL;
+    size_t len;
+    snprintf(p, sizeof p, "%s/%s/work/%s/r%d/trained.json", dir, devs[i], session, round);
+    assert_int_equal(ot_file_read_all(p, 1 << 16, &text, &len), OT_OK);
+    w[i] = ot_test_json_number(text, "tokens");
+    free(text);
+    assert_true(w[i] > 0);
+    wsum += w[i];
+  }
+  /* the quantisation bound: n values scaled by s = (2^31/n - 1)/range, error < n/s per
+   * coordinate of both sums (S and W); avg - g = S/W */
+  double range = cJSON_GetNumberValue(cJSON_GetObjectItem(
+      cJSON_GetObjectItem(cJSON_GetObjectItem(show, "session"), "config"), "secagg_range"));
+  double q = n_dev / ((2147483648.0 / n_dev - 1) / range),
+         W = wsum / (4.0 * 32 * 4); /* token cap 4 x 4 x 32 */
+  double max_err = 0, max_delta = 0, bound = 0;
+  for (size_t t = 0; t < in.n; t++) {
+    const ot_st_tensor *x = ot_st_at(in.st, t);
+    const float *got = tensor(&res, x->name), *g = in.v[t];
+    for (uint64_t k = 0; k < x->numel; k++) {
+      double avg = 0;
+      for (int i = 0; i < n_dev; i++) avg += w[i] * tensor(&loc[i], x->name)[k];
+      avg /= wsum;
+      double delta = fabs(avg - g[k]), want = avg;
+      if (fedadam) { /* one FedAdam step from zero moments (defaults lr 1e-2, 0.9, 0.99, 1e-3) */
+        double dl = avg - g[k], m = 0.1 * dl, v = 0.01 * dl * dl;
+        want = g[k] + 1e-2 * m / (sqrt(v) + 1e-3);
+      }
+      double e = fabs(got[k] - want);
+      /* |S/W - S'/W'| <= q/W + |S| q / W^2, plus float rounding of the stored value */
+      double b = q / W + delta * W * q / (W * W) + 2 * 6e-8 * (fabs(want) + 1e-30);
+      /* FedAdam's step amplifies an error in the delta by at most lr (1 - b1) / eps = 1 */
+      if (e > max_err) max_err = e;
+      if (e - b > 0)
+        fail_msg("round %d %s[%llu]: %.9g vs FedAvg %.9g (bound %.3g)", round, x->name, (unsigned long long)k,
+                 got[k], avg, b);
+      if (b > bound) bound = b;
+      if (fabs(want - g[k]) > max_delta) max_delta = fabs(want - g[k]);
+    }
+  }
+  fprintf(stderr,
+          "%s round %d: secure aggregate vs %s of the devices' adapters: max abs err %.2e (bound %.2e), "
+          "max change %.2e\n",
+          session, round, fedadam ? "FedAdam step on the FedAvg" : "FedAvg", max_err, bound, max_delta);
+  assert_true(max_delta > 1e-4); /* the round moved the adapter: the check compares something */
+  for (int i = 0; i < n_dev; i++) tensors_free(&loc[i]);
+  tensors_free(&in);
+  tensors_free(&res);
+}
+
+static int dir_count(const char *path) {
+  DIR *dp = opendir(path);
+  if (!dp) return 0;
+  int n = 0;
+  struct dirent *e;
+  while ((e = readdir(dp)))
+    if (e->d_name[0] != '.') n++;
+  closedir(dp);
+  return n;
+}
+
+/* No update rows, no update objects, nothing staged. */
+static void check_no_updates_rows(const daemon_t *d, const char *session) {
+  char db[1200], p[1200], sql[256];
+  snprintf(db, sizeof db, "%s/registry.db", d->state);
+  snprintf(sql, sizeof sql,
+           "SELECT COUNT(*) FROM updates u JOIN sessions s ON s.id = u.session_id WHERE s.name = '%s'",
+           session);
+  assert_int_equal(count_rows(db, sql), 0);
+  snprintf(p, sizeof p, "%s/objects/updates", d->state);
+  assert_int_equal(dir_count(p), 0);
+  snprintf(p, sizeof p, "%s/staging", d->state);
+  assert_int_equal(dir_count(p), 0);
+}
+
+/* The cloud holds no individual update of the session: no rows, no objects, nothing staged. */
+static void check_no_updates(const daemon_t *d, const char *session) {
+  char db[1200], p[1200], sql[256];
+  snprintf(db, sizeof db, "%s/registry.db", d->state);
+  snprintf(sql, sizeof sql,
+           "SELECT COUNT(*) FROM updates u JOIN sessions s ON s.id = u.session_id WHERE s.name = '%s'",
+           session);
+  assert_int_equal(count_rows(db, sql), 0);
+  snprintf(p, sizeof p, "%s/objects/updates", d->state);
+  assert_int_equal(dir_count(p), 0);
+  snprintf(p, sizeof p, "%s/staging", d->state);
+  assert_int_equal(dir_count(p), 0);
+  snprintf(sql, sizeof sql,
+           "SELECT COUNT(*) FROM audit WHERE event = 'secagg' AND detail LIKE '%s round %%never held an "
+           "individual unmasked update%%'",
+           session);
+  assert_true(count_rows(db, sql) >= 1);
+  snprintf(sql, sizeof sql,
+           "SELECT COUNT(*) FROM audit WHERE event = 'secagg.done' AND detail LIKE '%s round %%'", session);
+  assert_true(count_rows(db, sql) >= 1);
+}
+
+static daemon_t D;
+
+static void run_devices(const char *session, const char *env3, int want, int want3) {
+  pid_t pids[3];
+  for (int i = 0; i < 3; i++) {
+    char data[64];
+    snprintf(data, sizeof data, "%s.txt", devs[i]);
+    pids[i] = device_run(devs[i], data, session, i == 2 ? env3 : NULL);
+  }
+  for (int i = 0; i < 3; i++) {
+    int st = wait_exit(pids[i], 120);
+    if (st != (i == 2 ? want3 : want)) {
+      char log[1200];
+      snprintf(log, sizeof log, "%s/%s.log", dir, devs[i]);
+      print_log(log);
+      print_log(D.log);
+      fail_msg("device %s exited %d", devs[i], st);
+    }
+  }
+}
+
+/* ---- setup ------------------------------------------------------------------------------ */
+
+static int setup(void **state) {
+  (void)state;
+  dir = ot_test_tmpdir("fedsec");
+  if (asprintf(&cloud, "%s/cloud/offtune-cloud", ot_test_binary_dir()) < 0) return -1;
+  if (asprintf(&device, "%s/device/offtune-device", ot_test_binary_dir()) < 0) return -1;
+  RUN_OK("%s corpus --genres public --out %s/public.txt", cloud, dir);
+  for (int i = 0; i < 3; i++) {
+    RUN_OK("%s corpus --genres %s --out %s/%s_all.txt", cloud, devs[i], dir, devs[i]);
+    assert_int_equal(
+        ot_test_system("head -c 20000 '%s/%s_all.txt' > '%s/%s.txt'", dir, devs[i], dir, devs[i]), 0);
+  }
+  RUN_OK("OMP_NUM_THREADS=1 %s pretrain --tokenizer byte --layers 4 --embd 16 --heads 2 --ctx 32 --steps 20 "
+         "--batch 4 --text %s/public.txt --out %s/full --threads 1",
+         cloud, dir, dir);
+  /* one daemon (one emulator distillation) and three enrolled devices for all the tests */
+  daemon_init(&D, "cloud");
+  for (int i = 0; i < 3; i++) device_join(&D, devs[i]);
+  return 0;
+}
+
+static int teardown(void **state) {
+  (void)state;
+  daemon_stop(&D);
+  free(dir);
+  free(cloud);
+  free(device);
+  return 0;
+}
+
+/* ---- tests ------------------------------------------------------------------------------ */
+
+static void test_secagg_session(void **state) {
+  (void)state;
+  /* auto: on with 3 devices a round */
+  session_create(&D, "sec", "--rounds 2 --min-devices 3 --max-devices 3 --deadline 60");
+  run_devices("sec", NULL, 0, 0);
+  cJSON *s = wait_session(&D, "sec", "done", 30);
+  assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(
+                          cJSON_GetObjectItem(cJSON_GetObjectItem(s, "session"), "config"), "secagg")),
+                      "auto");
+  for (int r = 1; r <= 2; r++) check_secagg_round(&D, s, "sec", r, 3, 0);
+  check_no_updates(&D, "sec");
+  assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(s, "updates")), 0);
+  cJSON_Delete(s);
+  /* FedAdam: the server step on the securely averaged delta */
+  session_create(&D, "secadam",
+                 "--rounds 1 --min-devices 3 --max-devices 3 --deadline 60 --aggregation fedadam");
+  run_devices("secadam", NULL, 0, 0);
+  s = wait_session(&D, "secadam", "done", 30);
+  check_secagg_round(&D, s, "secadam", 1, 3, 1);
+  check_no_updates(&D, "secadam");
+  cJSON_Delete(s);
+}
+
+static void test_secagg_dropout(void **state) {
+  (void)state;
+  /* humor exits right after its masked input: the unmask stage recovers its self mask
+   * from the others' shares, and its update is in the sum */
+  session_create(&D, "drop", "--rounds 1 --min-devices 3 --max-devices 3 --deadline 12 --secagg on");
+  run_devices("drop", "OT_TEST_DEVICE_EXIT_AFTER_STAGE=3", 0, 9);
+  cJSON *s = wait_session(&D, "drop", "done", 60);
+  check_secagg_round(&D, s, "drop", 1, 3, 0);
+  check_no_updates(&D, "drop");
+  char db[1200];
+  snprintf(db, sizeof db, "%s/registry.db", D.state);
+  /* the unmask stage went on without the device that left */
+  assert_int_equal(count_rows(db,
+                              "SELECT COUNT(*) FROM audit WHERE event = 'secagg' AND detail = 'drop round 1: "
+                              "masked inputs closed: 3 survivors; dropped after dealing shares: none'"),
+                   1);
+  assert_int_equal(count_rows(db,
+                              "SELECT COUNT(*) FROM audit WHERE event = 'secagg' AND detail = 'drop round 1: "
+                              "unmask closed: 2 survivors answered'"),
+                   1);
+  cJSON_Delete(s);
+}
+
+static void test_secagg_abort(void **state) {
+  (void)state;
+  /* mystery and humor leave right after advertising: in the shares stage one device is
+   * left, fewer than the threshold: the round aborts, nothing is published, and with no
+   * retries left the session fails with the reason */
+  session_create(&D, "abort",
+                 "--rounds 1 --min-devices 3 --max-devices 3 --deadline 8 --max-retries 0 --secagg on");
+  pid_t pids[3];
+  for (int i = 0; i < 3; i++) {
+    char data[64];
+    snprintf(data, sizeof data, "%s.txt", devs[i]);
+    pids[i] = device_run(devs[i], data, "abort", i ? "OT_TEST_DEVICE_EXIT_AFTER_STAGE=1" : NULL);
+  }
+  assert_int_equal(wait_exit(pids[1], 120), 9);
+  assert_int_equal(wait_exit(pids[2], 120), 9);
+  assert_int_equal(wait_exit(pids[0], 120), 1); /* FAILED */
+  cJSON *s = wait_session(&D, "abort", "failed", 30);
+  const char *err = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(s, "session"), "error"));
+  assert_non_null(err);
+  fprintf(stderr, "abort: %s\n", err);
+  assert_non_null(strstr(err, "secure aggregation aborted in stage 2"));
+  char db[1200];
+  snprintf(db, sizeof db, "%s/registry.db", D.state);
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM adapters WHERE name = 'abort'"), 0);
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM rounds r JOIN sessions s ON s.id = r.session_id "
+                                  "WHERE s.name = 'abort' AND r.state = 'done'"),
+                   0);
+  assert_int_equal(
+      count_rows(db,
+                 "SELECT COUNT(*) FROM audit WHERE event = 'secagg.abort' AND detail LIKE 'abort round 1:%'"),
+      1);
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM audit WHERE event = 'secagg' AND detail LIKE 'abort "
+                                  "round 1: round aborted:%no aggregate is published'"),
+                   1);
+  check_no_updates_rows(&D, "abort");
+  cJSON_Delete(s);
+}
+
+static void test_secagg_daemon_kill9(void **state) {
+  (void)state;
+  session_create(&D, "crash", "--rounds 1 --min-devices 3 --max-devices 3 --deadline 30");
+  pid_t pids[3];
+  for (int i = 0; i < 3; i++) {
+    char data[64];
+    snprintf(data, sizeof data, "%s.txt", devs[i]);
+    pids[i] = device_run(devs[i], data, "crash", NULL);
+  }
+  wait_for_file_text(D.log, "session 'crash': round 1: secure aggregation of 3 devices", 90);
+  kill(D.pid, SIGKILL);
+  waitpid(D.pid, NULL, 0);
+  fprintf(stderr, "daemon killed with kill -9 in round 1's masking; restarting on %s\n", D.url);
+  sleep_ms(300);
+  daemon_start(&D, D.url);
+  for (int i = 0; i < 3; i++) assert_int_equal(wait_exit(pids[i], 120), 0);
+  cJSON *s = wait_session(&D, "crash", "done", 30);
+  check_secagg_round(&D, s, "crash", 1, 3, 0);
+  check_no_updates(&D, "crash");
+  cJSON_Delete(s);
+}
+
+static cJSON *dp_of(cJSON *show) { return cJSON_GetObjectItem(show, "dp"); }
+
+static void test_dp(void **state) {
+  (void)state;
+  /* DP needs secure aggregation */
+  assert_int_equal(
+      ot_test_run(out, sizeof out,
+                  "%s session create --state '%s' --name x --model full --dp-epsilon 4 --secagg off", cloud,
+                  D.state),
+      1);
+  assert_non_null(strstr(out, "needs secure aggregation"));
+  session_create(&D, "dp",
+                 "--rounds 3 --min-devices 3 --max-devices 3 --deadline 60 --dp-epsilon 8 --dp-clip 0.5");
+  run_devices("dp", NULL, 0, 0);
+  cJSON *s = wait_session(&D, "dp", "done", 30);
+  cJSON *eps = cJSON_GetObjectItem(dp_of(s), "epsilon");
+  assert_int_equal(cJSON_GetArraySize(eps), 3);
+  double prev = 0;
+  for (int i = 0; i < 3; i++) {
+    double e = cJSON_GetNumberValue(cJSON_GetArrayItem(eps, i));
+    fprintf(stderr, "dp: epsilon after round %d: %.4f (budget 8)\n", i + 1, e);
+    assert_true(isfinite(e) && e > prev && e <= 8.0 + 1e-6);
+    prev = e;
+  }
+  assert_true(prev > 7.9); /* the noise is the least that fits: the budget is (nearly) spent */
+  char db[1200];
+  snprintf(db, sizeof db, "%s/registry.db", D.state);
+  assert_int_equal(
+      count_rows(db, "SELECT COUNT(*) FROM audit WHERE event = 'dp.epsilon' AND detail LIKE 'dp round %'"),
+      3);
+  check_no_updates(&D, "dp");
+  cJSON_Delete(s);
+
+  /* a budget between epsilon after 1 and after 2 rounds at z = 1: one round, then stopped */
+  ot_dp_accountant a;
+  ot_dp_accountant_init(&a);
+  double e1 = 0, e2 = 0;
+  assert_int_equal(ot_dp_accountant_step(&a, 1.0, 1.0, 1), OT_OK);
+  assert_int_equal(ot_dp_epsilon(&a, 1e-5, &e1, NULL), OT_OK);
+  assert_int_equal(ot_dp_accountant_step(&a, 1.0, 1.0, 1), OT_OK);
+  assert_int_equal(ot_dp_epsilon(&a, 1e-5, &e2, NULL), OT_OK);
+  char extra[256];
+  snprintf(extra, sizeof extra,
+           "--rounds 3 --min-devices 3 --max-devices 3 --deadline 60 --dp-epsilon %.4f --dp-noise 1",
+           (e1 + e2) / 2);
+  session_create(&D, "dpsmall", extra);
+  run_devices("dpsmall", NULL, 1, 1); /* devices see FAILED: exit 1 */
+  s = wait_session(&D, "dpsmall", "failed", 30);
+  const char *err = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(s, "session"), "error"));
+  assert_non_null(err);
+  fprintf(stderr, "dpsmall: %s\n", err);
+  assert_non_null(strstr(err, "differential privacy budget: round 2 would take epsilon"));
+  assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(dp_of(s), "epsilon")), 1);
+  cJSON_Delete(s);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_secagg_session),
+      cmocka_unit_test(test_secagg_dropout),
+      cmocka_unit_test(test_dp),
+      cmocka_unit_test(test_secagg_abort),
+      cmocka_unit_test(test_secagg_daemon_kill9),
+  };
+  return cmocka_run_group_tests(tests, setup, teardown);
+}
