@@ -23,6 +23,8 @@ mkdir -p "$work"
 # gap that protects the model owner); 100 distillation steps, 3 rounds of 40 local steps.
 export OT_DEMO_KEEP=${OT_DEMO_KEEP:-1} OT_DEMO_DISTILL_STEPS=${OT_DEMO_DISTILL_STEPS:-100}
 export OT_DEMO_ROUNDS=${OT_DEMO_ROUNDS:-3} OT_DEMO_STEPS=${OT_DEMO_STEPS:-40} OT_DEMO_LR=${OT_DEMO_LR:-5e-4}
+# Secure aggregation on: the cloud learns only the sum of the three updates.
+export OT_DEMO_SECAGG=${OT_DEMO_SECAGG:-on}
 bash scripts/session_demo.sh "$model" "$work/session" | tee "$work/session.log"
 adapter=$(sed -n "s/^published adapter 'demo': //p" "$work/session.log")
 emulator=$(sed -n 's/^emulator package: *//p' "$work/session.log")
