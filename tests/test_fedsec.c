@@ -20,13 +20,10 @@
 #include <dirent.h>
 #include <math.h>
 #include <signal.h>
-#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "ot_dp.h"
@@ -35,227 +32,7 @@
 #include "ot_identity.h"
 #include "ot_safetensors.h"
 #include "ot_test_util.h"
-
-static char *dir, *cloud, *device;
-static char out[1 << 18];
-
-#define RUN_OK(...)                                                                                          \
-  do {                                                                                                       \
-    int rc_ = ot_test_run(out, sizeof out, __VA_ARGS__);                                                     \
-    if (rc_ != 0) fail_msg("exit %d:\n%s", rc_, out);                                                        \
-  } while (0)
-
-static void sleep_ms(int ms) {
-  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-  nanosleep(&ts, NULL);
-}
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-/* Starts `exec CMD` through sh (the pid is the program's), output appended to log. */
-static pid_t spawn(const char *log, const char *fmt, ...) {
-  char *cmd = NULL, *full = NULL;
-  va_list ap;
-  va_start(ap, fmt);
-  assert_true(vasprintf(&cmd, fmt, ap) >= 0);
-  va_end(ap);
-  assert_true(asprintf(&full, "exec %s >>'%s' 2>&1", cmd, log) >= 0);
-  pid_t pid = fork();
-  assert_true(pid >= 0);
-  if (pid == 0) {
-    execl("/bin/sh", "sh", "-c", full, (char *)NULL);
-    _exit(127);
-  }
-  free(cmd);
-  free(full);
-  return pid;
-}
-
-/* Exit status of pid within timeout seconds (-1: still running, killed). */
-static int wait_exit(pid_t pid, double timeout) {
-  double t0 = now_s();
-  for (;;) {
-    int st;
-    pid_t r = waitpid(pid, &st, WNOHANG);
-    if (r == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    if (now_s() - t0 > timeout) {
-      kill(pid, SIGKILL);
-      waitpid(pid, &st, 0);
-      return -1;
-    }
-    sleep_ms(50);
-  }
-}
-
-static void print_log(const char *log) {
-  char cmd[4200];
-  snprintf(cmd, sizeof cmd, "tail -n 40 '%s' >&2", log);
-  if (system(cmd) != 0) fprintf(stderr, "(no log %s)\n", log);
-}
-
-static int file_has(const char *path, const char *needle) {
-  char *text = NULL;
-  size_t len;
-  if (ot_file_read_all(path, 64u << 20, &text, &len) != OT_OK) return 0;
-  int found = strstr(text, needle) != NULL;
-  free(text);
-  return found;
-}
-
-static void wait_for_file_text(const char *path, const char *needle, double timeout) {
-  double t0 = now_s();
-  while (!file_has(path, needle)) {
-    if (now_s() - t0 > timeout) {
-      print_log(path);
-      fail_msg("'%s' did not appear in %s within %.0f s", needle, path, timeout);
-    }
-    sleep_ms(50);
-  }
-}
-
-typedef struct {
-  char state[1024], log[1100], url[256], fp[OT_FINGERPRINT_LEN];
-  pid_t pid;
-} daemon_t;
-
-static void daemon_start(daemon_t *d, const char *listen) {
-  char cj[1200], sock[1200];
-  snprintf(cj, sizeof cj, "%s/cloud.json", d->state);
-  snprintf(sock, sizeof sock, "%s/control.sock", d->state);
-  unlink(cj);
-  d->pid = spawn(d->log, "%s serve --state '%s' --listen %s --model %s/full", cloud, d->state, listen, dir);
-  double t0 = now_s();
-  while (!ot_file_exists(cj) || !ot_file_exists(sock)) {
-    if (now_s() - t0 > 20) {
-      print_log(d->log);
-      fail_msg("the daemon did not start");
-    }
-    sleep_ms(20);
-  }
-  char *text = NULL;
-  size_t len;
-  assert_int_equal(ot_file_read_all(cj, 1 << 16, &text, &len), OT_OK);
-  cJSON *j = cJSON_Parse(text);
-  free(text);
-  snprintf(d->url, sizeof d->url, "%s", cJSON_GetStringValue(cJSON_GetObjectItem(j, "url")));
-  snprintf(d->fp, sizeof d->fp, "%s", cJSON_GetStringValue(cJSON_GetObjectItem(j, "fingerprint")));
-  cJSON_Delete(j);
-}
-
-static void daemon_init(daemon_t *d, const char *name) {
-  memset(d, 0, sizeof *d);
-  snprintf(d->state, sizeof d->state, "%s/%s", dir, name);
-  snprintf(d->log, sizeof d->log, "%s/%s.log", dir, name);
-  assert_int_equal(ot_test_system("rm -rf '%s' '%s'", d->state, d->log), 0);
-  daemon_start(d, "tcp://127.0.0.1:0");
-}
-
-static void daemon_stop(daemon_t *d) {
-  kill(d->pid, SIGTERM);
-  assert_int_equal(wait_exit(d->pid, 20), 0);
-}
-
-/* A session on the tiny model: emulator 1 + 1 kept + 1, 4 local steps of 4 x 32. */
-static void session_create(daemon_t *d, const char *name, const char *extra) {
-  RUN_OK(
-      "%s session create --state '%s' --name %s --model full --bottom 1 --top 1 --keep 1 --distill-steps 4 "
-      "--distill-batch 4 --distill-seq-len 32 --distill-data %s/public.txt --steps 4 --batch 4 --seq-len 32 "
-      "--lr 1e-2 %s",
-      cloud, d->state, name, dir, extra);
-}
-
-/* Enrols a device state directory with the daemon (token from the operator command). */
-static void device_join(daemon_t *d, const char *dev) {
-  RUN_OK("%s token issue --state '%s' --json", cloud, d->state);
-  cJSON *j = cJSON_Parse(out);
-  assert_non_null(j);
-  const char *token = cJSON_GetStringValue(cJSON_GetObjectItem(j, "token"));
-  assert_non_null(token);
-  RUN_OK("%s join --cloud %s --cloud-key %s --token %s --state '%s/%s' --name %s", device, d->url, d->fp,
-         token, dir, dev, dev);
-  cJSON_Delete(j);
-}
-
-static pid_t device_run(const char *dev, const char *data, const char *session, const char *env) {
-  char log[1200];
-  snprintf(log, sizeof log, "%s/%s.log", dir, dev);
-  return spawn(log, "env OMP_NUM_THREADS=1 %s %s run --data %s/%s --state '%s/%s' --session %s --threads 1",
-               env ? env : "", device, dir, data, dir, dev, session);
-}
-
-static cJSON *session_show(daemon_t *d, const char *name) {
-  RUN_OK("%s session show %s --state '%s' --json", cloud, name, d->state);
-  cJSON *j = cJSON_Parse(out);
-  if (!j) fail_msg("not JSON: %s", out);
-  return j;
-}
-
-static const char *session_state(cJSON *show) {
-  return cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(show, "session"), "state"));
-}
-
-static cJSON *wait_session(daemon_t *d, const char *name, const char *state, double timeout) {
-  double t0 = now_s();
-  for (;;) {
-    cJSON *j = session_show(d, name);
-    if (strcmp(session_state(j), state) == 0) return j;
-    cJSON_Delete(j);
-    if (now_s() - t0 > timeout) {
-      print_log(d->log);
-      fail_msg("session %s not %s within %.0f s", name, state, timeout);
-    }
-    sleep_ms(200);
-  }
-}
-
-typedef struct {
-  ot_safetensors *st;
-  size_t n;
-  float **v;
-} tensors;
-
-static void tensors_load(const char *path, tensors *t) {
-  assert_int_equal(ot_st_open(path, &t->st), OT_OK);
-  t->n = ot_st_count(t->st);
-  t->v = calloc(t->n, sizeof *t->v);
-  for (size_t i = 0; i < t->n; i++) {
-    const ot_st_tensor *x = ot_st_at(t->st, i);
-    t->v[i] = malloc(x->numel * sizeof(float));
-    assert_int_equal(ot_st_read_f32(t->st, x, t->v[i], x->numel), OT_OK);
-  }
-}
-
-static void tensors_free(tensors *t) {
-  for (size_t i = 0; i < t->n; i++) free(t->v[i]);
-  free(t->v);
-  ot_st_close(t->st);
-}
-
-static const float *tensor(const tensors *t, const char *name) {
-  const ot_st_tensor *x = ot_st_find(t->st, name);
-  assert_non_null(x);
-  return t->v[x - ot_st_at(t->st, 0)];
-}
-
-static void adapter_file(const daemon_t *d, const char *digest, char *p, size_t n) {
-  snprintf(p, n, "%s/objects/adapters/%s/adapter_model.safetensors", d->state, digest);
-}
-
-static int count_rows(const char *db, const char *sql) {
-  sqlite3 *h;
-  assert_int_equal(sqlite3_open_v2(db, &h, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
-  sqlite3_busy_timeout(h, 5000);
-  sqlite3_stmt *st;
-  assert_int_equal(sqlite3_prepare_v2(h, sql, -1, &st, NULL), SQLITE_OK);
-  int n = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int(st, 0) : -1;
-  sqlite3_finalize(st);
-  sqlite3_close(h);
-  return n;
-}
+#include "session_fixture.h"
 
 static const char *devs[3] = {"romance", "mystery", "humor"};
 
@@ -355,18 +132,12 @@ static void check_no_updates_rows(const daemon_t *d, const char *session) {
   assert_int_equal(dir_count(p), 0);
 }
 
-/* The cloud holds no individual update of the session: no rows, no objects, nothing staged. */
+/* The cloud holds no individual update of the session: no rows, no objects, nothing staged;
+ * the audit log says so. */
 static void check_no_updates(const daemon_t *d, const char *session) {
-  char db[1200], p[1200], sql[256];
+  check_no_updates_rows(d, session);
+  char db[1200], sql[256];
   snprintf(db, sizeof db, "%s/registry.db", d->state);
-  snprintf(sql, sizeof sql,
-           "SELECT COUNT(*) FROM updates u JOIN sessions s ON s.id = u.session_id WHERE s.name = '%s'",
-           session);
-  assert_int_equal(count_rows(db, sql), 0);
-  snprintf(p, sizeof p, "%s/objects/updates", d->state);
-  assert_int_equal(dir_count(p), 0);
-  snprintf(p, sizeof p, "%s/staging", d->state);
-  assert_int_equal(dir_count(p), 0);
   snprintf(sql, sizeof sql,
            "SELECT COUNT(*) FROM audit WHERE event = 'secagg' AND detail LIKE '%s round %%never held an "
            "individual unmasked update%%'",
@@ -388,13 +159,7 @@ static void run_devices(const char *session, const char *env3, int want, int wan
   }
   for (int i = 0; i < 3; i++) {
     int st = wait_exit(pids[i], 120);
-    if (st != (i == 2 ? want3 : want)) {
-      char log[1200];
-      snprintf(log, sizeof log, "%s/%s.log", dir, devs[i]);
-      print_log(log);
-      print_log(D.log);
-      fail_msg("device %s exited %d", devs[i], st);
-    }
+    if (st != (i == 2 ? want3 : want)) fail_device(&D, devs[i], st);
   }
 }
 
@@ -402,18 +167,7 @@ static void run_devices(const char *session, const char *env3, int want, int wan
 
 static int setup(void **state) {
   (void)state;
-  dir = ot_test_tmpdir("fedsec");
-  if (asprintf(&cloud, "%s/cloud/offtune-cloud", ot_test_binary_dir()) < 0) return -1;
-  if (asprintf(&device, "%s/device/offtune-device", ot_test_binary_dir()) < 0) return -1;
-  RUN_OK("%s corpus --genres public --out %s/public.txt", cloud, dir);
-  for (int i = 0; i < 3; i++) {
-    RUN_OK("%s corpus --genres %s --out %s/%s_all.txt", cloud, devs[i], dir, devs[i]);
-    assert_int_equal(
-        ot_test_system("head -c 20000 '%s/%s_all.txt' > '%s/%s.txt'", dir, devs[i], dir, devs[i]), 0);
-  }
-  RUN_OK("OMP_NUM_THREADS=1 %s pretrain --tokenizer byte --layers 4 --embd 16 --heads 2 --ctx 32 --steps 20 "
-         "--batch 4 --text %s/public.txt --out %s/full --threads 1",
-         cloud, dir, dir);
+  if (session_fixture_setup("fedsec", devs, 3) != 0) return -1;
   /* one daemon (one emulator distillation) and three enrolled devices for all the tests */
   daemon_init(&D, "cloud");
   for (int i = 0; i < 3; i++) device_join(&D, devs[i]);
@@ -423,9 +177,7 @@ static int setup(void **state) {
 static int teardown(void **state) {
   (void)state;
   daemon_stop(&D);
-  free(dir);
-  free(cloud);
-  free(device);
+  session_fixture_teardown();
   return 0;
 }
 
