@@ -42,13 +42,26 @@ typedef struct srv_session {
   uint8_t last_regen[OT_MAX_LANES];
 } srv_session;
 
-typedef struct srv_transfer {
-  struct srv_transfer *next;
+/* What uploads and downloads share: an entry of one of the server's lists, keyed by (id,
+ * owner), held by request handlers (refs), unlinked (dead) when finished or idle for
+ * transfer_idle_seconds; whoever lets go of a dead entry last ends it. */
+typedef struct srv_entry {
+  struct srv_entry *next;
   uint8_t id[16], owner[32];
   char name[256];
-  uint64_t total, last_used;
-  uint32_t chunk;
+  uint64_t last_used;
   int refs, dead;
+} srv_entry;
+
+typedef struct {
+  srv_entry *head;
+  int n;
+} srv_list;
+
+typedef struct {
+  srv_entry e; /* first: a srv_entry * of s->transfers is a srv_transfer * */
+  uint64_t total;
+  uint32_t chunk;
   ot_rx *rx;
   ot_sink sink;
 } srv_transfer;
@@ -64,13 +77,11 @@ typedef struct {
 
 /* A download in progress: the source stays open until the client's end marker or
  * transfer_idle_seconds without a request. */
-typedef struct srv_fetch {
-  struct srv_fetch *next;
-  uint8_t id[16], owner[32], digest[32];
-  char name[256];
-  uint64_t size, n, last_used;
+typedef struct {
+  srv_entry e; /* first: a srv_entry * of s->fetches is a srv_fetch * */
+  uint8_t digest[32];
+  uint64_t size, n;
   uint32_t chunk;
-  int refs, dead;
   ot_source src;
 } srv_fetch;
 
@@ -114,12 +125,10 @@ struct ot_server {
   pthread_mutex_t tmu;
   srv_session *buckets[N_BUCKETS];
   int n_sessions;
-  srv_transfer *transfers;
-  int n_transfers;
+  srv_list transfers;
   srv_tomb tombs[N_TOMBS];
   int tomb_next;
-  srv_fetch *fetches;
-  int n_fetches;
+  srv_list fetches;
   srv_digest digests[N_DIGESTS];
   uint64_t digest_clock;
   pthread_cond_t dcv; /* a digest being computed is done (with tmu) */
@@ -221,35 +230,96 @@ static int session_add(ot_server *s, const ot_hs_pending *hs) {
   return rc;
 }
 
+/* ---- list entries (transfers and fetches) ---- */
+
+/* The live entry (id, owner) of l with a reference taken, or NULL. */
+static srv_entry *entry_find(ot_server *s, srv_list *l, const uint8_t id[16], const uint8_t owner[32]) {
+  pthread_mutex_lock(&s->tmu);
+  srv_entry *e = l->head;
+  for (; e; e = e->next)
+    if (sodium_memcmp(e->id, id, 16) == 0 && sodium_memcmp(e->owner, owner, 32) == 0) {
+      e->refs++;
+      e->last_used = ot_unix_now();
+      break;
+    }
+  pthread_mutex_unlock(&s->tmu);
+  return e;
+}
+
+/* Drops a reference, and with kill unlinks the entry; 1 when the caller must end it. */
+static int entry_put(ot_server *s, srv_list *l, srv_entry *e, int kill) {
+  pthread_mutex_lock(&s->tmu);
+  if (kill && !e->dead) {
+    for (srv_entry **pp = &l->head; *pp; pp = &(*pp)->next)
+      if (*pp == e) {
+        *pp = e->next;
+        l->n--;
+        break;
+      }
+    e->dead = 1;
+  }
+  int last = --e->refs == 0 && e->dead;
+  pthread_mutex_unlock(&s->tmu);
+  return last;
+}
+
+/* Unlinks the entries idle past transfer_idle_seconds; returns those no handler holds,
+ * linked by next, for the caller to end (the others end at their last put). */
+static srv_entry *entries_sweep(ot_server *s, srv_list *l) {
+  uint64_t now = ot_unix_now();
+  srv_entry *dead = NULL;
+  pthread_mutex_lock(&s->tmu);
+  for (srv_entry **pp = &l->head; *pp;) {
+    srv_entry *e = *pp;
+    if (now > e->last_used + s->cfg.transfer_idle_seconds) {
+      *pp = e->next;
+      l->n--;
+      e->dead = 1;
+      if (e->refs == 0) {
+        e->next = dead;
+        dead = e;
+      }
+    } else {
+      pp = &e->next;
+    }
+  }
+  pthread_mutex_unlock(&s->tmu);
+  return dead;
+}
+
+/* 1 when l already holds max_transfers entries (the limit of each list). */
+static int list_full(ot_server *s, const srv_list *l) {
+  pthread_mutex_lock(&s->tmu);
+  int full = l->n >= s->cfg.max_transfers;
+  pthread_mutex_unlock(&s->tmu);
+  return full;
+}
+
+static void list_push(ot_server *s, srv_list *l, srv_entry *e) {
+  pthread_mutex_lock(&s->tmu);
+  e->next = l->head;
+  l->head = e;
+  l->n++;
+  pthread_mutex_unlock(&s->tmu);
+}
+
 static void transfer_end(ot_server *s, srv_transfer *t) {
   int committed = ot_rx_committed(t->rx);
   ot_rx_free(t->rx); /* aborts the sink unless committed */
-  if (s->cfg.on_transfer_end) s->cfg.on_transfer_end(s->cfg.user, t->owner, t->name, committed, &t->sink);
+  if (s->cfg.on_transfer_end) s->cfg.on_transfer_end(s->cfg.user, t->e.owner, t->e.name, committed, &t->sink);
   free(t);
 }
 
 static void transfer_put(ot_server *s, srv_transfer *t, int kill) {
-  pthread_mutex_lock(&s->tmu);
-  if (kill && !t->dead) {
-    for (srv_transfer **pp = &s->transfers; *pp; pp = &(*pp)->next)
-      if (*pp == t) {
-        *pp = t->next;
-        s->n_transfers--;
-        break;
-      }
-    t->dead = 1;
-  }
-  int last = --t->refs == 0 && t->dead;
-  pthread_mutex_unlock(&s->tmu);
-  if (last) transfer_end(s, t);
+  if (entry_put(s, &s->transfers, &t->e, kill)) transfer_end(s, t);
 }
 
 static void tomb_add(ot_server *s, const srv_transfer *t) {
   pthread_mutex_lock(&s->tmu);
   srv_tomb *b = &s->tombs[s->tomb_next];
   s->tomb_next = (s->tomb_next + 1) % N_TOMBS;
-  memcpy(b->id, t->id, 16);
-  memcpy(b->owner, t->owner, 32);
+  memcpy(b->id, t->e.id, 16);
+  memcpy(b->owner, t->e.owner, 32);
   b->n = ot_transfer_chunks(t->total, t->chunk);
   b->used = 1;
   pthread_mutex_unlock(&s->tmu);
@@ -269,42 +339,14 @@ static int tomb_find(ot_server *s, const uint8_t id[16], const uint8_t owner[32]
 }
 
 static srv_transfer *transfer_find(ot_server *s, const uint8_t id[16], const uint8_t owner[32]) {
-  pthread_mutex_lock(&s->tmu);
-  srv_transfer *t = s->transfers;
-  for (; t; t = t->next)
-    if (memcmp(t->id, id, 16) == 0 && sodium_memcmp(t->owner, owner, 32) == 0) {
-      t->refs++;
-      t->last_used = ot_unix_now();
-      break;
-    }
-  pthread_mutex_unlock(&s->tmu);
-  return t;
+  return (srv_transfer *)entry_find(s, &s->transfers, id, owner);
 }
 
 static void transfers_sweep(ot_server *s) {
-  uint64_t now = ot_unix_now();
-  srv_transfer *dead = NULL;
-  pthread_mutex_lock(&s->tmu);
-  for (srv_transfer **pp = &s->transfers; *pp;) {
-    srv_transfer *t = *pp;
-    if (now > t->last_used + s->cfg.transfer_idle_seconds) {
-      *pp = t->next;
-      s->n_transfers--;
-      t->dead = 1;
-      if (t->refs == 0) {
-        t->next = dead;
-        dead = t;
-      }
-    } else {
-      pp = &t->next;
-    }
-  }
-  pthread_mutex_unlock(&s->tmu);
-  while (dead) {
-    srv_transfer *n = dead->next;
-    srv_log(s, "transfer '%s' dropped after %u s idle", dead->name, s->cfg.transfer_idle_seconds);
-    transfer_end(s, dead);
-    dead = n;
+  for (srv_entry *e = entries_sweep(s, &s->transfers), *next; e; e = next) {
+    next = e->next;
+    srv_log(s, "transfer '%s' dropped after %u s idle", e->name, s->cfg.transfer_idle_seconds);
+    transfer_end(s, (srv_transfer *)e);
   }
 }
 
@@ -358,12 +400,12 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
       st.have_prefix = done_n;
       st.committed = 1;
     } else if (t) {
-      if (t->total != b.total || t->chunk != b.chunk || strcmp(t->name, b.name) != 0)
+      if (t->total != b.total || t->chunk != b.chunk || strcmp(t->e.name, b.name) != 0)
         rc = ot_error(OT_ERR_MISMATCH, "transfer '%s' resumed with different parameters", b.name);
       else
         st.have_prefix = ot_rx_prefix(t->rx);
       if (rc == OT_OK)
-        srv_log(s, "transfer '%s' resumed at chunk %llu", t->name, (unsigned long long)st.have_prefix);
+        srv_log(s, "transfer '%s' resumed at chunk %llu", t->e.name, (unsigned long long)st.have_prefix);
       transfer_put(s, t, 0);
     } else {
       transfers_sweep(s);
@@ -374,18 +416,16 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
         return ot_error(OT_ERR_RANGE, "transfer of %llu bytes exceeds the limit of %llu",
                         (unsigned long long)b.total, (unsigned long long)s->cfg.max_transfer);
       if (!s->cfg.on_transfer_open) return ot_error(OT_ERR_UNSUPPORTED, "this server accepts no transfers");
-      pthread_mutex_lock(&s->tmu);
-      int full = s->n_transfers >= s->cfg.max_transfers;
-      pthread_mutex_unlock(&s->tmu);
-      if (full) return ot_error(OT_ERR_RANGE, "server busy: too many unfinished transfers");
+      if (list_full(s, &s->transfers))
+        return ot_error(OT_ERR_RANGE, "server busy: too many unfinished transfers");
       t = calloc(1, sizeof *t);
       if (!t) return ot_error(OT_ERR_NOMEM, "out of memory");
-      memcpy(t->id, b.id, 16);
-      memcpy(t->owner, peer, 32);
-      memcpy(t->name, b.name, sizeof t->name);
+      memcpy(t->e.id, b.id, 16);
+      memcpy(t->e.owner, peer, 32);
+      memcpy(t->e.name, b.name, sizeof t->e.name);
       t->total = b.total;
       t->chunk = b.chunk;
-      t->last_used = ot_unix_now();
+      t->e.last_used = ot_unix_now();
       rc = s->cfg.on_transfer_open(s->cfg.user, peer, b.name, b.total, &t->sink);
       if (rc == OT_OK) {
         rc = ot_rx_new(b.id, b.total, b.chunk, s->cfg.max_transfer, t->sink, &t->rx);
@@ -398,11 +438,7 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
         free(t);
         return rc;
       }
-      pthread_mutex_lock(&s->tmu);
-      t->next = s->transfers;
-      s->transfers = t;
-      s->n_transfers++;
-      pthread_mutex_unlock(&s->tmu);
+      list_push(s, &s->transfers, &t->e);
     }
     memcpy(st.id, b.id, 16);
   } else { /* OT_MSG_CHUNK */
@@ -436,9 +472,9 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
       if (rc == OT_OK) {
         tomb_add(s, t);
         stat_add(s, &s->stats.transfers_committed);
-        srv_log(s, "transfer '%s' committed (%llu bytes)", t->name, (unsigned long long)t->total);
+        srv_log(s, "transfer '%s' committed (%llu bytes)", t->e.name, (unsigned long long)t->total);
       } else {
-        srv_log(s, "transfer '%s' failed: %s", t->name, ot_error_detail());
+        srv_log(s, "transfer '%s' failed: %s", t->e.name, ot_error_detail());
       }
       ot_chunk_release(&ch);
       transfer_put(s, t, 1); /* done either way: committed, or discarded */
@@ -461,58 +497,18 @@ static void fetch_end(ot_server *s, srv_fetch *f) {
 }
 
 static void fetch_put(ot_server *s, srv_fetch *f, int kill) {
-  pthread_mutex_lock(&s->tmu);
-  if (kill && !f->dead) {
-    for (srv_fetch **pp = &s->fetches; *pp; pp = &(*pp)->next)
-      if (*pp == f) {
-        *pp = f->next;
-        s->n_fetches--;
-        break;
-      }
-    f->dead = 1;
-  }
-  int last = --f->refs == 0 && f->dead;
-  pthread_mutex_unlock(&s->tmu);
-  if (last) fetch_end(s, f);
+  if (entry_put(s, &s->fetches, &f->e, kill)) fetch_end(s, f);
 }
 
 static srv_fetch *fetch_find(ot_server *s, const uint8_t id[16], const uint8_t owner[32]) {
-  pthread_mutex_lock(&s->tmu);
-  srv_fetch *f = s->fetches;
-  for (; f; f = f->next)
-    if (sodium_memcmp(f->id, id, 16) == 0 && sodium_memcmp(f->owner, owner, 32) == 0) {
-      f->refs++;
-      f->last_used = ot_unix_now();
-      break;
-    }
-  pthread_mutex_unlock(&s->tmu);
-  return f;
+  return (srv_fetch *)entry_find(s, &s->fetches, id, owner);
 }
 
 static void fetches_sweep(ot_server *s) {
-  uint64_t now = ot_unix_now();
-  srv_fetch *dead = NULL;
-  pthread_mutex_lock(&s->tmu);
-  for (srv_fetch **pp = &s->fetches; *pp;) {
-    srv_fetch *f = *pp;
-    if (now > f->last_used + s->cfg.transfer_idle_seconds) {
-      *pp = f->next;
-      s->n_fetches--;
-      f->dead = 1;
-      if (f->refs == 0) {
-        f->next = dead;
-        dead = f;
-      }
-    } else {
-      pp = &f->next;
-    }
-  }
-  pthread_mutex_unlock(&s->tmu);
-  while (dead) {
-    srv_fetch *n = dead->next;
-    srv_log(s, "fetch '%s' closed after %u s idle", dead->name, s->cfg.transfer_idle_seconds);
-    fetch_end(s, dead);
-    dead = n;
+  for (srv_entry *e = entries_sweep(s, &s->fetches), *next; e; e = next) {
+    next = e->next;
+    srv_log(s, "fetch '%s' closed after %u s idle", e->name, s->cfg.transfer_idle_seconds);
+    fetch_end(s, (srv_fetch *)e);
   }
 }
 
@@ -604,10 +600,7 @@ static int handle_fetch(ot_server *s, srv_session *x, uint32_t lane, uint32_t ty
     if (rc) return rc;
     if (!s->cfg.on_fetch_open) return ot_error(OT_ERR_UNSUPPORTED, "this server serves no downloads");
     fetches_sweep(s);
-    pthread_mutex_lock(&s->tmu);
-    int full = s->n_fetches >= s->cfg.max_transfers;
-    pthread_mutex_unlock(&s->tmu);
-    if (full) return ot_error(OT_ERR_RANGE, "server busy: too many open downloads");
+    if (list_full(s, &s->fetches)) return ot_error(OT_ERR_RANGE, "server busy: too many open downloads");
     /* the largest chunk whose reply fits the message limit */
     uint32_t chunk = s->cfg.fetch_chunk;
     size_t room = s->cfg.max_msg - OT_ENV_OVERHEAD - 64;
@@ -629,27 +622,24 @@ static int handle_fetch(ot_server *s, srv_session *x, uint32_t lane, uint32_t ty
       fetch_end(s, f);
       return rc;
     }
-    randombytes_buf(f->id, 16);
-    memcpy(f->owner, peer, 32);
-    memcpy(f->name, b.name, sizeof f->name);
+    randombytes_buf(f->e.id, 16);
+    memcpy(f->e.owner, peer, 32);
+    memcpy(f->e.name, b.name, sizeof f->e.name);
     f->chunk = chunk;
     f->n = ot_transfer_chunks(f->size, chunk);
-    f->last_used = ot_unix_now();
+    f->e.last_used = ot_unix_now();
     ot_fetch_info fi = {.size = f->size, .chunk = chunk};
-    memcpy(fi.id, f->id, 16);
+    memcpy(fi.id, f->e.id, 16);
     memcpy(fi.digest, f->digest, 32);
     rc = ot_fetch_info_pack(&fi, rb, rbl);
     if (rc) {
       fetch_end(s, f);
       return rc;
     }
-    pthread_mutex_lock(&s->tmu);
-    f->next = s->fetches;
-    s->fetches = f;
-    s->n_fetches++;
-    pthread_mutex_unlock(&s->tmu);
+    list_push(s, &s->fetches, &f->e);
     stat_add(s, &s->stats.fetches_opened);
-    srv_log(s, "fetch '%s' opened (%llu bytes, %u-byte chunks)", f->name, (unsigned long long)f->size, chunk);
+    srv_log(s, "fetch '%s' opened (%llu bytes, %u-byte chunks)", f->e.name, (unsigned long long)f->size,
+            chunk);
     *rtype = OT_MSG_FETCH_INFO;
     return OT_OK;
   }
@@ -664,7 +654,7 @@ static int handle_fetch(ot_server *s, srv_session *x, uint32_t lane, uint32_t ty
                   (unsigned long long)f->n);
   } else if (index == f->n) { /* the client is done: the end marker, and the source is closed */
     rc = ot_chunk_pack(id, index, 1, NULL, 0, f->digest, rb, rbl);
-    if (rc == OT_OK) srv_log(s, "fetch '%s' finished", f->name);
+    if (rc == OT_OK) srv_log(s, "fetch '%s' finished", f->e.name);
     fetch_put(s, f, 1);
     *rtype = OT_MSG_CHUNK;
     return rc;
@@ -977,15 +967,15 @@ void ot_server_stop(ot_server *s) {
       s->buckets[b] = x->next;
       session_free(s, x);
     }
-  while (s->transfers) {
-    srv_transfer *t = s->transfers;
-    s->transfers = t->next;
-    transfer_end(s, t);
+  while (s->transfers.head) {
+    srv_entry *e = s->transfers.head;
+    s->transfers.head = e->next;
+    transfer_end(s, (srv_transfer *)e);
   }
-  while (s->fetches) {
-    srv_fetch *f = s->fetches;
-    s->fetches = f->next;
-    fetch_end(s, f);
+  while (s->fetches.head) {
+    srv_entry *e = s->fetches.head;
+    s->fetches.head = e->next;
+    fetch_end(s, (srv_fetch *)e);
   }
   pthread_cond_destroy(&s->dcv);
   pthread_mutex_destroy(&s->qmu);
