@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "ot_error.h"
+#include "ot_fileio.h"
 #include "ot_handshake.h"
 #include "ot_pb.h"
 
@@ -1977,29 +1978,9 @@ static uint64_t get_u64(const uint8_t *p) {
   return v;
 }
 
-static int write_full(int fd, const uint8_t *p, size_t len, const char *what) {
-  while (len) {
-    ssize_t w = write(fd, p, len);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return ot_error(OT_ERR_IO, "cannot write %s: %s", what, strerror(errno));
-    p += w;
-    len -= (size_t)w;
-  }
-  return OT_OK;
-}
-
 static int ff_write(void *self, uint64_t off, const void *data, size_t len) {
   fetch_file *f = self;
-  const uint8_t *p = data;
-  while (len) {
-    ssize_t w = pwrite(f->fd, p, len, (off_t)off);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return ot_error(OT_ERR_IO, "cannot write %s: %s", f->tmp, strerror(errno));
-    p += w;
-    off += (uint64_t)w;
-    len -= (size_t)w;
-  }
-  return OT_OK;
+  return ot_fd_write_all(f->fd, data, len, (int64_t)off, f->tmp);
 }
 
 static int ff_record(void *arg, uint64_t index, const uint8_t hash[32]) {
@@ -2008,7 +1989,7 @@ static int ff_record(void *arg, uint64_t index, const uint8_t hash[32]) {
   put_u64(rec, index);
   memcpy(rec + 8, hash, 32);
   pthread_mutex_lock(&f->mu);
-  int rc = write_full(f->sfd, rec, sizeof rec, "the download state");
+  int rc = ot_fd_write_all(f->sfd, rec, sizeof rec, -1, "the download state");
   pthread_mutex_unlock(&f->mu);
   return rc;
 }
@@ -2051,7 +2032,7 @@ static int state_reset(fetch_file *f, const ot_fetch_info *fi, const char *spath
   memcpy(hdr + 24, fi->digest, 32);
   if (ftruncate(f->fd, 0) != 0 || ftruncate(f->sfd, 0) != 0)
     return ot_error(OT_ERR_IO, "cannot truncate %s: %s", spath, strerror(errno));
-  return write_full(f->sfd, hdr, sizeof hdr, spath);
+  return ot_fd_write_all(f->sfd, hdr, sizeof hdr, -1, spath);
 }
 
 static int fsync_dir_of(const char *path) {
