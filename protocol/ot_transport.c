@@ -1437,6 +1437,59 @@ int ot_client_open(const ot_client_config *cfg, ot_client **out) {
   return OT_OK;
 }
 
+/* ---- lanes: one transfer spread over the session's lanes ---- */
+
+/* What an upload and a download share across their lanes: the first error (the other
+ * lanes stop at it) and the progress report. */
+typedef struct {
+  pthread_mutex_t mu;
+  _Atomic int failed;
+  int rc;
+  char detail[512];
+  void (*progress)(void *, uint64_t, uint64_t);
+  void *progress_arg;
+  uint64_t done_bytes, total; /* under mu */
+} lanes;
+
+static void lanes_fail(lanes *l, int rc) {
+  pthread_mutex_lock(&l->mu);
+  if (!l->rc) {
+    l->rc = rc;
+    snprintf(l->detail, sizeof l->detail, "%s", ot_error_detail());
+  }
+  pthread_mutex_unlock(&l->mu);
+  atomic_store(&l->failed, 1);
+}
+
+static void lanes_progress(lanes *l, uint64_t bytes) {
+  if (!l->progress) return;
+  pthread_mutex_lock(&l->mu);
+  l->done_bytes += bytes;
+  l->progress(l->progress_arg, l->done_bytes, l->total);
+  pthread_mutex_unlock(&l->mu);
+}
+
+typedef struct {
+  void *job;
+  uint32_t lane;
+} lane_arg;
+
+/* Runs lane({job, i}) for i < window: lane 0 on this thread, the others on their own
+ * (fewer if a thread cannot start). */
+static void lanes_run(void *(*lane)(void *), void *job, int window) {
+  pthread_t th[OT_MAX_LANES];
+  lane_arg args[OT_MAX_LANES];
+  int started = 0;
+  for (int i = 1; i < window; i++) {
+    args[i] = (lane_arg){job, (uint32_t)i};
+    if (pthread_create(&th[i], NULL, lane, &args[i]) != 0) break;
+    started = i;
+  }
+  args[0] = (lane_arg){job, 0};
+  lane(&args[0]);
+  for (int i = 1; i <= started; i++) pthread_join(th[i], NULL);
+}
+
 /* ---- sending a tensor ---- */
 
 typedef struct {
@@ -1447,46 +1500,24 @@ typedef struct {
   uint8_t id[16];
   uint8_t (*hashes)[32];
   _Atomic uint64_t next, sent;
-  _Atomic int failed;
-  pthread_mutex_t mu;
-  int rc;
-  char detail[512];
-  uint32_t lane;
-  void (*progress)(void *, uint64_t, uint64_t);
-  void *progress_arg;
-  uint64_t done_bytes; /* under mu */
+  lanes l;
 } send_job;
-
-typedef struct {
-  send_job *j;
-  uint32_t lane;
-} lane_arg;
-
-static void send_fail(send_job *j, int rc) {
-  pthread_mutex_lock(&j->mu);
-  if (!j->rc) {
-    j->rc = rc;
-    snprintf(j->detail, sizeof j->detail, "%s", ot_error_detail());
-  }
-  pthread_mutex_unlock(&j->mu);
-  atomic_store(&j->failed, 1);
-}
 
 static void *send_lane(void *arg) {
   lane_arg *a = arg;
-  send_job *j = a->j;
+  send_job *j = a->job;
   /* this lane's chunk body, reused for every chunk: memory is window x chunk; a file
    * source reads straight into the place the data takes in it */
   size_t cap = ot_chunk_packed_len(j->n, 0, j->chunk, 0);
   uint8_t *body = malloc(cap);
-  if (!body) send_fail(j, ot_error(OT_ERR_NOMEM, "out of memory"));
+  if (!body) lanes_fail(&j->l, ot_error(OT_ERR_NOMEM, "out of memory"));
   for (; body;) {
-    if (atomic_load(&j->failed)) break;
+    if (atomic_load(&j->l.failed)) break;
     uint64_t i = atomic_fetch_add(&j->next, 1);
     if (i >= j->n) break;
     if (j->stop_after && atomic_fetch_add(&j->sent, 1) >= j->stop_after) {
-      send_fail(
-          j, ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)", (unsigned long long)j->stop_after));
+      lanes_fail(&j->l, ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)",
+                                 (unsigned long long)j->stop_after));
       break;
     }
     if (!j->stop_after) atomic_fetch_add(&j->sent, 1);
@@ -1508,15 +1539,10 @@ static void *send_lane(void *arg) {
     if (rc == OT_OK) rc = ot_status_decode(r, rl, &st);
     if (rm) nng_msg_free(rm);
     if (rc) {
-      send_fail(j, rc);
+      lanes_fail(&j->l, rc);
       break;
     }
-    if (j->progress) {
-      pthread_mutex_lock(&j->mu);
-      j->done_bytes += len;
-      j->progress(j->progress_arg, j->done_bytes, j->size);
-      pthread_mutex_unlock(&j->mu);
-    }
+    lanes_progress(&j->l, len);
   }
   free(body);
   return NULL;
@@ -1608,49 +1634,38 @@ int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_
   j->n = n;
   j->chunk = chunk;
   j->stop_after = opts->stop_after;
-  j->progress = opts->progress;
-  j->progress_arg = opts->progress_arg;
-  j->done_bytes = st.have_prefix * chunk < size ? st.have_prefix * chunk : size;
+  j->l.progress = opts->progress;
+  j->l.total = size;
+  j->l.progress_arg = opts->progress_arg;
+  j->l.done_bytes = st.have_prefix * chunk < size ? st.have_prefix * chunk : size;
   memcpy(j->id, b.id, 16);
   atomic_store(&j->next, st.have_prefix);
-  pthread_mutex_init(&j->mu, NULL);
+  pthread_mutex_init(&j->l.mu, NULL);
   int window = opts->window > 0 ? opts->window : 4;
   pthread_rwlock_rdlock(&c->lk);
   if ((uint32_t)window > c->s.lanes) window = (int)c->s.lanes;
   pthread_rwlock_unlock(&c->lk);
-  pthread_t th[OT_MAX_LANES];
-  lane_arg args[OT_MAX_LANES];
-  int started = 0;
-  for (int i = 1; i < window; i++) {
-    args[i] = (lane_arg){j, (uint32_t)i};
-    if (pthread_create(&th[i], NULL, send_lane, &args[i]) != 0) break;
-    started = i;
-  }
-  args[0] = (lane_arg){j, 0};
-  send_lane(&args[0]);
-  for (int i = 1; i <= started; i++) pthread_join(th[i], NULL);
+  lanes_run(send_lane, j, window);
   /* chunks the receiver already had: hash them here for the digest */
   uint8_t *buf = st.have_prefix ? malloc(chunk) : NULL;
-  if (st.have_prefix && !buf && !j->rc) j->rc = ot_error(OT_ERR_NOMEM, "out of memory");
-  for (uint64_t i = 0; buf && !j->rc && i < st.have_prefix; i++) {
+  if (st.have_prefix && !buf) lanes_fail(&j->l, ot_error(OT_ERR_NOMEM, "out of memory"));
+  for (uint64_t i = 0; buf && !j->l.rc && i < st.have_prefix; i++) {
     uint64_t off = i * chunk;
     size_t len = (size_t)(size - off < chunk ? size - off : chunk);
     const uint8_t *d = NULL;
     int rr = src.read_at(src.self, off, len, buf, &d);
-    if (rr) {
-      j->rc = rr;
-      snprintf(j->detail, sizeof j->detail, "%s", ot_error_detail());
-    } else {
+    if (rr)
+      lanes_fail(&j->l, rr);
+    else
       ot_chunk_hash(i, d, len, j->hashes[i]);
-    }
   }
   free(buf);
   opts->resumed_from = st.have_prefix;
   opts->sent = atomic_load(&j->sent);
   if (j->stop_after && opts->sent > j->stop_after) opts->sent = j->stop_after;
-  rc = j->rc;
+  rc = j->l.rc;
   if (rc)
-    ot_error(rc, "%s", j->detail);
+    ot_error(rc, "%s", j->l.detail);
   else if (j->stop_after && j->stop_after >= n)
     rc = ot_error(OT_ERR_IO, "stopped before the final marker (test hook)");
   if (rc == OT_OK) {
@@ -1664,7 +1679,7 @@ int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_
     if (rc == OT_OK && !st.committed)
       rc = ot_error(OT_ERR_FORMAT, "the receiver did not commit the transfer");
   }
-  pthread_mutex_destroy(&j->mu);
+  pthread_mutex_destroy(&j->l.mu);
   free(j->hashes);
   free(j);
   return rc;
@@ -1716,32 +1731,11 @@ typedef struct {
   uint8_t *have;         /* chunks already present (resume) */
   uint8_t (*hashes)[32]; /* h_i of every chunk, present or fetched */
   _Atomic uint64_t next, fetched, claimed;
-  _Atomic int failed;
-  pthread_mutex_t mu;
-  int rc;
-  char detail[512];
   /* called with each verified chunk, after the sink wrote it (fetch_file's state log) */
   int (*on_chunk)(void *arg, uint64_t index, const uint8_t hash[32]);
   void *arg;
-  void (*progress)(void *, uint64_t, uint64_t);
-  void *progress_arg;
-  uint64_t done_bytes; /* under mu */
+  lanes l;
 } fetch_job;
-
-typedef struct {
-  fetch_job *j;
-  uint32_t lane;
-} fetch_lane_arg;
-
-static void fetch_fail(fetch_job *j, int rc) {
-  pthread_mutex_lock(&j->mu);
-  if (!j->rc) {
-    j->rc = rc;
-    snprintf(j->detail, sizeof j->detail, "%s", ot_error_detail());
-  }
-  pthread_mutex_unlock(&j->mu);
-  atomic_store(&j->failed, 1);
-}
 
 static int fetch_one(fetch_job *j, uint32_t lane, uint64_t i) {
   uint8_t req[64];
@@ -1779,31 +1773,26 @@ static int fetch_one(fetch_job *j, uint32_t lane, uint64_t i) {
     memcpy(j->hashes[i], h, 32);
     if (j->on_chunk) rc = j->on_chunk(j->arg, i, h);
   }
-  if (rc == OT_OK && j->progress) {
-    pthread_mutex_lock(&j->mu);
-    j->done_bytes += want;
-    j->progress(j->progress_arg, j->done_bytes, j->fi.size);
-    pthread_mutex_unlock(&j->mu);
-  }
+  if (rc == OT_OK) lanes_progress(&j->l, want);
   nng_msg_free(rm);
   return rc;
 }
 
 static void *fetch_lane(void *arg) {
-  fetch_lane_arg *a = arg;
-  fetch_job *j = a->j;
-  while (!atomic_load(&j->failed)) {
+  lane_arg *a = arg;
+  fetch_job *j = a->job;
+  while (!atomic_load(&j->l.failed)) {
     uint64_t i = atomic_fetch_add(&j->next, 1);
     if (i >= j->n) break;
     if (j->have[i]) continue;
     if (j->stop_after && atomic_fetch_add(&j->claimed, 1) >= j->stop_after) {
-      fetch_fail(
-          j, ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)", (unsigned long long)j->stop_after));
+      lanes_fail(&j->l, ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)",
+                                 (unsigned long long)j->stop_after));
       break;
     }
     int rc = fetch_one(j, a->lane, i);
     if (rc) {
-      fetch_fail(j, rc);
+      lanes_fail(&j->l, rc);
       break;
     }
     atomic_fetch_add(&j->fetched, 1);
@@ -1876,31 +1865,22 @@ static int fetch_run(ot_client *c, const ot_fetch_info *fi, ot_sink sink, uint8_
   j->hashes = hashes;
   j->on_chunk = on_chunk;
   j->arg = arg;
-  j->progress = o->progress;
-  j->progress_arg = o->progress_arg;
+  j->l.progress = o->progress;
+  j->l.total = fi->size;
+  j->l.progress_arg = o->progress_arg;
   for (uint64_t i = 0; i < j->n; i++) /* resumed chunks count as done */
-    if (have[i]) j->done_bytes += i + 1 < j->n ? fi->chunk : fi->size - i * (uint64_t)fi->chunk;
-  pthread_mutex_init(&j->mu, NULL);
+    if (have[i]) j->l.done_bytes += i + 1 < j->n ? fi->chunk : fi->size - i * (uint64_t)fi->chunk;
+  pthread_mutex_init(&j->l.mu, NULL);
   int window = o->window > 0 ? o->window : 4;
   pthread_rwlock_rdlock(&c->lk);
   if ((uint32_t)window > c->s.lanes) window = (int)c->s.lanes;
   pthread_rwlock_unlock(&c->lk);
   if (window > c->n_lanes_open) window = c->n_lanes_open;
-  pthread_t th[OT_MAX_LANES];
-  fetch_lane_arg args[OT_MAX_LANES];
-  int started = 0;
-  for (int i = 1; i < window; i++) {
-    args[i] = (fetch_lane_arg){j, (uint32_t)i};
-    if (pthread_create(&th[i], NULL, fetch_lane, &args[i]) != 0) break;
-    started = i;
-  }
-  args[0] = (fetch_lane_arg){j, 0};
-  fetch_lane(&args[0]);
-  for (int i = 1; i <= started; i++) pthread_join(th[i], NULL);
+  lanes_run(fetch_lane, j, window);
   o->fetched = atomic_load(&j->fetched);
-  int rc = j->rc;
+  int rc = j->l.rc;
   if (rc) {
-    ot_error(rc, "%s", j->detail);
+    ot_error(rc, "%s", j->l.detail);
   } else if (j->stop_after && o->fetched >= j->stop_after) {
     rc = ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)", (unsigned long long)j->stop_after);
   } else {
@@ -1911,7 +1891,7 @@ static int fetch_run(ot_client *c, const ot_fetch_info *fi, ot_sink sink, uint8_
       rc = ot_error(OT_ERR_FORMAT, "download digest mismatch: data discarded");
     }
   }
-  pthread_mutex_destroy(&j->mu);
+  pthread_mutex_destroy(&j->l.mu);
   free(j);
   if (rc != OT_ERR_IO || *bad_digest) { /* finished (either way): the server can close */
     char keep[512];
