@@ -74,6 +74,15 @@ static ot_round_secagg *secagg_of(ot_daemon *d) {
   return t;
 }
 
+/* Logs and audits a refused upload; returns rc with its detail kept for the device. */
+static int refuse_upload(ot_daemon *d, int rc, const char *fp, const char *event, const char *name) {
+  char why[600];
+  snprintf(why, sizeof why, "%s", ot_error_detail());
+  ot_daemon_log(d, "refused upload '%s' from %s: %s", name, fp, why);
+  ot_reg_audit(d->reg, fp, event, "%s: %s", name, why);
+  return ot_error(rc, "%s", why);
+}
+
 /* "secagg.<session>.<round>": a masked input (a signed SecAggMsg), staged until the
  * SecAggSubmit that names it; it is never stored as an object. */
 static int secagg_staged(ot_daemon *d, const uint8_t peer[32], const char *session, int round, char *out,
@@ -101,14 +110,7 @@ static int secagg_transfer_open(ot_daemon *d, const uint8_t peer[32], const char
                   (unsigned long long)size, (unsigned long long)limit);
   if (rc == OT_OK) rc = secagg_staged(d, peer, session, round, staged, sizeof staged);
   if (rc == OT_OK) rc = ot_file_sink_open(staged, sink);
-  if (rc) {
-    char why[600];
-    snprintf(why, sizeof why, "%s", ot_error_detail());
-    ot_daemon_log(d, "refused upload '%s' from %s: %s", name, fp, why);
-    ot_reg_audit(d->reg, fp, "secagg.refused", "%s: %s", name, why);
-    ot_error(rc, "%s", why);
-  }
-  return rc;
+  return rc ? refuse_upload(d, rc, fp, "secagg.refused", name) : OT_OK;
 }
 
 int ot_daemon_on_transfer_open(void *user, const uint8_t peer[32], const char *name, uint64_t size,
@@ -132,14 +134,7 @@ int ot_daemon_on_transfer_open(void *user, const uint8_t peer[32], const char *n
                   (unsigned long long)ot_daemon_upload_limit(ref_size));
   if (rc == OT_OK) rc = staged_path(d, peer, session, round, staged, sizeof staged);
   if (rc == OT_OK) rc = ot_file_sink_open(staged, sink);
-  if (rc) {
-    char why[600];
-    snprintf(why, sizeof why, "%s", ot_error_detail());
-    ot_daemon_log(d, "refused upload '%s' from %s: %s", name, fp, why);
-    ot_reg_audit(d->reg, fp, "update.refused", "%s: %s", name, why);
-    ot_error(rc, "%s", why);
-  }
-  return rc;
+  return rc ? refuse_upload(d, rc, fp, "update.refused", name) : OT_OK;
 }
 
 void ot_daemon_on_transfer_end(void *user, const uint8_t peer[32], const char *name, int committed,

@@ -192,11 +192,6 @@ int ot_reg_audit(ot_registry *r, const char *actor, const char *event, const cha
 
 /* ---- access control -------------------------------------------------------------------- */
 
-static void token_hash(const char *token, uint8_t h[32]) {
-  /* the same hash as ot_access (protocol/ot_access.c) */
-  crypto_generichash(h, 32, (const uint8_t *)token, strlen(token), (const uint8_t *)"offtune/1 token", 15);
-}
-
 /* 1 allowed, 0 unknown, -1 revoked */
 static int device_status(ot_registry *r, const uint8_t pk[32], int64_t *id) {
   sqlite3_stmt *st;
@@ -223,7 +218,7 @@ static int reg_admit(void *self, const uint8_t pk[32], const char *token, int *e
       rc = ot_error(OT_ERR_NOTFOUND, "device %s is not enrolled (no token given)", fp);
     } else {
       uint8_t h[32];
-      token_hash(token, h);
+      ot_token_hash(token, h);
       rc = begin(r);
       sqlite3_stmt *st;
       int found = 0;
@@ -260,20 +255,16 @@ static int reg_check(void *self, const uint8_t pk[32]) {
 const ot_access_ops ot_reg_access_ops = {reg_admit, reg_check};
 
 int ot_reg_token_issue(ot_registry *r, const char *label, char token[OT_TOKEN_CHARS + 1]) {
-  uint8_t raw[32], h[32];
-  char tmp[OT_TOKEN_CHARS + 8];
-  randombytes_buf(raw, sizeof raw);
-  memcpy(tmp, "ote1-", 5);
-  sodium_bin2base64(tmp + 5, sizeof tmp - 5, raw, sizeof raw, sodium_base64_VARIANT_URLSAFE_NO_PADDING);
-  sodium_memzero(raw, sizeof raw);
-  token_hash(tmp, h);
+  uint8_t h[32];
+  char tmp[OT_TOKEN_CHARS + 1];
+  ot_token_new(tmp, h);
   lock(r);
   int rc = begin(r);
   RUNQ("INSERT INTO tokens(hash, label, issued_at) VALUES(?,?,?)", "bti", h, label, now_s());
   if (rc == OT_OK) rc = audit_locked(r, "operator", "token.issue", label ? label : "");
   rc = end(r, rc);
   unlock(r);
-  if (rc == OT_OK) memcpy(token, tmp, OT_TOKEN_CHARS + 1);
+  if (rc == OT_OK) memcpy(token, tmp, sizeof tmp);
   sodium_memzero(tmp, sizeof tmp);
   return rc;
 }

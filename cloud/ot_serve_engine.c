@@ -10,6 +10,7 @@
 
 #include "ot_adapter.h"
 #include "ot_error.h"
+#include "ot_eval.h"
 #include "ot_fileio.h"
 
 /* ---- adapters ------------------------------------------------------------------------ */
@@ -106,13 +107,8 @@ struct ot_serve_engine {
   int *sg_row0, *sg_n, *sg_r;
   float *sg_scale;
   float *h_logits;
-  void *cand;
+  void *cand; /* ot_sample_token scratch */
 };
-
-typedef struct {
-  float p;
-  int id;
-} cand;
 
 static double now_ms(void) {
   struct timespec ts;
@@ -434,7 +430,7 @@ int ot_serve_engine_create(ot_gpt2 *base, const ot_serve_config *cfg, ot_serve_e
   e->h_pos = malloc((size_t)N * sizeof(int32_t));
   e->h_slot = malloc((size_t)N * sizeof(int32_t));
   e->h_logits = malloc((size_t)S * V * sizeof(float));
-  e->cand = malloc((size_t)V * sizeof(cand));
+  e->cand = malloc(ot_sample_scratch_bytes(V));
   e->sg_A = malloc((size_t)S * sizeof *e->sg_A);
   e->sg_Bt = malloc((size_t)S * sizeof *e->sg_Bt);
   e->sg_row0 = malloc((size_t)S * sizeof(int));
@@ -774,65 +770,6 @@ static int forward(ot_serve_engine *e, int N, const segment *sg, int ns, const i
   return o->download(be, e->h_logits, e->logits, (size_t)S * e->V * sizeof(float));
 }
 
-/* ---- sampling -------------------------------------------------------------------------- */
-
-static uint64_t rng_next(uint64_t *s) {
-  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-static int cand_desc(const void *a, const void *b) {
-  float x = ((const cand *)a)->p, y = ((const cand *)b)->p;
-  return (x < y) - (x > y);
-}
-
-/* ot_generate's sampler (greedy; temperature with top-p over the whole distribution), plus
- * top-k applied first; the same seed gives the same draws. */
-static int sample(const float *logits, int V, const ot_serve_request *sc, uint64_t *rng, cand *buf) {
-  int best = 0;
-  for (int i = 1; i < V; i++)
-    if (logits[i] > logits[best]) best = i;
-  if (sc->temperature <= 0.0f) return best;
-  double sum = 0.0;
-  for (int i = 0; i < V; i++) {
-    buf[i].id = i;
-    buf[i].p = expf((logits[i] - logits[best]) / sc->temperature);
-    sum += buf[i].p;
-  }
-  int n = V;
-  int topk = sc->top_k > 0 && sc->top_k < V;
-  if (topk || (sc->top_p > 0.0f && sc->top_p < 1.0f)) {
-    qsort(buf, (size_t)V, sizeof *buf, cand_desc);
-    if (topk) {
-      n = sc->top_k;
-      sum = 0.0;
-      for (int i = 0; i < n; i++) sum += buf[i].p;
-    }
-    if (sc->top_p > 0.0f && sc->top_p < 1.0f) {
-      double acc = 0.0;
-      int m;
-      for (m = 0; m < n; m++) {
-        acc += buf[m].p / sum;
-        if (acc >= sc->top_p) {
-          m++;
-          break;
-        }
-      }
-      n = m > n ? n : m;
-      sum = 0.0;
-      for (int i = 0; i < n; i++) sum += buf[i].p;
-    }
-  }
-  double r = ((rng_next(rng) >> 11) * (1.0 / 9007199254740992.0)) * sum, acc = 0.0;
-  for (int i = 0; i < n; i++) {
-    acc += buf[i].p;
-    if (r < acc) return buf[i].id;
-  }
-  return buf[n - 1].id;
-}
-
 /* ---- text and stop strings ------------------------------------------------------------- */
 
 static int text_append(req *r, const char *s, size_t n) {
@@ -1038,7 +975,8 @@ static int step(ot_serve_engine *e, int *busy) {
   } else {
     for (int i = 0; i < S; i++) {
       req *r = need[i];
-      int32_t tok = sample(e->h_logits + (size_t)i * e->V, e->V, &r->p, &r->rng, e->cand);
+      int32_t tok = ot_sample_token(e->h_logits + (size_t)i * e->V, e->V, r->p.temperature, r->p.top_p,
+                                    r->p.top_k, &r->rng, e->cand);
       int shown;
       ot_finish_reason why = take_token(e, r, tok, &shown);
       if (shown)

@@ -2,6 +2,7 @@
 
 #include "ot_error.h"
 #include "ot_fileio.h"
+#include "ot_rng.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -172,19 +173,11 @@ void ot_tokens_free(ot_tokens *t) {
   t->n = 0;
 }
 
-/* splitmix64: tiny, full-period over 2^64 states, and any seed (0 included) is fine. */
-static uint64_t splitmix64(uint64_t *state) {
-  uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 /* Uniform in [0, bound) without modulo bias (rejection of the short last bucket). */
 static uint64_t rng_below(uint64_t *state, uint64_t bound) {
   uint64_t limit = UINT64_MAX - UINT64_MAX % bound;
-  uint64_t r = splitmix64(state);
-  while (r >= limit) r = splitmix64(state);
+  uint64_t r = ot_splitmix64(state);
+  while (r >= limit) r = ot_splitmix64(state);
   return r % bound;
 }
 

@@ -6,6 +6,7 @@
 
 #include "ot_data.h"
 #include "ot_error.h"
+#include "ot_rng.h"
 
 int ot_eval_tokens(ot_gpt2 *m, const int32_t *ids, size_t n, int T, int B, ot_progress *progress,
                    ot_eval_result *out) {
@@ -70,51 +71,56 @@ void ot_eval_print(FILE *f, const ot_eval_result *r, int json) {
     fprintf(f, "loss %.4f nats/token | perplexity %.3f | %zu tokens\n", r->loss, r->perplexity, r->tokens);
 }
 
-static uint64_t rng_next(uint64_t *s) {
-  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 typedef struct {
   float p;
   int id;
 } cand;
+
+size_t ot_sample_scratch_bytes(int V) { return (size_t)V * sizeof(cand); }
 
 static int cand_desc(const void *a, const void *b) {
   float x = ((const cand *)a)->p, y = ((const cand *)b)->p;
   return (x < y) - (x > y);
 }
 
-/* Samples from softmax(logits / temperature) restricted to the top-p nucleus. */
-static int sample(const float *logits, int V, const ot_sample_config *sc, uint64_t *rng, cand *buf) {
+int ot_sample_token(const float *logits, int V, float temperature, float top_p, int top_k, uint64_t *rng,
+                    void *scratch) {
+  cand *buf = scratch;
   int best = 0;
   for (int i = 1; i < V; i++)
     if (logits[i] > logits[best]) best = i;
-  if (sc->temperature <= 0.0f) return best;
+  if (temperature <= 0.0f) return best;
   double sum = 0.0;
   for (int i = 0; i < V; i++) {
     buf[i].id = i;
-    buf[i].p = expf((logits[i] - logits[best]) / sc->temperature);
+    buf[i].p = expf((logits[i] - logits[best]) / temperature);
     sum += buf[i].p;
   }
   int n = V;
-  if (sc->top_p > 0.0f && sc->top_p < 1.0f) {
+  int topk = top_k > 0 && top_k<V, topp = top_p> 0.0f && top_p < 1.0f;
+  if (topk || topp) {
     qsort(buf, (size_t)V, sizeof *buf, cand_desc);
-    double acc = 0.0;
-    for (n = 0; n < V; n++) {
-      acc += buf[n].p / sum;
-      if (acc >= sc->top_p) {
-        n++;
-        break;
-      }
+    if (topk) {
+      n = top_k;
+      sum = 0.0;
+      for (int i = 0; i < n; i++) sum += buf[i].p;
     }
-    if (n > V) n = V;
-    sum = 0.0;
-    for (int i = 0; i < n; i++) sum += buf[i].p;
+    if (topp) {
+      double acc = 0.0;
+      int m;
+      for (m = 0; m < n; m++) {
+        acc += buf[m].p / sum;
+        if (acc >= top_p) {
+          m++;
+          break;
+        }
+      }
+      n = m > n ? n : m;
+      sum = 0.0;
+      for (int i = 0; i < n; i++) sum += buf[i].p;
+    }
   }
-  double r = ((rng_next(rng) >> 11) * (1.0 / 9007199254740992.0)) * sum, acc = 0.0;
+  double r = ot_rng_uniform(rng) * sum, acc = 0.0;
   for (int i = 0; i < n; i++) {
     acc += buf[i].p;
     if (r < acc) return buf[i].id;
@@ -130,7 +136,7 @@ int ot_generate(ot_gpt2 *m, const int32_t *prompt, size_t n_prompt, const ot_sam
   size_t cap = n_prompt + (size_t)sc->max_tokens;
   int32_t *ids = malloc(cap * sizeof(int32_t));
   float *logits = malloc((size_t)V * sizeof(float));
-  cand *buf = malloc((size_t)V * sizeof(cand));
+  void *buf = malloc(ot_sample_scratch_bytes(V));
   if (!ids || !logits || !buf) {
     free(ids);
     free(logits);
@@ -145,7 +151,7 @@ int ot_generate(ot_gpt2 *m, const int32_t *prompt, size_t n_prompt, const ot_sam
     size_t ctx = n < (size_t)window ? n : (size_t)window;
     rc = ot_gpt2_forward(m, ids + n - ctx, NULL, 1, (int)ctx, NULL);
     if (rc == OT_OK) rc = ot_gpt2_last_logits(m, 0, logits);
-    if (rc == OT_OK) ids[n++] = sample(logits, V, sc, &rng, buf);
+    if (rc == OT_OK) ids[n++] = ot_sample_token(logits, V, sc->temperature, sc->top_p, 0, &rng, buf);
   }
   free(logits);
   free(buf);

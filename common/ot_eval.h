@@ -35,6 +35,14 @@ typedef struct {
   uint64_t seed;
 } ot_sample_config;
 
+/* One token from softmax(logits / temperature): greedy (argmax) when temperature <= 0,
+ * else top-k (0 = off) and then top-p (1 = off) over the sorted distribution, drawn with one
+ * ot_splitmix64 step of *rng; the same seed gives the same draws. scratch holds
+ * ot_sample_scratch_bytes(V) bytes (malloc-aligned). */
+int ot_sample_token(const float *logits, int V, float temperature, float top_p, int top_k, uint64_t *rng,
+                    void *scratch);
+size_t ot_sample_scratch_bytes(int V);
+
 /* Extends prompt ids with up to max_tokens sampled ids (context cropped to the model's
  * window). *out holds prompt + completion (malloc'd). The model must be prepared with
  * B >= 1 and T = its n_positions or the window wanted. */

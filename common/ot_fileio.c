@@ -159,19 +159,22 @@ int ot_atomic_open(const char *path, ot_atomic_file **out) {
   return OT_OK;
 }
 
-int ot_atomic_write(ot_atomic_file *f, const void *data, size_t len) {
-  if (!f || (!data && len)) return ot_error(OT_ERR_INVALID, "ot_atomic_write: NULL argument");
+int ot_fd_write_all(int fd, const void *data, size_t len, int64_t off, const char *what) {
   const char *p = data;
   while (len > 0) {
-    ssize_t w = write(f->fd, p, len);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return io_error("cannot write", f->tmp, errno);
-    }
+    ssize_t w = off < 0 ? write(fd, p, len) : pwrite(fd, p, len, (off_t)off);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return ot_error(OT_ERR_IO, "cannot write %s: %s", what, strerror(errno));
     p += w;
+    if (off >= 0) off += w;
     len -= (size_t)w;
   }
   return OT_OK;
+}
+
+int ot_atomic_write(ot_atomic_file *f, const void *data, size_t len) {
+  if (!f || (!data && len)) return ot_error(OT_ERR_INVALID, "ot_atomic_write: NULL argument");
+  return ot_fd_write_all(f->fd, data, len, -1, f->tmp);
 }
 
 int ot_atomic_commit(ot_atomic_file *f) {

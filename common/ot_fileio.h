@@ -3,6 +3,7 @@
 #define OT_FILEIO_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* Reads a whole file into a malloc'd, NUL-terminated buffer; refuses files over max_bytes. */
 int ot_file_read_all(const char *path, size_t max_bytes, char **out, size_t *out_len);
@@ -14,6 +15,9 @@ int ot_mkdir_p(const char *path);
 int ot_path_join(const char *dir, const char *name, char **out);
 /* 1 if something exists at path (file, directory, ...), 0 otherwise. */
 int ot_file_exists(const char *path);
+/* Writes all len bytes to fd, at offset off (pwrite) or at the file position when off < 0,
+ * retrying on EINTR and short writes; `what` names the file in the error. */
+int ot_fd_write_all(int fd, const void *data, size_t len, int64_t off, const char *what);
 
 /* Streaming form of ot_file_write_atomic for outputs too large to build in memory:
  * open a temporary file next to `path`, write pieces, then commit (fsync, rename,

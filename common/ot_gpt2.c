@@ -7,6 +7,7 @@
 
 #include "ot_error.h"
 #include "ot_fileio.h"
+#include "ot_rng.h"
 #include "ot_safetensors.h"
 
 /* Activations of one block. In training every block keeps its own set; in
@@ -214,14 +215,7 @@ size_t ot_gpt2_memory_bytes(const ot_gpt2 *m) {
 
 /* ---- initialisation -------------------------------------------------------------- */
 
-static uint64_t splitmix64(uint64_t *s) {
-  uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-static double uniform01(uint64_t *s) { return ((splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+static double uniform01(uint64_t *s) { return ((ot_splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
 
 int ot_gpt2_init_random(ot_gpt2 *m, uint64_t seed) {
   uint64_t s = seed;

@@ -84,22 +84,28 @@ int ot_access_revoke(ot_access *a, const uint8_t pk[32]) {
   return rc;
 }
 
-static void token_hash(const char *token, uint8_t h[32]) {
-  crypto_generichash(h, 32, (const uint8_t *)token, strlen(token), (const uint8_t *)"offtune/1 token", 15);
+void ot_token_hash(const char *token, uint8_t hash[32]) {
+  crypto_generichash(hash, 32, (const uint8_t *)token, strlen(token), (const uint8_t *)"offtune/1 token", 15);
+}
+
+void ot_token_new(char token[OT_TOKEN_CHARS + 1], uint8_t hash[32]) {
+  uint8_t raw[32];
+  randombytes_buf(raw, sizeof raw);
+  memcpy(token, "ote1-", 5);
+  sodium_bin2base64(token + 5, OT_TOKEN_CHARS + 1 - 5, raw, sizeof raw,
+                    sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+  sodium_memzero(raw, sizeof raw);
+  ot_token_hash(token, hash);
 }
 
 int ot_access_issue_token(ot_access *a, char token[OT_TOKEN_CHARS + 1]) {
-  uint8_t raw[32], h[32];
-  char tmp[OT_TOKEN_CHARS + 8];
-  randombytes_buf(raw, sizeof raw);
-  memcpy(tmp, "ote1-", 5);
-  sodium_bin2base64(tmp + 5, sizeof tmp - 5, raw, sizeof raw, sodium_base64_VARIANT_URLSAFE_NO_PADDING);
-  sodium_memzero(raw, sizeof raw);
-  token_hash(tmp, h);
+  uint8_t h[32];
+  char tmp[OT_TOKEN_CHARS + 1];
+  ot_token_new(tmp, h);
   pthread_mutex_lock(&a->mu);
   int rc = set_add(&a->tokens, h);
   pthread_mutex_unlock(&a->mu);
-  if (rc == OT_OK) memcpy(token, tmp, OT_TOKEN_CHARS + 1);
+  if (rc == OT_OK) memcpy(token, tmp, sizeof tmp);
   sodium_memzero(tmp, sizeof tmp);
   return rc;
 }
@@ -116,7 +122,7 @@ int ot_access_admit(ot_access *a, const uint8_t pk[32], const char *token, int *
     if (!token || !*token) {
       rc = ot_error(OT_ERR_NOTFOUND, "device %s is not enrolled (no token given)", fp);
     } else {
-      token_hash(token, h);
+      ot_token_hash(token, h);
       if (!set_has(&a->tokens, h)) {
         rc = ot_error(OT_ERR_NOTFOUND, "device %s: enrolment token unknown or already used", fp);
       } else {

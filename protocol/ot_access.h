@@ -17,6 +17,11 @@
 
 #define OT_TOKEN_CHARS 48 /* "ote1-" + 43 base64url characters of 32 random bytes */
 
+/* A fresh random token (NUL-terminated, OT_TOKEN_CHARS characters) and its hash. Every
+ * store (ot_access, the cloud registry) keeps only hashes, so a leaked store enrols no one. */
+void ot_token_new(char token[OT_TOKEN_CHARS + 1], uint8_t hash[32]);
+void ot_token_hash(const char *token, uint8_t hash[32]);
+
 typedef struct {
   /* Admits pk at handshake time: allowed and not revoked, or (not revoked and) a valid
    * unused token, which is consumed and adds pk to the allowlist (*enrolled = 1). */

@@ -82,16 +82,7 @@ static int write_secret(const char *path, const char *data, size_t len) {
     free(tmp);
     return rc;
   }
-  int rc = OT_OK;
-  size_t off = 0;
-  while (rc == OT_OK && off < len) {
-    ssize_t w = write(fd, data + off, len - off);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0)
-      rc = ot_error(OT_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
-    else
-      off += (size_t)w;
-  }
+  int rc = ot_fd_write_all(fd, data, len, -1, tmp);
   if (rc == OT_OK && fchmod(fd, 0600) != 0) rc = ot_error(OT_ERR_IO, "chmod %s: %s", tmp, strerror(errno));
   if (rc == OT_OK && fsync(fd) != 0) rc = ot_error(OT_ERR_IO, "fsync %s: %s", tmp, strerror(errno));
   close(fd);

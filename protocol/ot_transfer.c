@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "ot_error.h"
+#include "ot_fileio.h"
 #include "ot_pb.h"
 
 static void put64(uint8_t *p, uint64_t v) {
@@ -72,16 +73,7 @@ typedef struct {
 
 static int fs_write(void *self, uint64_t off, const void *data, size_t len) {
   file_sink *f = self;
-  const uint8_t *p = data;
-  while (len) {
-    ssize_t w = pwrite(f->fd, p, len, (off_t)off);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return ot_error(OT_ERR_IO, "cannot write %s: %s", f->tmp, strerror(errno));
-    p += w;
-    off += (uint64_t)w;
-    len -= (size_t)w;
-  }
-  return OT_OK;
+  return ot_fd_write_all(f->fd, data, len, (int64_t)off, f->tmp);
 }
 
 static void fs_free(file_sink *f) {

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "ot_error.h"
+#include "ot_fileio.h"
 #include "ot_handshake.h"
 #include "ot_pb.h"
 
@@ -42,13 +43,26 @@ typedef struct srv_session {
   uint8_t last_regen[OT_MAX_LANES];
 } srv_session;
 
-typedef struct srv_transfer {
-  struct srv_transfer *next;
+/* What uploads and downloads share: an entry of one of the server's lists, keyed by (id,
+ * owner), held by request handlers (refs), unlinked (dead) when finished or idle for
+ * transfer_idle_seconds; whoever lets go of a dead entry last ends it. */
+typedef struct srv_entry {
+  struct srv_entry *next;
   uint8_t id[16], owner[32];
   char name[256];
-  uint64_t total, last_used;
-  uint32_t chunk;
+  uint64_t last_used;
   int refs, dead;
+} srv_entry;
+
+typedef struct {
+  srv_entry *head;
+  int n;
+} srv_list;
+
+typedef struct {
+  srv_entry e; /* first: a srv_entry * of s->transfers is a srv_transfer * */
+  uint64_t total;
+  uint32_t chunk;
   ot_rx *rx;
   ot_sink sink;
 } srv_transfer;
@@ -64,13 +78,11 @@ typedef struct {
 
 /* A download in progress: the source stays open until the client's end marker or
  * transfer_idle_seconds without a request. */
-typedef struct srv_fetch {
-  struct srv_fetch *next;
-  uint8_t id[16], owner[32], digest[32];
-  char name[256];
-  uint64_t size, n, last_used;
+typedef struct {
+  srv_entry e; /* first: a srv_entry * of s->fetches is a srv_fetch * */
+  uint8_t digest[32];
+  uint64_t size, n;
   uint32_t chunk;
-  int refs, dead;
   ot_source src;
 } srv_fetch;
 
@@ -114,12 +126,10 @@ struct ot_server {
   pthread_mutex_t tmu;
   srv_session *buckets[N_BUCKETS];
   int n_sessions;
-  srv_transfer *transfers;
-  int n_transfers;
+  srv_list transfers;
   srv_tomb tombs[N_TOMBS];
   int tomb_next;
-  srv_fetch *fetches;
-  int n_fetches;
+  srv_list fetches;
   srv_digest digests[N_DIGESTS];
   uint64_t digest_clock;
   pthread_cond_t dcv; /* a digest being computed is done (with tmu) */
@@ -221,35 +231,96 @@ static int session_add(ot_server *s, const ot_hs_pending *hs) {
   return rc;
 }
 
+/* ---- list entries (transfers and fetches) ---- */
+
+/* The live entry (id, owner) of l with a reference taken, or NULL. */
+static srv_entry *entry_find(ot_server *s, srv_list *l, const uint8_t id[16], const uint8_t owner[32]) {
+  pthread_mutex_lock(&s->tmu);
+  srv_entry *e = l->head;
+  for (; e; e = e->next)
+    if (sodium_memcmp(e->id, id, 16) == 0 && sodium_memcmp(e->owner, owner, 32) == 0) {
+      e->refs++;
+      e->last_used = ot_unix_now();
+      break;
+    }
+  pthread_mutex_unlock(&s->tmu);
+  return e;
+}
+
+/* Drops a reference, and with kill unlinks the entry; 1 when the caller must end it. */
+static int entry_put(ot_server *s, srv_list *l, srv_entry *e, int kill) {
+  pthread_mutex_lock(&s->tmu);
+  if (kill && !e->dead) {
+    for (srv_entry **pp = &l->head; *pp; pp = &(*pp)->next)
+      if (*pp == e) {
+        *pp = e->next;
+        l->n--;
+        break;
+      }
+    e->dead = 1;
+  }
+  int last = --e->refs == 0 && e->dead;
+  pthread_mutex_unlock(&s->tmu);
+  return last;
+}
+
+/* Unlinks the entries idle past transfer_idle_seconds; returns those no handler holds,
+ * linked by next, for the caller to end (the others end at their last put). */
+static srv_entry *entries_sweep(ot_server *s, srv_list *l) {
+  uint64_t now = ot_unix_now();
+  srv_entry *dead = NULL;
+  pthread_mutex_lock(&s->tmu);
+  for (srv_entry **pp = &l->head; *pp;) {
+    srv_entry *e = *pp;
+    if (now > e->last_used + s->cfg.transfer_idle_seconds) {
+      *pp = e->next;
+      l->n--;
+      e->dead = 1;
+      if (e->refs == 0) {
+        e->next = dead;
+        dead = e;
+      }
+    } else {
+      pp = &e->next;
+    }
+  }
+  pthread_mutex_unlock(&s->tmu);
+  return dead;
+}
+
+/* 1 when l already holds max_transfers entries (the limit of each list). */
+static int list_full(ot_server *s, const srv_list *l) {
+  pthread_mutex_lock(&s->tmu);
+  int full = l->n >= s->cfg.max_transfers;
+  pthread_mutex_unlock(&s->tmu);
+  return full;
+}
+
+static void list_push(ot_server *s, srv_list *l, srv_entry *e) {
+  pthread_mutex_lock(&s->tmu);
+  e->next = l->head;
+  l->head = e;
+  l->n++;
+  pthread_mutex_unlock(&s->tmu);
+}
+
 static void transfer_end(ot_server *s, srv_transfer *t) {
   int committed = ot_rx_committed(t->rx);
   ot_rx_free(t->rx); /* aborts the sink unless committed */
-  if (s->cfg.on_transfer_end) s->cfg.on_transfer_end(s->cfg.user, t->owner, t->name, committed, &t->sink);
+  if (s->cfg.on_transfer_end) s->cfg.on_transfer_end(s->cfg.user, t->e.owner, t->e.name, committed, &t->sink);
   free(t);
 }
 
 static void transfer_put(ot_server *s, srv_transfer *t, int kill) {
-  pthread_mutex_lock(&s->tmu);
-  if (kill && !t->dead) {
-    for (srv_transfer **pp = &s->transfers; *pp; pp = &(*pp)->next)
-      if (*pp == t) {
-        *pp = t->next;
-        s->n_transfers--;
-        break;
-      }
-    t->dead = 1;
-  }
-  int last = --t->refs == 0 && t->dead;
-  pthread_mutex_unlock(&s->tmu);
-  if (last) transfer_end(s, t);
+  if (entry_put(s, &s->transfers, &t->e, kill)) transfer_end(s, t);
 }
 
 static void tomb_add(ot_server *s, const srv_transfer *t) {
   pthread_mutex_lock(&s->tmu);
   srv_tomb *b = &s->tombs[s->tomb_next];
   s->tomb_next = (s->tomb_next + 1) % N_TOMBS;
-  memcpy(b->id, t->id, 16);
-  memcpy(b->owner, t->owner, 32);
+  memcpy(b->id, t->e.id, 16);
+  memcpy(b->owner, t->e.owner, 32);
   b->n = ot_transfer_chunks(t->total, t->chunk);
   b->used = 1;
   pthread_mutex_unlock(&s->tmu);
@@ -269,42 +340,14 @@ static int tomb_find(ot_server *s, const uint8_t id[16], const uint8_t owner[32]
 }
 
 static srv_transfer *transfer_find(ot_server *s, const uint8_t id[16], const uint8_t owner[32]) {
-  pthread_mutex_lock(&s->tmu);
-  srv_transfer *t = s->transfers;
-  for (; t; t = t->next)
-    if (memcmp(t->id, id, 16) == 0 && sodium_memcmp(t->owner, owner, 32) == 0) {
-      t->refs++;
-      t->last_used = ot_unix_now();
-      break;
-    }
-  pthread_mutex_unlock(&s->tmu);
-  return t;
+  return (srv_transfer *)entry_find(s, &s->transfers, id, owner);
 }
 
 static void transfers_sweep(ot_server *s) {
-  uint64_t now = ot_unix_now();
-  srv_transfer *dead = NULL;
-  pthread_mutex_lock(&s->tmu);
-  for (srv_transfer **pp = &s->transfers; *pp;) {
-    srv_transfer *t = *pp;
-    if (now > t->last_used + s->cfg.transfer_idle_seconds) {
-      *pp = t->next;
-      s->n_transfers--;
-      t->dead = 1;
-      if (t->refs == 0) {
-        t->next = dead;
-        dead = t;
-      }
-    } else {
-      pp = &t->next;
-    }
-  }
-  pthread_mutex_unlock(&s->tmu);
-  while (dead) {
-    srv_transfer *n = dead->next;
-    srv_log(s, "transfer '%s' dropped after %u s idle", dead->name, s->cfg.transfer_idle_seconds);
-    transfer_end(s, dead);
-    dead = n;
+  for (srv_entry *e = entries_sweep(s, &s->transfers), *next; e; e = next) {
+    next = e->next;
+    srv_log(s, "transfer '%s' dropped after %u s idle", e->name, s->cfg.transfer_idle_seconds);
+    transfer_end(s, (srv_transfer *)e);
   }
 }
 
@@ -358,12 +401,12 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
       st.have_prefix = done_n;
       st.committed = 1;
     } else if (t) {
-      if (t->total != b.total || t->chunk != b.chunk || strcmp(t->name, b.name) != 0)
+      if (t->total != b.total || t->chunk != b.chunk || strcmp(t->e.name, b.name) != 0)
         rc = ot_error(OT_ERR_MISMATCH, "transfer '%s' resumed with different parameters", b.name);
       else
         st.have_prefix = ot_rx_prefix(t->rx);
       if (rc == OT_OK)
-        srv_log(s, "transfer '%s' resumed at chunk %llu", t->name, (unsigned long long)st.have_prefix);
+        srv_log(s, "transfer '%s' resumed at chunk %llu", t->e.name, (unsigned long long)st.have_prefix);
       transfer_put(s, t, 0);
     } else {
       transfers_sweep(s);
@@ -374,18 +417,16 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
         return ot_error(OT_ERR_RANGE, "transfer of %llu bytes exceeds the limit of %llu",
                         (unsigned long long)b.total, (unsigned long long)s->cfg.max_transfer);
       if (!s->cfg.on_transfer_open) return ot_error(OT_ERR_UNSUPPORTED, "this server accepts no transfers");
-      pthread_mutex_lock(&s->tmu);
-      int full = s->n_transfers >= s->cfg.max_transfers;
-      pthread_mutex_unlock(&s->tmu);
-      if (full) return ot_error(OT_ERR_RANGE, "server busy: too many unfinished transfers");
+      if (list_full(s, &s->transfers))
+        return ot_error(OT_ERR_RANGE, "server busy: too many unfinished transfers");
       t = calloc(1, sizeof *t);
       if (!t) return ot_error(OT_ERR_NOMEM, "out of memory");
-      memcpy(t->id, b.id, 16);
-      memcpy(t->owner, peer, 32);
-      memcpy(t->name, b.name, sizeof t->name);
+      memcpy(t->e.id, b.id, 16);
+      memcpy(t->e.owner, peer, 32);
+      memcpy(t->e.name, b.name, sizeof t->e.name);
       t->total = b.total;
       t->chunk = b.chunk;
-      t->last_used = ot_unix_now();
+      t->e.last_used = ot_unix_now();
       rc = s->cfg.on_transfer_open(s->cfg.user, peer, b.name, b.total, &t->sink);
       if (rc == OT_OK) {
         rc = ot_rx_new(b.id, b.total, b.chunk, s->cfg.max_transfer, t->sink, &t->rx);
@@ -398,11 +439,7 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
         free(t);
         return rc;
       }
-      pthread_mutex_lock(&s->tmu);
-      t->next = s->transfers;
-      s->transfers = t;
-      s->n_transfers++;
-      pthread_mutex_unlock(&s->tmu);
+      list_push(s, &s->transfers, &t->e);
     }
     memcpy(st.id, b.id, 16);
   } else { /* OT_MSG_CHUNK */
@@ -436,9 +473,9 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
       if (rc == OT_OK) {
         tomb_add(s, t);
         stat_add(s, &s->stats.transfers_committed);
-        srv_log(s, "transfer '%s' committed (%llu bytes)", t->name, (unsigned long long)t->total);
+        srv_log(s, "transfer '%s' committed (%llu bytes)", t->e.name, (unsigned long long)t->total);
       } else {
-        srv_log(s, "transfer '%s' failed: %s", t->name, ot_error_detail());
+        srv_log(s, "transfer '%s' failed: %s", t->e.name, ot_error_detail());
       }
       ot_chunk_release(&ch);
       transfer_put(s, t, 1); /* done either way: committed, or discarded */
@@ -461,58 +498,18 @@ static void fetch_end(ot_server *s, srv_fetch *f) {
 }
 
 static void fetch_put(ot_server *s, srv_fetch *f, int kill) {
-  pthread_mutex_lock(&s->tmu);
-  if (kill && !f->dead) {
-    for (srv_fetch **pp = &s->fetches; *pp; pp = &(*pp)->next)
-      if (*pp == f) {
-        *pp = f->next;
-        s->n_fetches--;
-        break;
-      }
-    f->dead = 1;
-  }
-  int last = --f->refs == 0 && f->dead;
-  pthread_mutex_unlock(&s->tmu);
-  if (last) fetch_end(s, f);
+  if (entry_put(s, &s->fetches, &f->e, kill)) fetch_end(s, f);
 }
 
 static srv_fetch *fetch_find(ot_server *s, const uint8_t id[16], const uint8_t owner[32]) {
-  pthread_mutex_lock(&s->tmu);
-  srv_fetch *f = s->fetches;
-  for (; f; f = f->next)
-    if (sodium_memcmp(f->id, id, 16) == 0 && sodium_memcmp(f->owner, owner, 32) == 0) {
-      f->refs++;
-      f->last_used = ot_unix_now();
-      break;
-    }
-  pthread_mutex_unlock(&s->tmu);
-  return f;
+  return (srv_fetch *)entry_find(s, &s->fetches, id, owner);
 }
 
 static void fetches_sweep(ot_server *s) {
-  uint64_t now = ot_unix_now();
-  srv_fetch *dead = NULL;
-  pthread_mutex_lock(&s->tmu);
-  for (srv_fetch **pp = &s->fetches; *pp;) {
-    srv_fetch *f = *pp;
-    if (now > f->last_used + s->cfg.transfer_idle_seconds) {
-      *pp = f->next;
-      s->n_fetches--;
-      f->dead = 1;
-      if (f->refs == 0) {
-        f->next = dead;
-        dead = f;
-      }
-    } else {
-      pp = &f->next;
-    }
-  }
-  pthread_mutex_unlock(&s->tmu);
-  while (dead) {
-    srv_fetch *n = dead->next;
-    srv_log(s, "fetch '%s' closed after %u s idle", dead->name, s->cfg.transfer_idle_seconds);
-    fetch_end(s, dead);
-    dead = n;
+  for (srv_entry *e = entries_sweep(s, &s->fetches), *next; e; e = next) {
+    next = e->next;
+    srv_log(s, "fetch '%s' closed after %u s idle", e->name, s->cfg.transfer_idle_seconds);
+    fetch_end(s, (srv_fetch *)e);
   }
 }
 
@@ -604,10 +601,7 @@ static int handle_fetch(ot_server *s, srv_session *x, uint32_t lane, uint32_t ty
     if (rc) return rc;
     if (!s->cfg.on_fetch_open) return ot_error(OT_ERR_UNSUPPORTED, "this server serves no downloads");
     fetches_sweep(s);
-    pthread_mutex_lock(&s->tmu);
-    int full = s->n_fetches >= s->cfg.max_transfers;
-    pthread_mutex_unlock(&s->tmu);
-    if (full) return ot_error(OT_ERR_RANGE, "server busy: too many open downloads");
+    if (list_full(s, &s->fetches)) return ot_error(OT_ERR_RANGE, "server busy: too many open downloads");
     /* the largest chunk whose reply fits the message limit */
     uint32_t chunk = s->cfg.fetch_chunk;
     size_t room = s->cfg.max_msg - OT_ENV_OVERHEAD - 64;
@@ -629,27 +623,24 @@ static int handle_fetch(ot_server *s, srv_session *x, uint32_t lane, uint32_t ty
       fetch_end(s, f);
       return rc;
     }
-    randombytes_buf(f->id, 16);
-    memcpy(f->owner, peer, 32);
-    memcpy(f->name, b.name, sizeof f->name);
+    randombytes_buf(f->e.id, 16);
+    memcpy(f->e.owner, peer, 32);
+    memcpy(f->e.name, b.name, sizeof f->e.name);
     f->chunk = chunk;
     f->n = ot_transfer_chunks(f->size, chunk);
-    f->last_used = ot_unix_now();
+    f->e.last_used = ot_unix_now();
     ot_fetch_info fi = {.size = f->size, .chunk = chunk};
-    memcpy(fi.id, f->id, 16);
+    memcpy(fi.id, f->e.id, 16);
     memcpy(fi.digest, f->digest, 32);
     rc = ot_fetch_info_pack(&fi, rb, rbl);
     if (rc) {
       fetch_end(s, f);
       return rc;
     }
-    pthread_mutex_lock(&s->tmu);
-    f->next = s->fetches;
-    s->fetches = f;
-    s->n_fetches++;
-    pthread_mutex_unlock(&s->tmu);
+    list_push(s, &s->fetches, &f->e);
     stat_add(s, &s->stats.fetches_opened);
-    srv_log(s, "fetch '%s' opened (%llu bytes, %u-byte chunks)", f->name, (unsigned long long)f->size, chunk);
+    srv_log(s, "fetch '%s' opened (%llu bytes, %u-byte chunks)", f->e.name, (unsigned long long)f->size,
+            chunk);
     *rtype = OT_MSG_FETCH_INFO;
     return OT_OK;
   }
@@ -664,7 +655,7 @@ static int handle_fetch(ot_server *s, srv_session *x, uint32_t lane, uint32_t ty
                   (unsigned long long)f->n);
   } else if (index == f->n) { /* the client is done: the end marker, and the source is closed */
     rc = ot_chunk_pack(id, index, 1, NULL, 0, f->digest, rb, rbl);
-    if (rc == OT_OK) srv_log(s, "fetch '%s' finished", f->name);
+    if (rc == OT_OK) srv_log(s, "fetch '%s' finished", f->e.name);
     fetch_put(s, f, 1);
     *rtype = OT_MSG_CHUNK;
     return rc;
@@ -977,15 +968,15 @@ void ot_server_stop(ot_server *s) {
       s->buckets[b] = x->next;
       session_free(s, x);
     }
-  while (s->transfers) {
-    srv_transfer *t = s->transfers;
-    s->transfers = t->next;
-    transfer_end(s, t);
+  while (s->transfers.head) {
+    srv_entry *e = s->transfers.head;
+    s->transfers.head = e->next;
+    transfer_end(s, (srv_transfer *)e);
   }
-  while (s->fetches) {
-    srv_fetch *f = s->fetches;
-    s->fetches = f->next;
-    fetch_end(s, f);
+  while (s->fetches.head) {
+    srv_entry *e = s->fetches.head;
+    s->fetches.head = e->next;
+    fetch_end(s, (srv_fetch *)e);
   }
   pthread_cond_destroy(&s->dcv);
   pthread_mutex_destroy(&s->qmu);
@@ -1446,6 +1437,59 @@ int ot_client_open(const ot_client_config *cfg, ot_client **out) {
   return OT_OK;
 }
 
+/* ---- lanes: one transfer spread over the session's lanes ---- */
+
+/* What an upload and a download share across their lanes: the first error (the other
+ * lanes stop at it) and the progress report. */
+typedef struct {
+  pthread_mutex_t mu;
+  _Atomic int failed;
+  int rc;
+  char detail[512];
+  void (*progress)(void *, uint64_t, uint64_t);
+  void *progress_arg;
+  uint64_t done_bytes, total; /* under mu */
+} lanes;
+
+static void lanes_fail(lanes *l, int rc) {
+  pthread_mutex_lock(&l->mu);
+  if (!l->rc) {
+    l->rc = rc;
+    snprintf(l->detail, sizeof l->detail, "%s", ot_error_detail());
+  }
+  pthread_mutex_unlock(&l->mu);
+  atomic_store(&l->failed, 1);
+}
+
+static void lanes_progress(lanes *l, uint64_t bytes) {
+  if (!l->progress) return;
+  pthread_mutex_lock(&l->mu);
+  l->done_bytes += bytes;
+  l->progress(l->progress_arg, l->done_bytes, l->total);
+  pthread_mutex_unlock(&l->mu);
+}
+
+typedef struct {
+  void *job;
+  uint32_t lane;
+} lane_arg;
+
+/* Runs lane({job, i}) for i < window: lane 0 on this thread, the others on their own
+ * (fewer if a thread cannot start). */
+static void lanes_run(void *(*lane)(void *), void *job, int window) {
+  pthread_t th[OT_MAX_LANES];
+  lane_arg args[OT_MAX_LANES];
+  int started = 0;
+  for (int i = 1; i < window; i++) {
+    args[i] = (lane_arg){job, (uint32_t)i};
+    if (pthread_create(&th[i], NULL, lane, &args[i]) != 0) break;
+    started = i;
+  }
+  args[0] = (lane_arg){job, 0};
+  lane(&args[0]);
+  for (int i = 1; i <= started; i++) pthread_join(th[i], NULL);
+}
+
 /* ---- sending a tensor ---- */
 
 typedef struct {
@@ -1456,46 +1500,24 @@ typedef struct {
   uint8_t id[16];
   uint8_t (*hashes)[32];
   _Atomic uint64_t next, sent;
-  _Atomic int failed;
-  pthread_mutex_t mu;
-  int rc;
-  char detail[512];
-  uint32_t lane;
-  void (*progress)(void *, uint64_t, uint64_t);
-  void *progress_arg;
-  uint64_t done_bytes; /* under mu */
+  lanes l;
 } send_job;
-
-typedef struct {
-  send_job *j;
-  uint32_t lane;
-} lane_arg;
-
-static void send_fail(send_job *j, int rc) {
-  pthread_mutex_lock(&j->mu);
-  if (!j->rc) {
-    j->rc = rc;
-    snprintf(j->detail, sizeof j->detail, "%s", ot_error_detail());
-  }
-  pthread_mutex_unlock(&j->mu);
-  atomic_store(&j->failed, 1);
-}
 
 static void *send_lane(void *arg) {
   lane_arg *a = arg;
-  send_job *j = a->j;
+  send_job *j = a->job;
   /* this lane's chunk body, reused for every chunk: memory is window x chunk; a file
    * source reads straight into the place the data takes in it */
   size_t cap = ot_chunk_packed_len(j->n, 0, j->chunk, 0);
   uint8_t *body = malloc(cap);
-  if (!body) send_fail(j, ot_error(OT_ERR_NOMEM, "out of memory"));
+  if (!body) lanes_fail(&j->l, ot_error(OT_ERR_NOMEM, "out of memory"));
   for (; body;) {
-    if (atomic_load(&j->failed)) break;
+    if (atomic_load(&j->l.failed)) break;
     uint64_t i = atomic_fetch_add(&j->next, 1);
     if (i >= j->n) break;
     if (j->stop_after && atomic_fetch_add(&j->sent, 1) >= j->stop_after) {
-      send_fail(
-          j, ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)", (unsigned long long)j->stop_after));
+      lanes_fail(&j->l, ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)",
+                                 (unsigned long long)j->stop_after));
       break;
     }
     if (!j->stop_after) atomic_fetch_add(&j->sent, 1);
@@ -1517,15 +1539,10 @@ static void *send_lane(void *arg) {
     if (rc == OT_OK) rc = ot_status_decode(r, rl, &st);
     if (rm) nng_msg_free(rm);
     if (rc) {
-      send_fail(j, rc);
+      lanes_fail(&j->l, rc);
       break;
     }
-    if (j->progress) {
-      pthread_mutex_lock(&j->mu);
-      j->done_bytes += len;
-      j->progress(j->progress_arg, j->done_bytes, j->size);
-      pthread_mutex_unlock(&j->mu);
-    }
+    lanes_progress(&j->l, len);
   }
   free(body);
   return NULL;
@@ -1617,49 +1634,38 @@ int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_
   j->n = n;
   j->chunk = chunk;
   j->stop_after = opts->stop_after;
-  j->progress = opts->progress;
-  j->progress_arg = opts->progress_arg;
-  j->done_bytes = st.have_prefix * chunk < size ? st.have_prefix * chunk : size;
+  j->l.progress = opts->progress;
+  j->l.total = size;
+  j->l.progress_arg = opts->progress_arg;
+  j->l.done_bytes = st.have_prefix * chunk < size ? st.have_prefix * chunk : size;
   memcpy(j->id, b.id, 16);
   atomic_store(&j->next, st.have_prefix);
-  pthread_mutex_init(&j->mu, NULL);
+  pthread_mutex_init(&j->l.mu, NULL);
   int window = opts->window > 0 ? opts->window : 4;
   pthread_rwlock_rdlock(&c->lk);
   if ((uint32_t)window > c->s.lanes) window = (int)c->s.lanes;
   pthread_rwlock_unlock(&c->lk);
-  pthread_t th[OT_MAX_LANES];
-  lane_arg args[OT_MAX_LANES];
-  int started = 0;
-  for (int i = 1; i < window; i++) {
-    args[i] = (lane_arg){j, (uint32_t)i};
-    if (pthread_create(&th[i], NULL, send_lane, &args[i]) != 0) break;
-    started = i;
-  }
-  args[0] = (lane_arg){j, 0};
-  send_lane(&args[0]);
-  for (int i = 1; i <= started; i++) pthread_join(th[i], NULL);
+  lanes_run(send_lane, j, window);
   /* chunks the receiver already had: hash them here for the digest */
   uint8_t *buf = st.have_prefix ? malloc(chunk) : NULL;
-  if (st.have_prefix && !buf && !j->rc) j->rc = ot_error(OT_ERR_NOMEM, "out of memory");
-  for (uint64_t i = 0; buf && !j->rc && i < st.have_prefix; i++) {
+  if (st.have_prefix && !buf) lanes_fail(&j->l, ot_error(OT_ERR_NOMEM, "out of memory"));
+  for (uint64_t i = 0; buf && !j->l.rc && i < st.have_prefix; i++) {
     uint64_t off = i * chunk;
     size_t len = (size_t)(size - off < chunk ? size - off : chunk);
     const uint8_t *d = NULL;
     int rr = src.read_at(src.self, off, len, buf, &d);
-    if (rr) {
-      j->rc = rr;
-      snprintf(j->detail, sizeof j->detail, "%s", ot_error_detail());
-    } else {
+    if (rr)
+      lanes_fail(&j->l, rr);
+    else
       ot_chunk_hash(i, d, len, j->hashes[i]);
-    }
   }
   free(buf);
   opts->resumed_from = st.have_prefix;
   opts->sent = atomic_load(&j->sent);
   if (j->stop_after && opts->sent > j->stop_after) opts->sent = j->stop_after;
-  rc = j->rc;
+  rc = j->l.rc;
   if (rc)
-    ot_error(rc, "%s", j->detail);
+    ot_error(rc, "%s", j->l.detail);
   else if (j->stop_after && j->stop_after >= n)
     rc = ot_error(OT_ERR_IO, "stopped before the final marker (test hook)");
   if (rc == OT_OK) {
@@ -1673,7 +1679,7 @@ int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_
     if (rc == OT_OK && !st.committed)
       rc = ot_error(OT_ERR_FORMAT, "the receiver did not commit the transfer");
   }
-  pthread_mutex_destroy(&j->mu);
+  pthread_mutex_destroy(&j->l.mu);
   free(j->hashes);
   free(j);
   return rc;
@@ -1725,32 +1731,11 @@ typedef struct {
   uint8_t *have;         /* chunks already present (resume) */
   uint8_t (*hashes)[32]; /* h_i of every chunk, present or fetched */
   _Atomic uint64_t next, fetched, claimed;
-  _Atomic int failed;
-  pthread_mutex_t mu;
-  int rc;
-  char detail[512];
   /* called with each verified chunk, after the sink wrote it (fetch_file's state log) */
   int (*on_chunk)(void *arg, uint64_t index, const uint8_t hash[32]);
   void *arg;
-  void (*progress)(void *, uint64_t, uint64_t);
-  void *progress_arg;
-  uint64_t done_bytes; /* under mu */
+  lanes l;
 } fetch_job;
-
-typedef struct {
-  fetch_job *j;
-  uint32_t lane;
-} fetch_lane_arg;
-
-static void fetch_fail(fetch_job *j, int rc) {
-  pthread_mutex_lock(&j->mu);
-  if (!j->rc) {
-    j->rc = rc;
-    snprintf(j->detail, sizeof j->detail, "%s", ot_error_detail());
-  }
-  pthread_mutex_unlock(&j->mu);
-  atomic_store(&j->failed, 1);
-}
 
 static int fetch_one(fetch_job *j, uint32_t lane, uint64_t i) {
   uint8_t req[64];
@@ -1788,31 +1773,26 @@ static int fetch_one(fetch_job *j, uint32_t lane, uint64_t i) {
     memcpy(j->hashes[i], h, 32);
     if (j->on_chunk) rc = j->on_chunk(j->arg, i, h);
   }
-  if (rc == OT_OK && j->progress) {
-    pthread_mutex_lock(&j->mu);
-    j->done_bytes += want;
-    j->progress(j->progress_arg, j->done_bytes, j->fi.size);
-    pthread_mutex_unlock(&j->mu);
-  }
+  if (rc == OT_OK) lanes_progress(&j->l, want);
   nng_msg_free(rm);
   return rc;
 }
 
 static void *fetch_lane(void *arg) {
-  fetch_lane_arg *a = arg;
-  fetch_job *j = a->j;
-  while (!atomic_load(&j->failed)) {
+  lane_arg *a = arg;
+  fetch_job *j = a->job;
+  while (!atomic_load(&j->l.failed)) {
     uint64_t i = atomic_fetch_add(&j->next, 1);
     if (i >= j->n) break;
     if (j->have[i]) continue;
     if (j->stop_after && atomic_fetch_add(&j->claimed, 1) >= j->stop_after) {
-      fetch_fail(
-          j, ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)", (unsigned long long)j->stop_after));
+      lanes_fail(&j->l, ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)",
+                                 (unsigned long long)j->stop_after));
       break;
     }
     int rc = fetch_one(j, a->lane, i);
     if (rc) {
-      fetch_fail(j, rc);
+      lanes_fail(&j->l, rc);
       break;
     }
     atomic_fetch_add(&j->fetched, 1);
@@ -1885,31 +1865,22 @@ static int fetch_run(ot_client *c, const ot_fetch_info *fi, ot_sink sink, uint8_
   j->hashes = hashes;
   j->on_chunk = on_chunk;
   j->arg = arg;
-  j->progress = o->progress;
-  j->progress_arg = o->progress_arg;
+  j->l.progress = o->progress;
+  j->l.total = fi->size;
+  j->l.progress_arg = o->progress_arg;
   for (uint64_t i = 0; i < j->n; i++) /* resumed chunks count as done */
-    if (have[i]) j->done_bytes += i + 1 < j->n ? fi->chunk : fi->size - i * (uint64_t)fi->chunk;
-  pthread_mutex_init(&j->mu, NULL);
+    if (have[i]) j->l.done_bytes += i + 1 < j->n ? fi->chunk : fi->size - i * (uint64_t)fi->chunk;
+  pthread_mutex_init(&j->l.mu, NULL);
   int window = o->window > 0 ? o->window : 4;
   pthread_rwlock_rdlock(&c->lk);
   if ((uint32_t)window > c->s.lanes) window = (int)c->s.lanes;
   pthread_rwlock_unlock(&c->lk);
   if (window > c->n_lanes_open) window = c->n_lanes_open;
-  pthread_t th[OT_MAX_LANES];
-  fetch_lane_arg args[OT_MAX_LANES];
-  int started = 0;
-  for (int i = 1; i < window; i++) {
-    args[i] = (fetch_lane_arg){j, (uint32_t)i};
-    if (pthread_create(&th[i], NULL, fetch_lane, &args[i]) != 0) break;
-    started = i;
-  }
-  args[0] = (fetch_lane_arg){j, 0};
-  fetch_lane(&args[0]);
-  for (int i = 1; i <= started; i++) pthread_join(th[i], NULL);
+  lanes_run(fetch_lane, j, window);
   o->fetched = atomic_load(&j->fetched);
-  int rc = j->rc;
+  int rc = j->l.rc;
   if (rc) {
-    ot_error(rc, "%s", j->detail);
+    ot_error(rc, "%s", j->l.detail);
   } else if (j->stop_after && o->fetched >= j->stop_after) {
     rc = ot_error(OT_ERR_IO, "stopped after %llu chunks (test hook)", (unsigned long long)j->stop_after);
   } else {
@@ -1920,7 +1891,7 @@ static int fetch_run(ot_client *c, const ot_fetch_info *fi, ot_sink sink, uint8_
       rc = ot_error(OT_ERR_FORMAT, "download digest mismatch: data discarded");
     }
   }
-  pthread_mutex_destroy(&j->mu);
+  pthread_mutex_destroy(&j->l.mu);
   free(j);
   if (rc != OT_ERR_IO || *bad_digest) { /* finished (either way): the server can close */
     char keep[512];
@@ -1987,29 +1958,9 @@ static uint64_t get_u64(const uint8_t *p) {
   return v;
 }
 
-static int write_full(int fd, const uint8_t *p, size_t len, const char *what) {
-  while (len) {
-    ssize_t w = write(fd, p, len);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return ot_error(OT_ERR_IO, "cannot write %s: %s", what, strerror(errno));
-    p += w;
-    len -= (size_t)w;
-  }
-  return OT_OK;
-}
-
 static int ff_write(void *self, uint64_t off, const void *data, size_t len) {
   fetch_file *f = self;
-  const uint8_t *p = data;
-  while (len) {
-    ssize_t w = pwrite(f->fd, p, len, (off_t)off);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return ot_error(OT_ERR_IO, "cannot write %s: %s", f->tmp, strerror(errno));
-    p += w;
-    off += (uint64_t)w;
-    len -= (size_t)w;
-  }
-  return OT_OK;
+  return ot_fd_write_all(f->fd, data, len, (int64_t)off, f->tmp);
 }
 
 static int ff_record(void *arg, uint64_t index, const uint8_t hash[32]) {
@@ -2018,7 +1969,7 @@ static int ff_record(void *arg, uint64_t index, const uint8_t hash[32]) {
   put_u64(rec, index);
   memcpy(rec + 8, hash, 32);
   pthread_mutex_lock(&f->mu);
-  int rc = write_full(f->sfd, rec, sizeof rec, "the download state");
+  int rc = ot_fd_write_all(f->sfd, rec, sizeof rec, -1, "the download state");
   pthread_mutex_unlock(&f->mu);
   return rc;
 }
@@ -2061,7 +2012,7 @@ static int state_reset(fetch_file *f, const ot_fetch_info *fi, const char *spath
   memcpy(hdr + 24, fi->digest, 32);
   if (ftruncate(f->fd, 0) != 0 || ftruncate(f->sfd, 0) != 0)
     return ot_error(OT_ERR_IO, "cannot truncate %s: %s", spath, strerror(errno));
-  return write_full(f->sfd, hdr, sizeof hdr, spath);
+  return ot_fd_write_all(f->sfd, hdr, sizeof hdr, -1, spath);
 }
 
 static int fsync_dir_of(const char *path) {
