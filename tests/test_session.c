@@ -147,7 +147,7 @@ static void test_two_sessions(void **state) {
   session_create(
       &d, "beta",
       "--rounds 2 --min-devices 2 --max-devices 2 --deadline 120 --adapter lora --lora-r 2 --lora-alpha 4 "
-      "--lora-dropout 0 --aggregation fedadam --server-lr 0.01");
+      "--lora-dropout 0 --aggregation fedadam --server-lr 0.1");
   const char *devs[] = {"a1", "a2", "a3", "b1", "b2"};
   const char *data[] = {"romance.txt", "mystery.txt", "humor.txt", "romance.txt", "humor.txt"};
   pid_t pids[5];
@@ -162,7 +162,7 @@ static void test_two_sessions(void **state) {
   cJSON *a = wait_session(&d, "alpha", "done", 30), *b = wait_session(&d, "beta", "done", 30);
   for (int r = 1; r <= 2; r++) assert_int_equal(check_round(&d, a, r, 0, 0, 0, 0, 0), 3);
   /* FedAdam's first step from zero moments, recomputed */
-  assert_int_equal(check_round(&d, b, 1, 1, 0.01f, 0.9f, 0.99f, 1e-3f), 2);
+  assert_int_equal(check_round(&d, b, 1, 1, 0.1f, 0.9f, 0.99f, 1e-3f), 2);
   /* both published; the final adapters plug into the emulator and the full model */
   RUN_OK("%s adapter list --state '%s' --json", cloud, d.state);
   assert_non_null(strstr(out, "\"alpha\""));
@@ -229,9 +229,9 @@ static void test_serving_published(void **state) {
   assert_non_null(strstr(out, "\"id\":\"full\""));
   assert_non_null(strstr(out, "\"id\":\"alpha\""));
   assert_non_null(strstr(out, "\"id\":\"beta\""));
-  /* seeded samples (the tiny model's greedy text is one repeated letter): the offsite
-   * adapter changes the base model's distribution, so its text (beta's LoRA, a few steps
-   * from B = 0, moves it too little to change a sample) */
+  /* seeded samples (the tiny model's greedy text is one repeated letter): each adapter
+   * changes the base model's distribution, so its text (beta's FedAdam server step is
+   * large enough for its LoRA, which starts at B = 0, to change a sample) */
   char texts[3][256];
   const char *models[] = {"full", "alpha", "beta"};
   for (int i = 0; i < 3; i++) {
@@ -247,7 +247,7 @@ static void test_serving_published(void **state) {
     cJSON_Delete(c);
   }
   assert_string_not_equal(texts[0], texts[1]);
-  assert_true(strlen(texts[2]) > 0);
+  assert_string_not_equal(texts[0], texts[2]);
   RUN_OK("%s adapter unpublish alpha --state '%s'", cloud, d.state);
   RUN_OK("curl -s -o /dev/null -w '%%{http_code}' %s/v1/completions -d '{\"model\": \"alpha\", \"prompt\": "
          "\"x\"}'",
