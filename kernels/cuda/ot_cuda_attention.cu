@@ -22,6 +22,17 @@ static __device__ __forceinline__ const float *qkv_row(const float *qkv, int b, 
   return qkv + ((size_t)b * T + t) * 3 * C + (size_t)part * C + (size_t)h * hs;
 }
 
+/* Rows t0 .. t0+BLK-1 (zeros past T) of one head into a shared tile; row t of the head
+ * starts at rows + t * stride. The whole block loads, each thread a strided share. */
+template <int HS, int BLK>
+static __device__ __forceinline__ void load_tile(float (*tile)[HS + 1], const float *rows, size_t stride,
+                                                 int t0, int T, int hs) {
+  for (int k = threadIdx.x; k < BLK * hs; k += BLK) {
+    int i = k / hs, d = k % hs;
+    tile[i][d] = t0 + i < T ? rows[(size_t)(t0 + i) * stride + d] : 0.0f;
+  }
+}
+
 /* ---- fused forward ------------------------------------------------------------------- */
 
 template <int HS, int BLK>
@@ -31,10 +42,8 @@ static __global__ void __launch_bounds__(BLK)
   int bh = blockIdx.y, b = bh / NH, h = bh % NH;
   int q0 = blockIdx.x * BLK, tq = q0 + threadIdx.x;
   bool active = tq < T;
-  for (int k = threadIdx.x; k < BLK * hs; k += BLK) {
-    int i = k / hs, d = k % hs;
-    Qs[i][d] = q0 + i < T ? qkv_row(qkv, b, q0 + i, T, C, 0, h, hs)[d] : 0.0f;
-  }
+  const size_t qs = 3 * (size_t)C; /* row stride of q, k and v */
+  load_tile<HS, BLK>(Qs, qkv_row(qkv, b, 0, T, C, 0, h, hs), qs, q0, T, hs);
   float o[HS];
 #pragma unroll
   for (int d = 0; d < HS; d++) o[d] = 0.0f;
@@ -42,11 +51,8 @@ static __global__ void __launch_bounds__(BLK)
   int kend = min(T, q0 + BLK); /* causal: no key after the block's last query */
   for (int k0 = 0; k0 < kend; k0 += BLK) {
     __syncthreads();
-    for (int k = threadIdx.x; k < BLK * hs; k += BLK) {
-      int j = k / hs, d = k % hs, tk = k0 + j;
-      Ks[j][d] = tk < T ? qkv_row(qkv, b, tk, T, C, 1, h, hs)[d] : 0.0f;
-      Vs[j][d] = tk < T ? qkv_row(qkv, b, tk, T, C, 2, h, hs)[d] : 0.0f;
-    }
+    load_tile<HS, BLK>(Ks, qkv_row(qkv, b, 0, T, C, 1, h, hs), qs, k0, T, hs);
+    load_tile<HS, BLK>(Vs, qkv_row(qkv, b, 0, T, C, 2, h, hs), qs, k0, T, hs);
     __syncthreads();
     if (!active) continue;
     int jn = min(BLK, tq - k0 + 1);
@@ -89,23 +95,17 @@ static __global__ void __launch_bounds__(BLK)
   int bh = blockIdx.y, b = bh / NH, h = bh % NH;
   int q0 = blockIdx.x * BLK, tq = q0 + threadIdx.x, me = threadIdx.x;
   bool active = tq < T;
-  for (int k = threadIdx.x; k < BLK * hs; k += BLK) {
-    int i = k / hs, d = k % hs;
-    bool in = q0 + i < T;
-    Qs[i][d] = in ? qkv_row(qkv, b, q0 + i, T, C, 0, h, hs)[d] : 0.0f;
-    dOs[i][d] = in ? dout[((size_t)b * T + q0 + i) * C + (size_t)h * hs + d] : 0.0f;
-  }
+  const size_t qs = 3 * (size_t)C;
+  load_tile<HS, BLK>(Qs, qkv_row(qkv, b, 0, T, C, 0, h, hs), qs, q0, T, hs);
+  load_tile<HS, BLK>(dOs, dout + (size_t)b * T * C + (size_t)h * hs, C, q0, T, hs);
   float L = active ? lse[(size_t)bh * T + tq] : 0.0f;
   int kend = min(T, q0 + BLK);
   /* pass 1: D = sum_j P_ij (dO_i . v_j) = dO_i . O_i */
   float D = 0.0f;
   for (int k0 = 0; k0 < kend; k0 += BLK) {
     __syncthreads();
-    for (int k = threadIdx.x; k < BLK * hs; k += BLK) {
-      int j = k / hs, d = k % hs, tk = k0 + j;
-      Ks[j][d] = tk < T ? qkv_row(qkv, b, tk, T, C, 1, h, hs)[d] : 0.0f;
-      Vs[j][d] = tk < T ? qkv_row(qkv, b, tk, T, C, 2, h, hs)[d] : 0.0f;
-    }
+    load_tile<HS, BLK>(Ks, qkv_row(qkv, b, 0, T, C, 1, h, hs), qs, k0, T, hs);
+    load_tile<HS, BLK>(Vs, qkv_row(qkv, b, 0, T, C, 2, h, hs), qs, k0, T, hs);
     __syncthreads();
     if (!active) continue;
     int jn = min(BLK, tq - k0 + 1);
@@ -126,11 +126,8 @@ static __global__ void __launch_bounds__(BLK)
   for (int d = 0; d < HS; d++) dq[d] = 0.0f;
   for (int k0 = 0; k0 < kend; k0 += BLK) {
     __syncthreads();
-    for (int k = threadIdx.x; k < BLK * hs; k += BLK) {
-      int j = k / hs, d = k % hs, tk = k0 + j;
-      Ks[j][d] = tk < T ? qkv_row(qkv, b, tk, T, C, 1, h, hs)[d] : 0.0f;
-      Vs[j][d] = tk < T ? qkv_row(qkv, b, tk, T, C, 2, h, hs)[d] : 0.0f;
-    }
+    load_tile<HS, BLK>(Ks, qkv_row(qkv, b, 0, T, C, 1, h, hs), qs, k0, T, hs);
+    load_tile<HS, BLK>(Vs, qkv_row(qkv, b, 0, T, C, 2, h, hs), qs, k0, T, hs);
     __syncthreads();
     if (!active) continue;
     int jn = min(BLK, tq - k0 + 1);
@@ -167,23 +164,17 @@ static __global__ void __launch_bounds__(BLK)
   int bh = blockIdx.y, b = bh / NH, h = bh % NH;
   int k0 = blockIdx.x * BLK, tk = k0 + threadIdx.x, me = threadIdx.x;
   bool active = tk < T;
-  for (int k = threadIdx.x; k < BLK * hs; k += BLK) {
-    int j = k / hs, d = k % hs;
-    bool in = k0 + j < T;
-    Ks[j][d] = in ? qkv_row(qkv, b, k0 + j, T, C, 1, h, hs)[d] : 0.0f;
-    Vs[j][d] = in ? qkv_row(qkv, b, k0 + j, T, C, 2, h, hs)[d] : 0.0f;
-  }
+  const size_t qs = 3 * (size_t)C;
+  load_tile<HS, BLK>(Ks, qkv_row(qkv, b, 0, T, C, 1, h, hs), qs, k0, T, hs);
+  load_tile<HS, BLK>(Vs, qkv_row(qkv, b, 0, T, C, 2, h, hs), qs, k0, T, hs);
   float dk[HS], dv[HS];
 #pragma unroll
   for (int d = 0; d < HS; d++) dk[d] = dv[d] = 0.0f;
   /* causal: only queries at or after this tile's first key */
   for (int q0 = k0; q0 < T; q0 += BLK) {
     __syncthreads();
-    for (int k = threadIdx.x; k < BLK * hs; k += BLK) {
-      int i = k / hs, d = k % hs, tq = q0 + i;
-      Qs[i][d] = tq < T ? qkv_row(qkv, b, tq, T, C, 0, h, hs)[d] : 0.0f;
-      dOs[i][d] = tq < T ? dout[((size_t)b * T + tq) * C + (size_t)h * hs + d] : 0.0f;
-    }
+    load_tile<HS, BLK>(Qs, qkv_row(qkv, b, 0, T, C, 0, h, hs), qs, q0, T, hs);
+    load_tile<HS, BLK>(dOs, dout + (size_t)b * T * C + (size_t)h * hs, C, q0, T, hs);
     if (q0 + (int)threadIdx.x < T) {
       Ls[threadIdx.x] = lse[(size_t)bh * T + q0 + threadIdx.x];
       Ds[threadIdx.x] = Dsave[(size_t)bh * T + q0 + threadIdx.x];
