@@ -3,6 +3,8 @@
 #ifndef OT_CLOUD_CMD_H
 #define OT_CLOUD_CMD_H
 
+#include <stdio.h>
+
 #include "ot_backend.h"
 #include "ot_gpt2.h"
 #include "ot_tokenizer.h"
@@ -35,5 +37,23 @@ void ot_cmd_npm_dir(char *dir, size_t n);
 /* Loads a checkpoint directory's model and tokenizer on a fresh backend. */
 int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
                       ot_tokenizer **tok);
+
+/* Emulator distillation (ot_cloud_distill.c): what `offtune-cloud distill` runs, and what
+ * the daemon runs for a session's emulator. Progress and step lines go to `log`; on error
+ * *what names the stage that failed. */
+typedef struct {
+  const char *model, *data, *out, *backend;
+  int int8, bottom, top, keep, steps, batch, seq_len, ckpt_every, resume, threads, warmup;
+  float drop_ratio, lr; /* drop_ratio < 0: not given (keep, else 0.5) */
+  FILE *log;
+} ot_cloud_distill_job;
+typedef struct {
+  int steps_done; /* by this call (0: --out already had them) */
+  double seconds;
+  float ce, kd, loss;
+} ot_cloud_distill_result;
+/* The command's defaults: bottom/top 2, 200 steps of 8, lr 1e-3, cpu, log stderr. */
+void ot_cloud_distill_job_default(ot_cloud_distill_job *j);
+int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res, const char **what);
 
 #endif

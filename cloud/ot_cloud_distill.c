@@ -26,6 +26,7 @@ typedef struct {
   ot_batcher *data;
   ot_distill *d;
   int B, T, steps;
+  FILE *log;
 } distill_ctx;
 
 /* The emulator package in --out (loadable at every checkpoint), then the resumable
@@ -49,36 +50,35 @@ static int report_step(void *vctx, int step, float loss, int *stop) {
   ot_distill_last(c->d, &ce, &kd);
   /* a plain line now and then; the progress bar shows the combined loss */
   if (step == 1 || step == c->steps || step % 50 == 0)
-    fprintf(stderr, "\n[distill] step %d: loss %.4f = CE %.4f + %.0f x KD %.5f\n", step, loss, ce,
+    fprintf(c->log, "\n[distill] step %d: loss %.4f = CE %.4f + %.0f x KD %.5f\n", step, loss, ce,
             OT_EMU_KD_WEIGHT, kd);
   return OT_OK;
 }
 
 int ot_cmd_distill(int argc, char **argv) {
-  const char *model = NULL, *data = NULL, *out = NULL, *backend = "cpu";
-  int int8 = 0, bottom = 2, top = 2, keep = 0, steps = 200, batch = 8, seq_len = 0, ckpt_every = 0,
-      resume = 0, threads = 0, warmup = 0;
-  float drop_ratio = -1.0f, lr = 1e-3f;
+  ot_cloud_distill_job j;
+  ot_cloud_distill_job_default(&j);
   const ot_opt opts[] = {
-      {"model", OT_OPT_STR, &model, "DIR", "full model checkpoint (the teacher; required)"},
-      {"data", OT_OPT_STR, &data, "FILE", "public text to distill on (offtune-cloud corpus --genres public)"},
-      {"out", OT_OPT_STR, &out, "DIR", "emulator package to write (required)"},
-      {"bottom", OT_OPT_INT, &bottom, "A", "bottom adapter blocks (default 2)"},
-      {"top", OT_OPT_INT, &top, "B", "top adapter blocks (default 2)"},
-      {"keep", OT_OPT_INT, &keep, "K", "middle blocks kept by the uniform layer drop"},
-      {"int8", OT_OPT_FLAG, &int8, NULL,
+      {"model", OT_OPT_STR, &j.model, "DIR", "full model checkpoint (the teacher; required)"},
+      {"data", OT_OPT_STR, &j.data, "FILE",
+       "public text to distill on (offtune-cloud corpus --genres public)"},
+      {"out", OT_OPT_STR, &j.out, "DIR", "emulator package to write (required)"},
+      {"bottom", OT_OPT_INT, &j.bottom, "A", "bottom adapter blocks (default 2)"},
+      {"top", OT_OPT_INT, &j.top, "B", "top adapter blocks (default 2)"},
+      {"keep", OT_OPT_INT, &j.keep, "K", "middle blocks kept by the uniform layer drop"},
+      {"int8", OT_OPT_FLAG, &j.int8, NULL,
        "store the frozen middle blocks' weights in int8 (one scale per output column): ~4x smaller package"},
-      {"drop-ratio", OT_OPT_FLOAT, &drop_ratio, "R",
+      {"drop-ratio", OT_OPT_FLOAT, &j.drop_ratio, "R",
        "fraction of middle blocks dropped (instead of --keep; default 0.5)"},
-      {"steps", OT_OPT_INT, &steps, "N", "optimizer steps (default 200)"},
-      {"batch", OT_OPT_INT, &batch, "B", "sequences per step (default 8)"},
-      {"seq-len", OT_OPT_INT, &seq_len, "T", "tokens per sequence (default: n_positions)"},
-      {"lr", OT_OPT_FLOAT, &lr, "LR", "AdamW learning rate (default 1e-3, cosine decay)"},
-      {"warmup", OT_OPT_INT, &warmup, "N", "linear warm-up steps (default 0)"},
-      {"ckpt-every", OT_OPT_INT, &ckpt_every, "N", "save every N steps (default: at the end)"},
-      {"resume", OT_OPT_FLAG, &resume, NULL, "continue from --out's train_state if there is one"},
-      {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
-      {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
+      {"steps", OT_OPT_INT, &j.steps, "N", "optimizer steps (default 200)"},
+      {"batch", OT_OPT_INT, &j.batch, "B", "sequences per step (default 8)"},
+      {"seq-len", OT_OPT_INT, &j.seq_len, "T", "tokens per sequence (default: n_positions)"},
+      {"lr", OT_OPT_FLOAT, &j.lr, "LR", "AdamW learning rate (default 1e-3, cosine decay)"},
+      {"warmup", OT_OPT_INT, &j.warmup, "N", "linear warm-up steps (default 0)"},
+      {"ckpt-every", OT_OPT_INT, &j.ckpt_every, "N", "save every N steps (default: at the end)"},
+      {"resume", OT_OPT_FLAG, &j.resume, NULL, "continue from --out's train_state if there is one"},
+      {"backend", OT_OPT_STR, &j.backend, "NAME", "cpu (default) or cuda"},
+      {"threads", OT_OPT_INT, &j.threads, "N", "CPU threads (default: all cores)"},
   };
   const char *syn =
       "offtune-cloud distill --model DIR --data FILE --out EMU_DIR [--bottom A --top B --keep K | "
@@ -93,11 +93,12 @@ int ot_cmd_distill(int argc, char **argv) {
     ot_cli_usage(stdout, syn, desc, opts, N_OPTS(opts));
     return OT_EXIT_OK;
   }
-  if (rc == OT_OK && (!model || !data || !out))
+  if (rc == OT_OK && (!j.model || !j.data || !j.out))
     rc = ot_error(OT_ERR_INVALID, "--model, --data and --out are required");
-  if (rc == OT_OK && keep && drop_ratio >= 0)
+  if (rc == OT_OK && j.keep && j.drop_ratio >= 0)
     rc = ot_error(OT_ERR_INVALID, "give --keep or --drop-ratio, not both");
-  if (rc == OT_OK && (steps < 1 || batch < 1 || seq_len < 0 || !(lr > 0) || ckpt_every < 0 || warmup < 0))
+  if (rc == OT_OK &&
+      (j.steps < 1 || j.batch < 1 || j.seq_len < 0 || !(j.lr > 0) || j.ckpt_every < 0 || j.warmup < 0))
     rc = ot_error(OT_ERR_INVALID,
                   "need --steps, --batch >= 1, --lr > 0, --seq-len, --ckpt-every, --warmup >= 0");
   if (rc) {
@@ -105,6 +106,29 @@ int ot_cmd_distill(int argc, char **argv) {
     ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
     return OT_EXIT_USAGE;
   }
+  ot_cloud_distill_result res;
+  const char *what = NULL;
+  rc = ot_cloud_distill(&j, &res, &what);
+  if (rc) return ot_cmd_fail(what, rc);
+  if (res.steps_done > 0)
+    printf("distilled %d steps in %.1f s: CE %.4f | KD %.6f | loss %.4f; emulator saved to %s\n",
+           res.steps_done, res.seconds, res.ce, res.kd, res.loss, j.out);
+  return OT_EXIT_OK;
+}
+
+void ot_cloud_distill_job_default(ot_cloud_distill_job *j) {
+  memset(j, 0, sizeof *j);
+  j->backend = "cpu";
+  j->bottom = j->top = 2;
+  j->steps = 200;
+  j->batch = 8;
+  j->drop_ratio = -1.0f;
+  j->lr = 1e-3f;
+  j->log = stderr;
+}
+
+int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res, const char **what) {
+  ot_cloud_distill_result r = {0, 0.0, 0.0f, 0.0f, 0.0f};
   ot_backend *be = NULL;
   ot_gpt2 *full = NULL, *emu = NULL;
   ot_tokenizer *tok = NULL, *etok = NULL;
@@ -112,32 +136,35 @@ int ot_cmd_distill(int argc, char **argv) {
   ot_tokens toks = {NULL, 0};
   ot_optimizer *opt = NULL;
   ot_distill *d = NULL;
-  const char *what = "loading the model";
-  rc = ot_cmd_load_model(model, backend, threads, &be, &full, &tok);
-  if (rc) return ot_cmd_fail(what, rc);
+  *what = "loading the model";
+  int rc = ot_cmd_load_model(j->model, j->backend, j->threads, &be, &full, &tok);
+  if (rc) return rc;
+  int keep = j->keep, batch = j->batch, steps = j->steps;
+  const char *out = j->out;
   const ot_gpt2_config *fc = ot_gpt2_cfg(full);
-  int T = seq_len ? seq_len : fc->n_positions;
+  int T = j->seq_len ? j->seq_len : fc->n_positions;
   if (T > fc->n_positions)
     rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds n_positions %d", T, fc->n_positions);
-  what = "planning the emulator";
+  *what = "planning the emulator";
   if (rc == OT_OK && !keep)
-    rc = ot_emu_keep_for_ratio(fc->n_layer, bottom, top, drop_ratio >= 0 ? drop_ratio : 0.5f, &keep);
-  if (rc == OT_OK) rc = ot_emu_plan_make(fc->n_layer, bottom, top, keep, &plan);
-  plan.int8_middle = int8;
+    rc = ot_emu_keep_for_ratio(fc->n_layer, j->bottom, j->top, j->drop_ratio >= 0 ? j->drop_ratio : 0.5f,
+                               &keep);
+  if (rc == OT_OK) rc = ot_emu_plan_make(fc->n_layer, j->bottom, j->top, keep, &plan);
+  plan.int8_middle = j->int8;
   char *st_path = NULL;
-  if (rc == OT_OK) rc = ot_path_join(model, "model.safetensors", &st_path);
+  if (rc == OT_OK) rc = ot_path_join(j->model, "model.safetensors", &st_path);
   if (rc == OT_OK) rc = ot_file_digest(st_path, plan.base_digest);
   free(st_path);
   int start = 0;
   if (rc == OT_OK) {
-    what = "reading the data";
-    rc = ot_tokens_from_text(tok, data, &toks);
+    *what = "reading the data";
+    rc = ot_tokens_from_text(tok, j->data, &toks);
     if (rc == OT_OK && toks.n < (size_t)batch * T + 1)
-      rc = ot_error(OT_ERR_INVALID, "%s: %zu tokens, a step needs %d", data, toks.n, batch * T + 1);
+      rc = ot_error(OT_ERR_INVALID, "%s: %zu tokens, a step needs %d", j->data, toks.n, batch * T + 1);
   }
   int resuming = 0;
-  if (rc == OT_OK && resume && ot_snapshot_exists(out)) {
-    what = "resuming";
+  if (rc == OT_OK && j->resume && ot_snapshot_exists(out)) {
+    *what = "resuming";
     ot_emu_plan saved;
     rc = ot_emu_load(out, be, &emu, &etok, &saved);
     if (rc == OT_OK && (memcmp(saved.src, plan.src, sizeof plan.src) != 0 || saved.keep != plan.keep ||
@@ -145,7 +172,7 @@ int ot_cmd_distill(int argc, char **argv) {
       rc = ot_error(OT_ERR_MISMATCH, "%s holds an emulator of another model or layer plan", out);
     resuming = rc == OT_OK;
   } else if (rc == OT_OK) {
-    what = "building the emulator";
+    *what = "building the emulator";
     rc = ot_emu_build(full, &plan, &emu);
   }
   ot_batcher bt;
@@ -161,29 +188,29 @@ int ot_cmd_distill(int argc, char **argv) {
     rc = ot_snapshot_load(out, emu, opt, toks.n, &st);
     start = st.step;
     bt.pos = st.pos;
-    if (rc == OT_OK) fprintf(stderr, "[distill] resuming %s at step %d of %d\n", out, start, steps);
+    if (rc == OT_OK) fprintf(j->log, "[distill] resuming %s at step %d of %d\n", out, start, steps);
   }
   if (rc == OT_OK) {
-    what = "distilling";
-    fprintf(stderr, "[distill] %d blocks -> emulator of %d: bottom 0..%d, middle keeps", fc->n_layer,
-            ot_emu_n_layer(&plan), bottom - 1);
-    for (int i = 0; i < keep; i++) fprintf(stderr, " %d", plan.src[bottom + i]);
-    fprintf(stderr, " of %d..%d, top %d..%d; %zu tokens, %d steps of %d x %d\n", bottom,
-            fc->n_layer - top - 1, fc->n_layer - top, fc->n_layer - 1, toks.n, steps, batch, T);
-    distill_ctx ctx = {out, emu, &plan, tok, opt, &bt, d, batch, T, steps};
-    ot_lr_schedule sched = {lr, warmup, steps, OT_LR_COSINE, 0.1f};
-    ot_train_config tc = {steps, batch,  T,         sched,       ckpt_every, save_state,
-                          &ctx,  stderr, "distill", report_step, loss_step};
-    ot_train_result res;
+    *what = "distilling";
+    fprintf(j->log, "[distill] %d blocks -> emulator of %d: bottom 0..%d, middle keeps", fc->n_layer,
+            ot_emu_n_layer(&plan), j->bottom - 1);
+    for (int i = 0; i < keep; i++) fprintf(j->log, " %d", plan.src[j->bottom + i]);
+    fprintf(j->log, " of %d..%d, top %d..%d; %zu tokens, %d steps of %d x %d\n", j->bottom,
+            fc->n_layer - j->top - 1, fc->n_layer - j->top, fc->n_layer - 1, toks.n, steps, batch, T);
+    distill_ctx ctx = {out, emu, &plan, tok, opt, &bt, d, batch, T, steps, j->log};
+    ot_lr_schedule sched = {j->lr, j->warmup, steps, OT_LR_COSINE, 0.1f};
+    ot_train_config tc = {steps, batch,  T,         sched,       j->ckpt_every, save_state,
+                          &ctx,  j->log, "distill", report_step, loss_step};
+    ot_train_result tr;
     if (start >= steps) {
-      fprintf(stderr, "[distill] %s already has %d steps; nothing to do\n", out, start);
+      fprintf(j->log, "[distill] %s already has %d steps; nothing to do\n", out, start);
     } else {
-      rc = ot_train(emu, opt, &bt, &tc, start, &res);
+      rc = ot_train(emu, opt, &bt, &tc, start, &tr);
       if (rc == OT_OK) {
-        float ce, kd;
-        ot_distill_last(d, &ce, &kd);
-        printf("distilled %d steps in %.1f s: CE %.4f | KD %.6f | loss %.4f; emulator saved to %s\n",
-               res.steps_done - start, res.seconds, ce, kd, res.last_loss, out);
+        r.steps_done = tr.steps_done - start;
+        r.seconds = tr.seconds;
+        r.loss = tr.last_loss;
+        ot_distill_last(d, &r.ce, &r.kd);
       }
     }
   }
@@ -195,5 +222,6 @@ int ot_cmd_distill(int argc, char **argv) {
   ot_tokenizer_free(etok);
   ot_tokenizer_free(tok);
   ot_backend_free(be);
-  return rc ? ot_cmd_fail(what, rc) : OT_EXIT_OK;
+  if (rc == OT_OK) *res = r;
+  return rc;
 }

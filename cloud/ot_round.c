@@ -110,28 +110,19 @@ static int ensure_emulator(ot_daemon *d, const ot_session_row *s, int64_t *emu_i
   if (rc) return rc;
   ot_daemon_log(d, "session '%s': distilling the emulator of '%s' (%s) into %s", c->name, c->model, key,
                 final);
-  char a_bottom[16], a_top[16], a_keep[16], a_steps[16], a_batch[16], a_seq[16];
-  snprintf(a_bottom, sizeof a_bottom, "%d", c->bottom);
-  snprintf(a_top, sizeof a_top, "%d", c->top);
-  snprintf(a_keep, sizeof a_keep, "%d", c->keep);
-  snprintf(a_steps, sizeof a_steps, "%d", c->distill_steps);
-  snprintf(a_batch, sizeof a_batch, "%d", c->distill_batch);
-  snprintf(a_seq, sizeof a_seq, "%d", c->distill_seq);
-  char *argv[24];
-  int argc = 0;
-  argv[argc++] = "--model", argv[argc++] = mdir, argv[argc++] = "--data", argv[argc++] = data;
-  argv[argc++] = "--out", argv[argc++] = tmp, argv[argc++] = "--bottom", argv[argc++] = a_bottom;
-  argv[argc++] = "--top", argv[argc++] = a_top, argv[argc++] = "--steps", argv[argc++] = a_steps;
-  argv[argc++] = "--batch", argv[argc++] = a_batch;
-  if (c->keep) argv[argc++] = "--keep", argv[argc++] = a_keep;
-  if (c->distill_seq) argv[argc++] = "--seq-len", argv[argc++] = a_seq;
-  argv[argc] = NULL;
+  ot_cloud_distill_job job;
+  ot_cloud_distill_job_default(&job);
+  job.model = mdir, job.data = data, job.out = tmp;
+  job.bottom = c->bottom, job.top = c->top, job.keep = c->keep;
+  job.steps = c->distill_steps, job.batch = c->distill_batch, job.seq_len = c->distill_seq;
+  ot_cloud_distill_result res;
+  const char *what = NULL;
   double t0 = ot_now();
-  /* the offtune-cloud distill command itself: one implementation of distillation */
-  if (ot_cmd_distill(argc, argv) != OT_EXIT_OK) {
+  rc = ot_cloud_distill(&job, &res, &what); /* the same distillation as `offtune-cloud distill` */
+  if (rc) {
     char why[512];
     snprintf(why, sizeof why, "%s", ot_error_detail());
-    return ot_error(OT_ERR_INVALID, "distilling the emulator failed: %s", why);
+    return ot_error(rc, "distilling the emulator failed (%s): %s", what, why);
   }
   char ts[2700];
   snprintf(ts, sizeof ts, "%s/train_state", tmp);
@@ -149,8 +140,10 @@ static int ensure_emulator(ot_daemon *d, const ot_session_row *s, int64_t *emu_i
   if (rc == OT_OK) {
     memcpy(emu_dir, final, strnlen(final, 1023));
     emu_dir[strnlen(final, 1023)] = '\0';
-    ot_daemon_log(d, "session '%s': emulator ready in %.1f s (digest %.16s...)", c->name, ot_now() - t0,
-                  edigest);
+    ot_daemon_log(
+        d,
+        "session '%s': emulator ready in %.1f s (%d distillation steps, CE %.4f, KD %.5f; digest %.16s...)",
+        c->name, ot_now() - t0, res.steps_done, res.ce, res.kd, edigest);
   }
   return rc;
 }
