@@ -19,10 +19,7 @@ static char *dir, *cloud, *device;
 
 static int setup(void **state) {
   (void)state;
-  dir = ot_test_tmpdir("adapters_cli");
-  if (asprintf(&cloud, "%s/cloud/offtune-cloud", ot_test_binary_dir()) < 0) return -1;
-  if (asprintf(&device, "%s/device/offtune-device", ot_test_binary_dir()) < 0) return -1;
-  return 0;
+  return ot_test_cli_paths("adapters_cli", &dir, &cloud, &device);
 }
 
 static int teardown(void **state) {
@@ -35,11 +32,7 @@ static int teardown(void **state) {
 
 static char out[1 << 16];
 
-#define RUN_OK(...)                                                                                          \
-  do {                                                                                                       \
-    int rc_ = ot_test_run(out, sizeof out, __VA_ARGS__);                                                     \
-    if (rc_ != 0) fail_msg("exit %d:\n%s", rc_, out);                                                        \
-  } while (0)
+#define RUN_OK(...) OT_TEST_RUN_OK(out, __VA_ARGS__)
 
 static double eval_loss(const char *what, const char *fmt_cmd) {
   double loss, tokens;
@@ -51,12 +44,7 @@ static double eval_loss(const char *what, const char *fmt_cmd) {
 static void test_adapter_flow(void **state) {
   (void)state;
   char cmd[2048];
-  RUN_OK("%s corpus --genres public --out %s/public.txt", cloud, dir);
-  RUN_OK("%s corpus --genres romance --out %s/romance.txt", cloud, dir);
-  assert_int_equal(ot_test_system("head -c 30000 '%s/romance.txt' > '%s/private.txt'", dir, dir), 0);
-  RUN_OK("%s pretrain --tokenizer byte --layers 4 --embd 16 --heads 2 --ctx 32 --steps 20 --batch 4 --text "
-         "%s/public.txt --out %s/full",
-         cloud, dir, dir);
+  ot_test_cli_base(cloud, dir, 30000, out, sizeof out);
   RUN_OK("%s distill --model %s/full --data %s/public.txt --out %s/emu --bottom 1 --top 1 --keep 1 --steps 4 "
          "--batch 4 --seq-len 32",
          cloud, dir, dir, dir);
