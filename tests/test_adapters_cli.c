@@ -13,26 +13,12 @@
 #include <string.h>
 #include <sys/wait.h>
 
-#include "ot_test_util.h"
-
-static char *dir, *cloud, *device;
+#include "cli_fixture.h"
 
 static int setup(void **state) {
   (void)state;
-  return ot_test_cli_paths("adapters_cli", &dir, &cloud, &device);
+  return cli_fixture_setup("adapters_cli");
 }
-
-static int teardown(void **state) {
-  (void)state;
-  free(dir);
-  free(cloud);
-  free(device);
-  return 0;
-}
-
-static char out[1 << 16];
-
-#define RUN_OK(...) OT_TEST_RUN_OK(out, __VA_ARGS__)
 
 static double eval_loss(const char *what, const char *fmt_cmd) {
   double loss, tokens;
@@ -118,5 +104,5 @@ static void test_adapter_flow(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {cmocka_unit_test(test_adapter_flow)};
-  return cmocka_run_group_tests(tests, setup, teardown);
+  return cmocka_run_group_tests(tests, setup, cli_fixture_teardown);
 }

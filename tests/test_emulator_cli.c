@@ -13,26 +13,12 @@
 #include <string.h>
 #include <sys/wait.h>
 
-#include "ot_test_util.h"
-
-static char *dir, *cloud, *device;
+#include "cli_fixture.h"
 
 static int setup(void **state) {
   (void)state;
-  return ot_test_cli_paths("emulator_cli", &dir, &cloud, &device);
+  return cli_fixture_setup("emulator_cli");
 }
-
-static int teardown(void **state) {
-  (void)state;
-  free(dir);
-  free(cloud);
-  free(device);
-  return 0;
-}
-
-static char out[1 << 16];
-
-#define RUN_OK(...) OT_TEST_RUN_OK(out, __VA_ARGS__)
 
 static void test_offsite_flow(void **state) {
   (void)state;
@@ -154,5 +140,5 @@ static void test_resume_is_exact(void **state) {
 int main(void) {
   const struct CMUnitTest tests[] = {cmocka_unit_test(test_offsite_flow),
                                      cmocka_unit_test(test_resume_is_exact)};
-  return cmocka_run_group_tests(tests, setup, teardown);
+  return cmocka_run_group_tests(tests, setup, cli_fixture_teardown);
 }
