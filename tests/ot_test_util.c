@@ -11,6 +11,8 @@
 #include <string.h>
 #include <sys/wait.h>
 
+#include "ot_error.h"
+
 static const char *env_or_fail(const char *name) {
   const char *v = getenv(name);
   if (!v || !*v) fail_msg("environment variable %s is not set: run the tests through ctest", name);
@@ -41,12 +43,9 @@ int ot_test_system(const char *fmt, ...) {
   return WEXITSTATUS(st);
 }
 
-int ot_test_run(char *out, size_t cap, const char *fmt, ...) {
+static int run_v(char *out, size_t cap, const char *fmt, va_list ap) {
   char *cmd = NULL, *full = NULL;
-  va_list ap;
-  va_start(ap, fmt);
   assert_true(vasprintf(&cmd, fmt, ap) >= 0);
-  va_end(ap);
   assert_true(asprintf(&full, "%s 2>&1", cmd) >= 0);
   FILE *p = popen(full, "r");
   assert_non_null(p);
@@ -61,6 +60,24 @@ int ot_test_run(char *out, size_t cap, const char *fmt, ...) {
   free(cmd);
   free(full);
   return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+int ot_test_run(char *out, size_t cap, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int rc = run_v(out, cap, fmt, ap);
+  va_end(ap);
+  return rc;
+}
+
+/* ot_test_run that fails the test with the output unless the command exits 0. */
+static void run_ok(char *out, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void run_ok(char *out, size_t cap, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int rc = run_v(out, cap, fmt, ap);
+  va_end(ap);
+  if (rc != 0) fail_msg("exit %d:\n%s", rc, out);
 }
 
 double ot_test_json_number(const char *json, const char *key) {
@@ -110,4 +127,56 @@ int ot_test_ref(const char *script, const char *out_dir) {
             "reference generator %s failed (exit %d): is python3-torch installed (scripts/setup.sh)?\n",
             script, rc);
   return rc;
+}
+
+int ot_test_cli_paths(const char *name, char **dir, char **cloud, char **device) {
+  *dir = ot_test_tmpdir(name);
+  if (asprintf(cloud, "%s/cloud/offtune-cloud", ot_test_binary_dir()) < 0) return -1;
+  if (asprintf(device, "%s/device/offtune-device", ot_test_binary_dir()) < 0) return -1;
+  return 0;
+}
+
+void ot_test_cli_base(const char *cloud, const char *dir, int private_bytes, char *out, size_t cap) {
+  /* the cloud's public corpus and one device's private text */
+  run_ok(out, cap, "%s corpus --genres public --out %s/public.txt", cloud, dir);
+  run_ok(out, cap, "%s corpus --genres romance --out %s/romance.txt", cloud, dir);
+  /* a slice keeps the tests quick */
+  assert_int_equal(ot_test_system("head -c %d '%s/romance.txt' > '%s/private.txt'", private_bytes, dir, dir),
+                   0);
+  run_ok(out, cap,
+         "%s pretrain --tokenizer byte --layers 4 --embd 16 --heads 2 --ctx 32 --steps 20 --batch 4 --text "
+         "%s/public.txt --out %s/full",
+         cloud, dir, dir);
+}
+
+void ot_test_st_batch(ot_safetensors *st, int *B, int *T, int32_t **in, int32_t **tg) {
+  const ot_st_tensor *i = ot_st_find(st, "inputs"), *t = ot_st_find(st, "targets");
+  assert_non_null(i);
+  assert_non_null(t);
+  *B = (int)i->shape[0];
+  *T = (int)i->shape[1];
+  *in = malloc(i->nbytes);
+  *tg = malloc(i->nbytes);
+  assert_non_null(*in);
+  assert_non_null(*tg);
+  memcpy(*in, ot_st_data(st, i), i->nbytes);
+  memcpy(*tg, ot_st_data(st, t), i->nbytes);
+}
+
+void ot_test_case_open(ot_test_case *c, const char *model_dir, const char *case_dir) {
+  memset(c, 0, sizeof *c);
+  char path[1024];
+  assert_int_equal(ot_backend_cpu_create(2, &c->be), 0);
+  if (ot_gpt2_load_dir(model_dir, c->be, &c->m)) fail_msg("load %s: %s", model_dir, ot_error_detail());
+  snprintf(path, sizeof path, "%s/ref.safetensors", case_dir);
+  assert_int_equal(ot_st_open(path, &c->ref), 0);
+  ot_test_st_batch(c->ref, &c->B, &c->T, &c->in, &c->tg);
+}
+
+void ot_test_case_close(ot_test_case *c) {
+  ot_gpt2_free(c->m);
+  ot_backend_free(c->be);
+  ot_st_close(c->ref);
+  free(c->in);
+  free(c->tg);
 }

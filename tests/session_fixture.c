@@ -23,9 +23,7 @@ char *dir, *cloud, *device;
 char out[1 << 18];
 
 int session_fixture_setup(const char *name, const char *const *genres, int n_genres) {
-  dir = ot_test_tmpdir(name);
-  if (asprintf(&cloud, "%s/cloud/offtune-cloud", ot_test_binary_dir()) < 0) return -1;
-  if (asprintf(&device, "%s/device/offtune-device", ot_test_binary_dir()) < 0) return -1;
+  if (ot_test_cli_paths(name, &dir, &cloud, &device) < 0) return -1;
   RUN_OK("%s corpus --genres public --out %s/public.txt", cloud, dir);
   for (int i = 0; i < n_genres; i++) {
     RUN_OK("%s corpus --genres %s --out %s/%s_all.txt", cloud, genres[i], dir, genres[i]);

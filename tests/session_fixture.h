@@ -22,11 +22,7 @@ extern char *device;      /* the offtune-device binary */
 extern char out[1 << 18]; /* the last command's output (RUN_OK, ot_test_run) */
 
 /* Runs a command into out; fails the test with its output unless it exits 0. */
-#define RUN_OK(...)                                                                                          \
-  do {                                                                                                       \
-    int rc_ = ot_test_run(out, sizeof out, __VA_ARGS__);                                                     \
-    if (rc_ != 0) fail_msg("exit %d:\n%s", rc_, out);                                                        \
-  } while (0)
+#define RUN_OK(...) OT_TEST_RUN_OK(out, __VA_ARGS__)
 
 /* Makes dir (tests/tmp/<name>), the corpora (public + each genre) and the tiny model. */
 int session_fixture_setup(const char *name, const char *const *genres, int n_genres);

@@ -38,23 +38,11 @@ static int teardown(void **state) {
   return 0;
 }
 
-typedef struct {
-  ot_backend *be;
-  ot_gpt2 *m;
-  ot_safetensors *ref;
-  int B, T;
-  int32_t *in, *tg;
-} fx;
-
 /* Loads case `name`; kind 0 lora, 1 bottleneck, 2 bitfit; adapters on blocks 0 and 3. */
-static void open_case(fx *f, const char *name, int kind, float dropout) {
-  memset(f, 0, sizeof *f);
-  char d[600], path[700];
+static void open_case(ot_test_case *f, const char *name, int kind, float dropout) {
+  char d[600];
   snprintf(d, sizeof d, "%s/%s", dir, name);
-  assert_int_equal(ot_backend_cpu_create(2, &f->be), 0);
-  assert_int_equal(ot_gpt2_load_dir(d, f->be, &f->m), 0);
-  snprintf(path, sizeof path, "%s/ref.safetensors", d);
-  assert_int_equal(ot_st_open(path, &f->ref), 0);
+  ot_test_case_open(f, d, d);
   ot_block_ext ext[4];
   memset(ext, 0, sizeof ext);
   for (int l = 0; l < 4; l += 3) {
@@ -78,25 +66,10 @@ static void open_case(fx *f, const char *name, int kind, float dropout) {
         strcmp(p->name + len - 5, ".bias") == 0)
       p->trainable = 1;
   }
-  const ot_st_tensor *in = ot_st_find(f->ref, "inputs");
-  f->B = (int)in->shape[0];
-  f->T = (int)in->shape[1];
-  f->in = malloc(in->nbytes);
-  f->tg = malloc(in->nbytes);
-  memcpy(f->in, ot_st_data(f->ref, in), in->nbytes);
-  memcpy(f->tg, ot_st_data(f->ref, ot_st_find(f->ref, "targets")), in->nbytes);
-}
-
-static void close_case(fx *f) {
-  ot_gpt2_free(f->m);
-  ot_backend_free(f->be);
-  ot_st_close(f->ref);
-  free(f->in);
-  free(f->tg);
 }
 
 static void check_grads(const char *name, int kind, float dropout, int want_checked) {
-  fx f;
+  ot_test_case f;
   open_case(&f, name, kind, dropout);
   assert_int_equal(ot_gpt2_prepare(f.m, f.B, f.T, 1), 0);
   ot_gpt2_set_step(f.m, 3);
@@ -130,7 +103,7 @@ static void check_grads(const char *name, int kind, float dropout, int want_chec
   }
   printf("%s: %d gradients, worst relative error %.3g\n", name, checked, worst);
   assert_int_equal(checked, want_checked);
-  close_case(&f);
+  ot_test_case_close(&f);
 }
 
 static void test_lora_grad(void **state) {

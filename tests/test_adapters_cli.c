@@ -13,33 +13,12 @@
 #include <string.h>
 #include <sys/wait.h>
 
-#include "ot_test_util.h"
-
-static char *dir, *cloud, *device;
+#include "cli_fixture.h"
 
 static int setup(void **state) {
   (void)state;
-  dir = ot_test_tmpdir("adapters_cli");
-  if (asprintf(&cloud, "%s/cloud/offtune-cloud", ot_test_binary_dir()) < 0) return -1;
-  if (asprintf(&device, "%s/device/offtune-device", ot_test_binary_dir()) < 0) return -1;
-  return 0;
+  return cli_fixture_setup("adapters_cli");
 }
-
-static int teardown(void **state) {
-  (void)state;
-  free(dir);
-  free(cloud);
-  free(device);
-  return 0;
-}
-
-static char out[1 << 16];
-
-#define RUN_OK(...)                                                                                          \
-  do {                                                                                                       \
-    int rc_ = ot_test_run(out, sizeof out, __VA_ARGS__);                                                     \
-    if (rc_ != 0) fail_msg("exit %d:\n%s", rc_, out);                                                        \
-  } while (0)
 
 static double eval_loss(const char *what, const char *fmt_cmd) {
   double loss, tokens;
@@ -51,12 +30,7 @@ static double eval_loss(const char *what, const char *fmt_cmd) {
 static void test_adapter_flow(void **state) {
   (void)state;
   char cmd[2048];
-  RUN_OK("%s corpus --genres public --out %s/public.txt", cloud, dir);
-  RUN_OK("%s corpus --genres romance --out %s/romance.txt", cloud, dir);
-  assert_int_equal(ot_test_system("head -c 30000 '%s/romance.txt' > '%s/private.txt'", dir, dir), 0);
-  RUN_OK("%s pretrain --tokenizer byte --layers 4 --embd 16 --heads 2 --ctx 32 --steps 20 --batch 4 --text "
-         "%s/public.txt --out %s/full",
-         cloud, dir, dir);
+  ot_test_cli_base(cloud, dir, 30000, out, sizeof out);
   RUN_OK("%s distill --model %s/full --data %s/public.txt --out %s/emu --bottom 1 --top 1 --keep 1 --steps 4 "
          "--batch 4 --seq-len 32",
          cloud, dir, dir, dir);
@@ -130,5 +104,5 @@ static void test_adapter_flow(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {cmocka_unit_test(test_adapter_flow)};
-  return cmocka_run_group_tests(tests, setup, teardown);
+  return cmocka_run_group_tests(tests, setup, cli_fixture_teardown);
 }

@@ -128,13 +128,7 @@ static void distill_open(distill_fx *f) {
   assert_int_equal(ot_emu_build(f->full, &f->plan, &f->emu), 0);
   snprintf(path, sizeof path, "%s/ref.safetensors", d);
   assert_int_equal(ot_st_open(path, &f->ref), 0);
-  const ot_st_tensor *in = ot_st_find(f->ref, "inputs");
-  f->B = (int)in->shape[0];
-  f->T = (int)in->shape[1];
-  f->in = malloc(in->nbytes);
-  f->tg = malloc(in->nbytes);
-  memcpy(f->in, ot_st_data(f->ref, in), in->nbytes);
-  memcpy(f->tg, ot_st_data(f->ref, ot_st_find(f->ref, "targets")), in->nbytes);
+  ot_test_st_batch(f->ref, &f->B, &f->T, &f->in, &f->tg);
 }
 
 static void distill_close(distill_fx *f) {

@@ -13,44 +13,16 @@
 #include <string.h>
 #include <sys/wait.h>
 
-#include "ot_test_util.h"
-
-static char *dir, *cloud, *device;
+#include "cli_fixture.h"
 
 static int setup(void **state) {
   (void)state;
-  dir = ot_test_tmpdir("emulator_cli");
-  if (asprintf(&cloud, "%s/cloud/offtune-cloud", ot_test_binary_dir()) < 0) return -1;
-  if (asprintf(&device, "%s/device/offtune-device", ot_test_binary_dir()) < 0) return -1;
-  return 0;
+  return cli_fixture_setup("emulator_cli");
 }
-
-static int teardown(void **state) {
-  (void)state;
-  free(dir);
-  free(cloud);
-  free(device);
-  return 0;
-}
-
-static char out[1 << 16];
-
-#define RUN_OK(...)                                                                                          \
-  do {                                                                                                       \
-    int rc_ = ot_test_run(out, sizeof out, __VA_ARGS__);                                                     \
-    if (rc_ != 0) fail_msg("exit %d:\n%s", rc_, out);                                                        \
-  } while (0)
 
 static void test_offsite_flow(void **state) {
   (void)state;
-  /* the cloud's public corpus and one device's private text */
-  RUN_OK("%s corpus --genres public --out %s/public.txt", cloud, dir);
-  RUN_OK("%s corpus --genres romance --out %s/romance.txt", cloud, dir);
-  /* a slice keeps the test quick */
-  assert_int_equal(ot_test_system("head -c 40000 '%s/romance.txt' > '%s/private.txt'", dir, dir), 0);
-  RUN_OK("%s pretrain --tokenizer byte --layers 4 --embd 16 --heads 2 --ctx 32 --steps 20 --batch 4 --text "
-         "%s/public.txt --out %s/full",
-         cloud, dir, dir);
+  ot_test_cli_base(cloud, dir, 40000, out, sizeof out);
   /* defaults (bottom 2, top 2) leave no middle in 4 blocks: a clear error */
   assert_int_equal(ot_test_run(out, sizeof out,
                                "%s distill --model %s/full --data %s/public.txt --out %s/bad --keep 1", cloud,
@@ -168,5 +140,5 @@ static void test_resume_is_exact(void **state) {
 int main(void) {
   const struct CMUnitTest tests[] = {cmocka_unit_test(test_offsite_flow),
                                      cmocka_unit_test(test_resume_is_exact)};
-  return cmocka_run_group_tests(tests, setup, teardown);
+  return cmocka_run_group_tests(tests, setup, cli_fixture_teardown);
 }

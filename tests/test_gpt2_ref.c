@@ -48,39 +48,11 @@ static int teardown(void **state) {
   return 0;
 }
 
-typedef struct {
-  ot_backend *be;
-  ot_gpt2 *m;
-  ot_safetensors *ref;
-  int B, T;
-  int32_t *inputs, *targets;
-} fixture;
-
-static void fixture_open(fixture *fx, const char *name, const char *sub) {
-  memset(fx, 0, sizeof *fx);
-  char dir[512], path[512];
+static void fixture_open(ot_test_case *fx, const char *name, const char *sub) {
+  char dir[512], case_dir[512];
   snprintf(dir, sizeof dir, "%s/%s%s%s", ref_dir, name, sub ? "/" : "", sub ? sub : "");
-  assert_int_equal(ot_backend_cpu_create(2, &fx->be), 0);
-  int rc = ot_gpt2_load_dir(dir, fx->be, &fx->m);
-  if (rc) fail_msg("load %s: %s", dir, ot_error_detail());
-  snprintf(path, sizeof path, "%s/%s/ref.safetensors", ref_dir, name);
-  assert_int_equal(ot_st_open(path, &fx->ref), 0);
-  const ot_st_tensor *in = ot_st_find(fx->ref, "inputs");
-  assert_non_null(in);
-  fx->B = (int)in->shape[0];
-  fx->T = (int)in->shape[1];
-  fx->inputs = malloc(in->nbytes);
-  fx->targets = malloc(in->nbytes);
-  memcpy(fx->inputs, ot_st_data(fx->ref, in), in->nbytes);
-  memcpy(fx->targets, ot_st_data(fx->ref, ot_st_find(fx->ref, "targets")), in->nbytes);
-}
-
-static void fixture_close(fixture *fx) {
-  ot_gpt2_free(fx->m);
-  ot_backend_free(fx->be);
-  ot_st_close(fx->ref);
-  free(fx->inputs);
-  free(fx->targets);
+  snprintf(case_dir, sizeof case_dir, "%s/%s", ref_dir, name);
+  ot_test_case_open(fx, dir, case_dir);
 }
 
 static void check_close(const char *what, const char *cs, const float *got, const float *want, size_t n) {
@@ -99,14 +71,14 @@ static void check_close(const char *what, const char *cs, const float *got, cons
 static void test_logits_loss_grads(void **state) {
   (void)state;
   for (int c = 0; c < n_cases; c++) {
-    fixture fx;
+    ot_test_case fx;
     fixture_open(&fx, cases[c], NULL);
     const ot_gpt2_config *cfg = ot_gpt2_cfg(fx.m);
     size_t N = (size_t)fx.B * fx.T, V = cfg->vocab_size;
     assert_int_equal(ot_gpt2_prepare(fx.m, fx.B, fx.T, 1), 0);
 
     float *logits = malloc(N * V * sizeof(float));
-    assert_int_equal(ot_gpt2_forward_logits(fx.m, fx.inputs, fx.B, fx.T, logits), 0);
+    assert_int_equal(ot_gpt2_forward_logits(fx.m, fx.in, fx.B, fx.T, logits), 0);
     size_t nref;
     float *want = ot_test_st_f32(fx.ref, "logits", &nref);
     assert_int_equal(nref, N * V);
@@ -115,7 +87,7 @@ static void test_logits_loss_grads(void **state) {
     free(logits);
 
     float loss;
-    assert_int_equal(ot_gpt2_forward(fx.m, fx.inputs, fx.targets, fx.B, fx.T, &loss), 0);
+    assert_int_equal(ot_gpt2_forward(fx.m, fx.in, fx.tg, fx.B, fx.T, &loss), 0);
     float *wl = ot_test_st_f32(fx.ref, "loss", NULL);
     if (!(fabs(loss - wl[0]) < REL_TOL * fabs(wl[0])))
       fail_msg("%s: loss %.8f, PyTorch %.8f", cases[c], loss, wl[0]);
@@ -133,7 +105,7 @@ static void test_logits_loss_grads(void **state) {
       check_close(p->name, cases[c], p->grad, g, n);
       free(g);
     }
-    fixture_close(&fx);
+    ot_test_case_close(&fx);
   }
 }
 
@@ -141,7 +113,7 @@ static void test_logits_loss_grads(void **state) {
  * exactly the gradients of the full model, and the parameters of frozen tensors do not move. */
 static void test_frozen_subset(void **state) {
   (void)state;
-  fixture fx;
+  ot_test_case fx;
   fixture_open(&fx, "manyheads", NULL);
   int L = ot_gpt2_cfg(fx.m)->n_layer;
   ot_gpt2_set_all_trainable(fx.m, 0);
@@ -161,7 +133,7 @@ static void test_frozen_subset(void **state) {
   }
   assert_true(ot_gpt2_memory_bytes(fx.m) > 0);
   float loss;
-  assert_int_equal(ot_gpt2_forward(fx.m, fx.inputs, fx.targets, fx.B, fx.T, &loss), 0);
+  assert_int_equal(ot_gpt2_forward(fx.m, fx.in, fx.tg, fx.B, fx.T, &loss), 0);
   assert_int_equal(ot_gpt2_backward(fx.m), 0);
   for (int i = 0; i < ot_gpt2_param_count(fx.m); i++) {
     ot_param *p = ot_gpt2_param(fx.m, i);
@@ -196,7 +168,7 @@ static void test_frozen_subset(void **state) {
   }
   free(before);
   ot_optimizer_free(opt);
-  fixture_close(&fx);
+  ot_test_case_close(&fx);
 }
 
 /* F16 and BF16 checkpoints written by PyTorch load and score like PyTorch on the rounded weights. */
@@ -205,18 +177,18 @@ static void test_half_checkpoints(void **state) {
   const char *subs[2] = {"f16", "bf16"};
   for (int c = 0; c < n_cases; c++) {
     for (int s = 0; s < 2; s++) {
-      fixture fx;
+      ot_test_case fx;
       fixture_open(&fx, cases[c], subs[s]);
       assert_int_equal(ot_gpt2_prepare(fx.m, fx.B, fx.T, 0), 0);
       float loss;
-      assert_int_equal(ot_gpt2_forward(fx.m, fx.inputs, fx.targets, fx.B, fx.T, &loss), 0);
+      assert_int_equal(ot_gpt2_forward(fx.m, fx.in, fx.tg, fx.B, fx.T, &loss), 0);
       char name[32];
       snprintf(name, sizeof name, "loss_%s", subs[s]);
       float *wl = ot_test_st_f32(fx.ref, name, NULL);
       if (!(fabs(loss - wl[0]) < REL_TOL * fabs(wl[0])))
         fail_msg("%s/%s: loss %.8f, PyTorch %.8f", cases[c], subs[s], loss, wl[0]);
       free(wl);
-      fixture_close(&fx);
+      ot_test_case_close(&fx);
     }
   }
 }
@@ -233,7 +205,7 @@ static void test_optimizer_trajectories(void **state) {
   (void)state;
   for (int c = 0; c < n_cases; c++) {
     for (int kind = 0; kind < 2; kind++) {
-      fixture fx;
+      ot_test_case fx;
       fixture_open(&fx, cases[c], NULL);
       assert_int_equal(ot_gpt2_prepare(fx.m, fx.B, fx.T, 1), 0);
       ot_optim_config oc;
@@ -255,7 +227,7 @@ static void test_optimizer_trajectories(void **state) {
       float *want = ot_test_st_f32(fx.ref, kind == 0 ? "adamw_losses" : "sgd_losses", &n);
       for (uint64_t s = 0; s < n; s++) {
         float loss;
-        assert_int_equal(ot_gpt2_forward(fx.m, fx.inputs, fx.targets, fx.B, fx.T, &loss), 0);
+        assert_int_equal(ot_gpt2_forward(fx.m, fx.in, fx.tg, fx.B, fx.T, &loss), 0);
         /* trajectories amplify rounding a little each step */
         if (!(fabs(loss - want[s]) < 2e-4 * fabs(want[s])))
           fail_msg("%s %s step %d: loss %.7f, PyTorch %.7f", cases[c], kind == 0 ? "adamw" : "sgd", (int)s,
@@ -267,7 +239,7 @@ static void test_optimizer_trajectories(void **state) {
       }
       free(want);
       ot_optimizer_free(opt);
-      fixture_close(&fx);
+      ot_test_case_close(&fx);
     }
   }
 }
