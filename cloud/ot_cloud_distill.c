@@ -11,7 +11,6 @@
 #include "ot_data.h"
 #include "ot_emulator.h"
 #include "ot_error.h"
-#include "ot_fileio.h"
 #include "ot_snapshot.h"
 #include "ot_train.h"
 
@@ -124,10 +123,7 @@ int ot_cmd_distill(int argc, char **argv) {
     rc = ot_emu_keep_for_ratio(fc->n_layer, bottom, top, drop_ratio >= 0 ? drop_ratio : 0.5f, &keep);
   if (rc == OT_OK) rc = ot_emu_plan_make(fc->n_layer, bottom, top, keep, &plan);
   plan.int8_middle = int8;
-  char *st_path = NULL;
-  if (rc == OT_OK) rc = ot_path_join(model, "model.safetensors", &st_path);
-  if (rc == OT_OK) rc = ot_file_digest(st_path, plan.base_digest);
-  free(st_path);
+  if (rc == OT_OK) rc = ot_cmd_model_digest(model, plan.base_digest);
   int start = 0;
   if (rc == OT_OK) {
     what = "reading the data";
