@@ -6,6 +6,7 @@
 #include <stdio.h>
 
 #include "ot_backend.h"
+#include "ot_emulator.h"
 #include "ot_gpt2.h"
 #include "ot_tokenizer.h"
 
@@ -37,6 +38,8 @@ void ot_cmd_npm_dir(char *dir, size_t n);
 /* Loads a checkpoint directory's model and tokenizer on a fresh backend. */
 int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
                       ot_tokenizer **tok);
+/* The digest of a checkpoint directory's model.safetensors: what adapters are bound to. */
+int ot_cmd_model_digest(const char *dir, char digest[OT_DIGEST_HEX]);
 
 /* Emulator distillation (ot_cloud_distill.c): what `offtune-cloud distill` runs, and what
  * the daemon runs for a session's emulator. Progress and step lines go to `log`; on error

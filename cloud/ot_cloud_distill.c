@@ -11,7 +11,6 @@
 #include "ot_data.h"
 #include "ot_emulator.h"
 #include "ot_error.h"
-#include "ot_fileio.h"
 #include "ot_snapshot.h"
 #include "ot_train.h"
 
@@ -151,10 +150,7 @@ int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res
                                &keep);
   if (rc == OT_OK) rc = ot_emu_plan_make(fc->n_layer, j->bottom, j->top, keep, &plan);
   plan.int8_middle = j->int8;
-  char *st_path = NULL;
-  if (rc == OT_OK) rc = ot_path_join(j->model, "model.safetensors", &st_path);
-  if (rc == OT_OK) rc = ot_file_digest(st_path, plan.base_digest);
-  free(st_path);
+  if (rc == OT_OK) rc = ot_cmd_model_digest(j->model, plan.base_digest);
   int start = 0;
   if (rc == OT_OK) {
     *what = "reading the data";

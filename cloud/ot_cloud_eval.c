@@ -10,7 +10,6 @@
 #include "ot_data.h"
 #include "ot_adapter.h"
 #include "ot_eval.h"
-#include "ot_fileio.h"
 
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
 
@@ -55,11 +54,9 @@ int ot_cmd_eval(int argc, char **argv) {
   rc = ot_cmd_load_model(model, backend, threads, &be, &m, &tok);
   if (rc) return ot_cmd_fail("loading the model", rc);
   if (adapter) {
-    char digest[OT_DIGEST_HEX], *st_path = NULL;
-    rc = ot_path_join(model, "model.safetensors", &st_path);
-    if (rc == OT_OK) rc = ot_file_digest(st_path, digest);
+    char digest[OT_DIGEST_HEX];
+    rc = ot_cmd_model_digest(model, digest);
     if (rc == OT_OK) rc = ot_adapter_apply(m, NULL, digest, adapter);
-    free(st_path);
     if (rc) {
       ot_tokenizer_free(tok);
       ot_gpt2_free(m);

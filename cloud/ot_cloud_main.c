@@ -9,6 +9,7 @@
 #include "ot_cloud_cmd.h"
 #include "ot_data.h"
 #include "ot_error.h"
+#include "ot_fileio.h"
 #include "ot_identity.h"
 
 static int cmd_keygen(int argc, char **argv) {
@@ -47,23 +48,35 @@ int ot_cmd_fail(const char *what, int status) { return ot_cli_fail("offtune-clou
 int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
                       ot_tokenizer **tok) {
   ot_backend_kind kind;
+  ot_backend *b = NULL;
+  ot_gpt2 *g = NULL;
+  ot_tokenizer *t = NULL;
   int rc = ot_backend_parse(backend ? backend : "cpu", &kind);
   int fell_back = 0;
-  if (rc == OT_OK) rc = ot_backend_create_or_cpu(kind, threads, be, &fell_back);
+  if (rc == OT_OK) rc = ot_backend_create_or_cpu(kind, threads, &b, &fell_back);
   if (rc == OT_OK && fell_back) fprintf(stderr, "offtune-cloud: warning: %s; using cpu\n", ot_error_detail());
-  if (rc) return rc;
-  rc = ot_gpt2_load_dir(dir, *be, m);
-  if (rc == OT_OK) {
-    rc = ot_tokenizer_load_dir(dir, tok);
-    if (rc == OT_OK && ot_tokenizer_vocab_size(*tok) > ot_gpt2_cfg(*m)->vocab_size)
-      rc = ot_error(OT_ERR_MISMATCH, "%s: tokenizer has %d tokens but the model only %d", dir,
-                    ot_tokenizer_vocab_size(*tok), ot_gpt2_cfg(*m)->vocab_size);
-    if (rc) {
-      ot_tokenizer_free(*tok);
-      ot_gpt2_free(*m);
-    }
+  if (rc == OT_OK) rc = ot_gpt2_load_dir(dir, b, &g);
+  if (rc == OT_OK) rc = ot_tokenizer_load_dir(dir, &t);
+  if (rc == OT_OK && ot_tokenizer_vocab_size(t) > ot_gpt2_cfg(g)->vocab_size)
+    rc = ot_error(OT_ERR_MISMATCH, "%s: tokenizer has %d tokens but the model only %d", dir,
+                  ot_tokenizer_vocab_size(t), ot_gpt2_cfg(g)->vocab_size);
+  if (rc) {
+    ot_tokenizer_free(t);
+    ot_gpt2_free(g);
+    ot_backend_free(b);
+    return rc;
   }
-  if (rc) ot_backend_free(*be);
+  *be = b;
+  *m = g;
+  *tok = t;
+  return OT_OK;
+}
+
+int ot_cmd_model_digest(const char *dir, char digest[OT_DIGEST_HEX]) {
+  char *st = NULL;
+  int rc = ot_path_join(dir, "model.safetensors", &st);
+  if (rc == OT_OK) rc = ot_file_digest(st, digest);
+  free(st);
   return rc;
 }
 

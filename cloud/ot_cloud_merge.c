@@ -7,7 +7,6 @@
 #include "ot_cli.h"
 #include "ot_cloud_cmd.h"
 #include "ot_error.h"
-#include "ot_fileio.h"
 
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
 
@@ -39,17 +38,15 @@ int ot_cmd_merge(int argc, char **argv) {
   ot_tokenizer *tok;
   rc = ot_cmd_load_model(model, "cpu", 0, &be, &m, &tok);
   if (rc) return ot_cmd_fail("loading the model", rc);
-  char digest[OT_DIGEST_HEX], *st_path = NULL;
+  char digest[OT_DIGEST_HEX];
   const char *what = "merging the adapter";
-  rc = ot_path_join(model, "model.safetensors", &st_path);
-  if (rc == OT_OK) rc = ot_file_digest(st_path, digest);
+  rc = ot_cmd_model_digest(model, digest);
   if (rc == OT_OK) rc = ot_adapter_merge(m, digest, adapter);
   if (rc == OT_OK) {
     what = "writing the merged model";
     rc = ot_gpt2_save_dir(m, out);
   }
   if (rc == OT_OK) rc = ot_tokenizer_save_dir(tok, out);
-  free(st_path);
   ot_tokenizer_free(tok);
   ot_gpt2_free(m);
   ot_backend_free(be);

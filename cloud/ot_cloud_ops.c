@@ -15,7 +15,8 @@
 
 #include <cjson/cJSON.h>
 
-#define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
+#define N_ELEMS(a) ((int)(sizeof(a) / sizeof((a)[0])))
+#define N_OPTS(o) N_ELEMS(o)
 
 /* Sends req (consumed) to the daemon; *reply is its answer when it says ok. */
 static int ctl_call(const char *state, cJSON *req, cJSON **reply) {
@@ -344,7 +345,7 @@ int ot_cmd_session(int argc, char **argv) {
       {"list", "session.list", NULL, 0, h_sessions, "sessions and their rounds"},
       {"show", "session.show", "name", 1, h_session, "one session: settings, rounds, updates (show NAME)"},
   };
-  return dispatch("session", subs, 2, argc, argv);
+  return dispatch("session", subs, N_ELEMS(subs), argc, argv);
 }
 
 int ot_cmd_device(int argc, char **argv) {
@@ -353,14 +354,14 @@ int ot_cmd_device(int argc, char **argv) {
       {"revoke", "device.revoke", "device", 1, h_revoked,
        "revoke a device (revoke FINGERPRINT|PUBKEY); at once"},
   };
-  return dispatch("device", subs, 2, argc, argv);
+  return dispatch("device", subs, N_ELEMS(subs), argc, argv);
 }
 
 int ot_cmd_token(int argc, char **argv) {
   static const sub_t subs[] = {
       {"issue", "token.issue", NULL, 0, h_token, "print a one-time enrolment token [--label TEXT]"},
   };
-  return dispatch("token", subs, 1, argc, argv);
+  return dispatch("token", subs, N_ELEMS(subs), argc, argv);
 }
 
 int ot_cmd_adapter(int argc, char **argv) {
@@ -371,5 +372,5 @@ int ot_cmd_adapter(int argc, char **argv) {
        "withdraw an adapter from serving (unpublish NAME)"},
       {"delete", "adapter.delete", "name", 1, h_ok, "delete an adapter's registry entry (delete NAME)"},
   };
-  return dispatch("adapter", subs, 4, argc, argv);
+  return dispatch("adapter", subs, N_ELEMS(subs), argc, argv);
 }

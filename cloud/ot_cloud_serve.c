@@ -27,6 +27,11 @@ typedef struct {
   const char *adapters_dir;
 } registry;
 
+static void registry_free(registry *r) {
+  for (int i = 0; i < r->n; i++) free((char *)r->name[i]);
+  r->n = 0;
+}
+
 static int name_ok(const char *s) {
   if (!*s || *s == '.' || strlen(s) > 100) return 0;
   for (; *s; s++)
@@ -69,26 +74,71 @@ static void list(void *user, void (*add)(void *ctx, const char *name), void *ctx
   if (d) closedir(d);
 }
 
-static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+/* Log lines come from the HTTP, engine and request-API threads: one lock keeps them whole. */
+typedef struct {
+  pthread_mutex_t mu;
+} serve_log;
+
 static void log_line(void *user, const char *line) {
-  (void)user;
+  serve_log *lg = user;
   time_t t = time(NULL);
   struct tm tm;
   char ts[32];
   strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", gmtime_r(&t, &tm));
-  pthread_mutex_lock(&log_mu);
+  pthread_mutex_lock(&lg->mu);
   fprintf(stderr, "%s %s\n", ts, line);
   fflush(stderr);
-  pthread_mutex_unlock(&log_mu);
+  pthread_mutex_unlock(&lg->mu);
+}
+
+/* The request-API server hands its callbacks the ot_serve_rpc; its log goes the same way. */
+static void rpc_log(void *user, const char *line) {
+  const ot_serve_rpc *rpc = user;
+  rpc->log(rpc->log_user, line);
+}
+
+/* --adapter NAME=DIR repeats, which the table parser does not do: take every occurrence out
+ * of argv into reg, leaving the rest in rest[] (argc + 1 entries) for ot_cli_parse. */
+static int take_adapters(int argc, char **argv, registry *reg, char **rest, int *nrest) {
+  int rc = OT_OK;
+  *nrest = 0;
+  for (int i = 0; i < argc && rc == OT_OK; i++) {
+    const char *v = NULL;
+    if (strcmp(argv[i], "--adapter") == 0) {
+      if (i + 1 >= argc) rc = ot_error(OT_ERR_INVALID, "--adapter needs NAME=DIR");
+      v = i + 1 < argc ? argv[++i] : NULL;
+    } else if (strncmp(argv[i], "--adapter=", 10) == 0) {
+      v = argv[i] + 10;
+    } else {
+      rest[(*nrest)++] = argv[i];
+      continue;
+    }
+    const char *eq = v ? strchr(v, '=') : NULL;
+    if (rc == OT_OK && (!eq || eq == v || !eq[1]))
+      rc = ot_error(OT_ERR_INVALID, "--adapter '%s': expected NAME=DIR", v ? v : "");
+    if (rc == OT_OK && reg->n == MAX_NAMED) rc = ot_error(OT_ERR_INVALID, "at most %d --adapter", MAX_NAMED);
+    if (rc == OT_OK) {
+      char *nm = strndup(v, (size_t)(eq - v));
+      if (!nm || !name_ok(nm)) {
+        free(nm);
+        rc = ot_error(OT_ERR_INVALID, "--adapter: bad name in '%s'", v);
+      } else {
+        reg->name[reg->n] = nm;
+        reg->dir[reg->n++] = eq + 1;
+      }
+    }
+  }
+  return rc;
 }
 
 int ot_cmd_serve_model(int argc, char **argv) {
   const char *model = NULL, *adapters_dir = NULL, *http = NULL, *listen = NULL, *key = NULL, *access = NULL,
-             *backend = "cpu", *name = NULL, *adapter_dummy = NULL;
+             *backend = "cpu", *name = NULL;
+  const char *adapter_unused = NULL; /* take_adapters() removes every --adapter before parsing */
   int max_batch = 32, step_tokens = 512, max_seq = 0, memory_mib = 1024, threads = 0, workers = 8;
   const ot_opt opts[] = {
       {"model", OT_OPT_STR, &model, "DIR", "base model checkpoint directory (with its tokenizer)"},
-      {"adapter", OT_OPT_STR, &adapter_dummy, "NAME=DIR",
+      {"adapter", OT_OPT_STR, &adapter_unused, "NAME=DIR",
        "serve the adapter in DIR as model NAME (repeatable)"},
       {"adapters-dir", OT_OPT_STR, &adapters_dir, "DIR",
        "every subdirectory with an adapter_config.json is an adapter named by the subdirectory"},
@@ -110,34 +160,11 @@ int ot_cmd_serve_model(int argc, char **argv) {
   const char *syn = "offtune-cloud serve-model --model DIR [--adapter NAME=DIR]... [--adapters-dir DIR] "
                     "[--http 127.0.0.1:8000] [--listen tcp://... --key FILE --access FILE] [--max-batch N] "
                     "[--adapter-memory MiB] [--threads N]";
-  /* --adapter repeats: take every occurrence out before the table parser sees argv */
   registry reg;
   memset(&reg, 0, sizeof reg);
   char **rest = calloc((size_t)argc + 1, sizeof *rest);
   int nrest = 0, rc = rest ? OT_OK : ot_error(OT_ERR_NOMEM, "cannot allocate");
-  for (int i = 0; i < argc && rc == OT_OK; i++) {
-    const char *v = NULL;
-    if (strcmp(argv[i], "--adapter") == 0) {
-      if (i + 1 >= argc) rc = ot_error(OT_ERR_INVALID, "--adapter needs NAME=DIR");
-      v = i + 1 < argc ? argv[++i] : NULL;
-    } else if (strncmp(argv[i], "--adapter=", 10) == 0) {
-      v = argv[i] + 10;
-    } else {
-      rest[nrest++] = argv[i];
-      continue;
-    }
-    const char *eq = v ? strchr(v, '=') : NULL;
-    if (rc == OT_OK && (!eq || eq == v || !eq[1]))
-      rc = ot_error(OT_ERR_INVALID, "--adapter '%s': expected NAME=DIR", v ? v : "");
-    if (rc == OT_OK && reg.n == MAX_NAMED) rc = ot_error(OT_ERR_INVALID, "at most %d --adapter", MAX_NAMED);
-    if (rc == OT_OK) {
-      char *nm = strndup(v, (size_t)(eq - v));
-      if (!nm || !name_ok(nm)) rc = ot_error(OT_ERR_INVALID, "--adapter: bad name in '%s'", v);
-      reg.name[reg.n] = nm;
-      reg.dir[reg.n++] = eq + 1;
-      if (rc) reg.n--, free(nm);
-    }
-  }
+  if (rc == OT_OK) rc = take_adapters(argc, argv, &reg, rest, &nrest);
   if (rc == OT_OK) rc = ot_cli_parse(nrest, rest, opts, N_OPTS(opts));
   if (rc == 1) {
     ot_cli_usage(
@@ -147,8 +174,9 @@ int ot_cmd_serve_model(int argc, char **argv) {
         "/v1/completions and GET /v1/models, OpenAI-compatible; \"model\" names the adapter. Runs until\n"
         "SIGINT or SIGTERM; one log line per request.",
         opts, N_OPTS(opts));
-    rc = OT_OK;
-    goto out_usage_ok;
+    registry_free(&reg);
+    free(rest);
+    return OT_EXIT_OK;
   }
   if (rc == OT_OK && !model) rc = ot_error(OT_ERR_INVALID, "--model is required");
   if (rc == OT_OK && !http && !listen) rc = ot_error(OT_ERR_INVALID, "give --http, --listen or both");
@@ -161,11 +189,13 @@ int ot_cmd_serve_model(int argc, char **argv) {
   if (rc) {
     fprintf(stderr, "offtune-cloud serve-model: %s\n", ot_error_detail());
     ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
-    for (int i = 0; i < reg.n; i++) free((char *)reg.name[i]);
+    registry_free(&reg);
     free(rest);
     return OT_EXIT_USAGE;
   }
   reg.adapters_dir = adapters_dir;
+  serve_log lg;
+  pthread_mutex_init(&lg.mu, NULL);
   /* every thread started from here on inherits the blocked signals; main waits for them */
   sigset_t sigs;
   sigemptyset(&sigs);
@@ -182,24 +212,20 @@ int ot_cmd_serve_model(int argc, char **argv) {
   ot_access *acl = NULL;
   ot_identity id;
   memset(&id, 0, sizeof id);
-  char digest[OT_DIGEST_HEX], *st = NULL, base_name[128], url[600];
+  char digest[OT_DIGEST_HEX], base_name[128], url[600];
   const char *what = "loading the model";
   rc = ot_cmd_load_model(model, backend, threads, &be, &m, &tok);
-  if (rc == OT_OK) rc = ot_path_join(model, "model.safetensors", &st);
-  if (rc == OT_OK) rc = ot_file_digest(st, digest);
-  free(st);
+  if (rc == OT_OK) rc = ot_cmd_model_digest(model, digest);
   int32_t eos = -1;
   if (rc == OT_OK && ot_tokenizer_token_id(tok, "<|endoftext|>", &eos) != OT_OK) eos = -1;
   ot_error_clear();
-  const char *slash = strrchr(model, '/');
-  while (slash && !slash[1] && slash > model) { /* "dir/" */
-    const char *p = slash - 1;
-    while (p > model && *p != '/') p--;
-    slash = *p == '/' ? p : NULL;
+  if (name) {
+    snprintf(base_name, sizeof base_name, "%s", name);
+    char *e = strchr(base_name, '/');
+    if (e) *e = '\0';
+  } else if (rc == OT_OK) {
+    rc = ot_path_basename(model, base_name, sizeof base_name);
   }
-  snprintf(base_name, sizeof base_name, "%s", name ? name : slash ? slash + 1 : model);
-  char *e = strchr(base_name, '/');
-  if (e) *e = '\0';
   ot_serve_config sc;
   ot_serve_config_default(&sc);
   sc.max_batch = max_batch;
@@ -219,10 +245,10 @@ int ot_cmd_serve_model(int argc, char **argv) {
   if (rc == OT_OK && http) {
     what = "starting the HTTP API";
     snprintf(url, sizeof url, "%s%s", strncmp(http, "http://", 7) ? "http://" : "", http);
-    ot_serve_http_config hc = {url, eng, tok, base_name, list, &reg, eos, 1 << 20, 32, log_line, NULL};
+    ot_serve_http_config hc = {url, eng, tok, base_name, list, &reg, eos, 1 << 20, 32, log_line, &lg};
     rc = ot_serve_http_start(&hc, &api);
   }
-  ot_serve_rpc rpc = {eng, tok, base_name, eos, log_line, NULL};
+  ot_serve_rpc rpc = {eng, tok, base_name, eos, log_line, &lg};
   if (rc == OT_OK && listen) {
     what = "starting the request API";
     rc = ot_identity_load(key, &id);
@@ -235,7 +261,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
     svc.acl_self = acl;
     svc.n_workers = workers;
     svc.on_request = ot_serve_handle_request;
-    svc.log = log_line;
+    svc.log = rpc_log;
     svc.user = &rpc;
     if (rc == OT_OK) rc = ot_server_start(&svc, &server);
   }
@@ -250,20 +276,20 @@ int ot_cmd_serve_model(int argc, char **argv) {
         "%d tokens per step, adapters %d named%s%s, %d MiB for adapters",
         base_name, mc->n_layer, mc->n_embd, be->ops->name, max_batch, seq, kv_mib, step_tokens, reg.n,
         adapters_dir ? " + " : "", adapters_dir ? adapters_dir : "", memory_mib);
-    log_line(NULL, line);
+    log_line(&lg, line);
     if (api) {
       snprintf(line, sizeof line, "HTTP API on %s, port %d (POST /v1/completions, GET /v1/models)", url,
                ot_serve_http_port(api));
-      log_line(NULL, line);
+      log_line(&lg, line);
     }
     if (server) {
       snprintf(line, sizeof line, "request API on %s (port %d)", listen, ot_server_port(server));
-      log_line(NULL, line);
+      log_line(&lg, line);
     }
     int sig = 0;
     sigwait(&sigs, &sig);
     snprintf(line, sizeof line, "signal %d: stopping", sig);
-    log_line(NULL, line);
+    log_line(&lg, line);
   }
   int fail = rc;
   if (api) ot_serve_http_stop(api);
@@ -274,11 +300,8 @@ int ot_cmd_serve_model(int argc, char **argv) {
   ot_tokenizer_free(tok);
   ot_gpt2_free(m);
   ot_backend_free(be);
-  for (int i = 0; i < reg.n; i++) free((char *)reg.name[i]);
+  pthread_mutex_destroy(&lg.mu);
+  registry_free(&reg);
   free(rest);
   return fail ? ot_cmd_fail(what, fail) : OT_EXIT_OK;
-out_usage_ok:
-  for (int i = 0; i < reg.n; i++) free((char *)reg.name[i]);
-  free(rest);
-  return OT_EXIT_OK;
 }

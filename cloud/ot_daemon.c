@@ -198,26 +198,20 @@ static int register_models(ot_daemon *d, const char *list, char last_name[OT_NAM
     if (eq) {
       *eq = '\0';
       snprintf(name, sizeof name, "%s", t);
-    } else {
-      const char *b = strrchr(dir, '/');
-      while (b && b[1] == '\0' && b > dir) { /* trailing slash */
-        *(char *)b = '\0';
-        b = strrchr(dir, '/');
-      }
-      snprintf(name, sizeof name, "%s", b ? b + 1 : dir);
+    } else if (ot_path_basename(dir, name, sizeof name) != OT_OK) {
+      rc = ot_error(OT_ERR_INVALID, "model directory %s: name too long; use NAME=DIR", dir);
+      break;
     }
     if (!ot_name_ok(name)) {
       rc = ot_error(OT_ERR_INVALID, "model name '%s': use NAME=DIR with NAME of [A-Za-z0-9_-]", name);
       break;
     }
-    char abs[PATH_MAX], *st = NULL, digest[OT_DIGEST_HEX];
+    char abs[PATH_MAX], digest[OT_DIGEST_HEX];
     if (!realpath(dir, abs)) {
       rc = ot_error(OT_ERR_NOTFOUND, "model directory %s: %s", dir, strerror(errno));
       break;
     }
-    rc = ot_path_join(abs, "model.safetensors", &st);
-    if (rc == OT_OK) rc = ot_file_digest(st, digest);
-    free(st);
+    rc = ot_cmd_model_digest(abs, digest);
     if (rc == OT_OK) rc = ot_reg_model_put(d->reg, name, abs, digest);
     if (rc == OT_OK) {
       ot_daemon_log(d, "model '%s' = %s (digest %.16s...)", name, abs, digest);

@@ -257,6 +257,19 @@ int ot_path_join(const char *dir, const char *name, char **out) {
   return OT_OK;
 }
 
+int ot_path_basename(const char *path, char *out, size_t n) {
+  if (!path || !out || n == 0) return ot_error(OT_ERR_INVALID, "ot_path_basename: NULL argument");
+  size_t end = strlen(path);
+  while (end > 1 && path[end - 1] == '/') end--; /* "dir/" names dir; "/" stays "/" */
+  size_t start = end;
+  while (start > 0 && path[start - 1] != '/') start--;
+  size_t len = end - start;
+  if (len >= n) return ot_error(OT_ERR_INVALID, "last component of path %s is too long", path);
+  memcpy(out, path + start, len);
+  out[len] = '\0';
+  return OT_OK;
+}
+
 int ot_file_exists(const char *path) {
   struct stat sb;
   return path && stat(path, &sb) == 0;

@@ -13,6 +13,9 @@ int ot_file_write_atomic(const char *path, const void *data, size_t len);
 int ot_mkdir_p(const char *path);
 /* Joins dir and name into a malloc'd path. */
 int ot_path_join(const char *dir, const char *name, char **out);
+/* The last component of path, trailing slashes ignored ("a/b/" -> "b", "/" -> ""), into
+ * out[n]; OT_ERR_INVALID if it does not fit. */
+int ot_path_basename(const char *path, char *out, size_t n);
 /* 1 if something exists at path (file, directory, ...), 0 otherwise. */
 int ot_file_exists(const char *path);
 /* Writes all len bytes to fd, at offset off (pwrite) or at the file position when off < 0,
