@@ -633,6 +633,13 @@ static void test_command(void **state) {
                                "%s/cloud/offtune-cloud serve-model --model %s/base --adapter bad", bin_dir,
                                dir),
                    2);
+  /* a model that cannot load: a clear failure (this once crashed with a double free) */
+  assert_int_equal(
+      ot_test_run(out, sizeof out,
+                  "%s/cloud/offtune-cloud serve-model --model %s/nonexistent/ --http 127.0.0.1:0", bin_dir,
+                  dir),
+      1);
+  assert_non_null(strstr(out, "loading the model"));
   snprintf(log, sizeof log, "%s/serve.log", dir);
   pid_t pid = fork();
   assert_true(pid >= 0);
