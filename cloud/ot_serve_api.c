@@ -11,8 +11,7 @@
 #include <time.h>
 
 #include "ot_error.h"
-
-#define MAX_STOP_LEN 256
+#include "ot_serve_request.h"
 
 static uint16_t ntohs_(uint16_t v) { return (uint16_t)((v >> 8) | (v << 8)); }
 
@@ -383,156 +382,10 @@ static void on_event(void *user, const ot_serve_event *ev) {
 
 /* ---- POST /v1/completions -------------------------------------------------------------------- */
 
-typedef struct {
-  int32_t *ids;
-  size_t n;
-} prompt_t;
-
 static int http_status(int rc) {
   return rc == OT_ERR_NOTFOUND                                                      ? 404
          : (rc == OT_ERR_INVALID || rc == OT_ERR_RANGE || rc == OT_ERR_UNSUPPORTED) ? 400
                                                                                     : 500;
-}
-
-/* Reads the request; on error *res is the 400 to send. */
-static int parse_completion(ot_serve_http *api, const cJSON *b, ot_serve_request *r, char *model, size_t mcap,
-                            prompt_t **prompts, int *n_prompts, int *stream, char stops[][MAX_STOP_LEN],
-                            nng_http_res **res) {
-#define BAD(param, ...)                                                                                      \
-  do {                                                                                                       \
-    *res = error_res(400, "invalid_request_error", NULL, param, __VA_ARGS__);                                \
-    return -1;                                                                                               \
-  } while (0)
-  if (!cJSON_IsObject(b)) BAD(NULL, "the body must be a JSON object");
-  const cJSON *v = cJSON_GetObjectItemCaseSensitive(b, "model");
-  if (v && !cJSON_IsString(v) && !cJSON_IsNull(v)) BAD("model", "'model' must be a string");
-  const char *m = cJSON_IsString(v) ? v->valuestring : "";
-  if (strcmp(m, api->base_name) == 0) m = "";
-  if (strlen(m) >= mcap) BAD("model", "'model' is too long");
-  snprintf(model, mcap, "%s", m);
-  memset(r, 0, sizeof *r);
-  r->max_tokens = 16;
-  r->temperature = 1.0f;
-  r->top_p = 1.0f;
-  struct timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  r->seed = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30);
-  if ((v = cJSON_GetObjectItemCaseSensitive(b, "max_tokens")) && !cJSON_IsNull(v)) {
-    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(int)v->valuedouble || v->valueint < 0 ||
-        v->valuedouble > 1e6)
-      BAD("max_tokens", "'max_tokens' must be an integer >= 0");
-    r->max_tokens = v->valueint;
-  }
-  if ((v = cJSON_GetObjectItemCaseSensitive(b, "temperature")) && !cJSON_IsNull(v)) {
-    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0.0 && v->valuedouble <= 2.0))
-      BAD("temperature", "'temperature' must be a number in [0, 2]");
-    r->temperature = (float)v->valuedouble;
-  }
-  if ((v = cJSON_GetObjectItemCaseSensitive(b, "top_p")) && !cJSON_IsNull(v)) {
-    if (!cJSON_IsNumber(v) || !(v->valuedouble > 0.0 && v->valuedouble <= 1.0))
-      BAD("top_p", "'top_p' must be a number in (0, 1]");
-    r->top_p = (float)v->valuedouble;
-  }
-  if ((v = cJSON_GetObjectItemCaseSensitive(b, "top_k")) && !cJSON_IsNull(v)) {
-    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(int)v->valuedouble || v->valueint < -1)
-      BAD("top_k", "'top_k' must be an integer (0 or -1 = off)");
-    r->top_k = v->valueint > 0 ? v->valueint : 0;
-  }
-  if ((v = cJSON_GetObjectItemCaseSensitive(b, "seed")) && !cJSON_IsNull(v)) {
-    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(long long)v->valuedouble)
-      BAD("seed", "'seed' must be an integer");
-    r->seed = (uint64_t)(long long)v->valuedouble;
-  }
-  if ((v = cJSON_GetObjectItemCaseSensitive(b, "ignore_eos")) && !cJSON_IsNull(v)) {
-    if (!cJSON_IsBool(v)) BAD("ignore_eos", "'ignore_eos' must be true or false");
-    r->ignore_eos = cJSON_IsTrue(v);
-  }
-  *stream = 0;
-  if ((v = cJSON_GetObjectItemCaseSensitive(b, "stream")) && !cJSON_IsNull(v)) {
-    if (!cJSON_IsBool(v)) BAD("stream", "'stream' must be true or false");
-    *stream = cJSON_IsTrue(v);
-  }
-  if ((v = cJSON_GetObjectItemCaseSensitive(b, "n")) && !cJSON_IsNull(v) &&
-      !(cJSON_IsNumber(v) && v->valuedouble == 1))
-    BAD("n", "only n = 1 is supported");
-  if ((v = cJSON_GetObjectItemCaseSensitive(b, "best_of")) && !cJSON_IsNull(v) &&
-      !(cJSON_IsNumber(v) && v->valuedouble == 1))
-    BAD("best_of", "only best_of = 1 is supported");
-  if ((v = cJSON_GetObjectItemCaseSensitive(b, "logprobs")) && !cJSON_IsNull(v))
-    BAD("logprobs", "logprobs are not supported");
-  if ((v = cJSON_GetObjectItemCaseSensitive(b, "echo")) && !cJSON_IsNull(v) && !cJSON_IsFalse(v))
-    BAD("echo", "echo is not supported");
-  if ((v = cJSON_GetObjectItemCaseSensitive(b, "stop")) && !cJSON_IsNull(v)) {
-    const cJSON *s;
-    int k = 0;
-    if (cJSON_IsString(v)) {
-      s = v;
-      goto one;
-    }
-    if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) > OT_SERVE_MAX_STOP)
-      BAD("stop", "'stop' must be a string or an array of up to %d strings", OT_SERVE_MAX_STOP);
-    cJSON_ArrayForEach(s, v) {
-    one:
-      if (!cJSON_IsString(s) || strlen(s->valuestring) >= MAX_STOP_LEN)
-        BAD("stop", "stop sequences must be strings shorter than %d bytes", MAX_STOP_LEN);
-      if (!*s->valuestring) continue;
-      snprintf(stops[k], MAX_STOP_LEN, "%s", s->valuestring);
-      r->stop[k] = stops[k];
-      k++;
-      if (s == v) break;
-    }
-  }
-  /* prompt: a string, an array of strings, or an array of token ids */
-  v = cJSON_GetObjectItemCaseSensitive(b, "prompt");
-  if (!v) BAD("prompt", "'prompt' is required");
-  int n = cJSON_IsString(v) ? 1 : cJSON_IsArray(v) ? cJSON_GetArraySize(v) : -1;
-  if (n < 1) BAD("prompt", "'prompt' must be a string or a non-empty array");
-  const cJSON *first = cJSON_IsArray(v) ? v->child : v;
-  int ids_form = cJSON_IsNumber(first);
-  if (ids_form) n = 1;
-  if (n > api->cfg.max_prompts) BAD("prompt", "at most %d prompts per request", api->cfg.max_prompts);
-  prompt_t *p = calloc((size_t)n, sizeof *p);
-  if (!p) {
-    *res = error_res(500, "server_error", NULL, NULL, "out of memory");
-    return -1;
-  }
-  *prompts = p;
-  *n_prompts = n;
-  if (ids_form) {
-    int m = cJSON_GetArraySize(v), k = 0;
-    const cJSON *e;
-    p[0].ids = malloc((size_t)m * sizeof(int32_t));
-    if (!p[0].ids) BAD(NULL, "out of memory");
-    cJSON_ArrayForEach(e, v) {
-      if (!cJSON_IsNumber(e) || e->valuedouble != (double)(int)e->valuedouble)
-        BAD("prompt", "a token-id prompt must hold only integers");
-      p[0].ids[k++] = e->valueint;
-    }
-    p[0].n = (size_t)k;
-    return 0;
-  }
-  int k = 0;
-  const cJSON *e = cJSON_IsArray(v) ? v->child : v;
-  for (; e && k < n; e = e->next, k++) {
-    if (!cJSON_IsString(e)) BAD("prompt", "'prompt' must be a string or an array of strings");
-    if (!api->cfg.tok) BAD("prompt", "this server has no tokenizer: send token ids");
-    if (ot_tokenizer_encode(api->cfg.tok, e->valuestring, strlen(e->valuestring), &p[k].ids, &p[k].n))
-      BAD("prompt", "cannot tokenize prompt %d: %s", k, ot_error_detail());
-    if (p[k].n == 0 && api->cfg.eos_id >= 0) {
-      free(p[k].ids);
-      p[k].ids = malloc(sizeof(int32_t));
-      if (!p[k].ids) BAD(NULL, "out of memory");
-      p[k].ids[0] = api->cfg.eos_id;
-      p[k].n = 1;
-    }
-  }
-  return 0;
-#undef BAD
-}
-
-static void free_prompts(prompt_t *p, int n) {
-  for (int i = 0; p && i < n; i++) free(p[i].ids);
-  free(p);
 }
 
 static void handle_completions(nng_aio *aio) {
@@ -543,19 +396,26 @@ static void handle_completions(nng_aio *aio) {
   void *data = NULL;
   size_t len = 0;
   nng_http_req_get_data(hreq, &data, &len);
-  cJSON *body = cJSON_ParseWithLength(data, len);
-  if (!body) {
-    logf_(&api->cfg, "POST /v1/completions refused: body is not JSON");
-    reply(aio, error_res(400, "invalid_request_error", NULL, NULL, "the body is not valid JSON"));
-    return;
-  }
-  ot_serve_request r;
-  char model[128], stops[OT_SERVE_MAX_STOP][MAX_STOP_LEN];
-  prompt_t *prompts = NULL;
-  int n = 0, stream = 0;
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  ot_serve_parse_cfg pc = {.tok = api->cfg.tok,
+                           .base_name = api->base_name,
+                           .eos_id = api->cfg.eos_id,
+                           .max_prompts = api->cfg.max_prompts,
+                           .seed = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30)};
+  ot_serve_completion *pr = malloc(sizeof *pr);
+  ot_serve_req_error perr;
   nng_http_res *res = NULL;
-  int bad = parse_completion(api, body, &r, model, sizeof model, &prompts, &n, &stream, stops, &res);
-  cJSON_Delete(body);
+  int bad = 0;
+  if (!pr) {
+    bad = 1;
+    res = error_res(500, "server_error", NULL, NULL, "out of memory");
+  } else if (ot_serve_parse_completion(data, len, &pc, pr, &perr) != OT_OK) {
+    bad = 1;
+    res = error_res((uint16_t)perr.status, perr.type, NULL, perr.param[0] ? perr.param : NULL, "%s",
+                    perr.message);
+  }
+  int n = bad ? 0 : pr->n_prompts;
   job *j = bad ? NULL : calloc(1, sizeof *j);
   if (j) j->ch = calloc((size_t)n, sizeof *j->ch);
   if (!bad && (!j || !j->ch)) {
@@ -580,15 +440,17 @@ static void handle_completions(nng_aio *aio) {
   pthread_mutex_unlock(&api->mu);
   if (!j) {
     logf_(&api->cfg, "POST /v1/completions refused (%u)", (unsigned)nng_http_res_get_status(res));
-    free_prompts(prompts, n);
+    if (pr) ot_serve_completion_free(pr);
+    free(pr);
     reply(aio, res);
     return;
   }
   j->api = api;
   j->aio = aio;
   pthread_mutex_init(&j->mu, NULL);
-  snprintf(j->model, sizeof j->model, "%s", model);
+  snprintf(j->model, sizeof j->model, "%s", pr->model);
   j->created = (long long)time(NULL);
+  int stream = pr->stream;
   j->stream = stream;
   j->n = n;
   j->t0 = now_ms();
@@ -599,21 +461,21 @@ static void handle_completions(nng_aio *aio) {
   int rc = OT_OK;
   if (stream && (buf_add(j, head, sizeof head - 1) || nng_aio_alloc(&j->waio, write_done, j) != 0))
     rc = ot_error(OT_ERR_NOMEM, "out of memory");
-  r.adapter = model;
+  ot_serve_request *r = &pr->r;
+  r->adapter = pr->model;
   for (int i = 0; i < n && rc == OT_OK; i++) {
     j->ch[i].job = j;
     j->ch[i].index = i;
-    r.prompt = prompts[i].ids;
-    r.n_prompt = prompts[i].n;
+    r->prompt = pr->prompts[i].ids;
+    r->n_prompt = pr->prompts[i].n;
     pthread_mutex_lock(&j->mu);
-    rc = ot_serve_submit(api->cfg.engine, &r, on_event, &j->ch[i], &j->ch[i].id);
+    rc = ot_serve_submit(api->cfg.engine, r, on_event, &j->ch[i], &j->ch[i].id);
     if (rc == OT_OK) {
       j->ch[i].submitted = 1;
       j->n_submitted++;
     }
     pthread_mutex_unlock(&j->mu);
   }
-  free_prompts(prompts, n);
   char why[512];
   snprintf(why, sizeof why, "%s", rc ? ot_error_detail() : "");
   pthread_mutex_lock(&j->mu);
@@ -637,10 +499,10 @@ static void handle_completions(nng_aio *aio) {
   }
   pthread_mutex_unlock(&j->mu);
   if (rc) {
-    logf_(&api->cfg, "POST /v1/completions model=%s refused: %s", model[0] ? model : "(base)", why);
+    logf_(&api->cfg, "POST /v1/completions model=%s refused: %s", pr->model[0] ? pr->model : "(base)", why);
     reply(aio, http_status(rc) == 404
                    ? error_res(404, "invalid_request_error", "model_not_found", "model",
-                               "The model '%s' does not exist", model)
+                               "The model '%s' does not exist", pr->model)
                    : error_res((uint16_t)http_status(rc),
                                http_status(rc) == 400 ? "invalid_request_error" : "server_error", NULL, NULL,
                                "%s", why));
@@ -656,6 +518,8 @@ static void handle_completions(nng_aio *aio) {
     if (!j->rejected) log_job(j);
     job_unlink_free(j);
   }
+  ot_serve_completion_free(pr);
+  free(pr);
 }
 
 /* ---- GET /v1/models ---------------------------------------------------------------------------- */

@@ -25,6 +25,7 @@
 #include "ot_access.h"
 #include "ot_error.h"
 #include "ot_serve_api.h"
+#include "ot_serve_request.h"
 #include "ot_transport.h"
 #include "serve.pb-c.h"
 #include "ot_test_util.h"
@@ -452,6 +453,62 @@ static void test_stop(void **state) {
   free(w);
 }
 
+/* The request that crashed serve-model (issue 14): a string "stop" followed by more members.
+ * An empty stop string stops nothing; the reply equals the one without "stop". */
+static void test_hostile_stop(void **state) {
+  (void)state;
+  ot_serve_parse_cfg pc = {.tok = tok, .eos_id = -1, .max_prompts = 4};
+  ot_serve_completion c;
+  ot_serve_req_error e;
+  const char *b =
+      "{\"prompt\":\"a\",\"max_tokens\":3,\"stop\":\"\",\"s0\":\"x\",\"s1\":\"y\",\"s2\":\"z\",\"s3\":\"w\","
+      "\"s4\":\"v\"}";
+  assert_int_equal(ot_serve_parse_completion(b, strlen(b), &pc, &c, &e), OT_OK);
+  for (int k = 0; k < OT_SERVE_MAX_STOP; k++) assert_null(c.r.stop[k]);
+  assert_int_equal(c.n_prompts, 1);
+  ot_serve_completion_free(&c);
+  b = "{\"prompt\":\"a\",\"stop\":\"\",\"x\":5}";
+  assert_int_equal(ot_serve_parse_completion(b, strlen(b), &pc, &c, &e), OT_OK);
+  ot_serve_completion_free(&c);
+  b = "{\"prompt\":\"a\",\"stop\":\"ab\",\"s0\":\"x\"}";
+  assert_int_equal(ot_serve_parse_completion(b, strlen(b), &pc, &c, &e), OT_OK);
+  assert_string_equal(c.r.stop[0], "ab");
+  assert_null(c.r.stop[1]);
+  ot_serve_completion_free(&c);
+  b = "{\"prompt\":\"a\",\"stop\":[\"\",\"q\",\"\",\"r\"]}";
+  assert_int_equal(ot_serve_parse_completion(b, strlen(b), &pc, &c, &e), OT_OK);
+  assert_string_equal(c.r.stop[0], "q");
+  assert_string_equal(c.r.stop[1], "r");
+  assert_null(c.r.stop[2]);
+  ot_serve_completion_free(&c);
+  /* a name with NUL would be cut at it by the JSON parser and name another adapter */
+  b = "{\"model\":\"lora1\\u0000x\",\"prompt\":\"a\"}";
+  assert_int_equal(ot_serve_parse_completion(b, strlen(b), &pc, &c, &e), OT_ERR_INVALID);
+  b = "{\"model\":\"lo\\u0001ra1\",\"prompt\":\"a\"}";
+  assert_int_equal(ot_serve_parse_completion(b, strlen(b), &pc, &c, &e), OT_ERR_INVALID);
+  assert_string_equal(e.param, "model");
+  b = "{\"model\":\"lora1\\\\u0000x\",\"prompt\":\"a\"}"; /* an escaped backslash, then text */
+  assert_int_equal(ot_json_has_nul_escape(b, strlen(b)), 0);
+
+  /* over HTTP, against the running server: the same body answers, and so does the next */
+  const char *plain = "{\"prompt\":\"a\",\"max_tokens\":3,\"temperature\":0}";
+  const char *hostile =
+      "{\"prompt\":\"a\",\"max_tokens\":3,\"temperature\":0,\"stop\":\"\",\"s0\":\"x\",\"s1\":\"y\","
+      "\"s2\":\"z\",\"s3\":\"w\",\"s4\":\"v\"}";
+  http_res r1, r2;
+  cJSON *j1 = post(plain, 200, &r1), *j2 = post(hostile, 200, &r2);
+  const cJSON *c1 = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j1, "choices"), 0);
+  const cJSON *c2 = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j2, "choices"), 0);
+  assert_string_equal(str(c1, "text"), str(c2, "text"));
+  assert_string_equal(str(c2, "finish_reason"), "length");
+  cJSON_Delete(j1);
+  cJSON_Delete(j2);
+  free(r1.body);
+  free(r2.body);
+  b = "{\"model\":\"lora1\\u0000x\",\"prompt\":\"a\"}";
+  expect_error(b, strlen(b), 400, NULL, NULL);
+}
+
 typedef struct {
   int k, p, ok;
 } job;
@@ -700,7 +757,7 @@ int main(void) {
       cmocka_unit_test(test_stream_prompts), cmocka_unit_test(test_models),
       cmocka_unit_test(test_errors),         cmocka_unit_test(test_stop),
       cmocka_unit_test(test_concurrent),     cmocka_unit_test(test_rpc),
-      cmocka_unit_test(test_command),
+      cmocka_unit_test(test_command),        cmocka_unit_test(test_hostile_stop),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1,0 +1,185 @@
+#include "ot_serve_request.h"
+
+#include <cjson/cJSON.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ot_error.h"
+
+int ot_json_has_nul_escape(const char *t, size_t len) {
+  for (size_t i = 0; i + 1 < len; i++) {
+    if (t[i] != '\\') continue;
+    if (t[i + 1] == 'u' && i + 5 < len && memcmp(t + i + 2, "0000", 4) == 0) return 1;
+    i++; /* the escaped character cannot start another escape */
+  }
+  return 0;
+}
+
+static int refuse(ot_serve_req_error *e, int status, const char *param, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static int refuse(ot_serve_req_error *e, int status, const char *param, const char *fmt, ...) {
+  e->status = status;
+  e->type = status >= 500 ? "server_error" : "invalid_request_error";
+  snprintf(e->param, sizeof e->param, "%s", param ? param : "");
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(e->message, sizeof e->message, fmt, ap);
+  va_end(ap);
+  return status >= 500 ? OT_ERR_NOMEM : OT_ERR_INVALID;
+}
+
+static const cJSON *field(const cJSON *b, const char *name) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(b, name);
+  return cJSON_IsNull(v) ? NULL : v;
+}
+
+static int is_int(const cJSON *v) {
+  return cJSON_IsNumber(v) && v->valuedouble == (double)(int)v->valuedouble;
+}
+
+/* Everything but the prompt. */
+static int parse_settings(const cJSON *b, const ot_serve_parse_cfg *cfg, ot_serve_completion *c,
+                          ot_serve_req_error *e) {
+  ot_serve_request *r = &c->r;
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(b, "model");
+  if (v && !cJSON_IsString(v) && !cJSON_IsNull(v)) return refuse(e, 400, "model", "'model' must be a string");
+  const char *m = cJSON_IsString(v) ? v->valuestring : "";
+  if (cfg->base_name && strcmp(m, cfg->base_name) == 0) m = "";
+  if (strlen(m) >= sizeof c->model) return refuse(e, 400, "model", "'model' is too long");
+  for (const char *p = m; *p; p++)
+    if ((unsigned char)*p < 0x20 || *p == 0x7f)
+      return refuse(e, 400, "model", "'model' must not contain control characters");
+  snprintf(c->model, sizeof c->model, "%s", m);
+  r->max_tokens = 16;
+  r->temperature = 1.0f;
+  r->top_p = 1.0f;
+  r->seed = cfg->seed;
+  if ((v = field(b, "max_tokens"))) {
+    if (!is_int(v) || v->valueint < 0 || v->valuedouble > 1e6)
+      return refuse(e, 400, "max_tokens", "'max_tokens' must be an integer >= 0");
+    r->max_tokens = v->valueint;
+  }
+  if ((v = field(b, "temperature"))) {
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0.0 && v->valuedouble <= 2.0))
+      return refuse(e, 400, "temperature", "'temperature' must be a number in [0, 2]");
+    r->temperature = (float)v->valuedouble;
+  }
+  if ((v = field(b, "top_p"))) {
+    if (!cJSON_IsNumber(v) || !(v->valuedouble > 0.0 && v->valuedouble <= 1.0))
+      return refuse(e, 400, "top_p", "'top_p' must be a number in (0, 1]");
+    r->top_p = (float)v->valuedouble;
+  }
+  if ((v = field(b, "top_k"))) {
+    if (!is_int(v) || v->valueint < -1)
+      return refuse(e, 400, "top_k", "'top_k' must be an integer (0 or -1 = off)");
+    r->top_k = v->valueint > 0 ? v->valueint : 0;
+  }
+  if ((v = field(b, "seed"))) {
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= -9.2e18 && v->valuedouble <= 9.2e18) ||
+        v->valuedouble != (double)(long long)v->valuedouble)
+      return refuse(e, 400, "seed", "'seed' must be an integer");
+    r->seed = (uint64_t)(long long)v->valuedouble;
+  }
+  if ((v = field(b, "ignore_eos"))) {
+    if (!cJSON_IsBool(v)) return refuse(e, 400, "ignore_eos", "'ignore_eos' must be true or false");
+    r->ignore_eos = cJSON_IsTrue(v);
+  }
+  if ((v = field(b, "stream"))) {
+    if (!cJSON_IsBool(v)) return refuse(e, 400, "stream", "'stream' must be true or false");
+    c->stream = cJSON_IsTrue(v);
+  }
+  if ((v = field(b, "n")) && !(cJSON_IsNumber(v) && v->valuedouble == 1))
+    return refuse(e, 400, "n", "only n = 1 is supported");
+  if ((v = field(b, "best_of")) && !(cJSON_IsNumber(v) && v->valuedouble == 1))
+    return refuse(e, 400, "best_of", "only best_of = 1 is supported");
+  if (field(b, "logprobs")) return refuse(e, 400, "logprobs", "logprobs are not supported");
+  if ((v = field(b, "echo")) && !cJSON_IsFalse(v)) return refuse(e, 400, "echo", "echo is not supported");
+  /* stop: one string or an array of strings; empty strings stop nothing and are dropped */
+  if ((v = field(b, "stop"))) {
+    const cJSON *one = cJSON_IsString(v) ? v : NULL;
+    if (!one && (!cJSON_IsArray(v) || cJSON_GetArraySize(v) > OT_SERVE_MAX_STOP))
+      return refuse(e, 400, "stop", "'stop' must be a string or an array of up to %d strings",
+                    OT_SERVE_MAX_STOP);
+    int k = 0;
+    for (const cJSON *s = one ? one : v->child; s; s = one ? NULL : s->next) {
+      if (!cJSON_IsString(s) || strlen(s->valuestring) >= OT_SERVE_STOP_LEN)
+        return refuse(e, 400, "stop", "stop sequences must be strings shorter than %d bytes",
+                      OT_SERVE_STOP_LEN);
+      if (!*s->valuestring) continue;
+      snprintf(c->stops[k], OT_SERVE_STOP_LEN, "%s", s->valuestring);
+      r->stop[k] = c->stops[k];
+      k++;
+    }
+  }
+  return OT_OK;
+}
+
+/* prompt: a string, an array of strings, or an array of token ids */
+static int parse_prompts(const cJSON *b, const ot_serve_parse_cfg *cfg, ot_serve_completion *c,
+                         ot_serve_req_error *e) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(b, "prompt");
+  if (!v) return refuse(e, 400, "prompt", "'prompt' is required");
+  int n = cJSON_IsString(v) ? 1 : cJSON_IsArray(v) ? cJSON_GetArraySize(v) : -1;
+  if (n < 1) return refuse(e, 400, "prompt", "'prompt' must be a string or a non-empty array");
+  const cJSON *first = cJSON_IsArray(v) ? v->child : v;
+  int ids_form = cJSON_IsNumber(first);
+  if (ids_form) n = 1;
+  if (n > cfg->max_prompts)
+    return refuse(e, 400, "prompt", "at most %d prompts per request", cfg->max_prompts);
+  ot_serve_prompt *p = calloc((size_t)n, sizeof *p);
+  if (!p) return refuse(e, 500, NULL, "out of memory");
+  c->prompts = p;
+  c->n_prompts = n;
+  if (ids_form) {
+    int m = cJSON_GetArraySize(v), k = 0;
+    const cJSON *t;
+    p[0].ids = malloc((size_t)m * sizeof(int32_t));
+    if (!p[0].ids) return refuse(e, 500, NULL, "out of memory");
+    cJSON_ArrayForEach(t, v) {
+      if (!is_int(t)) return refuse(e, 400, "prompt", "a token-id prompt must hold only integers");
+      p[0].ids[k++] = t->valueint;
+    }
+    p[0].n = (size_t)k;
+    return OT_OK;
+  }
+  int k = 0;
+  for (const cJSON *s = first; s && k < n; s = s->next, k++) {
+    if (!cJSON_IsString(s))
+      return refuse(e, 400, "prompt", "'prompt' must be a string or an array of strings");
+    if (!cfg->tok) return refuse(e, 400, "prompt", "this server has no tokenizer: send token ids");
+    if (ot_tokenizer_encode(cfg->tok, s->valuestring, strlen(s->valuestring), &p[k].ids, &p[k].n))
+      return refuse(e, 400, "prompt", "cannot tokenize prompt %d: %s", k, ot_error_detail());
+    if (p[k].n == 0 && cfg->eos_id >= 0) {
+      free(p[k].ids);
+      p[k].ids = malloc(sizeof(int32_t));
+      if (!p[k].ids) return refuse(e, 500, NULL, "out of memory");
+      p[k].ids[0] = cfg->eos_id;
+      p[k].n = 1;
+    }
+  }
+  return OT_OK;
+}
+
+int ot_serve_parse_completion(const char *body, size_t len, const ot_serve_parse_cfg *cfg,
+                              ot_serve_completion *out, ot_serve_req_error *err) {
+  memset(out, 0, sizeof *out);
+  memset(err, 0, sizeof *err);
+  if (ot_json_has_nul_escape(body, len))
+    return refuse(err, 400, NULL, "strings must not contain NUL (\\u0000)");
+  cJSON *b = cJSON_ParseWithLength(body, len);
+  if (!b) return refuse(err, 400, NULL, "the body is not valid JSON");
+  int rc = cJSON_IsObject(b) ? OT_OK : refuse(err, 400, NULL, "the body must be a JSON object");
+  if (rc == OT_OK) rc = parse_settings(b, cfg, out, err);
+  if (rc == OT_OK) rc = parse_prompts(b, cfg, out, err);
+  cJSON_Delete(b);
+  if (rc) ot_serve_completion_free(out);
+  return rc;
+}
+
+void ot_serve_completion_free(ot_serve_completion *c) {
+  for (int i = 0; c->prompts && i < c->n_prompts; i++) free(c->prompts[i].ids);
+  free(c->prompts);
+  memset(c, 0, sizeof *c);
+}

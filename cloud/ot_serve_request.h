@@ -1,0 +1,57 @@
+/* The body of POST /v1/completions, parsed and checked into an engine request. No I/O and no
+ * server state: the HTTP handler calls it, and fuzz/fuzz_http_request.c calls it as is. */
+#ifndef OT_SERVE_REQUEST_H
+#define OT_SERVE_REQUEST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ot_serve_engine.h"
+#include "ot_tokenizer.h"
+
+#define OT_SERVE_STOP_LEN 256
+#define OT_SERVE_MODEL_LEN 128
+
+/* Why a request was refused, in OpenAI's error shape. */
+typedef struct {
+  int status;       /* 400, or 500 when out of memory */
+  const char *type; /* "invalid_request_error" or "server_error" */
+  char param[32];   /* the offending field; "" = null */
+  char message[512];
+} ot_serve_req_error;
+
+typedef struct {
+  int32_t *ids;
+  size_t n;
+} ot_serve_prompt;
+
+/* A parsed request. `r.stop` points into `stops`: parse into the struct that will be used,
+ * do not copy it. */
+typedef struct {
+  ot_serve_request r;             /* sampling settings and stop strings; r.prompt/r.adapter are left NULL */
+  char model[OT_SERVE_MODEL_LEN]; /* "" = the base model */
+  char stops[OT_SERVE_MAX_STOP][OT_SERVE_STOP_LEN];
+  ot_serve_prompt *prompts;
+  int n_prompts;
+  int stream;
+} ot_serve_completion;
+
+typedef struct {
+  const ot_tokenizer *tok; /* encodes string prompts; NULL: token ids only */
+  const char *base_name;   /* the base model's id ("model" naming it means the base) */
+  int32_t eos_id;          /* an empty prompt starts from this token; -1: refused */
+  int max_prompts;         /* prompts per request */
+  uint64_t seed;           /* used when the request names none */
+} ot_serve_parse_cfg;
+
+/* Parses body[len]. On success fills *out (free with ot_serve_completion_free); on refusal
+ * fills *err, leaves *out empty and returns OT_ERR_INVALID (or OT_ERR_NOMEM). */
+int ot_serve_parse_completion(const char *body, size_t len, const ot_serve_parse_cfg *cfg,
+                              ot_serve_completion *out, ot_serve_req_error *err);
+void ot_serve_completion_free(ot_serve_completion *c);
+
+/* 1 if the JSON text holds the escape \u0000 in a string: cJSON would cut that string at the
+ * NUL, so a name or prompt would silently mean something else. */
+int ot_json_has_nul_escape(const char *text, size_t len);
+
+#endif
