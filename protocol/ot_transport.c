@@ -1668,14 +1668,15 @@ int ot_client_send_source(ot_client *c, const char *name, ot_source src, uint64_
     ot_error(rc, "%s", j->l.detail);
   else if (j->stop_after && j->stop_after >= n)
     rc = ot_error(OT_ERR_IO, "stopped before the final marker (test hook)");
-  if (rc == OT_OK) {
-    uint8_t digest[32];
+  if (rc == OT_OK) { /* the final marker: its own buffers (the begin request's are freed) */
+    uint8_t digest[32], *fbody = NULL, *fr = NULL;
+    size_t fbl = 0, frl = 0;
     ot_transfer_digest((const uint8_t(*)[32])j->hashes, n, size, chunk, digest);
-    rc = ot_chunk_pack(b.id, n, 1, NULL, 0, digest, &body, &bl);
-    if (rc == OT_OK) rc = ot_client_request(c, 0, OT_MSG_CHUNK, body, bl, &t, &r, &rl);
-    free(body);
-    if (rc == OT_OK) rc = ot_status_decode(r, rl, &st);
-    free(r);
+    rc = ot_chunk_pack(b.id, n, 1, NULL, 0, digest, &fbody, &fbl);
+    if (rc == OT_OK) rc = ot_client_request(c, 0, OT_MSG_CHUNK, fbody, fbl, &t, &fr, &frl);
+    free(fbody);
+    if (rc == OT_OK) rc = ot_status_decode(fr, frl, &st);
+    free(fr);
     if (rc == OT_OK && !st.committed)
       rc = ot_error(OT_ERR_FORMAT, "the receiver did not commit the transfer");
   }

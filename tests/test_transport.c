@@ -20,6 +20,7 @@
 #include "ot_fileio.h"
 #include "ot_test_util.h"
 #include "ot_transport.h"
+#include "tcp_relay.h"
 
 #define TENSOR (4u << 20)
 
@@ -557,6 +558,69 @@ static void test_transfer_resume_and_truncation(void **state) {
 
 /* The server restarts at the same address: the client reconnects in the background,
  * its old session is unknown to the new server, it re-handshakes and carries on. */
+/* A link that dies after the last data chunk, as the final marker is sent (issue 14: the
+ * device freed the begin request's reply twice and aborted). The send fails cleanly, and a
+ * new connection resumes and commits the same transfer. */
+typedef struct {
+  uint64_t chunk_msgs, big;
+} cut_after;
+
+static int cut_final_marker(void *arg, uint64_t len) {
+  cut_after *c = arg;
+  if (c->chunk_msgs == 4) return 1; /* every data chunk went through: this is the marker */
+  if (len > c->big) c->chunk_msgs++;
+  return 0;
+}
+
+static void test_link_cut_before_final_marker(void **state) {
+  (void)state;
+  char *dir = ot_test_tmpdir("proto_cut");
+  F.file_dir = dir;
+  server_start(&F, "tcp://127.0.0.1:0", 60);
+  char direct[256];
+  snprintf(direct, sizeof direct, "%s", F.url);
+  cut_after ca = {0, 200u << 10};
+  tcp_relay *relay = tcp_relay_start(ot_server_port(F.server), cut_final_marker, &ca);
+  assert_non_null(relay);
+  snprintf(F.url, sizeof F.url, "tcp://127.0.0.1:%d", tcp_relay_port(relay));
+  ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
+  cc.timeout_ms = 400;
+  cc.retries = 1;
+  ot_client *c;
+  assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+  const uint64_t size = 4u * (256u << 10); /* 4 full chunks: 4 large messages, then the marker */
+  ot_send_opts o = {.chunk = 256u << 10, .window = 1};
+  int rc = ot_client_send(c, "cut.bin", F.tensor, size, &o);
+  assert_int_not_equal(rc, OT_OK);
+  assert_true(tcp_relay_was_cut(relay));
+  assert_int_equal(ca.chunk_msgs, 4);
+  ot_client_close(c);
+  tcp_relay_stop(relay);
+  char path[600];
+  snprintf(path, sizeof path, "%s/cut.bin", dir);
+  assert_false(ot_file_exists(path));
+  /* directly this time: every chunk is already there, only the marker is sent */
+  snprintf(F.url, sizeof F.url, "%s", direct);
+  cc = client_cfg(&F.dev, F.srv.pk);
+  assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+  uint8_t id[16];
+  memcpy(id, o.id_out, 16);
+  ot_send_opts o2 = {.transfer_id = id, .chunk = 256u << 10};
+  assert_int_equal(ot_client_send(c, "cut.bin", F.tensor, size, &o2), OT_OK);
+  assert_int_equal(o2.resumed_from, 4);
+  assert_int_equal(o2.sent, 0);
+  ot_client_close(c);
+  char *back = NULL;
+  size_t bl = 0;
+  assert_int_equal(ot_file_read_all(path, 1 << 24, &back, &bl), OT_OK);
+  assert_int_equal(bl, size);
+  assert_memory_equal(back, F.tensor, size);
+  free(back);
+  ot_server_stop(F.server);
+  F.file_dir = NULL;
+  free(dir);
+}
+
 static void test_reconnect_after_server_restart(void **state) {
   (void)state;
   char ipc[300], *sockdir = ot_test_tmpdir("proto_ipc2");
@@ -895,6 +959,7 @@ int main(void) {
       cmocka_unit_test(test_session_expiry_rekeys),
       cmocka_unit_test(test_reconnect_after_server_restart),
       cmocka_unit_test(test_transfer_resume_and_truncation),
+      cmocka_unit_test(test_link_cut_before_final_marker),
       cmocka_unit_test(test_fetch),
       cmocka_unit_test(test_load_64_clients),
   };
