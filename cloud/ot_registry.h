@@ -12,7 +12,7 @@
 #include <stdint.h>
 
 #include "ot_access.h"
-#include "ot_emulator.h"
+#include "ot_digest.h"
 #include "ot_session.h"
 
 #define OT_REG_SCHEMA_VERSION 1

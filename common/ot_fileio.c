@@ -19,9 +19,10 @@ static int io_error(const char *what, const char *path, int err) {
   return ot_error(err == ENOENT ? OT_ERR_NOTFOUND : OT_ERR_IO, "%s %s: %s", what, path, strerror(err));
 }
 
-int ot_file_read_all(const char *path, size_t max_bytes, char **out, size_t *out_len) {
-  if (!path || !out) return ot_error(OT_ERR_INVALID, "ot_file_read_all: NULL argument");
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
+int ot_file_open_regular(const char *path, uint64_t max_bytes, int *fd_out, uint64_t *size_out) {
+  if (!path || !fd_out) return ot_error(OT_ERR_INVALID, "ot_file_open_regular: NULL argument");
+  /* O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOCTTY: a terminal is no input */
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
   if (fd < 0) return io_error("cannot open", path, errno);
   struct stat sb;
   if (fstat(fd, &sb) != 0) {
@@ -29,17 +30,36 @@ int ot_file_read_all(const char *path, size_t max_bytes, char **out, size_t *out
     close(fd);
     return io_error("cannot stat", path, e);
   }
-  if (S_ISDIR(sb.st_mode)) {
+  if (!S_ISREG(sb.st_mode)) {
     close(fd);
-    return ot_error(OT_ERR_IO, "cannot read %s: is a directory", path);
+    return ot_error(OT_ERR_IO, "%s is not a regular file (%s)", path,
+                    S_ISDIR(sb.st_mode)    ? "a directory"
+                    : S_ISFIFO(sb.st_mode) ? "a FIFO"
+                    : S_ISCHR(sb.st_mode)  ? "a character device"
+                    : S_ISBLK(sb.st_mode)  ? "a block device"
+                    : S_ISSOCK(sb.st_mode) ? "a socket"
+                                           : "not a file");
   }
-  if (S_ISREG(sb.st_mode) && (uint64_t)sb.st_size > (uint64_t)max_bytes) {
+  if ((uint64_t)sb.st_size > max_bytes) {
     close(fd);
-    return ot_error(OT_ERR_RANGE, "%s is %lld bytes, more than the limit of %zu", path, (long long)sb.st_size,
-                    max_bytes);
+    return ot_error(OT_ERR_RANGE, "%s is %llu bytes, more than the limit of %llu", path,
+                    (unsigned long long)sb.st_size, (unsigned long long)max_bytes);
   }
-  /* st_size is only a hint: the file may change under us, or be a pipe. */
-  size_t cap = S_ISREG(sb.st_mode) ? (size_t)sb.st_size + 1 : 4096;
+  int fl = fcntl(fd, F_GETFL);
+  if (fl >= 0) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+  *fd_out = fd;
+  if (size_out) *size_out = (uint64_t)sb.st_size;
+  return OT_OK;
+}
+
+int ot_file_read_all(const char *path, size_t max_bytes, char **out, size_t *out_len) {
+  if (!path || !out) return ot_error(OT_ERR_INVALID, "ot_file_read_all: NULL argument");
+  int fd = -1;
+  uint64_t size = 0;
+  int rc = ot_file_open_regular(path, max_bytes, &fd, &size);
+  if (rc) return rc;
+  /* the size is only a hint: the file may grow under us */
+  size_t cap = (size_t)size + 1;
   size_t len = 0;
   char *buf = malloc(cap);
   if (!buf) {

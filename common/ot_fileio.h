@@ -5,7 +5,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Reads a whole file into a malloc'd, NUL-terminated buffer; refuses files over max_bytes. */
+/* Opens path for reading if it is a regular file of at most max_bytes (a FIFO, device or
+ * directory is refused without blocking or reading): every file a client, a peer or a
+ * directory can name is opened through here. *size = its size at open. */
+int ot_file_open_regular(const char *path, uint64_t max_bytes, int *fd, uint64_t *size);
+/* Reads a whole regular file into a malloc'd, NUL-terminated buffer; refuses files over
+ * max_bytes (also one that grows past it while being read). */
 int ot_file_read_all(const char *path, size_t max_bytes, char **out, size_t *out_len);
 /* Writes a file atomically: temporary file in the same directory, fsync, rename, fsync dir. */
 int ot_file_write_atomic(const char *path, const void *data, size_t len);

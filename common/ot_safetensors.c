@@ -394,30 +394,16 @@ int ot_st_open_memory(const void *data, size_t size, ot_safetensors **out) {
 
 int ot_st_open(const char *path, ot_safetensors **out) {
   if (!path || !out) return ot_error(OT_ERR_INVALID, "ot_st_open: NULL argument");
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return ot_error(errno == ENOENT ? OT_ERR_NOTFOUND : OT_ERR_IO, "cannot open %s: %s", path,
-                    strerror(errno));
-  struct stat sb;
-  if (fstat(fd, &sb) != 0) {
-    int e = errno;
-    close(fd);
-    return ot_error(OT_ERR_IO, "cannot stat %s: %s", path, strerror(e));
-  }
-  if (!S_ISREG(sb.st_mode)) {
-    close(fd);
-    return ot_error(OT_ERR_IO, "%s is not a regular file", path);
-  }
-  if ((uint64_t)sb.st_size > SIZE_MAX) {
-    close(fd);
-    return ot_error(OT_ERR_RANGE, "%s is too large to map", path);
-  }
+  int fd = -1;
+  uint64_t size = 0;
+  int rc = ot_file_open_regular(path, SIZE_MAX, &fd, &size);
+  if (rc) return rc;
   ot_safetensors *st = calloc(1, sizeof *st);
   if (!st) {
     close(fd);
     return ot_error(OT_ERR_NOMEM, "cannot allocate safetensors reader");
   }
-  st->size = (size_t)sb.st_size;
+  st->size = (size_t)size;
   if (st->size >= 8) {
     /* Map rather than read: multi-GB checkpoints then cost page cache, not heap. */
     void *p = mmap(NULL, st->size, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -431,7 +417,7 @@ int ot_st_open(const char *path, ot_safetensors **out) {
     st->mapped = 1;
   }
   close(fd);
-  int rc = st_parse(st, path);
+  rc = st_parse(st, path);
   if (rc != OT_OK) {
     ot_st_close(st);
     return rc;

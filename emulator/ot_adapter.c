@@ -361,14 +361,18 @@ int ot_adapter_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_diges
   if (rc == OT_OK) snprintf(want_hex, sizeof want_hex, "%s", want_digest);
   cJSON_Delete(j);
   char got[OT_DIGEST_HEX], *st_path = NULL;
-  if (rc == OT_OK) rc = ot_path_join(dir, "adapter_model.safetensors", &st_path);
-  if (rc == OT_OK) rc = ot_file_digest(st_path, got);
-  if (rc == OT_OK && strcmp(got, want_hex) != 0)
-    rc = ot_error(OT_ERR_MISMATCH,
-                  "%s: adapter_model.safetensors does not match its recorded digest (tampered?)", st_path);
   want_t *w = NULL;
   int nw = 0;
   if (rc == OT_OK) rc = expected(&c, C, full, loc, n, &w, &nw);
+  /* the file can be no larger than its tensors in fp32 and their header: anything larger
+   * (or not a regular file) is refused before a byte is read */
+  uint64_t max_bytes = 8 + 4096;
+  for (int k = 0; k < nw; k++) max_bytes += w[k].numel * sizeof(float) + 256;
+  if (rc == OT_OK) rc = ot_path_join(dir, "adapter_model.safetensors", &st_path);
+  if (rc == OT_OK) rc = ot_file_digest_max(st_path, max_bytes, got);
+  if (rc == OT_OK && strcmp(got, want_hex) != 0)
+    rc = ot_error(OT_ERR_MISMATCH,
+                  "%s: adapter_model.safetensors does not match its recorded digest (tampered?)", st_path);
   /* stage every tensor on the host first, so a bad one changes nothing */
   float **stage = rc == OT_OK ? calloc((size_t)nw + 1, sizeof *stage) : NULL;
   if (rc == OT_OK && !stage) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");

@@ -2,7 +2,6 @@
 
 #include <cjson/cJSON.h>
 #include <math.h>
-#include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -103,23 +102,6 @@ void ot_emu_set_trainable(ot_gpt2 *emu, const ot_emu_plan *p, ot_emu_part part) 
 }
 
 /* ---- digests and the package ------------------------------------------------------ */
-
-int ot_file_digest(const char *path, char hex[OT_DIGEST_HEX]) {
-  if (sodium_init() < 0) return ot_error(OT_ERR_INTERNAL, "libsodium failed to initialise");
-  FILE *f = fopen(path, "rb");
-  if (!f) return ot_error(OT_ERR_IO, "%s: cannot open for digest", path);
-  crypto_generichash_state st;
-  crypto_generichash_init(&st, NULL, 0, 32);
-  unsigned char buf[1 << 16], h[32];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, f)) > 0) crypto_generichash_update(&st, buf, n);
-  int err = ferror(f);
-  fclose(f);
-  if (err) return ot_error(OT_ERR_IO, "%s: read error", path);
-  crypto_generichash_final(&st, h, sizeof h);
-  sodium_bin2hex(hex, OT_DIGEST_HEX, h, sizeof h);
-  return OT_OK;
-}
 
 cJSON *ot_emu_int_array(const int *v, int n) {
   cJSON *a = cJSON_CreateArray();

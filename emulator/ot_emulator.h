@@ -17,13 +17,13 @@
 
 #include <stdint.h>
 
+#include "ot_digest.h"
 #include "ot_gpt2.h"
 #include "ot_tokenizer.h"
 
 #define OT_EMU_MAX_LAYERS 256
 #define OT_EMU_KD_WEIGHT 30.0f
 #define OT_EMU_KD_EPS 1e-6f /* added to rms(h_teacher); keeps an all-zero row finite */
-#define OT_DIGEST_HEX 65    /* 64 hex digits of BLAKE2b-256 + NUL */
 
 /* Kept middle blocks as full-model block indices: of the n = L-a-b middle blocks keep
  * a + round(i*(n-1)/(k-1)), i = 0..k-1 (k = 1 keeps the first). kept has k entries.
@@ -54,9 +54,6 @@ typedef enum { OT_EMU_TRAIN_MIDDLE = 0, OT_EMU_TRAIN_ADAPTER = 1 } ot_emu_part;
 /* Freezes everything but the emulator's middle blocks (distillation) or adapter blocks
  * (device tuning). Call before ot_gpt2_prepare. */
 void ot_emu_set_trainable(ot_gpt2 *emu, const ot_emu_plan *p, ot_emu_part part);
-
-/* Hex BLAKE2b-256 of a file's bytes. */
-int ot_file_digest(const char *path, char hex[OT_DIGEST_HEX]);
 
 int ot_emu_save(const ot_gpt2 *emu, const ot_emu_plan *p, const ot_tokenizer *tok, const char *dir);
 /* Reads emulator.json (validated against itself). */

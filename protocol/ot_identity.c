@@ -153,7 +153,7 @@ int ot_identity_load(const char *key_path, ot_identity *out) {
   if (!key_path || !out) return ot_error(OT_ERR_INVALID, "ot_identity_load: NULL argument");
   int rc = ot_sodium_init();
   if (rc) return rc;
-  int fd = open(key_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  int fd = open(key_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
   if (fd < 0)
     return ot_error(errno == ENOENT ? OT_ERR_NOTFOUND : OT_ERR_IO, "cannot open %s: %s", key_path,
                     strerror(errno));

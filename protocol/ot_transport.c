@@ -1576,17 +1576,11 @@ static int file_read(void *self, uint64_t off, size_t len, uint8_t *buf, const u
 
 int ot_client_send_file(ot_client *c, const char *name, const char *path, ot_send_opts *opts) {
   if (!path) return ot_error(OT_ERR_INVALID, "ot_client_send_file: NULL path");
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return ot_error(errno == ENOENT ? OT_ERR_NOTFOUND : OT_ERR_IO, "cannot open %s: %s", path,
-                    strerror(errno));
-  struct stat sb;
-  int rc = fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode)
-               ? OT_OK
-               : ot_error(OT_ERR_INVALID, "%s is not a regular file", path);
-  if (rc == OT_OK)
-    rc = ot_client_send_source(c, name, (ot_source){.read_at = file_read, .self = &fd}, (uint64_t)sb.st_size,
-                               opts);
+  int fd = -1;
+  uint64_t size = 0;
+  int rc = ot_file_open_regular(path, UINT64_MAX, &fd, &size);
+  if (rc) return rc;
+  rc = ot_client_send_source(c, name, (ot_source){.read_at = file_read, .self = &fd}, size, opts);
   close(fd);
   return rc;
 }
@@ -1692,18 +1686,15 @@ int ot_file_source_open(const char *path, ot_source *src, uint64_t *size) {
   if (!path || !src || !size) return ot_error(OT_ERR_INVALID, "ot_file_source_open: NULL argument");
   int *fd = malloc(sizeof *fd);
   if (!fd) return ot_error(OT_ERR_NOMEM, "out of memory");
-  *fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (*fd < 0) {
-    int rc =
-        ot_error(errno == ENOENT ? OT_ERR_NOTFOUND : OT_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+  int rc = ot_file_open_regular(path, UINT64_MAX, fd, NULL);
+  struct stat sb;
+  if (rc == OT_OK && fstat(*fd, &sb) != 0) {
+    rc = ot_error(OT_ERR_IO, "cannot stat %s: %s", path, strerror(errno));
+    close(*fd);
+  }
+  if (rc) {
     free(fd);
     return rc;
-  }
-  struct stat sb;
-  if (fstat(*fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-    close(*fd);
-    free(fd);
-    return ot_error(OT_ERR_INVALID, "%s is not a regular file", path);
   }
   /* the stamp changes whenever the file is replaced or rewritten */
   uint64_t k[5] = {(uint64_t)sb.st_dev, (uint64_t)sb.st_ino, (uint64_t)sb.st_size,

@@ -5,6 +5,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "ot_digest.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
 #include "ot_safetensors.h"
@@ -766,7 +767,22 @@ static void test_fileio(void **state) {
   assert_int_equal(ot_file_read_all(missing, 100, &buf, &len), OT_ERR_NOTFOUND);
   assert_non_null(strstr(ot_error_detail(), "nope"));
   assert_int_equal(ot_file_read_all(dir, 100, &buf, &len), OT_ERR_IO);
-  /* Non-regular files have no size up front: read until EOF, still capped. */
+  /* A FIFO (no writer), a device and a directory are refused at once, without reading. */
+  char *fifo = path_in(dir, "fifo");
+  assert_int_equal(ot_test_system("rm -f %s && mkfifo %s", fifo, fifo), 0);
+  assert_int_equal(ot_file_read_all(fifo, 100, &buf, &len), OT_ERR_IO);
+  assert_non_null(strstr(ot_error_detail(), "FIFO"));
+  ot_safetensors *fst = NULL;
+  assert_int_equal(ot_st_open(fifo, &fst), OT_ERR_IO);
+  assert_int_equal(ot_file_read_all("/dev/zero", 1 << 20, &buf, &len), OT_ERR_IO);
+  assert_non_null(strstr(ot_error_detail(), "character device"));
+  assert_int_equal(ot_st_open("/dev/zero", &fst), OT_ERR_IO);
+  assert_null(buf);
+  char hex[OT_DIGEST_HEX];
+  assert_int_equal(ot_file_digest("/dev/urandom", hex), OT_ERR_IO);
+  assert_int_equal(ot_file_digest(fifo, hex), OT_ERR_IO);
+  free(fifo);
+  /* /proc files say they are empty: read until EOF, still capped. */
   assert_int_equal(ot_file_read_all("/proc/self/status", 1 << 20, &buf, &len), OT_OK);
   assert_true(len > 0 && strlen(buf) == len);
   free(buf);

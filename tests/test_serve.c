@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "ot_adapter.h"
 #include "ot_error.h"
@@ -381,6 +382,54 @@ static void test_errors(void **state) {
 
 /* Engine thread: concurrent blocking generations from several threads. */
 #include <pthread.h>
+/* Adapter directories whose files are devices, FIFOs or huge (issue 14: /dev/zero as the
+ * tensors hung the engine for every tenant). Each request fails at once with its own error;
+ * the base model and a good adapter in the same batch are served as usual. */
+static void test_hostile_adapter_files(void **state) {
+  (void)state;
+  const char *setup_sh = "cd %s && rm -rf zero urand fifo huge cfgdir && "
+                         "for d in zero urand fifo huge cfgdir; do cp -r lora1 $d; done && "
+                         "ln -sf /dev/zero zero/adapter_model.safetensors && "
+                         "ln -sf /dev/urandom urand/adapter_model.safetensors && "
+                         "rm fifo/adapter_config.json && mkfifo fifo/adapter_config.json && "
+                         "truncate -s 4G huge/adapter_model.safetensors && "
+                         "rm cfgdir/adapter_config.json && mkdir cfgdir/adapter_config.json";
+  assert_int_equal(ot_test_system(setup_sh, dir), 0);
+  const char *names[] = {"zero", "urand", "fifo", "huge", "cfgdir"};
+  const int want_err[] = {OT_ERR_IO, OT_ERR_IO, OT_ERR_IO, OT_ERR_RANGE, OT_ERR_IO};
+  enum { NH = 5 };
+  ot_serve_engine *e = engine(8, 64, 0, -1);
+  size_t n = 0;
+  int32_t *ids = encode(prompts[0], &n);
+  ot_serve_request r = {"", ids, n, GEN, 0.0f, 1.0f, 0, 0, {NULL}, 0};
+  sink s[NH + 2];
+  memset(s, 0, sizeof s);
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  for (int i = 0; i < NH; i++) {
+    r.adapter = names[i];
+    assert_int_equal(ot_serve_submit(e, &r, on_event, &s[i], NULL), 0);
+  }
+  r.adapter = "";
+  assert_int_equal(ot_serve_submit(e, &r, on_event, &s[NH], NULL), 0);
+  r.adapter = "lora1";
+  assert_int_equal(ot_serve_submit(e, &r, on_event, &s[NH + 1], NULL), 0);
+  run_all(e);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  double secs = (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
+  printf("hostile adapter files refused, base and lora1 served, in %.3f s\n", secs);
+  for (int i = 0; i < NH; i++) {
+    if (s[i].reason != OT_FINISH_ERROR || s[i].error != want_err[i])
+      fail_msg("%s: finish %d error %d (wanted error %d)", names[i], s[i].reason, s[i].error, want_err[i]);
+  }
+  check_same(&s[NH], 0, 0);
+  check_same(&s[NH + 1], 3, 0);
+  assert_true(secs < 5.0);
+  free(ids);
+  ot_serve_engine_free(e);
+  assert_int_equal(ot_test_system("cd %s && rm -rf zero urand fifo huge cfgdir", dir), 0);
+}
+
 typedef struct {
   ot_serve_engine *e;
   int k, p, ok;
@@ -575,8 +624,8 @@ int main(void) {
       cmocka_unit_test(test_greedy_alone), cmocka_unit_test(test_mixed_batch),
       cmocka_unit_test(test_continuous),   cmocka_unit_test(test_lru),
       cmocka_unit_test(test_sampling),     cmocka_unit_test(test_stop_eos),
-      cmocka_unit_test(test_errors),       cmocka_unit_test(test_thread),
-      cmocka_unit_test(test_torch_lora),
+      cmocka_unit_test(test_errors),       cmocka_unit_test(test_hostile_adapter_files),
+      cmocka_unit_test(test_thread),       cmocka_unit_test(test_torch_lora),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
