@@ -29,6 +29,7 @@
 
 typedef struct srv_session {
   struct srv_session *next;
+  struct srv_session *pnext, *pprev; /* the pending handshakes, oldest first (while pending) */
   pthread_mutex_t mu;
   int refs, dead, pending;
   ot_hs_pending hs; /* while pending */
@@ -96,6 +97,14 @@ typedef struct {
 } srv_digest;
 #define N_DIGESTS 64
 
+/* ClientHello token buckets by source address; a collision hands the newcomer a fresh
+ * bucket, which costs at most one burst. */
+typedef struct {
+  uint64_t key;
+  double tokens, t;
+} srv_rate;
+#define N_RATES 512
+
 typedef struct srv_ctx {
   struct ot_server *srv;
   nng_ctx ctx;
@@ -126,6 +135,9 @@ struct ot_server {
   pthread_mutex_t tmu;
   srv_session *buckets[N_BUCKETS];
   int n_sessions;
+  srv_session *phead, *ptail; /* pending handshakes, oldest first */
+  int n_pending;
+  srv_rate rates[N_RATES];
   srv_list transfers;
   srv_tomb tombs[N_TOMBS];
   int tomb_next;
@@ -172,7 +184,24 @@ static srv_session *session_get_locked(ot_server *s, uint64_t id) {
   return NULL;
 }
 
+static void pending_unlink_locked(ot_server *s, srv_session *x) {
+  if (!x->pending) return;
+  if (x->pprev)
+    x->pprev->pnext = x->pnext;
+  else if (s->phead == x)
+    s->phead = x->pnext;
+  else
+    return; /* not linked */
+  if (x->pnext)
+    x->pnext->pprev = x->pprev;
+  else
+    s->ptail = x->pprev;
+  x->pnext = x->pprev = NULL;
+  s->n_pending--;
+}
+
 static void session_unlink_locked(ot_server *s, srv_session *x) {
+  pending_unlink_locked(s, x);
   uint64_t id = x->pending ? x->hs.s.id : x->s.id;
   for (srv_session **pp = &s->buckets[id % N_BUCKETS]; *pp; pp = &(*pp)->next)
     if (*pp == x) {
@@ -198,6 +227,7 @@ static void sessions_sweep_locked(ot_server *s, uint64_t now) {
       srv_session *x = *pp;
       int stale = x->pending ? now > x->hs.deadline : now > x->s.expires_at;
       if (stale) {
+        pending_unlink_locked(s, x);
         *pp = x->next;
         s->n_sessions--;
         x->dead = 1;
@@ -217,6 +247,15 @@ static int session_add(ot_server *s, const ot_hs_pending *hs) {
   x->last_used = ot_unix_now();
   pthread_mutex_lock(&s->tmu);
   if (s->n_sessions >= s->cfg.max_sessions) sessions_sweep_locked(s, x->last_used);
+  /* make room by dropping the oldest unfinished handshake: honest ones finish in a round
+   * trip, so only a flood's entries live long enough to be the oldest */
+  srv_session *evicted = NULL;
+  if (s->phead && (s->n_pending >= s->cfg.max_pending || s->n_sessions >= s->cfg.max_sessions)) {
+    evicted = s->phead;
+    session_unlink_locked(s, evicted);
+    stat_add(s, &s->stats.handshakes_evicted);
+    if (evicted->refs) evicted = NULL; /* its holder frees it */
+  }
   int rc = OT_OK;
   if (s->n_sessions >= s->cfg.max_sessions) {
     rc = ot_error(OT_ERR_RANGE, "server busy: %d sessions", s->n_sessions);
@@ -225,8 +264,16 @@ static int session_add(ot_server *s, const ot_hs_pending *hs) {
     x->next = s->buckets[id % N_BUCKETS];
     s->buckets[id % N_BUCKETS] = x;
     s->n_sessions++;
+    x->pprev = s->ptail;
+    if (s->ptail)
+      s->ptail->pnext = x;
+    else
+      s->phead = x;
+    s->ptail = x;
+    s->n_pending++;
   }
   pthread_mutex_unlock(&s->tmu);
+  if (evicted) session_free(s, evicted);
   if (rc) session_free(s, x);
   return rc;
 }
@@ -294,6 +341,57 @@ static int list_full(ot_server *s, const srv_list *l) {
   int full = l->n >= s->cfg.max_transfers;
   pthread_mutex_unlock(&s->tmu);
   return full;
+}
+
+/* Uploads and downloads `owner` holds open. Checked before the entry is pushed, so
+ * concurrent opens of one device may pass it by at most the number of workers. */
+static int peer_over_limit(ot_server *s, const uint8_t owner[32]) {
+  int n = 0;
+  pthread_mutex_lock(&s->tmu);
+  for (int k = 0; k < 2; k++)
+    for (const srv_entry *e = (k ? s->fetches : s->transfers).head; e; e = e->next)
+      n += sodium_memcmp(e->owner, owner, 32) == 0;
+  pthread_mutex_unlock(&s->tmu);
+  if (n < s->cfg.max_open_per_peer) return OT_OK;
+  stat_add(s, &s->stats.peer_limited);
+  return ot_error(OT_ERR_RANGE, "this device already has %d uploads and downloads open (limit %d)", n,
+                  s->cfg.max_open_per_peer);
+}
+
+/* The rate key of a message's source address: IPv4 address, IPv6 /64, or one key for
+ * local transports. */
+static uint64_t peer_key(nng_msg *m) {
+  nng_sockaddr sa;
+  nng_pipe p = nng_msg_get_pipe(m);
+  if (nng_pipe_id(p) < 0 || nng_pipe_get_addr(p, NNG_OPT_REMADDR, &sa) != 0) return 1;
+  uint64_t k = 1;
+  if (sa.s_family == NNG_AF_INET) {
+    k = (2ull << 56) | sa.s_in.sa_addr;
+  } else if (sa.s_family == NNG_AF_INET6) {
+    memcpy(&k, sa.s_in6.sa_addr, 8);
+    k ^= 3ull << 56;
+  }
+  return k;
+}
+
+/* One ClientHello from `key`: 1 if its bucket has a token. */
+static int hello_allowed(ot_server *s, uint64_t key) {
+  if (s->cfg.hello_rate < 0) return 1;
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  double now = (double)ts.tv_sec + ts.tv_nsec / 1e9;
+  uint64_t h = key * 0x9E3779B97F4A7C15ull;
+  pthread_mutex_lock(&s->tmu);
+  srv_rate *r = &s->rates[(h >> 40) % N_RATES];
+  if (r->key != key) *r = (srv_rate){key, (double)s->cfg.hello_burst, now};
+  r->tokens += (now - r->t) * s->cfg.hello_rate;
+  if (r->tokens > s->cfg.hello_burst) r->tokens = s->cfg.hello_burst;
+  r->t = now;
+  int ok = r->tokens >= 1.0;
+  if (ok) r->tokens -= 1.0;
+  pthread_mutex_unlock(&s->tmu);
+  if (!ok) stat_add(s, &s->stats.hellos_limited);
+  return ok;
 }
 
 static void list_push(ot_server *s, srv_list *l, srv_entry *e) {
@@ -419,6 +517,8 @@ static int handle_transfer(ot_server *s, srv_session *x, uint32_t type, const ui
       if (!s->cfg.on_transfer_open) return ot_error(OT_ERR_UNSUPPORTED, "this server accepts no transfers");
       if (list_full(s, &s->transfers))
         return ot_error(OT_ERR_RANGE, "server busy: too many unfinished transfers");
+      int prc = peer_over_limit(s, peer);
+      if (prc) return prc;
       t = calloc(1, sizeof *t);
       if (!t) return ot_error(OT_ERR_NOMEM, "out of memory");
       memcpy(t->e.id, b.id, 16);
@@ -602,6 +702,8 @@ static int handle_fetch(ot_server *s, srv_session *x, uint32_t lane, uint32_t ty
     if (!s->cfg.on_fetch_open) return ot_error(OT_ERR_UNSUPPORTED, "this server serves no downloads");
     fetches_sweep(s);
     if (list_full(s, &s->fetches)) return ot_error(OT_ERR_RANGE, "server busy: too many open downloads");
+    rc = peer_over_limit(s, peer);
+    if (rc) return rc;
     /* the largest chunk whose reply fits the message limit */
     uint32_t chunk = s->cfg.fetch_chunk;
     size_t room = s->cfg.max_msg - OT_ENV_OVERHEAD - 64;
@@ -692,7 +794,7 @@ static int handle_fetch(ot_server *s, srv_session *x, uint32_t lane, uint32_t ty
 }
 
 /* Processes one request; always produces a reply (refusals included). */
-static void process(ot_server *s, uint8_t *wire, size_t len, uint8_t **out, size_t *out_len,
+static void process(ot_server *s, uint64_t from, uint8_t *wire, size_t len, uint8_t **out, size_t *out_len,
                     nng_msg **out_msg) {
   *out = NULL;
   *out_len = 0;
@@ -711,6 +813,8 @@ static void process(ot_server *s, uint8_t *wire, size_t len, uint8_t **out, size
   if (!e.sealed) {
     if (e.h.type != OT_MSG_CLIENT_HELLO) {
       rc = ot_error(OT_ERR_FORMAT, "plain message of type %u (only ClientHello may be plain)", e.h.type);
+    } else if (!hello_allowed(s, from)) {
+      rc = ot_error(OT_ERR_RANGE, "too many handshakes from this address: retry later");
     } else {
       ot_hs_pending p;
       rc = ot_hs_server_on_hello(&hc, wire, len, &p, out, out_len);
@@ -755,6 +859,7 @@ static void process(ot_server *s, uint8_t *wire, size_t len, uint8_t **out, size
     if (rc == OT_OK) {
       ot_fingerprint(open.peer_pk, fp);
       pthread_mutex_lock(&s->tmu); /* the pending record becomes the session (same id, same bucket) */
+      pending_unlink_locked(s, x);
       x->s = open;
       x->pending = 0;
       sodium_memzero(&x->hs, sizeof x->hs);
@@ -926,7 +1031,7 @@ static void *worker_main(void *arg) {
     uint8_t *out = NULL;
     size_t out_len = 0;
     nng_msg *r = NULL;
-    process(s, nng_msg_body(j.m), nng_msg_len(j.m), &out, &out_len, &r);
+    process(s, peer_key(j.m), nng_msg_body(j.m), nng_msg_len(j.m), &out, &out_len, &r);
     nng_msg_free(j.m);
     if (r || (out && nng_msg_alloc(&r, out_len) == 0)) {
       if (out) memcpy(nng_msg_body(r), out, out_len);
@@ -1007,6 +1112,11 @@ int ot_server_start(const ot_server_config *cfg, ot_server **out) {
   if (!c->max_transfer) c->max_transfer = 16ull << 30;
   if (c->max_sessions <= 0) c->max_sessions = 4096;
   if (c->max_transfers <= 0) c->max_transfers = 1024;
+  if (c->max_pending <= 0) c->max_pending = c->max_sessions / 4 < 1024 ? c->max_sessions / 4 : 1024;
+  if (c->max_pending < 1) c->max_pending = 1;
+  if (c->max_open_per_peer <= 0) c->max_open_per_peer = 16;
+  if (c->hello_rate == 0) c->hello_rate = 20;
+  if (c->hello_burst <= 0) c->hello_burst = 200;
   if (!c->transfer_idle_seconds) c->transfer_idle_seconds = 600;
   if (!c->fetch_chunk || c->fetch_chunk > OT_CHUNK_MAX) c->fetch_chunk = 1u << 20;
   if (c->max_msg < 64u << 10) c->max_msg = 64u << 10;

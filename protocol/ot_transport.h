@@ -57,6 +57,16 @@ typedef struct {
   int max_sessions;               /* sessions, pending handshakes included (default 4096) */
   int max_transfers;              /* unfinished transfers (default 1024) */
   uint32_t transfer_idle_seconds; /* unfinished transfers are dropped after (default 600) */
+  /* Handshakes begun and not finished (default max_sessions / 4, at most 1024). When full,
+   * or when the table is, the oldest is dropped: a flood of ClientHellos then costs an honest
+   * device at most a retry, never a lock-out. */
+  int max_pending;
+  int max_open_per_peer; /* uploads and downloads one device may hold open at once (default 16) */
+  /* ClientHellos accepted per second from one source address (an IPv6 /64 counts as one),
+   * with a burst; over it they are refused before any cryptography. 0 = default (20/s,
+   * burst 200), < 0 = no limit. */
+  double hello_rate;
+  int hello_burst;
   /* Application requests (type OT_MSG_APP); runs on a worker thread. */
   int (*on_request)(void *user, const uint8_t peer[32], const uint8_t *body, size_t len, uint8_t **reply,
                     size_t *reply_len);
@@ -81,6 +91,9 @@ typedef struct {
 typedef struct {
   uint64_t handshakes, refusals, requests, chunks, transfers_committed, retransmits;
   uint64_t fetches_opened, fetch_chunks, digests_computed;
+  uint64_t handshakes_evicted; /* unfinished handshakes dropped to make room (max_pending) */
+  uint64_t hellos_limited;     /* ClientHellos refused by the per-address rate */
+  uint64_t peer_limited;       /* uploads or downloads refused by max_open_per_peer */
 } ot_server_stats;
 
 typedef struct ot_server ot_server;

@@ -18,6 +18,7 @@
 #include "ot_cli.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
+#include "ot_handshake.h"
 #include "ot_test_util.h"
 #include "ot_transport.h"
 #include "tcp_relay.h"
@@ -36,6 +37,9 @@ typedef struct {
   uint8_t *tensor;      /* what every sender sends */
   char fetch_file[512]; /* served as "file.bin" */
   int fetch_opened, fetch_closed;
+  /* limits for the next server_start (0 = the server's defaults) */
+  int max_sessions, max_open_per_peer, hello_burst;
+  double hello_rate;
 } fixture;
 
 static fixture F;
@@ -187,6 +191,10 @@ static void server_start(fixture *f, const char *url, int ttl) {
   sc.on_fetch_close = on_fetch_close;
   sc.log = on_log;
   sc.user = f;
+  sc.max_sessions = f->max_sessions;
+  sc.max_open_per_peer = f->max_open_per_peer;
+  sc.hello_rate = f->hello_rate;
+  sc.hello_burst = f->hello_burst;
   int rc = ot_server_start(&sc, &f->server);
   if (rc) fail_msg("server_start %s: %s", url, ot_error_detail());
   if (strncmp(url, "tcp", 3) == 0) {
@@ -621,6 +629,161 @@ static void test_link_cut_before_final_marker(void **state) {
   free(dir);
 }
 
+/* ---- resource limits (issue 14) ---- */
+
+/* A ClientHello of a fresh handshake, as an attacker replays it (never finished). */
+static void client_hello(uint8_t **m, size_t *l) {
+  ot_hs_client_config hc = {.id = &F.other, .pinned_pk = F.srv.pk};
+  ot_hs_client *h = NULL;
+  assert_int_equal(ot_hs_client_new(&hc, &h), OT_OK);
+  assert_int_equal(ot_hs_client_hello(h, m, l), OT_OK);
+  ot_hs_client_free(h);
+}
+
+typedef struct {
+  ot_client *via; /* the connection the hellos go over */
+  const uint8_t *hello;
+  size_t len;
+  int n, answered, stop;
+} flood;
+
+static void *flood_main(void *arg) {
+  flood *fl = arg;
+  for (int i = 0; i < fl->n && !__atomic_load_n(&fl->stop, __ATOMIC_RELAXED); i++) {
+    uint8_t *r = NULL;
+    size_t rl = 0;
+    if (ot_client_raw(fl->via, 0, fl->hello, fl->len, &r, &rl) == OT_OK) fl->answered++;
+    free(r);
+  }
+  return NULL;
+}
+
+/* A flood of unfinished handshakes (ClientHello only) cannot lock honest devices out: the
+ * oldest pending handshakes make room. Before the limit, 64 sessions' worth of hellos
+ * refused every device for as long as the flood went on. */
+static void test_handshake_flood(void **state) {
+  (void)state;
+  F.max_sessions = 64; /* max_pending = 16 */
+  F.hello_rate = -1;   /* no per-address limit here: the table alone must hold */
+  server_start(&F, "tcp://127.0.0.1:0", 60);
+  ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
+  ot_client *via = NULL;
+  assert_int_equal(ot_client_open(&cc, &via), OT_OK);
+  flood fl = {.via = via, .n = 3000};
+  uint8_t *hello = NULL;
+  client_hello(&hello, &fl.len);
+  fl.hello = hello;
+  /* first as many unfinished handshakes as the whole table holds, then more while honest
+   * devices connect */
+  fl.n = 200;
+  flood_main(&fl);
+  fl.n = 3000;
+  pthread_t th;
+  assert_int_equal(pthread_create(&th, NULL, flood_main, &fl), 0);
+  int opened = 0;
+  for (int i = 0; i < 10; i++) {
+    ot_client *c = NULL;
+    int rc = ot_client_open(&cc, &c);
+    if (rc) printf("honest open %d: %s\n", i, ot_error_detail());
+    if (rc == OT_OK) {
+      opened++;
+      check_echo(c, "honest");
+      ot_client_close(c);
+    }
+  }
+  __atomic_store_n(&fl.stop, 1, __ATOMIC_RELAXED);
+  pthread_join(th, NULL);
+  ot_server_stats st;
+  ot_server_get_stats(F.server, &st);
+  printf("flood: %d hellos answered, %llu pending handshakes evicted, %d/10 honest sessions\n", fl.answered,
+         (unsigned long long)st.handshakes_evicted, opened);
+  assert_int_equal(opened, 10);
+  assert_true(st.handshakes_evicted > 0);
+  free(hello);
+  ot_client_close(via);
+  ot_server_stop(F.server);
+  F.max_sessions = 0;
+  F.hello_rate = 0;
+}
+
+/* ClientHellos over the per-address rate are refused before any cryptography; the address
+ * gets its tokens back with time. */
+static void test_hello_rate_limit(void **state) {
+  (void)state;
+  F.hello_rate = 4;
+  F.hello_burst = 6;
+  server_start(&F, "tcp://127.0.0.1:0", 60);
+  ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
+  ot_client *via = NULL;
+  assert_int_equal(ot_client_open(&cc, &via), OT_OK); /* 1 token */
+  uint8_t *hello = NULL;
+  size_t hl = 0;
+  client_hello(&hello, &hl);
+  int refused = 0;
+  for (int i = 0; i < 30; i++) {
+    uint8_t *r = NULL;
+    size_t rl = 0;
+    assert_int_equal(ot_client_raw(via, 0, hello, hl, &r, &rl), OT_OK);
+    ot_env e = {0};
+    if (ot_env_view(r, rl, 1 << 20, &e) == OT_OK && !e.sealed && e.h.type == OT_MSG_REFUSAL) refused++;
+    ot_env_clear(&e);
+    free(r);
+  }
+  ot_server_stats st;
+  ot_server_get_stats(F.server, &st);
+  printf("rate: %d of 30 hellos refused, %llu counted\n", refused, (unsigned long long)st.hellos_limited);
+  assert_true(refused >= 20);
+  assert_true(st.hellos_limited >= 20);
+  /* the session already open is untouched, and the address may handshake again later */
+  check_echo(via, "still open");
+  usleep(600 * 1000);
+  ot_client *c = NULL;
+  assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+  check_echo(c, "later");
+  ot_client_close(c);
+  ot_client_close(via);
+  free(hello);
+  ot_server_stop(F.server);
+  F.hello_rate = 0;
+  F.hello_burst = 0;
+}
+
+/* One device cannot hold more than max_open_per_peer uploads and downloads; another
+ * device is not affected, and finishing one frees its slot. */
+static void test_open_per_peer_limit(void **state) {
+  (void)state;
+  F.max_open_per_peer = 3;
+  server_start(&F, "tcp://127.0.0.1:0", 60);
+  ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
+  ot_client *c = NULL;
+  assert_int_equal(ot_client_open(&cc, &c), OT_OK);
+  const uint64_t size = 2u * (256u << 10);
+  uint8_t ids[3][16];
+  for (int i = 0; i < 3; i++) { /* left unfinished on the server */
+    ot_send_opts o = {.chunk = 256u << 10, .window = 1, .stop_after = 1};
+    assert_int_equal(ot_client_send(c, "open.bin", F.tensor, size, &o), OT_ERR_IO);
+    memcpy(ids[i], o.id_out, 16);
+  }
+  ot_send_opts o4 = {.chunk = 256u << 10, .window = 1};
+  assert_int_equal(ot_client_send(c, "open.bin", F.tensor, size, &o4), OT_ERR_RANGE);
+  assert_non_null(strstr(ot_error_detail(), "limit 3"));
+  ot_sink sink;
+  assert_int_equal(ot_mem_sink_open(FETCH_SIZE, &sink), OT_OK);
+  ot_fetch_opts fo = {.chunk = FETCH_CHUNK};
+  assert_int_equal(ot_client_fetch(c, "blob.bin", sink, &fo), OT_ERR_RANGE);
+  ot_mem_sink_free(&sink);
+  ot_server_stats st;
+  ot_server_get_stats(F.server, &st);
+  assert_int_equal(st.peer_limited, 2);
+  /* finishing one frees a slot */
+  ot_send_opts o1 = {.transfer_id = ids[0], .chunk = 256u << 10};
+  assert_int_equal(ot_client_send(c, "open.bin", F.tensor, size, &o1), OT_OK);
+  assert_int_equal(ot_client_send(c, "open2.bin", F.tensor, size, &o4), OT_OK);
+  ot_client_close(c);
+  ot_server_stop(F.server);
+  F.max_open_per_peer = 0;
+}
+
 static void test_reconnect_after_server_restart(void **state) {
   (void)state;
   char ipc[300], *sockdir = ot_test_tmpdir("proto_ipc2");
@@ -923,7 +1086,9 @@ static void *load_client(void *p) {
 static void test_load_64_clients(void **state) {
   (void)state;
   F.committed = F.aborted = F.bad_data = 0;
+  F.max_open_per_peer = 64; /* the 64 clients share one identity: one device, 64 uploads */
   server_start(&F, "tcp://127.0.0.1:0", 600);
+  F.max_open_per_peer = 0;
   enum { N = 64 };
   pthread_t th[N];
   load_arg args[N];
@@ -960,6 +1125,9 @@ int main(void) {
       cmocka_unit_test(test_reconnect_after_server_restart),
       cmocka_unit_test(test_transfer_resume_and_truncation),
       cmocka_unit_test(test_link_cut_before_final_marker),
+      cmocka_unit_test(test_handshake_flood),
+      cmocka_unit_test(test_hello_rate_limit),
+      cmocka_unit_test(test_open_per_peer_limit),
       cmocka_unit_test(test_fetch),
       cmocka_unit_test(test_load_64_clients),
   };
