@@ -1,5 +1,6 @@
 /* offtune-cloud: the model owner's side. Holds the full model; scores, trains and
  * samples it. (Distillation, sessions and serving join in later commands.) */
+#include <sys/resource.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +39,13 @@ static const ot_cli_command commands[] = {
 };
 
 int main(int argc, char **argv) {
+  /* a server's connections, sessions and files share one descriptor table: use all of
+   * the hard limit (the transport and HTTP caps are derived from it) */
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
   return ot_cli_dispatch("offtune-cloud",
                          "The model owner's side of offtune: holds the full model and never ships it.",
                          commands, (int)(sizeof commands / sizeof commands[0]), argc, argv);

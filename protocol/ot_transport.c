@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <nng/nng.h>
@@ -138,6 +139,13 @@ struct ot_server {
   srv_session *phead, *ptail; /* pending handshakes, oldest first */
   int n_pending;
   srv_rate rates[N_RATES];
+  /* admitted connections: pipe id and address key (pipe id 0 = free slot) */
+  pthread_mutex_t pmu;
+  struct {
+    uint32_t pipe;
+    uint64_t key;
+  } * conns;
+  int n_conns;
   srv_list transfers;
   srv_tomb tombs[N_TOMBS];
   int tomb_next;
@@ -360,9 +368,8 @@ static int peer_over_limit(ot_server *s, const uint8_t owner[32]) {
 
 /* The rate key of a message's source address: IPv4 address, IPv6 /64, or one key for
  * local transports. */
-static uint64_t peer_key(nng_msg *m) {
+static uint64_t pipe_key(nng_pipe p) {
   nng_sockaddr sa;
-  nng_pipe p = nng_msg_get_pipe(m);
   if (nng_pipe_id(p) < 0 || nng_pipe_get_addr(p, NNG_OPT_REMADDR, &sa) != 0) return 1;
   uint64_t k = 1;
   if (sa.s_family == NNG_AF_INET) {
@@ -372,6 +379,41 @@ static uint64_t peer_key(nng_msg *m) {
     k ^= 3ull << 56;
   }
   return k;
+}
+
+/* Admits a new connection or closes it (over max_conns or max_conns_per_addr). */
+static void on_pipe(nng_pipe p, nng_pipe_ev ev, void *arg) {
+  ot_server *s = arg;
+  uint32_t id = (uint32_t)nng_pipe_id(p);
+  if (ev == NNG_PIPE_EV_REM_POST) {
+    pthread_mutex_lock(&s->pmu);
+    for (int i = 0; i < s->cfg.max_conns; i++)
+      if (s->conns[i].pipe == id) {
+        s->conns[i].pipe = 0;
+        s->n_conns--;
+        break;
+      }
+    pthread_mutex_unlock(&s->pmu);
+    return;
+  }
+  uint64_t key = pipe_key(p);
+  int same = 0, slot = -1;
+  pthread_mutex_lock(&s->pmu);
+  for (int i = 0; i < s->cfg.max_conns; i++) {
+    if (s->conns[i].pipe && s->conns[i].key == key) same++;
+    if (!s->conns[i].pipe && slot < 0) slot = i;
+  }
+  int admit = slot >= 0 && same < s->cfg.max_conns_per_addr;
+  if (admit) {
+    s->conns[slot].pipe = id;
+    s->conns[slot].key = key;
+    s->n_conns++;
+  }
+  pthread_mutex_unlock(&s->pmu);
+  if (!admit) {
+    stat_add(s, &s->stats.conns_refused);
+    nng_pipe_close(p);
+  }
 }
 
 /* One ClientHello from `key`: 1 if its bucket has a token. */
@@ -1031,7 +1073,7 @@ static void *worker_main(void *arg) {
     uint8_t *out = NULL;
     size_t out_len = 0;
     nng_msg *r = NULL;
-    process(s, peer_key(j.m), nng_msg_body(j.m), nng_msg_len(j.m), &out, &out_len, &r);
+    process(s, pipe_key(nng_msg_get_pipe(j.m)), nng_msg_body(j.m), nng_msg_len(j.m), &out, &out_len, &r);
     nng_msg_free(j.m);
     if (r || (out && nng_msg_alloc(&r, out_len) == 0)) {
       if (out) memcpy(nng_msg_body(r), out, out_len);
@@ -1088,6 +1130,8 @@ void ot_server_stop(ot_server *s) {
   pthread_cond_destroy(&s->qcv);
   pthread_mutex_destroy(&s->tmu);
   pthread_mutex_destroy(&s->stmu);
+  pthread_mutex_destroy(&s->pmu);
+  free(s->conns);
   free(s->workers);
   free(s->ctxs);
   free(s->q);
@@ -1117,6 +1161,14 @@ int ot_server_start(const ot_server_config *cfg, ot_server **out) {
   if (c->max_open_per_peer <= 0) c->max_open_per_peer = 16;
   if (c->hello_rate == 0) c->hello_rate = 20;
   if (c->hello_burst <= 0) c->hello_burst = 200;
+  if (c->max_conns <= 0) {
+    struct rlimit rl;
+    c->max_conns =
+        getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY ? (int)(rl.rlim_cur / 2) : 4096;
+    if (c->max_conns > 4096) c->max_conns = 4096;
+    if (c->max_conns < 16) c->max_conns = 16;
+  }
+  if (c->max_conns_per_addr <= 0) c->max_conns_per_addr = 128;
   if (!c->transfer_idle_seconds) c->transfer_idle_seconds = 600;
   if (!c->fetch_chunk || c->fetch_chunk > OT_CHUNK_MAX) c->fetch_chunk = 1u << 20;
   if (c->max_msg < 64u << 10) c->max_msg = 64u << 10;
@@ -1124,12 +1176,15 @@ int ot_server_start(const ot_server_config *cfg, ot_server **out) {
   pthread_cond_init(&s->qcv, NULL);
   pthread_mutex_init(&s->tmu, NULL);
   pthread_mutex_init(&s->stmu, NULL);
+  pthread_mutex_init(&s->pmu, NULL);
   pthread_cond_init(&s->dcv, NULL);
   s->n_ctx = c->n_contexts;
   s->ctxs = calloc((size_t)s->n_ctx, sizeof *s->ctxs);
   s->q = calloc((size_t)s->n_ctx, sizeof *s->q);
   s->workers = calloc((size_t)c->n_workers, sizeof *s->workers);
-  if (!s->ctxs || !s->q || !s->workers) {
+  s->conns = calloc((size_t)c->max_conns, sizeof *s->conns);
+  if (!s->ctxs || !s->q || !s->workers || !s->conns) {
+    free(s->conns);
     free(s->ctxs);
     free(s->q);
     free(s->workers);
@@ -1139,6 +1194,7 @@ int ot_server_start(const ot_server_config *cfg, ot_server **out) {
   int rv = nng_rep0_open(&s->sock);
   if (rv) {
     rc = nng_fail(rv, "cannot open a REP socket", NULL);
+    free(s->conns);
     free(s->ctxs);
     free(s->q);
     free(s->workers);
@@ -1150,6 +1206,8 @@ int ot_server_start(const ot_server_config *cfg, ot_server **out) {
    * logged refusal; anything larger is dropped by nng (pipe closed) before allocation. */
   size_t nng_max = c->max_msg * 2 < OT_MSG_MAX_HARD ? c->max_msg * 2 : OT_MSG_MAX_HARD;
   rv = nng_socket_set_size(s->sock, NNG_OPT_RECVMAXSZ, nng_max);
+  if (!rv) rv = nng_pipe_notify(s->sock, NNG_PIPE_EV_ADD_PRE, on_pipe, s);
+  if (!rv) rv = nng_pipe_notify(s->sock, NNG_PIPE_EV_REM_POST, on_pipe, s);
   for (int i = 0; !rv && i < s->n_ctx; i++) {
     s->ctxs[i].srv = s;
     rv = nng_aio_alloc(&s->ctxs[i].aio, ctx_cb, &s->ctxs[i]);

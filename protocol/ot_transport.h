@@ -67,6 +67,12 @@ typedef struct {
    * burst 200), < 0 = no limit. */
   double hello_rate;
   int hello_burst;
+  /* Connections (nng pipes) held at once: in all (default half the descriptor limit, at
+   * most 4096) and from one address (default 128; an IPv6 /64 counts as one). Over a cap a
+   * new connection is closed at once, so idle connections cannot use up the descriptors
+   * that honest devices, files and the HTTP API need. */
+  int max_conns;
+  int max_conns_per_addr;
   /* Application requests (type OT_MSG_APP); runs on a worker thread. */
   int (*on_request)(void *user, const uint8_t peer[32], const uint8_t *body, size_t len, uint8_t **reply,
                     size_t *reply_len);
@@ -94,6 +100,7 @@ typedef struct {
   uint64_t handshakes_evicted; /* unfinished handshakes dropped to make room (max_pending) */
   uint64_t hellos_limited;     /* ClientHellos refused by the per-address rate */
   uint64_t peer_limited;       /* uploads or downloads refused by max_open_per_peer */
+  uint64_t conns_refused;      /* connections closed by max_conns / max_conns_per_addr */
 } ot_server_stats;
 
 typedef struct ot_server ot_server;

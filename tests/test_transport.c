@@ -13,6 +13,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <poll.h>
+#include <errno.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
 
 #include "ot_access.h"
 #include "ot_cli.h"
@@ -38,7 +44,7 @@ typedef struct {
   char fetch_file[512]; /* served as "file.bin" */
   int fetch_opened, fetch_closed;
   /* limits for the next server_start (0 = the server's defaults) */
-  int max_sessions, max_open_per_peer, hello_burst;
+  int max_sessions, max_open_per_peer, hello_burst, max_conns_per_addr;
   double hello_rate;
 } fixture;
 
@@ -195,6 +201,7 @@ static void server_start(fixture *f, const char *url, int ttl) {
   sc.max_open_per_peer = f->max_open_per_peer;
   sc.hello_rate = f->hello_rate;
   sc.hello_burst = f->hello_burst;
+  sc.max_conns_per_addr = f->max_conns_per_addr;
   int rc = ot_server_start(&sc, &f->server);
   if (rc) fail_msg("server_start %s: %s", url, ot_error_detail());
   if (strncmp(url, "tcp", 3) == 0) {
@@ -784,6 +791,80 @@ static void test_open_per_peer_limit(void **state) {
   F.max_open_per_peer = 0;
 }
 
+/* An SP connection from `src` (a loopback address) that sends its header and then idles. */
+static int idle_sp_conn(const char *src, int port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  struct sockaddr_in a = {.sin_family = AF_INET};
+  inet_pton(AF_INET, src, &a.sin_addr);
+  struct sockaddr_in d = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+  inet_pton(AF_INET, "127.0.0.1", &d.sin_addr);
+  static const uint8_t hdr[8] = {0, 'S', 'P', 0, 0, 0x30, 0, 0}; /* REQ0 */
+  if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || connect(fd, (struct sockaddr *)&d, sizeof d) != 0 ||
+      write(fd, hdr, sizeof hdr) != (ssize_t)sizeof hdr) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+/* Idle connections from one address cannot use up the descriptors: with the process's
+ * limit at 256, 150 held connections from 127.0.0.2 leave honest devices on 127.0.0.1
+ * unaffected (without the cap the server held all of them, ran out of descriptors and
+ * honest devices timed out). */
+static struct rlimit saved_nofile;
+
+static int restore_nofile(void **state) { /* also after a failure: later tests need descriptors */
+  (void)state;
+  F.max_conns_per_addr = 0;
+  return setrlimit(RLIMIT_NOFILE, &saved_nofile);
+}
+
+static void test_connection_caps(void **state) {
+  (void)state;
+  struct rlimit low;
+  assert_int_equal(getrlimit(RLIMIT_NOFILE, &saved_nofile), 0);
+  low = saved_nofile;
+  low.rlim_cur = 256;
+  assert_int_equal(setrlimit(RLIMIT_NOFILE, &low), 0);
+  F.max_conns_per_addr = 8;
+  server_start(&F, "tcp://127.0.0.1:0", 60);
+  enum { NA = 150 };
+  int fds[NA], held = 0;
+  int closed = 0;
+  for (int i = 0; i < NA; i++) {
+    fds[i] = idle_sp_conn("127.0.0.2", ot_server_port(F.server));
+    if (fds[i] < 0) fail_msg("attacker connection %d: %s", i, strerror(errno));
+    held++;
+    /* one at a time: wait until the server has admitted (no news) or closed (EOF) it */
+    struct pollfd pf = {fds[i], POLLIN, 0};
+    char b[16];
+    while (poll(&pf, 1, 150) == 1) { /* the server's SP header, then EOF if it closes */
+      if (recv(fds[i], b, sizeof b, 0) <= 0) {
+        closed++;
+        break;
+      }
+    }
+  }
+  ot_client_config cc = client_cfg(&F.dev, F.srv.pk);
+  ot_client *c = NULL;
+  for (int i = 0; i < 5; i++) { /* several honest devices, each its own connection */
+    int rc = ot_client_open(&cc, &c);
+    if (rc) fail_msg("honest device %d: %s", i, ot_error_detail());
+    check_echo(c, "honest");
+    ot_client_close(c);
+  }
+  ot_server_stats st;
+  ot_server_get_stats(F.server, &st);
+  printf("caps: %d attacker connections held by the attacker, %llu closed by the server (%d seen closed)\n",
+         held, (unsigned long long)st.conns_refused, closed);
+  assert_int_equal(st.conns_refused, NA - 8);
+  assert_int_equal(closed, NA - 8);
+  for (int i = 0; i < NA; i++)
+    if (fds[i] >= 0) close(fds[i]);
+  ot_server_stop(F.server);
+}
+
 static void test_reconnect_after_server_restart(void **state) {
   (void)state;
   char ipc[300], *sockdir = ot_test_tmpdir("proto_ipc2");
@@ -1128,6 +1209,7 @@ int main(void) {
       cmocka_unit_test(test_handshake_flood),
       cmocka_unit_test(test_hello_rate_limit),
       cmocka_unit_test(test_open_per_peer_limit),
+      cmocka_unit_test_teardown(test_connection_caps, restore_nofile),
       cmocka_unit_test(test_fetch),
       cmocka_unit_test(test_load_64_clients),
   };
