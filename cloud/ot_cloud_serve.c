@@ -136,6 +136,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
              *backend = "cpu", *name = NULL;
   const char *adapter_unused = NULL; /* take_adapters() removes every --adapter before parsing */
   int max_batch = 32, step_tokens = 512, max_seq = 0, memory_mib = 1024, threads = 0, workers = 8;
+  int http_conns = OT_HTTP_MAX_CONNS, http_conns_peer = OT_HTTP_MAX_CONNS_PER_PEER;
   const ot_opt opts[] = {
       {"model", OT_OPT_STR, &model, "DIR", "base model checkpoint directory (with its tokenizer)"},
       {"adapter", OT_OPT_STR, &adapter_unused, "NAME=DIR",
@@ -144,6 +145,9 @@ int ot_cmd_serve_model(int argc, char **argv) {
        "every subdirectory with an adapter_config.json is an adapter named by the subdirectory"},
       {"name", OT_OPT_STR, &name, "ID", "model id of the base model (default: the --model directory's name)"},
       {"http", OT_OPT_STR, &http, "HOST:PORT", "OpenAI-style HTTP API address (e.g. 127.0.0.1:8000)"},
+      {"http-max-conns", OT_OPT_INT, &http_conns, "N", "HTTP connections open at once (default 256)"},
+      {"http-max-conns-per-client", OT_OPT_INT, &http_conns_peer, "N",
+       "HTTP connections open at once from one client address (default 32)"},
       {"listen", OT_OPT_STR, &listen, "URL", "tenants' encrypted nng request API (e.g. tcp://0.0.0.0:7000)"},
       {"key", OT_OPT_STR, &key, "FILE", "the cloud's identity for --listen (offtune-cloud keygen)"},
       {"access", OT_OPT_STR, &access, "FILE", "allowlist for --listen (offtune-cloud access)"},
@@ -186,6 +190,8 @@ int ot_cmd_serve_model(int argc, char **argv) {
       (max_batch < 1 || step_tokens < max_batch || max_seq < 0 || memory_mib < 1 || workers < 1))
     rc = ot_error(OT_ERR_INVALID,
                   "need --max-batch >= 1, --max-step-tokens >= --max-batch, --adapter-memory >= 1");
+  if (rc == OT_OK && (http_conns < 1 || http_conns_peer < 1))
+    rc = ot_error(OT_ERR_INVALID, "need --http-max-conns >= 1 and --http-max-conns-per-client >= 1");
   if (rc) {
     fprintf(stderr, "offtune-cloud serve-model: %s\n", ot_error_detail());
     ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
@@ -245,7 +251,19 @@ int ot_cmd_serve_model(int argc, char **argv) {
   if (rc == OT_OK && http) {
     what = "starting the HTTP API";
     snprintf(url, sizeof url, "%s%s", strncmp(http, "http://", 7) ? "http://" : "", http);
-    ot_serve_http_config hc = {url, eng, tok, base_name, list, &reg, eos, 1 << 20, 32, log_line, &lg};
+    ot_serve_http_config hc = {.url = url,
+                               .engine = eng,
+                               .tok = tok,
+                               .base_name = base_name,
+                               .list = list,
+                               .list_user = &reg,
+                               .eos_id = eos,
+                               .max_body = 1 << 20,
+                               .max_prompts = 32,
+                               .log = log_line,
+                               .log_user = &lg,
+                               .max_conns = http_conns,
+                               .max_conns_per_peer = http_conns_peer};
     rc = ot_serve_http_start(&hc, &api);
   }
   ot_serve_rpc rpc = {eng, tok, base_name, eos, log_line, &lg};
@@ -278,7 +296,8 @@ int ot_cmd_serve_model(int argc, char **argv) {
         adapters_dir ? " + " : "", adapters_dir ? adapters_dir : "", memory_mib);
     log_line(&lg, line);
     if (api) {
-      snprintf(line, sizeof line, "HTTP API on %s, port %d (POST /v1/completions, GET /v1/models)", url,
+      snprintf(line, sizeof line,
+               "HTTP API on %s, port %d (POST /v1/completions, GET /v1/models, GET /health)", url,
                ot_serve_http_port(api));
       log_line(&lg, line);
     }

@@ -1,8 +1,6 @@
 #include "ot_serve_api.h"
 
 #include <cjson/cJSON.h>
-#include <nng/nng.h>
-#include <nng/supplemental/http/http.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -11,16 +9,14 @@
 #include <time.h>
 
 #include "ot_error.h"
+#include "ot_http.h"
 #include "ot_serve_request.h"
-
-static uint16_t ntohs_(uint16_t v) { return (uint16_t)((v >> 8) | (v << 8)); }
 
 struct ot_serve_http {
   ot_serve_http_config cfg;
   char base_name[128];
-  nng_http_server *server;
-  nng_url *url;
-  int port;
+  ot_http_server *server;
+  ot_http_route routes[5];
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int outstanding; /* jobs not yet freed */
@@ -90,49 +86,14 @@ int ot_utf8_sanitize(const char *s, size_t n, char **out, size_t *out_len) {
 
 /* ---- replies ------------------------------------------------------------------------------ */
 
-static nng_http_res *json_res(uint16_t status, cJSON *j) {
-  nng_http_res *res = NULL;
+static void answer_json(ot_http_req *r, int status, cJSON *j) {
   char *text = j ? cJSON_PrintUnformatted(j) : NULL;
-  if (text && nng_http_res_alloc(&res) == 0) {
-    nng_http_res_set_status(res, status);
-    nng_http_res_set_header(res, "Content-Type", "application/json");
-    if (nng_http_res_copy_data(res, text, strlen(text)) != 0) {
-      nng_http_res_free(res);
-      res = NULL;
-    }
-  }
-  if (!res) nng_http_res_alloc_error(&res, 500);
-  free(text);
   cJSON_Delete(j);
-  return res;
-}
-
-static nng_http_res *error_res(uint16_t status, const char *type, const char *code, const char *param,
-                               const char *fmt, ...) __attribute__((format(printf, 5, 6)));
-static nng_http_res *error_res(uint16_t status, const char *type, const char *code, const char *param,
-                               const char *fmt, ...) {
-  char msg[768];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(msg, sizeof msg, fmt, ap);
-  va_end(ap);
-  cJSON *j = cJSON_CreateObject(), *e = cJSON_AddObjectToObject(j, "error");
-  cJSON_AddStringToObject(e, "message", msg);
-  cJSON_AddStringToObject(e, "type", type);
-  if (param)
-    cJSON_AddStringToObject(e, "param", param);
+  if (text)
+    ot_http_respond(r, status, "application/json", NULL, text, strlen(text));
   else
-    cJSON_AddNullToObject(e, "param");
-  if (code)
-    cJSON_AddStringToObject(e, "code", code);
-  else
-    cJSON_AddNullToObject(e, "code");
-  return json_res(status, j);
-}
-
-static void reply(nng_aio *aio, nng_http_res *res) {
-  nng_aio_set_output(aio, 0, res);
-  nng_aio_finish(aio, 0);
+    ot_http_respond_error(r, 500, "server_error", NULL, NULL, "out of memory");
+  free(text);
 }
 
 /* ---- jobs ---------------------------------------------------------------------------------- */
@@ -152,24 +113,25 @@ typedef struct {
 
 typedef struct job {
   ot_serve_http *api;
-  nng_aio *aio; /* the handler's, until replied */
+  ot_http_req *req; /* until answered */
   pthread_mutex_t mu;
   char id[48], model[128];
   long long created;
   int stream, n, n_submitted, n_done;
   int submitting; /* the handler is still submitting: the end cannot come yet */
-  int replied;    /* the handler's aio is answered */
   int rejected;   /* refused after some prompts were submitted: drop their events */
+  int started;    /* the stream's head is out: chunks go straight to the client */
+  int broken;     /* the client went away (or a write failed): nothing more is sent */
+  int sealed;     /* [DONE] sent */
   choice *ch;
   double t0;
-  /* streaming */
-  nng_http_conn *conn;
-  nng_aio *waio;
-  char *buf, *inflight;
+  char *buf; /* stream chunks made before the stream began */
   size_t len, cap;
-  int writing, broken, sealed; /* sealed: [DONE] queued */
   struct job *next;
 } job;
+
+/* What the last event leaves to do, outside the job's lock. */
+enum { A_NONE, A_FREE, A_END_STREAM, A_RESPOND };
 
 static void job_unlink_free(job *j) {
   ot_serve_http *api = j->api;
@@ -185,11 +147,23 @@ static void job_unlink_free(job *j) {
   for (int i = 0; i < j->n; i++) free(j->ch[i].text);
   free(j->ch);
   free(j->buf);
-  free(j->inflight);
-  if (j->conn) nng_http_conn_close(j->conn);
-  if (j->waio) nng_aio_reap(j->waio);
   pthread_mutex_destroy(&j->mu);
   free(j);
+}
+
+/* j->mu held. */
+static void cancel_all(job *j) {
+  for (int i = 0; i < j->n; i++)
+    if (j->ch[i].submitted && !j->ch[i].done) ot_serve_cancel(j->api->cfg.engine, j->ch[i].id);
+}
+
+/* The client went away (I/O thread): stop generating for it. */
+static void job_gone(void *arg) {
+  job *j = arg;
+  pthread_mutex_lock(&j->mu);
+  j->broken = 1;
+  cancel_all(j);
+  pthread_mutex_unlock(&j->mu);
 }
 
 static const char *finish_name(const choice *c) { return c->reason == OT_FINISH_STOP ? "stop" : "length"; }
@@ -209,11 +183,13 @@ static void log_job(job *j) {
 }
 
 /* The whole reply of a non-streamed job (every choice done). */
-static nng_http_res *completion_res(job *j) {
+static void respond_completion(job *j) {
   for (int i = 0; i < j->n; i++)
-    if (j->ch[i].reason == OT_FINISH_ERROR || j->ch[i].reason == OT_FINISH_CANCELLED)
-      return error_res(500, "server_error", NULL, NULL, "generation failed: %s",
-                       j->ch[i].msg[0] ? j->ch[i].msg : ot_finish_reason_name(j->ch[i].reason));
+    if (j->ch[i].reason == OT_FINISH_ERROR || j->ch[i].reason == OT_FINISH_CANCELLED) {
+      ot_http_respond_error(j->req, 500, "server_error", NULL, NULL, "generation failed: %s",
+                            j->ch[i].msg[0] ? j->ch[i].msg : ot_finish_reason_name(j->ch[i].reason));
+      return;
+    }
   cJSON *r = cJSON_CreateObject();
   cJSON_AddStringToObject(r, "id", j->id);
   cJSON_AddStringToObject(r, "object", "text_completion");
@@ -238,7 +214,7 @@ static nng_http_res *completion_res(job *j) {
   cJSON_AddNumberToObject(u, "prompt_tokens", pt);
   cJSON_AddNumberToObject(u, "completion_tokens", ct);
   cJSON_AddNumberToObject(u, "total_tokens", pt + ct);
-  return json_res(200, r);
+  answer_json(j->req, 200, r);
 }
 
 /* ---- streaming ------------------------------------------------------------------------------ */
@@ -257,7 +233,17 @@ static int buf_add(job *j, const char *s, size_t n) {
   return 0;
 }
 
+/* One SSE event to the client, or kept until the stream begins (j->mu held). */
+static void emit(job *j, const char *s, size_t n) {
+  if (j->broken) return;
+  if (j->started ? ot_http_stream_write(j->req, s, n) != OT_OK : buf_add(j, s, n) != 0) {
+    j->broken = 1;
+    cancel_all(j); /* nobody reads what is generated */
+  }
+}
+
 static void sse_chunk(job *j, int index, const char *text, size_t len, const char *finish) {
+  if (j->broken) return;
   cJSON *r = cJSON_CreateObject();
   cJSON_AddStringToObject(r, "id", j->id);
   cJSON_AddStringToObject(r, "object", "text_completion");
@@ -265,7 +251,7 @@ static void sse_chunk(job *j, int index, const char *text, size_t len, const cha
   cJSON_AddStringToObject(r, "model", j->model[0] ? j->model : j->api->base_name);
   cJSON *chs = cJSON_AddArrayToObject(r, "choices"), *c = cJSON_CreateObject();
   char *t = NULL;
-  if (ot_utf8_sanitize(text, len, &t, NULL)) j->broken = 1;
+  ot_utf8_sanitize(text, len, &t, NULL);
   cJSON_AddStringToObject(c, "text", t ? t : "");
   free(t);
   cJSON_AddNumberToObject(c, "index", index);
@@ -277,71 +263,51 @@ static void sse_chunk(job *j, int index, const char *text, size_t len, const cha
   cJSON_AddItemToArray(chs, c);
   char *s = cJSON_PrintUnformatted(r);
   cJSON_Delete(r);
-  if (!s || buf_add(j, "data: ", 6) || buf_add(j, s, strlen(s)) || buf_add(j, "\n\n", 2)) j->broken = 1;
-  free(s);
-}
-
-/* Starts the next write if none is in flight (j->mu held); returns 1 when the job is over. */
-static int pump(job *j) {
-  if (j->writing || !j->conn) return 0;
-  if (j->len && !j->broken) {
-    free(j->inflight);
-    j->inflight = j->buf;
-    nng_iov iov = {j->inflight, j->len};
-    j->buf = NULL;
-    j->len = j->cap = 0;
-    j->writing = 1;
-    nng_aio_set_iov(j->waio, 1, &iov);
-    nng_http_conn_write_all(j->conn, j->waio);
-    return 0;
-  }
-  return !j->submitting && j->n_done == j->n_submitted && (j->sealed || j->broken);
-}
-
-static void write_done(void *arg) {
-  job *j = arg;
-  pthread_mutex_lock(&j->mu);
-  j->writing = 0;
-  if (nng_aio_result(j->waio) != 0 && !j->broken) { /* the client went away: stop generating */
+  size_t sl = s ? strlen(s) : 0;
+  char *ev = s ? malloc(sl + 9) : NULL;
+  if (ev) {
+    memcpy(ev, "data: ", 6);
+    memcpy(ev + 6, s, sl);
+    memcpy(ev + 6 + sl, "\n\n", 3);
+    emit(j, ev, sl + 8);
+  } else {
     j->broken = 1;
-    for (int i = 0; i < j->n; i++)
-      if (j->ch[i].submitted && !j->ch[i].done) ot_serve_cancel(j->api->cfg.engine, j->ch[i].id);
+    cancel_all(j);
   }
-  int over = pump(j);
-  pthread_mutex_unlock(&j->mu);
-  if (over) {
-    if (!j->rejected) log_job(j);
-    job_unlink_free(j);
-  }
+  free(ev);
+  free(s);
 }
 
 /* ---- engine events --------------------------------------------------------------------------- */
 
-/* After a change (j->mu held): whether the job is over, and the reply to send if one is due. */
-static int settle(job *j, nng_http_res **res) {
-  *res = NULL;
-  if (j->submitting || j->n_done < j->n_submitted) return 0;
-  if (j->stream && j->conn) {
-    if (!j->sealed && !j->broken) {
-      if (buf_add(j, "data: [DONE]\n\n", 14)) j->broken = 1;
-      j->sealed = 1;
-    }
-    return pump(j);
+/* After a change (j->mu held): what is left to do once every choice is done. */
+static int settle(job *j) {
+  if (j->submitting || j->n_done < j->n_submitted) return A_NONE;
+  if (j->rejected) return A_FREE;
+  if (j->stream) {
+    if (j->started && !j->sealed) emit(j, "data: [DONE]\n\n", 14);
+    j->sealed = 1;
+    return A_END_STREAM;
   }
-  if (!j->replied) {
-    *res = completion_res(j);
-    j->replied = 1;
-  }
-  return 1;
+  return A_RESPOND;
+}
+
+/* The job is over: its answer (without j->mu: answering waits for a running job_gone), then it goes. */
+static void finish(job *j, int action) {
+  if (action == A_END_STREAM) ot_http_stream_end(j->req);
+  if (action == A_RESPOND) respond_completion(j);
+  j->req = NULL;
+  if (!j->rejected) log_job(j);
+  job_unlink_free(j);
 }
 
 static void on_event(void *user, const ot_serve_event *ev) {
   choice *c = user;
   job *j = c->job;
   pthread_mutex_lock(&j->mu);
-  if (ev->text_len) {
+  if (ev->text_len && !j->rejected) {
     if (j->stream) {
-      if (!j->broken && !j->rejected) sse_chunk(j, c->index, ev->text, ev->text_len, NULL);
+      sse_chunk(j, c->index, ev->text, ev->text_len, NULL);
     } else {
       char *t = realloc(c->text, c->len + ev->text_len + 1);
       if (t) {
@@ -352,6 +318,7 @@ static void on_event(void *user, const ot_serve_event *ev) {
       }
     }
   }
+  int action = A_NONE;
   if (ev->finished) {
     c->done = 1;
     c->reason = ev->reason;
@@ -360,24 +327,14 @@ static void on_event(void *user, const ot_serve_event *ev) {
     c->prompt_tokens = ev->prompt_tokens;
     c->completion_tokens = ev->completion_tokens;
     j->n_done++;
-    if (j->stream && !j->broken && !j->rejected)
+    if (j->stream && !j->rejected)
       sse_chunk(j, c->index, "", 0,
                 ev->reason == OT_FINISH_ERROR || ev->reason == OT_FINISH_CANCELLED ? "error"
                                                                                    : finish_name(c));
+    action = settle(j);
   }
-  int over = 0;
-  nng_http_res *res = NULL;
-  if (j->stream && j->conn)
-    over = ev->finished ? settle(j, &res) : pump(j);
-  else if (ev->finished)
-    over = settle(j, &res);
-  nng_aio *aio = res ? j->aio : NULL;
   pthread_mutex_unlock(&j->mu);
-  if (aio) reply(aio, res);
-  if (over) {
-    if (!j->rejected) log_job(j);
-    job_unlink_free(j);
-  }
+  if (action != A_NONE) finish(j, action);
 }
 
 /* ---- POST /v1/completions -------------------------------------------------------------------- */
@@ -388,14 +345,10 @@ static int http_status(int rc) {
                                                                                     : 500;
 }
 
-static void handle_completions(nng_aio *aio) {
-  nng_http_req *hreq = nng_aio_get_input(aio, 0);
-  nng_http_handler *h = nng_aio_get_input(aio, 1);
-  nng_http_conn *conn = nng_aio_get_input(aio, 2);
-  ot_serve_http *api = nng_http_handler_get_data(h);
-  void *data = NULL;
+static void handle_completions(void *user, ot_http_req *req) {
+  ot_serve_http *api = user;
   size_t len = 0;
-  nng_http_req_get_data(hreq, &data, &len);
+  const char *data = ot_http_req_body(req, &len);
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   ot_serve_parse_cfg pc = {.tok = api->cfg.tok,
@@ -405,30 +358,31 @@ static void handle_completions(nng_aio *aio) {
                            .seed = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30)};
   ot_serve_completion *pr = malloc(sizeof *pr);
   ot_serve_req_error perr;
-  nng_http_res *res = NULL;
-  int bad = 0;
   if (!pr) {
-    bad = 1;
-    res = error_res(500, "server_error", NULL, NULL, "out of memory");
-  } else if (ot_serve_parse_completion(data, len, &pc, pr, &perr) != OT_OK) {
-    bad = 1;
-    res = error_res((uint16_t)perr.status, perr.type, NULL, perr.param[0] ? perr.param : NULL, "%s",
-                    perr.message);
+    ot_http_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
+    return;
   }
-  int n = bad ? 0 : pr->n_prompts;
-  job *j = bad ? NULL : calloc(1, sizeof *j);
+  if (ot_serve_parse_completion(data, len, &pc, pr, &perr) != OT_OK) {
+    logf_(&api->cfg, "POST /v1/completions refused (%d): %s", perr.status, perr.message);
+    ot_http_respond_error(req, perr.status, perr.type, NULL, perr.param[0] ? perr.param : NULL, "%s",
+                          perr.message);
+    free(pr);
+    return;
+  }
+  int n = pr->n_prompts, status = 0;
+  job *j = calloc(1, sizeof *j);
   if (j) j->ch = calloc((size_t)n, sizeof *j->ch);
-  if (!bad && (!j || !j->ch)) {
-    if (j) free(j);
+  if (!j || !j->ch) {
+    free(j);
     j = NULL;
-    res = error_res(500, "server_error", NULL, NULL, "out of memory");
+    status = 500;
   }
   pthread_mutex_lock(&api->mu);
   if (j && api->closing) {
     free(j->ch);
     free(j);
     j = NULL;
-    res = error_res(503, "server_error", NULL, NULL, "the server is shutting down");
+    status = 503;
   }
   if (j) {
     j->next = api->jobs;
@@ -439,14 +393,15 @@ static void handle_completions(nng_aio *aio) {
   }
   pthread_mutex_unlock(&api->mu);
   if (!j) {
-    logf_(&api->cfg, "POST /v1/completions refused (%u)", (unsigned)nng_http_res_get_status(res));
-    if (pr) ot_serve_completion_free(pr);
+    logf_(&api->cfg, "POST /v1/completions refused (%d)", status);
+    ot_http_respond_error(req, status, "server_error", NULL, NULL, "%s",
+                          status == 503 ? "the server is shutting down" : "out of memory");
+    ot_serve_completion_free(pr);
     free(pr);
-    reply(aio, res);
     return;
   }
   j->api = api;
-  j->aio = aio;
+  j->req = req;
   pthread_mutex_init(&j->mu, NULL);
   snprintf(j->model, sizeof j->model, "%s", pr->model);
   j->created = (long long)time(NULL);
@@ -455,12 +410,7 @@ static void handle_completions(nng_aio *aio) {
   j->n = n;
   j->t0 = now_ms();
   j->submitting = 1;
-  static const char head[] =
-      "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-      "Connection: close\r\n\r\n";
   int rc = OT_OK;
-  if (stream && (buf_add(j, head, sizeof head - 1) || nng_aio_alloc(&j->waio, write_done, j) != 0))
-    rc = ot_error(OT_ERR_NOMEM, "out of memory");
   ot_serve_request *r = &pr->r;
   r->adapter = pr->model;
   for (int i = 0; i < n && rc == OT_OK; i++) {
@@ -478,51 +428,54 @@ static void handle_completions(nng_aio *aio) {
   }
   char why[512];
   snprintf(why, sizeof why, "%s", rc ? ot_error_detail() : "");
+  ot_http_req *refused = NULL;
   pthread_mutex_lock(&j->mu);
   j->submitting = 0;
   if (rc) { /* refuse the whole request; what was submitted is cancelled and dropped */
-    j->replied = j->rejected = 1;
-    for (int i = 0; i < n; i++)
-      if (j->ch[i].submitted && !j->ch[i].done) ot_serve_cancel(api->cfg.engine, j->ch[i].id);
-  } else if (stream) {
-    if (nng_http_hijack(conn) == 0) {
-      j->conn = conn;
-    } else {
+    j->rejected = 1;
+    refused = j->req;
+    j->req = NULL;
+    cancel_all(j);
+  } else {
+    if (ot_http_on_gone(req, job_gone, j)) { /* cannot happen on the I/O thread; be safe */
       j->broken = 1;
+      cancel_all(j);
+    }
+    if (stream && !j->broken) {
+      if (ot_http_stream_begin(req, 200, "text/event-stream", "Cache-Control: no-cache\r\n") == OT_OK) {
+        j->started = 1;
+        if (j->len && ot_http_stream_write(req, j->buf, j->len) != OT_OK) {
+          j->broken = 1;
+          cancel_all(j);
+        }
+      } else {
+        j->broken = 1;
+        cancel_all(j);
+      }
+      free(j->buf);
+      j->buf = NULL;
+      j->len = j->cap = 0;
     }
   }
-  int over = settle(j, &res);
-  int hijacked = j->conn != NULL;
-  if (!rc && stream && !hijacked) {
-    for (int i = 0; i < n; i++)
-      if (j->ch[i].submitted && !j->ch[i].done) ot_serve_cancel(api->cfg.engine, j->ch[i].id);
-  }
+  int action = settle(j);
   pthread_mutex_unlock(&j->mu);
-  if (rc) {
+  /* with rc set, j may be gone already (its cancelled events free it): only locals from here */
+  if (refused) {
     logf_(&api->cfg, "POST /v1/completions model=%s refused: %s", pr->model[0] ? pr->model : "(base)", why);
-    reply(aio, http_status(rc) == 404
-                   ? error_res(404, "invalid_request_error", "model_not_found", "model",
-                               "The model '%s' does not exist", pr->model)
-                   : error_res((uint16_t)http_status(rc),
-                               http_status(rc) == 400 ? "invalid_request_error" : "server_error", NULL, NULL,
-                               "%s", why));
-  } else if (hijacked) {
-    nng_http_req_free(hreq);
-    reply(aio, NULL);
-  } else if (res) {
-    reply(aio, res);
-  } else if (stream) {
-    reply(aio, error_res(500, "server_error", NULL, NULL, "cannot take over the connection for streaming"));
+    if (http_status(rc) == 404)
+      ot_http_respond_error(refused, 404, "invalid_request_error", "model_not_found", "model",
+                            "The model '%s' does not exist", pr->model);
+    else
+      ot_http_respond_error(refused, http_status(rc),
+                            http_status(rc) == 400 ? "invalid_request_error" : "server_error", NULL, NULL,
+                            "%s", why);
   }
-  if (over) {
-    if (!j->rejected) log_job(j);
-    job_unlink_free(j);
-  }
+  if (action != A_NONE) finish(j, action);
   ot_serve_completion_free(pr);
   free(pr);
 }
 
-/* ---- GET /v1/models ---------------------------------------------------------------------------- */
+/* ---- GET /v1/models, /v1/models/{id}, /health ------------------------------------------------- */
 
 static void add_model(void *ctx, const char *name) {
   cJSON *arr = ctx, *m = cJSON_CreateObject();
@@ -533,9 +486,7 @@ static void add_model(void *ctx, const char *name) {
   cJSON_AddItemToArray(arr, m);
 }
 
-static void handle_models(nng_aio *aio) {
-  nng_http_handler *h = nng_aio_get_input(aio, 1);
-  ot_serve_http *api = nng_http_handler_get_data(h);
+static cJSON *model_list(ot_serve_http *api) {
   cJSON *r = cJSON_CreateObject();
   cJSON_AddStringToObject(r, "object", "list");
   cJSON *arr = cJSON_AddArrayToObject(r, "data");
@@ -545,7 +496,57 @@ static void handle_models(nng_aio *aio) {
   if (api->cfg.list) api->cfg.list(api->cfg.list_user, add_model, arr);
   cJSON *m;
   cJSON_ArrayForEach(m, arr) if (m != base) cJSON_AddStringToObject(m, "parent", api->base_name);
-  reply(aio, json_res(200, r));
+  return r;
+}
+
+static void handle_models(void *user, ot_http_req *req) { answer_json(req, 200, model_list(user)); }
+
+static int hex_digit(char c) {
+  return c >= '0' && c <= '9'   ? c - '0'
+         : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                : -1;
+}
+
+static void handle_model(void *user, ot_http_req *req) {
+  ot_serve_http *api = user;
+  const char *p = ot_http_req_path(req) + strlen("/v1/models/");
+  char id[OT_SERVE_MODEL_LEN * 3];
+  size_t k = 0;
+  for (; *p && k + 1 < sizeof id; p++) { /* percent-decoded: ids are names, not paths */
+    int hi, lo;
+    if (*p == '%' && (hi = hex_digit(p[1])) >= 0 && (lo = hex_digit(p[2])) >= 0) {
+      id[k++] = (char)(hi * 16 + lo);
+      p += 2;
+    } else {
+      id[k++] = *p;
+    }
+  }
+  id[k] = '\0';
+  cJSON *list = model_list(api), *m = NULL, *found = NULL;
+  cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(list, "data")) {
+    const char *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "id"));
+    if (name && strlen(name) == k && memcmp(name, id, k) == 0) {
+      found = m;
+      break;
+    }
+  }
+  if (found) {
+    answer_json(req, 200, cJSON_Duplicate(found, 1));
+  } else {
+    char *safe = NULL;
+    ot_utf8_sanitize(id, k, &safe, NULL);
+    ot_http_respond_error(req, 404, "invalid_request_error", "model_not_found", "model",
+                          "The model '%.200s' does not exist", safe ? safe : "");
+    free(safe);
+  }
+  cJSON_Delete(list);
+}
+
+static void handle_health(void *user, ot_http_req *req) {
+  (void)user;
+  static const char ok[] = "{\"status\":\"ok\"}";
+  ot_http_respond(req, 200, "application/json", NULL, ok, sizeof ok - 1);
 }
 
 /* ---- server ---------------------------------------------------------------------------------- */
@@ -563,48 +564,38 @@ int ot_serve_http_start(const ot_serve_http_config *cfg, ot_serve_http **out) {
   api->next_id = 1;
   pthread_mutex_init(&api->mu, NULL);
   pthread_cond_init(&api->cv, NULL);
-  nng_http_handler *hc = NULL, *hm = NULL;
-  int nrc = nng_url_parse(&api->url, cfg->url);
-  if (nrc == 0) nrc = nng_http_server_hold(&api->server, api->url);
-  if (nrc == 0) nrc = nng_http_handler_alloc(&hc, "/v1/completions", handle_completions);
-  if (nrc == 0) nrc = nng_http_handler_set_method(hc, "POST");
-  if (nrc == 0) nrc = nng_http_handler_collect_body(hc, true, api->cfg.max_body);
-  if (nrc == 0) nrc = nng_http_handler_set_data(hc, api, NULL);
-  if (nrc == 0) nrc = nng_http_server_add_handler(api->server, hc);
-  if (nrc == 0) hc = NULL; /* the server owns it */
-  if (nrc == 0) nrc = nng_http_handler_alloc(&hm, "/v1/models", handle_models);
-  if (nrc == 0) nrc = nng_http_handler_set_data(hm, api, NULL);
-  if (nrc == 0) nrc = nng_http_server_add_handler(api->server, hm);
-  if (nrc == 0) hm = NULL;
-  /* nng answers a body over the limit (and malformed HTTP) itself, with a 400: say so in JSON */
-  char page[256];
-  snprintf(page, sizeof page,
-           "{\"error\": {\"message\": \"bad request: malformed HTTP or a body over the %zu-byte limit\", "
-           "\"type\": \"invalid_request_error\", \"param\": null, \"code\": null}}",
-           api->cfg.max_body);
-  if (nrc == 0) nrc = nng_http_server_set_error_page(api->server, 400, page);
-  if (nrc == 0) nrc = nng_http_server_start(api->server);
-  nng_sockaddr sa;
-  if (nrc == 0) nrc = nng_http_server_get_addr(api->server, &sa);
-  if (hc) nng_http_handler_free(hc);
-  if (hm) nng_http_handler_free(hm);
-  if (nrc) {
-    int rc = ot_error(OT_ERR_IO, "HTTP server on %s: %s", cfg->url, nng_strerror(nrc));
-    if (api->server) nng_http_server_release(api->server);
-    if (api->url) nng_url_free(api->url);
+  int nr = 0;
+  api->routes[nr++] = (ot_http_route){"POST", "/v1/completions", 0, handle_completions, api};
+  api->routes[nr++] = (ot_http_route){"GET", "/v1/models", 0, handle_models, api};
+  api->routes[nr++] = (ot_http_route){"GET", "/v1/models/", 1, handle_model, api};
+  api->routes[nr++] = (ot_http_route){"GET", "/health", 0, handle_health, api};
+  ot_http_config hc = {.url = cfg->url,
+                       .routes = api->routes,
+                       .n_routes = nr,
+                       .max_header = cfg->max_header,
+                       .max_body = api->cfg.max_body,
+                       .header_timeout_ms = cfg->header_timeout_ms,
+                       .body_timeout_ms = cfg->body_timeout_ms,
+                       .idle_timeout_ms = cfg->idle_timeout_ms,
+                       .write_timeout_ms = cfg->write_timeout_ms,
+                       .max_conns = cfg->max_conns,
+                       .max_conns_per_peer = cfg->max_conns_per_peer,
+                       .log = cfg->log,
+                       .log_user = cfg->log_user};
+  int rc = ot_http_start(&hc, &api->server);
+  if (rc) {
     pthread_mutex_destroy(&api->mu);
     pthread_cond_destroy(&api->cv);
     free(api);
     return rc;
   }
-  api->port = sa.s_family == NNG_AF_INET    ? ntohs_(sa.s_in.sa_port)
-              : sa.s_family == NNG_AF_INET6 ? ntohs_(sa.s_in6.sa_port)
-                                            : 0;
   *out = api;
   return OT_OK;
 }
 
-int ot_serve_http_port(const ot_serve_http *h) { return h->port; }
+int ot_serve_http_port(const ot_serve_http *h) { return ot_http_port(h->server); }
+
+void ot_serve_http_stats(ot_serve_http *h, ot_http_stats *out) { ot_http_get_stats(h->server, out); }
 
 void ot_serve_http_stop(ot_serve_http *api) {
   if (!api) return;
@@ -612,15 +603,12 @@ void ot_serve_http_stop(ot_serve_http *api) {
   api->closing = 1;
   for (job *j = api->jobs; j; j = j->next) {
     pthread_mutex_lock(&j->mu);
-    for (int i = 0; i < j->n; i++)
-      if (j->ch[i].submitted && !j->ch[i].done) ot_serve_cancel(api->cfg.engine, j->ch[i].id);
+    cancel_all(j);
     pthread_mutex_unlock(&j->mu);
   }
   while (api->outstanding > 0) pthread_cond_wait(&api->cv, &api->mu);
   pthread_mutex_unlock(&api->mu);
-  nng_http_server_stop(api->server);
-  nng_http_server_release(api->server);
-  nng_url_free(api->url);
+  ot_http_stop(api->server);
   pthread_mutex_destroy(&api->mu);
   pthread_cond_destroy(&api->cv);
   free(api);

@@ -1,15 +1,18 @@
 /* Network APIs of the serving engine (cloud/ot_serve_engine.h).
  *
- * HTTP (nng's HTTP server), compatible with OpenAI's completions API as vLLM and LoRAX serve it:
+ * HTTP (our own HTTP/1.1 server, cloud/ot_http.h), compatible with OpenAI's completions API as
+ * vLLM and LoRAX serve it:
  * - POST /v1/completions: model (the adapter; "" or the base's name = base model), prompt (a string,
  *   an array of strings or an array of token ids), max_tokens (16), temperature (1), top_p (1),
  *   top_k (0, an extension), stop (a string or up to 4), seed, stream, ignore_eos (extension);
  *   n must be 1, logprobs null, echo false. The reply is OpenAI's text_completion object; with
  *   "stream": true, Server-Sent Events "data: {chunk}\n\n" ... "data: [DONE]\n\n".
- * - GET /v1/models: the base and every adapter the list callback names.
- * Errors are OpenAI's {"error": {"message", "type", "param", "code"}}: 404 unknown model, 400 bad
- * JSON or fields, 400 from nng itself for a body over max_body (a JSON error page), 500 a failed
- * generation.
+ * - GET /v1/models: the base and every adapter the list callback names; GET /v1/models/{id}: one
+ *   of them (404 if none); GET /health: {"status":"ok"}.
+ * Errors are OpenAI's {"error": {"message", "type", "param", "code"}}: 404 unknown model or
+ * route, 405 wrong method, 400 bad JSON, fields or HTTP, 408 a request not sent in time, 413 a
+ * body over max_body, 431 headers over max_header, 503 over a connection cap, 500 a failed
+ * generation. A client that goes away cancels its generation, streamed or not.
  * Callbacks only parse and hand off: generation runs on the engine's thread, which completes
  * the replies (and writes the streams) when its events arrive.
  *
@@ -23,6 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ot_http.h"
 #include "ot_serve_engine.h"
 #include "ot_tokenizer.h"
 
@@ -42,6 +46,12 @@ typedef struct {
   /* One line per request (model, tokens, latency) and per refusal; any thread. */
   void (*log)(void *user, const char *line);
   void *log_user;
+  /* HTTP limits (cloud/ot_http.h; 0 = its default): request line + headers (16 KiB, 10 s),
+   * body (30 s), keep-alive idle (30 s), a client not reading (30 s), connections (256 in all,
+   * 32 per client address). */
+  size_t max_header;
+  int header_timeout_ms, body_timeout_ms, idle_timeout_ms, write_timeout_ms;
+  int max_conns, max_conns_per_peer;
 } ot_serve_http_config;
 
 typedef struct ot_serve_http ot_serve_http;
@@ -49,6 +59,8 @@ typedef struct ot_serve_http ot_serve_http;
 int ot_serve_http_start(const ot_serve_http_config *cfg, ot_serve_http **out);
 /* The TCP port bound. */
 int ot_serve_http_port(const ot_serve_http *h);
+/* The HTTP server's counters (connections taken, refused, timed out). */
+void ot_serve_http_stats(ot_serve_http *h, ot_http_stats *out);
 /* Cancels what is in flight, waits for it, stops the server. The engine must still run. */
 void ot_serve_http_stop(ot_serve_http *h);
 

@@ -56,8 +56,15 @@ static int setup(void **state) {
   if (serve_fixture_setup("serve_http")) return -1;
   eng = engine(16, 256, 0, -1);
   assert_int_equal(ot_serve_start(eng), 0);
-  ot_serve_http_config c = {
-      "http://127.0.0.1:0", eng, tok, "tiny-base", list, NULL, -1, 4096, 8, on_log, NULL};
+  ot_serve_http_config c = {.url = "http://127.0.0.1:0",
+                            .engine = eng,
+                            .tok = tok,
+                            .base_name = "tiny-base",
+                            .list = list,
+                            .eos_id = -1,
+                            .max_body = 4096,
+                            .max_prompts = 8,
+                            .log = on_log};
   if (ot_serve_http_start(&c, &api)) fail_msg("http: %s", ot_error_detail());
   port = ot_serve_http_port(api);
   assert_true(port > 0);
@@ -407,7 +414,7 @@ static void test_errors(void **state) {
   memset(big, ' ', 8192);
   memcpy(big, "{\"prompt\": \"Hi\"", 15);
   big[8191] = '}';
-  expect_error(big, 8192, 400, NULL, NULL);
+  expect_error(big, 8192, 413, NULL, NULL);
   free(big);
   /* the server still works */
   http_res res;
