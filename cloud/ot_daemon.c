@@ -176,6 +176,53 @@ static int state_prepare(ot_daemon *d) {
   return rc;
 }
 
+/* An unfinished upload untouched this long is dead: twice the transport's idle limit. */
+#define STAGING_PARTIAL_MAX_AGE (2 * 600)
+
+/* 1 if a finished upload "<hex>.update|secagg.<session>.<round>" can no longer be used. */
+static int staged_is_stale(ot_daemon *d, const char *name) {
+  const char *p = strchr(name, '.');
+  if (!p || (strncmp(p, ".update.", 8) != 0 && strncmp(p, ".secagg.", 8) != 0)) return 0; /* not ours */
+  p += 8;
+  const char *dot = strrchr(p, '.');
+  char session[OT_NAME_MAX], *end = NULL;
+  if (!dot || (size_t)(dot - p) >= sizeof session) return 1;
+  memcpy(session, p, (size_t)(dot - p));
+  session[dot - p] = '\0';
+  long round = strtol(dot + 1, &end, 10);
+  if (!end || *end) return 1;
+  ot_session_row s;
+  if (ot_reg_session_get(d->reg, session, &s) != OT_OK) return 1;
+  return s.state != OT_SS_RUNNING || round < s.round;
+}
+
+int ot_daemon_staging_sweep(ot_daemon *d, int at_start, int *removed) {
+  char dir[2600];
+  int rc = ot_daemon_path(d, dir, sizeof dir, "staging");
+  if (rc) return rc;
+  DIR *dp = opendir(dir);
+  if (!dp) return ot_error(OT_ERR_IO, "cannot open %s: %s", dir, strerror(errno));
+  int n = 0;
+  time_t now = time(NULL);
+  struct dirent *e;
+  while ((e = readdir(dp))) {
+    if (e->d_name[0] == '.') continue;
+    char p[4200];
+    struct stat sb;
+    snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+    if (lstat(p, &sb) != 0 || !S_ISREG(sb.st_mode)) continue;
+    size_t len = strlen(e->d_name);
+    int partial = len > 8 && strcmp(e->d_name + len - 8, ".partial") == 0;
+    int stale =
+        partial ? at_start || now - sb.st_mtime > STAGING_PARTIAL_MAX_AGE : staged_is_stale(d, e->d_name);
+    if (stale && unlink(p) == 0) n++;
+  }
+  closedir(dp);
+  if (n) ot_daemon_log(d, "staging: removed %d abandoned upload file(s)", n);
+  if (removed) *removed = n;
+  return OT_OK;
+}
+
 static int identity_load_or_make(ot_daemon *d) {
   char key[2600];
   int rc = ot_daemon_path(d, key, sizeof key, "cloud.key");
@@ -319,6 +366,7 @@ int ot_cmd_serve(int argc, char **argv) {
     rc = ot_daemon_path(d, db, sizeof db, "registry.db");
   }
   if (rc == OT_OK) rc = ot_reg_open(db, &d->reg);
+  if (rc == OT_OK) rc = ot_daemon_staging_sweep(d, 1, NULL);
   if (rc == OT_OK && models) {
     what = "registering models";
     rc = register_models(d, models, model_name, &n_models);

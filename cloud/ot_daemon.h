@@ -53,6 +53,11 @@ int ot_daemon_object_put(ot_daemon *d, const char *kind, const char *tmp_file, c
 int ot_fsync_dir(const char *dir);
 /* rm -rf (for temporary directories the daemon made). */
 int ot_rm_rf(const char *path);
+/* Removes abandoned files from staging/: unfinished uploads (*.partial: all of them at
+ * start, when no transfer can be live; afterwards those idle for twice the transport's
+ * idle limit) and finished uploads of rounds that are over or of sessions that are gone.
+ * *removed (may be NULL) counts them. */
+int ot_daemon_staging_sweep(ot_daemon *d, int at_start, int *removed);
 
 /* Transport callbacks (ot_daemon_rpc.c). */
 int ot_daemon_on_request(void *user, const uint8_t peer[32], const uint8_t *body, size_t len, uint8_t **reply,
@@ -79,6 +84,9 @@ void ot_daemon_serving_stop(ot_daemon_serving *s);
 
 /* The operator socket's thread (ot_daemon_ctl.c) and the scheduler's (ot_round.c). */
 void *ot_daemon_ctl_main(void *d);
+/* One operator request (JSON text of len bytes) -> its reply (malloc'd JSON text; NULL when out
+ * of memory); peer_ok 0 refuses it (not the daemon's user). No socket: fuzz_operator calls it. */
+char *ot_daemon_ctl_request(ot_daemon *d, const char *body, size_t len, int peer_ok);
 void *ot_round_main(void *d);
 
 #endif

@@ -289,6 +289,27 @@ static void test_secagg_daemon_kill9(void **state) {
   cJSON_Delete(s);
 }
 
+/* Abandoned staging files (a killed daemon's unfinished uploads, uploads of sessions that
+ * are gone) are removed at start; files that are not uploads stay. */
+static void test_staging_sweep(void **state) {
+  (void)state;
+  daemon_stop(&D);
+  const char *hex = "0123456789abcdef0123456789abcdef";
+  assert_int_equal(ot_test_system("cd '%s/staging' && touch %s.update.crash.1.partial %s.update.gone.1 "
+                                  "%s.secagg.gone.2 %s.update.crash.0 notes.txt",
+                                  D.state, hex, hex, hex, hex),
+                   0);
+  daemon_start(&D, D.url);
+  wait_for_file_text(D.log, "staging: removed 4 abandoned upload file(s)", 10);
+  char p[1400];
+  snprintf(p, sizeof p, "%s/staging/notes.txt", D.state);
+  assert_true(ot_file_exists(p));
+  snprintf(p, sizeof p, "%s/staging/%s.update.gone.1", D.state, hex);
+  assert_false(ot_file_exists(p));
+  snprintf(p, sizeof p, "%s/staging/notes.txt", D.state);
+  unlink(p);
+}
+
 static cJSON *dp_of(cJSON *show) { return cJSON_GetObjectItem(show, "dp"); }
 
 static void test_dp(void **state) {
@@ -352,6 +373,7 @@ int main(void) {
       cmocka_unit_test(test_dp),
       cmocka_unit_test(test_secagg_abort),
       cmocka_unit_test(test_secagg_daemon_kill9),
+      cmocka_unit_test(test_staging_sweep),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
