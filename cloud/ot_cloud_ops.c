@@ -144,13 +144,19 @@ static int session_create(int argc, char **argv) {
       {"deadline", OT_OPT_INT, &c.deadline_s, "SECONDS", "round deadline (default 600)"},
       {"max-retries", OT_OPT_INT, &c.max_retries, "N",
        "deadlines a round may miss (fewer than --min-devices) before the session fails (default 3)"},
-      {"aggregation", OT_OPT_STR, &agg, "KIND", "fedavg (default), fedprox or fedadam"},
+      {"aggregation", OT_OPT_STR, &agg, "KIND",
+       "fedavg (default), fedprox, fedadam; robust (need --secagg off): fedavg-clip, trimmed-mean, median"},
       {"mu", OT_OPT_FLOAT, &mu, "MU",
        "FedProx: proximal weight, devices add (mu/2)||w - w_global||^2 (default 0.01)"},
       {"server-lr", OT_OPT_FLOAT, &c.server_lr, "LR", "FedAdam: server learning rate (default 1e-2)"},
       {"beta1", OT_OPT_FLOAT, &c.beta1, "B1", "FedAdam: beta1 (default 0.9)"},
       {"beta2", OT_OPT_FLOAT, &c.beta2, "B2", "FedAdam: beta2 (default 0.99)"},
       {"adam-eps", OT_OPT_FLOAT, &c.adam_eps, "EPS", "FedAdam: epsilon (default 1e-3)"},
+      {"max-update-norm", OT_OPT_FLOAT, &c.max_update_norm, "B",
+       "L2 bound on a device's update (adapter - round's adapter): refused above it, fedavg-clip clips to "
+       "it; 0: none (default 1e6)"},
+      {"trim-fraction", OT_OPT_FLOAT, &c.trim_fraction, "F",
+       "trimmed-mean: fraction trimmed per side, at least 1 with 3 or more updates (default 0.1)"},
       {"secagg", OT_OPT_STR, &secagg, "auto|on|off",
        "secure aggregation: the cloud learns only the sum (auto: on when --min-devices >= 3)"},
       {"secagg-range", OT_OPT_FLOAT, &c.secagg_range, "R",
@@ -263,7 +269,7 @@ static void h_session(const cJSON *r) {
          jnum(c, "steps"), jnum(c, "batch"), seq, jnum(c, "lr"), jstr(c, "aggregation"));
   printf("  %.0f..%.0f devices per round, deadline %.0f s; current adapter %s\n", jnum(c, "min_devices"),
          jnum(c, "max_devices"), jnum(c, "deadline_s"), jstr(s, "adapter"));
-  printf("  secure aggregation %s\n", jstr(c, "secagg"));
+  printf("  update norm bound %g; secure aggregation %s\n", jnum(c, "max_update_norm"), jstr(c, "secagg"));
   const cJSON *dp = cJSON_GetObjectItemCaseSensitive(r, "dp"), *x;
   if (dp) {
     printf("  differential privacy: budget epsilon %g at delta %g, clip %g, noise z %.4f; epsilon after each "

@@ -10,6 +10,7 @@
  *   finishes the round and opens the next one or publishes the final adapter.
  * Heavy work runs here, never on the transport's workers. */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -242,10 +243,46 @@ static int write_config(const char *prev_dir, const char *new_dir, const char *d
   return rc;
 }
 
+/* The fate of each update of a plain round (ot_aggregate's notes): logged, and each
+ * refused or clipped one written to the audit log, before the round's result commits. */
+static void note_updates(ot_daemon *d, const ot_session_row *s, const ot_update_row *u,
+                         const ot_agg_note *notes, int n, int *used) {
+  const ot_session_cfg *c = &s->cfg;
+  double lo = INFINITY, hi = 0;
+  *used = 0;
+  for (int i = 0; i < n; i++) {
+    *used += notes[i].fate != OT_UPD_REFUSED;
+    if (isfinite(notes[i].norm)) lo = fmin(lo, notes[i].norm), hi = fmax(hi, notes[i].norm);
+    if (notes[i].fate == OT_UPD_USED) continue;
+    char what[300];
+    if (notes[i].fate == OT_UPD_CLIPPED)
+      snprintf(what, sizeof what, "clipped: norm %.6g scaled to the bound %g", notes[i].norm,
+               c->max_update_norm);
+    else if (!isfinite(notes[i].norm))
+      snprintf(what, sizeof what, "refused: its difference to the round's adapter is not finite");
+    else
+      snprintf(what, sizeof what, "refused: norm %.6g exceeds the bound %g", notes[i].norm,
+               c->max_update_norm);
+    ot_daemon_log(d, "session '%s': round %d: the update of device %lld (%.16s...) %s", c->name, s->round,
+                  (long long)u[i].device_id, u[i].digest, what);
+    ot_reg_audit(d->reg, "daemon", notes[i].fate == OT_UPD_CLIPPED ? "update.clipped" : "update.refused",
+                 "%s round %d: device %lld update %s %s", c->name, s->round, (long long)u[i].device_id,
+                 u[i].digest, what);
+  }
+  /* what an operator needs to pick a bound */
+  char b[64] = "no bound";
+  if (c->max_update_norm > 0) snprintf(b, sizeof b, "bound %g", c->max_update_norm);
+  if (hi > 0)
+    ot_daemon_log(d, "session '%s': round %d: update norms %.4g to %.4g (%s)", c->name, s->round, lo, hi, b);
+}
+
 /* Aggregates paths (weights w) into the round's new adapter and finishes the round;
- * *out_digest = the new adapter. */
+ * *out_digest = the new adapter. u: the update rows (their fates are noted; *used = the
+ * updates in the result), or NULL for the secure-aggregation average, whose sum was
+ * checked against the bound already. */
 static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const double *w, int n,
-                   char digest[OT_DIGEST_HEX], char final_dir[2600], double *seconds) {
+                   const ot_update_row *u, int *used, char digest[OT_DIGEST_HEX], char final_dir[2600],
+                   double *seconds) {
   const ot_session_cfg *c = &s->cfg;
   int rc = OT_OK;
   char prev[2600], ref[2700], tmp[2600], out[2700], st_out[2600], st_in[2600];
@@ -260,11 +297,22 @@ static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const do
   if (rc == OT_OK) rc = ot_rm_rf(tmp);
   if (rc == OT_OK) rc = ot_mkdir_p(tmp);
   snprintf(out, sizeof out, "%s/adapter_model.safetensors", tmp);
-  ot_agg_params ap = {c->agg, c->server_lr, c->beta1, c->beta2, c->adam_eps};
+  ot_agg_params ap = {.kind = c->agg,
+                      .server_lr = c->server_lr,
+                      .beta1 = c->beta1,
+                      .beta2 = c->beta2,
+                      .eps = c->adam_eps,
+                      .max_norm = u ? c->max_update_norm : 0,
+                      .trim = c->trim_fraction};
+  ot_agg_note *notes = calloc((size_t)n + 1, sizeof *notes);
+  if (rc == OT_OK && !notes) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
   double t0 = ot_now();
   if (rc == OT_OK)
     rc = ot_aggregate(&ap, ref, (const char *const *)paths, w, n, s->opt_state[0] ? st_in : NULL, out,
-                      c->agg == OT_AGG_FEDADAM ? st_out : NULL);
+                      c->agg == OT_AGG_FEDADAM ? st_out : NULL, notes);
+  *used = n;
+  if (rc == OT_OK && u) note_updates(d, s, u, notes, n, used);
+  free(notes);
   char state_digest[OT_DIGEST_HEX] = "";
   if (rc == OT_OK) rc = ot_file_digest(out, digest);
   if (rc == OT_OK) rc = write_config(prev, tmp, digest);
@@ -274,6 +322,8 @@ static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const do
   if (rc == OT_OK)
     rc = ot_reg_round_finish(d->reg, s->id, s->round, digest, state_digest, now_s() + c->deadline_s,
                              final_dir);
+  /* participants counts the update rows; a refused update is not in the result */
+  if (rc == OT_OK && u && *used < n) rc = ot_reg_round_set_participants(d->reg, s->id, s->round, *used);
   *seconds = ot_now() - t0;
   return rc;
 }
@@ -308,7 +358,8 @@ int ot_round_publish_avg(ot_daemon *d, const ot_session_row *s, const char *avg_
   char *paths[1] = {(char *)avg_path}, digest[OT_DIGEST_HEX], final_dir[2600];
   double w[1] = {1.0}, seconds = 0;
   const ot_session_cfg *c = &s->cfg;
-  int rc = publish(d, s, paths, w, 1, digest, final_dir, &seconds);
+  int used = 0;
+  int rc = publish(d, s, paths, w, 1, NULL, &used, digest, final_dir, &seconds);
   if (rc == OT_OK) rc = ot_reg_round_set_participants(d->reg, s->id, s->round, participants);
   if (rc == OT_OK) {
     ot_daemon_log(d, "session '%s': round %d of %d aggregated (%s) by %s in %.2f s -> adapter %.16s...",
@@ -337,19 +388,22 @@ static int aggregate(ot_daemon *d, const ot_session_row *s) {
   }
   char digest[OT_DIGEST_HEX], final_dir[2600];
   double seconds = 0;
-  if (rc == OT_OK) rc = publish(d, s, paths, w, n, digest, final_dir, &seconds);
+  int used = 0;
+  if (rc == OT_OK) rc = publish(d, s, paths, w, n, u, &used, digest, final_dir, &seconds);
   if (rc == OT_OK) {
     double tokens = 0, loss = 0;
     for (int i = 0; i < n; i++) {
       tokens += w[i];
       loss += w[i] * u[i].loss;
     }
+    char refused[64] = "";
+    if (used < n) snprintf(refused, sizeof refused, " (%d refused)", n - used);
     ot_daemon_log(
         d,
-        "session '%s': round %d of %d aggregated (%s) from %d updates, %.0f tokens, mean train loss "
+        "session '%s': round %d of %d aggregated (%s) from %d updates%s, %.0f tokens, mean train loss "
         "%.4f, in %.2f s -> adapter %.16s...",
-        c->name, s->round, c->rounds, ot_agg_name(c->agg), n, tokens, tokens > 0 ? loss / tokens : 0, seconds,
-        digest);
+        c->name, s->round, c->rounds, ot_agg_name(c->agg), n, refused, tokens, tokens > 0 ? loss / tokens : 0,
+        seconds, digest);
     if (s->round >= c->rounds)
       ot_daemon_log(d, "session '%s': done; adapter '%s' published (%s)", c->name, c->name, final_dir);
     else

@@ -11,6 +11,7 @@
 
 #include <sodium.h>
 
+#include "ot_aggregate.h"
 #include "ot_dp.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
@@ -374,6 +375,16 @@ static int write_average(ot_daemon *d, const ot_session_row *s, float *sum, uint
 
 static int finish_masking(ot_daemon *d, const ot_session_row *s, float *sum, uint32_t dim, uint32_t count) {
   char tmp[2600], summary[256];
+  /* the cloud cannot see single updates here: the devices' clipping bounds each one, and
+   * the sum of count updates within the bound is within count x the bound */
+  double norm = 0;
+  if (ot_agg_check_sum(sum, dim - 1, count, s->cfg.max_update_norm, &norm) != OT_OK) {
+    char what[600];
+    snprintf(what, sizeof what, "aggregate refused (%s); no aggregate", ot_error_detail());
+    sodium_memzero(sum, (size_t)dim * sizeof *sum);
+    ot_reg_audit(d->reg, "daemon", "secagg.refused_sum", "%s round %d: %s", s->cfg.name, s->round, what);
+    return retry_round(d, s, what);
+  }
   int rc =
       ot_daemon_path(d, tmp, sizeof tmp, "tmp/secagg-avg-%lld-%d.safetensors", (long long)s->id, s->round);
   if (rc == OT_OK) rc = write_average(d, s, sum, dim, count, tmp, summary, sizeof summary);

@@ -10,7 +10,18 @@
 
 #define OT_NAME_MAX 64 /* session, model and adapter names: [A-Za-z0-9_-], 1..63 characters */
 
-typedef enum { OT_AGG_FEDAVG = 0, OT_AGG_FEDPROX = 1, OT_AGG_FEDADAM = 2 } ot_agg_kind;
+/* FedAvg, FedProx and FedAdam; then the robust rules (docs/daemon.md, "Robust
+ * aggregation"), which need each device's update and so exclude secure aggregation:
+ * norm-clipped FedAvg, coordinate-wise trimmed mean, coordinate-wise median. */
+typedef enum {
+  OT_AGG_FEDAVG = 0,
+  OT_AGG_FEDPROX = 1,
+  OT_AGG_FEDADAM = 2,
+  OT_AGG_CLIP = 3,
+  OT_AGG_TRIMMED = 4,
+  OT_AGG_MEDIAN = 5,
+  OT_AGG_NKIND
+} ot_agg_kind;
 
 typedef struct {
   char name[OT_NAME_MAX];
@@ -29,6 +40,11 @@ typedef struct {
   ot_agg_kind agg;
   float mu;                                /* FedProx */
   float server_lr, beta1, beta2, adam_eps; /* FedAdam */
+  /* L2 bound on a device's update (its adapter minus the round's adapter): refused
+   * above it (fedavg-clip: clipped to it); 0: no bound. Under secure aggregation the
+   * unmasked sum of n updates must stay within n x the bound. */
+  float max_update_norm;
+  float trim_fraction; /* trimmed-mean: fraction trimmed per side */
   /* privacy (docs/secagg.md, "Sessions") */
   int secagg;         /* OT_SECAGG_AUTO / _OFF / _ON */
   float secagg_range; /* quantisation range per coordinate of a masked update */
@@ -53,5 +69,7 @@ void ot_session_emu_key(const ot_session_cfg *c, char *out, size_t n);
 /* 1 if s is a valid session/model/adapter name. */
 int ot_name_ok(const char *s);
 const char *ot_agg_name(ot_agg_kind k);
+/* 1 for the rules that need each device's update in the clear (not with secure aggregation). */
+int ot_agg_robust(ot_agg_kind k);
 
 #endif

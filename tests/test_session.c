@@ -341,6 +341,7 @@ typedef struct {
   ot_client *c;
   Offtune__Session__RoundInfo *ri;
   ot_pb_alloc pa;
+  const char *session; /* "m" unless set after mal_open */
 } mal_t;
 
 /* A new identity enrolled with a fresh token, its protocol client open; with trace, the
@@ -355,6 +356,7 @@ static void mal_open(const daemon_t *d, ot_identity *id, const char *trace, mal_
                          .enrol_token = cJSON_GetStringValue(cJSON_GetObjectItem(tj, "token"))};
   if (trace) setenv("OT_WIRE_TRACE", trace, 1);
   memset(m, 0, sizeof *m);
+  m->session = "m";
   assert_int_equal(ot_client_open(&cc, &m->c), OT_OK);
   cJSON_Delete(tj);
 }
@@ -370,7 +372,7 @@ static int mal_call(mal_t *m, Offtune__Session__SessionRequest *req, uint8_t **r
 
 static void mal_poll(mal_t *m) {
   Offtune__Session__Poll p = OFFTUNE__SESSION__POLL__INIT;
-  p.session = "m";
+  p.session = (char *)m->session;
   Offtune__Session__SessionRequest req = OFFTUNE__SESSION__SESSION_REQUEST__INIT;
   req.kind_case = OFFTUNE__SESSION__SESSION_REQUEST__KIND_POLL;
   req.poll = &p;
@@ -383,12 +385,12 @@ static void mal_poll(mal_t *m) {
   assert_non_null(m->ri);
 }
 
-/* Uploads data as update.m.<round> and submits it; returns 1 if accepted, 0 if the
+/* Uploads data as update.<session>.<round> and submits it; returns 1 if accepted, 0 if the
  * upload or the submission was refused (reason in why). */
 static int mal_submit(mal_t *m, unsigned round, const uint8_t *data, size_t size, uint64_t tokens, char *why,
                       size_t n) {
   char name[64], path[1200], h[OT_DIGEST_HEX];
-  snprintf(name, sizeof name, "update.m.%u", round);
+  snprintf(name, sizeof name, "update.%s.%u", m->session, round);
   ot_send_opts so = {.window = 2};
   int rc = ot_client_send(m->c, name, data, size, &so);
   if (rc) {
@@ -399,7 +401,7 @@ static int mal_submit(mal_t *m, unsigned round, const uint8_t *data, size_t size
   assert_int_equal(ot_file_write_atomic(path, data, size), OT_OK);
   assert_int_equal(ot_file_digest(path, h), OT_OK);
   Offtune__Session__SubmitUpdate su = OFFTUNE__SESSION__SUBMIT_UPDATE__INIT;
-  su.session = "m";
+  su.session = (char *)m->session;
   su.round = round;
   su.digest = h;
   su.tokens = tokens;
@@ -420,7 +422,8 @@ static int mal_submit(mal_t *m, unsigned round, const uint8_t *data, size_t size
   return ok;
 }
 
-/* The round's adapter file rewritten: scale (1 = as is), one NaN, or one tensor's shape changed. */
+/* The round's adapter file rewritten: scaled by 0.5 (0), one NaN (1), one tensor's shape
+ * changed (2), or every value 1e38 (3: finite and well-formed, issue 14's poisoned update). */
 static uint8_t *mal_variant(const char *adapter, int variant, size_t *size) {
   tensors t;
   tensors_load(adapter, &t);
@@ -430,7 +433,7 @@ static uint8_t *mal_variant(const char *adapter, int variant, size_t *size) {
   for (size_t i = 0; i < t.n; i++) {
     const ot_st_tensor *x = ot_st_at(t.st, i);
     memcpy(shape, x->shape, sizeof shape);
-    for (uint64_t k = 0; k < x->numel; k++) t.v[i][k] *= 0.5f;
+    for (uint64_t k = 0; k < x->numel; k++) t.v[i][k] = variant == 3 ? 1e38f : t.v[i][k] * 0.5f;
     if (variant == 1 && i == 0) t.v[i][0] = NAN;
     if (variant == 2 && i == 0 && x->ndim == 1 && x->numel > 1) shape[0] = 1;
     if (variant == 2 && i == 0 && x->ndim == 2) shape[0] = 1;
@@ -531,6 +534,218 @@ static void test_malicious_device(void **state) {
   free(nan);
   free(shape);
   ot_identity_wipe(&id);
+  daemon_stop(&d);
+}
+
+/* ---- robust aggregation: one poisoned device among honest ones (issue 14) ------------------ */
+
+/* Round r of a session with one poisoned update (every value 1e38) among honest ones,
+ * against what the rule promises relative to the honest-only aggregate H (computed here
+ * from the stored update files, in double):
+ *   fedavg (default bound 1e6)  the poisoned update is refused: the result is H
+ *   fedavg-clip, bound B        |result - H| <= (t_p / T) (B + |H - g|): the poisoned delta
+ *                               clipped to B enters with weight t_p / T; H is the honest
+ *                               updates' clipped FedAvg, and the result is also checked
+ *                               against the whole clipped FedAvg recomputed
+ *   median (3 updates, no bound) every coordinate within the honest updates' range; H is
+ *                               their median (the mean of 2), |result - H| <= |u_1 - u_2| / 2
+ * Returns |result - H|. */
+static double check_poisoned(const daemon_t *d, cJSON *show, int round, const char *rule, double bound) {
+  cJSON *r = NULL, *u;
+  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "rounds")) if ((int)cJSON_GetNumberValue(
+                                                                     cJSON_GetObjectItem(u, "round")) ==
+                                                                 round) r = u;
+  assert_non_null(r);
+  assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(r, "state")), "done");
+  char p[2048];
+  tensors in, res, ups[3];
+  adapter_file(d, cJSON_GetStringValue(cJSON_GetObjectItem(r, "input")), p, sizeof p);
+  tensors_load(p, &in);
+  adapter_file(d, cJSON_GetStringValue(cJSON_GetObjectItem(r, "result")), p, sizeof p);
+  tensors_load(p, &res);
+  double w[3];
+  int n = 0, bad = -1;
+  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "updates")) {
+    if ((int)cJSON_GetNumberValue(cJSON_GetObjectItem(u, "round")) != round) continue;
+    assert_true(n < 3);
+    snprintf(p, sizeof p, "%s/objects/updates/%s.safetensors", d->state,
+             cJSON_GetStringValue(cJSON_GetObjectItem(u, "digest")));
+    tensors_load(p, &ups[n]);
+    if (ups[n].v[0][0] == 1e38f) bad = n;
+    w[n++] = cJSON_GetNumberValue(cJSON_GetObjectItem(u, "tokens"));
+  }
+  assert_int_equal(n, 3);
+  assert_true(bad >= 0);
+  int h[2], nh = 0;
+  for (int i = 0; i < 3; i++)
+    if (i != bad) h[nh++] = i;
+  int fedavg = strcmp(rule, "fedavg") == 0, clip = strcmp(rule, "fedavg-clip") == 0;
+  /* a refused update is not a participant */
+  assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(r, "participants")), fedavg ? 2 : 3);
+  /* the updates' deltas' norms (clip factors) */
+  double norm[3] = {0, 0, 0}, c[3];
+  for (size_t t = 0; t < in.n; t++) {
+    const ot_st_tensor *x = ot_st_at(in.st, t);
+    for (int i = 0; i < 3; i++)
+      for (uint64_t k = 0; k < x->numel; k++) {
+        double dl = (double)tensor(&ups[i], x->name)[k] - in.v[t][k];
+        norm[i] += dl * dl;
+      }
+  }
+  for (int i = 0; i < 3; i++) {
+    norm[i] = sqrt(norm[i]);
+    c[i] = clip && norm[i] > bound ? bound / norm[i] : 1;
+  }
+  double th = w[h[0]] + w[h[1]], tall = th + w[bad];
+  double dist = 0, hg = 0, spread = 0, max_err = 0;
+  for (size_t t = 0; t < in.n; t++) {
+    const ot_st_tensor *x = ot_st_at(in.st, t);
+    const float *got = tensor(&res, x->name), *g = in.v[t], *a = tensor(&ups[h[0]], x->name),
+                *b = tensor(&ups[h[1]], x->name), *q = tensor(&ups[bad], x->name);
+    for (uint64_t k = 0; k < x->numel; k++) {
+      assert_true(isfinite(got[k]));
+      double H, want = NAN;
+      if (clip) {
+        double sh = w[h[0]] * c[h[0]] * (a[k] - (double)g[k]) + w[h[1]] * c[h[1]] * (b[k] - (double)g[k]);
+        H = g[k] + sh / th;
+        want = g[k] + (sh + w[bad] * c[bad] * (q[k] - (double)g[k])) / tall;
+      } else if (fedavg) {
+        H = want = (w[h[0]] * a[k] + w[h[1]] * (double)b[k]) / th;
+      } else {
+        H = (a[k] + (double)b[k]) / 2;
+        assert_true(got[k] >= fminf(a[k], b[k]) && got[k] <= fmaxf(a[k], b[k]));
+      }
+      if (!isnan(want)) max_err = fmax(max_err, fabs(got[k] - want) / (fabs(want) + 1e-3));
+      dist += (got[k] - H) * (got[k] - H);
+      hg += (H - g[k]) * (H - g[k]);
+      spread += ((double)a[k] - b[k]) * ((double)a[k] - b[k]);
+    }
+  }
+  dist = sqrt(dist), hg = sqrt(hg), spread = sqrt(spread);
+  double limit = clip ? w[bad] / tall * (bound + hg) : fedavg ? 0 : spread / 2;
+  fprintf(stderr,
+          "%s round %d: update norms %.4g, %.4g (honest), %.4g (poisoned); |result - honest-only| = %.4g, "
+          "stated limit %.4g (|honest-only - round's adapter| %.4g); max rel err vs recomputed %.2e\n",
+          rule, round, norm[h[0]], norm[h[1]], norm[bad], dist, limit, hg, max_err);
+  assert_true(max_err < 1e-5);
+  assert_true(dist <= limit * (1 + 1e-6) + 1e-5);
+  for (int i = 0; i < 3; i++) tensors_free(&ups[i]);
+  tensors_free(&in);
+  tensors_free(&res);
+  return dist;
+}
+
+static void test_poisoned_device(void **state) {
+  (void)state;
+  daemon_t d;
+  daemon_init(&d, "poison");
+  /* three sessions at once, each with two honest devices and one poisoned: the issue's
+   * case under the default settings, fedavg-clip, and the median with no norm bound (the
+   * rule alone) */
+  const char *names[] = {"pavg", "pclip", "pmed"}, *rules[] = {"fedavg", "fedavg-clip", "median"};
+  const double bound = 0.5;
+  const char *common = "--rounds 2 --min-devices 3 --max-devices 3 --deadline 120 --secagg off";
+  char extra[256];
+  for (int j = 0; j < 3; j++) {
+    snprintf(extra, sizeof extra, "%s%s%s", common,
+             j == 1 ? " --aggregation fedavg-clip --max-update-norm 0.5" : "",
+             j == 2 ? " --aggregation median --max-update-norm 0" : "");
+    session_create(&d, names[j], extra);
+  }
+  /* secure aggregation: the sum of 3 updates is past 3 x a tiny bound: refused, and with no
+   * retries the session fails (the masked path's check) */
+  session_create(
+      &d, "psec",
+      "--rounds 1 --min-devices 3 --max-devices 3 --deadline 120 --secagg on --max-update-norm 1e-4 "
+      "--max-retries 0");
+  const char *devs[] = {"pa1", "pa2", "pc1", "pc2", "pm1", "pm2", "ps1", "ps2", "ps3"};
+  const char *data[] = {"romance.txt", "mystery.txt", "humor.txt"};
+  pid_t pids[9];
+  for (int i = 0; i < 9; i++) {
+    device_join(&d, devs[i]);
+    pids[i] = device_run(devs[i], data[i < 6 ? i % 2 : i - 6], i < 6 ? names[i / 2] : "psec", NULL);
+  }
+  /* the poisoned device: a protocol client that submits every value 1e38 each round */
+  ot_identity ids[3];
+  mal_t m[3];
+  unsigned sent[3] = {0, 0, 0};
+  int done[3] = {0, 0, 0};
+  uint8_t *bad = NULL;
+  size_t size = 0;
+  for (int j = 0; j < 3; j++) {
+    mal_open(&d, &ids[j], NULL, &m[j]);
+    m[j].session = names[j];
+  }
+  double t0 = now_s();
+  while (!done[0] || !done[1] || !done[2]) {
+    assert_true(now_s() - t0 < 180);
+    for (int j = 0; j < 3; j++) {
+      if (done[j]) continue;
+      mal_poll(&m[j]);
+      Offtune__Session__RoundInfo *ri = m[j].ri;
+      if (ri->state == OFFTUNE__SESSION__ROUND_STATE__DONE ||
+          ri->state == OFFTUNE__SESSION__ROUND_STATE__FAILED)
+        done[j] = 1;
+      if (ri->state == OFFTUNE__SESSION__ROUND_STATE__TRAIN && ri->round > sent[j]) {
+        if (!bad) { /* the adapter's names and shapes, the same every round and session */
+          char adapter[1200];
+          snprintf(adapter, sizeof adapter, "%s/poison_adapter.safetensors", dir);
+          for (size_t i = 0; i < ri->n_adapter_files; i++)
+            if (strcmp(ri->adapter_files[i]->file, "adapter_model.safetensors") == 0) {
+              ot_fetch_opts fo = {0};
+              assert_int_equal(ot_client_fetch_file(m[j].c, ri->adapter_files[i]->name, adapter, &fo), OT_OK);
+            }
+          bad = mal_variant(adapter, 3, &size);
+        }
+        char why[1024];
+        if (!mal_submit(&m[j], ri->round, bad, size, 4 * 4 * 32, why, sizeof why))
+          fail_msg("the poisoned update was refused at upload: %s", why);
+        sent[j] = ri->round;
+      }
+      offtune__session__round_info__free_unpacked(ri, &m[j].pa.a);
+    }
+    sleep_ms(100);
+  }
+  for (int i = 0; i < 9; i++) {
+    int rc = wait_exit(pids[i], 120);
+    if (rc != (i < 6 ? 0 : 1)) fail_device(&d, devs[i], rc);
+  }
+  char db[1200];
+  snprintf(db, sizeof db, "%s/registry.db", d.state);
+  for (int j = 0; j < 3; j++) {
+    cJSON *s = wait_session(&d, names[j], "done", 30);
+    for (int r = 1; r <= 2; r++) check_poisoned(&d, s, r, rules[j], bound);
+    cJSON_Delete(s);
+  }
+  /* recorded: each refusal and each clipping in the audit log, the norms in the daemon's log */
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM audit WHERE event = 'update.refused' AND detail LIKE "
+                                  "'pavg round %' AND detail LIKE '%exceeds the bound 1e+06%'"),
+                   2);
+  assert_true(count_rows(db, "SELECT COUNT(*) FROM audit WHERE event = 'update.clipped' AND detail LIKE "
+                             "'pclip round %'") >= 2);
+  assert_true(file_has(d.log, "refused: norm"));
+  assert_true(file_has(d.log, "update norms"));
+  /* the masked path: refused on the sum, the session failed with the reason */
+  cJSON *s = wait_session(&d, "psec", "failed", 30);
+  const char *err = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(s, "session"), "error"));
+  fprintf(stderr, "psec: %s\n", err);
+  assert_non_null(strstr(err, "aggregate refused"));
+  assert_non_null(strstr(err, "x the bound 0.0001"));
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM audit WHERE event = 'secagg.refused_sum'"), 1);
+  assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM adapters WHERE name = 'psec'"), 0);
+  cJSON_Delete(s);
+  /* robust rules need each update: refused with secure aggregation */
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s session create --state '%s' --name px --model full --aggregation median "
+                               "--min-devices 3",
+                               cloud, d.state),
+                   1);
+  assert_non_null(strstr(out, "secure aggregation hides"));
+  for (int j = 0; j < 3; j++) {
+    ot_client_close(m[j].c);
+    ot_identity_wipe(&ids[j]);
+  }
+  free(bad);
   daemon_stop(&d);
 }
 
@@ -696,8 +911,8 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_two_sessions),     cmocka_unit_test(test_serving_published),
       cmocka_unit_test(test_device_killed),    cmocka_unit_test(test_daemon_kill9),
-      cmocka_unit_test(test_malicious_device), cmocka_unit_test(test_no_private_text),
-      cmocka_unit_test(test_fedprox_trainer),
+      cmocka_unit_test(test_malicious_device), cmocka_unit_test(test_poisoned_device),
+      cmocka_unit_test(test_no_private_text),  cmocka_unit_test(test_fedprox_trainer),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
