@@ -453,6 +453,51 @@ static int step_session(ot_daemon *d, int64_t id) {
   return OT_OK;
 }
 
+/* Pacing of a session whose scheduler work failed (disk full, a distillation error): the
+ * next try waits 0.5 s, doubling up to 5 minutes; success resets it. A session still
+ * preparing gives up after PREPARE_TRIES transient failures (I/O, memory) and at once on any
+ * other error. */
+#define BACKOFF_FIRST_S 0.5
+#define BACKOFF_MAX_S 300.0
+#define PREPARE_TRIES 8
+#define SWEEP_EVERY_S 60.0
+
+typedef struct {
+  int64_t id;
+  int failures;
+  double next; /* ot_now() of the next try */
+} backoff;
+
+static backoff *backoff_of(backoff *t, int n, int64_t id) {
+  backoff *free_slot = NULL;
+  for (int i = 0; i < n; i++) {
+    if (t[i].id == id) return &t[i];
+    if (!t[i].id && !free_slot) free_slot = &t[i];
+  }
+  if (free_slot) *free_slot = (backoff){.id = id};
+  return free_slot; /* NULL: table full, the session runs unpaced */
+}
+
+static void on_step_failed(ot_daemon *d, int64_t id, int rc, backoff *b) {
+  ot_session_row s;
+  char why[600];
+  snprintf(why, sizeof why, "%s", ot_error_detail());
+  int preparing = ot_reg_session_get_id(d->reg, id, &s) == OT_OK && s.state == OT_SS_PREPARING;
+  int transient = rc == OT_ERR_IO || rc == OT_ERR_NOMEM;
+  int failures = b ? ++b->failures : 1;
+  if (preparing && (!transient || failures >= PREPARE_TRIES)) {
+    ot_daemon_log(d, "scheduler: session %lld: %s; giving up after %d tries", (long long)id, why, failures);
+    ot_reg_session_fail(d->reg, id, why);
+    return;
+  }
+  double wait = BACKOFF_FIRST_S;
+  for (int i = 1; i < failures && wait < BACKOFF_MAX_S; i++) wait *= 2;
+  if (wait > BACKOFF_MAX_S) wait = BACKOFF_MAX_S;
+  if (b) b->next = ot_now() + wait;
+  ot_daemon_log(d, "scheduler: session %lld: %s; retrying in %.1f s (failure %d)", (long long)id, why, wait,
+                failures);
+}
+
 void *ot_round_main(void *arg) {
   ot_daemon *d = arg;
   ot_round_secagg *sa = NULL;
@@ -463,6 +508,10 @@ void *ot_round_main(void *arg) {
   pthread_mutex_lock(&d->mu);
   d->sa = sa;
   pthread_mutex_unlock(&d->mu);
+  enum { MAX_ACTIVE = 256 };
+  backoff pace[MAX_ACTIVE];
+  memset(pace, 0, sizeof pace);
+  double last_sweep = ot_now();
   for (;;) {
     pthread_mutex_lock(&d->mu);
     if (!d->stop && !d->kick) {
@@ -479,23 +528,30 @@ void *ot_round_main(void *arg) {
     d->kick = 0;
     pthread_mutex_unlock(&d->mu);
     if (stop) break;
-    int64_t ids[256];
+    double now = ot_now();
+    if (now - last_sweep >= SWEEP_EVERY_S) {
+      last_sweep = now;
+      if (ot_daemon_staging_sweep(d, 0, NULL) != OT_OK) ot_daemon_log(d, "staging: %s", ot_error_detail());
+    }
+    int64_t ids[MAX_ACTIVE];
     int n = 0;
-    if (ot_reg_sessions_active(d->reg, ids, 256, &n) != OT_OK) {
+    if (ot_reg_sessions_active(d->reg, ids, MAX_ACTIVE, &n) != OT_OK) {
       ot_daemon_log(d, "scheduler: %s", ot_error_detail());
       continue;
     }
+    for (int k = 0; k < MAX_ACTIVE; k++) { /* forget sessions that are no longer active */
+      int live = 0;
+      for (int i = 0; i < n && !live; i++) live = pace[k].id == ids[i];
+      if (!live) pace[k].id = 0;
+    }
     for (int i = 0; i < n; i++) {
+      backoff *b = backoff_of(pace, MAX_ACTIVE, ids[i]);
+      if (b && b->failures && now < b->next) continue;
       int rc = step_session(d, ids[i]);
-      if (rc) {
-        /* a failure to prepare is the session's end; other errors are retried */
-        ot_session_row s;
-        char why[600];
-        snprintf(why, sizeof why, "%s", ot_error_detail());
-        ot_daemon_log(d, "scheduler: session %lld: %s", (long long)ids[i], why);
-        if (ot_reg_session_get_id(d->reg, ids[i], &s) == OT_OK && s.state == OT_SS_PREPARING)
-          ot_reg_session_fail(d->reg, ids[i], why);
-      }
+      if (rc)
+        on_step_failed(d, ids[i], rc, b);
+      else if (b)
+        b->failures = 0;
     }
   }
   return NULL;

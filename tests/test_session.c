@@ -292,6 +292,28 @@ static void test_device_killed(void **state) {
   daemon_stop(&d);
 }
 
+/* Scheduler work that keeps failing (here the daemon's tmp/ is a file, as on a broken disk)
+ * is retried with a doubling pause, not every 0.25 s, and the session goes on once the
+ * cause is gone. */
+static void test_scheduler_backoff(void **state) {
+  (void)state;
+  daemon_t d;
+  daemon_init(&d, "backoff");
+  assert_int_equal(ot_test_system("rm -rf '%s/tmp' && touch '%s/tmp'", d.state, d.state), 0);
+  session_create(&d, "b", "--rounds 1 --min-devices 1 --max-devices 1 --deadline 30");
+  wait_for_file_text(d.log, "retrying in 2.0 s (failure 3)", 20);
+  cJSON *s = session_show(&d, "b");
+  assert_string_equal(session_state(s), "preparing");
+  cJSON_Delete(s);
+  assert_false(file_has(d.log, "(failure 4)")); /* 0.5 + 1 + 2 s: no fourth try yet */
+  assert_int_equal(ot_test_system("rm -f '%s/tmp' && mkdir '%s/tmp'", d.state, d.state), 0);
+  s = wait_session(&d, "b", "running", 30);
+  cJSON_Delete(s);
+  assert_true(file_has(d.log, "retrying in 0.5 s (failure 1)"));
+  assert_true(file_has(d.log, "retrying in 1.0 s (failure 2)"));
+  daemon_stop(&d);
+}
+
 static void test_daemon_kill9(void **state) {
   (void)state;
   daemon_t d;
@@ -909,10 +931,11 @@ static void test_fedprox_trainer(void **state) {
 int main(void) {
   signal(SIGPIPE, SIG_IGN);
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_two_sessions),     cmocka_unit_test(test_serving_published),
-      cmocka_unit_test(test_device_killed),    cmocka_unit_test(test_daemon_kill9),
-      cmocka_unit_test(test_malicious_device), cmocka_unit_test(test_poisoned_device),
-      cmocka_unit_test(test_no_private_text),  cmocka_unit_test(test_fedprox_trainer),
+      cmocka_unit_test(test_two_sessions),      cmocka_unit_test(test_serving_published),
+      cmocka_unit_test(test_device_killed),     cmocka_unit_test(test_daemon_kill9),
+      cmocka_unit_test(test_malicious_device),  cmocka_unit_test(test_poisoned_device),
+      cmocka_unit_test(test_no_private_text),   cmocka_unit_test(test_fedprox_trainer),
+      cmocka_unit_test(test_scheduler_backoff),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
