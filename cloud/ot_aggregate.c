@@ -44,7 +44,7 @@ static int tset_load(const char *path, tset *out) {
   return OT_OK;
 }
 
-int ot_agg_validate(const char *path, const char *ref_path, uint64_t max_bytes) {
+int ot_agg_validate(const char *path, const char *ref_path, uint64_t max_bytes, double max_norm) {
   struct stat sb;
   if (stat(path, &sb) != 0) return ot_error(OT_ERR_NOTFOUND, "no uploaded file");
   if ((uint64_t)sb.st_size > max_bytes)
@@ -56,7 +56,8 @@ int ot_agg_validate(const char *path, const char *ref_path, uint64_t max_bytes) 
   rc = ot_st_open(ref_path, &ref);
   if (rc == OT_OK && ot_st_count(up) != ot_st_count(ref))
     rc = ot_error(OT_ERR_MISMATCH, "%zu tensors, the adapter has %zu", ot_st_count(up), ot_st_count(ref));
-  float *buf = NULL;
+  float *buf = NULL, *rbuf = NULL;
+  double sq = 0; /* squared norm of the delta to the reference */
   for (size_t i = 0; rc == OT_OK && i < ot_st_count(ref); i++) {
     const ot_st_tensor *r = ot_st_at(ref, i), *u = ot_st_find(up, r->name);
     if (!u) {
@@ -84,7 +85,21 @@ int ot_agg_validate(const char *path, const char *ref_path, uint64_t max_bytes) 
       if (!isfinite(buf[k]))
         rc = ot_error(OT_ERR_RANGE, "tensor '%s' has a non-finite value at %llu", u->name,
                       (unsigned long long)k);
+    if (rc == OT_OK && max_norm > 0) {
+      nb = realloc(rbuf, (r->numel ? r->numel : 1) * sizeof(float));
+      rc = nb ? ot_st_read_f32(ref, r, nb, r->numel) : ot_error(OT_ERR_NOMEM, "cannot allocate");
+      if (nb) rbuf = nb;
+      for (uint64_t k = 0; rc == OT_OK && k < r->numel; k++) {
+        double dk = (double)buf[k] - (double)rbuf[k];
+        sq += dk * dk;
+      }
+    }
   }
+  if (rc == OT_OK && max_norm > 0 && !(sqrt(sq) <= max_norm))
+    rc = ot_error(OT_ERR_RANGE,
+                  "the update's distance to the round's adapter is %.4g, over the session's bound %.4g",
+                  sqrt(sq), max_norm);
+  free(rbuf);
   free(buf);
   ot_st_close(up);
   ot_st_close(ref);
@@ -205,7 +220,7 @@ static int fedadam(const ot_agg_params *p, const tset *ref, const float *g, floa
 
 /* Update file path as one flat vector in the reference's tensor order. */
 static int load_flat(const char *path, const char *ref_path, const tset *ref, float *x) {
-  int rc = ot_agg_validate(path, ref_path, UINT64_MAX);
+  int rc = ot_agg_validate(path, ref_path, UINT64_MAX, 0);
   tset u = {0};
   if (rc == OT_OK) rc = tset_load(path, &u);
   uint64_t off = 0;

@@ -10,8 +10,9 @@
 
 /* An upload is accepted only if: at most max_bytes, a valid safetensors file, exactly
  * the reference's tensor names, each F32 with the reference's shape, every value
- * finite. The error detail says which check failed. */
-int ot_agg_validate(const char *path, const char *ref_path, uint64_t max_bytes);
+ * finite, and (max_norm > 0) the L2 norm of its difference to the reference at most
+ * max_norm. The error detail says which check failed. */
+int ot_agg_validate(const char *path, const char *ref_path, uint64_t max_bytes, double max_norm);
 
 typedef struct {
   ot_agg_kind kind;

@@ -345,7 +345,9 @@ static int submit(ot_daemon *d, const uint8_t peer[32], int64_t dev,
   if (rc == OT_OK)
     rc = ot_daemon_path(d, ref, sizeof ref, "objects/adapters/%s/adapter_model.safetensors", s.adapter);
   if (rc == OT_OK) rc = file_size(ref, &ref_size);
-  if (rc == OT_OK) rc = ot_agg_validate(staged, ref, ot_daemon_upload_limit(ref_size));
+  /* over the bound: refused here, so the device hears of it (fedavg-clip clips instead) */
+  double bound = s.cfg.agg == OT_AGG_CLIP ? 0 : s.cfg.max_update_norm;
+  if (rc == OT_OK) rc = ot_agg_validate(staged, ref, ot_daemon_upload_limit(ref_size), bound);
   char digest[OT_DIGEST_HEX];
   /* the file is in objects/ (fsync'd) before the row that names it commits */
   if (rc == OT_OK) rc = ot_daemon_object_put(d, "updates", staged, digest);

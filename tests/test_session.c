@@ -564,7 +564,6 @@ static void test_malicious_device(void **state) {
 /* Round r of a session with one poisoned update (every value 1e38) among honest ones,
  * against what the rule promises relative to the honest-only aggregate H (computed here
  * from the stored update files, in double):
- *   fedavg (default bound 1e6)  the poisoned update is refused: the result is H
  *   fedavg-clip, bound B        |result - H| <= (t_p / T) (B + |H - g|): the poisoned delta
  *                               clipped to B enters with weight t_p / T; H is the honest
  *                               updates' clipped FedAvg, and the result is also checked
@@ -572,6 +571,46 @@ static void test_malicious_device(void **state) {
  *   median (3 updates, no bound) every coordinate within the honest updates' range; H is
  *                               their median (the mean of 2), |result - H| <= |u_1 - u_2| / 2
  * Returns |result - H|. */
+/* Round r of a session whose poisoned update was refused at upload (over the default bound):
+ * only the two honest updates are stored, and the result is their FedAvg. */
+static void check_refused_at_upload(const daemon_t *d, cJSON *show, int round) {
+  cJSON *r = NULL, *u;
+  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "rounds")) if ((int)cJSON_GetNumberValue(
+                                                                     cJSON_GetObjectItem(u, "round")) ==
+                                                                 round) r = u;
+  assert_non_null(r);
+  assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(r, "participants")), 2);
+  char p[2048];
+  tensors res, ups[2];
+  adapter_file(d, cJSON_GetStringValue(cJSON_GetObjectItem(r, "result")), p, sizeof p);
+  tensors_load(p, &res);
+  double w[2];
+  int n = 0;
+  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "updates")) {
+    if ((int)cJSON_GetNumberValue(cJSON_GetObjectItem(u, "round")) != round) continue;
+    assert_true(n < 2);
+    snprintf(p, sizeof p, "%s/objects/updates/%s.safetensors", d->state,
+             cJSON_GetStringValue(cJSON_GetObjectItem(u, "digest")));
+    tensors_load(p, &ups[n]);
+    w[n++] = cJSON_GetNumberValue(cJSON_GetObjectItem(u, "tokens"));
+  }
+  assert_int_equal(n, 2);
+  double max_err = 0;
+  for (size_t t = 0; t < res.n; t++) {
+    const ot_st_tensor *x = ot_st_at(res.st, t);
+    const float *got = res.v[t], *a = tensor(&ups[0], x->name), *b = tensor(&ups[1], x->name);
+    for (uint64_t k = 0; k < x->numel; k++) {
+      double want = (w[0] * a[k] + w[1] * (double)b[k]) / (w[0] + w[1]);
+      max_err = fmax(max_err, fabs(got[k] - want) / (fabs(want) + 1e-3));
+    }
+  }
+  fprintf(stderr, "fedavg round %d: poisoned update refused at upload; max rel err vs honest-only %.2e\n",
+          round, max_err);
+  assert_true(max_err < 1e-5);
+  for (int i = 0; i < 2; i++) tensors_free(&ups[i]);
+  tensors_free(&res);
+}
+
 static double check_poisoned(const daemon_t *d, cJSON *show, int round, const char *rule, double bound) {
   cJSON *r = NULL, *u;
   cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "rounds")) if ((int)cJSON_GetNumberValue(
@@ -601,9 +640,8 @@ static double check_poisoned(const daemon_t *d, cJSON *show, int round, const ch
   int h[2], nh = 0;
   for (int i = 0; i < 3; i++)
     if (i != bad) h[nh++] = i;
-  int fedavg = strcmp(rule, "fedavg") == 0, clip = strcmp(rule, "fedavg-clip") == 0;
-  /* a refused update is not a participant */
-  assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(r, "participants")), fedavg ? 2 : 3);
+  int clip = strcmp(rule, "fedavg-clip") == 0;
+  assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(r, "participants")), 3);
   /* the updates' deltas' norms (clip factors) */
   double norm[3] = {0, 0, 0}, c[3];
   for (size_t t = 0; t < in.n; t++) {
@@ -631,8 +669,6 @@ static double check_poisoned(const daemon_t *d, cJSON *show, int round, const ch
         double sh = w[h[0]] * c[h[0]] * (a[k] - (double)g[k]) + w[h[1]] * c[h[1]] * (b[k] - (double)g[k]);
         H = g[k] + sh / th;
         want = g[k] + (sh + w[bad] * c[bad] * (q[k] - (double)g[k])) / tall;
-      } else if (fedavg) {
-        H = want = (w[h[0]] * a[k] + w[h[1]] * (double)b[k]) / th;
       } else {
         H = (a[k] + (double)b[k]) / 2;
         assert_true(got[k] >= fminf(a[k], b[k]) && got[k] <= fmaxf(a[k], b[k]));
@@ -644,7 +680,7 @@ static double check_poisoned(const daemon_t *d, cJSON *show, int round, const ch
     }
   }
   dist = sqrt(dist), hg = sqrt(hg), spread = sqrt(spread);
-  double limit = clip ? w[bad] / tall * (bound + hg) : fedavg ? 0 : spread / 2;
+  double limit = clip ? w[bad] / tall * (bound + hg) : spread / 2;
   fprintf(stderr,
           "%s round %d: update norms %.4g, %.4g (honest), %.4g (poisoned); |result - honest-only| = %.4g, "
           "stated limit %.4g (|honest-only - round's adapter| %.4g); max rel err vs recomputed %.2e\n",
@@ -662,14 +698,16 @@ static void test_poisoned_device(void **state) {
   daemon_t d;
   daemon_init(&d, "poison");
   /* three sessions at once, each with two honest devices and one poisoned: the issue's
-   * case under the default settings, fedavg-clip, and the median with no norm bound (the
-   * rule alone) */
+   * case under the default settings (refused at upload by the default bound, so that round
+   * closes at its deadline with the two honest updates), fedavg-clip, and the median with
+   * no norm bound (the rule alone) */
   const char *names[] = {"pavg", "pclip", "pmed"}, *rules[] = {"fedavg", "fedavg-clip", "median"};
   const double bound = 0.5;
   const char *common = "--rounds 2 --min-devices 3 --max-devices 3 --deadline 120 --secagg off";
   char extra[256];
   for (int j = 0; j < 3; j++) {
-    snprintf(extra, sizeof extra, "%s%s%s", common,
+    snprintf(extra, sizeof extra, "%s%s%s",
+             j == 0 ? "--rounds 2 --min-devices 2 --max-devices 3 --deadline 6 --secagg off" : common,
              j == 1 ? " --aggregation fedavg-clip --max-update-norm 0.5" : "",
              j == 2 ? " --aggregation median --max-update-norm 0" : "");
     session_create(&d, names[j], extra);
@@ -720,8 +758,11 @@ static void test_poisoned_device(void **state) {
           bad = mal_variant(adapter, 3, &size);
         }
         char why[1024];
-        if (!mal_submit(&m[j], ri->round, bad, size, 4 * 4 * 32, why, sizeof why))
-          fail_msg("the poisoned update was refused at upload: %s", why);
+        int ok = mal_submit(&m[j], ri->round, bad, size, 4 * 4 * 32, why, sizeof why);
+        if (j == 0 && (ok || !strstr(why, "over the session's bound 1e+06")))
+          fail_msg("the poisoned update was not refused at upload by the default bound: %s",
+                   ok ? "accepted" : why);
+        if (j > 0 && !ok) fail_msg("the poisoned update was refused at upload: %s", why);
         sent[j] = ri->round;
       }
       offtune__session__round_info__free_unpacked(ri, &m[j].pa.a);
@@ -736,16 +777,20 @@ static void test_poisoned_device(void **state) {
   snprintf(db, sizeof db, "%s/registry.db", d.state);
   for (int j = 0; j < 3; j++) {
     cJSON *s = wait_session(&d, names[j], "done", 30);
-    for (int r = 1; r <= 2; r++) check_poisoned(&d, s, r, rules[j], bound);
+    for (int r = 1; r <= 2; r++) {
+      if (j == 0)
+        check_refused_at_upload(&d, s, r);
+      else
+        check_poisoned(&d, s, r, rules[j], bound);
+    }
     cJSON_Delete(s);
   }
   /* recorded: each refusal and each clipping in the audit log, the norms in the daemon's log */
   assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM audit WHERE event = 'update.refused' AND detail LIKE "
-                                  "'pavg round %' AND detail LIKE '%exceeds the bound 1e+06%'"),
+                                  "'pavg round %' AND detail LIKE '%bound 1e+06%'"),
                    2);
   assert_true(count_rows(db, "SELECT COUNT(*) FROM audit WHERE event = 'update.clipped' AND detail LIKE "
                              "'pclip round %'") >= 2);
-  assert_true(file_has(d.log, "refused: norm"));
   assert_true(file_has(d.log, "update norms"));
   /* the masked path: refused on the sum, the session failed with the reason */
   cJSON *s = wait_session(&d, "psec", "failed", 30);
