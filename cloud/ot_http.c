@@ -37,7 +37,7 @@
  * ends first writes its answer, shuts down its sending side, and reads (discarding) until the
  * client closes or LINGER_MS pass: "lingering close", as Apache and nginx do. */
 enum { ST_HEAD, ST_BODY, ST_CHUNK_SIZE, ST_CHUNK_DATA, ST_CHUNK_CRLF, ST_TRAILER, ST_WAIT, ST_LINGER };
-enum { LOG_CAP, LOG_FD, LOG_TIMEOUT, LOG_WRITE, LOG_KINDS };
+enum { LOG_CAP, LOG_FD, LOG_TIMEOUT, LOG_WRITE, LOG_EVICT, LOG_KINDS };
 
 typedef struct conn conn;
 
@@ -184,7 +184,7 @@ static void note(ot_http_server *s, int kind, const char *fmt, ...) {
   int n = vsnprintf(line, sizeof line, fmt, ap);
   va_end(ap);
   if (s->log_n[kind] && n > 0 && (size_t)n < sizeof line)
-    snprintf(line + n, sizeof line - (size_t)n, " (and %llu more like it before)",
+    snprintf(line + n, sizeof line - (size_t)n, " (%llu more since the last such line)",
              (unsigned long long)s->log_n[kind]);
   s->log_t[kind] = now;
   s->log_n[kind] = 0;
@@ -293,6 +293,8 @@ static void flush_locked(ot_http_server *s, conn *c) {
       return;
     }
   }
+  if (out_pending(c) && !(c->events & EPOLLOUT))
+    wake_locked(s); /* blocked: the I/O thread's wait must now end by the write deadline */
   if (!out_pending(c)) {
     c->out_off = c->out_len = 0;
     if (c->out_cap > (64u << 10)) { /* a long stream is over: give its buffer back */
@@ -613,7 +615,7 @@ static void complete(ot_http_server *s, conn *c) {
     set_events(s, c);
     return;
   }
-  char msg[400], extra[300] = "";
+  char msg[600], extra[300] = "";
   int status = al ? 405 : 404;
   if (al) {
     snprintf(msg, sizeof msg, "Method %.32s is not allowed on %.200s (allowed: %s)", r->method, r->path,
@@ -914,9 +916,22 @@ static void do_accept(ot_http_server *s) {
     char text[64];
     peer_key(&ss, key, &klen, text, sizeof text);
     int same = 0;
-    for (conn *c = s->conns; c; c = c->next)
+    conn *oldest = NULL; /* the connection that has waited longest for its client's request */
+    for (conn *c = s->conns; c; c = c->next) {
       if (c->alen == klen && memcmp(c->addr, key, (size_t)klen) == 0) same++;
-    int over_all = s->n_conns >= s->cfg.max_conns, over_peer = same >= s->cfg.max_conns_per_peer;
+      if (c->st != ST_WAIT && c->st != ST_LINGER && !c->dead && !out_pending(c) &&
+          (!oldest || c->t_state < oldest->t_state))
+        oldest = c;
+    }
+    int over_peer = same >= s->cfg.max_conns_per_peer;
+    if (!over_peer && s->n_conns >= s->cfg.max_conns && oldest) {
+      /* full: idle and slow senders make room, so that they cannot lock new clients out */
+      note(s, LOG_EVICT, "HTTP: at the connection cap (%d): closed the longest-waiting connection (%s)",
+           s->cfg.max_conns, oldest->peer);
+      close_conn(s, oldest);
+      s->st.evicted++;
+    }
+    int over_all = s->n_conns >= s->cfg.max_conns;
     conn *c = over_all || over_peer ? NULL : calloc(1, sizeof *c);
     if (c) {
       c->in_cap = s->cfg.max_header + READ_CHUNK;

@@ -14,8 +14,11 @@
  * the connection (first request) or of its first byte (later ones) and max_header bytes (431);
  * a body within body_timeout_ms (408) and max_body bytes (413); an idle keep-alive connection
  * closes after idle_timeout_ms; a client that does not read what is written is dropped after
- * write_timeout_ms without progress or max_pending_out bytes queued; max_conns connections in
- * all and max_conns_per_peer per client address (over a cap: a 503 and an immediate close).
+ * write_timeout_ms without progress or max_pending_out bytes queued; max_conns_per_peer
+ * connections per client address (over it: a 503 and an immediate close) and max_conns in all:
+ * at that cap a new connection closes the one that has waited longest for its client's request
+ * (idle, or a head or body still coming), and only when every connection has a request being
+ * answered is the new one refused (503).
  * When accept runs out of descriptors, a reserve descriptor is given up to accept and close the
  * connection, so the loop never spins on EMFILE/ENFILE. */
 #ifndef OT_HTTP_H
@@ -70,6 +73,7 @@ typedef struct {
 typedef struct {
   uint64_t accepted;    /* connections taken */
   uint64_t refused_cap; /* connections closed at once: over max_conns or max_conns_per_peer */
+  uint64_t evicted;     /* waiting for their client's request, closed to make room at max_conns */
   uint64_t refused_fd;  /* connections dropped because descriptors ran out */
   uint64_t timeouts;    /* connections closed by a header, body, idle or write timeout */
   uint64_t requests;    /* requests parsed (errors answered by the server included) */

@@ -1,8 +1,10 @@
 /* The serving HTTP API (cloud/ot_serve_api.h) on a real loopback socket: OpenAI-style
  * completions for every adapter kind equal ot_generate's greedy text, several prompts in one
  * request, streaming (the SSE deltas concatenate to the non-streamed text), /v1/models, errors
- * (404 unknown model, 400 bad JSON, bad fields and an oversized body), and concurrent clients
- * for different adapters getting the texts they get alone. */
+ * (404 unknown model, 400 bad JSON, bad fields, 413 an oversized body), and concurrent clients
+ * for different adapters getting the texts they get alone. Then the HTTP server under it
+ * (cloud/ot_http.h): keep-alive after every kind of answer, malformed requests, timeouts,
+ * connection caps under a low descriptor limit, clients that stop reading or leave. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -11,19 +13,25 @@
 
 #include <arpa/inet.h>
 #include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <signal.h>
 #include <sys/time.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ot_access.h"
 #include "ot_error.h"
+#include "ot_http.h"
 #include "ot_serve_api.h"
 #include "ot_serve_request.h"
 #include "ot_transport.h"
@@ -757,6 +765,851 @@ static void test_command(void **state) {
   assert_non_null(strstr(out, "stopping"));
 }
 
+/* ==== The HTTP server itself (cloud/ot_http.h): keep-alive after every kind of answer, JSON
+ * errors, slow and half-sent requests, connection caps under a low descriptor limit, clients
+ * that stop reading or leave. Only loopback addresses; every wait is bounded. ==== */
+
+static double mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static double cpu_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* A TCP connection to 127.0.0.1:to_port from src (NULL = any; all of 127/8 is loopback on Linux,
+ * so 127.0.0.2 is another client address); -1 with errno on failure. */
+static int dial(const char *src, int to_port, int timeout_ms) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  struct sockaddr_in sa = {0};
+  sa.sin_family = AF_INET;
+  if (src &&
+      (inet_pton(AF_INET, src, &sa.sin_addr) != 1 || bind(fd, (struct sockaddr *)&sa, sizeof sa) != 0)) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+  }
+  sa.sin_port = htons((uint16_t)to_port);
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+  }
+  return fd;
+}
+
+/* A client connection that keeps what it read past one response (keep-alive, pipelining). */
+typedef struct {
+  int fd;
+  char *buf;
+  size_t len, cap;
+} kconn;
+
+static void kc_open(kconn *k, const char *src, int to_port) {
+  memset(k, 0, sizeof *k);
+  k->fd = dial(src, to_port, 5000);
+  if (k->fd < 0) fail_msg("connect from %s: %s", src ? src : "any", strerror(errno));
+}
+
+static void kc_close(kconn *k) {
+  if (k->fd >= 0) close(k->fd);
+  free(k->buf);
+  memset(k, 0, sizeof *k);
+  k->fd = -1;
+}
+
+static void kc_send(kconn *k, const char *s, size_t n) { assert_int_equal(write(k->fd, s, n), (ssize_t)n); }
+static void kc_sends(kconn *k, const char *s) { kc_send(k, s, strlen(s)); }
+
+/* Until the buffer holds n bytes: 0, or -1 at EOF, reset or timeout. */
+static int kc_need(kconn *k, size_t n) {
+  while (k->len < n) {
+    if (k->cap < n + 1 || k->cap - k->len < 4096) {
+      k->cap = k->len + n + 65536;
+      k->buf = realloc(k->buf, k->cap);
+    }
+    ssize_t r = read(k->fd, k->buf + k->len, k->cap - k->len - 1);
+    if (r <= 0) return -1;
+    k->len += (size_t)r;
+  }
+  return 0;
+}
+
+static void kc_drop(kconn *k, size_t n) {
+  memmove(k->buf, k->buf + n, k->len - n);
+  k->len -= n;
+}
+
+/* Bytes up to and including the blank line after a response head; 0 at EOF or timeout. */
+static size_t kc_head(kconn *k) {
+  for (;;) {
+    const char *e = k->len ? memmem(k->buf, k->len, "\r\n\r\n", 4) : NULL;
+    if (e) return (size_t)(e - k->buf) + 4;
+    if (kc_need(k, k->len + 1)) return 0;
+  }
+}
+
+/* One response (interim 1xx ones skipped): status, head, body (chunked decoded; no body after a
+ * HEAD request). 0, or -1 at EOF or timeout. */
+static int kc_read(kconn *k, http_res *out, int head_req) {
+  memset(out, 0, sizeof *out);
+  do {
+    size_t h = kc_head(k);
+    if (!h) return -1;
+    k->buf[k->len] = '\0';
+    if (sscanf(k->buf, "HTTP/1.%*d %d", &out->status) != 1) return -1;
+    size_t hl = h - 2 < sizeof out->head - 1 ? h - 2 : sizeof out->head - 1;
+    memcpy(out->head, k->buf, hl); /* the head keeps its last CRLF, so "\r\nName:" finds any field */
+    out->head[hl] = '\0';
+    kc_drop(k, h);
+  } while (out->status >= 100 && out->status < 200);
+  size_t n = 0, cap = 4096;
+  char *body = malloc(cap);
+  const char *cl = strcasestr(out->head, "\r\nContent-Length:");
+  if (head_req) {
+  } else if (cl) {
+    size_t want = strtoul(cl + 17, NULL, 10);
+    if (kc_need(k, want)) goto eof;
+    body = realloc(body, want + 1);
+    memcpy(body, k->buf, want);
+    n = want;
+    kc_drop(k, want);
+  } else if (strcasestr(out->head, "\r\nTransfer-Encoding: chunked\r\n")) {
+    for (;;) {
+      const char *nl;
+      while (!(nl = k->len ? memmem(k->buf, k->len, "\r\n", 2) : NULL))
+        if (kc_need(k, k->len + 1)) goto eof;
+      size_t sz = strtoul(k->buf, NULL, 16);
+      kc_drop(k, (size_t)(nl - k->buf) + 2);
+      if (kc_need(k, sz + 2)) goto eof;
+      if (n + sz + 1 > cap) body = realloc(body, cap = n + sz + 4096);
+      memcpy(body + n, k->buf, sz);
+      n += sz;
+      kc_drop(k, sz + 2);
+      if (!sz) break;
+    }
+  } else { /* delimited by the close */
+    while (kc_need(k, k->len + 1) == 0) {
+    }
+    body = realloc(body, k->len + 1);
+    memcpy(body, k->buf, k->len);
+    n = k->len;
+    k->len = 0;
+  }
+  body[n] = '\0';
+  out->body = body;
+  out->len = n;
+  return 0;
+eof:
+  free(body);
+  return -1;
+}
+
+/* 1 if the server closes the connection (EOF or reset) within ms, with no byte more. */
+static int kc_closed(kconn *k, int ms) {
+  if (k->len) return 0;
+  struct pollfd p = {k->fd, POLLIN, 0};
+  if (poll(&p, 1, ms) <= 0) return 0;
+  char c;
+  ssize_t r = read(k->fd, &c, 1);
+  return r == 0 || (r < 0 && errno == ECONNRESET);
+}
+
+/* An OpenAI-shaped JSON error with this status. */
+static void want_json_error(const http_res *r, int status) {
+  if (r->status != status) fail_msg("status %d (wanted %d): %s", r->status, status, r->body);
+  assert_non_null(strcasestr(r->head, "\r\nContent-Type: application/json"));
+  cJSON *j = cJSON_Parse(r->body);
+  if (!j) fail_msg("not JSON: %s", r->body);
+  const cJSON *e = cJSON_GetObjectItemCaseSensitive(j, "error");
+  assert_true(cJSON_IsObject(e));
+  const cJSON *m = cJSON_GetObjectItemCaseSensitive(e, "message");
+  assert_true(cJSON_IsString(m) && strlen(m->valuestring) > 5);
+  assert_true(cJSON_IsString(cJSON_GetObjectItemCaseSensitive(e, "type")));
+  assert_non_null(cJSON_GetObjectItemCaseSensitive(e, "param"));
+  assert_non_null(cJSON_GetObjectItemCaseSensitive(e, "code"));
+  printf("%d: %s\n", status, m->valuestring);
+  cJSON_Delete(j);
+}
+
+/* "POST /v1/completions" with a JSON body, on a kept-alive connection unless extra says otherwise. */
+static char *post_req(const char *body, const char *extra) {
+  size_t cap = strlen(body) + 512;
+  char *s = malloc(cap);
+  snprintf(
+      s, cap,
+      "POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
+      "%s\r\n%s",
+      strlen(body), extra ? extra : "", body);
+  return s;
+}
+
+/* A completion answer carries model k's greedy text for prompt p. */
+static void want_completion(const http_res *r, int k, int p) {
+  if (r->status != 200) fail_msg("status %d: %s", r->status, r->body);
+  cJSON *j = cJSON_Parse(r->body);
+  assert_non_null(j);
+  char w[4 * GEN];
+  want_text(k, p, w);
+  assert_string_equal(str(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text"), w);
+  cJSON_Delete(j);
+}
+
+static void send_completion(kconn *k, int m, int p, int stream, const char *extra) {
+  char *body = request_json(models[m], prompts[p], stream), *req = post_req(body, extra);
+  kc_sends(k, req);
+  free(req);
+  free(body);
+}
+
+/* The SSE deltas of a streamed answer, concatenated; [DONE] must come last. */
+static void sse_text(char *body, char *text, size_t cap) {
+  size_t tl = 0;
+  int done = 0;
+  char *save = NULL;
+  for (char *ev = strtok_r(body, "\n", &save); ev; ev = strtok_r(NULL, "\n", &save)) {
+    assert_memory_equal(ev, "data: ", 6);
+    assert_false(done);
+    if (strcmp(ev + 6, "[DONE]") == 0) {
+      done = 1;
+      continue;
+    }
+    cJSON *j = cJSON_Parse(ev + 6);
+    assert_non_null(j);
+    const char *t = str(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text");
+    assert_true(tl + strlen(t) < cap);
+    memcpy(text + tl, t, strlen(t));
+    tl += strlen(t);
+    cJSON_Delete(j);
+  }
+  text[tl] = '\0';
+  assert_true(done);
+}
+
+/* (a) One kept-alive connection through a 404, a 405 with a body, a completion, malformed JSON,
+ * another completion, a chunked body, 100-continue, the model and health routes, a stream
+ * (chunked), pipelined requests, HEAD and a close: every answer right, errors in JSON. nng's
+ * server left the 405's body unread and misparsed the next request. */
+static void test_keepalive(void **state) {
+  (void)state;
+  kconn k;
+  http_res r;
+  kc_open(&k, NULL, port);
+  kc_sends(&k, "GET /nope HTTP/1.1\r\nHost: t\r\n\r\n");
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  want_json_error(&r, 404);
+  free(r.body);
+  /* the body looks like a request: read as the next one, it would answer */
+  kc_sends(&k, "DELETE /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 32\r\n\r\n"
+               "{\"prompt\": \"GET / HTTP/1.1\\r\\n\"}");
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  want_json_error(&r, 405);
+  assert_non_null(strcasestr(r.head, "\r\nAllow: POST\r\n"));
+  free(r.body);
+  send_completion(&k, 3, 0, 0, NULL);
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  want_completion(&r, 3, 0);
+  assert_null(strcasestr(r.head, "Connection: close"));
+  free(r.body);
+  char *bad = post_req("{\"model\": \"lora1\", \"prompt\": \"Hi\"", NULL);
+  kc_sends(&k, bad);
+  free(bad);
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  want_json_error(&r, 400);
+  free(r.body);
+  send_completion(&k, 2, 2, 0, NULL);
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  want_completion(&r, 2, 2);
+  free(r.body);
+
+  /* a chunked body (with a chunk extension and a trailer) */
+  char *body = request_json(models[5], prompts[1], 0), req[1024];
+  size_t bl = strlen(body), h = bl / 3;
+  int n = snprintf(req, sizeof req,
+                   "POST /v1/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   "%zx;ext=1\r\n%.*s\r\n%zx\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n",
+                   h, (int)h, body, bl - h, body + h);
+  kc_send(&k, req, (size_t)n);
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  want_completion(&r, 5, 1);
+  free(r.body);
+  /* Expect: 100-continue: the body is sent once the server asks for it */
+  n = snprintf(
+      req, sizeof req,
+      "POST /v1/completions HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: %zu\r\n\r\n", bl);
+  kc_send(&k, req, (size_t)n);
+  size_t hl = kc_head(&k);
+  assert_true(hl > 0);
+  assert_memory_equal(k.buf, "HTTP/1.1 100 ", 13);
+  kc_drop(&k, hl);
+  kc_send(&k, body, bl);
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  want_completion(&r, 5, 1);
+  free(r.body);
+  free(body);
+
+  /* the other routes */
+  kc_sends(&k, "GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  assert_int_equal(r.status, 200);
+  assert_string_equal(r.body, "{\"status\":\"ok\"}");
+  free(r.body);
+  kc_sends(&k, "GET /v1/models/lora2 HTTP/1.1\r\nHost: t\r\n\r\n");
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  assert_int_equal(r.status, 200);
+  cJSON *j = cJSON_Parse(r.body);
+  assert_string_equal(str(j, "id"), "lora2");
+  assert_string_equal(str(j, "object"), "model");
+  assert_string_equal(str(j, "parent"), "tiny-base");
+  cJSON_Delete(j);
+  free(r.body);
+  kc_sends(&k, "GET /v1/models/tiny%2Dbase HTTP/1.1\r\nHost: t\r\n\r\n"); /* percent-decoded */
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  assert_int_equal(r.status, 200);
+  j = cJSON_Parse(r.body);
+  assert_string_equal(str(j, "id"), "tiny-base");
+  assert_true(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(j, "parent")));
+  cJSON_Delete(j);
+  free(r.body);
+  kc_sends(&k, "GET /v1/models/nope HTTP/1.1\r\nHost: t\r\n\r\n");
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  want_json_error(&r, 404);
+  assert_non_null(strstr(r.body, "\"model_not_found\""));
+  free(r.body);
+
+  /* a stream on a kept-alive connection is chunked, and the connection goes on after it */
+  send_completion(&k, 1, 0, 1, NULL);
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  assert_int_equal(r.status, 200);
+  assert_non_null(strcasestr(r.head, "\r\nContent-Type: text/event-stream"));
+  assert_non_null(strcasestr(r.head, "\r\nTransfer-Encoding: chunked"));
+  char text[4096], w[4 * GEN];
+  sse_text(r.body, text, sizeof text);
+  want_text(1, 0, w);
+  assert_string_equal(text, w);
+  free(r.body);
+  /* pipelined: two requests in one write, two answers in order */
+  kc_sends(&k, "GET /health HTTP/1.1\r\nHost: t\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n");
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  assert_string_equal(r.body, "{\"status\":\"ok\"}");
+  free(r.body);
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  assert_non_null(strstr(r.body, "\"object\":\"list\""));
+  free(r.body);
+  /* HEAD: the answer has no body, and the connection stays in step */
+  kc_sends(&k, "HEAD /health HTTP/1.1\r\nHost: t\r\n\r\n");
+  assert_int_equal(kc_read(&k, &r, 1), 0);
+  assert_int_equal(r.status, 405);
+  assert_non_null(strcasestr(r.head, "\r\nAllow: GET\r\n"));
+  free(r.body);
+  kc_sends(&k, "GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  assert_int_equal(r.status, 200);
+  assert_non_null(strcasestr(r.head, "\r\nConnection: close"));
+  free(r.body);
+  assert_true(kc_closed(&k, 3000));
+  kc_close(&k);
+}
+
+/* Requests the server refuses: JSON errors, and the connection closed where the rest of the
+ * request cannot be told from the next one. */
+static void test_http_errors(void **state) {
+  (void)state;
+  static const struct {
+    const char *req;
+    int status, closes;
+  } cases[] = {
+      {"GET /health HTTP/1.0\r\n\r\n", 200, 1},
+      {"GARBAGE\r\n\r\n", 400, 1},
+      {"GET health HTTP/1.1\r\nHost: t\r\n\r\n", 400, 1},
+      {"GET /health HTTP/2.0\r\nHost: t\r\n\r\n", 505, 1},
+      {"GET /health HTTP/1.1\r\nHost: t\r\n folded\r\n\r\n", 400, 1},
+      {"GET /health HTTP/1.1\r\nBad Name: 1\r\n\r\n", 400, 1},
+      {"POST /v1/completions HTTP/1.1\r\nContent-Length: 5000\r\n\r\n", 413, 1}, /* body never read */
+      {"POST /v1/completions HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400, 1},
+      {"POST /v1/completions HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400, 1},
+      {"POST /v1/completions HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400, 1},
+      {"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501, 1},
+      {"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, 1},
+      {"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2000\r\n", 413, 1},
+      {"POST /v1/completions HTTP/1.1\r\nExpect: magic\r\nContent-Length: 2\r\n\r\n{}", 417, 1},
+      {"PUT /health HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 405, 0},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    kconn k;
+    http_res r;
+    kc_open(&k, NULL, port);
+    kc_sends(&k, cases[i].req);
+    if (kc_read(&k, &r, 0)) fail_msg("no answer to %.40s", cases[i].req);
+    if (cases[i].status == 200)
+      assert_int_equal(r.status, 200);
+    else
+      want_json_error(&r, cases[i].status);
+    free(r.body);
+    if (cases[i].closes && !kc_closed(&k, 3000)) fail_msg("still open after %.40s", cases[i].req);
+    if (!cases[i].closes) { /* and the connection goes on */
+      kc_sends(&k, "GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+      assert_int_equal(kc_read(&k, &r, 0), 0);
+      assert_int_equal(r.status, 200);
+      free(r.body);
+    }
+    kc_close(&k);
+  }
+  /* request line and headers over 16 KiB: 431 */
+  kconn k;
+  http_res r;
+  kc_open(&k, NULL, port);
+  char *big = malloc(20000);
+  int n = snprintf(big, 20000, "GET /health HTTP/1.1\r\nX-Big: ");
+  memset(big + n, 'a', 20000 - (size_t)n);
+  kc_send(&k, big, 20000);
+  free(big);
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  want_json_error(&r, 431);
+  free(r.body);
+  assert_true(kc_closed(&k, 3000));
+  kc_close(&k);
+}
+
+static ot_serve_http *start_api(ot_serve_engine *e, const ot_serve_http_config *limits) {
+  ot_serve_http_config c = *limits;
+  c.url = "http://127.0.0.1:0";
+  c.engine = e;
+  c.tok = tok;
+  c.base_name = "tiny-base";
+  c.list = list;
+  c.eos_id = -1;
+  c.max_body = 4096;
+  c.max_prompts = 8;
+  c.log = on_log;
+  ot_serve_http *h = NULL;
+  if (ot_serve_http_start(&c, &h)) fail_msg("http: %s", ot_error_detail());
+  return h;
+}
+
+/* (b) Requests that never finish are answered 408 (or closed when nothing came) after the
+ * timeout, instead of holding their connection forever as nng's server did. */
+static void test_slow_requests(void **state) {
+  (void)state;
+  ot_serve_http_config lim = {.header_timeout_ms = 400, .body_timeout_ms = 400, .idle_timeout_ms = 400};
+  ot_serve_http *h = start_api(eng, &lim);
+  int pt = ot_serve_http_port(h);
+  ot_http_stats s0, s1;
+  ot_serve_http_stats(h, &s0);
+  static const char *partial[] = {
+      "POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Le", /* head never ends */
+      "POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"prompt\"", /* body short */
+      "POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc",       /* chunk short */
+  };
+  for (int i = 0; i < 3; i++) {
+    kconn k;
+    http_res r;
+    kc_open(&k, NULL, pt);
+    double t0 = mono_ms();
+    kc_sends(&k, partial[i]);
+    assert_int_equal(kc_read(&k, &r, 0), 0);
+    double ms = mono_ms() - t0;
+    want_json_error(&r, 408);
+    free(r.body);
+    assert_true(kc_closed(&k, 3000));
+    printf("half-sent request %d: 408 after %.0f ms\n", i, ms);
+    assert_true(ms >= 350 && ms < 3000);
+    kc_close(&k);
+  }
+  /* nothing sent: closed without a word */
+  kconn k;
+  http_res r;
+  kc_open(&k, NULL, pt);
+  double t0 = mono_ms();
+  assert_true(kc_closed(&k, 3000));
+  assert_true(mono_ms() - t0 >= 350);
+  kc_close(&k);
+  /* a byte every 50 ms does not stretch the header timeout */
+  kc_open(&k, NULL, pt);
+  t0 = mono_ms();
+  const char *slow =
+      "GET /health HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+  for (size_t i = 0; slow[i] && mono_ms() - t0 < 3000; i++) {
+    struct pollfd p = {k.fd, POLLIN, 0};
+    if (poll(&p, 1, 50) > 0) break;
+    if (write(k.fd, slow + i, 1) != 1) break;
+  }
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  want_json_error(&r, 408);
+  free(r.body);
+  assert_true(mono_ms() - t0 < 1500);
+  kc_close(&k);
+  /* an idle kept-alive connection closes after the idle timeout */
+  kc_open(&k, NULL, pt);
+  kc_sends(&k, "GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  assert_int_equal(r.status, 200);
+  free(r.body);
+  t0 = mono_ms();
+  assert_true(kc_closed(&k, 3000));
+  assert_true(mono_ms() - t0 >= 350);
+  kc_close(&k);
+  /* and complete requests are served */
+  kc_open(&k, NULL, pt);
+  send_completion(&k, 4, 1, 0, NULL);
+  assert_int_equal(kc_read(&k, &r, 0), 0);
+  want_completion(&r, 4, 1);
+  free(r.body);
+  kc_close(&k);
+  ot_serve_http_stats(h, &s1);
+  assert_true(s1.timeouts - s0.timeouts >= 6);
+  ot_serve_http_stop(h);
+}
+
+/* A client that stops reading its stream is dropped: after write_timeout_ms without progress,
+ * or once max_pending_out bytes wait; the handler hears that the client is gone. */
+typedef struct {
+  pthread_mutex_t mu;
+  ot_http_req *req;
+  int gone;
+} flood;
+
+static void flood_gone(void *arg) {
+  flood *f = arg;
+  pthread_mutex_lock(&f->mu);
+  f->gone = 1;
+  pthread_mutex_unlock(&f->mu);
+}
+
+static void flood_handler(void *user, ot_http_req *req) {
+  flood *f = user;
+  assert_int_equal(ot_http_on_gone(req, flood_gone, f), 0);
+  assert_int_equal(ot_http_stream_begin(req, 200, "text/plain", NULL), 0);
+  pthread_mutex_lock(&f->mu);
+  f->req = req;
+  pthread_mutex_unlock(&f->mu);
+}
+
+static void test_write_timeout(void **state) {
+  (void)state;
+  for (int mode = 0; mode < 2; mode++) {
+    flood f = {PTHREAD_MUTEX_INITIALIZER, NULL, 0};
+    ot_http_route rt = {"GET", "/flood", 0, flood_handler, &f};
+    ot_http_config hc = {.url = "http://127.0.0.1:0",
+                         .routes = &rt,
+                         .n_routes = 1,
+                         .write_timeout_ms = mode ? 60000 : 300,
+                         .max_pending_out = mode ? (1u << 20) : (256u << 20)};
+    ot_http_server *srv = NULL;
+    assert_int_equal(ot_http_start(&hc, &srv), 0);
+    int fd = dial(NULL, ot_http_port(srv), 5000);
+    assert_true(fd >= 0);
+    const char *req = "GET /flood HTTP/1.1\r\nHost: t\r\n\r\n";
+    assert_int_equal(write(fd, req, strlen(req)), (ssize_t)strlen(req));
+    ot_http_req *r = NULL;
+    for (int i = 0; i < 500 && !r; i++) {
+      pthread_mutex_lock(&f.mu);
+      r = f.req;
+      pthread_mutex_unlock(&f.mu);
+      if (!r) usleep(10000);
+    }
+    assert_non_null(r);
+    static char chunk[16384];
+    memset(chunk, 'x', sizeof chunk);
+    double t0 = mono_ms();
+    size_t sent = 0;
+    int rc;
+    while ((rc = ot_http_stream_write(r, chunk, sizeof chunk)) == OT_OK && mono_ms() - t0 < 10000) {
+      sent += sizeof chunk;
+      usleep(500);
+    }
+    double ms = mono_ms() - t0;
+    assert_int_equal(rc, OT_ERR_IO);
+    int gone = 0;
+    for (int i = 0; i < 200 && !gone; i++) { /* the I/O thread closes the dropped connection */
+      pthread_mutex_lock(&f.mu);
+      gone = f.gone;
+      pthread_mutex_unlock(&f.mu);
+      if (!gone) usleep(10000);
+    }
+    assert_true(gone);
+    ot_http_stream_end(r);
+    printf("%s: dropped after %.0f ms, %zu bytes accepted\n",
+           mode ? "max_pending_out 1 MiB" : "write timeout 300 ms", ms, sent);
+    assert_true(mode ? ms < 5000 : ms >= 250 && ms < 5000);
+    close(fd);
+    ot_http_stop(srv);
+  }
+}
+
+static int count_fds(void) {
+  int n = 0;
+  for (int fd = 0; fd < 65536; fd++)
+    if (fcntl(fd, F_GETFD) >= 0) n++;
+  return n;
+}
+
+static void wait_open(ot_serve_http *h, int n) {
+  ot_http_stats s;
+  for (int i = 0; i < 300; i++) {
+    ot_serve_http_stats(h, &s);
+    if (s.open == n) return;
+    usleep(10000);
+  }
+  fail_msg("%d connections open, wanted %d", s.open, n);
+}
+
+static void wait_accepted(ot_serve_http *h, const ot_http_stats *s0, uint64_t n) {
+  ot_http_stats s;
+  for (int i = 0; i < 300; i++) {
+    ot_serve_http_stats(h, &s);
+    if (s.accepted - s0->accepted >= n) return;
+    usleep(10000);
+  }
+  fail_msg("the server took %llu of %llu connections", (unsigned long long)(s.accepted - s0->accepted),
+           (unsigned long long)n);
+}
+
+/* Refused at once: "503" then the close (or a reset). */
+static int refused(int fd) {
+  struct pollfd p = {fd, POLLIN, 0};
+  if (poll(&p, 1, 0) <= 0) return 0;
+  char b[64] = "";
+  ssize_t r = read(fd, b, sizeof b - 1);
+  return r == 0 || (r < 0 && errno == ECONNRESET) || (r > 0 && strncmp(b, "HTTP/1.1 503 ", 13) == 0);
+}
+
+static double timed_completion(int pt, const char *src, int k, int p) {
+  kconn c;
+  http_res r;
+  kc_open(&c, src, pt);
+  double t0 = mono_ms();
+  send_completion(&c, k, p, 0, NULL);
+  assert_int_equal(kc_read(&c, &r, 0), 0);
+  double ms = mono_ms() - t0;
+  want_completion(&r, k, p);
+  free(r.body);
+  kc_close(&c);
+  return ms;
+}
+
+/* CPU the whole process burns in 500 ms of waiting: a loop spinning on a failing accept shows. */
+static double idle_cpu_ms(void) {
+  double c0 = cpu_ms();
+  usleep(500000);
+  return cpu_ms() - c0;
+}
+
+/* (c) Connection caps under a low descriptor limit: idle connections from one address stop at
+ * the per-address cap while another client is served; idle ones at the total cap make room
+ * for new clients; when every connection has a request in the works a new one gets a 503; when
+ * descriptors run out, connections are shed without the accept loop spinning; and the server
+ * serves again once the flood is gone. nng's server had no caps: idle connections took every
+ * descriptor until they closed. */
+static void test_conn_caps(void **state) {
+  (void)state;
+  struct rlimit old, lim;
+  assert_int_equal(getrlimit(RLIMIT_NOFILE, &old), 0);
+  lim = old;
+  int base_fds = count_fds();
+  lim.rlim_cur = base_fds + 96 > 128 ? (rlim_t)base_fds + 96 : 128;
+  if (lim.rlim_cur > old.rlim_max) lim.rlim_cur = old.rlim_max;
+  assert_int_equal(setrlimit(RLIMIT_NOFILE, &lim), 0);
+  printf("descriptors: %d open, limit lowered to %llu\n", base_fds, (unsigned long long)lim.rlim_cur);
+  ot_serve_http_config caps = {.max_conns = 24, .max_conns_per_peer = 8, .header_timeout_ms = 20000};
+  ot_serve_http *h = start_api(eng, &caps);
+  int pt = ot_serve_http_port(h);
+  ot_http_stats s0, s;
+  ot_serve_http_stats(h, &s0);
+  enum { N = 64 };
+  int att[N], na = 0;
+  /* per address: 20 idle connections from 127.0.0.2, 8 kept */
+  for (int i = 0; i < 20; i++) {
+    att[na] = dial("127.0.0.2", pt, 5000);
+    if (att[na] < 0) fail_msg("attacker connect: %s", strerror(errno));
+    na++;
+  }
+  wait_accepted(h, &s0, 20);
+  usleep(50000);
+  ot_serve_http_stats(h, &s);
+  assert_int_equal(s.refused_cap - s0.refused_cap, 12);
+  assert_int_equal(s.open, 8);
+  int nref = 0;
+  for (int i = 0; i < na; i++)
+    if (refused(att[i])) {
+      close(att[i]);
+      att[i] = -1;
+      nref++;
+    }
+  assert_int_equal(nref, 12);
+  double ms = timed_completion(pt, "127.0.0.1", 3, 2);
+  printf("per-address cap: 8 of 20 idle connections from 127.0.0.2 kept; a completion from 127.0.0.1 in %.1f "
+         "ms\n",
+         ms);
+  /* total: 16 more idle ones from .3 and .4 fill the 24; a new client makes room */
+  wait_open(h, 8);
+  ot_serve_http_stats(h, &s0);
+  for (int a = 3; a <= 4; a++)
+    for (int i = 0; i < 8; i++) {
+      char src[32];
+      snprintf(src, sizeof src, "127.0.0.%d", a);
+      att[na] = dial(src, pt, 5000);
+      assert_true(att[na] >= 0);
+      na++;
+    }
+  wait_accepted(h, &s0, 16);
+  wait_open(h, 24);
+  ms = timed_completion(pt, "127.0.0.1", 6, 0);
+  ot_serve_http_stats(h, &s);
+  assert_int_equal(s.evicted - s0.evicted, 1);
+  assert_true(s.open <= 24);
+  printf(
+      "total cap: 24 idle connections held; a completion from 127.0.0.1 in %.1f ms (the oldest idle one made "
+      "room)\n",
+      ms);
+  double cpu = idle_cpu_ms();
+  printf("CPU while holding them: %.1f ms in 500 ms\n", cpu);
+  assert_true(cpu < 150);
+  for (int i = 0; i < na; i++)
+    if (att[i] >= 0) close(att[i]);
+  na = 0;
+  wait_open(h, 0);
+  ot_serve_http_stop(h);
+
+  /* every connection busy (an engine nobody steps): the next one is refused, then served later */
+  ot_serve_engine *e2 = engine(4, 64, 0, -1);
+  ot_serve_http_config busy = {.max_conns = 4, .max_conns_per_peer = 2};
+  h = start_api(e2, &busy);
+  pt = ot_serve_http_port(h);
+  kconn bk[4];
+  for (int i = 0; i < 4; i++) {
+    char src[32];
+    snprintf(src, sizeof src, "127.0.0.%d", 6 + i / 2);
+    kc_open(&bk[i], src, pt);
+    send_completion(&bk[i], i, 1, 0, NULL);
+  }
+  for (int i = 0; i < 300; i++) {
+    ot_serve_http_stats(h, &s);
+    if (s.requests == 4) break;
+    usleep(10000);
+  }
+  assert_int_equal(s.requests, 4);
+  s0 = s;
+  int late = dial("127.0.0.8", pt, 5000);
+  assert_true(late >= 0);
+  struct pollfd p = {late, POLLIN, 0};
+  assert_int_equal(poll(&p, 1, 3000), 1);
+  assert_true(refused(late));
+  close(late);
+  ot_serve_http_stats(h, &s);
+  assert_int_equal(s.refused_cap - s0.refused_cap, 1);
+  assert_int_equal(s.evicted - s0.evicted, 0);
+  cpu = idle_cpu_ms();
+  printf("all 4 connections busy: a 5th refused with 503; CPU %.1f ms in 500 ms\n", cpu);
+  assert_true(cpu < 150);
+  int pending = 1;
+  for (int i = 0; i < 1000 && pending; i++) assert_int_equal(ot_serve_step(e2, &pending), 0);
+  for (int i = 0; i < 4; i++) {
+    http_res r;
+    assert_int_equal(kc_read(&bk[i], &r, 0), 0);
+    want_completion(&r, i, 1);
+    free(r.body);
+    kc_close(&bk[i]);
+  }
+  ot_serve_http_stop(h);
+  ot_serve_engine_free(e2);
+
+  /* descriptors run out: the reserve descriptor sheds each connection, no spinning */
+  ot_serve_http_config many = {.max_conns = 1000, .max_conns_per_peer = 1000};
+  h = start_api(eng, &many);
+  pt = ot_serve_http_port(h);
+  ot_serve_http_stats(h, &s0);
+  int dummy[4096], nd = 0;
+  while (nd < 4096 && (dummy[nd] = open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0) nd++;
+  assert_true(nd > 3 && nd < 4096);
+  for (int i = 0; i < 3; i++) {
+    close(dummy[--nd]); /* room for exactly the client's socket */
+    int fd = dial("127.0.0.9", pt, 5000);
+    assert_true(fd >= 0);
+    struct pollfd q = {fd, POLLIN, 0};
+    assert_int_equal(poll(&q, 1, 3000), 1);
+    char c;
+    ssize_t rr = read(fd, &c, 1);
+    assert_true(rr == 0 || (rr < 0 && errno == ECONNRESET));
+    close(fd);
+    dummy[nd++] = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    assert_true(dummy[nd - 1] >= 0);
+  }
+  ot_serve_http_stats(h, &s);
+  assert_int_equal(s.refused_fd - s0.refused_fd, 3);
+  cpu = idle_cpu_ms();
+  printf("out of descriptors: 3 connections shed; CPU %.1f ms in 500 ms\n", cpu);
+  assert_true(cpu < 150);
+  while (nd) close(dummy[--nd]);
+  assert_int_equal(setrlimit(RLIMIT_NOFILE, &old), 0);
+  ms = timed_completion(pt, "127.0.0.9", 1, 1);
+  printf("descriptors back: a completion in %.1f ms\n", ms);
+  ot_serve_http_stop(h);
+}
+
+/* (d) A client that leaves before its answer cancels its generation, streamed or not (nng's
+ * server noticed only a failed stream write, and a non-streamed request ran to its end). An
+ * engine driven by hand shows exactly when. */
+static void test_disconnect_cancels(void **state) {
+  (void)state;
+  ot_serve_engine *e2 = engine(4, 64, 0, -1);
+  ot_serve_http_config lim = {0};
+  ot_serve_http *h = start_api(e2, &lim);
+  int pt = ot_serve_http_port(h);
+  for (int streamed = 0; streamed < 2; streamed++) {
+    kconn k;
+    kc_open(&k, NULL, pt);
+    char body[256];
+    snprintf(
+        body, sizeof body,
+        "{\"model\": \"lora1\", \"prompt\": \"Hi\", \"max_tokens\": 40, \"temperature\": 0, \"stream\": %s}",
+        streamed ? "true" : "false");
+    char *req = post_req(body, NULL);
+    kc_sends(&k, req);
+    free(req);
+    int busy = 0, steps = 0;
+    for (int i = 0; i < 400 && !busy; i++) {
+      assert_int_equal(ot_serve_step(e2, &busy), 0);
+      if (!busy) usleep(5000);
+    }
+    assert_true(busy);
+    for (; steps < 3; steps++) assert_int_equal(ot_serve_step(e2, &busy), 0);
+    if (streamed) { /* the stream is under way */
+      assert_true(kc_head(&k) > 0);
+      assert_memory_equal(k.buf, "HTTP/1.1 200 ", 13);
+    }
+    kc_close(&k);
+    wait_open(h, 0); /* the server saw the close; its gone call cancels right after */
+    usleep(50000);
+    int more = 0;
+    while (busy && more < 100) {
+      assert_int_equal(ot_serve_step(e2, &busy), 0);
+      more++;
+    }
+    assert_false(busy);
+    pthread_mutex_lock(&log_mu);
+    printf("%s: client gone after %d steps, generation over %d steps later: %s\n",
+           streamed ? "streamed" : "non-streamed", steps + 1, more, last_log);
+    assert_non_null(strstr(last_log, "finish=cancelled"));
+    assert_true(!streamed || strstr(last_log, " stream "));
+    pthread_mutex_unlock(&log_mu);
+    assert_true(more <= 2);
+  }
+  ot_serve_http_stop(h);
+  ot_serve_engine_free(e2);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_utf8),           cmocka_unit_test(test_completions),
@@ -765,6 +1618,9 @@ int main(void) {
       cmocka_unit_test(test_errors),         cmocka_unit_test(test_stop),
       cmocka_unit_test(test_concurrent),     cmocka_unit_test(test_rpc),
       cmocka_unit_test(test_command),        cmocka_unit_test(test_hostile_stop),
+      cmocka_unit_test(test_keepalive),      cmocka_unit_test(test_http_errors),
+      cmocka_unit_test(test_slow_requests),  cmocka_unit_test(test_write_timeout),
+      cmocka_unit_test(test_conn_caps),      cmocka_unit_test(test_disconnect_cancels),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
