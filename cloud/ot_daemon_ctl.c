@@ -153,6 +153,27 @@ static int handle(ot_daemon *d, const cJSON *req, cJSON *reply) {
   return ot_error(OT_ERR_INVALID, "unknown command '%s'", cmd);
 }
 
+char *ot_daemon_ctl_request(ot_daemon *d, const char *body, size_t len, int peer_ok) {
+  cJSON *req = cJSON_ParseWithLength(body, len);
+  cJSON *reply = ok_reply();
+  int rc = !peer_ok ? ot_error(OT_ERR_INVALID, "operator commands are for the daemon's own user")
+           : req    ? handle(d, req, reply)
+                    : ot_error(OT_ERR_FORMAT, "request is not JSON");
+  if (rc) {
+    cJSON_Delete(reply);
+    reply = cJSON_CreateObject();
+    cJSON_AddBoolToObject(reply, "ok", 0);
+    cJSON_AddStringToObject(reply, "error", ot_error_detail());
+  }
+  const char *cmd = req ? str_arg(req, "cmd") : NULL;
+  if (cmd && strcmp(cmd, "session.list") != 0 && strstr(cmd, ".list") == NULL && strcmp(cmd, "session.show"))
+    ot_daemon_log(d, "operator: %s: %s", cmd, rc ? ot_error_detail() : "ok");
+  cJSON_Delete(req);
+  char *text = cJSON_PrintUnformatted(reply);
+  cJSON_Delete(reply);
+  return text;
+}
+
 void *ot_daemon_ctl_main(void *arg) {
   ot_daemon *d = arg;
   char url[2700], path[2600];
@@ -187,25 +208,8 @@ void *ot_daemon_ctl_main(void *arg) {
     uint64_t uid = UINT64_MAX;
     int peer_ok = nng_pipe_get_uint64(nng_msg_get_pipe(msg), NNG_OPT_IPC_PEER_UID, &uid) == 0 &&
                   (uid == (uint64_t)getuid() || uid == 0);
-    cJSON *req = cJSON_ParseWithLength(nng_msg_body(msg), nng_msg_len(msg));
+    char *text = ot_daemon_ctl_request(d, nng_msg_body(msg), nng_msg_len(msg), peer_ok);
     nng_msg_free(msg);
-    cJSON *reply = ok_reply();
-    int rc = !peer_ok ? ot_error(OT_ERR_INVALID, "operator commands are for the daemon's own user")
-             : req    ? handle(d, req, reply)
-                      : ot_error(OT_ERR_FORMAT, "request is not JSON");
-    if (rc) {
-      cJSON_Delete(reply);
-      reply = cJSON_CreateObject();
-      cJSON_AddBoolToObject(reply, "ok", 0);
-      cJSON_AddStringToObject(reply, "error", ot_error_detail());
-    }
-    const char *cmd = req ? str_arg(req, "cmd") : NULL;
-    if (cmd && strcmp(cmd, "session.list") != 0 && strstr(cmd, ".list") == NULL &&
-        strcmp(cmd, "session.show"))
-      ot_daemon_log(d, "operator: %s: %s", cmd, rc ? ot_error_detail() : "ok");
-    cJSON_Delete(req);
-    char *text = cJSON_PrintUnformatted(reply);
-    cJSON_Delete(reply);
     if (text) {
       rv = nng_send(s, text, strlen(text), 0);
       if (rv) ot_daemon_log(d, "operator socket: reply not sent: %s", nng_strerror(rv));

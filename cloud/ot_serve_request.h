@@ -50,6 +50,15 @@ int ot_serve_parse_completion(const char *body, size_t len, const ot_serve_parse
                               ot_serve_completion *out, ot_serve_req_error *err);
 void ot_serve_completion_free(ot_serve_completion *c);
 
+/* A tenant's GenerateRequest (protocol/serve.proto, at most 1 MiB) decoded and checked into an
+ * engine request, as ot_serve_handle_request does before generating (cfg's max_prompts and seed
+ * are not used). *q is the decoded message (NULL when body is not a GenerateRequest: nothing to
+ * answer); sr->adapter and sr->stop point into it, sr->prompt is *ids. Free *ids with free() and
+ * *q with offtune__generate_request__free_unpacked(*q, NULL), whatever the result. */
+struct Offtune__GenerateRequest;
+int ot_serve_generate_decode(const uint8_t *body, size_t len, const ot_serve_parse_cfg *cfg,
+                             struct Offtune__GenerateRequest **q, ot_serve_request *sr, int32_t **ids);
+
 /* 1 if the JSON text holds the escape \u0000 in a string: cJSON would cut that string at the
  * NUL, so a name or prompt would silently mean something else. */
 int ot_json_has_nul_escape(const char *text, size_t len);

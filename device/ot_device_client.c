@@ -22,6 +22,7 @@
 #include <cjson/cJSON.h>
 
 #include "ot_cli.h"
+#include "ot_device_client.h"
 #include "ot_device_cmd.h"
 #include "ot_device_secagg.h"
 #include "ot_device_train.h"
@@ -187,10 +188,16 @@ static void xfer_progress(void *arg, uint64_t done, uint64_t total) {
   ot_progress_update(arg, (int64_t)done, NULL);
 }
 
-/* A file of the round: fetched unless already there with the right digest. */
-static int fetch_verified(runner *r, const Offtune__Session__FileRef *f, const char *dir) {
+int ot_dev_file_ref_check(const Offtune__Session__FileRef *f) {
   if (!f->file || !*f->file || strchr(f->file, '/') || f->file[0] == '.')
     return ot_error(OT_ERR_FORMAT, "the cloud named a file '%s'", f->file ? f->file : "");
+  return OT_OK;
+}
+
+/* A file of the round: fetched unless already there with the right digest. */
+static int fetch_verified(runner *r, const Offtune__Session__FileRef *f, const char *dir) {
+  int rc = ot_dev_file_ref_check(f);
+  if (rc) return rc;
   char path[4096], h[OT_DIGEST_HEX];
   if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, f->file) >= sizeof path)
     return ot_error(OT_ERR_RANGE, "path too long");
@@ -202,7 +209,7 @@ static int fetch_verified(runner *r, const Offtune__Session__FileRef *f, const c
     o.progress = xfer_progress;
     o.progress_arg = &bar;
   }
-  int rc = ot_client_fetch_file(r->c, f->name, path, &o);
+  rc = ot_client_fetch_file(r->c, f->name, path, &o);
   if (o.progress) ot_progress_finish(&bar, rc == OT_OK ? "done" : "interrupted");
   if (rc == OT_OK) rc = ot_file_digest(path, h);
   if (rc == OT_OK && strcmp(h, f->digest) != 0) {
@@ -227,7 +234,7 @@ static int fetch_all(runner *r, Offtune__Session__FileRef **files, size_t n, con
   return rc;
 }
 
-static int adapter_settings(const Offtune__Session__AdapterSettings *a, ot_adapter_config *c) {
+int ot_dev_adapter_settings(const Offtune__Session__AdapterSettings *a, ot_adapter_config *c) {
   ot_adapter_config_default(c);
   if (!a) return ot_error(OT_ERR_FORMAT, "RoundInfo without adapter settings");
   int rc = ot_adapter_parse_kind(a->kind, &c->kind);
@@ -240,15 +247,24 @@ static int adapter_settings(const Offtune__Session__AdapterSettings *a, ot_adapt
   return rc;
 }
 
-/* Trains round ri (unless trained.json says it is done), then uploads and submits. */
-static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accepted) {
-  char emu_dir[4096], work[4096], global[4200], local[4200], done[4200], marker[4200];
-  int rc = OT_OK;
+int ot_dev_round_info_check(const Offtune__Session__RoundInfo *ri) {
   if (!ri->session || !ri->emulator_digest || strlen(ri->emulator_digest) != 64 || !ri->train ||
       ri->train->steps < 1 || ri->train->batch < 1)
     return ot_error(OT_ERR_FORMAT, "incomplete RoundInfo");
   for (const char *p = ri->session; *p; p++)
     if (*p == '/' || *p == '.') return ot_error(OT_ERR_FORMAT, "bad session name");
+  /* it names the cache directory: "../" in it would write the cloud's files anywhere */
+  for (const char *p = ri->emulator_digest; *p; p++)
+    if (!((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f')))
+      return ot_error(OT_ERR_FORMAT, "bad emulator digest");
+  return OT_OK;
+}
+
+/* Trains round ri (unless trained.json says it is done), then uploads and submits. */
+static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accepted) {
+  char emu_dir[4096], work[4096], global[4200], local[4200], done[4200], marker[4200];
+  int rc = ot_dev_round_info_check(ri);
+  if (rc) return rc;
   snprintf(emu_dir, sizeof emu_dir, "%s/cache/emulators/%s", r->state, ri->emulator_digest);
   snprintf(work, sizeof work, "%s/work/%s/r%u", r->state, ri->session, ri->round);
   snprintf(global, sizeof global, "%s/global", work);
@@ -261,7 +277,7 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
     if (rc == OT_OK) rc = ot_file_write_atomic(marker, "ok\n", 3);
   }
   ot_adapter_config acfg;
-  if (rc == OT_OK) rc = adapter_settings(ri->adapter, &acfg);
+  if (rc == OT_OK) rc = ot_dev_adapter_settings(ri->adapter, &acfg);
   uint64_t tokens = 0;
   float loss = 0;
   int trained_before = rc == OT_OK && ot_file_exists(done);

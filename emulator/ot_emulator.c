@@ -1,6 +1,7 @@
 #include "ot_emulator.h"
 
 #include <cjson/cJSON.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -144,9 +145,16 @@ int ot_emu_save(const ot_gpt2 *emu, const ot_emu_plan *p, const ot_tokenizer *to
   return rc;
 }
 
+/* A JSON number that is an int. The range comes first: converting 1e10 to int is undefined
+ * (fuzz_adapter_config found it with "format_version": -2.1e10). */
+static int json_is_int(const cJSON *v) {
+  return cJSON_IsNumber(v) && v->valuedouble >= INT_MIN && v->valuedouble <= INT_MAX &&
+         v->valuedouble == (double)(int)v->valuedouble;
+}
+
 int ot_emu_json_int(const cJSON *j, const char *key, int *out) {
   const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
-  if (!cJSON_IsNumber(v) || v->valuedouble != (double)(int)v->valuedouble)
+  if (!json_is_int(v))
     return ot_error(OT_ERR_FORMAT, "'%s' must be an integer", key);
   *out = (int)v->valuedouble;
   return OT_OK;
@@ -161,7 +169,7 @@ int ot_emu_json_int_array(const cJSON *j, const char *key, int *v, int n, int ca
   int i = 0;
   const cJSON *e;
   cJSON_ArrayForEach(e, a) {
-    if (!cJSON_IsNumber(e) || e->valuedouble != (double)(int)e->valuedouble)
+    if (!json_is_int(e))
       return ot_error(OT_ERR_FORMAT, "'%s' must hold integers", key);
     v[i++] = (int)e->valuedouble;
   }

@@ -16,6 +16,7 @@
 #include "ot_data.h"
 #include "ot_adapter.h"
 #include "ot_error.h"
+#include "ot_fileio.h"
 #include "ot_optim.h"
 #include "ot_safetensors.h"
 #include "ot_test_util.h"
@@ -428,12 +429,38 @@ static void test_int8_package(void **state) {
   distill_close(&f);
 }
 
+/* emulator.json numbers that no int holds are refused, never converted: converting -2.1e10 or
+ * 1e300 to int is undefined behaviour (found by fuzz_adapter_config; clang's UBSan reports it). */
+static void test_hostile_numbers(void **state) {
+  (void)state;
+  static const char *tail = "\"bottom\": 1, \"top\": 1, \"block_source\": [0, 1, 3], \"base_model_digest\": "
+                            "\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"}";
+  static const char *heads[] = {
+      "{\"format_version\": -2.1e10, \"full_n_layer\": 4, \"kept_middle\": [1], ",
+      "{\"format_version\": 1, \"full_n_layer\": 1e300, \"kept_middle\": [1], ",
+      "{\"format_version\": 1, \"full_n_layer\": 4, \"kept_middle\": [4294967297], ",
+      "{\"format_version\": 1, \"full_n_layer\": 4, \"kept_middle\": [1], ", /* the valid one */
+  };
+  char d[700], p[800], text[1024];
+  snprintf(d, sizeof d, "%s/hostile_numbers", dir);
+  snprintf(p, sizeof p, "%s/emulator.json", d);
+  assert_int_equal(ot_mkdir_p(d), OT_OK);
+  for (int i = 0; i < 4; i++) {
+    int n = snprintf(text, sizeof text, "%s%s", heads[i], tail);
+    assert_int_equal(ot_file_write_atomic(p, text, (size_t)n), OT_OK);
+    ot_emu_plan plan;
+    int rc = ot_emu_plan_load(d, &plan);
+    assert_int_equal(rc, i < 3 ? OT_ERR_FORMAT : OT_OK);
+    if (i < 3) printf("hostile number: %s\n", ot_error_detail());
+  }
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_layer_drop),       cmocka_unit_test(test_kd_op),
       cmocka_unit_test(test_distill_gradient), cmocka_unit_test(test_distill_lowers_kd),
       cmocka_unit_test(test_tune_freezes),     cmocka_unit_test(test_plugin),
-      cmocka_unit_test(test_int8_package),
+      cmocka_unit_test(test_int8_package),     cmocka_unit_test(test_hostile_numbers),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -23,7 +23,9 @@
 #include "ot_gpt2.h"
 #include "ot_safetensors.h"
 #include "ot_serve_engine.h"
+#include "ot_serve_request.h"
 #include "ot_test_util.h"
+#include "serve.pb-c.h"
 #include "serve_fixture.h"
 
 #define LOGIT_TOL 1e-4 /* relative, per position */
@@ -618,14 +620,65 @@ static void test_kv_ops(void **state) {
   free(o2);
 }
 
+/* Request parsers without a server (fuzz_http_request, fuzz_messages): numbers no int holds are
+ * refused, never converted (undefined behaviour); a GenerateRequest's stop strings are bounded
+ * as over HTTP, since the engine scans each at every token for every tenant. */
+static void test_hostile_requests(void **state) {
+  (void)state;
+  ot_serve_parse_cfg pc = {.tok = NULL, .base_name = "base", .eos_id = -1, .max_prompts = 1};
+  ot_serve_completion c;
+  ot_serve_req_error e;
+  static const char *bodies[] = {"{\"prompt\":[1],\"max_tokens\":1e20}", "{\"prompt\":[1],\"top_k\":-3e9}",
+                                 "{\"prompt\":[1e20]}", "{\"prompt\":[1,2147483648]}"};
+  for (int i = 0; i < 4; i++) {
+    assert_int_equal(ot_serve_parse_completion(bodies[i], strlen(bodies[i]), &pc, &c, &e), OT_ERR_INVALID);
+    assert_int_equal(e.status, 400);
+  }
+  const char *ok = "{\"prompt\":[1,2147483647],\"max_tokens\":1000000}";
+  assert_int_equal(ot_serve_parse_completion(ok, strlen(ok), &pc, &c, &e), OT_OK);
+  assert_int_equal(c.prompts[0].ids[1], 2147483647);
+  ot_serve_completion_free(&c);
+
+  char long_stop[OT_SERVE_STOP_LEN + 1];
+  memset(long_stop, 'x', sizeof long_stop - 1);
+  long_stop[OT_SERVE_STOP_LEN] = '\0';
+  for (int n = OT_SERVE_STOP_LEN - 1; n <= OT_SERVE_STOP_LEN; n++) {
+    char *stops[2] = {"\n", long_stop + (OT_SERVE_STOP_LEN - n)};
+    int32_t ids[1] = {1};
+    Offtune__GenerateRequest g = OFFTUNE__GENERATE_REQUEST__INIT;
+    g.adapter = "base"; /* the base model's own name means the base */
+    g.n_prompt_ids = 1;
+    g.prompt_ids = ids;
+    g.n_stop = 2;
+    g.stop = stops;
+    uint8_t buf[1024];
+    size_t len = offtune__generate_request__pack(&g, buf);
+    struct Offtune__GenerateRequest *q = NULL;
+    ot_serve_request sr;
+    int32_t *out = NULL;
+    int rc = ot_serve_generate_decode(buf, len, &pc, &q, &sr, &out);
+    assert_non_null(q); /* answered either way */
+    if (n < OT_SERVE_STOP_LEN) {
+      assert_int_equal(rc, OT_OK);
+      assert_string_equal(sr.adapter, "");
+      assert_int_equal(strlen(sr.stop[1]), n);
+    } else {
+      assert_int_equal(rc, OT_ERR_INVALID);
+    }
+    free(out);
+    offtune__generate_request__free_unpacked(q, NULL);
+  }
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_kv_ops),       cmocka_unit_test(test_kv_logits),
-      cmocka_unit_test(test_greedy_alone), cmocka_unit_test(test_mixed_batch),
-      cmocka_unit_test(test_continuous),   cmocka_unit_test(test_lru),
-      cmocka_unit_test(test_sampling),     cmocka_unit_test(test_stop_eos),
-      cmocka_unit_test(test_errors),       cmocka_unit_test(test_hostile_adapter_files),
-      cmocka_unit_test(test_thread),       cmocka_unit_test(test_torch_lora),
+      cmocka_unit_test(test_kv_ops),           cmocka_unit_test(test_kv_logits),
+      cmocka_unit_test(test_greedy_alone),     cmocka_unit_test(test_mixed_batch),
+      cmocka_unit_test(test_continuous),       cmocka_unit_test(test_lru),
+      cmocka_unit_test(test_sampling),         cmocka_unit_test(test_stop_eos),
+      cmocka_unit_test(test_errors),           cmocka_unit_test(test_hostile_adapter_files),
+      cmocka_unit_test(test_thread),           cmocka_unit_test(test_torch_lora),
+      cmocka_unit_test(test_hostile_requests),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
