@@ -154,8 +154,7 @@ static int json_is_int(const cJSON *v) {
 
 int ot_emu_json_int(const cJSON *j, const char *key, int *out) {
   const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
-  if (!json_is_int(v))
-    return ot_error(OT_ERR_FORMAT, "'%s' must be an integer", key);
+  if (!json_is_int(v)) return ot_error(OT_ERR_FORMAT, "'%s' must be an integer", key);
   *out = (int)v->valuedouble;
   return OT_OK;
 }
@@ -169,8 +168,7 @@ int ot_emu_json_int_array(const cJSON *j, const char *key, int *v, int n, int ca
   int i = 0;
   const cJSON *e;
   cJSON_ArrayForEach(e, a) {
-    if (!json_is_int(e))
-      return ot_error(OT_ERR_FORMAT, "'%s' must hold integers", key);
+    if (!json_is_int(e)) return ot_error(OT_ERR_FORMAT, "'%s' must hold integers", key);
     v[i++] = (int)e->valuedouble;
   }
   if (count) *count = len;
