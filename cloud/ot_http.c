@@ -47,7 +47,7 @@ struct ot_http_req {
   int refs; /* the connection's, the handler's, a pending gone call's */
   char *head;
   const char *method, *path, *query;
-  int minor, keep_alive, is_head, expect_continue;
+  int minor, keep_alive, is_head;
   int n_hdr;
   const char *hname[MAX_HEADERS], *hval[MAX_HEADERS];
   char *body;
@@ -215,8 +215,10 @@ static size_t out_pending(const conn *c) { return c->out_len - c->out_off; }
 static void set_events(ot_http_server *s, conn *c) {
   uint32_t ev = 0;
   if (!c->dead) {
-    if (!c->eof) ev |= EPOLLRDHUP;
-    if (!c->eof && (c->st == ST_LINGER || (c->st != ST_WAIT && out_pending(c) < PAUSE_OUT))) ev |= EPOLLIN;
+    if (!c->eof && (c->st == ST_LINGER || (c->st != ST_WAIT && out_pending(c) < PAUSE_OUT)))
+      ev |= EPOLLIN | EPOLLRDHUP;
+    else if (!c->eof && c->st == ST_WAIT)
+      ev |= EPOLLRDHUP; /* the client leaving before its answer: reported, never read */
     if (out_pending(c)) ev |= EPOLLOUT;
   }
   if (ev == c->events) return;
