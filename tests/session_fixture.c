@@ -36,7 +36,18 @@ int session_fixture_setup(const char *name, const char *const *genres, int n_gen
   return 0;
 }
 
+/* Every process spawned, so that a test that fails half-way leaves no daemon or device
+ * running past the suite. */
+static pid_t spawned[1024];
+static int n_spawned;
+
 void session_fixture_teardown(void) {
+  for (int i = 0; i < n_spawned; i++)
+    if (waitpid(spawned[i], NULL, WNOHANG) == 0) { /* still our child, still running */
+      kill(spawned[i], SIGKILL);
+      waitpid(spawned[i], NULL, 0);
+    }
+  n_spawned = 0;
   free(dir);
   free(cloud);
   free(device);
@@ -66,6 +77,7 @@ pid_t spawn(const char *log, const char *fmt, ...) {
     execl("/bin/sh", "sh", "-c", full, (char *)NULL);
     _exit(127);
   }
+  if (n_spawned < (int)(sizeof spawned / sizeof spawned[0])) spawned[n_spawned++] = pid;
   free(cmd);
   free(full);
   return pid;
