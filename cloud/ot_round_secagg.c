@@ -377,16 +377,21 @@ static int finish_masking(ot_daemon *d, const ot_session_row *s, float *sum, uin
   char tmp[2600], summary[256];
   /* the cloud cannot see single updates here: the devices' clipping bounds each one, and
    * the sum of count updates within the bound is within count x the bound */
-  double norm = 0;
-  if (ot_agg_check_sum(sum, dim - 1, count, s->cfg.max_update_norm, &norm) != OT_OK) {
+  double norm = 0, W = sum[dim - 1];
+  /* each honest weight is tokens / (steps x batch x seq_len) <= 1: a larger sum means a
+   * device claimed more (the slack covers the quantisation error, < count / 2^28) */
+  int rc = W <= count * (1.0 + 1e-6) + 1e-6
+               ? ot_agg_check_sum(sum, dim - 1, count, s->cfg.max_update_norm, &norm)
+               : ot_error(OT_ERR_RANGE, "the weight sum %.6g is over %u, the most %u devices can claim", W,
+                          count, count);
+  if (rc != OT_OK) {
     char what[600];
     snprintf(what, sizeof what, "aggregate refused (%s); no aggregate", ot_error_detail());
     sodium_memzero(sum, (size_t)dim * sizeof *sum);
     ot_reg_audit(d->reg, "daemon", "secagg.refused_sum", "%s round %d: %s", s->cfg.name, s->round, what);
     return retry_round(d, s, what);
   }
-  int rc =
-      ot_daemon_path(d, tmp, sizeof tmp, "tmp/secagg-avg-%lld-%d.safetensors", (long long)s->id, s->round);
+  rc = ot_daemon_path(d, tmp, sizeof tmp, "tmp/secagg-avg-%lld-%d.safetensors", (long long)s->id, s->round);
   if (rc == OT_OK) rc = write_average(d, s, sum, dim, count, tmp, summary, sizeof summary);
   sodium_memzero(sum, (size_t)dim * sizeof *sum);
   if (rc == OT_OK) rc = ot_round_publish_avg(d, s, tmp, (int)count, summary);
