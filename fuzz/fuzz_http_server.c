@@ -11,6 +11,7 @@
 #include "ot_http.h"
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -96,6 +97,12 @@ static size_t exchange(const uint8_t *in, size_t n, char **out) {
   struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   if (fd < 0) abort();
+  /* thousands of connections a second would reuse (source port, server port) pairs still in
+   * TIME_WAIT, and such a connect fails: the source address turns over 127.0.0.1..254 */
+  static unsigned turn;
+  struct sockaddr_in src = {.sin_family = AF_INET};
+  src.sin_addr.s_addr = htonl(INADDR_LOOPBACK + turn++ % 254);
+  if (bind(fd, (struct sockaddr *)&src, sizeof src) != 0) abort();
   if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0 && errno != EINPROGRESS) abort();
   size_t cap = 1 << 16, got = 0, sent = 0;
   char *buf = malloc(cap);
@@ -139,7 +146,29 @@ static int status_line(const char *s, size_t n) {
   return s[12] == ' ';
 }
 
+static int open_fds(void) {
+  DIR *d = opendir("/proc/self/fd");
+  int n = 0;
+  if (!d) return 0;
+  while (readdir(d)) n++;
+  closedir(d);
+  return n;
+}
+
+static void report(const char *what, const char *resp, size_t n) {
+  ot_http_stats st;
+  ot_http_get_stats(srv, &st);
+  fprintf(stderr,
+          "fuzz_http_server: %s (%zu bytes: %.*s); server: %llu accepted, %llu refused at a cap, %llu for "
+          "want of "
+          "descriptors, %llu timeouts, %d open; %d descriptors in the process\n",
+          what, n, (int)(n < 200 ? n : 200), resp ? resp : "", (unsigned long long)st.accepted,
+          (unsigned long long)st.refused_cap, (unsigned long long)st.refused_fd,
+          (unsigned long long)st.timeouts, st.open, open_fds());
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  static unsigned runs;
   char *resp = NULL;
   size_t n = exchange(data, size, &resp);
   if (n && !status_line(resp, n)) abort(); /* whatever comes back starts as a response */
@@ -147,11 +176,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   /* still serving */
   static const char ok[] = "GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
   n = exchange((const uint8_t *)ok, sizeof ok - 1, &resp);
+  for (int retry = 0; retry < 3 && n == 0; retry++) { /* a connect lost to the network stack */
+    free(resp);
+    n = exchange((const uint8_t *)ok, sizeof ok - 1, &resp);
+  }
   if (!status_line(resp, n) || memcmp(resp + 9, "200", 3) != 0) {
-    fprintf(stderr, "fuzz_http_server: no answer after the input (%zu bytes: %.*s)\n", n,
-            (int)(n < 200 ? n : 200), resp);
+    report("no answer after the input", resp, n);
     abort();
   }
   free(resp);
+  /* connections are capped (256): more descriptors than that is a leak */
+  if (++runs % 256 == 0 && open_fds() > 256 + 64) {
+    report("descriptors leak", NULL, 0);
+    abort();
+  }
   return 0;
 }
