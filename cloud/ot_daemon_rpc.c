@@ -60,6 +60,10 @@ static int round_open_for(ot_daemon *d, int64_t dev, const char *session, int ro
     return ot_error(OT_ERR_MISMATCH, "stale round %d (session '%s' is in round %d)", round, session,
                     s->round);
   if (s->round_state != OT_RS_OPEN) return ot_error(OT_ERR_MISMATCH, "round %d is closed", round);
+  /* a plain update would leave the cloud holding one device's update in the clear, which a
+   * secure-aggregation session promises it never does (docs/secagg.md); found by fuzz_messages */
+  if (ot_session_secagg(&s->cfg))
+    return ot_error(OT_ERR_MISMATCH, "session '%s' uses secure aggregation: no plain updates", session);
   int exists = 0;
   rc = ot_reg_update_exists(d->reg, s->id, round, dev, &exists);
   if (rc == OT_OK && exists)

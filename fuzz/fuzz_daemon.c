@@ -177,7 +177,7 @@ void fz_daemon_reset(fz_daemon *f) {
   c.min_devices = c.max_devices = 3;
   c.secagg = OT_SECAGG_ON;
   c.dp_epsilon = 1.0f;
-  start_session(f, &c);
+  f->secagg_session = start_session(f, &c);
   copy_file(update_src, staged); /* taken (or refused and removed) by a SubmitUpdate */
   ot_error_clear();
 }

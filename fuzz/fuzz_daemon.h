@@ -23,6 +23,7 @@ typedef struct {
   char update_digest[OT_DIGEST_HEX]; /* of the staged upload */
   char adapter_digest[OT_DIGEST_HEX];
   int64_t emulator_id;
+  int64_t secagg_session; /* id of "q" */
 } fz_daemon;
 
 /* Once (LLVMFuzzerInitialize). Aborts on failure. */

@@ -124,6 +124,7 @@ static void write_seeds(const char *dir) {
   char name[300];
   seed_name(dir, "name_update", "update.s.1");
   seed_name(dir, "name_secagg", "secagg.q.1");
+  seed_name(dir, "name_update_secagg_session", "update.q.1"); /* regression: refused since */
   snprintf(name, sizeof name, "emulator.%lld.config.json", (long long)fz->emulator_id);
   seed_name(dir, "name_emulator", name);
   snprintf(name, sizeof name, "adapter.%s.adapter_model.safetensors", fz->adapter_digest);
@@ -254,6 +255,11 @@ static void daemon_request(const uint8_t *data, size_t size) {
   }
   offtune__session__session_request__free_unpacked(q, NULL);
   free(reply);
+  /* a secure-aggregation round never holds a device's update in the clear (docs/secagg.md) */
+  ot_update_row *rows = NULL;
+  int n = 0;
+  if (ot_reg_round_updates(fz->d->reg, fz->secagg_session, 1, &rows, &n) != OT_OK || n != 0) abort();
+  free(rows);
 }
 
 static void transfer_name(const uint8_t *data, size_t size) {
@@ -268,7 +274,7 @@ static void transfer_name(const uint8_t *data, size_t size) {
   if (!*name || strchr(name, '/') || name[0] == '.') return;
   ot_sink sink;
   if (ot_daemon_on_transfer_open(fz->d, fz->device_pk, name, total, &sink) == OT_OK) {
-    /* only the two upload kinds, for a session that runs */
+    /* only the two upload kinds, for a session that runs: plain for "s", masked for "q" */
     if (strncmp(name, "update.s.", 9) != 0 && strncmp(name, "secagg.q.", 9) != 0) abort();
     sink.abort(sink.self);
     ot_daemon_on_transfer_end(fz->d, fz->device_pk, name, 0, &sink);
