@@ -206,6 +206,15 @@ const char *session_state(cJSON *show) {
   return cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(show, "session"), "state"));
 }
 
+cJSON *show_round(cJSON *show, int round) {
+  cJSON *u;
+  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "rounds")) {
+    if ((int)cJSON_GetNumberValue(cJSON_GetObjectItem(u, "round")) == round) return u;
+  }
+  fail_msg("the session has no round %d", round);
+  return NULL;
+}
+
 cJSON *wait_session(daemon_t *d, const char *name, const char *state, double timeout) {
   double t0 = now_s();
   for (;;) {

@@ -68,6 +68,8 @@ void fail_device(const daemon_t *d, const char *dev, int status);
 /* `session show --json` (the caller deletes it). */
 cJSON *session_show(daemon_t *d, const char *name);
 const char *session_state(cJSON *show);
+/* The entry of `rounds` in a session show for round r (fails the test if there is none). */
+cJSON *show_round(cJSON *show, int round);
 /* session_show once the session is in state, within timeout seconds. */
 cJSON *wait_session(daemon_t *d, const char *name, const char *state, double timeout);
 

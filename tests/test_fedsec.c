@@ -40,11 +40,7 @@ static const char *devs[3] = {"romance", "mystery", "humor"};
  * devices' trained adapters (work/<session>/r<round>/local), weighted by their tokens. */
 static void check_secagg_round(const daemon_t *d, cJSON *show, const char *session, int round, int n_dev,
                                int fedadam) {
-  cJSON *r = NULL, *u;
-  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "rounds")) if ((int)cJSON_GetNumberValue(
-                                                                     cJSON_GetObjectItem(u, "round")) ==
-                                                                 round) r = u;
-  assert_non_null(r);
+  cJSON *r = show_round(show, round);
   assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(r, "state")), "done");
   assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(r, "participants")), n_dev);
   char p[2048];

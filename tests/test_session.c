@@ -45,10 +45,7 @@
  * of updates of the round. */
 static int check_round(const daemon_t *d, cJSON *show, int round, int fedadam, float lr, float b1, float b2,
                        float eps) {
-  cJSON *rounds = cJSON_GetObjectItem(show, "rounds"), *r = NULL, *u;
-  cJSON_ArrayForEach(u, rounds) if ((int)cJSON_GetNumberValue(cJSON_GetObjectItem(u, "round")) == round) r =
-      u;
-  assert_non_null(r);
+  cJSON *r = show_round(show, round), *u;
   assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(r, "state")), "done");
   char p[2048];
   tensors in, res;
@@ -574,11 +571,7 @@ static void test_malicious_device(void **state) {
 /* Round r of a session whose poisoned update was refused at upload (over the default bound):
  * only the two honest updates are stored, and the result is their FedAvg. */
 static void check_refused_at_upload(const daemon_t *d, cJSON *show, int round) {
-  cJSON *r = NULL, *u;
-  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "rounds")) if ((int)cJSON_GetNumberValue(
-                                                                     cJSON_GetObjectItem(u, "round")) ==
-                                                                 round) r = u;
-  assert_non_null(r);
+  cJSON *r = show_round(show, round), *u;
   assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(r, "participants")), 2);
   char p[2048];
   tensors res, ups[2];
@@ -612,11 +605,7 @@ static void check_refused_at_upload(const daemon_t *d, cJSON *show, int round) {
 }
 
 static double check_poisoned(const daemon_t *d, cJSON *show, int round, const char *rule, double bound) {
-  cJSON *r = NULL, *u;
-  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "rounds")) if ((int)cJSON_GetNumberValue(
-                                                                     cJSON_GetObjectItem(u, "round")) ==
-                                                                 round) r = u;
-  assert_non_null(r);
+  cJSON *r = show_round(show, round), *u;
   assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(r, "state")), "done");
   char p[2048];
   tensors in, res, ups[3];
