@@ -108,7 +108,7 @@ typedef struct {
    * flash path) keeps only the row log-sum-exp [B,NH,T] in att and recomputes the rest:
    * att is then opaque, meaningful only to the same backend's attention_bwd. */
   size_t (*attention_state)(ot_backend *be, int B, int T, int C, int NH);
-  /* Inference with a KV cache (cloud/ot_serve_engine.c). */
+  /* Inference with a KV cache (serve/ot_serve_engine.c). */
   /* out[N,C] = wte[tokens[i]] + wpe[pos[i]]: rows at arbitrary positions (tokens, pos [N]) */
   void (*embed_fwd)(ot_backend *be, float *out, const int32_t *tokens, const int32_t *pos, const float *wte,
                     const float *wpe, int N, int C);

@@ -1,4 +1,4 @@
-/* Serving engine (cloud/ot_serve_engine.h) on a small random GPT-2 with adapters of every
+/* Serving engine (serve/ot_serve_engine.h) on a small random GPT-2 with adapters of every
  * kind made in-test: KV-cache logits equal the full-sequence forward at every position; greedy
  * output equals ot_generate's for each adapter kind; mixed-adapter batches, continuous batching
  * and LRU eviction under a small budget give exactly the texts of serving alone; sampling with a

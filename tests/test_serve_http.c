@@ -1,9 +1,9 @@
-/* The serving HTTP API (cloud/ot_serve_api.h) on a real loopback socket: OpenAI-style
+/* The serving HTTP API (serve/ot_serve_api.h) on a real loopback socket: OpenAI-style
  * completions for every adapter kind equal ot_generate's greedy text, several prompts in one
  * request, streaming (the SSE deltas concatenate to the non-streamed text), /v1/models, errors
  * (404 unknown model, 400 bad JSON, bad fields, 413 an oversized body), and concurrent clients
  * for different adapters getting the texts they get alone. Then the HTTP server under it
- * (cloud/ot_http.h): keep-alive after every kind of answer, malformed requests, timeouts,
+ * (serve/ot_http.h): keep-alive after every kind of answer, malformed requests, timeouts,
  * connection caps under a low descriptor limit, clients that stop reading or leave. */
 #include <stdarg.h>
 #include <stddef.h>
@@ -765,7 +765,7 @@ static void test_command(void **state) {
   assert_non_null(strstr(out, "stopping"));
 }
 
-/* ==== The HTTP server itself (cloud/ot_http.h): keep-alive after every kind of answer, JSON
+/* ==== The HTTP server itself (serve/ot_http.h): keep-alive after every kind of answer, JSON
  * errors, slow and half-sent requests, connection caps under a low descriptor limit, clients
  * that stop reading or leave. Only loopback addresses; every wait is bounded. ==== */
 

@@ -1,6 +1,6 @@
-/* Network APIs of the serving engine (cloud/ot_serve_engine.h).
+/* Network APIs of the serving engine (serve/ot_serve_engine.h).
  *
- * HTTP (our own HTTP/1.1 server, cloud/ot_http.h), compatible with OpenAI's completions API as
+ * HTTP (our own HTTP/1.1 server, serve/ot_http.h), compatible with OpenAI's completions API as
  * vLLM and LoRAX serve it:
  * - POST /v1/completions: model (the adapter; "" or the base's name = base model), prompt (a string,
  *   an array of strings or an array of token ids), max_tokens (16), temperature (1), top_p (1),
@@ -46,7 +46,7 @@ typedef struct {
   /* One line per request (model, tokens, latency) and per refusal; any thread. */
   void (*log)(void *user, const char *line);
   void *log_user;
-  /* HTTP limits (cloud/ot_http.h; 0 = its default): request line + headers (16 KiB, 10 s),
+  /* HTTP limits (serve/ot_http.h; 0 = its default): request line + headers (16 KiB, 10 s),
    * body (30 s), keep-alive idle (30 s), a client not reading (30 s), connections (256 in all,
    * 32 per client address). */
   size_t max_header;
