@@ -20,11 +20,6 @@ int ot_name_ok(const char *s) {
   return 1;
 }
 
-static const char *agg_names[OT_AGG_NKIND] = {"fedavg",      "fedprox",      "fedadam",
-                                              "fedavg-clip", "trimmed-mean", "median"};
-const char *ot_agg_name(ot_agg_kind k) { return (unsigned)k < OT_AGG_NKIND ? agg_names[k] : "?"; }
-int ot_agg_robust(ot_agg_kind k) { return k == OT_AGG_CLIP || k == OT_AGG_TRIMMED || k == OT_AGG_MEDIAN; }
-
 void ot_session_cfg_default(ot_session_cfg *c) {
   memset(c, 0, sizeof *c);
   c->bottom = 2;
@@ -149,15 +144,7 @@ int ot_session_cfg_from_json(const cJSON *j, ot_session_cfg *out) {
           c.secagg = a;
       }
       if (strcmp(k, "aggregation") == 0) {
-        int a = -1;
-        for (int i = 0; i < OT_AGG_NKIND; i++)
-          if (strcmp(it->valuestring, agg_names[i]) == 0) a = i;
-        if (a < 0)
-          rc = ot_error(OT_ERR_INVALID,
-                        "aggregation '%s': use fedavg, fedprox, fedadam, fedavg-clip, trimmed-mean or median",
-                        it->valuestring);
-        else
-          c.agg = (ot_agg_kind)a;
+        rc = ot_agg_parse(it->valuestring, &c.agg);
       }
       if (rc) return rc;
       continue;

@@ -7,21 +7,9 @@
 #include <cjson/cJSON.h>
 
 #include "ot_adapter.h"
+#include "ot_aggregate.h"
 
 #define OT_NAME_MAX 64 /* session, model and adapter names: [A-Za-z0-9_-], 1..63 characters */
-
-/* FedAvg, FedProx and FedAdam; then the robust rules (docs/daemon.md, "Robust
- * aggregation"), which need each device's update and so exclude secure aggregation:
- * norm-clipped FedAvg, coordinate-wise trimmed mean, coordinate-wise median. */
-typedef enum {
-  OT_AGG_FEDAVG = 0,
-  OT_AGG_FEDPROX = 1,
-  OT_AGG_FEDADAM = 2,
-  OT_AGG_CLIP = 3,
-  OT_AGG_TRIMMED = 4,
-  OT_AGG_MEDIAN = 5,
-  OT_AGG_NKIND
-} ot_agg_kind;
 
 typedef struct {
   char name[OT_NAME_MAX];
@@ -68,8 +56,5 @@ cJSON *ot_session_cfg_to_json(const ot_session_cfg *c);
 void ot_session_emu_key(const ot_session_cfg *c, char *out, size_t n);
 /* 1 if s is a valid session/model/adapter name. */
 int ot_name_ok(const char *s);
-const char *ot_agg_name(ot_agg_kind k);
-/* 1 for the rules that need each device's update in the clear (not with secure aggregation). */
-int ot_agg_robust(ot_agg_kind k);
 
 #endif

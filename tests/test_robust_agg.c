@@ -1,4 +1,4 @@
-/* Robust aggregation (cloud/ot_aggregate.c, issue 14): the norm bound on each update,
+/* Robust aggregation (fed/ot_aggregate.c, issue 14): the norm bound on each update,
  * norm-clipped FedAvg, coordinate-wise trimmed mean and median on small synthetic
  * adapters with known answers and against a plain computation written here; the check
  * of the unmasked sum under secure aggregation; the session settings that select them.

@@ -1,5 +1,5 @@
-/* Secure aggregation: what the cloud (cloud/ot_secagg_server.h) and the devices
- * (device/ot_secagg_client.h) share. Bonawitz et al. (2017) pairwise masking with
+/* Secure aggregation: what the cloud (fed/ot_secagg_server.h) and the devices
+ * (fed/ot_secagg_client.h) share. Bonawitz et al. (2017) pairwise masking with
  * SecAgg+ sparse neighbourhoods (Bell et al. 2020); docs/secagg.md has the protocol.
  *
  *   quantisation   clip to [-clip, clip], scale, round (deterministic or stochastic)

@@ -1,4 +1,4 @@
-/* The cloud's side of one secure-aggregation round (protocol/ot_secagg.h,
+/* The cloud's side of one secure-aggregation round (fed/ot_secagg.h,
  * docs/secagg.md): a state machine over message bytes that learns only the sum.
  *
  *   ot_secagg_server *s;

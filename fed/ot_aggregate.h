@@ -6,7 +6,25 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "ot_session.h"
+/* FedAvg, FedProx and FedAdam; then the robust rules (docs/daemon.md, "Robust
+ * aggregation"), which need each device's update and so exclude secure aggregation:
+ * norm-clipped FedAvg, coordinate-wise trimmed mean, coordinate-wise median. */
+typedef enum {
+  OT_AGG_FEDAVG = 0,
+  OT_AGG_FEDPROX = 1,
+  OT_AGG_FEDADAM = 2,
+  OT_AGG_CLIP = 3,
+  OT_AGG_TRIMMED = 4,
+  OT_AGG_MEDIAN = 5,
+  OT_AGG_NKIND
+} ot_agg_kind;
+
+/* "fedavg", "fedprox", "fedadam", "fedavg-clip", "trimmed-mean", "median"; "?" otherwise. */
+const char *ot_agg_name(ot_agg_kind k);
+/* The kind named s; OT_ERR_INVALID (with the names in the detail) if none. */
+int ot_agg_parse(const char *s, ot_agg_kind *out);
+/* 1 for the rules that need each update (clip, trimmed mean, median). */
+int ot_agg_robust(ot_agg_kind k);
 
 /* An upload is accepted only if: at most max_bytes, a valid safetensors file, exactly
  * the reference's tensor names, each F32 with the reference's shape, every value

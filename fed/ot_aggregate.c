@@ -10,6 +10,22 @@
 #include "ot_error.h"
 #include "ot_safetensors.h"
 
+static const char *agg_names[OT_AGG_NKIND] = {"fedavg",      "fedprox",      "fedadam",
+                                              "fedavg-clip", "trimmed-mean", "median"};
+const char *ot_agg_name(ot_agg_kind k) { return (unsigned)k < OT_AGG_NKIND ? agg_names[k] : "?"; }
+int ot_agg_robust(ot_agg_kind k) { return k == OT_AGG_CLIP || k == OT_AGG_TRIMMED || k == OT_AGG_MEDIAN; }
+
+int ot_agg_parse(const char *s, ot_agg_kind *out) {
+  for (int i = 0; s && i < OT_AGG_NKIND; i++)
+    if (strcmp(s, agg_names[i]) == 0) {
+      *out = (ot_agg_kind)i;
+      return OT_OK;
+    }
+  return ot_error(OT_ERR_INVALID,
+                  "aggregation '%s': use fedavg, fedprox, fedadam, fedavg-clip, trimmed-mean or median",
+                  s ? s : "");
+}
+
 /* All tensors of a file as fp32 host arrays, in file order. */
 typedef struct {
   ot_safetensors *st;

@@ -1,4 +1,4 @@
-/* The device side of one secure-aggregation round (protocol/ot_secagg.h,
+/* The device side of one secure-aggregation round (fed/ot_secagg.h,
  * docs/secagg.md). A pure state machine over message bytes: the caller carries the
  * messages over whatever transport it has (the daemon's sessions, or an in-process
  * simulator in the tests and the benchmark).
