@@ -15,6 +15,9 @@ if command -v clang-format >/dev/null; then
   echo "formatted"
 fi
 
+echo "== layers (includes go downward only, docs/architecture.md) =="
+python3 scripts/check_layers.py
+
 echo "== build and test (Release) =="
 bash scripts/build.sh
 (cd build && ctest --output-on-failure -j1)
