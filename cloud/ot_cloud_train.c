@@ -172,7 +172,8 @@ int ot_cmd_finetune(int argc, char **argv) {
   rc = ot_cmd_load_model(model, t.backend, t.threads, &be, &m, &tok);
   if (rc) return ot_cmd_fail("loading the model", rc);
   ot_tokens toks = {NULL, 0};
-  rc = ot_tokens_load_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+  rc = text ? ot_tokenizer_require(tok, model, "give token ids with --tokens FILE") : OT_OK;
+  if (rc == OT_OK) rc = ot_tokens_load_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
   if (rc == OT_OK) rc = run_training(&t, m, tok, toks.ids, toks.n, "finetune");
   ot_tokens_free(&toks);
   ot_tokenizer_free(tok);

@@ -520,12 +520,16 @@ int ot_tokenizer_bpe_load_first(const char *vocab_json_path, const char *merges_
   return bpe_load(vocab_json_path, merges_path, 256 + n_merges, (size_t)n_merges, out);
 }
 
-int ot_tokenizer_load_dir(const char *dir, ot_tokenizer **out) {
-  if (!dir || !out) return ot_error(OT_ERR_INVALID, "ot_tokenizer_load_dir: NULL argument");
-  char *vocab = NULL, *merges = NULL, *config = NULL;
+#define NO_TOKENIZER_FILES "vocab.json + merges.txt, or tokenizer_config.json naming \"" BYTE_CLASS "\""
+
+int ot_tokenizer_load_dir_optional(const char *dir, ot_tokenizer **out) {
+  if (!dir || !out) return ot_error(OT_ERR_INVALID, "ot_tokenizer_load_dir_optional: NULL argument");
+  *out = NULL;
+  char *vocab = NULL, *merges = NULL, *config = NULL, *tj = NULL;
   int rc = ot_path_join(dir, "vocab.json", &vocab);
   if (rc == OT_OK) rc = ot_path_join(dir, "merges.txt", &merges);
   if (rc == OT_OK) rc = ot_path_join(dir, "tokenizer_config.json", &config);
+  if (rc == OT_OK) rc = ot_path_join(dir, "tokenizer.json", &tj);
   if (rc != OT_OK) goto done;
   bool has_vocab = ot_file_exists(vocab), has_merges = ot_file_exists(merges);
   if (has_vocab && has_merges) {
@@ -544,18 +548,40 @@ int ot_tokenizer_load_dir(const char *dir, ot_tokenizer **out) {
       goto done;
     }
   }
-  if (has_vocab || has_merges)
+  if (has_vocab || has_merges) {
     rc = ot_error(OT_ERR_NOTFOUND, "%s has %s but no %s", dir, has_vocab ? "vocab.json" : "merges.txt",
                   has_vocab ? "merges.txt" : "vocab.json");
-  else
-    rc = ot_error(OT_ERR_NOTFOUND,
-                  "%s has no tokenizer: neither vocab.json + merges.txt nor a tokenizer_config.json with "
-                  "\"tokenizer_class\": \"" BYTE_CLASS "\"",
-                  dir);
+    goto done;
+  }
+  /* tokenizer.json is not read yet, but a broken one is still an error, not "no tokenizer" */
+  if (ot_file_exists(tj)) {
+    cJSON *root = NULL;
+    rc = read_json(tj, &root);
+    if (rc == OT_OK && !cJSON_IsObject(root)) rc = ot_error(OT_ERR_FORMAT, "%s: not a JSON object", tj);
+    cJSON_Delete(root);
+  }
 done:
   free(vocab);
   free(merges);
   free(config);
+  free(tj);
+  return rc;
+}
+
+int ot_tokenizer_require(const ot_tokenizer *tok, const char *dir, const char *hint) {
+  if (tok) return OT_OK;
+  char *tj = NULL;
+  bool has_tj = dir && ot_path_join(dir, "tokenizer.json", &tj) == OT_OK && ot_file_exists(tj);
+  free(tj);
+  return ot_error(OT_ERR_NOTFOUND, "%s has no tokenizer (" NO_TOKENIZER_FILES ")%s%s%s", dir ? dir : "(null)",
+                  has_tj ? "; its tokenizer.json is not supported yet" : "", hint ? ": " : "",
+                  hint ? hint : "");
+}
+
+int ot_tokenizer_load_dir(const char *dir, ot_tokenizer **out) {
+  if (!dir || !out) return ot_error(OT_ERR_INVALID, "ot_tokenizer_load_dir: NULL argument");
+  int rc = ot_tokenizer_load_dir_optional(dir, out);
+  if (rc == OT_OK) rc = ot_tokenizer_require(*out, dir, NULL);
   return rc;
 }
 
@@ -613,7 +639,8 @@ static int write_file(const char *dir, const char *name, const sbuf *b) {
 }
 
 int ot_tokenizer_save_dir(const ot_tokenizer *tok, const char *dir) {
-  if (!tok || !dir) return ot_error(OT_ERR_INVALID, "ot_tokenizer_save_dir: NULL argument");
+  if (!dir) return ot_error(OT_ERR_INVALID, "ot_tokenizer_save_dir: NULL argument");
+  if (!tok) return OT_OK; /* a model without a tokenizer: nothing to write */
   int rc = ot_mkdir_p(dir);
   if (rc != OT_OK) return rc;
   sbuf b = {0};

@@ -16,10 +16,22 @@ int ot_tokenizer_bpe_load(const char *vocab_json_path, const char *merges_path, 
  * for small models. Merges whose token would fall outside are an error. */
 int ot_tokenizer_bpe_load_first(const char *vocab_json_path, const char *merges_path, int n_merges,
                                 ot_tokenizer **out);
-/* A checkpoint directory: vocab.json + merges.txt -> BPE; tokenizer_config.json
- * naming "offtune-byte" -> byte tokenizer; otherwise OT_ERR_NOTFOUND. */
+/* A checkpoint directory's tokenizer: vocab.json + merges.txt -> BPE; tokenizer_config.json
+ * naming "offtune-byte" -> byte tokenizer. Tokenizer files are optional (Hugging Face's
+ * save_pretrained of a model writes none): with none that offtune reads, OT_OK and
+ * *out = NULL, for token-id work. Files that are there but broken or incomplete are errors
+ * (vocab.json without merges.txt, JSON that does not parse, a tokenizer.json that is not a
+ * JSON object; tokenizer.json itself is not read yet). */
+int ot_tokenizer_load_dir_optional(const char *dir, ot_tokenizer **out);
+/* For what needs text: OT_OK when tok is not NULL, else OT_ERR_NOTFOUND saying that dir has
+ * no tokenizer and which files would be one, followed by ": <hint>" (what to do instead)
+ * when hint is not NULL. */
+int ot_tokenizer_require(const ot_tokenizer *tok, const char *dir, const char *hint);
+/* ot_tokenizer_load_dir_optional, and OT_ERR_NOTFOUND (ot_tokenizer_require's message)
+ * when the directory has no tokenizer. */
 int ot_tokenizer_load_dir(const char *dir, ot_tokenizer **out);
-/* Writes the files ot_tokenizer_load_dir reads back. */
+/* Writes the files ot_tokenizer_load_dir reads back; tok NULL (a model without a
+ * tokenizer) writes nothing. */
 int ot_tokenizer_save_dir(const ot_tokenizer *tok, const char *dir);
 void ot_tokenizer_free(ot_tokenizer *tok);
 

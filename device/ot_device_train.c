@@ -191,6 +191,8 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
                 .patience = o->patience,
                 .prox_mu = o->prox_mu};
   if (T > ot_gpt2_cfg(m)->n_positions) rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds n_positions", T);
+  if (rc == OT_OK && o->text)
+    rc = ot_tokenizer_require(tok, o->emulator, "give token ids with --tokens FILE");
   if (rc == OT_OK) rc = ot_tokens_load_input(o->text, o->tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
   size_t n_train = toks.n;
   if (rc == OT_OK && o->eval_every) {

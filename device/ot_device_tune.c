@@ -171,7 +171,8 @@ int ot_dev_eval(int argc, char **argv) {
   int T = seq_len ? seq_len : ot_gpt2_cfg(m)->n_positions;
   if (rc == OT_OK) {
     what = "reading the input";
-    rc = ot_tokens_load_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+    rc = text ? ot_tokenizer_require(tok, emu_dir, "give token ids with --tokens FILE") : OT_OK;
+    if (rc == OT_OK) rc = ot_tokens_load_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
   }
   if (rc == OT_OK) {
     what = "scoring";

@@ -245,8 +245,8 @@ int ot_emu_load(const char *dir, ot_backend *be, ot_gpt2 **m, ot_tokenizer **tok
   if (rc == OT_OK && ot_gpt2_cfg(model)->n_layer != ot_emu_n_layer(&plan))
     rc = ot_error(OT_ERR_MISMATCH, "%s: config.json has %d blocks, emulator.json %d", dir,
                   ot_gpt2_cfg(model)->n_layer, ot_emu_n_layer(&plan));
-  if (rc == OT_OK) rc = ot_tokenizer_load_dir(dir, &t);
-  if (rc == OT_OK && ot_tokenizer_vocab_size(t) > ot_gpt2_cfg(model)->vocab_size)
+  if (rc == OT_OK) rc = ot_tokenizer_load_dir_optional(dir, &t); /* none: token ids only */
+  if (rc == OT_OK && t && ot_tokenizer_vocab_size(t) > ot_gpt2_cfg(model)->vocab_size)
     rc = ot_error(OT_ERR_MISMATCH, "%s: tokenizer larger than the model's vocabulary", dir);
   if (rc) {
     ot_tokenizer_free(t);

@@ -4,9 +4,9 @@
  * adapters tuned on the emulator plug back into the full model.
  *
  * Emulator package (a directory): config.json (n_layer = a+k+b), model.safetensors (the
- * emulator's own blocks 0..a+k+b-1; dropped blocks never leave the cloud), tokenizer
- * files and emulator.json (format_version 1, base_model_digest, full_n_layer, bottom,
- * top, kept_middle, block_source).
+ * emulator's own blocks 0..a+k+b-1; dropped blocks never leave the cloud), the full
+ * model's tokenizer files if it has any, and emulator.json (format_version 1, base_model_digest,
+ * full_n_layer, bottom, top, kept_middle, block_source).
  *
  * Offsite adapter (a directory): adapter_model.safetensors with the FULL model's tensor
  * names of the adapter blocks, adapter_config.json {"adapter_type": "offsite",
@@ -55,10 +55,12 @@ typedef enum { OT_EMU_TRAIN_MIDDLE = 0, OT_EMU_TRAIN_ADAPTER = 1 } ot_emu_part;
  * (device tuning). Call before ot_gpt2_prepare. */
 void ot_emu_set_trainable(ot_gpt2 *emu, const ot_emu_plan *p, ot_emu_part part);
 
+/* tok may be NULL (a model without a tokenizer): the package then has no tokenizer files. */
 int ot_emu_save(const ot_gpt2 *emu, const ot_emu_plan *p, const ot_tokenizer *tok, const char *dir);
 /* Reads emulator.json (validated against itself). */
 int ot_emu_plan_load(const char *dir, ot_emu_plan *out);
-/* Loads an emulator package; checks config.json's n_layer against emulator.json. */
+/* Loads an emulator package; checks config.json's n_layer against emulator.json. *tok is
+ * NULL when the package has no tokenizer files (ot_tokenizer_load_dir_optional). */
 int ot_emu_load(const char *dir, ot_backend *be, ot_gpt2 **m, ot_tokenizer **tok, ot_emu_plan *p);
 
 /* ---- distillation ---------------------------------------------------------------- */

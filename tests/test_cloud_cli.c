@@ -241,6 +241,83 @@ static void test_tokenize_bytes(void **state) {
   assert_string_equal(out, "72 105 33\n");
 }
 
+/* The JSON object of an `eval --json` run of a checkpoint on tokens.txt (fails the test on error). */
+static void eval_json(const char *model, char *json, size_t cap) {
+  char out[8192];
+  int rc = ot_test_run(out, sizeof out, "%s eval --model %s --tokens %s/tokens.txt --seq-len 24 --json",
+                       cloud, model, dir);
+  if (rc != 0) fail_msg("eval of %s failed (%d): %s", model, rc, out);
+  const char *j = strchr(out, '{'), *e = j ? strchr(j, '}') : NULL;
+  assert_non_null(e);
+  snprintf(json, cap, "%.*s", (int)(e - j + 1), j);
+}
+
+/* A checkpoint saved as Hugging Face's save_pretrained saves a model (config.json and
+ * model.safetensors, no tokenizer files) does token-id work with the very same numbers;
+ * what needs text names the missing files; tokenizer files that are there but broken still
+ * fail; a checkpoint fine-tuned from it has no tokenizer files and loads back. */
+static void test_checkpoint_without_tokenizer(void **state) {
+  (void)state;
+  char out[8192], with[512], without[512], m[600], a[700], b[700];
+  assert_int_equal(ot_test_system("rm -rf '%s/notok' && cp -r '%s/model' '%s/notok' && cd '%s/notok' && "
+                                  "rm -f tokenizer_config.json vocab.json merges.txt tokenizer.json",
+                                  dir, dir, dir, dir),
+                   0);
+  snprintf(m, sizeof m, "%s/model", dir);
+  eval_json(m, with, sizeof with);
+  snprintf(m, sizeof m, "%s/notok", dir);
+  eval_json(m, without, sizeof without);
+  assert_string_equal(with, without);
+
+  const char *ft =
+      "--tokens ft_tokens.txt --steps 2 --batch 2 --seq-len 8 --lr 0.05 --optimizer sgd --threads 1";
+  int rc =
+      ot_test_run(out, sizeof out, "cd '%s' && rm -rf ft_tok && %s finetune --model model --out ft_tok %s",
+                  dir, cloud, ft);
+  if (rc) fail_msg("finetune with a tokenizer failed: %s", out);
+  rc = ot_test_run(out, sizeof out,
+                   "cd '%s' && rm -rf ft_notok && %s finetune --model notok --out ft_notok %s", dir, cloud,
+                   ft);
+  if (rc) fail_msg("finetune without a tokenizer failed: %s", out);
+  snprintf(a, sizeof a, "%s/ft_tok/model.safetensors", dir);
+  snprintf(b, sizeof b, "%s/ft_notok/model.safetensors", dir);
+  assert_true(files_equal(a, b));
+  /* the saved checkpoint has no tokenizer files either, and loads back */
+  assert_int_equal(ot_test_system("ls '%s/ft_notok' | grep -q -E 'tokenizer|vocab|merges'", dir), 1);
+  snprintf(m, sizeof m, "%s/ft_tok", dir);
+  eval_json(m, with, sizeof with);
+  snprintf(m, sizeof m, "%s/ft_notok", dir);
+  eval_json(m, without, sizeof without);
+  assert_string_equal(with, without);
+
+  /* text needs a tokenizer: exit 1 naming the directory and the files it lacks */
+  ot_test_system("printf 'Hi!' > '%s/hi.txt'", dir);
+  char cmds[4][1200];
+  snprintf(cmds[0], sizeof cmds[0], "%s eval --model %s/notok --text %s/hi.txt", cloud, dir, dir);
+  snprintf(cmds[1], sizeof cmds[1], "%s tokenize --model %s/notok --text %s/hi.txt", cloud, dir, dir);
+  snprintf(cmds[2], sizeof cmds[2],
+           "%s finetune --model %s/notok --text %s/hi.txt --out %s/x --steps 1 --batch 1 --seq-len 2 --lr 1",
+           cloud, dir, dir, dir);
+  snprintf(cmds[3], sizeof cmds[3], "%s generate --model %s/notok --prompt Hi --max-tokens 2", cloud, dir);
+  snprintf(m, sizeof m, "%s/notok has no tokenizer", dir);
+  for (int i = 0; i < 4; i++) {
+    rc = ot_test_run(out, sizeof out, "%s", cmds[i]);
+    if (rc != 1) fail_msg("%s: exit %d, want 1: %s", cmds[i], rc, out);
+    if (!strstr(out, m) || !strstr(out, "vocab.json + merges.txt"))
+      fail_msg("%s: unclear error: %s", cmds[i], out);
+  }
+  assert_int_equal(ot_test_run(out, sizeof out, "%s", cmds[0]), 1);
+  assert_non_null(strstr(out, "--tokens")); /* what to do instead */
+
+  /* tokenizer files that are present but malformed or incomplete still fail loudly */
+  ot_test_system("printf '{\"model\": ' > '%s/notok/tokenizer.json'", dir);
+  rc = ot_test_run(out, sizeof out, "%s eval --model %s/notok --tokens %s/tokens.txt", cloud, dir, dir);
+  if (rc != 1 || !strstr(out, "tokenizer.json")) fail_msg("malformed tokenizer.json: exit %d: %s", rc, out);
+  ot_test_system("rm '%s/notok/tokenizer.json' && echo '{\"a\": 0}' > '%s/notok/vocab.json'", dir, dir);
+  rc = ot_test_run(out, sizeof out, "%s eval --model %s/notok --tokens %s/tokens.txt", cloud, dir, dir);
+  if (rc != 1 || !strstr(out, "merges.txt")) fail_msg("vocab.json alone: exit %d: %s", rc, out);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_eval_matches_pytorch_windows),
@@ -249,6 +326,7 @@ int main(void) {
       cmocka_unit_test(test_usage_errors_exit_2),
       cmocka_unit_test(test_bad_inputs_exit_1),
       cmocka_unit_test(test_tokenize_bytes),
+      cmocka_unit_test(test_checkpoint_without_tokenizer),
       cmocka_unit_test(test_pretrain_survives_kill_9),
       cmocka_unit_test(test_full_disk_keeps_old_checkpoint),
   };

@@ -137,8 +137,75 @@ static void test_resume_is_exact(void **state) {
   assert_non_null(strstr(out, "resume with the same"));
 }
 
+/* A full model without tokenizer files (Hugging Face save_pretrained of a model alone):
+ * distillation on token ids builds an emulator package without tokenizer files, the device
+ * tunes and scores it on token ids with the same numbers as the text path, and text on it
+ * fails naming the package (uses the files of test_offsite_flow). */
+static void test_no_tokenizer_flow(void **state) {
+  (void)state;
+  assert_int_equal(ot_test_system("cd '%s' && rm -rf full_nt && cp -r full full_nt && rm -f "
+                                  "full_nt/tokenizer_config.json full_nt/vocab.json full_nt/merges.txt && "
+                                  "head -c 6000 public.txt > pub_small.txt && head -c 6000 private.txt > "
+                                  "priv_small.txt && %s tokenize --model full --text pub_small.txt > "
+                                  "pub_small.tok && %s tokenize --model full --text priv_small.txt > "
+                                  "priv_small.tok",
+                                  dir, cloud, cloud),
+                   0);
+  const char *d_common = "--bottom 1 --top 1 --keep 1 --batch 2 --seq-len 16 --steps 2 --threads 1";
+  RUN_OK("cd '%s' && rm -rf emu_t emu_nt && %s distill --model full --data pub_small.txt --out emu_t %s", dir,
+         cloud, d_common);
+  RUN_OK("cd '%s' && %s distill --model full_nt --tokens pub_small.tok --out emu_nt %s", dir, cloud,
+         d_common);
+  char a[700], b[700];
+  snprintf(a, sizeof a, "%s/emu_t/model.safetensors", dir);
+  snprintf(b, sizeof b, "%s/emu_nt/model.safetensors", dir);
+  assert_true(files_equal(a, b));
+  assert_int_equal(ot_test_system("ls '%s/emu_nt' | grep -q -E 'tokenizer|vocab|merges'", dir), 1);
+
+  const char *t_common = "--batch 2 --seq-len 16 --steps 2 --threads 1";
+  RUN_OK("cd '%s' && rm -rf ad_t ad_nt && %s tune --emulator emu_t --text priv_small.txt --out ad_t %s", dir,
+         device, t_common);
+  RUN_OK("cd '%s' && %s tune --emulator emu_nt --tokens priv_small.tok --out ad_nt %s", dir, device,
+         t_common);
+  snprintf(a, sizeof a, "%s/ad_t/adapter_model.safetensors", dir);
+  snprintf(b, sizeof b, "%s/ad_nt/adapter_model.safetensors", dir);
+  assert_true(files_equal(a, b));
+  char with[512], without[512];
+  RUN_OK("cd '%s' && %s eval --emulator emu_t --adapter ad_t --text priv_small.txt --seq-len 16 --json", dir,
+         device);
+  snprintf(with, sizeof with, "%.*s", (int)strcspn(strchr(out, '{'), "}") + 1, strchr(out, '{'));
+  RUN_OK("cd '%s' && %s eval --emulator emu_nt --adapter ad_nt --tokens priv_small.tok --seq-len 16 --json",
+         dir, device);
+  snprintf(without, sizeof without, "%.*s", (int)strcspn(strchr(out, '{'), "}") + 1, strchr(out, '{'));
+  assert_string_equal(with, without);
+  /* the adapter plugs into the tokenizer-less full model too */
+  RUN_OK("cd '%s' && %s eval --model full_nt --adapter ad_nt --tokens priv_small.tok --seq-len 16 --json",
+         dir, cloud);
+
+  /* text on a package or model without a tokenizer: exit 1, naming it */
+  assert_int_equal(
+      ot_test_run(out, sizeof out, "%s eval --emulator %s/emu_nt --text %s/priv_small.txt", device, dir, dir),
+      1);
+  char want[700];
+  snprintf(want, sizeof want, "%s/emu_nt has no tokenizer", dir);
+  if (!strstr(out, want) || !strstr(out, "--tokens")) fail_msg("unclear error: %s", out);
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s tune --emulator %s/emu_nt --text %s/priv_small.txt --out %s/x", device,
+                               dir, dir, dir),
+                   1);
+  assert_non_null(strstr(out, want));
+  assert_int_equal(
+      ot_test_run(out, sizeof out,
+                  "%s distill --model %s/full_nt --data %s/pub_small.txt --out %s/x --bottom 1 --top 1",
+                  cloud, dir, dir, dir),
+      1);
+  snprintf(want, sizeof want, "%s/full_nt has no tokenizer", dir);
+  assert_non_null(strstr(out, want));
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {cmocka_unit_test(test_offsite_flow),
-                                     cmocka_unit_test(test_resume_is_exact)};
+                                     cmocka_unit_test(test_resume_is_exact),
+                                     cmocka_unit_test(test_no_tokenizer_flow)};
   return cmocka_run_group_tests(tests, setup, cli_fixture_teardown);
 }

@@ -449,6 +449,14 @@ static void test_save_load_round_trip(void **state) {
   u = NULL;
   assert_int_equal(ot_tokenizer_load_dir(empty, &u), OT_ERR_NOTFOUND);
   assert_null(u);
+  assert_non_null(strstr(ot_error_detail(), "has no tokenizer (vocab.json + merges.txt"));
+  /* ... is fine for token-id work, and saving "no tokenizer" writes nothing */
+  assert_int_equal(ot_tokenizer_load_dir_optional(empty, &u), OT_OK);
+  assert_null(u);
+  assert_int_equal(ot_tokenizer_save_dir(NULL, empty), OT_OK);
+  assert_int_equal(ot_test_system("[ -z \"$(ls -A '%s')\" ]", empty), 0);
+  assert_int_equal(ot_tokenizer_require(NULL, empty, "use --tokens"), OT_ERR_NOTFOUND);
+  assert_non_null(strstr(ot_error_detail(), ": use --tokens"));
   assert_int_equal(ot_tokenizer_load_dir(dir, &u), OT_ERR_NOTFOUND);
 
   ot_tokenizer_free(t);
