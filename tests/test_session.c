@@ -718,6 +718,7 @@ static void test_poisoned_device(void **state) {
   ot_identity ids[3];
   mal_t m[3];
   unsigned sent[3] = {0, 0, 0};
+  int refused_at_upload = 0; /* pavg: once per round the poisoned device found open */
   int done[3] = {0, 0, 0};
   uint8_t *bad = NULL;
   size_t size = 0;
@@ -752,6 +753,7 @@ static void test_poisoned_device(void **state) {
           fail_msg("the poisoned update was not refused at upload by the default bound: %s",
                    ok ? "accepted" : why);
         if (j > 0 && !ok) fail_msg("the poisoned update was refused at upload: %s", why);
+        refused_at_upload += j == 0;
         sent[j] = ri->round;
       }
       offtune__session__round_info__free_unpacked(ri, &m[j].pa.a);
@@ -775,9 +777,12 @@ static void test_poisoned_device(void **state) {
     cJSON_Delete(s);
   }
   /* recorded: each refusal and each clipping in the audit log, the norms in the daemon's log */
+  /* under load the poisoned client may find a short round closed already: every refusal it
+   * got is audited, and it got at least one */
+  assert_true(refused_at_upload >= 1);
   assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM audit WHERE event = 'update.refused' AND detail LIKE "
                                   "'pavg round %' AND detail LIKE '%bound 1e+06%'"),
-                   2);
+                   refused_at_upload);
   assert_true(count_rows(db, "SELECT COUNT(*) FROM audit WHERE event = 'update.clipped' AND detail LIKE "
                              "'pclip round %'") >= 2);
   assert_true(file_has(d.log, "update norms"));
