@@ -176,8 +176,9 @@ static int state_prepare(ot_daemon *d) {
   return rc;
 }
 
-/* An unfinished upload untouched this long is dead: twice the transport's idle limit. */
-#define STAGING_PARTIAL_MAX_AGE (2 * 600)
+/* An unfinished upload untouched this long is dead: twice the transport's idle limit (the
+ * daemon keeps the transport's default). */
+#define STAGING_PARTIAL_MAX_AGE (2 * OT_TRANSFER_IDLE_DEFAULT)
 
 /* 1 if a finished upload "<hex>.update|secagg.<session>.<round>" can no longer be used. */
 static int staged_is_stale(ot_daemon *d, const char *name) {

@@ -1169,7 +1169,7 @@ int ot_server_start(const ot_server_config *cfg, ot_server **out) {
     if (c->max_conns < 16) c->max_conns = 16;
   }
   if (c->max_conns_per_addr <= 0) c->max_conns_per_addr = 128;
-  if (!c->transfer_idle_seconds) c->transfer_idle_seconds = 600;
+  if (!c->transfer_idle_seconds) c->transfer_idle_seconds = OT_TRANSFER_IDLE_DEFAULT;
   if (!c->fetch_chunk || c->fetch_chunk > OT_CHUNK_MAX) c->fetch_chunk = 1u << 20;
   if (c->max_msg < 64u << 10) c->max_msg = 64u << 10;
   pthread_mutex_init(&s->qmu, NULL);

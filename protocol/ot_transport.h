@@ -43,20 +43,23 @@ void ot_file_source_close(ot_source *src);
  * ot_fetch_opts.expect_digest (at the chunk size the server serves: fetch_chunk). */
 int ot_source_digest(const ot_source *src, uint64_t size, uint32_t chunk, uint8_t out[32]);
 
+#define OT_TRANSFER_IDLE_DEFAULT 600 /* seconds */
+
 typedef struct {
   const char *url;
   const ot_identity *id;
   const ot_access_ops *acl;
   void *acl_self;
-  int n_contexts;                 /* concurrent requests in flight (default 64) */
-  int n_workers;                  /* worker threads (default 2) */
-  uint32_t lanes;                 /* lanes offered per session (default 8) */
-  uint32_t ttl_seconds;           /* session lifetime (default 3600) */
-  size_t max_msg;                 /* largest accepted message (default OT_MSG_MAX_DEFAULT) */
-  uint64_t max_transfer;          /* largest accepted transfer (default 16 GiB) */
-  int max_sessions;               /* sessions, pending handshakes included (default 4096) */
-  int max_transfers;              /* unfinished transfers (default 1024) */
-  uint32_t transfer_idle_seconds; /* unfinished transfers are dropped after (default 600) */
+  int n_contexts;        /* concurrent requests in flight (default 64) */
+  int n_workers;         /* worker threads (default 2) */
+  uint32_t lanes;        /* lanes offered per session (default 8) */
+  uint32_t ttl_seconds;  /* session lifetime (default 3600) */
+  size_t max_msg;        /* largest accepted message (default OT_MSG_MAX_DEFAULT) */
+  uint64_t max_transfer; /* largest accepted transfer (default 16 GiB) */
+  int max_sessions;      /* sessions, pending handshakes included (default 4096) */
+  int max_transfers;     /* unfinished transfers (default 1024) */
+  uint32_t
+      transfer_idle_seconds; /* unfinished transfers are dropped after (default OT_TRANSFER_IDLE_DEFAULT) */
   /* Handshakes begun and not finished (default max_sessions / 4, at most 1024). When full,
    * or when the table is, the oldest is dropped: a flood of ClientHellos then costs an honest
    * device at most a retry, never a lock-out. */

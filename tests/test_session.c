@@ -40,12 +40,28 @@
 
 /* ---- recomputing aggregates from the stored files --------------------------------------- */
 
+/* The stored updates of a round (at most cap) and their token weights; returns how many. */
+static int round_updates(const daemon_t *d, cJSON *show, int round, tensors *ups, double *w, int cap) {
+  char p[2048];
+  cJSON *u;
+  int n = 0;
+  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "updates")) {
+    if ((int)cJSON_GetNumberValue(cJSON_GetObjectItem(u, "round")) != round) continue;
+    assert_true(n < cap);
+    snprintf(p, sizeof p, "%s/objects/updates/%s.safetensors", d->state,
+             cJSON_GetStringValue(cJSON_GetObjectItem(u, "digest")));
+    tensors_load(p, &ups[n]);
+    w[n++] = cJSON_GetNumberValue(cJSON_GetObjectItem(u, "tokens"));
+  }
+  return n;
+}
+
 /* Round r's result against the token-weighted average of its updates (FedAvg), or
  * against one FedAdam step from zero moments (fedadam, first round). Returns the number
  * of updates of the round. */
 static int check_round(const daemon_t *d, cJSON *show, int round, int fedadam, float lr, float b1, float b2,
                        float eps) {
-  cJSON *r = show_round(show, round), *u;
+  cJSON *r = show_round(show, round);
   assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(r, "state")), "done");
   char p[2048];
   tensors in, res;
@@ -55,16 +71,8 @@ static int check_round(const daemon_t *d, cJSON *show, int round, int fedadam, f
   tensors_load(p, &res);
   tensors ups[16];
   double w[16], wsum = 0;
-  int n = 0;
-  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "updates")) {
-    if ((int)cJSON_GetNumberValue(cJSON_GetObjectItem(u, "round")) != round) continue;
-    assert_true(n < 16);
-    snprintf(p, sizeof p, "%s/objects/updates/%s.safetensors", d->state,
-             cJSON_GetStringValue(cJSON_GetObjectItem(u, "digest")));
-    tensors_load(p, &ups[n]);
-    w[n] = cJSON_GetNumberValue(cJSON_GetObjectItem(u, "tokens"));
-    wsum += w[n++];
-  }
+  int n = round_updates(d, show, round, ups, w, 16);
+  for (int i = 0; i < n; i++) wsum += w[i];
   assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(r, "participants")), n);
   assert_int_equal(res.n, in.n);
   double max_err = 0, max_delta = 0;
@@ -573,25 +581,19 @@ static void test_malicious_device(void **state) {
  * and whose device then sent a benign one: nothing poisoned is stored, and the result is the
  * token-weighted FedAvg of the three stored updates. */
 static void check_refused_at_upload(const daemon_t *d, cJSON *show, int round) {
-  cJSON *r = show_round(show, round), *u;
+  cJSON *r = show_round(show, round);
   assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(r, "participants")), 3);
   char p[2048];
   tensors res, ups[3];
   adapter_file(d, cJSON_GetStringValue(cJSON_GetObjectItem(r, "result")), p, sizeof p);
   tensors_load(p, &res);
   double w[3], wsum = 0;
-  int n = 0;
-  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "updates")) {
-    if ((int)cJSON_GetNumberValue(cJSON_GetObjectItem(u, "round")) != round) continue;
-    assert_true(n < 3);
-    snprintf(p, sizeof p, "%s/objects/updates/%s.safetensors", d->state,
-             cJSON_GetStringValue(cJSON_GetObjectItem(u, "digest")));
-    tensors_load(p, &ups[n]);
-    assert_true(ups[n].v[0][0] != 1e38f);
-    w[n] = cJSON_GetNumberValue(cJSON_GetObjectItem(u, "tokens"));
-    wsum += w[n++];
-  }
+  int n = round_updates(d, show, round, ups, w, 3);
   assert_int_equal(n, 3);
+  for (int i = 0; i < n; i++) {
+    assert_true(ups[i].v[0][0] != 1e38f);
+    wsum += w[i];
+  }
   double max_err = 0;
   for (size_t t = 0; t < res.n; t++) {
     const ot_st_tensor *x = ot_st_at(res.st, t);
@@ -613,7 +615,7 @@ static void check_refused_at_upload(const daemon_t *d, cJSON *show, int round) {
 }
 
 static double check_poisoned(const daemon_t *d, cJSON *show, int round, const char *rule, double bound) {
-  cJSON *r = show_round(show, round), *u;
+  cJSON *r = show_round(show, round);
   assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(r, "state")), "done");
   char p[2048];
   tensors in, res, ups[3];
@@ -622,16 +624,9 @@ static double check_poisoned(const daemon_t *d, cJSON *show, int round, const ch
   adapter_file(d, cJSON_GetStringValue(cJSON_GetObjectItem(r, "result")), p, sizeof p);
   tensors_load(p, &res);
   double w[3];
-  int n = 0, bad = -1;
-  cJSON_ArrayForEach(u, cJSON_GetObjectItem(show, "updates")) {
-    if ((int)cJSON_GetNumberValue(cJSON_GetObjectItem(u, "round")) != round) continue;
-    assert_true(n < 3);
-    snprintf(p, sizeof p, "%s/objects/updates/%s.safetensors", d->state,
-             cJSON_GetStringValue(cJSON_GetObjectItem(u, "digest")));
-    tensors_load(p, &ups[n]);
-    if (ups[n].v[0][0] == 1e38f) bad = n;
-    w[n++] = cJSON_GetNumberValue(cJSON_GetObjectItem(u, "tokens"));
-  }
+  int n = round_updates(d, show, round, ups, w, 3), bad = -1;
+  for (int i = 0; i < n; i++)
+    if (ups[i].v[0][0] == 1e38f) bad = i;
   assert_int_equal(n, 3);
   assert_true(bad >= 0);
   int h[2], nh = 0;
