@@ -102,13 +102,13 @@ int main(int argc, char **argv) {
   if (ot_backend_parse(backend, &kind)) return die("--backend") + 1; /* usage: 2 */
   work = dir;
   ot_backend *be = NULL;
-  ot_gpt2 *m = NULL;
-  ot_gpt2_config cfg = {L, NH, C, V, np + gen, 1e-5f};
+  ot_model *m = NULL;
+  ot_model_config cfg = {L, NH, C, V, np + gen, 1e-5f};
   char path[1200], digest[OT_DIGEST_HEX];
-  if (ot_backend_cpu_create(threads, &be) || ot_gpt2_create(&cfg, be, &m) || ot_gpt2_init_random(m, 1))
+  if (ot_backend_cpu_create(threads, &be) || ot_model_create(&cfg, be, &m) || ot_model_init_random(m, 1))
     return die("model");
   snprintf(path, sizeof path, "%s/base", dir);
-  if (ot_mkdir_p(dir) || ot_gpt2_save_dir(m, path)) return die("saving the model");
+  if (ot_mkdir_p(dir) || ot_model_save_dir(m, path)) return die("saving the model");
   snprintf(path, sizeof path, "%s/base/model.safetensors", dir);
   if (ot_file_digest(path, digest)) return die("digest");
   ot_emu_plan plan;
@@ -124,31 +124,31 @@ int main(int argc, char **argv) {
     snprintf(nm, 32, "%s%d", is_lora ? "lora" : "off", is_lora ? k : k - R);
     snprintf(one[k % R], 32, "lora0");
     base[k % R][0] = '\0';
-    ot_gpt2 *emu = NULL;
+    ot_model *emu = NULL;
     ot_adapter_config ac;
     ot_adapter_config_default(&ac);
     ac.kind = is_lora ? OT_ADAPTER_LORA : OT_ADAPTER_OFFSITE;
     ac.lora_r = rank;
     ac.seed = (uint64_t)k;
     if (ot_emu_build(m, &plan, &emu) || ot_adapter_attach(emu, &plan, &ac)) return die("adapter");
-    for (int i = 0; i < ot_gpt2_param_count(emu); i++) {
-      ot_param *p = ot_gpt2_param(emu, i);
+    for (int i = 0; i < ot_model_param_count(emu); i++) {
+      ot_param *p = ot_model_param(emu, i);
       if (p->trainable)
         for (size_t j = 0; j < p->numel; j++) p->data[j] += 0.02f * noise();
     }
     snprintf(path, sizeof path, "%s/%.31s", dir, nm);
     if (ot_adapter_save(emu, &plan, &ac, path)) return die("saving an adapter");
-    ot_gpt2_free(emu);
+    ot_model_free(emu);
   }
   /* the files are written from the CPU; a CUDA server loads the base model onto the GPU */
   ot_backend *sbe = be;
-  ot_gpt2 *sm = m;
+  ot_model *sm = m;
   if (kind != OT_BACKEND_CPU) {
     int fell_back = 0;
     if (ot_backend_create_or_cpu(kind, threads, &sbe, &fell_back)) return die("backend");
     if (fell_back) fprintf(stderr, "bench_serve: warning: %s; using cpu\n", ot_error_detail());
     snprintf(path, sizeof path, "%s/base", dir);
-    if (ot_gpt2_load_dir(path, sbe, &sm)) return die("loading the model onto the serving backend");
+    if (ot_model_load_dir(path, sbe, &sm)) return die("loading the model onto the serving backend");
   }
   ot_serve_config sc;
   ot_serve_config_default(&sc);
@@ -222,9 +222,9 @@ int main(int argc, char **argv) {
   }
   free(prompt);
   ot_serve_engine_free(e);
-  if (sm != m) ot_gpt2_free(sm);
+  if (sm != m) ot_model_free(sm);
   if (sbe != be) ot_backend_free(sbe);
-  ot_gpt2_free(m);
+  ot_model_free(m);
   ot_backend_free(be);
   return 0;
 }

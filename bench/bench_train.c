@@ -9,7 +9,7 @@
 
 #include "ot_cli.h"
 #include "ot_error.h"
-#include "ot_gpt2.h"
+#include "ot_model.h"
 #include "ot_optim.h"
 
 int main(int argc, char **argv) {
@@ -37,18 +37,18 @@ int main(int argc, char **argv) {
     return rc == 1 ? 0 : 2;
   }
   ot_backend *be;
-  ot_gpt2 *m;
+  ot_model *m;
   ot_optimizer *opt;
-  ot_gpt2_config cfg = {layers, heads, embd, vocab, ctx, 1e-5f};
+  ot_model_config cfg = {layers, heads, embd, vocab, ctx, 1e-5f};
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
   ot_backend_kind kind;
   rc = ot_backend_parse(backend, &kind);
   if (rc == OT_OK) rc = ot_backend_create(kind, threads, &be);
-  if (rc == OT_OK) rc = ot_gpt2_create(&cfg, be, &m);
-  if (rc == OT_OK) rc = ot_gpt2_init_random(m, 1);
-  if (rc == OT_OK) rc = ot_gpt2_prepare(m, B, T, 1);
-  if (rc == OT_OK) rc = ot_optimizer_create(&oc, be, ot_gpt2_param(m, 0), ot_gpt2_param_count(m), &opt);
+  if (rc == OT_OK) rc = ot_model_create(&cfg, be, &m);
+  if (rc == OT_OK) rc = ot_model_init_random(m, 1);
+  if (rc == OT_OK) rc = ot_model_prepare(m, B, T, 1);
+  if (rc == OT_OK) rc = ot_optimizer_create(&oc, be, ot_model_param(m, 0), ot_model_param_count(m), &opt);
   if (rc) {
     fprintf(stderr, "bench_train: %s: %s\n", ot_strerror(rc), ot_error_detail());
     return 1;
@@ -64,8 +64,8 @@ int main(int argc, char **argv) {
   float loss = 0;
   for (int i = 0; i < warmup + steps; i++) {
     if (i == warmup) t0 = ot_now();
-    rc = ot_gpt2_forward(m, in, tg, B, T, &loss);
-    if (rc == OT_OK) rc = ot_gpt2_backward(m);
+    rc = ot_model_forward(m, in, tg, B, T, &loss);
+    if (rc == OT_OK) rc = ot_model_backward(m);
     if (rc == OT_OK) rc = ot_optimizer_step(opt, 1e-4f, NULL);
     if (rc) {
       fprintf(stderr, "bench_train: %s: %s\n", ot_strerror(rc), ot_error_detail());
@@ -83,11 +83,11 @@ int main(int argc, char **argv) {
   printf("\"step_s\": %.4f, \"tokens_per_s\": %.1f, \"peak_rss_mib\": %.1f, "
          "\"loss\": %.4f, "
          "\"params\": %zu}\n",
-         dt, B * T / dt, ru.ru_maxrss / 1024.0, loss, ot_gpt2_num_params(m));
+         dt, B * T / dt, ru.ru_maxrss / 1024.0, loss, ot_model_num_params(m));
   free(in);
   free(tg);
   ot_optimizer_free(opt);
-  ot_gpt2_free(m);
+  ot_model_free(m);
   ot_backend_free(be);
   return 0;
 }

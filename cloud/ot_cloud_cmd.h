@@ -7,7 +7,7 @@
 
 #include "ot_backend.h"
 #include "ot_emulator.h"
-#include "ot_gpt2.h"
+#include "ot_model.h"
 #include "ot_tokenizer.h"
 
 enum { OT_EXIT_OK = 0, OT_EXIT_FAIL = 1, OT_EXIT_USAGE = 2 };
@@ -38,7 +38,7 @@ void ot_cmd_npm_dir(char *dir, size_t n);
 /* Loads a checkpoint directory's model and tokenizer on a fresh backend. The tokenizer is
  * optional: *tok is NULL when the directory has none (ot_tokenizer_load_dir_optional), and
  * what needs text checks with ot_tokenizer_require(*tok, dir, hint). */
-int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
+int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_model **m,
                       ot_tokenizer **tok);
 /* The digest of a checkpoint directory's model.safetensors: what adapters are bound to. */
 int ot_cmd_model_digest(const char *dir, char digest[OT_DIGEST_HEX]);

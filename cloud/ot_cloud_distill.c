@@ -18,7 +18,7 @@
 
 typedef struct {
   const char *out;
-  ot_gpt2 *student;
+  ot_model *student;
   const ot_emu_plan *plan;
   const ot_tokenizer *tok;
   ot_optimizer *opt;
@@ -131,7 +131,7 @@ void ot_cloud_distill_job_default(ot_cloud_distill_job *j) {
 int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res, const char **what) {
   ot_cloud_distill_result r = {0, 0.0, 0.0f, 0.0f, 0.0f};
   ot_backend *be = NULL;
-  ot_gpt2 *full = NULL, *emu = NULL;
+  ot_model *full = NULL, *emu = NULL;
   ot_tokenizer *tok = NULL, *etok = NULL;
   ot_emu_plan plan;
   ot_tokens toks = {NULL, 0};
@@ -142,7 +142,7 @@ int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res
   if (rc) return rc;
   int keep = j->keep, batch = j->batch, steps = j->steps;
   const char *out = j->out;
-  const ot_gpt2_config *fc = ot_gpt2_cfg(full);
+  const ot_model_config *fc = ot_model_cfg(full);
   int T = j->seq_len ? j->seq_len : fc->n_positions;
   if (T > fc->n_positions)
     rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds n_positions %d", T, fc->n_positions);
@@ -181,7 +181,7 @@ int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
   oc.grad_clip = 1.0f;
-  if (rc == OT_OK) rc = ot_optimizer_create(&oc, be, ot_gpt2_param(emu, 0), ot_gpt2_param_count(emu), &opt);
+  if (rc == OT_OK) rc = ot_optimizer_create(&oc, be, ot_model_param(emu, 0), ot_model_param_count(emu), &opt);
   if (rc == OT_OK && resuming) {
     /* the snapshot, not the package, holds the state of the last completed step */
     ot_snapshot_state st = {.batch = batch, .seq_len = T};
@@ -217,8 +217,8 @@ int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res
   ot_optimizer_free(opt);
   ot_distill_free(d);
   ot_tokens_free(&toks);
-  ot_gpt2_free(emu);
-  ot_gpt2_free(full);
+  ot_model_free(emu);
+  ot_model_free(full);
   ot_tokenizer_free(etok);
   ot_tokenizer_free(tok);
   ot_backend_free(be);

@@ -49,7 +49,7 @@ int ot_cmd_eval(int argc, char **argv) {
     return OT_EXIT_USAGE;
   }
   ot_backend *be;
-  ot_gpt2 *m;
+  ot_model *m;
   ot_tokenizer *tok;
   rc = ot_cmd_load_model(model, backend, threads, &be, &m, &tok);
   if (rc) return ot_cmd_fail("loading the model", rc);
@@ -59,16 +59,16 @@ int ot_cmd_eval(int argc, char **argv) {
     if (rc == OT_OK) rc = ot_adapter_apply(m, NULL, digest, adapter);
     if (rc) {
       ot_tokenizer_free(tok);
-      ot_gpt2_free(m);
+      ot_model_free(m);
       ot_backend_free(be);
       return ot_cmd_fail("plugging in the adapter", rc);
     }
   }
   ot_tokens toks = {NULL, 0};
-  int T = seq_len ? seq_len : ot_gpt2_cfg(m)->n_positions;
+  int T = seq_len ? seq_len : ot_model_cfg(m)->n_positions;
   ot_eval_result res;
   rc = text ? ot_tokenizer_require(tok, model, "give token ids with --tokens FILE") : OT_OK;
-  if (rc == OT_OK) rc = ot_tokens_load_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+  if (rc == OT_OK) rc = ot_tokens_load_input(text, tokens, tok, ot_model_cfg(m)->vocab_size, &toks);
   const char *what = "reading the input";
   if (rc == OT_OK) {
     what = "scoring";
@@ -76,7 +76,7 @@ int ot_cmd_eval(int argc, char **argv) {
   }
   ot_tokens_free(&toks);
   ot_tokenizer_free(tok);
-  ot_gpt2_free(m);
+  ot_model_free(m);
   ot_backend_free(be);
   if (rc) return ot_cmd_fail(what, rc);
   ot_eval_print(stdout, &res, json);
@@ -115,7 +115,7 @@ int ot_cmd_generate(int argc, char **argv) {
     return OT_EXIT_USAGE;
   }
   ot_backend *be;
-  ot_gpt2 *m;
+  ot_model *m;
   ot_tokenizer *tok;
   rc = ot_cmd_load_model(model, backend, threads, &be, &m, &tok);
   if (rc) return ot_cmd_fail("loading the model", rc);
@@ -126,7 +126,7 @@ int ot_cmd_generate(int argc, char **argv) {
   ot_sample_config sc = {max_tokens, temperature, top_p, (uint64_t)seed};
   rc = ot_tokenizer_require(tok, model, "--prompt TEXT needs one (serve-model takes token-id prompts)");
   if (rc == OT_OK) rc = ot_tokenizer_encode(tok, prompt, strlen(prompt), &pids, &np);
-  if (rc == OT_OK) rc = ot_gpt2_prepare(m, 1, ot_gpt2_cfg(m)->n_positions, 0);
+  if (rc == OT_OK) rc = ot_model_prepare(m, 1, ot_model_cfg(m)->n_positions, 0);
   if (rc == OT_OK) rc = ot_generate(m, pids, np, &sc, &all, &na);
   if (rc == OT_OK) rc = ot_tokenizer_decode(tok, all, na, &out, &out_len);
   if (rc == OT_OK) {
@@ -137,7 +137,7 @@ int ot_cmd_generate(int argc, char **argv) {
   free(all);
   free(pids);
   ot_tokenizer_free(tok);
-  ot_gpt2_free(m);
+  ot_model_free(m);
   ot_backend_free(be);
   return rc ? ot_cmd_fail("generating", rc) : OT_EXIT_OK;
 }

@@ -53,24 +53,24 @@ int main(int argc, char **argv) {
 
 int ot_cmd_fail(const char *what, int status) { return ot_cli_fail("offtune-cloud", what, status); }
 
-int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
+int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_model **m,
                       ot_tokenizer **tok) {
   ot_backend_kind kind;
   ot_backend *b = NULL;
-  ot_gpt2 *g = NULL;
+  ot_model *g = NULL;
   ot_tokenizer *t = NULL;
   int rc = ot_backend_parse(backend ? backend : "cpu", &kind);
   int fell_back = 0;
   if (rc == OT_OK) rc = ot_backend_create_or_cpu(kind, threads, &b, &fell_back);
   if (rc == OT_OK && fell_back) fprintf(stderr, "offtune-cloud: warning: %s; using cpu\n", ot_error_detail());
-  if (rc == OT_OK) rc = ot_gpt2_load_dir(dir, b, &g);
+  if (rc == OT_OK) rc = ot_model_load_dir(dir, b, &g);
   if (rc == OT_OK) rc = ot_tokenizer_load_dir_optional(dir, &t);
-  if (rc == OT_OK && t && ot_tokenizer_vocab_size(t) > ot_gpt2_cfg(g)->vocab_size)
+  if (rc == OT_OK && t && ot_tokenizer_vocab_size(t) > ot_model_cfg(g)->vocab_size)
     rc = ot_error(OT_ERR_MISMATCH, "%s: tokenizer has %d tokens but the model only %d", dir,
-                  ot_tokenizer_vocab_size(t), ot_gpt2_cfg(g)->vocab_size);
+                  ot_tokenizer_vocab_size(t), ot_model_cfg(g)->vocab_size);
   if (rc) {
     ot_tokenizer_free(t);
-    ot_gpt2_free(g);
+    ot_model_free(g);
     ot_backend_free(b);
     return rc;
   }

@@ -34,7 +34,7 @@ int ot_cmd_merge(int argc, char **argv) {
     return OT_EXIT_USAGE;
   }
   ot_backend *be;
-  ot_gpt2 *m;
+  ot_model *m;
   ot_tokenizer *tok;
   rc = ot_cmd_load_model(model, "cpu", 0, &be, &m, &tok);
   if (rc) return ot_cmd_fail("loading the model", rc);
@@ -44,11 +44,11 @@ int ot_cmd_merge(int argc, char **argv) {
   if (rc == OT_OK) rc = ot_adapter_merge(m, digest, adapter);
   if (rc == OT_OK) {
     what = "writing the merged model";
-    rc = ot_gpt2_save_dir(m, out);
+    rc = ot_model_save_dir(m, out);
   }
   if (rc == OT_OK) rc = ot_tokenizer_save_dir(tok, out);
   ot_tokenizer_free(tok);
-  ot_gpt2_free(m);
+  ot_model_free(m);
   ot_backend_free(be);
   if (rc) return ot_cmd_fail(what, rc);
   printf("merged %s into %s: %s\n", adapter, model, out);

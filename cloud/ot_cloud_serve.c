@@ -210,7 +210,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
   pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 
   ot_backend *be = NULL;
-  ot_gpt2 *m = NULL;
+  ot_model *m = NULL;
   ot_tokenizer *tok = NULL;
   ot_serve_engine *eng = NULL;
   ot_serve_http *api = NULL;
@@ -285,7 +285,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
   }
   if (rc == OT_OK) {
     char line[1200];
-    const ot_gpt2_config *mc = ot_gpt2_cfg(m);
+    const ot_model_config *mc = ot_model_cfg(m);
     int seq = max_seq ? max_seq : mc->n_positions < 1024 ? mc->n_positions : 1024;
     double kv_mib = 8.0 * mc->n_layer * max_batch * seq * mc->n_embd / 1048576.0;
     snprintf(
@@ -317,7 +317,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
   ot_access_free(acl);
   ot_identity_wipe(&id);
   ot_tokenizer_free(tok);
-  ot_gpt2_free(m);
+  ot_model_free(m);
   ot_backend_free(be);
   pthread_mutex_destroy(&lg.mu);
   registry_free(&reg);

@@ -67,7 +67,7 @@ static int check_train_opts(const train_opts *t) {
 
 typedef struct {
   const train_opts *t;
-  ot_gpt2 *m;
+  ot_model *m;
   ot_optimizer *opt;
   const ot_tokenizer *tok;
   ot_batcher *data;
@@ -78,14 +78,14 @@ typedef struct {
 static int save_checkpoint(void *vctx, int step) {
   ckpt_ctx *c = vctx;
   ot_snapshot_state st = {step, c->data->pos, c->data->rng, c->t->batch, c->t->seq_len, -1.0, 0};
-  int rc = ot_gpt2_save_dir(c->m, c->t->out);
+  int rc = ot_model_save_dir(c->m, c->t->out);
   if (rc == OT_OK) rc = ot_tokenizer_save_dir(c->tok, c->t->out);
   if (rc == OT_OK) rc = ot_snapshot_save(c->t->out, c->m, c->opt, &st);
   return rc;
 }
 
 /* Trains m on ids per t, saving into t->out; prints a summary line. */
-static int run_training(const train_opts *t, ot_gpt2 *m, const ot_tokenizer *tok, const int32_t *ids,
+static int run_training(const train_opts *t, ot_model *m, const ot_tokenizer *tok, const int32_t *ids,
                         size_t n, const char *label) {
   ot_optim_config oc;
   ot_optim_kind kind;
@@ -101,9 +101,9 @@ static int run_training(const train_opts *t, ot_gpt2 *m, const ot_tokenizer *tok
   ot_optimizer *opt = NULL;
   int start = 0;
   int rc = ot_batcher_init(&data, &toks, t->batch, t->seq_len, t->shuffle, (uint64_t)t->seed);
-  if (rc == OT_OK) rc = ot_gpt2_prepare(m, t->batch, t->seq_len, 1);
+  if (rc == OT_OK) rc = ot_model_prepare(m, t->batch, t->seq_len, 1);
   if (rc == OT_OK)
-    rc = ot_optimizer_create(&oc, ot_gpt2_backend(m), ot_gpt2_param(m, 0), ot_gpt2_param_count(m), &opt);
+    rc = ot_optimizer_create(&oc, ot_model_backend(m), ot_model_param(m, 0), ot_model_param_count(m), &opt);
   if (rc == OT_OK && t->resume && ot_snapshot_exists(t->out)) {
     ot_snapshot_state st = {.batch = t->batch, .seq_len = t->seq_len};
     rc = ot_snapshot_load(t->out, m, opt, n, &st);
@@ -122,8 +122,8 @@ static int run_training(const train_opts *t, ot_gpt2 *m, const ot_tokenizer *tok
   ot_train_result res;
   if (rc == OT_OK && start < t->steps) {
     fprintf(stderr, "[%s] %zu parameters, %zu training tokens, %d steps of %d x %d, %.1f MiB model memory\n",
-            label, ot_gpt2_num_params(m), n, t->steps - start, t->batch, t->seq_len,
-            ot_gpt2_memory_bytes(m) / 1048576.0);
+            label, ot_model_num_params(m), n, t->steps - start, t->batch, t->seq_len,
+            ot_model_memory_bytes(m) / 1048576.0);
     rc = ot_train(m, opt, &data, &tc, start, &res);
     if (rc == OT_OK)
       fprintf(stderr,
@@ -167,17 +167,17 @@ int ot_cmd_finetune(int argc, char **argv) {
     return OT_EXIT_USAGE;
   }
   ot_backend *be;
-  ot_gpt2 *m = NULL;
+  ot_model *m = NULL;
   ot_tokenizer *tok;
   rc = ot_cmd_load_model(model, t.backend, t.threads, &be, &m, &tok);
   if (rc) return ot_cmd_fail("loading the model", rc);
   ot_tokens toks = {NULL, 0};
   rc = text ? ot_tokenizer_require(tok, model, "give token ids with --tokens FILE") : OT_OK;
-  if (rc == OT_OK) rc = ot_tokens_load_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+  if (rc == OT_OK) rc = ot_tokens_load_input(text, tokens, tok, ot_model_cfg(m)->vocab_size, &toks);
   if (rc == OT_OK) rc = run_training(&t, m, tok, toks.ids, toks.n, "finetune");
   ot_tokens_free(&toks);
   ot_tokenizer_free(tok);
-  ot_gpt2_free(m);
+  ot_model_free(m);
   ot_backend_free(be);
   return rc ? ot_cmd_fail("fine-tuning", rc) : OT_EXIT_OK;
 }
@@ -254,28 +254,28 @@ int ot_cmd_pretrain(int argc, char **argv) {
   else
     rc = ot_tokenizer_bpe_load(bpe_vocab, bpe_merges, &tok);
   if (rc) return ot_cmd_fail("loading the tokenizer", rc);
-  ot_gpt2_config cfg = {layers, heads, embd, ot_tokenizer_vocab_size(tok), ctx, 1e-5f};
+  ot_model_config cfg = {layers, heads, embd, ot_tokenizer_vocab_size(tok), ctx, 1e-5f};
   ot_backend *be = NULL;
-  ot_gpt2 *m = NULL;
+  ot_model *m = NULL;
   ot_backend_kind kind;
   char *train_text = NULL, *heldout_text = NULL;
   size_t train_len = 0, heldout_len = 0;
   int32_t *ids = NULL, *hids = NULL;
   size_t n = 0, hn = 0;
   const char *what = "setting up";
-  rc = ot_config_validate(&cfg);
+  rc = ot_model_config_validate(&cfg);
   if (rc == OT_OK) rc = ot_backend_parse(t.backend, &kind);
   int fell_back = 0;
   if (rc == OT_OK) rc = ot_backend_create_or_cpu(kind, t.threads, &be, &fell_back);
   if (rc == OT_OK && fell_back) fprintf(stderr, "offtune-cloud: warning: %s; using cpu\n", ot_error_detail());
   if (rc == OT_OK) {
-    rc = ot_gpt2_create(&cfg, be, &m);
-    if (rc == OT_OK) rc = ot_gpt2_init_random(m, (uint64_t)t.seed);
+    rc = ot_model_create(&cfg, be, &m);
+    if (rc == OT_OK) rc = ot_model_init_random(m, (uint64_t)t.seed);
     /* a snapshot restores the weights; the settings must be the ones it was made with */
     char *saved_cfg = NULL;
-    ot_gpt2_config h;
+    ot_model_config h;
     if (rc == OT_OK && t.resume && ot_snapshot_exists(t.out) &&
-        ot_path_join(t.out, "config.json", &saved_cfg) == OT_OK && ot_config_load(saved_cfg, &h) == OT_OK &&
+        ot_path_join(t.out, "config.json", &saved_cfg) == OT_OK && ot_model_config_load(saved_cfg, &h) == OT_OK &&
         memcmp(&h, &cfg, sizeof cfg) != 0)
       rc = ot_error(
           OT_ERR_MISMATCH,
@@ -304,7 +304,7 @@ int ot_cmd_pretrain(int argc, char **argv) {
   if (rc == OT_OK && hids) {
     what = "scoring the held-out text";
     ot_eval_result er;
-    rc = ot_gpt2_prepare(m, 8, t.seq_len, 0);
+    rc = ot_model_prepare(m, 8, t.seq_len, 0);
     if (rc == OT_OK) rc = ot_eval_tokens(m, hids, hn, t.seq_len, 8, NULL, &er);
     if (rc == OT_OK)
       printf(
@@ -316,7 +316,7 @@ int ot_cmd_pretrain(int argc, char **argv) {
   free(hids);
   free(train_text);
   free(heldout_text);
-  ot_gpt2_free(m);
+  ot_model_free(m);
   ot_backend_free(be);
   ot_tokenizer_free(tok);
   return rc ? ot_cmd_fail(what, rc) : OT_EXIT_OK;

@@ -12,7 +12,7 @@
 
 #include "ot_daemon.h"
 #include "ot_dp.h"
-#include "ot_config.h"
+#include "ot_model_config.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
 
@@ -38,9 +38,9 @@ static int add_list(ot_daemon *d, cJSON *reply, const char *key, const char *wha
  * exact). */
 static int check_against_model(const char *dir, ot_session_cfg *c) {
   char path[1100];
-  ot_gpt2_config mc;
+  ot_model_config mc;
   snprintf(path, sizeof path, "%s/config.json", dir);
-  int rc = ot_config_load(path, &mc);
+  int rc = ot_model_config_load(path, &mc);
   int keep = c->keep;
   ot_emu_plan plan;
   if (rc == OT_OK && !keep) rc = ot_emu_keep_for_ratio(mc.n_layer, c->bottom, c->top, 0.5f, &keep);

@@ -15,7 +15,7 @@ struct ot_daemon_serving {
   ot_daemon *d;
   char model_name[OT_NAME_MAX], digest[OT_DIGEST_HEX], url[600];
   ot_backend *be;
-  ot_gpt2 *m;
+  ot_model *m;
   ot_tokenizer *tok;
   ot_serve_engine *eng;
   ot_serve_http *api;
@@ -68,7 +68,7 @@ void ot_daemon_serving_stop(ot_daemon_serving *s) {
   if (s->api) ot_serve_http_stop(s->api); /* before the engine: it completes the replies */
   ot_serve_engine_free(s->eng);
   ot_tokenizer_free(s->tok);
-  ot_gpt2_free(s->m);
+  ot_model_free(s->m);
   ot_backend_free(s->be);
   free(s);
 }

@@ -158,7 +158,7 @@ static int initial_adapter(ot_daemon *d, const ot_session_row *s, const char *em
   if (rc == OT_OK) rc = ot_rm_rf(tmp);
   if (rc) return rc;
   ot_backend *be = NULL;
-  ot_gpt2 *m = NULL;
+  ot_model *m = NULL;
   ot_tokenizer *tok = NULL;
   ot_emu_plan plan;
   rc = ot_backend_create(OT_BACKEND_CPU, 1, &be);
@@ -166,7 +166,7 @@ static int initial_adapter(ot_daemon *d, const ot_session_row *s, const char *em
   if (rc == OT_OK) rc = ot_adapter_attach(m, &plan, &s->cfg.adapter);
   if (rc == OT_OK) rc = ot_adapter_save(m, &plan, &s->cfg.adapter, tmp);
   ot_tokenizer_free(tok);
-  ot_gpt2_free(m);
+  ot_model_free(m);
   ot_backend_free(be);
   if (rc == OT_OK) rc = ot_daemon_adapter_put(d, tmp, digest);
   return rc;

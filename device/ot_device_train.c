@@ -17,7 +17,7 @@
 #include "ot_snapshot.h"
 #include "ot_train.h"
 
-int ot_dev_load_emulator(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
+int ot_dev_load_emulator(const char *dir, const char *backend, int threads, ot_backend **be, ot_model **m,
                          ot_tokenizer **tok, ot_emu_plan *plan) {
   ot_backend_kind kind;
   int rc = ot_backend_parse(backend ? backend : "cpu", &kind);
@@ -33,17 +33,17 @@ int ot_dev_load_emulator(const char *dir, const char *backend, int threads, ot_b
 
 /* Host copy of the adapter blocks' parameters (the best weights for early stopping). */
 typedef struct {
-  ot_gpt2 *m;
+  ot_model *m;
   float *host;
   size_t n;
 } weights_copy;
 
 static int adapter_copy(weights_copy *w, int upload) {
-  ot_backend *be = ot_gpt2_backend(w->m);
+  ot_backend *be = ot_model_backend(w->m);
   float *h = w->host;
   int rc = OT_OK;
-  for (int i = 0; i < ot_gpt2_param_count(w->m) && rc == OT_OK; i++) {
-    ot_param *p = ot_gpt2_param(w->m, i);
+  for (int i = 0; i < ot_model_param_count(w->m) && rc == OT_OK; i++) {
+    ot_param *p = ot_model_param(w->m, i);
     if (!p->trainable) continue;
     rc = upload ? be->ops->upload(be, p->data, h, p->numel * sizeof(float))
                 : be->ops->download(be, h, p->data, p->numel * sizeof(float));
@@ -54,7 +54,7 @@ static int adapter_copy(weights_copy *w, int upload) {
 
 typedef struct {
   const char *out;
-  ot_gpt2 *m;
+  ot_model *m;
   const ot_emu_plan *plan;
   const ot_adapter_config *acfg;
   ot_optimizer *opt;
@@ -85,9 +85,9 @@ static int save_state(void *vctx, int step) {
 
 static int held_out(tune_ctx *c, double *loss) {
   ot_eval_result er;
-  ot_gpt2_set_dropout(c->m, 0); /* evaluation sees the adapter without dropout */
+  ot_model_set_dropout(c->m, 0); /* evaluation sees the adapter without dropout */
   int rc = ot_eval_tokens(c->m, c->val, c->n_val, c->T, c->B, NULL, &er);
-  ot_gpt2_set_dropout(c->m, 1);
+  ot_model_set_dropout(c->m, 1);
   if (rc == OT_OK) *loss = er.loss;
   return rc;
 }
@@ -128,13 +128,13 @@ static int on_step(void *vctx, int step, float loss, int *stop) {
  * gradient mu (w - w_init) added to each adapter tensor's gradient. */
 static int prox_loss_step(void *vctx, const int32_t *inputs, const int32_t *targets, float *loss) {
   tune_ctx *c = vctx;
-  int rc = ot_gpt2_forward(c->m, inputs, targets, c->B, c->T, loss);
-  if (rc == OT_OK) rc = ot_gpt2_backward(c->m);
-  ot_backend *be = ot_gpt2_backend(c->m);
+  int rc = ot_model_forward(c->m, inputs, targets, c->B, c->T, loss);
+  if (rc == OT_OK) rc = ot_model_backward(c->m);
+  ot_backend *be = ot_model_backend(c->m);
   const float *w0 = c->init_w.host;
   double sq = 0;
-  for (int i = 0; i < ot_gpt2_param_count(c->m) && rc == OT_OK; i++) {
-    ot_param *p = ot_gpt2_param(c->m, i);
+  for (int i = 0; i < ot_model_param_count(c->m) && rc == OT_OK; i++) {
+    ot_param *p = ot_model_param(c->m, i);
     if (!p->trainable) continue;
     size_t bytes = p->numel * sizeof(float);
     rc = be->ops->download(be, c->host_w, p->data, bytes);
@@ -166,7 +166,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
   ot_dev_train_result res;
   memset(&res, 0, sizeof res);
   ot_backend *be;
-  ot_gpt2 *m;
+  ot_model *m;
   ot_tokenizer *tok;
   ot_emu_plan plan;
   res.what = "loading the emulator";
@@ -177,7 +177,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
   }
   res.what = "reading the data";
   int batch = o->batch, steps = o->steps;
-  int T = o->seq_len ? o->seq_len : ot_gpt2_cfg(m)->n_positions;
+  int T = o->seq_len ? o->seq_len : ot_model_cfg(m)->n_positions;
   ot_tokens toks = {NULL, 0};
   ot_optimizer *opt = NULL;
   tune_ctx c = {.out = o->out,
@@ -190,10 +190,10 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
                 .eval_every = o->eval_every,
                 .patience = o->patience,
                 .prox_mu = o->prox_mu};
-  if (T > ot_gpt2_cfg(m)->n_positions) rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds n_positions", T);
+  if (T > ot_model_cfg(m)->n_positions) rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds n_positions", T);
   if (rc == OT_OK && o->text)
     rc = ot_tokenizer_require(tok, o->emulator, "give token ids with --tokens FILE");
-  if (rc == OT_OK) rc = ot_tokens_load_input(o->text, o->tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+  if (rc == OT_OK) rc = ot_tokens_load_input(o->text, o->tokens, tok, ot_model_cfg(m)->vocab_size, &toks);
   size_t n_train = toks.n;
   if (rc == OT_OK && o->eval_every) {
     c.n_val = toks.n / 10;
@@ -218,20 +218,20 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
     res.what = "loading the round's adapter";
     rc = ot_adapter_apply(m, &plan, NULL, o->init_adapter);
   }
-  if (rc == OT_OK) rc = ot_gpt2_prepare(m, batch, T, 1);
+  if (rc == OT_OK) rc = ot_model_prepare(m, batch, T, 1);
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
   oc.weight_decay = o->weight_decay;
   oc.grad_clip = o->grad_clip;
-  if (rc == OT_OK) rc = ot_optimizer_create(&oc, be, ot_gpt2_param(m, 0), ot_gpt2_param_count(m), &opt);
+  if (rc == OT_OK) rc = ot_optimizer_create(&oc, be, ot_model_param(m, 0), ot_model_param_count(m), &opt);
   c.opt = opt;
   c.best_w.m = m;
   c.init_w.m = m;
   size_t largest = 1;
-  for (int i = 0; i < ot_gpt2_param_count(m); i++)
-    if (ot_gpt2_param(m, i)->trainable) {
-      c.best_w.n += ot_gpt2_param(m, i)->numel;
-      if (ot_gpt2_param(m, i)->numel > largest) largest = ot_gpt2_param(m, i)->numel;
+  for (int i = 0; i < ot_model_param_count(m); i++)
+    if (ot_model_param(m, i)->trainable) {
+      c.best_w.n += ot_model_param(m, i)->numel;
+      if (ot_model_param(m, i)->numel > largest) largest = ot_model_param(m, i)->numel;
     }
   c.init_w.n = c.best_w.n;
   if (rc == OT_OK && !(c.best_w.host = malloc(c.best_w.n * sizeof(float))))
@@ -272,7 +272,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
     fprintf(
         stderr,
         " (full-model indices): %zu of %zu parameters train; %zu training tokens, %zu held out; %.1f MiB\n",
-        trainable, ot_gpt2_num_params(m), n_train, c.n_val, ot_gpt2_memory_bytes(m) / 1048576.0);
+        trainable, ot_model_num_params(m), n_train, c.n_val, ot_model_memory_bytes(m) / 1048576.0);
     if (o->prox_mu > 0) fprintf(stderr, "[tune] FedProx: + (%g/2) ||w - w_round||^2\n", o->prox_mu);
     ot_lr_schedule sched = {o->lr, o->warmup, steps, OT_LR_CONSTANT, 0.0f};
     ot_train_config tc = {steps,
@@ -311,7 +311,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
   ot_optimizer_free(opt);
   ot_tokens_free(&toks);
   ot_tokenizer_free(tok);
-  ot_gpt2_free(m);
+  ot_model_free(m);
   ot_backend_free(be);
   if (rc) {
     out->what = res.what;

@@ -41,7 +41,7 @@ typedef struct {
 } ot_dev_train_result;
 
 /* Loads an emulator package on a fresh backend ("cpu" or "cuda"; threads 0 = all). */
-int ot_dev_load_emulator(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
+int ot_dev_load_emulator(const char *dir, const char *backend, int threads, ot_backend **be, ot_model **m,
                          ot_tokenizer **tok, ot_emu_plan *plan);
 
 /* Trains and writes the adapter to o->out. Progress bar and notes on stderr. */

@@ -159,7 +159,7 @@ int ot_dev_eval(int argc, char **argv) {
     return OT_EXIT_USAGE;
   }
   ot_backend *be;
-  ot_gpt2 *m;
+  ot_model *m;
   ot_tokenizer *tok;
   ot_emu_plan plan;
   rc = ot_dev_load_emulator(emu_dir, backend, threads, &be, &m, &tok, &plan);
@@ -168,11 +168,11 @@ int ot_dev_eval(int argc, char **argv) {
   if (adapter) rc = ot_adapter_apply(m, &plan, NULL, adapter);
   ot_tokens toks = {NULL, 0};
   ot_eval_result res;
-  int T = seq_len ? seq_len : ot_gpt2_cfg(m)->n_positions;
+  int T = seq_len ? seq_len : ot_model_cfg(m)->n_positions;
   if (rc == OT_OK) {
     what = "reading the input";
     rc = text ? ot_tokenizer_require(tok, emu_dir, "give token ids with --tokens FILE") : OT_OK;
-    if (rc == OT_OK) rc = ot_tokens_load_input(text, tokens, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+    if (rc == OT_OK) rc = ot_tokens_load_input(text, tokens, tok, ot_model_cfg(m)->vocab_size, &toks);
   }
   if (rc == OT_OK) {
     what = "scoring";
@@ -180,7 +180,7 @@ int ot_dev_eval(int argc, char **argv) {
   }
   ot_tokens_free(&toks);
   ot_tokenizer_free(tok);
-  ot_gpt2_free(m);
+  ot_model_free(m);
   ot_backend_free(be);
   if (rc) return ot_dev_fail(what, rc);
   ot_eval_print(stdout, &res, json);

@@ -97,10 +97,10 @@ static ot_block_ext block_ext(const ot_adapter_config *c) {
   return e;
 }
 
-int ot_adapter_attach(ot_gpt2 *emu, const ot_emu_plan *p, const ot_adapter_config *c) {
+int ot_adapter_attach(ot_model *emu, const ot_emu_plan *p, const ot_adapter_config *c) {
   int rc = config_check(c);
   if (rc) return rc;
-  int L = ot_gpt2_cfg(emu)->n_layer;
+  int L = ot_model_cfg(emu)->n_layer;
   if (L != ot_emu_n_layer(p)) return ot_error(OT_ERR_MISMATCH, "emulator does not fit its plan");
   if (c->kind == OT_ADAPTER_OFFSITE) {
     ot_emu_set_trainable(emu, p, OT_EMU_TRAIN_ADAPTER);
@@ -111,13 +111,13 @@ int ot_adapter_attach(ot_gpt2 *emu, const ot_emu_plan *p, const ot_adapter_confi
     if (!ext) return ot_error(OT_ERR_NOMEM, "cannot allocate");
     for (int i = 0; i < L; i++)
       if (ot_emu_is_adapter(p, i)) ext[i] = block_ext(c);
-    rc = ot_gpt2_add_extensions(emu, ext, c->seed);
+    rc = ot_model_add_extensions(emu, ext, c->seed);
     free(ext);
     if (rc) return rc;
   }
-  ot_gpt2_set_all_trainable(emu, 0);
-  for (int i = 0; i < ot_gpt2_param_count(emu); i++) {
-    ot_param *pr = ot_gpt2_param(emu, i);
+  ot_model_set_all_trainable(emu, 0);
+  for (int i = 0; i < ot_model_param_count(emu); i++) {
+    ot_param *pr = ot_model_param(emu, i);
     int layer;
     const char *rest;
     if (ot_emu_split_block_name(pr->name, &layer, &rest) && ot_emu_is_adapter(p, layer) &&
@@ -187,11 +187,11 @@ static cJSON *json_float(float v) {
   return cJSON_CreateNumber(strtod(b, NULL));
 }
 
-int ot_adapter_save(ot_gpt2 *emu, const ot_emu_plan *p, const ot_adapter_config *c, const char *dir) {
+int ot_adapter_save(ot_model *emu, const ot_emu_plan *p, const ot_adapter_config *c, const char *dir) {
   if (!c || c->kind == OT_ADAPTER_OFFSITE) return ot_offsite_save(emu, p, dir);
   int rc = config_check(c);
   if (rc) return rc;
-  int L = ot_gpt2_cfg(emu)->n_layer, C = ot_gpt2_cfg(emu)->n_embd;
+  int L = ot_model_cfg(emu)->n_layer, C = ot_model_cfg(emu)->n_embd;
   if (L != ot_emu_n_layer(p)) return ot_error(OT_ERR_MISMATCH, "emulator does not fit its plan");
   int full[OT_EMU_MAX_LAYERS], loc[OT_EMU_MAX_LAYERS], n = 0;
   for (int i = 0; i < L; i++)
@@ -208,12 +208,12 @@ int ot_adapter_save(ot_gpt2 *emu, const ot_emu_plan *p, const ot_adapter_config 
   float *host = malloc((total ? total : 1) * sizeof(float)), *h = host;
   ot_st_writer *wr = NULL;
   char *st_path = NULL, digest[OT_DIGEST_HEX];
-  ot_backend *be = ot_gpt2_backend(emu);
+  ot_backend *be = ot_model_backend(emu);
   rc = host ? ot_mkdir_p(dir) : ot_error(OT_ERR_NOMEM, "cannot allocate adapter buffer");
   if (rc == OT_OK) rc = ot_st_writer_new(&wr);
   if (rc == OT_OK) rc = ot_st_writer_set_metadata(wr, "format", "pt");
   for (int i = 0; i < nw && rc == OT_OK; i++) {
-    ot_param *pr = ot_gpt2_find_param(emu, w[i].local);
+    ot_param *pr = ot_model_find_param(emu, w[i].local);
     if (!pr || pr->numel != w[i].numel) {
       rc = ot_error(OT_ERR_INVALID, "%s: the %s adapter is not attached to this emulator", w[i].local,
                     kind_names[c->kind]);
@@ -326,14 +326,14 @@ static int ext_equal(const ot_block_ext *a, const ot_block_ext *b) {
          (!a->lora_sites || (a->lora_r == b->lora_r && a->lora_alpha == b->lora_alpha));
 }
 
-int ot_adapter_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_digest, const char *dir) {
+int ot_adapter_apply(ot_model *m, const ot_emu_plan *plan, const char *base_digest, const char *dir) {
   ot_adapter_config c;
   ot_adapter_config_default(&c);
   int rc = ot_adapter_read_kind(dir, &c.kind);
   if (rc) return rc;
   if (c.kind == OT_ADAPTER_OFFSITE) return ot_offsite_apply(m, plan, base_digest, dir);
   if (plan) base_digest = plan->base_digest;
-  int L = ot_gpt2_cfg(m)->n_layer, C = ot_gpt2_cfg(m)->n_embd;
+  int L = ot_model_cfg(m)->n_layer, C = ot_model_cfg(m)->n_embd;
   cJSON *j = NULL;
   rc = ot_emu_read_json(dir, "adapter_config.json", &j);
   if (rc) return rc;
@@ -406,19 +406,19 @@ int ot_adapter_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_diges
     ot_block_ext *ext = calloc((size_t)L, sizeof *ext);
     if (!ext) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
     for (int i = 0; i < n && ext; i++) ext[loc[i]] = block_ext(&c);
-    if (rc == OT_OK && ot_gpt2_param_count(m) > ot_gpt2_base_param_count(m)) {
+    if (rc == OT_OK && ot_model_param_count(m) > ot_model_base_param_count(m)) {
       for (int l = 0; l < L && rc == OT_OK; l++)
-        if (!ext_equal(&ext[l], ot_gpt2_block_ext(m, l)))
+        if (!ext_equal(&ext[l], ot_model_block_ext(m, l)))
           rc = ot_error(OT_ERR_MISMATCH, "%s: the model already carries other adapter tensors (block %d)",
                         dir, l);
     } else if (rc == OT_OK) {
-      rc = ot_gpt2_add_extensions(m, ext, c.seed);
+      rc = ot_model_add_extensions(m, ext, c.seed);
     }
     free(ext);
   }
-  ot_backend *be = ot_gpt2_backend(m);
+  ot_backend *be = ot_model_backend(m);
   for (int k = 0; k < nw && rc == OT_OK; k++) {
-    ot_param *p = ot_gpt2_find_param(m, w[k].local);
+    ot_param *p = ot_model_find_param(m, w[k].local);
     if (!p || p->numel != w[k].numel) rc = ot_error(OT_ERR_INTERNAL, "%s: no such model tensor", w[k].local);
     if (rc == OT_OK) rc = be->ops->upload(be, p->data, stage[k], p->numel * sizeof(float));
   }
@@ -431,15 +431,15 @@ int ot_adapter_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_diges
   return rc;
 }
 
-int ot_adapter_merge(ot_gpt2 *m, const char *base_digest, const char *dir) {
+int ot_adapter_merge(ot_model *m, const char *base_digest, const char *dir) {
   ot_adapter_kind k;
   int rc = ot_adapter_read_kind(dir, &k);
   if (rc) return rc;
   if (k != OT_ADAPTER_LORA)
     return ot_error(OT_ERR_UNSUPPORTED, "%s: only LoRA adapters merge into the base weights (this one is %s)",
                     dir, kind_names[k]);
-  if (ot_gpt2_param_count(m) > ot_gpt2_base_param_count(m))
+  if (ot_model_param_count(m) > ot_model_base_param_count(m))
     return ot_error(OT_ERR_INVALID, "merge needs a plain model without adapter tensors");
   rc = ot_adapter_apply(m, NULL, base_digest, dir);
-  return rc ? rc : ot_gpt2_merge_lora(m);
+  return rc ? rc : ot_model_merge_lora(m);
 }

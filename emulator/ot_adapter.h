@@ -26,7 +26,7 @@ typedef struct {
   ot_adapter_kind kind;
   int lora_r;
   float lora_alpha, lora_dropout;
-  unsigned lora_sites; /* bits OT_LORA_* of ot_gpt2.h */
+  unsigned lora_sites; /* bits OT_LORA_* of ot_model.h */
   int bottleneck_dim;
   uint64_t seed; /* initialisation and dropout masks */
 } ot_adapter_config;
@@ -40,20 +40,20 @@ const char *ot_adapter_kind_name(ot_adapter_kind k);
 int ot_lora_parse_targets(const char *list, unsigned *sites);
 
 /* Adds the adapter's tensors to the emulator's adapter blocks (LoRA, bottleneck) and makes
- * exactly the adapter's tensors trainable. Before ot_gpt2_prepare and the optimizer. */
-int ot_adapter_attach(ot_gpt2 *emu, const ot_emu_plan *p, const ot_adapter_config *c);
+ * exactly the adapter's tensors trainable. Before ot_model_prepare and the optimizer. */
+int ot_adapter_attach(ot_model *emu, const ot_emu_plan *p, const ot_adapter_config *c);
 /* Writes the adapter of an emulator it was attached to (c NULL: offsite) under full-model
  * block indices. */
-int ot_adapter_save(ot_gpt2 *emu, const ot_emu_plan *p, const ot_adapter_config *c, const char *dir);
+int ot_adapter_save(ot_model *emu, const ot_emu_plan *p, const ot_adapter_config *c, const char *dir);
 /* Plugs an adapter of any kind into m: the full model (plan NULL, base_digest = digest of its
  * model.safetensors) or an emulator (plan given). LoRA and bottleneck tensors attach to the
  * blocks with the same full-model indices (m must have no other extensions). On error m is
  * unchanged. */
-int ot_adapter_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_digest, const char *dir);
+int ot_adapter_apply(ot_model *m, const ot_emu_plan *plan, const char *base_digest, const char *dir);
 /* Kind of the adapter in dir (from adapter_config.json, unverified). */
 int ot_adapter_read_kind(const char *dir, ot_adapter_kind *out);
 /* Applies a LoRA adapter to the full model and folds it into the base weights, leaving a
- * plain model (ot_gpt2_save_dir writes a normal checkpoint). */
-int ot_adapter_merge(ot_gpt2 *m, const char *base_digest, const char *dir);
+ * plain model (ot_model_save_dir writes a normal checkpoint). */
+int ot_adapter_merge(ot_model *m, const char *base_digest, const char *dir);
 
 #endif

@@ -56,24 +56,24 @@ int ot_emu_plan_make(int L, int a, int b, int k, ot_emu_plan *out) {
 
 /* ---- building ------------------------------------------------------------------- */
 
-static int copy_param(ot_gpt2 *dst, int di, ot_gpt2 *src, int si) {
-  ot_param *d = ot_gpt2_param(dst, di), *s = ot_gpt2_param(src, si);
+static int copy_param(ot_model *dst, int di, ot_model *src, int si) {
+  ot_param *d = ot_model_param(dst, di), *s = ot_model_param(src, si);
   if (!d || !s || d->numel != s->numel)
     return ot_error(OT_ERR_INTERNAL, "parameter %d/%d do not match", di, si);
-  ot_backend *be = ot_gpt2_backend(dst);
+  ot_backend *be = ot_model_backend(dst);
   return be->ops->copy(be, d->data, s->data, d->numel * sizeof(float));
 }
 
-int ot_emu_build(ot_gpt2 *full, const ot_emu_plan *p, ot_gpt2 **out) {
-  const ot_gpt2_config *fc = ot_gpt2_cfg(full);
+int ot_emu_build(ot_model *full, const ot_emu_plan *p, ot_model **out) {
+  const ot_model_config *fc = ot_model_cfg(full);
   if (fc->n_layer != p->full_layers)
     return ot_error(OT_ERR_MISMATCH, "plan is for %d blocks, the model has %d", p->full_layers, fc->n_layer);
-  ot_gpt2_config cfg = *fc;
+  ot_model_config cfg = *fc;
   cfg.n_layer = ot_emu_n_layer(p);
-  ot_gpt2 *m = NULL;
-  int rc = ot_gpt2_create(&cfg, ot_gpt2_backend(full), &m);
+  ot_model *m = NULL;
+  int rc = ot_model_create(&cfg, ot_model_backend(full), &m);
   if (rc) return rc;
-  int np = ot_gpt2_param_count(m), nf = ot_gpt2_param_count(full);
+  int np = ot_model_param_count(m), nf = ot_model_param_count(full);
   /* wte, wpe first; ln_f last two; blocks in between */
   rc = copy_param(m, 0, full, 0);
   if (rc == OT_OK) rc = copy_param(m, 1, full, 1);
@@ -81,24 +81,24 @@ int ot_emu_build(ot_gpt2 *full, const ot_emu_plan *p, ot_gpt2 **out) {
   if (rc == OT_OK) rc = copy_param(m, np - 1, full, nf - 1);
   for (int i = 0; i < cfg.n_layer && rc == OT_OK; i++)
     for (int k = 0; k < OT_BLK_NPARAM && rc == OT_OK; k++)
-      rc = copy_param(m, ot_gpt2_block_param_index(m, i, k), full,
-                      ot_gpt2_block_param_index(full, p->src[i], k));
-  if (rc == OT_OK) rc = ot_gpt2_backend(full)->ops->sync(ot_gpt2_backend(full));
+      rc = copy_param(m, ot_model_block_param_index(m, i, k), full,
+                      ot_model_block_param_index(full, p->src[i], k));
+  if (rc == OT_OK) rc = ot_model_backend(full)->ops->sync(ot_model_backend(full));
   if (rc) {
-    ot_gpt2_free(m);
+    ot_model_free(m);
     return rc;
   }
   *out = m;
   return OT_OK;
 }
 
-void ot_emu_set_trainable(ot_gpt2 *emu, const ot_emu_plan *p, ot_emu_part part) {
-  ot_gpt2_set_all_trainable(emu, 0);
+void ot_emu_set_trainable(ot_model *emu, const ot_emu_plan *p, ot_emu_part part) {
+  ot_model_set_all_trainable(emu, 0);
   for (int i = 0; i < ot_emu_n_layer(p); i++) {
     int adapter = ot_emu_is_adapter(p, i);
     if ((part == OT_EMU_TRAIN_ADAPTER) != adapter) continue;
     for (int k = 0; k < OT_BLK_NPARAM; k++)
-      ot_gpt2_param(emu, ot_gpt2_block_param_index(emu, i, k))->trainable = 1;
+      ot_model_param(emu, ot_model_block_param_index(emu, i, k))->trainable = 1;
   }
 }
 
@@ -119,13 +119,13 @@ int ot_emu_write_json(const char *dir, const char *name, cJSON *j) {
   return rc;
 }
 
-int ot_emu_save(const ot_gpt2 *emu, const ot_emu_plan *p, const ot_tokenizer *tok, const char *dir) {
-  if (ot_gpt2_cfg(emu)->n_layer != ot_emu_n_layer(p))
-    return ot_error(OT_ERR_MISMATCH, "emulator has %d blocks, the plan %d", ot_gpt2_cfg(emu)->n_layer,
+int ot_emu_save(const ot_model *emu, const ot_emu_plan *p, const ot_tokenizer *tok, const char *dir) {
+  if (ot_model_cfg(emu)->n_layer != ot_emu_n_layer(p))
+    return ot_error(OT_ERR_MISMATCH, "emulator has %d blocks, the plan %d", ot_model_cfg(emu)->n_layer,
                     ot_emu_n_layer(p));
   unsigned char int8[OT_EMU_MAX_LAYERS] = {0};
   for (int i = 0; i < p->keep && p->int8_middle; i++) int8[p->bottom + i] = 1; /* frozen on the device */
-  int rc = ot_gpt2_save_dir_int8(emu, dir, int8);
+  int rc = ot_model_save_dir_int8(emu, dir, int8);
   if (rc == OT_OK) rc = ot_tokenizer_save_dir(tok, dir);
   if (rc) return rc;
   cJSON *j = cJSON_CreateObject();
@@ -236,21 +236,21 @@ int ot_emu_plan_load(const char *dir, ot_emu_plan *out) {
   return rc;
 }
 
-int ot_emu_load(const char *dir, ot_backend *be, ot_gpt2 **m, ot_tokenizer **tok, ot_emu_plan *p) {
+int ot_emu_load(const char *dir, ot_backend *be, ot_model **m, ot_tokenizer **tok, ot_emu_plan *p) {
   ot_emu_plan plan;
-  ot_gpt2 *model = NULL;
+  ot_model *model = NULL;
   ot_tokenizer *t = NULL;
   int rc = ot_emu_plan_load(dir, &plan);
-  if (rc == OT_OK) rc = ot_gpt2_load_dir(dir, be, &model);
-  if (rc == OT_OK && ot_gpt2_cfg(model)->n_layer != ot_emu_n_layer(&plan))
+  if (rc == OT_OK) rc = ot_model_load_dir(dir, be, &model);
+  if (rc == OT_OK && ot_model_cfg(model)->n_layer != ot_emu_n_layer(&plan))
     rc = ot_error(OT_ERR_MISMATCH, "%s: config.json has %d blocks, emulator.json %d", dir,
-                  ot_gpt2_cfg(model)->n_layer, ot_emu_n_layer(&plan));
+                  ot_model_cfg(model)->n_layer, ot_emu_n_layer(&plan));
   if (rc == OT_OK) rc = ot_tokenizer_load_dir_optional(dir, &t); /* none: token ids only */
-  if (rc == OT_OK && t && ot_tokenizer_vocab_size(t) > ot_gpt2_cfg(model)->vocab_size)
+  if (rc == OT_OK && t && ot_tokenizer_vocab_size(t) > ot_model_cfg(model)->vocab_size)
     rc = ot_error(OT_ERR_MISMATCH, "%s: tokenizer larger than the model's vocabulary", dir);
   if (rc) {
     ot_tokenizer_free(t);
-    ot_gpt2_free(model);
+    ot_model_free(model);
     return rc;
   }
   *m = model;
@@ -262,7 +262,7 @@ int ot_emu_load(const char *dir, ot_backend *be, ot_gpt2 **m, ot_tokenizer **tok
 /* ---- distillation ---------------------------------------------------------------- */
 
 struct ot_distill {
-  ot_gpt2 *teacher, *student;
+  ot_model *teacher, *student;
   ot_emu_plan plan;
   int B, T;
   float w;
@@ -271,11 +271,11 @@ struct ot_distill {
   float last_ce, last_kd;
 };
 
-int ot_distill_create(ot_gpt2 *teacher, ot_gpt2 *student, const ot_emu_plan *p, int B, int T, float kd_weight,
+int ot_distill_create(ot_model *teacher, ot_model *student, const ot_emu_plan *p, int B, int T, float kd_weight,
                       ot_distill **out) {
-  ot_backend *be = ot_gpt2_backend(student);
-  const ot_gpt2_config *tc = ot_gpt2_cfg(teacher), *sc = ot_gpt2_cfg(student);
-  if (be != ot_gpt2_backend(teacher)) return ot_error(OT_ERR_INVALID, "teacher and student need one backend");
+  ot_backend *be = ot_model_backend(student);
+  const ot_model_config *tc = ot_model_cfg(teacher), *sc = ot_model_cfg(student);
+  if (be != ot_model_backend(teacher)) return ot_error(OT_ERR_INVALID, "teacher and student need one backend");
   if (tc->n_layer != p->full_layers || sc->n_layer != ot_emu_n_layer(p) || tc->n_embd != sc->n_embd ||
       tc->vocab_size != sc->vocab_size)
     return ot_error(OT_ERR_MISMATCH, "teacher (%d blocks) and student (%d blocks) do not fit the plan",
@@ -290,8 +290,8 @@ int ot_distill_create(ot_gpt2 *teacher, ot_gpt2 *student, const ot_emu_plan *p, 
   d->w = kd_weight;
   size_t N = (size_t)B * T, C = sc->n_embd;
   ot_emu_set_trainable(student, p, OT_EMU_TRAIN_MIDDLE);
-  int rc = ot_gpt2_prepare(teacher, B, T, 0);
-  if (rc == OT_OK) rc = ot_gpt2_prepare(student, B, T, 1);
+  int rc = ot_model_prepare(teacher, B, T, 0);
+  if (rc == OT_OK) rc = ot_model_prepare(student, B, T, 1);
   if (rc == OT_OK) rc = be->ops->alloc(be, N * C * sizeof(float), (void **)&d->ht);
   if (rc == OT_OK) rc = be->ops->alloc(be, N * C * sizeof(float), (void **)&d->dhs);
   if (rc == OT_OK) rc = be->ops->alloc(be, N * sizeof(float), (void **)&d->kdl);
@@ -307,7 +307,7 @@ int ot_distill_create(ot_gpt2 *teacher, ot_gpt2 *student, const ot_emu_plan *p, 
 
 void ot_distill_free(ot_distill *d) {
   if (!d) return;
-  ot_backend *be = ot_gpt2_backend(d->student);
+  ot_backend *be = ot_model_backend(d->student);
   if (d->ht) be->ops->free(be, d->ht);
   if (d->dhs) be->ops->free(be, d->dhs);
   if (d->kdl) be->ops->free(be, d->kdl);
@@ -317,14 +317,14 @@ void ot_distill_free(ot_distill *d) {
 
 int ot_distill_step(void *vd, const int32_t *inputs, const int32_t *targets, float *loss) {
   ot_distill *d = vd;
-  ot_backend *be = ot_gpt2_backend(d->student);
-  int N = d->B * d->T, C = ot_gpt2_cfg(d->student)->n_embd;
+  ot_backend *be = ot_model_backend(d->student);
+  int N = d->B * d->T, C = ot_model_cfg(d->student)->n_embd;
   int t_layer = d->plan.full_layers - d->plan.top - 1, s_layer = d->plan.bottom + d->plan.keep - 1;
   const float *hs = NULL;
   float ce = 0.0f;
-  int rc = ot_gpt2_forward_to_block(d->teacher, inputs, d->B, d->T, t_layer, d->ht);
-  if (rc == OT_OK) rc = ot_gpt2_forward(d->student, inputs, targets, d->B, d->T, &ce);
-  if (rc == OT_OK) rc = ot_gpt2_block_output(d->student, s_layer, &hs);
+  int rc = ot_model_forward_to_block(d->teacher, inputs, d->B, d->T, t_layer, d->ht);
+  if (rc == OT_OK) rc = ot_model_forward(d->student, inputs, targets, d->B, d->T, &ce);
+  if (rc == OT_OK) rc = ot_model_block_output(d->student, s_layer, &hs);
   if (rc) return rc;
   be->ops->kd_fwd(be, d->kdl, hs, d->ht, N, C, OT_EMU_KD_EPS);
   rc = be->ops->download(be, d->host_kdl, d->kdl, (size_t)N * sizeof(float));
@@ -334,8 +334,8 @@ int ot_distill_step(void *vd, const int32_t *inputs, const int32_t *targets, flo
   double denom = (double)N * C;
   be->ops->kd_bwd(be, d->dhs, hs, d->ht, (float)(d->w / denom), N, C, OT_EMU_KD_EPS);
   /* gradients are zero here: prepare zeroed them and each optimizer step consumes them */
-  rc = ot_gpt2_set_block_grad(d->student, s_layer, d->dhs);
-  if (rc == OT_OK) rc = ot_gpt2_backward(d->student);
+  rc = ot_model_set_block_grad(d->student, s_layer, d->dhs);
+  if (rc == OT_OK) rc = ot_model_backward(d->student);
   if (rc) return rc;
   d->last_ce = ce;
   d->last_kd = (float)(sum / denom);
@@ -359,17 +359,17 @@ int ot_emu_split_block_name(const char *name, int *layer, const char **rest) {
   return 1;
 }
 
-int ot_offsite_save(ot_gpt2 *emu, const ot_emu_plan *p, const char *dir) {
+int ot_offsite_save(ot_model *emu, const ot_emu_plan *p, const char *dir) {
   int nl = ot_emu_n_layer(p), n_adapter = p->bottom + p->top;
-  if (ot_gpt2_cfg(emu)->n_layer != nl) return ot_error(OT_ERR_MISMATCH, "emulator does not fit its plan");
-  ot_backend *be = ot_gpt2_backend(emu);
+  if (ot_model_cfg(emu)->n_layer != nl) return ot_error(OT_ERR_MISMATCH, "emulator does not fit its plan");
+  ot_backend *be = ot_model_backend(emu);
   int rc = ot_mkdir_p(dir);
   if (rc) return rc;
   size_t total = 0;
   for (int i = 0; i < nl; i++)
     if (ot_emu_is_adapter(p, i))
       for (int k = 0; k < OT_BLK_NPARAM; k++)
-        total += ot_gpt2_param(emu, ot_gpt2_block_param_index(emu, i, k))->numel;
+        total += ot_model_param(emu, ot_model_block_param_index(emu, i, k))->numel;
   float *host = malloc((total ? total : 1) * sizeof(float));
   char(*names)[96] = calloc((size_t)(n_adapter ? n_adapter : 1) * OT_BLK_NPARAM, sizeof *names);
   char *st_path = NULL;
@@ -382,7 +382,7 @@ int ot_offsite_save(ot_gpt2 *emu, const ot_emu_plan *p, const char *dir) {
   for (int i = 0; i < nl && rc == OT_OK; i++) {
     if (!ot_emu_is_adapter(p, i)) continue;
     for (int k = 0; k < OT_BLK_NPARAM && rc == OT_OK; k++, t++) {
-      ot_param *pr = ot_gpt2_param(emu, ot_gpt2_block_param_index(emu, i, k));
+      ot_param *pr = ot_model_param(emu, ot_model_block_param_index(emu, i, k));
       int layer = 0;
       const char *rest = "";
       ot_emu_split_block_name(pr->name, &layer, &rest);
@@ -430,8 +430,8 @@ int ot_emu_local_block(const ot_emu_plan *plan, int n_layer, int f) {
   return -1;
 }
 
-int ot_offsite_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_digest, const char *dir) {
-  int L = ot_gpt2_cfg(m)->n_layer;
+int ot_offsite_apply(ot_model *m, const ot_emu_plan *plan, const char *base_digest, const char *dir) {
+  int L = ot_model_cfg(m)->n_layer;
   if (plan) base_digest = plan->base_digest;
   cJSON *j = NULL;
   int rc = ot_emu_read_json(dir, "adapter_config.json", &j);
@@ -479,7 +479,7 @@ int ot_offsite_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_diges
     ot_param *p = NULL;
     if (slot >= 0) {
       snprintf(local, sizeof local, "transformer.h.%d.%s", ot_emu_local_block(plan, L, f), rest);
-      p = ot_gpt2_find_param(m, local);
+      p = ot_model_find_param(m, local);
     }
     if (!p) {
       rc = ot_error(OT_ERR_MISMATCH, "%s: tensor '%s' is not a parameter of the adapter's blocks", st_path,
@@ -488,7 +488,7 @@ int ot_offsite_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_diges
     }
     int k;
     for (k = 0; k < OT_BLK_NPARAM; k++)
-      if (ot_gpt2_param(m, ot_gpt2_block_param_index(m, ot_emu_local_block(plan, L, f), k)) == p) break;
+      if (ot_model_param(m, ot_model_block_param_index(m, ot_emu_local_block(plan, L, f), k)) == p) break;
     int idx = slot * OT_BLK_NPARAM + k;
     if (t->ndim != p->ndim || t->shape[0] != p->shape[0] || (p->ndim == 2 && t->shape[1] != p->shape[1])) {
       rc = ot_error(OT_ERR_MISMATCH, "%s: tensor '%s' has the wrong shape for this model", st_path, t->name);
@@ -507,7 +507,7 @@ int ot_offsite_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_diges
   if (rc == OT_OK && n_seen != n_need)
     rc = ot_error(OT_ERR_MISMATCH, "%s: %d of the %d tensors of the adapter's blocks are missing", st_path,
                   n_need - n_seen, n_need);
-  ot_backend *be = ot_gpt2_backend(m);
+  ot_backend *be = ot_model_backend(m);
   for (int i = 0; i < n_need && rc == OT_OK; i++)
     rc = be->ops->upload(be, dst[i]->data, stage[i], dst[i]->numel * sizeof(float));
   if (rc == OT_OK) rc = be->ops->sync(be);

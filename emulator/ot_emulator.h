@@ -18,7 +18,7 @@
 #include <stdint.h>
 
 #include "ot_digest.h"
-#include "ot_gpt2.h"
+#include "ot_model.h"
 #include "ot_tokenizer.h"
 
 #define OT_EMU_MAX_LAYERS 256
@@ -48,20 +48,20 @@ static inline int ot_emu_is_adapter(const ot_emu_plan *p, int i) {
 }
 
 /* The emulator model: copies of the full model's blocks per plan, embeddings and ln_f. */
-int ot_emu_build(ot_gpt2 *full, const ot_emu_plan *p, ot_gpt2 **out);
+int ot_emu_build(ot_model *full, const ot_emu_plan *p, ot_model **out);
 
 typedef enum { OT_EMU_TRAIN_MIDDLE = 0, OT_EMU_TRAIN_ADAPTER = 1 } ot_emu_part;
 /* Freezes everything but the emulator's middle blocks (distillation) or adapter blocks
- * (device tuning). Call before ot_gpt2_prepare. */
-void ot_emu_set_trainable(ot_gpt2 *emu, const ot_emu_plan *p, ot_emu_part part);
+ * (device tuning). Call before ot_model_prepare. */
+void ot_emu_set_trainable(ot_model *emu, const ot_emu_plan *p, ot_emu_part part);
 
 /* tok may be NULL (a model without a tokenizer): the package then has no tokenizer files. */
-int ot_emu_save(const ot_gpt2 *emu, const ot_emu_plan *p, const ot_tokenizer *tok, const char *dir);
+int ot_emu_save(const ot_model *emu, const ot_emu_plan *p, const ot_tokenizer *tok, const char *dir);
 /* Reads emulator.json (validated against itself). */
 int ot_emu_plan_load(const char *dir, ot_emu_plan *out);
 /* Loads an emulator package; checks config.json's n_layer against emulator.json. *tok is
  * NULL when the package has no tokenizer files (ot_tokenizer_load_dir_optional). */
-int ot_emu_load(const char *dir, ot_backend *be, ot_gpt2 **m, ot_tokenizer **tok, ot_emu_plan *p);
+int ot_emu_load(const char *dir, ot_backend *be, ot_model **m, ot_tokenizer **tok, ot_emu_plan *p);
 
 /* ---- distillation ---------------------------------------------------------------- */
 
@@ -70,7 +70,7 @@ int ot_emu_load(const char *dir, ot_backend *be, ot_gpt2 **m, ot_tokenizer **tok
  * ((h_T - h_S) / rms(h_T))^2, h_T = teacher output of full block a+n-1, h_S = student
  * output of block a+k-1. Creating prepares both models for B x T. */
 typedef struct ot_distill ot_distill;
-int ot_distill_create(ot_gpt2 *teacher, ot_gpt2 *student, const ot_emu_plan *p, int B, int T, float kd_weight,
+int ot_distill_create(ot_model *teacher, ot_model *student, const ot_emu_plan *p, int B, int T, float kd_weight,
                       ot_distill **out);
 void ot_distill_free(ot_distill *d);
 /* Forward of both, the combined loss and the student's gradients (zeroed first);
@@ -82,12 +82,12 @@ void ot_distill_last(const ot_distill *d, float *ce, float *kd);
 /* ---- offsite adapters ------------------------------------------------------------ */
 
 /* Writes the emulator's adapter blocks under their full-model names. */
-int ot_offsite_save(ot_gpt2 *emu, const ot_emu_plan *p, const char *dir);
+int ot_offsite_save(ot_model *emu, const ot_emu_plan *p, const char *dir);
 /* Replaces the adapter blocks of m with the adapter's tensors. m is the full model
  * (plan NULL, base_digest = digest of its model.safetensors) or an emulator (plan given;
  * its base_digest is used). Refuses another base, a tampered file, names or shapes that
  * do not fit; on any error m is unchanged. */
-int ot_offsite_apply(ot_gpt2 *m, const ot_emu_plan *plan, const char *base_digest, const char *dir);
+int ot_offsite_apply(ot_model *m, const ot_emu_plan *plan, const char *base_digest, const char *dir);
 /* (ot_adapter.h has the one interface for every adapter kind.) */
 
 #endif

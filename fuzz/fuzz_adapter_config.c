@@ -27,13 +27,13 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 /* 4 blocks: bottom 1, top 1, one of the two middle ones kept; tiny so a run stays fast */
-static const ot_gpt2_config cfg = {4, 2, 8, 16, 8, 1e-5f};
+static const ot_model_config cfg = {4, 2, 8, 16, 8, 1e-5f};
 static const char base_digest[OT_DIGEST_HEX] =
     "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
 static ot_backend *be;
 static ot_emu_plan plan;
-static ot_gpt2 *full, *emu;
+static ot_model *full, *emu;
 static float *ref_full, *ref_emu; /* every parameter of a fresh model, in order */
 static char dir[256], cfg_path[300], st_path[300], emu_path[300];
 
@@ -42,17 +42,17 @@ static void die(const char *what) {
   abort();
 }
 
-static size_t numel_all(ot_gpt2 *m) {
+static size_t numel_all(ot_model *m) {
   size_t n = 0;
-  for (int i = 0; i < ot_gpt2_param_count(m); i++) n += ot_gpt2_param(m, i)->numel;
+  for (int i = 0; i < ot_model_param_count(m); i++) n += ot_model_param(m, i)->numel;
   return n;
 }
 
-static float *snapshot(ot_gpt2 *m) {
+static float *snapshot(ot_model *m) {
   float *h = malloc(numel_all(m) * sizeof(float)), *p = h;
   if (!h) abort();
-  for (int i = 0; i < ot_gpt2_param_count(m); i++) {
-    ot_param *pr = ot_gpt2_param(m, i);
+  for (int i = 0; i < ot_model_param_count(m); i++) {
+    ot_param *pr = ot_model_param(m, i);
     if (be->ops->download(be, p, pr->data, pr->numel * sizeof(float))) abort();
     p += pr->numel;
   }
@@ -61,15 +61,15 @@ static float *snapshot(ot_gpt2 *m) {
 
 /* The full model and its emulator, deterministic; made again after an adapter went in. */
 static void make_models(void) {
-  ot_gpt2_free(emu);
-  ot_gpt2_free(full);
+  ot_model_free(emu);
+  ot_model_free(full);
   full = emu = NULL;
-  if (ot_gpt2_create(&cfg, be, &full) || ot_gpt2_init_random(full, 1) || ot_emu_build(full, &plan, &emu))
+  if (ot_model_create(&cfg, be, &full) || ot_model_init_random(full, 1) || ot_emu_build(full, &plan, &emu))
     die("models");
 }
 
-static void check_unchanged(ot_gpt2 *m, int base_params, const float *ref) {
-  if (ot_gpt2_param_count(m) != base_params || ot_gpt2_base_param_count(m) != base_params) abort();
+static void check_unchanged(ot_model *m, int base_params, const float *ref) {
+  if (ot_model_param_count(m) != base_params || ot_model_base_param_count(m) != base_params) abort();
   float *now = snapshot(m);
   if (memcmp(now, ref, numel_all(m) * sizeof(float)) != 0) abort();
   free(now);
@@ -232,7 +232,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
   ot_adapter_kind kind;
   if (ot_adapter_read_kind(dir, &kind) == OT_OK && (unsigned)kind > OT_ADAPTER_BITFIT) abort();
-  int full_params = ot_gpt2_param_count(full), emu_params = ot_gpt2_param_count(emu), changed = 0;
+  int full_params = ot_model_param_count(full), emu_params = ot_model_param_count(emu), changed = 0;
   if (ot_adapter_apply(full, NULL, base_digest, dir) == OT_OK)
     changed = 1;
   else

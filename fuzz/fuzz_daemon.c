@@ -20,7 +20,7 @@ int ot_cmd_fail(const char *what, int status) {
   fprintf(stderr, "offtune-cloud (fuzz): %s: %s\n", what, ot_error_detail());
   return status ? OT_EXIT_FAIL : OT_EXIT_OK;
 }
-int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_gpt2 **m,
+int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_model **m,
                       ot_tokenizer **tok) {
   (void)backend, (void)threads, (void)be, (void)m, (void)tok;
   return ot_error(OT_ERR_UNSUPPORTED, "%s: no models in the fuzz harness", dir);
@@ -96,9 +96,9 @@ fz_daemon *fz_daemon_init(void) {
   /* the model: 6 blocks, so the default sessions (2 bottom, 2 top) fit */
   snprintf(model_dir, sizeof model_dir, "%s/model", root);
   if (ot_mkdir_p(model_dir)) die(model_dir);
-  ot_gpt2_config mc = {6, 2, 8, 16, 32, 1e-5f};
+  ot_model_config mc = {6, 2, 8, 16, 32, 1e-5f};
   snprintf(p, sizeof p, "%s/config.json", model_dir);
-  if (ot_config_save(p, &mc) || ot_file_digest(p, model_digest)) die(p);
+  if (ot_model_config_save(p, &mc) || ot_file_digest(p, model_digest)) die(p);
   /* an emulator package: its manifest lists the files devices may fetch */
   snprintf(emu_dir, sizeof emu_dir, "%s/emulators/e1", d->state);
   if (ot_mkdir_p(emu_dir)) die(emu_dir);

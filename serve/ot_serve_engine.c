@@ -63,7 +63,7 @@ typedef struct req {
 } req;
 
 struct ot_serve_engine {
-  ot_gpt2 *m;
+  ot_model *m;
   ot_backend *be, *load_be; /* load_be: host backend the adapter files are staged on */
   int own_load_be;
   ot_serve_config cfg;
@@ -174,13 +174,13 @@ static int touched_blocks(const char *dir, ot_adapter_kind kind, int L, unsigned
  * (so its pages are never committed). The adapter's own tensors are then copied into one
  * compact allocation on the engine's backend. */
 static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, adapter **out) {
-  ot_gpt2_config sc = *ot_gpt2_cfg(e->m);
+  ot_model_config sc = *ot_model_cfg(e->m);
   sc.vocab_size = 1;
   sc.n_positions = 1;
-  ot_gpt2 *shell = NULL;
+  ot_model *shell = NULL;
   ot_adapter_kind kind;
   int L = e->L, rc = ot_adapter_read_kind(dir, &kind);
-  if (rc == OT_OK) rc = ot_gpt2_create(&sc, e->load_be, &shell);
+  if (rc == OT_OK) rc = ot_model_create(&sc, e->load_be, &shell);
   if (rc == OT_OK) rc = ot_adapter_apply(shell, NULL, e->base_digest, dir);
   unsigned char *mark = calloc((size_t)L, 1);
   adapter *a = calloc(1, sizeof *a);
@@ -226,14 +226,14 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
       if (kind == OT_ADAPTER_OFFSITE && mark[l]) {
         b->touched = 1;
         for (int k = 0; k < OT_BLK_NPARAM; k++)
-          TAKE(b->p[k], ot_gpt2_param(shell, ot_gpt2_block_param_index(shell, l, k)));
+          TAKE(b->p[k], ot_model_param(shell, ot_model_block_param_index(shell, l, k)));
       }
       if (kind == OT_ADAPTER_BITFIT && mark[l]) {
         b->touched = 1;
         for (int k = 0; k < 6; k++)
-          TAKE(b->p[bitfit_k[k]], ot_gpt2_param(shell, ot_gpt2_block_param_index(shell, l, bitfit_k[k])));
+          TAKE(b->p[bitfit_k[k]], ot_model_param(shell, ot_model_block_param_index(shell, l, bitfit_k[k])));
       }
-      const ot_block_ext *x = ot_gpt2_block_ext(shell, l);
+      const ot_block_ext *x = ot_model_block_ext(shell, l);
       char nm[160];
       for (int s = 0; s < OT_LORA_NSITE; s++) {
         if (!((x->lora_sites >> s) & 1)) continue;
@@ -244,7 +244,7 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
         for (int ab = 0; ab < 2; ab++) {
           snprintf(nm, sizeof nm, "transformer.h.%d.%s.lora_%c.weight", l, ot_lora_modules[s],
                    ab ? 'B' : 'A');
-          ot_param *pp = ot_gpt2_find_param(shell, nm);
+          ot_param *pp = ot_model_find_param(shell, nm);
           if (!pp) {
             rc = ot_error(OT_ERR_INTERNAL, "%s missing after apply", nm);
             break;
@@ -261,7 +261,7 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
         for (int s = 0; s < 2; s++)
           for (int k = 0; k < 4 && rc == OT_OK; k++) {
             snprintf(nm, sizeof nm, "transformer.h.%d.%s.%s", l, sites[s], parts[k]);
-            ot_param *pp = ot_gpt2_find_param(shell, nm);
+            ot_param *pp = ot_model_find_param(shell, nm);
             if (!pp) {
               rc = ot_error(OT_ERR_INTERNAL, "%s missing after apply", nm);
               break;
@@ -278,7 +278,7 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
     }
   }
   if (rc == OT_OK) rc = e->be->ops->sync(e->be);
-  ot_gpt2_free(shell);
+  ot_model_free(shell);
   free(mark);
   if (rc) {
     if (a) adapter_free(e, a);
@@ -377,17 +377,17 @@ static int adapter_acquire(ot_serve_engine *e, req *r) {
 
 /* ---- engine ---------------------------------------------------------------------------- */
 
-int ot_serve_engine_create(ot_gpt2 *base, const ot_serve_config *cfg, ot_serve_engine **out) {
+int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_engine **out) {
   if (!base || !cfg || !out) return ot_error(OT_ERR_INVALID, "ot_serve_engine_create: NULL argument");
-  if (ot_gpt2_param_count(base) != ot_gpt2_base_param_count(base))
+  if (ot_model_param_count(base) != ot_model_base_param_count(base))
     return ot_error(OT_ERR_INVALID, "the serving base model must carry no adapter tensors");
-  ot_backend *be = ot_gpt2_backend(base);
+  ot_backend *be = ot_model_backend(base);
   /* any backend with the inference ops (CPU, CUDA); lora_sgmv_fwd is optional */
   int rc0 = OT_BACKEND_REQUIRE(be, embed_fwd);
   if (rc0 == OT_OK) rc0 = OT_BACKEND_REQUIRE(be, attention_kv_fwd);
   if (rc0 == OT_OK) rc0 = OT_BACKEND_REQUIRE(be, lora_fwd);
   if (rc0) return rc0;
-  const ot_gpt2_config *mc = ot_gpt2_cfg(base);
+  const ot_model_config *mc = ot_model_cfg(base);
   ot_serve_config c = *cfg;
   if (c.max_batch <= 0) c.max_batch = 32;
   if (c.max_step_tokens <= 0) c.max_step_tokens = 512;
@@ -443,12 +443,12 @@ int ot_serve_engine_create(ot_gpt2 *base, const ot_serve_config *cfg, ot_serve_e
     rc = ot_error(OT_ERR_NOMEM, "cannot allocate the engine tables");
   for (int l = 0; l < L && rc == OT_OK; l++)
     for (int k = 0; k < OT_BLK_NPARAM; k++)
-      e->base_p[l][k] = ot_gpt2_param(base, ot_gpt2_block_param_index(base, l, k))->data;
+      e->base_p[l][k] = ot_model_param(base, ot_model_block_param_index(base, l, k))->data;
   if (rc == OT_OK) {
-    e->wte = ot_gpt2_find_param(base, "transformer.wte.weight")->data;
-    e->wpe = ot_gpt2_find_param(base, "transformer.wpe.weight")->data;
-    e->lnf_w = ot_gpt2_find_param(base, "transformer.ln_f.weight")->data;
-    e->lnf_b = ot_gpt2_find_param(base, "transformer.ln_f.bias")->data;
+    e->wte = ot_model_find_param(base, "transformer.wte.weight")->data;
+    e->wpe = ot_model_find_param(base, "transformer.wpe.weight")->data;
+    e->lnf_w = ot_model_find_param(base, "transformer.ln_f.weight")->data;
+    e->lnf_b = ot_model_find_param(base, "transformer.ln_f.bias")->data;
   }
   size_t kv = (size_t)L * S * e->T_max * C * sizeof(float), F = sizeof(float);
   struct {

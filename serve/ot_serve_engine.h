@@ -21,7 +21,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "ot_gpt2.h"
+#include "ot_model.h"
 #include "ot_tokenizer.h"
 
 typedef struct ot_serve_engine ot_serve_engine;
@@ -89,7 +89,7 @@ typedef struct {
 typedef void (*ot_serve_event_fn)(void *user, const ot_serve_event *ev);
 
 /* The engine reads the model's parameters and never changes them; the model must outlive it. */
-int ot_serve_engine_create(ot_gpt2 *base, const ot_serve_config *cfg, ot_serve_engine **out);
+int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_engine **out);
 /* Stops the thread; pending requests finish as CANCELLED first. */
 void ot_serve_engine_free(ot_serve_engine *e);
 

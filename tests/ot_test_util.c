@@ -167,14 +167,14 @@ void ot_test_case_open(ot_test_case *c, const char *model_dir, const char *case_
   memset(c, 0, sizeof *c);
   char path[1024];
   assert_int_equal(ot_backend_cpu_create(2, &c->be), 0);
-  if (ot_gpt2_load_dir(model_dir, c->be, &c->m)) fail_msg("load %s: %s", model_dir, ot_error_detail());
+  if (ot_model_load_dir(model_dir, c->be, &c->m)) fail_msg("load %s: %s", model_dir, ot_error_detail());
   snprintf(path, sizeof path, "%s/ref.safetensors", case_dir);
   assert_int_equal(ot_st_open(path, &c->ref), 0);
   ot_test_st_batch(c->ref, &c->B, &c->T, &c->in, &c->tg);
 }
 
 void ot_test_case_close(ot_test_case *c) {
-  ot_gpt2_free(c->m);
+  ot_model_free(c->m);
   ot_backend_free(c->be);
   ot_st_close(c->ref);
   free(c->in);

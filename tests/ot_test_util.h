@@ -5,7 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "ot_gpt2.h"
+#include "ot_model.h"
 #include "ot_safetensors.h"
 
 /* Environment paths set by ctest (tests/CMakeLists.txt); fail the test if unset. */
@@ -52,7 +52,7 @@ void ot_test_st_batch(ot_safetensors *st, int *B, int *T, int32_t **in, int32_t 
 /* A PyTorch reference case: a model on a 2-thread CPU backend and its reference file. */
 typedef struct {
   ot_backend *be;
-  ot_gpt2 *m;
+  ot_model *m;
   ot_safetensors *ref;
   int B, T;
   int32_t *in, *tg; /* the batch of ref (ot_test_st_batch) */

@@ -23,8 +23,8 @@ const char *prompts[N_PROMPTS] = {"The quick brown fox", "Hi", "Once upon a time
 char *dir;
 char digest[OT_DIGEST_HEX];
 ot_backend *be;
-ot_gpt2 *base;
-ot_gpt2 *ref[N_MODELS];             /* base + adapter applied, prepared for generation */
+ot_model *base;
+ot_model *ref[N_MODELS];             /* base + adapter applied, prepared for generation */
 int32_t *want[N_MODELS][N_PROMPTS]; /* ot_generate greedy completions */
 ot_tokenizer *tok;
 
@@ -38,16 +38,16 @@ static double gauss(void) {
 }
 
 /* Adds N(0, std) to every tensor (only the trainable ones with only_trainable). */
-static void perturb(ot_gpt2 *m, int only_trainable, float std) {
-  for (int i = 0; i < ot_gpt2_param_count(m); i++) {
-    ot_param *p = ot_gpt2_param(m, i);
+static void perturb(ot_model *m, int only_trainable, float std) {
+  for (int i = 0; i < ot_model_param_count(m); i++) {
+    ot_param *p = ot_model_param(m, i);
     if (only_trainable && !p->trainable) continue;
     for (size_t j = 0; j < p->numel; j++) p->data[j] += (float)(std * gauss());
   }
 }
 
 static void make_adapter(const ot_emu_plan *plan, const char *name, ot_adapter_kind kind, uint64_t seed) {
-  ot_gpt2 *emu = NULL;
+  ot_model *emu = NULL;
   assert_int_equal(ot_emu_build(base, plan, &emu), 0);
   ot_adapter_config c;
   ot_adapter_config_default(&c);
@@ -62,7 +62,7 @@ static void make_adapter(const ot_emu_plan *plan, const char *name, ot_adapter_k
   char path[600];
   snprintf(path, sizeof path, "%s/%s", dir, name);
   assert_int_equal(ot_adapter_save(emu, plan, &c, path), 0);
-  ot_gpt2_free(emu);
+  ot_model_free(emu);
 }
 
 int32_t *encode(const char *s, size_t *n) {
@@ -84,14 +84,14 @@ int serve_fixture_setup(const char *name) {
   dir = ot_test_tmpdir(name);
   assert_int_equal(ot_backend_cpu_create(2, &be), 0);
   assert_int_equal(ot_tokenizer_byte_new(&tok), 0);
-  ot_gpt2_config cfg = {4, 2, 32, 256, 64, 1e-5f};
-  assert_int_equal(ot_gpt2_create(&cfg, be, &base), 0);
-  assert_int_equal(ot_gpt2_init_random(base, 11), 0);
+  ot_model_config cfg = {4, 2, 32, 256, 64, 1e-5f};
+  assert_int_equal(ot_model_create(&cfg, be, &base), 0);
+  assert_int_equal(ot_model_init_random(base, 11), 0);
   rng_state = 5;
   perturb(base, 0, 0.05f); /* biases and gains away from 0 and 1, sharper logits */
   char path[600];
   snprintf(path, sizeof path, "%s/base", dir);
-  assert_int_equal(ot_gpt2_save_dir(base, path), 0);
+  assert_int_equal(ot_model_save_dir(base, path), 0);
   assert_int_equal(ot_tokenizer_save_dir(tok, path), 0);
   snprintf(path, sizeof path, "%s/base/model.safetensors", dir);
   assert_int_equal(ot_file_digest(path, digest), 0);
@@ -106,12 +106,12 @@ int serve_fixture_setup(const char *name) {
   make_adapter(&plan, "bf1", OT_ADAPTER_BITFIT, 26);
   for (int k = 0; k < N_MODELS; k++) {
     snprintf(path, sizeof path, "%s/base", dir);
-    assert_int_equal(ot_gpt2_load_dir(path, be, &ref[k]), 0);
+    assert_int_equal(ot_model_load_dir(path, be, &ref[k]), 0);
     if (*models[k]) {
       snprintf(path, sizeof path, "%s/%s", dir, models[k]);
       assert_int_equal(ot_adapter_apply(ref[k], NULL, digest, path), 0);
     }
-    assert_int_equal(ot_gpt2_prepare(ref[k], 1, 64, 0), 0);
+    assert_int_equal(ot_model_prepare(ref[k], 1, 64, 0), 0);
     for (int p = 0; p < N_PROMPTS; p++) {
       size_t n = 0, n_out = 0;
       int32_t *ids = encode(prompts[p], &n), *out = NULL;
@@ -134,10 +134,10 @@ int serve_fixture_setup(const char *name) {
 
 int serve_fixture_teardown(void) {
   for (int k = 0; k < N_MODELS; k++) {
-    ot_gpt2_free(ref[k]);
+    ot_model_free(ref[k]);
     for (int p = 0; p < N_PROMPTS; p++) free(want[k][p]);
   }
-  ot_gpt2_free(base);
+  ot_model_free(base);
   ot_tokenizer_free(tok);
   ot_backend_free(be);
   free(dir);

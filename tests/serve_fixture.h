@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #include "ot_emulator.h"
-#include "ot_gpt2.h"
+#include "ot_model.h"
 #include "ot_serve_engine.h"
 #include "ot_tokenizer.h"
 
@@ -21,8 +21,8 @@ extern const char *prompts[N_PROMPTS];
 extern char *dir;
 extern char digest[OT_DIGEST_HEX];
 extern ot_backend *be;
-extern ot_gpt2 *base;
-extern ot_gpt2 *ref[N_MODELS];             /* base + adapter applied, prepared for generation */
+extern ot_model *base;
+extern ot_model *ref[N_MODELS];             /* base + adapter applied, prepared for generation */
 extern int32_t *want[N_MODELS][N_PROMPTS]; /* ot_generate greedy completions (GEN tokens) */
 extern ot_tokenizer *tok;
 

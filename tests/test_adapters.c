@@ -16,7 +16,7 @@
 #include "ot_adapter.h"
 #include "ot_data.h"
 #include "ot_error.h"
-#include "ot_gpt2.h"
+#include "ot_model.h"
 #include "ot_optim.h"
 #include "ot_safetensors.h"
 #include "ot_test_util.h"
@@ -49,11 +49,11 @@ static void open_case(ot_test_case *f, const char *name, int kind, float dropout
     if (kind == 0) ext[l] = (ot_block_ext){0xF, 4, 8.0f, dropout, 0};
     if (kind == 1) ext[l].bottleneck = 4;
   }
-  assert_int_equal(ot_gpt2_add_extensions(f->m, ext, 7), 0);
-  ot_gpt2_set_all_trainable(f->m, 0);
-  for (int i = 0; i < ot_gpt2_param_count(f->m); i++) {
-    ot_param *p = ot_gpt2_param(f->m, i);
-    if (i >= ot_gpt2_base_param_count(f->m)) {
+  assert_int_equal(ot_model_add_extensions(f->m, ext, 7), 0);
+  ot_model_set_all_trainable(f->m, 0);
+  for (int i = 0; i < ot_model_param_count(f->m); i++) {
+    ot_param *p = ot_model_param(f->m, i);
+    if (i >= ot_model_base_param_count(f->m)) {
       const ot_st_tensor *t = ot_st_find(f->ref, p->name);
       if (!t) fail_msg("reference lacks %s", p->name);
       assert_int_equal(t->numel, p->numel);
@@ -71,11 +71,11 @@ static void open_case(ot_test_case *f, const char *name, int kind, float dropout
 static void check_grads(const char *name, int kind, float dropout, int want_checked) {
   ot_test_case f;
   open_case(&f, name, kind, dropout);
-  assert_int_equal(ot_gpt2_prepare(f.m, f.B, f.T, 1), 0);
-  ot_gpt2_set_step(f.m, 3);
+  assert_int_equal(ot_model_prepare(f.m, f.B, f.T, 1), 0);
+  ot_model_set_step(f.m, 3);
   float loss;
-  assert_int_equal(ot_gpt2_forward(f.m, f.in, f.tg, f.B, f.T, &loss), 0);
-  assert_int_equal(ot_gpt2_backward(f.m), 0);
+  assert_int_equal(ot_model_forward(f.m, f.in, f.tg, f.B, f.T, &loss), 0);
+  assert_int_equal(ot_model_backward(f.m), 0);
   const ot_st_tensor *rl = ot_st_find(f.ref, "loss");
   float want_loss;
   assert_int_equal(ot_st_read_f32(f.ref, rl, &want_loss, 1), 0);
@@ -83,8 +83,8 @@ static void check_grads(const char *name, int kind, float dropout, int want_chec
   assert_true(fabs(loss - want_loss) <= REL_TOL * fabs(want_loss));
   int checked = 0;
   double worst = 0;
-  for (int i = 0; i < ot_gpt2_param_count(f.m); i++) {
-    ot_param *p = ot_gpt2_param(f.m, i);
+  for (int i = 0; i < ot_model_param_count(f.m); i++) {
+    ot_param *p = ot_model_param(f.m, i);
     if (!p->trainable) {
       if (p->grad) fail_msg("%s: frozen tensor has a gradient", p->name);
       continue;
@@ -143,7 +143,7 @@ static void test_dropout_mask(void **state) {
 
 typedef struct {
   ot_backend *be;
-  ot_gpt2 *full;
+  ot_model *full;
   ot_emu_plan plan; /* 4 blocks: bottom 1, top 1, keep 1 -> emulator blocks 0, 1, 3 */
   int B, T;
   int32_t in[32];
@@ -155,7 +155,7 @@ static void ifx_open(ifx *f) {
   char path[700];
   snprintf(f->model_dir, sizeof f->model_dir, "%s/lora", dir);
   assert_int_equal(ot_backend_cpu_create(2, &f->be), 0);
-  assert_int_equal(ot_gpt2_load_dir(f->model_dir, f->be, &f->full), 0);
+  assert_int_equal(ot_model_load_dir(f->model_dir, f->be, &f->full), 0);
   assert_int_equal(ot_emu_plan_make(4, 1, 1, 1, &f->plan), 0);
   snprintf(path, sizeof path, "%s/model.safetensors", f->model_dir);
   assert_int_equal(ot_file_digest(path, f->plan.base_digest), 0);
@@ -165,37 +165,37 @@ static void ifx_open(ifx *f) {
 }
 
 static void ifx_close(ifx *f) {
-  ot_gpt2_free(f->full);
+  ot_model_free(f->full);
   ot_backend_free(f->be);
 }
 
-static float *logits(ot_gpt2 *m, const ifx *f) {
-  size_t n = (size_t)f->B * f->T * ot_gpt2_cfg(m)->vocab_size;
+static float *logits(ot_model *m, const ifx *f) {
+  size_t n = (size_t)f->B * f->T * ot_model_cfg(m)->vocab_size;
   float *l = malloc(n * sizeof(float));
-  assert_int_equal(ot_gpt2_prepare(m, f->B, f->T, 0), 0);
-  assert_int_equal(ot_gpt2_forward_logits(m, f->in, f->B, f->T, l), 0);
+  assert_int_equal(ot_model_prepare(m, f->B, f->T, 0), 0);
+  assert_int_equal(ot_model_forward_logits(m, f->in, f->B, f->T, l), 0);
   return l;
 }
 
 static size_t n_logits(const ifx *f) { return (size_t)f->B * f->T * 64; }
 
-static float *host_copy(ot_gpt2 *m, int base_only) {
-  int n = base_only ? ot_gpt2_base_param_count(m) : ot_gpt2_param_count(m);
-  float *h = malloc(ot_gpt2_num_params(m) * sizeof(float)), *p = h;
+static float *host_copy(ot_model *m, int base_only) {
+  int n = base_only ? ot_model_base_param_count(m) : ot_model_param_count(m);
+  float *h = malloc(ot_model_num_params(m) * sizeof(float)), *p = h;
   for (int i = 0; i < n; i++) {
-    memcpy(p, ot_gpt2_param(m, i)->data, ot_gpt2_param(m, i)->numel * sizeof(float));
-    p += ot_gpt2_param(m, i)->numel;
+    memcpy(p, ot_model_param(m, i)->data, ot_model_param(m, i)->numel * sizeof(float));
+    p += ot_model_param(m, i)->numel;
   }
   return h;
 }
 
-static void train_steps(ot_gpt2 *m, ot_backend *be, int steps) {
-  assert_int_equal(ot_gpt2_prepare(m, 2, 16, 1), 0);
+static void train_steps(ot_model *m, ot_backend *be, int steps) {
+  assert_int_equal(ot_model_prepare(m, 2, 16, 1), 0);
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
   oc.weight_decay = 0.1f;
   ot_optimizer *opt;
-  assert_int_equal(ot_optimizer_create(&oc, be, ot_gpt2_param(m, 0), ot_gpt2_param_count(m), &opt), 0);
+  assert_int_equal(ot_optimizer_create(&oc, be, ot_model_param(m, 0), ot_model_param_count(m), &opt), 0);
   int32_t ids[400];
   for (int i = 0; i < 400; i++) ids[i] = (i * 7 + i / 3) % 61;
   ot_tokens toks = {ids, 400};
@@ -229,7 +229,7 @@ static void test_attach_tune_plugin(void **state) {
   float *l_full = logits(f.full, &f);
   for (int k = OT_ADAPTER_LORA; k <= OT_ADAPTER_BITFIT; k++) {
     ot_adapter_config c = kind_config((ot_adapter_kind)k);
-    ot_gpt2 *emu, *emu2;
+    ot_model *emu, *emu2;
     assert_int_equal(ot_emu_build(f.full, &f.plan, &emu), 0);
     float *l0 = logits(emu, &f);
     assert_int_equal(ot_adapter_attach(emu, &f.plan, &c), 0);
@@ -240,20 +240,20 @@ static void test_attach_tune_plugin(void **state) {
     snprintf(ad1, sizeof ad1, "%s/%s_tuned", dir, ot_adapter_kind_name(c.kind));
     assert_int_equal(ot_adapter_save(emu, &f.plan, &c, ad0), 0);
     /* the untrained adapter on the full model: the full model's function */
-    ot_gpt2 *full2;
-    assert_int_equal(ot_gpt2_load_dir(f.model_dir, f.be, &full2), 0);
+    ot_model *full2;
+    assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &full2), 0);
     if (ot_adapter_apply(full2, NULL, f.plan.base_digest, ad0)) fail_msg("apply: %s", ot_error_detail());
     float *l2 = logits(full2, &f);
     assert_memory_equal(l_full, l2, n_logits(&f) * sizeof(float));
     free(l2);
-    ot_gpt2_free(full2);
+    ot_model_free(full2);
 
     float *before = host_copy(emu, 0);
     train_steps(emu, f.be, 4);
     float *after = host_copy(emu, 0), *a = after, *b = before;
     int n_trained = 0;
-    for (int i = 0; i < ot_gpt2_param_count(emu); i++) {
-      ot_param *p = ot_gpt2_param(emu, i);
+    for (int i = 0; i < ot_model_param_count(emu); i++) {
+      ot_param *p = ot_model_param(emu, i);
       int same = memcmp(a, b, p->numel * sizeof(float)) == 0;
       if (!p->trainable && (!same || p->grad))
         fail_msg("%s: frozen tensor changed or has a gradient", p->name);
@@ -277,8 +277,8 @@ static void test_attach_tune_plugin(void **state) {
     free(after);
     free(l0);
     free(l1);
-    ot_gpt2_free(emu2);
-    ot_gpt2_free(emu);
+    ot_model_free(emu2);
+    ot_model_free(emu);
   }
   free(l_full);
   ifx_close(&f);
@@ -291,7 +291,7 @@ static void test_peft_export(void **state) {
   ifx_open(&f);
   ot_adapter_config c = kind_config(OT_ADAPTER_LORA);
   c.lora_sites = (1u << OT_LORA_QKV) | (1u << OT_LORA_FCPROJ);
-  ot_gpt2 *emu;
+  ot_model *emu;
   assert_int_equal(ot_emu_build(f.full, &f.plan, &emu), 0);
   assert_int_equal(ot_adapter_attach(emu, &f.plan, &c), 0);
   train_steps(emu, f.be, 2);
@@ -326,7 +326,7 @@ static void test_peft_export(void **state) {
     assert_int_equal(t->ndim, 2);
     assert_int_equal(t->shape[0], want[i].d0);
     assert_int_equal(t->shape[1], want[i].d1);
-    ot_param *p = ot_gpt2_find_param(emu, want[i].local);
+    ot_param *p = ot_model_find_param(emu, want[i].local);
     assert_non_null(p);
     float *buf = malloc(p->numel * sizeof(float));
     assert_int_equal(ot_st_read_f32(st, t, buf, p->numel), 0);
@@ -345,7 +345,7 @@ static void test_peft_export(void **state) {
           "c['adapter_type']=='lora' and len(c['adapter_digest'])==64, c\" '%s/adapter_config.json'",
           py ? py : "/usr/bin/python3", ad),
       0);
-  ot_gpt2_free(emu);
+  ot_model_free(emu);
   ifx_close(&f);
 }
 
@@ -367,27 +367,27 @@ static void test_merge_and_refusals(void **state) {
   char lora[700], bn[700], path[800];
   snprintf(lora, sizeof lora, "%s/lora_tuned", dir); /* from test_attach_tune_plugin */
   snprintf(bn, sizeof bn, "%s/bottleneck_tuned", dir);
-  ot_gpt2 *a, *b;
-  assert_int_equal(ot_gpt2_load_dir(f.model_dir, f.be, &a), 0);
-  assert_int_equal(ot_gpt2_load_dir(f.model_dir, f.be, &b), 0);
+  ot_model *a, *b;
+  assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &a), 0);
+  assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &b), 0);
   assert_int_equal(ot_adapter_apply(a, NULL, f.plan.base_digest, lora), 0);
   assert_int_equal(ot_adapter_merge(b, f.plan.base_digest, lora), 0);
-  assert_int_equal(ot_gpt2_param_count(b), ot_gpt2_base_param_count(b));
+  assert_int_equal(ot_model_param_count(b), ot_model_base_param_count(b));
   float *la = logits(a, &f), *lb = logits(b, &f), *l_full = logits(f.full, &f);
   double e = max_rel(lb, la, n_logits(&f)), moved = max_rel(l_full, la, n_logits(&f));
   printf("merge: max logit difference %.3g of the largest (the adapter moved them by %.3g)\n", e, moved);
   assert_true(e < 1e-5);
   assert_true(moved > 1e-3);
   /* merging anything but LoRA is refused */
-  ot_gpt2 *c;
-  assert_int_equal(ot_gpt2_load_dir(f.model_dir, f.be, &c), 0);
+  ot_model *c;
+  assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &c), 0);
   assert_int_equal(ot_adapter_merge(c, f.plan.base_digest, bn), OT_ERR_UNSUPPORTED);
   printf("merge bottleneck: %s\n", ot_error_detail());
   /* a model that already carries LoRA refuses a bottleneck, unchanged */
-  int np = ot_gpt2_param_count(a);
+  int np = ot_model_param_count(a);
   assert_int_equal(ot_adapter_apply(a, NULL, f.plan.base_digest, bn), OT_ERR_MISMATCH);
   printf("other extensions: %s\n", ot_error_detail());
-  assert_int_equal(ot_gpt2_param_count(a), np);
+  assert_int_equal(ot_model_param_count(a), np);
   /* another base */
   char wrong[OT_DIGEST_HEX];
   memset(wrong, 'b', 64);
@@ -424,16 +424,16 @@ static void test_merge_and_refusals(void **state) {
   assert_int_equal(ot_adapter_apply(c, NULL, f.plan.base_digest, edited), OT_ERR_MISMATCH);
   printf("missing block: %s\n", ot_error_detail());
   /* nothing changed by the refusals */
-  assert_int_equal(ot_gpt2_param_count(c), ot_gpt2_base_param_count(c));
+  assert_int_equal(ot_model_param_count(c), ot_model_base_param_count(c));
   float *lc = logits(c, &f);
   assert_memory_equal(lc, l_full, n_logits(&f) * sizeof(float));
   free(lc);
   free(la);
   free(lb);
   free(l_full);
-  ot_gpt2_free(a);
-  ot_gpt2_free(b);
-  ot_gpt2_free(c);
+  ot_model_free(a);
+  ot_model_free(b);
+  ot_model_free(c);
   ifx_close(&f);
 }
 

@@ -21,7 +21,7 @@
 
 #include "ot_backend.h"
 #include "ot_error.h"
-#include "ot_gpt2.h"
+#include "ot_model.h"
 #include "ot_optim.h"
 #include "ot_test_util.h"
 
@@ -666,16 +666,16 @@ static void test_ops_cuda_bf16(void **state) {
 /* A small GPT-2 (odd sequence length, 2 tiles of attention) trained for a few AdamW
  * steps on both backends from the same initialisation: the losses must agree. */
 static void train_losses(ot_backend *be, int steps, float *losses) {
-  ot_gpt2_config cfg = {3, 4, 64, 211, 64, 1e-5f};
-  ot_gpt2 *m;
+  ot_model_config cfg = {3, 4, 64, 211, 64, 1e-5f};
+  ot_model *m;
   ot_optimizer *opt;
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
-  assert_int_equal(ot_gpt2_create(&cfg, be, &m), 0);
-  assert_int_equal(ot_gpt2_init_random(m, 7), 0);
+  assert_int_equal(ot_model_create(&cfg, be, &m), 0);
+  assert_int_equal(ot_model_init_random(m, 7), 0);
   int B = 3, T = 45;
-  assert_int_equal(ot_gpt2_prepare(m, B, T, 1), 0);
-  assert_int_equal(ot_optimizer_create(&oc, be, ot_gpt2_param(m, 0), ot_gpt2_param_count(m), &opt), 0);
+  assert_int_equal(ot_model_prepare(m, B, T, 1), 0);
+  assert_int_equal(ot_optimizer_create(&oc, be, ot_model_param(m, 0), ot_model_param_count(m), &opt), 0);
   int32_t in[3 * 45], tg[3 * 45];
   uint64_t s = 3;
   for (int i = 0; i < B * T; i++) {
@@ -683,13 +683,13 @@ static void train_losses(ot_backend *be, int steps, float *losses) {
     tg[i] = i % 13 == 0 ? -1 : (int32_t)(ot_mix64(s++) % 211);
   }
   for (int k = 0; k < steps; k++) {
-    int rc = ot_gpt2_forward(m, in, tg, B, T, &losses[k]);
-    if (rc == OT_OK) rc = ot_gpt2_backward(m);
+    int rc = ot_model_forward(m, in, tg, B, T, &losses[k]);
+    if (rc == OT_OK) rc = ot_model_backward(m);
     if (rc == OT_OK) rc = ot_optimizer_step(opt, 3e-3f, NULL);
     if (rc) fail_msg("%s: training step %d: %s", be->ops->name, k, ot_error_detail());
   }
   ot_optimizer_free(opt);
-  ot_gpt2_free(m);
+  ot_model_free(m);
 }
 
 static void train_compare(unsigned flags, double tol) {

@@ -5,7 +5,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
-#include "ot_config.h"
+#include "ot_model_config.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
 #include "ot_test_util.h"
@@ -27,21 +27,21 @@ static const char gpt2_124m[] =
 
 #define BASE "\"n_layer\":2,\"n_head\":4,\"n_embd\":64,\"vocab_size\":256,\"n_positions\":128"
 
-static ot_gpt2_config parse_ok(const char *json) {
-  ot_gpt2_config c;
+static ot_model_config parse_ok(const char *json) {
+  ot_model_config c;
   memset(&c, 0, sizeof c);
-  int rc = ot_config_parse(json, strlen(json), &c);
+  int rc = ot_model_config_parse(json, strlen(json), &c);
   if (rc != OT_OK) fail_msg("%s: %s", json, ot_error_detail());
   return c;
 }
 
 /* Expects `rc`, a detail mentioning `needle`, and the output left untouched. */
 static void parse_bad(const char *json, int rc, const char *needle) {
-  ot_gpt2_config c, sentinel;
+  ot_model_config c, sentinel;
   memset(&sentinel, 0x5a, sizeof sentinel);
   c = sentinel;
   ot_error_clear();
-  int got = ot_config_parse(json, strlen(json), &c);
+  int got = ot_model_config_parse(json, strlen(json), &c);
   if (got != rc) fail_msg("%s: got %d (%s), want %d", json, got, ot_error_detail(), rc);
   assert_memory_equal(&c, &sentinel, sizeof c);
   if (needle && !strstr(ot_error_detail(), needle))
@@ -50,7 +50,7 @@ static void parse_bad(const char *json, int rc, const char *needle) {
 
 static void test_real_gpt2_config(void **state) {
   (void)state;
-  ot_gpt2_config c = parse_ok(gpt2_124m);
+  ot_model_config c = parse_ok(gpt2_124m);
   assert_int_equal(c.n_layer, 12);
   assert_int_equal(c.n_head, 12);
   assert_int_equal(c.n_embd, 768);
@@ -58,16 +58,16 @@ static void test_real_gpt2_config(void **state) {
   assert_int_equal(c.n_positions, 1024);
   assert_true(c.layer_norm_epsilon == 1e-5f);
   /* With its terminating NUL counted, too. */
-  ot_gpt2_config d;
-  assert_int_equal(ot_config_parse(gpt2_124m, sizeof gpt2_124m, &d), OT_OK);
+  ot_model_config d;
+  assert_int_equal(ot_model_config_parse(gpt2_124m, sizeof gpt2_124m, &d), OT_OK);
   assert_memory_equal(&c, &d, sizeof c);
   /* Cut short, it is not JSON. */
-  assert_int_equal(ot_config_parse(gpt2_124m, sizeof gpt2_124m / 2, &d), OT_ERR_FORMAT);
+  assert_int_equal(ot_model_config_parse(gpt2_124m, sizeof gpt2_124m / 2, &d), OT_ERR_FORMAT);
 }
 
 static void test_variants(void **state) {
   (void)state;
-  ot_gpt2_config c = parse_ok("{" BASE "}");
+  ot_model_config c = parse_ok("{" BASE "}");
   assert_int_equal(c.n_layer, 2);
   assert_int_equal(c.n_positions, 128);
   assert_true(c.layer_norm_epsilon == 1e-5f); /* default */
@@ -140,30 +140,30 @@ static void test_bad_configs(void **state) {
   parse_bad("{" BASE ",\"scale_attn_weights\":false}", U, "scale_attn_weights");
   parse_bad("{" BASE ",\"add_cross_attention\":true}", U, "add_cross_attention");
 
-  ot_gpt2_config c;
-  assert_int_equal(ot_config_parse(NULL, 0, &c), OT_ERR_INVALID);
-  assert_int_equal(ot_config_parse("{}", 2, NULL), OT_ERR_INVALID);
+  ot_model_config c;
+  assert_int_equal(ot_model_config_parse(NULL, 0, &c), OT_ERR_INVALID);
+  assert_int_equal(ot_model_config_parse("{}", 2, NULL), OT_ERR_INVALID);
 }
 
 static void test_validate(void **state) {
   (void)state;
-  ot_gpt2_config c = {.n_layer = 12,
+  ot_model_config c = {.n_layer = 12,
                       .n_head = 12,
                       .n_embd = 768,
                       .vocab_size = 50257,
                       .n_positions = 1024,
                       .layer_norm_epsilon = 1e-5f};
-  assert_int_equal(ot_config_validate(&c), OT_OK);
-  ot_gpt2_config b = c;
+  assert_int_equal(ot_model_config_validate(&c), OT_OK);
+  ot_model_config b = c;
   b.n_head = 7;
-  assert_int_equal(ot_config_validate(&b), OT_ERR_INVALID);
+  assert_int_equal(ot_model_config_validate(&b), OT_ERR_INVALID);
   b = c;
   b.n_positions = 0;
-  assert_int_equal(ot_config_validate(&b), OT_ERR_RANGE);
+  assert_int_equal(ot_model_config_validate(&b), OT_ERR_RANGE);
   b = c;
   b.layer_norm_epsilon = 0.0f / 0.0f;
-  assert_int_equal(ot_config_validate(&b), OT_ERR_RANGE);
-  assert_int_equal(ot_config_validate(NULL), OT_ERR_INVALID);
+  assert_int_equal(ot_model_config_validate(&b), OT_ERR_RANGE);
+  assert_int_equal(ot_model_config_validate(NULL), OT_ERR_INVALID);
 }
 
 static void test_save_load(void **state) {
@@ -171,16 +171,16 @@ static void test_save_load(void **state) {
   char *dir = ot_test_tmpdir("config_save");
   char *path = NULL;
   assert_int_equal(ot_path_join(dir, "config.json", &path), OT_OK);
-  ot_gpt2_config c = {.n_layer = 6,
+  ot_model_config c = {.n_layer = 6,
                       .n_head = 8,
                       .n_embd = 512,
                       .vocab_size = 50257,
                       .n_positions = 256,
                       .layer_norm_epsilon = 1e-5f};
-  assert_int_equal(ot_config_save(path, &c), OT_OK);
-  ot_gpt2_config d;
+  assert_int_equal(ot_model_config_save(path, &c), OT_OK);
+  ot_model_config d;
   memset(&d, 0, sizeof d);
-  assert_int_equal(ot_config_load(path, &d), OT_OK);
+  assert_int_equal(ot_model_config_load(path, &d), OT_OK);
   assert_memory_equal(&c, &d, sizeof c);
 
   /* What Hugging Face needs to build a GPT2LMHeadModel. */
@@ -215,23 +215,23 @@ static void test_save_load(void **state) {
       0);
 
   /* A bad config is refused and leaves the old file alone. */
-  ot_gpt2_config bad = c;
+  ot_model_config bad = c;
   bad.n_head = 3;
-  assert_int_equal(ot_config_save(path, &bad), OT_ERR_INVALID);
-  assert_int_equal(ot_config_load(path, &d), OT_OK);
+  assert_int_equal(ot_model_config_save(path, &bad), OT_ERR_INVALID);
+  assert_int_equal(ot_model_config_load(path, &d), OT_OK);
   assert_int_equal(d.n_head, 8);
 
   /* Load errors name the file. */
   char *missing = NULL, *broken = NULL;
   assert_int_equal(ot_path_join(dir, "missing.json", &missing), OT_OK);
-  assert_int_equal(ot_config_load(missing, &d), OT_ERR_NOTFOUND);
+  assert_int_equal(ot_model_config_load(missing, &d), OT_ERR_NOTFOUND);
   assert_non_null(strstr(ot_error_detail(), "missing.json"));
   assert_int_equal(ot_path_join(dir, "broken.json", &broken), OT_OK);
   assert_int_equal(ot_file_write_atomic(broken, "{\"n_layer\":", 11), OT_OK);
-  assert_int_equal(ot_config_load(broken, &d), OT_ERR_FORMAT);
+  assert_int_equal(ot_model_config_load(broken, &d), OT_ERR_FORMAT);
   assert_non_null(strstr(ot_error_detail(), "broken.json"));
   assert_int_equal(ot_file_write_atomic(broken, gpt2_124m, sizeof gpt2_124m - 1), OT_OK);
-  assert_int_equal(ot_config_load(broken, &d), OT_OK);
+  assert_int_equal(ot_model_config_load(broken, &d), OT_OK);
   assert_int_equal(d.n_embd, 768);
   free(broken);
   free(missing);

@@ -112,7 +112,7 @@ static void test_kd_op(void **state) {
 
 typedef struct {
   ot_backend *be;
-  ot_gpt2 *full, *emu;
+  ot_model *full, *emu;
   ot_emu_plan plan;
   ot_safetensors *ref;
   int B, T;
@@ -124,7 +124,7 @@ static void distill_open(distill_fx *f) {
   char d[600], path[700];
   snprintf(d, sizeof d, "%s/distill", dir);
   assert_int_equal(ot_backend_cpu_create(2, &f->be), 0);
-  assert_int_equal(ot_gpt2_load_dir(d, f->be, &f->full), 0);
+  assert_int_equal(ot_model_load_dir(d, f->be, &f->full), 0);
   assert_int_equal(ot_emu_plan_make(6, 2, 2, 1, &f->plan), 0);
   assert_int_equal(ot_emu_build(f->full, &f->plan, &f->emu), 0);
   snprintf(path, sizeof path, "%s/ref.safetensors", d);
@@ -133,8 +133,8 @@ static void distill_open(distill_fx *f) {
 }
 
 static void distill_close(distill_fx *f) {
-  ot_gpt2_free(f->emu);
-  ot_gpt2_free(f->full);
+  ot_model_free(f->emu);
+  ot_model_free(f->full);
   ot_backend_free(f->be);
   ot_st_close(f->ref);
   free(f->in);
@@ -159,8 +159,8 @@ static void test_distill_gradient(void **state) {
   assert_true(fabs(kd - rkd[0]) <= REL_TOL * fabs(rkd[0]));
   assert_true(kd > 1e-3); /* a real KD term, not a vacuous zero */
   int n_checked = 0;
-  for (int i = 0; i < ot_gpt2_param_count(f.emu); i++) {
-    ot_param *p = ot_gpt2_param(f.emu, i);
+  for (int i = 0; i < ot_model_param_count(f.emu); i++) {
+    ot_param *p = ot_model_param(f.emu, i);
     int layer = -1;
     sscanf(p->name, "transformer.h.%d.", &layer);
     if (layer != 2) {
@@ -196,7 +196,7 @@ static void test_distill_lowers_kd(void **state) {
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
   ot_optimizer *opt;
-  assert_int_equal(ot_optimizer_create(&oc, f.be, ot_gpt2_param(f.emu, 0), ot_gpt2_param_count(f.emu), &opt),
+  assert_int_equal(ot_optimizer_create(&oc, f.be, ot_model_param(f.emu, 0), ot_model_param_count(f.emu), &opt),
                    0);
   float loss, ce, kd0 = 0, kd = 0, gn;
   for (int s = 0; s < 15; s++) {
@@ -214,11 +214,11 @@ static void test_distill_lowers_kd(void **state) {
 
 /* ---- device tuning and plug-in --------------------------------------------------- */
 
-static float *host_params(ot_gpt2 *m) {
-  size_t n = ot_gpt2_num_params(m);
+static float *host_params(ot_model *m) {
+  size_t n = ot_model_num_params(m);
   float *h = malloc(n * sizeof(float)), *p = h;
-  for (int i = 0; i < ot_gpt2_param_count(m); i++) {
-    ot_param *t = ot_gpt2_param(m, i);
+  for (int i = 0; i < ot_model_param_count(m); i++) {
+    ot_param *t = ot_model_param(m, i);
     memcpy(p, t->data, t->numel * sizeof(float));
     p += t->numel;
   }
@@ -231,12 +231,12 @@ static void test_tune_freezes(void **state) {
   distill_open(&f);
   float *before = host_params(f.emu);
   ot_emu_set_trainable(f.emu, &f.plan, OT_EMU_TRAIN_ADAPTER);
-  assert_int_equal(ot_gpt2_prepare(f.emu, f.B, f.T, 1), 0);
+  assert_int_equal(ot_model_prepare(f.emu, f.B, f.T, 1), 0);
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
   oc.weight_decay = 0.1f;
   ot_optimizer *opt;
-  assert_int_equal(ot_optimizer_create(&oc, f.be, ot_gpt2_param(f.emu, 0), ot_gpt2_param_count(f.emu), &opt),
+  assert_int_equal(ot_optimizer_create(&oc, f.be, ot_model_param(f.emu, 0), ot_model_param_count(f.emu), &opt),
                    0);
   int32_t ids[200];
   for (int i = 0; i < 200; i++) ids[i] = (i * 7 + i / 3) % 37;
@@ -247,8 +247,8 @@ static void test_tune_freezes(void **state) {
   ot_train_result res;
   assert_int_equal(ot_train(f.emu, opt, &bt, &tc, 0, &res), 0);
   float *after = host_params(f.emu), *b = before, *a = after;
-  for (int i = 0; i < ot_gpt2_param_count(f.emu); i++) {
-    ot_param *p = ot_gpt2_param(f.emu, i);
+  for (int i = 0; i < ot_model_param_count(f.emu); i++) {
+    ot_param *p = ot_model_param(f.emu, i);
     int same = memcmp(a, b, p->numel * sizeof(float)) == 0;
     int layer = -1;
     sscanf(p->name, "transformer.h.%d.", &layer);
@@ -265,9 +265,9 @@ static void test_tune_freezes(void **state) {
   distill_close(&f);
 }
 
-static void full_logits(ot_gpt2 *m, const int32_t *in, int B, int T, float *out) {
-  assert_int_equal(ot_gpt2_prepare(m, B, T, 0), 0);
-  assert_int_equal(ot_gpt2_forward_logits(m, in, B, T, out), 0);
+static void full_logits(ot_model *m, const int32_t *in, int B, int T, float *out) {
+  assert_int_equal(ot_model_prepare(m, B, T, 0), 0);
+  assert_int_equal(ot_model_forward_logits(m, in, B, T, out), 0);
 }
 
 static void test_plugin(void **state) {
@@ -283,20 +283,20 @@ static void test_plugin(void **state) {
   assert_int_equal(ot_tokenizer_byte_new(&tok), 0);
   /* the package round-trips and holds only the emulator's blocks */
   ot_emu_plan loaded;
-  ot_gpt2 *emu2;
+  ot_model *emu2;
   ot_tokenizer *tok2;
   assert_int_equal(ot_emu_save(f.emu, &f.plan, tok, emu_dir), 0);
   assert_int_equal(ot_emu_load(emu_dir, f.be, &emu2, &tok2, &loaded), 0);
-  assert_int_equal(ot_gpt2_cfg(emu2)->n_layer, 5);
+  assert_int_equal(ot_model_cfg(emu2)->n_layer, 5);
   assert_memory_equal(loaded.src, f.plan.src, sizeof loaded.src);
   assert_string_equal(loaded.base_digest, f.plan.base_digest);
-  assert_null(ot_gpt2_find_param(emu2, "transformer.h.5.ln_1.weight"));
-  ot_gpt2_free(emu2);
+  assert_null(ot_model_find_param(emu2, "transformer.h.5.ln_1.weight"));
+  ot_model_free(emu2);
   ot_tokenizer_free(tok2);
   ot_tokenizer_free(tok);
 
   assert_int_equal(ot_adapter_save(f.emu, &f.plan, NULL, ad), 0);
-  size_t NV = (size_t)f.B * f.T * ot_gpt2_cfg(f.full)->vocab_size;
+  size_t NV = (size_t)f.B * f.T * ot_model_cfg(f.full)->vocab_size;
   float *l0 = malloc(NV * sizeof(float)), *l1 = malloc(NV * sizeof(float));
   full_logits(f.full, f.in, f.B, f.T, l0);
   assert_int_equal(ot_adapter_apply(f.full, NULL, f.plan.base_digest, ad), 0);
@@ -313,11 +313,11 @@ static void test_plugin(void **state) {
   printf("other base: %s\n", ot_error_detail());
 
   /* wrong shapes: an adapter of a wider model claiming this base */
-  ot_gpt2_config wc = *ot_gpt2_cfg(f.full);
+  ot_model_config wc = *ot_model_cfg(f.full);
   wc.n_embd = 32;
-  ot_gpt2 *wide, *wide_emu;
-  assert_int_equal(ot_gpt2_create(&wc, f.be, &wide), 0);
-  assert_int_equal(ot_gpt2_init_random(wide, 3), 0);
+  ot_model *wide, *wide_emu;
+  assert_int_equal(ot_model_create(&wc, f.be, &wide), 0);
+  assert_int_equal(ot_model_init_random(wide, 3), 0);
   assert_int_equal(ot_emu_build(wide, &f.plan, &wide_emu), 0);
   snprintf(other, sizeof other, "%s/plug_wide", dir);
   assert_int_equal(ot_adapter_save(wide_emu, &f.plan, NULL, other), 0);
@@ -330,8 +330,8 @@ static void test_plugin(void **state) {
   assert_int_equal(ot_adapter_save(f.emu, &far, NULL, other), 0);
   assert_int_equal(ot_adapter_apply(f.full, NULL, f.plan.base_digest, other), OT_ERR_MISMATCH);
   printf("missing block: %s\n", ot_error_detail());
-  ot_gpt2_free(wide_emu);
-  ot_gpt2_free(wide);
+  ot_model_free(wide_emu);
+  ot_model_free(wide);
 
   /* tampered: one byte of the tensor data flipped */
   snprintf(path, sizeof path, "%s/adapter_model.safetensors", ad);
@@ -369,7 +369,7 @@ static void test_int8_package(void **state) {
   ot_emu_plan p8 = f.plan;
   p8.int8_middle = 1;
   assert_int_equal(ot_emu_save(f.emu, &p8, tok, d8), 0);
-  ot_gpt2 *a = NULL, *b = NULL;
+  ot_model *a = NULL, *b = NULL;
   ot_tokenizer *ta = NULL, *tb = NULL;
   ot_emu_plan pa, pb;
   assert_int_equal(ot_emu_load(d32, f.be, &a, &ta, &pa), 0);
@@ -377,12 +377,12 @@ static void test_int8_package(void **state) {
   assert_false(pa.int8_middle);
   assert_true(pb.int8_middle);
   int quantised = 0;
-  for (int i = 0; i < ot_gpt2_param_count(a); i++) {
-    ot_param *x = ot_gpt2_param(a, i), *y = ot_gpt2_param(b, i);
+  for (int i = 0; i < ot_model_param_count(a); i++) {
+    ot_param *x = ot_model_param(a, i), *y = ot_model_param(b, i);
     int middle = 0;
     for (int k = 0; k < OT_BLK_NPARAM; k++)
       for (int l = f.plan.bottom; l < f.plan.bottom + f.plan.keep; l++)
-        if (ot_gpt2_block_param_index(a, l, k) == i) middle = 1;
+        if (ot_model_block_param_index(a, l, k) == i) middle = 1;
     if (!middle || x->ndim != 2) {
       assert_memory_equal(x->data, y->data, x->numel * sizeof(float));
       continue;
@@ -414,13 +414,13 @@ static void test_int8_package(void **state) {
           "b[8+n+o:8+n+o+4]=struct.pack('<f',-1.0); open(p,'wb').write(b)\" '%s' '%s'",
           getenv("OT_PYTHON") ? getenv("OT_PYTHON") : "/usr/bin/python3", path, name),
       0);
-  ot_gpt2 *c = NULL;
+  ot_model *c = NULL;
   ot_tokenizer *tc = NULL;
   ot_emu_plan pc;
   assert_int_equal(ot_emu_load(d8, f.be, &c, &tc, &pc), OT_ERR_FORMAT);
   assert_non_null(strstr(ot_error_detail(), "scale"));
-  ot_gpt2_free(a);
-  ot_gpt2_free(b);
+  ot_model_free(a);
+  ot_model_free(b);
   ot_tokenizer_free(ta);
   ot_tokenizer_free(tb);
   ot_tokenizer_free(tok);

@@ -13,7 +13,7 @@
 #include <string.h>
 
 #include "ot_error.h"
-#include "ot_gpt2.h"
+#include "ot_model.h"
 #include "ot_optim.h"
 #include "ot_safetensors.h"
 #include "ot_test_util.h"
@@ -73,12 +73,12 @@ static void test_logits_loss_grads(void **state) {
   for (int c = 0; c < n_cases; c++) {
     ot_test_case fx;
     fixture_open(&fx, cases[c], NULL);
-    const ot_gpt2_config *cfg = ot_gpt2_cfg(fx.m);
+    const ot_model_config *cfg = ot_model_cfg(fx.m);
     size_t N = (size_t)fx.B * fx.T, V = cfg->vocab_size;
-    assert_int_equal(ot_gpt2_prepare(fx.m, fx.B, fx.T, 1), 0);
+    assert_int_equal(ot_model_prepare(fx.m, fx.B, fx.T, 1), 0);
 
     float *logits = malloc(N * V * sizeof(float));
-    assert_int_equal(ot_gpt2_forward_logits(fx.m, fx.in, fx.B, fx.T, logits), 0);
+    assert_int_equal(ot_model_forward_logits(fx.m, fx.in, fx.B, fx.T, logits), 0);
     size_t nref;
     float *want = ot_test_st_f32(fx.ref, "logits", &nref);
     assert_int_equal(nref, N * V);
@@ -87,15 +87,15 @@ static void test_logits_loss_grads(void **state) {
     free(logits);
 
     float loss;
-    assert_int_equal(ot_gpt2_forward(fx.m, fx.in, fx.tg, fx.B, fx.T, &loss), 0);
+    assert_int_equal(ot_model_forward(fx.m, fx.in, fx.tg, fx.B, fx.T, &loss), 0);
     float *wl = ot_test_st_f32(fx.ref, "loss", NULL);
     if (!(fabs(loss - wl[0]) < REL_TOL * fabs(wl[0])))
       fail_msg("%s: loss %.8f, PyTorch %.8f", cases[c], loss, wl[0]);
     free(wl);
 
-    assert_int_equal(ot_gpt2_backward(fx.m), 0);
-    for (int i = 0; i < ot_gpt2_param_count(fx.m); i++) {
-      ot_param *p = ot_gpt2_param(fx.m, i);
+    assert_int_equal(ot_model_backward(fx.m), 0);
+    for (int i = 0; i < ot_model_param_count(fx.m); i++) {
+      ot_param *p = ot_model_param(fx.m, i);
       char name[160];
       snprintf(name, sizeof name, "grad.%s", p->name + strlen("transformer."));
       size_t n;
@@ -115,15 +115,15 @@ static void test_frozen_subset(void **state) {
   (void)state;
   ot_test_case fx;
   fixture_open(&fx, "manyheads", NULL);
-  int L = ot_gpt2_cfg(fx.m)->n_layer;
-  ot_gpt2_set_all_trainable(fx.m, 0);
+  int L = ot_model_cfg(fx.m)->n_layer;
+  ot_model_set_all_trainable(fx.m, 0);
   /* the top block only, like a top adapter */
   for (int k = 0; k < OT_BLK_NPARAM; k++)
-    ot_gpt2_param(fx.m, ot_gpt2_block_param_index(fx.m, L - 1, k))->trainable = 1;
-  assert_int_equal(ot_gpt2_prepare(fx.m, fx.B, fx.T, 1), 0);
+    ot_model_param(fx.m, ot_model_block_param_index(fx.m, L - 1, k))->trainable = 1;
+  assert_int_equal(ot_model_prepare(fx.m, fx.B, fx.T, 1), 0);
   size_t grad_scalars = 0;
-  for (int i = 0; i < ot_gpt2_param_count(fx.m); i++) {
-    ot_param *p = ot_gpt2_param(fx.m, i);
+  for (int i = 0; i < ot_model_param_count(fx.m); i++) {
+    ot_param *p = ot_model_param(fx.m, i);
     if (p->trainable) {
       assert_non_null(p->grad);
       grad_scalars += p->numel;
@@ -131,12 +131,12 @@ static void test_frozen_subset(void **state) {
       assert_null(p->grad);
     }
   }
-  assert_true(ot_gpt2_memory_bytes(fx.m) > 0);
+  assert_true(ot_model_memory_bytes(fx.m) > 0);
   float loss;
-  assert_int_equal(ot_gpt2_forward(fx.m, fx.in, fx.tg, fx.B, fx.T, &loss), 0);
-  assert_int_equal(ot_gpt2_backward(fx.m), 0);
-  for (int i = 0; i < ot_gpt2_param_count(fx.m); i++) {
-    ot_param *p = ot_gpt2_param(fx.m, i);
+  assert_int_equal(ot_model_forward(fx.m, fx.in, fx.tg, fx.B, fx.T, &loss), 0);
+  assert_int_equal(ot_model_backward(fx.m), 0);
+  for (int i = 0; i < ot_model_param_count(fx.m); i++) {
+    ot_param *p = ot_model_param(fx.m, i);
     if (!p->trainable) continue;
     char name[160];
     snprintf(name, sizeof name, "grad.%s", p->name + strlen("transformer."));
@@ -145,18 +145,18 @@ static void test_frozen_subset(void **state) {
     free(g);
   }
   /* an optimizer step moves only the trainable tensors */
-  size_t total = ot_gpt2_num_params(fx.m);
+  size_t total = ot_model_num_params(fx.m);
   float *before = malloc(total * sizeof(float));
-  memcpy(before, ot_gpt2_param(fx.m, 0)->data, total * sizeof(float));
+  memcpy(before, ot_model_param(fx.m, 0)->data, total * sizeof(float));
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
   ot_optimizer *opt;
-  assert_int_equal(ot_optimizer_create(&oc, fx.be, ot_gpt2_param(fx.m, 0), ot_gpt2_param_count(fx.m), &opt),
+  assert_int_equal(ot_optimizer_create(&oc, fx.be, ot_model_param(fx.m, 0), ot_model_param_count(fx.m), &opt),
                    0);
   assert_int_equal(ot_optimizer_step(opt, 1e-2f, NULL), 0);
   size_t off = 0;
-  for (int i = 0; i < ot_gpt2_param_count(fx.m); i++) {
-    ot_param *p = ot_gpt2_param(fx.m, i);
+  for (int i = 0; i < ot_model_param_count(fx.m); i++) {
+    ot_param *p = ot_model_param(fx.m, i);
     int same = memcmp(before + off, p->data, p->numel * sizeof(float)) == 0;
     if (p->trainable)
       assert_false(same);
@@ -179,9 +179,9 @@ static void test_half_checkpoints(void **state) {
     for (int s = 0; s < 2; s++) {
       ot_test_case fx;
       fixture_open(&fx, cases[c], subs[s]);
-      assert_int_equal(ot_gpt2_prepare(fx.m, fx.B, fx.T, 0), 0);
+      assert_int_equal(ot_model_prepare(fx.m, fx.B, fx.T, 0), 0);
       float loss;
-      assert_int_equal(ot_gpt2_forward(fx.m, fx.in, fx.tg, fx.B, fx.T, &loss), 0);
+      assert_int_equal(ot_model_forward(fx.m, fx.in, fx.tg, fx.B, fx.T, &loss), 0);
       char name[32];
       snprintf(name, sizeof name, "loss_%s", subs[s]);
       float *wl = ot_test_st_f32(fx.ref, name, NULL);
@@ -207,7 +207,7 @@ static void test_optimizer_trajectories(void **state) {
     for (int kind = 0; kind < 2; kind++) {
       ot_test_case fx;
       fixture_open(&fx, cases[c], NULL);
-      assert_int_equal(ot_gpt2_prepare(fx.m, fx.B, fx.T, 1), 0);
+      assert_int_equal(ot_model_prepare(fx.m, fx.B, fx.T, 1), 0);
       ot_optim_config oc;
       ot_optim_config_default(&oc, kind == 0 ? OT_OPTIM_ADAMW : OT_OPTIM_SGD);
       float lr;
@@ -222,19 +222,19 @@ static void test_optimizer_trajectories(void **state) {
       }
       ot_optimizer *opt;
       assert_int_equal(
-          ot_optimizer_create(&oc, fx.be, ot_gpt2_param(fx.m, 0), ot_gpt2_param_count(fx.m), &opt), 0);
+          ot_optimizer_create(&oc, fx.be, ot_model_param(fx.m, 0), ot_model_param_count(fx.m), &opt), 0);
       uint64_t n;
       float *want = ot_test_st_f32(fx.ref, kind == 0 ? "adamw_losses" : "sgd_losses", &n);
       for (uint64_t s = 0; s < n; s++) {
         float loss;
-        assert_int_equal(ot_gpt2_forward(fx.m, fx.in, fx.tg, fx.B, fx.T, &loss), 0);
+        assert_int_equal(ot_model_forward(fx.m, fx.in, fx.tg, fx.B, fx.T, &loss), 0);
         /* trajectories amplify rounding a little each step */
         if (!(fabs(loss - want[s]) < 2e-4 * fabs(want[s])))
           fail_msg("%s %s step %d: loss %.7f, PyTorch %.7f", cases[c], kind == 0 ? "adamw" : "sgd", (int)s,
                    loss, want[s]);
         if (s + 1 == n) break;
-        assert_int_equal(ot_gpt2_zero_grad(fx.m), 0);
-        assert_int_equal(ot_gpt2_backward(fx.m), 0);
+        assert_int_equal(ot_model_zero_grad(fx.m), 0);
+        assert_int_equal(ot_model_backward(fx.m), 0);
         assert_int_equal(ot_optimizer_step(opt, lr, NULL), 0);
       }
       free(want);
@@ -250,35 +250,35 @@ static void test_finite_differences(void **state) {
   (void)state;
   ot_backend *be;
   assert_int_equal(ot_backend_cpu_create(1, &be), 0);
-  ot_gpt2_config cfg = {.n_layer = 2,
+  ot_model_config cfg = {.n_layer = 2,
                         .n_head = 2,
                         .n_embd = 8,
                         .vocab_size = 11,
                         .n_positions = 8,
                         .layer_norm_epsilon = 1e-5f};
-  ot_gpt2 *m;
-  assert_int_equal(ot_gpt2_create(&cfg, be, &m), 0);
-  assert_int_equal(ot_gpt2_init_random(m, 7), 0);
+  ot_model *m;
+  assert_int_equal(ot_model_create(&cfg, be, &m), 0);
+  assert_int_equal(ot_model_init_random(m, 7), 0);
   /* larger weights than GPT-2's init so every path carries signal */
-  for (int i = 0; i < ot_gpt2_param_count(m); i++) {
-    ot_param *p = ot_gpt2_param(m, i);
+  for (int i = 0; i < ot_model_param_count(m); i++) {
+    ot_param *p = ot_model_param(m, i);
     for (size_t j = 0; j < p->numel; j++) p->data[j] = p->data[j] * 4.0f + 0.01f * (float)((j * 7 + i) % 5);
   }
   int B = 2, T = 5;
   int32_t in[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, tg[10] = {2, 3, 4, 5, 6, 7, 8, 9, 10, 0};
-  assert_int_equal(ot_gpt2_prepare(m, B, T, 1), 0);
+  assert_int_equal(ot_model_prepare(m, B, T, 1), 0);
   float loss;
-  assert_int_equal(ot_gpt2_forward(m, in, tg, B, T, &loss), 0);
-  assert_int_equal(ot_gpt2_backward(m), 0);
+  assert_int_equal(ot_model_forward(m, in, tg, B, T, &loss), 0);
+  assert_int_equal(ot_model_backward(m), 0);
   int checked = 0;
-  for (int i = 0; i < ot_gpt2_param_count(m); i++) {
-    ot_param *p = ot_gpt2_param(m, i);
+  for (int i = 0; i < ot_model_param_count(m); i++) {
+    ot_param *p = ot_model_param(m, i);
     for (size_t j = 0; j < p->numel; j += 1 + p->numel / 3) {
       float orig = p->data[j], h = 4e-3f, lp, lm;
       p->data[j] = orig + h;
-      assert_int_equal(ot_gpt2_forward(m, in, tg, B, T, &lp), 0);
+      assert_int_equal(ot_model_forward(m, in, tg, B, T, &lp), 0);
       p->data[j] = orig - h;
-      assert_int_equal(ot_gpt2_forward(m, in, tg, B, T, &lm), 0);
+      assert_int_equal(ot_model_forward(m, in, tg, B, T, &lm), 0);
       p->data[j] = orig;
       double fd = ((double)lp - lm) / (2.0 * h), an = p->grad[j];
       if (!(fabs(fd - an) <= 1e-4 + 3e-2 * fabs(an)))
@@ -287,7 +287,7 @@ static void test_finite_differences(void **state) {
     }
   }
   assert_true(checked > 40);
-  ot_gpt2_free(m);
+  ot_model_free(m);
   ot_backend_free(be);
 }
 

@@ -20,7 +20,7 @@
 #include "ot_error.h"
 #include "ot_eval.h"
 #include "ot_fileio.h"
-#include "ot_gpt2.h"
+#include "ot_model.h"
 #include "ot_safetensors.h"
 #include "ot_serve_engine.h"
 #include "ot_serve_request.h"
@@ -117,7 +117,7 @@ static void test_kv_logits(void **state) {
     memcpy(ids, prompt, n * sizeof(int32_t));
     memcpy(ids + n, s[k].toks, 26 * sizeof(int32_t));
     int T = (int)n + 25; /* the last token's logits are never needed */
-    assert_int_equal(ot_gpt2_forward_logits(ref[k], ids, 1, T, full), 0);
+    assert_int_equal(ot_model_forward_logits(ref[k], ids, 1, T, full), 0);
     for (int j = 0; j < 26; j++) {
       double err = ot_test_rel_err(s[k].logits + (size_t)j * V, full + (size_t)(n - 1 + j) * V, (size_t)V);
       if (err > worst) worst = err;
@@ -569,8 +569,8 @@ static void test_kv_ops(void **state) {
     toks[i] = (i * 37) % 256;
     p2[i] = i % T;
   }
-  const float *wte = ot_gpt2_find_param(base, "transformer.wte.weight")->data,
-              *wpe = ot_gpt2_find_param(base, "transformer.wpe.weight")->data;
+  const float *wte = ot_model_find_param(base, "transformer.wte.weight")->data,
+              *wpe = ot_model_find_param(base, "transformer.wpe.weight")->data;
   o->encoder_fwd(be, ref_out, toks, wte, wpe, B, T, C);
   o->embed_fwd(be, out, toks, p2, wte, wpe, B * T, C);
   assert_memory_equal(out, ref_out, sizeof(float) * B * T * C);

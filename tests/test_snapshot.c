@@ -16,43 +16,43 @@
 
 typedef struct {
   ot_backend *be;
-  ot_gpt2 *m;
+  ot_model *m;
   ot_optimizer *opt;
 } net;
 
 static void net_make(net *n, uint64_t seed) {
-  ot_gpt2_config cfg = {2, 2, 8, 13, 8, 1e-5f};
+  ot_model_config cfg = {2, 2, 8, 13, 8, 1e-5f};
   assert_int_equal(ot_backend_cpu_create(1, &n->be), OT_OK);
-  assert_int_equal(ot_gpt2_create(&cfg, n->be, &n->m), OT_OK);
-  assert_int_equal(ot_gpt2_init_random(n->m, seed), OT_OK);
-  ot_gpt2_set_all_trainable(n->m, 0);
+  assert_int_equal(ot_model_create(&cfg, n->be, &n->m), OT_OK);
+  assert_int_equal(ot_model_init_random(n->m, seed), OT_OK);
+  ot_model_set_all_trainable(n->m, 0);
   for (int k = 0; k < OT_BLK_NPARAM; k++)
-    ot_gpt2_param(n->m, ot_gpt2_block_param_index(n->m, 1, k))->trainable = 1;
-  assert_int_equal(ot_gpt2_prepare(n->m, 1, 4, 1), OT_OK);
+    ot_model_param(n->m, ot_model_block_param_index(n->m, 1, k))->trainable = 1;
+  assert_int_equal(ot_model_prepare(n->m, 1, 4, 1), OT_OK);
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
   assert_int_equal(
-      ot_optimizer_create(&oc, n->be, ot_gpt2_param(n->m, 0), ot_gpt2_param_count(n->m), &n->opt), OT_OK);
+      ot_optimizer_create(&oc, n->be, ot_model_param(n->m, 0), ot_model_param_count(n->m), &n->opt), OT_OK);
 }
 
 static void net_free(net *n) {
   ot_optimizer_free(n->opt);
-  ot_gpt2_free(n->m);
+  ot_model_free(n->m);
   ot_backend_free(n->be);
 }
 
 static void train_step(net *n) {
   int32_t in[4] = {1, 2, 3, 4}, tg[4] = {2, 3, 4, 5};
   float loss;
-  assert_int_equal(ot_gpt2_forward(n->m, in, tg, 1, 4, &loss), OT_OK);
-  assert_int_equal(ot_gpt2_backward(n->m), OT_OK);
+  assert_int_equal(ot_model_forward(n->m, in, tg, 1, 4, &loss), OT_OK);
+  assert_int_equal(ot_model_backward(n->m), OT_OK);
   assert_int_equal(ot_optimizer_step(n->opt, 1e-2f, NULL), OT_OK);
 }
 
-static int same_weights(ot_gpt2 *a, ot_gpt2 *b) {
-  for (int i = 0; i < ot_gpt2_param_count(a); i++)
-    if (memcmp(ot_gpt2_param(a, i)->data, ot_gpt2_param(b, i)->data,
-               ot_gpt2_param(a, i)->numel * sizeof(float)))
+static int same_weights(ot_model *a, ot_model *b) {
+  for (int i = 0; i < ot_model_param_count(a); i++)
+    if (memcmp(ot_model_param(a, i)->data, ot_model_param(b, i)->data,
+               ot_model_param(a, i)->numel * sizeof(float)))
       return 0;
   return 1;
 }
@@ -102,24 +102,24 @@ static void test_refusals_leave_model_untouched(void **state) {
   train_step(&a);
   ot_snapshot_state st = {1, 5, 0, 1, 4, -1.0, 0};
   assert_int_equal(ot_snapshot_save(dir, a.m, a.opt, &st), OT_OK);
-  ot_gpt2 *copy = NULL;
-  ot_gpt2_config cfg = *ot_gpt2_cfg(b.m);
-  assert_int_equal(ot_gpt2_create(&cfg, b.be, &copy), OT_OK);
-  assert_int_equal(ot_gpt2_init_random(copy, 2), OT_OK);
+  ot_model *copy = NULL;
+  ot_model_config cfg = *ot_model_cfg(b.m);
+  assert_int_equal(ot_model_create(&cfg, b.be, &copy), OT_OK);
+  assert_int_equal(ot_model_init_random(copy, 2), OT_OK);
   ot_snapshot_state got = {.batch = 2, .seq_len = 4}; /* another batch size */
   assert_int_equal(ot_snapshot_load(dir, b.m, b.opt, 100, &got), OT_ERR_MISMATCH);
   got = (ot_snapshot_state){.batch = 1, .seq_len = 4};
   assert_int_equal(ot_snapshot_load(dir, b.m, b.opt, 5, &got), OT_ERR_MISMATCH); /* data shorter than pos */
   /* another set of trainable tensors */
-  ot_gpt2_param(b.m, 0)->trainable = 1;
+  ot_model_param(b.m, 0)->trainable = 1;
   assert_int_equal(ot_snapshot_load(dir, b.m, b.opt, 100, &got), OT_ERR_MISMATCH);
-  ot_gpt2_param(b.m, 0)->trainable = 0;
+  ot_model_param(b.m, 0)->trainable = 0;
   /* a corrupted weights file */
   assert_int_equal(ot_test_system("truncate -s 64 '%s/train_state/weights.safetensors'", dir), 0);
   assert_int_not_equal(ot_snapshot_load(dir, b.m, b.opt, 100, &got), OT_OK);
   assert_true(same_weights(b.m, copy));
   assert_int_equal(ot_optimizer_steps_done(b.opt), 0);
-  ot_gpt2_free(copy);
+  ot_model_free(copy);
   net_free(&a);
   net_free(&b);
   free(dir);

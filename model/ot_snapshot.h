@@ -8,7 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "ot_gpt2.h"
+#include "ot_model.h"
 #include "ot_optim.h"
 
 typedef struct {
@@ -23,10 +23,10 @@ typedef struct {
 /* 1 if <out>/train_state holds a complete snapshot. */
 int ot_snapshot_exists(const char *out);
 /* Writes the trainable tensors of m, the optimizer state and st as one unit. */
-int ot_snapshot_save(const char *out, ot_gpt2 *m, const ot_optimizer *opt, const ot_snapshot_state *st);
+int ot_snapshot_save(const char *out, ot_model *m, const ot_optimizer *opt, const ot_snapshot_state *st);
 /* Restores a snapshot into m's trainable tensors and opt. st->batch and st->seq_len are
  * inputs (they must match the saved run); the rest is filled in. A saved position at or
  * past n_tokens, a missing or differently shaped tensor, or another optimizer is an error. */
-int ot_snapshot_load(const char *out, ot_gpt2 *m, ot_optimizer *opt, size_t n_tokens, ot_snapshot_state *st);
+int ot_snapshot_load(const char *out, ot_model *m, ot_optimizer *opt, size_t n_tokens, ot_snapshot_state *st);
 
 #endif

@@ -7,7 +7,7 @@
 #include <stddef.h>
 
 #include "ot_backend.h"
-#include "ot_gpt2.h"
+#include "ot_model.h"
 
 typedef enum { OT_OPTIM_ADAMW = 0, OT_OPTIM_SGD = 1 } ot_optim_kind;
 

@@ -1,4 +1,4 @@
-#include "ot_gpt2.h"
+#include "ot_model.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -32,8 +32,8 @@ typedef struct {
   int bn[2][4];               /* down.weight, down.bias, up.weight, up.bias */
 } ot_ext_idx;
 
-struct ot_gpt2 {
-  ot_gpt2_config cfg;
+struct ot_model {
+  ot_model_config cfg;
   ot_backend *be;
 
   int n_params;
@@ -104,10 +104,10 @@ static void set_param(ot_param *p, const char *name, int d0, int d1) {
   p->decay = d1 > 0;
 }
 
-int ot_gpt2_create(const ot_gpt2_config *cfg, ot_backend *be, ot_gpt2 **out) {
-  int rc = ot_config_validate(cfg);
+int ot_model_create(const ot_model_config *cfg, ot_backend *be, ot_model **out) {
+  int rc = ot_model_config_validate(cfg);
   if (rc) return rc;
-  ot_gpt2 *m = calloc(1, sizeof *m);
+  ot_model *m = calloc(1, sizeof *m);
   if (!m) return ot_error(OT_ERR_NOMEM, "cannot allocate model");
   m->cfg = *cfg;
   m->be = be;
@@ -154,7 +154,7 @@ int ot_gpt2_create(const ot_gpt2_config *cfg, ot_backend *be, ot_gpt2 **out) {
   return OT_OK;
 }
 
-static void free_acts(ot_gpt2 *m) {
+static void free_acts(ot_model *m) {
   if (m->act_mem) m->be->ops->free(m->be, m->act_mem);
   m->act_mem = NULL;
   m->act_bytes = 0;
@@ -167,14 +167,14 @@ static void free_acts(ot_gpt2 *m) {
   m->maxB = m->maxT = 0;
 }
 
-static void free_grads(ot_gpt2 *m) {
+static void free_grads(ot_model *m) {
   if (m->grad_mem) m->be->ops->free(m->be, m->grad_mem);
   m->grad_mem = NULL;
   m->grad_scalars = 0;
   for (int i = 0; i < m->n_params; i++) m->params[i].grad = NULL;
 }
 
-void ot_gpt2_free(ot_gpt2 *m) {
+void ot_model_free(ot_model *m) {
   if (!m) return;
   free_acts(m);
   free_grads(m);
@@ -187,29 +187,29 @@ void ot_gpt2_free(ot_gpt2 *m) {
   free(m);
 }
 
-const ot_gpt2_config *ot_gpt2_cfg(const ot_gpt2 *m) { return &m->cfg; }
-ot_backend *ot_gpt2_backend(const ot_gpt2 *m) { return m->be; }
-size_t ot_gpt2_num_params(const ot_gpt2 *m) { return m->n_scalars + m->ext_scalars; }
-int ot_gpt2_base_param_count(const ot_gpt2 *m) { return m->n_base; }
-int ot_gpt2_param_count(const ot_gpt2 *m) { return m->n_params; }
-ot_param *ot_gpt2_param(ot_gpt2 *m, int i) { return (i >= 0 && i < m->n_params) ? &m->params[i] : NULL; }
+const ot_model_config *ot_model_cfg(const ot_model *m) { return &m->cfg; }
+ot_backend *ot_model_backend(const ot_model *m) { return m->be; }
+size_t ot_model_num_params(const ot_model *m) { return m->n_scalars + m->ext_scalars; }
+int ot_model_base_param_count(const ot_model *m) { return m->n_base; }
+int ot_model_param_count(const ot_model *m) { return m->n_params; }
+ot_param *ot_model_param(ot_model *m, int i) { return (i >= 0 && i < m->n_params) ? &m->params[i] : NULL; }
 
-int ot_gpt2_block_param_index(const ot_gpt2 *m, int layer, int which) {
+int ot_model_block_param_index(const ot_model *m, int layer, int which) {
   if (layer < 0 || layer >= m->cfg.n_layer || which < 0 || which >= OT_BLK_NPARAM) return -1;
   return P_BLK0 + layer * OT_BLK_NPARAM + which;
 }
 
-ot_param *ot_gpt2_find_param(ot_gpt2 *m, const char *name) {
+ot_param *ot_model_find_param(ot_model *m, const char *name) {
   for (int i = 0; i < m->n_params; i++)
     if (strcmp(m->params[i].name, name) == 0) return &m->params[i];
   return NULL;
 }
 
-void ot_gpt2_set_all_trainable(ot_gpt2 *m, int trainable) {
+void ot_model_set_all_trainable(ot_model *m, int trainable) {
   for (int i = 0; i < m->n_params; i++) m->params[i].trainable = trainable;
 }
 
-size_t ot_gpt2_memory_bytes(const ot_gpt2 *m) {
+size_t ot_model_memory_bytes(const ot_model *m) {
   return (m->n_scalars + m->ext_scalars) * sizeof(float) + m->grad_scalars * sizeof(float) + m->act_bytes;
 }
 
@@ -217,7 +217,7 @@ size_t ot_gpt2_memory_bytes(const ot_gpt2 *m) {
 
 static double uniform01(uint64_t *s) { return ((ot_splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
 
-int ot_gpt2_init_random(ot_gpt2 *m, uint64_t seed) {
+int ot_model_init_random(ot_model *m, uint64_t seed) {
   uint64_t s = seed;
   float *host = malloc(m->n_scalars * sizeof(float));
   if (!host) return ot_error(OT_ERR_NOMEM, "cannot allocate init buffer");
@@ -253,7 +253,7 @@ int ot_gpt2_init_random(ot_gpt2 *m, uint64_t seed) {
 
 /* Maps a checkpoint tensor name to a parameter index; -1 = ignore (mask buffers,
  * tied LM head), -2 = unknown. */
-static int map_name(ot_gpt2 *m, const char *name) {
+static int map_name(ot_model *m, const char *name) {
   const char *n = name;
   if (strncmp(n, "transformer.", 12) == 0) n += 12;
   if (strcmp(n, "lm_head.weight") == 0) return -1;
@@ -269,7 +269,7 @@ static int map_name(ot_gpt2 *m, const char *name) {
   return -2;
 }
 
-/* An int8 weight [in, out] with its per-column scales (ot_gpt2_save_dir_int8), to fp32. */
+/* An int8 weight [in, out] with its per-column scales (ot_model_save_dir_int8), to fp32. */
 static int read_int8(ot_safetensors *st, const ot_st_tensor *t, const char *path, float *dst,
                      const ot_param *p) {
   char sname[160];
@@ -292,7 +292,7 @@ static int read_int8(ot_safetensors *st, const ot_st_tensor *t, const char *path
   return rc;
 }
 
-int ot_gpt2_load_safetensors(ot_gpt2 *m, const char *path) {
+int ot_model_load_safetensors(ot_model *m, const char *path) {
   ot_safetensors *st = NULL;
   int rc = ot_st_open(path, &st);
   if (rc) return rc;
@@ -357,19 +357,19 @@ int ot_gpt2_load_safetensors(ot_gpt2 *m, const char *path) {
   return rc;
 }
 
-int ot_gpt2_load_dir(const char *dir, ot_backend *be, ot_gpt2 **out) {
+int ot_model_load_dir(const char *dir, ot_backend *be, ot_model **out) {
   char *cfg_path = NULL, *st_path = NULL;
-  ot_gpt2_config cfg;
-  ot_gpt2 *m = NULL;
+  ot_model_config cfg;
+  ot_model *m = NULL;
   int rc = ot_path_join(dir, "config.json", &cfg_path);
   if (rc == OT_OK) rc = ot_path_join(dir, "model.safetensors", &st_path);
-  if (rc == OT_OK) rc = ot_config_load(cfg_path, &cfg);
-  if (rc == OT_OK) rc = ot_gpt2_create(&cfg, be, &m);
-  if (rc == OT_OK) rc = ot_gpt2_load_safetensors(m, st_path);
+  if (rc == OT_OK) rc = ot_model_config_load(cfg_path, &cfg);
+  if (rc == OT_OK) rc = ot_model_create(&cfg, be, &m);
+  if (rc == OT_OK) rc = ot_model_load_safetensors(m, st_path);
   free(cfg_path);
   free(st_path);
   if (rc) {
-    ot_gpt2_free(m);
+    ot_model_free(m);
     return rc;
   }
   *out = m;
@@ -393,7 +393,7 @@ static void quantize_int8(const float *w, int rows, int cols, int8_t *q, float *
     }
 }
 
-int ot_gpt2_save_dir_int8(const ot_gpt2 *m, const char *dir, const unsigned char *int8_blocks) {
+int ot_model_save_dir_int8(const ot_model *m, const char *dir, const unsigned char *int8_blocks) {
   int rc = ot_mkdir_p(dir);
   if (rc) return rc;
   char *cfg_path = NULL, *st_path = NULL;
@@ -438,7 +438,7 @@ int ot_gpt2_save_dir_int8(const ot_gpt2 *m, const char *dir, const unsigned char
     }
   }
   if (rc == OT_OK) rc = ot_st_writer_save(w, st_path);
-  if (rc == OT_OK) rc = ot_config_save(cfg_path, &m->cfg);
+  if (rc == OT_OK) rc = ot_model_config_save(cfg_path, &m->cfg);
   ot_st_writer_free(w);
   for (int i = 0; qs && ss && i < m->n_base; i++) {
     free(qs[i]);
@@ -453,7 +453,7 @@ int ot_gpt2_save_dir_int8(const ot_gpt2 *m, const char *dir, const unsigned char
   return rc;
 }
 
-int ot_gpt2_save_dir(const ot_gpt2 *m, const char *dir) { return ot_gpt2_save_dir_int8(m, dir, NULL); }
+int ot_model_save_dir(const ot_model *m, const char *dir) { return ot_model_save_dir_int8(m, dir, NULL); }
 
 /* ---- memory plan ----------------------------------------------------------------- */
 
@@ -472,7 +472,7 @@ static void *carve(carver *cv, size_t bytes) {
 
 /* Extensions an activation set must hold: its own block's in training, the union of
  * all blocks' when one set serves every block. */
-static ot_block_ext ext_need(const ot_gpt2 *m, int act_block) {
+static ot_block_ext ext_need(const ot_model *m, int act_block) {
   ot_block_ext e = {0, 0, 0.0f, 0.0f, 0};
   if (!m->ext) return e;
   int l0 = m->training ? act_block : 0, l1 = m->training ? act_block + 1 : m->cfg.n_layer;
@@ -486,7 +486,7 @@ static ot_block_ext ext_need(const ot_gpt2 *m, int act_block) {
   return e;
 }
 
-static void plan_acts(ot_gpt2 *m, carver *cv, int B, int T, int training) {
+static void plan_acts(ot_model *m, carver *cv, int B, int T, int training) {
   size_t N = (size_t)B * T, C = m->cfg.n_embd, V = m->cfg.vocab_size, NH = m->cfg.n_head;
   size_t F = sizeof(float);
   /* a fused-attention backend keeps less than the B x NH x T x T probabilities */
@@ -549,7 +549,7 @@ static void plan_acts(ot_gpt2 *m, carver *cv, int B, int T, int training) {
   }
 }
 
-int ot_gpt2_prepare(ot_gpt2 *m, int B, int T, int training) {
+int ot_model_prepare(ot_model *m, int B, int T, int training) {
   if (B <= 0 || T <= 0) return ot_error(OT_ERR_INVALID, "batch %d x %d: both must be positive", B, T);
   if (T > m->cfg.n_positions)
     return ot_error(OT_ERR_RANGE, "sequence length %d exceeds the model's n_positions %d", T,
@@ -594,14 +594,14 @@ int ot_gpt2_prepare(ot_gpt2 *m, int B, int T, int training) {
         m->params[i].grad = g;
         g += m->params[i].numel;
       }
-      rc = ot_gpt2_zero_grad(m);
+      rc = ot_model_zero_grad(m);
     }
   }
   m->last_B = 0;
   return rc;
 }
 
-int ot_gpt2_zero_grad(ot_gpt2 *m) {
+int ot_model_zero_grad(ot_model *m) {
   if (!m->grad_mem) return OT_OK;
   return m->be->ops->zero(m->be, m->grad_mem, m->grad_scalars * sizeof(float));
 }
@@ -613,24 +613,24 @@ int ot_gpt2_zero_grad(ot_gpt2 *m) {
 #define XP(m, i) ((m)->params[i].data)
 #define XG(m, i) ((m)->params[i].grad)
 
-static int has_lora(const ot_gpt2 *m, int l, int s) { return m->ext && ((m->ext[l].lora_sites >> s) & 1); }
-static int has_bn(const ot_gpt2 *m, int l) { return m->ext && m->ext[l].bottleneck > 0; }
+static int has_lora(const ot_model *m, int l, int s) { return m->ext && ((m->ext[l].lora_sites >> s) & 1); }
+static int has_bn(const ot_model *m, int l) { return m->ext && m->ext[l].bottleneck > 0; }
 
 /* In/out widths of LoRA site s. */
-static void site_dims(const ot_gpt2 *m, int s, int *in, int *out) {
+static void site_dims(const ot_model *m, int s, int *in, int *out) {
   int C = m->cfg.n_embd;
   const int d[OT_LORA_NSITE][2] = {{C, 3 * C}, {C, C}, {C, 4 * C}, {4 * C, C}};
   *in = d[s][0];
   *out = d[s][1];
 }
 
-static float lora_p(const ot_gpt2 *m, int l) { return m->last_dropout ? m->ext[l].lora_dropout : 0.0f; }
-static uint64_t lora_seed(const ot_gpt2 *m, int l, int s) {
+static float lora_p(const ot_model *m, int l) { return m->last_dropout ? m->ext[l].lora_dropout : 0.0f; }
+static uint64_t lora_seed(const ot_model *m, int l, int s) {
   return ot_dropout_seed(m->drop_seed, m->step, (uint64_t)l * OT_LORA_NSITE + (uint64_t)s);
 }
 
 /* out += LoRA branch of site s (no-op without LoRA there). */
-static void lora_site_fwd(ot_gpt2 *m, int l, ot_block_acts *a, int s, float *out, const float *x, int N) {
+static void lora_site_fwd(ot_model *m, int l, ot_block_acts *a, int s, float *out, const float *x, int N) {
   if (!has_lora(m, l, s)) return;
   int in, outw;
   site_dims(m, s, &in, &outw);
@@ -640,7 +640,7 @@ static void lora_site_fwd(ot_gpt2 *m, int l, ot_block_acts *a, int s, float *out
                        lora_p(m, l), lora_seed(m, l, s));
 }
 
-static void lora_site_bwd(ot_gpt2 *m, int l, ot_block_acts *a, int s, float *dx, const float *dout,
+static void lora_site_bwd(ot_model *m, int l, ot_block_acts *a, int s, float *dx, const float *dout,
                           const float *x, int N) {
   if (!has_lora(m, l, s)) return;
   int in, outw;
@@ -653,7 +653,7 @@ static void lora_site_bwd(ot_gpt2 *m, int l, ot_block_acts *a, int s, float *dx,
 }
 
 /* Bottleneck k on h = a->bn_in[k]: m->proj = h + up(gelu(down(h))). */
-static void bn_fwd(ot_gpt2 *m, int l, ot_block_acts *a, int k, int N) {
+static void bn_fwd(ot_model *m, int l, ot_block_acts *a, int k, int N) {
   const ot_backend_ops *o = m->be->ops;
   int C = m->cfg.n_embd, d = m->ext[l].bottleneck;
   const int *ix = m->eidx[l].bn[k];
@@ -664,7 +664,7 @@ static void bn_fwd(ot_gpt2 *m, int l, ot_block_acts *a, int k, int N) {
 }
 
 /* dh = dout + (adapter's Jacobian)^T dout into m->bn_dh; returns it. */
-static const float *bn_bwd(ot_gpt2 *m, int l, ot_block_acts *a, int k, const float *dout, int N) {
+static const float *bn_bwd(ot_model *m, int l, ot_block_acts *a, int k, const float *dout, int N) {
   const ot_backend_ops *o = m->be->ops;
   int C = m->cfg.n_embd, d = m->ext[l].bottleneck;
   const int *ix = m->eidx[l].bn[k];
@@ -679,9 +679,9 @@ static const float *bn_bwd(ot_gpt2 *m, int l, ot_block_acts *a, int k, const flo
 
 /* Embeddings, blocks 0..n_blocks-1 and, when all blocks ran, the final LayerNorm into
  * m->lnf. */
-static int forward_trunk(ot_gpt2 *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+static int forward_trunk(ot_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
                          int n_blocks) {
-  if (!m->act_mem) return ot_error(OT_ERR_INVALID, "forward before ot_gpt2_prepare");
+  if (!m->act_mem) return ot_error(OT_ERR_INVALID, "forward before ot_model_prepare");
   if (B <= 0 || T <= 0 || B > m->maxB || T > m->maxT || (size_t)B * T > (size_t)m->maxB * m->maxT)
     return ot_error(OT_ERR_RANGE, "batch %d x %d exceeds the prepared %d x %d", B, T, m->maxB, m->maxT);
   const ot_backend_ops *o = m->be->ops;
@@ -748,7 +748,7 @@ static int forward_trunk(ot_gpt2 *m, const int32_t *inputs, const int32_t *targe
   return OT_OK;
 }
 
-int ot_gpt2_forward(ot_gpt2 *m, const int32_t *inputs, const int32_t *targets, int B, int T, float *loss) {
+int ot_model_forward(ot_model *m, const int32_t *inputs, const int32_t *targets, int B, int T, float *loss) {
   int rc = forward_trunk(m, inputs, targets, B, T, m->cfg.n_layer);
   if (rc) return rc;
   const ot_backend_ops *o = m->be->ops;
@@ -779,7 +779,7 @@ int ot_gpt2_forward(ot_gpt2 *m, const int32_t *inputs, const int32_t *targets, i
   return OT_OK;
 }
 
-int ot_gpt2_forward_logits(ot_gpt2 *m, const int32_t *inputs, int B, int T, float *logits_out) {
+int ot_model_forward_logits(ot_model *m, const int32_t *inputs, int B, int T, float *logits_out) {
   int rc = forward_trunk(m, inputs, NULL, B, T, m->cfg.n_layer);
   if (rc) return rc;
   int C = m->cfg.n_embd, V = m->cfg.vocab_size, N = B * T;
@@ -788,14 +788,14 @@ int ot_gpt2_forward_logits(ot_gpt2 *m, const int32_t *inputs, int B, int T, floa
   return m->be->ops->download(m->be, logits_out, m->logits, (size_t)N * V * sizeof(float));
 }
 
-int ot_gpt2_last_loss_sum(const ot_gpt2 *m, double *sum, size_t *count) {
+int ot_model_last_loss_sum(const ot_model *m, double *sum, size_t *count) {
   if (!m->last_B || !m->last_has_targets) return ot_error(OT_ERR_INVALID, "no forward with targets yet");
   *sum = m->last_loss_sum;
   *count = m->last_count;
   return OT_OK;
 }
 
-int ot_gpt2_last_logits(ot_gpt2 *m, int b, float *logits_out) {
+int ot_model_last_logits(ot_model *m, int b, float *logits_out) {
   if (!m->last_B || m->last_has_targets)
     return ot_error(OT_ERR_INVALID, "last logits need a forward without targets");
   if (b < 0 || b >= m->last_B) return ot_error(OT_ERR_RANGE, "row %d outside batch %d", b, m->last_B);
@@ -803,12 +803,12 @@ int ot_gpt2_last_logits(ot_gpt2 *m, int b, float *logits_out) {
   return m->be->ops->download(m->be, logits_out, m->logits + (size_t)b * V, V * sizeof(float));
 }
 
-int ot_gpt2_backward(ot_gpt2 *m) {
+int ot_model_backward(ot_model *m) {
   if (!m->training) return ot_error(OT_ERR_INVALID, "backward on a model not prepared for training");
   if (!m->last_B || !m->last_has_targets)
     return ot_error(OT_ERR_INVALID, "backward needs a forward with targets");
   if (m->last_count == 0) { /* nothing to learn from */
-    ot_gpt2_clear_block_grads(m);
+    ot_model_clear_block_grads(m);
     return OT_OK;
   }
   const ot_backend_ops *o = m->be->ops;
@@ -838,7 +838,7 @@ int ot_gpt2_backward(ot_gpt2 *m) {
   int need_input_grad = emb_trainable; /* gradient into the embedding output */
   int lnf_trainable = m->params[P_LNF_W(m)].trainable || m->params[P_LNF_B(m)].trainable;
   if (stop == L && !lnf_trainable && !m->params[P_WTE].trainable) { /* all frozen */
-    ot_gpt2_clear_block_grads(m);
+    ot_model_clear_block_grads(m);
     return OT_OK;
   }
 
@@ -880,11 +880,11 @@ int ot_gpt2_backward(ot_gpt2 *m) {
   }
   if (need_input_grad)
     o->encoder_bwd(be, m->params[P_WTE].grad, m->params[P_WPE].grad, m->dresidual, m->tokens, B, T, C);
-  ot_gpt2_clear_block_grads(m);
+  ot_model_clear_block_grads(m);
   return o->sync(be);
 }
 
-int ot_gpt2_forward_to_block(ot_gpt2 *m, const int32_t *inputs, int B, int T, int layer, float *out) {
+int ot_model_forward_to_block(ot_model *m, const int32_t *inputs, int B, int T, int layer, float *out) {
   if (layer < 0 || layer >= m->cfg.n_layer)
     return ot_error(OT_ERR_RANGE, "block %d outside 0..%d", layer, m->cfg.n_layer - 1);
   int rc = forward_trunk(m, inputs, NULL, B, T, layer + 1);
@@ -895,7 +895,7 @@ int ot_gpt2_forward_to_block(ot_gpt2 *m, const int32_t *inputs, int B, int T, in
   return rc == OT_OK ? m->be->ops->sync(m->be) : rc;
 }
 
-int ot_gpt2_block_output(const ot_gpt2 *m, int layer, const float **out) {
+int ot_model_block_output(const ot_model *m, int layer, const float **out) {
   if (!m->training || !m->last_B)
     return ot_error(OT_ERR_INVALID, "block outputs need a full forward on a model prepared for training");
   if (layer < 0 || layer >= m->cfg.n_layer)
@@ -904,14 +904,14 @@ int ot_gpt2_block_output(const ot_gpt2 *m, int layer, const float **out) {
   return OT_OK;
 }
 
-int ot_gpt2_set_block_grad(ot_gpt2 *m, int layer, const float *dout) {
+int ot_model_set_block_grad(ot_model *m, int layer, const float *dout) {
   if (layer < 0 || layer >= m->cfg.n_layer)
     return ot_error(OT_ERR_RANGE, "block %d outside 0..%d", layer, m->cfg.n_layer - 1);
   m->extra_grad[layer] = dout;
   return OT_OK;
 }
 
-void ot_gpt2_clear_block_grads(ot_gpt2 *m) {
+void ot_model_clear_block_grads(ot_model *m) {
   for (int l = 0; l < m->cfg.n_layer; l++) m->extra_grad[l] = NULL;
 }
 
@@ -923,15 +923,15 @@ static const char *bn_parts[4] = {"down.weight", "down.bias", "up.weight", "up.b
 
 static const ot_block_ext no_ext = {0, 0, 0.0f, 0.0f, 0};
 
-const ot_block_ext *ot_gpt2_block_ext(const ot_gpt2 *m, int layer) {
+const ot_block_ext *ot_model_block_ext(const ot_model *m, int layer) {
   if (!m->ext || layer < 0 || layer >= m->cfg.n_layer) return &no_ext;
   return &m->ext[layer];
 }
 
-void ot_gpt2_set_step(ot_gpt2 *m, uint64_t step) { m->step = step; }
-void ot_gpt2_set_dropout(ot_gpt2 *m, int on) { m->dropout_on = on; }
+void ot_model_set_step(ot_model *m, uint64_t step) { m->step = step; }
+void ot_model_set_dropout(ot_model *m, int on) { m->dropout_on = on; }
 
-static int ext_check(const ot_gpt2 *m, const ot_block_ext *ext) {
+static int ext_check(const ot_model *m, const ot_block_ext *ext) {
   for (int l = 0; l < m->cfg.n_layer; l++) {
     const ot_block_ext *e = &ext[l];
     if (e->lora_sites >> OT_LORA_NSITE) return ot_error(OT_ERR_INVALID, "block %d: unknown LoRA sites", l);
@@ -943,7 +943,7 @@ static int ext_check(const ot_gpt2 *m, const ot_block_ext *ext) {
   return OT_OK;
 }
 
-int ot_gpt2_add_extensions(ot_gpt2 *m, const ot_block_ext *ext, uint64_t seed) {
+int ot_model_add_extensions(ot_model *m, const ot_block_ext *ext, uint64_t seed) {
   if (m->ext) return ot_error(OT_ERR_INVALID, "the model already has extensions");
   int rc = ext_check(m, ext);
   if (rc) return rc;
@@ -1039,7 +1039,7 @@ int ot_gpt2_add_extensions(ot_gpt2 *m, const ot_block_ext *ext, uint64_t seed) {
   return OT_OK;
 }
 
-int ot_gpt2_merge_lora(ot_gpt2 *m) {
+int ot_model_merge_lora(ot_model *m) {
   if (!m->ext) return OT_OK;
   int L = m->cfg.n_layer;
   for (int l = 0; l < L; l++)
@@ -1050,7 +1050,7 @@ int ot_gpt2_merge_lora(ot_gpt2 *m) {
     for (int s = 0; s < OT_LORA_NSITE && rc == OT_OK; s++) {
       if (!has_lora(m, l, s)) continue;
       const int wk[OT_LORA_NSITE] = {OT_BLK_QKV_W, OT_BLK_ATTPROJ_W, OT_BLK_FC_W, OT_BLK_FCPROJ_W};
-      ot_param *W = &m->params[ot_gpt2_block_param_index(m, l, wk[s])];
+      ot_param *W = &m->params[ot_model_block_param_index(m, l, wk[s])];
       ot_param *A = &m->params[m->eidx[l].lora[s][0]], *Bp = &m->params[m->eidx[l].lora[s][1]];
       int in, out, r = m->ext[l].lora_r;
       site_dims(m, s, &in, &out);

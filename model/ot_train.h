@@ -7,7 +7,7 @@
 #include <stdio.h>
 
 #include "ot_data.h"
-#include "ot_gpt2.h"
+#include "ot_model.h"
 #include "ot_optim.h"
 
 typedef struct {
@@ -37,7 +37,7 @@ typedef struct {
 
 /* Runs steps start_step .. cfg->steps-1. The model must be prepared for training with
  * B x T; the optimizer made on its parameters. */
-int ot_train(ot_gpt2 *m, ot_optimizer *opt, ot_batcher *data, const ot_train_config *cfg, int start_step,
+int ot_train(ot_model *m, ot_optimizer *opt, ot_batcher *data, const ot_train_config *cfg, int start_step,
              ot_train_result *out);
 
 #endif

@@ -5,7 +5,7 @@
 #include "ot_cli.h"
 #include "ot_error.h"
 
-int ot_train(ot_gpt2 *m, ot_optimizer *opt, ot_batcher *data, const ot_train_config *cfg, int start_step,
+int ot_train(ot_model *m, ot_optimizer *opt, ot_batcher *data, const ot_train_config *cfg, int start_step,
              ot_train_result *out) {
   size_t n = (size_t)cfg->B * cfg->T;
   int32_t *in = malloc(n * sizeof(int32_t)), *tg = malloc(n * sizeof(int32_t));
@@ -24,13 +24,13 @@ int ot_train(ot_gpt2 *m, ot_optimizer *opt, ot_batcher *data, const ot_train_con
   int rc = OT_OK, step;
   for (step = start_step; step < cfg->steps && rc == OT_OK; step++) {
     ot_batcher_next(data, in, tg);
-    ot_gpt2_set_step(m, (uint64_t)step); /* dropout masks follow the step, so a resumed run matches */
+    ot_model_set_step(m, (uint64_t)step); /* dropout masks follow the step, so a resumed run matches */
     /* gradients start at zero: prepare zeroes them and every optimizer step consumes them */
     if (cfg->loss_step) {
       rc = cfg->loss_step(cfg->ctx, in, tg, &loss);
     } else {
-      rc = ot_gpt2_forward(m, in, tg, cfg->B, cfg->T, &loss);
-      if (rc == OT_OK) rc = ot_gpt2_backward(m);
+      rc = ot_model_forward(m, in, tg, cfg->B, cfg->T, &loss);
+      if (rc == OT_OK) rc = ot_model_backward(m);
     }
     float lr = ot_lr_at(&cfg->sched, step), gnorm = 0.0f;
     if (rc == OT_OK) rc = ot_optimizer_step(opt, lr, &gnorm);

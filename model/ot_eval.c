@@ -8,7 +8,7 @@
 #include "ot_error.h"
 #include "ot_rng.h"
 
-int ot_eval_tokens(ot_gpt2 *m, const int32_t *ids, size_t n, int T, int B, ot_progress *progress,
+int ot_eval_tokens(ot_model *m, const int32_t *ids, size_t n, int T, int B, ot_progress *progress,
                    ot_eval_result *out) {
   size_t nw = ot_eval_window_count(n, T);
   if (nw == 0) return ot_error(OT_ERR_INVALID, "need at least 2 tokens to score, got %zu", n);
@@ -32,8 +32,8 @@ int ot_eval_tokens(ot_gpt2 *m, const int32_t *ids, size_t n, int T, int B, ot_pr
     }
     double s;
     size_t c;
-    rc = ot_gpt2_forward(m, in, tg, b, len, NULL);
-    if (rc == OT_OK) rc = ot_gpt2_last_loss_sum(m, &s, &c);
+    rc = ot_model_forward(m, in, tg, b, len, NULL);
+    if (rc == OT_OK) rc = ot_model_last_loss_sum(m, &s, &c);
     if (rc == OT_OK) {
       sum += s;
       count += c;
@@ -50,11 +50,11 @@ int ot_eval_tokens(ot_gpt2 *m, const int32_t *ids, size_t n, int T, int B, ot_pr
   return OT_OK;
 }
 
-int ot_eval_windows(ot_gpt2 *m, const int32_t *ids, size_t n, int T, int batch, FILE *progress,
+int ot_eval_windows(ot_model *m, const int32_t *ids, size_t n, int T, int batch, FILE *progress,
                     ot_eval_result *out) {
   size_t windows = ot_eval_window_count(n, T);
   int B = windows < (size_t)batch ? (int)(windows ? windows : 1) : batch;
-  int rc = ot_gpt2_prepare(m, B, T, 0);
+  int rc = ot_model_prepare(m, B, T, 0);
   if (rc) return rc;
   ot_progress prog;
   if (progress) ot_progress_start(&prog, progress, "eval", (int64_t)windows);
@@ -128,11 +128,11 @@ int ot_sample_token(const float *logits, int V, float temperature, float top_p, 
   return buf[n - 1].id;
 }
 
-int ot_generate(ot_gpt2 *m, const int32_t *prompt, size_t n_prompt, const ot_sample_config *sc, int32_t **out,
+int ot_generate(ot_model *m, const int32_t *prompt, size_t n_prompt, const ot_sample_config *sc, int32_t **out,
                 size_t *n_out) {
   if (n_prompt == 0) return ot_error(OT_ERR_INVALID, "the prompt is empty");
   if (sc->max_tokens < 0) return ot_error(OT_ERR_INVALID, "max tokens must be >= 0");
-  int V = ot_gpt2_cfg(m)->vocab_size, window = ot_gpt2_cfg(m)->n_positions;
+  int V = ot_model_cfg(m)->vocab_size, window = ot_model_cfg(m)->n_positions;
   size_t cap = n_prompt + (size_t)sc->max_tokens;
   int32_t *ids = malloc(cap * sizeof(int32_t));
   float *logits = malloc((size_t)V * sizeof(float));
@@ -149,8 +149,8 @@ int ot_generate(ot_gpt2 *m, const int32_t *prompt, size_t n_prompt, const ot_sam
   int rc = OT_OK;
   for (int s = 0; s < sc->max_tokens && rc == OT_OK; s++) {
     size_t ctx = n < (size_t)window ? n : (size_t)window;
-    rc = ot_gpt2_forward(m, ids + n - ctx, NULL, 1, (int)ctx, NULL);
-    if (rc == OT_OK) rc = ot_gpt2_last_logits(m, 0, logits);
+    rc = ot_model_forward(m, ids + n - ctx, NULL, 1, (int)ctx, NULL);
+    if (rc == OT_OK) rc = ot_model_last_logits(m, 0, logits);
     if (rc == OT_OK) ids[n++] = ot_sample_token(logits, V, sc->temperature, sc->top_p, 0, &rng, buf);
   }
   free(logits);

@@ -7,7 +7,7 @@
 #include <stdio.h>
 
 #include "ot_cli.h"
-#include "ot_gpt2.h"
+#include "ot_model.h"
 
 typedef struct {
   double loss;       /* mean negative log-likelihood per target token, nats */
@@ -18,12 +18,12 @@ typedef struct {
 /* Scores ids[0..n) in non-overlapping windows of T (see ot_eval_window_*), batching up
  * to the model's prepared batch size. The model must be prepared with a T at least as
  * large. progress may be NULL. */
-int ot_eval_tokens(ot_gpt2 *m, const int32_t *ids, size_t n, int T, int B, ot_progress *progress,
+int ot_eval_tokens(ot_model *m, const int32_t *ids, size_t n, int T, int B, ot_progress *progress,
                    ot_eval_result *out);
 
 /* What the eval commands do: prepares the model for up to `batch` windows of T (fewer
  * if the text has fewer), scores with a progress bar on `progress` (may be NULL). */
-int ot_eval_windows(ot_gpt2 *m, const int32_t *ids, size_t n, int T, int batch, FILE *progress,
+int ot_eval_windows(ot_model *m, const int32_t *ids, size_t n, int T, int batch, FILE *progress,
                     ot_eval_result *out);
 /* One line: human-readable, or {"loss", "perplexity", "tokens"} with json. */
 void ot_eval_print(FILE *f, const ot_eval_result *r, int json);
@@ -46,7 +46,7 @@ size_t ot_sample_scratch_bytes(int V);
 /* Extends prompt ids with up to max_tokens sampled ids (context cropped to the model's
  * window). *out holds prompt + completion (malloc'd). The model must be prepared with
  * B >= 1 and T = its n_positions or the window wanted. */
-int ot_generate(ot_gpt2 *m, const int32_t *prompt, size_t n_prompt, const ot_sample_config *sc, int32_t **out,
+int ot_generate(ot_model *m, const int32_t *prompt, size_t n_prompt, const ot_sample_config *sc, int32_t **out,
                 size_t *n_out);
 
 #endif

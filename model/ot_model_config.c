@@ -1,4 +1,4 @@
-#include "ot_config.h"
+#include "ot_model_config.h"
 
 #include "ot_error.h"
 #include "ot_fileio.h"
@@ -15,18 +15,18 @@
 #define CFG_MAX_VOCAB (4 * 1024 * 1024)
 #define CFG_MAX_POSITIONS (1024 * 1024)
 
-int ot_config_validate(const ot_gpt2_config *cfg) {
-  if (!cfg) return ot_error(OT_ERR_INVALID, "ot_config_validate: NULL config");
+int ot_model_config_validate(const ot_model_config *cfg) {
+  if (!cfg) return ot_error(OT_ERR_INVALID, "ot_model_config_validate: NULL config");
   static const struct {
     const char *name;
     size_t off;
     int max;
   } f[] = {
-      {"n_layer", offsetof(ot_gpt2_config, n_layer), CFG_MAX_LAYER},
-      {"n_head", offsetof(ot_gpt2_config, n_head), CFG_MAX_EMBD},
-      {"n_embd", offsetof(ot_gpt2_config, n_embd), CFG_MAX_EMBD},
-      {"vocab_size", offsetof(ot_gpt2_config, vocab_size), CFG_MAX_VOCAB},
-      {"n_positions", offsetof(ot_gpt2_config, n_positions), CFG_MAX_POSITIONS},
+      {"n_layer", offsetof(ot_model_config, n_layer), CFG_MAX_LAYER},
+      {"n_head", offsetof(ot_model_config, n_head), CFG_MAX_EMBD},
+      {"n_embd", offsetof(ot_model_config, n_embd), CFG_MAX_EMBD},
+      {"vocab_size", offsetof(ot_model_config, vocab_size), CFG_MAX_VOCAB},
+      {"n_positions", offsetof(ot_model_config, n_positions), CFG_MAX_POSITIONS},
   };
   for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
     int v;
@@ -96,7 +96,7 @@ static int check_bool(const cJSON *root, const char *key, int want) {
   return OT_OK;
 }
 
-static int parse_root(const cJSON *root, ot_gpt2_config *cfg) {
+static int parse_root(const cJSON *root, ot_model_config *cfg) {
   if (!cJSON_IsObject(root)) return ot_error(OT_ERR_FORMAT, "config: top level is not a JSON object");
   static const char *const model_types[] = {"gpt2", NULL};
   static const char *const activations[] = {"gelu_new", "gelu_pytorch_tanh", NULL};
@@ -131,7 +131,7 @@ static int parse_root(const cJSON *root, ot_gpt2_config *cfg) {
     cfg->layer_norm_epsilon = (float)eps->valuedouble;
   }
 
-  rc = ot_config_validate(cfg);
+  rc = ot_model_config_validate(cfg);
   if (rc != OT_OK) return rc;
 
   const cJSON *inner;
@@ -148,8 +148,8 @@ static int parse_root(const cJSON *root, ot_gpt2_config *cfg) {
   return OT_OK;
 }
 
-int ot_config_parse(const char *json, size_t len, ot_gpt2_config *out) {
-  if (!json || !out) return ot_error(OT_ERR_INVALID, "ot_config_parse: NULL argument");
+int ot_model_config_parse(const char *json, size_t len, ot_model_config *out) {
+  if (!json || !out) return ot_error(OT_ERR_INVALID, "ot_model_config_parse: NULL argument");
   const char *end = NULL;
   cJSON *root = cJSON_ParseWithLengthOpts(json, len, &end, 0);
   if (!root) return ot_error(OT_ERR_FORMAT, "config: not valid JSON");
@@ -160,7 +160,7 @@ int ot_config_parse(const char *json, size_t len, ot_gpt2_config *out) {
       return ot_error(OT_ERR_FORMAT, "config: junk after the JSON object at byte %td", p - json);
     }
   }
-  ot_gpt2_config cfg;
+  ot_model_config cfg;
   memset(&cfg, 0, sizeof cfg);
   int rc = parse_root(root, &cfg);
   cJSON_Delete(root);
@@ -168,13 +168,13 @@ int ot_config_parse(const char *json, size_t len, ot_gpt2_config *out) {
   return rc;
 }
 
-int ot_config_load(const char *path, ot_gpt2_config *out) {
-  if (!path || !out) return ot_error(OT_ERR_INVALID, "ot_config_load: NULL argument");
+int ot_model_config_load(const char *path, ot_model_config *out) {
+  if (!path || !out) return ot_error(OT_ERR_INVALID, "ot_model_config_load: NULL argument");
   char *text = NULL;
   size_t len = 0;
   int rc = ot_file_read_all(path, CFG_MAX_FILE, &text, &len);
   if (rc != OT_OK) return rc;
-  rc = ot_config_parse(text, len, out);
+  rc = ot_model_config_parse(text, len, out);
   free(text);
   if (rc != OT_OK) {
     /* Prefix the file name so the user knows which config.json is wrong. */
@@ -194,9 +194,9 @@ static void format_float(float f, char *buf, size_t n) {
   }
 }
 
-int ot_config_save(const char *path, const ot_gpt2_config *cfg) {
-  if (!path || !cfg) return ot_error(OT_ERR_INVALID, "ot_config_save: NULL argument");
-  int rc = ot_config_validate(cfg);
+int ot_model_config_save(const char *path, const ot_model_config *cfg) {
+  if (!path || !cfg) return ot_error(OT_ERR_INVALID, "ot_model_config_save: NULL argument");
+  int rc = ot_model_config_validate(cfg);
   if (rc != OT_OK) return rc;
   char eps[32];
   format_float(cfg->layer_norm_epsilon, eps, sizeof eps);

@@ -62,19 +62,19 @@ int ot_snapshot_exists(const char *out) {
   return d != NULL;
 }
 
-static int write_weights(const char *path, ot_gpt2 *m) {
-  ot_backend *be = ot_gpt2_backend(m);
+static int write_weights(const char *path, ot_model *m) {
+  ot_backend *be = ot_model_backend(m);
   size_t total = 0;
-  for (int i = 0; i < ot_gpt2_param_count(m); i++)
-    if (ot_gpt2_param(m, i)->trainable) total += ot_gpt2_param(m, i)->numel;
+  for (int i = 0; i < ot_model_param_count(m); i++)
+    if (ot_model_param(m, i)->trainable) total += ot_model_param(m, i)->numel;
   /* host memory is written as is; a device backend's tensors are staged on the host */
   float *host = be->ops->host_visible ? NULL : malloc((total ? total : 1) * sizeof(float));
   ot_st_writer *w = NULL;
   int rc = host || be->ops->host_visible ? ot_st_writer_new(&w)
                                          : ot_error(OT_ERR_NOMEM, "cannot allocate snapshot buffer");
   size_t off = 0;
-  for (int i = 0; i < ot_gpt2_param_count(m) && rc == OT_OK; i++) {
-    ot_param *p = ot_gpt2_param(m, i);
+  for (int i = 0; i < ot_model_param_count(m) && rc == OT_OK; i++) {
+    ot_param *p = ot_model_param(m, i);
     if (!p->trainable) continue;
     int64_t shape[2] = {p->shape[0], p->shape[1]};
     const float *src = p->data;
@@ -91,7 +91,7 @@ static int write_weights(const char *path, ot_gpt2 *m) {
   return rc;
 }
 
-int ot_snapshot_save(const char *out, ot_gpt2 *m, const ot_optimizer *opt, const ot_snapshot_state *st) {
+int ot_snapshot_save(const char *out, ot_model *m, const ot_optimizer *opt, const ot_snapshot_state *st) {
   char *tmpl = NULL, *dir = NULL, *cur = NULL, *old = NULL, *p = NULL, *json = NULL;
   int rc = ot_mkdir_p(out);
   if (rc == OT_OK && asprintf(&tmpl, "%s/" SNAP_DIR ".new-XXXXXX", out) < 0)
@@ -148,20 +148,20 @@ int ot_snapshot_save(const char *out, ot_gpt2 *m, const ot_optimizer *opt, const
   return rc;
 }
 
-static int read_weights(const char *path, ot_gpt2 *m) {
+static int read_weights(const char *path, ot_model *m) {
   ot_safetensors *st = NULL;
   int rc = ot_st_open(path, &st);
   if (rc) return rc;
-  ot_backend *be = ot_gpt2_backend(m);
+  ot_backend *be = ot_model_backend(m);
   size_t total = 0;
-  for (int i = 0; i < ot_gpt2_param_count(m); i++)
-    if (ot_gpt2_param(m, i)->trainable) total += ot_gpt2_param(m, i)->numel;
+  for (int i = 0; i < ot_model_param_count(m); i++)
+    if (ot_model_param(m, i)->trainable) total += ot_model_param(m, i)->numel;
   /* stage everything first: a bad file leaves the model untouched */
   float *host = malloc((total ? total : 1) * sizeof(float));
   if (!host) rc = ot_error(OT_ERR_NOMEM, "cannot allocate snapshot buffer");
   size_t off = 0;
-  for (int i = 0; i < ot_gpt2_param_count(m) && rc == OT_OK; i++) {
-    ot_param *p = ot_gpt2_param(m, i);
+  for (int i = 0; i < ot_model_param_count(m) && rc == OT_OK; i++) {
+    ot_param *p = ot_model_param(m, i);
     if (!p->trainable) continue;
     const ot_st_tensor *t = ot_st_find(st, p->name);
     if (!t)
@@ -176,8 +176,8 @@ static int read_weights(const char *path, ot_gpt2 *m) {
     off += p->numel;
   }
   off = 0;
-  for (int i = 0; i < ot_gpt2_param_count(m) && rc == OT_OK; i++) {
-    ot_param *p = ot_gpt2_param(m, i);
+  for (int i = 0; i < ot_model_param_count(m) && rc == OT_OK; i++) {
+    ot_param *p = ot_model_param(m, i);
     if (!p->trainable) continue;
     rc = be->ops->upload(be, p->data, host + off, p->numel * sizeof(float));
     off += p->numel;
@@ -187,7 +187,7 @@ static int read_weights(const char *path, ot_gpt2 *m) {
   return rc;
 }
 
-int ot_snapshot_load(const char *out, ot_gpt2 *m, ot_optimizer *opt, size_t n_tokens, ot_snapshot_state *st) {
+int ot_snapshot_load(const char *out, ot_model *m, ot_optimizer *opt, size_t n_tokens, ot_snapshot_state *st) {
   char *dir = snapshot_dir(out), *p = NULL, *buf = NULL;
   if (!dir) return ot_error(OT_ERR_NOTFOUND, "no training snapshot in %s", out);
   size_t len;

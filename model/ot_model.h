@@ -12,7 +12,7 @@
 #include <stdint.h>
 
 #include "ot_backend.h"
-#include "ot_config.h"
+#include "ot_model_config.h"
 
 /* Parameter tensors of one block, in checkpoint order. */
 enum {
@@ -42,78 +42,78 @@ typedef struct {
   int decay; /* weight decay applies (2-D weights; not biases, norms, positions) */
 } ot_param;
 
-typedef struct ot_gpt2 ot_gpt2;
+typedef struct ot_model ot_model;
 
 /* Creates a model with parameters allocated (contents undefined). */
-int ot_gpt2_create(const ot_gpt2_config *cfg, ot_backend *be, ot_gpt2 **out);
-void ot_gpt2_free(ot_gpt2 *m);
+int ot_model_create(const ot_model_config *cfg, ot_backend *be, ot_model **out);
+void ot_model_free(ot_model *m);
 
 /* GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled by
  * 1/sqrt(2 L), zero biases, unit LayerNorm gains. Deterministic for a seed. */
-int ot_gpt2_init_random(ot_gpt2 *m, uint64_t seed);
+int ot_model_init_random(ot_model *m, uint64_t seed);
 
 /* Loads a Hugging Face directory (config.json + model.safetensors). Accepts names
  * with or without the "transformer." prefix, F32/F16/BF16, and ignores the attention
  * mask buffers and a tied lm_head.weight. */
-int ot_gpt2_load_dir(const char *dir, ot_backend *be, ot_gpt2 **out);
+int ot_model_load_dir(const char *dir, ot_backend *be, ot_model **out);
 /* Loads parameters from an open set of tensors into an existing model. */
-int ot_gpt2_load_safetensors(ot_gpt2 *m, const char *path);
+int ot_model_load_safetensors(ot_model *m, const char *path);
 /* Writes config.json + model.safetensors (F32, "transformer." names), atomically. */
-int ot_gpt2_save_dir(const ot_gpt2 *m, const char *dir);
+int ot_model_save_dir(const ot_model *m, const char *dir);
 /* The same, with the 2-D weights of blocks whose int8_blocks[l] is set stored as I8 plus
  * one F32 scale per output column ("<name>.int8_scale"); loading dequantises them. */
-int ot_gpt2_save_dir_int8(const ot_gpt2 *m, const char *dir, const unsigned char *int8_blocks);
+int ot_model_save_dir_int8(const ot_model *m, const char *dir, const unsigned char *int8_blocks);
 
-const ot_gpt2_config *ot_gpt2_cfg(const ot_gpt2 *m);
-ot_backend *ot_gpt2_backend(const ot_gpt2 *m);
-size_t ot_gpt2_num_params(const ot_gpt2 *m); /* scalar count */
-int ot_gpt2_param_count(const ot_gpt2 *m);   /* tensor count */
-ot_param *ot_gpt2_param(ot_gpt2 *m, int i);
-ot_param *ot_gpt2_find_param(ot_gpt2 *m, const char *name);
+const ot_model_config *ot_model_cfg(const ot_model *m);
+ot_backend *ot_model_backend(const ot_model *m);
+size_t ot_model_num_params(const ot_model *m); /* scalar count */
+int ot_model_param_count(const ot_model *m);   /* tensor count */
+ot_param *ot_model_param(ot_model *m, int i);
+ot_param *ot_model_find_param(ot_model *m, const char *name);
 /* Index of a block parameter: i = layer, which = OT_BLK_*. */
-int ot_gpt2_block_param_index(const ot_gpt2 *m, int layer, int which);
+int ot_model_block_param_index(const ot_model *m, int layer, int which);
 
 /* Marks every tensor trainable (1) or frozen (0); then individual tensors can be
- * changed through ot_gpt2_param(m, i)->trainable before ot_gpt2_prepare. */
-void ot_gpt2_set_all_trainable(ot_gpt2 *m, int trainable);
+ * changed through ot_model_param(m, i)->trainable before ot_model_prepare. */
+void ot_model_set_all_trainable(ot_model *m, int trainable);
 
 /* Allocates activations for batches up to B x T (T <= n_positions); with training,
  * also keeps every layer's activations and allocates gradients for trainable tensors
  * only. Call again to change sizes or the trainable set. */
-int ot_gpt2_prepare(ot_gpt2 *m, int B, int T, int training);
+int ot_model_prepare(ot_model *m, int B, int T, int training);
 
 /* Forward pass on inputs[B*T] (host memory). With targets (host, -1 = ignore), returns
  * the mean loss over non-ignored targets in *loss (NaN if none). B, T within prepare. */
-int ot_gpt2_forward(ot_gpt2 *m, const int32_t *inputs, const int32_t *targets, int B, int T, float *loss);
+int ot_model_forward(ot_model *m, const int32_t *inputs, const int32_t *targets, int B, int T, float *loss);
 /* Full logits [B*T, V] (host memory) of a forward pass, for tests and tools. */
-int ot_gpt2_forward_logits(ot_gpt2 *m, const int32_t *inputs, int B, int T, float *logits_out);
+int ot_model_forward_logits(ot_model *m, const int32_t *inputs, int B, int T, float *logits_out);
 /* Sum of per-token losses and the number of targets of the last forward (for eval). */
-int ot_gpt2_last_loss_sum(const ot_gpt2 *m, double *sum, size_t *count);
+int ot_model_last_loss_sum(const ot_model *m, double *sum, size_t *count);
 /* Logits of the last position of row b from the last forward (copied to host, V floats).
  * Only valid after a forward without targets. */
-int ot_gpt2_last_logits(ot_gpt2 *m, int b, float *logits_out);
+int ot_model_last_logits(ot_model *m, int b, float *logits_out);
 
 /* Zeroes the gradients of trainable tensors. */
-int ot_gpt2_zero_grad(ot_gpt2 *m);
+int ot_model_zero_grad(ot_model *m);
 /* Backward pass of the last forward (which must have had targets); accumulates into
  * gradients of trainable tensors and stops at the lowest layer that needs gradients. */
-int ot_gpt2_backward(ot_gpt2 *m);
+int ot_model_backward(ot_model *m);
 
 /* Hooks for losses on hidden states (distillation) and for adapters.
  *
  * Inference forward through blocks 0..layer only; copies that block's output residual
  * [B*T, C] into out (backend memory). Skips the rest of the model; leaves nothing for
- * backward or ot_gpt2_last_logits. */
-int ot_gpt2_forward_to_block(ot_gpt2 *m, const int32_t *inputs, int B, int T, int layer, float *out);
+ * backward or ot_model_last_logits. */
+int ot_model_forward_to_block(ot_model *m, const int32_t *inputs, int B, int T, int layer, float *out);
 /* Output residual [B*T, C] of a block after the last full forward of a model prepared
  * for training (backend memory, valid until the next forward or prepare). */
-int ot_gpt2_block_output(const ot_gpt2 *m, int layer, const float **out);
+int ot_model_block_output(const ot_model *m, int layer, const float **out);
 /* Registers dL/d(output of block layer) [B*T, C] (backend memory, must stay valid until
- * then) to be added to the residual-stream gradient when the next ot_gpt2_backward passes
+ * then) to be added to the residual-stream gradient when the next ot_model_backward passes
  * that block; backward clears all registrations. The loss of that extra term is the
  * caller's; backward still needs a forward with targets. */
-int ot_gpt2_set_block_grad(ot_gpt2 *m, int layer, const float *dout);
-void ot_gpt2_clear_block_grads(ot_gpt2 *m);
+int ot_model_set_block_grad(ot_model *m, int layer, const float *dout);
+void ot_model_clear_block_grads(ot_model *m);
 
 /* ---- per-block extensions (adapters) ---------------------------------------------
  *
@@ -141,19 +141,19 @@ typedef struct {
  * optimizer; initialises them as PEFT does (A ~ U(+-1/sqrt(in)), B = 0; bottleneck down
  * N(0, 0.02), up and biases 0: the model's function is unchanged). The new tensors are
  * trainable. seed also seeds the dropout masks. Drops any prepared activations. */
-int ot_gpt2_add_extensions(ot_gpt2 *m, const ot_block_ext *ext, uint64_t seed);
+int ot_model_add_extensions(ot_model *m, const ot_block_ext *ext, uint64_t seed);
 /* Extensions of a block (all zero when none). */
-const ot_block_ext *ot_gpt2_block_ext(const ot_gpt2 *m, int layer);
-int ot_gpt2_base_param_count(const ot_gpt2 *m); /* tensors before the extensions */
+const ot_block_ext *ot_model_block_ext(const ot_model *m, int layer);
+int ot_model_base_param_count(const ot_model *m); /* tensors before the extensions */
 /* Folds every LoRA site into its base weight (Conv1D: W[in,out] += scale (B A)^T) and
  * removes all extensions; refuses bottleneck adapters (they are not linear). */
-int ot_gpt2_merge_lora(ot_gpt2 *m);
+int ot_model_merge_lora(ot_model *m);
 /* Training step number that seeds the dropout masks (set by ot_train before each step). */
-void ot_gpt2_set_step(ot_gpt2 *m, uint64_t step);
+void ot_model_set_step(ot_model *m, uint64_t step);
 /* Dropout in training forwards on (default) or off (held-out evaluation during training). */
-void ot_gpt2_set_dropout(ot_gpt2 *m, int on);
+void ot_model_set_dropout(ot_model *m, int on);
 
 /* Bytes held by parameters, gradients and activations (for reports). */
-size_t ot_gpt2_memory_bytes(const ot_gpt2 *m);
+size_t ot_model_memory_bytes(const ot_model *m);
 
 #endif
