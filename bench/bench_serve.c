@@ -103,7 +103,12 @@ int main(int argc, char **argv) {
   work = dir;
   ot_backend *be = NULL;
   ot_model *m = NULL;
-  ot_model_config cfg = {L, NH, C, V, np + gen, 1e-5f};
+  ot_model_config cfg = {.n_layer = L,
+                         .n_head = NH,
+                         .n_embd = C,
+                         .vocab_size = V,
+                         .n_positions = np + gen,
+                         .layer_norm_epsilon = 1e-5f};
   char path[1200], digest[OT_DIGEST_HEX];
   if (ot_backend_cpu_create(threads, &be) || ot_model_create(&cfg, be, &m) || ot_model_init_random(m, 1))
     return die("model");

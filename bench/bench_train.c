@@ -39,7 +39,12 @@ int main(int argc, char **argv) {
   ot_backend *be;
   ot_model *m;
   ot_optimizer *opt;
-  ot_model_config cfg = {layers, heads, embd, vocab, ctx, 1e-5f};
+  ot_model_config cfg = {.n_layer = layers,
+                         .n_head = heads,
+                         .n_embd = embd,
+                         .vocab_size = vocab,
+                         .n_positions = ctx,
+                         .layer_norm_epsilon = 1e-5f};
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
   ot_backend_kind kind;

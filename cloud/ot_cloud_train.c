@@ -254,7 +254,12 @@ int ot_cmd_pretrain(int argc, char **argv) {
   else
     rc = ot_tokenizer_bpe_load(bpe_vocab, bpe_merges, &tok);
   if (rc) return ot_cmd_fail("loading the tokenizer", rc);
-  ot_model_config cfg = {layers, heads, embd, ot_tokenizer_vocab_size(tok), ctx, 1e-5f};
+  ot_model_config cfg = {.n_layer = layers,
+                         .n_head = heads,
+                         .n_embd = embd,
+                         .vocab_size = ot_tokenizer_vocab_size(tok),
+                         .n_positions = ctx,
+                         .layer_norm_epsilon = 1e-5f};
   ot_backend *be = NULL;
   ot_model *m = NULL;
   ot_backend_kind kind;
@@ -275,8 +280,8 @@ int ot_cmd_pretrain(int argc, char **argv) {
     char *saved_cfg = NULL;
     ot_model_config h;
     if (rc == OT_OK && t.resume && ot_snapshot_exists(t.out) &&
-        ot_path_join(t.out, "config.json", &saved_cfg) == OT_OK && ot_model_config_load(saved_cfg, &h) == OT_OK &&
-        memcmp(&h, &cfg, sizeof cfg) != 0)
+        ot_path_join(t.out, "config.json", &saved_cfg) == OT_OK &&
+        ot_model_config_load(saved_cfg, &h) == OT_OK && memcmp(&h, &cfg, sizeof cfg) != 0)
       rc = ot_error(
           OT_ERR_MISMATCH,
           "%s holds a different model (layers %d, heads %d, width %d, vocabulary %d, context %d) than "

@@ -213,11 +213,8 @@ cJSON *ot_session_cfg_to_json(const ot_session_cfg *c) {
       cJSON_AddNumberToObject(j, fields[f].key, *(const float *)(const void *)src);
   }
   cJSON_AddStringToObject(j, "adapter", ot_adapter_kind_name(c->adapter.kind));
-  char targets[128] = "";
-  for (int s = 0; s < OT_LORA_NSITE; s++)
-    if (c->adapter.lora_sites & (1u << s))
-      snprintf(targets + strlen(targets), sizeof targets - strlen(targets), "%s%s", *targets ? "," : "",
-               ot_lora_modules[s]);
+  char targets[256] = "";
+  ot_lora_format_targets(c->adapter.lora_sites, targets, sizeof targets);
   cJSON_AddStringToObject(j, "lora_targets", targets);
   cJSON_AddNumberToObject(j, "seed", (double)c->adapter.seed);
   cJSON_AddStringToObject(j, "aggregation", ot_agg_name(c->agg));

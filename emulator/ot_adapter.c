@@ -12,15 +12,16 @@
 #include "ot_safetensors.h"
 
 static const char *kind_names[] = {"offsite", "lora", "bottleneck", "bitfit"};
-#define N_BIAS 6
-static const char *bias_names[N_BIAS] = {"ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias",
-                                         "ln_2.bias", "mlp.c_fc.bias",    "mlp.c_proj.bias"};
+/* BitFit trains the biases an architecture has, norm biases included, in this order */
+#define N_BIAS 8
+static const int bias_roles[N_BIAS] = {OT_R_ATTN_NORM_B, OT_R_QKV_B, OT_R_Q_B,        OT_R_K_B,
+                                       OT_R_V_B,         OT_R_O_B,   OT_R_FFN_NORM_B, OT_R_UP_B};
 static const char *bn_sites[2] = {"attn", "mlp"};
 static const char *bn_parts[4] = {"down.weight", "down.bias", "up.weight", "up.bias"};
 #define PEFT_PREFIX "base_model.model."
 
 void ot_adapter_config_default(ot_adapter_config *c) {
-  *c = (ot_adapter_config){OT_ADAPTER_OFFSITE, 8, 16.0f, 0.05f, (1u << OT_LORA_NSITE) - 1, 16, 0};
+  *c = (ot_adapter_config){OT_ADAPTER_OFFSITE, 8, 16.0f, 0.05f, OT_SITES_ALL, 16, 0};
 }
 
 int ot_adapter_parse_kind(const char *name, ot_adapter_kind *out) {
@@ -35,43 +36,12 @@ int ot_adapter_parse_kind(const char *name, ot_adapter_kind *out) {
 
 const char *ot_adapter_kind_name(ot_adapter_kind k) { return (unsigned)k < 4 ? kind_names[k] : "?"; }
 
-/* PEFT's rule: a target names a module equal to it or ending in ".target". */
-static unsigned match_target(const char *t) {
-  unsigned s = 0;
-  size_t lt = strlen(t);
-  for (int i = 0; i < OT_LORA_NSITE; i++) {
-    const char *mod = ot_lora_modules[i];
-    size_t lm = strlen(mod);
-    if (strcmp(mod, t) == 0 || (lm > lt && mod[lm - lt - 1] == '.' && strcmp(mod + lm - lt, t) == 0))
-      s |= 1u << i;
-  }
-  return s;
-}
-
-int ot_lora_parse_targets(const char *list, unsigned *sites) {
-  char buf[256];
-  if (!list || strlen(list) >= sizeof buf) return ot_error(OT_ERR_INVALID, "LoRA targets: a list is needed");
-  snprintf(buf, sizeof buf, "%s", list);
-  unsigned s = 0;
-  char *save = NULL;
-  for (char *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-    unsigned m = match_target(t);
-    if (!m)
-      return ot_error(OT_ERR_INVALID,
-                      "LoRA target '%s' names none of attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj", t);
-    s |= m;
-  }
-  if (!s) return ot_error(OT_ERR_INVALID, "LoRA targets: the list is empty");
-  *sites = s;
-  return OT_OK;
-}
-
 static int config_check(const ot_adapter_config *c) {
   if ((unsigned)c->kind > OT_ADAPTER_BITFIT)
     return ot_error(OT_ERR_INVALID, "unknown adapter kind %d", c->kind);
   if (c->kind == OT_ADAPTER_LORA && (c->lora_r < 1 || !(c->lora_alpha > 0.0f) || !isfinite(c->lora_alpha) ||
                                      !(c->lora_dropout >= 0.0f && c->lora_dropout < 1.0f) || !c->lora_sites ||
-                                     c->lora_sites >> OT_LORA_NSITE))
+                                     c->lora_sites >> OT_SITE_COUNT))
     return ot_error(OT_ERR_INVALID,
                     "LoRA needs r >= 1, alpha > 0, dropout in [0, 1) and at least one target");
   if (c->kind == OT_ADAPTER_BOTTLENECK && c->bottleneck_dim < 1)
@@ -79,20 +49,46 @@ static int config_check(const ot_adapter_config *c) {
   return OT_OK;
 }
 
-/* 1 if a block tensor (name after "transformer.h.{i}.") belongs to the adapter kind. */
-static int kind_owns(ot_adapter_kind k, const char *rest) {
+/* Biases of m that BitFit trains (roles into out[]); their number. */
+static int bitfit_roles(ot_model *m, int *out) {
+  int n = 0;
+  for (int i = 0; i < N_BIAS; i++)
+    if (ot_model_block_param_index(m, 0, bias_roles[i]) >= 0) out[n++] = bias_roles[i];
+  int down = ot_model_block_param_index(m, 0, OT_R_DOWN_B) >= 0;
+  if (down) out[n++] = OT_R_DOWN_B;
+  return n;
+}
+
+/* LoRA sites of config c on model m: "all" means the sites the architecture has; naming one it
+ * lacks is refused, not ignored. */
+static int lora_sites_for(ot_model *m, const ot_adapter_config *c, unsigned *out) {
+  unsigned have = ot_arch_sites(ot_model_cfg(m)->arch);
+  if (c->lora_sites == OT_SITES_ALL) {
+    *out = have;
+    return OT_OK;
+  }
+  if (c->lora_sites & ~have)
+    return ot_error(OT_ERR_UNSUPPORTED, "LoRA targets name a module a %s model does not have",
+                    ot_arch_name(ot_model_cfg(m)->arch));
+  *out = c->lora_sites;
+  return OT_OK;
+}
+
+/* 1 if a block tensor (name after "{prefix}{i}.") belongs to the adapter kind. */
+static int kind_owns(ot_model *m, ot_adapter_kind k, const char *rest) {
   if (k == OT_ADAPTER_OFFSITE) return 1;
   if (k == OT_ADAPTER_LORA) return strstr(rest, ".lora_") != NULL;
   if (k == OT_ADAPTER_BOTTLENECK) return strncmp(rest, "adapter_", 8) == 0;
-  for (int i = 0; i < N_BIAS; i++)
-    if (strcmp(rest, bias_names[i]) == 0) return 1;
+  int roles[N_BIAS + 1], n = bitfit_roles(m, roles);
+  const ot_arch_info *ai = ot_arch_get(ot_model_cfg(m)->arch);
+  for (int i = 0; i < n; i++)
+    if (strcmp(rest, ai->role_names[roles[i]]) == 0) return 1;
   return 0;
 }
 
-static ot_block_ext block_ext(const ot_adapter_config *c) {
+static ot_block_ext block_ext(const ot_adapter_config *c, unsigned sites) {
   ot_block_ext e = {0, 0, 0.0f, 0.0f, 0};
-  if (c->kind == OT_ADAPTER_LORA)
-    e = (ot_block_ext){c->lora_sites, c->lora_r, c->lora_alpha, c->lora_dropout, 0};
+  if (c->kind == OT_ADAPTER_LORA) e = (ot_block_ext){sites, c->lora_r, c->lora_alpha, c->lora_dropout, 0};
   if (c->kind == OT_ADAPTER_BOTTLENECK) e.bottleneck = c->bottleneck_dim;
   return e;
 }
@@ -106,11 +102,18 @@ int ot_adapter_attach(ot_model *emu, const ot_emu_plan *p, const ot_adapter_conf
     ot_emu_set_trainable(emu, p, OT_EMU_TRAIN_ADAPTER);
     return OT_OK;
   }
+  int roles[N_BIAS + 1];
+  if (c->kind == OT_ADAPTER_BITFIT && bitfit_roles(emu, roles) == 0)
+    return ot_error(OT_ERR_UNSUPPORTED, "a %s model without biases has nothing for BitFit to train",
+                    ot_arch_name(ot_model_cfg(emu)->arch));
+  unsigned sites = 0;
+  if (c->kind == OT_ADAPTER_LORA) rc = lora_sites_for(emu, c, &sites);
+  if (rc) return rc;
   if (c->kind == OT_ADAPTER_LORA || c->kind == OT_ADAPTER_BOTTLENECK) {
     ot_block_ext *ext = calloc((size_t)L, sizeof *ext);
     if (!ext) return ot_error(OT_ERR_NOMEM, "cannot allocate");
     for (int i = 0; i < L; i++)
-      if (ot_emu_is_adapter(p, i)) ext[i] = block_ext(c);
+      if (ot_emu_is_adapter(p, i)) ext[i] = block_ext(c, sites);
     rc = ot_model_add_extensions(emu, ext, c->seed);
     free(ext);
     if (rc) return rc;
@@ -120,8 +123,8 @@ int ot_adapter_attach(ot_model *emu, const ot_emu_plan *p, const ot_adapter_conf
     ot_param *pr = ot_model_param(emu, i);
     int layer;
     const char *rest;
-    if (ot_emu_split_block_name(pr->name, &layer, &rest) && ot_emu_is_adapter(p, layer) &&
-        kind_owns(c->kind, rest))
+    if (ot_block_tensor_split(pr->name, &layer, &rest) && ot_emu_is_adapter(p, layer) &&
+        kind_owns(emu, c->kind, rest))
       pr->trainable = 1;
   }
   return OT_OK;
@@ -136,32 +139,38 @@ typedef struct {
   size_t numel;
 } want_t;
 
-static void want_set(want_t *w, const char *pre, int f, int l, const char *rest, int d0, int d1) {
-  snprintf(w->file, sizeof w->file, "%stransformer.h.%d.%s", pre, f, rest);
-  snprintf(w->local, sizeof w->local, "transformer.h.%d.%s", l, rest);
+static void want_set(want_t *w, const char *pre, const char *block_prefix, int f, int l, const char *rest,
+                     int d0, int d1) {
+  snprintf(w->file, sizeof w->file, "%s%s%d.%s", pre, block_prefix, f, rest);
+  snprintf(w->local, sizeof w->local, "%s%d.%s", block_prefix, l, rest);
   w->ndim = d1 ? 2 : 1;
   w->shape[0] = d0;
   w->shape[1] = d1;
   w->numel = (size_t)d0 * (d1 ? d1 : 1);
 }
 
-/* Expected tensors for full blocks full[0..n) that are local blocks loc[]; *count entries. */
-static int expected(const ot_adapter_config *c, int C, const int *full, const int *loc, int n, want_t **out,
-                    int *count) {
-  want_t *w = calloc((size_t)n * 8 + 1, sizeof *w);
+/* Expected tensors of model m's adapter for full blocks full[0..n) that are local blocks loc[];
+ * *count entries. */
+static int expected(ot_model *m, const ot_adapter_config *c, const int *full, const int *loc, int n,
+                    want_t **out, int *count) {
+  unsigned sites = 0;
+  int rc = c->kind == OT_ADAPTER_LORA ? lora_sites_for(m, c, &sites) : OT_OK;
+  if (rc) return rc;
+  want_t *w = calloc((size_t)n * 2 * OT_SITE_COUNT + 1, sizeof *w);
   if (!w) return ot_error(OT_ERR_NOMEM, "cannot allocate");
-  int k = 0;
-  const int dims[OT_LORA_NSITE][2] = {{C, 3 * C}, {C, C}, {C, 4 * C}, {4 * C, C}};
-  const int bias_dim[N_BIAS] = {C, 3 * C, C, C, 4 * C, C};
+  const ot_arch_info *ai = ot_arch_get(ot_model_cfg(m)->arch);
+  int C = ot_model_cfg(m)->n_embd, k = 0, roles[N_BIAS + 1], nroles = bitfit_roles(m, roles);
   for (int b = 0; b < n; b++) {
     char rest[96];
     if (c->kind == OT_ADAPTER_LORA) {
-      for (int s = 0; s < OT_LORA_NSITE; s++) {
-        if (!((c->lora_sites >> s) & 1)) continue;
-        snprintf(rest, sizeof rest, "%s.lora_A.weight", ot_lora_modules[s]);
-        want_set(&w[k++], PEFT_PREFIX, full[b], loc[b], rest, c->lora_r, dims[s][0]);
-        snprintf(rest, sizeof rest, "%s.lora_B.weight", ot_lora_modules[s]);
-        want_set(&w[k++], PEFT_PREFIX, full[b], loc[b], rest, dims[s][1], c->lora_r);
+      for (int s = 0; s < OT_SITE_COUNT; s++) {
+        int in, outw;
+        if (!((sites >> s) & 1)) continue;
+        ot_model_site_dims(m, s, &in, &outw);
+        snprintf(rest, sizeof rest, "%s.lora_A.weight", ai->site_modules[s]);
+        want_set(&w[k++], PEFT_PREFIX, ai->block_prefix, full[b], loc[b], rest, c->lora_r, in);
+        snprintf(rest, sizeof rest, "%s.lora_B.weight", ai->site_modules[s]);
+        want_set(&w[k++], PEFT_PREFIX, ai->block_prefix, full[b], loc[b], rest, outw, c->lora_r);
       }
     } else if (c->kind == OT_ADAPTER_BOTTLENECK) {
       int d = c->bottleneck_dim;
@@ -169,10 +178,13 @@ static int expected(const ot_adapter_config *c, int C, const int *full, const in
       for (int s = 0; s < 2; s++)
         for (int j = 0; j < 4; j++) {
           snprintf(rest, sizeof rest, "adapter_%s.%s", bn_sites[s], bn_parts[j]);
-          want_set(&w[k++], "", full[b], loc[b], rest, sh[j][0], sh[j][1]);
+          want_set(&w[k++], "", ai->block_prefix, full[b], loc[b], rest, sh[j][0], sh[j][1]);
         }
     } else {
-      for (int j = 0; j < N_BIAS; j++) want_set(&w[k++], "", full[b], loc[b], bias_names[j], bias_dim[j], 0);
+      for (int j = 0; j < nroles; j++) {
+        const ot_param *p = ot_model_param(m, ot_model_block_param_index(m, loc[b], roles[j]));
+        want_set(&w[k++], "", ai->block_prefix, full[b], loc[b], ai->role_names[roles[j]], p->shape[0], 0);
+      }
     }
   }
   *out = w;
@@ -191,7 +203,7 @@ int ot_adapter_save(ot_model *emu, const ot_emu_plan *p, const ot_adapter_config
   if (!c || c->kind == OT_ADAPTER_OFFSITE) return ot_offsite_save(emu, p, dir);
   int rc = config_check(c);
   if (rc) return rc;
-  int L = ot_model_cfg(emu)->n_layer, C = ot_model_cfg(emu)->n_embd;
+  int L = ot_model_cfg(emu)->n_layer;
   if (L != ot_emu_n_layer(p)) return ot_error(OT_ERR_MISMATCH, "emulator does not fit its plan");
   int full[OT_EMU_MAX_LAYERS], loc[OT_EMU_MAX_LAYERS], n = 0;
   for (int i = 0; i < L; i++)
@@ -201,8 +213,12 @@ int ot_adapter_save(ot_model *emu, const ot_emu_plan *p, const ot_adapter_config
     }
   want_t *w = NULL;
   int nw = 0;
-  rc = expected(c, C, full, loc, n, &w, &nw);
+  rc = expected(emu, c, full, loc, n, &w, &nw);
   if (rc) return rc;
+  unsigned sites = 0;
+  if (c->kind == OT_ADAPTER_LORA) lora_sites_for(emu, c, &sites); /* checked by expected() */
+  int gpt2 = ot_model_cfg(emu)->arch == OT_ARCH_GPT2;
+  const ot_arch_info *ai = ot_arch_get(ot_model_cfg(emu)->arch);
   size_t total = 0;
   for (int i = 0; i < nw; i++) total += w[i].numel;
   float *host = malloc((total ? total : 1) * sizeof(float)), *h = host;
@@ -237,11 +253,11 @@ int ot_adapter_save(ot_model *emu, const ot_emu_plan *p, const ot_adapter_config
       cJSON_AddItemToObject(j, "lora_alpha", json_float(c->lora_alpha));
       cJSON_AddItemToObject(j, "lora_dropout", json_float(c->lora_dropout));
       cJSON *t = cJSON_AddArrayToObject(j, "target_modules");
-      for (int s = 0; t && s < OT_LORA_NSITE; s++)
-        if ((c->lora_sites >> s) & 1) cJSON_AddItemToArray(t, cJSON_CreateString(ot_lora_modules[s]));
-      cJSON_AddTrueToObject(j, "fan_in_fan_out"); /* GPT-2's Conv1D stores W as [in, out] */
+      for (int s = 0; t && s < OT_SITE_COUNT; s++)
+        if ((sites >> s) & 1) cJSON_AddItemToArray(t, cJSON_CreateString(ai->site_modules[s]));
+      cJSON_AddBoolToObject(j, "fan_in_fan_out", gpt2); /* GPT-2's Conv1D stores W as [in, out] */
       cJSON_AddStringToObject(j, "bias", "none");
-      cJSON_AddStringToObject(j, "layers_pattern", "h");
+      cJSON_AddStringToObject(j, "layers_pattern", gpt2 ? "h" : "layers");
       cJSON_AddTrueToObject(j, "inference_mode");
     }
     if (j && c->kind == OT_ADAPTER_BOTTLENECK)
@@ -287,8 +303,8 @@ static int json_float_in(const cJSON *j, const char *key, double lo, double hi, 
   return OT_OK;
 }
 
-/* The adapter's settings from adapter_config.json (kind already known). */
-static int read_settings(const cJSON *j, ot_adapter_config *c) {
+/* The adapter's settings from adapter_config.json (kind already known) for model m. */
+static int read_settings(ot_model *m, const cJSON *j, ot_adapter_config *c) {
   int rc = OT_OK;
   if (c->kind == OT_ADAPTER_LORA) {
     rc = ot_emu_json_int(j, "r", &c->lora_r);
@@ -298,18 +314,23 @@ static int read_settings(const cJSON *j, ot_adapter_config *c) {
     const cJSON *t = cJSON_GetObjectItemCaseSensitive(j, "target_modules"), *e;
     if (rc == OT_OK && !cJSON_IsArray(t)) rc = ot_error(OT_ERR_FORMAT, "'target_modules' must be a list");
     c->lora_sites = 0;
+    unsigned have = ot_arch_sites(ot_model_cfg(m)->arch);
     if (rc == OT_OK) cJSON_ArrayForEach(e, t) {
-        unsigned m = cJSON_IsString(e) ? match_target(e->valuestring) : 0;
-        if (!m) {
-          rc = ot_error(OT_ERR_UNSUPPORTED, "target module '%s' is not a GPT-2 linear layer",
-                        cJSON_IsString(e) ? e->valuestring : "?");
+        unsigned s = 0;
+        if (!cJSON_IsString(e) || strchr(e->valuestring, ',') || ot_lora_parse_targets(e->valuestring, &s) ||
+            !(s & have)) {
+          rc = ot_error(OT_ERR_UNSUPPORTED, "target module '%.64s' is not a linear layer of a %s model",
+                        cJSON_IsString(e) ? e->valuestring : "?", ot_arch_name(ot_model_cfg(m)->arch));
           break;
         }
-        c->lora_sites |= m;
+        c->lora_sites |= s & have;
       }
+    /* PEFT's flag for Conv1D weights stored [in, out]: it must say what the layers are */
+    int gpt2 = ot_model_cfg(m)->arch == OT_ARCH_GPT2;
     const cJSON *f = cJSON_GetObjectItemCaseSensitive(j, "fan_in_fan_out");
-    if (rc == OT_OK && f && !cJSON_IsTrue(f))
-      rc = ot_error(OT_ERR_UNSUPPORTED, "fan_in_fan_out must be true for GPT-2's Conv1D layers");
+    if (rc == OT_OK && ((gpt2 && f && !cJSON_IsTrue(f)) || (!gpt2 && cJSON_IsTrue(f))))
+      rc = ot_error(OT_ERR_UNSUPPORTED, "fan_in_fan_out must be %s for a %s model", gpt2 ? "true" : "false",
+                    ot_arch_name(ot_model_cfg(m)->arch));
     const cJSON *b = cJSON_GetObjectItemCaseSensitive(j, "bias");
     if (rc == OT_OK && b && !(cJSON_IsString(b) && strcmp(b->valuestring, "none") == 0))
       rc = ot_error(OT_ERR_UNSUPPORTED, "LoRA with trained biases (bias != \"none\")");
@@ -333,7 +354,7 @@ int ot_adapter_apply(ot_model *m, const ot_emu_plan *plan, const char *base_dige
   if (rc) return rc;
   if (c.kind == OT_ADAPTER_OFFSITE) return ot_offsite_apply(m, plan, base_digest, dir);
   if (plan) base_digest = plan->base_digest;
-  int L = ot_model_cfg(m)->n_layer, C = ot_model_cfg(m)->n_embd;
+  int L = ot_model_cfg(m)->n_layer;
   cJSON *j = NULL;
   rc = ot_emu_read_json(dir, "adapter_config.json", &j);
   if (rc) return rc;
@@ -347,7 +368,7 @@ int ot_adapter_apply(ot_model *m, const ot_emu_plan *plan, const char *base_dige
   if (rc == OT_OK && strcmp(base, base_digest) != 0)
     rc = ot_error(OT_ERR_MISMATCH, "%s: adapter was tuned for base model %.16s..., this model is %.16s...",
                   dir, base, base_digest);
-  if (rc == OT_OK) rc = read_settings(j, &c);
+  if (rc == OT_OK) rc = read_settings(m, j, &c);
   if (rc == OT_OK) rc = ot_emu_json_int_array(j, "layers_to_transform", full, -1, OT_EMU_MAX_LAYERS, &n);
   if (rc == OT_OK && n < 1) rc = ot_error(OT_ERR_FORMAT, "%s: 'layers_to_transform' is empty", dir);
   for (int i = 0; i < n && rc == OT_OK; i++) {
@@ -363,7 +384,7 @@ int ot_adapter_apply(ot_model *m, const ot_emu_plan *plan, const char *base_dige
   char got[OT_DIGEST_HEX], *st_path = NULL;
   want_t *w = NULL;
   int nw = 0;
-  if (rc == OT_OK) rc = expected(&c, C, full, loc, n, &w, &nw);
+  if (rc == OT_OK) rc = expected(m, &c, full, loc, n, &w, &nw);
   /* the file can be no larger than its tensors in fp32 and their header: anything larger
    * (or not a regular file) is refused before a byte is read */
   uint64_t max_bytes = 8 + 4096;
@@ -405,7 +426,7 @@ int ot_adapter_apply(ot_model *m, const ot_emu_plan *plan, const char *base_dige
   if (rc == OT_OK && (c.kind == OT_ADAPTER_LORA || c.kind == OT_ADAPTER_BOTTLENECK)) {
     ot_block_ext *ext = calloc((size_t)L, sizeof *ext);
     if (!ext) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
-    for (int i = 0; i < n && ext; i++) ext[loc[i]] = block_ext(&c);
+    for (int i = 0; i < n && ext; i++) ext[loc[i]] = block_ext(&c, c.lora_sites);
     if (rc == OT_OK && ot_model_param_count(m) > ot_model_base_param_count(m)) {
       for (int l = 0; l < L && rc == OT_OK; l++)
         if (!ext_equal(&ext[l], ot_model_block_ext(m, l)))

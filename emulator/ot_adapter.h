@@ -2,9 +2,10 @@
  * - offsite: the emulator's whole bottom and top blocks (ot_offsite_save/apply);
  * - lora: LoRA on the adapter blocks' linear layers, written in Hugging Face PEFT layout
  *   (adapter_config.json with PEFT's keys + offtune's, adapter_model.safetensors keys
- *   base_model.model.transformer.h.{i}.{module}.lora_A.weight [r, in], lora_B [out, r]);
+ *   base_model.model.{block prefix}{i}.{module}.lora_A.weight [r, in], lora_B [out, r]);
  * - bottleneck: Houlsby adapters after both output projections of the adapter blocks;
- * - bitfit: only the biases (LayerNorm biases too) of the adapter blocks train.
+ * - bitfit: only the biases (LayerNorm biases too) of the adapter blocks train (refused for an
+ *   architecture without biases).
  * Every file carries format_version 1, base_model_digest and adapter_digest (BLAKE2b-256 of
  * the safetensors file) and the full-model block indices (layers_to_transform); applying
  * refuses another base, a tampered file, tensors that do not fit, and changes nothing then. */
@@ -26,18 +27,15 @@ typedef struct {
   ot_adapter_kind kind;
   int lora_r;
   float lora_alpha, lora_dropout;
-  unsigned lora_sites; /* bits OT_LORA_* of ot_model.h */
+  unsigned lora_sites; /* bits OT_SITE_* of ot_model.h; OT_SITES_ALL = every site the model has */
   int bottleneck_dim;
   uint64_t seed; /* initialisation and dropout masks */
 } ot_adapter_config;
 
-/* offsite; LoRA r 8, alpha 16, dropout 0.05 on all four linear layers; bottleneck 16. */
+/* offsite; LoRA r 8, alpha 16, dropout 0.05 on every linear layer; bottleneck 16. */
 void ot_adapter_config_default(ot_adapter_config *c);
 int ot_adapter_parse_kind(const char *name, ot_adapter_kind *out);
 const char *ot_adapter_kind_name(ot_adapter_kind k);
-/* Comma-separated PEFT target modules -> sites; a target matches a module equal to it or
- * ending in ".target" (PEFT's rule: "c_proj" means both attn.c_proj and mlp.c_proj). */
-int ot_lora_parse_targets(const char *list, unsigned *sites);
 
 /* Adds the adapter's tensors to the emulator's adapter blocks (LoRA, bottleneck) and makes
  * exactly the adapter's tensors trainable. Before ot_model_prepare and the optimizer. */

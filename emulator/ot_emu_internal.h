@@ -14,8 +14,6 @@ int ot_emu_json_int(const cJSON *j, const char *key, int *out);
 /* An integer array of exactly n entries (n < 0: any length up to cap). */
 int ot_emu_json_int_array(const cJSON *j, const char *key, int *v, int n, int cap, int *count);
 int ot_emu_hex_digest_ok(const char *s);
-/* "transformer.h.{i}.{rest}" -> i and rest; 0 if not a block tensor. */
-int ot_emu_split_block_name(const char *name, int *layer, const char **rest);
 /* Local block of full block f: itself on the full model (plan NULL), the adapter block that
  * came from it on an emulator; -1 if none. */
 int ot_emu_local_block(const ot_emu_plan *plan, int n_layer, int f);

@@ -73,16 +73,15 @@ int ot_emu_build(ot_model *full, const ot_emu_plan *p, ot_model **out) {
   ot_model *m = NULL;
   int rc = ot_model_create(&cfg, ot_model_backend(full), &m);
   if (rc) return rc;
-  int np = ot_model_param_count(m), nf = ot_model_param_count(full);
-  /* wte, wpe first; ln_f last two; blocks in between */
-  rc = copy_param(m, 0, full, 0);
-  if (rc == OT_OK) rc = copy_param(m, 1, full, 1);
-  if (rc == OT_OK) rc = copy_param(m, np - 2, full, nf - 2);
-  if (rc == OT_OK) rc = copy_param(m, np - 1, full, nf - 1);
+  /* embeddings, final norm and head as they are; the kept blocks from their sources */
+  for (int g = 0; g < OT_G_COUNT && rc == OT_OK; g++)
+    if (ot_model_global_param_index(m, g) >= 0 && !(g == OT_G_HEAD && fc->tie_embeddings))
+      rc = copy_param(m, ot_model_global_param_index(m, g), full, ot_model_global_param_index(full, g));
   for (int i = 0; i < cfg.n_layer && rc == OT_OK; i++)
-    for (int k = 0; k < OT_BLK_NPARAM && rc == OT_OK; k++)
-      rc = copy_param(m, ot_model_block_param_index(m, i, k), full,
-                      ot_model_block_param_index(full, p->src[i], k));
+    for (int k = 0; k < OT_R_COUNT && rc == OT_OK; k++)
+      if (ot_model_block_param_index(m, i, k) >= 0)
+        rc = copy_param(m, ot_model_block_param_index(m, i, k), full,
+                        ot_model_block_param_index(full, p->src[i], k));
   if (rc == OT_OK) rc = ot_model_backend(full)->ops->sync(ot_model_backend(full));
   if (rc) {
     ot_model_free(m);
@@ -97,8 +96,9 @@ void ot_emu_set_trainable(ot_model *emu, const ot_emu_plan *p, ot_emu_part part)
   for (int i = 0; i < ot_emu_n_layer(p); i++) {
     int adapter = ot_emu_is_adapter(p, i);
     if ((part == OT_EMU_TRAIN_ADAPTER) != adapter) continue;
-    for (int k = 0; k < OT_BLK_NPARAM; k++)
-      ot_model_param(emu, ot_model_block_param_index(emu, i, k))->trainable = 1;
+    for (int k = 0; k < OT_R_COUNT; k++)
+      if (ot_model_block_param_index(emu, i, k) >= 0)
+        ot_model_param(emu, ot_model_block_param_index(emu, i, k))->trainable = 1;
   }
 }
 
@@ -271,11 +271,12 @@ struct ot_distill {
   float last_ce, last_kd;
 };
 
-int ot_distill_create(ot_model *teacher, ot_model *student, const ot_emu_plan *p, int B, int T, float kd_weight,
-                      ot_distill **out) {
+int ot_distill_create(ot_model *teacher, ot_model *student, const ot_emu_plan *p, int B, int T,
+                      float kd_weight, ot_distill **out) {
   ot_backend *be = ot_model_backend(student);
   const ot_model_config *tc = ot_model_cfg(teacher), *sc = ot_model_cfg(student);
-  if (be != ot_model_backend(teacher)) return ot_error(OT_ERR_INVALID, "teacher and student need one backend");
+  if (be != ot_model_backend(teacher))
+    return ot_error(OT_ERR_INVALID, "teacher and student need one backend");
   if (tc->n_layer != p->full_layers || sc->n_layer != ot_emu_n_layer(p) || tc->n_embd != sc->n_embd ||
       tc->vocab_size != sc->vocab_size)
     return ot_error(OT_ERR_MISMATCH, "teacher (%d blocks) and student (%d blocks) do not fit the plan",
@@ -350,13 +351,11 @@ void ot_distill_last(const ot_distill *d, float *ce, float *kd) {
 
 /* ---- offsite adapters ------------------------------------------------------------ */
 
-/* "transformer.h.{i}.{rest}" -> i and rest; 0 if not a block tensor. */
-int ot_emu_split_block_name(const char *name, int *layer, const char **rest) {
-  int off = 0;
-  if (strncmp(name, "transformer.", 12) == 0) name += 12;
-  if (sscanf(name, "h.%d.%n", layer, &off) != 1 || off == 0) return 0;
-  *rest = name + off;
-  return 1;
+/* Tensors per block of m (the roles its architecture has). */
+static int block_tensors(ot_model *m) {
+  int n = 0;
+  for (int k = 0; k < OT_R_COUNT; k++) n += ot_model_block_param_index(m, 0, k) >= 0;
+  return n;
 }
 
 int ot_offsite_save(ot_model *emu, const ot_emu_plan *p, const char *dir) {
@@ -368,10 +367,12 @@ int ot_offsite_save(ot_model *emu, const ot_emu_plan *p, const char *dir) {
   size_t total = 0;
   for (int i = 0; i < nl; i++)
     if (ot_emu_is_adapter(p, i))
-      for (int k = 0; k < OT_BLK_NPARAM; k++)
-        total += ot_model_param(emu, ot_model_block_param_index(emu, i, k))->numel;
+      for (int k = 0; k < OT_R_COUNT; k++)
+        if (ot_model_block_param_index(emu, i, k) >= 0)
+          total += ot_model_param(emu, ot_model_block_param_index(emu, i, k))->numel;
   float *host = malloc((total ? total : 1) * sizeof(float));
-  char(*names)[96] = calloc((size_t)(n_adapter ? n_adapter : 1) * OT_BLK_NPARAM, sizeof *names);
+  char(*names)[128] = calloc((size_t)(n_adapter ? n_adapter : 1) * OT_R_COUNT, sizeof *names);
+  const char *prefix = ot_arch_get(ot_model_cfg(emu)->arch)->block_prefix;
   char *st_path = NULL;
   ot_st_writer *w = NULL;
   if (!host || !names) rc = ot_error(OT_ERR_NOMEM, "cannot allocate adapter buffer");
@@ -381,15 +382,16 @@ int ot_offsite_save(ot_model *emu, const ot_emu_plan *p, const char *dir) {
   int t = 0;
   for (int i = 0; i < nl && rc == OT_OK; i++) {
     if (!ot_emu_is_adapter(p, i)) continue;
-    for (int k = 0; k < OT_BLK_NPARAM && rc == OT_OK; k++, t++) {
+    for (int k = 0; k < OT_R_COUNT && rc == OT_OK; k++) {
+      if (ot_model_block_param_index(emu, i, k) < 0) continue;
       ot_param *pr = ot_model_param(emu, ot_model_block_param_index(emu, i, k));
       int layer = 0;
       const char *rest = "";
-      ot_emu_split_block_name(pr->name, &layer, &rest);
-      snprintf(names[t], sizeof names[t], "transformer.h.%d.%s", p->src[i], rest);
+      ot_block_tensor_split(pr->name, &layer, &rest);
+      snprintf(names[t], sizeof names[t], "%s%d.%s", prefix, p->src[i], rest);
       rc = be->ops->download(be, h, pr->data, pr->numel * sizeof(float));
       int64_t shape[2] = {pr->shape[0], pr->shape[1]};
-      if (rc == OT_OK) rc = ot_st_writer_add(w, names[t], OT_DTYPE_F32, pr->ndim, shape, h);
+      if (rc == OT_OK) rc = ot_st_writer_add(w, names[t++], OT_DTYPE_F32, pr->ndim, shape, h);
       h += pr->numel;
     }
   }
@@ -463,22 +465,23 @@ int ot_offsite_apply(ot_model *m, const ot_emu_plan *plan, const char *base_dige
   ot_safetensors *st = NULL;
   if (rc == OT_OK) rc = ot_st_open(st_path, &st);
   /* stage every tensor on the host first, so a bad one changes nothing */
-  int n_need = (nb + nt) * OT_BLK_NPARAM;
-  float **stage = rc == OT_OK ? calloc((size_t)(n_need ? n_need : 1), sizeof *stage) : NULL;
-  ot_param **dst = rc == OT_OK ? calloc((size_t)(n_need ? n_need : 1), sizeof *dst) : NULL;
+  int n_slots = (nb + nt) * OT_R_COUNT, n_need = (nb + nt) * block_tensors(m);
+  const char *prefix = ot_arch_get(ot_model_cfg(m)->arch)->block_prefix;
+  float **stage = rc == OT_OK ? calloc((size_t)(n_slots ? n_slots : 1), sizeof *stage) : NULL;
+  ot_param **dst = rc == OT_OK ? calloc((size_t)(n_slots ? n_slots : 1), sizeof *dst) : NULL;
   if (rc == OT_OK && (!stage || !dst)) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
   int n_seen = 0;
   for (size_t i = 0; rc == OT_OK && i < ot_st_count(st); i++) {
     const ot_st_tensor *t = ot_st_at(st, i);
     int f = -1, slot = -1;
     const char *rest = NULL;
-    if (ot_emu_split_block_name(t->name, &f, &rest))
+    if (ot_block_tensor_split(t->name, &f, &rest))
       for (int b = 0; b < nb + nt; b++)
         if (blocks[b] == f) slot = b;
     char local[128];
     ot_param *p = NULL;
     if (slot >= 0) {
-      snprintf(local, sizeof local, "transformer.h.%d.%s", ot_emu_local_block(plan, L, f), rest);
+      snprintf(local, sizeof local, "%s%d.%s", prefix, ot_emu_local_block(plan, L, f), rest);
       p = ot_model_find_param(m, local);
     }
     if (!p) {
@@ -487,9 +490,13 @@ int ot_offsite_apply(ot_model *m, const ot_emu_plan *plan, const char *base_dige
       break;
     }
     int k;
-    for (k = 0; k < OT_BLK_NPARAM; k++)
+    for (k = 0; k < OT_R_COUNT; k++)
       if (ot_model_param(m, ot_model_block_param_index(m, ot_emu_local_block(plan, L, f), k)) == p) break;
-    int idx = slot * OT_BLK_NPARAM + k;
+    if (k == OT_R_COUNT) {
+      rc = ot_error(OT_ERR_MISMATCH, "%s: tensor '%s' is not a block weight", st_path, t->name);
+      break;
+    }
+    int idx = slot * OT_R_COUNT + k;
     if (t->ndim != p->ndim || t->shape[0] != p->shape[0] || (p->ndim == 2 && t->shape[1] != p->shape[1])) {
       rc = ot_error(OT_ERR_MISMATCH, "%s: tensor '%s' has the wrong shape for this model", st_path, t->name);
       break;
@@ -508,10 +515,10 @@ int ot_offsite_apply(ot_model *m, const ot_emu_plan *plan, const char *base_dige
     rc = ot_error(OT_ERR_MISMATCH, "%s: %d of the %d tensors of the adapter's blocks are missing", st_path,
                   n_need - n_seen, n_need);
   ot_backend *be = ot_model_backend(m);
-  for (int i = 0; i < n_need && rc == OT_OK; i++)
-    rc = be->ops->upload(be, dst[i]->data, stage[i], dst[i]->numel * sizeof(float));
+  for (int i = 0; i < n_slots && rc == OT_OK; i++)
+    if (dst[i]) rc = be->ops->upload(be, dst[i]->data, stage[i], dst[i]->numel * sizeof(float));
   if (rc == OT_OK) rc = be->ops->sync(be);
-  for (int i = 0; stage && i < n_need; i++) free(stage[i]);
+  for (int i = 0; stage && i < n_slots; i++) free(stage[i]);
   free(stage);
   free(dst);
   ot_st_close(st);

@@ -27,7 +27,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 /* 4 blocks: bottom 1, top 1, one of the two middle ones kept; tiny so a run stays fast */
-static const ot_model_config cfg = {4, 2, 8, 16, 8, 1e-5f};
+static const ot_model_config cfg = {
+    .n_layer = 4, .n_head = 2, .n_embd = 8, .vocab_size = 16, .n_positions = 8, .layer_norm_epsilon = 1e-5f};
 static const char base_digest[OT_DIGEST_HEX] =
     "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 

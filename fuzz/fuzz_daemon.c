@@ -96,7 +96,12 @@ fz_daemon *fz_daemon_init(void) {
   /* the model: 6 blocks, so the default sessions (2 bottom, 2 top) fit */
   snprintf(model_dir, sizeof model_dir, "%s/model", root);
   if (ot_mkdir_p(model_dir)) die(model_dir);
-  ot_model_config mc = {6, 2, 8, 16, 32, 1e-5f};
+  ot_model_config mc = {.n_layer = 6,
+                        .n_head = 2,
+                        .n_embd = 8,
+                        .vocab_size = 16,
+                        .n_positions = 32,
+                        .layer_norm_epsilon = 1e-5f};
   snprintf(p, sizeof p, "%s/config.json", model_dir);
   if (ot_model_config_save(p, &mc) || ot_file_digest(p, model_digest)) die(p);
   /* an emulator package: its manifest lists the files devices may fetch */

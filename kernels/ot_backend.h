@@ -33,10 +33,10 @@ typedef struct {
   int (*zero)(ot_backend *be, void *p, size_t bytes);
   int (*sync)(ot_backend *be);
 
-  /* out[N,C] = wte[tokens] + wpe[t] */
+  /* out[N,C] = wte[tokens] + wpe[t]; wpe NULL: no positions (rotary architectures) */
   void (*encoder_fwd)(ot_backend *be, float *out, const int32_t *tokens, const float *wte, const float *wpe,
                       int B, int T, int C);
-  /* dwte += scatter(dout), dwpe += sum over batch */
+  /* dwte += scatter(dout), dwpe += sum over batch (either may be NULL) */
   void (*encoder_bwd)(ot_backend *be, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
                       int B, int T, int C);
   /* out = (inp - mean) * rstd * w + b; mean/rstd [N] saved for backward (may be NULL) */
@@ -129,6 +129,39 @@ typedef struct {
   void (*lora_sgmv_fwd)(ot_backend *be, float *out, const float *x, const float *const *A,
                         const float *const *Bt, const int *row0, const int *n, const int *r,
                         const float *scale, int S, int IN, int OUT);
+
+  /* Ops of the LLaMA family. */
+  /* RMSNorm: out = inp * rstd * w, rstd = 1 / sqrt(mean(inp^2) + eps); rstd [N] saved for
+   * backward (may be NULL) */
+  void (*rmsnorm_fwd)(ot_backend *be, float *out, float *rstd, const float *inp, const float *w, int N, int C,
+                      float eps);
+  /* dinp += ..., dw += ... (either may be NULL) */
+  void (*rmsnorm_bwd)(ot_backend *be, float *dinp, float *dw, const float *dout, const float *inp,
+                      const float *w, const float *rstd, int N, int C);
+  /* Rotary embedding in place, Hugging Face's rotate-half convention: x [N, H, D]; in row i and
+   * head h the pair (j, j + D/2) turns by the angle pos[i] * inv_freq[j] (inv_freq [D/2]); inverse
+   * turns it back (the backward of the rotation). pos and inv_freq are backend memory. */
+  void (*rope)(ot_backend *be, float *x, const int32_t *pos, const float *inv_freq, int N, int H, int D,
+               int inverse);
+  /* out = silu(gate) * up */
+  void (*swiglu_fwd)(ot_backend *be, float *out, const float *gate, const float *up, size_t n);
+  /* dgate = dout * up * silu'(gate), dup = dout * silu(gate) (overwrite; may alias dout) */
+  void (*swiglu_bwd)(ot_backend *be, float *dgate, float *dup, const float *dout, const float *gate,
+                     const float *up, size_t n);
+  /* Causal grouped-query attention over separate q [B*T, NH*D] and k, v [B*T, NKV*D]: head h reads
+   * key/value head h / (NH / NKV). out [B*T, NH*D]; att [B, NH, T, T] keeps the probabilities. */
+  void (*gqa_fwd)(ot_backend *be, float *out, float *att, const float *q, const float *k, const float *v,
+                  int B, int T, int NH, int NKV, int D);
+  /* dq, dk, dv = ... (overwrite); datt [B, NH, T, T] is scratch */
+  void (*gqa_bwd)(ot_backend *be, float *dq, float *dk, float *dv, float *datt, const float *dout,
+                  const float *q, const float *k, const float *v, const float *att, int B, int T, int NH,
+                  int NKV, int D);
+  /* attention_kv_fwd for grouped-query attention: row i's k [NKV*D] and v are stored at (slot[i],
+   * pos[i]) of kcache, vcache [n_slots, T_max, NKV*D]; then out[i] [NH*D] attends to positions
+   * 0..pos[i] of its slot. */
+  void (*gqa_kv_fwd)(ot_backend *be, float *out, float *kcache, float *vcache, const float *q, const float *k,
+                     const float *v, const int32_t *pos, const int32_t *slot, int N, int NH, int NKV, int D,
+                     int T_max);
 } ot_backend_ops;
 
 /* Host and CUDA device code share these (one definition of the dropout mask). */

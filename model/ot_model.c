@@ -1,5 +1,6 @@
 #include "ot_model.h"
 
+#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,36 +11,44 @@
 #include "ot_rng.h"
 #include "ot_safetensors.h"
 
-/* Activations of one block. In training every block keeps its own set; in
- * inference one set is reused by all blocks. */
+/* Activations of one block. In training every block keeps its own set; in inference one
+ * set is reused by all blocks. Architectures use the subset their block code needs. */
 typedef struct {
   float *ln1, *ln1_mean, *ln1_rstd; /* [N,C], [N], [N] */
-  float *qkv;                       /* [N,3C] */
-  float *atty;                      /* [N,C] attention output before c_proj */
+  float *qkv;                       /* fused [N, 3C] (GPT-2) */
+  float *q, *k, *v;                 /* separate [N, QW], [N, KW], [N, KW] after rotary (LLaMA) */
+  float *atty;                      /* [N, QW] attention output before the o projection */
   float *att;                       /* [B,NH,T,T] softmax probabilities */
   float *residual2;                 /* [N,C] after attention */
   float *ln2, *ln2_mean, *ln2_rstd;
-  float *fch, *fch_gelu; /* [N,4C] */
-  float *residual3;      /* [N,C] block output */
+  float *gate, *up, *act; /* [N,F]: gate (SwiGLU), up / c_fc output, activation */
+  float *residual3;       /* [N,C] block output */
   /* extensions */
-  float *lora_t[OT_LORA_NSITE];        /* [N,r] drop(x) A^T per LoRA site */
+  float *lora_t[OT_SITE_COUNT];        /* [N,r] drop(x) A^T per LoRA site */
   float *bn_in[2], *bn_z[2], *bn_g[2]; /* bottleneck after attn / mlp: h [N,C], down(h), gelu [N,m] */
 } ot_block_acts;
 
 /* Parameter indices of a block's extensions, -1 where absent. */
 typedef struct {
-  int lora[OT_LORA_NSITE][2]; /* A, B */
+  int lora[OT_SITE_COUNT][2]; /* A, B */
   int bn[2][4];               /* down.weight, down.bias, up.weight, up.bias */
 } ot_ext_idx;
 
 struct ot_model {
   ot_model_config cfg;
+  const ot_arch_info *ai;
   ot_backend *be;
+  int gpt2;          /* LayerNorm, fused qkv, GELU, learned positions; else RMSNorm, RoPE, SwiGLU */
+  ot_wlayout layout; /* of every linear weight of the base model */
+  int QW, KW;        /* widths of q and of k / v */
 
   int n_params;
   ot_param *params;
   float *param_mem;
   size_t n_scalars;
+  int (*bidx)[OT_R_COUNT]; /* [L] role -> parameter index, -1 = absent */
+  int gidx[OT_G_COUNT];
+  float *inv_freq; /* [head_dim / 2] rotary frequencies (backend memory) */
 
   /* gradients of trainable tensors, one allocation */
   float *grad_mem;
@@ -52,18 +61,18 @@ struct ot_model {
   int n_act_blocks;
   ot_block_acts *blocks;
   float *encoded;                   /* [N,C] */
-  float *proj;                      /* [N,C] scratch for c_proj outputs */
+  float *proj;                      /* [N,C] scratch for output projections */
   float *lnf, *lnf_mean, *lnf_rstd; /* [N,C] */
   float *lnf_last;                  /* [B,C] last positions (inference) */
   float *logits;                    /* [N,V] logits, then probabilities, then dlogits */
   float *losses;                    /* [N] */
-  int32_t *tokens, *targets;        /* [N] backend copies */
+  int32_t *tokens, *targets, *pos;  /* [N] backend copies; pos = position of each row */
   /* backward scratch, shared by all blocks */
-  float *dresidual, *dln, *datty, *dqkv, *datt, *dfch, *dfch_gelu;
+  float *dresidual, *dln, *dln2, *datty, *dqkv, *dq, *dk, *dv, *datt, *dgate, *dup, *dact;
 
   /* host-side results of the last forward */
   float *host_losses;
-  int32_t *host_targets;
+  int32_t *host_targets, *host_pos;
   int last_B, last_T, last_has_targets;
   double last_loss_sum;
   size_t last_count;
@@ -76,23 +85,12 @@ struct ot_model {
   ot_ext_idx *eidx;  /* [L] */
   uint64_t drop_seed, step;
   int dropout_on, last_dropout;
-  float *lora_xd, *lora_dt;             /* [N,4C], [N,rmax] scratch */
+  float *lora_xd, *lora_dt;             /* [N, widest input], [N,rmax] scratch */
   float *bn_up, *bn_dh, *bn_dg, *bn_dz; /* [N,C], [N,C], [N,m], [N,m] scratch */
 
   /* extra gradients dL/d(block output) for the next backward (backend memory, [N,C]) */
   const float **extra_grad;
 };
-
-static const char *blk_names[OT_BLK_NPARAM] = {"ln_1.weight",      "ln_1.bias",          "attn.c_attn.weight",
-                                               "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
-                                               "ln_2.weight",      "ln_2.bias",          "mlp.c_fc.weight",
-                                               "mlp.c_fc.bias",    "mlp.c_proj.weight",  "mlp.c_proj.bias"};
-
-#define P_WTE 0
-#define P_WPE 1
-#define P_BLK0 2
-#define P_LNF_W(m) (P_BLK0 + (m)->cfg.n_layer * OT_BLK_NPARAM)
-#define P_LNF_B(m) (P_LNF_W(m) + 1)
 
 static void set_param(ot_param *p, const char *name, int d0, int d1) {
   snprintf(p->name, sizeof p->name, "%s", name);
@@ -104,45 +102,167 @@ static void set_param(ot_param *p, const char *name, int d0, int d1) {
   p->decay = d1 > 0;
 }
 
-int ot_model_create(const ot_model_config *cfg, ot_backend *be, ot_model **out) {
-  int rc = ot_model_config_validate(cfg);
-  if (rc) return rc;
-  ot_model *m = calloc(1, sizeof *m);
-  if (!m) return ot_error(OT_ERR_NOMEM, "cannot allocate model");
-  m->cfg = *cfg;
-  m->be = be;
-  int L = cfg->n_layer, C = cfg->n_embd;
-  m->n_params = 2 + L * OT_BLK_NPARAM + 2;
-  m->params = calloc((size_t)m->n_params, sizeof *m->params);
-  m->extra_grad = calloc((size_t)L, sizeof *m->extra_grad);
-  if (!m->params || !m->extra_grad) {
-    free(m->params);
-    free(m->extra_grad);
-    free(m);
-    return ot_error(OT_ERR_NOMEM, "cannot allocate parameter table");
+void ot_model_site_dims(const ot_model *m, int site, int *in, int *out) {
+  int C = m->cfg.n_embd, F = m->cfg.n_ff;
+  int d[OT_SITE_COUNT][2] = {[OT_SITE_QKV] = {C, 3 * C}, [OT_SITE_O] = {m->QW, C}, [OT_SITE_UP] = {C, F},
+                             [OT_SITE_DOWN] = {F, C},    [OT_SITE_Q] = {C, m->QW}, [OT_SITE_K] = {C, m->KW},
+                             [OT_SITE_V] = {C, m->KW},   [OT_SITE_GATE] = {C, F}};
+  int has = site >= 0 && site < OT_SITE_COUNT && m->ai->site_modules[site];
+  *in = has ? d[site][0] : 0;
+  *out = has ? d[site][1] : 0;
+}
+
+/* Is role r a tensor of this model? (The table names it; biases also need the config.) */
+static int role_present(const ot_model *m, int r) {
+  if (!m->ai->role_names[r]) return 0;
+  if (m->gpt2) return 1;
+  if (r == OT_R_Q_B || r == OT_R_K_B || r == OT_R_V_B) return m->cfg.attn_bias;
+  if (r == OT_R_O_B) return m->cfg.o_bias;
+  return 1;
+}
+
+/* Shape of a block tensor of role r: norms and biases [n], weights in the model's layout. */
+static void role_shape(const ot_model *m, int r, int *d0, int *d1) {
+  int C = m->cfg.n_embd;
+  *d1 = 0;
+  if (r == OT_R_ATTN_NORM || r == OT_R_ATTN_NORM_B || r == OT_R_FFN_NORM || r == OT_R_FFN_NORM_B) {
+    *d0 = C;
+    return;
   }
-  set_param(&m->params[P_WTE], "transformer.wte.weight", cfg->vocab_size, C);
-  set_param(&m->params[P_WPE], "transformer.wpe.weight", cfg->n_positions, C);
-  m->params[P_WPE].decay = 0;
-  for (int l = 0; l < L; l++) {
-    const int dims[OT_BLK_NPARAM][2] = {{C, 0}, {C, 0}, {C, 3 * C}, {3 * C, 0}, {C, C},     {C, 0},
-                                        {C, 0}, {C, 0}, {C, 4 * C}, {4 * C, 0}, {4 * C, C}, {C, 0}};
-    for (int k = 0; k < OT_BLK_NPARAM; k++) {
-      char name[96];
-      snprintf(name, sizeof name, "transformer.h.%d.%s", l, blk_names[k]);
-      set_param(&m->params[P_BLK0 + l * OT_BLK_NPARAM + k], name, dims[k][0], dims[k][1]);
+  for (int s = 0; s < OT_SITE_COUNT; s++) {
+    int in, out;
+    if (ot_site_weight_role(s) != r && ot_site_bias_role(s) != r) continue;
+    ot_model_site_dims(m, s, &in, &out);
+    if (ot_site_bias_role(s) == r) {
+      *d0 = out;
+    } else if (m->layout == OT_W_IN_OUT) {
+      *d0 = in;
+      *d1 = out;
+    } else {
+      *d0 = out;
+      *d1 = in;
+    }
+    return;
+  }
+  *d0 = 0;
+}
+
+/* HF's rotary frequencies: theta^(-2j/D), with Llama 3's long-context rescaling when the config
+ * has it (transformers' _compute_llama3_parameters). */
+static void rope_freqs(const ot_model_config *c, float *out) {
+  int D = c->head_dim;
+  for (int j = 0; j < D / 2; j++) {
+    double f = 1.0 / pow((double)c->rope_theta, (2.0 * j) / D);
+    if (c->rope_factor != 0.0f) {
+      double lo_wl = c->rope_original_ctx / (double)c->rope_low_freq_factor;
+      double hi_wl = c->rope_original_ctx / (double)c->rope_high_freq_factor;
+      double wl = 2.0 * M_PI / f;
+      if (wl > lo_wl) {
+        f /= c->rope_factor;
+      } else if (wl >= hi_wl) {
+        double smooth = (c->rope_original_ctx / wl - c->rope_low_freq_factor) /
+                        (c->rope_high_freq_factor - c->rope_low_freq_factor);
+        f = (1.0 - smooth) * f / c->rope_factor + smooth * f;
+      }
+    }
+    out[j] = (float)f;
+  }
+}
+
+static void model_release(ot_model *m) {
+  if (m->param_mem) m->be->ops->free(m->be, m->param_mem);
+  if (m->inv_freq) m->be->ops->free(m->be, m->inv_freq);
+  free(m->params);
+  free(m->extra_grad);
+  free(m->bidx);
+  free(m);
+}
+
+int ot_model_create(const ot_model_config *cfg_in, ot_backend *be, ot_model **out) {
+  if (!cfg_in || !be || !out) return ot_error(OT_ERR_INVALID, "ot_model_create: NULL argument");
+  ot_model_config cfg = *cfg_in;
+  int rc = ot_model_config_complete(&cfg);
+  if (rc) return rc;
+  if (cfg.arch != OT_ARCH_GPT2) {
+    const char *need[] = {"rmsnorm_fwd", "rope", "swiglu_fwd", "gqa_fwd"};
+    const int have[] = {be->ops->rmsnorm_fwd != NULL, be->ops->rope != NULL, be->ops->swiglu_fwd != NULL,
+                        be->ops->gqa_fwd != NULL};
+    for (int i = 0; i < 4; i++) {
+      rc = ot_backend_check_op(be, have[i], need[i]);
+      if (rc) return rc;
     }
   }
-  set_param(&m->params[P_LNF_W(m)], "transformer.ln_f.weight", C, 0);
-  set_param(&m->params[P_LNF_B(m)], "transformer.ln_f.bias", C, 0);
+  ot_model *m = calloc(1, sizeof *m);
+  if (!m) return ot_error(OT_ERR_NOMEM, "cannot allocate model");
+  m->cfg = cfg;
+  m->be = be;
+  m->ai = ot_arch_get(cfg.arch);
+  m->gpt2 = cfg.arch == OT_ARCH_GPT2;
+  m->layout = m->gpt2 ? OT_W_IN_OUT : OT_W_OUT_IN;
+  m->QW = cfg.n_head * cfg.head_dim;
+  m->KW = cfg.n_kv_head * cfg.head_dim;
+  int L = cfg.n_layer, C = cfg.n_embd;
+  int per_block = 0;
+  for (int r = 0; r < OT_R_COUNT; r++) per_block += role_present(m, r);
+  m->n_params = L * per_block + 5;
+  m->params = calloc((size_t)m->n_params, sizeof *m->params);
+  m->extra_grad = calloc((size_t)L, sizeof *m->extra_grad);
+  m->bidx = calloc((size_t)L, sizeof *m->bidx);
+  if (!m->params || !m->extra_grad || !m->bidx) {
+    model_release(m);
+    return ot_error(OT_ERR_NOMEM, "cannot allocate parameter table");
+  }
+  /* table order = checkpoint order: embeddings, blocks, final norm, head */
+  int n = 0;
+  for (int g = 0; g < OT_G_COUNT; g++) m->gidx[g] = -1;
+  m->gidx[OT_G_TOK] = n;
+  set_param(&m->params[n++], m->gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight", cfg.vocab_size,
+            C);
+  if (m->gpt2) {
+    m->gidx[OT_G_POS] = n;
+    set_param(&m->params[n], "transformer.wpe.weight", cfg.n_positions, C);
+    m->params[n++].decay = 0;
+  }
+  for (int l = 0; l < L; l++)
+    for (int r = 0; r < OT_R_COUNT; r++) {
+      m->bidx[l][r] = -1;
+      if (!role_present(m, r)) continue;
+      char name[96];
+      int d0, d1;
+      role_shape(m, r, &d0, &d1);
+      snprintf(name, sizeof name, "%s%d.%s", m->ai->block_prefix, l, m->ai->role_names[r]);
+      m->bidx[l][r] = n;
+      set_param(&m->params[n++], name, d0, d1);
+    }
+  m->gidx[OT_G_NORM] = n;
+  set_param(&m->params[n++], m->gpt2 ? "transformer.ln_f.weight" : "model.norm.weight", C, 0);
+  if (m->gpt2) {
+    m->gidx[OT_G_NORM_B] = n;
+    set_param(&m->params[n++], "transformer.ln_f.bias", C, 0);
+  }
+  m->gidx[OT_G_HEAD] = m->gidx[OT_G_TOK];
+  if (!cfg.tie_embeddings) {
+    m->gidx[OT_G_HEAD] = n;
+    set_param(&m->params[n++], "lm_head.weight", cfg.vocab_size, C);
+  }
+  m->n_params = n;
   for (int i = 0; i < m->n_params; i++) m->n_scalars += m->params[i].numel;
   m->n_base = m->n_params;
   m->dropout_on = 1;
   rc = be->ops->alloc(be, m->n_scalars * sizeof(float), (void **)&m->param_mem);
+  if (rc == OT_OK && !m->gpt2) {
+    float fr[4096];
+    int half = cfg.head_dim / 2;
+    if (half > (int)(sizeof fr / sizeof fr[0]))
+      rc = ot_error(OT_ERR_RANGE, "head_dim %d too large", cfg.head_dim);
+    if (rc == OT_OK) rc = be->ops->alloc(be, (size_t)half * sizeof(float), (void **)&m->inv_freq);
+    if (rc == OT_OK) {
+      rope_freqs(&cfg, fr);
+      rc = be->ops->upload(be, m->inv_freq, fr, (size_t)half * sizeof(float));
+    }
+  }
   if (rc) {
-    free(m->params);
-    free(m->extra_grad);
-    free(m);
+    model_release(m);
     return rc;
   }
   float *p = m->param_mem;
@@ -164,6 +284,8 @@ static void free_acts(ot_model *m) {
   m->host_losses = NULL;
   free(m->host_targets);
   m->host_targets = NULL;
+  free(m->host_pos);
+  m->host_pos = NULL;
   m->maxB = m->maxT = 0;
 }
 
@@ -178,25 +300,27 @@ void ot_model_free(ot_model *m) {
   if (!m) return;
   free_acts(m);
   free_grads(m);
-  m->be->ops->free(m->be, m->param_mem);
   if (m->ext_mem) m->be->ops->free(m->be, m->ext_mem);
   free(m->ext);
   free(m->eidx);
-  free(m->params);
-  free(m->extra_grad);
-  free(m);
+  model_release(m);
 }
 
 const ot_model_config *ot_model_cfg(const ot_model *m) { return &m->cfg; }
 ot_backend *ot_model_backend(const ot_model *m) { return m->be; }
+ot_wlayout ot_model_wlayout(const ot_model *m) { return m->layout; }
 size_t ot_model_num_params(const ot_model *m) { return m->n_scalars + m->ext_scalars; }
 int ot_model_base_param_count(const ot_model *m) { return m->n_base; }
 int ot_model_param_count(const ot_model *m) { return m->n_params; }
 ot_param *ot_model_param(ot_model *m, int i) { return (i >= 0 && i < m->n_params) ? &m->params[i] : NULL; }
 
 int ot_model_block_param_index(const ot_model *m, int layer, int which) {
-  if (layer < 0 || layer >= m->cfg.n_layer || which < 0 || which >= OT_BLK_NPARAM) return -1;
-  return P_BLK0 + layer * OT_BLK_NPARAM + which;
+  if (layer < 0 || layer >= m->cfg.n_layer || which < 0 || which >= OT_R_COUNT) return -1;
+  return m->bidx[layer][which];
+}
+
+int ot_model_global_param_index(const ot_model *m, int which) {
+  return which >= 0 && which < OT_G_COUNT ? m->gidx[which] : -1;
 }
 
 ot_param *ot_model_find_param(ot_model *m, const char *name) {
@@ -217,6 +341,14 @@ size_t ot_model_memory_bytes(const ot_model *m) {
 
 static double uniform01(uint64_t *s) { return ((ot_splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
 
+/* Role of parameter i within its block, -1 outside the blocks. */
+static int param_role(const ot_model *m, int i) {
+  for (int l = 0; l < m->cfg.n_layer; l++)
+    for (int r = 0; r < OT_R_COUNT; r++)
+      if (m->bidx[l][r] == i) return r;
+  return -1;
+}
+
 int ot_model_init_random(ot_model *m, uint64_t seed) {
   uint64_t s = seed;
   float *host = malloc(m->n_scalars * sizeof(float));
@@ -225,21 +357,19 @@ int ot_model_init_random(ot_model *m, uint64_t seed) {
   double resid_std = 0.02 / sqrt(2.0 * m->cfg.n_layer);
   for (int i = 0; i < m->n_base; i++) {
     ot_param *p = &m->params[i];
-    const char *n = p->name;
-    size_t len = strlen(n);
-    int is_ln = strstr(n, ".ln_") != NULL;
-    int is_bias = len > 5 && strcmp(n + len - 5, ".bias") == 0;
-    if (is_ln && !is_bias) {
+    int r = param_role(m, i);
+    int is_norm = r == OT_R_ATTN_NORM || r == OT_R_FFN_NORM || i == m->gidx[OT_G_NORM];
+    if (is_norm) {
       for (size_t j = 0; j < p->numel; j++) h[j] = 1.0f;
-    } else if (is_bias) {
+    } else if (p->ndim == 1) { /* biases */
       memset(h, 0, p->numel * sizeof(float));
     } else {
-      double std = strstr(n, "c_proj.weight") ? resid_std : 0.02;
+      double std = m->gpt2 && (r == OT_R_O || r == OT_R_DOWN) ? resid_std : 0.02;
       /* Box-Muller, both outputs of each pair */
       for (size_t j = 0; j < p->numel; j += 2) {
-        double r = std * sqrt(-2.0 * log(uniform01(&s))), a = 2.0 * M_PI * uniform01(&s);
-        h[j] = (float)(r * cos(a));
-        if (j + 1 < p->numel) h[j + 1] = (float)(r * sin(a));
+        double rad = std * sqrt(-2.0 * log(uniform01(&s))), a = 2.0 * M_PI * uniform01(&s);
+        h[j] = (float)(rad * cos(a));
+        if (j + 1 < p->numel) h[j + 1] = (float)(rad * sin(a));
       }
     }
     h += p->numel;
@@ -251,58 +381,69 @@ int ot_model_init_random(ot_model *m, uint64_t seed) {
 
 /* ---- checkpoints ----------------------------------------------------------------- */
 
-/* Maps a checkpoint tensor name to a parameter index; -1 = ignore (mask buffers,
+/* Maps a checkpoint tensor name to a parameter index; -1 = ignore (mask and rotary buffers, a
  * tied LM head), -2 = unknown. */
 static int map_name(ot_model *m, const char *name) {
+  char full[160];
   const char *n = name;
-  if (strncmp(n, "transformer.", 12) == 0) n += 12;
-  if (strcmp(n, "lm_head.weight") == 0) return -1;
-  int layer, off = 0;
-  if (sscanf(n, "h.%d.%n", &layer, &off) == 1 && off > 0) {
-    const char *rest = n + off;
-    if (strcmp(rest, "attn.bias") == 0 || strcmp(rest, "attn.masked_bias") == 0) return -1;
+  int layer;
+  const char *rest;
+  if (m->gpt2) {
+    if (strncmp(n, "transformer.", 12) == 0) n += 12;
+    if (ot_block_tensor_split(n, &layer, &rest) &&
+        (strcmp(rest, "attn.bias") == 0 || strcmp(rest, "attn.masked_bias") == 0))
+      return -1;
+    snprintf(full, sizeof full, "transformer.%s", n);
+    n = full;
+  } else if (ot_block_tensor_split(n, &layer, &rest) && strcmp(rest, "self_attn.rotary_emb.inv_freq") == 0) {
+    return -1; /* a buffer older checkpoints carry; recomputed from the config */
   }
-  char full[128];
-  snprintf(full, sizeof full, "transformer.%s", n);
+  if (strcmp(n, "lm_head.weight") == 0 || strcmp(n, "transformer.lm_head.weight") == 0) {
+    if (m->cfg.tie_embeddings) return -1;
+    n = "lm_head.weight";
+  }
   for (int i = 0; i < m->n_base; i++)
-    if (strcmp(m->params[i].name, full) == 0) return i;
+    if (strcmp(m->params[i].name, n) == 0) return i;
   return -2;
 }
 
-/* An int8 weight [in, out] with its per-column scales (ot_model_save_dir_int8), to fp32. */
-static int read_int8(ot_safetensors *st, const ot_st_tensor *t, const char *path, float *dst,
-                     const ot_param *p) {
-  char sname[160];
+/* Scales of an int8 weight are per output channel: columns of [in, out], rows of [out, in]. */
+static int out_channels(const ot_model *m, const ot_param *p) {
+  return m->layout == OT_W_IN_OUT ? p->shape[1] : p->shape[0];
+}
+
+/* An int8 weight with its per-output-channel scales (ot_model_save_dir_int8), to fp32. */
+static int read_int8(const ot_model *m, ot_safetensors *st, const ot_st_tensor *t, const char *path,
+                     float *dst, const ot_param *p) {
+  char sname[200];
   snprintf(sname, sizeof sname, "%s.int8_scale", t->name);
   const ot_st_tensor *s = ot_st_find(st, sname);
-  if (p->ndim != 2 || !s || s->dtype != OT_DTYPE_F32 || s->ndim != 1 || s->shape[0] != p->shape[1])
+  int nc = p->ndim == 2 ? out_channels(m, p) : 0;
+  if (p->ndim != 2 || !s || s->dtype != OT_DTYPE_F32 || s->ndim != 1 || s->shape[0] != nc)
     return ot_error(OT_ERR_FORMAT, "%s: int8 tensor '%s' needs an F32 '%s' of %d scales", path, t->name,
-                    sname, p->ndim == 2 ? p->shape[1] : 0);
-  float *scale = malloc((size_t)p->shape[1] * sizeof(float));
+                    sname, nc);
+  float *scale = malloc((size_t)nc * sizeof(float));
   if (!scale) return ot_error(OT_ERR_NOMEM, "cannot allocate scales");
-  int rc = ot_st_read_f32(st, s, scale, (uint64_t)p->shape[1]);
+  int rc = ot_st_read_f32(st, s, scale, (uint64_t)nc);
   const int8_t *q = ot_st_data(st, t);
-  for (int j = 0; j < p->shape[1] && rc == OT_OK; j++)
+  for (int j = 0; j < nc && rc == OT_OK; j++)
     if (!isfinite(scale[j]) || scale[j] < 0)
       rc = ot_error(OT_ERR_FORMAT, "%s: '%s' holds a negative or non-finite scale", path, sname);
+  int cols = p->shape[1];
   for (int i = 0; i < p->shape[0] && rc == OT_OK; i++)
-    for (int j = 0; j < p->shape[1]; j++)
-      dst[(size_t)i * p->shape[1] + j] = (float)q[(size_t)i * p->shape[1] + j] * scale[j];
+    for (int j = 0; j < cols; j++)
+      dst[(size_t)i * cols + j] = (float)q[(size_t)i * cols + j] * scale[m->layout == OT_W_IN_OUT ? j : i];
   free(scale);
   return rc;
 }
 
-int ot_model_load_safetensors(ot_model *m, const char *path) {
+/* Loads the tensors of one file into the model; seen[] marks what was loaded (across shards). */
+static int load_file(ot_model *m, const char *path, char *seen) {
   ot_safetensors *st = NULL;
   int rc = ot_st_open(path, &st);
   if (rc) return rc;
-  char *seen = calloc((size_t)m->n_params, 1);
   float *stage = NULL;
   size_t stage_n = 0;
-  if (!seen) {
-    ot_st_close(st);
-    return ot_error(OT_ERR_NOMEM, "cannot allocate");
-  }
   for (size_t i = 0; i < ot_st_count(st) && rc == OT_OK; i++) {
     const ot_st_tensor *t = ot_st_at(st, i);
     size_t nl = strlen(t->name);
@@ -315,7 +456,8 @@ int ot_model_load_safetensors(ot_model *m, const char *path) {
       continue;
     }
     if (idx == -2) {
-      rc = ot_error(OT_ERR_FORMAT, "%s: unexpected tensor '%s' for a GPT-2 model", path, t->name);
+      rc = ot_error(OT_ERR_FORMAT, "%s: unexpected tensor '%s' for a %s model with this config", path,
+                    t->name, ot_arch_name(m->cfg.arch));
       break;
     }
     ot_param *p = &m->params[idx];
@@ -330,7 +472,7 @@ int ot_model_load_safetensors(ot_model *m, const char *path) {
       break;
     }
     if (seen[idx]) {
-      rc = ot_error(OT_ERR_FORMAT, "%s: tensor '%s' appears twice (with and without prefix)", path, t->name);
+      rc = ot_error(OT_ERR_FORMAT, "%s: tensor '%s' appears twice", path, t->name);
       break;
     }
     seen[idx] = 1;
@@ -344,30 +486,89 @@ int ot_model_load_safetensors(ot_model *m, const char *path) {
       }
     }
     if (t->dtype == OT_DTYPE_I8)
-      rc = read_int8(st, t, path, stage, p);
+      rc = read_int8(m, st, t, path, stage, p);
     else
       rc = ot_st_read_f32(st, t, stage, p->numel);
     if (rc == OT_OK) rc = m->be->ops->upload(m->be, p->data, stage, p->numel * sizeof(float));
   }
-  for (int i = 0; i < m->n_base && rc == OT_OK; i++)
-    if (!seen[i]) rc = ot_error(OT_ERR_NOTFOUND, "%s: tensor '%s' is missing", path, m->params[i].name);
   free(stage);
-  free(seen);
   ot_st_close(st);
   return rc;
 }
 
+static int check_all_seen(const ot_model *m, const char *where, const char *seen) {
+  for (int i = 0; i < m->n_base; i++)
+    if (!seen[i]) return ot_error(OT_ERR_NOTFOUND, "%s: tensor '%s' is missing", where, m->params[i].name);
+  return OT_OK;
+}
+
+int ot_model_load_safetensors(ot_model *m, const char *path) {
+  char *seen = calloc((size_t)m->n_params, 1);
+  if (!seen) return ot_error(OT_ERR_NOMEM, "cannot allocate");
+  int rc = load_file(m, path, seen);
+  if (rc == OT_OK) rc = check_all_seen(m, path, seen);
+  free(seen);
+  return rc;
+}
+
+/* Sharded checkpoints: every file model.safetensors.index.json's weight_map names, once each.
+ * Shard names are plain file names inside dir (no paths). */
+static int load_sharded(ot_model *m, const char *dir, const char *index_path) {
+  char *text = NULL;
+  int rc = ot_file_read_all(index_path, (size_t)64 << 20, &text, NULL);
+  if (rc) return rc;
+  cJSON *j = cJSON_Parse(text);
+  free(text);
+  const cJSON *map = j ? cJSON_GetObjectItemCaseSensitive(j, "weight_map") : NULL;
+  if (!cJSON_IsObject(map)) {
+    cJSON_Delete(j);
+    return ot_error(OT_ERR_FORMAT, "%s: no weight_map object", index_path);
+  }
+  char *seen = calloc((size_t)m->n_params, 1);
+  int n_files = cJSON_GetArraySize(map), n_done = 0;
+  const char **done = calloc((size_t)(n_files ? n_files : 1), sizeof *done);
+  if (!seen || !done) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
+  const cJSON *e;
+  cJSON_ArrayForEach(e, map) {
+    if (rc) break;
+    if (!cJSON_IsString(e) || !e->valuestring[0] || strchr(e->valuestring, '/') || e->valuestring[0] == '.') {
+      rc = ot_error(OT_ERR_FORMAT, "%s: shard of '%.64s' is not a plain file name", index_path, e->string);
+      break;
+    }
+    int dup = 0;
+    for (int i = 0; i < n_done && !dup; i++) dup = strcmp(done[i], e->valuestring) == 0;
+    if (dup) continue;
+    done[n_done++] = e->valuestring;
+    char *path = NULL;
+    rc = ot_path_join(dir, e->valuestring, &path);
+    if (rc == OT_OK) rc = load_file(m, path, seen);
+    free(path);
+  }
+  if (rc == OT_OK) rc = check_all_seen(m, index_path, seen);
+  free(done);
+  free(seen);
+  cJSON_Delete(j);
+  return rc;
+}
+
 int ot_model_load_dir(const char *dir, ot_backend *be, ot_model **out) {
-  char *cfg_path = NULL, *st_path = NULL;
+  char *cfg_path = NULL, *st_path = NULL, *idx_path = NULL;
   ot_model_config cfg;
   ot_model *m = NULL;
   int rc = ot_path_join(dir, "config.json", &cfg_path);
   if (rc == OT_OK) rc = ot_path_join(dir, "model.safetensors", &st_path);
+  if (rc == OT_OK) rc = ot_path_join(dir, "model.safetensors.index.json", &idx_path);
   if (rc == OT_OK) rc = ot_model_config_load(cfg_path, &cfg);
   if (rc == OT_OK) rc = ot_model_create(&cfg, be, &m);
-  if (rc == OT_OK) rc = ot_model_load_safetensors(m, st_path);
+  if (rc == OT_OK) {
+    if (ot_file_exists(st_path) || !ot_file_exists(idx_path))
+      rc = ot_model_load_safetensors(m, st_path);
+    else
+      rc = load_sharded(m, dir, idx_path);
+  }
   free(cfg_path);
   free(st_path);
+  free(idx_path);
   if (rc) {
     ot_model_free(m);
     return rc;
@@ -376,21 +577,32 @@ int ot_model_load_dir(const char *dir, ot_backend *be, ot_model **out) {
   return OT_OK;
 }
 
-/* Symmetric int8 with one scale per output column of a Conv1D weight [in, out]:
- * scale_j = max_i |W_ij| / 127, q_ij = round(W_ij / scale_j). */
-static void quantize_int8(const float *w, int rows, int cols, int8_t *q, float *scale) {
-  for (int j = 0; j < cols; j++) scale[j] = 0.0f;
+/* Symmetric int8 with one scale per output channel: scale = max |W| / 127 over the channel,
+ * q = round(W / scale). */
+static void quantize_int8(const ot_model *m, const float *w, int rows, int cols, int8_t *q, float *scale) {
+  int by_col = m->layout == OT_W_IN_OUT, nc = by_col ? cols : rows;
+  for (int j = 0; j < nc; j++) scale[j] = 0.0f;
   for (int i = 0; i < rows; i++)
     for (int j = 0; j < cols; j++) {
       float a = fabsf(w[(size_t)i * cols + j]) / 127.0f;
-      if (a > scale[j]) scale[j] = a;
+      float *s = &scale[by_col ? j : i];
+      if (a > *s) *s = a;
     }
   for (int i = 0; i < rows; i++)
     for (int j = 0; j < cols; j++) {
-      float v = scale[j] > 0.0f ? w[(size_t)i * cols + j] / scale[j] : 0.0f;
+      float s = scale[by_col ? j : i];
+      float v = s > 0.0f ? w[(size_t)i * cols + j] / s : 0.0f;
       v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
       q[(size_t)i * cols + j] = (int8_t)lrintf(v);
     }
+}
+
+/* Block of parameter i, -1 outside the blocks. */
+static int param_block(const ot_model *m, int i) {
+  for (int l = 0; l < m->cfg.n_layer; l++)
+    for (int r = 0; r < OT_R_COUNT; r++)
+      if (m->bidx[l][r] == i) return l;
+  return -1;
 }
 
 int ot_model_save_dir_int8(const ot_model *m, const char *dir, const unsigned char *int8_blocks) {
@@ -420,16 +632,17 @@ int ot_model_save_dir_int8(const ot_model *m, const char *dir, const unsigned ch
     const ot_param *p = &m->params[i];
     const float *data = src + (p->data - m->param_mem);
     int64_t shape[2] = {p->shape[0], p->shape[1]};
-    int layer = i >= P_BLK0 && i < P_LNF_W(m) ? (i - P_BLK0) / OT_BLK_NPARAM : -1;
-    if (int8_blocks && layer >= 0 && int8_blocks[layer] && p->ndim == 2) {
+    int layer = int8_blocks ? param_block(m, i) : -1;
+    if (layer >= 0 && int8_blocks[layer] && p->ndim == 2) {
+      int nc = out_channels(m, p);
       qs[i] = malloc(p->numel);
-      ss[i] = malloc((size_t)p->shape[1] * sizeof(float));
+      ss[i] = malloc((size_t)nc * sizeof(float));
       if (!qs[i] || !ss[i]) {
         rc = ot_error(OT_ERR_NOMEM, "cannot allocate int8 copy of %s", p->name);
         break;
       }
-      quantize_int8(data, p->shape[0], p->shape[1], qs[i], ss[i]);
-      int64_t sshape[1] = {p->shape[1]};
+      quantize_int8(m, data, p->shape[0], p->shape[1], qs[i], ss[i]);
+      int64_t sshape[1] = {nc};
       snprintf(snames[i], sizeof snames[i], "%s.int8_scale", p->name);
       rc = ot_st_writer_add(w, p->name, OT_DTYPE_I8, 2, shape, qs[i]);
       if (rc == OT_OK) rc = ot_st_writer_add(w, snames[i], OT_DTYPE_F32, 1, sshape, ss[i]);
@@ -463,8 +676,9 @@ typedef struct {
   char *base;
 } carver;
 
-/* Hands out 64-byte aligned slices of one allocation. */
+/* Hands out 64-byte aligned slices of one allocation; zero bytes give NULL. */
 static void *carve(carver *cv, size_t bytes) {
+  if (bytes == 0) return NULL;
   size_t off = (cv->off + 63) & ~(size_t)63;
   cv->off = off + bytes;
   return cv->dry ? NULL : cv->base + off;
@@ -487,65 +701,78 @@ static ot_block_ext ext_need(const ot_model *m, int act_block) {
 }
 
 static void plan_acts(ot_model *m, carver *cv, int B, int T, int training) {
-  size_t N = (size_t)B * T, C = m->cfg.n_embd, V = m->cfg.vocab_size, NH = m->cfg.n_head;
-  size_t F = sizeof(float);
+  size_t N = (size_t)B * T, C = m->cfg.n_embd, V = m->cfg.vocab_size, NH = m->cfg.n_head, F = m->cfg.n_ff;
+  size_t QW = m->QW, KW = m->KW, fl = sizeof(float);
   /* a fused-attention backend keeps less than the B x NH x T x T probabilities */
-  size_t att_n = m->be->ops->attention_state ? m->be->ops->attention_state(m->be, B, T, (int)C, (int)NH)
-                                             : (size_t)B * NH * T * T;
+  size_t att_n = m->gpt2 && m->be->ops->attention_state
+                     ? m->be->ops->attention_state(m->be, B, T, (int)C, (int)NH)
+                     : (size_t)B * NH * T * T;
+  size_t widest_in = C > F ? C : F; /* LoRA dropout scratch holds any site's input */
+  if (QW > widest_in) widest_in = QW;
   ot_block_ext all = {0, 0, 0.0f, 0.0f, 0}; /* maxima over the blocks, for shared scratch */
   for (int l = 0; l < m->n_act_blocks; l++) {
     ot_block_acts *a = &m->blocks[l];
     ot_block_ext e = ext_need(m, l);
-    for (int s = 0; s < OT_LORA_NSITE; s++)
-      a->lora_t[s] = (e.lora_sites >> s) & 1 ? carve(cv, N * (size_t)e.lora_r * F) : NULL;
+    for (int s = 0; s < OT_SITE_COUNT; s++)
+      a->lora_t[s] = (e.lora_sites >> s) & 1 ? carve(cv, N * (size_t)e.lora_r * fl) : NULL;
     for (int s = 0; s < 2; s++) {
-      a->bn_in[s] = e.bottleneck ? carve(cv, N * C * F) : NULL;
-      a->bn_z[s] = e.bottleneck ? carve(cv, N * (size_t)e.bottleneck * F) : NULL;
-      a->bn_g[s] = e.bottleneck ? carve(cv, N * (size_t)e.bottleneck * F) : NULL;
+      a->bn_in[s] = e.bottleneck ? carve(cv, N * C * fl) : NULL;
+      a->bn_z[s] = e.bottleneck ? carve(cv, N * (size_t)e.bottleneck * fl) : NULL;
+      a->bn_g[s] = e.bottleneck ? carve(cv, N * (size_t)e.bottleneck * fl) : NULL;
     }
     if (e.lora_r > all.lora_r) all.lora_r = e.lora_r;
     if (e.lora_dropout > all.lora_dropout) all.lora_dropout = e.lora_dropout;
     if (e.bottleneck > all.bottleneck) all.bottleneck = e.bottleneck;
-    a->ln1 = carve(cv, N * C * F);
-    a->ln1_mean = carve(cv, N * F);
-    a->ln1_rstd = carve(cv, N * F);
-    a->qkv = carve(cv, N * 3 * C * F);
-    a->atty = carve(cv, N * C * F);
-    a->att = carve(cv, att_n * F);
-    a->residual2 = carve(cv, N * C * F);
-    a->ln2 = carve(cv, N * C * F);
-    a->ln2_mean = carve(cv, N * F);
-    a->ln2_rstd = carve(cv, N * F);
-    a->fch = carve(cv, N * 4 * C * F);
-    a->fch_gelu = carve(cv, N * 4 * C * F);
-    a->residual3 = carve(cv, N * C * F);
+    a->ln1 = carve(cv, N * C * fl);
+    a->ln1_mean = m->gpt2 ? carve(cv, N * fl) : NULL;
+    a->ln1_rstd = carve(cv, N * fl);
+    a->qkv = m->gpt2 ? carve(cv, N * 3 * C * fl) : NULL;
+    a->q = m->gpt2 ? NULL : carve(cv, N * QW * fl);
+    a->k = m->gpt2 ? NULL : carve(cv, N * KW * fl);
+    a->v = m->gpt2 ? NULL : carve(cv, N * KW * fl);
+    a->atty = carve(cv, N * QW * fl);
+    a->att = carve(cv, att_n * fl);
+    a->residual2 = carve(cv, N * C * fl);
+    a->ln2 = carve(cv, N * C * fl);
+    a->ln2_mean = m->gpt2 ? carve(cv, N * fl) : NULL;
+    a->ln2_rstd = carve(cv, N * fl);
+    a->gate = m->gpt2 ? NULL : carve(cv, N * F * fl);
+    a->up = carve(cv, N * F * fl);
+    a->act = carve(cv, N * F * fl);
+    a->residual3 = carve(cv, N * C * fl);
   }
-  m->encoded = carve(cv, N * C * F);
-  m->proj = carve(cv, N * C * F);
-  m->lnf = carve(cv, N * C * F);
-  m->lnf_mean = carve(cv, N * F);
-  m->lnf_rstd = carve(cv, N * F);
-  m->lnf_last = carve(cv, (size_t)B * C * F);
-  m->logits = carve(cv, N * V * F);
-  m->losses = carve(cv, N * F);
+  m->encoded = carve(cv, N * C * fl);
+  m->proj = carve(cv, N * C * fl);
+  m->lnf = carve(cv, N * C * fl);
+  m->lnf_mean = m->gpt2 ? carve(cv, N * fl) : NULL;
+  m->lnf_rstd = carve(cv, N * fl);
+  m->lnf_last = carve(cv, (size_t)B * C * fl);
+  m->logits = carve(cv, N * V * fl);
+  m->losses = carve(cv, N * fl);
   m->tokens = carve(cv, N * sizeof(int32_t));
   m->targets = carve(cv, N * sizeof(int32_t));
-  m->lora_xd = training && all.lora_dropout > 0.0f ? carve(cv, N * 4 * C * F) : NULL;
-  m->lora_dt = training && all.lora_r ? carve(cv, N * (size_t)all.lora_r * F) : NULL;
-  m->bn_up = all.bottleneck ? carve(cv, N * C * F) : NULL;
-  m->bn_dh = training && all.bottleneck ? carve(cv, N * C * F) : NULL;
-  m->bn_dg = training && all.bottleneck ? carve(cv, N * (size_t)all.bottleneck * F) : NULL;
-  m->bn_dz = training && all.bottleneck ? carve(cv, N * (size_t)all.bottleneck * F) : NULL;
+  m->pos = m->gpt2 ? NULL : carve(cv, N * sizeof(int32_t));
+  m->lora_xd = training && all.lora_dropout > 0.0f ? carve(cv, N * widest_in * fl) : NULL;
+  m->lora_dt = training && all.lora_r ? carve(cv, N * (size_t)all.lora_r * fl) : NULL;
+  m->bn_up = all.bottleneck ? carve(cv, N * C * fl) : NULL;
+  m->bn_dh = training && all.bottleneck ? carve(cv, N * C * fl) : NULL;
+  m->bn_dg = training && all.bottleneck ? carve(cv, N * (size_t)all.bottleneck * fl) : NULL;
+  m->bn_dz = training && all.bottleneck ? carve(cv, N * (size_t)all.bottleneck * fl) : NULL;
+  m->dresidual = m->dln = m->dln2 = m->datty = m->dqkv = m->dq = m->dk = m->dv = m->datt = NULL;
+  m->dgate = m->dup = m->dact = NULL;
   if (training) {
-    m->dresidual = carve(cv, N * C * F);
-    m->dln = carve(cv, N * C * F);
-    m->datty = carve(cv, N * C * F);
-    m->dqkv = carve(cv, N * 3 * C * F);
-    m->datt = carve(cv, att_n * F);
-    m->dfch = carve(cv, N * 4 * C * F);
-    m->dfch_gelu = carve(cv, N * 4 * C * F);
-  } else {
-    m->dresidual = m->dln = m->datty = m->dqkv = m->datt = m->dfch = m->dfch_gelu = NULL;
+    m->dresidual = carve(cv, N * C * fl);
+    m->dln = carve(cv, N * C * fl);
+    m->dln2 = m->gpt2 ? NULL : carve(cv, N * C * fl);
+    m->datty = carve(cv, N * QW * fl);
+    m->dqkv = m->gpt2 ? carve(cv, N * 3 * C * fl) : NULL;
+    m->dq = m->gpt2 ? NULL : carve(cv, N * QW * fl);
+    m->dk = m->gpt2 ? NULL : carve(cv, N * KW * fl);
+    m->dv = m->gpt2 ? NULL : carve(cv, N * KW * fl);
+    m->datt = carve(cv, att_n * fl);
+    m->dgate = m->gpt2 ? NULL : carve(cv, N * F * fl);
+    m->dup = carve(cv, N * F * fl);
+    m->dact = carve(cv, N * F * fl);
   }
 }
 
@@ -561,7 +788,8 @@ int ot_model_prepare(ot_model *m, int B, int T, int training) {
   m->blocks = calloc((size_t)m->n_act_blocks, sizeof *m->blocks);
   m->host_losses = malloc((size_t)B * T * sizeof(float));
   m->host_targets = malloc((size_t)B * T * sizeof(int32_t));
-  if (!m->blocks || !m->host_losses || !m->host_targets) {
+  m->host_pos = malloc((size_t)B * T * sizeof(int32_t));
+  if (!m->blocks || !m->host_losses || !m->host_targets || !m->host_pos) {
     free_acts(m);
     return ot_error(OT_ERR_NOMEM, "cannot allocate activation tables");
   }
@@ -608,43 +836,67 @@ int ot_model_zero_grad(ot_model *m) {
 
 /* ---- forward / backward ---------------------------------------------------------- */
 
-#define BP(m, l, k) ((m)->params[P_BLK0 + (l)*OT_BLK_NPARAM + (k)].data)
-#define BG(m, l, k) ((m)->params[P_BLK0 + (l)*OT_BLK_NPARAM + (k)].grad)
+/* Data and gradient of block l's role r; NULL where the architecture has none. */
+static float *BP(const ot_model *m, int l, int r) {
+  int i = m->bidx[l][r];
+  return i >= 0 ? m->params[i].data : NULL;
+}
+static float *BG(const ot_model *m, int l, int r) {
+  int i = m->bidx[l][r];
+  return i >= 0 ? m->params[i].grad : NULL;
+}
 #define XP(m, i) ((m)->params[i].data)
 #define XG(m, i) ((m)->params[i].grad)
+#define GP(m, g) ((m)->gidx[g] >= 0 ? (m)->params[(m)->gidx[g]].data : NULL)
+#define GG(m, g) ((m)->gidx[g] >= 0 ? (m)->params[(m)->gidx[g]].grad : NULL)
 
 static int has_lora(const ot_model *m, int l, int s) { return m->ext && ((m->ext[l].lora_sites >> s) & 1); }
 static int has_bn(const ot_model *m, int l) { return m->ext && m->ext[l].bottleneck > 0; }
 
-/* In/out widths of LoRA site s. */
-static void site_dims(const ot_model *m, int s, int *in, int *out) {
-  int C = m->cfg.n_embd;
-  const int d[OT_LORA_NSITE][2] = {{C, 3 * C}, {C, C}, {C, 4 * C}, {4 * C, C}};
-  *in = d[s][0];
-  *out = d[s][1];
-}
-
 static float lora_p(const ot_model *m, int l) { return m->last_dropout ? m->ext[l].lora_dropout : 0.0f; }
+/* GPT-2's sites 0-3 keep the dropout seeds they had before the model layer */
 static uint64_t lora_seed(const ot_model *m, int l, int s) {
-  return ot_dropout_seed(m->drop_seed, m->step, (uint64_t)l * OT_LORA_NSITE + (uint64_t)s);
+  return ot_dropout_seed(m->drop_seed, m->step, (uint64_t)l * (m->gpt2 ? 4 : OT_SITE_COUNT) + (uint64_t)s);
 }
 
-/* out += LoRA branch of site s (no-op without LoRA there). */
-static void lora_site_fwd(ot_model *m, int l, ot_block_acts *a, int s, float *out, const float *x, int N) {
+/* Norm of the architecture: LayerNorm (w, b, mean saved) or RMSNorm (w). */
+static void norm_fwd(ot_model *m, float *out, float *mean, float *rstd, const float *in, const float *w,
+                     const float *b, int N) {
+  if (m->gpt2)
+    m->be->ops->layernorm_fwd(m->be, out, mean, rstd, in, w, b, N, m->cfg.n_embd, m->cfg.layer_norm_epsilon);
+  else
+    m->be->ops->rmsnorm_fwd(m->be, out, rstd, in, w, N, m->cfg.n_embd, m->cfg.layer_norm_epsilon);
+}
+
+static void norm_bwd(ot_model *m, float *dinp, float *dw, float *db, const float *dout, const float *in,
+                     const float *w, const float *mean, const float *rstd, int N) {
+  if (m->gpt2)
+    m->be->ops->layernorm_bwd(m->be, dinp, dw, db, dout, in, w, mean, rstd, N, m->cfg.n_embd);
+  else
+    m->be->ops->rmsnorm_bwd(m->be, dinp, dw, dout, in, w, rstd, N, m->cfg.n_embd);
+}
+
+/* out = x W + b at site s of block l, plus its LoRA branch (saving t for backward). */
+static void lin_fwd(ot_model *m, int l, ot_block_acts *a, int s, float *out, const float *x, int N) {
+  int in, outw, br = ot_site_bias_role(s);
+  ot_model_site_dims(m, s, &in, &outw);
+  m->be->ops->matmul_fwd(m->be, out, x, BP(m, l, ot_site_weight_role(s)), br >= 0 ? BP(m, l, br) : NULL, N,
+                         in, outw, m->layout);
   if (!has_lora(m, l, s)) return;
-  int in, outw;
-  site_dims(m, s, &in, &outw);
   const ot_block_ext *e = &m->ext[l];
   m->be->ops->lora_fwd(m->be, out, a->lora_t[s], m->lora_xd, x, XP(m, m->eidx[l].lora[s][0]),
                        XP(m, m->eidx[l].lora[s][1]), N, in, outw, e->lora_r, e->lora_alpha / (float)e->lora_r,
                        lora_p(m, l), lora_seed(m, l, s));
 }
 
-static void lora_site_bwd(ot_model *m, int l, ot_block_acts *a, int s, float *dx, const float *dout,
-                          const float *x, int N) {
+/* dx = dout W^T (overwrite) plus the LoRA branch; dW, db, dA, dB accumulate. */
+static void lin_bwd(ot_model *m, int l, ot_block_acts *a, int s, float *dx, const float *dout, const float *x,
+                    int N) {
+  int in, outw, wr = ot_site_weight_role(s), br = ot_site_bias_role(s);
+  ot_model_site_dims(m, s, &in, &outw);
+  m->be->ops->matmul_bwd(m->be, dx, BG(m, l, wr), br >= 0 ? BG(m, l, br) : NULL, dout, x, BP(m, l, wr), N, in,
+                         outw, m->layout);
   if (!has_lora(m, l, s)) return;
-  int in, outw;
-  site_dims(m, s, &in, &outw);
   const ot_block_ext *e = &m->ext[l];
   int ia = m->eidx[l].lora[s][0], ib = m->eidx[l].lora[s][1];
   m->be->ops->lora_bwd(m->be, dx, XG(m, ia), XG(m, ib), m->lora_dt, m->lora_xd, dout, x, a->lora_t[s],
@@ -677,8 +929,91 @@ static const float *bn_bwd(ot_model *m, int l, ot_block_acts *a, int k, const fl
   return m->bn_dh;
 }
 
-/* Embeddings, blocks 0..n_blocks-1 and, when all blocks ran, the final LayerNorm into
- * m->lnf. */
+/* One block: residual -> a->residual3. Attention is causal over each of the B rows of T. */
+static void block_fwd(ot_model *m, int l, ot_block_acts *a, const float *residual, int B, int T) {
+  const ot_backend_ops *o = m->be->ops;
+  ot_backend *be = m->be;
+  int C = m->cfg.n_embd, NH = m->cfg.n_head, N = B * T, bn = has_bn(m, l);
+  norm_fwd(m, a->ln1, a->ln1_mean, a->ln1_rstd, residual, BP(m, l, OT_R_ATTN_NORM),
+           BP(m, l, OT_R_ATTN_NORM_B), N);
+  if (m->gpt2) {
+    lin_fwd(m, l, a, OT_SITE_QKV, a->qkv, a->ln1, N);
+    o->attention_fwd(be, a->atty, a->att, a->qkv, B, T, C, NH);
+  } else {
+    int D = m->cfg.head_dim, NKV = m->cfg.n_kv_head;
+    lin_fwd(m, l, a, OT_SITE_Q, a->q, a->ln1, N);
+    lin_fwd(m, l, a, OT_SITE_K, a->k, a->ln1, N);
+    lin_fwd(m, l, a, OT_SITE_V, a->v, a->ln1, N);
+    o->rope(be, a->q, m->pos, m->inv_freq, N, NH, D, 0);
+    o->rope(be, a->k, m->pos, m->inv_freq, N, NKV, D, 0);
+    o->gqa_fwd(be, a->atty, a->att, a->q, a->k, a->v, B, T, NH, NKV, D);
+  }
+  float *h = bn ? a->bn_in[0] : m->proj;
+  lin_fwd(m, l, a, OT_SITE_O, h, a->atty, N);
+  if (bn) bn_fwd(m, l, a, 0, N);
+  o->add(be, a->residual2, residual, m->proj, (size_t)N * C);
+  norm_fwd(m, a->ln2, a->ln2_mean, a->ln2_rstd, a->residual2, BP(m, l, OT_R_FFN_NORM),
+           BP(m, l, OT_R_FFN_NORM_B), N);
+  size_t NF = (size_t)N * m->cfg.n_ff;
+  if (m->gpt2) {
+    lin_fwd(m, l, a, OT_SITE_UP, a->up, a->ln2, N);
+    o->gelu_fwd(be, a->act, a->up, NF);
+  } else {
+    lin_fwd(m, l, a, OT_SITE_GATE, a->gate, a->ln2, N);
+    lin_fwd(m, l, a, OT_SITE_UP, a->up, a->ln2, N);
+    o->swiglu_fwd(be, a->act, a->gate, a->up, NF);
+  }
+  h = bn ? a->bn_in[1] : m->proj;
+  lin_fwd(m, l, a, OT_SITE_DOWN, h, a->act, N);
+  if (bn) bn_fwd(m, l, a, 1, N);
+  o->add(be, a->residual3, a->residual2, m->proj, (size_t)N * C);
+}
+
+/* Backward of block l: m->dresidual holds dL/d(residual3) and becomes dL/d(residual) when
+ * input_grad (else only the block's parameter gradients are made). */
+static void block_bwd(ot_model *m, int l, ot_block_acts *a, const float *residual, int B, int T,
+                      int input_grad) {
+  const ot_backend_ops *o = m->be->ops;
+  ot_backend *be = m->be;
+  int C = m->cfg.n_embd, NH = m->cfg.n_head, N = B * T, bn = has_bn(m, l);
+  size_t NF = (size_t)N * m->cfg.n_ff;
+  /* residual3 = residual2 + down(...): dresidual flows to both */
+  const float *dh = bn ? bn_bwd(m, l, a, 1, m->dresidual, N) : m->dresidual;
+  lin_bwd(m, l, a, OT_SITE_DOWN, m->dact, dh, a->act, N);
+  if (m->gpt2) {
+    o->gelu_bwd(be, m->dup, a->up, m->dact, NF);
+    lin_bwd(m, l, a, OT_SITE_UP, m->dln, m->dup, a->ln2, N);
+  } else {
+    o->swiglu_bwd(be, m->dgate, m->dup, m->dact, a->gate, a->up, NF);
+    lin_bwd(m, l, a, OT_SITE_GATE, m->dln, m->dgate, a->ln2, N);
+    lin_bwd(m, l, a, OT_SITE_UP, m->dln2, m->dup, a->ln2, N);
+    o->add(be, m->dln, m->dln, m->dln2, (size_t)N * C);
+  }
+  norm_bwd(m, m->dresidual, BG(m, l, OT_R_FFN_NORM), BG(m, l, OT_R_FFN_NORM_B), m->dln, a->residual2,
+           BP(m, l, OT_R_FFN_NORM), a->ln2_mean, a->ln2_rstd, N);
+  /* residual2 = residual + o(...) */
+  dh = bn ? bn_bwd(m, l, a, 0, m->dresidual, N) : m->dresidual;
+  lin_bwd(m, l, a, OT_SITE_O, m->datty, dh, a->atty, N);
+  if (m->gpt2) {
+    o->attention_bwd(be, m->dqkv, m->datt, m->datty, a->qkv, a->att, B, T, C, NH);
+    lin_bwd(m, l, a, OT_SITE_QKV, m->dln, m->dqkv, a->ln1, N);
+  } else {
+    int D = m->cfg.head_dim, NKV = m->cfg.n_kv_head;
+    o->gqa_bwd(be, m->dq, m->dk, m->dv, m->datt, m->datty, a->q, a->k, a->v, a->att, B, T, NH, NKV, D);
+    /* the rotation is orthogonal: its backward turns the gradient back */
+    o->rope(be, m->dq, m->pos, m->inv_freq, N, NH, D, 1);
+    o->rope(be, m->dk, m->pos, m->inv_freq, N, NKV, D, 1);
+    lin_bwd(m, l, a, OT_SITE_Q, m->dln, m->dq, a->ln1, N);
+    lin_bwd(m, l, a, OT_SITE_K, m->dln2, m->dk, a->ln1, N);
+    o->add(be, m->dln, m->dln, m->dln2, (size_t)N * C);
+    lin_bwd(m, l, a, OT_SITE_V, m->dln2, m->dv, a->ln1, N);
+    o->add(be, m->dln, m->dln, m->dln2, (size_t)N * C);
+  }
+  norm_bwd(m, input_grad ? m->dresidual : NULL, BG(m, l, OT_R_ATTN_NORM), BG(m, l, OT_R_ATTN_NORM_B), m->dln,
+           residual, BP(m, l, OT_R_ATTN_NORM), a->ln1_mean, a->ln1_rstd, N);
+}
+
+/* Embeddings, blocks 0..n_blocks-1 and, when all blocks ran, the final norm into m->lnf. */
 static int forward_trunk(ot_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
                          int n_blocks) {
   if (!m->act_mem) return ot_error(OT_ERR_INVALID, "forward before ot_model_prepare");
@@ -686,7 +1021,7 @@ static int forward_trunk(ot_model *m, const int32_t *inputs, const int32_t *targ
     return ot_error(OT_ERR_RANGE, "batch %d x %d exceeds the prepared %d x %d", B, T, m->maxB, m->maxT);
   const ot_backend_ops *o = m->be->ops;
   ot_backend *be = m->be;
-  int C = m->cfg.n_embd, NH = m->cfg.n_head, V = m->cfg.vocab_size, L = m->cfg.n_layer;
+  int C = m->cfg.n_embd, V = m->cfg.vocab_size, L = m->cfg.n_layer;
   int N = B * T;
   for (int i = 0; i < N; i++) {
     if (inputs[i] < 0 || inputs[i] >= V)
@@ -703,45 +1038,26 @@ static int forward_trunk(ot_model *m, const int32_t *inputs, const int32_t *targ
     if (rc) return rc;
     memcpy(m->host_targets, targets, (size_t)N * sizeof(int32_t));
   }
+  if (m->pos) {
+    for (int i = 0; i < N; i++) m->host_pos[i] = i % T;
+    rc = o->upload(be, m->pos, m->host_pos, (size_t)N * sizeof(int32_t));
+    if (rc) return rc;
+  }
 
   /* dropout only in training forwards with targets; backward reuses this decision */
   m->last_dropout = m->training && m->dropout_on && targets != NULL;
-  o->encoder_fwd(be, m->encoded, m->tokens, m->params[P_WTE].data, m->params[P_WPE].data, B, T, C);
+  o->encoder_fwd(be, m->encoded, m->tokens, GP(m, OT_G_TOK), GP(m, OT_G_POS), B, T, C);
   float *residual = m->encoded;
   for (int l = 0; l < n_blocks; l++) {
     ot_block_acts *a = &m->blocks[m->training ? l : 0];
-    int bn = has_bn(m, l);
-    o->layernorm_fwd(be, a->ln1, a->ln1_mean, a->ln1_rstd, residual, BP(m, l, OT_BLK_LN1_W),
-                     BP(m, l, OT_BLK_LN1_B), N, C, m->cfg.layer_norm_epsilon);
-    o->matmul_fwd(be, a->qkv, a->ln1, BP(m, l, OT_BLK_QKV_W), BP(m, l, OT_BLK_QKV_B), N, C, 3 * C,
-                  OT_W_IN_OUT);
-    lora_site_fwd(m, l, a, OT_LORA_QKV, a->qkv, a->ln1, N);
-    o->attention_fwd(be, a->atty, a->att, a->qkv, B, T, C, NH);
-    float *h = bn ? a->bn_in[0] : m->proj;
-    o->matmul_fwd(be, h, a->atty, BP(m, l, OT_BLK_ATTPROJ_W), BP(m, l, OT_BLK_ATTPROJ_B), N, C, C,
-                  OT_W_IN_OUT);
-    lora_site_fwd(m, l, a, OT_LORA_ATTPROJ, h, a->atty, N);
-    if (bn) bn_fwd(m, l, a, 0, N);
-    o->add(be, a->residual2, residual, m->proj, (size_t)N * C);
-    o->layernorm_fwd(be, a->ln2, a->ln2_mean, a->ln2_rstd, a->residual2, BP(m, l, OT_BLK_LN2_W),
-                     BP(m, l, OT_BLK_LN2_B), N, C, m->cfg.layer_norm_epsilon);
-    o->matmul_fwd(be, a->fch, a->ln2, BP(m, l, OT_BLK_FC_W), BP(m, l, OT_BLK_FC_B), N, C, 4 * C, OT_W_IN_OUT);
-    lora_site_fwd(m, l, a, OT_LORA_FC, a->fch, a->ln2, N);
-    o->gelu_fwd(be, a->fch_gelu, a->fch, (size_t)N * 4 * C);
-    h = bn ? a->bn_in[1] : m->proj;
-    o->matmul_fwd(be, h, a->fch_gelu, BP(m, l, OT_BLK_FCPROJ_W), BP(m, l, OT_BLK_FCPROJ_B), N, 4 * C, C,
-                  OT_W_IN_OUT);
-    lora_site_fwd(m, l, a, OT_LORA_FCPROJ, h, a->fch_gelu, N);
-    if (bn) bn_fwd(m, l, a, 1, N);
-    o->add(be, a->residual3, a->residual2, m->proj, (size_t)N * C);
+    block_fwd(m, l, a, residual, B, T);
     residual = a->residual3;
   }
   if (n_blocks < L) {
     m->last_B = 0; /* a partial forward leaves nothing for backward or last_logits */
     return OT_OK;
   }
-  o->layernorm_fwd(be, m->lnf, m->lnf_mean, m->lnf_rstd, residual, m->params[P_LNF_W(m)].data,
-                   m->params[P_LNF_B(m)].data, N, C, m->cfg.layer_norm_epsilon);
+  norm_fwd(m, m->lnf, m->lnf_mean, m->lnf_rstd, residual, GP(m, OT_G_NORM), GP(m, OT_G_NORM_B), N);
   m->last_B = B;
   m->last_T = T;
   m->last_has_targets = targets != NULL;
@@ -754,15 +1070,16 @@ int ot_model_forward(ot_model *m, const int32_t *inputs, const int32_t *targets,
   const ot_backend_ops *o = m->be->ops;
   ot_backend *be = m->be;
   int C = m->cfg.n_embd, V = m->cfg.vocab_size, N = B * T;
+  const float *head = GP(m, OT_G_HEAD);
   if (!targets) {
     /* Generation needs only the last position of each row: B x V logits, not N x V. */
     for (int b = 0; b < B; b++)
       o->copy(be, m->lnf_last + (size_t)b * C, m->lnf + ((size_t)b * T + T - 1) * C,
               (size_t)C * sizeof(float));
-    o->matmul_fwd(be, m->logits, m->lnf_last, m->params[P_WTE].data, NULL, B, C, V, OT_W_OUT_IN);
+    o->matmul_fwd(be, m->logits, m->lnf_last, head, NULL, B, C, V, OT_W_OUT_IN);
     return o->sync(be);
   }
-  o->matmul_fwd(be, m->logits, m->lnf, m->params[P_WTE].data, NULL, N, C, V, OT_W_OUT_IN);
+  o->matmul_fwd(be, m->logits, m->lnf, head, NULL, N, C, V, OT_W_OUT_IN);
   o->crossentropy_fwd(be, m->losses, m->logits, m->logits, m->targets, N, V);
   rc = o->download(be, m->host_losses, m->losses, (size_t)N * sizeof(float));
   if (rc) return rc;
@@ -784,7 +1101,7 @@ int ot_model_forward_logits(ot_model *m, const int32_t *inputs, int B, int T, fl
   if (rc) return rc;
   int C = m->cfg.n_embd, V = m->cfg.vocab_size, N = B * T;
   m->last_B = 0; /* the logits buffer no longer holds last-position logits */
-  m->be->ops->matmul_fwd(m->be, m->logits, m->lnf, m->params[P_WTE].data, NULL, N, C, V, OT_W_OUT_IN);
+  m->be->ops->matmul_fwd(m->be, m->logits, m->lnf, GP(m, OT_G_HEAD), NULL, N, C, V, OT_W_OUT_IN);
   return m->be->ops->download(m->be, logits_out, m->logits, (size_t)N * V * sizeof(float));
 }
 
@@ -803,6 +1120,19 @@ int ot_model_last_logits(ot_model *m, int b, float *logits_out) {
   return m->be->ops->download(m->be, logits_out, m->logits + (size_t)b * V, V * sizeof(float));
 }
 
+/* Does block l have a trainable tensor (its own or an extension's)? */
+static int block_trainable(const ot_model *m, int l) {
+  for (int r = 0; r < OT_R_COUNT; r++) {
+    int i = m->bidx[l][r];
+    if (i >= 0 && m->params[i].trainable) return 1;
+  }
+  if (!m->ext) return 0;
+  const int *ix = &m->eidx[l].lora[0][0];
+  for (int k = 0; k < (int)(sizeof(ot_ext_idx) / sizeof(int)); k++)
+    if (ix[k] >= 0 && m->params[ix[k]].trainable) return 1;
+  return 0;
+}
+
 int ot_model_backward(ot_model *m) {
   if (!m->training) return ot_error(OT_ERR_INVALID, "backward on a model not prepared for training");
   if (!m->last_B || !m->last_has_targets)
@@ -813,73 +1143,35 @@ int ot_model_backward(ot_model *m) {
   }
   const ot_backend_ops *o = m->be->ops;
   ot_backend *be = m->be;
-  int B = m->last_B, T = m->last_T, C = m->cfg.n_embd, NH = m->cfg.n_head, V = m->cfg.vocab_size,
-      L = m->cfg.n_layer;
+  int B = m->last_B, T = m->last_T, C = m->cfg.n_embd, V = m->cfg.vocab_size, L = m->cfg.n_layer;
   int N = B * T;
 
   /* Lowest layer whose parameters (or anything below) need gradients. */
-  int emb_trainable = m->params[P_WTE].trainable || m->params[P_WPE].trainable;
+  int tok = m->gidx[OT_G_TOK], pos = m->gidx[OT_G_POS], head = m->gidx[OT_G_HEAD];
+  int emb_trainable = m->params[tok].trainable || (pos >= 0 && m->params[pos].trainable);
   int stop = L;
   for (int l = 0; l < L && stop == L; l++)
-    for (int k = 0; k < OT_BLK_NPARAM; k++)
-      if (m->params[P_BLK0 + l * OT_BLK_NPARAM + k].trainable) {
-        stop = l;
-        break;
-      }
-  for (int l = 0; m->ext && l < stop; l++) { /* extensions count as their block's parameters */
-    const int *ix = &m->eidx[l].lora[0][0];
-    for (int k = 0; k < (int)(sizeof(ot_ext_idx) / sizeof(int)); k++)
-      if (ix[k] >= 0 && m->params[ix[k]].trainable) {
-        stop = l;
-        break;
-      }
-  }
+    if (block_trainable(m, l)) stop = l;
   if (emb_trainable) stop = 0;
-  int need_input_grad = emb_trainable; /* gradient into the embedding output */
-  int lnf_trainable = m->params[P_LNF_W(m)].trainable || m->params[P_LNF_B(m)].trainable;
-  if (stop == L && !lnf_trainable && !m->params[P_WTE].trainable) { /* all frozen */
+  int nb = m->gidx[OT_G_NORM_B];
+  int lnf_trainable = m->params[m->gidx[OT_G_NORM]].trainable || (nb >= 0 && m->params[nb].trainable);
+  if (stop == L && !lnf_trainable && !m->params[head].trainable) { /* all frozen */
     ot_model_clear_block_grads(m);
     return OT_OK;
   }
 
   o->crossentropy_bwd(be, m->logits, m->logits, m->targets, 1.0f / (float)m->last_count, N, V);
-  o->matmul_bwd(be, m->dln, m->params[P_WTE].grad, NULL, m->logits, m->lnf, m->params[P_WTE].data, N, C, V,
+  o->matmul_bwd(be, m->dln, m->params[head].grad, NULL, m->logits, m->lnf, m->params[head].data, N, C, V,
                 OT_W_OUT_IN);
   o->zero(be, m->dresidual, (size_t)N * C * sizeof(float));
-  float *res_top = m->blocks[L - 1].residual3;
-  o->layernorm_bwd(be, stop < L ? m->dresidual : NULL, m->params[P_LNF_W(m)].grad, m->params[P_LNF_B(m)].grad,
-                   m->dln, res_top, m->params[P_LNF_W(m)].data, m->lnf_mean, m->lnf_rstd, N, C);
+  norm_bwd(m, stop < L ? m->dresidual : NULL, GG(m, OT_G_NORM), GG(m, OT_G_NORM_B), m->dln,
+           m->blocks[L - 1].residual3, GP(m, OT_G_NORM), m->lnf_mean, m->lnf_rstd, N);
   for (int l = L - 1; l >= stop; l--) {
-    ot_block_acts *a = &m->blocks[l];
-    float *residual = l == 0 ? m->encoded : m->blocks[l - 1].residual3;
     if (m->extra_grad[l]) o->add(be, m->dresidual, m->dresidual, m->extra_grad[l], (size_t)N * C);
-    int input_grad = l > stop || need_input_grad;
-    int bn = has_bn(m, l);
-    /* residual3 = residual2 + fcproj: dresidual flows to both */
-    const float *dh = bn ? bn_bwd(m, l, a, 1, m->dresidual, N) : m->dresidual;
-    o->matmul_bwd(be, m->dfch_gelu, BG(m, l, OT_BLK_FCPROJ_W), BG(m, l, OT_BLK_FCPROJ_B), dh, a->fch_gelu,
-                  BP(m, l, OT_BLK_FCPROJ_W), N, 4 * C, C, OT_W_IN_OUT);
-    lora_site_bwd(m, l, a, OT_LORA_FCPROJ, m->dfch_gelu, dh, a->fch_gelu, N);
-    o->gelu_bwd(be, m->dfch, a->fch, m->dfch_gelu, (size_t)N * 4 * C);
-    o->matmul_bwd(be, m->dln, BG(m, l, OT_BLK_FC_W), BG(m, l, OT_BLK_FC_B), m->dfch, a->ln2,
-                  BP(m, l, OT_BLK_FC_W), N, C, 4 * C, OT_W_IN_OUT);
-    lora_site_bwd(m, l, a, OT_LORA_FC, m->dln, m->dfch, a->ln2, N);
-    o->layernorm_bwd(be, m->dresidual, BG(m, l, OT_BLK_LN2_W), BG(m, l, OT_BLK_LN2_B), m->dln, a->residual2,
-                     BP(m, l, OT_BLK_LN2_W), a->ln2_mean, a->ln2_rstd, N, C);
-    /* residual2 = residual + attproj */
-    dh = bn ? bn_bwd(m, l, a, 0, m->dresidual, N) : m->dresidual;
-    o->matmul_bwd(be, m->datty, BG(m, l, OT_BLK_ATTPROJ_W), BG(m, l, OT_BLK_ATTPROJ_B), dh, a->atty,
-                  BP(m, l, OT_BLK_ATTPROJ_W), N, C, C, OT_W_IN_OUT);
-    lora_site_bwd(m, l, a, OT_LORA_ATTPROJ, m->datty, dh, a->atty, N);
-    o->attention_bwd(be, m->dqkv, m->datt, m->datty, a->qkv, a->att, B, T, C, NH);
-    o->matmul_bwd(be, m->dln, BG(m, l, OT_BLK_QKV_W), BG(m, l, OT_BLK_QKV_B), m->dqkv, a->ln1,
-                  BP(m, l, OT_BLK_QKV_W), N, C, 3 * C, OT_W_IN_OUT);
-    lora_site_bwd(m, l, a, OT_LORA_QKV, m->dln, m->dqkv, a->ln1, N);
-    o->layernorm_bwd(be, input_grad ? m->dresidual : NULL, BG(m, l, OT_BLK_LN1_W), BG(m, l, OT_BLK_LN1_B),
-                     m->dln, residual, BP(m, l, OT_BLK_LN1_W), a->ln1_mean, a->ln1_rstd, N, C);
+    block_bwd(m, l, &m->blocks[l], l == 0 ? m->encoded : m->blocks[l - 1].residual3, B, T,
+              l > stop || emb_trainable);
   }
-  if (need_input_grad)
-    o->encoder_bwd(be, m->params[P_WTE].grad, m->params[P_WPE].grad, m->dresidual, m->tokens, B, T, C);
+  if (emb_trainable) o->encoder_bwd(be, GG(m, OT_G_TOK), GG(m, OT_G_POS), m->dresidual, m->tokens, B, T, C);
   ot_model_clear_block_grads(m);
   return o->sync(be);
 }
@@ -917,7 +1209,6 @@ void ot_model_clear_block_grads(ot_model *m) {
 
 /* ---- extensions ------------------------------------------------------------------ */
 
-const char *const ot_lora_modules[OT_LORA_NSITE] = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"};
 static const char *bn_names[2] = {"adapter_attn", "adapter_mlp"};
 static const char *bn_parts[4] = {"down.weight", "down.bias", "up.weight", "up.bias"};
 
@@ -932,9 +1223,17 @@ void ot_model_set_step(ot_model *m, uint64_t step) { m->step = step; }
 void ot_model_set_dropout(ot_model *m, int on) { m->dropout_on = on; }
 
 static int ext_check(const ot_model *m, const ot_block_ext *ext) {
+  unsigned sites = ot_arch_sites(m->cfg.arch);
   for (int l = 0; l < m->cfg.n_layer; l++) {
     const ot_block_ext *e = &ext[l];
-    if (e->lora_sites >> OT_LORA_NSITE) return ot_error(OT_ERR_INVALID, "block %d: unknown LoRA sites", l);
+    if (e->lora_sites & ~sites) {
+      int s = __builtin_ctz(e->lora_sites & ~sites);
+      const char *name = ot_arch_get(OT_ARCH_GPT2)->site_modules[s]
+                             ? ot_arch_get(OT_ARCH_GPT2)->site_modules[s]
+                             : ot_arch_get(OT_ARCH_LLAMA)->site_modules[s];
+      return ot_error(OT_ERR_UNSUPPORTED, "block %d: a %s model has no LoRA site '%s'", l,
+                      ot_arch_name(m->cfg.arch), name);
+    }
     if (e->lora_sites && (e->lora_r < 1 || !(e->lora_alpha > 0.0f) || !isfinite(e->lora_alpha) ||
                           !(e->lora_dropout >= 0.0f && e->lora_dropout < 1.0f)))
       return ot_error(OT_ERR_INVALID, "block %d: LoRA needs r >= 1, alpha > 0 and dropout in [0, 1)", l);
@@ -966,17 +1265,19 @@ int ot_model_add_extensions(ot_model *m, const ot_block_ext *ext, uint64_t seed)
   memcpy(params, m->params, (size_t)m->n_params * sizeof *params);
   memcpy(e, ext, (size_t)L * sizeof *e);
   int n = m->n_params;
+  const char *pre = m->ai->block_prefix;
   for (int l = 0; l < L; l++) {
     memset(&ix[l], 0xff, sizeof ix[l]); /* -1 */
     char name[96];
-    for (int s = 0; s < OT_LORA_NSITE; s++) {
-      if (!((e[l].lora_sites >> s) & 1)) continue;
+    for (int s = 0; s < OT_SITE_COUNT; s++) {
+      const char *mod = m->ai->site_modules[s]; /* present: ext_check */
+      if (!((e[l].lora_sites >> s) & 1) || !mod) continue;
       int in, out;
-      site_dims(m, s, &in, &out);
-      snprintf(name, sizeof name, "transformer.h.%d.%s.lora_A.weight", l, ot_lora_modules[s]);
+      ot_model_site_dims(m, s, &in, &out);
+      snprintf(name, sizeof name, "%s%d.%s.lora_A.weight", pre, l, mod);
       set_param(&params[n], name, e[l].lora_r, in);
       ix[l].lora[s][0] = n++;
-      snprintf(name, sizeof name, "transformer.h.%d.%s.lora_B.weight", l, ot_lora_modules[s]);
+      snprintf(name, sizeof name, "%s%d.%s.lora_B.weight", pre, l, mod);
       set_param(&params[n], name, out, e[l].lora_r);
       ix[l].lora[s][1] = n++;
     }
@@ -984,7 +1285,7 @@ int ot_model_add_extensions(ot_model *m, const ot_block_ext *ext, uint64_t seed)
     for (int k = 0; d && k < 2; k++) {
       const int dims[4][2] = {{C, d}, {d, 0}, {d, C}, {C, 0}};
       for (int j = 0; j < 4; j++) {
-        snprintf(name, sizeof name, "transformer.h.%d.%s.%s", l, bn_names[k], bn_parts[j]);
+        snprintf(name, sizeof name, "%s%d.%s.%s", pre, l, bn_names[k], bn_parts[j]);
         set_param(&params[n], name, dims[j][0], dims[j][1]);
         ix[l].bn[k][j] = n++;
       }
@@ -1047,13 +1348,12 @@ int ot_model_merge_lora(ot_model *m) {
   ot_backend *be = m->be;
   int rc = OT_OK;
   for (int l = 0; l < L && rc == OT_OK; l++) {
-    for (int s = 0; s < OT_LORA_NSITE && rc == OT_OK; s++) {
+    for (int s = 0; s < OT_SITE_COUNT && rc == OT_OK; s++) {
       if (!has_lora(m, l, s)) continue;
-      const int wk[OT_LORA_NSITE] = {OT_BLK_QKV_W, OT_BLK_ATTPROJ_W, OT_BLK_FC_W, OT_BLK_FCPROJ_W};
-      ot_param *W = &m->params[ot_model_block_param_index(m, l, wk[s])];
+      ot_param *W = &m->params[m->bidx[l][ot_site_weight_role(s)]];
       ot_param *A = &m->params[m->eidx[l].lora[s][0]], *Bp = &m->params[m->eidx[l].lora[s][1]];
       int in, out, r = m->ext[l].lora_r;
-      site_dims(m, s, &in, &out);
+      ot_model_site_dims(m, s, &in, &out);
       double scale = (double)m->ext[l].lora_alpha / r;
       float *w = malloc(W->numel * sizeof(float)), *a = malloc(A->numel * sizeof(float)),
             *b = malloc(Bp->numel * sizeof(float));
@@ -1061,12 +1361,13 @@ int ot_model_merge_lora(ot_model *m) {
       if (rc == OT_OK) rc = be->ops->download(be, w, W->data, W->numel * sizeof(float));
       if (rc == OT_OK) rc = be->ops->download(be, a, A->data, A->numel * sizeof(float));
       if (rc == OT_OK) rc = be->ops->download(be, b, Bp->data, Bp->numel * sizeof(float));
-      /* Conv1D W[in, out] += scale (B A)^T, the product in double */
+      /* W += scale (B A) in W's layout ([in, out] holds its transpose), the product in double */
       for (int i = 0; rc == OT_OK && i < in; i++)
         for (int o = 0; o < out; o++) {
           double acc = 0.0;
           for (int k = 0; k < r; k++) acc += (double)b[(size_t)o * r + k] * a[(size_t)k * in + i];
-          w[(size_t)i * out + o] = (float)(w[(size_t)i * out + o] + scale * acc);
+          size_t at = m->layout == OT_W_IN_OUT ? (size_t)i * out + o : (size_t)o * in + i;
+          w[at] = (float)(w[at] + scale * acc);
         }
       if (rc == OT_OK) rc = be->ops->upload(be, W->data, w, W->numel * sizeof(float));
       free(w);

@@ -1,12 +1,15 @@
-/* GPT-2 (pre-LayerNorm blocks, causal multi-head attention, GELU tanh, learned
- * positions, LM head tied to the token embedding), llm.c style: plain structs,
- * one allocation for parameters, one for gradients (trainable tensors only), one
- * for activations, forward and backward side by side, every op through a backend.
+/* The architecture-neutral model, llm.c style: plain structs, one allocation for parameters,
+ * one for gradients (trainable tensors only), one for activations, forward and backward side
+ * by side, every op through a backend. An architecture is a table of tensor roles and names
+ * (model/ot_arch.c) plus the choices the one block code makes from the config: LayerNorm or
+ * RMSNorm, a fused or separate q/k/v projection, learned positions or rotary embeddings,
+ * a GELU or SwiGLU MLP. The same block code trains, evaluates, distils and serves.
  *
- * Parameters are named and shaped as in Hugging Face GPT-2 checkpoints
- * (transformer.h.{i}.attn.c_attn.weight is Conv1D [in, out], ...). */
-#ifndef OT_GPT2_H
-#define OT_GPT2_H
+ * Parameters are named and shaped as in Hugging Face checkpoints of the architecture
+ * (GPT-2: transformer.h.{i}.attn.c_attn.weight, Conv1D [in, out]; LLaMA family:
+ * model.layers.{i}.self_attn.q_proj.weight, nn.Linear [out, in]). */
+#ifndef OT_MODEL_H
+#define OT_MODEL_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -14,22 +17,67 @@
 #include "ot_backend.h"
 #include "ot_model_config.h"
 
-/* Parameter tensors of one block, in checkpoint order. */
+/* Roles of a block's tensors; an architecture has a subset (ot_model_block_param_index
+ * returns -1 for the others). GPT-2's c_attn is OT_R_QKV, attn.c_proj OT_R_O, mlp.c_fc
+ * OT_R_UP and mlp.c_proj OT_R_DOWN. */
 enum {
-  OT_BLK_LN1_W,
-  OT_BLK_LN1_B,
-  OT_BLK_QKV_W,     /* attn.c_attn.weight [C, 3C] */
-  OT_BLK_QKV_B,     /* attn.c_attn.bias [3C] */
-  OT_BLK_ATTPROJ_W, /* attn.c_proj.weight [C, C] */
-  OT_BLK_ATTPROJ_B,
-  OT_BLK_LN2_W,
-  OT_BLK_LN2_B,
-  OT_BLK_FC_W, /* mlp.c_fc.weight [C, 4C] */
-  OT_BLK_FC_B,
-  OT_BLK_FCPROJ_W, /* mlp.c_proj.weight [4C, C] */
-  OT_BLK_FCPROJ_B,
-  OT_BLK_NPARAM
+  OT_R_ATTN_NORM,
+  OT_R_ATTN_NORM_B,
+  OT_R_QKV,
+  OT_R_QKV_B,
+  OT_R_Q,
+  OT_R_Q_B,
+  OT_R_K,
+  OT_R_K_B,
+  OT_R_V,
+  OT_R_V_B,
+  OT_R_O,
+  OT_R_O_B,
+  OT_R_FFN_NORM,
+  OT_R_FFN_NORM_B,
+  OT_R_GATE,
+  OT_R_UP,
+  OT_R_UP_B,
+  OT_R_DOWN,
+  OT_R_DOWN_B,
+  OT_R_COUNT
 };
+
+/* The linear maps of a block, where LoRA attaches. GPT-2 has QKV, O, UP, DOWN (bits 0-3,
+ * as before the model layer); the LLaMA family Q, K, V, O, GATE, UP, DOWN. */
+enum {
+  OT_SITE_QKV = 0,
+  OT_SITE_O = 1,
+  OT_SITE_UP = 2,
+  OT_SITE_DOWN = 3,
+  OT_SITE_Q = 4,
+  OT_SITE_K = 5,
+  OT_SITE_V = 6,
+  OT_SITE_GATE = 7,
+  OT_SITE_COUNT
+};
+#define OT_SITES_ALL ((1u << OT_SITE_COUNT) - 1)
+
+/* Static description of an architecture: which roles exist and their names. */
+typedef struct {
+  const char *block_prefix;                /* "transformer.h." / "model.layers." */
+  const char *role_names[OT_R_COUNT];      /* suffix after "{prefix}{i}.", NULL = absent */
+  const char *site_modules[OT_SITE_COUNT]; /* PEFT module path of each site, NULL = absent */
+} ot_arch_info;
+const ot_arch_info *ot_arch_get(ot_arch a);
+/* Sites the architecture has (bits OT_SITE_*). */
+unsigned ot_arch_sites(ot_arch a);
+/* Role of the weight (and bias, -1 if none) of a site. */
+int ot_site_weight_role(int site);
+int ot_site_bias_role(int site);
+/* Parses a comma-separated list of module names of any architecture ("c_attn,attn.c_proj",
+ * "q_proj,v_proj", "all") into OT_SITE_* bits; "all" gives OT_SITES_ALL. */
+int ot_lora_parse_targets(const char *list, unsigned *out);
+/* The reverse: "all" or the sites' module names, comma-separated (parses back to the same bits). */
+int ot_lora_format_targets(unsigned sites, char *buf, size_t n);
+/* Splits "{block_prefix}{i}.{rest}" of any architecture into i and rest; 0 if not a block
+ * tensor (rest points into name). */
+int ot_block_tensor_split(const char *name, int *layer, const char **rest);
 
 typedef struct {
   char name[96]; /* Hugging Face name, e.g. "transformer.h.3.mlp.c_fc.weight" */
@@ -48,17 +96,18 @@ typedef struct ot_model ot_model;
 int ot_model_create(const ot_model_config *cfg, ot_backend *be, ot_model **out);
 void ot_model_free(ot_model *m);
 
-/* GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled by
- * 1/sqrt(2 L), zero biases, unit LayerNorm gains. Deterministic for a seed. */
+/* Initialisation as Hugging Face does it: N(0, 0.02) weights (GPT-2 scales its residual
+ * projections by 1/sqrt(2 L)), zero biases, unit norm gains. Deterministic for a seed. */
 int ot_model_init_random(ot_model *m, uint64_t seed);
 
-/* Loads a Hugging Face directory (config.json + model.safetensors). Accepts names
- * with or without the "transformer." prefix, F32/F16/BF16, and ignores the attention
- * mask buffers and a tied lm_head.weight. */
+/* Loads a Hugging Face directory: config.json + model.safetensors, or the shards listed in
+ * model.safetensors.index.json; F32/F16/BF16. GPT-2 names load with or without the
+ * "transformer." prefix; attention mask buffers, rotary inv_freq buffers and a tied
+ * lm_head.weight are ignored. */
 int ot_model_load_dir(const char *dir, ot_backend *be, ot_model **out);
 /* Loads parameters from an open set of tensors into an existing model. */
 int ot_model_load_safetensors(ot_model *m, const char *path);
-/* Writes config.json + model.safetensors (F32, "transformer." names), atomically. */
+/* Writes config.json + model.safetensors (F32, the architecture's full names), atomically. */
 int ot_model_save_dir(const ot_model *m, const char *dir);
 /* The same, with the 2-D weights of blocks whose int8_blocks[l] is set stored as I8 plus
  * one F32 scale per output column ("<name>.int8_scale"); loading dequantises them. */
@@ -70,8 +119,15 @@ size_t ot_model_num_params(const ot_model *m); /* scalar count */
 int ot_model_param_count(const ot_model *m);   /* tensor count */
 ot_param *ot_model_param(ot_model *m, int i);
 ot_param *ot_model_find_param(ot_model *m, const char *name);
-/* Index of a block parameter: i = layer, which = OT_BLK_*. */
+/* Index of a block parameter: i = layer, which = OT_R_*; -1 where the architecture has none. */
 int ot_model_block_param_index(const ot_model *m, int layer, int which);
+/* Tensors outside the blocks. OT_G_HEAD is the LM head: the token embedding when tied. */
+enum { OT_G_TOK, OT_G_POS, OT_G_NORM, OT_G_NORM_B, OT_G_HEAD, OT_G_COUNT };
+int ot_model_global_param_index(const ot_model *m, int which); /* -1 where absent */
+/* Weight layout of the architecture's linear maps (Conv1D [in, out] or nn.Linear [out, in]). */
+ot_wlayout ot_model_wlayout(const ot_model *m);
+/* Input and output widths of a linear site (0 when the architecture lacks it). */
+void ot_model_site_dims(const ot_model *m, int site, int *in, int *out);
 
 /* Marks every tensor trainable (1) or frozen (0); then individual tensors can be
  * changed through ot_model_param(m, i)->trainable before ot_model_prepare. */
@@ -122,16 +178,13 @@ void ot_model_clear_block_grads(ot_model *m);
  * ordinary ot_params appended to the table (a second allocation), so optimizers, snapshots
  * and gradient checks see them; checkpoints (load/save_dir) hold the base tensors only.
  *
- * LoRA site s of block i: transformer.h.{i}.{module}.lora_A.weight [r, in] and .lora_B.weight
+ * LoRA site s of block i: {prefix}{i}.{module}.lora_A.weight [r, in] and .lora_B.weight
  * [out, r]; out += (alpha/r) * drop(x) A^T B^T, dropout only in training forwards.
- * Bottleneck: transformer.h.{i}.adapter_{attn,mlp}.{down,up}.{weight,bias}, down [C, m],
+ * Bottleneck: {prefix}{i}.adapter_{attn,mlp}.{down,up}.{weight,bias}, down [C, m],
  * up [m, C] (Conv1D layout); h' = h + up(gelu(down(h))) on the projection output h. */
-enum { OT_LORA_QKV = 0, OT_LORA_ATTPROJ = 1, OT_LORA_FC = 2, OT_LORA_FCPROJ = 3, OT_LORA_NSITE = 4 };
-/* PEFT module names of the sites: "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj". */
-extern const char *const ot_lora_modules[OT_LORA_NSITE];
 
 typedef struct {
-  unsigned lora_sites; /* bit s = LoRA on site s; 0 = none */
+  unsigned lora_sites; /* bit s = LoRA on site OT_SITE_s (sites the architecture has); 0 = none */
   int lora_r;
   float lora_alpha, lora_dropout;
   int bottleneck; /* hidden size m of the two bottleneck adapters; 0 = none */
@@ -145,7 +198,7 @@ int ot_model_add_extensions(ot_model *m, const ot_block_ext *ext, uint64_t seed)
 /* Extensions of a block (all zero when none). */
 const ot_block_ext *ot_model_block_ext(const ot_model *m, int layer);
 int ot_model_base_param_count(const ot_model *m); /* tensors before the extensions */
-/* Folds every LoRA site into its base weight (Conv1D: W[in,out] += scale (B A)^T) and
+/* Folds every LoRA site into its base weight (W += scale B A in the weight's layout) and
  * removes all extensions; refuses bottleneck adapters (they are not linear). */
 int ot_model_merge_lora(ot_model *m);
 /* Training step number that seeds the dropout masks (set by ot_train before each step). */

@@ -1,27 +1,58 @@
-/* GPT-2 model configuration, read from and written to Hugging Face config.json. */
-#ifndef OT_CONFIG_H
-#define OT_CONFIG_H
+/* Model configuration: the architecture and its sizes, read from and written to a Hugging
+ * Face config.json. One struct for every architecture; fields an architecture does not use
+ * stay zero. Positional initialisers ({L, NH, C, V, P, eps}) give a GPT-2 config: the
+ * fields after them default (0 = GPT-2, n_kv_head = n_head, n_ff = 4 C, head_dim = C / NH)
+ * and ot_model_config_complete fills them in. */
+#ifndef OT_MODEL_CONFIG_H
+#define OT_MODEL_CONFIG_H
 
 #include <stddef.h>
+
+typedef enum {
+  OT_ARCH_GPT2 = 0,    /* pre-LayerNorm, fused c_attn, GELU MLP, learned positions, tied head */
+  OT_ARCH_LLAMA = 1,   /* RMSNorm, RoPE, SwiGLU, grouped-query attention: llama, mistral */
+  OT_ARCH_QWEN2 = 2,   /* LLaMA with q/k/v biases */
+  OT_ARCH_MISTRAL = 3, /* LLaMA without a sliding window shorter than the context */
+  OT_ARCH_COUNT
+} ot_arch;
 
 typedef struct {
   int n_layer;
   int n_head;
   int n_embd;
   int vocab_size;
-  int n_positions;
-  float layer_norm_epsilon;
+  int n_positions;          /* context length (n_positions / max_position_embeddings) */
+  float layer_norm_epsilon; /* the norm's epsilon (layer_norm_epsilon / rms_norm_eps) */
+  ot_arch arch;
+  int n_kv_head;      /* key/value heads (grouped-query attention); n_head when equal */
+  int head_dim;       /* q/k/v width per head; n_embd / n_head unless the config says */
+  int n_ff;           /* MLP hidden width */
+  int tie_embeddings; /* LM head = token embedding (always for GPT-2) */
+  int attn_bias;      /* q, k, v projections have biases (Qwen2; LLaMA attention_bias) */
+  int o_bias;         /* o_proj has a bias (LLaMA attention_bias) */
+  float rope_theta;
+  /* rope_scaling {"rope_type": "llama3", ...}; factor 0 = none */
+  float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
+  int rope_original_ctx;
 } ot_model_config;
 
-/* Parses config.json text. Accepts real GPT-2 configs (n_ctx, n_inner null,
- * activation_function gelu_new); refuses values it cannot run with a clear error
- * (n_embd not divisible by n_head, n_inner other than 4*n_embd, other activations,
- * non-positive or absurd sizes). */
+/* "gpt2", "llama", "qwen2", "mistral" */
+const char *ot_arch_name(ot_arch a);
+
+/* Fills the fields a short (GPT-2 style) initialiser leaves zero, then validates. */
+int ot_model_config_complete(ot_model_config *cfg);
+
+/* Parses config.json text. GPT-2 (n_ctx, n_inner null, gelu_new) and the LLaMA family
+ * (model_type llama, mistral, qwen2: hidden_size, num_key_value_heads, rope_theta,
+ * rope_scaling "llama3", attention_bias, tie_word_embeddings). Anything that would change
+ * the maths and is not implemented is refused by name (other activations, sliding windows
+ * shorter than the context, other rope scalings, MLP biases, dropout). */
 int ot_model_config_parse(const char *json, size_t len, ot_model_config *out);
 int ot_model_config_load(const char *path, ot_model_config *out);
-/* Writes a config.json that Hugging Face transformers loads as GPT2LMHeadModel. */
+/* Writes a config.json that Hugging Face transformers loads as the same model
+ * (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM). */
 int ot_model_config_save(const char *path, const ot_model_config *cfg);
-/* Checks ranges and divisibility; used by parse and by programmatic configs. */
+/* Checks ranges and divisibility (of the config as ot_model_config_complete would fill it). */
 int ot_model_config_validate(const ot_model_config *cfg);
 
 #endif

@@ -18,9 +18,9 @@
 /* What an adapter changes in one block; NULL = the base model's tensor. */
 typedef struct {
   int touched;
-  const float *p[OT_BLK_NPARAM];       /* offsite: all; bitfit: the biases */
-  const float *lora[OT_LORA_NSITE][2]; /* A [r, in], B [out, r] */
-  const float *lora_bt[OT_LORA_NSITE]; /* B transposed [r, out], for lora_sgmv_fwd */
+  const float *p[OT_R_COUNT];          /* offsite: all; bitfit: the biases */
+  const float *lora[OT_SITE_COUNT][2]; /* A [r, in], B [out, r] */
+  const float *lora_bt[OT_SITE_COUNT]; /* B transposed [r, out], for lora_sgmv_fwd */
   unsigned lora_sites;
   int lora_r;
   float lora_scale;
@@ -71,7 +71,7 @@ struct ot_serve_engine {
   int L, C, NH, V, T_max, Nmax;
   float eps;
   const float *wte, *wpe, *lnf_w, *lnf_b;
-  const float *(*base_p)[OT_BLK_NPARAM];
+  const float *(*base_p)[OT_R_COUNT];
 
   /* incoming requests and cancellations, under mu */
   pthread_mutex_t mu;
@@ -192,8 +192,7 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
     if (!a->blk) rc = ot_error(OT_ERR_NOMEM, "cannot allocate an adapter");
   }
   /* the tensors to keep: (source, destination slot) pairs, sized first, then copied */
-  const int bitfit_k[6] = {OT_BLK_LN1_B, OT_BLK_QKV_B, OT_BLK_ATTPROJ_B,
-                           OT_BLK_LN2_B, OT_BLK_FC_B,  OT_BLK_FCPROJ_B};
+  const int bitfit_k[6] = {OT_R_ATTN_NORM_B, OT_R_QKV_B, OT_R_O_B, OT_R_FFN_NORM_B, OT_R_UP_B, OT_R_DOWN_B};
   for (int pass = 0; pass < 2 && rc == OT_OK; pass++) {
     size_t off = 0;
 #define TAKE(dst, param)                                                                                     \
@@ -225,8 +224,9 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
       blk_over *b = &a->blk[l];
       if (kind == OT_ADAPTER_OFFSITE && mark[l]) {
         b->touched = 1;
-        for (int k = 0; k < OT_BLK_NPARAM; k++)
-          TAKE(b->p[k], ot_model_param(shell, ot_model_block_param_index(shell, l, k)));
+        for (int k = 0; k < OT_R_COUNT; k++)
+          if (ot_model_block_param_index(shell, l, k) >= 0)
+            TAKE(b->p[k], ot_model_param(shell, ot_model_block_param_index(shell, l, k)));
       }
       if (kind == OT_ADAPTER_BITFIT && mark[l]) {
         b->touched = 1;
@@ -235,14 +235,15 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
       }
       const ot_block_ext *x = ot_model_block_ext(shell, l);
       char nm[160];
-      for (int s = 0; s < OT_LORA_NSITE; s++) {
+      for (int s = 0; s < OT_SITE_COUNT; s++) {
         if (!((x->lora_sites >> s) & 1)) continue;
         b->touched = 1;
         b->lora_sites |= 1u << s;
         b->lora_r = x->lora_r;
         b->lora_scale = x->lora_alpha / (float)x->lora_r;
         for (int ab = 0; ab < 2; ab++) {
-          snprintf(nm, sizeof nm, "transformer.h.%d.%s.lora_%c.weight", l, ot_lora_modules[s],
+          const ot_arch_info *ai = ot_arch_get(ot_model_cfg(shell)->arch);
+          snprintf(nm, sizeof nm, "%s%d.%s.lora_%c.weight", ai->block_prefix, l, ai->site_modules[s],
                    ab ? 'B' : 'A');
           ot_param *pp = ot_model_find_param(shell, nm);
           if (!pp) {
@@ -260,7 +261,8 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
         b->bn_dim = x->bottleneck;
         for (int s = 0; s < 2; s++)
           for (int k = 0; k < 4 && rc == OT_OK; k++) {
-            snprintf(nm, sizeof nm, "transformer.h.%d.%s.%s", l, sites[s], parts[k]);
+            snprintf(nm, sizeof nm, "%s%d.%s.%s", ot_arch_get(ot_model_cfg(shell)->arch)->block_prefix, l,
+                     sites[s], parts[k]);
             ot_param *pp = ot_model_find_param(shell, nm);
             if (!pp) {
               rc = ot_error(OT_ERR_INTERNAL, "%s missing after apply", nm);
@@ -381,6 +383,12 @@ int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_
   if (!base || !cfg || !out) return ot_error(OT_ERR_INVALID, "ot_serve_engine_create: NULL argument");
   if (ot_model_param_count(base) != ot_model_base_param_count(base))
     return ot_error(OT_ERR_INVALID, "the serving base model must carry no adapter tensors");
+  if (ot_model_cfg(base)->arch != OT_ARCH_GPT2)
+    return ot_error(
+        OT_ERR_UNSUPPORTED,
+        "serving a %s model is not implemented yet: the engine's batched forward covers GPT-2 only "
+        "(use eval/generate commands for other architectures)",
+        ot_arch_name(ot_model_cfg(base)->arch));
   ot_backend *be = ot_model_backend(base);
   /* any backend with the inference ops (CPU, CUDA); lora_sgmv_fwd is optional */
   int rc0 = OT_BACKEND_REQUIRE(be, embed_fwd);
@@ -442,13 +450,15 @@ int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_
        !e->sg_A || !e->sg_Bt || !e->sg_row0 || !e->sg_n || !e->sg_r || !e->sg_scale))
     rc = ot_error(OT_ERR_NOMEM, "cannot allocate the engine tables");
   for (int l = 0; l < L && rc == OT_OK; l++)
-    for (int k = 0; k < OT_BLK_NPARAM; k++)
-      e->base_p[l][k] = ot_model_param(base, ot_model_block_param_index(base, l, k))->data;
+    for (int k = 0; k < OT_R_COUNT; k++)
+      e->base_p[l][k] = ot_model_block_param_index(base, l, k) >= 0
+                            ? ot_model_param(base, ot_model_block_param_index(base, l, k))->data
+                            : NULL;
   if (rc == OT_OK) {
-    e->wte = ot_model_find_param(base, "transformer.wte.weight")->data;
-    e->wpe = ot_model_find_param(base, "transformer.wpe.weight")->data;
-    e->lnf_w = ot_model_find_param(base, "transformer.ln_f.weight")->data;
-    e->lnf_b = ot_model_find_param(base, "transformer.ln_f.bias")->data;
+    e->wte = ot_model_param(base, ot_model_global_param_index(base, OT_G_TOK))->data;
+    e->wpe = ot_model_param(base, ot_model_global_param_index(base, OT_G_POS))->data;
+    e->lnf_w = ot_model_param(base, ot_model_global_param_index(base, OT_G_NORM))->data;
+    e->lnf_b = ot_model_param(base, ot_model_global_param_index(base, OT_G_NORM_B))->data;
   }
   size_t kv = (size_t)L * S * e->T_max * C * sizeof(float), F = sizeof(float);
   struct {
@@ -747,17 +757,17 @@ static int forward(ot_serve_engine *e, int N, const segment *sg, int ns, const i
   o->embed_fwd(be, e->x, e->d_tokens, e->d_pos, e->wte, e->wpe, N, C);
   size_t layer_kv = (size_t)e->cfg.max_batch * e->T_max * C;
   for (int l = 0; l < L; l++) {
-    seg_layernorm(e, e->ln, e->x, l, OT_BLK_LN1_W, OT_BLK_LN1_B, sg, ns);
-    seg_linear(e, e->qkv, e->ln, l, OT_BLK_QKV_W, OT_BLK_QKV_B, C, 3 * C, OT_LORA_QKV, sg, ns);
+    seg_layernorm(e, e->ln, e->x, l, OT_R_ATTN_NORM, OT_R_ATTN_NORM_B, sg, ns);
+    seg_linear(e, e->qkv, e->ln, l, OT_R_QKV, OT_R_QKV_B, C, 3 * C, OT_SITE_QKV, sg, ns);
     o->attention_kv_fwd(be, e->atty, e->kc + l * layer_kv, e->vc + l * layer_kv, e->qkv, e->d_pos, e->d_slot,
                         N, C, e->NH, e->T_max);
-    seg_linear(e, e->proj, e->atty, l, OT_BLK_ATTPROJ_W, OT_BLK_ATTPROJ_B, C, C, OT_LORA_ATTPROJ, sg, ns);
+    seg_linear(e, e->proj, e->atty, l, OT_R_O, OT_R_O_B, C, C, OT_SITE_O, sg, ns);
     seg_bottleneck(e, e->proj, l, 0, sg, ns);
     o->add(be, e->x, e->x, e->proj, (size_t)N * C);
-    seg_layernorm(e, e->ln, e->x, l, OT_BLK_LN2_W, OT_BLK_LN2_B, sg, ns);
-    seg_linear(e, e->fch, e->ln, l, OT_BLK_FC_W, OT_BLK_FC_B, C, 4 * C, OT_LORA_FC, sg, ns);
+    seg_layernorm(e, e->ln, e->x, l, OT_R_FFN_NORM, OT_R_FFN_NORM_B, sg, ns);
+    seg_linear(e, e->fch, e->ln, l, OT_R_UP, OT_R_UP_B, C, 4 * C, OT_SITE_UP, sg, ns);
     o->gelu_fwd(be, e->fchg, e->fch, (size_t)N * 4 * C);
-    seg_linear(e, e->proj, e->fchg, l, OT_BLK_FCPROJ_W, OT_BLK_FCPROJ_B, 4 * C, C, OT_LORA_FCPROJ, sg, ns);
+    seg_linear(e, e->proj, e->fchg, l, OT_R_DOWN, OT_R_DOWN_B, 4 * C, C, OT_SITE_DOWN, sg, ns);
     seg_bottleneck(e, e->proj, l, 1, sg, ns);
     o->add(be, e->x, e->x, e->proj, (size_t)N * C);
   }

@@ -24,7 +24,7 @@ char *dir;
 char digest[OT_DIGEST_HEX];
 ot_backend *be;
 ot_model *base;
-ot_model *ref[N_MODELS];             /* base + adapter applied, prepared for generation */
+ot_model *ref[N_MODELS];            /* base + adapter applied, prepared for generation */
 int32_t *want[N_MODELS][N_PROMPTS]; /* ot_generate greedy completions */
 ot_tokenizer *tok;
 
@@ -84,7 +84,12 @@ int serve_fixture_setup(const char *name) {
   dir = ot_test_tmpdir(name);
   assert_int_equal(ot_backend_cpu_create(2, &be), 0);
   assert_int_equal(ot_tokenizer_byte_new(&tok), 0);
-  ot_model_config cfg = {4, 2, 32, 256, 64, 1e-5f};
+  ot_model_config cfg = {.n_layer = 4,
+                         .n_head = 2,
+                         .n_embd = 32,
+                         .vocab_size = 256,
+                         .n_positions = 64,
+                         .layer_norm_epsilon = 1e-5f};
   assert_int_equal(ot_model_create(&cfg, be, &base), 0);
   assert_int_equal(ot_model_init_random(base, 11), 0);
   rng_state = 5;

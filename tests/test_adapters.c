@@ -290,7 +290,7 @@ static void test_peft_export(void **state) {
   ifx f;
   ifx_open(&f);
   ot_adapter_config c = kind_config(OT_ADAPTER_LORA);
-  c.lora_sites = (1u << OT_LORA_QKV) | (1u << OT_LORA_FCPROJ);
+  c.lora_sites = (1u << OT_SITE_QKV) | (1u << OT_SITE_DOWN);
   ot_model *emu;
   assert_int_equal(ot_emu_build(f.full, &f.plan, &emu), 0);
   assert_int_equal(ot_adapter_attach(emu, &f.plan, &c), 0);

@@ -360,6 +360,90 @@ static void c_attention_kv(run *r, const int *d) {
   out_f(r, "vcache", POINT, vc, nc);
 }
 
+/* ---- the LLaMA family's ops ---- */
+
+static void c_rmsnorm(run *r, const int *d) { /* N C mask(1 dinp, 2 dw) */
+  int N = d[0], C = d[1], mask = d[2];
+  float *x = in_rand(r, (size_t)N * C, 2, 0.5f), *w = in_rand(r, C, 1, 1);
+  float *out = in_rand(r, (size_t)N * C, 1, 0), *rstd = in_rand(r, N, 1, 0);
+  float *dout = in_rand(r, (size_t)N * C, 1, 0), *dinp = in_rand(r, (size_t)N * C, 1, 0),
+        *dw = in_rand(r, C, 1, 0);
+  r->be->ops->rmsnorm_fwd(r->be, out, rstd, x, w, N, C, 1e-6f);
+  r->be->ops->rmsnorm_bwd(r->be, mask & 1 ? dinp : NULL, mask & 2 ? dw : NULL, dout, x, w, rstd, N, C);
+  out_f(r, "out", REDUCE, out, (size_t)N * C);
+  out_f(r, "rstd", REDUCE, rstd, N);
+  out_f(r, "dinp", REDUCE, dinp, (size_t)N * C);
+  out_f(r, "dw", REDUCE, dw, C);
+}
+
+static void c_rope(run *r, const int *d) { /* N H D max_pos */
+  int N = d[0], H = d[1], D = d[2];
+  int32_t *p = calloc((size_t)N + 1, sizeof(int32_t));
+  for (int i = 0; i < N; i++) p[i] = (int32_t)(ot_mix64(r->seed++) % (uint64_t)d[3]);
+  int32_t *pos = in_ints(r, p, N);
+  free(p);
+  float fr[256];
+  for (int j = 0; j < D / 2; j++) fr[j] = (float)pow(10000.0, -2.0 * j / D);
+  float *inv = dev_from(r, fr, (size_t)(D / 2) * sizeof(float));
+  float *x = in_rand(r, (size_t)N * H * D, 1, 0), *y = in_rand(r, (size_t)N * H * D, 1, 0);
+  r->be->ops->rope(r->be, x, pos, inv, N, H, D, 0);
+  r->be->ops->rope(r->be, y, pos, inv, N, H, D, 1);
+  out_f(r, "rotated", POINT, x, (size_t)N * H * D);
+  out_f(r, "inverse", POINT, y, (size_t)N * H * D);
+}
+
+static void c_swiglu(run *r, const int *d) { /* n */
+  size_t n = (size_t)d[0];
+  float *g = in_rand(r, n, 4, 0), *u = in_rand(r, n, 2, 0), *out = in_rand(r, n, 1, 0);
+  float *dout = in_rand(r, n, 1, 0), *dg = in_rand(r, n, 1, 0), *du = in_rand(r, n, 1, 0);
+  r->be->ops->swiglu_fwd(r->be, out, g, u, n);
+  r->be->ops->swiglu_bwd(r->be, dg, du, dout, g, u, n);
+  out_f(r, "out", POINT, out, n);
+  out_f(r, "dgate", POINT, dg, n);
+  out_f(r, "dup", POINT, du, n);
+}
+
+static void c_gqa(run *r, const int *d) { /* B T NH NKV D */
+  int B = d[0], T = d[1], NH = d[2], NKV = d[3], D = d[4];
+  size_t N = (size_t)B * T, QW = (size_t)NH * D, KW = (size_t)NKV * D, na = (size_t)B * NH * T * T;
+  float *q = in_rand(r, N * QW, 1.5f, 0), *k = in_rand(r, N * KW, 1.5f, 0), *v = in_rand(r, N * KW, 1, 0);
+  float *out = in_rand(r, N * QW, 1, 0), *dout = in_rand(r, N * QW, 1, 0);
+  float *dq = in_rand(r, N * QW, 1, 0), *dk = in_rand(r, N * KW, 1, 0), *dv = in_rand(r, N * KW, 1, 0);
+  float *att = in_rand(r, na, 1, 0), *datt = in_rand(r, na, 1, 0);
+  r->be->ops->gqa_fwd(r->be, out, att, q, k, v, B, T, NH, NKV, D);
+  r->be->ops->gqa_bwd(r->be, dq, dk, dv, datt, dout, q, k, v, att, B, T, NH, NKV, D);
+  out_f(r, "out", REDUCE, out, N * QW);
+  out_f(r, "dq", REDUCE, dq, N * QW);
+  out_f(r, "dk", REDUCE, dk, N * KW);
+  out_f(r, "dv", REDUCE, dv, N * KW);
+  out_f(r, "att", REDUCE, att, na);
+}
+
+/* d: NH NKV D T_max n_slots, then (slot, first position, rows) groups as attention_kv */
+static void c_gqa_kv(run *r, const int *d) {
+  int NH = d[0], NKV = d[1], D = d[2], T_max = d[3], ns = d[4], ng = 0, N = 0;
+  int32_t ps[512] = {0}, sl[512] = {0};
+  while (ng < 3 && d[5 + 3 * ng + 2] > 0) ng++;
+  for (int k = 0, more = 1; more; k++) {
+    more = 0;
+    for (int g = 0; g < ng; g++) {
+      if (k >= d[5 + 3 * g + 2]) continue;
+      assert_true(N < 512);
+      sl[N] = d[5 + 3 * g];
+      ps[N++] = d[5 + 3 * g + 1] + k;
+      more = 1;
+    }
+  }
+  size_t KW = (size_t)NKV * D, QW = (size_t)NH * D, nc = (size_t)ns * T_max * KW;
+  float *q = in_rand(r, N * QW, 1.5f, 0), *k = in_rand(r, N * KW, 1.5f, 0), *v = in_rand(r, N * KW, 1, 0);
+  float *out = in_rand(r, N * QW, 1, 0), *kc = in_rand(r, nc, 1.5f, 0), *vc = in_rand(r, nc, 1, 0);
+  int32_t *pos = in_ints(r, ps, N), *slot = in_ints(r, sl, N);
+  r->be->ops->gqa_kv_fwd(r->be, out, kc, vc, q, k, v, pos, slot, N, NH, NKV, D, T_max);
+  out_f(r, "out", REDUCE, out, N * QW);
+  out_f(r, "kcache", POINT, kc, nc);
+  out_f(r, "vcache", POINT, vc, nc);
+}
+
 typedef struct {
   const char *op;
   case_fn fn;
@@ -432,6 +516,27 @@ static const op_case cases[] = {
     {"attention_kv", c_attention_kv, {3, 3, 5, 2, 0, 0, 5, 1, 4, 1}},                /* 1 */
     {"attention_kv", c_attention_kv, {600, 2, 9, 1, 0, 3, 6}},                       /* 300: two passes */
     {"attention_kv", c_attention_kv, {256, 1, 70, 4, 3, 69, 1, 0, 69, 1, 2, 0, 1, 1, 60, 10}}, /* 256 */
+    /* N C mask */
+    {"rmsnorm", c_rmsnorm, {1, 8, 3}},
+    {"rmsnorm", c_rmsnorm, {37, 77, 3}},
+    {"rmsnorm", c_rmsnorm, {300, 768, 1}},
+    {"rmsnorm", c_rmsnorm, {64, 40, 2}},
+    /* N H D max_pos */
+    {"rope", c_rope, {1, 1, 2, 4}},
+    {"rope", c_rope, {37, 3, 64, 4096}},
+    {"rope", c_rope, {20, 8, 128, 100000}},
+    {"swiglu", c_swiglu, {1}},
+    {"swiglu", c_swiglu, {4099}},
+    /* B T NH NKV D */
+    {"gqa", c_gqa, {1, 1, 2, 1, 8}},
+    {"gqa", c_gqa, {2, 17, 4, 2, 16}},
+    {"gqa", c_gqa, {2, 33, 6, 1, 32}},
+    {"gqa", c_gqa, {1, 40, 4, 4, 64}},
+    {"gqa", c_gqa, {1, 9, 8, 2, 128}},
+    /* NH NKV D T_max slots (slot first-position rows)... */
+    {"gqa_kv", c_gqa_kv, {4, 2, 16, 40, 3, 0, 0, 17, 1, 39, 1, 2, 30, 10}},
+    {"gqa_kv", c_gqa_kv, {8, 1, 64, 70, 2, 0, 5, 28, 1, 69, 1}},
+    {"gqa_kv", c_gqa_kv, {2, 2, 256, 9, 1, 0, 3, 6}},
 };
 
 static double tolerance(int cls, int bf16) {
@@ -666,7 +771,12 @@ static void test_ops_cuda_bf16(void **state) {
 /* A small GPT-2 (odd sequence length, 2 tiles of attention) trained for a few AdamW
  * steps on both backends from the same initialisation: the losses must agree. */
 static void train_losses(ot_backend *be, int steps, float *losses) {
-  ot_model_config cfg = {3, 4, 64, 211, 64, 1e-5f};
+  ot_model_config cfg = {.n_layer = 3,
+                         .n_head = 4,
+                         .n_embd = 64,
+                         .vocab_size = 211,
+                         .n_positions = 64,
+                         .layer_norm_epsilon = 1e-5f};
   ot_model *m;
   ot_optimizer *opt;
   ot_optim_config oc;

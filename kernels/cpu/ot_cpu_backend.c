@@ -114,8 +114,13 @@ static void cpu_encoder_fwd(ot_backend *be, float *out, const int32_t *tokens, c
                             const float *wpe, int B, int T, int C) {
 #pragma omp parallel for num_threads(NT) schedule(static)
   for (int i = 0; i < B * T; i++) {
-    const float *e = wte + (size_t)tokens[i] * C, *p = wpe + (size_t)(i % T) * C;
+    const float *e = wte + (size_t)tokens[i] * C;
     float *o = out + (size_t)i * C;
+    if (!wpe) {
+      memcpy(o, e, sizeof(float) * C);
+      continue;
+    }
+    const float *p = wpe + (size_t)(i % T) * C;
     for (int c = 0; c < C; c++) o[c] = e[c] + p[c];
   }
 }
@@ -580,8 +585,13 @@ static void cpu_embed_fwd(ot_backend *be, float *out, const int32_t *tokens, con
                           const float *wte, const float *wpe, int N, int C) {
 #pragma omp parallel for num_threads(NT) schedule(static)
   for (int i = 0; i < N; i++) {
-    const float *e = wte + (size_t)tokens[i] * C, *p = wpe + (size_t)pos[i] * C;
+    const float *e = wte + (size_t)tokens[i] * C;
     float *o = out + (size_t)i * C;
+    if (!wpe) {
+      memcpy(o, e, sizeof(float) * C);
+      continue;
+    }
+    const float *p = wpe + (size_t)pos[i] * C;
     for (int c = 0; c < C; c++) o[c] = e[c] + p[c];
   }
 }
@@ -657,6 +667,210 @@ static void cpu_lora_sgmv_fwd(ot_backend *be, float *out, const float *x, const 
   }
 }
 
+/* ---- LLaMA family: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention --------- */
+
+static void cpu_rmsnorm_fwd(ot_backend *be, float *out, float *rstd, const float *inp, const float *w, int N,
+                            int C, float eps) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (int i = 0; i < N; i++) {
+    const float *x = inp + (size_t)i * C;
+    float *o = out + (size_t)i * C;
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int c = 0; c < C; c++) ss += x[c] * x[c];
+    float s = 1.0f / sqrtf(ss / (float)C + eps);
+    for (int c = 0; c < C; c++) o[c] = x[c] * s * w[c];
+    if (rstd) rstd[i] = s;
+  }
+}
+
+static void cpu_rmsnorm_bwd(ot_backend *be, float *dinp, float *dw, const float *dout, const float *inp,
+                            const float *w, const float *rstd, int N, int C) {
+  if (dinp) {
+    /* y = x s w: dx = s (w d) - x s^3 mean(w d x) */
+#pragma omp parallel for num_threads(NT) schedule(static)
+    for (int i = 0; i < N; i++) {
+      const float *x = inp + (size_t)i * C, *d = dout + (size_t)i * C;
+      float *dx = dinp + (size_t)i * C;
+      float s = rstd[i], dot_ = 0.0f;
+#pragma omp simd reduction(+ : dot_)
+      for (int c = 0; c < C; c++) dot_ += w[c] * d[c] * x[c];
+      float k = s * s * s * dot_ / (float)C;
+      for (int c = 0; c < C; c++) dx[c] += s * w[c] * d[c] - k * x[c];
+    }
+  }
+  if (dw) {
+#pragma omp parallel num_threads(NT)
+    {
+      int nt = omp_get_num_threads(), id = omp_get_thread_num();
+      int c0 = (int)((long)C * id / nt), c1 = (int)((long)C * (id + 1) / nt);
+      for (int i = 0; i < N; i++) {
+        const float *x = inp + (size_t)i * C, *d = dout + (size_t)i * C;
+        float s = rstd[i];
+        for (int c = c0; c < c1; c++) dw[c] += d[c] * x[c] * s;
+      }
+    }
+  }
+}
+
+static void cpu_rope(ot_backend *be, float *x, const int32_t *pos, const float *inv_freq, int N, int H, int D,
+                     int inverse) {
+  int half = D / 2;
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (int i = 0; i < N; i++) {
+    for (int j = 0; j < half; j++) {
+      /* the angle in double: positions times frequencies lose digits in float */
+      double a = (double)pos[i] * (double)inv_freq[j];
+      float c = (float)cos(a), s = (float)(inverse ? -sin(a) : sin(a));
+      for (int h = 0; h < H; h++) {
+        float *r = x + ((size_t)i * H + h) * D;
+        float x1 = r[j], x2 = r[j + half];
+        r[j] = x1 * c - x2 * s;
+        r[j + half] = x2 * c + x1 * s;
+      }
+    }
+  }
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+static void cpu_swiglu_fwd(ot_backend *be, float *out, const float *gate, const float *up, size_t n) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (size_t i = 0; i < n; i++) out[i] = silu(gate[i]) * up[i];
+}
+
+static void cpu_swiglu_bwd(ot_backend *be, float *dgate, float *dup, const float *dout, const float *gate,
+                           const float *up, size_t n) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (size_t i = 0; i < n; i++) {
+    float g = gate[i], sg = 1.0f / (1.0f + expf(-g)), d = dout[i], u = up[i];
+    dgate[i] = d * u * sg * (1.0f + g * (1.0f - sg));
+    dup[i] = d * g * sg;
+  }
+}
+
+static void cpu_gqa_fwd(ot_backend *be, float *out, float *att, const float *q, const float *k,
+                        const float *v, int B, int T, int NH, int NKV, int D) {
+  float scale = 1.0f / sqrtf((float)D);
+  size_t QW = (size_t)NH * D, KW = (size_t)NKV * D;
+  int group = NH / NKV;
+#pragma omp parallel for collapse(2) num_threads(NT) schedule(dynamic, 1)
+  for (int b = 0; b < B; b++) {
+    for (int h = 0; h < NH; h++) {
+      int kh = h / group;
+      for (int t = 0; t < T; t++) {
+        const float *qr = q + ((size_t)b * T + t) * QW + (size_t)h * D;
+        float *a = att + (((size_t)b * NH + h) * T + t) * T;
+        float maxv = -INFINITY;
+        for (int t2 = 0; t2 <= t; t2++) {
+          float s = dot(qr, k + ((size_t)b * T + t2) * KW + (size_t)kh * D, D) * scale;
+          a[t2] = s;
+          if (s > maxv) maxv = s;
+        }
+        float sum = 0.0f;
+        for (int t2 = 0; t2 <= t; t2++) {
+          a[t2] = expf(a[t2] - maxv);
+          sum += a[t2];
+        }
+        float inv = 1.0f / sum;
+        for (int t2 = 0; t2 <= t; t2++) a[t2] *= inv;
+        for (int t2 = t + 1; t2 < T; t2++) a[t2] = 0.0f;
+        float *o = out + ((size_t)b * T + t) * QW + (size_t)h * D;
+        memset(o, 0, sizeof(float) * D);
+        for (int t2 = 0; t2 <= t; t2++) axpy(o, a[t2], v + ((size_t)b * T + t2) * KW + (size_t)kh * D, D);
+      }
+    }
+  }
+}
+
+static void cpu_gqa_bwd(ot_backend *be, float *dq, float *dk, float *dv, float *datt, const float *dout,
+                        const float *q, const float *k, const float *v, const float *att, int B, int T,
+                        int NH, int NKV, int D) {
+  float scale = 1.0f / sqrtf((float)D);
+  size_t QW = (size_t)NH * D, KW = (size_t)NKV * D;
+  int group = NH / NKV;
+  /* One task per (batch, key/value head): its dk and dv gather every query head of the group. */
+#pragma omp parallel for collapse(2) num_threads(NT) schedule(dynamic, 1)
+  for (int b = 0; b < B; b++) {
+    for (int kh = 0; kh < NKV; kh++) {
+      for (int t = 0; t < T; t++) {
+        memset(dk + ((size_t)b * T + t) * KW + (size_t)kh * D, 0, sizeof(float) * D);
+        memset(dv + ((size_t)b * T + t) * KW + (size_t)kh * D, 0, sizeof(float) * D);
+        for (int h = kh * group; h < (kh + 1) * group; h++)
+          memset(dq + ((size_t)b * T + t) * QW + (size_t)h * D, 0, sizeof(float) * D);
+      }
+      for (int h = kh * group; h < (kh + 1) * group; h++) {
+        for (int t = 0; t < T; t++) {
+          const float *a = att + (((size_t)b * NH + h) * T + t) * T;
+          float *da = datt + (((size_t)b * NH + h) * T + t) * T;
+          const float *d = dout + ((size_t)b * T + t) * QW + (size_t)h * D;
+          const float *qr = q + ((size_t)b * T + t) * QW + (size_t)h * D;
+          float *dqr = dq + ((size_t)b * T + t) * QW + (size_t)h * D;
+          float s = 0.0f;
+          for (int t2 = 0; t2 <= t; t2++) {
+            size_t kv = ((size_t)b * T + t2) * KW + (size_t)kh * D;
+            da[t2] = dot(d, v + kv, D);
+            axpy(dv + kv, a[t2], d, D);
+            s += a[t2] * da[t2];
+          }
+          for (int t2 = 0; t2 <= t; t2++) {
+            size_t kv = ((size_t)b * T + t2) * KW + (size_t)kh * D;
+            float dpre = a[t2] * (da[t2] - s) * scale;
+            axpy(dqr, dpre, k + kv, D);
+            axpy(dk + kv, dpre, qr, D);
+          }
+        }
+      }
+    }
+  }
+}
+
+static void cpu_gqa_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *q,
+                           const float *k, const float *v, const int32_t *pos, const int32_t *slot, int N,
+                           int NH, int NKV, int D, int T_max) {
+  size_t QW = (size_t)NH * D, KW = (size_t)NKV * D;
+  int group = NH / NKV;
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (int i = 0; i < N; i++) {
+    size_t at = ((size_t)slot[i] * T_max + pos[i]) * KW;
+    memcpy(kcache + at, k + i * KW, sizeof(float) * KW);
+    memcpy(vcache + at, v + i * KW, sizeof(float) * KW);
+  }
+  float scale = 1.0f / sqrtf((float)D);
+#pragma omp parallel for collapse(2) num_threads(NT) schedule(dynamic, 4)
+  for (int i = 0; i < N; i++) {
+    for (int h = 0; h < NH; h++) {
+      const float *qr = q + i * QW + (size_t)h * D;
+      const float *kb = kcache + (size_t)slot[i] * T_max * KW + (size_t)(h / group) * D;
+      const float *vb = vcache + (size_t)slot[i] * T_max * KW + (size_t)(h / group) * D;
+      float *o = out + i * QW + (size_t)h * D;
+      memset(o, 0, sizeof(float) * D);
+      float m = -INFINITY, l = 0.0f, s[64];
+      for (int t0 = 0; t0 <= pos[i]; t0 += 64) {
+        int n = pos[i] + 1 - t0 < 64 ? pos[i] + 1 - t0 : 64;
+        float bm = m;
+        for (int j = 0; j < n; j++) {
+          s[j] = dot(qr, kb + (size_t)(t0 + j) * KW, D) * scale;
+          if (s[j] > bm) bm = s[j];
+        }
+        if (bm > m) {
+          float corr = expf(m - bm);
+          l *= corr;
+          for (int d = 0; d < D; d++) o[d] *= corr;
+          m = bm;
+        }
+        for (int j = 0; j < n; j++) {
+          float p = expf(s[j] - m);
+          l += p;
+          axpy(o, p, vb + (size_t)(t0 + j) * KW, D);
+        }
+      }
+      float inv = 1.0f / l;
+      for (int d = 0; d < D; d++) o[d] *= inv;
+    }
+  }
+}
+
 static const ot_backend_ops cpu_ops = {
     .name = "cpu",
     .host_visible = 1,
@@ -692,6 +906,14 @@ static const ot_backend_ops cpu_ops = {
     .embed_fwd = cpu_embed_fwd,
     .attention_kv_fwd = cpu_attention_kv_fwd,
     .lora_sgmv_fwd = cpu_lora_sgmv_fwd,
+    .rmsnorm_fwd = cpu_rmsnorm_fwd,
+    .rmsnorm_bwd = cpu_rmsnorm_bwd,
+    .rope = cpu_rope,
+    .swiglu_fwd = cpu_swiglu_fwd,
+    .swiglu_bwd = cpu_swiglu_bwd,
+    .gqa_fwd = cpu_gqa_fwd,
+    .gqa_bwd = cpu_gqa_bwd,
+    .gqa_kv_fwd = cpu_gqa_kv_fwd,
 };
 
 int ot_backend_cpu_create(int n_threads, ot_backend **out) {

@@ -362,7 +362,7 @@ static __global__ void embed_kernel(float *out, const int32_t *tokens, const int
   size_t n = (size_t)N * C;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
     size_t i = e / C, c = e % C;
-    out[e] = wte[(size_t)tokens[i] * C + c] + wpe[(size_t)pos[i] * C + c];
+    out[e] = wte[(size_t)tokens[i] * C + c] + (wpe ? wpe[(size_t)pos[i] * C + c] : 0.0f);
   }
 }
 

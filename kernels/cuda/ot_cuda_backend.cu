@@ -173,7 +173,7 @@ static __global__ void encoder_fwd_kernel(float *out, const int32_t *tokens, con
                                           const float *wpe, int T, int C, size_t n) {
   for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x) {
     size_t i = k / C, ch = k % C;
-    out[k] = wte[(size_t)tokens[i] * C + ch] + wpe[(i % T) * C + ch];
+    out[k] = wte[(size_t)tokens[i] * C + ch] + (wpe ? wpe[(i % T) * C + ch] : 0.0f);
   }
 }
 
@@ -640,6 +640,14 @@ static const ot_backend_ops cuda_ops = {
     .embed_fwd = ot_cuda_embed_fwd,
     .attention_kv_fwd = ot_cuda_attention_kv_fwd,
     .lora_sgmv_fwd = ot_cuda_lora_sgmv_fwd,
+    .rmsnorm_fwd = ot_cuda_rmsnorm_fwd,
+    .rmsnorm_bwd = ot_cuda_rmsnorm_bwd,
+    .rope = ot_cuda_rope,
+    .swiglu_fwd = ot_cuda_swiglu_fwd,
+    .swiglu_bwd = ot_cuda_swiglu_bwd,
+    .gqa_fwd = ot_cuda_gqa_fwd,
+    .gqa_bwd = ot_cuda_gqa_bwd,
+    .gqa_kv_fwd = ot_cuda_gqa_kv_fwd,
 };
 
 static int no_device(cudaError_t e, const char *why) {

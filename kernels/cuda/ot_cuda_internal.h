@@ -71,6 +71,23 @@ void ot_cuda_attention_kv_fwd(ot_backend *be, float *out, float *kcache, float *
                               const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max);
 
 /* ot_cuda_lora.cu */
+void ot_cuda_rmsnorm_fwd(ot_backend *be, float *out, float *rstd, const float *inp, const float *w, int N,
+                         int C, float eps);
+void ot_cuda_rmsnorm_bwd(ot_backend *be, float *dinp, float *dw, const float *dout, const float *inp,
+                         const float *w, const float *rstd, int N, int C);
+void ot_cuda_rope(ot_backend *be, float *x, const int32_t *pos, const float *inv_freq, int N, int H, int D,
+                  int inverse);
+void ot_cuda_swiglu_fwd(ot_backend *be, float *out, const float *gate, const float *up, size_t n);
+void ot_cuda_swiglu_bwd(ot_backend *be, float *dgate, float *dup, const float *dout, const float *gate,
+                        const float *up, size_t n);
+void ot_cuda_gqa_fwd(ot_backend *be, float *out, float *att, const float *q, const float *k, const float *v,
+                     int B, int T, int NH, int NKV, int D);
+void ot_cuda_gqa_bwd(ot_backend *be, float *dq, float *dk, float *dv, float *datt, const float *dout,
+                     const float *q, const float *k, const float *v, const float *att, int B, int T, int NH,
+                     int NKV, int D);
+void ot_cuda_gqa_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *q,
+                        const float *k, const float *v, const int32_t *pos, const int32_t *slot, int N,
+                        int NH, int NKV, int D, int T_max);
 void ot_cuda_lora_fwd(ot_backend *be, float *out, float *t, float *xd, const float *x, const float *A,
                       const float *B, int N, int IN, int OUT, int r, float scale, float p, uint64_t seed);
 void ot_cuda_lora_bwd(ot_backend *be, float *dx, float *dA, float *dB, float *dt, float *xd,
