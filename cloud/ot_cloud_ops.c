@@ -108,9 +108,8 @@ static int usage_fail(const char *cmd, const char *syn, const ot_opt *opts, int 
 /* ---- session ------------------------------------------------------------------------- */
 
 static int session_create(int argc, char **argv) {
-  const char *state = NULL, *name = NULL, *model = NULL, *adapter = "offsite",
-             *targets = "c_attn,c_proj,c_fc,mlp.c_proj", *agg = "fedavg", *distill_data = NULL,
-             *secagg = "auto";
+  const char *state = NULL, *name = NULL, *model = NULL, *adapter = "offsite", *targets = "all",
+             *agg = "fedavg", *distill_data = NULL, *secagg = "auto";
   ot_session_cfg c;
   ot_session_cfg_default(&c);
   int json = 0;
@@ -132,7 +131,8 @@ static int session_create(int argc, char **argv) {
       {"lora-r", OT_OPT_INT, &c.adapter.lora_r, "R", "LoRA rank (default 8)"},
       {"lora-alpha", OT_OPT_FLOAT, &c.adapter.lora_alpha, "A", "LoRA alpha (default 16)"},
       {"lora-dropout", OT_OPT_FLOAT, &c.adapter.lora_dropout, "P", "LoRA dropout (default 0.05)"},
-      {"lora-targets", OT_OPT_STR, &targets, "LIST", "PEFT target modules (default: all four)"},
+      {"lora-targets", OT_OPT_STR, &targets, "LIST",
+       "PEFT target modules (default all: every linear layer of the model)"},
       {"bottleneck-dim", OT_OPT_INT, &c.adapter.bottleneck_dim, "M", "bottleneck size (default 16)"},
       {"steps", OT_OPT_INT, &c.steps, "N", "device: local steps per round (default 50)"},
       {"lr", OT_OPT_FLOAT, &c.lr, "LR", "device: AdamW learning rate (default 1e-3)"},

@@ -281,7 +281,7 @@ int ot_cmd_pretrain(int argc, char **argv) {
     ot_model_config h;
     if (rc == OT_OK && t.resume && ot_snapshot_exists(t.out) &&
         ot_path_join(t.out, "config.json", &saved_cfg) == OT_OK &&
-        ot_model_config_load(saved_cfg, &h) == OT_OK && memcmp(&h, &cfg, sizeof cfg) != 0)
+        ot_model_config_load(saved_cfg, &h) == OT_OK && !ot_model_config_equal(&h, &cfg))
       rc = ot_error(
           OT_ERR_MISMATCH,
           "%s holds a different model (layers %d, heads %d, width %d, vocabulary %d, context %d) than "

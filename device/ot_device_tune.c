@@ -27,7 +27,7 @@ int ot_dev_tune(int argc, char **argv) {
   const char *init_adapter = NULL;
   ot_adapter_config acfg;
   ot_adapter_config_default(&acfg);
-  const char *targets = "c_attn,c_proj,c_fc,mlp.c_proj";
+  const char *targets = "all";
   const ot_opt opts[] = {
       {"emulator", OT_OPT_STR, &emu_dir, "DIR", "emulator package from offtune-cloud distill (required)"},
       {"text", OT_OPT_STR, &text, "FILE", "private training text"},
@@ -39,7 +39,7 @@ int ot_dev_tune(int argc, char **argv) {
       {"lora-alpha", OT_OPT_FLOAT, &acfg.lora_alpha, "A", "LoRA alpha; scale = alpha / r (default 16)"},
       {"lora-dropout", OT_OPT_FLOAT, &acfg.lora_dropout, "P", "dropout on the LoRA input (default 0.05)"},
       {"lora-targets", OT_OPT_STR, &targets, "LIST",
-       "PEFT target modules (default c_attn,c_proj,c_fc,mlp.c_proj; c_proj means both)"},
+       "PEFT target modules, e.g. c_attn,c_proj or q_proj,v_proj (default all: every linear layer)"},
       {"bottleneck-dim", OT_OPT_INT, &acfg.bottleneck_dim, "M", "bottleneck adapter size (default 16)"},
       {"steps", OT_OPT_INT, &steps, "N", "optimizer steps (default 100)"},
       {"batch", OT_OPT_INT, &batch, "B", "sequences per step (default 8)"},

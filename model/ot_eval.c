@@ -128,8 +128,8 @@ int ot_sample_token(const float *logits, int V, float temperature, float top_p, 
   return buf[n - 1].id;
 }
 
-int ot_generate(ot_model *m, const int32_t *prompt, size_t n_prompt, const ot_sample_config *sc, int32_t **out,
-                size_t *n_out) {
+int ot_generate(ot_model *m, const int32_t *prompt, size_t n_prompt, const ot_sample_config *sc,
+                int32_t **out, size_t *n_out) {
   if (n_prompt == 0) return ot_error(OT_ERR_INVALID, "the prompt is empty");
   if (sc->max_tokens < 0) return ot_error(OT_ERR_INVALID, "max tokens must be >= 0");
   int V = ot_model_cfg(m)->vocab_size, window = ot_model_cfg(m)->n_positions;

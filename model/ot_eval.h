@@ -46,7 +46,7 @@ size_t ot_sample_scratch_bytes(int V);
 /* Extends prompt ids with up to max_tokens sampled ids (context cropped to the model's
  * window). *out holds prompt + completion (malloc'd). The model must be prepared with
  * B >= 1 and T = its n_positions or the window wanted. */
-int ot_generate(ot_model *m, const int32_t *prompt, size_t n_prompt, const ot_sample_config *sc, int32_t **out,
-                size_t *n_out);
+int ot_generate(ot_model *m, const int32_t *prompt, size_t n_prompt, const ot_sample_config *sc,
+                int32_t **out, size_t *n_out);
 
 #endif

@@ -859,13 +859,202 @@ static uint64_t lora_seed(const ot_model *m, int l, int s) {
   return ot_dropout_seed(m->drop_seed, m->step, (uint64_t)l * (m->gpt2 ? 4 : OT_SITE_COUNT) + (uint64_t)s);
 }
 
-/* Norm of the architecture: LayerNorm (w, b, mean saved) or RMSNorm (w). */
-static void norm_fwd(ot_model *m, float *out, float *mean, float *rstd, const float *in, const float *w,
-                     const float *b, int N) {
+/* ---- the block code, shared by training, evaluation and serving ------------------- */
+
+/* Serving state: the KV cache and a one-block workspace for steps of up to max_rows rows. */
+struct ot_model_kv {
+  ot_model *m;
+  int n_slots, T_max, max_rows, max_last;
+  float *kc, *vc; /* [L, n_slots, T_max, KW] */
+  ot_block_acts a;
+  float *proj, *bn_up, *last, *lastn, *logits;
+  float *lora_t; /* [max_rows, rcap] (segments without SGMV) */
+  int rcap;
+  float *bn_z, *bn_g; /* [max_rows, dcap] */
+  int dcap;
+  int32_t *d_tokens, *d_pos, *d_slot;
+  /* lora_sgmv_fwd tables, one entry per segment */
+  const float **sg_A, **sg_Bt;
+  int *sg_row0, *sg_n, *sg_r;
+  float *sg_scale;
+  int sg_cap;
+};
+
+/* One forward pass over rows: training/eval (kv NULL: B sequences of T, causal; the model's own
+ * extensions) or serving (kv: rows at pos/slot against the cache; per-segment weights). */
+typedef struct {
+  int B, T, N;
+  ot_block_acts *a;
+  float *proj, *bn_up;
+  const int32_t *pos; /* backend positions of the rows (rotary embeddings) */
+  ot_model_kv *kv;
+  const ot_model_segment *sg;
+  int ns;
+} fwd_ctx;
+
+/* Tensor of role r of block l for segment s (serving) or the model's own. */
+static const float *W(const ot_model *m, const fwd_ctx *c, int s, int l, int r) {
+  if (r < 0) return NULL;
+  const ot_block_over *o = c->kv && c->sg[s].blk ? &c->sg[s].blk[l] : NULL;
+  return o && o->p[r] ? o->p[r] : BP(m, l, r);
+}
+
+/* Norm of the architecture: LayerNorm (w, b) or RMSNorm (w); statistics saved when asked. */
+static void norm_rows(ot_model *m, float *out, float *mean, float *rstd, const float *in, const float *w,
+                      const float *b, int N) {
   if (m->gpt2)
     m->be->ops->layernorm_fwd(m->be, out, mean, rstd, in, w, b, N, m->cfg.n_embd, m->cfg.layer_norm_epsilon);
   else
     m->be->ops->rmsnorm_fwd(m->be, out, rstd, in, w, N, m->cfg.n_embd, m->cfg.layer_norm_epsilon);
+}
+
+/* Norm of block l (roles rw, rb): once per run of segments sharing weights. */
+static void norm_fwd(ot_model *m, const fwd_ctx *c, int l, int rw, int rb, float *out, float *mean,
+                     float *rstd, const float *in) {
+  if (!c->kv) {
+    norm_rows(m, out, mean, rstd, in, BP(m, l, rw), rb >= 0 ? BP(m, l, rb) : NULL, c->N);
+    return;
+  }
+  size_t C = m->cfg.n_embd;
+  for (int s = 0; s < c->ns;) {
+    const float *w = W(m, c, s, l, rw), *b = W(m, c, s, l, rb);
+    int t = s + 1, n = c->sg[s].n;
+    while (t < c->ns && W(m, c, t, l, rw) == w && W(m, c, t, l, rb) == b) n += c->sg[t++].n;
+    norm_rows(m, out + c->sg[s].row0 * C, NULL, NULL, in + c->sg[s].row0 * C, w, b, n);
+    s = t;
+  }
+}
+
+/* out = x W + b at site s of block l plus the LoRA branch: training saves t for backward; serving
+ * runs the shared GEMM once per run of segments with the same weights, then every segment's
+ * branch on its own rows (Punica's SGMV: shrink x A^T, expand (.) B^T, scaled). */
+static void lin_fwd(ot_model *m, const fwd_ctx *c, int l, int site, float *out, const float *x) {
+  const ot_backend_ops *o = m->be->ops;
+  int in, outw, wr = ot_site_weight_role(site), br = ot_site_bias_role(site);
+  ot_model_site_dims(m, site, &in, &outw);
+  if (!c->kv) {
+    o->matmul_fwd(m->be, out, x, BP(m, l, wr), br >= 0 ? BP(m, l, br) : NULL, c->N, in, outw, m->layout);
+    if (!has_lora(m, l, site)) return;
+    const ot_block_ext *e = &m->ext[l];
+    o->lora_fwd(m->be, out, c->a->lora_t[site], m->lora_xd, x, XP(m, m->eidx[l].lora[site][0]),
+                XP(m, m->eidx[l].lora[site][1]), c->N, in, outw, e->lora_r, e->lora_alpha / (float)e->lora_r,
+                lora_p(m, l), lora_seed(m, l, site));
+    return;
+  }
+  for (int s = 0; s < c->ns;) {
+    const float *w = W(m, c, s, l, wr), *b = W(m, c, s, l, br);
+    int t = s + 1, n = c->sg[s].n;
+    while (t < c->ns && W(m, c, t, l, wr) == w && W(m, c, t, l, br) == b) n += c->sg[t++].n;
+    o->matmul_fwd(m->be, out + (size_t)c->sg[s].row0 * outw, x + (size_t)c->sg[s].row0 * in, w, b, n, in,
+                  outw, m->layout);
+    s = t;
+  }
+  ot_model_kv *kv = c->kv;
+  int S = 0;
+  for (int s = 0; s < c->ns; s++) {
+    const ot_block_over *bo = c->sg[s].blk ? &c->sg[s].blk[l] : NULL;
+    if (!bo || !((bo->lora_sites >> site) & 1)) continue;
+    if (!o->lora_sgmv_fwd) {
+      o->lora_fwd(m->be, out + (size_t)c->sg[s].row0 * outw, kv->lora_t, NULL, x + (size_t)c->sg[s].row0 * in,
+                  bo->lora_a[site], bo->lora_b[site], c->sg[s].n, in, outw, bo->lora_r, bo->lora_scale, 0.0f,
+                  0);
+      continue;
+    }
+    kv->sg_A[S] = bo->lora_a[site];
+    kv->sg_Bt[S] = bo->lora_bt[site];
+    kv->sg_row0[S] = c->sg[s].row0;
+    kv->sg_n[S] = c->sg[s].n;
+    kv->sg_r[S] = bo->lora_r;
+    kv->sg_scale[S++] = bo->lora_scale;
+  }
+  if (S)
+    o->lora_sgmv_fwd(m->be, out, x, kv->sg_A, kv->sg_Bt, kv->sg_row0, kv->sg_n, kv->sg_r, kv->sg_scale, S, in,
+                     outw);
+}
+
+/* Bottleneck k of block l after the output projection: h += up(gelu(down(h))). Training keeps h
+ * (a->bn_in[k]) and the hidden activations for backward and writes the sum to c->proj; serving
+ * adds in place on the segments that have one. */
+static void bn_fwd(ot_model *m, const fwd_ctx *c, int l, int k) {
+  const ot_backend_ops *o = m->be->ops;
+  int C = m->cfg.n_embd;
+  if (!c->kv) {
+    int d = m->ext[l].bottleneck;
+    const int *ix = m->eidx[l].bn[k];
+    ot_block_acts *a = c->a;
+    o->matmul_fwd(m->be, a->bn_z[k], a->bn_in[k], XP(m, ix[0]), XP(m, ix[1]), c->N, C, d, OT_W_IN_OUT);
+    o->gelu_fwd(m->be, a->bn_g[k], a->bn_z[k], (size_t)c->N * d);
+    o->matmul_fwd(m->be, c->bn_up, a->bn_g[k], XP(m, ix[2]), XP(m, ix[3]), c->N, d, C, OT_W_IN_OUT);
+    o->add(m->be, c->proj, a->bn_in[k], c->bn_up, (size_t)c->N * C);
+    return;
+  }
+  ot_model_kv *kv = c->kv;
+  for (int s = 0; s < c->ns; s++) {
+    const ot_block_over *bo = c->sg[s].blk ? &c->sg[s].blk[l] : NULL;
+    if (!bo || !bo->bn_dim) continue;
+    int d = bo->bn_dim, n = c->sg[s].n;
+    float *hs = c->proj + (size_t)c->sg[s].row0 * C;
+    o->matmul_fwd(m->be, kv->bn_z, hs, bo->bn[k][0], bo->bn[k][1], n, C, d, OT_W_IN_OUT);
+    o->gelu_fwd(m->be, kv->bn_g, kv->bn_z, (size_t)n * d);
+    o->matmul_fwd(m->be, c->bn_up, kv->bn_g, bo->bn[k][2], bo->bn[k][3], n, d, C, OT_W_IN_OUT);
+    o->add(m->be, hs, hs, c->bn_up, (size_t)n * C);
+  }
+}
+
+/* Has block l a bottleneck in this pass (training: its own extension; serving: any segment)? */
+static int bn_here(const ot_model *m, const fwd_ctx *c, int l) {
+  if (!c->kv) return has_bn(m, l);
+  for (int s = 0; s < c->ns; s++)
+    if (c->sg[s].blk && c->sg[s].blk[l].bn_dim) return 1;
+  return 0;
+}
+
+/* One block: residual -> a->residual3. Attention is causal within each sequence: over the B rows
+ * of T in training, against the cache in serving. */
+static void block_fwd(ot_model *m, const fwd_ctx *c, int l, const float *residual) {
+  const ot_backend_ops *o = m->be->ops;
+  ot_backend *be = m->be;
+  ot_block_acts *a = c->a;
+  int C = m->cfg.n_embd, NH = m->cfg.n_head, N = c->N;
+  int bn_train = !c->kv && has_bn(m, l); /* training keeps the bottleneck's input apart */
+  norm_fwd(m, c, l, OT_R_ATTN_NORM, OT_R_ATTN_NORM_B, a->ln1, a->ln1_mean, a->ln1_rstd, residual);
+  size_t layer_kv = c->kv ? (size_t)c->kv->n_slots * c->kv->T_max * m->KW : 0;
+  float *kc = c->kv ? c->kv->kc + l * layer_kv : NULL, *vc = c->kv ? c->kv->vc + l * layer_kv : NULL;
+  if (m->gpt2) {
+    lin_fwd(m, c, l, OT_SITE_QKV, a->qkv, a->ln1);
+    if (c->kv)
+      o->attention_kv_fwd(be, a->atty, kc, vc, a->qkv, c->kv->d_pos, c->kv->d_slot, N, C, NH, c->kv->T_max);
+    else
+      o->attention_fwd(be, a->atty, a->att, a->qkv, c->B, c->T, C, NH);
+  } else {
+    int D = m->cfg.head_dim, NKV = m->cfg.n_kv_head;
+    lin_fwd(m, c, l, OT_SITE_Q, a->q, a->ln1);
+    lin_fwd(m, c, l, OT_SITE_K, a->k, a->ln1);
+    lin_fwd(m, c, l, OT_SITE_V, a->v, a->ln1);
+    o->rope(be, a->q, c->pos, m->inv_freq, N, NH, D, 0);
+    o->rope(be, a->k, c->pos, m->inv_freq, N, NKV, D, 0);
+    if (c->kv)
+      o->gqa_kv_fwd(be, a->atty, kc, vc, a->q, a->k, a->v, c->kv->d_pos, c->kv->d_slot, N, NH, NKV, D,
+                    c->kv->T_max);
+    else
+      o->gqa_fwd(be, a->atty, a->att, a->q, a->k, a->v, c->B, c->T, NH, NKV, D);
+  }
+  lin_fwd(m, c, l, OT_SITE_O, bn_train ? a->bn_in[0] : c->proj, a->atty);
+  if (bn_here(m, c, l)) bn_fwd(m, c, l, 0);
+  o->add(be, a->residual2, residual, c->proj, (size_t)N * C);
+  norm_fwd(m, c, l, OT_R_FFN_NORM, OT_R_FFN_NORM_B, a->ln2, a->ln2_mean, a->ln2_rstd, a->residual2);
+  size_t NF = (size_t)N * m->cfg.n_ff;
+  if (m->gpt2) {
+    lin_fwd(m, c, l, OT_SITE_UP, a->up, a->ln2);
+    o->gelu_fwd(be, a->act, a->up, NF);
+  } else {
+    lin_fwd(m, c, l, OT_SITE_GATE, a->gate, a->ln2);
+    lin_fwd(m, c, l, OT_SITE_UP, a->up, a->ln2);
+    o->swiglu_fwd(be, a->act, a->gate, a->up, NF);
+  }
+  lin_fwd(m, c, l, OT_SITE_DOWN, bn_train ? a->bn_in[1] : c->proj, a->act);
+  if (bn_here(m, c, l)) bn_fwd(m, c, l, 1);
+  o->add(be, a->residual3, a->residual2, c->proj, (size_t)N * C);
 }
 
 static void norm_bwd(ot_model *m, float *dinp, float *dw, float *db, const float *dout, const float *in,
@@ -874,19 +1063,6 @@ static void norm_bwd(ot_model *m, float *dinp, float *dw, float *db, const float
     m->be->ops->layernorm_bwd(m->be, dinp, dw, db, dout, in, w, mean, rstd, N, m->cfg.n_embd);
   else
     m->be->ops->rmsnorm_bwd(m->be, dinp, dw, dout, in, w, rstd, N, m->cfg.n_embd);
-}
-
-/* out = x W + b at site s of block l, plus its LoRA branch (saving t for backward). */
-static void lin_fwd(ot_model *m, int l, ot_block_acts *a, int s, float *out, const float *x, int N) {
-  int in, outw, br = ot_site_bias_role(s);
-  ot_model_site_dims(m, s, &in, &outw);
-  m->be->ops->matmul_fwd(m->be, out, x, BP(m, l, ot_site_weight_role(s)), br >= 0 ? BP(m, l, br) : NULL, N,
-                         in, outw, m->layout);
-  if (!has_lora(m, l, s)) return;
-  const ot_block_ext *e = &m->ext[l];
-  m->be->ops->lora_fwd(m->be, out, a->lora_t[s], m->lora_xd, x, XP(m, m->eidx[l].lora[s][0]),
-                       XP(m, m->eidx[l].lora[s][1]), N, in, outw, e->lora_r, e->lora_alpha / (float)e->lora_r,
-                       lora_p(m, l), lora_seed(m, l, s));
 }
 
 /* dx = dout W^T (overwrite) plus the LoRA branch; dW, db, dA, dB accumulate. */
@@ -904,17 +1080,6 @@ static void lin_bwd(ot_model *m, int l, ot_block_acts *a, int s, float *dx, cons
                        lora_p(m, l), lora_seed(m, l, s));
 }
 
-/* Bottleneck k on h = a->bn_in[k]: m->proj = h + up(gelu(down(h))). */
-static void bn_fwd(ot_model *m, int l, ot_block_acts *a, int k, int N) {
-  const ot_backend_ops *o = m->be->ops;
-  int C = m->cfg.n_embd, d = m->ext[l].bottleneck;
-  const int *ix = m->eidx[l].bn[k];
-  o->matmul_fwd(m->be, a->bn_z[k], a->bn_in[k], XP(m, ix[0]), XP(m, ix[1]), N, C, d, OT_W_IN_OUT);
-  o->gelu_fwd(m->be, a->bn_g[k], a->bn_z[k], (size_t)N * d);
-  o->matmul_fwd(m->be, m->bn_up, a->bn_g[k], XP(m, ix[2]), XP(m, ix[3]), N, d, C, OT_W_IN_OUT);
-  o->add(m->be, m->proj, a->bn_in[k], m->bn_up, (size_t)N * C);
-}
-
 /* dh = dout + (adapter's Jacobian)^T dout into m->bn_dh; returns it. */
 static const float *bn_bwd(ot_model *m, int l, ot_block_acts *a, int k, const float *dout, int N) {
   const ot_backend_ops *o = m->be->ops;
@@ -927,46 +1092,6 @@ static const float *bn_bwd(ot_model *m, int l, ot_block_acts *a, int k, const fl
                 OT_W_IN_OUT);
   o->add(m->be, m->bn_dh, m->bn_dh, dout, (size_t)N * C);
   return m->bn_dh;
-}
-
-/* One block: residual -> a->residual3. Attention is causal over each of the B rows of T. */
-static void block_fwd(ot_model *m, int l, ot_block_acts *a, const float *residual, int B, int T) {
-  const ot_backend_ops *o = m->be->ops;
-  ot_backend *be = m->be;
-  int C = m->cfg.n_embd, NH = m->cfg.n_head, N = B * T, bn = has_bn(m, l);
-  norm_fwd(m, a->ln1, a->ln1_mean, a->ln1_rstd, residual, BP(m, l, OT_R_ATTN_NORM),
-           BP(m, l, OT_R_ATTN_NORM_B), N);
-  if (m->gpt2) {
-    lin_fwd(m, l, a, OT_SITE_QKV, a->qkv, a->ln1, N);
-    o->attention_fwd(be, a->atty, a->att, a->qkv, B, T, C, NH);
-  } else {
-    int D = m->cfg.head_dim, NKV = m->cfg.n_kv_head;
-    lin_fwd(m, l, a, OT_SITE_Q, a->q, a->ln1, N);
-    lin_fwd(m, l, a, OT_SITE_K, a->k, a->ln1, N);
-    lin_fwd(m, l, a, OT_SITE_V, a->v, a->ln1, N);
-    o->rope(be, a->q, m->pos, m->inv_freq, N, NH, D, 0);
-    o->rope(be, a->k, m->pos, m->inv_freq, N, NKV, D, 0);
-    o->gqa_fwd(be, a->atty, a->att, a->q, a->k, a->v, B, T, NH, NKV, D);
-  }
-  float *h = bn ? a->bn_in[0] : m->proj;
-  lin_fwd(m, l, a, OT_SITE_O, h, a->atty, N);
-  if (bn) bn_fwd(m, l, a, 0, N);
-  o->add(be, a->residual2, residual, m->proj, (size_t)N * C);
-  norm_fwd(m, a->ln2, a->ln2_mean, a->ln2_rstd, a->residual2, BP(m, l, OT_R_FFN_NORM),
-           BP(m, l, OT_R_FFN_NORM_B), N);
-  size_t NF = (size_t)N * m->cfg.n_ff;
-  if (m->gpt2) {
-    lin_fwd(m, l, a, OT_SITE_UP, a->up, a->ln2, N);
-    o->gelu_fwd(be, a->act, a->up, NF);
-  } else {
-    lin_fwd(m, l, a, OT_SITE_GATE, a->gate, a->ln2, N);
-    lin_fwd(m, l, a, OT_SITE_UP, a->up, a->ln2, N);
-    o->swiglu_fwd(be, a->act, a->gate, a->up, NF);
-  }
-  h = bn ? a->bn_in[1] : m->proj;
-  lin_fwd(m, l, a, OT_SITE_DOWN, h, a->act, N);
-  if (bn) bn_fwd(m, l, a, 1, N);
-  o->add(be, a->residual3, a->residual2, m->proj, (size_t)N * C);
 }
 
 /* Backward of block l: m->dresidual holds dL/d(residual3) and becomes dL/d(residual) when
@@ -1048,16 +1173,17 @@ static int forward_trunk(ot_model *m, const int32_t *inputs, const int32_t *targ
   m->last_dropout = m->training && m->dropout_on && targets != NULL;
   o->encoder_fwd(be, m->encoded, m->tokens, GP(m, OT_G_TOK), GP(m, OT_G_POS), B, T, C);
   float *residual = m->encoded;
+  fwd_ctx c = {.B = B, .T = T, .N = N, .proj = m->proj, .bn_up = m->bn_up, .pos = m->pos};
   for (int l = 0; l < n_blocks; l++) {
-    ot_block_acts *a = &m->blocks[m->training ? l : 0];
-    block_fwd(m, l, a, residual, B, T);
-    residual = a->residual3;
+    c.a = &m->blocks[m->training ? l : 0];
+    block_fwd(m, &c, l, residual);
+    residual = c.a->residual3;
   }
   if (n_blocks < L) {
     m->last_B = 0; /* a partial forward leaves nothing for backward or last_logits */
     return OT_OK;
   }
-  norm_fwd(m, m->lnf, m->lnf_mean, m->lnf_rstd, residual, GP(m, OT_G_NORM), GP(m, OT_G_NORM_B), N);
+  norm_rows(m, m->lnf, m->lnf_mean, m->lnf_rstd, residual, GP(m, OT_G_NORM), GP(m, OT_G_NORM_B), N);
   m->last_B = B;
   m->last_T = T;
   m->last_has_targets = targets != NULL;
@@ -1205,6 +1331,190 @@ int ot_model_set_block_grad(ot_model *m, int layer, const float *dout) {
 
 void ot_model_clear_block_grads(ot_model *m) {
   for (int l = 0; l < m->cfg.n_layer; l++) m->extra_grad[l] = NULL;
+}
+
+/* ---- serving: KV cache and batched decode ---------------------------------------- */
+
+void ot_model_kv_free(ot_model_kv *kv) {
+  if (!kv) return;
+  ot_backend *be = kv->m->be;
+  ot_block_acts *a = &kv->a;
+  void *bufs[] = {kv->kc,   kv->vc,       a->ln1,    a->qkv,    a->q,       a->k,       a->v,
+                  a->atty,  a->residual2, a->ln2,    a->gate,   a->up,      a->act,     a->residual3,
+                  kv->proj, kv->bn_up,    kv->last,  kv->lastn, kv->logits, kv->lora_t, kv->bn_z,
+                  kv->bn_g, kv->d_tokens, kv->d_pos, kv->d_slot};
+  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+    if (bufs[i]) be->ops->free(be, bufs[i]);
+  free(kv->sg_A);
+  free(kv->sg_Bt);
+  free(kv->sg_row0);
+  free(kv->sg_n);
+  free(kv->sg_r);
+  free(kv->sg_scale);
+  free(kv);
+}
+
+int ot_model_kv_create(ot_model *m, int n_slots, int T_max, int max_rows, int max_last, ot_model_kv **out) {
+  if (!m || !out || n_slots < 1 || T_max < 1 || max_rows < 1 || max_last < 1)
+    return ot_error(OT_ERR_INVALID, "ot_model_kv_create: sizes must be positive");
+  if (T_max > m->cfg.n_positions)
+    return ot_error(OT_ERR_RANGE, "sequence length %d exceeds the model's n_positions %d", T_max,
+                    m->cfg.n_positions);
+  ot_backend *be = m->be;
+  int rc = OT_BACKEND_REQUIRE(be, embed_fwd);
+  if (rc == OT_OK)
+    rc = m->gpt2 ? OT_BACKEND_REQUIRE(be, attention_kv_fwd) : OT_BACKEND_REQUIRE(be, gqa_kv_fwd);
+  if (rc == OT_OK) rc = OT_BACKEND_REQUIRE(be, lora_fwd);
+  if (rc) return rc;
+  ot_model_kv *kv = calloc(1, sizeof *kv);
+  if (!kv) return ot_error(OT_ERR_NOMEM, "cannot allocate the KV cache");
+  kv->m = m;
+  kv->n_slots = n_slots;
+  kv->T_max = T_max;
+  kv->max_rows = max_rows;
+  kv->max_last = max_last;
+  size_t N = (size_t)max_rows, C = m->cfg.n_embd, F = m->cfg.n_ff, QW = m->QW, KW = m->KW, fl = sizeof(float);
+  size_t cache = (size_t)m->cfg.n_layer * n_slots * T_max * KW * fl;
+  ot_block_acts *a = &kv->a;
+  struct {
+    void **p;
+    size_t bytes;
+  } bufs[] = {{(void **)&kv->kc, cache},
+              {(void **)&kv->vc, cache},
+              {(void **)&a->ln1, N * C * fl},
+              {(void **)&a->qkv, m->gpt2 ? N * 3 * C * fl : 0},
+              {(void **)&a->q, m->gpt2 ? 0 : N * QW * fl},
+              {(void **)&a->k, m->gpt2 ? 0 : N * KW * fl},
+              {(void **)&a->v, m->gpt2 ? 0 : N * KW * fl},
+              {(void **)&a->atty, N * QW * fl},
+              {(void **)&a->residual2, N * C * fl},
+              {(void **)&a->ln2, N * C * fl},
+              {(void **)&a->gate, m->gpt2 ? 0 : N * F * fl},
+              {(void **)&a->up, N * F * fl},
+              {(void **)&a->act, N * F * fl},
+              {(void **)&a->residual3, N * C * fl},
+              {(void **)&kv->proj, N * C * fl},
+              {(void **)&kv->bn_up, N * C * fl},
+              {(void **)&kv->last, (size_t)max_last * C * fl},
+              {(void **)&kv->lastn, (size_t)max_last * C * fl},
+              {(void **)&kv->logits, (size_t)max_last * m->cfg.vocab_size * fl},
+              {(void **)&kv->d_tokens, N * sizeof(int32_t)},
+              {(void **)&kv->d_pos, N * sizeof(int32_t)},
+              {(void **)&kv->d_slot, N * sizeof(int32_t)}};
+  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0] && rc == OT_OK; i++)
+    if (bufs[i].bytes) rc = be->ops->alloc(be, bufs[i].bytes, bufs[i].p);
+  kv->sg_cap = max_rows;
+  kv->sg_A = malloc(N * sizeof *kv->sg_A);
+  kv->sg_Bt = malloc(N * sizeof *kv->sg_Bt);
+  kv->sg_row0 = malloc(N * sizeof(int));
+  kv->sg_n = malloc(N * sizeof(int));
+  kv->sg_r = malloc(N * sizeof(int));
+  kv->sg_scale = malloc(N * sizeof(float));
+  if (rc == OT_OK && (!kv->sg_A || !kv->sg_Bt || !kv->sg_row0 || !kv->sg_n || !kv->sg_r || !kv->sg_scale))
+    rc = ot_error(OT_ERR_NOMEM, "cannot allocate the SGMV tables");
+  if (rc) {
+    ot_model_kv_free(kv);
+    return rc;
+  }
+  *out = kv;
+  return OT_OK;
+}
+
+size_t ot_model_kv_cache_bytes(const ot_model_kv *kv) {
+  return 2 * (size_t)kv->m->cfg.n_layer * kv->n_slots * kv->T_max * kv->m->KW * sizeof(float);
+}
+
+int ot_model_kv_reserve(ot_model_kv *kv, int r, int d) {
+  ot_backend *be = kv->m->be;
+  if (r > kv->rcap) {
+    float *t = NULL;
+    int rc = be->ops->alloc(be, (size_t)kv->max_rows * r * sizeof(float), (void **)&t);
+    if (rc) return rc;
+    if (kv->lora_t) be->ops->free(be, kv->lora_t);
+    kv->lora_t = t;
+    kv->rcap = r;
+  }
+  if (d > kv->dcap) {
+    float *z = NULL, *g = NULL;
+    int rc = be->ops->alloc(be, (size_t)kv->max_rows * d * sizeof(float), (void **)&z);
+    if (rc == OT_OK) rc = be->ops->alloc(be, (size_t)kv->max_rows * d * sizeof(float), (void **)&g);
+    if (rc) {
+      if (z) be->ops->free(be, z);
+      return rc;
+    }
+    if (kv->bn_z) be->ops->free(be, kv->bn_z);
+    if (kv->bn_g) be->ops->free(be, kv->bn_g);
+    kv->bn_z = z;
+    kv->bn_g = g;
+    kv->dcap = d;
+  }
+  return OT_OK;
+}
+
+/* Segments must tile rows 0..N in order, with adapters that fit the reserved scratch. */
+static int check_segments(const ot_model *m, const ot_model_kv *kv, const ot_model_segment *sg, int ns,
+                          int N) {
+  int row = 0;
+  for (int s = 0; s < ns; s++) {
+    if (sg[s].row0 != row || sg[s].n < 1)
+      return ot_error(OT_ERR_INVALID, "segment %d does not continue the rows at %d", s, row);
+    row += sg[s].n;
+    for (int l = 0; sg[s].blk && l < m->cfg.n_layer; l++) {
+      const ot_block_over *b = &sg[s].blk[l];
+      if ((b->lora_sites && b->lora_r > kv->rcap && !m->be->ops->lora_sgmv_fwd) || b->bn_dim > kv->dcap)
+        return ot_error(OT_ERR_INVALID, "segment %d: adapter larger than the reserved scratch", s);
+      if (b->lora_sites & ~ot_arch_sites(m->cfg.arch))
+        return ot_error(OT_ERR_INVALID, "segment %d: LoRA on a site the model lacks", s);
+    }
+  }
+  if (row != N) return ot_error(OT_ERR_INVALID, "segments cover %d of %d rows", row, N);
+  return OT_OK;
+}
+
+int ot_model_decode(ot_model *m, ot_model_kv *kv, const int32_t *tokens, const int32_t *pos,
+                    const int32_t *slot, int N, const ot_model_segment *sg, int ns, const int *last_rows,
+                    int S, float *logits) {
+  if (!m || !kv || kv->m != m || !tokens || !pos || !slot || (S && (!last_rows || !logits)))
+    return ot_error(OT_ERR_INVALID, "ot_model_decode: bad arguments");
+  if (N < 1 || N > kv->max_rows || S < 0 || S > kv->max_last || ns < 1 || ns > kv->sg_cap)
+    return ot_error(OT_ERR_RANGE, "decode step of %d rows, %d logits, %d segments exceeds the workspace", N,
+                    S, ns);
+  int V = m->cfg.vocab_size, C = m->cfg.n_embd;
+  for (int i = 0; i < N; i++)
+    if (tokens[i] < 0 || tokens[i] >= V || pos[i] < 0 || pos[i] >= kv->T_max || slot[i] < 0 ||
+        slot[i] >= kv->n_slots)
+      return ot_error(OT_ERR_RANGE,
+                      "row %d: token %d at position %d of slot %d is outside the model or cache", i,
+                      tokens[i], pos[i], slot[i]);
+  for (int i = 0; i < S; i++)
+    if (last_rows[i] < 0 || last_rows[i] >= N)
+      return ot_error(OT_ERR_RANGE, "logits row %d outside the step", i);
+  int rc = check_segments(m, kv, sg, ns, N);
+  if (rc) return rc;
+  ot_backend *be = m->be;
+  const ot_backend_ops *o = be->ops;
+  rc = o->upload(be, kv->d_tokens, tokens, (size_t)N * sizeof(int32_t));
+  if (rc == OT_OK) rc = o->upload(be, kv->d_pos, pos, (size_t)N * sizeof(int32_t));
+  if (rc == OT_OK) rc = o->upload(be, kv->d_slot, slot, (size_t)N * sizeof(int32_t));
+  if (rc) return rc;
+  float *x = kv->a.residual3; /* the residual stream: each block reads it before rewriting it */
+  o->embed_fwd(be, x, kv->d_tokens, kv->d_pos, GP(m, OT_G_TOK), GP(m, OT_G_POS), N, C);
+  fwd_ctx c = {.N = N,
+               .a = &kv->a,
+               .proj = kv->proj,
+               .bn_up = kv->bn_up,
+               .pos = kv->d_pos,
+               .kv = kv,
+               .sg = sg,
+               .ns = ns};
+  for (int l = 0; l < m->cfg.n_layer; l++) block_fwd(m, &c, l, x);
+  if (S == 0) return o->sync(be);
+  for (int i = 0; i < S && rc == OT_OK; i++)
+    rc = o->copy(be, kv->last + (size_t)i * C, x + (size_t)last_rows[i] * C, (size_t)C * sizeof(float));
+  if (rc) return rc;
+  norm_rows(m, kv->lastn, NULL, NULL, kv->last, GP(m, OT_G_NORM), GP(m, OT_G_NORM_B), S);
+  o->matmul_fwd(be, kv->logits, kv->lastn, GP(m, OT_G_HEAD), NULL, S, C, V, OT_W_OUT_IN);
+  return o->download(be, logits, kv->logits, (size_t)S * V * sizeof(float));
 }
 
 /* ---- extensions ------------------------------------------------------------------ */

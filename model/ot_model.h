@@ -206,6 +206,50 @@ void ot_model_set_step(ot_model *m, uint64_t step);
 /* Dropout in training forwards on (default) or off (held-out evaluation during training). */
 void ot_model_set_dropout(ot_model *m, int on);
 
+/* ---- batched inference with a KV cache (serving) -----------------------------------
+ *
+ * The same block code as training, on N rows of many sequences at once: row i is token
+ * tokens[i] at position pos[i] of cache slot slot[i]. Rows come grouped in segments, each with
+ * its own weights (an adapter): norms and linear maps run once per run of consecutive segments
+ * sharing weights (the frozen base: the whole batch), LoRA branches per segment (one SGMV call
+ * when the backend has it), bottlenecks per segment.
+ *
+ * What an adapter changes in one block; NULL entries are the base model's tensors. */
+typedef struct {
+  const float *p[OT_R_COUNT]; /* replaced tensors (offsite blocks, BitFit biases) */
+  unsigned lora_sites;
+  int lora_r;
+  float lora_scale;
+  const float *lora_a[OT_SITE_COUNT];  /* A [r, in] */
+  const float *lora_b[OT_SITE_COUNT];  /* B [out, r] */
+  const float *lora_bt[OT_SITE_COUNT]; /* B transposed [r, out] (lora_sgmv_fwd reads rows) */
+  int bn_dim;
+  const float *bn[2][4]; /* attn / mlp: down.weight, down.bias, up.weight, up.bias */
+} ot_block_over;
+
+typedef struct {
+  const ot_block_over *blk; /* [n_layer] or NULL for the base model */
+  int row0, n;
+} ot_model_segment;
+
+typedef struct ot_model_kv ot_model_kv;
+
+/* A KV cache of n_slots sequences of up to T_max positions and the workspace for steps of up
+ * to max_rows rows and max_last logits rows (backend memory, one allocation per buffer). */
+int ot_model_kv_create(ot_model *m, int n_slots, int T_max, int max_rows, int max_last, ot_model_kv **out);
+void ot_model_kv_free(ot_model_kv *kv);
+/* Grows the LoRA and bottleneck scratch to rank r and size d (adapters loaded later). */
+int ot_model_kv_reserve(ot_model_kv *kv, int lora_r, int bn_dim);
+/* Bytes of the KV cache proper (keys and values of every layer and slot). */
+size_t ot_model_kv_cache_bytes(const ot_model_kv *kv);
+/* One forward over N rows (host arrays tokens, pos, slot; segments cover the rows in order).
+ * Every row's key and value are stored first, so rows of one sequence sent together (a
+ * prefill) see each other causally. The logits of rows last_rows[0..S) go to logits [S, V]
+ * (host). The model's parameters are read, never changed. */
+int ot_model_decode(ot_model *m, ot_model_kv *kv, const int32_t *tokens, const int32_t *pos,
+                    const int32_t *slot, int N, const ot_model_segment *sg, int ns, const int *last_rows,
+                    int S, float *logits);
+
 /* Bytes held by parameters, gradients and activations (for reports). */
 size_t ot_model_memory_bytes(const ot_model *m);
 

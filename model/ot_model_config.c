@@ -37,6 +37,13 @@ static void fill_defaults(ot_model_config *cfg) {
   }
 }
 
+int ot_model_config_equal(const ot_model_config *a, const ot_model_config *b) {
+  ot_model_config x = *a, y = *b; /* 4-byte fields only: no padding for memcmp to see */
+  fill_defaults(&x);
+  fill_defaults(&y);
+  return memcmp(&x, &y, sizeof x) == 0;
+}
+
 int ot_model_config_complete(ot_model_config *cfg) {
   if (!cfg) return ot_error(OT_ERR_INVALID, "ot_model_config_complete: NULL config");
   fill_defaults(cfg);
@@ -282,8 +289,9 @@ static int parse_root(const cJSON *root, ot_model_config *cfg) {
     cfg->layer_norm_epsilon = (float)eps->valuedouble;
   }
 
+  /* GPT-2's derived fields stay 0: the short form a positional initialiser gives */
   cfg->arch = OT_ARCH_GPT2;
-  rc = ot_model_config_complete(cfg);
+  rc = ot_model_config_validate(cfg);
   if (rc != OT_OK) return rc;
 
   const cJSON *inner;

@@ -52,6 +52,8 @@ int ot_model_config_load(const char *path, ot_model_config *out);
 /* Writes a config.json that Hugging Face transformers loads as the same model
  * (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM). */
 int ot_model_config_save(const char *path, const ot_model_config *cfg);
+/* 1 when two configs describe the same model (compared as completed). */
+int ot_model_config_equal(const ot_model_config *a, const ot_model_config *b);
 /* Checks ranges and divisibility (of the config as ot_model_config_complete would fill it). */
 int ot_model_config_validate(const ot_model_config *cfg);
 

@@ -187,7 +187,8 @@ static int read_weights(const char *path, ot_model *m) {
   return rc;
 }
 
-int ot_snapshot_load(const char *out, ot_model *m, ot_optimizer *opt, size_t n_tokens, ot_snapshot_state *st) {
+int ot_snapshot_load(const char *out, ot_model *m, ot_optimizer *opt, size_t n_tokens,
+                     ot_snapshot_state *st) {
   char *dir = snapshot_dir(out), *p = NULL, *buf = NULL;
   if (!dir) return ot_error(OT_ERR_NOTFOUND, "no training snapshot in %s", out);
   size_t len;

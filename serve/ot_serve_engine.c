@@ -15,27 +15,14 @@
 
 /* ---- adapters ------------------------------------------------------------------------ */
 
-/* What an adapter changes in one block; NULL = the base model's tensor. */
-typedef struct {
-  int touched;
-  const float *p[OT_R_COUNT];          /* offsite: all; bitfit: the biases */
-  const float *lora[OT_SITE_COUNT][2]; /* A [r, in], B [out, r] */
-  const float *lora_bt[OT_SITE_COUNT]; /* B transposed [r, out], for lora_sgmv_fwd */
-  unsigned lora_sites;
-  int lora_r;
-  float lora_scale;
-  const float *bn[2][4]; /* attn/mlp: down.weight, down.bias, up.weight, up.bias */
-  int bn_dim;
-} blk_over;
-
 typedef struct adapter {
   char name[128];
   ot_adapter_kind kind;
   int refs;          /* running requests using it */
   uint64_t last_use; /* LRU tick */
   size_t bytes;
-  float *mem; /* one backend allocation for all its tensors */
-  blk_over *blk;
+  float *mem;         /* one backend allocation for all its tensors */
+  ot_block_over *blk; /* [n_layer] */
   struct adapter *next;
 } adapter;
 
@@ -68,10 +55,7 @@ struct ot_serve_engine {
   int own_load_be;
   ot_serve_config cfg;
   char base_digest[96];
-  int L, C, NH, V, T_max, Nmax;
-  float eps;
-  const float *wte, *wpe, *lnf_w, *lnf_b;
-  const float *(*base_p)[OT_R_COUNT];
+  int L, V, T_max, Nmax;
 
   /* incoming requests and cancellations, under mu */
   pthread_mutex_t mu;
@@ -93,19 +77,10 @@ struct ot_serve_engine {
   size_t adapter_bytes;
   uint64_t tick;
 
-  /* backend buffers */
-  float *kc, *vc; /* [L, max_batch, T_max, C] */
-  float *x, *ln, *qkv, *atty, *proj, *fch, *fchg, *last, *lastn, *logits;
-  float *lora_t; /* [Nmax, rcap] */
-  int rcap;
-  float *bn_z, *bn_g, *bn_up; /* [Nmax, dcap], [Nmax, dcap], [Nmax, C] */
-  int dcap;
-  int32_t *d_tokens, *d_pos, *d_slot;
+  ot_model_kv *kv; /* one slot per batch entry; the model's workspace for a step */
   /* host scratch */
   int32_t *h_tokens, *h_pos, *h_slot;
-  const float **sg_A, **sg_Bt; /* lora_sgmv_fwd tables [max_batch] */
-  int *sg_row0, *sg_n, *sg_r;
-  float *sg_scale;
+  ot_model_segment *h_segs; /* [max_step_tokens] */
   float *h_logits;
   void *cand; /* ot_sample_token scratch */
 };
@@ -221,15 +196,13 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
     off += (pp_->numel + 15) & ~(size_t)15;                                                                  \
   } while (0)
     for (int l = 0; l < L; l++) {
-      blk_over *b = &a->blk[l];
+      ot_block_over *b = &a->blk[l];
       if (kind == OT_ADAPTER_OFFSITE && mark[l]) {
-        b->touched = 1;
         for (int k = 0; k < OT_R_COUNT; k++)
           if (ot_model_block_param_index(shell, l, k) >= 0)
             TAKE(b->p[k], ot_model_param(shell, ot_model_block_param_index(shell, l, k)));
       }
       if (kind == OT_ADAPTER_BITFIT && mark[l]) {
-        b->touched = 1;
         for (int k = 0; k < 6; k++)
           TAKE(b->p[bitfit_k[k]], ot_model_param(shell, ot_model_block_param_index(shell, l, bitfit_k[k])));
       }
@@ -237,7 +210,6 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
       char nm[160];
       for (int s = 0; s < OT_SITE_COUNT; s++) {
         if (!((x->lora_sites >> s) & 1)) continue;
-        b->touched = 1;
         b->lora_sites |= 1u << s;
         b->lora_r = x->lora_r;
         b->lora_scale = x->lora_alpha / (float)x->lora_r;
@@ -250,14 +222,14 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
             rc = ot_error(OT_ERR_INTERNAL, "%s missing after apply", nm);
             break;
           }
-          TAKE(b->lora[s][ab], pp);
+          if (ab == 0) TAKE(b->lora_a[s], pp);
+          if (ab == 1) TAKE(b->lora_b[s], pp);
           if (ab == 1) TAKE_T(b->lora_bt[s], pp);
         }
       }
       if (x->bottleneck) {
         static const char *sites[2] = {"adapter_attn", "adapter_mlp"};
         static const char *parts[4] = {"down.weight", "down.bias", "up.weight", "up.bias"};
-        b->touched = 1;
         b->bn_dim = x->bottleneck;
         for (int s = 0; s < 2; s++)
           for (int k = 0; k < 4 && rc == OT_OK; k++) {
@@ -299,30 +271,7 @@ static int ensure_scratch(ot_serve_engine *e, const adapter *a) {
     if (a->blk[l].lora_r > r) r = a->blk[l].lora_r;
     if (a->blk[l].bn_dim > d) d = a->blk[l].bn_dim;
   }
-  ot_backend *be = e->be;
-  if (r > e->rcap) {
-    float *t = NULL;
-    int rc = be->ops->alloc(be, (size_t)e->Nmax * r * sizeof(float), (void **)&t);
-    if (rc) return rc;
-    if (e->lora_t) be->ops->free(be, e->lora_t);
-    e->lora_t = t;
-    e->rcap = r;
-  }
-  if (d > e->dcap) {
-    float *z = NULL, *g = NULL;
-    int rc = be->ops->alloc(be, (size_t)e->Nmax * d * sizeof(float), (void **)&z);
-    if (rc == OT_OK) rc = be->ops->alloc(be, (size_t)e->Nmax * d * sizeof(float), (void **)&g);
-    if (rc) {
-      if (z) be->ops->free(be, z);
-      return rc;
-    }
-    if (e->bn_z) be->ops->free(be, e->bn_z);
-    if (e->bn_g) be->ops->free(be, e->bn_g);
-    e->bn_z = z;
-    e->bn_g = g;
-    e->dcap = d;
-  }
-  return OT_OK;
+  return ot_model_kv_reserve(e->kv, r, d);
 }
 
 enum { ACQ_OK = 0, ACQ_BUSY = 1 };
@@ -383,18 +332,7 @@ int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_
   if (!base || !cfg || !out) return ot_error(OT_ERR_INVALID, "ot_serve_engine_create: NULL argument");
   if (ot_model_param_count(base) != ot_model_base_param_count(base))
     return ot_error(OT_ERR_INVALID, "the serving base model must carry no adapter tensors");
-  if (ot_model_cfg(base)->arch != OT_ARCH_GPT2)
-    return ot_error(
-        OT_ERR_UNSUPPORTED,
-        "serving a %s model is not implemented yet: the engine's batched forward covers GPT-2 only "
-        "(use eval/generate commands for other architectures)",
-        ot_arch_name(ot_model_cfg(base)->arch));
   ot_backend *be = ot_model_backend(base);
-  /* any backend with the inference ops (CPU, CUDA); lora_sgmv_fwd is optional */
-  int rc0 = OT_BACKEND_REQUIRE(be, embed_fwd);
-  if (rc0 == OT_OK) rc0 = OT_BACKEND_REQUIRE(be, attention_kv_fwd);
-  if (rc0 == OT_OK) rc0 = OT_BACKEND_REQUIRE(be, lora_fwd);
-  if (rc0) return rc0;
   const ot_model_config *mc = ot_model_cfg(base);
   ot_serve_config c = *cfg;
   if (c.max_batch <= 0) c.max_batch = 32;
@@ -414,12 +352,9 @@ int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_
   snprintf(e->base_digest, sizeof e->base_digest, "%s", c.base_digest ? c.base_digest : "");
   e->cfg.base_digest = e->base_digest;
   e->L = mc->n_layer;
-  e->C = mc->n_embd;
-  e->NH = mc->n_head;
   e->V = mc->vocab_size;
   e->T_max = c.max_seq;
   e->Nmax = c.max_step_tokens;
-  e->eps = mc->layer_norm_epsilon;
   e->next_id = 1;
   pthread_mutex_init(&e->mu, NULL);
   pthread_cond_init(&e->cv, NULL);
@@ -431,57 +366,18 @@ int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_
     rc = ot_backend_cpu_create(0, &e->load_be);
     e->own_load_be = rc == OT_OK;
   }
-  int L = e->L, C = e->C, N = e->Nmax, S = c.max_batch, V = e->V;
-  e->base_p = calloc((size_t)L, sizeof *e->base_p);
+  int N = e->Nmax, S = c.max_batch, V = e->V;
+  if (rc == OT_OK) rc = ot_model_kv_create(base, S, e->T_max, N, S, &e->kv);
   e->slots = calloc((size_t)S, sizeof *e->slots);
   e->h_tokens = malloc((size_t)N * sizeof(int32_t));
   e->h_pos = malloc((size_t)N * sizeof(int32_t));
   e->h_slot = malloc((size_t)N * sizeof(int32_t));
+  e->h_segs = malloc((size_t)N * sizeof *e->h_segs);
   e->h_logits = malloc((size_t)S * V * sizeof(float));
   e->cand = malloc(ot_sample_scratch_bytes(V));
-  e->sg_A = malloc((size_t)S * sizeof *e->sg_A);
-  e->sg_Bt = malloc((size_t)S * sizeof *e->sg_Bt);
-  e->sg_row0 = malloc((size_t)S * sizeof(int));
-  e->sg_n = malloc((size_t)S * sizeof(int));
-  e->sg_r = malloc((size_t)S * sizeof(int));
-  e->sg_scale = malloc((size_t)S * sizeof(float));
   if (rc == OT_OK &&
-      (!e->base_p || !e->slots || !e->h_tokens || !e->h_pos || !e->h_slot || !e->h_logits || !e->cand ||
-       !e->sg_A || !e->sg_Bt || !e->sg_row0 || !e->sg_n || !e->sg_r || !e->sg_scale))
+      (!e->slots || !e->h_tokens || !e->h_pos || !e->h_slot || !e->h_segs || !e->h_logits || !e->cand))
     rc = ot_error(OT_ERR_NOMEM, "cannot allocate the engine tables");
-  for (int l = 0; l < L && rc == OT_OK; l++)
-    for (int k = 0; k < OT_R_COUNT; k++)
-      e->base_p[l][k] = ot_model_block_param_index(base, l, k) >= 0
-                            ? ot_model_param(base, ot_model_block_param_index(base, l, k))->data
-                            : NULL;
-  if (rc == OT_OK) {
-    e->wte = ot_model_param(base, ot_model_global_param_index(base, OT_G_TOK))->data;
-    e->wpe = ot_model_param(base, ot_model_global_param_index(base, OT_G_POS))->data;
-    e->lnf_w = ot_model_param(base, ot_model_global_param_index(base, OT_G_NORM))->data;
-    e->lnf_b = ot_model_param(base, ot_model_global_param_index(base, OT_G_NORM_B))->data;
-  }
-  size_t kv = (size_t)L * S * e->T_max * C * sizeof(float), F = sizeof(float);
-  struct {
-    void **p;
-    size_t bytes;
-  } bufs[] = {{(void **)&e->kc, kv},
-              {(void **)&e->vc, kv},
-              {(void **)&e->x, (size_t)N * C * F},
-              {(void **)&e->ln, (size_t)N * C * F},
-              {(void **)&e->qkv, (size_t)N * 3 * C * F},
-              {(void **)&e->atty, (size_t)N * C * F},
-              {(void **)&e->proj, (size_t)N * C * F},
-              {(void **)&e->fch, (size_t)N * 4 * C * F},
-              {(void **)&e->fchg, (size_t)N * 4 * C * F},
-              {(void **)&e->bn_up, (size_t)N * C * F},
-              {(void **)&e->last, (size_t)S * C * F},
-              {(void **)&e->lastn, (size_t)S * C * F},
-              {(void **)&e->logits, (size_t)S * V * F},
-              {(void **)&e->d_tokens, (size_t)N * sizeof(int32_t)},
-              {(void **)&e->d_pos, (size_t)N * sizeof(int32_t)},
-              {(void **)&e->d_slot, (size_t)N * sizeof(int32_t)}};
-  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0] && rc == OT_OK; i++)
-    rc = be->ops->alloc(be, bufs[i].bytes, bufs[i].p);
   if (rc) {
     ot_serve_engine_free(e);
     return rc;
@@ -553,28 +449,17 @@ void ot_serve_engine_free(ot_serve_engine *e) {
     adapter_free(e, e->adapters);
     e->adapters = n;
   }
-  ot_backend *be = e->be;
-  void *bufs[] = {e->kc,   e->vc,   e->x,        e->ln,    e->qkv,   e->atty,   e->proj,
-                  e->fch,  e->fchg, e->bn_up,    e->last,  e->lastn, e->logits, e->lora_t,
-                  e->bn_z, e->bn_g, e->d_tokens, e->d_pos, e->d_slot};
-  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
-    if (bufs[i]) be->ops->free(be, bufs[i]);
+  ot_model_kv_free(e->kv);
   if (e->own_load_be) ot_backend_free(e->load_be);
   free(e->waiting);
   free(e->slots);
-  free(e->base_p);
   free(e->cancels);
   free(e->h_tokens);
   free(e->h_pos);
   free(e->h_slot);
   free(e->h_logits);
   free(e->cand);
-  free(e->sg_A);
-  free(e->sg_Bt);
-  free(e->sg_row0);
-  free(e->sg_n);
-  free(e->sg_r);
-  free(e->sg_scale);
+  free(e->h_segs);
   pthread_mutex_destroy(&e->mu);
   pthread_cond_destroy(&e->cv);
   pthread_mutex_destroy(&e->step_mu);
@@ -672,112 +557,13 @@ typedef struct {
   int row0, n;
 } segment;
 
-static const float *wp(const ot_serve_engine *e, const adapter *a, int l, int k) {
-  return a && a->blk[l].p[k] ? a->blk[l].p[k] : e->base_p[l][k];
-}
-
-/* LayerNorm over each run of segments sharing weights. */
-static void seg_layernorm(ot_serve_engine *e, float *out, const float *in, int l, int kw, int kb,
-                          const segment *sg, int ns) {
-  int C = e->C;
-  for (int s = 0; s < ns;) {
-    const float *w = wp(e, sg[s].ad, l, kw), *b = wp(e, sg[s].ad, l, kb);
-    int t = s + 1, n = sg[s].n;
-    while (t < ns && wp(e, sg[t].ad, l, kw) == w && wp(e, sg[t].ad, l, kb) == b) n += sg[t++].n;
-    e->be->ops->layernorm_fwd(e->be, out + (size_t)sg[s].row0 * C, NULL, NULL, in + (size_t)sg[s].row0 * C, w,
-                              b, n, C, e->eps);
-    s = t;
-  }
-}
-
-/* out = in W + b per run of segments sharing (W, b): the shared GEMM; then each LoRA segment adds
- * scale (in A^T) B^T on its own rows (SGMV's shrink and expand). */
-static void seg_linear(ot_serve_engine *e, float *out, const float *in, int l, int kw, int kb, int IN,
-                       int OUT, int site, const segment *sg, int ns) {
-  const ot_backend_ops *o = e->be->ops;
-  for (int s = 0; s < ns;) {
-    const float *w = wp(e, sg[s].ad, l, kw), *b = wp(e, sg[s].ad, l, kb);
-    int t = s + 1, n = sg[s].n;
-    while (t < ns && wp(e, sg[t].ad, l, kw) == w && wp(e, sg[t].ad, l, kb) == b) n += sg[t++].n;
-    o->matmul_fwd(e->be, out + (size_t)sg[s].row0 * OUT, in + (size_t)sg[s].row0 * IN, w, b, n, IN, OUT,
-                  OT_W_IN_OUT);
-    s = t;
-  }
-  if (o->lora_sgmv_fwd) { /* every adapter's branch in one call */
-    int S = 0;
-    for (int s = 0; s < ns; s++) {
-      const blk_over *bo = sg[s].ad ? &sg[s].ad->blk[l] : NULL;
-      if (!bo || !((bo->lora_sites >> site) & 1)) continue;
-      e->sg_A[S] = bo->lora[site][0];
-      e->sg_Bt[S] = bo->lora_bt[site];
-      e->sg_row0[S] = sg[s].row0;
-      e->sg_n[S] = sg[s].n;
-      e->sg_r[S] = bo->lora_r;
-      e->sg_scale[S++] = bo->lora_scale;
-    }
-    if (S)
-      o->lora_sgmv_fwd(e->be, out, in, e->sg_A, e->sg_Bt, e->sg_row0, e->sg_n, e->sg_r, e->sg_scale, S, IN,
-                       OUT);
-    return;
-  }
-  for (int s = 0; s < ns; s++) {
-    const blk_over *bo = sg[s].ad ? &sg[s].ad->blk[l] : NULL;
-    if (!bo || !((bo->lora_sites >> site) & 1)) continue;
-    o->lora_fwd(e->be, out + (size_t)sg[s].row0 * OUT, e->lora_t, NULL, in + (size_t)sg[s].row0 * IN,
-                bo->lora[site][0], bo->lora[site][1], sg[s].n, IN, OUT, bo->lora_r, bo->lora_scale, 0.0f, 0);
-  }
-}
-
-/* h += up(gelu(down(h))) on the segments with a bottleneck adapter at block l, site k. */
-static void seg_bottleneck(ot_serve_engine *e, float *h, int l, int k, const segment *sg, int ns) {
-  const ot_backend_ops *o = e->be->ops;
-  int C = e->C;
-  for (int s = 0; s < ns; s++) {
-    const blk_over *bo = sg[s].ad ? &sg[s].ad->blk[l] : NULL;
-    if (!bo || !bo->bn_dim) continue;
-    int d = bo->bn_dim, n = sg[s].n;
-    float *hs = h + (size_t)sg[s].row0 * C;
-    o->matmul_fwd(e->be, e->bn_z, hs, bo->bn[k][0], bo->bn[k][1], n, C, d, OT_W_IN_OUT);
-    o->gelu_fwd(e->be, e->bn_g, e->bn_z, (size_t)n * d);
-    o->matmul_fwd(e->be, e->bn_up, e->bn_g, bo->bn[k][2], bo->bn[k][3], n, d, C, OT_W_IN_OUT);
-    o->add(e->be, hs, hs, e->bn_up, (size_t)n * C);
-  }
-}
-
-/* One forward over N rows (host arrays h_tokens/h_pos/h_slot, grouped into segments); logits of
- * rows last_rows[0..S) into h_logits [S, V]. */
+/* One forward over N rows (host arrays h_tokens/h_pos/h_slot, grouped into segments by adapter):
+ * the model's own block code with the KV cache; logits of rows last_rows[0..S) into h_logits. */
 static int forward(ot_serve_engine *e, int N, const segment *sg, int ns, const int *last_rows, int S) {
-  ot_backend *be = e->be;
-  const ot_backend_ops *o = be->ops;
-  int C = e->C, L = e->L;
-  int rc = o->upload(be, e->d_tokens, e->h_tokens, (size_t)N * sizeof(int32_t));
-  if (rc == OT_OK) rc = o->upload(be, e->d_pos, e->h_pos, (size_t)N * sizeof(int32_t));
-  if (rc == OT_OK) rc = o->upload(be, e->d_slot, e->h_slot, (size_t)N * sizeof(int32_t));
-  if (rc) return rc;
-  o->embed_fwd(be, e->x, e->d_tokens, e->d_pos, e->wte, e->wpe, N, C);
-  size_t layer_kv = (size_t)e->cfg.max_batch * e->T_max * C;
-  for (int l = 0; l < L; l++) {
-    seg_layernorm(e, e->ln, e->x, l, OT_R_ATTN_NORM, OT_R_ATTN_NORM_B, sg, ns);
-    seg_linear(e, e->qkv, e->ln, l, OT_R_QKV, OT_R_QKV_B, C, 3 * C, OT_SITE_QKV, sg, ns);
-    o->attention_kv_fwd(be, e->atty, e->kc + l * layer_kv, e->vc + l * layer_kv, e->qkv, e->d_pos, e->d_slot,
-                        N, C, e->NH, e->T_max);
-    seg_linear(e, e->proj, e->atty, l, OT_R_O, OT_R_O_B, C, C, OT_SITE_O, sg, ns);
-    seg_bottleneck(e, e->proj, l, 0, sg, ns);
-    o->add(be, e->x, e->x, e->proj, (size_t)N * C);
-    seg_layernorm(e, e->ln, e->x, l, OT_R_FFN_NORM, OT_R_FFN_NORM_B, sg, ns);
-    seg_linear(e, e->fch, e->ln, l, OT_R_UP, OT_R_UP_B, C, 4 * C, OT_SITE_UP, sg, ns);
-    o->gelu_fwd(be, e->fchg, e->fch, (size_t)N * 4 * C);
-    seg_linear(e, e->proj, e->fchg, l, OT_R_DOWN, OT_R_DOWN_B, 4 * C, C, OT_SITE_DOWN, sg, ns);
-    seg_bottleneck(e, e->proj, l, 1, sg, ns);
-    o->add(be, e->x, e->x, e->proj, (size_t)N * C);
-  }
-  if (S == 0) return o->sync(be);
-  for (int i = 0; i < S && rc == OT_OK; i++)
-    rc = o->copy(be, e->last + (size_t)i * C, e->x + (size_t)last_rows[i] * C, (size_t)C * sizeof(float));
-  if (rc) return rc;
-  o->layernorm_fwd(be, e->lastn, NULL, NULL, e->last, e->lnf_w, e->lnf_b, S, C, e->eps);
-  o->matmul_fwd(be, e->logits, e->lastn, e->wte, NULL, S, C, e->V, OT_W_OUT_IN);
-  return o->download(be, e->h_logits, e->logits, (size_t)S * e->V * sizeof(float));
+  for (int i = 0; i < ns; i++)
+    e->h_segs[i] = (ot_model_segment){sg[i].ad ? sg[i].ad->blk : NULL, sg[i].row0, sg[i].n};
+  return ot_model_decode(e->m, e->kv, e->h_tokens, e->h_pos, e->h_slot, N, e->h_segs, ns, last_rows, S,
+                         e->h_logits);
 }
 
 /* ---- text and stop strings ------------------------------------------------------------- */

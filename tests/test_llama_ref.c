@@ -19,6 +19,7 @@
 #include "ot_model.h"
 #include "ot_optim.h"
 #include "ot_safetensors.h"
+#include "ot_serve_engine.h"
 #include "ot_test_util.h"
 
 /* fp32 against float64: rounding only, ~1e-6 relative; a wrong rotation, head grouping or
@@ -293,6 +294,77 @@ static void test_refused_configs(void **state) {
   }
 }
 
+typedef struct {
+  float logits[8][64];
+  int n;
+} seen_logits;
+
+static void keep_logits(void *user, const ot_serve_event *ev) {
+  seen_logits *k = user;
+  if (ev->logits && k->n < 8) {
+    assert_true(ev->vocab <= 64);
+    memcpy(k->logits[k->n++], ev->logits, (size_t)ev->vocab * sizeof(float));
+  }
+}
+
+/* Serving runs the same block code with a KV cache: three requests of different lengths, batched
+ * together with prefills in chunks, give the logits the model's full forward gives at every
+ * step (greedy decoding, so the tokens match too). */
+static void test_serving_matches_forward(void **state) {
+  (void)state;
+  for (int c = 0; c < n_cases; c++) {
+    ot_test_case fx;
+    fixture_open(&fx, cases[c], NULL);
+    const ot_model_config *cfg = ot_model_cfg(fx.m);
+    int V = cfg->vocab_size, gen = 5;
+    assert_true(V <= 64);
+    ot_serve_config sc;
+    ot_serve_config_default(&sc);
+    sc.max_batch = 3;
+    sc.max_step_tokens = 8; /* prompts are prefilled over several steps */
+    sc.max_seq = cfg->n_positions < 24 ? cfg->n_positions : 24;
+    ot_serve_engine *e;
+    if (ot_serve_engine_create(fx.m, &sc, &e)) fail_msg("%s: engine: %s", cases[c], ot_error_detail());
+    int32_t prompts[3][12];
+    int lens[3] = {3, 11, 6};
+    seen_logits got[3];
+    memset(got, 0, sizeof got);
+    for (int r = 0; r < 3; r++) {
+      for (int i = 0; i < lens[r]; i++) prompts[r][i] = (int32_t)((r * 7 + i * 5 + 1) % V);
+      ot_serve_request rq = {.prompt = prompts[r],
+                             .n_prompt = (size_t)lens[r],
+                             .max_tokens = gen,
+                             .top_p = 1.0f,
+                             .ignore_eos = 1};
+      uint64_t id;
+      assert_int_equal(ot_serve_submit(e, &rq, keep_logits, &got[r], &id), 0);
+    }
+    int busy = 1;
+    while (busy) assert_int_equal(ot_serve_step(e, &busy), 0);
+    ot_serve_engine_free(e);
+    for (int r = 0; r < 3; r++) {
+      assert_int_equal(got[r].n, gen);
+      int32_t seq[24];
+      memcpy(seq, prompts[r], (size_t)lens[r] * sizeof(int32_t));
+      int n = lens[r];
+      for (int t = 0; t < gen; t++) {
+        float want[64];
+        assert_int_equal(ot_model_prepare(fx.m, 1, n, 0), 0);
+        assert_int_equal(ot_model_forward(fx.m, seq, NULL, 1, n, NULL), 0);
+        assert_int_equal(ot_model_last_logits(fx.m, 0, want), 0);
+        char what[64];
+        snprintf(what, sizeof what, "serving request %d step %d", r, t);
+        check_close(what, cases[c], got[r].logits[t], want, (size_t)V);
+        int best = 0;
+        for (int v = 1; v < V; v++)
+          if (got[r].logits[t][v] > got[r].logits[t][best]) best = v;
+        seq[n++] = best;
+      }
+    }
+    ot_test_case_close(&fx);
+  }
+}
+
 /* Central differences on a tiny GQA model with biases, independent of PyTorch. */
 static void test_finite_differences(void **state) {
   (void)state;
@@ -346,10 +418,11 @@ static void test_finite_differences(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_logits_loss_grads), cmocka_unit_test(test_sharded_checkpoints),
-      cmocka_unit_test(test_bf16_checkpoints),  cmocka_unit_test(test_adamw_trajectories),
-      cmocka_unit_test(test_lora_merge),        cmocka_unit_test(test_save_load),
-      cmocka_unit_test(test_refused_configs),   cmocka_unit_test(test_finite_differences),
+      cmocka_unit_test(test_logits_loss_grads),  cmocka_unit_test(test_sharded_checkpoints),
+      cmocka_unit_test(test_bf16_checkpoints),   cmocka_unit_test(test_adamw_trajectories),
+      cmocka_unit_test(test_lora_merge),         cmocka_unit_test(test_save_load),
+      cmocka_unit_test(test_refused_configs),    cmocka_unit_test(test_serving_matches_forward),
+      cmocka_unit_test(test_finite_differences),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
