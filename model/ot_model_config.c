@@ -19,6 +19,16 @@ static const char *const arch_names[OT_ARCH_COUNT] = {"gpt2", "llama", "qwen2", 
 
 const char *ot_arch_name(ot_arch a) { return a >= 0 && a < OT_ARCH_COUNT ? arch_names[a] : "unknown"; }
 
+int ot_arch_parse(const char *name, ot_arch *out) {
+  for (int a = 0; name && a < OT_ARCH_COUNT; a++)
+    if (strcmp(name, arch_names[a]) == 0) {
+      *out = (ot_arch)a;
+      return OT_OK;
+    }
+  return ot_error(OT_ERR_INVALID, "architecture '%s': expected gpt2, llama, mistral or qwen2",
+                  name ? name : "");
+}
+
 /* GPT-2's derived sizes always follow n_embd and n_head (a copied config with another width
  * stays consistent); the LLaMA family's are free and only default. */
 static void fill_defaults(ot_model_config *cfg) {

@@ -39,6 +39,8 @@ typedef struct {
 /* "gpt2", "llama", "qwen2", "mistral" */
 const char *ot_arch_name(ot_arch a);
 
+/* "gpt2", "llama", "qwen2", "mistral" -> arch (OT_ERR_INVALID naming the choices otherwise). */
+int ot_arch_parse(const char *name, ot_arch *out);
 /* Fills the fields a short (GPT-2 style) initialiser leaves zero, then validates. */
 int ot_model_config_complete(ot_model_config *cfg);
 
