@@ -173,6 +173,29 @@ void ot_test_case_open(ot_test_case *c, const char *model_dir, const char *case_
   ot_test_st_batch(c->ref, &c->B, &c->T, &c->in, &c->tg);
 }
 
+int ot_test_finite_differences(ot_model *m, const int32_t *in, const int32_t *tg, int B, int T) {
+  float loss;
+  assert_int_equal(ot_model_forward(m, in, tg, B, T, &loss), 0);
+  assert_int_equal(ot_model_backward(m), 0);
+  int checked = 0;
+  for (int i = 0; i < ot_model_param_count(m); i++) {
+    ot_param *p = ot_model_param(m, i);
+    for (size_t j = 0; j < p->numel; j += 1 + p->numel / 3) {
+      float orig = p->data[j], h = 4e-3f, lp, lm;
+      p->data[j] = orig + h;
+      assert_int_equal(ot_model_forward(m, in, tg, B, T, &lp), 0);
+      p->data[j] = orig - h;
+      assert_int_equal(ot_model_forward(m, in, tg, B, T, &lm), 0);
+      p->data[j] = orig;
+      double fd = ((double)lp - lm) / (2.0 * h), an = p->grad[j];
+      if (!(fabs(fd - an) <= 1e-4 + 3e-2 * fabs(an)))
+        fail_msg("%s[%zu]: analytic %.6g, finite difference %.6g", p->name, j, an, fd);
+      checked++;
+    }
+  }
+  return checked;
+}
+
 void ot_test_case_close(ot_test_case *c) {
   ot_model_free(c->m);
   ot_backend_free(c->be);

@@ -57,6 +57,10 @@ typedef struct {
   int B, T;
   int32_t *in, *tg; /* the batch of ref (ot_test_st_batch) */
 } ot_test_case;
+/* Central differences of the loss on the batch against the model's backward, for a few
+ * entries of every tensor (the model prepared for training at B x T); fails the test on a
+ * mismatch, returns the number of entries checked. fp32 differences carry ~1e-3 noise. */
+int ot_test_finite_differences(ot_model *m, const int32_t *in, const int32_t *tg, int B, int T);
 /* Loads the model of model_dir and case_dir/ref.safetensors; fails the test on error. */
 void ot_test_case_open(ot_test_case *c, const char *model_dir, const char *case_dir);
 void ot_test_case_close(ot_test_case *c);

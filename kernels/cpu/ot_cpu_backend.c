@@ -597,50 +597,65 @@ static void cpu_embed_fwd(ot_backend *be, float *out, const int32_t *tokens, con
 }
 
 /* Online softmax (flash-attention style) over blocks of keys: no scratch, one pass over the
- * cache; each (row, head) accumulates straight into its slice of out. */
-static void cpu_attention_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
-                                 const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max) {
-  size_t C3 = (size_t)3 * C;
-#pragma omp parallel for num_threads(NT) schedule(static)
-  for (int i = 0; i < N; i++) {
-    size_t at = ((size_t)slot[i] * T_max + pos[i]) * C;
-    memcpy(kcache + at, qkv + i * C3 + C, sizeof(float) * C);
-    memcpy(vcache + at, qkv + i * C3 + 2 * (size_t)C, sizeof(float) * C);
-  }
-  int hs = C / NH;
-  float scale = 1.0f / sqrtf((float)hs);
+ * cache; each (row, head) accumulates straight into its slice of out [N, NH*D]. Row i's query
+ * heads start at q + i*ldq; head h reads key/value head h / (NH/NKV) of its slot's cache
+ * [n_slots, T_max, NKV*D], positions 0..pos[i]. */
+static void kv_attend(ot_backend *be, float *out, const float *q, size_t ldq, const float *kcache,
+                      const float *vcache, const int32_t *pos, const int32_t *slot, int N, int NH, int NKV,
+                      int D, int T_max) {
+  size_t KW = (size_t)NKV * D, QW = (size_t)NH * D;
+  int group = NH / NKV;
+  float scale = 1.0f / sqrtf((float)D);
 #pragma omp parallel for collapse(2) num_threads(NT) schedule(dynamic, 4)
   for (int i = 0; i < N; i++) {
     for (int h = 0; h < NH; h++) {
-      const float *q = qkv + i * C3 + (size_t)h * hs;
-      const float *kb = kcache + (size_t)slot[i] * T_max * C + (size_t)h * hs;
-      const float *vb = vcache + (size_t)slot[i] * T_max * C + (size_t)h * hs;
-      float *o = out + (size_t)i * C + (size_t)h * hs;
-      memset(o, 0, sizeof(float) * hs);
+      const float *qr = q + i * ldq + (size_t)h * D;
+      const float *kb = kcache + (size_t)slot[i] * T_max * KW + (size_t)(h / group) * D;
+      const float *vb = vcache + (size_t)slot[i] * T_max * KW + (size_t)(h / group) * D;
+      float *o = out + i * QW + (size_t)h * D;
+      memset(o, 0, sizeof(float) * D);
       float m = -INFINITY, l = 0.0f, s[64];
       for (int t0 = 0; t0 <= pos[i]; t0 += 64) {
         int n = pos[i] + 1 - t0 < 64 ? pos[i] + 1 - t0 : 64;
         float bm = m;
         for (int j = 0; j < n; j++) {
-          s[j] = dot(q, kb + (size_t)(t0 + j) * C, hs) * scale;
+          s[j] = dot(qr, kb + (size_t)(t0 + j) * KW, D) * scale;
           if (s[j] > bm) bm = s[j];
         }
         if (bm > m) { /* rescale what was accumulated under the old maximum */
           float corr = expf(m - bm);
           l *= corr;
-          for (int d = 0; d < hs; d++) o[d] *= corr;
+          for (int d = 0; d < D; d++) o[d] *= corr;
           m = bm;
         }
         for (int j = 0; j < n; j++) {
           float p = expf(s[j] - m);
           l += p;
-          axpy(o, p, vb + (size_t)(t0 + j) * C, hs);
+          axpy(o, p, vb + (size_t)(t0 + j) * KW, D);
         }
       }
       float inv = 1.0f / l;
-      for (int d = 0; d < hs; d++) o[d] *= inv;
+      for (int d = 0; d < D; d++) o[d] *= inv;
     }
   }
+}
+
+/* Row i's key and value [KW] (at k + i*ldk, v + i*ldk) into the cache at (slot[i], pos[i]). */
+static void kv_store(ot_backend *be, float *kcache, float *vcache, const float *k, const float *v, size_t ldk,
+                     const int32_t *pos, const int32_t *slot, int N, size_t KW, int T_max) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+  for (int i = 0; i < N; i++) {
+    size_t at = ((size_t)slot[i] * T_max + pos[i]) * KW;
+    memcpy(kcache + at, k + i * ldk, sizeof(float) * KW);
+    memcpy(vcache + at, v + i * ldk, sizeof(float) * KW);
+  }
+}
+
+static void cpu_attention_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
+                                 const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max) {
+  size_t C3 = (size_t)3 * C;
+  kv_store(be, kcache, vcache, qkv + C, qkv + 2 * (size_t)C, C3, pos, slot, N, (size_t)C, T_max);
+  kv_attend(be, out, qkv, C3, kcache, vcache, pos, slot, N, NH, NH, C / NH, T_max);
 }
 
 /* Rows are dealt to threads round-robin across segments, so one long prefill segment and many
@@ -828,47 +843,9 @@ static void cpu_gqa_bwd(ot_backend *be, float *dq, float *dk, float *dv, float *
 static void cpu_gqa_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *q,
                            const float *k, const float *v, const int32_t *pos, const int32_t *slot, int N,
                            int NH, int NKV, int D, int T_max) {
-  size_t QW = (size_t)NH * D, KW = (size_t)NKV * D;
-  int group = NH / NKV;
-#pragma omp parallel for num_threads(NT) schedule(static)
-  for (int i = 0; i < N; i++) {
-    size_t at = ((size_t)slot[i] * T_max + pos[i]) * KW;
-    memcpy(kcache + at, k + i * KW, sizeof(float) * KW);
-    memcpy(vcache + at, v + i * KW, sizeof(float) * KW);
-  }
-  float scale = 1.0f / sqrtf((float)D);
-#pragma omp parallel for collapse(2) num_threads(NT) schedule(dynamic, 4)
-  for (int i = 0; i < N; i++) {
-    for (int h = 0; h < NH; h++) {
-      const float *qr = q + i * QW + (size_t)h * D;
-      const float *kb = kcache + (size_t)slot[i] * T_max * KW + (size_t)(h / group) * D;
-      const float *vb = vcache + (size_t)slot[i] * T_max * KW + (size_t)(h / group) * D;
-      float *o = out + i * QW + (size_t)h * D;
-      memset(o, 0, sizeof(float) * D);
-      float m = -INFINITY, l = 0.0f, s[64];
-      for (int t0 = 0; t0 <= pos[i]; t0 += 64) {
-        int n = pos[i] + 1 - t0 < 64 ? pos[i] + 1 - t0 : 64;
-        float bm = m;
-        for (int j = 0; j < n; j++) {
-          s[j] = dot(qr, kb + (size_t)(t0 + j) * KW, D) * scale;
-          if (s[j] > bm) bm = s[j];
-        }
-        if (bm > m) {
-          float corr = expf(m - bm);
-          l *= corr;
-          for (int d = 0; d < D; d++) o[d] *= corr;
-          m = bm;
-        }
-        for (int j = 0; j < n; j++) {
-          float p = expf(s[j] - m);
-          l += p;
-          axpy(o, p, vb + (size_t)(t0 + j) * KW, D);
-        }
-      }
-      float inv = 1.0f / l;
-      for (int d = 0; d < D; d++) o[d] *= inv;
-    }
-  }
+  size_t KW = (size_t)NKV * D;
+  kv_store(be, kcache, vcache, k, v, KW, pos, slot, N, KW, T_max);
+  kv_attend(be, out, q, (size_t)NH * D, kcache, vcache, pos, slot, N, NH, NKV, D, T_max);
 }
 
 static const ot_backend_ops cpu_ops = {

@@ -107,4 +107,21 @@ static __device__ __forceinline__ float ot_warp_max(float v) {
   return v;
 }
 
+/* Causal softmax of one row of scores a[0..t] by one warp (mx: this lane's partial maximum of
+ * them); a[t+1..T) become 0. Ends with the warp in step, so the row can be read at once. */
+static __device__ __forceinline__ void ot_warp_softmax_causal(float *a, int t, int T, float mx) {
+  int lane = threadIdx.x & 31;
+  mx = ot_warp_max(mx);
+  float sum = 0.0f;
+  for (int t2 = lane; t2 <= t; t2 += 32) {
+    float e = expf(a[t2] - mx);
+    a[t2] = e;
+    sum += e;
+  }
+  float inv = 1.0f / ot_warp_sum(sum);
+  for (int t2 = lane; t2 <= t; t2 += 32) a[t2] *= inv;
+  for (int t2 = t + 1 + lane; t2 < T; t2 += 32) a[t2] = 0.0f;
+  __syncwarp();
+}
+
 #endif

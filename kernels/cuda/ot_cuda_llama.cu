@@ -143,17 +143,7 @@ static __global__ void gqa_fwd_kernel(float *out, float *att, const float *q, co
     a[t2] = s;
     mx = fmaxf(mx, s);
   }
-  mx = ot_warp_max(mx);
-  float sum = 0.0f;
-  for (int t2 = lane; t2 <= t; t2 += 32) {
-    float e = expf(a[t2] - mx);
-    a[t2] = e;
-    sum += e;
-  }
-  float inv = 1.0f / ot_warp_sum(sum);
-  for (int t2 = lane; t2 <= t; t2 += 32) a[t2] *= inv;
-  for (int t2 = t + 1 + lane; t2 < T; t2 += 32) a[t2] = 0.0f;
-  __syncwarp();
+  ot_warp_softmax_causal(a, t, T, mx);
   float *o = out + ((size_t)b * T + t) * QW + (size_t)h * D;
   for (int d = lane; d < D; d += 32) {
     float acc = 0.0f;
