@@ -64,7 +64,7 @@ int ot_cmd_eval(int argc, char **argv) {
       return ot_cmd_fail("plugging in the adapter", rc);
     }
   }
-  ot_tokens toks = {NULL, 0};
+  ot_tokens toks = {NULL, 0, NULL};
   int T = seq_len ? seq_len : ot_gpt2_cfg(m)->n_positions;
   ot_eval_result res;
   rc = text ? ot_tokenizer_require(tok, model, "give token ids with --tokens FILE") : OT_OK;
@@ -72,7 +72,7 @@ int ot_cmd_eval(int argc, char **argv) {
   const char *what = "reading the input";
   if (rc == OT_OK) {
     what = "scoring";
-    rc = ot_eval_windows(m, toks.ids, toks.n, T, batch, stderr, &res);
+    rc = ot_eval_input(m, &toks, T, batch, stderr, &res);
   }
   ot_tokens_free(&toks);
   ot_tokenizer_free(tok);
@@ -164,7 +164,7 @@ int ot_cmd_tokenize(int argc, char **argv) {
   ot_tokenizer *tok;
   rc = ot_tokenizer_load_dir(model, &tok);
   if (rc) return ot_cmd_fail("loading the tokenizer", rc);
-  ot_tokens toks = {NULL, 0};
+  ot_tokens toks = {NULL, 0, NULL};
   rc = ot_tokens_load_input(text, NULL, tok, 0, &toks);
   if (rc == OT_OK) {
     for (size_t i = 0; i < toks.n; i++) printf(i ? " %d" : "%d", toks.ids[i]);

@@ -166,7 +166,7 @@ int ot_dev_eval(int argc, char **argv) {
   if (rc) return ot_dev_fail("loading the emulator", rc);
   const char *what = "plugging in the adapter";
   if (adapter) rc = ot_adapter_apply(m, &plan, NULL, adapter);
-  ot_tokens toks = {NULL, 0};
+  ot_tokens toks = {NULL, 0, NULL};
   ot_eval_result res;
   int T = seq_len ? seq_len : ot_gpt2_cfg(m)->n_positions;
   if (rc == OT_OK) {
@@ -176,7 +176,7 @@ int ot_dev_eval(int argc, char **argv) {
   }
   if (rc == OT_OK) {
     what = "scoring";
-    rc = ot_eval_windows(m, toks.ids, toks.n, T, batch, stderr, &res);
+    rc = ot_eval_input(m, &toks, T, batch, stderr, &res);
   }
   ot_tokens_free(&toks);
   ot_tokenizer_free(tok);
