@@ -468,6 +468,32 @@ int ot_task_eval(ot_gpt2 *m, const ot_tokenizer *tok, const ot_task *t, int batc
   return OT_OK;
 }
 
+int ot_task_eval_file(ot_gpt2 *m, const ot_tokenizer *tok, const char *dir, const char *task_path,
+                      const char *details_path, int batch, FILE *progress, ot_task_result *out,
+                      const char **what) {
+  *what = "reading the task";
+  int rc = ot_tokenizer_require(tok, dir, "a task is text");
+  ot_task *t = NULL;
+  if (rc == OT_OK) rc = ot_task_read(task_path, tok, &t);
+  if (rc) return rc;
+  *what = "scoring the task";
+  char *buf = NULL;
+  size_t len = 0;
+  FILE *details = details_path ? open_memstream(&buf, &len) : NULL;
+  if (details_path && !details) rc = ot_error(OT_ERR_NOMEM, "cannot buffer the details");
+  ot_task_result r;
+  if (rc == OT_OK) rc = ot_task_eval(m, tok, t, batch, details, progress, &r);
+  if (details) fclose(details);
+  if (rc == OT_OK && details_path) {
+    *what = "writing the details";
+    rc = ot_file_write_atomic(details_path, buf, len);
+  }
+  free(buf);
+  ot_task_free(t);
+  if (rc == OT_OK) *out = r;
+  return rc;
+}
+
 void ot_task_print(FILE *f, const ot_task_result *r, int json) {
   if (json) {
     fprintf(f, "{\"n\": %zu", r->n);

@@ -48,6 +48,12 @@ typedef struct {
  * "correct"}. progress may be NULL. */
 int ot_task_eval(ot_gpt2 *m, const ot_tokenizer *tok, const ot_task *t, int batch, FILE *details,
                  FILE *progress, ot_task_result *out);
+/* What the eval commands do with --task: checks the tokenizer (dir names the model or
+ * emulator in the error), reads the file, scores it, writes the details to details_path
+ * (atomically; may be NULL). *what names the failing phase. */
+int ot_task_eval_file(ot_gpt2 *m, const ot_tokenizer *tok, const char *dir, const char *task_path,
+                      const char *details_path, int batch, FILE *progress, ot_task_result *out,
+                      const char **what);
 /* Human-readable lines, or one JSON object: {"n", "multiple_choice": {"n", "acc",
  * "acc_stderr", "acc_norm", "acc_norm_stderr"}, "cloze": {"n", "acc", "acc_stderr"},
  * "generate": {"n", "exact_match", "exact_match_stderr"}} (the kinds present). */
