@@ -9,9 +9,12 @@
 
 #include <cjson/cJSON.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "ot_data.h"
 #include "ot_error.h"
@@ -381,11 +384,95 @@ static void test_examples_loss_vs_pytorch(void **state) {
   cJSON_Delete(ref);
 }
 
+/* A task adapter tuned on the device from supervised examples gives the expected label
+ * through the serving API: eight words, each labelled " A" or " B" by a fixed rule the base
+ * model cannot know; the adapter, served by `offtune-cloud serve-model`, completes each
+ * prompt with its label (greedy), and the base model does not. */
+static void test_served_labels(void **state) {
+  (void)state;
+  static char out[1 << 16];
+  static const char *words[] = {"river", "stone", "quiet", "bright", "seven", "garden", "under", "paper"};
+  static const char *labels[] = {" A", " B", " B", " A", " A", " B", " A", " B"};
+  enum { N_WORDS = 8 };
+  char ex[4096] = "", path[700];
+  for (int rep = 0; rep < 4; rep++)
+    for (int i = 0; i < N_WORDS; i++) {
+      char line[200];
+      snprintf(line, sizeof line, "{\"prompt\": \"word: %s\\nlabel:\", \"completion\": \"%s\"}\n", words[i],
+               labels[i]);
+      strcat(ex, line);
+    }
+  write_tmp("labels.jsonl", ex);
+  OT_TEST_RUN_OK(
+      out,
+      "%s tune --emulator %s/emu --text %s/labels.jsonl --out %s/label_adapter --steps 100 --batch 8 "
+      "--seq-len 32 --lr 3e-3 --threads 1 2>&1",
+      device, tmp, tmp, tmp);
+  /* one example per row, none cut: a cut one would sit at other positions than when served */
+  assert_non_null(strstr(out, "supervised examples: 32 rows of 32 (loss on completions only), 0 truncated"));
+  snprintf(path, sizeof path, "%s/serve.log", tmp);
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0) {
+    char model[700], adapter[700];
+    snprintf(model, sizeof model, "%s/model", ref_dir);
+    snprintf(adapter, sizeof adapter, "labels=%s/label_adapter", tmp);
+    if (!freopen(path, "w", stderr)) _exit(99);
+    execl(cloud, cloud, "serve-model", "--model", model, "--adapter", adapter, "--http", "127.0.0.1:0",
+          "--threads", "1", (char *)NULL);
+    _exit(98);
+  }
+  int port = 0;
+  for (int i = 0; i < 400 && !port; i++) {
+    usleep(50000);
+    FILE *f = fopen(path, "r");
+    char line[1024];
+    while (f && fgets(line, sizeof line, f)) {
+      char *at = strstr(line, ", port ");
+      if (at) port = atoi(at + 7);
+    }
+    if (f) fclose(f);
+  }
+  int right = 0, base_right = 0;
+  for (int i = 0; i < N_WORDS && port; i++)
+    for (int with = 0; with < 2; with++) {
+      int rc = ot_test_run(
+          out, sizeof out,
+          "curl -sf http://127.0.0.1:%d/v1/completions -H 'Content-Type: application/json' -d "
+          "'{\"model\": \"%s\", \"prompt\": \"word: %s\\nlabel:\", \"max_tokens\": 2, "
+          "\"temperature\": 0}'",
+          port, with ? "labels" : "model", words[i]); /* the base model is served as its directory's name */
+      cJSON *j = rc == 0 ? cJSON_Parse(out) : NULL;
+      const cJSON *c = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0);
+      const cJSON *text = cJSON_GetObjectItemCaseSensitive(c, "text");
+      if (!cJSON_IsString(text)) {
+        kill(pid, SIGTERM);
+        waitpid(pid, NULL, 0);
+        fail_msg("no completion (exit %d): %s", rc, out);
+      }
+      if (with) {
+        printf("  served 'word: %s' -> \"%s\" (label \"%s\")\n", words[i], text->valuestring, labels[i]);
+        right += strcmp(text->valuestring, labels[i]) == 0;
+      } else {
+        base_right += strcmp(text->valuestring, labels[i]) == 0;
+      }
+      cJSON_Delete(j);
+    }
+  kill(pid, SIGTERM);
+  int st = 0;
+  assert_int_equal(waitpid(pid, &st, 0), pid);
+  if (!port) fail_msg("serve-model did not report its port");
+  printf("served labels: adapter %d of %d right, base model %d\n", right, N_WORDS, base_right);
+  assert_int_equal(right, N_WORDS);
+  assert_true(base_right <= N_WORDS / 2); /* the labels are not what the base model says anyway */
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_examples_stream), cmocka_unit_test(test_examples_errors),
       cmocka_unit_test(test_pack_rows),       cmocka_unit_test(test_task_errors),
       cmocka_unit_test(test_task_vs_pytorch), cmocka_unit_test(test_examples_loss_vs_pytorch),
+      cmocka_unit_test(test_served_labels),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
