@@ -384,6 +384,44 @@ static void test_examples_loss_vs_pytorch(void **state) {
   cJSON_Delete(ref);
 }
 
+/* Every training path takes examples: finetune (a resumed run is bitwise the uninterrupted
+ * one, so the row position is saved), distill, and the device's tune with its held-out split. */
+static void test_examples_train(void **state) {
+  (void)state;
+  static char out[1 << 16];
+  char ex[8192] = "";
+  for (int i = 0; i < 24; i++) {
+    char line[200];
+    snprintf(line, sizeof line, "{\"prompt\": \"item %d is\", \"completion\": \" %s\"}\n", i,
+             i % 3 ? "odd" : "even");
+    strcat(ex, line);
+  }
+  write_tmp("train.jsonl", ex);
+  const char *common = "--batch 4 --seq-len 32 --lr 1e-3 --threads 1";
+  OT_TEST_RUN_OK(out,
+                 "rm -rf %s/fta %s/ftb && %s finetune --model %s/model --text %s/train.jsonl --out %s/fta "
+                 "--steps 10 %s 2>&1",
+                 tmp, tmp, cloud, ref_dir, tmp, tmp, common);
+  assert_non_null(strstr(out, "supervised examples: 12 rows of 32")); /* two of 13-14 tokens a row */
+  OT_TEST_RUN_OK(out, "%s finetune --model %s/model --text %s/train.jsonl --out %s/ftb --steps 5 %s 2>&1",
+                 cloud, ref_dir, tmp, tmp, common);
+  OT_TEST_RUN_OK(
+      out, "%s finetune --model %s/model --text %s/train.jsonl --out %s/ftb --steps 10 --resume %s 2>&1",
+      cloud, ref_dir, tmp, tmp, common);
+  assert_non_null(strstr(out, "resuming"));
+  assert_int_equal(ot_test_system("cmp -s %s/fta/model.safetensors %s/ftb/model.safetensors", tmp, tmp), 0);
+  OT_TEST_RUN_OK(out,
+                 "%s distill --model %s/model --data %s/train.jsonl --out %s/emu_ex --bottom 1 --top 1 "
+                 "--keep 1 --steps 3 "
+                 "--batch 4 --seq-len 32 --threads 1 2>&1",
+                 cloud, ref_dir, tmp, tmp);
+  OT_TEST_RUN_OK(
+      out,
+      "%s tune --emulator %s/emu --text %s/train.jsonl --out %s/tuned_ex --steps 6 --eval-every 3 %s 2>&1",
+      device, tmp, tmp, tmp, common);
+  assert_non_null(strstr(out, "held-out loss"));
+}
+
 /* A task adapter tuned on the device from supervised examples gives the expected label
  * through the serving API: eight words, each labelled " A" or " B" by a fixed rule the base
  * model cannot know; the adapter, served by `offtune-cloud serve-model`, completes each
@@ -472,7 +510,7 @@ int main(void) {
       cmocka_unit_test(test_examples_stream), cmocka_unit_test(test_examples_errors),
       cmocka_unit_test(test_pack_rows),       cmocka_unit_test(test_task_errors),
       cmocka_unit_test(test_task_vs_pytorch), cmocka_unit_test(test_examples_loss_vs_pytorch),
-      cmocka_unit_test(test_served_labels),
+      cmocka_unit_test(test_examples_train),  cmocka_unit_test(test_served_labels),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
