@@ -262,7 +262,10 @@ static double num(const cJSON *o, const char *k) {
   return v->valuedouble;
 }
 
+static double worst_rel; /* largest relative log-likelihood error seen, for the record */
+
 static void close_to(double got, double want, double rel, const char *what, int i) {
+  if (want != 0 && fabs(got - want) / fabs(want) > worst_rel) worst_rel = fabs(got - want) / fabs(want);
   if (!(fabs(got - want) <= rel * fabs(want) + 1e-6))
     fail_msg("item %d %s: %.9g, PyTorch %.9g", i, what, got, want);
 }
@@ -338,7 +341,8 @@ static void check_task_output(const char *out, const char *details_path) {
     assert_true(num(cz, "acc") > 0 && num(cz, "acc") < 1);
     assert_true(num(g, "exact_match") > 0 && num(g, "exact_match") < 1);
   }
-  printf("eval --task: %d items, %d predictions compared with PyTorch\n", i, compared_preds);
+  printf("eval --task: %d items, %d predictions compared with PyTorch; largest relative error %.2g\n", i,
+         compared_preds, worst_rel);
   cJSON_Delete(o);
   cJSON_Delete(ref);
 }
