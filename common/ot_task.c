@@ -88,6 +88,16 @@ static int encode_pair(const ot_tokenizer *tok, const char *ctx, const char *con
   return rc;
 }
 
+/* A JSON number that is an integer in [lo, hi]; checked in double before any conversion
+ * (casting 1e300 to int is undefined). */
+static int int_in(const cJSON *v, int lo, int hi, int *out) {
+  if (!cJSON_IsNumber(v)) return 0;
+  double d = v->valuedouble;
+  if (!(d >= lo && d <= hi) || d != floor(d)) return 0;
+  *out = (int)d;
+  return 1;
+}
+
 static int parse_item(const cJSON *j, const ot_tokenizer *tok, const char *path, size_t line, item *it) {
 #define BAD(...) ot_error(OT_ERR_FORMAT, __VA_ARGS__)
   if (!cJSON_IsObject(j)) return BAD("%s:%zu: a line must be one JSON object", path, line);
@@ -116,10 +126,8 @@ static int parse_item(const cJSON *j, const ot_tokenizer *tok, const char *path,
     int n = cJSON_IsArray(ch) ? cJSON_GetArraySize(ch) : 0;
     if (n < 2 || n > OT_TASK_MAX_CHOICES)
       return BAD("%s:%zu: \"choices\" must be an array of 2 to %d strings", path, line, OT_TASK_MAX_CHOICES);
-    if (!cJSON_IsNumber(lb) || lb->valuedouble != (double)(int)lb->valuedouble || lb->valueint < 0 ||
-        lb->valueint >= n)
+    if (!int_in(lb, 0, n - 1, &it->label))
       return BAD("%s:%zu: \"label\" must be an integer index into \"choices\" (0..%d)", path, line, n - 1);
-    it->label = lb->valueint;
     if (!(it->conts = calloc((size_t)n, sizeof *it->conts))) return ot_error(OT_ERR_NOMEM, "cannot allocate");
     const cJSON *v;
     cJSON_ArrayForEach(v, ch) {
@@ -143,10 +151,8 @@ static int parse_item(const cJSON *j, const ot_tokenizer *tok, const char *path,
               *st = cJSON_GetObjectItemCaseSensitive(j, "stop");
   it->max_tokens = 32;
   if (mt) {
-    if (!cJSON_IsNumber(mt) || mt->valuedouble != (double)(int)mt->valuedouble || mt->valueint < 1 ||
-        mt->valueint > OT_TASK_MAX_GEN)
+    if (!int_in(mt, 1, OT_TASK_MAX_GEN, &it->max_tokens))
       return BAD("%s:%zu: \"max_tokens\" must be an integer from 1 to %d", path, line, OT_TASK_MAX_GEN);
-    it->max_tokens = mt->valueint;
   }
   if (!(it->target = dup_str(tg->valuestring))) return ot_error(OT_ERR_NOMEM, "cannot allocate");
   if (!st) {

@@ -224,6 +224,9 @@ static void test_task_errors(void **state) {
        ":1: \"label\" must be an integer index"},
       {"{\"type\": \"multiple_choice\", \"context\": \"a\", \"choices\": [\"b\", \"c\"], \"label\": 0.5}\n",
        ":1: \"label\" must be an integer index"},
+      /* found by fuzz_jsonl: a huge label was converted to int before the range check (UB) */
+      {"{\"type\": \"multiple_choice\", \"context\": \"a\", \"choices\": [\"b\", \"c\"], \"label\": 1e111}\n",
+       ":1: \"label\" must be an integer index"},
       {"{\"type\": \"multiple_choice\", \"context\": \"a\", \"choices\": [\"b\", \"\"], \"label\": 0}\n",
        ":1: choices[1] must be a non-empty string"},
       {"{\"type\": \"cloze\", \"context\": \"a\"}\n", ":1: \"target\" must be a non-empty string"},
