@@ -60,7 +60,7 @@ int ot_cmd_distill(int argc, char **argv) {
   const ot_opt opts[] = {
       {"model", OT_OPT_STR, &j.model, "DIR", "full model checkpoint (the teacher; required)"},
       {"data", OT_OPT_STR, &j.data, "FILE",
-       "public text to distill on (offtune-cloud corpus --genres public)"},
+       "public text to distill on (offtune-cloud corpus --genres public), or examples (.jsonl)"},
       {"tokens", OT_OPT_STR, &j.tokens, "FILE",
        "public token ids to distill on instead (a model without a tokenizer)"},
       {"out", OT_OPT_STR, &j.out, "DIR", "emulator package to write (required)"},

@@ -145,7 +145,8 @@ int ot_cmd_finetune(int argc, char **argv) {
       .optimizer = "adamw", .schedule = "constant", .backend = "cpu", .steps = 0, .batch = 0, .lr = 0};
   const ot_opt opts[] = {
       {"model", OT_OPT_STR, &model, "DIR", "checkpoint to fine-tune (required)"},
-      {"text", OT_OPT_STR, &text, "FILE", "training text"},
+      {"text", OT_OPT_STR, &text, "FILE",
+       "training text, or supervised examples (.jsonl: loss on completions only)"},
       {"tokens", OT_OPT_STR, &tokens, "FILE", "training token ids"},
       TRAIN_OPTS(t),
   };

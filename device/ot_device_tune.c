@@ -31,7 +31,8 @@ int ot_dev_tune(int argc, char **argv) {
   const char *targets = "c_attn,c_proj,c_fc,mlp.c_proj";
   const ot_opt opts[] = {
       {"emulator", OT_OPT_STR, &emu_dir, "DIR", "emulator package from offtune-cloud distill (required)"},
-      {"text", OT_OPT_STR, &text, "FILE", "private training text"},
+      {"text", OT_OPT_STR, &text, "FILE",
+       "private training text, or supervised examples (.jsonl, docs/data.md)"},
       {"tokens", OT_OPT_STR, &tokens, "FILE", "private training token ids"},
       {"out", OT_OPT_STR, &out, "DIR", "adapter directory to write (required)"},
       {"adapter", OT_OPT_STR, &adapter, "KIND",
