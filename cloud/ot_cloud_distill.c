@@ -60,7 +60,7 @@ int ot_cmd_distill(int argc, char **argv) {
   const ot_opt opts[] = {
       {"model", OT_OPT_STR, &j.model, "DIR", "full model checkpoint (the teacher; required)"},
       {"data", OT_OPT_STR, &j.data, "FILE",
-       "public text to distill on (offtune-cloud corpus --genres public)"},
+       "public text to distill on (offtune-cloud corpus --genres public), or examples (.jsonl)"},
       {"tokens", OT_OPT_STR, &j.tokens, "FILE",
        "public token ids to distill on instead (a model without a tokenizer)"},
       {"out", OT_OPT_STR, &j.out, "DIR", "emulator package to write (required)"},
@@ -134,7 +134,7 @@ int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res
   ot_model *full = NULL, *emu = NULL;
   ot_tokenizer *tok = NULL, *etok = NULL;
   ot_emu_plan plan;
-  ot_tokens toks = {NULL, 0};
+  ot_tokens toks = {NULL, 0, NULL};
   ot_optimizer *opt = NULL;
   ot_distill *d = NULL;
   *what = "loading the model";
@@ -158,7 +158,7 @@ int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res
     *what = "reading the data";
     rc = j->data ? ot_tokenizer_require(tok, j->model, "give token ids with --tokens FILE") : OT_OK;
     if (rc == OT_OK) rc = ot_tokens_load_input(j->data, j->tokens, tok, fc->vocab_size, &toks);
-    if (rc == OT_OK && toks.n < (size_t)batch * T + 1)
+    if (rc == OT_OK && !toks.mask && toks.n < (size_t)batch * T + 1)
       rc = ot_error(OT_ERR_INVALID, "%s: %zu tokens, a step needs %d", j->data ? j->data : j->tokens, toks.n,
                     batch * T + 1);
   }
@@ -175,7 +175,7 @@ int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res
     *what = "building the emulator";
     rc = ot_emu_build(full, &plan, &emu);
   }
-  ot_batcher bt;
+  ot_batcher bt = {0};
   if (rc == OT_OK) rc = ot_batcher_init(&bt, &toks, batch, T, 0, 0);
   if (rc == OT_OK) rc = ot_distill_create(full, emu, &plan, batch, T, OT_EMU_KD_WEIGHT, &d);
   ot_optim_config oc;
@@ -215,6 +215,7 @@ int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res
     }
   }
   ot_optimizer_free(opt);
+  ot_batcher_free(&bt);
   ot_distill_free(d);
   ot_tokens_free(&toks);
   ot_model_free(emu);

@@ -10,26 +10,37 @@
 #include "ot_data.h"
 #include "ot_adapter.h"
 #include "ot_eval.h"
+#include "ot_task.h"
 
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
 
 int ot_cmd_eval(int argc, char **argv) {
-  const char *model = NULL, *text = NULL, *tokens = NULL, *backend = "cpu", *adapter = NULL;
+  const char *model = NULL, *text = NULL, *tokens = NULL, *backend = "cpu", *adapter = NULL, *task = NULL,
+             *details = NULL;
   int seq_len = 0, batch = 8, json = 0, threads = 0;
   const ot_opt opts[] = {
       {"model", OT_OPT_STR, &model, "DIR",
        "checkpoint directory (config.json, model.safetensors; tokenizer files for --text)"},
       {"adapter", OT_OPT_STR, &adapter, "DIR",
        "plug in an adapter of any kind (from offtune-device tune) first"},
-      {"text", OT_OPT_STR, &text, "FILE", "UTF-8 text to score (tokenized with the model's tokenizer)"},
+      {"text", OT_OPT_STR, &text, "FILE",
+       "UTF-8 text to score (tokenized with the model's tokenizer); a .jsonl file of examples is scored on "
+       "its completions"},
       {"tokens", OT_OPT_STR, &tokens, "FILE", "whitespace-separated token ids to score"},
+      {"task", OT_OPT_STR, &task, "FILE",
+       "task items (JSONL: multiple_choice, cloze, generate; docs/tasks.md): accuracy instead of perplexity"},
+      {"details", OT_OPT_STR, &details, "FILE", "with --task: one JSON line per item (scores, prediction)"},
       {"seq-len", OT_OPT_INT, &seq_len, "T", "window length (default: the model's n_positions)"},
       {"batch", OT_OPT_INT, &batch, "B", "windows scored at once (default 8)"},
-      {"json", OT_OPT_FLAG, &json, NULL, "print {\"loss\", \"perplexity\", \"tokens\"} as one JSON object"},
+      {"json", OT_OPT_FLAG, &json, NULL,
+       "print {\"loss\", \"perplexity\", \"tokens\"} (with --task: {\"n\", per kind its metrics and "
+       "standard errors}) as one JSON object"},
       {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
       {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
   };
-  const char *syn = "offtune-cloud eval --model DIR (--text FILE | --tokens FILE) [--seq-len T] [--json]";
+  const char *syn = "offtune-cloud eval --model DIR [--adapter DIR] (--text FILE | --tokens FILE | --task "
+                    "FILE) [--seq-len T] "
+                    "[--json]";
   const char *desc = "Scores the token stream in non-overlapping windows of T: window k has inputs\n"
                      "tokens[kT : kT+T] and targets tokens[kT+1 : kT+T+1]; the last window may be shorter.\n"
                      "Prints the mean negative log-likelihood per target token (nats) and the perplexity.";
@@ -41,8 +52,9 @@ int ot_cmd_eval(int argc, char **argv) {
   if (rc == OT_OK && !model) rc = ot_error(OT_ERR_INVALID, "--model is required");
   if (rc == OT_OK && batch < 1) rc = ot_error(OT_ERR_INVALID, "--batch must be >= 1");
   if (rc == OT_OK && seq_len < 0) rc = ot_error(OT_ERR_INVALID, "--seq-len must be >= 1");
-  if (rc == OT_OK && !!text == !!tokens)
-    rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
+  if (rc == OT_OK && !!text + !!tokens + !!task != 1)
+    rc = ot_error(OT_ERR_INVALID, "give exactly one of --text, --tokens or --task");
+  if (rc == OT_OK && details && !task) rc = ot_error(OT_ERR_INVALID, "--details goes with --task");
   if (rc) {
     fprintf(stderr, "offtune-cloud eval: %s\n", ot_error_detail());
     ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
@@ -64,7 +76,18 @@ int ot_cmd_eval(int argc, char **argv) {
       return ot_cmd_fail("plugging in the adapter", rc);
     }
   }
-  ot_tokens toks = {NULL, 0};
+  if (task) {
+    ot_task_result tr;
+    const char *what = NULL;
+    rc = ot_task_eval_file(m, tok, model, task, details, batch, stderr, &tr, &what);
+    ot_tokenizer_free(tok);
+    ot_model_free(m);
+    ot_backend_free(be);
+    if (rc) return ot_cmd_fail(what, rc);
+    ot_task_print(stdout, &tr, json);
+    return OT_EXIT_OK;
+  }
+  ot_tokens toks = {NULL, 0, NULL};
   int T = seq_len ? seq_len : ot_model_cfg(m)->n_positions;
   ot_eval_result res;
   rc = text ? ot_tokenizer_require(tok, model, "give token ids with --tokens FILE") : OT_OK;
@@ -72,7 +95,7 @@ int ot_cmd_eval(int argc, char **argv) {
   const char *what = "reading the input";
   if (rc == OT_OK) {
     what = "scoring";
-    rc = ot_eval_windows(m, toks.ids, toks.n, T, batch, stderr, &res);
+    rc = ot_eval_input(m, &toks, T, batch, stderr, &res);
   }
   ot_tokens_free(&toks);
   ot_tokenizer_free(tok);
@@ -164,7 +187,7 @@ int ot_cmd_tokenize(int argc, char **argv) {
   ot_tokenizer *tok;
   rc = ot_tokenizer_load_dir(model, &tok);
   if (rc) return ot_cmd_fail("loading the tokenizer", rc);
-  ot_tokens toks = {NULL, 0};
+  ot_tokens toks = {NULL, 0, NULL};
   rc = ot_tokens_load_input(text, NULL, tok, 0, &toks);
   if (rc == OT_OK) {
     for (size_t i = 0; i < toks.n; i++) printf(i ? " %d" : "%d", toks.ids[i]);

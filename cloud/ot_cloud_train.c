@@ -85,8 +85,9 @@ static int save_checkpoint(void *vctx, int step) {
 }
 
 /* Trains m on ids per t, saving into t->out; prints a summary line. */
-static int run_training(const train_opts *t, ot_model *m, const ot_tokenizer *tok, const int32_t *ids,
-                        size_t n, const char *label) {
+static int run_training(const train_opts *t, ot_model *m, const ot_tokenizer *tok, const ot_tokens *toks,
+                        const char *label) {
+  size_t n = toks->n;
   ot_optim_config oc;
   ot_optim_kind kind;
   ot_lr_schedule sched = {t->lr, t->warmup, t->steps, OT_LR_CONSTANT, t->min_lr_ratio};
@@ -96,11 +97,10 @@ static int run_training(const train_opts *t, ot_model *m, const ot_tokenizer *to
   oc.weight_decay = t->weight_decay;
   oc.momentum = t->momentum;
   oc.grad_clip = t->grad_clip;
-  ot_tokens toks = {(int32_t *)ids, n};
-  ot_batcher data;
+  ot_batcher data = {0};
   ot_optimizer *opt = NULL;
   int start = 0;
-  int rc = ot_batcher_init(&data, &toks, t->batch, t->seq_len, t->shuffle, (uint64_t)t->seed);
+  int rc = ot_batcher_init(&data, toks, t->batch, t->seq_len, t->shuffle, (uint64_t)t->seed);
   if (rc == OT_OK) rc = ot_model_prepare(m, t->batch, t->seq_len, 1);
   if (rc == OT_OK)
     rc = ot_optimizer_create(&oc, ot_model_backend(m), ot_model_param(m, 0), ot_model_param_count(m), &opt);
@@ -124,6 +124,9 @@ static int run_training(const train_opts *t, ot_model *m, const ot_tokenizer *to
     fprintf(stderr, "[%s] %zu parameters, %zu training tokens, %d steps of %d x %d, %.1f MiB model memory\n",
             label, ot_model_num_params(m), n, t->steps - start, t->batch, t->seq_len,
             ot_model_memory_bytes(m) / 1048576.0);
+    if (data.rows_in)
+      fprintf(stderr, "[%s] supervised examples: %zu rows of %d (loss on completions only), %zu truncated\n",
+              label, data.n_rows, t->seq_len, data.n_truncated);
     rc = ot_train(m, opt, &data, &tc, start, &res);
     if (rc == OT_OK)
       fprintf(stderr,
@@ -132,6 +135,7 @@ static int run_training(const train_opts *t, ot_model *m, const ot_tokenizer *to
               t->out);
   }
   ot_optimizer_free(opt);
+  ot_batcher_free(&data);
   return rc;
 }
 
@@ -141,7 +145,8 @@ int ot_cmd_finetune(int argc, char **argv) {
       .optimizer = "adamw", .schedule = "constant", .backend = "cpu", .steps = 0, .batch = 0, .lr = 0};
   const ot_opt opts[] = {
       {"model", OT_OPT_STR, &model, "DIR", "checkpoint to fine-tune (required)"},
-      {"text", OT_OPT_STR, &text, "FILE", "training text"},
+      {"text", OT_OPT_STR, &text, "FILE",
+       "training text, or supervised examples (.jsonl: loss on completions only)"},
       {"tokens", OT_OPT_STR, &tokens, "FILE", "training token ids"},
       TRAIN_OPTS(t),
   };
@@ -171,10 +176,10 @@ int ot_cmd_finetune(int argc, char **argv) {
   ot_tokenizer *tok;
   rc = ot_cmd_load_model(model, t.backend, t.threads, &be, &m, &tok);
   if (rc) return ot_cmd_fail("loading the model", rc);
-  ot_tokens toks = {NULL, 0};
+  ot_tokens toks = {NULL, 0, NULL};
   rc = text ? ot_tokenizer_require(tok, model, "give token ids with --tokens FILE") : OT_OK;
   if (rc == OT_OK) rc = ot_tokens_load_input(text, tokens, tok, ot_model_cfg(m)->vocab_size, &toks);
-  if (rc == OT_OK) rc = run_training(&t, m, tok, toks.ids, toks.n, "finetune");
+  if (rc == OT_OK) rc = run_training(&t, m, tok, &toks, "finetune");
   ot_tokens_free(&toks);
   ot_tokenizer_free(tok);
   ot_model_free(m);
@@ -323,7 +328,8 @@ int ot_cmd_pretrain(int argc, char **argv) {
   if (rc == OT_OK) {
     what = "pre-training";
     fprintf(stderr, "[pretrain] %s: %zu bytes of text -> %zu tokens\n", text ? text : genres, train_len, n);
-    rc = run_training(&t, m, tok, ids, n, "pretrain");
+    ot_tokens pt = {ids, n, NULL};
+    rc = run_training(&t, m, tok, &pt, "pretrain");
   }
   if (rc == OT_OK && hids) {
     what = "scoring the held-out text";

@@ -416,7 +416,9 @@ int ot_dev_run(int argc, char **argv) {
   runner r = {.state = DEFAULT_STATE, .backend = "cpu", .give_up_s = 600};
   int give_up = 600;
   const ot_opt opts[] = {
-      {"data", OT_OPT_STR, &r.data, "FILE", "private training text (never leaves this machine; required)"},
+      {"data", OT_OPT_STR, &r.data, "FILE",
+       "private training text, or supervised examples in a .jsonl file (docs/data.md); never leaves this "
+       "machine; required"},
       {"session", OT_OPT_STR, &r.session, "NAME",
        "take part in this session (default: the cloud's oldest open one)"},
       {"state", OT_OPT_STR, &r.state, "DIR", "this device's state directory (default " DEFAULT_STATE ")"},

@@ -60,8 +60,7 @@ typedef struct {
   ot_optimizer *opt;
   ot_batcher *data;
   int B, T, steps, eval_every, patience;
-  const int32_t *val;
-  size_t n_val;
+  ot_tokens val;
   double best;
   int bad, have_best;
   weights_copy best_w;
@@ -86,7 +85,7 @@ static int save_state(void *vctx, int step) {
 static int held_out(tune_ctx *c, double *loss) {
   ot_eval_result er;
   ot_model_set_dropout(c->m, 0); /* evaluation sees the adapter without dropout */
-  int rc = ot_eval_tokens(c->m, c->val, c->n_val, c->T, c->B, NULL, &er);
+  int rc = ot_eval_data(c->m, &c->val, c->T, c->B, NULL, &er);
   ot_model_set_dropout(c->m, 1);
   if (rc == OT_OK) *loss = er.loss;
   return rc;
@@ -178,7 +177,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
   res.what = "reading the data";
   int batch = o->batch, steps = o->steps;
   int T = o->seq_len ? o->seq_len : ot_model_cfg(m)->n_positions;
-  ot_tokens toks = {NULL, 0};
+  ot_tokens toks = {NULL, 0, NULL};
   ot_optimizer *opt = NULL;
   tune_ctx c = {.out = o->out,
                 .m = m,
@@ -194,25 +193,22 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
   if (rc == OT_OK && o->text)
     rc = ot_tokenizer_require(tok, o->emulator, "give token ids with --tokens FILE");
   if (rc == OT_OK) rc = ot_tokens_load_input(o->text, o->tokens, tok, ot_model_cfg(m)->vocab_size, &toks);
-  size_t n_train = toks.n;
+  /* the held-out split: the last 10% of the tokens (of the examples, cut between two) */
+  ot_tokens train = toks;
   if (rc == OT_OK && o->eval_every) {
-    c.n_val = toks.n / 10;
-    n_train = toks.n - c.n_val;
-    c.val = toks.ids + n_train;
-    if (c.n_val < 2) rc = ot_error(OT_ERR_INVALID, "%zu tokens leave no held-out split", toks.n);
+    rc = ot_tokens_split(&toks, toks.n / 10, &train, &c.val);
+    if (rc || c.val.n < 2) rc = ot_error(OT_ERR_INVALID, "%zu tokens leave no held-out split", toks.n);
   }
-  if (rc == OT_OK && n_train < (size_t)batch * T + 1)
+  size_t n_train = train.n;
+  if (rc == OT_OK && !train.mask && n_train < (size_t)batch * T + 1)
     rc = ot_error(OT_ERR_INVALID, "%zu training tokens, a step needs %d", n_train, batch * T + 1);
-  ot_tokens train = {toks.ids, n_train};
-  ot_batcher bt;
+  ot_batcher bt = {0};
   c.data = &bt;
   if (rc == OT_OK) {
     res.what = "preparing";
     rc = ot_batcher_init(&bt, &train, batch, T, 0, 0);
   }
-  /* the batcher wraps when fewer than B*T+1 tokens remain; start anywhere before that */
-  if (rc == OT_OK && o->data_offset_steps)
-    bt.pos = (size_t)(o->data_offset_steps * (uint64_t)batch * (uint64_t)T % (n_train - (size_t)batch * T));
+  if (rc == OT_OK) ot_batcher_skip(&bt, o->data_offset_steps);
   if (rc == OT_OK) rc = ot_adapter_attach(m, &plan, &o->adapter);
   if (rc == OT_OK && o->init_adapter) {
     res.what = "loading the round's adapter";
@@ -261,7 +257,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
   }
   res.start = start;
   res.n_train = n_train;
-  res.n_val = c.n_val;
+  res.n_val = c.val.n;
   if (rc == OT_OK) {
     res.what = "tuning";
     size_t trainable = c.best_w.n;
@@ -272,7 +268,11 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
     fprintf(
         stderr,
         " (full-model indices): %zu of %zu parameters train; %zu training tokens, %zu held out; %.1f MiB\n",
-        trainable, ot_model_num_params(m), n_train, c.n_val, ot_model_memory_bytes(m) / 1048576.0);
+        trainable, ot_model_num_params(m), n_train, c.val.n, ot_model_memory_bytes(m) / 1048576.0);
+    if (bt.rows_in)
+      fprintf(stderr,
+              "[tune] supervised examples: %zu rows of %d (loss on completions only), %zu truncated\n",
+              bt.n_rows, T, bt.n_truncated);
     if (o->prox_mu > 0) fprintf(stderr, "[tune] FedProx: + (%g/2) ||w - w_round||^2\n", o->prox_mu);
     ot_lr_schedule sched = {o->lr, o->warmup, steps, OT_LR_CONSTANT, 0.0f};
     ot_train_config tc = {steps,
@@ -309,6 +309,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
   free(c.host_w);
   free(c.host_g);
   ot_optimizer_free(opt);
+  ot_batcher_free(&bt);
   ot_tokens_free(&toks);
   ot_tokenizer_free(tok);
   ot_model_free(m);

@@ -12,6 +12,7 @@
 #include "ot_adapter.h"
 #include "ot_error.h"
 #include "ot_eval.h"
+#include "ot_task.h"
 #include "ot_fileio.h"
 #include "ot_snapshot.h"
 #include "ot_train.h"
@@ -30,7 +31,8 @@ int ot_dev_tune(int argc, char **argv) {
   const char *targets = "all";
   const ot_opt opts[] = {
       {"emulator", OT_OPT_STR, &emu_dir, "DIR", "emulator package from offtune-cloud distill (required)"},
-      {"text", OT_OPT_STR, &text, "FILE", "private training text"},
+      {"text", OT_OPT_STR, &text, "FILE",
+       "private training text, or supervised examples (.jsonl, docs/data.md)"},
       {"tokens", OT_OPT_STR, &tokens, "FILE", "private training token ids"},
       {"out", OT_OPT_STR, &out, "DIR", "adapter directory to write (required)"},
       {"adapter", OT_OPT_STR, &adapter, "KIND",
@@ -124,22 +126,29 @@ int ot_dev_tune(int argc, char **argv) {
 }
 
 int ot_dev_eval(int argc, char **argv) {
-  const char *emu_dir = NULL, *adapter = NULL, *text = NULL, *tokens = NULL, *backend = "cpu";
+  const char *emu_dir = NULL, *adapter = NULL, *text = NULL, *tokens = NULL, *backend = "cpu", *task = NULL,
+             *details = NULL;
   int seq_len = 0, batch = 8, json = 0, threads = 0;
   const ot_opt opts[] = {
       {"emulator", OT_OPT_STR, &emu_dir, "DIR", "emulator package (required)"},
       {"adapter", OT_OPT_STR, &adapter, "DIR", "adapter (any kind) to plug into the emulator"},
-      {"text", OT_OPT_STR, &text, "FILE", "UTF-8 text to score"},
+      {"text", OT_OPT_STR, &text, "FILE",
+       "UTF-8 text to score; a .jsonl file of examples on its completions"},
       {"tokens", OT_OPT_STR, &tokens, "FILE", "whitespace-separated token ids to score"},
+      {"task", OT_OPT_STR, &task, "FILE",
+       "task items (JSONL: multiple_choice, cloze, generate; docs/tasks.md): accuracy instead of perplexity"},
+      {"details", OT_OPT_STR, &details, "FILE", "with --task: one JSON line per item (scores, prediction)"},
       {"seq-len", OT_OPT_INT, &seq_len, "T", "window length (default: the model's n_positions)"},
       {"batch", OT_OPT_INT, &batch, "B", "windows scored at once (default 8)"},
-      {"json", OT_OPT_FLAG, &json, NULL, "print {\"loss\", \"perplexity\", \"tokens\"} as one JSON object"},
+      {"json", OT_OPT_FLAG, &json, NULL,
+       "print {\"loss\", \"perplexity\", \"tokens\"} (with --task: {\"n\", per kind its metrics and "
+       "standard errors}) as one JSON object"},
       {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
       {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
   };
   const char *syn =
-      "offtune-device eval --emulator DIR [--adapter DIR] (--text FILE | --tokens FILE) [--seq-len T] "
-      "[--json]";
+      "offtune-device eval --emulator DIR [--adapter DIR] (--text FILE | --tokens FILE | --task FILE) "
+      "[--seq-len T] [--json]";
   const char *desc =
       "Scores the token stream in non-overlapping windows of T exactly as offtune-cloud eval:\n"
       "window k has inputs tokens[kT : kT+T] and targets tokens[kT+1 : kT+T+1].";
@@ -151,8 +160,9 @@ int ot_dev_eval(int argc, char **argv) {
   if (rc == OT_OK && !emu_dir) rc = ot_error(OT_ERR_INVALID, "--emulator is required");
   if (rc == OT_OK && (batch < 1 || seq_len < 0))
     rc = ot_error(OT_ERR_INVALID, "--batch and --seq-len must be >= 1");
-  if (rc == OT_OK && !!text == !!tokens)
-    rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
+  if (rc == OT_OK && !!text + !!tokens + !!task != 1)
+    rc = ot_error(OT_ERR_INVALID, "give exactly one of --text, --tokens or --task");
+  if (rc == OT_OK && details && !task) rc = ot_error(OT_ERR_INVALID, "--details goes with --task");
   if (rc) {
     fprintf(stderr, "offtune-device eval: %s\n", ot_error_detail());
     ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
@@ -166,9 +176,19 @@ int ot_dev_eval(int argc, char **argv) {
   if (rc) return ot_dev_fail("loading the emulator", rc);
   const char *what = "plugging in the adapter";
   if (adapter) rc = ot_adapter_apply(m, &plan, NULL, adapter);
-  ot_tokens toks = {NULL, 0};
+  ot_tokens toks = {NULL, 0, NULL};
   ot_eval_result res;
   int T = seq_len ? seq_len : ot_model_cfg(m)->n_positions;
+  if (rc == OT_OK && task) {
+    ot_task_result tr;
+    rc = ot_task_eval_file(m, tok, emu_dir, task, details, batch, stderr, &tr, &what);
+    ot_tokenizer_free(tok);
+    ot_model_free(m);
+    ot_backend_free(be);
+    if (rc) return ot_dev_fail(what, rc);
+    ot_task_print(stdout, &tr, json);
+    return OT_EXIT_OK;
+  }
   if (rc == OT_OK) {
     what = "reading the input";
     rc = text ? ot_tokenizer_require(tok, emu_dir, "give token ids with --tokens FILE") : OT_OK;
@@ -176,7 +196,7 @@ int ot_dev_eval(int argc, char **argv) {
   }
   if (rc == OT_OK) {
     what = "scoring";
-    rc = ot_eval_windows(m, toks.ids, toks.n, T, batch, stderr, &res);
+    rc = ot_eval_input(m, &toks, T, batch, stderr, &res);
   }
   ot_tokens_free(&toks);
   ot_tokenizer_free(tok);

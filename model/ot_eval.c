@@ -63,6 +63,60 @@ int ot_eval_windows(ot_model *m, const int32_t *ids, size_t n, int T, int batch,
   return rc;
 }
 
+int ot_eval_rows(ot_model *m, const int32_t *in, const int32_t *tg, size_t n_rows, int T, int B,
+                 ot_progress *progress, ot_eval_result *out) {
+  if (B < 1) B = 1;
+  double sum = 0.0;
+  size_t count = 0;
+  int rc = OT_OK;
+  for (size_t k = 0; k < n_rows && rc == OT_OK;) {
+    int b = n_rows - k < (size_t)B ? (int)(n_rows - k) : B;
+    double s = 0.0;
+    size_t c = 0;
+    rc = ot_model_forward(m, in + k * (size_t)T, tg + k * (size_t)T, b, T, NULL);
+    if (rc == OT_OK) rc = ot_model_last_loss_sum(m, &s, &c);
+    sum += s;
+    count += c;
+    k += (size_t)b;
+    if (progress) ot_progress_update(progress, (int64_t)k, NULL);
+  }
+  if (rc) return rc;
+  if (count == 0) return ot_error(OT_ERR_INVALID, "nothing to score: no target tokens");
+  out->tokens = count;
+  out->loss = sum / (double)count;
+  out->perplexity = exp(out->loss);
+  return OT_OK;
+}
+
+int ot_eval_data(ot_model *m, const ot_tokens *t, int T, int B, ot_progress *progress, ot_eval_result *out) {
+  if (!t->mask) return ot_eval_tokens(m, t->ids, t->n, T, B, progress, out);
+  int32_t *in = NULL, *tg = NULL;
+  size_t rows = 0;
+  int rc = ot_pack_rows(t, T, &in, &tg, &rows, NULL);
+  if (rc == OT_OK) rc = ot_eval_rows(m, in, tg, rows, T, B, progress, out);
+  free(in);
+  free(tg);
+  return rc;
+}
+
+int ot_eval_input(ot_model *m, const ot_tokens *t, int T, int batch, FILE *progress, ot_eval_result *out) {
+  if (!t->mask) return ot_eval_windows(m, t->ids, t->n, T, batch, progress, out);
+  int32_t *in = NULL, *tg = NULL;
+  size_t rows = 0;
+  int rc = ot_pack_rows(t, T, &in, &tg, &rows, NULL);
+  int B = rows < (size_t)batch ? (int)rows : batch;
+  if (rc == OT_OK) rc = ot_model_prepare(m, B, T, 0);
+  if (rc == OT_OK) {
+    ot_progress prog;
+    if (progress) ot_progress_start(&prog, progress, "eval", (int64_t)rows);
+    rc = ot_eval_rows(m, in, tg, rows, T, B, progress ? &prog : NULL, out);
+    if (progress) ot_progress_finish(&prog, rc == OT_OK ? "done" : "failed");
+  }
+  free(in);
+  free(tg);
+  return rc;
+}
+
 void ot_eval_print(FILE *f, const ot_eval_result *r, int json) {
   if (json)
     fprintf(f, "{\"loss\": %.6f, \"perplexity\": %.6f, \"tokens\": %zu}\n", r->loss, r->perplexity,

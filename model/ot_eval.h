@@ -7,6 +7,7 @@
 #include <stdio.h>
 
 #include "ot_cli.h"
+#include "ot_data.h"
 #include "ot_model.h"
 
 typedef struct {
@@ -25,6 +26,16 @@ int ot_eval_tokens(ot_model *m, const int32_t *ids, size_t n, int T, int B, ot_p
  * if the text has fewer), scores with a progress bar on `progress` (may be NULL). */
 int ot_eval_windows(ot_model *m, const int32_t *ids, size_t n, int T, int batch, FILE *progress,
                     ot_eval_result *out);
+/* Scores rows [n_rows x T] of inputs and targets (-1 = not scored), B rows at a time
+ * (the model prepared for at least B x T). */
+int ot_eval_rows(ot_model *m, const int32_t *in, const int32_t *tg, size_t n_rows, int T, int B,
+                 ot_progress *progress, ot_eval_result *out);
+/* What the eval commands and held-out scoring call: plain text as ot_eval_tokens (windows),
+ * supervised examples (t->mask) on their target tokens only, packed as for training
+ * (ot_pack_rows). The model must be prepared for B x T. */
+int ot_eval_data(ot_model *m, const ot_tokens *t, int T, int B, ot_progress *progress, ot_eval_result *out);
+/* ot_eval_windows for either kind of input: prepares the model, progress bar on `progress`. */
+int ot_eval_input(ot_model *m, const ot_tokens *t, int T, int batch, FILE *progress, ot_eval_result *out);
 /* One line: human-readable, or {"loss", "perplexity", "tokens"} with json. */
 void ot_eval_print(FILE *f, const ot_eval_result *r, int json);
 

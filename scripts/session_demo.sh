@@ -12,6 +12,9 @@
 # OT_DEMO_THREADS CPU threads per device (1), OT_DEMO_BACKEND (cpu).
 # Privacy (docs/secagg.md): OT_DEMO_SECAGG auto|on|off (auto: off with the 2..3 devices here),
 # OT_DEMO_DP_EPSILON (off), OT_DEMO_DP_CLIP (1), OT_DEMO_DP_DELTA (1e-5).
+# OT_DEMO_DATA: each device's private data file, a pattern where %s is the device's name
+# (default: its Brown genre's training documents); a .jsonl file holds supervised examples
+# (docs/data.md), as in the main job's spam/ham task.
 # OT_DEMO_SESSION session name (demo); OT_DEMO_REUSE=1 keeps WORK_DIR's daemon state and
 # enrolled devices (the emulator is distilled once for several sessions; bench/session_privacy.sh).
 # Needs a build (scripts/build.sh). Everything it starts is stopped on exit.
@@ -36,11 +39,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== private data: one Brown genre per device (training documents) =="
+data=${OT_DEMO_DATA:-$work/private-%s.txt}
+data_of() { printf "$data" "$1"; }
+if [ -z "${OT_DEMO_DATA:-}" ]; then
+  echo "== private data: one Brown genre per device (training documents) =="
+  for g in "${genres[@]}"; do
+    [ -f "$work/private-$g.txt" ] ||
+      "$cloud" corpus --genres "$g" --part train --out "$work/private-$g.txt"
+  done
+else
+  echo "== private data: $data =="
+fi
 for g in "${genres[@]}"; do
-  [ -f "$work/private-$g.txt" ] ||
-    "$cloud" corpus --genres "$g" --part train --out "$work/private-$g.txt"
-  echo "  $g: $(wc -c < "$work/private-$g.txt") bytes in $work/private-$g.txt"
+  [ -f "$(data_of "$g")" ] || { echo "no data for device $g: $(data_of "$g")" >&2; exit 1; }
+  echo "  $g: $(wc -c < "$(data_of "$g")") bytes in $(data_of "$g")"
 done
 
 echo "== starting the cloud daemon =="
@@ -76,7 +88,7 @@ done
 echo "== running the devices (logs: $work/device-*.log; progress of the first below) =="
 dev_pids=()
 for g in "${genres[@]}"; do
-  OMP_NUM_THREADS=${OT_DEMO_THREADS:-1} "$device" run --data "$work/private-$g.txt" --state "$work/device-$g" \
+  OMP_NUM_THREADS=${OT_DEMO_THREADS:-1} "$device" run --data "$(data_of "$g")" --state "$work/device-$g" \
     --session "$name" --threads "${OT_DEMO_THREADS:-1}" --backend "${OT_DEMO_BACKEND:-cpu}" > "$work/device-$g.log" 2>&1 &
   dev_pids+=("$!")
   pids+=("$!")

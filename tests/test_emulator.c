@@ -240,7 +240,7 @@ static void test_tune_freezes(void **state) {
       ot_optimizer_create(&oc, f.be, ot_model_param(f.emu, 0), ot_model_param_count(f.emu), &opt), 0);
   int32_t ids[200];
   for (int i = 0; i < 200; i++) ids[i] = (i * 7 + i / 3) % 37;
-  ot_tokens toks = {ids, 200};
+  ot_tokens toks = {ids, 200, NULL};
   ot_batcher bt;
   assert_int_equal(ot_batcher_init(&bt, &toks, f.B, f.T, 0, 0), 0);
   ot_train_config tc = {5, f.B, f.T, {1e-2f, 0, 5, OT_LR_CONSTANT, 0}, 0, NULL, NULL, NULL, NULL, NULL, NULL};
