@@ -175,8 +175,9 @@ int ot_cmd_serve_model(int argc, char **argv) {
         stdout, syn,
         "Serves generation for the base model and many adapters at once (continuous batching, KV cache,\n"
         "adapters of every kind batched together; loaded on demand, evicted LRU). HTTP: POST\n"
-        "/v1/completions and GET /v1/models, OpenAI-compatible; \"model\" names the adapter. Runs until\n"
-        "SIGINT or SIGTERM; one log line per request.",
+        "/v1/completions, /v1/chat/completions (the chat_template of the model's tokenizer_config.json)\n"
+        "and GET /v1/models, OpenAI-compatible; \"model\" names the adapter. Runs until SIGINT or\n"
+        "SIGTERM; one log line per request.",
         opts, N_OPTS(opts));
     registry_free(&reg);
     free(rest);
@@ -212,6 +213,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
   ot_backend *be = NULL;
   ot_gpt2 *m = NULL;
   ot_tokenizer *tok = NULL;
+  ot_chat_config *chat = NULL;
   ot_serve_engine *eng = NULL;
   ot_serve_http *api = NULL;
   ot_server *server = NULL;
@@ -222,8 +224,11 @@ int ot_cmd_serve_model(int argc, char **argv) {
   const char *what = "loading the model";
   rc = ot_cmd_load_model(model, backend, threads, &be, &m, &tok);
   if (rc == OT_OK) rc = ot_cmd_model_digest(model, digest);
-  int32_t eos = -1;
-  if (rc == OT_OK && ot_tokenizer_token_id(tok, "<|endoftext|>", &eos) != OT_OK) eos = -1;
+  if (rc == OT_OK) {
+    what = "reading the chat template"; /* a broken template is refused now, not at a request */
+    rc = ot_chat_config_load_dir(model, &chat);
+  }
+  int32_t eos = rc == OT_OK ? ot_serve_eos_id(tok, chat) : -1;
   ot_error_clear();
   if (name) {
     snprintf(base_name, sizeof base_name, "%s", name);
@@ -258,6 +263,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
                                .list = list,
                                .list_user = &reg,
                                .eos_id = eos,
+                               .chat = chat,
                                .max_body = 1 << 20,
                                .max_prompts = 32,
                                .log = log_line,
@@ -297,8 +303,9 @@ int ot_cmd_serve_model(int argc, char **argv) {
     log_line(&lg, line);
     if (api) {
       snprintf(line, sizeof line,
-               "HTTP API on %s, port %d (POST /v1/completions, GET /v1/models, GET /health)", url,
-               ot_serve_http_port(api));
+               "HTTP API on %s, port %d (POST /v1/completions%s, GET /v1/models, GET /health)", url,
+               ot_serve_http_port(api),
+               chat && chat->tmpl ? ", POST /v1/chat/completions" : "; no chat template, so no chat");
       log_line(&lg, line);
     }
     if (server) {
@@ -317,6 +324,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
   ot_access_free(acl);
   ot_identity_wipe(&id);
   ot_tokenizer_free(tok);
+  ot_chat_config_free(chat);
   ot_gpt2_free(m);
   ot_backend_free(be);
   pthread_mutex_destroy(&lg.mu);

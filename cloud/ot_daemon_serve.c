@@ -17,6 +17,7 @@ struct ot_daemon_serving {
   ot_backend *be;
   ot_gpt2 *m;
   ot_tokenizer *tok;
+  ot_chat_config *chat;
   ot_serve_engine *eng;
   ot_serve_http *api;
 };
@@ -68,6 +69,7 @@ void ot_daemon_serving_stop(ot_daemon_serving *s) {
   if (s->api) ot_serve_http_stop(s->api); /* before the engine: it completes the replies */
   ot_serve_engine_free(s->eng);
   ot_tokenizer_free(s->tok);
+  ot_chat_config_free(s->chat);
   ot_gpt2_free(s->m);
   ot_backend_free(s->be);
   free(s);
@@ -82,11 +84,8 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
   char dir[1024];
   int rc = ot_reg_model_get(d->reg, model_name, dir, s->digest);
   if (rc == OT_OK) rc = ot_cmd_load_model(dir, "cpu", threads, &s->be, &s->m, &s->tok);
-  int32_t eos = -1;
-  if (rc == OT_OK && ot_tokenizer_token_id(s->tok, "<|endoftext|>", &eos) != OT_OK) {
-    eos = -1;
-    ot_error_clear();
-  }
+  if (rc == OT_OK) rc = ot_chat_config_load_dir(dir, &s->chat); /* a broken template fails here */
+  int32_t eos = rc == OT_OK ? ot_serve_eos_id(s->tok, s->chat) : -1;
   ot_serve_config sc;
   ot_serve_config_default(&sc);
   sc.resolve = resolve;
@@ -105,6 +104,7 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
                                .list = list,
                                .list_user = s,
                                .eos_id = eos,
+                               .chat = s->chat,
                                .log = log_line,
                                .log_user = d};
     rc = ot_serve_http_start(&hc, &s->api);
@@ -118,8 +118,8 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
   if (colon)
     snprintf(s->url + (colon - s->url), sizeof s->url - (size_t)(colon - s->url), ":%d",
              ot_serve_http_port(s->api));
-  ot_daemon_log(d, "serving model '%s' and its sessions' published adapters on %s (POST /v1/completions)",
-                model_name, s->url);
+  ot_daemon_log(d, "serving model '%s' and its sessions' published adapters on %s (POST /v1/completions%s)",
+                model_name, s->url, s->chat && s->chat->tmpl ? ", /v1/chat/completions" : "");
   *out = s;
   return OT_OK;
 }

@@ -16,7 +16,7 @@ struct ot_serve_http {
   ot_serve_http_config cfg;
   char base_name[128];
   ot_http_server *server;
-  ot_http_route routes[5];
+  ot_http_route routes[6];
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int outstanding; /* jobs not yet freed */
@@ -118,11 +118,13 @@ typedef struct job {
   char id[48], model[128];
   long long created;
   int stream, n, n_submitted, n_done;
-  int submitting; /* the handler is still submitting: the end cannot come yet */
-  int rejected;   /* refused after some prompts were submitted: drop their events */
-  int started;    /* the stream's head is out: chunks go straight to the client */
-  int broken;     /* the client went away (or a write failed): nothing more is sent */
-  int sealed;     /* [DONE] sent */
+  int chat;          /* a chat completion: chat.completion objects and chunks */
+  int include_usage; /* a usage chunk ends the stream */
+  int submitting;    /* the handler is still submitting: the end cannot come yet */
+  int rejected;      /* refused after some prompts were submitted: drop their events */
+  int started;       /* the stream's head is out: chunks go straight to the client */
+  int broken;        /* the client went away (or a write failed): nothing more is sent */
+  int sealed;        /* [DONE] sent */
   choice *ch;
   double t0;
   char *buf; /* stream chunks made before the stream began */
@@ -182,6 +184,29 @@ static void log_job(job *j) {
         now_ms() - j->t0);
 }
 
+/* id, object, created, model of a reply or a stream chunk. */
+static cJSON *reply_head(const job *j, int chunk) {
+  cJSON *r = cJSON_CreateObject();
+  cJSON_AddStringToObject(r, "id", j->id);
+  cJSON_AddStringToObject(
+      r, "object", j->chat ? (chunk ? "chat.completion.chunk" : "chat.completion") : "text_completion");
+  cJSON_AddNumberToObject(r, "created", (double)j->created);
+  cJSON_AddStringToObject(r, "model", j->model[0] ? j->model : j->api->base_name);
+  return r;
+}
+
+static void add_usage(const job *j, cJSON *r) {
+  int pt = 0, ct = 0;
+  for (int i = 0; i < j->n; i++) {
+    pt += j->ch[i].prompt_tokens;
+    ct += j->ch[i].completion_tokens;
+  }
+  cJSON *u = cJSON_AddObjectToObject(r, "usage");
+  cJSON_AddNumberToObject(u, "prompt_tokens", pt);
+  cJSON_AddNumberToObject(u, "completion_tokens", ct);
+  cJSON_AddNumberToObject(u, "total_tokens", pt + ct);
+}
+
 /* The whole reply of a non-streamed job (every choice done). */
 static void respond_completion(job *j) {
   for (int i = 0; i < j->n; i++)
@@ -190,30 +215,27 @@ static void respond_completion(job *j) {
                             j->ch[i].msg[0] ? j->ch[i].msg : ot_finish_reason_name(j->ch[i].reason));
       return;
     }
-  cJSON *r = cJSON_CreateObject();
-  cJSON_AddStringToObject(r, "id", j->id);
-  cJSON_AddStringToObject(r, "object", "text_completion");
-  cJSON_AddNumberToObject(r, "created", (double)j->created);
-  cJSON_AddStringToObject(r, "model", j->model[0] ? j->model : j->api->base_name);
+  cJSON *r = reply_head(j, 0);
   cJSON *chs = cJSON_AddArrayToObject(r, "choices");
-  int pt = 0, ct = 0;
   for (int i = 0; i < j->n; i++) {
     cJSON *c = cJSON_CreateObject();
     char *t = NULL;
-    if (ot_utf8_sanitize(j->ch[i].text ? j->ch[i].text : "", j->ch[i].len, &t, NULL) == OT_OK)
-      cJSON_AddStringToObject(c, "text", t);
-    free(t);
     cJSON_AddNumberToObject(c, "index", i);
+    if (ot_utf8_sanitize(j->ch[i].text ? j->ch[i].text : "", j->ch[i].len, &t, NULL) == OT_OK) {
+      if (j->chat) {
+        cJSON *m = cJSON_AddObjectToObject(c, "message");
+        cJSON_AddStringToObject(m, "role", "assistant");
+        cJSON_AddStringToObject(m, "content", t);
+      } else {
+        cJSON_AddStringToObject(c, "text", t);
+      }
+    }
+    free(t);
     cJSON_AddNullToObject(c, "logprobs");
     cJSON_AddStringToObject(c, "finish_reason", finish_name(&j->ch[i]));
     cJSON_AddItemToArray(chs, c);
-    pt += j->ch[i].prompt_tokens;
-    ct += j->ch[i].completion_tokens;
   }
-  cJSON *u = cJSON_AddObjectToObject(r, "usage");
-  cJSON_AddNumberToObject(u, "prompt_tokens", pt);
-  cJSON_AddNumberToObject(u, "completion_tokens", ct);
-  cJSON_AddNumberToObject(u, "total_tokens", pt + ct);
+  add_usage(j, r);
   answer_json(j->req, 200, r);
 }
 
@@ -242,25 +264,35 @@ static void emit(job *j, const char *s, size_t n) {
   }
 }
 
-static void sse_chunk(job *j, int index, const char *text, size_t len, const char *finish) {
+/* One chunk: a choice's text (chat: a delta; role: the chat's first, with the role), its end
+ * (finish), or with index -1 the usage (choices empty). */
+static void sse_chunk(job *j, int index, const char *text, size_t len, const char *finish, int role) {
   if (j->broken) return;
-  cJSON *r = cJSON_CreateObject();
-  cJSON_AddStringToObject(r, "id", j->id);
-  cJSON_AddStringToObject(r, "object", "text_completion");
-  cJSON_AddNumberToObject(r, "created", (double)j->created);
-  cJSON_AddStringToObject(r, "model", j->model[0] ? j->model : j->api->base_name);
-  cJSON *chs = cJSON_AddArrayToObject(r, "choices"), *c = cJSON_CreateObject();
-  char *t = NULL;
-  ot_utf8_sanitize(text, len, &t, NULL);
-  cJSON_AddStringToObject(c, "text", t ? t : "");
-  free(t);
-  cJSON_AddNumberToObject(c, "index", index);
-  cJSON_AddNullToObject(c, "logprobs");
-  if (finish)
-    cJSON_AddStringToObject(c, "finish_reason", finish);
-  else
-    cJSON_AddNullToObject(c, "finish_reason");
-  cJSON_AddItemToArray(chs, c);
+  cJSON *r = reply_head(j, 1);
+  cJSON *chs = cJSON_AddArrayToObject(r, "choices");
+  if (index >= 0) {
+    cJSON *c = cJSON_CreateObject();
+    cJSON_AddNumberToObject(c, "index", index);
+    char *t = NULL;
+    ot_utf8_sanitize(text, len, &t, NULL);
+    if (j->chat) {
+      cJSON *d = cJSON_AddObjectToObject(c, "delta");
+      if (role) cJSON_AddStringToObject(d, "role", "assistant");
+      if (role || !finish) cJSON_AddStringToObject(d, "content", t ? t : "");
+    } else {
+      cJSON_AddStringToObject(c, "text", t ? t : "");
+    }
+    free(t);
+    cJSON_AddNullToObject(c, "logprobs");
+    if (finish)
+      cJSON_AddStringToObject(c, "finish_reason", finish);
+    else
+      cJSON_AddNullToObject(c, "finish_reason");
+    cJSON_AddItemToArray(chs, c);
+    if (j->include_usage) cJSON_AddNullToObject(r, "usage");
+  } else {
+    add_usage(j, r);
+  }
   char *s = cJSON_PrintUnformatted(r);
   cJSON_Delete(r);
   size_t sl = s ? strlen(s) : 0;
@@ -285,6 +317,7 @@ static int settle(job *j) {
   if (j->submitting || j->n_done < j->n_submitted) return A_NONE;
   if (j->rejected) return A_FREE;
   if (j->stream) {
+    if (j->started && !j->sealed && j->include_usage) sse_chunk(j, -1, NULL, 0, NULL, 0);
     if (j->started && !j->sealed) emit(j, "data: [DONE]\n\n", 14);
     j->sealed = 1;
     return A_END_STREAM;
@@ -307,7 +340,7 @@ static void on_event(void *user, const ot_serve_event *ev) {
   pthread_mutex_lock(&j->mu);
   if (ev->text_len && !j->rejected) {
     if (j->stream) {
-      sse_chunk(j, c->index, ev->text, ev->text_len, NULL);
+      sse_chunk(j, c->index, ev->text, ev->text_len, NULL, 0);
     } else {
       char *t = realloc(c->text, c->len + ev->text_len + 1);
       if (t) {
@@ -329,8 +362,8 @@ static void on_event(void *user, const ot_serve_event *ev) {
     j->n_done++;
     if (j->stream && !j->rejected)
       sse_chunk(j, c->index, "", 0,
-                ev->reason == OT_FINISH_ERROR || ev->reason == OT_FINISH_CANCELLED ? "error"
-                                                                                   : finish_name(c));
+                ev->reason == OT_FINISH_ERROR || ev->reason == OT_FINISH_CANCELLED ? "error" : finish_name(c),
+                0);
     action = settle(j);
   }
   pthread_mutex_unlock(&j->mu);
@@ -345,8 +378,8 @@ static int http_status(int rc) {
                                                                                     : 500;
 }
 
-static void handle_completions(void *user, ot_http_req *req) {
-  ot_serve_http *api = user;
+static void handle_generate(ot_serve_http *api, ot_http_req *req, int chat) {
+  const char *route = chat ? "/v1/chat/completions" : "/v1/completions";
   size_t len = 0;
   const char *data = ot_http_req_body(req, &len);
   struct timespec ts;
@@ -355,15 +388,16 @@ static void handle_completions(void *user, ot_http_req *req) {
                            .base_name = api->base_name,
                            .eos_id = api->cfg.eos_id,
                            .max_prompts = api->cfg.max_prompts,
-                           .seed = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30)};
+                           .seed = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30),
+                           .chat = api->cfg.chat};
   ot_serve_completion *pr = malloc(sizeof *pr);
   ot_serve_req_error perr;
   if (!pr) {
     ot_http_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
     return;
   }
-  if (ot_serve_parse_completion(data, len, &pc, pr, &perr) != OT_OK) {
-    logf_(&api->cfg, "POST /v1/completions refused (%d): %s", perr.status, perr.message);
+  if ((chat ? ot_serve_parse_chat : ot_serve_parse_completion)(data, len, &pc, pr, &perr) != OT_OK) {
+    logf_(&api->cfg, "POST %s refused (%d): %s", route, perr.status, perr.message);
     ot_http_respond_error(req, perr.status, perr.type, NULL, perr.param[0] ? perr.param : NULL, "%s",
                           perr.message);
     free(pr);
@@ -388,12 +422,12 @@ static void handle_completions(void *user, ot_http_req *req) {
     j->next = api->jobs;
     api->jobs = j;
     api->outstanding++;
-    snprintf(j->id, sizeof j->id, "cmpl-%llx%06llx", (unsigned long long)api->next_id++,
-             (unsigned long long)(now_ms() * 1000) & 0xffffff);
+    snprintf(j->id, sizeof j->id, "%s-%llx%06llx", chat ? "chatcmpl" : "cmpl",
+             (unsigned long long)api->next_id++, (unsigned long long)(now_ms() * 1000) & 0xffffff);
   }
   pthread_mutex_unlock(&api->mu);
   if (!j) {
-    logf_(&api->cfg, "POST /v1/completions refused (%d)", status);
+    logf_(&api->cfg, "POST %s refused (%d)", route, status);
     ot_http_respond_error(req, status, "server_error", NULL, NULL, "%s",
                           status == 503 ? "the server is shutting down" : "out of memory");
     ot_serve_completion_free(pr);
@@ -407,9 +441,13 @@ static void handle_completions(void *user, ot_http_req *req) {
   j->created = (long long)time(NULL);
   int stream = pr->stream;
   j->stream = stream;
+  j->chat = chat;
+  j->include_usage = pr->include_usage;
   j->n = n;
   j->t0 = now_ms();
   j->submitting = 1;
+  for (int i = 0; chat && stream && i < n; i++)
+    sse_chunk(j, i, "", 0, NULL, 1); /* kept until the stream begins */
   int rc = OT_OK;
   ot_serve_request *r = &pr->r;
   r->adapter = pr->model;
@@ -461,7 +499,7 @@ static void handle_completions(void *user, ot_http_req *req) {
   pthread_mutex_unlock(&j->mu);
   /* with rc set, j may be gone already (its cancelled events free it): only locals from here */
   if (refused) {
-    logf_(&api->cfg, "POST /v1/completions model=%s refused: %s", pr->model[0] ? pr->model : "(base)", why);
+    logf_(&api->cfg, "POST %s model=%s refused: %s", route, pr->model[0] ? pr->model : "(base)", why);
     if (http_status(rc) == 404)
       ot_http_respond_error(refused, 404, "invalid_request_error", "model_not_found", "model",
                             "The model '%s' does not exist", pr->model);
@@ -474,6 +512,9 @@ static void handle_completions(void *user, ot_http_req *req) {
   ot_serve_completion_free(pr);
   free(pr);
 }
+
+static void handle_completions(void *user, ot_http_req *req) { handle_generate(user, req, 0); }
+static void handle_chat(void *user, ot_http_req *req) { handle_generate(user, req, 1); }
 
 /* ---- GET /v1/models, /v1/models/{id}, /health ------------------------------------------------- */
 
@@ -551,6 +592,14 @@ static void handle_health(void *user, ot_http_req *req) {
 
 /* ---- server ---------------------------------------------------------------------------------- */
 
+int32_t ot_serve_eos_id(const ot_tokenizer *tok, const ot_chat_config *chat) {
+  int32_t id = -1;
+  if (tok && chat && chat->eos_token && ot_tokenizer_token_id(tok, chat->eos_token, &id) == OT_OK) return id;
+  if (tok && ot_tokenizer_token_id(tok, "<|endoftext|>", &id) == OT_OK) return id;
+  ot_error_clear();
+  return -1;
+}
+
 int ot_serve_http_start(const ot_serve_http_config *cfg, ot_serve_http **out) {
   if (!cfg || !cfg->url || !cfg->engine || !out)
     return ot_error(OT_ERR_INVALID, "ot_serve_http_start: NULL argument");
@@ -566,6 +615,7 @@ int ot_serve_http_start(const ot_serve_http_config *cfg, ot_serve_http **out) {
   pthread_cond_init(&api->cv, NULL);
   int nr = 0;
   api->routes[nr++] = (ot_http_route){"POST", "/v1/completions", 0, handle_completions, api};
+  api->routes[nr++] = (ot_http_route){"POST", "/v1/chat/completions", 0, handle_chat, api};
   api->routes[nr++] = (ot_http_route){"GET", "/v1/models", 0, handle_models, api};
   api->routes[nr++] = (ot_http_route){"GET", "/v1/models/", 1, handle_model, api};
   api->routes[nr++] = (ot_http_route){"GET", "/health", 0, handle_health, api};

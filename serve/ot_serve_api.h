@@ -7,6 +7,11 @@
  *   top_k (0, an extension), stop (a string or up to 4), seed, stream, ignore_eos (extension);
  *   n must be 1, logprobs null, echo false. The reply is OpenAI's text_completion object; with
  *   "stream": true, Server-Sent Events "data: {chunk}\n\n" ... "data: [DONE]\n\n".
+ * - POST /v1/chat/completions: messages (role, content) rendered with the base model's chat
+ *   template (serve/ot_chat_template.h), the other fields as for completions, plus
+ *   max_completion_tokens; the reply is OpenAI's chat.completion object, streamed as
+ *   chat.completion.chunk deltas (the first carries the role). stream_options.include_usage (both
+ *   endpoints): a last chunk with "choices": [] and the usage before [DONE].
  * - GET /v1/models: the base and every adapter the list callback names; GET /v1/models/{id}: one
  *   of them (404 if none); GET /health: {"status":"ok"}.
  * Errors are OpenAI's {"error": {"message", "type", "param", "code"}}: 404 unknown model or
@@ -26,6 +31,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ot_chat_template.h"
 #include "ot_http.h"
 #include "ot_serve_engine.h"
 #include "ot_tokenizer.h"
@@ -40,7 +46,10 @@ typedef struct {
   const char *base_name;   /* model id of the base model in /v1/models and replies */
   ot_serve_list_fn list;
   void *list_user;
-  int32_t eos_id;  /* an empty prompt starts from this token; -1: empty prompts are refused */
+  int32_t eos_id; /* an empty prompt starts from this token; -1: empty prompts are refused */
+  /* The base model's chat template and special tokens (ot_chat_config_load_dir of its
+   * directory); NULL or without a template: /v1/chat/completions answers 400. */
+  const ot_chat_config *chat;
   size_t max_body; /* bytes of a request body (default 1 MiB) */
   int max_prompts; /* prompts per request (default 32) */
   /* One line per request (model, tokens, latency) and per refusal; any thread. */
@@ -55,6 +64,10 @@ typedef struct {
 } ot_serve_http_config;
 
 typedef struct ot_serve_http ot_serve_http;
+
+/* The end-of-sequence token: the chat config's eos_token when the vocabulary has it (Llama 3's
+ * <|eot_id|>, ChatML's <|im_end|>), else <|endoftext|>, else -1 (none). */
+int32_t ot_serve_eos_id(const ot_tokenizer *tok, const ot_chat_config *chat);
 
 int ot_serve_http_start(const ot_serve_http_config *cfg, ot_serve_http **out);
 /* The TCP port bound. */

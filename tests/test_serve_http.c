@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "ot_access.h"
+#include "ot_chat_template.h"
 #include "ot_error.h"
 #include "ot_http.h"
 #include "ot_serve_api.h"
@@ -1610,8 +1611,233 @@ static void test_disconnect_cancels(void **state) {
   ot_serve_engine_free(e2);
 }
 
+/* ---- /v1/chat/completions --------------------------------------------------------------------- */
+
+/* The chat answer's content for model k: the engine's greedy completion of the rendered prompt
+ * (the default model's template, whose rendering test_chat_template checks against jinja2). */
+static char *chat_want(int k, const char *rendered, int *prompt_tokens) {
+  size_t n = 0;
+  int32_t *ids = encode(rendered, &n);
+  ot_serve_request r = {.adapter = models[k], .prompt = ids, .n_prompt = n, .max_tokens = GEN, .top_p = 1.0f};
+  ot_serve_result res;
+  if (ot_serve_generate(eng, &r, &res)) fail_msg("generate: %s", ot_error_detail());
+  char *t = NULL;
+  assert_int_equal(ot_utf8_sanitize(res.text, res.text_len, &t, NULL), 0);
+  *prompt_tokens = res.prompt_tokens;
+  ot_serve_result_free(&res);
+  free(ids);
+  return t;
+}
+
+static void chat_post(int p, const char *json, int want_status, http_res *res) {
+  int saved = port;
+  port = p;
+  http("POST", "/v1/chat/completions", json, strlen(json), res);
+  port = saved;
+  if (res->status != want_status) fail_msg("status %d (wanted %d): %s", res->status, want_status, res->body);
+}
+
+static void test_chat(void **state) {
+  (void)state;
+  char mdir[4200];
+  snprintf(mdir, sizeof mdir, "%s/models/brown-8x128", ot_test_source_dir());
+  ot_chat_config *cc = NULL;
+  if (ot_chat_config_load_dir(mdir, &cc)) fail_msg("chat config: %s", ot_error_detail());
+  ot_serve_http_config lim = {.chat = cc};
+  ot_serve_http *h = start_api(eng, &lim);
+  int cport = ot_serve_http_port(h);
+  const char *rendered = "Be brief.\n\nUser: Hello\nAssistant:";
+  ot_chat_msg msgs[2] = {{"system", "Be brief."}, {"user", "Hello"}};
+  ot_chat_vars vars = {.add_generation_prompt = 1};
+  char *r0 = NULL;
+  assert_int_equal(ot_chat_template_render(cc->tmpl, msgs, 2, &vars, &r0, NULL), 0);
+  assert_string_equal(r0, rendered);
+  free(r0);
+  for (int k = 0; k < N_MODELS; k += 3) {
+    int pt = 0;
+    char *want_c = chat_want(k, rendered, &pt), body[1024];
+    /* content as a string, and as text parts */
+    snprintf(body, sizeof body,
+             "{\"model\": \"%s\", \"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, "
+             "{\"role\": \"user\", \"content\": %s}], \"max_tokens\": %d, \"temperature\": 0, \"logprobs\": "
+             "false}",
+             models[k], k == 3 ? "[{\"type\": \"text\", \"text\": \"Hello\"}]" : "\"Hello\"", GEN);
+    http_res res;
+    chat_post(cport, body, 200, &res);
+    cJSON *j = cJSON_Parse(res.body);
+    assert_non_null(j);
+    assert_string_equal(str(j, "object"), "chat.completion");
+    assert_memory_equal(str(j, "id"), "chatcmpl-", 9);
+    assert_string_equal(str(j, "model"), k ? models[k] : "tiny-base");
+    const cJSON *ch = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0);
+    const cJSON *msg = cJSON_GetObjectItemCaseSensitive(ch, "message");
+    assert_string_equal(str(msg, "role"), "assistant");
+    assert_string_equal(str(msg, "content"), want_c);
+    assert_string_equal(str(ch, "finish_reason"), "length");
+    const cJSON *u = cJSON_GetObjectItemCaseSensitive(j, "usage");
+    assert_int_equal((int)num(u, "prompt_tokens"), (int)strlen(rendered)); /* byte tokenizer */
+    assert_int_equal(pt, (int)strlen(rendered));
+    assert_int_equal((int)num(u, "completion_tokens"), GEN);
+    assert_int_equal((int)num(u, "total_tokens"), GEN + pt);
+    cJSON_Delete(j);
+    free(res.body);
+
+    /* streamed with the usage: role first, deltas concatenate to the content, one finish,
+     * then the usage chunk (choices empty), then [DONE] */
+    snprintf(
+        body, sizeof body,
+        "{\"model\": \"%s\", \"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, "
+        "{\"role\": \"user\", \"content\": \"Hello\"}], \"max_completion_tokens\": %d, \"temperature\": 0, "
+        "\"stream\": true, \"stream_options\": {\"include_usage\": true}}",
+        models[k], GEN);
+    chat_post(cport, body, 200, &res);
+    assert_non_null(strcasestr(res.head, "text/event-stream"));
+    char text[4096] = "";
+    size_t tl = 0;
+    int ev_n = 0, done = 0, finished = 0, usage_seen = 0;
+    char *save = NULL;
+    for (char *ev = strtok_r(res.body, "\n", &save); ev; ev = strtok_r(NULL, "\n", &save)) {
+      assert_memory_equal(ev, "data: ", 6);
+      assert_false(done);
+      if (strcmp(ev + 6, "[DONE]") == 0) {
+        done = 1;
+        continue;
+      }
+      assert_false(usage_seen); /* the usage chunk is the last before [DONE] */
+      cJSON *c = cJSON_Parse(ev + 6);
+      assert_non_null(c);
+      assert_string_equal(str(c, "object"), "chat.completion.chunk");
+      const cJSON *chs = cJSON_GetObjectItemCaseSensitive(c, "choices");
+      const cJSON *cu = cJSON_GetObjectItemCaseSensitive(c, "usage");
+      if (cJSON_GetArraySize(chs) == 0) {
+        assert_int_equal((int)num(cu, "prompt_tokens"), pt);
+        assert_int_equal((int)num(cu, "completion_tokens"), GEN);
+        assert_int_equal((int)num(cu, "total_tokens"), pt + GEN);
+        usage_seen = 1;
+      } else {
+        assert_true(cJSON_IsNull(cu)); /* every other chunk: "usage": null */
+        const cJSON *c0 = cJSON_GetArrayItem(chs, 0), *d = cJSON_GetObjectItemCaseSensitive(c0, "delta");
+        assert_true(cJSON_IsObject(d));
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(d, "role");
+        assert_true(ev_n == 0 ? cJSON_IsString(role) : role == NULL);
+        const cJSON *t = cJSON_GetObjectItemCaseSensitive(d, "content");
+        if (cJSON_IsString(t)) {
+          memcpy(text + tl, t->valuestring, strlen(t->valuestring));
+          tl += strlen(t->valuestring);
+        }
+        const cJSON *fr = cJSON_GetObjectItemCaseSensitive(c0, "finish_reason");
+        if (cJSON_IsString(fr)) {
+          assert_null(t); /* the finish chunk's delta is empty */
+          assert_string_equal(fr->valuestring, "length");
+          finished++;
+        }
+        ev_n++;
+      }
+      cJSON_Delete(c);
+    }
+    text[tl] = '\0';
+    assert_true(done && usage_seen);
+    assert_int_equal(finished, 1);
+    assert_true(ev_n > GEN / 2);
+    assert_string_equal(text, want_c);
+    free(res.body);
+    free(want_c);
+  }
+
+  /* refusals: 400 in OpenAI's shape, naming the field */
+  const char *bad[][2] = {
+      {"{\"messages\": []}", "messages"},
+      {"{\"prompt\": \"x\"}", "messages"},
+      {"{\"messages\": [{\"content\": \"x\"}]}", "messages"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": 3}]}", "messages"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image_url\"}]}]}", "messages"},
+      {"{\"messages\": [{\"role\": \"tool\", \"content\": \"x\"}]}",
+       "messages"}, /* the template's raise_exception */
+      {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"n\": 2}", "n"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"logprobs\": true}", "logprobs"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"top_logprobs\": 2}", "top_logprobs"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"stream_options\": {\"include_usage\": "
+       "true}}",
+       "stream_options"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"max_completion_tokens\": -1}",
+       "max_completion_tokens"},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+    http_res res;
+    chat_post(cport, bad[i][0], 400, &res);
+    cJSON *j = cJSON_Parse(res.body);
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(j, "error");
+    assert_string_equal(str(e, "type"), "invalid_request_error");
+    assert_string_equal(str(e, "param"), bad[i][1]);
+    if (i == 5) assert_non_null(strstr(str(e, "message"), "not tool"));
+    cJSON_Delete(j);
+    free(res.body);
+  }
+  ot_serve_http_stop(h);
+  ot_chat_config_free(cc);
+
+  /* a server without a template: chat is a 400 that says so, and the kept-alive connection
+   * serves a completion next */
+  kconn kk;
+  http_res r;
+  kc_open(&kk, NULL, port);
+  const char *cb = "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}";
+  char req[512];
+  snprintf(req, sizeof req, "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: %zu\r\n\r\n%s",
+           strlen(cb), cb);
+  kc_sends(&kk, req);
+  assert_int_equal(kc_read(&kk, &r, 0), 0);
+  want_json_error(&r, 400);
+  assert_non_null(strstr(r.body, "no chat template"));
+  free(r.body);
+  send_completion(&kk, 1, 1, 0, NULL);
+  assert_int_equal(kc_read(&kk, &r, 0), 0);
+  want_completion(&r, 1, 1);
+  free(r.body);
+  kc_close(&kk);
+}
+
+/* stream_options.include_usage on /v1/completions: the usage chunk after every choice's end. */
+static void test_stream_usage(void **state) {
+  (void)state;
+  char body[512];
+  snprintf(body, sizeof body,
+           "{\"model\": \"lora2\", \"prompt\": [\"%s\", \"%s\"], \"max_tokens\": %d, \"temperature\": 0, "
+           "\"stream\": true, \"stream_options\": {\"include_usage\": true}}",
+           prompts[0], prompts[1], GEN);
+  http_res res;
+  http("POST", "/v1/completions", body, strlen(body), &res);
+  assert_int_equal(res.status, 200);
+  char *last = NULL, *save = NULL;
+  int finished = 0, n = 0;
+  for (char *ev = strtok_r(res.body, "\n", &save); ev; ev = strtok_r(NULL, "\n", &save)) {
+    if (strcmp(ev, "data: [DONE]") == 0) break;
+    cJSON *j = cJSON_Parse(ev + 6);
+    assert_non_null(j);
+    const cJSON *chs = cJSON_GetObjectItemCaseSensitive(j, "choices");
+    if (cJSON_GetArraySize(chs) > 0) {
+      assert_null(last); /* nothing after the usage chunk */
+      assert_true(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(j, "usage")));
+      if (cJSON_IsString(cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(chs, 0), "finish_reason")))
+        finished++;
+    } else {
+      last = ev;
+      const cJSON *u = cJSON_GetObjectItemCaseSensitive(j, "usage");
+      size_t l0 = strlen(prompts[0]), l1 = strlen(prompts[1]);
+      assert_int_equal((int)num(u, "prompt_tokens"), (int)(l0 + l1));
+      assert_int_equal((int)num(u, "completion_tokens"), 2 * GEN);
+      n++;
+    }
+    cJSON_Delete(j);
+  }
+  assert_int_equal(finished, 2);
+  assert_int_equal(n, 1);
+  free(res.body);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_chat),           cmocka_unit_test(test_stream_usage),
       cmocka_unit_test(test_utf8),           cmocka_unit_test(test_completions),
       cmocka_unit_test(test_prompt_array),   cmocka_unit_test(test_stream),
       cmocka_unit_test(test_stream_prompts), cmocka_unit_test(test_models),
