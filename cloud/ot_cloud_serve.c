@@ -14,6 +14,7 @@
 #include "ot_emulator.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
+#include "ot_registry.h"
 #include "ot_serve_api.h"
 #include "ot_serve_engine.h"
 #include "ot_transport.h"
@@ -32,11 +33,18 @@ static void registry_free(registry *r) {
   r->n = 0;
 }
 
-static int name_ok(const char *s) {
-  if (!*s || *s == '.' || strlen(s) > 100) return 0;
-  for (; *s; s++)
-    if (*s == '/' || *s == '\\' || (unsigned char)*s < 0x20) return 0;
+static int part_ok(const char *s, size_t n) {
+  if (n == 0 || *s == '.' || n > 100) return 0;
+  for (size_t i = 0; i < n; i++)
+    if (s[i] == '/' || s[i] == '\\' || (unsigned char)s[i] < 0x20) return 0;
   return 1;
+}
+
+/* An adapter name: NAME (the operator's) or TENANT/NAME (a tenant's: --adapters-dir/TENANT/NAME). */
+static int name_ok(const char *s) {
+  const char *slash = strchr(s, '/');
+  if (!slash) return part_ok(s, strlen(s));
+  return ot_api_tenant_ok_n(s, (size_t)(slash - s)) && part_ok(slash + 1, strlen(slash + 1));
 }
 
 /* Named adapters first, then a subdirectory of --adapters-dir holding an adapter_config.json. */
@@ -58,20 +66,54 @@ static int resolve(void *user, const char *name, char *dir, size_t cap) {
   return ot_error(OT_ERR_NOTFOUND, "the model '%s' does not exist", name);
 }
 
+/* The adapters in dir (prefix "" or "TENANT/"); one level of tenant directories below the top. */
+static void list_dir(registry *r, const char *dir, const char *prefix,
+                     void (*add)(void *ctx, const char *name), void *ctx) {
+  DIR *d = opendir(dir);
+  struct dirent *de;
+  while (d && (de = readdir(d))) {
+    char cfg[4096], name[256];
+    snprintf(name, sizeof name, "%s%s", prefix, de->d_name);
+    if (!part_ok(de->d_name, strlen(de->d_name)) || !name_ok(name)) continue;
+    snprintf(cfg, sizeof cfg, "%s/%s/adapter_config.json", dir, de->d_name);
+    int shadowed = 0;
+    for (int i = 0; i < r->n; i++) shadowed |= strcmp(r->name[i], name) == 0;
+    if (!shadowed && ot_file_exists(cfg)) {
+      add(ctx, name);
+    } else if (!*prefix && ot_api_tenant_ok(de->d_name)) {
+      char sub[4096], pre[80];
+      snprintf(sub, sizeof sub, "%s/%s", dir, de->d_name);
+      snprintf(pre, sizeof pre, "%s/", de->d_name);
+      list_dir(r, sub, pre, add, ctx);
+    }
+  }
+  if (d) closedir(d);
+}
+
 static void list(void *user, void (*add)(void *ctx, const char *name), void *ctx) {
   registry *r = user;
   for (int i = 0; i < r->n; i++) add(ctx, r->name[i]);
-  DIR *d = r->adapters_dir ? opendir(r->adapters_dir) : NULL;
-  struct dirent *de;
-  while (d && (de = readdir(d))) {
-    char cfg[4096];
-    if (!name_ok(de->d_name)) continue;
-    snprintf(cfg, sizeof cfg, "%s/%s/adapter_config.json", r->adapters_dir, de->d_name);
-    int shadowed = 0;
-    for (int i = 0; i < r->n; i++) shadowed |= strcmp(r->name[i], de->d_name) == 0;
-    if (!shadowed && ot_file_exists(cfg)) add(ctx, de->d_name);
-  }
-  if (d) closedir(d);
+  if (r->adapters_dir) list_dir(r, r->adapters_dir, "", add, ctx);
+}
+
+/* --keys: the serving API's keys in a registry database (offtune-cloud keys). Every request
+ * looks its key up, so a revocation holds from the next request. */
+typedef struct {
+  ot_registry *reg;
+  const char *base_name;
+} keyring;
+
+static int check_key(void *user, const char *key, ot_serve_principal *p) {
+  keyring *k = user;
+  ot_api_key_row row;
+  int rc = ot_reg_api_key_check(k->reg, key, &row);
+  if (rc) return rc;
+  if (row.revoked_at) return ot_error(OT_ERR_INVALID, "API key %s is revoked", row.id);
+  memset(p, 0, sizeof *p);
+  snprintf(p->tenant, sizeof p->tenant, "%s", row.tenant);
+  p->admin = row.admin;
+  p->base_allowed = ot_api_key_allows_model(&row, k->base_name);
+  return OT_OK;
 }
 
 /* Log lines come from the HTTP, engine and request-API threads: one lock keeps them whole. */
@@ -133,7 +175,8 @@ static int take_adapters(int argc, char **argv, registry *reg, char **rest, int 
 
 int ot_cmd_serve_model(int argc, char **argv) {
   const char *model = NULL, *adapters_dir = NULL, *http = NULL, *listen = NULL, *key = NULL, *access = NULL,
-             *backend = "cpu", *name = NULL;
+             *backend = "cpu", *name = NULL, *keys = NULL;
+  int open_http = 0, version = 0;
   const char *adapter_unused = NULL; /* take_adapters() removes every --adapter before parsing */
   int max_batch = 32, step_tokens = 512, max_seq = 0, memory_mib = 1024, threads = 0, workers = 8;
   int http_conns = OT_HTTP_MAX_CONNS, http_conns_peer = OT_HTTP_MAX_CONNS_PER_PEER;
@@ -145,6 +188,12 @@ int ot_cmd_serve_model(int argc, char **argv) {
        "every subdirectory with an adapter_config.json is an adapter named by the subdirectory"},
       {"name", OT_OPT_STR, &name, "ID", "model id of the base model (default: the --model directory's name)"},
       {"http", OT_OPT_STR, &http, "HOST:PORT", "OpenAI-style HTTP API address (e.g. 127.0.0.1:8000)"},
+      {"keys", OT_OPT_STR, &keys, "FILE",
+       "API keys for --http: a registry database (offtune-cloud keys create --registry FILE); without it the "
+       "HTTP API is unauthenticated and must listen on loopback"},
+      {"allow-unauthenticated", OT_OPT_FLAG, &open_http, NULL,
+       "let --http listen beyond loopback without --keys (anyone who reaches it uses every adapter)"},
+      {"version", OT_OPT_FLAG, &version, NULL, "print the version and exit"},
       {"http-max-conns", OT_OPT_INT, &http_conns, "N", "HTTP connections open at once (default 256)"},
       {"http-max-conns-per-client", OT_OPT_INT, &http_conns_peer, "N",
        "HTTP connections open at once from one client address (default 32)"},
@@ -170,6 +219,12 @@ int ot_cmd_serve_model(int argc, char **argv) {
   int nrest = 0, rc = rest ? OT_OK : ot_error(OT_ERR_NOMEM, "cannot allocate");
   if (rc == OT_OK) rc = take_adapters(argc, argv, &reg, rest, &nrest);
   if (rc == OT_OK) rc = ot_cli_parse(nrest, rest, opts, N_OPTS(opts));
+  if (rc == OT_OK && version) {
+    printf("offtune-cloud serve-model %s\n", OT_VERSION);
+    registry_free(&reg);
+    free(rest);
+    return OT_EXIT_OK;
+  }
   if (rc == 1) {
     ot_cli_usage(
         stdout, syn,
@@ -191,6 +246,13 @@ int ot_cmd_serve_model(int argc, char **argv) {
       (max_batch < 1 || step_tokens < max_batch || max_seq < 0 || memory_mib < 1 || workers < 1))
     rc = ot_error(OT_ERR_INVALID,
                   "need --max-batch >= 1, --max-step-tokens >= --max-batch, --adapter-memory >= 1");
+  if (rc == OT_OK && keys && !http) rc = ot_error(OT_ERR_INVALID, "--keys is for --http");
+  if (rc == OT_OK && http && !keys && !open_http && !ot_http_url_loopback(http))
+    rc = ot_error(
+        OT_ERR_INVALID,
+        "--http %s is not a loopback address: give --keys FILE (API keys), or --allow-unauthenticated "
+        "to serve every client without keys",
+        http);
   if (rc == OT_OK && (http_conns < 1 || http_conns_peer < 1))
     rc = ot_error(OT_ERR_INVALID, "need --http-max-conns >= 1 and --http-max-conns-per-client >= 1");
   if (rc) {
@@ -218,6 +280,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
   ot_serve_http *api = NULL;
   ot_server *server = NULL;
   ot_access *acl = NULL;
+  keyring kr = {NULL, NULL};
   ot_identity id;
   memset(&id, 0, sizeof id);
   char digest[OT_DIGEST_HEX], base_name[128], url[600];
@@ -253,6 +316,11 @@ int ot_cmd_serve_model(int argc, char **argv) {
     rc = ot_serve_engine_create(m, &sc, &eng);
   }
   if (rc == OT_OK) rc = ot_serve_start(eng);
+  if (rc == OT_OK && keys) {
+    what = "opening the API keys";
+    rc = ot_reg_open(keys, &kr.reg);
+    kr.base_name = base_name;
+  }
   if (rc == OT_OK && http) {
     what = "starting the HTTP API";
     snprintf(url, sizeof url, "%s%s", strncmp(http, "http://", 7) ? "http://" : "", http);
@@ -269,7 +337,9 @@ int ot_cmd_serve_model(int argc, char **argv) {
                                .log = log_line,
                                .log_user = &lg,
                                .max_conns = http_conns,
-                               .max_conns_per_peer = http_conns_peer};
+                               .max_conns_per_peer = http_conns_peer,
+                               .auth = kr.reg ? check_key : NULL,
+                               .auth_user = &kr};
     rc = ot_serve_http_start(&hc, &api);
   }
   ot_serve_rpc rpc = {eng, tok, base_name, eos, log_line, &lg};
@@ -307,6 +377,14 @@ int ot_cmd_serve_model(int argc, char **argv) {
                ot_serve_http_port(api),
                chat && chat->tmpl ? ", POST /v1/chat/completions" : "; no chat template, so no chat");
       log_line(&lg, line);
+      if (kr.reg)
+        snprintf(line, sizeof line, "HTTP API keys from %s: every request needs 'Authorization: Bearer KEY'",
+                 keys);
+      else
+        snprintf(line, sizeof line,
+                 "HTTP API is UNAUTHENTICATED (no --keys): every client that reaches %s uses every adapter%s",
+                 url, ot_http_url_loopback(http) ? " (loopback only)" : "");
+      log_line(&lg, line);
     }
     if (server) {
       snprintf(line, sizeof line, "request API on %s (port %d)", listen, ot_server_port(server));
@@ -322,6 +400,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
   if (server) ot_server_stop(server);
   ot_serve_engine_free(eng);
   ot_access_free(acl);
+  ot_reg_close(kr.reg);
   ot_identity_wipe(&id);
   ot_tokenizer_free(tok);
   ot_chat_config_free(chat);

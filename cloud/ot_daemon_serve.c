@@ -75,7 +75,21 @@ void ot_daemon_serving_stop(ot_daemon_serving *s) {
   free(s);
 }
 
-int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *http, int threads,
+/* The serving API's keys from the daemon's registry (offtune-cloud keys create --state DIR). */
+static int check_key(void *user, const char *key, ot_serve_principal *p) {
+  ot_daemon_serving *s = user;
+  ot_api_key_row row;
+  int rc = ot_reg_api_key_check(s->d->reg, key, &row);
+  if (rc) return rc;
+  if (row.revoked_at) return ot_error(OT_ERR_INVALID, "API key %s is revoked", row.id);
+  memset(p, 0, sizeof *p);
+  snprintf(p->tenant, sizeof p->tenant, "%s", row.tenant);
+  p->admin = row.admin;
+  p->base_allowed = ot_api_key_allows_model(&row, s->model_name);
+  return OT_OK;
+}
+
+int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *http, int threads, int keys,
                             ot_daemon_serving **out) {
   ot_daemon_serving *s = calloc(1, sizeof *s);
   if (!s) return ot_error(OT_ERR_NOMEM, "cannot allocate");
@@ -105,6 +119,8 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
                                .list_user = s,
                                .eos_id = eos,
                                .chat = s->chat,
+                               .auth = keys ? check_key : NULL,
+                               .auth_user = s,
                                .log = log_line,
                                .log_user = d};
     rc = ot_serve_http_start(&hc, &s->api);
@@ -118,8 +134,10 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
   if (colon)
     snprintf(s->url + (colon - s->url), sizeof s->url - (size_t)(colon - s->url), ":%d",
              ot_serve_http_port(s->api));
-  ot_daemon_log(d, "serving model '%s' and its sessions' published adapters on %s (POST /v1/completions%s)",
-                model_name, s->url, s->chat && s->chat->tmpl ? ", /v1/chat/completions" : "");
+  ot_daemon_log(d,
+                "serving model '%s' and its sessions' published adapters on %s (POST /v1/completions%s); %s",
+                model_name, s->url, s->chat && s->chat->tmpl ? ", /v1/chat/completions" : "",
+                keys ? "API keys from the registry" : "UNAUTHENTICATED (no --http-keys)");
   *out = s;
   return OT_OK;
 }

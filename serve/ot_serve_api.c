@@ -96,6 +96,51 @@ static void answer_json(ot_http_req *r, int status, cJSON *j) {
   free(text);
 }
 
+/* ---- API keys -------------------------------------------------------------------------------- */
+
+/* 0 with *who = NULL (no keys: everything allowed) or the key's principal; -1 when the request
+ * was answered (401 no or unknown key, 403 revoked). */
+static int authorize(ot_serve_http *api, ot_http_req *req, ot_serve_principal *p,
+                     const ot_serve_principal **who) {
+  *who = NULL;
+  if (!api->cfg.auth) return 0;
+  const char *h = ot_http_req_header(req, "Authorization");
+  const char *key = h && strncasecmp(h, "Bearer ", 7) == 0 ? h + 7 : NULL;
+  while (key && *key == ' ') key++;
+  int rc = key && *key ? api->cfg.auth(api->cfg.auth_user, key, p) : OT_ERR_NOTFOUND;
+  if (rc == OT_OK) {
+    *who = p;
+    return 0;
+  }
+  int status = rc == OT_ERR_NOTFOUND ? 401 : rc == OT_ERR_INVALID ? 403 : 500;
+  const char *msg = !key || !*key   ? "You didn't provide an API key: send it as 'Authorization: Bearer KEY'"
+                    : status == 401 ? "Incorrect API key provided"
+                    : status == 403 ? "This API key has been revoked"
+                                    : "Cannot check the API key";
+  logf_(&api->cfg, "%s %s refused (%d): %s", ot_http_req_method(req), ot_http_req_path(req), status, msg);
+  char *body = ot_http_error_json(msg, status == 500 ? "server_error" : "invalid_request_error",
+                                  status == 401   ? "invalid_api_key"
+                                  : status == 403 ? "api_key_revoked"
+                                                  : NULL,
+                                  NULL);
+  if (body)
+    ot_http_respond(req, status, "application/json", status == 401 ? "WWW-Authenticate: Bearer\r\n" : NULL,
+                    body, strlen(body));
+  else
+    ot_http_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
+  free(body);
+  return -1;
+}
+
+/* May the key see and use model ("" = the base)? */
+static int may_use(const ot_serve_principal *p, const char *model) {
+  if (!p || p->admin) return 1;
+  if (!p->base_allowed) return 0;
+  if (!*model) return 1;
+  size_t t = strlen(p->tenant);
+  return t && strncmp(model, p->tenant, t) == 0 && model[t] == '/';
+}
+
 /* ---- jobs ---------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -380,6 +425,9 @@ static int http_status(int rc) {
 
 static void handle_generate(ot_serve_http *api, ot_http_req *req, int chat) {
   const char *route = chat ? "/v1/chat/completions" : "/v1/completions";
+  ot_serve_principal principal;
+  const ot_serve_principal *who;
+  if (authorize(api, req, &principal, &who)) return;
   size_t len = 0;
   const char *data = ot_http_req_body(req, &len);
   struct timespec ts;
@@ -400,6 +448,18 @@ static void handle_generate(ot_serve_http *api, ot_http_req *req, int chat) {
     logf_(&api->cfg, "POST %s refused (%d): %s", route, perr.status, perr.message);
     ot_http_respond_error(req, perr.status, perr.type, NULL, perr.param[0] ? perr.param : NULL, "%s",
                           perr.message);
+    free(pr);
+    return;
+  }
+  if (!may_use(who, pr->model)) { /* another tenant's adapter is answered as absent */
+    logf_(&api->cfg, "POST %s model=%s refused: not this key's", route, pr->model[0] ? pr->model : "(base)");
+    if (!pr->model[0])
+      ot_http_respond_error(req, 403, "invalid_request_error", "model_not_allowed", "model",
+                            "This API key may not use the model '%s'", api->base_name);
+    else
+      ot_http_respond_error(req, 404, "invalid_request_error", "model_not_found", "model",
+                            "The model '%s' does not exist", pr->model);
+    ot_serve_completion_free(pr);
     free(pr);
     return;
   }
@@ -518,8 +578,15 @@ static void handle_chat(void *user, ot_http_req *req) { handle_generate(user, re
 
 /* ---- GET /v1/models, /v1/models/{id}, /health ------------------------------------------------- */
 
+typedef struct {
+  cJSON *arr;
+  const ot_serve_principal *who;
+} model_ctx;
+
 static void add_model(void *ctx, const char *name) {
-  cJSON *arr = ctx, *m = cJSON_CreateObject();
+  model_ctx *mc = ctx;
+  if (!may_use(mc->who, name)) return;
+  cJSON *arr = mc->arr, *m = cJSON_CreateObject();
   cJSON_AddStringToObject(m, "id", name);
   cJSON_AddStringToObject(m, "object", "model");
   cJSON_AddNumberToObject(m, "created", 0);
@@ -527,20 +594,32 @@ static void add_model(void *ctx, const char *name) {
   cJSON_AddItemToArray(arr, m);
 }
 
-static cJSON *model_list(ot_serve_http *api) {
+static cJSON *model_list(ot_serve_http *api, const ot_serve_principal *who) {
   cJSON *r = cJSON_CreateObject();
   cJSON_AddStringToObject(r, "object", "list");
   cJSON *arr = cJSON_AddArrayToObject(r, "data");
-  add_model(arr, api->base_name);
-  cJSON *base = cJSON_GetArrayItem(arr, 0);
-  cJSON_AddNullToObject(base, "parent");
-  if (api->cfg.list) api->cfg.list(api->cfg.list_user, add_model, arr);
+  model_ctx mc = {arr, who};
+  cJSON *base = NULL;
+  if (may_use(who, "")) {
+    mc.who = NULL;
+    add_model(&mc, api->base_name);
+    mc.who = who;
+    base = cJSON_GetArrayItem(arr, 0);
+    cJSON_AddNullToObject(base, "parent");
+  }
+  if (api->cfg.list && (!who || who->base_allowed || who->admin))
+    api->cfg.list(api->cfg.list_user, add_model, &mc);
   cJSON *m;
   cJSON_ArrayForEach(m, arr) if (m != base) cJSON_AddStringToObject(m, "parent", api->base_name);
   return r;
 }
 
-static void handle_models(void *user, ot_http_req *req) { answer_json(req, 200, model_list(user)); }
+static void handle_models(void *user, ot_http_req *req) {
+  ot_serve_principal principal;
+  const ot_serve_principal *who;
+  if (authorize(user, req, &principal, &who)) return;
+  answer_json(req, 200, model_list(user, who));
+}
 
 static int hex_digit(char c) {
   return c >= '0' && c <= '9'   ? c - '0'
@@ -551,6 +630,9 @@ static int hex_digit(char c) {
 
 static void handle_model(void *user, ot_http_req *req) {
   ot_serve_http *api = user;
+  ot_serve_principal principal;
+  const ot_serve_principal *who;
+  if (authorize(api, req, &principal, &who)) return;
   const char *p = ot_http_req_path(req) + strlen("/v1/models/");
   char id[OT_SERVE_MODEL_LEN * 3];
   size_t k = 0;
@@ -564,7 +646,7 @@ static void handle_model(void *user, ot_http_req *req) {
     }
   }
   id[k] = '\0';
-  cJSON *list = model_list(api), *m = NULL, *found = NULL;
+  cJSON *list = model_list(api, who), *m = NULL, *found = NULL;
   cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(list, "data")) {
     const char *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "id"));
     if (name && strlen(name) == k && memcmp(name, id, k) == 0) {

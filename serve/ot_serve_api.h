@@ -39,6 +39,19 @@
 /* Calls add(ctx, name) for every adapter that can be served. */
 typedef void (*ot_serve_list_fn)(void *user, void (*add)(void *ctx, const char *name), void *ctx);
 
+/* Who a request's API key belongs to. Tenant T's adapters are the ones named "T/NAME"; other
+ * adapters (no '/') belong to the operator: only admin keys see and use them. */
+typedef struct {
+  char tenant[64];
+  int admin;        /* every adapter, /metrics, adapter management */
+  int base_allowed; /* may see and use the base model (and so its tenant's adapters) */
+} ot_serve_principal;
+
+/* Checks the KEY of "Authorization: Bearer KEY": OT_OK and *p; OT_ERR_NOTFOUND for an unknown
+ * key (answered 401), OT_ERR_INVALID for a revoked one (403), anything else 500. Called on the
+ * HTTP thread for every request but /health: keep it fast. */
+typedef int (*ot_serve_auth_fn)(void *user, const char *key, ot_serve_principal *p);
+
 typedef struct {
   const char *url; /* "http://127.0.0.1:8000"; port 0 picks a free one */
   ot_serve_engine *engine;
@@ -55,6 +68,11 @@ typedef struct {
   /* One line per request (model, tokens, latency) and per refusal; any thread. */
   void (*log)(void *user, const char *line);
   void *log_user;
+  /* API keys: NULL = no authentication (every client sees everything; keep such a server on
+   * loopback). Otherwise every route but /health needs a key; a key sees and uses what its
+   * principal allows (the rest is 404, as if absent), and /v1/models lists only that. */
+  ot_serve_auth_fn auth;
+  void *auth_user;
   /* HTTP limits (serve/ot_http.h; 0 = its default): request line + headers (16 KiB, 10 s),
    * body (30 s), keep-alive idle (30 s), a client not reading (30 s), connections (256 in all,
    * 32 per client address). */

@@ -80,8 +80,14 @@ static int setup(void **state) {
   return 0;
 }
 
+static pid_t keys_server; /* test_keys's serve-model until it exits (teardown ends it after a failure) */
+
 static int teardown(void **state) {
   (void)state;
+  if (keys_server > 0) {
+    kill(keys_server, SIGTERM);
+    waitpid(keys_server, NULL, 0);
+  }
   ot_serve_http_stop(api);
   ot_serve_engine_free(eng);
   return serve_fixture_teardown();
@@ -93,6 +99,9 @@ typedef struct {
   char *body;
   size_t len;
 } http_res;
+
+/* Sent as "Authorization: Bearer" by http() when set. */
+static const char *auth_key;
 
 /* One request on a fresh connection ("Connection: close"); reads to the end. */
 static void http(const char *method, const char *path, const char *body, size_t blen, http_res *out) {
@@ -106,12 +115,13 @@ static void http(const char *method, const char *path, const char *body, size_t 
   sa.sin_port = htons((uint16_t)port);
   sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof sa), 0);
-  char hdr[512];
+  char hdr[700], auth[200] = "";
+  if (auth_key) snprintf(auth, sizeof auth, "Authorization: Bearer %s\r\n", auth_key);
   int hn = snprintf(
       hdr, sizeof hdr,
       "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
-      "Connection: close\r\n\r\n",
-      method, path, blen);
+      "%sConnection: close\r\n\r\n",
+      method, path, blen, auth);
   assert_int_equal(write(fd, hdr, (size_t)hn), hn);
   for (size_t off = 0; off < blen;) {
     ssize_t w = write(fd, body + off, blen - off);
@@ -763,6 +773,7 @@ static void test_command(void **state) {
   out[n] = '\0';
   fclose(f);
   assert_non_null(strstr(out, "model=mine prompts=1 prompt_tokens=19 completion_tokens=24 finish=length"));
+  assert_non_null(strstr(out, "HTTP API is UNAUTHENTICATED (no --keys)"));
   assert_non_null(strstr(out, "stopping"));
 }
 
@@ -1835,6 +1846,190 @@ static void test_stream_usage(void **state) {
   free(res.body);
 }
 
+/* ---- tenants: serve-model --keys with keys made by offtune-cloud keys ----------------------- */
+
+static int serve_model_port(const char *log) {
+  int got = 0;
+  for (int i = 0; i < 200 && !got; i++) {
+    usleep(50000);
+    FILE *f = fopen(log, "r");
+    char line[1024];
+    while (f && fgets(line, sizeof line, f)) {
+      char *at = strstr(line, ", port ");
+      if (at) got = atoi(at + 7);
+    }
+    if (f) fclose(f);
+  }
+  if (!got) fail_msg("serve-model did not report its port");
+  return got;
+}
+
+static char *make_key(const char *db, const char *args) {
+  char out[512];
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys create --registry %s %s", ot_test_binary_dir(), db, args);
+  char *key = strstr(out, "otk-");
+  assert_non_null(key);
+  assert_non_null(strstr(out, "shown once"));
+  key[47] = '\0';
+  return strdup(key);
+}
+
+/* The model ids key sees in GET /v1/models, as one comma-separated string. */
+static void model_ids(const char *key, char *out, size_t cap) {
+  http_res res;
+  auth_key = key;
+  http("GET", "/v1/models", "", 0, &res);
+  auth_key = NULL;
+  if (res.status != 200) fail_msg("models: %d %s", res.status, res.body);
+  cJSON *j = cJSON_Parse(res.body), *m;
+  out[0] = '\0';
+  cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(j, "data")) {
+    if (out[0]) strncat(out, ",", cap - strlen(out) - 1);
+    strncat(out, str(m, "id"), cap - strlen(out) - 1);
+  }
+  cJSON_Delete(j);
+  free(res.body);
+}
+
+static int completion_status(const char *key, const char *model, int k, int p) {
+  char *body = request_json(model, prompts[p], 0);
+  http_res res;
+  auth_key = key;
+  http("POST", "/v1/completions", body, strlen(body), &res);
+  auth_key = NULL;
+  int st = res.status;
+  if (st == 200) {
+    cJSON *j = cJSON_Parse(res.body);
+    char w[4 * GEN];
+    want_text(k, p, w);
+    assert_string_equal(str(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text"),
+                        w);
+    cJSON_Delete(j);
+  } else {
+    want_json_error(&res, st);
+  }
+  free(res.body);
+  free(body);
+  return st;
+}
+
+static void test_keys(void **state) {
+  (void)state;
+  char out[8192], db[700], log[700], ad[700];
+  const char *bin = ot_test_binary_dir();
+  snprintf(db, sizeof db, "%s/keys.db", dir);
+  snprintf(log, sizeof log, "%s/serve_keys.log", dir);
+  /* adapters: acme/lora1, beta/off1 (tenants'), lora2 (the operator's) */
+  snprintf(ad, sizeof ad, "%s/tenants", dir);
+  assert_int_equal(ot_test_system("mkdir -p %s/acme %s/beta && ln -sfn %s/lora1 %s/acme/lora1 && "
+                                  "ln -sfn %s/off1 %s/beta/off1 && ln -sfn %s/lora2 %s/lora2",
+                                  ad, ad, dir, ad, dir, ad, dir, ad),
+                   0);
+  char *ka = make_key(db, "--tenant acme --models tiny-base"), *kb = make_key(db, "--tenant beta");
+  char *kadmin = make_key(db, "--tenant ops --admin"),
+       *kother = make_key(db, "--tenant acme --models other-model");
+  /* refusals of the command itself */
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s/cloud/offtune-cloud keys create --registry %s --tenant 'a b'", bin, db),
+                   1);
+  assert_non_null(strstr(out, "tenant 'a b'"));
+  assert_int_equal(ot_test_run(out, sizeof out, "%s/cloud/offtune-cloud keys create --registry %s", bin, db),
+                   2);
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys list --registry %s --json", bin, db);
+  assert_null(strstr(out, ka + 4)); /* only hashes are stored and listed */
+  assert_int_equal(ot_test_system("grep -c '%s' %s >/dev/null", ka + 4, db), 1);
+  /* beyond loopback only with keys or the explicit flag */
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s/cloud/offtune-cloud serve-model --model %s/base --http 0.0.0.0:0", bin,
+                               dir),
+                   2);
+  assert_non_null(strstr(out, "not a loopback address"));
+
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  keys_server = pid;
+  if (pid == 0) {
+    char model[600], exe[600];
+    snprintf(exe, sizeof exe, "%s/cloud/offtune-cloud", bin);
+    snprintf(model, sizeof model, "%s/base", dir);
+    if (!freopen(log, "w", stderr)) _exit(99);
+    execl(exe, exe, "serve-model", "--model", model, "--name", "tiny-base", "--adapters-dir", ad, "--keys",
+          db, "--http", "127.0.0.1:0", "--threads", "1", "--max-batch", "4", "--max-step-tokens", "64",
+          (char *)NULL);
+    _exit(98);
+  }
+  int saved = port;
+  port = serve_model_port(log);
+  http_res res;
+  /* no key, a wrong key: 401 at once, JSON, WWW-Authenticate; /health needs none */
+  http("GET", "/v1/models", "", 0, &res);
+  want_json_error(&res, 401);
+  assert_non_null(strcasestr(res.head, "\r\nWWW-Authenticate: Bearer"));
+  free(res.body);
+  assert_int_equal(completion_status("otk-not-a-key", "", 0, 0), 401);
+  assert_int_equal(completion_status(NULL, "", 0, 0), 401);
+  http("GET", "/health", "", 0, &res);
+  assert_int_equal(res.status, 200);
+  free(res.body);
+  /* each key sees its tenant's adapters and the base models it is allowed */
+  char ids[1024];
+  model_ids(ka, ids, sizeof ids);
+  assert_string_equal(ids, "tiny-base,acme/lora1");
+  model_ids(kb, ids, sizeof ids);
+  assert_string_equal(ids, "tiny-base,beta/off1");
+  model_ids(kadmin, ids, sizeof ids);
+  assert_non_null(strstr(ids, "acme/lora1"));
+  assert_non_null(strstr(ids, "beta/off1"));
+  assert_non_null(strstr(ids, "lora2"));
+  model_ids(kother, ids, sizeof ids);
+  assert_string_equal(ids, "");
+  assert_int_equal(completion_status(ka, "acme/lora1", 3, 0), 200);
+  assert_int_equal(completion_status(ka, "", 0, 1), 200);
+  assert_int_equal(completion_status(ka, "beta/off1", 0, 0), 404); /* as if it did not exist */
+  assert_int_equal(completion_status(ka, "lora2", 0, 0), 404);
+  assert_int_equal(completion_status(kb, "beta/off1", 1, 2), 200);
+  assert_int_equal(completion_status(kb, "acme/lora1", 0, 0), 404);
+  assert_int_equal(completion_status(kadmin, "lora2", 4, 0), 200);
+  assert_int_equal(completion_status(kother, "", 0, 0), 403);
+  assert_int_equal(completion_status(kother, "acme/lora1", 0, 0), 404);
+  auth_key = ka;
+  http("GET", "/v1/models/beta%2Foff1", "", 0, &res);
+  want_json_error(&res, 404);
+  free(res.body);
+  http("GET", "/v1/models/acme/lora1", "", 0, &res);
+  assert_int_equal(res.status, 200);
+  free(res.body);
+  auth_key = NULL;
+  /* revoked: 403 from the next request on, while the server runs */
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys list --registry %s --json", bin, db);
+  cJSON *list = cJSON_Parse(out), *k;
+  const char *ida = NULL;
+  cJSON_ArrayForEach(k, list) if (strcmp(str(k, "models"), "tiny-base") == 0) ida = str(k, "id");
+  assert_non_null(ida);
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys revoke %s --registry %s", bin, ida, db);
+  assert_int_equal(completion_status(ka, "acme/lora1", 3, 0), 403);
+  assert_int_equal(completion_status(kb, "beta/off1", 1, 2), 200);
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys list --registry %s", bin, db);
+  assert_non_null(strstr(out, "revoked"));
+  cJSON_Delete(list);
+  port = saved;
+  kill(pid, SIGTERM);
+  int st = 0;
+  assert_int_equal(waitpid(pid, &st, 0), pid);
+  keys_server = 0;
+  assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  FILE *f = fopen(log, "r");
+  size_t n = fread(out, 1, sizeof out - 1, f);
+  out[n] = '\0';
+  fclose(f);
+  assert_non_null(strstr(out, "HTTP API keys from"));
+  assert_non_null(strstr(out, "refused (401)"));
+  free(ka);
+  free(kb);
+  free(kadmin);
+  free(kother);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_chat),           cmocka_unit_test(test_stream_usage),
@@ -1847,6 +2042,7 @@ int main(void) {
       cmocka_unit_test(test_keepalive),      cmocka_unit_test(test_http_errors),
       cmocka_unit_test(test_slow_requests),  cmocka_unit_test(test_write_timeout),
       cmocka_unit_test(test_conn_caps),      cmocka_unit_test(test_disconnect_cancels),
+      cmocka_unit_test(test_keys), /* last: a failure leaves `port` at its server */
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
