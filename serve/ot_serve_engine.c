@@ -47,6 +47,7 @@ typedef struct req {
   ot_serve_request p;
   char *stop[OT_SERVE_MAX_STOP];
   int n_stop;
+  ot_serve_logit_bias *bias; /* a copy of p.logit_bias */
   ot_serve_event_fn fn;
   void *user;
   int32_t *ids; /* prompt + completion */
@@ -107,7 +108,8 @@ struct ot_serve_engine {
   int *sg_row0, *sg_n, *sg_r;
   float *sg_scale;
   float *h_logits;
-  void *cand; /* ot_sample_token scratch */
+  void *cand;     /* ot_sample_token scratch */
+  int *pen_count; /* [V] zeros: ot_serve_adjust_logits scratch */
 };
 
 static double now_ms(void) {
@@ -431,6 +433,7 @@ int ot_serve_engine_create(ot_gpt2 *base, const ot_serve_config *cfg, ot_serve_e
   e->h_slot = malloc((size_t)N * sizeof(int32_t));
   e->h_logits = malloc((size_t)S * V * sizeof(float));
   e->cand = malloc(ot_sample_scratch_bytes(V));
+  e->pen_count = calloc((size_t)V, sizeof(int));
   e->sg_A = malloc((size_t)S * sizeof *e->sg_A);
   e->sg_Bt = malloc((size_t)S * sizeof *e->sg_Bt);
   e->sg_row0 = malloc((size_t)S * sizeof(int));
@@ -439,7 +442,7 @@ int ot_serve_engine_create(ot_gpt2 *base, const ot_serve_config *cfg, ot_serve_e
   e->sg_scale = malloc((size_t)S * sizeof(float));
   if (rc == OT_OK &&
       (!e->base_p || !e->slots || !e->h_tokens || !e->h_pos || !e->h_slot || !e->h_logits || !e->cand ||
-       !e->sg_A || !e->sg_Bt || !e->sg_row0 || !e->sg_n || !e->sg_r || !e->sg_scale))
+       !e->pen_count || !e->sg_A || !e->sg_Bt || !e->sg_row0 || !e->sg_n || !e->sg_r || !e->sg_scale))
     rc = ot_error(OT_ERR_NOMEM, "cannot allocate the engine tables");
   for (int l = 0; l < L && rc == OT_OK; l++)
     for (int k = 0; k < OT_BLK_NPARAM; k++)
@@ -483,6 +486,7 @@ int ot_serve_engine_create(ot_gpt2 *base, const ot_serve_config *cfg, ot_serve_e
 static void req_free(req *r) {
   if (!r) return;
   for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
+  free(r->bias);
   free(r->ids);
   free(r->text);
   free(r);
@@ -559,6 +563,7 @@ void ot_serve_engine_free(ot_serve_engine *e) {
   free(e->h_slot);
   free(e->h_logits);
   free(e->cand);
+  free(e->pen_count);
   free(e->sg_A);
   free(e->sg_Bt);
   free(e->sg_row0);
@@ -586,6 +591,18 @@ int ot_serve_submit(ot_serve_engine *e, const ot_serve_request *rq, ot_serve_eve
     return ot_error(OT_ERR_INVALID, "temperature must be a finite number >= 0");
   if (!(rq->top_p > 0.0f && rq->top_p <= 1.0f)) return ot_error(OT_ERR_INVALID, "top_p must be in (0, 1]");
   if (rq->top_k < 0) return ot_error(OT_ERR_INVALID, "top_k must be >= 0");
+  if (!(rq->presence_penalty >= -2.0f && rq->presence_penalty <= 2.0f) ||
+      !(rq->frequency_penalty >= -2.0f && rq->frequency_penalty <= 2.0f))
+    return ot_error(OT_ERR_INVALID, "presence_penalty and frequency_penalty must be in [-2, 2]");
+  if (rq->n_logit_bias < 0 || (rq->n_logit_bias > 0 && !rq->logit_bias))
+    return ot_error(OT_ERR_INVALID, "bad logit_bias");
+  for (int i = 0; i < rq->n_logit_bias; i++) {
+    if (rq->logit_bias[i].token < 0 || rq->logit_bias[i].token >= e->V)
+      return ot_error(OT_ERR_RANGE, "logit_bias token %d is outside the vocabulary (%d)",
+                      rq->logit_bias[i].token, e->V);
+    if (!(rq->logit_bias[i].bias >= -100.0f && rq->logit_bias[i].bias <= 100.0f))
+      return ot_error(OT_ERR_INVALID, "logit_bias values must be in [-100, 100]");
+  }
   const char *name = rq->adapter ? rq->adapter : "";
   if (strlen(name) >= sizeof(((req *)0)->adapter_name))
     return ot_error(OT_ERR_NOTFOUND, "adapter name too long");
@@ -607,6 +624,16 @@ int ot_serve_submit(ot_serve_engine *e, const ot_serve_request *rq, ot_serve_eve
   r->p = *rq;
   r->p.adapter = NULL;
   r->p.prompt = NULL;
+  r->p.logit_bias = NULL;
+  if (rq->n_logit_bias > 0) {
+    r->bias = malloc((size_t)rq->n_logit_bias * sizeof *r->bias);
+    if (!r->bias) {
+      req_free(r);
+      return ot_error(OT_ERR_NOMEM, "cannot allocate a request");
+    }
+    memcpy(r->bias, rq->logit_bias, (size_t)rq->n_logit_bias * sizeof *r->bias);
+    r->p.logit_bias = r->bias;
+  }
   for (int i = 0; i < OT_SERVE_MAX_STOP && rq->stop[i]; i++) {
     if (!*rq->stop[i]) continue;
     if (!e->cfg.tok) {
@@ -975,6 +1002,9 @@ static int step(ot_serve_engine *e, int *busy) {
   } else {
     for (int i = 0; i < S; i++) {
       req *r = need[i];
+      ot_serve_adjust_logits(e->h_logits + (size_t)i * e->V, e->V, r->ids + r->n_prompt,
+                             r->n_ids - r->n_prompt, r->p.presence_penalty, r->p.frequency_penalty,
+                             r->p.logit_bias, r->p.n_logit_bias, e->pen_count);
       int32_t tok = ot_sample_token(e->h_logits + (size_t)i * e->V, e->V, r->p.temperature, r->p.top_p,
                                     r->p.top_k, &r->rng, e->cand);
       int shown;

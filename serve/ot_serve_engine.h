@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "ot_gpt2.h"
+#include "ot_serve_penalty.h"
 #include "ot_tokenizer.h"
 
 typedef struct ot_serve_engine ot_serve_engine;
@@ -57,6 +58,11 @@ typedef struct {
   uint64_t seed;
   const char *stop[OT_SERVE_MAX_STOP]; /* stop strings (need a tokenizer); NULL-terminated */
   int ignore_eos;
+  /* OpenAI's adjustments before sampling (serve/ot_serve_penalty.h): penalties in [-2, 2]
+   * against the completion's own tokens, biases in [-100, 100] (copied at submit) */
+  float presence_penalty, frequency_penalty;
+  const ot_serve_logit_bias *logit_bias;
+  int n_logit_bias;
 } ot_serve_request;
 
 typedef enum {
@@ -82,7 +88,8 @@ typedef struct {
   const char *error_msg; /* detail when reason is ERROR */
   int prompt_tokens, completion_tokens;
   double queue_ms, total_ms; /* submit -> first scheduled, submit -> finish */
-  const float *logits;       /* [vocab] raw logits the new token was drawn from (valid during the call) */
+  const float *logits;       /* [vocab] logits the new token was drawn from, after logit_bias and the
+                                penalties (valid during the call) */
   int vocab;
 } ot_serve_event;
 

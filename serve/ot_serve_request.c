@@ -117,6 +117,51 @@ static int parse_settings(const cJSON *b, const ot_serve_parse_cfg *cfg, int cha
       c->include_usage = cJSON_IsTrue(u);
     }
   }
+  const char *pen[2] = {"presence_penalty", "frequency_penalty"};
+  for (int i = 0; i < 2; i++)
+    if ((v = field(b, pen[i]))) {
+      if (!cJSON_IsNumber(v) || !(v->valuedouble >= -2.0 && v->valuedouble <= 2.0))
+        return refuse(e, 400, pen[i], "'%s' must be a number in [-2, 2]", pen[i]);
+      *(i ? &r->frequency_penalty : &r->presence_penalty) = (float)v->valuedouble;
+    }
+  /* logit_bias: {"token id": bias in [-100, 100]}; ids beyond the vocabulary fail at submit */
+  if ((v = field(b, "logit_bias"))) {
+    int n = cJSON_IsObject(v) ? cJSON_GetArraySize(v) : -1;
+    if (n < 0) return refuse(e, 400, "logit_bias", "'logit_bias' must be an object of token ids to numbers");
+    if (n > OT_SERVE_MAX_BIAS)
+      return refuse(e, 400, "logit_bias", "at most %d logit_bias entries", OT_SERVE_MAX_BIAS);
+    if (n > 0 && !(c->bias = calloc((size_t)n, sizeof *c->bias)))
+      return refuse(e, 500, NULL, "out of memory");
+    int k = 0;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, v) {
+      char *end = NULL;
+      long id = strtol(x->string, &end, 10);
+      if (!*x->string || *end || id < 0 || id > INT_MAX)
+        return refuse(e, 400, "logit_bias", "logit_bias keys must be token ids, not '%.40s'", x->string);
+      if (!cJSON_IsNumber(x) || !(x->valuedouble >= -100.0 && x->valuedouble <= 100.0))
+        return refuse(e, 400, "logit_bias", "logit_bias values must be numbers in [-100, 100]");
+      c->bias[k++] = (ot_serve_logit_bias){(int32_t)id, (float)x->valuedouble};
+    }
+    r->logit_bias = c->bias;
+    r->n_logit_bias = k;
+  }
+  /* fields OpenAI defines that this server does not do: refused, never silently ignored */
+  static const char *const unsupported[] = {"suffix",        "tools", "functions",
+                                            "function_call", "min_p", "repetition_penalty",
+                                            "prediction",    "audio", "modalities"};
+  for (size_t i = 0; i < sizeof unsupported / sizeof *unsupported; i++) {
+    v = field(b, unsupported[i]);
+    if (v && !(cJSON_IsString(v) && !*v->valuestring) && !(cJSON_IsArray(v) && !cJSON_GetArraySize(v)))
+      return refuse(e, 400, unsupported[i], "'%s' is not supported", unsupported[i]);
+  }
+  if ((v = field(b, "tool_choice")) && !(cJSON_IsString(v) && strcmp(v->valuestring, "none") == 0))
+    return refuse(e, 400, "tool_choice", "tools are not supported");
+  if ((v = field(b, "response_format"))) {
+    const char *t = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(v, "type"));
+    if (!t || strcmp(t, "text") != 0)
+      return refuse(e, 400, "response_format", "only response_format {\"type\": \"text\"} is supported");
+  }
   /* stop: one string or an array of strings; empty strings stop nothing and are dropped */
   if ((v = field(b, "stop"))) {
     const cJSON *one = cJSON_IsString(v) ? v : NULL;
@@ -202,6 +247,7 @@ int ot_serve_parse_completion(const char *body, size_t len, const ot_serve_parse
 void ot_serve_completion_free(ot_serve_completion *c) {
   for (int i = 0; c->prompts && i < c->n_prompts; i++) free(c->prompts[i].ids);
   free(c->prompts);
+  free(c->bias);
   memset(c, 0, sizeof *c);
 }
 

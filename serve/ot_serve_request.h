@@ -13,6 +13,7 @@
 
 #define OT_SERVE_STOP_LEN 256
 #define OT_SERVE_MODEL_LEN 128
+#define OT_SERVE_MAX_BIAS 1024 /* logit_bias entries */
 
 /* Why a request was refused, in OpenAI's error shape. */
 typedef struct {
@@ -36,7 +37,8 @@ typedef struct {
   ot_serve_prompt *prompts;
   int n_prompts;
   int stream;
-  int include_usage; /* stream_options.include_usage: a last chunk with the usage */
+  int include_usage;         /* stream_options.include_usage: a last chunk with the usage */
+  ot_serve_logit_bias *bias; /* logit_bias (r.logit_bias points here) */
 } ot_serve_completion;
 
 typedef struct {

@@ -2030,18 +2030,84 @@ static void test_keys(void **state) {
   free(kother);
 }
 
+/* logit_bias and the penalties through the API (their math: test_serve's test_penalties); the
+ * fields OpenAI defines that this server does not do are refused, never ignored. */
+static void test_sampling_fields(void **state) {
+  (void)state;
+  char body[512];
+  http_res res;
+  /* +100 on 'x': greedy picks it every time */
+  snprintf(
+      body, sizeof body,
+      "{\"model\": \"lora1\", \"prompt\": \"Hi\", \"max_tokens\": 6, \"temperature\": 0, \"logit_bias\": "
+      "{\"120\": 100}}");
+  cJSON *j = post(body, 200, &res);
+  assert_string_equal(str(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text"),
+                      "xxxxxx");
+  cJSON_Delete(j);
+  free(res.body);
+  /* -100 on the greedy first token: another first token */
+  snprintf(
+      body, sizeof body,
+      "{\"model\": \"lora1\", \"prompt\": \"%s\", \"max_tokens\": 1, \"temperature\": 0, \"logit_bias\": "
+      "{\"%d\": -100}, \"presence_penalty\": 0.5, \"frequency_penalty\": -0.5}",
+      prompts[1], want[3][1][0]);
+  j = post(body, 200, &res);
+  const char *t = str(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text");
+  assert_true(strlen(t) >= 1 && (unsigned char)t[0] != (unsigned)want[3][1][0]);
+  cJSON_Delete(j);
+  free(res.body);
+  const char *bad[][2] = {
+      {"{\"prompt\": \"a\", \"logit_bias\": {\"5\": 101}}", "logit_bias"},
+      {"{\"prompt\": \"a\", \"logit_bias\": {\"x\": 1}}", "logit_bias"},
+      {"{\"prompt\": \"a\", \"logit_bias\": {\"-1\": 1}}", "logit_bias"},
+      {"{\"prompt\": \"a\", \"logit_bias\": [1]}", "logit_bias"},
+      {"{\"prompt\": \"a\", \"presence_penalty\": 2.5}", "presence_penalty"},
+      {"{\"prompt\": \"a\", \"frequency_penalty\": \"1\"}", "frequency_penalty"},
+      {"{\"prompt\": \"a\", \"stream_options\": {\"include_usage\": true}}", "stream_options"},
+      {"{\"prompt\": \"a\", \"stream\": true, \"stream_options\": {\"other\": true}}", "stream_options"},
+      {"{\"prompt\": \"a\", \"suffix\": \"b\"}", "suffix"},
+      {"{\"prompt\": \"a\", \"response_format\": {\"type\": \"json_object\"}}", "response_format"},
+      {"{\"prompt\": \"a\", \"repetition_penalty\": 1.1}", "repetition_penalty"},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+    http("POST", "/v1/completions", bad[i][0], strlen(bad[i][0]), &res);
+    if (res.status != 400) fail_msg("%s: %d %s", bad[i][0], res.status, res.body);
+    cJSON *e = cJSON_GetObjectItemCaseSensitive(j = cJSON_Parse(res.body), "error");
+    assert_string_equal(str(e, "param"), bad[i][1]);
+    cJSON_Delete(j);
+    free(res.body);
+  }
+  /* a token id beyond the vocabulary is refused by the engine: 400 */
+  const char *big = "{\"prompt\": \"a\", \"logit_bias\": {\"100000\": 1}}";
+  http("POST", "/v1/completions", big, strlen(big), &res);
+  want_json_error(&res, 400);
+  free(res.body);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_chat),           cmocka_unit_test(test_stream_usage),
-      cmocka_unit_test(test_utf8),           cmocka_unit_test(test_completions),
-      cmocka_unit_test(test_prompt_array),   cmocka_unit_test(test_stream),
-      cmocka_unit_test(test_stream_prompts), cmocka_unit_test(test_models),
-      cmocka_unit_test(test_errors),         cmocka_unit_test(test_stop),
-      cmocka_unit_test(test_concurrent),     cmocka_unit_test(test_rpc),
-      cmocka_unit_test(test_command),        cmocka_unit_test(test_hostile_stop),
-      cmocka_unit_test(test_keepalive),      cmocka_unit_test(test_http_errors),
-      cmocka_unit_test(test_slow_requests),  cmocka_unit_test(test_write_timeout),
-      cmocka_unit_test(test_conn_caps),      cmocka_unit_test(test_disconnect_cancels),
+      cmocka_unit_test(test_chat),
+      cmocka_unit_test(test_stream_usage),
+      cmocka_unit_test(test_sampling_fields),
+      cmocka_unit_test(test_utf8),
+      cmocka_unit_test(test_completions),
+      cmocka_unit_test(test_prompt_array),
+      cmocka_unit_test(test_stream),
+      cmocka_unit_test(test_stream_prompts),
+      cmocka_unit_test(test_models),
+      cmocka_unit_test(test_errors),
+      cmocka_unit_test(test_stop),
+      cmocka_unit_test(test_concurrent),
+      cmocka_unit_test(test_rpc),
+      cmocka_unit_test(test_command),
+      cmocka_unit_test(test_hostile_stop),
+      cmocka_unit_test(test_keepalive),
+      cmocka_unit_test(test_http_errors),
+      cmocka_unit_test(test_slow_requests),
+      cmocka_unit_test(test_write_timeout),
+      cmocka_unit_test(test_conn_caps),
+      cmocka_unit_test(test_disconnect_cancels),
       cmocka_unit_test(test_keys), /* last: a failure leaves `port` at its server */
   };
   return cmocka_run_group_tests(tests, setup, teardown);
