@@ -22,14 +22,20 @@
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
 #define MAX_NAMED 256
 
+/* The named adapters (--adapter, and those loaded at run time) and --adapters-dir; the HTTP
+ * thread loads and unloads while the engine resolves: one lock. */
 typedef struct {
-  const char *name[MAX_NAMED], *dir[MAX_NAMED];
+  char *name[MAX_NAMED], *dir[MAX_NAMED];
   int n;
   const char *adapters_dir;
+  pthread_mutex_t mu;
 } registry;
 
 static void registry_free(registry *r) {
-  for (int i = 0; i < r->n; i++) free((char *)r->name[i]);
+  for (int i = 0; i < r->n; i++) {
+    free(r->name[i]);
+    free(r->dir[i]);
+  }
   r->n = 0;
 }
 
@@ -50,11 +56,14 @@ static int name_ok(const char *s) {
 /* Named adapters first, then a subdirectory of --adapters-dir holding an adapter_config.json. */
 static int resolve(void *user, const char *name, char *dir, size_t cap) {
   registry *r = user;
+  pthread_mutex_lock(&r->mu);
   for (int i = 0; i < r->n; i++)
     if (strcmp(r->name[i], name) == 0) {
       snprintf(dir, cap, "%s", r->dir[i]);
+      pthread_mutex_unlock(&r->mu);
       return OT_OK;
     }
+  pthread_mutex_unlock(&r->mu);
   if (r->adapters_dir && name_ok(name)) {
     char cfg[4096];
     snprintf(cfg, sizeof cfg, "%s/%s/adapter_config.json", r->adapters_dir, name);
@@ -92,8 +101,59 @@ static void list_dir(registry *r, const char *dir, const char *prefix,
 
 static void list(void *user, void (*add)(void *ctx, const char *name), void *ctx) {
   registry *r = user;
+  pthread_mutex_lock(&r->mu);
   for (int i = 0; i < r->n; i++) add(ctx, r->name[i]);
   if (r->adapters_dir) list_dir(r, r->adapters_dir, "", add, ctx);
+  pthread_mutex_unlock(&r->mu);
+}
+
+/* POST /v1/load_lora_adapter: the name now means the adapter in path (the API then loads it
+ * through the engine with every check, and unloads it again if one fails). */
+static int load_adapter(void *user, const char *name, const char *path) {
+  registry *r = user;
+  char cfg[4200];
+  snprintf(cfg, sizeof cfg, "%s/adapter_config.json", path);
+  if (!name_ok(name)) return ot_error(OT_ERR_INVALID, "bad adapter name '%s' (NAME or TENANT/NAME)", name);
+  if (!ot_file_exists(cfg))
+    return ot_error(OT_ERR_INVALID, "%s is not an adapter directory (no adapter_config.json)", path);
+  char *n = strdup(name), *d = strdup(path);
+  int rc = n && d ? OT_OK : ot_error(OT_ERR_NOMEM, "cannot allocate");
+  pthread_mutex_lock(&r->mu);
+  int i = 0;
+  while (i < r->n && strcmp(r->name[i], name) != 0) i++;
+  if (rc == OT_OK && i == r->n && r->n == MAX_NAMED)
+    rc = ot_error(OT_ERR_INVALID, "at most %d named adapters", MAX_NAMED);
+  if (rc == OT_OK) {
+    if (i == r->n) {
+      r->name[r->n++] = n;
+    } else {
+      free(n);
+      free(r->dir[i]);
+    }
+    r->dir[i] = d;
+    n = d = NULL;
+  }
+  pthread_mutex_unlock(&r->mu);
+  free(n);
+  free(d);
+  return rc;
+}
+
+static int unload_adapter(void *user, const char *name) {
+  registry *r = user;
+  pthread_mutex_lock(&r->mu);
+  int i = 0, found;
+  while (i < r->n && strcmp(r->name[i], name) != 0) i++;
+  found = i < r->n;
+  if (found) {
+    free(r->name[i]);
+    free(r->dir[i]);
+    r->name[i] = r->name[r->n - 1];
+    r->dir[i] = r->dir[r->n - 1];
+    r->n--;
+  }
+  pthread_mutex_unlock(&r->mu);
+  return found ? OT_OK : ot_error(OT_ERR_NOTFOUND, "no named adapter '%s'", name);
 }
 
 /* --keys: the serving API's keys in a registry database (offtune-cloud keys). Every request
@@ -160,13 +220,14 @@ static int take_adapters(int argc, char **argv, registry *reg, char **rest, int 
       rc = ot_error(OT_ERR_INVALID, "--adapter '%s': expected NAME=DIR", v ? v : "");
     if (rc == OT_OK && reg->n == MAX_NAMED) rc = ot_error(OT_ERR_INVALID, "at most %d --adapter", MAX_NAMED);
     if (rc == OT_OK) {
-      char *nm = strndup(v, (size_t)(eq - v));
-      if (!nm || !name_ok(nm)) {
+      char *nm = strndup(v, (size_t)(eq - v)), *dir = strdup(eq + 1);
+      if (!nm || !dir || !name_ok(nm)) {
         free(nm);
+        free(dir);
         rc = ot_error(OT_ERR_INVALID, "--adapter: bad name in '%s'", v);
       } else {
         reg->name[reg->n] = nm;
-        reg->dir[reg->n++] = eq + 1;
+        reg->dir[reg->n++] = dir;
       }
     }
   }
@@ -215,6 +276,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
                     "[--adapter-memory MiB] [--threads N]";
   registry reg;
   memset(&reg, 0, sizeof reg);
+  pthread_mutex_init(&reg.mu, NULL);
   char **rest = calloc((size_t)argc + 1, sizeof *rest);
   int nrest = 0, rc = rest ? OT_OK : ot_error(OT_ERR_NOMEM, "cannot allocate");
   if (rc == OT_OK) rc = take_adapters(argc, argv, &reg, rest, &nrest);
@@ -339,7 +401,10 @@ int ot_cmd_serve_model(int argc, char **argv) {
                                .max_conns = http_conns,
                                .max_conns_per_peer = http_conns_peer,
                                .auth = kr.reg ? check_key : NULL,
-                               .auth_user = &kr};
+                               .auth_user = &kr,
+                               .load_adapter = load_adapter,
+                               .unload_adapter = unload_adapter,
+                               .adapters_user = &reg};
     rc = ot_serve_http_start(&hc, &api);
   }
   ot_serve_rpc rpc = {eng, tok, base_name, eos, log_line, &lg};
@@ -373,8 +438,9 @@ int ot_cmd_serve_model(int argc, char **argv) {
     log_line(&lg, line);
     if (api) {
       snprintf(line, sizeof line,
-               "HTTP API on %s, port %d (POST /v1/completions%s, GET /v1/models, GET /health)", url,
-               ot_serve_http_port(api),
+               "HTTP API on %s, port %d (POST /v1/completions%s, GET /v1/models, GET /health, GET /metrics, "
+               "POST /v1/load_lora_adapter and /v1/unload_lora_adapter)",
+               url, ot_serve_http_port(api),
                chat && chat->tmpl ? ", POST /v1/chat/completions" : "; no chat template, so no chat");
       log_line(&lg, line);
       if (kr.reg)
@@ -408,6 +474,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
   ot_backend_free(be);
   pthread_mutex_destroy(&lg.mu);
   registry_free(&reg);
+  pthread_mutex_destroy(&reg.mu);
   free(rest);
   return fail ? ot_cmd_fail(what, fail) : OT_EXIT_OK;
 }

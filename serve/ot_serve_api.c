@@ -12,11 +12,47 @@
 #include "ot_http.h"
 #include "ot_serve_request.h"
 
+/* ---- metrics (GET /metrics, Prometheus text format) ----------------------------------------- */
+
+static const double TTFT_B[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
+static const double TPOT_B[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5};
+#define N_TTFT_B (sizeof TTFT_B / sizeof *TTFT_B)
+#define N_TPOT_B (sizeof TPOT_B / sizeof *TPOT_B)
+#define MAX_MODEL_STATS 1024 /* models beyond it are counted under "(other)" */
+
+typedef struct {
+  uint64_t le[16]; /* per bucket, not cumulative */
+  uint64_t count;
+  double sum;
+} histo;
+
+typedef struct {
+  char name[128];
+  uint64_t ok, failed, cancelled, prompt_tokens, completion_tokens;
+} model_stat;
+
+typedef struct {
+  pthread_mutex_t mu;
+  model_stat *m;
+  int n, cap;
+  histo ttft, tpot;
+  uint64_t unauthenticated, revoked, refused; /* requests refused before generation */
+} metrics;
+
+static void observe(histo *h, const double *b, size_t nb, double v) {
+  size_t i = 0;
+  while (i < nb && v > b[i]) i++;
+  h->le[i]++; /* i == nb: +Inf */
+  h->count++;
+  h->sum += v;
+}
+
 struct ot_serve_http {
+  metrics met;
   ot_serve_http_config cfg;
   char base_name[128];
   ot_http_server *server;
-  ot_http_route routes[6];
+  ot_http_route routes[10];
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int outstanding; /* jobs not yet freed */
@@ -113,6 +149,9 @@ static int authorize(ot_serve_http *api, ot_http_req *req, ot_serve_principal *p
     return 0;
   }
   int status = rc == OT_ERR_NOTFOUND ? 401 : rc == OT_ERR_INVALID ? 403 : 500;
+  pthread_mutex_lock(&api->met.mu);
+  *(status == 403 ? &api->met.revoked : &api->met.unauthenticated) += 1;
+  pthread_mutex_unlock(&api->met.mu);
   const char *msg = !key || !*key   ? "You didn't provide an API key: send it as 'Authorization: Bearer KEY'"
                     : status == 401 ? "Incorrect API key provided"
                     : status == 403 ? "This API key has been revoked"
@@ -154,6 +193,7 @@ typedef struct {
   int error;
   char msg[256];
   int prompt_tokens, completion_tokens;
+  double t_last; /* the last token's time (0: none yet) */
 } choice;
 
 typedef struct job {
@@ -214,6 +254,46 @@ static void job_gone(void *arg) {
 }
 
 static const char *finish_name(const choice *c) { return c->reason == OT_FINISH_STOP ? "stop" : "length"; }
+
+/* The job's requests and tokens into its model's counters. */
+static void count_job(job *j) {
+  metrics *m = &j->api->met;
+  const char *name = j->model[0] ? j->model : j->api->base_name;
+  pthread_mutex_lock(&m->mu);
+  model_stat *ms = NULL;
+  for (int i = 0; i < m->n && !ms; i++)
+    if (strcmp(m->m[i].name, name) == 0) ms = &m->m[i];
+  if (!ms && m->n == m->cap && m->cap < MAX_MODEL_STATS) {
+    int cap = m->cap ? 2 * m->cap : 16;
+    model_stat *a = realloc(m->m, (size_t)cap * sizeof *a);
+    if (a) {
+      m->m = a;
+      m->cap = cap;
+    }
+  }
+  if (!ms && m->n < m->cap) {
+    ms = &m->m[m->n++];
+    memset(ms, 0, sizeof *ms);
+    snprintf(ms->name, sizeof ms->name, "%s", m->n == MAX_MODEL_STATS ? "(other)" : name);
+  }
+  if (!ms && m->n) ms = &m->m[m->n - 1]; /* "(other)" */
+  int failed = 0, cancelled = 0;
+  for (int i = 0; ms && i < j->n; i++) {
+    ms->prompt_tokens += (uint64_t)j->ch[i].prompt_tokens;
+    ms->completion_tokens += (uint64_t)j->ch[i].completion_tokens;
+    failed |= j->ch[i].reason == OT_FINISH_ERROR;
+    cancelled |= j->ch[i].reason == OT_FINISH_CANCELLED;
+  }
+  if (ms) {
+    if (failed)
+      ms->failed++;
+    else if (cancelled)
+      ms->cancelled++;
+    else
+      ms->ok++;
+  }
+  pthread_mutex_unlock(&m->mu);
+}
 
 static void log_job(job *j) {
   int pt = 0, ct = 0;
@@ -375,13 +455,27 @@ static void finish(job *j, int action) {
   if (action == A_END_STREAM) ot_http_stream_end(j->req);
   if (action == A_RESPOND) respond_completion(j);
   j->req = NULL;
-  if (!j->rejected) log_job(j);
+  if (!j->rejected) {
+    log_job(j);
+    count_job(j);
+  }
   job_unlink_free(j);
 }
 
 static void on_event(void *user, const ot_serve_event *ev) {
   choice *c = user;
   job *j = c->job;
+  if (ev->n_tokens > 0) { /* time to first token (queueing included), then the time per token */
+    double t = now_ms();
+    metrics *m = &j->api->met;
+    pthread_mutex_lock(&m->mu);
+    if (c->t_last == 0)
+      observe(&m->ttft, TTFT_B, N_TTFT_B, (t - j->t0) / 1e3);
+    else
+      observe(&m->tpot, TPOT_B, N_TPOT_B, (t - c->t_last) / 1e3 / ev->n_tokens);
+    pthread_mutex_unlock(&m->mu);
+    c->t_last = t;
+  }
   pthread_mutex_lock(&j->mu);
   if (ev->text_len && !j->rejected) {
     if (j->stream) {
@@ -666,6 +760,290 @@ static void handle_model(void *user, ot_http_req *req) {
   cJSON_Delete(list);
 }
 
+typedef struct {
+  char *s;
+  size_t n, cap;
+  int fail;
+} text;
+
+static void put(text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void put(text *t, const char *fmt, ...) {
+  if (t->fail) return;
+  for (;;) {
+    va_list ap;
+    va_start(ap, fmt);
+    int k = vsnprintf(t->s ? t->s + t->n : NULL, t->s ? t->cap - t->n : 0, fmt, ap);
+    va_end(ap);
+    if (k < 0) {
+      t->fail = 1;
+      return;
+    }
+    if (t->s && t->n + (size_t)k < t->cap) {
+      t->n += (size_t)k;
+      return;
+    }
+    size_t cap = t->cap ? t->cap * 2 : 8192;
+    while (cap < t->n + (size_t)k + 1) cap *= 2;
+    char *b = realloc(t->s, cap);
+    if (!b) {
+      t->fail = 1;
+      return;
+    }
+    t->s = b;
+    t->cap = cap;
+  }
+}
+
+/* A label value: backslash, double quote and newline escaped (the text format's rules). */
+static void put_label(text *t, const char *v) {
+  for (; *v; v++) {
+    if (*v == '\\' || *v == '"')
+      put(t, "\\%c", *v);
+    else if (*v == '\n')
+      put(t, "\\n");
+    else
+      put(t, "%c", *v);
+  }
+}
+
+static void put_histo(text *t, const char *name, const char *help, const histo *h, const double *b,
+                      size_t nb) {
+  put(t, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+  uint64_t cum = 0;
+  for (size_t i = 0; i < nb; i++) {
+    cum += h->le[i];
+    put(t, "%s_bucket{le=\"%g\"} %llu\n", name, b[i], (unsigned long long)cum);
+  }
+  put(t, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name, (unsigned long long)h->count,
+      name, h->sum, name, (unsigned long long)h->count);
+}
+
+static void put_metric(text *t, const char *name, const char *type, const char *help, double v) {
+  put(t, "# HELP %s %s\n# TYPE %s %s\n%s %.17g\n", name, help, name, type, name, v);
+}
+
+static void extra_line(void *ctx, const char *line) { put(ctx, "%s\n", line); }
+
+static void handle_metrics(void *user, ot_http_req *req) {
+  ot_serve_http *api = user;
+  ot_serve_principal principal;
+  const ot_serve_principal *who;
+  if (authorize(api, req, &principal, &who)) return;
+  if (who && !who->admin) {
+    ot_http_respond_error(req, 403, "invalid_request_error", "admin_key_required", NULL,
+                          "/metrics needs an admin API key");
+    return;
+  }
+  text t = {0};
+  metrics *m = &api->met;
+  pthread_mutex_lock(&m->mu);
+  static const char *const what[3] = {"ok", "error", "cancelled"};
+  put(&t, "# HELP offtune_requests_total Completion and chat requests finished, by model and outcome.\n"
+          "# TYPE offtune_requests_total counter\n");
+  for (int i = 0; i < m->n; i++)
+    for (int k = 0; k < 3; k++) {
+      put(&t, "offtune_requests_total{model=\"");
+      put_label(&t, m->m[i].name);
+      uint64_t v = k == 0 ? m->m[i].ok : k == 1 ? m->m[i].failed : m->m[i].cancelled;
+      put(&t, "\",outcome=\"%s\"} %llu\n", what[k], (unsigned long long)v);
+    }
+  const char *tok_names[2] = {"offtune_prompt_tokens_total", "offtune_generation_tokens_total"};
+  for (int k = 0; k < 2; k++) {
+    put(&t, "# HELP %s %s tokens of finished requests, by model.\n# TYPE %s counter\n", tok_names[k],
+        k ? "Generated" : "Prompt", tok_names[k]);
+    for (int i = 0; i < m->n; i++) {
+      put(&t, "%s{model=\"", tok_names[k]);
+      put_label(&t, m->m[i].name);
+      put(&t, "\"} %llu\n", (unsigned long long)(k ? m->m[i].completion_tokens : m->m[i].prompt_tokens));
+    }
+  }
+  put(&t,
+      "# HELP offtune_requests_refused_total Requests refused for their API key.\n"
+      "# TYPE offtune_requests_refused_total counter\n"
+      "offtune_requests_refused_total{reason=\"unauthenticated\"} %llu\n"
+      "offtune_requests_refused_total{reason=\"revoked\"} %llu\n",
+      (unsigned long long)m->unauthenticated, (unsigned long long)m->revoked);
+  put_histo(&t, "offtune_time_to_first_token_seconds",
+            "From the request to its first token (queueing included).", &m->ttft, TTFT_B, N_TTFT_B);
+  put_histo(&t, "offtune_time_per_output_token_seconds", "Time between a request's tokens after the first.",
+            &m->tpot, TPOT_B, N_TPOT_B);
+  pthread_mutex_unlock(&m->mu);
+  ot_serve_stats es;
+  ot_serve_get_stats(api->cfg.engine, &es);
+  put_metric(&t, "offtune_num_requests_running", "gauge",
+             "Sequences in the running batch (KV cache slots held).", es.running);
+  put_metric(&t, "offtune_num_requests_waiting", "gauge", "Requests queued for a slot or adapter memory.",
+             es.waiting);
+  put_metric(&t, "offtune_max_batch", "gauge", "KV cache slots (sequences at once).", es.max_batch);
+  put_metric(&t, "offtune_batch_rows", "gauge", "Rows (prefill chunks and decodes) in the last forward step.",
+             es.step_rows);
+  put_metric(&t, "offtune_kv_cache_usage_ratio", "gauge", "KV cache positions filled over all positions.",
+             es.kv_capacity ? (double)es.kv_positions / (double)es.kv_capacity : 0.0);
+  put_metric(&t, "offtune_kv_cache_positions", "gauge", "KV cache positions filled.",
+             (double)es.kv_positions);
+  put_metric(&t, "offtune_engine_steps_total", "counter", "Forward steps run.", (double)es.steps);
+  put_metric(&t, "offtune_engine_tokens_total", "counter", "Tokens sampled.", (double)es.tokens_generated);
+  put_metric(&t, "offtune_engine_rows_total", "counter", "Rows computed by the forward steps.",
+             (double)es.rows_computed);
+  put_metric(&t, "offtune_adapter_cache_hits_total", "counter", "Requests whose adapter was already loaded.",
+             (double)es.adapter_hits);
+  put_metric(&t, "offtune_adapter_loads_total", "counter", "Adapters loaded into the cache.",
+             (double)es.loads);
+  put_metric(&t, "offtune_adapter_evictions_total", "counter", "Adapters evicted (least recently used).",
+             (double)es.evictions);
+  put_metric(&t, "offtune_adapters_loaded", "gauge", "Adapters in the cache.", es.adapters_loaded);
+  put_metric(&t, "offtune_adapter_bytes", "gauge", "Bytes of loaded adapter tensors.",
+             (double)es.adapter_bytes);
+  ot_http_stats hs;
+  ot_http_get_stats(api->server, &hs);
+  put_metric(&t, "offtune_http_connections_total", "counter", "HTTP connections accepted.",
+             (double)hs.accepted);
+  put_metric(&t, "offtune_http_connections_open", "gauge", "HTTP connections open.", hs.open);
+  put_metric(&t, "offtune_http_requests_total", "counter", "HTTP requests parsed (errors included).",
+             (double)hs.requests);
+  put(&t,
+      "# HELP offtune_http_connections_refused_total HTTP connections closed by a cap, for descriptors or by "
+      "a "
+      "timeout.\n# TYPE offtune_http_connections_refused_total counter\n"
+      "offtune_http_connections_refused_total{reason=\"cap\"} %llu\n"
+      "offtune_http_connections_refused_total{reason=\"evicted\"} %llu\n"
+      "offtune_http_connections_refused_total{reason=\"descriptors\"} %llu\n"
+      "offtune_http_connections_refused_total{reason=\"timeout\"} %llu\n",
+      (unsigned long long)hs.refused_cap, (unsigned long long)hs.evicted, (unsigned long long)hs.refused_fd,
+      (unsigned long long)hs.timeouts);
+  if (api->cfg.metrics) api->cfg.metrics(api->cfg.metrics_user, extra_line, &t);
+  if (t.fail)
+    ot_http_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
+  else
+    ot_http_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, t.s, t.n);
+  free(t.s);
+}
+
+/* ---- adapters without a restart (vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter) ------- */
+
+typedef struct {
+  ot_serve_http *api;
+  ot_http_req *req;
+  char name[OT_SERVE_MODEL_LEN];
+} load_job;
+
+/* The trial request ends: its adapter loaded and passed every check, or not (then it is
+ * unregistered again). Runs on the engine thread. */
+static void on_load_event(void *user, const ot_serve_event *ev) {
+  if (!ev->finished) return;
+  load_job *lj = user;
+  ot_serve_http *api = lj->api;
+  if (ev->reason == OT_FINISH_LENGTH) {
+    logf_(&api->cfg, "adapter '%s' loaded", lj->name);
+    char body[300];
+    int n = snprintf(body, sizeof body, "{\"status\":\"loaded\",\"lora_name\":\"%s\"}", lj->name);
+    ot_http_respond(lj->req, 200, "application/json", NULL, body, (size_t)n);
+  } else {
+    char why[512];
+    snprintf(why, sizeof why, "%s", ev->error_msg ? ev->error_msg : "cancelled");
+    api->cfg.unload_adapter(api->cfg.adapters_user, lj->name);
+    logf_(&api->cfg, "adapter '%s' refused: %s", lj->name, why);
+    ot_http_respond_error(lj->req, ev->reason == OT_FINISH_CANCELLED ? 503 : 400, "invalid_request_error",
+                          NULL, "lora_path", "cannot load adapter '%s': %s", lj->name, why);
+  }
+  pthread_mutex_lock(&api->mu);
+  api->outstanding--;
+  pthread_cond_broadcast(&api->cv);
+  pthread_mutex_unlock(&api->mu);
+  free(lj);
+}
+
+static int admin_only(ot_serve_http *api, ot_http_req *req) {
+  ot_serve_principal principal;
+  const ot_serve_principal *who;
+  if (authorize(api, req, &principal, &who)) return -1;
+  if (who && !who->admin) {
+    ot_http_respond_error(req, 403, "invalid_request_error", "admin_key_required", NULL,
+                          "%s needs an admin API key", ot_http_req_path(req));
+    return -1;
+  }
+  if (!api->cfg.load_adapter || !api->cfg.unload_adapter) {
+    ot_http_respond_error(req, 404, "invalid_request_error", NULL, NULL,
+                          "this server does not load or unload adapters at run time");
+    return -1;
+  }
+  return 0;
+}
+
+/* {"lora_name": ..., "lora_path": ...} or {"lora_name": ...}; *name and *path point into *j. */
+static int adapter_body(ot_http_req *req, int need_path, cJSON **j, const char **name, const char **path) {
+  size_t len = 0;
+  const char *body = ot_http_req_body(req, &len);
+  *j = ot_json_has_nul_escape(body, len) ? NULL : cJSON_ParseWithLength(body, len);
+  *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(*j, "lora_name"));
+  *path = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(*j, "lora_path"));
+  if (!*name || !**name || strlen(*name) >= OT_SERVE_MODEL_LEN || (need_path && (!*path || !**path))) {
+    ot_http_respond_error(req, 400, "invalid_request_error", NULL, *name ? "lora_path" : "lora_name",
+                          need_path ? "give \"lora_name\" and \"lora_path\"" : "give \"lora_name\"");
+    cJSON_Delete(*j);
+    return -1;
+  }
+  return 0;
+}
+
+static void handle_load_adapter(void *user, ot_http_req *req) {
+  ot_serve_http *api = user;
+  cJSON *j;
+  const char *name, *path;
+  if (admin_only(api, req) || adapter_body(req, 1, &j, &name, &path)) return;
+  int rc = api->cfg.load_adapter(api->cfg.adapters_user, name, path);
+  if (rc) {
+    ot_http_respond_error(req, rc == OT_ERR_NOTFOUND ? 404 : 400, "invalid_request_error", NULL, "lora_path",
+                          "cannot load adapter '%s': %s", name, ot_error_detail());
+    cJSON_Delete(j);
+    return;
+  }
+  /* the name may have served other files before: drop that copy, then load it for real (every
+   * check of the adapter's files) with a request of no tokens */
+  ot_serve_forget_adapter(api->cfg.engine, name);
+  load_job *lj = calloc(1, sizeof *lj);
+  pthread_mutex_lock(&api->mu);
+  int closing = api->closing;
+  if (lj && !closing) api->outstanding++;
+  pthread_mutex_unlock(&api->mu);
+  if (!lj || closing) {
+    api->cfg.unload_adapter(api->cfg.adapters_user, name);
+    ot_http_respond_error(req, 503, "server_error", NULL, NULL, "the server is shutting down");
+    free(lj);
+    cJSON_Delete(j);
+    return;
+  }
+  lj->api = api;
+  lj->req = req;
+  snprintf(lj->name, sizeof lj->name, "%s", name);
+  cJSON_Delete(j);
+  int32_t tok0 = 0;
+  ot_serve_request r = {.adapter = lj->name, .prompt = &tok0, .n_prompt = 1, .max_tokens = 0, .top_p = 1.0f};
+  if (ot_serve_submit(api->cfg.engine, &r, on_load_event, lj, NULL) != OT_OK) {
+    ot_serve_event ev = {.finished = 1, .reason = OT_FINISH_ERROR, .error_msg = ot_error_detail()};
+    on_load_event(lj, &ev);
+  }
+}
+
+static void handle_unload_adapter(void *user, ot_http_req *req) {
+  ot_serve_http *api = user;
+  cJSON *j;
+  const char *name, *path;
+  if (admin_only(api, req) || adapter_body(req, 0, &j, &name, &path)) return;
+  int rc = api->cfg.unload_adapter(api->cfg.adapters_user, name);
+  if (rc == OT_OK) {
+    ot_serve_forget_adapter(api->cfg.engine, name); /* running requests finish with it */
+    logf_(&api->cfg, "adapter '%s' unloaded", name);
+    char body[300];
+    int n = snprintf(body, sizeof body, "{\"status\":\"unloaded\",\"lora_name\":\"%s\"}", name);
+    ot_http_respond(req, 200, "application/json", NULL, body, (size_t)n);
+  } else {
+    ot_http_respond_error(req, 404, "invalid_request_error", "model_not_found", "lora_name",
+                          "no adapter '%s' was loaded at run time", name);
+  }
+  cJSON_Delete(j);
+}
+
 static void handle_health(void *user, ot_http_req *req) {
   (void)user;
   static const char ok[] = "{\"status\":\"ok\"}";
@@ -695,12 +1073,16 @@ int ot_serve_http_start(const ot_serve_http_config *cfg, ot_serve_http **out) {
   api->next_id = 1;
   pthread_mutex_init(&api->mu, NULL);
   pthread_cond_init(&api->cv, NULL);
+  pthread_mutex_init(&api->met.mu, NULL);
   int nr = 0;
   api->routes[nr++] = (ot_http_route){"POST", "/v1/completions", 0, handle_completions, api};
   api->routes[nr++] = (ot_http_route){"POST", "/v1/chat/completions", 0, handle_chat, api};
   api->routes[nr++] = (ot_http_route){"GET", "/v1/models", 0, handle_models, api};
   api->routes[nr++] = (ot_http_route){"GET", "/v1/models/", 1, handle_model, api};
   api->routes[nr++] = (ot_http_route){"GET", "/health", 0, handle_health, api};
+  api->routes[nr++] = (ot_http_route){"GET", "/metrics", 0, handle_metrics, api};
+  api->routes[nr++] = (ot_http_route){"POST", "/v1/load_lora_adapter", 0, handle_load_adapter, api};
+  api->routes[nr++] = (ot_http_route){"POST", "/v1/unload_lora_adapter", 0, handle_unload_adapter, api};
   ot_http_config hc = {.url = cfg->url,
                        .routes = api->routes,
                        .n_routes = nr,
@@ -718,6 +1100,7 @@ int ot_serve_http_start(const ot_serve_http_config *cfg, ot_serve_http **out) {
   if (rc) {
     pthread_mutex_destroy(&api->mu);
     pthread_cond_destroy(&api->cv);
+    pthread_mutex_destroy(&api->met.mu);
     free(api);
     return rc;
   }
@@ -743,5 +1126,7 @@ void ot_serve_http_stop(ot_serve_http *api) {
   ot_http_stop(api->server);
   pthread_mutex_destroy(&api->mu);
   pthread_cond_destroy(&api->cv);
+  pthread_mutex_destroy(&api->met.mu);
+  free(api->met.m);
   free(api);
 }

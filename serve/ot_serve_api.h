@@ -12,6 +12,9 @@
  *   max_completion_tokens; the reply is OpenAI's chat.completion object, streamed as
  *   chat.completion.chunk deltas (the first carries the role). stream_options.include_usage (both
  *   endpoints): a last chunk with "choices": [] and the usage before [DONE].
+ * - GET /metrics: Prometheus text (requests and tokens by model, time to first token and per
+ *   token histograms, batch, queue, KV cache, adapter cache, HTTP connections).
+ * - POST /v1/load_lora_adapter, /v1/unload_lora_adapter: adapters without a restart (below).
  * - GET /v1/models: the base and every adapter the list callback names; GET /v1/models/{id}: one
  *   of them (404 if none); GET /health: {"status":"ok"}.
  * Errors are OpenAI's {"error": {"message", "type", "param", "code"}}: 404 unknown model or
@@ -73,6 +76,18 @@ typedef struct {
    * principal allows (the rest is 404, as if absent), and /v1/models lists only that. */
   ot_serve_auth_fn auth;
   void *auth_user;
+  /* GET /metrics (an admin key when keys are on) appends what this writes: more lines of the
+   * Prometheus text format (the daemon's devices, rounds, refused uploads). May be NULL. */
+  void (*metrics)(void *user, void (*line)(void *ctx, const char *text), void *ctx);
+  void *metrics_user;
+  /* Adapters at run time, as vLLM: POST /v1/load_lora_adapter {"lora_name", "lora_path"} and
+   * /v1/unload_lora_adapter {"lora_name"} (an admin key when keys are on). load registers the
+   * name (OT_ERR_INVALID: a bad name or path, 400; the API then loads it through the engine with
+   * every check and unregisters it if that fails); unload unregisters it (OT_ERR_NOTFOUND: 404).
+   * Running requests finish with the copy they have. NULL: the routes answer 404. */
+  int (*load_adapter)(void *user, const char *name, const char *path);
+  int (*unload_adapter)(void *user, const char *name);
+  void *adapters_user;
   /* HTTP limits (serve/ot_http.h; 0 = its default): request line + headers (16 KiB, 10 s),
    * body (30 s), keep-alive idle (30 s), a client not reading (30 s), connections (256 in all,
    * 32 per client address). */

@@ -32,6 +32,7 @@ typedef struct adapter {
   char name[128];
   ot_adapter_kind kind;
   int refs;          /* running requests using it */
+  int stale;         /* forgotten (unloaded): no new request uses it; freed once idle */
   uint64_t last_use; /* LRU tick */
   size_t bytes;
   float *mem; /* one backend allocation for all its tensors */
@@ -81,6 +82,8 @@ struct ot_serve_engine {
   req *in_head, *in_tail;
   uint64_t *cancels;
   int n_cancels, cap_cancels;
+  char **forgets; /* adapter names to drop from the cache (ot_serve_forget_adapter) */
+  int n_forgets;
   uint64_t next_id;
   int stopping, thread_on;
   pthread_t thread;
@@ -333,7 +336,12 @@ static int adapter_acquire(ot_serve_engine *e, req *r) {
   if (!r->adapter_name[0]) return ACQ_OK;
   adapter *a = NULL;
   for (a = e->adapters; a; a = a->next)
-    if (strcmp(a->name, r->adapter_name) == 0) break;
+    if (!a->stale && strcmp(a->name, r->adapter_name) == 0) break;
+  if (a) {
+    pthread_mutex_lock(&e->mu);
+    e->stats.adapter_hits++;
+    pthread_mutex_unlock(&e->mu);
+  }
   if (!a) {
     a = r->pending;
     if (!a) {
@@ -558,6 +566,8 @@ void ot_serve_engine_free(ot_serve_engine *e) {
   free(e->slots);
   free(e->base_p);
   free(e->cancels);
+  for (int i = 0; i < e->n_forgets; i++) free(e->forgets[i]);
+  free(e->forgets);
   free(e->h_tokens);
   free(e->h_pos);
   free(e->h_slot);
@@ -932,6 +942,30 @@ static int step(ot_serve_engine *e, int *busy) {
   }
   free(cancels);
 
+  /* forgotten adapters: dropped now when idle, else once their last request ends */
+  pthread_mutex_lock(&e->mu);
+  char **forgets = e->forgets;
+  int n_forgets = e->n_forgets;
+  e->forgets = NULL;
+  e->n_forgets = 0;
+  pthread_mutex_unlock(&e->mu);
+  for (int f = 0; f < n_forgets; f++) {
+    for (adapter *a = e->adapters; a; a = a->next)
+      if (strcmp(a->name, forgets[f]) == 0) a->stale = 1;
+    free(forgets[f]);
+  }
+  free(forgets);
+  for (adapter **pp = &e->adapters; *pp;) {
+    adapter *a = *pp;
+    if (a->stale && a->refs == 0) {
+      *pp = a->next;
+      e->adapter_bytes -= a->bytes;
+      adapter_free(e, a);
+    } else {
+      pp = &a->next;
+    }
+  }
+
   /* admit waiting requests (FIFO) into free slots */
   while (e->n_waiting > 0) {
     int slot = -1;
@@ -1021,8 +1055,17 @@ static int step(ot_serve_engine *e, int *busy) {
   free(need);
 
   int running = 0;
-  for (int s = 0; s < e->cfg.max_batch; s++) running += e->slots[s] != NULL;
+  uint64_t kv = 0;
+  for (int s = 0; s < e->cfg.max_batch; s++)
+    if (e->slots[s]) {
+      running++;
+      kv += (uint64_t)e->slots[s]->n_cached;
+    }
   pthread_mutex_lock(&e->mu);
+  e->stats.step_rows = N;
+  e->stats.kv_positions = kv;
+  e->stats.kv_capacity = (uint64_t)e->cfg.max_batch * (uint64_t)e->T_max;
+  e->stats.max_batch = e->cfg.max_batch;
   e->stats.steps += N > 0;
   e->stats.rows_computed += (uint64_t)N;
   e->stats.tokens_generated += rc == OT_OK ? (uint64_t)S : 0;
@@ -1048,7 +1091,7 @@ static void *engine_main(void *arg) {
       break;
     }
     if (!busy) {
-      while (!e->stopping && !e->in_head && !e->n_cancels) pthread_cond_wait(&e->cv, &e->mu);
+      while (!e->stopping && !e->in_head && !e->n_cancels && !e->n_forgets) pthread_cond_wait(&e->cv, &e->mu);
     } else if (busy && e->stats.running == 0 && !e->in_head && !e->n_cancels) {
       /* waiting for adapter memory that no running request will free: cannot happen, but never spin */
       struct timespec ts;
@@ -1073,6 +1116,20 @@ int ot_serve_start(ot_serve_engine *e) {
     return ot_error(OT_ERR_INTERNAL, "cannot start the engine thread");
   e->thread_on = 1;
   return OT_OK;
+}
+
+void ot_serve_forget_adapter(ot_serve_engine *e, const char *name) {
+  char *n = strdup(name);
+  pthread_mutex_lock(&e->mu);
+  char **f = n ? realloc(e->forgets, (size_t)(e->n_forgets + 1) * sizeof *f) : NULL;
+  if (f) {
+    e->forgets = f;
+    f[e->n_forgets++] = n;
+    n = NULL;
+  }
+  pthread_cond_broadcast(&e->cv);
+  pthread_mutex_unlock(&e->mu);
+  free(n);
 }
 
 void ot_serve_get_stats(ot_serve_engine *e, ot_serve_stats *out) {

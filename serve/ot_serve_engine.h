@@ -132,8 +132,17 @@ typedef struct {
   int adapters_loaded;
   size_t adapter_bytes;
   uint64_t loads, evictions, steps, tokens_generated, rows_computed;
-  int running, waiting;
+  uint64_t adapter_hits; /* requests whose adapter was resident (loads: it was not) */
+  int running, waiting;  /* sequences in the batch, requests queued */
+  int step_rows;         /* rows of the last step's forward */
+  int max_batch;
+  uint64_t kv_positions, kv_capacity; /* KV cache positions filled, and in all (max_batch x max_seq) */
 } ot_serve_stats;
+
+/* Drops the adapter named name from the cache (after its files changed or it was unloaded): no
+ * request submitted from now on uses the cached copy (the name resolves and loads afresh); the
+ * copy is freed at the next step, or when the last request using it ends. */
+void ot_serve_forget_adapter(ot_serve_engine *e, const char *name);
 void ot_serve_get_stats(ot_serve_engine *e, ot_serve_stats *out);
 
 #endif

@@ -1194,13 +1194,15 @@ static void test_http_errors(void **state) {
   kc_close(&k);
 }
 
+static void rt_list(void *user, void (*add)(void *ctx, const char *name), void *ctx);
+
 static ot_serve_http *start_api(ot_serve_engine *e, const ot_serve_http_config *limits) {
   ot_serve_http_config c = *limits;
   c.url = "http://127.0.0.1:0";
   c.engine = e;
   c.tok = tok;
   c.base_name = "tiny-base";
-  c.list = list;
+  c.list = c.load_adapter ? rt_list : list;
   c.eos_id = -1;
   c.max_body = 4096;
   c.max_prompts = 8;
@@ -1992,6 +1994,27 @@ static void test_keys(void **state) {
   assert_int_equal(completion_status(kadmin, "lora2", 4, 0), 200);
   assert_int_equal(completion_status(kother, "", 0, 0), 403);
   assert_int_equal(completion_status(kother, "acme/lora1", 0, 0), 404);
+  /* the operator's routes: an admin key only */
+  char lb[900];
+  snprintf(lb, sizeof lb, "{\"lora_name\": \"acme/hot\", \"lora_path\": \"%s/lora2\"}", dir);
+  auth_key = ka;
+  http("GET", "/metrics", "", 0, &res);
+  want_json_error(&res, 403);
+  free(res.body);
+  http("POST", "/v1/load_lora_adapter", lb, strlen(lb), &res);
+  want_json_error(&res, 403);
+  free(res.body);
+  auth_key = kadmin;
+  http("GET", "/metrics", "", 0, &res);
+  assert_int_equal(res.status, 200);
+  assert_non_null(strstr(res.body, "offtune_requests_refused_total{reason=\"unauthenticated\"} 3"));
+  free(res.body);
+  http("POST", "/v1/load_lora_adapter", lb, strlen(lb), &res);
+  if (res.status != 200) fail_msg("load: %d %s", res.status, res.body);
+  free(res.body);
+  auth_key = NULL;
+  assert_int_equal(completion_status(ka, "acme/hot", 4, 1), 200); /* the tenant's new adapter */
+  assert_int_equal(completion_status(kb, "acme/hot", 0, 0), 404);
   auth_key = ka;
   http("GET", "/v1/models/beta%2Foff1", "", 0, &res);
   want_json_error(&res, 404);
@@ -2085,11 +2108,226 @@ static void test_sampling_fields(void **state) {
   free(res.body);
 }
 
+/* ---- GET /metrics: parsed by prometheus_client (tests/ref/prom_parse.py), values checked -------- */
+
+/* The samples of GET /metrics at port p as prom_parse.py prints them. */
+static void metrics_samples(int p, char *out, size_t cap) {
+  int saved = port;
+  port = p;
+  http_res res;
+  http("GET", "/metrics", "", 0, &res);
+  port = saved;
+  if (res.status != 200) fail_msg("/metrics: %d %s", res.status, res.body);
+  assert_non_null(strcasestr(res.head, "Content-Type: text/plain; version=0.0.4"));
+  char path[700];
+  snprintf(path, sizeof path, "%s/metrics.txt", dir);
+  FILE *f = fopen(path, "w");
+  fwrite(res.body, 1, res.len, f);
+  fclose(f);
+  free(res.body);
+  int rc =
+      ot_test_run(out, cap, "/usr/bin/python3 %s/tests/ref/prom_parse.py %s", ot_test_source_dir(), path);
+  if (rc == 77) skip();
+  if (rc != 0) fail_msg("prom_parse: %s", out);
+}
+
+static void want_sample(const char *samples, const char *line) {
+  char l[300];
+  snprintf(l, sizeof l, "\n%s\n", line);
+  if (!strstr(samples, l) && strncmp(samples, l + 1, strlen(l + 1)) != 0)
+    fail_msg("no '%s' in:\n%s", line, samples);
+}
+
+static void test_metrics(void **state) {
+  (void)state;
+  ot_serve_engine *e2 = engine(4, 64, 0, -1);
+  assert_int_equal(ot_serve_start(e2), 0);
+  ot_serve_http_config lim = {0};
+  ot_serve_http *h = start_api(e2, &lim);
+  int saved = port;
+  port = ot_serve_http_port(h);
+  for (int i = 0; i < 3; i++) {
+    char *body = request_json(i < 2 ? "lora1" : "", prompts[i < 2 ? 0 : 1], i == 1);
+    http_res res;
+    http("POST", "/v1/completions", body, strlen(body), &res);
+    assert_int_equal(res.status, 200);
+    free(res.body);
+    free(body);
+  }
+  http_res res;
+  http("POST", "/v1/completions", "{\"model\": \"nope\", \"prompt\": \"x\"}", 33,
+       &res); /* refused: not counted */
+  assert_int_equal(res.status, 404);
+  free(res.body);
+  port = saved;
+  static char out[1 << 16];
+  metrics_samples(ot_serve_http_port(h), out, sizeof out);
+  printf("%.*s...\n", 600, out);
+  char l[200];
+  want_sample(out, "offtune_requests_total{model=lora1,outcome=ok} 2");
+  want_sample(out, "offtune_requests_total{model=tiny-base,outcome=ok} 1");
+  snprintf(l, sizeof l, "offtune_prompt_tokens_total{model=lora1} %d", 2 * (int)strlen(prompts[0]));
+  want_sample(out, l);
+  snprintf(l, sizeof l, "offtune_generation_tokens_total{model=lora1} %d", 2 * GEN);
+  want_sample(out, l);
+  snprintf(l, sizeof l, "offtune_generation_tokens_total{model=tiny-base} %d", GEN);
+  want_sample(out, l);
+  want_sample(out, "offtune_time_to_first_token_seconds_count{} 3");
+  want_sample(out, "offtune_time_to_first_token_seconds_bucket{le=+Inf} 3");
+  snprintf(l, sizeof l, "offtune_time_per_output_token_seconds_count{} %d", 3 * (GEN - 1));
+  want_sample(out, l);
+  want_sample(out, "offtune_adapter_loads_total{} 1");
+  want_sample(out, "offtune_adapter_cache_hits_total{} 1");
+  want_sample(out, "offtune_adapters_loaded{} 1");
+  want_sample(out, "offtune_num_requests_running{} 0");
+  want_sample(out, "offtune_num_requests_waiting{} 0");
+  want_sample(out, "offtune_max_batch{} 4");
+  want_sample(out, "offtune_kv_cache_usage_ratio{} 0");
+  snprintf(l, sizeof l, "offtune_engine_tokens_total{} %d", 3 * GEN);
+  want_sample(out, l);
+  want_sample(out, "offtune_requests_refused_total{reason=unauthenticated} 0");
+  ot_serve_http_stop(h);
+  ot_serve_engine_free(e2);
+}
+
+/* ---- adapters loaded and unloaded at run time (vLLM's routes) ----------------------------------- */
+
+static char rt_name[8][64], rt_dir[8][700];
+static int rt_n;
+static pthread_mutex_t rt_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int rt_resolve(void *user, const char *name, char *out, size_t cap) {
+  (void)user;
+  pthread_mutex_lock(&rt_mu);
+  for (int i = 0; i < rt_n; i++)
+    if (strcmp(rt_name[i], name) == 0) {
+      snprintf(out, cap, "%s", rt_dir[i]);
+      pthread_mutex_unlock(&rt_mu);
+      return OT_OK;
+    }
+  pthread_mutex_unlock(&rt_mu);
+  return ot_error(OT_ERR_NOTFOUND, "no adapter '%s'", name);
+}
+
+static void rt_list(void *user, void (*add)(void *ctx, const char *name), void *ctx) {
+  (void)user;
+  pthread_mutex_lock(&rt_mu);
+  for (int i = 0; i < rt_n; i++) add(ctx, rt_name[i]);
+  pthread_mutex_unlock(&rt_mu);
+}
+
+static int rt_load(void *user, const char *name, const char *path) {
+  (void)user;
+  if (strstr(path, "nonexistent")) return ot_error(OT_ERR_INVALID, "%s is not an adapter directory", path);
+  pthread_mutex_lock(&rt_mu);
+  int i = 0;
+  while (i < rt_n && strcmp(rt_name[i], name) != 0) i++;
+  if (i == rt_n) snprintf(rt_name[rt_n++], sizeof rt_name[0], "%s", name);
+  snprintf(rt_dir[i], sizeof rt_dir[0], "%s", path);
+  pthread_mutex_unlock(&rt_mu);
+  return OT_OK;
+}
+
+static int rt_unload(void *user, const char *name) {
+  (void)user;
+  pthread_mutex_lock(&rt_mu);
+  int i = 0;
+  while (i < rt_n && strcmp(rt_name[i], name) != 0) i++;
+  int found = i < rt_n;
+  if (found) {
+    rt_n--;
+    memcpy(rt_name[i], rt_name[rt_n], sizeof rt_name[0]);
+    memcpy(rt_dir[i], rt_dir[rt_n], sizeof rt_dir[0]);
+  }
+  pthread_mutex_unlock(&rt_mu);
+  return found ? OT_OK : ot_error(OT_ERR_NOTFOUND, "no adapter '%s'", name);
+}
+
+static int post_to(const char *path, const char *body, http_res *res) {
+  http("POST", path, body, strlen(body), res);
+  return res->status;
+}
+
+static void test_adapter_runtime(void **state) {
+  (void)state;
+  ot_serve_config c;
+  ot_serve_config_default(&c);
+  c.max_batch = 4;
+  c.max_step_tokens = 64;
+  c.resolve = rt_resolve;
+  c.tok = tok;
+  c.base_digest = digest;
+  c.eos_id = -1;
+  ot_serve_engine *e2 = NULL;
+  assert_int_equal(ot_serve_engine_create(base, &c, &e2), 0);
+  assert_int_equal(ot_serve_start(e2), 0);
+  ot_serve_http_config lim = {.load_adapter = rt_load, .unload_adapter = rt_unload};
+  ot_serve_http *h = start_api(e2, &lim);
+  int saved = port;
+  port = ot_serve_http_port(h);
+  char body[1024];
+  http_res res;
+  /* "hot" = lora1, then (without a restart, the cached copy dropped) lora2 */
+  for (int round = 0; round < 2; round++) {
+    int k = round ? 4 : 3;
+    snprintf(body, sizeof body, "{\"lora_name\": \"hot\", \"lora_path\": \"%s/%s\"}", dir, models[k]);
+    if (post_to("/v1/load_lora_adapter", body, &res) != 200) fail_msg("load: %d %s", res.status, res.body);
+    assert_non_null(strstr(res.body, "\"loaded\""));
+    free(res.body);
+    char *rq = request_json("hot", prompts[0], 0);
+    cJSON *j = post(rq, 200, &res);
+    char w[4 * GEN];
+    want_text(k, 0, w);
+    assert_string_equal(str(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text"),
+                        w);
+    cJSON_Delete(j);
+    free(res.body);
+    free(rq);
+  }
+  http("GET", "/v1/models/hot", "", 0, &res);
+  assert_int_equal(res.status, 200);
+  free(res.body);
+  assert_int_equal(post_to("/v1/unload_lora_adapter", "{\"lora_name\": \"hot\"}", &res), 200);
+  free(res.body);
+  char *rq = request_json("hot", prompts[0], 0);
+  http("POST", "/v1/completions", rq, strlen(rq), &res);
+  want_json_error(&res, 404);
+  free(res.body);
+  free(rq);
+  assert_int_equal(post_to("/v1/unload_lora_adapter", "{\"lora_name\": \"hot\"}", &res), 404);
+  free(res.body);
+  /* an adapter whose files fail the engine's checks is refused and not kept */
+  assert_int_equal(
+      ot_test_system("mkdir -p %s/broken && cp %s/lora1/adapter_config.json %s/broken/", dir, dir, dir), 0);
+  snprintf(body, sizeof body, "{\"lora_name\": \"bad\", \"lora_path\": \"%s/broken\"}", dir);
+  assert_int_equal(post_to("/v1/load_lora_adapter", body, &res), 400);
+  want_json_error(&res, 400);
+  free(res.body);
+  http("GET", "/v1/models/bad", "", 0, &res);
+  assert_int_equal(res.status, 404);
+  free(res.body);
+  snprintf(body, sizeof body, "{\"lora_name\": \"x\", \"lora_path\": \"%s/nonexistent\"}", dir);
+  assert_int_equal(post_to("/v1/load_lora_adapter", body, &res), 400);
+  free(res.body);
+  assert_int_equal(post_to("/v1/load_lora_adapter", "{\"lora_name\": \"x\"}", &res), 400);
+  free(res.body);
+  assert_int_equal(post_to("/v1/load_lora_adapter", "not json", &res), 400);
+  free(res.body);
+  port = saved;
+  /* the main server has no loader: 404 */
+  assert_int_equal(post_to("/v1/unload_lora_adapter", "{\"lora_name\": \"lora1\"}", &res), 404);
+  free(res.body);
+  ot_serve_http_stop(h);
+  ot_serve_engine_free(e2);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_chat),
       cmocka_unit_test(test_stream_usage),
       cmocka_unit_test(test_sampling_fields),
+      cmocka_unit_test(test_metrics),
+      cmocka_unit_test(test_adapter_runtime),
       cmocka_unit_test(test_utf8),
       cmocka_unit_test(test_completions),
       cmocka_unit_test(test_prompt_array),
