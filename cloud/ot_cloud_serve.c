@@ -90,7 +90,7 @@ static void list_dir(registry *r, const char *dir, const char *prefix,
     if (!shadowed && ot_file_exists(cfg)) {
       add(ctx, name);
     } else if (!*prefix && ot_api_tenant_ok(de->d_name)) {
-      char sub[4096], pre[80];
+      char sub[4096], pre[300];
       snprintf(sub, sizeof sub, "%s/%s", dir, de->d_name);
       snprintf(pre, sizeof pre, "%s/", de->d_name);
       list_dir(r, sub, pre, add, ctx);

@@ -14,7 +14,8 @@
 
 #define OUT_CAP (16u << 20)
 #define ARENA_CAP (256u << 20)
-#define MAX_DEPTH 200 /* nesting of expressions and blocks */
+#define MAX_DEPTH 200    /* nesting of expressions and blocks */
+#define MAX_OPS 20000000 /* evaluations and loop iterations of one render */
 
 /* ---- arena: every node and value lives until its template (or render) is freed ------------ */
 
@@ -1163,6 +1164,7 @@ typedef struct {
   char err[512];
   int brk, cont; /* a break/continue is unwinding */
   int depth;
+  uint64_t ops; /* evaluations and loop iterations so far (MAX_OPS: a runaway template) */
 } rctx;
 
 static int rfail(rctx *R, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -2281,6 +2283,10 @@ static val *test(rctx *R, scope *S, const expr *e) {
 }
 
 static val *eval(rctx *R, scope *S, const expr *e) {
+  if (++R->ops > MAX_OPS) {
+    rfail(R, "the template takes too long to render (over %d operations)", MAX_OPS);
+    return NULL;
+  }
   if (++R->depth > MAX_DEPTH * 4) {
     rfail(R, "expression nested too deeply");
     return NULL;
@@ -2444,6 +2450,8 @@ static int run_for(rctx *R, scope *S, const node *n) {
   }
   if (l->n == 0) return n->bodies[1] ? run(R, S, n->bodies[1]) : 0;
   for (size_t i = 0; i < l->n; i++) {
+    if (++R->ops > MAX_OPS)
+      return rfail(R, "the template takes too long to render (over %d operations)", MAX_OPS);
     scope in = {.up = S};
     val *loop = nv(R, V_DICT);
     if (!loop) return -1;

@@ -165,6 +165,17 @@ static void test_render_errors(void **state) {
   expect_render_error("{{ raise_exception('no ' ~ messages[0].role) }}", "no user");
   expect_render_error("{{ 'x' * 100000000 }}", "too long");
   expect_render_error("{% set ns = 3 %}{% set ns.a = 1 %}", "non-namespace");
+  /* a runaway loop ends at the memory cap (256 MiB of values) or the operation cap */
+  ot_chat_template *rt = NULL;
+  const char *loop = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}";
+  assert_int_equal(ot_chat_template_parse(loop, strlen(loop), &rt), OT_OK);
+  ot_chat_msg m0 = {"user", "hi"};
+  char *o = NULL;
+  int rrc = ot_chat_template_render(rt, &m0, 1, NULL, &o, NULL);
+  assert_true(rrc == OT_ERR_NOMEM || rrc == OT_ERR_INVALID);
+  assert_true(strstr(ot_error_detail(), "out of memory") || strstr(ot_error_detail(), "too long"));
+  assert_null(o);
+  ot_chat_template_free(rt);
   /* a message's text is data, never template code */
   ot_chat_template *t = NULL;
   const char *src = "{{ messages[0].content }}";
