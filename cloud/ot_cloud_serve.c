@@ -309,6 +309,9 @@ int ot_cmd_serve_model(int argc, char **argv) {
     rc = ot_error(OT_ERR_INVALID,
                   "need --max-batch >= 1, --max-step-tokens >= --max-batch, --adapter-memory >= 1");
   if (rc == OT_OK && keys && !http) rc = ot_error(OT_ERR_INVALID, "--keys is for --http");
+  if (rc == OT_OK && keys && !ot_file_exists(keys)) /* a typo would serve nobody, silently */
+    rc = ot_error(OT_ERR_INVALID,
+                  "--keys %s: no such file (offtune-cloud keys create --registry %s makes it)", keys, keys);
   if (rc == OT_OK && http && !keys && !open_http && !ot_http_url_loopback(http))
     rc = ot_error(
         OT_ERR_INVALID,

@@ -1416,8 +1416,15 @@ static void repr(sbuf *b, const val *v) {
   }
 }
 
-/* json.dumps(v, ensure_ascii=False) */
-static int to_json(rctx *R, sbuf *b, const val *v) {
+/* json.dumps(v, ensure_ascii=False, indent=indent (-1: None), sort_keys=sort) */
+static int to_json_at(rctx *R, sbuf *b, const val *v, int indent, int sort, int level);
+
+static void json_nl(sbuf *b, int indent, int level) {
+  sb_str(b, "\n");
+  for (int i = 0; i < indent * level; i++) sb_str(b, " ");
+}
+
+static int to_json_at(rctx *R, sbuf *b, const val *v, int indent, int sort, int level) {
   switch (v->t) {
   case V_NONE: sb_str(b, "null"); return 0;
   case V_BOOL: sb_str(b, v->i ? "true" : "false"); return 0;
@@ -1460,23 +1467,43 @@ static int to_json(rctx *R, sbuf *b, const val *v) {
   case V_LIST:
     sb_str(b, "[");
     for (size_t i = 0; i < v->n; i++) {
-      if (i) sb_str(b, ", ");
-      if (to_json(R, b, v->a[i])) return -1;
+      if (i) sb_str(b, indent >= 0 ? "," : ", ");
+      if (indent >= 0) json_nl(b, indent, level + 1);
+      if (to_json_at(R, b, v->a[i], indent, sort, level + 1)) return -1;
     }
+    if (indent >= 0 && v->n) json_nl(b, indent, level);
     sb_str(b, "]");
     return 0;
-  case V_DICT:
+  case V_DICT: {
     if (v->ns) break;
+    size_t *order = v->n ? malloc(v->n * sizeof *order) : NULL;
+    if (v->n && !order) return rfail(R, "out of memory");
+    for (size_t i = 0; i < v->n; i++) order[i] = i;
+    for (size_t i = 1; sort && i < v->n; i++) /* insertion sort by key bytes (code point order) */
+      for (size_t k = i; k > 0; k--) {
+        size_t x = order[k - 1], y = order[k], m = v->kn[x] < v->kn[y] ? v->kn[x] : v->kn[y];
+        int c = memcmp(v->k[x], v->k[y], m);
+        if (c < 0 || (c == 0 && v->kn[x] <= v->kn[y])) break;
+        order[k - 1] = y;
+        order[k] = x;
+      }
     sb_str(b, "{");
-    for (size_t i = 0; i < v->n; i++) {
-      if (i) sb_str(b, ", ");
+    int rc = 0;
+    for (size_t j = 0; j < v->n && !rc; j++) {
+      size_t i = order[j];
+      if (j) sb_str(b, indent >= 0 ? "," : ", ");
+      if (indent >= 0) json_nl(b, indent, level + 1);
       val k = {.t = V_STR, .s = v->k[i], .n = v->kn[i]};
-      to_json(R, b, &k);
+      to_json_at(R, b, &k, indent, sort, level + 1);
       sb_str(b, ": ");
-      if (to_json(R, b, v->a[i])) return -1;
+      rc = to_json_at(R, b, v->a[i], indent, sort, level + 1);
     }
+    free(order);
+    if (rc) return -1;
+    if (indent >= 0 && v->n) json_nl(b, indent, level);
     sb_str(b, "}");
     return 0;
+  }
   default: break;
   }
   return rfail(R, "TypeError: Object of type %s is not JSON serializable", type_name(v));
@@ -2219,9 +2246,23 @@ static val *filter(rctx *R, scope *S, const expr *e) {
     val fv = {.t = V_FUNC, .name = "items", .self = x};
     return call_method(R, &fv, NULL, 0);
   }
-  if (!strcmp(f, "tojson")) {
+  if (!strcmp(f, "tojson")) { /* HF's tojson(x, ensure_ascii=False, indent=None, ..., sort_keys=False) */
+    int indent = -1, sort = 0;
+    for (int i = 0; i < n; i++) {
+      const char *kw = e->kw[i] ? e->kw[i] : "";
+      if (!strcmp(kw, "indent") && (args[i]->t == V_INT || args[i]->t == V_NONE))
+        indent = args[i]->t == V_INT ? (int)(args[i]->i < 0 ? 0 : args[i]->i > 64 ? 64 : args[i]->i) : -1;
+      else if (!strcmp(kw, "sort_keys"))
+        sort = truthy(args[i]);
+      else if (!strcmp(kw, "ensure_ascii") && !truthy(args[i]))
+        continue;
+      else {
+        rfail(R, "tojson: unsupported argument %s", *kw ? kw : "(positional)");
+        return NULL;
+      }
+    }
     sbuf b = {0};
-    int rc = to_json(R, &b, x);
+    int rc = to_json_at(R, &b, x, indent, sort, 0);
     val *r = rc || b.fail ? NULL : mkstr(R, b.s ? b.s : "", b.n);
     free(b.s);
     return r;

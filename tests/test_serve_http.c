@@ -1946,6 +1946,12 @@ static void test_keys(void **state) {
                                dir),
                    2);
   assert_non_null(strstr(out, "not a loopback address"));
+  assert_int_equal(
+      ot_test_run(out, sizeof out,
+                  "%s/cloud/offtune-cloud serve-model --model %s/base --http 127.0.0.1:0 --keys %s/nokeys.db",
+                  bin, dir, dir),
+      2);
+  assert_non_null(strstr(out, "no such file"));
 
   pid_t pid = fork();
   assert_true(pid >= 0);
