@@ -11,8 +11,8 @@
  * both cases, lists, dicts); + - * / // % ** ~, comparisons (chained), in / not in, and/or/not,
  * a if c else b; x.attr, x['k'], x[i], x[a:b:c] (negative indices); filters trim, length, count,
  * upper, lower, capitalize, title, default/d, first, last, join, string, int, float, replace,
- * items, list, reverse, abs, tojson, safe; tests defined, undefined, none, string, number,
- * integer, float, boolean, true, false, mapping, iterable, sequence, odd, even, divisibleby,
+ * items, list, reverse, abs, tojson (indent=, sort_keys=), safe; tests defined, undefined, none, string,
+ * number, integer, float, boolean, true, false, mapping, iterable, sequence, odd, even, divisibleby,
  * eq/equalto, sameas; string methods strip/lstrip/rstrip/upper/lower/startswith/endswith/
  * split/replace/title/capitalize, dict methods items/keys/values/get; globals raise_exception,
  * namespace(...), range(...). upper/lower/title change ASCII letters only.
