@@ -56,7 +56,8 @@ static double run(ot_serve_engine *e, char names[][32], int n, const int32_t *pr
   flag f = {0};
   double t0 = ot_now();
   for (int i = 0; i < n; i++) {
-    ot_serve_request r = {names[i], prompt, (size_t)np, gen, 0.0f, 1.0f, 0, 0, {NULL}, 1};
+    ot_serve_request r = {names[i], prompt, (size_t)np, gen,  0.0f, 1.0f, 0,
+                          0,        {NULL}, 1,          0.0f, 0.0f, NULL, 0};
     if (ot_serve_submit(e, &r, on_ev, &f, NULL)) {
       die("submit");
       exit(1);

@@ -34,6 +34,7 @@ static const ot_cli_command commands[] = {
     {"device", ot_cmd_device, "list or revoke enrolled devices"},
     {"token", ot_cmd_token, "issue a one-time enrolment token for a device"},
     {"adapter", ot_cmd_adapter, "list, publish or delete the sessions' adapters"},
+    {"keys", ot_cmd_keys, "create, revoke or list the serving HTTP API's keys (tenants)"},
     {"keygen", cmd_keygen,
      "create the cloud's long-term Ed25519 identity (DIR/cloud.key 0600, DIR/cloud.pub)"},
 };
@@ -45,6 +46,10 @@ int main(int argc, char **argv) {
   if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
     rl.rlim_cur = rl.rlim_max;
     setrlimit(RLIMIT_NOFILE, &rl);
+  }
+  if (argc == 2 && strcmp(argv[1], "--version") == 0) {
+    printf("offtune-cloud %s\n", OT_VERSION);
+    return 0;
   }
   return ot_cli_dispatch("offtune-cloud",
                          "The model owner's side of offtune: holds the full model and never ships it.",

@@ -22,6 +22,7 @@
 #include "ot_cli.h"
 #include "ot_cloud_cmd.h"
 #include "ot_error.h"
+#include "ot_http.h"
 #include "ot_fileio.h"
 
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
@@ -294,7 +295,7 @@ static int write_endpoint(ot_daemon *d, const char *url) {
 int ot_cmd_serve(int argc, char **argv) {
   const char *state = NULL, *listen = "tcp://127.0.0.1:7450", *models = NULL, *http = NULL,
              *serve_model = NULL;
-  int workers = 2, serve_threads = 0, n_models = 0;
+  int workers = 2, serve_threads = 0, n_models = 0, http_keys = 0, http_open = 0, version = 0;
   char model_name[OT_NAME_MAX] = "";
   const ot_opt opts[] = {
       {"state", OT_OPT_STR, &state, "DIR",
@@ -309,6 +310,11 @@ int ot_cmd_serve(int argc, char **argv) {
       {"serve-model", OT_OPT_STR, &serve_model, "NAME",
        "the registered model --http serves (default: the only one given with --model)"},
       {"serve-threads", OT_OPT_INT, &serve_threads, "N", "CPU threads of the serving engine (default: all)"},
+      {"http-keys", OT_OPT_FLAG, &http_keys, NULL,
+       "--http needs API keys: those of this registry (offtune-cloud keys create --state DIR)"},
+      {"http-allow-unauthenticated", OT_OPT_FLAG, &http_open, NULL,
+       "let --http listen beyond loopback without --http-keys"},
+      {"version", OT_OPT_FLAG, &version, NULL, "print the version and exit"},
   };
   const char *syn =
       "offtune-cloud serve --state DIR [--listen URL] [--model [NAME=]DIR,...] [--http HOST:PORT]";
@@ -324,7 +330,16 @@ int ot_cmd_serve(int argc, char **argv) {
     ot_cli_usage(stdout, syn, desc, opts, N_OPTS(opts));
     return OT_EXIT_OK;
   }
+  if (rc == OT_OK && version) {
+    printf("offtune-cloud serve %s\n", OT_VERSION);
+    return OT_EXIT_OK;
+  }
   if (rc == OT_OK && !state) rc = ot_error(OT_ERR_INVALID, "--state DIR is required");
+  if (rc == OT_OK && http && !http_keys && !http_open && !ot_http_url_loopback(http))
+    rc = ot_error(OT_ERR_INVALID,
+                  "--http %s is not a loopback address: give --http-keys (API keys), or "
+                  "--http-allow-unauthenticated to serve every client without keys",
+                  http);
   if (rc == OT_OK && (workers < 1 || workers > 64)) rc = ot_error(OT_ERR_INVALID, "--workers must be 1..64");
   if (rc) {
     fprintf(stderr, "offtune-cloud serve: %s\n", ot_error_detail());
@@ -393,7 +408,7 @@ int ot_cmd_serve(int argc, char **argv) {
     if (!serve_model && n_models != 1)
       rc = ot_error(OT_ERR_INVALID, "--http needs --serve-model NAME unless --model names exactly one model");
     if (rc == OT_OK)
-      rc = ot_daemon_serving_start(d, serve_model ? serve_model : model_name, http, serve_threads,
+      rc = ot_daemon_serving_start(d, serve_model ? serve_model : model_name, http, serve_threads, http_keys,
                                    &d->serving);
   }
   if (rc == OT_OK) rc = write_endpoint(d, listen);

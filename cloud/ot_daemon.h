@@ -75,8 +75,9 @@ void ot_daemon_on_fetch_close(void *user, ot_source *src);
 uint64_t ot_daemon_upload_limit(uint64_t ref_size);
 
 /* Serving (ot_daemon_serve.c): loads the registered model `model_name` and serves it with
- * the published adapters of its sessions over the HTTP API at `http` (HOST:PORT). */
-int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *http, int threads,
+ * the published adapters of its sessions over the HTTP API at `http` (HOST:PORT); keys: every
+ * request needs one of the registry's API keys. */
+int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *http, int threads, int keys,
                             ot_daemon_serving **out);
 /* http://HOST:PORT with the port bound. */
 const char *ot_daemon_serving_url(const ot_daemon_serving *s);

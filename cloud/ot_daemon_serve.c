@@ -17,6 +17,7 @@ struct ot_daemon_serving {
   ot_backend *be;
   ot_model *m;
   ot_tokenizer *tok;
+  ot_chat_config *chat;
   ot_serve_engine *eng;
   ot_serve_http *api;
 };
@@ -68,12 +69,65 @@ void ot_daemon_serving_stop(ot_daemon_serving *s) {
   if (s->api) ot_serve_http_stop(s->api); /* before the engine: it completes the replies */
   ot_serve_engine_free(s->eng);
   ot_tokenizer_free(s->tok);
+  ot_chat_config_free(s->chat);
   ot_model_free(s->m);
   ot_backend_free(s->be);
   free(s);
 }
 
-int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *http, int threads,
+/* The serving API's keys from the daemon's registry (offtune-cloud keys create --state DIR). */
+static int check_key(void *user, const char *key, ot_serve_principal *p) {
+  ot_daemon_serving *s = user;
+  ot_api_key_row row;
+  int rc = ot_reg_api_key_check(s->d->reg, key, &row);
+  if (rc) return rc;
+  if (row.revoked_at) return ot_error(OT_ERR_INVALID, "API key %s is revoked", row.id);
+  memset(p, 0, sizeof *p);
+  snprintf(p->tenant, sizeof p->tenant, "%s", row.tenant);
+  p->admin = row.admin;
+  p->base_allowed = ot_api_key_allows_model(&row, s->model_name);
+  return OT_OK;
+}
+
+/* The daemon's part of GET /metrics: devices, sessions and rounds by state, uploads by fate
+ * (from the audit log: accepted, refused, clipped, refused by secure aggregation). */
+static void daemon_metrics(void *user, void (*line)(void *ctx, const char *text), void *ctx) {
+  ot_daemon_serving *s = user;
+  cJSON *rows = NULL;
+  if (ot_reg_list_json(s->d->reg, "counts", NULL, &rows) != OT_OK) return;
+  static const struct {
+    const char *metric, *name, *label, *help;
+  } kinds[] = {
+      {"devices", "offtune_daemon_devices", "state", "Enrolled devices, active or revoked."},
+      {"sessions", "offtune_daemon_sessions", "state", "Tuning sessions by state."},
+      {"rounds", "offtune_daemon_rounds", "state", "Rounds by state."},
+      {"updates", "offtune_daemon_updates_stored", NULL, "Device updates stored (accepted into a round)."},
+      {"audit", "offtune_daemon_update_events_total", "event",
+       "Uploads and updates by fate (audit events: update.accepted, update.refused, update.clipped, "
+       "secagg.refused, secagg.refused_sum)."},
+  };
+  char buf[512];
+  for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++) {
+    snprintf(buf, sizeof buf, "# HELP %s %s\n# TYPE %s %s", kinds[k].name, kinds[k].help, kinds[k].name,
+             k == 4 ? "counter" : "gauge");
+    line(ctx, buf);
+    const cJSON *r;
+    cJSON_ArrayForEach(r, rows) {
+      const char *m = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(r, "metric"));
+      const char *l = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(r, "label"));
+      double v = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(r, "value"));
+      if (!m || strcmp(m, kinds[k].metric) != 0) continue;
+      if (kinds[k].label)
+        snprintf(buf, sizeof buf, "%s{%s=\"%s\"} %.0f", kinds[k].name, kinds[k].label, l ? l : "", v);
+      else
+        snprintf(buf, sizeof buf, "%s %.0f", kinds[k].name, v);
+      line(ctx, buf);
+    }
+  }
+  cJSON_Delete(rows);
+}
+
+int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *http, int threads, int keys,
                             ot_daemon_serving **out) {
   ot_daemon_serving *s = calloc(1, sizeof *s);
   if (!s) return ot_error(OT_ERR_NOMEM, "cannot allocate");
@@ -82,11 +136,8 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
   char dir[1024];
   int rc = ot_reg_model_get(d->reg, model_name, dir, s->digest);
   if (rc == OT_OK) rc = ot_cmd_load_model(dir, "cpu", threads, &s->be, &s->m, &s->tok);
-  int32_t eos = -1;
-  if (rc == OT_OK && ot_tokenizer_token_id(s->tok, "<|endoftext|>", &eos) != OT_OK) {
-    eos = -1;
-    ot_error_clear();
-  }
+  if (rc == OT_OK) rc = ot_chat_config_load_dir(dir, &s->chat); /* a broken template fails here */
+  int32_t eos = rc == OT_OK ? ot_serve_eos_id(s->tok, s->chat) : -1;
   ot_serve_config sc;
   ot_serve_config_default(&sc);
   sc.resolve = resolve;
@@ -105,6 +156,11 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
                                .list = list,
                                .list_user = s,
                                .eos_id = eos,
+                               .chat = s->chat,
+                               .auth = keys ? check_key : NULL,
+                               .auth_user = s,
+                               .metrics = daemon_metrics,
+                               .metrics_user = s,
                                .log = log_line,
                                .log_user = d};
     rc = ot_serve_http_start(&hc, &s->api);
@@ -118,8 +174,10 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
   if (colon)
     snprintf(s->url + (colon - s->url), sizeof s->url - (size_t)(colon - s->url), ":%d",
              ot_serve_http_port(s->api));
-  ot_daemon_log(d, "serving model '%s' and its sessions' published adapters on %s (POST /v1/completions)",
-                model_name, s->url);
+  ot_daemon_log(d,
+                "serving model '%s' and its sessions' published adapters on %s (POST /v1/completions%s); %s",
+                model_name, s->url, s->chat && s->chat->tmpl ? ", /v1/chat/completions" : "",
+                keys ? "API keys from the registry" : "UNAUTHENTICATED (no --http-keys)");
   *out = s;
   return OT_OK;
 }

@@ -46,6 +46,10 @@ static const char *const migrations[] = {
     "  published INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);"
     "CREATE TABLE audit(id INTEGER PRIMARY KEY, at INTEGER NOT NULL, actor TEXT NOT NULL,"
     "  event TEXT NOT NULL, detail TEXT);",
+    /* 1 -> 2: API keys of the serving HTTP API (issue 13) */
+    "CREATE TABLE api_keys(hash BLOB PRIMARY KEY, id TEXT UNIQUE NOT NULL, tenant TEXT NOT NULL,"
+    "  models TEXT NOT NULL, admin INTEGER NOT NULL DEFAULT 0, label TEXT, created_at INTEGER NOT NULL,"
+    "  revoked_at INTEGER);",
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
 
@@ -821,6 +825,19 @@ int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **
       {"emulators", "SELECT model_digest, settings, dir, digest, created_at FROM emulators ORDER BY id",
        NULL},
       {"audit", "SELECT at, actor, event, detail FROM audit ORDER BY id", NULL},
+      {"counts", /* what the daemon's /metrics shows: cheap aggregates */
+       "SELECT 'devices' AS metric, CASE WHEN revoked_at IS NULL THEN 'active' ELSE 'revoked' END AS label, "
+       "COUNT(*) AS value FROM devices GROUP BY label "
+       "UNION ALL SELECT 'sessions', state, COUNT(*) FROM sessions GROUP BY state "
+       "UNION ALL SELECT 'rounds', state, COUNT(*) FROM rounds GROUP BY state "
+       "UNION ALL SELECT 'updates', 'stored', COUNT(*) FROM updates "
+       "UNION ALL SELECT 'audit', event, COUNT(*) FROM audit WHERE event LIKE 'update.%' OR event LIKE "
+       "'secagg.refused%' GROUP BY event",
+       NULL},
+      {"api_keys",
+       "SELECT id, tenant, models, admin, label, created_at, revoked_at FROM api_keys ORDER BY created_at, "
+       "id",
+       NULL},
   };
   for (size_t i = 0; i < sizeof q / sizeof q[0]; i++) {
     if (strcmp(q[i].what, what) != 0) continue;
@@ -839,4 +856,110 @@ int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **
     return OT_OK;
   }
   return ot_error(OT_ERR_INVALID, "unknown listing '%s'", what);
+}
+
+/* ---- API keys ---------------------------------------------------------------------------- */
+
+/* Keys are 32 random bytes, so a fast hash is enough: nothing shorter than 2^256 guesses finds a
+ * key from its hash (slow password hashing is for guessable secrets). The fixed BLAKE2b key only
+ * separates this use from the enrolment tokens' hashes. */
+static void api_key_hash(const char *key, uint8_t h[32]) {
+  crypto_generichash(h, 32, (const uint8_t *)key, strlen(key), (const uint8_t *)"offtune/1 api key", 17);
+}
+
+int ot_api_tenant_ok_n(const char *t, size_t n) {
+  if (!t || n == 0 || n >= OT_API_TENANT_MAX || t[0] == '.' || t[0] == '-') return 0;
+  for (size_t i = 0; i < n; i++) {
+    char c = t[i];
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+          c == '-' || c == '.'))
+      return 0;
+  }
+  return 1;
+}
+
+int ot_api_tenant_ok(const char *t) { return t && ot_api_tenant_ok_n(t, strlen(t)); }
+
+int ot_reg_api_key_create(ot_registry *r, const char *tenant, const char *models, int admin,
+                          const char *label, char key[OT_API_KEY_CHARS + 1],
+                          char id[OT_API_KEY_ID_CHARS + 1]) {
+  if (!ot_api_tenant_ok(tenant))
+    return ot_error(OT_ERR_INVALID, "tenant '%s': use 1-%d letters, digits, '_', '-' or '.'",
+                    tenant ? tenant : "", OT_API_TENANT_MAX - 1);
+  if (!models || !*models || strlen(models) > 1000)
+    return ot_error(OT_ERR_INVALID, "give the base models allowed");
+  uint8_t raw[32], h[32];
+  char tmp[OT_API_KEY_CHARS + 1], kid[OT_API_KEY_ID_CHARS + 1];
+  randombytes_buf(raw, sizeof raw);
+  memcpy(tmp, "otk-", 4);
+  sodium_bin2base64(tmp + 4, sizeof tmp - 4, raw, sizeof raw, sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+  sodium_memzero(raw, sizeof raw);
+  api_key_hash(tmp, h);
+  /* the id names the key in listings and revocations; it is made from the hash, never the key */
+  memcpy(kid, "key-", 4);
+  sodium_bin2hex(kid + 4, sizeof kid - 4, h, (sizeof kid - 5) / 2);
+  lock(r);
+  int rc = begin(r);
+  RUNQ("INSERT INTO api_keys(hash, id, tenant, models, admin, label, created_at) VALUES(?,?,?,?,?,?,?)",
+       "btttiti", h, kid, tenant, models, (int64_t)(admin != 0), label, now_s());
+  char detail[1200];
+  snprintf(detail, sizeof detail, "%s tenant=%s models=%s%s", kid, tenant, models, admin ? " admin" : "");
+  if (rc == OT_OK) rc = audit_locked(r, "operator", "api_key.create", detail);
+  rc = end(r, rc);
+  unlock(r);
+  if (rc == OT_OK) {
+    memcpy(key, tmp, sizeof tmp);
+    memcpy(id, kid, sizeof kid);
+  }
+  sodium_memzero(tmp, sizeof tmp);
+  return rc;
+}
+
+int ot_reg_api_key_revoke(ot_registry *r, const char *id) {
+  lock(r);
+  int rc = begin(r), changes = 0;
+  RUNQ("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", "it", now_s(), id);
+  if (rc == OT_OK) changes = sqlite3_changes(r->db);
+  if (rc == OT_OK && !changes) rc = ot_error(OT_ERR_NOTFOUND, "no active API key '%s'", id);
+  if (rc == OT_OK) rc = audit_locked(r, "operator", "api_key.revoke", id);
+  rc = end(r, rc);
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_api_key_check(ot_registry *r, const char *key, ot_api_key_row *out) {
+  uint8_t h[32];
+  api_key_hash(key, h);
+  sqlite3_stmt *st;
+  lock(r);
+  int rc = prep(r, &st, "SELECT id, tenant, models, admin, revoked_at FROM api_keys WHERE hash = ?", "b", h);
+  if (rc == OT_OK) {
+    int s = sqlite3_step(st);
+    if (s == SQLITE_ROW) {
+      ot_api_key_row k;
+      memset(&k, 0, sizeof k);
+      copy_col(st, 0, k.id, sizeof k.id);
+      copy_col(st, 1, k.tenant, sizeof k.tenant);
+      copy_col(st, 2, k.models, sizeof k.models);
+      k.admin = sqlite3_column_int(st, 3) != 0;
+      k.revoked_at = sqlite3_column_type(st, 4) == SQLITE_NULL ? 0 : sqlite3_column_int64(st, 4);
+      *out = k;
+    } else {
+      rc = s == SQLITE_DONE ? ot_error(OT_ERR_NOTFOUND, "unknown API key") : db_err(r, "step");
+    }
+    sqlite3_finalize(st);
+  }
+  unlock(r);
+  return rc;
+}
+
+int ot_api_key_allows_model(const ot_api_key_row *k, const char *base) {
+  size_t bl = strlen(base);
+  for (const char *p = k->models; *p;) {
+    const char *e = strchr(p, ',');
+    size_t n = e ? (size_t)(e - p) : strlen(p);
+    if ((n == 1 && *p == '*') || (n == bl && memcmp(p, base, n) == 0)) return 1;
+    p += n + (e != NULL);
+  }
+  return 0;
 }

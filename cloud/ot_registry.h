@@ -1,6 +1,6 @@
 /* The cloud daemon's registry: one SQLite database (STATE/registry.db, WAL, foreign
  * keys, busy timeout, schema_version + migrations) holding models, emulators, devices,
- * enrolment tokens, sessions, rounds, updates, adapters and an audit log. Tensors are
+ * enrolment tokens, sessions, rounds, updates, adapters, the serving API's keys and an audit log. Tensors are
  * files under STATE/objects/, written (temp, fsync, rename) before the row that names
  * them commits (docs/daemon.md).
  *
@@ -9,13 +9,14 @@
 #define OT_REGISTRY_H
 
 #include <cjson/cJSON.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "ot_access.h"
 #include "ot_digest.h"
 #include "ot_session.h"
 
-#define OT_REG_SCHEMA_VERSION 1
+#define OT_REG_SCHEMA_VERSION 2
 
 typedef struct ot_registry ot_registry;
 
@@ -116,6 +117,34 @@ int ot_reg_adapter_delete(ot_registry *r, const char *name);
 int ot_reg_adapters_published(ot_registry *r, const char *model_digest, const char *name,
                               void (*fn)(void *user, const char *name, const char *dir), void *user,
                               int *found);
+
+/* ---- API keys of the serving HTTP API ------------------------------------------------ */
+/* A key ("otk-" + 32 random bytes, base64url) belongs to a tenant: it sees and uses the base
+ * models listed (comma-separated names, or "*") and the adapters named "TENANT/..."; an admin
+ * key sees every adapter and /metrics, and manages adapters. Only the key's hash is stored; the
+ * key is shown once, at creation. */
+#define OT_API_KEY_CHARS 47
+#define OT_API_KEY_ID_CHARS 16 /* "key-" + 12 hex of the hash */
+#define OT_API_TENANT_MAX 64
+typedef struct {
+  char id[OT_API_KEY_ID_CHARS + 1];
+  char tenant[OT_API_TENANT_MAX];
+  char models[1024];
+  int admin;
+  int64_t revoked_at; /* 0 = active */
+} ot_api_key_row;
+/* 1 if t is a valid tenant name (1-63 of A-Z a-z 0-9 _ - ., not starting with '.' or '-'). */
+int ot_api_tenant_ok(const char *t);
+int ot_api_tenant_ok_n(const char *t, size_t n); /* the first n bytes of t */
+int ot_reg_api_key_create(ot_registry *r, const char *tenant, const char *models, int admin,
+                          const char *label, char key[OT_API_KEY_CHARS + 1],
+                          char id[OT_API_KEY_ID_CHARS + 1]);
+/* Revokes the key with this id (OT_ERR_NOTFOUND if none is active); every later request fails. */
+int ot_reg_api_key_revoke(ot_registry *r, const char *id);
+/* The key's row (revoked ones too: revoked_at says); OT_ERR_NOTFOUND for an unknown key. */
+int ot_reg_api_key_check(ot_registry *r, const char *key, ot_api_key_row *out);
+/* 1 if the key may use the base model named base. */
+int ot_api_key_allows_model(const ot_api_key_row *k, const char *base);
 
 /* ---- listings for the operator (JSON arrays of row objects) ------------------------- */
 int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **out);

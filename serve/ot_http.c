@@ -1457,3 +1457,9 @@ void ot_http_stream_end(ot_http_req *r) {
   }
   pthread_mutex_unlock(&s->mu);
 }
+
+int ot_http_url_loopback(const char *url) {
+  if (strncmp(url, "http://", 7) == 0) url += 7;
+  return strncmp(url, "127.", 4) == 0 || strncmp(url, "localhost:", 10) == 0 ||
+         strncmp(url, "[::1]:", 6) == 0;
+}

@@ -122,6 +122,10 @@ int ot_http_stream_begin(ot_http_req *r, int status, const char *content_type, c
 int ot_http_stream_write(ot_http_req *r, const void *data, size_t len);
 void ot_http_stream_end(ot_http_req *r);
 
+/* 1 if an address ("http://HOST:PORT" or "HOST:PORT") binds loopback only: 127.0.0.0/8, [::1],
+ * localhost. */
+int ot_http_url_loopback(const char *url);
+
 /* JSON error body in OpenAI's shape (malloc'd, NUL-terminated), for those who answer by hand. */
 char *ot_http_error_json(const char *message, const char *type, const char *code, const char *param);
 

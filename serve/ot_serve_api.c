@@ -12,11 +12,47 @@
 #include "ot_http.h"
 #include "ot_serve_request.h"
 
+/* ---- metrics (GET /metrics, Prometheus text format) ----------------------------------------- */
+
+static const double TTFT_B[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
+static const double TPOT_B[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5};
+#define N_TTFT_B (sizeof TTFT_B / sizeof *TTFT_B)
+#define N_TPOT_B (sizeof TPOT_B / sizeof *TPOT_B)
+#define MAX_MODEL_STATS 1024 /* models beyond it are counted under "(other)" */
+
+typedef struct {
+  uint64_t le[16]; /* per bucket, not cumulative */
+  uint64_t count;
+  double sum;
+} histo;
+
+typedef struct {
+  char name[128];
+  uint64_t ok, failed, cancelled, prompt_tokens, completion_tokens;
+} model_stat;
+
+typedef struct {
+  pthread_mutex_t mu;
+  model_stat *m;
+  int n, cap;
+  histo ttft, tpot;
+  uint64_t unauthenticated, revoked, refused; /* requests refused before generation */
+} metrics;
+
+static void observe(histo *h, const double *b, size_t nb, double v) {
+  size_t i = 0;
+  while (i < nb && v > b[i]) i++;
+  h->le[i]++; /* i == nb: +Inf */
+  h->count++;
+  h->sum += v;
+}
+
 struct ot_serve_http {
+  metrics met;
   ot_serve_http_config cfg;
   char base_name[128];
   ot_http_server *server;
-  ot_http_route routes[5];
+  ot_http_route routes[10];
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int outstanding; /* jobs not yet freed */
@@ -96,6 +132,54 @@ static void answer_json(ot_http_req *r, int status, cJSON *j) {
   free(text);
 }
 
+/* ---- API keys -------------------------------------------------------------------------------- */
+
+/* 0 with *who = NULL (no keys: everything allowed) or the key's principal; -1 when the request
+ * was answered (401 no or unknown key, 403 revoked). */
+static int authorize(ot_serve_http *api, ot_http_req *req, ot_serve_principal *p,
+                     const ot_serve_principal **who) {
+  *who = NULL;
+  if (!api->cfg.auth) return 0;
+  const char *h = ot_http_req_header(req, "Authorization");
+  const char *key = h && strncasecmp(h, "Bearer ", 7) == 0 ? h + 7 : NULL;
+  while (key && *key == ' ') key++;
+  int rc = key && *key ? api->cfg.auth(api->cfg.auth_user, key, p) : OT_ERR_NOTFOUND;
+  if (rc == OT_OK) {
+    *who = p;
+    return 0;
+  }
+  int status = rc == OT_ERR_NOTFOUND ? 401 : rc == OT_ERR_INVALID ? 403 : 500;
+  pthread_mutex_lock(&api->met.mu);
+  *(status == 403 ? &api->met.revoked : &api->met.unauthenticated) += 1;
+  pthread_mutex_unlock(&api->met.mu);
+  const char *msg = !key || !*key   ? "You didn't provide an API key: send it as 'Authorization: Bearer KEY'"
+                    : status == 401 ? "Incorrect API key provided"
+                    : status == 403 ? "This API key has been revoked"
+                                    : "Cannot check the API key";
+  logf_(&api->cfg, "%s %s refused (%d): %s", ot_http_req_method(req), ot_http_req_path(req), status, msg);
+  char *body = ot_http_error_json(msg, status == 500 ? "server_error" : "invalid_request_error",
+                                  status == 401   ? "invalid_api_key"
+                                  : status == 403 ? "api_key_revoked"
+                                                  : NULL,
+                                  NULL);
+  if (body)
+    ot_http_respond(req, status, "application/json", status == 401 ? "WWW-Authenticate: Bearer\r\n" : NULL,
+                    body, strlen(body));
+  else
+    ot_http_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
+  free(body);
+  return -1;
+}
+
+/* May the key see and use model ("" = the base)? */
+static int may_use(const ot_serve_principal *p, const char *model) {
+  if (!p || p->admin) return 1;
+  if (!p->base_allowed) return 0;
+  if (!*model) return 1;
+  size_t t = strlen(p->tenant);
+  return t && strncmp(model, p->tenant, t) == 0 && model[t] == '/';
+}
+
 /* ---- jobs ---------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -109,6 +193,7 @@ typedef struct {
   int error;
   char msg[256];
   int prompt_tokens, completion_tokens;
+  double t_last; /* the last token's time (0: none yet) */
 } choice;
 
 typedef struct job {
@@ -118,11 +203,13 @@ typedef struct job {
   char id[48], model[128];
   long long created;
   int stream, n, n_submitted, n_done;
-  int submitting; /* the handler is still submitting: the end cannot come yet */
-  int rejected;   /* refused after some prompts were submitted: drop their events */
-  int started;    /* the stream's head is out: chunks go straight to the client */
-  int broken;     /* the client went away (or a write failed): nothing more is sent */
-  int sealed;     /* [DONE] sent */
+  int chat;          /* a chat completion: chat.completion objects and chunks */
+  int include_usage; /* a usage chunk ends the stream */
+  int submitting;    /* the handler is still submitting: the end cannot come yet */
+  int rejected;      /* refused after some prompts were submitted: drop their events */
+  int started;       /* the stream's head is out: chunks go straight to the client */
+  int broken;        /* the client went away (or a write failed): nothing more is sent */
+  int sealed;        /* [DONE] sent */
   choice *ch;
   double t0;
   char *buf; /* stream chunks made before the stream began */
@@ -168,6 +255,46 @@ static void job_gone(void *arg) {
 
 static const char *finish_name(const choice *c) { return c->reason == OT_FINISH_STOP ? "stop" : "length"; }
 
+/* The job's requests and tokens into its model's counters. */
+static void count_job(job *j) {
+  metrics *m = &j->api->met;
+  const char *name = j->model[0] ? j->model : j->api->base_name;
+  pthread_mutex_lock(&m->mu);
+  model_stat *ms = NULL;
+  for (int i = 0; i < m->n && !ms; i++)
+    if (strcmp(m->m[i].name, name) == 0) ms = &m->m[i];
+  if (!ms && m->n == m->cap && m->cap < MAX_MODEL_STATS) {
+    int cap = m->cap ? 2 * m->cap : 16;
+    model_stat *a = realloc(m->m, (size_t)cap * sizeof *a);
+    if (a) {
+      m->m = a;
+      m->cap = cap;
+    }
+  }
+  if (!ms && m->n < m->cap) {
+    ms = &m->m[m->n++];
+    memset(ms, 0, sizeof *ms);
+    snprintf(ms->name, sizeof ms->name, "%s", m->n == MAX_MODEL_STATS ? "(other)" : name);
+  }
+  if (!ms && m->n) ms = &m->m[m->n - 1]; /* "(other)" */
+  int failed = 0, cancelled = 0;
+  for (int i = 0; ms && i < j->n; i++) {
+    ms->prompt_tokens += (uint64_t)j->ch[i].prompt_tokens;
+    ms->completion_tokens += (uint64_t)j->ch[i].completion_tokens;
+    failed |= j->ch[i].reason == OT_FINISH_ERROR;
+    cancelled |= j->ch[i].reason == OT_FINISH_CANCELLED;
+  }
+  if (ms) {
+    if (failed)
+      ms->failed++;
+    else if (cancelled)
+      ms->cancelled++;
+    else
+      ms->ok++;
+  }
+  pthread_mutex_unlock(&m->mu);
+}
+
 static void log_job(job *j) {
   int pt = 0, ct = 0;
   const char *why = j->n ? finish_name(&j->ch[0]) : "-";
@@ -182,6 +309,29 @@ static void log_job(job *j) {
         now_ms() - j->t0);
 }
 
+/* id, object, created, model of a reply or a stream chunk. */
+static cJSON *reply_head(const job *j, int chunk) {
+  cJSON *r = cJSON_CreateObject();
+  cJSON_AddStringToObject(r, "id", j->id);
+  cJSON_AddStringToObject(
+      r, "object", j->chat ? (chunk ? "chat.completion.chunk" : "chat.completion") : "text_completion");
+  cJSON_AddNumberToObject(r, "created", (double)j->created);
+  cJSON_AddStringToObject(r, "model", j->model[0] ? j->model : j->api->base_name);
+  return r;
+}
+
+static void add_usage(const job *j, cJSON *r) {
+  int pt = 0, ct = 0;
+  for (int i = 0; i < j->n; i++) {
+    pt += j->ch[i].prompt_tokens;
+    ct += j->ch[i].completion_tokens;
+  }
+  cJSON *u = cJSON_AddObjectToObject(r, "usage");
+  cJSON_AddNumberToObject(u, "prompt_tokens", pt);
+  cJSON_AddNumberToObject(u, "completion_tokens", ct);
+  cJSON_AddNumberToObject(u, "total_tokens", pt + ct);
+}
+
 /* The whole reply of a non-streamed job (every choice done). */
 static void respond_completion(job *j) {
   for (int i = 0; i < j->n; i++)
@@ -190,30 +340,27 @@ static void respond_completion(job *j) {
                             j->ch[i].msg[0] ? j->ch[i].msg : ot_finish_reason_name(j->ch[i].reason));
       return;
     }
-  cJSON *r = cJSON_CreateObject();
-  cJSON_AddStringToObject(r, "id", j->id);
-  cJSON_AddStringToObject(r, "object", "text_completion");
-  cJSON_AddNumberToObject(r, "created", (double)j->created);
-  cJSON_AddStringToObject(r, "model", j->model[0] ? j->model : j->api->base_name);
+  cJSON *r = reply_head(j, 0);
   cJSON *chs = cJSON_AddArrayToObject(r, "choices");
-  int pt = 0, ct = 0;
   for (int i = 0; i < j->n; i++) {
     cJSON *c = cJSON_CreateObject();
     char *t = NULL;
-    if (ot_utf8_sanitize(j->ch[i].text ? j->ch[i].text : "", j->ch[i].len, &t, NULL) == OT_OK)
-      cJSON_AddStringToObject(c, "text", t);
-    free(t);
     cJSON_AddNumberToObject(c, "index", i);
+    if (ot_utf8_sanitize(j->ch[i].text ? j->ch[i].text : "", j->ch[i].len, &t, NULL) == OT_OK) {
+      if (j->chat) {
+        cJSON *m = cJSON_AddObjectToObject(c, "message");
+        cJSON_AddStringToObject(m, "role", "assistant");
+        cJSON_AddStringToObject(m, "content", t);
+      } else {
+        cJSON_AddStringToObject(c, "text", t);
+      }
+    }
+    free(t);
     cJSON_AddNullToObject(c, "logprobs");
     cJSON_AddStringToObject(c, "finish_reason", finish_name(&j->ch[i]));
     cJSON_AddItemToArray(chs, c);
-    pt += j->ch[i].prompt_tokens;
-    ct += j->ch[i].completion_tokens;
   }
-  cJSON *u = cJSON_AddObjectToObject(r, "usage");
-  cJSON_AddNumberToObject(u, "prompt_tokens", pt);
-  cJSON_AddNumberToObject(u, "completion_tokens", ct);
-  cJSON_AddNumberToObject(u, "total_tokens", pt + ct);
+  add_usage(j, r);
   answer_json(j->req, 200, r);
 }
 
@@ -242,25 +389,35 @@ static void emit(job *j, const char *s, size_t n) {
   }
 }
 
-static void sse_chunk(job *j, int index, const char *text, size_t len, const char *finish) {
+/* One chunk: a choice's text (chat: a delta; role: the chat's first, with the role), its end
+ * (finish), or with index -1 the usage (choices empty). */
+static void sse_chunk(job *j, int index, const char *text, size_t len, const char *finish, int role) {
   if (j->broken) return;
-  cJSON *r = cJSON_CreateObject();
-  cJSON_AddStringToObject(r, "id", j->id);
-  cJSON_AddStringToObject(r, "object", "text_completion");
-  cJSON_AddNumberToObject(r, "created", (double)j->created);
-  cJSON_AddStringToObject(r, "model", j->model[0] ? j->model : j->api->base_name);
-  cJSON *chs = cJSON_AddArrayToObject(r, "choices"), *c = cJSON_CreateObject();
-  char *t = NULL;
-  ot_utf8_sanitize(text, len, &t, NULL);
-  cJSON_AddStringToObject(c, "text", t ? t : "");
-  free(t);
-  cJSON_AddNumberToObject(c, "index", index);
-  cJSON_AddNullToObject(c, "logprobs");
-  if (finish)
-    cJSON_AddStringToObject(c, "finish_reason", finish);
-  else
-    cJSON_AddNullToObject(c, "finish_reason");
-  cJSON_AddItemToArray(chs, c);
+  cJSON *r = reply_head(j, 1);
+  cJSON *chs = cJSON_AddArrayToObject(r, "choices");
+  if (index >= 0) {
+    cJSON *c = cJSON_CreateObject();
+    cJSON_AddNumberToObject(c, "index", index);
+    char *t = NULL;
+    ot_utf8_sanitize(text, len, &t, NULL);
+    if (j->chat) {
+      cJSON *d = cJSON_AddObjectToObject(c, "delta");
+      if (role) cJSON_AddStringToObject(d, "role", "assistant");
+      if (role || !finish) cJSON_AddStringToObject(d, "content", t ? t : "");
+    } else {
+      cJSON_AddStringToObject(c, "text", t ? t : "");
+    }
+    free(t);
+    cJSON_AddNullToObject(c, "logprobs");
+    if (finish)
+      cJSON_AddStringToObject(c, "finish_reason", finish);
+    else
+      cJSON_AddNullToObject(c, "finish_reason");
+    cJSON_AddItemToArray(chs, c);
+    if (j->include_usage) cJSON_AddNullToObject(r, "usage");
+  } else {
+    add_usage(j, r);
+  }
   char *s = cJSON_PrintUnformatted(r);
   cJSON_Delete(r);
   size_t sl = s ? strlen(s) : 0;
@@ -285,6 +442,7 @@ static int settle(job *j) {
   if (j->submitting || j->n_done < j->n_submitted) return A_NONE;
   if (j->rejected) return A_FREE;
   if (j->stream) {
+    if (j->started && !j->sealed && j->include_usage) sse_chunk(j, -1, NULL, 0, NULL, 0);
     if (j->started && !j->sealed) emit(j, "data: [DONE]\n\n", 14);
     j->sealed = 1;
     return A_END_STREAM;
@@ -297,17 +455,31 @@ static void finish(job *j, int action) {
   if (action == A_END_STREAM) ot_http_stream_end(j->req);
   if (action == A_RESPOND) respond_completion(j);
   j->req = NULL;
-  if (!j->rejected) log_job(j);
+  if (!j->rejected) {
+    log_job(j);
+    count_job(j);
+  }
   job_unlink_free(j);
 }
 
 static void on_event(void *user, const ot_serve_event *ev) {
   choice *c = user;
   job *j = c->job;
+  if (ev->n_tokens > 0) { /* time to first token (queueing included), then the time per token */
+    double t = now_ms();
+    metrics *m = &j->api->met;
+    pthread_mutex_lock(&m->mu);
+    if (c->t_last == 0)
+      observe(&m->ttft, TTFT_B, N_TTFT_B, (t - j->t0) / 1e3);
+    else
+      observe(&m->tpot, TPOT_B, N_TPOT_B, (t - c->t_last) / 1e3 / ev->n_tokens);
+    pthread_mutex_unlock(&m->mu);
+    c->t_last = t;
+  }
   pthread_mutex_lock(&j->mu);
   if (ev->text_len && !j->rejected) {
     if (j->stream) {
-      sse_chunk(j, c->index, ev->text, ev->text_len, NULL);
+      sse_chunk(j, c->index, ev->text, ev->text_len, NULL, 0);
     } else {
       char *t = realloc(c->text, c->len + ev->text_len + 1);
       if (t) {
@@ -329,8 +501,8 @@ static void on_event(void *user, const ot_serve_event *ev) {
     j->n_done++;
     if (j->stream && !j->rejected)
       sse_chunk(j, c->index, "", 0,
-                ev->reason == OT_FINISH_ERROR || ev->reason == OT_FINISH_CANCELLED ? "error"
-                                                                                   : finish_name(c));
+                ev->reason == OT_FINISH_ERROR || ev->reason == OT_FINISH_CANCELLED ? "error" : finish_name(c),
+                0);
     action = settle(j);
   }
   pthread_mutex_unlock(&j->mu);
@@ -345,8 +517,11 @@ static int http_status(int rc) {
                                                                                     : 500;
 }
 
-static void handle_completions(void *user, ot_http_req *req) {
-  ot_serve_http *api = user;
+static void handle_generate(ot_serve_http *api, ot_http_req *req, int chat) {
+  const char *route = chat ? "/v1/chat/completions" : "/v1/completions";
+  ot_serve_principal principal;
+  const ot_serve_principal *who;
+  if (authorize(api, req, &principal, &who)) return;
   size_t len = 0;
   const char *data = ot_http_req_body(req, &len);
   struct timespec ts;
@@ -355,17 +530,30 @@ static void handle_completions(void *user, ot_http_req *req) {
                            .base_name = api->base_name,
                            .eos_id = api->cfg.eos_id,
                            .max_prompts = api->cfg.max_prompts,
-                           .seed = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30)};
+                           .seed = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30),
+                           .chat = api->cfg.chat};
   ot_serve_completion *pr = malloc(sizeof *pr);
   ot_serve_req_error perr;
   if (!pr) {
     ot_http_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
     return;
   }
-  if (ot_serve_parse_completion(data, len, &pc, pr, &perr) != OT_OK) {
-    logf_(&api->cfg, "POST /v1/completions refused (%d): %s", perr.status, perr.message);
+  if ((chat ? ot_serve_parse_chat : ot_serve_parse_completion)(data, len, &pc, pr, &perr) != OT_OK) {
+    logf_(&api->cfg, "POST %s refused (%d): %s", route, perr.status, perr.message);
     ot_http_respond_error(req, perr.status, perr.type, NULL, perr.param[0] ? perr.param : NULL, "%s",
                           perr.message);
+    free(pr);
+    return;
+  }
+  if (!may_use(who, pr->model)) { /* another tenant's adapter is answered as absent */
+    logf_(&api->cfg, "POST %s model=%s refused: not this key's", route, pr->model[0] ? pr->model : "(base)");
+    if (!pr->model[0])
+      ot_http_respond_error(req, 403, "invalid_request_error", "model_not_allowed", "model",
+                            "This API key may not use the model '%s'", api->base_name);
+    else
+      ot_http_respond_error(req, 404, "invalid_request_error", "model_not_found", "model",
+                            "The model '%s' does not exist", pr->model);
+    ot_serve_completion_free(pr);
     free(pr);
     return;
   }
@@ -388,12 +576,12 @@ static void handle_completions(void *user, ot_http_req *req) {
     j->next = api->jobs;
     api->jobs = j;
     api->outstanding++;
-    snprintf(j->id, sizeof j->id, "cmpl-%llx%06llx", (unsigned long long)api->next_id++,
-             (unsigned long long)(now_ms() * 1000) & 0xffffff);
+    snprintf(j->id, sizeof j->id, "%s-%llx%06llx", chat ? "chatcmpl" : "cmpl",
+             (unsigned long long)api->next_id++, (unsigned long long)(now_ms() * 1000) & 0xffffff);
   }
   pthread_mutex_unlock(&api->mu);
   if (!j) {
-    logf_(&api->cfg, "POST /v1/completions refused (%d)", status);
+    logf_(&api->cfg, "POST %s refused (%d)", route, status);
     ot_http_respond_error(req, status, "server_error", NULL, NULL, "%s",
                           status == 503 ? "the server is shutting down" : "out of memory");
     ot_serve_completion_free(pr);
@@ -407,9 +595,13 @@ static void handle_completions(void *user, ot_http_req *req) {
   j->created = (long long)time(NULL);
   int stream = pr->stream;
   j->stream = stream;
+  j->chat = chat;
+  j->include_usage = pr->include_usage;
   j->n = n;
   j->t0 = now_ms();
   j->submitting = 1;
+  for (int i = 0; chat && stream && i < n; i++)
+    sse_chunk(j, i, "", 0, NULL, 1); /* kept until the stream begins */
   int rc = OT_OK;
   ot_serve_request *r = &pr->r;
   r->adapter = pr->model;
@@ -461,7 +653,7 @@ static void handle_completions(void *user, ot_http_req *req) {
   pthread_mutex_unlock(&j->mu);
   /* with rc set, j may be gone already (its cancelled events free it): only locals from here */
   if (refused) {
-    logf_(&api->cfg, "POST /v1/completions model=%s refused: %s", pr->model[0] ? pr->model : "(base)", why);
+    logf_(&api->cfg, "POST %s model=%s refused: %s", route, pr->model[0] ? pr->model : "(base)", why);
     if (http_status(rc) == 404)
       ot_http_respond_error(refused, 404, "invalid_request_error", "model_not_found", "model",
                             "The model '%s' does not exist", pr->model);
@@ -475,10 +667,20 @@ static void handle_completions(void *user, ot_http_req *req) {
   free(pr);
 }
 
+static void handle_completions(void *user, ot_http_req *req) { handle_generate(user, req, 0); }
+static void handle_chat(void *user, ot_http_req *req) { handle_generate(user, req, 1); }
+
 /* ---- GET /v1/models, /v1/models/{id}, /health ------------------------------------------------- */
 
+typedef struct {
+  cJSON *arr;
+  const ot_serve_principal *who;
+} model_ctx;
+
 static void add_model(void *ctx, const char *name) {
-  cJSON *arr = ctx, *m = cJSON_CreateObject();
+  model_ctx *mc = ctx;
+  if (!may_use(mc->who, name)) return;
+  cJSON *arr = mc->arr, *m = cJSON_CreateObject();
   cJSON_AddStringToObject(m, "id", name);
   cJSON_AddStringToObject(m, "object", "model");
   cJSON_AddNumberToObject(m, "created", 0);
@@ -486,20 +688,32 @@ static void add_model(void *ctx, const char *name) {
   cJSON_AddItemToArray(arr, m);
 }
 
-static cJSON *model_list(ot_serve_http *api) {
+static cJSON *model_list(ot_serve_http *api, const ot_serve_principal *who) {
   cJSON *r = cJSON_CreateObject();
   cJSON_AddStringToObject(r, "object", "list");
   cJSON *arr = cJSON_AddArrayToObject(r, "data");
-  add_model(arr, api->base_name);
-  cJSON *base = cJSON_GetArrayItem(arr, 0);
-  cJSON_AddNullToObject(base, "parent");
-  if (api->cfg.list) api->cfg.list(api->cfg.list_user, add_model, arr);
+  model_ctx mc = {arr, who};
+  cJSON *base = NULL;
+  if (may_use(who, "")) {
+    mc.who = NULL;
+    add_model(&mc, api->base_name);
+    mc.who = who;
+    base = cJSON_GetArrayItem(arr, 0);
+    cJSON_AddNullToObject(base, "parent");
+  }
+  if (api->cfg.list && (!who || who->base_allowed || who->admin))
+    api->cfg.list(api->cfg.list_user, add_model, &mc);
   cJSON *m;
   cJSON_ArrayForEach(m, arr) if (m != base) cJSON_AddStringToObject(m, "parent", api->base_name);
   return r;
 }
 
-static void handle_models(void *user, ot_http_req *req) { answer_json(req, 200, model_list(user)); }
+static void handle_models(void *user, ot_http_req *req) {
+  ot_serve_principal principal;
+  const ot_serve_principal *who;
+  if (authorize(user, req, &principal, &who)) return;
+  answer_json(req, 200, model_list(user, who));
+}
 
 static int hex_digit(char c) {
   return c >= '0' && c <= '9'   ? c - '0'
@@ -510,6 +724,9 @@ static int hex_digit(char c) {
 
 static void handle_model(void *user, ot_http_req *req) {
   ot_serve_http *api = user;
+  ot_serve_principal principal;
+  const ot_serve_principal *who;
+  if (authorize(api, req, &principal, &who)) return;
   const char *p = ot_http_req_path(req) + strlen("/v1/models/");
   char id[OT_SERVE_MODEL_LEN * 3];
   size_t k = 0;
@@ -523,7 +740,7 @@ static void handle_model(void *user, ot_http_req *req) {
     }
   }
   id[k] = '\0';
-  cJSON *list = model_list(api), *m = NULL, *found = NULL;
+  cJSON *list = model_list(api, who), *m = NULL, *found = NULL;
   cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(list, "data")) {
     const char *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "id"));
     if (name && strlen(name) == k && memcmp(name, id, k) == 0) {
@@ -543,6 +760,290 @@ static void handle_model(void *user, ot_http_req *req) {
   cJSON_Delete(list);
 }
 
+typedef struct {
+  char *s;
+  size_t n, cap;
+  int fail;
+} text;
+
+static void put(text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void put(text *t, const char *fmt, ...) {
+  if (t->fail) return;
+  for (;;) {
+    va_list ap;
+    va_start(ap, fmt);
+    int k = vsnprintf(t->s ? t->s + t->n : NULL, t->s ? t->cap - t->n : 0, fmt, ap);
+    va_end(ap);
+    if (k < 0) {
+      t->fail = 1;
+      return;
+    }
+    if (t->s && t->n + (size_t)k < t->cap) {
+      t->n += (size_t)k;
+      return;
+    }
+    size_t cap = t->cap ? t->cap * 2 : 8192;
+    while (cap < t->n + (size_t)k + 1) cap *= 2;
+    char *b = realloc(t->s, cap);
+    if (!b) {
+      t->fail = 1;
+      return;
+    }
+    t->s = b;
+    t->cap = cap;
+  }
+}
+
+/* A label value: backslash, double quote and newline escaped (the text format's rules). */
+static void put_label(text *t, const char *v) {
+  for (; *v; v++) {
+    if (*v == '\\' || *v == '"')
+      put(t, "\\%c", *v);
+    else if (*v == '\n')
+      put(t, "\\n");
+    else
+      put(t, "%c", *v);
+  }
+}
+
+static void put_histo(text *t, const char *name, const char *help, const histo *h, const double *b,
+                      size_t nb) {
+  put(t, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+  uint64_t cum = 0;
+  for (size_t i = 0; i < nb; i++) {
+    cum += h->le[i];
+    put(t, "%s_bucket{le=\"%g\"} %llu\n", name, b[i], (unsigned long long)cum);
+  }
+  put(t, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name, (unsigned long long)h->count,
+      name, h->sum, name, (unsigned long long)h->count);
+}
+
+static void put_metric(text *t, const char *name, const char *type, const char *help, double v) {
+  put(t, "# HELP %s %s\n# TYPE %s %s\n%s %.17g\n", name, help, name, type, name, v);
+}
+
+static void extra_line(void *ctx, const char *line) { put(ctx, "%s\n", line); }
+
+static void handle_metrics(void *user, ot_http_req *req) {
+  ot_serve_http *api = user;
+  ot_serve_principal principal;
+  const ot_serve_principal *who;
+  if (authorize(api, req, &principal, &who)) return;
+  if (who && !who->admin) {
+    ot_http_respond_error(req, 403, "invalid_request_error", "admin_key_required", NULL,
+                          "/metrics needs an admin API key");
+    return;
+  }
+  text t = {0};
+  metrics *m = &api->met;
+  pthread_mutex_lock(&m->mu);
+  static const char *const what[3] = {"ok", "error", "cancelled"};
+  put(&t, "# HELP offtune_requests_total Completion and chat requests finished, by model and outcome.\n"
+          "# TYPE offtune_requests_total counter\n");
+  for (int i = 0; i < m->n; i++)
+    for (int k = 0; k < 3; k++) {
+      put(&t, "offtune_requests_total{model=\"");
+      put_label(&t, m->m[i].name);
+      uint64_t v = k == 0 ? m->m[i].ok : k == 1 ? m->m[i].failed : m->m[i].cancelled;
+      put(&t, "\",outcome=\"%s\"} %llu\n", what[k], (unsigned long long)v);
+    }
+  const char *tok_names[2] = {"offtune_prompt_tokens_total", "offtune_generation_tokens_total"};
+  for (int k = 0; k < 2; k++) {
+    put(&t, "# HELP %s %s tokens of finished requests, by model.\n# TYPE %s counter\n", tok_names[k],
+        k ? "Generated" : "Prompt", tok_names[k]);
+    for (int i = 0; i < m->n; i++) {
+      put(&t, "%s{model=\"", tok_names[k]);
+      put_label(&t, m->m[i].name);
+      put(&t, "\"} %llu\n", (unsigned long long)(k ? m->m[i].completion_tokens : m->m[i].prompt_tokens));
+    }
+  }
+  put(&t,
+      "# HELP offtune_requests_refused_total Requests refused for their API key.\n"
+      "# TYPE offtune_requests_refused_total counter\n"
+      "offtune_requests_refused_total{reason=\"unauthenticated\"} %llu\n"
+      "offtune_requests_refused_total{reason=\"revoked\"} %llu\n",
+      (unsigned long long)m->unauthenticated, (unsigned long long)m->revoked);
+  put_histo(&t, "offtune_time_to_first_token_seconds",
+            "From the request to its first token (queueing included).", &m->ttft, TTFT_B, N_TTFT_B);
+  put_histo(&t, "offtune_time_per_output_token_seconds", "Time between a request's tokens after the first.",
+            &m->tpot, TPOT_B, N_TPOT_B);
+  pthread_mutex_unlock(&m->mu);
+  ot_serve_stats es;
+  ot_serve_get_stats(api->cfg.engine, &es);
+  put_metric(&t, "offtune_num_requests_running", "gauge",
+             "Sequences in the running batch (KV cache slots held).", es.running);
+  put_metric(&t, "offtune_num_requests_waiting", "gauge", "Requests queued for a slot or adapter memory.",
+             es.waiting);
+  put_metric(&t, "offtune_max_batch", "gauge", "KV cache slots (sequences at once).", es.max_batch);
+  put_metric(&t, "offtune_batch_rows", "gauge", "Rows (prefill chunks and decodes) in the last forward step.",
+             es.step_rows);
+  put_metric(&t, "offtune_kv_cache_usage_ratio", "gauge", "KV cache positions filled over all positions.",
+             es.kv_capacity ? (double)es.kv_positions / (double)es.kv_capacity : 0.0);
+  put_metric(&t, "offtune_kv_cache_positions", "gauge", "KV cache positions filled.",
+             (double)es.kv_positions);
+  put_metric(&t, "offtune_engine_steps_total", "counter", "Forward steps run.", (double)es.steps);
+  put_metric(&t, "offtune_engine_tokens_total", "counter", "Tokens sampled.", (double)es.tokens_generated);
+  put_metric(&t, "offtune_engine_rows_total", "counter", "Rows computed by the forward steps.",
+             (double)es.rows_computed);
+  put_metric(&t, "offtune_adapter_cache_hits_total", "counter", "Requests whose adapter was already loaded.",
+             (double)es.adapter_hits);
+  put_metric(&t, "offtune_adapter_loads_total", "counter", "Adapters loaded into the cache.",
+             (double)es.loads);
+  put_metric(&t, "offtune_adapter_evictions_total", "counter", "Adapters evicted (least recently used).",
+             (double)es.evictions);
+  put_metric(&t, "offtune_adapters_loaded", "gauge", "Adapters in the cache.", es.adapters_loaded);
+  put_metric(&t, "offtune_adapter_bytes", "gauge", "Bytes of loaded adapter tensors.",
+             (double)es.adapter_bytes);
+  ot_http_stats hs;
+  ot_http_get_stats(api->server, &hs);
+  put_metric(&t, "offtune_http_connections_total", "counter", "HTTP connections accepted.",
+             (double)hs.accepted);
+  put_metric(&t, "offtune_http_connections_open", "gauge", "HTTP connections open.", hs.open);
+  put_metric(&t, "offtune_http_requests_total", "counter", "HTTP requests parsed (errors included).",
+             (double)hs.requests);
+  put(&t,
+      "# HELP offtune_http_connections_refused_total HTTP connections closed by a cap, for descriptors or by "
+      "a "
+      "timeout.\n# TYPE offtune_http_connections_refused_total counter\n"
+      "offtune_http_connections_refused_total{reason=\"cap\"} %llu\n"
+      "offtune_http_connections_refused_total{reason=\"evicted\"} %llu\n"
+      "offtune_http_connections_refused_total{reason=\"descriptors\"} %llu\n"
+      "offtune_http_connections_refused_total{reason=\"timeout\"} %llu\n",
+      (unsigned long long)hs.refused_cap, (unsigned long long)hs.evicted, (unsigned long long)hs.refused_fd,
+      (unsigned long long)hs.timeouts);
+  if (api->cfg.metrics) api->cfg.metrics(api->cfg.metrics_user, extra_line, &t);
+  if (t.fail)
+    ot_http_respond_error(req, 500, "server_error", NULL, NULL, "out of memory");
+  else
+    ot_http_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, t.s, t.n);
+  free(t.s);
+}
+
+/* ---- adapters without a restart (vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter) ------- */
+
+typedef struct {
+  ot_serve_http *api;
+  ot_http_req *req;
+  char name[OT_SERVE_MODEL_LEN];
+} load_job;
+
+/* The trial request ends: its adapter loaded and passed every check, or not (then it is
+ * unregistered again). Runs on the engine thread. */
+static void on_load_event(void *user, const ot_serve_event *ev) {
+  if (!ev->finished) return;
+  load_job *lj = user;
+  ot_serve_http *api = lj->api;
+  if (ev->reason == OT_FINISH_LENGTH) {
+    logf_(&api->cfg, "adapter '%s' loaded", lj->name);
+    char body[300];
+    int n = snprintf(body, sizeof body, "{\"status\":\"loaded\",\"lora_name\":\"%s\"}", lj->name);
+    ot_http_respond(lj->req, 200, "application/json", NULL, body, (size_t)n);
+  } else {
+    char why[512];
+    snprintf(why, sizeof why, "%s", ev->error_msg ? ev->error_msg : "cancelled");
+    api->cfg.unload_adapter(api->cfg.adapters_user, lj->name);
+    logf_(&api->cfg, "adapter '%s' refused: %s", lj->name, why);
+    ot_http_respond_error(lj->req, ev->reason == OT_FINISH_CANCELLED ? 503 : 400, "invalid_request_error",
+                          NULL, "lora_path", "cannot load adapter '%s': %s", lj->name, why);
+  }
+  pthread_mutex_lock(&api->mu);
+  api->outstanding--;
+  pthread_cond_broadcast(&api->cv);
+  pthread_mutex_unlock(&api->mu);
+  free(lj);
+}
+
+static int admin_only(ot_serve_http *api, ot_http_req *req) {
+  ot_serve_principal principal;
+  const ot_serve_principal *who;
+  if (authorize(api, req, &principal, &who)) return -1;
+  if (who && !who->admin) {
+    ot_http_respond_error(req, 403, "invalid_request_error", "admin_key_required", NULL,
+                          "%s needs an admin API key", ot_http_req_path(req));
+    return -1;
+  }
+  if (!api->cfg.load_adapter || !api->cfg.unload_adapter) {
+    ot_http_respond_error(req, 404, "invalid_request_error", NULL, NULL,
+                          "this server does not load or unload adapters at run time");
+    return -1;
+  }
+  return 0;
+}
+
+/* {"lora_name": ..., "lora_path": ...} or {"lora_name": ...}; *name and *path point into *j. */
+static int adapter_body(ot_http_req *req, int need_path, cJSON **j, const char **name, const char **path) {
+  size_t len = 0;
+  const char *body = ot_http_req_body(req, &len);
+  *j = ot_json_has_nul_escape(body, len) ? NULL : cJSON_ParseWithLength(body, len);
+  *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(*j, "lora_name"));
+  *path = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(*j, "lora_path"));
+  if (!*name || !**name || strlen(*name) >= OT_SERVE_MODEL_LEN || (need_path && (!*path || !**path))) {
+    ot_http_respond_error(req, 400, "invalid_request_error", NULL, *name ? "lora_path" : "lora_name",
+                          need_path ? "give \"lora_name\" and \"lora_path\"" : "give \"lora_name\"");
+    cJSON_Delete(*j);
+    return -1;
+  }
+  return 0;
+}
+
+static void handle_load_adapter(void *user, ot_http_req *req) {
+  ot_serve_http *api = user;
+  cJSON *j;
+  const char *name, *path;
+  if (admin_only(api, req) || adapter_body(req, 1, &j, &name, &path)) return;
+  int rc = api->cfg.load_adapter(api->cfg.adapters_user, name, path);
+  if (rc) {
+    ot_http_respond_error(req, rc == OT_ERR_NOTFOUND ? 404 : 400, "invalid_request_error", NULL, "lora_path",
+                          "cannot load adapter '%s': %s", name, ot_error_detail());
+    cJSON_Delete(j);
+    return;
+  }
+  /* the name may have served other files before: drop that copy, then load it for real (every
+   * check of the adapter's files) with a request of no tokens */
+  ot_serve_forget_adapter(api->cfg.engine, name);
+  load_job *lj = calloc(1, sizeof *lj);
+  pthread_mutex_lock(&api->mu);
+  int closing = api->closing;
+  if (lj && !closing) api->outstanding++;
+  pthread_mutex_unlock(&api->mu);
+  if (!lj || closing) {
+    api->cfg.unload_adapter(api->cfg.adapters_user, name);
+    ot_http_respond_error(req, 503, "server_error", NULL, NULL, "the server is shutting down");
+    free(lj);
+    cJSON_Delete(j);
+    return;
+  }
+  lj->api = api;
+  lj->req = req;
+  snprintf(lj->name, sizeof lj->name, "%s", name);
+  cJSON_Delete(j);
+  int32_t tok0 = 0;
+  ot_serve_request r = {.adapter = lj->name, .prompt = &tok0, .n_prompt = 1, .max_tokens = 0, .top_p = 1.0f};
+  if (ot_serve_submit(api->cfg.engine, &r, on_load_event, lj, NULL) != OT_OK) {
+    ot_serve_event ev = {.finished = 1, .reason = OT_FINISH_ERROR, .error_msg = ot_error_detail()};
+    on_load_event(lj, &ev);
+  }
+}
+
+static void handle_unload_adapter(void *user, ot_http_req *req) {
+  ot_serve_http *api = user;
+  cJSON *j;
+  const char *name, *path;
+  if (admin_only(api, req) || adapter_body(req, 0, &j, &name, &path)) return;
+  int rc = api->cfg.unload_adapter(api->cfg.adapters_user, name);
+  if (rc == OT_OK) {
+    ot_serve_forget_adapter(api->cfg.engine, name); /* running requests finish with it */
+    logf_(&api->cfg, "adapter '%s' unloaded", name);
+    char body[300];
+    int n = snprintf(body, sizeof body, "{\"status\":\"unloaded\",\"lora_name\":\"%s\"}", name);
+    ot_http_respond(req, 200, "application/json", NULL, body, (size_t)n);
+  } else {
+    ot_http_respond_error(req, 404, "invalid_request_error", "model_not_found", "lora_name",
+                          "no adapter '%s' was loaded at run time", name);
+  }
+  cJSON_Delete(j);
+}
+
 static void handle_health(void *user, ot_http_req *req) {
   (void)user;
   static const char ok[] = "{\"status\":\"ok\"}";
@@ -550,6 +1051,14 @@ static void handle_health(void *user, ot_http_req *req) {
 }
 
 /* ---- server ---------------------------------------------------------------------------------- */
+
+int32_t ot_serve_eos_id(const ot_tokenizer *tok, const ot_chat_config *chat) {
+  int32_t id = -1;
+  if (tok && chat && chat->eos_token && ot_tokenizer_token_id(tok, chat->eos_token, &id) == OT_OK) return id;
+  if (tok && ot_tokenizer_token_id(tok, "<|endoftext|>", &id) == OT_OK) return id;
+  ot_error_clear();
+  return -1;
+}
 
 int ot_serve_http_start(const ot_serve_http_config *cfg, ot_serve_http **out) {
   if (!cfg || !cfg->url || !cfg->engine || !out)
@@ -564,11 +1073,16 @@ int ot_serve_http_start(const ot_serve_http_config *cfg, ot_serve_http **out) {
   api->next_id = 1;
   pthread_mutex_init(&api->mu, NULL);
   pthread_cond_init(&api->cv, NULL);
+  pthread_mutex_init(&api->met.mu, NULL);
   int nr = 0;
   api->routes[nr++] = (ot_http_route){"POST", "/v1/completions", 0, handle_completions, api};
+  api->routes[nr++] = (ot_http_route){"POST", "/v1/chat/completions", 0, handle_chat, api};
   api->routes[nr++] = (ot_http_route){"GET", "/v1/models", 0, handle_models, api};
   api->routes[nr++] = (ot_http_route){"GET", "/v1/models/", 1, handle_model, api};
   api->routes[nr++] = (ot_http_route){"GET", "/health", 0, handle_health, api};
+  api->routes[nr++] = (ot_http_route){"GET", "/metrics", 0, handle_metrics, api};
+  api->routes[nr++] = (ot_http_route){"POST", "/v1/load_lora_adapter", 0, handle_load_adapter, api};
+  api->routes[nr++] = (ot_http_route){"POST", "/v1/unload_lora_adapter", 0, handle_unload_adapter, api};
   ot_http_config hc = {.url = cfg->url,
                        .routes = api->routes,
                        .n_routes = nr,
@@ -586,6 +1100,7 @@ int ot_serve_http_start(const ot_serve_http_config *cfg, ot_serve_http **out) {
   if (rc) {
     pthread_mutex_destroy(&api->mu);
     pthread_cond_destroy(&api->cv);
+    pthread_mutex_destroy(&api->met.mu);
     free(api);
     return rc;
   }
@@ -611,5 +1126,7 @@ void ot_serve_http_stop(ot_serve_http *api) {
   ot_http_stop(api->server);
   pthread_mutex_destroy(&api->mu);
   pthread_cond_destroy(&api->cv);
+  pthread_mutex_destroy(&api->met.mu);
+  free(api->met.m);
   free(api);
 }

@@ -19,6 +19,7 @@ typedef struct adapter {
   char name[128];
   ot_adapter_kind kind;
   int refs;          /* running requests using it */
+  int stale;         /* forgotten (unloaded): no new request uses it; freed once idle */
   uint64_t last_use; /* LRU tick */
   size_t bytes;
   float *mem;         /* one backend allocation for all its tensors */
@@ -34,6 +35,7 @@ typedef struct req {
   ot_serve_request p;
   char *stop[OT_SERVE_MAX_STOP];
   int n_stop;
+  ot_serve_logit_bias *bias; /* a copy of p.logit_bias */
   ot_serve_event_fn fn;
   void *user;
   int32_t *ids; /* prompt + completion */
@@ -64,6 +66,8 @@ struct ot_serve_engine {
   req *in_head, *in_tail;
   uint64_t *cancels;
   int n_cancels, cap_cancels;
+  char **forgets; /* adapter names to drop from the cache (ot_serve_forget_adapter) */
+  int n_forgets;
   uint64_t next_id;
   int stopping, thread_on;
   pthread_t thread;
@@ -82,7 +86,8 @@ struct ot_serve_engine {
   int32_t *h_tokens, *h_pos, *h_slot;
   ot_model_segment *h_segs; /* [max_step_tokens] */
   float *h_logits;
-  void *cand; /* ot_sample_token scratch */
+  void *cand;     /* ot_sample_token scratch */
+  int *pen_count; /* [V] zeros: ot_serve_adjust_logits scratch */
 };
 
 static double now_ms(void) {
@@ -167,7 +172,9 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
     if (!a->blk) rc = ot_error(OT_ERR_NOMEM, "cannot allocate an adapter");
   }
   /* the tensors to keep: (source, destination slot) pairs, sized first, then copied */
-  const int bitfit_k[6] = {OT_R_ATTN_NORM_B, OT_R_QKV_B, OT_R_O_B, OT_R_FFN_NORM_B, OT_R_UP_B, OT_R_DOWN_B};
+  /* the biases BitFit may have trained: whichever of them the architecture has */
+  const int bitfit_k[9] = {OT_R_ATTN_NORM_B, OT_R_QKV_B,      OT_R_Q_B,  OT_R_K_B,   OT_R_V_B,
+                           OT_R_O_B,         OT_R_FFN_NORM_B, OT_R_UP_B, OT_R_DOWN_B};
   for (int pass = 0; pass < 2 && rc == OT_OK; pass++) {
     size_t off = 0;
 #define TAKE(dst, param)                                                                                     \
@@ -203,8 +210,9 @@ static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, a
             TAKE(b->p[k], ot_model_param(shell, ot_model_block_param_index(shell, l, k)));
       }
       if (kind == OT_ADAPTER_BITFIT && mark[l]) {
-        for (int k = 0; k < 6; k++)
-          TAKE(b->p[bitfit_k[k]], ot_model_param(shell, ot_model_block_param_index(shell, l, bitfit_k[k])));
+        for (int k = 0; k < 9; k++)
+          if (ot_model_block_param_index(shell, l, bitfit_k[k]) >= 0)
+            TAKE(b->p[bitfit_k[k]], ot_model_param(shell, ot_model_block_param_index(shell, l, bitfit_k[k])));
       }
       const ot_block_ext *x = ot_model_block_ext(shell, l);
       char nm[160];
@@ -282,7 +290,12 @@ static int adapter_acquire(ot_serve_engine *e, req *r) {
   if (!r->adapter_name[0]) return ACQ_OK;
   adapter *a = NULL;
   for (a = e->adapters; a; a = a->next)
-    if (strcmp(a->name, r->adapter_name) == 0) break;
+    if (!a->stale && strcmp(a->name, r->adapter_name) == 0) break;
+  if (a) {
+    pthread_mutex_lock(&e->mu);
+    e->stats.adapter_hits++;
+    pthread_mutex_unlock(&e->mu);
+  }
   if (!a) {
     a = r->pending;
     if (!a) {
@@ -375,8 +388,9 @@ int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_
   e->h_segs = malloc((size_t)N * sizeof *e->h_segs);
   e->h_logits = malloc((size_t)S * V * sizeof(float));
   e->cand = malloc(ot_sample_scratch_bytes(V));
-  if (rc == OT_OK &&
-      (!e->slots || !e->h_tokens || !e->h_pos || !e->h_slot || !e->h_segs || !e->h_logits || !e->cand))
+  e->pen_count = calloc((size_t)V, sizeof(int));
+  if (rc == OT_OK && (!e->slots || !e->h_tokens || !e->h_pos || !e->h_slot || !e->h_segs || !e->h_logits ||
+                      !e->cand || !e->pen_count))
     rc = ot_error(OT_ERR_NOMEM, "cannot allocate the engine tables");
   if (rc) {
     ot_serve_engine_free(e);
@@ -389,6 +403,7 @@ int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_
 static void req_free(req *r) {
   if (!r) return;
   for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
+  free(r->bias);
   free(r->ids);
   free(r->text);
   free(r);
@@ -454,12 +469,15 @@ void ot_serve_engine_free(ot_serve_engine *e) {
   free(e->waiting);
   free(e->slots);
   free(e->cancels);
+  for (int i = 0; i < e->n_forgets; i++) free(e->forgets[i]);
+  free(e->forgets);
   free(e->h_tokens);
   free(e->h_pos);
   free(e->h_slot);
   free(e->h_logits);
   free(e->cand);
   free(e->h_segs);
+  free(e->pen_count);
   pthread_mutex_destroy(&e->mu);
   pthread_cond_destroy(&e->cv);
   pthread_mutex_destroy(&e->step_mu);
@@ -481,6 +499,18 @@ int ot_serve_submit(ot_serve_engine *e, const ot_serve_request *rq, ot_serve_eve
     return ot_error(OT_ERR_INVALID, "temperature must be a finite number >= 0");
   if (!(rq->top_p > 0.0f && rq->top_p <= 1.0f)) return ot_error(OT_ERR_INVALID, "top_p must be in (0, 1]");
   if (rq->top_k < 0) return ot_error(OT_ERR_INVALID, "top_k must be >= 0");
+  if (!(rq->presence_penalty >= -2.0f && rq->presence_penalty <= 2.0f) ||
+      !(rq->frequency_penalty >= -2.0f && rq->frequency_penalty <= 2.0f))
+    return ot_error(OT_ERR_INVALID, "presence_penalty and frequency_penalty must be in [-2, 2]");
+  if (rq->n_logit_bias < 0 || (rq->n_logit_bias > 0 && !rq->logit_bias))
+    return ot_error(OT_ERR_INVALID, "bad logit_bias");
+  for (int i = 0; i < rq->n_logit_bias; i++) {
+    if (rq->logit_bias[i].token < 0 || rq->logit_bias[i].token >= e->V)
+      return ot_error(OT_ERR_RANGE, "logit_bias token %d is outside the vocabulary (%d)",
+                      rq->logit_bias[i].token, e->V);
+    if (!(rq->logit_bias[i].bias >= -100.0f && rq->logit_bias[i].bias <= 100.0f))
+      return ot_error(OT_ERR_INVALID, "logit_bias values must be in [-100, 100]");
+  }
   const char *name = rq->adapter ? rq->adapter : "";
   if (strlen(name) >= sizeof(((req *)0)->adapter_name))
     return ot_error(OT_ERR_NOTFOUND, "adapter name too long");
@@ -502,6 +532,16 @@ int ot_serve_submit(ot_serve_engine *e, const ot_serve_request *rq, ot_serve_eve
   r->p = *rq;
   r->p.adapter = NULL;
   r->p.prompt = NULL;
+  r->p.logit_bias = NULL;
+  if (rq->n_logit_bias > 0) {
+    r->bias = malloc((size_t)rq->n_logit_bias * sizeof *r->bias);
+    if (!r->bias) {
+      req_free(r);
+      return ot_error(OT_ERR_NOMEM, "cannot allocate a request");
+    }
+    memcpy(r->bias, rq->logit_bias, (size_t)rq->n_logit_bias * sizeof *r->bias);
+    r->p.logit_bias = r->bias;
+  }
   for (int i = 0; i < OT_SERVE_MAX_STOP && rq->stop[i]; i++) {
     if (!*rq->stop[i]) continue;
     if (!e->cfg.tok) {
@@ -701,6 +741,30 @@ static int step(ot_serve_engine *e, int *busy) {
   }
   free(cancels);
 
+  /* forgotten adapters: dropped now when idle, else once their last request ends */
+  pthread_mutex_lock(&e->mu);
+  char **forgets = e->forgets;
+  int n_forgets = e->n_forgets;
+  e->forgets = NULL;
+  e->n_forgets = 0;
+  pthread_mutex_unlock(&e->mu);
+  for (int f = 0; f < n_forgets; f++) {
+    for (adapter *a = e->adapters; a; a = a->next)
+      if (strcmp(a->name, forgets[f]) == 0) a->stale = 1;
+    free(forgets[f]);
+  }
+  free(forgets);
+  for (adapter **pp = &e->adapters; *pp;) {
+    adapter *a = *pp;
+    if (a->stale && a->refs == 0) {
+      *pp = a->next;
+      e->adapter_bytes -= a->bytes;
+      adapter_free(e, a);
+    } else {
+      pp = &a->next;
+    }
+  }
+
   /* admit waiting requests (FIFO) into free slots */
   while (e->n_waiting > 0) {
     int slot = -1;
@@ -771,6 +835,9 @@ static int step(ot_serve_engine *e, int *busy) {
   } else {
     for (int i = 0; i < S; i++) {
       req *r = need[i];
+      ot_serve_adjust_logits(e->h_logits + (size_t)i * e->V, e->V, r->ids + r->n_prompt,
+                             r->n_ids - r->n_prompt, r->p.presence_penalty, r->p.frequency_penalty,
+                             r->p.logit_bias, r->p.n_logit_bias, e->pen_count);
       int32_t tok = ot_sample_token(e->h_logits + (size_t)i * e->V, e->V, r->p.temperature, r->p.top_p,
                                     r->p.top_k, &r->rng, e->cand);
       int shown;
@@ -787,8 +854,17 @@ static int step(ot_serve_engine *e, int *busy) {
   free(need);
 
   int running = 0;
-  for (int s = 0; s < e->cfg.max_batch; s++) running += e->slots[s] != NULL;
+  uint64_t kv = 0;
+  for (int s = 0; s < e->cfg.max_batch; s++)
+    if (e->slots[s]) {
+      running++;
+      kv += (uint64_t)e->slots[s]->n_cached;
+    }
   pthread_mutex_lock(&e->mu);
+  e->stats.step_rows = N;
+  e->stats.kv_positions = kv;
+  e->stats.kv_capacity = (uint64_t)e->cfg.max_batch * (uint64_t)e->T_max;
+  e->stats.max_batch = e->cfg.max_batch;
   e->stats.steps += N > 0;
   e->stats.rows_computed += (uint64_t)N;
   e->stats.tokens_generated += rc == OT_OK ? (uint64_t)S : 0;
@@ -814,7 +890,7 @@ static void *engine_main(void *arg) {
       break;
     }
     if (!busy) {
-      while (!e->stopping && !e->in_head && !e->n_cancels) pthread_cond_wait(&e->cv, &e->mu);
+      while (!e->stopping && !e->in_head && !e->n_cancels && !e->n_forgets) pthread_cond_wait(&e->cv, &e->mu);
     } else if (busy && e->stats.running == 0 && !e->in_head && !e->n_cancels) {
       /* waiting for adapter memory that no running request will free: cannot happen, but never spin */
       struct timespec ts;
@@ -839,6 +915,20 @@ int ot_serve_start(ot_serve_engine *e) {
     return ot_error(OT_ERR_INTERNAL, "cannot start the engine thread");
   e->thread_on = 1;
   return OT_OK;
+}
+
+void ot_serve_forget_adapter(ot_serve_engine *e, const char *name) {
+  char *n = strdup(name);
+  pthread_mutex_lock(&e->mu);
+  char **f = n ? realloc(e->forgets, (size_t)(e->n_forgets + 1) * sizeof *f) : NULL;
+  if (f) {
+    e->forgets = f;
+    f[e->n_forgets++] = n;
+    n = NULL;
+  }
+  pthread_cond_broadcast(&e->cv);
+  pthread_mutex_unlock(&e->mu);
+  free(n);
 }
 
 void ot_serve_get_stats(ot_serve_engine *e, ot_serve_stats *out) {

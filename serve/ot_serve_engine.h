@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "ot_model.h"
+#include "ot_serve_penalty.h"
 #include "ot_tokenizer.h"
 
 typedef struct ot_serve_engine ot_serve_engine;
@@ -57,6 +58,11 @@ typedef struct {
   uint64_t seed;
   const char *stop[OT_SERVE_MAX_STOP]; /* stop strings (need a tokenizer); NULL-terminated */
   int ignore_eos;
+  /* OpenAI's adjustments before sampling (serve/ot_serve_penalty.h): penalties in [-2, 2]
+   * against the completion's own tokens, biases in [-100, 100] (copied at submit) */
+  float presence_penalty, frequency_penalty;
+  const ot_serve_logit_bias *logit_bias;
+  int n_logit_bias;
 } ot_serve_request;
 
 typedef enum {
@@ -82,7 +88,8 @@ typedef struct {
   const char *error_msg; /* detail when reason is ERROR */
   int prompt_tokens, completion_tokens;
   double queue_ms, total_ms; /* submit -> first scheduled, submit -> finish */
-  const float *logits;       /* [vocab] raw logits the new token was drawn from (valid during the call) */
+  const float *logits;       /* [vocab] logits the new token was drawn from, after logit_bias and the
+                                penalties (valid during the call) */
   int vocab;
 } ot_serve_event;
 
@@ -125,8 +132,17 @@ typedef struct {
   int adapters_loaded;
   size_t adapter_bytes;
   uint64_t loads, evictions, steps, tokens_generated, rows_computed;
-  int running, waiting;
+  uint64_t adapter_hits; /* requests whose adapter was resident (loads: it was not) */
+  int running, waiting;  /* sequences in the batch, requests queued */
+  int step_rows;         /* rows of the last step's forward */
+  int max_batch;
+  uint64_t kv_positions, kv_capacity; /* KV cache positions filled, and in all (max_batch x max_seq) */
 } ot_serve_stats;
+
+/* Drops the adapter named name from the cache (after its files changed or it was unloaded): no
+ * request submitted from now on uses the cached copy (the name resolves and loads afresh); the
+ * copy is freed at the next step, or when the last request using it ends. */
+void ot_serve_forget_adapter(ot_serve_engine *e, const char *name);
 void ot_serve_get_stats(ot_serve_engine *e, ot_serve_stats *out);
 
 #endif

@@ -42,8 +42,8 @@ static int is_int(const cJSON *v) {
          v->valuedouble == (double)(int)v->valuedouble;
 }
 
-/* Everything but the prompt. */
-static int parse_settings(const cJSON *b, const ot_serve_parse_cfg *cfg, ot_serve_completion *c,
+/* Everything but the prompt (chat: a chat completion's names and defaults). */
+static int parse_settings(const cJSON *b, const ot_serve_parse_cfg *cfg, int chat, ot_serve_completion *c,
                           ot_serve_req_error *e) {
   ot_serve_request *r = &c->r;
   const cJSON *v = cJSON_GetObjectItemCaseSensitive(b, "model");
@@ -59,9 +59,12 @@ static int parse_settings(const cJSON *b, const ot_serve_parse_cfg *cfg, ot_serv
   r->temperature = 1.0f;
   r->top_p = 1.0f;
   r->seed = cfg->seed;
-  if ((v = field(b, "max_tokens"))) {
+  const char *mt = "max_tokens";
+  if (chat && field(b, "max_completion_tokens")) mt = "max_completion_tokens";
+  if (chat) r->max_tokens = 1000000; /* OpenAI's chat default: no limit but EOS and the context */
+  if ((v = field(b, mt))) {
     if (!is_int(v) || v->valueint < 0 || v->valuedouble > 1e6)
-      return refuse(e, 400, "max_tokens", "'max_tokens' must be an integer >= 0");
+      return refuse(e, 400, mt, "'%s' must be an integer >= 0", mt);
     r->max_tokens = v->valueint;
   }
   if ((v = field(b, "temperature"))) {
@@ -97,8 +100,68 @@ static int parse_settings(const cJSON *b, const ot_serve_parse_cfg *cfg, ot_serv
     return refuse(e, 400, "n", "only n = 1 is supported");
   if ((v = field(b, "best_of")) && !(cJSON_IsNumber(v) && v->valuedouble == 1))
     return refuse(e, 400, "best_of", "only best_of = 1 is supported");
-  if (field(b, "logprobs")) return refuse(e, 400, "logprobs", "logprobs are not supported");
+  if ((v = field(b, "logprobs")) && !(chat && cJSON_IsFalse(v)))
+    return refuse(e, 400, "logprobs", "logprobs are not supported");
+  if (chat && field(b, "top_logprobs")) return refuse(e, 400, "top_logprobs", "logprobs are not supported");
   if ((v = field(b, "echo")) && !cJSON_IsFalse(v)) return refuse(e, 400, "echo", "echo is not supported");
+  if ((v = field(b, "stream_options"))) {
+    if (!c->stream)
+      return refuse(e, 400, "stream_options", "'stream_options' is only allowed when 'stream' is true");
+    if (!cJSON_IsObject(v)) return refuse(e, 400, "stream_options", "'stream_options' must be an object");
+    const cJSON *u;
+    cJSON_ArrayForEach(u, v) {
+      if (strcmp(u->string, "include_usage") != 0)
+        return refuse(e, 400, "stream_options", "unknown stream option '%.100s'", u->string);
+      if (!cJSON_IsBool(u) && !cJSON_IsNull(u))
+        return refuse(e, 400, "stream_options", "'include_usage' must be true or false");
+      c->include_usage = cJSON_IsTrue(u);
+    }
+  }
+  const char *pen[2] = {"presence_penalty", "frequency_penalty"};
+  for (int i = 0; i < 2; i++)
+    if ((v = field(b, pen[i]))) {
+      if (!cJSON_IsNumber(v) || !(v->valuedouble >= -2.0 && v->valuedouble <= 2.0))
+        return refuse(e, 400, pen[i], "'%s' must be a number in [-2, 2]", pen[i]);
+      *(i ? &r->frequency_penalty : &r->presence_penalty) = (float)v->valuedouble;
+    }
+  /* logit_bias: {"token id": bias in [-100, 100]}; ids beyond the vocabulary fail at submit */
+  if ((v = field(b, "logit_bias"))) {
+    int n = cJSON_IsObject(v) ? cJSON_GetArraySize(v) : -1;
+    if (n < 0) return refuse(e, 400, "logit_bias", "'logit_bias' must be an object of token ids to numbers");
+    if (n > OT_SERVE_MAX_BIAS)
+      return refuse(e, 400, "logit_bias", "at most %d logit_bias entries", OT_SERVE_MAX_BIAS);
+    if (n > 0 && !(c->bias = calloc((size_t)n, sizeof *c->bias)))
+      return refuse(e, 500, NULL, "out of memory");
+    int k = 0;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, v) {
+      char *end = NULL;
+      long id = strtol(x->string, &end, 10);
+      if (!*x->string || *end || id < 0 || id > INT_MAX)
+        return refuse(e, 400, "logit_bias", "logit_bias keys must be token ids, not '%.40s'", x->string);
+      if (!cJSON_IsNumber(x) || !(x->valuedouble >= -100.0 && x->valuedouble <= 100.0))
+        return refuse(e, 400, "logit_bias", "logit_bias values must be numbers in [-100, 100]");
+      c->bias[k++] = (ot_serve_logit_bias){(int32_t)id, (float)x->valuedouble};
+    }
+    r->logit_bias = c->bias;
+    r->n_logit_bias = k;
+  }
+  /* fields OpenAI defines that this server does not do: refused, never silently ignored */
+  static const char *const unsupported[] = {"suffix",        "tools", "functions",
+                                            "function_call", "min_p", "repetition_penalty",
+                                            "prediction",    "audio", "modalities"};
+  for (size_t i = 0; i < sizeof unsupported / sizeof *unsupported; i++) {
+    v = field(b, unsupported[i]);
+    if (v && !(cJSON_IsString(v) && !*v->valuestring) && !(cJSON_IsArray(v) && !cJSON_GetArraySize(v)))
+      return refuse(e, 400, unsupported[i], "'%s' is not supported", unsupported[i]);
+  }
+  if ((v = field(b, "tool_choice")) && !(cJSON_IsString(v) && strcmp(v->valuestring, "none") == 0))
+    return refuse(e, 400, "tool_choice", "tools are not supported");
+  if ((v = field(b, "response_format"))) {
+    const char *t = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(v, "type"));
+    if (!t || strcmp(t, "text") != 0)
+      return refuse(e, 400, "response_format", "only response_format {\"type\": \"text\"} is supported");
+  }
   /* stop: one string or an array of strings; empty strings stop nothing and are dropped */
   if ((v = field(b, "stop"))) {
     const cJSON *one = cJSON_IsString(v) ? v : NULL;
@@ -174,7 +237,7 @@ int ot_serve_parse_completion(const char *body, size_t len, const ot_serve_parse
   cJSON *b = cJSON_ParseWithLength(body, len);
   if (!b) return refuse(err, 400, NULL, "the body is not valid JSON");
   int rc = cJSON_IsObject(b) ? OT_OK : refuse(err, 400, NULL, "the body must be a JSON object");
-  if (rc == OT_OK) rc = parse_settings(b, cfg, out, err);
+  if (rc == OT_OK) rc = parse_settings(b, cfg, 0, out, err);
   if (rc == OT_OK) rc = parse_prompts(b, cfg, out, err);
   cJSON_Delete(b);
   if (rc) ot_serve_completion_free(out);
@@ -184,5 +247,116 @@ int ot_serve_parse_completion(const char *body, size_t len, const ot_serve_parse
 void ot_serve_completion_free(ot_serve_completion *c) {
   for (int i = 0; c->prompts && i < c->n_prompts; i++) free(c->prompts[i].ids);
   free(c->prompts);
+  free(c->bias);
   memset(c, 0, sizeof *c);
+}
+
+/* ---- chat ------------------------------------------------------------------------------------ */
+
+#define MAX_MESSAGES 1024
+
+/* A message's content: a string, null, or an array of {"type": "text", "text": ...} parts
+ * (joined, as vLLM does, with newlines). *out is malloc'd (NULL for null). */
+static int message_content(const cJSON *v, int i, char **out, ot_serve_req_error *e) {
+  *out = NULL;
+  if (!v || cJSON_IsNull(v)) return OT_OK;
+  if (cJSON_IsString(v)) {
+    if (!(*out = strdup(v->valuestring))) return refuse(e, 500, NULL, "out of memory");
+    return OT_OK;
+  }
+  if (!cJSON_IsArray(v))
+    return refuse(e, 400, "messages", "messages[%d].content must be a string, null or an array of text parts",
+                  i);
+  size_t n = 0;
+  const cJSON *p;
+  cJSON_ArrayForEach(p, v) {
+    const char *type = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(p, "type"));
+    const char *text = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(p, "text"));
+    if (!type || strcmp(type, "text") != 0 || !text)
+      return refuse(e, 400, "messages", "messages[%d].content: only text parts are supported", i);
+    n += strlen(text) + 1;
+  }
+  char *s = malloc(n + 1), *w = s;
+  if (!s) return refuse(e, 500, NULL, "out of memory");
+  cJSON_ArrayForEach(p, v) {
+    const char *text = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(p, "text"));
+    if (w != s) *w++ = '\n';
+    size_t l = strlen(text);
+    memcpy(w, text, l);
+    w += l;
+  }
+  *w = '\0';
+  *out = s;
+  return OT_OK;
+}
+
+static int parse_messages(const cJSON *b, const ot_serve_parse_cfg *cfg, ot_serve_completion *c,
+                          ot_serve_req_error *e) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(b, "messages");
+  if (!v) return refuse(e, 400, "messages", "'messages' is required");
+  int n = cJSON_IsArray(v) ? cJSON_GetArraySize(v) : -1;
+  if (n < 1) return refuse(e, 400, "messages", "'messages' must be a non-empty array");
+  if (n > MAX_MESSAGES) return refuse(e, 400, "messages", "at most %d messages", MAX_MESSAGES);
+  if (!cfg->chat || !cfg->chat->tmpl)
+    return refuse(
+        e, 400, "messages",
+        "this model has no chat template (tokenizer_config.json's chat_template): use /v1/completions");
+  if (!cfg->tok) return refuse(e, 400, "messages", "this server has no tokenizer");
+  ot_chat_msg *msgs = calloc((size_t)n, sizeof *msgs);
+  char **contents = calloc((size_t)n, sizeof *contents);
+  int rc = msgs && contents ? OT_OK : refuse(e, 500, NULL, "out of memory");
+  int i = 0;
+  const cJSON *m;
+  cJSON_ArrayForEach(m, v) {
+    if (rc) break;
+    const char *role = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "role"));
+    if (!cJSON_IsObject(m) || !role || !*role) {
+      rc = refuse(e, 400, "messages", "messages[%d] must be an object with a string 'role'", i);
+      break;
+    }
+    rc = message_content(cJSON_GetObjectItemCaseSensitive(m, "content"), i, &contents[i], e);
+    msgs[i].role = role;
+    msgs[i].content = contents[i];
+    i++;
+  }
+  char *text = NULL;
+  size_t len = 0;
+  if (rc == OT_OK) {
+    const ot_chat_config *cc = cfg->chat;
+    ot_chat_vars vars = {cc->bos_token, cc->eos_token, cc->unk_token, cc->pad_token, 1};
+    if (ot_chat_template_render(cc->tmpl, msgs, (size_t)n, &vars, &text, &len) != OT_OK)
+      rc = refuse(e, 400, "messages", "chat template: %s", ot_error_detail());
+  }
+  if (rc == OT_OK) {
+    c->prompts = calloc(1, sizeof *c->prompts);
+    if (!c->prompts) rc = refuse(e, 500, NULL, "out of memory");
+  }
+  if (rc == OT_OK) {
+    c->n_prompts = 1;
+    if (ot_chat_encode(cfg->chat, cfg->tok, text, len, &c->prompts[0].ids, &c->prompts[0].n) != OT_OK)
+      rc = refuse(e, 400, "messages", "cannot tokenize the conversation: %s", ot_error_detail());
+    else if (c->prompts[0].n == 0)
+      rc = refuse(e, 400, "messages", "the chat template rendered an empty prompt");
+  }
+  free(text);
+  for (int k = 0; contents && k < n; k++) free(contents[k]);
+  free(contents);
+  free(msgs);
+  return rc;
+}
+
+int ot_serve_parse_chat(const char *body, size_t len, const ot_serve_parse_cfg *cfg, ot_serve_completion *out,
+                        ot_serve_req_error *err) {
+  memset(out, 0, sizeof *out);
+  memset(err, 0, sizeof *err);
+  if (ot_json_has_nul_escape(body, len))
+    return refuse(err, 400, NULL, "strings must not contain NUL (\\u0000)");
+  cJSON *b = cJSON_ParseWithLength(body, len);
+  if (!b) return refuse(err, 400, NULL, "the body is not valid JSON");
+  int rc = cJSON_IsObject(b) ? OT_OK : refuse(err, 400, NULL, "the body must be a JSON object");
+  if (rc == OT_OK) rc = parse_settings(b, cfg, 1, out, err);
+  if (rc == OT_OK) rc = parse_messages(b, cfg, out, err);
+  cJSON_Delete(b);
+  if (rc) ot_serve_completion_free(out);
+  return rc;
 }

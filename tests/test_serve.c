@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -73,7 +74,7 @@ static void on_event(void *user, const ot_serve_event *ev) {
 static void submit(ot_serve_engine *e, const char *model, const char *prompt, int max_tokens, sink *s) {
   size_t n = 0;
   int32_t *ids = encode(prompt, &n);
-  ot_serve_request r = {model, ids, n, max_tokens, 0.0f, 1.0f, 0, 0, {NULL}, 0};
+  ot_serve_request r = {model, ids, n, max_tokens, 0.0f, 1.0f, 0, 0, {NULL}, 0, 0.0f, 0.0f, NULL, 0};
   int rc = ot_serve_submit(e, &r, on_event, s, NULL);
   if (rc) fail_msg("submit %s: %s", model, ot_error_detail());
   free(ids);
@@ -236,7 +237,7 @@ static void test_sampling(void **state) {
     int32_t *ids = encode(prompts[0], &n), *out = NULL;
     ot_sample_config sc = {GEN, 0.9f, 0.95f, 1234};
     assert_int_equal(ot_generate(ref[k], ids, n, &sc, &out, &n_out), 0);
-    ot_serve_request r = {models[k], ids, n, GEN, 0.9f, 0.95f, 0, 1234, {NULL}, 0};
+    ot_serve_request r = {models[k], ids, n, GEN, 0.9f, 0.95f, 0, 1234, {NULL}, 0, 0.0f, 0.0f, NULL, 0};
     ot_serve_result res;
     assert_int_equal(ot_serve_generate(e, &r, &res), 0);
     assert_int_equal(res.n_tokens, GEN);
@@ -276,7 +277,7 @@ static void test_stop_eos(void **state) {
   ot_serve_engine *e = engine(2, 64, 0, -1);
   size_t n = 0;
   int32_t *ids = encode(prompts[p], &n);
-  ot_serve_request r = {models[k], ids, n, GEN, 0.0f, 1.0f, 0, 0, {stop, NULL}, 0};
+  ot_serve_request r = {models[k], ids, n, GEN, 0.0f, 1.0f, 0, 0, {stop, NULL}, 0, 0.0f, 0.0f, NULL, 0};
   sink s;
   memset(&s, 0, sizeof s);
   assert_int_equal(ot_serve_submit(e, &r, on_event, &s, NULL), 0);
@@ -328,7 +329,7 @@ static void test_errors(void **state) {
   ot_serve_engine *e = engine(4, 64, 0, -1);
   size_t n = 0;
   int32_t *ids = encode(prompts[0], &n);
-  ot_serve_request r = {"nope", ids, n, GEN, 0.0f, 1.0f, 0, 0, {NULL}, 0};
+  ot_serve_request r = {"nope", ids, n, GEN, 0.0f, 1.0f, 0, 0, {NULL}, 0, 0.0f, 0.0f, NULL, 0};
   assert_int_equal(ot_serve_submit(e, &r, on_event, NULL, NULL), OT_ERR_NOTFOUND);
   r.adapter = "";
   r.temperature = -1.0f;
@@ -403,7 +404,7 @@ static void test_hostile_adapter_files(void **state) {
   ot_serve_engine *e = engine(8, 64, 0, -1);
   size_t n = 0;
   int32_t *ids = encode(prompts[0], &n);
-  ot_serve_request r = {"", ids, n, GEN, 0.0f, 1.0f, 0, 0, {NULL}, 0};
+  ot_serve_request r = {"", ids, n, GEN, 0.0f, 1.0f, 0, 0, {NULL}, 0, 0.0f, 0.0f, NULL, 0};
   sink s[NH + 2];
   memset(s, 0, sizeof s);
   struct timespec t0, t1;
@@ -441,7 +442,7 @@ static void *job_main(void *arg) {
   size_t n = 0;
   int32_t *ids = NULL;
   if (ot_tokenizer_encode(tok, prompts[j->p], strlen(prompts[j->p]), &ids, &n)) return NULL;
-  ot_serve_request r = {models[j->k], ids, n, GEN, 0.0f, 1.0f, 0, 0, {NULL}, 0};
+  ot_serve_request r = {models[j->k], ids, n, GEN, 0.0f, 1.0f, 0, 0, {NULL}, 0, 0.0f, 0.0f, NULL, 0};
   ot_serve_result res;
   if (ot_serve_generate(j->e, &r, &res) == OT_OK) {
     j->ok = res.n_tokens == GEN && memcmp(res.tokens, want[j->k][j->p], GEN * sizeof(int32_t)) == 0;
@@ -670,6 +671,129 @@ static void test_hostile_requests(void **state) {
   }
 }
 
+/* logit_bias and the presence/frequency penalties: the math against PyTorch
+ * (tests/ref/penalty_ref.py), then the engine's greedy output with them against a step-by-step
+ * reference: the raw next-token logits of prompt + completion so far (the engine, one token,
+ * nothing applied), adjusted with counts made here the slow way, then argmax. */
+static void raw_logits_cb(void *user, const ot_serve_event *ev) {
+  float *dst = user;
+  if (ev->n_tokens > 0 && ev->logits) memcpy(dst, ev->logits, (size_t)ev->vocab * sizeof(float));
+}
+
+static void test_penalties(void **state) {
+  (void)state;
+  char *d = ot_test_tmpdir("serve_penalty");
+  enum { V = 40, N_CASES = 3 };
+  float logits[N_CASES][V];
+  int32_t completion[N_CASES][12] = {{3, 5, 3, 3, 7, 39, 0, 5, 3, 1, 1, 2}, {1, 1, 1, 1}, {0}};
+  int n_comp[N_CASES] = {12, 4, 0};
+  float pres[N_CASES] = {0.7f, -1.5f, 2.0f}, freq[N_CASES] = {0.3f, 2.0f, -0.5f};
+  ot_serve_logit_bias bias[N_CASES][3] = {
+      {{5, -100.0f}, {39, 2.5f}, {11, 100.0f}}, {{1, 1.0f}}, {{0, -3.0f}}};
+  int n_bias[N_CASES] = {3, 1, 1};
+  uint64_t rng = 7;
+  char path[800];
+  snprintf(path, sizeof path, "%s/penalty_in.json", d);
+  FILE *f = fopen(path, "w");
+  fprintf(f, "[");
+  for (int c = 0; c < N_CASES; c++) {
+    fprintf(f, "%s{\"logits\": [", c ? ", " : "");
+    for (int j = 0; j < V; j++) {
+      rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+      logits[c][j] = (float)((double)(rng >> 40) / (double)(1 << 24) * 8.0 - 4.0);
+      fprintf(f, "%s%.9g", j ? ", " : "", logits[c][j]);
+    }
+    fprintf(f, "], \"completion\": [");
+    for (int i = 0; i < n_comp[c]; i++) fprintf(f, "%s%d", i ? ", " : "", completion[c][i]);
+    fprintf(f, "], \"presence\": %.9g, \"frequency\": %.9g, \"bias\": [", pres[c], freq[c]);
+    for (int i = 0; i < n_bias[c]; i++)
+      fprintf(f, "%s[%d, %.9g]", i ? ", " : "", bias[c][i].token, bias[c][i].bias);
+    fprintf(f, "]}");
+  }
+  fprintf(f, "]");
+  fclose(f);
+  assert_int_equal(ot_test_ref("penalty_ref.py", d), 0);
+  snprintf(path, sizeof path, "%s/penalty_out.json", d);
+  f = fopen(path, "r");
+  char buf[16384];
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  buf[n] = '\0';
+  fclose(f);
+  cJSON *want_j = cJSON_Parse(buf);
+  assert_non_null(want_j);
+  int count[V] = {0};
+  for (int c = 0; c < N_CASES; c++) {
+    ot_serve_adjust_logits(logits[c], V, completion[c], n_comp[c], pres[c], freq[c], bias[c], n_bias[c],
+                           count);
+    for (int j = 0; j < V; j++) {
+      assert_int_equal(count[j], 0); /* the scratch is left zero */
+      double w = cJSON_GetArrayItem(cJSON_GetArrayItem(want_j, c), j)->valuedouble;
+      if (fabs(logits[c][j] - w) > 1e-4 * (1 + fabs(w)))
+        fail_msg("case %d token %d: %g, PyTorch %g", c, j, logits[c][j], w);
+    }
+  }
+  cJSON_Delete(want_j);
+  free(d);
+
+  /* the engine, greedy, for a LoRA adapter and the base */
+  ot_serve_engine *e = engine(4, 64, 0, -1);
+  const int Vm = ot_model_cfg(base)->vocab_size;
+  float *raw = malloc((size_t)Vm * sizeof(float));
+  for (int k = 0; k < N_MODELS; k += 3) {
+    size_t np = 0;
+    int32_t *ids = encode(prompts[1], &np);
+    int32_t seq[256];
+    memcpy(seq, ids, np * sizeof *seq);
+    ot_serve_logit_bias lb[2] = {{'e', 4.0f}, {' ', -2.5f}};
+    ot_serve_request r = {.adapter = models[k],
+                          .prompt = ids,
+                          .n_prompt = np,
+                          .max_tokens = GEN,
+                          .top_p = 1.0f,
+                          .presence_penalty = 1.2f,
+                          .frequency_penalty = 0.8f,
+                          .logit_bias = lb,
+                          .n_logit_bias = 2};
+    ot_serve_result res;
+    assert_int_equal(ot_serve_generate(e, &r, &res), 0);
+    assert_int_equal(res.n_tokens, GEN);
+    int differs = 0;
+    for (int t = 0; t < GEN; t++) {
+      ot_serve_request one = {
+          .adapter = models[k], .prompt = seq, .n_prompt = np + (size_t)t, .max_tokens = 1, .top_p = 1.0f};
+      uint64_t id;
+      assert_int_equal(ot_serve_submit(e, &one, raw_logits_cb, raw, &id), 0);
+      int busy = 1;
+      while (busy) assert_int_equal(ot_serve_step(e, &busy), 0);
+      int best = 0;
+      double best_v = -1e300;
+      for (int j = 0; j < Vm; j++) {
+        int c = 0;
+        for (int i = 0; i < t; i++) c += seq[np + (size_t)i] == j;
+        double v = raw[j] - 0.8 * c - (c > 0 ? 1.2 : 0.0) + (j == 'e' ? 4.0 : j == ' ' ? -2.5 : 0.0);
+        if (v > best_v) {
+          best_v = v;
+          best = j;
+        }
+      }
+      seq[np + (size_t)t] = best;
+      differs |= best != want[k][1][t];
+    }
+    assert_memory_equal(res.tokens, seq + np, GEN * sizeof(int32_t));
+    assert_true(differs); /* the adjustments changed the greedy text */
+    ot_serve_result_free(&res);
+    /* refused: a penalty out of range, a bias for a token outside the vocabulary */
+    r.presence_penalty = 2.5f;
+    assert_int_equal(ot_serve_generate(e, &r, &res), OT_ERR_INVALID);
+    r.presence_penalty = 0;
+    lb[1].token = Vm;
+    assert_int_equal(ot_serve_generate(e, &r, &res), OT_ERR_RANGE);
+    free(ids);
+  }
+  free(raw);
+  ot_serve_engine_free(e);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_kv_ops),           cmocka_unit_test(test_kv_logits),
@@ -678,7 +802,7 @@ int main(void) {
       cmocka_unit_test(test_sampling),         cmocka_unit_test(test_stop_eos),
       cmocka_unit_test(test_errors),           cmocka_unit_test(test_hostile_adapter_files),
       cmocka_unit_test(test_thread),           cmocka_unit_test(test_torch_lora),
-      cmocka_unit_test(test_hostile_requests),
+      cmocka_unit_test(test_hostile_requests), cmocka_unit_test(test_penalties),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "ot_access.h"
+#include "ot_chat_template.h"
 #include "ot_error.h"
 #include "ot_http.h"
 #include "ot_serve_api.h"
@@ -79,8 +80,14 @@ static int setup(void **state) {
   return 0;
 }
 
+static pid_t keys_server; /* test_keys's serve-model until it exits (teardown ends it after a failure) */
+
 static int teardown(void **state) {
   (void)state;
+  if (keys_server > 0) {
+    kill(keys_server, SIGTERM);
+    waitpid(keys_server, NULL, 0);
+  }
   ot_serve_http_stop(api);
   ot_serve_engine_free(eng);
   return serve_fixture_teardown();
@@ -92,6 +99,9 @@ typedef struct {
   char *body;
   size_t len;
 } http_res;
+
+/* Sent as "Authorization: Bearer" by http() when set. */
+static const char *auth_key;
 
 /* One request on a fresh connection ("Connection: close"); reads to the end. */
 static void http(const char *method, const char *path, const char *body, size_t blen, http_res *out) {
@@ -105,12 +115,13 @@ static void http(const char *method, const char *path, const char *body, size_t 
   sa.sin_port = htons((uint16_t)port);
   sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof sa), 0);
-  char hdr[512];
+  char hdr[700], auth[200] = "";
+  if (auth_key) snprintf(auth, sizeof auth, "Authorization: Bearer %s\r\n", auth_key);
   int hn = snprintf(
       hdr, sizeof hdr,
       "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
-      "Connection: close\r\n\r\n",
-      method, path, blen);
+      "%sConnection: close\r\n\r\n",
+      method, path, blen, auth);
   assert_int_equal(write(fd, hdr, (size_t)hn), hn);
   for (size_t off = 0; off < blen;) {
     ssize_t w = write(fd, body + off, blen - off);
@@ -762,6 +773,7 @@ static void test_command(void **state) {
   out[n] = '\0';
   fclose(f);
   assert_non_null(strstr(out, "model=mine prompts=1 prompt_tokens=19 completion_tokens=24 finish=length"));
+  assert_non_null(strstr(out, "HTTP API is UNAUTHENTICATED (no --keys)"));
   assert_non_null(strstr(out, "stopping"));
 }
 
@@ -1182,13 +1194,15 @@ static void test_http_errors(void **state) {
   kc_close(&k);
 }
 
+static void rt_list(void *user, void (*add)(void *ctx, const char *name), void *ctx);
+
 static ot_serve_http *start_api(ot_serve_engine *e, const ot_serve_http_config *limits) {
   ot_serve_http_config c = *limits;
   c.url = "http://127.0.0.1:0";
   c.engine = e;
   c.tok = tok;
   c.base_name = "tiny-base";
-  c.list = list;
+  c.list = c.load_adapter ? rt_list : list;
   c.eos_id = -1;
   c.max_body = 4096;
   c.max_prompts = 8;
@@ -1610,17 +1624,840 @@ static void test_disconnect_cancels(void **state) {
   ot_serve_engine_free(e2);
 }
 
+/* ---- /v1/chat/completions --------------------------------------------------------------------- */
+
+/* The chat answer's content for model k: the engine's greedy completion of the rendered prompt
+ * (the default model's template, whose rendering test_chat_template checks against jinja2). */
+static char *chat_want(int k, const char *rendered, int *prompt_tokens) {
+  size_t n = 0;
+  int32_t *ids = encode(rendered, &n);
+  ot_serve_request r = {.adapter = models[k], .prompt = ids, .n_prompt = n, .max_tokens = GEN, .top_p = 1.0f};
+  ot_serve_result res;
+  if (ot_serve_generate(eng, &r, &res)) fail_msg("generate: %s", ot_error_detail());
+  char *t = NULL;
+  assert_int_equal(ot_utf8_sanitize(res.text, res.text_len, &t, NULL), 0);
+  *prompt_tokens = res.prompt_tokens;
+  ot_serve_result_free(&res);
+  free(ids);
+  return t;
+}
+
+static void chat_post(int p, const char *json, int want_status, http_res *res) {
+  int saved = port;
+  port = p;
+  http("POST", "/v1/chat/completions", json, strlen(json), res);
+  port = saved;
+  if (res->status != want_status) fail_msg("status %d (wanted %d): %s", res->status, want_status, res->body);
+}
+
+static void test_chat(void **state) {
+  (void)state;
+  char mdir[4200];
+  snprintf(mdir, sizeof mdir, "%s/models/brown-8x128", ot_test_source_dir());
+  ot_chat_config *cc = NULL;
+  if (ot_chat_config_load_dir(mdir, &cc)) fail_msg("chat config: %s", ot_error_detail());
+  ot_serve_http_config lim = {.chat = cc};
+  ot_serve_http *h = start_api(eng, &lim);
+  int cport = ot_serve_http_port(h);
+  const char *rendered = "Be brief.\n\nUser: Hello\nAssistant:";
+  ot_chat_msg msgs[2] = {{"system", "Be brief."}, {"user", "Hello"}};
+  ot_chat_vars vars = {.add_generation_prompt = 1};
+  char *r0 = NULL;
+  assert_int_equal(ot_chat_template_render(cc->tmpl, msgs, 2, &vars, &r0, NULL), 0);
+  assert_string_equal(r0, rendered);
+  free(r0);
+  for (int k = 0; k < N_MODELS; k += 3) {
+    int pt = 0;
+    char *want_c = chat_want(k, rendered, &pt), body[1024];
+    /* content as a string, and as text parts */
+    snprintf(body, sizeof body,
+             "{\"model\": \"%s\", \"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, "
+             "{\"role\": \"user\", \"content\": %s}], \"max_tokens\": %d, \"temperature\": 0, \"logprobs\": "
+             "false}",
+             models[k], k == 3 ? "[{\"type\": \"text\", \"text\": \"Hello\"}]" : "\"Hello\"", GEN);
+    http_res res;
+    chat_post(cport, body, 200, &res);
+    cJSON *j = cJSON_Parse(res.body);
+    assert_non_null(j);
+    assert_string_equal(str(j, "object"), "chat.completion");
+    assert_memory_equal(str(j, "id"), "chatcmpl-", 9);
+    assert_string_equal(str(j, "model"), k ? models[k] : "tiny-base");
+    const cJSON *ch = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0);
+    const cJSON *msg = cJSON_GetObjectItemCaseSensitive(ch, "message");
+    assert_string_equal(str(msg, "role"), "assistant");
+    assert_string_equal(str(msg, "content"), want_c);
+    assert_string_equal(str(ch, "finish_reason"), "length");
+    const cJSON *u = cJSON_GetObjectItemCaseSensitive(j, "usage");
+    assert_int_equal((int)num(u, "prompt_tokens"), (int)strlen(rendered)); /* byte tokenizer */
+    assert_int_equal(pt, (int)strlen(rendered));
+    assert_int_equal((int)num(u, "completion_tokens"), GEN);
+    assert_int_equal((int)num(u, "total_tokens"), GEN + pt);
+    cJSON_Delete(j);
+    free(res.body);
+
+    /* streamed with the usage: role first, deltas concatenate to the content, one finish,
+     * then the usage chunk (choices empty), then [DONE] */
+    snprintf(
+        body, sizeof body,
+        "{\"model\": \"%s\", \"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, "
+        "{\"role\": \"user\", \"content\": \"Hello\"}], \"max_completion_tokens\": %d, \"temperature\": 0, "
+        "\"stream\": true, \"stream_options\": {\"include_usage\": true}}",
+        models[k], GEN);
+    chat_post(cport, body, 200, &res);
+    assert_non_null(strcasestr(res.head, "text/event-stream"));
+    char text[4096] = "";
+    size_t tl = 0;
+    int ev_n = 0, done = 0, finished = 0, usage_seen = 0;
+    char *save = NULL;
+    for (char *ev = strtok_r(res.body, "\n", &save); ev; ev = strtok_r(NULL, "\n", &save)) {
+      assert_memory_equal(ev, "data: ", 6);
+      assert_false(done);
+      if (strcmp(ev + 6, "[DONE]") == 0) {
+        done = 1;
+        continue;
+      }
+      assert_false(usage_seen); /* the usage chunk is the last before [DONE] */
+      cJSON *c = cJSON_Parse(ev + 6);
+      assert_non_null(c);
+      assert_string_equal(str(c, "object"), "chat.completion.chunk");
+      const cJSON *chs = cJSON_GetObjectItemCaseSensitive(c, "choices");
+      const cJSON *cu = cJSON_GetObjectItemCaseSensitive(c, "usage");
+      if (cJSON_GetArraySize(chs) == 0) {
+        assert_int_equal((int)num(cu, "prompt_tokens"), pt);
+        assert_int_equal((int)num(cu, "completion_tokens"), GEN);
+        assert_int_equal((int)num(cu, "total_tokens"), pt + GEN);
+        usage_seen = 1;
+      } else {
+        assert_true(cJSON_IsNull(cu)); /* every other chunk: "usage": null */
+        const cJSON *c0 = cJSON_GetArrayItem(chs, 0), *d = cJSON_GetObjectItemCaseSensitive(c0, "delta");
+        assert_true(cJSON_IsObject(d));
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(d, "role");
+        assert_true(ev_n == 0 ? cJSON_IsString(role) : role == NULL);
+        const cJSON *t = cJSON_GetObjectItemCaseSensitive(d, "content");
+        if (cJSON_IsString(t)) {
+          memcpy(text + tl, t->valuestring, strlen(t->valuestring));
+          tl += strlen(t->valuestring);
+        }
+        const cJSON *fr = cJSON_GetObjectItemCaseSensitive(c0, "finish_reason");
+        if (cJSON_IsString(fr)) {
+          assert_null(t); /* the finish chunk's delta is empty */
+          assert_string_equal(fr->valuestring, "length");
+          finished++;
+        }
+        ev_n++;
+      }
+      cJSON_Delete(c);
+    }
+    text[tl] = '\0';
+    assert_true(done && usage_seen);
+    assert_int_equal(finished, 1);
+    assert_true(ev_n > GEN / 2);
+    assert_string_equal(text, want_c);
+    free(res.body);
+    free(want_c);
+  }
+
+  /* refusals: 400 in OpenAI's shape, naming the field */
+  const char *bad[][2] = {
+      {"{\"messages\": []}", "messages"},
+      {"{\"prompt\": \"x\"}", "messages"},
+      {"{\"messages\": [{\"content\": \"x\"}]}", "messages"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": 3}]}", "messages"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image_url\"}]}]}", "messages"},
+      {"{\"messages\": [{\"role\": \"tool\", \"content\": \"x\"}]}",
+       "messages"}, /* the template's raise_exception */
+      {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"n\": 2}", "n"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"logprobs\": true}", "logprobs"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"top_logprobs\": 2}", "top_logprobs"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"stream_options\": {\"include_usage\": "
+       "true}}",
+       "stream_options"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"max_completion_tokens\": -1}",
+       "max_completion_tokens"},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+    http_res res;
+    chat_post(cport, bad[i][0], 400, &res);
+    cJSON *j = cJSON_Parse(res.body);
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(j, "error");
+    assert_string_equal(str(e, "type"), "invalid_request_error");
+    assert_string_equal(str(e, "param"), bad[i][1]);
+    if (i == 5) assert_non_null(strstr(str(e, "message"), "not tool"));
+    cJSON_Delete(j);
+    free(res.body);
+  }
+  ot_serve_http_stop(h);
+  ot_chat_config_free(cc);
+
+  /* a server without a template: chat is a 400 that says so, and the kept-alive connection
+   * serves a completion next */
+  kconn kk;
+  http_res r;
+  kc_open(&kk, NULL, port);
+  const char *cb = "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}";
+  char req[512];
+  snprintf(req, sizeof req, "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: %zu\r\n\r\n%s",
+           strlen(cb), cb);
+  kc_sends(&kk, req);
+  assert_int_equal(kc_read(&kk, &r, 0), 0);
+  want_json_error(&r, 400);
+  assert_non_null(strstr(r.body, "no chat template"));
+  free(r.body);
+  send_completion(&kk, 1, 1, 0, NULL);
+  assert_int_equal(kc_read(&kk, &r, 0), 0);
+  want_completion(&r, 1, 1);
+  free(r.body);
+  kc_close(&kk);
+}
+
+/* stream_options.include_usage on /v1/completions: the usage chunk after every choice's end. */
+static void test_stream_usage(void **state) {
+  (void)state;
+  char body[512];
+  snprintf(body, sizeof body,
+           "{\"model\": \"lora2\", \"prompt\": [\"%s\", \"%s\"], \"max_tokens\": %d, \"temperature\": 0, "
+           "\"stream\": true, \"stream_options\": {\"include_usage\": true}}",
+           prompts[0], prompts[1], GEN);
+  http_res res;
+  http("POST", "/v1/completions", body, strlen(body), &res);
+  assert_int_equal(res.status, 200);
+  char *last = NULL, *save = NULL;
+  int finished = 0, n = 0;
+  for (char *ev = strtok_r(res.body, "\n", &save); ev; ev = strtok_r(NULL, "\n", &save)) {
+    if (strcmp(ev, "data: [DONE]") == 0) break;
+    cJSON *j = cJSON_Parse(ev + 6);
+    assert_non_null(j);
+    const cJSON *chs = cJSON_GetObjectItemCaseSensitive(j, "choices");
+    if (cJSON_GetArraySize(chs) > 0) {
+      assert_null(last); /* nothing after the usage chunk */
+      assert_true(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(j, "usage")));
+      if (cJSON_IsString(cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(chs, 0), "finish_reason")))
+        finished++;
+    } else {
+      last = ev;
+      const cJSON *u = cJSON_GetObjectItemCaseSensitive(j, "usage");
+      size_t l0 = strlen(prompts[0]), l1 = strlen(prompts[1]);
+      assert_int_equal((int)num(u, "prompt_tokens"), (int)(l0 + l1));
+      assert_int_equal((int)num(u, "completion_tokens"), 2 * GEN);
+      n++;
+    }
+    cJSON_Delete(j);
+  }
+  assert_int_equal(finished, 2);
+  assert_int_equal(n, 1);
+  free(res.body);
+}
+
+/* ---- tenants: serve-model --keys with keys made by offtune-cloud keys ----------------------- */
+
+static int serve_model_port(const char *log) {
+  int got = 0;
+  for (int i = 0; i < 200 && !got; i++) {
+    usleep(50000);
+    FILE *f = fopen(log, "r");
+    char line[1024];
+    while (f && fgets(line, sizeof line, f)) {
+      char *at = strstr(line, ", port ");
+      if (at) got = atoi(at + 7);
+    }
+    if (f) fclose(f);
+  }
+  if (!got) fail_msg("serve-model did not report its port");
+  return got;
+}
+
+static char *make_key(const char *db, const char *args) {
+  char out[512];
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys create --registry %s %s", ot_test_binary_dir(), db, args);
+  char *key = strstr(out, "otk-");
+  assert_non_null(key);
+  assert_non_null(strstr(out, "shown once"));
+  key[47] = '\0';
+  return strdup(key);
+}
+
+/* The model ids key sees in GET /v1/models, as one comma-separated string. */
+static void model_ids(const char *key, char *out, size_t cap) {
+  http_res res;
+  auth_key = key;
+  http("GET", "/v1/models", "", 0, &res);
+  auth_key = NULL;
+  if (res.status != 200) fail_msg("models: %d %s", res.status, res.body);
+  cJSON *j = cJSON_Parse(res.body), *m;
+  out[0] = '\0';
+  cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(j, "data")) {
+    if (out[0]) strncat(out, ",", cap - strlen(out) - 1);
+    strncat(out, str(m, "id"), cap - strlen(out) - 1);
+  }
+  cJSON_Delete(j);
+  free(res.body);
+}
+
+static int completion_status(const char *key, const char *model, int k, int p) {
+  char *body = request_json(model, prompts[p], 0);
+  http_res res;
+  auth_key = key;
+  http("POST", "/v1/completions", body, strlen(body), &res);
+  auth_key = NULL;
+  int st = res.status;
+  if (st == 200) {
+    cJSON *j = cJSON_Parse(res.body);
+    char w[4 * GEN];
+    want_text(k, p, w);
+    assert_string_equal(str(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text"),
+                        w);
+    cJSON_Delete(j);
+  } else {
+    want_json_error(&res, st);
+  }
+  free(res.body);
+  free(body);
+  return st;
+}
+
+static void test_keys(void **state) {
+  (void)state;
+  char out[8192], db[700], log[700], ad[700];
+  const char *bin = ot_test_binary_dir();
+  snprintf(db, sizeof db, "%s/keys.db", dir);
+  snprintf(log, sizeof log, "%s/serve_keys.log", dir);
+  /* adapters: acme/lora1, beta/off1 (tenants'), lora2 (the operator's) */
+  snprintf(ad, sizeof ad, "%s/tenants", dir);
+  assert_int_equal(ot_test_system("mkdir -p %s/acme %s/beta && ln -sfn %s/lora1 %s/acme/lora1 && "
+                                  "ln -sfn %s/off1 %s/beta/off1 && ln -sfn %s/lora2 %s/lora2",
+                                  ad, ad, dir, ad, dir, ad, dir, ad),
+                   0);
+  char *ka = make_key(db, "--tenant acme --models tiny-base"), *kb = make_key(db, "--tenant beta");
+  char *kadmin = make_key(db, "--tenant ops --admin"),
+       *kother = make_key(db, "--tenant acme --models other-model");
+  /* refusals of the command itself */
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s/cloud/offtune-cloud keys create --registry %s --tenant 'a b'", bin, db),
+                   1);
+  assert_non_null(strstr(out, "tenant 'a b'"));
+  assert_int_equal(ot_test_run(out, sizeof out, "%s/cloud/offtune-cloud keys create --registry %s", bin, db),
+                   2);
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys list --registry %s --json", bin, db);
+  assert_null(strstr(out, ka + 4)); /* only hashes are stored and listed */
+  assert_int_equal(ot_test_system("grep -c '%s' %s >/dev/null", ka + 4, db), 1);
+  /* beyond loopback only with keys or the explicit flag */
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s/cloud/offtune-cloud serve-model --model %s/base --http 0.0.0.0:0", bin,
+                               dir),
+                   2);
+  assert_non_null(strstr(out, "not a loopback address"));
+  assert_int_equal(
+      ot_test_run(out, sizeof out,
+                  "%s/cloud/offtune-cloud serve-model --model %s/base --http 127.0.0.1:0 --keys %s/nokeys.db",
+                  bin, dir, dir),
+      2);
+  assert_non_null(strstr(out, "no such file"));
+
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  keys_server = pid;
+  if (pid == 0) {
+    char model[600], exe[600];
+    snprintf(exe, sizeof exe, "%s/cloud/offtune-cloud", bin);
+    snprintf(model, sizeof model, "%s/base", dir);
+    if (!freopen(log, "w", stderr)) _exit(99);
+    execl(exe, exe, "serve-model", "--model", model, "--name", "tiny-base", "--adapters-dir", ad, "--keys",
+          db, "--http", "127.0.0.1:0", "--threads", "1", "--max-batch", "4", "--max-step-tokens", "64",
+          (char *)NULL);
+    _exit(98);
+  }
+  int saved = port;
+  port = serve_model_port(log);
+  http_res res;
+  /* no key, a wrong key: 401 at once, JSON, WWW-Authenticate; /health needs none */
+  http("GET", "/v1/models", "", 0, &res);
+  want_json_error(&res, 401);
+  assert_non_null(strcasestr(res.head, "\r\nWWW-Authenticate: Bearer"));
+  free(res.body);
+  assert_int_equal(completion_status("otk-not-a-key", "", 0, 0), 401);
+  assert_int_equal(completion_status(NULL, "", 0, 0), 401);
+  http("GET", "/health", "", 0, &res);
+  assert_int_equal(res.status, 200);
+  free(res.body);
+  /* each key sees its tenant's adapters and the base models it is allowed */
+  char ids[1024];
+  model_ids(ka, ids, sizeof ids);
+  assert_string_equal(ids, "tiny-base,acme/lora1");
+  model_ids(kb, ids, sizeof ids);
+  assert_string_equal(ids, "tiny-base,beta/off1");
+  model_ids(kadmin, ids, sizeof ids);
+  assert_non_null(strstr(ids, "acme/lora1"));
+  assert_non_null(strstr(ids, "beta/off1"));
+  assert_non_null(strstr(ids, "lora2"));
+  model_ids(kother, ids, sizeof ids);
+  assert_string_equal(ids, "");
+  assert_int_equal(completion_status(ka, "acme/lora1", 3, 0), 200);
+  assert_int_equal(completion_status(ka, "", 0, 1), 200);
+  assert_int_equal(completion_status(ka, "beta/off1", 0, 0), 404); /* as if it did not exist */
+  assert_int_equal(completion_status(ka, "lora2", 0, 0), 404);
+  assert_int_equal(completion_status(kb, "beta/off1", 1, 2), 200);
+  assert_int_equal(completion_status(kb, "acme/lora1", 0, 0), 404);
+  assert_int_equal(completion_status(kadmin, "lora2", 4, 0), 200);
+  assert_int_equal(completion_status(kother, "", 0, 0), 403);
+  assert_int_equal(completion_status(kother, "acme/lora1", 0, 0), 404);
+  /* the operator's routes: an admin key only */
+  char lb[900];
+  snprintf(lb, sizeof lb, "{\"lora_name\": \"acme/hot\", \"lora_path\": \"%s/lora2\"}", dir);
+  auth_key = ka;
+  http("GET", "/metrics", "", 0, &res);
+  want_json_error(&res, 403);
+  free(res.body);
+  http("POST", "/v1/load_lora_adapter", lb, strlen(lb), &res);
+  want_json_error(&res, 403);
+  free(res.body);
+  auth_key = kadmin;
+  http("GET", "/metrics", "", 0, &res);
+  assert_int_equal(res.status, 200);
+  assert_non_null(strstr(res.body, "offtune_requests_refused_total{reason=\"unauthenticated\"} 3"));
+  free(res.body);
+  http("POST", "/v1/load_lora_adapter", lb, strlen(lb), &res);
+  if (res.status != 200) fail_msg("load: %d %s", res.status, res.body);
+  free(res.body);
+  auth_key = NULL;
+  assert_int_equal(completion_status(ka, "acme/hot", 4, 1), 200); /* the tenant's new adapter */
+  assert_int_equal(completion_status(kb, "acme/hot", 0, 0), 404);
+  auth_key = ka;
+  http("GET", "/v1/models/beta%2Foff1", "", 0, &res);
+  want_json_error(&res, 404);
+  free(res.body);
+  http("GET", "/v1/models/acme/lora1", "", 0, &res);
+  assert_int_equal(res.status, 200);
+  free(res.body);
+  auth_key = NULL;
+  /* revoked: 403 from the next request on, while the server runs */
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys list --registry %s --json", bin, db);
+  cJSON *list = cJSON_Parse(out), *k;
+  const char *ida = NULL;
+  cJSON_ArrayForEach(k, list) if (strcmp(str(k, "models"), "tiny-base") == 0) ida = str(k, "id");
+  assert_non_null(ida);
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys revoke %s --registry %s", bin, ida, db);
+  assert_int_equal(completion_status(ka, "acme/lora1", 3, 0), 403);
+  assert_int_equal(completion_status(kb, "beta/off1", 1, 2), 200);
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys list --registry %s", bin, db);
+  assert_non_null(strstr(out, "revoked"));
+  cJSON_Delete(list);
+  port = saved;
+  kill(pid, SIGTERM);
+  int st = 0;
+  assert_int_equal(waitpid(pid, &st, 0), pid);
+  keys_server = 0;
+  assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  FILE *f = fopen(log, "r");
+  size_t n = fread(out, 1, sizeof out - 1, f);
+  out[n] = '\0';
+  fclose(f);
+  assert_non_null(strstr(out, "HTTP API keys from"));
+  assert_non_null(strstr(out, "refused (401)"));
+  free(ka);
+  free(kb);
+  free(kadmin);
+  free(kother);
+}
+
+/* logit_bias and the penalties through the API (their math: test_serve's test_penalties); the
+ * fields OpenAI defines that this server does not do are refused, never ignored. */
+static void test_sampling_fields(void **state) {
+  (void)state;
+  char body[512];
+  http_res res;
+  /* +100 on 'x': greedy picks it every time */
+  snprintf(
+      body, sizeof body,
+      "{\"model\": \"lora1\", \"prompt\": \"Hi\", \"max_tokens\": 6, \"temperature\": 0, \"logit_bias\": "
+      "{\"120\": 100}}");
+  cJSON *j = post(body, 200, &res);
+  assert_string_equal(str(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text"),
+                      "xxxxxx");
+  cJSON_Delete(j);
+  free(res.body);
+  /* -100 on the greedy first token: another first token */
+  snprintf(
+      body, sizeof body,
+      "{\"model\": \"lora1\", \"prompt\": \"%s\", \"max_tokens\": 1, \"temperature\": 0, \"logit_bias\": "
+      "{\"%d\": -100}, \"presence_penalty\": 0.5, \"frequency_penalty\": -0.5}",
+      prompts[1], want[3][1][0]);
+  j = post(body, 200, &res);
+  const char *t = str(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text");
+  assert_true(strlen(t) >= 1 && (unsigned char)t[0] != (unsigned)want[3][1][0]);
+  cJSON_Delete(j);
+  free(res.body);
+  const char *bad[][2] = {
+      {"{\"prompt\": \"a\", \"logit_bias\": {\"5\": 101}}", "logit_bias"},
+      {"{\"prompt\": \"a\", \"logit_bias\": {\"x\": 1}}", "logit_bias"},
+      {"{\"prompt\": \"a\", \"logit_bias\": {\"-1\": 1}}", "logit_bias"},
+      {"{\"prompt\": \"a\", \"logit_bias\": [1]}", "logit_bias"},
+      {"{\"prompt\": \"a\", \"presence_penalty\": 2.5}", "presence_penalty"},
+      {"{\"prompt\": \"a\", \"frequency_penalty\": \"1\"}", "frequency_penalty"},
+      {"{\"prompt\": \"a\", \"stream_options\": {\"include_usage\": true}}", "stream_options"},
+      {"{\"prompt\": \"a\", \"stream\": true, \"stream_options\": {\"other\": true}}", "stream_options"},
+      {"{\"prompt\": \"a\", \"suffix\": \"b\"}", "suffix"},
+      {"{\"prompt\": \"a\", \"response_format\": {\"type\": \"json_object\"}}", "response_format"},
+      {"{\"prompt\": \"a\", \"repetition_penalty\": 1.1}", "repetition_penalty"},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+    http("POST", "/v1/completions", bad[i][0], strlen(bad[i][0]), &res);
+    if (res.status != 400) fail_msg("%s: %d %s", bad[i][0], res.status, res.body);
+    cJSON *e = cJSON_GetObjectItemCaseSensitive(j = cJSON_Parse(res.body), "error");
+    assert_string_equal(str(e, "param"), bad[i][1]);
+    cJSON_Delete(j);
+    free(res.body);
+  }
+  /* a token id beyond the vocabulary is refused by the engine: 400 */
+  const char *big = "{\"prompt\": \"a\", \"logit_bias\": {\"100000\": 1}}";
+  http("POST", "/v1/completions", big, strlen(big), &res);
+  want_json_error(&res, 400);
+  free(res.body);
+}
+
+/* ---- GET /metrics: parsed by prometheus_client (tests/ref/prom_parse.py), values checked -------- */
+
+/* The samples of GET /metrics at port p as prom_parse.py prints them. */
+static void metrics_samples(int p, char *out, size_t cap) {
+  int saved = port;
+  port = p;
+  http_res res;
+  http("GET", "/metrics", "", 0, &res);
+  port = saved;
+  if (res.status != 200) fail_msg("/metrics: %d %s", res.status, res.body);
+  assert_non_null(strcasestr(res.head, "Content-Type: text/plain; version=0.0.4"));
+  char path[700];
+  snprintf(path, sizeof path, "%s/metrics.txt", dir);
+  FILE *f = fopen(path, "w");
+  fwrite(res.body, 1, res.len, f);
+  fclose(f);
+  free(res.body);
+  int rc =
+      ot_test_run(out, cap, "/usr/bin/python3 %s/tests/ref/prom_parse.py %s", ot_test_source_dir(), path);
+  if (rc == 77) skip();
+  if (rc != 0) fail_msg("prom_parse: %s", out);
+}
+
+static void want_sample(const char *samples, const char *line) {
+  char l[300];
+  snprintf(l, sizeof l, "\n%s\n", line);
+  if (!strstr(samples, l) && strncmp(samples, l + 1, strlen(l + 1)) != 0)
+    fail_msg("no '%s' in:\n%s", line, samples);
+}
+
+static void test_metrics(void **state) {
+  (void)state;
+  ot_serve_engine *e2 = engine(4, 64, 0, -1);
+  assert_int_equal(ot_serve_start(e2), 0);
+  ot_serve_http_config lim = {0};
+  ot_serve_http *h = start_api(e2, &lim);
+  int saved = port;
+  port = ot_serve_http_port(h);
+  for (int i = 0; i < 3; i++) {
+    char *body = request_json(i < 2 ? "lora1" : "", prompts[i < 2 ? 0 : 1], i == 1);
+    http_res res;
+    http("POST", "/v1/completions", body, strlen(body), &res);
+    assert_int_equal(res.status, 200);
+    free(res.body);
+    free(body);
+  }
+  http_res res;
+  http("POST", "/v1/completions", "{\"model\": \"nope\", \"prompt\": \"x\"}", 33,
+       &res); /* refused: not counted */
+  assert_int_equal(res.status, 404);
+  free(res.body);
+  port = saved;
+  static char out[1 << 16];
+  metrics_samples(ot_serve_http_port(h), out, sizeof out);
+  printf("%.*s...\n", 600, out);
+  char l[200];
+  want_sample(out, "offtune_requests_total{model=lora1,outcome=ok} 2");
+  want_sample(out, "offtune_requests_total{model=tiny-base,outcome=ok} 1");
+  snprintf(l, sizeof l, "offtune_prompt_tokens_total{model=lora1} %d", 2 * (int)strlen(prompts[0]));
+  want_sample(out, l);
+  snprintf(l, sizeof l, "offtune_generation_tokens_total{model=lora1} %d", 2 * GEN);
+  want_sample(out, l);
+  snprintf(l, sizeof l, "offtune_generation_tokens_total{model=tiny-base} %d", GEN);
+  want_sample(out, l);
+  want_sample(out, "offtune_time_to_first_token_seconds_count{} 3");
+  want_sample(out, "offtune_time_to_first_token_seconds_bucket{le=+Inf} 3");
+  snprintf(l, sizeof l, "offtune_time_per_output_token_seconds_count{} %d", 3 * (GEN - 1));
+  want_sample(out, l);
+  want_sample(out, "offtune_adapter_loads_total{} 1");
+  want_sample(out, "offtune_adapter_cache_hits_total{} 1");
+  want_sample(out, "offtune_adapters_loaded{} 1");
+  want_sample(out, "offtune_num_requests_running{} 0");
+  want_sample(out, "offtune_num_requests_waiting{} 0");
+  want_sample(out, "offtune_max_batch{} 4");
+  want_sample(out, "offtune_kv_cache_usage_ratio{} 0");
+  snprintf(l, sizeof l, "offtune_engine_tokens_total{} %d", 3 * GEN);
+  want_sample(out, l);
+  want_sample(out, "offtune_requests_refused_total{reason=unauthenticated} 0");
+  ot_serve_http_stop(h);
+  ot_serve_engine_free(e2);
+}
+
+/* ---- adapters loaded and unloaded at run time (vLLM's routes) ----------------------------------- */
+
+static char rt_name[8][64], rt_dir[8][700];
+static int rt_n;
+static pthread_mutex_t rt_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int rt_resolve(void *user, const char *name, char *out, size_t cap) {
+  (void)user;
+  pthread_mutex_lock(&rt_mu);
+  for (int i = 0; i < rt_n; i++)
+    if (strcmp(rt_name[i], name) == 0) {
+      snprintf(out, cap, "%s", rt_dir[i]);
+      pthread_mutex_unlock(&rt_mu);
+      return OT_OK;
+    }
+  pthread_mutex_unlock(&rt_mu);
+  return ot_error(OT_ERR_NOTFOUND, "no adapter '%s'", name);
+}
+
+static void rt_list(void *user, void (*add)(void *ctx, const char *name), void *ctx) {
+  (void)user;
+  pthread_mutex_lock(&rt_mu);
+  for (int i = 0; i < rt_n; i++) add(ctx, rt_name[i]);
+  pthread_mutex_unlock(&rt_mu);
+}
+
+static int rt_load(void *user, const char *name, const char *path) {
+  (void)user;
+  if (strstr(path, "nonexistent")) return ot_error(OT_ERR_INVALID, "%s is not an adapter directory", path);
+  pthread_mutex_lock(&rt_mu);
+  int i = 0;
+  while (i < rt_n && strcmp(rt_name[i], name) != 0) i++;
+  if (i == rt_n) snprintf(rt_name[rt_n++], sizeof rt_name[0], "%s", name);
+  snprintf(rt_dir[i], sizeof rt_dir[0], "%s", path);
+  pthread_mutex_unlock(&rt_mu);
+  return OT_OK;
+}
+
+static int rt_unload(void *user, const char *name) {
+  (void)user;
+  pthread_mutex_lock(&rt_mu);
+  int i = 0;
+  while (i < rt_n && strcmp(rt_name[i], name) != 0) i++;
+  int found = i < rt_n;
+  if (found) {
+    rt_n--;
+    memcpy(rt_name[i], rt_name[rt_n], sizeof rt_name[0]);
+    memcpy(rt_dir[i], rt_dir[rt_n], sizeof rt_dir[0]);
+  }
+  pthread_mutex_unlock(&rt_mu);
+  return found ? OT_OK : ot_error(OT_ERR_NOTFOUND, "no adapter '%s'", name);
+}
+
+static int post_to(const char *path, const char *body, http_res *res) {
+  http("POST", path, body, strlen(body), res);
+  return res->status;
+}
+
+static void test_adapter_runtime(void **state) {
+  (void)state;
+  ot_serve_config c;
+  ot_serve_config_default(&c);
+  c.max_batch = 4;
+  c.max_step_tokens = 64;
+  c.resolve = rt_resolve;
+  c.tok = tok;
+  c.base_digest = digest;
+  c.eos_id = -1;
+  ot_serve_engine *e2 = NULL;
+  assert_int_equal(ot_serve_engine_create(base, &c, &e2), 0);
+  assert_int_equal(ot_serve_start(e2), 0);
+  ot_serve_http_config lim = {.load_adapter = rt_load, .unload_adapter = rt_unload};
+  ot_serve_http *h = start_api(e2, &lim);
+  int saved = port;
+  port = ot_serve_http_port(h);
+  char body[1024];
+  http_res res;
+  /* "hot" = lora1, then (without a restart, the cached copy dropped) lora2 */
+  for (int round = 0; round < 2; round++) {
+    int k = round ? 4 : 3;
+    snprintf(body, sizeof body, "{\"lora_name\": \"hot\", \"lora_path\": \"%s/%s\"}", dir, models[k]);
+    if (post_to("/v1/load_lora_adapter", body, &res) != 200) fail_msg("load: %d %s", res.status, res.body);
+    assert_non_null(strstr(res.body, "\"loaded\""));
+    free(res.body);
+    char *rq = request_json("hot", prompts[0], 0);
+    cJSON *j = post(rq, 200, &res);
+    char w[4 * GEN];
+    want_text(k, 0, w);
+    assert_string_equal(str(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0), "text"),
+                        w);
+    cJSON_Delete(j);
+    free(res.body);
+    free(rq);
+  }
+  http("GET", "/v1/models/hot", "", 0, &res);
+  assert_int_equal(res.status, 200);
+  free(res.body);
+  assert_int_equal(post_to("/v1/unload_lora_adapter", "{\"lora_name\": \"hot\"}", &res), 200);
+  free(res.body);
+  char *rq = request_json("hot", prompts[0], 0);
+  http("POST", "/v1/completions", rq, strlen(rq), &res);
+  want_json_error(&res, 404);
+  free(res.body);
+  free(rq);
+  assert_int_equal(post_to("/v1/unload_lora_adapter", "{\"lora_name\": \"hot\"}", &res), 404);
+  free(res.body);
+  /* an adapter whose files fail the engine's checks is refused and not kept */
+  assert_int_equal(
+      ot_test_system("mkdir -p %s/broken && cp %s/lora1/adapter_config.json %s/broken/", dir, dir, dir), 0);
+  snprintf(body, sizeof body, "{\"lora_name\": \"bad\", \"lora_path\": \"%s/broken\"}", dir);
+  assert_int_equal(post_to("/v1/load_lora_adapter", body, &res), 400);
+  want_json_error(&res, 400);
+  free(res.body);
+  http("GET", "/v1/models/bad", "", 0, &res);
+  assert_int_equal(res.status, 404);
+  free(res.body);
+  snprintf(body, sizeof body, "{\"lora_name\": \"x\", \"lora_path\": \"%s/nonexistent\"}", dir);
+  assert_int_equal(post_to("/v1/load_lora_adapter", body, &res), 400);
+  free(res.body);
+  assert_int_equal(post_to("/v1/load_lora_adapter", "{\"lora_name\": \"x\"}", &res), 400);
+  free(res.body);
+  assert_int_equal(post_to("/v1/load_lora_adapter", "not json", &res), 400);
+  free(res.body);
+  port = saved;
+  /* the main server has no loader: 404 */
+  assert_int_equal(post_to("/v1/unload_lora_adapter", "{\"lora_name\": \"lora1\"}", &res), 404);
+  free(res.body);
+  ot_serve_http_stop(h);
+  ot_serve_engine_free(e2);
+}
+
+/* ---- the npm openai client (tests/openai_client.js) against serve-model with keys and chat ----- */
+
+static void test_openai_client(void **state) {
+  (void)state;
+  char out[16384], db[700], log[700], ad[700], spec_path[700];
+  const char *bin = ot_test_binary_dir();
+  snprintf(db, sizeof db, "%s/oa_keys.db", dir);
+  snprintf(log, sizeof log, "%s/serve_oa.log", dir);
+  snprintf(ad, sizeof ad, "%s/oa_tenants", dir);
+  /* the test model with the default model's chat template */
+  assert_int_equal(
+      ot_test_system("rm -rf %s/chatbase %s && mkdir -p %s/acme %s/beta && cp -r %s/base %s/chatbase && "
+                     "ln -sfn %s/lora1 %s/acme/lora1 && ln -sfn %s/off1 %s/beta/off1 && rm -f %s",
+                     dir, ad, ad, ad, dir, dir, dir, ad, dir, ad, db),
+      0);
+  char mdir[4200];
+  snprintf(mdir, sizeof mdir, "%s/models/brown-8x128", ot_test_source_dir());
+  ot_chat_config *cc = NULL;
+  if (ot_chat_config_load_dir(mdir, &cc)) fail_msg("chat config: %s", ot_error_detail());
+  ot_chat_config_free(cc);
+  snprintf(spec_path, sizeof spec_path, "%s/chatbase/tokenizer_config.json", dir);
+  FILE *f = fopen(spec_path, "r");
+  size_t n = fread(out, 1, sizeof out - 1, f);
+  out[n] = '\0';
+  fclose(f);
+  cJSON *tc = cJSON_Parse(out);
+  char tpath[4300];
+  snprintf(tpath, sizeof tpath, "%s/scripts/default_chat_template.jinja", ot_test_source_dir());
+  f = fopen(tpath, "r");
+  assert_non_null(f);
+  n = fread(out, 1, sizeof out - 1, f);
+  out[n] = '\0';
+  fclose(f);
+  cJSON_AddStringToObject(tc, "chat_template", out);
+  char *tct = cJSON_Print(tc);
+  f = fopen(spec_path, "w");
+  fputs(tct, f);
+  fclose(f);
+  free(tct);
+  cJSON_Delete(tc);
+
+  char *ka = make_key(db, "--tenant acme --models tiny-base"), *kr = make_key(db, "--tenant acme");
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys list --registry %s --json", bin, db);
+  cJSON *list = cJSON_Parse(out), *k;
+  const char *idr = NULL;
+  cJSON_ArrayForEach(k, list) if (strcmp(str(k, "models"), "*") == 0) idr = str(k, "id");
+  assert_non_null(idr);
+  OT_TEST_RUN_OK(out, "%s/cloud/offtune-cloud keys revoke %s --registry %s", bin, idr, db);
+  cJSON_Delete(list);
+
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  keys_server = pid;
+  if (pid == 0) {
+    char model[600], exe[600];
+    snprintf(exe, sizeof exe, "%s/cloud/offtune-cloud", bin);
+    snprintf(model, sizeof model, "%s/chatbase", dir);
+    if (!freopen(log, "w", stderr)) _exit(99);
+    execl(exe, exe, "serve-model", "--model", model, "--name", "tiny-base", "--adapters-dir", ad, "--keys",
+          db, "--http", "127.0.0.1:0", "--threads", "1", "--max-batch", "4", "--max-step-tokens", "64",
+          (char *)NULL);
+    _exit(98);
+  }
+  int p = serve_model_port(log);
+  int pt = 0;
+  char *chat = chat_want(3, "Be brief.\n\nUser: Hello\nAssistant:", &pt), w[4 * GEN];
+  want_text(3, 0, w);
+  cJSON *spec = cJSON_CreateObject();
+  snprintf(out, sizeof out, "http://127.0.0.1:%d", p);
+  cJSON_AddStringToObject(spec, "url", out);
+  cJSON *keys = cJSON_AddObjectToObject(spec, "keys");
+  cJSON_AddStringToObject(keys, "acme", ka);
+  cJSON_AddStringToObject(keys, "revoked", kr);
+  cJSON_AddStringToObject(spec, "base", "tiny-base");
+  cJSON_AddStringToObject(spec, "adapter", "acme/lora1");
+  cJSON_AddStringToObject(spec, "other_adapter", "beta/off1");
+  cJSON_AddStringToObject(spec, "prompt", prompts[0]);
+  cJSON_AddNumberToObject(spec, "max_tokens", GEN);
+  cJSON_AddStringToObject(spec, "completion", w);
+  cJSON_AddStringToObject(spec, "system", "Be brief.");
+  cJSON_AddStringToObject(spec, "user", "Hello");
+  cJSON_AddStringToObject(spec, "chat", chat);
+  char *st = cJSON_Print(spec);
+  snprintf(spec_path, sizeof spec_path, "%s/openai_spec.json", dir);
+  f = fopen(spec_path, "w");
+  fputs(st, f);
+  fclose(f);
+  free(st);
+  cJSON_Delete(spec);
+  free(chat);
+  int rc = ot_test_run(out, sizeof out, "node %s/tests/openai_client.js %s", ot_test_source_dir(), spec_path);
+  printf("%s", out);
+  kill(pid, SIGTERM);
+  int stt = 0;
+  assert_int_equal(waitpid(pid, &stt, 0), pid);
+  keys_server = 0;
+  free(ka);
+  free(kr);
+  if (rc == 77) skip();
+  if (rc != 0) fail_msg("openai client (exit %d):\n%s", rc, out);
+  assert_non_null(strstr(out, "checks passed"));
+  assert_true(WIFEXITED(stt) && WEXITSTATUS(stt) == 0);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_utf8),           cmocka_unit_test(test_completions),
-      cmocka_unit_test(test_prompt_array),   cmocka_unit_test(test_stream),
-      cmocka_unit_test(test_stream_prompts), cmocka_unit_test(test_models),
-      cmocka_unit_test(test_errors),         cmocka_unit_test(test_stop),
-      cmocka_unit_test(test_concurrent),     cmocka_unit_test(test_rpc),
-      cmocka_unit_test(test_command),        cmocka_unit_test(test_hostile_stop),
-      cmocka_unit_test(test_keepalive),      cmocka_unit_test(test_http_errors),
-      cmocka_unit_test(test_slow_requests),  cmocka_unit_test(test_write_timeout),
-      cmocka_unit_test(test_conn_caps),      cmocka_unit_test(test_disconnect_cancels),
+      cmocka_unit_test(test_chat),
+      cmocka_unit_test(test_stream_usage),
+      cmocka_unit_test(test_sampling_fields),
+      cmocka_unit_test(test_metrics),
+      cmocka_unit_test(test_adapter_runtime),
+      cmocka_unit_test(test_utf8),
+      cmocka_unit_test(test_completions),
+      cmocka_unit_test(test_prompt_array),
+      cmocka_unit_test(test_stream),
+      cmocka_unit_test(test_stream_prompts),
+      cmocka_unit_test(test_models),
+      cmocka_unit_test(test_errors),
+      cmocka_unit_test(test_stop),
+      cmocka_unit_test(test_concurrent),
+      cmocka_unit_test(test_rpc),
+      cmocka_unit_test(test_command),
+      cmocka_unit_test(test_hostile_stop),
+      cmocka_unit_test(test_keepalive),
+      cmocka_unit_test(test_http_errors),
+      cmocka_unit_test(test_slow_requests),
+      cmocka_unit_test(test_write_timeout),
+      cmocka_unit_test(test_conn_caps),
+      cmocka_unit_test(test_disconnect_cancels),
+      cmocka_unit_test(test_keys), /* last: a failure leaves `port` at its server */
+      cmocka_unit_test(test_openai_client),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -261,6 +261,13 @@ static void test_serving_published(void **state) {
   RUN_OK("curl -sf %s/v1/models", http);
   assert_null(strstr(out, "\"id\":\"alpha\""));
   RUN_OK("%s adapter publish alpha --state '%s'", cloud, d.state);
+  /* /metrics: the serving counters and the daemon's own (from its registry) */
+  RUN_OK("curl -sf %s/metrics", http);
+  assert_non_null(strstr(out, "offtune_requests_total{model=\"alpha\",outcome=\"ok\"} 1"));
+  assert_non_null(strstr(out, "offtune_daemon_sessions{state=\"done\"} 2"));
+  assert_non_null(strstr(out, "offtune_daemon_devices{state=\"revoked\"} 1"));
+  assert_non_null(strstr(out, "offtune_daemon_update_events_total{event=\"update.accepted\"}"));
+  assert_non_null(strstr(out, "offtune_daemon_rounds{state=\"done\"}"));
   daemon_stop(&d);
 }
 
