@@ -190,6 +190,48 @@ static int read_json(const char *path, cJSON **out) {
   return OT_OK;
 }
 
+typedef struct {
+  char *p;
+  size_t n, cap;
+  bool oom;
+} sbuf;
+
+static void sb_put(sbuf *b, const void *s, size_t n) {
+  if (b->oom) return;
+  if (b->n + n + 1 > b->cap) {
+    size_t c = b->cap ? b->cap : 4096;
+    while (c < b->n + n + 1) c *= 2;
+    char *p = realloc(b->p, c);
+    if (!p) {
+      b->oom = true;
+      return;
+    }
+    b->p = p;
+    b->cap = c;
+  }
+  memcpy(b->p + b->n, s, n);
+  b->n += n;
+}
+
+static void sb_json_string(sbuf *b, const char *s, size_t n) {
+  sb_put(b, "\"", 1);
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    char esc[8];
+    if (c == '"' || c == '\\') {
+      esc[0] = '\\';
+      esc[1] = (char)c;
+      sb_put(b, esc, 2);
+    } else if (c < 0x20) {
+      snprintf(esc, sizeof esc, "\\u%04x", c);
+      sb_put(b, esc, 6);
+    } else {
+      sb_put(b, s + i, 1);
+    }
+  }
+  sb_put(b, "\"", 1);
+}
+
 /* ------------------------------------------------------------ construction */
 
 static ot_tokenizer *tok_alloc(int kind) {
@@ -239,79 +281,93 @@ int ot_tokenizer_byte_new(ot_tokenizer **out) {
   return OT_OK;
 }
 
-/* id_limit >= 0 keeps only ids below it (a truncated vocabulary). */
-static int load_vocab(ot_tokenizer *t, const char *path, int32_t id_limit) {
-  cJSON *root = NULL;
-  int rc = read_json(path, &root);
-  if (rc != OT_OK) return rc;
-  if (!cJSON_IsObject(root)) {
-    cJSON_Delete(root);
+/* Checks one vocabulary entry (token string, id); NULL when fine, else why not. */
+static const char *vocab_entry_problem(const char *str, const cJSON *id) {
+  if (!str || !*str) return "an empty token string";
+  if (!cJSON_IsNumber(id)) return "an id that is not a number";
+  if (!(id->valuedouble >= 0 && id->valuedouble < TOK_MAX_VOCAB) || id->valuedouble != floor(id->valuedouble))
+    return "an id that is not an integer in [0, 2^24)";
+  return NULL;
+}
+
+/* The vocabulary from a JSON object mapping token strings to ids, plus (added not NULL)
+ * tokenizer.json's added_tokens array, whose entries may repeat a vocabulary entry.
+ * id_limit >= 0 keeps only ids below it (a truncated vocabulary). */
+static int vocab_build(ot_tokenizer *t, const cJSON *root, const cJSON *added, const char *path,
+                       int32_t id_limit) {
+  if (!cJSON_IsObject(root))
     return ot_error(OT_ERR_FORMAT, "%s: expected a JSON object mapping token strings to ids", path);
-  }
   size_t n = 0, bytes = 0;
   int32_t max_id = -1;
   for (const cJSON *c = root->child; c; c = c->next) {
-    const char *why = NULL;
-    if (!c->string || !*c->string)
-      why = "an empty token string";
-    else if (!cJSON_IsNumber(c))
-      why = "an id that is not a number";
-    else if (!(c->valuedouble >= 0 && c->valuedouble < TOK_MAX_VOCAB) ||
-             c->valuedouble != floor(c->valuedouble))
-      why = "an id that is not an integer in [0, 2^24)";
-    if (why) {
-      rc = ot_error(OT_ERR_FORMAT, "%s: entry %zu (\"%.40s\") has %s", path, n + 1,
-                    c->string ? c->string : "", why);
-      cJSON_Delete(root);
-      return rc;
-    }
+    const char *why = vocab_entry_problem(c->string, c);
+    if (why)
+      return ot_error(OT_ERR_FORMAT, "%s: entry %zu (\"%.40s\") has %s", path, n + 1, c->string ? c->string : "",
+                      why);
     if (id_limit >= 0 && (int32_t)c->valuedouble >= id_limit) continue;
     if ((int32_t)c->valuedouble > max_id) max_id = (int32_t)c->valuedouble;
     bytes += strlen(c->string) + 1;
     n++;
   }
-  if (n == 0) {
-    cJSON_Delete(root);
-    return ot_error(OT_ERR_FORMAT, "%s: the vocabulary is empty", path);
+  size_t k = 0;
+  for (const cJSON *a = added ? added->child : NULL; a; a = a->next, k++) {
+    const cJSON *content = cJSON_GetObjectItemCaseSensitive(a, "content");
+    const char *str = cJSON_IsString(content) ? content->valuestring : NULL;
+    const char *why = vocab_entry_problem(str, cJSON_GetObjectItemCaseSensitive(a, "id"));
+    if (why) return ot_error(OT_ERR_FORMAT, "%s: added_tokens[%zu] has %s", path, k, why);
+    int32_t id = (int32_t)cJSON_GetObjectItemCaseSensitive(a, "id")->valuedouble;
+    if (id > max_id) max_id = id;
+    bytes += strlen(str) + 1;
+    n++;
   }
+  if (n == 0) return ot_error(OT_ERR_FORMAT, "%s: the vocabulary is empty", path);
   t->vocab_size = max_id + 1;
   t->text = malloc(bytes);
   t->text_off = malloc((size_t)t->vocab_size * sizeof *t->text_off);
   t->text_len = malloc((size_t)t->vocab_size * sizeof *t->text_len);
   t->vmap_mask = pow2_at_least(2 * (uint64_t)n) - 1;
   t->vmap = malloc((t->vmap_mask + 1) * sizeof *t->vmap);
-  if (!t->text || !t->text_off || !t->text_len || !t->vmap) {
-    cJSON_Delete(root);
+  if (!t->text || !t->text_off || !t->text_len || !t->vmap)
     return ot_error(OT_ERR_NOMEM, "cannot allocate the vocabulary of %s", path);
-  }
   for (int32_t i = 0; i < t->vocab_size; i++) t->text_len[i] = UINT32_MAX;
   memset(t->vmap, 0xff, (t->vmap_mask + 1) * sizeof *t->vmap);
   size_t off = 0;
-  for (const cJSON *c = root->child; c; c = c->next) {
-    int32_t id = (int32_t)c->valuedouble;
-    if (id_limit >= 0 && id >= id_limit) continue;
-    size_t len = strlen(c->string);
-    if (t->text_len[id] != UINT32_MAX) {
-      rc = ot_error(OT_ERR_FORMAT, "%s: id %d is used by both \"%.40s\" and \"%.40s\"", path, id,
-                    t->text + t->text_off[id], c->string);
-      cJSON_Delete(root);
-      return rc;
-    }
-    if (vocab_find(t, c->string, len) >= 0) {
-      rc = ot_error(OT_ERR_FORMAT, "%s: token \"%.40s\" appears twice", path, c->string);
-      cJSON_Delete(root);
-      return rc;
-    }
-    memcpy(t->text + off, c->string, len + 1);
+  const cJSON *c = root->child, *a = added ? added->child : NULL;
+  while (c || a) {
+    bool is_added = c == NULL;
+    const cJSON *e = is_added ? a : c;
+    const char *str = is_added ? cJSON_GetObjectItemCaseSensitive(e, "content")->valuestring : e->string;
+    int32_t id = (int32_t)(is_added ? cJSON_GetObjectItemCaseSensitive(e, "id") : e)->valuedouble;
+    if (is_added)
+      a = a->next;
+    else
+      c = c->next;
+    if (!is_added && id_limit >= 0 && id >= id_limit) continue;
+    size_t len = strlen(str);
+    int32_t have = vocab_find(t, str, len);
+    if (is_added && have == id) continue; /* an added token that the model vocabulary has too */
+    if (t->text_len[id] != UINT32_MAX)
+      return ot_error(OT_ERR_FORMAT, "%s: id %d is used by both \"%.40s\" and \"%.40s\"", path, id,
+                      t->text + t->text_off[id], str);
+    if (have >= 0) return ot_error(OT_ERR_FORMAT, "%s: token \"%.40s\" appears twice", path, str);
+    memcpy(t->text + off, str, len + 1);
     t->text_off[id] = (uint32_t)off;
     t->text_len[id] = (uint32_t)len;
     off += len + 1;
-    uint64_t h = hash_bytes(c->string, len) & t->vmap_mask;
+    uint64_t h = hash_bytes(str, len) & t->vmap_mask;
     while (t->vmap[h] >= 0) h = (h + 1) & t->vmap_mask;
     t->vmap[h] = id;
   }
-  cJSON_Delete(root);
   return OT_OK;
+}
+
+static int load_vocab(ot_tokenizer *t, const char *path, int32_t id_limit) {
+  cJSON *root = NULL;
+  int rc = read_json(path, &root);
+  if (rc != OT_OK) return rc;
+  rc = vocab_build(t, root, NULL, path, id_limit);
+  cJSON_Delete(root);
+  return rc;
 }
 
 /* Splits one merges.txt line into exactly two fields separated by spaces/tabs. */
@@ -586,48 +642,6 @@ int ot_tokenizer_load_dir(const char *dir, ot_tokenizer **out) {
 }
 
 /* ------------------------------------------------------------------ saving */
-
-typedef struct {
-  char *p;
-  size_t n, cap;
-  bool oom;
-} sbuf;
-
-static void sb_put(sbuf *b, const void *s, size_t n) {
-  if (b->oom) return;
-  if (b->n + n + 1 > b->cap) {
-    size_t c = b->cap ? b->cap : 4096;
-    while (c < b->n + n + 1) c *= 2;
-    char *p = realloc(b->p, c);
-    if (!p) {
-      b->oom = true;
-      return;
-    }
-    b->p = p;
-    b->cap = c;
-  }
-  memcpy(b->p + b->n, s, n);
-  b->n += n;
-}
-
-static void sb_json_string(sbuf *b, const char *s, size_t n) {
-  sb_put(b, "\"", 1);
-  for (size_t i = 0; i < n; i++) {
-    unsigned char c = (unsigned char)s[i];
-    char esc[8];
-    if (c == '"' || c == '\\') {
-      esc[0] = '\\';
-      esc[1] = (char)c;
-      sb_put(b, esc, 2);
-    } else if (c < 0x20) {
-      snprintf(esc, sizeof esc, "\\u%04x", c);
-      sb_put(b, esc, 6);
-    } else {
-      sb_put(b, s + i, 1);
-    }
-  }
-  sb_put(b, "\"", 1);
-}
 
 static int write_file(const char *dir, const char *name, const sbuf *b) {
   if (b->oom) return ot_error(OT_ERR_NOMEM, "cannot build %s/%s in memory", dir, name);
