@@ -645,6 +645,7 @@ typedef struct hf_spec {
   size_t strip_ch_len;
   char *bos, *eos, *chat_template;
   bool split_special;  /* tokenizer_config's split_special_tokens */
+  bool sp_cut;         /* SentencePiece-style words may be cut before "▁" (sp_words) */
   char *json, *config; /* the files as read, written back by save */
   size_t json_len, config_len;
 } hf_spec;
@@ -1183,7 +1184,7 @@ static int parse_config(ot_tokenizer *t, const cJSON *cfg, const char *path) {
   int rc;
   if ((rc = config_token(cfg, "bos_token", &h->bos, path)) != OT_OK ||
       (rc = config_token(cfg, "eos_token", &h->eos, path)) != OT_OK ||
-      (rc = jbool(cfg, "split_special_tokens", false, &h->split_special, path, "")) != OT_OK)
+      (rc = jbool(cfg, "split_special_tokens", false, &h->split_special, path, "setting")) != OT_OK)
     return rc;
   const char *names[2] = {h->bos, h->eos};
   for (int i = 0; i < 2; i++)
@@ -1195,8 +1196,8 @@ static int parse_config(ot_tokenizer *t, const cJSON *cfg, const char *path) {
   const cJSON *ae = cJSON_GetObjectItemCaseSensitive(cfg, "add_eos_token");
   if ((ab && !cJSON_IsNull(ab)) || (ae && !cJSON_IsNull(ae))) {
     bool add_bos = false, add_eos = false;
-    if ((rc = jbool(cfg, "add_bos_token", false, &add_bos, path, "")) != OT_OK ||
-        (rc = jbool(cfg, "add_eos_token", false, &add_eos, path, "")) != OT_OK)
+    if ((rc = jbool(cfg, "add_bos_token", false, &add_bos, path, "setting")) != OT_OK ||
+        (rc = jbool(cfg, "add_eos_token", false, &add_eos, path, "setting")) != OT_OK)
       return rc;
     if ((add_bos && !h->bos) || (add_eos && !h->eos))
       return ot_error(OT_ERR_FORMAT, "%s: add_%s_token is true but there is no %s_token", path,
@@ -1248,6 +1249,15 @@ static int hf_parse(ot_tokenizer *t, const cJSON *root, const cJSON *cfg, const 
         return ot_error(OT_ERR_FORMAT, "%s: ByteLevel pre-tokenizer but no token for byte 0x%02x", path, b);
     }
   if (cfg && (rc = parse_config(t, cfg, cfg_path)) != OT_OK) return rc;
+  /* sp_words may cut a word before a "▁" that follows another character when no token has
+   * such a "▁" inside (true of Llama 2's and Mistral's vocabularies): no merge can cross the cut. */
+  h->sp_cut = !h->byte_level && !h->ignore_merges && vocab_find(t, SPIECE, 3) >= 0;
+  for (int32_t id = 0; id < t->vocab_size && h->sp_cut; id++) {
+    const char *x = t->text + t->text_off[id];
+    size_t n = t->text_len[id];
+    for (size_t k = 1; n != UINT32_MAX && k + 3 <= n && h->sp_cut; k++)
+      if (memcmp(x + k, SPIECE, 3) == 0 && !(k >= 3 && memcmp(x + k - 3, SPIECE, 3) == 0)) h->sp_cut = false;
+  }
   return hf_build_decoder(t, path);
 }
 
@@ -1918,6 +1928,24 @@ static int hf_piece(const ot_tokenizer *t, const uint8_t *p, size_t n, scratch *
   return rc;
 }
 
+/* A SentencePiece-style word (no pre-tokenizer splits it: a whole paragraph can be one word),
+ * cut before each "▁" that follows another character when sp_cut allows: the pieces' merges
+ * are those of the whole, since none crosses a cut, and the pieces are short enough for the
+ * word cache. UTF-8 lead byte 0xE2 is never a continuation byte, so cuts fall between
+ * characters. */
+static int sp_words(const ot_tokenizer *t, const uint8_t *s, size_t n, scratch *sc, ivec *out) {
+  if (!t->hf->sp_cut) return bpe_word(t, s, n, sc, out);
+  size_t a = 0;
+  int rc = OT_OK;
+  for (size_t i = 1; i + 3 <= n && rc == OT_OK; i++)
+    if (memcmp(s + i, SPIECE, 3) == 0 && !(i >= 3 && memcmp(s + i - 3, SPIECE, 3) == 0)) {
+      rc = bpe_word(t, s + a, i - a, sc, out);
+      a = i;
+    }
+  if (rc == OT_OK && a < n) rc = bpe_word(t, s + a, n - a, sc, out);
+  return rc;
+}
+
 /* Text between added tokens: normalizer, then pre-tokenizer, then the model. */
 static int hf_section(const ot_tokenizer *t, const uint8_t *s, size_t n, bool first, scratch *sc, ivec *out) {
   const hf_spec *h = t->hf;
@@ -1951,12 +1979,12 @@ static int hf_section(const ot_tokenizer *t, const uint8_t *s, size_t n, bool fi
     if (pre) sb_put(nxt, h->meta_rep, h->meta_rep_len);
     replace_all(nxt, (const char *)s, n, " ", 1, h->meta_rep, h->meta_rep_len);
     if (nxt->oom) return ot_error(OT_ERR_NOMEM, "cannot allocate a pre-tokenized text of %zu bytes", n);
-    return bpe_word(t, (const uint8_t *)nxt->p, nxt->n, sc, out);
+    return sp_words(t, (const uint8_t *)nxt->p, nxt->n, sc, out);
   }
   int rc = OT_OK;
   for (size_t i = 0; i < n && rc == OT_OK;) {
     size_t end = split_end(t, h->split, s, n, i);
-    rc = h->byte_level ? hf_piece(t, s + i, end - i, sc, out) : bpe_word(t, s + i, end - i, sc, out);
+    rc = h->byte_level ? hf_piece(t, s + i, end - i, sc, out) : sp_words(t, s + i, end - i, sc, out);
     i = end;
   }
   return rc;

@@ -964,6 +964,15 @@ static void test_hf_small_and_malformed(void **state) {
   assert_string_equal(ot_tokenizer_eos_token(t), "</s>");
   assert_string_equal(ot_tokenizer_chat_template(t), "{{ bos_token }}");
   assert_true(ot_tokenizer_is_special(t, 1) && !ot_tokenizer_is_special(t, 9));
+  /* A token with "▁" after another character ("b▁") lets merges cross a "▁": words are then
+   * not cut before it (sp_words), and "b a" merges "b" with the "▁" after it. */
+  ot_tokenizer *cross = NULL;
+  json = tiny_hf("[\"b \xe2\x96\x81\", \"a b\"]", SP_NORM, null, SP_DEC, "");
+  patch(json, "\"<0x41>\": 8", "\"b\xe2\x96\x81\":   8");
+  assert_int_equal(load_tiny(dir, json, NULL, &cross), OT_OK);
+  free(json);
+  expect_ids(cross, "b a", 0, (int32_t[]){3, 8, 4}, 3);
+  ot_tokenizer_free(cross);
   /* Saved and loaded back by directory: tokenizer.json wins over vocab.json + merges.txt. */
   char *saved = join(dir, "saved");
   assert_int_equal(ot_tokenizer_save_dir(t, saved), OT_OK);
