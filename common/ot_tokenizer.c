@@ -602,7 +602,7 @@ int ot_tokenizer_bpe_load_first(const char *vocab_json_path, const char *merges_
 #define RE_QWEN2 RE_LLAMA3_HEAD "\\p{N}" RE_LLAMA3_TAIL
 
 enum { SPLIT_NONE = 0, SPLIT_GPT2, SPLIT_LLAMA3, SPLIT_QWEN2 };
-enum { NORM_PREPEND = 1, NORM_REPLACE };
+enum { NORM_PREPEND = 1, NORM_REPLACE, NORM_NFC };
 enum { PREPEND_ALWAYS = 0, PREPEND_FIRST, PREPEND_NEVER };
 enum { DEC_REPLACE = 1, DEC_BYTE_FALLBACK, DEC_BYTE_LEVEL };
 
@@ -744,7 +744,8 @@ static int parse_normalizer(hf_spec *h, const cJSON *n, const char *path) {
     int rc = replace_pattern(n, path, "normalizer", &pat, &content);
     return rc != OT_OK ? rc : add_step(&h->norm, &h->n_norm, NORM_REPLACE, pat, content);
   }
-  return unsupported(path, "normalizer", type, "Prepend, Replace with a String pattern and Sequence");
+  if (strcmp(type, "NFC") == 0) return add_step(&h->norm, &h->n_norm, NORM_NFC, NULL, NULL); /* Qwen2 */
+  return unsupported(path, "normalizer", type, "NFC, Prepend, Replace with a String pattern and Sequence");
 }
 
 static int parse_split_regex(const char *re, int *kind) {
@@ -1959,6 +1960,13 @@ static int hf_section(const ot_tokenizer *t, const uint8_t *s, size_t n, bool fi
       if (st->kind == NORM_PREPEND) {
         sb_put(nxt, st->a, st->la);
         sb_put(nxt, cur->p, cur->n);
+      } else if (st->kind == NORM_NFC) {
+        uint8_t *nfc = NULL;
+        size_t nl = 0;
+        int rc = ot_utf8_nfc((const uint8_t *)cur->p, cur->n, &nfc, &nl);
+        if (rc != OT_OK) return rc;
+        sb_put(nxt, nfc, nl);
+        free(nfc);
       } else {
         replace_all(nxt, cur->p, cur->n, st->a, st->la, st->b, st->lb);
       }
@@ -2035,10 +2043,11 @@ static int hf_encode(const ot_tokenizer *t, const uint8_t *s, size_t n, unsigned
   while (rc == OT_OK) {
     size_t at = n, l;
     const added_tok *a = NULL;
+    /* rstrip takes the white space first, even an added token made of white space */
+    if (rstrip)
+      while (pos < n && is_space_at(t, s, n, pos, &l)) pos += l;
     bool found = next_added(t, s, n, pos, plain_special, &at, &a);
     size_t b = at;
-    if (rstrip)
-      while (pos < b && is_space_at(t, s, b, pos, &l)) pos += l;
     if (found && a->lstrip) b = trim_end(t, s, pos, b);
     if (b > pos) rc = hf_section(t, s + pos, b - pos, pos == 0, &sc, out);
     if (!found || rc != OT_OK) break;

@@ -10,6 +10,7 @@
 #include "ot_error.h"
 #include "ot_test_util.h"
 #include "ot_tokenizer.h"
+#include "ot_unicode.h"
 
 #include <glob.h>
 #include <stdbool.h>
@@ -771,6 +772,12 @@ static const char *hf_texts[] = {
     "a<s>b </s> c<unk>d <s>",
     "text with <|eot_id|>  spaced  <|start_header_id|>  tokens and <|unknown|> <s",
     "▁already▁has▁metaspace ▁ ▁▁",
+    /* NFC at work (the qwen2nfc variant): decomposed é, Hangul jamo ᄀ ᅡ ᆨ, marks out of
+     * canonical order, the singleton Å (U+212B), U+0340, a Devanagari nukta, an excluded
+     * composition (क़ stays decomposed), and Å both ways. */
+    "NFC: e\xcc\x81 \xe1\x84\x80\xe1\x85\xa1\xe1\x86\xa8 a\xcc\x81\xcc\xa3 \xe2\x84\xab \xcd\x80 "
+    "q\xcc\x87\xcc\xa3 \xe0\xa4\xa8\xe0\xa4\xbc \xe0\xa4\x95\xe0\xa4\xbc \xe0\xa5\x98 A\xcc\x8a \xc3\x85 "
+    "\xe1\x84\x80\xe1\x85\xa1 \xea\xb0\x80\xe1\x86\xa8 \xcc\x81x",
 };
 
 static size_t hf_text_records(hf_rec *r, size_t cap, const char *brown, size_t brown_len, size_t max_chunks) {
@@ -837,13 +844,15 @@ static void test_hf_llama2_reference(void **state) {
 }
 
 /* Components the npm files do not use: Metaspace pre-tokenizer; Qwen2's regex, merges as
- * pairs, lstrip/rstrip added tokens. */
+ * pairs, lstrip/rstrip added tokens; Qwen2's NFC normalizer. */
 static void test_hf_variants_reference(void **state) {
   (void)state;
   /* Metaspace prepends no "▁" to a text that starts with a space, and decoding strips
    * one: " x" comes back as "x" in Hugging Face too, so no round trip here. */
   run_hf_reference("tokenizer_hf_metaspace", "llama2", "metaspace", 4, false);
   run_hf_reference("tokenizer_hf_qwen2", "llama3", "qwen2", 4, true);
+  /* NFC rewrites decomposed text, so it does not round-trip. */
+  run_hf_reference("tokenizer_hf_qwen2nfc", "llama3", "qwen2nfc", 4, false);
 }
 
 /* A tiny SentencePiece-style tokenizer.json: vocabulary <unk> <s> </s> ▁ a b ab ▁ab <0x41>,
@@ -1072,6 +1081,88 @@ static void test_hf_small_and_malformed(void **state) {
   free(dir);
 }
 
+/* ot_utf8_nfc against Node's String.prototype.normalize("NFC") on random strings drawn from the
+ * code points where composition happens: combining marks, precomposed letters, Hangul jamo and
+ * syllables, kana with voicing marks, Indic and Tibetan signs, singletons, and any BMP
+ * character. Strings with a code point the tables refuse are skipped (and counted). */
+static void test_nfc_reference(void **state) {
+  (void)state;
+  static const uint32_t pools[][2] = {
+      {0x41, 0x7A},     {0xC0, 0x17F},    {0x300, 0x36F},   {0x340, 0x345},   {0x591, 0x5C7},
+      {0x900, 0x97F},   {0x9BC, 0x9D7},   {0xB3C, 0xB57},   {0xBBE, 0xBD7},   {0xD3E, 0xD57},
+      {0xDCA, 0xDDF},   {0xF71, 0xF84},   {0x1100, 0x11FF}, {0x1E00, 0x1EFF}, {0x1F00, 0x1FFF},
+      {0x2126, 0x212B}, {0x3040, 0x30FF}, {0xAC00, 0xAC60}, {0xD7A0, 0xD7A3}, {0x1D15E, 0x1D164},
+      {0x20, 0xFFFD},
+  };
+  enum { N = 3000 };
+  char *tmp = ot_test_tmpdir("tokenizer_nfc");
+  char *in = join(tmp, "in.bin"), *out = join(tmp, "out.bin");
+  char **texts = calloc(N, sizeof *texts);
+  size_t *lens = calloc(N, sizeof *lens);
+  assert_true(texts && lens);
+  FILE *f = fopen(in, "wb");
+  assert_non_null(f);
+  uint64_t x = 0x9E3779B97F4A7C15ull;
+  for (int i = 0; i < N; i++) {
+    texts[i] = malloc(64);
+    assert_non_null(texts[i]);
+    int k = 1 + (int)(i % 8);
+    for (int j = 0; j < k; j++) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      const uint32_t *p = pools[(x >> 8) % (sizeof pools / sizeof pools[0])];
+      uint32_t cp = p[0] + (uint32_t)((x >> 24) % (p[1] - p[0] + 1));
+      if (cp >= 0xD800 && cp <= 0xDFFF) cp = 0x301;
+      char *o = texts[i] + lens[i];
+      if (cp < 0x80)
+        o[0] = (char)cp, lens[i] += 1;
+      else if (cp < 0x800)
+        o[0] = (char)(0xC0 | (cp >> 6)), o[1] = (char)(0x80 | (cp & 0x3F)), lens[i] += 2;
+      else if (cp < 0x10000)
+        o[0] = (char)(0xE0 | (cp >> 12)), o[1] = (char)(0x80 | ((cp >> 6) & 0x3F)),
+        o[2] = (char)(0x80 | (cp & 0x3F)), lens[i] += 3;
+      else
+        o[0] = (char)(0xF0 | (cp >> 18)), o[1] = (char)(0x80 | ((cp >> 12) & 0x3F)),
+        o[2] = (char)(0x80 | ((cp >> 6) & 0x3F)), o[3] = (char)(0x80 | (cp & 0x3F)), lens[i] += 4;
+    }
+    uint32_t l = (uint32_t)lens[i];
+    assert_int_equal(fwrite(&l, 4, 1, f), 1);
+    assert_int_equal(fwrite(texts[i], 1, lens[i], f), lens[i]);
+  }
+  assert_int_equal(fclose(f), 0);
+  if (ot_test_system("node '%s/tests/ref/nfc.js' '%s' '%s'", ot_test_source_dir(), in, out) != 0)
+    fail_msg("node tests/ref/nfc.js failed");
+  size_t rl, p = 0, changed = 0, refused = 0;
+  unsigned char *ref = (unsigned char *)read_whole(out, &rl);
+  for (int i = 0; i < N; i++) {
+    size_t k = get_u32(ref + p);
+    p += 4;
+    uint8_t *mine = NULL;
+    size_t ml = 0;
+    int rc = ot_utf8_nfc((const uint8_t *)texts[i], lens[i], &mine, &ml);
+    if (rc == OT_ERR_UNSUPPORTED) {
+      refused++;
+    } else {
+      assert_int_equal(rc, OT_OK);
+      if (ml != k || memcmp(mine, ref + p, k) != 0)
+        fail_msg("NFC of text %d (%zu bytes) differs from Node's", i, lens[i]);
+      changed += ml != lens[i] || memcmp(mine, texts[i], ml) != 0;
+    }
+    free(mine);
+    free(texts[i]);
+    p += k;
+  }
+  assert_int_equal(p, rl);
+  assert_true(changed > N / 10); /* the pools make NFC do something */
+  print_message("NFC: %d random strings, %zu changed by NFC, all identical to Node; %zu refused\n", N,
+                changed, refused);
+  free(ref);
+  free(texts);
+  free(lens);
+  free(in);
+  free(out);
+  free(tmp);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_bpe_matches_reference_unicode),
@@ -1087,6 +1178,7 @@ int main(void) {
       cmocka_unit_test(test_hf_llama2_reference),
       cmocka_unit_test(test_hf_variants_reference),
       cmocka_unit_test(test_hf_small_and_malformed),
+      cmocka_unit_test(test_nfc_reference),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -6,6 +6,7 @@
 //   qwen2:     Llama 3 with Qwen2's Split regex (\p{N} one digit at a time), merges written
 //              as [a, b] pairs (tokenizers >= 0.20), lstrip on <|eot_id|> and rstrip on
 //              <|start_header_id|>
+//   qwen2nfc:  qwen2 with Qwen2's NFC normalizer
 'use strict';
 const fs = require('fs');
 const [inFile, outFile, kind] = process.argv.slice(2);
@@ -14,7 +15,8 @@ if (kind === 'metaspace') {
   j.normalizer = null;
   j.pre_tokenizer = { type: 'Metaspace', replacement: '\u2581', add_prefix_space: true,
                       prepend_scheme: 'first', split: false };
-} else if (kind === 'qwen2') {
+} else if (kind === 'qwen2' || kind === 'qwen2nfc') {
+  if (kind === 'qwen2nfc') j.normalizer = { type: 'NFC' };
   const split = j.pre_tokenizer.pretokenizers[0];
   split.pattern.Regex = split.pattern.Regex.replace('\\p{N}{1,3}', '\\p{N}');
   j.model.merges = j.model.merges.map((m) => m.split(' '));
