@@ -2051,13 +2051,15 @@ static int hf_encode(const ot_tokenizer *t, const uint8_t *s, size_t n, unsigned
     if (found && a->lstrip) b = trim_end(t, s, pos, b);
     if (b > pos) rc = hf_section(t, s + pos, b - pos, pos == 0, &sc, out);
     if (!found || rc != OT_OK) break;
-    rc = ivec_reserve(out, 1 + HF_MAX_TEMPLATE);
+    rc = ivec_reserve(out, 1);
     if (rc == OT_OK) out->v[out->n++] = a->id;
     pos = at + a->len;
     rstrip = a->rstrip;
   }
-  if (rc == OT_OK && (flags & OT_TOK_ADD_SPECIAL))
-    for (int k = 0; k < h->n_suf; k++) out->v[out->n++] = h->suf[k];
+  if (rc == OT_OK && (flags & OT_TOK_ADD_SPECIAL)) { /* the words may have used all the room */
+    rc = ivec_reserve(out, HF_MAX_TEMPLATE);
+    for (int k = 0; rc == OT_OK && k < h->n_suf; k++) out->v[out->n++] = h->suf[k];
+  }
   scratch_free(&sc);
   return rc;
 }

@@ -982,6 +982,32 @@ static void test_hf_small_and_malformed(void **state) {
   free(json);
   expect_ids(cross, "b a", 0, (int32_t[]){3, 8, 4}, 3);
   ot_tokenizer_free(cross);
+  /* The byte-level seed of fuzz_tokenizer_json (ids = bytes) with BOS and EOS added: 63 bytes
+   * that merge into nothing fill the first 64 ids exactly, and EOS still has room. */
+  char *seed_path = NULL;
+  if (asprintf(&seed_path, "%s/fuzz/corpus/tokenizer_json/bytelevel_llama3", ot_test_source_dir()) < 0)
+    fail_msg("asprintf");
+  size_t seed_len;
+  char *seed = read_whole(seed_path, &seed_len);
+  seed = realloc(seed, seed_len + 1);
+  seed[seed_len] = '\0'; /* the tokenizer.json part ends at its own NUL */
+  ot_tokenizer *bl = NULL;
+  assert_int_equal(load_tiny(dir, seed,
+                             "{\"bos_token\": \"<|begin_of_text|>\", \"eos_token\": \"<|eot_id|>\","
+                             " \"add_bos_token\": true, \"add_eos_token\": true}",
+                             &bl),
+                   OT_OK);
+  char xs[64];
+  memset(xs, 'x', 63);
+  xs[63] = '\0';
+  int32_t want[65];
+  want[0] = 261, want[64] = 262;
+  for (int i = 1; i < 64; i++) want[i] = 'x';
+  expect_ids(bl, xs, OT_TOK_ADD_SPECIAL, want, 65);
+  expect_ids(bl, " the theme", 0, (int32_t[]){258, 258, 109, 101}, 4); /* ignore_merges: " the" whole */
+  ot_tokenizer_free(bl);
+  free(seed);
+  free(seed_path);
   /* Saved and loaded back by directory: tokenizer.json wins over vocab.json + merges.txt. */
   char *saved = join(dir, "saved");
   assert_int_equal(ot_tokenizer_save_dir(t, saved), OT_OK);
