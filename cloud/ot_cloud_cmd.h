@@ -52,6 +52,7 @@ typedef struct {
   int int8, bottom, top, keep, steps, batch, seq_len, ckpt_every, resume, threads, warmup;
   float drop_ratio, lr; /* drop_ratio < 0: not given (keep, else 0.5) */
   FILE *log;
+  int json; /* records (OUT/metrics.jsonl, always written) echoed on stdout instead of the progress bar */
 } ot_cloud_distill_job;
 typedef struct {
   int steps_done; /* by this call (0: --out already had them) */

@@ -15,7 +15,7 @@
 #include "ot_digest.h"
 #include "ot_session.h"
 
-#define OT_REG_SCHEMA_VERSION 1
+#define OT_REG_SCHEMA_VERSION 2
 
 typedef struct ot_registry ot_registry;
 
@@ -45,6 +45,9 @@ int ot_reg_emulator_get(ot_registry *r, const char *model_digest, const char *ke
 int ot_reg_emulator_put(ot_registry *r, const char *model_digest, const char *key, const char *dir,
                         const char *digest, int64_t *id);
 int ot_reg_emulator_dir(ot_registry *r, int64_t id, char dir[1024], char digest[OT_DIGEST_HEX]);
+/* The emulator's gap to its full model, as its distillation ended: the KD term (the
+ * normalised squared distance of the middle's output to the full model's) and the CE. */
+int ot_reg_emulator_set_gap(ot_registry *r, int64_t id, double kd, double ce);
 
 /* ---- sessions and rounds ----------------------------------------------------------- */
 typedef enum { OT_SS_PREPARING = 0, OT_SS_RUNNING, OT_SS_DONE, OT_SS_FAILED } ot_session_state;
@@ -103,6 +106,25 @@ int ot_reg_round_set_participants(ot_registry *r, int64_t id, int round, int n);
 int ot_reg_update_add(ot_registry *r, int64_t session_id, int round, int64_t device_id, uint64_t tokens,
                       float loss, const char *digest);
 int ot_reg_update_exists(ot_registry *r, int64_t session_id, int round, int64_t device_id, int *exists);
+
+/* ---- per-round records (issue 19) ---------------------------------------------------- */
+/* What a device said about a round outside an update row: "loss" (its mean training loss,
+ * secure aggregation's SecAggJoin) or "late" (an upload or message for a round that was
+ * already closed: a straggler). One row per (session, round, device, kind); the last wins. */
+int ot_reg_round_event(ot_registry *r, int64_t session_id, int round, int64_t device_id, const char *kind,
+                       double value);
+
+typedef struct {
+  int participants; /* devices in the result */
+  int dropped;      /* refused at aggregation (plain) or left the masking (secure aggregation) */
+  double tokens;    /* tokens trained by the devices in the result (NAN: unknown: secure aggregation) */
+  double agg_seconds;
+  double dp_epsilon; /* after this round (NAN: no DP) */
+  int secagg;
+} ot_round_stats;
+/* Written when the round finishes: the daemon's record of the round, with the mean of the
+ * losses devices reported for it and the emulator's gap, read here from the registry. */
+int ot_reg_round_stats_put(ot_registry *r, int64_t session_id, int round, const ot_round_stats *st);
 
 /* 1 if digest is the current adapter of a running session (devices may fetch it). */
 int ot_reg_adapter_served(ot_registry *r, const char *digest, int *served);

@@ -138,6 +138,7 @@ static int ensure_emulator(ot_daemon *d, const ot_session_row *s, int64_t *emu_i
   snprintf(st, sizeof st, "%s/model.safetensors", final);
   if (rc == OT_OK) rc = ot_file_digest(st, edigest);
   if (rc == OT_OK) rc = ot_reg_emulator_put(d->reg, mdigest, key, final, edigest, emu_id);
+  if (rc == OT_OK && res.steps_done > 0) rc = ot_reg_emulator_set_gap(d->reg, *emu_id, res.kd, res.ce);
   if (rc == OT_OK) {
     memcpy(emu_dir, final, strnlen(final, 1023));
     emu_dir[strnlen(final, 1023)] = '\0';
@@ -246,12 +247,14 @@ static int write_config(const char *prev_dir, const char *new_dir, const char *d
 /* The fate of each update of a plain round (ot_aggregate's notes): logged, and each
  * refused or clipped one written to the audit log, before the round's result commits. */
 static void note_updates(ot_daemon *d, const ot_session_row *s, const ot_update_row *u,
-                         const ot_agg_note *notes, int n, int *used) {
+                         const ot_agg_note *notes, int n, int *used, double *tokens_used) {
   const ot_session_cfg *c = &s->cfg;
   double lo = INFINITY, hi = 0;
   *used = 0;
+  *tokens_used = 0;
   for (int i = 0; i < n; i++) {
     *used += notes[i].fate != OT_UPD_REFUSED;
+    if (notes[i].fate != OT_UPD_REFUSED) *tokens_used += (double)u[i].tokens;
     if (isfinite(notes[i].norm)) lo = fmin(lo, notes[i].norm), hi = fmax(hi, notes[i].norm);
     if (notes[i].fate == OT_UPD_USED) continue;
     char what[300];
@@ -281,8 +284,8 @@ static void note_updates(ot_daemon *d, const ot_session_row *s, const ot_update_
  * updates in the result), or NULL for the secure-aggregation average, whose sum was
  * checked against the bound already. */
 static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const double *w, int n,
-                   const ot_update_row *u, int *used, char digest[OT_DIGEST_HEX], char final_dir[2600],
-                   double *seconds) {
+                   const ot_update_row *u, int *used, double *tokens_used, char digest[OT_DIGEST_HEX],
+                   char final_dir[2600], double *seconds) {
   const ot_session_cfg *c = &s->cfg;
   int rc = OT_OK;
   char prev[2600], ref[2700], tmp[2600], out[2700], st_out[2600], st_in[2600];
@@ -311,7 +314,7 @@ static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const do
     rc = ot_aggregate(&ap, ref, (const char *const *)paths, w, n, s->opt_state[0] ? st_in : NULL, out,
                       c->agg == OT_AGG_FEDADAM ? st_out : NULL, notes);
   *used = n;
-  if (rc == OT_OK && u) note_updates(d, s, u, notes, n, used);
+  if (rc == OT_OK && u) note_updates(d, s, u, notes, n, used, tokens_used);
   free(notes);
   char state_digest[OT_DIGEST_HEX] = "";
   if (rc == OT_OK) rc = ot_file_digest(out, digest);
@@ -328,11 +331,11 @@ static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const do
   return rc;
 }
 
-/* After a finished round: the DP accountant's epsilon (audit, log), and the budget's gate
- * before the next round. */
-static int after_round(ot_daemon *d, const ot_session_row *s) {
+/* After a finished round: the DP accountant's epsilon (audit, log, the round's record), and
+ * the budget's gate before the next round. */
+static int after_round(ot_daemon *d, const ot_session_row *s, ot_round_stats *st) {
   const ot_session_cfg *c = &s->cfg;
-  if (c->dp_epsilon <= 0) return OT_OK;
+  if (c->dp_epsilon <= 0) return ot_reg_round_stats_put(d->reg, s->id, s->round, st);
   double z = 0, eps = 0;
   ot_dp_accountant a;
   ot_dp_accountant_init(&a);
@@ -345,7 +348,9 @@ static int after_round(ot_daemon *d, const ot_session_row *s) {
   ot_reg_audit(d->reg, "daemon", "dp.epsilon",
                "%s round %d: epsilon %.6f of %.6f (delta %g, noise z %.6f, clip %g)", c->name, s->round, eps,
                c->dp_epsilon, c->dp_delta, z, c->dp_clip);
-  if (s->round >= c->rounds) return OT_OK;
+  st->dp_epsilon = eps;
+  rc = ot_reg_round_stats_put(d->reg, s->id, s->round, st);
+  if (rc || s->round >= c->rounds) return rc;
   ot_session_row next;
   int stopped = 0;
   rc = ot_reg_session_get_id(d->reg, s->id, &next);
@@ -354,19 +359,21 @@ static int after_round(ot_daemon *d, const ot_session_row *s) {
 }
 
 int ot_round_publish_avg(ot_daemon *d, const ot_session_row *s, const char *avg_path, int participants,
-                         const char *summary) {
+                         int roster, double tokens, const char *summary) {
   char *paths[1] = {(char *)avg_path}, digest[OT_DIGEST_HEX], final_dir[2600];
-  double w[1] = {1.0}, seconds = 0;
+  double w[1] = {1.0}, seconds = 0, unused = 0;
   const ot_session_cfg *c = &s->cfg;
   int used = 0;
-  int rc = publish(d, s, paths, w, 1, NULL, &used, digest, final_dir, &seconds);
+  int rc = publish(d, s, paths, w, 1, NULL, &used, &unused, digest, final_dir, &seconds);
   if (rc == OT_OK) rc = ot_reg_round_set_participants(d->reg, s->id, s->round, participants);
   if (rc == OT_OK) {
     ot_daemon_log(d, "session '%s': round %d of %d aggregated (%s) by %s in %.2f s -> adapter %.16s...",
                   c->name, s->round, c->rounds, ot_agg_name(c->agg), summary, seconds, digest);
     if (s->round >= c->rounds)
       ot_daemon_log(d, "session '%s': done; adapter '%s' published (%s)", c->name, c->name, final_dir);
-    rc = after_round(d, s);
+    ot_round_stats st = {
+        participants, roster > participants ? roster - participants : 0, tokens, seconds, NAN, 1};
+    rc = after_round(d, s, &st);
   }
   return rc;
 }
@@ -387,9 +394,9 @@ static int aggregate(ot_daemon *d, const ot_session_row *s) {
     w[i] = (double)u[i].tokens;
   }
   char digest[OT_DIGEST_HEX], final_dir[2600];
-  double seconds = 0;
+  double seconds = 0, tokens_used = 0;
   int used = 0;
-  if (rc == OT_OK) rc = publish(d, s, paths, w, n, u, &used, digest, final_dir, &seconds);
+  if (rc == OT_OK) rc = publish(d, s, paths, w, n, u, &used, &tokens_used, digest, final_dir, &seconds);
   if (rc == OT_OK) {
     double tokens = 0, loss = 0;
     for (int i = 0; i < n; i++) {
@@ -408,6 +415,8 @@ static int aggregate(ot_daemon *d, const ot_session_row *s) {
       ot_daemon_log(d, "session '%s': done; adapter '%s' published (%s)", c->name, c->name, final_dir);
     else
       ot_daemon_log(d, "session '%s': round %d of %d open", c->name, s->round + 1, c->rounds);
+    ot_round_stats st = {used, n - used, tokens_used, seconds, NAN, 0};
+    rc = after_round(d, s, &st);
   }
   for (int i = 0; paths && i < n; i++) free(paths[i]);
   free(paths);
