@@ -27,6 +27,7 @@ int ot_cmd_session(int argc, char **argv);
 int ot_cmd_device(int argc, char **argv);
 int ot_cmd_token(int argc, char **argv);
 int ot_cmd_adapter(int argc, char **argv);
+int ot_cmd_report(int argc, char **argv);
 int ot_cmd_serve_model(int argc, char **argv);
 
 /* Shared by the commands: prints "offtune-cloud: <what>: <detail>" for a failed status

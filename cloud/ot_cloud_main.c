@@ -34,6 +34,7 @@ static const ot_cli_command commands[] = {
     {"device", ot_cmd_device, "list or revoke enrolled devices"},
     {"token", ot_cmd_token, "issue a one-time enrolment token for a device"},
     {"adapter", ot_cmd_adapter, "list, publish or delete the sessions' adapters"},
+    {"report", ot_cmd_report, "a session's report: one self-contained HTML page with its charts"},
     {"keygen", cmd_keygen,
      "create the cloud's long-term Ed25519 identity (DIR/cloud.key 0600, DIR/cloud.pub)"},
 };

@@ -291,6 +291,30 @@ static void h_session(const cJSON *r) {
   }
 }
 
+/* A number, or "-" for null (not recorded). */
+static const char *num(const cJSON *o, const char *k, const char *fmt, char *buf, size_t n) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+  if (!cJSON_IsNumber(v)) return "-";
+  snprintf(buf, n, fmt, v->valuedouble);
+  return buf;
+}
+
+static void h_metrics(const cJSON *r) {
+  const cJSON *s = cJSON_GetObjectItemCaseSensitive(r, "session"), *x;
+  char b[6][32];
+  printf("session %s: %s; emulator gap (distillation KD) %s\n", jstr(s, "name"), jstr(s, "state"),
+         num(s, "emulator_gap", "%.5f", b[0], sizeof b[0]));
+  printf("%-6s %-7s %-8s %-11s %-10s %-10s %-9s %-9s %s\n", "ROUND", "DEVICES", "DROPPED", "STRAGGLERS",
+         "TOKENS", "MEAN LOSS", "REPORTED", "AGG S", "DP EPSILON");
+  cJSON_ArrayForEach(x, cJSON_GetObjectItemCaseSensitive(r, "metrics")) {
+    printf("%-6.0f %-7.0f %-8.0f %-11.0f %-10s %-10s %-9.0f %-9s %s\n", jnum(x, "round"),
+           jnum(x, "participants"), jnum(x, "dropped"), jnum(x, "stragglers"),
+           num(x, "tokens", "%.0f", b[1], sizeof b[1]), num(x, "mean_loss", "%.4f", b[2], sizeof b[2]),
+           jnum(x, "losses_reported"), num(x, "agg_seconds", "%.3f", b[3], sizeof b[3]),
+           num(x, "dp_epsilon", "%.4f", b[4], sizeof b[4]));
+  }
+}
+
 static void h_devices(const cJSON *r) {
   const cJSON *x;
   char t[64];
@@ -350,6 +374,9 @@ int ot_cmd_session(int argc, char **argv) {
   static const sub_t subs[] = {
       {"list", "session.list", NULL, 0, h_sessions, "sessions and their rounds"},
       {"show", "session.show", "name", 1, h_session, "one session: settings, rounds, updates (show NAME)"},
+      {"metrics", "session.show", "name", 1, h_metrics,
+       "one session's per-round record: devices, dropped, stragglers, tokens, mean loss, aggregation time, "
+       "DP epsilon (metrics NAME; --json: the whole session show)"},
   };
   return dispatch("session", subs, N_ELEMS(subs), argc, argv);
 }

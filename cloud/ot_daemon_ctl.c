@@ -113,6 +113,7 @@ static int handle(ot_daemon *d, const cJSON *req, cJSON *reply) {
       rc = add_dp(reply, &row);
     if (rc == OT_OK) rc = add_list(d, reply, "rounds", "rounds", name);
     if (rc == OT_OK) rc = add_list(d, reply, "updates", "updates", name);
+    if (rc == OT_OK) rc = add_list(d, reply, "metrics", "round_stats", name);
     return rc;
   }
   if (strcmp(cmd, "device.list") == 0) return add_list(d, reply, "devices", "devices", NULL);

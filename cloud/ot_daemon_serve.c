@@ -7,6 +7,7 @@
 
 #include "ot_cloud_cmd.h"
 #include "ot_daemon.h"
+#include "ot_dashboard.h"
 #include "ot_error.h"
 #include "ot_serve_api.h"
 #include "ot_serve_engine.h"
@@ -19,6 +20,7 @@ struct ot_daemon_serving {
   ot_tokenizer *tok;
   ot_serve_engine *eng;
   ot_serve_http *api;
+  ot_dashboard dash; /* GET /dashboard: the operator's, on the same address */
 };
 
 typedef struct {
@@ -70,6 +72,7 @@ void ot_daemon_serving_stop(ot_daemon_serving *s) {
   ot_tokenizer_free(s->tok);
   ot_gpt2_free(s->m);
   ot_backend_free(s->be);
+  ot_dashboard_wipe(&s->dash);
   free(s);
 }
 
@@ -94,6 +97,7 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
   sc.tok = s->tok;
   sc.eos_id = eos;
   sc.base_digest = s->digest;
+  if (rc == OT_OK) rc = ot_dashboard_init(&s->dash, d);
   if (rc == OT_OK) rc = ot_serve_engine_create(s->m, &sc, &s->eng);
   if (rc == OT_OK) rc = ot_serve_start(s->eng);
   if (rc == OT_OK) {
@@ -106,7 +110,9 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
                                .list_user = s,
                                .eos_id = eos,
                                .log = log_line,
-                               .log_user = d};
+                               .log_user = d,
+                               .extra_routes = s->dash.routes,
+                               .n_extra_routes = 2};
     rc = ot_serve_http_start(&hc, &s->api);
   }
   if (rc) {
@@ -118,8 +124,10 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
   if (colon)
     snprintf(s->url + (colon - s->url), sizeof s->url - (size_t)(colon - s->url), ":%d",
              ot_serve_http_port(s->api));
-  ot_daemon_log(d, "serving model '%s' and its sessions' published adapters on %s (POST /v1/completions)",
-                model_name, s->url);
+  ot_daemon_log(d,
+                "serving model '%s' and its sessions' published adapters on %s (POST /v1/completions); "
+                "operator dashboard %s/dashboard (loopback or STATE/dashboard.key)",
+                model_name, s->url, s->url);
   *out = s;
   return OT_OK;
 }

@@ -857,7 +857,8 @@ int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **
        "r.finished_at FROM rounds r JOIN sessions s ON s.id = r.session_id WHERE s.name = ? ORDER BY r.round",
        "t"},
       {"updates",
-       "SELECT u.round, d.fingerprint AS device, u.tokens, u.loss, u.digest, u.received_at FROM updates u "
+       "SELECT u.round, d.fingerprint AS device, d.name AS device_name, u.tokens, u.loss, u.digest, "
+       "u.received_at FROM updates u "
        "JOIN "
        "sessions s ON s.id = u.session_id JOIN devices d ON d.id = u.device_id WHERE s.name = ? ORDER BY "
        "u.round, u.device_id",

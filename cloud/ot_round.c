@@ -28,6 +28,7 @@
 #include "ot_round_secagg.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
+#include "ot_metrics.h"
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
@@ -65,8 +66,9 @@ static int write_manifest(const char *dir) {
     char p[4200];
     struct stat sb;
     snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-    if (e->d_name[0] == '.' || strcmp(e->d_name, "manifest.json") == 0 || lstat(p, &sb) != 0 ||
-        !S_ISREG(sb.st_mode))
+    /* the distillation's metrics records are the operator's (the report), not the devices' */
+    if (e->d_name[0] == '.' || strcmp(e->d_name, "manifest.json") == 0 ||
+        strcmp(e->d_name, OT_METRICS_FILE) == 0 || lstat(p, &sb) != 0 || !S_ISREG(sb.st_mode))
       continue;
     char h[OT_DIGEST_HEX];
     rc = ot_file_digest(p, h);

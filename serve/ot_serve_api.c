@@ -16,7 +16,7 @@ struct ot_serve_http {
   ot_serve_http_config cfg;
   char base_name[128];
   ot_http_server *server;
-  ot_http_route routes[5];
+  ot_http_route routes[5 + OT_SERVE_EXTRA_ROUTES];
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int outstanding; /* jobs not yet freed */
@@ -569,6 +569,13 @@ int ot_serve_http_start(const ot_serve_http_config *cfg, ot_serve_http **out) {
   api->routes[nr++] = (ot_http_route){"GET", "/v1/models", 0, handle_models, api};
   api->routes[nr++] = (ot_http_route){"GET", "/v1/models/", 1, handle_model, api};
   api->routes[nr++] = (ot_http_route){"GET", "/health", 0, handle_health, api};
+  if (cfg->n_extra_routes < 0 || cfg->n_extra_routes > OT_SERVE_EXTRA_ROUTES) {
+    pthread_mutex_destroy(&api->mu);
+    pthread_cond_destroy(&api->cv);
+    free(api);
+    return ot_error(OT_ERR_INVALID, "at most %d extra routes", OT_SERVE_EXTRA_ROUTES);
+  }
+  for (int i = 0; i < cfg->n_extra_routes; i++) api->routes[nr++] = cfg->extra_routes[i];
   ot_http_config hc = {.url = cfg->url,
                        .routes = api->routes,
                        .n_routes = nr,
