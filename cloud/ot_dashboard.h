@@ -18,6 +18,7 @@
 typedef struct {
   ot_daemon *d;
   char key[OT_DASHBOARD_KEY_HEX + 1];
+  int trust_loopback; /* 1; test hook OT_TEST_DASHBOARD_LOOPBACK=0 treats loopback peers as remote */
   ot_http_route routes[2];
 } ot_dashboard;
 
@@ -26,7 +27,7 @@ int ot_dashboard_init(ot_dashboard *db, ot_daemon *d);
 void ot_dashboard_wipe(ot_dashboard *db);
 
 /* 1 if a request from peer (ot_http_req_peer's text) with this Authorization header (may be
- * NULL) may see the dashboard. */
-int ot_dashboard_allowed(const char *peer, const char *authorization, const char *key);
+ * NULL) may see the dashboard; trust_loopback 0: only the key. */
+int ot_dashboard_allowed(const char *peer, const char *authorization, const char *key, int trust_loopback);
 
 #endif

@@ -219,7 +219,7 @@ int ot_report_collect(ot_registry *r, const char *state_dir, const char *name, c
 
 /* ---- charts ------------------------------------------------------------------------------- */
 
-enum { W = 480, H = 280, ML = 58, MR = 14, MT = 34, MB = 44 };
+enum { W = 480, H = 280, ML = 66, MR = 14, MT = 34, MB = 44 };
 static const char *const palette[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e",
                                       "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"};
 
@@ -284,14 +284,25 @@ static void line_chart(sb *b, const char *id, const char *title, const char *xl,
   y0 -= pad, y1 += pad;
   double ys = nice_step(y1 - y0, 5),
          xs = integer_x ? fmax(1, ceil(nice_step(x1 - x0, 6))) : nice_step(x1 - x0, 6);
+  /* the legend wraps into rows above the plot; the plot keeps its size */
+  enum { MAXS = 64 };
+  double lx[MAXS], ly[MAXS], cx = ML;
+  int rows = ns > 1 ? 1 : 0;
+  for (int i = 0; i < ns && i < MAXS && ns > 1; i++) {
+    double w = 24 + 7.4 * (double)strlen(s[i].name);
+    if (cx > ML && cx + w > W - MR) cx = ML, rows++;
+    lx[i] = cx, ly[i] = 10 + 17.0 * (rows - 1);
+    cx += w;
+  }
+  int mt = rows ? 14 + 17 * rows : 16, hh = H - MT + mt;
   int pw = W - ML - MR, ph = H - MT - MB;
 #define PX(v) (ML + ((v)-x0) / (x1 - x0) * pw)
-#define PY(v) (MT + ph - ((v)-y0) / (y1 - y0) * ph)
+#define PY(v) (mt + ph - ((v)-y0) / (y1 - y0) * ph)
   sb_f(b,
-       "<svg viewBox=\"0 0 %d %d\" role=\"img\" xmlns=\"http://www.w3.org/2000/svg\" "
+       "<svg viewBox=\"0 0 %d %d\" role=\"img\" "
        "preserveAspectRatio=\"xMidYMid meet\">",
-       W, H);
-  sb_f(b, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" class=\"plot\"/>", ML, MT, pw, ph);
+       W, hh);
+  sb_f(b, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" class=\"plot\"/>", ML, mt, pw, ph);
   for (double v = ceil(y0 / ys) * ys; v <= y1 + 1e-12; v += ys) {
     sb_f(b, "<line class=\"grid\" x1=\"%d\" x2=\"%d\" y1=\"%.1f\" y2=\"%.1f\"/>", ML, ML + pw, PY(v), PY(v));
     sb_f(b, "<text class=\"tick\" x=\"%d\" y=\"%.1f\" text-anchor=\"end\">", ML - 5, PY(v) + 4);
@@ -299,26 +310,23 @@ static void line_chart(sb *b, const char *id, const char *title, const char *xl,
     sb_s(b, "</text>");
   }
   for (double v = ceil(x0 / xs) * xs; v <= x1 + 1e-12; v += xs) {
-    sb_f(b, "<line class=\"grid\" x1=\"%.1f\" x2=\"%.1f\" y1=\"%d\" y2=\"%d\"/>", PX(v), PX(v), MT, MT + ph);
-    sb_f(b, "<text class=\"tick\" x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">", PX(v), MT + ph + 16);
+    sb_f(b, "<line class=\"grid\" x1=\"%.1f\" x2=\"%.1f\" y1=\"%d\" y2=\"%d\"/>", PX(v), PX(v), mt, mt + ph);
+    sb_f(b, "<text class=\"tick\" x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">", PX(v), mt + ph + 16);
     axis_label(b, v, xs);
     sb_s(b, "</text>");
   }
-  sb_f(b, "<text class=\"axis\" x=\"%d\" y=\"%d\" text-anchor=\"middle\">", ML + pw / 2, H - 6);
+  sb_f(b, "<text class=\"axis\" x=\"%d\" y=\"%d\" text-anchor=\"middle\">", ML + pw / 2, hh - 6);
   sb_esc(b, xl);
   sb_f(b, "</text><text class=\"axis\" transform=\"translate(14 %d) rotate(-90)\" text-anchor=\"middle\">",
-       MT + ph / 2);
+       mt + ph / 2);
   sb_esc(b, yl);
   sb_s(b, "</text>");
-  /* legend along the top */
-  double lx = ML;
-  for (int i = 0; i < ns && ns > 1; i++) {
+  for (int i = 0; i < ns && i < MAXS && ns > 1; i++) {
     const char *c = palette[i % 10];
-    sb_f(b, "<rect x=\"%.0f\" y=\"10\" width=\"10\" height=\"10\" fill=\"%s\"/>", lx, c);
-    sb_f(b, "<text class=\"legend\" x=\"%.0f\" y=\"19\">", lx + 13);
+    sb_f(b, "<rect x=\"%.0f\" y=\"%.0f\" width=\"10\" height=\"10\" fill=\"%s\"/>", lx[i], ly[i], c);
+    sb_f(b, "<text class=\"legend\" x=\"%.0f\" y=\"%.0f\">", lx[i] + 13, ly[i] + 9);
     sb_esc(b, s[i].name);
     sb_s(b, "</text>");
-    lx += 22 + 6.5 * (double)strlen(s[i].name);
   }
   for (int i = 0; i < ns; i++) {
     const char *c = palette[i % 10];
@@ -360,7 +368,7 @@ static void timeline_chart(sb *b, const cJSON *metrics) {
   int pw = W - ML - MR, ph = H - MT - MB;
   double slot = (double)pw / n, bw = fmin(48, slot * 0.6), ys = fmax(1, ceil(nice_step(top, 4)));
   top = ceil(top / ys) * ys;
-  sb_f(b, "<svg viewBox=\"0 0 %d %d\" role=\"img\" xmlns=\"http://www.w3.org/2000/svg\">", W, H);
+  sb_f(b, "<svg viewBox=\"0 0 %d %d\" role=\"img\">", W, H);
   sb_f(b, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" class=\"plot\"/>", ML, MT, pw, ph);
   for (double v = 0; v <= top + 1e-9; v += ys) {
     double y = MT + ph - v / top * ph;
@@ -410,7 +418,7 @@ static const char *css =
     "main{max-width:1100px;margin:0 auto;padding:8px 16px 40px}"
     "section{background:#fff;border:1px solid #dde1e6;border-radius:6px;margin:14px 0;padding:10px 14px}"
     "h2{font-size:1.1em;margin:4px 0 10px}"
-    ".charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:12px}"
+    ".charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,440px),1fr));gap:12px}"
     "figure.chart{margin:0}figure.chart figcaption{font-weight:600;font-size:.92em;margin-bottom:2px}"
     "svg{width:100%;height:auto;display:block}"
     "svg .plot{fill:#fbfcfd;stroke:#c9ced6}svg .grid{stroke:#e6e9ee;stroke-width:1}"
@@ -418,7 +426,9 @@ static const char *css =
     "svg .axis{font-size:14px;fill:#222}svg .legend{font-size:13px;fill:#222}"
     ".scroll{overflow-x:auto}table{border-collapse:collapse;font-size:.88em;min-width:100%}"
     "th,td{border-bottom:1px solid #e3e6ea;padding:4px 8px;text-align:left;vertical-align:top}"
-    "th{background:#f0f2f5;white-space:nowrap}td.num{text-align:right;font-variant-numeric:tabular-nums}"
+    "th{background:#f0f2f5;white-space:nowrap}td.t{white-space:nowrap}td.d{overflow-wrap:anywhere;min-width:"
+    "16em}td.num{text-align:right;font-variant-"
+    "numeric:tabular-nums}"
     "code{font-size:.92em;overflow-wrap:anywhere}.none{color:#777;font-style:italic}"
     ".ev-secagg{color:#0b5394}.ev-dp{color:#7b2d8e}.ev-refused{color:#b00020}"
     "nav a{margin-right:10px;color:#fff}"
@@ -434,7 +444,7 @@ static void settings_table(sb *b, const cJSON *cfg) {
     if (cJSON_IsString(x))
       sb_esc(b, x->valuestring);
     else if (cJSON_IsNumber(x))
-      sb_f(b, "%.9g", x->valuedouble);
+      sb_f(b, "%.6g", x->valuedouble); /* settings are floats: 0.01, not 0.00999999978 */
     else if (cJSON_IsBool(x))
       sb_s(b, cJSON_IsTrue(x) ? "true" : "false");
     else {
@@ -460,9 +470,9 @@ static void rounds_table(sb *b, const cJSON *rounds, const cJSON *metrics) {
     }
     sb_f(b, "<tr data-round=\"%.0f\"><td class=\"num\">%.0f</td><td>", jnum(r, "round"), jnum(r, "round"));
     sb_esc(b, jstr(r, "state"));
-    sb_s(b, "</td><td>");
+    sb_s(b, "</td><td class=\"t\">");
     sb_when(b, jnum(r, "started_at"));
-    sb_s(b, "</td><td>");
+    sb_s(b, "</td><td class=\"t\">");
     sb_when(b, jnum(r, "finished_at"));
     sb_f(b, "</td><td class=\"num\">%.0f</td>", jnum(r, "attempts"));
     static const char *const k[] = {"participants", "dropped", "stragglers", "tokens"};
@@ -477,8 +487,12 @@ static void rounds_table(sb *b, const cJSON *rounds, const cJSON *metrics) {
     sb_num(b, m ? jnum(m, "agg_seconds") : NAN, "%.3f");
     sb_s(b, "</td><td class=\"num\">");
     sb_num(b, m ? jnum(m, "dp_epsilon") : NAN, "%.4f");
-    sb_s(b, "</td><td><code>");
+    sb_s(b, "</td><td><code title=\"");
     sb_esc(b, jstr(r, "result"));
+    char head[17];
+    snprintf(head, sizeof head, "%s", jstr(r, "result"));
+    sb_s(b, "\">");
+    sb_esc(b, head); /* the first 16 hex digits; the whole digest in the tooltip */
     sb_s(b, "</code></td></tr>");
   }
   sb_s(b, "</table></div>\n");
@@ -527,14 +541,31 @@ static void audit_table(sb *b, const cJSON *audit) {
   const cJSON *a;
   cJSON_ArrayForEach(a, audit) {
     const char *ev = jstr(a, "event");
-    sb_f(b, "<tr class=\"%s\"><td>", event_class(ev));
+    sb_f(b, "<tr class=\"%s\"><td class=\"t\">", event_class(ev));
     sb_when(b, jnum(a, "at"));
-    sb_s(b, "</td><td><code>");
+    /* a device's fingerprint is long: its start, the whole in the tooltip */
+    char head[21];
+    snprintf(head, sizeof head, "%s", jstr(a, "actor"));
+    sb_s(b, "</td><td class=\"t\"><code title=\"");
     sb_esc(b, jstr(a, "actor"));
-    sb_s(b, "</code></td><td>");
+    sb_s(b, "\">");
+    sb_esc(b, head);
+    sb_s(b, strlen(jstr(a, "actor")) > 20 ? "&hellip;" : "");
+    sb_s(b, "</code></td><td class=\"t\">");
     sb_esc(b, ev);
-    sb_s(b, "</td><td>");
-    sb_esc(b, jstr(a, "detail"));
+    sb_s(b, "</td><td class=\"d\">");
+    const char *det = jstr(a, "detail");
+    if (strlen(det) > 200) { /* a session's settings: folded, no script needed */
+      char head[81];
+      snprintf(head, sizeof head, "%s", det);
+      sb_s(b, "<details><summary>");
+      sb_esc(b, head);
+      sb_s(b, "&hellip;</summary>");
+      sb_esc(b, det);
+      sb_s(b, "</details>");
+    } else {
+      sb_esc(b, det);
+    }
     sb_s(b, "</td></tr>");
   }
   sb_s(b, "</table></div>\n");
@@ -546,7 +577,7 @@ static int loss_series(const cJSON *updates, const cJSON *metrics, series **out,
   int cap = 1 + cJSON_GetArraySize(updates), n = 1;
   series *s = calloc((size_t)cap, sizeof *s);
   if (!s) return ot_error(OT_ERR_NOMEM, "cannot allocate");
-  snprintf(s[0].name, sizeof s[0].name, "mean of the devices' losses");
+  snprintf(s[0].name, sizeof s[0].name, "mean of the devices");
   int rc = OT_OK;
   const cJSON *x;
   cJSON_ArrayForEach(x, metrics) {
