@@ -557,7 +557,8 @@ static void audit_table(sb *b, const cJSON *audit) {
     const char *det = jstr(a, "detail");
     if (strlen(det) > 200) { /* a session's settings: folded, no script needed */
       char head[81];
-      snprintf(head, sizeof head, "%s", det);
+      memcpy(head, det, 80);
+      head[80] = '\0';
       sb_s(b, "<details><summary>");
       sb_esc(b, head);
       sb_s(b, "&hellip;</summary>");
