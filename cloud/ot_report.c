@@ -557,8 +557,10 @@ static void audit_table(sb *b, const cJSON *audit) {
     const char *det = jstr(a, "detail");
     if (strlen(det) > 200) { /* a session's settings: folded, no script needed */
       char head[81];
-      memcpy(head, det, 80);
-      head[80] = '\0';
+      size_t k = 80;
+      while (k > 0 && ((unsigned char)det[k] & 0xC0) == 0x80) k--; /* not inside a UTF-8 character */
+      memcpy(head, det, k);
+      head[k] = '\0';
       sb_s(b, "<details><summary>");
       sb_esc(b, head);
       sb_s(b, "&hellip;</summary>");
