@@ -634,7 +634,7 @@ int ot_report_html(const cJSON *data, const ot_report_opts *o, char **html, size
   sb_when(&b, (double)time(NULL));
   sb_s(&b, "</p>");
   if (o->sessions && o->link_prefix) {
-    sb_s(&b, "<nav>");
+    sb_s(&b, "<nav>sessions: ");
     const cJSON *x;
     cJSON_ArrayForEach(x, o->sessions) {
       sb_f(&b, "<a href=\"%s", o->link_prefix);
