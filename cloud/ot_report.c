@@ -516,7 +516,7 @@ static void quality_table(sb *b, const cJSON *q) {
     sb_s(b, "<tr>");
     cJSON_ArrayForEach(x, row) {
       if (cJSON_IsNumber(x)) {
-        sb_f(b, "<td class=\"num\">%.4g</td>", x->valuedouble);
+        sb_f(b, "<td class=\"num\">%.6g</td>", x->valuedouble);
       } else {
         sb_s(b, "<td>");
         sb_esc(b, cJSON_IsString(x) ? x->valuestring : "");
@@ -670,10 +670,17 @@ int ot_report_html(const cJSON *data, const ot_report_opts *o, char **html, size
   /* the cloud's distillation of the emulator */
   series ds[2] = {{.name = "loss"}, {.name = "CE"}};
   const cJSON *x;
+  /* a long distillation is drawn with at most about MAX_POINTS points a curve: every k-th step */
+  enum { MAX_POINTS = 500 };
+  int nsteps = 0, ks = 0, kd = 0;
+  cJSON_ArrayForEach(x, jget(data, "distill")) { nsteps += strcmp(jstr(x, "kind"), "step") == 0; }
+  int stride = nsteps > MAX_POINTS ? (nsteps + MAX_POINTS - 1) / MAX_POINTS : 1;
   cJSON_ArrayForEach(x, jget(data, "distill")) {
     const char *k = jstr(x, "kind");
-    if (rc == OT_OK && strcmp(k, "step") == 0) rc = series_add(&ds[0], jnum(x, "step"), jnum(x, "loss"));
-    if (rc == OT_OK && strcmp(k, "distill") == 0) rc = series_add(&ds[1], jnum(x, "step"), jnum(x, "ce"));
+    if (rc == OT_OK && strcmp(k, "step") == 0 && ks++ % stride == 0)
+      rc = series_add(&ds[0], jnum(x, "step"), jnum(x, "loss"));
+    if (rc == OT_OK && strcmp(k, "distill") == 0 && kd++ % stride == 0)
+      rc = series_add(&ds[1], jnum(x, "step"), jnum(x, "ce"));
   }
   sb_s(&b, "<section id=\"sec-distill\"><h2>Emulator distillation (cloud)</h2><p>Emulator <code>");
   sb_esc(&b, jstr(ses, "emulator_digest"));
