@@ -386,8 +386,11 @@ static int secagg_request(ot_daemon *d, const uint8_t peer[32], const char *fp, 
   if (rc == OT_OK && join) {
     rc = ot_sa_join(t, &s, dev, peer, round);
     const Offtune__Session__SecAggJoin *jn = req->secagg_join;
-    if (rc == OT_OK && jn->has_train_loss && isfinite(jn->train_loss))
-      rc = ot_reg_round_event(d->reg, s.id, round, dev, "loss", jn->train_loss);
+    /* the reported loss is for the operator's curves: not recording it refuses nothing */
+    if (rc == OT_OK && jn->has_train_loss && isfinite(jn->train_loss) &&
+        ot_reg_round_event(d->reg, s.id, round, dev, "loss", jn->train_loss) != OT_OK)
+      ot_daemon_log(d, "%s round %d: the loss %s reported was not recorded: %s", session, round, fp,
+                    ot_error_detail());
   } else if (rc == OT_OK) {
     const Offtune__Session__SecAggSubmit *u = req->secagg_submit;
     char *buf = NULL;

@@ -333,11 +333,22 @@ static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const do
   return rc;
 }
 
+/* The round's record (docs/report.md) is an observation: failing to write it is logged, and
+ * the session goes on. */
+static void record_round(ot_daemon *d, const ot_session_row *s, const ot_round_stats *st) {
+  if (ot_reg_round_stats_put(d->reg, s->id, s->round, st) != OT_OK)
+    ot_daemon_log(d, "session '%s': round %d: its record was not written: %s", s->cfg.name, s->round,
+                  ot_error_detail());
+}
+
 /* After a finished round: the DP accountant's epsilon (audit, log, the round's record), and
  * the budget's gate before the next round. */
 static int after_round(ot_daemon *d, const ot_session_row *s, ot_round_stats *st) {
   const ot_session_cfg *c = &s->cfg;
-  if (c->dp_epsilon <= 0) return ot_reg_round_stats_put(d->reg, s->id, s->round, st);
+  if (c->dp_epsilon <= 0) {
+    record_round(d, s, st);
+    return OT_OK;
+  }
   double z = 0, eps = 0;
   ot_dp_accountant a;
   ot_dp_accountant_init(&a);
@@ -351,8 +362,8 @@ static int after_round(ot_daemon *d, const ot_session_row *s, ot_round_stats *st
                "%s round %d: epsilon %.6f of %.6f (delta %g, noise z %.6f, clip %g)", c->name, s->round, eps,
                c->dp_epsilon, c->dp_delta, z, c->dp_clip);
   st->dp_epsilon = eps;
-  rc = ot_reg_round_stats_put(d->reg, s->id, s->round, st);
-  if (rc || s->round >= c->rounds) return rc;
+  record_round(d, s, st);
+  if (s->round >= c->rounds) return OT_OK;
   ot_session_row next;
   int stopped = 0;
   rc = ot_reg_session_get_id(d->reg, s->id, &next);
