@@ -110,7 +110,7 @@ static int usage_fail(const char *cmd, const char *syn, const ot_opt *opts, int 
 static int session_create(int argc, char **argv) {
   const char *state = NULL, *name = NULL, *model = NULL, *adapter = "offsite",
              *targets = "c_attn,c_proj,c_fc,mlp.c_proj", *agg = "fedavg", *distill_data = NULL,
-             *secagg = "auto";
+             *eval_data = NULL, *secagg = "auto";
   ot_session_cfg c;
   ot_session_cfg_default(&c);
   int json = 0;
@@ -128,6 +128,9 @@ static int session_create(int argc, char **argv) {
        "emulator: distillation sequence length (default: ctx)"},
       {"distill-data", OT_OPT_STR, &distill_data, "FILE",
        "public text to distil on (default: Brown public genres)"},
+      {"eval-data", OT_OPT_STR, &eval_data, "FILE",
+       "the cloud's held-out text: after each round the full model with the round's adapter is scored on "
+       "it (the round's record, the report's curve; default: none)"},
       {"adapter", OT_OPT_STR, &adapter, "KIND", "offsite (default), lora, bottleneck or bitfit"},
       {"lora-r", OT_OPT_INT, &c.adapter.lora_r, "R", "LoRA rank (default 8)"},
       {"lora-alpha", OT_OPT_FLOAT, &c.adapter.lora_alpha, "A", "LoRA alpha (default 16)"},
@@ -193,6 +196,11 @@ static int session_create(int argc, char **argv) {
     char abs[4096];
     cJSON_ReplaceItemInObject(cfg, "distill_data",
                               cJSON_CreateString(realpath(distill_data, abs) ? abs : distill_data));
+  }
+  if (eval_data) {
+    char abs[4096];
+    cJSON_ReplaceItemInObject(cfg, "eval_data",
+                              cJSON_CreateString(realpath(eval_data, abs) ? abs : eval_data));
   }
   if (mu >= 0) cJSON_ReplaceItemInObject(cfg, "mu", cJSON_CreateNumber(mu));
   cJSON *req = request("session.create"), *reply = NULL;

@@ -49,7 +49,8 @@ static const char *const migrations[] = {
     /* 2 (issue 19): the round's record, devices' reports, the emulator's gap */
     "CREATE TABLE round_stats(session_id INTEGER NOT NULL REFERENCES sessions(id), round INTEGER NOT NULL,"
     "  participants INTEGER NOT NULL, dropped INTEGER NOT NULL, tokens REAL, mean_loss REAL,"
-    "  losses_reported INTEGER NOT NULL, agg_seconds REAL, emulator_gap REAL, dp_epsilon REAL,"
+    "  losses_reported INTEGER NOT NULL, agg_seconds REAL, emulator_gap REAL, dp_epsilon REAL, heldout_loss "
+    "REAL,"
     "  secagg INTEGER NOT NULL, recorded_at INTEGER NOT NULL, PRIMARY KEY(session_id, round));"
     "CREATE TABLE round_events(session_id INTEGER NOT NULL REFERENCES sessions(id), round INTEGER NOT NULL,"
     "  device_id INTEGER NOT NULL REFERENCES devices(id), kind TEXT NOT NULL CHECK(kind IN ('loss','late')),"
@@ -609,8 +610,30 @@ int ot_reg_round_updates(ot_registry *r, int64_t id, int round, ot_update_row **
   return OT_OK;
 }
 
+/* Inside round_finish's transaction (the lock held). */
+static int stats_put_locked(ot_registry *r, int64_t session_id, int round, const ot_round_stats *st) {
+  int rc = OT_OK;
+  /* the mean over what devices reported: the update rows' losses (plain rounds) or the
+   * "loss" reports (secure aggregation); SQLite stores a NaN as NULL, which AVG skips */
+  RUNQ("INSERT OR REPLACE INTO round_stats(session_id, round, participants, dropped, tokens, mean_loss, "
+       "losses_reported, agg_seconds, emulator_gap, dp_epsilon, heldout_loss, secagg, recorded_at) "
+       "VALUES(?1,?2,?3,?4,?5,"
+       "(SELECT AVG(l) FROM (SELECT loss AS l FROM updates WHERE session_id = ?1 AND round = ?2 AND ?9 = 0 "
+       "UNION ALL SELECT value FROM round_events WHERE session_id = ?1 AND round = ?2 AND kind = 'loss' AND "
+       "?9 = 1)),"
+       "(SELECT COUNT(l) FROM (SELECT loss AS l FROM updates WHERE session_id = ?1 AND round = ?2 AND ?9 = 0 "
+       "UNION ALL SELECT value FROM round_events WHERE session_id = ?1 AND round = ?2 AND kind = 'loss' AND "
+       "?9 = 1)),"
+       "?6, (SELECT e.kd FROM sessions s JOIN emulators e ON e.id = s.emulator_id WHERE s.id = ?1), ?7, ?10, "
+       "?9, ?8)",
+       "iiiidddiid", session_id, (int64_t)round, (int64_t)st->participants, (int64_t)st->dropped, st->tokens,
+       st->agg_seconds, st->dp_epsilon, now_s(), (int64_t)(st->secagg != 0), st->heldout_loss);
+  return rc;
+}
+
 int ot_reg_round_finish(ot_registry *r, int64_t id, int round, const char *adapter_digest,
-                        const char *opt_state, int64_t next_deadline, const char *adapter_dir) {
+                        const char *opt_state, int64_t next_deadline, const char *adapter_dir,
+                        const ot_round_stats *stats) {
   ot_session_row s;
   int rc = ot_reg_session_get_id(r, id, &s);
   if (rc) return rc;
@@ -621,6 +644,7 @@ int ot_reg_round_finish(ot_registry *r, int64_t id, int round, const char *adapt
        "tiiiii", adapter_digest, now_s(), id, (int64_t)round, id, (int64_t)round);
   if (rc == OT_OK && sqlite3_changes(r->db) != 1)
     rc = ot_error(OT_ERR_INTERNAL, "round %d is already done", round);
+  if (rc == OT_OK && stats) rc = stats_put_locked(r, id, round, stats);
   int last = round >= s.cfg.rounds;
   RUNQ("UPDATE sessions SET adapter = ?, opt_state = ?, state = ?, round = ?, updated_at = ? WHERE id = ?",
        "tttiii", adapter_digest, opt_state && *opt_state ? opt_state : NULL, last ? "done" : "running",
@@ -710,30 +734,6 @@ int ot_reg_round_event(ot_registry *r, int64_t session_id, int round, int64_t de
   RUNQ("INSERT OR REPLACE INTO round_events(session_id, round, device_id, kind, value, at) "
        "VALUES(?,?,?,?,?,?)",
        "iiitdi", session_id, (int64_t)round, device_id, kind, value, now_s());
-  unlock(r);
-  return rc;
-}
-
-int ot_reg_round_stats_put(ot_registry *r, int64_t session_id, int round, const ot_round_stats *st) {
-  lock(r);
-  int rc = begin(r);
-  /* the mean over what devices reported: the update rows' losses (plain rounds) or the
-   * "loss" reports (secure aggregation); SQLite stores a NaN as NULL, which AVG skips */
-  RUNQ("INSERT OR REPLACE INTO round_stats(session_id, round, participants, dropped, tokens, mean_loss, "
-       "losses_reported, agg_seconds, emulator_gap, dp_epsilon, secagg, recorded_at) VALUES(?1,?2,?3,?4,?5,"
-       "(SELECT AVG(l) FROM (SELECT loss AS l FROM updates WHERE session_id = ?1 AND round = ?2 AND ?9 = 0 "
-       "UNION ALL SELECT value FROM round_events WHERE session_id = ?1 AND round = ?2 AND kind = 'loss' AND "
-       "?9 = 1)),"
-       "(SELECT COUNT(l) FROM (SELECT loss AS l FROM updates WHERE session_id = ?1 AND round = ?2 AND ?9 = 0 "
-       "UNION ALL SELECT value FROM round_events WHERE session_id = ?1 AND round = ?2 AND kind = 'loss' AND "
-       "?9 = 1)),"
-       "?6, (SELECT e.kd FROM sessions s JOIN emulators e ON e.id = s.emulator_id WHERE s.id = ?1), ?7, ?9, "
-       "?8)",
-       "iiiiddd"
-       "ii",
-       session_id, (int64_t)round, (int64_t)st->participants, (int64_t)st->dropped, st->tokens,
-       st->agg_seconds, st->dp_epsilon, now_s(), (int64_t)(st->secagg != 0));
-  rc = end(r, rc);
   unlock(r);
   return rc;
 }
@@ -875,7 +875,8 @@ int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **
       {"round_stats",
        "SELECT t.round, t.participants, t.dropped, (SELECT COUNT(*) FROM round_events e WHERE e.session_id = "
        "t.session_id AND e.round = t.round AND e.kind = 'late') AS stragglers, t.tokens, t.mean_loss, "
-       "t.losses_reported, t.agg_seconds, t.emulator_gap, t.dp_epsilon, t.secagg, r.attempts, r.started_at, "
+       "t.losses_reported, t.agg_seconds, t.emulator_gap, t.dp_epsilon, t.heldout_loss, t.secagg, "
+       "r.attempts, r.started_at, "
        "r.finished_at, r.result FROM round_stats t JOIN sessions s ON s.id = t.session_id LEFT JOIN rounds r "
        "ON "
        "r.session_id = t.session_id AND r.round = t.round WHERE s.name = ? ORDER BY t.round",

@@ -92,11 +92,23 @@ typedef struct {
 } ot_update_row;
 /* The accepted updates of a round, by device id (malloc'd array). */
 int ot_reg_round_updates(ot_registry *r, int64_t id, int round, ot_update_row **out, int *n);
-/* One transaction: round done with its result, session's adapter (and FedAdam state)
- * replaced, the next round opened, or the session done and the adapter published under
- * the session's name. */
+/* The daemon's record of a finished round (round_stats; docs/report.md). */
+typedef struct {
+  int participants; /* devices in the result */
+  int dropped;      /* refused at aggregation (plain) or left the masking (secure aggregation) */
+  double tokens;    /* tokens trained by the devices in the result (NAN: unknown: secure aggregation) */
+  double agg_seconds;
+  double dp_epsilon; /* after this round (NAN: no DP) */
+  int secagg;
+  double heldout_loss; /* the full model with the round's adapter on the session's eval_data (NAN: none) */
+} ot_round_stats;
+/* One transaction: round done with its result and its record (stats, may be NULL; the mean
+ * of the losses devices reported and the emulator's gap are read here from the registry), the
+ * session's adapter (and FedAdam state) replaced, the next round opened, or the session done
+ * and the adapter published under the session's name. */
 int ot_reg_round_finish(ot_registry *r, int64_t id, int round, const char *adapter_digest,
-                        const char *opt_state, int64_t next_deadline, const char *adapter_dir);
+                        const char *opt_state, int64_t next_deadline, const char *adapter_dir,
+                        const ot_round_stats *stats);
 
 /* A finished round's participant count when no update rows record it (secure aggregation). */
 int ot_reg_round_set_participants(ot_registry *r, int64_t id, int round, int n);
@@ -113,18 +125,6 @@ int ot_reg_update_exists(ot_registry *r, int64_t session_id, int round, int64_t 
  * already closed: a straggler). One row per (session, round, device, kind); the last wins. */
 int ot_reg_round_event(ot_registry *r, int64_t session_id, int round, int64_t device_id, const char *kind,
                        double value);
-
-typedef struct {
-  int participants; /* devices in the result */
-  int dropped;      /* refused at aggregation (plain) or left the masking (secure aggregation) */
-  double tokens;    /* tokens trained by the devices in the result (NAN: unknown: secure aggregation) */
-  double agg_seconds;
-  double dp_epsilon; /* after this round (NAN: no DP) */
-  int secagg;
-} ot_round_stats;
-/* Written when the round finishes: the daemon's record of the round, with the mean of the
- * losses devices reported for it and the emulator's gap, read here from the registry. */
-int ot_reg_round_stats_put(ot_registry *r, int64_t session_id, int round, const ot_round_stats *st);
 
 /* 1 if digest is the current adapter of a running session (devices may fetch it). */
 int ot_reg_adapter_served(ot_registry *r, const char *digest, int *served);

@@ -461,7 +461,8 @@ static void rounds_table(sb *b, const cJSON *rounds, const cJSON *metrics) {
   sb_s(b,
        "<div class=\"scroll\"><table id=\"rounds\"><tr><th>round</th><th>state</th><th>started</th>"
        "<th>finished</th><th>attempts</th><th>devices</th><th>dropped</th><th>stragglers</th><th>tokens</th>"
-       "<th>mean device loss</th><th>aggregation s</th><th>DP epsilon</th><th>result adapter</th></tr>");
+       "<th>mean device loss</th><th>held-out loss</th><th>aggregation s</th><th>DP epsilon</th><th>result "
+       "adapter</th></tr>");
   const cJSON *r;
   cJSON_ArrayForEach(r, rounds) {
     const cJSON *m = NULL, *x;
@@ -483,6 +484,8 @@ static void rounds_table(sb *b, const cJSON *rounds, const cJSON *metrics) {
     }
     sb_s(b, "<td class=\"num\">");
     sb_num(b, m ? jnum(m, "mean_loss") : NAN, "%.4f");
+    sb_s(b, "</td><td class=\"num\">");
+    sb_num(b, m ? jnum(m, "heldout_loss") : NAN, "%.4f");
     sb_s(b, "</td><td class=\"num\">");
     sb_num(b, m ? jnum(m, "agg_seconds") : NAN, "%.3f");
     sb_s(b, "</td><td class=\"num\">");
@@ -661,6 +664,16 @@ int ot_report_html(const cJSON *data, const ot_report_opts *o, char **html, size
   if (rc == OT_OK)
     line_chart(&b, "device-loss", "Devices' training loss per round", "round", "loss (nats/token)", ls, nls,
                1);
+  /* the aggregate's quality round by round, when the session names a held-out text */
+  series hs = {.name = "full model + round adapter"};
+  const cJSON *x;
+  cJSON_ArrayForEach(x, metrics) {
+    if (rc == OT_OK) rc = series_add(&hs, jnum(x, "round"), jnum(x, "heldout_loss"));
+  }
+  if (rc == OT_OK && *jstr(cfg, "eval_data"))
+    line_chart(&b, "heldout-loss", "Aggregate's held-out loss (the cloud's eval_data)", "round",
+               "loss (nats/token)", &hs, 1, 1);
+  series_free(&hs, 1);
   series_free(ls, nls);
   free(ls);
   sb_s(&b, "</div>");
@@ -669,7 +682,6 @@ int ot_report_html(const cJSON *data, const ot_report_opts *o, char **html, size
 
   /* the cloud's distillation of the emulator */
   series ds[2] = {{.name = "loss"}, {.name = "CE"}};
-  const cJSON *x;
   /* a long distillation is drawn with at most about MAX_POINTS points a curve: every k-th step */
   enum { MAX_POINTS = 500 };
   int nsteps = 0, ks = 0, kd = 0;

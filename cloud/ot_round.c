@@ -22,6 +22,8 @@
 #include "ot_cli.h"
 #include "ot_aggregate.h"
 #include "ot_cloud_cmd.h"
+#include "ot_data.h"
+#include "ot_eval.h"
 #include "ot_corpus.h"
 #include "ot_daemon.h"
 #include "ot_dp.h"
@@ -281,12 +283,59 @@ static void note_updates(ot_daemon *d, const ot_session_row *s, const ot_update_
     ot_daemon_log(d, "session '%s': round %d: update norms %.4g to %.4g (%s)", c->name, s->round, lo, hi, b);
 }
 
-/* Aggregates paths (weights w) into the round's new adapter and finishes the round;
- * *out_digest = the new adapter. u: the update rows (their fates are noted; *used = the
- * updates in the result), or NULL for the secure-aggregation average, whose sum was
- * checked against the bound already. */
+/* The session's eval_data scored by the full model with the round's adapter plugged in, as
+ * `offtune-cloud eval --model FULL --adapter DIR --text FILE` scores it (windows of the
+ * model's context); NAN when the session has no eval_data or the scoring failed (logged: a
+ * record, not a reason to stop the session). */
+static double heldout_loss(ot_daemon *d, const ot_session_row *s, const char *adapter_dir) {
+  const ot_session_cfg *c = &s->cfg;
+  if (!c->eval_data[0]) return NAN;
+  char mdir[1024], mdigest[OT_DIGEST_HEX];
+  ot_backend *be = NULL;
+  ot_gpt2 *m = NULL;
+  ot_tokenizer *tok = NULL;
+  ot_tokens toks = {NULL, 0};
+  ot_eval_result res;
+  double t0 = ot_now();
+  int rc = ot_reg_model_get(d->reg, c->model, mdir, mdigest);
+  if (rc == OT_OK) rc = ot_cmd_load_model(mdir, "cpu", 0, &be, &m, &tok);
+  if (rc == OT_OK) rc = ot_adapter_apply(m, NULL, mdigest, adapter_dir);
+  if (rc == OT_OK) rc = ot_tokenizer_require(tok, mdir, "a session's eval_data is text");
+  if (rc == OT_OK) rc = ot_tokens_load_input(c->eval_data, NULL, tok, ot_gpt2_cfg(m)->vocab_size, &toks);
+  if (rc == OT_OK) rc = ot_eval_windows(m, toks.ids, toks.n, ot_gpt2_cfg(m)->n_positions, 8, NULL, &res);
+  ot_tokens_free(&toks);
+  ot_tokenizer_free(tok);
+  ot_gpt2_free(m);
+  ot_backend_free(be);
+  if (rc) {
+    ot_daemon_log(d, "session '%s': round %d: held-out loss not measured: %s", c->name, s->round,
+                  ot_error_detail());
+    return NAN;
+  }
+  ot_daemon_log(d, "session '%s': round %d: held-out loss %.4f on %zu tokens of %s (%.2f s)", c->name,
+                s->round, res.loss, res.tokens, c->eval_data, ot_now() - t0);
+  return res.loss;
+}
+
+/* The DP accountant's epsilon after `round` rounds of the session (NAN without DP). */
+static int dp_spent(const ot_session_cfg *c, int round, double *eps, double *z) {
+  *eps = NAN, *z = 0;
+  if (c->dp_epsilon <= 0) return OT_OK;
+  ot_dp_accountant a;
+  ot_dp_accountant_init(&a);
+  int rc = ot_session_dp_noise(c, z);
+  if (rc == OT_OK) rc = ot_dp_accountant_step(&a, 1.0, *z, (uint32_t)round);
+  if (rc == OT_OK) rc = ot_dp_epsilon(&a, c->dp_delta, eps, NULL);
+  return rc;
+}
+
+/* Aggregates paths (weights w) into the round's new adapter and finishes the round with its
+ * record st in one transaction; *out_digest = the new adapter. u: the update rows (their fates
+ * are noted; st's participants, dropped and tokens are filled from them), or NULL for the
+ * secure-aggregation average (whose sum was checked against the bound already, st filled by
+ * the caller). */
 static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const double *w, int n,
-                   const ot_update_row *u, int *used, double *tokens_used, char digest[OT_DIGEST_HEX],
+                   const ot_update_row *u, ot_round_stats *st, char digest[OT_DIGEST_HEX],
                    char final_dir[2600], double *seconds) {
   const ot_session_cfg *c = &s->cfg;
   int rc = OT_OK;
@@ -315,8 +364,12 @@ static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const do
   if (rc == OT_OK)
     rc = ot_aggregate(&ap, ref, (const char *const *)paths, w, n, s->opt_state[0] ? st_in : NULL, out,
                       c->agg == OT_AGG_FEDADAM ? st_out : NULL, notes);
-  *used = n;
-  if (rc == OT_OK && u) note_updates(d, s, u, notes, n, used, tokens_used);
+  int used = n;
+  double tokens_used = 0;
+  if (rc == OT_OK && u) {
+    note_updates(d, s, u, notes, n, &used, &tokens_used);
+    st->participants = used, st->dropped = n - used, st->tokens = tokens_used, st->secagg = 0;
+  }
   free(notes);
   char state_digest[OT_DIGEST_HEX] = "";
   if (rc == OT_OK) rc = ot_file_digest(out, digest);
@@ -324,45 +377,33 @@ static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const do
   if (rc == OT_OK) rc = ot_daemon_adapter_put(d, tmp, digest);
   if (rc == OT_OK && c->agg == OT_AGG_FEDADAM) rc = ot_daemon_object_put(d, "state", st_out, state_digest);
   if (rc == OT_OK) rc = ot_daemon_path(d, final_dir, 2600, "objects/adapters/%s", digest);
+  *seconds = ot_now() - t0;
+  /* the round's record commits with the round: what `session metrics` shows is never behind */
+  double z = 0;
+  st->agg_seconds = *seconds;
+  st->heldout_loss = rc == OT_OK ? heldout_loss(d, s, final_dir) : NAN;
+  if (rc == OT_OK) rc = dp_spent(c, s->round, &st->dp_epsilon, &z);
   if (rc == OT_OK)
     rc = ot_reg_round_finish(d->reg, s->id, s->round, digest, state_digest, now_s() + c->deadline_s,
-                             final_dir);
+                             final_dir, st);
   /* participants counts the update rows; a refused update is not in the result */
-  if (rc == OT_OK && u && *used < n) rc = ot_reg_round_set_participants(d->reg, s->id, s->round, *used);
-  *seconds = ot_now() - t0;
+  if (rc == OT_OK && u && used < n) rc = ot_reg_round_set_participants(d->reg, s->id, s->round, used);
   return rc;
 }
 
-/* The round's record (docs/report.md) is an observation: failing to write it is logged, and
- * the session goes on. */
-static void record_round(ot_daemon *d, const ot_session_row *s, const ot_round_stats *st) {
-  if (ot_reg_round_stats_put(d->reg, s->id, s->round, st) != OT_OK)
-    ot_daemon_log(d, "session '%s': round %d: its record was not written: %s", s->cfg.name, s->round,
-                  ot_error_detail());
-}
-
-/* After a finished round: the DP accountant's epsilon (audit, log, the round's record), and
- * the budget's gate before the next round. */
-static int after_round(ot_daemon *d, const ot_session_row *s, ot_round_stats *st) {
+/* After a finished round: the DP accountant's epsilon (audit, log), and the budget's gate
+ * before the next round. */
+static int after_round(ot_daemon *d, const ot_session_row *s) {
   const ot_session_cfg *c = &s->cfg;
-  if (c->dp_epsilon <= 0) {
-    record_round(d, s, st);
-    return OT_OK;
-  }
+  if (c->dp_epsilon <= 0) return OT_OK;
   double z = 0, eps = 0;
-  ot_dp_accountant a;
-  ot_dp_accountant_init(&a);
-  int rc = ot_session_dp_noise(c, &z);
-  if (rc == OT_OK) rc = ot_dp_accountant_step(&a, 1.0, z, (uint32_t)s->round);
-  if (rc == OT_OK) rc = ot_dp_epsilon(&a, c->dp_delta, &eps, NULL);
+  int rc = dp_spent(c, s->round, &eps, &z);
   if (rc) return rc;
   ot_daemon_log(d, "session '%s': round %d: differential privacy epsilon %.4f of %.4f (delta %g, z %.4f)",
                 c->name, s->round, eps, c->dp_epsilon, c->dp_delta, z);
   ot_reg_audit(d->reg, "daemon", "dp.epsilon",
                "%s round %d: epsilon %.6f of %.6f (delta %g, noise z %.6f, clip %g)", c->name, s->round, eps,
                c->dp_epsilon, c->dp_delta, z, c->dp_clip);
-  st->dp_epsilon = eps;
-  record_round(d, s, st);
   if (s->round >= c->rounds) return OT_OK;
   ot_session_row next;
   int stopped = 0;
@@ -374,19 +415,20 @@ static int after_round(ot_daemon *d, const ot_session_row *s, ot_round_stats *st
 int ot_round_publish_avg(ot_daemon *d, const ot_session_row *s, const char *avg_path, int participants,
                          int roster, double tokens, const char *summary) {
   char *paths[1] = {(char *)avg_path}, digest[OT_DIGEST_HEX], final_dir[2600];
-  double w[1] = {1.0}, seconds = 0, unused = 0;
+  double w[1] = {1.0}, seconds = 0;
   const ot_session_cfg *c = &s->cfg;
-  int used = 0;
-  int rc = publish(d, s, paths, w, 1, NULL, &used, &unused, digest, final_dir, &seconds);
+  ot_round_stats st = {.participants = participants,
+                       .dropped = roster > participants ? roster - participants : 0,
+                       .tokens = tokens,
+                       .secagg = 1};
+  int rc = publish(d, s, paths, w, 1, NULL, &st, digest, final_dir, &seconds);
   if (rc == OT_OK) rc = ot_reg_round_set_participants(d->reg, s->id, s->round, participants);
   if (rc == OT_OK) {
     ot_daemon_log(d, "session '%s': round %d of %d aggregated (%s) by %s in %.2f s -> adapter %.16s...",
                   c->name, s->round, c->rounds, ot_agg_name(c->agg), summary, seconds, digest);
     if (s->round >= c->rounds)
       ot_daemon_log(d, "session '%s': done; adapter '%s' published (%s)", c->name, c->name, final_dir);
-    ot_round_stats st = {
-        participants, roster > participants ? roster - participants : 0, tokens, seconds, NAN, 1};
-    rc = after_round(d, s, &st);
+    rc = after_round(d, s);
   }
   return rc;
 }
@@ -407,9 +449,10 @@ static int aggregate(ot_daemon *d, const ot_session_row *s) {
     w[i] = (double)u[i].tokens;
   }
   char digest[OT_DIGEST_HEX], final_dir[2600];
-  double seconds = 0, tokens_used = 0;
-  int used = 0;
-  if (rc == OT_OK) rc = publish(d, s, paths, w, n, u, &used, &tokens_used, digest, final_dir, &seconds);
+  double seconds = 0;
+  ot_round_stats st = {0};
+  if (rc == OT_OK) rc = publish(d, s, paths, w, n, u, &st, digest, final_dir, &seconds);
+  int used = st.participants;
   if (rc == OT_OK) {
     double tokens = 0, loss = 0;
     for (int i = 0; i < n; i++) {
@@ -428,8 +471,7 @@ static int aggregate(ot_daemon *d, const ot_session_row *s) {
       ot_daemon_log(d, "session '%s': done; adapter '%s' published (%s)", c->name, c->name, final_dir);
     else
       ot_daemon_log(d, "session '%s': round %d of %d open", c->name, s->round + 1, c->rounds);
-    ot_round_stats st = {used, n - used, tokens_used, seconds, NAN, 0};
-    rc = after_round(d, s, &st);
+    rc = after_round(d, s);
   }
   for (int i = 0; paths && i < n; i++) free(paths[i]);
   free(paths);

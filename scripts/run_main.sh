@@ -25,6 +25,10 @@ export OT_DEMO_KEEP=${OT_DEMO_KEEP:-1} OT_DEMO_DISTILL_STEPS=${OT_DEMO_DISTILL_S
 export OT_DEMO_ROUNDS=${OT_DEMO_ROUNDS:-3} OT_DEMO_STEPS=${OT_DEMO_STEPS:-40} OT_DEMO_LR=${OT_DEMO_LR:-5e-4}
 # Secure aggregation on: the cloud learns only the sum of the three updates.
 export OT_DEMO_SECAGG=${OT_DEMO_SECAGG:-on}
+# The cloud scores each round's adapter on held-out text of its own (the public genres' last
+# documents): the report's curve of the aggregate's held-out loss.
+$cloud corpus --genres public --part heldout --out "$work/heldout-public.txt" 2>/dev/null
+export OT_DEMO_EVAL_DATA=${OT_DEMO_EVAL_DATA:-$work/heldout-public.txt}
 bash scripts/session_demo.sh "$model" "$work/session" | tee "$work/session.log"
 adapter=$(sed -n "s/^published adapter 'demo': //p" "$work/session.log")
 emulator=$(sed -n 's/^emulator package: *//p' "$work/session.log")

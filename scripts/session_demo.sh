@@ -12,6 +12,7 @@
 # OT_DEMO_THREADS CPU threads per device (1), OT_DEMO_BACKEND (cpu).
 # Privacy (docs/secagg.md): OT_DEMO_SECAGG auto|on|off (auto: off with the 2..3 devices here),
 # OT_DEMO_DP_EPSILON (off), OT_DEMO_DP_CLIP (1), OT_DEMO_DP_DELTA (1e-5).
+# OT_DEMO_EVAL_DATA: the cloud's held-out text, scored after each round (default: none).
 # OT_DEMO_SESSION session name (demo); OT_DEMO_REUSE=1 keeps WORK_DIR's daemon state and
 # enrolled devices (the emulator is distilled once for several sessions; bench/session_privacy.sh).
 # Needs a build (scripts/build.sh). Everything it starts is stopped on exit.
@@ -64,6 +65,7 @@ echo "== creating the session (the daemon distils the emulator first) =="
   --distill-steps "${OT_DEMO_DISTILL_STEPS:-200}" --keep "${OT_DEMO_KEEP:-0}" \
   --bottom "${OT_DEMO_BOTTOM:-2}" --top "${OT_DEMO_TOP:-2}" \
   --min-devices 2 --max-devices 3 --deadline "${OT_DEMO_DEADLINE:-600}" --secagg "${OT_DEMO_SECAGG:-auto}" \
+  ${OT_DEMO_EVAL_DATA:+--eval-data "$OT_DEMO_EVAL_DATA"} \
   ${OT_DEMO_DP_EPSILON:+--dp-epsilon "$OT_DEMO_DP_EPSILON" --dp-clip "${OT_DEMO_DP_CLIP:-1}" --dp-delta "${OT_DEMO_DP_DELTA:-1e-5}"}
 
 echo "== enrolling three devices with one-time tokens =="

@@ -336,6 +336,14 @@ static void check_points(const char *html, const char *db, const char *emu_metri
              EVIL_NAME, (int)x[i]);
     close_to(y[i], db_num(db, q), 1e-6, "chart: a device's loss");
   }
+  /* the aggregate's held-out loss per round = the records */
+  n = points(html, "heldout-loss", "full model + round adapter", x, y, 256);
+  assert_int_equal(n, 2);
+  for (int i = 0; i < n; i++) {
+    char q[300];
+    snprintf(q, sizeof q, "SELECT heldout_loss FROM round_stats WHERE round = %d", (int)x[i]);
+    close_to(y[i], db_num(db, q), 1e-7, "chart: held-out loss");
+  }
   /* the distillation curve = the emulator's step records */
   cJSON *st = jsonl_file(emu_metrics, "step");
   n = points(html, "distill-loss", "loss", x, y, 256);
@@ -365,12 +373,14 @@ static void test_session_report(void **state) {
       ot_test_system("rm -rf '%s' '%s' && cp %s/public.txt '%s/" EVIL_FILE "'", dmn.state, dmn.log, dir, dir),
       0);
   daemon_start_http(&dmn, "OT_TEST_DASHBOARD_LOOPBACK=0");
-  char extra[1400];
+  char extra[2600];
+  /* the cloud's held-out text: the first 3000 bytes of the public text */
+  assert_int_equal(ot_test_system("head -c 3000 %s/public.txt > %s/heldout.txt", dir, dir), 0);
   snprintf(
       extra, sizeof extra,
       "--rounds 2 --min-devices 2 --max-devices 2 --deadline 120 --secagg off --distill-data '%s/" EVIL_FILE
-      "'",
-      dir);
+      "' --eval-data %s/heldout.txt",
+      dir, dir);
   /* session_create's own --distill-data comes first; ours, later on the line, wins */
   session_create(&dmn, "rep", extra);
   join_named(&dmn, "dev-a", EVIL_NAME);
@@ -404,6 +414,16 @@ static void test_session_report(void **state) {
     close_to(num(r, "mean_loss"), db_num(db, q), 1e-9, "round mean loss");
     assert_true(num(r, "agg_seconds") >= 0 && num(r, "agg_seconds") < 60);
     assert_true(cJSON_IsNull(cJSON_GetObjectItem(r, "dp_epsilon")));
+    /* the aggregate's held-out loss = `eval` of the full model with the round's adapter */
+    char res[200], adir[1400];
+    snprintf(q, sizeof q, "SELECT result FROM rounds WHERE round = %d", i + 1);
+    db_text(db, q, res, sizeof res);
+    snprintf(adir, sizeof adir, "%s/objects/adapters/%s", dmn.state, res);
+    RUN_OK("%s eval --model %s/full --adapter %s --text %s/heldout.txt --json 2>/dev/null", cloud, dir, adir,
+           dir);
+    double hl, ht;
+    ot_test_eval_json(out, "round adapter on the held-out text", &hl, &ht);
+    close_to(num(r, "heldout_loss"), hl, 1e-6, "round's held-out loss vs eval");
   }
   /* the emulator's gap is its distillation's last KD, as its own records say */
   char emu_dir[1100], emu_metrics[1200];
