@@ -631,6 +631,16 @@ static int stats_put_locked(ot_registry *r, int64_t session_id, int round, const
   return rc;
 }
 
+int ot_reg_round_baseline(ot_registry *r, int64_t session_id, double heldout_loss) {
+  lock(r);
+  int rc = OT_OK;
+  RUNQ("INSERT OR REPLACE INTO round_stats(session_id, round, participants, dropped, losses_reported, "
+       "heldout_loss, secagg, recorded_at) VALUES(?,0,0,0,0,?,0,?)",
+       "idi", session_id, heldout_loss, now_s());
+  unlock(r);
+  return rc;
+}
+
 int ot_reg_round_finish(ot_registry *r, int64_t id, int round, const char *adapter_digest,
                         const char *opt_state, int64_t next_deadline, const char *adapter_dir,
                         const ot_round_stats *stats) {

@@ -102,6 +102,8 @@ typedef struct {
   int secagg;
   double heldout_loss; /* the full model with the round's adapter on the session's eval_data (NAN: none) */
 } ot_round_stats;
+/* Round 0's record: the held-out loss of the session's initial adapter (nothing else). */
+int ot_reg_round_baseline(ot_registry *r, int64_t session_id, double heldout_loss);
 /* One transaction: round done with its result and its record (stats, may be NULL; the mean
  * of the losses devices reported and the emulator's gap are read here from the registry), the
  * session's adapter (and FedAdam state) replaced, the next round opened, or the session done

@@ -354,18 +354,20 @@ static void line_chart(sb *b, const char *id, const char *title, const char *xl,
 
 /* Rounds as stacked bars: devices in the result, dropped, stragglers. */
 static void timeline_chart(sb *b, const cJSON *metrics) {
-  int n = cJSON_GetArraySize(metrics);
   sb_s(b, "<figure class=\"chart\" id=\"timeline\"><figcaption>Devices per round</figcaption>");
+  double top = 1;
+  const cJSON *m;
+  int n = 0;
+  cJSON_ArrayForEach(m, metrics) {
+    if (jnum(m, "round") < 1) continue; /* round 0: the starting point's record, no devices */
+    top = fmax(top, jnum(m, "participants") + jnum(m, "dropped") + jnum(m, "stragglers"));
+    n++;
+  }
+  int pw = W - ML - MR, ph = H - MT - MB;
   if (!n) {
     sb_s(b, "<p class=\"none\">no round finished yet</p></figure>\n");
     return;
   }
-  double top = 1;
-  const cJSON *m;
-  cJSON_ArrayForEach(m, metrics) {
-    top = fmax(top, jnum(m, "participants") + jnum(m, "dropped") + jnum(m, "stragglers"));
-  }
-  int pw = W - ML - MR, ph = H - MT - MB;
   double slot = (double)pw / n, bw = fmin(48, slot * 0.6), ys = fmax(1, ceil(nice_step(top, 4)));
   top = ceil(top / ys) * ys;
   sb_f(b, "<svg viewBox=\"0 0 %d %d\" role=\"img\">", W, H);
@@ -384,6 +386,7 @@ static void timeline_chart(sb *b, const cJSON *metrics) {
   }
   int i = 0;
   cJSON_ArrayForEach(m, metrics) {
+    if (jnum(m, "round") < 1) continue;
     double x = ML + slot * (i + 0.5) - bw / 2, base = 0;
     for (int k = 0; k < 3; k++) {
       double v = jnum(m, part[k]);

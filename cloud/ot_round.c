@@ -208,6 +208,8 @@ int ot_round_dp_gate(ot_daemon *d, const ot_session_row *s, int round, int *stop
   return ot_reg_session_fail(d->reg, s->id, why);
 }
 
+static double heldout_loss(ot_daemon *d, const ot_session_row *s, const char *adapter_dir);
+
 static int prepare(ot_daemon *d, const ot_session_row *s) {
   int stopped = 0;
   int rc0 = ot_round_dp_gate(d, s, 1, &stopped);
@@ -216,6 +218,15 @@ static int prepare(ot_daemon *d, const ot_session_row *s) {
   char emu_dir[1024], digest[OT_DIGEST_HEX];
   int rc = ensure_emulator(d, s, &emu_id, emu_dir);
   if (rc == OT_OK) rc = initial_adapter(d, s, emu_dir, digest);
+  /* the held-out score of the starting point (round 0): what the rounds' scores compare with */
+  char adir[2600];
+  if (rc == OT_OK && s->cfg.eval_data[0] &&
+      ot_daemon_path(d, adir, sizeof adir, "objects/adapters/%s", digest) == OT_OK) {
+    double h0 = heldout_loss(d, s, adir);
+    if (isfinite(h0) && ot_reg_round_baseline(d->reg, s->id, h0) != OT_OK)
+      ot_daemon_log(d, "session '%s': the round 0 record was not written: %s", s->cfg.name,
+                    ot_error_detail());
+  }
   if (rc == OT_OK) rc = ot_reg_session_start(d->reg, s->id, emu_id, digest, now_s() + s->cfg.deadline_s);
   if (rc == OT_OK)
     ot_daemon_log(d, "session '%s': round 1 of %d open (deadline %d s, adapter %.16s...)", s->cfg.name,
@@ -298,7 +309,8 @@ static double heldout_loss(ot_daemon *d, const ot_session_row *s, const char *ad
   ot_eval_result res;
   double t0 = ot_now();
   int rc = ot_reg_model_get(d->reg, c->model, mdir, mdigest);
-  if (rc == OT_OK) rc = ot_cmd_load_model(mdir, "cpu", 0, &be, &m, &tok);
+  /* one thread: the scheduler's scoring must not crowd the devices and serving on this host */
+  if (rc == OT_OK) rc = ot_cmd_load_model(mdir, "cpu", 1, &be, &m, &tok);
   if (rc == OT_OK) rc = ot_adapter_apply(m, NULL, mdigest, adapter_dir);
   if (rc == OT_OK) rc = ot_tokenizer_require(tok, mdir, "a session's eval_data is text");
   if (rc == OT_OK) rc = ot_tokens_load_input(c->eval_data, NULL, tok, ot_gpt2_cfg(m)->vocab_size, &toks);

@@ -338,7 +338,8 @@ static void check_points(const char *html, const char *db, const char *emu_metri
   }
   /* the aggregate's held-out loss per round = the records */
   n = points(html, "heldout-loss", "full model + round adapter", x, y, 256);
-  assert_int_equal(n, 2);
+  assert_int_equal(n, 3);
+  assert_int_equal((int)x[0], 0);
   for (int i = 0; i < n; i++) {
     char q[300];
     snprintf(q, sizeof q, "SELECT heldout_loss FROM round_stats WHERE round = %d", (int)x[i]);
@@ -400,9 +401,22 @@ static void test_session_report(void **state) {
   cJSON *j = cJSON_Parse(out);
   assert_non_null(j);
   cJSON *m = cJSON_GetObjectItem(j, "metrics");
-  assert_int_equal(cJSON_GetArraySize(m), 2);
+  assert_int_equal(cJSON_GetArraySize(m), 3); /* round 0 (the starting point's held-out loss), 1, 2 */
+  {
+    cJSON *r0 = cJSON_GetArrayItem(m, 0);
+    char in[200], adir[1400];
+    assert_int_equal((int)num(r0, "round"), 0);
+    assert_int_equal((int)num(r0, "participants"), 0);
+    db_text(db, "SELECT input FROM rounds WHERE round = 1", in, sizeof in);
+    snprintf(adir, sizeof adir, "%s/objects/adapters/%s", dmn.state, in);
+    RUN_OK("%s eval --model %s/full --adapter %s --text %s/heldout.txt --json 2>/dev/null", cloud, dir, adir,
+           dir);
+    double hl, ht;
+    ot_test_eval_json(out, "initial adapter on the held-out text", &hl, &ht);
+    close_to(num(r0, "heldout_loss"), hl, 1e-6, "round 0 held-out loss vs eval");
+  }
   for (int i = 0; i < 2; i++) {
-    cJSON *r = cJSON_GetArrayItem(m, i);
+    cJSON *r = cJSON_GetArrayItem(m, i + 1);
     char q[300];
     assert_int_equal((int)num(r, "round"), i + 1);
     assert_int_equal((int)num(r, "participants"), 2);
@@ -432,7 +446,7 @@ static void test_session_report(void **state) {
   cJSON *dr = jsonl_file(emu_metrics, "distill");
   double kd = num(cJSON_GetArrayItem(dr, cJSON_GetArraySize(dr) - 1), "kd");
   cJSON_Delete(dr);
-  close_to(num(cJSON_GetArrayItem(m, 0), "emulator_gap"), kd, 1e-6, "emulator gap vs the distillation's KD");
+  close_to(num(cJSON_GetArrayItem(m, 1), "emulator_gap"), kd, 1e-6, "emulator gap vs the distillation's KD");
   close_to(num(cJSON_GetObjectItem(j, "session"), "emulator_gap"), kd, 1e-6, "session's emulator gap");
   cJSON_Delete(j);
   /* devices never fetch the operator's records: not in the package's manifest */
