@@ -15,6 +15,7 @@
 # where there is no GPU or OT_GPU_CHECK_EMU=1).
 # Each step: PASS, FAIL, SKIPPED (with the reason: no GPU, a tool or module missing, not
 # implemented, time budget spent, not selected) or TIMEOUT (its log holds what it did).
+# Exit status: 1 if a step failed or timed out, else 3 if a step or case was skipped, else 0.
 #
 # Environment: OT_GPU_CHECK_BUDGET (seconds for the whole run, default 720), OT_GPU_CHECK_ONLY
 # (space-separated step names to run, e.g. "ops bench" for a rerun), OT_GPU_CHECK_PYTHON (default
@@ -38,7 +39,7 @@ if [ "${1:-}" = --pack ]; then
   nice cmake --build "$bd" -j"${OT_JOBS:-2}" --target "${targets[@]}" test_backend_ops_emu 2>/dev/null ||
     nice cmake --build "$bd" -j"${OT_JOBS:-2}" --target "${targets[@]}"
   rm -rf "$bin" && mkdir -p "$bin/build/tests" "$bin/build/cloud" "$bin/build/device" "$bin/build/bench" "$bin/lib"
-  for f in tests/test_backend_ops tests/test_backend_ops_emu tests/test_chat_template tests/hf_dump \
+  for f in tests/test_backend_ops tests/test_chat_template tests/hf_dump \
     cloud/offtune-cloud device/offtune-device bench/bench_train bench/gemm_peak bench/bench_serve; do
     [ -x "$bd/$f" ] && cp "$bd/$f" "$bin/build/$f"
   done
@@ -47,9 +48,13 @@ if [ "${1:-}" = --pack ]; then
   for f in "$bin"/build/*/*; do ldd "$f"; done | awk '$3 ~ /^\// {print $3}' | sort -u |
     grep -Ev '/(libc|libm|libpthread|libdl|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*|libcuda|libcudart|libcublas|libcublasLt)\.so' |
     while read -r l; do cp -L "$l" "$bin/lib/"; done
+  strip --strip-unneeded "$bin"/build/*/* "$bin"/lib/* 2>/dev/null || true
   echo "$(git rev-parse HEAD) $(date -u +%FT%TZ) $(uname -m) nvcc $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || echo '?')" >"$bin/BUILT"
-  du -sh "$bin"
-  echo "carry: add /$bin/ to .git/info/exclude, name $bin in the device run's carry"
+  # one compressed file to carry (the device run carries at most 64 MiB with the work tree)
+  tar -C "$bin" -cJf "$bin.tar.xz" BUILT build lib
+  mv "$bin.tar.xz" "$bin/pack.tar.xz"
+  du -sh "$bin" "$bin/pack.tar.xz"
+  echo "carry: $bin/pack.tar.xz (ignored by .gitignore); gpu_check.sh unpacks it into $bin/"
   exit 0
 fi
 
@@ -106,12 +111,21 @@ for m in ["torch", "numpy", "transformers", "peft", "tokenizers", "safetensors",
         print("python %s: MISSING (%s)" % (m, e))
 PYEOF
     # what a source build needs (Debian/Ubuntu dev packages); a carried build needs none of them
-    for p in libsodium libcjson nng libprotobuf-c cmocka sqlite3 openblas; do
+    for p in libsodium libcjson libprotobuf-c; do
       pkg-config --exists $p 2>/dev/null && echo "pkg-config $p: found" || echo "pkg-config $p: MISSING"
     done
+    for f in nng/nng.h cmocka.h cblas.h sqlite3.h; do # CMake's find_package / find_path ones
+      found=$(find /usr/include /usr/local/include -name "$(basename $f)" -path "*$f" 2>/dev/null | head -1)
+      echo "header $f: ${found:-MISSING}"
+    done
+    echo "tool protoc-c: $(command -v protoc-c || echo MISSING)"
     exit 0
     ;;
   build)
+    if [ ! -x "$bin/build/tests/test_backend_ops" ] && [ -f "$bin/pack.tar.xz" ]; then
+      echo "unpacking $bin/pack.tar.xz"
+      tar -C "$bin" -xJf "$bin/pack.tar.xz" || exit 1
+    fi
     if [ -x "$bin/build/tests/test_backend_ops" ]; then
       echo "using the carried build $bin ($(cat "$bin/BUILT" 2>/dev/null))"
       miss=$(for f in "$bin"/build/*/*; do ldd "$f" 2>&1; done | grep 'not found' | sort -u)
@@ -287,6 +301,7 @@ PYEOF
     exit $([ $rc = 0 ] && echo 0 || echo 1)
     ;;
   emu)
+    [ -x "$B/tests/test_backend_ops_emu" ] || B=$root/build # a carried build has no emulation binary
     [ -x "$B/tests/test_backend_ops_emu" ] || {
       echo "SKIPPED: test_backend_ops_emu not in this build"
       exit 77
@@ -318,7 +333,7 @@ mkdir -p "$out/.work"
 # python without the carried libraries on its path (they are for offtune's binaries)
 printf '#!/bin/sh\nunset LD_LIBRARY_PATH\nexec %s "$@"\n' "${OT_GPU_CHECK_PYTHON:-python3}" >"$out/.work/py"
 chmod +x "$out/.work/py"
-[ -d "$bin/lib" ] && export LD_LIBRARY_PATH="$root/$bin/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$root/$bin/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" # the carried libraries, once unpacked
 : >"$out/results.jsonl"
 rows=()
 
@@ -337,7 +352,7 @@ summary() {
     echo "PASS: ran and agreed within tolerance. FAIL: ran and disagreed or broke (see <step>.log)."
     echo "SKIPPED: did not run, for the reason given; never a pass. TIMEOUT: cut off by its time limit;"
     echo "the log holds what it did. Case lines (↳) come from the step's log. See docs/cuda.md."
-    if [ -f "$out/bench.log" ]; then
+    if grep -q '^cuBLAS' "$out/bench.log" 2>/dev/null; then
       echo
       echo '## bench/bench_cuda.sh'
       echo '```'
@@ -365,7 +380,10 @@ step() { # name per-step-limit-seconds
     note=""
     case $rc in
     0) st=PASS ;;
-    77) st=SKIPPED note=$(grep -m1 '^SKIPPED' "$out/$name.log" | sed 's/^SKIPPED: *//') ;;
+    77) # the step's own last word, and the first reason a part of it gave, if different
+      st=SKIPPED note=$(grep '^SKIPPED' "$out/$name.log" | tail -1 | sed 's/^SKIPPED: *//')
+      first=$(grep -m1 '^SKIPPED' "$out/$name.log" | sed 's/^SKIPPED: *//')
+      [ "$first" != "$note" ] && note="$note: $first" ;;
     124 | 137) st=TIMEOUT note="cut off after ${t}s (limit $((limit < left - 10 ? limit : left - 10))s)" ;;
     *) st=FAIL note=$(grep -m1 -E '^(FAIL|MISMATCH|\[  FAILED|.*error)' "$out/$name.log" | cut -c1-160) ;;
     esac
@@ -390,5 +408,7 @@ step racecheck 150
 if [ "$(cat "$out/.have_gpu" 2>/dev/null)" != 1 ] || [ "${OT_GPU_CHECK_EMU:-0}" = 1 ]; then step emu 600; fi
 rm -rf "$out/.work/bench/bench" "$out/.work/bench/bench_serve_tmp"
 echo "gpu_check: summary in $out/summary.md"
-grep -q '| FAIL \|| TIMEOUT ' "$out/summary.md" && exit 1
+# 1: something failed or timed out; 3: nothing failed but something did not run (SKIPPED); 0: all passed
+grep -q '| \(FAIL\|TIMEOUT\) |' "$out/summary.md" && exit 1
+grep -q '| SKIPPED |' "$out/summary.md" && exit 3
 exit 0
