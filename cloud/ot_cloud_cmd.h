@@ -27,6 +27,7 @@ int ot_cmd_session(int argc, char **argv);
 int ot_cmd_device(int argc, char **argv);
 int ot_cmd_token(int argc, char **argv);
 int ot_cmd_adapter(int argc, char **argv);
+int ot_cmd_report(int argc, char **argv);
 int ot_cmd_serve_model(int argc, char **argv);
 int ot_cmd_keys(int argc, char **argv);
 
@@ -41,8 +42,6 @@ void ot_cmd_npm_dir(char *dir, size_t n);
  * what needs text checks with ot_tokenizer_require(*tok, dir, hint). */
 int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_backend **be, ot_model **m,
                       ot_tokenizer **tok);
-/* The digest of a checkpoint directory's model.safetensors: what adapters are bound to. */
-int ot_cmd_model_digest(const char *dir, char digest[OT_DIGEST_HEX]);
 
 /* Emulator distillation (ot_cloud_distill.c): what `offtune-cloud distill` runs, and what
  * the daemon runs for a session's emulator. Progress and step lines go to `log`; on error
@@ -53,6 +52,7 @@ typedef struct {
   int int8, bottom, top, keep, steps, batch, seq_len, ckpt_every, resume, threads, warmup;
   float drop_ratio, lr; /* drop_ratio < 0: not given (keep, else 0.5) */
   FILE *log;
+  int json; /* records (OUT/metrics.jsonl, always written) echoed on stdout instead of the progress bar */
 } ot_cloud_distill_job;
 typedef struct {
   int steps_done; /* by this call (0: --out already had them) */

@@ -26,6 +26,7 @@ typedef struct {
   ot_distill *d;
   int B, T, steps;
   FILE *log;
+  ot_metrics *mx;
 } distill_ctx;
 
 /* The emulator package in --out (loadable at every checkpoint), then the resumable
@@ -47,8 +48,12 @@ static int report_step(void *vctx, int step, float loss, int *stop) {
   (void)stop;
   float ce, kd;
   ot_distill_last(c->d, &ce, &kd);
+  static const char *const keys[] = {"step", "ce", "kd"};
+  const double v[] = {step, ce, kd};
+  int rc = ot_metrics_record(c->mx, "distill", 3, keys, v);
+  if (rc) return rc;
   /* a plain line now and then; the progress bar shows the combined loss */
-  if (step == 1 || step == c->steps || step % 50 == 0)
+  if (c->log && (step == 1 || step == c->steps || step % 50 == 0))
     fprintf(c->log, "\n[distill] step %d: loss %.4f = CE %.4f + %.0f x KD %.5f\n", step, loss, ce,
             OT_EMU_KD_WEIGHT, kd);
   return OT_OK;
@@ -80,6 +85,8 @@ int ot_cmd_distill(int argc, char **argv) {
       {"resume", OT_OPT_FLAG, &j.resume, NULL, "continue from --out's train_state if there is one"},
       {"backend", OT_OPT_STR, &j.backend, "NAME", "cpu (default) or cuda"},
       {"threads", OT_OPT_INT, &j.threads, "N", "CPU threads (default: all cores)"},
+      {"json", OT_OPT_FLAG, &j.json, NULL,
+       "progress and summary as JSON lines on stdout (the records of OUT/metrics.jsonl)"},
   };
   const char *syn = "offtune-cloud distill --model DIR (--data FILE | --tokens FILE) --out EMU_DIR "
                     "[--bottom A --top B --keep K | --drop-ratio R] [options]";
@@ -111,7 +118,7 @@ int ot_cmd_distill(int argc, char **argv) {
   const char *what = NULL;
   rc = ot_cloud_distill(&j, &res, &what);
   if (rc) return ot_cmd_fail(what, rc);
-  if (res.steps_done > 0)
+  if (res.steps_done > 0 && !j.json)
     printf("distilled %d steps in %.1f s: CE %.4f | KD %.6f | loss %.4f; emulator saved to %s\n",
            res.steps_done, res.seconds, res.ce, res.kd, res.loss, j.out);
   return OT_EXIT_OK;
@@ -152,7 +159,7 @@ int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res
                                &keep);
   if (rc == OT_OK) rc = ot_emu_plan_make(fc->n_layer, j->bottom, j->top, keep, &plan);
   plan.int8_middle = j->int8;
-  if (rc == OT_OK) rc = ot_cmd_model_digest(j->model, plan.base_digest);
+  if (rc == OT_OK) rc = ot_model_dir_digest(j->model, plan.base_digest);
   int start = 0;
   if (rc == OT_OK) {
     *what = "reading the data";
@@ -197,22 +204,30 @@ int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res
     for (int i = 0; i < keep; i++) fprintf(j->log, " %d", plan.src[j->bottom + i]);
     fprintf(j->log, " of %d..%d, top %d..%d; %zu tokens, %d steps of %d x %d\n", j->bottom,
             fc->n_layer - j->top - 1, fc->n_layer - j->top, fc->n_layer - 1, toks.n, steps, batch, T);
-    distill_ctx ctx = {out, emu, &plan, tok, opt, &bt, d, batch, T, steps, j->log};
+    ot_metrics *mx = NULL;
+    rc = ot_metrics_open_dir(out, j->json ? stdout : NULL, "distill", &mx);
+    distill_ctx ctx = {out, emu, &plan, tok, opt, &bt, d, batch, T, steps, j->json ? NULL : j->log, mx};
     ot_lr_schedule sched = {j->lr, j->warmup, steps, OT_LR_COSINE, 0.1f};
-    ot_train_config tc = {steps, batch,  T,         sched,       j->ckpt_every, save_state,
-                          &ctx,  j->log, "distill", report_step, loss_step};
+    ot_train_config tc = {steps,         batch,       T,         sched,
+                          j->ckpt_every, save_state,  &ctx,      j->json ? NULL : j->log,
+                          "distill",     report_step, loss_step, mx};
     ot_train_result tr;
-    if (start >= steps) {
+    if (rc == OT_OK && start >= steps) {
       fprintf(j->log, "[distill] %s already has %d steps; nothing to do\n", out, start);
-    } else {
+    } else if (rc == OT_OK) {
       rc = ot_train(emu, opt, &bt, &tc, start, &tr);
       if (rc == OT_OK) {
         r.steps_done = tr.steps_done - start;
         r.seconds = tr.seconds;
         r.loss = tr.last_loss;
         ot_distill_last(d, &r.ce, &r.kd);
+        static const char *const keys[] = {"steps_done", "steps",        "loss",   "ce",
+                                           "kd",         "tokens_per_s", "seconds"};
+        const double v[] = {tr.steps_done, steps, r.loss, r.ce, r.kd, tr.tokens_per_s, r.seconds};
+        rc = ot_metrics_record(mx, "summary", 7, keys, v);
       }
     }
+    ot_metrics_close(mx);
   }
   ot_optimizer_free(opt);
   ot_batcher_free(&bt);

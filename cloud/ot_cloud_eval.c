@@ -67,7 +67,7 @@ int ot_cmd_eval(int argc, char **argv) {
   if (rc) return ot_cmd_fail("loading the model", rc);
   if (adapter) {
     char digest[OT_DIGEST_HEX];
-    rc = ot_cmd_model_digest(model, digest);
+    rc = ot_model_dir_digest(model, digest);
     if (rc == OT_OK) rc = ot_adapter_apply(m, NULL, digest, adapter);
     if (rc) {
       ot_tokenizer_free(tok);

@@ -35,6 +35,7 @@ static const ot_cli_command commands[] = {
     {"token", ot_cmd_token, "issue a one-time enrolment token for a device"},
     {"adapter", ot_cmd_adapter, "list, publish or delete the sessions' adapters"},
     {"keys", ot_cmd_keys, "create, revoke or list the serving HTTP API's keys (tenants)"},
+    {"report", ot_cmd_report, "a session's report: one self-contained HTML page with its charts"},
     {"keygen", cmd_keygen,
      "create the cloud's long-term Ed25519 identity (DIR/cloud.key 0600, DIR/cloud.pub)"},
 };
@@ -62,35 +63,17 @@ int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_back
                       ot_tokenizer **tok) {
   ot_backend_kind kind;
   ot_backend *b = NULL;
-  ot_model *g = NULL;
-  ot_tokenizer *t = NULL;
   int rc = ot_backend_parse(backend ? backend : "cpu", &kind);
   int fell_back = 0;
   if (rc == OT_OK) rc = ot_backend_create_or_cpu(kind, threads, &b, &fell_back);
   if (rc == OT_OK && fell_back) fprintf(stderr, "offtune-cloud: warning: %s; using cpu\n", ot_error_detail());
-  if (rc == OT_OK) rc = ot_model_load_dir(dir, b, &g);
-  if (rc == OT_OK) rc = ot_tokenizer_load_dir_optional(dir, &t);
-  if (rc == OT_OK && t && ot_tokenizer_vocab_size(t) > ot_model_cfg(g)->vocab_size)
-    rc = ot_error(OT_ERR_MISMATCH, "%s: tokenizer has %d tokens but the model only %d", dir,
-                  ot_tokenizer_vocab_size(t), ot_model_cfg(g)->vocab_size);
+  if (rc == OT_OK) rc = ot_model_open_dir(dir, b, m, tok);
   if (rc) {
-    ot_tokenizer_free(t);
-    ot_model_free(g);
     ot_backend_free(b);
     return rc;
   }
   *be = b;
-  *m = g;
-  *tok = t;
   return OT_OK;
-}
-
-int ot_cmd_model_digest(const char *dir, char digest[OT_DIGEST_HEX]) {
-  char *st = NULL;
-  int rc = ot_path_join(dir, "model.safetensors", &st);
-  if (rc == OT_OK) rc = ot_file_digest(st, digest);
-  free(st);
-  return rc;
 }
 
 void ot_cmd_npm_dir(char *dir, size_t n) {

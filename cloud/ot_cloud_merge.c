@@ -40,7 +40,7 @@ int ot_cmd_merge(int argc, char **argv) {
   if (rc) return ot_cmd_fail("loading the model", rc);
   char digest[OT_DIGEST_HEX];
   const char *what = "merging the adapter";
-  rc = ot_cmd_model_digest(model, digest);
+  rc = ot_model_dir_digest(model, digest);
   if (rc == OT_OK) rc = ot_adapter_merge(m, digest, adapter);
   if (rc == OT_OK) {
     what = "writing the merged model";

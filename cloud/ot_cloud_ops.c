@@ -109,7 +109,7 @@ static int usage_fail(const char *cmd, const char *syn, const ot_opt *opts, int 
 
 static int session_create(int argc, char **argv) {
   const char *state = NULL, *name = NULL, *model = NULL, *adapter = "offsite", *targets = "all",
-             *agg = "fedavg", *distill_data = NULL, *secagg = "auto";
+             *agg = "fedavg", *distill_data = NULL, *eval_data = NULL, *secagg = "auto";
   ot_session_cfg c;
   ot_session_cfg_default(&c);
   int json = 0;
@@ -127,6 +127,9 @@ static int session_create(int argc, char **argv) {
        "emulator: distillation sequence length (default: ctx)"},
       {"distill-data", OT_OPT_STR, &distill_data, "FILE",
        "public text to distil on (default: Brown public genres)"},
+      {"eval-data", OT_OPT_STR, &eval_data, "FILE",
+       "the cloud's held-out text: after each round the full model with the round's adapter is scored on "
+       "it (the round's record, the report's curve; default: none)"},
       {"adapter", OT_OPT_STR, &adapter, "KIND", "offsite (default), lora, bottleneck or bitfit"},
       {"lora-r", OT_OPT_INT, &c.adapter.lora_r, "R", "LoRA rank (default 8)"},
       {"lora-alpha", OT_OPT_FLOAT, &c.adapter.lora_alpha, "A", "LoRA alpha (default 16)"},
@@ -193,6 +196,11 @@ static int session_create(int argc, char **argv) {
     char abs[4096];
     cJSON_ReplaceItemInObject(cfg, "distill_data",
                               cJSON_CreateString(realpath(distill_data, abs) ? abs : distill_data));
+  }
+  if (eval_data) {
+    char abs[4096];
+    cJSON_ReplaceItemInObject(cfg, "eval_data",
+                              cJSON_CreateString(realpath(eval_data, abs) ? abs : eval_data));
   }
   if (mu >= 0) cJSON_ReplaceItemInObject(cfg, "mu", cJSON_CreateNumber(mu));
   cJSON *req = request("session.create"), *reply = NULL;
@@ -291,6 +299,30 @@ static void h_session(const cJSON *r) {
   }
 }
 
+/* A number, or "-" for null (not recorded). */
+static const char *num(const cJSON *o, const char *k, const char *fmt, char *buf, size_t n) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+  if (!cJSON_IsNumber(v)) return "-";
+  snprintf(buf, n, fmt, v->valuedouble);
+  return buf;
+}
+
+static void h_metrics(const cJSON *r) {
+  const cJSON *s = cJSON_GetObjectItemCaseSensitive(r, "session"), *x;
+  char b[6][32];
+  printf("session %s: %s; emulator gap (distillation KD) %s\n", jstr(s, "name"), jstr(s, "state"),
+         num(s, "emulator_gap", "%.5f", b[0], sizeof b[0]));
+  printf("%-6s %-7s %-8s %-11s %-10s %-10s %-9s %-9s %s\n", "ROUND", "DEVICES", "DROPPED", "STRAGGLERS",
+         "TOKENS", "MEAN LOSS", "REPORTED", "AGG S", "DP EPSILON");
+  cJSON_ArrayForEach(x, cJSON_GetObjectItemCaseSensitive(r, "metrics")) {
+    printf("%-6.0f %-7.0f %-8.0f %-11.0f %-10s %-10s %-9.0f %-9s %s\n", jnum(x, "round"),
+           jnum(x, "participants"), jnum(x, "dropped"), jnum(x, "stragglers"),
+           num(x, "tokens", "%.0f", b[1], sizeof b[1]), num(x, "mean_loss", "%.4f", b[2], sizeof b[2]),
+           jnum(x, "losses_reported"), num(x, "agg_seconds", "%.3f", b[3], sizeof b[3]),
+           num(x, "dp_epsilon", "%.4f", b[4], sizeof b[4]));
+  }
+}
+
 static void h_devices(const cJSON *r) {
   const cJSON *x;
   char t[64];
@@ -350,6 +382,9 @@ int ot_cmd_session(int argc, char **argv) {
   static const sub_t subs[] = {
       {"list", "session.list", NULL, 0, h_sessions, "sessions and their rounds"},
       {"show", "session.show", "name", 1, h_session, "one session: settings, rounds, updates (show NAME)"},
+      {"metrics", "session.show", "name", 1, h_metrics,
+       "one session's per-round record: devices, dropped, stragglers, tokens, mean loss, aggregation time, "
+       "DP epsilon (metrics NAME; --json: the whole session show)"},
   };
   return dispatch("session", subs, N_ELEMS(subs), argc, argv);
 }

@@ -351,7 +351,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
   char digest[OT_DIGEST_HEX], base_name[128], url[600];
   const char *what = "loading the model";
   rc = ot_cmd_load_model(model, backend, threads, &be, &m, &tok);
-  if (rc == OT_OK) rc = ot_cmd_model_digest(model, digest);
+  if (rc == OT_OK) rc = ot_model_dir_digest(model, digest);
   if (rc == OT_OK) {
     what = "reading the chat template"; /* a broken template is refused now, not at a request */
     rc = ot_chat_config_load_dir(model, &chat);

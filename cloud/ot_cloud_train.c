@@ -21,7 +21,7 @@
 
 typedef struct {
   const char *out, *optimizer, *schedule, *backend;
-  int steps, batch, seq_len, warmup, shuffle, seed, ckpt_every, resume, threads;
+  int steps, batch, seq_len, warmup, shuffle, seed, ckpt_every, resume, threads, json;
   float lr, weight_decay, momentum, grad_clip, min_lr_ratio;
 } train_opts;
 
@@ -45,7 +45,10 @@ typedef struct {
       {"ckpt-every", OT_OPT_INT, &(t).ckpt_every, "N",                                                       \
        "save a checkpoint every N steps (default: at the end)"},                                             \
       {"resume", OT_OPT_FLAG, &(t).resume, NULL, "continue from --out's train_state if there is one"},       \
-      {"backend", OT_OPT_STR, &(t).backend, "NAME", "cpu (default) or cuda"}, {                              \
+      {"backend", OT_OPT_STR, &(t).backend, "NAME", "cpu (default) or cuda"},                                \
+      {"json", OT_OPT_FLAG, &(t).json, NULL,                                                                 \
+       "progress and summary as JSON lines on stdout (the records of DIR/metrics.jsonl)"},                   \
+  {                                                                                                          \
     "threads", OT_OPT_INT, &(t).threads, "N", "CPU threads (default: all cores)"                             \
   }
 
@@ -117,8 +120,11 @@ static int run_training(const train_opts *t, ot_model *m, const ot_tokenizer *to
   if (rc == OT_OK && start >= t->steps)
     fprintf(stderr, "[%s] %s already has %d steps; nothing to do\n", label, t->out, start);
   ckpt_ctx ctx = {t, m, opt, tok, &data};
-  ot_train_config tc = {t->steps, t->batch, t->seq_len, sched, t->ckpt_every, save_checkpoint,
-                        &ctx,     stderr,   label,      NULL,  NULL};
+  ot_metrics *mx = NULL;
+  if (rc == OT_OK) rc = ot_metrics_open_dir(t->out, t->json ? stdout : NULL, label, &mx);
+  ot_train_config tc = {
+      t->steps, t->batch, t->seq_len, sched, t->ckpt_every, save_checkpoint, &ctx, t->json ? NULL : stderr,
+      label,    NULL,     NULL,       mx};
   ot_train_result res;
   if (rc == OT_OK && start < t->steps) {
     fprintf(stderr, "[%s] %zu parameters, %zu training tokens, %d steps of %d x %d, %.1f MiB model memory\n",
@@ -128,12 +134,18 @@ static int run_training(const train_opts *t, ot_model *m, const ot_tokenizer *to
       fprintf(stderr, "[%s] supervised examples: %zu rows of %d (loss on completions only), %zu truncated\n",
               label, data.n_rows, t->seq_len, data.n_truncated);
     rc = ot_train(m, opt, &data, &tc, start, &res);
+    static const char *const keys[] = {"steps_done", "steps",        "last_loss",
+                                       "mean_loss",  "tokens_per_s", "seconds"};
+    const double v[] = {res.steps_done, t->steps,         res.last_loss,
+                        res.mean_loss,  res.tokens_per_s, res.seconds};
+    if (rc == OT_OK) rc = ot_metrics_record(mx, "summary", 6, keys, v);
     if (rc == OT_OK)
       fprintf(stderr,
               "[%s] %d steps in %.1f s, %.0f tokens/s, final loss %.4f (mean of last steps %.4f); saved %s\n",
               label, res.steps_done - start, res.seconds, res.tokens_per_s, res.last_loss, res.mean_loss,
               t->out);
   }
+  ot_metrics_close(mx);
   ot_optimizer_free(opt);
   ot_batcher_free(&data);
   return rc;
@@ -336,7 +348,13 @@ int ot_cmd_pretrain(int argc, char **argv) {
     ot_eval_result er;
     rc = ot_model_prepare(m, 8, t.seq_len, 0);
     if (rc == OT_OK) rc = ot_eval_tokens(m, hids, hn, t.seq_len, 8, NULL, &er);
-    if (rc == OT_OK)
+    ot_metrics *mx = NULL;
+    if (rc == OT_OK) rc = ot_metrics_open_dir(t.out, t.json ? stdout : NULL, "pretrain", &mx);
+    static const char *const keys[] = {"loss", "perplexity", "tokens"};
+    const double v[] = {er.loss, er.perplexity, (double)er.tokens};
+    if (rc == OT_OK) rc = ot_metrics_record(mx, "heldout", 3, keys, v);
+    ot_metrics_close(mx);
+    if (rc == OT_OK && !t.json)
       printf(
           "held-out (last document of each pretraining genre): loss %.4f nats/token | perplexity %.3f | %zu "
           "tokens\n",

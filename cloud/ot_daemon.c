@@ -260,7 +260,7 @@ static int register_models(ot_daemon *d, const char *list, char last_name[OT_NAM
       rc = ot_error(OT_ERR_NOTFOUND, "model directory %s: %s", dir, strerror(errno));
       break;
     }
-    rc = ot_cmd_model_digest(abs, digest);
+    rc = ot_model_dir_digest(abs, digest);
     if (rc == OT_OK) rc = ot_reg_model_put(d->reg, name, abs, digest);
     if (rc == OT_OK) {
       ot_daemon_log(d, "model '%s' = %s (digest %.16s...)", name, abs, digest);

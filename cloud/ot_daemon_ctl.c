@@ -49,6 +49,8 @@ static int check_against_model(const char *dir, ot_session_cfg *c) {
     rc = ot_error(OT_ERR_INVALID, "sequence length over the model's context of %d", mc.n_positions);
   if (rc == OT_OK && c->distill_data[0] && !ot_file_exists(c->distill_data))
     rc = ot_error(OT_ERR_NOTFOUND, "distillation text %s: no such file", c->distill_data);
+  if (rc == OT_OK && c->eval_data[0] && !ot_file_exists(c->eval_data))
+    rc = ot_error(OT_ERR_NOTFOUND, "held-out text %s: no such file", c->eval_data);
   if (rc == OT_OK && !c->seq_len) c->seq_len = mc.n_positions;
   if (rc == OT_OK && !c->distill_seq) c->distill_seq = mc.n_positions;
   return rc;
@@ -113,6 +115,7 @@ static int handle(ot_daemon *d, const cJSON *req, cJSON *reply) {
       rc = add_dp(reply, &row);
     if (rc == OT_OK) rc = add_list(d, reply, "rounds", "rounds", name);
     if (rc == OT_OK) rc = add_list(d, reply, "updates", "updates", name);
+    if (rc == OT_OK) rc = add_list(d, reply, "metrics", "round_stats", name);
     return rc;
   }
   if (strcmp(cmd, "device.list") == 0) return add_list(d, reply, "devices", "devices", NULL);

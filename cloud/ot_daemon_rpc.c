@@ -2,6 +2,7 @@
  * transport's worker threads. Everything a device sends is checked before anything is
  * stored; a refusal is logged with its reason and leaves nothing behind. */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,6 +57,9 @@ static int round_open_for(ot_daemon *d, int64_t dev, const char *session, int ro
   if (rc) return rc;
   if (s->state != OT_SS_RUNNING)
     return ot_error(OT_ERR_MISMATCH, "session '%s' is %s", session, ot_session_state_name(s->state));
+  /* a device sending for a round that closed is a straggler: the round's record counts it */
+  if ((round < s->round || (round == s->round && s->round_state != OT_RS_OPEN)) && round >= 1)
+    ot_reg_round_event(d->reg, s->id, round, dev, "late", NAN);
   if (round != s->round)
     return ot_error(OT_ERR_MISMATCH, "stale round %d (session '%s' is in round %d)", round, session,
                     s->round);
@@ -357,8 +361,9 @@ static int submit(ot_daemon *d, const uint8_t peer[32], int64_t dev,
   if (rc == OT_OK) rc = ot_daemon_object_put(d, "updates", staged, digest);
   if (rc == OT_OK) {
     have_staged = 0;
+    /* no loss reported: NaN, stored as NULL (not in the round's mean) */
     rc = ot_reg_update_add(d->reg, s.id, (int)u->round, dev, u->tokens,
-                           u->has_train_loss ? u->train_loss : 0.0f, digest);
+                           u->has_train_loss && isfinite(u->train_loss) ? u->train_loss : NAN, digest);
   }
   if (have_staged) unlink(staged); /* refused: nothing of it stays */
   return rc;
@@ -380,6 +385,12 @@ static int secagg_request(ot_daemon *d, const uint8_t peer[32], const char *fp, 
     rc = ot_error(OT_ERR_MISMATCH, "session '%s' does not use secure aggregation", session);
   if (rc == OT_OK && join) {
     rc = ot_sa_join(t, &s, dev, peer, round);
+    const Offtune__Session__SecAggJoin *jn = req->secagg_join;
+    /* the reported loss is for the operator's curves: not recording it refuses nothing */
+    if (rc == OT_OK && jn->has_train_loss && isfinite(jn->train_loss) &&
+        ot_reg_round_event(d->reg, s.id, round, dev, "loss", jn->train_loss) != OT_OK)
+      ot_daemon_log(d, "%s round %d: the loss %s reported was not recorded: %s", session, round, fp,
+                    ot_error_detail());
   } else if (rc == OT_OK) {
     const Offtune__Session__SecAggSubmit *u = req->secagg_submit;
     char *buf = NULL;

@@ -7,6 +7,7 @@
 
 #include "ot_cloud_cmd.h"
 #include "ot_daemon.h"
+#include "ot_dashboard.h"
 #include "ot_error.h"
 #include "ot_serve_api.h"
 #include "ot_serve_engine.h"
@@ -20,6 +21,7 @@ struct ot_daemon_serving {
   ot_chat_config *chat;
   ot_serve_engine *eng;
   ot_serve_http *api;
+  ot_dashboard dash; /* GET /dashboard: the operator's, on the same address */
 };
 
 typedef struct {
@@ -72,6 +74,7 @@ void ot_daemon_serving_stop(ot_daemon_serving *s) {
   ot_chat_config_free(s->chat);
   ot_model_free(s->m);
   ot_backend_free(s->be);
+  ot_dashboard_wipe(&s->dash);
   free(s);
 }
 
@@ -135,7 +138,8 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
   snprintf(s->model_name, sizeof s->model_name, "%s", model_name);
   char dir[1024];
   int rc = ot_reg_model_get(d->reg, model_name, dir, s->digest);
-  if (rc == OT_OK) rc = ot_cmd_load_model(dir, "cpu", threads, &s->be, &s->m, &s->tok);
+  if (rc == OT_OK) rc = ot_backend_cpu_create(threads, &s->be);
+  if (rc == OT_OK) rc = ot_model_open_dir(dir, s->be, &s->m, &s->tok);
   if (rc == OT_OK) rc = ot_chat_config_load_dir(dir, &s->chat); /* a broken template fails here */
   int32_t eos = rc == OT_OK ? ot_serve_eos_id(s->tok, s->chat) : -1;
   ot_serve_config sc;
@@ -145,6 +149,7 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
   sc.tok = s->tok;
   sc.eos_id = eos;
   sc.base_digest = s->digest;
+  if (rc == OT_OK) rc = ot_dashboard_init(&s->dash, d);
   if (rc == OT_OK) rc = ot_serve_engine_create(s->m, &sc, &s->eng);
   if (rc == OT_OK) rc = ot_serve_start(s->eng);
   if (rc == OT_OK) {
@@ -162,7 +167,9 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
                                .metrics = daemon_metrics,
                                .metrics_user = s,
                                .log = log_line,
-                               .log_user = d};
+                               .log_user = d,
+                               .extra_routes = s->dash.routes,
+                               .n_extra_routes = 2};
     rc = ot_serve_http_start(&hc, &s->api);
   }
   if (rc) {
@@ -175,9 +182,10 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
     snprintf(s->url + (colon - s->url), sizeof s->url - (size_t)(colon - s->url), ":%d",
              ot_serve_http_port(s->api));
   ot_daemon_log(d,
-                "serving model '%s' and its sessions' published adapters on %s (POST /v1/completions%s); %s",
+                "serving model '%s' and its sessions' published adapters on %s (POST /v1/completions%s); %s; "
+                "operator dashboard %s/dashboard (loopback or STATE/dashboard.key)",
                 model_name, s->url, s->chat && s->chat->tmpl ? ", /v1/chat/completions" : "",
-                keys ? "API keys from the registry" : "UNAUTHENTICATED (no --http-keys)");
+                keys ? "API keys from the registry" : "UNAUTHENTICATED (no --http-keys)", s->url);
   *out = s;
   return OT_OK;
 }

@@ -50,6 +50,17 @@ static const char *const migrations[] = {
     "CREATE TABLE api_keys(hash BLOB PRIMARY KEY, id TEXT UNIQUE NOT NULL, tenant TEXT NOT NULL,"
     "  models TEXT NOT NULL, admin INTEGER NOT NULL DEFAULT 0, label TEXT, created_at INTEGER NOT NULL,"
     "  revoked_at INTEGER);",
+    /* 2 -> 3 (issue 19): the round's record, devices' reports, the emulator's gap */
+    "CREATE TABLE round_stats(session_id INTEGER NOT NULL REFERENCES sessions(id), round INTEGER NOT NULL,"
+    "  participants INTEGER NOT NULL, dropped INTEGER NOT NULL, tokens REAL, mean_loss REAL,"
+    "  losses_reported INTEGER NOT NULL, agg_seconds REAL, emulator_gap REAL, dp_epsilon REAL, heldout_loss "
+    "REAL,"
+    "  secagg INTEGER NOT NULL, recorded_at INTEGER NOT NULL, PRIMARY KEY(session_id, round));"
+    "CREATE TABLE round_events(session_id INTEGER NOT NULL REFERENCES sessions(id), round INTEGER NOT NULL,"
+    "  device_id INTEGER NOT NULL REFERENCES devices(id), kind TEXT NOT NULL CHECK(kind IN ('loss','late')),"
+    "  value REAL, at INTEGER NOT NULL, PRIMARY KEY(session_id, round, device_id, kind));"
+    "ALTER TABLE emulators ADD COLUMN kd REAL;"
+    "ALTER TABLE emulators ADD COLUMN ce REAL;",
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
 
@@ -404,6 +415,14 @@ int ot_reg_emulator_dir(ot_registry *r, int64_t id, char dir[1024], char digest[
   return rc;
 }
 
+int ot_reg_emulator_set_gap(ot_registry *r, int64_t id, double kd, double ce) {
+  lock(r);
+  int rc = OT_OK;
+  RUNQ("UPDATE emulators SET kd = ?, ce = ? WHERE id = ?", "ddi", kd, ce, id);
+  unlock(r);
+  return rc;
+}
+
 /* ---- sessions and rounds -------------------------------------------------------------- */
 
 static const char *ss_names[] = {"preparing", "running", "done", "failed"};
@@ -595,8 +614,40 @@ int ot_reg_round_updates(ot_registry *r, int64_t id, int round, ot_update_row **
   return OT_OK;
 }
 
+/* Inside round_finish's transaction (the lock held). */
+static int stats_put_locked(ot_registry *r, int64_t session_id, int round, const ot_round_stats *st) {
+  int rc = OT_OK;
+  /* the mean over what devices reported: the update rows' losses (plain rounds) or the
+   * "loss" reports (secure aggregation); SQLite stores a NaN as NULL, which AVG skips */
+  RUNQ("INSERT OR REPLACE INTO round_stats(session_id, round, participants, dropped, tokens, mean_loss, "
+       "losses_reported, agg_seconds, emulator_gap, dp_epsilon, heldout_loss, secagg, recorded_at) "
+       "VALUES(?1,?2,?3,?4,?5,"
+       "(SELECT AVG(l) FROM (SELECT loss AS l FROM updates WHERE session_id = ?1 AND round = ?2 AND ?9 = 0 "
+       "UNION ALL SELECT value FROM round_events WHERE session_id = ?1 AND round = ?2 AND kind = 'loss' AND "
+       "?9 = 1)),"
+       "(SELECT COUNT(l) FROM (SELECT loss AS l FROM updates WHERE session_id = ?1 AND round = ?2 AND ?9 = 0 "
+       "UNION ALL SELECT value FROM round_events WHERE session_id = ?1 AND round = ?2 AND kind = 'loss' AND "
+       "?9 = 1)),"
+       "?6, (SELECT e.kd FROM sessions s JOIN emulators e ON e.id = s.emulator_id WHERE s.id = ?1), ?7, ?10, "
+       "?9, ?8)",
+       "iiiidddiid", session_id, (int64_t)round, (int64_t)st->participants, (int64_t)st->dropped, st->tokens,
+       st->agg_seconds, st->dp_epsilon, now_s(), (int64_t)(st->secagg != 0), st->heldout_loss);
+  return rc;
+}
+
+int ot_reg_round_baseline(ot_registry *r, int64_t session_id, double heldout_loss) {
+  lock(r);
+  int rc = OT_OK;
+  RUNQ("INSERT OR REPLACE INTO round_stats(session_id, round, participants, dropped, losses_reported, "
+       "heldout_loss, secagg, recorded_at) VALUES(?,0,0,0,0,?,0,?)",
+       "idi", session_id, heldout_loss, now_s());
+  unlock(r);
+  return rc;
+}
+
 int ot_reg_round_finish(ot_registry *r, int64_t id, int round, const char *adapter_digest,
-                        const char *opt_state, int64_t next_deadline, const char *adapter_dir) {
+                        const char *opt_state, int64_t next_deadline, const char *adapter_dir,
+                        const ot_round_stats *stats) {
   ot_session_row s;
   int rc = ot_reg_session_get_id(r, id, &s);
   if (rc) return rc;
@@ -607,6 +658,7 @@ int ot_reg_round_finish(ot_registry *r, int64_t id, int round, const char *adapt
        "tiiiii", adapter_digest, now_s(), id, (int64_t)round, id, (int64_t)round);
   if (rc == OT_OK && sqlite3_changes(r->db) != 1)
     rc = ot_error(OT_ERR_INTERNAL, "round %d is already done", round);
+  if (rc == OT_OK && stats) rc = stats_put_locked(r, id, round, stats);
   int last = round >= s.cfg.rounds;
   RUNQ("UPDATE sessions SET adapter = ?, opt_state = ?, state = ?, round = ?, updated_at = ? WHERE id = ?",
        "tttiii", adapter_digest, opt_state && *opt_state ? opt_state : NULL, last ? "done" : "running",
@@ -685,6 +737,17 @@ int ot_reg_update_exists(ot_registry *r, int64_t session_id, int round, int64_t 
     *exists = sqlite3_step(st) == SQLITE_ROW;
     sqlite3_finalize(st);
   }
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_round_event(ot_registry *r, int64_t session_id, int round, int64_t device_id, const char *kind,
+                       double value) {
+  lock(r);
+  int rc = OT_OK;
+  RUNQ("INSERT OR REPLACE INTO round_events(session_id, round, device_id, kind, value, at) "
+       "VALUES(?,?,?,?,?,?)",
+       "iiitdi", session_id, (int64_t)round, device_id, kind, value, now_s());
   unlock(r);
   return rc;
 }
@@ -799,7 +862,8 @@ int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **
        NULL},
       {"session",
        "SELECT s.name, s.state, s.round, s.config, s.adapter, s.opt_state, s.error, s.created_at, "
-       "e.dir AS emulator, e.digest AS emulator_digest FROM sessions s LEFT JOIN emulators e ON "
+       "s.updated_at, e.dir AS emulator, e.digest AS emulator_digest, e.kd AS emulator_gap, e.ce AS "
+       "emulator_ce FROM sessions s LEFT JOIN emulators e ON "
        "e.id = s.emulator_id WHERE s.name = ?",
        "t"},
       {"rounds",
@@ -807,7 +871,8 @@ int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **
        "r.finished_at FROM rounds r JOIN sessions s ON s.id = r.session_id WHERE s.name = ? ORDER BY r.round",
        "t"},
       {"updates",
-       "SELECT u.round, d.fingerprint AS device, u.tokens, u.loss, u.digest, u.received_at FROM updates u "
+       "SELECT u.round, d.fingerprint AS device, d.name AS device_name, u.tokens, u.loss, u.digest, "
+       "u.received_at FROM updates u "
        "JOIN "
        "sessions s ON s.id = u.session_id JOIN devices d ON d.id = u.device_id WHERE s.name = ? ORDER BY "
        "u.round, u.device_id",
@@ -821,9 +886,26 @@ int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **
        "JOIN "
        "sessions s ON s.id = a.session_id ORDER BY a.id",
        NULL},
+      {"round_stats",
+       "SELECT t.round, t.participants, t.dropped, (SELECT COUNT(*) FROM round_events e WHERE e.session_id = "
+       "t.session_id AND e.round = t.round AND e.kind = 'late') AS stragglers, t.tokens, t.mean_loss, "
+       "t.losses_reported, t.agg_seconds, t.emulator_gap, t.dp_epsilon, t.heldout_loss, t.secagg, "
+       "r.attempts, r.started_at, "
+       "r.finished_at, r.result FROM round_stats t JOIN sessions s ON s.id = t.session_id LEFT JOIN rounds r "
+       "ON "
+       "r.session_id = t.session_id AND r.round = t.round WHERE s.name = ? ORDER BY t.round",
+       "t"},
+      {"session_audit",
+       /* the session's events: details start with its name (then ' ' or ':'), or name its
+        * transfers, or are its settings; substr, not LIKE, whose '_' would match any character */
+       "SELECT at, actor, event, detail FROM audit WHERE detail = ?1 OR substr(detail, 1, length(?1) + 1) IN "
+       "(?1 || ' ', ?1 || ':') OR instr(detail, 'update.' || ?1 || '.') = 1 OR instr(detail, 'secagg.' || ?1 "
+       "|| '.') = 1 OR (event = 'session.create' AND json_valid(detail) AND json_extract(detail, '$.name') = "
+       "?1) ORDER BY id",
+       "t"},
       {"models", "SELECT name, dir, digest, added_at FROM models ORDER BY id", NULL},
-      {"emulators", "SELECT model_digest, settings, dir, digest, created_at FROM emulators ORDER BY id",
-       NULL},
+      {"emulators",
+       "SELECT model_digest, settings, dir, digest, created_at, kd, ce FROM emulators ORDER BY id", NULL},
       {"audit", "SELECT at, actor, event, detail FROM audit ORDER BY id", NULL},
       {"counts", /* what the daemon's /metrics shows: cheap aggregates */
        "SELECT 'devices' AS metric, CASE WHEN revoked_at IS NULL THEN 'active' ELSE 'revoked' END AS label, "

@@ -16,7 +16,7 @@
 #include "ot_digest.h"
 #include "ot_session.h"
 
-#define OT_REG_SCHEMA_VERSION 2
+#define OT_REG_SCHEMA_VERSION 3
 
 typedef struct ot_registry ot_registry;
 
@@ -46,6 +46,9 @@ int ot_reg_emulator_get(ot_registry *r, const char *model_digest, const char *ke
 int ot_reg_emulator_put(ot_registry *r, const char *model_digest, const char *key, const char *dir,
                         const char *digest, int64_t *id);
 int ot_reg_emulator_dir(ot_registry *r, int64_t id, char dir[1024], char digest[OT_DIGEST_HEX]);
+/* The emulator's gap to its full model, as its distillation ended: the KD term (the
+ * normalised squared distance of the middle's output to the full model's) and the CE. */
+int ot_reg_emulator_set_gap(ot_registry *r, int64_t id, double kd, double ce);
 
 /* ---- sessions and rounds ----------------------------------------------------------- */
 typedef enum { OT_SS_PREPARING = 0, OT_SS_RUNNING, OT_SS_DONE, OT_SS_FAILED } ot_session_state;
@@ -90,11 +93,25 @@ typedef struct {
 } ot_update_row;
 /* The accepted updates of a round, by device id (malloc'd array). */
 int ot_reg_round_updates(ot_registry *r, int64_t id, int round, ot_update_row **out, int *n);
-/* One transaction: round done with its result, session's adapter (and FedAdam state)
- * replaced, the next round opened, or the session done and the adapter published under
- * the session's name. */
+/* The daemon's record of a finished round (round_stats; docs/report.md). */
+typedef struct {
+  int participants; /* devices in the result */
+  int dropped;      /* refused at aggregation (plain) or left the masking (secure aggregation) */
+  double tokens;    /* tokens trained by the devices in the result (NAN: unknown: secure aggregation) */
+  double agg_seconds;
+  double dp_epsilon; /* after this round (NAN: no DP) */
+  int secagg;
+  double heldout_loss; /* the full model with the round's adapter on the session's eval_data (NAN: none) */
+} ot_round_stats;
+/* Round 0's record: the held-out loss of the session's initial adapter (nothing else). */
+int ot_reg_round_baseline(ot_registry *r, int64_t session_id, double heldout_loss);
+/* One transaction: round done with its result and its record (stats, may be NULL; the mean
+ * of the losses devices reported and the emulator's gap are read here from the registry), the
+ * session's adapter (and FedAdam state) replaced, the next round opened, or the session done
+ * and the adapter published under the session's name. */
 int ot_reg_round_finish(ot_registry *r, int64_t id, int round, const char *adapter_digest,
-                        const char *opt_state, int64_t next_deadline, const char *adapter_dir);
+                        const char *opt_state, int64_t next_deadline, const char *adapter_dir,
+                        const ot_round_stats *stats);
 
 /* A finished round's participant count when no update rows record it (secure aggregation). */
 int ot_reg_round_set_participants(ot_registry *r, int64_t id, int round, int n);
@@ -104,6 +121,13 @@ int ot_reg_round_set_participants(ot_registry *r, int64_t id, int round, int n);
 int ot_reg_update_add(ot_registry *r, int64_t session_id, int round, int64_t device_id, uint64_t tokens,
                       float loss, const char *digest);
 int ot_reg_update_exists(ot_registry *r, int64_t session_id, int round, int64_t device_id, int *exists);
+
+/* ---- per-round records (issue 19) ---------------------------------------------------- */
+/* What a device said about a round outside an update row: "loss" (its mean training loss,
+ * secure aggregation's SecAggJoin) or "late" (an upload or message for a round that was
+ * already closed: a straggler). One row per (session, round, device, kind); the last wins. */
+int ot_reg_round_event(ot_registry *r, int64_t session_id, int round, int64_t device_id, const char *kind,
+                       double value);
 
 /* 1 if digest is the current adapter of a running session (devices may fetch it). */
 int ot_reg_adapter_served(ot_registry *r, const char *digest, int *served);

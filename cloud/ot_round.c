@@ -22,12 +22,15 @@
 #include "ot_cli.h"
 #include "ot_aggregate.h"
 #include "ot_cloud_cmd.h"
+#include "ot_data.h"
+#include "ot_eval.h"
 #include "ot_corpus.h"
 #include "ot_daemon.h"
 #include "ot_dp.h"
 #include "ot_round_secagg.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
+#include "ot_metrics.h"
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
@@ -65,8 +68,9 @@ static int write_manifest(const char *dir) {
     char p[4200];
     struct stat sb;
     snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-    if (e->d_name[0] == '.' || strcmp(e->d_name, "manifest.json") == 0 || lstat(p, &sb) != 0 ||
-        !S_ISREG(sb.st_mode))
+    /* the distillation's metrics records are the operator's (the report), not the devices' */
+    if (e->d_name[0] == '.' || strcmp(e->d_name, "manifest.json") == 0 ||
+        strcmp(e->d_name, OT_METRICS_FILE) == 0 || lstat(p, &sb) != 0 || !S_ISREG(sb.st_mode))
       continue;
     char h[OT_DIGEST_HEX];
     rc = ot_file_digest(p, h);
@@ -138,6 +142,7 @@ static int ensure_emulator(ot_daemon *d, const ot_session_row *s, int64_t *emu_i
   snprintf(st, sizeof st, "%s/model.safetensors", final);
   if (rc == OT_OK) rc = ot_file_digest(st, edigest);
   if (rc == OT_OK) rc = ot_reg_emulator_put(d->reg, mdigest, key, final, edigest, emu_id);
+  if (rc == OT_OK && res.steps_done > 0) rc = ot_reg_emulator_set_gap(d->reg, *emu_id, res.kd, res.ce);
   if (rc == OT_OK) {
     memcpy(emu_dir, final, strnlen(final, 1023));
     emu_dir[strnlen(final, 1023)] = '\0';
@@ -203,6 +208,8 @@ int ot_round_dp_gate(ot_daemon *d, const ot_session_row *s, int round, int *stop
   return ot_reg_session_fail(d->reg, s->id, why);
 }
 
+static double heldout_loss(ot_daemon *d, const ot_session_row *s, const char *adapter_dir);
+
 static int prepare(ot_daemon *d, const ot_session_row *s) {
   int stopped = 0;
   int rc0 = ot_round_dp_gate(d, s, 1, &stopped);
@@ -211,6 +218,15 @@ static int prepare(ot_daemon *d, const ot_session_row *s) {
   char emu_dir[1024], digest[OT_DIGEST_HEX];
   int rc = ensure_emulator(d, s, &emu_id, emu_dir);
   if (rc == OT_OK) rc = initial_adapter(d, s, emu_dir, digest);
+  /* the held-out score of the starting point (round 0): what the rounds' scores compare with */
+  char adir[2600];
+  if (rc == OT_OK && s->cfg.eval_data[0] &&
+      ot_daemon_path(d, adir, sizeof adir, "objects/adapters/%s", digest) == OT_OK) {
+    double h0 = heldout_loss(d, s, adir);
+    if (isfinite(h0) && ot_reg_round_baseline(d->reg, s->id, h0) != OT_OK)
+      ot_daemon_log(d, "session '%s': the round 0 record was not written: %s", s->cfg.name,
+                    ot_error_detail());
+  }
   if (rc == OT_OK) rc = ot_reg_session_start(d->reg, s->id, emu_id, digest, now_s() + s->cfg.deadline_s);
   if (rc == OT_OK)
     ot_daemon_log(d, "session '%s': round 1 of %d open (deadline %d s, adapter %.16s...)", s->cfg.name,
@@ -246,12 +262,14 @@ static int write_config(const char *prev_dir, const char *new_dir, const char *d
 /* The fate of each update of a plain round (ot_aggregate's notes): logged, and each
  * refused or clipped one written to the audit log, before the round's result commits. */
 static void note_updates(ot_daemon *d, const ot_session_row *s, const ot_update_row *u,
-                         const ot_agg_note *notes, int n, int *used) {
+                         const ot_agg_note *notes, int n, int *used, double *tokens_used) {
   const ot_session_cfg *c = &s->cfg;
   double lo = INFINITY, hi = 0;
   *used = 0;
+  *tokens_used = 0;
   for (int i = 0; i < n; i++) {
     *used += notes[i].fate != OT_UPD_REFUSED;
+    if (notes[i].fate != OT_UPD_REFUSED) *tokens_used += (double)u[i].tokens;
     if (isfinite(notes[i].norm)) lo = fmin(lo, notes[i].norm), hi = fmax(hi, notes[i].norm);
     if (notes[i].fate == OT_UPD_USED) continue;
     char what[300];
@@ -276,13 +294,62 @@ static void note_updates(ot_daemon *d, const ot_session_row *s, const ot_update_
     ot_daemon_log(d, "session '%s': round %d: update norms %.4g to %.4g (%s)", c->name, s->round, lo, hi, b);
 }
 
-/* Aggregates paths (weights w) into the round's new adapter and finishes the round;
- * *out_digest = the new adapter. u: the update rows (their fates are noted; *used = the
- * updates in the result), or NULL for the secure-aggregation average, whose sum was
- * checked against the bound already. */
+/* The session's eval_data scored by the full model with the round's adapter plugged in, as
+ * `offtune-cloud eval --model FULL --adapter DIR --text FILE` scores it (windows of the
+ * model's context); NAN when the session has no eval_data or the scoring failed (logged: a
+ * record, not a reason to stop the session). */
+static double heldout_loss(ot_daemon *d, const ot_session_row *s, const char *adapter_dir) {
+  const ot_session_cfg *c = &s->cfg;
+  if (!c->eval_data[0]) return NAN;
+  char mdir[1024], mdigest[OT_DIGEST_HEX];
+  ot_backend *be = NULL;
+  ot_model *m = NULL;
+  ot_tokenizer *tok = NULL;
+  ot_tokens toks = {NULL, 0, NULL};
+  ot_eval_result res;
+  double t0 = ot_now();
+  int rc = ot_reg_model_get(d->reg, c->model, mdir, mdigest);
+  /* one thread: the scheduler's scoring must not crowd the devices and serving on this host */
+  if (rc == OT_OK) rc = ot_backend_cpu_create(1, &be);
+  if (rc == OT_OK) rc = ot_model_open_dir(mdir, be, &m, &tok);
+  if (rc == OT_OK) rc = ot_adapter_apply(m, NULL, mdigest, adapter_dir);
+  if (rc == OT_OK) rc = ot_tokenizer_require(tok, mdir, "a session's eval_data is text");
+  if (rc == OT_OK) rc = ot_tokens_load_input(c->eval_data, NULL, tok, ot_model_cfg(m)->vocab_size, &toks);
+  if (rc == OT_OK) rc = ot_eval_windows(m, toks.ids, toks.n, ot_model_cfg(m)->n_positions, 8, NULL, &res);
+  ot_tokens_free(&toks);
+  ot_tokenizer_free(tok);
+  ot_model_free(m);
+  ot_backend_free(be);
+  if (rc) {
+    ot_daemon_log(d, "session '%s': round %d: held-out loss not measured: %s", c->name, s->round,
+                  ot_error_detail());
+    return NAN;
+  }
+  ot_daemon_log(d, "session '%s': round %d: held-out loss %.4f on %zu tokens of %s (%.2f s)", c->name,
+                s->round, res.loss, res.tokens, c->eval_data, ot_now() - t0);
+  return res.loss;
+}
+
+/* The DP accountant's epsilon after `round` rounds of the session (NAN without DP). */
+static int dp_spent(const ot_session_cfg *c, int round, double *eps, double *z) {
+  *eps = NAN, *z = 0;
+  if (c->dp_epsilon <= 0) return OT_OK;
+  ot_dp_accountant a;
+  ot_dp_accountant_init(&a);
+  int rc = ot_session_dp_noise(c, z);
+  if (rc == OT_OK) rc = ot_dp_accountant_step(&a, 1.0, *z, (uint32_t)round);
+  if (rc == OT_OK) rc = ot_dp_epsilon(&a, c->dp_delta, eps, NULL);
+  return rc;
+}
+
+/* Aggregates paths (weights w) into the round's new adapter and finishes the round with its
+ * record st in one transaction; *out_digest = the new adapter. u: the update rows (their fates
+ * are noted; st's participants, dropped and tokens are filled from them), or NULL for the
+ * secure-aggregation average (whose sum was checked against the bound already, st filled by
+ * the caller). */
 static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const double *w, int n,
-                   const ot_update_row *u, int *used, char digest[OT_DIGEST_HEX], char final_dir[2600],
-                   double *seconds) {
+                   const ot_update_row *u, ot_round_stats *st, char digest[OT_DIGEST_HEX],
+                   char final_dir[2600], double *seconds) {
   const ot_session_cfg *c = &s->cfg;
   int rc = OT_OK;
   char prev[2600], ref[2700], tmp[2600], out[2700], st_out[2600], st_in[2600];
@@ -310,8 +377,12 @@ static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const do
   if (rc == OT_OK)
     rc = ot_aggregate(&ap, ref, (const char *const *)paths, w, n, s->opt_state[0] ? st_in : NULL, out,
                       c->agg == OT_AGG_FEDADAM ? st_out : NULL, notes);
-  *used = n;
-  if (rc == OT_OK && u) note_updates(d, s, u, notes, n, used);
+  int used = n;
+  double tokens_used = 0;
+  if (rc == OT_OK && u) {
+    note_updates(d, s, u, notes, n, &used, &tokens_used);
+    st->participants = used, st->dropped = n - used, st->tokens = tokens_used, st->secagg = 0;
+  }
   free(notes);
   char state_digest[OT_DIGEST_HEX] = "";
   if (rc == OT_OK) rc = ot_file_digest(out, digest);
@@ -319,12 +390,17 @@ static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const do
   if (rc == OT_OK) rc = ot_daemon_adapter_put(d, tmp, digest);
   if (rc == OT_OK && c->agg == OT_AGG_FEDADAM) rc = ot_daemon_object_put(d, "state", st_out, state_digest);
   if (rc == OT_OK) rc = ot_daemon_path(d, final_dir, 2600, "objects/adapters/%s", digest);
+  *seconds = ot_now() - t0;
+  /* the round's record commits with the round: what `session metrics` shows is never behind */
+  double z = 0;
+  st->agg_seconds = *seconds;
+  st->heldout_loss = rc == OT_OK ? heldout_loss(d, s, final_dir) : NAN;
+  if (rc == OT_OK) rc = dp_spent(c, s->round, &st->dp_epsilon, &z);
   if (rc == OT_OK)
     rc = ot_reg_round_finish(d->reg, s->id, s->round, digest, state_digest, now_s() + c->deadline_s,
-                             final_dir);
+                             final_dir, st);
   /* participants counts the update rows; a refused update is not in the result */
-  if (rc == OT_OK && u && *used < n) rc = ot_reg_round_set_participants(d->reg, s->id, s->round, *used);
-  *seconds = ot_now() - t0;
+  if (rc == OT_OK && u && used < n) rc = ot_reg_round_set_participants(d->reg, s->id, s->round, used);
   return rc;
 }
 
@@ -334,11 +410,7 @@ static int after_round(ot_daemon *d, const ot_session_row *s) {
   const ot_session_cfg *c = &s->cfg;
   if (c->dp_epsilon <= 0) return OT_OK;
   double z = 0, eps = 0;
-  ot_dp_accountant a;
-  ot_dp_accountant_init(&a);
-  int rc = ot_session_dp_noise(c, &z);
-  if (rc == OT_OK) rc = ot_dp_accountant_step(&a, 1.0, z, (uint32_t)s->round);
-  if (rc == OT_OK) rc = ot_dp_epsilon(&a, c->dp_delta, &eps, NULL);
+  int rc = dp_spent(c, s->round, &eps, &z);
   if (rc) return rc;
   ot_daemon_log(d, "session '%s': round %d: differential privacy epsilon %.4f of %.4f (delta %g, z %.4f)",
                 c->name, s->round, eps, c->dp_epsilon, c->dp_delta, z);
@@ -354,12 +426,15 @@ static int after_round(ot_daemon *d, const ot_session_row *s) {
 }
 
 int ot_round_publish_avg(ot_daemon *d, const ot_session_row *s, const char *avg_path, int participants,
-                         const char *summary) {
+                         int roster, double tokens, const char *summary) {
   char *paths[1] = {(char *)avg_path}, digest[OT_DIGEST_HEX], final_dir[2600];
   double w[1] = {1.0}, seconds = 0;
   const ot_session_cfg *c = &s->cfg;
-  int used = 0;
-  int rc = publish(d, s, paths, w, 1, NULL, &used, digest, final_dir, &seconds);
+  ot_round_stats st = {.participants = participants,
+                       .dropped = roster > participants ? roster - participants : 0,
+                       .tokens = tokens,
+                       .secagg = 1};
+  int rc = publish(d, s, paths, w, 1, NULL, &st, digest, final_dir, &seconds);
   if (rc == OT_OK) rc = ot_reg_round_set_participants(d->reg, s->id, s->round, participants);
   if (rc == OT_OK) {
     ot_daemon_log(d, "session '%s': round %d of %d aggregated (%s) by %s in %.2f s -> adapter %.16s...",
@@ -388,8 +463,9 @@ static int aggregate(ot_daemon *d, const ot_session_row *s) {
   }
   char digest[OT_DIGEST_HEX], final_dir[2600];
   double seconds = 0;
-  int used = 0;
-  if (rc == OT_OK) rc = publish(d, s, paths, w, n, u, &used, digest, final_dir, &seconds);
+  ot_round_stats st = {0};
+  if (rc == OT_OK) rc = publish(d, s, paths, w, n, u, &st, digest, final_dir, &seconds);
+  int used = st.participants;
   if (rc == OT_OK) {
     double tokens = 0, loss = 0;
     for (int i = 0; i < n; i++) {
@@ -408,6 +484,7 @@ static int aggregate(ot_daemon *d, const ot_session_row *s) {
       ot_daemon_log(d, "session '%s': done; adapter '%s' published (%s)", c->name, c->name, final_dir);
     else
       ot_daemon_log(d, "session '%s': round %d of %d open", c->name, s->round + 1, c->rounds);
+    rc = after_round(d, s);
   }
   for (int i = 0; paths && i < n; i++) free(paths[i]);
   free(paths);

@@ -373,7 +373,8 @@ static int write_average(ot_daemon *d, const ot_session_row *s, float *sum, uint
   return rc;
 }
 
-static int finish_masking(ot_daemon *d, const ot_session_row *s, float *sum, uint32_t dim, uint32_t count) {
+static int finish_masking(ot_daemon *d, const ot_session_row *s, float *sum, uint32_t dim, uint32_t count,
+                          uint32_t roster) {
   char tmp[2600], summary[256];
   /* the cloud cannot see single updates here: the devices' clipping bounds each one, and
    * the sum of count updates within the bound is within count x the bound */
@@ -394,7 +395,9 @@ static int finish_masking(ot_daemon *d, const ot_session_row *s, float *sum, uin
   rc = ot_daemon_path(d, tmp, sizeof tmp, "tmp/secagg-avg-%lld-%d.safetensors", (long long)s->id, s->round);
   if (rc == OT_OK) rc = write_average(d, s, sum, dim, count, tmp, summary, sizeof summary);
   sodium_memzero(sum, (size_t)dim * sizeof *sum);
-  if (rc == OT_OK) rc = ot_round_publish_avg(d, s, tmp, (int)count, summary);
+  /* the weight sum is sum_i tokens_i / token cap: the devices' tokens in all, never one's */
+  double tokens = W * (double)token_cap(&s->cfg);
+  if (rc == OT_OK) rc = ot_round_publish_avg(d, s, tmp, (int)count, (int)roster, tokens, summary);
   unlink(tmp);
   return rc;
 }
@@ -480,7 +483,7 @@ int ot_sa_step(ot_daemon *d, const ot_session_row *s) {
     pthread_mutex_unlock(&t->mu);
     return OT_OK;
   }
-  uint32_t dim = r->dim, count = 0;
+  uint32_t dim = r->dim, count = 0, roster = r->n;
   float *sum = malloc((size_t)dim * sizeof *sum);
   if (!sum) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
   if (rc == OT_OK) rc = ot_secagg_server_result(r->srv, sum, dim, &count);
@@ -494,7 +497,7 @@ int ot_sa_step(ot_daemon *d, const ot_session_row *s) {
                  "%s round %d: unmasked the sum of %u devices' updates; no individual update was received, "
                  "stored or reconstructed",
                  c->name, s->round, count);
-    rc = finish_masking(d, s, sum, dim, count);
+    rc = finish_masking(d, s, sum, dim, count, roster);
   }
   free(sum);
   ot_sa_forget(t, s->id);

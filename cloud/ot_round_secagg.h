@@ -60,9 +60,10 @@ void ot_sa_forget(ot_round_secagg *t, int64_t session_id);
 
 /* ot_round.c: publishes `avg_path` (an adapter file: the round's average) as the round's
  * result exactly as the plain path does (FedAvg: as is; FedAdam: its server step on
- * avg - global), then finishes the round in one transaction. */
+ * avg - global), then finishes the round in one transaction. roster: devices whose masking
+ * started (roster - participants dropped out); tokens: the devices' tokens in all. */
 int ot_round_publish_avg(ot_daemon *d, const ot_session_row *s, const char *avg_path, int participants,
-                         const char *summary);
+                         int roster, double tokens, const char *summary);
 
 /* ot_round.c: fails the session (with the reason) when round `round` would take the DP
  * accountant past the budget; *stopped = 1 then. */

@@ -87,6 +87,7 @@ static const field fields[] = {
     F("distill_batch", 'i', distill_batch, 1, 4096),
     F("distill_seq", 'i', distill_seq, 0, 1 << 20),
     F("distill_data", 'p', distill_data, 0, 0),
+    F("eval_data", 'p', eval_data, 0, 0),
     F("lora_r", 'i', adapter.lora_r, 1, 4096),
     F("lora_alpha", 'f', adapter.lora_alpha, 1e-6, 1e6),
     F("lora_dropout", 'f', adapter.lora_dropout, 0, 0.999),

@@ -18,6 +18,9 @@ typedef struct {
   int bottom, top, keep; /* keep 0: half of the middle */
   int distill_steps, distill_batch, distill_seq;
   char distill_data[1024]; /* "" = the Brown public genres */
+  /* "" = none; else the cloud's own held-out text, scored after each round with the round's
+   * adapter plugged into the full model (the round's record: docs/report.md) */
+  char eval_data[1024];
   /* adapter and local training */
   ot_adapter_config adapter;
   int steps, batch, seq_len;

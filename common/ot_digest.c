@@ -44,3 +44,11 @@ int ot_file_digest_max(const char *path, uint64_t max_bytes, char hex[OT_DIGEST_
 int ot_file_digest(const char *path, char hex[OT_DIGEST_HEX]) {
   return ot_file_digest_max(path, UINT64_MAX, hex);
 }
+
+int ot_digest_bytes(const void *data, size_t len, char hex[OT_DIGEST_HEX]) {
+  if (sodium_init() < 0) return ot_error(OT_ERR_INTERNAL, "libsodium failed to initialise");
+  unsigned char h[32];
+  crypto_generichash(h, sizeof h, data, len, NULL, 0);
+  sodium_bin2hex(hex, OT_DIGEST_HEX, h, sizeof h);
+  return OT_OK;
+}

@@ -3,6 +3,7 @@
 #ifndef OT_DIGEST_H
 #define OT_DIGEST_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define OT_DIGEST_HEX 65 /* 64 hex digits of BLAKE2b-256 + NUL */
@@ -12,5 +13,7 @@
 int ot_file_digest_max(const char *path, uint64_t max_bytes, char hex[OT_DIGEST_HEX]);
 /* The same without a size bound, for the operator's own files (a base model). */
 int ot_file_digest(const char *path, char hex[OT_DIGEST_HEX]);
+/* The same digest of bytes in memory. */
+int ot_digest_bytes(const void *data, size_t len, char hex[OT_DIGEST_HEX]);
 
 #endif

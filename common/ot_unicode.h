@@ -1,4 +1,4 @@
-/* UTF-8 decoding and the code point classes that GPT-2 pre-tokenisation needs. */
+/* UTF-8 decoding, the code point classes that the pre-tokenisation regexes need, and NFC. */
 #ifndef OT_UNICODE_H
 #define OT_UNICODE_H
 
@@ -16,5 +16,11 @@ int ot_unicode_class(uint32_t cp);
  * sequence (stray continuation byte, overlong form, surrogate, > U+10FFFF,
  * truncated); *cp is then the first byte. */
 size_t ot_utf8_decode(const uint8_t *s, size_t n, uint32_t *cp);
+
+/* Unicode canonical composition (NFC) of UTF-8 text, into a malloc'd buffer. Bytes that are
+ * not well-formed UTF-8 pass through unchanged (as starters that compose with nothing). Text
+ * with a code point whose normalization the tables cannot vouch for (newer than their Unicode
+ * version; common/ot_nfc_table.h) is OT_ERR_UNSUPPORTED naming it. */
+int ot_utf8_nfc(const uint8_t *s, size_t n, uint8_t **out, size_t *out_len);
 
 #endif

@@ -150,7 +150,7 @@ int ot_dev_join(int argc, char **argv) {
 
 typedef struct {
   const char *state, *data, *session, *backend;
-  int threads, rounds_max, dry_run;
+  int threads, rounds_max, dry_run, json;
   double give_up_s;
   ot_identity id;
   cloud_info ci;
@@ -309,6 +309,8 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
     o.data_offset_steps = (uint64_t)(ri->round - 1) * (uint64_t)o.steps; /* each round reads on */
     o.backend = r->backend;
     o.threads = r->threads;
+    o.json = r->json;
+    o.metrics_label = "run";
     ot_dev_train_result res;
     char label[128];
     snprintf(label, sizeof label, "%s r%u", ri->session, ri->round);
@@ -345,7 +347,7 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
   if (rc == OT_OK && ri->secagg) {
     /* secure aggregation: nothing is uploaded now; the masked update goes in its stage */
     int joined = 0;
-    rc = ot_dev_secagg_join(r->c, ri->session, ri->round, &joined);
+    rc = ot_dev_secagg_join(r->c, ri->session, ri->round, loss, &joined);
     if (rc == OT_OK && joined)
       fprintf(stderr, "[run] %s round %u: trained; joined the round's secure aggregation\n", ri->session,
               ri->round);
@@ -430,6 +432,9 @@ int ot_dev_run(int argc, char **argv) {
        "stop when the cloud is unreachable this long (default 600)"},
       {"dry-run", OT_OPT_FLAG, &r.dry_run, NULL,
        "train the current round, then stop before the upload and say what would be sent"},
+      {"json", OT_OPT_FLAG, &r.json, NULL,
+       "training progress and summaries as JSON lines on stdout (the records of each round's "
+       "work/SESSION/rROUND/local/metrics.jsonl)"},
   };
   const char *syn =
       "offtune-device run --data FILE [--session NAME] [--backend cpu|cuda] [--state DIR] [--rounds-max N]";

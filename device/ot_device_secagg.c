@@ -51,10 +51,12 @@ static int submit(ot_client *c, const Offtune__Session__SessionRequest *req, con
   return rc;
 }
 
-int ot_dev_secagg_join(ot_client *c, const char *session, unsigned round, int *accepted) {
+int ot_dev_secagg_join(ot_client *c, const char *session, unsigned round, float train_loss, int *accepted) {
   Offtune__Session__SecAggJoin j = OFFTUNE__SESSION__SEC_AGG_JOIN__INIT;
   j.session = (char *)session;
   j.round = round;
+  j.train_loss = train_loss;
+  j.has_train_loss = 1;
   Offtune__Session__SessionRequest req = OFFTUNE__SESSION__SESSION_REQUEST__INIT;
   req.kind_case = OFFTUNE__SESSION__SESSION_REQUEST__KIND_SECAGG_JOIN;
   req.secagg_join = &j;

@@ -15,7 +15,7 @@
 typedef struct ot_dev_secagg ot_dev_secagg;
 
 /* SecAggJoin for (session, round): *accepted = 1 or 0 (the reason is printed). */
-int ot_dev_secagg_join(ot_client *c, const char *session, unsigned round, int *accepted);
+int ot_dev_secagg_join(ot_client *c, const char *session, unsigned round, float train_loss, int *accepted);
 /* One SECAGG poll reply: makes the masking round's state on first sight (*st), answers
  * the stage unless already done. work = STATE/work/<session>/r<round> (global/, local/,
  * trained.json). *answered = the stage whose message this call got accepted (0: none;

@@ -69,6 +69,7 @@ typedef struct {
   float prox_mu;
   weights_copy init_w;
   float *host_w, *host_g; /* staging for one tensor */
+  ot_metrics *mx;
 } tune_ctx;
 
 /* The adapter in --out (usable at every checkpoint), then the resumable snapshot of
@@ -101,6 +102,10 @@ static int on_step(void *vctx, int step, float loss, int *stop) {
   int rc = held_out(c, &v);
   if (rc) return rc;
   c->last_val = v;
+  static const char *const keys[] = {"step", "heldout_loss"};
+  const double rec[] = {step, v};
+  rc = ot_metrics_record(c->mx, "eval", 2, keys, rec);
+  if (rc) return rc;
   if (!c->have_best || v < c->best) {
     c->best = v;
     c->bad = 0;
@@ -275,6 +280,8 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
               bt.n_rows, T, bt.n_truncated);
     if (o->prox_mu > 0) fprintf(stderr, "[tune] FedProx: + (%g/2) ||w - w_round||^2\n", o->prox_mu);
     ot_lr_schedule sched = {o->lr, o->warmup, steps, OT_LR_CONSTANT, 0.0f};
+    rc = ot_metrics_open_dir(o->out, o->json ? stdout : NULL, o->metrics_label ? o->metrics_label : "tune",
+                             &c.mx);
     ot_train_config tc = {steps,
                           batch,
                           T,
@@ -282,15 +289,16 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
                           o->ckpt_every,
                           save_state,
                           &c,
-                          stderr,
+                          o->json ? NULL : stderr,
                           o->label ? o->label : "tune",
                           on_step,
-                          o->prox_mu > 0 ? prox_loss_step : NULL};
+                          o->prox_mu > 0 ? prox_loss_step : NULL,
+                          c.mx};
     ot_train_result tr;
-    if (start >= steps) {
+    if (rc == OT_OK && start >= steps) {
       fprintf(stderr, "[tune] %s already has %d steps; nothing to do\n", o->out, start);
       res.steps_done = start;
-    } else {
+    } else if (rc == OT_OK) {
       rc = ot_train(m, opt, &bt, &tc, start, &tr);
       if (rc == OT_OK) {
         res.trained = 1;
@@ -301,9 +309,16 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
         res.seconds = tr.seconds;
         res.last_val = c.last_val;
         res.tokens = (uint64_t)(tr.steps_done - start) * (uint64_t)batch * (uint64_t)T;
+        static const char *const keys[] = {"steps_done", "steps",        "last_loss", "mean_loss",
+                                           "tokens",     "tokens_per_s", "seconds",   "heldout_loss"};
+        const double v[] = {
+            tr.steps_done,      steps,           tr.last_loss, tr.mean_loss,
+            (double)res.tokens, tr.tokens_per_s, tr.seconds,   o->eval_every ? c.last_val : NAN};
+        rc = ot_metrics_record(c.mx, "summary", 8, keys, v);
       }
     }
   }
+  ot_metrics_close(c.mx);
   free(c.best_w.host);
   free(c.init_w.host);
   free(c.host_w);

@@ -26,6 +26,10 @@ typedef struct {
   const char *backend;        /* "cpu" (default) or "cuda" */
   int threads;
   const char *label; /* progress bar label (default "tune") */
+  /* Records go to OUT/metrics.jsonl always (ot_metrics.h); json: echoed on stdout as JSON lines
+   * instead of the progress bar. metrics_label: the records' label (default "tune"). */
+  int json;
+  const char *metrics_label;
 } ot_dev_train_opts;
 
 void ot_dev_train_opts_default(ot_dev_train_opts *o);

@@ -23,7 +23,7 @@ int ot_dev_tune(int argc, char **argv) {
   const char *emu_dir = NULL, *text = NULL, *tokens = NULL, *out = NULL, *adapter = "offsite",
              *backend = "cpu";
   int steps = 100, batch = 8, seq_len = 0, eval_every = 0, patience = 3, ckpt_every = 0, resume = 0,
-      threads = 0, warmup = 0;
+      threads = 0, warmup = 0, json = 0;
   float lr = 1e-3f, weight_decay = 0.0f, grad_clip = 1.0f, prox_mu = 0.0f;
   const char *init_adapter = NULL;
   ot_adapter_config acfg;
@@ -62,6 +62,8 @@ int ot_dev_tune(int argc, char **argv) {
        "FedProx: add (MU/2) ||w - w_start||^2 to the loss (default 0: off)"},
       {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
       {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
+      {"json", OT_OPT_FLAG, &json, NULL,
+       "progress and summary as JSON lines on stdout (the records of OUT/metrics.jsonl)"},
   };
   const char *syn = "offtune-device tune --emulator DIR (--text|--tokens FILE) --out DIR [options]";
   const char *desc = "Trains only the adapter on the emulator's bottom and top blocks (the\n"
@@ -113,10 +115,11 @@ int ot_dev_tune(int argc, char **argv) {
   o.resume = resume;
   o.backend = backend;
   o.threads = threads;
+  o.json = json;
   ot_dev_train_result res;
   rc = ot_dev_train(&o, &res);
   if (rc) return ot_dev_fail(res.what, rc);
-  if (res.trained) {
+  if (res.trained && !json) {
     printf("tuned %d steps in %.1f s, %.0f tokens/s: train loss %.4f (mean of last steps %.4f)",
            res.steps_done - res.start, res.seconds, res.tokens_per_s, res.last_loss, res.mean_loss);
     if (eval_every) printf(" | held-out loss %.4f", res.last_val);

@@ -70,8 +70,8 @@ int ot_emu_load(const char *dir, ot_backend *be, ot_model **m, ot_tokenizer **to
  * ((h_T - h_S) / rms(h_T))^2, h_T = teacher output of full block a+n-1, h_S = student
  * output of block a+k-1. Creating prepares both models for B x T. */
 typedef struct ot_distill ot_distill;
-int ot_distill_create(ot_model *teacher, ot_model *student, const ot_emu_plan *p, int B, int T, float kd_weight,
-                      ot_distill **out);
+int ot_distill_create(ot_model *teacher, ot_model *student, const ot_emu_plan *p, int B, int T,
+                      float kd_weight, ot_distill **out);
 void ot_distill_free(ot_distill *d);
 /* Forward of both, the combined loss and the student's gradients (zeroed first);
  * an ot_train_config.loss_step (ctx = the ot_distill). */

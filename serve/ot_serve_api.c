@@ -52,7 +52,7 @@ struct ot_serve_http {
   ot_serve_http_config cfg;
   char base_name[128];
   ot_http_server *server;
-  ot_http_route routes[10];
+  ot_http_route routes[10 + OT_SERVE_EXTRA_ROUTES];
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int outstanding; /* jobs not yet freed */
@@ -1083,6 +1083,13 @@ int ot_serve_http_start(const ot_serve_http_config *cfg, ot_serve_http **out) {
   api->routes[nr++] = (ot_http_route){"GET", "/metrics", 0, handle_metrics, api};
   api->routes[nr++] = (ot_http_route){"POST", "/v1/load_lora_adapter", 0, handle_load_adapter, api};
   api->routes[nr++] = (ot_http_route){"POST", "/v1/unload_lora_adapter", 0, handle_unload_adapter, api};
+  if (cfg->n_extra_routes < 0 || cfg->n_extra_routes > OT_SERVE_EXTRA_ROUTES) {
+    pthread_mutex_destroy(&api->mu);
+    pthread_cond_destroy(&api->cv);
+    free(api);
+    return ot_error(OT_ERR_INVALID, "at most %d extra routes", OT_SERVE_EXTRA_ROUTES);
+  }
+  for (int i = 0; i < cfg->n_extra_routes; i++) api->routes[nr++] = cfg->extra_routes[i];
   ot_http_config hc = {.url = cfg->url,
                        .routes = api->routes,
                        .n_routes = nr,

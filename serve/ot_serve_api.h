@@ -94,7 +94,13 @@ typedef struct {
   size_t max_header;
   int header_timeout_ms, body_timeout_ms, idle_timeout_ms, write_timeout_ms;
   int max_conns, max_conns_per_peer;
+  /* Routes of the embedding program on the same server (the daemon's operator dashboard), at
+   * most OT_SERVE_EXTRA_ROUTES; they answer for themselves, the API's tenants never reach them. */
+  const ot_http_route *extra_routes;
+  int n_extra_routes;
 } ot_serve_http_config;
+
+#define OT_SERVE_EXTRA_ROUTES 4
 
 typedef struct ot_serve_http ot_serve_http;
 

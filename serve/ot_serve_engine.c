@@ -660,7 +660,8 @@ static ot_finish_reason take_token(ot_serve_engine *e, req *r, int32_t tok, int 
   if (e->cfg.tok) {
     char *s = NULL;
     size_t n = 0;
-    if (ot_tokenizer_decode(e->cfg.tok, &tok, 1, &s, &n) == OT_OK) {
+    /* one token continuing the text: no start-of-text strip (Llama 2 would lose its spaces) */
+    if (ot_tokenizer_decode_ex(e->cfg.tok, &tok, 1, OT_TOK_CONTINUATION, &s, &n) == OT_OK) {
       size_t before = r->text_len;
       text_append(r, s, n);
       free(s);

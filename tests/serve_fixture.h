@@ -22,7 +22,7 @@ extern char *dir;
 extern char digest[OT_DIGEST_HEX];
 extern ot_backend *be;
 extern ot_model *base;
-extern ot_model *ref[N_MODELS];             /* base + adapter applied, prepared for generation */
+extern ot_model *ref[N_MODELS];            /* base + adapter applied, prepared for generation */
 extern int32_t *want[N_MODELS][N_PROMPTS]; /* ot_generate greedy completions (GEN tokens) */
 extern ot_tokenizer *tok;
 

@@ -201,7 +201,7 @@ static void train_steps(ot_model *m, ot_backend *be, int steps) {
   ot_tokens toks = {ids, 400, NULL};
   ot_batcher bt;
   assert_int_equal(ot_batcher_init(&bt, &toks, 2, 16, 0, 0), 0);
-  ot_train_config tc = {steps, 2,    16,  {1e-2f, 0, steps, OT_LR_CONSTANT, 0}, 0, NULL, NULL, NULL,
+  ot_train_config tc = {steps, 2,    16,  {1e-2f, 0, steps, OT_LR_CONSTANT, 0}, 0, NULL, NULL, NULL, NULL,
                         NULL,  NULL, NULL};
   ot_train_result res;
   assert_int_equal(ot_train(m, opt, &bt, &tc, 0, &res), 0);

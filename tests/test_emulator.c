@@ -243,7 +243,8 @@ static void test_tune_freezes(void **state) {
   ot_tokens toks = {ids, 200, NULL};
   ot_batcher bt;
   assert_int_equal(ot_batcher_init(&bt, &toks, f.B, f.T, 0, 0), 0);
-  ot_train_config tc = {5, f.B, f.T, {1e-2f, 0, 5, OT_LR_CONSTANT, 0}, 0, NULL, NULL, NULL, NULL, NULL, NULL};
+  ot_train_config tc = {5,    f.B,  f.T, {1e-2f, 0, 5, OT_LR_CONSTANT, 0}, 0, NULL, NULL, NULL, NULL,
+                        NULL, NULL, NULL};
   ot_train_result res;
   assert_int_equal(ot_train(f.emu, opt, &bt, &tc, 0, &res), 0);
   float *after = host_params(f.emu), *b = before, *a = after;

