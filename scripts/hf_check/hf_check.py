@@ -11,8 +11,9 @@
   hf_check.py compare --a PREFIX --b PREFIX [--tol 1e-4]
       two tests/hf_dump outputs of the same model and tokens (the CPU's and the CUDA backend's):
       logits ||b-a||/||a|| and the loss within tol (numpy only).
-  hf_check.py tokenizer
-      offtune's tokenizer.json ids against `tokenizers`: offtune does not read tokenizer.json yet.
+  hf_check.py tokenizer --json TOKENIZER_JSON --config TOKENIZER_CONFIG --text FILE --ids IDS
+      offtune's ids of FILE (tests/hf_dump --encode) against `tokenizers` (no special tokens) and
+      transformers' AutoTokenizer (special tokens added).
 
 Exit 0: agrees within tolerance; 1: mismatch; 77: skipped (a library missing, or not implemented),
 with the reason on the last line; 2: usage."""
@@ -142,9 +143,49 @@ def cmd_chat(a):
 
 
 def cmd_tokenizer(a):
-    print("SKIPPED: not implemented yet: offtune does not read tokenizer.json (common/ot_tokenizer.c reads "
-          "vocab.json + merges.txt), so there are no offtune tokenizer.json ids to compare with `tokenizers`")
-    return SKIP
+    """offtune's ids (tests/hf_dump --encode: line 1 plain, line 2 with special tokens added) against
+    `tokenizers` (plain: Tokenizer.from_file(...).encode(text, add_special_tokens=False)) and
+    transformers' AutoTokenizer over tokenizer.json + tokenizer_config.json (special tokens added
+    as a user's tokenizer(text) adds them)."""
+    (tokenizers,) = need("tokenizers")
+    text = open(a.text, encoding="utf-8").read()
+    lines = open(a.ids).read().split("\n")
+    got_plain = [int(x) for x in lines[0].split()]
+    got_special = [int(x) for x in lines[1].split()]
+    want_plain = tokenizers.Tokenizer.from_file(a.json).encode(text, add_special_tokens=False).ids
+    res = {"check": "tokenizer", "tokenizer_json": a.json, "tokenizers": tokenizers.__version__,
+           "n_ids": len(want_plain), "plain_equal": got_plain == want_plain}
+    bad = []
+    if got_plain != want_plain:
+        k = next((i for i, (x, y) in enumerate(zip(got_plain, want_plain)) if x != y), min(len(got_plain), len(want_plain)))
+        bad.append(f"plain ids differ from tokenizers {tokenizers.__version__} at {k}: offtune "
+                   f"{got_plain[k:k + 8]} tokenizers {want_plain[k:k + 8]} ({len(got_plain)} vs {len(want_plain)} ids)")
+    try:
+        import tempfile, shutil
+        import transformers
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copy(a.json, os.path.join(d, "tokenizer.json"))
+            shutil.copy(a.config, os.path.join(d, "tokenizer_config.json"))
+            tok = transformers.AutoTokenizer.from_pretrained(d)
+            want_special = tok(text, add_special_tokens=True)["input_ids"]
+        res["special_equal"] = got_special == want_special
+        res["transformers"] = transformers.__version__
+        if got_special != want_special:
+            bad.append(f"ids with special tokens differ from transformers {transformers.__version__} "
+                       f"{type(tok).__name__}: offtune {got_special[:6]}..{got_special[-3:]} transformers "
+                       f"{want_special[:6]}..{want_special[-3:]}")
+    except ImportError:
+        res["special_equal"] = None
+        print("note: transformers is not installed: the ids with special tokens were not checked")
+    res["pass"] = not bad
+    print(json.dumps(res))
+    for b in bad:
+        print("MISMATCH", b)
+    print(("OK" if not bad else "FAIL") + f": {a.json}: {len(want_plain)} ids")
+    if not bad and res["special_equal"] is None:
+        print("SKIPPED: plain ids agree with tokenizers; transformers missing for the special-token ids")
+        return SKIP
+    return 0 if not bad else 1
 
 
 def main():
@@ -163,7 +204,11 @@ def main():
     q.add_argument("--a", required=True)
     q.add_argument("--b", required=True)
     q.add_argument("--tol", type=float, default=1e-4)
-    sub.add_parser("tokenizer")
+    q = sub.add_parser("tokenizer")
+    q.add_argument("--json", required=True)
+    q.add_argument("--config", required=True)
+    q.add_argument("--text", required=True)
+    q.add_argument("--ids", required=True)
     a = p.parse_args()
     return {"logits": cmd_logits, "compare": cmd_compare, "chat": cmd_chat, "tokenizer": cmd_tokenizer}[a.cmd](a)
 
