@@ -372,6 +372,11 @@ mkdir -p "$out/.work"
 printf '#!/bin/sh\nunset LD_LIBRARY_PATH\nexec %s "$@"\n' "${OT_GPU_CHECK_PYTHON:-python3}" >"$out/.work/py"
 chmod +x "$out/.work/py"
 export LD_LIBRARY_PATH="$root/$bin/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" # the carried libraries, once unpacked
+# CUDA's runtime and cuBLAS for the carried binaries, last (the toolkit's, then PyTorch's wheels')
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib $("${OT_GPU_CHECK_PYTHON:-python3}" -c \
+  'import glob, os, nvidia; print(" ".join(sorted({os.path.dirname(p) for q in nvidia.__path__ for p in glob.glob(q + "/**/libcu*.so*", recursive=True)})))' 2>/dev/null); do
+  [ -d "$d" ] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
+done
 : >"$out/results.jsonl"
 rows=()
 

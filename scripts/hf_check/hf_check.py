@@ -112,6 +112,18 @@ def cmd_chat(a):
             setattr(tok, t, None)
         except Exception as e:
             print(f"note: could not clear {t}: {e}")
+    probe = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                    chat_template="{{ bos_token is defined }}|{{ eos_token is defined }}")
+    render = None
+    if probe != "False|False":
+        # special tokens still reach the template: render with Hugging Face's own compiled
+        # template (what apply_chat_template calls), which takes only the variables given
+        from transformers.utils import chat_template_utils as ctu
+        print(f"note: the tokenizer still passes special tokens ({probe}); rendering with "
+              "transformers.utils.chat_template_utils._compile_jinja_template")
+
+        def render(src, msgs, gen, kw):
+            return ctu._compile_jinja_template(src).render(messages=msgs, add_generation_prompt=gen, **kw)
     bad = n = 0
     for case in data["cases"]:
         croot = os.path.join(root, case.get("root", "."))
@@ -122,9 +134,12 @@ def cmd_chat(a):
         kw = {k: case[k] for k in ("bos_token", "eos_token") if k in case}
         msgs = data["conversations"][case["conversation"]]
         try:
-            got = {"expected": tok.apply_chat_template(msgs, chat_template=src, tokenize=False,
-                                                       add_generation_prompt=case["add_generation_prompt"],
-                                                       **kw)}
+            if render:
+                got = {"expected": render(src, msgs, case["add_generation_prompt"], kw)}
+            else:
+                got = {"expected": tok.apply_chat_template(msgs, chat_template=src, tokenize=False,
+                                                           add_generation_prompt=case["add_generation_prompt"],
+                                                           **kw)}
         except Exception as e:  # raise_exception in a template: Hugging Face's TemplateError
             got = {"error": str(e)}
         want = {k: case[k] for k in ("expected", "error") if k in case}
