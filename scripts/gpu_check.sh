@@ -20,7 +20,11 @@
 # Environment: OT_GPU_CHECK_BUDGET (seconds for the whole run, default 720), OT_GPU_CHECK_ONLY
 # (space-separated step names to run, e.g. "ops bench" for a rerun), OT_GPU_CHECK_PYTHON (default
 # python3), OT_GPU_CHECK_BENCH_STEPS (default 10), OT_GPU_CHECK_BIN (the carried build, default
-# .gpucheck), OT_GPU_CHECK_EMU=1 (run the emulation step on a GPU machine too).
+# .gpucheck), OT_GPU_CHECK_EMU=1 (run the emulation step on a GPU machine too),
+# OT_GPU_CHECK_BUNDLE=DIR (after every step, copy summary.md and a gpucheck.tgz of OUT_DIR's logs
+# and JSON there: for a device tool that returns only a few files, e.g. DIR=$OUT).
+# On this workplace's device tool (10 minutes a command, 8 files back): carry .gpucheck/pack.tar.xz,
+#   OT_GPU_CHECK_BUDGET=540 OT_GPU_CHECK_BUNDLE=$OUT scripts/gpu_check.sh /tmp/gc   (timeout_s 600)
 set -u -o pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -365,6 +369,7 @@ fi
 out=$(mkdir -p "$1" && cd "$1" && pwd)
 budget=${OT_GPU_CHECK_BUDGET:-720}
 t0=$(date +%s)
+commit="$(git rev-parse --short HEAD 2>/dev/null)$( [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo ' + uncommitted changes')"
 deadline=$((t0 + budget))
 rm -rf "$out/.work" "$out/.have_gpu" "$out/.build_dir"
 mkdir -p "$out/.work"
@@ -386,7 +391,7 @@ summary() {
     echo
     echo "- started $(date -u -d @"$t0" +%FT%TZ), budget ${budget}s, elapsed $(($(date +%s) - t0))s"
     echo "- machine: $(grep -m1 -A1 '^name' "$out/env.log" 2>/dev/null | tail -1 || true)$(grep -m1 '^no GPU' "$out/env.log" 2>/dev/null || true)"
-    echo "- commit: $(git rev-parse --short HEAD 2>/dev/null), build: $(cat "$out/.build_dir" 2>/dev/null || echo none)"
+    echo "- commit: $commit, build: $(cat "$out/.build_dir" 2>/dev/null || echo none)"
     echo
     echo "| step | result | seconds | note |"
     echo "|---|---|---:|---|"
@@ -403,6 +408,14 @@ summary() {
       echo '```'
     fi
   } >"$out/summary.md"
+  # for a device tool that returns only a few files: summary.md and one archive of the logs,
+  # refreshed after every step so that a run killed from outside still returns them
+  if [ -n "${OT_GPU_CHECK_BUNDLE:-}" ]; then
+    mkdir -p "$OT_GPU_CHECK_BUNDLE"
+    cp "$out/summary.md" "$OT_GPU_CHECK_BUNDLE/summary.md"
+    tar -C "$out" --exclude=./.work -czf "$OT_GPU_CHECK_BUNDLE/gpucheck.tgz.part" . 2>/dev/null &&
+      mv "$OT_GPU_CHECK_BUNDLE/gpucheck.tgz.part" "$OT_GPU_CHECK_BUNDLE/gpucheck.tgz"
+  fi
 }
 
 step() { # name per-step-limit-seconds
