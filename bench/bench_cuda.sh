@@ -5,6 +5,9 @@
 # python with a CUDA build of torch (OT_BENCH_PYTHON, default python3).
 # Usage: bash bench/bench_cuda.sh [steps]     (results: table on stdout, JSON lines in
 # build-cuda/bench_cuda.jsonl)
+# OT_BENCH_BUILD=DIR: use the binaries already built in DIR (bench/bench_train, bench/gemm_peak,
+# bench/bench_serve; e.g. a build carried to a GPU machine by scripts/gpu_check.sh) and write the
+# results there, instead of configuring and building build-cuda here.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -20,11 +23,14 @@ if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   exit 1
 fi
 
-cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DOT_CUDA=ON >/dev/null
-cmake --build build-cuda -j"$(nproc)" --target bench_train gemm_peak bench_serve >/dev/null
+bd=${OT_BENCH_BUILD:-build-cuda}
+if [ -z "${OT_BENCH_BUILD:-}" ]; then
+  cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DOT_CUDA=ON >/dev/null
+  cmake --build build-cuda -j"$(nproc)" --target bench_train gemm_peak bench_serve >/dev/null
+fi
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
-peak=$(./build-cuda/bench/gemm_peak 8192)
-log=build-cuda/bench_cuda.jsonl
+peak=$("$bd"/bench/gemm_peak 8192)
+log=$bd/bench_cuda.jsonl
 : >"$log"
 echo "{\"gpu\": \"$gpu\", \"gemm_peak\": $peak}" >>"$log"
 echo "GPU: $gpu"
@@ -40,8 +46,8 @@ for c in "${configs[@]}"; do
   IFS='|' read -r name shape batch <<<"$c"
   read -ra args <<<"$shape $batch --steps $steps --warmup 2"
   runs=()
-  runs+=("$(OT_CUDA_BF16=0 ./build-cuda/bench/bench_train "${args[@]}" --backend cuda)")
-  runs+=("$(OT_CUDA_BF16=1 ./build-cuda/bench/bench_train "${args[@]}" --backend cuda)")
+  runs+=("$(OT_CUDA_BF16=0 "$bd"/bench/bench_train "${args[@]}" --backend cuda)")
+  runs+=("$(OT_CUDA_BF16=1 "$bd"/bench/bench_train "${args[@]}" --backend cuda)")
   runs+=("$("$py" bench/torch_train.py "${args[@]}" --device cuda)")
   runs+=("$("$py" bench/torch_train.py "${args[@]}" --device cuda --bf16)")
   # fused attention in PyTorch too, where its version has it (torch >= 2.0)
@@ -70,6 +76,6 @@ done
 # 32 different LoRA adapters (and offsite adapters) batched, against one adapter and one at a time.
 # No PyTorch competitor on the GPU yet (bench/torch_serve.py is the CPU one).
 echo "serving (bench_serve --backend cuda, GPT-2 124M shape, 32 requests x (16 prompt + 32 generated)):"
-./build-cuda/bench/bench_serve --backend cuda --layers 12 --embd 768 --heads 12 --requests 32 --prompt 16 \
-  --gen 32 --rank 8 --reps 2 --no-torch --dir build-cuda/bench_serve_tmp | tee build-cuda/bench_serve_cuda.txt
+"$bd"/bench/bench_serve --backend cuda --layers 12 --embd 768 --heads 12 --requests 32 --prompt 16 \
+  --gen 32 --rank 8 --reps 2 --no-torch --dir "$bd"/bench_serve_tmp | tee "$bd"/bench_serve_cuda.txt
 echo "JSON lines: $log"

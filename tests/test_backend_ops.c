@@ -768,15 +768,22 @@ static void test_ops_cuda_bf16(void **state) {
   ot_backend_free(d.be);
 }
 
-/* A small GPT-2 (odd sequence length, 2 tiles of attention) trained for a few AdamW
- * steps on both backends from the same initialisation: the losses must agree. */
-static void train_losses(ot_backend *be, int steps, float *losses) {
+/* A small GPT-2 or grouped-query LLaMA (odd sequence length, 2 tiles of attention) trained
+ * for a few AdamW steps on both backends from the same initialisation: the losses must agree. */
+static void train_losses(ot_backend *be, ot_arch arch, int steps, float *losses) {
   ot_model_config cfg = {.n_layer = 3,
                          .n_head = 4,
                          .n_embd = 64,
                          .vocab_size = 211,
                          .n_positions = 64,
-                         .layer_norm_epsilon = 1e-5f};
+                         .layer_norm_epsilon = 1e-5f,
+                         .arch = arch};
+  if (arch == OT_ARCH_LLAMA) {
+    cfg.n_kv_head = 2; /* grouped-query: rmsnorm, rope, swiglu, gqa on the backend */
+    cfg.n_ff = 176;
+    cfg.rope_theta = 10000.0f;
+  }
+  assert_int_equal(ot_model_config_complete(&cfg), 0);
   ot_model *m;
   ot_optimizer *opt;
   ot_optim_config oc;
@@ -802,13 +809,13 @@ static void train_losses(ot_backend *be, int steps, float *losses) {
   ot_model_free(m);
 }
 
-static void train_compare(unsigned flags, double tol) {
+static void train_compare(ot_arch arch, unsigned flags, double tol) {
   ot_backend *be = cuda_or_skip(flags);
   float want[6], got[6];
-  train_losses(ref, 6, want);
-  train_losses(be, 6, got);
+  train_losses(ref, arch, 6, want);
+  train_losses(be, arch, 6, got);
   for (int k = 0; k < 6; k++) {
-    printf("step %d: loss cpu %.6f, cuda %.6f\n", k, want[k], got[k]);
+    printf("%s step %d: loss cpu %.6f, cuda %.6f\n", ot_arch_name(arch), k, want[k], got[k]);
     if (!(fabs(got[k] - want[k]) <= tol * fabs(want[k])))
       fail_msg("step %d: cuda loss %.6f, cpu %.6f (relative tolerance %.0e)", k, got[k], want[k], tol);
   }
@@ -818,12 +825,22 @@ static void train_compare(unsigned flags, double tol) {
 
 static void test_gpt2_train_cuda_fp32(void **state) {
   (void)state;
-  train_compare(0, 1e-4);
+  train_compare(OT_ARCH_GPT2, 0, 1e-4);
 }
 
 static void test_gpt2_train_cuda_bf16(void **state) {
   (void)state;
-  train_compare(OT_CUDA_BF16, 5e-3);
+  train_compare(OT_ARCH_GPT2, OT_CUDA_BF16, 5e-3);
+}
+
+static void test_llama_train_cuda_fp32(void **state) {
+  (void)state;
+  train_compare(OT_ARCH_LLAMA, 0, 1e-4);
+}
+
+static void test_llama_train_cuda_bf16(void **state) {
+  (void)state;
+  train_compare(OT_ARCH_LLAMA, OT_CUDA_BF16, 5e-3);
 }
 
 static int setup(void **state) {
@@ -844,6 +861,7 @@ int main(void) {
       cmocka_unit_test(test_ops_cpu_thread_count),       cmocka_unit_test(test_ops_cuda_fp32_flash),
       cmocka_unit_test(test_ops_cuda_fp32_materialised), cmocka_unit_test(test_ops_cuda_bf16),
       cmocka_unit_test(test_gpt2_train_cuda_fp32),       cmocka_unit_test(test_gpt2_train_cuda_bf16),
+      cmocka_unit_test(test_llama_train_cuda_fp32),      cmocka_unit_test(test_llama_train_cuda_bf16),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
