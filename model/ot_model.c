@@ -341,12 +341,16 @@ size_t ot_model_memory_bytes(const ot_model *m) {
 
 static double uniform01(uint64_t *s) { return ((ot_splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
 
-/* Role of parameter i within its block, -1 outside the blocks. */
-static int param_role(const ot_model *m, int i) {
+/* Block and role of parameter i; 0 outside the blocks. */
+static int param_where(const ot_model *m, int i, int *layer, int *role) {
   for (int l = 0; l < m->cfg.n_layer; l++)
     for (int r = 0; r < OT_R_COUNT; r++)
-      if (m->bidx[l][r] == i) return r;
-  return -1;
+      if (m->bidx[l][r] == i) {
+        *layer = l;
+        *role = r;
+        return 1;
+      }
+  return 0;
 }
 
 int ot_model_init_random(ot_model *m, uint64_t seed) {
@@ -357,7 +361,8 @@ int ot_model_init_random(ot_model *m, uint64_t seed) {
   double resid_std = 0.02 / sqrt(2.0 * m->cfg.n_layer);
   for (int i = 0; i < m->n_base; i++) {
     ot_param *p = &m->params[i];
-    int r = param_role(m, i);
+    int l, r = -1;
+    if (!param_where(m, i, &l, &r)) r = -1;
     int is_norm = r == OT_R_ATTN_NORM || r == OT_R_FFN_NORM || i == m->gidx[OT_G_NORM];
     if (is_norm) {
       for (size_t j = 0; j < p->numel; j++) h[j] = 1.0f;
@@ -662,14 +667,6 @@ static void quantize_int8(const ot_model *m, const float *w, int rows, int cols,
     }
 }
 
-/* Block of parameter i, -1 outside the blocks. */
-static int param_block(const ot_model *m, int i) {
-  for (int l = 0; l < m->cfg.n_layer; l++)
-    for (int r = 0; r < OT_R_COUNT; r++)
-      if (m->bidx[l][r] == i) return l;
-  return -1;
-}
-
 int ot_model_save_dir_int8(const ot_model *m, const char *dir, const unsigned char *int8_blocks) {
   int rc = ot_mkdir_p(dir);
   if (rc) return rc;
@@ -697,8 +694,8 @@ int ot_model_save_dir_int8(const ot_model *m, const char *dir, const unsigned ch
     const ot_param *p = &m->params[i];
     const float *data = src + (p->data - m->param_mem);
     int64_t shape[2] = {p->shape[0], p->shape[1]};
-    int layer = int8_blocks ? param_block(m, i) : -1;
-    if (layer >= 0 && int8_blocks[layer] && p->ndim == 2) {
+    int layer, role;
+    if (int8_blocks && param_where(m, i, &layer, &role) && int8_blocks[layer] && p->ndim == 2) {
       int nc = out_channels(m, p);
       qs[i] = malloc(p->numel);
       ss[i] = malloc((size_t)nc * sizeof(float));
