@@ -35,7 +35,8 @@ static void fill_defaults(ot_model_config *cfg) {
   if (cfg->arch == OT_ARCH_GPT2) {
     cfg->n_kv_head = cfg->n_head;
     cfg->head_dim = cfg->n_head > 0 ? cfg->n_embd / cfg->n_head : 0;
-    cfg->n_ff = 4 * cfg->n_embd;
+    /* out-of-range widths are refused by validate; no overflow on the way there */
+    cfg->n_ff = cfg->n_embd > 0 && cfg->n_embd <= CFG_MAX_EMBD ? 4 * cfg->n_embd : 0;
     cfg->tie_embeddings = 1;
     cfg->attn_bias = cfg->o_bias = 0; /* GPT-2's biases are part of its table */
     return;

@@ -88,6 +88,9 @@ static void test_variants(void **state) {
 static void test_bad_configs(void **state) {
   (void)state;
   const int F = OT_ERR_FORMAT, R = OT_ERR_RANGE, U = OT_ERR_UNSUPPORTED, I = OT_ERR_INVALID;
+  /* found by fuzz_config: a width whose derived sizes would overflow is refused by range first */
+  parse_bad("{\"n_layer\":1,\"n_head\":1,\"n_embd\":555555552,\"vocab_size\":10,\"n_ctx\":16,\"n_inner\":8}",
+            OT_ERR_RANGE, "n_embd");
   parse_bad("", F, "JSON");
   parse_bad("nope", F, "JSON");
   parse_bad("{" BASE, F, "JSON");
