@@ -200,6 +200,35 @@ static int render_line(const cJSON *j, const ot_chat_renderer *chat, const char 
   return rc;
 }
 
+int ot_jsonl_next(const char *buf, size_t len, size_t *pos, size_t *line, const char *path, cJSON **out) {
+  *out = NULL;
+  for (size_t i = *pos; i < len;) {
+    size_t e = i;
+    while (e < len && buf[e] != '\n') e++;
+    ++*line;
+    size_t a = i, b = e;
+    i = e + 1;
+    *pos = i < len ? i : len;
+    while (a < b && (buf[a] == ' ' || buf[a] == '\t' || buf[a] == '\r')) a++;
+    while (b > a && (buf[b - 1] == ' ' || buf[b - 1] == '\t' || buf[b - 1] == '\r')) b--;
+    if (a == b) continue;
+    const char *end = NULL;
+    cJSON *j = cJSON_ParseWithLengthOpts(buf + a, b - a, &end, 0);
+    if (!j) {
+      size_t col = end && end >= buf + a ? (size_t)(end - (buf + a)) + 1 : 1;
+      return ot_error(OT_ERR_FORMAT, "%s:%zu: not valid JSON (at column %zu)", path, *line, col);
+    }
+    if (end && end < buf + b) {
+      cJSON_Delete(j);
+      return ot_error(OT_ERR_FORMAT, "%s:%zu: text after the JSON object (one object per line)", path, *line);
+    }
+    *out = j;
+    return OT_OK;
+  }
+  *pos = len;
+  return OT_OK;
+}
+
 int ot_examples_read(const char *path, const ot_tokenizer *tok, const ot_chat_renderer *chat,
                      ot_tokens *out) {
   if (!path || !out) return ot_error(OT_ERR_INVALID, "ot_examples_read: NULL argument");
@@ -213,27 +242,10 @@ int ot_examples_read(const char *path, const ot_tokenizer *tok, const ot_chat_re
   ot_error_clear();
   stream s = {NULL, NULL, 0, 0};
   size_t line = 0, examples = 0;
-  for (size_t i = 0; i < len && rc == OT_OK;) {
-    size_t e = i;
-    while (e < len && buf[e] != '\n') e++;
-    line++;
-    size_t a = i, b = e;
-    i = e + 1;
-    while (a < b && (buf[a] == ' ' || buf[a] == '\t' || buf[a] == '\r')) a++;
-    while (b > a && (buf[b - 1] == ' ' || buf[b - 1] == '\t' || buf[b - 1] == '\r')) b--;
-    if (a == b) continue;
-    const char *end = NULL;
-    cJSON *j = cJSON_ParseWithLengthOpts(buf + a, b - a, &end, 0);
-    if (!j) {
-      size_t col = end && end >= buf + a ? (size_t)(end - (buf + a)) + 1 : 1;
-      rc = ot_error(OT_ERR_FORMAT, "%s:%zu: not valid JSON (at column %zu)", path, line, col);
-      break;
-    }
-    if (end && end < buf + b) {
-      cJSON_Delete(j);
-      rc = ot_error(OT_ERR_FORMAT, "%s:%zu: text after the JSON object (one object per line)", path, line);
-      break;
-    }
+  for (size_t i = 0; rc == OT_OK;) {
+    cJSON *j = NULL;
+    rc = ot_jsonl_next(buf, len, &i, &line, path, &j);
+    if (rc || !j) break;
     ot_text_piece *p = NULL;
     size_t np = 0;
     rc = render_line(j, chat, path, line, &p, &np);

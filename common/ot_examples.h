@@ -50,6 +50,12 @@ void ot_text_pieces_free(ot_text_piece *p, size_t n);
 
 /* Reads a JSONL file of examples into *out (ids, mask with OT_TOK_TARGET / OT_TOK_START).
  * chat NULL: the plain rendering. */
+/* The next JSON object of a JSONL buffer (one per line; blank lines skipped) from *pos on:
+ * *out is NULL at the end. *line counts lines for the "FILE:LINE:" errors of bad JSON or text
+ * after the object. The one JSONL reader of supervised examples and task items. */
+struct cJSON;
+int ot_jsonl_next(const char *buf, size_t len, size_t *pos, size_t *line, const char *path,
+                  struct cJSON **out);
 int ot_examples_read(const char *path, const ot_tokenizer *tok, const ot_chat_renderer *chat, ot_tokens *out);
 /* 1 if path names a JSONL examples file (ends in ".jsonl"): what the --text / --data
  * options read as examples instead of plain text. */

@@ -11,6 +11,7 @@
 #include "ot_cli.h"
 #include "ot_error.h"
 #include "ot_eval.h"
+#include "ot_examples.h"
 #include "ot_fileio.h"
 
 #define OT_TASK_MAX_FILE ((size_t)1 << 30)
@@ -188,27 +189,10 @@ int ot_task_read(const char *path, const ot_tokenizer *tok, ot_task **out) {
   if (ot_tokenizer_token_id(tok, "<|endoftext|>", &t->eot) != OT_OK) t->eot = -1;
   ot_error_clear();
   size_t line = 0, cap = 0;
-  for (size_t i = 0; i < len && rc == OT_OK;) {
-    size_t e = i;
-    while (e < len && buf[e] != '\n') e++;
-    line++;
-    size_t a = i, b = e;
-    i = e + 1;
-    while (a < b && is_ws(buf[a])) a++;
-    while (b > a && is_ws(buf[b - 1])) b--;
-    if (a == b) continue;
-    const char *end = NULL;
-    cJSON *j = cJSON_ParseWithLengthOpts(buf + a, b - a, &end, 0);
-    if (!j) {
-      size_t col = end && end >= buf + a ? (size_t)(end - (buf + a)) + 1 : 1;
-      rc = ot_error(OT_ERR_FORMAT, "%s:%zu: not valid JSON (at column %zu)", path, line, col);
-      break;
-    }
-    if (end && end < buf + b) {
-      cJSON_Delete(j);
-      rc = ot_error(OT_ERR_FORMAT, "%s:%zu: text after the JSON object (one object per line)", path, line);
-      break;
-    }
+  for (size_t i = 0; rc == OT_OK;) {
+    cJSON *j = NULL;
+    rc = ot_jsonl_next(buf, len, &i, &line, path, &j);
+    if (rc || !j) break;
     if (t->n == cap) {
       size_t nc = cap ? cap * 2 : 64;
       item *ni = realloc(t->items, nc * sizeof *ni);
