@@ -5,14 +5,14 @@
  * adapter_model.safetensors. In the JSON, "@BASE@" becomes the base model's digest and "@ST@"
  * the digest of the safetensors bytes, so mutations get past the digest checks to the rest.
  * The JSON is written as adapter_config.json and as emulator.json, then read by
- *   ot_adapter_read_kind, ot_adapter_apply (every kind, the offsite one included) on a small full
+ *   ot_peft_read_kind, ot_adapter_apply (every kind, the offsite one included) on a small full
  *   model and on its emulator, and ot_emu_plan_load.
  * Refused: the model must be exactly as before (the readers promise that). Accepted: the plan
  * must be one ot_emu_plan_make could have made.
  *
  * OT_FUZZ_WRITE_SEEDS=DIR: writes one valid input per adapter kind and an emulator.json to DIR
  * and exits (the seeds in fuzz/corpus/adapter_config/ come from it and fit this model). */
-#include "ot_adapter.h"
+#include "ot_peft.h"
 #include "ot_emulator.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+static ot_peft_map emap; /* block map of the emulator at hand */
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -140,21 +142,23 @@ static void write_seed(const char *out_dir, const char *name, const char *adir) 
 static void write_seeds(const char *out_dir) {
   static const struct {
     const char *name;
-    ot_adapter_kind kind;
-  } kinds[] = {{"offsite", OT_ADAPTER_OFFSITE},
-               {"lora", OT_ADAPTER_LORA},
-               {"bottleneck", OT_ADAPTER_BOTTLENECK},
-               {"bitfit", OT_ADAPTER_BITFIT}};
+    ot_peft_kind kind;
+  } kinds[] = {{"offsite", OT_PEFT_OFFSITE},
+               {"lora", OT_PEFT_LORA},
+               {"bottleneck", OT_PEFT_BOTTLENECK},
+               {"bitfit", OT_PEFT_BITFIT}};
   char adir[600];
   for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
-    ot_adapter_config c;
-    ot_adapter_config_default(&c);
+    ot_peft_config c;
+    ot_peft_config_default(&c);
     c.kind = kinds[k].kind;
     c.lora_r = 2;
     c.bottleneck_dim = 2;
     make_models();
     snprintf(adir, sizeof adir, "%s/adapter-%s", dir, kinds[k].name);
-    if (ot_adapter_attach(emu, &plan, &c) || ot_adapter_save(emu, &plan, &c, adir)) die("saving a seed");
+    if (ot_peft_attach(emu, ot_emu_peft_map(&plan, &emap), &c) ||
+        ot_peft_save(emu, ot_emu_peft_map(&plan, &emap), &c, adir))
+      die("saving a seed");
     write_seed(out_dir, kinds[k].name, adir);
   }
   /* emulator.json as ot_emu_save writes it (the package's other files are not needed) */
@@ -231,14 +235,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   write_file(emu_path, json, strlen(json));
   free(json);
 
-  ot_adapter_kind kind;
-  if (ot_adapter_read_kind(dir, &kind) == OT_OK && (unsigned)kind > OT_ADAPTER_BITFIT) abort();
+  ot_peft_kind kind;
+  if (ot_peft_read_kind(dir, &kind) == OT_OK && (unsigned)kind > OT_PEFT_BITFIT) abort();
   int full_params = ot_model_param_count(full), emu_params = ot_model_param_count(emu), changed = 0;
-  if (ot_adapter_apply(full, NULL, base_digest, dir) == OT_OK)
+  if (ot_peft_apply_full(full, base_digest, dir) == OT_OK)
     changed = 1;
   else
     check_unchanged(full, full_params, ref_full);
-  if (ot_adapter_apply(emu, &plan, NULL, dir) == OT_OK)
+  if (ot_peft_apply_dir(emu, ot_emu_peft_map(&plan, &emap), dir) == OT_OK)
     changed = 1;
   else
     check_unchanged(emu, emu_params, ref_emu);

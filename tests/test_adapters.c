@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ot_adapter.h"
+#include "ot_emulator.h"
 #include "ot_data.h"
 #include "ot_error.h"
 #include "ot_model.h"
@@ -21,6 +21,8 @@
 #include "ot_safetensors.h"
 #include "ot_test_util.h"
 #include "ot_train.h"
+
+static ot_peft_map emap; /* block map of the emulator at hand */
 
 #define REL_TOL 1e-4
 
@@ -46,7 +48,8 @@ static void open_case(ot_test_case *f, const char *name, int kind, float dropout
   ot_block_ext ext[4];
   memset(ext, 0, sizeof ext);
   for (int l = 0; l < 4; l += 3) {
-    if (kind == 0) ext[l] = (ot_block_ext){0xF, 4, 8.0f, dropout, 0};
+    if (kind == 0)
+      ext[l] = (ot_block_ext){.lora_sites = 0xF, .lora_r = 4, .lora_alpha = 8.0f, .lora_dropout = dropout};
     if (kind == 1) ext[l].bottleneck = 4;
   }
   assert_int_equal(ot_model_add_extensions(f->m, ext, 7), 0);
@@ -208,9 +211,9 @@ static void train_steps(ot_model *m, ot_backend *be, int steps) {
   ot_optimizer_free(opt);
 }
 
-static ot_adapter_config kind_config(ot_adapter_kind k) {
-  ot_adapter_config c;
-  ot_adapter_config_default(&c);
+static ot_peft_config kind_config(ot_peft_kind k) {
+  ot_peft_config c;
+  ot_peft_config_default(&c);
   c.kind = k;
   c.lora_r = 2;
   c.lora_dropout = 0.1f;
@@ -227,22 +230,22 @@ static void test_attach_tune_plugin(void **state) {
   ifx f;
   ifx_open(&f);
   float *l_full = logits(f.full, &f);
-  for (int k = OT_ADAPTER_LORA; k <= OT_ADAPTER_BITFIT; k++) {
-    ot_adapter_config c = kind_config((ot_adapter_kind)k);
+  for (int k = OT_PEFT_LORA; k <= OT_PEFT_BITFIT; k++) {
+    ot_peft_config c = kind_config((ot_peft_kind)k);
     ot_model *emu, *emu2;
     assert_int_equal(ot_emu_build(f.full, &f.plan, &emu), 0);
     float *l0 = logits(emu, &f);
-    assert_int_equal(ot_adapter_attach(emu, &f.plan, &c), 0);
+    assert_int_equal(ot_peft_attach(emu, ot_emu_peft_map(&f.plan, &emap), &c), 0);
     float *l1 = logits(emu, &f);
     assert_memory_equal(l0, l1, n_logits(&f) * sizeof(float)); /* zero B / zero up: identity */
     char ad0[700], ad1[700];
-    snprintf(ad0, sizeof ad0, "%s/%s_init", dir, ot_adapter_kind_name(c.kind));
-    snprintf(ad1, sizeof ad1, "%s/%s_tuned", dir, ot_adapter_kind_name(c.kind));
-    assert_int_equal(ot_adapter_save(emu, &f.plan, &c, ad0), 0);
+    snprintf(ad0, sizeof ad0, "%s/%s_init", dir, ot_peft_kind_name(c.kind));
+    snprintf(ad1, sizeof ad1, "%s/%s_tuned", dir, ot_peft_kind_name(c.kind));
+    assert_int_equal(ot_peft_save(emu, ot_emu_peft_map(&f.plan, &emap), &c, ad0), 0);
     /* the untrained adapter on the full model: the full model's function */
     ot_model *full2;
     assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &full2), 0);
-    if (ot_adapter_apply(full2, NULL, f.plan.base_digest, ad0)) fail_msg("apply: %s", ot_error_detail());
+    if (ot_peft_apply_full(full2, f.plan.base_digest, ad0)) fail_msg("apply: %s", ot_error_detail());
     float *l2 = logits(full2, &f);
     assert_memory_equal(l_full, l2, n_logits(&f) * sizeof(float));
     free(l2);
@@ -262,12 +265,12 @@ static void test_attach_tune_plugin(void **state) {
       a += p->numel;
       b += p->numel;
     }
-    printf("%s: %d tensors trained, all others bitwise unchanged\n", ot_adapter_kind_name(c.kind), n_trained);
-    assert_int_equal(n_trained, k == OT_ADAPTER_LORA ? 16 : k == OT_ADAPTER_BOTTLENECK ? 16 : 12);
-    assert_int_equal(ot_adapter_save(emu, &f.plan, &c, ad1), 0);
+    printf("%s: %d tensors trained, all others bitwise unchanged\n", ot_peft_kind_name(c.kind), n_trained);
+    assert_int_equal(n_trained, k == OT_PEFT_LORA ? 16 : k == OT_PEFT_BOTTLENECK ? 16 : 12);
+    assert_int_equal(ot_peft_save(emu, ot_emu_peft_map(&f.plan, &emap), &c, ad1), 0);
     float *lt = logits(emu, &f);
     assert_int_equal(ot_emu_build(f.full, &f.plan, &emu2), 0);
-    assert_int_equal(ot_adapter_apply(emu2, &f.plan, NULL, ad1), 0);
+    assert_int_equal(ot_peft_apply_dir(emu2, ot_emu_peft_map(&f.plan, &emap), ad1), 0);
     float *lp = logits(emu2, &f);
     assert_memory_equal(lt, lp, n_logits(&f) * sizeof(float));
     assert_true(memcmp(lt, l0, n_logits(&f) * sizeof(float)) != 0);
@@ -284,20 +287,21 @@ static void test_attach_tune_plugin(void **state) {
   ifx_close(&f);
 }
 
-/* PEFT layout: key names and shapes, identical tensors, adapter_config.json keys. */
+/* PEFT layout: key names and shapes, identical tensors, adapter_config.json with PEFT's keys
+ * only (PEFT before 0.14 raises on unknown keys), offtune's fields in offtune_adapter.json. */
 static void test_peft_export(void **state) {
   (void)state;
   ifx f;
   ifx_open(&f);
-  ot_adapter_config c = kind_config(OT_ADAPTER_LORA);
+  ot_peft_config c = kind_config(OT_PEFT_LORA);
   c.lora_sites = (1u << OT_SITE_QKV) | (1u << OT_SITE_DOWN);
   ot_model *emu;
   assert_int_equal(ot_emu_build(f.full, &f.plan, &emu), 0);
-  assert_int_equal(ot_adapter_attach(emu, &f.plan, &c), 0);
+  assert_int_equal(ot_peft_attach(emu, ot_emu_peft_map(&f.plan, &emap), &c), 0);
   train_steps(emu, f.be, 2);
   char ad[700], path[800];
   snprintf(ad, sizeof ad, "%s/peft", dir);
-  assert_int_equal(ot_adapter_save(emu, &f.plan, &c, ad), 0);
+  assert_int_equal(ot_peft_save(emu, ot_emu_peft_map(&f.plan, &emap), &c, ad), 0);
   snprintf(path, sizeof path, "%s/adapter_model.safetensors", ad);
   ot_safetensors *st;
   assert_int_equal(ot_st_open(path, &st), 0);
@@ -342,9 +346,19 @@ static void test_peft_export(void **state) {
           "c['lora_alpha']==16 and c['lora_dropout']==0.1 and c['fan_in_fan_out'] is True and "
           "c['bias']=='none' and c['target_modules']==['attn.c_attn','mlp.c_proj'] and "
           "c['layers_to_transform']==[0,3] and 'base_model_name_or_path' in c and "
-          "c['adapter_type']=='lora' and len(c['adapter_digest'])==64, c\" '%s/adapter_config.json'",
+          "c['use_rslora'] is False and c['use_dora'] is False and c['peft_version'] and "
+          "set(c) <= {'peft_type','task_type','base_model_name_or_path','revision','inference_mode','r',"
+          "'lora_alpha','lora_dropout','target_modules','fan_in_fan_out','bias','use_rslora','use_dora',"
+          "'init_lora_weights','layers_to_transform','layers_pattern','rank_pattern','alpha_pattern',"
+          "'modules_to_save','peft_version'}, c\" '%s/adapter_config.json'",
           py ? py : "/usr/bin/python3", ad),
       0);
+  assert_int_equal(ot_test_system("%s -c \"import json,sys; c=json.load(open(sys.argv[1])); "
+                                  "assert c['adapter_type']=='lora' and c['format_version']==2 and "
+                                  "c['blocks']==[0,3] and len(c['adapter_digest'])==64 and "
+                                  "len(c['base_model_digest'])==64, c\" '%s/offtune_adapter.json'",
+                                  py ? py : "/usr/bin/python3", ad),
+                   0);
   ot_model_free(emu);
   ifx_close(&f);
 }
@@ -370,8 +384,8 @@ static void test_merge_and_refusals(void **state) {
   ot_model *a, *b;
   assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &a), 0);
   assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &b), 0);
-  assert_int_equal(ot_adapter_apply(a, NULL, f.plan.base_digest, lora), 0);
-  assert_int_equal(ot_adapter_merge(b, f.plan.base_digest, lora), 0);
+  assert_int_equal(ot_peft_apply_full(a, f.plan.base_digest, lora), 0);
+  assert_int_equal(ot_peft_merge(b, f.plan.base_digest, lora), 0);
   assert_int_equal(ot_model_param_count(b), ot_model_base_param_count(b));
   float *la = logits(a, &f), *lb = logits(b, &f), *l_full = logits(f.full, &f);
   double e = max_rel(lb, la, n_logits(&f)), moved = max_rel(l_full, la, n_logits(&f));
@@ -381,18 +395,18 @@ static void test_merge_and_refusals(void **state) {
   /* merging anything but LoRA is refused */
   ot_model *c;
   assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &c), 0);
-  assert_int_equal(ot_adapter_merge(c, f.plan.base_digest, bn), OT_ERR_UNSUPPORTED);
+  assert_int_equal(ot_peft_merge(c, f.plan.base_digest, bn), OT_ERR_UNSUPPORTED);
   printf("merge bottleneck: %s\n", ot_error_detail());
   /* a model that already carries LoRA refuses a bottleneck, unchanged */
   int np = ot_model_param_count(a);
-  assert_int_equal(ot_adapter_apply(a, NULL, f.plan.base_digest, bn), OT_ERR_MISMATCH);
+  assert_int_equal(ot_peft_apply_full(a, f.plan.base_digest, bn), OT_ERR_MISMATCH);
   printf("other extensions: %s\n", ot_error_detail());
   assert_int_equal(ot_model_param_count(a), np);
   /* another base */
   char wrong[OT_DIGEST_HEX];
   memset(wrong, 'b', 64);
   wrong[64] = '\0';
-  assert_int_equal(ot_adapter_apply(c, NULL, wrong, lora), OT_ERR_MISMATCH);
+  assert_int_equal(ot_peft_apply_full(c, wrong, lora), OT_ERR_MISMATCH);
   printf("other base: %s\n", ot_error_detail());
   /* config edited: r 2 -> 3 no longer fits the tensors */
   char edited[700];
@@ -401,7 +415,7 @@ static void test_merge_and_refusals(void **state) {
                                   "'%s/adapter_config.json' && grep -q '\"r\":.3' '%s/adapter_config.json'",
                                   edited, lora, edited, edited, edited),
                    0);
-  assert_int_equal(ot_adapter_apply(c, NULL, f.plan.base_digest, edited), OT_ERR_MISMATCH);
+  assert_int_equal(ot_peft_apply_full(c, f.plan.base_digest, edited), OT_ERR_MISMATCH);
   printf("edited r: %s\n", ot_error_detail());
   /* tampered tensor bytes */
   assert_int_equal(ot_test_system("rm -rf '%s' && cp -r '%s' '%s'", edited, lora, edited), 0);
@@ -413,7 +427,7 @@ static void test_merge_and_refusals(void **state) {
   fseek(fp, -5, SEEK_END);
   fputc(ch ^ 0x20, fp);
   fclose(fp);
-  assert_int_equal(ot_adapter_apply(c, NULL, f.plan.base_digest, edited), OT_ERR_MISMATCH);
+  assert_int_equal(ot_peft_apply_full(c, f.plan.base_digest, edited), OT_ERR_MISMATCH);
   printf("tampered: %s\n", ot_error_detail());
   /* blocks the model lacks: an emulator has no block 1 adapter */
   assert_int_equal(ot_test_system("rm -rf '%s' && cp -r '%s' '%s' && sed -i "
@@ -421,7 +435,7 @@ static void test_merge_and_refusals(void **state) {
                                   "5]/' '%s/adapter_config.json' && grep -q '0, 5' '%s/adapter_config.json'",
                                   edited, lora, edited, edited, edited),
                    0);
-  assert_int_equal(ot_adapter_apply(c, NULL, f.plan.base_digest, edited), OT_ERR_MISMATCH);
+  assert_int_equal(ot_peft_apply_full(c, f.plan.base_digest, edited), OT_ERR_MISMATCH);
   printf("missing block: %s\n", ot_error_detail());
   /* nothing changed by the refusals */
   assert_int_equal(ot_model_param_count(c), ot_model_base_param_count(c));
