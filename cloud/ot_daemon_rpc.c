@@ -307,6 +307,7 @@ static int poll(ot_daemon *d, const uint8_t peer[32], int64_t dev, const Offtune
       as.lora_sites = c->adapter.lora_sites, as.has_lora_sites = 1;
       as.bottleneck_dim = (uint32_t)c->adapter.bottleneck_dim, as.has_bottleneck_dim = 1;
       as.seed = c->adapter.seed, as.has_seed = 1;
+      as.lora_rslora = c->adapter.lora_rslora != 0, as.has_lora_rslora = 1;
       ri.adapter = &as;
       ts.steps = (uint32_t)c->steps;
       ts.batch = (uint32_t)c->batch;

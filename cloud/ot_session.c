@@ -92,6 +92,7 @@ static const field fields[] = {
     F("lora_alpha", 'f', adapter.lora_alpha, 1e-6, 1e6),
     F("lora_dropout", 'f', adapter.lora_dropout, 0, 0.999),
     F("bottleneck_dim", 'i', adapter.bottleneck_dim, 1, 1 << 16),
+    F("lora_rslora", 'i', adapter.lora_rslora, 0, 1),
     F("steps", 'i', steps, 1, 1e7),
     F("batch", 'i', batch, 1, 4096),
     F("seq_len", 'i', seq_len, 0, 1 << 20),

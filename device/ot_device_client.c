@@ -244,6 +244,7 @@ int ot_dev_adapter_settings(const Offtune__Session__AdapterSettings *a, ot_peft_
   if (a->has_lora_sites) c->lora_sites = a->lora_sites;
   if (a->has_bottleneck_dim) c->bottleneck_dim = (int)a->bottleneck_dim;
   if (a->has_seed) c->seed = a->seed;
+  if (a->has_lora_rslora) c->lora_rslora = a->lora_rslora;
   return rc;
 }
 

@@ -451,12 +451,174 @@ static void test_merge_and_refusals(void **state) {
   ifx_close(&f);
 }
 
+/* A LoRA "saved by PEFT" elsewhere (PEFT's keys only, layers_to_transform null, use_rslora) on
+ * blocks 1 and 2: the import is bound to the base and scores like the base with
+ * W += (alpha / sqrt(r)) B A folded in by hand here; flags that change the maths are refused by
+ * name; offtune's own export imports back to the same adapter. */
+#define PEFT_CFG                                                                                             \
+  "{\"peft_type\": \"LORA\", \"task_type\": \"CAUSAL_LM\", \"base_model_name_or_path\": \"gpt2\", "          \
+  "\"revision\": null, \"r\": 4, \"lora_alpha\": 8, \"lora_dropout\": 0.1, \"target_modules\": [\"c_fc\", "  \
+  "\"c_attn\"], \"fan_in_fan_out\": true, \"bias\": \"none\", \"use_rslora\": true, \"use_dora\": false, "   \
+  "\"init_lora_weights\": true, \"layers_to_transform\": null, \"layers_pattern\": null, \"rank_pattern\": " \
+  "{}, \"alpha_pattern\": {}, \"modules_to_save\": null, \"megatron_config\": null, \"megatron_core\": "     \
+  "\"megatron.core\", \"loftq_config\": {}, \"layer_replication\": null, \"exclude_modules\": null, "        \
+  "\"lora_bias\": false, \"runtime_config\": {\"ephemeral_gpu_offload\": false}, \"inference_mode\": true, " \
+  "\"a_future_setting\": null%s}"
+
+static void write_peft(const char *d, const char *extra, float *tensors) {
+  char path[800];
+  assert_int_equal(ot_test_system("rm -rf '%s' && mkdir -p '%s'", d, d), 0);
+  snprintf(path, sizeof path, "%s/adapter_config.json", d);
+  FILE *fp = fopen(path, "w");
+  assert_non_null(fp);
+  fprintf(fp, PEFT_CFG, extra);
+  fclose(fp);
+  ot_st_writer *w;
+  assert_int_equal(ot_st_writer_new(&w), 0);
+  const char *site[2] = {"attn.c_attn", "mlp.c_fc"};
+  const int outw[2] = {48, 64};
+  char names[8][128];
+  float *t = tensors;
+  for (int b = 0; b < 2; b++)
+    for (int s = 0; s < 2; s++)
+      for (int ab = 0; ab < 2; ab++) {
+        char *nm = names[(b * 2 + s) * 2 + ab];
+        snprintf(nm, 128, "base_model.model.transformer.h.%d.%s.lora_%c.weight", b + 1, site[s],
+                 ab ? 'B' : 'A');
+        int64_t shape[2] = {ab ? outw[s] : 4, ab ? 4 : 16};
+        assert_int_equal(ot_st_writer_add(w, nm, OT_DTYPE_F32, 2, shape, t), 0);
+        t += shape[0] * shape[1];
+      }
+  snprintf(path, sizeof path, "%s/adapter_model.safetensors", d);
+  assert_int_equal(ot_st_writer_save(w, path), 0);
+  ot_st_writer_free(w);
+}
+
+static void test_peft_import(void **state) {
+  (void)state;
+  ifx f;
+  ifx_open(&f);
+  char digest[OT_DIGEST_HEX], src[700], out[700];
+  assert_int_equal(ot_model_dir_digest(f.model_dir, digest), 0);
+  /* A [4, 16], B [out, 4] for c_attn (out 48) and c_fc (out 64), blocks 1 and 2 */
+  size_t n_vals = 2 * (4 * 16 + 48 * 4 + 4 * 16 + 64 * 4);
+  float *vals = malloc(n_vals * sizeof(float));
+  for (size_t i = 0; i < n_vals; i++) vals[i] = (float)(((i * 2654435761u) % 1000) / 1000.0 - 0.5) * 0.2f;
+  snprintf(src, sizeof src, "%s/peft_in", dir);
+  snprintf(out, sizeof out, "%s/peft_imported", dir);
+  write_peft(src, "", vals);
+  /* not imported yet: refused with what to do */
+  ot_model *a;
+  assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &a), 0);
+  assert_int_equal(ot_peft_apply_full(a, digest, src), OT_ERR_UNSUPPORTED);
+  printf("foreign: %s\n", ot_error_detail());
+  assert_non_null(strstr(ot_error_detail(), "import"));
+  ot_peft_import_info info;
+  if (ot_peft_import(src, ot_model_cfg(f.full), digest, "gpt2", out, &info))
+    fail_msg("import: %s", ot_error_detail());
+  assert_int_equal(info.r, 4);
+  assert_int_equal(info.rslora, 1);
+  assert_int_equal(info.n_blocks, 2);
+  assert_int_equal(info.n_tensors, 8);
+  assert_int_equal(ot_peft_apply_full(a, digest, out), 0);
+  /* the same by hand: Conv1D W [in, out] += 4 * (B A)^T, scale alpha / sqrt(r) = 8 / 2 */
+  ot_model *b;
+  assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &b), 0);
+  const float *v = vals;
+  for (int blk = 1; blk <= 2; blk++)
+    for (int s = 0; s < 2; s++) {
+      int outw = s ? 64 : 48;
+      char nm[96];
+      snprintf(nm, sizeof nm, "transformer.h.%d.%s.weight", blk, s ? "mlp.c_fc" : "attn.c_attn");
+      ot_param *W = ot_model_find_param(b, nm);
+      assert_non_null(W);
+      const float *A = v, *B = v + 4 * 16;
+      for (int i = 0; i < 16; i++)
+        for (int o = 0; o < outw; o++) {
+          double acc = 0;
+          for (int k = 0; k < 4; k++) acc += (double)B[o * 4 + k] * A[k * 16 + i];
+          W->data[i * outw + o] += (float)(4.0 * acc);
+        }
+      v += 4 * 16 + outw * 4;
+    }
+  float *la = logits(a, &f), *lb = logits(b, &f), *l_full = logits(f.full, &f);
+  double e = max_rel(la, lb, n_logits(&f)), moved = max_rel(l_full, lb, n_logits(&f));
+  printf("imported rsLoRA vs folded by hand: max logit difference %.3g (the adapter moved them by %.3g)\n", e,
+         moved);
+  assert_true(e < 1e-5);
+  assert_true(moved > 1e-2);
+  /* flags that change the maths, refused by name; nothing written */
+  const struct {
+    const char *extra, *word;
+  } bad[] = {{", \"use_dora\": true", "DoRA"},
+             {", \"rank_pattern\": {\"c_attn\": 8}", "rank_pattern"},
+             {", \"alpha_pattern\": {\"c_fc\": 32}", "alpha_pattern"},
+             {", \"modules_to_save\": [\"lm_head\"]", "modules_to_save"},
+             {", \"layer_replication\": [[0, 2]]", "replication"},
+             {", \"a_flag_from_the_future\": true", "a_flag_from_the_future"}};
+  char refused[700];
+  snprintf(refused, sizeof refused, "%s/peft_refused", dir);
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    char d[760];
+    snprintf(d, sizeof d, "%s/peft_bad", dir);
+    write_peft(d, bad[i].extra, vals);
+    assert_int_equal(ot_peft_import(d, ot_model_cfg(f.full), digest, NULL, refused, NULL),
+                     OT_ERR_UNSUPPORTED);
+    printf("refused: %s\n", ot_error_detail());
+    assert_non_null(strstr(ot_error_detail(), bad[i].word));
+  }
+  char d[760];
+  snprintf(d, sizeof d, "%s/peft_bad", dir);
+  /* a regular expression, the wrong layout flag, a rank the tensors do not have */
+  write_peft(d, "", vals);
+  assert_int_equal(
+      ot_test_system("sed -i 's/\\[\"c_fc\", \"c_attn\"\\]/\".*attn.*\"/' '%s/adapter_config.json'", d), 0);
+  assert_int_equal(ot_peft_import(d, ot_model_cfg(f.full), digest, NULL, refused, NULL), OT_ERR_UNSUPPORTED);
+  printf("refused: %s\n", ot_error_detail());
+  write_peft(d, "", vals);
+  assert_int_equal(ot_test_system("sed -i 's/\"fan_in_fan_out\": true/\"fan_in_fan_out\": false/' "
+                                  "'%s/adapter_config.json'",
+                                  d),
+                   0);
+  assert_int_equal(ot_peft_import(d, ot_model_cfg(f.full), digest, NULL, refused, NULL), OT_ERR_UNSUPPORTED);
+  printf("refused: %s\n", ot_error_detail());
+  write_peft(d, "", vals);
+  assert_int_equal(ot_test_system("sed -i 's/\"r\": 4/\"r\": 2/' '%s/adapter_config.json'", d), 0);
+  assert_int_equal(ot_peft_import(d, ot_model_cfg(f.full), digest, NULL, refused, NULL), OT_ERR_MISMATCH);
+  printf("refused: %s\n", ot_error_detail());
+  assert_int_equal(
+      ot_test_system("rm -f '%s/adapter_model.safetensors' && touch '%s/adapter_model.bin'", d, d), 0);
+  assert_int_equal(ot_peft_import(d, ot_model_cfg(f.full), digest, NULL, refused, NULL), OT_ERR_UNSUPPORTED);
+  printf("refused: %s\n", ot_error_detail());
+  assert_int_equal(ot_test_system("test ! -e '%s'", refused), 0);
+  /* offtune's export, seen as a PEFT user sees it (no offtune_adapter.json), imports back */
+  char lora[700], seen[760], back[760];
+  snprintf(lora, sizeof lora, "%s/lora_tuned", dir); /* from test_attach_tune_plugin */
+  snprintf(seen, sizeof seen, "%s/peft_seen", dir);
+  snprintf(back, sizeof back, "%s/peft_back", dir);
+  assert_int_equal(ot_test_system("rm -rf '%s' && mkdir '%s' && cp '%s/adapter_config.json' "
+                                  "'%s/adapter_model.safetensors' '%s/'",
+                                  seen, seen, lora, lora, seen),
+                   0);
+  assert_int_equal(ot_peft_import(seen, ot_model_cfg(f.full), digest, NULL, back, NULL), 0);
+  assert_int_equal(
+      ot_test_system("cmp '%s/adapter_model.safetensors' '%s/adapter_model.safetensors'", lora, back), 0);
+  free(la);
+  free(lb);
+  free(l_full);
+  free(vals);
+  ot_model_free(a);
+  ot_model_free(b);
+  ifx_close(&f);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_lora_grad),       cmocka_unit_test(test_lora_dropout_grad),
       cmocka_unit_test(test_bottleneck_grad), cmocka_unit_test(test_bitfit_grad),
       cmocka_unit_test(test_dropout_mask),    cmocka_unit_test(test_attach_tune_plugin),
       cmocka_unit_test(test_peft_export),     cmocka_unit_test(test_merge_and_refusals),
+      cmocka_unit_test(test_peft_import),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
