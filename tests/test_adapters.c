@@ -451,6 +451,46 @@ static void test_merge_and_refusals(void **state) {
   ifx_close(&f);
 }
 
+/* Adapters written before offtune_adapter.json (format 1: offtune's fields inside
+ * adapter_config.json) still load, to the same model. */
+static void test_format1(void **state) {
+  (void)state;
+  ifx f;
+  ifx_open(&f);
+  const char *py = getenv("OT_PYTHON");
+  const char *kinds[2] = {"lora", "bottleneck"};
+  for (int k = 0; k < 2; k++) {
+    char v2[700], v1[760];
+    snprintf(v2, sizeof v2, "%s/%s_tuned", dir, kinds[k]); /* from test_attach_tune_plugin */
+    snprintf(v1, sizeof v1, "%s/%s_format1", dir, kinds[k]);
+    assert_int_equal(
+        ot_test_system("rm -rf '%s' && cp -r '%s' '%s' && %s -c \"import json,os,sys; d=sys.argv[1]; "
+                       "m=json.load(open(d+'/offtune_adapter.json')); p=d+'/adapter_config.json'; "
+                       "c=json.load(open(p)) if os.path.exists(p) else {}; "
+                       "c.update({k: m[k] for k in "
+                       "('adapter_type','digest_algorithm','base_model_digest','adapter_digest')}); "
+                       "c['format_version']=1; c['layers_to_transform']=m['blocks']; "
+                       "c.update({'bottleneck_dim': m['bottleneck_dim']} if 'bottleneck_dim' in m else {}); "
+                       "json.dump(c, open(p,'w')); os.remove(d+'/offtune_adapter.json')\" '%s'",
+                       v1, v2, v1, py ? py : "/usr/bin/python3", v1),
+        0);
+    ot_model *a, *b;
+    assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &a), 0);
+    assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &b), 0);
+    assert_int_equal(ot_peft_apply_full(a, f.plan.base_digest, v2), 0);
+    if (ot_peft_apply_full(b, f.plan.base_digest, v1))
+      fail_msg("format 1 %s: %s", kinds[k], ot_error_detail());
+    float *la = logits(a, &f), *lb = logits(b, &f);
+    assert_memory_equal(la, lb, n_logits(&f) * sizeof(float));
+    printf("format 1 %s: loads, logits bitwise equal to format 2\n", kinds[k]);
+    free(la);
+    free(lb);
+    ot_model_free(a);
+    ot_model_free(b);
+  }
+  ifx_close(&f);
+}
+
 /* A LoRA "saved by PEFT" elsewhere (PEFT's keys only, layers_to_transform null, use_rslora) on
  * blocks 1 and 2: the import is bound to the base and scores like the base with
  * W += (alpha / sqrt(r)) B A folded in by hand here; flags that change the maths are refused by
@@ -618,7 +658,7 @@ int main(void) {
       cmocka_unit_test(test_bottleneck_grad), cmocka_unit_test(test_bitfit_grad),
       cmocka_unit_test(test_dropout_mask),    cmocka_unit_test(test_attach_tune_plugin),
       cmocka_unit_test(test_peft_export),     cmocka_unit_test(test_merge_and_refusals),
-      cmocka_unit_test(test_peft_import),
+      cmocka_unit_test(test_format1),         cmocka_unit_test(test_peft_import),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
