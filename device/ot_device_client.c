@@ -149,8 +149,8 @@ int ot_dev_join(int argc, char **argv) {
 /* ---- run -------------------------------------------------------------------------------- */
 
 typedef struct {
-  const char *state, *data, *session, *backend;
-  int threads, rounds_max, dry_run, json;
+  const char *state, *data, *session, *backend, *frozen;
+  int threads, rounds_max, dry_run, json, frozen_bf16;
   double give_up_s;
   ot_identity id;
   cloud_info ci;
@@ -310,6 +310,7 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
     o.data_offset_steps = (uint64_t)(ri->round - 1) * (uint64_t)o.steps; /* each round reads on */
     o.backend = r->backend;
     o.threads = r->threads;
+    o.frozen_bf16 = r->frozen_bf16;
     o.json = r->json;
     o.metrics_label = "run";
     ot_dev_train_result res;
@@ -427,6 +428,8 @@ int ot_dev_run(int argc, char **argv) {
       {"state", OT_OPT_STR, &r.state, "DIR", "this device's state directory (default " DEFAULT_STATE ")"},
       {"backend", OT_OPT_STR, &r.backend, "NAME", "cpu (default) or cuda"},
       {"threads", OT_OPT_INT, &r.threads, "N", "CPU threads (default: all cores)"},
+      {"frozen", OT_OPT_STR, &r.frozen, "DTYPE",
+       "fp32 (default) or bf16: the emulator's frozen weights kept in bf16, half the memory (CPU)"},
       {"rounds-max", OT_OPT_INT, &r.rounds_max, "N",
        "stop after N accepted updates (default: until the session ends)"},
       {"give-up", OT_OPT_INT, &give_up, "SECONDS",
@@ -449,6 +452,7 @@ int ot_dev_run(int argc, char **argv) {
     return OT_EXIT_OK;
   }
   if (rc == OT_OK && !r.data) rc = ot_error(OT_ERR_INVALID, "--data FILE is required");
+  if (rc == OT_OK) rc = ot_dev_parse_frozen(r.frozen ? r.frozen : "fp32", &r.frozen_bf16);
   if (rc == OT_OK && (r.rounds_max < 0 || give_up < 1))
     rc = ot_error(OT_ERR_INVALID, "--rounds-max >= 0, --give-up >= 1");
   if (rc) {

@@ -25,7 +25,8 @@ int ot_dev_tune(int argc, char **argv) {
   int steps = 100, batch = 8, seq_len = 0, eval_every = 0, patience = 3, ckpt_every = 0, resume = 0,
       threads = 0, warmup = 0, json = 0;
   float lr = 1e-3f, weight_decay = 0.0f, grad_clip = 1.0f, prox_mu = 0.0f;
-  const char *init_adapter = NULL;
+  const char *init_adapter = NULL, *frozen = "fp32";
+  int frozen_bf16 = 0;
   ot_peft_config acfg;
   ot_peft_config_default(&acfg);
   const char *targets = "all";
@@ -38,9 +39,11 @@ int ot_dev_tune(int argc, char **argv) {
       {"adapter", OT_OPT_STR, &adapter, "KIND",
        "offsite (default: the whole bottom and top blocks), lora, bottleneck or bitfit (their biases)"},
       {"lora-r", OT_OPT_INT, &acfg.lora_r, "R", "LoRA rank (default 8)"},
-      {"lora-alpha", OT_OPT_FLOAT, &acfg.lora_alpha, "A", "LoRA alpha; scale = alpha / r, or alpha / sqrt(r) with --lora-rslora (default 16)"},
+      {"lora-alpha", OT_OPT_FLOAT, &acfg.lora_alpha, "A",
+       "LoRA alpha; scale = alpha / r, or alpha / sqrt(r) with --lora-rslora (default 16)"},
       {"lora-dropout", OT_OPT_FLOAT, &acfg.lora_dropout, "P", "dropout on the LoRA input (default 0.05)"},
-      {"lora-rslora", OT_OPT_FLAG, &acfg.lora_rslora, NULL, "rank-stabilised LoRA: scale alpha/sqrt(r) (PEFT use_rslora)"},
+      {"lora-rslora", OT_OPT_FLAG, &acfg.lora_rslora, NULL,
+       "rank-stabilised LoRA: scale alpha/sqrt(r) (PEFT use_rslora)"},
       {"lora-targets", OT_OPT_STR, &targets, "LIST",
        "PEFT target modules, e.g. c_attn,c_proj or q_proj,v_proj (default all: every linear layer)"},
       {"bottleneck-dim", OT_OPT_INT, &acfg.bottleneck_dim, "M", "bottleneck adapter size (default 16)"},
@@ -63,6 +66,8 @@ int ot_dev_tune(int argc, char **argv) {
        "FedProx: add (MU/2) ||w - w_start||^2 to the loss (default 0: off)"},
       {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
       {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
+      {"frozen", OT_OPT_STR, &frozen, "DTYPE",
+       "fp32 (default) or bf16: the emulator's frozen weights kept in bf16, half the memory (CPU)"},
       {"json", OT_OPT_FLAG, &json, NULL,
        "progress and summary as JSON lines on stdout (the records of OUT/metrics.jsonl)"},
   };
@@ -81,6 +86,7 @@ int ot_dev_tune(int argc, char **argv) {
   if (rc == OT_OK && !!text == !!tokens)
     rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
   if (rc == OT_OK) rc = ot_peft_parse_kind(adapter, &acfg.kind);
+  if (rc == OT_OK) rc = ot_dev_parse_frozen(frozen, &frozen_bf16);
   if (rc == OT_OK) rc = ot_lora_parse_targets(targets, &acfg.lora_sites);
   if (rc == OT_OK && (acfg.lora_r < 1 || !(acfg.lora_alpha > 0) ||
                       !(acfg.lora_dropout >= 0 && acfg.lora_dropout < 1) || acfg.bottleneck_dim < 1))
@@ -117,6 +123,7 @@ int ot_dev_tune(int argc, char **argv) {
   o.backend = backend;
   o.threads = threads;
   o.json = json;
+  o.frozen_bf16 = frozen_bf16;
   ot_dev_train_result res;
   rc = ot_dev_train(&o, &res);
   if (rc) return ot_dev_fail(res.what, rc);

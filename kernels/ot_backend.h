@@ -51,6 +51,13 @@ typedef struct {
   /* dinp = dout W^T, dw += inp^T dout (in W's layout), dbias += colsum(dout) */
   void (*matmul_bwd)(ot_backend *be, float *dinp, float *dw, float *dbias, const float *dout,
                      const float *inp, const float *w, int N, int IN, int OUT, ot_wlayout layout);
+  /* The same with W stored as bf16 (frozen weights kept at half the memory; the product widens
+   * blocks of W as it goes): out = inp W + bias, and dinp = dout W^T (no dW: W is frozen). NULL
+   * where the backend lacks them. */
+  void (*matmul_fwd_bf16)(ot_backend *be, float *out, const float *inp, const uint16_t *w, const float *bias,
+                          int N, int IN, int OUT, ot_wlayout layout);
+  void (*matmul_bwd_bf16)(ot_backend *be, float *dinp, const float *dout, const uint16_t *w, int N, int IN,
+                          int OUT, ot_wlayout layout);
   /* causal multi-head attention over qkv[N,3C] (q | k | v); out[N,C]; att[B,NH,T,T]
    * keeps the softmax probabilities for backward */
   void (*attention_fwd)(ot_backend *be, float *out, float *att, const float *qkv, int B, int T, int C,

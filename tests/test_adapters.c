@@ -451,6 +451,78 @@ static void test_merge_and_refusals(void **state) {
   ifx_close(&f);
 }
 
+/* LoRA training with the frozen weights kept in bf16 (ot_model_freeze_bf16) equals training on a
+ * fp32 model whose frozen weights hold the same bf16 values: loss and every adapter gradient;
+ * the weights take half the memory; what needs fp32 weights is refused. */
+static void test_frozen_bf16(void **state) {
+  (void)state;
+  ifx f;
+  ifx_open(&f);
+  ot_peft_config c = kind_config(OT_PEFT_LORA);
+  c.lora_dropout = 0.0f;
+  ot_peft_map map;
+  assert_int_equal(ot_peft_map_full(4, f.plan.base_digest, &map), 0);
+  ot_model *a, *b;
+  assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &a), 0);
+  assert_int_equal(ot_model_load_dir(f.model_dir, f.be, &b), 0);
+  assert_int_equal(ot_peft_attach(a, &map, &c), 0);
+  assert_int_equal(ot_peft_attach(b, &map, &c), 0);
+  /* B away from 0 so every adapter tensor gets a gradient */
+  for (int i = ot_model_base_param_count(a); i < ot_model_param_count(a); i++)
+    for (size_t j = 0; j < ot_model_param(a, i)->numel; j++)
+      ot_model_param(a, i)->data[j] = ot_model_param(b, i)->data[j] =
+          0.05f * (float)((j * 7 + i) % 11) - 0.25f;
+  /* a's frozen linear weights rounded to bf16 in fp32 */
+  size_t n16 = 0;
+  for (int i = 0; i < ot_model_base_param_count(a); i++) {
+    ot_param *p = ot_model_param(a, i);
+    int layer;
+    const char *rest;
+    if (p->trainable || p->ndim != 2 || !ot_block_tensor_split(p->name, &layer, &rest)) continue;
+    for (size_t j = 0; j < p->numel; j++) p->data[j] = ot_bf16_to_f32(ot_f32_to_bf16(p->data[j]));
+    n16 += p->numel;
+  }
+  assert_int_equal(ot_model_prepare(a, f.B, f.T, 1), 0);
+  size_t saved = 0;
+  assert_int_equal(ot_model_freeze_bf16(b, &saved), 0);
+  assert_int_equal(saved, n16 * 2);
+  assert_int_equal(ot_model_prepare(b, f.B, f.T, 1), 0);
+  assert_int_equal(ot_model_memory_bytes(a) - ot_model_memory_bytes(b), saved);
+  int32_t tg[32];
+  for (int i = 0; i < 32; i++) tg[i] = (i * 5 + 3) % 64;
+  float la, lb;
+  assert_int_equal(ot_model_forward(a, f.in, tg, f.B, f.T, &la), 0);
+  assert_int_equal(ot_model_backward(a), 0);
+  assert_int_equal(ot_model_forward(b, f.in, tg, f.B, f.T, &lb), 0);
+  assert_int_equal(ot_model_backward(b), 0);
+  double worst = 0;
+  int n_grads = 0;
+  for (int i = 0; i < ot_model_param_count(a); i++) {
+    ot_param *pa = ot_model_param(a, i), *pb = ot_model_param(b, i);
+    if (!pa->grad) continue;
+    double e = ot_test_rel_err(pb->grad, pa->grad, pa->numel);
+    worst = fmax(worst, e);
+    n_grads++;
+  }
+  printf("frozen bf16: loss %.6f vs %.6f, %d adapter gradients, worst relative error %.2g; %zu bytes saved\n",
+         lb, la, n_grads, worst, saved);
+  assert_int_equal(n_grads, 32); /* 4 blocks x 4 sites x A, B */
+  assert_true(fabs(la - lb) <= 1e-5 * fabs(la));
+  assert_true(worst < 1e-5);
+  char out[700];
+  snprintf(out, sizeof out, "%s/bf16_model", dir);
+  assert_int_equal(ot_model_save_dir(b, out), OT_ERR_UNSUPPORTED);
+  printf("save: %s\n", ot_error_detail());
+  ot_model_kv *kv = NULL;
+  assert_int_equal(ot_model_kv_create(b, 1, 8, 8, 1, &kv), OT_ERR_UNSUPPORTED);
+  ot_model_set_all_trainable(b, 1);
+  assert_int_equal(ot_model_prepare(b, f.B, f.T, 1), OT_ERR_UNSUPPORTED);
+  printf("train a bf16 weight: %s\n", ot_error_detail());
+  ot_model_free(a);
+  ot_model_free(b);
+  ifx_close(&f);
+}
+
 /* Adapters written before offtune_adapter.json (format 1: offtune's fields inside
  * adapter_config.json) still load, to the same model. */
 static void test_format1(void **state) {
@@ -658,7 +730,8 @@ int main(void) {
       cmocka_unit_test(test_bottleneck_grad), cmocka_unit_test(test_bitfit_grad),
       cmocka_unit_test(test_dropout_mask),    cmocka_unit_test(test_attach_tune_plugin),
       cmocka_unit_test(test_peft_export),     cmocka_unit_test(test_merge_and_refusals),
-      cmocka_unit_test(test_format1),         cmocka_unit_test(test_peft_import),
+      cmocka_unit_test(test_frozen_bf16),     cmocka_unit_test(test_format1),
+      cmocka_unit_test(test_peft_import),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

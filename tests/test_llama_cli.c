@@ -66,6 +66,21 @@ static void test_llama_flow(void **state) {
              dir, dir, kinds[k], dir);
     eval_loss("full model + adapter", cmd);
   }
+  /* the same LoRA with the emulator's frozen weights kept in bf16: it learns as much */
+  RUN_OK("%s tune --emulator %s/emu --text %s/private.txt --out %s/ad_lora16 --adapter lora %s --steps 8 "
+         "--batch 4 "
+         "--seq-len 32 --lr 1e-2 --frozen bf16",
+         device, dir, dir, dir, extra[0]);
+  assert_non_null(strstr(out, "frozen weights kept in bf16"));
+  snprintf(cmd, sizeof cmd,
+           "%s eval --emulator %s/emu --adapter %s/ad_lora --text %s/private.txt --seq-len 32 --json", device,
+           dir, dir, dir);
+  double l32 = eval_loss("lora (fp32 frozen weights)", cmd);
+  snprintf(cmd, sizeof cmd,
+           "%s eval --emulator %s/emu --adapter %s/ad_lora16 --text %s/private.txt --seq-len 32 --json",
+           device, dir, dir, dir);
+  double l16 = eval_loss("lora (bf16 frozen weights)", cmd);
+  assert_true(fabs(l16 - l32) < 0.01 * l32);
   /* PEFT's layout with LLaMA names: nn.Linear weights, so fan_in_fan_out is false */
   assert_int_equal(ot_test_system("grep -q 'self_attn.q_proj' '%s/ad_lora/adapter_config.json' && "
                                   "grep -q '\"fan_in_fan_out\":.*false' '%s/ad_lora/adapter_config.json' && "
