@@ -72,10 +72,13 @@ echo "| step | peak GiB | seconds |"
 echo "|---|---|---|"
 run "distil emulator (2+2+2 blocks)" "$cloud" distill --model tl --data public.txt --out emu --bottom 2 --top 2 \
   --keep 2 --steps "$steps" --batch 1 --seq-len 64 --threads "$threads"
-run "device LoRA tune" "$device" tune --emulator emu --text private.txt --adapter lora --out ad --steps "$steps" \
-  --batch 1 --seq-len 64 --threads "$threads"
+run "device LoRA tune, fp32 frozen" "$device" tune --emulator emu --text private.txt --adapter lora --out ad \
+  --steps "$steps" --batch 1 --seq-len 64 --threads "$threads"
+run "device LoRA tune, bf16 frozen" "$device" tune --emulator emu --text private.txt --adapter lora --out ad16 \
+  --steps "$steps" --batch 1 --seq-len 64 --threads "$threads" --frozen bf16
 run "plug-in eval (full model)" "$cloud" eval --model tl --adapter ad --text private.txt --seq-len 64 \
   --batch 4 --threads "$threads"
 run "generate 16 tokens (full model)" "$cloud" generate --model tl --prompt "The history of" --max-tokens 16 \
   --threads "$threads"
+grep -h "tuned " log.device* | sed 's/^/tune: /' || true
 du -sh tl emu ad | sed 's/^/size: /'
