@@ -74,8 +74,10 @@ run "distil emulator (2+2+2 blocks)" "$cloud" distill --model tl --data public.t
   --keep 2 --steps "$steps" --batch 1 --seq-len 64 --threads "$threads"
 run "device LoRA tune, fp32 frozen" "$device" tune --emulator emu --text private.txt --adapter lora --out ad \
   --steps "$steps" --batch 1 --seq-len 64 --threads "$threads"
-run "device LoRA tune, bf16 frozen" "$device" tune --emulator emu --text private.txt --adapter lora --out ad16 \
-  --steps "$steps" --batch 1 --seq-len 64 --threads "$threads" --frozen bf16
+for lowp in bf16 int8; do
+  run "device LoRA tune, $lowp frozen" "$device" tune --emulator emu --text private.txt --adapter lora \
+    --out "ad_$lowp" --steps "$steps" --batch 1 --seq-len 64 --threads "$threads" --frozen "$lowp"
+done
 run "plug-in eval (full model)" "$cloud" eval --model tl --adapter ad --text private.txt --seq-len 64 \
   --batch 4 --threads "$threads"
 run "generate 16 tokens (full model)" "$cloud" generate --model tl --prompt "The history of" --max-tokens 16 \

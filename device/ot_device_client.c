@@ -150,7 +150,7 @@ int ot_dev_join(int argc, char **argv) {
 
 typedef struct {
   const char *state, *data, *session, *backend, *frozen;
-  int threads, rounds_max, dry_run, json, frozen_bf16;
+  int threads, rounds_max, dry_run, json, frozen_kind;
   double give_up_s;
   ot_identity id;
   cloud_info ci;
@@ -310,7 +310,7 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
     o.data_offset_steps = (uint64_t)(ri->round - 1) * (uint64_t)o.steps; /* each round reads on */
     o.backend = r->backend;
     o.threads = r->threads;
-    o.frozen_bf16 = r->frozen_bf16;
+    o.frozen = r->frozen_kind;
     o.json = r->json;
     o.metrics_label = "run";
     ot_dev_train_result res;
@@ -429,7 +429,8 @@ int ot_dev_run(int argc, char **argv) {
       {"backend", OT_OPT_STR, &r.backend, "NAME", "cpu (default) or cuda"},
       {"threads", OT_OPT_INT, &r.threads, "N", "CPU threads (default: all cores)"},
       {"frozen", OT_OPT_STR, &r.frozen, "DTYPE",
-       "fp32 (default) or bf16: the emulator's frozen weights kept in bf16, half the memory (CPU)"},
+       "fp32 (default), bf16 or int8: the emulator's frozen weights kept at a half or a quarter of their "
+       "memory (CPU)"},
       {"rounds-max", OT_OPT_INT, &r.rounds_max, "N",
        "stop after N accepted updates (default: until the session ends)"},
       {"give-up", OT_OPT_INT, &give_up, "SECONDS",
@@ -452,7 +453,7 @@ int ot_dev_run(int argc, char **argv) {
     return OT_EXIT_OK;
   }
   if (rc == OT_OK && !r.data) rc = ot_error(OT_ERR_INVALID, "--data FILE is required");
-  if (rc == OT_OK) rc = ot_dev_parse_frozen(r.frozen ? r.frozen : "fp32", &r.frozen_bf16);
+  if (rc == OT_OK) rc = ot_dev_parse_frozen(r.frozen ? r.frozen : "fp32", &r.frozen_kind);
   if (rc == OT_OK && (r.rounds_max < 0 || give_up < 1))
     rc = ot_error(OT_ERR_INVALID, "--rounds-max >= 0, --give-up >= 1");
   if (rc) {

@@ -17,12 +17,14 @@
 #include "ot_snapshot.h"
 #include "ot_train.h"
 
-int ot_dev_parse_frozen(const char *name, int *bf16) {
-  if (name && (strcmp(name, "fp32") == 0 || strcmp(name, "bf16") == 0)) {
-    *bf16 = strcmp(name, "bf16") == 0;
-    return OT_OK;
-  }
-  return ot_error(OT_ERR_INVALID, "--frozen '%s': expected fp32 or bf16", name ? name : "");
+int ot_dev_parse_frozen(const char *name, int *frozen) {
+  static const char *names[3] = {"fp32", "bf16", "int8"}; /* 0, 1 + OT_LOWP_BF16, 1 + OT_LOWP_INT8 */
+  for (int i = 0; name && i < 3; i++)
+    if (strcmp(name, names[i]) == 0) {
+      *frozen = i;
+      return OT_OK;
+    }
+  return ot_error(OT_ERR_INVALID, "--frozen '%s': expected fp32, bf16 or int8", name ? name : "");
 }
 
 int ot_dev_load_emulator(const char *dir, const char *backend, int threads, ot_backend **be, ot_model **m,
@@ -230,11 +232,13 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
     rc = ot_peft_apply_dir(m, &map, o->init_adapter);
   }
   size_t saved = 0;
-  if (rc == OT_OK && o->frozen_bf16) {
-    res.what = "keeping the frozen weights in bf16";
-    rc = ot_model_freeze_bf16(m, &saved);
+  if (rc == OT_OK && o->frozen) {
+    ot_lowp kind = o->frozen == 1 ? OT_LOWP_BF16 : OT_LOWP_INT8;
+    res.what = "keeping the frozen weights in low precision";
+    rc = ot_model_freeze_lowp(m, kind, &saved);
     if (rc == OT_OK)
-      fprintf(stderr, "[tune] frozen weights kept in bf16: %.1f MiB saved\n", saved / 1048576.0);
+      fprintf(stderr, "[tune] frozen weights kept in %s: %.1f MiB saved\n",
+              kind == OT_LOWP_BF16 ? "bf16" : "int8", saved / 1048576.0);
   }
   if (rc == OT_OK) rc = ot_model_prepare(m, batch, T, 1);
   ot_optim_config oc;

@@ -25,7 +25,7 @@ typedef struct {
   uint64_t data_offset_steps; /* the batches start where this many earlier steps left off */
   const char *backend;        /* "cpu" (default) or "cuda" */
   int threads;
-  int frozen_bf16;   /* keep the emulator's frozen linear weights in bf16 (ot_model_freeze_bf16) */
+  int frozen;        /* the emulator's frozen linear weights: 0 fp32, 1 bf16, 2 int8 (ot_model_freeze_lowp) */
   const char *label; /* progress bar label (default "tune") */
   /* Records go to OUT/metrics.jsonl always (ot_metrics.h); json: echoed on stdout as JSON lines
    * instead of the progress bar. metrics_label: the records' label (default "tune"). */
@@ -34,8 +34,8 @@ typedef struct {
 } ot_dev_train_opts;
 
 void ot_dev_train_opts_default(ot_dev_train_opts *o);
-/* --frozen: "fp32" (0) or "bf16" (1). */
-int ot_dev_parse_frozen(const char *name, int *bf16);
+/* --frozen: "fp32" (0), "bf16" (1) or "int8" (2). */
+int ot_dev_parse_frozen(const char *name, int *frozen);
 
 typedef struct {
   int start, steps_done, trained; /* trained = 0: the snapshot already had every step */

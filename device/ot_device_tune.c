@@ -26,7 +26,7 @@ int ot_dev_tune(int argc, char **argv) {
       threads = 0, warmup = 0, json = 0;
   float lr = 1e-3f, weight_decay = 0.0f, grad_clip = 1.0f, prox_mu = 0.0f;
   const char *init_adapter = NULL, *frozen = "fp32";
-  int frozen_bf16 = 0;
+  int frozen_kind = 0;
   ot_peft_config acfg;
   ot_peft_config_default(&acfg);
   const char *targets = "all";
@@ -67,7 +67,8 @@ int ot_dev_tune(int argc, char **argv) {
       {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
       {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
       {"frozen", OT_OPT_STR, &frozen, "DTYPE",
-       "fp32 (default) or bf16: the emulator's frozen weights kept in bf16, half the memory (CPU)"},
+       "fp32 (default), bf16 or int8: the emulator's frozen weights kept at a half or a quarter of their "
+       "memory (CPU)"},
       {"json", OT_OPT_FLAG, &json, NULL,
        "progress and summary as JSON lines on stdout (the records of OUT/metrics.jsonl)"},
   };
@@ -86,7 +87,7 @@ int ot_dev_tune(int argc, char **argv) {
   if (rc == OT_OK && !!text == !!tokens)
     rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
   if (rc == OT_OK) rc = ot_peft_parse_kind(adapter, &acfg.kind);
-  if (rc == OT_OK) rc = ot_dev_parse_frozen(frozen, &frozen_bf16);
+  if (rc == OT_OK) rc = ot_dev_parse_frozen(frozen, &frozen_kind);
   if (rc == OT_OK) rc = ot_lora_parse_targets(targets, &acfg.lora_sites);
   if (rc == OT_OK && (acfg.lora_r < 1 || !(acfg.lora_alpha > 0) ||
                       !(acfg.lora_dropout >= 0 && acfg.lora_dropout < 1) || acfg.bottleneck_dim < 1))
@@ -123,7 +124,7 @@ int ot_dev_tune(int argc, char **argv) {
   o.backend = backend;
   o.threads = threads;
   o.json = json;
-  o.frozen_bf16 = frozen_bf16;
+  o.frozen = frozen_kind;
   ot_dev_train_result res;
   rc = ot_dev_train(&o, &res);
   if (rc) return ot_dev_fail(res.what, rc);

@@ -19,6 +19,8 @@ typedef struct ot_backend ot_backend;
 /* Weight layout of a linear map y = x W + b: Hugging Face Conv1D stores W as
  * [in, out]; nn.Linear (tied LM head, LoRA A/B) stores it as [out, in]. */
 typedef enum { OT_W_IN_OUT = 0, OT_W_OUT_IN = 1 } ot_wlayout;
+/* Low-precision storage of a frozen weight: bf16, or int8 with one fp32 scale per output feature. */
+typedef enum { OT_LOWP_BF16 = 0, OT_LOWP_INT8 = 1 } ot_lowp;
 
 typedef struct {
   const char *name;
@@ -51,13 +53,14 @@ typedef struct {
   /* dinp = dout W^T, dw += inp^T dout (in W's layout), dbias += colsum(dout) */
   void (*matmul_bwd)(ot_backend *be, float *dinp, float *dw, float *dbias, const float *dout,
                      const float *inp, const float *w, int N, int IN, int OUT, ot_wlayout layout);
-  /* The same with W stored as bf16 (frozen weights kept at half the memory; the product widens
-   * blocks of W as it goes): out = inp W + bias, and dinp = dout W^T (no dW: W is frozen). NULL
-   * where the backend lacks them. */
-  void (*matmul_fwd_bf16)(ot_backend *be, float *out, const float *inp, const uint16_t *w, const float *bias,
-                          int N, int IN, int OUT, ot_wlayout layout);
-  void (*matmul_bwd_bf16)(ot_backend *be, float *dinp, const float *dout, const uint16_t *w, int N, int IN,
-                          int OUT, ot_wlayout layout);
+  /* The same with W stored in low precision (a frozen weight kept at a half or a quarter of its
+   * memory; the product widens blocks of W as it goes): bf16 values, or int8 values times
+   * scale[o] of output feature o. out = inp W + bias, and dinp = dout W^T (no dW: W is frozen).
+   * NULL where the backend lacks them. */
+  void (*matmul_fwd_lowp)(ot_backend *be, float *out, const float *inp, const void *w, ot_lowp kind,
+                          const float *scale, const float *bias, int N, int IN, int OUT, ot_wlayout layout);
+  void (*matmul_bwd_lowp)(ot_backend *be, float *dinp, const float *dout, const void *w, ot_lowp kind,
+                          const float *scale, int N, int IN, int OUT, ot_wlayout layout);
   /* causal multi-head attention over qkv[N,3C] (q | k | v); out[N,C]; att[B,NH,T,T]
    * keeps the softmax probabilities for backward */
   void (*attention_fwd)(ot_backend *be, float *out, float *att, const float *qkv, int B, int T, int C,

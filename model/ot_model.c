@@ -45,8 +45,8 @@ struct ot_model {
   int n_params;
   ot_param *params;
   float *param_mem;
-  uint16_t *bf16_mem; /* frozen weights kept in bf16 (ot_model_freeze_bf16) */
-  size_t bf16_scalars;
+  unsigned char *lowp_mem;         /* frozen weights kept in low precision (ot_model_freeze_lowp) */
+  size_t lowp_scalars, lowp_bytes; /* values; bytes they take with the int8 scales */
   size_t n_scalars;
   int (*bidx)[OT_R_COUNT]; /* [L] role -> parameter index, -1 = absent */
   int gidx[OT_G_COUNT];
@@ -136,7 +136,7 @@ static void rope_freqs(const ot_model_config *c, float *out) {
 
 static void model_release(ot_model *m) {
   if (m->param_mem) m->be->ops->free(m->be, m->param_mem);
-  if (m->bf16_mem) m->be->ops->free(m->be, m->bf16_mem);
+  if (m->lowp_mem) m->be->ops->free(m->be, m->lowp_mem);
   if (m->inv_freq) m->be->ops->free(m->be, m->inv_freq);
   free(m->params);
   free(m->extra_grad);
@@ -300,71 +300,14 @@ void ot_model_set_all_trainable(ot_model *m, int trainable) {
 }
 
 size_t ot_model_memory_bytes(const ot_model *m) {
-  return (m->n_scalars - m->bf16_scalars + m->ext_scalars) * sizeof(float) +
-         m->bf16_scalars * sizeof(uint16_t) + m->grad_scalars * sizeof(float) + m->act_bytes;
+  return (m->n_scalars - m->lowp_scalars + m->ext_scalars) * sizeof(float) + m->lowp_bytes +
+         m->grad_scalars * sizeof(float) + m->act_bytes;
 }
 
-/* What needs every weight in fp32 refuses a model whose frozen weights are bf16. */
+/* What needs every weight in fp32 refuses a model whose frozen weights are in low precision. */
 static int need_fp32(const ot_model *m, const char *what) {
   (void)m;
-  return ot_error(OT_ERR_UNSUPPORTED, "%s: the model keeps its frozen weights in bf16", what);
-}
-
-int ot_model_freeze_bf16(ot_model *m, size_t *saved) {
-  const ot_backend_ops *o = m->be->ops;
-  if (m->bf16_mem) return ot_error(OT_ERR_INVALID, "the frozen weights are already bf16");
-  if (!o->matmul_fwd_bf16 || !o->matmul_bwd_bf16 || !o->host_visible)
-    return ot_error(OT_ERR_UNSUPPORTED, "the %s backend has no bf16 weight products yet", o->name);
-  size_t n16 = 0;
-  for (int l = 0; l < m->cfg.n_layer; l++)
-    for (int s = 0; s < OT_SITE_COUNT; s++) {
-      int i = m->ai->site_modules[s] ? m->bidx[l][ot_site_weight_role(s)] : -1;
-      if (i >= 0 && !m->params[i].trainable) n16 += m->params[i].numel;
-    }
-  if (n16 == 0) return ot_error(OT_ERR_INVALID, "no frozen linear weight to keep in bf16");
-  float *mem32 = NULL;
-  uint16_t *mem16 = NULL;
-  int rc = o->alloc(m->be, (m->n_scalars - n16) * sizeof(float), (void **)&mem32);
-  if (rc == OT_OK) rc = o->alloc(m->be, n16 * sizeof(uint16_t), (void **)&mem16);
-  if (rc) {
-    if (mem32) o->free(m->be, mem32);
-    return rc;
-  }
-  free_acts(m);
-  free_grads(m);
-  float *p32 = mem32;
-  uint16_t *p16 = mem16;
-  unsigned char *to16 = calloc((size_t)m->n_base, 1);
-  if (!to16) {
-    o->free(m->be, mem32);
-    o->free(m->be, mem16);
-    return ot_error(OT_ERR_NOMEM, "cannot allocate");
-  }
-  for (int l = 0; l < m->cfg.n_layer; l++)
-    for (int s = 0; s < OT_SITE_COUNT; s++) {
-      int i = m->ai->site_modules[s] ? m->bidx[l][ot_site_weight_role(s)] : -1;
-      if (i >= 0 && !m->params[i].trainable) to16[i] = 1;
-    }
-  for (int i = 0; i < m->n_base; i++) {
-    ot_param *p = &m->params[i];
-    if (to16[i]) {
-      for (size_t j = 0; j < p->numel; j++) p16[j] = ot_f32_to_bf16(p->data[j]);
-      p->bf16 = p16;
-      p->data = NULL;
-      p16 += p->numel;
-    } else {
-      memcpy(p32, p->data, p->numel * sizeof(float));
-      p->data = p32;
-      p32 += p->numel;
-    }
-  }
-  free(to16);
-  o->free(m->be, m->param_mem);
-  m->param_mem = mem32;
-  m->bf16_mem = mem16;
-  m->bf16_scalars = n16;
-  if (saved) *saved = n16 * (sizeof(float) - sizeof(uint16_t));
-  return OT_OK;
+  return ot_error(OT_ERR_UNSUPPORTED, "%s: the model keeps its frozen weights in low precision", what);
 }
 
 /* ---- initialisation -------------------------------------------------------------- */
@@ -384,7 +327,7 @@ static int param_where(const ot_model *m, int i, int *layer, int *role) {
 }
 
 int ot_model_init_random(ot_model *m, uint64_t seed) {
-  if (m->bf16_mem) return need_fp32(m, "initialisation");
+  if (m->lowp_mem) return need_fp32(m, "initialisation");
   uint64_t s = seed;
   float *host = malloc(m->n_scalars * sizeof(float));
   if (!host) return ot_error(OT_ERR_NOMEM, "cannot allocate init buffer");
@@ -539,7 +482,7 @@ static int check_all_seen(const ot_model *m, const char *where, const char *seen
 }
 
 int ot_model_load_safetensors(ot_model *m, const char *path) {
-  if (m->bf16_mem) return need_fp32(m, "loading weights");
+  if (m->lowp_mem) return need_fp32(m, "loading weights");
   char *seen = calloc((size_t)m->n_params, 1);
   if (!seen) return ot_error(OT_ERR_NOMEM, "cannot allocate");
   int rc = load_file(m, path, seen);
@@ -699,8 +642,74 @@ static void quantize_int8(const ot_model *m, const float *w, int rows, int cols,
     }
 }
 
+/* Which tensors ot_model_freeze_lowp converts: the frozen linear weights of the blocks. */
+static int lowp_candidate(const ot_model *m, int i) {
+  int layer, role;
+  if (i >= m->n_base || m->params[i].trainable || !param_where(m, i, &layer, &role)) return 0;
+  for (int s = 0; s < OT_SITE_COUNT; s++)
+    if (m->ai->site_modules[s] && ot_site_weight_role(s) == role) return 1;
+  return 0;
+}
+
+int ot_model_freeze_lowp(ot_model *m, ot_lowp kind, size_t *saved) {
+  const ot_backend_ops *o = m->be->ops;
+  if (m->lowp_mem) return ot_error(OT_ERR_INVALID, "the frozen weights are already in low precision");
+  if (kind != OT_LOWP_BF16 && kind != OT_LOWP_INT8)
+    return ot_error(OT_ERR_INVALID, "unknown low precision %d", kind);
+  if (!o->matmul_fwd_lowp || !o->matmul_bwd_lowp || !o->host_visible)
+    return ot_error(OT_ERR_UNSUPPORTED, "the %s backend has no low-precision weight products yet", o->name);
+  size_t n_lowp = 0, n_scale = 0, esz = kind == OT_LOWP_BF16 ? sizeof(uint16_t) : sizeof(int8_t);
+  for (int i = 0; i < m->n_base; i++)
+    if (lowp_candidate(m, i)) {
+      n_lowp += m->params[i].numel;
+      n_scale += kind == OT_LOWP_INT8 ? (size_t)out_channels(m, &m->params[i]) : 0;
+    }
+  if (n_lowp == 0) return ot_error(OT_ERR_INVALID, "no frozen linear weight to keep in low precision");
+  float *mem32 = NULL;
+  unsigned char *memq = NULL;
+  /* fp32 tensors and the int8 scales in one allocation, the low-precision values in another */
+  int rc = o->alloc(m->be, (m->n_scalars - n_lowp + n_scale) * sizeof(float), (void **)&mem32);
+  if (rc == OT_OK) rc = o->alloc(m->be, n_lowp * esz, (void **)&memq);
+  if (rc) {
+    if (mem32) o->free(m->be, mem32);
+    return rc;
+  }
+  free_acts(m);
+  free_grads(m);
+  float *p32 = mem32, *ps = mem32 + (m->n_scalars - n_lowp);
+  unsigned char *pq = memq;
+  for (int i = 0; i < m->n_base; i++) {
+    ot_param *p = &m->params[i];
+    if (!lowp_candidate(m, i)) {
+      memcpy(p32, p->data, p->numel * sizeof(float));
+      p->data = p32;
+      p32 += p->numel;
+      continue;
+    }
+    if (kind == OT_LOWP_BF16) {
+      uint16_t *q = (uint16_t *)(void *)pq;
+      for (size_t j = 0; j < p->numel; j++) q[j] = ot_f32_to_bf16(p->data[j]);
+    } else {
+      quantize_int8(m, p->data, p->shape[0], p->shape[1], (int8_t *)pq, ps);
+      p->lowp_scale = ps;
+      ps += out_channels(m, p);
+    }
+    p->lowp = pq;
+    p->lowp_kind = kind;
+    p->data = NULL;
+    pq += p->numel * esz;
+  }
+  o->free(m->be, m->param_mem);
+  m->param_mem = mem32;
+  m->lowp_mem = memq;
+  m->lowp_bytes = n_lowp * esz + n_scale * sizeof(float);
+  if (saved) *saved = n_lowp * sizeof(float) - m->lowp_bytes;
+  m->lowp_scalars = n_lowp;
+  return OT_OK;
+}
+
 int ot_model_save_dir_int8(const ot_model *m, const char *dir, const unsigned char *int8_blocks) {
-  if (m->bf16_mem) return need_fp32(m, "saving");
+  if (m->lowp_mem) return need_fp32(m, "saving");
   int rc = ot_mkdir_p(dir);
   if (rc) return rc;
   char *cfg_path = NULL, *st_path = NULL;
@@ -877,8 +886,8 @@ int ot_model_prepare(ot_model *m, int B, int T, int training) {
     return ot_error(OT_ERR_RANGE, "sequence length %d exceeds the model's n_positions %d", T,
                     m->cfg.n_positions);
   for (int i = 0; training && i < m->n_params; i++)
-    if (m->params[i].trainable && m->params[i].bf16)
-      return ot_error(OT_ERR_UNSUPPORTED, "%s is kept in bf16 and cannot train", m->params[i].name);
+    if (m->params[i].trainable && m->params[i].lowp)
+      return ot_error(OT_ERR_UNSUPPORTED, "%s is kept in low precision and cannot train", m->params[i].name);
   free_acts(m);
   free_grads(m);
   m->training = training;
@@ -1031,9 +1040,10 @@ static void lin_fwd(ot_model *m, const fwd_ctx *c, int l, int site, float *out, 
   int in, outw, wr = ot_site_weight_role(site), br = ot_site_bias_role(site);
   ot_model_site_dims(m, site, &in, &outw);
   if (!c->kv) {
-    const uint16_t *w16 = m->params[m->bidx[l][wr]].bf16;
-    if (w16)
-      o->matmul_fwd_bf16(m->be, out, x, w16, br >= 0 ? BP(m, l, br) : NULL, c->N, in, outw, m->layout);
+    const ot_param *W = &m->params[m->bidx[l][wr]];
+    if (W->lowp)
+      o->matmul_fwd_lowp(m->be, out, x, W->lowp, W->lowp_kind, W->lowp_scale, br >= 0 ? BP(m, l, br) : NULL,
+                         c->N, in, outw, m->layout);
     else
       o->matmul_fwd(m->be, out, x, BP(m, l, wr), br >= 0 ? BP(m, l, br) : NULL, c->N, in, outw, m->layout);
     if (!has_lora(m, l, site)) return;
@@ -1172,10 +1182,11 @@ static void lin_bwd(ot_model *m, int l, ot_block_acts *a, int s, float *dx, cons
                     int N) {
   int in, outw, wr = ot_site_weight_role(s), br = ot_site_bias_role(s);
   ot_model_site_dims(m, s, &in, &outw);
-  const uint16_t *w16 = m->params[m->bidx[l][wr]].bf16;
+  const ot_param *W = &m->params[m->bidx[l][wr]];
   float *db = br >= 0 ? BG(m, l, br) : NULL;
-  if (w16) { /* frozen: dx only, and the bias's gradient when BitFit trains it */
-    m->be->ops->matmul_bwd_bf16(m->be, dx, dout, w16, N, in, outw, m->layout);
+  if (W->lowp) { /* frozen: dx only, and the bias's gradient when BitFit trains it */
+    m->be->ops->matmul_bwd_lowp(m->be, dx, dout, W->lowp, W->lowp_kind, W->lowp_scale, N, in, outw,
+                                m->layout);
     if (db) m->be->ops->matmul_bwd(m->be, NULL, NULL, db, dout, x, NULL, N, in, outw, m->layout);
   } else {
     m->be->ops->matmul_bwd(m->be, dx, BG(m, l, wr), db, dout, x, BP(m, l, wr), N, in, outw, m->layout);
@@ -1463,7 +1474,7 @@ void ot_model_kv_free(ot_model_kv *kv) {
 }
 
 int ot_model_kv_create(ot_model *m, int n_slots, int T_max, int max_rows, int max_last, ot_model_kv **out) {
-  if (m->bf16_mem) return need_fp32(m, "serving");
+  if (m->lowp_mem) return need_fp32(m, "serving");
   if (!m || !out || n_slots < 1 || T_max < 1 || max_rows < 1 || max_last < 1)
     return ot_error(OT_ERR_INVALID, "ot_model_kv_create: sizes must be positive");
   if (T_max > m->cfg.n_positions)
@@ -1760,7 +1771,7 @@ int ot_model_add_extensions(ot_model *m, const ot_block_ext *ext, uint64_t seed)
 }
 
 int ot_model_merge_lora(ot_model *m) {
-  if (m->bf16_mem) return need_fp32(m, "merging");
+  if (m->lowp_mem) return need_fp32(m, "merging");
   if (!m->ext) return OT_OK;
   int L = m->cfg.n_layer;
   for (int l = 0; l < L; l++)

@@ -92,9 +92,11 @@ typedef struct {
   int ndim;
   int shape[2];
   size_t numel;
-  float *data;    /* backend memory; NULL when the tensor is kept in bf16 */
-  uint16_t *bf16; /* a frozen weight kept in bf16 (ot_model_freeze_bf16), else NULL */
-  float *grad;    /* backend memory, NULL when frozen or not training */
+  float *data;       /* backend memory; NULL when the tensor is kept in low precision */
+  void *lowp;        /* a frozen weight kept in bf16 or int8 (ot_model_freeze_lowp), else NULL */
+  ot_lowp lowp_kind; /* with lowp */
+  float *lowp_scale; /* int8: one scale per output feature */
+  float *grad;       /* backend memory, NULL when frozen or not training */
   int trainable;
   int decay; /* weight decay applies (2-D weights; not biases, norms, positions) */
 } ot_param;
@@ -145,12 +147,13 @@ ot_wlayout ot_model_wlayout(const ot_model *m);
 /* Input and output widths of a linear site (0 when the architecture lacks it). */
 void ot_model_site_dims(const ot_model *m, int site, int *in, int *out);
 
-/* Keeps every frozen linear weight of the blocks in bf16 (half the memory; the products read it
- * through the backend's bf16 ops, QLoRA's idea at 16 bits): after the trainable flags are set and
- * before ot_model_prepare. Afterwards the model trains and evaluates, but refuses what needs its
- * weights in fp32 (saving, loading into it, serving, merging, training a bf16 weight). Backends
- * without the bf16 ops refuse. Fills *saved (bytes freed) when not NULL. */
-int ot_model_freeze_bf16(ot_model *m, size_t *saved);
+/* Keeps every frozen linear weight of the blocks in bf16 (half the memory) or int8 with one
+ * scale per output feature (a quarter; QLoRA's idea): the products read them through the
+ * backend's low-precision ops. After the trainable flags are set and before ot_model_prepare.
+ * Afterwards the model trains and evaluates, but refuses what needs its weights in fp32 (saving,
+ * loading into it, serving, merging, training such a weight). Backends without the ops refuse.
+ * Fills *saved (bytes freed) when not NULL. */
+int ot_model_freeze_lowp(ot_model *m, ot_lowp kind, size_t *saved);
 /* Marks every tensor trainable (1) or frozen (0); then individual tensors can be
  * changed through ot_model_param(m, i)->trainable before ot_model_prepare. */
 void ot_model_set_all_trainable(ot_model *m, int trainable);

@@ -451,11 +451,11 @@ static void test_merge_and_refusals(void **state) {
   ifx_close(&f);
 }
 
-/* LoRA training with the frozen weights kept in bf16 (ot_model_freeze_bf16) equals training on a
- * fp32 model whose frozen weights hold the same bf16 values: loss and every adapter gradient;
- * the weights take half the memory; what needs fp32 weights is refused. */
-static void test_frozen_bf16(void **state) {
-  (void)state;
+/* LoRA training with the frozen weights kept in bf16 or int8 (ot_model_freeze_lowp) equals training
+ * on a fp32 model whose frozen weights hold the same values (bf16-rounded, or int8 times its
+ * per-output-channel scale): loss and every adapter gradient; the weights take a half or about a
+ * quarter of the memory; what needs fp32 weights is refused. */
+static void frozen_lowp(ot_lowp kind) {
   ifx f;
   ifx_open(&f);
   ot_peft_config c = kind_config(OT_PEFT_LORA);
@@ -472,20 +472,34 @@ static void test_frozen_bf16(void **state) {
     for (size_t j = 0; j < ot_model_param(a, i)->numel; j++)
       ot_model_param(a, i)->data[j] = ot_model_param(b, i)->data[j] =
           0.05f * (float)((j * 7 + i) % 11) - 0.25f;
-  /* a's frozen linear weights rounded to bf16 in fp32 */
-  size_t n16 = 0;
+  /* a's frozen linear weights rounded as b will store them, in fp32 */
+  size_t n16 = 0, n_scales = 0;
   for (int i = 0; i < ot_model_base_param_count(a); i++) {
     ot_param *p = ot_model_param(a, i);
     int layer;
     const char *rest;
     if (p->trainable || p->ndim != 2 || !ot_block_tensor_split(p->name, &layer, &rest)) continue;
-    for (size_t j = 0; j < p->numel; j++) p->data[j] = ot_bf16_to_f32(ot_f32_to_bf16(p->data[j]));
     n16 += p->numel;
+    if (kind == OT_LOWP_BF16) {
+      for (size_t j = 0; j < p->numel; j++) p->data[j] = ot_bf16_to_f32(ot_f32_to_bf16(p->data[j]));
+      continue;
+    }
+    /* GPT-2's Conv1D [in, out]: one scale per column, max |w| / 127 */
+    int rows = p->shape[0], cols = p->shape[1];
+    n_scales += (size_t)cols;
+    for (int o = 0; o < cols; o++) {
+      float mx = 0;
+      for (int i = 0; i < rows; i++) mx = fmaxf(mx, fabsf(p->data[(size_t)i * cols + o]) / 127.0f);
+      for (int i = 0; i < rows; i++) {
+        float *v = &p->data[(size_t)i * cols + o], q = mx > 0 ? *v / mx : 0;
+        *v = (float)lrintf(fmaxf(-127.0f, fminf(127.0f, q))) * mx;
+      }
+    }
   }
   assert_int_equal(ot_model_prepare(a, f.B, f.T, 1), 0);
   size_t saved = 0;
-  assert_int_equal(ot_model_freeze_bf16(b, &saved), 0);
-  assert_int_equal(saved, n16 * 2);
+  assert_int_equal(ot_model_freeze_lowp(b, kind, &saved), 0);
+  assert_int_equal(saved, kind == OT_LOWP_BF16 ? n16 * 2 : n16 * 3 - n_scales * 4);
   assert_int_equal(ot_model_prepare(b, f.B, f.T, 1), 0);
   assert_int_equal(ot_model_memory_bytes(a) - ot_model_memory_bytes(b), saved);
   int32_t tg[32];
@@ -504,10 +518,10 @@ static void test_frozen_bf16(void **state) {
     worst = fmax(worst, e);
     n_grads++;
   }
-  printf("frozen bf16: loss %.6f vs %.6f, %d adapter gradients, worst relative error %.2g; %zu bytes saved\n",
-         lb, la, n_grads, worst, saved);
-  assert_int_equal(n_grads, 32); /* 4 blocks x 4 sites x A, B */
-  assert_true(fabs(la - lb) <= 1e-5 * fabs(la));
+  printf("frozen %s: loss %.6f vs %.6f, %d adapter gradients, worst relative error %.2g; %zu bytes saved\n",
+         kind == OT_LOWP_BF16 ? "bf16" : "int8", lb, la, n_grads, worst, saved);
+  assert_int_equal(n_grads, 32);                 /* 4 blocks x 4 sites x A, B */
+  assert_true(fabs(la - lb) <= 1e-5 * fabs(la)); /* int8: the same values, widened in another order */
   assert_true(worst < 1e-5);
   char out[700];
   snprintf(out, sizeof out, "%s/bf16_model", dir);
@@ -521,6 +535,16 @@ static void test_frozen_bf16(void **state) {
   ot_model_free(a);
   ot_model_free(b);
   ifx_close(&f);
+}
+
+static void test_frozen_bf16(void **state) {
+  (void)state;
+  frozen_lowp(OT_LOWP_BF16);
+}
+
+static void test_frozen_int8(void **state) {
+  (void)state;
+  frozen_lowp(OT_LOWP_INT8);
 }
 
 /* Adapters written before offtune_adapter.json (format 1: offtune's fields inside
@@ -730,8 +754,8 @@ int main(void) {
       cmocka_unit_test(test_bottleneck_grad), cmocka_unit_test(test_bitfit_grad),
       cmocka_unit_test(test_dropout_mask),    cmocka_unit_test(test_attach_tune_plugin),
       cmocka_unit_test(test_peft_export),     cmocka_unit_test(test_merge_and_refusals),
-      cmocka_unit_test(test_frozen_bf16),     cmocka_unit_test(test_format1),
-      cmocka_unit_test(test_peft_import),
+      cmocka_unit_test(test_frozen_bf16),     cmocka_unit_test(test_frozen_int8),
+      cmocka_unit_test(test_format1),         cmocka_unit_test(test_peft_import),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

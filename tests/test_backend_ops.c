@@ -727,60 +727,76 @@ static void test_sgmv_cpu_reference(void **state) {
   printf("lora_sgmv_fwd (cpu) vs naive loop: worst relative error %.2g (tolerance 1e-5)\n", worst);
 }
 
-/* Products with bf16 weights (frozen weights kept at half the memory) against a float64 loop over
- * the same bf16 values: both layouts, widths that are not a multiple of the kernel's block. */
-static void test_matmul_bf16_cpu(void **state) {
+/* Products with low-precision weights (frozen weights kept in bf16, or int8 with a scale per output
+ * feature) against a float64 loop over the same stored values: both layouts, widths that are not a
+ * multiple of the kernel's block. */
+static void test_matmul_lowp_cpu(void **state) {
   (void)state;
   const int shapes[][3] = {{7, 40, 300}, {5, 513, 256}, {3, 64, 17}};
-  double worst = 0;
+  double worst[2] = {0, 0};
   for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++)
-    for (int layout = 0; layout < 2; layout++) {
-      int N = shapes[k][0], IN = shapes[k][1], OUT = shapes[k][2];
-      uint64_t s = 91 + k;
-      uint16_t *w16 = malloc(sizeof(uint16_t) * IN * OUT);
-      float *x = malloc(sizeof(float) * N * IN), *bias = malloc(sizeof(float) * OUT),
-            *dout = malloc(sizeof(float) * N * OUT), *out = malloc(sizeof(float) * N * OUT),
-            *dx = malloc(sizeof(float) * N * IN), *want = malloc(sizeof(float) * N * OUT),
-            *want_dx = malloc(sizeof(float) * N * IN);
-      for (int i = 0; i < IN * OUT; i++) w16[i] = ot_f32_to_bf16(urand(&s));
-      for (int i = 0; i < N * IN; i++) x[i] = urand(&s);
-      for (int i = 0; i < OUT; i++) bias[i] = urand(&s);
-      for (int i = 0; i < N * OUT; i++) dout[i] = urand(&s);
-        /* W[i][o] is w16[i * OUT + o] (IN_OUT) or w16[o * IN + i] (OUT_IN) */
-#define WV(i, o) ot_bf16_to_f32(w16[layout == OT_W_IN_OUT ? (size_t)(i)*OUT + (o) : (size_t)(o)*IN + (i)])
-      for (int r = 0; r < N; r++) {
-        for (int o = 0; o < OUT; o++) {
-          double acc = bias[o];
-          for (int i = 0; i < IN; i++) acc += (double)x[r * IN + i] * WV(i, o);
-          want[r * OUT + o] = (float)acc;
+    for (int kind = 0; kind < 2; kind++)
+      for (int layout = 0; layout < 2; layout++) {
+        int N = shapes[k][0], IN = shapes[k][1], OUT = shapes[k][2];
+        uint64_t s = 91 + k;
+        uint16_t *w16 = malloc(sizeof(uint16_t) * IN * OUT);
+        int8_t *w8 = malloc((size_t)IN * OUT);
+        float *x = malloc(sizeof(float) * N * IN), *bias = malloc(sizeof(float) * OUT),
+              *scale = malloc(sizeof(float) * OUT), *dout = malloc(sizeof(float) * N * OUT),
+              *out = malloc(sizeof(float) * N * OUT), *dx = malloc(sizeof(float) * N * IN),
+              *want = malloc(sizeof(float) * N * OUT), *want_dx = malloc(sizeof(float) * N * IN);
+        for (int i = 0; i < IN * OUT; i++) {
+          w16[i] = ot_f32_to_bf16(urand(&s));
+          w8[i] = (int8_t)(lrintf(urand(&s) * 254.0f) % 128);
         }
-        for (int i = 0; i < IN; i++) {
-          double acc = 0;
-          for (int o = 0; o < OUT; o++) acc += (double)dout[r * OUT + o] * WV(i, o);
-          want_dx[r * IN + i] = (float)acc;
-        }
+        for (int i = 0; i < OUT; i++) scale[i] = 0.001f + 0.01f * fabsf(urand(&s));
+        for (int i = 0; i < N * IN; i++) x[i] = urand(&s);
+        for (int i = 0; i < OUT; i++) bias[i] = urand(&s);
+        for (int i = 0; i < N * OUT; i++) dout[i] = urand(&s);
+        /* W[i][o] is stored at i * OUT + o (IN_OUT) or o * IN + i (OUT_IN) */
+        for (int r = 0; r < N; r++)
+          for (int o = 0; o < OUT; o++) {
+            double acc = bias[o];
+            for (int i = 0; i < IN; i++) {
+              size_t at = layout == OT_W_IN_OUT ? (size_t)i * OUT + o : (size_t)o * IN + i;
+              double wv = kind == OT_LOWP_BF16 ? ot_bf16_to_f32(w16[at]) : (double)(w8[at] * scale[o]);
+              acc += (double)x[r * IN + i] * wv;
+            }
+            want[r * OUT + o] = (float)acc;
+          }
+        for (int r = 0; r < N; r++)
+          for (int i = 0; i < IN; i++) {
+            double acc = 0;
+            for (int o = 0; o < OUT; o++) {
+              size_t at = layout == OT_W_IN_OUT ? (size_t)i * OUT + o : (size_t)o * IN + i;
+              double wv = kind == OT_LOWP_BF16 ? ot_bf16_to_f32(w16[at]) : (double)(w8[at] * scale[o]);
+              acc += (double)dout[r * OUT + o] * wv;
+            }
+            want_dx[r * IN + i] = (float)acc;
+          }
+        const void *w = kind == OT_LOWP_BF16 ? (const void *)w16 : (const void *)w8;
+        ref->ops->matmul_fwd_lowp(ref, out, x, w, (ot_lowp)kind, scale, bias, N, IN, OUT, (ot_wlayout)layout);
+        ref->ops->matmul_bwd_lowp(ref, dx, dout, w, (ot_lowp)kind, scale, N, IN, OUT, (ot_wlayout)layout);
+        double e1 = ot_test_rel_err(out, want, (size_t)N * OUT),
+               e2 = ot_test_rel_err(dx, want_dx, (size_t)N * IN);
+        if (!(e1 < 1e-6) || !(e2 < 1e-6))
+          fail_msg("%s products %dx%dx%d layout %d: relative error fwd %.3g bwd %.3g", kind ? "int8" : "bf16",
+                   N, IN, OUT, layout, e1, e2);
+        worst[kind] = fmax(worst[kind], fmax(e1, e2));
+        free(w16);
+        free(w8);
+        free(x);
+        free(bias);
+        free(scale);
+        free(dout);
+        free(out);
+        free(dx);
+        free(want);
+        free(want_dx);
       }
-#undef WV
-      ref->ops->matmul_fwd_bf16(ref, out, x, w16, bias, N, IN, OUT, (ot_wlayout)layout);
-      ref->ops->matmul_bwd_bf16(ref, dx, dout, w16, N, IN, OUT, (ot_wlayout)layout);
-      double e1 = ot_test_rel_err(out, want, (size_t)N * OUT),
-             e2 = ot_test_rel_err(dx, want_dx, (size_t)N * IN);
-      if (!(e1 < 1e-6) || !(e2 < 1e-6))
-        fail_msg("bf16 products %dx%dx%d layout %d: relative error fwd %.3g bwd %.3g", N, IN, OUT, layout, e1,
-                 e2);
-      worst = fmax(worst, fmax(e1, e2));
-      free(w16);
-      free(x);
-      free(bias);
-      free(dout);
-      free(out);
-      free(dx);
-      free(want);
-      free(want_dx);
-    }
-  printf(
-      "matmul_fwd_bf16 / matmul_bwd_bf16 (cpu) vs float64 loop: worst relative error %.2g (tolerance 1e-6)\n",
-      worst);
+  printf("matmul_fwd_lowp / matmul_bwd_lowp (cpu) vs float64 loop: worst relative error bf16 %.2g, int8 %.2g "
+         "(tolerance 1e-6)\n",
+         worst[0], worst[1]);
 }
 
 static void test_ops_cpu_thread_count(void **state) {
@@ -917,7 +933,7 @@ int main(void) {
       cmocka_unit_test(test_cli_backend_cuda),
       cmocka_unit_test(test_missing_op_is_an_error),
       cmocka_unit_test(test_sgmv_cpu_reference),
-      cmocka_unit_test(test_matmul_bf16_cpu),
+      cmocka_unit_test(test_matmul_lowp_cpu),
       cmocka_unit_test(test_ops_cpu_thread_count),
       cmocka_unit_test(test_ops_cuda_fp32_flash),
       cmocka_unit_test(test_ops_cuda_fp32_materialised),

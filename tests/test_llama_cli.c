@@ -66,21 +66,26 @@ static void test_llama_flow(void **state) {
              dir, dir, kinds[k], dir);
     eval_loss("full model + adapter", cmd);
   }
-  /* the same LoRA with the emulator's frozen weights kept in bf16: it learns as much */
-  RUN_OK("%s tune --emulator %s/emu --text %s/private.txt --out %s/ad_lora16 --adapter lora %s --steps 8 "
-         "--batch 4 "
-         "--seq-len 32 --lr 1e-2 --frozen bf16",
-         device, dir, dir, dir, extra[0]);
-  assert_non_null(strstr(out, "frozen weights kept in bf16"));
+  /* the same LoRA with the emulator's frozen weights kept in bf16 or int8: it learns as much */
   snprintf(cmd, sizeof cmd,
            "%s eval --emulator %s/emu --adapter %s/ad_lora --text %s/private.txt --seq-len 32 --json", device,
            dir, dir, dir);
   double l32 = eval_loss("lora (fp32 frozen weights)", cmd);
-  snprintf(cmd, sizeof cmd,
-           "%s eval --emulator %s/emu --adapter %s/ad_lora16 --text %s/private.txt --seq-len 32 --json",
-           device, dir, dir, dir);
-  double l16 = eval_loss("lora (bf16 frozen weights)", cmd);
-  assert_true(fabs(l16 - l32) < 0.01 * l32);
+  const char *lowp[2] = {"bf16", "int8"};
+  for (int k = 0; k < 2; k++) {
+    RUN_OK("%s tune --emulator %s/emu --text %s/private.txt --out %s/ad_lora_%s --adapter lora %s --steps 8 "
+           "--batch 4 --seq-len 32 --lr 1e-2 --frozen %s",
+           device, dir, dir, dir, lowp[k], extra[0], lowp[k]);
+    char note[64];
+    snprintf(note, sizeof note, "frozen weights kept in %s", lowp[k]);
+    assert_non_null(strstr(out, note));
+    snprintf(cmd, sizeof cmd,
+             "%s eval --emulator %s/emu --adapter %s/ad_lora_%s --text %s/private.txt --seq-len 32 --json",
+             device, dir, dir, lowp[k], dir);
+    snprintf(note, sizeof note, "lora (%s frozen weights)", lowp[k]);
+    double l = eval_loss(note, cmd);
+    assert_true(fabs(l - l32) < 0.01 * l32);
+  }
   /* PEFT's layout with LLaMA names: nn.Linear weights, so fan_in_fan_out is false */
   assert_int_equal(ot_test_system("grep -q 'self_attn.q_proj' '%s/ad_lora/adapter_config.json' && "
                                   "grep -q '\"fan_in_fan_out\":.*false' '%s/ad_lora/adapter_config.json' && "

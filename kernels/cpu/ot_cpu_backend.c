@@ -227,28 +227,35 @@ static void cpu_matmul_fwd(ot_backend *be, float *out, const float *inp, const f
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OUT, IN, 1.0f, inp, IN, w, IN, beta, out, OUT);
 }
 
-/* bf16 weights: blocks of BF16_COLS output features are widened into an [IN x BF16_COLS] scratch
- * and multiplied by OpenBLAS; only the scratch is ever fp32. */
-#define BF16_COLS 256
+/* Low-precision weights: blocks of LOWP_COLS output features are widened into an
+ * [IN x LOWP_COLS] scratch and multiplied by OpenBLAS; only the scratch is ever fp32. */
+#define LOWP_COLS 256
 
 /* Widens output features o0..o0+nb of W into s: [nb][IN] (OUT_IN) or [IN][nb] (IN_OUT). */
-static void widen_bf16(ot_backend *be, float *s, const uint16_t *w, int IN, int OUT, int o0, int nb,
-                       ot_wlayout layout) {
+static void widen_lowp(ot_backend *be, float *s, const void *w, ot_lowp kind, const float *scale, int IN,
+                       int OUT, int o0, int nb, ot_wlayout layout) {
   int rows = layout == OT_W_OUT_IN ? nb : IN, cols = layout == OT_W_OUT_IN ? IN : nb;
 #pragma omp parallel for num_threads(NT) schedule(static)
   for (int r = 0; r < rows; r++) {
-    const uint16_t *src = layout == OT_W_OUT_IN ? w + (size_t)(o0 + r) * IN : w + (size_t)r * OUT + o0;
+    size_t at = layout == OT_W_OUT_IN ? (size_t)(o0 + r) * IN : (size_t)r * OUT + o0;
     float *dst = s + (size_t)r * cols;
-    for (int c = 0; c < cols; c++) {
-      uint32_t u = (uint32_t)src[c] << 16;
-      memcpy(&dst[c], &u, sizeof u);
+    if (kind == OT_LOWP_BF16) {
+      const uint16_t *src = (const uint16_t *)w + at;
+      for (int c = 0; c < cols; c++) {
+        uint32_t u = (uint32_t)src[c] << 16;
+        memcpy(&dst[c], &u, sizeof u);
+      }
+    } else {
+      const int8_t *src = (const int8_t *)w + at;
+      for (int c = 0; c < cols; c++) dst[c] = src[c] * scale[layout == OT_W_OUT_IN ? o0 + r : o0 + c];
     }
   }
 }
 
-static void cpu_matmul_fwd_bf16(ot_backend *be, float *out, const float *inp, const uint16_t *w,
-                                const float *bias, int N, int IN, int OUT, ot_wlayout layout) {
-  float *s = malloc((size_t)IN * BF16_COLS * sizeof(float));
+static void cpu_matmul_fwd_lowp(ot_backend *be, float *out, const float *inp, const void *w, ot_lowp kind,
+                                const float *scale, const float *bias, int N, int IN, int OUT,
+                                ot_wlayout layout) {
+  float *s = malloc((size_t)IN * LOWP_COLS * sizeof(float));
   if (!s) { /* no error channel in an op: a result that cannot be mistaken for one */
     for (size_t i = 0; i < (size_t)N * OUT; i++) out[i] = NAN;
     return;
@@ -259,9 +266,9 @@ static void cpu_matmul_fwd_bf16(ot_backend *be, float *out, const float *inp, co
     for (int i = 0; i < N; i++) memcpy(out + (size_t)i * OUT, bias, sizeof(float) * OUT);
     beta = 1.0f;
   }
-  for (int o0 = 0; o0 < OUT; o0 += BF16_COLS) {
-    int nb = OUT - o0 < BF16_COLS ? OUT - o0 : BF16_COLS;
-    widen_bf16(be, s, w, IN, OUT, o0, nb, layout);
+  for (int o0 = 0; o0 < OUT; o0 += LOWP_COLS) {
+    int nb = OUT - o0 < LOWP_COLS ? OUT - o0 : LOWP_COLS;
+    widen_lowp(be, s, w, kind, scale, IN, OUT, o0, nb, layout);
     if (layout == OT_W_OUT_IN)
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, nb, IN, 1.0f, inp, IN, s, IN, beta, out + o0,
                   OUT);
@@ -272,17 +279,17 @@ static void cpu_matmul_fwd_bf16(ot_backend *be, float *out, const float *inp, co
   free(s);
 }
 
-static void cpu_matmul_bwd_bf16(ot_backend *be, float *dinp, const float *dout, const uint16_t *w, int N,
-                                int IN, int OUT, ot_wlayout layout) {
-  float *s = malloc((size_t)IN * BF16_COLS * sizeof(float));
+static void cpu_matmul_bwd_lowp(ot_backend *be, float *dinp, const float *dout, const void *w, ot_lowp kind,
+                                const float *scale, int N, int IN, int OUT, ot_wlayout layout) {
+  float *s = malloc((size_t)IN * LOWP_COLS * sizeof(float));
   if (!s) {
     for (size_t i = 0; i < (size_t)N * IN; i++) dinp[i] = NAN;
     return;
   }
-  for (int o0 = 0; o0 < OUT; o0 += BF16_COLS) {
-    int nb = OUT - o0 < BF16_COLS ? OUT - o0 : BF16_COLS;
+  for (int o0 = 0; o0 < OUT; o0 += LOWP_COLS) {
+    int nb = OUT - o0 < LOWP_COLS ? OUT - o0 : LOWP_COLS;
     float beta = o0 ? 1.0f : 0.0f;
-    widen_bf16(be, s, w, IN, OUT, o0, nb, layout);
+    widen_lowp(be, s, w, kind, scale, IN, OUT, o0, nb, layout);
     if (layout == OT_W_OUT_IN)
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, IN, nb, 1.0f, dout + o0, OUT, s, IN, beta,
                   dinp, IN);
@@ -930,8 +937,8 @@ static const ot_backend_ops cpu_ops = {
     .layernorm_fwd = cpu_layernorm_fwd,
     .layernorm_bwd = cpu_layernorm_bwd,
     .matmul_fwd = cpu_matmul_fwd,
-    .matmul_fwd_bf16 = cpu_matmul_fwd_bf16,
-    .matmul_bwd_bf16 = cpu_matmul_bwd_bf16,
+    .matmul_fwd_lowp = cpu_matmul_fwd_lowp,
+    .matmul_bwd_lowp = cpu_matmul_bwd_lowp,
     .matmul_bwd = cpu_matmul_bwd,
     .attention_fwd = cpu_attention_fwd,
     .attention_bwd = cpu_attention_bwd,
