@@ -63,7 +63,7 @@ fi
 run() { # name, command...: max RSS and wall time
   local name=$1
   shift
-  /usr/bin/time -f "%M %e" -o time.txt "$@" >log.$name 2>&1 || { cat log.$name >&2; exit 1; }
+  /usr/bin/time -f "%M %e" -o time.txt "$@" >"log.$name" 2>&1 || { cat "log.$name" >&2; exit 1; }
   read -r kb s <time.txt
   printf '| %-28s | %8.1f | %8.1f |\n' "$name" "$(echo "$kb / 1048576" | bc -l)" "$s"
 }
