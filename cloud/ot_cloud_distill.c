@@ -11,6 +11,7 @@
 #include "ot_data.h"
 #include "ot_emulator.h"
 #include "ot_error.h"
+#include "ot_fileio.h"
 #include "ot_snapshot.h"
 #include "ot_train.h"
 
@@ -160,6 +161,8 @@ int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res
   if (rc == OT_OK) rc = ot_emu_plan_make(fc->n_layer, j->bottom, j->top, keep, &plan);
   plan.int8_middle = j->int8;
   if (rc == OT_OK) rc = ot_model_dir_digest(j->model, plan.base_digest);
+  if (rc == OT_OK && ot_path_basename(j->model, plan.base_name, sizeof plan.base_name) != OT_OK)
+    plan.base_name[0] = '\0'; /* adapters' base_model_name_or_path: unknown (null) rather than cut */
   int start = 0;
   if (rc == OT_OK) {
     *what = "reading the data";

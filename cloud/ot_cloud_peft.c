@@ -1,6 +1,5 @@
 /* offtune-cloud import-peft: a LoRA trained elsewhere with Hugging Face PEFT becomes an offtune
  * adapter bound to one base checkpoint by its digest (peft/ does the checks). */
-#include <libgen.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,16 +40,16 @@ int ot_cmd_import_peft(int argc, char **argv) {
     return OT_EXIT_USAGE;
   }
   char digest[OT_DIGEST_HEX], *cfg_path = NULL, base[256];
+  if (ot_path_basename(model, base, sizeof base) != OT_OK) base[0] = '\0';
   ot_model_config cfg;
   ot_peft_import_info info;
-  snprintf(base, sizeof base, "%s", model);
   const char *what = "reading the base model";
   rc = ot_path_join(model, "config.json", &cfg_path);
   if (rc == OT_OK) rc = ot_model_config_load(cfg_path, &cfg);
   if (rc == OT_OK) rc = ot_model_dir_digest(model, digest);
   if (rc == OT_OK) {
     what = "importing the PEFT adapter";
-    rc = ot_peft_import(peft, &cfg, digest, name ? name : basename(base), out, &info);
+    rc = ot_peft_import(peft, &cfg, digest, name ? name : base, out, &info);
   }
   free(cfg_path);
   if (rc) return ot_cmd_fail(what, rc);

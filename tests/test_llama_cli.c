@@ -87,6 +87,11 @@ static void test_llama_flow(void **state) {
     assert_true(fabs(l - l32) < 0.01 * l32);
   }
   /* PEFT's layout with LLaMA names: nn.Linear weights, so fan_in_fan_out is false */
+  /* base_model_name_or_path: the base's directory name, carried by the emulator package */
+  assert_int_equal(
+      ot_test_system("grep -q '\"base_model_name_or_path\":.*\"full\"' '%s/ad_lora/adapter_config.json'",
+                     dir),
+      0);
   assert_int_equal(ot_test_system("grep -q 'self_attn.q_proj' '%s/ad_lora/adapter_config.json' && "
                                   "grep -q '\"fan_in_fan_out\":.*false' '%s/ad_lora/adapter_config.json' && "
                                   "grep -q 'base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight' "
