@@ -16,6 +16,14 @@ void openblas_set_num_threads(int num_threads);
 
 #define NT (be->n_threads)
 
+/* The CPU backend's own state: a scratch the low-precision products widen into, kept between
+ * calls (a fresh multi-megabyte buffer per product costs page faults as large as the work).
+ * Like every op of a backend, used by one thread at a time. */
+typedef struct {
+  float *scratch;
+  size_t cap; /* floats */
+} cpu_ctx;
+
 /* ---- vector math ---------------------------------------------------------------- */
 
 /* exp(x) for 8 floats, ~1 ulp on the range that matters (Cody-Waite reduction,
@@ -74,7 +82,12 @@ static inline void axpy(float *y, float a, const float *x, int n) {
 
 /* ---- memory ---------------------------------------------------------------------- */
 
-static void cpu_destroy(ot_backend *be) { free(be); }
+static void cpu_destroy(ot_backend *be) {
+  cpu_ctx *c = be->ctx;
+  if (c) free(c->scratch);
+  free(c);
+  free(be);
+}
 
 static int cpu_alloc(ot_backend *be, size_t bytes, void **out) {
   (void)be;
@@ -231,31 +244,64 @@ static void cpu_matmul_fwd(ot_backend *be, float *out, const float *inp, const f
  * [IN x LOWP_COLS] scratch and multiplied by OpenBLAS; only the scratch is ever fp32. */
 #define LOWP_COLS 256
 
+static float *lowp_scratch(ot_backend *be, size_t n) {
+  cpu_ctx *c = be->ctx;
+  if (n > c->cap) {
+    float *p = malloc(n * sizeof(float));
+    if (!p) return NULL;
+    free(c->scratch);
+    c->scratch = p;
+    c->cap = n;
+  }
+  return c->scratch;
+}
+
+/* n values of a row, widened: bf16 (the high half of an fp32), or int8 times a scale that is one
+ * number for the row (sc) or one per value (scv). */
+static void widen_row(float *dst, const void *src, ot_lowp kind, int n, float sc, const float *scv) {
+  int c = 0;
+  if (kind == OT_LOWP_BF16) {
+    const uint16_t *s16 = src;
+    for (; c + 8 <= n; c += 8) {
+      __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s16 + c)));
+      _mm256_storeu_ps(dst + c, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    }
+    for (; c < n; c++) {
+      uint32_t u = (uint32_t)s16[c] << 16;
+      memcpy(&dst[c], &u, sizeof u);
+    }
+    return;
+  }
+  const int8_t *s8 = src;
+  for (; c + 8 <= n; c += 8) {
+    __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(s8 + c))));
+    __m256 k = scv ? _mm256_loadu_ps(scv + c) : _mm256_set1_ps(sc);
+    _mm256_storeu_ps(dst + c, _mm256_mul_ps(v, k));
+  }
+  for (; c < n; c++) dst[c] = s8[c] * (scv ? scv[c] : sc);
+}
+
 /* Widens output features o0..o0+nb of W into s: [nb][IN] (OUT_IN) or [IN][nb] (IN_OUT). */
 static void widen_lowp(ot_backend *be, float *s, const void *w, ot_lowp kind, const float *scale, int IN,
                        int OUT, int o0, int nb, ot_wlayout layout) {
-  int rows = layout == OT_W_OUT_IN ? nb : IN, cols = layout == OT_W_OUT_IN ? IN : nb;
+  size_t esz = kind == OT_LOWP_BF16 ? 2 : 1;
+  if (layout == OT_W_OUT_IN) {
 #pragma omp parallel for num_threads(NT) schedule(static)
-  for (int r = 0; r < rows; r++) {
-    size_t at = layout == OT_W_OUT_IN ? (size_t)(o0 + r) * IN : (size_t)r * OUT + o0;
-    float *dst = s + (size_t)r * cols;
-    if (kind == OT_LOWP_BF16) {
-      const uint16_t *src = (const uint16_t *)w + at;
-      for (int c = 0; c < cols; c++) {
-        uint32_t u = (uint32_t)src[c] << 16;
-        memcpy(&dst[c], &u, sizeof u);
-      }
-    } else {
-      const int8_t *src = (const int8_t *)w + at;
-      for (int c = 0; c < cols; c++) dst[c] = src[c] * scale[layout == OT_W_OUT_IN ? o0 + r : o0 + c];
-    }
+    for (int r = 0; r < nb; r++)
+      widen_row(s + (size_t)r * IN, (const char *)w + (size_t)(o0 + r) * IN * esz, kind, IN,
+                scale ? scale[o0 + r] : 0.0f, NULL);
+  } else {
+#pragma omp parallel for num_threads(NT) schedule(static)
+    for (int r = 0; r < IN; r++)
+      widen_row(s + (size_t)r * nb, (const char *)w + ((size_t)r * OUT + o0) * esz, kind, nb, 0.0f,
+                scale ? scale + o0 : NULL);
   }
 }
 
 static void cpu_matmul_fwd_lowp(ot_backend *be, float *out, const float *inp, const void *w, ot_lowp kind,
                                 const float *scale, const float *bias, int N, int IN, int OUT,
                                 ot_wlayout layout) {
-  float *s = malloc((size_t)IN * LOWP_COLS * sizeof(float));
+  float *s = lowp_scratch(be, (size_t)IN * LOWP_COLS);
   if (!s) { /* no error channel in an op: a result that cannot be mistaken for one */
     for (size_t i = 0; i < (size_t)N * OUT; i++) out[i] = NAN;
     return;
@@ -276,12 +322,11 @@ static void cpu_matmul_fwd_lowp(ot_backend *be, float *out, const float *inp, co
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, nb, IN, 1.0f, inp, IN, s, nb, beta, out + o0,
                   OUT);
   }
-  free(s);
 }
 
 static void cpu_matmul_bwd_lowp(ot_backend *be, float *dinp, const float *dout, const void *w, ot_lowp kind,
                                 const float *scale, int N, int IN, int OUT, ot_wlayout layout) {
-  float *s = malloc((size_t)IN * LOWP_COLS * sizeof(float));
+  float *s = lowp_scratch(be, (size_t)IN * LOWP_COLS);
   if (!s) {
     for (size_t i = 0; i < (size_t)N * IN; i++) dinp[i] = NAN;
     return;
@@ -297,7 +342,6 @@ static void cpu_matmul_bwd_lowp(ot_backend *be, float *dinp, const float *dout, 
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, IN, nb, 1.0f, dout + o0, OUT, s, nb, beta, dinp,
                   IN);
   }
-  free(s);
 }
 
 static void cpu_matmul_bwd(ot_backend *be, float *dinp, float *dw, float *dbias, const float *dout,
@@ -972,7 +1016,13 @@ int ot_backend_cpu_create(int n_threads, ot_backend **out) {
   if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
     return ot_error(OT_ERR_UNSUPPORTED, "the CPU backend needs AVX2 and FMA, which this processor lacks");
   ot_backend *be = calloc(1, sizeof *be);
-  if (!be) return ot_error(OT_ERR_NOMEM, "cannot allocate the CPU backend");
+  cpu_ctx *ctx = calloc(1, sizeof *ctx);
+  if (!be || !ctx) {
+    free(be);
+    free(ctx);
+    return ot_error(OT_ERR_NOMEM, "cannot allocate the CPU backend");
+  }
+  be->ctx = ctx;
   be->ops = &cpu_ops;
   be->n_threads = n_threads > 0 ? n_threads : omp_get_num_procs();
   /* OpenBLAS (OpenMP build) reads its own thread count; keep it equal to ours. */
