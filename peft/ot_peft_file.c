@@ -282,16 +282,18 @@ static int read_meta_json(const char *dir, cJSON **out, int *version) {
   return OT_OK;
 }
 
+static int kind_of(const cJSON *meta, const char *dir, ot_peft_kind *out) {
+  const char *type = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(meta, "adapter_type"));
+  if (ot_peft_parse_kind(type, out) == OT_OK) return OT_OK;
+  return ot_error(OT_ERR_UNSUPPORTED, "%s: adapter_type '%s' is not one offtune knows", dir,
+                  type ? type : "?");
+}
+
 int ot_peft_read_kind(const char *dir, ot_peft_kind *out) {
   cJSON *j = NULL;
-  int version = 0, rc = read_meta_json(dir, &j, &version);
-  if (rc) return rc;
-  const char *type = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(j, "adapter_type"));
   ot_peft_kind k = OT_PEFT_OFFSITE;
-  rc = ot_peft_parse_kind(type, &k);
-  if (rc)
-    rc = ot_error(OT_ERR_UNSUPPORTED, "%s: adapter_type '%s' is not one offtune knows", dir,
-                  type ? type : "?");
+  int version = 0, rc = read_meta_json(dir, &j, &version);
+  if (rc == OT_OK) rc = kind_of(j, dir, &k);
   cJSON_Delete(j);
   if (rc == OT_OK) *out = k;
   return rc;
@@ -300,9 +302,9 @@ int ot_peft_read_kind(const char *dir, ot_peft_kind *out) {
 /* Header of the adapter in dir: kind, settings, blocks, digests. */
 static int read_header(const char *dir, const ot_model_config *cfg, ot_peft_adapter *a, char *want_digest) {
   cJSON *j = NULL, *pj = NULL;
-  int version = 0, rc = ot_peft_read_kind(dir, &a->c.kind);
-  if (rc == OT_OK) rc = read_meta_json(dir, &j, &version);
+  int version = 0, rc = read_meta_json(dir, &j, &version);
   if (rc) return rc;
+  rc = kind_of(j, dir, &a->c.kind);
   a->arch = cfg->arch;
   const char *arch = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(j, "architecture"));
   ot_arch fa = cfg->arch;
