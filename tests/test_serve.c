@@ -528,42 +528,60 @@ static void test_torch_lora(void **state) {
 
 /* The serving ops against the training ops they replace: attention_kv_fwd in two calls (a
  * chunked prefill, rows of two sequences interleaved, slots 3 and 1) = attention_fwd over the
- * whole sequences; embed_fwd at explicit positions = encoder_fwd; lora_sgmv_fwd = lora_fwd on
- * each segment. */
+ * whole sequences, with fixed slots and with a paged cache (blocks of 3 positions scattered over
+ * the pool); embed_fwd at explicit positions = encoder_fwd; lora_sgmv_fwd = lora_fwd on each
+ * segment. */
 static void test_kv_ops(void **state) {
   (void)state;
-  enum { B = 2, T = 13, C = 32, NH = 4, SLOTS = 4, TMAX = 16 };
+  enum { B = 2, T = 13, C = 32, NH = 4, SLOTS = 4, TMAX = 16, BS = 3, MB = 6, NB = 29 };
   const ot_backend_ops *o = be->ops;
   float *qkv = malloc(sizeof(float) * B * T * 3 * C), *ref_out = malloc(sizeof(float) * B * T * C),
         *att = malloc(sizeof(float) * B * NH * T * T), *out = malloc(sizeof(float) * B * T * C),
-        *kc = calloc(SLOTS * TMAX * C, sizeof(float)), *vc = calloc(SLOTS * TMAX * C, sizeof(float)),
-        *rows = malloc(sizeof(float) * B * T * 3 * C), *o2 = malloc(sizeof(float) * B * T * C);
+        *kc = calloc(NB * BS * C, sizeof(float)), *vc = calloc(NB * BS * C, sizeof(float)),
+        *rows = malloc(sizeof(float) * B * T * 3 * C), *o2 = malloc(sizeof(float) * B * T * C),
+        *paged_out = malloc(sizeof(float) * B * T * C);
   uint64_t x = 99;
   for (int i = 0; i < B * T * 3 * C; i++) {
     x = x * 6364136223846793005ull + 1;
     qkv[i] = (float)((double)(x >> 11) / 9007199254740992.0 - 0.5) * 4.0f;
   }
   o->attention_fwd(be, ref_out, att, qkv, B, T, C, NH);
-  /* rows in the order a step sends them: interleaved sequences, chunk 0..6 then 7..12 */
-  const int32_t slot_of[B] = {3, 1};
-  int32_t pos[B * T], slot[B * T];
-  int n = 0, map[B * T];
-  for (int chunk = 0; chunk < 2; chunk++) {
-    int n0 = n;
-    for (int t = chunk ? 7 : 0; t < (chunk ? T : 7); t++)
-      for (int b = 0; b < B; b++) {
-        memcpy(rows + (size_t)n * 3 * C, qkv + ((size_t)b * T + t) * 3 * C, sizeof(float) * 3 * C);
-        pos[n] = t;
-        slot[n] = slot_of[b];
-        map[n++] = b * T + t;
-      }
-    o->attention_kv_fwd(be, o2 + (size_t)n0 * C, kc, vc, rows + (size_t)n0 * 3 * C, pos + n0, slot + n0,
-                        n - n0, C, NH, TMAX);
+  /* fixed slots: one block of TMAX per slot; paged: slot s's block j is (7 s + 5 j + 2) mod NB
+   * (a permutation of the 24 blocks the 4 slots may use, in a pool of 29) */
+  int32_t fixed_table[SLOTS], paged_table[SLOTS * MB];
+  for (int s = 0; s < SLOTS; s++) fixed_table[s] = s;
+  for (int s = 0; s < SLOTS; s++)
+    for (int j = 0; j < MB; j++) paged_table[s * MB + j] = (7 * (s * MB + j) + 2) % NB;
+  for (int paged = 0; paged < 2; paged++) {
+    const int32_t *table = paged ? paged_table : fixed_table;
+    int bs = paged ? BS : TMAX, mb = paged ? MB : 1;
+    memset(kc, 0, sizeof(float) * NB * BS * C);
+    memset(vc, 0, sizeof(float) * NB * BS * C);
+    /* rows in the order a step sends them: interleaved sequences, chunk 0..6 then 7..12 */
+    const int32_t slot_of[B] = {3, 1};
+    int32_t pos[B * T], slot[B * T];
+    int n = 0, map[B * T];
+    for (int chunk = 0; chunk < 2; chunk++) {
+      int n0 = n;
+      for (int t = chunk ? 7 : 0; t < (chunk ? T : 7); t++)
+        for (int b = 0; b < B; b++) {
+          memcpy(rows + (size_t)n * 3 * C, qkv + ((size_t)b * T + t) * 3 * C, sizeof(float) * 3 * C);
+          pos[n] = t;
+          slot[n] = slot_of[b];
+          map[n++] = b * T + t;
+        }
+      o->attention_kv_fwd(be, o2 + (size_t)n0 * C, kc, vc, rows + (size_t)n0 * 3 * C, pos + n0, slot + n0, table,
+                          n - n0, C, NH, bs, mb);
+    }
+    float *dst = paged ? paged_out : out;
+    for (int i = 0; i < n; i++) memcpy(dst + (size_t)map[i] * C, o2 + (size_t)i * C, sizeof(float) * C);
+    double err = ot_test_rel_err(dst, ref_out, (size_t)B * T * C);
+    printf("attention_kv_fwd (%s) vs attention_fwd: relative error %.3g\n", paged ? "paged" : "fixed slots", err);
+    assert_true(err < 1e-6);
   }
-  for (int i = 0; i < n; i++) memcpy(out + (size_t)map[i] * C, o2 + (size_t)i * C, sizeof(float) * C);
-  double err = ot_test_rel_err(out, ref_out, (size_t)B * T * C);
-  printf("attention_kv_fwd vs attention_fwd: relative error %.3g\n", err);
-  assert_true(err < 1e-6);
+  /* the layout changes addresses only: keys are visited in the same order */
+  assert_memory_equal(paged_out, out, sizeof(float) * B * T * C);
+  free(paged_out);
   /* embed_fwd = encoder_fwd when positions are 0..T-1 per row */
   int32_t toks[B * T], p2[B * T];
   for (int i = 0; i < B * T; i++) {
@@ -598,7 +616,7 @@ static void test_kv_ops(void **state) {
   }
   o->lora_sgmv_fwd(be, y2, xs, (const float *const *)Am, (const float *const *)Btm, row0, nr, rk, sc, 3, IN,
                    OUT);
-  err = ot_test_rel_err(y2, y1, (size_t)N * OUT);
+  double err = ot_test_rel_err(y2, y1, (size_t)N * OUT);
   printf("lora_sgmv_fwd vs lora_fwd per segment: relative error %.3g\n", err);
   assert_true(err < 1e-6);
   for (int i = 3 * OUT; i < 4 * OUT; i++) assert_true(y2[i] == qkv[i + 7]); /* the gap row is untouched */
