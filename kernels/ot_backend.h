@@ -123,8 +123,8 @@ typedef struct {
    * backend memory. Keys are visited in chunks of 64 positions whatever the block size, so the
    * result does not depend on it. */
   void (*attention_kv_fwd)(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
-                           const int32_t *pos, const int32_t *slot, const int32_t *table, int N, int C, int NH,
-                           int block_size, int max_blocks);
+                           const int32_t *pos, const int32_t *slot, const int32_t *table, int N, int C,
+                           int NH, int block_size, int max_blocks);
   /* Multi-adapter LoRA for serving (Punica's SGMV), no dropout: segment s owns rows row0[s] ..
    * row0[s]+n[s]-1 of x[N,IN] and out[N,OUT] (segments do not overlap; rows in none are left
    * alone) and out[those rows] += scale[s] (x A_s^T) Bt_s with A_s = A[s] [r[s], IN] (nn.Linear
@@ -166,8 +166,8 @@ typedef struct {
    * pos[i] of sequence slot[i] in the paged kcache, vcache [n_blocks, block_size, NKV*D] (table
    * as attention_kv_fwd); then out[i] [NH*D] attends to positions 0..pos[i] of its sequence. */
   void (*gqa_kv_fwd)(ot_backend *be, float *out, float *kcache, float *vcache, const float *q, const float *k,
-                     const float *v, const int32_t *pos, const int32_t *slot, const int32_t *table, int N, int NH,
-                     int NKV, int D, int block_size, int max_blocks);
+                     const float *v, const int32_t *pos, const int32_t *slot, const int32_t *table, int N,
+                     int NH, int NKV, int D, int block_size, int max_blocks);
 } ot_backend_ops;
 
 /* Host and CUDA device code share these (one definition of the dropout mask). */

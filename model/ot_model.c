@@ -929,8 +929,8 @@ struct ot_model_kv {
   int n_slots, T_max, max_rows, max_last;
   float *kc, *vc; /* the pool: [L, n_blocks, block_size, KW] */
   int block_size, n_blocks, max_blocks;
-  int32_t *h_table; /* [n_slots, max_blocks] host block tables (-1: none) */
-  int *n_held;      /* [n_slots] blocks each slot holds */
+  int32_t *h_table;  /* [n_slots, max_blocks] host block tables (-1: none) */
+  int *n_held;       /* [n_slots] blocks each slot holds */
   int32_t *free_ids; /* [n_blocks] a stack of free blocks */
   int n_free;
   int32_t *d_table; /* backend copy of h_table, refreshed before a step when dirty */
@@ -1409,9 +1409,9 @@ void ot_model_kv_free(ot_model_kv *kv) {
   if (!kv) return;
   ot_backend *be = kv->m->be;
   ot_block_acts *a = &kv->a;
-  void *bufs[] = {kv->kc,   kv->vc,       a->ln1,    a->qkv,    a->q,       a->k,       a->v,
-                  a->atty,  a->residual2, a->ln2,    a->gate,   a->up,      a->act,     a->residual3,
-                  kv->proj, kv->bn_up,    kv->last,  kv->lastn, kv->logits, kv->lora_t, kv->bn_z,
+  void *bufs[] = {kv->kc,   kv->vc,       a->ln1,    a->qkv,     a->q,       a->k,       a->v,
+                  a->atty,  a->residual2, a->ln2,    a->gate,    a->up,      a->act,     a->residual3,
+                  kv->proj, kv->bn_up,    kv->last,  kv->lastn,  kv->logits, kv->lora_t, kv->bn_z,
                   kv->bn_g, kv->d_tokens, kv->d_pos, kv->d_slot, kv->d_table};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     if (bufs[i]) be->ops->free(be, bufs[i]);

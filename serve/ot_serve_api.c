@@ -877,7 +877,8 @@ static void handle_metrics(void *user, ot_http_req *req) {
   put_metric(&t, "offtune_max_batch", "gauge", "Sequences in the running batch at most.", es.max_batch);
   put_metric(&t, "offtune_batch_rows", "gauge", "Rows (prefill chunks and decodes) in the last forward step.",
              es.step_rows);
-  put_metric(&t, "offtune_kv_cache_usage_ratio", "gauge", "KV cache blocks held by sequences over all blocks.",
+  put_metric(&t, "offtune_kv_cache_usage_ratio", "gauge",
+             "KV cache blocks held by sequences over all blocks.",
              es.kv_blocks ? (double)es.kv_blocks_used / (double)es.kv_blocks : 0.0);
   put_metric(&t, "offtune_kv_cache_blocks", "gauge", "KV cache blocks in the pool.", es.kv_blocks);
   put_metric(&t, "offtune_kv_cache_blocks_used", "gauge", "KV cache blocks held by sequences.",

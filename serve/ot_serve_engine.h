@@ -153,7 +153,7 @@ typedef struct {
   int running, waiting;  /* sequences in the batch, requests queued */
   int step_rows;         /* rows of the last step's forward */
   int max_batch;
-  uint64_t kv_positions, kv_capacity; /* KV positions filled, and in all (blocks x block size) */
+  uint64_t kv_positions, kv_capacity;           /* KV positions filled, and in all (blocks x block size) */
   int kv_blocks_used, kv_blocks, kv_block_size; /* the paged pool: blocks held by sequences, in all */
   uint64_t preemptions;                         /* running requests preempted for KV blocks */
   int max_running;                              /* most sequences running at once so far */

@@ -545,7 +545,7 @@ static const op_case cases[] = {
     {"attention_kv", c_attention_kv, {256, 1, 70, 4, 3, 69, 1, 0, 69, 1, 2, 0, 1, 1, 60, 10}}, /* 256 */
     /* paged: block size, then as above; blocks scattered over a pool with spare blocks */
     {"attention_kv_paged", c_attention_kv_paged, {16, 64, 4, 40, 3, 0, 0, 17, 1, 39, 1, 2, 30, 10}},
-    {"attention_kv_paged", c_attention_kv_paged, {1, 45, 3, 33, 2, 0, 5, 28, 1, 32, 1}}, /* 1 position */
+    {"attention_kv_paged", c_attention_kv_paged, {1, 45, 3, 33, 2, 0, 5, 28, 1, 32, 1}},     /* 1 position */
     {"attention_kv_paged", c_attention_kv_paged, {7, 128, 2, 130, 2, 0, 0, 130, 1, 129, 1}}, /* odd */
     {"attention_kv_paged", c_attention_kv_paged, {4, 600, 2, 9, 1, 0, 3, 6}},
     {"attention_kv_paged", c_attention_kv_paged, {16, 256, 1, 70, 4, 3, 69, 1, 0, 69, 1, 2, 0, 1, 1, 60, 10}},

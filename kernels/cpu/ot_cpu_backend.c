@@ -601,8 +601,8 @@ static void cpu_embed_fwd(ot_backend *be, float *out, const int32_t *tokens, con
  * heads start at q + i*ldq; head h reads key/value head h / (NH/NKV) of its sequence's blocks
  * (paged cache [n_blocks, bs, NKV*D], table [n_slots, mb]), positions 0..pos[i]. */
 static void kv_attend(ot_backend *be, float *out, const float *q, size_t ldq, const float *kcache,
-                      const float *vcache, const int32_t *pos, const int32_t *slot, const int32_t *table, int N,
-                      int NH, int NKV, int D, int bs, int mb) {
+                      const float *vcache, const int32_t *pos, const int32_t *slot, const int32_t *table,
+                      int N, int NH, int NKV, int D, int bs, int mb) {
   size_t KW = (size_t)NKV * D, QW = (size_t)NH * D;
   int group = NH / NKV;
   float scale = 1.0f / sqrtf((float)D);
