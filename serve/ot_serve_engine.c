@@ -409,6 +409,11 @@ int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_
   if (rc == OT_OK) {
     e->cfg.kv_blocks = ot_model_kv_blocks_total(e->kv);
     e->watermark = e->cfg.kv_blocks / 100;
+    e->stats.kv_blocks = e->cfg.kv_blocks;
+    e->stats.kv_block_size = ot_model_kv_block_size(e->kv);
+    e->stats.kv_capacity = (uint64_t)e->stats.kv_blocks * (uint64_t)e->stats.kv_block_size;
+    e->stats.max_batch = c.max_batch;
+    e->stats.max_seq = e->T_max;
   }
   e->slots = calloc((size_t)S, sizeof *e->slots);
   e->h_tokens = malloc((size_t)N * sizeof(int32_t));
@@ -976,6 +981,7 @@ static int step(ot_serve_engine *e, int *busy) {
   e->stats.kv_block_size = bs;
   e->stats.kv_blocks_used = nb - ot_model_kv_blocks_free(e->kv);
   e->stats.max_running = e->max_running;
+  e->stats.max_seq = e->T_max;
   e->stats.max_batch = e->cfg.max_batch;
   e->stats.steps += N > 0;
   e->stats.rows_computed += (uint64_t)N;

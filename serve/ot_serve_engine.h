@@ -157,6 +157,7 @@ typedef struct {
   int kv_blocks_used, kv_blocks, kv_block_size; /* the paged pool: blocks held by sequences, in all */
   uint64_t preemptions;                         /* running requests preempted for KV blocks */
   int max_running;                              /* most sequences running at once so far */
+  int max_seq;                                  /* positions per sequence (the configured or derived one) */
 } ot_serve_stats;
 
 /* Drops the adapter named name from the cache (after its files changed or it was unloaded): no
