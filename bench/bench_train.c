@@ -38,8 +38,8 @@ int main(int argc, char **argv) {
   int n_opts = (int)(sizeof opts / sizeof opts[0]);
   int rc = ot_cli_parse(argc - 1, argv + 1, opts, n_opts);
   if (rc) {
-    ot_cli_usage(rc == 1 ? stdout : stderr, "bench_train [options]", "Times GPT-2 or LLaMA training steps.", opts,
-                 n_opts);
+    ot_cli_usage(rc == 1 ? stdout : stderr, "bench_train [options]", "Times GPT-2 or LLaMA training steps.",
+                 opts, n_opts);
     return rc == 1 ? 0 : 2;
   }
   ot_backend *be;

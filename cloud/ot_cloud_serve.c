@@ -239,6 +239,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
   int open_http = 0, version = 0;
   const char *adapter_unused = NULL; /* take_adapters() removes every --adapter before parsing */
   int max_batch = 32, step_tokens = 512, max_seq = 0, memory_mib = 1024, threads = 0, workers = 8;
+  int kv_mib = 0, kv_blocks = 0, kv_block_size = 16;
   int http_conns = OT_HTTP_MAX_CONNS, http_conns_peer = OT_HTTP_MAX_CONNS_PER_PEER;
   const ot_opt opts[] = {
       {"model", OT_OPT_STR, &model, "DIR", "base model checkpoint directory (with its tokenizer)"},
@@ -260,7 +261,13 @@ int ot_cmd_serve_model(int argc, char **argv) {
       {"listen", OT_OPT_STR, &listen, "URL", "tenants' encrypted nng request API (e.g. tcp://0.0.0.0:7000)"},
       {"key", OT_OPT_STR, &key, "FILE", "the cloud's identity for --listen (offtune-cloud keygen)"},
       {"access", OT_OPT_STR, &access, "FILE", "allowlist for --listen (offtune-cloud access)"},
-      {"max-batch", OT_OPT_INT, &max_batch, "N", "requests decoding at once (KV cache slots; default 32)"},
+      {"max-batch", OT_OPT_INT, &max_batch, "N", "requests running at once at most (default 32)"},
+      {"kv-mib", OT_OPT_INT, &kv_mib, "MiB",
+       "KV cache memory: a pool of blocks shared by the running requests; when full, requests wait and "
+       "running ones are preempted (default: max-batch x max-seq positions, never full)"},
+      {"kv-blocks", OT_OPT_INT, &kv_blocks, "N", "KV cache memory in blocks instead of --kv-mib"},
+      {"kv-block-size", OT_OPT_INT, &kv_block_size, "N",
+       "positions per KV cache block (default 16; = --max-seq gives fixed slots of max-seq positions)"},
       {"max-step-tokens", OT_OPT_INT, &step_tokens, "N",
        "rows per forward step, prefills included (default 512)"},
       {"max-seq", OT_OPT_INT, &max_seq, "N",
@@ -270,9 +277,10 @@ int ot_cmd_serve_model(int argc, char **argv) {
       {"workers", OT_OPT_INT, &workers, "N", "nng request API worker threads (default 8)"},
       {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
   };
-  const char *syn = "offtune-cloud serve-model --model DIR [--adapter NAME=DIR]... [--adapters-dir DIR] "
-                    "[--http 127.0.0.1:8000] [--listen tcp://... --key FILE --access FILE] [--max-batch N] "
-                    "[--adapter-memory MiB] [--threads N]";
+  const char *syn =
+      "offtune-cloud serve-model --model DIR [--adapter NAME=DIR]... [--adapters-dir DIR] "
+      "[--http 127.0.0.1:8000] [--listen tcp://... --key FILE --access FILE] [--max-batch N] "
+      "[--kv-mib MiB | --kv-blocks N] [--kv-block-size 16] [--adapter-memory MiB] [--threads N]";
   registry reg;
   memset(&reg, 0, sizeof reg);
   pthread_mutex_init(&reg.mu, NULL);
@@ -307,6 +315,8 @@ int ot_cmd_serve_model(int argc, char **argv) {
       (max_batch < 1 || step_tokens < max_batch || max_seq < 0 || memory_mib < 1 || workers < 1))
     rc = ot_error(OT_ERR_INVALID,
                   "need --max-batch >= 1, --max-step-tokens >= --max-batch, --adapter-memory >= 1");
+  if (rc == OT_OK && (kv_mib < 0 || kv_blocks < 0 || kv_block_size < 1 || (kv_mib && kv_blocks)))
+    rc = ot_error(OT_ERR_INVALID, "need --kv-mib >= 1 or --kv-blocks >= 1 (not both), --kv-block-size >= 1");
   if (rc == OT_OK && keys && !http) rc = ot_error(OT_ERR_INVALID, "--keys is for --http");
   if (rc == OT_OK && keys && !ot_file_exists(keys)) /* a typo would serve nobody, silently */
     rc = ot_error(OT_ERR_INVALID,
@@ -369,6 +379,9 @@ int ot_cmd_serve_model(int argc, char **argv) {
   sc.max_batch = max_batch;
   sc.max_step_tokens = step_tokens;
   sc.max_seq = max_seq;
+  sc.kv_block_size = kv_block_size;
+  sc.kv_blocks = kv_blocks;
+  sc.kv_bytes = (size_t)kv_mib << 20;
   sc.adapter_budget = (size_t)memory_mib << 20;
   sc.resolve = resolve;
   sc.resolve_user = &reg;
@@ -429,14 +442,16 @@ int ot_cmd_serve_model(int argc, char **argv) {
   if (rc == OT_OK) {
     char line[1200];
     const ot_model_config *mc = ot_model_cfg(m);
-    int seq = max_seq ? max_seq : mc->n_positions < 1024 ? mc->n_positions : 1024;
-    double kv_mib = 8.0 * mc->n_layer * max_batch * seq * mc->n_embd / 1048576.0;
+    ot_serve_stats st;
+    ot_serve_get_stats(eng, &st);
+    double kv_used = (double)ot_model_kv_block_bytes(m, st.kv_block_size) * st.kv_blocks / 1048576.0;
     snprintf(
         line, sizeof line,
-        "serving %s (%d blocks, %d wide) on %s backend: max batch %d x %d positions (KV cache %.0f MiB), "
-        "%d tokens per step, adapters %d named%s%s, %d MiB for adapters",
-        base_name, mc->n_layer, mc->n_embd, be->ops->name, max_batch, seq, kv_mib, step_tokens, reg.n,
-        adapters_dir ? " + " : "", adapters_dir ? adapters_dir : "", memory_mib);
+        "serving %s (%d blocks, %d wide) on %s backend: max batch %d, max seq %d, KV cache %d blocks of %d "
+        "positions (%.1f MiB), %d tokens per step, adapters %d named%s%s, %d MiB for adapters",
+        base_name, mc->n_layer, mc->n_embd, be->ops->name, max_batch, st.max_seq, st.kv_blocks,
+        st.kv_block_size, kv_used, step_tokens, reg.n, adapters_dir ? " + " : "",
+        adapters_dir ? adapters_dir : "", memory_mib);
     log_line(&lg, line);
     if (api) {
       snprintf(line, sizeof line,

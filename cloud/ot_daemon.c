@@ -296,6 +296,7 @@ int ot_cmd_serve(int argc, char **argv) {
   const char *state = NULL, *listen = "tcp://127.0.0.1:7450", *models = NULL, *http = NULL,
              *serve_model = NULL;
   int workers = 2, serve_threads = 0, n_models = 0, http_keys = 0, http_open = 0, version = 0;
+  int http_kv_mib = 0, http_kv_block_size = 16;
   char model_name[OT_NAME_MAX] = "";
   const ot_opt opts[] = {
       {"state", OT_OPT_STR, &state, "DIR",
@@ -314,6 +315,11 @@ int ot_cmd_serve(int argc, char **argv) {
        "--http needs API keys: those of this registry (offtune-cloud keys create --state DIR)"},
       {"http-allow-unauthenticated", OT_OPT_FLAG, &http_open, NULL,
        "let --http listen beyond loopback without --http-keys"},
+      {"http-kv-mib", OT_OPT_INT, &http_kv_mib, "MiB",
+       "KV cache memory of --http serving (paged; when full, requests wait or are preempted; default: 32 "
+       "sequences of the model's context)"},
+      {"http-kv-block-size", OT_OPT_INT, &http_kv_block_size, "N",
+       "positions per KV cache block (default 16)"},
       {"version", OT_OPT_FLAG, &version, NULL, "print the version and exit"},
   };
   const char *syn =
@@ -335,6 +341,8 @@ int ot_cmd_serve(int argc, char **argv) {
     return OT_EXIT_OK;
   }
   if (rc == OT_OK && !state) rc = ot_error(OT_ERR_INVALID, "--state DIR is required");
+  if (rc == OT_OK && (http_kv_mib < 0 || http_kv_block_size < 1))
+    rc = ot_error(OT_ERR_INVALID, "need --http-kv-mib >= 0 and --http-kv-block-size >= 1");
   if (rc == OT_OK && http && !http_keys && !http_open && !ot_http_url_loopback(http))
     rc = ot_error(OT_ERR_INVALID,
                   "--http %s is not a loopback address: give --http-keys (API keys), or "
@@ -409,7 +417,7 @@ int ot_cmd_serve(int argc, char **argv) {
       rc = ot_error(OT_ERR_INVALID, "--http needs --serve-model NAME unless --model names exactly one model");
     if (rc == OT_OK)
       rc = ot_daemon_serving_start(d, serve_model ? serve_model : model_name, http, serve_threads, http_keys,
-                                   &d->serving);
+                                   http_kv_mib, http_kv_block_size, &d->serving);
   }
   if (rc == OT_OK) rc = write_endpoint(d, listen);
   int ctl_started = 0, sched_started = 0;

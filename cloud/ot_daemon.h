@@ -76,9 +76,10 @@ uint64_t ot_daemon_upload_limit(uint64_t ref_size);
 
 /* Serving (ot_daemon_serve.c): loads the registered model `model_name` and serves it with
  * the published adapters of its sessions over the HTTP API at `http` (HOST:PORT); keys: every
- * request needs one of the registry's API keys. */
+ * request needs one of the registry's API keys. kv_mib: the paged KV cache's memory (0: the
+ * engine's default), in blocks of kv_block_size positions (0: 16). */
 int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *http, int threads, int keys,
-                            ot_daemon_serving **out);
+                            int kv_mib, int kv_block_size, ot_daemon_serving **out);
 /* http://HOST:PORT with the port bound. */
 const char *ot_daemon_serving_url(const ot_daemon_serving *s);
 void ot_daemon_serving_stop(ot_daemon_serving *s);

@@ -131,7 +131,7 @@ static void daemon_metrics(void *user, void (*line)(void *ctx, const char *text)
 }
 
 int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *http, int threads, int keys,
-                            ot_daemon_serving **out) {
+                            int kv_mib, int kv_block_size, ot_daemon_serving **out) {
   ot_daemon_serving *s = calloc(1, sizeof *s);
   if (!s) return ot_error(OT_ERR_NOMEM, "cannot allocate");
   s->d = d;
@@ -149,6 +149,8 @@ int ot_daemon_serving_start(ot_daemon *d, const char *model_name, const char *ht
   sc.tok = s->tok;
   sc.eos_id = eos;
   sc.base_digest = s->digest;
+  sc.kv_bytes = (size_t)kv_mib << 20;
+  sc.kv_block_size = kv_block_size;
   if (rc == OT_OK) rc = ot_dashboard_init(&s->dash, d);
   if (rc == OT_OK) rc = ot_serve_engine_create(s->m, &sc, &s->eng);
   if (rc == OT_OK) rc = ot_serve_start(s->eng);

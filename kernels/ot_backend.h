@@ -122,13 +122,19 @@ typedef struct {
   /* out[N,C] = wte[tokens[i]] + wpe[pos[i]]: rows at arbitrary positions (tokens, pos [N]) */
   void (*embed_fwd)(ot_backend *be, float *out, const int32_t *tokens, const int32_t *pos, const float *wte,
                     const float *wpe, int N, int C);
-  /* Causal attention of new rows against a KV cache. Row i of qkv[N,3C] (q | k | v) is the token at
-   * position pos[i] of sequence slot[i]; kcache, vcache are [n_slots, T_max, C] (one layer). First
-   * every row's k and v are stored at (slot[i], pos[i]); then out[i] (heads of C/NH) attends to
-   * positions 0..pos[i] of its slot, so rows of one sequence sent together (a prefill) see each
-   * other causally. pos and slot [N] are backend memory. */
+  /* Causal attention of new rows against a paged KV cache (vLLM's PagedAttention layout). Row i
+   * of qkv[N,3C] (q | k | v) is the token at position pos[i] of sequence slot[i]; kcache, vcache
+   * [n_blocks, block_size, C] (one layer) are a pool of blocks of block_size positions, and
+   * table [n_slots, max_blocks] lists each sequence's blocks: position p of sequence s lives at
+   * offset p % block_size of block table[s * max_blocks + p / block_size]. First every row's k
+   * and v are stored; then out[i] (heads of C/NH) attends to positions 0..pos[i] of its
+   * sequence, so rows of one sequence sent together (a prefill) see each other causally.
+   * Fixed slots are block_size = T_max, max_blocks 1, table[s] = s. pos, slot, table are
+   * backend memory. Keys are visited in chunks of 64 positions whatever the block size, so the
+   * result does not depend on it. */
   void (*attention_kv_fwd)(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
-                           const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max);
+                           const int32_t *pos, const int32_t *slot, const int32_t *table, int N, int C,
+                           int NH, int block_size, int max_blocks);
   /* Multi-adapter LoRA for serving (Punica's SGMV), no dropout: segment s owns rows row0[s] ..
    * row0[s]+n[s]-1 of x[N,IN] and out[N,OUT] (segments do not overlap; rows in none are left
    * alone) and out[those rows] += scale[s] (x A_s^T) Bt_s with A_s = A[s] [r[s], IN] (nn.Linear
@@ -166,12 +172,12 @@ typedef struct {
   void (*gqa_bwd)(ot_backend *be, float *dq, float *dk, float *dv, float *datt, const float *dout,
                   const float *q, const float *k, const float *v, const float *att, int B, int T, int NH,
                   int NKV, int D);
-  /* attention_kv_fwd for grouped-query attention: row i's k [NKV*D] and v are stored at (slot[i],
-   * pos[i]) of kcache, vcache [n_slots, T_max, NKV*D]; then out[i] [NH*D] attends to positions
-   * 0..pos[i] of its slot. */
+  /* attention_kv_fwd for grouped-query attention: row i's k [NKV*D] and v are stored at position
+   * pos[i] of sequence slot[i] in the paged kcache, vcache [n_blocks, block_size, NKV*D] (table
+   * as attention_kv_fwd); then out[i] [NH*D] attends to positions 0..pos[i] of its sequence. */
   void (*gqa_kv_fwd)(ot_backend *be, float *out, float *kcache, float *vcache, const float *q, const float *k,
-                     const float *v, const int32_t *pos, const int32_t *slot, int N, int NH, int NKV, int D,
-                     int T_max);
+                     const float *v, const int32_t *pos, const int32_t *slot, const int32_t *table, int N,
+                     int NH, int NKV, int D, int block_size, int max_blocks);
 } ot_backend_ops;
 
 /* Host and CUDA device code share these (one definition of the dropout mask). */

@@ -968,11 +968,18 @@ static uint64_t lora_seed(const ot_model *m, int l, int s) {
 
 /* ---- the block code, shared by training, evaluation and serving ------------------- */
 
-/* Serving state: the KV cache and a one-block workspace for steps of up to max_rows rows. */
+/* Serving state: the paged KV cache and a one-block workspace for steps of up to max_rows rows. */
 struct ot_model_kv {
   ot_model *m;
   int n_slots, T_max, max_rows, max_last;
-  float *kc, *vc; /* [L, n_slots, T_max, KW] */
+  float *kc, *vc; /* the pool: [L, n_blocks, block_size, KW] */
+  int block_size, n_blocks, max_blocks;
+  int32_t *h_table;  /* [n_slots, max_blocks] host block tables (-1: none) */
+  int *n_held;       /* [n_slots] blocks each slot holds */
+  int32_t *free_ids; /* [n_blocks] a stack of free blocks */
+  int n_free;
+  int32_t *d_table; /* backend copy of h_table, refreshed before a step when dirty */
+  int table_dirty;
   ot_block_acts a;
   float *proj, *bn_up, *last, *lastn, *logits;
   float *lora_t; /* [max_rows, rcap] (segments without SGMV) */
@@ -1130,12 +1137,13 @@ static void block_fwd(ot_model *m, const fwd_ctx *c, int l, const float *residua
   int C = m->cfg.n_embd, NH = m->cfg.n_head, N = c->N;
   int bn_train = !c->kv && has_bn(m, l); /* training keeps the bottleneck's input apart */
   norm_fwd(m, c, l, OT_R_ATTN_NORM, OT_R_ATTN_NORM_B, a->ln1, a->ln1_mean, a->ln1_rstd, residual);
-  size_t layer_kv = c->kv ? (size_t)c->kv->n_slots * c->kv->T_max * m->KW : 0;
+  size_t layer_kv = c->kv ? (size_t)c->kv->n_blocks * c->kv->block_size * m->KW : 0;
   float *kc = c->kv ? c->kv->kc + l * layer_kv : NULL, *vc = c->kv ? c->kv->vc + l * layer_kv : NULL;
   if (m->gpt2) {
     lin_fwd(m, c, l, OT_SITE_QKV, a->qkv, a->ln1);
     if (c->kv)
-      o->attention_kv_fwd(be, a->atty, kc, vc, a->qkv, c->kv->d_pos, c->kv->d_slot, N, C, NH, c->kv->T_max);
+      o->attention_kv_fwd(be, a->atty, kc, vc, a->qkv, c->kv->d_pos, c->kv->d_slot, c->kv->d_table, N, C, NH,
+                          c->kv->block_size, c->kv->max_blocks);
     else
       o->attention_fwd(be, a->atty, a->att, a->qkv, c->B, c->T, C, NH);
   } else {
@@ -1146,8 +1154,8 @@ static void block_fwd(ot_model *m, const fwd_ctx *c, int l, const float *residua
     o->rope(be, a->q, c->pos, m->inv_freq, N, NH, D, 0);
     o->rope(be, a->k, c->pos, m->inv_freq, N, NKV, D, 0);
     if (c->kv)
-      o->gqa_kv_fwd(be, a->atty, kc, vc, a->q, a->k, a->v, c->kv->d_pos, c->kv->d_slot, N, NH, NKV, D,
-                    c->kv->T_max);
+      o->gqa_kv_fwd(be, a->atty, kc, vc, a->q, a->k, a->v, c->kv->d_pos, c->kv->d_slot, c->kv->d_table, N, NH,
+                    NKV, D, c->kv->block_size, c->kv->max_blocks);
     else
       o->gqa_fwd(be, a->atty, a->att, a->q, a->k, a->v, c->B, c->T, NH, NKV, D);
   }
@@ -1458,12 +1466,15 @@ void ot_model_kv_free(ot_model_kv *kv) {
   if (!kv) return;
   ot_backend *be = kv->m->be;
   ot_block_acts *a = &kv->a;
-  void *bufs[] = {kv->kc,   kv->vc,       a->ln1,    a->qkv,    a->q,       a->k,       a->v,
-                  a->atty,  a->residual2, a->ln2,    a->gate,   a->up,      a->act,     a->residual3,
-                  kv->proj, kv->bn_up,    kv->last,  kv->lastn, kv->logits, kv->lora_t, kv->bn_z,
-                  kv->bn_g, kv->d_tokens, kv->d_pos, kv->d_slot};
+  void *bufs[] = {kv->kc,   kv->vc,       a->ln1,    a->qkv,     a->q,       a->k,       a->v,
+                  a->atty,  a->residual2, a->ln2,    a->gate,    a->up,      a->act,     a->residual3,
+                  kv->proj, kv->bn_up,    kv->last,  kv->lastn,  kv->logits, kv->lora_t, kv->bn_z,
+                  kv->bn_g, kv->d_tokens, kv->d_pos, kv->d_slot, kv->d_table};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     if (bufs[i]) be->ops->free(be, bufs[i]);
+  free(kv->h_table);
+  free(kv->n_held);
+  free(kv->free_ids);
   free(kv->sg_A);
   free(kv->sg_Bt);
   free(kv->sg_row0);
@@ -1473,13 +1484,30 @@ void ot_model_kv_free(ot_model_kv *kv) {
   free(kv);
 }
 
-int ot_model_kv_create(ot_model *m, int n_slots, int T_max, int max_rows, int max_last, ot_model_kv **out) {
-  if (m->lowp_mem) return need_fp32(m, "serving");
-  if (!m || !out || n_slots < 1 || T_max < 1 || max_rows < 1 || max_last < 1)
+size_t ot_model_kv_block_bytes(const ot_model *m, int block_size) {
+  return 2 * (size_t)m->cfg.n_layer * (size_t)block_size * m->KW * sizeof(float);
+}
+
+int ot_model_kv_create(ot_model *m, const ot_model_kv_config *kc, ot_model_kv **out) {
+  if (m && m->lowp_mem) return need_fp32(m, "serving");
+  if (!m || !kc || !out || kc->n_slots < 1 || kc->T_max < 1 || kc->max_rows < 1 || kc->max_last < 1 ||
+      kc->block_size < 0 || kc->n_blocks < 0)
     return ot_error(OT_ERR_INVALID, "ot_model_kv_create: sizes must be positive");
+  int n_slots = kc->n_slots, T_max = kc->T_max, max_rows = kc->max_rows, max_last = kc->max_last;
   if (T_max > m->cfg.n_positions)
     return ot_error(OT_ERR_RANGE, "sequence length %d exceeds the model's n_positions %d", T_max,
                     m->cfg.n_positions);
+  int bs = kc->block_size ? kc->block_size : 16;
+  if (bs > T_max) bs = T_max;
+  int mb = (T_max + bs - 1) / bs;
+  int nb = kc->n_blocks ? kc->n_blocks : n_slots * mb;
+  if (nb < mb)
+    return ot_error(OT_ERR_RANGE,
+                    "a KV cache of %d blocks of %d positions cannot hold one sequence of %d positions "
+                    "(%d blocks)",
+                    nb, bs, T_max, mb);
+  if ((size_t)nb * bs > (size_t)INT32_MAX / 2)
+    return ot_error(OT_ERR_RANGE, "a KV cache of %d blocks of %d positions is too large", nb, bs);
   ot_backend *be = m->be;
   int rc = OT_BACKEND_REQUIRE(be, embed_fwd);
   if (rc == OT_OK)
@@ -1493,8 +1521,11 @@ int ot_model_kv_create(ot_model *m, int n_slots, int T_max, int max_rows, int ma
   kv->T_max = T_max;
   kv->max_rows = max_rows;
   kv->max_last = max_last;
+  kv->block_size = bs;
+  kv->n_blocks = nb;
+  kv->max_blocks = mb;
   size_t N = (size_t)max_rows, C = m->cfg.n_embd, F = m->cfg.n_ff, QW = m->QW, KW = m->KW, fl = sizeof(float);
-  size_t cache = (size_t)m->cfg.n_layer * n_slots * T_max * KW * fl;
+  size_t cache = ot_model_kv_block_bytes(m, bs) / 2 * (size_t)nb;
   ot_block_acts *a = &kv->a;
   struct {
     void **p;
@@ -1520,9 +1551,22 @@ int ot_model_kv_create(ot_model *m, int n_slots, int T_max, int max_rows, int ma
               {(void **)&kv->logits, (size_t)max_last * m->cfg.vocab_size * fl},
               {(void **)&kv->d_tokens, N * sizeof(int32_t)},
               {(void **)&kv->d_pos, N * sizeof(int32_t)},
-              {(void **)&kv->d_slot, N * sizeof(int32_t)}};
+              {(void **)&kv->d_slot, N * sizeof(int32_t)},
+              {(void **)&kv->d_table, (size_t)n_slots * mb * sizeof(int32_t)}};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0] && rc == OT_OK; i++)
     if (bufs[i].bytes) rc = be->ops->alloc(be, bufs[i].bytes, bufs[i].p);
+  kv->h_table = malloc((size_t)n_slots * mb * sizeof(int32_t));
+  kv->n_held = calloc((size_t)n_slots, sizeof(int));
+  kv->free_ids = malloc((size_t)nb * sizeof(int32_t));
+  if (rc == OT_OK && (!kv->h_table || !kv->n_held || !kv->free_ids))
+    rc = ot_error(OT_ERR_NOMEM, "cannot allocate the KV block tables");
+  if (rc == OT_OK) {
+    /* unheld entries point at block 0, so a table never sends the kernels out of the pool */
+    memset(kv->h_table, 0, (size_t)n_slots * mb * sizeof(int32_t));
+    for (int i = 0; i < nb; i++) kv->free_ids[i] = nb - 1 - i; /* block 0 on top */
+    kv->n_free = nb;
+    kv->table_dirty = 1;
+  }
   kv->sg_cap = max_rows;
   kv->sg_A = malloc(N * sizeof *kv->sg_A);
   kv->sg_Bt = malloc(N * sizeof *kv->sg_Bt);
@@ -1541,7 +1585,42 @@ int ot_model_kv_create(ot_model *m, int n_slots, int T_max, int max_rows, int ma
 }
 
 size_t ot_model_kv_cache_bytes(const ot_model_kv *kv) {
-  return 2 * (size_t)kv->m->cfg.n_layer * kv->n_slots * kv->T_max * kv->m->KW * sizeof(float);
+  return ot_model_kv_block_bytes(kv->m, kv->block_size) * (size_t)kv->n_blocks;
+}
+
+int ot_model_kv_block_size(const ot_model_kv *kv) { return kv->block_size; }
+int ot_model_kv_blocks_total(const ot_model_kv *kv) { return kv->n_blocks; }
+int ot_model_kv_blocks_free(const ot_model_kv *kv) { return kv->n_free; }
+
+int ot_model_kv_blocks_needed(const ot_model_kv *kv, int slot, int n_positions) {
+  if (slot < 0 || slot >= kv->n_slots) return 0;
+  int want = (n_positions + kv->block_size - 1) / kv->block_size;
+  return want > kv->n_held[slot] ? want - kv->n_held[slot] : 0;
+}
+
+int ot_model_kv_grow(ot_model_kv *kv, int slot, int n_positions) {
+  if (!kv || slot < 0 || slot >= kv->n_slots || n_positions < 0)
+    return ot_error(OT_ERR_INVALID, "ot_model_kv_grow: bad slot %d", slot);
+  if (n_positions > kv->T_max)
+    return ot_error(OT_ERR_RANGE, "%d positions exceed the sequence limit %d", n_positions, kv->T_max);
+  int need = ot_model_kv_blocks_needed(kv, slot, n_positions);
+  if (need > kv->n_free)
+    return ot_error(OT_ERR_NOMEM, "the KV cache has %d free blocks; %d needed", kv->n_free, need);
+  int32_t *t = kv->h_table + (size_t)slot * kv->max_blocks;
+  for (int i = 0; i < need; i++) t[kv->n_held[slot]++] = kv->free_ids[--kv->n_free];
+  if (need) kv->table_dirty = 1;
+  return OT_OK;
+}
+
+void ot_model_kv_release(ot_model_kv *kv, int slot) {
+  if (!kv || slot < 0 || slot >= kv->n_slots) return;
+  int32_t *t = kv->h_table + (size_t)slot * kv->max_blocks;
+  while (kv->n_held[slot] > 0) { /* last taken goes back on top: LIFO reuse */
+    int k = --kv->n_held[slot];
+    kv->free_ids[kv->n_free++] = t[k];
+    t[k] = 0;
+  }
+  kv->table_dirty = 1;
 }
 
 int ot_model_kv_reserve(ot_model_kv *kv, int r, int d) {
@@ -1602,10 +1681,11 @@ int ot_model_decode(ot_model *m, ot_model_kv *kv, const int32_t *tokens, const i
   int V = m->cfg.vocab_size, C = m->cfg.n_embd;
   for (int i = 0; i < N; i++)
     if (tokens[i] < 0 || tokens[i] >= V || pos[i] < 0 || pos[i] >= kv->T_max || slot[i] < 0 ||
-        slot[i] >= kv->n_slots)
+        slot[i] >= kv->n_slots || pos[i] / kv->block_size >= kv->n_held[slot[i]])
       return ot_error(OT_ERR_RANGE,
-                      "row %d: token %d at position %d of slot %d is outside the model or cache", i,
-                      tokens[i], pos[i], slot[i]);
+                      "row %d: token %d at position %d of slot %d is outside the model or the slot's KV "
+                      "blocks",
+                      i, tokens[i], pos[i], slot[i]);
   for (int i = 0; i < S; i++)
     if (last_rows[i] < 0 || last_rows[i] >= N)
       return ot_error(OT_ERR_RANGE, "logits row %d outside the step", i);
@@ -1616,7 +1696,10 @@ int ot_model_decode(ot_model *m, ot_model_kv *kv, const int32_t *tokens, const i
   rc = o->upload(be, kv->d_tokens, tokens, (size_t)N * sizeof(int32_t));
   if (rc == OT_OK) rc = o->upload(be, kv->d_pos, pos, (size_t)N * sizeof(int32_t));
   if (rc == OT_OK) rc = o->upload(be, kv->d_slot, slot, (size_t)N * sizeof(int32_t));
+  if (rc == OT_OK && kv->table_dirty)
+    rc = o->upload(be, kv->d_table, kv->h_table, (size_t)kv->n_slots * kv->max_blocks * sizeof(int32_t));
   if (rc) return rc;
+  kv->table_dirty = 0;
   float *x = kv->a.residual3; /* the residual stream: each block reads it before rewriting it */
   o->embed_fwd(be, x, kv->d_tokens, kv->d_pos, GP(m, OT_G_TOK), GP(m, OT_G_POS), N, C);
   fwd_ctx c = {.N = N,

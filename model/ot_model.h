@@ -240,7 +240,7 @@ void ot_model_set_dropout(ot_model *m, int on);
 /* ---- batched inference with a KV cache (serving) -----------------------------------
  *
  * The same block code as training, on N rows of many sequences at once: row i is token
- * tokens[i] at position pos[i] of cache slot slot[i]. Rows come grouped in segments, each with
+ * tokens[i] at position pos[i] of sequence slot[i]. Rows come grouped in segments, each with
  * its own weights (an adapter): norms and linear maps run once per run of consecutive segments
  * sharing weights (the frozen base: the whole batch), LoRA branches per segment (one SGMV call
  * when the backend has it), bottlenecks per segment.
@@ -265,18 +265,46 @@ typedef struct {
 
 typedef struct ot_model_kv ot_model_kv;
 
-/* A KV cache of n_slots sequences of up to T_max positions and the workspace for steps of up
- * to max_rows rows and max_last logits rows (backend memory, one allocation per buffer). */
-int ot_model_kv_create(ot_model *m, int n_slots, int T_max, int max_rows, int max_last, ot_model_kv **out);
+/* The KV cache is paged (vLLM's PagedAttention): one pool of n_blocks blocks of block_size
+ * positions (keys and values of every layer), allocated once, and a block table per sequence
+ * slot; a sequence takes blocks as it grows (ot_model_kv_grow) and gives them all back when it
+ * ends (ot_model_kv_release). block_size = T_max with n_blocks = n_slots is the fixed-slot
+ * cache (every sequence reserves T_max positions). */
+typedef struct {
+  int n_slots;    /* sequences at once (block tables) */
+  int T_max;      /* positions per sequence at most (<= n_positions) */
+  int block_size; /* positions per block; 0 = 16 (at most T_max) */
+  int n_blocks;   /* blocks in the pool; 0 = n_slots * ceil(T_max / block_size) (never full) */
+  int max_rows;   /* rows per decode step */
+  int max_last;   /* logits rows per decode step */
+} ot_model_kv_config;
+
+/* The pool, the tables and the workspace for steps of up to max_rows rows and max_last logits
+ * rows (backend memory, one allocation per buffer). The pool must hold one sequence of T_max
+ * positions. */
+int ot_model_kv_create(ot_model *m, const ot_model_kv_config *c, ot_model_kv **out);
 void ot_model_kv_free(ot_model_kv *kv);
 /* Grows the LoRA and bottleneck scratch to rank r and size d (adapters loaded later). */
 int ot_model_kv_reserve(ot_model_kv *kv, int lora_r, int bn_dim);
-/* Bytes of the KV cache proper (keys and values of every layer and slot). */
+/* Bytes of the KV cache proper (keys and values of every layer and block). */
 size_t ot_model_kv_cache_bytes(const ot_model_kv *kv);
+/* Bytes one block takes (keys and values of every layer). */
+size_t ot_model_kv_block_bytes(const ot_model *m, int block_size);
+int ot_model_kv_block_size(const ot_model_kv *kv);
+int ot_model_kv_blocks_total(const ot_model_kv *kv);
+int ot_model_kv_blocks_free(const ot_model_kv *kv);
+/* Blocks slot must still take to hold positions 0..n_positions-1. */
+int ot_model_kv_blocks_needed(const ot_model_kv *kv, int slot, int n_positions);
+/* Makes slot hold positions 0..n_positions-1, taking blocks from the pool; OT_ERR_NOMEM (and
+ * nothing taken) when the pool has too few free blocks, OT_ERR_RANGE past T_max. */
+int ot_model_kv_grow(ot_model_kv *kv, int slot, int n_positions);
+/* Gives every block of slot back to the pool (its contents are forgotten). */
+void ot_model_kv_release(ot_model_kv *kv, int slot);
 /* One forward over N rows (host arrays tokens, pos, slot; segments cover the rows in order).
- * Every row's key and value are stored first, so rows of one sequence sent together (a
- * prefill) see each other causally. The logits of rows last_rows[0..S) go to logits [S, V]
- * (host). The model's parameters are read, never changed. */
+ * Each row's position must be held by its slot (ot_model_kv_grow). Every row's key and value
+ * are stored first, so rows of one sequence sent together (a prefill) see each other causally.
+ * The logits of rows last_rows[0..S) go to logits [S, V] (host). The model's parameters are
+ * read, never changed. */
 int ot_model_decode(ot_model *m, ot_model_kv *kv, const int32_t *tokens, const int32_t *pos,
                     const int32_t *slot, int N, const ot_model_segment *sg, int ns, const int *last_rows,
                     int S, float *logits);

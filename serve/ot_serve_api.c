@@ -870,17 +870,24 @@ static void handle_metrics(void *user, ot_http_req *req) {
   pthread_mutex_unlock(&m->mu);
   ot_serve_stats es;
   ot_serve_get_stats(api->cfg.engine, &es);
-  put_metric(&t, "offtune_num_requests_running", "gauge",
-             "Sequences in the running batch (KV cache slots held).", es.running);
-  put_metric(&t, "offtune_num_requests_waiting", "gauge", "Requests queued for a slot or adapter memory.",
+  put_metric(&t, "offtune_num_requests_running", "gauge", "Sequences in the running batch.", es.running);
+  put_metric(&t, "offtune_num_requests_waiting", "gauge",
+             "Requests queued for KV blocks, a batch place or adapter memory (preempted ones included).",
              es.waiting);
-  put_metric(&t, "offtune_max_batch", "gauge", "KV cache slots (sequences at once).", es.max_batch);
+  put_metric(&t, "offtune_max_batch", "gauge", "Sequences in the running batch at most.", es.max_batch);
   put_metric(&t, "offtune_batch_rows", "gauge", "Rows (prefill chunks and decodes) in the last forward step.",
              es.step_rows);
-  put_metric(&t, "offtune_kv_cache_usage_ratio", "gauge", "KV cache positions filled over all positions.",
-             es.kv_capacity ? (double)es.kv_positions / (double)es.kv_capacity : 0.0);
+  put_metric(&t, "offtune_kv_cache_usage_ratio", "gauge",
+             "KV cache blocks held by sequences over all blocks.",
+             es.kv_blocks ? (double)es.kv_blocks_used / (double)es.kv_blocks : 0.0);
+  put_metric(&t, "offtune_kv_cache_blocks", "gauge", "KV cache blocks in the pool.", es.kv_blocks);
+  put_metric(&t, "offtune_kv_cache_blocks_used", "gauge", "KV cache blocks held by sequences.",
+             es.kv_blocks_used);
+  put_metric(&t, "offtune_kv_cache_block_size", "gauge", "Positions per KV cache block.", es.kv_block_size);
   put_metric(&t, "offtune_kv_cache_positions", "gauge", "KV cache positions filled.",
              (double)es.kv_positions);
+  put_metric(&t, "offtune_num_preemptions_total", "counter",
+             "Running requests preempted for KV blocks (recomputed later).", (double)es.preemptions);
   put_metric(&t, "offtune_engine_steps_total", "counter", "Forward steps run.", (double)es.steps);
   put_metric(&t, "offtune_engine_tokens_total", "counter", "Tokens sampled.", (double)es.tokens_generated);
   put_metric(&t, "offtune_engine_rows_total", "counter", "Rows computed by the forward steps.",

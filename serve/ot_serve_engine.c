@@ -56,6 +56,7 @@ struct ot_serve_engine {
   ot_serve_config cfg;
   char base_digest[96];
   int L, V, T_max, Nmax;
+  int watermark; /* KV blocks kept free when admitting next to running requests (1%, as vLLM) */
 
   /* incoming requests and cancellations, under mu */
   pthread_mutex_t mu;
@@ -78,6 +79,7 @@ struct ot_serve_engine {
   adapter *adapters;
   size_t adapter_bytes;
   uint64_t tick;
+  int max_running;
 
   ot_model_kv *kv; /* one slot per batch entry; the model's workspace for a step */
   /* host scratch */
@@ -265,10 +267,32 @@ int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_
   ot_serve_config c = *cfg;
   if (c.max_batch <= 0) c.max_batch = 32;
   if (c.max_step_tokens <= 0) c.max_step_tokens = 512;
-  if (c.max_seq <= 0) c.max_seq = mc->n_positions < 1024 ? mc->n_positions : 1024;
-  if (c.max_seq > mc->n_positions)
-    return ot_error(OT_ERR_RANGE, "max_seq %d exceeds the model's n_positions %d", c.max_seq,
-                    mc->n_positions);
+  if (c.max_seq < 0 || c.kv_block_size < 0 || c.kv_blocks < 0)
+    return ot_error(OT_ERR_INVALID, "max_seq, kv_block_size and kv_blocks must be >= 0");
+  if (c.kv_blocks && c.kv_bytes)
+    return ot_error(OT_ERR_INVALID, "give the KV cache limit in blocks or in bytes, not both");
+  /* the KV pool: blocks from the byte limit; max_seq by default what one sequence can fill */
+  int max_seq = c.max_seq ? c.max_seq : mc->n_positions < 1024 ? mc->n_positions : 1024;
+  int bs = c.kv_block_size ? c.kv_block_size : 16;
+  if (c.max_seq && bs > c.max_seq) bs = c.max_seq;
+  if (c.kv_bytes) {
+    size_t per = ot_model_kv_block_bytes(base, bs), nb = c.kv_bytes / per;
+    if (nb < 1)
+      return ot_error(OT_ERR_RANGE, "a KV cache of %zu bytes holds no block of %d positions (%zu bytes)",
+                      c.kv_bytes, bs, per);
+    c.kv_blocks = nb > (size_t)INT32_MAX / 2 / (size_t)bs ? INT32_MAX / 2 / bs : (int)nb;
+  }
+  if (!c.max_seq && c.kv_blocks && (size_t)c.kv_blocks * bs < (size_t)max_seq) max_seq = c.kv_blocks * bs;
+  if (!c.max_seq && bs > max_seq) bs = max_seq;
+  if (max_seq > mc->n_positions)
+    return ot_error(OT_ERR_RANGE, "max_seq %d exceeds the model's n_positions %d", max_seq, mc->n_positions);
+  if (c.kv_blocks && (size_t)c.kv_blocks * bs < (size_t)max_seq)
+    return ot_error(OT_ERR_RANGE,
+                    "a KV cache of %d blocks of %d positions (%d positions) cannot hold one sequence of "
+                    "max_seq %d positions: raise the KV limit or lower max_seq",
+                    c.kv_blocks, bs, c.kv_blocks * bs, max_seq);
+  c.max_seq = max_seq;
+  c.kv_block_size = bs;
   if (c.max_step_tokens < c.max_batch)
     return ot_error(OT_ERR_INVALID, "max_step_tokens (%d) must be >= max_batch (%d)", c.max_step_tokens,
                     c.max_batch);
@@ -289,7 +313,17 @@ int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_
   pthread_mutex_init(&e->step_mu, NULL);
   int rc = OT_OK;
   int N = e->Nmax, S = c.max_batch, V = e->V;
-  if (rc == OT_OK) rc = ot_model_kv_create(base, S, e->T_max, N, S, &e->kv);
+  ot_model_kv_config kc = {S, e->T_max, c.kv_block_size, c.kv_blocks, N, S};
+  if (rc == OT_OK) rc = ot_model_kv_create(base, &kc, &e->kv);
+  if (rc == OT_OK) {
+    e->cfg.kv_blocks = ot_model_kv_blocks_total(e->kv);
+    e->watermark = e->cfg.kv_blocks / 100;
+    e->stats.kv_blocks = e->cfg.kv_blocks;
+    e->stats.kv_block_size = ot_model_kv_block_size(e->kv);
+    e->stats.kv_capacity = (uint64_t)e->stats.kv_blocks * (uint64_t)e->stats.kv_block_size;
+    e->stats.max_batch = c.max_batch;
+    e->stats.max_seq = e->T_max;
+  }
   e->slots = calloc((size_t)S, sizeof *e->slots);
   e->h_tokens = malloc((size_t)N * sizeof(int32_t));
   e->h_pos = malloc((size_t)N * sizeof(int32_t));
@@ -340,9 +374,12 @@ static void emit(req *r, const int32_t *toks, int n_toks, const float *logits, i
   if (r->fn && (n_toks || ev.text_len || finished)) r->fn(r->user, &ev);
 }
 
-/* Ends a request: releases its slot and adapter, sends the last event, frees it. */
+/* Ends a request: releases its slot, KV blocks and adapter, sends the last event, frees it. */
 static void finish(ot_serve_engine *e, req *r, ot_finish_reason reason, int error, const char *msg) {
-  if (r->slot >= 0) e->slots[r->slot] = NULL;
+  if (r->slot >= 0) {
+    e->slots[r->slot] = NULL;
+    ot_model_kv_release(e->kv, r->slot);
+  }
   if (r->ad) r->ad->refs--;
   if (r->pending) adapter_free(e, r->pending);
   emit(r, NULL, 0, NULL, 0, r->text_len, 1, reason, error, msg);
@@ -597,6 +634,62 @@ static int cmp_seg(const void *a, const void *b) {
   return x->slot - y->slot;
 }
 
+/* Back to the head of the queue with no KV blocks (vLLM's recompute preemption): it keeps its
+ * tokens, text, sampler state and adapter, and is prefilled again (prompt and completion so far)
+ * when readmitted, so it goes on exactly as if it had not been interrupted. */
+static void preempt(ot_serve_engine *e, req *r) {
+  ot_model_kv_release(e->kv, r->slot);
+  e->slots[r->slot] = NULL;
+  r->slot = -1;
+  r->n_cached = 0;
+  if (e->n_waiting == e->cap_waiting) { /* the queue had it, or room for it, before: grow anyway */
+    int cap = e->cap_waiting ? 2 * e->cap_waiting : 64;
+    req **w = realloc(e->waiting, (size_t)cap * sizeof *w);
+    if (!w) {
+      finish(e, r, OT_FINISH_ERROR, OT_ERR_NOMEM, "the server is out of memory");
+      return;
+    }
+    e->waiting = w;
+    e->cap_waiting = cap;
+  }
+  memmove(e->waiting + 1, e->waiting, (size_t)e->n_waiting * sizeof *e->waiting);
+  e->waiting[0] = r;
+  e->n_waiting++;
+  pthread_mutex_lock(&e->mu);
+  e->stats.preemptions++;
+  pthread_mutex_unlock(&e->mu);
+}
+
+static int cmp_id(const void *a, const void *b) {
+  const req *x = *(req *const *)a, *y = *(req *const *)b;
+  return x->id < y->id ? -1 : x->id > y->id;
+}
+
+/* Every running request holds KV blocks for all its tokens before the step's rows are planned.
+ * Oldest first, a request that needs a block when none is free preempts the youngest running
+ * request (possibly itself). The pool holds one sequence of max_seq, so the oldest always
+ * grows: no livelock. */
+static void grow_running(ot_serve_engine *e) {
+  req *act[1024];
+  int n = 0, cap = e->cfg.max_batch;
+  req **run = cap <= 1024 ? act : malloc((size_t)cap * sizeof *run);
+  if (!run) return; /* the step's planning fails the same way and reports it */
+  for (int s = 0; s < cap; s++)
+    if (e->slots[s]) run[n++] = e->slots[s];
+  qsort(run, (size_t)n, sizeof *run, cmp_id);
+  for (int i = 0; i < n; i++) {
+    req *r = run[i];
+    while (ot_model_kv_blocks_needed(e->kv, r->slot, r->n_ids) > ot_model_kv_blocks_free(e->kv)) {
+      req *victim = run[--n];
+      preempt(e, victim);
+      if (victim == r) break;
+    }
+    if (i < n && ot_model_kv_grow(e->kv, r->slot, r->n_ids) != OT_OK)
+      finish(e, r, OT_FINISH_ERROR, OT_ERR_INTERNAL, "cannot grow the KV cache");
+  }
+  if (run != act) free(run);
+}
+
 static int step(ot_serve_engine *e, int *busy);
 
 int ot_serve_step(ot_serve_engine *e, int *busy) {
@@ -674,14 +767,23 @@ static int step(ot_serve_engine *e, int *busy) {
     }
   }
 
-  /* admit waiting requests (FIFO) into free slots */
+  grow_running(e);
+
+  /* admit waiting requests (FIFO) into free slots while the KV pool has their blocks */
+  int running = 0;
+  for (int s = 0; s < e->cfg.max_batch; s++) running += e->slots[s] != NULL;
   while (e->n_waiting > 0) {
     int slot = -1;
     for (int s = 0; s < e->cfg.max_batch && slot < 0; s++)
       if (!e->slots[s]) slot = s;
     if (slot < 0) break;
     req *r = e->waiting[0];
-    int a = adapter_acquire(e, r);
+    /* the prompt (or, after a preemption, prompt and completion so far) and the first token
+     * after it; next to running requests also the watermark, so decodes do not preempt at once */
+    int len = r->n_ids + 1 < e->T_max ? r->n_ids + 1 : e->T_max;
+    int need = ot_model_kv_blocks_needed(e->kv, slot, len);
+    if (need + (running ? e->watermark : 0) > ot_model_kv_blocks_free(e->kv)) break;
+    int a = r->ad ? ACQ_OK : adapter_acquire(e, r); /* a preempted request kept its adapter */
     if (a == ACQ_BUSY) break;
     memmove(e->waiting, e->waiting + 1, (size_t)(e->n_waiting - 1) * sizeof *e->waiting);
     e->n_waiting--;
@@ -691,11 +793,20 @@ static int step(ot_serve_engine *e, int *busy) {
       finish(e, r, OT_FINISH_ERROR, a, msg);
       continue;
     }
+    if (ot_model_kv_grow(e->kv, slot, len) != OT_OK) { /* cannot happen: checked above */
+      finish(e, r, OT_FINISH_ERROR, OT_ERR_INTERNAL, "KV blocks vanished");
+      continue;
+    }
     r->slot = slot;
-    r->t_first = now_ms();
+    if (r->t_first == 0) r->t_first = now_ms();
     e->slots[slot] = r;
-    if (r->p.max_tokens == 0) finish(e, r, OT_FINISH_LENGTH, 0, NULL);
+    running++;
+    if (r->p.max_tokens == 0) {
+      finish(e, r, OT_FINISH_LENGTH, 0, NULL);
+      running--;
+    }
   }
+  if (running > e->max_running) e->max_running = running;
 
   /* the step's rows: every decoding sequence one row, prefills in chunks within the budget */
   req *act[1024];
@@ -762,17 +873,23 @@ static int step(ot_serve_engine *e, int *busy) {
   free(last_rows);
   free(need);
 
-  int running = 0;
+  running = 0;
   uint64_t kv = 0;
   for (int s = 0; s < e->cfg.max_batch; s++)
     if (e->slots[s]) {
       running++;
       kv += (uint64_t)e->slots[s]->n_cached;
     }
+  int bs = ot_model_kv_block_size(e->kv), nb = ot_model_kv_blocks_total(e->kv);
   pthread_mutex_lock(&e->mu);
   e->stats.step_rows = N;
   e->stats.kv_positions = kv;
-  e->stats.kv_capacity = (uint64_t)e->cfg.max_batch * (uint64_t)e->T_max;
+  e->stats.kv_capacity = (uint64_t)nb * (uint64_t)bs;
+  e->stats.kv_blocks = nb;
+  e->stats.kv_block_size = bs;
+  e->stats.kv_blocks_used = nb - ot_model_kv_blocks_free(e->kv);
+  e->stats.max_running = e->max_running;
+  e->stats.max_seq = e->T_max;
   e->stats.max_batch = e->cfg.max_batch;
   e->stats.steps += N > 0;
   e->stats.rows_computed += (uint64_t)N;

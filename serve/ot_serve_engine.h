@@ -1,9 +1,16 @@
 /* Serving engine: generation for many adapters at once over ONE copy of the base model.
  *
- * - KV cache per request (a slot of [n_layer, max_seq, C] keys and values): the prompt is
- *   prefilled (in chunks within the step's token budget), then one token per step is decoded.
- * - Continuous batching: every step admits waiting requests into free slots and drops finished
- *   ones, so requests join and leave the running batch between decode steps.
+ * - Paged KV cache (vLLM's PagedAttention): one pool of blocks of kv_block_size positions; a
+ *   request takes blocks for its prompt when admitted and one more each time it crosses a block
+ *   boundary, and gives them back when it ends. The prompt is prefilled (in chunks within the
+ *   step's token budget), then one token per step is decoded.
+ * - When the pool is full, requests wait in the queue (admitted first come first served once
+ *   the blocks for their prompt, plus headroom, are free), and a running request that cannot
+ *   grow takes the blocks of the youngest running one, which is preempted: its blocks are freed
+ *   and it goes back to the head of the queue, to be recomputed (prompt + tokens so far) when
+ *   blocks free up. Its output is the same as if it had run alone.
+ * - Continuous batching: every step admits waiting requests and drops finished ones, so
+ *   requests join and leave the running batch between decode steps.
  * - Multi-adapter batches: rows are grouped by adapter. Linear layers and LayerNorms run once on
  *   every run of consecutive rows that share the same weights (the frozen middle: the whole batch);
  *   offsite adapters' replaced blocks and BitFit's biases run per adapter segment; LoRA and
@@ -31,9 +38,17 @@ typedef struct ot_serve_engine ot_serve_engine;
 typedef int (*ot_serve_resolve_fn)(void *user, const char *name, char *dir, size_t cap);
 
 typedef struct {
-  int max_batch;         /* sequences in flight (KV cache slots); default 32 */
-  int max_step_tokens;   /* rows per forward step (prefill chunks + decode rows); default 512 */
-  int max_seq;           /* positions per sequence (prompt + completion); default min(n_positions, 1024) */
+  int max_batch;       /* sequences in flight at most; default 32 */
+  int max_step_tokens; /* rows per forward step (prefill chunks + decode rows); default 512 */
+  int max_seq;         /* positions per sequence (prompt + completion); default min(n_positions, 1024,
+                          the KV pool) */
+  /* The KV cache limit: the pool's blocks (kv_blocks) or its bytes (kv_bytes: as many blocks as
+   * fit), at most one of them; neither: max_batch x max_seq positions (never full). The pool
+   * must hold one sequence of max_seq positions. kv_block_size = max_seq gives fixed slots
+   * (every sequence reserves max_seq positions). */
+  int kv_block_size; /* positions per block; 0 = 16 */
+  int kv_blocks;
+  size_t kv_bytes;
   size_t adapter_budget; /* bytes of adapter tensors kept loaded; 0 = unlimited */
   ot_serve_resolve_fn resolve;
   void *resolve_user;
@@ -42,7 +57,8 @@ typedef struct {
   const char *base_digest; /* BLAKE2b of the base model.safetensors (adapter checks) */
 } ot_serve_config;
 
-/* max_batch 32, max_step_tokens 512, max_seq 0 (model default), no budget, eos -1. */
+/* max_batch 32, max_step_tokens 512, max_seq 0 (model default), blocks of 16, no KV limit, no
+ * adapter budget, eos -1. */
 void ot_serve_config_default(ot_serve_config *c);
 
 #define OT_SERVE_MAX_STOP 4
@@ -100,8 +116,9 @@ int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_
 /* Stops the thread; pending requests finish as CANCELLED first. */
 void ot_serve_engine_free(ot_serve_engine *e);
 
-/* Queues a request (copied). Unknown adapter: OT_ERR_NOTFOUND; bad sampling settings, an empty
- * prompt or one that leaves no room in max_seq: OT_ERR_INVALID. fn gets every event. */
+/* Queues a request (copied). Unknown adapter: OT_ERR_NOTFOUND; bad sampling settings or an
+ * empty prompt: OT_ERR_INVALID; a prompt longer than max_seq (which the KV pool always holds):
+ * OT_ERR_RANGE. fn gets every event. */
 int ot_serve_submit(ot_serve_engine *e, const ot_serve_request *r, ot_serve_event_fn fn, void *user,
                     uint64_t *id);
 /* The request ends CANCELLED at the next step (no-op if already finished). */
@@ -136,7 +153,11 @@ typedef struct {
   int running, waiting;  /* sequences in the batch, requests queued */
   int step_rows;         /* rows of the last step's forward */
   int max_batch;
-  uint64_t kv_positions, kv_capacity; /* KV cache positions filled, and in all (max_batch x max_seq) */
+  uint64_t kv_positions, kv_capacity;           /* KV positions filled, and in all (blocks x block size) */
+  int kv_blocks_used, kv_blocks, kv_block_size; /* the paged pool: blocks held by sequences, in all */
+  uint64_t preemptions;                         /* running requests preempted for KV blocks */
+  int max_running;                              /* most sequences running at once so far */
+  int max_seq;                                  /* positions per sequence (the configured or derived one) */
 } ot_serve_stats;
 
 /* Drops the adapter named name from the cache (after its files changed or it was unloaded): no

@@ -528,7 +528,8 @@ static void frozen_lowp(ot_lowp kind) {
   assert_int_equal(ot_model_save_dir(b, out), OT_ERR_UNSUPPORTED);
   printf("save: %s\n", ot_error_detail());
   ot_model_kv *kv = NULL;
-  assert_int_equal(ot_model_kv_create(b, 1, 8, 8, 1, &kv), OT_ERR_UNSUPPORTED);
+  ot_model_kv_config kc = {.n_slots = 1, .T_max = 8, .max_rows = 8, .max_last = 1};
+  assert_int_equal(ot_model_kv_create(b, &kc, &kv), OT_ERR_UNSUPPORTED);
   ot_model_set_all_trainable(b, 1);
   assert_int_equal(ot_model_prepare(b, f.B, f.T, 1), OT_ERR_UNSUPPORTED);
   printf("train a bf16 weight: %s\n", ot_error_detail());

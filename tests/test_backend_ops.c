@@ -333,33 +333,66 @@ static void c_embed_fwd(run *r, const int *d) { /* N C V T_max */
   out_f(r, "out", POINT, out, (size_t)N * C);
 }
 
-/* d: C NH T_max n_slots, then groups (slot, first position, rows): each group is a run of
- * consecutive positions of one slot (rows > 1: a prefill; 1: a decode step), the cache holding
- * earlier positions from before (random). Rows are dealt round-robin across groups, so one
- * prefill's rows are not contiguous in the batch. */
-static void c_attention_kv(run *r, const int *d) {
-  int C = d[0], NH = d[1], T_max = d[2], ns = d[3], ng = 0, N = 0;
-  int32_t ps[512] = {0}, sl[512] = {0};
-  while (ng < 4 && d[4 + 3 * ng + 2] > 0) ng++;
+/* Rows of (slot, first position, rows) groups g[0..]: each group is a run of consecutive
+ * positions of one slot (rows > 1: a prefill; 1: a decode step), the cache holding earlier
+ * positions from before (random). Rows are dealt round-robin across groups, so one prefill's
+ * rows are not contiguous in the batch. Returns N. */
+static int kv_rows(const int *g, int max_groups, int32_t *ps, int32_t *sl) {
+  int ng = 0, N = 0;
+  while (ng < max_groups && g[3 * ng + 2] > 0) ng++;
   for (int k = 0, more = 1; more; k++) {
     more = 0;
-    for (int g = 0; g < ng; g++) {
-      if (k >= d[4 + 3 * g + 2]) continue;
+    for (int j = 0; j < ng; j++) {
+      if (k >= g[3 * j + 2]) continue;
       assert_true(N < 512);
-      sl[N] = d[4 + 3 * g];
-      ps[N++] = d[4 + 3 * g + 1] + k;
+      sl[N] = g[3 * j];
+      ps[N++] = g[3 * j + 1] + k;
       more = 1;
     }
   }
-  size_t nc = (size_t)ns * T_max * C;
+  return N;
+}
+
+/* The block table of n_slots sequences of T_max positions in blocks of bs (0: fixed slots, one
+ * block of T_max each, table[s] = s): the pool has 3 spare blocks and the sequences' blocks are
+ * a random permutation of it, so neighbouring positions live in scattered blocks. */
+static int32_t *kv_table(run *r, int n_slots, int T_max, int *bs, int *mb, int *nb) {
+  int fixed = *bs == 0;
+  if (fixed) *bs = T_max;
+  *mb = (T_max + *bs - 1) / *bs;
+  *nb = n_slots * *mb + (fixed ? 0 : 3);
+  int32_t *perm = malloc((size_t)*nb * sizeof(int32_t));
+  assert_non_null(perm);
+  for (int i = 0; i < *nb; i++) perm[i] = i;
+  for (int i = *nb - 1; i > 0 && !fixed; i--) {
+    int j = (int)(ot_mix64(r->seed++) % (uint64_t)(i + 1)), t = perm[i];
+    perm[i] = perm[j];
+    perm[j] = t;
+  }
+  int32_t *t = in_ints(r, perm, (size_t)n_slots * *mb);
+  free(perm);
+  return t;
+}
+
+/* d: C NH T_max n_slots, then (slot, first position, rows) groups; bs: positions per block
+ * (0 = fixed slots) */
+static void attention_kv_case(run *r, const int *d, int bs) {
+  int C = d[0], NH = d[1], T_max = d[2], ns = d[3], mb, nb;
+  int32_t ps[512] = {0}, sl[512] = {0};
+  int N = kv_rows(d + 4, 4, ps, sl);
+  int32_t *table = kv_table(r, ns, T_max, &bs, &mb, &nb);
+  size_t nc = (size_t)nb * bs * C;
   float *qkv = in_rand(r, (size_t)N * 3 * C, 1.5f, 0), *out = in_rand(r, (size_t)N * C, 1, 0);
   float *kc = in_rand(r, nc, 1.5f, 0), *vc = in_rand(r, nc, 1, 0);
   int32_t *pos = in_ints(r, ps, N), *slot = in_ints(r, sl, N);
-  r->be->ops->attention_kv_fwd(r->be, out, kc, vc, qkv, pos, slot, N, C, NH, T_max);
+  r->be->ops->attention_kv_fwd(r->be, out, kc, vc, qkv, pos, slot, table, N, C, NH, bs, mb);
   out_f(r, "out", REDUCE, out, (size_t)N * C);
   out_f(r, "kcache", POINT, kc, nc);
   out_f(r, "vcache", POINT, vc, nc);
 }
+
+static void c_attention_kv(run *r, const int *d) { attention_kv_case(r, d, 0); }
+static void c_attention_kv_paged(run *r, const int *d) { attention_kv_case(r, d + 1, d[0]); }
 
 /* ---- the LLaMA family's ops ---- */
 
@@ -421,34 +454,28 @@ static void c_gqa(run *r, const int *d) { /* B T NH NKV D */
 }
 
 /* d: NH NKV D T_max n_slots, then (slot, first position, rows) groups as attention_kv */
-static void c_gqa_kv(run *r, const int *d) {
-  int NH = d[0], NKV = d[1], D = d[2], T_max = d[3], ns = d[4], ng = 0, N = 0;
+static void gqa_kv_case(run *r, const int *d, int bs) {
+  int NH = d[0], NKV = d[1], D = d[2], T_max = d[3], ns = d[4], mb, nb;
   int32_t ps[512] = {0}, sl[512] = {0};
-  while (ng < 3 && d[5 + 3 * ng + 2] > 0) ng++;
-  for (int k = 0, more = 1; more; k++) {
-    more = 0;
-    for (int g = 0; g < ng; g++) {
-      if (k >= d[5 + 3 * g + 2]) continue;
-      assert_true(N < 512);
-      sl[N] = d[5 + 3 * g];
-      ps[N++] = d[5 + 3 * g + 1] + k;
-      more = 1;
-    }
-  }
-  size_t KW = (size_t)NKV * D, QW = (size_t)NH * D, nc = (size_t)ns * T_max * KW;
+  int N = kv_rows(d + 5, 3, ps, sl);
+  int32_t *table = kv_table(r, ns, T_max, &bs, &mb, &nb);
+  size_t KW = (size_t)NKV * D, QW = (size_t)NH * D, nc = (size_t)nb * bs * KW;
   float *q = in_rand(r, N * QW, 1.5f, 0), *k = in_rand(r, N * KW, 1.5f, 0), *v = in_rand(r, N * KW, 1, 0);
   float *out = in_rand(r, N * QW, 1, 0), *kc = in_rand(r, nc, 1.5f, 0), *vc = in_rand(r, nc, 1, 0);
   int32_t *pos = in_ints(r, ps, N), *slot = in_ints(r, sl, N);
-  r->be->ops->gqa_kv_fwd(r->be, out, kc, vc, q, k, v, pos, slot, N, NH, NKV, D, T_max);
+  r->be->ops->gqa_kv_fwd(r->be, out, kc, vc, q, k, v, pos, slot, table, N, NH, NKV, D, bs, mb);
   out_f(r, "out", REDUCE, out, N * QW);
   out_f(r, "kcache", POINT, kc, nc);
   out_f(r, "vcache", POINT, vc, nc);
 }
 
+static void c_gqa_kv(run *r, const int *d) { gqa_kv_case(r, d, 0); }
+static void c_gqa_kv_paged(run *r, const int *d) { gqa_kv_case(r, d + 1, d[0]); }
+
 typedef struct {
   const char *op;
   case_fn fn;
-  int d[16];
+  int d[20];
 } op_case;
 
 static const op_case cases[] = {
@@ -517,6 +544,12 @@ static const op_case cases[] = {
     {"attention_kv", c_attention_kv, {3, 3, 5, 2, 0, 0, 5, 1, 4, 1}},                /* 1 */
     {"attention_kv", c_attention_kv, {600, 2, 9, 1, 0, 3, 6}},                       /* 300: two passes */
     {"attention_kv", c_attention_kv, {256, 1, 70, 4, 3, 69, 1, 0, 69, 1, 2, 0, 1, 1, 60, 10}}, /* 256 */
+    /* paged: block size, then as above; blocks scattered over a pool with spare blocks */
+    {"attention_kv_paged", c_attention_kv_paged, {16, 64, 4, 40, 3, 0, 0, 17, 1, 39, 1, 2, 30, 10}},
+    {"attention_kv_paged", c_attention_kv_paged, {1, 45, 3, 33, 2, 0, 5, 28, 1, 32, 1}},     /* 1 position */
+    {"attention_kv_paged", c_attention_kv_paged, {7, 128, 2, 130, 2, 0, 0, 130, 1, 129, 1}}, /* odd */
+    {"attention_kv_paged", c_attention_kv_paged, {4, 600, 2, 9, 1, 0, 3, 6}},
+    {"attention_kv_paged", c_attention_kv_paged, {16, 256, 1, 70, 4, 3, 69, 1, 0, 69, 1, 2, 0, 1, 1, 60, 10}},
     /* N C mask */
     {"rmsnorm", c_rmsnorm, {1, 8, 3}},
     {"rmsnorm", c_rmsnorm, {37, 77, 3}},
@@ -538,6 +571,9 @@ static const op_case cases[] = {
     {"gqa_kv", c_gqa_kv, {4, 2, 16, 40, 3, 0, 0, 17, 1, 39, 1, 2, 30, 10}},
     {"gqa_kv", c_gqa_kv, {8, 1, 64, 70, 2, 0, 5, 28, 1, 69, 1}},
     {"gqa_kv", c_gqa_kv, {2, 2, 256, 9, 1, 0, 3, 6}},
+    {"gqa_kv_paged", c_gqa_kv_paged, {16, 4, 2, 16, 40, 3, 0, 0, 17, 1, 39, 1, 2, 30, 10}},
+    {"gqa_kv_paged", c_gqa_kv_paged, {5, 8, 1, 64, 70, 2, 0, 5, 28, 1, 69, 1}},
+    {"gqa_kv_paged", c_gqa_kv_paged, {1, 2, 2, 256, 9, 1, 0, 3, 6}},
 };
 
 static double tolerance(int cls, int bf16) {

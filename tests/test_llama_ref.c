@@ -310,7 +310,9 @@ static void keep_logits(void *user, const ot_serve_event *ev) {
 
 /* Serving runs the same block code with a KV cache: three requests of different lengths, batched
  * together with prefills in chunks, give the logits the model's full forward gives at every
- * step (greedy decoding, so the tokens match too). */
+ * step (greedy decoding, so the tokens match too). The paged cache holds one sequence of max_seq
+ * in blocks of 2 positions, so requests wait and are preempted (grouped-query attention read
+ * through scattered blocks). */
 static void test_serving_matches_forward(void **state) {
   (void)state;
   for (int c = 0; c < n_cases; c++) {
@@ -324,6 +326,8 @@ static void test_serving_matches_forward(void **state) {
     sc.max_batch = 3;
     sc.max_step_tokens = 8; /* prompts are prefilled over several steps */
     sc.max_seq = cfg->n_positions < 24 ? cfg->n_positions : 24;
+    sc.kv_block_size = 2;
+    sc.kv_blocks = (sc.max_seq + 1) / 2;
     ot_serve_engine *e;
     if (ot_serve_engine_create(fx.m, &sc, &e)) fail_msg("%s: engine: %s", cases[c], ot_error_detail());
     int32_t prompts[3][12];
@@ -342,6 +346,11 @@ static void test_serving_matches_forward(void **state) {
     }
     int busy = 1;
     while (busy) assert_int_equal(ot_serve_step(e, &busy), 0);
+    ot_serve_stats st;
+    ot_serve_get_stats(e, &st);
+    printf("%s: paged KV pool of %d blocks of 2: %llu preemptions\n", cases[c], st.kv_blocks,
+           (unsigned long long)st.preemptions);
+    assert_true(st.preemptions > 0);
     ot_serve_engine_free(e);
     for (int r = 0; r < 3; r++) {
       assert_int_equal(got[r].n, gen);

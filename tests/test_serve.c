@@ -193,6 +193,170 @@ static void test_continuous(void **state) {
   ot_serve_engine_free(e);
 }
 
+/* An engine over the fixture's base with a KV pool of n_blocks blocks of bs positions. */
+static ot_serve_engine *paged_engine(int max_batch, int step_tokens, int bs, int n_blocks) {
+  ot_serve_config c;
+  ot_serve_config_default(&c);
+  c.max_batch = max_batch;
+  c.max_step_tokens = step_tokens;
+  c.kv_block_size = bs;
+  c.kv_blocks = n_blocks;
+  c.resolve = resolve;
+  c.tok = tok;
+  c.eos_id = -1;
+  c.base_digest = digest;
+  ot_serve_engine *e = NULL;
+  if (ot_serve_engine_create(base, &c, &e)) fail_msg("engine: %s", ot_error_detail());
+  return e;
+}
+
+/* Steps until idle, checking the pool's invariants at every step; returns the most requests
+ * seen waiting while others ran. */
+static int run_paged(ot_serve_engine *e, int n_blocks) {
+  int busy = 1, guard = 0, waited = 0;
+  while (busy) {
+    assert_int_equal(ot_serve_step(e, &busy), 0);
+    ot_serve_stats st;
+    ot_serve_get_stats(e, &st);
+    assert_int_equal(st.kv_blocks, n_blocks);
+    assert_true(st.kv_blocks_used >= 0 && st.kv_blocks_used <= n_blocks);
+    assert_true(st.kv_positions <= (uint64_t)st.kv_blocks_used * st.kv_block_size);
+    if (st.running > 0 && st.waiting > waited) waited = st.waiting;
+    assert_true(++guard < 100000);
+  }
+  ot_serve_stats st;
+  ot_serve_get_stats(e, &st);
+  assert_int_equal(st.kv_blocks_used, 0); /* every block given back */
+  assert_int_equal(st.running, 0);
+  return waited;
+}
+
+/* Paged KV cache with pools far too small for the 21 requests (7 models x 3 prompts, up to 61
+ * positions each): requests queue for blocks, running ones are preempted and recomputed, and
+ * every request still gets exactly its tokens of serving alone. Pools: exactly one sequence of
+ * max_seq (64 positions in blocks of 4: 16 blocks), blocks of one position, blocks of 16 with
+ * chunked prefills, and fixed slots (block = max_seq) for comparison. */
+static void test_paged_preemption(void **state) {
+  (void)state;
+  static const struct {
+    int bs, n_blocks, max_batch, step_tokens;
+  } cfg[] = {{4, 16, 21, 512}, {1, 100, 21, 512}, {16, 6, 8, 12}, {4, 24, 7, 7}, {64, 2, 21, 512}};
+  for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
+    ot_serve_engine *e = paged_engine(cfg[c].max_batch, cfg[c].step_tokens, cfg[c].bs, cfg[c].n_blocks);
+    static sink s[N_MODELS][N_PROMPTS];
+    memset(s, 0, sizeof s);
+    for (int p = 0; p < N_PROMPTS; p++)
+      for (int k = 0; k < N_MODELS; k++) submit(e, models[k], prompts[p], GEN, &s[k][p]);
+    int waited = run_paged(e, cfg[c].n_blocks);
+    for (int k = 0; k < N_MODELS; k++)
+      for (int p = 0; p < N_PROMPTS; p++) check_same(&s[k][p], k, p);
+    ot_serve_stats st;
+    ot_serve_get_stats(e, &st);
+    printf("KV pool of %d blocks of %d: %llu preemptions, at most %d running, %d waiting\n", cfg[c].n_blocks,
+           cfg[c].bs, (unsigned long long)st.preemptions, st.max_running, waited);
+    assert_true(waited > 0); /* requests queued for blocks */
+    assert_int_equal(st.tokens_generated, N_MODELS * N_PROMPTS * GEN);
+    if (cfg[c].bs < 64) assert_true(st.preemptions > 0);
+    if (cfg[c].bs == 64)
+      assert_int_equal(st.max_running, 2); /* fixed slots: one sequence per block */
+    else
+      assert_true(st.max_running > 2); /* paged: more in less memory */
+    ot_serve_engine_free(e);
+  }
+}
+
+/* Seeded sampling, penalties, logit bias and stop strings go on across a preemption exactly as
+ * without one: the same requests on a roomy engine and on a pool of one sequence. */
+static void test_paged_sampling(void **state) {
+  (void)state;
+  ot_serve_logit_bias bias[1] = {{'e', 3.0f}};
+  for (int tiny = 0; tiny < 2; tiny++) {
+    static int32_t got[2][N_MODELS][GEN + 1];
+    static int n_got[2][N_MODELS];
+    ot_serve_engine *e = tiny ? paged_engine(8, 512, 4, 16) : engine(8, 512, 0, -1);
+    static sink s[N_MODELS];
+    memset(s, 0, sizeof s);
+    for (int k = 0; k < N_MODELS; k++) {
+      size_t n = 0;
+      int32_t *ids = encode(prompts[k % N_PROMPTS], &n);
+      ot_serve_request r = {models[k],
+                            ids,
+                            n,
+                            GEN,
+                            0.9f,
+                            0.95f,
+                            0,
+                            1000u + (uint64_t)k,
+                            {k == 2 ? "zz" : NULL},
+                            0,
+                            0.5f,
+                            0.3f,
+                            k % 2 ? bias : NULL,
+                            k % 2};
+      assert_int_equal(ot_serve_submit(e, &r, on_event, &s[k], NULL), 0);
+      free(ids);
+    }
+    run_all(e);
+    ot_serve_stats st;
+    ot_serve_get_stats(e, &st);
+    if (tiny) assert_true(st.preemptions > 0);
+    for (int k = 0; k < N_MODELS; k++) {
+      assert_true(s[k].done);
+      n_got[tiny][k] = s[k].n;
+      memcpy(got[tiny][k], s[k].toks, (size_t)s[k].n * sizeof(int32_t));
+    }
+    ot_serve_engine_free(e);
+    if (tiny)
+      for (int k = 0; k < N_MODELS; k++) {
+        assert_int_equal(n_got[1][k], n_got[0][k]);
+        assert_memory_equal(got[1][k], got[0][k], (size_t)n_got[0][k] * sizeof(int32_t));
+      }
+  }
+}
+
+/* KV limits refused clearly: a pool that cannot hold one sequence of max_seq, both limits at
+ * once, a byte limit under one block; max_seq follows a small pool, and a prompt that can never
+ * fit is refused at submit (not queued forever) while one that fits exactly is served. */
+static void test_paged_limits(void **state) {
+  (void)state;
+  ot_serve_config c;
+  ot_serve_config_default(&c);
+  c.resolve = resolve;
+  c.base_digest = digest;
+  ot_serve_engine *e = NULL;
+  c.max_seq = 64;
+  c.kv_block_size = 4;
+  c.kv_blocks = 15;
+  assert_int_equal(ot_serve_engine_create(base, &c, &e), OT_ERR_RANGE);
+  assert_non_null(strstr(ot_error_detail(), "cannot hold one sequence of max_seq 64"));
+  c.kv_bytes = 1 << 20;
+  assert_int_equal(ot_serve_engine_create(base, &c, &e), OT_ERR_INVALID);
+  c.kv_blocks = 0;
+  c.kv_bytes = 100; /* a block of 4 positions is 2 x 4 layers x 4 x 32 floats = 4 KiB */
+  assert_int_equal(ot_serve_engine_create(base, &c, &e), OT_ERR_RANGE);
+  c.kv_bytes = 3 * 4096 + 100; /* 3 blocks: max_seq 0 follows the pool (12 positions) */
+  c.max_seq = 0;
+  assert_int_equal(ot_serve_engine_create(base, &c, &e), 0);
+  ot_serve_stats st;
+  ot_serve_get_stats(e, &st);
+  int32_t ids[13];
+  for (int i = 0; i < 13; i++) ids[i] = 'a' + i;
+  ot_serve_request r = {"", ids, 13, 4, 0.0f, 1.0f, 0, 0, {NULL}, 0, 0.0f, 0.0f, NULL, 0};
+  assert_int_equal(ot_serve_submit(e, &r, NULL, NULL, NULL), OT_ERR_RANGE);
+  assert_non_null(strstr(ot_error_detail(), "context is 12"));
+  r.n_prompt = 12; /* fills the pool: one token, then "length" */
+  ot_serve_result res;
+  assert_int_equal(ot_serve_generate(e, &r, &res), 0);
+  assert_int_equal(res.n_tokens, 1);
+  assert_int_equal(res.reason, OT_FINISH_LENGTH);
+  ot_serve_result_free(&res);
+  ot_serve_get_stats(e, &st);
+  assert_int_equal(st.kv_blocks, 3);
+  assert_int_equal(st.kv_block_size, 4);
+  assert_int_equal(st.kv_blocks_used, 0);
+  ot_serve_engine_free(e);
+}
+
 /* A budget that holds about two adapters: loads and evictions, same texts; an adapter larger
  * than the whole budget is refused. */
 static void test_lru(void **state) {
@@ -528,42 +692,61 @@ static void test_torch_lora(void **state) {
 
 /* The serving ops against the training ops they replace: attention_kv_fwd in two calls (a
  * chunked prefill, rows of two sequences interleaved, slots 3 and 1) = attention_fwd over the
- * whole sequences; embed_fwd at explicit positions = encoder_fwd; lora_sgmv_fwd = lora_fwd on
- * each segment. */
+ * whole sequences, with fixed slots and with a paged cache (blocks of 3 positions scattered over
+ * the pool); embed_fwd at explicit positions = encoder_fwd; lora_sgmv_fwd = lora_fwd on each
+ * segment. */
 static void test_kv_ops(void **state) {
   (void)state;
-  enum { B = 2, T = 13, C = 32, NH = 4, SLOTS = 4, TMAX = 16 };
+  enum { B = 2, T = 13, C = 32, NH = 4, SLOTS = 4, TMAX = 16, BS = 3, MB = 6, NB = 29 };
   const ot_backend_ops *o = be->ops;
   float *qkv = malloc(sizeof(float) * B * T * 3 * C), *ref_out = malloc(sizeof(float) * B * T * C),
         *att = malloc(sizeof(float) * B * NH * T * T), *out = malloc(sizeof(float) * B * T * C),
-        *kc = calloc(SLOTS * TMAX * C, sizeof(float)), *vc = calloc(SLOTS * TMAX * C, sizeof(float)),
-        *rows = malloc(sizeof(float) * B * T * 3 * C), *o2 = malloc(sizeof(float) * B * T * C);
+        *kc = calloc(NB * BS * C, sizeof(float)), *vc = calloc(NB * BS * C, sizeof(float)),
+        *rows = malloc(sizeof(float) * B * T * 3 * C), *o2 = malloc(sizeof(float) * B * T * C),
+        *paged_out = malloc(sizeof(float) * B * T * C);
   uint64_t x = 99;
   for (int i = 0; i < B * T * 3 * C; i++) {
     x = x * 6364136223846793005ull + 1;
     qkv[i] = (float)((double)(x >> 11) / 9007199254740992.0 - 0.5) * 4.0f;
   }
   o->attention_fwd(be, ref_out, att, qkv, B, T, C, NH);
-  /* rows in the order a step sends them: interleaved sequences, chunk 0..6 then 7..12 */
-  const int32_t slot_of[B] = {3, 1};
-  int32_t pos[B * T], slot[B * T];
-  int n = 0, map[B * T];
-  for (int chunk = 0; chunk < 2; chunk++) {
-    int n0 = n;
-    for (int t = chunk ? 7 : 0; t < (chunk ? T : 7); t++)
-      for (int b = 0; b < B; b++) {
-        memcpy(rows + (size_t)n * 3 * C, qkv + ((size_t)b * T + t) * 3 * C, sizeof(float) * 3 * C);
-        pos[n] = t;
-        slot[n] = slot_of[b];
-        map[n++] = b * T + t;
-      }
-    o->attention_kv_fwd(be, o2 + (size_t)n0 * C, kc, vc, rows + (size_t)n0 * 3 * C, pos + n0, slot + n0,
-                        n - n0, C, NH, TMAX);
+  /* fixed slots: one block of TMAX per slot; paged: slot s's block j is (7 s + 5 j + 2) mod NB
+   * (a permutation of the 24 blocks the 4 slots may use, in a pool of 29) */
+  int32_t fixed_table[SLOTS], paged_table[SLOTS * MB];
+  for (int s = 0; s < SLOTS; s++) fixed_table[s] = s;
+  for (int s = 0; s < SLOTS; s++)
+    for (int j = 0; j < MB; j++) paged_table[s * MB + j] = (7 * (s * MB + j) + 2) % NB;
+  for (int paged = 0; paged < 2; paged++) {
+    const int32_t *table = paged ? paged_table : fixed_table;
+    int bs = paged ? BS : TMAX, mb = paged ? MB : 1;
+    memset(kc, 0, sizeof(float) * NB * BS * C);
+    memset(vc, 0, sizeof(float) * NB * BS * C);
+    /* rows in the order a step sends them: interleaved sequences, chunk 0..6 then 7..12 */
+    const int32_t slot_of[B] = {3, 1};
+    int32_t pos[B * T], slot[B * T];
+    int n = 0, map[B * T];
+    for (int chunk = 0; chunk < 2; chunk++) {
+      int n0 = n;
+      for (int t = chunk ? 7 : 0; t < (chunk ? T : 7); t++)
+        for (int b = 0; b < B; b++) {
+          memcpy(rows + (size_t)n * 3 * C, qkv + ((size_t)b * T + t) * 3 * C, sizeof(float) * 3 * C);
+          pos[n] = t;
+          slot[n] = slot_of[b];
+          map[n++] = b * T + t;
+        }
+      o->attention_kv_fwd(be, o2 + (size_t)n0 * C, kc, vc, rows + (size_t)n0 * 3 * C, pos + n0, slot + n0,
+                          table, n - n0, C, NH, bs, mb);
+    }
+    float *dst = paged ? paged_out : out;
+    for (int i = 0; i < n; i++) memcpy(dst + (size_t)map[i] * C, o2 + (size_t)i * C, sizeof(float) * C);
+    double err = ot_test_rel_err(dst, ref_out, (size_t)B * T * C);
+    printf("attention_kv_fwd (%s) vs attention_fwd: relative error %.3g\n", paged ? "paged" : "fixed slots",
+           err);
+    assert_true(err < 1e-6);
   }
-  for (int i = 0; i < n; i++) memcpy(out + (size_t)map[i] * C, o2 + (size_t)i * C, sizeof(float) * C);
-  double err = ot_test_rel_err(out, ref_out, (size_t)B * T * C);
-  printf("attention_kv_fwd vs attention_fwd: relative error %.3g\n", err);
-  assert_true(err < 1e-6);
+  /* the layout changes addresses only: keys are visited in the same order */
+  assert_memory_equal(paged_out, out, sizeof(float) * B * T * C);
+  free(paged_out);
   /* embed_fwd = encoder_fwd when positions are 0..T-1 per row */
   int32_t toks[B * T], p2[B * T];
   for (int i = 0; i < B * T; i++) {
@@ -598,7 +781,7 @@ static void test_kv_ops(void **state) {
   }
   o->lora_sgmv_fwd(be, y2, xs, (const float *const *)Am, (const float *const *)Btm, row0, nr, rk, sc, 3, IN,
                    OUT);
-  err = ot_test_rel_err(y2, y1, (size_t)N * OUT);
+  double err = ot_test_rel_err(y2, y1, (size_t)N * OUT);
   printf("lora_sgmv_fwd vs lora_fwd per segment: relative error %.3g\n", err);
   assert_true(err < 1e-6);
   for (int i = 3 * OUT; i < 4 * OUT; i++) assert_true(y2[i] == qkv[i + 7]); /* the gap row is untouched */
@@ -803,6 +986,8 @@ int main(void) {
       cmocka_unit_test(test_errors),           cmocka_unit_test(test_hostile_adapter_files),
       cmocka_unit_test(test_thread),           cmocka_unit_test(test_torch_lora),
       cmocka_unit_test(test_hostile_requests), cmocka_unit_test(test_penalties),
+      cmocka_unit_test(test_paged_preemption), cmocka_unit_test(test_paged_sampling),
+      cmocka_unit_test(test_paged_limits),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

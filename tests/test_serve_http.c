@@ -2189,9 +2189,74 @@ static void test_metrics(void **state) {
   want_sample(out, "offtune_num_requests_waiting{} 0");
   want_sample(out, "offtune_max_batch{} 4");
   want_sample(out, "offtune_kv_cache_usage_ratio{} 0");
+  want_sample(out, "offtune_kv_cache_blocks{} 16"); /* default: 4 sequences of 64 in blocks of 16 */
+  want_sample(out, "offtune_kv_cache_blocks_used{} 0");
+  want_sample(out, "offtune_num_preemptions_total{} 0");
   snprintf(l, sizeof l, "offtune_engine_tokens_total{} %d", 3 * GEN);
   want_sample(out, l);
   want_sample(out, "offtune_requests_refused_total{reason=unauthenticated} 0");
+  ot_serve_http_stop(h);
+  ot_serve_engine_free(e2);
+}
+
+/* A paged KV pool that holds one sequence (16 blocks of 4 positions: max_seq 64): 21 concurrent
+ * clients (7 models x 3 prompts, half streamed) queue for blocks, are preempted and recomputed,
+ * and each gets exactly its text of serving alone; a prompt that can never fit is a 400 at once
+ * (not a request queued forever); /metrics shows the pool. */
+static void test_kv_pool(void **state) {
+  (void)state;
+  ot_serve_config c;
+  ot_serve_config_default(&c);
+  c.max_batch = 8;
+  c.max_step_tokens = 64;
+  c.kv_block_size = 4;
+  c.kv_blocks = 16;
+  c.resolve = resolve;
+  c.tok = tok;
+  c.eos_id = -1;
+  c.base_digest = digest;
+  ot_serve_engine *e2 = NULL;
+  assert_int_equal(ot_serve_engine_create(base, &c, &e2), 0);
+  assert_int_equal(ot_serve_start(e2), 0);
+  ot_serve_http_config lim = {0};
+  ot_serve_http *h = start_api(e2, &lim);
+  int saved = port;
+  port = ot_serve_http_port(h);
+  enum { N = N_MODELS * N_PROMPTS };
+  job jobs[N];
+  pthread_t th[N];
+  for (int i = 0; i < N; i++) {
+    jobs[i] = (job){i % N_MODELS, i / N_MODELS, 0};
+    assert_int_equal(pthread_create(&th[i], NULL, client, &jobs[i]), 0);
+  }
+  for (int i = 0; i < N; i++) pthread_join(th[i], NULL);
+  for (int i = 0; i < N; i++)
+    if (!jobs[i].ok) fail_msg("request %s / prompt %d got another text", models[jobs[i].k], jobs[i].p);
+  char prompt[80];
+  memset(prompt, 'a', 65);
+  prompt[65] = '\0';
+  char *body = request_json("", prompt, 0);
+  http_res res;
+  cJSON *j = post(body, 400, &res);
+  const char *msg = str(cJSON_GetObjectItemCaseSensitive(j, "error"), "message");
+  if (!strstr(msg, "65 tokens") || !strstr(msg, "context is 64")) fail_msg("message: %s", msg);
+  cJSON_Delete(j);
+  free(res.body);
+  free(body);
+  port = saved;
+  ot_serve_stats st;
+  ot_serve_get_stats(e2, &st);
+  printf("one-sequence KV pool over HTTP: %llu preemptions, at most %d running\n",
+         (unsigned long long)st.preemptions, st.max_running);
+  static char out[1 << 16];
+  metrics_samples(ot_serve_http_port(h), out, sizeof out);
+  want_sample(out, "offtune_kv_cache_blocks{} 16");
+  want_sample(out, "offtune_kv_cache_block_size{} 4");
+  want_sample(out, "offtune_kv_cache_blocks_used{} 0");
+  want_sample(out, "offtune_kv_cache_usage_ratio{} 0");
+  char l[100];
+  snprintf(l, sizeof l, "offtune_num_preemptions_total{} %llu", (unsigned long long)st.preemptions);
+  want_sample(out, l);
   ot_serve_http_stop(h);
   ot_serve_engine_free(e2);
 }
@@ -2437,6 +2502,7 @@ int main(void) {
       cmocka_unit_test(test_stream_usage),
       cmocka_unit_test(test_sampling_fields),
       cmocka_unit_test(test_metrics),
+      cmocka_unit_test(test_kv_pool),
       cmocka_unit_test(test_adapter_runtime),
       cmocka_unit_test(test_utf8),
       cmocka_unit_test(test_completions),

@@ -713,13 +713,13 @@ static void cpu_embed_fwd(ot_backend *be, float *out, const int32_t *tokens, con
   }
 }
 
-/* Online softmax (flash-attention style) over blocks of keys: no scratch, one pass over the
+/* Online softmax (flash-attention style) over chunks of 64 keys: no scratch, one pass over the
  * cache; each (row, head) accumulates straight into its slice of out [N, NH*D]. Row i's query
- * heads start at q + i*ldq; head h reads key/value head h / (NH/NKV) of its slot's cache
- * [n_slots, T_max, NKV*D], positions 0..pos[i]. */
+ * heads start at q + i*ldq; head h reads key/value head h / (NH/NKV) of its sequence's blocks
+ * (paged cache [n_blocks, bs, NKV*D], table [n_slots, mb]), positions 0..pos[i]. */
 static void kv_attend(ot_backend *be, float *out, const float *q, size_t ldq, const float *kcache,
-                      const float *vcache, const int32_t *pos, const int32_t *slot, int N, int NH, int NKV,
-                      int D, int T_max) {
+                      const float *vcache, const int32_t *pos, const int32_t *slot, const int32_t *table,
+                      int N, int NH, int NKV, int D, int bs, int mb) {
   size_t KW = (size_t)NKV * D, QW = (size_t)NH * D;
   int group = NH / NKV;
   float scale = 1.0f / sqrtf((float)D);
@@ -727,16 +727,20 @@ static void kv_attend(ot_backend *be, float *out, const float *q, size_t ldq, co
   for (int i = 0; i < N; i++) {
     for (int h = 0; h < NH; h++) {
       const float *qr = q + i * ldq + (size_t)h * D;
-      const float *kb = kcache + (size_t)slot[i] * T_max * KW + (size_t)(h / group) * D;
-      const float *vb = vcache + (size_t)slot[i] * T_max * KW + (size_t)(h / group) * D;
+      const int32_t *tb = table + (size_t)slot[i] * mb;
+      size_t hoff = (size_t)(h / group) * D;
       float *o = out + i * QW + (size_t)h * D;
       memset(o, 0, sizeof(float) * D);
       float m = -INFINITY, l = 0.0f, s[64];
+      const float *vt[64];
       for (int t0 = 0; t0 <= pos[i]; t0 += 64) {
         int n = pos[i] + 1 - t0 < 64 ? pos[i] + 1 - t0 : 64;
         float bm = m;
         for (int j = 0; j < n; j++) {
-          s[j] = dot(qr, kb + (size_t)(t0 + j) * KW, D) * scale;
+          int t = t0 + j;
+          size_t at = ((size_t)tb[t / bs] * bs + (size_t)(t % bs)) * KW + hoff;
+          vt[j] = vcache + at;
+          s[j] = dot(qr, kcache + at, D) * scale;
           if (s[j] > bm) bm = s[j];
         }
         if (bm > m) { /* rescale what was accumulated under the old maximum */
@@ -748,7 +752,7 @@ static void kv_attend(ot_backend *be, float *out, const float *q, size_t ldq, co
         for (int j = 0; j < n; j++) {
           float p = expf(s[j] - m);
           l += p;
-          axpy(o, p, vb + (size_t)(t0 + j) * KW, D);
+          axpy(o, p, vt[j], D);
         }
       }
       float inv = 1.0f / l;
@@ -757,22 +761,24 @@ static void kv_attend(ot_backend *be, float *out, const float *q, size_t ldq, co
   }
 }
 
-/* Row i's key and value [KW] (at k + i*ldk, v + i*ldk) into the cache at (slot[i], pos[i]). */
+/* Row i's key and value [KW] (at k + i*ldk, v + i*ldk) into its sequence's block at pos[i]. */
 static void kv_store(ot_backend *be, float *kcache, float *vcache, const float *k, const float *v, size_t ldk,
-                     const int32_t *pos, const int32_t *slot, int N, size_t KW, int T_max) {
+                     const int32_t *pos, const int32_t *slot, const int32_t *table, int N, size_t KW, int bs,
+                     int mb) {
 #pragma omp parallel for num_threads(NT) schedule(static)
   for (int i = 0; i < N; i++) {
-    size_t at = ((size_t)slot[i] * T_max + pos[i]) * KW;
+    size_t at = ((size_t)table[(size_t)slot[i] * mb + pos[i] / bs] * bs + (size_t)(pos[i] % bs)) * KW;
     memcpy(kcache + at, k + i * ldk, sizeof(float) * KW);
     memcpy(vcache + at, v + i * ldk, sizeof(float) * KW);
   }
 }
 
 static void cpu_attention_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
-                                 const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max) {
+                                 const int32_t *pos, const int32_t *slot, const int32_t *table, int N, int C,
+                                 int NH, int bs, int mb) {
   size_t C3 = (size_t)3 * C;
-  kv_store(be, kcache, vcache, qkv + C, qkv + 2 * (size_t)C, C3, pos, slot, N, (size_t)C, T_max);
-  kv_attend(be, out, qkv, C3, kcache, vcache, pos, slot, N, NH, NH, C / NH, T_max);
+  kv_store(be, kcache, vcache, qkv + C, qkv + 2 * (size_t)C, C3, pos, slot, table, N, (size_t)C, bs, mb);
+  kv_attend(be, out, qkv, C3, kcache, vcache, pos, slot, table, N, NH, NH, C / NH, bs, mb);
 }
 
 /* Rows are dealt to threads round-robin across segments, so one long prefill segment and many
@@ -958,11 +964,11 @@ static void cpu_gqa_bwd(ot_backend *be, float *dq, float *dk, float *dv, float *
 }
 
 static void cpu_gqa_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *q,
-                           const float *k, const float *v, const int32_t *pos, const int32_t *slot, int N,
-                           int NH, int NKV, int D, int T_max) {
+                           const float *k, const float *v, const int32_t *pos, const int32_t *slot,
+                           const int32_t *table, int N, int NH, int NKV, int D, int bs, int mb) {
   size_t KW = (size_t)NKV * D;
-  kv_store(be, kcache, vcache, k, v, KW, pos, slot, N, KW, T_max);
-  kv_attend(be, out, q, (size_t)NH * D, kcache, vcache, pos, slot, N, NH, NKV, D, T_max);
+  kv_store(be, kcache, vcache, k, v, KW, pos, slot, table, N, KW, bs, mb);
+  kv_attend(be, out, q, (size_t)NH * D, kcache, vcache, pos, slot, table, N, NH, NKV, D, bs, mb);
 }
 
 static const ot_backend_ops cpu_ops = {

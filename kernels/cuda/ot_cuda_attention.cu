@@ -364,12 +364,13 @@ void ot_cuda_embed_fwd(ot_backend *be, float *out, const int32_t *tokens, const 
   OT_CUDA_LAUNCHED(c, "embed_fwd");
 }
 
-/* every row's k and v into the cache first, so rows of one prefill see each other */
+/* every row's k and v into its sequence's block first, so rows of one prefill see each other */
 static __global__ void kv_store_kernel(float *kcache, float *vcache, const float *qkv, const int32_t *pos,
-                                       const int32_t *slot, int N, int C, int T_max) {
+                                       const int32_t *slot, const int32_t *table, int N, int C, int bs, int mb) {
   size_t n = (size_t)N * C;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
-    size_t i = e / C, ch = e % C, at = ((size_t)slot[i] * T_max + pos[i]) * C + ch;
+    size_t i = e / C, ch = e % C;
+    size_t at = ((size_t)table[(size_t)slot[i] * mb + pos[i] / bs] * bs + (size_t)(pos[i] % bs)) * C + ch;
     kcache[at] = qkv[i * 3 * C + C + ch];
     vcache[at] = qkv[i * 3 * C + 2 * (size_t)C + ch];
   }
@@ -383,19 +384,20 @@ static __global__ void kv_store_kernel(float *kcache, float *vcache, const float
  * output) triples. Heads wider than 32*KV_DPL take several passes, recomputing the scores. */
 static __global__ void __launch_bounds__(KV_WARPS * 32)
     attention_kv_kernel(float *out, const float *kcache, const float *vcache, const float *qkv,
-                        const int32_t *pos, const int32_t *slot, int C, int NH, int T_max, float scale) {
+                        const int32_t *pos, const int32_t *slot, const int32_t *table, int C, int NH, int bs,
+                        int mb, float scale) {
   __shared__ float sm[KV_WARPS], sl[KV_WARPS], so[KV_WARPS][32 * KV_DPL];
   int i = blockIdx.x / NH, h = blockIdx.x % NH, hs = C / NH;
   int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, P = pos[i];
   const float *q = qkv + (size_t)i * 3 * C + (size_t)h * hs;
-  size_t base = (size_t)slot[i] * T_max * C + (size_t)h * hs;
-  const float *kb = kcache + base, *vb = vcache + base;
+  const int32_t *tb = table + (size_t)slot[i] * mb; /* the sequence's blocks */
   float *o = out + (size_t)i * C + (size_t)h * hs;
   for (int d0 = 0; d0 < hs; d0 += 32 * KV_DPL) {
     float m = -INFINITY, l = 0.0f, acc[KV_DPL];
     for (int k = 0; k < KV_DPL; k++) acc[k] = 0.0f;
     for (int t = wp; t <= P; t += KV_WARPS) {
-      const float *kt = kb + (size_t)t * C, *vt = vb + (size_t)t * C;
+      size_t at = ((size_t)tb[t / bs] * bs + (size_t)(t % bs)) * C + (size_t)h * hs;
+      const float *kt = kcache + at, *vt = vcache + at;
       float dot = 0.0f;
       for (int d = lane; d < hs; d += 32) dot += q[d] * kt[d];
       float s = ot_warp_sum(dot) * scale;
@@ -435,13 +437,14 @@ static __global__ void __launch_bounds__(KV_WARPS * 32)
 }
 
 void ot_cuda_attention_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
-                              const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max) {
+                              const int32_t *pos, const int32_t *slot, const int32_t *table, int N, int C, int NH,
+                              int bs, int mb) {
   ot_cuda_ctx *c = ot_cuda(be);
   if (N <= 0) return;
   kv_store_kernel<<<ot_cuda_grid(c, (size_t)N * C, 256), 256, 0, c->stream>>>(kcache, vcache, qkv, pos, slot,
-                                                                              N, C, T_max);
+                                                                              table, N, C, bs, mb);
   float scale = 1.0f / sqrtf((float)(C / NH));
   attention_kv_kernel<<<(unsigned)N * NH, KV_WARPS * 32, 0, c->stream>>>(out, kcache, vcache, qkv, pos, slot,
-                                                                         C, NH, T_max, scale);
+                                                                         table, C, NH, bs, mb, scale);
   OT_CUDA_LAUNCHED(c, "attention_kv_fwd");
 }

@@ -68,7 +68,8 @@ size_t ot_cuda_attention_state(ot_backend *be, int B, int T, int C, int NH);
 void ot_cuda_embed_fwd(ot_backend *be, float *out, const int32_t *tokens, const int32_t *pos,
                        const float *wte, const float *wpe, int N, int C);
 void ot_cuda_attention_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *qkv,
-                              const int32_t *pos, const int32_t *slot, int N, int C, int NH, int T_max);
+                              const int32_t *pos, const int32_t *slot, const int32_t *table, int N, int C,
+                              int NH, int bs, int mb);
 
 /* ot_cuda_lora.cu */
 void ot_cuda_rmsnorm_fwd(ot_backend *be, float *out, float *rstd, const float *inp, const float *w, int N,
@@ -86,8 +87,8 @@ void ot_cuda_gqa_bwd(ot_backend *be, float *dq, float *dk, float *dv, float *dat
                      const float *q, const float *k, const float *v, const float *att, int B, int T, int NH,
                      int NKV, int D);
 void ot_cuda_gqa_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *q,
-                        const float *k, const float *v, const int32_t *pos, const int32_t *slot, int N,
-                        int NH, int NKV, int D, int T_max);
+                        const float *k, const float *v, const int32_t *pos, const int32_t *slot,
+                        const int32_t *table, int N, int NH, int NKV, int D, int bs, int mb);
 void ot_cuda_lora_fwd(ot_backend *be, float *out, float *t, float *xd, const float *x, const float *A,
                       const float *B, int N, int IN, int OUT, int r, float scale, float p, uint64_t seed);
 void ot_cuda_lora_bwd(ot_backend *be, float *dx, float *dA, float *dB, float *dt, float *xd,

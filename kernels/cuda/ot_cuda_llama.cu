@@ -232,10 +232,12 @@ void ot_cuda_gqa_bwd(ot_backend *be, float *dq, float *dk, float *dv, float *dat
 /* ---- grouped-query attention against a KV cache: one warp per (row, head) ---------- */
 
 static __global__ void gqa_kv_store_kernel(float *kcache, float *vcache, const float *k, const float *v,
-                                           const int32_t *pos, const int32_t *slot, int N, int KW, int T_max) {
+                                           const int32_t *pos, const int32_t *slot, const int32_t *table, int N,
+                                           int KW, int bs, int mb) {
   size_t n = (size_t)N * KW;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
-    size_t i = e / KW, ch = e % KW, at = ((size_t)slot[i] * T_max + pos[i]) * KW + ch;
+    size_t i = e / KW, ch = e % KW;
+    size_t at = ((size_t)table[(size_t)slot[i] * mb + pos[i] / bs] * bs + (size_t)(pos[i] % bs)) * KW + ch;
     kcache[at] = k[e];
     vcache[at] = v[e];
   }
@@ -244,27 +246,28 @@ static __global__ void gqa_kv_store_kernel(float *kcache, float *vcache, const f
 #define GKV_DPL 8 /* output dims per lane: heads up to 256 */
 
 static __global__ void gqa_kv_kernel(float *out, const float *kcache, const float *vcache, const float *q,
-                                     const int32_t *pos, const int32_t *slot, int N, int NH, int NKV, int D,
-                                     int T_max, float scale) {
+                                     const int32_t *pos, const int32_t *slot, const int32_t *table, int N, int NH,
+                                     int NKV, int D, int bs, int mb, float scale) {
   int lane = threadIdx.x & 31;
   size_t w = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (w >= (size_t)N * NH) return;
   int i = (int)(w / NH), h = (int)(w % NH), kh = h / (NH / NKV), P = pos[i];
   size_t KW = (size_t)NKV * D;
   const float *qr = q + (size_t)i * NH * D + (size_t)h * D;
-  const float *kb = kcache + (size_t)slot[i] * T_max * KW + (size_t)kh * D;
-  const float *vb = vcache + (size_t)slot[i] * T_max * KW + (size_t)kh * D;
+  const int32_t *tb = table + (size_t)slot[i] * mb; /* the sequence's blocks */
   float m = -INFINITY, l = 0.0f, acc[GKV_DPL];
   for (int j = 0; j < GKV_DPL; j++) acc[j] = 0.0f;
   for (int t = 0; t <= P; t++) {
+    size_t at = ((size_t)tb[t / bs] * bs + (size_t)(t % bs)) * KW + (size_t)kh * D;
+    const float *kt = kcache + at, *vt = vcache + at;
     float dot = 0.0f;
-    for (int d = lane; d < D; d += 32) dot += qr[d] * kb[(size_t)t * KW + d];
+    for (int d = lane; d < D; d += 32) dot += qr[d] * kt[d];
     float s = ot_warp_sum(dot) * scale;
     float mn = fmaxf(m, s), corr = expf(m - mn), p = expf(s - mn);
     l = l * corr + p;
     for (int j = 0; j < GKV_DPL; j++) {
       int d = lane + 32 * j;
-      if (d < D) acc[j] = acc[j] * corr + p * vb[(size_t)t * KW + d];
+      if (d < D) acc[j] = acc[j] * corr + p * vt[d];
     }
     m = mn;
   }
@@ -276,8 +279,8 @@ static __global__ void gqa_kv_kernel(float *out, const float *kcache, const floa
 }
 
 void ot_cuda_gqa_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache, const float *q, const float *k,
-                        const float *v, const int32_t *pos, const int32_t *slot, int N, int NH, int NKV, int D,
-                        int T_max) {
+                        const float *v, const int32_t *pos, const int32_t *slot, const int32_t *table, int N, int NH,
+                        int NKV, int D, int bs, int mb) {
   ot_cuda_ctx *c = ot_cuda(be);
   if (N <= 0) return;
   if (D > 32 * GKV_DPL) {
@@ -285,9 +288,10 @@ void ot_cuda_gqa_kv_fwd(ot_backend *be, float *out, float *kcache, float *vcache
     return;
   }
   gqa_kv_store_kernel<<<ot_cuda_grid(c, (size_t)N * NKV * D, 256), 256, 0, c->stream>>>(kcache, vcache, k, v, pos,
-                                                                                        slot, N, NKV * D, T_max);
+                                                                                        slot, table, N, NKV * D, bs,
+                                                                                        mb);
   size_t warps = (size_t)N * NH;
-  gqa_kv_kernel<<<(unsigned)((warps + 7) / 8), 256, 0, c->stream>>>(out, kcache, vcache, q, pos, slot, N, NH, NKV,
-                                                                     D, T_max, 1.0f / sqrtf((float)D));
+  gqa_kv_kernel<<<(unsigned)((warps + 7) / 8), 256, 0, c->stream>>>(out, kcache, vcache, q, pos, slot, table, N, NH,
+                                                                     NKV, D, bs, mb, 1.0f / sqrtf((float)D));
   OT_CUDA_LAUNCHED(c, "gqa_kv_fwd");
 }
