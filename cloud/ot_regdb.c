@@ -2,7 +2,6 @@
 #include "ot_regdb_impl.h"
 
 #include <ctype.h>
-#include <math.h>
 #include <string.h>
 
 #include "ot_error.h"
@@ -38,13 +37,13 @@ int ot_regdb_bind_int64(ot_regdb_stmt *st, int i, int64_t v) {
 }
 int ot_regdb_bind_double(ot_regdb_stmt *st, int i, double v) {
   /* both backends store a NaN as NULL (SQLite does so itself; AVG and COUNT then skip it) */
-  return st->db->ops->bind(st, i, isnan(v) ? OT_COL_NULL : OT_COL_FLOAT, 0, v, NULL, 0);
+  return st->db->ops->bind(st, i, OT_COL_FLOAT, 0, v, NULL, 0);
 }
 int ot_regdb_bind_text(ot_regdb_stmt *st, int i, const char *v) {
-  return st->db->ops->bind(st, i, v ? OT_COL_TEXT : OT_COL_NULL, 0, 0, v, v ? strlen(v) : 0);
+  return st->db->ops->bind(st, i, OT_COL_TEXT, 0, 0, v, v ? strlen(v) : 0);
 }
 int ot_regdb_bind_blob(ot_regdb_stmt *st, int i, const void *v, size_t n) {
-  return st->db->ops->bind(st, i, v ? OT_COL_BLOB : OT_COL_NULL, 0, 0, v, n);
+  return st->db->ops->bind(st, i, OT_COL_BLOB, 0, 0, v, n);
 }
 int ot_regdb_step(ot_regdb_stmt *st) { return st->db->ops->step(st); }
 int ot_regdb_column_count(ot_regdb_stmt *st) { return st->db->ops->column_count(st); }

@@ -10,8 +10,8 @@ typedef struct {
   int (*exec)(ot_regdb *db, const char *sql);
   int64_t (*changes)(ot_regdb *db);
   int (*prepare)(ot_regdb *db, const char *sql, ot_regdb_stmt **out);
-  /* t: OT_COL_INT (iv), OT_COL_FLOAT (dv), OT_COL_TEXT (p, NUL-terminated), OT_COL_BLOB (p, n),
-   * OT_COL_NULL */
+  /* t: OT_COL_INT (iv), OT_COL_FLOAT (dv; NaN binds NULL), OT_COL_TEXT (p, NUL-terminated) or
+   * OT_COL_BLOB (p, n); p NULL binds a NULL of that type */
   int (*bind)(ot_regdb_stmt *st, int i, ot_regdb_coltype t, int64_t iv, double dv, const void *p, size_t n);
   int (*step)(ot_regdb_stmt *st);
   int (*column_count)(ot_regdb_stmt *st);

@@ -176,37 +176,35 @@ static int p_bind(ot_regdb_stmt *st, int i, ot_regdb_coltype t, int64_t iv, doub
   s->fmts[i] = 0;
   s->lens[i] = 0;
   char num[64];
+  /* a NULL keeps its type, so the server never has to guess it ("$2 IS NULL OR name = $2") */
+  static const Oid oid[] = {[OT_COL_INT] = OID_INT8,
+                            [OT_COL_FLOAT] = OID_FLOAT8,
+                            [OT_COL_TEXT] = OID_TEXT,
+                            [OT_COL_BLOB] = OID_BYTEA,
+                            [OT_COL_NULL] = 0};
+  s->types[i] = oid[t];
+  if (t == OT_COL_NULL || ((t == OT_COL_TEXT || t == OT_COL_BLOB) && !p) || (t == OT_COL_FLOAT && dv != dv))
+    return OT_OK;
   switch (t) {
   case OT_COL_INT:
-    s->types[i] = OID_INT8;
     snprintf(num, sizeof num, "%lld", (long long)iv);
     s->vals[i] = strdup(num);
     break;
   case OT_COL_FLOAT:
-    s->types[i] = OID_FLOAT8;
-    if (dv != dv)
-      snprintf(num, sizeof num, "NaN");
-    else if (dv > 1.7976931348623157e308 || dv < -1.7976931348623157e308)
+    if (dv > 1.7976931348623157e308 || dv < -1.7976931348623157e308)
       snprintf(num, sizeof num, "%sInfinity", dv < 0 ? "-" : "");
     else
       snprintf(num, sizeof num, "%.17g", dv);
     s->vals[i] = strdup(num);
     break;
-  case OT_COL_TEXT:
-    s->types[i] = OID_TEXT;
-    s->vals[i] = strndup(p, n);
-    break;
+  case OT_COL_TEXT: s->vals[i] = strndup(p, n); break;
   case OT_COL_BLOB:
-    s->types[i] = OID_BYTEA;
     s->vals[i] = malloc(n ? n : 1);
     if (s->vals[i]) memcpy(s->vals[i], p, n);
     s->lens[i] = (int)n;
     s->fmts[i] = 1; /* binary: the bytes as they are */
     break;
-  case OT_COL_NULL:
-    /* the type is left to the server, as for an unbound SQLite parameter */
-    s->types[i] = 0;
-    return OT_OK;
+  case OT_COL_NULL: break;
   }
   return s->vals[i] ? OT_OK : ot_error(OT_ERR_NOMEM, "cannot allocate");
 }

@@ -58,8 +58,12 @@ static int l_bind(ot_regdb_stmt *st, int i, ot_regdb_coltype t, int64_t iv, doub
   switch (t) {
   case OT_COL_INT: ok = sqlite3_bind_int64(stmt(st), i, iv); break;
   case OT_COL_FLOAT: ok = sqlite3_bind_double(stmt(st), i, dv); break;
-  case OT_COL_TEXT: ok = sqlite3_bind_text(stmt(st), i, p, (int)n, SQLITE_TRANSIENT); break;
-  case OT_COL_BLOB: ok = sqlite3_bind_blob(stmt(st), i, p, (int)n, SQLITE_TRANSIENT); break;
+  case OT_COL_TEXT:
+    ok = p ? sqlite3_bind_text(stmt(st), i, p, (int)n, SQLITE_TRANSIENT) : sqlite3_bind_null(stmt(st), i);
+    break;
+  case OT_COL_BLOB:
+    ok = p ? sqlite3_bind_blob(stmt(st), i, p, (int)n, SQLITE_TRANSIENT) : sqlite3_bind_null(stmt(st), i);
+    break;
   case OT_COL_NULL: ok = sqlite3_bind_null(stmt(st), i); break;
   }
   return ok == SQLITE_OK ? OT_OK : err(st->db, "bind");
