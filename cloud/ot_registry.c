@@ -62,6 +62,10 @@ static const char *const migrations[] = {
     "  value REAL, at INTEGER NOT NULL, PRIMARY KEY(session_id, round, device_id, kind));"
     "ALTER TABLE emulators ADD COLUMN kd REAL;"
     "ALTER TABLE emulators ADD COLUMN ce REAL;",
+    /* 3 -> 4 (issue 18): which daemon drives a session's rounds, until when (several daemons
+     * on one database) */
+    "CREATE TABLE leases(session_id INTEGER NOT NULL PRIMARY KEY REFERENCES sessions(id),"
+    "  owner TEXT NOT NULL, expires_at INTEGER NOT NULL, taken_at INTEGER NOT NULL);",
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
 
@@ -851,6 +855,42 @@ int ot_reg_adapter_served(ot_registry *r, const char *digest, int *served) {
     *served = ot_regdb_step(st) == 1;
     ot_regdb_finalize(st);
   }
+  unlock(r);
+  return rc;
+}
+
+/* ---- leases ---------------------------------------------------------------------------- */
+
+/* The database's clock in seconds: every daemon compares expiries on one clock. */
+#define DB_NOW(r)                                                                                            \
+  DIALECT(r, "CAST(strftime('%s','now') AS INTEGER)", "CAST(extract(epoch FROM clock_timestamp()) AS BIGINT)")
+
+int ot_reg_lease_take(ot_registry *r, int64_t session_id, const char *owner, int ttl_s, int *held) {
+  if (!owner || !*owner || ttl_s < 1) return ot_error(OT_ERR_INVALID, "lease: owner and ttl > 0 needed");
+  char sql[1024];
+  /* one statement: taken when there is no row, the row is ours (a renewal), or it expired;
+   * a held row changes nothing and counts 0 rows (PostgreSQL re-checks the WHERE on the row
+   * it waited for, so of two daemons taking at once one gets it) */
+  snprintf(
+      sql, sizeof sql,
+      "INSERT INTO leases(session_id, owner, expires_at, taken_at) VALUES(?1, ?2, %s + ?3, %s) "
+      "ON CONFLICT(session_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at, "
+      "taken_at = CASE WHEN leases.owner = excluded.owner THEN leases.taken_at ELSE excluded.taken_at END "
+      "WHERE leases.owner = excluded.owner OR leases.expires_at <= %s",
+      DB_NOW(r), DB_NOW(r), DB_NOW(r));
+  lock(r);
+  int rc = OT_OK;
+  RUNQ(sql, "iti", session_id, owner, (int64_t)ttl_s);
+  int64_t n = rc == OT_OK ? ot_regdb_changes(r->db) : 0;
+  unlock(r);
+  if (rc == OT_OK) *held = n == 1;
+  return rc;
+}
+
+int ot_reg_lease_drop(ot_registry *r, const char *owner) {
+  lock(r);
+  int rc = OT_OK;
+  RUNQ("DELETE FROM leases WHERE owner = ?", "t", owner);
   unlock(r);
   return rc;
 }

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ot_error.h"
@@ -32,6 +33,11 @@
 static int use_pg;
 static char pg_dir[1024], pg_conninfo[1200], skip_why[512];
 static int db_seq;
+
+static void sleep_ms(int ms) {
+  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+  nanosleep(&ts, NULL);
+}
 
 /* A fresh database for one case: a new SQLite file, or one of the server's databases. */
 static void fresh_target(char *out, size_t n) {
@@ -564,6 +570,34 @@ static void test_token_once(void **state) {
   ot_reg_close(r);
 }
 
+/* Leadership: one owner at a time, renewals by the owner, takeover after expiry or a drop. */
+static void test_lease(void **state) {
+  (void)state;
+  char t[1400];
+  fresh_target(t, sizeof t);
+  ot_registry *a = open_ok(t), *b = open_ok(t);
+  int64_t dev[1];
+  int64_t sid = running_session(a, "lead", 1, 1, dev);
+  int held = -1;
+  OK(ot_reg_lease_take(a, sid, "daemon-a", 1, &held));
+  assert_int_equal(held, 1);
+  OK(ot_reg_lease_take(b, sid, "daemon-b", 30, &held));
+  assert_int_equal(held, 0);
+  OK(ot_reg_lease_take(a, sid, "daemon-a", 1, &held)); /* renewal */
+  assert_int_equal(held, 1);
+  sleep_ms(2100); /* a's lease (1 s on the database's clock) expires */
+  OK(ot_reg_lease_take(b, sid, "daemon-b", 30, &held));
+  assert_int_equal(held, 1);
+  OK(ot_reg_lease_take(a, sid, "daemon-a", 1, &held));
+  assert_int_equal(held, 0);
+  OK(ot_reg_lease_drop(b, "daemon-b")); /* b stops cleanly: a takes over at once */
+  OK(ot_reg_lease_take(a, sid, "daemon-a", 30, &held));
+  assert_int_equal(held, 1);
+  assert_int_equal(ot_reg_lease_take(a, sid, "", 30, &held), OT_ERR_INVALID);
+  ot_reg_close(b);
+  ot_reg_close(a);
+}
+
 static void test_target_kind(void **state) {
   (void)state;
   assert_true(ot_regdb_is_pg("postgresql://u@h/db"));
@@ -629,6 +663,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test_setup(test_update_vs_close, setup),
       cmocka_unit_test_setup(test_finish_once, setup),
       cmocka_unit_test_setup(test_token_once, setup),
+      cmocka_unit_test_setup(test_lease, setup),
   };
   int rc = cmocka_run_group_tests_name(use_pg ? "registry on PostgreSQL" : "registry on SQLite", tests, NULL,
                                        NULL);
