@@ -887,6 +887,17 @@ int ot_reg_lease_take(ot_registry *r, int64_t session_id, const char *owner, int
   return rc;
 }
 
+int ot_reg_lease_renew(ot_registry *r, const char *owner, int ttl_s) {
+  char sql[512];
+  snprintf(sql, sizeof sql, "UPDATE leases SET expires_at = %s + ? WHERE owner = ? AND expires_at > %s",
+           DB_NOW(r), DB_NOW(r));
+  lock(r);
+  int rc = OT_OK;
+  RUNQ(sql, "it", (int64_t)ttl_s, owner);
+  unlock(r);
+  return rc;
+}
+
 int ot_reg_lease_drop(ot_registry *r, const char *owner) {
   lock(r);
   int rc = OT_OK;
