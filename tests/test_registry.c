@@ -29,9 +29,10 @@
 #include "ot_regdb.h"
 #include "ot_registry.h"
 #include "ot_test_util.h"
+#include "pg_fixture.h"
 
 static int use_pg;
-static char pg_dir[1024], pg_conninfo[1200], skip_why[512];
+static char pg_conninfo[1200], skip_why[512];
 static int db_seq;
 
 static void sleep_ms(int ms) {
@@ -610,40 +611,6 @@ static void test_target_kind(void **state) {
   assert_false(ot_regdb_is_pg("a/b=c.db"));
 }
 
-static int stop_pg(void) {
-  if (pg_dir[0]) ot_test_system("'%s/tests/pg_cluster.sh' stop '%s'", ot_test_source_dir(), pg_dir);
-  pg_dir[0] = '\0';
-  return 0;
-}
-
-/* Starts the server; sets skip_why instead when PostgreSQL cannot be used here. */
-static void start_pg(void) {
-#ifndef OT_HAVE_LIBPQ
-  snprintf(skip_why, sizeof skip_why, "this build has no libpq (install libpq-dev and configure again)");
-  return;
-#endif
-  char cmd[2048], out[4096] = "";
-  snprintf(cmd, sizeof cmd, "'%s/tests/pg_cluster.sh' start %d t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 t10 t11 2>&1",
-           ot_test_source_dir(), (int)getpid());
-  FILE *p = popen(cmd, "r");
-  size_t n = p ? fread(out, 1, sizeof out - 1, p) : 0;
-  out[n] = '\0';
-  int st = p ? pclose(p) : -1;
-  int code = st >= 0 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  if (code == 77) {
-    snprintf(skip_why, sizeof skip_why, "%s", out);
-    return;
-  }
-  char *tab = strchr(out, '\t'), *nl = tab ? strchr(tab, '\n') : NULL;
-  if (code != 0 || !tab || !nl) {
-    fprintf(stderr, "tests/pg_cluster.sh failed (%d):\n%s\n", code, out);
-    exit(1);
-  }
-  *tab = *nl = '\0';
-  snprintf(pg_dir, sizeof pg_dir, "%s", out);
-  snprintf(pg_conninfo, sizeof pg_conninfo, "%s", tab + 1);
-}
-
 int main(int argc, char **argv) {
   if (argc != 2 || (strcmp(argv[1], "sqlite") != 0 && strcmp(argv[1], "postgresql") != 0)) {
     fprintf(stderr, "usage: test_registry sqlite|postgresql\n");
@@ -651,7 +618,10 @@ int main(int argc, char **argv) {
   }
   if (sodium_init() < 0) return 1;
   use_pg = strcmp(argv[1], "postgresql") == 0;
-  if (use_pg) start_pg();
+  if (use_pg) {
+    const char *dbs[] = {"t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7", "t8", "t9", "t10", "t11"};
+    pg_fixture_start(dbs, 12, pg_conninfo, sizeof pg_conninfo, skip_why, sizeof skip_why);
+  }
   if (skip_why[0]) printf("[ SKIPPED  ] PostgreSQL cases: %s\n", skip_why);
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_target_kind),
@@ -667,6 +637,6 @@ int main(int argc, char **argv) {
   };
   int rc = cmocka_run_group_tests_name(use_pg ? "registry on PostgreSQL" : "registry on SQLite", tests, NULL,
                                        NULL);
-  stop_pg();
+  pg_fixture_stop();
   return rc;
 }
