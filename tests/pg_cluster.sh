@@ -57,10 +57,12 @@ start)
     "'"$(readlink -f "$0")"'" stop "'"$dir"'"' </dev/null >/dev/null 2>&1 &
   as_user "$bin/initdb" -D "$dir/data" -U "$PGUSER_OS" -A trust -E UTF8 --locale=C --no-sync >"$dir/initdb.log" 2>&1 ||
     { cat "$dir/initdb.log" >&2; exit 1; }
-  # durability settings off: the tests check the registry's logic, not the disk
-  as_user "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 -s \
-    -o "-c listen_addresses='' -c unix_socket_directories='$dir' -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=60" \
-    start >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
+  # durability settings off: the tests check the registry's logic, not the disk (OT_PG_DURABLE=1
+  # keeps PostgreSQL's defaults: fsync at commit, like the SQLite registry; bench/registry.sh)
+  opts="-c listen_addresses='' -c unix_socket_directories='$dir' -c max_connections=60"
+  [ "${OT_PG_DURABLE:-0}" = 1 ] || opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+  as_user "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 -s -o "$opts" start >/dev/null ||
+    { cat "$dir/server.log" >&2; exit 1; }
   for db in "$@"; do
     as_user "$bin/psql" -X -q -h "$dir" -U "$PGUSER_OS" -d postgres -c "CREATE DATABASE \"$db\"" >/dev/null
   done
