@@ -13,7 +13,7 @@
 #include "ot_test_util.h"
 #include "pg_fixture.h"
 
-static char pg_dir[1024];
+static char pg_dir[4096];
 
 int pg_fixture_start(const char *const *dbs, int n, char *conninfo, size_t cap, char *why, size_t why_cap) {
 #ifndef OT_HAVE_LIBPQ
