@@ -75,8 +75,9 @@ int ot_daemon_obj_path(const ot_daemon *d, char *out, size_t n, const char *fmt,
   va_start(ap, fmt);
   int k = vsnprintf(rel, sizeof rel, fmt, ap);
   va_end(ap);
-  if (k < 0 || (size_t)k >= sizeof rel || (size_t)snprintf(out, n, "%s/%s", d->objects, rel) >= n)
-    return ot_error(OT_ERR_RANGE, "path too long under %s", d->objects);
+  const char *root = d->objects[0] ? d->objects : d->state; /* not set yet: the state directory */
+  if (k < 0 || (size_t)k >= sizeof rel || (size_t)snprintf(out, n, "%s/%s", root, rel) >= n)
+    return ot_error(OT_ERR_RANGE, "path too long under %s", root);
   return OT_OK;
 }
 

@@ -48,7 +48,8 @@ void ot_daemon_kick(ot_daemon *d);
 int ot_daemon_path(const ot_daemon *d, char *out, size_t n, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
-/* OBJECTS/<formatted relative path> (the object store: objects/..., emulators/...). */
+/* OBJECTS/<formatted relative path> (the object store: objects/..., emulators/...); the state
+ * directory while objects is unset. */
 int ot_daemon_obj_path(const ot_daemon *d, char *out, size_t n, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 /* Moves a finished file or directory to dst, atomically for readers: rename(2); when src is
