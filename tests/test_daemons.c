@@ -185,6 +185,21 @@ static void test_leader_killed(void **state) {
   snprintf(leader_log, sizeof leader_log, "%s", strcmp(owner, "B") == 0 ? B.log : C.log);
   assert_true(file_has(leader_log, "leading session"));
   cJSON_Delete(s);
+  /* concurrent operator commands on two daemons: one session name, created once */
+  char create[2][2048];
+  for (int k = 0; k < 2; k++) /* the settings of session "r": its emulator is reused */
+    snprintf(create[k], sizeof create[k],
+             "%s session create --state %s/%s --name dup --model full --bottom 1 --top 1 --keep 1 "
+             "--distill-steps 4 "
+             "--distill-batch 4 --distill-seq-len 32 --distill-data %s/public.txt --steps 4 --batch 4 "
+             "--seq-len 32",
+             cloud, dir, k ? "C" : "B", dir);
+  RUN_OK("sh -c '(%s >/dev/null 2>&1; echo rc=$?) & (%s >/dev/null 2>&1; echo rc=$?) & wait'", create[0],
+         create[1]);
+  int created = 0;
+  for (const char *q = out; (q = strstr(q, "rc=0")); q++) created++;
+  assert_int_equal(created, 1);
+  assert_int_equal(pg_fixture_int(registry, "SELECT COUNT(*) FROM sessions WHERE name = 'dup'"), 1);
   daemon_stop(&B);
   daemon_stop(&C);
   /* a clean stop gives the leases up */
