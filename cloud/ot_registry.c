@@ -98,8 +98,7 @@ static int prep(ot_registry *r, ot_regdb_stmt **st, const char *sql, const char 
 }
 
 /* Runs a statement that returns no rows (or ignores them); finalizes it. */
-static int run(ot_registry *r, ot_regdb_stmt *st) {
-  (void)r;
+static int run(ot_regdb_stmt *st) {
   int s = ot_regdb_step(st);
   while (s == 1) s = ot_regdb_step(st);
   ot_regdb_finalize(st);
@@ -119,7 +118,7 @@ static int run_id(ot_regdb_stmt *st, int64_t *id) {
   do {                                                                                                       \
     ot_regdb_stmt *st_;                                                                                      \
     if (rc == OT_OK) rc = prep(r, &st_, sql, fmt, __VA_ARGS__);                                              \
-    if (rc == OT_OK) rc = run(r, st_);                                                                       \
+    if (rc == OT_OK) rc = run(st_);                                                                          \
   } while (0)
 
 static void lock(ot_registry *r) { pthread_mutex_lock(&r->mu); }
@@ -541,8 +540,7 @@ int ot_reg_session_create(ot_registry *r, const ot_session_cfg *cfg, int64_t *id
   "r.attempts, (SELECT COUNT(*) FROM updates u WHERE u.session_id = s.id AND u.round = s.round) "            \
   "FROM sessions s LEFT JOIN rounds r ON r.session_id = s.id AND r.round = s.round "
 
-static int session_read(ot_registry *r, ot_regdb_stmt *st, ot_session_row *out) {
-  (void)r;
+static int session_read(ot_regdb_stmt *st, ot_session_row *out) {
   int s = ot_regdb_step(st);
   if (s != 1) {
     ot_regdb_finalize(st);
@@ -575,7 +573,7 @@ int ot_reg_session_get(ot_registry *r, const char *name, ot_session_row *out) {
       name && *name
           ? prep(r, &st, SESSION_COLS "WHERE s.name = ?", "t", name)
           : prep(r, &st, SESSION_COLS "WHERE s.state IN ('preparing','running') ORDER BY s.id LIMIT 1", NULL);
-  if (rc == OT_OK) rc = session_read(r, st, out);
+  if (rc == OT_OK) rc = session_read(st, out);
   unlock(r);
   if (rc == OT_ERR_NOTFOUND)
     rc = name && *name ? ot_error(rc, "no session named '%s'", name) : ot_error(rc, "no unfinished session");
@@ -586,7 +584,7 @@ int ot_reg_session_get_id(ot_registry *r, int64_t id, ot_session_row *out) {
   ot_regdb_stmt *st;
   lock(r);
   int rc = prep(r, &st, SESSION_COLS "WHERE s.id = ?", "i", id);
-  if (rc == OT_OK) rc = session_read(r, st, out);
+  if (rc == OT_OK) rc = session_read(st, out);
   unlock(r);
   if (rc == OT_ERR_NOTFOUND) rc = ot_error(rc, "no session %lld", (long long)id);
   return rc;
