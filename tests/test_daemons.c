@@ -22,6 +22,8 @@
 #include <string.h>
 #include <sys/wait.h>
 
+#include "ot_error.h"
+#include "ot_fileio.h"
 #include "pg_fixture.h"
 #include "session_fixture.h"
 
@@ -48,18 +50,31 @@ static int teardown(void **state) {
 
 /* Daemon `name` on the shared registry and objects; with key, its identity is a copy of that
  * file (every daemon answers as the one cloud the devices pinned). */
-static void start_shared(daemon_t *d, const char *name, const char *key) {
+static void start_shared(daemon_t *d, const char *name, const char *key, const char *more) {
   memset(d, 0, sizeof *d);
   snprintf(d->state, sizeof d->state, "%s/%s", dir, name);
   snprintf(d->log, sizeof d->log, "%s/%s.log", dir, name);
   snprintf(d->objects, sizeof d->objects, "%s/objects", dir);
-  snprintf(d->extra, sizeof d->extra, "--registry '%s' --objects '%s' --node %s --lease-seconds 2", registry,
-           d->objects, name);
+  snprintf(d->extra, sizeof d->extra, "--registry '%s' --objects '%s' --node %s --lease-seconds 2 %s",
+           registry, d->objects, name, more);
   assert_int_equal(ot_test_system("rm -rf '%s' '%s' && mkdir -p '%s'", d->state, d->log, d->state), 0);
   if (key)
     assert_int_equal(
         ot_test_system("cp '%s' '%s/cloud.key' && chmod 600 '%s/cloud.key'", key, d->state, d->state), 0);
   daemon_start(d, "tcp://127.0.0.1:0");
+}
+
+/* The daemon's serving URL (cloud.json's "http"). */
+static void http_of(const daemon_t *d, char *url, size_t n) {
+  char cj[1200], *text = NULL;
+  size_t len;
+  snprintf(cj, sizeof cj, "%s/cloud.json", d->state);
+  assert_int_equal(ot_file_read_all(cj, 1 << 16, &text, &len), OT_OK);
+  cJSON *j = cJSON_Parse(text);
+  free(text);
+  snprintf(url, n, "%s", cJSON_GetStringValue(cJSON_GetObjectItem(j, "http")));
+  cJSON_Delete(j);
+  assert_true(strncmp(url, "http://", 7) == 0);
 }
 
 /* device dev enrols through daemon `via` with a token issued on daemon `issuer`. */
@@ -123,7 +138,7 @@ static void test_leader_killed(void **state) {
   (void)state;
   if (skip_why[0]) skip();
   daemon_t A, B, C;
-  start_shared(&A, "A", NULL);
+  start_shared(&A, "A", NULL, "");
   char key[1200], owner[256];
   snprintf(key, sizeof key, "%s/cloud.key", A.state);
   session_create(&A, "r", "--rounds 2 --min-devices 2 --max-devices 2 --deadline 120 --secagg off");
@@ -137,8 +152,8 @@ static void test_leader_killed(void **state) {
     sleep_ms(100);
     pg_fixture_query(registry, owner, sizeof owner, "SELECT COALESCE(MAX(owner), '') FROM leases");
   } while (strcmp(owner, "A") != 0);
-  start_shared(&B, "B", key);
-  start_shared(&C, "C", key);
+  start_shared(&B, "B", key, "--http 127.0.0.1:0");
+  start_shared(&C, "C", key, "--http 127.0.0.1:0");
   assert_string_equal(B.fp, A.fp); /* one cloud identity */
   /* operators on different daemons see one registry */
   cJSON *shown = session_show(&C, "r");
@@ -185,6 +200,21 @@ static void test_leader_killed(void **state) {
   snprintf(leader_log, sizeof leader_log, "%s", strcmp(owner, "B") == 0 ? B.log : C.log);
   assert_true(file_has(leader_log, "leading session"));
   cJSON_Delete(s);
+  /* serving on both survivors: the published adapter of the one registry, whoever finished the
+   * session; unpublished through one daemon's operator, gone from the other's API at once */
+  char http[2][256];
+  http_of(&B, http[0], sizeof http[0]);
+  http_of(&C, http[1], sizeof http[1]);
+  for (int k = 0; k < 2; k++) {
+    RUN_OK("curl -sf %s/v1/models", http[k]);
+    assert_non_null(strstr(out, "\"id\":\"r\""));
+    RUN_OK("curl -sf %s/v1/completions -d '{\"model\": \"r\", \"prompt\": \"The \", \"max_tokens\": 4}'",
+           http[k]);
+    assert_non_null(strstr(out, "\"choices\""));
+  }
+  RUN_OK("%s adapter unpublish r --state '%s'", cloud, C.state);
+  RUN_OK("curl -sf %s/v1/models", http[0]);
+  assert_null(strstr(out, "\"id\":\"r\""));
   /* concurrent operator commands on two daemons: one session name, created once */
   char create[2][2048];
   for (int k = 0; k < 2; k++) /* the settings of session "r": its emulator is reused */
