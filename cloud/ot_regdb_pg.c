@@ -14,8 +14,8 @@ int ot_regdb_pg_open(const char *conninfo, ot_regdb **out) {
   (void)conninfo;
   (void)out;
   return ot_error(OT_ERR_UNSUPPORTED,
-                  "this offtune was built without PostgreSQL (libpq was not found: install libpq-dev and "
-                  "configure again)");
+                  "this offtune was built without the PostgreSQL registry backend (configure with libpq-dev "
+                  "installed and OT_POSTGRES not OFF)");
 }
 
 #else
