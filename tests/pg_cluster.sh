@@ -36,6 +36,10 @@ as_user() { # run a server program as the server's user
   if [ "$(id -u)" = 0 ]; then runuser -u "$PGUSER_OS" -- "$@"; else "$@"; fi
 }
 
+self=$(readlink -f "$0")
+# the server's user may not reach the caller's directory (a checkout under /root): work from /
+cd /
+
 case "${1:-}" in
 start)
   owner=${2:?owner pid}
@@ -54,7 +58,7 @@ start)
   # the watchdog: detached from the caller's pipes so ctest does not wait for it
   setsid bash -c '
     while kill -0 '"$owner"' 2>/dev/null; do sleep 1; done
-    "'"$(readlink -f "$0")"'" stop "'"$dir"'"' </dev/null >/dev/null 2>&1 &
+    "'"$self"'" stop "'"$dir"'"' </dev/null >/dev/null 2>&1 &
   as_user "$bin/initdb" -D "$dir/data" -U "$PGUSER_OS" -A trust -E UTF8 --locale=C --no-sync >"$dir/initdb.log" 2>&1 ||
     { cat "$dir/initdb.log" >&2; exit 1; }
   # durability settings off: the tests check the registry's logic, not the disk (OT_PG_DURABLE=1

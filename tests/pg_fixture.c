@@ -41,13 +41,16 @@ int pg_fixture_start(const char *const *dbs, int n, char *conninfo, size_t cap, 
     while (l && why[l - 1] == '\n') why[--l] = '\0';
     return 77;
   }
-  char *tab = strchr(out, '\t'), *nl = tab ? strchr(tab, '\n') : NULL;
+  /* the result is the last line: DIR<TAB>CONNINFO (warnings may come before it) */
+  char *tab = strrchr(out, '\t'), *nl = tab ? strchr(tab, '\n') : NULL;
+  char *line = tab;
+  while (line && line > out && line[-1] != '\n') line--;
   if (code != 0 || !tab || !nl) {
     fprintf(stderr, "tests/pg_cluster.sh failed (%d):\n%s\n", code, out);
     exit(1);
   }
   *tab = *nl = '\0';
-  snprintf(pg_dir, sizeof pg_dir, "%s", out);
+  snprintf(pg_dir, sizeof pg_dir, "%s", line);
   snprintf(conninfo, cap, "%s", tab + 1);
   return 0;
 #endif
