@@ -11,7 +11,8 @@
 # as root the server runs as the system user "postgres" (Debian's package makes it; else
 # "nobody"), and the tests connect over the socket as that database user.
 # Exit status 77: PostgreSQL's server programs are not installed (the caller skips, saying so).
-# OT_PG_BINDIR picks the directory of initdb/pg_ctl (default: pg_config's, else the newest
+# The directory is made under $TMPDIR (default /tmp), which the server's user must be able to
+# traverse. OT_PG_BINDIR picks the directory of initdb/pg_ctl (default: pg_config's, else the newest
 # /usr/lib/postgresql/*/bin).
 set -euo pipefail
 
