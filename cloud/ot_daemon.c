@@ -432,7 +432,8 @@ int ot_cmd_serve(int argc, char **argv) {
        "the object store (adapters, updates, emulators; default STATE): shared storage every daemon on "
        "the registry reaches"},
       {"node", OT_OPT_STR, &node, "NAME",
-       "this daemon's name among those sharing the registry (default HOST:STATE; keep it across restarts)"},
+       "this daemon's name among those sharing a PostgreSQL registry (default HOST:STATE; keep it across "
+       "restarts)"},
       {"lease-seconds", OT_OPT_INT, &lease_s, "N",
        "how long a daemon leads a session's rounds without renewing (default 15; another daemon takes "
        "over after it)"},
@@ -529,12 +530,14 @@ int ot_cmd_serve(int argc, char **argv) {
   if (rc == OT_OK) {
     char host[64] = "";
     gethostname(host, sizeof host - 1);
+    int shared = registry && ot_regdb_is_pg(registry);
     if (node)
       snprintf(d->node, sizeof d->node, "%s", node);
+    else if (!shared) /* one daemon per SQLite registry (the state lock): its leases are always its own */
+      snprintf(d->node, sizeof d->node, "local");
     else
       snprintf(d->node, sizeof d->node, "%s:%.*s", host, (int)(sizeof d->node - strlen(host) - 2), d->state);
-    if (registry && ot_regdb_is_pg(registry))
-      ot_daemon_log(d, "registry: PostgreSQL; node '%s'; objects in %s", d->node, d->objects);
+    if (shared) ot_daemon_log(d, "registry: PostgreSQL; node '%s'; objects in %s", d->node, d->objects);
   }
   if (rc == OT_OK) rc = ot_daemon_staging_sweep(d, 1, NULL);
   if (rc == OT_OK && models) {
