@@ -887,11 +887,17 @@ int ot_reg_lease_take(ot_registry *r, int64_t session_id, const char *owner, int
 
 int ot_reg_lease_renew(ot_registry *r, const char *owner, int ttl_s) {
   char sql[512];
-  snprintf(sql, sizeof sql, "UPDATE leases SET expires_at = %s + ? WHERE owner = ? AND expires_at > %s",
+  snprintf(sql, sizeof sql,
+           "UPDATE leases SET expires_at = %s + ? WHERE owner = ? AND expires_at > %s AND session_id IN "
+           "(SELECT id FROM sessions WHERE state IN ('preparing','running'))",
            DB_NOW(r), DB_NOW(r));
   lock(r);
   int rc = OT_OK;
   RUNQ(sql, "it", (int64_t)ttl_s, owner);
+  /* a finished session needs no leader: its row goes (the table stays as small as the work) */
+  RUNQ("DELETE FROM leases WHERE owner = ? AND session_id IN (SELECT id FROM sessions WHERE state IN "
+       "('done','failed'))",
+       "t", owner);
   unlock(r);
   return rc;
 }

@@ -136,8 +136,9 @@ int ot_reg_round_event(ot_registry *r, int64_t session_id, int round, int64_t de
  * when free, expired or already the owner's (then it is a renewal). *held = 1 when owner holds
  * it for ttl_s more seconds; 0 while another daemon does. */
 int ot_reg_lease_take(ot_registry *r, int64_t session_id, const char *owner, int ttl_s, int *held);
-/* Extends every unexpired lease of owner by ttl_s from now (the daemon's keeper thread: a
- * session stays led while its leader lives, however long one step takes). */
+/* Extends every unexpired lease of owner on an unfinished session by ttl_s from now (the
+ * daemon's keeper thread: a session stays led while its leader lives, however long one step
+ * takes); removes owner's leases of finished sessions. */
 int ot_reg_lease_renew(ot_registry *r, const char *owner, int ttl_s);
 /* Gives up every lease of owner (a daemon stopping cleanly: the others take over at once). */
 int ot_reg_lease_drop(ot_registry *r, const char *owner);

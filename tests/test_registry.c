@@ -595,6 +595,16 @@ static void test_lease(void **state) {
   OK(ot_reg_lease_take(a, sid, "daemon-a", 30, &held));
   assert_int_equal(held, 1);
   assert_int_equal(ot_reg_lease_take(a, sid, "", 30, &held), OT_ERR_INVALID);
+  OK(ot_reg_lease_renew(a, "daemon-a", 30)); /* a renewal keeps it */
+  OK(ot_reg_lease_take(b, sid, "daemon-b", 30, &held));
+  assert_int_equal(held, 0);
+  /* a finished session needs no leader: the owner's next renewal removes its lease */
+  OK(ot_reg_update_add(a, sid, 1, dev[0], 10, 1.0f, "v0"));
+  OK(ot_reg_round_close(a, sid, 1));
+  OK(ot_reg_round_finish(a, sid, 1, "a1", NULL, 0, "/a1", NULL));
+  OK(ot_reg_lease_renew(a, "daemon-a", 30));
+  OK(ot_reg_lease_take(b, sid, "daemon-b", 30, &held));
+  assert_int_equal(held, 1);
   ot_reg_close(b);
   ot_reg_close(a);
 }
