@@ -64,8 +64,10 @@ static const char *const migrations[] = {
     "ALTER TABLE emulators ADD COLUMN ce REAL;",
     /* 3 -> 4 (issue 18): which daemon drives a session's rounds, until when (several daemons
      * on one database) */
-    "CREATE TABLE leases(session_id INTEGER NOT NULL PRIMARY KEY REFERENCES sessions(id),"
-    "  owner TEXT NOT NULL, expires_at INTEGER NOT NULL, taken_at INTEGER NOT NULL);",
+    "CREATE TABLE leases(session_id INTEGER NOT NULL PRIMARY KEY REFERENCES sessions(id), owner TEXT NOT "
+    "NULL,"
+    "  expires_at INTEGER NOT NULL, taken_at INTEGER NOT NULL);"
+    "CREATE INDEX leases_owner ON leases(owner);",
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
 

@@ -133,7 +133,17 @@ static int ensure_emulator(ot_daemon *d, const ot_session_row *s, int64_t *emu_i
   snprintf(ts, sizeof ts, "%s/train_state", tmp);
   rc = ot_rm_rf(ts); /* optimizer state stays out of the package devices fetch */
   if (rc == OT_OK) rc = write_manifest(tmp);
-  if (rc == OT_OK) rc = ot_rm_rf(final); /* a leftover of a daemon killed before the row below */
+  /* final exists: a leftover of a daemon killed before the row below, or another daemon's
+   * package of the same key (two sessions led by two daemons) about to be registered. Never
+   * removed (the other's row may name it): ours goes under a name of its own, and the unique
+   * row decides which one is used; the other is an unreferenced object. */
+  if (rc == OT_OK && ot_file_exists(final)) {
+    uint8_t u[4];
+    randombytes_buf(u, sizeof u);
+    size_t k = strlen(final);
+    if (k + 10 >= sizeof final) rc = ot_error(OT_ERR_RANGE, "emulator path too long");
+    if (rc == OT_OK) snprintf(final + k, sizeof final - k, "-%02x%02x%02x%02x", u[0], u[1], u[2], u[3]);
+  }
   if (rc == OT_OK) rc = ot_daemon_move_in(tmp, final); /* fsyncs emulators/ */
   char st[2700];
   snprintf(st, sizeof st, "%s/model.safetensors", final);
