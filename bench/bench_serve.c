@@ -11,11 +11,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ot_adapter.h"
+#include "ot_emulator.h"
 #include "ot_cli.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
 #include "ot_serve_engine.h"
+
+static ot_peft_map emap; /* block map of the emulator at hand */
 
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
 
@@ -24,9 +26,7 @@ static const char *work;
 static int resolve(void *user, const char *name, char *dir, size_t cap) {
   (void)user;
   snprintf(dir, cap, "%s/%s", work, name);
-  char cfg[1200];
-  snprintf(cfg, sizeof cfg, "%s/%s/adapter_config.json", work, name);
-  return ot_file_exists(cfg) ? OT_OK : ot_error(OT_ERR_NOTFOUND, "no adapter %s", name);
+  return ot_peft_is_adapter_dir(dir) ? OT_OK : ot_error(OT_ERR_NOTFOUND, "no adapter %s", name);
 }
 
 static uint64_t rs = 88172645463325252ull;
@@ -131,19 +131,20 @@ int main(int argc, char **argv) {
     snprintf(one[k % R], 32, "lora0");
     base[k % R][0] = '\0';
     ot_model *emu = NULL;
-    ot_adapter_config ac;
-    ot_adapter_config_default(&ac);
-    ac.kind = is_lora ? OT_ADAPTER_LORA : OT_ADAPTER_OFFSITE;
+    ot_peft_config ac;
+    ot_peft_config_default(&ac);
+    ac.kind = is_lora ? OT_PEFT_LORA : OT_PEFT_OFFSITE;
     ac.lora_r = rank;
     ac.seed = (uint64_t)k;
-    if (ot_emu_build(m, &plan, &emu) || ot_adapter_attach(emu, &plan, &ac)) return die("adapter");
+    if (ot_emu_build(m, &plan, &emu) || ot_peft_attach(emu, ot_emu_peft_map(&plan, &emap), &ac))
+      return die("adapter");
     for (int i = 0; i < ot_model_param_count(emu); i++) {
       ot_param *p = ot_model_param(emu, i);
       if (p->trainable)
         for (size_t j = 0; j < p->numel; j++) p->data[j] += 0.02f * noise();
     }
     snprintf(path, sizeof path, "%s/%.31s", dir, nm);
-    if (ot_adapter_save(emu, &plan, &ac, path)) return die("saving an adapter");
+    if (ot_peft_save(emu, ot_emu_peft_map(&plan, &emap), &ac, path)) return die("saving an adapter");
     ot_model_free(emu);
   }
   /* the files are written from the CPU; a CUDA server loads the base model onto the GPU */

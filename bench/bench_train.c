@@ -1,5 +1,5 @@
-/* Training-step throughput of offtune's GPT-2 (CPU or CUDA backend): random init, random
- * tokens, AdamW, the same work bench/torch_train.py gives PyTorch. Prints one JSON line.
+/* Training-step throughput of offtune's GPT-2 or LLaMA (CPU or CUDA backend): random init,
+ * random tokens, AdamW, the same work bench/torch_train.py gives PyTorch. Prints one JSON line.
  * --backend cuda takes OT_CUDA_BF16 / OT_CUDA_FLASH from the environment and never falls
  * back to the CPU: a benchmark must measure what it says. */
 #include <stdio.h>
@@ -14,10 +14,16 @@
 
 int main(int argc, char **argv) {
   int layers = 12, heads = 12, embd = 768, vocab = 50257, ctx = 1024, B = 4, T = 64, steps = 5, warmup = 1,
-      threads = 2;
-  const char *backend = "cpu";
+      threads = 2, kv_heads = 0, ff = 0, tied = 1;
+  float rope_theta = 10000.0f;
+  const char *backend = "cpu", *arch = "gpt2";
   const ot_opt opts[] = {
       {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
+      {"arch", OT_OPT_STR, &arch, "NAME", "gpt2 (default) or llama"},
+      {"kv-heads", OT_OPT_INT, &kv_heads, "K", "llama: key/value heads (default: heads)"},
+      {"ff", OT_OPT_INT, &ff, "F", "llama: SwiGLU width (default 8 C / 3 rounded to 16)"},
+      {"tied", OT_OPT_INT, &tied, "0|1", "llama: LM head tied to the embedding (default 1)"},
+      {"rope-theta", OT_OPT_FLOAT, &rope_theta, "T", "llama: rotary base (default 10000)"},
       {"layers", OT_OPT_INT, &layers, "L", "blocks"},
       {"heads", OT_OPT_INT, &heads, "H", "heads"},
       {"embd", OT_OPT_INT, &embd, "C", "width"},
@@ -32,7 +38,7 @@ int main(int argc, char **argv) {
   int n_opts = (int)(sizeof opts / sizeof opts[0]);
   int rc = ot_cli_parse(argc - 1, argv + 1, opts, n_opts);
   if (rc) {
-    ot_cli_usage(rc == 1 ? stdout : stderr, "bench_train [options]", "Times GPT-2 training steps.", opts,
+    ot_cli_usage(rc == 1 ? stdout : stderr, "bench_train [options]", "Times GPT-2 or LLaMA training steps.", opts,
                  n_opts);
     return rc == 1 ? 0 : 2;
   }
@@ -48,7 +54,16 @@ int main(int argc, char **argv) {
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
   ot_backend_kind kind;
-  rc = ot_backend_parse(backend, &kind);
+  rc = ot_arch_parse(arch, &cfg.arch);
+  if (rc == OT_OK && cfg.arch != OT_ARCH_GPT2) { /* as offtune-cloud pretrain makes them */
+    cfg.layer_norm_epsilon = 1e-5f;
+    cfg.n_kv_head = kv_heads ? kv_heads : heads;
+    cfg.n_ff = ff ? ff : (8 * embd / 3 + 15) / 16 * 16;
+    cfg.rope_theta = rope_theta;
+    cfg.tie_embeddings = tied;
+  }
+  if (rc == OT_OK) rc = ot_model_config_complete(&cfg);
+  if (rc == OT_OK) rc = ot_backend_parse(backend, &kind);
   if (rc == OT_OK) rc = ot_backend_create(kind, threads, &be);
   if (rc == OT_OK) rc = ot_model_create(&cfg, be, &m);
   if (rc == OT_OK) rc = ot_model_init_random(m, 1);

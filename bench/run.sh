@@ -13,11 +13,11 @@ configs=(
   "gpt2-124M B=4 T=64|--layers 12 --heads 12 --embd 768 --vocab 50257 --ctx 1024 --batch 4 --seq-len 64"
   "small 6x384 B=4 T=64|--layers 6 --heads 6 --embd 384 --vocab 50257 --ctx 1024 --batch 4 --seq-len 64"
   "small 6x384 B=8 T=256|--layers 6 --heads 6 --embd 384 --vocab 50257 --ctx 1024 --batch 8 --seq-len 256"
+  "smollm-135M B=4 T=64|--arch llama --layers 30 --heads 9 --kv-heads 3 --embd 576 --ff 1536 --vocab 49152 --ctx 2048 --batch 4 --seq-len 64"
 )
 gflop() { # model FLOPs per training step: 6 * params * tokens + attention (12 * L * T * C per token)
   python3 -c "
-import sys; L,C,V,P,B,T=map(int,sys.argv[1:])
-params = V*C + P*C + L*(12*C*C + 13*C) + 2*C
+import sys; L,C,P,B,T,params=map(int,sys.argv[1:])
 print((6*params*B*T + 12*L*T*C*B*T) / 1e9)" "$@"
 }
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $threads threads"
@@ -25,9 +25,10 @@ printf '%-22s %-10s %10s %12s %10s %10s\n' config impl "s/step" "tokens/s" "GFLO
 for c in "${configs[@]}"; do
   name=${c%%|*}
   args=${c#*|}
-  read -r L H C V P B T <<<"$(echo "$args" | awk '{print $2,$4,$6,$8,$10,$12,$14}')"
-  gf=$(gflop "$L" "$C" "$V" "$P" "$B" "$T")
+  opt() { echo "$args" | awk -v k="--$1" '{for (i = 1; i < NF; i++) if ($i == k) print $(i + 1)}'; }
   ours=$(./build/bench/bench_train $args --steps "$steps" --threads "$threads")
+  params=$(echo "$ours" | python3 -c 'import json,sys; print(json.load(sys.stdin)["params"])')
+  gf=$(gflop "$(opt layers)" "$(opt embd)" "$(opt ctx)" "$(opt batch)" "$(opt seq-len)" "$params")
   theirs=$(OMP_NUM_THREADS=$threads $py bench/torch_train.py $args --steps "$steps" --threads "$threads")
   python3 - "$name" "$gf" "$ours" "$theirs" <<'PY'
 import json, sys

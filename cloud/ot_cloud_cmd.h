@@ -20,6 +20,7 @@ int ot_cmd_tokenize(int argc, char **argv);
 int ot_cmd_corpus(int argc, char **argv);
 int ot_cmd_distill(int argc, char **argv);
 int ot_cmd_merge(int argc, char **argv);
+int ot_cmd_import_peft(int argc, char **argv);
 int ot_cmd_access(int argc, char **argv);
 /* The daemon (ot_daemon.c) and the operator commands against it (ot_cloud_ops.c). */
 int ot_cmd_serve(int argc, char **argv);

@@ -8,7 +8,7 @@
 #include "ot_cloud_cmd.h"
 #include "ot_error.h"
 #include "ot_data.h"
-#include "ot_adapter.h"
+#include "ot_peft.h"
 #include "ot_eval.h"
 #include "ot_task.h"
 
@@ -68,7 +68,7 @@ int ot_cmd_eval(int argc, char **argv) {
   if (adapter) {
     char digest[OT_DIGEST_HEX];
     rc = ot_model_dir_digest(model, digest);
-    if (rc == OT_OK) rc = ot_adapter_apply(m, NULL, digest, adapter);
+    if (rc == OT_OK) rc = ot_peft_apply_full(m, digest, adapter);
     if (rc) {
       ot_tokenizer_free(tok);
       ot_model_free(m);

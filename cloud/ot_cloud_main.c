@@ -23,6 +23,7 @@ static const ot_cli_command commands[] = {
     {"distill", ot_cmd_distill, "build and distill the Offsite-Tuning emulator of a model"},
     {"eval", ot_cmd_eval, "perplexity of a model (optionally with an adapter) on a text or token file"},
     {"merge", ot_cmd_merge, "fold a LoRA adapter into the base weights; writes a normal checkpoint"},
+    {"import-peft", ot_cmd_import_peft, "import a LoRA trained with Hugging Face PEFT, bound to its base model"},
     {"generate", ot_cmd_generate, "sample a continuation of a prompt"},
     {"serve-model", ot_cmd_serve_model,
      "serve a model and its adapters: OpenAI-style HTTP API, nng request API"},

@@ -3,7 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "ot_adapter.h"
+#include "ot_peft.h"
 #include "ot_cli.h"
 #include "ot_cloud_cmd.h"
 #include "ot_error.h"
@@ -41,7 +41,7 @@ int ot_cmd_merge(int argc, char **argv) {
   char digest[OT_DIGEST_HEX];
   const char *what = "merging the adapter";
   rc = ot_model_dir_digest(model, digest);
-  if (rc == OT_OK) rc = ot_adapter_merge(m, digest, adapter);
+  if (rc == OT_OK) rc = ot_peft_merge(m, digest, adapter);
   if (rc == OT_OK) {
     what = "writing the merged model";
     rc = ot_model_save_dir(m, out);

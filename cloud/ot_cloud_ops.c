@@ -134,6 +134,7 @@ static int session_create(int argc, char **argv) {
       {"lora-r", OT_OPT_INT, &c.adapter.lora_r, "R", "LoRA rank (default 8)"},
       {"lora-alpha", OT_OPT_FLOAT, &c.adapter.lora_alpha, "A", "LoRA alpha (default 16)"},
       {"lora-dropout", OT_OPT_FLOAT, &c.adapter.lora_dropout, "P", "LoRA dropout (default 0.05)"},
+      {"lora-rslora", OT_OPT_FLAG, &c.adapter.lora_rslora, NULL, "rank-stabilised LoRA: scale alpha/sqrt(r)"},
       {"lora-targets", OT_OPT_STR, &targets, "LIST",
        "PEFT target modules (default all: every linear layer of the model)"},
       {"bottleneck-dim", OT_OPT_INT, &c.adapter.bottleneck_dim, "M", "bottleneck size (default 16)"},

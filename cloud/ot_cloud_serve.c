@@ -54,7 +54,7 @@ static int name_ok(const char *s) {
   return ot_api_tenant_ok_n(s, (size_t)(slash - s)) && part_ok(slash + 1, strlen(slash + 1));
 }
 
-/* Named adapters first, then a subdirectory of --adapters-dir holding an adapter_config.json. */
+/* Named adapters first, then a subdirectory of --adapters-dir holding an adapter. */
 static int resolve(void *user, const char *name, char *dir, size_t cap) {
   registry *r = user;
   pthread_mutex_lock(&r->mu);
@@ -66,9 +66,9 @@ static int resolve(void *user, const char *name, char *dir, size_t cap) {
     }
   pthread_mutex_unlock(&r->mu);
   if (r->adapters_dir && name_ok(name)) {
-    char cfg[4096];
-    snprintf(cfg, sizeof cfg, "%s/%s/adapter_config.json", r->adapters_dir, name);
-    if (ot_file_exists(cfg)) {
+    char cand[4096];
+    snprintf(cand, sizeof cand, "%s/%s", r->adapters_dir, name);
+    if (ot_peft_is_adapter_dir(cand)) {
       snprintf(dir, cap, "%s/%s", r->adapters_dir, name);
       return OT_OK;
     }
@@ -82,13 +82,13 @@ static void list_dir(registry *r, const char *dir, const char *prefix,
   DIR *d = opendir(dir);
   struct dirent *de;
   while (d && (de = readdir(d))) {
-    char cfg[4096], name[256];
+    char cand[4096], name[256];
     snprintf(name, sizeof name, "%s%s", prefix, de->d_name);
     if (!part_ok(de->d_name, strlen(de->d_name)) || !name_ok(name)) continue;
-    snprintf(cfg, sizeof cfg, "%s/%s/adapter_config.json", dir, de->d_name);
+    snprintf(cand, sizeof cand, "%s/%s", dir, de->d_name);
     int shadowed = 0;
     for (int i = 0; i < r->n; i++) shadowed |= strcmp(r->name[i], name) == 0;
-    if (!shadowed && ot_file_exists(cfg)) {
+    if (!shadowed && ot_peft_is_adapter_dir(cand)) {
       add(ctx, name);
     } else if (!*prefix && ot_api_tenant_ok(de->d_name)) {
       char sub[4096], pre[300];
@@ -112,11 +112,10 @@ static void list(void *user, void (*add)(void *ctx, const char *name), void *ctx
  * through the engine with every check, and unloads it again if one fails). */
 static int load_adapter(void *user, const char *name, const char *path) {
   registry *r = user;
-  char cfg[4200];
-  snprintf(cfg, sizeof cfg, "%s/adapter_config.json", path);
   if (!name_ok(name)) return ot_error(OT_ERR_INVALID, "bad adapter name '%s' (NAME or TENANT/NAME)", name);
-  if (!ot_file_exists(cfg))
-    return ot_error(OT_ERR_INVALID, "%s is not an adapter directory (no adapter_config.json)", path);
+  if (!ot_peft_is_adapter_dir(path))
+    return ot_error(OT_ERR_INVALID,
+                    "%s is not an adapter directory (no offtune_adapter.json or adapter_config.json)", path);
   char *n = strdup(name), *d = strdup(path);
   int rc = n && d ? OT_OK : ot_error(OT_ERR_NOMEM, "cannot allocate");
   pthread_mutex_lock(&r->mu);
@@ -247,7 +246,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
       {"adapter", OT_OPT_STR, &adapter_unused, "NAME=DIR",
        "serve the adapter in DIR as model NAME (repeatable)"},
       {"adapters-dir", OT_OPT_STR, &adapters_dir, "DIR",
-       "every subdirectory with an adapter_config.json is an adapter named by the subdirectory"},
+       "every subdirectory holding an adapter is an adapter named by the subdirectory"},
       {"name", OT_OPT_STR, &name, "ID", "model id of the base model (default: the --model directory's name)"},
       {"http", OT_OPT_STR, &http, "HOST:PORT", "OpenAI-style HTTP API address (e.g. 127.0.0.1:8000)"},
       {"keys", OT_OPT_STR, &keys, "FILE",

@@ -94,7 +94,7 @@ static int handle(ot_daemon *d, const cJSON *req, cJSON *reply) {
     if (rc == OT_OK) rc = ot_reg_session_create(d->reg, &cfg, &id);
     if (rc) return rc;
     ot_daemon_log(d, "session '%s' created (model %s, %s adapter, %d rounds, %d..%d devices, %s)", cfg.name,
-                  cfg.model, ot_adapter_kind_name(cfg.adapter.kind), cfg.rounds, cfg.min_devices,
+                  cfg.model, ot_peft_kind_name(cfg.adapter.kind), cfg.rounds, cfg.min_devices,
                   cfg.max_devices, ot_agg_name(cfg.agg));
     ot_daemon_kick(d);
     cJSON_AddStringToObject(reply, "session", cfg.name);

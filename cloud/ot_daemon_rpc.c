@@ -209,16 +209,16 @@ static int emulator_files(ot_daemon *d, int64_t emu_id, file_list *l, char diges
 }
 
 static int adapter_files(ot_daemon *d, const char *adapter, file_list *l) {
-  static const char *files[] = {"adapter_config.json", "adapter_model.safetensors"};
   int rc = OT_OK;
-  for (int i = 0; i < 2 && rc == OT_OK; i++) {
+  for (int i = 0; ot_peft_files[i] && rc == OT_OK; i++) {
     char p[2600], h[OT_DIGEST_HEX], name[256];
     uint64_t size = 0;
-    rc = ot_daemon_obj_path(d, p, sizeof p, "objects/adapters/%s/%s", adapter, files[i]);
+    rc = ot_daemon_obj_path(d, p, sizeof p, "objects/adapters/%s/%s", adapter, ot_peft_files[i]);
+    if (rc == OT_OK && !ot_file_exists(p)) continue; /* PEFT's config: LoRA only */
     if (rc == OT_OK) rc = file_size(p, &size);
     if (rc == OT_OK) rc = ot_file_digest(p, h);
-    snprintf(name, sizeof name, "adapter.%s.%s", adapter, files[i]);
-    if (rc == OT_OK) rc = add_file(l, name, files[i], size, h);
+    snprintf(name, sizeof name, "adapter.%s.%s", adapter, ot_peft_files[i]);
+    if (rc == OT_OK) rc = add_file(l, name, ot_peft_files[i], size, h);
   }
   return rc;
 }
@@ -300,13 +300,14 @@ static int poll(ot_daemon *d, const uint8_t peer[32], int64_t dev, const Offtune
       ri.emulator_files = ef.ptrs;
       ri.n_adapter_files = (size_t)af.n;
       ri.adapter_files = af.ptrs;
-      as.kind = (char *)ot_adapter_kind_name(c->adapter.kind);
+      as.kind = (char *)ot_peft_kind_name(c->adapter.kind);
       as.lora_r = (uint32_t)c->adapter.lora_r, as.has_lora_r = 1;
       as.lora_alpha = c->adapter.lora_alpha, as.has_lora_alpha = 1;
       as.lora_dropout = c->adapter.lora_dropout, as.has_lora_dropout = 1;
       as.lora_sites = c->adapter.lora_sites, as.has_lora_sites = 1;
       as.bottleneck_dim = (uint32_t)c->adapter.bottleneck_dim, as.has_bottleneck_dim = 1;
       as.seed = c->adapter.seed, as.has_seed = 1;
+      as.lora_rslora = c->adapter.lora_rslora != 0, as.has_lora_rslora = 1;
       ri.adapter = &as;
       ts.steps = (uint32_t)c->steps;
       ts.batch = (uint32_t)c->batch;
@@ -514,8 +515,7 @@ int ot_daemon_on_fetch_open(void *user, const uint8_t peer[32], const char *name
       digest[64] = '\0';
       rc = ot_reg_adapter_served(d->reg, digest, &served);
     }
-    if (rc == OT_OK &&
-        (!served || (strcmp(file, "adapter_config.json") && strcmp(file, "adapter_model.safetensors"))))
+    if (rc == OT_OK && (!served || !ot_peft_is_file_name(file)))
       rc = ot_error(OT_ERR_NOTFOUND, "no such object '%s'", name);
     if (rc == OT_OK) rc = ot_daemon_obj_path(d, path, sizeof path, "objects/adapters/%s/%s", digest, file);
   } else if (rc == OT_OK) {

@@ -18,7 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "ot_adapter.h"
+#include "ot_emulator.h"
 #include "ot_cli.h"
 #include "ot_aggregate.h"
 #include "ot_cloud_cmd.h"
@@ -162,7 +162,7 @@ static int ensure_emulator(ot_daemon *d, const ot_session_row *s, int64_t *emu_i
 }
 
 /* The initial adapter: the emulator's own adapter blocks (offsite, BitFit) or freshly
- * initialised LoRA / bottleneck tensors, as ot_adapter_attach makes them. */
+ * initialised LoRA / bottleneck tensors, as ot_peft_attach makes them. */
 static int initial_adapter(ot_daemon *d, const ot_session_row *s, const char *emu_dir,
                            char digest[OT_DIGEST_HEX]) {
   char tmp[2600];
@@ -173,10 +173,12 @@ static int initial_adapter(ot_daemon *d, const ot_session_row *s, const char *em
   ot_model *m = NULL;
   ot_tokenizer *tok = NULL;
   ot_emu_plan plan;
+  ot_peft_map map;
   rc = ot_backend_create(OT_BACKEND_CPU, 1, &be);
   if (rc == OT_OK) rc = ot_emu_load(emu_dir, be, &m, &tok, &plan);
-  if (rc == OT_OK) rc = ot_adapter_attach(m, &plan, &s->cfg.adapter);
-  if (rc == OT_OK) rc = ot_adapter_save(m, &plan, &s->cfg.adapter, tmp);
+  if (rc == OT_OK) ot_emu_peft_map(&plan, &map);
+  if (rc == OT_OK) rc = ot_peft_attach(m, &map, &s->cfg.adapter);
+  if (rc == OT_OK) rc = ot_peft_save(m, &map, &s->cfg.adapter, tmp);
   ot_tokenizer_free(tok);
   ot_model_free(m);
   ot_backend_free(be);
@@ -241,31 +243,6 @@ static int prepare(ot_daemon *d, const ot_session_row *s) {
   return rc;
 }
 
-/* adapter_config.json of the new adapter: the previous one with the new file's digest. */
-static int write_config(const char *prev_dir, const char *new_dir, const char *digest) {
-  char *prev = NULL, *text = NULL, *path = NULL;
-  size_t len;
-  int rc = ot_path_join(prev_dir, "adapter_config.json", &path);
-  if (rc == OT_OK) rc = ot_file_read_all(path, 1 << 20, &prev, &len);
-  free(path);
-  path = NULL;
-  cJSON *j = rc == OT_OK ? cJSON_Parse(prev) : NULL;
-  if (rc == OT_OK && !j) rc = ot_error(OT_ERR_FORMAT, "%s/adapter_config.json is not JSON", prev_dir);
-  if (rc == OT_OK) {
-    cJSON_DeleteItemFromObjectCaseSensitive(j, "adapter_digest");
-    cJSON_AddStringToObject(j, "adapter_digest", digest);
-    text = cJSON_Print(j);
-    if (!text) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
-  }
-  if (rc == OT_OK) rc = ot_path_join(new_dir, "adapter_config.json", &path);
-  if (rc == OT_OK) rc = ot_file_write_atomic(path, text, strlen(text));
-  cJSON_Delete(j);
-  free(prev);
-  free(text);
-  free(path);
-  return rc;
-}
-
 /* The fate of each update of a plain round (ot_aggregate's notes): logged, and each
  * refused or clipped one written to the audit log, before the round's result commits. */
 static void note_updates(ot_daemon *d, const ot_session_row *s, const ot_update_row *u,
@@ -319,7 +296,7 @@ static double heldout_loss(ot_daemon *d, const ot_session_row *s, const char *ad
   /* one thread: the scheduler's scoring must not crowd the devices and serving on this host */
   if (rc == OT_OK) rc = ot_backend_cpu_create(1, &be);
   if (rc == OT_OK) rc = ot_model_open_dir(mdir, be, &m, &tok);
-  if (rc == OT_OK) rc = ot_adapter_apply(m, NULL, mdigest, adapter_dir);
+  if (rc == OT_OK) rc = ot_peft_apply_full(m, mdigest, adapter_dir);
   if (rc == OT_OK) rc = ot_tokenizer_require(tok, mdir, "a session's eval_data is text");
   if (rc == OT_OK) rc = ot_tokens_load_input(c->eval_data, NULL, tok, ot_model_cfg(m)->vocab_size, &toks);
   if (rc == OT_OK) rc = ot_eval_windows(m, toks.ids, toks.n, ot_model_cfg(m)->n_positions, 8, NULL, &res);
@@ -394,7 +371,7 @@ static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const do
   free(notes);
   char state_digest[OT_DIGEST_HEX] = "";
   if (rc == OT_OK) rc = ot_file_digest(out, digest);
-  if (rc == OT_OK) rc = write_config(prev, tmp, digest);
+  if (rc == OT_OK) rc = ot_peft_reseal(prev, tmp);
   if (rc == OT_OK) rc = ot_daemon_adapter_put(d, tmp, digest);
   if (rc == OT_OK && c->agg == OT_AGG_FEDADAM) rc = ot_daemon_object_put(d, "state", st_out, state_digest);
   if (rc == OT_OK) rc = ot_daemon_obj_path(d, final_dir, 2600, "objects/adapters/%s", digest);

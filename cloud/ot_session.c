@@ -26,7 +26,7 @@ void ot_session_cfg_default(ot_session_cfg *c) {
   c->top = 2;
   c->distill_steps = 200;
   c->distill_batch = 8;
-  ot_adapter_config_default(&c->adapter);
+  ot_peft_config_default(&c->adapter);
   c->steps = 50;
   c->batch = 8;
   c->lr = 1e-3f;
@@ -92,6 +92,7 @@ static const field fields[] = {
     F("lora_alpha", 'f', adapter.lora_alpha, 1e-6, 1e6),
     F("lora_dropout", 'f', adapter.lora_dropout, 0, 0.999),
     F("bottleneck_dim", 'i', adapter.bottleneck_dim, 1, 1 << 16),
+    F("lora_rslora", 'i', adapter.lora_rslora, 0, 1),
     F("steps", 'i', steps, 1, 1e7),
     F("batch", 'i', batch, 1, 4096),
     F("seq_len", 'i', seq_len, 0, 1 << 20),
@@ -133,7 +134,7 @@ int ot_session_cfg_from_json(const cJSON *j, ot_session_cfg *out) {
       }
       if (!cJSON_IsString(it)) return ot_error(OT_ERR_INVALID, "session settings: '%s' must be a string", k);
       int rc = OT_OK;
-      if (strcmp(k, "adapter") == 0) rc = ot_adapter_parse_kind(it->valuestring, &c.adapter.kind);
+      if (strcmp(k, "adapter") == 0) rc = ot_peft_parse_kind(it->valuestring, &c.adapter.kind);
       if (strcmp(k, "lora_targets") == 0) rc = ot_lora_parse_targets(it->valuestring, &c.adapter.lora_sites);
       if (strcmp(k, "secagg") == 0) {
         int a = -2;
@@ -213,7 +214,7 @@ cJSON *ot_session_cfg_to_json(const ot_session_cfg *c) {
     else
       cJSON_AddNumberToObject(j, fields[f].key, *(const float *)(const void *)src);
   }
-  cJSON_AddStringToObject(j, "adapter", ot_adapter_kind_name(c->adapter.kind));
+  cJSON_AddStringToObject(j, "adapter", ot_peft_kind_name(c->adapter.kind));
   char targets[256] = "";
   ot_lora_format_targets(c->adapter.lora_sites, targets, sizeof targets);
   cJSON_AddStringToObject(j, "lora_targets", targets);

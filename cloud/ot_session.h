@@ -6,7 +6,7 @@
 
 #include <cjson/cJSON.h>
 
-#include "ot_adapter.h"
+#include "ot_peft.h"
 #include "ot_aggregate.h"
 
 #define OT_NAME_MAX 64 /* session, model and adapter names: [A-Za-z0-9_-], 1..63 characters */
@@ -22,7 +22,7 @@ typedef struct {
    * adapter plugged into the full model (the round's record: docs/report.md) */
   char eval_data[1024];
   /* adapter and local training */
-  ot_adapter_config adapter;
+  ot_peft_config adapter;
   int steps, batch, seq_len;
   float lr;
   /* rounds */

@@ -234,16 +234,17 @@ static int fetch_all(runner *r, Offtune__Session__FileRef **files, size_t n, con
   return rc;
 }
 
-int ot_dev_adapter_settings(const Offtune__Session__AdapterSettings *a, ot_adapter_config *c) {
-  ot_adapter_config_default(c);
+int ot_dev_adapter_settings(const Offtune__Session__AdapterSettings *a, ot_peft_config *c) {
+  ot_peft_config_default(c);
   if (!a) return ot_error(OT_ERR_FORMAT, "RoundInfo without adapter settings");
-  int rc = ot_adapter_parse_kind(a->kind, &c->kind);
+  int rc = ot_peft_parse_kind(a->kind, &c->kind);
   if (a->has_lora_r) c->lora_r = (int)a->lora_r;
   if (a->has_lora_alpha) c->lora_alpha = a->lora_alpha;
   if (a->has_lora_dropout) c->lora_dropout = a->lora_dropout;
   if (a->has_lora_sites) c->lora_sites = a->lora_sites;
   if (a->has_bottleneck_dim) c->bottleneck_dim = (int)a->bottleneck_dim;
   if (a->has_seed) c->seed = a->seed;
+  if (a->has_lora_rslora) c->lora_rslora = a->lora_rslora;
   return rc;
 }
 
@@ -276,7 +277,7 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
     rc = fetch_all(r, ri->emulator_files, ri->n_emulator_files, emu_dir, "emulator");
     if (rc == OT_OK) rc = ot_file_write_atomic(marker, "ok\n", 3);
   }
-  ot_adapter_config acfg;
+  ot_peft_config acfg;
   if (rc == OT_OK) rc = ot_dev_adapter_settings(ri->adapter, &acfg);
   uint64_t tokens = 0;
   float loss = 0;

@@ -3,7 +3,7 @@
 #ifndef OT_DEVICE_CLIENT_H
 #define OT_DEVICE_CLIENT_H
 
-#include "ot_adapter.h"
+#include "ot_peft.h"
 #include "session.pb-c.h"
 
 /* A TRAIN RoundInfo is complete, and the names in it that become paths under the state
@@ -12,6 +12,6 @@ int ot_dev_round_info_check(const Offtune__Session__RoundInfo *ri);
 /* A file to fetch names a plain file in the directory it goes to. */
 int ot_dev_file_ref_check(const Offtune__Session__FileRef *f);
 /* The round's adapter settings (kind by name; the rest checked when the adapter attaches). */
-int ot_dev_adapter_settings(const Offtune__Session__AdapterSettings *a, ot_adapter_config *c);
+int ot_dev_adapter_settings(const Offtune__Session__AdapterSettings *a, ot_peft_config *c);
 
 #endif

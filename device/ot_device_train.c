@@ -55,8 +55,8 @@ static int adapter_copy(weights_copy *w, int upload) {
 typedef struct {
   const char *out;
   ot_model *m;
-  const ot_emu_plan *plan;
-  const ot_adapter_config *acfg;
+  const ot_peft_map *map;
+  const ot_peft_config *acfg;
   ot_optimizer *opt;
   ot_batcher *data;
   int B, T, steps, eval_every, patience;
@@ -78,7 +78,7 @@ static int save_state(void *vctx, int step) {
   tune_ctx *c = vctx;
   ot_snapshot_state st = {step,  c->data->pos, c->data->rng, c->B, c->T, c->have_best ? c->best : -1.0,
                           c->bad};
-  int rc = ot_adapter_save(c->m, c->plan, c->acfg, c->out);
+  int rc = ot_peft_save(c->m, c->map, c->acfg, c->out);
   if (rc == OT_OK) rc = ot_snapshot_save(c->out, c->m, c->opt, &st);
   return rc;
 }
@@ -157,7 +157,7 @@ static int prox_loss_step(void *vctx, const int32_t *inputs, const int32_t *targ
 
 void ot_dev_train_opts_default(ot_dev_train_opts *o) {
   memset(o, 0, sizeof *o);
-  ot_adapter_config_default(&o->adapter);
+  ot_peft_config_default(&o->adapter);
   o->steps = 100;
   o->batch = 8;
   o->lr = 1e-3f;
@@ -173,12 +173,14 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
   ot_model *m;
   ot_tokenizer *tok;
   ot_emu_plan plan;
+  ot_peft_map map;
   res.what = "loading the emulator";
   int rc = ot_dev_load_emulator(o->emulator, o->backend, o->threads, &be, &m, &tok, &plan);
   if (rc) {
     out->what = res.what;
     return rc;
   }
+  ot_emu_peft_map(&plan, &map);
   res.what = "reading the data";
   int batch = o->batch, steps = o->steps;
   int T = o->seq_len ? o->seq_len : ot_model_cfg(m)->n_positions;
@@ -186,7 +188,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
   ot_optimizer *opt = NULL;
   tune_ctx c = {.out = o->out,
                 .m = m,
-                .plan = &plan,
+                .map = &map,
                 .acfg = &o->adapter,
                 .B = batch,
                 .T = T,
@@ -214,10 +216,10 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
     rc = ot_batcher_init(&bt, &train, batch, T, 0, 0);
   }
   if (rc == OT_OK) ot_batcher_skip(&bt, o->data_offset_steps);
-  if (rc == OT_OK) rc = ot_adapter_attach(m, &plan, &o->adapter);
+  if (rc == OT_OK) rc = ot_peft_attach(m, &map, &o->adapter);
   if (rc == OT_OK && o->init_adapter) {
     res.what = "loading the round's adapter";
-    rc = ot_adapter_apply(m, &plan, NULL, o->init_adapter);
+    rc = ot_peft_apply_dir(m, &map, o->init_adapter);
   }
   if (rc == OT_OK) rc = ot_model_prepare(m, batch, T, 1);
   ot_optim_config oc;
@@ -267,7 +269,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
     res.what = "tuning";
     size_t trainable = c.best_w.n;
     fprintf(stderr, "[tune] %s adapter; emulator %d blocks, adapter blocks",
-            ot_adapter_kind_name(o->adapter.kind), ot_emu_n_layer(&plan));
+            ot_peft_kind_name(o->adapter.kind), ot_emu_n_layer(&plan));
     for (int i = 0; i < ot_emu_n_layer(&plan); i++)
       if (ot_emu_is_adapter(&plan, i)) fprintf(stderr, " %d", plan.src[i]);
     fprintf(

@@ -8,12 +8,12 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "ot_adapter.h"
+#include "ot_emulator.h"
 
 typedef struct {
   const char *emulator;     /* emulator package directory */
   const char *init_adapter; /* start from this adapter (same kind and settings); NULL: fresh */
-  ot_adapter_config adapter;
+  ot_peft_config adapter;
   const char *text, *tokens; /* exactly one: private text or token ids */
   const char *out;           /* adapter directory written (plus train_state/) */
   int steps, batch, seq_len; /* seq_len 0: n_positions */

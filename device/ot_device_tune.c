@@ -9,7 +9,7 @@
 #include "ot_data.h"
 #include "ot_device_cmd.h"
 #include "ot_device_train.h"
-#include "ot_adapter.h"
+#include "ot_emulator.h"
 #include "ot_error.h"
 #include "ot_eval.h"
 #include "ot_task.h"
@@ -26,8 +26,8 @@ int ot_dev_tune(int argc, char **argv) {
       threads = 0, warmup = 0, json = 0;
   float lr = 1e-3f, weight_decay = 0.0f, grad_clip = 1.0f, prox_mu = 0.0f;
   const char *init_adapter = NULL;
-  ot_adapter_config acfg;
-  ot_adapter_config_default(&acfg);
+  ot_peft_config acfg;
+  ot_peft_config_default(&acfg);
   const char *targets = "all";
   const ot_opt opts[] = {
       {"emulator", OT_OPT_STR, &emu_dir, "DIR", "emulator package from offtune-cloud distill (required)"},
@@ -38,8 +38,9 @@ int ot_dev_tune(int argc, char **argv) {
       {"adapter", OT_OPT_STR, &adapter, "KIND",
        "offsite (default: the whole bottom and top blocks), lora, bottleneck or bitfit (their biases)"},
       {"lora-r", OT_OPT_INT, &acfg.lora_r, "R", "LoRA rank (default 8)"},
-      {"lora-alpha", OT_OPT_FLOAT, &acfg.lora_alpha, "A", "LoRA alpha; scale = alpha / r (default 16)"},
+      {"lora-alpha", OT_OPT_FLOAT, &acfg.lora_alpha, "A", "LoRA alpha; scale = alpha / r, or alpha / sqrt(r) with --lora-rslora (default 16)"},
       {"lora-dropout", OT_OPT_FLOAT, &acfg.lora_dropout, "P", "dropout on the LoRA input (default 0.05)"},
+      {"lora-rslora", OT_OPT_FLAG, &acfg.lora_rslora, NULL, "rank-stabilised LoRA: scale alpha/sqrt(r) (PEFT use_rslora)"},
       {"lora-targets", OT_OPT_STR, &targets, "LIST",
        "PEFT target modules, e.g. c_attn,c_proj or q_proj,v_proj (default all: every linear layer)"},
       {"bottleneck-dim", OT_OPT_INT, &acfg.bottleneck_dim, "M", "bottleneck adapter size (default 16)"},
@@ -79,7 +80,7 @@ int ot_dev_tune(int argc, char **argv) {
   if (rc == OT_OK && (!emu_dir || !out)) rc = ot_error(OT_ERR_INVALID, "--emulator and --out are required");
   if (rc == OT_OK && !!text == !!tokens)
     rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
-  if (rc == OT_OK) rc = ot_adapter_parse_kind(adapter, &acfg.kind);
+  if (rc == OT_OK) rc = ot_peft_parse_kind(adapter, &acfg.kind);
   if (rc == OT_OK) rc = ot_lora_parse_targets(targets, &acfg.lora_sites);
   if (rc == OT_OK && (acfg.lora_r < 1 || !(acfg.lora_alpha > 0) ||
                       !(acfg.lora_dropout >= 0 && acfg.lora_dropout < 1) || acfg.bottleneck_dim < 1))
@@ -178,7 +179,9 @@ int ot_dev_eval(int argc, char **argv) {
   rc = ot_dev_load_emulator(emu_dir, backend, threads, &be, &m, &tok, &plan);
   if (rc) return ot_dev_fail("loading the emulator", rc);
   const char *what = "plugging in the adapter";
-  if (adapter) rc = ot_adapter_apply(m, &plan, NULL, adapter);
+  ot_peft_map map;
+  ot_emu_peft_map(&plan, &map);
+  if (adapter) rc = ot_peft_apply_dir(m, &map, adapter);
   ot_tokens toks = {NULL, 0, NULL};
   ot_eval_result res;
   int T = seq_len ? seq_len : ot_model_cfg(m)->n_positions;

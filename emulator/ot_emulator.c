@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ot_emu_internal.h"
+#include "ot_json.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
 #include "ot_safetensors.h"
@@ -104,21 +104,6 @@ void ot_emu_set_trainable(ot_model *emu, const ot_emu_plan *p, ot_emu_part part)
 
 /* ---- digests and the package ------------------------------------------------------ */
 
-cJSON *ot_emu_int_array(const int *v, int n) {
-  cJSON *a = cJSON_CreateArray();
-  for (int i = 0; a && i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(v[i]));
-  return a;
-}
-
-int ot_emu_write_json(const char *dir, const char *name, cJSON *j) {
-  char *path = NULL, *text = j ? cJSON_Print(j) : NULL;
-  int rc = text ? ot_path_join(dir, name, &path) : ot_error(OT_ERR_NOMEM, "cannot format %s", name);
-  if (rc == OT_OK) rc = ot_file_write_atomic(path, text, strlen(text));
-  free(path);
-  free(text);
-  return rc;
-}
-
 int ot_emu_save(const ot_model *emu, const ot_emu_plan *p, const ot_tokenizer *tok, const char *dir) {
   if (ot_model_cfg(emu)->n_layer != ot_emu_n_layer(p))
     return ot_error(OT_ERR_MISMATCH, "emulator has %d blocks, the plan %d", ot_model_cfg(emu)->n_layer,
@@ -136,86 +121,36 @@ int ot_emu_save(const ot_model *emu, const ot_emu_plan *p, const ot_tokenizer *t
     cJSON_AddNumberToObject(j, "full_n_layer", p->full_layers);
     cJSON_AddNumberToObject(j, "bottom", p->bottom);
     cJSON_AddNumberToObject(j, "top", p->top);
-    cJSON_AddItemToObject(j, "kept_middle", ot_emu_int_array(p->src + p->bottom, p->keep));
-    cJSON_AddItemToObject(j, "block_source", ot_emu_int_array(p->src, ot_emu_n_layer(p)));
+    cJSON_AddItemToObject(j, "kept_middle", ot_json_new_int_array(p->src + p->bottom, p->keep));
+    cJSON_AddItemToObject(j, "block_source", ot_json_new_int_array(p->src, ot_emu_n_layer(p)));
     cJSON_AddBoolToObject(j, "middle_int8", p->int8_middle);
+    if (p->base_name[0]) cJSON_AddStringToObject(j, "base_model_name", p->base_name);
   }
-  rc = ot_emu_write_json(dir, "emulator.json", j);
+  rc = ot_json_write(dir, "emulator.json", j);
   cJSON_Delete(j);
   return rc;
 }
 
-/* A JSON number that is an int. The range comes first: converting 1e10 to int is undefined
- * (fuzz_adapter_config found it with "format_version": -2.1e10). */
-static int json_is_int(const cJSON *v) {
-  return cJSON_IsNumber(v) && v->valuedouble >= INT_MIN && v->valuedouble <= INT_MAX &&
-         v->valuedouble == (double)(int)v->valuedouble;
-}
-
-int ot_emu_json_int(const cJSON *j, const char *key, int *out) {
-  const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
-  if (!json_is_int(v)) return ot_error(OT_ERR_FORMAT, "'%s' must be an integer", key);
-  *out = (int)v->valuedouble;
-  return OT_OK;
-}
-
-/* Reads an integer array of exactly n entries (n < 0: any length up to cap). */
-int ot_emu_json_int_array(const cJSON *j, const char *key, int *v, int n, int cap, int *count) {
-  const cJSON *a = cJSON_GetObjectItemCaseSensitive(j, key);
-  if (!cJSON_IsArray(a)) return ot_error(OT_ERR_FORMAT, "'%s' must be an array", key);
-  int len = cJSON_GetArraySize(a);
-  if ((n >= 0 && len != n) || len > cap) return ot_error(OT_ERR_FORMAT, "'%s' has %d entries", key, len);
-  int i = 0;
-  const cJSON *e;
-  cJSON_ArrayForEach(e, a) {
-    if (!json_is_int(e)) return ot_error(OT_ERR_FORMAT, "'%s' must hold integers", key);
-    v[i++] = (int)e->valuedouble;
-  }
-  if (count) *count = len;
-  return OT_OK;
-}
-
-int ot_emu_read_json(const char *dir, const char *name, cJSON **out) {
-  char *path = NULL, *buf = NULL;
-  size_t len;
-  int rc = ot_path_join(dir, name, &path);
-  if (rc == OT_OK) rc = ot_file_read_all(path, 1 << 20, &buf, &len);
-  if (rc == OT_OK) {
-    *out = cJSON_Parse(buf);
-    if (!*out) rc = ot_error(OT_ERR_FORMAT, "%s: not valid JSON", path);
-  }
-  free(buf);
-  free(path);
-  return rc;
-}
-
-int ot_emu_hex_digest_ok(const char *s) {
-  if (!s || strlen(s) != 64) return 0;
-  for (int i = 0; i < 64; i++)
-    if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f'))) return 0;
-  return 1;
-}
-
 int ot_emu_plan_load(const char *dir, ot_emu_plan *out) {
   cJSON *j = NULL;
-  int rc = ot_emu_read_json(dir, "emulator.json", &j);
+  int rc = ot_json_read(dir, "emulator.json", &j);
   if (rc) return rc;
   ot_emu_plan p;
   memset(&p, 0, sizeof p);
   int version = 0, kept[OT_EMU_MAX_LAYERS];
-  rc = ot_emu_json_int(j, "format_version", &version);
+  rc = ot_json_int(j, "format_version", &version);
   if (rc == OT_OK && version != 1)
     rc = ot_error(OT_ERR_UNSUPPORTED, "%s/emulator.json: format_version %d (this build reads 1)", dir,
                   version);
-  if (rc == OT_OK) rc = ot_emu_json_int(j, "full_n_layer", &p.full_layers);
-  if (rc == OT_OK) rc = ot_emu_json_int(j, "bottom", &p.bottom);
-  if (rc == OT_OK) rc = ot_emu_json_int(j, "top", &p.top);
-  if (rc == OT_OK) rc = ot_emu_json_int_array(j, "kept_middle", kept, -1, OT_EMU_MAX_LAYERS, &p.keep);
+  if (rc == OT_OK) rc = ot_json_int(j, "full_n_layer", &p.full_layers);
+  if (rc == OT_OK) rc = ot_json_int(j, "bottom", &p.bottom);
+  if (rc == OT_OK) rc = ot_json_int(j, "top", &p.top);
+  if (rc == OT_OK) rc = ot_json_int_array(j, "kept_middle", kept, -1, OT_EMU_MAX_LAYERS, &p.keep);
   if (rc == OT_OK && (p.full_layers < 1 || p.full_layers > OT_EMU_MAX_LAYERS || p.bottom < 0 || p.top < 0 ||
                       p.keep < 1 || p.bottom + p.keep + p.top > p.full_layers))
     rc = ot_error(OT_ERR_FORMAT, "%s/emulator.json: inconsistent block counts", dir);
   if (rc == OT_OK)
-    rc = ot_emu_json_int_array(j, "block_source", p.src, ot_emu_n_layer(&p), OT_EMU_MAX_LAYERS, NULL);
+    rc = ot_json_int_array(j, "block_source", p.src, ot_emu_n_layer(&p), OT_EMU_MAX_LAYERS, NULL);
   /* bottom and top are the full model's own first and last blocks; the middle ascends */
   for (int i = 0; i < ot_emu_n_layer(&p) && rc == OT_OK; i++) {
     int want_ok = i < p.bottom ? p.src[i] == i
@@ -227,10 +162,12 @@ int ot_emu_plan_load(const char *dir, ot_emu_plan *out) {
       rc = ot_error(OT_ERR_FORMAT, "%s/emulator.json: block_source[%d] = %d does not fit", dir, i, p.src[i]);
   }
   const cJSON *d = cJSON_GetObjectItemCaseSensitive(j, "base_model_digest");
-  if (rc == OT_OK && !ot_emu_hex_digest_ok(cJSON_GetStringValue(d)))
+  if (rc == OT_OK && !ot_json_hex_digest_ok(cJSON_GetStringValue(d)))
     rc = ot_error(OT_ERR_FORMAT, "%s/emulator.json: base_model_digest must be 64 hex digits", dir);
   if (rc == OT_OK) snprintf(p.base_digest, sizeof p.base_digest, "%s", cJSON_GetStringValue(d));
   p.int8_middle = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "middle_int8")); /* absent: fp32 */
+  const char *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(j, "base_model_name"));
+  if (name && strlen(name) < sizeof p.base_name) snprintf(p.base_name, sizeof p.base_name, "%s", name);
   cJSON_Delete(j);
   if (rc == OT_OK) *out = p;
   return rc;
@@ -349,180 +286,15 @@ void ot_distill_last(const ot_distill *d, float *ce, float *kd) {
   *kd = d->last_kd;
 }
 
-/* ---- offsite adapters ------------------------------------------------------------ */
-
-/* Tensors per block of m (the roles its architecture has). */
-static int block_tensors(ot_model *m) {
-  int n = 0;
-  for (int k = 0; k < OT_R_COUNT; k++) n += ot_model_block_param_index(m, 0, k) >= 0;
-  return n;
-}
-
-int ot_offsite_save(ot_model *emu, const ot_emu_plan *p, const char *dir) {
-  int nl = ot_emu_n_layer(p), n_adapter = p->bottom + p->top;
-  if (ot_model_cfg(emu)->n_layer != nl) return ot_error(OT_ERR_MISMATCH, "emulator does not fit its plan");
-  ot_backend *be = ot_model_backend(emu);
-  int rc = ot_mkdir_p(dir);
-  if (rc) return rc;
-  size_t total = 0;
-  for (int i = 0; i < nl; i++)
-    if (ot_emu_is_adapter(p, i))
-      for (int k = 0; k < OT_R_COUNT; k++)
-        if (ot_model_block_param_index(emu, i, k) >= 0)
-          total += ot_model_param(emu, ot_model_block_param_index(emu, i, k))->numel;
-  float *host = malloc((total ? total : 1) * sizeof(float));
-  char(*names)[128] = calloc((size_t)(n_adapter ? n_adapter : 1) * OT_R_COUNT, sizeof *names);
-  const char *prefix = ot_arch_get(ot_model_cfg(emu)->arch)->block_prefix;
-  char *st_path = NULL;
-  ot_st_writer *w = NULL;
-  if (!host || !names) rc = ot_error(OT_ERR_NOMEM, "cannot allocate adapter buffer");
-  if (rc == OT_OK) rc = ot_st_writer_new(&w);
-  if (rc == OT_OK) rc = ot_st_writer_set_metadata(w, "format", "pt");
-  float *h = host;
-  int t = 0;
-  for (int i = 0; i < nl && rc == OT_OK; i++) {
-    if (!ot_emu_is_adapter(p, i)) continue;
-    for (int k = 0; k < OT_R_COUNT && rc == OT_OK; k++) {
-      if (ot_model_block_param_index(emu, i, k) < 0) continue;
-      ot_param *pr = ot_model_param(emu, ot_model_block_param_index(emu, i, k));
-      int layer = 0;
-      const char *rest = "";
-      ot_block_tensor_split(pr->name, &layer, &rest);
-      snprintf(names[t], sizeof names[t], "%s%d.%s", prefix, p->src[i], rest);
-      rc = be->ops->download(be, h, pr->data, pr->numel * sizeof(float));
-      int64_t shape[2] = {pr->shape[0], pr->shape[1]};
-      if (rc == OT_OK) rc = ot_st_writer_add(w, names[t++], OT_DTYPE_F32, pr->ndim, shape, h);
-      h += pr->numel;
-    }
+const ot_peft_map *ot_emu_peft_map(const ot_emu_plan *p, ot_peft_map *m) {
+  _Static_assert(OT_EMU_MAX_LAYERS <= OT_PEFT_MAX_LAYERS, "an emulator's blocks fit a block map");
+  memset(m, 0, sizeof *m);
+  m->n_layer = ot_emu_n_layer(p);
+  for (int i = 0; i < m->n_layer; i++) {
+    m->full[i] = p->src[i];
+    m->adapter[i] = (unsigned char)ot_emu_is_adapter(p, i);
   }
-  if (rc == OT_OK) rc = ot_path_join(dir, "adapter_model.safetensors", &st_path);
-  if (rc == OT_OK) rc = ot_st_writer_save(w, st_path);
-  char digest[OT_DIGEST_HEX];
-  if (rc == OT_OK) rc = ot_file_digest(st_path, digest);
-  if (rc == OT_OK) {
-    int bottom[OT_EMU_MAX_LAYERS], top[OT_EMU_MAX_LAYERS];
-    for (int i = 0; i < p->bottom; i++) bottom[i] = p->src[i];
-    for (int j = 0; j < p->top; j++) top[j] = p->src[p->bottom + p->keep + j];
-    cJSON *j = cJSON_CreateObject();
-    if (j) {
-      cJSON_AddStringToObject(j, "adapter_type", "offsite");
-      cJSON_AddNumberToObject(j, "format_version", 1);
-      cJSON_AddStringToObject(j, "digest_algorithm", "blake2b-256");
-      cJSON_AddStringToObject(j, "base_model_digest", p->base_digest);
-      cJSON_AddStringToObject(j, "adapter_digest", digest);
-      cJSON_AddItemToObject(j, "bottom", ot_emu_int_array(bottom, p->bottom));
-      cJSON_AddItemToObject(j, "top", ot_emu_int_array(top, p->top));
-    }
-    rc = ot_emu_write_json(dir, "adapter_config.json", j);
-    cJSON_Delete(j);
-  }
-  ot_st_writer_free(w);
-  free(st_path);
-  free(names);
-  free(host);
-  return rc;
-}
-
-/* Local block of full block f: itself on the full model, the adapter block that came from
- * it on an emulator; -1 if none. */
-int ot_emu_local_block(const ot_emu_plan *plan, int n_layer, int f) {
-  if (!plan) return f >= 0 && f < n_layer ? f : -1;
-  for (int i = 0; i < ot_emu_n_layer(plan); i++)
-    if (ot_emu_is_adapter(plan, i) && plan->src[i] == f) return i;
-  return -1;
-}
-
-int ot_offsite_apply(ot_model *m, const ot_emu_plan *plan, const char *base_digest, const char *dir) {
-  int L = ot_model_cfg(m)->n_layer;
-  if (plan) base_digest = plan->base_digest;
-  cJSON *j = NULL;
-  int rc = ot_emu_read_json(dir, "adapter_config.json", &j);
-  if (rc) return rc;
-  int version = 0, blocks[2 * OT_EMU_MAX_LAYERS], nb = 0, nt = 0;
-  const char *type = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(j, "adapter_type"));
-  const char *base = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(j, "base_model_digest"));
-  const char *want = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(j, "adapter_digest"));
-  if (!type || strcmp(type, "offsite") != 0)
-    rc = ot_error(OT_ERR_UNSUPPORTED, "%s: adapter_type '%s' (expected offsite)", dir, type ? type : "?");
-  if (rc == OT_OK) rc = ot_emu_json_int(j, "format_version", &version);
-  if (rc == OT_OK && version != 1) rc = ot_error(OT_ERR_UNSUPPORTED, "%s: format_version %d", dir, version);
-  if (rc == OT_OK && (!ot_emu_hex_digest_ok(base) || !ot_emu_hex_digest_ok(want)))
-    rc = ot_error(OT_ERR_FORMAT, "%s: adapter_config.json needs base_model_digest and adapter_digest", dir);
-  if (rc == OT_OK && strcmp(base, base_digest) != 0)
-    rc = ot_error(OT_ERR_MISMATCH, "%s: adapter was tuned for base model %.16s..., this model is %.16s...",
-                  dir, base, base_digest);
-  if (rc == OT_OK) rc = ot_emu_json_int_array(j, "bottom", blocks, -1, OT_EMU_MAX_LAYERS, &nb);
-  if (rc == OT_OK) rc = ot_emu_json_int_array(j, "top", blocks + nb, -1, OT_EMU_MAX_LAYERS, &nt);
-  for (int i = 0; i < nb + nt && rc == OT_OK; i++)
-    if (ot_emu_local_block(plan, L, blocks[i]) < 0)
-      rc = ot_error(OT_ERR_MISMATCH, "%s: adapter block %d does not exist in this model", dir, blocks[i]);
-  char got[OT_DIGEST_HEX], *st_path = NULL;
-  if (rc == OT_OK) rc = ot_path_join(dir, "adapter_model.safetensors", &st_path);
-  if (rc == OT_OK) rc = ot_file_digest(st_path, got);
-  if (rc == OT_OK && strcmp(got, want) != 0)
-    rc = ot_error(OT_ERR_MISMATCH,
-                  "%s: adapter_model.safetensors does not match its recorded digest (tampered?)", st_path);
-  ot_safetensors *st = NULL;
-  if (rc == OT_OK) rc = ot_st_open(st_path, &st);
-  /* stage every tensor on the host first, so a bad one changes nothing */
-  int n_slots = (nb + nt) * OT_R_COUNT, n_need = (nb + nt) * block_tensors(m);
-  const char *prefix = ot_arch_get(ot_model_cfg(m)->arch)->block_prefix;
-  float **stage = rc == OT_OK ? calloc((size_t)(n_slots ? n_slots : 1), sizeof *stage) : NULL;
-  ot_param **dst = rc == OT_OK ? calloc((size_t)(n_slots ? n_slots : 1), sizeof *dst) : NULL;
-  if (rc == OT_OK && (!stage || !dst)) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
-  int n_seen = 0;
-  for (size_t i = 0; rc == OT_OK && i < ot_st_count(st); i++) {
-    const ot_st_tensor *t = ot_st_at(st, i);
-    int f = -1, slot = -1;
-    const char *rest = NULL;
-    if (ot_block_tensor_split(t->name, &f, &rest))
-      for (int b = 0; b < nb + nt; b++)
-        if (blocks[b] == f) slot = b;
-    char local[128];
-    ot_param *p = NULL;
-    if (slot >= 0) {
-      snprintf(local, sizeof local, "%s%d.%s", prefix, ot_emu_local_block(plan, L, f), rest);
-      p = ot_model_find_param(m, local);
-    }
-    if (!p) {
-      rc = ot_error(OT_ERR_MISMATCH, "%s: tensor '%s' is not a parameter of the adapter's blocks", st_path,
-                    t->name);
-      break;
-    }
-    int k;
-    for (k = 0; k < OT_R_COUNT; k++)
-      if (ot_model_param(m, ot_model_block_param_index(m, ot_emu_local_block(plan, L, f), k)) == p) break;
-    if (k == OT_R_COUNT) {
-      rc = ot_error(OT_ERR_MISMATCH, "%s: tensor '%s' is not a block weight", st_path, t->name);
-      break;
-    }
-    int idx = slot * OT_R_COUNT + k;
-    if (t->ndim != p->ndim || t->shape[0] != p->shape[0] || (p->ndim == 2 && t->shape[1] != p->shape[1])) {
-      rc = ot_error(OT_ERR_MISMATCH, "%s: tensor '%s' has the wrong shape for this model", st_path, t->name);
-      break;
-    }
-    if (stage[idx]) {
-      rc = ot_error(OT_ERR_FORMAT, "%s: tensor '%s' appears twice", st_path, t->name);
-      break;
-    }
-    stage[idx] = malloc(p->numel * sizeof(float));
-    if (!stage[idx]) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
-    if (rc == OT_OK) rc = ot_st_read_f32(st, t, stage[idx], p->numel);
-    dst[idx] = p;
-    n_seen++;
-  }
-  if (rc == OT_OK && n_seen != n_need)
-    rc = ot_error(OT_ERR_MISMATCH, "%s: %d of the %d tensors of the adapter's blocks are missing", st_path,
-                  n_need - n_seen, n_need);
-  ot_backend *be = ot_model_backend(m);
-  for (int i = 0; i < n_slots && rc == OT_OK; i++)
-    if (dst[i]) rc = be->ops->upload(be, dst[i]->data, stage[i], dst[i]->numel * sizeof(float));
-  if (rc == OT_OK) rc = be->ops->sync(be);
-  for (int i = 0; stage && i < n_slots; i++) free(stage[i]);
-  free(stage);
-  free(dst);
-  ot_st_close(st);
-  free(st_path);
-  cJSON_Delete(j);
-  return rc;
+  snprintf(m->base_digest, sizeof m->base_digest, "%s", p->base_digest);
+  snprintf(m->base_name, sizeof m->base_name, "%s", p->base_name);
+  return m;
 }

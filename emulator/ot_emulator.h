@@ -7,11 +7,8 @@
  * emulator's own blocks 0..a+k+b-1; dropped blocks never leave the cloud), the full
  * model's tokenizer files if it has any, and emulator.json (format_version 1, base_model_digest,
  * full_n_layer, bottom, top, kept_middle, block_source).
- *
- * Offsite adapter (a directory): adapter_model.safetensors with the FULL model's tensor
- * names of the adapter blocks, adapter_config.json {"adapter_type": "offsite",
- * "format_version": 1, "base_model_digest", "adapter_digest" (of the safetensors file),
- * "bottom": [...], "top": [...]}. */
+ * Adapters of every kind (offsite blocks included) are peft/'s: ot_emu_peft_map says where the
+ * emulator's blocks sit in the full model. */
 #ifndef OT_EMULATOR_H
 #define OT_EMULATOR_H
 
@@ -19,6 +16,7 @@
 
 #include "ot_digest.h"
 #include "ot_model.h"
+#include "ot_peft.h"
 #include "ot_tokenizer.h"
 
 #define OT_EMU_MAX_LAYERS 256
@@ -37,6 +35,7 @@ typedef struct {
   int bottom, top, keep;           /* a, b, k */
   int src[OT_EMU_MAX_LAYERS];      /* full block of each emulator block (a+k+b entries) */
   char base_digest[OT_DIGEST_HEX]; /* of the full model.safetensors; "" if unknown */
+  char base_name[128];             /* the full model's name (adapters' base_model_name_or_path) */
   int int8_middle;                 /* package stores the frozen middle blocks' weights in int8 */
 } ot_emu_plan;
 
@@ -79,15 +78,8 @@ int ot_distill_step(void *d, const int32_t *inputs, const int32_t *targets, floa
 /* Parts of the last step: cross-entropy and the unweighted KD mean. */
 void ot_distill_last(const ot_distill *d, float *ce, float *kd);
 
-/* ---- offsite adapters ------------------------------------------------------------ */
-
-/* Writes the emulator's adapter blocks under their full-model names. */
-int ot_offsite_save(ot_model *emu, const ot_emu_plan *p, const char *dir);
-/* Replaces the adapter blocks of m with the adapter's tensors. m is the full model
- * (plan NULL, base_digest = digest of its model.safetensors) or an emulator (plan given;
- * its base_digest is used). Refuses another base, a tampered file, names or shapes that
- * do not fit; on any error m is unchanged. */
-int ot_offsite_apply(ot_model *m, const ot_emu_plan *plan, const char *base_digest, const char *dir);
-/* (ot_adapter.h has the one interface for every adapter kind.) */
+/* Where the emulator's blocks sit in the full model, for peft/ (adapter blocks = bottom and
+ * top): fills *m and returns it. */
+const ot_peft_map *ot_emu_peft_map(const ot_emu_plan *p, ot_peft_map *m);
 
 #endif

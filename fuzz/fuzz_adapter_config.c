@@ -1,18 +1,19 @@
 /* libFuzzer harness: the files an adapter or an emulator package brings, read by the real
  * readers from a directory (the only way they are read).
  *
- * Input: JSON text, optionally followed by a NUL byte and the bytes of
- * adapter_model.safetensors. In the JSON, "@BASE@" becomes the base model's digest and "@ST@"
- * the digest of the safetensors bytes, so mutations get past the digest checks to the rest.
- * The JSON is written as adapter_config.json and as emulator.json, then read by
- *   ot_adapter_read_kind, ot_adapter_apply (every kind, the offsite one included) on a small full
- *   model and on its emulator, and ot_emu_plan_load.
+ * Input: JSON text, NUL, JSON text, NUL, the bytes of adapter_model.safetensors (missing parts
+ * are empty). In the JSON, "@BASE@" becomes the base model's digest and "@ST@" the digest of the
+ * safetensors bytes, so mutations get past the digest checks to the rest. The first JSON is
+ * offtune_adapter.json (or, holding "format_version": 1, a format-1 adapter_config.json) and
+ * emulator.json; the second, when not empty, PEFT's adapter_config.json. They are read by
+ *   ot_peft_read_kind, ot_peft_apply_full / ot_peft_apply_dir (every kind, the offsite one
+ *   included) on a small full model and on its emulator, ot_peft_import, and ot_emu_plan_load.
  * Refused: the model must be exactly as before (the readers promise that). Accepted: the plan
  * must be one ot_emu_plan_make could have made.
  *
  * OT_FUZZ_WRITE_SEEDS=DIR: writes one valid input per adapter kind and an emulator.json to DIR
  * and exits (the seeds in fuzz/corpus/adapter_config/ come from it and fit this model). */
-#include "ot_adapter.h"
+#include "ot_peft.h"
 #include "ot_emulator.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
@@ -22,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+static ot_peft_map emap; /* block map of the emulator at hand */
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -36,7 +39,7 @@ static ot_backend *be;
 static ot_emu_plan plan;
 static ot_model *full, *emu;
 static float *ref_full, *ref_emu; /* every parameter of a fresh model, in order */
-static char dir[256], cfg_path[300], st_path[300], emu_path[300];
+static char dir[256], cfg_path[300], meta_path[300], st_path[300], emu_path[300], import_dir[300];
 
 static void die(const char *what) {
   fprintf(stderr, "fuzz_adapter_config: %s: %s\n", what, ot_error_detail());
@@ -106,55 +109,70 @@ static char *replace_all(const char *s, size_t n, const char *from, const char *
 }
 
 static void remove_dir(void) {
+  for (int i = 0; ot_peft_files[i]; i++) {
+    char p[400];
+    snprintf(p, sizeof p, "%s/%s", import_dir, ot_peft_files[i]);
+    unlink(p);
+  }
+  rmdir(import_dir);
+  unlink(meta_path);
   unlink(cfg_path);
   unlink(st_path);
   unlink(emu_path);
   rmdir(dir);
 }
 
-/* One seed: the saved adapter_config.json with its digests as placeholders, NUL, the tensors. */
+/* One seed: the saved offtune_adapter.json with its digests as placeholders, NUL, PEFT's
+ * adapter_config.json (LoRA), NUL, the tensors. */
 static void write_seed(const char *out_dir, const char *name, const char *adir) {
   char p[600], st_hex[OT_DIGEST_HEX];
-  size_t jl, sl;
-  snprintf(p, sizeof p, "%s/adapter_config.json", adir);
+  size_t jl, pl = 0, sl;
+  snprintf(p, sizeof p, "%s/offtune_adapter.json", adir);
   char *json = read_file(p, &jl);
+  snprintf(p, sizeof p, "%s/adapter_config.json", adir);
+  char *peft = ot_file_exists(p) ? read_file(p, &pl) : NULL;
   snprintf(p, sizeof p, "%s/adapter_model.safetensors", adir);
   char *st = read_file(p, &sl);
   if (ot_file_digest(p, st_hex)) die(p);
   char *a = replace_all(json, jl, st_hex, "@ST@"), *b = replace_all(a, strlen(a), base_digest, "@BASE@");
   size_t bl = strlen(b);
-  char *seed = malloc(bl + 1 + sl);
+  char *seed = malloc(bl + pl + 2 + sl);
   if (!seed) abort();
   memcpy(seed, b, bl);
   seed[bl] = '\0';
-  memcpy(seed + bl + 1, st, sl);
+  if (pl) memcpy(seed + bl + 1, peft, pl);
+  seed[bl + 1 + pl] = '\0';
+  memcpy(seed + bl + pl + 2, st, sl);
   snprintf(p, sizeof p, "%s/%s", out_dir, name);
-  write_file(p, seed, bl + 1 + sl);
+  write_file(p, seed, bl + pl + 2 + sl);
   free(seed);
   free(a);
   free(b);
   free(json);
+  free(peft);
   free(st);
 }
 
 static void write_seeds(const char *out_dir) {
   static const struct {
     const char *name;
-    ot_adapter_kind kind;
-  } kinds[] = {{"offsite", OT_ADAPTER_OFFSITE},
-               {"lora", OT_ADAPTER_LORA},
-               {"bottleneck", OT_ADAPTER_BOTTLENECK},
-               {"bitfit", OT_ADAPTER_BITFIT}};
+    ot_peft_kind kind;
+  } kinds[] = {{"offsite", OT_PEFT_OFFSITE},
+               {"lora", OT_PEFT_LORA},
+               {"bottleneck", OT_PEFT_BOTTLENECK},
+               {"bitfit", OT_PEFT_BITFIT}};
   char adir[600];
   for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
-    ot_adapter_config c;
-    ot_adapter_config_default(&c);
+    ot_peft_config c;
+    ot_peft_config_default(&c);
     c.kind = kinds[k].kind;
     c.lora_r = 2;
     c.bottleneck_dim = 2;
     make_models();
     snprintf(adir, sizeof adir, "%s/adapter-%s", dir, kinds[k].name);
-    if (ot_adapter_attach(emu, &plan, &c) || ot_adapter_save(emu, &plan, &c, adir)) die("saving a seed");
+    if (ot_peft_attach(emu, ot_emu_peft_map(&plan, &emap), &c) ||
+        ot_peft_save(emu, ot_emu_peft_map(&plan, &emap), &c, adir))
+      die("saving a seed");
     write_seed(out_dir, kinds[k].name, adir);
   }
   /* emulator.json as ot_emu_save writes it (the package's other files are not needed) */
@@ -181,6 +199,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   snprintf(dir, sizeof dir, "%s/ot-fuzz-adapter-XXXXXX", access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp");
   if (!mkdtemp(dir)) abort();
   snprintf(cfg_path, sizeof cfg_path, "%s/adapter_config.json", dir);
+  snprintf(meta_path, sizeof meta_path, "%s/offtune_adapter.json", dir);
+  snprintf(import_dir, sizeof import_dir, "%s-import", dir);
   snprintf(st_path, sizeof st_path, "%s/adapter_model.safetensors", dir);
   snprintf(emu_path, sizeof emu_path, "%s/emulator.json", dir);
   atexit(remove_dir);
@@ -217,32 +237,51 @@ static void check_plan(const ot_emu_plan *p) {
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  const uint8_t *nul = memchr(data, '\0', size);
-  size_t jl = nul ? (size_t)(nul - data) : size;
-  const uint8_t *st = nul ? nul + 1 : data + size;
-  size_t sl = size - (size_t)(st - data);
+  const uint8_t *end = data + size, *parts[3] = {data, end, end};
+  size_t len[3] = {size, 0, 0};
+  for (int k = 0; k < 2; k++) {
+    const uint8_t *nul = memchr(parts[k], '\0', len[k]);
+    if (!nul) break;
+    len[k] = (size_t)(nul - parts[k]);
+    parts[k + 1] = nul + 1;
+    len[k + 1] = (size_t)(end - parts[k + 1]);
+  }
   char st_hex[OT_DIGEST_HEX];
-  write_file(st_path, st, sl);
+  write_file(st_path, parts[2], len[2]);
   if (ot_file_digest(st_path, st_hex)) die("digest");
-  char *a = replace_all((const char *)data, jl, "@BASE@", base_digest);
-  char *json = replace_all(a, strlen(a), "@ST@", st_hex);
-  free(a);
-  write_file(cfg_path, json, strlen(json));
-  write_file(emu_path, json, strlen(json));
-  free(json);
+  char *json[2];
+  for (int k = 0; k < 2; k++) {
+    char *a = replace_all((const char *)parts[k], len[k], "@BASE@", base_digest);
+    json[k] = replace_all(a, strlen(a), "@ST@", st_hex);
+    free(a);
+  }
+  int legacy = strstr(json[0], "\"format_version\": 1") != NULL;
+  unlink(meta_path);
+  unlink(cfg_path);
+  write_file(legacy ? cfg_path : meta_path, json[0], strlen(json[0]));
+  if (!legacy && json[1][0]) write_file(cfg_path, json[1], strlen(json[1]));
+  write_file(emu_path, json[0], strlen(json[0]));
+  free(json[0]);
+  free(json[1]);
 
-  ot_adapter_kind kind;
-  if (ot_adapter_read_kind(dir, &kind) == OT_OK && (unsigned)kind > OT_ADAPTER_BITFIT) abort();
+  ot_peft_kind kind;
+  if (ot_peft_read_kind(dir, &kind) == OT_OK && (unsigned)kind > OT_PEFT_BITFIT) abort();
   int full_params = ot_model_param_count(full), emu_params = ot_model_param_count(emu), changed = 0;
-  if (ot_adapter_apply(full, NULL, base_digest, dir) == OT_OK)
+  if (ot_peft_apply_full(full, base_digest, dir) == OT_OK)
     changed = 1;
   else
     check_unchanged(full, full_params, ref_full);
-  if (ot_adapter_apply(emu, &plan, NULL, dir) == OT_OK)
+  if (ot_peft_apply_dir(emu, ot_emu_peft_map(&plan, &emap), dir) == OT_OK)
     changed = 1;
   else
     check_unchanged(emu, emu_params, ref_emu);
   if (changed) make_models();
+
+  /* the PEFT config as a foreign adapter: an import is either refused or loads back */
+  if (ot_file_exists(cfg_path) && ot_peft_import(dir, &cfg, base_digest, "fuzz", import_dir, NULL) == OT_OK) {
+    if (ot_peft_apply_full(full, base_digest, import_dir) != OT_OK) die("an imported adapter does not load");
+    make_models();
+  }
 
   ot_emu_plan p;
   if (ot_emu_plan_load(dir, &p) == OT_OK) check_plan(&p);

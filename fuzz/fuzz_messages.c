@@ -208,8 +208,8 @@ static int device_takes(const Offtune__Session__RoundInfo *ri) {
     if (ot_dev_file_ref_check(f) == OT_OK && (!path_name_ok(f->file) || !*f->file || f->file[0] == '.'))
       abort();
   }
-  ot_adapter_config c;
-  if (ot_dev_adapter_settings(ri->adapter, &c) == OT_OK && (unsigned)c.kind > OT_ADAPTER_BITFIT) abort();
+  ot_peft_config c;
+  if (ot_dev_adapter_settings(ri->adapter, &c) == OT_OK && (unsigned)c.kind > OT_PEFT_BITFIT) abort();
   return 1;
 }
 

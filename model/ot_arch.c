@@ -166,3 +166,45 @@ int ot_block_tensor_split(const char *name, int *layer, const char **rest) {
   }
   return 0;
 }
+
+void ot_arch_site_dims(const ot_model_config *cfg, int site, int *in, int *out) {
+  int C = cfg->n_embd, F = cfg->n_ff, QW = cfg->n_head * cfg->head_dim, KW = cfg->n_kv_head * cfg->head_dim;
+  int d[OT_SITE_COUNT][2] = {
+      [OT_SITE_QKV] = {C, 3 * C}, [OT_SITE_O] = {QW, C}, [OT_SITE_UP] = {C, F}, [OT_SITE_DOWN] = {F, C},
+      [OT_SITE_Q] = {C, QW},      [OT_SITE_K] = {C, KW}, [OT_SITE_V] = {C, KW}, [OT_SITE_GATE] = {C, F}};
+  int has = site >= 0 && site < OT_SITE_COUNT && ot_arch_get(cfg->arch)->site_modules[site];
+  *in = has ? d[site][0] : 0;
+  *out = has ? d[site][1] : 0;
+}
+
+/* The table names a role; the LLaMA family's attention biases also need the config. */
+static int role_present(const ot_model_config *cfg, int r) {
+  if (r < 0 || r >= OT_R_COUNT || !ot_arch_get(cfg->arch)->role_names[r]) return 0;
+  if (cfg->arch == OT_ARCH_GPT2) return 1;
+  if (r == OT_R_Q_B || r == OT_R_K_B || r == OT_R_V_B) return cfg->attn_bias;
+  if (r == OT_R_O_B) return cfg->o_bias;
+  return 1;
+}
+
+int ot_arch_role_shape(const ot_model_config *cfg, int r, int *d0, int *d1) {
+  int s0 = 0, s1 = 0, present = role_present(cfg, r);
+  if (present && (r == OT_R_ATTN_NORM || r == OT_R_ATTN_NORM_B || r == OT_R_FFN_NORM || r == OT_R_FFN_NORM_B))
+    s0 = cfg->n_embd;
+  for (int s = 0; present && !s0 && s < OT_SITE_COUNT; s++) {
+    int in, out;
+    if (ot_site_weight_role(s) != r && ot_site_bias_role(s) != r) continue;
+    ot_arch_site_dims(cfg, s, &in, &out);
+    if (ot_site_bias_role(s) == r) {
+      s0 = out;
+    } else if (cfg->arch == OT_ARCH_GPT2) { /* Conv1D stores [in, out] */
+      s0 = in;
+      s1 = out;
+    } else {
+      s0 = out;
+      s1 = in;
+    }
+  }
+  if (d0) *d0 = s0;
+  if (d1) *d1 = s1;
+  return present;
+}

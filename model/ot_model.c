@@ -103,49 +103,12 @@ static void set_param(ot_param *p, const char *name, int d0, int d1) {
 }
 
 void ot_model_site_dims(const ot_model *m, int site, int *in, int *out) {
-  int C = m->cfg.n_embd, F = m->cfg.n_ff;
-  int d[OT_SITE_COUNT][2] = {[OT_SITE_QKV] = {C, 3 * C}, [OT_SITE_O] = {m->QW, C}, [OT_SITE_UP] = {C, F},
-                             [OT_SITE_DOWN] = {F, C},    [OT_SITE_Q] = {C, m->QW}, [OT_SITE_K] = {C, m->KW},
-                             [OT_SITE_V] = {C, m->KW},   [OT_SITE_GATE] = {C, F}};
-  int has = site >= 0 && site < OT_SITE_COUNT && m->ai->site_modules[site];
-  *in = has ? d[site][0] : 0;
-  *out = has ? d[site][1] : 0;
+  ot_arch_site_dims(&m->cfg, site, in, out);
 }
 
-/* Is role r a tensor of this model? (The table names it; biases also need the config.) */
-static int role_present(const ot_model *m, int r) {
-  if (!m->ai->role_names[r]) return 0;
-  if (m->gpt2) return 1;
-  if (r == OT_R_Q_B || r == OT_R_K_B || r == OT_R_V_B) return m->cfg.attn_bias;
-  if (r == OT_R_O_B) return m->cfg.o_bias;
-  return 1;
-}
+static int role_present(const ot_model *m, int r) { return ot_arch_role_shape(&m->cfg, r, NULL, NULL); }
 
-/* Shape of a block tensor of role r: norms and biases [n], weights in the model's layout. */
-static void role_shape(const ot_model *m, int r, int *d0, int *d1) {
-  int C = m->cfg.n_embd;
-  *d1 = 0;
-  if (r == OT_R_ATTN_NORM || r == OT_R_ATTN_NORM_B || r == OT_R_FFN_NORM || r == OT_R_FFN_NORM_B) {
-    *d0 = C;
-    return;
-  }
-  for (int s = 0; s < OT_SITE_COUNT; s++) {
-    int in, out;
-    if (ot_site_weight_role(s) != r && ot_site_bias_role(s) != r) continue;
-    ot_model_site_dims(m, s, &in, &out);
-    if (ot_site_bias_role(s) == r) {
-      *d0 = out;
-    } else if (m->layout == OT_W_IN_OUT) {
-      *d0 = in;
-      *d1 = out;
-    } else {
-      *d0 = out;
-      *d1 = in;
-    }
-    return;
-  }
-  *d0 = 0;
-}
+static void role_shape(const ot_model *m, int r, int *d0, int *d1) { ot_arch_role_shape(&m->cfg, r, d0, d1); }
 
 /* HF's rotary frequencies: theta^(-2j/D), with Llama 3's long-context rescaling when the config
  * has it (transformers' _compute_llama3_parameters). */
@@ -749,7 +712,7 @@ static void *carve(carver *cv, size_t bytes) {
 /* Extensions an activation set must hold: its own block's in training, the union of
  * all blocks' when one set serves every block. */
 static ot_block_ext ext_need(const ot_model *m, int act_block) {
-  ot_block_ext e = {0, 0, 0.0f, 0.0f, 0};
+  ot_block_ext e = {0};
   if (!m->ext) return e;
   int l0 = m->training ? act_block : 0, l1 = m->training ? act_block + 1 : m->cfg.n_layer;
   for (int l = l0; l < l1; l++) {
@@ -771,7 +734,7 @@ static void plan_acts(ot_model *m, carver *cv, int B, int T, int training) {
                      : (size_t)B * NH * T * T;
   size_t widest_in = C > F ? C : F; /* LoRA dropout scratch holds any site's input */
   if (QW > widest_in) widest_in = QW;
-  ot_block_ext all = {0, 0, 0.0f, 0.0f, 0}; /* maxima over the blocks, for shared scratch */
+  ot_block_ext all = {0}; /* maxima over the blocks, for shared scratch */
   for (int l = 0; l < m->n_act_blocks; l++) {
     ot_block_acts *a = &m->blocks[l];
     ot_block_ext e = ext_need(m, l);
@@ -999,7 +962,7 @@ static void lin_fwd(ot_model *m, const fwd_ctx *c, int l, int site, float *out, 
     if (!has_lora(m, l, site)) return;
     const ot_block_ext *e = &m->ext[l];
     o->lora_fwd(m->be, out, c->a->lora_t[site], m->lora_xd, x, XP(m, m->eidx[l].lora[site][0]),
-                XP(m, m->eidx[l].lora[site][1]), c->N, in, outw, e->lora_r, e->lora_alpha / (float)e->lora_r,
+                XP(m, m->eidx[l].lora[site][1]), c->N, in, outw, e->lora_r, ot_block_ext_scale(e),
                 lora_p(m, l), lora_seed(m, l, site));
     return;
   }
@@ -1138,8 +1101,8 @@ static void lin_bwd(ot_model *m, int l, ot_block_acts *a, int s, float *dx, cons
   const ot_block_ext *e = &m->ext[l];
   int ia = m->eidx[l].lora[s][0], ib = m->eidx[l].lora[s][1];
   m->be->ops->lora_bwd(m->be, dx, XG(m, ia), XG(m, ib), m->lora_dt, m->lora_xd, dout, x, a->lora_t[s],
-                       XP(m, ia), XP(m, ib), N, in, outw, e->lora_r, e->lora_alpha / (float)e->lora_r,
-                       lora_p(m, l), lora_seed(m, l, s));
+                       XP(m, ia), XP(m, ib), N, in, outw, e->lora_r, ot_block_ext_scale(e), lora_p(m, l),
+                       lora_seed(m, l, s));
 }
 
 /* dh = dout + (adapter's Jacobian)^T dout into m->bn_dh; returns it. */
@@ -1584,7 +1547,7 @@ int ot_model_decode(ot_model *m, ot_model_kv *kv, const int32_t *tokens, const i
 static const char *bn_names[2] = {"adapter_attn", "adapter_mlp"};
 static const char *bn_parts[4] = {"down.weight", "down.bias", "up.weight", "up.bias"};
 
-static const ot_block_ext no_ext = {0, 0, 0.0f, 0.0f, 0};
+static const ot_block_ext no_ext = {0};
 
 const ot_block_ext *ot_model_block_ext(const ot_model *m, int layer) {
   if (!m->ext || layer < 0 || layer >= m->cfg.n_layer) return &no_ext;
@@ -1726,7 +1689,7 @@ int ot_model_merge_lora(ot_model *m) {
       ot_param *A = &m->params[m->eidx[l].lora[s][0]], *Bp = &m->params[m->eidx[l].lora[s][1]];
       int in, out, r = m->ext[l].lora_r;
       ot_model_site_dims(m, s, &in, &out);
-      double scale = (double)m->ext[l].lora_alpha / r;
+      double scale = ot_block_ext_scale(&m->ext[l]);
       float *w = malloc(W->numel * sizeof(float)), *a = malloc(A->numel * sizeof(float)),
             *b = malloc(Bp->numel * sizeof(float));
       rc = w && a && b ? OT_OK : ot_error(OT_ERR_NOMEM, "cannot allocate merge buffers");

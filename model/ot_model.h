@@ -11,6 +11,7 @@
 #ifndef OT_MODEL_H
 #define OT_MODEL_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -77,6 +78,11 @@ int ot_site_bias_role(int site);
 int ot_lora_parse_targets(const char *list, unsigned *out);
 /* The reverse: "all" or the sites' module names, comma-separated (parses back to the same bits). */
 int ot_lora_format_targets(unsigned sites, char *buf, size_t n);
+/* Shapes from a config alone: a LoRA site's in and out widths (0 when the architecture lacks
+ * it), and a block tensor's shape in the architecture's layout (d1 0 for vectors); the latter
+ * returns 0 when the model has no tensor of that role. d0, d1 may be NULL. */
+void ot_arch_site_dims(const ot_model_config *cfg, int site, int *in, int *out);
+int ot_arch_role_shape(const ot_model_config *cfg, int role, int *d0, int *d1);
 /* Splits "{block_prefix}{i}.{rest}" of any architecture into i and rest; 0 if not a block
  * tensor (rest points into name). */
 int ot_block_tensor_split(const char *name, int *layer, const char **rest);
@@ -188,7 +194,8 @@ void ot_model_clear_block_grads(ot_model *m);
  * and gradient checks see them; checkpoints (load/save_dir) hold the base tensors only.
  *
  * LoRA site s of block i: {prefix}{i}.{module}.lora_A.weight [r, in] and .lora_B.weight
- * [out, r]; out += (alpha/r) * drop(x) A^T B^T, dropout only in training forwards.
+ * [out, r]; out += scale * drop(x) A^T B^T with scale alpha/r (alpha/sqrt(r) for rsLoRA),
+ * dropout only in training forwards.
  * Bottleneck: {prefix}{i}.adapter_{attn,mlp}.{down,up}.{weight,bias}, down [C, m],
  * up [m, C] (Conv1D layout); h' = h + up(gelu(down(h))) on the projection output h. */
 
@@ -196,8 +203,13 @@ typedef struct {
   unsigned lora_sites; /* bit s = LoRA on site OT_SITE_s (sites the architecture has); 0 = none */
   int lora_r;
   float lora_alpha, lora_dropout;
-  int bottleneck; /* hidden size m of the two bottleneck adapters; 0 = none */
+  int bottleneck;  /* hidden size m of the two bottleneck adapters; 0 = none */
+  int lora_rslora; /* rank-stabilised scale alpha/sqrt(r) (Kalajdzievski 2023, PEFT use_rslora) */
 } ot_block_ext;
+
+static inline float ot_block_ext_scale(const ot_block_ext *e) {
+  return e->lora_rslora ? (float)(e->lora_alpha / sqrt((double)e->lora_r)) : e->lora_alpha / (float)e->lora_r;
+}
 
 /* Adds extensions to the blocks (ext has n_layer entries) once, before prepare and the
  * optimizer; initialises them as PEFT does (A ~ U(+-1/sqrt(in)), B = 0; bottleneck down

@@ -15,10 +15,11 @@ MAY_USE = {
     "protocol": {"common"},
     "fed": {"common", "protocol"},
     "model": {"common", "kernels"},
-    "emulator": {"common", "kernels", "model"},
-    "serve": {"common", "kernels", "model", "emulator", "protocol"},
-    "cloud": {"common", "kernels", "model", "protocol", "fed", "emulator", "serve"},
-    "device": {"common", "kernels", "model", "protocol", "fed", "emulator"},
+    "peft": {"common", "kernels", "model"},
+    "emulator": {"common", "kernels", "model", "peft"},
+    "serve": {"common", "kernels", "model", "peft", "protocol"},
+    "cloud": {"common", "kernels", "model", "protocol", "fed", "peft", "emulator", "serve"},
+    "device": {"common", "kernels", "model", "protocol", "fed", "peft", "emulator"},
 }
 # the error codes and their thread-local detail: the one header every layer shares, kernels/
 # included (it depends on nothing)

@@ -181,15 +181,15 @@ PYEOF
     w="$out/.work/$step"
     mkdir -p "$w"
     fail=0 skip=0
-    check() { # name model [adapter]: offtune cpu (and cuda) dumps, transformers (+ peft) reference
-      local n=$1 m=$2 a=${3:-} ad=()
-      [ -n "$a" ] && ad=(--adapter "$a")
+    check() { # name model [adapter [peft's adapter]]: offtune cpu (and cuda) dumps, transformers (+ peft)
+      local n=$1 m=$2 a=${3:-} ad=() had=()
+      [ -n "$a" ] && ad=(--adapter "$a") had=(--adapter "${4:-$a}")
       "$B/tests/hf_dump" --model "$m" "${ad[@]}" --tokens "$toks" --out "$w/$n.cpu" || {
         echo "CASE $n-offtune-dump FAIL"
         fail=1
         return
       }
-      "$PY" scripts/hf_check/hf_check.py logits --model "$m" "${ad[@]}" --dump "$w/$n.cpu" --tokens "$toks" \
+      "$PY" scripts/hf_check/hf_check.py logits --model "$m" "${had[@]}" --dump "$w/$n.cpu" --tokens "$toks" \
         --tol 1e-4 | tee "$w/$n.hf.txt"
       local r=$?
       if [ $r = 0 ]; then
@@ -261,6 +261,18 @@ sys.exit(0 if ok and moved else 1)
 PYEOF
       [ $? = 0 ] || fail=1
       check llama-lora "$w/full" "$w/lora"
+      # the other way: a LoRA saved by peft itself (rsLoRA), imported by offtune, scored by both
+      "$PY" scripts/hf_check/hf_check.py peft_save --model "$w/full" --out "$w/peft_lora" --rslora
+      r=$?
+      if [ $r = 0 ] && "$cloud" import-peft --model "$w/full" --peft "$w/peft_lora" --out "$w/imported"; then
+        check llama-peft-import "$w/full" "$w/imported" "$w/peft_lora"
+      elif [ $r = 77 ]; then
+        echo "CASE llama-peft-import SKIPPED"
+        skip=1
+      else
+        echo "CASE llama-peft-import FAIL"
+        fail=1
+      fi
     fi
     [ $fail = 1 ] && exit 1
     [ $skip = 1 ] && {

@@ -1,6 +1,5 @@
 #include "ot_serve_engine.h"
 
-#include <cjson/cJSON.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -8,7 +7,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "ot_adapter.h"
+#include "ot_peft.h"
 #include "ot_error.h"
 #include "ot_eval.h"
 #include "ot_fileio.h"
@@ -17,7 +16,7 @@
 
 typedef struct adapter {
   char name[128];
-  ot_adapter_kind kind;
+  ot_peft_kind kind;
   int refs;          /* running requests using it */
   int stale;         /* forgotten (unloaded): no new request uses it; freed once idle */
   uint64_t last_use; /* LRU tick */
@@ -53,8 +52,7 @@ typedef struct req {
 
 struct ot_serve_engine {
   ot_model *m;
-  ot_backend *be, *load_be; /* load_be: host backend the adapter files are staged on */
-  int own_load_be;
+  ot_backend *be;
   ot_serve_config cfg;
   char base_digest[96];
   int L, V, T_max, Nmax;
@@ -122,152 +120,69 @@ static void adapter_free(ot_serve_engine *e, adapter *a) {
   free(a);
 }
 
-/* Blocks an offsite or BitFit adapter replaces (from its already verified config). */
-static int touched_blocks(const char *dir, ot_adapter_kind kind, int L, unsigned char *mark) {
-  char *path = NULL, *text = NULL;
-  int rc = ot_path_join(dir, "adapter_config.json", &path);
-  if (rc == OT_OK) rc = ot_file_read_all(path, 1 << 20, &text, NULL);
-  free(path);
-  if (rc) return rc;
-  cJSON *j = cJSON_Parse(text);
-  free(text);
-  if (!j) return ot_error(OT_ERR_FORMAT, "%s: adapter_config.json is not JSON", dir);
-  const char *keys[2] = {kind == OT_ADAPTER_OFFSITE ? "bottom" : "layers_to_transform",
-                         kind == OT_ADAPTER_OFFSITE ? "top" : NULL};
-  for (int k = 0; k < 2 && keys[k] && rc == OT_OK; k++) {
-    const cJSON *arr = cJSON_GetObjectItemCaseSensitive(j, keys[k]), *v;
-    cJSON_ArrayForEach(v, arr) {
-      int b = cJSON_IsNumber(v) ? v->valueint : -1;
-      if (b < 0 || b >= L) {
-        rc = ot_error(OT_ERR_FORMAT, "%s: block %d outside the model", dir, b);
-        break;
-      }
-      mark[b] = 1;
-    }
-  }
-  cJSON_Delete(j);
-  return rc;
-}
-
-/* Loads an adapter through ot_adapter_apply on a "shell": a model with the base's blocks but
- * a one-token vocabulary, whose tensors are never touched except those the adapter writes
- * (so its pages are never committed). The adapter's own tensors are then copied into one
- * compact allocation on the engine's backend. */
+/* Loads and verifies an adapter through peft/ (the code training uses) and copies its tensors
+ * into one compact allocation on the engine's backend, as per-block overrides. */
 static int adapter_load(ot_serve_engine *e, const char *name, const char *dir, adapter **out) {
-  ot_model_config sc = *ot_model_cfg(e->m);
-  sc.vocab_size = 1;
-  sc.n_positions = 1;
-  ot_model *shell = NULL;
-  ot_adapter_kind kind;
-  int L = e->L, rc = ot_adapter_read_kind(dir, &kind);
-  if (rc == OT_OK) rc = ot_model_create(&sc, e->load_be, &shell);
-  if (rc == OT_OK) rc = ot_adapter_apply(shell, NULL, e->base_digest, dir);
-  unsigned char *mark = calloc((size_t)L, 1);
-  adapter *a = calloc(1, sizeof *a);
-  if (rc == OT_OK && (!mark || !a)) rc = ot_error(OT_ERR_NOMEM, "cannot allocate an adapter");
-  if (rc == OT_OK && (kind == OT_ADAPTER_OFFSITE || kind == OT_ADAPTER_BITFIT))
-    rc = touched_blocks(dir, kind, L, mark);
-  if (rc == OT_OK) {
-    a->blk = calloc((size_t)L, sizeof *a->blk);
-    if (!a->blk) rc = ot_error(OT_ERR_NOMEM, "cannot allocate an adapter");
+  ot_peft_adapter *pa = NULL;
+  int L = e->L, rc = ot_peft_load(dir, ot_model_cfg(e->m), e->base_digest, &pa);
+  adapter *a = rc == OT_OK ? calloc(1, sizeof *a) : NULL;
+  if (rc == OT_OK && a) a->blk = calloc((size_t)L, sizeof *a->blk);
+  if (rc == OT_OK && (!a || !a->blk)) rc = ot_error(OT_ERR_NOMEM, "cannot allocate an adapter");
+  const ot_peft_config *pc = rc == OT_OK ? ot_peft_adapter_config(pa) : NULL;
+  int n = rc == OT_OK ? ot_peft_tensor_count(pa) : 0;
+  for (int i = 0; i < n && rc == OT_OK; i++)
+    if (ot_peft_tensor_at(pa, i)->block >= L)
+      rc = ot_error(OT_ERR_MISMATCH, "%s: adapter block %d does not exist in this model", dir,
+                    ot_peft_tensor_at(pa, i)->block);
+  size_t off = 0, *at = rc == OT_OK ? calloc((size_t)n + 1, sizeof *at) : NULL;
+  if (rc == OT_OK && !at) rc = ot_error(OT_ERR_NOMEM, "cannot allocate an adapter");
+  /* every tensor at a 16-float boundary; LoRA's B also transposed (lora_sgmv_fwd reads rows) */
+  for (int i = 0; i < n && rc == OT_OK; i++) {
+    const ot_peft_tensor *t = ot_peft_tensor_at(pa, i);
+    at[i] = off;
+    off += ((t->numel + 15) & ~(size_t)15) * (t->what == OT_PEFT_T_LORA_B ? 2 : 1);
   }
-  /* the tensors to keep: (source, destination slot) pairs, sized first, then copied */
-  /* the biases BitFit may have trained: whichever of them the architecture has */
-  const int bitfit_k[9] = {OT_R_ATTN_NORM_B, OT_R_QKV_B,      OT_R_Q_B,  OT_R_K_B,   OT_R_V_B,
-                           OT_R_O_B,         OT_R_FFN_NORM_B, OT_R_UP_B, OT_R_DOWN_B};
-  for (int pass = 0; pass < 2 && rc == OT_OK; pass++) {
-    size_t off = 0;
-#define TAKE(dst, param)                                                                                     \
-  do {                                                                                                       \
-    const ot_param *pp_ = (param);                                                                           \
-    if (pass == 1) {                                                                                         \
-      rc = rc ? rc : e->be->ops->upload(e->be, a->mem + off, pp_->data, pp_->numel * sizeof(float));         \
-      (dst) = a->mem + off;                                                                                  \
-    }                                                                                                        \
-    off += (pp_->numel + 15) & ~(size_t)15;                                                                  \
-  } while (0)
-    /* B [rows, cols] stored transposed */
-#define TAKE_T(dst, param)                                                                                   \
-  do {                                                                                                       \
-    const ot_param *pp_ = (param);                                                                           \
-    if (pass == 1 && rc == OT_OK) {                                                                          \
-      int R_ = pp_->shape[0], K_ = pp_->shape[1];                                                            \
-      float *tr_ = malloc(pp_->numel * sizeof(float));                                                       \
-      if (!tr_) rc = ot_error(OT_ERR_NOMEM, "cannot allocate an adapter");                                   \
-      for (int i_ = 0; tr_ && i_ < R_; i_++)                                                                 \
-        for (int k_ = 0; k_ < K_; k_++) tr_[(size_t)k_ * R_ + i_] = pp_->data[(size_t)i_ * K_ + k_];         \
-      if (tr_) rc = e->be->ops->upload(e->be, a->mem + off, tr_, pp_->numel * sizeof(float));                \
-      free(tr_);                                                                                             \
-      (dst) = a->mem + off;                                                                                  \
-    }                                                                                                        \
-    off += (pp_->numel + 15) & ~(size_t)15;                                                                  \
-  } while (0)
-    for (int l = 0; l < L; l++) {
-      ot_block_over *b = &a->blk[l];
-      if (kind == OT_ADAPTER_OFFSITE && mark[l]) {
-        for (int k = 0; k < OT_R_COUNT; k++)
-          if (ot_model_block_param_index(shell, l, k) >= 0)
-            TAKE(b->p[k], ot_model_param(shell, ot_model_block_param_index(shell, l, k)));
+  if (rc == OT_OK) {
+    a->bytes = off * sizeof(float);
+    rc = e->be->ops->alloc(e->be, a->bytes ? a->bytes : 64, (void **)&a->mem);
+  }
+  for (int i = 0; i < n && rc == OT_OK; i++) {
+    const ot_peft_tensor *t = ot_peft_tensor_at(pa, i);
+    ot_block_over *b = &a->blk[t->block];
+    float *dst = a->mem + at[i];
+    rc = e->be->ops->upload(e->be, dst, t->data, t->numel * sizeof(float));
+    if (t->what == OT_PEFT_T_BLOCK) {
+      b->p[t->index] = dst;
+    } else if (t->what == OT_PEFT_T_BN) {
+      b->bn_dim = pc->bottleneck_dim;
+      b->bn[t->index / 4][t->index % 4] = dst;
+    } else {
+      b->lora_sites |= 1u << t->index;
+      b->lora_r = pc->lora_r;
+      b->lora_scale = ot_peft_lora_scale(pc);
+      if (t->what == OT_PEFT_T_LORA_A) b->lora_a[t->index] = dst;
+      if (t->what == OT_PEFT_T_LORA_B) {
+        int R = t->shape[0], K = t->shape[1];
+        float *tr = malloc(t->numel * sizeof(float)), *dst_t = dst + ((t->numel + 15) & ~(size_t)15);
+        if (!tr) rc = ot_error(OT_ERR_NOMEM, "cannot allocate an adapter");
+        for (int r = 0; tr && r < R; r++)
+          for (int k = 0; k < K; k++) tr[(size_t)k * R + r] = t->data[(size_t)r * K + k];
+        if (rc == OT_OK) rc = e->be->ops->upload(e->be, dst_t, tr, t->numel * sizeof(float));
+        free(tr);
+        b->lora_b[t->index] = dst;
+        b->lora_bt[t->index] = dst_t;
       }
-      if (kind == OT_ADAPTER_BITFIT && mark[l]) {
-        for (int k = 0; k < 9; k++)
-          if (ot_model_block_param_index(shell, l, bitfit_k[k]) >= 0)
-            TAKE(b->p[bitfit_k[k]], ot_model_param(shell, ot_model_block_param_index(shell, l, bitfit_k[k])));
-      }
-      const ot_block_ext *x = ot_model_block_ext(shell, l);
-      char nm[160];
-      for (int s = 0; s < OT_SITE_COUNT; s++) {
-        if (!((x->lora_sites >> s) & 1)) continue;
-        b->lora_sites |= 1u << s;
-        b->lora_r = x->lora_r;
-        b->lora_scale = x->lora_alpha / (float)x->lora_r;
-        for (int ab = 0; ab < 2; ab++) {
-          const ot_arch_info *ai = ot_arch_get(ot_model_cfg(shell)->arch);
-          snprintf(nm, sizeof nm, "%s%d.%s.lora_%c.weight", ai->block_prefix, l, ai->site_modules[s],
-                   ab ? 'B' : 'A');
-          ot_param *pp = ot_model_find_param(shell, nm);
-          if (!pp) {
-            rc = ot_error(OT_ERR_INTERNAL, "%s missing after apply", nm);
-            break;
-          }
-          if (ab == 0) TAKE(b->lora_a[s], pp);
-          if (ab == 1) TAKE(b->lora_b[s], pp);
-          if (ab == 1) TAKE_T(b->lora_bt[s], pp);
-        }
-      }
-      if (x->bottleneck) {
-        static const char *sites[2] = {"adapter_attn", "adapter_mlp"};
-        static const char *parts[4] = {"down.weight", "down.bias", "up.weight", "up.bias"};
-        b->bn_dim = x->bottleneck;
-        for (int s = 0; s < 2; s++)
-          for (int k = 0; k < 4 && rc == OT_OK; k++) {
-            snprintf(nm, sizeof nm, "%s%d.%s.%s", ot_arch_get(ot_model_cfg(shell)->arch)->block_prefix, l,
-                     sites[s], parts[k]);
-            ot_param *pp = ot_model_find_param(shell, nm);
-            if (!pp) {
-              rc = ot_error(OT_ERR_INTERNAL, "%s missing after apply", nm);
-              break;
-            }
-            TAKE(b->bn[s][k], pp);
-          }
-      }
-    }
-#undef TAKE
-#undef TAKE_T
-    if (pass == 0 && rc == OT_OK) {
-      a->bytes = off * sizeof(float);
-      rc = e->be->ops->alloc(e->be, a->bytes ? a->bytes : 64, (void **)&a->mem);
     }
   }
   if (rc == OT_OK) rc = e->be->ops->sync(e->be);
-  ot_model_free(shell);
-  free(mark);
+  free(at);
+  if (rc == OT_OK) a->kind = pc->kind;
+  ot_peft_free(pa);
   if (rc) {
-    if (a) adapter_free(e, a);
+    adapter_free(e, a);
     return rc;
   }
   snprintf(a->name, sizeof a->name, "%s", name);
-  a->kind = kind;
   *out = a;
   return OT_OK;
 }
@@ -373,12 +288,6 @@ int ot_serve_engine_create(ot_model *base, const ot_serve_config *cfg, ot_serve_
   pthread_cond_init(&e->cv, NULL);
   pthread_mutex_init(&e->step_mu, NULL);
   int rc = OT_OK;
-  if (be->ops->host_visible) {
-    e->load_be = be;
-  } else {
-    rc = ot_backend_cpu_create(0, &e->load_be);
-    e->own_load_be = rc == OT_OK;
-  }
   int N = e->Nmax, S = c.max_batch, V = e->V;
   if (rc == OT_OK) rc = ot_model_kv_create(base, S, e->T_max, N, S, &e->kv);
   e->slots = calloc((size_t)S, sizeof *e->slots);
@@ -465,7 +374,6 @@ void ot_serve_engine_free(ot_serve_engine *e) {
     e->adapters = n;
   }
   ot_model_kv_free(e->kv);
-  if (e->own_load_be) ot_backend_free(e->load_be);
   free(e->waiting);
   free(e->slots);
   free(e->cancels);

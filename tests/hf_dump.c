@@ -19,7 +19,7 @@
 #include "ot_digest.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
-#include "ot_adapter.h"
+#include "ot_peft.h"
 #include "ot_backend.h"
 #include "ot_model.h"
 #include "ot_tokenizer.h"
@@ -70,7 +70,7 @@ static int run(const char *model, const char *adapter, const char *backend, cons
     rc = ot_path_join(model, "model.safetensors", &st);
     if (rc == OT_OK) rc = ot_file_digest(st, digest);
     free(st);
-    if (rc == OT_OK) rc = ot_adapter_apply(m, NULL, digest, adapter);
+    if (rc == OT_OK) rc = ot_peft_apply_full(m, digest, adapter);
   }
   int V = m ? ot_model_cfg(m)->vocab_size : 0;
   float *logits = NULL, loss = 0;

@@ -11,11 +11,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ot_adapter.h"
+#include "ot_emulator.h"
 #include "ot_error.h"
 #include "ot_eval.h"
 #include "ot_fileio.h"
 #include "ot_test_util.h"
+
+static ot_peft_map emap; /* block map of the emulator at hand */
 
 const char *models[N_MODELS] = {"", "off1", "off2", "lora1", "lora2", "bn1", "bf1"};
 const char *prompts[N_PROMPTS] = {"The quick brown fox", "Hi", "Once upon a time, in a land far away"};
@@ -46,22 +48,22 @@ static void perturb(ot_model *m, int only_trainable, float std) {
   }
 }
 
-static void make_adapter(const ot_emu_plan *plan, const char *name, ot_adapter_kind kind, uint64_t seed) {
+static void make_adapter(const ot_emu_plan *plan, const char *name, ot_peft_kind kind, uint64_t seed) {
   ot_model *emu = NULL;
   assert_int_equal(ot_emu_build(base, plan, &emu), 0);
-  ot_adapter_config c;
-  ot_adapter_config_default(&c);
+  ot_peft_config c;
+  ot_peft_config_default(&c);
   c.kind = kind;
   c.lora_r = 4;
   c.lora_alpha = 8.0f;
   c.bottleneck_dim = 8;
   c.seed = seed;
-  assert_int_equal(ot_adapter_attach(emu, plan, &c), 0);
+  assert_int_equal(ot_peft_attach(emu, ot_emu_peft_map(plan, &emap), &c), 0);
   rng_state = seed;
-  perturb(emu, 1, kind == OT_ADAPTER_OFFSITE ? 0.05f : 0.3f);
+  perturb(emu, 1, kind == OT_PEFT_OFFSITE ? 0.05f : 0.3f);
   char path[600];
   snprintf(path, sizeof path, "%s/%s", dir, name);
-  assert_int_equal(ot_adapter_save(emu, plan, &c, path), 0);
+  assert_int_equal(ot_peft_save(emu, ot_emu_peft_map(plan, &emap), &c, path), 0);
   ot_model_free(emu);
 }
 
@@ -74,8 +76,9 @@ int32_t *encode(const char *s, size_t *n) {
 int resolve(void *user, const char *name, char *out, size_t cap) {
   (void)user;
   char path[700];
-  snprintf(path, sizeof path, "%s/%s/adapter_config.json", dir, name);
-  if (strchr(name, '/') || !ot_file_exists(path)) return ot_error(OT_ERR_NOTFOUND, "no adapter '%s'", name);
+  snprintf(path, sizeof path, "%s/%s", dir, name);
+  if (strchr(name, '/') || !ot_peft_is_adapter_dir(path))
+    return ot_error(OT_ERR_NOTFOUND, "no adapter '%s'", name);
   snprintf(out, cap, "%s/%s", dir, name);
   return OT_OK;
 }
@@ -103,18 +106,18 @@ int serve_fixture_setup(const char *name) {
   ot_emu_plan plan;
   assert_int_equal(ot_emu_plan_make(4, 1, 1, 1, &plan), 0);
   snprintf(plan.base_digest, sizeof plan.base_digest, "%s", digest);
-  make_adapter(&plan, "off1", OT_ADAPTER_OFFSITE, 21);
-  make_adapter(&plan, "off2", OT_ADAPTER_OFFSITE, 22);
-  make_adapter(&plan, "lora1", OT_ADAPTER_LORA, 23);
-  make_adapter(&plan, "lora2", OT_ADAPTER_LORA, 24);
-  make_adapter(&plan, "bn1", OT_ADAPTER_BOTTLENECK, 25);
-  make_adapter(&plan, "bf1", OT_ADAPTER_BITFIT, 26);
+  make_adapter(&plan, "off1", OT_PEFT_OFFSITE, 21);
+  make_adapter(&plan, "off2", OT_PEFT_OFFSITE, 22);
+  make_adapter(&plan, "lora1", OT_PEFT_LORA, 23);
+  make_adapter(&plan, "lora2", OT_PEFT_LORA, 24);
+  make_adapter(&plan, "bn1", OT_PEFT_BOTTLENECK, 25);
+  make_adapter(&plan, "bf1", OT_PEFT_BITFIT, 26);
   for (int k = 0; k < N_MODELS; k++) {
     snprintf(path, sizeof path, "%s/base", dir);
     assert_int_equal(ot_model_load_dir(path, be, &ref[k]), 0);
     if (*models[k]) {
       snprintf(path, sizeof path, "%s/%s", dir, models[k]);
-      assert_int_equal(ot_adapter_apply(ref[k], NULL, digest, path), 0);
+      assert_int_equal(ot_peft_apply_full(ref[k], digest, path), 0);
     }
     assert_int_equal(ot_model_prepare(ref[k], 1, 64, 0), 0);
     for (int p = 0; p < N_PROMPTS; p++) {

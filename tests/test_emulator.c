@@ -14,13 +14,15 @@
 #include <string.h>
 
 #include "ot_data.h"
-#include "ot_adapter.h"
+#include "ot_emulator.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
 #include "ot_optim.h"
 #include "ot_safetensors.h"
 #include "ot_test_util.h"
 #include "ot_train.h"
+
+static ot_peft_map emap; /* block map of the emulator at hand */
 
 #define REL_TOL 1e-4
 
@@ -296,21 +298,21 @@ static void test_plugin(void **state) {
   ot_tokenizer_free(tok2);
   ot_tokenizer_free(tok);
 
-  assert_int_equal(ot_adapter_save(f.emu, &f.plan, NULL, ad), 0);
+  assert_int_equal(ot_peft_save(f.emu, ot_emu_peft_map(&f.plan, &emap), NULL, ad), 0);
   size_t NV = (size_t)f.B * f.T * ot_model_cfg(f.full)->vocab_size;
   float *l0 = malloc(NV * sizeof(float)), *l1 = malloc(NV * sizeof(float));
   full_logits(f.full, f.in, f.B, f.T, l0);
-  assert_int_equal(ot_adapter_apply(f.full, NULL, f.plan.base_digest, ad), 0);
+  assert_int_equal(ot_peft_apply_full(f.full, f.plan.base_digest, ad), 0);
   full_logits(f.full, f.in, f.B, f.T, l1);
   assert_memory_equal(l0, l1, NV * sizeof(float)); /* bitwise */
   /* and the adapter plugs into the emulator too */
-  assert_int_equal(ot_adapter_apply(f.emu, &f.plan, NULL, ad), 0);
+  assert_int_equal(ot_peft_apply_dir(f.emu, ot_emu_peft_map(&f.plan, &emap), ad), 0);
 
   /* another base model */
   char wrong[OT_DIGEST_HEX];
   memset(wrong, 'a', 64);
   wrong[64] = '\0';
-  assert_int_equal(ot_adapter_apply(f.full, NULL, wrong, ad), OT_ERR_MISMATCH);
+  assert_int_equal(ot_peft_apply_full(f.full, wrong, ad), OT_ERR_MISMATCH);
   printf("other base: %s\n", ot_error_detail());
 
   /* wrong shapes: an adapter of a wider model claiming this base */
@@ -321,15 +323,15 @@ static void test_plugin(void **state) {
   assert_int_equal(ot_model_init_random(wide, 3), 0);
   assert_int_equal(ot_emu_build(wide, &f.plan, &wide_emu), 0);
   snprintf(other, sizeof other, "%s/plug_wide", dir);
-  assert_int_equal(ot_adapter_save(wide_emu, &f.plan, NULL, other), 0);
-  assert_int_equal(ot_adapter_apply(f.full, NULL, f.plan.base_digest, other), OT_ERR_MISMATCH);
+  assert_int_equal(ot_peft_save(wide_emu, ot_emu_peft_map(&f.plan, &emap), NULL, other), 0);
+  assert_int_equal(ot_peft_apply_full(f.full, f.plan.base_digest, other), OT_ERR_MISMATCH);
   printf("wrong shapes: %s\n", ot_error_detail());
   /* blocks that this model lacks */
   ot_emu_plan far = f.plan;
   far.src[4] = 9;
   snprintf(other, sizeof other, "%s/plug_far", dir);
-  assert_int_equal(ot_adapter_save(f.emu, &far, NULL, other), 0);
-  assert_int_equal(ot_adapter_apply(f.full, NULL, f.plan.base_digest, other), OT_ERR_MISMATCH);
+  assert_int_equal(ot_peft_save(f.emu, ot_emu_peft_map(&far, &emap), NULL, other), 0);
+  assert_int_equal(ot_peft_apply_full(f.full, f.plan.base_digest, other), OT_ERR_MISMATCH);
   printf("missing block: %s\n", ot_error_detail());
   ot_model_free(wide_emu);
   ot_model_free(wide);
@@ -343,7 +345,7 @@ static void test_plugin(void **state) {
   fseek(fp, -3, SEEK_END);
   fputc(c ^ 0x40, fp);
   fclose(fp);
-  assert_int_equal(ot_adapter_apply(f.full, NULL, f.plan.base_digest, ad), OT_ERR_MISMATCH);
+  assert_int_equal(ot_peft_apply_full(f.full, f.plan.base_digest, ad), OT_ERR_MISMATCH);
   printf("tampered: %s\n", ot_error_detail());
 
   /* refusals changed nothing */

@@ -52,8 +52,8 @@ static void test_offsite_flow(void **state) {
          "--eval-every 4 --patience 2",
          device, dir, dir, dir);
   assert_non_null(strstr(out, "held-out loss"));
-  snprintf(path, sizeof path, "%s/adapter/adapter_config.json", dir);
-  assert_int_equal(ot_test_system("grep -q '\"offsite\"' '%s' && grep -q '\"top\":' '%s'", path, path), 0);
+  snprintf(path, sizeof path, "%s/adapter/offtune_adapter.json", dir);
+  assert_int_equal(ot_test_system("grep -q '\"offsite\"' '%s' && grep -q '\"blocks\":' '%s'", path, path), 0);
 
   double l_emu, l_emu_ad, l_full, l_plug, t1, t2, t3, t4;
   RUN_OK("%s eval --emulator %s/emu --text %s/private.txt --seq-len 32 --json", device, dir, dir);

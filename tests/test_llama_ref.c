@@ -192,7 +192,8 @@ static void test_lora_merge(void **state) {
   assert_int_equal(ot_model_prepare(fx.m, fx.B, fx.T, 0), 0);
   assert_int_equal(ot_model_forward_logits(fx.m, fx.in, fx.B, fx.T, base), 0);
   ot_block_ext *ext = calloc((size_t)cfg->n_layer, sizeof *ext);
-  for (int l = 0; l < cfg->n_layer; l++) ext[l] = (ot_block_ext){ot_arch_sites(cfg->arch), 4, 8.0f, 0.0f, 0};
+  for (int l = 0; l < cfg->n_layer; l++)
+    ext[l] = (ot_block_ext){.lora_sites = ot_arch_sites(cfg->arch), .lora_r = 4, .lora_alpha = 8.0f};
   assert_int_equal(ot_arch_sites(cfg->arch), (1u << OT_SITE_Q) | (1u << OT_SITE_K) | (1u << OT_SITE_V) |
                                                  (1u << OT_SITE_O) | (1u << OT_SITE_GATE) |
                                                  (1u << OT_SITE_UP) | (1u << OT_SITE_DOWN));

@@ -17,7 +17,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "ot_adapter.h"
+#include "ot_peft.h"
 #include "ot_error.h"
 #include "ot_eval.h"
 #include "ot_fileio.h"
@@ -322,7 +322,7 @@ static void test_errors(void **state) {
       0);
   assert_int_equal(
       ot_test_system(
-          "rm -rf %s/other && cp -r %s/lora2 %s/other && sed -i 's/%s/%064d/' %s/other/adapter_config.json",
+          "rm -rf %s/other && cp -r %s/lora2 %s/other && sed -i 's/%s/%064d/' %s/other/offtune_adapter.json",
           dir, dir, dir, digest, 0, dir),
       0);
   (void)path;

@@ -5,6 +5,9 @@
       offtune's logits and loss (PREFIX.bin / PREFIX.json from tests/hf_dump, same tokens) against
       transformers' AutoModelForCausalLM on the checkpoint offtune wrote (float64 on the CPU), with
       the adapter loaded by peft's PeftModel when --adapter is given.
+  hf_check.py peft_save --model DIR --out DIR [--r 4 --alpha 8 --rslora]
+      a LoRA made and saved by peft itself (get_peft_model, random A and B, every linear layer,
+      save_pretrained with safetensors): what a user brings to `offtune-cloud import-peft`.
   hf_check.py chat --cases tests/data/chat/cases.json --tokenizer DIR
       every stored rendering of the chat-template cases (which test_chat_template checks offtune's
       renderer against) against transformers' apply_chat_template(tokenize=False).
@@ -76,6 +79,19 @@ def cmd_logits(a):
     print(("OK" if ok else "FAIL") + f": logits ||d||/||ref|| {rel:.3g} (max |d| {mx:.3g}), loss offtune "
           f"{meta['loss']:.6f} vs {ref_loss:.6f} (tolerance {a.tol:g}) against {what}")
     return 0 if ok else 1
+
+
+def cmd_peft_save(a):
+    torch, transformers, peft = need("torch", "transformers", "peft")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.model)
+    cfg = peft.LoraConfig(r=a.r, lora_alpha=a.alpha, use_rslora=a.rslora, init_lora_weights=False,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"], task_type="CAUSAL_LM")
+    m = peft.get_peft_model(model, cfg)
+    m.save_pretrained(a.out, safe_serialization=True)
+    print(f"OK: peft {peft.__version__} saved a LoRA (r {a.r}, alpha {a.alpha}, rslora {a.rslora}) to {a.out}")
+    return 0
 
 
 def cmd_compare(a):
@@ -212,6 +228,12 @@ def main():
     q.add_argument("--tokens", required=True)
     q.add_argument("--adapter")
     q.add_argument("--tol", type=float, default=1e-4)
+    q = sub.add_parser("peft_save")
+    q.add_argument("--model", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--r", type=int, default=4)
+    q.add_argument("--alpha", type=float, default=8.0)
+    q.add_argument("--rslora", action="store_true")
     q = sub.add_parser("chat")
     q.add_argument("--cases", required=True)
     q.add_argument("--tokenizer", required=True)
@@ -225,7 +247,7 @@ def main():
     q.add_argument("--text", required=True)
     q.add_argument("--ids", required=True)
     a = p.parse_args()
-    return {"logits": cmd_logits, "compare": cmd_compare, "chat": cmd_chat, "tokenizer": cmd_tokenizer}[a.cmd](a)
+    return {"logits": cmd_logits, "compare": cmd_compare, "peft_save": cmd_peft_save, "chat": cmd_chat, "tokenizer": cmd_tokenizer}[a.cmd](a)
 
 
 if __name__ == "__main__":

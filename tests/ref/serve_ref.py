@@ -60,10 +60,11 @@ def main():
     ads = {}
     for nm in names:
         d = os.path.join(out, nm)
-        ac = json.load(open(os.path.join(d, "adapter_config.json")))
-        assert ac["base_model_digest"] == spec["digest"], f"{nm}: adapter for another base"
+        ac = json.load(open(os.path.join(d, "adapter_config.json")))  # PEFT's keys
+        meta = json.load(open(os.path.join(d, "offtune_adapter.json")))  # offtune's
+        assert meta["base_model_digest"] == spec["digest"], f"{nm}: adapter for another base"
         st_path = os.path.join(d, "adapter_model.safetensors")
-        assert hashlib.blake2b(open(st_path, "rb").read(), digest_size=32).hexdigest() == ac["adapter_digest"]
+        assert hashlib.blake2b(open(st_path, "rb").read(), digest_size=32).hexdigest() == meta["adapter_digest"]
         ads[nm] = (ac, read_safetensors(st_path))
         R = max(R, ac["r"])
     dims = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
