@@ -2,7 +2,8 @@
  * store (docs/deploy.md), on a real PostgreSQL server the test starts (tests/pg_cluster.sh;
  * the case is skipped, saying why, only without libpq or the server programs).
  *
- * Three daemons A, B, C share the registry, the objects directory and the cloud identity. A
+ * Three daemons A, B, C share the registry, the objects directory and the cloud identity (B's
+ * and C's state directories on tmpfs: their objects cross file systems, copied in). A
  * leads the session (it is alone when the session starts); the devices enrol and upload
  * through B and C, with tokens issued on other daemons than the one they join through. In
  * round 2 (the last), with one of its two updates stored, A is killed with SIGKILL: B or C
@@ -20,7 +21,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include "ot_error.h"
 #include "ot_fileio.h"
@@ -28,6 +31,9 @@
 #include "session_fixture.h"
 
 static char conninfo[600], registry[700], skip_why[512];
+/* B's and C's state directories: on another file system than the objects where one is at
+ * hand (tmpfs), so the survivors move objects in by copy (EXDEV) and A by rename */
+static char other_fs[256];
 
 static int setup(void **state) {
   (void)state;
@@ -37,6 +43,8 @@ static int setup(void **state) {
     return 0;
   }
   snprintf(registry, sizeof registry, "%s dbname=offtune", conninfo);
+  snprintf(other_fs, sizeof other_fs, "/dev/shm/ot-daemons-XXXXXX");
+  if (access("/dev/shm", W_OK) != 0 || !mkdtemp(other_fs)) other_fs[0] = '\0';
   const char *genres[] = {"romance", "mystery", "humor"};
   return session_fixture_setup("daemons", genres, 3);
 }
@@ -44,15 +52,16 @@ static int setup(void **state) {
 static int teardown(void **state) {
   (void)state;
   if (!skip_why[0]) session_fixture_teardown();
+  if (other_fs[0]) ot_test_system("rm -rf '%s'", other_fs);
   pg_fixture_stop();
   return 0;
 }
 
 /* Daemon `name` on the shared registry and objects; with key, its identity is a copy of that
  * file (every daemon answers as the one cloud the devices pinned). */
-static void start_shared(daemon_t *d, const char *name, const char *key, const char *more) {
+static void start_shared(daemon_t *d, const char *name, const char *key, const char *more, int elsewhere) {
   memset(d, 0, sizeof *d);
-  snprintf(d->state, sizeof d->state, "%s/%s", dir, name);
+  snprintf(d->state, sizeof d->state, "%s/%s", elsewhere && other_fs[0] ? other_fs : dir, name);
   snprintf(d->log, sizeof d->log, "%s/%s.log", dir, name);
   snprintf(d->objects, sizeof d->objects, "%s/objects", dir);
   snprintf(d->extra, sizeof d->extra, "--registry '%s' --objects '%s' --node %s --lease-seconds 2 %s",
@@ -138,7 +147,7 @@ static void test_leader_killed(void **state) {
   (void)state;
   if (skip_why[0]) skip();
   daemon_t A, B, C;
-  start_shared(&A, "A", NULL, "");
+  start_shared(&A, "A", NULL, "", 0);
   char key[1200], owner[256];
   snprintf(key, sizeof key, "%s/cloud.key", A.state);
   session_create(&A, "r", "--rounds 2 --min-devices 2 --max-devices 2 --deadline 120 --secagg off");
@@ -152,9 +161,14 @@ static void test_leader_killed(void **state) {
     sleep_ms(100);
     pg_fixture_query(registry, owner, sizeof owner, "SELECT COALESCE(MAX(owner), '') FROM leases");
   } while (strcmp(owner, "A") != 0);
-  start_shared(&B, "B", key, "--http 127.0.0.1:0");
-  start_shared(&C, "C", key, "--http 127.0.0.1:0");
+  start_shared(&B, "B", key, "--http 127.0.0.1:0", 1);
+  start_shared(&C, "C", key, "--http 127.0.0.1:0", 1);
   assert_string_equal(B.fp, A.fp); /* one cloud identity */
+  struct stat s_obj, s_state;
+  assert_int_equal(stat(A.objects, &s_obj), 0);
+  assert_int_equal(stat(B.state, &s_state), 0);
+  fprintf(stderr, "B and C keep their state %s the objects' file system\n",
+          s_obj.st_dev != s_state.st_dev ? "off" : "on (no tmpfs here)");
   /* operators on different daemons see one registry */
   cJSON *shown = session_show(&C, "r");
   assert_non_null(session_state(shown));
@@ -218,11 +232,11 @@ static void test_leader_killed(void **state) {
   char create[2][2048];
   for (int k = 0; k < 2; k++) /* the settings of session "r": its emulator is reused */
     snprintf(create[k], sizeof create[k],
-             "%s session create --state %s/%s --name dup --model full --bottom 1 --top 1 --keep 1 "
+             "%s session create --state %s --name dup --model full --bottom 1 --top 1 --keep 1 "
              "--distill-steps 4 "
              "--distill-batch 4 --distill-seq-len 32 --distill-data %s/public.txt --steps 4 --batch 4 "
              "--seq-len 32",
-             cloud, dir, k ? "C" : "B", dir);
+             cloud, k ? C.state : B.state, dir);
   RUN_OK("sh -c '(%s >/dev/null 2>&1; echo rc=$?) & (%s >/dev/null 2>&1; echo rc=$?) & wait'", create[0],
          create[1]);
   int created = 0;
