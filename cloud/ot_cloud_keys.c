@@ -52,7 +52,9 @@ int ot_cmd_keys(int argc, char **argv) {
   int admin = 0, json = 0;
   const ot_opt opts[] = {
       {"state", OT_OPT_STR, &state, "DIR", "the daemon's state directory (its registry.db)"},
-      {"registry", OT_OPT_STR, &file, "FILE", "a registry database of its own (serve-model --keys FILE)"},
+      {"registry", OT_OPT_STR, &file, "DB",
+       "a registry database: a file of its own (serve-model --keys FILE), or the PostgreSQL registry of "
+       "daemons started with --registry postgresql://..."},
       {"tenant", OT_OPT_STR, &tenant, "T", "create: the tenant (its adapters are named T/NAME)"},
       {"models", OT_OPT_STR, &models, "LIST",
        "create: base models the key may use, comma-separated (default *)"},

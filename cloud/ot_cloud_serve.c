@@ -14,6 +14,7 @@
 #include "ot_emulator.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
+#include "ot_regdb.h"
 #include "ot_registry.h"
 #include "ot_serve_api.h"
 #include "ot_serve_engine.h"
@@ -318,7 +319,7 @@ int ot_cmd_serve_model(int argc, char **argv) {
   if (rc == OT_OK && (kv_mib < 0 || kv_blocks < 0 || kv_block_size < 1 || (kv_mib && kv_blocks)))
     rc = ot_error(OT_ERR_INVALID, "need --kv-mib >= 1 or --kv-blocks >= 1 (not both), --kv-block-size >= 1");
   if (rc == OT_OK && keys && !http) rc = ot_error(OT_ERR_INVALID, "--keys is for --http");
-  if (rc == OT_OK && keys && !ot_file_exists(keys)) /* a typo would serve nobody, silently */
+  if (rc == OT_OK && keys && !ot_regdb_is_pg(keys) && !ot_file_exists(keys)) /* a typo would serve nobody */
     rc = ot_error(OT_ERR_INVALID,
                   "--keys %s: no such file (offtune-cloud keys create --registry %s makes it)", keys, keys);
   if (rc == OT_OK && http && !keys && !open_http && !ot_http_url_loopback(http))

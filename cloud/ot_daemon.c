@@ -9,6 +9,7 @@
 #include <ftw.h>
 #include <limits.h>
 #include <signal.h>
+#include <sodium.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +25,7 @@
 #include "ot_error.h"
 #include "ot_http.h"
 #include "ot_fileio.h"
+#include "ot_regdb.h"
 
 #define N_OPTS(o) ((int)(sizeof(o) / sizeof((o)[0])))
 
@@ -64,6 +66,18 @@ int ot_daemon_path(const ot_daemon *d, char *out, size_t n, const char *fmt, ...
   va_end(ap);
   if (k < 0 || (size_t)k >= sizeof rel || (size_t)snprintf(out, n, "%s/%s", d->state, rel) >= n)
     return ot_error(OT_ERR_RANGE, "path too long under %s", d->state);
+  return OT_OK;
+}
+
+int ot_daemon_obj_path(const ot_daemon *d, char *out, size_t n, const char *fmt, ...) {
+  char rel[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  int k = vsnprintf(rel, sizeof rel, fmt, ap);
+  va_end(ap);
+  const char *root = d->objects[0] ? d->objects : d->state; /* not set yet: the state directory */
+  if (k < 0 || (size_t)k >= sizeof rel || (size_t)snprintf(out, n, "%s/%s", root, rel) >= n)
+    return ot_error(OT_ERR_RANGE, "path too long under %s", root);
   return OT_OK;
 }
 
@@ -111,32 +125,101 @@ static int fsync_tree(const char *dir) {
   return rc;
 }
 
+/* A copy of file src at dst (created, 0600), fsync'd. */
+static int copy_file(const char *src, const char *dst) {
+  int in = -1, rc = OT_OK;
+  uint64_t size = 0;
+  rc = ot_file_open_regular(src, UINT64_MAX, &in, &size);
+  int out = rc == OT_OK ? open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600) : -1;
+  if (rc == OT_OK && out < 0) rc = ot_error(OT_ERR_IO, "cannot create %s: %s", dst, strerror(errno));
+  char buf[1 << 16];
+  while (rc == OT_OK) {
+    ssize_t k = read(in, buf, sizeof buf);
+    if (k < 0 && errno == EINTR) continue;
+    if (k < 0) rc = ot_error(OT_ERR_IO, "cannot read %s: %s", src, strerror(errno));
+    if (k <= 0) break;
+    rc = ot_fd_write_all(out, buf, (size_t)k, -1, dst);
+  }
+  if (rc == OT_OK && fsync(out) != 0) rc = ot_error(OT_ERR_IO, "cannot fsync %s: %s", dst, strerror(errno));
+  if (in >= 0) close(in);
+  if (out >= 0) close(out);
+  return rc;
+}
+
+int ot_daemon_move_in(const char *src, const char *dst) {
+  char parent[4200];
+  snprintf(parent, sizeof parent, "%s", dst);
+  char *slash = strrchr(parent, '/');
+  if (!slash) return ot_error(OT_ERR_INVALID, "%s: not an absolute path", dst);
+  *slash = '\0';
+  if (rename(src, dst) == 0) return ot_fsync_dir(parent);
+  if (errno == EEXIST || errno == ENOTEMPTY) return ot_rm_rf(src); /* the same content is there */
+  if (errno != EXDEV) return ot_error(OT_ERR_IO, "cannot move %s to %s: %s", src, dst, strerror(errno));
+  /* another file system: copy next to dst under a name no reader looks up, then rename */
+  char tmp[4300];
+  uint8_t r[6];
+  randombytes_buf(r, sizeof r);
+  snprintf(tmp, sizeof tmp, "%s.incoming-%02x%02x%02x%02x%02x%02x", dst, r[0], r[1], r[2], r[3], r[4], r[5]);
+  struct stat sb;
+  int rc = stat(src, &sb) == 0 ? OT_OK : ot_error(OT_ERR_IO, "%s: %s", src, strerror(errno));
+  if (rc == OT_OK && S_ISDIR(sb.st_mode)) {
+    if (mkdir(tmp, 0700) != 0) rc = ot_error(OT_ERR_IO, "cannot make %s: %s", tmp, strerror(errno));
+    DIR *dp = rc == OT_OK ? opendir(src) : NULL;
+    if (rc == OT_OK && !dp) rc = ot_error(OT_ERR_IO, "cannot open %s: %s", src, strerror(errno));
+    struct dirent *e;
+    while (rc == OT_OK && (e = readdir(dp))) {
+      if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+      char a[4700], b[4700];
+      if ((size_t)snprintf(a, sizeof a, "%s/%s", src, e->d_name) >= sizeof a ||
+          (size_t)snprintf(b, sizeof b, "%s/%s", tmp, e->d_name) >= sizeof b)
+        rc = ot_error(OT_ERR_RANGE, "path too long under %s", src);
+      if (rc == OT_OK) rc = copy_file(a, b); /* objects are flat directories of files */
+    }
+    if (dp) closedir(dp);
+    if (rc == OT_OK) rc = ot_fsync_dir(tmp);
+  } else if (rc == OT_OK) {
+    rc = copy_file(src, tmp);
+  }
+  if (rc == OT_OK && rename(tmp, dst) != 0) {
+    if (errno == EEXIST || errno == ENOTEMPTY)
+      ot_rm_rf(tmp);
+    else
+      rc = ot_error(OT_ERR_IO, "cannot move %s to %s: %s", tmp, dst, strerror(errno));
+  }
+  if (rc == OT_OK) rc = ot_fsync_dir(parent);
+  if (rc == OT_OK) rc = ot_rm_rf(src);
+  if (rc) ot_rm_rf(tmp);
+  return rc;
+}
+
+int ot_daemon_object_check(const char *path, const char *digest) {
+  char h[OT_DIGEST_HEX];
+  int rc = ot_file_digest(path, h);
+  if (rc) return rc;
+  if (strcmp(h, digest) != 0)
+    return ot_error(OT_ERR_FORMAT, "object %s has digest %.16s..., not %.16s...: the object store is corrupt",
+                    path, h, digest);
+  return OT_OK;
+}
+
 int ot_daemon_adapter_put(ot_daemon *d, const char *tmp_dir, char digest[OT_DIGEST_HEX]) {
-  char st[4200], dst[2600], parent[2600];
+  char st[4200], dst[2600];
   snprintf(st, sizeof st, "%s/adapter_model.safetensors", tmp_dir);
   char h[OT_DIGEST_HEX];
   int rc = ot_file_digest(st, h);
-  if (rc == OT_OK) rc = ot_daemon_path(d, dst, sizeof dst, "objects/adapters/%s", h);
-  if (rc == OT_OK) rc = ot_daemon_path(d, parent, sizeof parent, "objects/adapters");
+  if (rc == OT_OK) rc = ot_daemon_obj_path(d, dst, sizeof dst, "objects/adapters/%s", h);
   if (rc == OT_OK) rc = fsync_tree(tmp_dir);
-  if (rc == OT_OK) {
-    if (ot_file_exists(dst)) {
-      rc = ot_rm_rf(tmp_dir); /* same content already stored */
-    } else if (rename(tmp_dir, dst) != 0) {
-      rc = ot_error(OT_ERR_IO, "cannot move %s to %s: %s", tmp_dir, dst, strerror(errno));
-    } else {
-      rc = ot_fsync_dir(parent);
-    }
-  }
+  if (rc == OT_OK)
+    rc = ot_file_exists(dst) ? ot_rm_rf(tmp_dir) /* same content already stored */
+                             : ot_daemon_move_in(tmp_dir, dst);
   if (rc == OT_OK) memcpy(digest, h, OT_DIGEST_HEX);
   return rc;
 }
 
 int ot_daemon_object_put(ot_daemon *d, const char *kind, const char *tmp_file, char digest[OT_DIGEST_HEX]) {
-  char dst[2600], parent[2600], h[OT_DIGEST_HEX];
+  char dst[2600], h[OT_DIGEST_HEX];
   int rc = ot_file_digest(tmp_file, h);
-  if (rc == OT_OK) rc = ot_daemon_path(d, dst, sizeof dst, "objects/%s/%s.safetensors", kind, h);
-  if (rc == OT_OK) rc = ot_daemon_path(d, parent, sizeof parent, "objects/%s", kind);
+  if (rc == OT_OK) rc = ot_daemon_obj_path(d, dst, sizeof dst, "objects/%s/%s.safetensors", kind, h);
   if (rc == OT_OK) {
     int fd = open(tmp_file, O_RDONLY);
     if (fd < 0 || fsync(fd) != 0) rc = ot_error(OT_ERR_IO, "cannot fsync %s: %s", tmp_file, strerror(errno));
@@ -145,10 +228,8 @@ int ot_daemon_object_put(ot_daemon *d, const char *kind, const char *tmp_file, c
   if (rc == OT_OK) {
     if (ot_file_exists(dst))
       unlink(tmp_file);
-    else if (rename(tmp_file, dst) != 0)
-      rc = ot_error(OT_ERR_IO, "cannot move %s to %s: %s", tmp_file, dst, strerror(errno));
     else
-      rc = ot_fsync_dir(parent);
+      rc = ot_daemon_move_in(tmp_file, dst);
   }
   if (rc == OT_OK) memcpy(digest, h, OT_DIGEST_HEX);
   return rc;
@@ -157,8 +238,8 @@ int ot_daemon_object_put(ot_daemon *d, const char *kind, const char *tmp_file, c
 /* The state directory: 0700, with its subdirectories; tmp/ is emptied (leftovers of a
  * run killed mid-way are never referenced by the registry). */
 static int state_prepare(ot_daemon *d) {
-  static const char *subs[] = {"objects/adapters", "objects/updates", "objects/state",
-                               "emulators",        "staging",         "tmp"};
+  static const char *subs[] = {"staging", "tmp"};
+  static const char *obj_subs[] = {"objects/adapters", "objects/updates", "objects/state", "emulators"};
   int rc = ot_mkdir_p(d->state);
   if (rc == OT_OK && chmod(d->state, 0700) != 0)
     rc = ot_error(OT_ERR_IO, "cannot chmod %s: %s", d->state, strerror(errno));
@@ -172,6 +253,17 @@ static int state_prepare(ot_daemon *d) {
   if (rc == OT_OK) rc = ot_rm_rf(p);
   for (size_t i = 0; rc == OT_OK && i < sizeof subs / sizeof subs[0]; i++) {
     rc = ot_daemon_path(d, p, sizeof p, "%s", subs[i]);
+    if (rc == OT_OK) rc = ot_mkdir_p(p);
+  }
+  /* the object store: the state directory, or --objects (shared storage; absolute too) */
+  if (rc == OT_OK && !d->objects[0]) memcpy(d->objects, d->state, strlen(d->state) + 1);
+  if (rc == OT_OK) rc = ot_mkdir_p(d->objects);
+  if (rc == OT_OK && !realpath(d->objects, abs))
+    rc = ot_error(OT_ERR_IO, "%s: %s", d->objects, strerror(errno));
+  if (rc == OT_OK && strlen(abs) >= sizeof d->objects) rc = ot_error(OT_ERR_RANGE, "objects path too long");
+  if (rc == OT_OK) memcpy(d->objects, abs, strlen(abs) + 1);
+  for (size_t i = 0; rc == OT_OK && i < sizeof obj_subs / sizeof obj_subs[0]; i++) {
+    rc = ot_daemon_obj_path(d, p, sizeof p, "%s", obj_subs[i]);
     if (rc == OT_OK) rc = ot_mkdir_p(p);
   }
   return rc;
@@ -272,6 +364,33 @@ static int register_models(ot_daemon *d, const char *list, char last_name[OT_NAM
   return rc;
 }
 
+/* The lease keeper: renews this daemon's leases every third of their length while it lives,
+ * also while the scheduler is in a long step (distillation, aggregation); a daemon killed
+ * stops renewing and its sessions pass to another after at most --lease-seconds. */
+static void *lease_main(void *arg) {
+  ot_daemon *d = arg;
+  pthread_mutex_lock(&d->mu);
+  while (!d->stop) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    long ms = d->lease_s * 1000L / 3;
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+      ts.tv_sec++;
+      ts.tv_nsec -= 1000000000L;
+    }
+    pthread_cond_timedwait(&d->cv, &d->mu, &ts);
+    if (d->stop) break;
+    pthread_mutex_unlock(&d->mu);
+    if (ot_reg_lease_renew(d->reg, d->node, d->lease_s) != OT_OK)
+      ot_daemon_log(d, "lease: %s", ot_error_detail());
+    pthread_mutex_lock(&d->mu);
+  }
+  pthread_mutex_unlock(&d->mu);
+  return NULL;
+}
+
 /* STATE/cloud.json: where to reach this daemon and which key to pin (for scripts). */
 static int write_endpoint(ot_daemon *d, const char *url) {
   char fp[OT_FINGERPRINT_LEN], hex[65], real[1200], path[2600], body[2048];
@@ -294,8 +413,9 @@ static int write_endpoint(ot_daemon *d, const char *url) {
 
 int ot_cmd_serve(int argc, char **argv) {
   const char *state = NULL, *listen = "tcp://127.0.0.1:7450", *models = NULL, *http = NULL,
-             *serve_model = NULL;
-  int workers = 2, serve_threads = 0, n_models = 0, http_keys = 0, http_open = 0, version = 0;
+             *serve_model = NULL, *registry = NULL, *objects = NULL, *node = NULL;
+  int workers = 2, serve_threads = 0, n_models = 0, http_keys = 0, http_open = 0, version = 0,
+      lease_s = OT_DAEMON_LEASE_DEFAULT;
   int http_kv_mib = 0, http_kv_block_size = 16;
   char model_name[OT_NAME_MAX] = "";
   const ot_opt opts[] = {
@@ -306,6 +426,18 @@ int ot_cmd_serve(int argc, char **argv) {
       {"model", OT_OPT_STR, &models, "[NAME=]DIR,...",
        "base model checkpoints sessions may use (name: the directory's name unless given)"},
       {"workers", OT_OPT_INT, &workers, "N", "transport worker threads (default 2)"},
+      {"registry", OT_OPT_STR, &registry, "DB",
+       "the registry: a SQLite file (default STATE/registry.db) or PostgreSQL (postgresql://... or a "
+       "conninfo), which several daemons share (docs/deploy.md)"},
+      {"objects", OT_OPT_STR, &objects, "DIR",
+       "the object store (adapters, updates, emulators; default STATE): shared storage every daemon on "
+       "the registry reaches"},
+      {"node", OT_OPT_STR, &node, "NAME",
+       "this daemon's name among those sharing a PostgreSQL registry (default HOST:STATE; keep it across "
+       "restarts)"},
+      {"lease-seconds", OT_OPT_INT, &lease_s, "N",
+       "how long a daemon leads a session's rounds without renewing (default 15; another daemon takes "
+       "over after it)"},
       {"http", OT_OPT_STR, &http, "HOST:PORT",
        "also serve generation (OpenAI-style /v1/completions, /v1/models) with the published adapters"},
       {"serve-model", OT_OPT_STR, &serve_model, "NAME",
@@ -349,6 +481,12 @@ int ot_cmd_serve(int argc, char **argv) {
                   "--http-allow-unauthenticated to serve every client without keys",
                   http);
   if (rc == OT_OK && (workers < 1 || workers > 64)) rc = ot_error(OT_ERR_INVALID, "--workers must be 1..64");
+  if (rc == OT_OK && (lease_s < 2 || lease_s > 3600))
+    rc = ot_error(OT_ERR_INVALID, "--lease-seconds must be 2..3600");
+  if (rc == OT_OK && node && (!*node || strlen(node) >= sizeof((ot_daemon *)0)->node))
+    rc = ot_error(OT_ERR_INVALID, "--node: give a name of 1..159 characters");
+  if (rc == OT_OK && objects && strlen(objects) >= sizeof((ot_daemon *)0)->objects)
+    rc = ot_error(OT_ERR_INVALID, "--objects: path too long");
   if (rc) {
     fprintf(stderr, "offtune-cloud serve: %s\n", ot_error_detail());
     ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
@@ -359,6 +497,8 @@ int ot_cmd_serve(int argc, char **argv) {
   pthread_mutex_init(&d->mu, NULL);
   pthread_cond_init(&d->cv, NULL);
   snprintf(d->state, sizeof d->state, "%s", state);
+  if (objects) snprintf(d->objects, sizeof d->objects, "%s", objects);
+  d->lease_s = lease_s;
   ot_cmd_npm_dir(d->npm_dir, sizeof d->npm_dir);
   /* SIGINT/SIGTERM are taken by sigwait below; threads inherit the blocked mask */
   sigset_t sigs;
@@ -387,9 +527,26 @@ int ot_cmd_serve(int argc, char **argv) {
   char db[2600];
   if (rc == OT_OK) {
     what = "opening the registry";
-    rc = ot_daemon_path(d, db, sizeof db, "registry.db");
+    if (registry)
+      snprintf(db, sizeof db, "%s", registry);
+    else
+      rc = ot_daemon_path(d, db, sizeof db, "registry.db");
   }
   if (rc == OT_OK) rc = ot_reg_open(db, &d->reg);
+  /* the lease owner: stable across restarts, so a daemon started again on its state directory
+   * resumes its sessions at once instead of waiting for its own leases to expire */
+  if (rc == OT_OK) {
+    char host[64] = "";
+    gethostname(host, sizeof host - 1);
+    int shared = registry && ot_regdb_is_pg(registry);
+    if (node)
+      snprintf(d->node, sizeof d->node, "%s", node);
+    else if (!shared) /* one daemon per SQLite registry (the state lock): its leases are always its own */
+      snprintf(d->node, sizeof d->node, "local");
+    else
+      snprintf(d->node, sizeof d->node, "%s:%.*s", host, (int)(sizeof d->node - strlen(host) - 2), d->state);
+    if (shared) ot_daemon_log(d, "registry: PostgreSQL; node '%s'; objects in %s", d->node, d->objects);
+  }
   if (rc == OT_OK) rc = ot_daemon_staging_sweep(d, 1, NULL);
   if (rc == OT_OK && models) {
     what = "registering models";
@@ -420,12 +577,17 @@ int ot_cmd_serve(int argc, char **argv) {
                                    http_kv_mib, http_kv_block_size, &d->serving);
   }
   if (rc == OT_OK) rc = write_endpoint(d, listen);
-  int ctl_started = 0, sched_started = 0;
+  int ctl_started = 0, sched_started = 0, lease_started = 0;
   if (rc == OT_OK) {
     what = "starting the operator socket";
     int e = pthread_create(&d->ctl_thread, NULL, ot_daemon_ctl_main, d);
     if (e) rc = ot_error(OT_ERR_INTERNAL, "pthread_create: %s", strerror(e));
     ctl_started = e == 0;
+  }
+  if (rc == OT_OK) {
+    int e = pthread_create(&d->lease_thread, NULL, lease_main, d);
+    if (e) rc = ot_error(OT_ERR_INTERNAL, "pthread_create: %s", strerror(e));
+    lease_started = e == 0;
   }
   if (rc == OT_OK) {
     int e = pthread_create(&d->sched_thread, NULL, ot_round_main, d);
@@ -446,10 +608,12 @@ int ot_cmd_serve(int argc, char **argv) {
   pthread_mutex_unlock(&d->mu);
   if (ctl_started) pthread_join(d->ctl_thread, NULL);
   if (sched_started) pthread_join(d->sched_thread, NULL);
+  if (lease_started) pthread_join(d->lease_thread, NULL);
   if (d->srv) ot_server_stop(d->srv);
   ot_daemon_serving_stop(d->serving);
   ot_round_secagg_free(d->sa);
   if (d->reg) {
+    if (d->node[0]) ot_reg_lease_drop(d->reg, d->node); /* the others take over at once */
     ot_reg_audit(d->reg, "daemon", "daemon.stop", "%s", saved ? "failed" : "signal");
     ot_reg_close(d->reg);
   }

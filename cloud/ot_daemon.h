@@ -18,14 +18,20 @@
 
 typedef struct ot_daemon_serving ot_daemon_serving;
 
+#define OT_DAEMON_LEASE_DEFAULT 15 /* seconds a daemon leads a session's rounds unrenewed */
+
 typedef struct {
-  char state[2048]; /* the state directory */
+  char state[2048];   /* the state directory (this daemon's: identity, staging, tmp, sockets) */
+  char objects[2048]; /* the object store's root: objects/ and emulators/ (default: the state
+                         directory; --objects: shared storage every daemon reaches) */
+  char node[160];     /* this daemon among those sharing the registry: the lease owner */
+  int lease_s;        /* a lease's length; renewed every third of it */
   ot_registry *reg;
   ot_identity id;
   ot_server *srv;
   nng_socket ctl;
   int ctl_open;
-  pthread_t ctl_thread, sched_thread;
+  pthread_t ctl_thread, sched_thread, lease_thread;
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int stop, kick;
@@ -41,6 +47,19 @@ void ot_daemon_kick(ot_daemon *d);
 /* STATE/<formatted relative path> into out (n bytes); OT_ERR_RANGE if it does not fit. */
 int ot_daemon_path(const ot_daemon *d, char *out, size_t n, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+
+/* OBJECTS/<formatted relative path> (the object store: objects/..., emulators/...); the state
+ * directory while objects is unset. */
+int ot_daemon_obj_path(const ot_daemon *d, char *out, size_t n, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* Moves a finished file or directory to dst, atomically for readers: rename(2); when src is
+ * on another file system (EXDEV: a shared object store), a copy into a temporary name next to
+ * dst, fsync'd, then renamed, and src removed. An existing dst (the same content, another
+ * daemon's) wins. The parent directory is fsync'd. */
+int ot_daemon_move_in(const char *src, const char *dst);
+/* OT_OK if the object file at path has this digest; OT_ERR_FORMAT (corrupt or truncated
+ * shared storage) otherwise: objects are checked when read, not trusted. */
+int ot_daemon_object_check(const char *path, const char *digest);
 
 /* Content-addressed objects. An adapter is a directory objects/adapters/<digest>/ with
  * adapter_config.json and adapter_model.safetensors (digest = ot_file_digest of the

@@ -135,7 +135,7 @@ int ot_daemon_on_transfer_open(void *user, const uint8_t peer[32], const char *n
   if (rc == OT_OK) rc = ot_reg_device_id(d->reg, peer, &dev);
   if (rc == OT_OK) rc = round_open_for(d, dev, session, round, &s);
   if (rc == OT_OK)
-    rc = ot_daemon_path(d, ref, sizeof ref, "objects/adapters/%s/adapter_model.safetensors", s.adapter);
+    rc = ot_daemon_obj_path(d, ref, sizeof ref, "objects/adapters/%s/adapter_model.safetensors", s.adapter);
   if (rc == OT_OK) rc = file_size(ref, &ref_size);
   if (rc == OT_OK && size > ot_daemon_upload_limit(ref_size))
     rc = ot_error(OT_ERR_RANGE, "oversized upload: %llu bytes, the limit is %llu", (unsigned long long)size,
@@ -213,7 +213,7 @@ static int adapter_files(ot_daemon *d, const char *adapter, file_list *l) {
   for (int i = 0; ot_peft_files[i] && rc == OT_OK; i++) {
     char p[2600], h[OT_DIGEST_HEX], name[256];
     uint64_t size = 0;
-    rc = ot_daemon_path(d, p, sizeof p, "objects/adapters/%s/%s", adapter, ot_peft_files[i]);
+    rc = ot_daemon_obj_path(d, p, sizeof p, "objects/adapters/%s/%s", adapter, ot_peft_files[i]);
     if (rc == OT_OK && !ot_file_exists(p)) continue; /* PEFT's config: LoRA only */
     if (rc == OT_OK) rc = file_size(p, &size);
     if (rc == OT_OK) rc = ot_file_digest(p, h);
@@ -352,7 +352,7 @@ static int submit(ot_daemon *d, const uint8_t peer[32], int64_t dev,
   if (rc == OT_OK && strcmp(h, u->digest) != 0)
     rc = ot_error(OT_ERR_MISMATCH, "the upload's digest is not the one submitted");
   if (rc == OT_OK)
-    rc = ot_daemon_path(d, ref, sizeof ref, "objects/adapters/%s/adapter_model.safetensors", s.adapter);
+    rc = ot_daemon_obj_path(d, ref, sizeof ref, "objects/adapters/%s/adapter_model.safetensors", s.adapter);
   if (rc == OT_OK) rc = file_size(ref, &ref_size);
   /* over the bound: refused here, so the device hears of it (fedavg-clip clips instead) */
   double bound = s.cfg.agg == OT_AGG_CLIP ? 0 : s.cfg.max_update_norm;
@@ -517,7 +517,7 @@ int ot_daemon_on_fetch_open(void *user, const uint8_t peer[32], const char *name
     }
     if (rc == OT_OK && (!served || !ot_peft_is_file_name(file)))
       rc = ot_error(OT_ERR_NOTFOUND, "no such object '%s'", name);
-    if (rc == OT_OK) rc = ot_daemon_path(d, path, sizeof path, "objects/adapters/%s/%s", digest, file);
+    if (rc == OT_OK) rc = ot_daemon_obj_path(d, path, sizeof path, "objects/adapters/%s/%s", digest, file);
   } else if (rc == OT_OK) {
     rc = ot_error(OT_ERR_NOTFOUND, "no such object '%s'", name);
   }

@@ -1,10 +1,12 @@
-/* The cloud daemon's registry: one SQLite database (STATE/registry.db, WAL, foreign
- * keys, busy timeout, schema_version + migrations) holding models, emulators, devices,
+/* The cloud daemon's registry: one database, SQLite (STATE/registry.db, WAL, foreign
+ * keys, busy timeout) or PostgreSQL (--registry postgresql://...: several daemons share it),
+ * behind ot_regdb.h; schema_version + migrations holding models, emulators, devices,
  * enrolment tokens, sessions, rounds, updates, adapters, the serving API's keys and an audit log. Tensors are
  * files under STATE/objects/, written (temp, fsync, rename) before the row that names
  * them commits (docs/daemon.md).
  *
- * One connection behind a mutex: every call is one transaction and thread-safe. */
+ * One connection behind a mutex: every call is one transaction and thread-safe.
+ * ot_reg_open takes a file path (SQLite) or a PostgreSQL URI / conninfo (ot_regdb_is_pg). */
 #ifndef OT_REGISTRY_H
 #define OT_REGISTRY_H
 
@@ -16,7 +18,7 @@
 #include "ot_digest.h"
 #include "ot_session.h"
 
-#define OT_REG_SCHEMA_VERSION 3
+#define OT_REG_SCHEMA_VERSION 4
 
 typedef struct ot_registry ot_registry;
 
@@ -128,6 +130,18 @@ int ot_reg_update_exists(ot_registry *r, int64_t session_id, int round, int64_t 
  * already closed: a straggler). One row per (session, round, device, kind); the last wins. */
 int ot_reg_round_event(ot_registry *r, int64_t session_id, int round, int64_t device_id, const char *kind,
                        double value);
+
+/* ---- leadership among daemons sharing the registry (issue 18) ----------------------------- */
+/* The lease of a session's scheduling (a row: owner, expiry on the database's clock): taken
+ * when free, expired or already the owner's (then it is a renewal). *held = 1 when owner holds
+ * it for ttl_s more seconds; 0 while another daemon does. */
+int ot_reg_lease_take(ot_registry *r, int64_t session_id, const char *owner, int ttl_s, int *held);
+/* Extends every unexpired lease of owner on an unfinished session by ttl_s from now (the
+ * daemon's keeper thread: a session stays led while its leader lives, however long one step
+ * takes); removes owner's leases of finished sessions. */
+int ot_reg_lease_renew(ot_registry *r, const char *owner, int ttl_s);
+/* Gives up every lease of owner (a daemon stopping cleanly: the others take over at once). */
+int ot_reg_lease_drop(ot_registry *r, const char *owner);
 
 /* 1 if digest is the current adapter of a running session (devices may fetch it). */
 int ot_reg_adapter_served(ot_registry *r, const char *digest, int *served);

@@ -108,8 +108,8 @@ static int ensure_emulator(ot_daemon *d, const ot_session_row *s, int64_t *emu_i
   uint8_t kh[8];
   crypto_generichash(kh, sizeof kh, (const uint8_t *)key, strlen(key), NULL, 0);
   if (rc == OT_OK)
-    rc = ot_daemon_path(d, final, sizeof final, "emulators/%.16s-%02x%02x%02x%02x%02x%02x%02x%02x", mdigest,
-                        kh[0], kh[1], kh[2], kh[3], kh[4], kh[5], kh[6], kh[7]);
+    rc = ot_daemon_obj_path(d, final, sizeof final, "emulators/%.16s-%02x%02x%02x%02x%02x%02x%02x%02x",
+                            mdigest, kh[0], kh[1], kh[2], kh[3], kh[4], kh[5], kh[6], kh[7]);
   if (rc == OT_OK) rc = ot_daemon_path(d, tmp, sizeof tmp, "tmp/emulator-%lld", (long long)s->id);
   if (rc == OT_OK) rc = ot_rm_rf(tmp);
   if (rc) return rc;
@@ -133,12 +133,19 @@ static int ensure_emulator(ot_daemon *d, const ot_session_row *s, int64_t *emu_i
   snprintf(ts, sizeof ts, "%s/train_state", tmp);
   rc = ot_rm_rf(ts); /* optimizer state stays out of the package devices fetch */
   if (rc == OT_OK) rc = write_manifest(tmp);
-  if (rc == OT_OK) rc = ot_rm_rf(final); /* a leftover of a daemon killed before the row below */
-  if (rc == OT_OK && rename(tmp, final) != 0)
-    rc = ot_error(OT_ERR_IO, "cannot move %s to %s: %s", tmp, final, strerror(errno));
-  char parent[2600], st[2700];
-  if (rc == OT_OK) rc = ot_daemon_path(d, parent, sizeof parent, "emulators");
-  if (rc == OT_OK) rc = ot_fsync_dir(parent);
+  /* final exists: a leftover of a daemon killed before the row below, or another daemon's
+   * package of the same key (two sessions led by two daemons) about to be registered. Never
+   * removed (the other's row may name it): ours goes under a name of its own, and the unique
+   * row decides which one is used; the other is an unreferenced object. */
+  if (rc == OT_OK && ot_file_exists(final)) {
+    uint8_t u[4];
+    randombytes_buf(u, sizeof u);
+    size_t k = strlen(final);
+    if (k + 10 >= sizeof final) rc = ot_error(OT_ERR_RANGE, "emulator path too long");
+    if (rc == OT_OK) snprintf(final + k, sizeof final - k, "-%02x%02x%02x%02x", u[0], u[1], u[2], u[3]);
+  }
+  if (rc == OT_OK) rc = ot_daemon_move_in(tmp, final); /* fsyncs emulators/ */
+  char st[2700];
   snprintf(st, sizeof st, "%s/model.safetensors", final);
   if (rc == OT_OK) rc = ot_file_digest(st, edigest);
   if (rc == OT_OK) rc = ot_reg_emulator_put(d->reg, mdigest, key, final, edigest, emu_id);
@@ -223,7 +230,7 @@ static int prepare(ot_daemon *d, const ot_session_row *s) {
   /* the held-out score of the starting point (round 0): what the rounds' scores compare with */
   char adir[2600];
   if (rc == OT_OK && s->cfg.eval_data[0] &&
-      ot_daemon_path(d, adir, sizeof adir, "objects/adapters/%s", digest) == OT_OK) {
+      ot_daemon_obj_path(d, adir, sizeof adir, "objects/adapters/%s", digest) == OT_OK) {
     double h0 = heldout_loss(d, s, adir);
     if (isfinite(h0) && ot_reg_round_baseline(d->reg, s->id, h0) != OT_OK)
       ot_daemon_log(d, "session '%s': the round 0 record was not written: %s", s->cfg.name,
@@ -330,14 +337,15 @@ static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const do
   const ot_session_cfg *c = &s->cfg;
   int rc = OT_OK;
   char prev[2600], ref[2700], tmp[2600], out[2700], st_out[2600], st_in[2600];
-  if (rc == OT_OK) rc = ot_daemon_path(d, prev, sizeof prev, "objects/adapters/%s", s->adapter);
+  if (rc == OT_OK) rc = ot_daemon_obj_path(d, prev, sizeof prev, "objects/adapters/%s", s->adapter);
   snprintf(ref, sizeof ref, "%s/adapter_model.safetensors", prev);
+  if (rc == OT_OK) rc = ot_daemon_object_check(ref, s->adapter);
   if (rc == OT_OK) rc = ot_daemon_path(d, tmp, sizeof tmp, "tmp/adapter-%lld-%d", (long long)s->id, s->round);
   if (rc == OT_OK)
     rc = ot_daemon_path(d, st_out, sizeof st_out, "tmp/fedadam-%lld-%d.safetensors", (long long)s->id,
                         s->round);
   if (rc == OT_OK && s->opt_state[0])
-    rc = ot_daemon_path(d, st_in, sizeof st_in, "objects/state/%s.safetensors", s->opt_state);
+    rc = ot_daemon_obj_path(d, st_in, sizeof st_in, "objects/state/%s.safetensors", s->opt_state);
   if (rc == OT_OK) rc = ot_rm_rf(tmp);
   if (rc == OT_OK) rc = ot_mkdir_p(tmp);
   snprintf(out, sizeof out, "%s/adapter_model.safetensors", tmp);
@@ -366,7 +374,7 @@ static int publish(ot_daemon *d, const ot_session_row *s, char **paths, const do
   if (rc == OT_OK) rc = ot_peft_reseal(prev, tmp);
   if (rc == OT_OK) rc = ot_daemon_adapter_put(d, tmp, digest);
   if (rc == OT_OK && c->agg == OT_AGG_FEDADAM) rc = ot_daemon_object_put(d, "state", st_out, state_digest);
-  if (rc == OT_OK) rc = ot_daemon_path(d, final_dir, 2600, "objects/adapters/%s", digest);
+  if (rc == OT_OK) rc = ot_daemon_obj_path(d, final_dir, 2600, "objects/adapters/%s", digest);
   *seconds = ot_now() - t0;
   /* the round's record commits with the round: what `session metrics` shows is never behind */
   double z = 0;
@@ -434,7 +442,9 @@ static int aggregate(ot_daemon *d, const ot_session_row *s) {
   if (!paths || !w) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
   for (int i = 0; rc == OT_OK && i < n; i++) {
     char p[2600];
-    rc = ot_daemon_path(d, p, sizeof p, "objects/updates/%s.safetensors", u[i].digest);
+    rc = ot_daemon_obj_path(d, p, sizeof p, "objects/updates/%s.safetensors", u[i].digest);
+    /* read back from the object store (maybe shared storage): checked, not trusted */
+    if (rc == OT_OK) rc = ot_daemon_object_check(p, u[i].digest);
     if (rc == OT_OK && !(paths[i] = strdup(p))) rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
     w[i] = (double)u[i].tokens;
   }
@@ -519,8 +529,33 @@ static int step_session(ot_daemon *d, int64_t id) {
 typedef struct {
   int64_t id;
   int failures;
-  double next; /* ot_now() of the next try */
+  double next;       /* ot_now() of the next try */
+  double lease_next; /* ot_now() when the lease is renewed (every third of its length) */
+  int leading;       /* this daemon holds the session's lease */
 } backoff;
+
+/* 1 if this daemon leads session id now: it holds the lease, taken or renewed here when due.
+ * Daemons sharing the registry each drive only the sessions they lead; the others' devices
+ * still upload through them (the registry and the objects are shared). */
+static int leads(ot_daemon *d, int64_t id, backoff *b, double now) {
+  if (b && now < b->lease_next) return b->leading;
+  int held = 0;
+  if (ot_reg_lease_take(d->reg, id, d->node, d->lease_s, &held) != OT_OK) {
+    ot_daemon_log(d, "scheduler: session %lld: lease: %s", (long long)id, ot_error_detail());
+    held = 0;
+  }
+  if (b) {
+    if (held && !b->leading)
+      ot_daemon_log(d, "scheduler: leading session %lld (node %s)", (long long)id, d->node);
+    if (!held && b->leading) {
+      ot_daemon_log(d, "scheduler: session %lld is led by another daemon now", (long long)id);
+      ot_sa_forget(d->sa, id); /* its masking round, if any, restarts on the new leader */
+    }
+    b->leading = held;
+    b->lease_next = now + d->lease_s / 3.0;
+  }
+  return held;
+}
 
 static backoff *backoff_of(backoff *t, int n, int64_t id) {
   backoff *free_slot = NULL;
@@ -600,6 +635,7 @@ void *ot_round_main(void *arg) {
     }
     for (int i = 0; i < n; i++) {
       backoff *b = backoff_of(pace, MAX_ACTIVE, ids[i]);
+      if (!leads(d, ids[i], b, now)) continue;
       if (b && b->failures && now < b->next) continue;
       int rc = step_session(d, ids[i]);
       if (rc)

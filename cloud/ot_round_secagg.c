@@ -261,7 +261,7 @@ static int cmp_pk(const void *a, const void *b) { return memcmp(a, b, 32); }
 /* The adapter's float count + 1 (the weight). */
 static int adapter_dim(ot_daemon *d, const ot_session_row *s, uint32_t *dim) {
   char p[2600];
-  int rc = ot_daemon_path(d, p, sizeof p, "objects/adapters/%s/adapter_model.safetensors", s->adapter);
+  int rc = ot_daemon_obj_path(d, p, sizeof p, "objects/adapters/%s/adapter_model.safetensors", s->adapter);
   ot_safetensors *st = NULL;
   if (rc == OT_OK) rc = ot_st_open(p, &st);
   uint64_t n = 1;
@@ -327,7 +327,7 @@ static int retry_round(ot_daemon *d, const ot_session_row *s, const char *what) 
 static int write_average(ot_daemon *d, const ot_session_row *s, float *sum, uint32_t dim, uint32_t count,
                          const char *out, char *summary, size_t summary_n) {
   char p[2600];
-  int rc = ot_daemon_path(d, p, sizeof p, "objects/adapters/%s/adapter_model.safetensors", s->adapter);
+  int rc = ot_daemon_obj_path(d, p, sizeof p, "objects/adapters/%s/adapter_model.safetensors", s->adapter);
   ot_safetensors *st = NULL;
   if (rc == OT_OK) rc = ot_st_open(p, &st);
   if (rc) return rc;

@@ -129,7 +129,8 @@ void daemon_start(daemon_t *d, const char *listen) {
   snprintf(cj, sizeof cj, "%s/cloud.json", d->state);
   snprintf(sock, sizeof sock, "%s/control.sock", d->state);
   unlink(cj);
-  d->pid = spawn(d->log, "%s serve --state '%s' --listen %s --model %s/full", cloud, d->state, listen, dir);
+  d->pid = spawn(d->log, "%s serve --state '%s' --listen %s --model %s/full %s", cloud, d->state, listen, dir,
+                 d->extra);
   double t0 = now_s();
   while (!ot_file_exists(cj) || !ot_file_exists(sock)) {
     if (now_s() - t0 > 20) {
@@ -148,8 +149,11 @@ void daemon_start(daemon_t *d, const char *listen) {
   cJSON_Delete(j);
 }
 
-void daemon_init(daemon_t *d, const char *name) {
+void daemon_init(daemon_t *d, const char *name) { daemon_init_with(d, name, ""); }
+
+void daemon_init_with(daemon_t *d, const char *name, const char *extra) {
   memset(d, 0, sizeof *d);
+  snprintf(d->extra, sizeof d->extra, "%s", extra);
   snprintf(d->state, sizeof d->state, "%s/%s", dir, name);
   snprintf(d->log, sizeof d->log, "%s/%s.log", dir, name);
   assert_int_equal(ot_test_system("rm -rf '%s' '%s'", d->state, d->log), 0);
@@ -253,7 +257,8 @@ const float *tensor(const tensors *t, const char *name) {
 }
 
 void adapter_file(const daemon_t *d, const char *digest, char *p, size_t n) {
-  snprintf(p, n, "%s/objects/adapters/%s/adapter_model.safetensors", d->state, digest);
+  snprintf(p, n, "%s/objects/adapters/%s/adapter_model.safetensors", d->objects[0] ? d->objects : d->state,
+           digest);
 }
 
 int count_rows(const char *db, const char *sql) {

@@ -45,12 +45,16 @@ void wait_for_file_text(const char *path, const char *needle, double timeout);
 typedef struct {
   char state[1024], log[1100], url[256], fp[OT_FINGERPRINT_LEN];
   pid_t pid;
+  char extra[2048];   /* more `serve` options ("" by default: daemon_init zeroes it) */
+  char objects[1024]; /* the object store when not the state directory (--objects) */
 } daemon_t;
 
 /* Starts the daemon on d->state and waits for its cloud.json (url and fingerprint). */
 void daemon_start(daemon_t *d, const char *listen);
 /* A fresh state directory dir/<name> (log dir/<name>.log) and its daemon on a free port. */
 void daemon_init(daemon_t *d, const char *name);
+/* daemon_init with more `serve` options (extra, kept in d->extra for restarts). */
+void daemon_init_with(daemon_t *d, const char *name, const char *extra);
 /* SIGTERM; the daemon must exit 0 within 20 s. */
 void daemon_stop(daemon_t *d);
 
