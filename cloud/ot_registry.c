@@ -61,6 +61,9 @@ static const char *const migrations[] = {
     "  value REAL, at INTEGER NOT NULL, PRIMARY KEY(session_id, round, device_id, kind));"
     "ALTER TABLE emulators ADD COLUMN kd REAL;"
     "ALTER TABLE emulators ADD COLUMN ce REAL;",
+    /* 3 -> 4 (issue 15): the gap the emulator gives away, measured on held-out public text (JSON:
+     * gap, full_perplexity, emulator_perplexity, tokens, text, keep, steps, target) */
+    "ALTER TABLE emulators ADD COLUMN measured_gap TEXT;",
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
 
@@ -419,6 +422,14 @@ int ot_reg_emulator_set_gap(ot_registry *r, int64_t id, double kd, double ce) {
   lock(r);
   int rc = OT_OK;
   RUNQ("UPDATE emulators SET kd = ?, ce = ? WHERE id = ?", "ddi", kd, ce, id);
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_emulator_set_measured_gap(ot_registry *r, int64_t id, const char *json) {
+  lock(r);
+  int rc = OT_OK;
+  RUNQ("UPDATE emulators SET measured_gap = ? WHERE id = ?", "ti", json, id);
   unlock(r);
   return rc;
 }
@@ -835,7 +846,7 @@ static int rows_json(ot_registry *r, sqlite3_stmt *st, cJSON *arr) {
       case SQLITE_NULL: cJSON_AddNullToObject(o, k); break;
       default: {
         const char *t = (const char *)sqlite3_column_text(st, c);
-        cJSON *parsed = strcmp(k, "config") == 0 ? cJSON_Parse(t) : NULL;
+        cJSON *parsed = strcmp(k, "config") == 0 || strstr(k, "measured_gap") ? cJSON_Parse(t) : NULL;
         if (parsed)
           cJSON_AddItemToObject(o, k, parsed);
         else
@@ -863,7 +874,7 @@ int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **
       {"session",
        "SELECT s.name, s.state, s.round, s.config, s.adapter, s.opt_state, s.error, s.created_at, "
        "s.updated_at, e.dir AS emulator, e.digest AS emulator_digest, e.kd AS emulator_gap, e.ce AS "
-       "emulator_ce FROM sessions s LEFT JOIN emulators e ON "
+       "emulator_ce, e.measured_gap AS emulator_measured_gap FROM sessions s LEFT JOIN emulators e ON "
        "e.id = s.emulator_id WHERE s.name = ?",
        "t"},
       {"rounds",
@@ -905,7 +916,9 @@ int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **
        "t"},
       {"models", "SELECT name, dir, digest, added_at FROM models ORDER BY id", NULL},
       {"emulators",
-       "SELECT model_digest, settings, dir, digest, created_at, kd, ce FROM emulators ORDER BY id", NULL},
+       "SELECT model_digest, settings, dir, digest, created_at, kd, ce, measured_gap FROM emulators ORDER BY "
+       "id",
+       NULL},
       {"audit", "SELECT at, actor, event, detail FROM audit ORDER BY id", NULL},
       {"counts", /* what the daemon's /metrics shows: cheap aggregates */
        "SELECT 'devices' AS metric, CASE WHEN revoked_at IS NULL THEN 'active' ELSE 'revoked' END AS label, "
