@@ -139,6 +139,17 @@ int ot_emu_save(const ot_model *emu, const ot_emu_plan *p, const ot_tokenizer *t
     cJSON_AddItemToObject(j, "kept_middle", ot_emu_int_array(p->src + p->bottom, p->keep));
     cJSON_AddItemToObject(j, "block_source", ot_emu_int_array(p->src, ot_emu_n_layer(p)));
     cJSON_AddBoolToObject(j, "middle_int8", p->int8_middle);
+    if (p->gap.tokens > 0) { /* what the model owner gives away, as the cloud measured it */
+      cJSON *g = cJSON_AddObjectToObject(j, "measured_gap");
+      if (g) {
+        cJSON_AddStringToObject(g, "text", p->gap.text);
+        cJSON_AddNumberToObject(g, "tokens", p->gap.tokens);
+        cJSON_AddNumberToObject(g, "full_perplexity", p->gap.full_ppl);
+        cJSON_AddNumberToObject(g, "emulator_perplexity", p->gap.emu_ppl);
+        cJSON_AddNumberToObject(g, "gap", ot_emu_gap_value(&p->gap));
+        if (p->gap.target > 0) cJSON_AddNumberToObject(g, "target", p->gap.target);
+      }
+    }
   }
   rc = ot_emu_write_json(dir, "emulator.json", j);
   cJSON_Delete(j);
@@ -231,6 +242,25 @@ int ot_emu_plan_load(const char *dir, ot_emu_plan *out) {
     rc = ot_error(OT_ERR_FORMAT, "%s/emulator.json: base_model_digest must be 64 hex digits", dir);
   if (rc == OT_OK) snprintf(p.base_digest, sizeof p.base_digest, "%s", cJSON_GetStringValue(d));
   p.int8_middle = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "middle_int8")); /* absent: fp32 */
+  const cJSON *g = cJSON_GetObjectItemCaseSensitive(j, "measured_gap"); /* optional: informative only */
+  if (rc == OT_OK && g) {
+    const cJSON *fp = cJSON_GetObjectItemCaseSensitive(g, "full_perplexity"),
+                *ep = cJSON_GetObjectItemCaseSensitive(g, "emulator_perplexity"),
+                *tk = cJSON_GetObjectItemCaseSensitive(g, "tokens"),
+                *tg = cJSON_GetObjectItemCaseSensitive(g, "target");
+    const char *tx = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(g, "text"));
+    if (!cJSON_IsNumber(fp) || !cJSON_IsNumber(ep) || !json_is_int(tk) || !(fp->valuedouble >= 1.0) ||
+        !(ep->valuedouble >= 1.0) || tk->valueint < 1 || (tg && !cJSON_IsNumber(tg)) || !tx)
+      rc = ot_error(OT_ERR_FORMAT,
+                    "%s/emulator.json: measured_gap needs text, tokens >= 1 and perplexities >= 1", dir);
+    if (rc == OT_OK) {
+      p.gap.full_ppl = fp->valuedouble;
+      p.gap.emu_ppl = ep->valuedouble;
+      p.gap.tokens = tk->valueint;
+      p.gap.target = tg ? tg->valuedouble : 0.0;
+      snprintf(p.gap.text, sizeof p.gap.text, "%s", tx);
+    }
+  }
   cJSON_Delete(j);
   if (rc == OT_OK) *out = p;
   return rc;
