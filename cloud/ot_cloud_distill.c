@@ -279,6 +279,7 @@ static int distill_plan(const ot_cloud_distill_job *j, ot_backend *be, ot_model 
     ot_train_result tr;
     if (rc == OT_OK && start >= steps) {
       fprintf(j->log, "[distill] %s already has %d steps; nothing to do\n", out, start);
+      if (gtoks) rc = save_package(&ctx, start, 1); /* the gap, measured now */
     } else if (rc == OT_OK) {
       rc = ot_train(emu, opt, &bt, &tc, start, &tr);
       if (rc == OT_OK) {
