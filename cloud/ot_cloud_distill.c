@@ -45,10 +45,17 @@ static int gap_ppl(ot_model *m, const distill_ctx *c, double *ppl, int *tokens) 
  * the resumable snapshot of the kept middle blocks (train_state/) as one unit. */
 static int save_package(distill_ctx *c, int step, int measure) {
   ot_snapshot_state st = {step, c->data->pos, c->data->rng, c->B, c->T, -1.0, 0};
-  int rc =
-      measure && c->gap_toks ? gap_ppl(c->student, c, &c->plan->gap.emu_ppl, &c->plan->gap.tokens) : OT_OK;
-  if (rc == OT_OK) rc = ot_emu_save(c->student, c->plan, c->tok, c->out);
+  int rc = ot_emu_save(c->student, c->plan, c->tok, c->out);
   if (rc == OT_OK) rc = ot_snapshot_save(c->out, c->student, c->opt, &st);
+  /* measured once the package is on disk: one that cannot be written costs no evaluation */
+  if (rc == OT_OK && measure && c->gap_toks) {
+    ot_emu_gap g = c->plan->gap;
+    int n;
+    if (!(g.full_ppl > 0)) rc = gap_ppl(c->full, c, &g.full_ppl, &n);
+    if (rc == OT_OK) rc = gap_ppl(c->student, c, &g.emu_ppl, &g.tokens);
+    if (rc == OT_OK) c->plan->gap = g;
+    if (rc == OT_OK) rc = ot_emu_write_plan(c->plan, c->out);
+  }
   if (rc == OT_OK) c->saved_step = step;
   return rc;
 }
@@ -56,7 +63,7 @@ static int save_package(distill_ctx *c, int step, int measure) {
 static int save_state(void *vctx, int step) {
   distill_ctx *c = vctx;
   /* with a target the package is saved only by check_gap, while its gap still holds */
-  return c->target > 0 ? OT_OK : save_package(c, step, 1);
+  return c->target > 0 ? OT_OK : save_package(c, step, step >= c->steps);
 }
 
 /* With a target: every check_every steps and at the end, the package is saved while the gap
@@ -247,9 +254,10 @@ static int distill_plan(const ot_cloud_distill_job *j, ot_backend *be, ot_model 
                      batch, T,     steps,         j->json ? NULL : j->log,
                      NULL,  gtoks, j->target_gap, steps / 20 > 0 ? steps / 20 : 1,
                      -1,    0};
-  if (rc == OT_OK && gtoks && !(plan->gap.full_ppl > 0)) {
+  int n_full;
+  if (rc == OT_OK && gtoks && j->target_gap > 0 && !(plan->gap.full_ppl > 0)) {
     *what = "measuring the full model on the gap text";
-    rc = gap_ppl(full, &ctx, &plan->gap.full_ppl, &plan->gap.tokens);
+    rc = gap_ppl(full, &ctx, &plan->gap.full_ppl, &n_full);
   }
   if (rc == OT_OK && j->target_gap > 0) { /* the layer-dropped emulator must already be far enough */
     *what = "measuring the emulator's gap";

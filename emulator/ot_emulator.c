@@ -127,7 +127,11 @@ int ot_emu_save(const ot_model *emu, const ot_emu_plan *p, const ot_tokenizer *t
   for (int i = 0; i < p->keep && p->int8_middle; i++) int8[p->bottom + i] = 1; /* frozen on the device */
   int rc = ot_model_save_dir_int8(emu, dir, int8);
   if (rc == OT_OK) rc = ot_tokenizer_save_dir(tok, dir);
-  if (rc) return rc;
+  return rc ? rc : ot_emu_write_plan(p, dir);
+}
+
+int ot_emu_write_plan(const ot_emu_plan *p, const char *dir) {
+  int rc;
   cJSON *j = cJSON_CreateObject();
   if (j) {
     cJSON_AddNumberToObject(j, "format_version", 1);

@@ -70,6 +70,8 @@ void ot_emu_set_trainable(ot_model *emu, const ot_emu_plan *p, ot_emu_part part)
 
 /* tok may be NULL (a model without a tokenizer): the package then has no tokenizer files. */
 int ot_emu_save(const ot_model *emu, const ot_emu_plan *p, const ot_tokenizer *tok, const char *dir);
+/* Rewrites the package's emulator.json alone (its weights as they are): the measured gap. */
+int ot_emu_write_plan(const ot_emu_plan *p, const char *dir);
 /* Reads emulator.json (validated against itself). */
 int ot_emu_plan_load(const char *dir, ot_emu_plan *out);
 /* Loads an emulator package; checks config.json's n_layer against emulator.json. *tok is

@@ -27,14 +27,22 @@ declare -A v=(
   [b1t1-k3]="--bottom 1 --top 1 --keep 3"
   [b1t1-k3-broad-400]="--bottom 1 --top 1 --keep 3 --distill-data $broad --distill-steps 400"
   [budget-4]="--budget 4"
+  # no drop at all (the emulator is the full model): the adapter tuned against the full middle,
+  # what the plug-in would be if the emulator were perfect
+  [oracle]="--keep 4 --distill-steps 1 --distill-lr 1e-12"
+  # the cloud's control: keep and distillation steps chosen for the gap on its held-out text
+  [gap-10]="--target-gap 10%"
+  [gap-15]="--target-gap 15%"
+  [budget-4-bible-policy]="--budget 4 --domains bible,policy"
+  [b1t1-oracle]="--bottom 1 --top 1 --keep 6 --distill-steps 1 --distill-lr 1e-12"
 )
-order=(main distill-1 distill-400 broad-100 broad-400 keep-2 keep-3 b1t1-k1 b1t1-k3 b1t1-k3-broad-400 budget-4)
+order=(main oracle distill-1 distill-400 broad-100 broad-400 keep-2 keep-3 b1t1-k1 b1t1-k3 b1t1-k3-broad-400 b1t1-oracle gap-10 gap-15 budget-4)
 [ $# -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
   [ -n "${v[$name]+x}" ] || { echo "candidates.sh: unknown variant $name (${!v[*]})" >&2; exit 2; }
   o=build/quality/cand/$name
   if [ ! -s "$o/table.md" ]; then
-    echo "== $name: ${v[$name]:-the main job's recipe} =="
+    echo "== $name: ${v[$name]:-the main job recipe} =="
     # shellcheck disable=SC2086
     bash bench/quality/run.sh --kinds offsite --out "$o" ${v[$name]} >"$o.log" 2>&1 || { tail -n 20 "$o.log"; exit 1; }
   fi
@@ -43,7 +51,7 @@ echo
 echo "| variant | settings | mean gap % | mean closure % | plug-in < emulator FT | promises hold | per domain: gap / closure / plug-in vs emu FT |"
 echo "|---|---|---|---|---|---|---|"
 for name in "${order[@]}"; do
-  python3 - "$name" "${v[$name]:-main job's recipe}" "build/quality/cand/$name/table.md" <<'EOF'
+  python3 - "$name" "${v[$name]:-the main job recipe}" "build/quality/cand/$name/table.md" <<'EOF'
 import sys
 name, settings, path = sys.argv[1], sys.argv[2].replace("build/quality/cand/broad.txt", "broad"), sys.argv[3]
 rows = [l.split("|")[1:-1] for l in open(path) if l.startswith("| ") and not l.startswith("| domain")]

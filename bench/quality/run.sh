@@ -61,13 +61,20 @@ if [ -z "$emulator" ]; then
     $cloud corpus --genres public --out "$ddata" 2>/dev/null
   fi
   emulator=$out/emulator
+  # the cloud's own held-out public text: the Brown pretraining genres' held-out documents
+  $cloud corpus --genres pretrain --part heldout --out "$out/gap-heldout.txt" 2>/dev/null
   sel=(--keep "$keep")
-  [ -n "$target" ] && sel=(--target-gap "$target")
-  echo "== distilling the emulator: bottom $bottom, top $top, ${target:+target gap $target, }${target:-keep $keep,} $dsteps steps of $dbatch x 128 on $(basename "$ddata") =="
+  tsel=(--resume) # a finished emulator of the same plan is reused
+  [ -n "$target" ] && tsel=(--target-gap "$target")
+  [ -n "$target" ] && [ "$keep" = 1 ] && sel=() # the cloud chooses (at most half the middle)
+  what="keep $keep"
+  [ -n "$target" ] && what="target gap $target, keep chosen by the cloud"
+  echo "== distilling the emulator: bottom $bottom, top $top, $what, $dsteps steps of $dbatch x 128 on $(basename "$ddata") =="
   OMP_NUM_THREADS=1 nice -n 19 $cloud distill --model "$model" --data "$ddata" --out "$emulator" \
-    --bottom "$bottom" --top "$top" "${sel[@]}" --steps "$dsteps" --batch "$dbatch" --lr "$dlr" \
-    --threads 1 --resume 2>"$out/distill.log" | tail -n 3
-  grep -E '^\[distill\] [0-9]+ blocks|gap' "$out/distill.log" | sed 's/^/  /' || true
+    --bottom "$bottom" --top "$top" ${sel[@]+"${sel[@]}"} --steps "$dsteps" --batch "$dbatch" --lr "$dlr" \
+    --gap-data "$out/gap-heldout.txt" --threads 1 "${tsel[@]}" \
+    2>"$out/distill.log" | tail -n 3
+  grep -E '^\[distill\] ([0-9]+ blocks|keep|step [0-9]+: gap)' "$out/distill.log" | sed 's/^/  /' || true
 fi
 emulator=$(cd "$emulator" && pwd)
 
@@ -127,7 +134,7 @@ print("emulator: full %d blocks -> bottom %s, kept middle %s, top %s; %s" % (j["
   echo "Offsite-Tuning on held-out domains: $(basename "$model"), held-out perplexity (lower is better)"
   echo
   echo "budget: $steps device steps x 8 x 128 tokens per adapter ($((steps * 1024)) tokens), full FT the same;" \
-    "emulator $(basename "$emulator"): ${gap_line:-?}; wall ${secs}s with $jobs one-thread jobs"
+    "${gap_line:-emulator $emulator}; wall ${secs}s with $jobs one-thread jobs"
   echo
   echo "| domain | adapter | full ZS | emulator ZS | gap % | emulator FT | plug-in | full FT | closure % | promises |"
   echo "|---|---|---|---|---|---|---|---|---|---|"
