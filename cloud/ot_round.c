@@ -56,9 +56,10 @@ static int distill_data(ot_daemon *d, const ot_session_cfg *c, char *out, size_t
   return rc;
 }
 
+#define GAP_DOC_BYTES 2048
 /* The held-out public text the emulator's gap is measured on: the session's gap_data, else
  * the Brown pretraining genres' held-out documents (neither the base nor the emulator trained
- * on them), written once to STATE/gap-heldout.txt. "" when the corpus is not there: no gap is
+ * on them; 2 KB of each), written once to STATE/gap-heldout.txt. "" when the corpus is not there: no gap is
  * measured then (a session with a target fails in distillation, saying so). */
 static int gap_data(ot_daemon *d, const ot_session_cfg *c, char *out, size_t n) {
   if (c->gap_data[0]) {
@@ -74,9 +75,26 @@ static int gap_data(ot_daemon *d, const ot_session_cfg *c, char *out, size_t n) 
     out[0] = '\0';
     return OT_OK;
   }
-  rc = ot_brown_text(corpus, OT_BROWN_PRETRAIN_GENRES, OT_BROWN_HELDOUT, &text, &len);
-  if (rc == OT_OK) rc = ot_file_write_atomic(out, text, len);
-  free(text);
+  /* the first GAP_DOC_BYTES of each genre's held-out document: every genre counts, and the
+   * measurement (two evaluations, before the session can start) stays short */
+  char genres[] = OT_BROWN_PRETRAIN_GENRES, *save = NULL, *all = NULL;
+  size_t n_all = 0;
+  for (char *g = strtok_r(genres, ",", &save); g && rc == OT_OK; g = strtok_r(NULL, ",", &save)) {
+    rc = ot_brown_text(corpus, g, OT_BROWN_HELDOUT, &text, &len);
+    size_t take = len < GAP_DOC_BYTES ? len : GAP_DOC_BYTES;
+    char *grown = rc == OT_OK ? realloc(all, n_all + take + 1) : NULL;
+    if (rc == OT_OK && !grown) rc = ot_error(OT_ERR_NOMEM, "cannot allocate the gap text");
+    if (rc == OT_OK) {
+      all = grown;
+      memcpy(all + n_all, text, take);
+      n_all += take;
+      all[n_all++] = '\n';
+    }
+    free(text);
+    text = NULL;
+  }
+  if (rc == OT_OK) rc = ot_file_write_atomic(out, all, n_all);
+  free(all);
   return rc;
 }
 
