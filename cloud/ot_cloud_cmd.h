@@ -54,14 +54,27 @@ typedef struct {
   float drop_ratio, lr; /* drop_ratio < 0: not given (keep, else 0.5) */
   FILE *log;
   int json; /* records (OUT/metrics.jsonl, always written) echoed on stdout instead of the progress bar */
+  /* Held-out public text (neither the base nor the emulator trained on it) on which the gap
+   * emulator ZS / full ZS - 1 is measured and recorded in emulator.json; NULL: not measured. */
+  const char *gap_data;
+  /* > 0: the gap the operator wants (0.15 = 15%). The cloud then chooses the plan: the most
+   * middle blocks (at most keep, else half the middle) whose layer-dropped emulator is at least
+   * target worse, distilled while its measured gap stays >= target (checked every steps/20),
+   * within the step budget. Needs gap_data; no resume. */
+  float target_gap;
 } ot_cloud_distill_job;
 typedef struct {
   int steps_done; /* by this call (0: --out already had them) */
   double seconds;
   float ce, kd, loss;
+  int keep;       /* middle blocks kept (chosen with target_gap) */
+  int steps_kept; /* distillation steps of the package shipped (target_gap: may be < steps) */
+  ot_emu_gap gap; /* gap.tokens 0: not measured */
 } ot_cloud_distill_result;
 /* The command's defaults: bottom/top 2, 200 steps of 8, lr 1e-3, cpu, log stderr. */
 void ot_cloud_distill_job_default(ot_cloud_distill_job *j);
+/* "15" or "15%" -> 0.15 (a target gap); above 0, below 1000%. */
+int ot_cmd_parse_gap(const char *s, float *out);
 int ot_cloud_distill(const ot_cloud_distill_job *j, ot_cloud_distill_result *res, const char **what);
 
 #endif

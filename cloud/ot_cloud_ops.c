@@ -109,7 +109,8 @@ static int usage_fail(const char *cmd, const char *syn, const ot_opt *opts, int 
 
 static int session_create(int argc, char **argv) {
   const char *state = NULL, *name = NULL, *model = NULL, *adapter = "offsite", *targets = "all",
-             *agg = "fedavg", *distill_data = NULL, *eval_data = NULL, *secagg = "auto";
+             *agg = "fedavg", *distill_data = NULL, *eval_data = NULL, *gap_data = NULL, *target_gap = NULL,
+             *secagg = "auto";
   ot_session_cfg c;
   ot_session_cfg_default(&c);
   int json = 0;
@@ -127,6 +128,12 @@ static int session_create(int argc, char **argv) {
        "emulator: distillation sequence length (default: ctx)"},
       {"distill-data", OT_OPT_STR, &distill_data, "FILE",
        "public text to distil on (default: Brown public genres)"},
+      {"gap-data", OT_OPT_STR, &gap_data, "FILE",
+       "emulator: held-out public text its gap to the full model is measured on (default: the Brown "
+       "pretraining genres' held-out documents)"},
+      {"target-gap", OT_OPT_STR, &target_gap, "PCT",
+       "emulator: the gap wanted (e.g. 15%); the cloud chooses the kept blocks (at most --keep) and the "
+       "distillation steps (at most --distill-steps) that reach it"},
       {"eval-data", OT_OPT_STR, &eval_data, "FILE",
        "the cloud's held-out text: after each round the full model with the round's adapter is scored on "
        "it (the round's record, the report's curve; default: none)"},
@@ -185,6 +192,7 @@ static int session_create(int argc, char **argv) {
   }
   if (rc == OT_OK && (!state || !name || !model))
     rc = ot_error(OT_ERR_INVALID, "--state, --name and --model are required");
+  if (rc == OT_OK && target_gap) rc = ot_cmd_parse_gap(target_gap, &c.target_gap);
   if (rc) return usage_fail("session create", syn, opts, N_OPTS(opts));
   cJSON *cfg = ot_session_cfg_to_json(&c);
   cJSON_ReplaceItemInObject(cfg, "name", cJSON_CreateString(name));
@@ -197,6 +205,10 @@ static int session_create(int argc, char **argv) {
     char abs[4096];
     cJSON_ReplaceItemInObject(cfg, "distill_data",
                               cJSON_CreateString(realpath(distill_data, abs) ? abs : distill_data));
+  }
+  if (gap_data) {
+    char abs[4096];
+    cJSON_ReplaceItemInObject(cfg, "gap_data", cJSON_CreateString(realpath(gap_data, abs) ? abs : gap_data));
   }
   if (eval_data) {
     char abs[4096];
@@ -272,6 +284,14 @@ static void h_session(const cJSON *r) {
   if (cJSON_IsString(cJSON_GetObjectItemCaseSensitive(s, "error"))) printf("  error: %s\n", jstr(s, "error"));
   printf("  model %s, emulator bottom %.0f top %.0f keep %.0f (%s)\n", jstr(c, "model"), jnum(c, "bottom"),
          jnum(c, "top"), jnum(c, "keep"), jstr(s, "emulator"));
+  const cJSON *g = cJSON_GetObjectItemCaseSensitive(s, "emulator_measured_gap");
+  if (cJSON_IsObject(g)) /* what the emulator gives away, as the cloud measured it */
+    printf("  emulator gap %.1f%% on %s (perplexity %.3f vs full %.3f, %.0f tokens; keep %.0f, %.0f "
+           "distillation "
+           "steps%s)\n",
+           100 * jnum(g, "gap"), jstr(g, "text"), jnum(g, "emulator_perplexity"), jnum(g, "full_perplexity"),
+           jnum(g, "tokens"), jnum(g, "keep"), jnum(g, "steps"),
+           jnum(c, "target_gap") > 0 ? ", chosen for the session's target" : "");
   char seq[32] = "ctx";
   if (jnum(c, "seq_len") > 0) snprintf(seq, sizeof seq, "%.0f", jnum(c, "seq_len"));
   printf("  adapter %s; devices train %.0f steps of %.0f x %s at lr %g; %s aggregation\n", jstr(c, "adapter"),

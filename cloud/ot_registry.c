@@ -68,8 +68,12 @@ static const char *const migrations[] = {
     "NULL,"
     "  expires_at INTEGER NOT NULL, taken_at INTEGER NOT NULL);"
     "CREATE INDEX leases_owner ON leases(owner);",
+    /* 4 -> 5 (issue 15): the gap the emulator gives away, measured on held-out public text (JSON:
+     * gap, full_perplexity, emulator_perplexity, tokens, text, keep, steps, target) */
+    "ALTER TABLE emulators ADD COLUMN measured_gap TEXT;",
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
+_Static_assert(sizeof migrations / sizeof migrations[0] == OT_REG_SCHEMA_VERSION, "one migration per version");
 
 static int64_t now_s(void) { return (int64_t)time(NULL); }
 
@@ -494,6 +498,14 @@ int ot_reg_emulator_set_gap(ot_registry *r, int64_t id, double kd, double ce) {
   lock(r);
   int rc = OT_OK;
   RUNQ("UPDATE emulators SET kd = ?, ce = ? WHERE id = ?", "ddi", kd, ce, id);
+  unlock(r);
+  return rc;
+}
+
+int ot_reg_emulator_set_measured_gap(ot_registry *r, int64_t id, const char *json) {
+  lock(r);
+  int rc = OT_OK;
+  RUNQ("UPDATE emulators SET measured_gap = ? WHERE id = ?", "ti", json, id);
   unlock(r);
   return rc;
 }
@@ -988,7 +1000,7 @@ static int rows_json(ot_regdb_stmt *st, cJSON *arr) {
       case OT_COL_NULL: cJSON_AddNullToObject(o, k); break;
       default: {
         const char *t = ot_regdb_column_text(st, c);
-        cJSON *parsed = strcmp(k, "config") == 0 ? cJSON_Parse(t) : NULL;
+        cJSON *parsed = strcmp(k, "config") == 0 || strstr(k, "measured_gap") ? cJSON_Parse(t) : NULL;
         if (parsed)
           cJSON_AddItemToObject(o, k, parsed);
         else
@@ -1020,7 +1032,7 @@ int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **
       {"session",
        "SELECT s.name, s.state, s.round, s.config, s.adapter, s.opt_state, s.error, s.created_at, "
        "s.updated_at, e.dir AS emulator, e.digest AS emulator_digest, e.kd AS emulator_gap, e.ce AS "
-       "emulator_ce FROM sessions s LEFT JOIN emulators e ON "
+       "emulator_ce, e.measured_gap AS emulator_measured_gap FROM sessions s LEFT JOIN emulators e ON "
        "e.id = s.emulator_id WHERE s.name = ?",
        "t", NULL},
       {"rounds",
@@ -1070,8 +1082,9 @@ int ot_reg_list_json(ot_registry *r, const char *what, const char *arg, cJSON **
        "detail::json->>'name' END) = ?1 ORDER BY id"},
       {"models", "SELECT name, dir, digest, added_at FROM models ORDER BY id", NULL, NULL},
       {"emulators",
-       "SELECT model_digest, settings, dir, digest, created_at, kd, ce FROM emulators ORDER BY id", NULL,
-       NULL},
+       "SELECT model_digest, settings, dir, digest, created_at, kd, ce, measured_gap FROM emulators ORDER BY "
+       "id",
+       NULL, NULL},
       {"audit", "SELECT at, actor, event, detail FROM audit ORDER BY id", NULL, NULL},
       {"counts", /* what the daemon's /metrics shows: cheap aggregates */
        "SELECT 'devices' AS metric, CASE WHEN revoked_at IS NULL THEN 'active' ELSE 'revoked' END AS label, "

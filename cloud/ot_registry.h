@@ -18,7 +18,7 @@
 #include "ot_digest.h"
 #include "ot_session.h"
 
-#define OT_REG_SCHEMA_VERSION 4
+#define OT_REG_SCHEMA_VERSION 5
 
 typedef struct ot_registry ot_registry;
 
@@ -51,6 +51,9 @@ int ot_reg_emulator_dir(ot_registry *r, int64_t id, char dir[1024], char digest[
 /* The emulator's gap to its full model, as its distillation ended: the KD term (the
  * normalised squared distance of the middle's output to the full model's) and the CE. */
 int ot_reg_emulator_set_gap(ot_registry *r, int64_t id, double kd, double ce);
+/* The gap it gives away, measured on held-out public text: a JSON object (emulator.json's
+ * measured_gap plus the keep and steps shipped), shown by session show and the listings. */
+int ot_reg_emulator_set_measured_gap(ot_registry *r, int64_t id, const char *json);
 
 /* ---- sessions and rounds ----------------------------------------------------------- */
 typedef enum { OT_SS_PREPARING = 0, OT_SS_RUNNING, OT_SS_DONE, OT_SS_FAILED } ot_session_state;

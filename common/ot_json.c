@@ -10,14 +10,14 @@
 
 /* The range comes first: converting 1e10 to int is undefined (fuzz_adapter_config found it
  * with "format_version": -2.1e10). */
-static int is_int(const cJSON *v) {
+int ot_json_is_int(const cJSON *v) {
   return cJSON_IsNumber(v) && v->valuedouble >= INT_MIN && v->valuedouble <= INT_MAX &&
          v->valuedouble == (double)(int)v->valuedouble;
 }
 
 int ot_json_int(const cJSON *obj, const char *key, int *out) {
   const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
-  if (!is_int(v)) return ot_error(OT_ERR_FORMAT, "'%s' must be an integer", key);
+  if (!ot_json_is_int(v)) return ot_error(OT_ERR_FORMAT, "'%s' must be an integer", key);
   *out = (int)v->valuedouble;
   return OT_OK;
 }
@@ -30,7 +30,7 @@ int ot_json_int_array(const cJSON *obj, const char *key, int *v, int n, int cap,
   int i = 0;
   const cJSON *e;
   cJSON_ArrayForEach(e, a) {
-    if (!is_int(e)) return ot_error(OT_ERR_FORMAT, "'%s' must hold integers", key);
+    if (!ot_json_is_int(e)) return ot_error(OT_ERR_FORMAT, "'%s' must hold integers", key);
     v[i++] = (int)e->valuedouble;
   }
   if (count) *count = len;

@@ -6,6 +6,8 @@
 
 #include <cjson/cJSON.h>
 
+/* A JSON number inside int range with no fraction. */
+int ot_json_is_int(const cJSON *v);
 /* An integer member: a JSON number inside int range with no fraction. */
 int ot_json_int(const cJSON *obj, const char *key, int *out);
 /* An integer array member of exactly n entries (n < 0: any length up to cap); *count its

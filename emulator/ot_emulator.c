@@ -112,7 +112,11 @@ int ot_emu_save(const ot_model *emu, const ot_emu_plan *p, const ot_tokenizer *t
   for (int i = 0; i < p->keep && p->int8_middle; i++) int8[p->bottom + i] = 1; /* frozen on the device */
   int rc = ot_model_save_dir_int8(emu, dir, int8);
   if (rc == OT_OK) rc = ot_tokenizer_save_dir(tok, dir);
-  if (rc) return rc;
+  return rc ? rc : ot_emu_write_plan(p, dir);
+}
+
+int ot_emu_write_plan(const ot_emu_plan *p, const char *dir) {
+  int rc;
   cJSON *j = cJSON_CreateObject();
   if (j) {
     cJSON_AddNumberToObject(j, "format_version", 1);
@@ -125,6 +129,17 @@ int ot_emu_save(const ot_model *emu, const ot_emu_plan *p, const ot_tokenizer *t
     cJSON_AddItemToObject(j, "block_source", ot_json_new_int_array(p->src, ot_emu_n_layer(p)));
     cJSON_AddBoolToObject(j, "middle_int8", p->int8_middle);
     if (p->base_name[0]) cJSON_AddStringToObject(j, "base_model_name", p->base_name);
+    if (p->gap.tokens > 0) { /* what the model owner gives away, as the cloud measured it */
+      cJSON *g = cJSON_AddObjectToObject(j, "measured_gap");
+      if (g) {
+        cJSON_AddStringToObject(g, "text", p->gap.text);
+        cJSON_AddNumberToObject(g, "tokens", p->gap.tokens);
+        cJSON_AddNumberToObject(g, "full_perplexity", p->gap.full_ppl);
+        cJSON_AddNumberToObject(g, "emulator_perplexity", p->gap.emu_ppl);
+        cJSON_AddNumberToObject(g, "gap", ot_emu_gap_value(&p->gap));
+        if (p->gap.target > 0) cJSON_AddNumberToObject(g, "target", p->gap.target);
+      }
+    }
   }
   rc = ot_json_write(dir, "emulator.json", j);
   cJSON_Delete(j);
@@ -168,6 +183,25 @@ int ot_emu_plan_load(const char *dir, ot_emu_plan *out) {
   p.int8_middle = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "middle_int8")); /* absent: fp32 */
   const char *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(j, "base_model_name"));
   if (name && strlen(name) < sizeof p.base_name) snprintf(p.base_name, sizeof p.base_name, "%s", name);
+  const cJSON *g = cJSON_GetObjectItemCaseSensitive(j, "measured_gap"); /* optional: informative only */
+  if (rc == OT_OK && g) {
+    const cJSON *fp = cJSON_GetObjectItemCaseSensitive(g, "full_perplexity"),
+                *ep = cJSON_GetObjectItemCaseSensitive(g, "emulator_perplexity"),
+                *tk = cJSON_GetObjectItemCaseSensitive(g, "tokens"),
+                *tg = cJSON_GetObjectItemCaseSensitive(g, "target");
+    const char *tx = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(g, "text"));
+    if (!cJSON_IsNumber(fp) || !cJSON_IsNumber(ep) || !ot_json_is_int(tk) || !(fp->valuedouble >= 1.0) ||
+        !(ep->valuedouble >= 1.0) || tk->valueint < 1 || (tg && !cJSON_IsNumber(tg)) || !tx)
+      rc = ot_error(OT_ERR_FORMAT,
+                    "%s/emulator.json: measured_gap needs text, tokens >= 1 and perplexities >= 1", dir);
+    if (rc == OT_OK) {
+      p.gap.full_ppl = fp->valuedouble;
+      p.gap.emu_ppl = ep->valuedouble;
+      p.gap.tokens = tk->valueint;
+      p.gap.target = tg ? tg->valuedouble : 0.0;
+      snprintf(p.gap.text, sizeof p.gap.text, "%s", tx);
+    }
+  }
   cJSON_Delete(j);
   if (rc == OT_OK) *out = p;
   return rc;

@@ -6,7 +6,8 @@
  * Emulator package (a directory): config.json (n_layer = a+k+b), model.safetensors (the
  * emulator's own blocks 0..a+k+b-1; dropped blocks never leave the cloud), the full
  * model's tokenizer files if it has any, and emulator.json (format_version 1, base_model_digest,
- * full_n_layer, bottom, top, kept_middle, block_source).
+ * full_n_layer, bottom, top, kept_middle, block_source, optional measured_gap {text, tokens,
+ * full_perplexity, emulator_perplexity, gap, target}, optional base_model_name).
  * Adapters of every kind (offsite blocks included) are peft/'s: ot_emu_peft_map says where the
  * emulator's blocks sit in the full model. */
 #ifndef OT_EMULATOR_H
@@ -30,6 +31,17 @@ int ot_emu_layer_drop(int L, int a, int b, int k, int *kept);
 /* k for a drop ratio r in [0,1): round(n*(1-r)), at least 1. */
 int ot_emu_keep_for_ratio(int L, int a, int b, float r, int *k);
 
+/* What the emulator gives away, measured by the cloud: perplexity of the full model and of the
+ * emulator (zero-shot) on held-out public text that neither was trained on. gap = emulator /
+ * full - 1 (0.15: the emulator is 15% worse). tokens 0: not measured. */
+typedef struct {
+  double full_ppl, emu_ppl;
+  double target; /* the gap the operator asked for (--target-gap), 0 = none */
+  int tokens;    /* targets scored */
+  char text[64]; /* which text: a file's base name */
+} ot_emu_gap;
+static inline double ot_emu_gap_value(const ot_emu_gap *g) { return g->emu_ppl / g->full_ppl - 1.0; }
+
 typedef struct {
   int full_layers;                 /* L */
   int bottom, top, keep;           /* a, b, k */
@@ -37,6 +49,7 @@ typedef struct {
   char base_digest[OT_DIGEST_HEX]; /* of the full model.safetensors; "" if unknown */
   char base_name[128];             /* the full model's name (adapters' base_model_name_or_path) */
   int int8_middle;                 /* package stores the frozen middle blocks' weights in int8 */
+  ot_emu_gap gap;                  /* emulator.json "measured_gap" when gap.tokens > 0 */
 } ot_emu_plan;
 
 int ot_emu_plan_make(int L, int a, int b, int k, ot_emu_plan *out);
@@ -56,6 +69,8 @@ void ot_emu_set_trainable(ot_model *emu, const ot_emu_plan *p, ot_emu_part part)
 
 /* tok may be NULL (a model without a tokenizer): the package then has no tokenizer files. */
 int ot_emu_save(const ot_model *emu, const ot_emu_plan *p, const ot_tokenizer *tok, const char *dir);
+/* Rewrites the package's emulator.json alone (its weights as they are): the measured gap. */
+int ot_emu_write_plan(const ot_emu_plan *p, const char *dir);
 /* Reads emulator.json (validated against itself). */
 int ot_emu_plan_load(const char *dir, ot_emu_plan *out);
 /* Loads an emulator package; checks config.json's n_layer against emulator.json. *tok is

@@ -1,6 +1,7 @@
 /* Offsite-Tuning end to end, as users run it: tiny pretrain -> offtune-cloud distill ->
  * offtune-device tune -> offtune-device eval and offtune-cloud eval --adapter; resume of
- * distillation; refused adapters (another base, tampered) with exit code 1. */
+ * distillation; refused adapters (another base, tampered) with exit code 1; the measured gap
+ * and the cloud's --target-gap control. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -203,9 +204,94 @@ static void test_no_tokenizer_flow(void **state) {
   assert_non_null(strstr(out, want));
 }
 
+/* A number of emulator.json's measured_gap (the file's one object of that name). */
+static double gap_field(const char *emu, const char *key) {
+  char path[700], cmd[1400];
+  snprintf(path, sizeof path, "%s/%s/emulator.json", dir, emu);
+  snprintf(cmd, sizeof cmd,
+           "python3 -c 'import json,sys; "
+           "print(repr(json.load(open(sys.argv[1]))[\"measured_gap\"][sys.argv[2]]))' '%s' %s",
+           path, key);
+  char buf[256];
+  if (ot_test_run(buf, sizeof buf, "%s", cmd) != 0) fail_msg("no measured_gap.%s in %s: %s", key, path, buf);
+  return atof(buf);
+}
+
+static int kept_count(const char *emu) {
+  char buf[256];
+  if (ot_test_run(buf, sizeof buf,
+                  "python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))[\"kept_middle\"]))' "
+                  "'%s/%s/emulator.json'",
+                  dir, emu) != 0)
+    fail_msg("%s", buf);
+  return atoi(buf);
+}
+
+/* The gap the cloud measures and ships: emulator.json's perplexities are those eval gives
+ * the full model and the package on the same text; with --target-gap the cloud keeps the most
+ * middle blocks whose emulator is still that much worse and stops distilling before it gets
+ * better than that; an unreachable target fails, saying so (uses test_offsite_flow's files). */
+static void test_target_gap(void **state) {
+  (void)state;
+  const char *common = "--bottom 1 --top 1 --batch 2 --seq-len 16 --threads 1";
+  assert_int_equal(ot_test_system("cd '%s' && head -c 3000 private.txt > gap.txt", dir), 0);
+  RUN_OK("cd '%s' && rm -rf g0 && %s distill --model full --data public.txt --out g0 --keep 1 --steps 4 %s "
+         "--gap-data gap.txt",
+         dir, cloud, common);
+  assert_non_null(strstr(out, "emulator gap on gap.txt"));
+  double lf, le, tf, te;
+  RUN_OK("cd '%s' && %s eval --model full --text gap.txt --seq-len 16 --json", dir, cloud);
+  ot_test_eval_json(out, "full model on the gap text", &lf, &tf);
+  RUN_OK("cd '%s' && %s eval --emulator g0 --text gap.txt --seq-len 16 --json", dir, device);
+  ot_test_eval_json(out, "emulator on the gap text", &le, &te);
+  double fp = gap_field("g0", "full_perplexity"), ep = gap_field("g0", "emulator_perplexity");
+  printf("gap text: full %.6f (eval %.6f), emulator %.6f (eval %.6f), recorded gap %.6f\n", fp, exp(lf), ep,
+         exp(le), gap_field("g0", "gap"));
+  assert_true(fabs(fp / exp(lf) - 1) < 1e-5 && fabs(ep / exp(le) - 1) < 1e-5);
+  assert_true(fabs(gap_field("g0", "tokens") - tf) < 0.5);
+  assert_true(fabs(gap_field("g0", "gap") - (exp(le) / exp(lf) - 1)) < 1e-5);
+
+  /* keep 2 of 2 is the full model (gap 0): the cloud must drop to keep 1 for any target */
+  RUN_OK("cd '%s' && rm -rf g1 && %s distill --model full --data public.txt --out g1 --keep 2 --steps 6 %s "
+         "--gap-data gap.txt --target-gap 0.001%%",
+         dir, cloud, common);
+  assert_non_null(strstr(out, "keep 2: gap 0.00% before distillation"));
+  assert_int_equal(kept_count("g1"), 1);
+  const char *p0 = strstr(out, "keep 1: gap ");
+  assert_non_null(p0);
+  double undistilled = atof(p0 + strlen("keep 1: gap ")) / 100.0;
+  assert_true(undistilled > 0);
+  /* half the undistilled gap: whatever the package shipped, it is still at least that far */
+  char target[64];
+  snprintf(target, sizeof target, "%.4f%%", 50 * undistilled);
+  RUN_OK("cd '%s' && rm -rf g2 && %s distill --model full --data public.txt --out g2 --keep 1 --steps 40 %s "
+         "--gap-data gap.txt --target-gap %s",
+         dir, cloud, common, target);
+  RUN_OK("cd '%s' && %s eval --emulator g2 --text gap.txt --seq-len 16 --json", dir, device);
+  ot_test_eval_json(out, "chosen emulator on the gap text", &le, &te);
+  printf("target %s: shipped gap %.4f%% (undistilled %.4f%%)\n", target, 100 * (exp(le - lf) - 1),
+         100 * undistilled);
+  assert_true(exp(le - lf) - 1 >= 0.5 * undistilled * (1 - 1e-4));
+  assert_true(fabs(gap_field("g2", "target") - 0.5 * undistilled) < 1e-5);
+  /* unreachable: refused, naming what is reachable */
+  assert_int_equal(
+      ot_test_run(out, sizeof out,
+                  "cd '%s' && %s distill --model full --data public.txt --out g3 --keep 1 --steps 2 "
+                  "%s --gap-data gap.txt --target-gap 900%%",
+                  dir, cloud, common),
+      1);
+  assert_non_null(strstr(out, "no emulator of 1 middle blocks or fewer is 900.0% worse"));
+  assert_int_equal(
+      ot_test_run(out, sizeof out,
+                  "cd '%s' && %s distill --model full --data public.txt --out g3 --target-gap 10%%", dir,
+                  cloud),
+      2);
+  assert_non_null(strstr(out, "--gap-data"));
+}
+
 int main(void) {
-  const struct CMUnitTest tests[] = {cmocka_unit_test(test_offsite_flow),
-                                     cmocka_unit_test(test_resume_is_exact),
-                                     cmocka_unit_test(test_no_tokenizer_flow)};
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_offsite_flow), cmocka_unit_test(test_resume_is_exact),
+      cmocka_unit_test(test_no_tokenizer_flow), cmocka_unit_test(test_target_gap)};
   return cmocka_run_group_tests(tests, setup, cli_fixture_teardown);
 }

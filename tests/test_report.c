@@ -448,6 +448,20 @@ static void test_session_report(void **state) {
   cJSON_Delete(dr);
   close_to(num(cJSON_GetArrayItem(m, 1), "emulator_gap"), kd, 1e-6, "emulator gap vs the distillation's KD");
   close_to(num(cJSON_GetObjectItem(j, "session"), "emulator_gap"), kd, 1e-6, "session's emulator gap");
+  /* the gap it gives away (issue 15): measured by the daemon on the Brown pretraining genres'
+   * held-out documents; the same perplexities as `eval` of the full model and the package */
+  const cJSON *mg = cJSON_GetObjectItem(cJSON_GetObjectItem(j, "session"), "emulator_measured_gap");
+  assert_true(cJSON_IsObject(mg));
+  double lf, le, tf, te;
+  RUN_OK("%s eval --model %s/full --text %s/gap-heldout.txt --json 2>/dev/null", cloud, dir, dmn.state);
+  ot_test_eval_json(out, "full model on the gap text", &lf, &tf);
+  RUN_OK("%s eval --emulator %s --text %s/gap-heldout.txt --json 2>/dev/null", device, emu_dir, dmn.state);
+  ot_test_eval_json(out, "emulator on the gap text", &le, &te);
+  close_to(num(mg, "full_perplexity"), exp(lf), 1e-5, "measured gap: full model's perplexity");
+  close_to(num(mg, "emulator_perplexity"), exp(le), 1e-5, "measured gap: emulator's perplexity");
+  if (!(fabs(num(mg, "gap") - (exp(le - lf) - 1)) < 1e-5))
+    fail_msg("measured gap %.9g, eval gives %.9g", num(mg, "gap"), exp(le - lf) - 1);
+  close_to(num(mg, "tokens"), tf, 0, "measured gap: tokens");
   cJSON_Delete(j);
   /* devices never fetch the operator's records: not in the package's manifest */
   char man[1200];
