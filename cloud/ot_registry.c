@@ -73,7 +73,8 @@ static const char *const migrations[] = {
     "ALTER TABLE emulators ADD COLUMN measured_gap TEXT;",
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
-_Static_assert(sizeof migrations / sizeof migrations[0] == OT_REG_SCHEMA_VERSION, "one migration per version");
+_Static_assert(sizeof migrations / sizeof migrations[0] == OT_REG_SCHEMA_VERSION,
+               "one migration per version");
 
 static int64_t now_s(void) { return (int64_t)time(NULL); }
 
