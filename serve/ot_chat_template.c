@@ -1286,8 +1286,15 @@ static const char *type_name(const val *v) {
 typedef struct {
   char *s;
   size_t n, cap;
-  int fail;
+  int fail; /* 1: out of memory or over OUT_CAP; SB_TOO_DEEP: values nested deeper than VAL_DEPTH */
 } sbuf;
+#define SB_TOO_DEEP 2
+/* Nesting of values walked by repr, tojson and ==: a loop can nest lists without a bound, and the
+ * walkers recurse (fuzz_chat_template found the stack overflow). */
+#define VAL_DEPTH (MAX_DEPTH * 4)
+static const char *sb_why(const sbuf *b) {
+  return b->fail == SB_TOO_DEEP ? "values nested too deeply" : "out of memory";
+}
 
 static void sb_add(sbuf *b, const char *s, size_t n) {
   if (b->fail) return;
@@ -1336,7 +1343,8 @@ static void fmt_float(sbuf *b, double f) {
   if (!strchr(t, '.') && !strchr(t, 'n') && !strchr(t, 'i')) sb_str(b, ".0");
 }
 
-static void repr(sbuf *b, const val *v);
+static void repr_at(sbuf *b, const val *v, int depth);
+static void repr(sbuf *b, const val *v) { repr_at(b, v, 0); }
 
 static void str_of(sbuf *b, const val *v) {
   char t[32];
@@ -1381,14 +1389,18 @@ static void repr_str(sbuf *b, const char *s, size_t n) {
   sb_add(b, &q, 1);
 }
 
-static void repr(sbuf *b, const val *v) {
+static void repr_at(sbuf *b, const val *v, int depth) {
+  if (depth > VAL_DEPTH) {
+    if (!b->fail) b->fail = SB_TOO_DEEP;
+    return;
+  }
   if (v->t == V_STR) {
     repr_str(b, v->s, v->n);
   } else if (v->t == V_LIST) {
     sb_str(b, "[");
     for (size_t i = 0; i < v->n; i++) {
       if (i) sb_str(b, ", ");
-      repr(b, v->a[i]);
+      repr_at(b, v->a[i], depth + 1);
     }
     sb_str(b, "]");
   } else if (v->t == V_DICT && v->ns) {
@@ -1397,7 +1409,7 @@ static void repr(sbuf *b, const val *v) {
       if (i) sb_str(b, ", ");
       sb_add(b, v->k[i], v->kn[i]);
       sb_str(b, "=");
-      repr(b, v->a[i]);
+      repr_at(b, v->a[i], depth + 1);
     }
     sb_str(b, ">");
   } else if (v->t == V_DICT) {
@@ -1406,7 +1418,7 @@ static void repr(sbuf *b, const val *v) {
       if (i) sb_str(b, ", ");
       repr_str(b, v->k[i], v->kn[i]);
       sb_str(b, ": ");
-      repr(b, v->a[i]);
+      repr_at(b, v->a[i], depth + 1);
     }
     sb_str(b, "}");
   } else if (v->t == V_FUNC) {
@@ -1425,6 +1437,7 @@ static void json_nl(sbuf *b, int indent, int level) {
 }
 
 static int to_json_at(rctx *R, sbuf *b, const val *v, int indent, int sort, int level) {
+  if (level > VAL_DEPTH) return rfail(R, "values nested too deeply");
   switch (v->t) {
   case V_NONE: sb_str(b, "null"); return 0;
   case V_BOOL: sb_str(b, v->i ? "true" : "false"); return 0;
@@ -1514,7 +1527,7 @@ static val *str_val(rctx *R, const val *v) {
   sbuf b = {0};
   str_of(&b, v);
   val *r = b.fail ? NULL : mkstr(R, b.s ? b.s : "", b.n);
-  if (b.fail) rfail(R, "out of memory");
+  if (b.fail) rfail(R, "%s", sb_why(&b));
   free(b.s);
   return r;
 }
@@ -1620,7 +1633,7 @@ static val *replace(rctx *R, const val *s, const val *from, const val *to) {
     }
   }
   val *r = b.fail ? NULL : mkstr(R, b.s ? b.s : "", b.n);
-  if (b.fail) rfail(R, "out of memory");
+  if (b.fail) rfail(R, "%s", sb_why(&b));
   free(b.s);
   return r;
 }
@@ -1630,7 +1643,12 @@ static val *replace(rctx *R, const val *s, const val *from, const val *to) {
 static int is_num(const val *v) { return v->t == V_BOOL || v->t == V_INT || v->t == V_FLOAT; }
 static double num(const val *v) { return v->t == V_FLOAT ? v->f : (double)v->i; }
 
-static int eq(const val *a, const val *b) {
+/* Beyond VAL_DEPTH levels two values compare unequal (no error channel here; no real template
+ * nests that deep). */
+static int eq_at(const val *a, const val *b, int depth);
+static int eq(const val *a, const val *b) { return eq_at(a, b, 0); }
+static int eq_at(const val *a, const val *b, int depth) {
+  if (depth > VAL_DEPTH) return 0;
   if (is_num(a) && is_num(b)) {
     if (a->t != V_FLOAT && b->t != V_FLOAT) return a->i == b->i;
     return num(a) == num(b);
@@ -1643,14 +1661,14 @@ static int eq(const val *a, const val *b) {
   case V_LIST:
     if (a->n != b->n) return 0;
     for (size_t i = 0; i < a->n; i++)
-      if (!eq(a->a[i], b->a[i])) return 0;
+      if (!eq_at(a->a[i], b->a[i], depth + 1)) return 0;
     return 1;
   case V_DICT:
     if (a->ns || b->ns) return a == b;
     if (a->n != b->n) return 0;
     for (size_t i = 0; i < a->n; i++) {
       val *o = dict_get(b, a->k[i], a->kn[i]);
-      if (!o || !eq(a->a[i], o)) return 0;
+      if (!o || !eq_at(a->a[i], o, depth + 1)) return 0;
     }
     return 1;
   default: return a == b;
@@ -2541,7 +2559,7 @@ static int run(rctx *R, scope *S, const node *n) {
       } else {
         sbuf b = {0};
         str_of(&b, v);
-        rc = b.fail ? rfail(R, "out of memory") : emit(R, b.s ? b.s : "", b.n);
+        rc = b.fail ? rfail(R, "%s", sb_why(&b)) : emit(R, b.s ? b.s : "", b.n);
         free(b.s);
       }
       break;

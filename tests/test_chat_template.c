@@ -165,6 +165,16 @@ static void test_render_errors(void **state) {
   expect_render_error("{{ raise_exception('no ' ~ messages[0].role) }}", "no user");
   expect_render_error("{{ 'x' * 100000000 }}", "too long");
   expect_render_error("{% set ns = 3 %}{% set ns.a = 1 %}", "non-namespace");
+  /* values nested without bound by a loop: printing, tojson and == stop at a depth, no stack
+   * overflow (fuzz_chat_template found it) */
+  expect_render_error(
+      "{% set ns = namespace(x=[]) %}{% for i in range(5000) %}{% set ns.x = [ns.x] %}{% endfor %}"
+      "{{ ns.x }}",
+      "nested too deeply");
+  expect_render_error(
+      "{% set ns = namespace(x=[]) %}{% for i in range(5000) %}{% set ns.x = [ns.x] %}{% endfor %}"
+      "{{ ns.x | tojson }}",
+      "nested too deeply");
   /* a runaway loop ends at the memory cap (256 MiB of values) or the operation cap */
   ot_chat_template *rt = NULL;
   const char *loop = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}";
