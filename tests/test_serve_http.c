@@ -584,8 +584,8 @@ static void *client(void *arg) {
   return NULL;
 }
 
-static void test_concurrent(void **state) {
-  (void)state;
+/* Every model and prompt at once, one client thread each; each must get its own text. */
+static void all_clients_at_once(const char *what) {
   enum { N = N_MODELS * N_PROMPTS };
   job jobs[N];
   pthread_t th[N];
@@ -595,8 +595,12 @@ static void test_concurrent(void **state) {
   }
   for (int i = 0; i < N; i++) pthread_join(th[i], NULL);
   for (int i = 0; i < N; i++)
-    if (!jobs[i].ok)
-      fail_msg("concurrent request %s / prompt %d got another text", models[jobs[i].k], jobs[i].p);
+    if (!jobs[i].ok) fail_msg("%s %s / prompt %d got another text", what, models[jobs[i].k], jobs[i].p);
+}
+
+static void test_concurrent(void **state) {
+  (void)state;
+  all_clients_at_once("concurrent request");
   ot_serve_stats st;
   ot_serve_get_stats(eng, &st);
   printf("engine: %llu steps, %llu rows, %llu tokens\n", (unsigned long long)st.steps,
@@ -2222,16 +2226,7 @@ static void test_kv_pool(void **state) {
   ot_serve_http *h = start_api(e2, &lim);
   int saved = port;
   port = ot_serve_http_port(h);
-  enum { N = N_MODELS * N_PROMPTS };
-  job jobs[N];
-  pthread_t th[N];
-  for (int i = 0; i < N; i++) {
-    jobs[i] = (job){i % N_MODELS, i / N_MODELS, 0};
-    assert_int_equal(pthread_create(&th[i], NULL, client, &jobs[i]), 0);
-  }
-  for (int i = 0; i < N; i++) pthread_join(th[i], NULL);
-  for (int i = 0; i < N; i++)
-    if (!jobs[i].ok) fail_msg("request %s / prompt %d got another text", models[jobs[i].k], jobs[i].p);
+  all_clients_at_once("request");
   char prompt[80];
   memset(prompt, 'a', 65);
   prompt[65] = '\0';
