@@ -345,7 +345,8 @@ static int bench_batch(ot_model *sm, ot_backend *sbe, const char *digest, char l
 int main(int argc, char **argv) {
   int L = 6, C = 384, NH = 6, V = 50257, R = 32, np = 16, gen = 32, threads = 2, rank = 8, reps = 2,
       torch = 1;
-  const char *dir = "bench_serve_tmp", *backend = "cpu", *clients = "1,8,32,64";
+  const char *dir = "bench_serve_tmp", *backend = "cpu", *clients = "1,8,32,64", *arch = "gpt2";
+  int kv_heads = 0, ff = 0;
   int no_torch = 0, no_batch = 0, no_http = 0, no_kv = 0, http_scale = 1, kv_seqs = 8, kv_ctx = 512,
       kv_requests = 0;
   const ot_opt opts[] = {
@@ -353,6 +354,10 @@ int main(int argc, char **argv) {
       {"embd", OT_OPT_INT, &C, "N", "width (default 384)"},
       {"heads", OT_OPT_INT, &NH, "N", "attention heads (default 6)"},
       {"vocab", OT_OPT_INT, &V, "N", "vocabulary (default 50257)"},
+      {"arch", OT_OPT_STR, &arch, "NAME",
+       "gpt2 (default) or llama (no PyTorch row: torch_serve.py is GPT-2)"},
+      {"kv-heads", OT_OPT_INT, &kv_heads, "N", "key/value heads of a LLaMA shape (default: --heads)"},
+      {"ff", OT_OPT_INT, &ff, "N", "MLP width of a LLaMA shape (default 8/3 width, a multiple of 16)"},
       {"requests", OT_OPT_INT, &R, "N", "requests = adapters (default 32)"},
       {"prompt", OT_OPT_INT, &np, "N", "prompt tokens (default 16)"},
       {"gen", OT_OPT_INT, &gen, "N", "generated tokens per request (default 32)"},
@@ -379,7 +384,9 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (rc) return die("usage");
-  torch = !no_torch;
+  ot_arch arch_id;
+  if (ot_arch_parse(arch, &arch_id)) return die("--arch") + 1;
+  torch = !no_torch && arch_id == OT_ARCH_GPT2;
   ot_backend_kind kind;
   if (ot_backend_parse(backend, &kind)) return die("--backend") + 1; /* usage: 2 */
   work = dir;
@@ -390,7 +397,14 @@ int main(int argc, char **argv) {
                          .n_embd = C,
                          .vocab_size = V,
                          .n_positions = np + gen > kv_ctx ? np + gen : kv_ctx,
-                         .layer_norm_epsilon = 1e-5f};
+                         .layer_norm_epsilon = 1e-5f,
+                         .arch = arch_id};
+  if (arch_id != OT_ARCH_GPT2) {
+    cfg.n_kv_head = kv_heads ? kv_heads : NH;
+    cfg.n_ff = ff ? ff : (8 * C / 3 + 15) / 16 * 16;
+    cfg.rope_theta = 10000.0f;
+    cfg.layer_norm_epsilon = 1e-6f;
+  }
   char path[1200], digest[OT_DIGEST_HEX];
   if (ot_backend_cpu_create(threads, &be) || ot_model_create(&cfg, be, &m) || ot_model_init_random(m, 1))
     return die("model");
@@ -516,6 +530,10 @@ static int bench_batch(ot_model *sm, ot_backend *sbe, const char *digest, char l
       {"R LoRA adapters one at a time", lora, 0, 0}, {"R offsite adapters one at a time", offs, 0, 0},
   };
   int ns = (int)(sizeof sc_ / sizeof sc_[0]);
+  const ot_model_config *mc = ot_model_cfg(sm);
+  if (mc->arch != OT_ARCH_GPT2)
+    printf("offtune serving: %s, %d heads / %d KV heads, MLP %d\n", ot_arch_name(mc->arch), mc->n_head,
+           mc->n_kv_head, mc->n_ff);
   printf("offtune serving: %d blocks x %d wide, vocab %d, %d requests x (%d prompt + %d generated) tokens, "
          "LoRA r %d "
          "on 4 of %d blocks, offsite = 2 bottom + 2 top blocks, %s backend, %d threads\n",

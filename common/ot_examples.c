@@ -91,7 +91,7 @@ static int stream_push(stream *s, const int32_t *ids, size_t n, uint8_t flag) {
 
 /* Encodes the pieces of one example onto the stream: adjacent pieces with the same flag are
  * encoded as one text (so "User:" " hi" "\n" tokenizes as the whole line would), context and
- * target runs separately. */
+ * target runs separately, a later run as the continuation of the text. */
 static int push_example(stream *s, const ot_tokenizer *tok, const ot_text_piece *p, size_t np, int32_t eot,
                         const char *path, size_t line) {
   size_t start = s->n;
@@ -110,7 +110,8 @@ static int push_example(stream *s, const ot_tokenizer *tok, const ot_text_piece 
     run[off] = '\0';
     int32_t *ids = NULL;
     size_t n = 0;
-    if (len) rc = ot_tokenizer_encode(tok, run, len, &ids, &n);
+    /* a later run continues the text: no second start-of-text "▁" (Llama 2) before it */
+    if (len) rc = ot_tokenizer_encode_ex(tok, run, len, i > 0 ? OT_TOK_CONTINUATION : 0, &ids, &n);
     free(run);
     if (rc == OT_OK && n) {
       rc = stream_push(s, ids, n, p[i].target ? OT_TOK_TARGET : 0);

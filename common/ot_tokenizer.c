@@ -1948,7 +1948,10 @@ static int sp_words(const ot_tokenizer *t, const uint8_t *s, size_t n, scratch *
 }
 
 /* Text between added tokens: normalizer, then pre-tokenizer, then the model. */
-static int hf_section(const ot_tokenizer *t, const uint8_t *s, size_t n, bool first, scratch *sc, ivec *out) {
+/* first: the section starts the text (Metaspace's prepend_scheme "first"); cont: it continues
+ * earlier text, so the Prepend normalizer adds nothing before it. */
+static int hf_section(const ot_tokenizer *t, const uint8_t *s, size_t n, bool first, bool cont, scratch *sc,
+                      ivec *out) {
   const hf_spec *h = t->hf;
   sbuf *cur = &sc->norm[0], *nxt = &sc->norm[1];
   if (h->n_norm) {
@@ -1958,7 +1961,7 @@ static int hf_section(const ot_tokenizer *t, const uint8_t *s, size_t n, bool fi
       const hf_step *st = &h->norm[k];
       nxt->n = 0;
       if (st->kind == NORM_PREPEND) {
-        sb_put(nxt, st->a, st->la);
+        if (!cont) sb_put(nxt, st->a, st->la);
         sb_put(nxt, cur->p, cur->n);
       } else if (st->kind == NORM_NFC) {
         uint8_t *nfc = NULL;
@@ -2049,7 +2052,8 @@ static int hf_encode(const ot_tokenizer *t, const uint8_t *s, size_t n, unsigned
     bool found = next_added(t, s, n, pos, plain_special, &at, &a);
     size_t b = at;
     if (found && a->lstrip) b = trim_end(t, s, pos, b);
-    if (b > pos) rc = hf_section(t, s + pos, b - pos, pos == 0, &sc, out);
+    bool cont = pos == 0 && (flags & OT_TOK_CONTINUATION);
+    if (b > pos) rc = hf_section(t, s + pos, b - pos, pos == 0 && !cont, cont, &sc, out);
     if (!found || rc != OT_OK) break;
     rc = ivec_reserve(out, 1);
     if (rc == OT_OK) out->v[out->n++] = a->id;

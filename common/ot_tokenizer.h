@@ -64,9 +64,11 @@ enum {
   OT_TOK_SPECIAL_AS_TEXT = 1u << 1, /* encode: special tokens written in the text are
                                        ordinary text (for untrusted input) */
   OT_TOK_SKIP_SPECIAL = 1u << 2,    /* decode: leave special tokens out */
-  OT_TOK_CONTINUATION = 1u << 3,    /* decode: the ids continue earlier text, so the
-                                       decoder's start-of-text strip (Llama 2's leading
-                                       space) does not apply: for decoding token by token */
+  OT_TOK_CONTINUATION = 1u << 3,    /* the text or ids continue earlier text, so the
+                                       start-of-text rules do not apply: encode adds no
+                                       Prepend "▁" or first-section Metaspace prefix (Llama
+                                       2's), decode does not strip the leading space (for
+                                       decoding token by token) */
 };
 /* Added tokens (tokenizer.json's added_tokens) in the text are matched before anything
  * else, longest first, as Hugging Face does; without OT_TOK_ADD_SPECIAL nothing is added. */

@@ -71,21 +71,37 @@ static char *dup_str(const char *s) {
 static int is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
 /* Context and continuation as lm-evaluation-harness encodes them: the context's trailing
- * whitespace moves to the continuation's front. */
+ * whitespace moves to the continuation's front, the context and the whole text are encoded, and
+ * the continuation is what the whole text has past the context's tokens. Encoding the
+ * continuation alone would add a SentencePiece tokenizer's leading "▁" (Llama 2's Prepend
+ * normalizer) mid-text; byte-level BPE (GPT-2) gives the same tokens either way. */
 static int encode_pair(const ot_tokenizer *tok, const char *ctx, const char *cont_text, int32_t **ctx_ids,
                        size_t *n_ctx, cont *c) {
   size_t lc = strlen(ctx), keep = lc;
   while (keep > 0 && is_ws(ctx[keep - 1])) keep--;
-  size_t lt = strlen(cont_text), moved = lc - keep;
-  char *full = malloc(moved + lt + 1);
+  size_t lt = strlen(cont_text);
+  char *full = malloc(lc + lt + 1);
   if (!full) return ot_error(OT_ERR_NOMEM, "cannot allocate");
-  memcpy(full, ctx + keep, moved);
-  memcpy(full + moved, cont_text, lt + 1);
+  memcpy(full, ctx, lc);
+  memcpy(full + lc, cont_text, lt + 1);
   int rc = OT_OK;
   if (ctx_ids && !*ctx_ids) rc = ot_tokenizer_encode(tok, ctx, keep, ctx_ids, n_ctx);
-  if (rc == OT_OK) rc = ot_tokenizer_encode(tok, full, moved + lt, &c->ids, &c->n);
-  c->bytes = lt;
+  int32_t *whole = NULL;
+  size_t nw = 0;
+  if (rc == OT_OK) rc = ot_tokenizer_encode(tok, full, lc + lt, &whole, &nw);
   free(full);
+  if (rc == OT_OK && nw <= *n_ctx) {
+    free(whole);
+    return ot_error(OT_ERR_FORMAT, "the continuation \"%.40s\" adds no token to its context", cont_text);
+  }
+  if (rc == OT_OK) {
+    c->n = nw - *n_ctx;
+    memmove(whole, whole + *n_ctx, c->n * sizeof *whole);
+    c->ids = whole;
+    c->bytes = lt;
+  } else {
+    free(whole);
+  }
   return rc;
 }
 
