@@ -85,7 +85,7 @@ static int encode_pair(const ot_tokenizer *tok, const char *ctx, const char *con
   memcpy(full, ctx, lc);
   memcpy(full + lc, cont_text, lt + 1);
   int rc = OT_OK;
-  if (ctx_ids && !*ctx_ids) rc = ot_tokenizer_encode(tok, ctx, keep, ctx_ids, n_ctx);
+  if (!*ctx_ids) rc = ot_tokenizer_encode(tok, ctx, keep, ctx_ids, n_ctx);
   int32_t *whole = NULL;
   size_t nw = 0;
   if (rc == OT_OK) rc = ot_tokenizer_encode(tok, full, lc + lt, &whole, &nw);
