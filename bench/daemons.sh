@@ -73,6 +73,8 @@ run_one() {
   line=$("$bin" --urls "$urls" --fingerprint "$fp" --tokens "$base/tokens" --devices "$devices" --session b \
     --work "$base/devices" --then "$create")
   stop_daemons
+  # what the daemons refused or swept away (nothing, normally): on stderr, with the log lines
+  grep -h -E "refused the update|staging: removed" "$base"/d*.log >&2 || true
   echo "{\"backend\":\"$backend\",\"rep\":$rep,${line#\{}"
 }
 
