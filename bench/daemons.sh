@@ -8,12 +8,12 @@
 # figures are the daemons'). Prints each run's JSON line, then medians and ratios.
 #
 #   bash bench/daemons.sh [devices] [rounds] [repeats]      (build/ must be configured)
-# Defaults 48 devices, 10 rounds, 3 repeats, interleaved (every configuration once per repeat).
+# Defaults 80 devices, 10 rounds, 3 repeats, interleaved (every configuration once per repeat).
 # Devices all come from 127.0.0.1: the daemons' per-address ClientHello limit (burst 200,
 # 20/s) bounds one address's handshakes, so keep devices x 2 under 200 per daemon.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-devices=${1:-48}
+devices=${1:-80}
 rounds=${2:-10}
 reps=${3:-3}
 nice cmake --build "$here/build" --target offtune-cloud bench_daemons -j2 >/dev/null

@@ -83,16 +83,19 @@ static ot_round_secagg *secagg_of(ot_daemon *d) {
 }
 
 /* A secure-aggregation round lives in the memory of the daemon leading its session: on a
- * registry shared by several daemons, another daemon refuses the round's polls and messages,
+ * registry shared by several daemons, a daemon refuses the round's polls and messages while
+ * another holds the session's lease,
  * so that the device reconnects (through a TCP balancer, to another daemon) until it reaches
  * the leader, instead of joining a masking table that no scheduler here drives. */
 static int secagg_here(ot_daemon *d, const ot_session_row *s) {
   if (!d->shared) return OT_OK; /* one daemon: it leads all its sessions */
   char owner[sizeof d->node];
   int rc = ot_reg_lease_owner(d->reg, s->id, owner, sizeof owner);
-  if (rc == OT_OK && strcmp(owner, d->node) != 0) {
-    ot_daemon_log(d, "secure aggregation of '%s' is led by %s: sending its device away", s->cfg.name,
-                  owner[0] ? owner : "no daemon yet");
+  /* no live lease (a leader just gone, or this daemon's own renewal late): served here, so
+   * that a late renewal never refuses the leader's own devices mid-masking; once another
+   * daemon holds the lease, the next poll sends the device on */
+  if (rc == OT_OK && owner[0] && strcmp(owner, d->node) != 0) {
+    ot_daemon_log(d, "secure aggregation of '%s' is led by %s: sending its device away", s->cfg.name, owner);
     rc = ot_error(OT_ERR_MISMATCH,
                   "session '%s': secure aggregation runs on the daemon that leads the session, not on this "
                   "one; reconnect",
