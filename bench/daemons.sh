@@ -75,6 +75,11 @@ run_one() {
   stop_daemons
   # what the daemons refused or swept away (nothing, normally): on stderr, with the log lines
   grep -h -E "refused the update|staging: removed" "$base"/d*.log >&2 || true
+  # OT_BENCH_KEEP=DIR: the daemons' logs of every run are copied there
+  if [ -n "${OT_BENCH_KEEP:-}" ]; then
+    mkdir -p "$OT_BENCH_KEEP/$backend$n-$rep"
+    cp "$base"/d*.log "$OT_BENCH_KEEP/$backend$n-$rep/"
+  fi
   echo "{\"backend\":\"$backend\",\"rep\":$rep,${line#\{}"
 }
 
