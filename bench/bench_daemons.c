@@ -110,9 +110,10 @@ static int round_work(device *d, ot_client *c, const Offtune__Session__RoundInfo
   snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
   if (rc == OT_OK) rc = ot_file_read_all(path, 1u << 30, &buf, &len);
   if (rc == OT_OK && len < 16) rc = ot_error(OT_ERR_FORMAT, "%s: too short", path);
-  /* the last 4 bytes are the end of the last tensor's data: the low byte of a value (fp32 or
-   * 16-bit), a mantissa bit pattern, so the update stays finite and differs per device */
-  if (rc == OT_OK) buf[len - 4] = (char)(buf[len - 4] ^ (char)(1 + d->idx % 255));
+  /* the last 4 bytes are the end of the last tensor's data: buf[len - 4] is the low byte of a
+   * value (fp32, fp16 or bf16), whose low 7 bits are mantissa bits in all three, so the update
+   * stays finite and differs per device */
+  if (rc == OT_OK) buf[len - 4] = (char)(buf[len - 4] ^ (char)(1 + d->idx % 127));
   snprintf(name, sizeof name, "update.%s.%u", ri->session, ri->round);
   char digest[OT_DIGEST_HEX];
   ot_send_opts so = {.window = 4};
