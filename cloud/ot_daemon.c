@@ -545,6 +545,7 @@ int ot_cmd_serve(int argc, char **argv) {
       snprintf(d->node, sizeof d->node, "local");
     else
       snprintf(d->node, sizeof d->node, "%s:%.*s", host, (int)(sizeof d->node - strlen(host) - 2), d->state);
+    d->shared = shared;
     if (shared) ot_daemon_log(d, "registry: PostgreSQL; node '%s'; objects in %s", d->node, d->objects);
   }
   if (rc == OT_OK) rc = ot_daemon_staging_sweep(d, 1, NULL);

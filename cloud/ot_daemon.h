@@ -26,6 +26,7 @@ typedef struct {
                          directory; --objects: shared storage every daemon reaches) */
   char node[160];     /* this daemon among those sharing the registry: the lease owner */
   int lease_s;        /* a lease's length; renewed every third of it */
+  int shared;         /* the registry is shared by several daemons (PostgreSQL) */
   ot_registry *reg;
   ot_identity id;
   ot_server *srv;

@@ -82,6 +82,28 @@ static ot_round_secagg *secagg_of(ot_daemon *d) {
   return t;
 }
 
+/* A secure-aggregation round lives in the memory of the daemon leading its session: on a
+ * registry shared by several daemons, a daemon refuses the round's polls and messages while
+ * another holds the session's lease,
+ * so that the device reconnects (through a TCP balancer, to another daemon) until it reaches
+ * the leader, instead of joining a masking table that no scheduler here drives. */
+static int secagg_here(ot_daemon *d, const ot_session_row *s) {
+  if (!d->shared) return OT_OK; /* one daemon: it leads all its sessions */
+  char owner[sizeof d->node];
+  int rc = ot_reg_lease_owner(d->reg, s->id, owner, sizeof owner);
+  /* no live lease (a leader just gone, or this daemon's own renewal late): served here, so
+   * that a late renewal never refuses the leader's own devices mid-masking; once another
+   * daemon holds the lease, the next poll sends the device on */
+  if (rc == OT_OK && owner[0] && strcmp(owner, d->node) != 0) {
+    ot_daemon_log(d, "secure aggregation of '%s' is led by %s: sending its device away", s->cfg.name, owner);
+    rc = ot_error(OT_ERR_MISMATCH,
+                  "session '%s': secure aggregation runs on the daemon that leads the session, not on this "
+                  "one; reconnect",
+                  s->cfg.name);
+  }
+  return rc;
+}
+
 /* Logs and audits a refused upload; returns rc with its detail kept for the device. */
 static int refuse_upload(ot_daemon *d, int rc, const char *fp, const char *event, const char *name) {
   char why[600];
@@ -112,6 +134,7 @@ static int secagg_transfer_open(ot_daemon *d, const uint8_t peer[32], const char
   int rc = t ? parse_upload_name(alias, session, &round) : ot_error(OT_ERR_MISMATCH, "not ready");
   if (rc == OT_OK) rc = ot_reg_device_id(d->reg, peer, &dev);
   if (rc == OT_OK) rc = ot_reg_session_get(d->reg, session, &s);
+  if (rc == OT_OK) rc = secagg_here(d, &s);
   if (rc == OT_OK) rc = ot_sa_upload_limit(t, &s, peer, round, &limit);
   if (rc == OT_OK && size > limit)
     rc = ot_error(OT_ERR_RANGE, "oversized masked input: %llu bytes, the limit is %llu",
@@ -277,6 +300,7 @@ static int poll(ot_daemon *d, const uint8_t peer[32], int64_t dev, const Offtune
       ot_sa_poll_kind sk = OT_SA_POLL_TRAIN;
       ot_round_secagg *t = secagg_of(d);
       int sa_on = ot_session_secagg(&s.cfg);
+      if (sa_on && rc == OT_OK) rc = secagg_here(d, &s);
       if (sa_on && !t)
         sk = OT_SA_POLL_WAIT;
       else if (sa_on && rc == OT_OK)
@@ -384,6 +408,7 @@ static int secagg_request(ot_daemon *d, const uint8_t peer[32], const char *fp, 
   if (rc == OT_OK) rc = ot_reg_session_get(d->reg, session, &s);
   if (rc == OT_OK && !ot_session_secagg(&s.cfg))
     rc = ot_error(OT_ERR_MISMATCH, "session '%s' does not use secure aggregation", session);
+  if (rc == OT_OK) rc = secagg_here(d, &s);
   if (rc == OT_OK && join) {
     rc = ot_sa_join(t, &s, dev, peer, round);
     const Offtune__Session__SecAggJoin *jn = req->secagg_join;

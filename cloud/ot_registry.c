@@ -917,6 +917,21 @@ int ot_reg_lease_renew(ot_registry *r, const char *owner, int ttl_s) {
   return rc;
 }
 
+int ot_reg_lease_owner(ot_registry *r, int64_t session_id, char *owner, size_t cap) {
+  char sql[256];
+  snprintf(sql, sizeof sql, "SELECT owner FROM leases WHERE session_id = ? AND expires_at > %s", DB_NOW(r));
+  ot_regdb_stmt *st;
+  lock(r);
+  int rc = prep(r, &st, sql, "i", session_id);
+  if (rc == OT_OK) {
+    const char *o = ot_regdb_step(st) == 1 ? ot_regdb_column_text(st, 0) : NULL;
+    snprintf(owner, cap, "%s", o ? o : "");
+    ot_regdb_finalize(st);
+  }
+  unlock(r);
+  return rc;
+}
+
 int ot_reg_lease_drop(ot_registry *r, const char *owner) {
   lock(r);
   int rc = OT_OK;

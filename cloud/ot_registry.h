@@ -143,6 +143,8 @@ int ot_reg_lease_take(ot_registry *r, int64_t session_id, const char *owner, int
  * daemon's keeper thread: a session stays led while its leader lives, however long one step
  * takes); removes owner's leases of finished sessions. */
 int ot_reg_lease_renew(ot_registry *r, const char *owner, int ttl_s);
+/* The owner of session_id's unexpired lease into owner ("" when none holds it now). */
+int ot_reg_lease_owner(ot_registry *r, int64_t session_id, char *owner, size_t cap);
 /* Gives up every lease of owner (a daemon stopping cleanly: the others take over at once). */
 int ot_reg_lease_drop(ot_registry *r, const char *owner);
 

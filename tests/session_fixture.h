@@ -49,6 +49,9 @@ typedef struct {
   char objects[1024]; /* the object store when not the state directory (--objects) */
 } daemon_t;
 
+/* Fills d for the state directory parent/name and the log dir/<name>.log (both removed if
+ * there), more `serve` options extra; objects empty (the state directory's store). */
+void daemon_prepare(daemon_t *d, const char *parent, const char *name, const char *extra);
 /* Starts the daemon on d->state and waits for its cloud.json (url and fingerprint). */
 void daemon_start(daemon_t *d, const char *listen);
 /* A fresh state directory dir/<name> (log dir/<name>.log) and its daemon on a free port. */
@@ -89,6 +92,12 @@ void tensors_free(tensors *t);
 const float *tensor(const tensors *t, const char *name);
 /* The path of a stored adapter's weights, by digest. */
 void adapter_file(const daemon_t *d, const char *digest, char *p, size_t n);
+/* Round `round` of a secure-aggregation session (made by session_create: token cap 4 x 4 x
+ * 32): its result against the FedAvg of the devices dir/<devs[i]>'s trained adapters
+ * (work/<session>/r<round>/local), weighted by their tokens, within the quantisation bound
+ * (fedadam: one FedAdam step on that average); n_dev <= 8 participants. */
+void check_secagg_round(const daemon_t *d, cJSON *show, const char *session, int round,
+                        const char *const *devs, int n_dev, int fedadam);
 /* The integer of a one-value query on a registry database (read only). */
 int count_rows(const char *db, const char *sql);
 
