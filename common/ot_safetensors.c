@@ -485,6 +485,15 @@ int ot_st_read_f32(const ot_safetensors *st, const ot_st_tensor *t, float *dst, 
   }
 }
 
+void ot_st_release(const ot_safetensors *st, const ot_st_tensor *t) {
+  if (!st || !t || !st->mapped) return;
+  uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+  uintptr_t a = (uintptr_t)(st->data + t->offset), b = a + t->nbytes;
+  a = (a + page - 1) / page * page; /* whole pages only: the neighbours may still be read */
+  b = b / page * page;
+  if (b > a) (void)madvise((void *)a, b - a, MADV_DONTNEED); /* read-only: nothing is lost */
+}
+
 /* ---- writer ---- */
 
 typedef struct {

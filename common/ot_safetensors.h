@@ -51,6 +51,10 @@ const char *ot_st_metadata(const ot_safetensors *st, const char *key);
 const void *ot_st_data(const ot_safetensors *st, const ot_st_tensor *t);
 /* Converts an F32, F16 or BF16 tensor to fp32; `numel` must equal t->numel. */
 int ot_st_read_f32(const ot_safetensors *st, const ot_st_tensor *t, float *dst, uint64_t numel);
+/* Hints that the tensor's bytes will not be read again soon: the pages of a mapped file that it
+ * fills are dropped from the process (they stay in the page cache and come back if read), so a
+ * checkpoint loaded tensor by tensor does not hold the whole file in memory next to the model. */
+void ot_st_release(const ot_safetensors *st, const ot_st_tensor *t);
 
 /* Writer: tensors are referenced (not copied) until save; save is atomic
  * (temporary file, fsync, rename), so a crash leaves the old file or the new one. */

@@ -34,6 +34,9 @@ typedef struct {
   int (*copy)(ot_backend *be, void *dst, const void *src, size_t bytes); /* within the backend */
   int (*zero)(ot_backend *be, void *p, size_t bytes);
   int (*sync)(ot_backend *be);
+  /* optional (NULL: a no-op): the bytes of an allocation will not be read again before it is
+   * freed, so their memory may go back to the system now (a model shrinking in place) */
+  void (*discard)(ot_backend *be, void *p, size_t bytes);
 
   /* out[N,C] = wte[tokens] + wpe[t]; wpe NULL: no positions (rotary architectures) */
   void (*encoder_fwd)(ot_backend *be, float *out, const int32_t *tokens, const float *wte, const float *wpe,

@@ -455,7 +455,9 @@ static int load_file(ot_model *m, const char *path, char *seen) {
       break;
     }
     seen[idx] = 1;
-    if (stage_n < p->numel) {
+    /* host memory: straight into the tensor; otherwise through a staging buffer */
+    float *dst = m->be->ops->host_visible && t->dtype != OT_DTYPE_I8 ? p->data : NULL;
+    if (!dst && stage_n < p->numel) {
       free(stage);
       stage = malloc(p->numel * sizeof(float));
       stage_n = stage ? p->numel : 0;
@@ -467,8 +469,9 @@ static int load_file(ot_model *m, const char *path, char *seen) {
     if (t->dtype == OT_DTYPE_I8)
       rc = read_int8(m, st, t, path, stage, p);
     else
-      rc = ot_st_read_f32(st, t, stage, p->numel);
-    if (rc == OT_OK) rc = m->be->ops->upload(m->be, p->data, stage, p->numel * sizeof(float));
+      rc = ot_st_read_f32(st, t, dst ? dst : stage, p->numel);
+    if (rc == OT_OK && !dst) rc = m->be->ops->upload(m->be, p->data, stage, p->numel * sizeof(float));
+    ot_st_release(st, t);
   }
   free(stage);
   ot_st_close(st);
@@ -667,25 +670,19 @@ int ot_model_freeze_lowp(ot_model *m, ot_lowp kind, size_t *saved) {
   if (n_lowp == 0) return ot_error(OT_ERR_INVALID, "no frozen linear weight to keep in low precision");
   float *mem32 = NULL;
   unsigned char *memq = NULL;
-  /* fp32 tensors and the int8 scales in one allocation, the low-precision values in another */
-  int rc = o->alloc(m->be, (m->n_scalars - n_lowp + n_scale) * sizeof(float), (void **)&mem32);
-  if (rc == OT_OK) rc = o->alloc(m->be, n_lowp * esz, (void **)&memq);
-  if (rc) {
-    if (mem32) o->free(m->be, mem32);
-    return rc;
-  }
+  /* The int8 scales and the low-precision values in one allocation, made and filled first; each
+   * weight's fp32 pages go back to the system once converted, so converting never holds the
+   * old and the new copies of every weight at once. Then the fp32 tensors move to their own. */
+  size_t scale_bytes = n_scale * sizeof(float);
+  int rc = o->alloc(m->be, scale_bytes + n_lowp * esz, (void **)&memq);
+  if (rc) return rc;
   free_acts(m);
   free_grads(m);
-  float *p32 = mem32, *ps = mem32 + (m->n_scalars - n_lowp);
-  unsigned char *pq = memq;
+  float *ps = (float *)(void *)memq;
+  unsigned char *pq = memq + scale_bytes;
   for (int i = 0; i < m->n_base; i++) {
     ot_param *p = &m->params[i];
-    if (!lowp_candidate(m, i)) {
-      memcpy(p32, p->data, p->numel * sizeof(float));
-      p->data = p32;
-      p32 += p->numel;
-      continue;
-    }
+    if (!lowp_candidate(m, i)) continue;
     if (kind == OT_LOWP_BF16) {
       uint16_t *q = (uint16_t *)(void *)pq;
       for (size_t j = 0; j < p->numel; j++) q[j] = ot_f32_to_bf16(p->data[j]);
@@ -694,10 +691,26 @@ int ot_model_freeze_lowp(ot_model *m, ot_lowp kind, size_t *saved) {
       p->lowp_scale = ps;
       ps += out_channels(m, p);
     }
+    if (o->discard) o->discard(m->be, p->data, p->numel * sizeof(float));
     p->lowp = pq;
     p->lowp_kind = kind;
     p->data = NULL;
     pq += p->numel * esz;
+  }
+  rc = o->alloc(m->be, (m->n_scalars - n_lowp) * sizeof(float), (void **)&mem32);
+  if (rc) { /* the converted weights stay usable: the model keeps the old block for the rest */
+    m->lowp_mem = memq;
+    m->lowp_bytes = n_lowp * esz + scale_bytes;
+    m->lowp_scalars = n_lowp;
+    return rc;
+  }
+  float *p32 = mem32;
+  for (int i = 0; i < m->n_base; i++) {
+    ot_param *p = &m->params[i];
+    if (p->lowp) continue;
+    memcpy(p32, p->data, p->numel * sizeof(float));
+    p->data = p32;
+    p32 += p->numel;
   }
   o->free(m->be, m->param_mem);
   m->param_mem = mem32;

@@ -6,8 +6,11 @@
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "ot_backend.h"
 #include "ot_error.h"
@@ -102,6 +105,14 @@ static int cpu_alloc(ot_backend *be, size_t bytes, void **out) {
 static void cpu_free(ot_backend *be, void *p) {
   (void)be;
   free(p);
+}
+
+static void cpu_discard(ot_backend *be, void *p, size_t bytes) {
+  (void)be;
+  uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)p, b = a + bytes;
+  a = (a + page - 1) / page * page; /* whole pages inside the range only */
+  b = b / page * page;
+  if (b > a) (void)madvise((void *)a, b - a, MADV_DONTNEED);
 }
 
 static int cpu_copy(ot_backend *be, void *dst, const void *src, size_t bytes) {
@@ -977,6 +988,7 @@ static const ot_backend_ops cpu_ops = {
     .destroy = cpu_destroy,
     .alloc = cpu_alloc,
     .free = cpu_free,
+    .discard = cpu_discard,
     .upload = cpu_copy,
     .download = cpu_copy,
     .copy = cpu_copy,

@@ -615,6 +615,7 @@ static const ot_backend_ops cuda_ops = {
     .copy = cu_copy,
     .zero = cu_zero,
     .sync = cu_sync,
+    .discard = nullptr, /* device memory goes back when freed */
     .encoder_fwd = cu_encoder_fwd,
     .encoder_bwd = cu_encoder_bwd,
     .layernorm_fwd = cu_layernorm_fwd,
