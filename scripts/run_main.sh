@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, end to end: install what is missing, build, then a
 # whole federated offsite-tuning session on loopback (scripts/session_demo.sh): the cloud
-# daemon distils the emulator of the shipped base model (models/brown-8x128), three
+# daemon distils the emulator of the shipped base model (models/brown-llama-16x128), three
 # device clients each tune the adapter on a different private Brown genre over a few
 # rounds, the cloud aggregates (FedAvg) and publishes the merged adapter. The daemon is
 # then restarted with its HTTP API and serves the adapter (OpenAI-style completions).
@@ -13,7 +13,7 @@
 # the served adapter labels a held-out e-mail.
 #   OT_MODEL=DIR another base model; OT_DEMO_* settings pass through to session_demo.sh;
 #   OT_TASK_STEPS (40) local steps per round, OT_TASK_FT_STEPS (120) full fine-tuning steps,
-#   OT_TASK_THREADS (1) threads of the task's fine-tuning and scoring.
+#   OT_TASK_THREADS (2) threads of the task's fine-tuning and scoring.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -22,13 +22,15 @@ bash scripts/build.sh
 cloud=build/cloud/offtune-cloud
 device=build/device/offtune-device
 work=build/main
-model=$(cd "${OT_MODEL:-models/brown-8x128}" && pwd)
+model=$(cd "${OT_MODEL:-models/brown-llama-16x128}" && pwd)
 genres=(romance mystery humor)
 mkdir -p "$work"
 
-# One of the 4 middle blocks kept: the emulator is clearly worse than the full model (the
-# gap that protects the model owner); 100 distillation steps, 3 rounds of 40 local steps.
-export OT_DEMO_KEEP=${OT_DEMO_KEEP:-1} OT_DEMO_DISTILL_STEPS=${OT_DEMO_DISTILL_STEPS:-100}
+# The emulator is clearly worse than the full model (the gap that protects the model owner):
+# the cloud keeps as many of the 12 middle blocks (at most half) and distils as long (at most 100
+# steps) as leaves it 10% worse on its own held-out text; 3 rounds of 40 local steps.
+export OT_DEMO_KEEP=${OT_DEMO_KEEP:-0} OT_DEMO_TARGET_GAP=${OT_DEMO_TARGET_GAP:-10%}
+export OT_DEMO_DISTILL_STEPS=${OT_DEMO_DISTILL_STEPS:-100}
 export OT_DEMO_ROUNDS=${OT_DEMO_ROUNDS:-3} OT_DEMO_STEPS=${OT_DEMO_STEPS:-40} OT_DEMO_LR=${OT_DEMO_LR:-5e-4}
 # Secure aggregation on: the cloud learns only the sum of the three updates.
 export OT_DEMO_SECAGG=${OT_DEMO_SECAGG:-on}
@@ -90,11 +92,13 @@ awk '/^session spam:/ {on = 1} /^  updates:/ {on = 0} on' "$work/spam-session.lo
 spam_adapter=$(sed -n "s/^published adapter 'spam': //p" "$work/spam-session.log")
 [ -d "$spam_adapter" ] || { echo "main: the spam session published no adapter" >&2; exit 1; }
 # full fine-tuning of every weight on the union of the devices' e-mails: the upper bound
-# that offsite-tuning approaches without the model owner ever seeing the data. One thread,
-# like the devices: on the shared 2-core VM, two OpenMP threads of this small model ran 18x
-# slower than one while other jobs held the cores (240 against 4400 tokens/s).
+# that offsite-tuning approaches without the model owner ever seeing the data. Nothing else
+# runs now, so two threads (42 s against 50 s with one); OpenMP threads sleep rather than spin
+# while they wait (passive), since spinning threads of this small model ran 18x slower than one
+# thread when other jobs held the cores (240 against 4400 tokens/s).
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 ft_steps=${OT_TASK_FT_STEPS:-120}
-th=(--threads "${OT_TASK_THREADS:-1}")
+th=(--threads "${OT_TASK_THREADS:-2}")
 $cloud finetune --model "$model" --text "$work/spam/train-all.jsonl" --out "$work/spam/full-ft" \
   --steps "$ft_steps" --batch 8 --seq-len 128 --lr 1e-3 "${th[@]}" > "$work/spam-finetune.log" 2>&1 ||
   { tail -n 20 "$work/spam-finetune.log" >&2; exit 1; }

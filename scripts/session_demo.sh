@@ -3,12 +3,15 @@
 # different private Brown genre (romance, mystery, humor; training part), a few rounds,
 # the published adapter. Prints where the adapter and the logs are.
 #
-#   bash scripts/session_demo.sh [MODEL_DIR [WORK_DIR]]     (default model: models/brown-8x128)
+#   bash scripts/session_demo.sh [MODEL_DIR [WORK_DIR]]     (default model: models/brown-llama-16x128)
 #
 # Settings (environment): OT_DEMO_ROUNDS (3), OT_DEMO_STEPS local steps per round (30),
 # OT_DEMO_BATCH (8), OT_DEMO_SEQ (0 = the model's context), OT_DEMO_LR (1e-3),
 # OT_DEMO_ADAPTER (offsite), OT_DEMO_AGG (fedavg), OT_DEMO_DISTILL_STEPS (200),
-# OT_DEMO_BOTTOM / OT_DEMO_TOP adapter blocks (2 / 2), OT_DEMO_KEEP (0 = half of the middle), OT_DEMO_DEADLINE seconds (600),
+# OT_DEMO_BOTTOM / OT_DEMO_TOP adapter blocks (2 / 2), OT_DEMO_KEEP (0 = half of the middle),
+# OT_DEMO_TARGET_GAP (off; e.g. 10%: the cloud picks the kept blocks, at most OT_DEMO_KEEP, and
+# stops distilling while its emulator is still that much worse than the full model),
+# OT_DEMO_DEADLINE seconds (600),
 # OT_DEMO_THREADS CPU threads per device (1), OT_DEMO_BACKEND (cpu).
 # Privacy (docs/secagg.md): OT_DEMO_SECAGG auto|on|off (auto: off with the 2..3 devices here),
 # OT_DEMO_DP_EPSILON (off), OT_DEMO_DP_CLIP (1), OT_DEMO_DP_DELTA (1e-5).
@@ -21,7 +24,7 @@
 # Needs a build (scripts/build.sh). Everything it starts is stopped on exit.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-model=$(cd "${1:-$here/models/brown-8x128}" && pwd)
+model=$(cd "${1:-$here/models/brown-llama-16x128}" && pwd)
 work=${2:-$here/build/session-demo}
 cloud=$here/build/cloud/offtune-cloud
 device=$here/build/device/offtune-device
@@ -77,7 +80,7 @@ echo "== creating the session (the daemon distils the emulator first) =="
   --distill-steps "${OT_DEMO_DISTILL_STEPS:-200}" --keep "${OT_DEMO_KEEP:-0}" \
   --bottom "${OT_DEMO_BOTTOM:-2}" --top "${OT_DEMO_TOP:-2}" \
   --min-devices 2 --max-devices 3 --deadline "${OT_DEMO_DEADLINE:-600}" --secagg "${OT_DEMO_SECAGG:-auto}" \
-  ${OT_DEMO_EVAL_DATA:+--eval-data "$OT_DEMO_EVAL_DATA"} \
+  ${OT_DEMO_EVAL_DATA:+--eval-data "$OT_DEMO_EVAL_DATA"} ${OT_DEMO_TARGET_GAP:+--target-gap "$OT_DEMO_TARGET_GAP"} \
   ${OT_DEMO_DP_EPSILON:+--dp-epsilon "$OT_DEMO_DP_EPSILON" --dp-clip "${OT_DEMO_DP_CLIP:-1}" --dp-delta "${OT_DEMO_DP_DELTA:-1e-5}"}
 
 echo "== enrolling three devices with one-time tokens =="

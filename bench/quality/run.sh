@@ -8,19 +8,23 @@
 # -> full fine-tuning gap by the plug-in ((full ZS - plug-in) / (full ZS - full FT)), all in
 # held-out perplexity. The two promises checked per row: gap >= 10% and closure >= 80% with the
 # plug-in better than the emulator fine-tuned.
-# Defaults are the main job's recipe: the shipped models/brown-8x128, emulator bottom 2 / top 2 /
-# keep 1 distilled 100 steps (batch 8, T 128) on the Brown public genres; each adapter 200 device
+# Defaults are the main job's recipe: the shipped models/brown-llama-16x128, emulator bottom 2 /
+# top 2, the middle blocks kept and the distillation steps (at most 100, batch 8, T 128, on the
+# Brown public genres) chosen by the cloud for a 10% gap (--target-gap 10%; --target-gap none
+# with --keep K for a fixed plan, as the GPT-2 default's recipe: --model models/brown-8x128
+# --target-gap none --keep 1); each adapter 200 device
 # steps of batch 8 x 128 tokens (--budget 4: 800), lr 5e-4 (offsite) or 3e-3 (the small kinds).
 # Each training runs on one thread, --jobs of them at once (default 2), niced.
 # Options:
 #   --budget X          device and full fine-tuning steps = 200 x X (default 1)
 #   --domains LIST      bible,devil,gcide,policy (also: jargon)
 #   --kinds LIST        offsite,lora,bottleneck,bitfit
-#   --model DIR         base model (default models/brown-8x128)
+#   --model DIR         base model (default models/brown-llama-16x128)
 #   --emulator DIR      an existing emulator package instead of distilling one
 #   --keep K --bottom A --top B --distill-steps N --distill-batch B --distill-lr LR
 #   --distill-data FILE distillation text (default: all documents of the Brown public genres)
-#   --target-gap PCT    let `offtune-cloud distill --target-gap` choose keep and steps
+#   --target-gap PCT    let `offtune-cloud distill --target-gap` choose keep and steps (default
+#                       10%, or none when --keep or --emulator is given: the plan as given)
 #   --jobs N            trainings at once (default 2)
 #   --out DIR           work directory (default build/quality/<settings>)
 #   --markdown FILE     also write the table there
@@ -28,12 +32,12 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$here"
 budget=1 domains=bible,devil,gcide,policy kinds=offsite,lora,bottleneck,bitfit
-model=models/brown-8x128 emulator="" keep=1 bottom=2 top=2 dsteps=100 dbatch=8 dlr=1e-3 ddata=""
-target="" jobs=2 out="" md=""
+model=models/brown-llama-16x128 emulator="" keep=1 bottom=2 top=2 dsteps=100 dbatch=8 dlr=1e-3 ddata=""
+target=default jobs=2 out="" md="" plan=0
 while [ $# -gt 0 ]; do
   case $1 in
     --budget) budget=$2 ;; --domains) domains=$2 ;; --kinds) kinds=$2 ;; --model) model=$2 ;;
-    --emulator) emulator=$2 ;; --keep) keep=$2 ;; --bottom) bottom=$2 ;; --top) top=$2 ;;
+    --emulator) emulator=$2 plan=1 ;; --keep) keep=$2 plan=1 ;; --bottom) bottom=$2 ;; --top) top=$2 ;;
     --distill-steps) dsteps=$2 ;; --distill-batch) dbatch=$2 ;; --distill-lr) dlr=$2 ;;
     --distill-data) ddata=$2 ;; --target-gap) target=$2 ;; --jobs) jobs=$2 ;; --out) out=$2 ;;
     --markdown) md=$2 ;;
@@ -42,12 +46,18 @@ while [ $# -gt 0 ]; do
   esac
   shift 2 || { echo "bench/quality/run.sh: $1 needs a value" >&2; exit 2; }
 done
+# a plan given by hand (--keep, --emulator) is distilled as given unless a target is asked for
+if [ "$target" = default ]; then
+  target=10%
+  [ "$plan" = 1 ] && target=""
+fi
+[ "$target" = none ] && target=""
 bash scripts/build.sh >/dev/null
 cloud=$here/build/cloud/offtune-cloud
 device=$here/build/device/offtune-device
 steps=$(python3 -c 'import sys; print(round(200 * float(sys.argv[1])))' "$budget")
 model=$(cd "$model" && pwd)
-[ -n "$out" ] || out=build/quality/$(basename "$model")-b$bottom-t$top-k${target:+gap$target}${target:-$keep}-d$dsteps-x$budget
+[ -n "$out" ] || out=build/quality/$(basename "$model")-b$bottom-t$top-k$([ -n "$target" ] && echo "gap$target" || echo "$keep")-d$dsteps-x$budget
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 t0=$(date +%s)
@@ -82,6 +92,7 @@ emulator=$(cd "$emulator" && pwd)
 mkdir -p "$out/res"
 job() {
   local what=$1 dom=$2 kind=${3:-} d=$out/data/$2 ppl
+  [ -s "$out/res/$dom-${kind:-$what}" ] && return 0 # done by an interrupted run of the same settings
   export OMP_NUM_THREADS=1
   ppl() { python3 -c 'import json,sys; print("%.3f" % json.loads(sys.stdin.read().strip().splitlines()[-1])["perplexity"])'; }
   case $what in
