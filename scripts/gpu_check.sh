@@ -226,7 +226,9 @@ PYEOF
         }
         check "$k" "$w/$k"
       done
-      [ -f models/brown-8x128/model.safetensors ] && check brown-8x128 models/brown-8x128
+      for d in brown-8x128 brown-llama-16x128; do
+        [ -f models/$d/model.safetensors ] && check $d models/$d
+      done
     else
       cloud="$B/cloud/offtune-cloud" dev="$B/device/offtune-device"
       set -e
