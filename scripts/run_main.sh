@@ -12,7 +12,7 @@
 # emulator fine-tuned, the adapter plugged into the full model and full fine-tuning, and
 # the served adapter labels a held-out e-mail.
 #   OT_MODEL=DIR another base model; OT_DEMO_* settings pass through to session_demo.sh;
-#   OT_TASK_STEPS (40) local steps per round, OT_TASK_FT_STEPS (120) full fine-tuning steps,
+#   OT_TASK_STEPS (40) local steps per round, OT_TASK_FT_STEPS (80) full fine-tuning steps,
 #   OT_TASK_THREADS (2) threads of the task's fine-tuning and scoring.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -93,11 +93,11 @@ spam_adapter=$(sed -n "s/^published adapter 'spam': //p" "$work/spam-session.log
 [ -d "$spam_adapter" ] || { echo "main: the spam session published no adapter" >&2; exit 1; }
 # full fine-tuning of every weight on the union of the devices' e-mails: the upper bound
 # that offsite-tuning approaches without the model owner ever seeing the data. Nothing else
-# runs now, so two threads (42 s against 50 s with one); OpenMP threads sleep rather than spin
+# runs now, so two threads (120 steps: 42 s against 50 s with one); OpenMP threads sleep rather than spin
 # while they wait (passive), since spinning threads of this small model ran 18x slower than one
 # thread when other jobs held the cores (240 against 4400 tokens/s).
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
-ft_steps=${OT_TASK_FT_STEPS:-120}
+ft_steps=${OT_TASK_FT_STEPS:-80}
 th=(--threads "${OT_TASK_THREADS:-2}")
 $cloud finetune --model "$model" --text "$work/spam/train-all.jsonl" --out "$work/spam/full-ft" \
   --steps "$ft_steps" --batch 8 --seq-len 128 --lr 1e-3 "${th[@]}" > "$work/spam-finetune.log" 2>&1 ||
