@@ -400,9 +400,8 @@ int main(int argc, char **argv) {
                          .layer_norm_epsilon = 1e-5f,
                          .arch = arch_id};
   if (arch_id != OT_ARCH_GPT2) {
-    cfg.n_kv_head = kv_heads ? kv_heads : NH;
-    cfg.n_ff = ff ? ff : (8 * C / 3 + 15) / 16 * 16;
-    cfg.rope_theta = 10000.0f;
+    cfg.n_kv_head = kv_heads; /* 0: the config's defaults (ot_model_config_complete) */
+    cfg.n_ff = ff;
     cfg.layer_norm_epsilon = 1e-6f;
   }
   char path[1200], digest[OT_DIGEST_HEX];

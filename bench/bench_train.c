@@ -57,8 +57,8 @@ int main(int argc, char **argv) {
   rc = ot_arch_parse(arch, &cfg.arch);
   if (rc == OT_OK && cfg.arch != OT_ARCH_GPT2) { /* as offtune-cloud pretrain makes them */
     cfg.layer_norm_epsilon = 1e-5f;
-    cfg.n_kv_head = kv_heads ? kv_heads : heads;
-    cfg.n_ff = ff ? ff : (8 * embd / 3 + 15) / 16 * 16;
+    cfg.n_kv_head = kv_heads; /* 0: the config's defaults (ot_model_config_complete) */
+    cfg.n_ff = ff;
     cfg.rope_theta = rope_theta;
     cfg.tie_embeddings = tied;
   }

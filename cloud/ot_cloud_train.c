@@ -3,7 +3,6 @@
  * An output directory is a loadable checkpoint at every save (config.json,
  * model.safetensors, tokenizer files) plus train_state/ (optimizer moments and the
  * data position), so `--resume` continues exactly where a killed run stopped. */
-#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -304,9 +303,8 @@ int ot_cmd_pretrain(int argc, char **argv) {
                          .arch = arch_id};
   if (arch_id != OT_ARCH_GPT2) { /* Hugging Face's LLaMA defaults, at this size */
     cfg.layer_norm_epsilon = 1e-6f;
-    cfg.n_kv_head = kv_heads ? kv_heads : heads;
-    long long f = ff ? ff : ((long long)8 * embd / 3 + 15) / 16 * 16;
-    cfg.n_ff = f > INT_MAX ? INT_MAX : (int)f; /* out-of-range sizes are refused below */
+    cfg.n_kv_head = kv_heads; /* 0: the config's defaults (ot_model_config_complete) */
+    cfg.n_ff = ff;
     cfg.rope_theta = rope_theta;
   }
   ot_backend *be = NULL;

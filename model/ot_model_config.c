@@ -43,6 +43,9 @@ static void fill_defaults(ot_model_config *cfg) {
   }
   if (cfg->n_head > 0 && cfg->n_kv_head == 0) cfg->n_kv_head = cfg->n_head;
   if (cfg->n_head > 0 && cfg->head_dim == 0) cfg->head_dim = cfg->n_embd / cfg->n_head;
+  /* SwiGLU's usual width, 8/3 of the model's, rounded up to a multiple of 16 */
+  if (cfg->n_ff == 0 && cfg->n_embd > 0 && cfg->n_embd <= CFG_MAX_EMBD)
+    cfg->n_ff = (8 * cfg->n_embd / 3 + 15) / 16 * 16;
   if (cfg->rope_theta == 0.0f) {
     cfg->rope_theta = 10000.0f;
   }

@@ -41,7 +41,8 @@ const char *ot_arch_name(ot_arch a);
 
 /* "gpt2", "llama", "qwen2", "mistral" -> arch (OT_ERR_INVALID naming the choices otherwise). */
 int ot_arch_parse(const char *name, ot_arch *out);
-/* Fills the fields a short (GPT-2 style) initialiser leaves zero, then validates. */
+/* Fills the fields a short (GPT-2 style) initialiser leaves zero, then validates; for the LLaMA
+ * family n_kv_head = n_head, n_ff = 8/3 n_embd rounded up to 16, rope_theta 10000. */
 int ot_model_config_complete(ot_model_config *cfg);
 
 /* Parses config.json text. GPT-2 (n_ctx, n_inner null, gelu_new) and the LLaMA family
