@@ -192,8 +192,8 @@ void device_join(daemon_t *d, const char *dev) {
 pid_t device_run(const char *dev, const char *data, const char *session, const char *env) {
   char log[1200];
   snprintf(log, sizeof log, "%s/%s.log", dir, dev);
-  return spawn(log, "env OMP_NUM_THREADS=1 %s %s run --data %s/%s --state '%s/%s' --session %s --threads 1",
-               env ? env : "", device, dir, data, dir, dev, session);
+  return spawn(log, "env OMP_NUM_THREADS=1 %s %s run --data %s/%s%s --state '%s/%s' --session %s --threads 1",
+               env ? env : "", device, dir, data ? data : dev, data ? "" : ".txt", dir, dev, session);
 }
 
 void fail_device(const daemon_t *d, const char *dev, int status) {

@@ -67,8 +67,8 @@ void daemon_stop(daemon_t *d);
 void session_create(daemon_t *d, const char *name, const char *extra);
 /* Enrols device state directory dir/<dev> with the daemon (token from the operator command). */
 void device_join(daemon_t *d, const char *dev);
-/* `offtune-device run` on dir/<data> for session, log dir/<dev>.log; env: extra
- * VAR=value words or NULL. */
+/* `offtune-device run` on dir/<data> (NULL: dir/<dev>.txt) for session, log dir/<dev>.log;
+ * env: extra VAR=value words or NULL. */
 pid_t device_run(const char *dev, const char *data, const char *session, const char *env);
 /* Prints device dev's log and the daemon's, then fails: dev exited with status. */
 void fail_device(const daemon_t *d, const char *dev, int status);

@@ -81,11 +81,7 @@ static daemon_t D;
 
 static void run_devices(const char *session, const char *env3, int want, int want3) {
   pid_t pids[3];
-  for (int i = 0; i < 3; i++) {
-    char data[64];
-    snprintf(data, sizeof data, "%s.txt", devs[i]);
-    pids[i] = device_run(devs[i], data, session, i == 2 ? env3 : NULL);
-  }
+  for (int i = 0; i < 3; i++) pids[i] = device_run(devs[i], NULL, session, i == 2 ? env3 : NULL);
   for (int i = 0; i < 3; i++) {
     int st = wait_exit(pids[i], 120);
     if (st != (i == 2 ? want3 : want)) fail_device(&D, devs[i], st);
@@ -202,11 +198,8 @@ static void test_secagg_abort(void **state) {
   session_create(&D, "abort",
                  "--rounds 1 --min-devices 3 --max-devices 3 --deadline 8 --max-retries 0 --secagg on");
   pid_t pids[3];
-  for (int i = 0; i < 3; i++) {
-    char data[64];
-    snprintf(data, sizeof data, "%s.txt", devs[i]);
-    pids[i] = device_run(devs[i], data, "abort", i ? "OT_TEST_DEVICE_EXIT_AFTER_STAGE=1" : NULL);
-  }
+  for (int i = 0; i < 3; i++)
+    pids[i] = device_run(devs[i], NULL, "abort", i ? "OT_TEST_DEVICE_EXIT_AFTER_STAGE=1" : NULL);
   assert_int_equal(wait_exit(pids[1], 120), 9);
   assert_int_equal(wait_exit(pids[2], 120), 9);
   assert_int_equal(wait_exit(pids[0], 120), 1); /* FAILED */
@@ -236,11 +229,7 @@ static void test_secagg_daemon_kill9(void **state) {
   (void)state;
   session_create(&D, "crash", "--rounds 1 --min-devices 3 --max-devices 3 --deadline 30");
   pid_t pids[3];
-  for (int i = 0; i < 3; i++) {
-    char data[64];
-    snprintf(data, sizeof data, "%s.txt", devs[i]);
-    pids[i] = device_run(devs[i], data, "crash", NULL);
-  }
+  for (int i = 0; i < 3; i++) pids[i] = device_run(devs[i], NULL, "crash", NULL);
   wait_for_file_text(D.log, "session 'crash': round 1: secure aggregation of 3 devices", 90);
   kill(D.pid, SIGKILL);
   waitpid(D.pid, NULL, 0);
