@@ -496,6 +496,7 @@ int ot_cmd_serve(int argc, char **argv) {
   if (!d) return ot_cmd_fail("starting", ot_error(OT_ERR_NOMEM, "cannot allocate"));
   pthread_mutex_init(&d->mu, NULL);
   pthread_cond_init(&d->cv, NULL);
+  pthread_cond_init(&d->submit_cv, NULL);
   snprintf(d->state, sizeof d->state, "%s", state);
   if (objects) snprintf(d->objects, sizeof d->objects, "%s", objects);
   d->lease_s = lease_s;
@@ -621,6 +622,7 @@ int ot_cmd_serve(int argc, char **argv) {
   ot_identity_wipe(&d->id);
   if (lock_fd >= 0) close(lock_fd);
   pthread_cond_destroy(&d->cv);
+  pthread_cond_destroy(&d->submit_cv);
   pthread_mutex_destroy(&d->mu);
   free(d);
   if (saved) {

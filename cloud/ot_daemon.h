@@ -36,6 +36,11 @@ typedef struct {
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int stop, kick;
+  /* devices with a SubmitUpdate in progress (under mu): one at a time per device, so a
+   * client's retry of a slow submission waits for it and then finds the update stored */
+  pthread_cond_t submit_cv;
+  int64_t submitting[32];
+  int n_submitting;
   char npm_dir[2048];
   ot_daemon_serving *serving; /* --http: generation with the published adapters */
   struct ot_round_secagg *sa; /* in-memory masking rounds (ot_round_secagg.c); made by the scheduler */

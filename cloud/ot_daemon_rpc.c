@@ -69,7 +69,7 @@ static int round_open_for(ot_daemon *d, int64_t dev, const char *session, int ro
   if (ot_session_secagg(&s->cfg))
     return ot_error(OT_ERR_MISMATCH, "session '%s' uses secure aggregation: no plain updates", session);
   int exists = 0;
-  rc = ot_reg_update_exists(d->reg, s->id, round, dev, &exists);
+  rc = ot_reg_update_exists(d->reg, s->id, round, dev, &exists, NULL);
   if (rc == OT_OK && exists)
     rc = ot_error(OT_ERR_MISMATCH, "duplicate: this device already has an update in round %d", round);
   return rc;
@@ -281,7 +281,7 @@ static int poll(ot_daemon *d, const uint8_t peer[32], int64_t dev, const Offtune
     ri.has_rounds = 1;
     int exists = 0;
     if (s.state == OT_SS_RUNNING && s.round_state == OT_RS_OPEN)
-      rc = ot_reg_update_exists(d->reg, s.id, s.round, dev, &exists);
+      rc = ot_reg_update_exists(d->reg, s.id, s.round, dev, &exists, NULL);
     if (s.state == OT_SS_DONE) {
       ri.state = OFFTUNE__SESSION__ROUND_STATE__DONE;
       snprintf(detail, sizeof detail, "adapter '%s' published", s.cfg.name);
@@ -354,8 +354,18 @@ static int poll(ot_daemon *d, const uint8_t peer[32], int64_t dev, const Offtune
 
 /* ---- SubmitUpdate -> SubmitReply ---------------------------------------------------- */
 
-static int submit(ot_daemon *d, const uint8_t peer[32], int64_t dev,
-                  const Offtune__Session__SubmitUpdate *u) {
+/* The device's update of u's round is stored, and it is the one u names. */
+static int already_stored(ot_daemon *d, int64_t dev, const Offtune__Session__SubmitUpdate *u) {
+  ot_session_row s;
+  char had[OT_DIGEST_HEX];
+  int exists = 0;
+  return ot_reg_session_get(d->reg, u->session, &s) == OT_OK &&
+         ot_reg_update_exists(d->reg, s.id, (int)u->round, dev, &exists, had) == OT_OK && exists &&
+         u->digest && strcmp(had, u->digest) == 0;
+}
+
+static int submit_once(ot_daemon *d, const uint8_t peer[32], int64_t dev,
+                       const Offtune__Session__SubmitUpdate *u, int *repeat) {
   char staged[2600], ref[2600], h[OT_DIGEST_HEX];
   ot_session_row s;
   memset(&s, 0, sizeof s);
@@ -363,10 +373,18 @@ static int submit(ot_daemon *d, const uint8_t peer[32], int64_t dev,
   int rc = ot_name_ok(u->session) ? OT_OK : ot_error(OT_ERR_INVALID, "bad session name");
   int have_staged = 0;
   if (rc == OT_OK) rc = staged_path(d, peer, u->session, (int)u->round, staged, sizeof staged);
+  int named = rc == OT_OK;
   if (rc == OT_OK) have_staged = ot_file_exists(staged);
   if (rc == OT_OK) rc = round_open_for(d, dev, u->session, (int)u->round, &s);
   if (rc == OT_OK && !have_staged)
     rc = ot_error(OT_ERR_NOTFOUND, "no upload update.%s.%u", u->session, u->round);
+  /* the same submission again (a client retries with a new sequence number when a reply is
+   * late, and the first may have been stored meanwhile): answered as the first was */
+  if (rc != OT_OK && named && already_stored(d, dev, u)) {
+    if (have_staged) unlink(staged);
+    *repeat = 1;
+    return OT_OK;
+  }
   /* tokens weigh the average: more than the session's local steps can see is a lie */
   uint64_t max_tokens = (uint64_t)s.cfg.steps * (uint64_t)s.cfg.batch * (uint64_t)s.cfg.seq_len;
   if (rc == OT_OK && (u->tokens == 0 || u->tokens > max_tokens))
@@ -391,6 +409,31 @@ static int submit(ot_daemon *d, const uint8_t peer[32], int64_t dev,
                            u->has_train_loss && isfinite(u->train_loss) ? u->train_loss : NAN, digest);
   }
   if (have_staged) unlink(staged); /* refused: nothing of it stays */
+  return rc;
+}
+
+/* One submission per device at a time: a retry waits for the request it repeats. */
+static int submit(ot_daemon *d, const uint8_t peer[32], int64_t dev, const Offtune__Session__SubmitUpdate *u,
+                  int *repeat) {
+  *repeat = 0;
+  pthread_mutex_lock(&d->mu);
+  for (;;) {
+    int busy = d->n_submitting == (int)(sizeof d->submitting / sizeof d->submitting[0]);
+    for (int i = 0; i < d->n_submitting && !busy; i++) busy = d->submitting[i] == dev;
+    if (!busy) break;
+    pthread_cond_wait(&d->submit_cv, &d->mu);
+  }
+  d->submitting[d->n_submitting++] = dev;
+  pthread_mutex_unlock(&d->mu);
+  int rc = submit_once(d, peer, dev, u, repeat);
+  pthread_mutex_lock(&d->mu);
+  for (int i = 0; i < d->n_submitting; i++)
+    if (d->submitting[i] == dev) {
+      d->submitting[i] = d->submitting[--d->n_submitting];
+      break;
+    }
+  pthread_cond_broadcast(&d->submit_cv);
+  pthread_mutex_unlock(&d->mu);
   return rc;
 }
 
@@ -466,11 +509,15 @@ int ot_daemon_on_request(void *user, const uint8_t peer[32], const uint8_t *body
     rc = poll(d, peer, dev, req->poll, reply, reply_len);
   } else if (rc == OT_OK && req->kind_case == OFFTUNE__SESSION__SESSION_REQUEST__KIND_SUBMIT) {
     const Offtune__Session__SubmitUpdate *u = req->submit;
-    rc = submit(d, peer, dev, u);
+    int repeat = 0;
+    rc = submit(d, peer, dev, u, &repeat);
     Offtune__Session__SubmitReply sr = OFFTUNE__SESSION__SUBMIT_REPLY__INIT;
     char why[600] = "";
     sr.accepted = rc == OT_OK;
-    if (rc) {
+    if (rc == OT_OK && repeat) {
+      ot_daemon_log(d, "answered a repeated submission of %s for %s round %u: its update is stored", fp,
+                    u->session, u->round);
+    } else if (rc) {
       snprintf(why, sizeof why, "%s", ot_error_detail());
       sr.reason = why;
       ot_daemon_log(d, "refused the update of %s for %s round %u: %s", fp, u->session, u->round, why);

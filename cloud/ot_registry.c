@@ -835,13 +835,16 @@ int ot_reg_update_add(ot_registry *r, int64_t session_id, int round, int64_t dev
   return rc;
 }
 
-int ot_reg_update_exists(ot_registry *r, int64_t session_id, int round, int64_t device_id, int *exists) {
+int ot_reg_update_exists(ot_registry *r, int64_t session_id, int round, int64_t device_id, int *exists,
+                         char digest[OT_DIGEST_HEX]) {
   ot_regdb_stmt *st;
   lock(r);
-  int rc = prep(r, &st, "SELECT 1 FROM updates WHERE session_id = ? AND round = ? AND device_id = ?", "iii",
-                session_id, (int64_t)round, device_id);
+  int rc = prep(r, &st, "SELECT digest FROM updates WHERE session_id = ? AND round = ? AND device_id = ?",
+                "iii", session_id, (int64_t)round, device_id);
   if (rc == OT_OK) {
     *exists = ot_regdb_step(st) == 1;
+    const char *h = *exists ? ot_regdb_column_text(st, 0) : NULL;
+    if (digest) snprintf(digest, OT_DIGEST_HEX, "%s", h ? h : "");
     ot_regdb_finalize(st);
   }
   unlock(r);

@@ -125,7 +125,9 @@ int ot_reg_round_set_participants(ot_registry *r, int64_t id, int round, int n);
  * its open round and the device has none there yet. */
 int ot_reg_update_add(ot_registry *r, int64_t session_id, int round, int64_t device_id, uint64_t tokens,
                       float loss, const char *digest);
-int ot_reg_update_exists(ot_registry *r, int64_t session_id, int round, int64_t device_id, int *exists);
+/* digest (may be NULL) gets the stored update's digest when it exists. */
+int ot_reg_update_exists(ot_registry *r, int64_t session_id, int round, int64_t device_id, int *exists,
+                         char digest[OT_DIGEST_HEX]);
 
 /* ---- per-round records (issue 19) ---------------------------------------------------- */
 /* What a device said about a round outside an update row: "loss" (its mean training loss,

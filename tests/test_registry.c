@@ -197,8 +197,13 @@ static void test_rounds(void **state) {
   assert_int_equal(ot_reg_update_add(r, sid, 2, dev[2], 5, 1.0f, "u"), OT_ERR_MISMATCH); /* not yet */
   OK(ot_reg_update_add(r, sid, 1, dev[2], 600, loss[2], "u2"));
   int exists = 0;
-  OK(ot_reg_update_exists(r, sid, 1, dev[2], &exists));
+  char stored[OT_DIGEST_HEX];
+  OK(ot_reg_update_exists(r, sid, 1, dev[2], &exists, stored));
   assert_int_equal(exists, 1);
+  assert_string_equal(stored, "u2");
+  OK(ot_reg_update_exists(r, sid, 2, dev[2], &exists, stored));
+  assert_int_equal(exists, 0);
+  assert_string_equal(stored, "");
   OK(ot_reg_session_get_id(r, sid, &s));
   assert_int_equal(s.n_updates, 3);
   OK(ot_reg_round_retry(r, sid, 1, 4000000100LL));

@@ -422,11 +422,13 @@ static void mal_poll(mal_t *m) {
   assert_non_null(m->ri);
 }
 
+static int mal_resubmit(mal_t *m, unsigned round, uint64_t tokens, char *why, size_t n);
+
 /* Uploads data as update.<session>.<round> and submits it; returns 1 if accepted, 0 if the
  * upload or the submission was refused (reason in why). */
 static int mal_submit(mal_t *m, unsigned round, const uint8_t *data, size_t size, uint64_t tokens, char *why,
                       size_t n) {
-  char name[64], path[1200], h[OT_DIGEST_HEX];
+  char name[64], path[1200];
   snprintf(name, sizeof name, "update.%s.%u", m->session, round);
   ot_send_opts so = {.window = 2};
   int rc = ot_client_send(m->c, name, data, size, &so);
@@ -436,6 +438,13 @@ static int mal_submit(mal_t *m, unsigned round, const uint8_t *data, size_t size
   }
   snprintf(path, sizeof path, "%s/mal_upload", dir);
   assert_int_equal(ot_file_write_atomic(path, data, size), OT_OK);
+  return mal_resubmit(m, round, tokens, why, n);
+}
+
+/* SubmitUpdate alone, for the file mal_submit uploaded last (no new upload). */
+static int mal_resubmit(mal_t *m, unsigned round, uint64_t tokens, char *why, size_t n) {
+  char path[1200], h[OT_DIGEST_HEX];
+  snprintf(path, sizeof path, "%s/mal_upload", dir);
   assert_int_equal(ot_file_digest(path, h), OT_OK);
   Offtune__Session__SubmitUpdate su = OFFTUNE__SESSION__SUBMIT_UPDATE__INIT;
   su.session = (char *)m->session;
@@ -550,12 +559,16 @@ static void test_malicious_device(void **state) {
                                   d.state, d.state),
                    0);
   assert_true(file_has(d.log, "refused the update"));
-  /* a valid update is accepted once; the same again is a duplicate */
+  /* a valid update is accepted once; the same SubmitUpdate again (a client's retry after a late
+   * reply) is answered as the first was and stores nothing; a second upload is a duplicate */
   assert_true(mal_submit(&m, round, good, size, tokens, why, sizeof why));
+  assert_true(mal_resubmit(&m, round, tokens, why, sizeof why));
+  assert_true(file_has(d.log, "answered a repeated submission"));
   assert_false(mal_submit(&m, round, good, size, tokens, why, sizeof why));
   fprintf(stderr, "duplicate: %s\n", why);
   assert_non_null(strstr(why, "duplicate"));
   assert_int_equal(count_rows(db, "SELECT COUNT(*) FROM updates"), 1);
+  assert_int_equal(ot_test_system("test $(find '%s/staging' -type f | wc -l) -eq 0", d.state), 0);
   ot_client_close(m.c);
   /* an honest device finishes the round, unaffected */
   device_join(&d, "h1");
