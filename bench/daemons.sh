@@ -53,7 +53,7 @@ run_one() {
       extra="--registry \"$conn dbname=d${n}_$rep\" --objects $base/objects --node d$k"
       [ "$k" = 1 ] || install -m 600 "$base/d1/cloud.key" "$st/cloud.key" # one cloud identity
     fi
-    eval "OMP_NUM_THREADS=1 \"$cloud\" serve --state \"$st\" --listen tcp://127.0.0.1:0 --model \"$tmp/full\" $extra" \
+    eval "OMP_NUM_THREADS=1 exec \"$cloud\" serve --state \"$st\" --listen tcp://127.0.0.1:0 --model \"$tmp/full\" $extra" \
       >"$base/d$k.log" 2>&1 &
     pids+=($!)
     local t=0

@@ -286,7 +286,8 @@ static int staged_is_stale(ot_daemon *d, const char *name) {
   long round = strtol(dot + 1, &end, 10);
   if (!end || *end) return 1;
   ot_session_row s;
-  if (ot_reg_session_get(d->reg, session, &s) != OT_OK) return 1;
+  int rc = ot_reg_session_get(d->reg, session, &s);
+  if (rc) return rc == OT_ERR_NOTFOUND; /* a registry that cannot answer now removes nothing */
   return s.state != OT_SS_RUNNING || round < s.round;
 }
 

@@ -204,6 +204,8 @@ static void test_rounds(void **state) {
   OK(ot_reg_update_exists(r, sid, 2, dev[2], &exists, stored));
   assert_int_equal(exists, 0);
   assert_string_equal(stored, "");
+  /* the staging sweep removes a session's uploads on NOTFOUND only, never on other errors */
+  assert_int_equal(ot_reg_session_get(r, "no-such-session", &s), OT_ERR_NOTFOUND);
   OK(ot_reg_session_get_id(r, sid, &s));
   assert_int_equal(s.n_updates, 3);
   OK(ot_reg_round_retry(r, sid, 1, 4000000100LL));
