@@ -354,13 +354,14 @@ static int poll(ot_daemon *d, const uint8_t peer[32], int64_t dev, const Offtune
 
 /* ---- SubmitUpdate -> SubmitReply ---------------------------------------------------- */
 
-/* The device's update of u's round is stored, and it is the one u names. */
-static int already_stored(ot_daemon *d, int64_t dev, const Offtune__Session__SubmitUpdate *u) {
-  ot_session_row s;
+/* The device's update of u's round is stored, and it is the one u names. s: the session as
+ * round_open_for read it (id 0: it could not, read here). */
+static int already_stored(ot_daemon *d, int64_t dev, const Offtune__Session__SubmitUpdate *u,
+                          ot_session_row *s) {
   char had[OT_DIGEST_HEX];
   int exists = 0;
-  return ot_reg_session_get(d->reg, u->session, &s) == OT_OK &&
-         ot_reg_update_exists(d->reg, s.id, (int)u->round, dev, &exists, had) == OT_OK && exists &&
+  return (s->id != 0 || ot_reg_session_get(d->reg, u->session, s) == OT_OK) &&
+         ot_reg_update_exists(d->reg, s->id, (int)u->round, dev, &exists, had) == OT_OK && exists &&
          u->digest && strcmp(had, u->digest) == 0;
 }
 
@@ -380,7 +381,7 @@ static int submit_once(ot_daemon *d, const uint8_t peer[32], int64_t dev,
     rc = ot_error(OT_ERR_NOTFOUND, "no upload update.%s.%u", u->session, u->round);
   /* the same submission again (a client retries with a new sequence number when a reply is
    * late, and the first may have been stored meanwhile): answered as the first was */
-  if (rc != OT_OK && named && already_stored(d, dev, u)) {
+  if (rc != OT_OK && named && already_stored(d, dev, u, &s)) {
     if (have_staged) unlink(staged);
     *repeat = 1;
     return OT_OK;

@@ -67,16 +67,6 @@ SOURCES = {
 }
 
 
-def cap(text, n):
-    """Evenly spaced ~2 KB blocks of whole lines, at most n bytes: the cap samples the whole source."""
-    bl = corpora.blocks(text)
-    total = sum(len(b) for b in bl)
-    if total <= n:
-        return text
-    keep = max(1, n * len(bl) // total)
-    return "".join(bl[i * len(bl) // keep] for i in range(keep))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
@@ -88,7 +78,7 @@ def main():
             text = corpora.normalise(read())
         except (OSError, subprocess.CalledProcessError) as e:
             sys.exit("broad_corpus.py: %s (%s): %s; apt-get install %s" % (name, pkg, e, pkg.replace(",", "")))
-        text = cap(text, a.cap)
+        text = "".join(corpora.spread(corpora.blocks(text), a.cap))
         print("%-9s %-24s %8d bytes" % (name, pkg, len(text.encode())))
         parts.append(text)
     with open(a.out + ".tmp", "w", encoding="utf-8") as f:

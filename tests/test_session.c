@@ -422,25 +422,6 @@ static void mal_poll(mal_t *m) {
   assert_non_null(m->ri);
 }
 
-static int mal_resubmit(mal_t *m, unsigned round, uint64_t tokens, char *why, size_t n);
-
-/* Uploads data as update.<session>.<round> and submits it; returns 1 if accepted, 0 if the
- * upload or the submission was refused (reason in why). */
-static int mal_submit(mal_t *m, unsigned round, const uint8_t *data, size_t size, uint64_t tokens, char *why,
-                      size_t n) {
-  char name[64], path[1200];
-  snprintf(name, sizeof name, "update.%s.%u", m->session, round);
-  ot_send_opts so = {.window = 2};
-  int rc = ot_client_send(m->c, name, data, size, &so);
-  if (rc) {
-    snprintf(why, n, "upload refused: %s", ot_error_detail());
-    return 0;
-  }
-  snprintf(path, sizeof path, "%s/mal_upload", dir);
-  assert_int_equal(ot_file_write_atomic(path, data, size), OT_OK);
-  return mal_resubmit(m, round, tokens, why, n);
-}
-
 /* SubmitUpdate alone, for the file mal_submit uploaded last (no new upload). */
 static int mal_resubmit(mal_t *m, unsigned round, uint64_t tokens, char *why, size_t n) {
   char path[1200], h[OT_DIGEST_HEX];
@@ -466,6 +447,23 @@ static int mal_resubmit(mal_t *m, unsigned round, uint64_t tokens, char *why, si
   snprintf(why, n, "%s", sr->reason ? sr->reason : "");
   offtune__session__submit_reply__free_unpacked(sr, &pa.a);
   return ok;
+}
+
+/* Uploads data as update.<session>.<round> and submits it; returns 1 if accepted, 0 if the
+ * upload or the submission was refused (reason in why). */
+static int mal_submit(mal_t *m, unsigned round, const uint8_t *data, size_t size, uint64_t tokens, char *why,
+                      size_t n) {
+  char name[64], path[1200];
+  snprintf(name, sizeof name, "update.%s.%u", m->session, round);
+  ot_send_opts so = {.window = 2};
+  int rc = ot_client_send(m->c, name, data, size, &so);
+  if (rc) {
+    snprintf(why, n, "upload refused: %s", ot_error_detail());
+    return 0;
+  }
+  snprintf(path, sizeof path, "%s/mal_upload", dir);
+  assert_int_equal(ot_file_write_atomic(path, data, size), OT_OK);
+  return mal_resubmit(m, round, tokens, why, n);
 }
 
 /* The round's adapter file rewritten: scaled by 0.5 (0), one NaN (1), one tensor's shape

@@ -74,6 +74,16 @@ def blocks(text, size=2048):
     return out
 
 
+def spread(bl, cap, at_least=1):
+    """Evenly spaced blocks of bl totalling about cap bytes (all of them when they fit), so a
+    cap still samples the whole work."""
+    total = sum(len(b) for b in bl)
+    if total <= cap:
+        return bl
+    keep = max(at_least, cap * len(bl) // total)
+    return [bl[i * len(bl) // keep] for i in range(keep)]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
@@ -90,9 +100,7 @@ def main():
             sys.exit("corpora.py: domain %s needs the Debian package(s) %s (scripts/setup.sh): %s" % (d, pkg, e))
         bl = blocks(normalise(raw))
         total = sum(len(b) for b in bl)
-        if total > a.cap:  # evenly spaced blocks, so the cap still samples the whole work
-            keep = max(10, a.cap * len(bl) // total)
-            bl = [bl[i * len(bl) // keep] for i in range(keep)]
+        bl = spread(bl, a.cap, 10)  # at least 10: the split holds out every 10th
         train = [b for i, b in enumerate(bl) if i % 10 != 9]
         held = [b for i, b in enumerate(bl) if i % 10 == 9]
         os.makedirs(os.path.join(a.out, d), exist_ok=True)
