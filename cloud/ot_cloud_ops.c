@@ -147,6 +147,10 @@ static int session_create(int argc, char **argv) {
       {"bottleneck-dim", OT_OPT_INT, &c.adapter.bottleneck_dim, "M", "bottleneck size (default 16)"},
       {"steps", OT_OPT_INT, &c.steps, "N", "device: local steps per round (default 50)"},
       {"lr", OT_OPT_FLOAT, &c.lr, "LR", "device: AdamW learning rate (default 1e-3)"},
+      {"middle-noise", OT_OPT_FLOAT, &c.middle_noise, "S",
+       "device: each step sees the emulator's middle plus fresh Gaussian noise of S x each matrix's rms: the "
+       "adapter cannot fit the emulator's own middle, so the emulator fine-tuned stays behind the served "
+       "plug-in (2.5: docs/emulator.md; default 0: off)"},
       {"batch", OT_OPT_INT, &c.batch, "B", "device: sequences per step (default 8)"},
       {"seq-len", OT_OPT_INT, &c.seq_len, "T", "device: tokens per sequence (default: ctx)"},
       {"rounds", OT_OPT_INT, &c.rounds, "N", "rounds (default 3)"},
@@ -294,8 +298,12 @@ static void h_session(const cJSON *r) {
            jnum(c, "target_gap") > 0 ? ", chosen for the session's target" : "");
   char seq[32] = "ctx";
   if (jnum(c, "seq_len") > 0) snprintf(seq, sizeof seq, "%.0f", jnum(c, "seq_len"));
-  printf("  adapter %s; devices train %.0f steps of %.0f x %s at lr %g; %s aggregation\n", jstr(c, "adapter"),
-         jnum(c, "steps"), jnum(c, "batch"), seq, jnum(c, "lr"), jstr(c, "aggregation"));
+  char noise[48] = "";
+  if (jnum(c, "middle_noise") > 0)
+    snprintf(noise, sizeof noise, ", middle noise %g", jnum(c, "middle_noise"));
+  printf("  adapter %s; devices train %.0f steps of %.0f x %s at lr %g%s; %s aggregation\n",
+         jstr(c, "adapter"), jnum(c, "steps"), jnum(c, "batch"), seq, jnum(c, "lr"), noise,
+         jstr(c, "aggregation"));
   printf("  %.0f..%.0f devices per round, deadline %.0f s; current adapter %s\n", jnum(c, "min_devices"),
          jnum(c, "max_devices"), jnum(c, "deadline_s"), jstr(s, "adapter"));
   printf("  update norm bound %g; secure aggregation %s\n", jnum(c, "max_update_norm"), jstr(c, "secagg"));

@@ -339,6 +339,8 @@ static int poll(ot_daemon *d, const uint8_t peer[32], int64_t dev, const Offtune
       ts.lr = c->lr;
       ts.prox_mu = c->agg == OT_AGG_FEDPROX ? c->mu : 0.0f;
       ts.has_prox_mu = 1;
+      ts.middle_noise = c->middle_noise;
+      ts.has_middle_noise = 1;
       ri.train = &ts;
       ri.deadline = (uint64_t)s.deadline;
       ri.has_deadline = 1;

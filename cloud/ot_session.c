@@ -99,6 +99,7 @@ static const field fields[] = {
     F("batch", 'i', batch, 1, 4096),
     F("seq_len", 'i', seq_len, 0, 1 << 20),
     F("lr", 'f', lr, 1e-9, 10),
+    F("middle_noise", 'f', middle_noise, 0, 100),
     F("rounds", 'i', rounds, 1, 100000),
     F("min_devices", 'i', min_devices, 1, 100000),
     F("max_devices", 'i', max_devices, 1, 100000),

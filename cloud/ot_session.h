@@ -31,6 +31,9 @@ typedef struct {
   ot_peft_config adapter;
   int steps, batch, seq_len;
   float lr;
+  /* devices tune against the middle plus fresh noise of this x each matrix's rms each step
+   * (ot_emu_noise_create: the adapter cannot fit the emulator's own middle); 0 = off */
+  float middle_noise;
   /* rounds */
   int rounds, min_devices, max_devices, deadline_s, max_retries;
   /* aggregation */

@@ -3,6 +3,7 @@
 #ifndef OT_RNG_H
 #define OT_RNG_H
 
+#include <math.h>
 #include <stdint.h>
 
 static inline uint64_t ot_splitmix64(uint64_t *state) {
@@ -15,6 +16,19 @@ static inline uint64_t ot_splitmix64(uint64_t *state) {
 /* Uniform double in [0, 1) from the top 53 bits of the next draw. */
 static inline double ot_rng_uniform(uint64_t *state) {
   return (double)(ot_splitmix64(state) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+/* Uniform double in (0, 1): the midpoint of the top 53 bits' cell, never 0 (a log's argument). */
+static inline double ot_rng_open01(uint64_t *state) {
+  return ((ot_splitmix64(state) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+}
+
+/* Two independent N(0, sd^2) draws (Box-Muller, both outputs of one pair of uniforms). */
+static inline void ot_rng_normal2(uint64_t *state, double sd, double *z0, double *z1) {
+  double rad = sd * sqrt(-2.0 * log(ot_rng_open01(state)));
+  double a = 2.0 * 3.14159265358979323846 * ot_rng_open01(state);
+  *z0 = rad * cos(a);
+  *z1 = rad * sin(a);
 }
 
 #endif

@@ -307,6 +307,7 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
     o.seq_len = (int)ri->train->seq_len;
     o.lr = ri->train->lr;
     o.prox_mu = ri->train->has_prox_mu ? ri->train->prox_mu : 0.0f;
+    o.middle_noise = ri->train->has_middle_noise ? ri->train->middle_noise : 0.0f;
     o.data_offset_steps = (uint64_t)(ri->round - 1) * (uint64_t)o.steps; /* each round reads on */
     o.backend = r->backend;
     o.threads = r->threads;

@@ -79,6 +79,8 @@ typedef struct {
   float prox_mu;
   weights_copy init_w;
   float *host_w, *host_g; /* staging for one tensor */
+  ot_emu_noise *noise;    /* --middle-noise */
+  int64_t step;           /* the step loss_step computes */
   ot_metrics *mx;
 } tune_ctx;
 
@@ -138,12 +140,21 @@ static int on_step(void *vctx, int step, float loss, int *stop) {
   return rc;
 }
 
-/* FedProx: forward and backward of the next-token loss, then the proximal term's
- * gradient mu (w - w_init) added to each adapter tensor's gradient. */
-static int prox_loss_step(void *vctx, const int32_t *inputs, const int32_t *targets, float *loss) {
+/* One step's gradients when plain forward + backward is not all: with --middle-noise the step
+ * runs on a freshly perturbed middle (the loaded one is written back before anything else
+ * sees the model); with FedProx the proximal term's gradient mu (w - w_init) joins each
+ * adapter tensor's. */
+static int tune_loss_step(void *vctx, const int32_t *inputs, const int32_t *targets, float *loss) {
   tune_ctx *c = vctx;
-  int rc = ot_model_forward(c->m, inputs, targets, c->B, c->T, loss);
+  int rc = c->noise ? ot_emu_noise_apply(c->noise, c->step) : OT_OK;
+  c->step++;
+  if (rc == OT_OK) rc = ot_model_forward(c->m, inputs, targets, c->B, c->T, loss);
   if (rc == OT_OK) rc = ot_model_backward(c->m);
+  if (c->noise) {
+    int r2 = ot_emu_noise_restore(c->noise);
+    if (rc == OT_OK) rc = r2;
+  }
+  if (rc || !(c->prox_mu > 0)) return rc;
   ot_backend *be = ot_model_backend(c->m);
   const float *w0 = c->init_w.host;
   double sq = 0;
@@ -240,6 +251,16 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
       fprintf(stderr, "[tune] frozen weights kept in %s: %.1f MiB saved\n",
               kind == OT_LOWP_BF16 ? "bf16" : "int8", saved / 1048576.0);
   }
+  if (rc == OT_OK && o->middle_noise > 0 && o->frozen) {
+    /* a session asks for the noise; a device short of memory still takes part, without it */
+    fprintf(stderr,
+            "[tune] warning: --frozen keeps the middle in low precision, so it is not perturbed "
+            "(--middle-noise %g ignored)\n",
+            o->middle_noise);
+  } else if (rc == OT_OK && o->middle_noise > 0) {
+    res.what = "copying the middle for --middle-noise";
+    rc = ot_emu_noise_create(m, &plan, o->middle_noise, o->adapter.seed, &c.noise);
+  }
   if (rc == OT_OK) rc = ot_model_prepare(m, batch, T, 1);
   ot_optim_config oc;
   ot_optim_config_default(&oc, OT_OPTIM_ADAMW);
@@ -281,6 +302,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
       rc = adapter_copy(&c.best_w, 0); /* best not kept on disk: resume from current */
     if (rc == OT_OK) fprintf(stderr, "[tune] resuming %s at step %d of %d\n", o->out, start, steps);
   }
+  c.step = start + (int64_t)o->data_offset_steps; /* a later round draws new noise */
   res.start = start;
   res.n_train = n_train;
   res.n_val = c.val.n;
@@ -300,7 +322,15 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
               "[tune] supervised examples: %zu rows of %d (loss on completions only), %zu truncated\n",
               bt.n_rows, T, bt.n_truncated);
     if (o->prox_mu > 0) fprintf(stderr, "[tune] FedProx: + (%g/2) ||w - w_round||^2\n", o->prox_mu);
-    ot_lr_schedule sched = {o->lr, o->warmup, steps, OT_LR_CONSTANT, 0.0f};
+    if (c.noise) {
+      int nt;
+      size_t ns;
+      ot_emu_noise_size(c.noise, &nt, &ns);
+      fprintf(stderr,
+              "[tune] middle noise: %d matrices (%zu weights) perturbed afresh each step by %g x their rms\n",
+              nt, ns, o->middle_noise);
+    }
+    ot_lr_schedule sched = {o->lr, o->warmup, steps, o->decay, o->min_lr_ratio};
     rc = ot_metrics_open_dir(o->out, o->json ? stdout : NULL, o->metrics_label ? o->metrics_label : "tune",
                              &c.mx);
     ot_train_config tc = {steps,
@@ -313,7 +343,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
                           o->json ? NULL : stderr,
                           o->label ? o->label : "tune",
                           on_step,
-                          o->prox_mu > 0 ? prox_loss_step : NULL,
+                          o->prox_mu > 0 || c.noise ? tune_loss_step : NULL,
                           c.mx};
     ot_train_result tr;
     if (rc == OT_OK && start >= steps) {
@@ -344,6 +374,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
   free(c.init_w.host);
   free(c.host_w);
   free(c.host_g);
+  ot_emu_noise_free(c.noise);
   ot_optimizer_free(opt);
   ot_batcher_free(&bt);
   ot_tokens_free(&toks);

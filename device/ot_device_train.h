@@ -9,6 +9,7 @@
 #include <stdio.h>
 
 #include "ot_emulator.h"
+#include "ot_optim.h"
 
 typedef struct {
   const char *emulator;     /* emulator package directory */
@@ -19,9 +20,14 @@ typedef struct {
   int steps, batch, seq_len; /* seq_len 0: n_positions */
   float lr, weight_decay, grad_clip;
   int warmup, eval_every, patience, ckpt_every, resume;
+  ot_lr_decay decay; /* after warm-up: OT_LR_CONSTANT (default), linear or cosine to min_lr_ratio x lr */
+  float min_lr_ratio;
   /* FedProx (Li et al. 2020): the loss gets (mu/2) ||w - w_init||^2 over the adapter's
    * tensors, w_init = the adapter the round started from; 0 = off. */
   float prox_mu;
+  /* Each step sees the emulator's middle plus fresh Gaussian noise of this x each matrix's rms
+   * (ot_emu_noise_create), so the adapter cannot fit the emulator's own middle; 0 = off. */
+  float middle_noise;
   uint64_t data_offset_steps; /* the batches start where this many earlier steps left off */
   const char *backend;        /* "cpu" (default) or "cuda" */
   int threads;

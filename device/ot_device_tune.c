@@ -24,8 +24,10 @@ int ot_dev_tune(int argc, char **argv) {
              *backend = "cpu";
   int steps = 100, batch = 8, seq_len = 0, eval_every = 0, patience = 3, ckpt_every = 0, resume = 0,
       threads = 0, warmup = 0, json = 0;
-  float lr = 1e-3f, weight_decay = 0.0f, grad_clip = 1.0f, prox_mu = 0.0f;
-  const char *init_adapter = NULL, *frozen = "fp32";
+  float lr = 1e-3f, weight_decay = 0.0f, grad_clip = 1.0f, prox_mu = 0.0f, middle_noise = 0.0f;
+  const char *init_adapter = NULL, *frozen = "fp32", *schedule = "constant";
+  float min_lr_ratio = 0.0f;
+  ot_lr_decay decay = OT_LR_CONSTANT;
   int frozen_kind = 0;
   ot_peft_config acfg;
   ot_peft_config_default(&acfg);
@@ -52,6 +54,9 @@ int ot_dev_tune(int argc, char **argv) {
       {"seq-len", OT_OPT_INT, &seq_len, "T", "tokens per sequence (default: n_positions)"},
       {"lr", OT_OPT_FLOAT, &lr, "LR", "AdamW learning rate (default 1e-3, constant)"},
       {"warmup", OT_OPT_INT, &warmup, "N", "linear warm-up steps (default 0)"},
+      {"schedule", OT_OPT_STR, &schedule, "NAME", "constant (default), linear or cosine decay after warm-up"},
+      {"min-lr-ratio", OT_OPT_FLOAT, &min_lr_ratio, "R",
+       "floor of the decay, a fraction of --lr (default 0)"},
       {"weight-decay", OT_OPT_FLOAT, &weight_decay, "W", "AdamW weight decay of 2-D weights (default 0)"},
       {"grad-clip", OT_OPT_FLOAT, &grad_clip, "NORM", "clip the global gradient norm (default 1; 0 = off)"},
       {"eval-every", OT_OPT_INT, &eval_every, "N",
@@ -64,6 +69,10 @@ int ot_dev_tune(int argc, char **argv) {
        "would send"},
       {"prox-mu", OT_OPT_FLOAT, &prox_mu, "MU",
        "FedProx: add (MU/2) ||w - w_start||^2 to the loss (default 0: off)"},
+      {"middle-noise", OT_OPT_FLOAT, &middle_noise, "S",
+       "each step sees the emulator's middle plus fresh Gaussian noise of S x each matrix's rms: the adapter "
+       "cannot fit the emulator's own middle, so the emulator fine-tuned stays behind the plug-in (2.5: "
+       "docs/emulator.md; a session sends its own; default 0: off)"},
       {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
       {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
       {"frozen", OT_OPT_STR, &frozen, "DTYPE",
@@ -88,14 +97,20 @@ int ot_dev_tune(int argc, char **argv) {
     rc = ot_error(OT_ERR_INVALID, "give exactly one of --text or --tokens");
   if (rc == OT_OK) rc = ot_peft_parse_kind(adapter, &acfg.kind);
   if (rc == OT_OK) rc = ot_dev_parse_frozen(frozen, &frozen_kind);
+  if (rc == OT_OK) rc = ot_lr_parse_decay(schedule, &decay);
+  if (rc == OT_OK && !(min_lr_ratio >= 0 && min_lr_ratio <= 1))
+    rc = ot_error(OT_ERR_INVALID, "--min-lr-ratio %g: expected 0..1", min_lr_ratio);
   if (rc == OT_OK) rc = ot_lora_parse_targets(targets, &acfg.lora_sites);
   if (rc == OT_OK && (acfg.lora_r < 1 || !(acfg.lora_alpha > 0) ||
                       !(acfg.lora_dropout >= 0 && acfg.lora_dropout < 1) || acfg.bottleneck_dim < 1))
     rc = ot_error(OT_ERR_INVALID,
                   "need --lora-r >= 1, --lora-alpha > 0, 0 <= --lora-dropout < 1, --bottleneck-dim >= 1");
   if (rc == OT_OK && (steps < 1 || batch < 1 || seq_len < 0 || !(lr > 0) || eval_every < 0 || patience < 1 ||
-                      ckpt_every < 0 || warmup < 0 || grad_clip < 0 || !(prox_mu >= 0)))
-    rc = ot_error(OT_ERR_INVALID, "need --steps, --batch, --patience >= 1, --lr > 0, other counts >= 0");
+                      ckpt_every < 0 || warmup < 0 || grad_clip < 0 || !(prox_mu >= 0) ||
+                      !(middle_noise >= 0 && middle_noise <= 100)))
+    rc = ot_error(
+        OT_ERR_INVALID,
+        "need --steps, --batch, --patience >= 1, --lr > 0, 0 <= --middle-noise <= 100, other counts >= 0");
   if (rc) {
     fprintf(stderr, "offtune-device tune: %s\n", ot_error_detail());
     ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
@@ -106,6 +121,7 @@ int ot_dev_tune(int argc, char **argv) {
   o.emulator = emu_dir;
   o.init_adapter = init_adapter;
   o.prox_mu = prox_mu;
+  o.middle_noise = middle_noise;
   o.adapter = acfg;
   o.text = text;
   o.tokens = tokens;
@@ -117,6 +133,8 @@ int ot_dev_tune(int argc, char **argv) {
   o.weight_decay = weight_decay;
   o.grad_clip = grad_clip;
   o.warmup = warmup;
+  o.decay = decay;
+  o.min_lr_ratio = min_lr_ratio;
   o.eval_every = eval_every;
   o.patience = patience;
   o.ckpt_every = ckpt_every;

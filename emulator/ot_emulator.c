@@ -10,6 +10,7 @@
 #include "ot_json.h"
 #include "ot_error.h"
 #include "ot_fileio.h"
+#include "ot_rng.h"
 #include "ot_safetensors.h"
 
 /* ---- layer drop ------------------------------------------------------------------ */
@@ -100,6 +101,109 @@ void ot_emu_set_trainable(ot_model *emu, const ot_emu_plan *p, ot_emu_part part)
       if (ot_model_block_param_index(emu, i, k) >= 0)
         ot_model_param(emu, ot_model_block_param_index(emu, i, k))->trainable = 1;
   }
+}
+
+/* ---- a middle perturbed afresh each step -------------------------------------------- */
+
+struct ot_emu_noise {
+  ot_model *m;
+  int n;          /* matrices */
+  int *idx;       /* their parameter indices */
+  float *sd;      /* noise standard deviation of each: scale x rms */
+  float *orig;    /* the matrices as loaded, one after another */
+  float *scratch; /* one perturbed matrix */
+  size_t total;
+  uint64_t seed;
+};
+
+void ot_emu_noise_free(ot_emu_noise *n) {
+  if (!n) return;
+  free(n->idx);
+  free(n->sd);
+  free(n->orig);
+  free(n->scratch);
+  free(n);
+}
+
+int ot_emu_noise_create(ot_model *emu, const ot_emu_plan *p, float scale, uint64_t seed, ot_emu_noise **out) {
+  if (!(scale > 0 && scale <= 100)) return ot_error(OT_ERR_INVALID, "middle noise %g: expected > 0", scale);
+  if (ot_model_cfg(emu)->n_layer != ot_emu_n_layer(p))
+    return ot_error(OT_ERR_MISMATCH, "emulator has %d blocks, the plan %d", ot_model_cfg(emu)->n_layer,
+                    ot_emu_n_layer(p));
+  ot_emu_noise *n = calloc(1, sizeof *n);
+  int cap = p->keep * OT_R_COUNT;
+  if (!n || !(n->idx = malloc(cap * sizeof(int))) || !(n->sd = malloc(cap * sizeof(float)))) {
+    ot_emu_noise_free(n);
+    return ot_error(OT_ERR_NOMEM, "cannot allocate");
+  }
+  n->m = emu;
+  n->seed = seed;
+  size_t largest = 0;
+  int rc = OT_OK;
+  for (int i = p->bottom; i < p->bottom + p->keep && rc == OT_OK; i++)
+    for (int r = 0; r < OT_R_COUNT; r++) {
+      int k = ot_model_block_param_index(emu, i, r);
+      ot_param *t = k >= 0 ? ot_model_param(emu, k) : NULL;
+      if (!t || t->ndim != 2) continue; /* norm gains and biases stay as they are */
+      if (!t->data || t->trainable) {
+        rc = ot_error(OT_ERR_INVALID, "middle noise needs the middle frozen and in fp32 (%s)", t->name);
+        break;
+      }
+      n->idx[n->n++] = k;
+      n->total += t->numel;
+      if (t->numel > largest) largest = t->numel;
+    }
+  if (rc == OT_OK &&
+      (!(n->orig = malloc(n->total * sizeof(float))) || !(n->scratch = malloc(largest * sizeof(float)))))
+    rc = ot_error(OT_ERR_NOMEM, "cannot allocate %zu floats for the middle's copy", n->total);
+  ot_backend *be = ot_model_backend(emu);
+  float *h = n->orig;
+  for (int j = 0; j < n->n && rc == OT_OK; j++) {
+    ot_param *t = ot_model_param(emu, n->idx[j]);
+    rc = be->ops->download(be, h, t->data, t->numel * sizeof(float));
+    double ss = 0;
+    for (size_t e = 0; e < t->numel; e++) ss += (double)h[e] * h[e];
+    n->sd[j] = (float)(scale * sqrt(ss / (double)t->numel));
+    h += t->numel;
+  }
+  if (rc) {
+    ot_emu_noise_free(n);
+    return rc;
+  }
+  *out = n;
+  return OT_OK;
+}
+
+static int noise_write(ot_emu_noise *n, int perturb, int64_t step) {
+  ot_backend *be = ot_model_backend(n->m);
+  const float *h = n->orig;
+  int rc = OT_OK;
+  for (int j = 0; j < n->n && rc == OT_OK; j++) {
+    ot_param *t = ot_model_param(n->m, n->idx[j]);
+    const float *src = h;
+    if (perturb) {
+      /* one stream per (step, matrix): splitmix64 from a hash of both */
+      uint64_t st = ot_dropout_seed(n->seed, (uint64_t)step, (uint64_t)j);
+      for (size_t e = 0; e < t->numel; e += 2) {
+        double z0, z1;
+        ot_rng_normal2(&st, n->sd[j], &z0, &z1);
+        n->scratch[e] = h[e] + (float)z0;
+        if (e + 1 < t->numel) n->scratch[e + 1] = h[e + 1] + (float)z1;
+      }
+      src = n->scratch;
+    }
+    rc = be->ops->upload(be, t->data, src, t->numel * sizeof(float));
+    h += t->numel;
+  }
+  return rc;
+}
+
+int ot_emu_noise_apply(ot_emu_noise *n, int64_t step) { return noise_write(n, 1, step); }
+int ot_emu_noise_restore(ot_emu_noise *n) { return noise_write(n, 0, 0); }
+
+void ot_emu_noise_size(const ot_emu_noise *n, int *tensors, size_t *scalars) {
+  *tensors = n->n;
+  *scalars = n->total;
 }
 
 /* ---- digests and the package ------------------------------------------------------ */

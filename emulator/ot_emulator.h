@@ -93,6 +93,24 @@ int ot_distill_step(void *d, const int32_t *inputs, const int32_t *targets, floa
 /* Parts of the last step: cross-entropy and the unweighted KD mean. */
 void ot_distill_last(const ot_distill *d, float *ce, float *kd);
 
+/* ---- a middle perturbed afresh each step (device tuning) --------------------------- */
+
+/* An adapter tuned against one fixed middle fits that middle's particular errors: the emulator
+ * fine-tuned then beats the adapter plugged into the full model (docs/emulator.md, "Tuning
+ * against a moving middle"). With a noise handle each training step sees the middle's frozen
+ * matrices plus fresh Gaussian noise of `scale` x each matrix's rms, so the adapter learns only
+ * what works across middles. The noise of a step is a function of (seed, step): a resumed run
+ * sees the same. The middle must be fp32 (not ot_model_freeze_lowp) and frozen. */
+typedef struct ot_emu_noise ot_emu_noise;
+/* Keeps a host copy of the middle's matrices; scale > 0. */
+int ot_emu_noise_create(ot_model *emu, const ot_emu_plan *p, float scale, uint64_t seed, ot_emu_noise **out);
+void ot_emu_noise_free(ot_emu_noise *n);
+/* Writes the middle of `step` (perturbed) or the middle as loaded (restore). */
+int ot_emu_noise_apply(ot_emu_noise *n, int64_t step);
+int ot_emu_noise_restore(ot_emu_noise *n);
+/* Matrices perturbed and their scalars. */
+void ot_emu_noise_size(const ot_emu_noise *n, int *tensors, size_t *scalars);
+
 /* Where the emulator's blocks sit in the full model, for peft/ (adapter blocks = bottom and
  * top): fills *m and returns it. */
 const ot_peft_map *ot_emu_peft_map(const ot_emu_plan *p, ot_peft_map *m);

@@ -312,8 +312,6 @@ static int need_fp32(const ot_model *m, const char *what) {
 
 /* ---- initialisation -------------------------------------------------------------- */
 
-static double uniform01(uint64_t *s) { return ((ot_splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
-
 /* Block and role of parameter i; 0 outside the blocks. */
 static int param_where(const ot_model *m, int i, int *layer, int *role) {
   for (int l = 0; l < m->cfg.n_layer; l++)
@@ -344,11 +342,11 @@ int ot_model_init_random(ot_model *m, uint64_t seed) {
       memset(h, 0, p->numel * sizeof(float));
     } else {
       double std = m->gpt2 && (r == OT_R_O || r == OT_R_DOWN) ? resid_std : 0.02;
-      /* Box-Muller, both outputs of each pair */
       for (size_t j = 0; j < p->numel; j += 2) {
-        double rad = std * sqrt(-2.0 * log(uniform01(&s))), a = 2.0 * M_PI * uniform01(&s);
-        h[j] = (float)(rad * cos(a));
-        if (j + 1 < p->numel) h[j + 1] = (float)(rad * sin(a));
+        double z0, z1;
+        ot_rng_normal2(&s, std, &z0, &z1);
+        h[j] = (float)z0;
+        if (j + 1 < p->numel) h[j + 1] = (float)z1;
       }
     }
     h += p->numel;
@@ -1833,12 +1831,13 @@ int ot_model_add_extensions(ot_model *m, const ot_block_ext *ext, uint64_t seed)
         is_down = len > 12 && !strcmp(p->name + len - 12, ".down.weight");
     if (is_a) {
       double bound = 1.0 / sqrt((double)p->shape[1]);
-      for (size_t j = 0; j < p->numel; j++) h[j] = (float)((2.0 * uniform01(&st) - 1.0) * bound);
+      for (size_t j = 0; j < p->numel; j++) h[j] = (float)((2.0 * ot_rng_open01(&st) - 1.0) * bound);
     } else if (is_down) {
       for (size_t j = 0; j < p->numel; j += 2) {
-        double r = 0.02 * sqrt(-2.0 * log(uniform01(&st))), a = 2.0 * M_PI * uniform01(&st);
-        h[j] = (float)(r * cos(a));
-        if (j + 1 < p->numel) h[j + 1] = (float)(r * sin(a));
+        double z0, z1;
+        ot_rng_normal2(&st, 0.02, &z0, &z1);
+        h[j] = (float)z0;
+        if (j + 1 < p->numel) h[j + 1] = (float)z1;
       }
     } else {
       memset(h, 0, p->numel * sizeof(float));

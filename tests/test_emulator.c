@@ -268,6 +268,73 @@ static void test_tune_freezes(void **state) {
   distill_close(&f);
 }
 
+/* --middle-noise: the middle's matrices get fresh N(0, (s rms)^2) noise per step, the same for
+ * the same step, nothing else moves, and restore gives back the loaded bytes. */
+static void test_middle_noise(void **state) {
+  (void)state;
+  distill_fx f;
+  distill_open(&f);
+  ot_emu_noise *nz = NULL;
+  ot_emu_set_trainable(f.emu, &f.plan, OT_EMU_TRAIN_MIDDLE);
+  assert_int_equal(ot_emu_noise_create(f.emu, &f.plan, 0.5f, 11, &nz), OT_ERR_INVALID); /* middle trains */
+  ot_emu_set_trainable(f.emu, &f.plan, OT_EMU_TRAIN_ADAPTER);
+  assert_int_equal(ot_emu_noise_create(f.emu, &f.plan, 0.0f, 11, &nz), OT_ERR_INVALID);
+  assert_int_equal(ot_emu_noise_create(f.emu, &f.plan, 0.5f, 11, &nz), OT_OK);
+  int nt;
+  size_t ns;
+  ot_emu_noise_size(nz, &nt, &ns);
+  assert_int_equal(nt, 4); /* GPT-2: c_attn, attn.c_proj, c_fc, mlp.c_proj of the one kept block */
+  size_t n = ot_model_num_params(f.emu);
+  float *orig = host_params(f.emu);
+  assert_int_equal(ot_emu_noise_apply(nz, 3), OT_OK);
+  float *s3 = host_params(f.emu);
+  assert_int_equal(ot_emu_noise_apply(nz, 4), OT_OK);
+  float *s4 = host_params(f.emu);
+  assert_int_equal(ot_emu_noise_apply(nz, 3), OT_OK);
+  float *s3b = host_params(f.emu);
+  assert_memory_equal(s3, s3b, n * sizeof(float)); /* a function of the step: resume sees the same */
+  assert_memory_not_equal(s3, s4, n * sizeof(float));
+  assert_int_equal(ot_emu_noise_restore(nz), OT_OK);
+  float *back = host_params(f.emu);
+  assert_memory_equal(orig, back, n * sizeof(float));
+  const float *o = orig, *p3 = s3;
+  size_t perturbed = 0;
+  for (int i = 0; i < ot_model_param_count(f.emu); i++) {
+    ot_param *p = ot_model_param(f.emu, i);
+    int layer = -1;
+    sscanf(p->name, "transformer.h.%d.", &layer);
+    int middle = layer >= 0 && !ot_emu_is_adapter(&f.plan, layer) && p->ndim == 2;
+    if (!middle) {
+      if (memcmp(o, p3, p->numel * sizeof(float)))
+        fail_msg("%s: outside the middle's matrices, changed", p->name);
+    } else {
+      double ss = 0, sd = 0, mean = 0;
+      for (size_t k = 0; k < p->numel; k++) {
+        ss += (double)o[k] * o[k];
+        mean += p3[k] - o[k];
+        sd += (double)(p3[k] - o[k]) * (p3[k] - o[k]);
+      }
+      double want = 0.5 * sqrt(ss / p->numel), got = sqrt(sd / p->numel);
+      mean /= p->numel;
+      printf("middle noise %s: sd %.5f (want %.5f), mean %.2g, %zu weights\n", p->name, got, want, mean,
+             p->numel);
+      assert_true(fabs(got / want - 1) < 0.1);
+      assert_true(fabs(mean) < 5 * want / sqrt((double)p->numel));
+      perturbed += p->numel;
+    }
+    o += p->numel;
+    p3 += p->numel;
+  }
+  assert_int_equal(perturbed, ns);
+  ot_emu_noise_free(nz);
+  free(orig);
+  free(s3);
+  free(s4);
+  free(s3b);
+  free(back);
+  distill_close(&f);
+}
+
 static void full_logits(ot_model *m, const int32_t *in, int B, int T, float *out) {
   assert_int_equal(ot_model_prepare(m, B, T, 0), 0);
   assert_int_equal(ot_model_forward_logits(m, in, B, T, out), 0);
@@ -462,8 +529,9 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_layer_drop),       cmocka_unit_test(test_kd_op),
       cmocka_unit_test(test_distill_gradient), cmocka_unit_test(test_distill_lowers_kd),
-      cmocka_unit_test(test_tune_freezes),     cmocka_unit_test(test_plugin),
-      cmocka_unit_test(test_int8_package),     cmocka_unit_test(test_hostile_numbers),
+      cmocka_unit_test(test_tune_freezes),     cmocka_unit_test(test_middle_noise),
+      cmocka_unit_test(test_plugin),           cmocka_unit_test(test_int8_package),
+      cmocka_unit_test(test_hostile_numbers),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

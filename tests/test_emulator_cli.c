@@ -129,6 +129,23 @@ static void test_resume_is_exact(void **state) {
   snprintf(a, sizeof a, "%s/t_straight/adapter_model.safetensors", dir);
   snprintf(b, sizeof b, "%s/t_resumed/adapter_model.safetensors", dir);
   assert_true(files_equal(a, b));
+  /* the same with a moving middle and a decaying lr (warm-up to the stop: both schedules agree
+   * there): a step's noise depends on the step only */
+  const char *n_common =
+      "--batch 2 --seq-len 16 --threads 1 --lr 3e-3 --middle-noise 1 --schedule cosine --warmup 2";
+  RUN_OK("%s tune --emulator %s/d_straight --text %s/private.txt --out %s/n_straight --steps 5 %s", device,
+         dir, dir, dir, n_common);
+  assert_non_null(strstr(out, "middle noise: 4 matrices"));
+  RUN_OK("%s tune --emulator %s/d_straight --text %s/private.txt --out %s/n_resumed --steps 2 %s", device,
+         dir, dir, dir, n_common);
+  RUN_OK("%s tune --emulator %s/d_straight --text %s/private.txt --out %s/n_resumed --steps 5 --resume %s",
+         device, dir, dir, dir, n_common);
+  char c[700];
+  snprintf(a, sizeof a, "%s/n_straight/adapter_model.safetensors", dir);
+  snprintf(b, sizeof b, "%s/n_resumed/adapter_model.safetensors", dir);
+  snprintf(c, sizeof c, "%s/t_straight/adapter_model.safetensors", dir);
+  assert_true(files_equal(a, b));
+  assert_false(files_equal(a, c)); /* the noise and the schedule change the training */
   /* resuming with other batch settings is refused */
   assert_int_equal(ot_test_run(out, sizeof out,
                                "%s tune --emulator %s/d_straight --text %s/private.txt --out %s/t_resumed "

@@ -864,7 +864,8 @@ static void test_no_private_text(void **state) {
   daemon_t d;
   daemon_init(&d, "privacy");
   session_create(&d, "p",
-                 "--rounds 2 --min-devices 1 --max-devices 1 --deadline 60 --aggregation fedprox --mu 0.5");
+                 "--rounds 2 --min-devices 1 --max-devices 1 --deadline 60 --aggregation fedprox --mu 0.5 "
+                 "--middle-noise 1.5");
   device_join(&d, "p1");
   /* --dry-run: the round is trained, nothing is uploaded; the real run then sends it */
   char dry[1200], db[1200];
@@ -887,6 +888,7 @@ static void test_no_private_text(void **state) {
   char log[1200];
   snprintf(log, sizeof log, "%s/p1.log", dir);
   assert_true(file_has(log, "FedProx: + (0.5/2)")); /* the session's mu reached the trainer */
+  assert_true(file_has(log, "perturbed afresh each step by 1.5 x")); /* and its middle noise */
   assert_true(file_has(log, "round 1 was trained earlier"));
   char *text = NULL, *tr = NULL;
   size_t tl, trl, nrec, bytes;

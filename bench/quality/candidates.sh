@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Why transfer fails on held-out domains (issue 15): bench/quality/run.sh for the offsite adapter
 # on the GPT-2 default (models/brown-8x128) under one change at a time against its main-job recipe
-# (keep 1 of 4, 100 distillation steps), then one summary line per variant
+# (keep 1 of 4, 100 distillation steps, device lr 5e-4, no middle noise, full FT at 5e-4), then one summary line per variant
 # (mean emulator gap and closure over the domains, and on how many domains the plug-in beats the
 # emulator fine-tuned). Each variant is a few minutes of two one-thread jobs; finished variants
 # are reused (their table.md), so an interrupted run continues.
@@ -45,7 +45,8 @@ for name in "${order[@]}"; do
   if [ ! -s "$o/table.md" ]; then
     echo "== $name: ${v[$name]:-the main job recipe} =="
     # shellcheck disable=SC2086
-    bash bench/quality/run.sh --model models/brown-8x128 --target-gap none --kinds offsite --out "$o" ${v[$name]} \
+    bash bench/quality/run.sh --model models/brown-8x128 --target-gap none --kinds offsite --out "$o" \
+      --lr 5e-4 --middle-noise 0 --ft-lrs 5e-4 ${v[$name]} \
       >"$o.log" 2>&1 || { tail -n 20 "$o.log"; exit 1; }
   fi
 done
