@@ -126,7 +126,8 @@ void ot_emu_noise_free(ot_emu_noise *n) {
 }
 
 int ot_emu_noise_create(ot_model *emu, const ot_emu_plan *p, float scale, uint64_t seed, ot_emu_noise **out) {
-  if (!(scale > 0 && scale <= 100)) return ot_error(OT_ERR_INVALID, "middle noise %g: expected > 0", scale);
+  if (!(scale > 0 && scale <= 100))
+    return ot_error(OT_ERR_INVALID, "middle noise %g: expected 0 < S <= 100", scale);
   if (ot_model_cfg(emu)->n_layer != ot_emu_n_layer(p))
     return ot_error(OT_ERR_MISMATCH, "emulator has %d blocks, the plan %d", ot_model_cfg(emu)->n_layer,
                     ot_emu_n_layer(p));
