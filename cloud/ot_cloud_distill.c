@@ -45,7 +45,7 @@ static int gap_ppl(ot_model *m, const distill_ctx *c, double *ppl, int *tokens) 
 /* The emulator package in --out (loadable at every checkpoint) with its measured gap, then
  * the resumable snapshot of the kept middle blocks (train_state/) as one unit. */
 static int save_package(distill_ctx *c, int step, int measure) {
-  ot_snapshot_state st = {step, c->data->pos, c->data->rng, c->B, c->T, -1.0, 0};
+  ot_snapshot_state st = {step, c->data->pos, c->data->rng, c->B, c->T, -1.0, 0, NULL, 0};
   int rc = ot_emu_save(c->student, c->plan, c->tok, c->out);
   if (rc == OT_OK) rc = ot_snapshot_save(c->out, c->student, c->opt, &st);
   /* measured once the package is on disk: one that cannot be written costs no evaluation */

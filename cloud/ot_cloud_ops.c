@@ -151,6 +151,9 @@ static int session_create(int argc, char **argv) {
        "device: each step sees the emulator's middle plus fresh Gaussian noise of S x each matrix's rms: the "
        "adapter cannot fit the emulator's own middle, so the emulator fine-tuned stays behind the served "
        "plug-in (2.5: docs/emulator.md; default 0: off)"},
+      {"average-last", OT_OPT_INT, &c.average_last, "N",
+       "device: send the mean of the adapter's weights after each of a round's last N steps (tail "
+       "averaging; default 0: the last weights)"},
       {"batch", OT_OPT_INT, &c.batch, "B", "device: sequences per step (default 8)"},
       {"seq-len", OT_OPT_INT, &c.seq_len, "T", "device: tokens per sequence (default: ctx)"},
       {"rounds", OT_OPT_INT, &c.rounds, "N", "rounds (default 3)"},
@@ -298,11 +301,13 @@ static void h_session(const cJSON *r) {
            jnum(c, "target_gap") > 0 ? ", chosen for the session's target" : "");
   char seq[32] = "ctx";
   if (jnum(c, "seq_len") > 0) snprintf(seq, sizeof seq, "%.0f", jnum(c, "seq_len"));
-  char noise[48] = "";
+  char noise[48] = "", avg[64] = "";
   if (jnum(c, "middle_noise") > 0)
     snprintf(noise, sizeof noise, ", middle noise %g", jnum(c, "middle_noise"));
-  printf("  adapter %s; devices train %.0f steps of %.0f x %s at lr %g%s; %s aggregation\n",
-         jstr(c, "adapter"), jnum(c, "steps"), jnum(c, "batch"), seq, jnum(c, "lr"), noise,
+  if (jnum(c, "average_last") > 0)
+    snprintf(avg, sizeof avg, ", the mean of the last %.0f steps sent", jnum(c, "average_last"));
+  printf("  adapter %s; devices train %.0f steps of %.0f x %s at lr %g%s%s; %s aggregation\n",
+         jstr(c, "adapter"), jnum(c, "steps"), jnum(c, "batch"), seq, jnum(c, "lr"), noise, avg,
          jstr(c, "aggregation"));
   printf("  %.0f..%.0f devices per round, deadline %.0f s; current adapter %s\n", jnum(c, "min_devices"),
          jnum(c, "max_devices"), jnum(c, "deadline_s"), jstr(s, "adapter"));

@@ -81,7 +81,7 @@ typedef struct {
  * resumable snapshot (train_state/) as one unit. */
 static int save_checkpoint(void *vctx, int step) {
   ckpt_ctx *c = vctx;
-  ot_snapshot_state st = {step, c->data->pos, c->data->rng, c->t->batch, c->t->seq_len, -1.0, 0};
+  ot_snapshot_state st = {step, c->data->pos, c->data->rng, c->t->batch, c->t->seq_len, -1.0, 0, NULL, 0};
   int rc = ot_model_save_dir(c->m, c->t->out);
   if (rc == OT_OK) rc = ot_tokenizer_save_dir(c->tok, c->t->out);
   if (rc == OT_OK) rc = ot_snapshot_save(c->t->out, c->m, c->opt, &st);

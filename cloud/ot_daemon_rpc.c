@@ -341,6 +341,8 @@ static int poll(ot_daemon *d, const uint8_t peer[32], int64_t dev, const Offtune
       ts.has_prox_mu = 1;
       ts.middle_noise = c->middle_noise;
       ts.has_middle_noise = 1;
+      ts.average_last = (uint32_t)c->average_last;
+      ts.has_average_last = 1;
       ri.train = &ts;
       ri.deadline = (uint64_t)s.deadline;
       ri.has_deadline = 1;

@@ -100,6 +100,7 @@ static const field fields[] = {
     F("seq_len", 'i', seq_len, 0, 1 << 20),
     F("lr", 'f', lr, 1e-9, 10),
     F("middle_noise", 'f', middle_noise, 0, 100),
+    F("average_last", 'i', average_last, 0, 1e7),
     F("rounds", 'i', rounds, 1, 100000),
     F("min_devices", 'i', min_devices, 1, 100000),
     F("max_devices", 'i', max_devices, 1, 100000),
@@ -180,6 +181,9 @@ int ot_session_cfg_from_json(const cJSON *j, ot_session_cfg *out) {
   if (!ot_name_ok(c.name))
     return ot_error(OT_ERR_INVALID, "session name '%s': use 1-63 of [A-Za-z0-9_-]", c.name);
   if (!ot_name_ok(c.model)) return ot_error(OT_ERR_INVALID, "model name '%s' is not valid", c.model);
+  if (c.average_last > c.steps)
+    return ot_error(OT_ERR_INVALID, "average_last %d exceeds the %d steps of a round", c.average_last,
+                    c.steps);
   if (c.min_devices > c.max_devices)
     return ot_error(OT_ERR_INVALID, "min_devices %d exceeds max_devices %d", c.min_devices, c.max_devices);
   if (c.adapter.lora_sites == 0) return ot_error(OT_ERR_INVALID, "lora_targets names no module");

@@ -34,6 +34,9 @@ typedef struct {
   /* devices tune against the middle plus fresh noise of this x each matrix's rms each step
    * (ot_emu_noise_create: the adapter cannot fit the emulator's own middle); 0 = off */
   float middle_noise;
+  /* devices send the mean of their adapter's weights after each of a round's last N steps (tail
+   * averaging, N <= steps); 0 = the last weights */
+  int average_last;
   /* rounds */
   int rounds, min_devices, max_devices, deadline_s, max_retries;
   /* aggregation */

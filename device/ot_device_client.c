@@ -308,6 +308,8 @@ static int do_round(runner *r, const Offtune__Session__RoundInfo *ri, int *accep
     o.lr = ri->train->lr;
     o.prox_mu = ri->train->has_prox_mu ? ri->train->prox_mu : 0.0f;
     o.middle_noise = ri->train->has_middle_noise ? ri->train->middle_noise : 0.0f;
+    /* past INT_MAX it turns negative, and ot_dev_train refuses it */
+    o.average_last = ri->train->has_average_last ? (int)ri->train->average_last : 0;
     o.data_offset_steps = (uint64_t)(ri->round - 1) * (uint64_t)o.steps; /* each round reads on */
     o.backend = r->backend;
     o.threads = r->threads;

@@ -80,35 +80,58 @@ typedef struct {
   weights_copy init_w;
   float *host_w, *host_g; /* staging for one tensor */
   ot_emu_noise *noise;    /* --middle-noise */
+  int avg_from;           /* --average-last: the first step whose weights enter the mean; 0 = off */
+  float *avg;             /* the running mean */
+  weights_copy cur;       /* staging of the current weights */
   int64_t step;           /* the step loss_step computes */
   ot_metrics *mx;
 } tune_ctx;
 
-/* The adapter in --out (usable at every checkpoint), then the resumable snapshot of
- * the adapter weights and early-stopping state (train_state/) as one unit. */
+/* The adapter in --out (usable at every checkpoint; after the last step of tail averaging, the
+ * mean), then the resumable snapshot of the running weights, the mean and early-stopping state
+ * (train_state/) as one unit. */
 static int save_state(void *vctx, int step) {
   tune_ctx *c = vctx;
-  ot_snapshot_state st = {step,  c->data->pos, c->data->rng, c->B, c->T, c->have_best ? c->best : -1.0,
-                          c->bad};
-  int rc = ot_peft_save(c->m, c->map, c->acfg, c->out);
+  ot_snapshot_state st = {step,   c->data->pos, c->data->rng, c->B, c->T, c->have_best ? c->best : -1.0,
+                          c->bad, c->avg,       c->avg_from};
+  int mean = c->avg_from && step == c->steps; /* cur holds the weights after this step */
+  weights_copy w = {c->m, c->avg, c->cur.n};
+  int rc = mean ? adapter_copy(&w, 1) : OT_OK;
+  if (rc == OT_OK) rc = ot_peft_save(c->m, c->map, c->acfg, c->out);
+  if (mean) {
+    int r2 = adapter_copy(&c->cur, 1);
+    if (rc == OT_OK) rc = r2;
+  }
   if (rc == OT_OK) rc = ot_snapshot_save(c->out, c->m, c->opt, &st);
   return rc;
 }
 
 static int held_out(tune_ctx *c, double *loss) {
   ot_eval_result er;
+  /* the loaded middle: a step leaves its noise in place (the next step overwrites it) */
+  int rc = c->noise ? ot_emu_noise_restore(c->noise) : OT_OK;
   ot_model_set_dropout(c->m, 0); /* evaluation sees the adapter without dropout */
-  int rc = ot_eval_data(c->m, &c->val, c->T, c->B, NULL, &er);
+  if (rc == OT_OK) rc = ot_eval_data(c->m, &c->val, c->T, c->B, NULL, &er);
   ot_model_set_dropout(c->m, 1);
   if (rc == OT_OK) *loss = er.loss;
   return rc;
 }
 
-/* Early stopping: evaluate every eval_every steps; keep the best adapter weights; stop
- * after `patience` evaluations without improvement and restore the best. */
+/* Tail averaging: the weights after `step` join the running mean (left in cur). */
+static int average_step(tune_ctx *c, int step) {
+  int rc = adapter_copy(&c->cur, 0);
+  float k = (float)(step - c->avg_from + 1); /* weights in the mean, these included */
+  for (size_t i = 0; rc == OT_OK && i < c->cur.n; i++) c->avg[i] += (c->cur.host[i] - c->avg[i]) / k;
+  return rc;
+}
+
+/* After each step: tail averaging; early stopping: evaluate every eval_every steps, keep the
+ * best adapter weights, stop after `patience` evaluations without improvement and restore
+ * the best. */
 static int on_step(void *vctx, int step, float loss, int *stop) {
   tune_ctx *c = vctx;
   (void)loss;
+  if (c->avg_from && step >= c->avg_from) return average_step(c, step);
   if (!c->eval_every || (step % c->eval_every != 0 && step != c->steps)) return OT_OK;
   double v;
   int rc = held_out(c, &v);
@@ -141,19 +164,15 @@ static int on_step(void *vctx, int step, float loss, int *stop) {
 }
 
 /* One step's gradients when plain forward + backward is not all: with --middle-noise the step
- * runs on a freshly perturbed middle (the loaded one is written back before anything else
- * sees the model); with FedProx the proximal term's gradient mu (w - w_init) joins each
- * adapter tensor's. */
+ * runs on a freshly perturbed middle (held_out writes the loaded one back: nothing else reads
+ * the middle); with FedProx the proximal term's gradient mu (w - w_init) joins each adapter
+ * tensor's. */
 static int tune_loss_step(void *vctx, const int32_t *inputs, const int32_t *targets, float *loss) {
   tune_ctx *c = vctx;
   int rc = c->noise ? ot_emu_noise_apply(c->noise, c->step) : OT_OK;
   c->step++;
   if (rc == OT_OK) rc = ot_model_forward(c->m, inputs, targets, c->B, c->T, loss);
   if (rc == OT_OK) rc = ot_model_backward(c->m);
-  if (c->noise) {
-    int r2 = ot_emu_noise_restore(c->noise);
-    if (rc == OT_OK) rc = r2;
-  }
   if (rc || !(c->prox_mu > 0)) return rc;
   ot_backend *be = ot_model_backend(c->m);
   const float *w0 = c->init_w.host;
@@ -218,6 +237,10 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
                 .patience = o->patience,
                 .prox_mu = o->prox_mu};
   if (T > ot_model_cfg(m)->n_positions) rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds n_positions", T);
+  if (rc == OT_OK && (o->average_last < 0 || o->average_last > steps || (o->average_last && o->eval_every)))
+    rc = ot_error(OT_ERR_INVALID, "--average-last %d: expected 0..%d (--steps), and not with --eval-every",
+                  o->average_last, steps);
+  c.avg_from = o->average_last ? steps - o->average_last + 1 : 0;
   if (rc == OT_OK && o->text)
     rc = ot_tokenizer_require(tok, o->emulator, "give token ids with --tokens FILE");
   if (rc == OT_OK) rc = ot_tokens_load_input(o->text, o->tokens, tok, ot_model_cfg(m)->vocab_size, &toks);
@@ -279,6 +302,10 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
   c.init_w.n = c.best_w.n;
   if (rc == OT_OK && !(c.best_w.host = malloc(c.best_w.n * sizeof(float))))
     rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
+  c.cur = (weights_copy){m, NULL, c.best_w.n};
+  if (rc == OT_OK && c.avg_from &&
+      (!(c.avg = calloc(c.cur.n, sizeof(float))) || !(c.cur.host = malloc(c.cur.n * sizeof(float)))))
+    rc = ot_error(OT_ERR_NOMEM, "cannot allocate");
   if (rc == OT_OK && o->prox_mu > 0) {
     c.init_w.host = malloc(c.init_w.n * sizeof(float));
     c.host_w = malloc(largest * sizeof(float));
@@ -289,7 +316,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
   int start = 0;
   if (rc == OT_OK && o->resume && ot_snapshot_exists(o->out)) {
     res.what = "resuming";
-    ot_snapshot_state st = {.batch = batch, .seq_len = T};
+    ot_snapshot_state st = {.batch = batch, .seq_len = T, .avg = c.avg, .avg_from = c.avg_from};
     rc = ot_snapshot_load(o->out, m, opt, n_train, &st);
     if (rc == OT_OK) {
       start = st.step;
@@ -330,6 +357,9 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
               "[tune] middle noise: %d matrices (%zu weights) perturbed afresh each step by %g x their rms\n",
               nt, ns, o->middle_noise);
     }
+    if (c.avg_from)
+      fprintf(stderr, "[tune] the adapter written at the end is the mean of the weights after steps %d..%d\n",
+              c.avg_from, steps);
     ot_lr_schedule sched = {o->lr, o->warmup, steps, o->decay, o->min_lr_ratio};
     rc = ot_metrics_open_dir(o->out, o->json ? stdout : NULL, o->metrics_label ? o->metrics_label : "tune",
                              &c.mx);
@@ -372,6 +402,8 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
   ot_metrics_close(c.mx);
   free(c.best_w.host);
   free(c.init_w.host);
+  free(c.avg);
+  free(c.cur.host);
   free(c.host_w);
   free(c.host_g);
   ot_emu_noise_free(c.noise);

@@ -28,6 +28,11 @@ typedef struct {
   /* Each step sees the emulator's middle plus fresh Gaussian noise of this x each matrix's rms
    * (ot_emu_noise_create), so the adapter cannot fit the emulator's own middle; 0 = off. */
   float middle_noise;
+  /* Tail averaging: the adapter written at the end is the mean of its weights after each of the
+   * last N steps (1 <= N <= steps; checkpoints before the end hold the running weights, and
+   * train_state/ always does, with the mean, so a resumed or extended run goes on from them);
+   * 0 = off. Not with eval_every, whose early stopping keeps the best weights instead. */
+  int average_last;
   uint64_t data_offset_steps; /* the batches start where this many earlier steps left off */
   const char *backend;        /* "cpu" (default) or "cuda" */
   int threads;

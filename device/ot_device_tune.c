@@ -23,7 +23,7 @@ int ot_dev_tune(int argc, char **argv) {
   const char *emu_dir = NULL, *text = NULL, *tokens = NULL, *out = NULL, *adapter = "offsite",
              *backend = "cpu";
   int steps = 100, batch = 8, seq_len = 0, eval_every = 0, patience = 3, ckpt_every = 0, resume = 0,
-      threads = 0, warmup = 0, json = 0;
+      threads = 0, warmup = 0, json = 0, average_last = 0;
   float lr = 1e-3f, weight_decay = 0.0f, grad_clip = 1.0f, prox_mu = 0.0f, middle_noise = 0.0f;
   const char *init_adapter = NULL, *frozen = "fp32", *schedule = "constant";
   float min_lr_ratio = 0.0f;
@@ -73,6 +73,9 @@ int ot_dev_tune(int argc, char **argv) {
        "each step sees the emulator's middle plus fresh Gaussian noise of S x each matrix's rms: the adapter "
        "cannot fit the emulator's own middle, so the emulator fine-tuned stays behind the plug-in (2.5: "
        "docs/emulator.md; a session sends its own; default 0: off)"},
+      {"average-last", OT_OPT_INT, &average_last, "N",
+       "the adapter written at the end is the mean of its weights after each of the last N steps (tail "
+       "averaging; not with --eval-every; default 0: the last weights)"},
       {"backend", OT_OPT_STR, &backend, "NAME", "cpu (default) or cuda"},
       {"threads", OT_OPT_INT, &threads, "N", "CPU threads (default: all cores)"},
       {"frozen", OT_OPT_STR, &frozen, "DTYPE",
@@ -111,6 +114,9 @@ int ot_dev_tune(int argc, char **argv) {
     rc = ot_error(
         OT_ERR_INVALID,
         "need --steps, --batch, --patience >= 1, --lr > 0, 0 <= --middle-noise <= 100, other counts >= 0");
+  if (rc == OT_OK && (average_last < 0 || average_last > steps || (average_last && eval_every)))
+    rc = ot_error(OT_ERR_INVALID, "--average-last %d: expected 0..%d (--steps), and not with --eval-every",
+                  average_last, steps);
   if (rc) {
     fprintf(stderr, "offtune-device tune: %s\n", ot_error_detail());
     ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));
@@ -122,6 +128,7 @@ int ot_dev_tune(int argc, char **argv) {
   o.init_adapter = init_adapter;
   o.prox_mu = prox_mu;
   o.middle_noise = middle_noise;
+  o.average_last = average_last;
   o.adapter = acfg;
   o.text = text;
   o.tokens = tokens;

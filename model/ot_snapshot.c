@@ -62,22 +62,23 @@ int ot_snapshot_exists(const char *out) {
   return d != NULL;
 }
 
-static int write_weights(const char *path, ot_model *m) {
+/* The trainable tensors, from the model or (src != NULL) from a host array of their values. */
+static int write_weights(const char *path, ot_model *m, const float *src_host) {
   ot_backend *be = ot_model_backend(m);
   size_t total = 0;
   for (int i = 0; i < ot_model_param_count(m); i++)
     if (ot_model_param(m, i)->trainable) total += ot_model_param(m, i)->numel;
   /* host memory is written as is; a device backend's tensors are staged on the host */
-  float *host = be->ops->host_visible ? NULL : malloc((total ? total : 1) * sizeof(float));
+  int stage = !src_host && !be->ops->host_visible;
+  float *host = stage ? malloc((total ? total : 1) * sizeof(float)) : NULL;
   ot_st_writer *w = NULL;
-  int rc = host || be->ops->host_visible ? ot_st_writer_new(&w)
-                                         : ot_error(OT_ERR_NOMEM, "cannot allocate snapshot buffer");
+  int rc = host || !stage ? ot_st_writer_new(&w) : ot_error(OT_ERR_NOMEM, "cannot allocate snapshot buffer");
   size_t off = 0;
   for (int i = 0; i < ot_model_param_count(m) && rc == OT_OK; i++) {
     ot_param *p = ot_model_param(m, i);
     if (!p->trainable) continue;
     int64_t shape[2] = {p->shape[0], p->shape[1]};
-    const float *src = p->data;
+    const float *src = src_host ? src_host + off : p->data;
     if (host) {
       rc = be->ops->download(be, host + off, p->data, p->numel * sizeof(float));
       src = host + off;
@@ -91,6 +92,9 @@ static int write_weights(const char *path, ot_model *m) {
   return rc;
 }
 
+/* 1 if a snapshot at `step` holds a running mean for an averaging window from `from`. */
+static int has_mean(int step, int from) { return from > 0 && step >= from; }
+
 int ot_snapshot_save(const char *out, ot_model *m, const ot_optimizer *opt, const ot_snapshot_state *st) {
   char *tmpl = NULL, *dir = NULL, *cur = NULL, *old = NULL, *p = NULL, *json = NULL;
   int rc = ot_mkdir_p(out);
@@ -99,9 +103,15 @@ int ot_snapshot_save(const char *out, ot_model *m, const ot_optimizer *opt, cons
   if (rc == OT_OK && !(dir = mkdtemp(tmpl)))
     rc = ot_error(OT_ERR_IO, "cannot create a snapshot directory in %s: %s", out, strerror(errno));
   if (rc == OT_OK) rc = ot_path_join(dir, "weights.safetensors", &p);
-  if (rc == OT_OK) rc = write_weights(p, m);
+  if (rc == OT_OK) rc = write_weights(p, m, NULL);
   free(p);
   p = NULL;
+  if (rc == OT_OK && has_mean(st->step, st->avg_from)) {
+    rc = ot_path_join(dir, "average.safetensors", &p);
+    if (rc == OT_OK) rc = write_weights(p, m, st->avg);
+    free(p);
+    p = NULL;
+  }
   if (rc == OT_OK) rc = ot_path_join(dir, "optimizer.safetensors", &p);
   if (rc == OT_OK) rc = ot_optimizer_save(opt, p);
   free(p);
@@ -110,9 +120,9 @@ int ot_snapshot_save(const char *out, ot_model *m, const ot_optimizer *opt, cons
     if (asprintf(&json,
                  "{\"step\": %d, \"pos\": %zu, \"rng\": \"%llu\", \"batch\": %d, \"seq_len\": %d, \"best\": "
                  "%.17g, "
-                 "\"bad\": %d}\n",
-                 st->step, st->pos, (unsigned long long)st->rng, st->batch, st->seq_len, st->best,
-                 st->bad) < 0)
+                 "\"bad\": %d, \"avg_from\": %d}\n",
+                 st->step, st->pos, (unsigned long long)st->rng, st->batch, st->seq_len, st->best, st->bad,
+                 st->avg_from) < 0)
       rc = ot_error(OT_ERR_NOMEM, "cannot format the training state");
     else if ((rc = ot_path_join(dir, "state.json", &p)) == OT_OK)
       rc = ot_file_write_atomic(p, json, strlen(json));
@@ -148,7 +158,8 @@ int ot_snapshot_save(const char *out, ot_model *m, const ot_optimizer *opt, cons
   return rc;
 }
 
-static int read_weights(const char *path, ot_model *m) {
+/* Into the model's trainable tensors or (dst != NULL) a host array of their values. */
+static int read_weights(const char *path, ot_model *m, float *dst_host) {
   ot_safetensors *st = NULL;
   int rc = ot_st_open(path, &st);
   if (rc) return rc;
@@ -179,7 +190,10 @@ static int read_weights(const char *path, ot_model *m) {
   for (int i = 0; i < ot_model_param_count(m) && rc == OT_OK; i++) {
     ot_param *p = ot_model_param(m, i);
     if (!p->trainable) continue;
-    rc = be->ops->upload(be, p->data, host + off, p->numel * sizeof(float));
+    if (dst_host)
+      memcpy(dst_host + off, host + off, p->numel * sizeof(float));
+    else
+      rc = be->ops->upload(be, p->data, host + off, p->numel * sizeof(float));
     off += p->numel;
   }
   free(host);
@@ -200,10 +214,10 @@ int ot_snapshot_load(const char *out, ot_model *m, ot_optimizer *opt, size_t n_t
     cJSON *step = cJSON_GetObjectItem(j, "step"), *pos = cJSON_GetObjectItem(j, "pos"),
           *rng = cJSON_GetObjectItem(j, "rng"), *b = cJSON_GetObjectItem(j, "batch"),
           *q = cJSON_GetObjectItem(j, "seq_len"), *best = cJSON_GetObjectItem(j, "best"),
-          *bad = cJSON_GetObjectItem(j, "bad");
+          *bad = cJSON_GetObjectItem(j, "bad"), *from = cJSON_GetObjectItem(j, "avg_from");
     if (!cJSON_IsNumber(step) || !cJSON_IsNumber(pos) || !cJSON_IsString(rng) || !cJSON_IsNumber(b) ||
         !cJSON_IsNumber(q) || !cJSON_IsNumber(best) || !cJSON_IsNumber(bad) || step->valuedouble < 0 ||
-        step->valuedouble > 1e9 || pos->valuedouble < 0)
+        step->valuedouble > 1e9 || pos->valuedouble < 0 || (from && !cJSON_IsNumber(from)))
       rc = ot_error(OT_ERR_FORMAT, "%s: malformed training state", p);
     else if (pos->valuedouble >= (double)n_tokens)
       rc = ot_error(OT_ERR_MISMATCH, "%s: saved at token %.0f, past the %zu tokens of this data", p,
@@ -211,6 +225,14 @@ int ot_snapshot_load(const char *out, ot_model *m, ot_optimizer *opt, size_t n_t
     else if (b->valueint != st->batch || q->valueint != st->seq_len)
       rc = ot_error(OT_ERR_MISMATCH, "%s: saved with --batch %d --seq-len %d; resume with the same", p,
                     b->valueint, q->valueint);
+    else if ((has_mean(step->valueint, from ? from->valueint : 0) ||
+              has_mean(step->valueint, st->avg_from)) &&
+             (from ? from->valueint : 0) != st->avg_from)
+      rc =
+          ot_error(OT_ERR_MISMATCH,
+                   "%s: the running mean of the weights began at step %d, this run's at %d (0: none); resume "
+                   "with the same --steps and --average-last",
+                   p, from ? from->valueint : 0, st->avg_from);
     else {
       s.step = step->valueint;
       s.pos = (size_t)pos->valuedouble;
@@ -223,8 +245,15 @@ int ot_snapshot_load(const char *out, ot_model *m, ot_optimizer *opt, size_t n_t
   free(buf);
   free(p);
   p = NULL;
+  /* the mean first: a missing one leaves the model untouched */
+  if (rc == OT_OK && has_mean(s.step, st->avg_from)) {
+    rc = ot_path_join(dir, "average.safetensors", &p);
+    if (rc == OT_OK) rc = read_weights(p, m, st->avg);
+    free(p);
+    p = NULL;
+  }
   if (rc == OT_OK) rc = ot_path_join(dir, "weights.safetensors", &p);
-  if (rc == OT_OK) rc = read_weights(p, m);
+  if (rc == OT_OK) rc = read_weights(p, m, NULL);
   free(p);
   p = NULL;
   if (rc == OT_OK) rc = ot_path_join(dir, "optimizer.safetensors", &p);

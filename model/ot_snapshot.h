@@ -18,15 +18,23 @@ typedef struct {
   int batch, seq_len;
   double best; /* early stopping: best held-out loss, < 0 when none yet */
   int bad;     /* evaluations without improvement */
+  /* Weight averaging (may be off): avg is the caller's host array of the trainable tensors'
+   * total size, the running mean over the weights after steps avg_from .. step; avg_from 0:
+   * no averaging. On load avg and avg_from are inputs (they must match the saved run's) and
+   * avg receives the saved mean. */
+  float *avg;
+  int avg_from;
 } ot_snapshot_state;
 
 /* 1 if <out>/train_state holds a complete snapshot. */
 int ot_snapshot_exists(const char *out);
-/* Writes the trainable tensors of m, the optimizer state and st as one unit. */
+/* Writes the trainable tensors of m, the optimizer state, st and the running mean of
+ * the weights (once st->step reaches st->avg_from) as one unit. */
 int ot_snapshot_save(const char *out, ot_model *m, const ot_optimizer *opt, const ot_snapshot_state *st);
 /* Restores a snapshot into m's trainable tensors and opt. st->batch and st->seq_len are
  * inputs (they must match the saved run); the rest is filled in. A saved position at or
- * past n_tokens, a missing or differently shaped tensor, or another optimizer is an error. */
+ * past n_tokens, a missing or differently shaped tensor, another optimizer, or a running mean
+ * that another averaging window would not have (st->avg_from) is an error. */
 int ot_snapshot_load(const char *out, ot_model *m, ot_optimizer *opt, size_t n_tokens, ot_snapshot_state *st);
 
 #endif

@@ -1,7 +1,7 @@
 /* Offsite-Tuning end to end, as users run it: tiny pretrain -> offtune-cloud distill ->
  * offtune-device tune -> offtune-device eval and offtune-cloud eval --adapter; resume of
- * distillation; refused adapters (another base, tampered) with exit code 1; the measured gap
- * and the cloud's --target-gap control. */
+ * distillation; tail averaging of the adapter; refused adapters (another base, tampered) with
+ * exit code 1; the measured gap and the cloud's --target-gap control. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -15,6 +15,8 @@
 #include <sys/wait.h>
 
 #include "cli_fixture.h"
+#include "ot_error.h"
+#include "ot_safetensors.h"
 
 static int setup(void **state) {
   (void)state;
@@ -153,6 +155,96 @@ static void test_resume_is_exact(void **state) {
                                device, dir, dir, dir),
                    1);
   assert_non_null(strstr(out, "resume with the same"));
+}
+
+/* The largest difference between adapter file `got` and the mean of files `in[0..n)`, relative
+ * to 1 + |mean| (every tensor of `got`, found by name in the others). */
+static double mean_error(const char *got, const char *const *in, int n) {
+  ot_safetensors *g = NULL, *f[4] = {0};
+  assert_int_equal(ot_st_open(got, &g), OT_OK);
+  for (int k = 0; k < n; k++) assert_int_equal(ot_st_open(in[k], &f[k]), OT_OK);
+  double worst = 0;
+  for (size_t i = 0; i < ot_st_count(g); i++) {
+    const ot_st_tensor *t = ot_st_at(g, i);
+    float *v = malloc(t->numel * sizeof(float)), *w = malloc(t->numel * sizeof(float));
+    double *sum = calloc(t->numel, sizeof(double));
+    assert_true(v && w && sum);
+    assert_int_equal(ot_st_read_f32(g, t, v, t->numel), OT_OK);
+    for (int k = 0; k < n; k++) {
+      const ot_st_tensor *u = ot_st_find(f[k], t->name);
+      assert_non_null(u);
+      assert_int_equal(ot_st_read_f32(f[k], u, w, t->numel), OT_OK);
+      for (uint64_t j = 0; j < t->numel; j++) sum[j] += w[j];
+    }
+    for (uint64_t j = 0; j < t->numel; j++) {
+      double e = fabs(v[j] - sum[j] / n) / (1 + fabs(sum[j] / n));
+      if (e > worst) worst = e;
+    }
+    free(v);
+    free(w);
+    free(sum);
+  }
+  ot_st_close(g);
+  for (int k = 0; k < n; k++) ot_st_close(f[k]);
+  return worst;
+}
+
+/* --average-last N: the adapter written is the mean of the weights after each of the last N
+ * steps (against straight runs of 3, 4 and 5 steps averaged here in double); a run stopped
+ * inside the window and extended to it ends byte-identical to a straight one; a resume with
+ * another window is refused (uses the files of test_resume_is_exact). */
+static void test_tail_average(void **state) {
+  (void)state;
+  const char *t_common = "--emulator %s/d_straight --text %s/private.txt --batch 2 --seq-len 16 --threads 1 "
+                         "--lr 3e-3";
+  char common[700], a[700], b[700];
+  snprintf(common, sizeof common, t_common, dir, dir);
+  for (int k = 3; k <= 5; k++) RUN_OK("%s tune %s --out %s/s%d --steps %d", device, common, dir, k, k);
+  RUN_OK("%s tune %s --out %s/avg --steps 5 --average-last 3", device, common, dir);
+  assert_non_null(strstr(out, "mean of the weights after steps 3..5"));
+  char s3[700], s4[700], s5[700];
+  snprintf(s3, sizeof s3, "%s/s3/adapter_model.safetensors", dir);
+  snprintf(s4, sizeof s4, "%s/s4/adapter_model.safetensors", dir);
+  snprintf(s5, sizeof s5, "%s/s5/adapter_model.safetensors", dir);
+  snprintf(a, sizeof a, "%s/avg/adapter_model.safetensors", dir);
+  const char *three[3] = {s3, s4, s5};
+  assert_true(mean_error(a, three, 3) < 1e-6);
+  assert_true(mean_error(a, three + 2, 1) > 1e-4); /* not the last weights */
+  /* stopped after step 4 (its own window 3..4) and extended to 5 with the window 3..5 */
+  RUN_OK("%s tune %s --out %s/avg_r --steps 4 --average-last 2", device, common, dir);
+  snprintf(b, sizeof b, "%s/avg_r/adapter_model.safetensors", dir);
+  assert_true(mean_error(b, three, 2) < 1e-6);
+  RUN_OK("%s tune %s --out %s/avg_r --steps 5 --average-last 3 --resume", device, common, dir);
+  assert_true(files_equal(a, b));
+  /* a window that would have begun elsewhere is refused, and so is early stopping with it */
+  RUN_OK("%s tune %s --out %s/avg_x --steps 4 --average-last 2", device, common, dir);
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s tune %s --out %s/avg_x --steps 5 --average-last 2 --resume", device,
+                               common, dir),
+                   1);
+  assert_non_null(strstr(out, "resume with the same --steps and --average-last"));
+  assert_int_equal(ot_test_run(out, sizeof out,
+                               "%s tune %s --out %s/avg_y --steps 5 --average-last 3 --eval-every 2", device,
+                               common, dir),
+                   2);
+  assert_non_null(strstr(out, "not with --eval-every"));
+}
+
+/* The held-out loss of --eval-every sees the middle as loaded, whatever noise the steps saw:
+ * at an lr too small to move the adapter, a middle drowned in noise (100 x its rms) scores
+ * the same as no noise (uses the files of test_resume_is_exact). */
+static void test_noise_spares_evaluation(void **state) {
+  (void)state;
+  double loss[2];
+  for (int k = 0; k < 2; k++) {
+    RUN_OK("%s tune --emulator %s/d_straight --text %s/private.txt --out %s/ev%d --batch 2 --seq-len 16 "
+           "--threads 1 --lr 1e-9 --steps 2 --eval-every 1 --patience 5 --middle-noise %d",
+           device, dir, dir, dir, k, k ? 100 : 0);
+    const char *h = strstr(out, "| held-out loss ");
+    assert_non_null(h);
+    loss[k] = atof(h + strlen("| held-out loss "));
+  }
+  assert_true(loss[0] > 1 && fabs(loss[0] - loss[1]) < 1e-3);
 }
 
 /* A full model without tokenizer files (Hugging Face save_pretrained of a model alone):
@@ -308,7 +400,8 @@ static void test_target_gap(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_offsite_flow), cmocka_unit_test(test_resume_is_exact),
+      cmocka_unit_test(test_offsite_flow),      cmocka_unit_test(test_resume_is_exact),
+      cmocka_unit_test(test_tail_average),      cmocka_unit_test(test_noise_spares_evaluation),
       cmocka_unit_test(test_no_tokenizer_flow), cmocka_unit_test(test_target_gap)};
   return cmocka_run_group_tests(tests, setup, cli_fixture_teardown);
 }

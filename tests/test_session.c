@@ -145,6 +145,12 @@ static void test_two_sessions(void **state) {
                                cloud, d.state),
                    1);
   assert_non_null(strstr(out, "no middle"));
+  assert_int_equal(
+      ot_test_run(out, sizeof out,
+                  "%s session create --state '%s' --name x --model full --steps 5 --average-last 6", cloud,
+                  d.state),
+      1);
+  assert_non_null(strstr(out, "average_last 6 exceeds the 5 steps of a round"));
   assert_int_equal(ot_test_run(out, sizeof out, "%s device revoke nosuch --state '%s'", cloud, d.state), 1);
   assert_int_equal(ot_test_run(out, sizeof out, "%s session list --state '%s/nowhere'", cloud, dir), 1);
   assert_non_null(strstr(out, "cannot reach the daemon"));
@@ -865,7 +871,7 @@ static void test_no_private_text(void **state) {
   daemon_init(&d, "privacy");
   session_create(&d, "p",
                  "--rounds 2 --min-devices 1 --max-devices 1 --deadline 60 --aggregation fedprox --mu 0.5 "
-                 "--middle-noise 1.5");
+                 "--middle-noise 1.5 --average-last 2");
   device_join(&d, "p1");
   /* --dry-run: the round is trained, nothing is uploaded; the real run then sends it */
   char dry[1200], db[1200];
@@ -889,6 +895,7 @@ static void test_no_private_text(void **state) {
   snprintf(log, sizeof log, "%s/p1.log", dir);
   assert_true(file_has(log, "FedProx: + (0.5/2)")); /* the session's mu reached the trainer */
   assert_true(file_has(log, "perturbed afresh each step by 1.5 x")); /* and its middle noise */
+  assert_true(file_has(log, "the mean of the weights after steps")); /* and its tail averaging */
   assert_true(file_has(log, "round 1 was trained earlier"));
   char *text = NULL, *tr = NULL;
   size_t tl, trl, nrec, bytes;

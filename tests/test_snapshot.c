@@ -1,5 +1,6 @@
 /* Training snapshots: round trip, the crash window of a swap without RENAME_EXCHANGE,
- * and refusals that leave the model untouched. (Kill -9 end to end: test_cloud_cli.) */
+ * the running mean of tail averaging, and refusals that leave the model untouched. (Kill -9 end to end:
+ * test_cloud_cli.) */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -70,7 +71,7 @@ static void test_round_trip_and_swap_window(void **state) {
   net_make(&a, 1);
   net_make(&b, 1);
   assert_false(ot_snapshot_exists(dir));
-  ot_snapshot_state st = {3, 17, 99, 1, 4, 2.5, 1}, got = {.batch = 1, .seq_len = 4};
+  ot_snapshot_state st = {3, 17, 99, 1, 4, 2.5, 1, NULL, 0}, got = {.batch = 1, .seq_len = 4};
   train_step(&a);
   assert_int_equal(ot_snapshot_save(dir, a.m, a.opt, &st), OT_OK);
   train_step(&a);
@@ -106,7 +107,7 @@ static void test_refusals_leave_model_untouched(void **state) {
   net_make(&a, 1);
   net_make(&b, 2);
   train_step(&a);
-  ot_snapshot_state st = {1, 5, 0, 1, 4, -1.0, 0};
+  ot_snapshot_state st = {1, 5, 0, 1, 4, -1.0, 0, NULL, 0};
   assert_int_equal(ot_snapshot_save(dir, a.m, a.opt, &st), OT_OK);
   ot_model *copy = NULL;
   ot_model_config cfg = *ot_model_cfg(b.m);
@@ -131,10 +132,72 @@ static void test_refusals_leave_model_untouched(void **state) {
   free(dir);
 }
 
+static size_t trainable_numel(ot_model *m) {
+  size_t n = 0;
+  for (int i = 0; i < ot_model_param_count(m); i++)
+    if (ot_model_param(m, i)->trainable) n += ot_model_param(m, i)->numel;
+  return n;
+}
+
+/* The running mean travels with the snapshot once its window has begun, and only to a run
+ * with the same window. */
+static void test_running_mean(void **state) {
+  (void)state;
+  char *dir = ot_test_tmpdir("snapshot_mean");
+  net a, b;
+  net_make(&a, 1);
+  net_make(&b, 1);
+  size_t n = trainable_numel(a.m);
+  float *mean = malloc(n * sizeof(float)), *got_mean = calloc(n, sizeof(float));
+  assert_non_null(mean);
+  assert_non_null(got_mean);
+  for (size_t i = 0; i < n; i++) mean[i] = 0.25f * (float)i - 3.0f;
+  train_step(&a);
+  /* step 2 of a window from 3: no mean yet, and a run without averaging may resume it */
+  ot_snapshot_state st = {2, 5, 0, 1, 4, -1.0, 0, mean, 3};
+  assert_int_equal(ot_snapshot_save(dir, a.m, a.opt, &st), OT_OK);
+  assert_int_equal(ot_test_system("! test -e '%s/train_state/average.safetensors'", dir), 0);
+  ot_snapshot_state got = {.batch = 1, .seq_len = 4};
+  assert_int_equal(ot_snapshot_load(dir, b.m, b.opt, 100, &got), OT_OK);
+  /* step 4: the mean over steps 3 and 4 is saved and comes back bit for bit */
+  st.step = 4;
+  assert_int_equal(ot_snapshot_save(dir, a.m, a.opt, &st), OT_OK);
+  got = (ot_snapshot_state){.batch = 1, .seq_len = 4, .avg = got_mean, .avg_from = 3};
+  assert_int_equal(ot_snapshot_load(dir, b.m, b.opt, 100, &got), OT_OK);
+  assert_memory_equal(got_mean, mean, n * sizeof(float));
+  assert_true(same_weights(a.m, b.m)); /* the weights stay the running ones */
+  /* another window, or none, would have another mean */
+  memset(got_mean, 0, n * sizeof(float));
+  got = (ot_snapshot_state){.batch = 1, .seq_len = 4, .avg = got_mean, .avg_from = 2};
+  assert_int_equal(ot_snapshot_load(dir, b.m, b.opt, 100, &got), OT_ERR_MISMATCH);
+  got = (ot_snapshot_state){.batch = 1, .seq_len = 4};
+  assert_int_equal(ot_snapshot_load(dir, b.m, b.opt, 100, &got), OT_ERR_MISMATCH);
+  /* nor may a run add a window that has begun without a mean */
+  st = (ot_snapshot_state){4, 5, 0, 1, 4, -1.0, 0, NULL, 0};
+  assert_int_equal(ot_snapshot_save(dir, a.m, a.opt, &st), OT_OK);
+  got = (ot_snapshot_state){.batch = 1, .seq_len = 4, .avg = got_mean, .avg_from = 3};
+  assert_int_equal(ot_snapshot_load(dir, b.m, b.opt, 100, &got), OT_ERR_MISMATCH);
+  /* a lost mean is an error that leaves the model untouched */
+  st = (ot_snapshot_state){4, 5, 0, 1, 4, -1.0, 0, mean, 3};
+  assert_int_equal(ot_snapshot_save(dir, a.m, a.opt, &st), OT_OK);
+  train_step(&a);
+  assert_int_equal(ot_test_system("rm '%s/train_state/average.safetensors'", dir), 0);
+  got = (ot_snapshot_state){.batch = 1, .seq_len = 4, .avg = got_mean, .avg_from = 3};
+  assert_int_not_equal(ot_snapshot_load(dir, a.m, a.opt, 100, &got), OT_OK);
+  assert_false(same_weights(a.m, b.m));
+  assert_true(got_mean[1] == 0.0f);
+  free(mean);
+  free(got_mean);
+  net_free(&a);
+  net_free(&b);
+  free(dir);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_round_trip_and_swap_window),
       cmocka_unit_test(test_refusals_leave_model_untouched),
+      cmocka_unit_test(test_running_mean),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

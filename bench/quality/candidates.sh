@@ -46,7 +46,7 @@ for name in "${order[@]}"; do
     echo "== $name: ${v[$name]:-the main job recipe} =="
     # shellcheck disable=SC2086
     bash bench/quality/run.sh --model models/brown-8x128 --target-gap none --kinds offsite --out "$o" \
-      --lr 5e-4 --middle-noise 0 --ft-lrs 5e-4 ${v[$name]} \
+      --lr 5e-4 --middle-noise 0 --average 0 --ft-lrs 5e-4 ${v[$name]} \
       >"$o.log" 2>&1 || { tail -n 20 "$o.log"; exit 1; }
   fi
 done

@@ -14,8 +14,9 @@
 # chosen by the cloud for a 15% gap (--target-gap 15%; --target-gap none with --keep K for a fixed
 # plan, as the GPT-2 default's recipe: --model models/brown-8x128 --target-gap none --keep 1); each
 # adapter 200 device steps of batch 8 x 128 tokens (--budget 4: 800; the main job's budget) at a
-# constant lr of 3e-3, against a middle perturbed afresh each step (--middle-noise 2.5). The main
-# job's own recipe is --target-gap 10% --lr 5e-4 --middle-noise 0.
+# constant lr of 5e-3, against a middle perturbed afresh each step (--middle-noise 2.5), the adapter
+# kept the mean of its weights over the last half of the steps (--average 0.5). The main job's own
+# recipe is --target-gap 10% --lr 5e-4 --middle-noise 0 --average 0.
 # Full fine-tuning, the upper bound, runs at every rate of --ft-lrs and the best on the held-out
 # text counts (the strongest reference; each is cached per base, domain, budget and rate).
 # Each training runs on one thread, --jobs of them at once (default 2), niced.
@@ -29,9 +30,11 @@
 #   --distill-data FILE distillation text (default: all documents of the Brown public genres)
 #   --target-gap PCT    let `offtune-cloud distill --target-gap` choose keep and steps (default
 #                       10%, or none when --keep or --emulator is given: the plan as given)
-#   --lr LR             device learning rate of every adapter kind (default 3e-3)
+#   --lr LR             device learning rate of every adapter kind (default 5e-3)
 #   --middle-noise S    devices tune against the middle + fresh noise of S x each matrix's rms
 #                       (default 2.5; 0: off, as the main job and the sessions' default)
+#   --average F         the adapter is the mean of its weights after each of the last F x steps
+#                       (tail averaging, `tune --average-last`; default 0.5; 0: the last weights)
 #   --ft-lrs LIST       full fine-tuning learning rates tried (default 5e-4,1e-3,2e-3)
 #   --jobs N            trainings at once (default 2)
 #   --out DIR           work directory (default build/quality/<settings>)
@@ -41,14 +44,14 @@ here=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$here"
 budget=1 domains=bible,devil,gcide,policy kinds=offsite,lora,bottleneck,bitfit
 model=models/brown-llama-16x128 emulator="" keep=1 bottom=2 top=2 dsteps=100 dbatch=8 dlr=1e-3 ddata=""
-target=default jobs=2 out="" md="" plan=0 lr=3e-3 noise=2.5 ftlrs=5e-4,1e-3,2e-3
+target=default jobs=2 out="" md="" plan=0 lr=5e-3 noise=2.5 ftlrs=5e-4,1e-3,2e-3 avgf=0.5
 while [ $# -gt 0 ]; do
   case $1 in
     --budget) budget=$2 ;; --domains) domains=$2 ;; --kinds) kinds=$2 ;; --model) model=$2 ;;
     --emulator) emulator=$2 plan=1 ;; --keep) keep=$2 plan=1 ;; --bottom) bottom=$2 ;; --top) top=$2 ;;
     --distill-steps) dsteps=$2 ;; --distill-batch) dbatch=$2 ;; --distill-lr) dlr=$2 ;;
     --distill-data) ddata=$2 ;; --target-gap) target=$2 ;; --jobs) jobs=$2 ;; --out) out=$2 ;;
-    --markdown) md=$2 ;; --lr) lr=$2 ;; --middle-noise) noise=$2 ;; --ft-lrs) ftlrs=$2 ;;
+    --markdown) md=$2 ;; --lr) lr=$2 ;; --middle-noise) noise=$2 ;; --ft-lrs) ftlrs=$2 ;; --average) avgf=$2 ;;
     -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench/quality/run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -64,8 +67,9 @@ bash scripts/build.sh >/dev/null
 cloud=$here/build/cloud/offtune-cloud
 device=$here/build/device/offtune-device
 steps=$(python3 -c 'import sys; print(round(200 * float(sys.argv[1])))' "$budget")
+avg=$(python3 -c 'import sys; print(round(int(sys.argv[1]) * float(sys.argv[2])))' "$steps" "$avgf")
 model=$(cd "$model" && pwd)
-[ -n "$out" ] || out=build/quality/$(basename "$model")-b$bottom-t$top-k$([ -n "$target" ] && echo "gap$target" || echo "$keep")-d$dsteps-x$budget-lr$lr-n$noise
+[ -n "$out" ] || out=build/quality/$(basename "$model")-b$bottom-t$top-k$([ -n "$target" ] && echo "gap$target" || echo "$keep")-d$dsteps-x$budget-lr$lr-n$noise-a$avgf
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 t0=$(date +%s)
@@ -123,7 +127,7 @@ job() {
     tune)
       local a=$out/adapter-$dom-$kind
       nice -n 19 $device tune --emulator "$emulator" --text "$d/train.txt" --out "$a" --adapter "$kind" \
-        --steps "$steps" --batch 8 --seq-len 128 --lr "$lr" --middle-noise "$noise" --threads 1 \
+        --steps "$steps" --batch 8 --seq-len 128 --lr "$lr" --middle-noise "$noise" --average-last "$avg" --threads 1 \
         >"$out/tune-$dom-$kind.log" 2>&1
       echo "$($device eval --emulator "$emulator" --adapter "$a" --text "$d/heldout.txt" --json --threads 1 2>/dev/null | ppl)" \
         "$($cloud eval --model "$model" --adapter "$a" --text "$d/heldout.txt" --json --threads 1 2>/dev/null | ppl)" \
@@ -133,7 +137,7 @@ job() {
 export -f job
 ref=$here/build/quality/full-ft/$(basename "$model")-$steps
 mkdir -p "$ref"
-export out model emulator steps cloud device ref lr noise
+export out model emulator steps cloud device ref lr noise avg
 {
   for dom in ${domains//,/ }; do
     for r in ${ftlrs//,/ }; do echo "ft $dom $r"; done
@@ -155,7 +159,7 @@ print("emulator: full %d blocks -> bottom %s, kept middle %s, top %s; %s" % (j["
   echo "Offsite-Tuning on held-out domains: $(basename "$model"), held-out perplexity (lower is better)"
   echo
   echo "budget: $steps device steps x 8 x 128 tokens per adapter ($((steps * 1024)) tokens), full FT the same;" \
-    "${gap_line:-emulator $emulator}; adapters at lr $lr, middle noise $noise; full FT: the best of lr $ftlrs" \
+    "${gap_line:-emulator $emulator}; adapters at lr $lr, middle noise $noise, the mean of the last $avg steps' weights; full FT: the best of lr $ftlrs" \
     "(its rate in brackets); wall ${secs}s with $jobs one-thread jobs"
   echo
   echo "| domain | adapter | full ZS | emulator ZS | gap % | emulator FT | plug-in | full FT | closure % | promises |"
