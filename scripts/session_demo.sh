@@ -11,6 +11,8 @@
 # OT_DEMO_BOTTOM / OT_DEMO_TOP adapter blocks (2 / 2), OT_DEMO_KEEP (0 = half of the middle),
 # OT_DEMO_TARGET_GAP (off; e.g. 10%: the cloud picks the kept blocks, at most OT_DEMO_KEEP, and
 # stops distilling while its emulator is still that much worse than the full model),
+# OT_DEMO_MIDDLE_NOISE (0: devices tune against the middle plus fresh noise of this x its rms),
+# OT_DEMO_AVERAGE_LAST (0: devices send the mean of their weights after a round's last N steps),
 # OT_DEMO_DEADLINE seconds (600),
 # OT_DEMO_THREADS CPU threads per device (1), OT_DEMO_BACKEND (cpu).
 # Privacy (docs/secagg.md): OT_DEMO_SECAGG auto|on|off (auto: off with the 2..3 devices here),
@@ -80,6 +82,7 @@ echo "== creating the session (the daemon distils the emulator first) =="
   --distill-steps "${OT_DEMO_DISTILL_STEPS:-200}" --keep "${OT_DEMO_KEEP:-0}" \
   --bottom "${OT_DEMO_BOTTOM:-2}" --top "${OT_DEMO_TOP:-2}" \
   --min-devices 2 --max-devices 3 --deadline "${OT_DEMO_DEADLINE:-600}" --secagg "${OT_DEMO_SECAGG:-auto}" \
+  --middle-noise "${OT_DEMO_MIDDLE_NOISE:-0}" --average-last "${OT_DEMO_AVERAGE_LAST:-0}" \
   ${OT_DEMO_EVAL_DATA:+--eval-data "$OT_DEMO_EVAL_DATA"} ${OT_DEMO_TARGET_GAP:+--target-gap "$OT_DEMO_TARGET_GAP"} \
   ${OT_DEMO_DP_EPSILON:+--dp-epsilon "$OT_DEMO_DP_EPSILON" --dp-clip "${OT_DEMO_DP_CLIP:-1}" --dp-delta "${OT_DEMO_DP_DELTA:-1e-5}"}
 
