@@ -4,6 +4,7 @@
 #define OT_RNG_H
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 static inline uint64_t ot_splitmix64(uint64_t *state) {
@@ -23,12 +24,15 @@ static inline double ot_rng_open01(uint64_t *state) {
   return ((ot_splitmix64(state) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
 }
 
-/* Two independent N(0, sd^2) draws (Box-Muller, both outputs of one pair of uniforms). */
-static inline void ot_rng_normal2(uint64_t *state, double sd, double *z0, double *z1) {
-  double rad = sd * sqrt(-2.0 * log(ot_rng_open01(state)));
-  double a = 2.0 * 3.14159265358979323846 * ot_rng_open01(state);
-  *z0 = rad * cos(a);
-  *z1 = rad * sin(a);
+/* out[0..n) = independent N(0, sd^2) draws (Box-Muller, both outputs of each pair of uniforms;
+ * an odd n drops the last pair's second). */
+static inline void ot_rng_fill_normal(uint64_t *state, double sd, float *out, size_t n) {
+  for (size_t j = 0; j < n; j += 2) {
+    double rad = sd * sqrt(-2.0 * log(ot_rng_open01(state)));
+    double a = 2.0 * 3.14159265358979323846 * ot_rng_open01(state);
+    out[j] = (float)(rad * cos(a));
+    if (j + 1 < n) out[j + 1] = (float)(rad * sin(a));
+  }
 }
 
 #endif

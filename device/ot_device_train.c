@@ -27,6 +27,12 @@ int ot_dev_parse_frozen(const char *name, int *frozen) {
   return ot_error(OT_ERR_INVALID, "--frozen '%s': expected fp32, bf16 or int8", name ? name : "");
 }
 
+int ot_dev_check_average(int average_last, int steps, int eval_every) {
+  if (average_last >= 0 && average_last <= steps && !(average_last && eval_every)) return OT_OK;
+  return ot_error(OT_ERR_INVALID, "--average-last %d: expected 0..%d (--steps), and not with --eval-every",
+                  average_last, steps);
+}
+
 int ot_dev_load_emulator(const char *dir, const char *backend, int threads, ot_backend **be, ot_model **m,
                          ot_tokenizer **tok, ot_emu_plan *plan) {
   ot_backend_kind kind;
@@ -237,9 +243,7 @@ int ot_dev_train(const ot_dev_train_opts *o, ot_dev_train_result *out) {
                 .patience = o->patience,
                 .prox_mu = o->prox_mu};
   if (T > ot_model_cfg(m)->n_positions) rc = ot_error(OT_ERR_INVALID, "--seq-len %d exceeds n_positions", T);
-  if (rc == OT_OK && (o->average_last < 0 || o->average_last > steps || (o->average_last && o->eval_every)))
-    rc = ot_error(OT_ERR_INVALID, "--average-last %d: expected 0..%d (--steps), and not with --eval-every",
-                  o->average_last, steps);
+  if (rc == OT_OK) rc = ot_dev_check_average(o->average_last, steps, o->eval_every);
   c.avg_from = o->average_last ? steps - o->average_last + 1 : 0;
   if (rc == OT_OK && o->text)
     rc = ot_tokenizer_require(tok, o->emulator, "give token ids with --tokens FILE");

@@ -47,6 +47,8 @@ typedef struct {
 void ot_dev_train_opts_default(ot_dev_train_opts *o);
 /* --frozen: "fp32" (0), "bf16" (1) or "int8" (2). */
 int ot_dev_parse_frozen(const char *name, int *frozen);
+/* average_last within 0..steps, and not with eval_every; OT_ERR_INVALID otherwise. */
+int ot_dev_check_average(int average_last, int steps, int eval_every);
 
 typedef struct {
   int start, steps_done, trained; /* trained = 0: the snapshot already had every step */

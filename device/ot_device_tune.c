@@ -114,9 +114,7 @@ int ot_dev_tune(int argc, char **argv) {
     rc = ot_error(
         OT_ERR_INVALID,
         "need --steps, --batch, --patience >= 1, --lr > 0, 0 <= --middle-noise <= 100, other counts >= 0");
-  if (rc == OT_OK && (average_last < 0 || average_last > steps || (average_last && eval_every)))
-    rc = ot_error(OT_ERR_INVALID, "--average-last %d: expected 0..%d (--steps), and not with --eval-every",
-                  average_last, steps);
+  if (rc == OT_OK) rc = ot_dev_check_average(average_last, steps, eval_every);
   if (rc) {
     fprintf(stderr, "offtune-device tune: %s\n", ot_error_detail());
     ot_cli_usage(stderr, syn, NULL, opts, N_OPTS(opts));

@@ -185,12 +185,8 @@ static int noise_write(ot_emu_noise *n, int perturb, int64_t step) {
     if (perturb) {
       /* one stream per (step, matrix): splitmix64 from a hash of both */
       uint64_t st = ot_dropout_seed(n->seed, (uint64_t)step, (uint64_t)j);
-      for (size_t e = 0; e < t->numel; e += 2) {
-        double z0, z1;
-        ot_rng_normal2(&st, n->sd[j], &z0, &z1);
-        n->scratch[e] = h[e] + (float)z0;
-        if (e + 1 < t->numel) n->scratch[e + 1] = h[e + 1] + (float)z1;
-      }
+      ot_rng_fill_normal(&st, n->sd[j], n->scratch, t->numel);
+      for (size_t e = 0; e < t->numel; e++) n->scratch[e] += h[e];
       src = n->scratch;
     }
     rc = be->ops->upload(be, t->data, src, t->numel * sizeof(float));

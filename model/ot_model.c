@@ -342,12 +342,7 @@ int ot_model_init_random(ot_model *m, uint64_t seed) {
       memset(h, 0, p->numel * sizeof(float));
     } else {
       double std = m->gpt2 && (r == OT_R_O || r == OT_R_DOWN) ? resid_std : 0.02;
-      for (size_t j = 0; j < p->numel; j += 2) {
-        double z0, z1;
-        ot_rng_normal2(&s, std, &z0, &z1);
-        h[j] = (float)z0;
-        if (j + 1 < p->numel) h[j + 1] = (float)z1;
-      }
+      ot_rng_fill_normal(&s, std, h, p->numel);
     }
     h += p->numel;
   }
@@ -1833,12 +1828,7 @@ int ot_model_add_extensions(ot_model *m, const ot_block_ext *ext, uint64_t seed)
       double bound = 1.0 / sqrt((double)p->shape[1]);
       for (size_t j = 0; j < p->numel; j++) h[j] = (float)((2.0 * ot_rng_open01(&st) - 1.0) * bound);
     } else if (is_down) {
-      for (size_t j = 0; j < p->numel; j += 2) {
-        double z0, z1;
-        ot_rng_normal2(&st, 0.02, &z0, &z1);
-        h[j] = (float)z0;
-        if (j + 1 < p->numel) h[j + 1] = (float)z1;
-      }
+      ot_rng_fill_normal(&st, 0.02, h, p->numel);
     } else {
       memset(h, 0, p->numel * sizeof(float));
     }

@@ -215,6 +215,7 @@ int ot_snapshot_load(const char *out, ot_model *m, ot_optimizer *opt, size_t n_t
           *rng = cJSON_GetObjectItem(j, "rng"), *b = cJSON_GetObjectItem(j, "batch"),
           *q = cJSON_GetObjectItem(j, "seq_len"), *best = cJSON_GetObjectItem(j, "best"),
           *bad = cJSON_GetObjectItem(j, "bad"), *from = cJSON_GetObjectItem(j, "avg_from");
+    int saved_from = cJSON_IsNumber(from) ? from->valueint : 0; /* absent in older snapshots */
     if (!cJSON_IsNumber(step) || !cJSON_IsNumber(pos) || !cJSON_IsString(rng) || !cJSON_IsNumber(b) ||
         !cJSON_IsNumber(q) || !cJSON_IsNumber(best) || !cJSON_IsNumber(bad) || step->valuedouble < 0 ||
         step->valuedouble > 1e9 || pos->valuedouble < 0 || (from && !cJSON_IsNumber(from)))
@@ -225,14 +226,13 @@ int ot_snapshot_load(const char *out, ot_model *m, ot_optimizer *opt, size_t n_t
     else if (b->valueint != st->batch || q->valueint != st->seq_len)
       rc = ot_error(OT_ERR_MISMATCH, "%s: saved with --batch %d --seq-len %d; resume with the same", p,
                     b->valueint, q->valueint);
-    else if ((has_mean(step->valueint, from ? from->valueint : 0) ||
-              has_mean(step->valueint, st->avg_from)) &&
-             (from ? from->valueint : 0) != st->avg_from)
+    else if ((has_mean(step->valueint, saved_from) || has_mean(step->valueint, st->avg_from)) &&
+             saved_from != st->avg_from)
       rc =
           ot_error(OT_ERR_MISMATCH,
                    "%s: the running mean of the weights began at step %d, this run's at %d (0: none); resume "
                    "with the same --steps and --average-last",
-                   p, from ? from->valueint : 0, st->avg_from);
+                   p, saved_from, st->avg_from);
     else {
       s.step = step->valueint;
       s.pos = (size_t)pos->valuedouble;

@@ -29,7 +29,7 @@
 #   --keep K --bottom A --top B --distill-steps N --distill-batch B --distill-lr LR
 #   --distill-data FILE distillation text (default: all documents of the Brown public genres)
 #   --target-gap PCT    let `offtune-cloud distill --target-gap` choose keep and steps (default
-#                       10%, or none when --keep or --emulator is given: the plan as given)
+#                       15%, or none when --keep or --emulator is given: the plan as given)
 #   --lr LR             device learning rate of every adapter kind (default 5e-3)
 #   --middle-noise S    devices tune against the middle + fresh noise of S x each matrix's rms
 #                       (default 2.5; 0: off, as the main job and the sessions' default)
